@@ -1,0 +1,1 @@
+"""Torch-using code. Imported only inside worker and trainer processes (and tests)."""
