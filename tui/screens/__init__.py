@@ -1,0 +1,1 @@
+"""One module per app screen (Textual mode)."""
