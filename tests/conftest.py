@@ -1,0 +1,54 @@
+"""Shared fixtures: an isolated DREAMTTY_HOME with the tiny demo models built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def dreamtty_home(tmp_path_factory) -> Path:
+    """A session-wide DREAMTTY_HOME; demo models are built there on first use."""
+    home = tmp_path_factory.mktemp("dreamtty-home")
+    os.environ["DREAMTTY_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(dreamtty_home, monkeypatch, tmp_path):
+    """Every test sees the session home and its own outputs dir."""
+    monkeypatch.setenv("DREAMTTY_HOME", str(dreamtty_home))
+    monkeypatch.setenv("DREAMTTY_OUTPUTS", str(tmp_path / "outputs"))
+
+
+@pytest.fixture(scope="session")
+def demo_dirs(dreamtty_home) -> dict[str, Path]:
+    from backend.engine.demo_models import ensure_demo
+
+    return {name: ensure_demo(name) for name in ("demo", "demo-xl")}
+
+
+def _load(name: str):
+    import torch
+
+    from backend.engine.loader import load_pipeline
+    from backend.models import resolve_model
+
+    return load_pipeline(resolve_model(name), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def sd_pipe(demo_dirs):
+    """The tiny SD1-style demo pipeline (fp32, CPU). Do not mutate it in tests."""
+    return _load("demo")
+
+
+@pytest.fixture(scope="session")
+def xl_pipe(demo_dirs):
+    """The tiny SDXL-style demo pipeline (fp32, CPU). Do not mutate it in tests."""
+    return _load("demo-xl")
