@@ -27,10 +27,10 @@ class GenerateRequest:
     model: str = "demo"
     sampler: str = "dpmpp_2m"
     scheduler: str = "karras"
-    steps: int = 0  # 0 = the model family's default
+    steps: int | None = None  # None = the model family's default
     cfg: float = 7.0
-    width: int = 0  # 0 = the model family's default
-    height: int = 0
+    width: int | None = None  # None = the model family's default
+    height: int | None = None
     seed: int = -1  # -1 = random, resolved before queueing
     count: int = 1
     index: int = 0  # position of the first image in its batch (for [[a,b]] arrays)
@@ -84,18 +84,15 @@ class GenerateRequest:
             raise RequestError(
                 "scheduler", f"{self.scheduler!r} does not work with {self.sampler}; allowed: {', '.join(allowed)}"
             )
-        steps = _int("steps", self.steps)
-        if steps == 0 and fam is not None:
-            steps = fam.default_steps
+        steps = _int("steps", fam.default_steps if self.steps is None and fam else self.steps)
         if not 1 <= steps <= MAX_STEPS:
             raise RequestError("steps", f"{self.steps} is out of range; allowed 1..{MAX_STEPS}")
         cfg = _float("cfg", self.cfg)
         if not 0.0 <= cfg <= 30.0:
             raise RequestError("cfg", f"{self.cfg} is out of range; allowed 0..30 (1 = no guidance)")
-        width, height = _int("width", self.width), _int("height", self.height)
-        if fam is not None:
-            width = width or fam.default_size
-            height = height or fam.default_size
+        default = fam.default_size if fam else None
+        width = _int("width", default if self.width is None else self.width)
+        height = _int("height", default if self.height is None else self.height)
         for name, value in (("width", width), ("height", height)):
             if value <= 0 or value % 8:
                 raise RequestError(name, f"{value} is not allowed; use a positive multiple of 8")

@@ -1,0 +1,35 @@
+"""One image from one per-image request: prompts -> conditioning -> loop -> decode."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from backend.engine.conditioning import encode
+from backend.engine.denoise import DenoiseSpec, decode, denoise
+from backend.engine.scheduling import make_scheduler
+from backend.prompting import build_prompt
+from backend.request import GenerateRequest
+
+
+def generate_image(
+    pipe,
+    request: GenerateRequest,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+):
+    """Generate image ``request.index`` (count 1, seed resolved). Returns (PIL image, prompt record)."""
+    plan = build_prompt(request)
+    with torch.inference_mode():
+        cond = encode(pipe, plan.positive, plan.negative, request.cfg > 1.0, request.guidance.clip_skip)
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        scheduler = make_scheduler(pipe.dreamtty_scheduler_config, request.sampler, request.scheduler, request.seed)
+        spec = DenoiseSpec(
+            cond, request.width, request.height, request.steps, request.cfg, generator,
+            guidance=request.guidance, on_step=on_step, should_cancel=should_cancel,
+        )
+        latents = denoise(pipe, scheduler, spec)
+        image = decode(pipe, latents, generator)
+    record = {"positive": plan.positive, "negative": plan.negative, **plan.record}
+    return image, record

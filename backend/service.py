@@ -1,0 +1,266 @@
+"""The backend service: an asyncio object (no torch) that owns the persistent
+queue and the worker processes, and fans worker events out to subscribers.
+
+Events are dicts with a ``type``: queued, started, step, preview, image, done,
+failed, cancelled, ready (a worker is up), log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backend import locations
+from backend.models import resolve_model
+from backend.outputs import check_writable
+from backend.queue_store import ACTIVE, FINAL, Job, QueueStore
+from backend.request import GenerateRequest
+
+_CTX = mp.get_context("spawn")
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class _Worker:
+    id: int
+    device: str
+    process: object = None
+    jobs: object = None
+    cancel: object = None
+    job: int | None = None
+    ready: bool = False
+    died_reported: bool = False
+    info: dict = field(default_factory=dict)
+
+
+class Service:
+    """Queue + workers. Use ``await start()``, ``submit()``, ``subscribe()``, ``await close()``."""
+
+    def __init__(self, devices: str = "auto", db_path: Path | None = None, recover: bool = False) -> None:
+        self.devices = devices
+        self.store = QueueStore(db_path or locations.queue_db())
+        self.recover = recover
+        self.owner = os.getpid()
+        self.workers: list[_Worker] = []
+        self._events = _CTX.Queue()
+        self._subscribers: list[asyncio.Queue] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.recover:
+            self.store.adopt_orphans(self.owner, pid_alive)
+        for i, device in enumerate(self._initial_devices()):
+            self._spawn(_Worker(i, device))
+        self._reader = threading.Thread(target=self._read_events, name="dreamtty-events", daemon=True)
+        self._reader.start()
+        self._dispatch()
+
+    def _initial_devices(self) -> list[str]:
+        if self.devices in ("auto", "", None):
+            return ["auto"]
+        return [d.strip() for d in self.devices.split(",") if d.strip()]
+
+    def _spawn(self, worker: _Worker) -> None:
+        worker.jobs = _CTX.Queue()
+        worker.cancel = _CTX.Value("q", 0)
+        worker.ready = False
+        log_path = locations.state_dir() / "logs" / f"worker-{worker.id}.log"
+        worker.process = _CTX.Process(
+            target=_worker_entry,
+            args=(worker.id, worker.device, worker.jobs, self._events, worker.cancel, str(log_path)),
+            name=f"dreamtty-worker-{worker.id}",
+            daemon=True,
+        )
+        worker.process.start()
+        if worker not in self.workers:
+            self.workers.append(worker)
+
+    async def close(self) -> None:
+        """Stop workers. Jobs still queued or running stay queued for the next start."""
+        self._stop.set()
+        for w in self.workers:
+            if w.process.is_alive():
+                w.jobs.put(None)
+        for w in self.workers:
+            if w.job is not None:
+                w.cancel.value = w.job
+        await asyncio.to_thread(self._join_workers)
+        for job in self.store.jobs(("running",), owner=self.owner):
+            self.store.set_state(job.id, "queued")
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        self.store.close()
+
+    def _join_workers(self) -> None:
+        for w in self.workers:
+            w.process.join(timeout=5)
+            if w.process.is_alive():
+                w.process.terminate()
+                w.process.join(timeout=5)
+
+    # -- API ---------------------------------------------------------------
+    def validate(self, request: GenerateRequest) -> tuple[GenerateRequest, str]:
+        """Resolve the model and validate the request; raises a one-line DreamttyError."""
+        ref = resolve_model(request.model)
+        family = ref.family if ref.family != "unknown" else "sdxl"
+        return request.resolved(family), ref.family
+
+    def submit(self, request: GenerateRequest, out_dir: Path | None = None) -> int:
+        """Validate and queue a request; returns the job id. Nothing is queued on error."""
+        resolved, family = self.validate(request)
+        out = Path(out_dir) if out_dir else locations.outputs_dir()
+        check_writable(out)
+        job_id = self.store.add("generate", {"request": resolved.to_dict(), "out": str(out), "family": family}, self.owner)
+        self._publish({"type": "queued", "job": job_id, "request": resolved.to_dict()})
+        self._dispatch()
+        return job_id
+
+    def cancel(self, job_id: int) -> bool:
+        """Cancel a queued or running job. Returns False when it is not active."""
+        job = self.store.get(job_id)
+        if job is None or job.state not in ACTIVE:
+            return False
+        for w in self.workers:
+            if w.job == job_id:
+                w.cancel.value = job_id
+                return True
+        self.store.set_state(job_id, "cancelled")
+        self._publish({"type": "cancelled", "job": job_id})
+        return True
+
+    def running_job(self) -> int | None:
+        return next((w.job for w in self.workers if w.job is not None), None)
+
+    def jobs(self, limit: int = 200) -> list[Job]:
+        return self.store.jobs(limit=limit)
+
+    def subscribe(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue()
+        self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue) -> None:
+        if q in self._subscribers:
+            self._subscribers.remove(q)
+
+    async def wait(self, job_id: int, events: asyncio.Queue | None = None):
+        """Yield the events of one job until it ends (done, failed or cancelled)."""
+        q = events or self.subscribe()
+        try:
+            while True:
+                event = await q.get()
+                if event.get("job") != job_id:
+                    continue
+                yield event
+                if event["type"] in FINAL:
+                    return
+        finally:
+            if events is None:
+                self.unsubscribe(q)
+
+    # -- internals -----------------------------------------------------------
+    def _publish(self, event: dict) -> None:
+        for q in self._subscribers:
+            q.put_nowait(event)
+
+    def _dispatch(self) -> None:
+        if self._stop.is_set():
+            return
+        for w in self.workers:
+            if w.job is not None or not w.process.is_alive():
+                continue
+            job = self.store.next_queued(self.owner)
+            if job is None:
+                return
+            self.store.set_state(job.id, "running")
+            w.job = job.id
+            w.cancel.value = 0
+            w.jobs.put({"job": job.id, **job.payload})
+
+    def _read_events(self) -> None:
+        """Thread: move worker events onto the event loop; notice dead workers."""
+        while not self._stop.is_set():
+            try:
+                event = self._events.get(timeout=0.2)
+            except queue_mod.Empty:
+                event = None
+            except (EOFError, OSError):
+                return
+            if event is not None:
+                self._call(self._handle, event)
+            for w in list(self.workers):
+                if not w.process.is_alive() and not self._stop.is_set() and not w.died_reported:
+                    w.died_reported = True
+                    self._call(self._worker_died, w, w.process.exitcode)
+
+    def _call(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed
+            self._stop.set()
+
+    def _handle(self, event: dict) -> None:
+        kind = event["type"]
+        job_id = event.get("job")
+        worker = next((w for w in self.workers if w.id == event.get("worker")), None)
+        if kind == "ready" and worker is not None:
+            worker.ready, worker.info = True, event
+            self._maybe_add_gpu_workers(event)
+        elif kind == "started":
+            self.store.set_state(job_id, "running")
+        elif kind == "image":
+            self.store.add_output(job_id, event["path"])
+        elif kind in FINAL:
+            self.store.set_state(job_id, kind, event.get("error"))
+            if worker is not None and worker.job == job_id:
+                worker.job = None
+        self._publish(event)
+        if kind in FINAL or kind == "ready":
+            self._dispatch()
+
+    def _maybe_add_gpu_workers(self, event: dict) -> None:
+        """With ``--device auto``, the first worker reports the GPU count; add one worker per extra GPU."""
+        if self.devices not in ("auto", "", None) or event["worker"] != 0 or len(self.workers) > 1:
+            return
+        for n in range(1, event.get("cuda_count", 0)):
+            self._spawn(_Worker(len(self.workers), f"cuda:{n}"))
+
+    def _worker_died(self, worker: _Worker, exitcode) -> None:
+        if self._stop.is_set():
+            return
+        job_id = worker.job
+        worker.job = None
+        if job_id is not None:
+            error = f"worker crashed (exit code {exitcode}); it was restarted and the queue goes on"
+            self.store.set_state(job_id, "failed", error)
+            self._publish({"type": "failed", "job": job_id, "error": error})
+        worker.died_reported = False
+        self._spawn(worker)
+        self._dispatch()
+
+
+def _worker_entry(*args) -> None:
+    from backend.worker import worker_main
+
+    worker_main(*args)
+
