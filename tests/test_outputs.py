@@ -1,0 +1,89 @@
+"""Saved PNGs: metadata round trip, A1111 text, atomic writes, no overwrite, disk full."""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import os
+
+import pytest
+from PIL import Image
+
+from backend import metadata
+from backend.errors import DreamttyError
+from backend.outputs import check_writable, save_image
+from backend.request import GenerateRequest
+
+NOW = dt.datetime(2026, 11, 26, 10, 30, 5)
+
+
+def _meta(**kw):
+    req = GenerateRequest(prompt="a red fox", negative_prompt="blurry", seed=7, **kw).resolved("demo")
+    return metadata.build(req, "demo", {"positive": "a red fox, sharp", "negative": "blurry"})
+
+
+def _image():
+    return Image.new("RGB", (16, 16), (200, 10, 30))
+
+
+def test_round_trip_and_a1111_text(tmp_path):
+    meta = _meta(sampler="euler_a", scheduler="normal", cfg=5.5)
+    path = save_image(_image(), meta, tmp_path, now=NOW)
+    assert path == tmp_path / "2026-11-26" / "103005-7.png"
+    assert metadata.read(path) == meta
+    assert metadata.request_from_image(path) == GenerateRequest.from_dict(meta["request"])
+    text = Image.open(path).text["parameters"]
+    lines = text.split("\n")
+    assert lines[0] == "a red fox, sharp"
+    assert lines[1] == "Negative prompt: blurry"
+    assert "Steps: 8, Sampler: Euler a, Schedule type: Automatic, CFG scale: 5.5, Seed: 7, Size: 128x128, Model: demo" in lines[2]
+    assert Image.open(path).getpixel((3, 3)) == (200, 10, 30)
+
+
+def test_guidance_is_in_parameters_when_non_neutral(tmp_path):
+    meta = _meta()
+    meta["request"]["guidance"]["sharpness"] = 2.0
+    assert "Sharpness: 2.0" in metadata.a1111_parameters(meta)
+    assert "Sharpness" not in metadata.a1111_parameters(_meta())
+
+
+def test_never_overwrites(tmp_path):
+    meta = _meta()
+    a = save_image(_image(), meta, tmp_path, now=NOW)
+    b = save_image(Image.new("RGB", (16, 16)), meta, tmp_path, now=NOW)
+    assert a != b and b.name == "103005-7-1.png"
+    assert Image.open(a).getpixel((0, 0)) == (200, 10, 30)
+
+
+def test_disk_full_leaves_no_partial_file(tmp_path, monkeypatch):
+    def full(self, fp, *a, **kw):
+        fp.write(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(DreamttyError, match="out: cannot save image .*No space left"):
+        save_image(_image(), _meta(), tmp_path, now=NOW)
+    assert list((tmp_path / "2026-11-26").iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    with pytest.raises(DreamttyError, match="out: .* not writable"):
+        check_writable(ro)
+
+
+def test_out_dir_under_a_file_is_an_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(DreamttyError, match="^out: cannot create"):
+        check_writable(blocker / "sub")
+
+
+def test_image_without_metadata(tmp_path):
+    p = tmp_path / "plain.png"
+    _image().save(p)
+    with pytest.raises(DreamttyError, match="has no dreamtty metadata"):
+        metadata.read(p)
