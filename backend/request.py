@@ -26,7 +26,7 @@ class GenerateRequest:
     negative_prompt: str = ""
     model: str = "demo"
     sampler: str = "dpmpp_2m"
-    scheduler: str = "karras"
+    scheduler: str | None = None  # None = karras where the sampler supports it, else normal
     steps: int | None = None  # None = the model family's default
     cfg: float = 7.0
     width: int | None = None  # None = the model family's default
@@ -77,12 +77,13 @@ class GenerateRequest:
         _check_type("negative_prompt", self.negative_prompt, str)
         if self.sampler not in SAMPLERS:
             raise RequestError("sampler", f"unknown {self.sampler!r}; allowed: {', '.join(SAMPLERS)}")
-        if self.scheduler not in SCHEDULES:
-            raise RequestError("scheduler", f"unknown {self.scheduler!r}; allowed: {', '.join(SCHEDULES)}")
         allowed = SAMPLERS[self.sampler].schedules
-        if self.scheduler not in allowed:
+        scheduler = self.scheduler or ("karras" if "karras" in allowed else "normal")
+        if scheduler not in SCHEDULES:
+            raise RequestError("scheduler", f"unknown {scheduler!r}; allowed: {', '.join(SCHEDULES)}")
+        if scheduler not in allowed:
             raise RequestError(
-                "scheduler", f"{self.scheduler!r} does not work with {self.sampler}; allowed: {', '.join(allowed)}"
+                "scheduler", f"{scheduler!r} does not work with {self.sampler}; allowed: {', '.join(allowed)}"
             )
         steps = _int("steps", fam.default_steps if self.steps is None and fam else self.steps)
         if not 1 <= steps <= MAX_STEPS:
@@ -114,7 +115,9 @@ class GenerateRequest:
             if not -2.0 <= float(weight) <= 2.0:
                 raise RequestError("lora", f"weight {weight} for {name} is out of range; allowed -2..2")
         self.guidance.validate(xl=bool(fam and fam.xl), cfg=cfg)
-        return replace(self, steps=steps, cfg=cfg, width=width, height=height, seed=seed, count=count)
+        return replace(
+            self, scheduler=scheduler, steps=steps, cfg=cfg, width=width, height=height, seed=seed, count=count
+        )
 
 
 def _check_type(name: str, value: object, kind: type) -> None:

@@ -73,3 +73,8 @@ def test_unknown_field_in_dict_is_an_error():
     with pytest.raises(RequestError) as info:
         GenerateRequest.from_dict({"prompt": "x", "stepz": 3})
     assert info.value.field == "stepz"
+
+
+def test_default_schedule_follows_the_sampler():
+    assert GenerateRequest(prompt="x", sampler="dpmpp_2m").resolved("demo").scheduler == "karras"
+    assert GenerateRequest(prompt="x", sampler="euler_a").resolved("demo").scheduler == "normal"

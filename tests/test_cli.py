@@ -1,0 +1,84 @@
+"""The headless CLI as a user runs it: exit codes, stdout paths, JSON events, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend import metadata
+
+
+def run(*args, env_extra=None, timeout=180):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_generate_json_then_reproduce_identical(tmp_path, demo_dirs):
+    out = tmp_path / "out"
+    r = run("generate", "a red fox", "--model", "demo", "--seed", "11", "-n", "2", "--steps", "5",
+            "--sampler", "euler_a", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert {"queued", "started", "step", "image", "done"} <= {e["type"] for e in events}
+    paths = [e["path"] for e in events if e["type"] == "image"]
+    assert len(paths) == 2 and all(Path(p).parent.parent == out for p in paths)
+    meta = metadata.read(paths[1])
+    assert meta["request"]["seed"] == 12 and meta["request"]["sampler"] == "euler_a"
+    assert "Steps: 5, Sampler: Euler a" in Image.open(paths[1]).text["parameters"]
+
+    r = run("reproduce", paths[1], "--out", str(tmp_path / "again"))
+    assert r.returncode == 0, r.stderr
+    again = r.stdout.strip().splitlines()[-1]
+    assert "pixels: identical" in r.stderr
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(paths[1])))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--steps", "0"], "steps: 0 is out of range"),
+        (["--cfg", "-2"], "cfg: -2.0 is out of range"),
+        (["--size", "500x512"], "width: 500 is not allowed; use a positive multiple of 8"),
+        (["--size", "4096x4096"], "width: 4096 is too large"),
+        (["--size", "big"], "size: 'big' is not WxH"),
+        (["--sampler", "k_euler"], "sampler: unknown 'k_euler'; allowed: euler, euler_a"),
+        (["--model", "/no/such/model"], "model: /no/such/model does not exist"),
+        (["--model", "someone/not-cached-model"], "not in the local Hugging Face cache"),
+        (["--out", "/proc/forbidden"], "out: cannot create /proc/forbidden"),
+        (["--steps", "ten"], "argument --steps: invalid int value"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
+    r = run("generate", "x", "--out", str(tmp_path), *args, env_extra={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_corrupt_weights_fail_the_job_with_exit_1(tmp_path, demo_dirs):
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_dirs["demo"], broken)
+    (broken / "dreamtty_demo.json").unlink()
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    r = run("generate", "x", "--model", str(broken), "--out", str(tmp_path / "out"))
+    assert r.returncode == 1
+    assert "model: cannot load" in r.stderr and "Traceback" not in r.stderr
+    assert not list((tmp_path / "out").rglob("*.png"))
+
+
+def test_samplers_lists_names():
+    r = run("samplers")
+    assert r.returncode == 0
+    assert "dpmpp_2m_sde" in r.stdout and "karras" in r.stdout
