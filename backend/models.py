@@ -1,8 +1,10 @@
 """Resolve a ``--model`` value to something a worker can load, without torch.
 
-Accepted: ``demo``, ``demo-xl``, a diffusers folder, or a Hugging Face model
-id (used from the local cache; downloaded when the network allows).
-The family is read from the folder's JSON configs.
+Accepted: ``demo``, ``demo-xl``, a diffusers folder, a single-file checkpoint
+(``.safetensors``; pickles only with ``--allow-pickle``) given by path or by
+its name in the configured checkpoint folders, or a Hugging Face model id
+(used from the local cache; downloaded when the network allows).
+The family is read from the folder's JSON configs or the file's tensor names.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ DEMO_MODELS = ("demo", "demo-xl")
 @dataclass(frozen=True)
 class ModelRef:
     name: str  # what the user typed
-    kind: str  # "demo" | "folder" | "hub"
-    location: str  # demo name, folder path or hub id
+    kind: str  # "demo" | "folder" | "file" | "hub"
+    location: str  # demo name, folder or file path, or hub id
     family: str
 
 
@@ -63,22 +65,67 @@ def _hub_cache_folder(repo_id: str) -> Path | None:
         return None
 
 
+def pickle_allowed() -> bool:
+    from backend.config import load
+
+    return load().allow_pickle
+
+
+def _file_ref(name: str, path: Path) -> ModelRef:
+    """A single-file checkpoint: inspected (never executed) to find its family."""
+    from backend.library import PICKLE_SUFFIXES, SAFE_SUFFIXES, checkpoint_family, read_shapes
+
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not pickle_allowed():
+        raise ModelError(
+            f"model: {path.name} is a pickle ({suffix}), which can run arbitrary code when loaded; "
+            "use a .safetensors file, or pass --allow-pickle if you trust it (loaded with torch.load(weights_only=True))"
+        )
+    if suffix not in SAFE_SUFFIXES + PICKLE_SUFFIXES:
+        raise ModelError(f"model: {name} is a file but not a checkpoint; use .safetensors or a diffusers folder")
+    shapes, meta = read_shapes(path)
+    found = checkpoint_family(path, shapes, meta)
+    if found is None:
+        raise ModelError(f"model: {path.name} is not a Stable Diffusion checkpoint (it may be a LoRA, VAE or embedding)")
+    family, variant = found
+    if variant:
+        raise ModelError(f"model: {path.name} is an {variant} checkpoint; text-to-image needs a regular one")
+    if family == "unknown":
+        raise ModelError(f"model: {path.name}: cannot tell the model family (SD1, SD2, SDXL) from its tensors")
+    return ModelRef(name, "file", str(path.resolve()), family)
+
+
+def _library_ref(name: str) -> ModelRef | None:
+    """A checkpoint found by name in the configured checkpoint folders."""
+    from backend.library import find
+
+    entry = find("checkpoint", name)
+    if entry is None:
+        return None
+    if entry.format == "diffusers":
+        return ModelRef(name, "folder", entry.path, entry.family)
+    return _file_ref(name, Path(entry.path))
+
+
 def resolve_model(name: str) -> ModelRef:
     """Map a model name to a :class:`ModelRef`, or raise a one-line ModelError."""
     name = (name or "").strip()
     if not name:
-        raise ModelError("model: empty; use demo, demo-xl, a diffusers folder or a Hugging Face id")
+        raise ModelError("model: empty; use demo, demo-xl, a checkpoint name or file, a diffusers folder or a Hugging Face id")
     if name in DEMO_MODELS:
         return ModelRef(name, "demo", name, name)
     path = Path(os.path.expanduser(name))
     if path.exists():
         if not path.is_dir():
-            raise ModelError(f"model: {name} is a file; use a diffusers folder (with model_index.json)")
+            return _file_ref(name, path)
         if not (path / "model_index.json").exists():
             raise ModelError(f"model: {name} has no model_index.json; it is not a diffusers folder")
         if not os.access(path, os.R_OK | os.X_OK):
             raise ModelError(f"model: {name} is not readable")
         return ModelRef(name, "folder", str(path.resolve()), family_from_folder(path))
+    found = _library_ref(name)
+    if found is not None:
+        return found
     if _looks_like_hub_id(name):
         cached = _hub_cache_folder(name)
         if cached is not None:
@@ -89,4 +136,7 @@ def resolve_model(name: str) -> ModelRef:
                 "download it where the network allows (dreamtty models pull)"
             )
         return ModelRef(name, "hub", name, "unknown")
-    raise ModelError(f"model: {name} does not exist; use demo, demo-xl, a diffusers folder or a Hugging Face id")
+    raise ModelError(
+        f"model: {name} does not exist; use demo, demo-xl, a checkpoint name (dreamtty models list), "
+        "a .safetensors file, a diffusers folder or a Hugging Face id"
+    )

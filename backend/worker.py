@@ -87,6 +87,7 @@ def _run_job(worker_id: int, job: dict, cache, events, cancel) -> None:
 def _generate(job: dict, cache, emit, should_cancel) -> list[str]:
     from backend import metadata
     from backend.engine.denoise import latent_preview
+    from backend.engine.extras import apply_extras
     from backend.engine.generate import generate_image
     from backend.engine.loader import pick_dtype
     from backend.families import FAMILIES
@@ -97,6 +98,7 @@ def _generate(job: dict, cache, emit, should_cancel) -> list[str]:
     request = GenerateRequest.from_dict(job["request"])
     ref = resolve_model(request.model)
     pipe = cache.get(ref, pick_dtype(request.dtype, cache.device))
+    request = apply_extras(pipe, request, cache)
     family = FAMILIES[pipe.dreamtty_family]
     paths: list[str] = []
     for i in range(request.count):

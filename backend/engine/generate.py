@@ -8,6 +8,7 @@ import torch
 
 from backend.engine.conditioning import encode
 from backend.engine.denoise import DenoiseSpec, decode, denoise
+from backend.engine.refiner import refiner_handover
 from backend.engine.scheduling import make_scheduler
 from backend.prompting import build_prompt
 from backend.request import GenerateRequest
@@ -29,7 +30,7 @@ def generate_image(
             cond, request.width, request.height, request.steps, request.cfg, generator,
             guidance=request.guidance, on_step=on_step, should_cancel=should_cancel,
         )
-        latents = denoise(pipe, scheduler, spec)
+        latents = denoise(pipe, scheduler, spec, **refiner_handover(pipe, request, plan))
         image = decode(pipe, latents, generator)
-    record = {"positive": plan.positive, "negative": plan.negative, **plan.record}
+    record = {"positive": plan.positive, "negative": plan.negative, **plan.record, **getattr(pipe, "dreamtty_extras", {})}
     return image, record

@@ -1,7 +1,19 @@
-"""Load pipelines for a :class:`~backend.models.ModelRef` and keep them resident (LRU)."""
+"""Load pipelines for a :class:`~backend.models.ModelRef` and keep them resident (LRU).
+
+Single-file checkpoints load fully offline: diffusers' ``from_single_file``
+gets a local config folder (``backend/model_configs/<family>``: model_index,
+scheduler, unet, vae and text-encoder configs written from the public SD 1.5,
+SD 2.1(-base), SDXL base and refiner configs) plus CLIP tokenizers built from
+the shipped BPE vocabulary, so it never looks for anything on the Hub.
+``DREAMTTY_MODEL_CONFIGS`` points at another root with ``<family>/`` folders
+(a folder may hold its own ``tokenizer``/``tokenizer_2``); the tests use it for
+tiny models. Pickled checkpoints load only with ``--allow-pickle``, and then
+through diffusers' ``torch.load(weights_only=True)``.
+"""
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -9,7 +21,11 @@ import torch
 
 from backend.errors import ModelError
 from backend.families import FAMILIES
-from backend.models import ModelRef, family_from_folder
+from backend.library import PICKLE_SUFFIXES, read_safetensors_header
+from backend.models import ModelRef, family_from_folder, pickle_allowed
+
+CONFIGS_ENV = "DREAMTTY_MODEL_CONFIGS"
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -22,9 +38,60 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
+    if family == "sdxl-refiner":
+        return StableDiffusionXLImg2ImgPipeline
     return StableDiffusionXLPipeline if FAMILIES[family].xl else StableDiffusionPipeline
+
+
+def family_config(family: str) -> Path:
+    """The diffusers-layout config folder used to load a single-file checkpoint of ``family``."""
+    root = Path(os.environ.get(CONFIGS_ENV) or SHIPPED_CONFIGS)
+    folder = root / family
+    if not (folder / "model_index.json").is_file():
+        raise ModelError(f"model: no config for the {family} family in {root}")
+    return folder
+
+
+def _tokenizers(folder: Path, family: str) -> dict:
+    """CLIP tokenizers for the components the config folder lists but does not hold."""
+    from backend.engine.clip_tokenizer import clip_tokenizer
+    from backend.engine.demo_models import EOS
+
+    index = _read_index(folder)
+    # SD1 and SDXL's first tokenizer pad with the end token; SD2 and SDXL's second with "!" (OpenCLIP).
+    pads = {"tokenizer": "!" if family.startswith("sd2") else EOS, "tokenizer_2": "!"}
+    return {
+        name: clip_tokenizer(pad)
+        for name, pad in pads.items()
+        if (index.get(name) or [None])[0] is not None and not (folder / name).is_dir()
+    }
+
+
+def _read_index(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "model_index.json").read_text())
+
+
+def _check_file(ref: ModelRef) -> Path:
+    path = Path(ref.location)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not pickle_allowed():
+            raise ModelError(f"model: {path.name} is a pickle; refused without --allow-pickle")
+    else:
+        read_safetensors_header(path)  # raises a one-line error for a truncated or corrupt file
+    return path
+
+
+def _from_single_file(ref: ModelRef, dtype: torch.dtype, extra: dict):
+    path = _check_file(ref)
+    folder = family_config(ref.family)
+    cls = _pipeline_class(ref.family)
+    return cls.from_single_file(
+        str(path), config=str(folder), local_files_only=True, dtype=dtype, **_tokenizers(folder, ref.family), **extra
+    )
 
 
 def _folder_for(ref: ModelRef) -> Path:
@@ -36,20 +103,28 @@ def _folder_for(ref: ModelRef) -> Path:
         return Path(ref.location)
     from huggingface_hub import snapshot_download
 
-    try:
-        return Path(snapshot_download(ref.location, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
+    from backend.downloads import DIFFUSERS_PATTERNS, EXCLUDED_FOLDERS
+
+    try:  # only the files a diffusers folder needs, never the repo's single-file or variant weights
+        return Path(snapshot_download(
+            ref.location, allow_patterns=list(DIFFUSERS_PATTERNS), ignore_patterns=[f"{d}*" for d in EXCLUDED_FOLDERS]
+        ))
     except Exception as exc:  # offline, unknown repo, gated...
         raise ModelError(f"model: cannot fetch {ref.location} from Hugging Face: {type(exc).__name__}: {exc}") from None
 
 
 def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype):
     """Load a diffusers pipeline from local files only; errors become ModelError."""
-    folder = _folder_for(ref)
-    family = family_from_folder(folder)
-    cls = _pipeline_class(family)
+    folder = None if ref.kind == "file" else _folder_for(ref)
+    family = ref.family if folder is None else family_from_folder(folder)
     extra = {} if FAMILIES[family].xl else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
+        if folder is None:
+            pipe = _from_single_file(ref, dtype, extra)
+        else:
+            pipe = _pipeline_class(family).from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
+    except ModelError:
+        raise
     except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"model: cannot load {ref.name}: {msg[:300]}") from None

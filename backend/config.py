@@ -1,0 +1,209 @@
+"""The user's YAML config: model folders, defaults and key bindings.
+
+Where it is read from, first match wins: ``set_config_path()`` (the ``--config``
+option), the ``DREAMTTY_CONFIG`` environment variable (so worker processes see
+the same file), else ``<config dir>/config.yaml``. A missing file means the
+defaults. ``DREAMTTY_*`` environment variables override single keys:
+``DREAMTTY_DEFAULT_MODEL``, ``DREAMTTY_DEFAULT_PRESET``, ``DREAMTTY_OUTPUTS`` and
+``DREAMTTY_CHECKPOINTS`` / ``_LORAS`` / ``_VAE`` / ``_EMBEDDINGS`` /
+``_WILDCARDS`` / ``_STYLES`` (folder lists separated by ``os.pathsep``).
+
+A bad value never stops the app: that key keeps its default and ``load()``
+returns a one-line warning naming the key and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from backend import locations
+from backend.errors import DreamttyError
+
+ENV_PATH = "DREAMTTY_CONFIG"
+FOLDER_KINDS = ("checkpoints", "loras", "vae", "embeddings", "wildcards", "styles")
+TOP_KEYS = ("paths", "default_model", "default_preset", "keymap", "allow_pickle")
+
+
+@dataclass
+class Config:
+    """The effective configuration (defaults < file < environment)."""
+
+    paths: dict[str, list[Path]] = field(default_factory=dict)  # kind -> folders
+    outputs: Path | None = None  # None = backend.locations.outputs_dir()
+    default_model: str | None = None
+    default_preset: str | None = None
+    keymap: dict[str, str] = field(default_factory=dict)  # binding id -> key
+    allow_pickle: bool = False
+    source: Path | None = None  # the file read, if any
+    warnings: list[str] = field(default_factory=list)
+
+    def folders(self, kind: str) -> list[Path]:
+        return list(self.paths.get(kind, []))
+
+    def outputs_dir(self) -> Path:
+        return self.outputs or locations.outputs_dir()
+
+
+def default_folders(kind: str) -> list[Path]:
+    """``<data dir>/models/<kind>`` for model files, ``<config dir>/<kind>`` for wildcards and styles."""
+    if kind in ("wildcards", "styles"):
+        return [locations.config_dir() / kind]
+    return [locations.data_dir() / "models" / kind]
+
+
+def set_config_path(path: str | Path | None) -> None:
+    """Use ``path`` for this process and the worker processes it starts (``--config``)."""
+    if path is None:
+        os.environ.pop(ENV_PATH, None)
+    else:
+        os.environ[ENV_PATH] = str(Path(path).expanduser().resolve())
+
+
+def config_path() -> Path:
+    env = os.environ.get(ENV_PATH)
+    return Path(env) if env else locations.config_dir() / "config.yaml"
+
+
+def _defaults() -> Config:
+    return Config(paths={kind: default_folders(kind) for kind in FOLDER_KINDS})
+
+
+def _read_yaml(path: Path, cfg: Config) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if os.environ.get(ENV_PATH):
+            cfg.warnings.append(f"config: {path} does not exist; using defaults")
+        return {}
+    except OSError as exc:
+        cfg.warnings.append(f"config: cannot read {path}: {exc.strerror}; using defaults")
+        return {}
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        cfg.warnings.append(f"config: {path} is not valid YAML{where}; using defaults")
+        return {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        cfg.warnings.append(f"config: {path} must be a mapping of keys, got {type(data).__name__}; using defaults")
+        return {}
+    cfg.source = path
+    return data
+
+
+def _folder_list(key: str, value: object) -> list[Path]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{key}: must be a list of folder paths")
+    return [Path(os.path.expanduser(v)) for v in value]
+
+
+def _text(key: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key}: must be a non-empty text, got {value!r}")
+    return value.strip()
+
+
+def _apply(cfg: Config, data: dict) -> None:
+    """Copy valid keys of ``data`` into ``cfg``; each bad key becomes one warning."""
+    for key in sorted(set(data) - set(TOP_KEYS)):
+        cfg.warnings.append(f"config: unknown key {key!r}; allowed: {', '.join(TOP_KEYS)}")
+    paths = data.get("paths") or {}
+    if not isinstance(paths, dict):
+        cfg.warnings.append("config: paths: must be a mapping of kind -> folders; using the defaults")
+        paths = {}
+    for kind in sorted(set(paths) - {*FOLDER_KINDS, "outputs"}):
+        cfg.warnings.append(f"config: paths.{kind}: unknown kind; allowed: {', '.join(FOLDER_KINDS)}, outputs")
+    parsers = {
+        **{("paths", k): (lambda v, k=k: cfg.paths.__setitem__(k, _folder_list(f"paths.{k}", v))) for k in FOLDER_KINDS},
+        ("paths", "outputs"): lambda v: setattr(cfg, "outputs", _outputs(v)),
+        (None, "default_model"): lambda v: setattr(cfg, "default_model", _text("default_model", v)),
+        (None, "default_preset"): lambda v: setattr(cfg, "default_preset", _text("default_preset", v)),
+        (None, "keymap"): lambda v: setattr(cfg, "keymap", _keymap(v)),
+        (None, "allow_pickle"): lambda v: setattr(cfg, "allow_pickle", _bool("allow_pickle", v)),
+    }
+    for (section, key), parse in parsers.items():
+        source = paths if section else data
+        if key not in source:
+            continue
+        try:
+            parse(source[key])
+        except ValueError as exc:
+            cfg.warnings.append(f"config: {exc}; using the default")
+
+
+def _outputs(value: object) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError("paths.outputs: must be one folder path")
+    return Path(os.path.expanduser(value))
+
+
+def _bool(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}: must be true or false, got {value!r}")
+    return value
+
+
+def _keymap(value: object) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()):
+        raise ValueError("keymap: must be a mapping of binding id -> key, e.g. {generate: ctrl+g}")
+    return dict(value)
+
+
+def _apply_env(cfg: Config) -> None:
+    for kind in FOLDER_KINDS:
+        env = os.environ.get(f"DREAMTTY_{kind.upper()}")
+        if env:
+            cfg.paths[kind] = [Path(os.path.expanduser(p)) for p in env.split(os.pathsep) if p]
+    if os.environ.get("DREAMTTY_OUTPUTS"):
+        cfg.outputs = Path(os.environ["DREAMTTY_OUTPUTS"])
+    for key in ("default_model", "default_preset"):
+        env = os.environ.get(f"DREAMTTY_{key.upper()}")
+        if env:
+            setattr(cfg, key, env)
+    env = os.environ.get("DREAMTTY_ALLOW_PICKLE", "").lower()
+    if env:
+        cfg.allow_pickle = env in ("1", "true", "yes")
+
+
+def load(path: str | Path | None = None) -> Config:
+    """The effective config. ``path`` overrides where it is read from (as ``--config``)."""
+    cfg = _defaults()
+    file = Path(path).expanduser() if path is not None else config_path()
+    _apply(cfg, _read_yaml(file, cfg))
+    _apply_env(cfg)
+    return cfg
+
+
+def set_value(key: str, value: object, path: Path | None = None) -> Path:
+    """Set one top-level key in the config file, keeping the others; returns the file written."""
+    if key not in TOP_KEYS:
+        raise DreamttyError(f"config: unknown key {key!r}; allowed: {', '.join(TOP_KEYS)}")
+    file = path or config_path()
+    data: dict = {}
+    if file.exists():
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise DreamttyError(f"config: cannot update {file}: {exc}") from None
+        if isinstance(loaded, dict):
+            data = loaded
+    data[key] = value
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(file.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        tmp.replace(file)
+    except OSError as exc:
+        raise DreamttyError(f"config: cannot write {file}: {exc.strerror}") from None
+    return file

@@ -1,0 +1,203 @@
+"""Downloading models from the Hugging Face Hub into its local cache (no torch).
+
+``pull`` asks the Hub for the repo's file list and sizes, checks free disk
+space, downloads with ``huggingface_hub`` (which resumes an interrupted
+download from its ``.incomplete`` file), then checks each file's size and,
+for LFS files, its SHA-256. The Hub client is injectable so tests never touch
+the network.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from backend.errors import DreamttyError
+
+# The files a diffusers folder needs: configs, tokenizers and the default (non-variant) safetensors weights.
+DIFFUSERS_PATTERNS = (
+    "model_index.json", "*/*.json", "*/*.txt", "*/*.model",
+    "*/diffusion_pytorch_model.safetensors", "*/model.safetensors",
+)
+EXCLUDED_FOLDERS = ("safety_checker/", "feature_extractor/")
+
+
+@dataclass(frozen=True)
+class Recommended:
+    repo: str
+    file: str | None
+    label: str
+    size: str  # approximate, shown when offline
+
+
+RECOMMENDED = (
+    Recommended("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors", "SDXL base 1.0", "6.9 GB"),
+    Recommended("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors", "SD 1.5", "4.3 GB"),
+    Recommended("stabilityai/sdxl-turbo", "sd_xl_turbo_1.0_fp16.safetensors", "SDXL Turbo (1-4 steps, cfg 1)", "6.9 GB"),
+    Recommended("stabilityai/stable-diffusion-xl-refiner-1.0", "sd_xl_refiner_1.0.safetensors", "SDXL refiner 1.0", "6.1 GB"),
+)
+
+
+def recommended_text() -> str:
+    lines = ["Recommended models (dreamtty models pull ID --file FILE):"]
+    for r in RECOMMENDED:
+        lines.append(f"  {r.label:<30} {r.size:>7}  {r.repo} --file {r.file}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    name: str
+    size: int | None
+    sha256: str | None  # LFS files only
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _hub_error(repo: str, exc: Exception) -> DreamttyError:
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.GatedRepoError):
+        return DreamttyError(f"pull: {repo} is gated; accept its licence on the Hub and set HF_TOKEN")
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return DreamttyError(f"pull: no model {repo} on the Hub (or it is private: set HF_TOKEN)")
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return DreamttyError(f"pull: {repo} has no such revision")
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return DreamttyError(f"pull: cannot reach the Hugging Face Hub for {repo}: {text[:200]}")
+
+
+def _wanted(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in DIFFUSERS_PATTERNS) and not name.startswith(EXCLUDED_FOLDERS)
+
+
+def plan(api, repo: str, revision: str | None, filename: str | None) -> tuple[str, list[PlannedFile]]:
+    """(commit sha, files to fetch) for a repo (diffusers layout) or one file of it."""
+    try:
+        info = api.model_info(repo, revision=revision, files_metadata=True)
+    except Exception as exc:
+        raise _hub_error(repo, exc) from None
+    siblings = list(info.siblings or [])
+    names = [s.rfilename for s in siblings]
+    if filename:
+        chosen = [s for s in siblings if s.rfilename == filename]
+        if not chosen:
+            files = ", ".join(n for n in names if n.endswith(".safetensors"))[:300] or "none"
+            raise DreamttyError(f"pull: {repo} has no file {filename}; .safetensors files: {files}")
+    else:
+        if "model_index.json" not in names:
+            files = ", ".join(n for n in names if n.endswith(".safetensors") and "/" not in n)[:300] or "none"
+            raise DreamttyError(f"pull: {repo} is not a diffusers repo; pick one file with --file (files: {files})")
+        chosen = [s for s in siblings if _wanted(s.rfilename)]
+    out = [
+        PlannedFile(s.rfilename, getattr(s, "size", None), getattr(getattr(s, "lfs", None), "sha256", None))
+        for s in chosen
+    ]
+    return info.sha or revision or "main", out
+
+
+def _cache_root() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the disk holding ``path`` (or its nearest existing parent)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify(path: Path, f: PlannedFile) -> None:
+    size = path.stat().st_size
+    if f.size is not None and size != f.size:
+        raise DreamttyError(f"pull: {f.name} has {size} bytes, the Hub says {f.size}; run the pull again to resume")
+    if f.sha256 and _sha256(path) != f.sha256:
+        path.unlink(missing_ok=True)
+        raise DreamttyError(f"pull: {f.name} does not match its SHA-256; it was removed, run the pull again")
+
+
+def pull(
+    repo: str,
+    revision: str | None = None,
+    filename: str | None = None,
+    api=None,
+    progress: Callable[[int, int, str], None] | None = None,
+    tqdm_class=None,
+) -> Path:
+    """Download a diffusers repo (or one file of it) into the HF cache; returns the local folder or file.
+
+    ``progress(done_bytes, total_bytes, file)`` is called before and after each file.
+    """
+    if api is None:
+        if _offline():
+            raise DreamttyError(f"pull: HF_HUB_OFFLINE is set, so {repo} cannot be downloaded; unset it where the network allows")
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    sha, files = plan(api, repo, revision, filename)
+    cached = {f.name for f in files if _cached(api, repo, f.name, sha)}
+    need = sum(f.size or 0 for f in files if f.name not in cached)
+    free = free_bytes(_cache_root())
+    if need > free:
+        raise DreamttyError(f"pull: {repo} needs {human(need)} but only {human(free)} is free in {_cache_root()}")
+    total = sum(f.size or 0 for f in files)
+    done = 0
+    local: Path | None = None
+    for f in files:
+        if progress:
+            progress(done, total, f.name)
+        try:
+            extra = {"tqdm_class": tqdm_class} if tqdm_class is not None else {}
+            local = Path(api.hf_hub_download(repo, f.name, revision=sha, **extra))
+        except DreamttyError:
+            raise
+        except Exception as exc:
+            raise _hub_error(repo, exc) from None
+        if f.name not in cached:
+            _verify(local, f)
+        done += f.size or 0
+    if progress:
+        progress(total, total, "")
+    if local is None:
+        raise DreamttyError(f"pull: {repo} lists no files to download")
+    if filename:
+        return local
+    return local.parents[len(Path(files[-1].name).parts) - 1]
+
+
+def _cached(api, repo: str, name: str, sha: str) -> bool:
+    """True when the file of this commit is already complete in the cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo, name, revision=sha, cache_dir=getattr(api, "cache_dir", None))
+    except Exception:
+        return False
+    return isinstance(found, str)

@@ -1,0 +1,255 @@
+"""Per-request extras on a loaded pipeline: LoRAs, textual-inversion embeddings, a VAE override, a refiner.
+
+``apply_extras`` runs in the worker after the pipeline cache hands out the
+base pipeline. It changes only what the request asks for, so the base model
+is never reloaded:
+
+- LoRAs (up to 5, ``--lora NAME[:W]`` or ``<lora:NAME:W>`` in the prompt) load
+  once per file through diffusers' PEFT integration; their weights switch with
+  ``set_adapters``; adapters the request does not name are deleted.
+- Embeddings load when their name appears in the prompt or negative prompt
+  (A1111 and diffusers formats; SDXL files carry ``clip_l`` and ``clip_g`` for
+  the two encoders) and stay loaded.
+- ``--vae`` swaps the VAE; a later request without it gets the model's own back.
+- ``--refiner`` loads the refiner through the same cache (see ``refiner.py``).
+
+What was applied, with short file hashes, is left in ``pipe.dreamtty_extras``
+and saved in each image's metadata.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from backend import config as config_mod
+from backend import library
+from backend.errors import ModelError, RequestError
+from backend.families import FAMILIES
+from backend.request import GenerateRequest
+
+MAX_LORAS = 5
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::\s*([-+]?(?:\d+\.?\d*|\.\d+)))?\s*>")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def prompt_loras(text: str) -> tuple[str, list[tuple[str, float]]]:
+    """Strip ``<lora:name:weight>`` tags from a prompt; returns the clean prompt and the LoRAs."""
+    found = [(m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0) for m in LORA_TAG.finditer(text)]
+    clean = re.sub(r"\s{2,}", " ", LORA_TAG.sub("", text)).strip()
+    return clean, found
+
+
+def effective_request(request: GenerateRequest) -> GenerateRequest:
+    """The request with prompt LoRA tags moved into ``loras`` (a tag wins over a flag of the same name)."""
+    prompt, tagged = prompt_loras(request.prompt)
+    if not tagged:
+        loras = list(request.loras)
+    else:
+        names = {n for n, _ in tagged}
+        loras = [x for x in request.loras if x[0] not in names] + tagged
+    seen = set()
+    for name, weight in loras:
+        if name in seen:
+            raise RequestError("lora", f"{name} is given twice")
+        seen.add(name)
+        if not -2.0 <= weight <= 2.0:
+            raise RequestError("lora", f"weight {weight} for {name} is out of range; allowed -2..2")
+    if len(loras) > MAX_LORAS:
+        raise RequestError("lora", f"{len(loras)} given; at most {MAX_LORAS} LoRA slots")
+    return replace(request, prompt=prompt, loras=loras)
+
+
+def _same_family(kind: str, name: str, item: str, model: str) -> None:
+    """Refuse a LoRA or embedding made for another family (unknown ones and demo models are let through)."""
+    if item in ("unknown", "any") or model.startswith("demo"):
+        return
+    norm = {"sd2-v": "sd2"}
+    if norm.get(item, item) != norm.get(model, model):
+        raise RequestError(kind, f"{name} is for {FAMILIES[item].label}; the model is {FAMILIES[model].label}")
+
+
+def _find(kind: str, name: str, cfg) -> library.Entry:
+    entry = library.find(kind, name, cfg)
+    if entry is None:
+        known = library.names(kind, cfg)
+        folders = ", ".join(str(p) for p in cfg.folders(library.FOLDER_OF_KIND[kind])) or "none"
+        listed = f"known: {', '.join(known[:10])}" if known else f"none found in {folders}"
+        raise RequestError(kind, f"{name} not found; {listed}")
+    if entry.format == "pickle" and not cfg.allow_pickle:
+        raise RequestError(kind, f"{name} is a pickle ({Path(entry.path).suffix}); refused without --allow-pickle")
+    return entry
+
+
+def _load_weights(entry: library.Entry) -> dict:
+    if entry.format == "pickle":
+        return torch.load(entry.path, map_location="cpu", weights_only=True)
+    from safetensors.torch import load_file
+
+    return load_file(entry.path)
+
+
+# -- LoRAs --------------------------------------------------------------------------
+def _apply_loras(pipe, loras: list[tuple[str, float]], cfg) -> list[dict]:
+    loaded: dict[str, str] = pipe.__dict__.setdefault("dreamtty_loras", {})  # adapter -> path
+    wanted: list[tuple[str, float]] = []
+    records = []
+    for name, weight in loras:
+        entry = _find("lora", name, cfg)
+        _same_family("lora", name, entry.family, pipe.dreamtty_family)
+        digest = library.short_hash(entry.path)
+        adapter = f"{re.sub(r'[^0-9A-Za-z_]', '_', entry.name)}_{digest}"
+        if adapter not in loaded:
+            path = Path(entry.path)
+            try:
+                pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
+            except Exception as exc:
+                raise ModelError(f"lora: cannot load {name}: {_one_line(exc)}") from None
+            loaded[adapter] = entry.path
+        wanted.append((adapter, weight))
+        records.append({"name": entry.name, "weight": weight, "hash": digest})
+    if not wanted:
+        if loaded:
+            pipe.unload_lora_weights()
+            loaded.clear()
+        return []
+    stale = [a for a in loaded if a not in dict(wanted)]
+    if stale:
+        pipe.delete_adapters(stale)
+        for a in stale:
+            del loaded[a]
+    pipe.set_adapters([a for a, _ in wanted], [w for _, w in wanted])
+    return records
+
+
+# -- textual-inversion embeddings -------------------------------------------------------
+def _mentioned(name: str, text: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text) is not None
+
+
+def _load_embeddings(pipe, request: GenerateRequest, cfg) -> list[dict]:
+    text = f"{request.prompt}\n{request.negative_prompt}"
+    loaded: dict[str, str] = pipe.__dict__.setdefault("dreamtty_embeddings", {})  # token -> hash
+    lib = library.discover(cfg, kinds=("embedding",), hub=False)
+    records = []
+    for entry in lib.of_kind("embedding"):
+        if not _mentioned(entry.name, text):
+            continue
+        if entry.format == "pickle" and not cfg.allow_pickle:
+            raise RequestError("embedding", f"{entry.name} is a pickle; refused without --allow-pickle")
+        _same_family("embedding", entry.name, entry.family, pipe.dreamtty_family)
+        digest = library.short_hash(entry.path)
+        if loaded.get(entry.name) != digest:
+            if entry.name in loaded:
+                pipe.unload_textual_inversion(entry.name)
+            _load_embedding(pipe, entry)
+            loaded[entry.name] = digest
+        records.append({"name": entry.name, "hash": digest})
+    return records
+
+
+def _load_embedding(pipe, entry: library.Entry) -> None:
+    state = _load_weights(entry)
+    try:
+        if "clip_l" in state and "clip_g" in state:
+            if getattr(pipe, "text_encoder_2", None) is None:
+                raise ValueError("an SDXL embedding needs an SDXL model")
+            pipe.load_textual_inversion(state["clip_l"], token=entry.name, text_encoder=pipe.text_encoder,
+                                        tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(state["clip_g"], token=entry.name, text_encoder=pipe.text_encoder_2,
+                                        tokenizer=pipe.tokenizer_2)
+        else:
+            pipe.load_textual_inversion(state, token=entry.name)
+    except Exception as exc:
+        raise ModelError(f"embedding: cannot load {entry.name}: {_one_line(exc)}") from None
+
+
+# -- VAE override -------------------------------------------------------------------------
+def _apply_vae(pipe, name: str | None, cfg) -> dict | None:
+    original = pipe.__dict__.setdefault("dreamtty_model_vae", pipe.vae)
+    if not name:
+        if pipe.vae is not original:
+            pipe.vae = original
+            pipe.dreamtty_vae_key = None
+        return None
+    entry = _find("vae", name, cfg)
+    digest = library.folder_hash(entry.path) if entry.format == "diffusers" else library.short_hash(entry.path)
+    if getattr(pipe, "dreamtty_vae_key", None) != (entry.path, digest):
+        vae = _load_vae(entry, original)
+        pipe.vae = vae.to(device=original.device, dtype=original.dtype)
+        pipe.dreamtty_vae_key = (entry.path, digest)
+    return {"name": entry.name, "hash": digest}
+
+
+def _load_vae(entry: library.Entry, original):
+    """A VAE from a diffusers folder, or from a file in either layout using the model's VAE config.
+
+    SDXL's VAE overflows in fp16, so its config asks for an fp32 decode
+    (``force_upcast``); a file named like the community "fp16-fix" VAE is
+    trusted to decode in fp16.
+    """
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    try:
+        if entry.format == "diffusers":
+            return AutoencoderKL.from_pretrained(entry.path, local_files_only=True)
+        state = _load_weights(entry)
+        state = {k.removeprefix("vae."): v for k, v in state.items()}
+        if not any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state):
+            state = convert_ldm_vae_checkpoint(state, dict(original.config))
+        fixed = re.search(r"fp16.?fix", entry.name, re.I) is not None
+        vae = AutoencoderKL.from_config(original.config, force_upcast=bool(original.config.force_upcast) and not fixed)
+        vae.load_state_dict(state, strict=True)
+        return vae
+    except Exception as exc:
+        raise ModelError(f"vae: cannot load {entry.name}: {_one_line(exc)}") from None
+
+
+# -- refiner -----------------------------------------------------------------------------
+def _model_hash(ref) -> str | None:
+    if ref.kind == "file":
+        return library.short_hash(ref.location)
+    if ref.kind == "folder":
+        return library.folder_hash(ref.location)
+    return None
+
+
+def _load_refiner(pipe, request: GenerateRequest, cache) -> dict | None:
+    pipe.dreamtty_refiner = None
+    if not request.refiner:
+        return None
+    from backend.models import resolve_model
+
+    ref = resolve_model(request.refiner)
+    if cache is None:
+        raise ModelError("refiner: no pipeline cache to load it with")
+    if FAMILIES.get(ref.family) is None or FAMILIES[ref.family].xl != FAMILIES[pipe.dreamtty_family].xl:
+        raise RequestError(
+            "refiner", f"{request.refiner} ({ref.family}) does not share the latent space of the model ({pipe.dreamtty_family})"
+        )
+    pipe.dreamtty_refiner = cache.get(ref, pipe.unet.dtype)
+    return {"name": request.refiner, "switch": request.refiner_switch, "hash": _model_hash(ref)}
+
+
+def apply_extras(pipe, request: GenerateRequest, cache=None) -> GenerateRequest:
+    """Apply the request's LoRAs, embeddings, VAE and refiner to ``pipe``; returns the effective request."""
+    if pipe.dreamtty_family == "sdxl-refiner":
+        raise ModelError(f"model: {request.model} is an SDXL refiner; use it with --refiner on an SDXL base model")
+    cfg = config_mod.load()
+    request = effective_request(request)
+    extras = {
+        "loras": _apply_loras(pipe, request.loras, cfg),
+        "embeddings": _load_embeddings(pipe, request, cfg),
+        "vae": _apply_vae(pipe, request.vae, cfg),
+        "refiner": _load_refiner(pipe, request, cache),
+    }
+    pipe.dreamtty_extras = {k: v for k, v in extras.items() if v}
+    return request

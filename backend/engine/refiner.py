@@ -1,0 +1,68 @@
+"""SDXL refiner hand-over: the base UNet denoises the first part of the steps, the refiner the rest.
+
+Both models share the noise schedule and latent space, so one sampling loop
+runs with one scheduler and the UNet (with its own conditioning and time ids)
+is switched at step ``round(steps * refiner_switch)``: the base hands its
+partly denoised latents over, as in the SDXL report's ensemble-of-experts
+mode (Podell et al. 2023, arXiv 2307.01952 §2.5) and diffusers'
+``denoising_end`` / ``denoising_start``. The refiner's time ids carry the
+aesthetic score (6.0, negative 2.5: diffusers' defaults).
+"""
+
+from __future__ import annotations
+
+from backend.engine.conditioning import encode
+from backend.engine.guidance import Guider, UNetInputs
+from backend.errors import ModelError
+from backend.families import FAMILIES
+
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
+
+
+class Handover:
+    """Predicts with the base guider before ``switch_at`` and with the refiner's from then on."""
+
+    def __init__(self, base: Guider, refine: Guider, switch_at: int) -> None:
+        self.base, self.refine, self.switch_at = base, refine, switch_at
+
+    def predict(self, scheduler, latents, t, step: int):
+        guider = self.base if step < self.switch_at else self.refine
+        return guider.predict(scheduler, latents, t, step)
+
+
+def refiner_inputs(refiner, cond, width: int, height: int) -> UNetInputs:
+    """UNet inputs for the refiner: its conditioning and, for SDXL, its time ids."""
+    if not FAMILIES[refiner.dreamtty_family].xl:
+        return UNetInputs(refiner, cond, None, None, None)
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    size = (height, width)
+    dtype = cond.cond.dtype
+    proj = int(cond.pooled.shape[-1])
+    if isinstance(refiner, StableDiffusionXLImg2ImgPipeline):
+        ids, neg = refiner._get_add_time_ids(
+            size, (0, 0), size, AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, size, (0, 0), size,
+            dtype=dtype, text_encoder_projection_dim=proj,
+        )
+    else:
+        ids = neg = refiner._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=proj)
+    device = refiner._execution_device
+    return UNetInputs(refiner, cond, ids.to(device), neg.to(device), None)
+
+
+def refiner_handover(pipe, request, plan) -> dict:
+    """``denoise`` keyword arguments for the request: {} without a refiner, else a hand-over guider."""
+    if not request.refiner:
+        return {}
+    refiner = getattr(pipe, "dreamtty_refiner", None)
+    if refiner is None:
+        raise ModelError(f"refiner: {request.refiner} is not loaded (apply_extras loads it)")
+    cond = encode(refiner, plan.positive, plan.negative, request.cfg > 1.0, request.guidance.clip_skip)
+
+    def make_guider(inputs: UNetInputs, cfg: float, settings, total: int) -> Handover:
+        switch_at = round(total * request.refiner_switch)
+        refine = Guider(refiner_inputs(refiner, cond, request.width, request.height), cfg, settings, total)
+        return Handover(Guider(inputs, cfg, settings, total), refine, switch_at)
+
+    return {"make_guider": make_guider}

@@ -1,0 +1,488 @@
+"""The model library: find checkpoints, LoRAs, VAEs and embeddings on disk, without torch.
+
+Files are inspected by their tensor names and shapes only:
+
+- ``.safetensors``: the header is read by hand (8 bytes little-endian length,
+  then JSON), and the data offsets are checked against the file size, so a
+  truncated download is caught before anything loads it.
+- Pickled files (``.ckpt .pt .pth .bin``) are never executed: a restricted
+  unpickler reads the tensor names and shapes of torch's zip format and turns
+  every other object into an inert stub. Loading them for real still needs
+  ``--allow-pickle`` (see :mod:`backend.engine.loader`).
+
+Checkpoint families are told apart by their text encoders (CLIP-L alone: SD1;
+OpenCLIP alone: SD2; both under ``conditioner.embedders``: SDXL; OpenCLIP
+bigG alone: SDXL refiner) and the UNet's first conv (9 input channels:
+inpainting). Whether an SD2 checkpoint predicts v cannot be read from the
+weights; :func:`sd2_prediction` documents the rule used.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import struct
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from backend import locations
+from backend.errors import ModelError
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+MAX_HEADER = 100 * 1024 * 1024
+MAX_PICKLE = 64 * 1024 * 1024
+UNET = "model.diffusion_model."
+# Cross-attention context width -> family, for files without text encoder keys (LoRAs, bare UNets).
+CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
+HIDDEN_FAMILY = {768: "sd1", 1024: "sd2"}  # text-encoder width of SD1 / SD2 embeddings and LoRAs
+KINDS = ("checkpoint", "lora", "vae", "embedding")
+FOLDER_OF_KIND = {"checkpoint": "checkpoints", "lora": "loras", "vae": "vae", "embedding": "embeddings"}
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+class CorruptFile(ModelError):
+    """A model file that cannot be parsed (truncated download, not a model, ...)."""
+
+
+# -- reading tensor names and shapes ------------------------------------------
+def read_safetensors_header(path: Path) -> tuple[Shapes, dict[str, str]]:
+    """Tensor shapes and ``__metadata__`` of a .safetensors file; CorruptFile when it is damaged."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CorruptFile(f"model: {path.name} is empty or truncated ({size} bytes)")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(MAX_HEADER, size - 8):
+                raise CorruptFile(f"model: {path.name} is not a safetensors file or is truncated (bad header length)")
+            raw = fh.read(length)
+    except OSError as exc:
+        raise CorruptFile(f"model: cannot read {path}: {exc.strerror}") from None
+    try:
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None) or {}
+        shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in header.items()}
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise CorruptFile(f"model: {path.name} has a corrupt safetensors header") from None
+    if 8 + length + end > size:
+        raise CorruptFile(
+            f"model: {path.name} is truncated: {size} bytes on disk, {8 + length + end} expected (download it again)"
+        )
+    return shapes, {str(k): str(v) for k, v in meta.items()}
+
+
+class _Stub:
+    """Stands in for every object a pickle names that is not a tensor or a container."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    shape: tuple[int, ...]
+
+
+def _rebuild_tensor(storage, offset, size, *rest) -> _TensorInfo:
+    return _TensorInfo(tuple(int(d) for d in size))
+
+
+class _ShapeUnpickler(pickle.Unpickler):
+    """Resolves only tensor rebuilders and plain containers; nothing else is imported or run."""
+
+    SAFE = {("collections", "OrderedDict"): collections.OrderedDict}
+
+    def find_class(self, module: str, name: str):
+        if name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+            return lambda data, *rest: data
+        return self.SAFE.get((module, name), _Stub)
+
+    def persistent_load(self, pid) -> None:
+        return None
+
+
+def _flatten(obj: object, prefix: str = "") -> Shapes:
+    out: Shapes = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+    elif isinstance(obj, _TensorInfo):
+        out[prefix[:-1]] = obj.shape
+    return out
+
+
+def read_pickle_shapes(path: Path) -> Shapes:
+    """Tensor names and shapes of a torch zip-format pickle, without running it."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+            if not names:
+                raise CorruptFile(f"model: {path.name} is not a torch checkpoint (no data.pkl)")
+            if zf.getinfo(names[0]).file_size > MAX_PICKLE:
+                raise CorruptFile(f"model: {path.name} has an unusually large pickle; not inspected")
+            raw = zf.read(names[0])
+    except zipfile.BadZipFile:
+        raise CorruptFile(f"model: {path.name} is truncated or in the legacy torch format (not a zip)") from None
+    except OSError as exc:
+        raise CorruptFile(f"model: cannot read {path}: {exc.strerror}") from None
+    try:
+        obj = _ShapeUnpickler(io.BytesIO(raw)).load()
+    except Exception:  # any malformed pickle: report, never crash the listing
+        raise CorruptFile(f"model: {path.name} has a corrupt pickle") from None
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    return _flatten(obj)
+
+
+def read_shapes(path: Path) -> tuple[Shapes, dict[str, str]]:
+    """Shapes (and safetensors metadata) of any supported model file."""
+    if path.suffix.lower() in SAFE_SUFFIXES:
+        return read_safetensors_header(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return read_pickle_shapes(path), {}
+    raise CorruptFile(f"model: {path.name}: unsupported file type; use .safetensors")
+
+
+# -- what a file is -------------------------------------------------------------
+def _has_prefix(shapes: Shapes, prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in shapes)
+
+
+def sd2_prediction(path: Path, meta: dict[str, str], shapes: Shapes) -> str:
+    """``"v"`` or ``"epsilon"`` for an SD2 checkpoint; the weights alone cannot tell.
+
+    In order: a ``v_pred`` tensor (the marker ComfyUI and trainers write);
+    safetensors metadata ``modelspec.prediction_type`` or kohya's
+    ``ss_v_parameterization``; an A1111-style ``<name>.yaml`` beside the file
+    (``parameterization: "v"`` means v, a yaml without it means epsilon); the
+    file name (``768-v``, ``v-pred``, ``vpred`` mean v; ``base`` or ``512``
+    mean epsilon); else v, like the official SD 2.x 768 checkpoints and
+    diffusers' own single-file default.
+    """
+    if "v_pred" in shapes:
+        return "v"
+    spec = meta.get("modelspec.prediction_type", "").lower()
+    if spec:
+        return "v" if spec.startswith("v") else "epsilon"
+    if meta.get("ss_v_parameterization", "").lower() == "true":
+        return "v"
+    sidecar = path.with_suffix(".yaml")
+    if sidecar.is_file():
+        try:
+            text = sidecar.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        return "v" if re.search(r"parameterization:\s*[\"']?v[\"']?\s*$", text, re.M) else "epsilon"
+    name = path.stem.lower()
+    if re.search(r"768-v|v-?pred", name):
+        return "v"
+    if "base" in name or "512" in name:
+        return "epsilon"
+    return "v"
+
+
+def checkpoint_family(path: Path, shapes: Shapes, meta: dict[str, str]) -> tuple[str, str | None] | None:
+    """(family, variant) of a full checkpoint in the original (LDM/SGM) layout, or None.
+
+    variant is ``"inpaint"`` (9 UNet input channels), ``"pix2pix"`` (8) or None.
+    """
+    if not _has_prefix(shapes, UNET):
+        return None
+    if _has_prefix(shapes, "conditioner.embedders.1.model."):
+        family = "sdxl"
+    elif _has_prefix(shapes, "conditioner.embedders.0.model."):
+        family = "sdxl-refiner"
+    elif _has_prefix(shapes, "cond_stage_model.model."):
+        family = "sd2"
+    elif _has_prefix(shapes, "cond_stage_model.transformer."):
+        family = "sd1"
+    else:
+        family = _family_by_context(shapes, UNET) or "unknown"
+    if family == "sd2" and sd2_prediction(path, meta, shapes) == "v":
+        family = "sd2-v"
+    channels = shapes.get(UNET + "input_blocks.0.0.weight", (0, 4))[1]
+    return family, {9: "inpaint", 8: "pix2pix"}.get(channels)
+
+
+def _family_by_context(shapes: Shapes, prefix: str = "") -> str | None:
+    """Family from the width of a cross-attention key projection (attn2.to_k)."""
+    for key, shape in shapes.items():
+        if key.startswith(prefix) and "attn2" in key and "to_k" in key and len(shape) == 2:
+            if any(s in key for s in ("lora_down", "lora_A", "lora.down")) or key.endswith("to_k.weight"):
+                return CONTEXT_FAMILY.get(shape[1])
+    return None
+
+
+_LORA_MARKERS = (".lora_down.", ".lora_A.", ".lora_up.", ".lora_B.", ".hada_w1", ".lokr_w1", ".lora.down.")
+
+
+def lora_family(shapes: Shapes) -> str | None:
+    """The family a LoRA was trained for ("unknown" when it cannot tell), or None when it is no LoRA."""
+    if not any(m in k for k in shapes for m in _LORA_MARKERS):
+        return None
+    if any(k.startswith(("lora_te2_", "text_encoder_2.", "lora_te2.")) for k in shapes):
+        return "sdxl"
+    by_unet = _family_by_context(shapes)
+    if by_unet:
+        return by_unet
+    for key, shape in shapes.items():
+        if key.startswith(("lora_te_", "text_encoder.")) and ("lora_down" in key or "lora_A" in key) and len(shape) == 2:
+            return HIDDEN_FAMILY.get(shape[1], "unknown")
+    return "unknown"
+
+
+def embedding_family(shapes: Shapes) -> str | None:
+    """Family of a textual-inversion embedding (A1111, SDXL or diffusers format), or None."""
+    if "clip_l" in shapes and "clip_g" in shapes:
+        return "sdxl"
+    vectors = [s for k, s in shapes.items() if k in ("emb_params", "string_to_param.*") or len(shapes) == 1]
+    if len(vectors) != 1 or len(vectors[0]) not in (1, 2):
+        return None
+    return HIDDEN_FAMILY.get(vectors[0][-1], "unknown")
+
+
+def is_vae(shapes: Shapes) -> bool:
+    keys = {k.removeprefix("first_stage_model.").removeprefix("vae.") for k in shapes}
+    return {"encoder.conv_in.weight", "decoder.conv_out.weight"} <= keys and not _has_prefix(shapes, UNET)
+
+
+# -- discovery --------------------------------------------------------------------
+@dataclass
+class Entry:
+    """One usable item of the library."""
+
+    kind: str  # checkpoint | lora | vae | embedding
+    name: str  # what to type: the file stem, folder name or hub id
+    path: str  # file or folder ("" for built-in demo models)
+    family: str
+    size: int  # bytes on disk
+    source: str  # the config folder it was found in, "built-in" or "hf-cache"
+    format: str  # safetensors | pickle | diffusers
+    variant: str | None = None  # inpaint, pix2pix
+    note: str = ""  # e.g. why it cannot be used as is
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Library:
+    entries: list[Entry] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # one line per skipped file
+
+    def of_kind(self, kind: str) -> list[Entry]:
+        return [e for e in self.entries if e.kind == kind]
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _inspect_file(kind: str, path: Path, source: str) -> Entry:
+    shapes, meta = read_shapes(path)
+    fmt = "pickle" if path.suffix.lower() in PICKLE_SUFFIXES else "safetensors"
+    note = "pickle: refused unless --allow-pickle" if fmt == "pickle" else ""
+    entry = Entry(kind, path.stem, str(path), "unknown", path.stat().st_size, source, fmt, note=note)
+    if kind == "checkpoint":
+        found = checkpoint_family(path, shapes, meta)
+        if found is None:
+            raise CorruptFile(f"model: {path.name} is not a Stable Diffusion checkpoint (no UNet weights)")
+        entry.family, entry.variant = found
+        if entry.variant:
+            entry.note = f"{entry.variant} model: not usable for text-to-image"
+    elif kind == "lora":
+        family = lora_family(shapes)
+        if family is None:
+            raise CorruptFile(f"model: {path.name} is not a LoRA (no lora_down / lora_A weights)")
+        entry.family = family
+    elif kind == "embedding":
+        family = embedding_family(shapes)
+        if family is None:
+            raise CorruptFile(f"model: {path.name} is not a textual-inversion embedding")
+        entry.family = family
+    elif kind == "vae":
+        if not is_vae(shapes):
+            raise CorruptFile(f"model: {path.name} is not a VAE (no encoder/decoder weights)")
+        entry.family = "any"
+    return entry
+
+
+def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
+    from backend.models import family_from_folder
+
+    if kind == "checkpoint" and (folder / "model_index.json").is_file():
+        return Entry(kind, folder.name, str(folder), family_from_folder(folder), _folder_size(folder), source, "diffusers")
+    if kind == "vae" and (folder / "config.json").is_file():
+        try:
+            cls = json.loads((folder / "config.json").read_text()).get("_class_name")
+        except (OSError, ValueError):
+            raise CorruptFile(f"model: {folder.name}/config.json is not valid JSON") from None
+        if cls == "AutoencoderKL":
+            return Entry(kind, folder.name, str(folder), "any", _folder_size(folder), source, "diffusers")
+    return None
+
+
+def scan_folder(kind: str, root: Path, lib: Library) -> None:
+    """Add every item of ``kind`` under ``root`` to ``lib``; damaged files go to ``lib.problems``."""
+    if not root.is_dir():
+        return
+    source = str(root)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        for d in sorted(dirnames):
+            try:
+                entry = _inspect_folder(kind, here / d, source)
+            except ModelError as exc:
+                lib.problems.append(str(exc))
+                continue
+            if entry is not None:
+                lib.entries.append(entry)
+                dirnames.remove(d)  # a model folder is not searched further
+        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".")]
+        for name in sorted(filenames):
+            if not name.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES) or name.startswith("."):
+                continue
+            try:
+                lib.entries.append(_inspect_file(kind, here / name, source))
+            except ModelError as exc:
+                lib.problems.append(str(exc))
+
+
+def _hub_snapshots() -> list[tuple[str, Path, int]]:
+    """(repo id, newest snapshot folder, size on disk) of the model repos in the local HF cache."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        info = scan_cache_dir()
+    except Exception:  # no cache dir yet, or an unreadable one
+        return []
+    out = []
+    for repo in sorted(info.repos, key=lambda r: r.repo_id):
+        revisions = sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
+        if repo.repo_type == "model" and revisions:
+            out.append((repo.repo_id, Path(revisions[0].snapshot_path), repo.size_on_disk))
+    return out
+
+
+def _hub_entries(folders: bool) -> list[Entry]:
+    """Cached diffusers repos (``folders``) or the single-file checkpoints at the root of cached repos."""
+    from backend.models import family_from_folder
+
+    out = []
+    for repo_id, snapshot, size in _hub_snapshots():
+        if folders and (snapshot / "model_index.json").is_file():
+            try:
+                out.append(Entry("checkpoint", repo_id, str(snapshot), family_from_folder(snapshot), size,
+                                 "hf-cache", "diffusers"))
+            except ModelError:
+                continue
+        elif not folders:
+            for file in sorted(snapshot.glob("*.safetensors")):
+                try:
+                    out.append(_inspect_file("checkpoint", file, f"hf-cache:{repo_id}"))
+                except ModelError:
+                    continue  # a LoRA or VAE repo, or an unfinished download
+    return out
+
+
+def discover(config=None, kinds: tuple[str, ...] = KINDS, hub: bool = True) -> Library:
+    """Everything usable in the configured folders, plus the demo models and the HF cache's
+    single-file checkpoints (and, with ``hub``, its diffusers repos)."""
+    from backend import config as config_mod
+    from backend.models import DEMO_MODELS
+
+    cfg = config or config_mod.load()
+    lib = Library()
+    if "checkpoint" in kinds:
+        lib.entries += [Entry("checkpoint", n, "", n, 0, "built-in", "diffusers") for n in DEMO_MODELS]
+    for kind in kinds:
+        for root in cfg.folders(FOLDER_OF_KIND[kind]):
+            scan_folder(kind, root, lib)
+    if "checkpoint" in kinds:
+        lib.entries += _hub_entries(folders=False)
+        if hub:
+            lib.entries += _hub_entries(folders=True)
+    return lib
+
+
+def find(kind: str, name: str, config=None) -> Entry | None:
+    """The item of ``kind`` called ``name`` (file stem, folder name or path), or None."""
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        return _inspect_folder(kind, path, "path")
+    if path.is_file():
+        return _inspect_file(kind, path, "path")
+    lib = discover(config, kinds=(kind,), hub=False)
+    matches = [e for e in lib.of_kind(kind) if e.name == name] or [
+        e for e in lib.of_kind(kind) if e.name.lower() == name.lower()
+    ]
+    if not matches:
+        bad = next((p for p in lib.problems if f" {name}." in p or f" {name}:" in p), None)
+        if bad:
+            raise CorruptFile(bad)
+        return None
+    return matches[0]
+
+
+def names(kind: str, config=None) -> list[str]:
+    return [e.name for e in discover(config, kinds=(kind,), hub=False).of_kind(kind)]
+
+
+# -- short file hashes ------------------------------------------------------------
+def _hash_cache_file() -> Path:
+    return locations.cache_dir() / "file-hashes.json"
+
+
+def short_hash(path: str | Path) -> str:
+    """First 10 hex digits of the file's SHA-256 (A1111's and Civitai's "AutoV2").
+
+    Cached by (path, size, mtime) in the user cache dir, so a large file is read once.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    key = str(path)
+    stamp = [st.st_size, st.st_mtime_ns]
+    cache_file = _hash_cache_file()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(key)
+    if hit and hit[:2] == stamp:
+        return hit[2]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    value = digest.hexdigest()[:10]
+    cache[key] = [*stamp, value]
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(cache_file)
+    except OSError:
+        pass  # the hash is still right; only the cache is lost
+    return value
+
+
+def folder_hash(folder: str | Path) -> str:
+    """Short hash of a diffusers folder: over its weight files' short hashes."""
+    files = sorted(Path(folder).rglob("*.safetensors"))
+    joined = "".join(f"{p.relative_to(folder).as_posix()}:{short_hash(p)};" for p in files)
+    return hashlib.sha256(joined.encode()).hexdigest()[:10]

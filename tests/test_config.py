@@ -1,0 +1,106 @@
+"""The YAML config: defaults, keys, bad values (one-line warnings), env overrides, --config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from backend import config
+
+
+@pytest.fixture(autouse=True)
+def _no_config_env(monkeypatch):
+    for name in ("DREAMTTY_CONFIG", "DREAMTTY_LORAS", "DREAMTTY_CHECKPOINTS", "DREAMTTY_DEFAULT_MODEL",
+                 "DREAMTTY_ALLOW_PICKLE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _write(path: Path, data) -> Path:
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_missing_file_gives_xdg_defaults(dreamtty_home):
+    cfg = config.load()
+    assert cfg.warnings == [] and cfg.source is None
+    assert cfg.folders("checkpoints") == [dreamtty_home / "data" / "models" / "checkpoints"]
+    assert cfg.folders("wildcards") == [dreamtty_home / "config" / "wildcards"]
+    assert config.config_path() == dreamtty_home / "config" / "config.yaml"
+    assert cfg.default_model is None and cfg.allow_pickle is False
+
+
+def test_valid_file_is_read(tmp_path, monkeypatch):
+    monkeypatch.delenv("DREAMTTY_OUTPUTS")
+    path = _write(tmp_path / "c.yaml", {
+        "paths": {"checkpoints": ["/data/ckpt", "~/more"], "loras": "/data/loras", "outputs": "/data/out"},
+        "default_model": "sdxl-base", "default_preset": "anime", "keymap": {"generate": "ctrl+g"},
+    })
+    cfg = config.load(path)
+    assert cfg.warnings == []
+    assert cfg.folders("checkpoints") == [Path("/data/ckpt"), Path("~/more").expanduser()]
+    assert cfg.folders("loras") == [Path("/data/loras")]
+    assert cfg.outputs_dir() == Path("/data/out")
+    assert (cfg.default_model, cfg.default_preset, cfg.keymap) == ("sdxl-base", "anime", {"generate": "ctrl+g"})
+
+
+def test_bad_values_name_the_key_and_keep_defaults(tmp_path):
+    path = _write(tmp_path / "c.yaml", {
+        "paths": {"loras": 5, "checkpoints": ["/ok"], "models": ["/x"]},
+        "default_model": 3, "keymap": ["ctrl+g"], "colour": "red", "allow_pickle": "yes",
+    })
+    cfg = config.load(path)
+    text = "\n".join(cfg.warnings)
+    assert all("\n" not in w and w.startswith("config: ") for w in cfg.warnings)
+    for key in ("paths.loras", "paths.models", "default_model", "keymap", "'colour'", "allow_pickle"):
+        assert key in text, key
+    assert cfg.folders("checkpoints") == [Path("/ok")]  # the good key still applies
+    assert cfg.folders("loras") == config.default_folders("loras")
+    assert cfg.default_model is None and cfg.allow_pickle is False
+
+
+def test_broken_yaml_is_one_warning_and_defaults(tmp_path):
+    path = _write(tmp_path / "c.yaml", "paths:\n  checkpoints: [/a\n default_model: x\n")
+    cfg = config.load(path)
+    assert len(cfg.warnings) == 1 and "not valid YAML at line" in cfg.warnings[0]
+    assert cfg.folders("checkpoints") == config.default_folders("checkpoints")
+    assert "must be a mapping" in config.load(_write(tmp_path / "l.yaml", "- a\n- b\n")).warnings[0]
+
+
+def test_env_overrides_single_keys(tmp_path, monkeypatch):
+    path = _write(tmp_path / "c.yaml", {"paths": {"loras": ["/from/file"]}, "default_model": "file-model"})
+    monkeypatch.setenv("DREAMTTY_LORAS", f"/env/a{__import__('os').pathsep}/env/b")
+    monkeypatch.setenv("DREAMTTY_DEFAULT_MODEL", "env-model")
+    monkeypatch.setenv("DREAMTTY_ALLOW_PICKLE", "1")
+    cfg = config.load(path)
+    assert cfg.folders("loras") == [Path("/env/a"), Path("/env/b")]
+    assert cfg.default_model == "env-model" and cfg.allow_pickle
+
+
+def test_set_config_path_reaches_other_processes_through_env(tmp_path, monkeypatch):
+    path = _write(tmp_path / "c.yaml", {"default_model": "chosen"})
+    config.set_config_path(path)
+    try:
+        import os
+
+        assert os.environ["DREAMTTY_CONFIG"] == str(path.resolve())
+        assert config.load().default_model == "chosen"
+    finally:
+        config.set_config_path(None)
+    missing = tmp_path / "nope.yaml"
+    config.set_config_path(missing)
+    try:
+        assert "does not exist" in config.load().warnings[0]
+    finally:
+        config.set_config_path(None)
+
+
+def test_set_value_keeps_other_keys(tmp_path):
+    path = _write(tmp_path / "c.yaml", {"paths": {"loras": ["/l"]}, "keymap": {"a": "b"}})
+    config.set_value("default_model", "mine", path)
+    data = yaml.safe_load(path.read_text())
+    assert data == {"paths": {"loras": ["/l"]}, "keymap": {"a": "b"}, "default_model": "mine"}
+    assert config.load(path).default_model == "mine"
+    with pytest.raises(Exception, match="unknown key"):
+        config.set_value("nope", 1, path)

@@ -1,0 +1,190 @@
+"""Discovery and detection from tensor names/shapes (torch-free), damaged files, pickles, hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from backend import config, library
+from backend.errors import ModelError
+from backend.library import CorruptFile, checkpoint_family, embedding_family, lora_family, read_shapes
+
+U = "model.diffusion_model."
+
+
+def _write(path: Path, shapes: dict[str, tuple], metadata: dict | None = None) -> Path:
+    """A real safetensors file with (small) tensors of the given shapes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: torch.zeros(s, dtype=torch.float16) for k, s in shapes.items()}, str(path), metadata=metadata)
+    return path
+
+
+def _checkpoint(text: dict[str, tuple], unet_in: int = 4) -> dict[str, tuple]:
+    return {U + "input_blocks.0.0.weight": (8, unet_in, 3, 3), U + "out.2.bias": (4,), **text}
+
+
+SD1_TEXT = {"cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 8)}
+SD2_TEXT = {"cond_stage_model.model.token_embedding.weight": (10, 8)}
+XL_TEXT = {"conditioner.embedders.0.transformer.text_model.final_layer_norm.bias": (8,),
+           "conditioner.embedders.1.model.positional_embedding": (77, 8)}
+REFINER_TEXT = {"conditioner.embedders.0.model.text_projection": (8, 8)}
+
+
+@pytest.mark.parametrize("text, unet_in, name, expected", [
+    (SD1_TEXT, 4, "model", ("sd1", None)),
+    (SD1_TEXT, 9, "model-inpainting", ("sd1", "inpaint")),
+    (SD2_TEXT, 4, "v2-1_768-ema-pruned", ("sd2-v", None)),  # SD2 defaults to v-prediction
+    (SD2_TEXT, 4, "v2-1_512-ema-pruned", ("sd2", None)),  # "512" in the name: epsilon
+    (SD2_TEXT, 9, "512-inpainting-ema", ("sd2", "inpaint")),
+    (XL_TEXT, 4, "sd_xl_base", ("sdxl", None)),
+    (XL_TEXT, 9, "sd_xl_inpaint", ("sdxl", "inpaint")),
+    (REFINER_TEXT, 4, "sd_xl_refiner", ("sdxl-refiner", None)),
+])
+def test_checkpoint_family_from_tensor_names(tmp_path, text, unet_in, name, expected):
+    path = _write(tmp_path / f"{name}.safetensors", _checkpoint(text, unet_in))
+    shapes, meta = read_shapes(path)
+    assert checkpoint_family(path, shapes, meta) == expected
+
+
+def test_sd2_prediction_rules(tmp_path):
+    shapes = _checkpoint(SD2_TEXT)
+    eps_meta = _write(tmp_path / "a-768-v.safetensors", shapes, {"modelspec.prediction_type": "epsilon"})
+    assert checkpoint_family(eps_meta, *read_shapes(eps_meta))[0] == "sd2"  # metadata beats the name
+    marker = _write(tmp_path / "b-base.safetensors", {**shapes, "v_pred": (0,)})
+    assert checkpoint_family(marker, *read_shapes(marker))[0] == "sd2-v"
+    sidecar = _write(tmp_path / "c.safetensors", shapes)
+    sidecar.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n")
+    assert checkpoint_family(sidecar, *read_shapes(sidecar))[0] == "sd2-v"
+    sidecar.with_suffix(".yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
+    assert checkpoint_family(sidecar, *read_shapes(sidecar))[0] == "sd2"
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = _write(tmp_path / "x.safetensors", {"encoder.conv_in.weight": (4, 3, 3, 3)})
+    assert checkpoint_family(path, *read_shapes(path)) is None
+
+
+@pytest.mark.parametrize("shapes, expected", [
+    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 768)}, "sd1"),
+    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 1024)}, "sd2"),
+    ({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": (4, 2048)}, "sdxl"),
+    ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": (4, 1280)}, "sdxl"),
+    ({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": (4, 1024)}, "sd2"),
+    ({"unet.mid_block.attentions.0.proj_in.lora_A.weight": (4, 32)}, "unknown"),
+    ({"encoder.conv_in.weight": (4, 3, 3, 3)}, None),
+])
+def test_lora_family(shapes, expected):
+    assert lora_family(shapes) == expected
+
+
+@pytest.mark.parametrize("shapes, expected", [
+    ({"emb_params": (2, 768)}, "sd1"),
+    ({"emb_params": (1, 1024)}, "sd2"),
+    ({"clip_l": (2, 768), "clip_g": (2, 1280)}, "sdxl"),
+    ({"<my-token>": (768,)}, "sd1"),
+    ({"string_to_param.*": (3, 768), "string_to_token.*": (1,)}, "sd1"),
+    ({"a": (2, 768), "b": (2, 768)}, None),
+])
+def test_embedding_family(shapes, expected):
+    assert embedding_family(shapes) == expected
+
+
+def test_damaged_files_raise_one_line_errors(tmp_path):
+    good = _write(tmp_path / "good.safetensors", _checkpoint(SD1_TEXT))
+    data = good.read_bytes()
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CorruptFile, match=r"cut\.safetensors is truncated: \d+ bytes on disk, \d+ expected"):
+        read_shapes(truncated)
+    garbage = tmp_path / "junk.safetensors"
+    garbage.write_bytes(struct.pack("<Q", 20) + b"{not json at all!!!}" + b"\0" * 10)
+    with pytest.raises(CorruptFile, match="junk.safetensors has a corrupt safetensors header"):
+        read_shapes(garbage)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(CorruptFile, match="empty or truncated"):
+        read_shapes(empty)
+    half_zip = tmp_path / "half.ckpt"
+    torch.save({"state_dict": {"a": torch.zeros(2)}}, half_zip)
+    half_zip.write_bytes(half_zip.read_bytes()[:50])
+    with pytest.raises(CorruptFile, match="half.ckpt is truncated"):
+        read_shapes(half_zip)
+
+
+class _Evil:
+    """Unpickling this would create a file (stands in for arbitrary code)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_pickle_shapes_are_read_without_running_it(tmp_path):
+    target = tmp_path / "pwned"
+    path = tmp_path / "model.ckpt"
+    state = {"state_dict": {U + "input_blocks.0.0.weight": torch.zeros(8, 9, 3, 3), **{
+        k: torch.zeros(s) for k, s in SD1_TEXT.items()}}, "evil": _Evil(str(target)), "epoch": 3}
+    torch.save(state, path, pickle_module=pickle)
+    shapes, _ = read_shapes(path)
+    assert shapes[U + "input_blocks.0.0.weight"] == (8, 9, 3, 3)
+    assert checkpoint_family(path, shapes, {}) == ("sd1", "inpaint")
+    assert not target.exists()
+
+
+def test_discover_lists_each_kind_and_skips_damaged(tmp_path, demo_dirs):
+    root = tmp_path / "lib"
+    _write(root / "ckpt" / "mysd.safetensors", _checkpoint(SD1_TEXT), {"modelspec.title": "x"})
+    _write(root / "ckpt" / "nested" / "myxl.safetensors", _checkpoint(XL_TEXT))
+    (root / "ckpt" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    os.symlink(demo_dirs["demo"], root / "ckpt" / "folder-model")
+    _write(root / "loras" / "style.safetensors",
+           {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 768)})
+    _write(root / "loras" / "notalora.safetensors", {"emb_params": (1, 768)})
+    _write(root / "vae" / "myvae.safetensors", {"encoder.conv_in.weight": (4, 3, 3, 3), "decoder.conv_out.weight": (3, 4, 3, 3)})
+    _write(root / "emb" / "bad-hands.safetensors", {"emb_params": (4, 768)})
+    (root / "emb" / "old.pt").write_bytes(b"")
+    cfg = config.Config(paths={"checkpoints": [root / "ckpt"], "loras": [root / "loras"], "vae": [root / "vae"],
+                               "embeddings": [root / "emb"]})
+    lib = library.discover(cfg, hub=False)
+    got = {(e.kind, e.name): (e.family, e.format, e.source) for e in lib.entries}
+    assert got[("checkpoint", "mysd")] == ("sd1", "safetensors", str(root / "ckpt"))
+    assert got[("checkpoint", "myxl")][0] == "sdxl"
+    assert got[("checkpoint", "folder-model")] == ("demo", "diffusers", str(root / "ckpt"))
+    assert got[("checkpoint", "demo-xl")] == ("demo-xl", "diffusers", "built-in")
+    assert got[("lora", "style")][0] == "sd1"
+    assert got[("vae", "myvae")][0] == "any"
+    assert got[("embedding", "bad-hands")][0] == "sd1"
+    assert ("checkpoint", "broken") not in got and ("lora", "notalora") not in got
+    problems = "\n".join(lib.problems)
+    assert "broken.safetensors" in problems and "notalora.safetensors is not a LoRA" in problems
+    assert "old.pt" in problems
+    size = next(e.size for e in lib.entries if e.name == "mysd")
+    assert size == (root / "ckpt" / "mysd.safetensors").stat().st_size
+    assert library.find("lora", "STYLE", cfg).name == "style"  # case-insensitive fallback
+    assert library.find("lora", "nothing", cfg) is None
+    with pytest.raises(ModelError, match="broken.safetensors"):
+        library.find("checkpoint", "broken", cfg)
+
+
+def test_short_hash_is_sha256_prefix_and_cached(tmp_path):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"weights" * 1000)
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    assert library.short_hash(path) == expected
+    cache = library._hash_cache_file()
+    assert str(path.resolve()) in cache.read_text()
+    # A cache hit does not read the file: a fake cached value is returned while size and mtime match.
+    text = cache.read_text().replace(expected, "cachedhash")
+    cache.write_text(text)
+    assert library.short_hash(path) == "cachedhash"
+    path.write_bytes(b"other" * 1000)
+    assert library.short_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
