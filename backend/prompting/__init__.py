@@ -1,10 +1,22 @@
-"""Prompt tooling: styles, wildcards, arrays, expansion -> the final prompts of one image."""
+"""Prompt tooling: arrays, wildcards, styles, expansion -> the final prompts of one image.
+
+Order: ``[[a, b]]`` arrays -> ``__wildcards__`` -> styles -> expansion. A1111
+weights ``(word:1.2)`` stay in the text; the encoder applies them
+(backend.engine.conditioning), and they are checked here so a bad bracket
+fails before any GPU work.
+"""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from backend.errors import RequestError
+from backend.prompting.expansion import expand
+from backend.prompting.styles import apply_styles, join_terms, load_styles
+from backend.prompting.weights import parse_weights
+from backend.prompting.wildcards import expand_arrays, expand_wildcards, load_wildcards
 from backend.request import GenerateRequest
 
 
@@ -20,7 +32,46 @@ class PromptPlan:
 def build_prompt(request: GenerateRequest, embed_texts: Callable[[list[str]], object] | None = None) -> PromptPlan:
     """Final prompts for image ``request.index`` (a per-image request, seed resolved).
 
-    ``embed_texts`` (worker side, optional) maps texts to pooled text-encoder
-    embeddings; prompt expansion uses it to rank descriptors.
+    ``embed_texts`` (worker side, ``backend.engine.text_embed.make_embedder(pipe)``)
+    maps texts to pooled text-encoder embeddings; expansion ranks descriptors with it.
+    Raises RequestError for an unknown style or wildcard or a malformed weight.
     """
-    return PromptPlan(request.prompt, request.negative_prompt)
+    texts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
+    for name, text in texts.items():
+        parse_weights(text, name)  # errors point at the user's own text
+    arrays: list[dict] = []
+    wildcard_picks: list[dict] = []
+    table = load_wildcards() if any("__" in t for t in texts.values()) else {}
+    for name, text in texts.items():
+        text, chosen = expand_arrays(text, request.index, name)
+        text, picked = expand_wildcards(text, table, random.Random(f"{request.seed}:wildcards:{name}"), name)
+        texts[name] = text
+        arrays += chosen
+        wildcard_picks += picked
+    positive, negative, used = texts["prompt"], texts["negative_prompt"], []
+    if request.styles:
+        positive, negative, used = apply_styles(positive, negative, request.styles, load_styles(), request.seed)
+    words = expand(texts["prompt"], request.seed, embed_texts) if request.expand else []
+    positive = join_terms([positive, *words]) if words else positive
+    for name, text in (("prompt", positive), ("negative_prompt", negative)):
+        try:
+            parse_weights(text, name)
+        except RequestError as exc:
+            raise RequestError(name, f"after wildcards and styles: {exc.message}") from None
+    record = {
+        "preset": request.preset,
+        "styles": used,
+        "wildcards": wildcard_picks,
+        "arrays": arrays,
+        "expansion": words,
+        "expansion_ranked": bool(words) and embed_texts is not None,
+        "positive": positive,
+        "negative": negative,
+    }
+    return PromptPlan(positive, negative, record)
+
+
+def check_prompts(request: GenerateRequest) -> None:
+    """Raise now (at submission) the RequestError that ``build_prompt`` would raise in the worker for any image."""
+    for i in range(request.count):
+        build_prompt(replace(request.per_image(i), expand=False))

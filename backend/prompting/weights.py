@@ -60,8 +60,6 @@ def parse_weights(text: str, field: str = "prompt") -> list[Fragment]:
             bracket, opened, first = stack.pop()
             if {"(": ")", "[": "]"}[bracket] != closing:
                 raise RequestError(field, f"{bracket!r} at column {opened} is closed by {closing!r} at column {col}")
-            if kind == "weight" and bracket == "[":
-                raise RequestError(field, f"a weight needs round brackets: '(text:w)' (column {opened})")
             factor = float(match.group("number")) if kind == "weight" else (UP if bracket == "(" else DOWN)
             for piece in pieces[first:]:
                 piece[1] *= factor

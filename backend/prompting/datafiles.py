@@ -1,0 +1,53 @@
+"""Data files that ship inside a package (styles, presets, wildcards) and the user's own in the config dir."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from backend import locations
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One data file: ``label`` names it in messages (``shipped:anime.yaml`` or the user's path)."""
+
+    stem: str
+    suffix: str
+    label: str
+    path: Path | None  # None for shipped files read through importlib.resources
+    _resource: object = None
+
+    def read_text(self) -> str:
+        source = self.path if self.path is not None else self._resource
+        return source.read_text(encoding="utf-8")  # type: ignore[union-attr]
+
+
+def user_dir(kind: str) -> Path:
+    """``<config dir>/<kind>``: where the user's styles, presets and wildcards live."""
+    return locations.config_dir() / kind
+
+
+def data_files(package: str, kind: str, suffixes: tuple[str, ...], recursive: bool = False) -> list[DataFile]:
+    """Shipped files of ``package`` first, then the user's ``<config dir>/<kind>`` files, each sorted by name."""
+    shipped = sorted(
+        (p for p in resources.files(package).iterdir() if p.name.endswith(suffixes)), key=lambda p: p.name
+    )
+    out = [DataFile(_stem(p.name, suffixes), _suffix(p.name, suffixes), f"shipped:{p.name}", None, p) for p in shipped]
+    folder = user_dir(kind)
+    if folder.is_dir():
+        pattern = "**/*" if recursive else "*"
+        for path in sorted(folder.glob(pattern)):
+            if path.is_file() and path.name.endswith(suffixes):
+                stem = path.relative_to(folder).as_posix()
+                out.append(DataFile(_stem(stem, suffixes), _suffix(path.name, suffixes), str(path), path))
+    return out
+
+
+def _suffix(name: str, suffixes: tuple[str, ...]) -> str:
+    return next(s for s in suffixes if name.endswith(s))
+
+
+def _stem(name: str, suffixes: tuple[str, ...]) -> str:
+    return name[: -len(_suffix(name, suffixes))]

@@ -1,0 +1,155 @@
+"""Presets: named bundles of request settings (model, sampler, steps, cfg, size, styles, guidance, LoRAs...).
+
+YAML files whose keys are ``GenerateRequest`` field names, plus ``size: WxH``
+and ``description``. Shipped in ``presets/``; the user's in
+``<config dir>/presets/`` win over shipped ones of the same name. Precedence
+when building a request: dataclass defaults < preset < explicit values.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from backend.errors import RequestError
+from backend.guidance import GuidanceSettings
+from backend.prompting.datafiles import DataFile, data_files, user_dir
+from backend.prompting.styles import load_styles
+from backend.request import GenerateRequest
+
+NOT_IN_PRESETS = ("prompt", "seed", "index", "preset")  # per job, never part of a preset
+ALLOWED = tuple(f.name for f in fields(GenerateRequest) if f.name not in NOT_IN_PRESETS) + ("size", "description")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    name: str
+    description: str
+    source: str  # "shipped:<file>" or the user's path
+
+
+def _files() -> dict[str, DataFile]:
+    return {f.stem: f for f in data_files("presets", "presets", (".yaml", ".yml"))}
+
+
+def list_presets() -> list[PresetInfo]:
+    """All presets by name; a file that does not parse is listed with the error as its description."""
+    out = []
+    for name, file in sorted(_files().items()):
+        try:
+            description = str(_read(file).get("description", ""))
+        except RequestError as exc:
+            description = f"(unusable: {exc.message})"
+        out.append(PresetInfo(name, description, file.label))
+    return out
+
+
+def _read(file: DataFile) -> dict:
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise RequestError("preset", f"{file.label}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RequestError("preset", f"{file.label}: cannot read: {exc}") from None
+    if not isinstance(data, dict):
+        raise RequestError("preset", f"{file.label}: expected a mapping of settings")
+    return data
+
+
+def load_preset(name: str) -> dict:
+    """The request fields preset ``name`` sets (``size`` split into width/height), checked."""
+    file = _files().get(name)
+    if file is None:
+        known = ", ".join(sorted(_files())) or "none"
+        raise RequestError("preset", f"unknown {name!r}; allowed: {known}")
+    data = _read(file)
+    unknown = sorted(set(data) - set(ALLOWED))
+    if unknown:
+        raise RequestError("preset", f"{file.label}: unknown key {unknown[0]!r}; allowed: {', '.join(ALLOWED)}")
+    data.pop("description", None)
+    if "size" in data:
+        data["width"], data["height"] = _size(str(data.pop("size")), file.label)
+    if "loras" in data:
+        data["loras"] = [_lora(item, file.label) for item in data["loras"] or []]
+    try:
+        GenerateRequest.from_dict(dict(data))
+        library = load_styles()
+        for style in data.get("styles") or []:
+            library.get(style)
+    except RequestError as exc:
+        raise RequestError(exc.field, f"in preset {file.label}: {exc.message}") from None
+    except (TypeError, ValueError) as exc:
+        raise RequestError("preset", f"{file.label}: {exc}") from None
+    return data
+
+
+def _size(text: str, label: str) -> tuple[int, int]:
+    w, _, h = text.lower().partition("x")
+    if not (w.strip().isdigit() and h.strip().isdigit()):
+        raise RequestError("preset", f"{label}: size {text!r} is not WxH, e.g. 1024x1024")
+    return int(w), int(h)
+
+
+def _lora(item: object, label: str) -> list:
+    """``[name, weight]``, ``name:weight`` or ``name`` -> ``[name, weight]``."""
+    if isinstance(item, str):
+        name, _, weight = item.rpartition(":") if ":" in item else (item, "", "1")
+        item = [name, weight]
+    try:
+        name, weight = item  # type: ignore[misc]
+        return [str(name), float(weight)]
+    except (TypeError, ValueError):
+        raise RequestError("preset", f"{label}: lora {item!r} must be [name, weight] or 'name:weight'") from None
+
+
+def apply_preset(name: str, overrides: dict) -> dict:
+    """Request fields from preset ``name`` with ``overrides`` (explicit values) on top.
+
+    ``guidance`` is merged control by control. A preset's size belongs to its
+    model: when ``overrides`` name another model, the preset's size is dropped
+    (that model's family default applies unless a size is given). The result
+    records ``preset: name`` and feeds ``GenerateRequest.from_dict``.
+    """
+    merged = load_preset(name)
+    if overrides.get("model") not in (None, merged.get("model")):
+        merged.pop("width", None)
+        merged.pop("height", None)
+    guidance = {**(merged.get("guidance") or {}), **(overrides.get("guidance") or {})}
+    merged.update(overrides)
+    if guidance:
+        merged["guidance"] = guidance
+    merged["preset"] = name
+    return merged
+
+
+def save_preset(name: str, request: dict, description: str = "") -> Path:
+    """Write ``request`` (a ``GenerateRequest.to_dict()``) as the user preset ``name``; returns its path.
+
+    Per-job fields (prompt, seed, index, preset) are left out; guidance keeps only the controls that are on.
+    """
+    if not _NAME.match(name):
+        raise RequestError("preset", f"name {name!r} is not allowed; use letters, digits, '-', '_' or '.'")
+    data: dict = {"description": description} if description else {}
+    for key, value in request.items():
+        if key in NOT_IN_PRESETS or key not in ALLOWED:
+            continue
+        if key == "guidance":
+            value = {k: list(v) if isinstance(v, tuple) else v
+                     for k, v in GuidanceSettings.from_dict(dict(value or {})).non_neutral().items()}
+        elif key == "loras":
+            value = [[str(n), float(w)] for n, w in value or []]
+        data[key] = value
+    width, height = data.pop("width", 0), data.pop("height", 0)
+    if width and height:
+        data["size"] = f"{width}x{height}"
+    folder = user_dir("presets")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(f"# dreamtty preset, saved from the form\n{yaml.safe_dump(data, sort_keys=False)}", encoding="utf-8")
+    return path

@@ -1,0 +1,190 @@
+"""Styles: prompt templates (Fooocus / SDXL-styles JSON schema, A1111 ``styles.csv``) and their composition.
+
+Sources, later ones overriding earlier ones of the same name: the shipped
+``styles/*.json``, then the user's ``<config dir>/styles/*.json`` and
+``*.csv``. A malformed file or entry is reported (file and line) and skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import re
+from dataclasses import dataclass, field
+
+from backend.errors import RequestError
+from backend.prompting.datafiles import DataFile, data_files
+
+RANDOM_STYLE = "Random Style"
+PLACEHOLDER = "{prompt}"
+
+
+@dataclass(frozen=True)
+class Style:
+    name: str
+    prompt: str = PLACEHOLDER
+    negative_prompt: str = ""
+    category: str = ""
+    source: str = ""
+
+    def apply(self, prompt: str) -> str:
+        """Wrap ``prompt`` in this style (a style without ``{prompt}`` is appended)."""
+        if PLACEHOLDER in self.prompt:
+            out = self.prompt.replace(PLACEHOLDER, prompt)
+            return out.strip(" ,") if not prompt.strip() else out
+        return join_terms([prompt, self.prompt])
+
+
+def style_key(name: str) -> str:
+    """Lookup key: case, hyphens, underscores and extra spaces do not matter."""
+    return " ".join(name.replace("-", " ").replace("_", " ").lower().split())
+
+
+@dataclass
+class StyleLibrary:
+    styles: dict[str, Style] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, style: Style) -> None:
+        self.styles[style_key(style.name)] = style
+
+    def get(self, name: str) -> Style:
+        try:
+            return self.styles[style_key(name)]
+        except KeyError:
+            raise RequestError("styles", f"unknown {name!r}; see dreamtty styles list") from None
+
+    def search(self, text: str = "") -> list[Style]:
+        """Styles whose name, category or prompt contain ``text`` (all when empty), by category and name."""
+        needle = text.lower().strip()
+        found = [s for s in self.styles.values() if needle in f"{s.name}\n{s.category}\n{s.prompt}".lower()]
+        return sorted(found, key=lambda s: (s.category.lower(), s.name.lower()))
+
+    def pick_random(self, rng: random.Random, exclude: list[str]) -> Style:
+        names = sorted(k for k, s in self.styles.items() if s.name not in exclude)
+        return self.styles[rng.choice(names)]
+
+
+def load_styles() -> StyleLibrary:
+    """Shipped styles, then the user's JSON and CSV files; problems land in ``warnings``."""
+    library = StyleLibrary()
+    for file in data_files("styles", "styles", (".json", ".csv")):
+        try:
+            text = file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            library.warnings.append(f"{file.label}: cannot read: {exc}")
+            continue
+        reader = _read_csv if file.suffix == ".csv" else _read_json
+        reader(file, text, library)
+    return library
+
+
+def _read_json(file: DataFile, text: str, library: StyleLibrary) -> None:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        library.warnings.append(f"{file.label} line {exc.lineno}: not valid JSON ({exc.msg}); file skipped")
+        return
+    if not isinstance(data, list):
+        library.warnings.append(f"{file.label} line 1: expected a JSON list of styles; file skipped")
+        return
+    for line, entry in zip(_entry_lines(text), data):
+        problem = _check_entry(entry)
+        if problem:
+            library.warnings.append(f"{file.label} line {line}: {problem}; style skipped")
+            continue
+        category = entry.get("category") or file.stem
+        library.add(Style(entry["name"].strip(), entry.get("prompt", PLACEHOLDER), entry.get("negative_prompt", ""),
+                          category, file.label))
+
+
+def _entry_lines(text: str) -> list[int]:
+    """1-based line of each element of a valid top-level JSON list."""
+    decoder, gap = json.JSONDecoder(), re.compile(r"[\s,]*")
+    pos, lines = text.index("[") + 1, []
+    while True:
+        pos = gap.match(text, pos).end()
+        if text[pos] == "]":
+            return lines
+        lines.append(text.count("\n", 0, pos) + 1)
+        _, pos = decoder.raw_decode(text, pos)
+
+
+def _check_entry(entry: object) -> str | None:
+    if not isinstance(entry, dict):
+        return "each style must be an object with name, prompt and negative_prompt"
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return "style needs a text 'name'"
+    for key in ("prompt", "negative_prompt", "category"):
+        if key in entry and not isinstance(entry[key], str):
+            return f"{name!r}: {key!r} must be text"
+    return None
+
+
+def _read_csv(file: DataFile, text: str, library: StyleLibrary) -> None:
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip().lower() for h in reader.fieldnames or []]
+    if "name" not in header or "prompt" not in header:
+        library.warnings.append(f"{file.label} line 1: needs a header with columns name,prompt,negative_prompt; file skipped")
+        return
+    reader.fieldnames = header
+    for row in reader:
+        name = (row.get("name") or "").strip()
+        if not name:
+            library.warnings.append(f"{file.label} line {reader.line_num}: row has no name; style skipped")
+            continue
+        library.add(Style(name, row.get("prompt") or "", row.get("negative_prompt") or "", file.stem, file.label))
+
+
+# -- composition ---------------------------------------------------------------
+def split_terms(text: str) -> list[str]:
+    """Comma-separated terms, not splitting inside brackets (so ``(a, b:1.2)`` stays whole)."""
+    terms, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            terms.append(text[start:i])
+            start = i + 1
+    terms.append(text[start:])
+    return [t.strip() for t in terms if t.strip()]
+
+
+def join_terms(texts: list[str]) -> str:
+    return ", ".join(t.strip(" ,") for t in texts if t.strip(" ,"))
+
+
+def merge_negatives(texts: list[str]) -> str:
+    """Join negative prompts term by term, dropping repeated terms (case-insensitive)."""
+    seen: dict[str, str] = {}
+    for text in texts:
+        for term in split_terms(text):
+            seen.setdefault(term.lower(), term)
+    return ", ".join(seen.values())
+
+
+def apply_styles(
+    prompt: str, negative: str, names: list[str], library: StyleLibrary, seed: int
+) -> tuple[str, str, list[str]]:
+    """Apply styles in order. Returns (positive, negative, names of the styles used).
+
+    "Random Style" picks a style (seeded by the image seed) not otherwise selected.
+    """
+    used: list[str] = []
+    explicit = [library.get(n).name for n in names if style_key(n) != style_key(RANDOM_STYLE)]
+    rng = random.Random(f"{seed}:random-style")
+    negatives = [negative]
+    for name in names:
+        is_random = style_key(name) == style_key(RANDOM_STYLE)
+        style = library.pick_random(rng, exclude=explicit + used) if is_random else library.get(name)
+        used.append(style.name)
+        prompt = style.apply(prompt)
+        negatives.append(style.negative_prompt)
+    if any(n.strip() for n in negatives[1:]):
+        negative = merge_negatives(negatives)
+    return prompt, negative, used

@@ -1,0 +1,67 @@
+"""Wildcards ``__name__`` (a seeded line of ``name.txt``) and arrays ``[[a, b, c]]`` (element i for image i).
+
+Wildcard files: the shipped ``wildcards/*.txt`` and the user's
+``<config dir>/wildcards/**/*.txt`` (a subfolder makes ``__folder/name__``;
+the user's file wins over a shipped one of the same name). One option per line;
+blank lines and lines starting with ``#`` are skipped.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from backend.errors import RequestError
+from backend.prompting.datafiles import data_files, user_dir
+
+MAX_DEPTH = 16
+WILDCARD = re.compile(r"__([A-Za-z0-9][\w\-/.]*?)__")
+ARRAY = re.compile(r"\[\[([^\[\]]*,[^\[\]]*)\]\]")
+
+
+def load_wildcards() -> dict[str, list[str]]:
+    """Wildcard name (lower case) -> its options."""
+    table: dict[str, list[str]] = {}
+    for file in data_files("wildcards", "wildcards", (".txt",), recursive=True):
+        lines = (line.strip() for line in file.read_text().splitlines())
+        table[file.stem.lower()] = [line for line in lines if line and not line.startswith("#")]
+    return table
+
+
+def expand_wildcards(
+    text: str, table: dict[str, list[str]], rng: random.Random, field: str
+) -> tuple[str, list[dict]]:
+    """Replace every ``__name__`` (recursively, up to MAX_DEPTH) with a line picked by ``rng``."""
+    picks: list[dict] = []
+
+    def expand(part: str, depth: int) -> str:
+        def pick(match: re.Match) -> str:
+            name = match.group(1)
+            if depth >= MAX_DEPTH:
+                raise RequestError(field, f"wildcards nest deeper than {MAX_DEPTH} levels at __{name}__; "
+                                          "does a wildcard file include itself?")
+            options = table.get(name.lower())
+            if options is None:
+                raise RequestError(field, f"unknown wildcard __{name}__; add {name}.txt to {user_dir('wildcards')}")
+            if not options:
+                raise RequestError(field, f"wildcard __{name}__ has no lines")
+            choice = rng.choice(options)
+            picks.append({"field": field, "name": name, "pick": choice})
+            return expand(choice, depth + 1)
+
+        return WILDCARD.sub(pick, part)
+
+    return expand(text, 0), picks
+
+
+def expand_arrays(text: str, index: int, field: str) -> tuple[str, list[dict]]:
+    """Replace each ``[[a, b, c]]`` (at least one comma) with element ``index % n``."""
+    choices: list[dict] = []
+
+    def choose(match: re.Match) -> str:
+        options = [o.strip() for o in match.group(1).split(",")]
+        choice = options[index % len(options)]
+        choices.append({"field": field, "options": options, "pick": choice})
+        return choice
+
+    return ARRAY.sub(choose, text), choices

@@ -1,0 +1,102 @@
+"""Presets: shipped files, precedence (defaults < preset < explicit), user presets, save from a form."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from backend.errors import RequestError
+from backend.families import FAMILIES
+from backend.prompting.datafiles import user_dir
+from backend.prompting.presets import apply_preset, list_presets, load_preset, save_preset
+from backend.request import GenerateRequest
+
+
+@pytest.fixture
+def presets_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    user_dir("presets").mkdir(parents=True)
+    return user_dir("presets")
+
+
+def test_shipped_presets_build_valid_requests():
+    names = {p.name for p in list_presets()}
+    assert {"default", "sd15", "realistic", "anime", "fast"} <= names
+    for name in names:
+        request = GenerateRequest.from_dict(apply_preset(name, {"prompt": "a cat"}))
+        family = "sdxl" if name != "sd15" else "sd1"
+        resolved = request.resolved(family)
+        assert resolved.preset == name and resolved.model != "demo"
+        assert resolved.width <= FAMILIES[family].max_side
+    default = load_preset("default")
+    assert default["expand"] is True and "xl" in default["model"]
+    fast = load_preset("fast")
+    assert fast["sampler"] == "lcm" and fast["steps"] <= 8 and 1.0 <= fast["cfg"] <= 2.0 and fast["loras"]
+
+
+def test_precedence_defaults_then_preset_then_explicit():
+    request = GenerateRequest.from_dict(
+        apply_preset("anime", {"prompt": "a cat", "steps": 12, "guidance": {"sag": 0.5}})
+    )
+    assert request.steps == 12  # explicit beats preset (28)
+    assert request.sampler == "euler_a" and request.cfg == 6.0  # preset beats defaults
+    assert request.guidance.clip_skip == 2 and request.guidance.sag == 0.5  # guidance merged control by control
+    assert request.refiner_switch == GenerateRequest().refiner_switch  # untouched: dataclass default
+    assert (request.width, request.height) == (832, 1216)
+
+
+def test_other_model_drops_the_presets_size():
+    data = apply_preset("default", {"prompt": "x", "model": "demo-xl"})
+    assert "width" not in data and GenerateRequest.from_dict(data).resolved("demo-xl").width == 128
+    kept = apply_preset("default", {"prompt": "x", "model": "demo-xl", "width": 256, "height": 192})
+    assert (kept["width"], kept["height"]) == (256, 192)
+
+
+def test_unknown_preset_is_a_one_line_error():
+    with pytest.raises(RequestError, match=r"^preset: unknown 'nope'; allowed: anime, default, fast"):
+        load_preset("nope")
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("stpes: 20\n", r"bad.yaml: unknown key 'stpes'; allowed: .*steps"),
+        ("seed: 4\n", r"unknown key 'seed'"),
+        ("steps: 20\ncfg: [1,\n", r"bad.yaml line \d+: not valid YAML"),
+        ("guidance:\n  sharpnes: 2\n", r"^guidance: in preset .*bad.yaml: unknown control 'sharpnes'"),
+        ("styles: [Nope]\n", r"^styles: in preset .*bad.yaml: unknown 'Nope'"),
+        ("size: big\n", r"size 'big' is not WxH"),
+        ("loras: [[a, b, c]]\n", r"lora \['a', 'b', 'c'\] must be \[name, weight\]"),
+    ],
+)
+def test_bad_preset_files_are_one_line_errors(presets_dir, text, message):
+    (presets_dir / "bad.yaml").write_text(text)
+    with pytest.raises(RequestError, match=message) as err:
+        load_preset("bad")
+    assert "\n" not in str(err.value)
+    if "YAML" in message:
+        assert {p.name: p.description for p in list_presets()}["bad"].startswith("(unusable:")
+
+
+def test_user_preset_overrides_shipped(presets_dir):
+    (presets_dir / "anime.yml").write_text("description: mine\nsteps: 9\nsize: 640x512\nloras: ['style-lora:0.7']\n")
+    info = {p.name: p for p in list_presets()}["anime"]
+    assert info.description == "mine" and info.source.endswith("anime.yml")
+    assert load_preset("anime") == {"steps": 9, "width": 640, "height": 512, "loras": [["style-lora", 0.7]]}
+
+
+def test_save_preset_round_trips_the_form(presets_dir):
+    form = GenerateRequest(
+        prompt="a cat", negative_prompt="blurry", model="demo-xl", sampler="euler", steps=12, cfg=4.5,
+        width=192, height=128, seed=77, styles=["Watercolor"], expand=True, loras=[("x", 0.5)],
+    )
+    form.guidance.sharpness = 3.0
+    path = save_preset("my-look", form.to_dict(), description="saved from the form")
+    assert path == presets_dir / "my-look.yaml"
+    saved = yaml.safe_load(path.read_text())
+    assert saved["size"] == "192x128" and saved["guidance"] == {"sharpness": 3.0}
+    assert "prompt" not in saved and "seed" not in saved
+    again = GenerateRequest.from_dict(apply_preset("my-look", {"prompt": "a dog", "seed": 1}))
+    assert again.to_dict() == {**form.to_dict(), "prompt": "a dog", "seed": 1, "preset": "my-look"}
+    with pytest.raises(RequestError, match="name '../x' is not allowed"):
+        save_preset("../x", form.to_dict())

@@ -1,0 +1,54 @@
+"""``dreamtty styles list [--search TEXT]`` and ``dreamtty styles show NAME``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from backend.prompting.styles import RANDOM_STYLE, StyleLibrary, load_styles
+
+
+def register(subparsers) -> None:
+    styles = subparsers.add_parser("styles", help="list and show prompt styles")
+    sub = styles.add_subparsers(dest="styles_command", metavar="list|show", required=True, parser_class=type(styles))
+    listing = sub.add_parser("list", help="list styles (shipped and yours)")
+    listing.add_argument("--search", default="", help="only styles whose name, category or prompt contain TEXT")
+    listing.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    listing.set_defaults(func=cmd_list)
+    show = sub.add_parser("show", help="show one style's templates")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
+
+
+def _load() -> StyleLibrary:
+    library = load_styles()
+    for warning in library.warnings:
+        print(f"dreamtty: warning: {warning}", file=sys.stderr)
+    return library
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    found = _load().search(args.search)
+    if args.json:
+        print(json.dumps([{"name": s.name, "category": s.category, "source": s.source} for s in found]))
+        return 0
+    width = max((len(s.name) for s in found), default=4) + 2
+    for style in found:
+        print(f"{style.name:<{width}}{style.category}")
+    if not args.search:
+        print(f"{RANDOM_STYLE:<{width}}(picks one of the above per image seed)")
+    print(f"\n{len(found)} styles", file=sys.stderr)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    style = _load().get(args.name)
+    if args.json:
+        print(json.dumps({"name": style.name, "prompt": style.prompt, "negative_prompt": style.negative_prompt,
+                          "category": style.category, "source": style.source}))
+        return 0
+    print(f"name:     {style.name}\ncategory: {style.category}\nsource:   {style.source}")
+    print(f"prompt:   {style.prompt}\nnegative: {style.negative_prompt}")
+    return 0
