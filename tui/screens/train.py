@@ -1,14 +1,354 @@
-"""Train screen (F3): DreamBooth training dashboard. Placeholder until training lands."""
+"""Train screen (F3): start DreamBooth runs and watch them live.
+
+Runs are their own processes (``backend.training.launch``); this pane only reads their run
+directories: ``run.json`` for the state and ``events.jsonl`` (tailed every 0.5 s) for the
+loss curve, lr, speed, ETA, GPU memory, validation images and log. So it re-attaches to
+running and past runs whenever it is opened, also after the app restarts. No torch here.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+from textual import on, work
 from textual.app import ComposeResult
-from textual.containers import Vertical
-from textual.widgets import Static
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
+from textual.markup import escape
+from textual.widgets import Checkbox, Input, Log, OptionList, Select, Static
+from textual.widgets.option_list import Option
+from textual_plotext import PlotextPlot
+
+from backend.errors import DreamttyError, RequestError
+from backend.training import runs
+from backend.training.config import METHODS, PRECISIONS, TrainRequest, parse_field
+from backend.training.launch import prepare_run, request_stop, start_trainer
+from tui.keymap import Key, bindings
+from tui.widgets.field import Field
+from tui.widgets.preview import ImagePreview
+
+TRAIN_KEYS = (
+    Key("train.start", "ctrl+s", "start_run", "Start run", "Start a training run with the Train form", priority=True),
+    Key("train.stop", "ctrl+t", "stop_run", "Stop run", "Stop the selected run after its step (keeps a checkpoint)",
+        priority=True),
+)
+POLL_S = 0.5
+RESCAN_EVERY = 4  # polls between rescans of the runs folder
+MAX_PLOT_POINTS = 400
+STATE_MARKS = {"starting": "…", "running": "▶", "done": "✓", "failed": "✗", "stopped": "■"}
+
+# Text inputs of the form: (field, label, placeholder). Empty = the TrainRequest default.
+_TEXT_FIELDS = (
+    ("model", "Base model", "demo, a diffusers folder or a hub id"),
+    ("instance_dir", "Instance images folder", "3-20 photos of the subject"),
+    ("instance_prompt", "Instance prompt", "a photo of sks dog"),
+    ("class_prompt", "Class prompt (prior preservation)", "a photo of dog; empty = off"),
+)
+_ROWS = (
+    (("rank", "LoRA rank", "4"), ("max_steps", "Max steps", "400")),
+    (("lr", "Learning rate", "auto"), ("resolution", "Resolution", "model's")),
+    (("batch_size", "Batch size", "1"), ("num_class_images", "Class images", "100")),
+    (("checkpoint_every", "Checkpoint every", "100"), ("seed", "Seed", "random")),
+    (("validation_every", "Validation every", "100"), ("grad_accum", "Grad accumulation", "1")),
+)
+_TAIL_FIELDS = (
+    ("validation_prompt", "Validation prompt", "empty = no validation images"),
+    ("output", "Run folder", "empty = a new folder in the runs folder"),
+)
+_SWITCHES = (
+    ("train_text_encoder", "Train text encoder"),
+    ("gradient_checkpointing", "Gradient checkpointing"),
+    ("use_8bit_adam", "8-bit Adam (CUDA)"),
+    ("cache_latents", "Cache latents"),
+    ("random_flip", "Random flip"),
+    ("center_crop", "Center crop"),
+)
+_FORM_FIELDS = {f.name for f in fields(TrainRequest)}
+
+
+def _input_field(name: str, label: str, placeholder: str, value: str = "") -> Field:
+    return Field(label, Input(value=value, placeholder=placeholder, id=f"train-{name}"), names=(name,),
+                 id=f"train-field-{name}")
+
+
+def side_by_side(paths: Sequence[str]) -> Image.Image | None:
+    """The images at ``paths`` in one row (skipping unreadable ones)."""
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                images.append(img.convert("RGB"))
+        except OSError:
+            continue
+    if not images:
+        return None
+    height = min(i.height for i in images)
+    images = [i.resize((max(1, i.width * height // i.height), height), Image.Resampling.LANCZOS) for i in images]
+    row = Image.new("RGB", (sum(i.width for i in images), height))
+    x = 0
+    for img in images:
+        row.paste(img, (x, 0))
+        x += img.width
+    return row
 
 
 class TrainPane(Vertical):
-    """Everything shown on the Train screen. ``self.app.service`` is the backend service."""
+    """Everything shown on the Train screen.
 
+    ``runs_root``: the folder whose run dirs are listed (default ``data_dir()/runs``);
+    ``extra_runs``: run dirs elsewhere to list too (e.g. a ``--output`` given to the app).
+    """
+
+    BINDINGS = bindings(TRAIN_KEYS)
+    DEFAULT_CSS = """
+    TrainPane { height: 1fr; }
+    #train-body { height: 1fr; }
+    #train-left { width: 40%; max-width: 52; border-right: tall $panel; }
+    #train-form { height: 2fr; padding: 0 1; }
+    #train-runs { height: 1fr; border-top: tall $panel; }
+    #train-right { width: 1fr; padding: 0 1; }
+    #train-stats { height: auto; }
+    #train-loss { height: 1fr; min-height: 8; }
+    #train-bottom { height: 1fr; }
+    #train-validation { width: 2fr; }
+    #train-log { width: 3fr; }
+    #train-form-error { color: $error; height: auto; }
+    .train-row { height: auto; }
+    .train-row > Field { width: 1fr; margin-right: 1; }
+    .train-section { text-style: bold; }
+    """
+
+    def __init__(self, runs_root: Path | None = None, extra_runs: Sequence[Path] = (), *,
+                 id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.runs_root = Path(runs_root) if runs_root else runs.runs_root()
+        self.extra_runs = [Path(p) for p in extra_runs]
+        self.selected_run: Path | None = None
+        self.progress = runs.RunProgress()
+        self.run_infos: list[runs.RunInfo] = []
+        self._tail: runs.EventTail | None = None
+        self._procs: list = []  # trainers started here (polled so they never linger as zombies)
+        self._polls = 0
+        self._shown_validation: list[str] = []
+        self._listed: list[tuple[str, str]] = []
+
+    # -- layout ----------------------------------------------------------------
     def compose(self) -> ComposeResult:
-        yield Static("Training: coming soon.", id="train-placeholder")
+        model = str(getattr(self.app, "default_model", "demo") or "demo")
+        with Horizontal(id="train-body"):
+            with Vertical(id="train-left"):
+                with VerticalScroll(id="train-form"):
+                    yield Static("New run", classes="train-section")
+                    for name, label, hint in _TEXT_FIELDS:
+                        yield _input_field(name, label, hint, model if name == "model" else "")
+                    with Horizontal(classes="train-row"):
+                        yield Field("Method", Select([(m, m) for m in METHODS], value="lora", allow_blank=False,
+                                                     id="train-method"), names=("method",))
+                        yield Field("Precision", Select([("accelerate's", "auto")] + [(p, p) for p in PRECISIONS],
+                                                        value="auto", allow_blank=False, id="train-mixed_precision"),
+                                    names=("mixed_precision",))
+                    for row in _ROWS:
+                        with Horizontal(classes="train-row"):
+                            for name, label, hint in row:
+                                yield _input_field(name, label, hint)
+                    for name, label, hint in _TAIL_FIELDS:
+                        yield _input_field(name, label, hint)
+                    for name, label in _SWITCHES:
+                        yield Checkbox(label, id=f"train-{name}")
+                    yield Static("", id="train-form-error")
+                yield OptionList(id="train-runs")
+            with Vertical(id="train-right"):
+                yield Static("No run selected. Fill in the form and press ctrl+s.", id="train-stats")
+                yield PlotextPlot(id="train-loss")
+                with Horizontal(id="train-bottom"):
+                    yield ImagePreview(id="train-validation")
+                    yield Log(id="train-log", max_lines=2000)
+
+    def on_mount(self) -> None:
+        self.query_one("#train-runs", OptionList).border_title = "Runs"
+        plt = self.query_one("#train-loss", PlotextPlot).plt
+        plt.title("loss")
+        plt.xlabel("step")
+        self.rescan()
+        if self.run_infos:
+            self.select_run(self.run_infos[0].path)
+        self.set_interval(POLL_S, self.poll)
+
+    # -- the form ----------------------------------------------------------------
+    def form_values(self) -> dict:
+        """The form as TrainRequest keys; empty inputs are left out (their defaults apply)."""
+        values: dict = {}
+        for name in _FORM_FIELDS:
+            found = self.query(f"#train-{name}")
+            if not found:
+                continue
+            widget = found.first()
+            if isinstance(widget, Input):
+                if widget.value.strip():
+                    values[name] = widget.value.strip()
+            elif isinstance(widget, Checkbox):
+                values[name] = widget.value
+            elif isinstance(widget, Select) and widget.value != "auto":
+                values[name] = widget.value
+        return values
+
+    def _field(self, name: str) -> Field | None:
+        found = [f for f in self.query(Field) if name in f.names]
+        return found[0] if found else None
+
+    @on(Input.Changed)
+    def _check_input(self, event: Input.Changed) -> None:
+        name = (event.input.id or "").removeprefix("train-")
+        field = self._field(name)
+        if field is None:
+            return
+        try:
+            parse_field(name, event.value)
+            field.set_error(None)
+        except RequestError as exc:
+            field.set_error(exc.message)
+
+    def show_error(self, exc: DreamttyError) -> None:
+        """Show ``exc`` under its field (or under the form) and in a notification."""
+        for field in self.query(Field):
+            field.set_error(None)
+        name = getattr(exc, "field", None)
+        field = self._field(name) if name else None
+        if field is not None:
+            field.set_error(exc.message)
+        self.query_one("#train-form-error", Static).update(Content("" if field else str(exc)))
+        self.notify(escape(str(exc)), title="cannot start", severity="error")
+
+    # -- start and stop ------------------------------------------------------------
+    def action_start_run(self) -> None:
+        try:
+            request = TrainRequest.from_dict(self.form_values())
+        except RequestError as exc:
+            self.show_error(exc)
+            return
+        self.query_one("#train-form-error", Static).update("checking the settings…")
+        self._prepare_and_start(request)
+
+    @work(thread=True, exclusive=True, group="train-start", exit_on_error=False)
+    def _prepare_and_start(self, request: TrainRequest) -> None:
+        try:
+            prepared = prepare_run(request)  # reads images and the model folder: off the event loop
+            proc = start_trainer(prepared.run_dir)
+        except DreamttyError as exc:
+            self.app.call_from_thread(self.show_error, exc)
+            return
+        self.app.call_from_thread(self._started, prepared, proc)
+
+    def _started(self, prepared, proc) -> None:
+        self._procs.append(proc)
+        self.query_one("#train-form-error", Static).update("")
+        for field in self.query(Field):
+            field.set_error(None)
+        for warning in prepared.warnings:
+            self.notify(escape(warning), title="warning", severity="warning", timeout=10)
+        self.notify(escape(f"training started: {prepared.run_dir}"), title="train")
+        self.rescan()
+        self.select_run(prepared.run_dir)
+
+    def action_stop_run(self) -> None:
+        info = runs.read_run(self.selected_run) if self.selected_run else None
+        if info is None or info.state not in runs.LIVE_STATES:
+            self.notify("no running run selected", severity="warning")
+            return
+        request_stop(info.path)
+        self.notify(escape(f"stopping {info.name} after its current step (a checkpoint is saved)"), title="train")
+
+    # -- runs list -----------------------------------------------------------------
+    def rescan(self) -> None:
+        """List the runs in the runs folder (and extra dirs), newest first."""
+        self.run_infos = runs.list_runs(self.runs_root, self.extra_runs)
+        listed = [(str(r.path), r.state) for r in self.run_infos]
+        if listed == self._listed:
+            return
+        self._listed = listed
+        options = self.query_one("#train-runs", OptionList)
+        options.clear_options()
+        options.add_options(
+            [Option(Content(f"{STATE_MARKS.get(r.state, '?')} {r.name}  [{r.state}]"), id=str(r.path))
+             for r in self.run_infos]
+        )
+        if self.selected_run is not None:
+            try:
+                options.highlighted = options.get_option_index(str(self.selected_run))
+            except LookupError:
+                pass
+
+    @on(OptionList.OptionSelected, "#train-runs")
+    @on(OptionList.OptionHighlighted, "#train-runs")
+    def _run_chosen(self, event) -> None:
+        if event.option.id and Path(event.option.id) != self.selected_run:
+            self.select_run(Path(event.option.id))
+
+    def select_run(self, run_dir: Path) -> None:
+        """Show ``run_dir``: read all its events from the start, then follow new ones."""
+        self.selected_run = Path(run_dir).resolve()
+        self._tail = runs.EventTail(self.selected_run)
+        self.progress = runs.RunProgress()
+        self._shown_validation = []
+        self.query_one("#train-log", Log).clear()
+        self.query_one("#train-validation", ImagePreview).show(None)
+        self.poll()
+
+    # -- following the selected run ---------------------------------------------------
+    @property
+    def loss_points(self) -> list[tuple[int, float]]:
+        return sorted(self.progress.losses.items())
+
+    def poll(self) -> None:
+        self._polls += 1
+        self._procs = [p for p in self._procs if p.poll() is None]
+        if self._polls % RESCAN_EVERY == 0:
+            self.rescan()
+        if self._tail is None:
+            return
+        new_steps = False
+        lines = []
+        for event in self._tail.read():
+            line = self.progress.apply(event)
+            new_steps |= event.get("type") in ("step", "resume")
+            if line:
+                lines.append(line)
+        if lines:
+            self.query_one("#train-log", Log).write_lines(lines)
+        if new_steps:
+            self._draw_plot()
+        if self.progress.validation != self._shown_validation:
+            self._shown_validation = list(self.progress.validation)
+            self.query_one("#train-validation", ImagePreview).show(side_by_side(self._shown_validation))
+        self._update_stats()
+
+    def _update_stats(self) -> None:
+        info = runs.read_run(self.selected_run) if self.selected_run else None
+        if info is None:
+            return
+        settings = info.settings
+        head = f"{STATE_MARKS.get(info.state, '?')} {info.name}  [{info.state}]  {settings.get('method', '')} on " \
+               f"{settings.get('model', '')}"
+        lines = [head, self.progress.summary()]
+        if self.progress.class_images and self.progress.class_images[0] < self.progress.class_images[1]:
+            lines.append("generating class images: {}/{}".format(*self.progress.class_images))
+        if info.error:
+            lines.append(f"error: {info.error}")
+        self.query_one("#train-stats", Static).update(Content("\n".join(lines)))
+
+    def _draw_plot(self) -> None:
+        points = [(s, v) for s, v in self.loss_points if math.isfinite(v)]
+        plot = self.query_one("#train-loss", PlotextPlot)
+        plt = plot.plt
+        plt.clear_data()
+        if points:
+            stride = max(1, len(points) // MAX_PLOT_POINTS)
+            steps = [s for s, _ in points]
+            values = [v for _, v in points]
+            plt.plot(steps[::stride], values[::stride], label="loss", marker="braille")
+            plt.plot(steps[::stride], runs.smooth(values)[::stride], label="smoothed", marker="braille")
+        plot.refresh()

@@ -1,0 +1,76 @@
+"""Class images for prior preservation: generated with the base model when missing, then reused.
+
+They live in a cache folder keyed by model + class prompt, so the next run of the same
+class reuses them. With several processes (``accelerate launch``) each generates a share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from backend import locations
+from backend.families import FAMILIES
+from backend.models import ModelRef
+
+SAMPLE_BATCH = 4
+
+
+def class_dir(ref: ModelRef, class_prompt: str) -> Path:
+    key = hashlib.sha1(f"{ref.kind}\n{ref.location}\n{class_prompt}".encode()).hexdigest()[:16]
+    return locations.cache_dir() / "class_images" / key
+
+
+def _existing(folder: Path) -> list[Path]:
+    return sorted(folder.glob("class-*.png"))
+
+
+def ensure_class_images(
+    ref: ModelRef, class_prompt: str, count: int, resolution: int, seed: int, device: torch.device,
+    process_index: int, num_processes: int, report: Callable[[int, int], None], barrier: Callable[[], None],
+) -> list[Path]:
+    """Return ``count`` class images, generating the missing ones (image i uses seed + i)."""
+    folder = class_dir(ref, class_prompt)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompt.txt").write_text(f"{ref.name}\n{class_prompt}\n")
+    have = {int(p.stem.split("-")[1]) for p in _existing(folder)}
+    missing = [i for i in range(count) if i not in have]
+    mine = missing[process_index::num_processes]
+    if missing:
+        report(count - len(missing), count)
+    if mine:
+        _generate(ref, class_prompt, mine, resolution, seed, device, folder,
+                  lambda n: report(count - len(missing) + n * num_processes, count))
+    barrier()
+    files = [folder / f"class-{i:05d}.png" for i in range(count)]
+    if missing:
+        report(count, count)
+    return [f for f in files if f.exists()]
+
+
+def _generate(ref: ModelRef, prompt: str, indices: list[int], resolution: int, seed: int, device: torch.device,
+              folder: Path, progress: Callable[[int], None]) -> None:
+    from backend.engine.loader import load_pipeline
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = load_pipeline(ref, device, dtype)
+    steps = FAMILIES[pipe.dreamtty_family].default_steps
+    try:
+        for start in range(0, len(indices), SAMPLE_BATCH):
+            chunk = indices[start:start + SAMPLE_BATCH]
+            gens = [torch.Generator().manual_seed(seed + i) for i in chunk]
+            images = pipe(prompt=[prompt] * len(chunk), num_inference_steps=steps, height=resolution,
+                          width=resolution, generator=gens).images
+            for i, image in zip(chunk, images):
+                tmp = folder / f".class-{i:05d}.{os.getpid()}.png"
+                image.save(tmp)
+                os.replace(tmp, folder / f"class-{i:05d}.png")  # never a half-written image
+            progress(start + len(chunk))
+    finally:
+        del pipe
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,215 @@
+"""``TrainRequest``: one DreamBooth run's settings, validated at the boundary (no torch).
+
+The same keys serve the CLI flags, ``train.yaml``, the TUI form and ``run.json``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from backend.errors import RequestError
+from backend.families import FAMILIES
+
+METHODS = ("full", "lora")
+PRECISIONS = ("no", "fp16", "bf16")
+REPORT_TO = ("none", "tensorboard")
+MAX_SEED = 2**32 - 1
+# diffusers' DreamBooth example defaults: 5e-6 for a full fine-tune, 1e-4 for LoRA.
+DEFAULT_LR = {"full": 5e-6, "lora": 1e-4}
+
+
+@dataclass
+class TrainRequest:
+    model: str = ""
+    instance_dir: str = ""
+    instance_prompt: str = ""
+    class_prompt: str | None = None
+    method: str = "lora"
+    rank: int = 4
+    max_steps: int = 400
+    lr: float | None = None  # None = DEFAULT_LR[method]
+    batch_size: int = 1
+    grad_accum: int = 1
+    resolution: int = 0  # 0 = the model family's default size
+    num_class_images: int = 100
+    prior_preservation: bool | None = None  # None = on when class_prompt is given
+    prior_loss_weight: float = 1.0
+    train_text_encoder: bool = False
+    mixed_precision: str | None = None  # None = accelerate's config ("no" without one)
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    cache_latents: bool = False
+    snr_gamma: float | None = None
+    offset_noise: float = 0.0
+    center_crop: bool = False
+    random_flip: bool = False
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    validation_prompt: str | None = None
+    validation_every: int = 100
+    seed: int = -1  # -1 = random, fixed when the run is prepared
+    report_to: str = "none"
+    output: str | None = None  # the run directory; None = a new folder in the runs folder
+    resume: str | None = None  # "latest", a checkpoint folder, or None
+
+    # -- serialisation -------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainRequest":
+        """Build from a dict (YAML, JSON, form); keys may use ``-`` or ``_``. Values are coerced."""
+        known = {f.name for f in fields(cls)}
+        values = {}
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise RequestError(name, f"unknown setting; allowed: {', '.join(sorted(known))}")
+            values[name] = parse_field(name, value)
+        return cls(**values)
+
+    # -- validation ----------------------------------------------------
+    @property
+    def prior(self) -> bool:
+        """Whether class-prior preservation is on."""
+        return bool(self.class_prompt) if self.prior_preservation is None else self.prior_preservation
+
+    def validate(self) -> "TrainRequest":
+        """Check every field; raise a one-line RequestError naming the first bad one."""
+        for f in fields(self):
+            parse_field(f.name, getattr(self, f.name))
+        for name in ("model", "instance_dir", "instance_prompt"):
+            if not (getattr(self, name) or "").strip():
+                raise RequestError(name, "is required")
+        _choice("method", self.method, METHODS)
+        _choice("report_to", self.report_to, REPORT_TO)
+        if self.mixed_precision is not None:
+            _choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        for name, low, high in _RANGES:
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise RequestError(name, f"{value} is out of range; allowed {low}..{high}")
+        if self.resolution and self.resolution % 8:
+            raise RequestError("resolution", f"{self.resolution} is not a multiple of 8; try {self.resolution // 8 * 8 or 8}")
+        if self.prior and not (self.class_prompt or "").strip():
+            raise RequestError("class_prompt", "is required for prior preservation (or pass --no-prior-preservation)")
+        if self.prior and self.num_class_images < 1:
+            raise RequestError("num_class_images", "must be at least 1 with prior preservation")
+        if self.seed != -1 and not 0 <= self.seed <= MAX_SEED:
+            raise RequestError("seed", f"{self.seed} is out of range; allowed -1 (random) or 0..{MAX_SEED}")
+        if self.resume is not None and not self.resume.strip():
+            raise RequestError("resume", "is empty; use latest or a checkpoint folder")
+        return self
+
+    def resolved(self, family: str) -> "TrainRequest":
+        """Validate and fill the defaults that depend on the model family (size, lr, seed, prior)."""
+        self.validate()
+        fam = FAMILIES.get(family)
+        resolution = self.resolution or (fam.default_size if fam else 512)
+        if fam and resolution > fam.max_side:
+            raise RequestError("resolution", f"{resolution} is too large for {fam.label}; allowed up to {fam.max_side}")
+        seed = random.randint(0, MAX_SEED) if self.seed == -1 else self.seed
+        lr = DEFAULT_LR[self.method] if self.lr is None else self.lr
+        return replace(self, resolution=resolution, seed=seed, lr=lr, prior_preservation=self.prior)
+
+
+# Numeric limits (inclusive). Generous: they catch typos, not taste.
+_RANGES = (
+    ("rank", 1, 1024),
+    ("max_steps", 1, 10_000_000),
+    ("lr", 1e-10, 1.0),
+    ("batch_size", 1, 1024),
+    ("grad_accum", 1, 1024),
+    ("resolution", 0, 4096),
+    ("num_class_images", 0, 100_000),
+    ("prior_loss_weight", 0.0, 100.0),
+    ("snr_gamma", 0.01, 100.0),
+    ("offset_noise", 0.0, 1.0),
+    ("checkpoint_every", 1, 10_000_000),
+    ("keep_checkpoints", 1, 1000),
+    ("validation_every", 1, 10_000_000),
+)
+
+_KINDS = {f.name: f.type for f in fields(TrainRequest)}
+
+
+def parse_field(name: str, value: object) -> object:
+    """Coerce ``value`` (typed, or text from a form or YAML) to the field's type, or raise RequestError."""
+    kind = _KINDS.get(name)
+    if kind is None:
+        raise RequestError(name, "unknown setting")
+    optional = "None" in kind
+    base = kind.split("|")[0].strip()
+    if isinstance(value, str) and base != "str":
+        value = value.strip()
+        if value == "" or value.lower() == "none":
+            value = None
+    if value is None:
+        if optional:
+            return None
+        if base == "str":
+            return ""
+        raise RequestError(name, f"is required ({_WORDS[base]})")
+    if base == "str":
+        if optional and isinstance(value, str) and not value.strip():
+            return None
+        if not isinstance(value, (str, Path)):
+            raise RequestError(name, f"must be text, got {type(value).__name__}")
+        return str(value)
+    if base == "bool":
+        return _bool(name, value)
+    if isinstance(value, bool):
+        raise RequestError(name, f"must be {_WORDS[base]}, got {value}")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise RequestError(name, f"{value!r} is not {_WORDS[base]}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise RequestError(name, f"{value!r} is not a finite number")
+    if base == "int":
+        if not number.is_integer():
+            raise RequestError(name, f"{value!r} is not a whole number")
+        return int(number)
+    return number
+
+
+_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise RequestError(name, f"{value!r} is not true or false")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise RequestError(name, f"unknown {value!r}; allowed: {', '.join(allowed)}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a ``train.yaml`` (same keys as the flags); one-line errors."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise RequestError("config", f"cannot read {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RequestError("config", f"{path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RequestError("config", f"{path} must hold a mapping of settings (key: value)")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}

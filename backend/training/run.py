@@ -1,0 +1,61 @@
+"""Trainer process entry: ``python -m backend.training.run RUN_DIR``.
+
+Reads the settings from ``RUN_DIR/run.json`` (written by ``launch.prepare_run``) and trains.
+Works under ``accelerate launch -m backend.training.run RUN_DIR`` for several GPUs.
+SIGTERM or SIGINT (or a STOP file) stops after the current step with a checkpoint.
+Exit status: 0 done, 1 failed, 3 stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+from backend.errors import DreamttyError, RequestError
+from backend.training import runs
+from backend.training.config import TrainRequest
+
+
+def fail(run_dir: Path, events: runs.EventWriter, message: str, kind: str = "error") -> None:
+    """Record the failure; ``kind`` "input" marks a bad setting (the CLI exits 2)."""
+    events("error", message=message)
+    if events.enabled:
+        runs.update_run_json(run_dir, state="failed", error=message, error_kind=kind)
+    print(f"dreamtty train: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m backend.training.run RUN_DIR", file=sys.stderr)
+        return 2
+    run_dir = Path(args[0]).expanduser().resolve()
+    events = runs.EventWriter(run_dir, enabled=os.environ.get("RANK", "0") == "0")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        data = runs.read_run_json(run_dir)
+        if not data.get("settings"):
+            raise RequestError("run_dir", f"{run_dir} has no run.json with settings; start runs with dreamtty train")
+        request = TrainRequest.from_dict(data["settings"]).validate()
+        from backend.training.trainer import train
+
+        state = train(request, run_dir, events, stop.is_set)
+    except DreamttyError as exc:
+        fail(run_dir, events, str(exc), "input" if isinstance(exc, RequestError) else "error")
+        return 1
+    except Exception as exc:  # an unexpected bug: full traceback in trainer.log, one line in events
+        traceback.print_exc()
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        fail(run_dir, events, f"{type(exc).__name__}: {first} (details in {run_dir / runs.LOG_FILE})")
+        return 1
+    return 0 if state == "done" else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

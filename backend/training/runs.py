@@ -1,0 +1,341 @@
+"""Run directories: ``run.json``, ``events.jsonl``, checkpoints and outputs (no torch).
+
+Layout of ``RUN_DIR``::
+
+    run.json            settings + state (starting/running/done/failed/stopped), pid, output
+    events.jsonl        one JSON object per line (see EVENT TYPES below)
+    trainer.pid         pid of the process the launcher started
+    trainer.log         stdout/stderr of a detached trainer
+    STOP                present = stop after the current step (checkpoint, state "stopped")
+    checkpoints/checkpoint-<step>/   accelerate save_state + dreamtty_state.json
+    validation/step-<step>-<i>.png
+    model/              full fine-tune result: a diffusers folder
+    lora/pytorch_lora_weights.safetensors   LoRA result
+
+Event types (key "type"): state, log, class_images, step, checkpoint, validation, resume, error.
+Every event has "time" (Unix seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backend import locations
+
+RUN_JSON = "run.json"
+EVENTS = "events.jsonl"
+PID_FILE = "trainer.pid"
+LOG_FILE = "trainer.log"
+STOP_FILE = "STOP"
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_PREFIX = "checkpoint-"
+MODEL_DIR = "model"
+LORA_FILE = "lora/pytorch_lora_weights.safetensors"
+STATES = ("starting", "running", "done", "failed", "stopped")
+LIVE_STATES = ("starting", "running")
+
+
+def runs_root() -> Path:
+    """The default folder that holds (or links to) every run."""
+    return locations.data_dir() / "runs"
+
+
+# -- run.json ----------------------------------------------------------------
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON through a temp file + rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_run_json(run_dir: Path) -> dict:
+    try:
+        return json.loads((Path(run_dir) / RUN_JSON).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def update_run_json(run_dir: Path, **changes) -> dict:
+    """Merge ``changes`` into run.json (only the trainer's main process calls this)."""
+    data = read_run_json(run_dir)
+    data.update(changes, updated=time.time())
+    write_json_atomic(Path(run_dir) / RUN_JSON, data)
+    return data
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / RUN_JSON).is_file()
+
+
+def run_output(path: str | Path) -> tuple[str, Path] | None:
+    """What a run produced: ("model", diffusers folder) or ("lora", .safetensors), else None.
+
+    Accepts the run dir itself; lets ``--model RUN_DIR`` and ``--lora RUN_DIR`` find the result.
+    """
+    path = Path(path).expanduser()
+    if (path / MODEL_DIR / "model_index.json").is_file():
+        return "model", path / MODEL_DIR
+    if (path / LORA_FILE).is_file():
+        return "lora", path / LORA_FILE
+    return None
+
+
+# -- checkpoints --------------------------------------------------------------
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (step, folder), oldest first. Temp folders are ignored."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = []
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            step = entry.name.removeprefix(CHECKPOINT_PREFIX)
+            if entry.name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and entry.is_dir():
+                found.append((int(step), entry))
+    return sorted(found)
+
+
+# -- liveness -----------------------------------------------------------------
+def pid_alive(pid: int | None) -> bool:
+    """True when ``pid`` runs a dreamtty trainer (or an accelerate launcher)."""
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, ValueError):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.parent.exists():
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":  # zombie: exited, not yet reaped
+            return False
+        return b"backend.training" in text or b"accelerate" in text
+    return True
+
+
+def recorded_pids(run_dir: Path, data: dict) -> list[int]:
+    pids = [data.get("pid")]
+    try:
+        pids.append(int((Path(run_dir) / PID_FILE).read_text().strip()))
+    except (OSError, ValueError):
+        pass
+    return [p for p in pids if p]
+
+
+def effective_state(run_dir: Path, data: dict | None = None) -> tuple[str, str | None]:
+    """(state, error): a live state whose process is gone reads as "failed"."""
+    data = read_run_json(run_dir) if data is None else data
+    state = data.get("state", "failed")
+    if state in LIVE_STATES and not any(pid_alive(p) for p in recorded_pids(run_dir, data)):
+        started = data.get("created", 0)
+        if state == "starting" and time.time() - started < 30 and not (Path(run_dir) / PID_FILE).exists():
+            return state, None
+        return "failed", "the trainer process ended without finishing (killed?); resume with --resume latest"
+    return state, data.get("error")
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    name: str
+    state: str
+    error: str | None
+    settings: dict
+    updated: float
+
+
+def read_run(path: Path) -> RunInfo | None:
+    data = read_run_json(path)
+    if not data:
+        return None
+    state, error = effective_state(path, data)
+    return RunInfo(Path(path), Path(path).name, state, error, data.get("settings", {}), data.get("updated", 0.0))
+
+
+def list_runs(root: Path | None = None, extra: list[Path] | tuple[Path, ...] = ()) -> list[RunInfo]:
+    """Runs in ``root`` (folders, or links to run dirs elsewhere) plus ``extra`` dirs, newest first."""
+    root = runs_root() if root is None else Path(root)
+    candidates = list(extra)
+    if root.is_dir():
+        candidates += [p for p in root.iterdir() if not p.name.startswith(".")]
+    seen, runs = set(), []
+    for path in candidates:
+        real = Path(path).resolve()
+        if real in seen or not is_run_dir(real):
+            continue
+        seen.add(real)
+        info = read_run(real)
+        if info is not None:
+            runs.append(info)
+    return sorted(runs, key=lambda r: r.updated, reverse=True)
+
+
+def link_into_root(run_dir: Path, root: Path | None = None) -> None:
+    """Make a run created outside the runs folder show up there (a symlink)."""
+    root = runs_root() if root is None else Path(root)
+    run_dir = Path(run_dir).resolve()
+    if run_dir.parent == root.resolve():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1000):
+        link = root / (run_dir.name if n == 0 else f"{run_dir.name}-{n}")
+        if link.is_symlink() and link.resolve() == run_dir:
+            return
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to(run_dir, target_is_directory=True)
+            return
+
+
+# -- events -------------------------------------------------------------------
+class EventWriter:
+    """Appends events to ``events.jsonl``; a no-op on non-main processes."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+        self.path = Path(run_dir) / EVENTS
+        self.enabled = enabled
+
+    def __call__(self, type_: str, **fields) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps({"type": type_, "time": round(time.time(), 3), **fields})
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+
+class EventTail:
+    """Reads new complete lines of ``events.jsonl`` each call (incremental, like ``tail -f``)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / EVENTS
+        self.offset = 0
+        self._partial = b""
+
+    def read(self) -> list[dict]:
+        try:
+            size = self.path.stat().st_size
+            if size < self.offset:  # truncated or replaced: start again
+                self.offset, self._partial = 0, b""
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except OSError:
+            return []
+        self.offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        events = []
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+        return events
+
+
+# -- progress (what the dashboard and the CLI show) ---------------------------
+@dataclass
+class RunProgress:
+    """Folds events into the numbers a dashboard shows. A resume drops the superseded steps."""
+
+    max_steps: int = 0
+    losses: dict[int, float] = field(default_factory=dict)
+    lr: float | None = None
+    its: float | None = None
+    mem_gib: float | None = None
+    validation: list[str] = field(default_factory=list)
+    validation_step: int | None = None
+    logs: list[str] = field(default_factory=list)
+    state: str | None = None
+    error: str | None = None
+    class_images: tuple[int, int] | None = None
+
+    @property
+    def step(self) -> int:
+        return max(self.losses, default=0)
+
+    def apply(self, event: dict) -> str | None:
+        """Fold one event in; return a log line for it, if it has one."""
+        kind = event.get("type")
+        if kind == "step":
+            step = int(event.get("step", 0))
+            self.losses[step] = float(event.get("loss", math.nan))
+            self.max_steps = int(event.get("max_steps", self.max_steps))
+            self.lr, self.its, self.mem_gib = event.get("lr"), event.get("its"), event.get("mem_gib")
+            return None
+        line = None
+        if kind == "resume":
+            step = int(event.get("step", 0))
+            self.losses = {s: v for s, v in self.losses.items() if s <= step}
+            line = f"resumed from step {step} ({event.get('checkpoint', '')})"
+        elif kind == "state":
+            self.state = event.get("state")
+            self.max_steps = int(event.get("max_steps", self.max_steps) or 0)
+            line = f"state: {self.state}" + (f" ({event['message']})" if event.get("message") else "")
+        elif kind == "checkpoint":
+            line = f"checkpoint saved at step {event.get('step')}: {event.get('path')}"
+        elif kind == "validation":
+            self.validation = list(event.get("images", []))
+            self.validation_step = event.get("step")
+            line = f"validation images at step {event.get('step')}: {len(self.validation)}"
+        elif kind == "class_images":
+            self.class_images = (int(event.get("done", 0)), int(event.get("total", 0)))
+            line = f"class images: {self.class_images[0]}/{self.class_images[1]}"
+        elif kind == "error":
+            self.error = event.get("message")
+            line = f"error: {self.error}"
+        elif kind == "log":
+            level = event.get("level", "info")
+            line = f"{level}: {event.get('message', '')}" if level != "info" else str(event.get("message", ""))
+        if line:
+            self.logs.append(line)
+        return line
+
+    def eta_s(self) -> float | None:
+        if not self.its or not self.max_steps:
+            return None
+        return max(0, self.max_steps - self.step) / self.its
+
+    def summary(self) -> str:
+        """One line: step/max, loss, lr, it/s, ETA, GPU memory."""
+        parts = [f"step {self.step}/{self.max_steps or '?'}"]
+        if self.losses:
+            parts.append(f"loss {self.losses[self.step]:.4f}")
+        if self.lr is not None:
+            parts.append(f"lr {self.lr:.2e}")
+        if self.its:
+            parts.append(f"{self.its:.2f} it/s")
+        eta = self.eta_s()
+        if eta is not None and self.state in (None, *LIVE_STATES):
+            parts.append(f"ETA {format_duration(eta)}")
+        if self.mem_gib is not None:
+            parts.append(f"GPU {self.mem_gib:.1f} GiB")
+        return "  ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's "smoothing")."""
+    out, avg = [], 0.0
+    for i, value in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * value
+        out.append(avg / (1 - weight**i))
+    return out

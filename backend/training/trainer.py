@@ -1,0 +1,413 @@
+"""The DreamBooth training loop (torch, accelerate, peft).
+
+After diffusers' ``examples/dreambooth/train_dreambooth(_lora).py``: prior-preservation loss
+(Ruiz et al. 2022), Min-SNR weighting (Hang et al. 2023) and offset noise, accelerate for
+mixed precision, gradient accumulation, multi-GPU and checkpoint state. Trainable weights are
+kept in fp32 under fp16/bf16 mixed precision, so the GradScaler never meets fp16 gradients.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from backend.errors import DreamttyError, RequestError
+from backend.families import FAMILIES
+from backend.models import resolve_model
+from backend.training import runs
+from backend.training.checkpoints import CheckpointError, load_checkpoint, register_hooks, save_checkpoint
+from backend.training.class_images import ensure_class_images
+from backend.training.config import TrainRequest
+from backend.training.data import ImageSet, batch_generator
+from backend.training.images import scan_images
+from backend.training.launch import resume_checkpoint
+from backend.training.modelparts import LORA_TEXT_TARGETS, LORA_UNET_TARGETS, add_lora, encode, export, load_parts, tokenize
+
+VALIDATION_IMAGES = 2
+MAX_GRAD_NORM = 1.0
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingError(DreamttyError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+def oom_message(req: TrainRequest, step: int, run_dir: Path) -> str:
+    """Out of memory: name the flags that reduce memory and the checkpoint that is kept."""
+    tips = [flag for flag, on in (
+        ("--gradient-checkpointing", not req.gradient_checkpointing),
+        ("--use-8bit-adam", not req.use_8bit_adam),
+        ("--method lora", req.method == "full"),
+        ("--mixed-precision fp16", req.mixed_precision in (None, "no")),
+        ("no --train-text-encoder", req.train_text_encoder),
+    ) if on]
+    tips.append(f"a smaller --resolution (now {req.resolution}) or --batch-size (now {req.batch_size})")
+    found = runs.list_checkpoints(run_dir)
+    kept = f"; {found[-1][1].name} is kept: continue with --resume latest" if found else ""
+    return f"out of GPU memory at step {step}; reduce memory with {', '.join(tips)}{kept}"
+
+
+def _accelerator(req: TrainRequest, run_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    try:
+        return Accelerator(
+            mixed_precision=req.mixed_precision, gradient_accumulation_steps=req.grad_accum,
+            log_with="tensorboard" if req.report_to == "tensorboard" else None,
+            project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        )
+    except ValueError as exc:
+        raise RequestError("mixed_precision", str(exc).splitlines()[0]) from None
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move to ``device``; cast only when the dtype changes (diffusers warns on every cast)."""
+    return module.to(device) if module.dtype == dtype else module.to(device, dtype=dtype)
+
+
+class DreamBoothTrainer:
+    """One run: ``run()`` trains to ``max_steps`` or until stopped; returns the final state."""
+
+    def __init__(self, req: TrainRequest, run_dir: Path, events: runs.EventWriter,
+                 should_stop: Callable[[], bool] = lambda: False) -> None:
+        self.req, self.run_dir, self.events, self.should_stop = req, Path(run_dir), events, should_stop
+        self.acc = _accelerator(req, self.run_dir)
+        self.device = self.acc.device
+        self.weight_dtype = _DTYPES.get(self.acc.mixed_precision, torch.float32)
+        self.main = self.acc.is_main_process
+        self.step = 0
+
+    # -- setup -------------------------------------------------------------
+    def _class_images(self) -> list[Path]:
+        req = self.req
+        report = lambda done, total: self.events("class_images", done=done, total=total)  # noqa: E731
+        return ensure_class_images(
+            resolve_model(req.model), req.class_prompt, req.num_class_images, req.resolution, req.seed,
+            self.device, self.acc.process_index, self.acc.num_processes, report, self.acc.wait_for_everyone,
+        )
+
+    def _setup_models(self) -> None:
+        from accelerate.utils import set_seed
+        from diffusers.training_utils import cast_training_params
+
+        req, dev, dtype = self.req, self.device, self.weight_dtype
+        set_seed(req.seed)  # LoRA init draws from the global RNG
+        self.parts = parts = load_parts(req.model)
+        vae = parts.vae
+        _place(vae, dev, torch.float32 if getattr(vae.config, "force_upcast", False) else dtype)
+        self.trainables: dict[str, torch.nn.Module] = {}
+        encoders = ["text_encoder", "text_encoder_2"][: len(parts.text_encoders)]
+        training = {"unet", *(encoders if req.train_text_encoder else [])}
+        for name in ["unet", *encoders]:
+            module = getattr(parts.pipe, name)
+            trains = name in training
+            if req.method == "full" and trains:
+                _place(module, dev, torch.float32).requires_grad_(True)
+            else:
+                _place(module, dev, dtype)
+                if trains:
+                    add_lora(module, req.rank, LORA_UNET_TARGETS if name == "unet" else LORA_TEXT_TARGETS)
+            if trains:
+                self.trainables[name] = module
+                if req.gradient_checkpointing:
+                    if name == "unet":
+                        module.enable_gradient_checkpointing()
+                    else:
+                        module.gradient_checkpointing_enable()
+        if dtype != torch.float32:
+            cast_training_params(list(self.trainables.values()), dtype=torch.float32)
+        self.params = [p for m in self.trainables.values() for p in m.parameters() if p.requires_grad]
+        prepared = self.acc.prepare(*self.trainables.values(), self._optimizer())
+        *modules, self.optimizer = prepared
+        self.trainables = dict(zip(self.trainables, modules))
+        register_hooks(self.acc)
+
+    def _optimizer(self):
+        req = self.req
+        if req.use_8bit_adam:
+            if self.device.type != "cuda":
+                raise RequestError("use_8bit_adam", "needs a CUDA GPU (bitsandbytes); leave it off on CPU")
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise RequestError("use_8bit_adam", "needs bitsandbytes: pip install bitsandbytes") from None
+            cls = bnb.optim.AdamW8bit
+        else:
+            cls = torch.optim.AdamW
+        return cls(self.params, lr=req.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+
+    @torch.no_grad()
+    def _setup_conditioning(self) -> None:
+        """Token ids per prompt; with frozen text encoders, the embeddings once (then the encoders leave the GPU)."""
+        parts, dev = self.parts, self.device
+        prompts = {"instance": self.req.instance_prompt}
+        if self.req.prior:
+            prompts["class"] = self.req.class_prompt
+        self.ids = {k: [i.to(dev) for i in tokenize(parts, p)] for k, p in prompts.items()}
+        self.embeds = {}
+        if "text_encoder" not in self.trainables:
+            for key, ids in self.ids.items():
+                hidden, pooled = encode(parts.text_encoders, parts.xl, ids)
+                self.embeds[key] = (hidden.to(self.weight_dtype), None if pooled is None else pooled.to(self.weight_dtype))
+            for te in parts.text_encoders:
+                te.to("cpu")
+
+    @torch.no_grad()
+    def _setup_latent_cache(self) -> None:
+        """Encode every image once (both flips when random_flip); each keeps one crop."""
+        self.latent_cache: dict[tuple[str, int, bool], tuple[torch.Tensor, tuple, tuple]] = {}
+        if not self.req.cache_latents:
+            return
+        vae = self.parts.vae
+        for key, images in self.sets.items():
+            for index in range(len(images.files)):
+                for flipped in (False, True) if images.random_flip else (False,):
+                    sample = images.load(index, flipped, images.fixed_crop_generator(index))
+                    pixels = sample.pixels[None].to(self.device, vae.dtype)
+                    params = vae.encode(pixels).latent_dist.parameters[0]
+                    self.latent_cache[(key, index, flipped)] = (params, sample.original_size, sample.crop_top_left)
+        vae.to("cpu")
+
+    def _setup(self) -> int:
+        req = self.req
+        class_files = self._class_images() if req.prior else []
+        inst_files = scan_images(req.instance_dir, req.resolution).files
+        self.sets = {"instance": ImageSet(inst_files, req.resolution, req.center_crop, req.random_flip, req.seed)}
+        if req.prior:
+            if not class_files:
+                raise TrainingError("num_class_images: no class images could be generated")
+            self.sets["class"] = ImageSet(class_files, req.resolution, req.center_crop, req.random_flip, req.seed + 1)
+        self._setup_models()
+        start = 0
+        checkpoint = resume_checkpoint(self.run_dir, req.resume)
+        if checkpoint is not None:
+            state = load_checkpoint(self.acc, checkpoint)
+            start = int(state["step"])
+            self.events("resume", step=start, checkpoint=str(checkpoint))
+        self._setup_conditioning()
+        self._setup_latent_cache()
+        if req.report_to == "tensorboard":
+            self.acc.init_trackers("dreamtty", config={k: v for k, v in req.to_dict().items()
+                                                        if isinstance(v, (int, float, str, bool))})
+        return start
+
+    # -- one micro-batch ---------------------------------------------------------
+    def _latents(self, picks: list[tuple[str, int, bool]], gen: torch.Generator):
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        vae = self.parts.vae
+        if self.latent_cache:
+            cached = [self.latent_cache[p] for p in picks]
+            dist = DiagonalGaussianDistribution(torch.stack([c[0] for c in cached]))
+            meta = [(c[1], c[2]) for c in cached]
+        else:
+            crop_gen = None if self.req.center_crop else gen
+            samples = [self.sets[key].load(index, flipped, crop_gen) for key, index, flipped in picks]
+            with torch.no_grad():
+                pixels = torch.stack([s.pixels for s in samples]).to(self.device, vae.dtype)
+                dist = vae.encode(pixels).latent_dist
+            meta = [(s.original_size, s.crop_top_left) for s in samples]
+        latents = dist.sample(generator=gen)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor, meta
+
+    def _text(self, counts: dict[str, int]):
+        """Text conditioning for ``counts[kind]`` samples of each kind (instance first)."""
+        if self.embeds:
+            hidden = torch.cat([self.embeds[k][0].expand(n, -1, -1) for k, n in counts.items()])
+            pooled = [self.embeds[k][1] for k in counts]
+            pooled = None if pooled[0] is None else torch.cat([p.expand(n, -1) for p, n in zip(pooled, counts.values())])
+            return hidden, pooled
+        ids = [torch.cat([self.ids[k][j].expand(n, -1) for k, n in counts.items()]) for j in range(len(self.parts.tokenizers))]
+        encoders = [self.trainables.get(name) for name in ("text_encoder", "text_encoder_2")][: len(ids)]
+        return encode(encoders, self.parts.xl, ids)
+
+    def _loss(self, micro: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        req, acc, sched = self.req, self.acc, self.parts.noise_scheduler
+        gen = batch_generator(req.seed, micro, acc.process_index, acc.num_processes)
+        position = (micro * acc.num_processes + acc.process_index) * req.batch_size
+        picks = []
+        for key, images in self.sets.items():
+            picks += [(key, i, images.flip(gen)) for i in images.order.take(position, req.batch_size)]
+        latents, meta = self._latents(picks, gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        if req.offset_noise:  # offset noise (Guttenberg 2023): a per-channel constant shift
+            noise = noise + req.offset_noise * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (len(picks),), generator=gen)
+        noise, timesteps = noise.to(self.device, latents.dtype), timesteps.to(self.device)
+        noisy = sched.add_noise(latents, noise, timesteps)
+        hidden, pooled = self._text({k: req.batch_size for k in self.sets})
+        extra = {}
+        if self.parts.xl:
+            res = req.resolution
+            time_ids = torch.tensor([[*size, *crop, res, res] for size, crop in meta], device=self.device)
+            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(self.weight_dtype)}
+        pred = self.trainables["unet"](noisy.to(self.weight_dtype), timesteps, hidden, **extra).sample.float()
+        pred_type = sched.config.prediction_type
+        target = noise if pred_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
+        target = target.float()
+        prior = None
+        if req.prior:
+            pred, pred_prior = pred.chunk(2)
+            target, target_prior = target.chunk(2)
+            prior = F.mse_loss(pred_prior, target_prior)
+        if req.snr_gamma is None:
+            loss = F.mse_loss(pred, target)
+        else:  # Min-SNR-gamma weighting (Hang et al. 2023): min(SNR, gamma) / SNR (eps) or / (SNR+1) (v)
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(sched, timesteps[: len(pred)])
+            weight = torch.clamp(snr, max=req.snr_gamma) / (snr if pred_type == "epsilon" else snr + 1)
+            loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        total = loss if prior is None else loss + req.prior_loss_weight * prior
+        return total, prior
+
+    # -- the loop ----------------------------------------------------------------
+    def _stop_requested(self) -> bool:
+        local = self.should_stop() or (self.run_dir / runs.STOP_FILE).exists()
+        if self.acc.num_processes == 1:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+
+    def _checkpoint(self, step: int) -> None:
+        state = {"step": step, "micro_batches": step * self.req.grad_accum, "seed": self.req.seed}
+        try:
+            path = save_checkpoint(self.acc, self.run_dir, step, state, self.req.keep_checkpoints)
+        except CheckpointError as exc:
+            self.events("log", level="warning", message=str(exc))
+            return
+        self.events("checkpoint", step=step, path=str(path))
+        if self.main:
+            runs.update_run_json(self.run_dir, step=step, checkpoint=str(path))
+
+    def _train_step(self, micro: int) -> tuple[float, float | None]:
+        losses, priors = [], []
+        modules = list(self.trainables.values())
+        for k in range(self.req.grad_accum):
+            with self.acc.accumulate(*modules):
+                loss, prior = self._loss(micro + k)
+                self.acc.backward(loss)
+                if self.acc.sync_gradients:
+                    self.acc.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            if prior is not None:
+                priors.append(prior.detach())
+        mean = lambda xs: self.acc.reduce(torch.stack(xs).mean(), reduction="mean").item()  # noqa: E731
+        return mean(losses), (mean(priors) if priors else None)
+
+    def run(self) -> str:
+        req = self.req
+        step = self.step = self._setup()
+        times: deque[float] = deque(maxlen=10)
+        while step < req.max_steps:
+            began = time.perf_counter()
+            loss, prior = self._train_step(step * req.grad_accum)
+            step = self.step = step + 1
+            times.append(time.perf_counter() - began)
+            its = len(times) / sum(times)
+            mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.events("step", step=step, max_steps=req.max_steps, loss=loss, prior_loss=prior, lr=lr,
+                        its=round(its, 4), mem_gib=None if mem is None else round(mem, 3),
+                        epoch=self.sets["instance"].order.epoch(step * req.grad_accum * req.batch_size))
+            if req.report_to == "tensorboard":
+                self.acc.log({"loss": loss, "lr": lr, **({"prior_loss": prior} if prior is not None else {})}, step=step)
+            stopping = self._stop_requested()
+            if stopping or step % req.checkpoint_every == 0:
+                self._checkpoint(step)
+            if stopping:
+                return "stopped"
+            if req.validation_prompt and step % req.validation_every == 0:
+                self.validate(step)
+        if req.validation_prompt and step % req.validation_every:
+            self.validate(step)
+        self._export()
+        return "done"
+
+    # -- validation and export ------------------------------------------------------
+    @contextmanager
+    def _all_on_device(self):
+        """Bring parts that left the GPU (frozen text encoders, cached-latents VAE) back for a while."""
+        parts = self.parts
+        moved = [m for m in (*parts.text_encoders, parts.vae) if m.device != self.device]
+        for module in moved:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in moved:
+                module.to("cpu")
+
+    @torch.no_grad()
+    def validate(self, step: int) -> None:
+        if not self.main:
+            return
+        req, pipe = self.req, self.parts.pipe
+        folder = self.run_dir / "validation"
+        folder.mkdir(exist_ok=True)
+        modules = list(self.trainables.values())
+        for module in modules:
+            module.eval()
+        try:
+            with self._all_on_device(), self.acc.autocast():
+                gens = [torch.Generator().manual_seed(req.seed + i) for i in range(VALIDATION_IMAGES)]
+                images = pipe(prompt=[req.validation_prompt] * VALIDATION_IMAGES, generator=gens,
+                              num_inference_steps=FAMILIES[self.parts.family].default_steps,
+                              height=req.resolution, width=req.resolution).images
+        finally:
+            for module in modules:
+                module.train()
+        paths = []
+        for i, image in enumerate(images):
+            path = folder / f"step-{step:06d}-{i}.png"
+            image.save(path)
+            paths.append(str(path))
+        self.events("validation", step=step, images=paths)
+
+    def _export(self) -> None:
+        self.acc.wait_for_everyone()
+        if not self.main:
+            return
+        modules = {name: self.acc.unwrap_model(m) for name, m in self.trainables.items()}
+        kind, path = export(self.parts, self.req.method, self.run_dir, modules)
+        runs.update_run_json(self.run_dir, output={"kind": kind, "path": str(path)})
+        self.events("log", level="info", message=f"saved {kind}: {path}")
+        if self.req.report_to == "tensorboard":
+            self.acc.end_training()
+
+
+def train(req: TrainRequest, run_dir: Path, events: runs.EventWriter | None = None,
+          should_stop: Callable[[], bool] = lambda: False) -> str:
+    """Train one run in this process; record state in run.json and events. Returns the final state.
+
+    Raises DreamttyError (one line) on bad input, out of memory or a failed load.
+    """
+    run_dir = Path(run_dir)
+    events = events or runs.EventWriter(run_dir)
+    trainer = DreamBoothTrainer(req, run_dir, events, should_stop)
+    events.enabled = events.enabled and trainer.main
+    if trainer.main:
+        (run_dir / runs.STOP_FILE).unlink(missing_ok=True)
+        runs.update_run_json(run_dir, state="running", pid=os.getpid(), error=None, error_kind=None)
+    events("state", state="running", max_steps=req.max_steps, device=str(trainer.device),
+           processes=trainer.acc.num_processes, mixed_precision=trainer.acc.mixed_precision)
+    try:
+        state = trainer.run()
+    except torch.OutOfMemoryError:
+        raise TrainingError(oom_message(req, trainer.step + 1, run_dir)) from None
+    if trainer.main:
+        runs.update_run_json(run_dir, state=state, step=trainer.step)
+    message = "resume with --resume latest" if state == "stopped" else None
+    events("state", state=state, step=trainer.step, **({"message": message} if message else {}))
+    return state

@@ -1,0 +1,140 @@
+"""``dreamtty train``: DreamBooth fine-tuning from the command line.
+
+Settings: ``TrainRequest`` defaults < the resumed run's settings (``--resume``) < ``--config
+train.yaml`` < flags. The trainer runs as its own process; this command follows its events
+and prints progress on stderr, or returns at once with ``--detach``.
+Exit codes: 0 done, 1 the run failed or was stopped, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from backend.training import runs
+from backend.training.config import METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
+from backend.training.launch import prepare_run, request_stop, start_trainer
+
+# (flag, TrainRequest field, metavar or None for an on/off switch, help)
+_OPTIONS = (
+    ("--model", "model", "M", "base model: demo, demo-xl, a diffusers folder or a Hugging Face id"),
+    ("--instance-dir", "instance_dir", "DIR", "folder with 3-20 photos of the subject"),
+    ("--instance-prompt", "instance_prompt", "TEXT", "prompt with the unique token, e.g. 'a photo of sks dog'"),
+    ("--class-prompt", "class_prompt", "TEXT", "the class without the token, e.g. 'a photo of dog'"),
+    ("--method", "method", "|".join(METHODS), "full fine-tune or LoRA (default lora)"),
+    ("--rank", "rank", "R", "LoRA rank (default 4)"),
+    ("--max-steps", "max_steps", "N", "optimizer steps (default 400)"),
+    ("--lr", "lr", "X", "learning rate (default 1e-4 LoRA, 5e-6 full)"),
+    ("--batch-size", "batch_size", "B", "instance images per step (default 1)"),
+    ("--grad-accum", "grad_accum", "K", "gradient accumulation steps (default 1)"),
+    ("--resolution", "resolution", "PX", "training size, a multiple of 8 (default: the model's)"),
+    ("--num-class-images", "num_class_images", "N", "class images for prior preservation (default 100)"),
+    ("--prior-preservation", "prior_preservation", None, "class-prior preservation (on with --class-prompt)"),
+    ("--prior-loss-weight", "prior_loss_weight", "W", "weight of the prior loss (default 1)"),
+    ("--train-text-encoder", "train_text_encoder", None, "train the text encoder(s) too"),
+    ("--mixed-precision", "mixed_precision", "|".join(PRECISIONS), "default: accelerate's config, else no"),
+    ("--gradient-checkpointing", "gradient_checkpointing", None, "less memory, slower steps"),
+    ("--use-8bit-adam", "use_8bit_adam", None, "8-bit AdamW (bitsandbytes, CUDA)"),
+    ("--cache-latents", "cache_latents", None, "encode images once (each keeps one crop)"),
+    ("--snr-gamma", "snr_gamma", "G", "Min-SNR loss weighting gamma (5 is usual)"),
+    ("--offset-noise", "offset_noise", "X", "offset noise strength (e.g. 0.05)"),
+    ("--center-crop", "center_crop", None, "center crop instead of random crops"),
+    ("--random-flip", "random_flip", None, "flip images horizontally at random"),
+    ("--checkpoint-every", "checkpoint_every", "N", "save a checkpoint every N steps (default 100)"),
+    ("--keep-checkpoints", "keep_checkpoints", "K", "checkpoints kept (default 2)"),
+    ("--validation-prompt", "validation_prompt", "P", "draw images with this prompt while training"),
+    ("--validation-every", "validation_every", "N", "steps between validation images (default 100)"),
+    ("--seed", "seed", "S", "seed (default random, recorded in run.json)"),
+    ("--report-to", "report_to", "|".join(REPORT_TO), "also log to TensorBoard (RUN_DIR/logs)"),
+    ("--output", "output", "RUN_DIR", "run folder (default: a new folder in the runs folder)"),
+    ("--resume", "resume", "latest|PATH", "continue RUN_DIR from its newest (or a given) checkpoint"),
+)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="DreamBooth fine-tuning (full or LoRA)",
+                              description="DreamBooth fine-tuning. Every flag is also a train.yaml key (with _).")
+    p.add_argument("--config", type=Path, metavar="FILE", help="train.yaml with the same keys; flags override")
+    for flag, dest, metavar, help_text in _OPTIONS:
+        if metavar is None:
+            p.add_argument(flag, dest=f"train_{dest}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=f"train_{dest}", metavar=metavar, default=None, help=help_text)
+    p.add_argument("--detach", action="store_true", help="start the run in the background and return")
+    p.add_argument("--launcher", metavar="CMD", help="e.g. 'accelerate launch --num_processes 2' for several GPUs")
+    p.set_defaults(func=cmd_train)
+
+
+def request_from_args(args: argparse.Namespace) -> TrainRequest:
+    """Defaults < resumed run < config file < flags (``--model`` before the subcommand counts too)."""
+    flags = {dest: getattr(args, f"train_{dest}") for _, dest, _, _ in _OPTIONS}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if "model" not in flags and getattr(args, "model", None):
+        flags["model"] = args.model
+    data: dict = {}
+    config = load_yaml(args.config) if args.config else {}
+    resume = flags.get("resume", config.get("resume"))
+    output = flags.get("output", config.get("output"))
+    if resume and output and runs.is_run_dir(Path(output).expanduser()):
+        data.update(runs.read_run_json(Path(output).expanduser()).get("settings", {}))
+        data.pop("resume", None)
+    data.update(config)
+    data.update(flags)
+    return TrainRequest.from_dict(data)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    prepared = prepare_run(request_from_args(args))
+    for warning in prepared.warnings:
+        print(f"dreamtty: warning: {warning}", file=sys.stderr)
+    run_dir = prepared.run_dir
+    proc = start_trainer(run_dir, args.launcher)
+    if args.detach:
+        print(f"dreamtty: training in the background (pid {proc.pid}); follow it in the TUI (F3) or "
+              f"{run_dir / runs.EVENTS}; stop it with: touch {run_dir / runs.STOP_FILE}", file=sys.stderr)
+        print(run_dir)
+        return 0
+    return follow(run_dir, proc)
+
+
+def follow(run_dir: Path, proc) -> int:
+    """Print the run's progress on stderr until the trainer exits; Ctrl-C asks it to stop."""
+    tail, progress, shown = runs.EventTail(run_dir), runs.RunProgress(), 0.0
+    events = Path(run_dir) / runs.EVENTS
+    tail.offset = events.stat().st_size if events.exists() else 0  # warnings were printed already
+    interrupted = False
+    while True:
+        try:
+            done = proc.poll() is not None
+            for event in tail.read():
+                line = progress.apply(event)
+                if line:
+                    print(f"dreamtty: {line}", file=sys.stderr)
+                elif event.get("type") == "step" and (time.monotonic() - shown > 2 or progress.step == progress.max_steps):
+                    print(f"dreamtty: {progress.summary()}", file=sys.stderr)
+                    shown = time.monotonic()
+            if done:
+                break
+            time.sleep(0.5)
+        except KeyboardInterrupt:
+            if interrupted:
+                print(f"dreamtty: leaving the trainer running in the background (pid {proc.pid})", file=sys.stderr)
+                return 130
+            interrupted = True
+            request_stop(run_dir)
+            print("dreamtty: stopping after this step with a checkpoint (Ctrl-C again to leave it running)",
+                  file=sys.stderr)
+    data = runs.read_run_json(run_dir)
+    state, error = runs.effective_state(run_dir, data)
+    if state == "done":
+        output = data.get("output", {})
+        print(output.get("path", run_dir))
+        return 0
+    if state == "stopped":
+        print(f"dreamtty: stopped at step {data.get('step', progress.step)}; continue with "
+              f"dreamtty train --output {run_dir} --resume latest", file=sys.stderr)
+        return 1
+    print(f"dreamtty: training failed: {error or 'see ' + str(run_dir / runs.LOG_FILE)}", file=sys.stderr)
+    return 2 if data.get("error_kind") == "input" else 1
