@@ -143,12 +143,20 @@ def _run_encoder(encoder, ids: torch.Tensor, mask: torch.Tensor, clip_skip: int,
 
 
 def _weighted_hidden(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Scale by token weights, then restore each chunk's mean (A1111 ``process_tokens``)."""
+    """Scale by token weights, then restore each chunk's mean (A1111 ``process_tokens``).
+
+    A chunk whose mean is about zero next to its magnitude (a final layer norm
+    without bias gives that) keeps the plain scaling: the ratio of two near-zero
+    means is noise.
+    """
     if bool((weights == 1.0).all()):
         return z
     original = z.mean(dim=(1, 2), keepdim=True)
-    z = z * weights[..., None]
-    return z * (original / z.mean(dim=(1, 2), keepdim=True))
+    scaled = z * weights[..., None]
+    current = scaled.mean(dim=(1, 2), keepdim=True)
+    floor = 1e-3 * z.abs().mean(dim=(1, 2), keepdim=True)
+    usable = (original.abs() > floor) & (current.abs() > floor)
+    return scaled * torch.where(usable, original / current.where(usable, torch.ones_like(current)), 1.0)
 
 
 def _encode_chunks(pipe, per_encoder: list[list[Chunk]], clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
