@@ -18,6 +18,7 @@ from pathlib import Path
 from backend import locations
 from backend.models import resolve_model
 from backend.outputs import check_writable
+from backend.prompting import check_prompts
 from backend.queue_store import ACTIVE, FINAL, Job, QueueStore
 from backend.request import GenerateRequest
 
@@ -123,7 +124,9 @@ class Service:
         """Resolve the model and validate the request; raises a one-line DreamttyError."""
         ref = resolve_model(request.model)
         family = ref.family if ref.family != "unknown" else "sdxl"
-        return request.resolved(family), ref.family
+        resolved = request.resolved(family)
+        check_prompts(resolved)
+        return resolved, ref.family
 
     def submit(self, request: GenerateRequest, out_dir: Path | None = None) -> int:
         """Validate and queue a request; returns the job id. Nothing is queued on error."""

@@ -10,6 +10,7 @@ from backend.engine.conditioning import encode
 from backend.engine.denoise import DenoiseSpec, decode, denoise
 from backend.engine.refiner import refiner_handover
 from backend.engine.scheduling import make_scheduler
+from backend.engine.text_embed import make_embedder
 from backend.prompting import build_prompt
 from backend.request import GenerateRequest
 
@@ -21,7 +22,7 @@ def generate_image(
     should_cancel: Callable[[], bool] | None = None,
 ):
     """Generate image ``request.index`` (count 1, seed resolved). Returns (PIL image, prompt record)."""
-    plan = build_prompt(request)
+    plan = build_prompt(request, make_embedder(pipe))
     with torch.inference_mode():
         cond = encode(pipe, plan.positive, plan.negative, request.cfg > 1.0, request.guidance.clip_skip)
         generator = torch.Generator("cpu").manual_seed(request.seed)
