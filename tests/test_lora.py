@@ -1,0 +1,180 @@
+"""LoRAs, embeddings, VAE override and refiner on the tiny demo models, through ``apply_extras``."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import pytest
+
+from backend.engine.conditioning import encode
+from backend.engine.extras import apply_extras, effective_request
+from backend.engine.generate import generate_image
+from backend.engine.loader import PipelineCache, load_pipeline
+from backend.errors import ModelError, RequestError
+from backend.models import resolve_model
+from backend.request import GenerateRequest
+from ckpt_helpers import tiny_refiner, vae_to_ldm
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, demo_dirs):
+    """A LoRA made with peft on the demo UNet, embeddings and an alternative VAE, in their folders."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    root = tmp_path_factory.mktemp("extras")
+    unet = UNet2DConditionModel.from_pretrained(demo_dirs["demo"] / "unet")
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(root / "loras", unet_lora_layers=layers, weight_name="fox.safetensors")
+    torch.manual_seed(1)
+    (root / "emb").mkdir()
+    save_file({"emb_params": torch.randn(1, 32)}, str(root / "emb" / "mytok.safetensors"))
+    save_file({"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 32)}, str(root / "emb" / "xltok.safetensors"))
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(demo_dirs["demo"] / "vae")
+    alt = {k: v + 0.05 * torch.randn_like(v) for k, v in vae.state_dict().items()}
+    (root / "vae").mkdir()
+    save_file(vae_to_ldm(alt, dict(vae.config)), str(root / "vae" / "alt.safetensors"))
+    tiny_refiner().save_pretrained(root / "refiner")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _folders(folders, monkeypatch):
+    monkeypatch.setenv("DREAMTTY_LORAS", str(folders / "loras"))
+    monkeypatch.setenv("DREAMTTY_EMBEDDINGS", str(folders / "emb"))
+    monkeypatch.setenv("DREAMTTY_VAE", str(folders / "vae"))
+
+
+@pytest.fixture(scope="module")
+def pipe(demo_dirs):
+    """Our own demo pipeline (the session's must not be changed)."""
+    return load_pipeline(resolve_model("demo"), CPU, torch.float32)
+
+
+def _image(pipe, cache=None, **fields) -> tuple[bytes, dict]:
+    request = GenerateRequest(**{"prompt": "a red fox", "model": "demo", "steps": 2, "width": 32, "height": 32,
+                                 "seed": 11, **fields})
+    request = apply_extras(pipe, request.resolved("demo"), cache)
+    image, record = generate_image(pipe, request)
+    return image.tobytes(), record
+
+
+def test_lora_changes_output_weight_zero_does_not_and_switching_never_reloads(pipe, monkeypatch):
+    base, _ = _image(pipe)
+    calls = []
+    original = pipe.load_lora_weights
+    monkeypatch.setattr(pipe, "load_lora_weights", lambda *a, **k: (calls.append(a), original(*a, **k))[1])
+    unet = pipe.unet
+    full, record = _image(pipe, loras=[("fox", 1.0)])
+    assert full != base
+    assert record["loras"][0]["name"] == "fox" and len(record["loras"][0]["hash"]) == 10
+    zero, _ = _image(pipe, loras=[("fox", 0.0)])
+    assert zero == base
+    half, _ = _image(pipe, loras=[("fox", 0.5)])
+    assert half not in (base, full)
+    assert len(calls) == 1 and pipe.unet is unet  # weights switched, nothing reloaded
+    again, record = _image(pipe)
+    assert again == base and "loras" not in record
+    assert not any(pipe.get_list_adapters().values())
+
+
+def test_lora_request_errors(pipe):
+    with pytest.raises(RequestError, match="^lora: nope not found; known: fox"):
+        _image(pipe, loras=[("nope", 1.0)])
+    with pytest.raises(RequestError, match="at most 5"):
+        effective_request(GenerateRequest(loras=[(f"l{i}", 1.0) for i in range(6)]))
+    with pytest.raises(RequestError, match="given twice"):
+        effective_request(GenerateRequest(prompt="<lora:fox:1>", loras=[("a", 1.0), ("a", 0.5)]))
+    req = effective_request(GenerateRequest(prompt="a <lora:fox:0.3> cat <lora:b>", loras=[("fox", 1.0)]))
+    assert req.prompt == "a cat" and req.loras == [("fox", 0.3), ("b", 1.0)]
+
+
+def test_embedding_token_changes_the_conditioning(pipe):
+    with torch.inference_mode():
+        before = encode(pipe, "a mytok photo", "", False).cond.clone()
+        plain = encode(pipe, "a photo", "", False).cond.clone()
+    _, record = _image(pipe, prompt="a mytok photo")
+    assert record["embeddings"] == [{"name": "mytok", "hash": record["embeddings"][0]["hash"]}]
+    with torch.inference_mode():
+        after = encode(pipe, "a mytok photo", "", False).cond
+        assert not torch.equal(before, after)
+        assert torch.equal(plain, encode(pipe, "a photo", "", False).cond)
+    assert "xltok" not in pipe.tokenizer.get_vocab()  # only embeddings named in the prompt load
+
+
+def test_sdxl_embedding_loads_into_both_encoders(demo_dirs):
+    xl = load_pipeline(resolve_model("demo-xl"), CPU, torch.float32)
+    request = GenerateRequest(prompt="xltok castle", model="demo-xl", steps=2, width=32, height=32, seed=1)
+    with torch.inference_mode():
+        before = encode(xl, "xltok castle", "", False)
+    apply_extras(xl, request.resolved("demo-xl"))
+    assert "xltok" in xl.tokenizer.get_vocab() and "xltok" in xl.tokenizer_2.get_vocab()
+    with torch.inference_mode():
+        after = encode(xl, "xltok castle", "", False)
+    assert not torch.equal(before.cond, after.cond) and not torch.equal(before.pooled, after.pooled)
+
+
+def test_vae_override_and_restore(pipe):
+    base, _ = _image(pipe)
+    original = pipe.vae
+    other, record = _image(pipe, vae="alt")
+    assert other != base and record["vae"]["name"] == "alt" and pipe.vae is not original
+    again, record = _image(pipe)
+    assert again == base and pipe.vae is original and "vae" not in record
+    with pytest.raises(RequestError, match="^vae: nope not found; known: alt"):
+        _image(pipe, vae="nope")
+
+
+def test_refiner_hands_over_at_the_switch(folders, demo_dirs):
+    cache = PipelineCache(CPU)
+    xl = cache.get(resolve_model("demo-xl"), torch.float32)
+    refiner = str(folders / "refiner")
+
+    def run(**fields) -> tuple[bytes, dict]:
+        request = GenerateRequest(prompt="a castle", model="demo-xl", steps=3, width=32, height=32, seed=5, **fields)
+        request = apply_extras(xl, request.resolved("demo-xl"), cache)
+        image, record = generate_image(xl, request)
+        return image.tobytes(), record
+
+    base, _ = run()
+    never, _ = run(refiner=refiner, refiner_switch=1.0)
+    assert never == base  # switching after the last step: the base did everything
+    handed, record = run(refiner=refiner, refiner_switch=0.5)
+    assert handed != base
+    assert record["refiner"]["switch"] == 0.5 and len(record["refiner"]["hash"]) == 10
+    refiner_pipe = cache.get(resolve_model(refiner), torch.float32)
+    with pytest.raises(ModelError, match="is an SDXL refiner; use it with --refiner"):
+        apply_extras(refiner_pipe, GenerateRequest(model=refiner))
+    sd = load_pipeline(resolve_model("demo"), CPU, torch.float32)
+    with pytest.raises(RequestError, match="^refiner: .* does not share the latent space"):
+        apply_extras(sd, GenerateRequest(model="demo", refiner=refiner), cache)
+
+
+def test_worker_saves_extras_in_metadata_and_reproduces_pixels(folders, tmp_path):
+    from backend import metadata
+    from backend.worker import _generate
+
+    cache = PipelineCache(CPU)
+    request = GenerateRequest(prompt="a fox mytok <lora:fox:0.7>", model="demo", steps=2, width=32, height=32,
+                              seed=21, vae="alt").resolved("demo")
+    first = _generate({"request": request.to_dict(), "out": str(tmp_path / "a")}, cache, lambda *a, **k: None,
+                      lambda: False)[0]
+    meta = metadata.read(first)
+    assert meta["request"]["loras"] == [["fox", 0.7]] and meta["request"]["prompt"] == "a fox mytok"
+    assert {x["name"] for x in meta["prompt"]["embeddings"]} == {"mytok"}
+    assert meta["prompt"]["vae"]["name"] == "alt" and meta["prompt"]["loras"][0]["weight"] == 0.7
+    # Reproduce on a fresh cache from the metadata alone.
+    again = _generate({"request": meta["request"], "out": str(tmp_path / "b")}, PipelineCache(CPU),
+                      lambda *a, **k: None, lambda: False)[0]
+    assert Image.open(first).tobytes() == Image.open(again).tobytes()
