@@ -1,0 +1,210 @@
+"""The TUI without worker processes: form, inline errors, keys, keymap, quit dialog, layout, preview cells."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from PIL import Image
+from textual.widgets import Checkbox, Input, Select, TextArea
+
+from backend.service import Service
+from tui.app import ConfirmQuit, DreamttyApp
+from tui.screens.generate import GenerateScreen
+from tui.screens.queue import QueueScreen
+from tui.widgets.field import Field
+from tui.widgets.preview import fit, half_block_lines
+
+
+@pytest.fixture
+def idle_service(tmp_path, monkeypatch):
+    """A real Service (queue, validation) that starts no worker: jobs stay queued."""
+    monkeypatch.setattr(Service, "_spawn", lambda self, worker: None)
+    return Service(devices="cpu", db_path=tmp_path / "queue.sqlite3", recover=True)
+
+
+def make_app(service, tmp_path, model: str | None = "demo") -> DreamttyApp:
+    return DreamttyApp(model=model, out=tmp_path / "out", service=service)
+
+
+async def wait_for(pilot, condition, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)
+
+
+def field_of(app, selector: str) -> Field:
+    return next(a for a in app.screen.query_one(selector).ancestors if isinstance(a, Field))
+
+
+async def test_bad_input_shows_inline_error_and_queues_nothing(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        assert isinstance(app.screen, GenerateScreen)
+        assert app.focused.id == "prompt"  # the prompt has focus when the app opens
+        await pilot.press(*"a fox")
+        app.screen.query_one("#steps", Input).value = "abc"
+        await pilot.press("ctrl+g")
+        assert "not a whole number" in field_of(app, "#steps").error
+        assert app.focused.id == "steps"
+        assert idle_service.jobs() == []
+
+        app.screen.query_one("#steps", Input).value = "6"
+        app.screen.query_one("#cfg", Input).value = "99"  # a range the service checks
+        await pilot.press("ctrl+g")
+        assert field_of(app, "#steps").error == ""
+        assert "out of range" in field_of(app, "#cfg").error
+        app.screen.query_one("#cfg", Input).value = "5"
+        app.screen.query_one("#g-sharpness", Input).value = "99"  # inside the collapsed Guidance group
+        await pilot.press("ctrl+g")
+        assert "sharpness" not in field_of(app, "#cfg").error
+        assert "out of range" in field_of(app, "#g-sharpness").error
+        assert not app.screen.query_one("#guidance").collapsed
+        app.screen.query_one("#model", Input).value = "/no/such/model"
+        app.screen.query_one("#g-sharpness", Input).value = "0"
+        await pilot.press("ctrl+g")
+        assert "does not exist" in field_of(app, "#model").error
+        assert idle_service.jobs() == []
+
+        app.screen.query_one("#model", Input).value = "demo"
+        await pilot.press("ctrl+g")
+        jobs = idle_service.jobs()
+        assert len(jobs) == 1 and jobs[0].request["prompt"] == "a fox" and jobs[0].request["steps"] == 6
+        assert all(f.error == "" for f in app.screen.query(Field))
+
+
+async def test_form_controls_presets_and_performance(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        form = app.screen.form
+        # The schedule list follows the sampler.
+        form.query_one("#sampler", Select).value = "euler_a"
+        await pilot.pause()
+        scheduler = form.query_one("#scheduler", Select)
+        assert scheduler.value == "normal" and "karras" not in [v for _, v in scheduler._options]
+        # Extreme speed is refused for a model whose name is not few-step, and says why.
+        form.query_one("#performance", Select).value = "extreme"
+        await pilot.pause()
+        assert "LCM" in field_of(app, "#performance").error
+        assert form.query_one("#performance", Select).value != "extreme"
+        form.query_one("#performance", Select).value = "quality"
+        await pilot.pause()
+        assert form.query_one("#steps", Input).value == "60" and field_of(app, "#performance").error == ""
+        form.query_one("#model", Input).value = "latent-consistency/lcm-sdxl"
+        form.query_one("#performance", Select).value = "extreme"
+        await pilot.pause()
+        assert form.query_one("#steps", Input).value == "8"
+        assert form.query_one("#sampler", Select).value == "lcm"
+        # A preset fills the form; the model named on the command line stays.
+        form.query_one("#model", Input).value = "demo"
+        form.query_one("#preset", Select).value = "sd15"
+        await pilot.pause()
+        request = form.read_request()
+        assert request.preset == "sd15" and request.model == "demo"
+        assert request.sampler != "lcm"
+        # Unticking "random" enables the seed; a custom size is read as WxH.
+        form.query_one("#seed-random", Checkbox).value = False
+        await pilot.pause()
+        assert not form.query_one("#seed", Input).disabled
+        form.query_one("#seed", Input).value = "77"
+        form.query_one("#size", Select).value = "custom"
+        await pilot.pause()
+        form.query_one("#size-custom", Input).value = "192x64"
+        request = form.read_request()
+        assert (request.seed, request.width, request.height) == ("77", 192, 64)
+        # fill() is what "load parameters from an image" uses.
+        form.fill({"prompt": "loaded", "seed": -1, "width": 256, "height": 256, "styles": ["Random Style"],
+                   "guidance": {"sharpness": 3.0, "freeu": ()}})
+        request = form.read_request()
+        assert request.prompt == "loaded" and request.seed == -1 and (request.width, request.height) == (256, 256)
+        assert request.styles == ["Random Style"]
+        assert request.guidance.sharpness == 3.0 and request.guidance.freeu == ()
+
+
+async def test_style_picker_searches_and_shows_templates(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        picker = app.screen.query_one("#styles")
+        search = picker.query_one("#style-search", Input)
+        search.focus()
+        await pilot.press(*"clay")
+        options = picker.query_one("#style-list")
+        names = [options.get_option_at_index(i).value for i in range(options.option_count)]
+        assert names and all("clay" in (n + picker.library[n].prompt).lower() for n in names)
+        await pilot.press("tab", "space")  # into the list, toggle the highlighted style
+        assert picker.selected == [names[0]]
+        assert picker.library[names[0]].prompt.split("{prompt}")[0][:10] in str(
+            picker.query_one(".style-template").content)
+        assert app.screen.form.read_request().styles == [names[0]]
+
+
+async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path, dreamtty_home):
+    config = dreamtty_home / "config" / "config.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("keymap:\n  generate: f5\n  screen.queue: f8\n")
+    try:
+        app = make_app(idle_service, tmp_path)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press(*"remapped")
+            await pilot.press("f5")
+            assert [j.request["prompt"] for j in idle_service.jobs()] == ["remapped"]
+            await pilot.press("f8")
+            await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+            assert app.key_for("screen.queue") in str(app.screen.query_one("ModeBar").content)
+            await pilot.press("f1")
+            await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), what="the generate screen")
+            assert app.screen.query_one("#prompt", TextArea).text == "remapped"  # the mode kept its state
+            titles = [c.title for c in app.get_system_commands(app.screen)]
+            assert "Queue a generation with the Generate form" in titles
+            assert "Cancel the running job" in titles
+            # A job is queued: quitting asks first; "n" stays, "y" quits.
+            await pilot.press("ctrl+q")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmQuit), what="the quit dialog")
+            await pilot.press("n")
+            await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), what="the dialog to close")
+            assert app.is_running
+            await pilot.press("ctrl+q", "y")
+            await wait_for(pilot, lambda: not app.is_running, what="exit")
+    finally:
+        config.unlink()
+
+
+async def test_small_terminal_tab_order_scrolls_and_wide_layout(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.screen.query_one("#guidance").collapsed = False
+        await pilot.pause()
+        chain = [w.id for w in app.screen.focus_chain]
+        assert chain[0] == "prompt"
+        assert {"negative_prompt", "style-search", "style-list", "preset", "model", "performance", "sampler",
+                "scheduler", "steps", "cfg", "count", "seed-random", "size", "loras", "expand", "g-apg"} <= set(chain)
+        for _ in range(12):  # well below the first screenful
+            await pilot.press("tab")
+        await pilot.pause()
+        assert app.focused.id == chain[12]
+        assert app.focused.region.overlaps(app.screen.region), "the form scrolls to the focused field"
+        await pilot.press("shift+tab")
+        assert app.focused.id == chain[11]
+        await pilot.resize_terminal(200, 60)
+        await pilot.pause()
+        assert app.screen.query_one("#output").size.width >= 80
+
+
+def test_half_block_lines_fit_and_filter():
+    image = Image.new("RGB", (64, 32), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 16, 64, 32))  # top half red, bottom half blue
+    lines = half_block_lines(image, (20, 10))
+    assert fit(image.size, (20, 10)) == (20, 10)
+    assert len(lines) == 5 and sum(len(s.text) for s in lines[0]) == 20
+    assert {s.text for line in lines for s in line} == {"▄"}
+    top, bottom = lines[0][0].style, lines[-1][0].style
+    assert top.bgcolor.triplet == (255, 0, 0) and bottom.color.triplet == (0, 0, 255)
+    assert fit((128, 256), (40, 10)) == (10, 20)
+    # A one-pixel checkerboard shrunk 4x: a good filter gives grey, nearest-neighbour black or white.
+    checker = Image.new("L", (80, 40))
+    checker.putdata([255 * ((x + y) % 2) for y in range(40) for x in range(80)])
+    cells = half_block_lines(checker, (20, 10))
+    greys = [seg.style.color.triplet.red for line in cells for seg in line]
+    assert all(60 < g < 200 for g in greys)

@@ -1,0 +1,456 @@
+"""Generate screen (F1): the request form, the running job's progress and its live preview."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+
+from PIL import Image
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.suggester import SuggestFromList
+from textual.widgets import Checkbox, Collapsible, Footer, Input, Select, Static, TextArea
+
+from backend.errors import DreamttyError, RequestError
+from backend.families import FAMILIES, aspect_sizes
+from backend.guidance import GuidanceSettings
+from backend.models import DEMO_MODELS, resolve_model
+from backend.prompting.presets import apply_preset, list_presets
+from backend.prompting.styles import RANDOM_STYLE, load_styles
+from backend.queue_store import FINAL
+from backend.request import GenerateRequest
+from backend.samplers import SAMPLERS
+from tui.cli import _parse_lora
+from tui.widgets.field import Field
+from tui.widgets.modebar import ModeBar
+from tui.widgets.preview import ImagePreview
+from tui.widgets.progress import JobProgress
+from tui.widgets.style_picker import StyleInfo, StylePicker
+
+CUSTOM_SIZE = "custom"
+# Performance: (label, steps). Extreme speed also switches to the LCM sampler and CFG 1 (distilled models).
+PERFORMANCE = {"speed": ("Speed", 30), "quality": ("Quality", 60), "extreme": ("Extreme speed", 8)}
+FEW_STEP_NAME = re.compile(r"lcm|turbo|lightning|hyper", re.IGNORECASE)
+GUIDANCE_HINTS = {
+    "perp_neg": "PerpNeg scale, 0 = off",
+    "sag": "Self-Attention Guidance scale, 0 = off",
+    "sharpness": "0..30, 0 = off",
+    "cfg_rescale": "0..1, 0 = off",
+    "adaptive_cfg": "mimic CFG at high CFG, 0 = off",
+    "adm_scale": "SDXL: POS,NEG,END; empty = off",
+    "freeu": "S1,S2,B1,B2, 'default' = family values; empty = off",
+    "clip_skip": "1 = last text-encoder layer",
+    "pag": "Perturbed-Attention Guidance scale, 0 = off",
+    "apg": "Adaptive Projected Guidance scale, 0 = off",
+}
+
+
+def style_choices() -> tuple[list[StyleInfo], list[str]]:
+    """Every style (with the seeded "Random Style" first) and the problems met loading them."""
+    library = load_styles()
+    styles = [StyleInfo(RANDOM_STYLE, "a style picked at random, seeded by the image seed")]
+    styles += [StyleInfo(s.name, s.prompt, s.negative_prompt) for s in library.search("")]
+    return styles, library.warnings
+
+
+def few_step_allowed(model: str, loras: str) -> bool:
+    """Extreme speed needs a few-step model or LoRA (LCM, turbo, lightning, hyper), judged by name."""
+    return bool(FEW_STEP_NAME.search(f"{model} {loras}"))
+
+
+def _default_schedule(sampler: str) -> str:
+    allowed = SAMPLERS[sampler].schedules
+    return "karras" if "karras" in allowed else allowed[0]
+
+
+def _size_value(width: int, height: int) -> str:
+    return f"{width}x{height}"
+
+
+def _size_options(family: str) -> list[tuple[str, str]]:
+    sizes = aspect_sizes(family if family in FAMILIES else "sdxl")
+    return [(f"{w}×{h}", _size_value(w, h)) for w, h in sizes] + [("custom W×H", CUSTOM_SIZE)]
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    w, _, h = text.strip().lower().replace("×", "x").partition("x")
+    if not (w.strip().isdigit() and h.strip().isdigit()):
+        raise RequestError("size", f"{text!r} is not WxH, e.g. 512x768")
+    return int(w), int(h)
+
+
+def _parse_floats(name: str, text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise RequestError(name, f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _guidance_value(name: str, default: object, text: str) -> object:
+    """Parse one guidance input: the field's default type decides how."""
+    text = text.strip()
+    if isinstance(default, (int, float)):
+        kind = type(default)
+        try:
+            return kind(text) if text else default
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise RequestError(name, f"{text!r} is not {what}") from None
+    if not text:
+        return None
+    if text.lower() == "default":
+        return ()
+    return _parse_floats(name, text)
+
+
+def _format_guidance(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (tuple, list)):
+        return ",".join(f"{v:g}" for v in value) if value else "default"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _input(id: str, value: str = "", placeholder: str = "", **kwargs) -> Input:
+    return Input(value, placeholder=placeholder, compact=True, id=id, **kwargs)
+
+
+def _select(id: str, options: list[tuple[str, str]], value: str | None = None, prompt: str = "") -> Select:
+    """A compact select; with ``value`` it cannot be blank, else blank shows ``prompt``."""
+    if value is None:
+        return Select(options, prompt=prompt, compact=True, id=id)
+    return Select(options, value=value, allow_blank=False, compact=True, id=id)
+
+
+class GenerateForm(VerticalScroll, can_focus=False):
+    """Every field of a :class:`GenerateRequest`; ``read_request`` / ``fill`` convert both ways.
+
+    Not focusable itself: tab goes field to field and the form scrolls to the focused one.
+    """
+
+    def __init__(self, model: str, keep_model: bool = False, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.model = model
+        self.keep_model = keep_model  # a model named on the command line wins over presets
+        self.style_list, self.style_warnings = style_choices()
+        self.presets = list_presets()
+        self.family = "demo"
+        self._performance: str | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="form-error")
+        yield Field("Prompt", TextArea(id="prompt", placeholder="what to draw"), names=("prompt",))
+        yield Field("Negative prompt", TextArea(id="negative_prompt", placeholder="what to avoid"),
+                    names=("negative_prompt",))
+        yield Field("Styles", StylePicker(self.style_list, id="styles"), names=("styles",))
+        presets = [(f"{p.name}: {p.description}" if p.description else p.name, p.name) for p in self.presets]
+        with Horizontal(classes="row"):
+            yield Field("Preset", _select("preset", presets, prompt="none"), names=("preset",))
+            yield Field("Model", _input("model", self.model, suggester=SuggestFromList(DEMO_MODELS)),
+                        names=("model", "refiner", "vae"))
+        with Horizontal(classes="row"):
+            performance = [(label, key) for key, (label, _) in PERFORMANCE.items()]
+            yield Field("Performance", _select("performance", performance, prompt="custom"), names=("performance",))
+            sampler = GenerateRequest.sampler
+            yield Field("Sampler", _select("sampler", [(s.label, s.name) for s in SAMPLERS.values()], sampler),
+                        names=("sampler",))
+            yield Field("Schedule", _select("scheduler", [(s, s) for s in SAMPLERS[sampler].schedules],
+                                            _default_schedule(sampler)), names=("scheduler",))
+        with Horizontal(classes="row"):
+            yield Field("Steps", _input("steps", placeholder="model default"), names=("steps",))
+            yield Field("CFG", _input("cfg", f"{GenerateRequest.cfg:g}"), names=("cfg",))
+            yield Field("Images", _input("count", str(GenerateRequest.count)), names=("count",))
+        with Horizontal(classes="row"):
+            yield Field("Seed", _input("seed", placeholder="random", disabled=True),
+                        Checkbox("random", True, compact=True, id="seed-random"), names=("seed",))
+            yield Field("Size", _select("size", _size_options("demo"), _size_value(128, 128)),
+                        _input("size-custom", placeholder="W×H", disabled=True), names=("size", "width", "height"))
+        with Horizontal(classes="row"):
+            yield Field("LoRAs", _input("loras", placeholder="NAME[:WEIGHT], …"), names=("lora", "loras"))
+            yield Field("Prompt expansion", Checkbox("expand", GenerateRequest.expand, compact=True, id="expand"),
+                        names=("expand",))
+        with Collapsible(title="Guidance", id="guidance"):
+            names = [f for f in fields(GuidanceSettings)]
+            for pair in (names[i:i + 2] for i in range(0, len(names), 2)):
+                with Horizontal(classes="row"):
+                    for f in pair:
+                        yield Field(f.name.replace("_", " "), _input(f"g-{f.name}", _format_guidance(f.default), "off"),
+                                    names=(f.name,), hint=GUIDANCE_HINTS.get(f.name, ""))
+
+    def on_mount(self) -> None:
+        self.update_family(self.model)
+        for warning in self.style_warnings[:3]:
+            self.notify(warning, title="styles", severity="warning")
+
+    # -- reading the form --------------------------------------------------
+    def _input(self, selector: str) -> str:
+        return self.query_one(selector, Input).value.strip()
+
+    def _form_size(self) -> tuple[int, int]:
+        value = self.query_one("#size", Select).value
+        return _parse_size(self._input("#size-custom") if value == CUSTOM_SIZE else str(value))
+
+    def read_request(self) -> GenerateRequest:
+        """The form as a request; raises RequestError naming the field. Ranges are checked by the service."""
+        width, height = self._form_size()
+        loras_text = self._input("#loras")
+        loras = [_parse_lora(x.strip()) for x in loras_text.split(",") if x.strip()]
+        guidance = {f.name: _guidance_value(f.name, f.default, self._input(f"#g-{f.name}"))
+                    for f in fields(GuidanceSettings)}
+        preset = self.query_one("#preset", Select).value
+        random_seed = self.query_one("#seed-random", Checkbox).value
+        return GenerateRequest(
+            prompt=self.query_one("#prompt", TextArea).text.strip(),
+            negative_prompt=self.query_one("#negative_prompt", TextArea).text.strip(),
+            model=self._input("#model"),
+            sampler=str(self.query_one("#sampler", Select).value),
+            scheduler=str(self.query_one("#scheduler", Select).value),
+            steps=self._input("#steps") or None,  # type: ignore[arg-type]  # validated by resolved()
+            cfg=self._input("#cfg"),  # type: ignore[arg-type]
+            width=width,
+            height=height,
+            seed=-1 if random_seed else self._input("#seed"),  # type: ignore[arg-type]
+            count=self._input("#count"),  # type: ignore[arg-type]
+            styles=list(self.query_one(StylePicker).selected),
+            preset=None if preset == Select.NULL else str(preset),
+            expand=self.query_one("#expand", Checkbox).value,
+            loras=loras,
+            guidance=GuidanceSettings(**guidance),
+        )
+
+    # -- errors ------------------------------------------------------------
+    def clear_errors(self) -> None:
+        for field in self.query(Field):
+            field.set_error(None)
+        self.query_one("#form-error", Static).update("")
+
+    def show_error(self, exc: DreamttyError) -> None:
+        """Show a one-line error next to the field it names (else at the top of the form)."""
+        name = exc.field if isinstance(exc, RequestError) else str(exc).split(":", 1)[0].strip()
+        message = exc.message if isinstance(exc, RequestError) else str(exc).split(":", 1)[-1].strip()
+        field = next((f for f in self.query(Field) if name in f.names), None)
+        if field is None:
+            self.query_one("#form-error", Static).update(str(exc))
+            self.scroll_home()
+            return
+        field.set_error(message)
+        if self.query_one("#guidance", Collapsible) in field.ancestors:
+            self.query_one("#guidance", Collapsible).collapsed = False
+        target = next((w for w in field.query("Input, TextArea, Select") if not w.disabled), None)
+        (target or field).focus()
+        self.call_after_refresh(field.scroll_visible)
+
+    # -- filling the form ----------------------------------------------------
+    def fill(self, data: dict) -> None:
+        """Set the fields named in ``data`` (request field names; as from ``GenerateRequest.to_dict``)."""
+        q = self.query_one
+        with self.prevent(Select.Changed, Input.Changed, Checkbox.Changed):
+            for name in ("prompt", "negative_prompt"):
+                if name in data:
+                    q(f"#{name}", TextArea).text = data[name] or ""
+            for name in ("model", "cfg", "count"):
+                if name in data:
+                    q(f"#{name}", Input).value = f"{data[name]:g}" if isinstance(data[name], float) else str(data[name])
+            if "steps" in data:
+                q("#steps", Input).value = "" if data["steps"] is None else str(data["steps"])
+                q("#performance", Select).value = next(
+                    (k for k, (_, n) in PERFORMANCE.items() if n == data["steps"]), Select.NULL)
+            if "sampler" in data:
+                q("#sampler", Select).value = data["sampler"]
+                self._set_schedules(data["sampler"], data.get("scheduler"))
+            elif "scheduler" in data:
+                self._set_schedules(str(q("#sampler", Select).value), data["scheduler"])
+            if "seed" in data:
+                self._set_seed(data["seed"])
+            if data.get("width") and data.get("height"):
+                self._set_size(data["width"], data["height"])
+            if "styles" in data:
+                self.query_one(StylePicker).set_selected(data["styles"] or [])
+            if "preset" in data:
+                q("#preset", Select).value = data["preset"] or Select.NULL
+            if "expand" in data:
+                q("#expand", Checkbox).value = bool(data["expand"])
+            if "loras" in data:
+                q("#loras", Input).value = ", ".join(f"{n}:{w:g}" for n, w in data["loras"] or [])
+            guidance = GuidanceSettings.from_dict(data["guidance"]) if data.get("guidance") else None
+            for f in fields(GuidanceSettings) if guidance is not None else ():
+                q(f"#g-{f.name}", Input).value = _format_guidance(getattr(guidance, f.name))
+        if "model" in data:
+            self.update_family(data["model"])
+        self.clear_errors()
+
+    def fill_preset(self, name: str) -> None:
+        """Load preset ``name`` into the form (a model named on the command line stays)."""
+        try:
+            values = apply_preset(name, {"model": self.model} if self.keep_model else {})
+        except DreamttyError as exc:
+            self.show_error(exc)
+            return
+        self.fill(values)
+
+    def _set_seed(self, seed: int) -> None:
+        random_seed = int(seed) == -1
+        self.query_one("#seed-random", Checkbox).value = random_seed
+        seed_input = self.query_one("#seed", Input)
+        seed_input.disabled = random_seed
+        if not random_seed:
+            seed_input.value = str(seed)
+
+    def _set_size(self, width: int, height: int) -> None:
+        size = self.query_one("#size", Select)
+        value = _size_value(width, height)
+        known = value in {v for _, v in _size_options(self.family)}
+        size.value = value if known else CUSTOM_SIZE
+        custom = self.query_one("#size-custom", Input)
+        custom.disabled = known
+        custom.value = "" if known else value
+
+    def _set_schedules(self, sampler: str, wanted: str | None = None) -> None:
+        allowed = SAMPLERS[sampler].schedules
+        select = self.query_one("#scheduler", Select)
+        current = wanted or select.value
+        select.set_options([(s, s) for s in allowed])
+        select.value = current if current in allowed else _default_schedule(sampler)
+
+    # -- model family ----------------------------------------------------
+    def update_family(self, model: str) -> None:
+        self._resolve_family(model.strip())
+
+    @work(thread=True, exclusive=True, group="family", exit_on_error=False)
+    def _resolve_family(self, model: str) -> None:
+        try:
+            family, problem = resolve_model(model).family, ""
+        except DreamttyError as exc:
+            family, problem = "", str(exc)
+        self.app.call_from_thread(self._set_family, model, family, problem)
+
+    def _set_family(self, model: str, family: str, problem: str) -> None:
+        if model != self._input("#model"):
+            return  # typed on since
+        model_field = self.query_one("#model", Input).parent
+        if problem:
+            model_field.set_hint(problem)
+            return
+        label = FAMILIES[family].label if family in FAMILIES else "unknown family (sizes for SDXL)"
+        model_field.set_hint(label)
+        if family == self.family:
+            return
+        self.family = family
+        size = self.query_one("#size", Select)
+        current = self._input("#size-custom") if size.value == CUSTOM_SIZE else str(size.value)
+        options = _size_options(family)
+        with self.prevent(Select.Changed):
+            size.set_options(options)
+        if current in {v for _, v in options}:
+            self._set_size(*_parse_size(current))
+        elif size.value != CUSTOM_SIZE:
+            self._set_size(*_parse_size(options[0][1]))
+
+    # -- reacting to the user ----------------------------------------------
+    @on(Input.Changed, "#model")
+    def _model_changed(self, event: Input.Changed) -> None:
+        self.update_family(event.value)
+
+    @on(Select.Changed, "#sampler")
+    def _sampler_changed(self, event: Select.Changed) -> None:
+        self._set_schedules(str(event.value))
+
+    @on(Select.Changed, "#size")
+    def _size_changed(self, event: Select.Changed) -> None:
+        custom = self.query_one("#size-custom", Input)
+        custom.disabled = event.value != CUSTOM_SIZE
+        if not custom.disabled:
+            custom.focus()
+
+    @on(Checkbox.Changed, "#seed-random")
+    def _random_changed(self, event: Checkbox.Changed) -> None:
+        seed = self.query_one("#seed", Input)
+        seed.disabled = event.value
+        if not event.value:
+            seed.focus()
+
+    @on(Select.Changed, "#preset")
+    def _preset_changed(self, event: Select.Changed) -> None:
+        if event.value != Select.NULL:
+            self.fill_preset(str(event.value))
+
+    @on(Select.Changed, "#performance")
+    def _performance_changed(self, event: Select.Changed) -> None:
+        choice = event.value
+        field = self.query_one("#performance", Select).parent
+        if choice == "extreme" and not few_step_allowed(self._input("#model"), self._input("#loras")):
+            field.set_error("Extreme speed needs an LCM, turbo or lightning model or LoRA "
+                            f"(by name); {self._input('#model')!r} is none of these")
+            with self.prevent(Select.Changed):
+                event.select.value = self._performance or Select.NULL
+            return
+        field.set_error(None)
+        self._performance = None if choice == Select.NULL else str(choice)
+        if self._performance is None:
+            return
+        self.query_one("#steps", Input).value = str(PERFORMANCE[self._performance][1])
+        if self._performance == "extreme":
+            self.fill({"sampler": "lcm", "scheduler": "sgm_uniform", "cfg": 1.0})
+
+
+class GenerateScreen(Screen):
+    """The form on the left; progress and the live preview of the job being followed on the right."""
+
+    AUTO_FOCUS = "#prompt"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.following: int | None = None  # job whose progress and preview are shown
+        self.following_done = True
+        self.submitted: set[int] = set()
+
+    def compose(self) -> ComposeResult:
+        yield ModeBar("generate")
+        with Horizontal(id="generate-body"):
+            yield GenerateForm(self.app.default_model, self.app.model_given, id="form")
+            with Vertical(id="output"):
+                yield JobProgress(id="job-progress")
+                yield ImagePreview(id="preview")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.app.generate_screen = self
+        self.app.job_events.subscribe(self, self.handle_job_event)
+        if self.app.default_preset:
+            self.form.fill_preset(self.app.default_preset)
+
+    @property
+    def form(self) -> GenerateForm:
+        return self.query_one(GenerateForm)
+
+    def submit(self) -> int | None:
+        """Queue the form as a job; on bad input show the error inline and queue nothing."""
+        form = self.form
+        form.clear_errors()
+        try:
+            job = self.app.service.submit(form.read_request(), self.app.out_dir)
+        except DreamttyError as exc:
+            form.show_error(exc)
+            return None
+        self.submitted.add(job)
+        return job
+
+    def handle_job_event(self, event: dict) -> None:
+        kind, job = event["type"], event.get("job")
+        if job is None:
+            return
+        if kind == "started" or (kind == "queued" and self.following_done):
+            self.following, self.following_done = job, False
+        if kind == "queued" and job in self.submitted:
+            self.form.query_one("#seed", Input).parent.set_hint(f"last seed: {event['request']['seed']}")
+        if job != self.following:
+            return
+        self.following_done = kind in FINAL
+        self.query_one(JobProgress).follow(event)
+        preview = self.query_one(ImagePreview)
+        if kind == "preview":
+            preview.show(Image.frombytes("RGB", (event["width"], event["height"]), event["rgb"]))
+        elif kind == "image":
+            preview.show(event["path"])

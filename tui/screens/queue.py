@@ -1,0 +1,194 @@
+"""Queue & gallery screen (F2): jobs with state, progress and ETA; finished images, newest first.
+
+From an image: load its parameters into the Generate form, reproduce it, copy its path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Label, Static
+
+from backend import metadata
+from backend.errors import DreamttyError
+from backend.queue_store import ACTIVE, Job
+from backend.request import GenerateRequest
+from tui import keymap
+from tui.widgets.modebar import ModeBar
+from tui.widgets.preview import ImagePreview
+from tui.widgets.progress import format_eta, step_counts
+
+JOB_ROWS = 60  # active jobs plus the most recent finished ones
+GALLERY_ROWS = 500
+_REFRESH_ON = ("queued", "started", "done", "failed", "cancelled")
+
+
+def gallery_entries(jobs: list[Job]) -> list[tuple[str, dict]]:
+    """(path, per-image request dict) of every image the jobs wrote that still exists, newest first."""
+    out = []
+    for job in jobs:  # newest job first
+        for i in reversed(range(len(job.outputs))):
+            if Path(job.outputs[i]).exists():
+                out.append((job.outputs[i], GenerateRequest.from_dict(job.request).per_image(i).to_dict()))
+    return out[:GALLERY_ROWS]
+
+
+def step_cells(step: dict) -> tuple[str, str]:
+    """(progress, ETA) cells of a running job from its last ``step`` event."""
+    done, total = step_counts(step)
+    return f"{done}/{total}", format_eta(step["eta"])
+
+
+def _prompt_cell(request: dict) -> str:
+    text = " ".join(str(request.get("prompt", "")).split())
+    return (text[:60] + "…") if len(text) > 60 else text or "(empty)"
+
+
+class QueueScreen(Screen):
+    """Two tables (jobs, images) on the left; the selected image and its parameters on the right."""
+
+    BINDINGS = keymap.bindings(keymap.QUEUE_KEYS)
+    AUTO_FOCUS = "#gallery"
+
+    def compose(self) -> ComposeResult:
+        yield ModeBar("queue")
+        with Horizontal(id="queue-body"):
+            with Vertical(id="queue-lists"):
+                yield Label("Jobs", classes="section")
+                yield DataTable(id="jobs", cursor_type="row", zebra_stripes=True)
+                yield Label("Images, newest first", classes="section")
+                yield DataTable(id="gallery", cursor_type="row", zebra_stripes=True)
+            with Vertical(id="queue-detail"):
+                yield ImagePreview(id="gallery-preview")
+                with VerticalScroll(id="params-scroll"):
+                    yield Static("No image selected.", id="image-params")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        jobs = self.query_one("#jobs", DataTable)
+        jobs.add_column("Job", key="job")
+        jobs.add_column("State", key="state")
+        jobs.add_column("Progress", key="progress")
+        jobs.add_column("ETA", key="eta")
+        jobs.add_column("Prompt", key="prompt")
+        gallery = self.query_one("#gallery", DataTable)
+        for name in ("Image", "Seed", "Size", "Sampler", "Steps", "Prompt"):
+            gallery.add_column(name, key=name.lower())
+        self.app.job_events.subscribe(self, self.handle_job_event)
+        self.refresh_jobs()
+        self.refresh_gallery()
+
+    # -- tables ------------------------------------------------------------
+    def _progress_cells(self, job: Job) -> tuple[str, str]:
+        step = self.app.progress.get(job.id)
+        if job.state == "running" and step:
+            return step_cells(step)
+        if job.state == "done":
+            return f"{len(job.outputs)} image{'s' * (len(job.outputs) != 1)}", ""
+        return ("" if job.state in ACTIVE else (job.error or "")[:40]), ""
+
+    def refresh_jobs(self) -> None:
+        table = self.query_one("#jobs", DataTable)
+        selected = self._selected_key(table)
+        all_jobs = self.app.service.jobs(limit=JOB_ROWS)
+        table.clear()
+        for job in all_jobs:
+            progress, eta = self._progress_cells(job)
+            table.add_row(f"#{job.id}", job.state, progress, eta, _prompt_cell(job.request), key=str(job.id))
+        self._restore_cursor(table, selected)
+
+    def refresh_gallery(self) -> None:
+        table = self.query_one("#gallery", DataTable)
+        selected = self._selected_key(table)
+        table.clear()
+        for path, request in gallery_entries(self.app.service.jobs(limit=GALLERY_ROWS)):
+            table.add_row(Path(path).name, str(request["seed"]), f"{request['width']}×{request['height']}",
+                          request["sampler"], str(request["steps"]), _prompt_cell(request), key=path)
+        self._restore_cursor(table, selected)
+        if table.row_count and selected is None:
+            self._show_image(self.selected_image())
+
+    @staticmethod
+    def _selected_key(table: DataTable) -> str | None:
+        if not table.row_count:
+            return None
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+
+    @staticmethod
+    def _restore_cursor(table: DataTable, key: str | None) -> None:
+        if key is not None and key in table.rows:
+            table.move_cursor(row=table.get_row_index(key), animate=False)
+
+    def handle_job_event(self, event: dict) -> None:
+        kind, job = event["type"], event.get("job")
+        if kind in _REFRESH_ON:
+            self.refresh_jobs()
+        elif kind == "image":
+            self.refresh_gallery()
+        elif kind == "step":
+            table = self.query_one("#jobs", DataTable)
+            if str(job) in table.rows:
+                progress, eta = step_cells(event)
+                table.update_cell(str(job), "progress", progress)
+                table.update_cell(str(job), "eta", eta)
+
+    # -- selection ----------------------------------------------------------
+    def selected_image(self) -> str | None:
+        return self._selected_key(self.query_one("#gallery", DataTable))
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.data_table.id == "gallery" and event.row_key is not None:
+            self._show_image(event.row_key.value)
+
+    def _show_image(self, path: str | None) -> None:
+        params = self.query_one("#image-params", Static)
+        if path is None:
+            params.update("No image selected.")
+            return
+        self.query_one("#gallery-preview", ImagePreview).show(path)
+        try:
+            text = metadata.a1111_parameters(metadata.read(path))
+        except DreamttyError as exc:
+            text = str(exc)
+        stamp = dt.datetime.fromtimestamp(Path(path).stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
+        params.update(f"{path}\n{stamp}\n\n{text}")
+
+    def _image_or_warn(self) -> str | None:
+        path = self.selected_image()
+        if path is None:
+            self.notify("No image selected: pick one in the images table.", severity="warning")
+        return path
+
+    # -- actions -----------------------------------------------------------
+    def action_cancel_selected(self) -> None:
+        key = self._selected_key(self.query_one("#jobs", DataTable))
+        if key is None or not self.app.service.cancel(int(key)):
+            self.notify("Select a queued or running job to cancel.", severity="warning")
+        else:
+            self.notify(f"Cancelling job #{key}.")
+
+    def action_load_parameters(self) -> None:
+        path = self._image_or_warn()
+        if path is not None:
+            self.app.load_into_form(path)
+
+    def action_reproduce(self) -> None:
+        path = self._image_or_warn()
+        if path is None:
+            return
+        try:
+            job = self.app.service.submit(metadata.request_from_image(path), self.app.out_dir)
+        except DreamttyError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.notify(f"Job #{job} queued: reproducing {Path(path).name}.")
+
+    def action_copy_path(self) -> None:
+        path = self._image_or_warn()
+        if path is not None:
+            self.app.copy_to_clipboard(path)
+            self.notify(f"Copied: {path}", title="path")

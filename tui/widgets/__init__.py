@@ -1,0 +1,1 @@
+"""Reusable widgets: image preview, job progress, form fields, style picker, mode bar."""

@@ -1,0 +1,50 @@
+"""A labelled form field with an inline error line under it."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widget import Widget
+from textual.widgets import Label, Static
+
+
+class Field(Vertical):
+    """Label + widgets + error. ``names`` are the request fields whose errors show here."""
+
+    DEFAULT_CSS = """
+    Field { height: auto; margin: 0 0 1 0; }
+    Field > .field-label { color: $text-muted; }
+    Field > .field-hint { color: $text-muted; height: auto; }
+    Field > .field-error { color: $error; height: auto; display: none; }
+    Field.-invalid > .field-error { display: block; }
+    Field.-invalid > .field-label { color: $error; }
+    """
+
+    def __init__(self, label: str, *widgets: Widget, names: tuple[str, ...] = (), hint: str = "",
+                 id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.label = label
+        self.widgets = widgets
+        self.names = names
+        self.hint = hint
+
+    def compose(self) -> ComposeResult:
+        yield Label(self.label, classes="field-label")
+        yield from self.widgets
+        hint = Static(self.hint, classes="field-hint")
+        hint.display = bool(self.hint)
+        yield hint
+        yield Static("", classes="field-error")
+
+    @property
+    def error(self) -> str:
+        return str(self.query_one(".field-error", Static).content) if self.has_class("-invalid") else ""
+
+    def set_error(self, message: str | None) -> None:
+        self.query_one(".field-error", Static).update(message or "")
+        self.set_class(bool(message), "-invalid")
+
+    def set_hint(self, text: str) -> None:
+        hint = self.query_one(".field-hint", Static)
+        hint.update(text)
+        hint.display = bool(text)

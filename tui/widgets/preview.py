@@ -1,0 +1,102 @@
+"""An image drawn with half-block cells (rich-pixels), scaled to the widget with LANCZOS.
+
+rich-pixels resizes with nearest-neighbour, which aliases; so the image is
+first scaled with PIL's LANCZOS filter to exactly the widget's cells (one
+cell = one pixel wide, two pixels tall). Strips are built in a thread and the
+widget only blits them, so a frame costs the event loop almost nothing.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image
+from rich.console import Console
+from rich.segment import Segment
+from rich_pixels import Pixels
+from textual import work
+from textual.strip import Strip
+from textual.widget import Widget
+from textual.worker import get_current_worker
+
+
+def fit(image_size: tuple[int, int], cells: tuple[int, int]) -> tuple[int, int]:
+    """Pixel size (w, h) of the image scaled to fit ``cells`` (h even), keeping its aspect ratio."""
+    iw, ih = image_size
+    cw, ch = cells
+    scale = min(cw / iw, 2 * ch / ih)
+    w = max(1, min(cw, round(iw * scale)))
+    h = max(2, min(2 * ch, round(ih * scale / 2) * 2))
+    return w, h
+
+
+def half_block_lines(image: Image.Image, cells: tuple[int, int]) -> list[list[Segment]]:
+    """Lines of half-block segments showing ``image`` fitted into ``cells`` (width, height)."""
+    small = image.convert("RGB").resize(fit(image.size, cells), Image.Resampling.LANCZOS)
+    console = Console(file=io.StringIO(), color_system="truecolor", width=small.width + 1, legacy_windows=False)
+    segments = console.render(Pixels.from_image(small))
+    return [line for line in Segment.split_lines(segments) if line]
+
+
+class ImagePreview(Widget):
+    """Shows the latest image given to :meth:`show`, centred, re-fitted on resize."""
+
+    DEFAULT_CSS = """
+    ImagePreview { height: 1fr; width: 1fr; }
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.source: Image.Image | str | Path | None = None  # what was last given to show()
+        self.frames = 0  # frames drawn so far
+        self._lines: list[Strip] = []
+        self._cells = (0, 0)
+
+    def show(self, image: Image.Image | str | Path | None) -> None:
+        """Draw ``image`` (a PIL image or the path of one); None clears."""
+        self.source = image
+        if image is None:
+            self._lines = []
+            self.refresh()
+        else:
+            self._draw(image, (self.size.width, self.size.height))
+
+    def on_resize(self) -> None:
+        if self.source is not None and (self.size.width, self.size.height) != self._cells:
+            self._draw(self.source, (self.size.width, self.size.height))
+
+    @work(thread=True, exclusive=True, group="preview", exit_on_error=False)
+    def _draw(self, source: Image.Image | str | Path, cells: tuple[int, int]) -> None:
+        if cells[0] < 1 or cells[1] < 1:
+            return  # not laid out yet: on_resize draws it
+        if isinstance(source, (str, Path)):
+            try:
+                with Image.open(source) as opened:
+                    image = opened.convert("RGB")
+            except OSError as exc:
+                self.app.call_from_thread(self.notify, f"cannot show {source}: {exc}", severity="error")
+                return
+        else:
+            image = source
+        lines = half_block_lines(image, cells)
+        if not get_current_worker().is_cancelled:
+            self.app.call_from_thread(self._set_lines, source, image, lines, cells)
+
+    def _set_lines(self, source: object, image: Image.Image, lines: list[list[Segment]], cells: tuple[int, int]) -> None:
+        if source is not self.source:
+            return  # a newer image was given meanwhile
+        self.source = image  # keep the decoded image for redraws on resize
+        width, height = cells
+        pad_left = (width - max((Segment.get_line_length(x) for x in lines), default=0)) // 2
+        pad_top = (height - len(lines)) // 2
+        blank = Strip.blank(width, self.rich_style)
+        self._lines = [blank] * pad_top + [Strip([Segment(" " * pad_left, self.rich_style), *line]) for line in lines]
+        self._cells = cells
+        self.frames += 1
+        self.refresh()
+
+    def render_line(self, y: int) -> Strip:
+        if y < len(self._lines):
+            return self._lines[y].extend_cell_length(self.size.width, self.rich_style)
+        return Strip.blank(self.size.width, self.rich_style)

@@ -1,0 +1,83 @@
+"""Searchable multi-select of styles that shows the highlighted style's template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Input, SelectionList, Static
+
+MAX_SHOWN = 300  # options listed at once; searching narrows the rest
+
+
+@dataclass(frozen=True)
+class StyleInfo:
+    name: str
+    prompt: str
+    negative: str = ""
+
+
+class StylePicker(Vertical):
+    """Type to search, tab into the list, space to toggle. ``selected`` keeps the order of picking."""
+
+    DEFAULT_CSS = """
+    StylePicker { height: auto; }
+    StylePicker SelectionList { height: 7; }
+    StylePicker .style-template { color: $text-muted; height: auto; max-height: 4; }
+    StylePicker .style-selected { height: auto; }
+    """
+
+    def __init__(self, styles: list[StyleInfo], id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.library = {s.name: s for s in styles}
+        self.selected: list[str] = []
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder=f"search {len(self.library)} styles…", compact=True, id="style-search")
+        yield SelectionList[str](id="style-list")
+        yield Static("", classes="style-template")
+        yield Static("Selected: none", classes="style-selected")
+
+    def on_mount(self) -> None:
+        self._fill("")
+
+    def matches(self, text: str) -> list[str]:
+        text = text.strip().lower()
+        return [n for n, s in self.library.items() if text in n.lower() or text in s.prompt.lower()][:MAX_SHOWN]
+
+    def _fill(self, text: str) -> None:
+        options = self.query_one(SelectionList)
+        options.clear_options()
+        options.add_options([(name, name, name in self.selected) for name in self.matches(text)])
+        if options.option_count:
+            options.highlighted = 0
+
+    def set_selected(self, names: list[str]) -> None:
+        self.selected = list(names)
+        self._fill(self.query_one("#style-search", Input).value)
+        self._show_selected()
+
+    def _show_selected(self) -> None:
+        self.query_one(".style-selected", Static).update(f"Selected: {', '.join(self.selected) or 'none'}")
+
+    @on(Input.Changed, "#style-search")
+    def _search(self, event: Input.Changed) -> None:
+        self._fill(event.value)
+
+    @on(SelectionList.SelectionToggled)
+    def _toggled(self, event: SelectionList.SelectionToggled) -> None:
+        name = event.selection.value
+        if name in self.selected:
+            self.selected.remove(name)
+        else:
+            self.selected.append(name)
+        self._show_selected()
+
+    @on(SelectionList.SelectionHighlighted)
+    def _highlighted(self, event: SelectionList.SelectionHighlighted) -> None:
+        style = self.library.get(event.selection.value)
+        if style is not None:
+            negative = f"\nnegative: {style.negative}" if style.negative else ""
+            self.query_one(".style-template", Static).update(f"{style.prompt}{negative}")
