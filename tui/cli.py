@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="outputs directory")
     parser.add_argument("--device", default="auto", help="auto, cpu, or cuda:0,cuda:1,...")
     parser.add_argument("--color", choices=["auto", "truecolor", "256"], default="auto", help="TUI colour depth")
+    parser.add_argument("--config", type=Path, help="config file (default: see `dreamtty config path`)")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt/.pt/.bin weights (weights only)")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate images headlessly")
@@ -261,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(extra, namespace=args)
     if args.demo:
         args.model = "demo"
+    from tui.cli_models import apply_global_options
+
+    apply_global_options(args)
     try:
         if args.command is None:
             from tui.app import run_app

@@ -1,0 +1,140 @@
+"""``dreamtty models list|pull`` and ``config path``; downloads against an injected fake Hub client."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from backend import downloads
+from backend.errors import DreamttyError
+from tui.cli import main
+
+
+def _sd1_file(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+               "cond_stage_model.transformer.text_model.final_layer_norm.bias": torch.zeros(8)}, str(path))
+    return path
+
+
+def test_models_list_json_and_text(tmp_path, monkeypatch, capsys):
+    _sd1_file(tmp_path / "ckpt" / "my-model.safetensors")
+    (tmp_path / "ckpt" / "partial.safetensors").write_bytes(b"\xff" * 12)
+    monkeypatch.setenv("DREAMTTY_CHECKPOINTS", str(tmp_path / "ckpt"))
+    assert main(["models", "list", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    mine = next(m for m in data["models"] if m["name"] == "my-model")
+    assert (mine["kind"], mine["family"], mine["format"], mine["source"]) == (
+        "checkpoint", "sd1", "safetensors", str(tmp_path / "ckpt"))
+    assert any("partial.safetensors" in p for p in data["problems"])
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "my-model" in out and "SD 1.x" in out and "skipped (1)" in out and "Recommended" not in out
+
+
+def test_models_list_recommends_when_only_demo(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DREAMTTY_CHECKPOINTS", str(tmp_path / "empty"))
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "Recommended models" in out and "stabilityai/stable-diffusion-xl-base-1.0" in out
+
+
+def test_config_path_and_global_config_option(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DREAMTTY_CONFIG", raising=False)
+    assert main(["config", "path"]) == 0
+    assert capsys.readouterr().out.strip().endswith("config/config.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("paths:\n  loras: 5\n")
+    try:
+        assert main(["--config", str(bad), "config", "path"]) == 0
+        captured = capsys.readouterr()
+        assert captured.out.strip() == str(bad.resolve())
+        assert "dreamtty: config: paths.loras: must be a list of folder paths" in captured.err
+    finally:
+        monkeypatch.delenv("DREAMTTY_CONFIG", raising=False)
+
+
+def test_pull_offline_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["models", "pull", "some/repo"]) == 2
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
+class FakeHub:
+    """Stands in for ``huggingface_hub.HfApi``: a file list with sizes and SHA-256, downloads into a folder."""
+
+    def __init__(self, root: Path, files: dict[str, bytes], corrupt: str | None = None) -> None:
+        self.root, self.files, self.corrupt = root, files, corrupt
+        self.downloaded: list[str] = []
+
+    def model_info(self, repo, revision=None, files_metadata=False):
+        assert files_metadata
+        siblings = [SimpleNamespace(rfilename=n, size=len(d), lfs=SimpleNamespace(sha256=hashlib.sha256(d).hexdigest()))
+                    for n, d in self.files.items()]
+        return SimpleNamespace(sha="c0ffee", siblings=siblings)
+
+    def hf_hub_download(self, repo, filename, revision=None, **kwargs):
+        assert revision == "c0ffee"
+        self.downloaded.append(filename)
+        path = self.root / "snapshots" / revision / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.files[filename]
+        path.write_bytes(data[::-1] if filename == self.corrupt else data)
+        return str(path)
+
+
+REPO = {
+    "model_index.json": b"{}", "unet/config.json": b"{}", "unet/diffusion_pytorch_model.safetensors": b"u" * 300,
+    "unet/diffusion_pytorch_model.fp16.safetensors": b"h" * 150, "text_encoder/model.safetensors": b"t" * 100,
+    "tokenizer/vocab.json": b"{}", "safety_checker/model.safetensors": b"s" * 200,
+    "v1-5-pruned.safetensors": b"p" * 500, "README.md": b"# hi",
+}
+
+
+def test_pull_diffusers_repo_fetches_only_what_loads(tmp_path):
+    hub = FakeHub(tmp_path, REPO)
+    seen = []
+    folder = downloads.pull("org/model", api=hub, progress=lambda done, total, name: seen.append((done, total)))
+    assert folder == tmp_path / "snapshots" / "c0ffee"
+    assert sorted(hub.downloaded) == ["model_index.json", "text_encoder/model.safetensors", "tokenizer/vocab.json",
+                                      "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+    assert seen[-1] == (406, 406) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_pull_one_file_and_bad_choices(tmp_path):
+    hub = FakeHub(tmp_path, REPO)
+    path = downloads.pull("org/model", filename="v1-5-pruned.safetensors", api=hub)
+    assert path.read_bytes() == REPO["v1-5-pruned.safetensors"] and hub.downloaded == ["v1-5-pruned.safetensors"]
+    with pytest.raises(DreamttyError, match="has no file nope.safetensors; .safetensors files: .*v1-5-pruned"):
+        downloads.pull("org/model", filename="nope.safetensors", api=hub)
+    single = FakeHub(tmp_path, {"lora.safetensors": b"x" * 10})
+    with pytest.raises(DreamttyError, match="not a diffusers repo; pick one file with --file .*lora.safetensors"):
+        downloads.pull("org/lora", api=single)
+
+
+def test_pull_checks_free_disk_first(tmp_path, monkeypatch):
+    hub = FakeHub(tmp_path, REPO)
+    monkeypatch.setattr(downloads, "free_bytes", lambda path: 100)
+    with pytest.raises(DreamttyError, match=r"needs 406 B but only 100 B is free"):
+        downloads.pull("org/model", api=hub)
+    assert hub.downloaded == []
+
+
+def test_pull_verifies_hash_and_reports_network_errors(tmp_path):
+    hub = FakeHub(tmp_path, {"w.safetensors": b"abcdef" * 10}, corrupt="w.safetensors")
+    with pytest.raises(DreamttyError, match="does not match its SHA-256; it was removed"):
+        downloads.pull("org/model", filename="w.safetensors", api=hub)
+    assert not (tmp_path / "snapshots" / "c0ffee" / "w.safetensors").exists()
+
+    class Down(FakeHub):
+        def model_info(self, *a, **k):
+            raise ConnectionError("Name or service not known")
+
+    with pytest.raises(DreamttyError, match="cannot reach the Hugging Face Hub for org/model: Name or service"):
+        downloads.pull("org/model", api=Down(tmp_path, {}))

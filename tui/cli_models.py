@@ -1,0 +1,94 @@
+"""``dreamtty models list|pull`` and ``dreamtty config path``, plus the global ``--config`` / ``--allow-pickle``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from backend import config, downloads, library
+from backend.families import FAMILIES
+
+
+def apply_global_options(args: argparse.Namespace) -> None:
+    """Make ``--config`` and ``--allow-pickle`` reach this process and the workers it starts."""
+    if getattr(args, "config", None) is not None:
+        config.set_config_path(args.config)
+    if getattr(args, "allow_pickle", False):
+        os.environ["DREAMTTY_ALLOW_PICKLE"] = "1"
+    if args.command is None:
+        return  # the TUI shows config warnings itself
+    cfg = config.load()
+    for warning in cfg.warnings:
+        print(f"dreamtty: {warning}", file=sys.stderr)
+    if args.command == "generate" and not args.model and cfg.default_model:
+        args.model = cfg.default_model
+
+
+def _label(entry: library.Entry) -> str:
+    fam = FAMILIES.get(entry.family)
+    return fam.label if fam else entry.family
+
+
+def format_table(lib: library.Library) -> str:
+    """The ``models list`` text: one section per kind, then the skipped files."""
+    lines = []
+    for kind in library.KINDS:
+        entries = lib.of_kind(kind)
+        lines.append(f"{kind}s ({len(entries)})")
+        for e in entries:
+            size = downloads.human(e.size) if e.size else "-"
+            note = f"  [{e.note}]" if e.note else ""
+            lines.append(f"  {e.name:<36} {_label(e):<24} {size:>9}  {e.source}{note}")
+    if lib.problems:
+        lines.append(f"skipped ({len(lib.problems)})")
+        lines += [f"  {p}" for p in lib.problems]
+    return "\n".join(lines)
+
+
+def cmd_list(args) -> int:
+    cfg = config.load()
+    lib = library.discover(cfg)
+    if args.json:
+        print(json.dumps({"models": [e.to_dict() for e in lib.entries], "problems": lib.problems}, indent=1))
+        return 0
+    print(format_table(lib))
+    if all(e.source == "built-in" for e in lib.of_kind("checkpoint")):
+        folders = ", ".join(str(p) for p in cfg.folders("checkpoints"))
+        print(f"\nNo models found besides the demo ones; put checkpoints in {folders} or pull one.")
+        print(downloads.recommended_text())
+    return 0
+
+
+def cmd_pull(args) -> int:
+    path = downloads.pull(args.id, revision=args.revision, filename=args.file)
+    print(path)
+    name = path.stem if args.file else args.id
+    print(f"use it with: dreamtty generate \"...\" --model {name}", file=sys.stderr)
+    return 0
+
+
+def cmd_config_path(args) -> int:
+    path = config.config_path()
+    print(path)
+    if not path.exists():
+        print("(it does not exist yet: the defaults apply)", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    models = sub.add_parser("models", help="list, pull and inspect models")
+    msub = models.add_subparsers(dest="models_command", required=True, parser_class=type(models))
+    ls = msub.add_parser("list", help="checkpoints, LoRAs, VAEs and embeddings found")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+    pull = msub.add_parser("pull", help="download a Hugging Face model (or one file of it) into the cache")
+    pull.add_argument("id", help="Hugging Face repo id, e.g. stabilityai/stable-diffusion-xl-base-1.0")
+    pull.add_argument("--revision", help="branch, tag or commit")
+    pull.add_argument("--file", help="one file of the repo (e.g. a single-file .safetensors checkpoint)")
+    pull.set_defaults(func=cmd_pull)
+    cfg = sub.add_parser("config", help="the configuration file")
+    csub = cfg.add_subparsers(dest="config_command", required=True, parser_class=type(cfg))
+    path = csub.add_parser("path", help="print where the config file is read from")
+    path.set_defaults(func=cmd_config_path)
