@@ -1,14 +1,161 @@
-"""Models screen (F4): the model library. Placeholder until the model library lands."""
+"""Models screen (F4): the model library, the default model, and pulls from the Hugging Face Hub.
+
+Shows what ``dreamtty models list`` shows. Scans and downloads run in threads,
+so the UI never waits on the disk or the network; no torch is imported here.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from textual import on, work
 from textual.app import ComposeResult
-from textual.containers import Vertical
-from textual.widgets import Static
+from textual.containers import Horizontal, Vertical
+from textual.markup import escape
+from textual.widgets import DataTable, Input, ProgressBar, Static
+from tqdm import tqdm
+
+from backend import config, downloads, library
+from backend.errors import DreamttyError
+from backend.families import FAMILIES
+from tui.keymap import Key, bindings
+
+MODELS_KEYS = (
+    Key("models.default", "d", "set_default", "Set default", "Make the selected checkpoint the default model"),
+    Key("models.refresh", "r", "refresh", "Rescan", "Scan the model folders again"),
+    Key("models.pull", "p", "focus_pull", "Pull", "Type a Hugging Face id to download"),
+)
+COLUMNS = ("kind", "name", "family", "size", "source", "note")
+
+
+class _QuietTqdm(tqdm):
+    """The Hub client's progress bars would draw over the TUI: keep them silent."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
 
 
 class ModelsPane(Vertical):
     """Everything shown on the Models screen. ``self.app.service`` is the backend service."""
 
+    BINDINGS = bindings(MODELS_KEYS)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.entries: list[library.Entry] = []
+        self.pulling = False
+
     def compose(self) -> ComposeResult:
-        yield Static("Model library: coming soon.", id="models-placeholder")
+        yield Static("", id="models-info")
+        yield DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="models-problems")
+        with Horizontal(id="models-pull-row"):
+            yield Input(placeholder="Hugging Face id, e.g. stabilityai/sdxl-turbo", id="pull-id")
+            yield Input(placeholder="one file (optional), e.g. sd_xl_turbo_1.0_fp16.safetensors", id="pull-file")
+        yield ProgressBar(id="pull-progress", show_eta=True)
+        yield Static(escape(downloads.recommended_text()), id="pull-status")
+
+    def on_mount(self) -> None:
+        self.query_one(DataTable).add_columns(*COLUMNS)
+        self.action_refresh()
+
+    # -- listing -------------------------------------------------------------------
+    def action_refresh(self) -> None:
+        self.query_one("#models-info", Static).update("Scanning model folders…")
+        self.scan()
+
+    @work(thread=True, exclusive=True, group="models-scan")
+    def scan(self) -> None:
+        cfg = config.load()
+        lib = library.discover(cfg)
+        self.app.call_from_thread(self._show, cfg, lib)
+
+    def _show(self, cfg: config.Config, lib: library.Library) -> None:
+        self.entries = lib.entries
+        table = self.query_one(DataTable)
+        table.clear()
+        for e in lib.entries:
+            fam = FAMILIES.get(e.family)
+            size = downloads.human(e.size) if e.size else "-"
+            marker = " ★" if e.kind == "checkpoint" and e.name == cfg.default_model else ""
+            table.add_row(e.kind, e.name + marker, fam.label if fam else e.family, size, e.source, e.note)
+        folders = ", ".join(str(p) for p in cfg.folders("checkpoints"))
+        self.query_one("#models-info", Static).update(escape(
+            f"{len(lib.entries)} items · default model: {cfg.default_model or 'demo'} · checkpoints in: {folders} "
+            f"· config: {config.config_path()}"
+        ))
+        problems = "\n".join(f"skipped: {p}" for p in lib.problems)
+        self.query_one("#models-problems", Static).update(escape(problems))
+
+    def selected(self) -> library.Entry | None:
+        table = self.query_one(DataTable)
+        if not self.entries or table.cursor_row is None or not 0 <= table.cursor_row < len(self.entries):
+            return None
+        return self.entries[table.cursor_row]
+
+    def action_set_default(self) -> None:
+        entry = self.selected()
+        if entry is None or entry.kind != "checkpoint":
+            self.notify("Select a checkpoint to make it the default model", severity="warning")
+            return
+        if entry.note:
+            self.notify(f"{entry.name}: {entry.note}", severity="warning")
+            return
+        try:
+            path = config.set_value("default_model", entry.name)
+        except DreamttyError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        if hasattr(self.app, "default_model"):
+            self.app.default_model = entry.name
+        self.notify(f"default model: {entry.name} (saved in {path})")
+        self.action_refresh()
+
+    # -- pulling --------------------------------------------------------------------
+    def action_focus_pull(self) -> None:
+        self.query_one("#pull-id", Input).focus()
+
+    @on(Input.Submitted, "#pull-id, #pull-file")
+    def _submitted(self, _event: Input.Submitted) -> None:
+        repo = self.query_one("#pull-id", Input).value.strip()
+        if not repo:
+            self.notify("Type a Hugging Face id first", severity="warning")
+            return
+        if self.pulling:
+            self.notify("A download is already running", severity="warning")
+            return
+        self.pulling = True
+        filename = self.query_one("#pull-file", Input).value.strip() or None
+        self.query_one("#pull-status", Static).update(escape(f"Asking the Hub about {repo}…"))
+        self.pull(repo, filename)
+
+    @work(thread=True, exclusive=True, group="models-pull")
+    def pull(self, repo: str, filename: str | None) -> None:
+        def progress(done: int, total: int, name: str) -> None:
+            self.app.call_from_thread(self._progress, done, total, name)
+
+        try:
+            path = downloads.pull(repo, filename=filename, progress=progress, tqdm_class=_QuietTqdm)
+        except DreamttyError as exc:
+            self.app.call_from_thread(self._pulled, None, str(exc))
+        except Exception as exc:  # anything unexpected still ends as one line, never a crashed UI
+            self.app.call_from_thread(self._pulled, None, f"pull: {type(exc).__name__}: {exc}")
+        else:
+            self.app.call_from_thread(self._pulled, path, "")
+
+    def _progress(self, done: int, total: int, name: str) -> None:
+        self.query_one(ProgressBar).update(total=max(total, 1), progress=done)
+        text = f"downloading {name} ({downloads.human(done)} of {downloads.human(total)} done)" if name else "verifying…"
+        self.query_one("#pull-status", Static).update(escape(text))
+
+    def _pulled(self, path: Path | None, error: str) -> None:
+        self.pulling = False
+        status = self.query_one("#pull-status", Static)
+        if path is None:
+            status.update(escape(error))
+            self.notify(error, severity="error", timeout=10)
+            return
+        status.update(escape(f"done: {path}"))
+        self.notify(f"downloaded to {path}")
+        self.action_refresh()

@@ -1,0 +1,97 @@
+"""The Models pane (F4): the same list as ``models list``, set the default, pull in a thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from textual.app import App, ComposeResult
+from textual.widgets import DataTable, Input, ProgressBar, Static
+
+from backend import config, downloads
+from backend.errors import DreamttyError
+from tui.screens.models import ModelsPane
+
+
+class PaneApp(App):
+    def compose(self) -> ComposeResult:
+        yield ModelsPane(id="models-pane")
+
+
+async def _wait(pilot, condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await pilot.pause(0.05)
+
+
+def _rows(app) -> list[tuple]:
+    table = app.query_one(DataTable)
+    return [tuple(str(c) for c in table.get_row_at(i)) for i in range(table.row_count)]
+
+
+async def test_pane_lists_sets_default_and_pulls_without_blocking(tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+               "conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8),
+               "conditioner.embedders.0.transformer.text_model.final_layer_norm.bias": torch.zeros(8)},
+              str(ckpt / "my-xl.safetensors"))
+    (ckpt / "broken.safetensors").write_bytes(b"\x00" * 4)
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}}))
+    monkeypatch.setenv("DREAMTTY_CONFIG", str(cfg_file))
+    release = threading.Event()
+
+    def fake_pull(repo, revision=None, filename=None, api=None, progress=None, tqdm_class=None):
+        assert filename == "one.safetensors" and tqdm_class is not None
+        progress(0, 1000, filename)
+        assert release.wait(10)  # the UI keeps running while this thread waits
+        progress(1000, 1000, "")
+        return Path("/cache/one.safetensors")
+
+    monkeypatch.setattr(downloads, "pull", fake_pull)
+    app = PaneApp()
+    async with app.run_test(size=(140, 40)) as pilot:
+        await _wait(pilot, lambda: any(r[1] == "my-xl" for r in _rows(app)), "the scan")
+        rows = _rows(app)
+        assert ("checkpoint", "my-xl", "SDXL") == rows[[r[1] for r in rows].index("my-xl")][:3]
+        assert "broken.safetensors" in str(app.query_one("#models-problems", Static).render())
+        table = app.query_one(DataTable)
+        table.focus()
+        table.move_cursor(row=[r[1] for r in rows].index("my-xl"))
+        await pilot.press("d")
+        assert config.load().default_model == "my-xl"
+        assert yaml.safe_load(cfg_file.read_text())["paths"]["checkpoints"] == [str(ckpt)]  # other keys kept
+        await _wait(pilot, lambda: any(r[1] == "my-xl ★" for r in _rows(app)), "the default marker")
+
+        await pilot.press("p")
+        assert app.focused.id == "pull-id"
+        app.query_one("#pull-file", Input).value = "one.safetensors"
+        await pilot.press(*"org/repo", "enter")
+        await _wait(pilot, lambda: "downloading one.safetensors" in str(app.query_one("#pull-status").render()),
+                    "progress")
+        assert app.query_one(ProgressBar).total == 1000
+        await pilot.press("r")  # the UI still answers keys while the download runs
+        release.set()
+        await _wait(pilot, lambda: "done: /cache/one.safetensors" in str(app.query_one("#pull-status").render()),
+                    "the end of the pull")
+
+
+async def test_pane_shows_pull_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAMTTY_CHECKPOINTS", str(tmp_path))
+
+    def failing(repo, **kwargs):
+        raise DreamttyError("pull: HF_HUB_OFFLINE is set, so x/y cannot be downloaded")
+
+    monkeypatch.setattr(downloads, "pull", failing)
+    app = PaneApp()
+    async with app.run_test(size=(140, 40)) as pilot:
+        app.query_one("#pull-id", Input).focus()
+        await pilot.press(*"x/y", "enter")
+        await _wait(pilot, lambda: "HF_HUB_OFFLINE is set" in str(app.query_one("#pull-status").render()), "error")
+        assert app.query_one(ModelsPane).pulling is False
