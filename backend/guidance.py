@@ -1,6 +1,9 @@
 """Guidance settings carried by a request (pure data; the math is in backend.engine).
 
-Every control has a neutral value at which it is off and costs nothing.
+Every control has a neutral value at which it is off and costs nothing:
+0 for the scales, ``None`` for ``adm_scale`` and ``freeu``, 1 for ``clip_skip``.
+``freeu == ()`` means "on, with the model family's documented defaults"
+(see :func:`freeu_defaults`).
 """
 
 from __future__ import annotations
@@ -8,20 +11,63 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from backend.errors import RequestError
+from backend.families import FAMILIES
+
+# Allowed range of each scalar control; its neutral value (0 = off) is the low end.
+RANGES: dict[str, tuple[float, float]] = {
+    "perp_neg": (0.0, 10.0),
+    "sag": (0.0, 10.0),
+    "sharpness": (0.0, 30.0),
+    "cfg_rescale": (0.0, 1.0),
+    "adaptive_cfg": (0.0, 30.0),
+    "pag": (0.0, 20.0),
+    "apg": (0.0, 30.0),
+}
+ADM_SCALE_RANGE = (0.1, 3.0)  # POS and NEG (Fooocus's range); END is a fraction 0..1
+FREEU_RANGE = (0.0, 3.0)
+CLIP_SKIP_MAX = 12
+
+# FreeU defaults documented by diffusers (using-diffusers/image_quality.md): s1, s2, b1, b2.
+_FREEU_SD1 = (0.9, 0.2, 1.5, 1.6)
+_FREEU_SD2 = (0.9, 0.2, 1.4, 1.6)
+_FREEU_SDXL = (0.9, 0.2, 1.3, 1.4)
+
+# Controls that only act on classifier-free guidance, so need cfg > 1.
+_NEEDS_CFG = {
+    "perp_neg": "it replaces the CFG formula with three predictions",
+    "apg": "it replaces the CFG formula",
+    "cfg_rescale": "it rescales the CFG result",
+}
+# Pairs that cannot run together, with the reason.
+_EXCLUSIVE = (
+    ("apg", "perp_neg", "both replace the CFG formula"),
+    ("pag", "perp_neg", "PAG's perturbed batch expects plain uncond/cond branches"),
+    ("pag", "sag", "both guide away from a degraded mid-block self-attention pass"),
+)
+
+
+def freeu_defaults(family: str) -> tuple[float, float, float, float]:
+    """The documented FreeU (s1, s2, b1, b2) for a model family (SD1.5, SD2.1 or SDXL values)."""
+    fam = FAMILIES.get(family)
+    if fam is not None and fam.xl:
+        return _FREEU_SDXL
+    if family.startswith("sd2"):
+        return _FREEU_SD2
+    return _FREEU_SD1
 
 
 @dataclass
 class GuidanceSettings:
-    perp_neg: float = 0.0  # PerpNeg scale S (0 = off)
+    perp_neg: float = 0.0  # PerpNeg scale S (0 = off); needs cfg > 1
     sag: float = 0.0  # Self-Attention Guidance scale (0 = off)
     sharpness: float = 0.0  # 0..30 (0 = off)
-    cfg_rescale: float = 0.0  # 0..1 (0 = off)
-    adaptive_cfg: float = 0.0  # mimic CFG (0 = off)
+    cfg_rescale: float = 0.0  # 0..1 (0 = off); needs cfg > 1
+    adaptive_cfg: float = 0.0  # mimic CFG (0 = off); acts only while cfg > adaptive_cfg
     adm_scale: tuple[float, float, float] | None = None  # SDXL (pos, neg, end)
-    freeu: tuple[float, float, float, float] | None = None  # (s1, s2, b1, b2)
+    freeu: tuple[float, ...] | None = None  # (s1, s2, b1, b2); () = family defaults
     clip_skip: int = 1  # 1 = last layer
-    pag: float = 0.0
-    apg: float = 0.0
+    pag: float = 0.0  # Perturbed-Attention Guidance scale (0 = off)
+    apg: float = 0.0  # Adaptive Projected Guidance norm threshold (0 = off); needs cfg > 1
 
     def non_neutral(self) -> dict:
         """The controls that differ from their neutral value."""
@@ -41,21 +87,61 @@ class GuidanceSettings:
         for name in ("adm_scale", "freeu"):
             value = getattr(out, name)
             if value is not None:
-                setattr(out, name, tuple(float(v) for v in value))
+                setattr(out, name, tuple(_number(name, v) for v in value))
         return out
 
     def validate(self, xl: bool, cfg: float) -> None:
-        _range("sharpness", self.sharpness, 0.0, 30.0)
-        _range("cfg_rescale", self.cfg_rescale, 0.0, 1.0)
-        _range("perp_neg", self.perp_neg, 0.0, 10.0)
-        _range("sag", self.sag, 0.0, 10.0)
-        _range("adaptive_cfg", self.adaptive_cfg, 0.0, 30.0)
-        _range("pag", self.pag, 0.0, 20.0)
-        _range("apg", self.apg, 0.0, 30.0)
-        if not 1 <= int(self.clip_skip) <= 12:
-            raise RequestError("clip_skip", f"{self.clip_skip} is out of range; allowed 1..12 (1 = last layer)")
+        """Raise RequestError for an out-of-range value or a combination that makes no sense."""
+        for name, (lo, hi) in RANGES.items():
+            _range(name, getattr(self, name), lo, hi)
+        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or not (
+            1 <= self.clip_skip <= CLIP_SKIP_MAX
+        ):
+            raise RequestError("clip_skip", f"{self.clip_skip} is not allowed; use a whole number 1..{CLIP_SKIP_MAX} (1 = last layer)")
+        self._validate_adm(xl)
+        self._validate_freeu()
+        for name, why in _NEEDS_CFG.items():
+            if getattr(self, name) > 0 and cfg <= 1.0:
+                raise RequestError(name, f"needs cfg > 1 ({why}); raise cfg or set {name} to 0")
+        for a, b, why in _EXCLUSIVE:
+            if getattr(self, a) > 0 and getattr(self, b) > 0:
+                raise RequestError(a, f"cannot be combined with {b} ({why}); set one of them to 0")
+
+    def _validate_adm(self, xl: bool) -> None:
+        if self.adm_scale is None:
+            return
+        if not xl:
+            raise RequestError("adm_scale", "only for SDXL models (it scales SDXL's size conditioning)")
+        values = _numbers("adm_scale", self.adm_scale, 3, "POS,NEG,END")
+        lo, hi = ADM_SCALE_RANGE
+        if not (lo <= values[0] <= hi and lo <= values[1] <= hi and 0.0 <= values[2] <= 1.0):
+            raise RequestError("adm_scale", f"{self.adm_scale} is out of range; allowed POS,NEG {lo:g}..{hi:g} and END 0..1")
+
+    def _validate_freeu(self) -> None:
+        if not self.freeu:  # None = off, () = family defaults
+            return
+        values = _numbers("freeu", self.freeu, 4, "s1,s2,b1,b2 (or none for the model's defaults)")
+        lo, hi = FREEU_RANGE
+        if not all(lo <= v <= hi for v in values):
+            raise RequestError("freeu", f"{self.freeu} is out of range; allowed {lo:g}..{hi:g} each")
 
 
-def _range(name: str, value: float, lo: float, hi: float) -> None:
-    if not isinstance(value, (int, float)) or not lo <= float(value) <= hi:
+def _number(name: str, value: object) -> float:
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        out = float("nan")
+    if isinstance(value, bool) or out != out or out in (float("inf"), float("-inf")):
+        raise RequestError(name, f"{value!r} is not a number")
+    return out
+
+
+def _numbers(name: str, values: object, count: int, shape: str) -> tuple[float, ...]:
+    if not isinstance(values, (tuple, list)) or len(values) != count:
+        raise RequestError(name, f"{values!r} is not allowed; give {count} numbers {shape}")
+    return tuple(_number(name, v) for v in values)
+
+
+def _range(name: str, value: object, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= float(value) <= hi:
         raise RequestError(name, f"{value} is out of range; allowed {lo:g}..{hi:g}")

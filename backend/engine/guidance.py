@@ -1,17 +1,34 @@
 """Guidance: turns UNet predictions into the noise prediction the scheduler steps with.
 
-Plain classifier-free guidance runs cond and uncond in one batched UNet call
-and is skipped at cfg <= 1, exactly as the stock diffusers pipelines do.
+One batched UNet call per step runs every branch the request needs:
+[uncond, cond] for CFG ([cond] alone at cfg <= 1: half the work, as the stock
+pipelines do), [empty, cond, uncond] for PerpNeg, plus a perturbed copy of cond
+for PAG. SAG adds one more call, on its degraded sample. Within a step:
+adaptive CFG picks the scale, sharpness filters the positive prediction,
+CFG / PerpNeg / APG combine the branches, PAG and SAG add their terms, and CFG
+rescale (Lin et al. 2023, arXiv 2305.08891 §3.4, diffusers' implementation)
+comes last. ADM scaling picks SDXL's time ids per branch; FreeU is set on the
+UNet for each job. With every control neutral this is plain CFG, bit for bit.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-from backend.engine.conditioning import Conditioning
+from backend.engine.adaptive_cfg import effective_cfg
+from backend.engine.adm_scale import scaled_time_ids
+from backend.engine.apg import ProjectedGuidance
+from backend.engine.conditioning import Conditioning, encode
+from backend.engine.freeu import set_freeu
+from backend.engine.pag import perturbed_mid_attention
+from backend.engine.perp_neg import perp_neg
+from backend.engine.prediction import NoiseLevel, noise_level, progress
+from backend.engine.sag import AttentionMap, capture_attention, degraded_sample
+from backend.engine.sharpness import sharpened
 from backend.guidance import GuidanceSettings
 
 
@@ -33,34 +50,124 @@ class UNetInputs:
         )[0]
 
 
+@dataclass(frozen=True)
+class Branch:
+    """One row of the batched UNet call: its text embeddings and SDXL time ids."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None
+    time_ids: torch.Tensor | None
+    adm_time_ids: torch.Tensor | None  # time ids while ADM scaling is active
+
+    def ids(self, adm: bool) -> torch.Tensor | None:
+        return self.adm_time_ids if adm else self.time_ids
+
+
+def _cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    if tensors[0] is None:
+        return None
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 class Guider:
-    """Computes the guided noise prediction for each step."""
+    """Computes the guided noise prediction for each step of one image."""
 
     def __init__(self, inputs: UNetInputs, cfg: float, settings: GuidanceSettings, total_steps: int) -> None:
+        settings.validate(xl=inputs.add_time_ids is not None, cfg=cfg)
         self.inputs = inputs
         self.cfg = cfg
         self.settings = settings
         self.total = total_steps
         self.do_cfg = cfg > 1.0
-        c = inputs.cond
-        if self.do_cfg:
-            self.embeds = torch.cat([c.uncond, c.cond])
-            self.text_embeds = None if c.pooled is None else torch.cat([c.uncond_pooled, c.pooled])
-            self.time_ids = (
-                None if inputs.add_time_ids is None else torch.cat([inputs.neg_add_time_ids, inputs.add_time_ids])
-            )
+        s = settings
+        set_freeu(inputs.pipe, s.freeu)
+        self.branches = self._branches()
+        if s.perp_neg:
+            self.rows: tuple[str, ...] = ("empty", "cond", "uncond")
         else:
-            self.embeds, self.text_embeds, self.time_ids = c.cond, c.pooled, inputs.add_time_ids
+            self.rows = ("uncond", "cond") if self.do_cfg else ("cond",)
+        if s.pag:
+            self.rows += ("perturbed",)
+        self.base = self.rows[0]  # SAG's branch: uncond, PerpNeg's empty, or cond at cfg <= 1
+        self.embeds = _cat([self.branches[r].embeds for r in self.rows])
+        self.text_embeds = _cat([self.branches[r].pooled for r in self.rows])
+        self.time_ids = _cat([self.branches[r].time_ids for r in self.rows])
+        self.adm_time_ids = _cat([self.branches[r].adm_time_ids for r in self.rows]) if s.adm_scale else None
+        self.timed = bool(s.adaptive_cfg or s.sharpness or s.adm_scale)
+        self.apg = ProjectedGuidance(s.apg) if s.apg else None
+
+    def _branches(self) -> dict[str, Branch]:
+        s, inputs, c = self.settings, self.inputs, self.inputs.cond
+        pos, neg = s.adm_scale[:2] if s.adm_scale else (None, None)
+
+        def branch(embeds, pooled, time_ids, scale) -> Branch:
+            adm = None if scale is None else scaled_time_ids(time_ids, scale)
+            return Branch(embeds, pooled, time_ids, adm)
+
+        out = {"cond": branch(c.cond, c.pooled, inputs.add_time_ids, pos)}
+        if self.do_cfg:
+            out["uncond"] = branch(c.uncond, c.uncond_pooled, inputs.neg_add_time_ids, neg)
+        if s.perp_neg:
+            empty = encode(inputs.pipe, "", "", False, s.clip_skip)
+            # Long prompts are encoded as several 77-token windows; an empty prompt's windows are all alike.
+            embeds = empty.cond.repeat(1, c.cond.shape[1] // empty.cond.shape[1], 1)
+            out["empty"] = branch(embeds, empty.pooled, inputs.neg_add_time_ids, neg)
+        if s.pag:
+            out["perturbed"] = out["cond"]
+        return out
 
     def predict(self, scheduler, latents: torch.Tensor, t, step: int) -> torch.Tensor:
-        model_in = torch.cat([latents] * 2) if self.do_cfg else latents
+        s = self.settings
+        n = len(self.rows)
+        model_in = torch.cat([latents] * n) if n > 1 else latents
         model_in = scheduler.scale_model_input(model_in, t)
-        pred = self.inputs.call(model_in, t, self.embeds, self.text_embeds, self.time_ids)
-        if not self.do_cfg:
-            return pred
-        uncond, cond = pred.chunk(2)
-        guided = uncond + self.cfg * (cond - uncond)
-        if self.settings.cfg_rescale > 0.0:
-            # Lin et al. 2023 (arXiv 2305.08891) §3.4, diffusers' implementation.
-            guided = rescale_noise_cfg(guided, cond, guidance_rescale=self.settings.cfg_rescale)
+        p = progress(scheduler, t) if self.timed else 0.0
+        adm = self.adm_time_ids is not None and p < s.adm_scale[2]
+        with self._attention_hooks() as attention:
+            pred = self.inputs.call(
+                model_in, t, self.embeds, self.text_embeds, self.adm_time_ids if adm else self.time_ids
+            )
+        out = dict(zip(self.rows, pred.chunk(n)))
+        x = model_in[:1]
+        level = noise_level(scheduler, t) if s.sag or s.sharpness else None
+        guided = self._combine(out, x, level, p)
+        if s.sag:
+            guided = guided + self._sag_term(out[self.base], x, t, level, attention, adm)
+        if s.cfg_rescale > 0.0:
+            guided = rescale_noise_cfg(guided, out["cond"], guidance_rescale=s.cfg_rescale)
         return guided
+
+    def _attention_hooks(self):
+        unet = self.inputs.pipe.unet
+        if self.settings.pag:
+            return perturbed_mid_attention(unet, with_cfg=self.do_cfg)
+        if self.settings.sag:
+            return capture_attention(unet, row=0)
+        return nullcontext()
+
+    def _combine(self, out: dict[str, torch.Tensor], x: torch.Tensor, level: NoiseLevel | None, p: float):
+        s = self.settings
+        cfg = effective_cfg(self.cfg, s.adaptive_cfg, p)
+        cond = out["cond"]
+        if s.sharpness:
+            eps = sharpened(level.eps(cond, x), level.x0(cond, x), s.sharpness, p)
+            cond = level.from_eps(eps, x)
+        if s.perp_neg:
+            guided = perp_neg(out["empty"], cond, out["uncond"], cfg, s.perp_neg)
+        elif self.apg is not None:
+            guided = self.apg(cond, out["uncond"], cfg)
+        elif self.do_cfg:
+            guided = out["uncond"] + cfg * (cond - out["uncond"])
+        else:
+            guided = cond
+        if s.pag:
+            guided = guided + s.pag * (out["cond"] - out["perturbed"])
+        return guided
+
+    def _sag_term(self, pred, x, t, level: NoiseLevel, attention: AttentionMap, adm: bool) -> torch.Tensor:
+        eps = level.eps(pred, x)
+        mask = attention.mask(tuple(x.shape[-2:]), x.dtype)
+        degraded = degraded_sample(level.x0(pred, x), eps, mask, level)
+        b = self.branches[self.base]
+        degraded_pred = self.inputs.call(degraded, t, b.embeds, b.pooled, b.ids(adm))
+        return level.eps_step(self.settings.sag * (eps - level.eps(degraded_pred, degraded)))
