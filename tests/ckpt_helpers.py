@@ -138,6 +138,9 @@ TEXT_LAYOUT = {
 }
 
 
+LAYOUT_OF = {"sd1": "sd1", "sd2": "sd2", "sd2-v": "sd2", "sdxl": "sdxl", "sdxl-refiner": "sdxl-refiner"}  # family -> layout
+
+
 def pipeline_to_ldm(pipe, layout: str) -> dict:
     """The whole pipeline as one original-layout state dict (``layout`` is a TEXT_LAYOUT key)."""
     sd = unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config))

@@ -15,10 +15,9 @@ from backend.engine.loader import family_config, load_pipeline
 from backend.errors import ModelError
 from backend.models import ModelRef, resolve_model
 from backend.request import GenerateRequest
-from ckpt_helpers import pipeline_to_ldm, save_single_file, tiny_refiner, tiny_xl, write_family_config
+from ckpt_helpers import LAYOUT_OF, pipeline_to_ldm, save_single_file, tiny_refiner, tiny_xl, write_family_config
 
 CPU = torch.device("cpu")
-LAYOUT = {"sd1": "sd1", "sd2-v": "sd2", "sdxl": "sdxl", "sdxl-refiner": "sdxl-refiner"}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def files(tmp_path_factory):
     paths = {}
     for family, pipe in pipes.items():
         write_family_config(pipe, root / "configs" / family)
-        paths[family] = save_single_file(pipe, LAYOUT[family], root / "ckpt" / f"tiny-{family}.safetensors")
+        paths[family] = save_single_file(pipe, LAYOUT_OF[family], root / "ckpt" / f"tiny-{family}.safetensors")
     # The SD2 config folder has no tokenizer: the CLIP tokenizer built from the shipped BPE is used.
     shutil.rmtree(root / "configs" / "sd2-v" / "tokenizer")
     return {"root": root, "pipes": pipes, "paths": paths}
