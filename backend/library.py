@@ -293,6 +293,13 @@ def _folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+_DETECTORS = {  # kind -> (shapes -> family or None, why a file is not of that kind)
+    "lora": (lora_family, "is not a LoRA (no lora_down / lora_A weights)"),
+    "embedding": (embedding_family, "is not a textual-inversion embedding"),
+    "vae": (lambda shapes: "any" if is_vae(shapes) else None, "is not a VAE (no encoder/decoder weights)"),
+}
+
+
 def _inspect_file(kind: str, path: Path, source: str) -> Entry:
     shapes, meta = read_shapes(path)
     fmt = "pickle" if path.suffix.lower() in PICKLE_SUFFIXES else "safetensors"
@@ -305,20 +312,12 @@ def _inspect_file(kind: str, path: Path, source: str) -> Entry:
         entry.family, entry.variant = found
         if entry.variant:
             entry.note = f"{entry.variant} model: not usable for text-to-image"
-    elif kind == "lora":
-        family = lora_family(shapes)
+    else:
+        detect, problem = _DETECTORS[kind]
+        family = detect(shapes)
         if family is None:
-            raise CorruptFile(f"model: {path.name} is not a LoRA (no lora_down / lora_A weights)")
+            raise CorruptFile(f"model: {path.name} {problem}")
         entry.family = family
-    elif kind == "embedding":
-        family = embedding_family(shapes)
-        if family is None:
-            raise CorruptFile(f"model: {path.name} is not a textual-inversion embedding")
-        entry.family = family
-    elif kind == "vae":
-        if not is_vae(shapes):
-            raise CorruptFile(f"model: {path.name} is not a VAE (no encoder/decoder weights)")
-        entry.family = "any"
     return entry
 
 
@@ -366,9 +365,9 @@ def scan_folder(kind: str, root: Path, lib: Library) -> None:
 def _hub_snapshots() -> list[tuple[str, Path, int]]:
     """(repo id, newest snapshot folder, size on disk) of the model repos in the local HF cache."""
     try:
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import constants, scan_cache_dir
 
-        info = scan_cache_dir()
+        info = scan_cache_dir(constants.HF_HUB_CACHE)
     except Exception:  # no cache dir yet, or an unreadable one
         return []
     out = []

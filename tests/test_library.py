@@ -188,3 +188,21 @@ def test_short_hash_is_sha256_prefix_and_cached(tmp_path):
     assert library.short_hash(path) == "cachedhash"
     path.write_bytes(b"other" * 1000)
     assert library.short_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+
+
+def test_single_files_pulled_into_the_hf_cache_are_found(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--org--sdxl"
+    blob = _write(repo / "blobs" / "abc123", _checkpoint(XL_TEXT))
+    snapshot = repo / "snapshots" / "c0ffee"
+    snapshot.mkdir(parents=True)
+    (snapshot / "sd_xl_base.safetensors").symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c0ffee")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    entry = library.find("checkpoint", "sd_xl_base", config.Config())
+    assert (entry.family, entry.source) == ("sdxl", "hf-cache:org/sdxl")
+    from backend.models import resolve_model
+
+    assert resolve_model("sd_xl_base").family == "sdxl"
