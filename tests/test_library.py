@@ -206,3 +206,24 @@ def test_single_files_pulled_into_the_hf_cache_are_found(tmp_path, monkeypatch):
     from backend.models import resolve_model
 
     assert resolve_model("sd_xl_base").family == "sdxl"
+
+
+def test_check_extras_refuses_early_without_torch(tmp_path):
+    from backend.errors import RequestError
+    from backend.extras_check import check_extras
+    from backend.request import GenerateRequest
+
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+    _write(tmp_path / "loras" / "ink.safetensors", {key: (4, 768)})
+    torch.save({key: torch.zeros(4, 768)}, tmp_path / "loras" / "old.pt")
+    cfg = config.Config(paths={"loras": [tmp_path / "loras"], "vae": [tmp_path / "vae"]})
+    ok = check_extras(GenerateRequest(prompt="a cat <lora:ink:0.5>"), cfg)
+    assert ok.loras == [("ink", 0.5)] and ok.prompt == "a cat"
+    with pytest.raises(RequestError, match="^lora: ink2 not found; known: ink, old"):
+        check_extras(GenerateRequest(loras=[("ink2", 1.0)]), cfg)
+    with pytest.raises(RequestError, match=r"^lora: old is a pickle \(\.pt\); refused without --allow-pickle"):
+        check_extras(GenerateRequest(loras=[("old", 1.0)]), cfg)
+    with pytest.raises(RequestError, match="^vae: mine not found; none found in"):
+        check_extras(GenerateRequest(vae="mine"), cfg)
+    with pytest.raises(ModelError, match="^model: nope/nothing"):
+        check_extras(GenerateRequest(refiner="nope/nothing"), cfg)

@@ -9,10 +9,11 @@ from safetensors.torch import save_file
 import pytest
 
 from backend.engine.conditioning import encode
-from backend.engine.extras import apply_extras, effective_request
+from backend.engine.extras import apply_extras
 from backend.engine.generate import generate_image
 from backend.engine.loader import PipelineCache, load_pipeline
 from backend.errors import ModelError, RequestError
+from backend.extras_check import effective_request
 from backend.models import resolve_model
 from backend.request import GenerateRequest
 from ckpt_helpers import tiny_refiner, vae_to_ldm

@@ -20,7 +20,6 @@ and saved in each image's metadata.
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,43 +27,14 @@ import torch
 from backend import config as config_mod
 from backend import library
 from backend.errors import ModelError, RequestError
+from backend.extras_check import effective_request, find_extra
 from backend.families import FAMILIES
 from backend.request import GenerateRequest
-
-MAX_LORAS = 5
-LORA_TAG = re.compile(r"<lora:([^:>]+)(?::\s*([-+]?(?:\d+\.?\d*|\.\d+)))?\s*>")
 
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
-
-
-def prompt_loras(text: str) -> tuple[str, list[tuple[str, float]]]:
-    """Strip ``<lora:name:weight>`` tags from a prompt; returns the clean prompt and the LoRAs."""
-    found = [(m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0) for m in LORA_TAG.finditer(text)]
-    clean = re.sub(r"\s{2,}", " ", LORA_TAG.sub("", text)).strip()
-    return clean, found
-
-
-def effective_request(request: GenerateRequest) -> GenerateRequest:
-    """The request with prompt LoRA tags moved into ``loras`` (a tag wins over a flag of the same name)."""
-    prompt, tagged = prompt_loras(request.prompt)
-    if not tagged:
-        loras = list(request.loras)
-    else:
-        names = {n for n, _ in tagged}
-        loras = [x for x in request.loras if x[0] not in names] + tagged
-    seen = set()
-    for name, weight in loras:
-        if name in seen:
-            raise RequestError("lora", f"{name} is given twice")
-        seen.add(name)
-        if not -2.0 <= weight <= 2.0:
-            raise RequestError("lora", f"weight {weight} for {name} is out of range; allowed -2..2")
-    if len(loras) > MAX_LORAS:
-        raise RequestError("lora", f"{len(loras)} given; at most {MAX_LORAS} LoRA slots")
-    return replace(request, prompt=prompt, loras=loras)
 
 
 def _same_family(kind: str, name: str, item: str, model: str) -> None:
@@ -74,18 +44,6 @@ def _same_family(kind: str, name: str, item: str, model: str) -> None:
     norm = {"sd2-v": "sd2"}
     if norm.get(item, item) != norm.get(model, model):
         raise RequestError(kind, f"{name} is for {FAMILIES[item].label}; the model is {FAMILIES[model].label}")
-
-
-def _find(kind: str, name: str, cfg) -> library.Entry:
-    entry = library.find(kind, name, cfg)
-    if entry is None:
-        known = library.names(kind, cfg)
-        folders = ", ".join(str(p) for p in cfg.folders(library.FOLDER_OF_KIND[kind])) or "none"
-        listed = f"known: {', '.join(known[:10])}" if known else f"none found in {folders}"
-        raise RequestError(kind, f"{name} not found; {listed}")
-    if entry.format == "pickle" and not cfg.allow_pickle:
-        raise RequestError(kind, f"{name} is a pickle ({Path(entry.path).suffix}); refused without --allow-pickle")
-    return entry
 
 
 def _load_weights(entry: library.Entry) -> dict:
@@ -102,7 +60,7 @@ def _apply_loras(pipe, loras: list[tuple[str, float]], cfg) -> list[dict]:
     wanted: list[tuple[str, float]] = []
     records = []
     for name, weight in loras:
-        entry = _find("lora", name, cfg)
+        entry = find_extra("lora", name, cfg)
         _same_family("lora", name, entry.family, pipe.dreamtty_family)
         digest = library.short_hash(entry.path)
         adapter = f"{re.sub(r'[^0-9A-Za-z_]', '_', entry.name)}_{digest}"
@@ -179,7 +137,7 @@ def _apply_vae(pipe, name: str | None, cfg) -> dict | None:
             pipe.vae = original
             pipe.dreamtty_vae_key = None
         return None
-    entry = _find("vae", name, cfg)
+    entry = find_extra("vae", name, cfg)
     digest = library.folder_hash(entry.path) if entry.format == "diffusers" else library.short_hash(entry.path)
     if getattr(pipe, "dreamtty_vae_key", None) != (entry.path, digest):
         vae = _load_vae(entry, original)

@@ -1,0 +1,74 @@
+"""Torch-free handling of a request's extras: prompt LoRA tags, and lookups the service can check early.
+
+``check_extras`` lets the service refuse a request with an unknown LoRA or VAE,
+a refused pickle or an unknown refiner before anything is queued; the worker
+does the loading (``backend.engine.extras``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from backend import config as config_mod
+from backend import library
+from backend.errors import RequestError
+from backend.request import GenerateRequest
+
+MAX_LORAS = 5
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::\s*([-+]?(?:\d+\.?\d*|\.\d+)))?\s*>")
+
+
+def prompt_loras(text: str) -> tuple[str, list[tuple[str, float]]]:
+    """Strip ``<lora:name:weight>`` tags from a prompt; returns the clean prompt and the LoRAs."""
+    found = [(m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0) for m in LORA_TAG.finditer(text)]
+    clean = re.sub(r"\s{2,}", " ", LORA_TAG.sub("", text)).strip()
+    return clean, found
+
+
+def effective_request(request: GenerateRequest) -> GenerateRequest:
+    """The request with prompt LoRA tags moved into ``loras`` (a tag wins over a flag of the same name)."""
+    prompt, tagged = prompt_loras(request.prompt)
+    if not tagged:
+        loras = list(request.loras)
+    else:
+        names = {n for n, _ in tagged}
+        loras = [x for x in request.loras if x[0] not in names] + tagged
+    seen = set()
+    for name, weight in loras:
+        if name in seen:
+            raise RequestError("lora", f"{name} is given twice")
+        seen.add(name)
+        if not -2.0 <= weight <= 2.0:
+            raise RequestError("lora", f"weight {weight} for {name} is out of range; allowed -2..2")
+    if len(loras) > MAX_LORAS:
+        raise RequestError("lora", f"{len(loras)} given; at most {MAX_LORAS} LoRA slots")
+    return replace(request, prompt=prompt, loras=loras)
+
+
+def find_extra(kind: str, name: str, cfg) -> library.Entry:
+    entry = library.find(kind, name, cfg)
+    if entry is None:
+        known = library.names(kind, cfg)
+        folders = ", ".join(str(p) for p in cfg.folders(library.FOLDER_OF_KIND[kind])) or "none"
+        listed = f"known: {', '.join(known[:10])}" if known else f"none found in {folders}"
+        raise RequestError(kind, f"{name} not found; {listed}")
+    if entry.format == "pickle" and not cfg.allow_pickle:
+        raise RequestError(kind, f"{name} is a pickle ({Path(entry.path).suffix}); refused without --allow-pickle")
+    return entry
+
+
+def check_extras(request: GenerateRequest, cfg=None) -> GenerateRequest:
+    """Check that the request's LoRAs, VAE and refiner exist and may be loaded; returns the effective request."""
+    from backend.models import resolve_model
+
+    cfg = cfg or config_mod.load()
+    request = effective_request(request)
+    for name, _ in request.loras:
+        find_extra("lora", name, cfg)
+    if request.vae:
+        find_extra("vae", request.vae, cfg)
+    if request.refiner:
+        resolve_model(request.refiner)
+    return request
