@@ -6,8 +6,13 @@
 The GPU run builds the SD1.5 architecture with random weights (benchmarks/realsize.py;
 nothing is downloaded; speed does not depend on the weights). Only the denoising loop
 is timed (no prompt encoding, no VAE decode); each figure is the best of ``--runs``.
-Expected: PerpNeg and SAG about 1.5× (three branches instead of two; one extra
-single-branch call), PAG about 1.5×, the others about 1.0×.
+On CPU the time is the process's CPU time (robust on a shared machine; run it with
+OMP_NUM_THREADS=1 so that is also the work done), on CUDA wall-clock time.
+Measured (H100, torch 2.11, diffusers 0.42.1, 2026-11): there a batch of 1, 2 or 3
+branches takes the same time (the eager UNet at 512² is bound by overhead, not math), so PerpNeg and
+PAG about 1.0×, SAG about 2× (its extra UNet call cannot be batched: it needs the
+first call's output), the rest about 1.0×. On the CPU demo models work grows with
+the batch: PerpNeg and PAG about 1.2-1.4×, SAG about 1.6-1.7×.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ CONTROLS = [
     ("freeu (defaults)", GuidanceSettings(freeu=()), CFG, False),
     ("pag 3", GuidanceSettings(pag=3.0), CFG, False),
     ("apg 15", GuidanceSettings(apg=15.0), CFG, False),
-    ("plain CFG 7 (again)", GuidanceSettings(), CFG, False),  # shows the run-to-run noise
+    ("plain CFG 7 (again)", GuidanceSettings(), CFG, False),  # shows what is noise
 ]
 
 
@@ -45,62 +50,68 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def seconds_per_step(pipe, settings: GuidanceSettings, cfg: float, size: int, steps: int, runs: int) -> float:
-    """Best-of-``runs`` time of the denoising loop, per step (after one warm-up run)."""
+def seconds_per_step(pipe, size: int, steps: int, runs: int) -> list[float | None]:
+    """Per control (None where it does not apply): the best time of the denoising loop over
+    ``runs`` rounds, per step. Rounds run every control once, in turn, so noise from a
+    shared machine spreads evenly; a first round warms up and is not counted."""
     device = pipe._execution_device
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    xl = hasattr(pipe, "text_encoder_2")
+    cases = [(settings, cfg) if xl or not xl_only else None for _, settings, cfg, xl_only in CONTROLS]
+    best: list[float | None] = [None] * len(cases)
     with torch.inference_mode():
-        cond = encode(pipe, PROMPT, NEGATIVE, cfg > 1.0, settings.clip_skip)
-        times = []
-        for _ in range(runs + 1):
-            scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "dpmpp_2m", "karras")
-            spec = DenoiseSpec(cond, size, size, steps, cfg, torch.Generator("cpu").manual_seed(0), guidance=settings)
-            _sync(device)
-            start = time.perf_counter()
-            denoise(pipe, scheduler, spec)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    return min(times[1:]) / steps
+        conds = [case and encode(pipe, PROMPT, NEGATIVE, case[1] > 1.0) for case in cases]
+        for round_ in range(runs + 1):
+            for i, case in enumerate(cases):
+                if case is None:
+                    continue
+                scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "dpmpp_2m", "karras")
+                generator = torch.Generator("cpu").manual_seed(0)
+                spec = DenoiseSpec(conds[i], size, size, steps, case[1], generator, guidance=case[0])
+                _sync(device)
+                start = clock()
+                denoise(pipe, scheduler, spec)
+                _sync(device)
+                took = (clock() - start) / steps
+                if round_:
+                    best[i] = took if best[i] is None else min(best[i], took)
+    return best
 
 
 def print_table(pipes: dict[str, object], size: int, steps: int, runs: int) -> None:
-    """One row per control, printed as soon as it is measured."""
+    columns = {name: seconds_per_step(pipe, size, steps, runs) for name, pipe in pipes.items()}
     head = f"{'control':<24}" + "".join(f"{name + ' s/step':>20}{'ratio':>8}" for name in pipes)
-    print(head, "-" * len(head), sep="\n", flush=True)
-    for pipe in pipes.values():  # warm up kernels and clocks before the baseline is timed
-        seconds_per_step(pipe, GuidanceSettings(), CFG, size, steps, runs=1)
-    base = {}
-    for label, settings, cfg, xl_only in CONTROLS:
-        row = f"{label:<24}"
-        for name, pipe in pipes.items():
-            if xl_only and not hasattr(pipe, "text_encoder_2"):
-                row += f"{'n/a':>20}{'':>8}"
-                continue
-            sec = seconds_per_step(pipe, settings, cfg, size, steps, runs)
-            base.setdefault(name, sec)
-            row += f"{sec:>20.4f}{sec / base[name]:>7.2f}x"
-        print(row, flush=True)
+    print(head, "-" * len(head), sep="\n")
+    for row, (label, *_) in enumerate(CONTROLS):
+        cells = []
+        for times in columns.values():
+            sec = times[row]
+            cells.append(f"{'n/a':>20}{'':>8}" if sec is None else f"{sec:>20.4f}{sec / times[0]:>7.2f}x")
+        print(f"{label:<24}" + "".join(cells))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="real-size SD1.5 UNet on CUDA, fp16, 512²")
-    parser.add_argument("--steps", type=int, help="steps per run (default 15 on GPU, 8 on CPU)")
-    parser.add_argument("--runs", type=int, default=2, help="timed runs per control (best is kept)")
+    parser.add_argument("--steps", type=int, help="steps per run (default 15 on GPU, 4 on CPU)")
+    parser.add_argument("--runs", type=int, help="timed rounds (default 3 on GPU, 8 on CPU); the best is kept")
     args = parser.parse_args()
     if args.gpu:
+        if not torch.cuda.is_available():
+            parser.error("--gpu needs a CUDA device")
         from benchmarks.realsize import build_pipeline
 
-        pipes, size, steps = {"SD1.5 512²": build_pipeline(xl=False)}, 512, args.steps or 15
+        pipes, size, steps, runs = {"SD1.5 512²": build_pipeline(xl=False)}, 512, args.steps or 15, args.runs or 3
         title = f"{torch.cuda.get_device_name()}, fp16, {steps} steps, DPM++ 2M Karras"
     else:
         from backend.engine.loader import load_pipeline
         from backend.models import resolve_model
 
         load = lambda name: load_pipeline(resolve_model(name), torch.device("cpu"), torch.float32)  # noqa: E731
-        pipes, size, steps = {"demo": load("demo"), "demo-xl": load("demo-xl")}, 128, args.steps or 8
+        pipes, size, steps, runs = {"demo": load("demo"), "demo-xl": load("demo-xl")}, 128, args.steps or 4, args.runs or 8
         title = f"CPU ({torch.get_num_threads()} threads), fp32, 128², {steps} steps, DPM++ 2M Karras"
     print(title, flush=True)
-    print_table(pipes, size, steps, args.runs)
+    print_table(pipes, size, steps, runs)
 
 
 if __name__ == "__main__":

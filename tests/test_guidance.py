@@ -26,8 +26,10 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
 
 from backend.engine.conditioning import encode
 from backend.engine.denoise import DenoiseSpec, decode, denoise
+from backend.engine.filters import joint_bilateral
 from backend.engine.guidance import Guider
 from backend.engine.loader import load_pipeline
+from backend.engine.prediction import noise_level
 from backend.engine.scheduling import make_scheduler
 from backend.errors import RequestError
 from backend.guidance import GuidanceSettings
@@ -55,11 +57,12 @@ def pipes(demo_dirs):
     return {"sd": load("demo"), "xl": load("demo-xl")}
 
 
-def _latents(pipe, settings=None, cfg=7.0, sampler="euler", schedule="karras", make_guider=Guider, config=None):
+def _latents(pipe, settings=None, cfg=7.0, sampler="euler", schedule="karras", make_guider=Guider, config=None,
+             prompt=PROMPT):
     settings = settings or GuidanceSettings()
     with torch.inference_mode():
         g = torch.Generator("cpu").manual_seed(SEED)
-        cond = encode(pipe, PROMPT, NEGATIVE, cfg > 1.0, settings.clip_skip)
+        cond = encode(pipe, prompt, NEGATIVE, cfg > 1.0, settings.clip_skip)
         sched = make_scheduler(config or pipe.dreamtty_scheduler_config, sampler, schedule, seed=SEED)
         spec = DenoiseSpec(cond, SIZE, SIZE, STEPS, cfg, g, guidance=settings)
         return denoise(pipe, sched, spec, make_guider=make_guider)
@@ -247,6 +250,18 @@ def _sag_attention_map(pipe, x, t, row):
     return store.attention_probs, size[0]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_perp_neg_with_a_prompt_longer_than_one_window(pipes, family):
+    """Long prompts are encoded as several 77-token windows; the empty branch gets as many."""
+    long_prompt = "a red fox in the snow, " * 5  # > 75 tokens with the byte-level demo tokenizer
+    made = []
+    make = lambda *args: made.append(Guider(*args)) or made[-1]  # noqa: E731
+    first = _latents(pipes[family], GuidanceSettings(perp_neg=1.0), make_guider=make, prompt=long_prompt)
+    assert made[0].branches["empty"].embeds.shape == made[0].inputs.cond.cond.shape
+    assert made[0].inputs.cond.cond.shape[1] == 2 * 77
+    assert torch.equal(first, _latents(pipes[family], GuidanceSettings(perp_neg=1.0), prompt=long_prompt))
+
+
 @pytest.mark.parametrize(
     "family,kind,cfg", [("sd", "epsilon", 7.0), ("sd", "v_prediction", 7.0), ("sd", "epsilon", 1.0), ("xl", "epsilon", 5.0)]
 )
@@ -289,6 +304,35 @@ def _joint_bilateral_reference(x, guide, size=13, sigma=3.0):
             num += weight * x[:, :, iy][:, :, :, ix]
             den += weight
     return num / den
+
+
+def test_joint_bilateral_matches_reference_on_a_non_square_image():
+    torch.manual_seed(0)
+    x, guide = torch.randn(1, 4, 14, 20), torch.randn(1, 4, 14, 20)
+    torch.testing.assert_close(joint_bilateral(x, guide), _joint_bilateral_reference(x, guide))
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("sampler,schedule", [("euler", "karras"), ("ddim", "normal")])
+def test_noise_level_matches_schedulers(pipes, kind, sampler, schedule):
+    """x0 as DDIM computes it, and (for Karras sigmas, fractional timesteps) the scheduler's own sigma."""
+    config = {**pipes["sd"].dreamtty_scheduler_config, "prediction_type": kind, "clip_sample": False}
+    ddim = make_scheduler(config, "ddim", "normal")
+    sched = make_scheduler(config, sampler, schedule)
+    sched.set_timesteps(10)
+    torch.manual_seed(0)
+    x, pred = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    for i, t in enumerate(sched.timesteps[:-1]):
+        level = noise_level(sched, t)
+        if sampler == "euler":
+            assert level.s / level.a == pytest.approx(float(sched.sigmas[i]), rel=1e-5)
+        else:
+            ddim.set_timesteps(10)
+            expected = ddim.step(pred, t, x).pred_original_sample
+            torch.testing.assert_close(level.x0(pred, x), expected, rtol=1e-5, atol=1e-5)
+        eps = level.eps(pred, x)
+        torch.testing.assert_close(level.from_eps(eps, x), pred, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(level.noised(level.x0(pred, x), eps), x, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
