@@ -11,6 +11,7 @@ from pathlib import Path
 
 from backend.errors import RequestError
 from backend.families import FAMILIES
+from backend.request import _float, _int  # the same number parsing as GenerateRequest
 
 METHODS = ("full", "lora")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -162,17 +163,7 @@ def parse_field(name: str, value: object) -> object:
         return _bool(name, value)
     if isinstance(value, bool):
         raise RequestError(name, f"must be {_WORDS[base]}, got {value}")
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise RequestError(name, f"{value!r} is not {_WORDS[base]}") from None
-    if number != number or number in (float("inf"), float("-inf")):
-        raise RequestError(name, f"{value!r} is not a finite number")
-    if base == "int":
-        if not number.is_integer():
-            raise RequestError(name, f"{value!r} is not a whole number")
-        return int(number)
-    return number
+    return _int(name, value) if base == "int" else _float(name, value)
 
 
 _WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}

@@ -57,8 +57,13 @@ def _check_optional_packages(request: TrainRequest) -> None:
         raise RequestError("report_to", "tensorboard is not installed (pip install tensorboard); or use none")
 
 
-def prepare_run(request: TrainRequest) -> PreparedRun:
-    """Validate everything that needs no torch, then create RUN_DIR with run.json (state "starting")."""
+def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> PreparedRun:
+    """Validate everything that needs no torch, then create RUN_DIR with run.json (state "starting").
+
+    Without ``output`` the run gets a new folder in ``runs_root`` (default ``runs.runs_root()``);
+    a run elsewhere is linked there, so the dashboard lists it.
+    """
+    runs_root = runs.runs_root() if runs_root is None else Path(runs_root)
     ref = resolve_model(request.model)
     req = request.resolved(ref.family)
     _check_optional_packages(req)
@@ -67,7 +72,7 @@ def prepare_run(request: TrainRequest) -> PreparedRun:
     token = unique_token_warning(req.instance_prompt, req.class_prompt if req.prior else None)
     if token:
         warnings.append(token)
-    run_dir = Path(req.output).expanduser() if req.output else runs.runs_root() / _default_name(req)
+    run_dir = Path(req.output).expanduser() if req.output else runs_root / _default_name(req)
     previous = runs.read_run_json(run_dir) if runs.is_run_dir(run_dir) else {}
     if previous:
         state, _ = runs.effective_state(run_dir, previous)
@@ -87,7 +92,7 @@ def prepare_run(request: TrainRequest) -> PreparedRun:
         {**previous, "version": 1, "settings": req.to_dict(), "family": ref.family, "state": "starting",
          "pid": None, "error": None, "error_kind": None, "created": previous.get("created", now), "updated": now},
     )
-    runs.link_into_root(run_dir)
+    runs.link_into_root(run_dir, runs_root)
     for warning in warnings:
         runs.EventWriter(run_dir)("log", level="warning", message=warning)
     return PreparedRun(run_dir.resolve(), req, warnings)

@@ -48,11 +48,15 @@ class ModelParts:
 
 def load_parts(model: str) -> ModelParts:
     """Load the base model on the CPU in fp32 (the trainer moves and casts each part)."""
-    from diffusers import DDPMScheduler
-
     from backend.engine.loader import load_pipeline
 
-    pipe = load_pipeline(resolve_model(model), torch.device("cpu"), torch.float32)
+    return parts_from_pipeline(load_pipeline(resolve_model(model), torch.device("cpu"), torch.float32))
+
+
+def parts_from_pipeline(pipe) -> ModelParts:
+    """Wrap a loaded SD/SDXL pipeline (with ``dreamtty_family`` set): every module frozen."""
+    from diffusers import DDPMScheduler
+
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if module is not None:
             module.requires_grad_(False)

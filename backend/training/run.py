@@ -23,7 +23,7 @@ from backend.training.config import TrainRequest
 def fail(run_dir: Path, events: runs.EventWriter, message: str, kind: str = "error") -> None:
     """Record the failure; ``kind`` "input" marks a bad setting (the CLI exits 2)."""
     events("error", message=message)
-    if events.enabled:
+    if events.enabled and runs.is_run_dir(run_dir):
         runs.update_run_json(run_dir, state="failed", error=message, error_kind=kind)
     print(f"dreamtty train: {message}", file=sys.stderr)
 
@@ -36,8 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args[0]).expanduser().resolve()
     events = runs.EventWriter(run_dir, enabled=os.environ.get("RANK", "0") == "0")
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _train(run_dir, events, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _train(run_dir: Path, events: runs.EventWriter, stop: threading.Event) -> int:
     try:
         data = runs.read_run_json(run_dir)
         if not data.get("settings"):

@@ -206,7 +206,7 @@ class EventWriter:
         self.enabled = enabled
 
     def __call__(self, type_: str, **fields) -> None:
-        if not self.enabled:
+        if not self.enabled or not self.path.parent.is_dir():
             return
         line = json.dumps({"type": type_, "time": round(time.time(), 3), **fields})
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -279,7 +279,8 @@ class RunProgress:
         if kind == "resume":
             step = int(event.get("step", 0))
             self.losses = {s: v for s, v in self.losses.items() if s <= step}
-            line = f"resumed from step {step} ({event.get('checkpoint', '')})"
+            checkpoint = event.get("checkpoint")
+            line = f"resumed from step {step} ({checkpoint})" if checkpoint else "no checkpoint yet: starting over"
         elif kind == "state":
             self.state = event.get("state")
             self.max_steps = int(event.get("max_steps", self.max_steps) or 0)

@@ -28,7 +28,9 @@ from backend.training.config import TrainRequest
 from backend.training.data import ImageSet, batch_generator
 from backend.training.images import scan_images
 from backend.training.launch import resume_checkpoint
-from backend.training.modelparts import LORA_TEXT_TARGETS, LORA_UNET_TARGETS, add_lora, encode, export, load_parts, tokenize
+from backend.training.modelparts import (
+    LORA_TEXT_TARGETS, LORA_UNET_TARGETS, ModelParts, add_lora, encode, export, load_parts, tokenize,
+)
 
 VALIDATION_IMAGES = 2
 MAX_GRAD_NORM = 1.0
@@ -77,8 +79,10 @@ class DreamBoothTrainer:
     """One run: ``run()`` trains to ``max_steps`` or until stopped; returns the final state."""
 
     def __init__(self, req: TrainRequest, run_dir: Path, events: runs.EventWriter,
-                 should_stop: Callable[[], bool] = lambda: False) -> None:
+                 should_stop: Callable[[], bool] = lambda: False, parts: ModelParts | None = None) -> None:
+        """``parts``: an already built model (benchmarks); default: load ``req.model``."""
         self.req, self.run_dir, self.events, self.should_stop = req, Path(run_dir), events, should_stop
+        self.parts = parts
         self.acc = _accelerator(req, self.run_dir)
         self.device = self.acc.device
         self.weight_dtype = _DTYPES.get(self.acc.mixed_precision, torch.float32)
@@ -100,7 +104,7 @@ class DreamBoothTrainer:
 
         req, dev, dtype = self.req, self.device, self.weight_dtype
         set_seed(req.seed)  # LoRA init draws from the global RNG
-        self.parts = parts = load_parts(req.model)
+        self.parts = parts = self.parts or load_parts(req.model)
         vae = parts.vae
         _place(vae, dev, torch.float32 if getattr(vae.config, "force_upcast", False) else dtype)
         self.trainables: dict[str, torch.nn.Module] = {}
@@ -176,7 +180,8 @@ class DreamBoothTrainer:
                     self.latent_cache[(key, index, flipped)] = (params, sample.original_size, sample.crop_top_left)
         vae.to("cpu")
 
-    def _setup(self) -> int:
+    def setup(self) -> int:
+        """Class images, models, optimizer, resume, conditioning; returns the step to start from."""
         req = self.req
         class_files = self._class_images() if req.prior else []
         inst_files = scan_images(req.instance_dir, req.resolution).files
@@ -192,6 +197,8 @@ class DreamBoothTrainer:
             state = load_checkpoint(self.acc, checkpoint)
             start = int(state["step"])
             self.events("resume", step=start, checkpoint=str(checkpoint))
+        elif req.resume is not None:  # nothing saved yet: start over (drops the old steps from the curve)
+            self.events("resume", step=0, checkpoint=None)
         self._setup_conditioning()
         self._setup_latent_cache()
         if req.report_to == "tensorboard":
@@ -289,7 +296,8 @@ class DreamBoothTrainer:
         if self.main:
             runs.update_run_json(self.run_dir, step=step, checkpoint=str(path))
 
-    def _train_step(self, micro: int) -> tuple[float, float | None]:
+    def train_step(self, micro: int) -> tuple[float, float | None]:
+        """One optimizer step over ``grad_accum`` micro-batches from ``micro``: (loss, prior loss)."""
         losses, priors = [], []
         modules = list(self.trainables.values())
         for k in range(self.req.grad_accum):
@@ -308,11 +316,11 @@ class DreamBoothTrainer:
 
     def run(self) -> str:
         req = self.req
-        step = self.step = self._setup()
+        step = self.step = self.setup()
         times: deque[float] = deque(maxlen=10)
         while step < req.max_steps:
             began = time.perf_counter()
-            loss, prior = self._train_step(step * req.grad_accum)
+            loss, prior = self.train_step(step * req.grad_accum)
             step = self.step = step + 1
             times.append(time.perf_counter() - began)
             its = len(times) / sum(times)

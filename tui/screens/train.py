@@ -20,7 +20,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
 from textual.markup import escape
 from textual.widgets import Checkbox, Input, Log, OptionList, Select, Static
-from textual.widgets.option_list import Option
+from textual.widgets.option_list import Option, OptionDoesNotExist
 from textual_plotext import PlotextPlot
 
 from backend.errors import DreamttyError, RequestError
@@ -236,7 +236,7 @@ class TrainPane(Vertical):
     @work(thread=True, exclusive=True, group="train-start", exit_on_error=False)
     def _prepare_and_start(self, request: TrainRequest) -> None:
         try:
-            prepared = prepare_run(request)  # reads images and the model folder: off the event loop
+            prepared = prepare_run(request, self.runs_root)  # reads images and the model folder: off the event loop
             proc = start_trainer(prepared.run_dir)
         except DreamttyError as exc:
             self.app.call_from_thread(self.show_error, exc)
@@ -276,11 +276,17 @@ class TrainPane(Vertical):
             [Option(Content(f"{STATE_MARKS.get(r.state, '?')} {r.name}  [{r.state}]"), id=str(r.path))
              for r in self.run_infos]
         )
-        if self.selected_run is not None:
-            try:
-                options.highlighted = options.get_option_index(str(self.selected_run))
-            except LookupError:
-                pass
+        self._highlight()
+
+    def _highlight(self) -> None:
+        """Keep the list's cursor on the selected run."""
+        options = self.query_one("#train-runs", OptionList)
+        try:
+            index = options.get_option_index(str(self.selected_run))
+        except OptionDoesNotExist:
+            return
+        if options.highlighted != index:
+            options.highlighted = index
 
     @on(OptionList.OptionSelected, "#train-runs")
     @on(OptionList.OptionHighlighted, "#train-runs")
@@ -296,6 +302,7 @@ class TrainPane(Vertical):
         self._shown_validation = []
         self.query_one("#train-log", Log).clear()
         self.query_one("#train-validation", ImagePreview).show(None)
+        self._highlight()
         self.poll()
 
     # -- following the selected run ---------------------------------------------------

@@ -1,0 +1,219 @@
+"""DreamBooth training step on a real-size SD1.5 UNet (random weights, no downloads), 512², batch 2
+(one instance + one class image), against a plain diffusers-style training step, in one run.
+
+    PYTHONPATH=. python benchmarks/gpu_train.py [--steps 10] [--warmup 3]
+    PYTHONPATH=. python benchmarks/gpu_train.py --tiny        # CPU dry run on the demo model
+
+Plain step: fp32 UNet, fp16 autocast, GradScaler, torch AdamW, grad clipping, precomputed latents
+and text embeddings (what diffusers' train_dreambooth.py does per step with --mixed_precision fp16,
+less the VAE encode). dreamtty's steps run the real trainer (``DreamBoothTrainer.train_step``) with
+cached latents and frozen text encoder, mixed precision fp16, in variants: full fine-tune (fp32
+master weights + AdamW), + gradient checkpointing, + 8-bit Adam (when bitsandbytes imports), LoRA.
+Each variant runs in its own process, so peak memory and accelerate's state start clean.
+Reference (H100): plain step 0.136 s at 16.2 GiB peak. Targets: full <= 12 GiB at <= 1.3x the
+plain step time; LoRA <= 8 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "plain": None,
+    "full": {"method": "full"},
+    "full+ckpt": {"method": "full", "gradient_checkpointing": True},
+    "full+8bit": {"method": "full", "use_8bit_adam": True},
+    "full+8bit+ckpt": {"method": "full", "use_8bit_adam": True, "gradient_checkpointing": True},
+    "lora": {"method": "lora", "rank": 4},
+    "lora+ckpt": {"method": "lora", "rank": 4, "gradient_checkpointing": True},
+}
+CLASS_PROMPT = "a photo of dog"
+FULL_TARGET_GIB, LORA_TARGET_GIB, TIME_TARGET = 12.0, 8.0, 1.3
+
+
+def _parts(tiny: bool, device):
+    import torch
+
+    from backend.training.modelparts import load_parts, parts_from_pipeline
+
+    if tiny:
+        return load_parts("demo")
+    from benchmarks.realsize import build_pipeline
+
+    return parts_from_pipeline(build_pipeline(False, device=str(device), dtype=torch.float32))
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(step, device, warmup: int, steps: int) -> tuple[float, float | None]:
+    """Seconds per step after ``warmup`` steps, and peak GPU memory (GiB) over them."""
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    began = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    _sync(device)
+    seconds = (time.perf_counter() - began) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return seconds, peak
+
+
+def plain(args) -> tuple[float, float | None]:
+    """A plain diffusers-style step: fp32 weights, fp16 autocast, GradScaler, AdamW."""
+    import torch
+    import torch.nn.functional as F
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    parts = _parts(args.tiny, device)
+    unet, sched = parts.unet.to(device).train().requires_grad_(True), parts.noise_scheduler
+    for module in parts.text_encoders + [parts.vae]:
+        module.to("cpu")
+    cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=5e-6, weight_decay=1e-2)
+    scaler = torch.amp.GradScaler(device.type, enabled=cuda)
+    side = args.resolution // 8
+    latents = torch.randn(2, 4, side, side, device=device)
+    embeds = torch.randn(2, 77, unet.config.cross_attention_dim, device=device)
+
+    def step(_: int) -> None:
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (2,), device=device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            pred = unet(sched.add_noise(latents, noise, t), t, embeds).sample
+        loss = F.mse_loss(pred.float(), noise)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+
+    return _timed(step, device, args.warmup, args.steps)
+
+
+def ours(args, settings: dict) -> tuple[float, float | None]:
+    """dreamtty's trainer step, set up as a real run (instance + class image, cached latents)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    work = Path(tempfile.mkdtemp(prefix="dreamtty-train-bench-"))
+    os.environ["DREAMTTY_HOME"] = str(work / "home")
+    from backend.models import resolve_model
+    from backend.training.class_images import class_dir
+    from backend.training.config import TrainRequest
+    from backend.training.runs import EventWriter
+    from backend.training.trainer import DreamBoothTrainer
+
+    rng = np.random.default_rng(0)
+
+    def noise_image(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (args.resolution, args.resolution, 3), dtype=np.uint8)).save(path)
+
+    noise_image(work / "inst" / "img-0.png")
+    # The injected real-size parts stand in for "demo"; its name only keys the class-image cache.
+    noise_image(class_dir(resolve_model("demo"), CLASS_PROMPT) / "class-00000.png")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    request = TrainRequest(
+        model="demo", instance_dir=str(work / "inst"), instance_prompt="a photo of sks dog",
+        class_prompt=CLASS_PROMPT, num_class_images=1, resolution=args.resolution, batch_size=1, seed=0,
+        mixed_precision="fp16" if device.type == "cuda" else "no", cache_latents=True,
+        max_steps=args.warmup + args.steps, **settings,
+    ).resolved("sd1")
+    (work / "run").mkdir()
+    trainer = DreamBoothTrainer(request, work / "run", EventWriter(work / "run", enabled=False),
+                                parts=_parts(args.tiny, device))
+    trainer.setup()
+    return _timed(trainer.train_step, device, args.warmup, args.steps)
+
+
+def run_variant(args) -> None:
+    settings = VARIANTS[args.variant]
+    seconds, peak = plain(args) if settings is None else ours(args, settings)
+    print("RESULT " + json.dumps({"variant": args.variant, "step_s": seconds, "peak_gib": peak}), flush=True)
+
+
+def _available(name: str) -> str | None:
+    """Why a variant cannot run here, or None."""
+    if "8bit" in name and importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes not installed"
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--tiny", action="store_true", help="the demo model at 64 px on the CPU (a dry run)")
+    parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.tiny and args.resolution == 512:
+        args.resolution, args.steps, args.warmup = 64, 2, 1
+    if args.variant:
+        run_variant(args)
+        return
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    results = {}
+    for name in VARIANTS:
+        if _available(name):
+            results[name] = {"skipped": _available(name)}
+            continue
+        command = [sys.executable, __file__, "--variant", name, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--resolution", str(args.resolution), *(["--tiny"] if args.tiny else [])]
+        out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if out.returncode or not lines:
+            error = (out.stderr.strip().splitlines() or ["no output"])[-1]
+            results[name] = {"skipped": f"failed: {error[:150]}"}
+            continue
+        results[name] = json.loads(lines[-1][len("RESULT "):])
+        print(f"{name}: done", file=sys.stderr, flush=True)
+    _table(results, args)
+
+
+def _table(results: dict, args) -> None:
+    base = results.get("plain", {}).get("step_s")
+    print(f"\nSD1.5 UNet (random weights), {args.resolution}², batch 2 (instance + class), {args.steps} timed steps")
+    print(f"{'variant':<16}{'step s':>9}{'x plain':>9}{'peak GiB':>10}  target")
+    for name, r in results.items():
+        if "skipped" in r:
+            print(f"{name:<16}{'-':>9}{'-':>9}{'-':>10}  skipped: {r['skipped']}")
+            continue
+        ratio = r["step_s"] / base if base else None
+        peak = r["peak_gib"]
+        target = ""
+        if name.startswith(("full", "lora")) and peak is not None:
+            limit = FULL_TARGET_GIB if name.startswith("full") else LORA_TARGET_GIB
+            ok = peak <= limit and (not name.startswith("full") or (ratio or 0) <= TIME_TARGET)
+            target = f"{'met' if ok else 'missed'} (<= {limit:g} GiB" + (f", <= {TIME_TARGET}x)" if name.startswith("full") else ")")
+        print(f"{name:<16}{r['step_s']:>9.3f}{(f'{ratio:.2f}' if ratio else '-'):>9}"
+              f"{(f'{peak:.1f}' if peak is not None else '-'):>10}  {target}")
+
+
+if __name__ == "__main__":
+    main()

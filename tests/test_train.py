@@ -1,0 +1,229 @@
+"""DreamBooth training on the tiny demo models (CPU, 64 px, a few steps)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backend.engine.loader import load_pipeline
+from backend.models import resolve_model
+from backend.training import runs
+from backend.training.checkpoints import STATE_FILE
+from backend.training.class_images import class_dir
+from backend.training.config import TrainRequest
+from backend.training.launch import prepare_run, start_trainer
+from backend.training.trainer import DreamBoothTrainer, TrainingError, train
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny models train several times faster on one thread when the two CPU cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Three small "photos": a bright square on noise, at different places."""
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pixels = rng.integers(0, 90, (72, 88, 3), dtype=np.uint8)
+        pixels[10 + 8 * i: 40 + 8 * i, 20:50] = (230, 180, 40)
+        Image.fromarray(pixels).save(folder / f"dog{i}.png")
+    return folder
+
+
+def _request(photos: Path, out: Path, **extra) -> TrainRequest:
+    settings = dict(model="demo", instance_dir=str(photos), instance_prompt="a photo of sks dog", resolution=64,
+                    max_steps=2, checkpoint_every=2, seed=7, output=str(out))
+    return TrainRequest(**{**settings, **extra})
+
+
+def _run(request: TrainRequest, **kwargs) -> Path:
+    prepared = prepare_run(request)
+    train(prepared.request, prepared.run_dir, **kwargs)
+    return prepared.run_dir
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / runs.EVENTS).read_text().splitlines()]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step; after a resume, the resumed run's values win."""
+    progress = runs.RunProgress()
+    for event in _events(run_dir):
+        progress.apply(event)
+    return progress.losses
+
+
+def _image(pipe, seed: int = 1) -> np.ndarray:
+    return pipe("a photo of sks dog", num_inference_steps=3, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(seed)).images[0]
+
+
+def test_full_run_with_prior_then_lora_reuses_class_images(photos, tmp_path, sd_pipe):
+    run_dir = _run(_request(photos, tmp_path / "full", method="full", lr=1e-3, class_prompt="a photo of dog",
+                            num_class_images=2, validation_prompt="sks dog", validation_every=2))
+    data = runs.read_run_json(run_dir)
+    assert data["state"] == "done" and data["output"]["kind"] == "model" and data["step"] == 2
+
+    events = _events(run_dir)
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "state" and kinds[-1] == "state" and events[-1]["state"] == "done"
+    assert [e["done"] for e in events if e["type"] == "class_images"][-1] == 2
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2]
+    for e in steps:
+        assert np.isfinite(e["loss"]) and np.isfinite(e["prior_loss"]) and e["lr"] == 1e-3 and e["its"] > 0
+        assert e["max_steps"] == 2 and e["mem_gib"] is None  # no CUDA here
+    assert [e["step"] for e in events if e["type"] == "checkpoint"] == [2]
+    validation = [e for e in events if e["type"] == "validation"]
+    assert len(validation) == 1 and all(Image.open(p).size == (64, 64) for p in validation[0]["images"])
+    assert json.loads((run_dir / "checkpoints/checkpoint-2" / STATE_FILE).read_text())["step"] == 2
+
+    # The class images sit in the shared cache, keyed by model + class prompt.
+    cache = class_dir(resolve_model("demo"), "a photo of dog")
+    made = sorted(cache.glob("class-*.png"))
+    assert len(made) == 2
+    stamps = [p.stat().st_mtime_ns for p in made]
+
+    # The result is a diffusers folder that loads (also through the run dir) and draws differently.
+    assert runs.run_output(run_dir) == ("model", run_dir / "model")
+    trained = load_pipeline(resolve_model(str(run_dir / "model")), CPU, torch.float32)
+    assert trained.dreamtty_family == "demo"
+    assert not torch.equal(trained.unet.conv_in.weight, sd_pipe.unet.conv_in.weight)
+    assert np.abs(_image(trained) - _image(sd_pipe)).max() > 1e-3
+
+    # A LoRA run on the same class reuses the cached class images: nothing generated.
+    lora_dir = _run(_request(photos, tmp_path / "lora", max_steps=1, class_prompt="a photo of dog", num_class_images=2))
+    generated = [e for e in _events(lora_dir) if e["type"] == "class_images"]
+    assert generated == []
+    assert [p.stat().st_mtime_ns for p in made] == stamps
+    assert (lora_dir / runs.LORA_FILE).is_file()
+
+
+def test_sdxl_lora_with_text_encoders_loads_in_diffusers(photos, tmp_path, xl_pipe):
+    run_dir = _run(_request(photos, tmp_path / "xl", model="demo-xl", method="lora", lr=1e-2, rank=4,
+                            train_text_encoder=True, snr_gamma=5.0, offset_noise=0.05, random_flip=True))
+    kind, path = runs.run_output(run_dir)
+    assert kind == "lora" and path == run_dir / runs.LORA_FILE
+    checkpoint = run_dir / "checkpoints/checkpoint-2"
+    assert sorted(p.name for p in checkpoint.glob("trainable_*.safetensors")) == [
+        "trainable_0.safetensors", "trainable_1.safetensors", "trainable_2.safetensors"]  # unet + 2 text encoders
+    pipe = load_pipeline(resolve_model("demo-xl"), CPU, torch.float32)
+    base = _image(pipe)
+    pipe.load_lora_weights(str(path))
+    for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        assert any("lora" in name for name, _ in module.named_parameters())
+    assert np.abs(_image(pipe) - base).max() > 1e-3
+    assert np.array_equal(_image(xl_pipe), base)  # the shared fixture was not touched
+
+
+def test_killed_trainer_resumes_exactly(photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    request = _request(photos, tmp_path / "killed", max_steps=200, checkpoint_every=2, grad_accum=2, batch_size=2,
+                       random_flip=True)
+    prepared = prepare_run(request)
+    proc = start_trainer(prepared.run_dir)
+    deadline = time.monotonic() + 180
+    try:
+        while not runs.list_checkpoints(prepared.run_dir):
+            assert proc.poll() is None, (prepared.run_dir / runs.LOG_FILE).read_text()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.2)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    state, error = runs.effective_state(prepared.run_dir)
+    assert state == "failed" and "resume with --resume latest" in error
+
+    saved = runs.list_checkpoints(prepared.run_dir)[-1][0]
+    end = saved + 2
+    run_dir = _run(replace(prepared.request, max_steps=end, resume="latest"))
+    resumed = [e for e in _events(run_dir) if e["type"] == "resume"]
+    assert [e["step"] for e in resumed] == [saved]
+    after = [e["step"] for e in _events(run_dir)[_events(run_dir).index(resumed[0]):] if e["type"] == "step"]
+    assert after == [saved + 1, saved + 2]
+
+    reference = _run(replace(prepared.request, max_steps=end, output=str(tmp_path / "reference")))
+    expected = _losses(reference)
+    assert sorted(_losses(run_dir)) == list(range(1, end + 1))
+    assert _losses(run_dir) == pytest.approx(expected, rel=1e-5)
+
+
+def test_disk_full_keeps_previous_checkpoint_and_stop_saves_one(photos, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    real_save = Accelerator.save_state
+    calls = []
+
+    def flaky_save(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:  # the second checkpoint (step 4): the disk is full halfway through
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "optimizer.bin").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, output_dir, **kwargs)
+
+    steps_done = []
+    original_step = DreamBoothTrainer.train_step
+
+    def counting_step(self, micro):
+        steps_done.append(micro)
+        return original_step(self, micro)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Accelerator, "save_state", flaky_save)
+        patch.setattr(DreamBoothTrainer, "train_step", counting_step)
+        run_dir = _run(_request(photos, tmp_path / "disk", max_steps=20, keep_checkpoints=3),
+                       should_stop=lambda: len(steps_done) >= 5)
+    warnings = [e["message"] for e in _events(run_dir) if e["type"] == "log" and e.get("level") == "warning"]
+    assert any("checkpoint at step 4 not saved: No space left on device; checkpoint-2 is kept" in w for w in warnings)
+    assert [s for s, _ in runs.list_checkpoints(run_dir)] == [2, 5]  # 4 failed, 5 saved by the stop
+    assert not list((run_dir / runs.CHECKPOINTS).glob(".tmp-*"))
+    assert (run_dir / "checkpoints/checkpoint-2/trainable_0.safetensors").is_file()
+    data = runs.read_run_json(run_dir)
+    assert data["state"] == "stopped" and data["step"] == 5
+    assert not (run_dir / runs.LORA_FILE).exists()
+
+    # The stopped run continues from step 5.
+    resumed = _run(replace(TrainRequest.from_dict(data["settings"]), max_steps=6, resume="latest"))
+    assert [e["step"] for e in _events(resumed) if e["type"] == "resume"] == [5]
+    assert runs.read_run_json(resumed)["state"] == "done"
+
+
+def test_out_of_memory_names_the_flags_and_keeps_the_checkpoint(photos, tmp_path, monkeypatch):
+    original = DreamBoothTrainer._loss
+
+    def oom_at_third_step(self, micro):
+        if micro >= 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, micro)
+
+    monkeypatch.setattr(DreamBoothTrainer, "_loss", oom_at_third_step)
+    prepared = prepare_run(_request(photos, tmp_path / "oom", max_steps=4, checkpoint_every=2))
+    with pytest.raises(TrainingError) as err:
+        train(prepared.request, prepared.run_dir)
+    message = str(err.value)
+    assert message.startswith("out of GPU memory at step 3")
+    for flag in ("--gradient-checkpointing", "--use-8bit-adam", "--mixed-precision fp16", "--resolution (now 64)"):
+        assert flag in message
+    assert "--method lora" not in message  # it is LoRA already
+    assert "checkpoint-2 is kept" in message and "\n" not in message
+    assert [s for s, _ in runs.list_checkpoints(prepared.run_dir)] == [2]

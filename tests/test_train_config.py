@@ -1,0 +1,259 @@
+"""Training without torch: TrainRequest validation, image checks, unique token, run dirs, events, CLI input."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.errors import ModelError, RequestError
+from backend.training import runs
+from backend.training.config import TrainRequest, load_yaml
+from backend.training.images import scan_images
+from backend.training.launch import prepare_run, request_stop
+from backend.training.words import unique_token_warning
+from tui import cli
+
+
+def _image(path, size=(80, 96), seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        _image(folder / f"dog{i}.png", seed=i)
+    return folder
+
+
+def _request(photos, **extra) -> TrainRequest:
+    base = {"model": "demo", "instance_dir": str(photos), "instance_prompt": "a photo of sks dog"}
+    return TrainRequest(**{**base, **extra})
+
+
+# -- TrainRequest ----------------------------------------------------------------
+@pytest.mark.parametrize("changes, field, words", [
+    ({"resolution": 100}, "resolution", "not a multiple of 8"),
+    ({"method": "dora"}, "method", "allowed: full, lora"),
+    ({"mixed_precision": "fp8"}, "mixed_precision", "allowed: no, fp16, bf16"),
+    ({"rank": 0}, "rank", "out of range"),
+    ({"lr": 5.0}, "lr", "out of range"),
+    ({"prior_preservation": True}, "class_prompt", "required for prior preservation"),
+    ({"class_prompt": "a dog", "num_class_images": 0}, "num_class_images", "at least 1"),
+    ({"instance_prompt": "  "}, "instance_prompt", "required"),
+    ({"report_to": "wandb"}, "report_to", "allowed: none, tensorboard"),
+    ({"seed": -5}, "seed", "out of range"),
+])
+def test_bad_settings_name_the_field(photos, changes, field, words):
+    with pytest.raises(RequestError) as err:
+        _request(photos, **changes).validate()
+    assert err.value.field == field
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_from_dict_coerces_text_and_rejects_unknown_keys():
+    req = TrainRequest.from_dict({"model": "demo", "max-steps": "12", "lr": "2e-4", "random_flip": "yes",
+                                  "class_prompt": "", "snr_gamma": "none"})
+    assert (req.max_steps, req.lr, req.random_flip, req.class_prompt, req.snr_gamma) == (12, 2e-4, True, None, None)
+    with pytest.raises(RequestError, match="max_steps: '1.5' is not a whole number"):
+        TrainRequest.from_dict({"max_steps": "1.5"})
+    with pytest.raises(RequestError) as err:
+        TrainRequest.from_dict({"epochs": 3})
+    assert err.value.field == "epochs"
+
+
+def test_resolved_fills_family_defaults(photos):
+    req = _request(photos, class_prompt="a photo of dog", method="full").resolved("demo")
+    assert (req.resolution, req.lr, req.prior_preservation) == (128, 5e-6, True)
+    assert 0 <= req.seed <= 2**32 - 1
+    assert _request(photos, class_prompt="x", prior_preservation=False).resolved("sdxl").resolution == 1024
+    with pytest.raises(RequestError, match="too large"):
+        _request(photos, resolution=4096).resolved("sd1")
+
+
+def test_yaml_config(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("model: demo\nmax-steps: 7\nrandom_flip: true\n")
+    assert load_yaml(path) == {"model": "demo", "max_steps": 7, "random_flip": True}
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(RequestError, match="config: .* is not valid YAML at line"):
+        load_yaml(path)
+    path.write_text("- a list\n")
+    with pytest.raises(RequestError, match="mapping"):
+        load_yaml(path)
+
+
+# -- instance images and the unique token -----------------------------------------
+def test_scan_skips_bad_files_with_a_warning_each(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    _image(folder / "good.png")
+    (folder / "notes.txt").write_text("hello")
+    _image(folder / "tiny.png", size=(20, 20))
+    good = folder / "good.png"
+    (folder / "broken.jpg").write_bytes(good.read_bytes()[:200])
+    (folder / ".hidden.png").write_bytes(b"x")
+    scan = scan_images(folder, 128)
+    assert scan.files == [good]
+    text = "\n".join(scan.warnings)
+    assert "notes.txt: not an image" in text
+    assert "tiny.png: too small (20x20" in text
+    assert "broken.jpg: corrupt image" in text
+    assert ".hidden" not in text
+
+
+def test_scan_errors(tmp_path):
+    with pytest.raises(RequestError, match="instance_dir: .* does not exist"):
+        scan_images(tmp_path / "missing", 64)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RequestError, match="is empty"):
+        scan_images(tmp_path / "empty", 64)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.txt").write_text("no")
+    with pytest.raises(RequestError, match=r"no usable images \(a.txt: not an image\)"):
+        scan_images(tmp_path / "junk", 64)
+
+
+def test_unique_token_warning():
+    assert unique_token_warning("a photo of sks dog", "a photo of dog") is None
+    assert "'dog' is a common English word" in unique_token_warning("a photo of dog")
+    assert "'red' is a common English word" in unique_token_warning("a photo of red dog", "a photo of dog")
+    assert "no unique token" in unique_token_warning("a photo of dog", "a photo of dog")
+    assert unique_token_warning("ohwx man") is None
+
+
+# -- run dirs ------------------------------------------------------------------------
+def test_prepare_run_writes_run_json_and_links(photos, tmp_path):
+    prepared = prepare_run(_request(photos, instance_prompt="a photo of dog", output=str(tmp_path / "run1"), seed=3))
+    data = runs.read_run_json(prepared.run_dir)
+    assert data["state"] == "starting" and data["settings"]["seed"] == 3 and data["family"] == "demo"
+    assert data["settings"]["resolution"] == 128
+    assert any("common English word" in w for w in prepared.warnings)
+    events = runs.EventTail(prepared.run_dir).read()
+    assert events[0]["type"] == "log" and events[0]["level"] == "warning"
+    linked = [r.path for r in runs.list_runs()]
+    assert prepared.run_dir in linked  # a symlink in the runs folder points at it
+    # A second start into the same folder needs --resume.
+    runs.update_run_json(prepared.run_dir, state="done")
+    with pytest.raises(RequestError, match="output: .* already holds a run; pass --resume latest"):
+        prepare_run(_request(photos, output=str(tmp_path / "run1")))
+    warned = prepare_run(_request(photos, output=str(tmp_path / "run1"), resume="latest"))
+    assert any("no checkpoint yet" in w for w in warned.warnings)
+    with pytest.raises(RequestError, match="is already running"):  # "starting", no trainer yet
+        prepare_run(_request(photos, output=str(tmp_path / "run1"), resume="latest"))
+    runs.update_run_json(prepared.run_dir, state="stopped")
+    with pytest.raises(RequestError, match="resume: nope is not a checkpoint folder"):
+        prepare_run(_request(photos, output=str(tmp_path / "run1"), resume="nope"))
+
+
+def test_prepare_run_checks_model_and_optional_packages(photos):
+    with pytest.raises(ModelError, match="does not exist"):
+        prepare_run(_request(photos, model="/no/such/model"))
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(RequestError, match="use_8bit_adam: needs bitsandbytes"):
+            prepare_run(_request(photos, use_8bit_adam=True))
+
+
+def test_dead_trainer_reads_as_failed_and_stop_file(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": "running", "pid": proc.pid, "settings": {}})
+    state, error = runs.effective_state(run_dir)
+    assert state == "failed" and "--resume latest" in error
+    assert not runs.pid_alive(os.getpid())  # pytest is not a trainer process
+    request_stop(run_dir)
+    assert (run_dir / runs.STOP_FILE).exists()
+
+
+def test_event_tail_is_incremental_and_waits_for_whole_lines(tmp_path):
+    write = runs.EventWriter(tmp_path)
+    tail = runs.EventTail(tmp_path)
+    assert tail.read() == []
+    write("step", step=1, loss=0.5)
+    with open(tmp_path / runs.EVENTS, "a") as fh:
+        fh.write('{"type": "step", "step": 2, "lo')
+    assert [e["step"] for e in tail.read()] == [1]
+    with open(tmp_path / runs.EVENTS, "a") as fh:
+        fh.write('ss": 0.4}\nnot json\n')
+    assert [e["step"] for e in tail.read()] == [2]
+    assert tail.read() == []
+
+
+def test_progress_resume_replaces_superseded_steps():
+    progress = runs.RunProgress()
+    for step, loss in [(1, 1.0), (2, 0.9), (3, 0.8), (4, 0.7)]:
+        progress.apply({"type": "step", "step": step, "max_steps": 10, "loss": loss, "lr": 1e-4, "its": 2.0})
+    assert progress.apply({"type": "resume", "step": 2, "checkpoint": "c"}) == "resumed from step 2 (c)"
+    progress.apply({"type": "step", "step": 3, "max_steps": 10, "loss": 0.5, "lr": 1e-4, "its": 2.0})
+    assert progress.losses == {1: 1.0, 2: 0.9, 3: 0.5}
+    assert progress.summary() == "step 3/10  loss 0.5000  lr 1.00e-04  2.00 it/s  ETA 0:04"
+    assert runs.smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_run_output_detects_results(tmp_path):
+    assert runs.run_output(tmp_path) is None
+    (tmp_path / "lora").mkdir()
+    (tmp_path / runs.LORA_FILE).write_bytes(b"x")
+    assert runs.run_output(tmp_path) == ("lora", tmp_path / runs.LORA_FILE)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text("{}")
+    assert runs.run_output(tmp_path) == ("model", tmp_path / "model")
+
+
+# -- CLI -------------------------------------------------------------------------------
+def _args(*argv):
+    parser = cli.build_parser()
+    return parser.parse_args(["train", *argv])
+
+
+def test_cli_precedence_defaults_config_flags(tmp_path, photos):
+    from tui.cli_train import request_from_args
+
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: demo\ninstance_dir: {photos}\ninstance_prompt: a photo of sks dog\n"
+                      "max_steps: 50\nrank: 8\nrandom_flip: true\n")
+    req = request_from_args(_args("--config", str(config), "--rank", "16", "--no-random-flip", "--class-prompt",
+                                  "a photo of dog", "--no-prior-preservation"))
+    assert (req.max_steps, req.rank, req.random_flip, req.prior) == (50, 16, False, False)
+    # --resume takes the run's own settings, then the flags.
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    runs.write_json_atomic(run_dir / runs.RUN_JSON, {"settings": req.to_dict() | {"seed": 9}})
+    resumed = request_from_args(_args("--output", str(run_dir), "--resume", "latest", "--max-steps", "80"))
+    assert (resumed.seed, resumed.rank, resumed.max_steps, resumed.resume) == (9, 16, 80, "latest")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--resolution", "100"], "resolution: 100 is not a multiple of 8"),
+    (["--rank", "many"], "rank: 'many' is not a whole number"),
+    (["--method", "dora"], "method: unknown 'dora'"),
+])
+def test_cli_bad_input_exits_2_with_one_line(capsys, photos, argv, words):
+    code = cli.main(["train", "--model", "demo", "--instance-dir", str(photos), "--instance-prompt", "sks dog", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert words in err and len(err.splitlines()) == 1
+
+
+def test_cli_missing_instance_dir(capsys, tmp_path):
+    code = cli.main(["train", "--model", "demo", "--instance-dir", str(tmp_path / "none"), "--instance-prompt", "sks"])
+    assert code == 2 and "instance_dir:" in capsys.readouterr().err
+
+
+def test_trainer_entry_without_run_json_fails_cleanly(tmp_path, capsys):
+    from backend.training.run import main
+
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 1
+    assert "has no run.json" in capsys.readouterr().err
+    assert main([]) == 2

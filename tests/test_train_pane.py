@@ -1,0 +1,158 @@
+"""The Train dashboard (Textual pilot): loss points, live tail, re-attach after a restart, start and stop."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from textual.app import App, ComposeResult
+from textual.widgets import Footer, Input, Log, OptionList, Static
+from textual_plotext import PlotextPlot
+
+from backend.training import runs
+from tui.screens import train as train_screen
+from tui.screens.train import TrainPane
+from tui.widgets.preview import ImagePreview
+
+BRAILLE = range(0x2801, 0x2900)
+
+
+class PaneApp(App):
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def compose(self) -> ComposeResult:
+        yield TrainPane(runs_root=self.root, id="train-pane")
+        yield Footer()
+
+
+def _write_run(root: Path, name: str, state: str, losses: list[float], updated: float, validation: bool = False) -> Path:
+    run_dir = root / name
+    (run_dir / "validation").mkdir(parents=True)
+    settings = {"model": "demo", "method": "lora", "max_steps": 10}
+    runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": state, "settings": settings, "updated": updated})
+    write = runs.EventWriter(run_dir)
+    write("state", state="running", max_steps=10)
+    for step, loss in enumerate(losses, 1):
+        write("step", step=step, max_steps=10, loss=loss, lr=1e-4, its=4.0, mem_gib=None)
+    if validation:
+        paths = []
+        for i, colour in enumerate(((255, 0, 0), (0, 0, 255))):
+            path = run_dir / "validation" / f"step-000005-{i}.png"
+            Image.new("RGB", (64, 64), colour).save(path)
+            paths.append(str(path))
+        write("validation", step=5, images=paths)
+    write("log", level="warning", message="instance_dir: skipping notes.txt: not an image")
+    return run_dir
+
+
+def _text(widget) -> str:
+    return str(widget.render())
+
+
+async def _settle(pilot, pane, until, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not until() and time.monotonic() < deadline:
+        await pilot.pause(0.1)
+
+
+async def test_pane_shows_loss_points_follows_and_reattaches(tmp_path):
+    root = tmp_path / "runs"
+    old = _write_run(root, "old-run", "stopped", [1.0, 0.9], updated=1.0)
+    run_dir = _write_run(root, "new-run", "running", [0.8, 0.7, 0.6, 0.5, 0.4], updated=2.0, validation=True)
+
+    app = PaneApp(root)
+    async with app.run_test(size=(140, 44)) as pilot:
+        pane = app.query_one(TrainPane)
+        await _settle(pilot, pane, lambda: pane.query_one(ImagePreview).frames > 0)
+        assert pane.selected_run == run_dir.resolve()  # the newest run is shown
+        assert pane.loss_points == [(1, 0.8), (2, 0.7), (3, 0.6), (4, 0.5), (5, 0.4)]
+        stats = str(pane.query_one("#train-stats", Static).content)
+        # run.json says running but no trainer process exists: it reads as failed, with the way out.
+        assert "new-run  [failed]" in stats and "step 5/10  loss 0.4000  lr 1.00e-04  4.00 it/s" in stats
+        assert "--resume latest" in stats
+        plot = _text(pane.query_one("#train-loss", PlotextPlot))
+        assert "loss" in plot and "smoothed" in plot and any(ord(ch) in BRAILLE for ch in plot)
+        log = "\n".join(pane.query_one("#train-log", Log).lines)
+        assert "warning: instance_dir: skipping notes.txt" in log and "validation images at step 5: 2" in log
+        listed = [str(pane.query_one(OptionList).get_option_at_index(i).prompt) for i in range(2)]
+        assert listed == ["✗ new-run  [failed]", "■ old-run  [stopped]"]
+
+        # New events are picked up by the 0.5 s poll (incremental tail).
+        write = runs.EventWriter(run_dir)
+        write("step", step=6, max_steps=10, loss=0.35, lr=1e-4, its=4.0, mem_gib=3.5)
+        await _settle(pilot, pane, lambda: len(pane.loss_points) == 6)
+        assert pane.loss_points[-1] == (6, 0.35)
+        assert "GPU 3.5 GiB" in str(pane.query_one("#train-stats", Static).content)
+
+        # Choosing the other run in the list shows its curve.
+        pane.query_one(OptionList).focus()
+        await pilot.press("down")
+        await _settle(pilot, pane, lambda: pane.selected_run == old.resolve())
+        assert pane.loss_points == [(1, 1.0), (2, 0.9)]
+
+    # The app restarts: the pane re-attaches by reading the run dirs.
+    app = PaneApp(root)
+    async with app.run_test(size=(140, 44)) as pilot:
+        pane = app.query_one(TrainPane)
+        await _settle(pilot, pane, lambda: len(pane.loss_points) == 6)
+        assert pane.selected_run == run_dir.resolve()
+        assert pane.loss_points[-1] == (6, 0.35)
+
+
+class FakeProcess:
+    pid = 4242
+
+    def poll(self):
+        return None
+
+
+async def test_start_and_stop_from_the_keyboard(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((96, 96, 3), 40 * i, dtype=np.uint8)).save(photos / f"{i}.png")
+    started = []
+
+    def fake_start(run_dir, launcher=None):
+        started.append(Path(run_dir))
+        (Path(run_dir) / runs.PID_FILE).write_text(str(FakeProcess.pid))
+        return FakeProcess()
+
+    monkeypatch.setattr(train_screen, "start_trainer", fake_start)
+    monkeypatch.setattr(runs, "pid_alive", lambda pid: pid == FakeProcess.pid)
+    app = PaneApp(root)
+    async with app.run_test(size=(140, 44)) as pilot:
+        pane = app.query_one(TrainPane)
+        await pilot.pause()
+        # Inline validation while typing.
+        pane.query_one("#train-rank", Input).focus()
+        await pilot.press("x")
+        rank_field = pane._field("rank")
+        assert rank_field.error == "'x' is not a whole number"
+        await pilot.press("backspace", "8")
+        assert rank_field.error == ""
+        # Missing instance folder: the error shows under its field, nothing starts.
+        await pilot.press("ctrl+s")
+        await _settle(pilot, pane, lambda: pane._field("instance_dir").error != "")
+        assert "is required" in pane._field("instance_dir").error and started == []
+
+        pane.query_one("#train-instance_dir", Input).value = str(photos)
+        pane.query_one("#train-instance_prompt", Input).value = "a photo of sks toy"
+        pane.query_one("#train-resolution", Input).value = "64"
+        pane.query_one("#train-output", Input).value = str(tmp_path / "mine")
+        await pilot.press("ctrl+s")
+        await _settle(pilot, pane, lambda: pane.selected_run is not None and started != [])
+        run_dir = (tmp_path / "mine").resolve()
+        assert started == [run_dir] and pane.selected_run == run_dir
+        settings = json.loads((run_dir / runs.RUN_JSON).read_text())["settings"]
+        assert (settings["rank"], settings["resolution"], settings["instance_prompt"]) == (8, 64, "a photo of sks toy")
+        assert run_dir in [r.path for r in runs.list_runs(root)]  # linked into the runs folder
+
+        await pilot.press("ctrl+t")
+        assert (run_dir / runs.STOP_FILE).exists()
