@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import time
 from dataclasses import replace
@@ -21,8 +22,9 @@ from backend.training import runs
 from backend.training.checkpoints import STATE_FILE
 from backend.training.class_images import class_dir
 from backend.training.config import TrainRequest
-from backend.training.launch import prepare_run, start_trainer
+from backend.training.launch import prepare_run
 from backend.training.trainer import DreamBoothTrainer, TrainingError, train
+from tui import cli
 
 CPU = torch.device("cpu")
 
@@ -135,33 +137,39 @@ def test_sdxl_lora_with_text_encoders_loads_in_diffusers(photos, tmp_path, xl_pi
     assert np.array_equal(_image(xl_pipe), base)  # the shared fixture was not touched
 
 
-def test_killed_trainer_resumes_exactly(photos, tmp_path, monkeypatch):
+def test_killed_trainer_resumes_exactly(photos, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    request = _request(photos, tmp_path / "killed", max_steps=200, checkpoint_every=2, grad_accum=2, batch_size=2,
-                       random_flip=True)
-    prepared = prepare_run(request)
-    proc = start_trainer(prepared.run_dir)
+    run_dir = tmp_path / "killed"
+    code = cli.main(["train", "--model", "demo", "--instance-dir", str(photos), "--instance-prompt", "a photo of sks dog",
+                     "--resolution", "64", "--max-steps", "200", "--checkpoint-every", "2", "--grad-accum", "2",
+                     "--batch-size", "2", "--random-flip", "--seed", "7", "--output", str(run_dir), "--detach"])
+    assert code == 0 and capsys.readouterr().out.strip() == str(run_dir.resolve())
+    pid = int((run_dir / runs.PID_FILE).read_text())
     deadline = time.monotonic() + 180
     try:
-        while not runs.list_checkpoints(prepared.run_dir):
-            assert proc.poll() is None, (prepared.run_dir / runs.LOG_FILE).read_text()[-2000:]
+        while not runs.list_checkpoints(run_dir):
+            assert runs.pid_alive(pid), (run_dir / runs.LOG_FILE).read_text()[-2000:]
             assert time.monotonic() < deadline, "no checkpoint within 180 s"
             time.sleep(0.2)
+        assert runs.effective_state(run_dir)[0] == "running"
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    state, error = runs.effective_state(prepared.run_dir)
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while runs.pid_alive(pid) and time.monotonic() < deadline:  # a zombie until reaped: reads as gone
+        time.sleep(0.05)
+    state, error = runs.effective_state(run_dir)
     assert state == "failed" and "resume with --resume latest" in error
+    prepared_request = TrainRequest.from_dict(runs.read_run_json(run_dir)["settings"])
 
-    saved = runs.list_checkpoints(prepared.run_dir)[-1][0]
+    saved = runs.list_checkpoints(run_dir)[-1][0]
     end = saved + 2
-    run_dir = _run(replace(prepared.request, max_steps=end, resume="latest"))
+    run_dir = _run(replace(prepared_request, max_steps=end, resume="latest"))
     resumed = [e for e in _events(run_dir) if e["type"] == "resume"]
     assert [e["step"] for e in resumed] == [saved]
     after = [e["step"] for e in _events(run_dir)[_events(run_dir).index(resumed[0]):] if e["type"] == "step"]
     assert after == [saved + 1, saved + 2]
 
-    reference = _run(replace(prepared.request, max_steps=end, output=str(tmp_path / "reference")))
+    reference = _run(replace(prepared_request, max_steps=end, output=str(tmp_path / "reference")))
     expected = _losses(reference)
     assert sorted(_losses(run_dir)) == list(range(1, end + 1))
     assert _losses(run_dir) == pytest.approx(expected, rel=1e-5)
@@ -227,3 +235,18 @@ def test_out_of_memory_names_the_flags_and_keeps_the_checkpoint(photos, tmp_path
     assert "--method lora" not in message  # it is LoRA already
     assert "checkpoint-2 is kept" in message and "\n" not in message
     assert [s for s, _ in runs.list_checkpoints(prepared.run_dir)] == [2]
+
+
+def test_v_prediction_model_trains_on_velocity(photos, tmp_path, demo_dirs, monkeypatch):
+    from diffusers import DDPMScheduler
+
+    folder = tmp_path / "demo-v"
+    shutil.copytree(demo_dirs["demo"], folder)
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "v_prediction"}))
+    calls = []
+    real = DDPMScheduler.get_velocity
+    monkeypatch.setattr(DDPMScheduler, "get_velocity", lambda self, *a: calls.append(1) or real(self, *a))
+    run_dir = _run(_request(photos, tmp_path / "v", model=str(folder), max_steps=1, snr_gamma=5.0))
+    losses = [e["loss"] for e in _events(run_dir) if e["type"] == "step"]
+    assert len(losses) == 1 and np.isfinite(losses[0]) and calls == [1]

@@ -257,3 +257,48 @@ def test_trainer_entry_without_run_json_fails_cleanly(tmp_path, capsys):
     assert main([str(tmp_path / "empty")]) == 1
     assert "has no run.json" in capsys.readouterr().err
     assert main([]) == 2
+
+
+class FakeTrainer:
+    """Stands in for the trainer process: writes a short run, then exits with ``final`` in run.json."""
+
+    pid = 4321
+
+    def __init__(self, run_dir, final: dict) -> None:
+        self.run_dir, self.final, self.polls = run_dir, final, 0
+
+    def poll(self):
+        self.polls += 1
+        if self.polls == 1:
+            write = runs.EventWriter(self.run_dir)
+            write("state", state="running", max_steps=2)
+            write("step", step=1, max_steps=2, loss=0.5, lr=1e-4, its=2.0)
+            write("step", step=2, max_steps=2, loss=0.25, lr=1e-4, its=2.0)
+            write("checkpoint", step=2, path="ckpt-2")
+            return None
+        runs.update_run_json(self.run_dir, **self.final)
+        return 0
+
+
+@pytest.mark.parametrize("final, code, words", [
+    ({"state": "done", "output": {"kind": "lora", "path": "/runs/x/lora.safetensors"}}, 0, None),
+    ({"state": "stopped", "step": 2}, 1, "stopped at step 2; continue with dreamtty train --output"),
+    ({"state": "failed", "error": "use_8bit_adam: needs a CUDA GPU", "error_kind": "input"}, 2,
+     "training failed: use_8bit_adam: needs a CUDA GPU"),
+    ({"state": "failed", "error": "out of GPU memory at step 2", "error_kind": "error"}, 1, "training failed: out of"),
+])
+def test_cli_foreground_follows_events_and_exits_by_outcome(tmp_path, capsys, monkeypatch, final, code, words):
+    from tui.cli_train import follow
+
+    monkeypatch.setattr("tui.cli_train.time.sleep", lambda _: None)
+    runs.write_json_atomic(tmp_path / runs.RUN_JSON, {"state": "running", "settings": {}})
+    runs.EventWriter(tmp_path)("log", level="warning", message="printed before, by prepare")
+    assert follow(tmp_path, FakeTrainer(tmp_path, final)) == code
+    out, err = capsys.readouterr()
+    assert "printed before" not in err
+    assert "dreamtty: step 2/2  loss 0.2500  lr 1.00e-04  2.00 it/s" in err
+    assert "dreamtty: checkpoint saved at step 2: ckpt-2" in err
+    if words is None:
+        assert out.strip() == "/runs/x/lora.safetensors"
+    else:
+        assert words in err.splitlines()[-1] and out == ""

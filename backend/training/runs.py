@@ -120,7 +120,8 @@ def pid_alive(pid: int | None) -> bool:
             return False
         if stat.rsplit(")", 1)[-1].split()[0] == "Z":  # zombie: exited, not yet reaped
             return False
-        return b"backend.training" in text or b"accelerate" in text
+        # Empty for a moment while the process execs: count it as alive.
+        return not text.strip() or b"backend.training" in text or b"accelerate" in text
     return True
 
 
