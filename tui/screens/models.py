@@ -40,6 +40,13 @@ class ModelsPane(Vertical):
     """Everything shown on the Models screen. ``self.app.service`` is the backend service."""
 
     BINDINGS = bindings(MODELS_KEYS)
+    DEFAULT_CSS = """
+    ModelsPane #models-table { height: 1fr; }
+    ModelsPane #models-problems { height: auto; max-height: 6; color: $warning; }
+    ModelsPane #models-pull-row { height: auto; }
+    ModelsPane #models-pull-row Input { width: 1fr; }
+    ModelsPane #pull-status { height: auto; }
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
