@@ -423,6 +423,11 @@ def find(kind: str, name: str, config=None) -> Entry | None:
     """The item of ``kind`` called ``name`` (file stem, folder name or path), or None."""
     path = Path(os.path.expanduser(name))
     if path.is_dir():
+        from backend.training.runs import run_output
+
+        trained = run_output(path)  # a DreamBooth run dir: its LoRA file (--lora RUN_DIR)
+        if trained is not None and trained[0] == kind:
+            return _inspect_file(kind, trained[1], "path")
         return _inspect_folder(kind, path, "path")
     if path.is_file():
         return _inspect_file(kind, path, "path")

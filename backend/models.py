@@ -107,6 +107,14 @@ def _library_ref(name: str) -> ModelRef | None:
     return _file_ref(name, Path(entry.path))
 
 
+def _trained_model(run_dir: Path) -> Path | None:
+    """The diffusers folder a full DreamBooth run wrote (``--model RUN_DIR``), if ``run_dir`` is one."""
+    from backend.training.runs import run_output
+
+    out = run_output(run_dir)
+    return out[1] if out is not None and out[0] == "model" else None
+
+
 def resolve_model(name: str) -> ModelRef:
     """Map a model name to a :class:`ModelRef`, or raise a one-line ModelError."""
     name = (name or "").strip()
@@ -118,7 +126,10 @@ def resolve_model(name: str) -> ModelRef:
     if path.exists():
         if not path.is_dir():
             return _file_ref(name, path)
-        if not (path / "model_index.json").exists():
+        trained = _trained_model(path)
+        if trained is not None:
+            path = trained
+        elif not (path / "model_index.json").exists():
             raise ModelError(f"model: {name} has no model_index.json; it is not a diffusers folder")
         if not os.access(path, os.R_OK | os.X_OK):
             raise ModelError(f"model: {name} is not readable")

@@ -15,7 +15,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backend import locations
+from backend import config, locations
+from backend.extras_check import check_extras
 from backend.models import resolve_model
 from backend.outputs import check_writable
 from backend.prompting import check_prompts
@@ -126,12 +127,13 @@ class Service:
         family = ref.family if ref.family != "unknown" else "sdxl"
         resolved = request.resolved(family)
         check_prompts(resolved)
+        check_extras(resolved)
         return resolved, ref.family
 
     def submit(self, request: GenerateRequest, out_dir: Path | None = None) -> int:
         """Validate and queue a request; returns the job id. Nothing is queued on error."""
         resolved, family = self.validate(request)
-        out = Path(out_dir) if out_dir else locations.outputs_dir()
+        out = Path(out_dir) if out_dir else config.load().outputs_dir()
         check_writable(out)
         job_id = self.store.add("generate", {"request": resolved.to_dict(), "out": str(out), "family": family}, self.owner)
         self._publish({"type": "queued", "job": job_id, "request": resolved.to_dict()})

@@ -41,15 +41,6 @@ FAMILIES = ["sd", "xl"]
 FREEU = {"sd": (0.9, 0.2, 1.5, 1.6), "xl": (0.9, 0.2, 1.3, 1.4)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and avoids spin-waiting on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pipes(demo_dirs):
     """Our own pipelines: these tests set FreeU, swap attention processors and add hooks."""

@@ -121,3 +121,15 @@ def test_cli_styles_list_and_show(capsys, user_home):
     assert shown["name"] == "Film Noir" and PLACEHOLDER in shown["prompt"]
     assert main(["styles", "show", "Nope"]) == 2
     assert "unknown 'Nope'" in capsys.readouterr().err
+
+
+def test_styles_from_config_folders(tmp_path, monkeypatch):
+    extra = tmp_path / "team-styles"
+    extra.mkdir()
+    (extra / "team.json").write_text(json.dumps([{"name": "Team Look", "prompt": "{prompt}, team look"}]))
+    assert "Team Look" not in load_styles().styles
+    config = tmp_path / "config.yaml"
+    config.write_text(f"paths:\n  styles: [{extra}]\n")
+    monkeypatch.setenv("DREAMTTY_CONFIG", str(config))
+    style = load_styles().styles["team look"]
+    assert (style.name, style.prompt) == ("Team Look", "{prompt}, team look")

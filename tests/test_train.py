@@ -22,20 +22,12 @@ from backend.training import runs
 from backend.training.checkpoints import STATE_FILE
 from backend.training.class_images import class_dir
 from backend.training.config import TrainRequest
+from backend import library
 from backend.training.launch import prepare_run
 from backend.training.trainer import DreamBoothTrainer, TrainingError, train
 from tui import cli
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models train several times faster on one thread when the two CPU cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +99,7 @@ def test_full_run_with_prior_then_lora_reuses_class_images(photos, tmp_path, sd_
 
     # The result is a diffusers folder that loads (also through the run dir) and draws differently.
     assert runs.run_output(run_dir) == ("model", run_dir / "model")
+    assert resolve_model(str(run_dir)).location == str((run_dir / "model").resolve())  # --model RUN_DIR
     trained = load_pipeline(resolve_model(str(run_dir / "model")), CPU, torch.float32)
     assert trained.dreamtty_family == "demo"
     assert not torch.equal(trained.unet.conv_in.weight, sd_pipe.unet.conv_in.weight)
@@ -118,6 +111,7 @@ def test_full_run_with_prior_then_lora_reuses_class_images(photos, tmp_path, sd_
     assert generated == []
     assert [p.stat().st_mtime_ns for p in made] == stamps
     assert (lora_dir / runs.LORA_FILE).is_file()
+    assert Path(library.find("lora", str(lora_dir)).path) == lora_dir / runs.LORA_FILE  # --lora RUN_DIR
 
 
 def test_sdxl_lora_with_text_encoders_loads_in_diffusers(photos, tmp_path, xl_pipe):

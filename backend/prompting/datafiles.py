@@ -25,8 +25,16 @@ class DataFile:
 
 
 def user_dir(kind: str) -> Path:
-    """``<config dir>/<kind>``: where the user's styles, presets and wildcards live."""
+    """``<config dir>/<kind>``: where the user's presets are saved, and their styles and wildcards by default."""
     return locations.config_dir() / kind
+
+
+def user_dirs(kind: str) -> list[Path]:
+    """The folders searched for the user's files: the config's ``paths.<kind>`` list for styles and
+    wildcards (``<config dir>/<kind>`` by default), ``<config dir>/<kind>`` otherwise."""
+    from backend import config
+
+    return config.load().folders(kind) if kind in config.FOLDER_KINDS else [user_dir(kind)]
 
 
 def data_files(package: str, kind: str, suffixes: tuple[str, ...], recursive: bool = False) -> list[DataFile]:
@@ -35,10 +43,9 @@ def data_files(package: str, kind: str, suffixes: tuple[str, ...], recursive: bo
         (p for p in resources.files(package).iterdir() if p.name.endswith(suffixes)), key=lambda p: p.name
     )
     out = [DataFile(_stem(p.name, suffixes), _suffix(p.name, suffixes), f"shipped:{p.name}", None, p) for p in shipped]
-    folder = user_dir(kind)
-    if folder.is_dir():
-        pattern = "**/*" if recursive else "*"
-        for path in sorted(folder.glob(pattern)):
+    pattern = "**/*" if recursive else "*"
+    for folder in user_dirs(kind):
+        for path in sorted(folder.glob(pattern)) if folder.is_dir() else ():
             if path.is_file() and path.name.endswith(suffixes):
                 stem = path.relative_to(folder).as_posix()
                 out.append(DataFile(_stem(stem, suffixes), _suffix(path.name, suffixes), str(path), path))
