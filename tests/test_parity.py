@@ -56,3 +56,12 @@ def test_cancel_stops_between_steps(sd_pipe):
     with pytest.raises(Cancelled):
         denoise(sd_pipe, make_scheduler(sd_pipe.dreamtty_scheduler_config, "euler", "normal"), spec)
     assert seen == [1, 2, 3]
+
+
+def test_clip_skip_deeper_than_the_encoder_is_a_clear_error(sd_pipe, xl_pipe):
+    from backend.errors import RequestError
+
+    for pipe in (sd_pipe, xl_pipe):
+        with pytest.raises(RequestError, match=r"clip_skip: 5 is deeper than this model's text encoder; allowed 1..4"):
+            encode(pipe, "a", "b", True, 5)
+        assert encode(pipe, "a", "b", True, 4).cond.isfinite().all()

@@ -177,8 +177,21 @@ class _Progress:
             self.shown = False
 
 
+def _fetch_if_missing(model: str) -> None:
+    """A Hugging Face id that is not cached yet is downloaded here, with a progress bar on stderr."""
+    from backend.models import resolve_model
+
+    ref = resolve_model(model)
+    if ref.kind == "hub" and ref.family == "unknown":
+        from backend.downloads import pull
+
+        print(f"dreamtty: downloading {model} into the Hugging Face cache", file=sys.stderr)
+        pull(model)
+
+
 def cmd_generate(args) -> int:
     request = request_from_args(args, args.model)
+    _fetch_if_missing(request.model)
     code, _ = asyncio.run(_run_jobs(args, [request], args.out))
     return code
 
