@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import queue as queue_mod
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +44,7 @@ class _Worker:
     device: str
     process: object = None
     jobs: object = None
+    events: object = None  # the read end of this worker's event pipe
     cancel: object = None
     job: int | None = None
     ready: bool = False
@@ -60,7 +61,6 @@ class Service:
         self.recover = recover
         self.owner = os.getpid()
         self.workers: list[_Worker] = []
-        self._events = _CTX.Queue()
         self._subscribers: list[asyncio.Queue] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
@@ -84,16 +84,18 @@ class Service:
 
     def _spawn(self, worker: _Worker) -> None:
         worker.jobs = _CTX.Queue()
+        worker.events, sender = _CTX.Pipe(duplex=False)
         worker.cancel = _CTX.Value("q", 0)
         worker.ready = False
         log_path = locations.state_dir() / "logs" / f"worker-{worker.id}.log"
         worker.process = _CTX.Process(
             target=_worker_entry,
-            args=(worker.id, worker.device, worker.jobs, self._events, worker.cancel, str(log_path)),
+            args=(worker.id, worker.device, worker.jobs, sender, worker.cancel, str(log_path)),
             name=f"dreamtty-worker-{worker.id}",
             daemon=True,
         )
         worker.process.start()
+        sender.close()  # the worker holds the only write end: EOF here means it is gone
         if worker not in self.workers:
             self.workers.append(worker)
 
@@ -205,18 +207,21 @@ class Service:
     def _read_events(self) -> None:
         """Thread: move worker events onto the event loop; notice dead workers."""
         while not self._stop.is_set():
-            try:
-                event = self._events.get(timeout=0.2)
-            except queue_mod.Empty:
-                event = None
-            except (EOFError, OSError):
-                return
-            if event is not None:
+            pipes = {w.events: w for w in self.workers if w.events is not None}
+            for conn in mp_connection.wait(list(pipes), timeout=0.2):
+                try:
+                    event = conn.recv()
+                except (EOFError, OSError):  # the worker exited: stop reading its pipe
+                    if pipes[conn].events is conn:  # unless a restart already replaced it
+                        pipes[conn].events = None
+                    continue
                 self._call(self._handle, event)
             for w in list(self.workers):
                 if not w.process.is_alive() and not self._stop.is_set() and not w.died_reported:
                     w.died_reported = True
                     self._call(self._worker_died, w, w.process.exitcode)
+            if not pipes:
+                self._stop.wait(0.2)
 
     def _call(self, fn, *args) -> None:
         try:

@@ -29,7 +29,11 @@ def _redirect_output(log_path: Path) -> None:
 
 
 def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str) -> None:
-    """Process entry point: serve jobs from ``jobs`` until it yields None."""
+    """Process entry point: serve jobs from ``jobs`` until it yields None.
+
+    ``events`` is this worker's own pipe end: if the process dies mid-write only
+    its pipe is spoiled, never another worker's.
+    """
     _redirect_output(Path(log_path))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -40,7 +44,7 @@ def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    events.put({"type": "ready", "worker": worker_id, "device": device, "cuda_count": cuda_count})
+    events.send({"type": "ready", "worker": worker_id, "device": device, "cuda_count": cuda_count})
     cache = PipelineCache(dev)
     while True:
         job = jobs.get()
@@ -61,7 +65,7 @@ def _run_job(worker_id: int, job: dict, cache, events, cancel) -> None:
     from backend.errors import DreamttyError
 
     job_id = job["job"]
-    emit = lambda kind, **data: events.put({"type": kind, "job": job_id, "worker": worker_id, **data})  # noqa: E731
+    emit = lambda kind, **data: events.send({"type": kind, "job": job_id, "worker": worker_id, **data})  # noqa: E731
     emit("started")
     try:
         paths = _generate(job, cache, emit, should_cancel=lambda: cancel.value == job_id)
