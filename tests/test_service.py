@@ -31,16 +31,21 @@ def db(tmp_path):
     return tmp_path / "queue.sqlite3"
 
 
-async def test_generate_streams_events_and_saves_png(db, tmp_path, demo_dirs):
+@pytest.fixture
+async def running(db, demo_dirs):
+    """A started CPU service and its event subscription; closed after the test."""
     service = Service(devices="cpu", db_path=db)
     events = service.subscribe()
     await service.start()
-    try:
-        req = GenerateRequest(prompt="a red fox", seed=5, count=2, steps=6, sampler="euler")
-        job = service.submit(req, tmp_path / "out")
-        seen = await asyncio.wait_for(_collect(service, job, events), TIMEOUT)
-    finally:
-        await service.close()
+    yield service, events
+    await service.close()
+
+
+async def test_generate_streams_events_and_saves_png(running, db, tmp_path):
+    service, events = running
+    req = GenerateRequest(prompt="a red fox", seed=5, count=2, steps=6, sampler="euler")
+    job = service.submit(req, tmp_path / "out")
+    seen = await asyncio.wait_for(_collect(service, job, events), TIMEOUT)
     kinds = [e["type"] for e in seen]
     assert kinds[:2] == ["queued", "started"] and kinds[-1] == "done"
     assert kinds.count("image") == 2
@@ -58,23 +63,18 @@ async def test_generate_streams_events_and_saves_png(db, tmp_path, demo_dirs):
     assert store.get(job).state == "done" and store.get(job).outputs == paths
 
 
-async def test_cancel_running_and_queued(db, tmp_path, demo_dirs):
-    service = Service(devices="cpu", db_path=db)
-    events = service.subscribe()
-    await service.start()
-    try:
-        long = service.submit(GenerateRequest(prompt="x", steps=400, seed=1), tmp_path)
-        queued = service.submit(GenerateRequest(prompt="y", steps=4, seed=1), tmp_path)
-        assert service.cancel(queued)
-        async for event in service.wait(long, events):
-            if event["type"] == "step":
-                service.cancel(long)
-        last = event
-        after = service.submit(GenerateRequest(prompt="z", steps=2, seed=1), tmp_path)
-        final = (await asyncio.wait_for(_collect(service, after, events), TIMEOUT))[-1]
-        assert not service.cancel(after)  # finished jobs cannot be cancelled
-    finally:
-        await service.close()
+async def test_cancel_running_and_queued(running, db, tmp_path):
+    service, events = running
+    long = service.submit(GenerateRequest(prompt="x", steps=400, seed=1), tmp_path)
+    queued = service.submit(GenerateRequest(prompt="y", steps=4, seed=1), tmp_path)
+    assert service.cancel(queued)
+    async for event in service.wait(long, events):
+        if event["type"] == "step":
+            service.cancel(long)
+    last = event
+    after = service.submit(GenerateRequest(prompt="z", steps=2, seed=1), tmp_path)
+    final = (await asyncio.wait_for(_collect(service, after, events), TIMEOUT))[-1]
+    assert not service.cancel(after)  # finished jobs cannot be cancelled
     assert last["type"] == "cancelled"
     assert final["type"] == "done"
     store = QueueStore(db)
@@ -82,20 +82,15 @@ async def test_cancel_running_and_queued(db, tmp_path, demo_dirs):
     assert store.get(long).outputs == []  # nothing decoded or saved for the cancelled job
 
 
-async def test_killed_worker_fails_job_and_queue_goes_on(db, tmp_path, demo_dirs):
-    service = Service(devices="cpu", db_path=db)
-    events = service.subscribe()
-    await service.start()
-    try:
-        doomed = service.submit(GenerateRequest(prompt="x", steps=400, seed=1), tmp_path)
-        survivor = service.submit(GenerateRequest(prompt="y", steps=3, seed=2), tmp_path)
-        async for event in service.wait(doomed, events):
-            if event["type"] == "step":
-                os.kill(service.workers[0].process.pid, signal.SIGKILL)
-        failed = event
-        done = (await asyncio.wait_for(_collect(service, survivor, events), TIMEOUT))[-1]
-    finally:
-        await service.close()
+async def test_killed_worker_fails_job_and_queue_goes_on(running, db, tmp_path):
+    service, events = running
+    doomed = service.submit(GenerateRequest(prompt="x", steps=400, seed=1), tmp_path)
+    survivor = service.submit(GenerateRequest(prompt="y", steps=3, seed=2), tmp_path)
+    async for event in service.wait(doomed, events):
+        if event["type"] == "step":
+            os.kill(service.workers[0].process.pid, signal.SIGKILL)
+    failed = event
+    done = (await asyncio.wait_for(_collect(service, survivor, events), TIMEOUT))[-1]
     assert failed["type"] == "failed" and "worker crashed" in failed["error"]
     assert done["type"] == "done"
     assert QueueStore(db).get(doomed).state == "failed"
