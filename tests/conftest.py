@@ -24,9 +24,15 @@ def dreamtty_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_home(dreamtty_home, monkeypatch, tmp_path):
-    """Every test sees the session home and its own outputs dir."""
+    """Every test sees the session home, its own outputs dir and its own (empty) config file.
+
+    Setting DREAMTTY_CONFIG through monkeypatch also undoes ``--config`` set by an in-process CLI run.
+    """
     monkeypatch.setenv("DREAMTTY_HOME", str(dreamtty_home))
     monkeypatch.setenv("DREAMTTY_OUTPUTS", str(tmp_path / "outputs"))
+    config = tmp_path / "config.yaml"
+    config.write_text("{}\n")
+    monkeypatch.setenv("DREAMTTY_CONFIG", str(config))
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from backend.training.checkpoints import STATE_FILE
 from backend.training.class_images import class_dir
 from backend.training.config import TrainRequest
 from backend import library
+from backend.engine.scheduling import make_scheduler
 from backend.training.launch import prepare_run
 from backend.training.trainer import DreamBoothTrainer, TrainingError, train
 from tui import cli
@@ -67,6 +68,8 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def _image(pipe, seed: int = 1) -> np.ndarray:
+    # Our loop leaves its last scheduler on a pipeline: start every image from the model's own.
+    pipe.scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "euler", "normal")
     return pipe("a photo of sks dog", num_inference_steps=3, height=64, width=64, output_type="np",
                 generator=torch.Generator().manual_seed(seed)).images[0]
 
