@@ -8,9 +8,11 @@ failed, cancelled, ready (a worker is up), log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +85,12 @@ class Service:
         return [d.strip() for d in self.devices.split(",") if d.strip()]
 
     def _spawn(self, worker: _Worker) -> None:
+        with _real_stderr():  # queues and processes may start multiprocessing's resource tracker
+            self._start_process(worker)
+        if worker not in self.workers:
+            self.workers.append(worker)
+
+    def _start_process(self, worker: _Worker) -> None:
         worker.jobs = _CTX.Queue()
         worker.events, sender = _CTX.Pipe(duplex=False)
         worker.cancel = _CTX.Value("q", 0)
@@ -96,8 +104,6 @@ class Service:
         )
         worker.process.start()
         sender.close()  # the worker holds the only write end: EOF here means it is gone
-        if worker not in self.workers:
-            self.workers.append(worker)
 
     async def close(self) -> None:
         """Stop workers. Jobs still queued or running stay queued for the next start."""
@@ -267,6 +273,23 @@ class Service:
         worker.died_reported = False
         self._spawn(worker)
         self._dispatch()
+
+
+@contextlib.contextmanager
+def _real_stderr():
+    """multiprocessing hands ``sys.stderr``'s file descriptor to the helper processes it starts;
+    under a TUI ``sys.stderr`` is a capture object without one, so use the process's real stderr."""
+    saved = sys.stderr
+    try:
+        usable = saved.fileno() >= 0
+    except (AttributeError, OSError, ValueError):
+        usable = False
+    if not usable:
+        sys.stderr = sys.__stderr__
+    try:
+        yield
+    finally:
+        sys.stderr = saved
 
 
 def _worker_entry(*args) -> None:
