@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 from PIL import Image
 from textual.widgets import Checkbox, Input, Select, TextArea
 
+from backend.config import config_path
 from backend.service import Service
-from tui.app import ConfirmQuit, DreamttyApp
+from tui.app import ConfirmQuit, DreamttyApp, use_color_system
 from tui.screens.generate import GenerateScreen
 from tui.screens.queue import QueueScreen
 from tui.widgets.field import Field
@@ -140,35 +142,32 @@ async def test_style_picker_searches_and_shows_templates(idle_service, tmp_path)
         assert app.screen.form.read_request().styles == [names[0]]
 
 
-async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path, dreamtty_home):
-    config = dreamtty_home / "config" / "config.yaml"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text("keymap:\n  generate: f5\n  screen.queue: f8\n")
-    try:
-        app = make_app(idle_service, tmp_path)
-        async with app.run_test(size=(120, 40)) as pilot:
-            await pilot.press(*"remapped")
-            await pilot.press("f5")
-            assert [j.request["prompt"] for j in idle_service.jobs()] == ["remapped"]
-            await pilot.press("f8")
-            await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
-            assert app.key_for("screen.queue") in str(app.screen.query_one("ModeBar").content)
-            await pilot.press("f1")
-            await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), what="the generate screen")
-            assert app.screen.query_one("#prompt", TextArea).text == "remapped"  # the mode kept its state
-            titles = [c.title for c in app.get_system_commands(app.screen)]
-            assert "Queue a generation with the Generate form" in titles
-            assert "Cancel the running job" in titles
-            # A job is queued: quitting asks first; "n" stays, "y" quits.
-            await pilot.press("ctrl+q")
-            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmQuit), what="the quit dialog")
-            await pilot.press("n")
-            await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), what="the dialog to close")
-            assert app.is_running
-            await pilot.press("ctrl+q", "y")
-            await wait_for(pilot, lambda: not app.is_running, what="exit")
-    finally:
-        config.unlink()
+async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path):
+    config_path().write_text("keymap:\n  generate: f5\n  screen.queue: f8\n")  # the test's own config file
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press(*"remapped")
+        await pilot.press("f5")
+        assert [j.request["prompt"] for j in idle_service.jobs()] == ["remapped"]
+        await pilot.press("f8")
+        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        assert app.key_for("screen.queue") in str(app.screen.query_one("ModeBar").content)
+        queue_titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert "Queue the selected image's parameters again" in queue_titles
+        await pilot.press("f1")
+        await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), what="the generate screen")
+        assert app.screen.query_one("#prompt", TextArea).text == "remapped"  # the mode kept its state
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert "Queue a generation with the Generate form" in titles
+        assert "Cancel the running job" in titles
+        # A job is queued: quitting asks first; "n" stays, "y" quits.
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmQuit), what="the quit dialog")
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), what="the dialog to close")
+        assert app.is_running
+        await pilot.press("ctrl+q", "y")
+        await wait_for(pilot, lambda: not app.is_running, what="exit")
 
 
 async def test_small_terminal_tab_order_scrolls_and_wide_layout(idle_service, tmp_path):
@@ -190,6 +189,22 @@ async def test_small_terminal_tab_order_scrolls_and_wide_layout(idle_service, tm
         await pilot.resize_terminal(200, 60)
         await pilot.pause()
         assert app.screen.query_one("#output").size.width >= 80
+
+
+def test_color_option_sets_textual_color_system(monkeypatch):
+    import textual.constants
+
+    monkeypatch.setattr(textual.constants, "COLOR_SYSTEM", textual.constants.COLOR_SYSTEM)
+    monkeypatch.setenv("TEXTUAL_COLOR_SYSTEM", "auto")  # so the test's change is undone afterwards
+    monkeypatch.delenv("TEXTUAL_COLOR_SYSTEM")
+    use_color_system("auto")
+    assert "TEXTUAL_COLOR_SYSTEM" not in os.environ
+    use_color_system("256")
+    assert DreamttyApp(service=object()).console.color_system == "256"
+    use_color_system("truecolor")
+    assert DreamttyApp(service=object()).console.color_system == "truecolor"
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert DreamttyApp(service=object()).no_color
 
 
 def test_half_block_lines_fit_and_filter():

@@ -7,11 +7,14 @@ the screens through ``job_events`` (a Textual Signal).
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from functools import partial
 from pathlib import Path
 from typing import Iterable
 
+from textual import events
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Grid
@@ -33,6 +36,12 @@ from tui.widgets.modebar import ModeBar
 from tui.widgets.progress import describe_step
 
 COLOR_SYSTEMS = {"truecolor": "truecolor", "256": "256"}
+STEP_REDRAW_INTERVAL = 0.25  # seconds: progress is redrawn at most ~4 times a second
+TYPING_QUIET = 0.4  # seconds after a key press during which live preview frames wait (typing goes first)
+FULL_GC_INTERVAL = 20.0  # seconds between full garbage collections, run when no key was pressed for
+GC_KEY_QUIET = 2.0  # this long, or at the latest after
+FULL_GC_LONGEST = 120.0  # seconds
+WORKER_NICE = 10  # workers yield the CPU to the UI, so keys are painted promptly while a job runs
 
 
 class TrainScreen(Screen):
@@ -103,9 +112,11 @@ class DreamttyApp(App):
         self.progress: dict[int, dict] = {}  # job id -> its last step event
         self.worker_state = "starting the worker…"
         self.generate_screen: GenerateScreen | None = None  # set when it mounts (the default mode)
+        self.last_key = 0.0  # monotonic time of the last key press
 
     # -- lifecycle -----------------------------------------------------------
     def on_mount(self) -> None:
+        self._quiet_garbage_collection()
         self.set_keymap(self.config.keymap)
         for warning in self.config.warnings:
             self.notify(warning, title="config", severity="warning", timeout=10)
@@ -114,20 +125,28 @@ class DreamttyApp(App):
 
     async def _start_service(self) -> None:
         await self.service.start()
+        self._lower_worker_priority()
         for job in self.service.store.jobs(ACTIVE, owner=self.service.owner):
             self.active.setdefault(job.id, job.state)
         self.job_events.publish({"type": "service-started"})
 
     async def _consume_events(self, events) -> None:
+        last_step = 0.0
         while True:
             event = await events.get()
             self._track(event)
+            if event["type"] == "step" and event["step"] < event["total"]:
+                now = time.monotonic()
+                if now - last_step < STEP_REDRAW_INTERVAL:
+                    continue  # kept in self.progress; the screens skip this redraw
+                last_step = now
             self.job_events.publish(event)
 
     def _track(self, event: dict) -> None:
         kind, job = event["type"], event.get("job")
         if kind == "ready":
             self.worker_state = f"worker ready on {event.get('device', '?')}"
+            self._lower_worker_priority()  # again: threads started since, and restarted workers
         elif kind in ("queued", "started"):
             self.active[job] = "queued" if kind == "queued" else "running"
         elif kind == "step":
@@ -136,7 +155,39 @@ class DreamttyApp(App):
             self.active.pop(job, None)
             self.progress.pop(job, None)
 
+    def _lower_worker_priority(self) -> None:
+        for worker in self.service.workers:
+            pid = getattr(worker.process, "pid", None)
+            if pid:
+                lower_priority(pid, WORKER_NICE)
+
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Key):
+            self.last_key = time.monotonic()
+        await super().on_event(event)
+
+    def typing(self) -> float:
+        """Seconds until the user counts as no longer typing (0 when not typing)."""
+        return max(0.0, self.last_key + TYPING_QUIET - time.monotonic())
+
+    def _quiet_garbage_collection(self) -> None:
+        """Full collections pause the UI 100-250 ms (measured) and streaming previews trigger one every few
+        seconds: freeze the startup objects, and run full collections ourselves, only while no key is pressed."""
+        self._gc_threshold = gc.get_threshold()
+        gc.set_threshold(self._gc_threshold[0], self._gc_threshold[1], 1_000_000)
+        self.call_after_refresh(gc.freeze)
+        self._last_full_gc = time.monotonic()
+        self.set_interval(FULL_GC_INTERVAL, self._collect_garbage)
+
+    def _collect_garbage(self) -> None:
+        now = time.monotonic()
+        if now - self.last_key >= GC_KEY_QUIET or now - self._last_full_gc >= FULL_GC_LONGEST:
+            gc.collect()
+            self._last_full_gc = now
+
     async def on_unmount(self) -> None:
+        gc.unfreeze()
+        gc.set_threshold(*self._gc_threshold)
         await self.service.close()
 
     # -- helpers for screens -------------------------------------------------
@@ -152,10 +203,11 @@ class DreamttyApp(App):
             parts.append(f"{queued} queued")
         return " · ".join(parts) or self.worker_state
 
-    def key_for(self, binding_id: str) -> str:
-        """How the key bound to ``binding_id`` is shown (after the user's keymap)."""
-        key = self.config.keymap.get(binding_id) or next(k.key for k in keymap.ALL_KEYS if k.id == binding_id)
-        return self.get_key_display(Binding(key.split(",")[0], ""))
+    def key_for(self, binding_id: str, default: str | None = None) -> str:
+        """How the key bound to ``binding_id`` is shown (after the user's keymap); ``default``: its own key."""
+        key = self.config.keymap.get(binding_id) or default or next(k.key for k in keymap.ALL_KEYS if k.id == binding_id)
+        shown = self.get_key_display(Binding(key.split(",")[0], ""))
+        return shown.upper() if len(shown) <= 3 and shown[:1] == "f" else shown  # f1 -> F1
 
     def load_into_form(self, path: str) -> None:
         """Put the parameters saved in image ``path`` into the Generate form and show it."""
@@ -196,14 +248,30 @@ class DreamttyApp(App):
         self.push_screen(ConfirmQuit(active), answered)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """Textual's commands plus every binding with an id: the app's and those of the screen's widgets."""
         yield from super().get_system_commands(screen)
-        for key in keymap.APP_KEYS:
-            if key.id != "quit":
-                yield SystemCommand(key.help, f"key: {self.key_for(key.id)}", partial(self.run_action, key.action))
-        if isinstance(screen, QueueScreen):
-            for key in keymap.QUEUE_KEYS:
-                yield SystemCommand(key.help, f"key: {self.key_for(key.id)}",
-                                    partial(self.run_action, key.action, screen))
+        seen = {"quit"}  # Textual's own "Quit" command already calls action_quit
+        for node in (self, *screen.walk_children(with_self=True)):
+            for binding in getattr(node, "BINDINGS", ()):
+                if isinstance(binding, Binding) and binding.id and binding.id not in seen:
+                    seen.add(binding.id)
+                    key = self.key_for(binding.id, binding.key)
+                    yield SystemCommand(binding.tooltip or binding.description, f"key: {key}",
+                                        partial(self.run_action, binding.action, node))
+
+
+def lower_priority(pid: int, nice: int) -> None:
+    """Set the nice value of every thread of process ``pid`` (Linux nice is per thread); best effort."""
+    tasks = Path(f"/proc/{pid}/task")
+    try:
+        tids = [int(t) for t in os.listdir(tasks)] if tasks.is_dir() else [pid]
+    except OSError:
+        tids = [pid]
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+        except OSError:
+            pass  # gone, or not ours
 
 
 def use_color_system(choice: str) -> None:

@@ -50,5 +50,6 @@ ALL_KEYS = APP_KEYS + QUEUE_KEYS
 
 
 def bindings(keys: tuple[Key, ...]) -> list[Binding]:
-    return [Binding(k.key, k.action, k.description, show=k.show, priority=k.priority, id=k.id) for k in keys]
+    return [Binding(k.key, k.action, k.description, show=k.show, priority=k.priority, id=k.id, tooltip=k.help)
+            for k in keys]
 

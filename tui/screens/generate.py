@@ -32,6 +32,7 @@ from tui.widgets.style_picker import StyleInfo, StylePicker
 CUSTOM_SIZE = "custom"
 # Performance: (label, steps). Extreme speed also switches to the LCM sampler and CFG 1 (distilled models).
 PERFORMANCE = {"speed": ("Speed", 30), "quality": ("Quality", 60), "extreme": ("Extreme speed", 8)}
+LIVE_PREVIEW_CELLS = (64, 32)  # live frames stay small (~80 KB of ANSI each) for slow SSH links; the final is full size
 FEW_STEP_NAME = re.compile(r"lcm|turbo|lightning|hyper", re.IGNORECASE)
 GUIDANCE_HINTS = {
     "perp_neg": "PerpNeg scale, 0 = off",
@@ -180,6 +181,8 @@ class GenerateForm(VerticalScroll, can_focus=False):
                                     names=(f.name,), hint=GUIDANCE_HINTS.get(f.name, ""))
 
     def on_mount(self) -> None:
+        for widget in self.query("Input, TextArea"):
+            widget.cursor_blink = False  # a blinking cursor repaints twice a second, over SSH too
         self.update_family(self.model)
         for warning in self.style_warnings[:3]:
             self.notify(warning, title="styles", severity="warning")
@@ -405,6 +408,7 @@ class GenerateScreen(Screen):
         self.following: int | None = None  # job whose progress and preview are shown
         self.following_done = True
         self.submitted: set[int] = set()
+        self.pending_preview: Image.Image | None = None  # a live frame waiting for the user to stop typing
 
     def compose(self) -> ComposeResult:
         yield ModeBar("generate")
@@ -449,8 +453,22 @@ class GenerateScreen(Screen):
             return
         self.following_done = kind in FINAL
         self.query_one(JobProgress).follow(event)
-        preview = self.query_one(ImagePreview)
         if kind == "preview":
-            preview.show(Image.frombytes("RGB", (event["width"], event["height"]), event["rgb"]))
+            waiting = self.pending_preview is not None
+            self.pending_preview = Image.frombytes("RGB", (event["width"], event["height"]), event["rgb"])
+            if not waiting:
+                self._draw_live_preview()
         elif kind == "image":
-            preview.show(event["path"])
+            self.pending_preview = None
+            self.query_one(ImagePreview).show(event["path"])
+
+    def _draw_live_preview(self) -> None:
+        """Draw the latest live frame, unless a key was just pressed: then try again once typing pauses."""
+        if self.pending_preview is None:
+            return
+        wait = self.app.typing()
+        if wait:
+            self.set_timer(wait, self._draw_live_preview)
+            return
+        self.query_one(ImagePreview).show(self.pending_preview, limit=LIVE_PREVIEW_CELLS)
+        self.pending_preview = None

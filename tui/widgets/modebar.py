@@ -31,4 +31,4 @@ class ModeBar(Static):
             text.append(f" {key} {label} ", style=style)
             text.append("│", style="dim")
         text.append(f" {self.app.activity()}", style="italic")
-        self.update(text)
+        self.update(text, layout=False)  # one fixed line: no need to lay out the screen again

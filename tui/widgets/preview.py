@@ -49,22 +49,29 @@ class ImagePreview(Widget):
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
         self.source: Image.Image | str | Path | None = None  # what was last given to show()
+        self.limit: tuple[int, int] | None = None  # at most this many cells (width, height) for the current image
         self.frames = 0  # frames drawn so far
         self._lines: list[Strip] = []
         self._cells = (0, 0)
 
-    def show(self, image: Image.Image | str | Path | None) -> None:
-        """Draw ``image`` (a PIL image or the path of one); None clears."""
-        self.source = image
+    def show(self, image: Image.Image | str | Path | None, limit: tuple[int, int] | None = None) -> None:
+        """Draw ``image`` (a PIL image or the path of one) in at most ``limit`` cells; None clears."""
+        self.source, self.limit = image, limit
         if image is None:
             self._lines = []
             self.refresh()
         else:
-            self._draw(image, (self.size.width, self.size.height))
+            self._draw(image, self._cells_for())
+
+    def _cells_for(self) -> tuple[int, int]:
+        width, height = self.size.width, self.size.height
+        if self.limit is not None:
+            return min(width, self.limit[0]), min(height, self.limit[1])
+        return width, height
 
     def on_resize(self) -> None:
-        if self.source is not None and (self.size.width, self.size.height) != self._cells:
-            self._draw(self.source, (self.size.width, self.size.height))
+        if self.source is not None and self._cells_for() != self._cells:
+            self._draw(self.source, self._cells_for())
 
     @work(thread=True, exclusive=True, group="preview", exit_on_error=False)
     def _draw(self, source: Image.Image | str | Path, cells: tuple[int, int]) -> None:
@@ -87,16 +94,19 @@ class ImagePreview(Widget):
         if source is not self.source:
             return  # a newer image was given meanwhile
         self.source = image  # keep the decoded image for redraws on resize
-        width, height = cells
+        width, height = self.size.width, self.size.height
         pad_left = (width - max((Segment.get_line_length(x) for x in lines), default=0)) // 2
         pad_top = (height - len(lines)) // 2
-        blank = Strip.blank(width, self.rich_style)
-        self._lines = [blank] * pad_top + [Strip([Segment(" " * pad_left, self.rich_style), *line]) for line in lines]
+        style = self.rich_style
+        blank = Strip.blank(width, style)
+        self._lines = [blank] * pad_top + [
+            Strip([Segment(" " * pad_left, style), *line]).extend_cell_length(width, style) for line in lines
+        ]
         self._cells = cells
         self.frames += 1
         self.refresh()
 
     def render_line(self, y: int) -> Strip:
         if y < len(self._lines):
-            return self._lines[y].extend_cell_length(self.size.width, self.rich_style)
+            return self._lines[y]
         return Strip.blank(self.size.width, self.rich_style)

@@ -31,7 +31,7 @@ class JobProgress(Vertical):
     JobProgress { height: auto; }
     JobProgress ProgressBar { width: 1fr; }
     JobProgress ProgressBar Bar { width: 1fr; }
-    JobProgress .status { height: auto; }
+    JobProgress .status { height: 2; }
     JobProgress.-failed .status { color: $error; }
     """
 
@@ -44,7 +44,7 @@ class JobProgress(Vertical):
         return str(self.query_one(".status", Static).content)
 
     def set_status(self, text: str, failed: bool = False) -> None:
-        self.query_one(".status", Static).update(text)
+        self.query_one(".status", Static).update(text, layout=False)  # fixed height: repaint only
         self.set_class(failed, "-failed")
 
     def follow(self, event: dict) -> None:
