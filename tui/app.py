@@ -238,14 +238,19 @@ class DreamttyApp(App):
     async def action_quit(self) -> None:
         active = len(self.service.store.jobs(ACTIVE, owner=self.service.owner))
         if not active:
-            self.exit()
+            self._exit_after_notice()
             return
 
         def answered(quit_app: bool | None) -> None:
             if quit_app:
-                self.exit()
+                self._exit_after_notice()
 
         self.push_screen(ConfirmQuit(active), answered)
+
+    def _exit_after_notice(self) -> None:
+        """Stopping the workers takes a moment (on unmount): say so on screen first."""
+        self.notify("Stopping the workers…", title="dreamtty")
+        self.call_after_refresh(self.exit)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """Textual's commands plus every binding with an id: the app's and those of the screen's widgets."""

@@ -260,7 +260,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
                 q("#steps", Input).value = "" if data["steps"] is None else str(data["steps"])
                 q("#performance", Select).value = next(
                     (k for k, (_, n) in PERFORMANCE.items() if n == data["steps"]), Select.NULL)
-            if "sampler" in data:
+            if data.get("sampler") in SAMPLERS:
                 q("#sampler", Select).value = data["sampler"]
                 self._set_schedules(data["sampler"], data.get("scheduler"))
             elif "scheduler" in data:
@@ -271,8 +271,9 @@ class GenerateForm(VerticalScroll, can_focus=False):
                 self._set_size(data["width"], data["height"])
             if "styles" in data:
                 self.query_one(StylePicker).set_selected(data["styles"] or [])
-            if "preset" in data:
-                q("#preset", Select).value = data["preset"] or Select.NULL
+            if "preset" in data:  # a preset that no longer exists is left out
+                known = data["preset"] in {p.name for p in self.presets}
+                q("#preset", Select).value = data["preset"] if known else Select.NULL
             if "expand" in data:
                 q("#expand", Checkbox).value = bool(data["expand"])
             if "loras" in data:
