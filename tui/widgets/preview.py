@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.segment import Segment
 from rich_pixels import Pixels
 from textual import work
+from textual.geometry import Region
 from textual.strip import Strip
 from textual.widget import Widget
 from textual.worker import get_current_worker
@@ -39,6 +40,9 @@ def half_block_lines(image: Image.Image, cells: tuple[int, int]) -> list[list[Se
     return [line for line in Segment.split_lines(segments) if line]
 
 
+BANDS = 4  # a frame is swapped in over this many screen refreshes
+
+
 class ImagePreview(Widget):
     """Shows the latest image given to :meth:`show`, centred, re-fitted on resize."""
 
@@ -53,12 +57,13 @@ class ImagePreview(Widget):
         self.frames = 0  # frames drawn so far
         self._lines: list[Strip] = []
         self._cells = (0, 0)
+        self._generation = 0  # frames started; a band of an older frame is dropped
 
     def show(self, image: Image.Image | str | Path | None, limit: tuple[int, int] | None = None) -> None:
         """Draw ``image`` (a PIL image or the path of one) in at most ``limit`` cells; None clears."""
         self.source, self.limit = image, limit
         if image is None:
-            self._lines = []
+            self._lines, self._generation = [], self._generation + 1
             self.refresh()
         else:
             self._draw(image, self._cells_for())
@@ -99,12 +104,30 @@ class ImagePreview(Widget):
         pad_top = (height - len(lines)) // 2
         style = self.rich_style
         blank = Strip.blank(width, style)
-        self._lines = [blank] * pad_top + [
-            Strip([Segment(" " * pad_left, style), *line]).extend_cell_length(width, style) for line in lines
-        ]
+        strips = [Strip([Segment(" " * pad_left, style), *line]).extend_cell_length(width, style) for line in lines]
+        frame = [blank] * pad_top + strips + [blank] * max(0, height - pad_top - len(strips))
         self._cells = cells
-        self.frames += 1
-        self.refresh()
+        self._generation += 1
+        self._paint_band(self._generation, frame, 0)
+
+    def _paint_band(self, generation: int, frame: list[Strip], band: int) -> None:
+        """Swap in one horizontal band of ``frame`` per screen refresh.
+
+        Painting a whole frame of unique truecolor cells costs the event loop 20-40 ms here
+        (filters and escape codes); in bands, a key pressed meanwhile is painted between them.
+        """
+        if generation != self._generation:
+            return  # a newer frame has started
+        rows = -(-len(frame) // BANDS)
+        start, end = band * rows, min(len(frame), (band + 1) * rows)
+        if len(self._lines) != len(frame):
+            self._lines = [Strip.blank(self.size.width, self.rich_style)] * len(frame)
+        self._lines[start:end] = frame[start:end]
+        self.refresh(Region(0, start, self.size.width, end - start))
+        if end < len(frame):
+            self.call_after_refresh(self._paint_band, generation, frame, band + 1)
+        else:
+            self.frames += 1
 
     def render_line(self, y: int) -> Strip:
         if y < len(self._lines):
