@@ -205,7 +205,8 @@ class DreamttyApp(App):
 
     def key_for(self, binding_id: str, default: str | None = None) -> str:
         """How the key bound to ``binding_id`` is shown (after the user's keymap); ``default``: its own key."""
-        key = self.config.keymap.get(binding_id) or default or next(k.key for k in keymap.ALL_KEYS if k.id == binding_id)
+        key = (self.config.keymap.get(binding_id) or default
+               or next(k.key for k in keymap.ALL_KEYS if k.id == binding_id))
         shown = self.get_key_display(Binding(key.split(",")[0], ""))
         return shown.upper() if len(shown) <= 3 and shown[:1] == "f" else shown  # f1 -> F1
 

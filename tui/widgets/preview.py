@@ -95,7 +95,8 @@ class ImagePreview(Widget):
         if not get_current_worker().is_cancelled:
             self.app.call_from_thread(self._set_lines, source, image, lines, cells)
 
-    def _set_lines(self, source: object, image: Image.Image, lines: list[list[Segment]], cells: tuple[int, int]) -> None:
+    def _set_lines(self, source: object, image: Image.Image, lines: list[list[Segment]],
+                   cells: tuple[int, int]) -> None:
         if source is not self.source:
             return  # a newer image was given meanwhile
         self.source = image  # keep the decoded image for redraws on resize
