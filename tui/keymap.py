@@ -39,6 +39,10 @@ APP_KEYS = (
     Key("quit", "ctrl+q", "quit", "Quit", "Quit dreamtty (asks first while jobs run)", priority=True),
 )
 
+GENERATE_KEYS = (
+    Key("preset.save", "ctrl+o", "save_preset", "Save preset", "Save the Generate form as a preset", priority=True),
+)
+
 QUEUE_KEYS = (
     Key("queue.cancel", "c", "cancel_selected", "Cancel selected", "Cancel the selected queued or running job"),
     Key("gallery.load", "l", "load_parameters", "Load params", "Load the selected image's parameters into the form"),
@@ -46,7 +50,7 @@ QUEUE_KEYS = (
     Key("gallery.copy", "y", "copy_path", "Copy path", "Copy the selected image's path to the clipboard"),
 )
 
-ALL_KEYS = APP_KEYS + QUEUE_KEYS
+ALL_KEYS = APP_KEYS + GENERATE_KEYS + QUEUE_KEYS
 
 
 def bindings(keys: tuple[Key, ...]) -> list[Binding]:

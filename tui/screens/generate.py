@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
+from pathlib import Path
+from typing import Callable, TypeVar
 
 from PIL import Image
 from textual import on, work
@@ -17,14 +19,16 @@ from backend.errors import DreamttyError, RequestError
 from backend.families import FAMILIES, aspect_sizes
 from backend.guidance import GuidanceSettings
 from backend.models import DEMO_MODELS, resolve_model
-from backend.prompting.presets import apply_preset, list_presets
+from backend.prompting.presets import PresetInfo, apply_preset, list_presets
 from backend.prompting.styles import RANDOM_STYLE, load_styles
 from backend.queue_store import FINAL
 from backend.request import GenerateRequest
 from backend.samplers import SAMPLERS
+from tui import keymap
 from tui.cli import _parse_lora
 from tui.widgets.field import Field
 from tui.widgets.modebar import ModeBar
+from tui.widgets.preset_dialog import SavePresetDialog
 from tui.widgets.preview import ImagePreview
 from tui.widgets.progress import JobProgress
 from tui.widgets.style_picker import StyleInfo, StylePicker
@@ -46,6 +50,7 @@ GUIDANCE_HINTS = {
     "pag": "Perturbed-Attention Guidance scale, 0 = off",
     "apg": "Adaptive Projected Guidance scale, 0 = off",
 }
+T = TypeVar("T")
 
 
 def style_choices() -> tuple[list[StyleInfo], list[str]]:
@@ -114,6 +119,10 @@ def _format_guidance(value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _preset_options(presets: list[PresetInfo]) -> list[tuple[str, str]]:
+    return [(f"{p.name}: {p.description}" if p.description else p.name, p.name) for p in presets]
+
+
 def _input(id: str, value: str = "", placeholder: str = "", **kwargs) -> Input:
     return Input(value, placeholder=placeholder, compact=True, id=id, **kwargs)
 
@@ -146,9 +155,8 @@ class GenerateForm(VerticalScroll, can_focus=False):
         yield Field("Negative prompt", TextArea(id="negative_prompt", placeholder="what to avoid"),
                     names=("negative_prompt",))
         yield Field("Styles", StylePicker(self.style_list, id="styles"), names=("styles",))
-        presets = [(f"{p.name}: {p.description}" if p.description else p.name, p.name) for p in self.presets]
         with Horizontal(classes="row"):
-            yield Field("Preset", _select("preset", presets, prompt="none"), names=("preset",))
+            yield Field("Preset", _select("preset", _preset_options(self.presets), prompt="none"), names=("preset",))
             yield Field("Model", _input("model", self.model, suggester=SuggestFromList(DEMO_MODELS)),
                         names=("model", "refiner", "vae"))
         with Horizontal(classes="row"):
@@ -294,6 +302,14 @@ class GenerateForm(VerticalScroll, can_focus=False):
             return
         self.fill(values)
 
+    def refresh_presets(self, selected: str) -> None:
+        """List the presets again (one was just saved) and select ``selected`` without refilling the form."""
+        self.presets = list_presets()
+        select = self.query_one("#preset", Select)
+        with self.prevent(Select.Changed):
+            select.set_options(_preset_options(self.presets))
+            select.value = selected
+
     def _set_seed(self, seed: int) -> None:
         random_seed = int(seed) == -1
         self.query_one("#seed-random", Checkbox).value = random_seed
@@ -403,6 +419,7 @@ class GenerateScreen(Screen):
     """The form on the left; progress and the live preview of the job being followed on the right."""
 
     AUTO_FOCUS = "#prompt"
+    BINDINGS = keymap.bindings(keymap.GENERATE_KEYS)
 
     def __init__(self) -> None:
         super().__init__()
@@ -430,17 +447,40 @@ class GenerateScreen(Screen):
     def form(self) -> GenerateForm:
         return self.query_one(GenerateForm)
 
-    def submit(self) -> int | None:
-        """Queue the form as a job; on bad input show the error inline and queue nothing."""
+    def _with_form(self, use: Callable[[GenerateRequest], T]) -> T | None:
+        """``use`` the form's request; on bad input show the error inline and return None."""
         form = self.form
         form.clear_errors()
         try:
-            job = self.app.service.submit(form.read_request(), self.app.out_dir)
+            return use(form.read_request())
         except DreamttyError as exc:
             form.show_error(exc)
             return None
-        self.submitted.add(job)
+
+    def submit(self) -> int | None:
+        """Queue the form as a job; on bad input show the error inline and queue nothing."""
+        job = self._with_form(lambda request: self.app.service.submit(request, self.app.out_dir))
+        if job is not None:
+            self.submitted.add(job)
         return job
+
+    def _preset_values(self, request: GenerateRequest) -> dict:
+        """The form checked as for queueing; fields left empty (steps: the model's default) stay empty."""
+        resolved, _ = self.app.service.validate(request)
+        empty = {k for k, v in request.to_dict().items() if v is None}
+        return {k: None if k in empty else v for k, v in resolved.to_dict().items()}
+
+    def action_save_preset(self) -> None:
+        """Ask for a name and save the form as a user preset; a bad form value is shown and nothing saved."""
+        values = self._with_form(self._preset_values)
+        if values is not None:
+            self.app.push_screen(SavePresetDialog(values, list_presets()), self._preset_saved)
+
+    def _preset_saved(self, path: Path | None) -> None:
+        if path is None:
+            return
+        self.form.refresh_presets(path.stem)
+        self.notify(f"Preset {path.stem!r} written to {path}.", title="preset saved")
 
     def handle_job_event(self, event: dict) -> None:
         kind, job = event["type"], event.get("job")

@@ -1,0 +1,83 @@
+"""A small modal that saves the Generate form as a user preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Input, Label
+
+from backend.errors import RequestError
+from backend.prompting.datafiles import user_dir
+from backend.prompting.presets import PresetInfo, save_preset
+from tui.widgets.field import Field
+
+
+class SavePresetDialog(ModalScreen[Path | None]):
+    """Asks for a name (and an optional description), writes the preset and dismisses with its path.
+
+    Enter saves, escape cancels (dismisses with None). A name that is taken asks first: enter again
+    with the same name overwrites the user's file (or hides the shipped preset of that name).
+    """
+
+    DEFAULT_CSS = """
+    SavePresetDialog { align: center middle; }
+    #save-preset { width: 64; height: auto; padding: 1 2; border: thick $primary; background: $surface; }
+    #save-preset > Label { text-style: bold; margin-bottom: 1; }
+    """
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+    AUTO_FOCUS = "#preset-name"
+
+    def __init__(self, request: dict, presets: list[PresetInfo]) -> None:
+        super().__init__()
+        self.request = request
+        self.taken = {p.name: p.source for p in presets}
+        self.confirmed: str | None = None  # the taken name the user was asked about
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="save-preset"):
+            yield Label("Save the form as a preset (enter saves, escape cancels)")
+            yield Field("Name", Input(placeholder="letters, digits, - _ .", compact=True, id="preset-name"),
+                        names=("preset",), hint=f"written to {user_dir('presets')}/NAME.yaml")
+            yield Field("Description", Input(placeholder="optional", compact=True, id="preset-description"))
+
+    @property
+    def name_field(self) -> Field:
+        return self.query_one(Field)
+
+    @on(Input.Changed, "#preset-name")
+    def _name_changed(self) -> None:
+        self.confirmed = None
+        self.name_field.set_error(None)
+
+    @on(Input.Submitted)
+    def _save(self) -> None:
+        name = self.query_one("#preset-name", Input).value.strip()
+        self.query_one("#preset-name", Input).focus()
+        if not name:
+            self.name_field.set_error("type a name: letters, digits, '-', '_' or '.'")
+            return
+        source = self.taken.get(name)
+        if source is not None and self.confirmed != name:
+            self.confirmed = name
+            shipped = source.startswith("shipped:")
+            taken, verb = (f"{name!r} is a shipped preset", "replace") if shipped else (f"{source} exists", "overwrite")
+            self.name_field.set_error(f"{taken}; enter again to {verb} it with the form, or change the name")
+            return
+        description = self.query_one("#preset-description", Input).value.strip()
+        try:
+            path = save_preset(name, self.request, description)
+        except RequestError as exc:
+            self.name_field.set_error(exc.message)
+            return
+        except OSError as exc:
+            self.name_field.set_error(f"cannot write the preset: {exc}")
+            return
+        self.dismiss(path)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
