@@ -14,7 +14,7 @@ import multiprocessing.connection as mp_connection
 import os
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from backend import config, locations
@@ -49,9 +49,7 @@ class _Worker:
     events: object = None  # the read end of this worker's event pipe
     cancel: object = None
     job: int | None = None
-    ready: bool = False
     died_reported: bool = False
-    info: dict = field(default_factory=dict)
 
 
 class Service:
@@ -94,7 +92,6 @@ class Service:
         worker.jobs = _CTX.Queue()
         worker.events, sender = _CTX.Pipe(duplex=False)
         worker.cancel = _CTX.Value("q", 0)
-        worker.ready = False
         log_path = locations.state_dir() / "logs" / f"worker-{worker.id}.log"
         worker.process = _CTX.Process(
             target=_worker_entry,
@@ -166,6 +163,10 @@ class Service:
 
     def jobs(self, limit: int = 200) -> list[Job]:
         return self.store.jobs(limit=limit)
+
+    def active_jobs(self) -> list[Job]:
+        """This service's queued and running jobs, newest first."""
+        return self.store.jobs(ACTIVE, owner=self.owner)
 
     def subscribe(self) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()
@@ -239,8 +240,7 @@ class Service:
         kind = event["type"]
         job_id = event.get("job")
         worker = next((w for w in self.workers if w.id == event.get("worker")), None)
-        if kind == "ready" and worker is not None:
-            worker.ready, worker.info = True, event
+        if kind == "ready":
             self._maybe_add_gpu_workers(event)
         elif kind == "started":
             self.store.set_state(job_id, "running")

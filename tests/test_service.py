@@ -14,7 +14,7 @@ from PIL import Image
 from backend import metadata
 from backend.queue_store import QueueStore
 from backend.request import GenerateRequest
-from backend.service import Service
+from backend.service import Service, _Worker
 
 TIMEOUT = 120
 
@@ -131,3 +131,22 @@ async def test_bad_request_queues_nothing(db, tmp_path):
         service.submit(GenerateRequest(prompt="x", steps=-1), tmp_path)
     assert service.jobs() == []
     service.store.close()
+
+
+def test_device_plan(db, monkeypatch):
+    """--device auto adds one worker per extra GPU the first worker reports; explicit lists are kept."""
+    spawned: list[str] = []
+    monkeypatch.setattr(Service, "_spawn", lambda self, w: (spawned.append(w.device), self.workers.append(w)))
+    auto = Service(devices="auto", db_path=db)
+    assert auto._initial_devices() == ["auto"]
+    for device in auto._initial_devices():
+        auto._spawn(_Worker(len(auto.workers), device))
+    auto._maybe_add_gpu_workers({"type": "ready", "worker": 0, "cuda_count": 3})
+    auto._maybe_add_gpu_workers({"type": "ready", "worker": 1, "cuda_count": 3})  # only the first worker counts
+    assert spawned == ["auto", "cuda:1", "cuda:2"]
+    explicit = Service(devices="cuda:0, cuda:1", db_path=db)
+    assert explicit._initial_devices() == ["cuda:0", "cuda:1"]
+    explicit._maybe_add_gpu_workers({"type": "ready", "worker": 0, "cuda_count": 4})
+    assert spawned == ["auto", "cuda:1", "cuda:2"]
+    auto.store.close()
+    explicit.store.close()

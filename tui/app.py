@@ -24,7 +24,7 @@ from textual.widgets import Button, Footer, Label
 
 from backend import config, metadata
 from backend.errors import DreamttyError
-from backend.queue_store import ACTIVE, FINAL
+from backend.queue_store import FINAL
 from backend.request import GenerateRequest
 from backend.service import Service
 from tui import keymap
@@ -126,7 +126,7 @@ class DreamttyApp(App):
     async def _start_service(self) -> None:
         await self.service.start()
         self._lower_worker_priority()
-        for job in self.service.store.jobs(ACTIVE, owner=self.service.owner):
+        for job in self.service.active_jobs():
             self.active.setdefault(job.id, job.state)
         self.job_events.publish({"type": "service-started"})
 
@@ -237,7 +237,7 @@ class DreamttyApp(App):
             self.notify(f"Cancelling job #{job}.")
 
     async def action_quit(self) -> None:
-        active = len(self.service.store.jobs(ACTIVE, owner=self.service.owner))
+        active = len(self.service.active_jobs())
         if not active:
             self._exit_after_notice()
             return
