@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -42,6 +43,7 @@ FULL_GC_INTERVAL = 20.0  # seconds between full garbage collections, run when no
 GC_KEY_QUIET = 2.0  # this long, or at the latest after
 FULL_GC_LONGEST = 120.0  # seconds
 WORKER_NICE = 10  # workers yield the CPU to the UI, so keys are painted promptly while a job runs
+GIL_SWITCH_INTERVAL = 0.001  # seconds (Python's default: 0.005) the event loop waits for a busy preview thread
 
 
 class TrainScreen(Screen):
@@ -117,6 +119,8 @@ class DreamttyApp(App):
     # -- lifecycle -----------------------------------------------------------
     def on_mount(self) -> None:
         self._quiet_garbage_collection()
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.set_keymap(self.config.keymap)
         for warning in self.config.warnings:
             self.notify(warning, title="config", severity="warning", timeout=10)
@@ -188,6 +192,7 @@ class DreamttyApp(App):
     async def on_unmount(self) -> None:
         gc.unfreeze()
         gc.set_threshold(*self._gc_threshold)
+        sys.setswitchinterval(self._switch_interval)
         await self.service.close()
 
     # -- helpers for screens -------------------------------------------------

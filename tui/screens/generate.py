@@ -36,7 +36,7 @@ from tui.widgets.style_picker import StyleInfo, StylePicker
 CUSTOM_SIZE = "custom"
 # Performance: (label, steps). Extreme speed also switches to the LCM sampler and CFG 1 (distilled models).
 PERFORMANCE = {"speed": ("Speed", 30), "quality": ("Quality", 60), "extreme": ("Extreme speed", 8)}
-LIVE_PREVIEW_CELLS = (64, 32)  # live frames stay small (~80 KB of ANSI each) for slow SSH links; the final is full size
+LIVE_PREVIEW_CELLS = (48, 24)  # live frames stay small (~45 KB of ANSI each) for slow SSH links; the final is full size
 FEW_STEP_NAME = re.compile(r"lcm|turbo|lightning|hyper", re.IGNORECASE)
 GUIDANCE_HINTS = {
     "perp_neg": "PerpNeg scale, 0 = off",

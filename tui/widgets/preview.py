@@ -12,7 +12,8 @@ import io
 from pathlib import Path
 
 from PIL import Image
-from rich.console import Console
+from rich.color import ColorSystem
+from rich.console import COLOR_SYSTEMS, Console
 from rich.segment import Segment
 from rich_pixels import Pixels
 from textual import work
@@ -32,12 +33,21 @@ def fit(image_size: tuple[int, int], cells: tuple[int, int]) -> tuple[int, int]:
     return w, h
 
 
-def half_block_lines(image: Image.Image, cells: tuple[int, int]) -> list[list[Segment]]:
-    """Lines of half-block segments showing ``image`` fitted into ``cells`` (width, height)."""
+def half_block_lines(image: Image.Image, cells: tuple[int, int],
+                     color_system: ColorSystem | None = None) -> list[list[Segment]]:
+    """Lines of half-block segments showing ``image`` fitted into ``cells`` (width, height).
+
+    With ``color_system``, each cell's escape codes are rendered here too (Textual caches them on the
+    style), so that the event loop, which paints the frame, only joins strings.
+    """
     small = image.convert("RGB").resize(fit(image.size, cells), Image.Resampling.LANCZOS)
     console = Console(file=io.StringIO(), color_system="truecolor", width=small.width + 1, legacy_windows=False)
     segments = console.render(Pixels.from_image(small))
-    return [line for line in Segment.split_lines(segments) if line]
+    lines = [line for line in Segment.split_lines(segments) if line]
+    if color_system is not None:
+        for style in {segment.style for line in lines for segment in line if segment.style}:
+            Strip.render_ansi(style, color_system)
+    return lines
 
 
 BANDS = 4  # a frame is swapped in over this many screen refreshes
@@ -66,7 +76,10 @@ class ImagePreview(Widget):
             self._lines, self._generation = [], self._generation + 1
             self.refresh()
         else:
-            self._draw(image, self._cells_for())
+            self._draw(image, self._cells_for(), self._color_system())
+
+    def _color_system(self) -> ColorSystem | None:
+        return COLOR_SYSTEMS.get(self.app.console.color_system or "")
 
     def _cells_for(self) -> tuple[int, int]:
         width, height = self.size.width, self.size.height
@@ -76,10 +89,11 @@ class ImagePreview(Widget):
 
     def on_resize(self) -> None:
         if self.source is not None and self._cells_for() != self._cells:
-            self._draw(self.source, self._cells_for())
+            self._draw(self.source, self._cells_for(), self._color_system())
 
     @work(thread=True, exclusive=True, group="preview", exit_on_error=False)
-    def _draw(self, source: Image.Image | str | Path, cells: tuple[int, int]) -> None:
+    def _draw(self, source: Image.Image | str | Path, cells: tuple[int, int],
+              color_system: ColorSystem | None) -> None:
         if cells[0] < 1 or cells[1] < 1:
             return  # not laid out yet: on_resize draws it
         if isinstance(source, (str, Path)):
@@ -91,7 +105,7 @@ class ImagePreview(Widget):
                 return
         else:
             image = source
-        lines = half_block_lines(image, cells)
+        lines = half_block_lines(image, cells, color_system)
         if not get_current_worker().is_cancelled:
             self.app.call_from_thread(self._set_lines, source, image, lines, cells)
 
