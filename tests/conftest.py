@@ -35,6 +35,21 @@ def _isolated_home(dreamtty_home, monkeypatch, tmp_path):
     monkeypatch.setenv("DREAMTTY_CONFIG", str(config))
 
 
+@pytest.fixture
+def user_folder(tmp_path, monkeypatch):
+    """A fresh DREAMTTY_HOME for this test; ``user_folder(kind)`` makes and returns its empty
+    ``<config dir>/<kind>`` folder (user styles, presets, wildcards)."""
+    from backend.prompting.datafiles import user_dir
+
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+
+    def make(kind: str) -> Path:
+        user_dir(kind).mkdir(parents=True)
+        return user_dir(kind)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def demo_dirs(dreamtty_home) -> dict[str, Path]:
     from backend.engine.demo_models import ensure_demo

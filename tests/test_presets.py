@@ -7,16 +7,13 @@ import yaml
 
 from backend.errors import RequestError
 from backend.families import FAMILIES
-from backend.prompting.datafiles import user_dir
 from backend.prompting.presets import apply_preset, list_presets, load_preset, save_preset
 from backend.request import GenerateRequest
 
 
 @pytest.fixture
-def presets_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
-    user_dir("presets").mkdir(parents=True)
-    return user_dir("presets")
+def presets_dir(user_folder):
+    return user_folder("presets")
 
 
 def test_shipped_presets_build_valid_requests():

@@ -9,17 +9,14 @@ import pytest
 
 from backend.errors import RequestError
 from backend.prompting import build_prompt
-from backend.prompting.datafiles import user_dir
 from backend.prompting.styles import PLACEHOLDER, RANDOM_STYLE, apply_styles, load_styles, merge_negatives
 from backend.request import GenerateRequest
 from tui.cli import main
 
 
 @pytest.fixture
-def user_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
-    user_dir("styles").mkdir(parents=True)
-    return user_dir("styles")
+def user_home(user_folder):
+    return user_folder("styles")
 
 
 def test_shipped_pack_is_complete_and_clean():
