@@ -250,23 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     sam.add_argument("--json", action="store_true")
     sam.set_defaults(func=cmd_samplers)
 
-    for module in _command_modules():
+    # Subcommand groups that live in their own modules.
+    from tui import cli_models, cli_styles, cli_train
+
+    for module in (cli_styles, cli_train, cli_models):
         module.register(sub)
     return parser
-
-
-def _command_modules() -> list:
-    """Subcommand groups that live in their own modules (``register(subparsers)``)."""
-    import importlib
-
-    found = []
-    for name in ("tui.cli_styles", "tui.cli_train", "tui.cli_models"):
-        try:
-            found.append(importlib.import_module(name))
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:
