@@ -18,7 +18,3 @@ class RequestError(DreamttyError, ValueError):
 
 class ModelError(DreamttyError):
     """A model cannot be found, read or loaded."""
-
-
-class JobFailed(DreamttyError):
-    """A job failed in a worker; the message says why."""

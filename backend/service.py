@@ -21,23 +21,12 @@ from backend import config, locations
 from backend.extras_check import check_extras
 from backend.models import resolve_model
 from backend.outputs import check_writable
+from backend.processes import process_exists
 from backend.prompting import check_prompts
 from backend.queue_store import ACTIVE, FINAL, Job, QueueStore
 from backend.request import GenerateRequest
 
 _CTX = mp.get_context("spawn")
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -70,7 +59,7 @@ class Service:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.recover:
-            self.store.adopt_orphans(self.owner, pid_alive)
+            self.store.adopt_orphans(self.owner, process_exists)
         for i, device in enumerate(self._initial_devices()):
             self._spawn(_Worker(i, device))
         self._reader = threading.Thread(target=self._read_events, name="dreamtty-events", daemon=True)

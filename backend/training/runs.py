@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend import locations
+from backend.processes import process_exists
 
 RUN_JSON = "run.json"
 EVENTS = "events.jsonl"
@@ -36,7 +37,6 @@ CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 MODEL_DIR = "model"
 LORA_FILE = "lora/pytorch_lora_weights.safetensors"
-STATES = ("starting", "running", "done", "failed", "stopped")
 LIVE_STATES = ("starting", "running")
 
 
@@ -101,15 +101,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 # -- liveness -----------------------------------------------------------------
 def pid_alive(pid: int | None) -> bool:
     """True when ``pid`` runs a dreamtty trainer (or an accelerate launcher)."""
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OSError, ValueError):
+    if not process_exists(pid):
         return False
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.parent.exists():
@@ -257,7 +249,6 @@ class RunProgress:
     its: float | None = None
     mem_gib: float | None = None
     validation: list[str] = field(default_factory=list)
-    validation_step: int | None = None
     logs: list[str] = field(default_factory=list)
     state: str | None = None
     error: str | None = None
@@ -290,7 +281,6 @@ class RunProgress:
             line = f"checkpoint saved at step {event.get('step')}: {event.get('path')}"
         elif kind == "validation":
             self.validation = list(event.get("images", []))
-            self.validation_step = event.get("step")
             line = f"validation images at step {event.get('step')}: {len(self.validation)}"
         elif kind == "class_images":
             self.class_images = (int(event.get("done", 0)), int(event.get("total", 0)))
