@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import random
 import time
 
 import pytest
 from PIL import Image
+from rich_pixels import HalfcellRenderer
+from textual import events
+from textual.drivers.headless_driver import HeadlessDriver
 from textual.widgets import Checkbox, Input, Select, TextArea
 
 from backend.config import config_path
@@ -15,7 +19,8 @@ from tui.app import ConfirmQuit, DreamttyApp, use_color_system
 from tui.screens.generate import GenerateScreen
 from tui.screens.queue import QueueScreen
 from tui.widgets.field import Field
-from tui.widgets.preview import fit, half_block_lines
+from tui.latency import KeyGate, key_gated_driver
+from tui.widgets.preview import HalfBlockRenderer, ImagePreview, fit, half_block_lines
 
 
 @pytest.fixture
@@ -223,3 +228,34 @@ def test_half_block_lines_fit_and_filter():
     cells = half_block_lines(checker, (20, 10))
     greys = [seg.style.color.triplet.red for line in cells for seg in line]
     assert all(60 < g < 200 for g in greys)
+
+
+def test_half_block_renderer_matches_rich_pixels():
+    """Our faster renderer draws the same cells as rich-pixels' stock one (odd heights padded the same way)."""
+    rng = random.Random(0)
+    image = Image.new("RGB", (7, 5))
+    image.putdata([tuple(rng.randrange(256) for _ in range(3)) for _ in range(35)])
+    ours = HalfBlockRenderer().render(image, None)
+    stock = HalfcellRenderer().render(image, None)
+    assert [s.text for s in ours] == [s.text for s in stock]
+    assert [(s.style.color.triplet, s.style.bgcolor.triplet) for s in ours if s.style] == \
+           [(s.style.color.triplet, s.style.bgcolor.triplet) for s in stock if s.text == "▄"]
+
+
+async def test_key_gated_driver_and_preview_waiting_for_a_pending_key(idle_service, tmp_path):
+    gate = KeyGate()
+    driver = key_gated_driver(HeadlessDriver, gate)(make_app(idle_service, tmp_path))
+    driver.process_message(events.Key("a", "a"))
+    assert not gate.is_open
+
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        preview = app.screen.query_one(ImagePreview)
+        app.key_gate.close()  # as the driver does when a key arrives
+        preview.show(Image.new("RGB", (64, 64), (200, 30, 30)))
+        await pilot.pause(0.5)
+        assert preview.frames == 0  # the frame waits for the key to be painted
+        app.key_gate.open()
+        await wait_for(pilot, lambda: preview.frames == 1, what="the frame after the key")
+        middle = preview.render_line(preview.size.height // 2)
+        assert any(seg.text == "▄" and seg.style.color.triplet == (200, 30, 30) for seg in middle)

@@ -7,7 +7,6 @@ the screens through ``job_events`` (a Textual Signal).
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ from textual import events
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Grid
+from textual.driver import Driver
 from textual.screen import ModalScreen, Screen
 from textual.signal import Signal
 from textual.widgets import Button, Footer, Label
@@ -29,6 +29,7 @@ from backend.queue_store import FINAL
 from backend.request import GenerateRequest
 from backend.service import Service
 from tui import keymap
+from tui.latency import GC_TICK, KeyGate, QuietGC, key_gated_driver
 from tui.screens.generate import GenerateScreen
 from tui.screens.models import ModelsPane
 from tui.screens.queue import QueueScreen
@@ -39,9 +40,6 @@ from tui.widgets.progress import describe_step
 COLOR_SYSTEMS = {"truecolor": "truecolor", "256": "256"}
 STEP_REDRAW_INTERVAL = 0.25  # seconds: progress is redrawn at most ~4 times a second
 TYPING_QUIET = 0.4  # seconds after a key press during which live preview frames wait (typing goes first)
-FULL_GC_INTERVAL = 20.0  # seconds between full garbage collections, run when no key was pressed for
-GC_KEY_QUIET = 2.0  # this long, or at the latest after
-FULL_GC_LONGEST = 120.0  # seconds
 WORKER_NICE = 10  # workers yield the CPU to the UI, so keys are painted promptly while a job runs
 GIL_SWITCH_INTERVAL = 0.001  # seconds (Python's default: 0.005) the event loop waits for a busy preview thread
 
@@ -101,6 +99,7 @@ class DreamttyApp(App):
 
     def __init__(self, model: str | None = None, out: Path | None = None, device: str = "auto",
                  service: Service | None = None) -> None:
+        self.key_gate = KeyGate()  # before App.__init__, which asks get_driver_class() for the driver
         super().__init__()
         self.animation_level = "none"  # no smooth scrolling: less to send over SSH, and no lag
         self.config = config.load()
@@ -115,10 +114,11 @@ class DreamttyApp(App):
         self.worker_state = "starting the worker…"
         self.generate_screen: GenerateScreen | None = None  # set when it mounts (the default mode)
         self.last_key = 0.0  # monotonic time of the last key press
+        self._gc: QuietGC | None = None  # started after the first paint
 
     # -- lifecycle -----------------------------------------------------------
     def on_mount(self) -> None:
-        self._quiet_garbage_collection()
+        self.call_after_refresh(self._start_quiet_gc)
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.set_keymap(self.config.keymap)
@@ -168,30 +168,26 @@ class DreamttyApp(App):
     async def on_event(self, event: events.Event) -> None:
         if isinstance(event, events.Key):
             self.last_key = time.monotonic()
+            self.key_gate.close()  # the driver closed it already, unless it is a test's headless driver
         await super().on_event(event)
+        if isinstance(event, events.Key):
+            # queued behind the key on the widget it went to: runs once that widget has handled and painted it
+            (self.focused or self.screen).call_after_refresh(self.key_gate.open)
+
+    def get_driver_class(self) -> type[Driver]:
+        return key_gated_driver(super().get_driver_class(), self.key_gate)
 
     def typing(self) -> float:
         """Seconds until the user counts as no longer typing (0 when not typing)."""
         return max(0.0, self.last_key + TYPING_QUIET - time.monotonic())
 
-    def _quiet_garbage_collection(self) -> None:
-        """Full collections pause the UI 100-250 ms (measured) and streaming previews trigger one every few
-        seconds: freeze the startup objects, and run full collections ourselves, only while no key is pressed."""
-        self._gc_threshold = gc.get_threshold()
-        gc.set_threshold(self._gc_threshold[0], self._gc_threshold[1], 1_000_000)
-        self.call_after_refresh(gc.freeze)
-        self._last_full_gc = time.monotonic()
-        self.set_interval(FULL_GC_INTERVAL, self._collect_garbage)
-
-    def _collect_garbage(self) -> None:
-        now = time.monotonic()
-        if now - self.last_key >= GC_KEY_QUIET or now - self._last_full_gc >= FULL_GC_LONGEST:
-            gc.collect()
-            self._last_full_gc = now
+    def _start_quiet_gc(self) -> None:
+        self._gc = QuietGC()
+        self.set_interval(GC_TICK, lambda: self._gc.tick(self.last_key))
 
     async def on_unmount(self) -> None:
-        gc.unfreeze()
-        gc.set_threshold(*self._gc_threshold)
+        if self._gc is not None:
+            self._gc.stop()
         sys.setswitchinterval(self._switch_interval)
         await self.service.close()
 

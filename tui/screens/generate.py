@@ -426,7 +426,8 @@ class GenerateScreen(Screen):
         self.following: int | None = None  # job whose progress and preview are shown
         self.following_done = True
         self.submitted: set[int] = set()
-        self.pending_preview: Image.Image | None = None  # a live frame waiting for the user to stop typing
+        # an image and its cell limit waiting for the user to stop typing
+        self.pending_preview: tuple[Image.Image | str, tuple[int, int] | None] | None = None
 
     def compose(self) -> ComposeResult:
         yield ModeBar("generate")
@@ -495,21 +496,22 @@ class GenerateScreen(Screen):
         self.following_done = kind in FINAL
         self.query_one(JobProgress).follow(event)
         if kind == "preview":
-            waiting = self.pending_preview is not None
-            self.pending_preview = Image.frombytes("RGB", (event["width"], event["height"]), event["rgb"])
-            if not waiting:
-                self._draw_live_preview()
+            self._show_when_not_typing(Image.frombytes("RGB", (event["width"], event["height"]), event["rgb"]),
+                                       LIVE_PREVIEW_CELLS)
         elif kind == "image":
-            self.pending_preview = None
-            self.query_one(ImagePreview).show(event["path"])
+            self._show_when_not_typing(event["path"], None)
 
-    def _draw_live_preview(self) -> None:
-        """Draw the latest live frame, unless a key was just pressed: then try again once typing pauses."""
-        if self.pending_preview is None:
-            return
+    def _show_when_not_typing(self, image: Image.Image | str, limit: tuple[int, int] | None) -> None:
+        """Show ``image`` (a live frame, or the final image's path) now, or once the user stops typing."""
+        waiting = self.pending_preview is not None
+        self.pending_preview = (image, limit)
+        if not waiting:
+            self._draw_pending_preview()
+
+    def _draw_pending_preview(self) -> None:
         wait = self.app.typing()
         if wait:
-            self.set_timer(wait, self._draw_live_preview)
+            self.set_timer(wait, self._draw_pending_preview)
             return
-        self.query_one(ImagePreview).show(self.pending_preview, limit=LIVE_PREVIEW_CELLS)
+        self.query_one(ImagePreview).show(*self.pending_preview)
         self.pending_preview = None
