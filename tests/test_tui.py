@@ -17,6 +17,7 @@ from backend.config import config_path
 from backend.service import Service
 from tui.app import ConfirmQuit, DreamttyApp, use_color_system
 from tui.screens.generate import GenerateScreen
+from tui.screens.models import ModelsPane
 from tui.screens.queue import QueueScreen
 from tui.widgets.field import Field
 from tui.latency import KeyGate, key_gated_driver
@@ -259,3 +260,23 @@ async def test_key_gated_driver_and_preview_waiting_for_a_pending_key(idle_servi
         await wait_for(pilot, lambda: preview.frames == 1, what="the frame after the key")
         middle = preview.render_line(preview.size.height // 2)
         assert any(seg.text == "▄" and seg.style.color.triplet == (200, 30, 30) for seg in middle)
+
+
+async def test_form_follows_a_new_default_model_unless_another_was_typed(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path, model=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        form = app.screen.form
+        model = form.query_one("#model", Input)
+        assert model.value == "demo"
+        await wait_for(pilot, lambda: "demo-xl" in model.suggester.choices, what="the model choices")
+        assert await model.suggester.get_suggestion("demo-x") == "demo-xl"
+
+        await app.switch_mode("models")
+        app.screen.query_one(ModelsPane).post_message(ModelsPane.DefaultChanged("demo-xl"))
+        await wait_for(pilot, lambda: form.family == "demo-xl", what="the SDXL family")
+        assert model.value == "demo-xl" and app.default_model == "demo-xl"
+
+        model.value = "my-own-model"  # typed by the user: a new default leaves it alone
+        app.screen.query_one(ModelsPane).post_message(ModelsPane.DefaultChanged("demo"))
+        await pilot.pause(0.2)
+        assert model.value == "my-own-model" and app.default_model == "demo"

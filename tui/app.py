@@ -211,6 +211,11 @@ class DreamttyApp(App):
         shown = self.get_key_display(Binding(key.split(",")[0], ""))
         return shown.upper() if len(shown) <= 3 and shown[:1] == "f" else shown  # f1 -> F1
 
+    def on_models_pane_default_changed(self, message: ModelsPane.DefaultChanged) -> None:
+        old, self.default_model = self.default_model, message.model
+        if self.generate_screen is not None:
+            self.generate_screen.form.follow_default_model(old, message.model)
+
     def load_into_form(self, path: str) -> None:
         """Put the parameters saved in image ``path`` into the Generate form and show it."""
         try:

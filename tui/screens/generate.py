@@ -12,20 +12,22 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.suggester import SuggestFromList
 from textual.widgets import Checkbox, Collapsible, Footer, Input, Select, Static, TextArea
 
 from backend.errors import DreamttyError, RequestError
 from backend.families import FAMILIES, aspect_sizes
 from backend.guidance import GuidanceSettings
+from backend import library
 from backend.models import DEMO_MODELS, resolve_model
 from backend.prompting.presets import PresetInfo, apply_preset, list_presets
 from backend.prompting.styles import RANDOM_STYLE, load_styles
 from backend.queue_store import FINAL
 from backend.request import GenerateRequest
 from backend.samplers import SAMPLERS
+from backend.training.runs import list_runs, run_output
 from tui import keymap
 from tui.cli import _parse_lora
+from tui.suggest import ChoiceSuggester
 from tui.widgets.field import Field
 from tui.widgets.modebar import ModeBar
 from tui.widgets.preset_dialog import SavePresetDialog
@@ -157,7 +159,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
         yield Field("Styles", StylePicker(self.style_list, id="styles"), names=("styles",))
         with Horizontal(classes="row"):
             yield Field("Preset", _select("preset", _preset_options(self.presets), prompt="none"), names=("preset",))
-            yield Field("Model", _input("model", self.model, suggester=SuggestFromList(DEMO_MODELS)),
+            yield Field("Model", _input("model", self.model, suggester=ChoiceSuggester(DEMO_MODELS)),
                         names=("model", "refiner", "vae"))
         with Horizontal(classes="row"):
             performance = [(label, key) for key, (label, _) in PERFORMANCE.items()]
@@ -192,6 +194,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
         for widget in self.query("Input, TextArea"):
             widget.cursor_blink = False  # a blinking cursor repaints twice a second, over SSH too
         self.update_family(self.model)
+        self._load_model_choices()
         for warning in self.style_warnings[:3]:
             self.notify(warning, title="styles", severity="warning")
 
@@ -335,6 +338,21 @@ class GenerateForm(VerticalScroll, can_focus=False):
         select.value = current if current in allowed else _default_schedule(sampler)
 
     # -- model family ----------------------------------------------------
+    @work(thread=True, exclusive=True, group="model-choices", exit_on_error=False)
+    def _load_model_choices(self) -> None:
+        """Let the Model field complete the library's checkpoints and finished full DreamBooth runs too."""
+        trained = [str(run.path) for run in list_runs()
+                   if run.state == "done" and (run_output(run.path) or ("",))[0] == "model"]
+        choices = [*DEMO_MODELS, *library.names("checkpoint"), *trained]
+        self.app.call_from_thread(setattr, self.query_one("#model", Input).suggester, "choices", choices)
+
+    def follow_default_model(self, old: str, new: str) -> None:
+        """The default model changed (Models screen): use it, unless another model than the old default is set."""
+        if self._input("#model") == old:
+            self.query_one("#model", Input).value = new  # Input.Changed updates the family and the sizes
+        self.model = new
+        self._load_model_choices()
+
     def update_family(self, model: str) -> None:
         self._resolve_family(model.strip())
 

@@ -12,6 +12,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.markup import escape
+from textual.message import Message
 from textual.widgets import DataTable, Input, ProgressBar, Static
 from tqdm import tqdm
 
@@ -47,6 +48,13 @@ class ModelsPane(Vertical):
     ModelsPane #models-pull-row Input { width: 1fr; }
     ModelsPane #pull-status { height: auto; }
     """
+
+    class DefaultChanged(Message):
+        """The user made ``model`` the default model."""
+
+        def __init__(self, model: str) -> None:
+            super().__init__()
+            self.model = model
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -114,8 +122,7 @@ class ModelsPane(Vertical):
         except DreamttyError as exc:
             self.notify(str(exc), severity="error")
             return
-        if hasattr(self.app, "default_model"):
-            self.app.default_model = entry.name
+        self.post_message(self.DefaultChanged(entry.name))
         self.notify(f"default model: {entry.name} (saved in {path})")
         self.action_refresh()
 
