@@ -8,7 +8,8 @@ Plain step: fp32 UNet, fp16 autocast, GradScaler, torch AdamW, grad clipping, pr
 and text embeddings (what diffusers' train_dreambooth.py does per step with --mixed_precision fp16,
 less the VAE encode). dreamtty's steps run the real trainer (``DreamBoothTrainer.train_step``) with
 cached latents and frozen text encoder, mixed precision fp16, in variants: full fine-tune (fp32
-master weights + AdamW), + gradient checkpointing, + 8-bit Adam (when bitsandbytes imports), LoRA.
+master weights + AdamW), + gradient checkpointing, + 8-bit Adam (when bitsandbytes imports), LoRA;
+in one process the trainer steps its parameters as one flat tensor (backend/training/flat.py).
 Each variant runs in its own process, so peak memory and accelerate's state start clean.
 Reference (H100): plain step 0.136 s at 16.2 GiB peak. Targets: full <= 12 GiB at <= 1.3x the
 plain step time; LoRA <= 8 GiB.

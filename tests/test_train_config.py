@@ -154,12 +154,13 @@ def test_prepare_run_writes_run_json_and_links(photos, tmp_path):
         prepare_run(_request(photos, output=str(tmp_path / "run1"), resume="nope"))
 
 
-def test_prepare_run_checks_model_and_optional_packages(photos):
+def test_prepare_run_checks_model_and_optional_packages(photos, monkeypatch):
     with pytest.raises(ModelError, match="does not exist"):
         prepare_run(_request(photos, model="/no/such/model"))
-    if importlib.util.find_spec("bitsandbytes") is None:
-        with pytest.raises(RequestError, match="use_8bit_adam: needs bitsandbytes"):
-            prepare_run(_request(photos, use_8bit_adam=True))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    with pytest.raises(RequestError, match="use_8bit_adam: needs bitsandbytes"):
+        prepare_run(_request(photos, use_8bit_adam=True))
 
 
 def test_dead_trainer_reads_as_failed_and_stop_file(tmp_path):

@@ -26,6 +26,7 @@ from backend.training.checkpoints import CheckpointError, load_checkpoint, regis
 from backend.training.class_images import ensure_class_images
 from backend.training.config import TrainRequest
 from backend.training.data import ImageSet, batch_generator
+from backend.training.flat import FlatParameters
 from backend.training.images import scan_images
 from backend.training.launch import resume_checkpoint
 from backend.training.modelparts import (
@@ -34,6 +35,7 @@ from backend.training.modelparts import (
 
 VALIDATION_IMAGES = 2
 MAX_GRAD_NORM = 1.0
+BNB_CPU_SINCE = (0, 45)  # bitsandbytes runs its 8-bit optimizers on the CPU from this version
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -128,7 +130,10 @@ class DreamBoothTrainer:
                         module.gradient_checkpointing_enable()
         if dtype != torch.float32:
             cast_training_params(list(self.trainables.values()), dtype=torch.float32)
-        self.params = [p for m in self.trainables.values() for p in m.parameters() if p.requires_grad]
+        params = [p for m in self.trainables.values() for p in m.parameters() if p.requires_grad]
+        # In one process the optimizer steps a single flat tensor (flat.py); DDP keeps its own gradient buckets.
+        self.flat = FlatParameters(params) if self.acc.num_processes == 1 else None
+        self.params = [self.flat.flat] if self.flat else params
         prepared = self.acc.prepare(*self.trainables.values(), self._optimizer())
         *modules, self.optimizer = prepared
         self.trainables = dict(zip(self.trainables, modules))
@@ -137,12 +142,12 @@ class DreamBoothTrainer:
     def _optimizer(self):
         req = self.req
         if req.use_8bit_adam:
-            if self.device.type != "cuda":
-                raise RequestError("use_8bit_adam", "needs a CUDA GPU (bitsandbytes); leave it off on CPU")
             try:
                 import bitsandbytes as bnb
             except ImportError:
                 raise RequestError("use_8bit_adam", "needs bitsandbytes: pip install bitsandbytes") from None
+            if self.device.type != "cuda" and tuple(map(int, bnb.__version__.split(".")[:2])) < BNB_CPU_SINCE:
+                raise RequestError("use_8bit_adam", "on the CPU needs bitsandbytes >= 0.45")
             cls = bnb.optim.AdamW8bit
         else:
             cls = torch.optim.AdamW
@@ -303,16 +308,27 @@ class DreamBoothTrainer:
         for k in range(self.req.grad_accum):
             with self.acc.accumulate(*modules):
                 loss, prior = self._loss(micro + k)
+                if self.flat:
+                    self.flat.attach_grads()
                 self.acc.backward(loss)
                 if self.acc.sync_gradients:
                     self.acc.clip_grad_norm_(self.params, MAX_GRAD_NORM)
                 self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._release_grads()
             losses.append(loss.detach())
             if prior is not None:
                 priors.append(prior.detach())
         mean = lambda xs: self.acc.reduce(torch.stack(xs).mean(), reduction="mean").item()  # noqa: E731
         return mean(losses), (mean(priors) if priors else None)
+
+    def _release_grads(self) -> None:
+        """After an optimizer step; accelerate skips the step and this while accumulating."""
+        if not self.acc.sync_gradients:
+            return
+        if self.flat:
+            self.flat.release_grads()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def run(self) -> str:
         req = self.req

@@ -1,0 +1,93 @@
+"""Flat parameters (backend/training/flat.py): the same training as per-tensor parameters, one optimizer tensor."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from backend.training import trainer as trainer_module
+from backend.training import runs
+from backend.training.config import TrainRequest
+from backend.training.flat import FlatParameters
+from backend.training.launch import prepare_run
+from backend.training.runs import EventWriter
+from backend.training.trainer import DreamBoothTrainer
+from tests.test_train import _losses, _request, _run, photos  # noqa: F401  (photos: a fixture)
+
+
+def test_flat_parameters_train_exactly_like_separate_ones():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    ref = copy.deepcopy(net)
+    flat = FlatParameters(list(net.parameters()))
+    assert flat.flat.numel() == sum(p.numel() for p in ref.parameters())
+    opt = torch.optim.AdamW([flat.flat], lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
+    x = torch.randn(5, 8)
+    for _ in range(3):
+        flat.attach_grads()
+        for k in (1, 2):  # two accumulated backward passes
+            net(x * k).pow(2).mean().backward()
+            ref(x * k).pow(2).mean().backward()
+        grad = net[2].bias.grad
+        assert grad.untyped_storage().data_ptr() == flat.flat.grad.untyped_storage().data_ptr()
+        torch.testing.assert_close(grad, ref[2].bias.grad)
+        torch.nn.utils.clip_grad_norm_([flat.flat], 0.05)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        opt.step()
+        ref_opt.step()
+        flat.release_grads()
+        ref_opt.zero_grad(set_to_none=True)
+        assert net[0].weight.grad is None and flat.flat.grad is None
+    for ours, theirs in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)
+        assert ours.untyped_storage().data_ptr() == flat.flat.untyped_storage().data_ptr()
+
+
+def test_flat_parameters_need_one_dtype():
+    with pytest.raises(ValueError, match="one dtype and device"):
+        FlatParameters([torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))])
+
+
+def _trainer_losses(photos, tmp_path, name: str, steps: int = 3) -> tuple[list[float], DreamBoothTrainer]:
+    request = TrainRequest(model="demo", instance_dir=str(photos), instance_prompt="a photo of sks dog",
+                           resolution=64, max_steps=steps, grad_accum=2, seed=7, prior_preservation=False,
+                           method="full", train_text_encoder=True, output=str(tmp_path / name))
+    prepared = prepare_run(request)
+    trainer = DreamBoothTrainer(prepared.request, prepared.run_dir, EventWriter(prepared.run_dir, enabled=False))
+    trainer.setup()
+    losses = [trainer.train_step(step * 2)[0] for step in range(steps)]
+    return losses, trainer
+
+
+def test_trainer_steps_one_flat_tensor_with_the_same_losses(photos, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    flat_losses, flat = _trainer_losses(photos, tmp_path, "flat")
+    assert [len(g["params"]) for g in flat.optimizer.param_groups] == [1]
+    storage = flat.flat.flat.untyped_storage().data_ptr()
+    trained = [p for m in flat.trainables.values() for p in m.parameters() if p.requires_grad]
+    assert len(trained) > 100 and all(p.untyped_storage().data_ptr() == storage for p in trained)
+
+    monkeypatch.setattr(trainer_module, "FlatParameters", lambda params: None)  # as with several processes
+    separate_losses, separate = _trainer_losses(photos, tmp_path, "separate")
+    assert len(separate.optimizer.param_groups[0]["params"]) > 100
+    assert flat_losses == pytest.approx(separate_losses, rel=1e-5)
+    unet, ref = flat.trainables["unet"], separate.trainables["unet"]
+    for (name, ours), (_, theirs) in zip(unet.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_8bit_adam_on_flat_parameters_resumes_exactly(photos, tmp_path, monkeypatch):  # noqa: F811
+    """bitsandbytes' 8-bit AdamW (on the CPU here) steps the flat tensor; its state survives a resume."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    settings = dict(method="full", use_8bit_adam=True, max_steps=4, checkpoint_every=2, prior_preservation=False)
+    reference = _run(_request(photos, tmp_path / "reference", **settings))
+    first = _run(_request(photos, tmp_path / "resumed", **{**settings, "max_steps": 2}))
+    state = torch.load(runs.list_checkpoints(first)[-1][1] / "optimizer.bin", weights_only=False)["state"]
+    moments = state[0]["__bnb_optimizer_quant_state__"]
+    assert list(state) == [0] and moments["state1"].dtype == moments["state2"].dtype == torch.uint8  # one tensor
+    _run(_request(photos, tmp_path / "resumed", **{**settings, "resume": "latest"}))
+    assert _losses(first) == pytest.approx(_losses(reference), rel=1e-5)
+    assert sorted(_losses(first)) == [1, 2, 3, 4]
