@@ -116,8 +116,13 @@ def ensure_demo(name: str) -> Path:
     try:
         build_sd(xl=name == "demo-xl").save_pretrained(tmp, safe_serialization=True)
         (tmp / "dreamtty_demo.json").write_text(json.dumps({"family": name}))
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)  # atomic; fails when another process (a second trainer, a worker) got there first
+        except OSError:
+            if marker.exists():
+                return target
+            shutil.rmtree(target, ignore_errors=True)  # left incomplete by a crash
+            tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -1,0 +1,55 @@
+"""Data-parallel training: two trainer processes (torch.distributed.run, gloo on the CPU) share one run."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from backend.training import runs
+from tests.test_train import photos  # noqa: F401  (a fixture)
+from tui import cli
+
+
+def test_two_processes_share_class_images_steps_and_checkpoints(photos, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # accelerate: several processes on the CPU (MULTI_CPU)
+    run_dir = tmp_path / "ddp"
+    code = cli.main(["train", "--model", "demo", "--instance-dir", str(photos), "--instance-prompt", "a photo of sks dog",
+                     "--class-prompt", "a photo of dog", "--num-class-images", "4", "--resolution", "64",
+                     "--method", "full", "--max-steps", "3", "--checkpoint-every", "2", "--output", str(run_dir),
+                     "--launcher", f"{sys.executable} -m torch.distributed.run --nproc_per_node 2"])
+    assert code == 0, (run_dir / runs.LOG_FILE).read_text()[-2000:]
+    events = [json.loads(line) for line in (run_dir / runs.EVENTS).read_text().splitlines()]
+    started = next(e for e in events if e["type"] == "state")
+    assert started["processes"] == 2
+    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]  # the main process alone writes
+    classes = [e for e in events if e["type"] == "class_images"]
+    assert classes[-1] == {**classes[-1], "done": 4, "total": 4}
+    checkpoint = runs.list_checkpoints(run_dir)[-1][1]
+    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    # DDP keeps the parameters separate (no flat tensor): the optimizer state is per parameter.
+    assert len(torch.load(checkpoint / "optimizer.bin", weights_only=False)["state"]) > 100
+    assert runs.run_output(run_dir)[0] == "model" and runs.read_run_json(run_dir)["state"] == "done"
+
+
+def test_demo_model_built_by_two_processes_at_once_is_kept(tmp_path, monkeypatch):
+    """Two trainer processes (or workers) building a missing demo model: the loser keeps the winner's folder."""
+    from backend.engine import demo_models
+
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path / "home"))
+    target = demo_models.locations.demo_models_dir() / "demo"
+    build = demo_models.build_sd
+
+    def other_process_finishes_first(xl: bool):
+        pipe = build(xl)
+        pipe.save_pretrained(target)
+        (target / "dreamtty_demo.json").write_text('{"family": "demo"}')
+        (target / "winner").touch()
+        return pipe
+
+    monkeypatch.setattr(demo_models, "build_sd", other_process_finishes_first)
+    assert demo_models.ensure_demo("demo") == target
+    assert (target / "winner").exists() and (target / "text_encoder").is_dir()
+    assert [p.name for p in target.parent.iterdir()] == ["demo"]  # no temp folder left
