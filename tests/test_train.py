@@ -247,3 +247,28 @@ def test_v_prediction_model_trains_on_velocity(photos, tmp_path, demo_dirs, monk
     run_dir = _run(_request(photos, tmp_path / "v", model=str(folder), max_steps=1, snr_gamma=5.0))
     losses = [e["loss"] for e in _events(run_dir) if e["type"] == "step"]
     assert len(losses) == 1 and np.isfinite(losses[0]) and calls == [1]
+
+
+def _tensorboard_scalars(logs: Path) -> dict[str, dict[int, float]]:
+    """Scalars in the TensorBoard event files under ``logs`` (TFRecord: length, crc, Event proto, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in logs.rglob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            length = int.from_bytes(data[at:at + 8], "little")
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_report_to_tensorboard_logs_the_loss_curve(photos, tmp_path):
+    run_dir = _run(_request(photos, tmp_path / "tb", max_steps=3, report_to="tensorboard",
+                            class_prompt="a photo of dog", num_class_images=1))
+    scalars = _tensorboard_scalars(run_dir / "logs")
+    assert scalars["loss"] == pytest.approx(_losses(run_dir), rel=1e-6)
+    assert sorted(scalars["lr"]) == [1, 2, 3] and set(scalars["prior_loss"]) == {1, 2, 3}

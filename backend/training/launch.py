@@ -53,8 +53,8 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
 def _check_optional_packages(request: TrainRequest) -> None:
     if request.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise RequestError("use_8bit_adam", "needs bitsandbytes: pip install bitsandbytes")
-    if request.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        raise RequestError("report_to", "tensorboard is not installed (pip install tensorboard); or use none")
+    if request.report_to == "tensorboard" and not any(map(importlib.util.find_spec, ("tensorboard", "tensorboardX"))):
+        raise RequestError("report_to", "needs tensorboard or tensorboardX (pip install tensorboard); or use none")
 
 
 def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> PreparedRun:
