@@ -20,6 +20,7 @@ from tui.screens.generate import GenerateScreen
 from tui.screens.models import ModelsPane
 from tui.screens.queue import QueueScreen
 from tui.widgets.field import Field
+from tui import latency
 from tui.latency import KeyGate, key_gated_driver
 from tui.widgets.preview import HalfBlockRenderer, ImagePreview, fit, half_block_lines
 
@@ -243,20 +244,21 @@ def test_half_block_renderer_matches_rich_pixels():
            [(s.style.color.triplet, s.style.bgcolor.triplet) for s in stock if s.text == "▄"]
 
 
-async def test_key_gated_driver_and_preview_waiting_for_a_pending_key(idle_service, tmp_path):
+async def test_key_gated_driver_and_preview_waiting_for_a_pending_key(idle_service, tmp_path, monkeypatch):
     gate = KeyGate()
+    assert gate.remaining() == 0
     driver = key_gated_driver(HeadlessDriver, gate)(make_app(idle_service, tmp_path))
     driver.process_message(events.Key("a", "a"))
-    assert not gate.is_open
+    assert 0 < gate.remaining() <= latency.KEY_PRIORITY
 
+    monkeypatch.setattr(latency, "KEY_PRIORITY", 1.0)  # a key that takes long to paint
     app = make_app(idle_service, tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
         preview = app.screen.query_one(ImagePreview)
-        app.key_gate.close()  # as the driver does when a key arrives
+        await pilot.press("x")
         preview.show(Image.new("RGB", (64, 64), (200, 30, 30)))
         await pilot.pause(0.5)
-        assert preview.frames == 0  # the frame waits for the key to be painted
-        app.key_gate.open()
+        assert preview.frames == 0  # the frame waits while the key is painted
         await wait_for(pilot, lambda: preview.frames == 1, what="the frame after the key")
         middle = preview.render_line(preview.size.height // 2)
         assert any(seg.text == "▄" and seg.style.color.triplet == (200, 30, 30) for seg in middle)

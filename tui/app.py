@@ -168,11 +168,8 @@ class DreamttyApp(App):
     async def on_event(self, event: events.Event) -> None:
         if isinstance(event, events.Key):
             self.last_key = time.monotonic()
-            self.key_gate.close()  # the driver closed it already, unless it is a test's headless driver
+            self.key_gate.close()  # again: the key's time to paint counts from here
         await super().on_event(event)
-        if isinstance(event, events.Key):
-            # queued behind the key on the widget it went to: runs once that widget has handled and painted it
-            (self.focused or self.screen).call_after_refresh(self.key_gate.open)
 
     def get_driver_class(self) -> type[Driver]:
         return key_gated_driver(super().get_driver_class(), self.key_gate)

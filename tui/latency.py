@@ -5,9 +5,9 @@ shares the GIL with the thread that renders a preview, when it is compositing
 a band of a frame, and when a garbage collection runs (100-250 ms for a full
 one). So:
 
-- ``KeyGate``: closed from the moment the input thread reads a key until the
-  event loop has painted it; the preview thread waits at the gate between
-  rows, and the preview widget holds back its next band.
+- ``KeyGate``: closed for a moment from when the input thread reads a key,
+  while the event loop paints it; the preview thread waits at the gate
+  between rows, and the preview widget holds back its next band.
 - ``key_gated_driver``: the platform's driver, closing the gate on each key.
 - ``QuietGC``: full collections only every 20 s, while no key is pressed (or
   at the latest after two minutes of typing); the young generations stay
@@ -17,7 +17,6 @@ one). So:
 from __future__ import annotations
 
 import gc
-import threading
 import time
 
 from textual import events
@@ -28,29 +27,30 @@ GC_TICK = 1.0  # seconds between checks for a due full collection
 FULL_GC_INTERVAL = 20.0  # seconds between full collections, run when no key was pressed for
 FULL_GC_QUIET = 2.0  # this long, or at the latest after
 FULL_GC_LONGEST = 120.0  # seconds
-GATE_LONGEST = 0.2  # seconds a preview waits at a closed gate before going on anyway
+KEY_PRIORITY = 0.05  # seconds after a key during which previews wait (a key paints in 10-35 ms here)
 
 
 class KeyGate:
-    """Open while no key waits to be painted."""
+    """Closed for ``KEY_PRIORITY`` seconds after each key: the event loop's time to paint it.
+
+    A deadline rather than "until painted": Textual gives no signal for when a key's repaint
+    has been written, and callbacks after refresh can run before the widget has repainted.
+    """
 
     def __init__(self) -> None:
-        self._open = threading.Event()
-        self._open.set()
+        self._until = 0.0
 
     def close(self) -> None:
-        self._open.clear()
+        self._until = time.monotonic() + KEY_PRIORITY
 
-    def open(self) -> None:
-        self._open.set()
-
-    @property
-    def is_open(self) -> bool:
-        return self._open.is_set()
+    def remaining(self) -> float:
+        """Seconds until the gate opens (0 when open)."""
+        return max(0.0, self._until - time.monotonic())
 
     def wait(self) -> None:
-        """Block (a background thread) while a key is pending, for at most ``GATE_LONGEST``."""
-        self._open.wait(GATE_LONGEST)
+        """Block (a background thread) until the gate opens."""
+        while (left := self.remaining()) > 0:
+            time.sleep(left)
 
 
 def key_gated_driver(base: type[Driver], gate: KeyGate) -> type[Driver]:

@@ -81,8 +81,7 @@ def half_block_lines(image: Image.Image, cells: tuple[int, int], color_system: C
     return lines
 
 
-BAND_ROWS = 4  # a frame is swapped in this many rows per screen refresh
-BAND_DELAY = 0.01  # seconds a band waits, again and again, while a key is pending
+BANDS = 4  # a frame is swapped in over this many screen refreshes
 
 
 class ImagePreview(Widget):
@@ -158,17 +157,18 @@ class ImagePreview(Widget):
         self._paint_band(self._generation, frame, 0)
 
     def _paint_band(self, generation: int, frame: list[Strip], band: int) -> None:
-        """Swap in ``BAND_ROWS`` rows of ``frame`` per screen refresh, none while a key is pending.
+        """Swap in one of ``BANDS`` horizontal bands of ``frame`` per screen refresh, none while a key is painted.
 
         Painting a whole frame of unique truecolor cells costs the event loop 20-40 ms here
         (filters and escape codes); in bands, a key pressed meanwhile is painted between them.
         """
         if generation != self._generation:
             return  # a newer frame has started
-        if not self.app.key_gate.is_open:
-            self.set_timer(BAND_DELAY, partial(self._paint_band, generation, frame, band))
-            return  # a key waits to be painted: it goes first
-        start, end = band * BAND_ROWS, min(len(frame), (band + 1) * BAND_ROWS)
+        if wait := self.app.key_gate.remaining():
+            self.set_timer(wait, partial(self._paint_band, generation, frame, band))
+            return  # a key is being painted: it goes first
+        rows = -(-len(frame) // BANDS)
+        start, end = band * rows, min(len(frame), (band + 1) * rows)
         if len(self._lines) != len(frame):
             self._lines = [Strip.blank(self.size.width, self.rich_style)] * len(frame)
         self._lines[start:end] = frame[start:end]
