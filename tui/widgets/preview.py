@@ -9,6 +9,7 @@ widget only blits them, so a frame costs the event loop almost nothing.
 from __future__ import annotations
 
 import io
+import time
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -69,19 +70,24 @@ def half_block_lines(image: Image.Image, cells: tuple[int, int], color_system: C
     """Lines of half-block segments showing ``image`` fitted into ``cells`` (width, height).
 
     With ``color_system``, each cell's escape codes are rendered here too (Textual caches them on the
-    style), so that the event loop, which paints the frame, only joins strings.
+    style), so that the event loop, which paints the frame, only joins strings. ``between_rows`` is
+    called after each row of both passes.
     """
     small = image.convert("RGB").resize(fit(image.size, cells), Image.Resampling.LANCZOS)
     pixels = Pixels.from_image(small, renderer=HalfBlockRenderer(between_rows))
     console = Console(file=io.StringIO(), color_system="truecolor", width=small.width + 1, legacy_windows=False)
     lines = [line for line in Segment.split_lines(console.render(pixels)) if line]
     if color_system is not None:
-        for style in {segment.style for line in lines for segment in line if segment.style}:
-            Strip.render_ansi(style, color_system)
+        for line in lines:
+            for segment in line:
+                Strip.render_ansi(segment.style, color_system)
+            if between_rows is not None:
+                between_rows()
     return lines
 
 
 BANDS = 4  # a frame is swapped in over this many screen refreshes
+ROW_YIELD = 0.001  # seconds the preview thread sleeps after each row, so the event loop is not slowed
 
 
 class ImagePreview(Widget):
@@ -136,9 +142,14 @@ class ImagePreview(Widget):
                 return
         else:
             image = source
-        lines = half_block_lines(image, cells, color_system, self.app.key_gate.wait)
+        lines = half_block_lines(image, cells, color_system, self._between_rows)
         if not get_current_worker().is_cancelled:
             self.app.call_from_thread(self._set_lines, source, image, lines, cells)
+
+    def _between_rows(self) -> None:
+        """In the preview thread: wait while a key is painted, and leave the GIL to the event loop a while."""
+        self.app.key_gate.wait()
+        time.sleep(ROW_YIELD)
 
     def _set_lines(self, source: object, image: Image.Image, lines: list[list[Segment]],
                    cells: tuple[int, int]) -> None:
