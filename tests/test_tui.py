@@ -282,3 +282,24 @@ async def test_form_follows_a_new_default_model_unless_another_was_typed(idle_se
         app.screen.query_one(ModelsPane).post_message(ModelsPane.DefaultChanged("demo"))
         await pilot.pause(0.2)
         assert model.value == "my-own-model" and app.default_model == "demo"
+
+
+async def test_live_frames_slow_down_while_the_user_types(idle_service, tmp_path):
+    """Four live frames a second, one a second while keys were pressed in the last 3 s (typing goes first)."""
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen, preview = app.screen, app.screen.query_one(ImagePreview)
+        screen.handle_job_event({"type": "started", "job": 1})
+
+        async def frames_drawn(last_key: float) -> int:
+            app.last_key = last_key
+            before = preview.frames
+            for i in range(12):  # 1.2 s of frames every 0.1 s
+                rgb = bytes([20 * i, 100, 200]) * 64
+                screen.handle_job_event({"type": "preview", "job": 1, "width": 8, "height": 8, "rgb": rgb})
+                await pilot.pause(0.1)
+            await pilot.pause(0.3)
+            return preview.frames - before
+
+        assert await frames_drawn(last_key=0.0) >= 4
+        assert await frames_drawn(last_key=time.monotonic() - 0.5) <= 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -38,6 +39,8 @@ from tui.widgets.style_picker import StyleInfo, StylePicker
 CUSTOM_SIZE = "custom"
 # Performance: (label, steps). Extreme speed also switches to the LCM sampler and CFG 1 (distilled models).
 PERFORMANCE = {"speed": ("Speed", 30), "quality": ("Quality", 60), "extreme": ("Extreme speed", 8)}
+TYPING_RECENT = 3.0  # seconds after a key press during which live frames are drawn at most every
+TYPING_FRAME_INTERVAL = 1.0  # seconds (else 4 a second): a key landing on a frame's paint waits for it
 LIVE_PREVIEW_CELLS = (48, 24)  # live frames stay small (~45 KB of ANSI each) for slow SSH links; the final is full size
 FEW_STEP_NAME = re.compile(r"lcm|turbo|lightning|hyper", re.IGNORECASE)
 GUIDANCE_HINTS = {
@@ -446,6 +449,7 @@ class GenerateScreen(Screen):
         self.submitted: set[int] = set()
         # an image and its cell limit waiting for the user to stop typing
         self.pending_preview: tuple[Image.Image | str, tuple[int, int] | None] | None = None
+        self._last_live_frame = 0.0  # monotonic time the last live frame was drawn
 
     def compose(self) -> ComposeResult:
         yield ModeBar("generate")
@@ -528,8 +532,13 @@ class GenerateScreen(Screen):
 
     def _draw_pending_preview(self) -> None:
         wait = self.app.typing()
-        if wait:
+        live = self.pending_preview[1] is not None
+        if live and time.monotonic() - self.app.last_key < TYPING_RECENT:  # typing with pauses: fewer frames
+            wait = max(wait, self._last_live_frame + TYPING_FRAME_INTERVAL - time.monotonic())
+        if wait > 0:
             self.set_timer(wait, self._draw_pending_preview)
             return
         self.query_one(ImagePreview).show(*self.pending_preview)
+        if live:
+            self._last_live_frame = time.monotonic()
         self.pending_preview = None
