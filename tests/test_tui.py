@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import time
@@ -303,3 +304,23 @@ async def test_live_frames_slow_down_while_the_user_types(idle_service, tmp_path
 
         assert await frames_drawn(last_key=0.0) >= 4
         assert await frames_drawn(last_key=time.monotonic() - 0.5) <= 2
+
+
+async def test_progress_redraws_slow_down_while_the_user_types(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        queue: asyncio.Queue = asyncio.Queue()
+        shown: list[dict] = []
+        app.job_events.subscribe(app.screen, lambda event: shown.append(event))
+        app.run_worker(app._consume_events(queue), group="test-events")
+
+        async def redraws(last_key: float) -> int:
+            app.last_key, before = last_key, len(shown)
+            for step in range(1, 16):  # 1.5 s of steps
+                queue.put_nowait({"type": "step", "job": 1, "step": step, "total": 100, "image": 0, "count": 1,
+                                  "its": 10.0, "eta": 1.0})
+                await pilot.pause(0.1)
+            return sum(1 for e in shown[before:] if e["type"] == "step")
+
+        assert await redraws(last_key=0.0) >= 5  # about 4 a second
+        assert await redraws(last_key=time.monotonic()) <= 2  # about 1 a second

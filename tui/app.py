@@ -29,7 +29,7 @@ from backend.queue_store import FINAL
 from backend.request import GenerateRequest
 from backend.service import Service
 from tui import keymap
-from tui.latency import GC_TICK, KeyGate, QuietGC, key_gated_driver
+from tui.latency import GC_TICK, TYPING_RECENT, TYPING_REDRAW_INTERVAL, KeyGate, QuietGC, key_gated_driver
 from tui.screens.generate import GenerateScreen
 from tui.screens.models import ModelsPane
 from tui.screens.queue import QueueScreen
@@ -38,7 +38,7 @@ from tui.widgets.modebar import ModeBar
 from tui.widgets.progress import describe_step
 
 COLOR_SYSTEMS = {"truecolor": "truecolor", "256": "256"}
-STEP_REDRAW_INTERVAL = 0.25  # seconds: progress is redrawn at most ~4 times a second
+STEP_REDRAW_INTERVAL = 0.25  # seconds: progress is redrawn at most ~4 times a second (once while typing)
 TYPING_QUIET = 0.4  # seconds after a key press during which live preview frames wait (typing goes first)
 WORKER_NICE = 10  # workers yield the CPU to the UI, so keys are painted promptly while a job runs
 GIL_SWITCH_INTERVAL = 0.001  # seconds (Python's default: 0.005) the event loop waits for a busy preview thread
@@ -141,7 +141,8 @@ class DreamttyApp(App):
             self._track(event)
             if event["type"] == "step" and event["step"] < event["total"]:
                 now = time.monotonic()
-                if now - last_step < STEP_REDRAW_INTERVAL:
+                typing = now - self.last_key < TYPING_RECENT
+                if now - last_step < (TYPING_REDRAW_INTERVAL if typing else STEP_REDRAW_INTERVAL):
                     continue  # kept in self.progress; the screens skip this redraw
                 last_step = now
             self.job_events.publish(event)

@@ -28,6 +28,7 @@ from backend.samplers import SAMPLERS
 from backend.training.runs import list_runs, run_output
 from tui import keymap
 from tui.cli import _parse_lora
+from tui.latency import TYPING_RECENT, TYPING_REDRAW_INTERVAL
 from tui.suggest import ChoiceSuggester
 from tui.widgets.field import Field
 from tui.widgets.modebar import ModeBar
@@ -39,8 +40,6 @@ from tui.widgets.style_picker import StyleInfo, StylePicker
 CUSTOM_SIZE = "custom"
 # Performance: (label, steps). Extreme speed also switches to the LCM sampler and CFG 1 (distilled models).
 PERFORMANCE = {"speed": ("Speed", 30), "quality": ("Quality", 60), "extreme": ("Extreme speed", 8)}
-TYPING_RECENT = 3.0  # seconds after a key press during which live frames are drawn at most every
-TYPING_FRAME_INTERVAL = 1.0  # seconds (else 4 a second): a key landing on a frame's paint waits for it
 LIVE_PREVIEW_CELLS = (48, 24)  # live frames stay small (~45 KB of ANSI each) for slow SSH links; the final is full size
 FEW_STEP_NAME = re.compile(r"lcm|turbo|lightning|hyper", re.IGNORECASE)
 GUIDANCE_HINTS = {
@@ -534,7 +533,7 @@ class GenerateScreen(Screen):
         wait = self.app.typing()
         live = self.pending_preview[1] is not None
         if live and time.monotonic() - self.app.last_key < TYPING_RECENT:  # typing with pauses: fewer frames
-            wait = max(wait, self._last_live_frame + TYPING_FRAME_INTERVAL - time.monotonic())
+            wait = max(wait, self._last_live_frame + TYPING_REDRAW_INTERVAL - time.monotonic())
         if wait > 0:
             self.set_timer(wait, self._draw_pending_preview)
             return
