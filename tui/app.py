@@ -29,7 +29,8 @@ from backend.queue_store import FINAL
 from backend.request import GenerateRequest
 from backend.service import Service
 from tui import keymap
-from tui.latency import GC_TICK, TYPING_RECENT, TYPING_REDRAW_INTERVAL, KeyGate, QuietGC, key_gated_driver
+from tui.latency import (GC_TICK, TYPING_QUIET, TYPING_RECENT, TYPING_REDRAW_INTERVAL, KeyGate, QuietGC,
+                         key_gated_driver)
 from tui.screens.generate import GenerateScreen
 from tui.screens.models import ModelsPane
 from tui.screens.queue import QueueScreen
@@ -39,7 +40,6 @@ from tui.widgets.progress import describe_step
 
 COLOR_SYSTEMS = {"truecolor": "truecolor", "256": "256"}
 STEP_REDRAW_INTERVAL = 0.25  # seconds: progress is redrawn at most ~4 times a second (once while typing)
-TYPING_QUIET = 0.4  # seconds after a key press during which live preview frames wait (typing goes first)
 WORKER_NICE = 10  # workers yield the CPU to the UI, so keys are painted promptly while a job runs
 GIL_SWITCH_INTERVAL = 0.001  # seconds (Python's default: 0.005) the event loop waits for a busy preview thread
 
@@ -141,8 +141,7 @@ class DreamttyApp(App):
             self._track(event)
             if event["type"] == "step" and event["step"] < event["total"]:
                 now = time.monotonic()
-                typing = now - self.last_key < TYPING_RECENT
-                if now - last_step < (TYPING_REDRAW_INTERVAL if typing else STEP_REDRAW_INTERVAL):
+                if now - last_step < self.redraw_interval(STEP_REDRAW_INTERVAL):
                     continue  # kept in self.progress; the screens skip this redraw
                 last_step = now
             self.job_events.publish(event)
@@ -178,6 +177,10 @@ class DreamttyApp(App):
     def typing(self) -> float:
         """Seconds until the user counts as no longer typing (0 when not typing)."""
         return max(0.0, self.last_key + TYPING_QUIET - time.monotonic())
+
+    def redraw_interval(self, normal: float) -> float:
+        """Least seconds between redraws of progress or live frames: ``normal``, or longer after recent keys."""
+        return TYPING_REDRAW_INTERVAL if time.monotonic() - self.last_key < TYPING_RECENT else normal
 
     def _start_quiet_gc(self) -> None:
         self._gc = QuietGC()

@@ -27,6 +27,7 @@ GC_TICK = 1.0  # seconds between checks for a due full collection
 FULL_GC_INTERVAL = 20.0  # seconds between full collections, run when no key was pressed for
 FULL_GC_QUIET = 2.0  # this long, or at the latest after
 FULL_GC_LONGEST = 120.0  # seconds
+TYPING_QUIET = 0.4  # seconds after a key press during which preview images wait (typing goes first)
 TYPING_RECENT = 3.0  # seconds after a key press during which live frames and progress are redrawn at most
 TYPING_REDRAW_INTERVAL = 1.0  # once a second (else 4 times): a key landing on such a repaint waits for it
 KEY_PRIORITY = 0.05  # seconds after a key during which previews wait (a key paints in 10-35 ms here)

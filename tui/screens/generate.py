@@ -15,10 +15,10 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Checkbox, Collapsible, Footer, Input, Select, Static, TextArea
 
+from backend import library
 from backend.errors import DreamttyError, RequestError
 from backend.families import FAMILIES, aspect_sizes
 from backend.guidance import GuidanceSettings
-from backend import library
 from backend.models import DEMO_MODELS, resolve_model
 from backend.prompting.presets import PresetInfo, apply_preset, list_presets
 from backend.prompting.styles import RANDOM_STYLE, load_styles
@@ -28,7 +28,6 @@ from backend.samplers import SAMPLERS
 from backend.training.runs import list_runs, run_output
 from tui import keymap
 from tui.cli import _parse_lora
-from tui.latency import TYPING_RECENT, TYPING_REDRAW_INTERVAL
 from tui.suggest import ChoiceSuggester
 from tui.widgets.field import Field
 from tui.widgets.modebar import ModeBar
@@ -532,8 +531,8 @@ class GenerateScreen(Screen):
     def _draw_pending_preview(self) -> None:
         wait = self.app.typing()
         live = self.pending_preview[1] is not None
-        if live and time.monotonic() - self.app.last_key < TYPING_RECENT:  # typing with pauses: fewer frames
-            wait = max(wait, self._last_live_frame + TYPING_REDRAW_INTERVAL - time.monotonic())
+        if live:  # after recent keys, fewer frames
+            wait = max(wait, self._last_live_frame + self.app.redraw_interval(0.0) - time.monotonic())
         if wait > 0:
             self.set_timer(wait, self._draw_pending_preview)
             return
