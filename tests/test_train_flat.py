@@ -1,8 +1,9 @@
-"""Flat parameters (backend/training/flat.py): the same training as per-tensor parameters, one optimizer tensor."""
+"""Flat parameters (backend/training/flat.py): the same training as per-tensor parameters, a few optimizer tensors."""
 
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -17,33 +18,48 @@ from backend.training.trainer import DreamBoothTrainer
 from tests.test_train import _losses, _request, _run, photos  # noqa: F401  (photos: a fixture)
 
 
-def test_flat_parameters_train_exactly_like_separate_ones():
+@pytest.mark.parametrize("bucket_numel", [10**6, 100])  # one bucket; two (8*16 + 16 > 100)
+def test_flat_parameters_train_exactly_like_separate_ones(bucket_numel):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     ref = copy.deepcopy(net)
-    flat = FlatParameters(list(net.parameters()))
-    assert flat.flat.numel() == sum(p.numel() for p in ref.parameters())
-    opt = torch.optim.AdamW([flat.flat], lr=1e-2)
+    flat = FlatParameters(list(net.parameters()), bucket_numel)
+    assert [len(b.params) for b in flat.buckets] == ([4] if bucket_numel > 1000 else [1, 3])
+    assert sum(t.numel() for t in flat.tensors) == sum(p.numel() for p in ref.parameters())
+    opt = torch.optim.AdamW(flat.tensors, lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
     x = torch.randn(5, 8)
     for _ in range(3):
-        flat.attach_grads()
         for k in (1, 2):  # two accumulated backward passes
             net(x * k).pow(2).mean().backward()
             ref(x * k).pow(2).mean().backward()
         grad = net[2].bias.grad
-        assert grad.untyped_storage().data_ptr() == flat.flat.grad.untyped_storage().data_ptr()
+        assert grad.untyped_storage().data_ptr() == flat.tensors[-1].grad.untyped_storage().data_ptr()
         torch.testing.assert_close(grad, ref[2].bias.grad)
-        torch.nn.utils.clip_grad_norm_([flat.flat], 0.05)
+        torch.nn.utils.clip_grad_norm_(flat.tensors, 0.05)
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
         opt.step()
         ref_opt.step()
         flat.release_grads()
         ref_opt.zero_grad(set_to_none=True)
-        assert net[0].weight.grad is None and flat.flat.grad is None
+        assert net[0].weight.grad is None and all(t.grad is None for t in flat.tensors)
     for ours, theirs in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)
-        assert ours.untyped_storage().data_ptr() == flat.flat.untyped_storage().data_ptr()
+    storages = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    assert storages == {t.untyped_storage().data_ptr() for t in flat.tensors}
+
+
+def test_bucket_gradients_are_allocated_as_backward_reaches_them():
+    """The first layer's bucket has no gradient yet while backward fills the last layer's."""
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    flat = FlatParameters(list(net.parameters()), bucket_numel=64 * 64 + 64)
+    first, last = flat.buckets
+    seen = []
+    net[1].weight.register_hook(lambda g: seen.append((first.flat.grad is None, last.flat.grad is not None)))
+    net(torch.randn(2, 64)).sum().backward()
+    assert seen == [(True, True)]
+    assert first.flat.grad is not None and net[0].weight.grad.untyped_storage().data_ptr() == (
+        first.flat.grad.untyped_storage().data_ptr())
 
 
 def test_flat_parameters_need_one_dtype():
@@ -62,13 +78,15 @@ def _trainer_losses(photos, tmp_path, name: str, steps: int = 3) -> tuple[list[f
     return losses, trainer
 
 
-def test_trainer_steps_one_flat_tensor_with_the_same_losses(photos, tmp_path, monkeypatch):  # noqa: F811
+def test_trainer_steps_flat_buckets_with_the_same_losses(photos, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(trainer_module, "FlatParameters", functools.partial(FlatParameters, bucket_numel=20_000))
     flat_losses, flat = _trainer_losses(photos, tmp_path, "flat")
-    assert [len(g["params"]) for g in flat.optimizer.param_groups] == [1]
-    storage = flat.flat.flat.untyped_storage().data_ptr()
+    assert [len(g["params"]) for g in flat.optimizer.param_groups] == [len(flat.flat.buckets)]
+    assert 3 < len(flat.flat.buckets) < 100
+    storages = {t.untyped_storage().data_ptr() for t in flat.flat.tensors}
     trained = [p for m in flat.trainables.values() for p in m.parameters() if p.requires_grad]
-    assert len(trained) > 100 and all(p.untyped_storage().data_ptr() == storage for p in trained)
+    assert len(trained) > 100 and {p.untyped_storage().data_ptr() for p in trained} == storages
 
     monkeypatch.setattr(trainer_module, "FlatParameters", lambda params: None)  # as with several processes
     separate_losses, separate = _trainer_losses(photos, tmp_path, "separate")

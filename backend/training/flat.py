@@ -1,50 +1,76 @@
-"""All trainable parameters in one buffer, so that the optimizer updates them in one go.
+"""Trainable parameters in a few flat buffers, so that the optimizer updates them in a few tensors.
 
 Optimizers step each parameter tensor on its own. bitsandbytes' 8-bit AdamW
 runs Python and launches kernels per tensor, which for the ~700 tensors of an
-SD1.5 UNet costs more than the update itself. Here every parameter becomes a
-view into one flat buffer and, while a step's gradients exist, every gradient
-a view into another; the optimizer is given the single flat parameter.
+SD1.5 UNet costs more than the update itself. Here the parameters, in module
+order, are packed into buckets of about :data:`BUCKET_NUMEL` values; every
+parameter becomes a view into its bucket, and the optimizer is given one
+tensor per bucket (about 30 for SD1.5).
 
-Autograd adds into a gradient that already exists in place, so gradients stay
-views of the flat buffer through backward and accumulation. The gradient
-buffer is allocated just before the first backward of a step (the forward's
-autocast weight copies are gone by then) and released after the optimizer
-step, as ``zero_grad(set_to_none=True)`` would.
+A bucket's gradient buffer is allocated when the first gradient of one of its
+parameters arrives in backward (a hook that runs before autograd accumulates
+it), and every parameter's gradient becomes a view into it. Autograd then adds
+into those gradients in place, through backward and accumulation. So gradient
+memory grows through backward as activations are freed, as with separate
+parameters, instead of all existing at backward's start; the buffers are
+released after the optimizer step, as ``zero_grad(set_to_none=True)`` would.
 """
 
 from __future__ import annotations
 
 import torch
 
+BUCKET_NUMEL = 2**25  # 128 MiB of fp32 per bucket
 
-class FlatParameters:
-    """``params`` moved into one buffer; :attr:`flat` is the parameter to give the optimizer."""
+
+class _Bucket:
+    """Parameters moved into one buffer; :attr:`flat` is the tensor the optimizer steps."""
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:
-        kinds = {(p.dtype, p.device) for p in params}
-        if len(kinds) != 1:
-            raise ValueError(f"flat parameters need one dtype and device, got {sorted(map(str, kinds))}")
         self.params = params
         buffer = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
         for p, view in zip(params, self._views(buffer)):
             view.copy_(p.detach())
             p.data = view  # the module's parameter now lives in the buffer
+            p.register_hook(self._attach_grads)
         self.flat = torch.nn.Parameter(buffer)
 
     def _views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         sizes = [p.numel() for p in self.params]
         return [chunk.view_as(p) for p, chunk in zip(self.params, buffer.split(sizes))]
 
-    def attach_grads(self) -> None:
-        """Zeroed gradients for every parameter, views of the flat gradient (no-op while they exist)."""
-        if self.flat.grad is not None:
-            return
-        self.flat.grad = torch.zeros_like(self.flat)
-        for p, view in zip(self.params, self._views(self.flat.grad)):
-            p.grad = view
+    def _attach_grads(self, grad: torch.Tensor) -> None:
+        """Before a parameter's gradient is accumulated: zeroed bucket gradients, if none exist yet."""
+        if self.flat.grad is None:
+            self.flat.grad = torch.zeros_like(self.flat)
+            for p, view in zip(self.params, self._views(self.flat.grad)):
+                p.grad = view
 
     def release_grads(self) -> None:
         self.flat.grad = None
         for p in self.params:
             p.grad = None
+
+
+class FlatParameters:
+    """``params`` packed into buckets; :attr:`tensors` are the parameters to give the optimizer."""
+
+    def __init__(self, params: list[torch.nn.Parameter], bucket_numel: int = BUCKET_NUMEL) -> None:
+        kinds = {(p.dtype, p.device) for p in params}
+        if len(kinds) != 1:
+            raise ValueError(f"flat parameters need one dtype and device, got {sorted(map(str, kinds))}")
+        groups: list[list[torch.nn.Parameter]] = [[]]
+        filled = 0
+        for p in params:
+            if groups[-1] and filled + p.numel() > bucket_numel:
+                groups.append([])
+                filled = 0
+            groups[-1].append(p)
+            filled += p.numel()
+        self.buckets = [_Bucket(group) for group in groups]
+        self.tensors = [bucket.flat for bucket in self.buckets]
+
+    def release_grads(self) -> None:
+        """After the optimizer step: every gradient freed."""
+        for bucket in self.buckets:
+            bucket.release_grads()

@@ -131,9 +131,9 @@ class DreamBoothTrainer:
         if dtype != torch.float32:
             cast_training_params(list(self.trainables.values()), dtype=torch.float32)
         params = [p for m in self.trainables.values() for p in m.parameters() if p.requires_grad]
-        # In one process the optimizer steps a single flat tensor (flat.py); DDP keeps its own gradient buckets.
+        # In one process the optimizer steps a few flat tensors (flat.py); DDP keeps its own gradient buckets.
         self.flat = FlatParameters(params) if self.acc.num_processes == 1 else None
-        self.params = [self.flat.flat] if self.flat else params
+        self.params = self.flat.tensors if self.flat else params
         prepared = self.acc.prepare(*self.trainables.values(), self._optimizer())
         *modules, self.optimizer = prepared
         self.trainables = dict(zip(self.trainables, modules))
@@ -308,8 +308,6 @@ class DreamBoothTrainer:
         for k in range(self.req.grad_accum):
             with self.acc.accumulate(*modules):
                 loss, prior = self._loss(micro + k)
-                if self.flat:
-                    self.flat.attach_grads()
                 self.acc.backward(loss)
                 if self.acc.sync_gradients:
                     self.acc.clip_grad_norm_(self.params, MAX_GRAD_NORM)
