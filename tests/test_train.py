@@ -172,6 +172,21 @@ def test_killed_trainer_resumes_exactly(photos, tmp_path, monkeypatch, capsys):
     assert _losses(run_dir) == pytest.approx(expected, rel=1e-5)
 
 
+def test_lr_schedule_warms_up_decays_and_resumes_exactly(photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    settings = dict(max_steps=6, lr=1e-4, lr_scheduler="linear", lr_warmup_steps=2, checkpoint_every=100)
+    reference = _run(_request(photos, tmp_path / "reference", **settings))
+    lrs = lambda run_dir: [e["lr"] for e in _events(run_dir) if e["type"] == "step"]  # noqa: E731
+    assert lrs(reference) == pytest.approx([0, 0.5e-4, 1e-4, 0.75e-4, 0.5e-4, 0.25e-4])  # each step's own lr
+
+    run_dir = tmp_path / "stopped"
+    _run(_request(photos, run_dir, **settings), should_stop=lambda: len(lrs(run_dir)) >= 3)
+    assert runs.read_run_json(run_dir)["state"] == "stopped"
+    _run(_request(photos, run_dir, **settings, resume="latest"))
+    assert lrs(run_dir)[3:] == pytest.approx(lrs(reference)[3:], rel=1e-6)
+    assert _losses(run_dir) == pytest.approx(_losses(reference), rel=1e-4)  # float noise after the reload
+
+
 def test_disk_full_keeps_previous_checkpoint_and_stop_saves_one(photos, tmp_path, monkeypatch):
     from accelerate import Accelerator
 

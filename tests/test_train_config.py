@@ -51,6 +51,9 @@ def _request(photos, **extra) -> TrainRequest:
     ({"instance_prompt": "  "}, "instance_prompt", "required"),
     ({"report_to": "wandb"}, "report_to", "allowed: none, tensorboard"),
     ({"seed": -5}, "seed", "out of range"),
+    ({"lr_scheduler": "onecycle"}, "lr_scheduler", "allowed: constant, constant_with_warmup, linear, cosine"),
+    ({"lr_warmup_steps": 400}, "lr_warmup_steps", "must be below max_steps (400)"),
+    ({"lr_warmup_steps": -1}, "lr_warmup_steps", "out of range"),
 ])
 def test_bad_settings_name_the_field(photos, changes, field, words):
     with pytest.raises(RequestError) as err:
@@ -77,6 +80,9 @@ def test_resolved_fills_family_defaults(photos):
     assert _request(photos, class_prompt="x", prior_preservation=False).resolved("sdxl").resolution == 1024
     with pytest.raises(RequestError, match="too large"):
         _request(photos, resolution=4096).resolved("sd1")
+    assert req.lr_scheduler == "constant"  # a warmup on the constant schedule warms up
+    assert _request(photos, lr_warmup_steps=10).resolved("sd1").lr_scheduler == "constant_with_warmup"
+    assert _request(photos, lr_scheduler="cosine", lr_warmup_steps=10).resolved("sd1").lr_scheduler == "cosine"
 
 
 def test_yaml_config(tmp_path):
@@ -238,6 +244,7 @@ def test_cli_precedence_defaults_config_flags(tmp_path, photos):
     (["--resolution", "100"], "resolution: 100 is not a multiple of 8"),
     (["--rank", "many"], "rank: 'many' is not a whole number"),
     (["--method", "dora"], "method: unknown 'dora'"),
+    (["--lr-warmup-steps", "soon"], "lr_warmup_steps: 'soon' is not a whole number"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(capsys, photos, argv, words):
     code = cli.main(["train", "--model", "demo", "--instance-dir", str(photos), "--instance-prompt", "sks dog", *argv])

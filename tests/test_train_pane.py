@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from textual.app import App, ComposeResult
-from textual.widgets import Footer, Input, Log, OptionList, Static
+from textual.widgets import Footer, Input, Log, OptionList, Select, Static
 from textual_plotext import PlotextPlot
 
 from backend.training import runs
@@ -146,12 +146,15 @@ async def test_start_and_stop_from_the_keyboard(tmp_path, monkeypatch):
         pane.query_one("#train-instance_prompt", Input).value = "a photo of sks toy"
         pane.query_one("#train-resolution", Input).value = "64"
         pane.query_one("#train-output", Input).value = str(tmp_path / "mine")
+        pane.query_one("#train-lr_scheduler", Select).value = "cosine"
+        pane.query_one("#train-lr_warmup_steps", Input).value = "3"
         await pilot.press("ctrl+s")
         await _settle(pilot, pane, lambda: pane.selected_run is not None and started != [])
         run_dir = (tmp_path / "mine").resolve()
         assert started == [run_dir] and pane.selected_run == run_dir
         settings = json.loads((run_dir / runs.RUN_JSON).read_text())["settings"]
         assert (settings["rank"], settings["resolution"], settings["instance_prompt"]) == (8, 64, "a photo of sks toy")
+        assert (settings["lr_scheduler"], settings["lr_warmup_steps"]) == ("cosine", 3)
         assert run_dir in [r.path for r in runs.list_runs(root)]  # linked into the runs folder
 
         await pilot.press("ctrl+t")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from backend.training import runs
-from backend.training.config import METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
+from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
 from backend.training.launch import prepare_run, request_stop, start_trainer
 
 # (flag, TrainRequest field, metavar or None for an on/off switch, help)
@@ -27,6 +27,8 @@ _OPTIONS = (
     ("--rank", "rank", "R", "LoRA rank (default 4)"),
     ("--max-steps", "max_steps", "N", "optimizer steps (default 400)"),
     ("--lr", "lr", "X", "learning rate (default 1e-4 LoRA, 5e-6 full)"),
+    ("--lr-scheduler", "lr_scheduler", "|".join(LR_SCHEDULES), "learning-rate schedule (default constant)"),
+    ("--lr-warmup-steps", "lr_warmup_steps", "N", "steps of linear warmup from 0 (default 0)"),
     ("--batch-size", "batch_size", "B", "instance images per step (default 1)"),
     ("--grad-accum", "grad_accum", "K", "gradient accumulation steps (default 1)"),
     ("--resolution", "resolution", "PX", "training size, a multiple of 8 (default: the model's)"),

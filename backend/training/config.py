@@ -16,6 +16,8 @@ from backend.request import _float, _int  # the same number parsing as GenerateR
 METHODS = ("full", "lora")
 PRECISIONS = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "tensorboard")
+# diffusers.optimization.get_scheduler's names (piecewise_constant left out: it needs rules).
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MAX_SEED = 2**32 - 1
 # diffusers' DreamBooth example defaults: 5e-6 for a full fine-tune, 1e-4 for LoRA.
 DEFAULT_LR = {"full": 5e-6, "lora": 1e-4}
@@ -31,6 +33,8 @@ class TrainRequest:
     rank: int = 4
     max_steps: int = 400
     lr: float | None = None  # None = DEFAULT_LR[method]
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
     batch_size: int = 1
     grad_accum: int = 1
     resolution: int = 0  # 0 = the model family's default size
@@ -86,12 +90,15 @@ class TrainRequest:
                 raise RequestError(name, "is required")
         _choice("method", self.method, METHODS)
         _choice("report_to", self.report_to, REPORT_TO)
+        _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULES)
         if self.mixed_precision is not None:
             _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         for name, low, high in _RANGES:
             value = getattr(self, name)
             if value is not None and not low <= value <= high:
                 raise RequestError(name, f"{value} is out of range; allowed {low}..{high}")
+        if self.lr_warmup_steps and self.lr_warmup_steps >= self.max_steps:
+            raise RequestError("lr_warmup_steps", f"{self.lr_warmup_steps} must be below max_steps ({self.max_steps})")
         if self.resolution and self.resolution % 8:
             raise RequestError("resolution", f"{self.resolution} is not a multiple of 8; try {self.resolution // 8 * 8 or 8}")
         if self.prior and not (self.class_prompt or "").strip():
@@ -113,7 +120,11 @@ class TrainRequest:
             raise RequestError("resolution", f"{resolution} is too large for {fam.label}; allowed up to {fam.max_side}")
         seed = random.randint(0, MAX_SEED) if self.seed == -1 else self.seed
         lr = DEFAULT_LR[self.method] if self.lr is None else self.lr
-        return replace(self, resolution=resolution, seed=seed, lr=lr, prior_preservation=self.prior)
+        schedule = self.lr_scheduler
+        if schedule == "constant" and self.lr_warmup_steps:  # a warmup asked for is a warmup done
+            schedule = "constant_with_warmup"
+        return replace(self, resolution=resolution, seed=seed, lr=lr, lr_scheduler=schedule,
+                       prior_preservation=self.prior)
 
 
 # Numeric limits (inclusive). Generous: they catch typos, not taste.
@@ -121,6 +132,7 @@ _RANGES = (
     ("rank", 1, 1024),
     ("max_steps", 1, 10_000_000),
     ("lr", 1e-10, 1.0),
+    ("lr_warmup_steps", 0, 10_000_000),
     ("batch_size", 1, 1024),
     ("grad_accum", 1, 1024),
     ("resolution", 0, 4096),

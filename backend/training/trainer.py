@@ -134,8 +134,9 @@ class DreamBoothTrainer:
         # In one process the optimizer steps a few flat tensors (flat.py); DDP keeps its own gradient buckets.
         self.flat = FlatParameters(params) if self.acc.num_processes == 1 else None
         self.params = self.flat.tensors if self.flat else params
-        prepared = self.acc.prepare(*self.trainables.values(), self._optimizer())
-        *modules, self.optimizer = prepared
+        optimizer = self._optimizer()
+        prepared = self.acc.prepare(*self.trainables.values(), optimizer, self._lr_scheduler(optimizer))
+        *modules, self.optimizer, self.lr_scheduler = prepared
         self.trainables = dict(zip(self.trainables, modules))
         register_hooks(self.acc)
 
@@ -152,6 +153,14 @@ class DreamBoothTrainer:
         else:
             cls = torch.optim.AdamW
         return cls(self.params, lr=req.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+
+    def _lr_scheduler(self, optimizer):
+        from diffusers.optimization import get_scheduler
+
+        # accelerate steps a prepared scheduler once per process for each optimizer step.
+        n, req = self.acc.num_processes, self.req
+        return get_scheduler(req.lr_scheduler, optimizer, num_warmup_steps=req.lr_warmup_steps * n,
+                             num_training_steps=req.max_steps * n)
 
     @torch.no_grad()
     def _setup_conditioning(self) -> None:
@@ -312,6 +321,7 @@ class DreamBoothTrainer:
                 if self.acc.sync_gradients:
                     self.acc.clip_grad_norm_(self.params, MAX_GRAD_NORM)
                 self.optimizer.step()
+                self.lr_scheduler.step()
                 self._release_grads()
             losses.append(loss.detach())
             if prior is not None:
@@ -334,12 +344,12 @@ class DreamBoothTrainer:
         times: deque[float] = deque(maxlen=10)
         while step < req.max_steps:
             began = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]  # this step's
             loss, prior = self.train_step(step * req.grad_accum)
             step = self.step = step + 1
             times.append(time.perf_counter() - began)
             its = len(times) / sum(times)
             mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
-            lr = self.optimizer.param_groups[0]["lr"]
             self.events("step", step=step, max_steps=req.max_steps, loss=loss, prior_loss=prior, lr=lr,
                         its=round(its, 4), mem_gib=None if mem is None else round(mem, 3),
                         epoch=self.sets["instance"].order.epoch(step * req.grad_accum * req.batch_size))

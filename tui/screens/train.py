@@ -25,7 +25,7 @@ from textual_plotext import PlotextPlot
 
 from backend.errors import DreamttyError, RequestError
 from backend.training import runs
-from backend.training.config import METHODS, PRECISIONS, TrainRequest, parse_field
+from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, TrainRequest, parse_field
 from backend.training.launch import prepare_run, request_stop, start_trainer
 from tui.keymap import Key, bindings
 from tui.widgets.field import Field
@@ -151,6 +151,11 @@ class TrainPane(Vertical):
                         yield Field("Precision", Select([("accelerate's", "auto")] + [(p, p) for p in PRECISIONS],
                                                         value="auto", allow_blank=False, id="train-mixed_precision"),
                                     names=("mixed_precision",))
+                    with Horizontal(classes="train-row"):
+                        yield Field("LR schedule", Select([(s, s) for s in LR_SCHEDULES], value="constant",
+                                                          allow_blank=False, id="train-lr_scheduler"),
+                                    names=("lr_scheduler",))
+                        yield _input_field("lr_warmup_steps", "Warmup steps", "0")
                     for row in _ROWS:
                         with Horizontal(classes="train-row"):
                             for name, label, hint in row:
