@@ -88,7 +88,7 @@ def test_trainer_steps_flat_buckets_with_the_same_losses(photos, tmp_path, monke
     trained = [p for m in flat.trainables.values() for p in m.parameters() if p.requires_grad]
     assert len(trained) > 100 and {p.untyped_storage().data_ptr() for p in trained} == storages
 
-    monkeypatch.setattr(trainer_module, "FlatParameters", lambda params: None)  # as with several processes
+    monkeypatch.setattr(trainer_module, "FlatParameters", lambda params, **_: None)  # as with several processes
     separate_losses, separate = _trainer_losses(photos, tmp_path, "separate")
     assert len(separate.optimizer.param_groups[0]["params"]) > 100
     assert flat_losses == pytest.approx(separate_losses, rel=1e-5)
@@ -98,14 +98,25 @@ def test_trainer_steps_flat_buckets_with_the_same_losses(photos, tmp_path, monke
 
 
 def test_8bit_adam_on_flat_parameters_resumes_exactly(photos, tmp_path, monkeypatch):  # noqa: F811
-    """bitsandbytes' 8-bit AdamW (on the CPU here) steps the flat tensor; its state survives a resume."""
+    """bitsandbytes' 8-bit AdamW (on the CPU here) steps the buckets; its state survives a resume.
+
+    Parameters under bitsandbytes' min_8bit_size share a bucket whose state stays 32-bit, as theirs would.
+    """
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     settings = dict(method="full", use_8bit_adam=True, max_steps=4, checkpoint_every=2, prior_preservation=False)
     reference = _run(_request(photos, tmp_path / "reference", **settings))
     first = _run(_request(photos, tmp_path / "resumed", **{**settings, "max_steps": 2}))
     state = torch.load(runs.list_checkpoints(first)[-1][1] / "optimizer.bin", weights_only=False)["state"]
-    moments = state[0]["__bnb_optimizer_quant_state__"]
-    assert list(state) == [0] and moments["state1"].dtype == moments["state2"].dtype == torch.uint8  # one tensor
+    kinds = sorted(str(s["state1"].dtype if "state1" in s else s["__bnb_optimizer_quant_state__"]["state1"].dtype)
+                   for s in state.values())
+    assert kinds == ["torch.float32", "torch.uint8"]  # a large bucket (8-bit) and a small one (32-bit)
     _run(_request(photos, tmp_path / "resumed", **{**settings, "resume": "latest"}))
     assert _losses(first) == pytest.approx(_losses(reference), rel=1e-5)
     assert sorted(_losses(first)) == [1, 2, 3, 4]
+
+
+def test_small_parameters_get_their_own_buckets():
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 64))
+    flat = FlatParameters(list(net.parameters()), small_numel=4096)
+    assert [t.numel() for t in flat.small] == [64 * 4]  # the biases and the norm, together
+    assert [t.numel() for t in flat.tensors] == [2 * 64 * 64, 64 * 4]

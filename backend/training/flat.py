@@ -23,6 +23,19 @@ import torch
 BUCKET_NUMEL = 2**25  # 128 MiB of fp32 per bucket
 
 
+def _pack(params: list[torch.nn.Parameter], bucket_numel: int) -> list[list[torch.nn.Parameter]]:
+    """Consecutive runs of ``params`` of at most ``bucket_numel`` values (a larger one alone)."""
+    groups: list[list[torch.nn.Parameter]] = []
+    filled = 0
+    for p in params:
+        if not groups or filled + p.numel() > bucket_numel:
+            groups.append([])
+            filled = 0
+        groups[-1].append(p)
+        filled += p.numel()
+    return groups
+
+
 class _Bucket:
     """Parameters moved into one buffer; :attr:`flat` is the tensor the optimizer steps."""
 
@@ -53,22 +66,21 @@ class _Bucket:
 
 
 class FlatParameters:
-    """``params`` packed into buckets; :attr:`tensors` are the parameters to give the optimizer."""
+    """``params`` packed into buckets; :attr:`tensors` are the parameters to give the optimizer.
 
-    def __init__(self, params: list[torch.nn.Parameter], bucket_numel: int = BUCKET_NUMEL) -> None:
+    Parameters under ``small_numel`` values get buckets of their own, :attr:`small`, so that an
+    optimizer can treat them apart as it would have (bitsandbytes keeps their state in 32 bits).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], bucket_numel: int = BUCKET_NUMEL, small_numel: int = 0) -> None:
         kinds = {(p.dtype, p.device) for p in params}
         if len(kinds) != 1:
             raise ValueError(f"flat parameters need one dtype and device, got {sorted(map(str, kinds))}")
-        groups: list[list[torch.nn.Parameter]] = [[]]
-        filled = 0
-        for p in params:
-            if groups[-1] and filled + p.numel() > bucket_numel:
-                groups.append([])
-                filled = 0
-            groups[-1].append(p)
-            filled += p.numel()
-        self.buckets = [_Bucket(group) for group in groups]
+        small = [_Bucket(g) for g in _pack([p for p in params if p.numel() < small_numel], bucket_numel)]
+        large = [_Bucket(g) for g in _pack([p for p in params if p.numel() >= small_numel], bucket_numel)]
+        self.buckets = large + small
         self.tensors = [bucket.flat for bucket in self.buckets]
+        self.small = [bucket.flat for bucket in small]
 
     def release_grads(self) -> None:
         """After the optimizer step: every gradient freed."""

@@ -36,6 +36,7 @@ from backend.training.modelparts import (
 VALIDATION_IMAGES = 2
 MAX_GRAD_NORM = 1.0
 BNB_CPU_SINCE = (0, 45)  # bitsandbytes runs its 8-bit optimizers on the CPU from this version
+MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep 32-bit optimizer state
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -70,6 +71,19 @@ def _accelerator(req: TrainRequest, run_dir: Path):
         )
     except ValueError as exc:
         raise RequestError("mixed_precision", str(exc).splitlines()[0]) from None
+
+
+def _keep_small_in_32_bits(flat: FlatParameters) -> None:
+    """Buckets of parameters under MIN_8BIT_SIZE keep 32-bit state, as those parameters would have.
+
+    bitsandbytes' manager is process-wide and keyed by ``id()``: every bucket is set, so a stale
+    entry from an earlier optimizer cannot apply to a new tensor.
+    """
+    import bitsandbytes as bnb
+
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    for tensor in flat.tensors:
+        manager.override_config(tensor, "optim_bits", 32 if any(tensor is t for t in flat.small) else 8)
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -131,28 +145,29 @@ class DreamBoothTrainer:
         if dtype != torch.float32:
             cast_training_params(list(self.trainables.values()), dtype=torch.float32)
         params = [p for m in self.trainables.values() for p in m.parameters() if p.requires_grad]
+        optimizer_class = self._optimizer_class()
         # In one process the optimizer steps a few flat tensors (flat.py); DDP keeps its own gradient buckets.
-        self.flat = FlatParameters(params) if self.acc.num_processes == 1 else None
+        small = MIN_8BIT_SIZE if self.req.use_8bit_adam else 0
+        self.flat = FlatParameters(params, small_numel=small) if self.acc.num_processes == 1 else None
         self.params = self.flat.tensors if self.flat else params
-        optimizer = self._optimizer()
+        optimizer = optimizer_class(self.params, lr=self.req.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        if self.flat and self.req.use_8bit_adam:
+            _keep_small_in_32_bits(self.flat)
         prepared = self.acc.prepare(*self.trainables.values(), optimizer, self._lr_scheduler(optimizer))
         *modules, self.optimizer, self.lr_scheduler = prepared
         self.trainables = dict(zip(self.trainables, modules))
         register_hooks(self.acc)
 
-    def _optimizer(self):
-        req = self.req
-        if req.use_8bit_adam:
+    def _optimizer_class(self) -> type:
+        if self.req.use_8bit_adam:
             try:
                 import bitsandbytes as bnb
             except ImportError:
                 raise RequestError("use_8bit_adam", "needs bitsandbytes: pip install bitsandbytes") from None
             if self.device.type != "cuda" and tuple(map(int, bnb.__version__.split(".")[:2])) < BNB_CPU_SINCE:
                 raise RequestError("use_8bit_adam", "on the CPU needs bitsandbytes >= 0.45")
-            cls = bnb.optim.AdamW8bit
-        else:
-            cls = torch.optim.AdamW
-        return cls(self.params, lr=req.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+            return bnb.optim.AdamW8bit
+        return torch.optim.AdamW
 
     def _lr_scheduler(self, optimizer):
         from diffusers.optimization import get_scheduler
