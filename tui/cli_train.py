@@ -38,7 +38,7 @@ _OPTIONS = (
     ("--train-text-encoder", "train_text_encoder", None, "train the text encoder(s) too"),
     ("--mixed-precision", "mixed_precision", "|".join(PRECISIONS), "default: accelerate's config, else no"),
     ("--gradient-checkpointing", "gradient_checkpointing", None, "less memory, slower steps"),
-    ("--use-8bit-adam", "use_8bit_adam", None, "8-bit AdamW (bitsandbytes, CUDA)"),
+    ("--use-8bit-adam", "use_8bit_adam", None, "8-bit AdamW (bitsandbytes; on the CPU >= 0.45)"),
     ("--cache-latents", "cache_latents", None, "encode images once (each keeps one crop)"),
     ("--snr-gamma", "snr_gamma", "G", "Min-SNR loss weighting gamma (5 is usual)"),
     ("--offset-noise", "offset_noise", "X", "offset noise strength (e.g. 0.05)"),

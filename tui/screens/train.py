@@ -62,7 +62,7 @@ _TAIL_FIELDS = (
 _SWITCHES = (
     ("train_text_encoder", "Train text encoder"),
     ("gradient_checkpointing", "Gradient checkpointing"),
-    ("use_8bit_adam", "8-bit Adam (CUDA)"),
+    ("use_8bit_adam", "8-bit Adam (bitsandbytes)"),
     ("cache_latents", "Cache latents"),
     ("random_flip", "Random flip"),
     ("center_crop", "Center crop"),
