@@ -5,10 +5,13 @@ set -u
 log=${1:-/tmp/gpu_bench.log}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
-bench() {
+bench() {  # SECONDS SCRIPT [ARGS...]
+  local limit=$1
+  shift
   echo "== $*" | tee -a "$log"
-  timeout 240 python3 "$@" 2>&1 | grep -v -i -e warn -e torchvision | tee -a "$log"
+  timeout "$limit" python3 "$@" 2>&1 | grep -v -i -e warn -e torchvision | tee -a "$log"
 }
-bench benchmarks/gpu_generate.py
-bench benchmarks/guidance_cost.py --gpu
-bench benchmarks/gpu_train.py
+bench 240 benchmarks/gpu_generate.py
+bench 240 benchmarks/guidance_cost.py --gpu
+bench 300 benchmarks/gpu_train.py --steps 6 --warmup 2 \
+  --variants plain,full,full+8bit,full+8bit/separate,full+8bit+ckpt,lora
