@@ -94,7 +94,10 @@ def _from_single_file(ref: ModelRef, dtype: torch.dtype, extra: dict):
     )
 
 
-def _folder_for(ref: ModelRef) -> Path:
+def local_folder(ref: ModelRef) -> Path | None:
+    """The model's diffusers folder on this machine (a demo built, a hub repo fetched); None for a single file."""
+    if ref.kind == "file":
+        return None
     if ref.kind == "demo":
         from backend.engine.demo_models import ensure_demo
 
@@ -115,7 +118,7 @@ def _folder_for(ref: ModelRef) -> Path:
 
 def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype):
     """Load a diffusers pipeline from local files only; errors become ModelError."""
-    folder = None if ref.kind == "file" else _folder_for(ref)
+    folder = local_folder(ref)
     family = ref.family if folder is None else family_from_folder(folder)
     extra = {} if FAMILIES[family].xl else {"safety_checker": None, "requires_safety_checker": False}
     try:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from backend.errors import DreamttyError, RequestError
 from backend.families import FAMILIES
-from backend.models import resolve_model
+from backend.engine.loader import local_folder
+from backend.models import ModelRef, resolve_model
 from backend.training import runs
 from backend.training.checkpoints import CheckpointError, load_checkpoint, register_hooks, save_checkpoint
 from backend.training.class_images import ensure_class_images
@@ -106,11 +107,11 @@ class DreamBoothTrainer:
         self.step = 0
 
     # -- setup -------------------------------------------------------------
-    def _class_images(self) -> list[Path]:
+    def _class_images(self, model: ModelRef) -> list[Path]:
         req = self.req
         report = lambda done, total: self.events("class_images", done=done, total=total)  # noqa: E731
         return ensure_class_images(
-            resolve_model(req.model), req.class_prompt, req.num_class_images, req.resolution, req.seed,
+            model, req.class_prompt, req.num_class_images, req.resolution, req.seed,
             self.device, self.acc.process_index, self.acc.num_processes, report, self.acc.wait_for_everyone,
         )
 
@@ -212,7 +213,12 @@ class DreamBoothTrainer:
     def setup(self) -> int:
         """Class images, models, optimizer, resume, conditioning; returns the step to start from."""
         req = self.req
-        class_files = self._class_images() if req.prior else []
+        model = resolve_model(req.model)
+        # One process builds the demo or fetches the hub model, the others then find it. (transformers
+        # writes model files on rank 0 only, so a demo built by another rank would lack its text encoder.)
+        with self.acc.main_process_first():
+            local_folder(model)
+        class_files = self._class_images(model) if req.prior else []
         inst_files = scan_images(req.instance_dir, req.resolution).files
         self.sets = {"instance": ImageSet(inst_files, req.resolution, req.center_crop, req.random_flip, req.seed)}
         if req.prior:
