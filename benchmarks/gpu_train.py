@@ -175,7 +175,7 @@ def ours(args, settings: dict) -> tuple[float, float | None]:
     layout = settings.pop("layout", None)
     if layout:
         trainer_module.FlatParameters = {"one-flat": functools.partial(FlatParameters, bucket_numel=2**62),
-                                         "separate": lambda params, **_: None}[layout]
+                                         "separate": functools.partial(FlatParameters, bucket_numel=1)}[layout]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     request = TrainRequest(
         model="demo", instance_dir=str(work / "inst"), instance_prompt="a photo of sks dog",

@@ -147,12 +147,12 @@ class DreamBoothTrainer:
             cast_training_params(list(self.trainables.values()), dtype=torch.float32)
         params = [p for m in self.trainables.values() for p in m.parameters() if p.requires_grad]
         optimizer_class = self._optimizer_class()
-        # In one process the optimizer steps a few flat tensors (flat.py); DDP keeps its own gradient buckets.
+        # The optimizer steps a few flat tensors (flat.py). DDP reduces into their gradients' views, and
+        # the checkpoint's optimizer state has the same layout for any number of processes.
         small = MIN_8BIT_SIZE if self.req.use_8bit_adam else 0
-        self.flat = FlatParameters(params, small_numel=small) if self.acc.num_processes == 1 else None
-        self.params = self.flat.tensors if self.flat else params
-        optimizer = optimizer_class(self.params, lr=self.req.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-        if self.flat and self.req.use_8bit_adam:
+        self.flat = FlatParameters(params, small_numel=small)
+        optimizer = optimizer_class(self.flat.tensors, lr=self.req.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        if self.req.use_8bit_adam:
             _keep_small_in_32_bits(self.flat)
         prepared = self.acc.prepare(*self.trainables.values(), optimizer, self._lr_scheduler(optimizer))
         *modules, self.optimizer, self.lr_scheduler = prepared
@@ -339,25 +339,16 @@ class DreamBoothTrainer:
             with self.acc.accumulate(*modules):
                 loss, prior = self._loss(micro + k)
                 self.acc.backward(loss)
-                if self.acc.sync_gradients:
-                    self.acc.clip_grad_norm_(self.params, MAX_GRAD_NORM)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self._release_grads()
+                if self.acc.sync_gradients:  # the step's last micro-batch
+                    self.acc.clip_grad_norm_(self.flat.tensors, MAX_GRAD_NORM)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.flat.release_grads()
             losses.append(loss.detach())
             if prior is not None:
                 priors.append(prior.detach())
         mean = lambda xs: self.acc.reduce(torch.stack(xs).mean(), reduction="mean").item()  # noqa: E731
         return mean(losses), (mean(priors) if priors else None)
-
-    def _release_grads(self) -> None:
-        """After an optimizer step; accelerate skips the step and this while accumulating."""
-        if not self.acc.sync_gradients:
-            return
-        if self.flat:
-            self.flat.release_grads()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
 
     def run(self) -> str:
         req = self.req
