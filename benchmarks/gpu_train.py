@@ -9,7 +9,7 @@ and text embeddings (what diffusers' train_dreambooth.py does per step with --mi
 less the VAE encode). dreamtty's steps run the real trainer (``DreamBoothTrainer.train_step``) with
 cached latents and frozen text encoder, mixed precision fp16, in variants: full fine-tune (fp32
 master weights + AdamW), + gradient checkpointing, + 8-bit Adam (when bitsandbytes imports), LoRA;
-in one process the trainer steps its parameters as a few flat buckets (backend/training/flat.py);
+the trainer steps its parameters as a few flat buckets (backend/training/flat.py);
 the "/one-flat" and "/separate" variants step them as one flat tensor or as ~700 tensors instead.
 Each variant runs in its own process, so peak memory and accelerate's state start clean.
 
