@@ -24,7 +24,9 @@ def test_two_processes_share_class_images_steps_and_checkpoints(photos, tmp_path
     events = [json.loads(line) for line in (run_dir / runs.EVENTS).read_text().splitlines()]
     started = next(e for e in events if e["type"] == "state")
     assert started["processes"] == 2
-    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]  # the main process alone writes
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3]  # the main process alone writes
+    assert [e["epoch"] for e in steps] == [0, 1, 2]  # 2 of the 3 photos a step
     classes = [e for e in events if e["type"] == "class_images"]
     assert classes[-1] == {**classes[-1], "done": 4, "total": 4}
     checkpoint = runs.list_checkpoints(run_dir)[-1][1]

@@ -354,6 +354,7 @@ class DreamBoothTrainer:
         req = self.req
         step = self.step = self.setup()
         times: deque[float] = deque(maxlen=10)
+        n = self.acc.num_processes  # each takes its own images (_loss)
         while step < req.max_steps:
             began = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]  # this step's
@@ -364,7 +365,7 @@ class DreamBoothTrainer:
             mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
             self.events("step", step=step, max_steps=req.max_steps, loss=loss, prior_loss=prior, lr=lr,
                         its=round(its, 4), mem_gib=None if mem is None else round(mem, 3),
-                        epoch=self.sets["instance"].order.epoch(step * req.grad_accum * req.batch_size))
+                        epoch=self.sets["instance"].order.epoch(step * req.grad_accum * n * req.batch_size))
             if req.report_to == "tensorboard":
                 self.acc.log({"loss": loss, "lr": lr, **({"prior_loss": prior} if prior is not None else {})}, step=step)
             stopping = self._stop_requested()
