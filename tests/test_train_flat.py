@@ -155,3 +155,21 @@ def test_small_parameters_get_their_own_buckets():
     flat = FlatParameters(list(net.parameters()), small_numel=4096)
     assert [t.numel() for t in flat.small] == [64 * 4]  # the biases and the norm, together
     assert [t.numel() for t in flat.tensors] == [2 * 64 * 64, 64 * 4]
+
+
+def test_bf16_mixed_precision_trains_fp32_master_weights(photos, tmp_path, monkeypatch):  # noqa: F811
+    """bf16 autocast; trained weights and their optimizer in fp32 (no bf16 master weights)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    request = TrainRequest(model="demo", instance_dir=str(photos), instance_prompt="a photo of sks dog",
+                           resolution=64, max_steps=2, seed=7, prior_preservation=False, method="full",
+                           train_text_encoder=True, mixed_precision="bf16", output=str(tmp_path / "bf16"))
+    prepared = prepare_run(request)
+    trainer = DreamBoothTrainer(prepared.request, prepared.run_dir, EventWriter(prepared.run_dir, enabled=False))
+    trainer.setup()
+    weight = trainer.trainables["unet"].conv_in.weight
+    before = weight.detach().clone()
+    losses = [trainer.train_step(step)[0] for step in range(2)]
+    assert all(0 < loss < 10 for loss in losses)
+    assert trainer.acc.mixed_precision == "bf16" and trainer.weight_dtype == torch.bfloat16
+    assert {t.dtype for t in trainer.flat.tensors} == {torch.float32} and weight.dtype == torch.float32
+    assert not torch.equal(weight.detach(), before)  # the bf16 forward's gradients reached the fp32 weights
