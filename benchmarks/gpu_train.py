@@ -248,7 +248,8 @@ def main() -> None:
 def _table(results: dict, args) -> None:
     base = results.get("plain", {}).get("step_s")
     cpu = any(r.get("device") == "cpu" for r in results.values())
-    print(f"\nSD1.5 UNet (random weights), {args.resolution}², batch 2 (instance + class), {args.steps} timed steps"
+    model = "demo model" if args.tiny else "SD1.5 UNet (random weights)"
+    print(f"\n{model}, {args.resolution}², batch 2 (instance + class), {args.steps} timed steps"
           + (" — on the CPU: fp32, peak memory estimated (see the docstring), no time target" if cpu else ""))
     print(f"{'variant':<20}{'step s':>9}{'x plain':>9}{'peak GiB':>10}  target")
     for name, r in results.items():
