@@ -84,5 +84,8 @@ def load_checkpoint(accelerator, folder: Path) -> dict:
         state = json.loads((Path(folder) / STATE_FILE).read_text())
         accelerator.load_state(str(folder))
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise CheckpointError(f"resume: cannot load {folder}: {str(exc).splitlines()[0][:200]}") from None
+        reason = str(exc).splitlines()[0][:200]
+        if "parameter group" in reason:  # torch's Optimizer.load_state_dict
+            reason += "; was --use-8bit-adam, --method or --train-text-encoder changed?"
+        raise CheckpointError(f"resume: cannot load {folder}: {reason}") from None
     return state
