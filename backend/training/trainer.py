@@ -149,10 +149,10 @@ class DreamBoothTrainer:
         optimizer_class = self._optimizer_class()
         # The optimizer steps a few flat tensors (flat.py). DDP reduces into their gradients' views, and
         # the checkpoint's optimizer state has the same layout for any number of processes.
-        small = MIN_8BIT_SIZE if self.req.use_8bit_adam else 0
+        small = MIN_8BIT_SIZE if req.use_8bit_adam else 0
         self.flat = FlatParameters(params, small_numel=small)
-        optimizer = optimizer_class(self.flat.tensors, lr=self.req.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-        if self.req.use_8bit_adam:
+        optimizer = optimizer_class(self.flat.tensors, lr=req.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        if req.use_8bit_adam:
             _keep_small_in_32_bits(self.flat)
         prepared = self.acc.prepare(*self.trainables.values(), optimizer, self._lr_scheduler(optimizer))
         *modules, self.optimizer, self.lr_scheduler = prepared
