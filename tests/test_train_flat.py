@@ -157,7 +157,17 @@ def test_small_parameters_get_their_own_buckets():
     assert [t.numel() for t in flat.tensors] == [2 * 64 * 64, 64 * 4]
 
 
-def test_bf16_mixed_precision_trains_fp32_master_weights(photos, tmp_path, monkeypatch):  # noqa: F811
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed-precision setting per process: start and leave this test with none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_trains_fp32_master_weights(photos, tmp_path, monkeypatch, fresh_accelerate_state):  # noqa: F811
     """bf16 autocast; trained weights and their optimizer in fp32 (no bf16 master weights)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     request = TrainRequest(model="demo", instance_dir=str(photos), instance_prompt="a photo of sks dog",
