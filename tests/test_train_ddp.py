@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 
 from backend.training import runs
@@ -63,3 +64,21 @@ def test_demo_model_built_by_two_processes_at_once_is_kept(tmp_path, monkeypatch
     assert demo_models.ensure_demo("demo") == target
     assert (target / "winner").exists() and (target / "text_encoder").is_dir()
     assert [p.name for p in target.parent.iterdir()] == ["demo"]  # no temp folder left
+
+
+def test_demo_model_built_by_a_rank_that_cannot_save_is_not_kept(tmp_path, monkeypatch):
+    """transformers saves model files on rank 0 only; a demo built elsewhere is refused, not kept half-empty."""
+    from transformers import PreTrainedModel
+
+    from backend.engine import demo_models
+    from backend.errors import ModelError
+
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path / "home"))
+    with monkeypatch.context() as patch:
+        patch.setattr(PreTrainedModel, "should_save_on_this_rank", lambda self, is_main_process: False)
+        with pytest.raises(ModelError, match='demo must first be built by one process; run once: dreamtty --model demo'):
+            demo_models.ensure_demo("demo")
+    root = demo_models.locations.demo_models_dir()
+    assert list(root.iterdir()) == []  # neither a broken demo nor a temp folder left
+    assert any((demo_models.ensure_demo("demo") / "text_encoder").glob("*.safetensors"))
+

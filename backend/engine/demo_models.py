@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from backend import locations
+from backend.errors import ModelError
 
 # Byte-level CLIP vocabulary: 256 byte characters, the same with "</w>", then the
 # two special tokens. No merges, so every character is one token.
@@ -115,6 +116,9 @@ def ensure_demo(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
         build_sd(xl=name == "demo-xl").save_pretrained(tmp, safe_serialization=True)
+        if not all(any(folder.iterdir()) for folder in tmp.glob("text_encoder*")):
+            # transformers saves on rank 0 only: another rank of a distributed run wrote empty folders.
+            raise ModelError(f'model: {name} must first be built by one process; run once: dreamtty --model {name} generate "a cat"')
         (tmp / "dreamtty_demo.json").write_text(json.dumps({"family": name}))
         try:
             tmp.rename(target)  # atomic; fails when another process (a second trainer, a worker) got there first
