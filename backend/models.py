@@ -107,7 +107,7 @@ def _library_ref(name: str) -> ModelRef | None:
     return _file_ref(name, Path(entry.path))
 
 
-def _trained_model(run_dir: Path) -> Path | None:
+def trained_model(run_dir: Path) -> Path | None:
     """The diffusers folder a full DreamBooth run wrote (``--model RUN_DIR``), if ``run_dir`` is one."""
     from backend.training.runs import run_output
 
@@ -126,7 +126,7 @@ def resolve_model(name: str) -> ModelRef:
     if path.exists():
         if not path.is_dir():
             return _file_ref(name, path)
-        trained = _trained_model(path)
+        trained = trained_model(path)
         if trained is not None:
             path = trained
         elif not (path / "model_index.json").exists():

@@ -19,13 +19,13 @@ from backend import library
 from backend.errors import DreamttyError, RequestError
 from backend.families import FAMILIES, aspect_sizes
 from backend.guidance import GuidanceSettings
-from backend.models import DEMO_MODELS, resolve_model
+from backend.models import DEMO_MODELS, resolve_model, trained_model
 from backend.prompting.presets import PresetInfo, apply_preset, list_presets
 from backend.prompting.styles import RANDOM_STYLE, load_styles
 from backend.queue_store import FINAL
 from backend.request import GenerateRequest
 from backend.samplers import SAMPLERS
-from backend.training.runs import list_runs, run_output
+from backend.training.runs import list_runs
 from tui import keymap
 from tui.cli import _parse_lora
 from tui.suggest import ChoiceSuggester
@@ -342,8 +342,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
     @work(thread=True, exclusive=True, group="model-choices", exit_on_error=False)
     def _load_model_choices(self) -> None:
         """Let the Model field complete the library's checkpoints and finished full DreamBooth runs too."""
-        trained = [str(run.path) for run in list_runs()
-                   if run.state == "done" and (run_output(run.path) or ("",))[0] == "model"]
+        trained = [str(run.path) for run in list_runs() if run.state == "done" and trained_model(run.path)]
         choices = [*DEMO_MODELS, *library.names("checkpoint"), *trained]
         self.app.call_from_thread(setattr, self.query_one("#model", Input).suggester, "choices", choices)
 
