@@ -265,6 +265,24 @@ async def test_key_gated_driver_and_preview_waiting_for_a_pending_key(idle_servi
         assert any(seg.text == "▄" and seg.style.color.triplet == (200, 30, 30) for seg in middle)
 
 
+async def test_model_field_completes_finished_full_runs_only(idle_service, tmp_path, monkeypatch):
+    from backend.training import runs
+
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path / "home"))
+    for name, state, output in (("dog", "done", runs.MODEL_DIR + "/model_index.json"),
+                                ("cat", "done", runs.LORA_FILE), ("owl", "stopped", runs.MODEL_DIR + "/model_index.json")):
+        run_dir = runs.runs_root() / name
+        (run_dir / output).parent.mkdir(parents=True)
+        (run_dir / output).write_text("{}")
+        runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": state, "settings": {}})
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        model = app.screen.form.query_one("#model", Input)
+        trained = lambda: [c for c in model.suggester.choices if c.startswith(str(runs.runs_root()))]  # noqa: E731
+        await wait_for(pilot, trained, what="the trained runs among the model choices")
+        assert trained() == [str(runs.runs_root() / "dog")]  # not the LoRA run, nor the stopped one
+
+
 async def test_form_follows_a_new_default_model_unless_another_was_typed(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path, model=None)
     async with app.run_test(size=(120, 40)) as pilot:
