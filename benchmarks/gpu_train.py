@@ -73,17 +73,13 @@ def _proc_kib(field: str) -> int:
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
 
 
-def _tensor_bytes(*tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors``."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
-def _state_tensors(modules, optimizer) -> list:
+def _resident_bytes(modules, optimizer) -> int:
+    """Bytes of the distinct storages behind ``modules``' weights and buffers and ``optimizer``'s state."""
     import torch
 
     state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    return [t for m in modules for t in (*m.parameters(), *m.buffers())] + state
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())] + state
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def _timed(step, device, warmup: int, steps: int, resident) -> tuple[float, float | None]:
@@ -143,7 +139,7 @@ def plain(args) -> tuple[float, float | None]:
         optimizer.zero_grad(set_to_none=True)
         loss.item()
 
-    return _timed(step, device, args.warmup, args.steps, lambda: _tensor_bytes(*_state_tensors([unet], optimizer)))
+    return _timed(step, device, args.warmup, args.steps, lambda: _resident_bytes([unet], optimizer))
 
 
 def ours(args, settings: dict) -> tuple[float, float | None]:
@@ -172,6 +168,7 @@ def ours(args, settings: dict) -> tuple[float, float | None]:
     from backend.training import trainer as trainer_module
     from backend.training.flat import FlatParameters
 
+    settings = dict(settings)  # VARIANTS stays as it is
     layout = settings.pop("layout", None)
     if layout:
         trainer_module.FlatParameters = {"one-flat": functools.partial(FlatParameters, bucket_numel=2**62),
@@ -187,14 +184,14 @@ def ours(args, settings: dict) -> tuple[float, float | None]:
     trainer = DreamBoothTrainer(request, work / "run", EventWriter(work / "run", enabled=False),
                                 parts=_parts(args.tiny, device))
     trainer.setup()
-    resident = lambda: _tensor_bytes(*_state_tensors(trainer.trainables.values(), trainer.optimizer))  # noqa: E731
+    resident = lambda: _resident_bytes(trainer.trainables.values(), trainer.optimizer)  # noqa: E731
     return _timed(trainer.train_step, device, args.warmup, args.steps, resident)
 
 
 def run_variant(args) -> None:
     import torch
 
-    settings = dict(VARIANTS[args.variant] or {}) or None
+    settings = VARIANTS[args.variant]
     seconds, peak = plain(args) if settings is None else ours(args, settings)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print("RESULT " + json.dumps({"variant": args.variant, "step_s": seconds, "peak_gib": peak, "device": device}),
