@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,35 +54,17 @@ def test_flat_parameters_train_exactly_like_separate_ones(bucket_numel):
     assert storages == {t.untyped_storage().data_ptr() for t in flat.tensors}
 
 
-def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
-    """One of two gloo processes: DDP over flat buckets next to DDP over the same, separate parameters."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-    ref = copy.deepcopy(net)
-    flat = FlatParameters(list(net.parameters()), bucket_numel=100)
-    models = torch.nn.parallel.DistributedDataParallel(net), torch.nn.parallel.DistributedDataParallel(ref)
-    opts = torch.optim.AdamW(flat.tensors, lr=1e-2), torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
-    data = torch.Generator().manual_seed(rank)  # each process its own batches
-    for _ in range(3):
-        first, second = torch.randn(5, 8, generator=data), torch.randn(5, 8, generator=data)
-        for model in models:
-            with model.no_sync():  # accumulate, then reduce on the second backward
-                model(first).pow(2).mean().backward()
-            model(second).pow(2).mean().backward()
-        for opt in opts:
-            opt.step()
-        flat.release_grads()
-        opts[1].zero_grad(set_to_none=True)
-    torch.save({"flat": [p.detach() for p in net.parameters()], "separate": [p.detach() for p in ref.parameters()]},
-               f"{out}/{rank}.pt")
-    dist.destroy_process_group()
-
-
 def test_ddp_reduces_into_bucket_gradients(tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    """Two gloo processes, launched the way users launch the trainer (torch.distributed.run on 127.0.0.1)."""
+    worker = Path(__file__).with_name("ddp_bucket_worker.py")
+    with socket.socket() as probe:  # a free port, so a leftover launcher elsewhere cannot collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(port)]
+    done = subprocess.run([*launch, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
     first, second = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
     for ours, theirs, other in zip(first["flat"], first["separate"], second["flat"]):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)  # the same averaged gradients
