@@ -33,7 +33,7 @@ def save_image(image: Image.Image, meta: dict, out_root: Path, now: dt.datetime 
     folder = out_root / now.strftime("%Y-%m-%d")
     check_writable(folder)
     stem = f"{now.strftime('%H%M%S')}-{meta['request']['seed']}"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=folder)  # no *.png until complete
     try:
         with os.fdopen(fd, "wb") as fh:
             image.save(fh, format="PNG", pnginfo=metadata.png_info(meta))

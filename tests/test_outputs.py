@@ -66,6 +66,20 @@ def test_disk_full_leaves_no_partial_file(tmp_path, monkeypatch):
     assert list((tmp_path / "2026-11-26").iterdir()) == []
 
 
+def test_no_png_is_visible_until_complete(tmp_path, monkeypatch):
+    """Galleries and watchers globbing *.png never see a half-written image."""
+    seen = []
+    write = Image.Image.save
+
+    def watched(self, fp, *a, **kw):
+        write(self, fp, *a, **kw)
+        seen.append(sorted(p.name for p in (tmp_path / "2026-11-26").glob("*.png")))
+
+    monkeypatch.setattr(Image.Image, "save", watched)
+    path = save_image(_image(), _meta(), tmp_path, now=NOW)
+    assert seen == [[]] and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_unwritable_dir(tmp_path):
     ro = tmp_path / "ro"
