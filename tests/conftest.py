@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One BLAS/OpenMP thread per process: tests run on 2 shared cores, where torch's
 # default threading oversubscribes them badly. Worker processes inherit this.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def two_process_launcher() -> list[str]:
+    """``torch.distributed.run`` for two processes on 127.0.0.1 at a free port (gloo on the CPU)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(port)]
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import shlex
 
 import pytest
 import torch
@@ -13,14 +13,15 @@ from tests.test_train import photos  # noqa: F401  (a fixture)
 from tui import cli
 
 
-def test_two_processes_share_class_images_steps_and_checkpoints(photos, tmp_path, monkeypatch):  # noqa: F811
+def test_two_processes_share_class_images_steps_and_checkpoints(photos, tmp_path, monkeypatch,  # noqa: F811
+                                                               two_process_launcher):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # accelerate: several processes on the CPU (MULTI_CPU)
     run_dir = tmp_path / "ddp"
     code = cli.main(["train", "--model", "demo", "--instance-dir", str(photos), "--instance-prompt", "a photo of sks dog",
                      "--class-prompt", "a photo of dog", "--num-class-images", "4", "--resolution", "64",
                      "--method", "full", "--max-steps", "3", "--checkpoint-every", "2", "--output", str(run_dir),
-                     "--launcher", f"{sys.executable} -m torch.distributed.run --nproc_per_node 2"])
+                     "--launcher", shlex.join(two_process_launcher)])
     assert code == 0, (run_dir / runs.LOG_FILE).read_text()[-2000:]
     events = [json.loads(line) for line in (run_dir / runs.EVENTS).read_text().splitlines()]
     started = next(e for e in events if e["type"] == "state")

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -54,16 +51,11 @@ def test_flat_parameters_train_exactly_like_separate_ones(bucket_numel):
     assert storages == {t.untyped_storage().data_ptr() for t in flat.tensors}
 
 
-def test_ddp_reduces_into_bucket_gradients(tmp_path):
-    """Two gloo processes, launched the way users launch the trainer (torch.distributed.run on 127.0.0.1)."""
+def test_ddp_reduces_into_bucket_gradients(tmp_path, two_process_launcher):
+    """Two gloo processes, launched the way users launch the trainer."""
     worker = Path(__file__).with_name("ddp_bucket_worker.py")
-    with socket.socket() as probe:  # a free port, so a leftover launcher elsewhere cannot collide
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-              "--master_port", str(port)]
-    done = subprocess.run([*launch, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run([*two_process_launcher, str(worker), str(tmp_path)], capture_output=True, text=True,
+                          timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     first, second = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
     for ours, theirs, other in zip(first["flat"], first["separate"], second["flat"]):
