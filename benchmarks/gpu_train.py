@@ -82,7 +82,7 @@ def _resident_bytes(modules, optimizer) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
-def _timed(step, device, warmup: int, steps: int, resident) -> tuple[float, float | None]:
+def _timed(step, device, warmup: int, steps: int, resident) -> tuple[float, float]:
     """Seconds per step after ``warmup`` steps, and peak memory (GiB) over them: GPU memory, or on
     the CPU ``resident()`` bytes (what would be on the GPU) plus the growth of resident memory."""
     import torch
@@ -108,7 +108,7 @@ def _timed(step, device, warmup: int, steps: int, resident) -> tuple[float, floa
     return seconds, (resident() + (_proc_kib("VmHWM") - start_kib) * 1024) / 2**30
 
 
-def plain(args) -> tuple[float, float | None]:
+def plain(args) -> tuple[float, float]:
     """A plain diffusers-style step: fp32 weights, fp16 autocast, GradScaler, AdamW."""
     import torch
     import torch.nn.functional as F
@@ -142,7 +142,7 @@ def plain(args) -> tuple[float, float | None]:
     return _timed(step, device, args.warmup, args.steps, lambda: _resident_bytes([unet], optimizer))
 
 
-def ours(args, settings: dict) -> tuple[float, float | None]:
+def ours(args, settings: dict) -> tuple[float, float]:
     """dreamtty's trainer step, set up as a real run (instance + class image, cached latents)."""
     import numpy as np
     import torch
