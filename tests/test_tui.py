@@ -342,3 +342,15 @@ async def test_progress_redraws_slow_down_while_the_user_types(idle_service, tmp
 
         assert await redraws(last_key=0.0) >= 5  # about 4 a second
         assert await redraws(last_key=time.monotonic()) <= 2  # about 1 a second
+
+
+async def test_gallery_entry_whose_file_was_deleted_shows_a_line_not_a_crash(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        gone = tmp_path / "out" / "gone.png"
+        app.screen._show_image(str(gone))  # what highlighting a row of a deleted image does
+        await pilot.pause()
+        text = str(app.screen.query_one("#image-params").content)
+        assert text == f"{gone}\n\ncannot read it: No such file or directory" and app.is_running

@@ -149,12 +149,17 @@ class QueueScreen(Screen):
         if path is None:
             params.update("No image selected.")
             return
+        try:
+            stamp = dt.datetime.fromtimestamp(Path(path).stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
+        except OSError as exc:  # deleted or moved since the gallery listed it
+            self.query_one("#gallery-preview", ImagePreview).show(None)
+            params.update(f"{path}\n\ncannot read it: {exc.strerror or exc}")
+            return
         self.query_one("#gallery-preview", ImagePreview).show(path)
         try:
             text = metadata.a1111_parameters(metadata.read(path))
         except DreamttyError as exc:
             text = str(exc)
-        stamp = dt.datetime.fromtimestamp(Path(path).stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
         params.update(f"{path}\n{stamp}\n\n{text}")
 
     def _image_or_warn(self) -> str | None:
