@@ -149,7 +149,7 @@ def test_prepare_run_writes_run_json_and_links(photos, tmp_path):
     assert prepared.run_dir in linked  # a symlink in the runs folder points at it
     # A second start into the same folder needs --resume.
     runs.update_run_json(prepared.run_dir, state="done")
-    with pytest.raises(RequestError, match="output: .* already holds a run; pass --resume latest"):
+    with pytest.raises(RequestError, match=r"output: .* already holds a run; resume it \(--resume latest"):
         prepare_run(_request(photos, output=str(tmp_path / "run1")))
     warned = prepare_run(_request(photos, output=str(tmp_path / "run1"), resume="latest"))
     assert any("no checkpoint yet" in w for w in warned.warnings)

@@ -111,13 +111,17 @@ class FakeProcess:
         return None
 
 
-async def test_start_and_stop_from_the_keyboard(tmp_path, monkeypatch):
-    root = tmp_path / "runs"
+def _photos(tmp_path: Path) -> Path:
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(3):
         Image.fromarray(np.full((96, 96, 3), 40 * i, dtype=np.uint8)).save(photos / f"{i}.png")
-    started = []
+    return photos
+
+
+def _fake_trainer(monkeypatch) -> list[Path]:
+    """Replace the trainer process with a stand-in that 'runs'; the run dirs it was started on."""
+    started: list[Path] = []
 
     def fake_start(run_dir, launcher=None):
         started.append(Path(run_dir))
@@ -126,6 +130,13 @@ async def test_start_and_stop_from_the_keyboard(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_screen, "start_trainer", fake_start)
     monkeypatch.setattr(runs, "pid_alive", lambda pid: pid == FakeProcess.pid)
+    return started
+
+
+async def test_start_and_stop_from_the_keyboard(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    photos = _photos(tmp_path)
+    started = _fake_trainer(monkeypatch)
     app = PaneApp(root)
     async with app.run_test(size=(140, 44)) as pilot:
         pane = app.query_one(TrainPane)
@@ -159,3 +170,69 @@ async def test_start_and_stop_from_the_keyboard(tmp_path, monkeypatch):
 
         await pilot.press("ctrl+t")
         assert (run_dir / runs.STOP_FILE).exists()
+
+
+async def test_form_checks_each_field_and_reports_every_bad_one(tmp_path, monkeypatch):
+    started = _fake_trainer(monkeypatch)
+    app = PaneApp(tmp_path / "runs")
+    async with app.run_test(size=(140, 44)) as pilot:
+        pane = app.query_one(TrainPane)
+        await pilot.pause()
+        # Range, multiple-of-8 and folder checks run while typing; an emptied input means the default.
+        resolution = pane.query_one("#train-resolution", Input)
+        resolution.focus()
+        await pilot.press(*"65")
+        assert pane._field("resolution").error == "65 is not a multiple of 8; try 64"
+        await pilot.press("backspace", "backspace")
+        assert pane._field("resolution").error == ""
+        pane.query_one("#train-max_steps", Input).value = "-1"
+        pane.query_one("#train-instance_dir", Input).value = str(tmp_path / "nowhere")
+        pane.query_one("#train-lr", Input).value = "abc"
+        await pilot.pause()
+        assert pane._field("max_steps").error == "-1 is out of range; allowed 1..10000000"
+        assert pane._field("instance_dir").error == f"{tmp_path / 'nowhere'} does not exist"
+        assert pane._field("lr").error == "'abc' is not a number"
+        # ctrl+s keeps every error (not only the first) and focuses the first bad field.
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert [n for n in ("instance_dir", "max_steps", "lr") if pane._field(n).error] == ["instance_dir", "max_steps", "lr"]
+        assert app.focused is pane.query_one("#train-instance_dir", Input) and started == []
+
+
+async def test_starting_a_run_shows_it_and_settles_then_resumes_a_stopped_run(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    old = _write_run(root, "old-run", "stopped", [1.0, 0.9], updated=1.0)
+    photos = _photos(tmp_path)
+    recorded = {"model": "demo", "method": "lora", "max_steps": 10, "instance_dir": str(photos),
+                "instance_prompt": "a photo of sks toy", "resolution": 64, "seed": 5, "resume": None}
+    runs.update_run_json(old, settings=recorded)
+    started = _fake_trainer(monkeypatch)
+    app = PaneApp(root)
+    async with app.run_test(size=(140, 44)) as pilot:
+        pane = app.query_one(TrainPane)
+        await _settle(pilot, pane, lambda: pane.loss_points == [(1, 1.0), (2, 0.9)])
+        for name, value in (("instance_dir", str(photos)), ("instance_prompt", "a photo of sks toy"),
+                            ("resolution", "64"), ("output", str(tmp_path / "new"))):
+            pane.query_one(f"#train-{name}", Input).value = value
+        await pilot.press("ctrl+s")
+        new = (tmp_path / "new").resolve()
+        await _settle(pilot, pane, lambda: pane.selected_run == new)
+        # The new run stays selected: no back-and-forth between the old and new run's highlight.
+        selected = []
+        monkeypatch.setattr(pane, "select_run", lambda run_dir: selected.append(run_dir))
+        await pilot.pause(1.0)
+        assert selected == [] and pane.selected_run == new
+        plot = _text(pane.query_one("#train-loss", PlotextPlot))
+        assert pane.loss_points == [] and not any(ord(ch) in BRAILLE for ch in plot)  # not the old run's curve
+        monkeypatch.undo()
+        started = _fake_trainer(monkeypatch)
+
+        # ctrl+r continues the stopped run with its own settings from its newest checkpoint.
+        await pilot.press("ctrl+r")  # the new run is live: nothing to resume
+        assert started == []
+        pane.select_run(old)
+        await pilot.press("ctrl+r")
+        await _settle(pilot, pane, lambda: started != [])
+        assert started == [old.resolve()] and pane.selected_run == old.resolve()
+        settings = json.loads((old / runs.RUN_JSON).read_text())["settings"]
+        assert settings == {**settings, **recorded, "resume": "latest", "output": str(old.resolve())}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
-from backend.training.launch import prepare_run, request_stop, start_trainer
+from backend.training.launch import prepare_run, request_stop, resume_settings, start_trainer
 
 # (flag, TrainRequest field, metavar or None for an on/off switch, help)
 _OPTIONS = (
@@ -80,8 +80,7 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
     resume = flags.get("resume", config.get("resume"))
     output = flags.get("output", config.get("output"))
     if resume and output and runs.is_run_dir(Path(output).expanduser()):
-        data.update(runs.read_run_json(Path(output).expanduser()).get("settings", {}))
-        data.pop("resume", None)
+        data.update(resume_settings(Path(output).expanduser()))
     data.update(config)
     data.update(flags)
     return TrainRequest.from_dict(data)

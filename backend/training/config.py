@@ -84,31 +84,16 @@ class TrainRequest:
     def validate(self) -> "TrainRequest":
         """Check every field; raise a one-line RequestError naming the first bad one."""
         for f in fields(self):
-            parse_field(f.name, getattr(self, f.name))
+            check_field(f.name, getattr(self, f.name))
         for name in ("model", "instance_dir", "instance_prompt"):
             if not (getattr(self, name) or "").strip():
                 raise RequestError(name, "is required")
-        _choice("method", self.method, METHODS)
-        _choice("report_to", self.report_to, REPORT_TO)
-        _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULES)
-        if self.mixed_precision is not None:
-            _choice("mixed_precision", self.mixed_precision, PRECISIONS)
-        for name, low, high in _RANGES:
-            value = getattr(self, name)
-            if value is not None and not low <= value <= high:
-                raise RequestError(name, f"{value} is out of range; allowed {low}..{high}")
         if self.lr_warmup_steps and self.lr_warmup_steps >= self.max_steps:
             raise RequestError("lr_warmup_steps", f"{self.lr_warmup_steps} must be below max_steps ({self.max_steps})")
-        if self.resolution and self.resolution % 8:
-            raise RequestError("resolution", f"{self.resolution} is not a multiple of 8; try {self.resolution // 8 * 8 or 8}")
         if self.prior and not (self.class_prompt or "").strip():
             raise RequestError("class_prompt", "is required for prior preservation (or pass --no-prior-preservation)")
         if self.prior and self.num_class_images < 1:
             raise RequestError("num_class_images", "must be at least 1 with prior preservation")
-        if self.seed != -1 and not 0 <= self.seed <= MAX_SEED:
-            raise RequestError("seed", f"{self.seed} is out of range; allowed -1 (random) or 0..{MAX_SEED}")
-        if self.resume is not None and not self.resume.strip():
-            raise RequestError("resume", "is empty; use latest or a checkpoint folder")
         return self
 
     def resolved(self, family: str) -> "TrainRequest":
@@ -128,22 +113,22 @@ class TrainRequest:
 
 
 # Numeric limits (inclusive). Generous: they catch typos, not taste.
-_RANGES = (
-    ("rank", 1, 1024),
-    ("max_steps", 1, 10_000_000),
-    ("lr", 1e-10, 1.0),
-    ("lr_warmup_steps", 0, 10_000_000),
-    ("batch_size", 1, 1024),
-    ("grad_accum", 1, 1024),
-    ("resolution", 0, 4096),
-    ("num_class_images", 0, 100_000),
-    ("prior_loss_weight", 0.0, 100.0),
-    ("snr_gamma", 0.01, 100.0),
-    ("offset_noise", 0.0, 1.0),
-    ("checkpoint_every", 1, 10_000_000),
-    ("keep_checkpoints", 1, 1000),
-    ("validation_every", 1, 10_000_000),
-)
+_RANGES = {
+    "rank": (1, 1024),
+    "max_steps": (1, 10_000_000),
+    "lr": (1e-10, 1.0),
+    "lr_warmup_steps": (0, 10_000_000),
+    "batch_size": (1, 1024),
+    "grad_accum": (1, 1024),
+    "resolution": (0, 4096),
+    "num_class_images": (0, 100_000),
+    "prior_loss_weight": (0.0, 100.0),
+    "snr_gamma": (0.01, 100.0),
+    "offset_noise": (0.0, 1.0),
+    "checkpoint_every": (1, 10_000_000),
+    "keep_checkpoints": (1, 1000),
+    "validation_every": (1, 10_000_000),
+}
 
 _KINDS = {f.name: f.type for f in fields(TrainRequest)}
 
@@ -176,6 +161,29 @@ def parse_field(name: str, value: object) -> object:
     if isinstance(value, bool):
         raise RequestError(name, f"must be {_WORDS[base]}, got {value}")
     return _int(name, value) if base == "int" else _float(name, value)
+
+
+_CHOICES = {"method": METHODS, "report_to": REPORT_TO, "lr_scheduler": LR_SCHEDULES, "mixed_precision": PRECISIONS}
+
+
+def check_field(name: str, value: object) -> object:
+    """``parse_field`` plus the checks of that field alone (range, choice, multiple of 8); the
+    parsed value. Empty text is fine here: the default applies, or ``validate`` asks for it."""
+    value = parse_field(name, value)
+    if value is None:
+        return value
+    if name in _CHOICES:
+        _choice(name, value, _CHOICES[name])
+    limits = _RANGES.get(name)
+    if limits and not limits[0] <= value <= limits[1]:
+        raise RequestError(name, f"{value} is out of range; allowed {limits[0]}..{limits[1]}")
+    if name == "resolution" and value % 8:
+        raise RequestError(name, f"{value} is not a multiple of 8; try {value // 8 * 8 or 8}")
+    if name == "seed" and value != -1 and not 0 <= value <= MAX_SEED:
+        raise RequestError(name, f"{value} is out of range; allowed -1 (random) or 0..{MAX_SEED}")
+    if name == "resume" and not value.strip():
+        raise RequestError(name, "is empty; use latest or a checkpoint folder")
+    return value
 
 
 _WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}

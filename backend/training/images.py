@@ -46,13 +46,19 @@ def _problem(path: Path, smallest: int) -> str | None:
     return None
 
 
-def scan_images(folder: str | Path, resolution: int, field_name: str = "instance_dir") -> ImageScan:
-    """Usable images in ``folder`` (sorted), with a warning per skipped file."""
+def check_folder(folder: str | Path, field_name: str = "instance_dir") -> Path:
+    """``folder`` as a path, or a RequestError when it is missing or not a folder."""
     path = Path(folder).expanduser()
     if not path.exists():
         raise RequestError(field_name, f"{folder} does not exist")
     if not path.is_dir():
         raise RequestError(field_name, f"{folder} is not a folder")
+    return path
+
+
+def scan_images(folder: str | Path, resolution: int, field_name: str = "instance_dir") -> ImageScan:
+    """Usable images in ``folder`` (sorted), with a warning per skipped file."""
+    path = check_folder(folder, field_name)
     entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     if not entries:
         raise RequestError(field_name, f"{folder} is empty; put 3-20 photos of the subject there")

@@ -50,6 +50,12 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
+def resume_settings(run_dir: Path) -> dict:
+    """The settings to continue ``run_dir`` with: the recorded ones, from its newest checkpoint."""
+    settings = dict(runs.read_run_json(run_dir).get("settings", {}))
+    return {**settings, "output": str(run_dir), "resume": "latest"}
+
+
 def _check_optional_packages(request: TrainRequest) -> None:
     if request.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise RequestError("use_8bit_adam", "needs bitsandbytes: pip install bitsandbytes")
@@ -79,7 +85,8 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> Prepare
         if state in runs.LIVE_STATES:
             raise RequestError("output", f"{run_dir} is already running; stop it first")
         if req.resume is None:
-            raise RequestError("output", f"{run_dir} already holds a run; pass --resume latest or another --output")
+            raise RequestError("output", f"{run_dir} already holds a run; resume it (--resume latest, or ctrl+r "
+                                         "on the Train screen) or choose another folder")
     if req.resume is not None and resume_checkpoint(run_dir, req.resume) is None:
         warnings.append(f"resume: {run_dir} has no checkpoint yet; starting from step 0")
     req = replace(req, output=str(run_dir.resolve()), instance_dir=str(Path(req.instance_dir).expanduser().resolve()))

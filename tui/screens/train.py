@@ -25,8 +25,9 @@ from textual_plotext import PlotextPlot
 
 from backend.errors import DreamttyError, RequestError
 from backend.training import runs
-from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, TrainRequest, parse_field
-from backend.training.launch import prepare_run, request_stop, start_trainer
+from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, TrainRequest, check_field
+from backend.training.images import check_folder
+from backend.training.launch import prepare_run, request_stop, resume_settings, start_trainer
 from tui.keymap import Key, bindings
 from tui.widgets.field import Field
 from tui.widgets.preview import ImagePreview
@@ -35,6 +36,8 @@ TRAIN_KEYS = (
     Key("train.start", "ctrl+s", "start_run", "Start run", "Start a training run with the Train form", priority=True),
     Key("train.stop", "ctrl+t", "stop_run", "Stop run", "Stop the selected run after its step (keeps a checkpoint)",
         priority=True),
+    Key("train.resume", "ctrl+r", "resume_run", "Resume run",
+        "Continue the selected stopped or failed run from its newest checkpoint", priority=True),
 )
 POLL_S = 0.5
 RESCAN_EVERY = 4  # polls between rescans of the runs folder
@@ -68,6 +71,20 @@ _SWITCHES = (
     ("center_crop", "Center crop"),
 )
 _FORM_FIELDS = {f.name for f in fields(TrainRequest)}
+RESUMABLE_STATES = ("stopped", "failed")
+
+
+def live_error(name: str, value: object) -> str | None:
+    """What is wrong with one form value on its own (empty text is fine: the default applies)."""
+    if isinstance(value, str) and not value.strip():
+        return None
+    try:
+        check_field(name, value)
+        if name == "instance_dir":
+            check_folder(str(value).strip())
+    except RequestError as exc:
+        return exc.message
+    return None
 
 
 def _input_field(name: str, label: str, placeholder: str, value: str = "") -> Field:
@@ -209,32 +226,51 @@ class TrainPane(Vertical):
     def _check_input(self, event: Input.Changed) -> None:
         name = (event.input.id or "").removeprefix("train-")
         field = self._field(name)
-        if field is None:
-            return
-        try:
-            parse_field(name, event.value)
-            field.set_error(None)
-        except RequestError as exc:
-            field.set_error(exc.message)
+        if field is not None:
+            field.set_error(live_error(name, event.value))
+
+    def show_errors(self, errors: dict[str, str], summary: str) -> None:
+        """Each error under its field (others under the form), focus on the first bad field, and
+        ``summary`` in a notification."""
+        fields_shown = [f for f in self.query(Field)]
+        for field in fields_shown:
+            field.set_error(next((errors[n] for n in field.names if n in errors), None))
+        placed = {n for f in fields_shown for n in f.names}
+        loose = [f"{name}: {message}" for name, message in errors.items() if name not in placed]
+        self.query_one("#train-form-error", Static).update(Content("\n".join(loose)))
+        first = next((f for f in fields_shown if f.error), None)
+        if first is not None and first.widgets:
+            self.query_one("#train-form", VerticalScroll).scroll_to_widget(first)
+            first.widgets[0].focus()
+        self.notify(escape(summary), title="cannot start", severity="error")
 
     def show_error(self, exc: DreamttyError) -> None:
         """Show ``exc`` under its field (or under the form) and in a notification."""
-        for field in self.query(Field):
-            field.set_error(None)
-        name = getattr(exc, "field", None)
-        field = self._field(name) if name else None
-        if field is not None:
-            field.set_error(exc.message)
-        self.query_one("#train-form-error", Static).update(Content("" if field else str(exc)))
-        self.notify(escape(str(exc)), title="cannot start", severity="error")
+        name = getattr(exc, "field", None) or "error"
+        self.show_errors({name: exc.message if name != "error" else str(exc)}, str(exc))
 
     # -- start and stop ------------------------------------------------------------
     def action_start_run(self) -> None:
+        values = self.form_values()
+        errors = {name: error for name, value in values.items() if (error := live_error(name, value))}
+        if errors:
+            self.show_errors(errors, f"fix {len(errors)} setting(s): {', '.join(errors)}")
+            return
+        self._start(TrainRequest.from_dict(values))
+
+    def action_resume_run(self) -> None:
+        info = runs.read_run(self.selected_run) if self.selected_run else None
+        if info is None or info.state not in RESUMABLE_STATES:
+            self.notify("select a stopped or failed run to resume", severity="warning")
+            return
         try:
-            request = TrainRequest.from_dict(self.form_values())
+            request = TrainRequest.from_dict(resume_settings(info.path))
         except RequestError as exc:
             self.show_error(exc)
             return
+        self._start(request)
+
+    def _start(self, request: TrainRequest) -> None:
         self.query_one("#train-form-error", Static).update("checking the settings…")
         self._prepare_and_start(request)
 
@@ -276,11 +312,12 @@ class TrainPane(Vertical):
             return
         self._listed = listed
         options = self.query_one("#train-runs", OptionList)
-        options.clear_options()
-        options.add_options(
-            [Option(Content(f"{STATE_MARKS.get(r.state, '?')} {r.name}  [{r.state}]"), id=str(r.path))
-             for r in self.run_infos]
-        )
+        with options.prevent(OptionList.OptionHighlighted):
+            options.clear_options()
+            options.add_options(
+                [Option(Content(f"{STATE_MARKS.get(r.state, '?')} {r.name}  [{r.state}]"), id=str(r.path))
+                 for r in self.run_infos]
+            )
         self._highlight()
 
     def _highlight(self) -> None:
@@ -291,7 +328,8 @@ class TrainPane(Vertical):
         except OptionDoesNotExist:
             return
         if options.highlighted != index:
-            options.highlighted = index
+            with options.prevent(OptionList.OptionHighlighted):  # code moved it, not the user
+                options.highlighted = index
 
     @on(OptionList.OptionSelected, "#train-runs")
     @on(OptionList.OptionHighlighted, "#train-runs")
@@ -308,6 +346,7 @@ class TrainPane(Vertical):
         self.query_one("#train-log", Log).clear()
         self.query_one("#train-validation", ImagePreview).show(None)
         self._highlight()
+        self._draw_plot()
         self.poll()
 
     # -- following the selected run ---------------------------------------------------
