@@ -64,6 +64,10 @@ def test_unknown_preset_is_a_one_line_error():
         ("styles: [Nope]\n", r"^styles: in preset .*bad.yaml: unknown 'Nope'"),
         ("size: big\n", r"size 'big' is not WxH"),
         ("loras: [[a, b, c]]\n", r"lora \['a', 'b', 'c'\] must be \[name, weight\]"),
+        ("sampler: foo\n", r"^sampler: in preset .*bad.yaml: unknown 'foo'; allowed: .*euler"),
+        ("sampler: lcm\nscheduler: karras\n", r"^scheduler: in preset .*bad.yaml: 'karras' does not work with lcm"),
+        ("steps: 0\n", r"^steps: in preset .*bad.yaml: 0 is out of range"),
+        ("size: 65x64\n", r"^width: in preset .*bad.yaml: 65 is not allowed"),
     ],
 )
 def test_bad_preset_files_are_one_line_errors(presets_dir, text, message):

@@ -9,7 +9,7 @@ when building a request: dataclass defaults < preset < explicit values.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import yaml
@@ -78,7 +78,10 @@ def load_preset(name: str) -> dict:
     if "loras" in data:
         data["loras"] = [_lora(item, file.label) for item in data["loras"] or []]
     try:
-        GenerateRequest.from_dict(dict(data))
+        request = GenerateRequest.from_dict(dict(data))
+        # The checks that need no model family (names, ranges); stand-ins for what the family fills.
+        stand_ins = {k: 8 for k in ("steps", "width", "height") if getattr(request, k) is None}
+        replace(request, **stand_ins).resolved("")
         library = load_styles()
         for style in data.get("styles") or []:
             library.get(style)
