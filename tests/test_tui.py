@@ -354,3 +354,31 @@ async def test_gallery_entry_whose_file_was_deleted_shows_a_line_not_a_crash(idl
         await pilot.pause()
         text = str(app.screen.query_one("#image-params").content)
         assert text == f"{gone}\n\ncannot read it: No such file or directory" and app.is_running
+
+
+async def test_bad_preset_and_custom_size_errors_point_at_the_right_field(idle_service, tmp_path, user_folder):
+    presets = user_folder("presets")
+    (presets / "typo.yaml").write_text("sampler: foo\n")
+    (presets / "broken.yaml").write_text("steps: [1,\n")
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        form = app.screen.form
+        # A preset with an unknown sampler: the error sits under Sampler; the preset is not applied.
+        form.query_one("#preset", Select).value = "typo"
+        await pilot.pause()
+        assert "unknown 'foo'" in field_of(app, "#sampler").error
+        assert form.query_one("#preset", Select).value == Select.NULL and form.read_request().sampler == "dpmpp_2m"
+        # An unreadable preset: the error under Preset, and the form does not claim that preset.
+        form.query_one("#preset", Select).value = "broken"
+        await pilot.pause()
+        assert "not valid YAML" in field_of(app, "#preset").error
+        assert form.read_request().preset is None
+        # A bad custom size focuses the WxH box, and its error goes away once it is edited.
+        form.query_one("#size", Select).value = "custom"
+        await pilot.pause()
+        form.query_one("#size-custom", Input).value = "65x64"
+        await pilot.press("ctrl+g")
+        assert "65 is not allowed" in field_of(app, "#size").error and app.focused.id == "size-custom"
+        await pilot.press("backspace")
+        await pilot.pause()
+        assert field_of(app, "#size").error == "" and idle_service.jobs() == []

@@ -122,6 +122,11 @@ def _format_guidance(value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _field_values(field: Field) -> tuple:
+    """What the controls of ``field`` hold now."""
+    return tuple(w.text if isinstance(w, TextArea) else w.value for w in field.query("Input, TextArea, Select"))
+
+
 def _preset_options(presets: list[PresetInfo]) -> list[tuple[str, str]]:
     return [(f"{p.name}: {p.description}" if p.description else p.name, p.name) for p in presets]
 
@@ -151,6 +156,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
         self.presets = list_presets()
         self.family = "demo"
         self._performance: str | None = None
+        self._error_values: dict[Field, tuple] = {}  # fields showing an error: their values then
 
     def compose(self) -> ComposeResult:
         yield Static("", id="form-error")
@@ -237,6 +243,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
 
     # -- errors ------------------------------------------------------------
     def clear_errors(self) -> None:
+        self._error_values.clear()
         for field in self.query(Field):
             field.set_error(None)
         self.query_one("#form-error", Static).update("")
@@ -251,9 +258,11 @@ class GenerateForm(VerticalScroll, can_focus=False):
             self.scroll_home()
             return
         field.set_error(message)
+        self._error_values[field] = _field_values(field)
         if self.query_one("#guidance", Collapsible) in field.ancestors:
             self.query_one("#guidance", Collapsible).collapsed = False
-        target = next((w for w in field.query("Input, TextArea, Select") if not w.disabled), None)
+        # The text box where there is one (a custom size's WxH rather than the size list).
+        target = next((w for kind in ("Input, TextArea", "Select") for w in field.query(kind) if not w.disabled), None)
         (target or field).focus()
         self.call_after_refresh(field.scroll_visible)
 
@@ -302,6 +311,8 @@ class GenerateForm(VerticalScroll, can_focus=False):
         try:
             values = apply_preset(name, {"model": self.model} if self.keep_model else {})
         except DreamttyError as exc:
+            with self.prevent(Select.Changed):  # the form does not claim a preset it could not load
+                self.query_one("#preset", Select).value = Select.NULL
             self.show_error(exc)
             return
         self.fill(values)
@@ -387,6 +398,16 @@ class GenerateForm(VerticalScroll, can_focus=False):
             self._set_size(*_parse_size(options[0][1]))
 
     # -- reacting to the user ----------------------------------------------
+    @on(Input.Changed)
+    @on(TextArea.Changed)
+    @on(Select.Changed)
+    def _edited(self, event: Input.Changed | TextArea.Changed | Select.Changed) -> None:
+        """A field edited since its error was shown: the error is stale, clear it."""
+        field = next((a for a in event.control.ancestors if isinstance(a, Field)), None)
+        if field in self._error_values and _field_values(field) != self._error_values[field]:
+            del self._error_values[field]
+            field.set_error(None)
+
     @on(Input.Changed, "#model")
     def _model_changed(self, event: Input.Changed) -> None:
         self.update_family(event.value)

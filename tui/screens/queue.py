@@ -133,8 +133,8 @@ class QueueScreen(Screen):
             table = self.query_one("#jobs", DataTable)
             if str(job) in table.rows:
                 progress, eta = step_cells(event)
-                table.update_cell(str(job), "progress", progress)
-                table.update_cell(str(job), "eta", eta)
+                table.update_cell(str(job), "progress", progress, update_width=True)
+                table.update_cell(str(job), "eta", eta, update_width=True)
 
     # -- selection ----------------------------------------------------------
     def selected_image(self) -> str | None:
