@@ -382,3 +382,15 @@ async def test_bad_preset_and_custom_size_errors_point_at_the_right_field(idle_s
         await pilot.press("backspace")
         await pilot.pause()
         assert field_of(app, "#size").error == "" and idle_service.jobs() == []
+
+
+async def test_f12_shows_the_keys_and_escape_hides_them(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("f12")
+        await wait_for(pilot, lambda: app.screen.query("HelpPanel"), what="the keys panel")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not app.screen.query("HelpPanel"), what="the panel to close")
+        await pilot.press("f12", "f12")
+        await pilot.pause()
+        assert not app.screen.query("HelpPanel") and app.focused.id == "prompt"

@@ -94,7 +94,7 @@ class DreamttyApp(App):
     TITLE = "dreamtty"
     MODES = {"generate": GenerateScreen, "queue": QueueScreen, "train": TrainScreen, "models": ModelsScreen}
     DEFAULT_MODE = "generate"
-    BINDINGS = keymap.bindings(keymap.APP_KEYS)
+    BINDINGS = [*keymap.bindings(keymap.APP_KEYS), Binding("escape", "hide_help_panel", show=False)]
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
 
     def __init__(self, model: str | None = None, out: Path | None = None, device: str = "auto",
@@ -259,6 +259,12 @@ class DreamttyApp(App):
         """Stopping the workers takes a moment (on unmount): say so on screen first."""
         self.notify("Stopping the workers…", title="dreamtty")
         self.call_after_refresh(self.exit)
+
+    def action_toggle_help(self) -> None:
+        if self.screen.query("HelpPanel"):
+            self.action_hide_help_panel()
+        else:
+            self.action_show_help_panel()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """Textual's commands plus every binding with an id: the app's and those of the screen's widgets."""

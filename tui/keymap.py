@@ -37,6 +37,7 @@ APP_KEYS = (
     Key("screen.train", "f3", "switch_mode('train')", "Train", "Show the Train screen", False, True),
     Key("screen.models", "f4", "switch_mode('models')", "Models", "Show the Models screen", False, True),
     Key("quit", "ctrl+q", "quit", "Quit", "Quit dreamtty (asks first while jobs run)", priority=True),
+    Key("help", "f12", "toggle_help", "Keys", "Show or hide the keys of the focused widget and screen", priority=True),
 )
 
 GENERATE_KEYS = (

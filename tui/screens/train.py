@@ -88,8 +88,12 @@ def live_error(name: str, value: object) -> str | None:
 
 
 def _input_field(name: str, label: str, placeholder: str, value: str = "") -> Field:
-    return Field(label, Input(value=value, placeholder=placeholder, id=f"train-{name}"), names=(name,),
-                 id=f"train-field-{name}")
+    return Field(label, Input(value=value, placeholder=placeholder, compact=True, id=f"train-{name}"),
+                 names=(name,), id=f"train-field-{name}")
+
+
+def _select(name: str, options: list[tuple[str, str]], value: str) -> Select:
+    return Select(options, value=value, allow_blank=False, compact=True, id=f"train-{name}")
 
 
 def side_by_side(paths: Sequence[str]) -> Image.Image | None:
@@ -136,6 +140,8 @@ class TrainPane(Vertical):
     #train-form-error { color: $error; height: auto; }
     .train-row { height: auto; }
     .train-row > Field { width: 1fr; margin-right: 1; }
+    #train-log { border: round $panel; }
+    #train-log:focus { border: round $accent; }
     .train-section { text-style: bold; }
     """
 
@@ -158,19 +164,18 @@ class TrainPane(Vertical):
         model = str(getattr(self.app, "default_model", "demo") or "demo")
         with Horizontal(id="train-body"):
             with Vertical(id="train-left"):
-                with VerticalScroll(id="train-form"):
+                with VerticalScroll(id="train-form", can_focus=False):  # tab goes field to field
                     yield Static("New run", classes="train-section")
                     for name, label, hint in _TEXT_FIELDS:
                         yield _input_field(name, label, hint, model if name == "model" else "")
                     with Horizontal(classes="train-row"):
-                        yield Field("Method", Select([(m, m) for m in METHODS], value="lora", allow_blank=False,
-                                                     id="train-method"), names=("method",))
-                        yield Field("Precision", Select([("accelerate's", "auto")] + [(p, p) for p in PRECISIONS],
-                                                        value="auto", allow_blank=False, id="train-mixed_precision"),
+                        yield Field("Method", _select("method", [(m, m) for m in METHODS], "lora"),
+                                    names=("method",))
+                        yield Field("Precision", _select("mixed_precision", [("accelerate's", "auto")]
+                                                         + [(p, p) for p in PRECISIONS], "auto"),
                                     names=("mixed_precision",))
                     with Horizontal(classes="train-row"):
-                        yield Field("LR schedule", Select([(s, s) for s in LR_SCHEDULES], value="constant",
-                                                          allow_blank=False, id="train-lr_scheduler"),
+                        yield Field("LR schedule", _select("lr_scheduler", [(s, s) for s in LR_SCHEDULES], "constant"),
                                     names=("lr_scheduler",))
                         yield _input_field("lr_warmup_steps", "Warmup steps", "0")
                     for row in _ROWS:
@@ -180,7 +185,7 @@ class TrainPane(Vertical):
                     for name, label, hint in _TAIL_FIELDS:
                         yield _input_field(name, label, hint)
                     for name, label in _SWITCHES:
-                        yield Checkbox(label, id=f"train-{name}")
+                        yield Checkbox(label, compact=True, id=f"train-{name}")
                     yield Static("", id="train-form-error")
                 yield OptionList(id="train-runs")
             with Vertical(id="train-right"):
@@ -192,6 +197,7 @@ class TrainPane(Vertical):
 
     def on_mount(self) -> None:
         self.query_one("#train-runs", OptionList).border_title = "Runs"
+        self.query_one("#train-log", Log).border_title = "Log"
         plt = self.query_one("#train-loss", PlotextPlot).plt
         plt.title("loss")
         plt.xlabel("step")

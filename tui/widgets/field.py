@@ -15,6 +15,7 @@ class Field(Vertical):
     Field { height: auto; margin: 0 0 1 0; }
     Field > .field-label { color: $text-muted; }
     Field > .field-hint { color: $text-muted; height: auto; }
+    Field:focus-within > .field-label { color: $accent; text-style: bold; }
     Field > .field-error { color: $error; height: auto; display: none; }
     Field.-invalid > .field-error { display: block; }
     Field.-invalid > .field-label { color: $error; }
