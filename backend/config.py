@@ -82,6 +82,9 @@ def _read_yaml(path: Path, cfg: Config) -> dict:
     except OSError as exc:
         cfg.warnings.append(f"config: cannot read {path}: {exc.strerror}; using defaults")
         return {}
+    except UnicodeDecodeError:
+        cfg.warnings.append(f"config: {path} is not UTF-8 text; using defaults")
+        return {}
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -194,7 +197,7 @@ def set_value(key: str, value: object, path: Path | None = None) -> Path:
     if file.exists():
         try:
             loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise DreamttyError(f"config: cannot update {file}: {exc}") from None
         if isinstance(loaded, dict):
             data = loaded
