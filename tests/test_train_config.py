@@ -151,6 +151,9 @@ def test_prepare_run_writes_run_json_and_links(photos, tmp_path):
     runs.update_run_json(prepared.run_dir, state="done")
     with pytest.raises(RequestError, match=r"output: .* already holds a run; resume it \(--resume latest"):
         prepare_run(_request(photos, output=str(tmp_path / "run1")))
+    with pytest.raises(RequestError, match="resume: .* finished without a checkpoint to continue from"):
+        prepare_run(_request(photos, output=str(tmp_path / "run1"), resume="latest"))  # would overwrite its result
+    runs.update_run_json(prepared.run_dir, state="failed")  # failed before its first checkpoint: start over
     warned = prepare_run(_request(photos, output=str(tmp_path / "run1"), resume="latest"))
     assert any("no checkpoint yet" in w for w in warned.warnings)
     with pytest.raises(RequestError, match="is already running"):  # "starting", no trainer yet
@@ -310,3 +313,115 @@ def test_cli_foreground_follows_events_and_exits_by_outcome(tmp_path, capsys, mo
         assert out.strip() == "/runs/x/lora.safetensors"
     else:
         assert words in err.splitlines()[-1] and out == ""
+
+
+def test_output_folder_that_is_not_a_run_is_refused_and_left_alone(photos, tmp_path):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("precious")
+    with pytest.raises(RequestError, match=r"^output: .*afile.txt is a file; give a folder"):
+        prepare_run(_request(photos, output=str(afile)))
+    with pytest.raises(RequestError, match=r"^output: cannot write the run to .*afile.txt/sub: Not a directory$"):
+        prepare_run(_request(photos, output=str(afile / "sub")))
+    other = tmp_path / "other"
+    (other / "model").mkdir(parents=True)
+    (other / "model" / "notes.txt").write_text("precious")
+    for folder in (other, photos):  # someone's files, or the instance photos themselves
+        with pytest.raises(RequestError, match=r"^output: .* is not empty and holds no run; choose a new or empty"):
+            prepare_run(_request(photos, output=str(folder)))
+    assert (other / "model" / "notes.txt").read_text() == "precious" and afile.read_text() == "precious"
+    assert not (photos / runs.RUN_JSON).exists()
+    with pytest.raises(RequestError, match=r"^resume: needs --output RUN_DIR"):
+        prepare_run(_request(photos, resume="latest"))
+
+
+def _finished_run(photos, tmp_path, checkpoint_step: int, **settings):
+    """A finished LoRA run in tmp_path/run with one checkpoint, as the trainer leaves it."""
+    run_dir = prepare_run(_request(photos, output=str(tmp_path / "run"), max_steps=checkpoint_step, **settings)).run_dir
+    runs.update_run_json(run_dir, state="done")
+    checkpoint = run_dir / runs.CHECKPOINTS / f"{runs.CHECKPOINT_PREFIX}{checkpoint_step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "dreamtty_state.json").write_text(f'{{"step": {checkpoint_step}}}')
+    return run_dir
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"max_steps": 4}, r"^max_steps: 4 must be above the checkpoint's step 4 to train on"),
+    ({"max_steps": 8, "method": "full"}, r"^method: the checkpoint was trained with lora, not full; a resume must"),
+    ({"max_steps": 8, "rank": 8}, r"^rank: the checkpoint was trained with 4, not 8"),
+    ({"max_steps": 8, "train_text_encoder": True}, r"^train_text_encoder: the checkpoint was trained with False"),
+])
+def test_resume_that_would_lose_or_break_the_run_is_refused_before_run_json_changes(photos, tmp_path, changes,
+                                                                                    message):
+    run_dir = _finished_run(photos, tmp_path, 4)
+    before = (run_dir / runs.RUN_JSON).read_text()
+    with pytest.raises(RequestError, match=message):
+        prepare_run(_request(photos, output=str(run_dir), resume="latest", **changes))
+    assert (run_dir / runs.RUN_JSON).read_text() == before
+    extended = prepare_run(_request(photos, output=str(run_dir), resume="latest", max_steps=8))
+    assert extended.request.max_steps == 8 and extended.warnings == []
+
+
+def test_a_trainer_that_cannot_start_leaves_a_failed_run_not_a_starting_one(photos, tmp_path, capsys):
+    base = ["train", "--model", "demo", "--instance-dir", str(photos), "--instance-prompt", "a photo of sks dog"]
+    for launcher, words in (("accelerate launch '", "launcher: \"accelerate launch '\": No closing quotation"),
+                            ("no-such-launcher-cmd", "launcher: cannot start the trainer")):
+        run_dir = tmp_path / launcher.split()[0]
+        assert cli.main([*base, "--output", str(run_dir), "--launcher", launcher]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1
+        state, error = runs.effective_state(run_dir)
+        assert state == "failed" and words in error
+    # Started again with a working trainer, it is a resume of that failed run (nothing to lose).
+    assert prepare_run(_request(photos, output=str(run_dir), resume="latest")).warnings == [
+        f"resume: {run_dir} has no checkpoint yet; starting from step 0"]
+
+
+def test_train_config_file_is_not_the_apps_config_file(tmp_path, photos):
+    from backend import config
+
+    app_config = tmp_path / "app.yaml"
+    app_config.write_text("default_model: demo\n")
+    train_yaml = tmp_path / "train.yaml"
+    train_yaml.write_text(f"instance_dir: {photos}\ninstance_prompt: a photo of sks dog\nmax_steps: 7\n")
+    args = cli.build_parser().parse_args(["--config", str(app_config), "train", "--config", str(train_yaml)])
+    assert (args.config, args.train_config) == (app_config, train_yaml)
+    from tui.cli_train import request_from_args
+
+    assert request_from_args(args).max_steps == 7
+    bad = tmp_path / "bin.yaml"
+    bad.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(RequestError, match=r"^config: .*bin.yaml is not UTF-8 text"):
+        load_yaml(bad)
+    config.set_config_path(bad)
+    try:
+        assert config.load().warnings == [f"config: {bad} is not UTF-8 text; using defaults"]
+    finally:
+        config.set_config_path(None)
+
+
+def test_cli_second_ctrl_c_leaves_the_trainer_running_and_a_dead_trainer_is_recorded(tmp_path, capsys, monkeypatch):
+    from tui.cli_train import follow
+
+    class Interrupted:
+        pid, returncode = 99, None
+
+        def poll(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("tui.cli_train.time.sleep", lambda _: None)
+    runs.write_json_atomic(tmp_path / runs.RUN_JSON, {"state": "running", "settings": {}})
+    assert follow(tmp_path, Interrupted()) == 130
+    assert not (tmp_path / runs.STOP_FILE).exists()  # the first Ctrl-C's stop request is taken back
+    assert "leaving the trainer running in the background (pid 99)" in capsys.readouterr().err
+
+    class DiedAtOnce:
+        pid, returncode = 98, 3
+
+        def poll(self):
+            return 3
+
+    assert follow(tmp_path, DiedAtOnce()) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"dreamtty: training failed: the trainer exited with code 3 before finishing; see "
+                   f"{tmp_path / runs.LOG_FILE}"]
+    assert runs.read_run_json(tmp_path)["state"] == "failed"

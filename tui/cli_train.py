@@ -58,7 +58,9 @@ _OPTIONS = (
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="DreamBooth fine-tuning (full or LoRA)",
                               description="DreamBooth fine-tuning. Every flag is also a train.yaml key (with _).")
-    p.add_argument("--config", type=Path, metavar="FILE", help="train.yaml with the same keys; flags override")
+    # Its own dest: the global --config (the app's config file) must survive.
+    p.add_argument("--config", dest="train_config", type=Path, metavar="FILE",
+                   help="train.yaml with the same keys; flags override")
     for flag, dest, metavar, help_text in _OPTIONS:
         if metavar is None:
             p.add_argument(flag, dest=f"train_{dest}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -76,7 +78,7 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
     if "model" not in flags and getattr(args, "model", None):
         flags["model"] = args.model
     data: dict = {}
-    config = load_yaml(args.config) if args.config else {}
+    config = load_yaml(args.train_config) if args.train_config else {}
     resume = flags.get("resume", config.get("resume"))
     output = flags.get("output", config.get("output"))
     if resume and output and runs.is_run_dir(Path(output).expanduser()):
@@ -121,6 +123,7 @@ def follow(run_dir: Path, proc) -> int:
             time.sleep(0.5)
         except KeyboardInterrupt:
             if interrupted:
+                (Path(run_dir) / runs.STOP_FILE).unlink(missing_ok=True)  # the first Ctrl-C's request
                 print(f"dreamtty: leaving the trainer running in the background (pid {proc.pid})", file=sys.stderr)
                 return 130
             interrupted = True
@@ -128,6 +131,9 @@ def follow(run_dir: Path, proc) -> int:
             print("dreamtty: stopping after this step with a checkpoint (Ctrl-C again to leave it running)",
                   file=sys.stderr)
     data = runs.read_run_json(run_dir)
+    if data.get("state") in runs.LIVE_STATES:  # the trainer died before it could record why
+        data = runs.update_run_json(run_dir, state="failed", error=f"the trainer exited with code {proc.returncode} "
+                                    f"before finishing; see {run_dir / runs.LOG_FILE}")
     state, error = runs.effective_state(run_dir, data)
     if state == "done":
         output = data.get("output", {})
@@ -137,5 +143,6 @@ def follow(run_dir: Path, proc) -> int:
         print(f"dreamtty: stopped at step {data.get('step', progress.step)}; continue with "
               f"dreamtty train --output {run_dir} --resume latest", file=sys.stderr)
         return 1
-    print(f"dreamtty: training failed: {error or 'see ' + str(run_dir / runs.LOG_FILE)}", file=sys.stderr)
+    if error != progress.error:  # the trainer's own error was printed as it came
+        print(f"dreamtty: training failed: {error or 'see ' + str(run_dir / runs.LOG_FILE)}", file=sys.stderr)
     return 2 if data.get("error_kind") == "input" else 1

@@ -7,6 +7,7 @@ session, so closing the TUI or the SSH connection does not stop it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shlex
 import subprocess
@@ -21,6 +22,9 @@ from backend.training import runs
 from backend.training.config import TrainRequest
 from backend.training.images import scan_images
 from backend.training.words import unique_token_warning
+
+
+STATE_FILE = "dreamtty_state.json"  # = checkpoints.STATE_FILE (that module imports torch)
 
 
 @dataclass
@@ -45,7 +49,7 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
     path = Path(resume).expanduser()
     if not path.is_absolute() and not path.exists():
         path = Path(run_dir) / runs.CHECKPOINTS / resume
-    if not (path.is_dir() and (path / "dreamtty_state.json").is_file()):
+    if not (path.is_dir() and (path / STATE_FILE).is_file()):
         raise RequestError("resume", f"{resume} is not a checkpoint folder; use latest or {run_dir}/checkpoints/checkpoint-N")
     return path
 
@@ -61,6 +65,63 @@ def _check_optional_packages(request: TrainRequest) -> None:
         raise RequestError("use_8bit_adam", "needs bitsandbytes: pip install bitsandbytes")
     if request.report_to == "tensorboard" and not any(map(importlib.util.find_spec, ("tensorboard", "tensorboardX"))):
         raise RequestError("report_to", "needs tensorboard or tensorboardX (pip install tensorboard); or use none")
+
+
+# Settings that shape a checkpoint's weights and optimizer state: a resume must keep them.
+CHECKPOINT_SHAPE = ("method", "rank", "train_text_encoder", "use_8bit_adam")
+
+
+def _previous_run(run_dir: Path, req: TrainRequest) -> dict:
+    """run.json of the run already in ``run_dir`` ({} for a new or empty folder), if it may be (re)started."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RequestError("output", f"{run_dir} is a file; give a folder for the run")
+    if not runs.is_run_dir(run_dir):
+        if run_dir.is_dir() and any(run_dir.iterdir()):  # never write a run among someone's files
+            raise RequestError("output", f"{run_dir} is not empty and holds no run; choose a new or empty folder")
+        return {}
+    previous = runs.read_run_json(run_dir)
+    state, _ = runs.effective_state(run_dir, previous)
+    if state in runs.LIVE_STATES:
+        raise RequestError("output", f"{run_dir} is already running; stop it first")
+    if req.resume is None:
+        raise RequestError("output", f"{run_dir} already holds a run; resume it (--resume latest, or ctrl+r "
+                                     "on the Train screen) or choose another folder")
+    return {**previous, "state": state}
+
+
+def _checkpoint_step(checkpoint: Path) -> int | None:
+    try:
+        return int(json.loads((checkpoint / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_resume(req: TrainRequest, run_dir: Path, previous: dict, family: str) -> list[str]:
+    """Refuse a resume that would overwrite a result or cannot load its checkpoint; its warnings."""
+    if req.resume is None:
+        return []
+    if not req.output:
+        raise RequestError("resume", "needs --output RUN_DIR: the run to continue")
+    checkpoint = resume_checkpoint(run_dir, req.resume)
+    if checkpoint is None:
+        if previous.get("state") == "done":
+            raise RequestError("resume", f"{run_dir} finished without a checkpoint to continue from; "
+                                         "train a new run in another folder")
+        return [f"resume: {run_dir} has no checkpoint yet; starting from step 0"]
+    step = _checkpoint_step(checkpoint)
+    if step is not None and step >= req.max_steps:
+        raise RequestError("max_steps", f"{req.max_steps} must be above the checkpoint's step {step} to train on")
+    trained = runs.read_run_json(checkpoint.parent.parent)  # the run the checkpoint belongs to
+    if trained.get("family") not in (None, family):
+        raise RequestError("model", f"the checkpoint was trained on a {trained['family']} model, not {family}")
+    settings = trained.get("settings", {})
+    for name in CHECKPOINT_SHAPE:
+        if name == "rank" and req.method != "lora":
+            continue
+        if name in settings and settings[name] != getattr(req, name):
+            raise RequestError(name, f"the checkpoint was trained with {settings[name]}, not {getattr(req, name)}; "
+                                     "a resume must keep it (or train a new run in another folder)")
+    return []
 
 
 def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> PreparedRun:
@@ -79,41 +140,44 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> Prepare
     if token:
         warnings.append(token)
     run_dir = Path(req.output).expanduser() if req.output else runs_root / _default_name(req)
-    previous = runs.read_run_json(run_dir) if runs.is_run_dir(run_dir) else {}
-    if previous:
-        state, _ = runs.effective_state(run_dir, previous)
-        if state in runs.LIVE_STATES:
-            raise RequestError("output", f"{run_dir} is already running; stop it first")
-        if req.resume is None:
-            raise RequestError("output", f"{run_dir} already holds a run; resume it (--resume latest, or ctrl+r "
-                                         "on the Train screen) or choose another folder")
-    if req.resume is not None and resume_checkpoint(run_dir, req.resume) is None:
-        warnings.append(f"resume: {run_dir} has no checkpoint yet; starting from step 0")
-    req = replace(req, output=str(run_dir.resolve()), instance_dir=str(Path(req.instance_dir).expanduser().resolve()))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / runs.STOP_FILE).unlink(missing_ok=True)
-    (run_dir / runs.PID_FILE).unlink(missing_ok=True)
-    now = time.time()
-    runs.write_json_atomic(
-        run_dir / runs.RUN_JSON,
-        {**previous, "version": 1, "settings": req.to_dict(), "family": ref.family, "state": "starting",
-         "pid": None, "error": None, "error_kind": None, "created": previous.get("created", now), "updated": now},
-    )
-    runs.link_into_root(run_dir, runs_root)
-    for warning in warnings:
-        runs.EventWriter(run_dir)("log", level="warning", message=warning)
+    try:
+        previous = _previous_run(run_dir, req)
+        warnings += _check_resume(req, run_dir, previous, ref.family)
+        req = replace(req, output=str(run_dir.resolve()),
+                      instance_dir=str(Path(req.instance_dir).expanduser().resolve()))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / runs.STOP_FILE).unlink(missing_ok=True)
+        (run_dir / runs.PID_FILE).unlink(missing_ok=True)
+        now = time.time()
+        runs.write_json_atomic(
+            run_dir / runs.RUN_JSON,
+            {**previous, "version": 1, "settings": req.to_dict(), "family": ref.family, "state": "starting",
+             "pid": None, "error": None, "error_kind": None, "created": previous.get("created", now), "updated": now},
+        )
+        runs.link_into_root(run_dir, runs_root)
+        for warning in warnings:
+            runs.EventWriter(run_dir)("log", level="warning", message=warning)
+    except OSError as exc:
+        raise RequestError("output", f"cannot write the run to {run_dir}: {exc.strerror or exc}") from None
     return PreparedRun(run_dir.resolve(), req, warnings)
 
 
 def trainer_command(run_dir: Path, launcher: str | None = None) -> list[str]:
     """``python -m backend.training.run RUN_DIR``, or the same through e.g. ``accelerate launch``."""
     if launcher:
-        return [*shlex.split(launcher), "-m", "backend.training.run", str(run_dir)]
+        try:
+            words = shlex.split(launcher)
+        except ValueError as exc:  # e.g. an unbalanced quote
+            raise RequestError("launcher", f"{launcher!r}: {exc}") from None
+        return [*words, "-m", "backend.training.run", str(run_dir)]
     return [sys.executable, "-m", "backend.training.run", str(run_dir)]
 
 
 def start_trainer(run_dir: Path, launcher: str | None = None, log_to_file: bool = True) -> subprocess.Popen:
-    """Start the trainer in its own session (it survives the TUI and SSH closing)."""
+    """Start the trainer in its own session (it survives the TUI and SSH closing).
+
+    When it cannot start, the run is marked failed (not left "starting") and RequestError is raised.
+    """
     run_dir = Path(run_dir)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     root = str(Path(__file__).resolve().parents[2])
@@ -124,8 +188,10 @@ def start_trainer(run_dir: Path, launcher: str | None = None, log_to_file: bool 
             trainer_command(run_dir, launcher), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             start_new_session=True, env=env, cwd=run_dir,
         )
-    except OSError as exc:
-        raise RequestError("launcher", f"cannot start the trainer: {exc}") from None
+    except (OSError, RequestError) as exc:
+        error = exc if isinstance(exc, RequestError) else RequestError("launcher", f"cannot start the trainer: {exc}")
+        runs.update_run_json(run_dir, state="failed", error=str(error), error_kind="input")
+        raise error from None
     finally:
         if log_to_file:
             log.close()
