@@ -1,13 +1,16 @@
 """Class images for prior preservation: generated with the base model when missing, then reused.
 
 They live in a cache folder keyed by model + class prompt, so the next run of the same
-class reuses them. With several processes (``accelerate launch``) each generates a share.
+class reuses them. A cached image is generated again when it is smaller than the run's
+resolution or cannot be decoded (with a warning naming it). With several processes
+(``accelerate launch``) each generates a share.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +19,7 @@ import torch
 from backend import locations
 from backend.families import FAMILIES
 from backend.models import ModelRef
+from backend.training.images import ImageProblem, check_image
 
 SAMPLE_BATCH = 4
 
@@ -25,20 +29,34 @@ def class_dir(ref: ModelRef, class_prompt: str) -> Path:
     return locations.cache_dir() / "class_images" / key
 
 
-def _existing(folder: Path) -> list[Path]:
-    return sorted(folder.glob("class-*.png"))
+def _print_warning(message: str) -> None:
+    print(f"dreamtty: warning: {message}", file=sys.stderr)
+
+
+def _reusable(path: Path, resolution: int, warn: Callable[[str], None]) -> bool:
+    """Whether the cached class image ``path`` can serve a run at ``resolution``."""
+    if not os.path.lexists(path):
+        return False
+    try:
+        width, height = check_image(path)
+    except ImageProblem as exc:
+        warn(f"class_prompt: generating the cached class image {path} again: {exc}")
+        return False
+    return min(width, height) >= resolution  # smaller ones were made for a lower --resolution
 
 
 def ensure_class_images(
     ref: ModelRef, class_prompt: str, count: int, resolution: int, seed: int, device: torch.device,
     process_index: int, num_processes: int, report: Callable[[int, int], None], barrier: Callable[[], None],
+    warn: Callable[[str], None] = _print_warning,
 ) -> list[Path]:
-    """Return ``count`` class images, generating the missing ones (image i uses seed + i)."""
+    """Return ``count`` class images, generating the missing or unusable ones (image i uses seed + i)."""
     folder = class_dir(ref, class_prompt)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "prompt.txt").write_text(f"{ref.name}\n{class_prompt}\n")
-    have = {int(p.stem.split("-")[1]) for p in _existing(folder)}
-    missing = [i for i in range(count) if i not in have]
+    files = [folder / f"class-{i:05d}.png" for i in range(count)]
+    missing = [i for i, path in enumerate(files) if not _reusable(path, resolution, warn)]
+    barrier()  # every process has checked the cache before any writes to it: all agree on what is missing
     mine = missing[process_index::num_processes]
     if missing:
         report(count - len(missing), count)
@@ -46,7 +64,6 @@ def ensure_class_images(
         _generate(ref, class_prompt, mine, resolution, seed, device, folder,
                   lambda n: report(count - len(missing) + n * num_processes, count))
     barrier()
-    files = [folder / f"class-{i:05d}.png" for i in range(count)]
     if missing:
         report(count, count)
     return [f for f in files if f.exists()]

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
+
+from backend.errors import DreamttyError
+from backend.training.images import open_rgb
 
 
 def batch_generator(seed: int, micro: int, process_index: int = 0, num_processes: int = 1) -> torch.Generator:
@@ -58,8 +61,10 @@ def _randint(high: int, gen: torch.Generator | None) -> int:
 
 def load_sample(path: Path, resolution: int, center_crop: bool, flip: bool, gen: torch.Generator | None) -> Sample:
     """Resize the short side to ``resolution`` (LANCZOS), crop a square, maybe flip."""
-    with Image.open(path) as raw:
-        img = ImageOps.exif_transpose(raw).convert("RGB")
+    try:
+        img = open_rgb(path)
+    except (OSError, ValueError) as exc:  # changed since it was checked
+        raise DreamttyError(f"cannot read training image {path}: {exc}") from None
     original = (img.height, img.width)
     scale = resolution / min(img.size)
     size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))

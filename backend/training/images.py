@@ -1,19 +1,27 @@
-"""Find usable training images in a folder (PIL only, no torch).
+"""Find usable training images in a folder and decode them as 8-bit RGB (PIL only, no torch).
 
-Non-images, corrupt files and tiny images are skipped with a warning naming each file;
-an error is raised when none is left.
+Non-images, corrupt files, tiny images, broken links and special files are skipped with a
+warning naming each file; hidden files and sub-folders are ignored; an error is raised when
+none is left. Every place that trains on an image decodes it with ``open_rgb``.
 """
 
 from __future__ import annotations
 
+import errno
+import stat
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.errors import RequestError
 
 MIN_SIDE = 32  # absolute floor, pixels
+FEW_IMAGES = 3  # below this, warn: 3-20 photos of the subject work best
 
 
 @dataclass
@@ -22,25 +30,94 @@ class ImageScan:
     warnings: list[str] = field(default_factory=list)
 
 
+class ImageProblem(ValueError):
+    """Why a file cannot be trained on; ``str()`` is a short phrase such as "broken link"."""
+
+
 def min_side(resolution: int) -> int:
     """Shortest side worth training on: upscaling more than 4x gives mush."""
     return max(MIN_SIDE, resolution // 4)
 
 
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """``Image.open``; PIL's DecompressionBombWarning (two lines on stderr) is silenced while in use.
+
+    Images between PIL's pixel limit (about 89 MP) and twice that are accepted quietly: they are
+    the user's own files, and 100 MP cameras exist. Beyond twice the limit PIL still raises
+    DecompressionBombError, and the image is skipped as too large.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            yield img
+
+
+def _full_scale(mode: str, values: np.ndarray) -> float:
+    """The value that means white in a high-bit-depth grey image."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    peak = float(values.max())
+    if mode == "F":
+        return 1.0 if peak <= 1 else 255.0
+    return 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak  # "I": 8, 16 or more bits of data
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB; 16-bit, 32-bit and float greys are scaled, not clipped, to 0..255."""
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img.convert("RGB")
+    values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0)
+    scaled = np.clip(np.rint(values * (255.0 / _full_scale(img.mode, values))), 0, 255)
+    return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode ``path`` upright (EXIF orientation) as 8-bit RGB."""
+    with _opened(path) as raw:
+        return to_rgb(ImageOps.exif_transpose(raw))
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a regular file (found without opening it: never reads a device or fifo)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "broken link" if path.is_symlink() else "missing"
+    except OSError as exc:
+        return "symlink loop" if exc.errno == errno.ELOOP else f"cannot read ({exc.strerror})"
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0][:80] if text else type(exc).__name__
+
+
+def check_image(path: Path) -> tuple[int, int]:
+    """(width, height) of the decoded image at ``path``; ImageProblem when it cannot be trained on."""
+    problem = _file_problem(path)
+    if problem:
+        raise ImageProblem(problem)
+    try:
+        with _opened(path) as img:
+            img.verify()  # checks the file structure (e.g. PNG checksums)
+        with open_rgb(path) as img:  # decodes as training will: catches truncated data
+            return img.size
+    except UnidentifiedImageError:
+        raise ImageProblem("not an image") from None
+    except Image.DecompressionBombError:
+        raise ImageProblem("image too large to decode safely") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageProblem(f"corrupt image ({_first_line(exc)})") from None
+
+
 def _problem(path: Path, smallest: int) -> str | None:
     """Why ``path`` cannot be used, or None when it is a good image."""
     try:
-        with Image.open(path) as img:
-            img.verify()  # checks the file structure without decoding all pixels
-        with Image.open(path) as img:
-            img.load()  # decodes: catches truncated data
-            width, height = img.size
-    except UnidentifiedImageError:
-        return "not an image"
-    except (OSError, SyntaxError, ValueError) as exc:
-        return f"corrupt image ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})"
-    except Image.DecompressionBombError:
-        return "image too large to decode safely"
+        width, height = check_image(path)
+    except ImageProblem as exc:
+        return str(exc)
     if min(width, height) < smallest:
         return f"too small ({width}x{height}; needs at least {smallest} px on the short side)"
     return None
@@ -57,9 +134,9 @@ def check_folder(folder: str | Path, field_name: str = "instance_dir") -> Path:
 
 
 def scan_images(folder: str | Path, resolution: int, field_name: str = "instance_dir") -> ImageScan:
-    """Usable images in ``folder`` (sorted), with a warning per skipped file."""
+    """Usable images in ``folder`` (sorted), with a warning per skipped file and when there are few."""
     path = check_folder(folder, field_name)
-    entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith(".") and not p.is_dir())
     if not entries:
         raise RequestError(field_name, f"{folder} is empty; put 3-20 photos of the subject there")
     scan, skipped = ImageScan(), []
@@ -74,4 +151,8 @@ def scan_images(folder: str | Path, resolution: int, field_name: str = "instance
     if not scan.files:
         listed = "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
         raise RequestError(field_name, f"{folder} has no usable images ({listed})")
+    if len(scan.files) < FEW_IMAGES:
+        count = len(scan.files)
+        scan.warnings.append(f"{field_name}: only {count} usable image{'s' if count > 1 else ''}; "
+                             "3-20 photos of the subject work best")
     return scan
