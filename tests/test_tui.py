@@ -54,6 +54,8 @@ async def test_bad_input_shows_inline_error_and_queues_nothing(idle_service, tmp
     async with app.run_test(size=(120, 40)) as pilot:
         assert isinstance(app.screen, GenerateScreen)
         assert app.focused.id == "prompt"  # the prompt has focus when the app opens
+        await pilot.pause()
+        assert app.screen.form.scroll_y == 0  # with its label in view
         await pilot.press(*"a fox")
         app.screen.query_one("#steps", Input).value = "abc"
         await pilot.press("ctrl+g")

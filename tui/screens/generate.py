@@ -483,6 +483,7 @@ class GenerateScreen(Screen):
         self.app.job_events.subscribe(self, self.handle_job_event)
         if self.app.default_preset:
             self.form.fill_preset(self.app.default_preset)
+        self.call_after_refresh(self.form.scroll_home, animate=False)  # focusing the prompt hid its label
 
     @property
     def form(self) -> GenerateForm:
