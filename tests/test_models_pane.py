@@ -61,6 +61,7 @@ async def test_pane_lists_sets_default_and_pulls_without_blocking(tmp_path, monk
         rows = _rows(app)
         assert ("checkpoint", "my-xl", "SDXL") == rows[[r[1] for r in rows].index("my-xl")][:3]
         assert "broken.safetensors" in str(app.query_one("#models-problems", Static).render())
+        assert "demo ★" in [r[1] for r in rows]  # no default set yet: demo is the default, and marked
         table = app.query_one(DataTable)
         table.focus()
         table.move_cursor(row=[r[1] for r in rows].index("my-xl"))

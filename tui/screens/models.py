@@ -90,14 +90,15 @@ class ModelsPane(Vertical):
         self.entries = lib.entries
         table = self.query_one(DataTable)
         table.clear()
+        default = cfg.default_model or "demo"
         for e in lib.entries:
             fam = FAMILIES.get(e.family)
             size = downloads.human(e.size) if e.size else "-"
-            marker = " ★" if e.kind == "checkpoint" and e.name == cfg.default_model else ""
+            marker = " ★" if e.kind == "checkpoint" and e.name == default else ""
             table.add_row(e.kind, e.name + marker, fam.label if fam else e.family, size, e.source, e.note)
         folders = ", ".join(str(p) for p in cfg.folders("checkpoints"))
         self.query_one("#models-info", Static).update(escape(
-            f"{len(lib.entries)} items · default model: {cfg.default_model or 'demo'} · checkpoints in: {folders} "
+            f"{len(lib.entries)} items · default model: {default} · checkpoints in: {folders} "
             f"· config: {config.config_path()}"
         ))
         problems = "\n".join(f"skipped: {p}" for p in lib.problems)
