@@ -42,7 +42,8 @@ def test_two_processes_share_class_images_steps_and_checkpoints(photos, tmp_path
     assert cli.main(["train", "--output", str(run_dir), "--resume", "latest", "--max-steps", "5"]) == 0
     events = [json.loads(line) for line in (run_dir / runs.EVENTS).read_text().splitlines()]
     resumed = next(e for e in events if e["type"] == "resume")
-    assert resumed["step"] == 2 and [e["step"] for e in events[events.index(resumed):] if e["type"] == "step"] == [3, 4, 5]
+    # A finished run checkpoints its last step too, so it goes on from step 3.
+    assert resumed["step"] == 3 and [e["step"] for e in events[events.index(resumed):] if e["type"] == "step"] == [4, 5]
     assert [e["processes"] for e in events if e["type"] == "state" and e["state"] == "running"] == [2, 1]
 
 

@@ -1,6 +1,7 @@
 """Checkpoints: accelerate ``save_state`` into a temp folder, then rename; prune old ones.
 
 A failed save (disk full) removes the temp folder and leaves the previous checkpoint as it was.
+A load first checks that no file is cut short (DamagedCheckpointError), then restores the state.
 Only trainable weights are stored (LoRA: the adapters; full: the UNet/text encoders), through
 accelerate's save/load state hooks, the way diffusers' DreamBooth scripts do.
 """
@@ -10,18 +11,41 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
+from typing import Callable
 
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from backend.errors import DreamttyError
 from backend.training import runs
 
 STATE_FILE = "dreamtty_state.json"
+_TORCH_WRITE_FAILED = ("inline_container.cc", "iostream error")  # torch.save's zip writer, its C++ stream
+# torch's words for a checkpoint of another layout -> the flags that change that layout
+_CHANGED_FLAGS = {
+    "size mismatch": "--rank, --method or --train-text-encoder",
+    "parameter group": "--use-8bit-adam, --method or --train-text-encoder",
+    "do not match this model": "--method or --train-text-encoder",
+}
 
 
 class CheckpointError(DreamttyError):
-    """A checkpoint could not be written; the previous one is still valid."""
+    """A checkpoint could not be written or loaded; the message says which and why."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A file of the checkpoint is cut short or unreadable (a power cut, a full disk)."""
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """True when ``flag`` is true on any process. Every process must call it (it is a collective)."""
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
+    return bool(total.item() > 0)
 
 
 def register_hooks(accelerator) -> None:
@@ -38,10 +62,12 @@ def register_hooks(accelerator) -> None:
 
     def load_hook(models, input_dir):
         for i, model in enumerate(list(models)):
-            state = load_file(os.path.join(input_dir, f"trainable_{i}.safetensors"))
-            result = accelerator.unwrap_model(model).load_state_dict(state, strict=False)
+            path = os.path.join(input_dir, f"trainable_{i}.safetensors")
+            if not os.path.isfile(path):  # this run trains more models than the checkpoint's did
+                raise ValueError(f"the saved weights do not match this model (no {os.path.basename(path)})")
+            result = accelerator.unwrap_model(model).load_state_dict(load_file(path), strict=False)
             if result.unexpected_keys:
-                raise CheckpointError(f"resume: {input_dir} does not match this model ({result.unexpected_keys[0]})")
+                raise ValueError(f"the saved weights do not match this model ({result.unexpected_keys[0]})")
         while models:
             models.pop()
 
@@ -49,43 +75,128 @@ def register_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+# -- saving --------------------------------------------------------------------
+def _write_failure(exc: Exception) -> str | None:
+    """Why a write failed (disk full, I/O error), or None when ``exc`` is not a failed write."""
+    text = str(exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or text
+    if isinstance(exc, SafetensorError) and "I/O error: " in text:  # "...: I/O error: <strerror> (os error N)"
+        return text.split("I/O error: ", 1)[1].split(" (os error", 1)[0]
+    if isinstance(exc, RuntimeError) and any(words in text for words in _TORCH_WRITE_FAILED):
+        return "torch could not write its file (disk full?)"  # torch's message drops the OS error
+    return None
+
+
+def _try_write(write: Callable[[], object]) -> str | None:
+    """Run ``write``; return why it failed when it failed to write, else None. Other errors propagate."""
+    try:
+        write()
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        return reason
+    return None
+
+
+def _complete(tmp: Path, final: Path, state: dict) -> None:
+    """Write our state file last (it marks the checkpoint complete), then rename the folder into place."""
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
 def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """Write ``checkpoints/checkpoint-<step>`` atomically and prune to the newest ``keep``."""
+    """Write ``checkpoints/checkpoint-<step>`` atomically and prune to the newest ``keep``.
+
+    A failed write (disk full) removes the temp folder and raises CheckpointError; a write that
+    fails in one process fails the save in all, so they go on in step.
+    """
     root = Path(run_dir) / runs.CHECKPOINTS
     final = root / f"{runs.CHECKPOINT_PREFIX}{step}"
     tmp = root / f".tmp-{runs.CHECKPOINT_PREFIX}{step}"
     main = accelerator.is_main_process
     if main:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(f".tmp-{runs.CHECKPOINT_PREFIX}*"):  # also those of a killed trainer
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if main:
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-    except OSError as exc:
+    reason = _try_write(lambda: accelerator.save_state(str(tmp)))
+    if any_process(accelerator, reason is not None):
+        reason = reason or "a write failed in another process"
+    elif main:
+        reason = _try_write(lambda: _complete(tmp, final, state))
+    if reason is not None:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = runs.list_checkpoints(run_dir)
         kept = f"{previous[-1][1].name} is kept" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"checkpoint at step {step} not saved: {exc.strerror or exc}; {kept}") from None
+        raise CheckpointError(f"checkpoint at step {step} not saved: {reason}; {kept}")
     if main:
         for _, old in runs.list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+# -- loading -------------------------------------------------------------------
+def _damage(folder: Path) -> str | None:
+    """A quick look at every file for the usual damage, a file cut short: "<file> is damaged (<why>)", or None.
+
+    safetensors checks its header against the file size; torch.save writes a zip whose directory is at the end.
+    """
+    for path in sorted(Path(folder).iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, framework="pt"):
+                    pass
+            elif path.suffix in (".bin", ".pkl", ".pt"):
+                zipfile.ZipFile(path).close()
+            elif path.name == STATE_FILE:
+                json.loads(path.read_text())
+        except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as exc:
+            return f"{path.name} is damaged ({str(exc).splitlines()[0][:120]})"
+    return None
+
+
+def _load_error(folder: Path, exc: Exception) -> CheckpointError:
+    """One line for a checkpoint that does not load; a layout mismatch names the flags that change it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    # torch's load_state_dict puts the reason under a header line ("Error(s) in loading state_dict for ...:")
+    reason = next((line for line in lines if "size mismatch" in line), lines[0])[:300].rstrip(".")
+    flags = next((flags for words, flags in _CHANGED_FLAGS.items() if words in reason), None)
+    if flags:
+        reason += f"; was {flags} changed?"
+    return CheckpointError(f"resume: cannot load {folder}: {reason}")
+
+
 def load_checkpoint(accelerator, folder: Path) -> dict:
-    """Restore weights, optimizer, scaler and RNG state; return our state (step, micro-batch, seed)."""
+    """Restore weights, optimizer, scaler and RNG state; return our state (step, micro-batch, seed).
+
+    Raises DamagedCheckpointError (before loading anything) for a file cut short, else CheckpointError.
+    """
+    damage = _damage(folder)
+    if damage:
+        raise DamagedCheckpointError(f"resume: cannot load {folder}: {damage}")
     try:
         state = json.loads((Path(folder) / STATE_FILE).read_text())
         accelerator.load_state(str(folder))
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        reason = str(exc).splitlines()[0][:200]
-        if "parameter group" in reason:  # torch's Optimizer.load_state_dict
-            reason += "; was --use-8bit-adam, --method or --train-text-encoder changed?"
-        raise CheckpointError(f"resume: cannot load {folder}: {reason}") from None
+        raise _load_error(folder, exc) from None
     return state
+
+
+def load_newest(accelerator, folders: list[Path], warn: Callable[[str], None]) -> tuple[Path, dict]:
+    """Load the newest of ``folders`` (oldest first) that is not damaged; ``warn`` about each one skipped.
+
+    Raises CheckpointError for any other failure, or when the oldest one is damaged too.
+    """
+    *earlier, folder = folders
+    while True:
+        try:
+            return folder, load_checkpoint(accelerator, folder)
+        except DamagedCheckpointError as exc:
+            if not earlier:
+                raise
+            warn(f"{exc}; resuming from {earlier[-1].name} instead")
+            folder = earlier.pop()

@@ -47,10 +47,17 @@ def runs_root() -> Path:
 
 # -- run.json ----------------------------------------------------------------
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON through a temp file + rename, so readers never see half a file."""
+    """Write JSON through a temp file + rename, so readers never see half a file.
+
+    A failed write (disk full) raises and leaves ``path`` as it was, with no temp file.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_run_json(run_dir: Path) -> dict:
@@ -87,13 +94,18 @@ def run_output(path: str | Path) -> tuple[str, Path] | None:
 
 # -- checkpoints --------------------------------------------------------------
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (step, folder), oldest first. Temp folders are ignored."""
+    """Complete checkpoints (step, folder), oldest first.
+
+    Complete: the trainer writes ``dreamtty_state.json`` (checkpoints.STATE_FILE) last. Temp folders and
+    folders without it (a copy cut short, a removal cut short) are ignored.
+    """
     folder = Path(run_dir) / CHECKPOINTS
     found = []
     if folder.is_dir():
         for entry in folder.iterdir():
             step = entry.name.removeprefix(CHECKPOINT_PREFIX)
-            if entry.name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and entry.is_dir():
+            complete = (entry / "dreamtty_state.json").is_file()
+            if entry.name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and complete:
                 found.append((int(step), entry))
     return sorted(found)
 

@@ -23,7 +23,7 @@ from backend.families import FAMILIES
 from backend.engine.loader import local_folder
 from backend.models import ModelRef, resolve_model
 from backend.training import runs
-from backend.training.checkpoints import CheckpointError, load_checkpoint, register_hooks, save_checkpoint
+from backend.training.checkpoints import CheckpointError, any_process, load_newest, register_hooks, save_checkpoint
 from backend.training.class_images import ensure_class_images
 from backend.training.config import TrainRequest
 from backend.training.data import ImageSet, batch_generator
@@ -113,6 +113,7 @@ class DreamBoothTrainer:
         return ensure_class_images(
             model, req.class_prompt, req.num_class_images, req.resolution, req.seed,
             self.device, self.acc.process_index, self.acc.num_processes, report, self.acc.wait_for_everyone,
+            lambda message: self.events("log", level="warning", message=message),
         )
 
     def _setup_models(self) -> None:
@@ -229,7 +230,11 @@ class DreamBoothTrainer:
         start = 0
         checkpoint = resume_checkpoint(self.run_dir, req.resume)
         if checkpoint is not None:
-            state = load_checkpoint(self.acc, checkpoint)
+            # "latest" is the newest state that loads: a damaged checkpoint (power cut, full disk) gives way to
+            # the one before it, with a warning. A checkpoint named by the user loads or fails.
+            folders = [p for _, p in runs.list_checkpoints(self.run_dir)] if req.resume == "latest" else [checkpoint]
+            warn = lambda message: self.events("log", level="warning", message=message)  # noqa: E731
+            checkpoint, state = load_newest(self.acc, folders, warn)
             start = int(state["step"])
             self.events("resume", step=start, checkpoint=str(checkpoint))
         elif req.resume is not None:  # nothing saved yet: start over (drops the old steps from the curve)
@@ -314,11 +319,7 @@ class DreamBoothTrainer:
 
     # -- the loop ----------------------------------------------------------------
     def _stop_requested(self) -> bool:
-        local = self.should_stop() or (self.run_dir / runs.STOP_FILE).exists()
-        if self.acc.num_processes == 1:
-            return local
-        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
-        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+        return any_process(self.acc, self.should_stop() or (self.run_dir / runs.STOP_FILE).exists())
 
     def _checkpoint(self, step: int) -> None:
         state = {"step": step, "micro_batches": step * self.req.grad_accum, "seed": self.req.seed}
@@ -329,7 +330,11 @@ class DreamBoothTrainer:
             return
         self.events("checkpoint", step=step, path=str(path))
         if self.main:
-            runs.update_run_json(self.run_dir, step=step, checkpoint=str(path))
+            try:
+                runs.update_run_json(self.run_dir, step=step, checkpoint=str(path))
+            except OSError as exc:  # the checkpoint is saved; a resume finds it without run.json
+                message = f"run.json not updated at step {step}: {exc.strerror or exc}"
+                self.events("log", level="warning", message=message)
 
     def train_step(self, micro: int) -> tuple[float, float | None]:
         """One optimizer step over ``grad_accum`` micro-batches from ``micro``: (loss, prior loss)."""
@@ -369,7 +374,8 @@ class DreamBoothTrainer:
             if req.report_to == "tensorboard":
                 self.acc.log({"loss": loss, "lr": lr, **({"prior_loss": prior} if prior is not None else {})}, step=step)
             stopping = self._stop_requested()
-            if stopping or step % req.checkpoint_every == 0:
+            # The last step too, so that a larger --max-steps with --resume latest continues a finished run.
+            if stopping or step % req.checkpoint_every == 0 or step == req.max_steps:
                 self._checkpoint(step)
             if stopping:
                 return "stopped"

@@ -1,0 +1,172 @@
+"""Checkpoints under faults: a full disk while saving, a finished run extended, incomplete or damaged checkpoints.
+
+A full disk is a file-size limit (RLIMIT_FSIZE): writes past it fail in the kernel, so torch and
+safetensors take their own error paths, as they do on a full disk.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from backend.training import run, runs
+from backend.training.checkpoints import STATE_FILE, CheckpointError
+from backend.training.config import TrainRequest
+from backend.training.launch import prepare_run, resume_checkpoint
+from backend.training.trainer import train
+from tests.test_train import _events, _losses, _request, _run, photos  # noqa: F401  (photos: a fixture)
+
+
+@contextmanager
+def disk_full_after(limit: int):
+    """Writes that would make a file larger than ``limit`` bytes fail (EFBIG) in this process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel ends the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def _warnings(run_dir: Path) -> list[str]:
+    return [e["message"] for e in _events(run_dir) if e["type"] == "log" and e.get("level") == "warning"]
+
+
+def _steps_after_resume(run_dir: Path) -> tuple[int, list[int]]:
+    """(the step the last resume started from, the steps trained after it)."""
+    events = _events(run_dir)
+    resumed = [i for i, e in enumerate(events) if e["type"] == "resume"][-1]
+    return events[resumed]["step"], [e["step"] for e in events[resumed:] if e["type"] == "step"]
+
+
+def _settings(run_dir: Path, **changes) -> TrainRequest:
+    return replace(TrainRequest.from_dict(runs.read_run_json(run_dir)["settings"]), **changes)
+
+
+@pytest.mark.parametrize("failing", ["safetensors", "torch.save"])
+def test_full_disk_while_saving_keeps_the_previous_checkpoint_and_trains_on(photos, tmp_path, monkeypatch, failing):
+    from accelerate import Accelerator
+
+    real_save = Accelerator.save_state
+    calls = []
+
+    def second_save_on_a_full_disk(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) != 2:
+            return real_save(self, output_dir, **kwargs)
+        # The trainable weights come first, then torch.save's optimizer state (larger than the weights).
+        weights = (Path(output_dir).parent / "checkpoint-1/trainable_0.safetensors").stat().st_size
+        with disk_full_after(0 if failing == "safetensors" else weights):
+            return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", second_save_on_a_full_disk)
+    run_dir = _run(_request(photos, tmp_path / "full", max_steps=3, checkpoint_every=1, keep_checkpoints=3))
+
+    assert runs.read_run_json(run_dir)["state"] == "done" and runs.run_output(run_dir)[0] == "lora"
+    assert [e["step"] for e in _events(run_dir) if e["type"] == "step"] == [1, 2, 3]
+    reason = "File too large" if failing == "safetensors" else "torch could not write its file (disk full?)"
+    assert _warnings(run_dir) == [f"checkpoint at step 2 not saved: {reason}; checkpoint-1 is kept"]
+    assert [s for s, _ in runs.list_checkpoints(run_dir)] == [1, 3]
+    assert sorted(p.name for p in (run_dir / runs.CHECKPOINTS).iterdir()) == ["checkpoint-1", "checkpoint-3"]
+
+
+def test_run_json_not_written_at_a_checkpoint_is_a_warning(photos, tmp_path, monkeypatch):
+    real_update = runs.update_run_json
+
+    def full_disk_at_first_checkpoint(run_dir, **changes):
+        if changes.get("step") != 1 or "checkpoint" not in changes:
+            return real_update(run_dir, **changes)
+        with disk_full_after(0):
+            return real_update(run_dir, **changes)
+
+    monkeypatch.setattr(runs, "update_run_json", full_disk_at_first_checkpoint)
+    run_dir = _run(_request(photos, tmp_path / "json", max_steps=2, checkpoint_every=1))
+
+    assert _warnings(run_dir) == ["run.json not updated at step 1: File too large"]
+    data = runs.read_run_json(run_dir)
+    assert data["state"] == "done" and data["step"] == 2 and data["checkpoint"].endswith("checkpoint-2")
+    assert [p.name for p in run_dir.glob(".run.json*")] == []  # no temp file left behind
+
+
+def test_failed_json_write_leaves_the_file_and_no_temp_file(tmp_path):
+    path = tmp_path / "run" / runs.RUN_JSON
+    path.parent.mkdir()
+    runs.write_json_atomic(path, {"state": "running"})
+    with disk_full_after(0), pytest.raises(OSError):
+        runs.write_json_atomic(path, {"state": "done"})
+    assert json.loads(path.read_text()) == {"state": "running"}
+    assert [p.name for p in path.parent.iterdir()] == [runs.RUN_JSON]
+
+
+def test_finished_run_is_extended_from_its_last_step(photos, tmp_path):
+    run_dir = _run(_request(photos, tmp_path / "finished", max_steps=3, checkpoint_every=2))
+    assert [s for s, _ in runs.list_checkpoints(run_dir)] == [2, 3]
+    killed_save = run_dir / "checkpoints/.tmp-checkpoint-9"
+    killed_save.mkdir()
+    (killed_save / "optimizer.bin").write_bytes(b"partial")
+
+    _run(_settings(run_dir, max_steps=5, resume="latest"))
+    assert _steps_after_resume(run_dir) == (3, [4, 5])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]  # keep 2
+    reference = _run(_request(photos, tmp_path / "reference", max_steps=5, checkpoint_every=2))
+    assert _losses(run_dir) == pytest.approx(_losses(reference), rel=1e-5)
+
+
+def test_latest_skips_a_folder_without_its_state_file(tmp_path):
+    for step, complete in ((2, True), (4, False)):
+        folder = tmp_path / runs.CHECKPOINTS / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "trainable_0.safetensors").write_bytes(b"")
+        if complete:
+            (folder / STATE_FILE).write_text(json.dumps({"step": step}))
+    assert runs.list_checkpoints(tmp_path) == [(2, tmp_path / "checkpoints/checkpoint-2")]
+    assert resume_checkpoint(tmp_path, "latest") == tmp_path / "checkpoints/checkpoint-2"
+
+
+def test_damaged_checkpoint_named_fails_and_latest_falls_back(photos, tmp_path):
+    run_dir = _run(_request(photos, tmp_path / "damaged", max_steps=4, checkpoint_every=2))
+    first = _losses(run_dir)
+    damaged = run_dir / "checkpoints/checkpoint-4"
+    weights = damaged / "trainable_0.safetensors"
+    cut = weights.read_bytes()[: weights.stat().st_size // 2]  # a power cut before the data reached the disk
+    weights.write_bytes(cut)
+
+    prepare_run(_settings(run_dir, max_steps=5, resume=str(damaged)))
+    assert run.main([str(run_dir)]) == 1  # the trainer process, in this one
+    error = (f"resume: cannot load {damaged}: trainable_0.safetensors is damaged "
+             "(Error while deserializing header: incomplete metadata, file not fully covered)")
+    assert runs.read_run_json(run_dir)["error"] == error
+    assert weights.read_bytes() == cut and [s for s, _ in runs.list_checkpoints(run_dir)] == [2, 4]  # nothing lost
+
+    _run(_settings(run_dir, max_steps=5, resume="latest"))
+    assert _warnings(run_dir)[-1] == f"{error}; resuming from checkpoint-2 instead"
+    assert _steps_after_resume(run_dir) == (2, [3, 4, 5])
+    again = _losses(run_dir)
+    assert [again[3], again[4]] == pytest.approx([first[3], first[4]], rel=1e-5)
+    with safe_open(weights, framework="pt") as saved:  # step 4 saved again, whole
+        assert len(list(saved.keys())) > 0
+    assert runs.read_run_json(run_dir)["state"] == "done"
+
+
+def test_checkpoint_of_another_layout_names_the_flags(photos, tmp_path):
+    run_dir = _run(_request(photos, tmp_path / "layout", max_steps=1))
+    checkpoint = run_dir / "checkpoints/checkpoint-1"
+    # launch refuses these settings up front; the trainer's own message is for a checkpoint it cannot check
+    changes = ((dict(rank=8), "size mismatch for "), (dict(train_text_encoder=True), "(no trainable_1.safetensors)"))
+    for change, words in changes:
+        with pytest.raises(CheckpointError) as err:
+            train(_settings(run_dir, max_steps=2, resume="latest", **change), run_dir)
+        message = str(err.value)
+        assert message.startswith(f"resume: cannot load {checkpoint}: ") and words in message and "\n" not in message
+        flags = "--rank, --method or --train-text-encoder" if "rank" in change else "--method or --train-text-encoder"
+        assert message.endswith(f"; was {flags} changed?")
+    assert [s for s, _ in runs.list_checkpoints(run_dir)] == [1] and runs.run_output(run_dir)[0] == "lora"
