@@ -78,16 +78,24 @@ class GuidanceSettings:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "GuidanceSettings":
+    def from_dict(cls, data: object) -> "GuidanceSettings":
+        """Settings from a mapping of controls; a wrong key or type is a RequestError naming it."""
+        if not isinstance(data, dict):
+            raise RequestError("guidance", f"expected a mapping of controls, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise RequestError("guidance", f"unknown control {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
         out = cls(**data)
+        for name in RANGES:
+            setattr(out, name, _number(name, getattr(out, name)))
         for name in ("adm_scale", "freeu"):
             value = getattr(out, name)
-            if value is not None:
-                setattr(out, name, tuple(_number(name, v) for v in value))
+            if value is None:
+                continue
+            if not isinstance(value, (tuple, list)):
+                raise RequestError(name, f"{value!r} is not allowed; give a list of numbers")
+            setattr(out, name, tuple(_number(name, v) for v in value))
         return out
 
     def validate(self, xl: bool, cfg: float) -> None:

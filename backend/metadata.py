@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from backend.errors import DreamttyError
+from backend.errors import DreamttyError, RequestError
 from backend.request import GenerateRequest
 from backend.samplers import SAMPLERS
 
@@ -72,5 +72,12 @@ def read(path: str | Path) -> dict:
 
 
 def request_from_image(path: str | Path) -> GenerateRequest:
-    """The request that reproduces the image at ``path``."""
-    return GenerateRequest.from_dict(read(path)["request"])
+    """The request that reproduces the image at ``path``; a one-line error when the metadata holds none."""
+    meta = read(path)
+    request = meta.get("request") if isinstance(meta, dict) else None
+    if not isinstance(request, dict):
+        raise DreamttyError(f"image: {path} has dreamtty metadata without a request")
+    try:
+        return GenerateRequest.from_dict(request)
+    except RequestError as exc:
+        raise RequestError(exc.field, f"in the metadata of {path}: {exc.message}") from None

@@ -115,8 +115,23 @@ def trained_model(run_dir: Path) -> Path | None:
     return out[1] if out is not None and out[0] == "model" else None
 
 
-def resolve_model(name: str) -> ModelRef:
-    """Map a model name to a :class:`ModelRef`, or raise a one-line ModelError."""
+def resolve_model(name: str, field: str = "model") -> ModelRef:
+    """Map a model name to a :class:`ModelRef`, or raise a one-line ModelError starting with ``field``
+    (the request field that named it, e.g. ``refiner``)."""
+    try:
+        return _resolve(name)
+    except ModelError as exc:
+        raise relabel(exc, field) from None
+
+
+def relabel(error: ModelError, field: str) -> ModelError:
+    """``error`` with its leading ``model:`` replaced by ``field:`` (model files named by another field)."""
+    if field == "model":
+        return error
+    return type(error)(f"{field}: {str(error).removeprefix('model: ')}")
+
+
+def _resolve(name: str) -> ModelRef:
     name = (name or "").strip()
     if not name:
         raise ModelError("model: empty; use demo, demo-xl, a checkpoint name or file, a diffusers folder or a Hugging Face id")

@@ -6,8 +6,11 @@ the persistent queue and "reproduce this image".
 
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import asdict, dataclass, field, fields, replace
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 
 from backend.errors import RequestError
 from backend.families import FAMILIES
@@ -18,6 +21,7 @@ MAX_STEPS = 500
 MAX_COUNT = 64
 MAX_SEED = 2**32 - 1
 DTYPES = ("auto", "fp16", "bf16", "fp32")
+_SIZE = re.compile(r"\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*")  # ASCII digits only: int() refuses "²"
 
 
 @dataclass
@@ -51,16 +55,18 @@ class GenerateRequest:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "GenerateRequest":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: object) -> "GenerateRequest":
+        """Build a request from a preset, image metadata or the queue.
+
+        Raises RequestError naming the first unknown key or value of the wrong type;
+        ranges are checked later by :meth:`resolved`.
+        """
+        if not isinstance(data, dict):
+            raise RequestError("request", f"expected a mapping of fields, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(_CONVERT), key=str)
         if unknown:
-            raise RequestError(unknown[0], f"unknown field; allowed: {', '.join(sorted(known))}")
-        data = dict(data)
-        data["guidance"] = GuidanceSettings.from_dict(data.get("guidance") or {})
-        data["loras"] = [(str(n), float(w)) for n, w in data.get("loras") or []]
-        data["styles"] = list(data.get("styles") or [])
-        return cls(**data)
+            raise RequestError(str(unknown[0]), f"unknown field; allowed: {', '.join(sorted(_CONVERT))}")
+        return cls(**{name: _CONVERT[name](name, value) for name, value in data.items()})
 
     def per_image(self, i: int) -> "GenerateRequest":
         """The request that reproduces image ``i`` of this batch on its own."""
@@ -73,8 +79,8 @@ class GenerateRequest:
         Raises RequestError naming the field and what is allowed.
         """
         fam = FAMILIES.get(family)
-        _check_type("prompt", self.prompt, str)
-        _check_type("negative_prompt", self.negative_prompt, str)
+        _text("prompt", self.prompt)
+        _text("negative_prompt", self.negative_prompt)
         if self.sampler not in SAMPLERS:
             raise RequestError("sampler", f"unknown {self.sampler!r}; allowed: {', '.join(SAMPLERS)}")
         allowed = SAMPLERS[self.sampler].schedules
@@ -88,6 +94,9 @@ class GenerateRequest:
         steps = _int("steps", fam.default_steps if self.steps is None and fam else self.steps)
         if not 1 <= steps <= MAX_STEPS:
             raise RequestError("steps", f"{self.steps} is out of range; allowed 1..{MAX_STEPS}")
+        min_steps = SAMPLERS[self.sampler].min_steps
+        if steps < min_steps:
+            raise RequestError("steps", f"{self.sampler} needs at least {min_steps}; got {steps}")
         cfg = _float("cfg", self.cfg)
         if not 0.0 <= cfg <= 30.0:
             raise RequestError("cfg", f"{self.cfg} is out of range; allowed 0..30 (1 = no guidance)")
@@ -99,20 +108,16 @@ class GenerateRequest:
                 raise RequestError(name, f"{value} is not allowed; use a positive multiple of 8")
             if fam is not None and value > fam.max_side:
                 raise RequestError(name, f"{value} is too large for {fam.label}; allowed up to {fam.max_side}")
-        seed = _int("seed", self.seed)
-        if seed == -1:
-            seed = random.randint(0, MAX_SEED - MAX_COUNT)
-        if not 0 <= seed <= MAX_SEED:
-            raise RequestError("seed", f"{self.seed} is out of range; allowed -1 (random) or 0..{MAX_SEED}")
         count = _int("count", self.count)
         if not 1 <= count <= MAX_COUNT:
             raise RequestError("count", f"{self.count} is out of range; allowed 1..{MAX_COUNT}")
+        seed = _seed(self.seed, count)
         if self.dtype not in DTYPES:
             raise RequestError("dtype", f"unknown {self.dtype!r}; allowed: {', '.join(DTYPES)}")
-        if not 0.0 < float(self.refiner_switch) <= 1.0:
+        if not 0.0 < _float("refiner_switch", self.refiner_switch) <= 1.0:
             raise RequestError("refiner_switch", f"{self.refiner_switch} is out of range; allowed (0, 1]")
         for name, weight in self.loras:
-            if not -2.0 <= float(weight) <= 2.0:
+            if not -2.0 <= _float("lora", weight) <= 2.0:
                 raise RequestError("lora", f"weight {weight} for {name} is out of range; allowed -2..2")
         self.guidance.validate(xl=bool(fam and fam.xl), cfg=cfg)
         return replace(
@@ -120,28 +125,116 @@ class GenerateRequest:
         )
 
 
-def _check_type(name: str, value: object, kind: type) -> None:
-    if not isinstance(value, kind):
+def parse_size(value: object) -> tuple[int, int]:
+    """``"WxH"`` (or ``W×H``) -> (width, height); RequestError("size", ...) for anything else."""
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise RequestError("size", f"{value!r} is not WxH, e.g. 1024x1024")
+    return int(match[1]), int(match[2])
+
+
+def _seed(value: object, count: int) -> int:
+    """The batch's first seed: -1 picks one; every image's seed (first + i) must stay within 0..MAX_SEED."""
+    seed = _int("seed", value)
+    if seed == -1:
+        return random.randint(0, MAX_SEED - MAX_COUNT)
+    last = MAX_SEED - count + 1
+    if not 0 <= seed <= last:
+        batch = f" for {count} images (image i uses seed + i)" if count > 1 else ""
+        raise RequestError("seed", f"{value} is out of range; allowed -1 (random) or 0..{last}{batch}")
+    return seed
+
+
+def _text(name: str, value: object) -> str:
+    if not isinstance(value, str):
         raise RequestError(name, f"must be text, got {type(value).__name__}")
+    return value
+
+
+def _optional(convert: Callable[[str, object], object]) -> Callable[[str, object], object]:
+    """``convert``, letting None (= the default) through."""
+    return lambda name, value: None if value is None else convert(name, value)
+
+
+def _bool(name: str, value: object) -> bool:
+    """A real boolean, or the text true/false/yes/no (any case)."""
+    if isinstance(value, bool):
+        return value
+    words = {"true": True, "yes": True, "false": False, "no": False}
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in words:
+        return words[word]
+    raise RequestError(name, f"{value!r} is not allowed; use true or false")
+
+
+def _styles(name: str, value: object) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise RequestError(name, f"{value!r} is not allowed; give a list of style names, e.g. [Watercolor]")
+    return list(value)
+
+
+def _loras(name: str, value: object) -> list[tuple[str, float]]:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)) or not all(_is_lora(pair) for pair in value):
+        raise RequestError(name, f"{value!r} is not allowed; give a list of [name, weight] pairs")
+    return [(n, _float(name, w)) for n, w in value]
+
+
+def _is_lora(pair: object) -> bool:
+    return isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)
+
+
+def _guidance(name: str, value: object) -> GuidanceSettings:
+    return GuidanceSettings.from_dict({} if value is None else value)
 
 
 def _int(name: str, value: object) -> int:
-    if isinstance(value, bool):
-        raise RequestError(name, "must be a whole number")
+    """An int, or a float or text holding a whole number."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
     try:
-        as_float = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise RequestError(name, f"{value!r} is not a whole number") from None
-    if not as_float.is_integer():
+        number = float(value) if isinstance(value, (float, str)) else math.nan
+    except ValueError:
+        number = math.nan
+    if not number.is_integer():
         raise RequestError(name, f"{value!r} is not a whole number")
-    return int(as_float)
+    return int(number)
 
 
 def _float(name: str, value: object) -> float:
     try:
-        out = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise RequestError(name, f"{value!r} is not a number") from None
-    if out != out or out in (float("inf"), float("-inf")):
+        out = math.nan if isinstance(value, bool) else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        out = math.nan
+    if not math.isfinite(out):
         raise RequestError(name, f"{value!r} is not a finite number")
     return out
+
+
+# How ``from_dict`` checks and converts each field (types only; ranges are checked by ``resolved``).
+_CONVERT: dict[str, Callable[[str, object], object]] = {
+    "prompt": _text,
+    "negative_prompt": _text,
+    "model": _text,
+    "sampler": _text,
+    "scheduler": _optional(_text),
+    "steps": _optional(_int),
+    "cfg": _float,
+    "width": _optional(_int),
+    "height": _optional(_int),
+    "seed": _int,
+    "count": _int,
+    "index": _int,
+    "styles": _styles,
+    "preset": _optional(_text),
+    "expand": _bool,
+    "loras": _loras,
+    "vae": _optional(_text),
+    "refiner": _optional(_text),
+    "refiner_switch": _float,
+    "dtype": _text,
+    "guidance": _guidance,
+}

@@ -17,6 +17,7 @@ class Sampler:
     label: str
     flags: dict = field(default_factory=dict)
     schedules: tuple[str, ...] = ("normal", "karras", "exponential", "sgm_uniform")
+    min_steps: int = 1
 
 
 _SIGMA_SCHEDULES = ("normal", "karras", "exponential", "sgm_uniform")
@@ -44,7 +45,8 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler("deis", "DEISMultistepScheduler", "DEIS"),
         Sampler("lcm", "LCMScheduler", "LCM", schedules=_TIMESTEP_ONLY),
         Sampler("tcd", "TCDScheduler", "TCD", schedules=_TIMESTEP_ONLY),
-        Sampler("pndm", "PNDMScheduler", "PLMS (PNDM)", schedules=_TIMESTEP_ONLY),
+        # PNDM's Runge-Kutta warm-up uses its last 4 (pndm_order) timesteps; fewer fail inside diffusers.
+        Sampler("pndm", "PNDMScheduler", "PLMS (PNDM)", schedules=_TIMESTEP_ONLY, min_steps=4),
         Sampler("ddpm", "DDPMScheduler", "DDPM", schedules=_TIMESTEP_ONLY),
     )
 }

@@ -18,7 +18,7 @@ from backend.errors import RequestError
 from backend.guidance import GuidanceSettings
 from backend.prompting.datafiles import DataFile, data_files, user_dir
 from backend.prompting.styles import load_styles
-from backend.request import GenerateRequest
+from backend.request import GenerateRequest, parse_size
 
 NOT_IN_PRESETS = ("prompt", "seed", "index", "preset")  # per job, never part of a preset
 ALLOWED = tuple(f.name for f in fields(GenerateRequest) if f.name not in NOT_IN_PRESETS) + ("size", "description")
@@ -63,40 +63,53 @@ def _read(file: DataFile) -> dict:
 
 
 def load_preset(name: str) -> dict:
-    """The request fields preset ``name`` sets (``size`` split into width/height), checked."""
+    """The request fields preset ``name`` sets (``size`` split into width/height), checked and converted."""
     file = _files().get(name)
     if file is None:
         known = ", ".join(sorted(_files())) or "none"
         raise RequestError("preset", f"unknown {name!r}; allowed: {known}")
     data = _read(file)
-    unknown = sorted(set(data) - set(ALLOWED))
+    unknown = sorted(set(data) - set(ALLOWED), key=str)
     if unknown:
         raise RequestError("preset", f"{file.label}: unknown key {unknown[0]!r}; allowed: {', '.join(ALLOWED)}")
     data.pop("description", None)
     if "size" in data:
-        data["width"], data["height"] = _size(str(data.pop("size")), file.label)
+        data["width"], data["height"] = _size(data.pop("size"), file.label)
     if "loras" in data:
-        data["loras"] = [_lora(item, file.label) for item in data["loras"] or []]
+        data["loras"] = _loras(data["loras"], file.label)
     try:
         request = GenerateRequest.from_dict(dict(data))
         # The checks that need no model family (names, ranges); stand-ins for what the family fills.
         stand_ins = {k: 8 for k in ("steps", "width", "height") if getattr(request, k) is None}
         replace(request, **stand_ins).resolved("")
         library = load_styles()
-        for style in data.get("styles") or []:
+        for style in request.styles:
             library.get(style)
     except RequestError as exc:
         raise RequestError(exc.field, f"in preset {file.label}: {exc.message}") from None
-    except (TypeError, ValueError) as exc:
-        raise RequestError("preset", f"{file.label}: {exc}") from None
-    return data
+    return _checked(data, request)
 
 
-def _size(text: str, label: str) -> tuple[int, int]:
-    w, _, h = text.lower().partition("x")
-    if not (w.strip().isdigit() and h.strip().isdigit()):
-        raise RequestError("preset", f"{label}: size {text!r} is not WxH, e.g. 1024x1024")
-    return int(w), int(h)
+def _checked(data: dict, request: GenerateRequest) -> dict:
+    """The keys of ``data`` with ``request``'s converted values (of guidance, only the controls ``data`` sets)."""
+    values = request.to_dict()
+    values["guidance"] = {k: v for k, v in values["guidance"].items() if k in (data.get("guidance") or {})}
+    return {key: values[key] for key in data}
+
+
+def _size(value: object, label: str) -> tuple[int, int]:
+    try:
+        return parse_size(value)
+    except RequestError as exc:
+        raise RequestError("preset", f"{label}: size {exc.message}") from None
+
+
+def _loras(value: object, label: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RequestError("preset", f"{label}: loras {value!r} must be a list of [name, weight] or 'name:weight'")
+    return [_lora(item, label) for item in value]
 
 
 def _lora(item: object, label: str) -> list:

@@ -37,6 +37,9 @@ class Style:
         return join_terms([prompt, self.prompt])
 
 
+_RANDOM = Style(RANDOM_STYLE, category="built-in", source="built-in: picks one of the other styles per image seed")
+
+
 def style_key(name: str) -> str:
     """Lookup key: case, hyphens, underscores and extra spaces do not matter."""
     return " ".join(name.replace("-", " ").replace("_", " ").lower().split())
@@ -51,6 +54,9 @@ class StyleLibrary:
         self.styles[style_key(style.name)] = style
 
     def get(self, name: str) -> Style:
+        """The style called ``name``; "Random Style" gives a stand-in describing the seeded pick."""
+        if style_key(name) == style_key(RANDOM_STYLE):
+            return _RANDOM
         try:
             return self.styles[style_key(name)]
         except KeyError:
@@ -126,17 +132,30 @@ def _check_entry(entry: object) -> str | None:
 
 def _read_csv(file: DataFile, text: str, library: StyleLibrary) -> None:
     reader = csv.DictReader(io.StringIO(text))
+    try:
+        styles = _csv_styles(file, reader, library.warnings)
+    except csv.Error as exc:  # e.g. a field over csv.field_size_limit(), a NUL byte
+        library.warnings.append(f"{file.label} line {reader.reader.line_num}: not valid CSV ({exc}); file skipped")
+        return
+    for style in styles:
+        library.add(style)
+
+
+def _csv_styles(file: DataFile, reader: csv.DictReader, warnings: list[str]) -> list[Style]:
+    """The styles of a CSV file; raises csv.Error for a file the csv module cannot read."""
     header = [h.strip().lower() for h in reader.fieldnames or []]
     if "name" not in header or "prompt" not in header:
-        library.warnings.append(f"{file.label} line 1: needs a header with columns name,prompt,negative_prompt; file skipped")
-        return
+        warnings.append(f"{file.label} line 1: needs a header with columns name,prompt,negative_prompt; file skipped")
+        return []
     reader.fieldnames = header
+    styles = []
     for row in reader:
         name = (row.get("name") or "").strip()
         if not name:
-            library.warnings.append(f"{file.label} line {reader.line_num}: row has no name; style skipped")
+            warnings.append(f"{file.label} line {reader.line_num}: row has no name; style skipped")
             continue
-        library.add(Style(name, row.get("prompt") or "", row.get("negative_prompt") or "", file.stem, file.label))
+        styles.append(Style(name, row.get("prompt") or "", row.get("negative_prompt") or "", file.stem, file.label))
+    return styles
 
 
 # -- composition ---------------------------------------------------------------

@@ -15,6 +15,7 @@ from backend.errors import RequestError
 
 UP = 1.1  # "(word)"
 DOWN = 1 / 1.1  # "[word]"
+MAX_WEIGHT = 100.0  # a fragment's weight (nested brackets multiplied) must lie in -MAX_WEIGHT..MAX_WEIGHT
 
 _TOKEN = re.compile(
     r"""
@@ -41,7 +42,8 @@ class Fragment:
 def parse_weights(text: str, field: str = "prompt") -> list[Fragment]:
     """Split ``text`` into weighted fragments; adjacent equal weights are merged.
 
-    Raises RequestError(field, ...) naming the column of an unbalanced bracket.
+    Raises RequestError(field, ...) naming the column of an unbalanced bracket or of a
+    weight outside -MAX_WEIGHT..MAX_WEIGHT (also after nested brackets multiply).
     """
     pieces: list[list] = []  # [text, weight] pairs, weights multiplied in place
     stack: list[tuple[str, int, int]] = []  # (bracket, column, first piece index)
@@ -63,11 +65,18 @@ def parse_weights(text: str, field: str = "prompt") -> list[Fragment]:
             factor = float(match.group("number")) if kind == "weight" else (UP if bracket == "(" else DOWN)
             for piece in pieces[first:]:
                 piece[1] *= factor
+                _check_weight(piece[1], col, field)
     if stack:
         bracket, opened, _ = stack[-1]
         closing = {"(": ")", "[": "]"}[bracket]
         raise RequestError(field, f"{bracket!r} at column {opened} is never closed; add {closing!r} or escape it")
     return _merge(_split_breaks(pieces))
+
+
+def _check_weight(weight: float, col: int, field: str) -> None:
+    if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:  # also False for nan
+        raise RequestError(field, f"weight {weight:g} at column {col} is out of range; "
+                                  f"allowed -{MAX_WEIGHT:g}..{MAX_WEIGHT:g} (nested brackets multiply)")
 
 
 def _split_breaks(pieces: list[list]) -> list[Fragment]:

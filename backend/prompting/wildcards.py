@@ -3,11 +3,13 @@
 Wildcard files: the shipped ``wildcards/*.txt`` and the user's
 ``<config dir>/wildcards/**/*.txt`` (a subfolder makes ``__folder/name__``;
 the user's file wins over a shipped one of the same name). One option per line;
-blank lines and lines starting with ``#`` are skipped.
+blank lines and lines starting with ``#`` are skipped; a file that cannot be read
+as UTF-8 text is reported once (a logged warning) and skipped.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 
@@ -15,6 +17,10 @@ from backend.errors import RequestError
 from backend.prompting.datafiles import data_files, user_dir
 
 MAX_DEPTH = 16
+MAX_CHARS = 20_000  # longest text one wildcard may expand to (nested picks included)
+MAX_PICKS = 1_000  # most wildcard picks in one prompt
+log = logging.getLogger("dreamtty.wildcards")
+_reported: set[str] = set()  # unreadable files already warned about in this process
 WILDCARD = re.compile(r"__([A-Za-z0-9][\w\-/.]*?)__")
 ARRAY = re.compile(r"\[\[([^\[\]]*,[^\[\]]*)\]\]")
 
@@ -23,15 +29,31 @@ def load_wildcards() -> dict[str, list[str]]:
     """Wildcard name (lower case) -> its options."""
     table: dict[str, list[str]] = {}
     for file in data_files("wildcards", "wildcards", (".txt",), recursive=True):
-        lines = (line.strip() for line in file.read_text().splitlines())
+        try:
+            text = file.read_text()
+        except (OSError, UnicodeError) as exc:
+            _warn_once(f"{file.label}: cannot read as UTF-8 text ({exc}); wildcard file skipped")
+            continue
+        lines = (line.strip() for line in text.splitlines())
         table[file.stem.lower()] = [line for line in lines if line and not line.startswith("#")]
     return table
+
+
+def _warn_once(message: str) -> None:
+    if message not in _reported:
+        _reported.add(message)
+        log.warning("dreamtty: warning: %s", message)
 
 
 def expand_wildcards(
     text: str, table: dict[str, list[str]], rng: random.Random, field: str
 ) -> tuple[str, list[dict]]:
-    """Replace every ``__name__`` (recursively, up to MAX_DEPTH) with a line picked by ``rng``."""
+    """Replace every ``__name__`` (recursively, up to MAX_DEPTH) with a line picked by ``rng``.
+
+    Raises RequestError naming the wildcard that nests too deep, makes more than MAX_PICKS
+    picks or expands to more than MAX_CHARS characters (files that include each other
+    several times grow exponentially).
+    """
     picks: list[dict] = []
 
     def expand(part: str, depth: int) -> str:
@@ -45,9 +67,16 @@ def expand_wildcards(
                 raise RequestError(field, f"unknown wildcard __{name}__; add {name}.txt to {user_dir('wildcards')}")
             if not options:
                 raise RequestError(field, f"wildcard __{name}__ has no lines")
+            if len(picks) >= MAX_PICKS:
+                raise RequestError(field, f"more than {MAX_PICKS} wildcard picks at __{name}__; "
+                                          "do wildcard files include each other many times?")
             choice = rng.choice(options)
             picks.append({"field": field, "name": name, "pick": choice})
-            return expand(choice, depth + 1)
+            expanded = expand(choice, depth + 1)
+            if len(expanded) > MAX_CHARS:
+                raise RequestError(field, f"wildcard __{name}__ expands to more than {MAX_CHARS} characters; "
+                                          "do wildcard files include each other many times?")
+            return expanded
 
         return WILDCARD.sub(pick, part)
 

@@ -1,0 +1,246 @@
+"""Hand-made or hostile input (presets, image metadata, data files, prompts) fails as one line naming the field."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from backend.errors import DreamttyError, ModelError, RequestError
+from backend.guidance import GuidanceSettings
+from backend.metadata import CHUNK, request_from_image
+from backend.models import resolve_model
+from backend.prompting import build_prompt, check_prompts
+from backend.prompting.presets import load_preset
+from backend.prompting.styles import RANDOM_STYLE, load_styles
+from backend.prompting.weights import MAX_WEIGHT, parse_weights
+from backend.prompting.wildcards import MAX_CHARS, expand_wildcards, load_wildcards
+from backend.request import MAX_SEED, GenerateRequest, parse_size
+from backend.samplers import SAMPLERS
+from tui.cli import main
+
+
+def _one_line(err: DreamttyError, field: str) -> str:
+    text = str(err)
+    assert text.startswith(f"{field}: ") and "\n" not in text
+    return text
+
+
+# -- GenerateRequest.from_dict (presets, metadata, queue) -------------------------
+@pytest.mark.parametrize(
+    "data,field,fragment",
+    [
+        ({"loras": 5}, "loras", "[name, weight] pairs"),
+        ({"loras": [["x"]]}, "loras", "[name, weight] pairs"),
+        ({"loras": [["x", "heavy"]]}, "loras", "not a finite number"),
+        ({"guidance": 5}, "guidance", "mapping of controls"),
+        ({"guidance": {"freeu": 5}}, "freeu", "list of numbers"),
+        ({"guidance": {"sag": "lots"}}, "sag", "not a number"),
+        ({"model": 5}, "model", "must be text"),
+        ({"model": ["a"]}, "model", "must be text"),
+        ({"vae": 5}, "vae", "must be text"),
+        ({"sampler": ["euler"]}, "sampler", "must be text"),
+        ({"styles": "Watercolor"}, "styles", "list of style names"),
+        ({"styles": 5}, "styles", "list of style names"),
+        ({"refiner_switch": "x"}, "refiner_switch", "not a finite number"),
+        ({"cfg": 10**400}, "cfg", "not a finite number"),
+        ({"steps": True}, "steps", "whole number"),
+        ({"expand": "maybe"}, "expand", "true or false"),
+        ({"expand": 2}, "expand", "true or false"),
+    ],
+)
+def test_from_dict_names_the_field_of_a_wrong_type(data, field, fragment):
+    with pytest.raises(RequestError) as err:
+        GenerateRequest.from_dict(data)
+    assert err.value.field == field and fragment in _one_line(err.value, field)
+
+
+@pytest.mark.parametrize("data", [[1, 2], 5, None, "x"])
+def test_from_dict_needs_a_mapping(data):
+    with pytest.raises(RequestError, match="^request: expected a mapping"):
+        GenerateRequest.from_dict(data)
+
+
+def test_from_dict_converts_what_files_hold():
+    request = GenerateRequest.from_dict(
+        {"expand": "No", "loras": [["x", "0.5"]], "styles": None, "steps": "20", "guidance": {"freeu": [1, 1, 1, 1]}}
+    )
+    assert request.expand is False and request.loras == [("x", 0.5)] and request.styles == []
+    assert request.steps == 20 and request.guidance.freeu == (1.0, 1.0, 1.0, 1.0)
+    assert GenerateRequest.from_dict({"expand": "YES"}).expand is True
+
+
+def test_guidance_from_dict_needs_a_mapping():
+    with pytest.raises(RequestError, match="^guidance: expected a mapping"):
+        GuidanceSettings.from_dict([1])
+
+
+# -- reproduce: metadata in a PNG --------------------------------------------------
+def _png(tmp_path, meta: object):
+    info = PngInfo()
+    info.add_text(CHUNK, json.dumps(meta))
+    path = tmp_path / "hand-made.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+@pytest.mark.parametrize("meta", [[1, 2], 5, {"version": 1}, {"request": None}, {"request": [1]}])
+def test_metadata_without_a_request_is_one_line(tmp_path, meta):
+    with pytest.raises(DreamttyError, match="^image: .* has dreamtty metadata without a request$"):
+        request_from_image(_png(tmp_path, meta))
+
+
+@pytest.mark.parametrize(
+    "request_data,field",
+    [({"loras": [["x"]]}, "loras"), ({"loras": 5}, "loras"), ({"guidance": 5}, "guidance"),
+     ({"guidance": {"freeu": 5}}, "freeu"), ({"model": 5}, "model"), ({"refiner_switch": "x"}, "refiner_switch")],
+)
+def test_metadata_with_a_wrong_type_names_field_and_image(tmp_path, request_data, field):
+    path = _png(tmp_path, {"version": 1, "request": request_data})
+    with pytest.raises(RequestError) as err:
+        request_from_image(path)
+    assert err.value.field == field and f"in the metadata of {path}" in _one_line(err.value, field)
+
+
+def test_cli_reproduce_of_hand_made_metadata_exits_2(tmp_path, capsys):
+    assert main(["reproduce", str(_png(tmp_path, {"version": 1}))]) == 2
+    assert capsys.readouterr().err.startswith("dreamtty: image: ")
+
+
+# -- presets ---------------------------------------------------------------------
+@pytest.fixture
+def presets_dir(user_folder):
+    return user_folder("presets")
+
+
+@pytest.mark.parametrize(
+    "text,field,fragment",
+    [
+        ("loras: 5\n", "preset", "loras 5 must be a list"),
+        ("model: 5\n", "model", "must be text"),
+        ("model: [a]\n", "model", "must be text"),
+        ("vae: 5\n", "vae", "must be text"),
+        ("styles: Watercolor\n", "styles", "list of style names"),
+        ("styles: 5\n", "styles", "list of style names"),
+        ("guidance: 5\n", "guidance", "mapping of controls"),
+        ("refiner_switch: abc\n", "refiner_switch", "not a finite number"),
+        ("expand: maybe\n", "expand", "use true or false"),
+        ("size: ²x64\n", "preset", "size '²x64' is not WxH"),
+        ("size: 64\n", "preset", "size 64 is not WxH"),
+        ("5: x\nfoo: y\n", "preset", "unknown key 5"),
+    ],
+)
+def test_preset_values_of_the_wrong_type(presets_dir, text, field, fragment):
+    (presets_dir / "bad.yaml").write_text(text, encoding="utf-8")
+    with pytest.raises(RequestError) as err:
+        load_preset("bad")
+    assert err.value.field == field and "bad.yaml" in str(err.value) and fragment in _one_line(err.value, field)
+
+
+def test_preset_values_come_back_converted(presets_dir):
+    (presets_dir / "mine.yaml").write_text("expand: 'no'\nloras: [[x, '0.5']]\nstyles: [Random Style]\n")
+    assert load_preset("mine") == {"expand": False, "loras": [["x", 0.5]], "styles": [RANDOM_STYLE]}
+
+
+def test_size_needs_ascii_digits():
+    assert parse_size(" 64 x 128 ") == (64, 128) and parse_size("64×128") == (64, 128)
+    with pytest.raises(RequestError, match="^size: '²x64' is not WxH"):
+        parse_size("²x64")
+
+
+# -- request ranges ----------------------------------------------------------------
+def test_every_seed_of_a_batch_stays_in_range():
+    with pytest.raises(RequestError, match=rf"^seed: {MAX_SEED} is out of range; allowed .*0\.\.{MAX_SEED - 1} for 2"):
+        GenerateRequest(seed=MAX_SEED, count=2).resolved("sd1")
+    last = GenerateRequest(seed=MAX_SEED - 1, count=2).resolved("sd1").per_image(1)
+    assert last.seed == MAX_SEED
+    assert GenerateRequest(seed=MAX_SEED).resolved("sd1").seed == MAX_SEED
+
+
+def test_pndm_needs_its_warm_up_steps():
+    from diffusers import PNDMScheduler
+
+    need = SAMPLERS["pndm"].min_steps
+    PNDMScheduler().set_timesteps(need)
+    with pytest.raises(ValueError):  # what the worker met before the request check
+        PNDMScheduler().set_timesteps(need - 1)
+    with pytest.raises(RequestError, match=f"^steps: pndm needs at least {need}; got {need - 1}$"):
+        GenerateRequest(sampler="pndm", steps=need - 1).resolved("sd1")
+    assert GenerateRequest(sampler="pndm", steps=need).resolved("sd1").steps == need
+
+
+# -- prompt weights ----------------------------------------------------------------
+def test_weights_must_stay_in_range():
+    limits = f"(a:{MAX_WEIGHT:g}) (b:-{MAX_WEIGHT:g})"
+    assert [f.weight for f in parse_weights(limits) if f.text.strip()] == [MAX_WEIGHT, -MAX_WEIGHT]
+    for text in ("a (red:" + "9" * 400 + ") fox", "(red:101)", "(red:-101)", "(((red:90)))"):
+        with pytest.raises(RequestError, match=rf"^prompt: weight .* out of range; allowed -{MAX_WEIGHT:g}\.\."):
+            parse_weights(text)
+
+
+# -- wildcards ---------------------------------------------------------------------
+@pytest.fixture
+def wildcards_dir(user_folder):
+    return user_folder("wildcards")
+
+
+def test_unreadable_wildcard_file_is_skipped_with_one_warning(wildcards_dir, caplog):
+    (wildcards_dir / "broken.txt").write_bytes(b"\xff\xfe not utf-8\n")
+    (wildcards_dir / "pet.txt").write_text("axolotl\n")
+    with caplog.at_level(logging.WARNING, logger="dreamtty.wildcards"):
+        check_prompts(GenerateRequest(prompt="a __pet__", seed=1, count=3))
+        assert "broken" not in load_wildcards()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"dreamtty: warning: {wildcards_dir / 'broken.txt'}: cannot read as UTF-8 text "
+        "('utf-8' codec can't decode byte 0xff in position 0: invalid start byte); wildcard file skipped"
+    ]
+    assert build_prompt(GenerateRequest(prompt="a __pet__", seed=1)).positive == "a axolotl"
+
+
+def test_wildcards_that_multiply_stop_quickly(wildcards_dir):
+    for i in range(14):
+        (wildcards_dir / f"w{i}.txt").write_text(" ".join([f"__w{i + 1}__"] * 3) + "\n")
+    (wildcards_dir / "w14.txt").write_text("word\n")
+    start = time.monotonic()
+    with pytest.raises(RequestError, match=r"^prompt: .*__w\d+__.*include each other"):
+        build_prompt(GenerateRequest(prompt="__w0__", seed=1))
+    assert time.monotonic() - start < 5
+
+
+def test_wildcard_expanding_past_the_size_cap_is_named():
+    table = {"long": ["x" * (MAX_CHARS // 2 + 1)], "twice": ["__long__ __long__"]}
+    with pytest.raises(RequestError, match=f"^prompt: wildcard __twice__ expands to more than {MAX_CHARS}"):
+        expand_wildcards("a __twice__", table, random.Random(0), "prompt")
+
+
+# -- styles ------------------------------------------------------------------------
+def test_csv_with_a_huge_field_is_reported_and_skipped(user_folder, capsys):
+    styles = user_folder("styles")
+    (styles / "huge.csv").write_text("name,prompt\nWatercolor,small\nBig," + "a" * (129 * 1024) + "\n")
+    library = load_styles()
+    assert library.warnings == [f"{styles / 'huge.csv'} line 3: not valid CSV (field larger than field limit "
+                                "(131072)); file skipped"]
+    assert library.get("Watercolor").source.startswith("shipped:")  # the skipped file changed nothing
+    assert main(["styles", "list"]) == 0
+    assert "not valid CSV" in capsys.readouterr().err
+
+
+def test_random_style_can_be_shown(capsys):
+    assert main(["styles", "show", "random style", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == RANDOM_STYLE
+
+
+# -- model fields ------------------------------------------------------------------
+def test_model_errors_name_the_field_that_named_the_model(tmp_path):
+    junk = tmp_path / "random.safetensors"
+    junk.write_bytes(b"junk")
+    for name in ("nope", str(junk)):
+        with pytest.raises(ModelError, match="^refiner: "):
+            resolve_model(name, field="refiner")
+        with pytest.raises(ModelError, match="^model: "):
+            resolve_model(name)
