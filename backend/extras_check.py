@@ -13,7 +13,7 @@ from pathlib import Path
 
 from backend import config as config_mod
 from backend import library
-from backend.errors import RequestError
+from backend.errors import ModelError, RequestError
 from backend.request import GenerateRequest
 
 MAX_LORAS = 5
@@ -48,7 +48,12 @@ def effective_request(request: GenerateRequest) -> GenerateRequest:
 
 
 def find_extra(kind: str, name: str, cfg) -> library.Entry:
-    entry = library.find(kind, name, cfg)
+    from backend.models import relabel
+
+    try:
+        entry = library.find(kind, name, cfg)
+    except ModelError as exc:  # a damaged file: the library's message names "model"
+        raise relabel(exc, kind) from None
     if entry is None:
         known = library.names(kind, cfg)
         folders = ", ".join(str(p) for p in cfg.folders(library.FOLDER_OF_KIND[kind])) or "none"
@@ -70,5 +75,5 @@ def check_extras(request: GenerateRequest, cfg=None) -> GenerateRequest:
     if request.vae:
         find_extra("vae", request.vae, cfg)
     if request.refiner:
-        resolve_model(request.refiner)
+        resolve_model(request.refiner, "refiner")
     return request

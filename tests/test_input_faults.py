@@ -244,3 +244,14 @@ def test_model_errors_name_the_field_that_named_the_model(tmp_path):
             resolve_model(name, field="refiner")
         with pytest.raises(ModelError, match="^model: "):
             resolve_model(name)
+
+
+def test_vae_and_refiner_errors_name_their_own_field(tmp_path, capsys):
+    from tui import cli
+
+    garbage = tmp_path / "random.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    for flags, start in ((["--vae", str(garbage)], "dreamtty: vae: "), (["--refiner", "nope"], "dreamtty: refiner: nope")):
+        assert cli.main(["generate", "a fox", "--model", "demo", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(start) and len(err.splitlines()) == 1, err

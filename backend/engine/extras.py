@@ -186,7 +186,7 @@ def _load_refiner(pipe, request: GenerateRequest, cache) -> dict | None:
         return None
     from backend.models import resolve_model
 
-    ref = resolve_model(request.refiner)
+    ref = resolve_model(request.refiner, "refiner")
     if cache is None:
         raise ModelError("refiner: no pipeline cache to load it with")
     if FAMILIES.get(ref.family) is None or FAMILIES[ref.family].xl != FAMILIES[pipe.dreamtty_family].xl:

@@ -23,7 +23,7 @@ from backend.models import DEMO_MODELS, resolve_model, trained_model
 from backend.prompting.presets import PresetInfo, apply_preset, list_presets
 from backend.prompting.styles import RANDOM_STYLE, load_styles
 from backend.queue_store import FINAL
-from backend.request import GenerateRequest
+from backend.request import GenerateRequest, parse_size
 from backend.samplers import SAMPLERS
 from backend.training.runs import list_runs
 from tui import keymap
@@ -81,13 +81,6 @@ def _size_value(width: int, height: int) -> str:
 def _size_options(family: str) -> list[tuple[str, str]]:
     sizes = aspect_sizes(family if family in FAMILIES else "sdxl")
     return [(f"{w}×{h}", _size_value(w, h)) for w, h in sizes] + [("custom W×H", CUSTOM_SIZE)]
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    w, _, h = text.strip().lower().replace("×", "x").partition("x")
-    if not (w.strip().isdigit() and h.strip().isdigit()):
-        raise RequestError("size", f"{text!r} is not WxH, e.g. 512x768")
-    return int(w), int(h)
 
 
 def _parse_floats(name: str, text: str) -> tuple[float, ...]:
@@ -211,7 +204,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
 
     def _form_size(self) -> tuple[int, int]:
         value = self.query_one("#size", Select).value
-        return _parse_size(self._input("#size-custom") if value == CUSTOM_SIZE else str(value))
+        return parse_size(self._input("#size-custom") if value == CUSTOM_SIZE else str(value))
 
     def read_request(self) -> GenerateRequest:
         """The form as a request; raises RequestError naming the field. Ranges are checked by the service."""
@@ -393,9 +386,9 @@ class GenerateForm(VerticalScroll, can_focus=False):
         with self.prevent(Select.Changed):
             size.set_options(options)
         if current in {v for _, v in options}:
-            self._set_size(*_parse_size(current))
+            self._set_size(*parse_size(current))
         elif size.value != CUSTOM_SIZE:
-            self._set_size(*_parse_size(options[0][1]))
+            self._set_size(*parse_size(options[0][1]))
 
     # -- reacting to the user ----------------------------------------------
     @on(Input.Changed)
