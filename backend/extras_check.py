@@ -14,6 +14,7 @@ from pathlib import Path
 from backend import config as config_mod
 from backend import library
 from backend.errors import ModelError, RequestError
+from backend.families import FAMILIES
 from backend.request import GenerateRequest
 
 MAX_LORAS = 5
@@ -75,5 +76,13 @@ def check_extras(request: GenerateRequest, cfg=None) -> GenerateRequest:
     if request.vae:
         find_extra("vae", request.vae, cfg)
     if request.refiner:
-        resolve_model(request.refiner, "refiner")
+        check_refiner(request.refiner, resolve_model(request.refiner, "refiner").family,
+                      resolve_model(request.model).family)
     return request
+
+
+def check_refiner(name: str, family: str, model_family: str) -> None:
+    """A refiner must share the model's latent space (SD1/SD2 latents vs SDXL latents)."""
+    fam, model = FAMILIES.get(family), FAMILIES.get(model_family)
+    if model is not None and (fam is None or fam.xl != model.xl):
+        raise RequestError("refiner", f"{name} ({family}) does not share the latent space of the model ({model_family})")

@@ -255,3 +255,11 @@ def test_vae_and_refiner_errors_name_their_own_field(tmp_path, capsys):
         assert cli.main(["generate", "a fox", "--model", "demo", *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(start) and len(err.splitlines()) == 1, err
+
+
+def test_refiner_of_another_latent_space_is_refused_before_queueing(capsys):
+    from tui import cli
+
+    assert cli.main(["generate", "a fox", "--model", "demo", "--refiner", "demo-xl"]) == 2
+    assert capsys.readouterr().err.strip() == ("dreamtty: refiner: demo-xl (demo-xl) does not share the latent space "
+                                               "of the model (demo)")

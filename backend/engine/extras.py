@@ -27,7 +27,7 @@ import torch
 from backend import config as config_mod
 from backend import library
 from backend.errors import ModelError, RequestError
-from backend.extras_check import effective_request, find_extra
+from backend.extras_check import check_refiner, effective_request, find_extra
 from backend.families import FAMILIES
 from backend.request import GenerateRequest
 
@@ -189,10 +189,7 @@ def _load_refiner(pipe, request: GenerateRequest, cache) -> dict | None:
     ref = resolve_model(request.refiner, "refiner")
     if cache is None:
         raise ModelError("refiner: no pipeline cache to load it with")
-    if FAMILIES.get(ref.family) is None or FAMILIES[ref.family].xl != FAMILIES[pipe.dreamtty_family].xl:
-        raise RequestError(
-            "refiner", f"{request.refiner} ({ref.family}) does not share the latent space of the model ({pipe.dreamtty_family})"
-        )
+    check_refiner(request.refiner, ref.family, pipe.dreamtty_family)
     pipe.dreamtty_refiner = cache.get(ref, pipe.unet.dtype)
     return {"name": request.refiner, "switch": request.refiner_switch, "hash": _model_hash(ref)}
 
