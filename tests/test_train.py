@@ -187,6 +187,15 @@ def test_lr_schedule_warms_up_decays_and_resumes_exactly(photos, tmp_path, monke
     assert _losses(run_dir) == pytest.approx(_losses(reference), rel=1e-4)  # float noise after the reload
 
 
+def test_extending_a_finished_run_follows_the_longer_schedule_from_its_first_step(photos, tmp_path):
+    settings = dict(lr=1e-4, lr_scheduler="linear", checkpoint_every=100)
+    run_dir = _run(_request(photos, tmp_path / "short", max_steps=4, **settings))
+    _run(_request(photos, run_dir, max_steps=8, resume="latest", **settings))
+    lrs = [e["lr"] for e in _events(run_dir) if e["type"] == "step"]
+    # A linear decay over 8 steps from step 5 on (the 4-step schedule had reached 0 at its end).
+    assert lrs[4:] == pytest.approx([0.5e-4, 0.375e-4, 0.25e-4, 0.125e-4], rel=1e-6)
+
+
 def test_disk_full_keeps_previous_checkpoint_and_stop_saves_one(photos, tmp_path, monkeypatch):
     from accelerate import Accelerator
 

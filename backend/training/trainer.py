@@ -179,6 +179,16 @@ class DreamBoothTrainer:
         return get_scheduler(req.lr_scheduler, optimizer, num_warmup_steps=req.lr_warmup_steps * n,
                              num_training_steps=req.max_steps * n)
 
+    def _apply_schedule(self) -> None:
+        """Set the loaded optimizer's lr from this run's schedule at the loaded step.
+
+        The checkpoint holds the lr of its own schedule; a resume with a larger --max-steps has a
+        longer one (a cosine no longer at its end), which must apply from the first step on.
+        """
+        schedule = self.lr_scheduler.scheduler  # accelerate's wrapper holds diffusers' LambdaLR
+        for group, base, factor in zip(self.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+            group["lr"] = base * factor(schedule.last_epoch)
+
     @torch.no_grad()
     def _setup_conditioning(self) -> None:
         """Token ids per prompt; with frozen text encoders, the embeddings once (then the encoders leave the GPU)."""
@@ -236,6 +246,7 @@ class DreamBoothTrainer:
             warn = lambda message: self.events("log", level="warning", message=message)  # noqa: E731
             checkpoint, state = load_newest(self.acc, folders, warn)
             start = int(state["step"])
+            self._apply_schedule()
             self.events("resume", step=start, checkpoint=str(checkpoint))
         elif req.resume is not None:  # nothing saved yet: start over (drops the old steps from the curve)
             self.events("resume", step=0, checkpoint=None)
