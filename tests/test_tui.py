@@ -396,3 +396,12 @@ async def test_f12_shows_the_keys_and_escape_hides_them(idle_service, tmp_path):
         await pilot.press("f12", "f12")
         await pilot.pause()
         assert not app.screen.query("HelpPanel") and app.focused.id == "prompt"
+
+
+async def test_train_screen_opens_with_its_first_label_in_view(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(110, 34)) as pilot:
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: app.focused is not None and app.focused.id == "train-model", what="the form")
+        await pilot.pause()
+        assert app.screen.query_one("#train-form").scroll_y == 0

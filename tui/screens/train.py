@@ -205,6 +205,8 @@ class TrainPane(Vertical):
         if self.run_infos:
             self.select_run(self.run_infos[0].path)
         self.set_interval(POLL_S, self.poll)
+        form = self.query_one("#train-form", VerticalScroll)
+        self.call_after_refresh(form.scroll_home, animate=False)  # focusing the first field hid its label
 
     # -- the form ----------------------------------------------------------------
     def form_values(self) -> dict:
