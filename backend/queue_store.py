@@ -1,7 +1,8 @@
 """The persistent job queue: one SQLite table under the user state dir.
 
 Jobs survive the app or a worker dying: on restart, jobs that were queued or
-running are queued again.
+running are queued again. A queue file that is not a readable database is moved
+aside (never deleted) and an empty queue takes its place.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from backend.errors import DreamttyError
 
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
@@ -34,17 +37,30 @@ class Job:
 
 
 class QueueStore:
+    """The jobs table in ``path``; ``warnings`` says when a damaged file was moved aside."""
+
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            """CREATE TABLE IF NOT EXISTS jobs (
-                id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, request TEXT NOT NULL,
-                state TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
-                error TEXT, outputs TEXT NOT NULL DEFAULT '[]', owner INTEGER NOT NULL DEFAULT 0)"""
-        )
+        self.warnings: list[str] = []
+        _make_folder(path.parent)
+        try:
+            self._db = self._open()
+        except sqlite3.Error as exc:
+            raise DreamttyError(f"queue: cannot open {path}: {exc}") from None
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect; a damaged file is moved aside and replaced by an empty queue."""
+        try:
+            return _connect(self.path)
+        except sqlite3.DatabaseError as exc:
+            # Exactly DatabaseError is SQLITE_CORRUPT or SQLITE_NOTADB: the content is garbage.
+            # Subclasses (OperationalError: locked, unreadable, read-only...) leave the file alone.
+            if type(exc) is not sqlite3.DatabaseError:
+                raise
+            moved = _move_aside(self.path)
+            self.warnings.append(f"queue: {self.path} is damaged ({exc}); moved it to {moved.name} "
+                                 "and started an empty queue")
+            return _connect(self.path)
 
     def close(self) -> None:
         self._db.close()
@@ -105,6 +121,52 @@ class QueueStore:
                 )
                 adopted.append(job.id)
         return sorted(adopted)
+
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, request TEXT NOT NULL,
+    state TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
+    error TEXT, outputs TEXT NOT NULL DEFAULT '[]', owner INTEGER NOT NULL DEFAULT 0)"""
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DreamttyError(f"queue: {folder} is a file; it must be a folder") from None
+    except OSError as exc:
+        raise DreamttyError(f"queue: cannot create the folder {folder}: {exc.strerror}") from None
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open (or create) the queue database and check it; raises sqlite3 errors."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(_SCHEMA)
+        (result,) = db.execute("PRAGMA quick_check(1)").fetchone()
+        if result != "ok":
+            raise sqlite3.DatabaseError(result)
+    except sqlite3.Error:
+        db.close()
+        raise
+    return db
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename ``path`` and its -wal/-shm files to ``<name>.corrupt-<time>``; never overwrites."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = path.with_name(f"{path.name}.corrupt-{stamp}"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.corrupt-{stamp}-{n}"), n + 1
+    try:
+        for suffix in ("", "-wal", "-shm"):  # a stale WAL would be replayed into the new queue
+            source = Path(f"{path}{suffix}")
+            if source.exists():
+                source.rename(f"{target}{suffix}")
+    except OSError as exc:
+        raise DreamttyError(f"queue: {path} is damaged and cannot be moved aside: {exc.strerror}") from None
+    return target
 
 
 def _job(row: tuple) -> Job:

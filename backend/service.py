@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
+import re
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from backend import config, locations
+from backend.errors import DreamttyError, RequestError
 from backend.extras_check import check_extras
 from backend.models import resolve_model
 from backend.outputs import check_writable
@@ -27,6 +31,88 @@ from backend.queue_store import ACTIVE, FINAL, Job, QueueStore
 from backend.request import GenerateRequest
 
 _CTX = mp.get_context("spawn")
+_DEVICES = "auto, cpu, cuda or cuda:N[,cuda:M...]"
+_CUDA = re.compile(r"cuda(?::(\d+))?")
+_NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU this container may use
+_DEV = Path("/dev")
+
+
+def parse_devices(text: str) -> list[str]:
+    """``--device`` as the workers' devices: ``["auto"]``, ``["cpu"]`` or CUDA devices.
+
+    Raises RequestError("device") when the text is not one of ``_DEVICES``.
+    """
+    if text.strip() in ("auto", "cpu"):
+        return [text.strip()]
+    devices = [d.strip() for d in text.split(",")]
+    bad = next((d for d in devices if not _CUDA.fullmatch(d)), None)
+    if bad is not None:
+        raise RequestError("device", f"{bad!r} is not allowed; use {_DEVICES}")
+    return devices
+
+
+def check_devices(text: str) -> list[str]:
+    """``parse_devices``, and every CUDA device named must exist on this machine."""
+    devices = parse_devices(text)
+    count = visible_gpus()
+    if count is None:
+        return devices  # cannot tell without torch: the worker reports a missing GPU
+    for device in devices:
+        cuda = _CUDA.fullmatch(device)
+        if cuda and int(cuda.group(1) or 0) >= count:
+            have = ", ".join(f"cuda:{n}" for n in range(count)) or "no CUDA GPU"
+            raise RequestError("device", f"{device} is not available; this machine has {have} (use auto or cpu)")
+    return devices
+
+
+def visible_gpus() -> int | None:
+    """The CUDA GPUs this process may use, counted without torch; None when that cannot be told.
+
+    Importing torch here would cost seconds and is not allowed in the TUI process. On Linux the
+    NVIDIA driver lists its GPUs in /proc/driver/nvidia/gpus (containers see only theirs) and
+    CUDA_VISIBLE_DEVICES narrows that down. Without that list, GPU device nodes (NVIDIA, AMD ROCm,
+    WSL) mean "cannot tell", and none at all means no GPU. macOS has no CUDA.
+    """
+    if sys.platform == "darwin":
+        return 0
+    if not sys.platform.startswith("linux"):
+        return None
+    if _NVIDIA_GPUS.is_dir():
+        physical = len(list(_NVIDIA_GPUS.iterdir()))
+    elif any(_DEV.glob("nvidia[0-9]*")) or (_DEV / "kfd").exists() or (_DEV / "dxg").exists():
+        return None
+    else:
+        physical = 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return physical if visible is None else min(physical, _count_visible(visible, physical))
+
+
+def _count_visible(visible: str, physical: int) -> int:
+    """Entries of CUDA_VISIBLE_DEVICES up to the first invalid one (where CUDA stops reading)."""
+    count = 0
+    for entry in visible.split(","):
+        entry = entry.strip()
+        if not (entry.startswith(("GPU-", "MIG-")) or (entry.isdigit() and int(entry) < physical)):
+            break
+        count += 1
+    return count
+
+
+def check_out_dir(out: Path) -> None:
+    """Raise a one-line error unless images can be saved under ``out``.
+
+    Creates today's folder and a probe file in it, as saving will: permission bits and
+    ``os.access`` do not tell (root, read-only or virtual file systems such as /sys).
+    """
+    if out.exists() and not out.is_dir():
+        raise RequestError("out", f"{out} is a file; give a folder")
+    folder = out / dt.date.today().strftime("%Y-%m-%d")  # as backend.outputs.save_image names it
+    check_writable(folder)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise DreamttyError(f"out: cannot write in {folder}: {exc.strerror}") from None
 
 
 @dataclass
@@ -67,9 +153,7 @@ class Service:
         self._dispatch()
 
     def _initial_devices(self) -> list[str]:
-        if self.devices in ("auto", "", None):
-            return ["auto"]
-        return [d.strip() for d in self.devices.split(",") if d.strip()]
+        return parse_devices(self.devices)
 
     def _spawn(self, worker: _Worker) -> None:
         with _real_stderr():  # queues and processes may start multiprocessing's resource tracker
@@ -91,9 +175,12 @@ class Service:
         worker.process.start()
         sender.close()  # the worker holds the only write end: EOF here means it is gone
 
-    async def close(self) -> None:
-        """Stop workers. Jobs still queued or running stay queued for the next start."""
+    async def close(self, cancel_jobs: bool = False) -> None:
+        """Stop workers. This service's jobs still queued or running stay queued for the next
+        start, or end as cancelled with ``cancel_jobs`` (the user interrupted them)."""
         self._stop.set()
+        if cancel_jobs:  # at once: a second Ctrl-C may cut the rest of close short
+            self._end_active("cancelled")
         for w in self.workers:
             if w.process.is_alive():
                 w.jobs.put(None)
@@ -101,11 +188,15 @@ class Service:
             if w.job is not None:
                 w.cancel.value = w.job
         await asyncio.to_thread(self._join_workers)
-        for job in self.store.jobs(("running",), owner=self.owner):
-            self.store.set_state(job.id, "queued")
+        self._end_active("cancelled" if cancel_jobs else "queued")  # events handled meanwhile may have changed them
         if self._reader is not None:
             self._reader.join(timeout=2)
         self.store.close()
+
+    def _end_active(self, state: str) -> None:
+        for job in self.store.jobs(ACTIVE, owner=self.owner):
+            if job.state != state:
+                self.store.set_state(job.id, state)
 
     def _join_workers(self) -> None:
         for w in self.workers:
@@ -128,7 +219,7 @@ class Service:
         """Validate and queue a request; returns the job id. Nothing is queued on error."""
         resolved, family = self.validate(request)
         out = Path(out_dir) if out_dir else config.load().outputs_dir()
-        check_writable(out)
+        check_out_dir(out)
         job_id = self.store.add("generate", {"request": resolved.to_dict(), "out": str(out), "family": family}, self.owner)
         self._publish({"type": "queued", "job": job_id, "request": resolved.to_dict()})
         self._dispatch()
@@ -245,7 +336,7 @@ class Service:
 
     def _maybe_add_gpu_workers(self, event: dict) -> None:
         """With ``--device auto``, the first worker reports the GPU count; add one worker per extra GPU."""
-        if self.devices not in ("auto", "", None) or event["worker"] != 0 or len(self.workers) > 1:
+        if self._initial_devices() != ["auto"] or event["worker"] != 0 or len(self.workers) > 1:
             return
         for n in range(1, event.get("cuda_count", 0)):
             self._spawn(_Worker(len(self.workers), f"cuda:{n}"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from backend.errors import DreamttyError, RequestError
 from backend.guidance import GuidanceSettings
-from backend.request import GenerateRequest
+from backend.request import GenerateRequest, parse_size
 from backend.samplers import SAMPLERS, SCHEDULES
 
 
@@ -23,6 +23,39 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# Options taken before the subcommand or after it: (flags, add_argument keywords).
+_GLOBAL_OPTIONS = (
+    (("--demo",), {"action": "store_true", "default": False, "help": "use the built-in demo model (offline, tiny)"}),
+    (("--model",), {"help": "demo, demo-xl, a diffusers folder or a Hugging Face id"}),
+    (("--out",), {"help": "outputs directory"}),
+    (("--device",), {"default": "auto", "help": "auto, cpu, cuda or cuda:N[,cuda:M...]"}),
+    (("--color",), {"choices": ["auto", "truecolor", "256"], "default": "auto", "help": "TUI colour depth"}),
+    (("--config",), {"type": Path, "help": "config file (default: see `dreamtty config path`)"}),
+    (("--allow-pickle",), {"action": "store_true", "default": False,
+                           "help": "allow pickled .ckpt/.pt/.bin weights (weights only)"}),
+)
+
+
+def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Add the global options; with ``suppress`` an option left out sets nothing (no default)."""
+    group = parser.add_argument_group("global options")
+    for flags, spec in _GLOBAL_OPTIONS:
+        group.add_argument(*flags, **({**spec, "default": argparse.SUPPRESS} if suppress else spec))
+
+
+class _SubcommandParser(_Parser):
+    """A subcommand's parser, which takes the global options too.
+
+    Left out, they set nothing, so a value given before the subcommand stays. A subcommand's
+    own option of the same name (``train --model``) replaces the global one ("resolve").
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("conflict_handler", "resolve")
+        super().__init__(*args, **kwargs)
+        _add_global_options(self, suppress=True)
 
 
 def _floats(name: str, count: int | None = None):
@@ -63,7 +96,8 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cfg-rescale", type=float, help="0..1")
     g.add_argument("--adaptive-cfg", type=float, help="mimic CFG at high CFG")
     g.add_argument("--adm-scale", type=_floats("adm-scale", 3), help="SDXL: POS,NEG,END")
-    g.add_argument("--freeu", nargs="?", const="", type=str, help="FreeU [s1,s2,b1,b2] (family defaults if empty)")
+    g.add_argument("--freeu", nargs="?", const=(), type=_floats("freeu", 4),
+                   help="FreeU [s1,s2,b1,b2] (family defaults if empty)")
     g.add_argument("--clip-skip", type=int, help="use the N-th from last text-encoder layer")
     g.add_argument("--pag", type=float, help="Perturbed-Attention Guidance scale")
     g.add_argument("--apg", type=float, help="Adaptive Projected Guidance scale")
@@ -92,17 +126,14 @@ def request_from_args(args: argparse.Namespace, model: str | None) -> GenerateRe
         if value is not None:
             given[name] = value
     if args.size is not None:
-        w, _, h = args.size.lower().partition("x")
-        if not (w.isdigit() and h.isdigit()):
-            raise RequestError("size", f"{args.size!r} is not WxH, e.g. 512x768")
-        given["width"], given["height"] = int(w), int(h)
+        given["width"], given["height"] = parse_size(args.size)
     if args.loras:
         given["loras"] = [_parse_lora(x) for x in args.loras]
         if len(given["loras"]) > 5:
             raise RequestError("lora", f"{len(given['loras'])} given; at most 5 LoRA slots")
     guidance = {n: getattr(args, n) for n in _GUIDANCE_FLAGS if getattr(args, n) is not None}
     if args.freeu is not None:
-        guidance["freeu"] = _floats("freeu", 4)(args.freeu) if args.freeu else ()
+        guidance["freeu"] = args.freeu
     if guidance:
         given["guidance"] = guidance
     data = _apply_preset(args.preset, given)
@@ -120,16 +151,19 @@ def _apply_preset(preset: str | None, given: dict) -> dict:
 
 # -- commands ------------------------------------------------------------------
 async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> tuple[int, list[str]]:
+    """Queue ``requests``, follow them to the end; an interrupt (Ctrl-C) cancels them in the queue."""
     from backend.service import Service
 
     service = Service(devices=args.device)
+    _warn(service.store.warnings)
     events = service.subscribe()
-    job_ids = [service.submit(r, out) for r in requests]  # validates before any worker starts
-    await service.start()
     paths: list[str] = []
     failed = 0
     progress = _Progress(enabled=sys.stderr.isatty() and not args.json)
+    finished = False  # until every job has ended: else (Ctrl-C, an error) they are cancelled
     try:
+        job_ids = [service.submit(r, out) for r in requests]  # validates before any worker starts
+        await service.start()
         for job_id in job_ids:
             async for event in service.wait(job_id, events):
                 if args.json:
@@ -145,10 +179,16 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
                     progress.clear()
                     print(f"dreamtty: job {job_id} {event['type']}: {event.get('error', '')}".rstrip(": "),
                           file=sys.stderr)
+        finished = True
     finally:
         progress.clear()
-        await service.close()
+        await service.close(cancel_jobs=not finished)
     return (1 if failed else 0), paths
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"dreamtty: warning: {warning}", file=sys.stderr)
 
 
 class _Progress:
@@ -227,14 +267,8 @@ def cmd_samplers(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dreamtty", description="Stable Diffusion generation and DreamBooth training in the terminal")
-    parser.add_argument("--demo", action="store_true", help="use the built-in demo model (offline, tiny)")
-    parser.add_argument("--model", help="demo, demo-xl, a diffusers folder or a Hugging Face id")
-    parser.add_argument("--out", type=Path, help="outputs directory")
-    parser.add_argument("--device", default="auto", help="auto, cpu, or cuda:0,cuda:1,...")
-    parser.add_argument("--color", choices=["auto", "truecolor", "256"], default="auto", help="TUI colour depth")
-    parser.add_argument("--config", type=Path, help="config file (default: see `dreamtty config path`)")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt/.pt/.bin weights (weights only)")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    _add_global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", parser_class=_SubcommandParser)
 
     gen = sub.add_parser("generate", help="generate images headlessly")
     gen.add_argument("prompt", nargs="?", default="", help="prompt (empty = unconditional)")
@@ -258,20 +292,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # global options (--model, --out, --device) may follow the subcommand
-        args = parser.parse_args(extra, namespace=args)
+def _check_global_options(args: argparse.Namespace) -> None:
+    """Validate the global options in place: ``--out`` becomes a Path, ``--demo`` sets the model."""
+    from backend.service import check_devices
+
+    _check_home()
+    if args.model is not None and not args.model.strip():
+        raise RequestError("model", "is empty; use demo, demo-xl, a diffusers folder or a Hugging Face id")
+    if args.demo and args.model is not None:
+        raise RequestError("model", f"--demo and --model {args.model} conflict; give one of them")
     if args.demo:
         args.model = "demo"
+    if args.out is not None:
+        if not args.out.strip():
+            raise RequestError("out", "is empty; give a folder")
+        args.out = Path(args.out)
+    check_devices(args.device)
+
+
+def _check_home() -> None:
+    """``DREAMTTY_HOME``, when set, must be a folder (created when missing)."""
+    home = os.environ.get("DREAMTTY_HOME")
+    if not home:
+        return
+    try:
+        Path(home).mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RequestError("DREAMTTY_HOME", f"{home} is a file; give a folder") from None
+    except OSError as exc:
+        raise RequestError("DREAMTTY_HOME", f"cannot create {home}: {exc.strerror}; give a writable folder") from None
+
+
+def _check_queue() -> None:
+    """Open the queue once before the TUI takes the screen, so its warnings stay readable."""
+    from backend import locations
+    from backend.queue_store import QueueStore
+
+    store = QueueStore(locations.queue_db())
+    store.close()
+    _warn(store.warnings)
+
+
+def main(argv: list[str] | None = None) -> int:
     from tui.cli_models import apply_global_options
 
-    apply_global_options(args)
+    args = build_parser().parse_args(argv)
     try:
+        _check_global_options(args)
+        apply_global_options(args)
         if args.command is None:
             from tui.app import run_app
 
+            _check_queue()
             return run_app(args)
         return int(args.func(args) or 0)
     except DreamttyError as exc:

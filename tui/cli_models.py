@@ -8,6 +8,7 @@ import os
 import sys
 
 from backend import config, downloads, library
+from backend.errors import RequestError
 from backend.families import FAMILIES
 
 
@@ -61,7 +62,18 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _check_repo_id(repo: str) -> None:
+    """Raise RequestError("id") unless ``repo`` has the form of a Hugging Face id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise RequestError("id", f"{repo!r} is not a valid Hugging Face id (owner/name)") from None
+
+
 def cmd_pull(args) -> int:
+    _check_repo_id(args.id)
     path = downloads.pull(args.id, revision=args.revision, filename=args.file)
     print(path)
     name = path.stem if args.file else args.id
@@ -78,7 +90,8 @@ def cmd_config_path(args) -> int:
 
 
 def register(sub) -> None:
-    models = sub.add_parser("models", help="list, pull and inspect models")
+    about = "list models and pull them from the Hugging Face Hub"
+    models = sub.add_parser("models", help=about, description=about)
     msub = models.add_subparsers(dest="models_command", required=True, parser_class=type(models))
     ls = msub.add_parser("list", help="checkpoints, LoRAs, VAEs and embeddings found")
     ls.add_argument("--json", action="store_true")

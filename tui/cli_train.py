@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from backend.errors import RequestError
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
 from backend.training.launch import prepare_run, request_stop, resume_settings, start_trainer
@@ -89,6 +90,8 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if getattr(args, "out", None) is not None:  # --out (images) is easily taken for --output (the run)
+        raise RequestError("out", "is where generated images go; give the run folder with --output RUN_DIR")
     prepared = prepare_run(request_from_args(args))
     for warning in prepared.warnings:
         print(f"dreamtty: warning: {warning}", file=sys.stderr)

@@ -1,0 +1,275 @@
+"""Bad input and faults around the headless CLI: option placement, devices, output and state
+folders, a damaged queue, Ctrl-C. Each bad input is one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backend import locations, service
+from backend.errors import DreamttyError
+from backend.queue_store import QueueStore
+from tui import cli
+from tui.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def generated(monkeypatch) -> list:
+    """``generate`` builds its request but queues nothing; (request, args) pairs land in the list."""
+    seen: list = []
+    monkeypatch.setattr(cli, "cmd_generate", lambda args: seen.append((cli.request_from_args(args, args.model), args)))
+    return seen
+
+
+def _one_error(capsys, *parts: str) -> None:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert all(p in err for p in parts), err
+
+
+@pytest.fixture
+def gpus(tmp_path, monkeypatch):
+    """``gpus(n)``: pretend this is Linux whose NVIDIA driver lists ``n`` GPUs, and no GPU device nodes."""
+
+    def make(count: int) -> None:
+        folder = tmp_path / f"nvidia-{count}"
+        folder.mkdir()
+        for n in range(count):
+            (folder / f"0000:0{n}:00.0").mkdir()
+        monkeypatch.setattr(service, "_NVIDIA_GPUS", folder)
+
+    (tmp_path / "dev").mkdir()
+    monkeypatch.setattr(service, "_DEV", tmp_path / "dev")
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return make
+
+
+# -- 1: global options after the subcommand ------------------------------------------
+def test_global_options_after_the_subcommand(generated, tmp_path):
+    assert main(["generate", "--out", str(tmp_path), "a fox", "--model", "demo-xl", "--steps", "2"]) == 0
+    assert main(["generate", "--model", "demo", "a red fox", "--steps", "3"]) == 0
+    assert main(["--model", "demo-xl", "--out", str(tmp_path / "o"), "generate", "a hen", "--device", "cpu"]) == 0
+    assert [(r.prompt, r.model, a.out, a.device) for r, a in generated] == [
+        ("a fox", "demo-xl", tmp_path, "auto"), ("a red fox", "demo", None, "auto"), ("a hen", "demo-xl", tmp_path / "o", "cpu")]
+    args = cli.build_parser().parse_args(["--config", "app.yaml", "train", "--model", "demo", "--config", "t.yaml"])
+    assert (args.config, args.train_config, args.train_model) == (Path("app.yaml"), Path("t.yaml"), "demo")
+
+
+def test_extra_argument_is_unrecognized(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["samplers", "extra"])
+    assert exit_.value.code == 2
+    _one_error(capsys, "unrecognized arguments: extra")
+
+
+# -- 7: silent overrides ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--demo", "generate", "x", "--model", "demo-xl"], "model: --demo and --model demo-xl conflict"),
+        (["generate", "x", "--model", ""], "model: is empty"),
+        (["generate", "x", "--model", "   "], "model: is empty"),
+        (["generate", "x", "--out", ""], "out: is empty"),
+    ],
+)
+def test_conflicting_or_empty_options(argv, message, generated, capsys):
+    assert main(argv) == 2
+    _one_error(capsys, message)
+    assert generated == []
+
+
+# -- 2: devices ----------------------------------------------------------------------------
+@pytest.mark.parametrize("device", ["gpu", "mps", "cuda:x", "cuda:0,", ""])
+def test_device_syntax(device, generated, capsys):
+    assert main(["generate", "x", "--device", device]) == 2
+    _one_error(capsys, "device:", "allowed; use auto, cpu, cuda or cuda:N[,cuda:M...]")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:0,cuda:1"])
+def test_cuda_without_a_gpu_is_refused_up_front(device, gpus, generated, capsys):
+    gpus(0)
+    assert main(["generate", "x", "--device", device]) == 2
+    _one_error(capsys, "device: cuda", "is not available; this machine has no CUDA GPU (use auto or cpu)")
+    assert generated == []
+
+
+def test_cuda_index_beyond_the_gpus(gpus, generated, capsys):
+    gpus(2)
+    assert main(["generate", "x", "--device", "cuda:1,cuda:0"]) == 0
+    assert main(["generate", "x", "--device", "cuda:2"]) == 2
+    _one_error(capsys, "device: cuda:2 is not available; this machine has cuda:0, cuda:1")
+
+
+@pytest.mark.parametrize("visible,count", [("1", 1), ("", 0), ("-1", 0), ("0,7,1", 1), ("GPU-1a2b,GPU-3c4d", 2)])
+def test_cuda_visible_devices_narrows_the_gpus(visible, count, gpus, monkeypatch):
+    gpus(3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert service.visible_gpus() == count
+
+
+@pytest.mark.parametrize("node", [None, "nvidia0", "kfd", "dxg"])
+def test_gpus_without_the_driver_list(node, gpus, tmp_path, monkeypatch):
+    """No driver list: GPU device nodes (NVIDIA, ROCm, WSL) leave the check to the worker; none means no GPU."""
+    gpus(0)
+    monkeypatch.setattr(service, "_NVIDIA_GPUS", tmp_path / "no-such-list")
+    if node is None:
+        assert service.visible_gpus() == 0
+    else:
+        (tmp_path / "dev" / node).touch()
+        assert service.visible_gpus() is None
+        assert service.check_devices("cuda:3") == ["cuda:3"]
+
+
+# -- 3: output folder ------------------------------------------------------------------------
+def test_out_is_a_file(tmp_path, capsys):
+    blocker = tmp_path / "file.png"
+    blocker.write_bytes(b"x")
+    assert main(["generate", "x", "--model", "demo", "--out", str(blocker)]) == 2
+    _one_error(capsys, f"out: {blocker} is a file")
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux sysfs")
+def test_unwritable_out_is_refused_before_queueing(capsys):
+    """/sys/kernel exists and passes ``os.access`` for root, yet nothing can be created in it."""
+    before = [j.id for j in QueueStore(locations.queue_db()).jobs()]
+    assert main(["generate", "x", "--model", "demo", "--out", "/sys/kernel"]) == 2
+    _one_error(capsys, "out: cannot create /sys/kernel/")
+    assert [j.id for j in QueueStore(locations.queue_db()).jobs()] == before
+
+
+# -- 6: state folder -------------------------------------------------------------------------
+def test_home_that_is_a_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "home").write_text("")
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path / "home"))
+    assert main(["--model", "demo", "generate", "a"]) == 2
+    _one_error(capsys, f"DREAMTTY_HOME: {tmp_path / 'home'} is a file")
+
+
+def test_home_that_cannot_be_created(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DREAMTTY_HOME", "/proc/nope")
+    assert main(["--model", "demo", "generate", "a"]) == 2
+    _one_error(capsys, "DREAMTTY_HOME: cannot create /proc/nope")
+
+
+def test_queue_folder_that_cannot_be_created(tmp_path):
+    (tmp_path / "state").write_text("")
+    with pytest.raises(DreamttyError, match="queue: .*state is a file; it must be a folder"):
+        QueueStore(tmp_path / "state" / "queue.sqlite3")
+    with pytest.raises(DreamttyError, match="queue: cannot create the folder .*state/sub: Not a directory"):
+        QueueStore(tmp_path / "state" / "sub" / "queue.sqlite3")
+
+
+# -- 5: damaged queue -------------------------------------------------------------------------
+def _truncated_queue(path: Path) -> bytes:
+    store = QueueStore(path)
+    for _ in range(500):
+        store.add("generate", {"request": {"prompt": "x" * 500}}, owner=1)
+    store.close()
+    data = path.read_bytes()
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_damaged_queue_is_moved_aside(damage, tmp_path):
+    db = tmp_path / "queue.sqlite3"
+    content = b"not a database at all " * 100 if damage == "garbage" else _truncated_queue(db)
+    db.write_bytes(content)
+    store = QueueStore(db)
+    (moved,) = tmp_path.glob("queue.sqlite3.corrupt-*")
+    assert moved.read_bytes() == content
+    reason = "file is not a database" if damage == "garbage" else "database disk image is malformed"
+    assert store.warnings == [f"queue: {db} is damaged ({reason}); moved it to {moved.name} and started an empty queue"]
+    assert store.jobs() == [] and store.add("generate", {}, owner=1) == 1
+    store.close()
+    db.write_bytes(content)
+    QueueStore(db).close()
+    assert len(list(tmp_path.glob("queue.sqlite3.corrupt-*"))) == 2  # never overwritten
+
+
+def test_unopenable_queue_is_left_alone(tmp_path):
+    db = tmp_path / "state" / "queue.sqlite3"
+    db.mkdir(parents=True)
+    with pytest.raises(DreamttyError, match="queue: cannot open .*queue.sqlite3: unable to open"):
+        QueueStore(db)
+    assert list(db.parent.iterdir()) == [db] and db.is_dir()
+
+
+def test_cli_warns_about_a_damaged_queue(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    locations.queue_db().parent.mkdir(parents=True)
+    locations.queue_db().write_bytes(b"garbage" * 100)
+    (tmp_path / "file").touch()
+    assert main(["generate", "x", "--model", "demo", "--out", str(tmp_path / "file")]) == 2
+    warning, error = capsys.readouterr().err.splitlines()
+    assert warning.startswith(f"dreamtty: warning: queue: {locations.queue_db()} is damaged")
+    assert error.endswith("is a file; give a folder")
+    assert list(locations.queue_db().parent.glob("queue.sqlite3.corrupt-*"))
+
+
+def test_tui_warns_about_a_damaged_queue_before_it_starts(tmp_path, monkeypatch, capsys):
+    import tui.app
+
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    locations.queue_db().parent.mkdir(parents=True)
+    locations.queue_db().write_bytes(b"garbage" * 100)
+    monkeypatch.setattr(tui.app, "run_app", lambda args: 0)
+    assert main(["--demo"]) == 0
+    assert capsys.readouterr().err.startswith(f"dreamtty: warning: queue: {locations.queue_db()} is damaged")
+
+
+# -- 4: Ctrl-C ------------------------------------------------------------------------------
+def test_ctrl_c_cancels_the_job_in_the_queue(tmp_path, demo_dirs):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tui.cli", "generate", "x", "--model", "demo", "--steps", "500", "--size", "256x256",
+         "--device", "cpu", "--out", str(tmp_path), "--json"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    job = None
+    for line in proc.stdout:  # a terminal's Ctrl-C reaches the whole process group, workers included
+        event = json.loads(line)
+        job = event["job"] if event["type"] == "queued" else job
+        if event["type"] == "step":
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    assert proc.wait(timeout=60) == 130
+    assert "interrupted" in proc.stderr.read()
+    assert QueueStore(locations.queue_db()).get(job).state == "cancelled"
+
+
+# -- 8: models pull ---------------------------------------------------------------------------
+@pytest.mark.parametrize("repo", ["a b", "", "../../etc", "a/b/c"])
+def test_pull_refuses_invalid_ids(repo, capsys):
+    assert main(["models", "pull", repo]) == 2
+    _one_error(capsys, f"id: {repo!r} is not a valid Hugging Face id (owner/name)")
+
+
+def test_models_help_names_only_existing_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["models", "--help"])
+    out = capsys.readouterr().out
+    assert "list models and pull them" in out and "inspect" not in out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["generate", "a fox", "--size", "²x64"], "size: '²x64' is not WxH"),
+    (["generate", "a fox", "--freeu", "1,2,3"], "freeu: needs 4 comma-separated numbers, got 3"),
+    (["generate", "a fox", "--freeu", "a,b,c,d"], "freeu: 'a,b,c,d' is not a comma-separated list of numbers"),
+    (["train", "--out", "runs/x"], "out: is where generated images go; give the run folder with --output RUN_DIR"),
+])
+def test_more_bad_flags_are_one_line_errors(capsys, argv, words):
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err
