@@ -206,9 +206,13 @@ def _int(name: str, value: object) -> int:
 
 def _float(name: str, value: object) -> float:
     try:
-        out = math.nan if isinstance(value, bool) else float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError, OverflowError):
-        out = math.nan
+        if isinstance(value, bool):
+            raise TypeError
+        out = float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an int beyond float's range
+        out = math.inf
+    except (TypeError, ValueError):
+        raise RequestError(name, f"{value!r} is not a number") from None
     if not math.isfinite(out):
         raise RequestError(name, f"{value!r} is not a finite number")
     return out

@@ -225,5 +225,5 @@ def test_check_extras_refuses_early_without_torch(tmp_path):
         check_extras(GenerateRequest(loras=[("old", 1.0)]), cfg)
     with pytest.raises(RequestError, match="^vae: mine not found; none found in"):
         check_extras(GenerateRequest(vae="mine"), cfg)
-    with pytest.raises(ModelError, match="^model: nope/nothing"):
+    with pytest.raises(ModelError, match="^refiner: nope/nothing"):  # the refiner's own field
         check_extras(GenerateRequest(refiner="nope/nothing"), cfg)
