@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 from backend.errors import RequestError
 from backend.families import FAMILIES
+from backend.values import to_float
 
 # Allowed range of each scalar control; its neutral value (0 = off) is the low end.
 RANGES: dict[str, tuple[float, float]] = {
@@ -88,14 +89,14 @@ class GuidanceSettings:
             raise RequestError("guidance", f"unknown control {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
         out = cls(**data)
         for name in RANGES:
-            setattr(out, name, _number(name, getattr(out, name)))
+            setattr(out, name, to_float(name, getattr(out, name)))
         for name in ("adm_scale", "freeu"):
             value = getattr(out, name)
             if value is None:
                 continue
             if not isinstance(value, (tuple, list)):
                 raise RequestError(name, f"{value!r} is not allowed; give a list of numbers")
-            setattr(out, name, tuple(_number(name, v) for v in value))
+            setattr(out, name, tuple(to_float(name, v) for v in value))
         return out
 
     def validate(self, xl: bool, cfg: float) -> None:
@@ -134,20 +135,12 @@ class GuidanceSettings:
             raise RequestError("freeu", f"{self.freeu} is out of range; allowed {lo:g}..{hi:g} each")
 
 
-def _number(name: str, value: object) -> float:
-    try:
-        out = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        out = float("nan")
-    if isinstance(value, bool) or out != out or out in (float("inf"), float("-inf")):
-        raise RequestError(name, f"{value!r} is not a number")
-    return out
 
 
 def _numbers(name: str, values: object, count: int, shape: str) -> tuple[float, ...]:
     if not isinstance(values, (tuple, list)) or len(values) != count:
         raise RequestError(name, f"{values!r} is not allowed; give {count} numbers {shape}")
-    return tuple(_number(name, v) for v in values)
+    return tuple(to_float(name, v) for v in values)
 
 
 def _range(name: str, value: object, lo: float, hi: float) -> None:

@@ -6,7 +6,6 @@ the persistent queue and "reproduce this image".
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from backend.errors import RequestError
 from backend.families import FAMILIES
 from backend.guidance import GuidanceSettings
 from backend.samplers import SAMPLERS, SCHEDULES
+from backend.values import to_bool, to_float, to_int
 
 MAX_STEPS = 500
 MAX_COUNT = 64
@@ -91,33 +91,33 @@ class GenerateRequest:
             raise RequestError(
                 "scheduler", f"{scheduler!r} does not work with {self.sampler}; allowed: {', '.join(allowed)}"
             )
-        steps = _int("steps", fam.default_steps if self.steps is None and fam else self.steps)
+        steps = to_int("steps", fam.default_steps if self.steps is None and fam else self.steps)
         if not 1 <= steps <= MAX_STEPS:
             raise RequestError("steps", f"{self.steps} is out of range; allowed 1..{MAX_STEPS}")
         min_steps = SAMPLERS[self.sampler].min_steps
         if steps < min_steps:
             raise RequestError("steps", f"{self.sampler} needs at least {min_steps}; got {steps}")
-        cfg = _float("cfg", self.cfg)
+        cfg = to_float("cfg", self.cfg)
         if not 0.0 <= cfg <= 30.0:
             raise RequestError("cfg", f"{self.cfg} is out of range; allowed 0..30 (1 = no guidance)")
         default = fam.default_size if fam else None
-        width = _int("width", default if self.width is None else self.width)
-        height = _int("height", default if self.height is None else self.height)
+        width = to_int("width", default if self.width is None else self.width)
+        height = to_int("height", default if self.height is None else self.height)
         for name, value in (("width", width), ("height", height)):
             if value <= 0 or value % 8:
                 raise RequestError(name, f"{value} is not allowed; use a positive multiple of 8")
             if fam is not None and value > fam.max_side:
                 raise RequestError(name, f"{value} is too large for {fam.label}; allowed up to {fam.max_side}")
-        count = _int("count", self.count)
+        count = to_int("count", self.count)
         if not 1 <= count <= MAX_COUNT:
             raise RequestError("count", f"{self.count} is out of range; allowed 1..{MAX_COUNT}")
         seed = _seed(self.seed, count)
         if self.dtype not in DTYPES:
             raise RequestError("dtype", f"unknown {self.dtype!r}; allowed: {', '.join(DTYPES)}")
-        if not 0.0 < _float("refiner_switch", self.refiner_switch) <= 1.0:
+        if not 0.0 < to_float("refiner_switch", self.refiner_switch) <= 1.0:
             raise RequestError("refiner_switch", f"{self.refiner_switch} is out of range; allowed (0, 1]")
         for name, weight in self.loras:
-            if not -2.0 <= _float("lora", weight) <= 2.0:
+            if not -2.0 <= to_float("lora", weight) <= 2.0:
                 raise RequestError("lora", f"weight {weight} for {name} is out of range; allowed -2..2")
         self.guidance.validate(xl=bool(fam and fam.xl), cfg=cfg)
         return replace(
@@ -135,7 +135,7 @@ def parse_size(value: object) -> tuple[int, int]:
 
 def _seed(value: object, count: int) -> int:
     """The batch's first seed: -1 picks one; every image's seed (first + i) must stay within 0..MAX_SEED."""
-    seed = _int("seed", value)
+    seed = to_int("seed", value)
     if seed == -1:
         return random.randint(0, MAX_SEED - MAX_COUNT)
     last = MAX_SEED - count + 1
@@ -156,15 +156,6 @@ def _optional(convert: Callable[[str, object], object]) -> Callable[[str, object
     return lambda name, value: None if value is None else convert(name, value)
 
 
-def _bool(name: str, value: object) -> bool:
-    """A real boolean, or the text true/false/yes/no (any case)."""
-    if isinstance(value, bool):
-        return value
-    words = {"true": True, "yes": True, "false": False, "no": False}
-    word = value.strip().lower() if isinstance(value, str) else None
-    if word in words:
-        return words[word]
-    raise RequestError(name, f"{value!r} is not allowed; use true or false")
 
 
 def _styles(name: str, value: object) -> list[str]:
@@ -180,7 +171,7 @@ def _loras(name: str, value: object) -> list[tuple[str, float]]:
         return []
     if not isinstance(value, (list, tuple)) or not all(_is_lora(pair) for pair in value):
         raise RequestError(name, f"{value!r} is not allowed; give a list of [name, weight] pairs")
-    return [(n, _float(name, w)) for n, w in value]
+    return [(n, to_float(name, w)) for n, w in value]
 
 
 def _is_lora(pair: object) -> bool:
@@ -191,31 +182,8 @@ def _guidance(name: str, value: object) -> GuidanceSettings:
     return GuidanceSettings.from_dict({} if value is None else value)
 
 
-def _int(name: str, value: object) -> int:
-    """An int, or a float or text holding a whole number."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    try:
-        number = float(value) if isinstance(value, (float, str)) else math.nan
-    except ValueError:
-        number = math.nan
-    if not number.is_integer():
-        raise RequestError(name, f"{value!r} is not a whole number")
-    return int(number)
 
 
-def _float(name: str, value: object) -> float:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        out = float(value)  # type: ignore[arg-type]
-    except OverflowError:  # an int beyond float's range
-        out = math.inf
-    except (TypeError, ValueError):
-        raise RequestError(name, f"{value!r} is not a number") from None
-    if not math.isfinite(out):
-        raise RequestError(name, f"{value!r} is not a finite number")
-    return out
 
 
 # How ``from_dict`` checks and converts each field (types only; ranges are checked by ``resolved``).
@@ -225,20 +193,20 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "model": _text,
     "sampler": _text,
     "scheduler": _optional(_text),
-    "steps": _optional(_int),
-    "cfg": _float,
-    "width": _optional(_int),
-    "height": _optional(_int),
-    "seed": _int,
-    "count": _int,
-    "index": _int,
+    "steps": _optional(to_int),
+    "cfg": to_float,
+    "width": _optional(to_int),
+    "height": _optional(to_int),
+    "seed": to_int,
+    "count": to_int,
+    "index": to_int,
     "styles": _styles,
     "preset": _optional(_text),
-    "expand": _bool,
+    "expand": to_bool,
     "loras": _loras,
     "vae": _optional(_text),
     "refiner": _optional(_text),
-    "refiner_switch": _float,
+    "refiner_switch": to_float,
     "dtype": _text,
     "guidance": _guidance,
 }

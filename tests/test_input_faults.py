@@ -129,7 +129,7 @@ def presets_dir(user_folder):
         ("styles: 5\n", "styles", "list of style names"),
         ("guidance: 5\n", "guidance", "mapping of controls"),
         ("refiner_switch: abc\n", "refiner_switch", "'abc' is not a number"),
-        ("expand: maybe\n", "expand", "use true or false"),
+        ("expand: maybe\n", "expand", "'maybe' is not true or false"),
         ("size: ²x64\n", "preset", "size '²x64' is not WxH"),
         ("size: 64\n", "preset", "size 64 is not WxH"),
         ("5: x\nfoo: y\n", "preset", "unknown key 5"),
@@ -263,3 +263,14 @@ def test_refiner_of_another_latent_space_is_refused_before_queueing(capsys):
     assert cli.main(["generate", "a fox", "--model", "demo", "--refiner", "demo-xl"]) == 2
     assert capsys.readouterr().err.strip() == ("dreamtty: refiner: demo-xl (demo-xl) does not share the latent space "
                                                "of the model (demo)")
+
+
+def test_numbers_beyond_float_range_in_guidance_are_one_line_errors():
+    for guidance in ({"sag": 10**400}, {"freeu": [10**400, 1, 1, 1]}):
+        with pytest.raises(RequestError, match=r"^(sag|freeu): \d+ is not a finite number$"):
+            GenerateRequest.from_dict({"guidance": guidance})
+
+
+def test_sdxl_preset_with_sdxl_only_guidance_loads(user_folder):
+    (user_folder("presets") / "xl.yaml").write_text("model: demo-xl\nguidance:\n  adm_scale: [1.5, 0.8, 0.3]\n")
+    assert tuple(load_preset("xl")["guidance"]["adm_scale"]) == (1.5, 0.8, 0.3)

@@ -80,8 +80,9 @@ def load_preset(name: str) -> dict:
     try:
         request = GenerateRequest.from_dict(dict(data))
         # The checks that need no model family (names, ranges); stand-ins for what the family fills.
+        # Guidance rules depend on the family (SDXL-only controls): those are checked when queueing.
         stand_ins = {k: 8 for k in ("steps", "width", "height") if getattr(request, k) is None}
-        replace(request, **stand_ins).resolved("")
+        replace(request, guidance=GuidanceSettings(), **stand_ins).resolved("")
         library = load_styles()
         for style in request.styles:
             library.get(style)

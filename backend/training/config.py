@@ -11,7 +11,7 @@ from pathlib import Path
 
 from backend.errors import RequestError
 from backend.families import FAMILIES
-from backend.request import _float, _int  # the same number parsing as GenerateRequest
+from backend.values import to_bool, to_float, to_int
 
 METHODS = ("full", "lora")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -157,10 +157,10 @@ def parse_field(name: str, value: object) -> object:
             raise RequestError(name, f"must be text, got {type(value).__name__}")
         return str(value)
     if base == "bool":
-        return _bool(name, value)
+        return to_bool(name, value)
     if isinstance(value, bool):
         raise RequestError(name, f"must be {_WORDS[base]}, got {value}")
-    return _int(name, value) if base == "int" else _float(name, value)
+    return to_int(name, value) if base == "int" else to_float(name, value)
 
 
 _CHOICES = {"method": METHODS, "report_to": REPORT_TO, "lr_scheduler": LR_SCHEDULES, "mixed_precision": PRECISIONS}
@@ -187,19 +187,8 @@ def check_field(name: str, value: object) -> object:
 
 
 _WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 
 
-def _bool(name: str, value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise RequestError(name, f"{value!r} is not true or false")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
