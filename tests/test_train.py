@@ -194,6 +194,20 @@ def test_extending_a_finished_run_follows_the_longer_schedule_from_its_first_ste
     lrs = [e["lr"] for e in _events(run_dir) if e["type"] == "step"]
     # A linear decay over 8 steps from step 5 on (the 4-step schedule had reached 0 at its end).
     assert lrs[4:] == pytest.approx([0.5e-4, 0.375e-4, 0.25e-4, 0.125e-4], rel=1e-6)
+    # Another --lr on a resume is this run's lr from its first step, with the same schedule.
+    _run(_request(photos, run_dir, max_steps=10, resume="latest", **{**settings, "lr": 2e-4}))
+    lrs = [e["lr"] for e in _events(run_dir) if e["type"] == "step"]
+    assert lrs[8:] == pytest.approx([2e-4 * 2 / 10, 2e-4 * 1 / 10], rel=1e-6)
+
+
+def test_run_stopped_on_its_last_step_resumes_to_its_export(photos, tmp_path):
+    run_dir = tmp_path / "last"
+    answers = [False, True]  # the stop is asked for during step 2 of 2
+    _run(_request(photos, run_dir, max_steps=2), should_stop=lambda: answers.pop(0))
+    assert runs.read_run_json(run_dir)["state"] == "stopped" and runs.run_output(run_dir) is None
+    _run(_request(photos, run_dir, max_steps=2, resume="latest"))  # nothing left to train: it exports
+    assert runs.read_run_json(run_dir)["state"] == "done" and runs.run_output(run_dir)[0] == "lora"
+    assert [e["step"] for e in _events(run_dir) if e["type"] == "step"] == [1, 2]
 
 
 def test_disk_full_keeps_previous_checkpoint_and_stop_saves_one(photos, tmp_path, monkeypatch):

@@ -425,3 +425,7 @@ def test_cli_second_ctrl_c_leaves_the_trainer_running_and_a_dead_trainer_is_reco
     assert err == [f"dreamtty: training failed: the trainer exited with code 3 before finishing; see "
                    f"{tmp_path / runs.LOG_FILE}"]
     assert runs.read_run_json(tmp_path)["state"] == "failed"
+    # A run recorded as failed without a reason still says where to look.
+    runs.write_json_atomic(tmp_path / runs.RUN_JSON, {"state": "failed", "settings": {}})
+    assert follow(tmp_path, DiedAtOnce()) == 1
+    assert capsys.readouterr().err.strip() == f"dreamtty: training failed: see {tmp_path / runs.LOG_FILE}"

@@ -146,6 +146,6 @@ def follow(run_dir: Path, proc) -> int:
         print(f"dreamtty: stopped at step {data.get('step', progress.step)}; continue with "
               f"dreamtty train --output {run_dir} --resume latest", file=sys.stderr)
         return 1
-    if error != progress.error:  # the trainer's own error was printed as it came
+    if error is None or error != progress.error:  # the trainer's own error was printed as it came
         print(f"dreamtty: training failed: {error or 'see ' + str(run_dir / runs.LOG_FILE)}", file=sys.stderr)
     return 2 if data.get("error_kind") == "input" else 1

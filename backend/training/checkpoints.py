@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from backend.errors import DreamttyError
 from backend.training import runs
 
-STATE_FILE = "dreamtty_state.json"
+STATE_FILE = runs.STATE_FILE
 _TORCH_WRITE_FAILED = ("inline_container.cc", "iostream error")  # torch.save's zip writer, its C++ stream
 # torch's words for a checkpoint of another layout -> the flags that change that layout
 _CHANGED_FLAGS = {

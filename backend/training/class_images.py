@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -29,10 +28,6 @@ def class_dir(ref: ModelRef, class_prompt: str) -> Path:
     return locations.cache_dir() / "class_images" / key
 
 
-def _print_warning(message: str) -> None:
-    print(f"dreamtty: warning: {message}", file=sys.stderr)
-
-
 def _reusable(path: Path, resolution: int, warn: Callable[[str], None]) -> bool:
     """Whether the cached class image ``path`` can serve a run at ``resolution``."""
     if not os.path.lexists(path):
@@ -48,7 +43,7 @@ def _reusable(path: Path, resolution: int, warn: Callable[[str], None]) -> bool:
 def ensure_class_images(
     ref: ModelRef, class_prompt: str, count: int, resolution: int, seed: int, device: torch.device,
     process_index: int, num_processes: int, report: Callable[[int, int], None], barrier: Callable[[], None],
-    warn: Callable[[str], None] = _print_warning,
+    warn: Callable[[str], None],
 ) -> list[Path]:
     """Return ``count`` class images, generating the missing or unusable ones (image i uses seed + i)."""
     folder = class_dir(ref, class_prompt)

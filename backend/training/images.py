@@ -14,11 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.errors import RequestError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MIN_SIDE = 32  # absolute floor, pixels
 FEW_IMAGES = 3  # below this, warn: 3-20 photos of the subject work best
@@ -67,6 +70,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """``img`` as 8-bit RGB; 16-bit, 32-bit and float greys are scaled, not clipped, to 0..255."""
     if not (img.mode.startswith("I") or img.mode == "F"):
         return img.convert("RGB")
+    import numpy as np  # here: the TUI imports this module and starts faster without numpy
     values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0)
     scaled = np.clip(np.rint(values * (255.0 / _full_scale(img.mode, values))), 0, 255)
     return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")

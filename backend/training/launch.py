@@ -24,9 +24,6 @@ from backend.training.images import scan_images
 from backend.training.words import unique_token_warning
 
 
-STATE_FILE = "dreamtty_state.json"  # = checkpoints.STATE_FILE (that module imports torch)
-
-
 @dataclass
 class PreparedRun:
     run_dir: Path
@@ -49,13 +46,13 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
     path = Path(resume).expanduser()
     if not path.is_absolute() and not path.exists():
         path = Path(run_dir) / runs.CHECKPOINTS / resume
-    if not (path.is_dir() and (path / STATE_FILE).is_file()):
+    if not (path.is_dir() and (path / runs.STATE_FILE).is_file()):
         raise RequestError("resume", f"{resume} is not a checkpoint folder; use latest or {run_dir}/checkpoints/checkpoint-N")
     return path
 
 
 def resume_settings(run_dir: Path) -> dict:
-    """The settings to continue ``run_dir`` with: the recorded ones, from its newest checkpoint."""
+    """The settings to continue ``run_dir`` with: those in its run.json, resuming from its newest checkpoint."""
     settings = dict(runs.read_run_json(run_dir).get("settings", {}))
     return {**settings, "output": str(run_dir), "resume": "latest"}
 
@@ -91,7 +88,7 @@ def _previous_run(run_dir: Path, req: TrainRequest) -> dict:
 
 def _checkpoint_step(checkpoint: Path) -> int | None:
     try:
-        return int(json.loads((checkpoint / STATE_FILE).read_text())["step"])
+        return int(json.loads((checkpoint / runs.STATE_FILE).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -109,7 +106,9 @@ def _check_resume(req: TrainRequest, run_dir: Path, previous: dict, family: str)
                                          "train a new run in another folder")
         return [f"resume: {run_dir} has no checkpoint yet; starting from step 0"]
     step = _checkpoint_step(checkpoint)
-    if step is not None and step >= req.max_steps:
+    if step is not None and step > req.max_steps:
+        raise RequestError("max_steps", f"{req.max_steps} is below the checkpoint's step {step}")
+    if step == req.max_steps and previous.get("state") == "done":  # stopped at its last step: only the export is left
         raise RequestError("max_steps", f"{req.max_steps} must be above the checkpoint's step {step} to train on")
     trained = runs.read_run_json(checkpoint.parent.parent)  # the run the checkpoint belongs to
     if trained.get("family") not in (None, family):

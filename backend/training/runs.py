@@ -35,6 +35,7 @@ LOG_FILE = "trainer.log"
 STOP_FILE = "STOP"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "dreamtty_state.json"  # in a checkpoint folder, written last: the checkpoint is complete
 MODEL_DIR = "model"
 LORA_FILE = "lora/pytorch_lora_weights.safetensors"
 LIVE_STATES = ("starting", "running")
@@ -68,7 +69,7 @@ def read_run_json(run_dir: Path) -> dict:
 
 
 def update_run_json(run_dir: Path, **changes) -> dict:
-    """Merge ``changes`` into run.json (only the trainer's main process calls this)."""
+    """Merge ``changes`` into run.json (the trainer's main process, or the launcher when no trainer runs)."""
     data = read_run_json(run_dir)
     data.update(changes, updated=time.time())
     write_json_atomic(Path(run_dir) / RUN_JSON, data)
@@ -96,7 +97,7 @@ def run_output(path: str | Path) -> tuple[str, Path] | None:
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (step, folder), oldest first.
 
-    Complete: the trainer writes ``dreamtty_state.json`` (checkpoints.STATE_FILE) last. Temp folders and
+    Complete: the trainer writes :data:`STATE_FILE` last. Temp folders and
     folders without it (a copy cut short, a removal cut short) are ignored.
     """
     folder = Path(run_dir) / CHECKPOINTS
@@ -104,7 +105,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     if folder.is_dir():
         for entry in folder.iterdir():
             step = entry.name.removeprefix(CHECKPOINT_PREFIX)
-            complete = (entry / "dreamtty_state.json").is_file()
+            complete = (entry / STATE_FILE).is_file()
             if entry.name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and complete:
                 found.append((int(step), entry))
     return sorted(found)

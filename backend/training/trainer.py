@@ -113,8 +113,11 @@ class DreamBoothTrainer:
         return ensure_class_images(
             model, req.class_prompt, req.num_class_images, req.resolution, req.seed,
             self.device, self.acc.process_index, self.acc.num_processes, report, self.acc.wait_for_everyone,
-            lambda message: self.events("log", level="warning", message=message),
+            self._warn,
         )
+
+    def _warn(self, message: str) -> None:
+        self.events("log", level="warning", message=message)
 
     def _setup_models(self) -> None:
         from accelerate.utils import set_seed
@@ -179,14 +182,16 @@ class DreamBoothTrainer:
         return get_scheduler(req.lr_scheduler, optimizer, num_warmup_steps=req.lr_warmup_steps * n,
                              num_training_steps=req.max_steps * n)
 
-    def _apply_schedule(self) -> None:
-        """Set the loaded optimizer's lr from this run's schedule at the loaded step.
+    def _apply_schedule(self, base_lrs: list[float]) -> None:
+        """Set the loaded optimizer's lr from this run's schedule (``base_lrs``, --max-steps) at the loaded step.
 
-        The checkpoint holds the lr of its own schedule; a resume with a larger --max-steps has a
-        longer one (a cosine no longer at its end), which must apply from the first step on.
+        The checkpoint holds its own lr and schedule; a resume with a larger --max-steps (a cosine no
+        longer at its end) or another --lr must apply from the first step on.
         """
         schedule = self.lr_scheduler.scheduler  # accelerate's wrapper holds diffusers' LambdaLR
-        for group, base, factor in zip(self.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+        schedule.base_lrs = list(base_lrs)
+        for group, base, factor in zip(self.optimizer.param_groups, base_lrs, schedule.lr_lambdas):
+            group["initial_lr"] = base
             group["lr"] = base * factor(schedule.last_epoch)
 
     @torch.no_grad()
@@ -243,10 +248,10 @@ class DreamBoothTrainer:
             # "latest" is the newest state that loads: a damaged checkpoint (power cut, full disk) gives way to
             # the one before it, with a warning. A checkpoint named by the user loads or fails.
             folders = [p for _, p in runs.list_checkpoints(self.run_dir)] if req.resume == "latest" else [checkpoint]
-            warn = lambda message: self.events("log", level="warning", message=message)  # noqa: E731
-            checkpoint, state = load_newest(self.acc, folders, warn)
+            base_lrs = list(self.lr_scheduler.scheduler.base_lrs)  # this run's --lr, before the load replaces it
+            checkpoint, state = load_newest(self.acc, folders, self._warn)
             start = int(state["step"])
-            self._apply_schedule()
+            self._apply_schedule(base_lrs)
             self.events("resume", step=start, checkpoint=str(checkpoint))
         elif req.resume is not None:  # nothing saved yet: start over (drops the old steps from the curve)
             self.events("resume", step=0, checkpoint=None)
