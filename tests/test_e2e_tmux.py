@@ -76,9 +76,9 @@ def test_tmux_generate_with_preview_then_quit(tmp_path, demo_dirs):
         if "Quit anyway" in tmux.screen():
             tmux("send-keys", "-t", "app", "y")
         tmux.wait(lambda: tmux("display", "-p", "-t", "app", "#{pane_dead}").stdout.strip() == "1", "exit", 30)
-        status = tmux("display", "-p", "-t", "app", "#{pane_dead_status}").stdout.strip()
+        status = tmux("display", "-p", "-t", "app", "#{pane_dead_status}/#{pane_dead_signal}").stdout.strip()
         after = tmux("capture-pane", "-p", "-S", "-200", "-t", "app").stdout
-        assert status == "0" and "Traceback" not in after, after
+        assert status == "0/" and "Traceback" not in after, f"exit status/signal {status!r}:\n{after.strip()}"
         tmux("kill-session", "-t", "app")
         assert tmux("has-session", "-t", "app").returncode != 0
     finally:

@@ -237,15 +237,16 @@ class TrainPane(Vertical):
         if field is not None:
             field.set_error(live_error(name, event.value))
 
-    def show_errors(self, errors: dict[str, str], summary: str) -> None:
-        """Each error under its field (others under the form), focus on the first bad field, and
-        ``summary`` in a notification."""
-        fields_shown = [f for f in self.query(Field)]
+    def show_errors(self, errors: dict[str, str], summary: str, loose: str = "") -> None:
+        """Each of ``errors`` (field -> message) under its field, ``loose`` text under the form, focus
+        on the first bad field, and ``summary`` in a notification."""
+        fields_shown = list(self.query(Field))
         for field in fields_shown:
             field.set_error(next((errors[n] for n in field.names if n in errors), None))
         placed = {n for f in fields_shown for n in f.names}
-        loose = [f"{name}: {message}" for name, message in errors.items() if name not in placed]
-        self.query_one("#train-form-error", Static).update(Content("\n".join(loose)))
+        lines = [loose] if loose else []
+        lines += [f"{name}: {message}" for name, message in errors.items() if name not in placed]
+        self.query_one("#train-form-error", Static).update(Content("\n".join(lines)))
         first = next((f for f in fields_shown if f.error), None)
         if first is not None and first.widgets:
             self.query_one("#train-form", VerticalScroll).scroll_to_widget(first)
@@ -254,8 +255,10 @@ class TrainPane(Vertical):
 
     def show_error(self, exc: DreamttyError) -> None:
         """Show ``exc`` under its field (or under the form) and in a notification."""
-        name = getattr(exc, "field", None) or "error"
-        self.show_errors({name: exc.message if name != "error" else str(exc)}, str(exc))
+        if isinstance(exc, RequestError):
+            self.show_errors({exc.field: exc.message}, str(exc))
+        else:
+            self.show_errors({}, str(exc), loose=str(exc))
 
     # -- start and stop ------------------------------------------------------------
     def action_start_run(self) -> None:
@@ -264,7 +267,12 @@ class TrainPane(Vertical):
         if errors:
             self.show_errors(errors, f"fix {len(errors)} setting(s): {', '.join(errors)}")
             return
-        self._start(TrainRequest.from_dict(values))
+        try:
+            request = TrainRequest.from_dict(values)
+        except RequestError as exc:  # what the per-field checks do not cover
+            self.show_error(exc)
+            return
+        self._start(request)
 
     def action_resume_run(self) -> None:
         info = runs.read_run(self.selected_run) if self.selected_run else None
