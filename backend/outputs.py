@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from backend import metadata
-from backend.errors import DreamttyError
+from backend.errors import DreamttyError, RequestError
 
 
 def check_writable(out_dir: Path) -> None:
@@ -23,6 +23,28 @@ def check_writable(out_dir: Path) -> None:
         raise DreamttyError(f"out: {out_dir} is not writable")
 
 
+def day_folder(out_root: Path, now: dt.datetime | dt.date | None = None) -> Path:
+    """Where the images of ``now`` (default today) go: ``out_root/YYYY-MM-DD``."""
+    return out_root / (now or dt.date.today()).strftime("%Y-%m-%d")
+
+
+def check_out_dir(out: Path) -> None:
+    """Raise a one-line error unless images can be saved under ``out`` today (before queueing).
+
+    Creates today's folder and a probe file in it, as saving will: permission bits and
+    ``os.access`` do not tell (root, read-only or virtual file systems such as /sys).
+    """
+    if out.exists() and not out.is_dir():
+        raise RequestError("out", f"{out} is a file; give a folder")
+    folder = day_folder(out)
+    check_writable(folder)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise DreamttyError(f"out: cannot write in {folder}: {exc.strerror}") from None
+
+
 def save_image(image: Image.Image, meta: dict, out_root: Path, now: dt.datetime | None = None) -> Path:
     """Write ``image`` with its metadata as ``out_root/YYYY-MM-DD/HHMMSS-SEED.png``.
 
@@ -30,7 +52,7 @@ def save_image(image: Image.Image, meta: dict, out_root: Path, now: dt.datetime 
     that does not exist yet; on any error no partial file is left.
     """
     now = now or dt.datetime.now()
-    folder = out_root / now.strftime("%Y-%m-%d")
+    folder = day_folder(out_root, now)
     check_writable(folder)
     stem = f"{now.strftime('%H%M%S')}-{meta['request']['seed']}"
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=folder)  # no *.png until complete

@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import re
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from backend import config, locations
-from backend.errors import DreamttyError, RequestError
+from backend.errors import RequestError
 from backend.extras_check import check_extras
 from backend.models import resolve_model
-from backend.outputs import check_writable
+from backend.outputs import check_out_dir
 from backend.processes import process_exists
 from backend.prompting import check_prompts
 from backend.queue_store import ACTIVE, FINAL, Job, QueueStore
@@ -96,23 +94,6 @@ def _count_visible(visible: str, physical: int) -> int:
             break
         count += 1
     return count
-
-
-def check_out_dir(out: Path) -> None:
-    """Raise a one-line error unless images can be saved under ``out``.
-
-    Creates today's folder and a probe file in it, as saving will: permission bits and
-    ``os.access`` do not tell (root, read-only or virtual file systems such as /sys).
-    """
-    if out.exists() and not out.is_dir():
-        raise RequestError("out", f"{out} is a file; give a folder")
-    folder = out / dt.date.today().strftime("%Y-%m-%d")  # as backend.outputs.save_image names it
-    check_writable(folder)
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise DreamttyError(f"out: cannot write in {folder}: {exc.strerror}") from None
 
 
 @dataclass

@@ -5,13 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import os
+import shutil
+import subprocess
 
 import pytest
 from PIL import Image
 
 from backend import metadata
 from backend.errors import DreamttyError
-from backend.outputs import check_writable, save_image
+from backend.outputs import check_out_dir, check_writable, day_folder, save_image
 from backend.request import GenerateRequest
 
 NOW = dt.datetime(2026, 11, 26, 10, 30, 5)
@@ -94,6 +96,25 @@ def test_out_dir_under_a_file_is_an_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(DreamttyError, match="^out: cannot create"):
         check_writable(blocker / "sub")
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="needs chattr")
+def test_out_dir_that_refuses_files_is_found_before_queueing(tmp_path):
+    folder = day_folder(tmp_path)
+    folder.mkdir()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("chattr +i not allowed here")
+    try:  # immutable: even root cannot create files in it
+        with pytest.raises(DreamttyError, match=f"^out: ({folder} is not writable|cannot write in {folder}: .*)$"):
+            check_out_dir(tmp_path)
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)])
+    check_out_dir(tmp_path)  # writable again: no error, and no probe file left
+    assert list(folder.iterdir()) == []
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(DreamttyError, match="^out: .*file is a file; give a folder$"):
+        check_out_dir(blocker)
 
 
 def test_image_without_metadata(tmp_path):
