@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.errors import DreamttyError
+from backend.errors import DreamttyError, RequestError
 
 # The files a diffusers folder needs: configs, tokenizers and the default (non-variant) safetensors weights.
 DIFFUSERS_PATTERNS = (
@@ -143,6 +143,16 @@ def _verify(path: Path, f: PlannedFile) -> None:
         raise DreamttyError(f"pull: {f.name} does not match its SHA-256; it was removed, run the pull again")
 
 
+def check_repo_id(repo: str) -> None:
+    """Raise RequestError("id") unless ``repo`` has the form of a Hugging Face id (a typo is not a network problem)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise RequestError("id", f"{repo!r} is not a valid Hugging Face id (owner/name)") from None
+
+
 def pull(
     repo: str,
     revision: str | None = None,
@@ -155,6 +165,7 @@ def pull(
 
     ``progress(done_bytes, total_bytes, file)`` is called before and after each file.
     """
+    check_repo_id(repo)
     if api is None:
         if _offline():
             raise DreamttyError(f"pull: HF_HUB_OFFLINE is set, so {repo} cannot be downloaded; unset it where the network allows")

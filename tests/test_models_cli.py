@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,6 +65,13 @@ def test_pull_offline_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["models", "pull", "some/repo"]) == 2
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("repo", ["a b", "", "../../etc"])
+def test_pull_refuses_an_id_that_is_not_one_before_any_network(repo):
+    hub = FakeHub.__new__(FakeHub)  # never asked: the id is checked first (the TUI's pull too)
+    with pytest.raises(DreamttyError, match=rf"^id: {re.escape(repr(repo))} is not a valid Hugging Face id"):
+        downloads.pull(repo, api=hub)
 
 
 class FakeHub:

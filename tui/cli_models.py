@@ -8,7 +8,6 @@ import os
 import sys
 
 from backend import config, downloads, library
-from backend.errors import RequestError
 from backend.families import FAMILIES
 
 
@@ -62,18 +61,7 @@ def cmd_list(args) -> int:
     return 0
 
 
-def _check_repo_id(repo: str) -> None:
-    """Raise RequestError("id") unless ``repo`` has the form of a Hugging Face id."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo)
-    except HFValidationError:
-        raise RequestError("id", f"{repo!r} is not a valid Hugging Face id (owner/name)") from None
-
-
 def cmd_pull(args) -> int:
-    _check_repo_id(args.id)
     path = downloads.pull(args.id, revision=args.revision, filename=args.file)
     print(path)
     name = path.stem if args.file else args.id
