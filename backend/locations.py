@@ -14,7 +14,20 @@ from pathlib import Path
 
 import platformdirs
 
+from backend.errors import RequestError
+
 APP = "dreamtty"
+
+
+def make_folder(folder: Path, field: str) -> Path:
+    """Create ``folder`` if missing; a one-line RequestError naming ``field`` when it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RequestError(field, f"{folder} is a file; give a folder") from None
+    except OSError as exc:
+        raise RequestError(field, f"cannot create {folder}: {exc.strerror}; give a writable folder") from None
+    return folder
 
 
 def _root(kind: str) -> Path:

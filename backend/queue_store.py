@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend import locations
 from backend.errors import DreamttyError
 
 ACTIVE = ("queued", "running")
@@ -42,7 +43,7 @@ class QueueStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.warnings: list[str] = []
-        _make_folder(path.parent)
+        locations.make_folder(path.parent, "queue")
         try:
             self._db = self._open()
         except sqlite3.Error as exc:
@@ -127,15 +128,6 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, request TEXT NOT NULL,
     state TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
     error TEXT, outputs TEXT NOT NULL DEFAULT '[]', owner INTEGER NOT NULL DEFAULT 0)"""
-
-
-def _make_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise DreamttyError(f"queue: {folder} is a file; it must be a folder") from None
-    except OSError as exc:
-        raise DreamttyError(f"queue: cannot create the folder {folder}: {exc.strerror}") from None
 
 
 def _connect(path: Path) -> sqlite3.Connection:

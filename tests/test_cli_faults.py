@@ -162,9 +162,9 @@ def test_home_that_cannot_be_created(tmp_path, monkeypatch, capsys):
 
 def test_queue_folder_that_cannot_be_created(tmp_path):
     (tmp_path / "state").write_text("")
-    with pytest.raises(DreamttyError, match="queue: .*state is a file; it must be a folder"):
+    with pytest.raises(DreamttyError, match="^queue: .*state is a file; give a folder$"):
         QueueStore(tmp_path / "state" / "queue.sqlite3")
-    with pytest.raises(DreamttyError, match="queue: cannot create the folder .*state/sub: Not a directory"):
+    with pytest.raises(DreamttyError, match="^queue: cannot create .*state/sub: Not a directory; give a writable folder$"):
         QueueStore(tmp_path / "state" / "sub" / "queue.sqlite3")
 
 

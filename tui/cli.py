@@ -312,15 +312,11 @@ def _check_global_options(args: argparse.Namespace) -> None:
 
 def _check_home() -> None:
     """``DREAMTTY_HOME``, when set, must be a folder (created when missing)."""
+    from backend.locations import make_folder
+
     home = os.environ.get("DREAMTTY_HOME")
-    if not home:
-        return
-    try:
-        Path(home).mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise RequestError("DREAMTTY_HOME", f"{home} is a file; give a folder") from None
-    except OSError as exc:
-        raise RequestError("DREAMTTY_HOME", f"cannot create {home}: {exc.strerror}; give a writable folder") from None
+    if home:
+        make_folder(Path(home), "DREAMTTY_HOME")
 
 
 def _check_queue() -> None:
