@@ -196,10 +196,13 @@ def test_unreadable_wildcard_file_is_skipped_with_one_warning(wildcards_dir, cap
         check_prompts(GenerateRequest(prompt="a __pet__", seed=1, count=3))
         assert "broken" not in load_wildcards()
     assert [r.getMessage() for r in caplog.records] == [
-        f"dreamtty: warning: {wildcards_dir / 'broken.txt'}: cannot read as UTF-8 text "
+        f"dreamtty: warning: {wildcards_dir / 'broken.txt'} cannot be read as UTF-8 text "
         "('utf-8' codec can't decode byte 0xff in position 0: invalid start byte); wildcard file skipped"
     ]
     assert build_prompt(GenerateRequest(prompt="a __pet__", seed=1)).positive == "a axolotl"
+    # Using it names the reason, not "unknown wildcard ... add broken.txt" (the TUI shows no log warnings).
+    with pytest.raises(RequestError, match=r"^prompt: wildcard __broken__: .*broken.txt cannot be read as UTF-8"):
+        check_prompts(GenerateRequest(prompt="a __broken__", seed=1))
 
 
 def test_wildcards_that_multiply_stop_quickly(wildcards_dir):

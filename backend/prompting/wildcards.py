@@ -20,7 +20,7 @@ MAX_DEPTH = 16
 MAX_CHARS = 20_000  # longest text one wildcard may expand to (nested picks included)
 MAX_PICKS = 1_000  # most wildcard picks in one prompt
 log = logging.getLogger("dreamtty.wildcards")
-_reported: set[str] = set()  # unreadable files already warned about in this process
+_skipped: dict[str, str] = {}  # wildcard name -> why its file was skipped (this process)
 WILDCARD = re.compile(r"__([A-Za-z0-9][\w\-/.]*?)__")
 ARRAY = re.compile(r"\[\[([^\[\]]*,[^\[\]]*)\]\]")
 
@@ -32,17 +32,18 @@ def load_wildcards() -> dict[str, list[str]]:
         try:
             text = file.read_text()
         except (OSError, UnicodeError) as exc:
-            _warn_once(f"{file.label}: cannot read as UTF-8 text ({exc}); wildcard file skipped")
+            _skip(file.stem.lower(), f"{file.label} cannot be read as UTF-8 text ({exc})")
             continue
         lines = (line.strip() for line in text.splitlines())
         table[file.stem.lower()] = [line for line in lines if line and not line.startswith("#")]
     return table
 
 
-def _warn_once(message: str) -> None:
-    if message not in _reported:
-        _reported.add(message)
-        log.warning("dreamtty: warning: %s", message)
+def _skip(name: str, reason: str) -> None:
+    """Remember why wildcard ``name`` is missing (its use names the reason); warn once per process."""
+    if _skipped.get(name) != reason:
+        _skipped[name] = reason
+        log.warning("dreamtty: warning: %s; wildcard file skipped", reason)
 
 
 def expand_wildcards(
@@ -63,6 +64,8 @@ def expand_wildcards(
                 raise RequestError(field, f"wildcards nest deeper than {MAX_DEPTH} levels at __{name}__; "
                                           "does a wildcard file include itself?")
             options = table.get(name.lower())
+            if options is None and name.lower() in _skipped:
+                raise RequestError(field, f"wildcard __{name}__: {_skipped[name.lower()]}")
             if options is None:
                 raise RequestError(field, f"unknown wildcard __{name}__; add {name}.txt to {user_dir('wildcards')}")
             if not options:
