@@ -124,6 +124,23 @@ def resolve_model(name: str, field: str = "model") -> ModelRef:
         raise relabel(exc, field) from None
 
 
+def text_encoder_depth(ref: ModelRef) -> int | None:
+    """Layers of the model's shallowest text encoder, read from its configs without loading it
+    (diffusers folders and built demo models); None when that cannot be told here."""
+    from backend import locations
+
+    folder = {"folder": Path(ref.location), "demo": locations.demo_models_dir() / ref.location}.get(ref.kind)
+    if folder is None:
+        return None
+    depths = []
+    for config in sorted(folder.glob("text_encoder*/config.json")):
+        try:
+            depths.append(int(json.loads(config.read_text())["num_hidden_layers"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return min(depths) if depths else None
+
+
 def relabel(error: ModelError, field: str) -> ModelError:
     """``error`` with its leading ``model:`` replaced by ``field:`` (model files named by another field)."""
     if field == "model":

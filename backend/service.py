@@ -21,7 +21,7 @@ from pathlib import Path
 from backend import config, locations
 from backend.errors import RequestError
 from backend.extras_check import check_extras
-from backend.models import resolve_model
+from backend.models import resolve_model, text_encoder_depth
 from backend.outputs import check_out_dir
 from backend.processes import process_exists
 from backend.prompting import check_prompts
@@ -192,6 +192,10 @@ class Service:
         ref = resolve_model(request.model)
         family = ref.family if ref.family != "unknown" else "sdxl"
         resolved = request.resolved(family)
+        depth = text_encoder_depth(ref)
+        if depth is not None and resolved.guidance.clip_skip > depth:  # else the worker finds it, later
+            raise RequestError("clip_skip", f"{resolved.guidance.clip_skip} is deeper than this model's text encoder; "
+                                            f"allowed 1..{depth}")
         check_prompts(resolved)
         check_extras(resolved)
         return resolved, ref.family

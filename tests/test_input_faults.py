@@ -277,3 +277,9 @@ def test_numbers_beyond_float_range_in_guidance_are_one_line_errors():
 def test_sdxl_preset_with_sdxl_only_guidance_loads(user_folder):
     (user_folder("presets") / "xl.yaml").write_text("model: demo-xl\nguidance:\n  adm_scale: [1.5, 0.8, 0.3]\n")
     assert tuple(load_preset("xl")["guidance"]["adm_scale"]) == (1.5, 0.8, 0.3)
+
+
+def test_clip_skip_deeper_than_the_text_encoder_is_refused_before_queueing(capsys, demo_dirs):
+    assert main(["generate", "a fox", "--model", "demo", "--clip-skip", "5"]) == 2
+    assert capsys.readouterr().err.strip() == ("dreamtty: clip_skip: 5 is deeper than this model's text encoder; "
+                                               "allowed 1..4")
