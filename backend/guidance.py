@@ -135,8 +135,6 @@ class GuidanceSettings:
             raise RequestError("freeu", f"{self.freeu} is out of range; allowed {lo:g}..{hi:g} each")
 
 
-
-
 def _numbers(name: str, values: object, count: int, shape: str) -> tuple[float, ...]:
     if not isinstance(values, (tuple, list)) or len(values) != count:
         raise RequestError(name, f"{values!r} is not allowed; give {count} numbers {shape}")

@@ -156,8 +156,6 @@ def _optional(convert: Callable[[str, object], object]) -> Callable[[str, object
     return lambda name, value: None if value is None else convert(name, value)
 
 
-
-
 def _styles(name: str, value: object) -> list[str]:
     if value is None:
         return []
@@ -180,10 +178,6 @@ def _is_lora(pair: object) -> bool:
 
 def _guidance(name: str, value: object) -> GuidanceSettings:
     return GuidanceSettings.from_dict({} if value is None else value)
-
-
-
-
 
 
 # How ``from_dict`` checks and converts each field (types only; ranges are checked by ``resolved``).

@@ -189,8 +189,6 @@ def check_field(name: str, value: object) -> object:
 _WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
 
 
-
-
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise RequestError(name, f"unknown {value!r}; allowed: {', '.join(allowed)}")

@@ -349,8 +349,7 @@ class DreamBoothTrainer:
             try:
                 runs.update_run_json(self.run_dir, step=step, checkpoint=str(path))
             except OSError as exc:  # the checkpoint is saved; a resume finds it without run.json
-                message = f"run.json not updated at step {step}: {exc.strerror or exc}"
-                self.events("log", level="warning", message=message)
+                self._warn(f"run.json not updated at step {step}: {exc.strerror or exc}")
 
     def train_step(self, micro: int) -> tuple[float, float | None]:
         """One optimizer step over ``grad_accum`` micro-batches from ``micro``: (loss, prior loss)."""
