@@ -135,6 +135,12 @@ class GuidanceSettings:
             raise RequestError("freeu", f"{self.freeu} is out of range; allowed {lo:g}..{hi:g} each")
 
 
+def check_clip_skip(clip_skip: int, depth: int) -> None:
+    """``clip_skip`` must not reach below the first layer of a text encoder ``depth`` layers deep."""
+    if clip_skip > depth:
+        raise RequestError("clip_skip", f"{clip_skip} is deeper than this model's text encoder; allowed 1..{depth}")
+
+
 def _numbers(name: str, values: object, count: int, shape: str) -> tuple[float, ...]:
     if not isinstance(values, (tuple, list)) or len(values) != count:
         raise RequestError(name, f"{values!r} is not allowed; give {count} numbers {shape}")

@@ -21,6 +21,7 @@ from pathlib import Path
 from backend import config, locations
 from backend.errors import RequestError
 from backend.extras_check import check_extras
+from backend.guidance import check_clip_skip
 from backend.models import resolve_model, text_encoder_depth
 from backend.outputs import check_out_dir
 from backend.processes import process_exists
@@ -193,9 +194,8 @@ class Service:
         family = ref.family if ref.family != "unknown" else "sdxl"
         resolved = request.resolved(family)
         depth = text_encoder_depth(ref)
-        if depth is not None and resolved.guidance.clip_skip > depth:  # else the worker finds it, later
-            raise RequestError("clip_skip", f"{resolved.guidance.clip_skip} is deeper than this model's text encoder; "
-                                            f"allowed 1..{depth}")
+        if depth is not None:  # else the worker finds it, later
+            check_clip_skip(resolved.guidance.clip_skip, depth)
         check_prompts(resolved)
         check_extras(resolved)
         return resolved, ref.family

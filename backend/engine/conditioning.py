@@ -18,8 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from backend.errors import RequestError
-
+from backend.guidance import check_clip_skip
 from backend.prompting.weights import Fragment, is_plain, parse_weights
 
 CHUNK = 75  # tokens per window, between BOS and EOS
@@ -60,9 +59,7 @@ def _fits(pipe, text: str) -> bool:
 
 def encode(pipe, prompt: str, negative: str, with_uncond: bool, clip_skip: int = 1) -> Conditioning:
     """Encode one image's prompts; weighted/chunked only when the text needs it."""
-    depth = min(encoder.config.num_hidden_layers for _, encoder in _encoders(pipe))
-    if clip_skip > depth:
-        raise RequestError("clip_skip", f"{clip_skip} is deeper than this model's text encoder; allowed 1..{depth}")
+    check_clip_skip(clip_skip, min(encoder.config.num_hidden_layers for _, encoder in _encoders(pipe)))
     texts = [prompt, negative] if with_uncond else [prompt]
     if clip_skip <= 1 and all(is_plain(t) and _fits(pipe, t) for t in texts):
         return _encode_stock(pipe, prompt, negative, with_uncond)
