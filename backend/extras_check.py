@@ -65,8 +65,9 @@ def find_extra(kind: str, name: str, cfg) -> library.Entry:
     return entry
 
 
-def check_extras(request: GenerateRequest, cfg=None) -> GenerateRequest:
-    """Check that the request's LoRAs, VAE and refiner exist and may be loaded; returns the effective request."""
+def check_extras(request: GenerateRequest, model_family: str, cfg=None) -> GenerateRequest:
+    """Check that the request's LoRAs, VAE and refiner exist and may be loaded with a ``model_family``
+    model; returns the effective request."""
     from backend.models import resolve_model
 
     cfg = cfg or config_mod.load()
@@ -76,8 +77,7 @@ def check_extras(request: GenerateRequest, cfg=None) -> GenerateRequest:
     if request.vae:
         find_extra("vae", request.vae, cfg)
     if request.refiner:
-        check_refiner(request.refiner, resolve_model(request.refiner, "refiner").family,
-                      resolve_model(request.model).family)
+        check_refiner(request.refiner, resolve_model(request.refiner, "refiner").family, model_family)
     return request
 
 

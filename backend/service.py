@@ -197,7 +197,7 @@ class Service:
         if depth is not None:  # else the worker finds it, later
             check_clip_skip(resolved.guidance.clip_skip, depth)
         check_prompts(resolved)
-        check_extras(resolved)
+        check_extras(resolved, ref.family)
         return resolved, ref.family
 
     def submit(self, request: GenerateRequest, out_dir: Path | None = None) -> int:

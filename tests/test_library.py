@@ -217,13 +217,13 @@ def test_check_extras_refuses_early_without_torch(tmp_path):
     _write(tmp_path / "loras" / "ink.safetensors", {key: (4, 768)})
     torch.save({key: torch.zeros(4, 768)}, tmp_path / "loras" / "old.pt")
     cfg = config.Config(paths={"loras": [tmp_path / "loras"], "vae": [tmp_path / "vae"]})
-    ok = check_extras(GenerateRequest(prompt="a cat <lora:ink:0.5>"), cfg)
+    ok = check_extras(GenerateRequest(prompt="a cat <lora:ink:0.5>"), "demo", cfg)
     assert ok.loras == [("ink", 0.5)] and ok.prompt == "a cat"
     with pytest.raises(RequestError, match="^lora: ink2 not found; known: ink, old"):
-        check_extras(GenerateRequest(loras=[("ink2", 1.0)]), cfg)
+        check_extras(GenerateRequest(loras=[("ink2", 1.0)]), "demo", cfg)
     with pytest.raises(RequestError, match=r"^lora: old is a pickle \(\.pt\); refused without --allow-pickle"):
-        check_extras(GenerateRequest(loras=[("old", 1.0)]), cfg)
+        check_extras(GenerateRequest(loras=[("old", 1.0)]), "demo", cfg)
     with pytest.raises(RequestError, match="^vae: mine not found; none found in"):
-        check_extras(GenerateRequest(vae="mine"), cfg)
+        check_extras(GenerateRequest(vae="mine"), "demo", cfg)
     with pytest.raises(ModelError, match="^refiner: nope/nothing"):  # the refiner's own field
-        check_extras(GenerateRequest(refiner="nope/nothing"), cfg)
+        check_extras(GenerateRequest(refiner="nope/nothing"), "demo", cfg)
