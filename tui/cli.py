@@ -155,7 +155,7 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
     from backend.service import Service
 
     service = Service(devices=args.device)
-    _warn(service.store.warnings)
+    print_warnings(service.store.warnings)
     events = service.subscribe()
     paths: list[str] = []
     failed = 0
@@ -186,7 +186,8 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
     return (1 if failed else 0), paths
 
 
-def _warn(warnings: list[str]) -> None:
+def print_warnings(warnings: list[str]) -> None:
+    """Each warning as a ``dreamtty: warning:`` line on stderr."""
     for warning in warnings:
         print(f"dreamtty: warning: {warning}", file=sys.stderr)
 
@@ -326,7 +327,7 @@ def _check_queue() -> None:
 
     store = QueueStore(locations.queue_db())
     store.close()
-    _warn(store.warnings)
+    print_warnings(store.warnings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ import json
 import sys
 
 from backend.prompting.styles import RANDOM_STYLE, StyleLibrary, load_styles
+from tui.cli import print_warnings
 
 
 def register(subparsers) -> None:
@@ -24,8 +25,7 @@ def register(subparsers) -> None:
 
 def _load() -> StyleLibrary:
     library = load_styles()
-    for warning in library.warnings:
-        print(f"dreamtty: warning: {warning}", file=sys.stderr)
+    print_warnings(library.warnings)
     return library
 
 

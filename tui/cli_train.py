@@ -17,6 +17,7 @@ from backend.errors import RequestError
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
 from backend.training.launch import prepare_run, request_stop, resume_settings, start_trainer
+from tui.cli import print_warnings
 
 # (flag, TrainRequest field, metavar or None for an on/off switch, help)
 _OPTIONS = (
@@ -93,8 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "out", None) is not None:  # --out (images) is easily taken for --output (the run)
         raise RequestError("out", "is where generated images go; give the run folder with --output RUN_DIR")
     prepared = prepare_run(request_from_args(args))
-    for warning in prepared.warnings:
-        print(f"dreamtty: warning: {warning}", file=sys.stderr)
+    print_warnings(prepared.warnings)
     run_dir = prepared.run_dir
     proc = start_trainer(run_dir, args.launcher)
     if args.detach:
