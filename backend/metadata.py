@@ -44,7 +44,7 @@ def a1111_parameters(meta: dict) -> str:
 
 
 def _guidance_non_neutral(req: dict) -> dict:
-    from backend.guidance import GuidanceSettings
+    from backend.guidance_settings import GuidanceSettings
 
     return GuidanceSettings.from_dict(req.get("guidance") or {}).non_neutral()
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from backend.errors import RequestError
 from backend.families import FAMILIES
-from backend.guidance import GuidanceSettings
+from backend.guidance_settings import GuidanceSettings
 from backend.samplers import SAMPLERS, SCHEDULES
 from backend.values import to_bool, to_float, to_int
 

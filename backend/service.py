@@ -21,7 +21,7 @@ from pathlib import Path
 from backend import config, locations
 from backend.errors import RequestError
 from backend.extras_check import check_extras
-from backend.guidance import check_clip_skip
+from backend.guidance_settings import check_clip_skip
 from backend.models import resolve_model, text_encoder_depth
 from backend.outputs import check_out_dir
 from backend.processes import process_exists

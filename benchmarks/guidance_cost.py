@@ -25,7 +25,7 @@ import torch
 from backend.engine.conditioning import encode
 from backend.engine.denoise import DenoiseSpec, denoise
 from backend.engine.scheduling import make_scheduler
-from backend.guidance import GuidanceSettings
+from backend.guidance_settings import GuidanceSettings
 
 PROMPT, NEGATIVE, CFG = "a red fox in the snow, photo", "blurry", 7.0
 # (label, settings, cfg, SDXL only)

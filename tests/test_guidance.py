@@ -27,12 +27,12 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
 from backend.engine.conditioning import encode
 from backend.engine.denoise import DenoiseSpec, decode, denoise
 from backend.engine.filters import joint_bilateral
-from backend.engine.guidance import Guider
+from backend.engine.guider import Guider
 from backend.engine.loader import load_pipeline
 from backend.engine.prediction import noise_level
 from backend.engine.scheduling import make_scheduler
 from backend.errors import RequestError
-from backend.guidance import GuidanceSettings
+from backend.guidance_settings import GuidanceSettings
 from backend.models import resolve_model
 
 PROMPT, NEGATIVE, SEED, SIZE, STEPS = "a red fox", "blurry", 7, 64, 3

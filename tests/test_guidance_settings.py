@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backend.errors import RequestError
-from backend.guidance import RANGES, GuidanceSettings, freeu_defaults
+from backend.guidance_settings import RANGES, GuidanceSettings, freeu_defaults
 from backend.request import GenerateRequest
 
 

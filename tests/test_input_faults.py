@@ -12,7 +12,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from backend.errors import DreamttyError, ModelError, RequestError
-from backend.guidance import GuidanceSettings
+from backend.guidance_settings import GuidanceSettings
 from backend.metadata import CHUNK, request_from_image
 from backend.models import resolve_model
 from backend.prompting import build_prompt, check_prompts

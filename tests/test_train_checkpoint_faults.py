@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from backend.training import run, runs
+from backend.training import runs, trainer_process
 from backend.training.checkpoints import STATE_FILE, CheckpointError
 from backend.training.config import TrainRequest
 from backend.training.launch import prepare_run, resume_checkpoint
@@ -141,7 +141,7 @@ def test_damaged_checkpoint_named_fails_and_latest_falls_back(photos, tmp_path):
     weights.write_bytes(cut)
 
     prepare_run(_settings(run_dir, max_steps=5, resume=str(damaged)))
-    assert run.main([str(run_dir)]) == 1  # the trainer process, in this one
+    assert trainer_process.main([str(run_dir)]) == 1  # the trainer process, in this one
     error = (f"resume: cannot load {damaged}: trainable_0.safetensors is damaged "
              "(Error while deserializing header: incomplete metadata, file not fully covered)")
     assert runs.read_run_json(run_dir)["error"] == error

@@ -262,7 +262,7 @@ def test_cli_missing_instance_dir(capsys, tmp_path):
 
 
 def test_trainer_entry_without_run_json_fails_cleanly(tmp_path, capsys):
-    from backend.training.run import main
+    from backend.training.trainer_process import main
 
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 1

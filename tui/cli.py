@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from backend.errors import DreamttyError, RequestError
-from backend.guidance import GuidanceSettings
+from backend.guidance_settings import GuidanceSettings
 from backend.request import GenerateRequest, parse_size
 from backend.samplers import SAMPLERS, SCHEDULES
 

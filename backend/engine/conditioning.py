@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from backend.guidance import check_clip_skip
+from backend.guidance_settings import check_clip_skip
 from backend.prompting.weights import Fragment, is_plain, parse_weights
 
 CHUNK = 75  # tokens per window, between BOS and EOS

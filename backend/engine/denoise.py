@@ -16,8 +16,8 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
 from backend.engine.conditioning import Conditioning
-from backend.engine.guidance import Guider, UNetInputs
-from backend.guidance import GuidanceSettings
+from backend.engine.guider import Guider, UNetInputs
+from backend.guidance_settings import GuidanceSettings
 
 
 class Cancelled(Exception):

@@ -6,7 +6,7 @@ on with its values, or off (``disable_freeu``, which restores the plain UNet exa
 
 from __future__ import annotations
 
-from backend.guidance import freeu_defaults
+from backend.guidance_settings import freeu_defaults
 
 
 def pipeline_family(pipe) -> str:

@@ -12,7 +12,7 @@ aesthetic score (6.0, negative 2.5: diffusers' defaults).
 from __future__ import annotations
 
 from backend.engine.conditioning import encode
-from backend.engine.guidance import Guider, UNetInputs
+from backend.engine.guider import Guider, UNetInputs
 from backend.errors import ModelError
 from backend.families import FAMILIES
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from backend.errors import RequestError
-from backend.guidance import GuidanceSettings
+from backend.guidance_settings import GuidanceSettings
 from backend.prompting.datafiles import DataFile, data_files, user_dir
 from backend.prompting.styles import load_styles
 from backend.request import GenerateRequest, parse_size

@@ -1,6 +1,6 @@
 """Prepare a run directory and start, or stop, its trainer process (no torch).
 
-The trainer is its own process (``python -m backend.training.run RUN_DIR``) in its own
+The trainer is its own process (``python -m backend.training.trainer_process RUN_DIR``) in its own
 session, so closing the TUI or the SSH connection does not stop it.
 """
 
@@ -162,14 +162,14 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> Prepare
 
 
 def trainer_command(run_dir: Path, launcher: str | None = None) -> list[str]:
-    """``python -m backend.training.run RUN_DIR``, or the same through e.g. ``accelerate launch``."""
+    """``python -m backend.training.trainer_process RUN_DIR``, or the same through e.g. ``accelerate launch``."""
     if launcher:
         try:
             words = shlex.split(launcher)
         except ValueError as exc:  # e.g. an unbalanced quote
             raise RequestError("launcher", f"{launcher!r}: {exc}") from None
-        return [*words, "-m", "backend.training.run", str(run_dir)]
-    return [sys.executable, "-m", "backend.training.run", str(run_dir)]
+        return [*words, "-m", "backend.training.trainer_process", str(run_dir)]
+    return [sys.executable, "-m", "backend.training.trainer_process", str(run_dir)]
 
 
 def start_trainer(run_dir: Path, launcher: str | None = None, log_to_file: bool = True) -> subprocess.Popen:

@@ -18,7 +18,7 @@ from textual.widgets import Checkbox, Collapsible, Footer, Input, Select, Static
 from backend import library
 from backend.errors import DreamttyError, RequestError
 from backend.families import FAMILIES, aspect_sizes
-from backend.guidance import GuidanceSettings
+from backend.guidance_settings import GuidanceSettings
 from backend.models import DEMO_MODELS, resolve_model, trained_model
 from backend.prompting.presets import PresetInfo, apply_preset, list_presets
 from backend.prompting.styles import RANDOM_STYLE, load_styles

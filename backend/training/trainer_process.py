@@ -1,7 +1,7 @@
-"""Trainer process entry: ``python -m backend.training.run RUN_DIR``.
+"""Trainer process entry: ``python -m backend.training.trainer_process RUN_DIR``.
 
 Reads the settings from ``RUN_DIR/run.json`` (written by ``launch.prepare_run``) and trains.
-Works under ``accelerate launch -m backend.training.run RUN_DIR`` for several GPUs.
+Works under ``accelerate launch -m backend.training.trainer_process RUN_DIR`` for several GPUs.
 SIGTERM or SIGINT (or a STOP file) stops after the current step with a checkpoint.
 Exit status: 0 done, 1 failed, 3 stopped.
 """
@@ -31,7 +31,7 @@ def fail(run_dir: Path, events: runs.EventWriter, message: str, kind: str = "err
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m backend.training.run RUN_DIR", file=sys.stderr)
+        print("usage: python -m backend.training.trainer_process RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(args[0]).expanduser().resolve()
     events = runs.EventWriter(run_dir, enabled=os.environ.get("RANK", "0") == "0")

@@ -29,7 +29,7 @@ from backend.engine.perp_neg import perp_neg
 from backend.engine.prediction import NoiseLevel, noise_level, progress
 from backend.engine.sag import AttentionMap, capture_attention, degraded_sample
 from backend.engine.sharpness import sharpened
-from backend.guidance import GuidanceSettings
+from backend.guidance_settings import GuidanceSettings
 
 
 @dataclass
