@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from backend import jobkinds
 from backend.errors import DreamttyError, RequestError
 from backend.request import GenerateRequest
 from backend.samplers import SAMPLERS
@@ -17,9 +18,9 @@ VERSION = 1
 _SCHEDULE_LABELS = {"normal": "Automatic", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform"}
 
 
-def build(request: GenerateRequest, family: str, prompt_record: dict) -> dict:
-    """The metadata dict saved with an image (request is the per-image request)."""
-    return {"version": VERSION, "family": family, "request": request.to_dict(), "prompt": prompt_record}
+def build(request: GenerateRequest, family: str, prompt_record: dict, kind: str = "generate") -> dict:
+    """The metadata dict saved with an image (request is the per-image request of a job of ``kind``)."""
+    return {"version": VERSION, "kind": kind, "family": family, "request": request.to_dict(), "prompt": prompt_record}
 
 
 def a1111_parameters(meta: dict) -> str:
@@ -78,6 +79,6 @@ def request_from_image(path: str | Path) -> GenerateRequest:
     if not isinstance(request, dict):
         raise DreamttyError(f"image: {path} has dreamtty metadata without a request")
     try:
-        return GenerateRequest.from_dict(request)
+        return jobkinds.get(meta.get("kind", "generate")).request(request)
     except RequestError as exc:
         raise RequestError(exc.field, f"in the metadata of {path}: {exc.message}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -45,6 +46,14 @@ def check_out_dir(out: Path) -> None:
         raise DreamttyError(f"out: cannot write in {folder}: {exc.strerror}") from None
 
 
+@functools.cache
+def _umask() -> int:
+    """This process's umask (reading it means setting it: once, before any worker thread writes files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_image(image: Image.Image, meta: dict, out_root: Path, now: dt.datetime | None = None) -> Path:
     """Write ``image`` with its metadata as ``out_root/YYYY-MM-DD/HHMMSS-SEED.png``.
 
@@ -58,6 +67,7 @@ def save_image(image: Image.Image, meta: dict, out_root: Path, now: dt.datetime 
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=folder)  # no *.png until complete
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600: a picture is shared as the user's files are
             image.save(fh, format="PNG", pnginfo=metadata.png_info(meta))
             fh.flush()
             os.fsync(fh.fileno())

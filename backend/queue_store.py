@@ -1,8 +1,11 @@
-"""The persistent job queue: one SQLite table under the user state dir.
+"""The persistent job queue: SQLite under the user state dir, shared by every dreamtty process.
 
-Jobs survive the app or a worker dying: on restart, jobs that were queued or
-running are queued again. A queue file that is not a readable database is moved
-aside (never deleted) and an empty queue takes its place.
+Each service that queues jobs owns them under a random owner id and renews a lease on them
+(a heartbeat time in the ``owners`` table). Jobs whose owner's lease ran out (the process was
+killed, whatever became of its pid) are adopted by a recovering service and queued again; they
+resume at their first image not yet saved, since workers record each saved image here at once.
+A queue file that is not a readable database is moved aside (never deleted) and an empty queue
+takes its place.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from backend.errors import DreamttyError
 
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
+LEASE_TTL = 15.0  # seconds without a heartbeat before an owner's jobs may be adopted
 
 
 @dataclass
@@ -30,7 +34,8 @@ class Job:
     updated: float
     error: str | None
     outputs: list[str]
-    owner: int
+    owner: str
+    attempts: int = 0  # times a worker died while running it
 
     @property
     def request(self) -> dict:
@@ -66,13 +71,18 @@ class QueueStore:
     def close(self) -> None:
         self._db.close()
 
-    def add(self, kind: str, payload: dict, owner: int) -> int:
+    def add(self, kind: str, payload: dict, owner: str) -> int:
         now = time.time()
         cur = self._db.execute(
             "INSERT INTO jobs (kind, request, state, created, updated, owner) VALUES (?, ?, 'queued', ?, ?, ?)",
-            (kind, json.dumps(payload), now, now, owner),
+            (kind, json.dumps(payload), now, now, str(owner)),
         )
         return int(cur.lastrowid)
+
+    def retry(self, job_id: int) -> None:
+        """Queue a job again after its worker died, counting the attempt."""
+        self._db.execute("UPDATE jobs SET state = 'queued', attempts = attempts + 1, updated = ? WHERE id = ?",
+                         (time.time(), job_id))
 
     def set_state(self, job_id: int, state: str, error: str | None = None) -> None:
         self._db.execute(
@@ -80,54 +90,70 @@ class QueueStore:
         )
 
     def add_output(self, job_id: int, path: str) -> None:
-        job = self.get(job_id)
-        if job is not None:
-            self._db.execute(
-                "UPDATE jobs SET outputs = ?, updated = ? WHERE id = ?",
-                (json.dumps([*job.outputs, path]), time.time(), job_id),
-            )
+        """Record a saved image (in one statement: other processes write this table too)."""
+        self._db.execute(
+            "UPDATE jobs SET outputs = json_insert(outputs, '$[#]', ?), updated = ? WHERE id = ?",
+            (path, time.time(), job_id),
+        )
 
     def get(self, job_id: int) -> Job | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self._db.execute(f"SELECT {_SELECT} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
-    def jobs(self, states: tuple[str, ...] | None = None, owner: int | None = None, limit: int = 500) -> list[Job]:
-        sql, args = "SELECT * FROM jobs", []
+    def jobs(self, states: tuple[str, ...] | None = None, owner: str | None = None, limit: int = 500) -> list[Job]:
+        sql, args = f"SELECT {_SELECT} FROM jobs", []
         where = []
         if states:
             where.append(f"state IN ({','.join('?' * len(states))})")
             args += list(states)
         if owner is not None:
             where.append("owner = ?")
-            args.append(owner)
+            args.append(str(owner))
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit)
         return [_job(r) for r in self._db.execute(sql, args).fetchall()]
 
-    def next_queued(self, owner: int) -> Job | None:
+    def next_queued(self, owner: str) -> Job | None:
         row = self._db.execute(
-            "SELECT * FROM jobs WHERE state = 'queued' AND owner = ? ORDER BY id LIMIT 1", (owner,)
+            f"SELECT {_SELECT} FROM jobs WHERE state = 'queued' AND owner = ? ORDER BY id LIMIT 1", (str(owner),)
         ).fetchone()
         return _job(row) if row else None
 
-    def adopt_orphans(self, owner: int, alive) -> list[int]:
-        """Requeue active jobs whose owner process is gone (``alive(pid)`` is False) under ``owner``."""
-        adopted = []
-        for job in self.jobs(ACTIVE):
-            if job.owner != owner and not alive(job.owner):
-                self._db.execute(
-                    "UPDATE jobs SET state = 'queued', owner = ?, updated = ? WHERE id = ?", (owner, time.time(), job.id)
-                )
-                adopted.append(job.id)
-        return sorted(adopted)
+    def renew_lease(self, owner: str, now: float | None = None) -> None:
+        """Heartbeat: ``owner`` is alive and keeps its jobs for another ``LEASE_TTL`` seconds."""
+        self._db.execute("INSERT INTO owners (owner, heartbeat) VALUES (?, ?) "
+                         "ON CONFLICT (owner) DO UPDATE SET heartbeat = excluded.heartbeat",
+                         (str(owner), time.time() if now is None else now))
+
+    def drop_lease(self, owner: str) -> None:
+        self._db.execute("DELETE FROM owners WHERE owner = ?", (str(owner),))
+
+    def adopt_orphans(self, owner: str, ttl: float = LEASE_TTL) -> list[int]:
+        """Queue again, under ``owner``, the active jobs whose owner renewed no lease for ``ttl`` seconds.
+
+        One statement, so two services recovering at once never both take a job; the adopter's own
+        lease is renewed first, so its new jobs are not adopted in turn.
+        """
+        now = time.time()
+        self.renew_lease(owner, now)
+        rows = self._db.execute(
+            "UPDATE jobs SET state = 'queued', owner = ?1, updated = ?2 WHERE state IN ('queued', 'running') "
+            "AND owner != ?1 AND owner NOT IN (SELECT owner FROM owners WHERE heartbeat > ?2 - ?3) RETURNING id",
+            (str(owner), now, ttl),
+        ).fetchall()
+        self._db.execute("DELETE FROM owners WHERE heartbeat <= ? - ?", (now, ttl))
+        return sorted(r[0] for r in rows)
 
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, request TEXT NOT NULL,
     state TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
-    error TEXT, outputs TEXT NOT NULL DEFAULT '[]', owner INTEGER NOT NULL DEFAULT 0)"""
+    error TEXT, outputs TEXT NOT NULL DEFAULT '[]', owner TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, heartbeat REAL NOT NULL)"""
+_SELECT = "id, kind, request, state, created, updated, error, outputs, owner, attempts"
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -135,7 +161,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
     try:
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute(_SCHEMA)
+        db.executescript(_SCHEMA)
+        have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        if "attempts" not in have:  # a queue from before retries were counted
+            db.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
         (result,) = db.execute("PRAGMA quick_check(1)").fetchone()
         if result != "ok":
             raise sqlite3.DatabaseError(result)
@@ -162,5 +191,6 @@ def _move_aside(path: Path) -> Path:
 
 
 def _job(row: tuple) -> Job:
-    id_, kind, payload, state, created, updated, error, outputs, owner = row
-    return Job(id_, kind, json.loads(payload), state, created, updated, error, json.loads(outputs), owner)
+    id_, kind, payload, state, created, updated, error, outputs, owner, attempts = row
+    return Job(id_, kind, json.loads(payload), state, created, updated, error, json.loads(outputs), str(owner),
+               attempts)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from backend.engine.loader import load_pipeline
+from backend.events import Failed
 from backend.engine.scheduling import make_scheduler
 from backend.models import resolve_model
 from backend.request import GenerateRequest
@@ -43,8 +44,8 @@ async def _service_image(service, events, args, seed: int, out: Path) -> float:
     start = time.perf_counter()
     job = service.submit(_request(args, seed), out)
     async for event in service.wait(job, events):
-        if event["type"] == "failed":
-            raise SystemExit(event["error"])
+        if isinstance(event, Failed):
+            raise SystemExit(event.error)
     return time.perf_counter() - start
 
 

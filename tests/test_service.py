@@ -1,22 +1,28 @@
-"""The service with real worker processes: events, files, cancel, crashes, restarts."""
+"""The service with real worker processes: events, files, cancel, crashes, restarts, leases."""
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
+import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from backend import metadata
+from backend.events import Cancelled, Done, Failed, ImageSaved, Preview, Queued, Retrying, Started, Step, WorkerReady
+from backend.pool import ProcessPool, Slot
 from backend.queue_store import QueueStore
 from backend.request import GenerateRequest
-from backend.service import Service, _Worker
+from backend.service import Service
 
 TIMEOUT = 120
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def _collect(service, job_id, events):
@@ -41,26 +47,39 @@ async def running(db, demo_dirs):
     await service.close()
 
 
+def _seeds(paths: list[str]) -> list[int]:
+    return [metadata.read(p)["request"]["seed"] for p in paths]
+
+
 async def test_generate_streams_events_and_saves_png(running, db, tmp_path):
     service, events = running
     req = GenerateRequest(prompt="a red fox", seed=5, count=2, steps=6, sampler="euler")
     job = service.submit(req, tmp_path / "out")
     seen = await asyncio.wait_for(_collect(service, job, events), TIMEOUT)
-    kinds = [e["type"] for e in seen]
-    assert kinds[:2] == ["queued", "started"] and kinds[-1] == "done"
-    assert kinds.count("image") == 2
-    steps = [e for e in seen if e["type"] == "step"]
-    assert steps[-1]["step"] == steps[-1]["total"] == 6
-    previews = [e for e in seen if e["type"] == "preview"]
-    for p in previews:  # 128px image -> 16x16 latent preview
-        assert len(p["rgb"]) == p["width"] * p["height"] * 3 == 16 * 16 * 3
-    paths = [e["path"] for e in seen if e["type"] == "image"]
-    seeds = [metadata.read(p)["request"]["seed"] for p in paths]
-    assert seeds == [5, 6]
+    assert isinstance(seen[0], Queued) and isinstance(seen[1], Started) and isinstance(seen[-1], Done)
+    assert sum(isinstance(e, ImageSaved) for e in seen) == 2
+    steps = [e for e in seen if isinstance(e, Step)]
+    assert steps[-1].step == steps[-1].total == 6
+    for p in (e for e in seen if isinstance(e, Preview)):  # 128px image -> 16x16 latent preview
+        assert len(p.rgb) == p.width * p.height * 3 == 16 * 16 * 3
+    paths = [e.path for e in seen if isinstance(e, ImageSaved)]
+    assert _seeds(paths) == [5, 6] and seen[-1].paths == paths
+    assert metadata.read(paths[0])["kind"] == "generate"
     pixels = [np.asarray(Image.open(p)) for p in paths]
     assert pixels[0].shape == (128, 128, 3) and np.abs(pixels[0].astype(int) - pixels[1]).max() > 0
     store = QueueStore(db)
     assert store.get(job).state == "done" and store.get(job).outputs == paths
+
+
+async def test_pngs_follow_the_umask(running, tmp_path):
+    service, events = running
+    old = os.umask(0o022)
+    try:
+        job = service.submit(GenerateRequest(prompt="x", steps=2, seed=1), tmp_path)
+        done = (await asyncio.wait_for(_collect(service, job, events), TIMEOUT))[-1]
+    finally:
+        os.umask(old)
+    assert oct(os.stat(done.paths[0]).st_mode & 0o777) == oct(0o644)
 
 
 async def test_cancel_running_and_queued(running, db, tmp_path):
@@ -69,60 +88,103 @@ async def test_cancel_running_and_queued(running, db, tmp_path):
     queued = service.submit(GenerateRequest(prompt="y", steps=4, seed=1), tmp_path)
     assert service.cancel(queued)
     async for event in service.wait(long, events):
-        if event["type"] == "step":
+        if isinstance(event, Step):
             service.cancel(long)
     last = event
     after = service.submit(GenerateRequest(prompt="z", steps=2, seed=1), tmp_path)
     final = (await asyncio.wait_for(_collect(service, after, events), TIMEOUT))[-1]
     assert not service.cancel(after)  # finished jobs cannot be cancelled
-    assert last["type"] == "cancelled"
-    assert final["type"] == "done"
+    assert isinstance(last, Cancelled) and isinstance(final, Done)
     store = QueueStore(db)
     assert [store.get(j).state for j in (long, queued, after)] == ["cancelled", "cancelled", "done"]
     assert store.get(long).outputs == []  # nothing decoded or saved for the cancelled job
 
 
-async def test_killed_worker_fails_job_and_queue_goes_on(running, db, tmp_path):
+async def test_killed_worker_is_retried_from_the_first_unsaved_image(running, db, tmp_path):
+    service, events = running
+    job = service.submit(GenerateRequest(prompt="x", steps=30, seed=11, count=3), tmp_path)
+    seen = []
+    async for event in service.wait(job, events):
+        seen.append(event)
+        if isinstance(event, Step) and event.image == 1 and not any(isinstance(e, Retrying) for e in seen):
+            os.kill(service.slots[0].pid, signal.SIGKILL)  # mid image 2, image 1 saved
+    retry = next(e for e in seen if isinstance(e, Retrying))
+    assert "worker crashed" in retry.error and retry.first_image == 1
+    assert isinstance(seen[-1], Done)
+    saved = [e.path for e in seen if isinstance(e, ImageSaved)]
+    assert len(saved) == 3 and seen[-1].paths == saved  # image 1 was not made twice
+    assert _seeds(saved) == [11, 12, 13]
+    assert sorted(p.name for p in tmp_path.rglob("*.png")) == sorted(Path(p).name for p in saved)
+    assert QueueStore(db).get(job).attempts == 1
+
+
+async def test_a_job_that_kills_its_worker_twice_fails_and_the_queue_goes_on(running, db, tmp_path):
     service, events = running
     doomed = service.submit(GenerateRequest(prompt="x", steps=400, seed=1), tmp_path)
     survivor = service.submit(GenerateRequest(prompt="y", steps=3, seed=2), tmp_path)
     async for event in service.wait(doomed, events):
-        if event["type"] == "step":
-            os.kill(service.workers[0].process.pid, signal.SIGKILL)
+        if isinstance(event, Step) and event.step == 1:
+            os.kill(service.slots[0].pid, signal.SIGKILL)
     failed = event
     done = (await asyncio.wait_for(_collect(service, survivor, events), TIMEOUT))[-1]
-    assert failed["type"] == "failed" and "worker crashed" in failed["error"]
-    assert done["type"] == "done"
+    assert isinstance(failed, Failed) and "worker crashed" in failed.error and "2 times" in failed.error
+    assert isinstance(done, Done)
     assert QueueStore(db).get(doomed).state == "failed"
 
 
-def _dead_pid() -> int:
-    proc = mp.get_context("spawn").Process(target=int)
-    proc.start()
-    proc.join()
-    return proc.pid
-
-
-async def test_queue_survives_restart(db, tmp_path, demo_dirs):
-    # A previous app queued two jobs (one was running) and died.
-    req = GenerateRequest(prompt="saved", steps=2, seed=3).resolved("demo").to_dict()
+def _planted(db: Path, tmp_path: Path, owner: str, count: int = 1, outputs: tuple[str, ...] = ()) -> int:
+    """A job left running by a service that is gone (its owner renewed no lease)."""
+    req = GenerateRequest(prompt="saved", steps=2, seed=3, count=count).resolved("demo").to_dict()
     store = QueueStore(db)
-    dead = _dead_pid()
-    first = store.add("generate", {"request": req, "out": str(tmp_path), "family": "demo"}, dead)
-    second = store.add("generate", {"request": req, "out": str(tmp_path), "family": "demo"}, dead)
-    store.set_state(first, "running")
+    job = store.add("generate", {"request": req, "out": str(tmp_path), "family": "demo"}, owner)
+    store.set_state(job, "running")
+    for path in outputs:
+        store.add_output(job, path)
     store.close()
+    return job
 
+
+async def _recover_and_run(db: Path, jobs: list[int]) -> list:
     service = Service(devices="cpu", db_path=db, recover=True)
     events = service.subscribe()
     await service.start()
     try:
-        for job in (first, second):
-            final = (await asyncio.wait_for(_collect(service, job, events), TIMEOUT))[-1]
-            assert final["type"] == "done"
+        return [(await asyncio.wait_for(_collect(service, job, events), TIMEOUT))[-1] for job in jobs]
     finally:
         await service.close()
+
+
+async def test_queue_survives_restart(db, tmp_path, demo_dirs):
+    first = _planted(db, tmp_path, "gone/1/a")
+    second = _planted(db, tmp_path, "gone/1/a")
+    QueueStore(db).set_state(second, "queued")
+    finals = await _recover_and_run(db, [first, second])
+    assert all(isinstance(f, Done) for f in finals)
     assert all(QueueStore(db).get(j).state == "done" for j in (first, second))
+
+
+async def test_recovered_job_resumes_after_its_saved_images(db, tmp_path, demo_dirs):
+    """Image 0 was saved before the owner died: the job makes images 1 and 2 only, with their own seeds."""
+    first = tmp_path / "first.png"
+    Image.new("RGB", (8, 8)).save(first)
+    job = _planted(db, tmp_path, "gone/2/b", count=3, outputs=(str(first),))
+    [done] = await _recover_and_run(db, [job])
+    assert done.paths[0] == str(first) and len(done.paths) == 3
+    assert _seeds(done.paths[1:]) == [4, 5]
+    assert len(list(tmp_path.rglob("*.png"))) == 3
+
+
+def test_a_live_owner_keeps_its_jobs_and_a_silent_one_loses_them(db, tmp_path):
+    """Adoption follows the lease, not the pid: this very process's pid is alive, yet its lease ran out."""
+    store = QueueStore(db)
+    live, silent = f"host/{os.getpid()}/live", f"host/{os.getpid()}/silent"
+    store.renew_lease(live)
+    store.renew_lease(silent, now=0.0)  # no heartbeat since 1970
+    kept = store.add("generate", {"request": {}}, live)
+    lost = store.add("generate", {"request": {}}, silent)
+    assert store.adopt_orphans("me") == [lost]
+    assert store.get(kept).owner == live and store.get(lost).owner == "me"
+    assert store.adopt_orphans("someone-else") == []  # adopting renewed the lease of "me"
 
 
 async def test_bad_request_queues_nothing(db, tmp_path):
@@ -136,17 +198,43 @@ async def test_bad_request_queues_nothing(db, tmp_path):
 def test_device_plan(db, monkeypatch):
     """--device auto adds one worker per extra GPU the first worker reports; explicit lists are kept."""
     spawned: list[str] = []
-    monkeypatch.setattr(Service, "_spawn", lambda self, w: (spawned.append(w.device), self.workers.append(w)))
-    auto = Service(devices="auto", db_path=db)
-    assert auto._initial_devices() == ["auto"]
-    for device in auto._initial_devices():
-        auto._spawn(_Worker(len(auto.workers), device))
-    auto._maybe_add_gpu_workers({"type": "ready", "worker": 0, "cuda_count": 3})
-    auto._maybe_add_gpu_workers({"type": "ready", "worker": 1, "cuda_count": 3})  # only the first worker counts
+    monkeypatch.setattr(ProcessPool, "_spawn", lambda self, slot: (spawned.append(slot.device), self.slots.append(slot)))
+    auto = ProcessPool("auto", db)
+    for i, device in enumerate(auto.devices):
+        auto._spawn(Slot(i, device))
+    auto._add_gpu_workers(WorkerReady(worker=0, device="cuda:0", cuda_count=3))
+    auto._add_gpu_workers(WorkerReady(worker=1, device="cuda:1", cuda_count=3))  # only the first worker counts
     assert spawned == ["auto", "cuda:1", "cuda:2"]
-    explicit = Service(devices="cuda:0, cuda:1", db_path=db)
-    assert explicit._initial_devices() == ["cuda:0", "cuda:1"]
-    explicit._maybe_add_gpu_workers({"type": "ready", "worker": 0, "cuda_count": 4})
+    explicit = ProcessPool("cuda:0, cuda:1", db)
+    assert explicit.devices == ["cuda:0", "cuda:1"]
+    explicit._add_gpu_workers(WorkerReady(worker=0, device="cuda:0", cuda_count=4))
     assert spawned == ["auto", "cuda:1", "cuda:2"]
-    auto.store.close()
-    explicit.store.close()
+
+
+def test_killed_cli_job_is_adopted_and_finishes_without_duplicates(tmp_path, demo_dirs):
+    """kill -9 of a `dreamtty generate` after its first image: a recovering service makes the rest, once each."""
+    from backend import locations
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tui.cli", "generate", "x", "--model", "demo", "--steps", "40", "-n", "3",
+         "--seed", "21", "--device", "cpu", "--out", str(out), "--json"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    job = None
+    for line in proc.stdout:
+        event = json.loads(line)
+        job = event["job"] if event["type"] == "queued" else job
+        if event["type"] == "image":
+            proc.kill()
+            break
+    proc.wait(timeout=30)
+    db = locations.queue_db()
+    store = QueueStore(db)
+    assert store.get(job).state == "running" and len(store.get(job).outputs) == 1
+    store.renew_lease(store.get(job).owner, now=0.0)  # its lease runs out (as it would 15 s later)
+    store.close()
+    [done] = asyncio.run(_recover_and_run(db, [job]))
+    assert isinstance(done, Done) and len(done.paths) == 3
+    assert _seeds(done.paths) == [21, 22, 23]
+    assert len(list(out.rglob("*.png"))) == 3

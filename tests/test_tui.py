@@ -15,6 +15,8 @@ from textual.drivers.headless_driver import HeadlessDriver
 from textual.widgets import Checkbox, Input, Select, TextArea
 
 from backend.config import config_path
+from backend.events import Preview, Started, Step
+from backend.pool import ProcessPool
 from backend.service import Service
 from tui.app import ConfirmQuit, DreamttyApp, use_color_system
 from tui.screens.generate import GenerateScreen
@@ -26,11 +28,18 @@ from tui.latency import KeyGate, key_gated_driver
 from tui.widgets.preview import HalfBlockRenderer, ImagePreview, fit, half_block_lines
 
 
+class NoWorkers(ProcessPool):
+    """A pool that starts no worker process: jobs stay queued."""
+
+    def _spawn(self, slot) -> None:
+        pass
+
+
 @pytest.fixture
-def idle_service(tmp_path, monkeypatch):
-    """A real Service (queue, validation) that starts no worker: jobs stay queued."""
-    monkeypatch.setattr(Service, "_spawn", lambda self, worker: None)
-    return Service(devices="cpu", db_path=tmp_path / "queue.sqlite3", recover=True)
+def idle_service(tmp_path):
+    """A real Service (queue, validation) without workers."""
+    db = tmp_path / "queue.sqlite3"
+    return Service(devices="cpu", db_path=db, recover=True, pool=NoWorkers("cpu", db))
 
 
 def make_app(service, tmp_path, model: str | None = "demo") -> DreamttyApp:
@@ -310,14 +319,14 @@ async def test_live_frames_slow_down_while_the_user_types(idle_service, tmp_path
     app = make_app(idle_service, tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
         screen, preview = app.screen, app.screen.query_one(ImagePreview)
-        screen.handle_job_event({"type": "started", "job": 1})
+        screen.handle_job_event(Started(job=1))
 
         async def frames_drawn(last_key: float) -> int:
             app.last_key = last_key
             before = preview.frames
             for i in range(12):  # 1.2 s of frames every 0.1 s
                 rgb = bytes([20 * i, 100, 200]) * 64
-                screen.handle_job_event({"type": "preview", "job": 1, "width": 8, "height": 8, "rgb": rgb})
+                screen.handle_job_event(Preview(job=1, image=0, width=8, height=8, rgb=rgb))
                 await pilot.pause(0.1)
             await pilot.pause(0.3)
             return preview.frames - before
@@ -330,17 +339,16 @@ async def test_progress_redraws_slow_down_while_the_user_types(idle_service, tmp
     app = make_app(idle_service, tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
         queue: asyncio.Queue = asyncio.Queue()
-        shown: list[dict] = []
+        shown: list = []
         app.job_events.subscribe(app.screen, lambda event: shown.append(event))
         app.run_worker(app._consume_events(queue), group="test-events")
 
         async def redraws(last_key: float) -> int:
             app.last_key, before = last_key, len(shown)
             for step in range(1, 16):  # 1.5 s of steps
-                queue.put_nowait({"type": "step", "job": 1, "step": step, "total": 100, "image": 0, "count": 1,
-                                  "its": 10.0, "eta": 1.0})
+                queue.put_nowait(Step(job=1, step=step, total=100, image=0, count=1, its=10.0, eta=1.0))
                 await pilot.pause(0.1)
-            return sum(1 for e in shown[before:] if e["type"] == "step")
+            return sum(1 for e in shown[before:] if isinstance(e, Step))
 
         assert await redraws(last_key=0.0) >= 5  # about 4 a second
         assert await redraws(last_key=time.monotonic()) <= 2  # about 1 a second

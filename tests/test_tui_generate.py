@@ -57,7 +57,7 @@ async def test_generate_preview_gallery_load_reproduce_cancel(tmp_path, demo_dir
         assert (saved["prompt"], saved["negative_prompt"], saved["sampler"]) == ("a red fox", "blurry", "euler")
         assert (saved["steps"], saved["cfg"], saved["seed"], saved["model"]) == (60, 5.0, 1234, "demo")
         # Live previews arrived and were drawn in half-block cells, then the final image replaced them.
-        kinds = [events.get_nowait()["type"] for _ in range(events.qsize())]
+        kinds = [events.get_nowait().type for _ in range(events.qsize())]
         assert "preview" in kinds and kinds.index("preview") < kinds.index("image")
         preview = app.screen.query_one(ImagePreview)
         await wait_for(pilot, lambda: isinstance(preview.source, Image.Image) and preview.source.size == (128, 128),

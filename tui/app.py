@@ -25,7 +25,7 @@ from textual.widgets import Button, Footer, Label
 
 from backend import config, metadata
 from backend.errors import DreamttyError
-from backend.queue_store import FINAL
+from backend.events import FINAL_EVENTS, Event, Queued, Retrying, ServiceReady, Started, Step, WorkerReady
 from backend.request import GenerateRequest
 from backend.service import Service
 from tui import keymap
@@ -108,7 +108,7 @@ class DreamttyApp(App):
         self.default_preset = self.config.default_preset
         self.out_dir = out or self.config.outputs
         self.service = service or Service(devices=device, recover=True)
-        self.job_events: Signal[dict] = Signal(self, "job-events")
+        self.job_events: Signal[Event] = Signal(self, "job-events")
         self.active: dict[int, str] = {}  # job id -> queued | running (this session's jobs)
         self.progress: dict[int, dict] = {}  # job id -> its last step event
         self.worker_state = "starting the worker…"
@@ -132,38 +132,38 @@ class DreamttyApp(App):
         self._lower_worker_priority()
         for job in self.service.active_jobs():
             self.active.setdefault(job.id, job.state)
-        self.job_events.publish({"type": "service-started"})
+        self.job_events.publish(ServiceReady())
 
     async def _consume_events(self, events) -> None:
         last_step = 0.0
         while True:
             event = await events.get()
             self._track(event)
-            if event["type"] == "step" and event["step"] < event["total"]:
+            if isinstance(event, Step) and event.step < event.total:
                 now = time.monotonic()
                 if now - last_step < self.redraw_interval(STEP_REDRAW_INTERVAL):
                     continue  # kept in self.progress; the screens skip this redraw
                 last_step = now
             self.job_events.publish(event)
 
-    def _track(self, event: dict) -> None:
-        kind, job = event["type"], event.get("job")
-        if kind == "ready":
-            self.worker_state = f"worker ready on {event.get('device', '?')}"
+    def _track(self, event: Event) -> None:
+        if isinstance(event, WorkerReady):
+            self.worker_state = f"worker ready on {event.device}"
             self._lower_worker_priority()  # again: threads started since, and restarted workers
-        elif kind in ("queued", "started"):
-            self.active[job] = "queued" if kind == "queued" else "running"
-        elif kind == "step":
-            self.progress[job] = event
-        elif kind in FINAL:
-            self.active.pop(job, None)
-            self.progress.pop(job, None)
+        elif isinstance(event, (Queued, Retrying)):
+            self.active[event.job] = "queued"
+        elif isinstance(event, Started):
+            self.active[event.job] = "running"
+        elif isinstance(event, Step):
+            self.progress[event.job] = event
+        elif isinstance(event, FINAL_EVENTS):
+            self.active.pop(event.job, None)
+            self.progress.pop(event.job, None)
 
     def _lower_worker_priority(self) -> None:
-        for worker in self.service.workers:
-            pid = getattr(worker.process, "pid", None)
-            if pid:
-                lower_priority(pid, WORKER_NICE)
+        for slot in self.service.slots:
+            if slot.pid:
+                lower_priority(slot.pid, WORKER_NICE)
 
     async def on_event(self, event: events.Event) -> None:
         if isinstance(event, events.Key):

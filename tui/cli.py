@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from backend.errors import DreamttyError, RequestError
+from backend.events import Cancelled, Event, Failed, ImageSaved, Step, to_dict
 from backend.guidance_settings import GuidanceSettings
 from backend.request import GenerateRequest, parse_size
 from backend.samplers import SAMPLERS, SCHEDULES
@@ -167,17 +168,17 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
         for job_id in job_ids:
             async for event in service.wait(job_id, events):
                 if args.json:
-                    print(json.dumps({k: v for k, v in event.items() if k != "rgb"}), flush=True)
+                    print(json.dumps({k: v for k, v in to_dict(event).items() if k != "rgb"}), flush=True)
                 progress.update(event)
-                if event["type"] == "image":
-                    paths.append(event["path"])
+                if isinstance(event, ImageSaved):
+                    paths.append(event.path)
                     if not args.json:
                         progress.clear()
-                        print(event["path"], flush=True)
-                elif event["type"] in ("failed", "cancelled"):
+                        print(event.path, flush=True)
+                elif isinstance(event, (Failed, Cancelled)):
                     failed += 1
                     progress.clear()
-                    print(f"dreamtty: job {job_id} {event['type']}: {event.get('error', '')}".rstrip(": "),
+                    print(f"dreamtty: job {job_id} {event.type}: {getattr(event, 'error', '')}".rstrip(": "),
                           file=sys.stderr)
         finished = True
     finally:
@@ -199,14 +200,14 @@ class _Progress:
         self.enabled = enabled
         self.shown = False
 
-    def update(self, event: dict) -> None:
-        if not self.enabled or event["type"] != "step":
+    def update(self, event: Event) -> None:
+        if not self.enabled or not isinstance(event, Step):
             return
         width = 24
-        filled = int(width * event["step"] / event["total"])
+        filled = int(width * event.step / event.total)
         sys.stderr.write(
-            f"\r[{'#' * filled}{'-' * (width - filled)}] image {event['image'] + 1}/{event['count']} "
-            f"step {event['step']}/{event['total']} {event['its']:.1f} it/s ETA {event['eta']:.0f}s  "
+            f"\r[{'#' * filled}{'-' * (width - filled)}] image {event.image + 1}/{event.count} "
+            f"step {event.step}/{event.total} {event.its:.1f} it/s ETA {event.eta:.0f}s  "
         )
         sys.stderr.flush()
         self.shown = True
@@ -295,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_global_options(args: argparse.Namespace) -> None:
     """Validate the global options in place: ``--out`` becomes a Path, ``--demo`` sets the model."""
-    from backend.service import check_devices
+    from backend.pool import check_devices
 
     _check_home()
     if args.model is not None and not args.model.strip():

@@ -17,12 +17,12 @@ from textual.widgets import Checkbox, Collapsible, Footer, Input, Select, Static
 
 from backend import library
 from backend.errors import DreamttyError, RequestError
+from backend.events import FINAL_EVENTS, Event, ImageSaved, JobEvent, Preview, Queued, Started
 from backend.families import FAMILIES, aspect_sizes
 from backend.guidance_settings import GuidanceSettings
 from backend.models import DEMO_MODELS, resolve_model, trained_model
 from backend.prompting.presets import PresetInfo, apply_preset, list_presets
 from backend.prompting.styles import RANDOM_STYLE, load_styles
-from backend.queue_store import FINAL
 from backend.request import GenerateRequest, parse_size
 from backend.samplers import SAMPLERS
 from backend.training.runs import list_runs
@@ -517,23 +517,23 @@ class GenerateScreen(Screen):
         self.form.refresh_presets(path.stem)
         self.notify(f"Preset {path.stem!r} written to {path}.", title="preset saved")
 
-    def handle_job_event(self, event: dict) -> None:
-        kind, job = event["type"], event.get("job")
-        if job is None:
+    def handle_job_event(self, event: Event) -> None:
+        if not isinstance(event, JobEvent):
             return
-        if kind == "started" or (kind == "queued" and self.following_done):
+        job = event.job
+        if isinstance(event, Started) or (isinstance(event, Queued) and self.following_done):
             self.following, self.following_done = job, False
-        if kind == "queued" and job in self.submitted:
-            self.form.query_one("#seed", Input).parent.set_hint(f"last seed: {event['request']['seed']}")
+        if isinstance(event, Queued) and job in self.submitted:
+            self.form.query_one("#seed", Input).parent.set_hint(f"last seed: {event.request['seed']}")
         if job != self.following:
             return
-        self.following_done = kind in FINAL
+        self.following_done = isinstance(event, FINAL_EVENTS)
         self.query_one(JobProgress).follow(event)
-        if kind == "preview":
-            self._show_when_not_typing(Image.frombytes("RGB", (event["width"], event["height"]), event["rgb"]),
+        if isinstance(event, Preview):
+            self._show_when_not_typing(Image.frombytes("RGB", (event.width, event.height), event.rgb),
                                        LIVE_PREVIEW_CELLS)
-        elif kind == "image":
-            self._show_when_not_typing(event["path"], None)
+        elif isinstance(event, ImageSaved):
+            self._show_when_not_typing(event.path, None)
 
     def _show_when_not_typing(self, image: Image.Image | str, limit: tuple[int, int] | None) -> None:
         """Show ``image`` (a live frame, or the final image's path) now, or once the user stops typing."""

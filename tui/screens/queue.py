@@ -15,6 +15,7 @@ from textual.widgets import DataTable, Footer, Label, Static
 
 from backend import metadata
 from backend.errors import DreamttyError
+from backend.events import FINAL_EVENTS, Event, ImageSaved, Queued, Retrying, Started, Step
 from backend.queue_store import ACTIVE, Job
 from backend.request import GenerateRequest
 from tui import keymap
@@ -24,7 +25,7 @@ from tui.widgets.progress import format_eta, step_counts
 
 JOB_ROWS = 60  # active jobs plus the most recent finished ones
 GALLERY_ROWS = 500
-_REFRESH_ON = ("queued", "started", "done", "failed", "cancelled")
+_REFRESH_ON = (Queued, Started, Retrying, *FINAL_EVENTS)
 
 
 def gallery_entries(jobs: list[Job]) -> list[tuple[str, dict]]:
@@ -37,10 +38,10 @@ def gallery_entries(jobs: list[Job]) -> list[tuple[str, dict]]:
     return out[:GALLERY_ROWS]
 
 
-def step_cells(step: dict) -> tuple[str, str]:
+def step_cells(step: Step) -> tuple[str, str]:
     """(progress, ETA) cells of a running job from its last ``step`` event."""
     done, total = step_counts(step)
-    return f"{done}/{total}", format_eta(step["eta"])
+    return f"{done}/{total}", format_eta(step.eta)
 
 
 def _prompt_cell(request: dict) -> str:
@@ -123,14 +124,14 @@ class QueueScreen(Screen):
         if key is not None and key in table.rows:
             table.move_cursor(row=table.get_row_index(key), animate=False)
 
-    def handle_job_event(self, event: dict) -> None:
-        kind, job = event["type"], event.get("job")
-        if kind in _REFRESH_ON:
+    def handle_job_event(self, event: Event) -> None:
+        if isinstance(event, _REFRESH_ON):
             self.refresh_jobs()
-        elif kind == "image":
+        elif isinstance(event, ImageSaved):
             self.refresh_gallery()
-        elif kind == "step":
+        elif isinstance(event, Step):
             table = self.query_one("#jobs", DataTable)
+            job = event.job
             if str(job) in table.rows:
                 progress, eta = step_cells(event)
                 table.update_cell(str(job), "progress", progress, update_width=True)

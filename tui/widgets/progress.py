@@ -6,16 +6,18 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import ProgressBar, Static
 
+from backend.events import Cancelled, Done, Failed, ImageSaved, JobEvent, Queued, Retrying, Started, Step
 
-def describe_step(event: dict) -> str:
+
+def describe_step(event: Step) -> str:
     """One line for a ``step`` event."""
-    image = f"image {event['image'] + 1}/{event['count']} · " if event.get("count", 1) > 1 else ""
-    return f"{image}step {event['step']}/{event['total']} · {event['its']:.1f} it/s · ETA {format_eta(event['eta'])}"
+    image = f"image {event.image + 1}/{event.count} · " if event.count > 1 else ""
+    return f"{image}step {event.step}/{event.total} · {event.its:.1f} it/s · ETA {format_eta(event.eta)}"
 
 
-def step_counts(event: dict) -> tuple[int, int]:
+def step_counts(event: Step) -> tuple[int, int]:
     """(steps done, steps in all) over every image of the job, from a ``step`` event."""
-    return event["image"] * event["total"] + event["step"], event["count"] * event["total"]
+    return event.image * event.total + event.step, event.count * event.total
 
 
 def format_eta(seconds: float) -> str:
@@ -47,27 +49,29 @@ class JobProgress(Vertical):
         self.query_one(".status", Static).update(text, layout=False)  # fixed height: repaint only
         self.set_class(failed, "-failed")
 
-    def follow(self, event: dict) -> None:
+    def follow(self, event: JobEvent) -> None:
         """Update from a service event of the job shown."""
         bar = self.query_one(ProgressBar)
-        kind, job = event["type"], event["job"]
-        if kind == "queued":
+        job = event.job
+        if isinstance(event, Queued):
             self.set_status(f"Job #{job} queued.")
-        elif kind == "started":
+        elif isinstance(event, Started):
             bar.update(total=1, progress=0)
             self.set_status(f"Job #{job} started: loading the model…")
-        elif kind == "step":
+        elif isinstance(event, Retrying):
+            self.set_status(f"Job #{job}: {event.error}; trying again from image {event.first_image + 1}")
+        elif isinstance(event, Step):
             done, total = step_counts(event)
             bar.update(total=total, progress=done)
             self.set_status(f"Job #{job}: {describe_step(event)}")
-        elif kind == "image":
-            self.set_status(f"Job #{job}: saved {event['path']}")
-        elif kind == "done":
+        elif isinstance(event, ImageSaved):
+            self.set_status(f"Job #{job}: saved {event.path}")
+        elif isinstance(event, Done):
             bar.update(progress=bar.total or 1)
-            paths = event.get("paths") or []
+            paths = event.paths
             where = paths[-1] if len(paths) == 1 else f"{len(paths)} images, last {paths[-1]}" if paths else "no images"
             self.set_status(f"Job #{job} done: {where}")
-        elif kind == "failed":
-            self.set_status(f"Job #{job} failed: {event.get('error', '')}", failed=True)
-        elif kind == "cancelled":
+        elif isinstance(event, Failed):
+            self.set_status(f"Job #{job} failed: {event.error}", failed=True)
+        elif isinstance(event, Cancelled):
             self.set_status(f"Job #{job} cancelled.")

@@ -1,0 +1,246 @@
+"""Every event between workers, the service, its clients and training runs, as typed records.
+
+One encoding serves a worker's pipe, the API's socket and WebSocket, and a training run's
+``events.jsonl``: a JSON object ``{"v": VERSION, "type": NAME, ...fields}``, with bytes (preview
+pixels) as base64. :func:`dumps` / :func:`loads` are the only way in and out, so both sides of every
+channel agree on names and fields. A record from a newer version is refused with one line; fields
+this version does not know are dropped (a newer minor version may add some).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import MISSING, dataclass, field, fields
+from typing import ClassVar, TypeVar
+
+from backend.errors import DreamttyError
+
+VERSION = 1
+_TYPES: dict[str, type["Event"]] = {}
+E = TypeVar("E", bound="Event")
+
+
+class EventError(DreamttyError):
+    """A record that is not an event of this version."""
+
+
+def _register(name: str):
+    def register(cls: type[E]) -> type[E]:
+        cls = dataclass(frozen=True, kw_only=True)(cls)
+        cls.type = name
+        _TYPES[name] = cls
+        return cls
+
+    return register
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    type: ClassVar[str] = ""
+
+
+# -- jobs ---------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class JobEvent(Event):
+    job: int
+    worker: int | None = None  # the worker that sent it (None: the service)
+
+
+@_register("queued")
+class Queued(JobEvent):
+    kind: str
+    request: dict
+
+
+@_register("started")
+class Started(JobEvent):
+    first_image: int = 0  # > 0 when a recovered job resumes after its saved images
+
+
+@_register("step")
+class Step(JobEvent):
+    image: int
+    count: int
+    step: int
+    total: int
+    its: float
+    eta: float
+
+
+@_register("preview")
+class Preview(JobEvent):
+    image: int
+    width: int
+    height: int
+    rgb: bytes  # width * height * 3, row-major RGB
+
+
+@_register("image")
+class ImageSaved(JobEvent):
+    image: int
+    path: str
+    seed: int
+
+
+@_register("done")
+class Done(JobEvent):
+    paths: list[str] = field(default_factory=list)
+
+
+@_register("failed")
+class Failed(JobEvent):
+    error: str
+
+
+@_register("cancelled")
+class Cancelled(JobEvent):
+    pass
+
+
+@_register("retrying")
+class Retrying(JobEvent):
+    """The job's worker died; the job runs again from its first unsaved image."""
+
+    error: str
+    first_image: int
+
+
+FINAL_EVENTS = (Done, Failed, Cancelled)
+
+
+# -- workers and the service -----------------------------------------------------------
+@_register("ready")
+class WorkerReady(Event):
+    worker: int
+    device: str
+    cuda_count: int = 0
+
+
+@_register("service-ready")
+class ServiceReady(Event):
+    """The service a client talks to has started (or the client reconnected): refresh job lists."""
+
+
+@_register("log")
+class Log(Event):
+    message: str
+    level: str = "info"  # info, warning or error
+    job: int | None = None
+
+
+# -- training runs (a run's events.jsonl) ----------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class TrainEvent(Event):
+    time: float | None = None  # Unix seconds, set by the writer
+
+
+@_register("train-state")
+class TrainState(TrainEvent):
+    state: str
+    step: int | None = None
+    max_steps: int | None = None
+    message: str | None = None
+    device: str | None = None
+    processes: int | None = None
+    mixed_precision: str | None = None
+
+
+@_register("train-step")
+class TrainStep(TrainEvent):
+    step: int
+    max_steps: int
+    loss: float
+    prior_loss: float | None = None
+    lr: float | None = None
+    its: float | None = None
+    mem_gib: float | None = None
+    epoch: int | None = None
+
+
+@_register("train-log")
+class TrainLog(TrainEvent):
+    message: str
+    level: str = "info"
+
+
+@_register("train-class-images")
+class TrainClassImages(TrainEvent):
+    done: int
+    total: int
+
+
+@_register("train-checkpoint")
+class TrainCheckpoint(TrainEvent):
+    step: int
+    path: str
+
+
+@_register("train-validation")
+class TrainValidation(TrainEvent):
+    step: int
+    images: list[str] = field(default_factory=list)
+
+
+@_register("train-resume")
+class TrainResume(TrainEvent):
+    step: int
+    checkpoint: str | None = None
+
+
+@_register("train-error")
+class TrainError(TrainEvent):
+    message: str
+
+
+# Before events were versioned, a run's events.jsonl named its training events without the prefix.
+_UNVERSIONED_TRAIN = {"state", "step", "log", "class_images", "checkpoint", "validation", "resume", "error"}
+
+
+# -- encoding -----------------------------------------------------------------------------
+def to_dict(event: Event) -> dict:
+    """The event as a JSON-ready dict (bytes as base64)."""
+    data: dict = {"v": VERSION, "type": event.type}
+    for f in fields(event):
+        value = getattr(event, f.name)
+        data[f.name] = base64.b64encode(value).decode("ascii") if isinstance(value, bytes) else value
+    return data
+
+
+def from_dict(data: object, run_file: bool = False) -> Event:
+    """The event a dict from :func:`to_dict` describes; EventError when it is none.
+
+    ``run_file``: the dict is a line of a training run's events.jsonl, which may predate versions.
+    """
+    if not isinstance(data, dict):
+        raise EventError(f"event: expected a JSON object, got {type(data).__name__}")
+    version, name = data.get("v"), data.get("type")
+    if version is None and run_file and name in _UNVERSIONED_TRAIN:
+        version, name = VERSION, "train-" + str(name).replace("_", "-")
+    if not isinstance(version, int) or version > VERSION:
+        raise EventError(f"event: version {version!r} is not supported (this dreamtty speaks {VERSION}); "
+                         "restart the service after an upgrade")
+    cls = _TYPES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise EventError(f"event: unknown type {name!r}")
+    values = {}
+    for f in fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            values[f.name] = base64.b64decode(value) if f.type == "bytes" and isinstance(value, str) else value
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise EventError(f"event: {name} lacks its {f.name!r} field")
+    return cls(**values)
+
+
+def dumps(event: Event) -> str:
+    """One line of JSON (no newline inside: control characters are escaped)."""
+    return json.dumps(to_dict(event), separators=(",", ":"))
+
+
+def loads(text: str | bytes, run_file: bool = False) -> Event:
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise EventError(f"event: not JSON ({exc})") from None
+    return from_dict(data, run_file)

@@ -1,0 +1,49 @@
+"""Job kinds: text to image, and (later) the image-input kinds, as entries of one registry.
+
+A kind is its request type (a :class:`~backend.request.GenerateRequest` or a subclass sharing its
+common fields, with its own validation and metadata fields) plus the worker-side function that makes
+one image of it. The queue, the service, the worker, metadata and "reproduce" look kinds up here
+instead of testing for them. Adding a kind: one module in this package, one line in ``_KINDS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from backend.errors import RequestError
+from backend.request import GenerateRequest
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str  # stored with the job and in image metadata
+    label: str  # for people: "text to image"
+    request_type: type[GenerateRequest]
+    make_image: str  # "module:function" in backend.engine, imported by the worker only (torch)
+
+    def request(self, data: object) -> GenerateRequest:
+        """The request ``data`` (a dict from ``to_dict``) describes; RequestError naming a bad field."""
+        return self.request_type.from_dict(data)
+
+    def image_function(self):
+        module, _, name = self.make_image.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+_KINDS = (
+    JobKind("generate", "text to image", GenerateRequest, "backend.engine.generate:generate_image"),
+)
+KINDS: dict[str, JobKind] = {kind.name: kind for kind in _KINDS}
+
+
+def get(name: str) -> JobKind:
+    kind = KINDS.get(name)
+    if kind is None:
+        raise RequestError("kind", f"unknown job kind {name!r}; allowed: {', '.join(KINDS)}")
+    return kind
+
+
+def kind_of(request: GenerateRequest) -> JobKind:
+    """The kind whose request type ``request`` is (exactly: a subclass is another kind)."""
+    return next(kind for kind in _KINDS if type(request) is kind.request_type)

@@ -1,0 +1,281 @@
+"""Where jobs run: a pool of worker slots behind one small interface.
+
+:class:`ProcessPool` runs one worker process per device on this machine (multiprocessing, spawn);
+another pool (Ray actors) can take its place. The service decides which job goes to which slot;
+a pool only starts, feeds, cancels and watches its workers, and reports their events and deaths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import multiprocessing.connection as mp_connection
+import os
+import re
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from backend import locations
+from backend.errors import RequestError
+from backend.events import Event, EventError, WorkerReady, loads
+
+_CTX = mp.get_context("spawn")
+_DEVICES = "auto, cpu, cuda or cuda:N[,cuda:M...]"
+_CUDA = re.compile(r"cuda(?::(\d+))?")
+_NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU this container may use
+_DEV = Path("/dev")
+
+
+def parse_devices(text: str) -> list[str]:
+    """``--device`` as the workers' devices: ``["auto"]``, ``["cpu"]`` or CUDA devices.
+
+    Raises RequestError("device") when the text is not one of ``_DEVICES``.
+    """
+    if text.strip() in ("auto", "cpu"):
+        return [text.strip()]
+    devices = [d.strip() for d in text.split(",")]
+    bad = next((d for d in devices if not _CUDA.fullmatch(d)), None)
+    if bad is not None:
+        raise RequestError("device", f"{bad!r} is not allowed; use {_DEVICES}")
+    return devices
+
+
+def check_devices(text: str) -> list[str]:
+    """``parse_devices``, and every CUDA device named must exist on this machine."""
+    devices = parse_devices(text)
+    count = visible_gpus()
+    if count is None:
+        return devices  # cannot tell without torch: the worker reports a missing GPU
+    for device in devices:
+        cuda = _CUDA.fullmatch(device)
+        if cuda and int(cuda.group(1) or 0) >= count:
+            have = ", ".join(f"cuda:{n}" for n in range(count)) or "no CUDA GPU"
+            raise RequestError("device", f"{device} is not available; this machine has {have} (use auto or cpu)")
+    return devices
+
+
+def visible_gpus() -> int | None:
+    """The CUDA GPUs this process may use, counted without torch; None when that cannot be told.
+
+    Importing torch here would cost seconds and is not allowed in the TUI process. On Linux the
+    NVIDIA driver lists its GPUs in /proc/driver/nvidia/gpus (containers see only theirs) and
+    CUDA_VISIBLE_DEVICES narrows that down. Without that list, GPU device nodes (NVIDIA, AMD ROCm,
+    WSL) mean "cannot tell", and none at all means no GPU. macOS has no CUDA.
+    """
+    if sys.platform == "darwin":
+        return 0
+    if not sys.platform.startswith("linux"):
+        return None
+    if _NVIDIA_GPUS.is_dir():
+        physical = len(list(_NVIDIA_GPUS.iterdir()))
+    elif any(_DEV.glob("nvidia[0-9]*")) or (_DEV / "kfd").exists() or (_DEV / "dxg").exists():
+        return None
+    else:
+        physical = 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return physical if visible is None else min(physical, _count_visible(visible, physical))
+
+
+def _count_visible(visible: str, physical: int) -> int:
+    """Entries of CUDA_VISIBLE_DEVICES up to the first invalid one (where CUDA stops reading)."""
+    count = 0
+    for entry in visible.split(","):
+        entry = entry.strip()
+        if not (entry.startswith(("GPU-", "MIG-")) or (entry.isdigit() and int(entry) < physical)):
+            break
+        count += 1
+    return count
+
+
+@dataclass
+class Slot:
+    """One worker as the service sees it."""
+
+    id: int
+    device: str
+    job: int | None = None  # the job it runs
+    pid: int | None = None
+
+
+OnEvent = Callable[[Event], None]
+OnDied = Callable[[Slot, "int | None", str], None]  # the slot whose worker died, its job, and why
+
+
+class WorkerPool(Protocol):
+    slots: list[Slot]
+
+    def start(self, on_event: OnEvent, on_died: OnDied) -> None:
+        """Start the workers; callbacks run on the calling thread's event loop."""
+
+    def alive(self, slot: Slot) -> bool: ...
+
+    def run(self, slot: Slot, job: dict) -> None:
+        """Hand ``job`` (its payload plus ``job``, its id) to the idle ``slot``."""
+
+    def cancel(self, slot: Slot) -> None:
+        """Ask ``slot``'s worker to stop its job between steps."""
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class _Process:
+    process: object
+    jobs: object
+    events: object  # the read end of this worker's event pipe
+    cancel: object
+    died_reported: bool = False
+
+
+class ProcessPool:
+    """One worker process per device (``--device``); ``auto`` adds one per extra GPU the first finds."""
+
+    def __init__(self, devices: str, db_path: Path) -> None:
+        self.devices = parse_devices(devices)
+        self.db_path = db_path
+        self.slots: list[Slot] = []
+        self._procs: dict[int, _Process] = {}
+        self._stop = threading.Event()
+        self._reader: threading.Thread | None = None
+        self._on_event: OnEvent = lambda event: None
+        self._on_died: OnDied = lambda slot, job, why: None
+        self._loop = None
+
+    def start(self, on_event: OnEvent, on_died: OnDied) -> None:
+        import asyncio
+
+        self._loop = asyncio.get_running_loop()
+        self._on_event, self._on_died = on_event, on_died
+        for i, device in enumerate(self.devices):
+            self._spawn(Slot(i, device))
+        self._reader = threading.Thread(target=self._read_events, name="dreamtty-events", daemon=True)
+        self._reader.start()
+
+    def alive(self, slot: Slot) -> bool:
+        proc = self._procs.get(slot.id)
+        return proc is not None and proc.process.is_alive()
+
+    def run(self, slot: Slot, job: dict) -> None:
+        proc = self._procs[slot.id]
+        slot.job = job["job"]
+        proc.cancel.value = 0
+        proc.jobs.put(job)
+
+    def cancel(self, slot: Slot) -> None:
+        if slot.job is not None:
+            self._procs[slot.id].cancel.value = slot.job
+
+    async def close(self) -> None:
+        import asyncio
+
+        self._stop.set()
+        for slot in self.slots:
+            proc = self._procs[slot.id]
+            if proc.process.is_alive():
+                proc.jobs.put(None)
+            self.cancel(slot)
+        await asyncio.to_thread(self._join)
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+
+    # -- internals -------------------------------------------------------------
+    def _spawn(self, slot: Slot) -> None:
+        with _real_stderr():  # queues and processes may start multiprocessing's resource tracker
+            jobs = _CTX.Queue()
+            events, sender = _CTX.Pipe(duplex=False)
+            cancel = _CTX.Value("q", 0)
+            log_path = locations.state_dir() / "logs" / f"worker-{slot.id}.log"
+            process = _CTX.Process(
+                target=_worker_entry,
+                args=(slot.id, slot.device, jobs, sender, cancel, str(log_path), str(self.db_path), os.getpid()),
+                name=f"dreamtty-worker-{slot.id}",
+                daemon=True,
+            )
+            process.start()
+        sender.close()  # the worker holds the only write end: EOF here means it is gone
+        self._procs[slot.id] = _Process(process, jobs, events, cancel)
+        slot.pid, slot.job = process.pid, None
+        if slot not in self.slots:
+            self.slots.append(slot)
+
+    def _join(self) -> None:
+        for proc in self._procs.values():
+            proc.process.join(timeout=5)
+            if proc.process.is_alive():
+                proc.process.terminate()
+                proc.process.join(timeout=5)
+
+    def _read_events(self) -> None:
+        """Thread: move worker events onto the event loop; notice dead workers."""
+        while not self._stop.is_set():
+            pipes = {p.events: (s, p) for s in self.slots if (p := self._procs[s.id]).events is not None}
+            for conn in mp_connection.wait(list(pipes), timeout=0.2):
+                slot, proc = pipes[conn]
+                try:
+                    event = loads(conn.recv_bytes())
+                except (EOFError, OSError):  # the worker exited: stop reading its pipe
+                    if proc.events is conn:  # unless a restart already replaced it
+                        proc.events = None
+                    continue
+                except EventError:
+                    continue
+                self._call(self._deliver, event)
+            for slot in list(self.slots):
+                proc = self._procs[slot.id]
+                if not proc.process.is_alive() and not self._stop.is_set() and not proc.died_reported:
+                    proc.died_reported = True
+                    self._call(self._died, slot, proc.process.exitcode)
+            if not pipes:
+                self._stop.wait(0.2)
+
+    def _call(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed
+            self._stop.set()
+
+    def _deliver(self, event: Event) -> None:
+        if isinstance(event, WorkerReady):
+            self._add_gpu_workers(event)
+        self._on_event(event)
+
+    def _add_gpu_workers(self, event: WorkerReady) -> None:
+        """With ``--device auto``, the first worker reports the GPU count; add one worker per extra GPU."""
+        if self.devices != ["auto"] or event.worker != 0 or len(self.slots) > 1:
+            return
+        for n in range(1, event.cuda_count):
+            self._spawn(Slot(len(self.slots), f"cuda:{n}"))
+
+    def _died(self, slot: Slot, exitcode) -> None:
+        if self._stop.is_set():
+            return
+        job = slot.job
+        self._spawn(slot)  # first: the service may hand the new worker a job at once
+        self._on_died(slot, job, f"worker crashed (exit code {exitcode})")
+
+
+@contextlib.contextmanager
+def _real_stderr():
+    """multiprocessing hands ``sys.stderr``'s file descriptor to the helper processes it starts;
+    under a TUI ``sys.stderr`` is a capture object without one, so use the process's real stderr."""
+    saved = sys.stderr
+    try:
+        usable = saved.fileno() >= 0
+    except (AttributeError, OSError, ValueError):
+        usable = False
+    if not usable:
+        sys.stderr = sys.__stderr__
+    try:
+        yield
+    finally:
+        sys.stderr = saved
+
+
+def _worker_entry(*args) -> None:
+    from backend.worker import worker_main
+
+    worker_main(*args)
