@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from backend.events import (TrainCheckpoint, TrainClassImages, TrainEvent, TrainLog, TrainResume, TrainState, TrainStep,
+                            TrainValidation)
 from backend.engine.loader import load_pipeline
 from backend.models import resolve_model
 from backend.training import runs
@@ -55,8 +57,8 @@ def _run(request: TrainRequest, **kwargs) -> Path:
     return prepared.run_dir
 
 
-def _events(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / runs.EVENTS).read_text().splitlines()]
+def _events(run_dir: Path) -> list[TrainEvent]:
+    return runs.EventTail(run_dir).read()
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -81,17 +83,16 @@ def test_full_run_with_prior_then_lora_reuses_class_images(photos, tmp_path, sd_
     assert data["state"] == "done" and data["output"]["kind"] == "model" and data["step"] == 2
 
     events = _events(run_dir)
-    kinds = [e["type"] for e in events]
-    assert kinds[0] == "state" and kinds[-1] == "state" and events[-1]["state"] == "done"
-    assert [e["done"] for e in events if e["type"] == "class_images"][-1] == 2
-    steps = [e for e in events if e["type"] == "step"]
-    assert [e["step"] for e in steps] == [1, 2]
+    assert isinstance(events[0], TrainState) and isinstance(events[-1], TrainState) and events[-1].state == "done"
+    assert [e.done for e in events if isinstance(e, TrainClassImages)][-1] == 2
+    steps = [e for e in events if isinstance(e, TrainStep)]
+    assert [e.step for e in steps] == [1, 2]
     for e in steps:
-        assert np.isfinite(e["loss"]) and np.isfinite(e["prior_loss"]) and e["lr"] == 1e-3 and e["its"] > 0
-        assert e["max_steps"] == 2 and e["mem_gib"] is None  # no CUDA here
-    assert [e["step"] for e in events if e["type"] == "checkpoint"] == [2]
-    validation = [e for e in events if e["type"] == "validation"]
-    assert len(validation) == 1 and all(Image.open(p).size == (64, 64) for p in validation[0]["images"])
+        assert np.isfinite(e.loss) and np.isfinite(e.prior_loss) and e.lr == 1e-3 and e.its > 0
+        assert e.max_steps == 2 and e.mem_gib is None  # no CUDA here
+    assert [e.step for e in events if isinstance(e, TrainCheckpoint)] == [2]
+    validation = [e for e in events if isinstance(e, TrainValidation)]
+    assert len(validation) == 1 and all(Image.open(p).size == (64, 64) for p in validation[0].images)
     assert json.loads((run_dir / "checkpoints/checkpoint-2" / STATE_FILE).read_text())["step"] == 2
 
     # The class images sit in the shared cache, keyed by model + class prompt.
@@ -110,7 +111,7 @@ def test_full_run_with_prior_then_lora_reuses_class_images(photos, tmp_path, sd_
 
     # A LoRA run on the same class reuses the cached class images: nothing generated.
     lora_dir = _run(_request(photos, tmp_path / "lora", max_steps=1, class_prompt="a photo of dog", num_class_images=2))
-    generated = [e for e in _events(lora_dir) if e["type"] == "class_images"]
+    generated = [e for e in _events(lora_dir) if isinstance(e, TrainClassImages)]
     assert generated == []
     assert [p.stat().st_mtime_ns for p in made] == stamps
     assert (lora_dir / runs.LORA_FILE).is_file()
@@ -161,9 +162,9 @@ def test_killed_trainer_resumes_exactly(photos, tmp_path, monkeypatch, capsys):
     saved = runs.list_checkpoints(run_dir)[-1][0]
     end = saved + 2
     run_dir = _run(replace(prepared_request, max_steps=end, resume="latest"))
-    resumed = [e for e in _events(run_dir) if e["type"] == "resume"]
-    assert [e["step"] for e in resumed] == [saved]
-    after = [e["step"] for e in _events(run_dir)[_events(run_dir).index(resumed[0]):] if e["type"] == "step"]
+    resumed = [e for e in _events(run_dir) if isinstance(e, TrainResume)]
+    assert [e.step for e in resumed] == [saved]
+    after = [e.step for e in _events(run_dir)[_events(run_dir).index(resumed[0]):] if isinstance(e, TrainStep)]
     assert after == [saved + 1, saved + 2]
 
     reference = _run(replace(prepared_request, max_steps=end, output=str(tmp_path / "reference")))
@@ -176,7 +177,7 @@ def test_lr_schedule_warms_up_decays_and_resumes_exactly(photos, tmp_path, monke
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     settings = dict(max_steps=6, lr=1e-4, lr_scheduler="linear", lr_warmup_steps=2, checkpoint_every=100)
     reference = _run(_request(photos, tmp_path / "reference", **settings))
-    lrs = lambda run_dir: [e["lr"] for e in _events(run_dir) if e["type"] == "step"]  # noqa: E731
+    lrs = lambda run_dir: [e.lr for e in _events(run_dir) if isinstance(e, TrainStep)]  # noqa: E731
     assert lrs(reference) == pytest.approx([0, 0.5e-4, 1e-4, 0.75e-4, 0.5e-4, 0.25e-4])  # each step's own lr
 
     run_dir = tmp_path / "stopped"
@@ -191,12 +192,12 @@ def test_extending_a_finished_run_follows_the_longer_schedule_from_its_first_ste
     settings = dict(lr=1e-4, lr_scheduler="linear", checkpoint_every=100)
     run_dir = _run(_request(photos, tmp_path / "short", max_steps=4, **settings))
     _run(_request(photos, run_dir, max_steps=8, resume="latest", **settings))
-    lrs = [e["lr"] for e in _events(run_dir) if e["type"] == "step"]
+    lrs = [e.lr for e in _events(run_dir) if isinstance(e, TrainStep)]
     # A linear decay over 8 steps from step 5 on (the 4-step schedule had reached 0 at its end).
     assert lrs[4:] == pytest.approx([0.5e-4, 0.375e-4, 0.25e-4, 0.125e-4], rel=1e-6)
     # Another --lr on a resume is this run's lr from its first step, with the same schedule.
     _run(_request(photos, run_dir, max_steps=10, resume="latest", **{**settings, "lr": 2e-4}))
-    lrs = [e["lr"] for e in _events(run_dir) if e["type"] == "step"]
+    lrs = [e.lr for e in _events(run_dir) if isinstance(e, TrainStep)]
     assert lrs[8:] == pytest.approx([2e-4 * 2 / 10, 2e-4 * 1 / 10], rel=1e-6)
 
 
@@ -207,7 +208,7 @@ def test_run_stopped_on_its_last_step_resumes_to_its_export(photos, tmp_path):
     assert runs.read_run_json(run_dir)["state"] == "stopped" and runs.run_output(run_dir) is None
     _run(_request(photos, run_dir, max_steps=2, resume="latest"))  # nothing left to train: it exports
     assert runs.read_run_json(run_dir)["state"] == "done" and runs.run_output(run_dir)[0] == "lora"
-    assert [e["step"] for e in _events(run_dir) if e["type"] == "step"] == [1, 2]
+    assert [e.step for e in _events(run_dir) if isinstance(e, TrainStep)] == [1, 2]
 
 
 def test_disk_full_keeps_previous_checkpoint_and_stop_saves_one(photos, tmp_path, monkeypatch):
@@ -236,7 +237,7 @@ def test_disk_full_keeps_previous_checkpoint_and_stop_saves_one(photos, tmp_path
         patch.setattr(DreamBoothTrainer, "train_step", counting_step)
         run_dir = _run(_request(photos, tmp_path / "disk", max_steps=20, keep_checkpoints=3),
                        should_stop=lambda: len(steps_done) >= 5)
-    warnings = [e["message"] for e in _events(run_dir) if e["type"] == "log" and e.get("level") == "warning"]
+    warnings = [e.message for e in _events(run_dir) if isinstance(e, TrainLog) and e.level == "warning"]
     assert any("checkpoint at step 4 not saved: No space left on device; checkpoint-2 is kept" in w for w in warnings)
     assert [s for s, _ in runs.list_checkpoints(run_dir)] == [2, 5]  # 4 failed, 5 saved by the stop
     assert not list((run_dir / runs.CHECKPOINTS).glob(".tmp-*"))
@@ -247,7 +248,7 @@ def test_disk_full_keeps_previous_checkpoint_and_stop_saves_one(photos, tmp_path
 
     # The stopped run continues from step 5.
     resumed = _run(replace(TrainRequest.from_dict(data["settings"]), max_steps=6, resume="latest"))
-    assert [e["step"] for e in _events(resumed) if e["type"] == "resume"] == [5]
+    assert [e.step for e in _events(resumed) if isinstance(e, TrainResume)] == [5]
     assert runs.read_run_json(resumed)["state"] == "done"
 
 
@@ -292,7 +293,7 @@ def test_v_prediction_model_trains_on_velocity(photos, tmp_path, demo_dirs, monk
     real = DDPMScheduler.get_velocity
     monkeypatch.setattr(DDPMScheduler, "get_velocity", lambda self, *a: calls.append(1) or real(self, *a))
     run_dir = _run(_request(photos, tmp_path / "v", model=str(folder), max_steps=1, snr_gamma=5.0))
-    losses = [e["loss"] for e in _events(run_dir) if e["type"] == "step"]
+    losses = [e.loss for e in _events(run_dir) if isinstance(e, TrainStep)]
     assert len(losses) == 1 and np.isfinite(losses[0]) and calls == [1]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from backend.events import TrainLog, TrainResume, TrainStep
 from backend.training import runs, trainer_process
 from backend.training.checkpoints import STATE_FILE, CheckpointError
 from backend.training.config import TrainRequest
@@ -38,14 +39,14 @@ def disk_full_after(limit: int):
 
 
 def _warnings(run_dir: Path) -> list[str]:
-    return [e["message"] for e in _events(run_dir) if e["type"] == "log" and e.get("level") == "warning"]
+    return [e.message for e in _events(run_dir) if isinstance(e, TrainLog) and e.level == "warning"]
 
 
 def _steps_after_resume(run_dir: Path) -> tuple[int, list[int]]:
     """(the step the last resume started from, the steps trained after it)."""
     events = _events(run_dir)
-    resumed = [i for i, e in enumerate(events) if e["type"] == "resume"][-1]
-    return events[resumed]["step"], [e["step"] for e in events[resumed:] if e["type"] == "step"]
+    resumed = [i for i, e in enumerate(events) if isinstance(e, TrainResume)][-1]
+    return events[resumed].step, [e.step for e in events[resumed:] if isinstance(e, TrainStep)]
 
 
 def _settings(run_dir: Path, **changes) -> TrainRequest:
@@ -72,7 +73,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint_and_trains_on(phot
     run_dir = _run(_request(photos, tmp_path / "full", max_steps=3, checkpoint_every=1, keep_checkpoints=3))
 
     assert runs.read_run_json(run_dir)["state"] == "done" and runs.run_output(run_dir)[0] == "lora"
-    assert [e["step"] for e in _events(run_dir) if e["type"] == "step"] == [1, 2, 3]
+    assert [e.step for e in _events(run_dir) if isinstance(e, TrainStep)] == [1, 2, 3]
     reason = "File too large" if failing == "safetensors" else "torch could not write its file (disk full?)"
     assert _warnings(run_dir) == [f"checkpoint at step 2 not saved: {reason}; checkpoint-1 is kept"]
     assert [s for s, _ in runs.list_checkpoints(run_dir)] == [1, 3]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend.events import TrainCheckpoint, TrainLog, TrainResume, TrainState, TrainStep
 from backend.errors import ModelError, RequestError
 from backend.training import runs
 from backend.training.config import TrainRequest, load_yaml
@@ -144,7 +145,7 @@ def test_prepare_run_writes_run_json_and_links(photos, tmp_path):
     assert data["settings"]["resolution"] == 128
     assert any("common English word" in w for w in prepared.warnings)
     events = runs.EventTail(prepared.run_dir).read()
-    assert events[0]["type"] == "log" and events[0]["level"] == "warning"
+    assert isinstance(events[0], TrainLog) and events[0].level == "warning"
     linked = [r.path for r in runs.list_runs()]
     assert prepared.run_dir in linked  # a symlink in the runs folder points at it
     # A second start into the same folder needs --resume.
@@ -189,22 +190,22 @@ def test_event_tail_is_incremental_and_waits_for_whole_lines(tmp_path):
     write = runs.EventWriter(tmp_path)
     tail = runs.EventTail(tmp_path)
     assert tail.read() == []
-    write("step", step=1, loss=0.5)
-    with open(tmp_path / runs.EVENTS, "a") as fh:
-        fh.write('{"type": "step", "step": 2, "lo')
-    assert [e["step"] for e in tail.read()] == [1]
+    write(TrainStep(step=1, max_steps=9, loss=0.5))
+    with open(tmp_path / runs.EVENTS, "a") as fh:  # a line as runs wrote them before events had versions
+        fh.write('{"type": "step", "step": 2, "max_steps": 9, "lo')
+    assert [e.step for e in tail.read()] == [1]
     with open(tmp_path / runs.EVENTS, "a") as fh:
         fh.write('ss": 0.4}\nnot json\n')
-    assert [e["step"] for e in tail.read()] == [2]
+    assert [e.step for e in tail.read()] == [2]
     assert tail.read() == []
 
 
 def test_progress_resume_replaces_superseded_steps():
     progress = runs.RunProgress()
     for step, loss in [(1, 1.0), (2, 0.9), (3, 0.8), (4, 0.7)]:
-        progress.apply({"type": "step", "step": step, "max_steps": 10, "loss": loss, "lr": 1e-4, "its": 2.0})
-    assert progress.apply({"type": "resume", "step": 2, "checkpoint": "c"}) == "resumed from step 2 (c)"
-    progress.apply({"type": "step", "step": 3, "max_steps": 10, "loss": 0.5, "lr": 1e-4, "its": 2.0})
+        progress.apply(TrainStep(step=step, max_steps=10, loss=loss, lr=1e-4, its=2.0))
+    assert progress.apply(TrainResume(step=2, checkpoint="c")) == "resumed from step 2 (c)"
+    progress.apply(TrainStep(step=3, max_steps=10, loss=0.5, lr=1e-4, its=2.0))
     assert progress.losses == {1: 1.0, 2: 0.9, 3: 0.5}
     assert progress.summary() == "step 3/10  loss 0.5000  lr 1.00e-04  2.00 it/s  ETA 0:04"
     assert runs.smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
@@ -282,10 +283,10 @@ class FakeTrainer:
         self.polls += 1
         if self.polls == 1:
             write = runs.EventWriter(self.run_dir)
-            write("state", state="running", max_steps=2)
-            write("step", step=1, max_steps=2, loss=0.5, lr=1e-4, its=2.0)
-            write("step", step=2, max_steps=2, loss=0.25, lr=1e-4, its=2.0)
-            write("checkpoint", step=2, path="ckpt-2")
+            write(TrainState(state="running", max_steps=2))
+            write(TrainStep(step=1, max_steps=2, loss=0.5, lr=1e-4, its=2.0))
+            write(TrainStep(step=2, max_steps=2, loss=0.25, lr=1e-4, its=2.0))
+            write(TrainCheckpoint(step=2, path="ckpt-2"))
             return None
         runs.update_run_json(self.run_dir, **self.final)
         return 0
@@ -303,7 +304,7 @@ def test_cli_foreground_follows_events_and_exits_by_outcome(tmp_path, capsys, mo
 
     monkeypatch.setattr("tui.cli_train.time.sleep", lambda _: None)
     runs.write_json_atomic(tmp_path / runs.RUN_JSON, {"state": "running", "settings": {}})
-    runs.EventWriter(tmp_path)("log", level="warning", message="printed before, by prepare")
+    runs.EventWriter(tmp_path)(TrainLog(level="warning", message="printed before, by prepare"))
     assert follow(tmp_path, FakeTrainer(tmp_path, final)) == code
     out, err = capsys.readouterr()
     assert "printed before" not in err

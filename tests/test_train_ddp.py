@@ -8,6 +8,7 @@ import shlex
 import pytest
 import torch
 
+from backend.events import TrainClassImages, TrainResume, TrainState, TrainStep
 from backend.training import runs
 from tests.test_train import photos  # noqa: F401  (a fixture)
 from tui import cli
@@ -23,14 +24,14 @@ def test_two_processes_share_class_images_steps_and_checkpoints(photos, tmp_path
                      "--method", "full", "--max-steps", "3", "--checkpoint-every", "2", "--output", str(run_dir),
                      "--launcher", shlex.join(two_process_launcher)])
     assert code == 0, (run_dir / runs.LOG_FILE).read_text()[-2000:]
-    events = [json.loads(line) for line in (run_dir / runs.EVENTS).read_text().splitlines()]
-    started = next(e for e in events if e["type"] == "state")
-    assert started["processes"] == 2
-    steps = [e for e in events if e["type"] == "step"]
-    assert [e["step"] for e in steps] == [1, 2, 3]  # the main process alone writes
-    assert [e["epoch"] for e in steps] == [0, 1, 2]  # 2 of the 3 photos a step
-    classes = [e for e in events if e["type"] == "class_images"]
-    assert classes[-1] == {**classes[-1], "done": 4, "total": 4}
+    events = runs.EventTail(run_dir).read()
+    started = next(e for e in events if isinstance(e, TrainState))
+    assert started.processes == 2
+    steps = [e for e in events if isinstance(e, TrainStep)]
+    assert [e.step for e in steps] == [1, 2, 3]  # the main process alone writes
+    assert [e.epoch for e in steps] == [0, 1, 2]  # 2 of the 3 photos a step
+    classes = [e for e in events if isinstance(e, TrainClassImages)]
+    assert (classes[-1].done, classes[-1].total) == (4, 4)
     checkpoint = runs.list_checkpoints(run_dir)[-1][1]
     assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     # DDP reduces into the flat buckets' gradients: the optimizer state is per bucket, as in one process.
@@ -40,11 +41,11 @@ def test_two_processes_share_class_images_steps_and_checkpoints(photos, tmp_path
     # The run continues in one process from the two processes' checkpoint.
     monkeypatch.delenv("ACCELERATE_USE_CPU")
     assert cli.main(["train", "--output", str(run_dir), "--resume", "latest", "--max-steps", "5"]) == 0
-    events = [json.loads(line) for line in (run_dir / runs.EVENTS).read_text().splitlines()]
-    resumed = next(e for e in events if e["type"] == "resume")
+    events = runs.EventTail(run_dir).read()
+    resumed = next(e for e in events if isinstance(e, TrainResume))
     # A finished run checkpoints its last step too, so it goes on from step 3.
-    assert resumed["step"] == 3 and [e["step"] for e in events[events.index(resumed):] if e["type"] == "step"] == [4, 5]
-    assert [e["processes"] for e in events if e["type"] == "state" and e["state"] == "running"] == [2, 1]
+    assert resumed.step == 3 and [e.step for e in events[events.index(resumed):] if isinstance(e, TrainStep)] == [4, 5]
+    assert [e.processes for e in events if isinstance(e, TrainState) and e.state == "running"] == [2, 1]
 
 
 def test_demo_model_built_by_two_processes_at_once_is_kept(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from textual.app import App, ComposeResult
 from textual.widgets import Footer, Input, Log, OptionList, Select, Static
 from textual_plotext import PlotextPlot
 
+from backend.events import TrainLog, TrainState, TrainStep, TrainValidation
 from backend.training import runs
 from tui.screens import train as train_screen
 from tui.screens.train import TrainPane
@@ -36,17 +37,17 @@ def _write_run(root: Path, name: str, state: str, losses: list[float], updated: 
     settings = {"model": "demo", "method": "lora", "max_steps": 10}
     runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": state, "settings": settings, "updated": updated})
     write = runs.EventWriter(run_dir)
-    write("state", state="running", max_steps=10)
+    write(TrainState(state="running", max_steps=10))
     for step, loss in enumerate(losses, 1):
-        write("step", step=step, max_steps=10, loss=loss, lr=1e-4, its=4.0, mem_gib=None)
+        write(TrainStep(step=step, max_steps=10, loss=loss, lr=1e-4, its=4.0, mem_gib=None))
     if validation:
         paths = []
         for i, colour in enumerate(((255, 0, 0), (0, 0, 255))):
             path = run_dir / "validation" / f"step-000005-{i}.png"
             Image.new("RGB", (64, 64), colour).save(path)
             paths.append(str(path))
-        write("validation", step=5, images=paths)
-    write("log", level="warning", message="instance_dir: skipping notes.txt: not an image")
+        write(TrainValidation(step=5, images=paths))
+    write(TrainLog(level="warning", message="instance_dir: skipping notes.txt: not an image"))
     return run_dir
 
 
@@ -84,7 +85,7 @@ async def test_pane_shows_loss_points_follows_and_reattaches(tmp_path):
 
         # New events are picked up by the 0.5 s poll (incremental tail).
         write = runs.EventWriter(run_dir)
-        write("step", step=6, max_steps=10, loss=0.35, lr=1e-4, its=4.0, mem_gib=3.5)
+        write(TrainStep(step=6, max_steps=10, loss=0.35, lr=1e-4, its=4.0, mem_gib=3.5))
         await _settle(pilot, pane, lambda: len(pane.loss_points) == 6)
         assert pane.loss_points[-1] == (6, 0.35)
         assert "GPU 3.5 GiB" in str(pane.query_one("#train-stats", Static).content)

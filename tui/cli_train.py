@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from backend.errors import RequestError
+from backend.events import TrainStep
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
 from backend.training.launch import prepare_run, request_stop, resume_settings, start_trainer
@@ -118,7 +119,7 @@ def follow(run_dir: Path, proc) -> int:
                 line = progress.apply(event)
                 if line:
                     print(f"dreamtty: {line}", file=sys.stderr)
-                elif event.get("type") == "step" and (time.monotonic() - shown > 2 or progress.step == progress.max_steps):
+                elif isinstance(event, TrainStep) and (time.monotonic() - shown > 2 or progress.step == progress.max_steps):
                     print(f"dreamtty: {progress.summary()}", file=sys.stderr)
                     shown = time.monotonic()
             if done:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from backend.errors import RequestError
+from backend.events import TrainLog
 from backend.models import resolve_model
 from backend.training import runs
 from backend.training.config import TrainRequest
@@ -155,7 +156,7 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> Prepare
         )
         runs.link_into_root(run_dir, runs_root)
         for warning in warnings:
-            runs.EventWriter(run_dir)("log", level="warning", message=warning)
+            runs.EventWriter(run_dir)(TrainLog(level="warning", message=warning))
     except OSError as exc:
         raise RequestError("output", f"cannot write the run to {run_dir}: {exc.strerror or exc}") from None
     return PreparedRun(run_dir.resolve(), req, warnings)

@@ -12,8 +12,8 @@ Layout of ``RUN_DIR``::
     model/              full fine-tune result: a diffusers folder
     lora/pytorch_lora_weights.safetensors   LoRA result
 
-Event types (key "type"): state, log, class_images, step, checkpoint, validation, resume, error.
-Every event has "time" (Unix seconds).
+``events.jsonl`` holds training events (``backend.events.TrainEvent``), one encoded record a line,
+each with its ``time`` (Unix seconds).
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from backend import locations
+from backend.events import (EventError, TrainCheckpoint, TrainClassImages, TrainError, TrainEvent, TrainLog,
+                            TrainResume, TrainState, TrainStep, TrainValidation, dumps, loads)
 from backend.processes import process_exists
 
 RUN_JSON = "run.json"
@@ -211,10 +213,10 @@ class EventWriter:
         self.path = Path(run_dir) / EVENTS
         self.enabled = enabled
 
-    def __call__(self, type_: str, **fields) -> None:
+    def __call__(self, event: TrainEvent) -> None:
         if not self.enabled or not self.path.parent.is_dir():
             return
-        line = json.dumps({"type": type_, "time": round(time.time(), 3), **fields})
+        line = dumps(replace(event, time=round(time.time(), 3)))
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
 
@@ -227,7 +229,7 @@ class EventTail:
         self.offset = 0
         self._partial = b""
 
-    def read(self) -> list[dict]:
+    def read(self) -> list[TrainEvent]:
         try:
             size = self.path.stat().st_size
             if size < self.offset:  # truncated or replaced: start again
@@ -243,10 +245,10 @@ class EventTail:
         events = []
         for line in lines:
             try:
-                event = json.loads(line)
-            except ValueError:
+                event = loads(line, run_file=True)
+            except EventError:
                 continue
-            if isinstance(event, dict):
+            if isinstance(event, TrainEvent):
                 events.append(event)
         return events
 
@@ -271,39 +273,35 @@ class RunProgress:
     def step(self) -> int:
         return max(self.losses, default=0)
 
-    def apply(self, event: dict) -> str | None:
+    def apply(self, event: TrainEvent) -> str | None:
         """Fold one event in; return a log line for it, if it has one."""
-        kind = event.get("type")
-        if kind == "step":
-            step = int(event.get("step", 0))
-            self.losses[step] = float(event.get("loss", math.nan))
-            self.max_steps = int(event.get("max_steps", self.max_steps))
-            self.lr, self.its, self.mem_gib = event.get("lr"), event.get("its"), event.get("mem_gib")
+        if isinstance(event, TrainStep):
+            self.losses[event.step] = float(event.loss if event.loss is not None else math.nan)
+            self.max_steps = event.max_steps
+            self.lr, self.its, self.mem_gib = event.lr, event.its, event.mem_gib
             return None
         line = None
-        if kind == "resume":
-            step = int(event.get("step", 0))
-            self.losses = {s: v for s, v in self.losses.items() if s <= step}
-            checkpoint = event.get("checkpoint")
-            line = f"resumed from step {step} ({checkpoint})" if checkpoint else "no checkpoint yet: starting over"
-        elif kind == "state":
-            self.state = event.get("state")
-            self.max_steps = int(event.get("max_steps", self.max_steps) or 0)
-            line = f"state: {self.state}" + (f" ({event['message']})" if event.get("message") else "")
-        elif kind == "checkpoint":
-            line = f"checkpoint saved at step {event.get('step')}: {event.get('path')}"
-        elif kind == "validation":
-            self.validation = list(event.get("images", []))
-            line = f"validation images at step {event.get('step')}: {len(self.validation)}"
-        elif kind == "class_images":
-            self.class_images = (int(event.get("done", 0)), int(event.get("total", 0)))
-            line = f"class images: {self.class_images[0]}/{self.class_images[1]}"
-        elif kind == "error":
-            self.error = event.get("message")
+        if isinstance(event, TrainResume):
+            self.losses = {s: v for s, v in self.losses.items() if s <= event.step}
+            line = (f"resumed from step {event.step} ({event.checkpoint})" if event.checkpoint
+                    else "no checkpoint yet: starting over")
+        elif isinstance(event, TrainState):
+            self.state = event.state
+            self.max_steps = event.max_steps if event.max_steps is not None else self.max_steps
+            line = f"state: {self.state}" + (f" ({event.message})" if event.message else "")
+        elif isinstance(event, TrainCheckpoint):
+            line = f"checkpoint saved at step {event.step}: {event.path}"
+        elif isinstance(event, TrainValidation):
+            self.validation = list(event.images)
+            line = f"validation images at step {event.step}: {len(self.validation)}"
+        elif isinstance(event, TrainClassImages):
+            self.class_images = (event.done, event.total)
+            line = f"class images: {event.done}/{event.total}"
+        elif isinstance(event, TrainError):
+            self.error = event.message
             line = f"error: {self.error}"
-        elif kind == "log":
-            level = event.get("level", "info")
-            line = f"{level}: {event.get('message', '')}" if level != "info" else str(event.get("message", ""))
+        elif isinstance(event, TrainLog):
+            line = f"{event.level}: {event.message}" if event.level != "info" else event.message
         if line:
             self.logs.append(line)
         return line

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.errors import DreamttyError, RequestError
+from backend.events import TrainCheckpoint, TrainClassImages, TrainLog, TrainResume, TrainState, TrainStep, TrainValidation
 from backend.families import FAMILIES
 from backend.engine.loader import local_folder
 from backend.models import ModelRef, resolve_model
@@ -109,7 +110,7 @@ class DreamBoothTrainer:
     # -- setup -------------------------------------------------------------
     def _class_images(self, model: ModelRef) -> list[Path]:
         req = self.req
-        report = lambda done, total: self.events("class_images", done=done, total=total)  # noqa: E731
+        report = lambda done, total: self.events(TrainClassImages(done=done, total=total))  # noqa: E731
         return ensure_class_images(
             model, req.class_prompt, req.num_class_images, req.resolution, req.seed,
             self.device, self.acc.process_index, self.acc.num_processes, report, self.acc.wait_for_everyone,
@@ -117,7 +118,7 @@ class DreamBoothTrainer:
         )
 
     def _warn(self, message: str) -> None:
-        self.events("log", level="warning", message=message)
+        self.events(TrainLog(level="warning", message=message))
 
     def _setup_models(self) -> None:
         from accelerate.utils import set_seed
@@ -252,9 +253,9 @@ class DreamBoothTrainer:
             checkpoint, state = load_newest(self.acc, folders, self._warn)
             start = int(state["step"])
             self._apply_schedule(base_lrs)
-            self.events("resume", step=start, checkpoint=str(checkpoint))
+            self.events(TrainResume(step=start, checkpoint=str(checkpoint)))
         elif req.resume is not None:  # nothing saved yet: start over (drops the old steps from the curve)
-            self.events("resume", step=0, checkpoint=None)
+            self.events(TrainResume(step=0, checkpoint=None))
         self._setup_conditioning()
         self._setup_latent_cache()
         if req.report_to == "tensorboard":
@@ -342,9 +343,9 @@ class DreamBoothTrainer:
         try:
             path = save_checkpoint(self.acc, self.run_dir, step, state, self.req.keep_checkpoints)
         except CheckpointError as exc:
-            self.events("log", level="warning", message=str(exc))
+            self.events(TrainLog(level="warning", message=str(exc)))
             return
-        self.events("checkpoint", step=step, path=str(path))
+        self.events(TrainCheckpoint(step=step, path=str(path)))
         if self.main:
             try:
                 runs.update_run_json(self.run_dir, step=step, checkpoint=str(path))
@@ -383,9 +384,9 @@ class DreamBoothTrainer:
             times.append(time.perf_counter() - began)
             its = len(times) / sum(times)
             mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
-            self.events("step", step=step, max_steps=req.max_steps, loss=loss, prior_loss=prior, lr=lr,
-                        its=round(its, 4), mem_gib=None if mem is None else round(mem, 3),
-                        epoch=self.sets["instance"].order.epoch(step * req.grad_accum * n * req.batch_size))
+            self.events(TrainStep(step=step, max_steps=req.max_steps, loss=loss, prior_loss=prior, lr=lr,
+                                  its=round(its, 4), mem_gib=None if mem is None else round(mem, 3),
+                                  epoch=self.sets["instance"].order.epoch(step * req.grad_accum * n * req.batch_size)))
             if req.report_to == "tensorboard":
                 self.acc.log({"loss": loss, "lr": lr, **({"prior_loss": prior} if prior is not None else {})}, step=step)
             stopping = self._stop_requested()
@@ -439,7 +440,7 @@ class DreamBoothTrainer:
             path = folder / f"step-{step:06d}-{i}.png"
             image.save(path)
             paths.append(str(path))
-        self.events("validation", step=step, images=paths)
+        self.events(TrainValidation(step=step, images=paths))
 
     def _export(self) -> None:
         self.acc.wait_for_everyone()
@@ -448,7 +449,7 @@ class DreamBoothTrainer:
         modules = {name: self.acc.unwrap_model(m) for name, m in self.trainables.items()}
         kind, path = export(self.parts, self.req.method, self.run_dir, modules)
         runs.update_run_json(self.run_dir, output={"kind": kind, "path": str(path)})
-        self.events("log", level="info", message=f"saved {kind}: {path}")
+        self.events(TrainLog(level="info", message=f"saved {kind}: {path}"))
         if self.req.report_to == "tensorboard":
             self.acc.end_training()
 
@@ -466,8 +467,8 @@ def train(req: TrainRequest, run_dir: Path, events: runs.EventWriter | None = No
     if trainer.main:
         (run_dir / runs.STOP_FILE).unlink(missing_ok=True)
         runs.update_run_json(run_dir, state="running", pid=os.getpid(), error=None, error_kind=None)
-    events("state", state="running", max_steps=req.max_steps, device=str(trainer.device),
-           processes=trainer.acc.num_processes, mixed_precision=trainer.acc.mixed_precision)
+    events(TrainState(state="running", max_steps=req.max_steps, device=str(trainer.device),
+                      processes=trainer.acc.num_processes, mixed_precision=trainer.acc.mixed_precision))
     try:
         state = trainer.run()
     except torch.OutOfMemoryError:
@@ -475,5 +476,5 @@ def train(req: TrainRequest, run_dir: Path, events: runs.EventWriter | None = No
     if trainer.main:
         runs.update_run_json(run_dir, state=state, step=trainer.step)
     message = "resume with --resume latest" if state == "stopped" else None
-    events("state", state=state, step=trainer.step, **({"message": message} if message else {}))
+    events(TrainState(state=state, step=trainer.step, message=message))
     return state

@@ -16,13 +16,14 @@ import traceback
 from pathlib import Path
 
 from backend.errors import DreamttyError, RequestError
+from backend.events import TrainError
 from backend.training import runs
 from backend.training.config import TrainRequest
 
 
 def fail(run_dir: Path, events: runs.EventWriter, message: str, kind: str = "error") -> None:
     """Record the failure; ``kind`` "input" marks a bad setting (the CLI exits 2)."""
-    events("error", message=message)
+    events(TrainError(message=message))
     if events.enabled and runs.is_run_dir(run_dir):
         runs.update_run_json(run_dir, state="failed", error=message, error_kind=kind)
     print(f"dreamtty train: {message}", file=sys.stderr)

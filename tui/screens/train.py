@@ -24,6 +24,7 @@ from textual.widgets.option_list import Option, OptionDoesNotExist
 from textual_plotext import PlotextPlot
 
 from backend.errors import DreamttyError, RequestError
+from backend.events import TrainResume, TrainStep
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, TrainRequest, check_field
 from backend.training.images import check_folder
@@ -381,7 +382,7 @@ class TrainPane(Vertical):
         lines = []
         for event in self._tail.read():
             line = self.progress.apply(event)
-            new_steps |= event.get("type") in ("step", "resume")
+            new_steps |= isinstance(event, (TrainStep, TrainResume))
             if line:
                 lines.append(line)
         if lines:
