@@ -1,0 +1,65 @@
+"""One encoding for every event: round trips, versions, and records that are not events."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import pytest
+
+from backend import events
+from backend.events import EventError, ImageSaved, Preview, Step, TrainStep, dumps, loads
+
+_SAMPLE = {int: 3, float: 0.5, str: "a\x1b[31m\nb", bytes: bytes(range(256)), list: ["x", "y"], dict: {"prompt": "p"}}
+
+
+def _example(cls):
+    """An instance of ``cls`` with every field set to a value of its type."""
+    values = {}
+    for f in fields(cls):
+        base = f.type.split(" | ")[0].split("[")[0]
+        values[f.name] = _SAMPLE[{"int": int, "float": float, "str": str, "bytes": bytes, "list": list,
+                                  "dict": dict}[base]]
+    return cls(**values)
+
+
+@pytest.mark.parametrize("cls", list(events._TYPES.values()), ids=lambda c: c.type)
+def test_every_event_round_trips_as_one_line_of_json(cls):
+    event = _example(cls)
+    line = dumps(event)
+    assert "\n" not in line and "\x1b" not in line  # control characters are escaped on the wire
+    assert json.loads(line)["v"] == events.VERSION and json.loads(line)["type"] == cls.type
+    assert loads(line) == event
+
+
+def test_preview_pixels_travel_as_base64():
+    event = Preview(job=1, image=0, width=2, height=1, rgb=b"\x00\xff\x10" * 2)
+    assert json.loads(dumps(event))["rgb"] == "AP8QAP8Q"
+    assert loads(dumps(event)).rgb == event.rgb
+
+
+@pytest.mark.parametrize("text, error", [
+    ('{"v": 2, "type": "done", "job": 1}', "version 2 is not supported"),
+    ('{"type": "done", "job": 1}', "version None is not supported"),
+    ('{"v": 1, "type": "exploded", "job": 1}', "unknown type 'exploded'"),
+    ('{"v": 1, "type": "image", "job": 1, "image": 0, "seed": 1}', "image lacks its 'path' field"),
+    ('[1, 2]', "expected a JSON object, got list"),
+    ('{"v": 1, "type": "done", "job"', "not JSON"),
+    ("[" * 100_000, "not JSON"),
+])
+def test_records_that_are_not_events_are_one_line_errors(text, error):
+    with pytest.raises(EventError, match=error.replace("(", r"\(")):
+        loads(text)
+
+
+def test_fields_of_a_newer_minor_version_are_dropped():
+    event = loads('{"v": 1, "type": "image", "job": 4, "image": 0, "path": "/x.png", "seed": 9, "new": true}')
+    assert event == ImageSaved(job=4, image=0, path="/x.png", seed=9)
+
+
+def test_training_lines_from_before_versions_read_as_training_events():
+    line = '{"type": "step", "time": 1.5, "step": 2, "max_steps": 9, "loss": 0.25}'
+    assert loads(line, run_file=True) == TrainStep(time=1.5, step=2, max_steps=9, loss=0.25)
+    with pytest.raises(EventError):  # not on a job channel: there an unversioned "step" is no event
+        loads(line)
+    assert isinstance(loads(dumps(Step(job=1, image=0, count=1, step=1, total=2, its=1.0, eta=1.0))), Step)
