@@ -15,9 +15,8 @@ from backend import config as config_mod
 from backend import library
 from backend.errors import ModelError, RequestError
 from backend.families import FAMILIES
-from backend.request import GenerateRequest
+from backend.request import GenerateRequest, check_loras
 
-MAX_LORAS = 5
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::\s*([-+]?(?:\d+\.?\d*|\.\d+)))?\s*>")
 
 
@@ -36,15 +35,7 @@ def effective_request(request: GenerateRequest) -> GenerateRequest:
     else:
         names = {n for n, _ in tagged}
         loras = [x for x in request.loras if x[0] not in names] + tagged
-    seen = set()
-    for name, weight in loras:
-        if name in seen:
-            raise RequestError("lora", f"{name} is given twice")
-        seen.add(name)
-        if not -2.0 <= weight <= 2.0:
-            raise RequestError("lora", f"weight {weight} for {name} is out of range; allowed -2..2")
-    if len(loras) > MAX_LORAS:
-        raise RequestError("lora", f"{len(loras)} given; at most {MAX_LORAS} LoRA slots")
+    check_loras(loras)
     return replace(request, prompt=prompt, loras=loras)
 
 

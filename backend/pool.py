@@ -134,9 +134,10 @@ class _Process:
 class ProcessPool:
     """One worker process per device (``--device``); ``auto`` adds one per extra GPU the first finds."""
 
-    def __init__(self, devices: str, db_path: Path) -> None:
+    def __init__(self, devices: str, db_path: Path, nice: int = 0) -> None:
         self.devices = parse_devices(devices)
         self.db_path = db_path
+        self.nice = nice  # workers beside a TUI yield the CPU to it, so keys are painted promptly
         self.slots: list[Slot] = []
         self._procs: dict[int, _Process] = {}
         self._stop = threading.Event()
@@ -191,7 +192,8 @@ class ProcessPool:
             log_path = locations.state_dir() / "logs" / f"worker-{slot.id}.log"
             process = _CTX.Process(
                 target=_worker_entry,
-                args=(slot.id, slot.device, jobs, sender, cancel, str(log_path), str(self.db_path), os.getpid()),
+                args=(slot.id, slot.device, jobs, sender, cancel, str(log_path), str(self.db_path), os.getpid(),
+                      self.nice),
                 name=f"dreamtty-worker-{slot.id}",
                 daemon=True,
             )

@@ -20,6 +20,7 @@ from backend.values import to_bool, to_float, to_int
 MAX_STEPS = 500
 MAX_COUNT = 64
 MAX_SEED = 2**32 - 1
+MAX_LORAS = 5
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 _SIZE = re.compile(r"\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*")  # ASCII digits only: int() refuses "²"
 
@@ -84,7 +85,7 @@ class GenerateRequest:
         if self.sampler not in SAMPLERS:
             raise RequestError("sampler", f"unknown {self.sampler!r}; allowed: {', '.join(SAMPLERS)}")
         allowed = SAMPLERS[self.sampler].schedules
-        scheduler = self.scheduler or ("karras" if "karras" in allowed else "normal")
+        scheduler = self.scheduler or SAMPLERS[self.sampler].default_schedule
         if scheduler not in SCHEDULES:
             raise RequestError("scheduler", f"unknown {scheduler!r}; allowed: {', '.join(SCHEDULES)}")
         if scheduler not in allowed:
@@ -116,13 +117,24 @@ class GenerateRequest:
             raise RequestError("dtype", f"unknown {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         if not 0.0 < to_float("refiner_switch", self.refiner_switch) <= 1.0:
             raise RequestError("refiner_switch", f"{self.refiner_switch} is out of range; allowed (0, 1]")
-        for name, weight in self.loras:
-            if not -2.0 <= to_float("lora", weight) <= 2.0:
-                raise RequestError("lora", f"weight {weight} for {name} is out of range; allowed -2..2")
+        check_loras(self.loras)
         self.guidance.validate(xl=bool(fam and fam.xl), cfg=cfg)
         return replace(
             self, scheduler=scheduler, steps=steps, cfg=cfg, width=width, height=height, seed=seed, count=count
         )
+
+
+def check_loras(loras: list[tuple[str, float]]) -> None:
+    """At most MAX_LORAS, each once, each weight in -2..2; RequestError("lora") otherwise."""
+    seen = set()
+    for name, weight in loras:
+        if name in seen:
+            raise RequestError("lora", f"{name} is given twice")
+        seen.add(name)
+        if not -2.0 <= to_float("lora", weight) <= 2.0:
+            raise RequestError("lora", f"weight {weight} for {name} is out of range; allowed -2..2")
+    if len(loras) > MAX_LORAS:
+        raise RequestError("lora", f"{len(loras)} given; at most {MAX_LORAS} LoRA slots")
 
 
 def parse_size(value: object) -> tuple[int, int]:

@@ -19,6 +19,11 @@ class Sampler:
     schedules: tuple[str, ...] = ("normal", "karras", "exponential", "sgm_uniform")
     min_steps: int = 1
 
+    @property
+    def default_schedule(self) -> str:
+        """The schedule used when none is given: Karras where the sampler takes it."""
+        return "karras" if "karras" in self.schedules else self.schedules[0]
+
 
 _SIGMA_SCHEDULES = ("normal", "karras", "exponential", "sgm_uniform")
 _TIMESTEP_ONLY = ("normal", "sgm_uniform")

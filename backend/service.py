@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from backend import config, jobkinds, locations
@@ -31,6 +31,14 @@ MAX_RETRIES = 1  # a job whose worker died runs once more, then fails with the r
 LEASE_RENEW = LEASE_TTL / 5  # seconds between heartbeats
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A checked job, ready for the queue."""
+
+    kind: str
+    payload: dict  # request (resolved), out, family
+
+
 def new_owner_id() -> str:
     """An owner id for this service's jobs: never numeric, never reused (unlike a pid)."""
     return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
@@ -44,9 +52,9 @@ class Service:
     """
 
     def __init__(self, devices: str = "auto", db_path: Path | None = None, recover: bool = False,
-                 pool: WorkerPool | None = None) -> None:
+                 pool: WorkerPool | None = None, nice: int = 0) -> None:
         self.store = QueueStore(db_path or locations.queue_db())
-        self.pool = pool or ProcessPool(devices, self.store.path)
+        self.pool = pool or ProcessPool(devices, self.store.path, nice)
         self.recover = recover
         self.owner = new_owner_id()
         self._subscribers: list[asyncio.Queue] = []
@@ -113,17 +121,25 @@ class Service:
         check_extras(resolved, ref.family)
         return resolved, ref.family
 
-    def submit(self, request: GenerateRequest, out_dir: Path | None = None) -> int:
-        """Validate and queue a request of any kind; returns the job id. Nothing is queued on error."""
+    def prepare(self, request: GenerateRequest, out_dir: Path | None = None) -> Prepared:
+        """Everything ``submit`` checks (model, fields, prompts, extras, the output folder): the slow,
+        file-reading part, safe to run in a thread. Raises a one-line DreamttyError."""
         kind = jobkinds.kind_of(request)
         resolved, family = self.validate(request)
         out = Path(out_dir) if out_dir else config.load().outputs_dir()
         check_out_dir(out)
-        job_id = self.store.add(kind.name, {"request": resolved.to_dict(), "out": str(out), "family": family},
-                                self.owner)
-        self._publish(Queued(job=job_id, kind=kind.name, request=resolved.to_dict()))
+        return Prepared(kind.name, {"request": resolved.to_dict(), "out": str(out), "family": family})
+
+    def enqueue(self, prepared: Prepared) -> int:
+        """Queue a prepared job; returns its id."""
+        job_id = self.store.add(prepared.kind, prepared.payload, self.owner)
+        self._publish(Queued(job=job_id, kind=prepared.kind, request=prepared.payload["request"]))
         self._dispatch()
         return job_id
+
+    def submit(self, request: GenerateRequest, out_dir: Path | None = None) -> int:
+        """Validate and queue a request of any kind; returns the job id. Nothing is queued on error."""
+        return self.enqueue(self.prepare(request, out_dir))
 
     def cancel(self, job_id: int) -> bool:
         """Cancel a queued or running job. Returns False when it is not active."""

@@ -35,12 +35,14 @@ def _redirect_output(log_path: Path) -> None:
 
 
 def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str, db_path: str,
-                parent: int) -> None:
+                parent: int, nice: int = 0) -> None:
     """Process entry point: serve jobs from ``jobs`` until it yields None or the service is gone.
 
     ``events`` is this worker's own pipe end: if the process dies mid-write only its pipe is
-    spoiled, never another worker's.
+    spoiled, never another worker's. ``nice`` is set first, so every thread started later inherits it.
     """
+    if nice:
+        os.nice(nice)
     _redirect_output(Path(log_path))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def generated(monkeypatch) -> list:
     """``generate`` builds its request but queues nothing; (request, args) pairs land in the list."""
     seen: list = []
-    monkeypatch.setattr(cli, "cmd_generate", lambda args: seen.append((cli.request_from_args(args, args.model), args)))
+    monkeypatch.setattr(cli, "cmd_generate", lambda args: seen.append((cli.request_from_args(args), args)))
     return seen
 
 

@@ -10,12 +10,17 @@ import asyncio
 import json
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backend.errors import DreamttyError, RequestError
 from backend.events import Cancelled, Event, Failed, ImageSaved, Step, to_dict
+
+if TYPE_CHECKING:
+    from backend.client import Client
 from backend.guidance_settings import GuidanceSettings
-from backend.request import GenerateRequest, parse_size
+from backend.request import GenerateRequest
 from backend.samplers import SAMPLERS, SCHEDULES
 
 
@@ -105,68 +110,36 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
 
 
-_GUIDANCE_FLAGS = ("perp_neg", "sag", "sharpness", "cfg_rescale", "adaptive_cfg", "adm_scale", "clip_skip", "pag", "apg")
+_REQUEST_FLAGS = ("model", "negative_prompt", "sampler", "scheduler", "steps", "cfg", "seed", "count", "styles",
+                  "expand", "loras", "size", "vae", "refiner", "refiner_switch", "dtype")
 
 
-def _parse_lora(text: str) -> tuple[str, float]:
-    name, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
-    try:
-        return name, float(weight)
-    except ValueError:
-        raise RequestError("lora", f"{text!r}: weight must be a number (NAME[:WEIGHT])") from None
+def request_from_args(args: argparse.Namespace) -> GenerateRequest:
+    """The request the flags describe: defaults < config defaults < ``--preset`` < explicit flags."""
+    from backend import request_builder
 
-
-def request_from_args(args: argparse.Namespace, model: str | None) -> GenerateRequest:
-    """Build the request: dataclass defaults < preset < explicit flags."""
-    given: dict = {"prompt": args.prompt}
-    if model:
-        given["model"] = model
-    for name in ("negative_prompt", "sampler", "scheduler", "steps", "cfg", "seed", "count", "styles",
-                 "expand", "vae", "refiner", "refiner_switch", "dtype"):
-        value = getattr(args, name)
-        if value is not None:
-            given[name] = value
-    if args.size is not None:
-        given["width"], given["height"] = parse_size(args.size)
-    if args.loras:
-        given["loras"] = [_parse_lora(x) for x in args.loras]
-        if len(given["loras"]) > 5:
-            raise RequestError("lora", f"{len(given['loras'])} given; at most 5 LoRA slots")
-    guidance = {n: getattr(args, n) for n in _GUIDANCE_FLAGS if getattr(args, n) is not None}
-    if args.freeu is not None:
-        guidance["freeu"] = args.freeu
+    values = {"prompt": args.prompt, **{name: getattr(args, name) for name in _REQUEST_FLAGS}}
+    guidance = {f.name: getattr(args, f.name) for f in fields(GuidanceSettings) if getattr(args, f.name) is not None}
     if guidance:
-        given["guidance"] = guidance
-    data = _apply_preset(args.preset, given)
-    return GenerateRequest.from_dict(data)
-
-
-def _apply_preset(preset: str | None, given: dict) -> dict:
-    """Merge explicit values over the preset's (explicit wins)."""
-    if not preset:
-        return given
-    from backend.prompting.presets import apply_preset
-
-    return apply_preset(preset, given)
+        values["guidance"] = guidance
+    return request_builder.build(request_builder.from_text(values), args.preset)
 
 
 # -- commands ------------------------------------------------------------------
 async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> tuple[int, list[str]]:
     """Queue ``requests``, follow them to the end; an interrupt (Ctrl-C) cancels them in the queue."""
-    from backend.service import Service
-
-    service = Service(devices=args.device)
-    print_warnings(service.store.warnings)
-    events = service.subscribe()
+    client = _client(args)
+    print_warnings(client.warnings)
+    events = client.subscribe()
     paths: list[str] = []
     failed = 0
     progress = _Progress(enabled=sys.stderr.isatty() and not args.json)
     finished = False  # until every job has ended: else (Ctrl-C, an error) they are cancelled
     try:
-        job_ids = [service.submit(r, out) for r in requests]  # validates before any worker starts
-        await service.start()
+        job_ids = [await client.submit(r, out) for r in requests]  # validates before any worker starts
+        await client.start()
         for job_id in job_ids:
-            async for event in service.wait(job_id, events):
+            async for event in client.wait(job_id, events):
                 if args.json:
                     print(json.dumps({k: v for k, v in to_dict(event).items() if k != "rgb"}), flush=True)
                 progress.update(event)
@@ -183,8 +156,16 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
         finished = True
     finally:
         progress.clear()
-        await service.close(cancel_jobs=not finished)
+        await client.close(cancel_jobs=not finished)
     return (1 if failed else 0), paths
+
+
+def _client(args) -> "Client":
+    """The service the commands talk to: one in this process."""
+    from backend.client import LocalClient
+    from backend.service import Service
+
+    return LocalClient(Service(devices=args.device))
 
 
 def print_warnings(warnings: list[str]) -> None:
@@ -232,7 +213,7 @@ def _fetch_if_missing(model: str) -> None:
 
 
 def cmd_generate(args) -> int:
-    request = request_from_args(args, args.model)
+    request = request_from_args(args)
     _fetch_if_missing(request.model)
     code, _ = asyncio.run(_run_jobs(args, [request], args.out))
     return code

@@ -22,8 +22,6 @@ def apply_global_options(args: argparse.Namespace) -> None:
     cfg = config.load()
     for warning in cfg.warnings:
         print(f"dreamtty: {warning}", file=sys.stderr)
-    if args.command == "generate" and not args.model and cfg.default_model:
-        args.model = cfg.default_model
 
 
 def _label(entry: library.Entry) -> str:

@@ -24,10 +24,10 @@ from backend.models import DEMO_MODELS, resolve_model, trained_model
 from backend.prompting.presets import PresetInfo, apply_preset, list_presets
 from backend.prompting.styles import RANDOM_STYLE, load_styles
 from backend.request import GenerateRequest, parse_size
+from backend.request_builder import format_guidance_value, parse_guidance_value, parse_loras
 from backend.samplers import SAMPLERS
 from backend.training.runs import list_runs
 from tui import keymap
-from tui.cli import _parse_lora
 from tui.suggest import ChoiceSuggester
 from tui.widgets.field import Field
 from tui.widgets.modebar import ModeBar
@@ -69,11 +69,6 @@ def few_step_allowed(model: str, loras: str) -> bool:
     return bool(FEW_STEP_NAME.search(f"{model} {loras}"))
 
 
-def _default_schedule(sampler: str) -> str:
-    allowed = SAMPLERS[sampler].schedules
-    return "karras" if "karras" in allowed else allowed[0]
-
-
 def _size_value(width: int, height: int) -> str:
     return f"{width}x{height}"
 
@@ -81,38 +76,6 @@ def _size_value(width: int, height: int) -> str:
 def _size_options(family: str) -> list[tuple[str, str]]:
     sizes = aspect_sizes(family if family in FAMILIES else "sdxl")
     return [(f"{w}×{h}", _size_value(w, h)) for w, h in sizes] + [("custom W×H", CUSTOM_SIZE)]
-
-
-def _parse_floats(name: str, text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise RequestError(name, f"{text!r} is not a comma-separated list of numbers") from None
-
-
-def _guidance_value(name: str, default: object, text: str) -> object:
-    """Parse one guidance input: the field's default type decides how."""
-    text = text.strip()
-    if isinstance(default, (int, float)):
-        kind = type(default)
-        try:
-            return kind(text) if text else default
-        except ValueError:
-            what = "a whole number" if kind is int else "a number"
-            raise RequestError(name, f"{text!r} is not {what}") from None
-    if not text:
-        return None
-    if text.lower() == "default":
-        return ()
-    return _parse_floats(name, text)
-
-
-def _format_guidance(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (tuple, list)):
-        return ",".join(f"{v:g}" for v in value) if value else "default"
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _field_values(field: Field) -> tuple:
@@ -168,7 +131,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
             yield Field("Sampler", _select("sampler", [(s.label, s.name) for s in SAMPLERS.values()], sampler),
                         names=("sampler",))
             yield Field("Schedule", _select("scheduler", [(s, s) for s in SAMPLERS[sampler].schedules],
-                                            _default_schedule(sampler)), names=("scheduler",))
+                                            SAMPLERS[sampler].default_schedule), names=("scheduler",))
         with Horizontal(classes="row"):
             yield Field("Steps", _input("steps", placeholder="model default"), names=("steps",))
             yield Field("CFG", _input("cfg", f"{GenerateRequest.cfg:g}"), names=("cfg",))
@@ -187,7 +150,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
             for pair in (names[i:i + 2] for i in range(0, len(names), 2)):
                 with Horizontal(classes="row"):
                     for f in pair:
-                        yield Field(f.name.replace("_", " "), _input(f"g-{f.name}", _format_guidance(f.default), "off"),
+                        yield Field(f.name.replace("_", " "), _input(f"g-{f.name}", format_guidance_value(f.default), "off"),
                                     names=(f.name,), hint=GUIDANCE_HINTS.get(f.name, ""))
 
     def on_mount(self) -> None:
@@ -209,10 +172,8 @@ class GenerateForm(VerticalScroll, can_focus=False):
     def read_request(self) -> GenerateRequest:
         """The form as a request; raises RequestError naming the field. Ranges are checked by the service."""
         width, height = self._form_size()
-        loras_text = self._input("#loras")
-        loras = [_parse_lora(x.strip()) for x in loras_text.split(",") if x.strip()]
-        guidance = {f.name: _guidance_value(f.name, f.default, self._input(f"#g-{f.name}"))
-                    for f in fields(GuidanceSettings)}
+        loras = parse_loras(self._input("#loras"))
+        guidance = {f.name: parse_guidance_value(f.name, self._input(f"#g-{f.name}")) for f in fields(GuidanceSettings)}
         preset = self.query_one("#preset", Select).value
         random_seed = self.query_one("#seed-random", Checkbox).value
         return GenerateRequest(
@@ -294,7 +255,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
                 q("#loras", Input).value = ", ".join(f"{n}:{w:g}" for n, w in data["loras"] or [])
             guidance = GuidanceSettings.from_dict(data["guidance"]) if data.get("guidance") else None
             for f in fields(GuidanceSettings) if guidance is not None else ():
-                q(f"#g-{f.name}", Input).value = _format_guidance(getattr(guidance, f.name))
+                q(f"#g-{f.name}", Input).value = format_guidance_value(getattr(guidance, f.name))
         if "model" in data:
             self.update_family(data["model"])
         self.clear_errors()
@@ -340,7 +301,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
         select = self.query_one("#scheduler", Select)
         current = wanted or select.value
         select.set_options([(s, s) for s in allowed])
-        select.value = current if current in allowed else _default_schedule(sampler)
+        select.value = current if current in allowed else SAMPLERS[sampler].default_schedule
 
     # -- model family ----------------------------------------------------
     @work(thread=True, exclusive=True, group="model-choices", exit_on_error=False)

@@ -1,0 +1,102 @@
+"""One way from what a front end holds to a request, for the CLI, the TUI form and the API.
+
+Precedence, everywhere: the request type's defaults < the config's defaults (``default_model``)
+< a preset < explicit values (flags, form fields, JSON fields). Text as typed (a size ``WxH``,
+LoRAs ``name:weight, ...``, guidance values) is parsed here, with one-line errors naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from backend import config
+from backend.errors import RequestError
+from backend.guidance_settings import GuidanceSettings
+from backend.prompting.presets import apply_preset
+from backend.request import GenerateRequest, parse_size
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """``NAME[:WEIGHT]`` -> (name, weight); a hub id's own ``:`` is not a weight unless a number follows."""
+    name, sep, weight = text.strip().rpartition(":")
+    if not sep:
+        return text.strip(), 1.0
+    try:
+        return name.strip(), float(weight)
+    except ValueError:
+        raise RequestError("lora", f"{text!r}: weight must be a number (NAME[:WEIGHT])") from None
+
+
+def parse_loras(texts: str | list[str]) -> list[tuple[str, float]]:
+    """Repeated ``--lora`` values, or one comma-separated text as a form holds it."""
+    items = texts.split(",") if isinstance(texts, str) else texts
+    return [parse_lora(item) for item in items if item.strip()]
+
+
+def parse_floats(name: str, text: str) -> tuple[float, ...]:
+    """``"0.9, 0.2"`` -> (0.9, 0.2); RequestError naming ``name`` otherwise."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise RequestError(name, f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def parse_guidance_value(name: str, text: str) -> object:
+    """One guidance control as typed: its default's type decides; empty = its default (off)."""
+    default = next(f.default for f in fields(GuidanceSettings) if f.name == name)
+    text = text.strip()
+    if isinstance(default, (int, float)):
+        kind = type(default)
+        try:
+            return kind(text) if text else default
+        except ValueError:
+            raise RequestError(name, f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+    if not text:
+        return None
+    if text.lower() == "default":
+        return ()
+    return parse_floats(name, text)
+
+
+def format_guidance_value(value: object) -> str:
+    """The text :func:`parse_guidance_value` reads back as ``value``."""
+    if value is None:
+        return ""
+    if isinstance(value, (tuple, list)):
+        return ",".join(f"{v:g}" for v in value) if value else "default"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def from_text(values: dict) -> dict:
+    """Request fields from values as front ends hold them: ``size`` as ``WxH``, ``loras`` as text or
+    a list of ``NAME[:WEIGHT]``, guidance controls as text. Other fields pass through; ``None`` and
+    empty texts are left out (not given)."""
+    out: dict = {}
+    for name, value in values.items():
+        if value is None or (isinstance(value, str) and not value.strip() and name not in ("prompt", "negative_prompt")):
+            continue
+        if name == "size":
+            out["width"], out["height"] = parse_size(value)
+        elif name == "loras":
+            out["loras"] = parse_loras(value) if isinstance(value, (str, list)) else value
+        elif name == "guidance":
+            out["guidance"] = {k: parse_guidance_value(k, v) if isinstance(v, str) else v for k, v in value.items()}
+        else:
+            out[name] = value
+    return out
+
+
+def layered(explicit: dict, preset: str | None = None, defaults: dict | None = None) -> dict:
+    """Request fields: ``defaults`` (the config's when None) < ``preset`` < ``explicit``."""
+    if defaults is None:
+        model = config.load().default_model
+        defaults = {"model": model} if model else {}
+    if not preset:
+        return {**defaults, **explicit}
+    return {**defaults, **apply_preset(preset, explicit)}
+
+
+def build(explicit: dict, preset: str | None = None, kind: type[GenerateRequest] = GenerateRequest,
+          defaults: dict | None = None) -> GenerateRequest:
+    """The request of type ``kind`` for ``explicit`` values (as :func:`from_text` returns them)."""
+    return kind.from_dict(layered(explicit, preset, defaults))
