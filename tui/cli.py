@@ -1,6 +1,8 @@
 """The ``dreamtty`` command: the TUI when run without a subcommand, else a headless CLI.
 
 Exit codes: 0 success, 1 a job failed, 2 bad input (one line on stderr).
+Text from users, files and images is printed through ``backend.safetext.visible`` (control characters
+written out); ``--json`` output is escaped by ``json.dumps``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from backend.errors import DreamttyError, RequestError
 from backend.guidance_settings import GuidanceSettings
 from backend.request import GenerateRequest, parse_size
+from backend.safetext import visible
 from backend.samplers import SAMPLERS, SCHEDULES
 
 
@@ -22,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports bad usage in one line (exit 2), never a usage dump."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {visible(message)}\n")
 
 
 # Options taken before the subcommand or after it: (flags, add_argument keywords).
@@ -173,12 +176,12 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
                     paths.append(event["path"])
                     if not args.json:
                         progress.clear()
-                        print(event["path"], flush=True)
+                        print(visible(event["path"]), flush=True)
                 elif event["type"] in ("failed", "cancelled"):
                     failed += 1
                     progress.clear()
-                    print(f"dreamtty: job {job_id} {event['type']}: {event.get('error', '')}".rstrip(": "),
-                          file=sys.stderr)
+                    line = f"dreamtty: job {job_id} {event['type']}: {event.get('error', '')}".rstrip(": ")
+                    print(visible(line), file=sys.stderr)
         finished = True
     finally:
         progress.clear()
@@ -189,7 +192,7 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
 def print_warnings(warnings: list[str]) -> None:
     """Each warning as a ``dreamtty: warning:`` line on stderr."""
     for warning in warnings:
-        print(f"dreamtty: warning: {warning}", file=sys.stderr)
+        print(f"dreamtty: warning: {visible(warning)}", file=sys.stderr)
 
 
 class _Progress:
@@ -226,7 +229,7 @@ def _fetch_if_missing(model: str) -> None:
     if ref.kind == "hub" and ref.family == "unknown":
         from backend.downloads import pull
 
-        print(f"dreamtty: downloading {model} into the Hugging Face cache", file=sys.stderr)
+        print(f"dreamtty: downloading {visible(model)} into the Hugging Face cache", file=sys.stderr)
         pull(model)
 
 
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_app(args)
         return int(args.func(args) or 0)
     except DreamttyError as exc:
-        print(f"dreamtty: {exc}", file=sys.stderr)
+        print(f"dreamtty: {visible(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dreamtty: interrupted", file=sys.stderr)
