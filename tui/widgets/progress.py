@@ -6,6 +6,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import ProgressBar, Static
 
+from tui.text import plain
+
 
 def describe_step(event: dict) -> str:
     """One line for a ``step`` event."""
@@ -44,7 +46,8 @@ class JobProgress(Vertical):
         return str(self.query_one(".status", Static).content)
 
     def set_status(self, text: str, failed: bool = False) -> None:
-        self.query_one(".status", Static).update(text, layout=False)  # fixed height: repaint only
+        """Show ``text`` (as text: it holds paths and error messages)."""
+        self.query_one(".status", Static).update(plain(text), layout=False)  # fixed height: repaint only
         self.set_class(failed, "-failed")
 
     def follow(self, event: dict) -> None:
