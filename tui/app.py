@@ -27,6 +27,7 @@ from backend import config, metadata
 from backend.errors import DreamttyError
 from backend.events import FINAL_EVENTS, Event, Queued, Retrying, ServiceReady, Started, Step, WorkerReady
 from backend.request import GenerateRequest
+from backend.safetext import visible
 from backend.service import Service
 from tui import keymap
 from tui.latency import (GC_TICK, TYPING_QUIET, TYPING_RECENT, TYPING_REDRAW_INTERVAL, KeyGate, QuietGC,
@@ -35,6 +36,7 @@ from tui.screens.generate import GenerateScreen
 from tui.screens.models import ModelsPane
 from tui.screens.queue import QueueScreen
 from tui.screens.train import TrainPane
+from tui.text import markup, notify
 from tui.widgets.modebar import ModeBar
 from tui.widgets.progress import describe_step
 
@@ -123,7 +125,7 @@ class DreamttyApp(App):
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.set_keymap(self.config.keymap)
         for warning in self.config.warnings:
-            self.notify(warning, title="config", severity="warning", timeout=10)
+            notify(self, warning, title="config", severity="warning", timeout=10)
         self.run_worker(self._consume_events(self.service.subscribe()), group="events", name="events")
         self.run_worker(self._start_service(), group="service", name="service")
 
@@ -212,6 +214,10 @@ class DreamttyApp(App):
         shown = self.get_key_display(Binding(key.split(",")[0], ""))
         return shown.upper() if len(shown) <= 3 and shown[:1] == "f" else shown  # f1 -> F1
 
+    def get_key_display(self, binding: Binding) -> str:
+        """Keys come from the user's keymap: shown with control characters visible (footer, keys panel, mode bar)."""
+        return visible(super().get_key_display(binding))
+
     def on_models_pane_default_changed(self, message: ModelsPane.DefaultChanged) -> None:
         old, self.default_model = self.default_model, message.model
         if self.generate_screen is not None:
@@ -222,11 +228,11 @@ class DreamttyApp(App):
         try:
             request = metadata.request_from_image(path)
         except DreamttyError as exc:
-            self.notify(str(exc), severity="error")
+            notify(self, exc, severity="error")
             return
         self.generate_screen.form.fill(request.to_dict())
         self.switch_mode("generate")
-        self.notify(f"Loaded the parameters of {Path(path).name}.")
+        notify(self, f"Loaded the parameters of {Path(path).name}.")
 
     # -- actions ---------------------------------------------------------------
     def action_generate(self) -> None:
@@ -275,7 +281,7 @@ class DreamttyApp(App):
                 if isinstance(binding, Binding) and binding.id and binding.id not in seen:
                     seen.add(binding.id)
                     key = self.key_for(binding.id, binding.key)
-                    yield SystemCommand(binding.tooltip or binding.description, f"key: {key}",
+                    yield SystemCommand(binding.tooltip or binding.description, markup(f"key: {key}"),
                                         partial(self.run_action, binding.action, node))
 
 

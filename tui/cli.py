@@ -1,6 +1,8 @@
 """The ``dreamtty`` command: the TUI when run without a subcommand, else a headless CLI.
 
 Exit codes: 0 success, 1 a job failed, 2 bad input (one line on stderr).
+Text from users, files and images is printed through ``backend.safetext.visible`` (control characters
+written out); ``--json`` output is escaped by ``json.dumps``.
 """
 
 from __future__ import annotations
@@ -16,19 +18,20 @@ from typing import TYPE_CHECKING
 
 from backend.errors import DreamttyError, RequestError
 from backend.events import Cancelled, Event, Failed, ImageSaved, Step, to_dict
+from backend.guidance_settings import GuidanceSettings
+from backend.request import GenerateRequest
+from backend.safetext import visible
+from backend.samplers import SAMPLERS, SCHEDULES
 
 if TYPE_CHECKING:
     from backend.client import Client
-from backend.guidance_settings import GuidanceSettings
-from backend.request import GenerateRequest
-from backend.samplers import SAMPLERS, SCHEDULES
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad usage in one line (exit 2), never a usage dump."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {visible(message)}\n")
 
 
 # Options taken before the subcommand or after it: (flags, add_argument keywords).
@@ -147,12 +150,12 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
                     paths.append(event.path)
                     if not args.json:
                         progress.clear()
-                        print(event.path, flush=True)
+                        print(visible(event.path), flush=True)
                 elif isinstance(event, (Failed, Cancelled)):
                     failed += 1
                     progress.clear()
-                    print(f"dreamtty: job {job_id} {event.type}: {getattr(event, 'error', '')}".rstrip(": "),
-                          file=sys.stderr)
+                    line = f"dreamtty: job {job_id} {event.type}: {getattr(event, 'error', '')}".rstrip(": ")
+                    print(visible(line), file=sys.stderr)
         finished = True
     finally:
         progress.clear()
@@ -171,7 +174,7 @@ def _client(args) -> "Client":
 def print_warnings(warnings: list[str]) -> None:
     """Each warning as a ``dreamtty: warning:`` line on stderr."""
     for warning in warnings:
-        print(f"dreamtty: warning: {warning}", file=sys.stderr)
+        print(f"dreamtty: warning: {visible(warning)}", file=sys.stderr)
 
 
 class _Progress:
@@ -208,7 +211,7 @@ def _fetch_if_missing(model: str) -> None:
     if ref.kind == "hub" and ref.family == "unknown":
         from backend.downloads import pull
 
-        print(f"dreamtty: downloading {model} into the Hugging Face cache", file=sys.stderr)
+        print(f"dreamtty: downloading {visible(model)} into the Hugging Face cache", file=sys.stderr)
         pull(model)
 
 
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_app(args)
         return int(args.func(args) or 0)
     except DreamttyError as exc:
-        print(f"dreamtty: {exc}", file=sys.stderr)
+        print(f"dreamtty: {visible(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dreamtty: interrupted", file=sys.stderr)

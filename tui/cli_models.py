@@ -9,6 +9,7 @@ import sys
 
 from backend import config, downloads, library
 from backend.families import FAMILIES
+from backend.safetext import visible
 
 
 def apply_global_options(args: argparse.Namespace) -> None:
@@ -21,7 +22,7 @@ def apply_global_options(args: argparse.Namespace) -> None:
         return  # the TUI shows config warnings itself
     cfg = config.load()
     for warning in cfg.warnings:
-        print(f"dreamtty: {warning}", file=sys.stderr)
+        print(f"dreamtty: {visible(warning)}", file=sys.stderr)
 
 
 def _label(entry: library.Entry) -> str:
@@ -30,7 +31,7 @@ def _label(entry: library.Entry) -> str:
 
 
 def format_table(lib: library.Library) -> str:
-    """The ``models list`` text: one section per kind, then the skipped files."""
+    """The ``models list`` text: one section per kind, then the skipped files (control characters visible)."""
     lines = []
     for kind in library.KINDS:
         entries = lib.of_kind(kind)
@@ -38,11 +39,11 @@ def format_table(lib: library.Library) -> str:
         for e in entries:
             size = downloads.human(e.size) if e.size else "-"
             note = f"  [{e.note}]" if e.note else ""
-            lines.append(f"  {e.name:<36} {_label(e):<24} {size:>9}  {e.source}{note}")
+            lines.append(f"  {visible(e.name):<36} {visible(_label(e)):<24} {size:>9}  {e.source}{note}")
     if lib.problems:
         lines.append(f"skipped ({len(lib.problems)})")
         lines += [f"  {p}" for p in lib.problems]
-    return "\n".join(lines)
+    return visible("\n".join(lines))
 
 
 def cmd_list(args) -> int:
@@ -53,7 +54,7 @@ def cmd_list(args) -> int:
         return 0
     print(format_table(lib))
     if all(e.source == "built-in" for e in lib.of_kind("checkpoint")):
-        folders = ", ".join(str(p) for p in cfg.folders("checkpoints"))
+        folders = ", ".join(visible(p) for p in cfg.folders("checkpoints"))
         print(f"\nNo models found besides the demo ones; put checkpoints in {folders} or pull one.")
         print(downloads.recommended_text())
     return 0
@@ -61,15 +62,15 @@ def cmd_list(args) -> int:
 
 def cmd_pull(args) -> int:
     path = downloads.pull(args.id, revision=args.revision, filename=args.file)
-    print(path)
+    print(visible(path))
     name = path.stem if args.file else args.id
-    print(f"use it with: dreamtty generate \"...\" --model {name}", file=sys.stderr)
+    print(f"use it with: dreamtty generate \"...\" --model {visible(name)}", file=sys.stderr)
     return 0
 
 
 def cmd_config_path(args) -> int:
     path = config.config_path()
-    print(path)
+    print(visible(path))
     if not path.exists():
         print("(it does not exist yet: the defaults apply)", file=sys.stderr)
     return 0

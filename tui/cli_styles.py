@@ -7,6 +7,7 @@ import json
 import sys
 
 from backend.prompting.styles import RANDOM_STYLE, StyleLibrary, load_styles
+from backend.safetext import visible
 from tui.cli import print_warnings
 
 
@@ -34,9 +35,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"name": s.name, "category": s.category, "source": s.source} for s in found]))
         return 0
-    width = max((len(s.name) for s in found), default=4) + 2
-    for style in found:
-        print(f"{style.name:<{width}}{style.category}")
+    names = [visible(s.name) for s in found]
+    width = max(map(len, names), default=4) + 2
+    for name, style in zip(names, found):
+        print(f"{name:<{width}}{visible(style.category)}")
     if not args.search:
         print(f"{RANDOM_STYLE:<{width}}(picks one of the above per image seed)")
     print(f"\n{len(found)} styles", file=sys.stderr)
@@ -49,6 +51,6 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps({"name": style.name, "prompt": style.prompt, "negative_prompt": style.negative_prompt,
                           "category": style.category, "source": style.source}))
         return 0
-    print(f"name:     {style.name}\ncategory: {style.category}\nsource:   {style.source}")
-    print(f"prompt:   {style.prompt}\nnegative: {style.negative_prompt}")
+    print(visible(f"name:     {style.name}\ncategory: {style.category}\nsource:   {style.source}\n"
+                  f"prompt:   {style.prompt}\nnegative: {style.negative_prompt}"))
     return 0

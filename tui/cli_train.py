@@ -15,6 +15,7 @@ from pathlib import Path
 
 from backend.errors import RequestError
 from backend.events import TrainStep
+from backend.safetext import visible
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
 from backend.training.launch import prepare_run, request_stop, resume_settings, start_trainer
@@ -99,9 +100,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = prepared.run_dir
     proc = start_trainer(run_dir, args.launcher)
     if args.detach:
-        print(f"dreamtty: training in the background (pid {proc.pid}); follow it in the TUI (F3) or "
-              f"{run_dir / runs.EVENTS}; stop it with: touch {run_dir / runs.STOP_FILE}", file=sys.stderr)
-        print(run_dir)
+        print(visible(f"dreamtty: training in the background (pid {proc.pid}); follow it in the TUI (F3) or "
+                      f"{run_dir / runs.EVENTS}; stop it with: touch {run_dir / runs.STOP_FILE}"), file=sys.stderr)
+        print(visible(run_dir))
         return 0
     return follow(run_dir, proc)
 
@@ -118,7 +119,7 @@ def follow(run_dir: Path, proc) -> int:
             for event in tail.read():
                 line = progress.apply(event)
                 if line:
-                    print(f"dreamtty: {line}", file=sys.stderr)
+                    print(f"dreamtty: {visible(line)}", file=sys.stderr)
                 elif isinstance(event, TrainStep) and (time.monotonic() - shown > 2 or progress.step == progress.max_steps):
                     print(f"dreamtty: {progress.summary()}", file=sys.stderr)
                     shown = time.monotonic()
@@ -141,12 +142,12 @@ def follow(run_dir: Path, proc) -> int:
     state, error = runs.effective_state(run_dir, data)
     if state == "done":
         output = data.get("output", {})
-        print(output.get("path", run_dir))
+        print(visible(output.get("path", run_dir)))
         return 0
     if state == "stopped":
-        print(f"dreamtty: stopped at step {data.get('step', progress.step)}; continue with "
-              f"dreamtty train --output {run_dir} --resume latest", file=sys.stderr)
+        print(visible(f"dreamtty: stopped at step {data.get('step', progress.step)}; continue with "
+                      f"dreamtty train --output {run_dir} --resume latest"), file=sys.stderr)
         return 1
     if error is None or error != progress.error:  # the trainer's own error was printed as it came
-        print(f"dreamtty: training failed: {error or 'see ' + str(run_dir / runs.LOG_FILE)}", file=sys.stderr)
+        print(visible(f"dreamtty: training failed: {error or 'see ' + str(run_dir / runs.LOG_FILE)}"), file=sys.stderr)
     return 2 if data.get("error_kind") == "input" else 1

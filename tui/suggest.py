@@ -6,13 +6,15 @@ from typing import Iterable
 
 from textual.suggester import Suggester
 
+from backend.safetext import visible
+
 
 class ChoiceSuggester(Suggester):
-    """Suggests the first of ``choices`` that starts with what was typed (any case)."""
+    """Suggests the first of ``choices`` that starts with what was typed (any case), control characters visible."""
 
     def __init__(self, choices: Iterable[str] = ()) -> None:
         super().__init__(use_cache=False, case_sensitive=False)
         self.choices = list(choices)
 
     async def get_suggestion(self, value: str) -> str | None:
-        return next((c for c in self.choices if c.casefold().startswith(value)), None)
+        return next((visible(c) for c in self.choices if c.casefold().startswith(value)), None)

@@ -29,6 +29,7 @@ from backend.samplers import SAMPLERS
 from backend.training.runs import list_runs
 from tui import keymap
 from tui.suggest import ChoiceSuggester
+from tui.text import TextEditor, TextInput, notify, plain
 from tui.widgets.field import Field
 from tui.widgets.modebar import ModeBar
 from tui.widgets.preset_dialog import SavePresetDialog
@@ -84,11 +85,11 @@ def _field_values(field: Field) -> tuple:
 
 
 def _preset_options(presets: list[PresetInfo]) -> list[tuple[str, str]]:
-    return [(f"{p.name}: {p.description}" if p.description else p.name, p.name) for p in presets]
+    return [(plain(f"{p.name}: {p.description}" if p.description else p.name), p.name) for p in presets]
 
 
 def _input(id: str, value: str = "", placeholder: str = "", **kwargs) -> Input:
-    return Input(value, placeholder=placeholder, compact=True, id=id, **kwargs)
+    return TextInput(value, placeholder=placeholder, compact=True, id=id, **kwargs)
 
 
 def _select(id: str, options: list[tuple[str, str]], value: str | None = None, prompt: str = "") -> Select:
@@ -116,8 +117,8 @@ class GenerateForm(VerticalScroll, can_focus=False):
 
     def compose(self) -> ComposeResult:
         yield Static("", id="form-error")
-        yield Field("Prompt", TextArea(id="prompt", placeholder="what to draw"), names=("prompt",))
-        yield Field("Negative prompt", TextArea(id="negative_prompt", placeholder="what to avoid"),
+        yield Field("Prompt", TextEditor(id="prompt", placeholder="what to draw"), names=("prompt",))
+        yield Field("Negative prompt", TextEditor(id="negative_prompt", placeholder="what to avoid"),
                     names=("negative_prompt",))
         yield Field("Styles", StylePicker(self.style_list, id="styles"), names=("styles",))
         with Horizontal(classes="row"):
@@ -159,7 +160,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
         self.update_family(self.model)
         self._load_model_choices()
         for warning in self.style_warnings[:3]:
-            self.notify(warning, title="styles", severity="warning")
+            notify(self, warning, title="styles", severity="warning")
 
     # -- reading the form --------------------------------------------------
     def _input(self, selector: str) -> str:
@@ -208,7 +209,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
         message = exc.message if isinstance(exc, RequestError) else str(exc).split(":", 1)[-1].strip()
         field = next((f for f in self.query(Field) if name in f.names), None)
         if field is None:
-            self.query_one("#form-error", Static).update(str(exc))
+            self.query_one("#form-error", Static).update(plain(exc))
             self.scroll_home()
             return
         field.set_error(message)
@@ -476,7 +477,7 @@ class GenerateScreen(Screen):
         if path is None:
             return
         self.form.refresh_presets(path.stem)
-        self.notify(f"Preset {path.stem!r} written to {path}.", title="preset saved")
+        notify(self, f"Preset {path.stem!r} written to {path}.", title="preset saved")
 
     def handle_job_event(self, event: Event) -> None:
         if not isinstance(event, JobEvent):

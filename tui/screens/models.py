@@ -11,7 +11,6 @@ from pathlib import Path
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.markup import escape
 from textual.message import Message
 from textual.widgets import DataTable, Input, ProgressBar, Static
 from tqdm import tqdm
@@ -20,6 +19,7 @@ from backend import config, downloads, library
 from backend.errors import DreamttyError
 from backend.families import FAMILIES
 from tui.keymap import Key, bindings
+from tui.text import TextInput, cell, notify, plain
 
 MODELS_KEYS = (
     Key("models.default", "d", "set_default", "Set default", "Make the selected checkpoint the default model"),
@@ -66,10 +66,10 @@ class ModelsPane(Vertical):
         yield DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
         yield Static("", id="models-problems")
         with Horizontal(id="models-pull-row"):
-            yield Input(placeholder="Hugging Face id, e.g. stabilityai/sdxl-turbo", id="pull-id")
-            yield Input(placeholder="one file (optional), e.g. sd_xl_turbo_1.0_fp16.safetensors", id="pull-file")
+            yield TextInput(placeholder="Hugging Face id, e.g. stabilityai/sdxl-turbo", id="pull-id")
+            yield TextInput(placeholder="one file (optional), e.g. sd_xl_turbo_1.0_fp16.safetensors", id="pull-file")
         yield ProgressBar(id="pull-progress", show_eta=True)
-        yield Static(escape(downloads.recommended_text()), id="pull-status")
+        yield Static(plain(downloads.recommended_text()), id="pull-status")
 
     def on_mount(self) -> None:
         self.query_one(DataTable).add_columns(*COLUMNS)
@@ -95,14 +95,15 @@ class ModelsPane(Vertical):
             fam = FAMILIES.get(e.family)
             size = downloads.human(e.size) if e.size else "-"
             marker = " ★" if e.kind == "checkpoint" and e.name == default else ""
-            table.add_row(e.kind, e.name + marker, fam.label if fam else e.family, size, e.source, e.note)
+            cells = (e.kind, e.name + marker, fam.label if fam else e.family, size, e.source, e.note)
+            table.add_row(*map(cell, cells))
         folders = ", ".join(str(p) for p in cfg.folders("checkpoints"))
-        self.query_one("#models-info", Static).update(escape(
+        self.query_one("#models-info", Static).update(plain(
             f"{len(lib.entries)} items · default model: {default} · checkpoints in: {folders} "
             f"· config: {config.config_path()}"
         ))
         problems = "\n".join(f"skipped: {p}" for p in lib.problems)
-        self.query_one("#models-problems", Static).update(escape(problems))
+        self.query_one("#models-problems", Static).update(plain(problems))
 
     def selected(self) -> library.Entry | None:
         table = self.query_one(DataTable)
@@ -116,15 +117,15 @@ class ModelsPane(Vertical):
             self.notify("Select a checkpoint to make it the default model", severity="warning")
             return
         if entry.note:
-            self.notify(f"{entry.name}: {entry.note}", severity="warning")
+            notify(self, f"{entry.name}: {entry.note}", severity="warning")
             return
         try:
             path = config.set_value("default_model", entry.name)
         except DreamttyError as exc:
-            self.notify(str(exc), severity="error")
+            notify(self, exc, severity="error")
             return
         self.post_message(self.DefaultChanged(entry.name))
-        self.notify(f"default model: {entry.name} (saved in {path})")
+        notify(self, f"default model: {entry.name} (saved in {path})")
         self.action_refresh()
 
     # -- pulling --------------------------------------------------------------------
@@ -142,7 +143,7 @@ class ModelsPane(Vertical):
             return
         self.pulling = True
         filename = self.query_one("#pull-file", Input).value.strip() or None
-        self.query_one("#pull-status", Static).update(escape(f"Asking the Hub about {repo}…"))
+        self.query_one("#pull-status", Static).update(plain(f"Asking the Hub about {repo}…"))
         self.pull(repo, filename)
 
     @work(thread=True, exclusive=True, group="models-pull")
@@ -162,15 +163,15 @@ class ModelsPane(Vertical):
     def _progress(self, done: int, total: int, name: str) -> None:
         self.query_one(ProgressBar).update(total=max(total, 1), progress=done)
         text = f"downloading {name} ({downloads.human(done)} of {downloads.human(total)} done)" if name else "verifying…"
-        self.query_one("#pull-status", Static).update(escape(text))
+        self.query_one("#pull-status", Static).update(plain(text))
 
     def _pulled(self, path: Path | None, error: str) -> None:
         self.pulling = False
         status = self.query_one("#pull-status", Static)
         if path is None:
-            status.update(escape(error))
-            self.notify(error, severity="error", timeout=10)
+            status.update(plain(error))
+            notify(self, error, severity="error", timeout=10)
             return
-        status.update(escape(f"done: {path}"))
-        self.notify(f"downloaded to {path}")
+        status.update(plain(f"done: {path}"))
+        notify(self, f"downloaded to {path}")
         self.action_refresh()

@@ -19,6 +19,7 @@ from backend.events import FINAL_EVENTS, Event, ImageSaved, Queued, Retrying, St
 from backend.queue_store import ACTIVE, Job
 from backend.request import GenerateRequest
 from tui import keymap
+from tui.text import cell, notify, plain
 from tui.widgets.modebar import ModeBar
 from tui.widgets.preview import ImagePreview
 from tui.widgets.progress import format_eta, step_counts
@@ -99,7 +100,8 @@ class QueueScreen(Screen):
         table.clear()
         for job in all_jobs:
             progress, eta = self._progress_cells(job)
-            table.add_row(f"#{job.id}", job.state, progress, eta, _prompt_cell(job.request), key=str(job.id))
+            cells = (f"#{job.id}", job.state, progress, eta, _prompt_cell(job.request))
+            table.add_row(*map(cell, cells), key=str(job.id))
         self._restore_cursor(table, selected)
 
     def refresh_gallery(self) -> None:
@@ -107,8 +109,9 @@ class QueueScreen(Screen):
         selected = self._selected_key(table)
         table.clear()
         for path, request in gallery_entries(self.app.service.jobs(limit=GALLERY_ROWS)):
-            table.add_row(Path(path).name, str(request["seed"]), f"{request['width']}×{request['height']}",
-                          request["sampler"], str(request["steps"]), _prompt_cell(request), key=path)
+            cells = (Path(path).name, request["seed"], f"{request['width']}×{request['height']}", request["sampler"],
+                     request["steps"], _prompt_cell(request))
+            table.add_row(*map(cell, cells), key=path)
         self._restore_cursor(table, selected)
         if table.row_count and selected is None:
             self._show_image(self.selected_image())
@@ -154,14 +157,14 @@ class QueueScreen(Screen):
             stamp = dt.datetime.fromtimestamp(Path(path).stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
         except OSError as exc:  # deleted or moved since the gallery listed it
             self.query_one("#gallery-preview", ImagePreview).show(None)
-            params.update(f"{path}\n\ncannot read it: {exc.strerror or exc}")
+            params.update(plain(f"{path}\n\ncannot read it: {exc.strerror or exc}"))
             return
         self.query_one("#gallery-preview", ImagePreview).show(path)
         try:
             text = metadata.a1111_parameters(metadata.read(path))
         except DreamttyError as exc:
             text = str(exc)
-        params.update(f"{path}\n{stamp}\n\n{text}")
+        params.update(plain(f"{path}\n{stamp}\n\n{text}"))
 
     def _image_or_warn(self) -> str | None:
         path = self.selected_image()
@@ -189,12 +192,12 @@ class QueueScreen(Screen):
         try:
             job = self.app.service.submit(metadata.request_from_image(path), self.app.out_dir)
         except DreamttyError as exc:
-            self.notify(str(exc), severity="error")
+            notify(self, exc, severity="error")
             return
-        self.notify(f"Job #{job} queued: reproducing {Path(path).name}.")
+        notify(self, f"Job #{job} queued: reproducing {Path(path).name}.")
 
     def action_copy_path(self) -> None:
         path = self._image_or_warn()
         if path is not None:
             self.app.copy_to_clipboard(path)
-            self.notify(f"Copied: {path}", title="path")
+            notify(self, f"Copied: {path}", title="path")

@@ -17,19 +17,19 @@ from PIL import Image
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.content import Content
-from textual.markup import escape
 from textual.widgets import Checkbox, Input, Log, OptionList, Select, Static
 from textual.widgets.option_list import Option, OptionDoesNotExist
 from textual_plotext import PlotextPlot
 
 from backend.errors import DreamttyError, RequestError
 from backend.events import TrainResume, TrainStep
+from backend.safetext import visible
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, TrainRequest, check_field
 from backend.training.images import check_folder
 from backend.training.launch import prepare_run, request_stop, resume_settings, start_trainer
 from tui.keymap import Key, bindings
+from tui.text import TextInput, notify, plain
 from tui.widgets.field import Field
 from tui.widgets.preview import ImagePreview
 
@@ -89,7 +89,7 @@ def live_error(name: str, value: object) -> str | None:
 
 
 def _input_field(name: str, label: str, placeholder: str, value: str = "") -> Field:
-    return Field(label, Input(value=value, placeholder=placeholder, compact=True, id=f"train-{name}"),
+    return Field(label, TextInput(value=value, placeholder=placeholder, compact=True, id=f"train-{name}"),
                  names=(name,), id=f"train-field-{name}")
 
 
@@ -247,12 +247,12 @@ class TrainPane(Vertical):
         placed = {n for f in fields_shown for n in f.names}
         lines = [loose] if loose else []
         lines += [f"{name}: {message}" for name, message in errors.items() if name not in placed]
-        self.query_one("#train-form-error", Static).update(Content("\n".join(lines)))
+        self.query_one("#train-form-error", Static).update(plain("\n".join(lines)))
         first = next((f for f in fields_shown if f.error), None)
         if first is not None and first.widgets:
             self.query_one("#train-form", VerticalScroll).scroll_to_widget(first)
             first.widgets[0].focus()
-        self.notify(escape(summary), title="cannot start", severity="error")
+        notify(self, summary, title="cannot start", severity="error")
 
     def show_error(self, exc: DreamttyError) -> None:
         """Show ``exc`` under its field (or under the form) and in a notification."""
@@ -307,8 +307,8 @@ class TrainPane(Vertical):
         for field in self.query(Field):
             field.set_error(None)
         for warning in prepared.warnings:
-            self.notify(escape(warning), title="warning", severity="warning", timeout=10)
-        self.notify(escape(f"training started: {prepared.run_dir}"), title="train")
+            notify(self, warning, title="warning", severity="warning", timeout=10)
+        notify(self, f"training started: {prepared.run_dir}", title="train")
         self.rescan()
         self.select_run(prepared.run_dir)
 
@@ -318,7 +318,7 @@ class TrainPane(Vertical):
             self.notify("no running run selected", severity="warning")
             return
         request_stop(info.path)
-        self.notify(escape(f"stopping {info.name} after its current step (a checkpoint is saved)"), title="train")
+        notify(self, f"stopping {info.name} after its current step (a checkpoint is saved)", title="train")
 
     # -- runs list -----------------------------------------------------------------
     def rescan(self) -> None:
@@ -332,7 +332,7 @@ class TrainPane(Vertical):
         with options.prevent(OptionList.OptionHighlighted):
             options.clear_options()
             options.add_options(
-                [Option(Content(f"{STATE_MARKS.get(r.state, '?')} {r.name}  [{r.state}]"), id=str(r.path))
+                [Option(plain(f"{STATE_MARKS.get(r.state, '?')} {r.name}  [{r.state}]"), id=str(r.path))
                  for r in self.run_infos]
             )
         self._highlight()
@@ -384,7 +384,7 @@ class TrainPane(Vertical):
             line = self.progress.apply(event)
             new_steps |= isinstance(event, (TrainStep, TrainResume))
             if line:
-                lines.append(line)
+                lines.append(visible(line))
         if lines:
             self.query_one("#train-log", Log).write_lines(lines)
         if new_steps:
@@ -406,7 +406,7 @@ class TrainPane(Vertical):
             lines.append("generating class images: {}/{}".format(*self.progress.class_images))
         if info.error:
             lines.append(f"error: {info.error}")
-        self.query_one("#train-stats", Static).update(Content("\n".join(lines)))
+        self.query_one("#train-stats", Static).update(plain("\n".join(lines)))
 
     def _draw_plot(self) -> None:
         points = [(s, v) for s, v in self.loss_points if math.isfinite(v)]

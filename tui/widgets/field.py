@@ -1,4 +1,4 @@
-"""A labelled form field with an inline error line under it."""
+"""A labelled form field with an inline error line under it (all of its text shown as text, not markup)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widget import Widget
 from textual.widgets import Label, Static
+
+from tui.text import plain
 
 
 class Field(Vertical):
@@ -30,9 +32,9 @@ class Field(Vertical):
         self.hint = hint
 
     def compose(self) -> ComposeResult:
-        yield Label(self.label, classes="field-label")
+        yield Label(plain(self.label), classes="field-label")
         yield from self.widgets
-        hint = Static(self.hint, classes="field-hint")
+        hint = Static(plain(self.hint), classes="field-hint")
         hint.display = bool(self.hint)
         yield hint
         yield Static("", classes="field-error")
@@ -42,10 +44,10 @@ class Field(Vertical):
         return str(self.query_one(".field-error", Static).content) if self.has_class("-invalid") else ""
 
     def set_error(self, message: str | None) -> None:
-        self.query_one(".field-error", Static).update(message or "")
+        self.query_one(".field-error", Static).update(plain(message or ""))
         self.set_class(bool(message), "-invalid")
 
     def set_hint(self, text: str) -> None:
         hint = self.query_one(".field-hint", Static)
-        hint.update(text)
+        hint.update(plain(text))
         hint.display = bool(text)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
+from backend.safetext import visible
+
 MODES = (("generate", "Generate"), ("queue", "Queue & gallery"), ("train", "Train"), ("models", "Models"))
 
 
@@ -30,5 +32,5 @@ class ModeBar(Static):
             style = "bold reverse" if mode == self.mode else ""
             text.append(f" {key} {label} ", style=style)
             text.append("│", style="dim")
-        text.append(f" {self.app.activity()}", style="italic")
+        text.append(f" {visible(self.app.activity())}", style="italic")
         self.update(text, layout=False)  # one fixed line: no need to lay out the screen again

@@ -14,6 +14,7 @@ from textual.widgets import Input, Label
 from backend.errors import RequestError
 from backend.prompting.datafiles import user_dir
 from backend.prompting.presets import PresetInfo, save_preset
+from tui.text import TextInput
 from tui.widgets.field import Field
 
 
@@ -41,9 +42,9 @@ class SavePresetDialog(ModalScreen[Path | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="save-preset"):
             yield Label("Save the form as a preset (enter saves, escape cancels)")
-            yield Field("Name", Input(placeholder="letters, digits, - _ .", compact=True, id="preset-name"),
+            yield Field("Name", TextInput(placeholder="letters, digits, - _ .", compact=True, id="preset-name"),
                         names=("preset",), hint=f"written to {user_dir('presets')}/NAME.yaml")
-            yield Field("Description", Input(placeholder="optional", compact=True, id="preset-description"))
+            yield Field("Description", TextInput(placeholder="optional", compact=True, id="preset-description"))
 
     @property
     def name_field(self) -> Field:

@@ -26,6 +26,8 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.worker import get_current_worker
 
+from tui.text import notify
+
 
 def fit(image_size: tuple[int, int], cells: tuple[int, int]) -> tuple[int, int]:
     """Pixel size (w, h) of the image scaled to fit ``cells`` (h even), keeping its aspect ratio."""
@@ -138,7 +140,7 @@ class ImagePreview(Widget):
                 with Image.open(source) as opened:
                     image = opened.convert("RGB")
             except OSError as exc:
-                self.app.call_from_thread(self.notify, f"cannot show {source}: {exc}", severity="error")
+                self.app.call_from_thread(notify, self, f"cannot show {source}: {exc}", severity="error")
                 return
         else:
             image = source

@@ -7,6 +7,7 @@ from textual.containers import Vertical
 from textual.widgets import ProgressBar, Static
 
 from backend.events import Cancelled, Done, Failed, ImageSaved, JobEvent, Queued, Retrying, Started, Step
+from tui.text import plain
 
 
 def describe_step(event: Step) -> str:
@@ -46,7 +47,8 @@ class JobProgress(Vertical):
         return str(self.query_one(".status", Static).content)
 
     def set_status(self, text: str, failed: bool = False) -> None:
-        self.query_one(".status", Static).update(text, layout=False)  # fixed height: repaint only
+        """Show ``text`` (as text: it holds paths and error messages)."""
+        self.query_one(".status", Static).update(plain(text), layout=False)  # fixed height: repaint only
         self.set_class(failed, "-failed")
 
     def follow(self, event: JobEvent) -> None:

@@ -9,6 +9,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Input, SelectionList, Static
 
+from tui.text import TextInput, plain
+
 MAX_SHOWN = 300  # options listed at once; searching narrows the rest
 
 
@@ -35,7 +37,7 @@ class StylePicker(Vertical):
         self.selected: list[str] = []
 
     def compose(self) -> ComposeResult:
-        yield Input(placeholder=f"search {len(self.library)} styles…", compact=True, id="style-search")
+        yield TextInput(placeholder=f"search {len(self.library)} styles…", compact=True, id="style-search")
         yield SelectionList[str](id="style-list")
         yield Static("", classes="style-template")
         yield Static("Selected: none", classes="style-selected")
@@ -50,7 +52,7 @@ class StylePicker(Vertical):
     def _fill(self, text: str) -> None:
         options = self.query_one(SelectionList)
         options.clear_options()
-        options.add_options([(name, name, name in self.selected) for name in self.matches(text)])
+        options.add_options([(plain(name), name, name in self.selected) for name in self.matches(text)])
         if options.option_count:
             options.highlighted = 0
 
@@ -60,7 +62,8 @@ class StylePicker(Vertical):
         self._show_selected()
 
     def _show_selected(self) -> None:
-        self.query_one(".style-selected", Static).update(f"Selected: {', '.join(self.selected) or 'none'}")
+        selected = ", ".join(self.selected) or "none"
+        self.query_one(".style-selected", Static).update(plain(f"Selected: {selected}"))
 
     @on(Input.Changed, "#style-search")
     def _search(self, event: Input.Changed) -> None:
@@ -80,4 +83,4 @@ class StylePicker(Vertical):
         style = self.library.get(event.selection.value)
         if style is not None:
             negative = f"\nnegative: {style.negative}" if style.negative else ""
-            self.query_one(".style-template", Static).update(f"{style.prompt}{negative}")
+            self.query_one(".style-template", Static).update(plain(f"{style.prompt}{negative}"))

@@ -1,0 +1,25 @@
+"""Text from users, files, images and models, made safe to print on a terminal.
+
+A terminal obeys the control characters in what it is sent: ESC starts escape sequences (reset
+the screen, write the clipboard with OSC 52, ...), and so do the C1 codes (U+009B is a CSI on
+its own). Bidirectional overrides (U+202E) make text read differently from what it is. So every
+such character of untrusted text is written out visibly instead, as ``\\x1b`` or ``\\u202e``.
+"""
+
+from __future__ import annotations
+
+import re
+
+# C0 controls except tab and newline, DEL, C1 controls, and the Unicode bidirectional controls
+# (ALM, LRM/RLM, LRE..RLO, LRI..PDI).
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible(text: object) -> str:
+    """``str(text)`` with each control character (see ``CONTROL``) written as ``\\xNN`` or ``\\uNNNN``."""
+    return CONTROL.sub(_escape, str(text))

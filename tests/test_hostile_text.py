@@ -1,0 +1,368 @@
+"""Hostile text (markup, escape sequences, control characters) through every screen and command that shows it.
+
+Each test feeds the corpus in where a user, a file, an image or a model would, and asserts: no crash, the
+text is shown (control characters written out as ``\\x1b``), and no raw control character reaches what
+the app or the CLI writes to the terminal (the app's screen is read from its SVG screenshot).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import random
+import re
+
+import pytest
+import yaml
+from PIL import Image
+from textual.widgets import DataTable, Input, Log, OptionList, Select, SelectionList, Static, TextArea
+
+from backend import metadata
+from backend.config import config_path
+from backend.events import Failed
+from backend.request import GenerateRequest
+from backend.safetext import visible
+from backend.training import runs
+from test_library import SD1_TEXT, _checkpoint, _write
+from test_tui import field_of, idle_service, make_app, wait_for  # noqa: F401  (idle_service is a fixture)
+from tui.cli import main
+from tui.screens.models import ModelsPane
+from tui.screens.queue import QueueScreen
+from tui.screens.train import TrainPane
+from tui.text import NOTIFY_MAX, notify
+from tui.widgets.preset_dialog import SavePresetDialog
+from tui.widgets.progress import JobProgress
+
+MARKUP = ("a cat [/] dog", "[/x]", "[bold red]x[link=https://e]y[/link]", "[sks]", "[$accent]v")
+CONTROLS = ("\x1bc", "\x1b#8", "\x1b]52;c;aGk=\x07", "\x9b2J", "nul\x00", "del\x7f", "bare\rreturn", "\u202eevil")
+TEXT = " ".join(MARKUP + CONTROLS)
+PROMPT = TEXT.replace("]52", "\\]52")  # a prompt escapes a lone "]" (prompt syntax)
+# How the controls of TEXT (and PROMPT) must read on screen and in the CLI's output.
+SHOWN = ("\\x1bc", "\\x1b#8", "]52;c;aGk=\\x07", "\\x9b2J", "nul\\x00", "del\\x7f", "bare\\x0dreturn",
+         "\\u202eevil")
+# A file name can hold neither "/" nor NUL.
+NAME = "evil [sks] [bold red]x \x1bc \x1b]52;c;aGk=\x07 \x9b2J \u202eend"
+NAME_SHOWN = visible(NAME)
+LONG = "long " * 4000
+RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e]")  # what must never reach the terminal
+
+
+def assert_clean(text: str, where: str) -> None:
+    found = sorted(set(RAW.findall(text)))
+    assert not found, f"raw control characters in {where}: {found!r}"
+
+
+def assert_shown(text: str, parts: tuple[str, ...] = MARKUP + SHOWN) -> None:
+    missing = [p for p in parts if p not in text]
+    assert not missing, f"not shown: {missing!r}"
+
+
+SVG_TEXT = re.compile(r'<text [^>]*clip-path="url\(#terminal-\d+-line-(\d+)\)"[^>]*>(.*?)</text>', re.DOTALL)
+
+
+def screen_text(app) -> str:
+    """The whole screen (toasts and dialogs included) as the terminal gets it, checked for raw controls,
+    as lines of text (read from the SVG screenshot: one ``<text>`` per run of one style)."""
+    svg = app.export_screenshot()
+    assert_clean(svg, "the screen")
+    lines: dict[int, str] = {}
+    for line, text in SVG_TEXT.findall(svg):
+        lines[int(line)] = lines.get(int(line), "") + html.unescape(text).replace("\xa0", " ")
+    return "\n".join(lines[n] for n in sorted(lines))
+
+
+def content(widget) -> str:
+    return str(widget.content)
+
+
+def rows(table: DataTable) -> list[str]:
+    return [" | ".join(str(c) for c in table.get_row_at(i)) for i in range(table.row_count)]
+
+
+def hostile_png(path, request: GenerateRequest) -> None:
+    request = request.per_image(0)
+    meta = metadata.build(request, "demo", {"positive": request.prompt, "negative": request.negative_prompt})
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(path, pnginfo=metadata.png_info(meta))
+
+
+# -- the app ---------------------------------------------------------------------------------------
+async def test_prompt_through_form_queue_gallery_and_back(idle_service, tmp_path):
+    config_path().write_text(yaml.safe_dump({TEXT: 1}))  # an unknown key: a config warning
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+        form = app.screen.form
+        form.query_one("#prompt", TextArea).text = PROMPT
+        form.query_one("#negative_prompt", TextArea).text = LONG
+        await pilot.pause()
+        shown = screen_text(app)  # the editor draws each control as one symbol: ␛ for ESC
+        assert "a cat [/] dog" in shown and "␛c" in shown
+        await pilot.press("ctrl+g")
+        done = idle_service.jobs()[0].id
+        assert idle_service.jobs()[0].request["prompt"] == PROMPT  # the data is kept as typed
+        form.query_one("#prompt", TextArea).text = "a second job"
+        await pilot.press("ctrl+g")
+        failed = idle_service.jobs()[0].id
+
+        # What a worker would leave: an image (under a hostile name) for one job, a hostile error for the other.
+        image = tmp_path / "out" / f"{NAME}.png"
+        hostile_png(image, GenerateRequest.from_dict(idle_service.store.get(done).request))
+        idle_service.store.add_output(done, str(image))
+        idle_service.store.set_state(done, "done")
+        idle_service.store.set_state(failed, "failed", error=TEXT)
+        app.screen.query_one(JobProgress).follow(Failed(job=failed, error=TEXT))
+        await pilot.pause()
+        assert_shown(app.screen.query_one(JobProgress).status)
+        screen_text(app)
+
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        await pilot.pause()
+        jobs = rows(app.screen.query_one("#jobs", DataTable))
+        assert "a cat [/] dog [/x]" in jobs[0]  # the failed job's error, cut to 40 characters
+        assert "a cat [/] dog" in jobs[1] and "[sks]" in jobs[1]
+        gallery = rows(app.screen.query_one("#gallery", DataTable))
+        assert gallery[0].startswith(f"{NAME_SHOWN}.png | ")
+        params = content(app.screen.query_one("#image-params", Static))
+        assert_shown(params)
+        assert NAME_SHOWN in params
+        shown = screen_text(app)
+        assert "[sks]" in shown and "\\x1bc" in shown
+
+        await pilot.press("y")  # copy the path: the notification shows it
+        await pilot.press("l")  # load the parameters into the form
+        await wait_for(pilot, lambda: not isinstance(app.screen, QueueScreen), what="the generate screen")
+        await pilot.pause()
+        assert form.query_one("#prompt", TextArea).text.startswith("a cat [/] dog")
+        await pilot.pause(0.5)
+        shown = screen_text(app)
+        assert "Loaded the parameters of evil [sks]" in shown
+        assert app.is_running
+
+
+async def test_model_field_error_and_hint(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+        model = app.screen.form.query_one("#model", Input)
+        for value in ("demox[/]", NAME, TEXT):
+            model.value = value
+            await pilot.press("ctrl+g")
+            await pilot.pause()
+            error = field_of(app, "#model").error
+            assert visible(value) in error or repr(value)[1:-1] in error, error
+            screen_text(app)
+        assert idle_service.jobs() == [] and app.is_running
+
+
+async def test_style_pack_in_the_picker(idle_service, tmp_path, user_folder):
+    styles = user_folder("styles")
+    (styles / "hostile.json").write_text(json.dumps(
+        [{"name": NAME, "prompt": f"{TEXT} {{prompt}}", "negative_prompt": TEXT}]))
+    (styles / f"{NAME}.json").write_text("[")  # a broken pack: its warning names the file
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+        picker = app.screen.form.query_one("#styles")
+        picker.query_one("#style-search", Input).value = "evil"
+        await pilot.pause()
+        options = picker.query_one(SelectionList)
+        assert options.option_count == 1 and str(options.get_option_at_index(0).prompt) == NAME_SHOWN
+        options.focus()
+        await pilot.press("space")
+        await pilot.pause()
+        template = content(picker.query_one(".style-template", Static))
+        assert_shown(template)
+        assert NAME_SHOWN in content(picker.query_one(".style-selected", Static))
+        shown = screen_text(app)
+        assert "evil [sks] [bold red]x" in shown and app.is_running
+
+
+async def test_preset_description_and_save_dialog(idle_service, tmp_path, user_folder):
+    presets = user_folder("presets")
+    (presets / "hostile.yaml").write_text(yaml.safe_dump({"description": TEXT, "steps": 4}))
+    (presets / "broken.yaml").write_text(f"steps: [{NAME}\n")  # listed with its parse error as description
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+        select = app.screen.form.query_one("#preset", Select)
+        select.value = "hostile"
+        await pilot.pause()
+        select.focus()
+        await pilot.press("enter")  # open the list of presets
+        await pilot.pause()
+        shown = screen_text(app)
+        assert "hostile: a cat [/] dog" in shown
+        await pilot.press("escape")
+
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, SavePresetDialog), what="the save-preset dialog")
+        app.screen.query_one("#preset-name", Input).value = NAME
+        await pilot.press("enter")
+        await pilot.pause()
+        assert "is not allowed" in app.screen.name_field.error
+        screen_text(app)
+        assert app.is_running
+
+
+async def test_train_screen_log_runs_and_stats(idle_service, tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    monkeypatch.setattr(runs, "runs_root", lambda: root)
+    run_dir = root / NAME
+    run_dir.mkdir(parents=True)
+    runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": "failed", "error": TEXT, "updated": 1.0,
+                                                     "settings": {"model": TEXT, "method": "lora", "max_steps": 10}})
+    write = runs.EventWriter(run_dir)
+    write("log", level="warning", message=TEXT)
+    write("error", message=TEXT)
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+        await pilot.press("f3")
+        pane = await _pane(pilot, app, TrainPane)
+        log = pane.query_one("#train-log", Log)
+        await wait_for(pilot, lambda: log.line_count >= 2, what="the log")
+        assert_shown("\n".join(log.lines))
+        assert NAME_SHOWN in str(pane.query_one("#train-runs", OptionList).get_option_at_index(0).prompt)
+        assert_shown(content(pane.query_one("#train-stats", Static)))
+        screen_text(app)
+        assert app.is_running
+
+
+async def test_models_screen_with_hostile_file_names(idle_service, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _write(ckpt / f"{NAME}.safetensors", _checkpoint(SD1_TEXT))
+    (ckpt / f"{NAME} broken.safetensors").write_bytes(b"\x00" * 4)
+    config_path().write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}}))
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+        await pilot.press("f4")
+        pane = await _pane(pilot, app, ModelsPane)
+        table = pane.query_one(DataTable)
+        await wait_for(pilot, lambda: any(NAME_SHOWN in r for r in rows(table)), what="the scan")
+        assert NAME_SHOWN in content(pane.query_one("#models-problems", Static))
+        screen_text(app)
+        assert app.is_running
+
+
+async def _pane(pilot, app, kind):
+    await wait_for(pilot, lambda: app.screen.query(kind), what=kind.__name__)
+    return app.screen.query_one(kind)
+
+
+async def test_notifications_are_text_and_cut(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+        notify(app, TEXT, title=NAME)
+        notify(app, LONG)
+        await pilot.pause()
+        messages = [(n.title, n.message) for n in app._notifications]
+        assert (NAME_SHOWN, visible(TEXT)) in messages
+        assert any(len(m) == NOTIFY_MAX and m.endswith("…") for _, m in messages)
+        screen_text(app)
+
+
+async def test_keymap_from_the_config_file(idle_service, tmp_path):
+    config_path().write_text(yaml.safe_dump({"keymap": {"generate": "[/]", "screen.queue": "a\x1bc"}}))
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+        await pilot.pause()
+        assert "a\\x1bc Queue" in screen_text(app)  # the mode bar
+        await pilot.press("ctrl+p")  # the command palette lists every key (its help line is markup)
+        await pilot.pause(0.5)
+        assert "key: a\\x1bc" in screen_text(app) and app.is_running
+
+
+def test_markup_reads_back_as_typed():
+    from textual.content import Content
+
+    from tui.text import markup
+
+    rng = random.Random(13)
+    samples = MARKUP + CONTROLS + ("x\\", "\\[b]", "a\\\\[/]", "[B]x[/B]", "[ bold]x")
+    samples += tuple("".join(rng.choice("[]\\/$ab=@#\x1b") for _ in range(rng.randint(1, 12))) for _ in range(3000))
+    for text in samples:
+        assert Content.from_markup(markup(text)).plain == visible(text), repr(text)
+
+
+def test_editors_draw_controls_as_one_symbol_each():
+    from tui.text import pictures
+
+    assert pictures("a\x1bb\x9b\x00\x7f\u202e\t\n") == "a␛b\ufffd␀␡\ufffd\t\n"
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert_clean(out, "stdout")
+    assert_clean(err, "stderr")
+    return code, out, err
+
+
+def test_styles_list_and_show(capsys, user_folder):
+    styles = user_folder("styles")
+    (styles / "hostile.json").write_text(json.dumps(
+        [{"name": NAME, "prompt": f"{TEXT} {{prompt}}", "negative_prompt": TEXT}]))
+    (styles / f"{NAME}.json").write_text("[")
+    code, out, err = cli(capsys, "styles", "list", "--search", "evil")
+    assert code == 0 and NAME_SHOWN in out and NAME_SHOWN in err  # the broken pack's warning
+    code, out, _ = cli(capsys, "styles", "show", NAME)
+    assert code == 0 and NAME_SHOWN in out
+    assert_shown(out)
+    code, out, _ = cli(capsys, "styles", "show", NAME, "--json")
+    assert code == 0 and json.loads(out)["prompt"] == f"{TEXT} {{prompt}}"
+    code, out, _ = cli(capsys, "styles", "list", "--json")
+    assert code == 0 and NAME in [s["name"] for s in json.loads(out)]
+    code, _, err = cli(capsys, "styles", "show", TEXT)
+    assert code == 2 and "unknown" in err
+
+
+@pytest.mark.parametrize("field,value", [("model", NAME), ("loras", [[NAME, 1.0]]), ("vae", NAME)])
+def test_reproduce_an_image_with_hostile_metadata(field, value, capsys, tmp_path):
+    image = tmp_path / "evil.png"
+    request = {"prompt": PROMPT, "model": "demo", "scheduler": "karras", "steps": 4, "seed": 1, field: value}
+    hostile_png(image, GenerateRequest.from_dict(request))
+    code, _, err = cli(capsys, "reproduce", str(image), "--out", str(tmp_path / "out"))
+    assert code == 2 and NAME_SHOWN in err and len(err.splitlines()) == 1
+
+
+def test_generate_errors_and_bad_arguments(capsys, tmp_path):
+    code, _, err = cli(capsys, "generate", TEXT, "--model", NAME, "--out", str(tmp_path))
+    assert code == 2 and NAME_SHOWN in err
+    code, _, err = cli(capsys, "generate", "x", "--lora", f"{NAME}:heavy")
+    assert code == 2 and NAME_SHOWN in err
+    code, _, err = cli(capsys, "samplers", TEXT)
+    assert code == 2 and "unrecognized arguments" in err
+    assert_shown(err)
+
+
+def test_models_list_and_config_warnings(capsys, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / f"{NAME}.safetensors").write_bytes(b"\x00" * 4)
+    config_path().write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}, TEXT: 1}))
+    code, out, err = cli(capsys, "models", "list")
+    assert code == 0 and NAME_SHOWN in out and "unknown key" in err
+    code, out, _ = cli(capsys, "models", "list", "--json")
+    assert code == 0 and any(NAME in p for p in json.loads(out)["problems"])
+
+
+def test_train_follow_prints_hostile_events(capsys, tmp_path):
+    from tui.cli_train import follow
+
+    run_dir = tmp_path / NAME
+    run_dir.mkdir()
+    runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": "running", "settings": {}, "updated": 1.0})
+
+    class Trainer:  # logs a hostile line and fails with a hostile error, then exits
+        pid, returncode = 4242, 1
+
+        def poll(self):
+            write = runs.EventWriter(run_dir)
+            write("log", level="warning", message=TEXT)
+            runs.update_run_json(run_dir, state="failed", error=TEXT)
+            return 1
+
+    assert follow(run_dir, Trainer()) == 1
+    _, err = capsys.readouterr()
+    assert_clean(err, "stderr")
+    assert_shown(err)
