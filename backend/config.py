@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from backend import locations
+from backend import locations, yaml_text
 from backend.errors import DreamttyError
 
 ENV_PATH = "DREAMTTY_CONFIG"
@@ -86,7 +86,7 @@ def _read_yaml(path: Path, cfg: Config) -> dict:
         cfg.warnings.append(f"config: {path} is not UTF-8 text; using defaults")
         return {}
     try:
-        data = yaml.safe_load(text)
+        data = yaml_text.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -196,7 +196,7 @@ def set_value(key: str, value: object, path: Path | None = None) -> Path:
     data: dict = {}
     if file.exists():
         try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+            loaded = yaml_text.load(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise DreamttyError(f"config: cannot update {file}: {exc}") from None
         if isinstance(loaded, dict):

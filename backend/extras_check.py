@@ -20,11 +20,17 @@ from backend.request import GenerateRequest, check_loras
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::\s*([-+]?(?:\d+\.?\d*|\.\d+)))?\s*>")
 
 
+# A tag with the spaces before it, or at the start of a line with the spaces after it.
+_TAG_AND_SPACES = re.compile(rf"(?m)^[ \t]*(?:{LORA_TAG.pattern}[ \t]*)+|[ \t]*{LORA_TAG.pattern}")
+
+
 def prompt_loras(text: str) -> tuple[str, list[tuple[str, float]]]:
-    """Strip ``<lora:name:weight>`` tags from a prompt; returns the clean prompt and the LoRAs."""
+    """Strip ``<lora:name:weight>`` tags from a prompt; returns the prompt and the LoRAs.
+
+    Only the tags and the spaces that separated them go: the rest stays as typed (newlines, repeated spaces).
+    """
     found = [(m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0) for m in LORA_TAG.finditer(text)]
-    clean = re.sub(r"\s{2,}", " ", LORA_TAG.sub("", text)).strip()
-    return clean, found
+    return (_TAG_AND_SPACES.sub("", text), found) if found else (text, found)
 
 
 def effective_request(request: GenerateRequest) -> GenerateRequest:

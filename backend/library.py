@@ -453,27 +453,52 @@ def _hash_cache_file() -> Path:
 
 
 def short_hash(path: str | Path) -> str:
-    """First 10 hex digits of the file's SHA-256 (A1111's and Civitai's "AutoV2").
+    """First 10 hex digits of the file's SHA-256 (A1111's and Civitai's "AutoV2")."""
+    return _cached_hash(path, "", lambda p: _file_sha256(p)[:10])
 
-    Cached by (path, size, mtime) in the user cache dir, so a large file is read once.
-    """
+
+def lora_hash(path: str | Path) -> str:
+    """A1111's short hash of a LoRA (its ``Lora hashes`` field; Civitai's "AutoV3"): 12 hex digits of the
+    SHA-256 that kohya-ss's trainer stores as ``sshs_model_hash``, else of a .safetensors file's bytes after
+    its header (kohya-ss's "addnet" hash, so edited metadata does not change it), else of the whole file."""
+
+    def compute(p: Path) -> str:
+        if p.suffix.lower() != ".safetensors":
+            return _file_sha256(p)[:12]
+        stored = read_safetensors_header(p)[1].get("sshs_model_hash", "").lower()
+        if re.fullmatch(r"[0-9a-f]{12,64}", stored):
+            return stored[:12]
+        with open(p, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+        return _file_sha256(p, start=8 + length)[:12]
+
+    return _cached_hash(path, "lora:", compute)
+
+
+def _file_sha256(path: Path, start: int = 0) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cached_hash(path: str | Path, prefix: str, compute) -> str:
+    """``compute(path)``, cached by (path, size, mtime) in the user cache dir, so a large file is read once."""
     path = Path(path).resolve()
     st = path.stat()
-    key = str(path)
+    key = prefix + str(path)
     stamp = [st.st_size, st.st_mtime_ns]
     cache_file = _hash_cache_file()
     try:
         cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         cache = {}
     hit = cache.get(key)
     if hit and hit[:2] == stamp:
         return hit[2]
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    value = digest.hexdigest()[:10]
+    value = compute(path)
     cache[key] = [*stamp, value]
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

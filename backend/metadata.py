@@ -1,4 +1,4 @@
-"""Image metadata: our JSON text chunk plus A1111-style ``parameters`` text."""
+"""Image metadata: our JSON text chunk plus A1111-style ``parameters`` text (see backend.infotext)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from backend import jobkinds
+from backend import infotext, jobkinds
 from backend.errors import DreamttyError, RequestError
+from backend.guidance_settings import GuidanceSettings, freeu_defaults
 from backend.request import GenerateRequest
-from backend.samplers import SAMPLERS
 
 CHUNK = "dreamtty"
 VERSION = 1
-_SCHEDULE_LABELS = {"normal": "Automatic", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform"}
 
 
 def build(request: GenerateRequest, family: str, prompt_record: dict, kind: str = "generate") -> dict:
@@ -24,30 +23,45 @@ def build(request: GenerateRequest, family: str, prompt_record: dict, kind: str 
 
 
 def a1111_parameters(meta: dict) -> str:
-    """A1111 ``parameters`` text, readable by A1111, Civitai and most image viewers."""
+    """A1111 ``parameters`` text, readable by A1111's PNG Info, Civitai and most image viewers."""
     req = meta["request"]
     prompt = meta.get("prompt", {})
-    fields = [
+    loras = prompt.get("loras") or [{"name": n, "weight": w} for n, w in req.get("loras", [])]
+    tags = [f"<lora:{x['name']}:{x['weight']:g}>" for x in loras]  # A1111 keeps LoRAs in the prompt text
+    positive = " ".join(t for t in [prompt.get("positive", req["prompt"]), *tags] if t)
+    fields: list[tuple[str, object]] = [
         ("Steps", req["steps"]),
-        ("Sampler", SAMPLERS[req["sampler"]].label),
-        ("Schedule type", _SCHEDULE_LABELS[req["scheduler"]]),
+        ("Sampler", infotext.sampler_label(req["sampler"])),
+        ("Schedule type", infotext.SCHEDULE_LABELS[req["scheduler"]]),
         ("CFG scale", req["cfg"]),
         ("Seed", req["seed"]),
         ("Size", f"{req['width']}x{req['height']}"),
         ("Model", req["model"]),
     ]
-    fields += [(k.replace("_", " ").title(), v) for k, v in sorted(_guidance_non_neutral(req).items())]
+    if req.get("vae"):
+        fields += [("VAE hash", (prompt.get("vae") or {}).get("hash")), ("VAE", req["vae"])]
+    if req.get("refiner"):
+        fields += [("Refiner", req["refiner"]), ("Refiner switch at", req["refiner_switch"])]
+    guidance = GuidanceSettings.from_dict(req.get("guidance") or {}).non_neutral()
+    if guidance.get("freeu") == ():
+        guidance["freeu"] = freeu_defaults(meta.get("family", ""))
+    fields += [(infotext.GUIDANCE_KEYS[k], _guidance_value(k, v)) for k, v in guidance.items()]
+    if loras:
+        fields.append(("Lora hashes", ", ".join(f"{x['name']}: {x.get('a1111_hash') or x.get('hash')}" for x in loras)))
     if req.get("styles"):
         fields.append(("Styles", "; ".join(req["styles"])))
     fields.append(("Version", "dreamtty"))
-    body = ", ".join(f"{k}: {v}" for k, v in fields)
-    return f"{prompt.get('positive', req['prompt'])}\nNegative prompt: {prompt.get('negative', req['negative_prompt'])}\n{body}"
+    return infotext.format_text(positive, prompt.get("negative", req["negative_prompt"]), fields)
 
 
-def _guidance_non_neutral(req: dict) -> dict:
-    from backend.guidance_settings import GuidanceSettings
-
-    return GuidanceSettings.from_dict(req.get("guidance") or {}).non_neutral()
+def _guidance_value(name: str, value: object) -> object:
+    """Tuples as Fooocus writes them, e.g. ``(1.5, 0.8, 0.3)``; FreeU in Fooocus's order (b1, b2, s1, s2)."""
+    if name == "freeu":
+        s1, s2, b1, b2 = value  # type: ignore[misc]  # ours is (s1, s2, b1, b2)
+        value = (b1, b2, s1, s2)
+    if isinstance(value, tuple):
+        return "(" + ", ".join(f"{v:g}" for v in value) + ")"
+    return value
 
 
 def png_info(meta: dict) -> PngInfo:
@@ -57,24 +71,53 @@ def png_info(meta: dict) -> PngInfo:
     return info
 
 
-def read(path: str | Path) -> dict:
-    """Read our metadata from a PNG; a one-line DreamttyError when it has none."""
+def _text_chunks(path: str | Path) -> dict[str, str]:
     try:
         with Image.open(path) as img:
-            text = img.text.get(CHUNK) if hasattr(img, "text") else None
+            return dict(getattr(img, "text", {}))
     except (OSError, ValueError) as exc:
         raise DreamttyError(f"image: cannot read {path}: {exc}") from None
-    if not text:
-        raise DreamttyError(f"image: {path} has no dreamtty metadata")
+
+
+def _ours(path: str | Path, text: str) -> dict:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise DreamttyError(f"image: {path} has corrupt dreamtty metadata") from None
 
 
+def read(path: str | Path) -> dict:
+    """Read our metadata from a PNG; a one-line DreamttyError when it has none."""
+    text = _text_chunks(path).get(CHUNK)
+    if not text:
+        raise DreamttyError(f"image: {path} has no dreamtty metadata")
+    return _ours(path, text)
+
+
+def image_request(path: str | Path) -> tuple[GenerateRequest, list[str]]:
+    """The request that reproduces the image at ``path``, and warnings for the user.
+
+    Our own metadata gives the exact request (no warnings). An image from A1111, Fooocus or a tool that
+    writes their formats gives the closest request we can make, with warnings saying what differs.
+    """
+    chunks = _text_chunks(path)
+    if chunks.get(CHUNK):
+        return _request_from_meta(path, _ours(path, chunks[CHUNK])), []
+    if chunks.get("parameters"):
+        from backend import foreign_metadata
+
+        return foreign_metadata.from_png_text(chunks, f"image: {path}")
+    if "workflow" in chunks or "prompt" in chunks:
+        raise DreamttyError(f"image: {path} holds a ComfyUI workflow; dreamtty reads A1111 and Fooocus metadata")
+    raise DreamttyError(f"image: {path} has no dreamtty, A1111 or Fooocus metadata")
+
+
 def request_from_image(path: str | Path) -> GenerateRequest:
-    """The request that reproduces the image at ``path``; a one-line error when the metadata holds none."""
-    meta = read(path)
+    """The request of :func:`image_request`, without its warnings."""
+    return image_request(path)[0]
+
+
+def _request_from_meta(path: str | Path, meta: object) -> GenerateRequest:
     request = meta.get("request") if isinstance(meta, dict) else None
     if not isinstance(request, dict):
         raise DreamttyError(f"image: {path} has dreamtty metadata without a request")

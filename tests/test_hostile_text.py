@@ -19,7 +19,7 @@ from textual.widgets import DataTable, Input, Log, OptionList, Select, Selection
 
 from backend import metadata
 from backend.config import config_path
-from backend.events import Failed
+from backend.events import Failed, TrainError, TrainLog
 from backend.request import GenerateRequest
 from backend.safetext import visible
 from backend.training import runs
@@ -209,8 +209,8 @@ async def test_train_screen_log_runs_and_stats(idle_service, tmp_path, monkeypat
     runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": "failed", "error": TEXT, "updated": 1.0,
                                                      "settings": {"model": TEXT, "method": "lora", "max_steps": 10}})
     write = runs.EventWriter(run_dir)
-    write("log", level="warning", message=TEXT)
-    write("error", message=TEXT)
+    write(TrainLog(level="warning", message=TEXT))
+    write(TrainError(message=TEXT))
     app = make_app(idle_service, tmp_path)
     async with app.run_test(size=(140, 45), notifications=True) as pilot:
         await pilot.press("f3")
@@ -358,7 +358,7 @@ def test_train_follow_prints_hostile_events(capsys, tmp_path):
 
         def poll(self):
             write = runs.EventWriter(run_dir)
-            write("log", level="warning", message=TEXT)
+            write(TrainLog(level="warning", message=TEXT))
             runs.update_run_json(run_dir, state="failed", error=TEXT)
             return 1
 

@@ -80,6 +80,7 @@ def test_lora_changes_output_weight_zero_does_not_and_switching_never_reloads(pi
     full, record = _image(pipe, loras=[("fox", 1.0)])
     assert full != base
     assert record["loras"][0]["name"] == "fox" and len(record["loras"][0]["hash"]) == 10
+    assert len(record["loras"][0]["a1111_hash"]) == 12  # for A1111's "Lora hashes"
     zero, _ = _image(pipe, loras=[("fox", 0.0)])
     assert zero == base
     half, _ = _image(pipe, loras=[("fox", 0.5)])
@@ -162,20 +163,28 @@ def test_refiner_hands_over_at_the_switch(folders, demo_dirs):
         apply_extras(sd, GenerateRequest(model="demo", refiner=refiner), cache)
 
 
+def _worker_images(payload: dict, cache, tmp_path) -> list[str]:
+    """The images a worker makes for a generate job (in this process)."""
+    from backend.queue_store import QueueStore
+    from backend.worker import JobRun, _make_images
+
+    store = QueueStore(tmp_path / "queue.sqlite3")
+    job = store.add("generate", payload, "test")
+    return _make_images(JobRun(0, {"job": job, "kind": "generate", **payload}, cache, lambda event: None,
+                               lambda: False, store))
+
+
 def test_worker_saves_extras_in_metadata_and_reproduces_pixels(folders, tmp_path):
     from backend import metadata
-    from backend.worker import _generate
 
     cache = PipelineCache(CPU)
     request = GenerateRequest(prompt="a fox mytok <lora:fox:0.7>", model="demo", steps=2, width=32, height=32,
                               seed=21, vae="alt").resolved("demo")
-    first = _generate({"request": request.to_dict(), "out": str(tmp_path / "a")}, cache, lambda *a, **k: None,
-                      lambda: False)[0]
+    first = _worker_images({"request": request.to_dict(), "out": str(tmp_path / "a")}, cache, tmp_path)[0]
     meta = metadata.read(first)
     assert meta["request"]["loras"] == [["fox", 0.7]] and meta["request"]["prompt"] == "a fox mytok"
     assert {x["name"] for x in meta["prompt"]["embeddings"]} == {"mytok"}
     assert meta["prompt"]["vae"]["name"] == "alt" and meta["prompt"]["loras"][0]["weight"] == 0.7
     # Reproduce on a fresh cache from the metadata alone.
-    again = _generate({"request": meta["request"], "out": str(tmp_path / "b")}, PipelineCache(CPU),
-                      lambda *a, **k: None, lambda: False)[0]
+    again = _worker_images({"request": meta["request"], "out": str(tmp_path / "b")}, PipelineCache(CPU), tmp_path)[0]
     assert Image.open(first).tobytes() == Image.open(again).tobytes()

@@ -38,7 +38,7 @@ def test_round_trip_and_a1111_text(tmp_path):
     lines = text.split("\n")
     assert lines[0] == "a red fox, sharp"
     assert lines[1] == "Negative prompt: blurry"
-    assert "Steps: 8, Sampler: Euler a, Schedule type: Automatic, CFG scale: 5.5, Seed: 7, Size: 128x128, Model: demo" in lines[2]
+    assert "Steps: 8, Sampler: Euler a, Schedule type: Uniform, CFG scale: 5.5, Seed: 7, Size: 128x128, Model: demo" in lines[2]
     assert Image.open(path).getpixel((3, 3)) == (200, 10, 30)
 
 

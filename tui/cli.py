@@ -226,13 +226,20 @@ def cmd_reproduce(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from backend.metadata import request_from_image
+    from backend import foreign_metadata, metadata
 
-    request = request_from_image(args.image)
+    if (args.image is None) == (args.from_text is None):
+        raise RequestError("reproduce", "give an IMAGE or --from-text FILE (one of them)")
+    if args.from_text is not None:
+        text = foreign_metadata.read_text_file(args.from_text)
+        request, warnings = foreign_metadata.from_text(text, f"from-text: {args.from_text}")
+    else:
+        request, warnings = metadata.image_request(args.image)
+    print_warnings(warnings)
     if args.model:
         request.model = args.model
     code, paths = asyncio.run(_run_jobs(args, [request], args.out))
-    if code == 0 and paths:
+    if code == 0 and paths and args.image is not None:
         with Image.open(args.image) as a, Image.open(paths[0]) as b:
             diff = np.abs(np.asarray(a.convert("RGB"), dtype=int) - np.asarray(b.convert("RGB"), dtype=int)).max()
         print("pixels: identical" if diff == 0 else f"pixels: differ (max difference {diff}/255)", file=sys.stderr)
@@ -261,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_options(gen)
     gen.set_defaults(func=cmd_generate)
 
-    rep = sub.add_parser("reproduce", help="regenerate an image from its metadata")
-    rep.add_argument("image", type=Path)
+    rep = sub.add_parser("reproduce", help="regenerate an image from its metadata (dreamtty, A1111 or Fooocus)")
+    rep.add_argument("image", type=Path, nargs="?")
+    rep.add_argument("--from-text", metavar="FILE", help="a pasted A1111 or Fooocus parameters text (- = stdin)")
     rep.add_argument("--json", action="store_true")
     rep.set_defaults(func=cmd_reproduce)
 

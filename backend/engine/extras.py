@@ -72,7 +72,7 @@ def _apply_loras(pipe, loras: list[tuple[str, float]], cfg) -> list[dict]:
                 raise ModelError(f"lora: cannot load {name}: {_one_line(exc)}") from None
             loaded[adapter] = entry.path
         wanted.append((adapter, weight))
-        records.append({"name": entry.name, "weight": weight, "hash": digest})
+        records.append({"name": entry.name, "weight": weight, "hash": digest, "a1111_hash": library.lora_hash(entry.path)})
     if not wanted:
         if loaded:
             pipe.unload_lora_weights()

@@ -20,8 +20,9 @@ class DataFile:
     _resource: object = None
 
     def read_text(self) -> str:
+        """The file's text; a UTF-8 byte-order mark (A1111 writes one in ``styles.csv``) is dropped."""
         source = self.path if self.path is not None else self._resource
-        return source.read_text(encoding="utf-8")  # type: ignore[union-attr]
+        return source.read_text(encoding="utf-8-sig")  # type: ignore[union-attr]
 
 
 def user_dir(kind: str) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from backend import yaml_text
 from backend.errors import RequestError
 from backend.guidance_settings import GuidanceSettings
 from backend.prompting.datafiles import DataFile, data_files, user_dir
@@ -50,7 +51,7 @@ def list_presets() -> list[PresetInfo]:
 
 def _read(file: DataFile) -> dict:
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = yaml_text.load(file.read_text()) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

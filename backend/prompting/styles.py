@@ -93,6 +93,9 @@ def _read_json(file: DataFile, text: str, library: StyleLibrary) -> None:
     except json.JSONDecodeError as exc:
         library.warnings.append(f"{file.label} line {exc.lineno}: not valid JSON ({exc.msg}); file skipped")
         return
+    except RecursionError:
+        library.warnings.append(f"{file.label}: JSON nested too deeply; file skipped")
+        return
     if not isinstance(data, list):
         library.warnings.append(f"{file.label} line 1: expected a JSON list of styles; file skipped")
         return
@@ -107,14 +110,17 @@ def _read_json(file: DataFile, text: str, library: StyleLibrary) -> None:
 
 
 def _entry_lines(text: str) -> list[int]:
-    """1-based line of each element of a valid top-level JSON list."""
+    """1-based line of each element of a valid top-level JSON list (one pass over the text)."""
     decoder, gap = json.JSONDecoder(), re.compile(r"[\s,]*")
     pos, lines = text.index("[") + 1, []
+    line, counted = 1, 0
     while True:
         pos = gap.match(text, pos).end()
         if text[pos] == "]":
             return lines
-        lines.append(text.count("\n", 0, pos) + 1)
+        line += text.count("\n", counted, pos)
+        counted = pos
+        lines.append(line)
         _, pos = decoder.raw_decode(text, pos)
 
 
@@ -131,7 +137,7 @@ def _check_entry(entry: object) -> str | None:
 
 
 def _read_csv(file: DataFile, text: str, library: StyleLibrary) -> None:
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(text), skipinitialspace=True)  # `name, "prompt", "negative"` as shared
     try:
         styles = _csv_styles(file, reader, library.warnings)
     except csv.Error as exc:  # e.g. a field over csv.field_size_limit(), a NUL byte

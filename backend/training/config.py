@@ -198,8 +198,10 @@ def load_yaml(path: str | Path) -> dict:
     """Read a ``train.yaml`` (same keys as the flags); one-line errors."""
     import yaml
 
+    from backend import yaml_text
+
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = yaml_text.load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise RequestError("config", f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:

@@ -1,0 +1,84 @@
+"""Style, preset and config files as users get them: A1111's styles.csv, shared CSVs, hostile nesting, huge packs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backend import config
+from backend.errors import RequestError
+from backend.prompting.presets import list_presets, load_preset
+from backend.prompting.styles import load_styles
+from tui.cli import main
+
+DEEP = "[" * 100_000
+DEEP_YAML = "[" * 1_000  # past the recursion limit, like 100k; PyYAML's scanner is quadratic in the depth
+
+
+@pytest.fixture
+def styles_dir(user_folder):
+    return user_folder("styles")
+
+
+def test_a1111_styles_csv_with_a_byte_order_mark(styles_dir):
+    """A1111 saves styles.csv as UTF-8 with a BOM; the header must still be found."""
+    text = 'name,prompt,negative_prompt\nMoody,"{prompt}, moody, dark","bright, sunny"\nÉté,"summer {prompt}",\n'
+    (styles_dir / "styles.csv").write_bytes(text.encode("utf-8-sig"))
+    bom_json = json.dumps([{"name": "Bom Json", "prompt": "x {prompt}"}])
+    (styles_dir / "bom.json").write_bytes(bom_json.encode("utf-8-sig"))
+    library = load_styles()
+    assert library.warnings == []
+    moody = library.get("Moody")
+    assert (moody.prompt, moody.negative_prompt) == ("{prompt}, moody, dark", "bright, sunny")
+    assert library.get("Été").prompt == "summer {prompt}" and library.get("Bom Json").prompt == "x {prompt}"
+
+
+def test_shared_csv_with_spaces_after_the_commas(styles_dir):
+    """Shared packs write `name, "prompt", "negative"`: A1111 reads them with skipinitialspace."""
+    (styles_dir / "shared.csv").write_text(
+        'name, prompt, negative_prompt\n'
+        'Cinematic, "cinematic still {prompt}, emotional, harmonious", "anime, cartoon, graphic"\n'
+        'Plain, photo of {prompt}, ugly\n'
+    )
+    library = load_styles()
+    assert library.warnings == []
+    cinematic, plain = library.get("Cinematic"), library.get("Plain")
+    assert cinematic.prompt == "cinematic still {prompt}, emotional, harmonious"
+    assert cinematic.negative_prompt == "anime, cartoon, graphic"
+    assert (plain.prompt, plain.negative_prompt) == ("photo of {prompt}", "ugly")
+
+
+def test_deeply_nested_style_file_is_reported_and_skipped(styles_dir, capsys):
+    (styles_dir / "deep.json").write_text(DEEP)
+    (styles_dir / "fine.json").write_text(json.dumps([{"name": "Fine", "prompt": "fine {prompt}"}]))
+    library = load_styles()
+    assert library.warnings == [f"{styles_dir / 'deep.json'}: JSON nested too deeply; file skipped"]
+    assert library.get("Fine").prompt == "fine {prompt}"
+    assert main(["styles", "list", "--search", "fine"]) == 0
+    out, err = capsys.readouterr()
+    assert "Fine" in out and "nested too deeply" in err and "Traceback" not in err
+
+
+def test_deeply_nested_preset_and_config_are_one_line_errors(user_folder, monkeypatch, tmp_path):
+    (user_folder("presets") / "deep.yaml").write_text(DEEP_YAML)
+    with pytest.raises(RequestError, match=r"^preset: .*deep\.yaml: not valid YAML \(nested too deeply\)$"):
+        load_preset("deep")
+    assert any(p.name == "deep" and "nested too deeply" in p.description for p in list_presets())
+    deep_config = tmp_path / "deep-config.yaml"
+    deep_config.write_text(DEEP_YAML)
+    monkeypatch.setenv("DREAMTTY_CONFIG", str(deep_config))
+    assert config.load().warnings == [f"config: {deep_config} is not valid YAML; using defaults"]
+
+
+def test_a_100k_style_pack_loads_and_lists_in_one_pass(styles_dir, capsys):
+    """Loading is linear in the file (it was quadratic: 100k styles took minutes); the line numbers stay right."""
+    entries = [{"name": f"Big {i}", "prompt": f"{{prompt}}, look {i}"} for i in range(100_000)]
+    entries[99_998] = {"prompt": "no name"}
+    (styles_dir / "big.json").write_text("[\n" + ",\n".join(json.dumps(e) for e in entries) + "\n]\n")
+    library = load_styles()
+    assert library.warnings == [f"{styles_dir / 'big.json'} line 100000: style needs a text 'name'; style skipped"]
+    assert library.get("Big 99999").prompt == "{prompt}, look 99999"
+    assert main(["styles", "list", "--search", "Big "]) == 0
+    out, err = capsys.readouterr()
+    assert sum(line.startswith("Big ") for line in out.splitlines()) == 99_999
