@@ -248,7 +248,8 @@ def test_perp_neg_with_a_prompt_longer_than_one_window(pipes, family):
     made = []
     make = lambda *args: made.append(Guider(*args)) or made[-1]  # noqa: E731
     first = _latents(pipes[family], GuidanceSettings(perp_neg=1.0), make_guider=make, prompt=long_prompt)
-    assert made[0].branches["empty"].embeds.shape == made[0].inputs.cond.cond.shape
+    cond = made[0].inputs.cond
+    assert made[0].batch(cond).branches["empty"].embeds.shape == cond.cond.shape
     assert made[0].inputs.cond.cond.shape[1] == 2 * 77
     assert torch.equal(first, _latents(pipes[family], GuidanceSettings(perp_neg=1.0), prompt=long_prompt))
 

@@ -10,22 +10,30 @@ axis, and each chunk's hidden states are scaled by their token weights and
 then rescaled to keep the chunk's original mean. For SDXL both encoders do
 this and the pooled embedding comes from the first chunk. clip_skip applies to
 the positive and the negative prompt alike.
+
+With prompt editing a job has several texts (one per sampling step,
+backend.prompting.editing); each distinct text is encoded once, all of a job's
+texts the same way (stock only when every one qualifies) and padded to the same
+number of windows, so every step's batch has one shape.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from backend.guidance_settings import check_clip_skip
+from backend.prompting.editing import PromptSchedule
 from backend.prompting.weights import Fragment, is_plain, parse_weights
 
 CHUNK = 75  # tokens per window, between BOS and EOS
 COMMA_BACKTRACK = 20  # cut a full chunk at a comma this close to its end
+Embedding = tuple[torch.Tensor, torch.Tensor | None]  # hidden states [1, n*77, D], SDXL pooled [1, P]
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the Guider keeps its batched rows per conditioning
 class Conditioning:
     """Embeddings for one image: positive, and negative when CFG needs it."""
 
@@ -33,6 +41,25 @@ class Conditioning:
     uncond: torch.Tensor | None = None
     pooled: torch.Tensor | None = None  # SDXL pooled text embeds
     uncond_pooled: torch.Tensor | None = None
+
+    def at(self, iteration: int, iterations: int) -> Conditioning:
+        """The same at every loop iteration."""
+        return self
+
+
+class StepConditioning:
+    """One Conditioning per sampling step (prompt editing); steps with the same texts share one object."""
+
+    def __init__(self, per_step: Sequence[Conditioning]) -> None:
+        self.per_step = list(per_step)
+
+    def at(self, iteration: int, iterations: int) -> Conditioning:
+        """The conditioning of loop iteration ``iteration`` of ``iterations``.
+
+        Iterations spread evenly over the steps, so both model calls of a second-order
+        step (Heun, DPM2, DPM++ SDE: 2 * steps - 1 iterations) use that step's texts.
+        """
+        return self.per_step[iteration * len(self.per_step) // iterations]
 
 
 def _is_xl(pipe) -> bool:
@@ -58,24 +85,66 @@ def _fits(pipe, text: str) -> bool:
 
 
 def encode(pipe, prompt: str, negative: str, with_uncond: bool, clip_skip: int = 1) -> Conditioning:
-    """Encode one image's prompts; weighted/chunked only when the text needs it."""
-    check_clip_skip(clip_skip, min(encoder.config.num_hidden_layers for _, encoder in _encoders(pipe)))
-    texts = [prompt, negative] if with_uncond else [prompt]
-    if clip_skip <= 1 and all(is_plain(t) and _fits(pipe, t) for t in texts):
-        return _encode_stock(pipe, prompt, negative, with_uncond)
-    return _encode_weighted(pipe, prompt, negative, with_uncond, clip_skip)
+    """Encode one image's prompts (no prompt editing); weighted/chunked only when the text needs it."""
+    return encode_schedule(pipe, PromptSchedule((prompt,), (negative,)), with_uncond, clip_skip).per_step[0]
 
 
-def _encode_stock(pipe, prompt: str, negative: str, with_uncond: bool) -> Conditioning:
+def encode_schedule(pipe, schedule: PromptSchedule, with_uncond: bool, clip_skip: int = 1) -> StepConditioning:
+    """The conditioning of every sampling step of ``schedule``; each distinct text is encoded once."""
+    negatives = schedule.negative_prompt if with_uncond else [None] * len(schedule.prompt)
+    encoder = TextEncoder(pipe, {"prompt": schedule.prompt, "negative_prompt": negatives if with_uncond else []},
+                          clip_skip)
+    return StepConditioning([encoder.conditioning(p, n) for p, n in zip(schedule.prompt, negatives)])
+
+
+class TextEncoder:
+    """Encodes the texts of one job, each once, all the same way and to the same number of windows."""
+
+    def __init__(self, pipe, texts: dict[str, Sequence[str]], clip_skip: int) -> None:
+        """``texts``: field name (for errors) -> the texts it will ask for."""
+        check_clip_skip(clip_skip, min(encoder.config.num_hidden_layers for _, encoder in _encoders(pipe)))
+        self.pipe, self.clip_skip = pipe, clip_skip
+        fields: dict[str, str] = {}  # text -> the first field that asks for it
+        for name, many in texts.items():
+            for text in many:
+                fields.setdefault(text, name)
+        self.chunks: dict[str, list[list[Chunk]]] | None = None  # None: stock encode_prompt
+        if clip_skip > 1 or not all(is_plain(t) and _fits(pipe, t) for t in fields):
+            self.chunks = {text: _chunked(pipe, text, name) for text, name in fields.items()}
+            # Every encoder and every text gets the same number of chunks: pad with empty chunks.
+            count = max(len(chunks) for per_encoder in self.chunks.values() for chunks in per_encoder)
+            for per_encoder in self.chunks.values():
+                for chunks in per_encoder:
+                    chunks.extend(([], []) for _ in range(count - len(chunks)))
+        self.cache: dict[str, Embedding] = {}
+        self.pairs: dict[tuple[str, str | None], Conditioning] = {}
+
+    def embed(self, text: str) -> Embedding:
+        if text not in self.cache:
+            self.cache[text] = (
+                _encode_stock(self.pipe, text) if self.chunks is None
+                else _encode_chunks(self.pipe, self.chunks[text], self.clip_skip)
+            )
+        return self.cache[text]
+
+    def conditioning(self, prompt: str, negative: str | None) -> Conditioning:
+        """Positive and (when not None) negative embeddings; one object per distinct pair."""
+        if (prompt, negative) not in self.pairs:
+            cond, pooled = self.embed(prompt)
+            uncond, uncond_pooled = (None, None) if negative is None else self.embed(negative)
+            self.pairs[prompt, negative] = Conditioning(cond, uncond, pooled, uncond_pooled)
+        return self.pairs[prompt, negative]
+
+
+def _encode_stock(pipe, text: str) -> Embedding:
+    """``encode_prompt`` of one text (its positive branch: the same operations as its negative one)."""
     device = pipe._execution_device
     if _is_xl(pipe):
-        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
-            prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=with_uncond,
-            negative_prompt=negative,
+        cond, _, pooled, _ = pipe.encode_prompt(
+            prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
         )
-        return Conditioning(cond, uncond if with_uncond else None, pooled, uncond_pooled if with_uncond else None)
-    cond, uncond = pipe.encode_prompt(prompt, device, 1, with_uncond, negative)
-    return Conditioning(cond, uncond if with_uncond else None)
+        return cond, pooled
+    return pipe.encode_prompt(text, device, 1, False)[0], None
 
 
 # -- weighted, chunked encoding --------------------------------------------------
@@ -161,7 +230,7 @@ def _weighted_hidden(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return scaled * torch.where(usable, original / current.where(usable, torch.ones_like(current)), 1.0)
 
 
-def _encode_chunks(pipe, per_encoder: list[list[Chunk]], clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _encode_chunks(pipe, per_encoder: list[list[Chunk]], clip_skip: int) -> Embedding:
     """Encode already-chunked text with each encoder; returns ([1, n*77, D], pooled or None)."""
     xl = _is_xl(pipe)
     hidden, pooled = [], None
@@ -181,22 +250,9 @@ def _encode_chunks(pipe, per_encoder: list[list[Chunk]], clip_skip: int) -> tupl
     return out, (pooled.to(device=device, dtype=dtype) if pooled is not None else None)
 
 
-def _encode_weighted(pipe, prompt: str, negative: str, with_uncond: bool, clip_skip: int) -> Conditioning:
-    texts = {"prompt": prompt, "negative_prompt": negative} if with_uncond else {"prompt": prompt}
-    chunked = {
-        field: [
-            chunk_tokens(tok, [replace(f, text=_textual_inversion(pipe, tok, f.text)) for f in parse_weights(text, field)])
-            for tok, _ in _encoders(pipe)
-        ]
-        for field, text in texts.items()
-    }
-    # Every encoder and both prompts get the same number of chunks: pad with empty chunks.
-    count = max(len(chunks) for per_encoder in chunked.values() for chunks in per_encoder)
-    for per_encoder in chunked.values():
-        for chunks in per_encoder:
-            chunks.extend(([], []) for _ in range(count - len(chunks)))
-    cond, pooled = _encode_chunks(pipe, chunked["prompt"], clip_skip)
-    if not with_uncond:
-        return Conditioning(cond, None, pooled, None)
-    uncond, uncond_pooled = _encode_chunks(pipe, chunked["negative_prompt"], clip_skip)
-    return Conditioning(cond, uncond, pooled, uncond_pooled)
+def _chunked(pipe, text: str, field: str) -> list[list[Chunk]]:
+    """``text`` as weighted chunks, per text encoder."""
+    return [
+        chunk_tokens(tok, [replace(f, text=_textual_inversion(pipe, tok, f.text)) for f in parse_weights(text, field)])
+        for tok, _ in _encoders(pipe)
+    ]

@@ -4,6 +4,8 @@ With every extra off it performs the same operations, in the same order, as
 ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline.__call__`` (so the
 pixels match for a seed), but it checks for cancel between steps, never
 decodes unfinished latents, and hands each step to a callback for previews.
+Its conditioning may change from step to step (prompt editing: a
+StepConditioning).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
-from backend.engine.conditioning import Conditioning
+from backend.engine.conditioning import Conditioning, StepConditioning
 from backend.engine.guider import Guider, UNetInputs
 from backend.guidance_settings import GuidanceSettings
 
@@ -26,7 +28,7 @@ class Cancelled(Exception):
 
 @dataclass
 class DenoiseSpec:
-    cond: Conditioning
+    cond: Conditioning | StepConditioning
     width: int
     height: int
     steps: int
@@ -48,7 +50,7 @@ def _unet_inputs(pipe, spec: DenoiseSpec, dtype: torch.dtype, batch: int) -> UNe
         proj = (
             pipe.text_encoder_2.config.projection_dim
             if pipe.text_encoder_2 is not None
-            else int(spec.cond.pooled.shape[-1])
+            else int(spec.cond.at(0, 1).pooled.shape[-1])
         )
         size = (spec.height, spec.width)
         time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=proj)
@@ -67,7 +69,7 @@ def denoise(pipe, scheduler, spec: DenoiseSpec, make_guider=Guider) -> torch.Ten
     device = pipe._execution_device
     pipe.scheduler = scheduler
     timesteps, _ = retrieve_timesteps(scheduler, spec.steps, device)
-    dtype = spec.cond.cond.dtype
+    dtype = spec.cond.at(0, 1).cond.dtype
     latents = pipe.prepare_latents(
         1, pipe.unet.config.in_channels, spec.height, spec.width, dtype, device, spec.generator
     )

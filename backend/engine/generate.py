@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from backend.engine.conditioning import encode
+from backend.engine.conditioning import encode_schedule
 from backend.engine.denoise import DenoiseSpec, decode, denoise
 from backend.engine.refiner import refiner_handover
 from backend.engine.scheduling import make_scheduler
@@ -23,15 +23,19 @@ def generate_image(
 ):
     """Generate image ``request.index`` (count 1, seed resolved). Returns (PIL image, prompt record)."""
     plan = build_prompt(request, make_embedder(pipe))
+    schedule = plan.schedule(request.steps)
     with torch.inference_mode():
-        cond = encode(pipe, plan.positive, plan.negative, request.cfg > 1.0, request.guidance.clip_skip)
+        cond = encode_schedule(pipe, schedule, request.cfg > 1.0, request.guidance.clip_skip)
         generator = torch.Generator("cpu").manual_seed(request.seed)
         scheduler = make_scheduler(pipe.dreamtty_scheduler_config, request.sampler, request.scheduler, request.seed)
         spec = DenoiseSpec(
             cond, request.width, request.height, request.steps, request.cfg, generator,
             guidance=request.guidance, on_step=on_step, should_cancel=should_cancel,
         )
-        latents = denoise(pipe, scheduler, spec, **refiner_handover(pipe, request, plan))
+        latents = denoise(pipe, scheduler, spec, **refiner_handover(pipe, request, schedule))
         image = decode(pipe, latents, generator)
-    record = {"positive": plan.positive, "negative": plan.negative, **plan.record, **getattr(pipe, "dreamtty_extras", {})}
+    record = {
+        "positive": plan.positive, "negative": plan.negative, **plan.record, "schedule": schedule.record(),
+        **getattr(pipe, "dreamtty_extras", {}),
+    }
     return image, record

@@ -9,6 +9,8 @@ CFG / PerpNeg / APG combine the branches, PAG and SAG add their terms, and CFG
 rescale (Lin et al. 2023, arXiv 2305.08891 §3.4, diffusers' implementation)
 comes last. ADM scaling picks SDXL's time ids per branch; FreeU is set on the
 UNet for each job. With every control neutral this is plain CFG, bit for bit.
+With prompt editing the conditioning changes between steps; the batched rows
+are built once per distinct conditioning.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from backend.engine.adaptive_cfg import effective_cfg
 from backend.engine.adm_scale import scaled_time_ids
 from backend.engine.apg import ProjectedGuidance
-from backend.engine.conditioning import Conditioning, encode
+from backend.engine.conditioning import Conditioning, StepConditioning, encode
 from backend.engine.freeu import set_freeu
 from backend.engine.pag import perturbed_mid_attention
 from backend.engine.perp_neg import perp_neg
@@ -37,7 +39,7 @@ class UNetInputs:
     """Everything the UNet needs besides latents and timestep, per branch."""
 
     pipe: object
-    cond: Conditioning
+    cond: Conditioning | StepConditioning  # ``cond.at(iteration, iterations)``: that iteration's conditioning
     add_time_ids: torch.Tensor | None  # SDXL only
     neg_add_time_ids: torch.Tensor | None
     timestep_cond: torch.Tensor | None
@@ -63,6 +65,17 @@ class Branch:
         return self.adm_time_ids if adm else self.time_ids
 
 
+@dataclass(frozen=True)
+class Batch:
+    """The rows of one conditioning, concatenated for the batched UNet call."""
+
+    branches: dict[str, Branch]
+    embeds: torch.Tensor
+    text_embeds: torch.Tensor | None
+    time_ids: torch.Tensor | None
+    adm_time_ids: torch.Tensor | None
+
+
 def _cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
     if tensors[0] is None:
         return None
@@ -81,7 +94,6 @@ class Guider:
         self.do_cfg = cfg > 1.0
         s = settings
         set_freeu(inputs.pipe, s.freeu)
-        self.branches = self._branches()
         if s.perp_neg:
             self.rows: tuple[str, ...] = ("empty", "cond", "uncond")
         else:
@@ -89,15 +101,27 @@ class Guider:
         if s.pag:
             self.rows += ("perturbed",)
         self.base = self.rows[0]  # SAG's branch: uncond, PerpNeg's empty, or cond at cfg <= 1
-        self.embeds = _cat([self.branches[r].embeds for r in self.rows])
-        self.text_embeds = _cat([self.branches[r].pooled for r in self.rows])
-        self.time_ids = _cat([self.branches[r].time_ids for r in self.rows])
-        self.adm_time_ids = _cat([self.branches[r].adm_time_ids for r in self.rows]) if s.adm_scale else None
+        self.empty = encode(inputs.pipe, "", "", False, s.clip_skip) if s.perp_neg else None
         self.timed = bool(s.adaptive_cfg or s.sharpness or s.adm_scale)
         self.apg = ProjectedGuidance(s.apg) if s.apg else None
+        self.batches: dict[Conditioning, Batch] = {}
 
-    def _branches(self) -> dict[str, Branch]:
-        s, inputs, c = self.settings, self.inputs, self.inputs.cond
+    def batch(self, cond: Conditioning) -> Batch:
+        """The batched rows for ``cond``, built on first use."""
+        if cond not in self.batches:
+            branches = self._branches(cond)
+            rows = [branches[r] for r in self.rows]
+            self.batches[cond] = Batch(
+                branches,
+                _cat([b.embeds for b in rows]),
+                _cat([b.pooled for b in rows]),
+                _cat([b.time_ids for b in rows]),
+                _cat([b.adm_time_ids for b in rows]) if self.settings.adm_scale else None,
+            )
+        return self.batches[cond]
+
+    def _branches(self, c: Conditioning) -> dict[str, Branch]:
+        s, inputs = self.settings, self.inputs
         pos, neg = s.adm_scale[:2] if s.adm_scale else (None, None)
 
         def branch(embeds, pooled, time_ids, scale) -> Branch:
@@ -107,11 +131,10 @@ class Guider:
         out = {"cond": branch(c.cond, c.pooled, inputs.add_time_ids, pos)}
         if self.do_cfg:
             out["uncond"] = branch(c.uncond, c.uncond_pooled, inputs.neg_add_time_ids, neg)
-        if s.perp_neg:
-            empty = encode(inputs.pipe, "", "", False, s.clip_skip)
+        if self.empty is not None:
             # Long prompts are encoded as several 77-token windows; an empty prompt's windows are all alike.
-            embeds = empty.cond.repeat(1, c.cond.shape[1] // empty.cond.shape[1], 1)
-            out["empty"] = branch(embeds, empty.pooled, inputs.neg_add_time_ids, neg)
+            embeds = self.empty.cond.repeat(1, c.cond.shape[1] // self.empty.cond.shape[1], 1)
+            out["empty"] = branch(embeds, self.empty.pooled, inputs.neg_add_time_ids, neg)
         if s.pag:
             out["perturbed"] = out["cond"]
         return out
@@ -122,17 +145,18 @@ class Guider:
         model_in = torch.cat([latents] * n) if n > 1 else latents
         model_in = scheduler.scale_model_input(model_in, t)
         p = progress(scheduler, t) if self.timed else 0.0
-        adm = self.adm_time_ids is not None and p < s.adm_scale[2]
+        batch = self.batch(self.inputs.cond.at(step, self.total))
+        adm = batch.adm_time_ids is not None and p < s.adm_scale[2]
         with self._attention_hooks() as attention:
             pred = self.inputs.call(
-                model_in, t, self.embeds, self.text_embeds, self.adm_time_ids if adm else self.time_ids
+                model_in, t, batch.embeds, batch.text_embeds, batch.adm_time_ids if adm else batch.time_ids
             )
         out = dict(zip(self.rows, pred.chunk(n)))
         x = model_in[:1]
         level = noise_level(scheduler, t) if s.sag or s.sharpness else None
         guided = self._combine(out, x, level, p)
         if s.sag:
-            guided = guided + self._sag_term(out[self.base], x, t, level, attention, adm)
+            guided = guided + self._sag_term(out[self.base], x, t, level, attention, batch.branches[self.base], adm)
         if s.cfg_rescale > 0.0:
             guided = rescale_noise_cfg(guided, out["cond"], guidance_rescale=s.cfg_rescale)
         return guided
@@ -164,10 +188,9 @@ class Guider:
             guided = guided + s.pag * (out["cond"] - out["perturbed"])
         return guided
 
-    def _sag_term(self, pred, x, t, level: NoiseLevel, attention: AttentionMap, adm: bool) -> torch.Tensor:
+    def _sag_term(self, pred, x, t, level: NoiseLevel, attention: AttentionMap, b: Branch, adm: bool) -> torch.Tensor:
         eps = level.eps(pred, x)
         mask = attention.mask(tuple(x.shape[-2:]), x.dtype)
         degraded = degraded_sample(level.x0(pred, x), eps, mask, level)
-        b = self.branches[self.base]
         degraded_pred = self.inputs.call(degraded, t, b.embeds, b.pooled, b.ids(adm))
         return level.eps_step(self.settings.sag * (eps - level.eps(degraded_pred, degraded)))

@@ -6,15 +6,18 @@ is switched at step ``round(steps * refiner_switch)``: the base hands its
 partly denoised latents over, as in the SDXL report's ensemble-of-experts
 mode (Podell et al. 2023, arXiv 2307.01952 §2.5) and diffusers'
 ``denoising_end`` / ``denoising_start``. The refiner's time ids carry the
-aesthetic score (6.0, negative 2.5: diffusers' defaults).
+aesthetic score (6.0, negative 2.5: diffusers' defaults). With prompt editing
+the refiner encodes each step's texts with its own encoders, so a switch after
+the hand-over changes the refiner's conditioning at that step.
 """
 
 from __future__ import annotations
 
-from backend.engine.conditioning import encode
+from backend.engine.conditioning import Conditioning, StepConditioning, encode_schedule
 from backend.engine.guider import Guider, UNetInputs
 from backend.errors import ModelError
 from backend.families import FAMILIES
+from backend.prompting.editing import PromptSchedule
 
 AESTHETIC_SCORE = 6.0
 NEGATIVE_AESTHETIC_SCORE = 2.5
@@ -31,15 +34,16 @@ class Handover:
         return guider.predict(scheduler, latents, t, step)
 
 
-def refiner_inputs(refiner, cond, width: int, height: int) -> UNetInputs:
+def refiner_inputs(refiner, cond: Conditioning | StepConditioning, width: int, height: int) -> UNetInputs:
     """UNet inputs for the refiner: its conditioning and, for SDXL, its time ids."""
     if not FAMILIES[refiner.dreamtty_family].xl:
         return UNetInputs(refiner, cond, None, None, None)
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
     size = (height, width)
-    dtype = cond.cond.dtype
-    proj = int(cond.pooled.shape[-1])
+    first = cond.at(0, 1)
+    dtype = first.cond.dtype
+    proj = int(first.pooled.shape[-1])
     if isinstance(refiner, StableDiffusionXLImg2ImgPipeline):
         ids, neg = refiner._get_add_time_ids(
             size, (0, 0), size, AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, size, (0, 0), size,
@@ -51,14 +55,14 @@ def refiner_inputs(refiner, cond, width: int, height: int) -> UNetInputs:
     return UNetInputs(refiner, cond, ids.to(device), neg.to(device), None)
 
 
-def refiner_handover(pipe, request, plan) -> dict:
+def refiner_handover(pipe, request, schedule: PromptSchedule) -> dict:
     """``denoise`` keyword arguments for the request: {} without a refiner, else a hand-over guider."""
     if not request.refiner:
         return {}
     refiner = getattr(pipe, "dreamtty_refiner", None)
     if refiner is None:
         raise ModelError(f"refiner: {request.refiner} is not loaded (apply_extras loads it)")
-    cond = encode(refiner, plan.positive, plan.negative, request.cfg > 1.0, request.guidance.clip_skip)
+    cond = encode_schedule(refiner, schedule, request.cfg > 1.0, request.guidance.clip_skip)
 
     def make_guider(inputs: UNetInputs, cfg: float, settings, total: int) -> Handover:
         switch_at = round(total * request.refiner_switch)

@@ -1,9 +1,10 @@
 """Prompt tooling: arrays, wildcards, styles, expansion -> the final prompts of one image.
 
 Order: ``[[a, b]]`` arrays -> ``__wildcards__`` -> styles -> expansion. A1111
-weights ``(word:1.2)`` stay in the text; the encoder applies them
-(backend.engine.conditioning), and they are checked here so a bad bracket
-fails before any GPU work.
+prompt editing ``[a:b:10]`` / ``[a|b]`` and weights ``(word:1.2)`` stay in the
+text: :meth:`PromptPlan.schedule` gives the text of each sampling step and the
+encoder (backend.engine.conditioning) applies the weights. Both are checked here
+so a bad bracket or ``when`` fails before any GPU work.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass, field, replace
 
 from backend.errors import RequestError
 from backend.prompting.expansion import expand
+from backend.prompting.editing import PromptSchedule, parse_editing, schedule_prompts
 from backend.prompting.styles import apply_styles, join_terms, load_styles
-from backend.prompting.weights import parse_weights
 from backend.prompting.wildcards import expand_arrays, expand_wildcards, load_wildcards
 from backend.request import GenerateRequest
 
@@ -28,17 +29,22 @@ class PromptPlan:
     negative: str
     record: dict = field(default_factory=dict)
 
+    def schedule(self, steps: int) -> PromptSchedule:
+        """The text of each of ``steps`` sampling steps (prompt editing applied)."""
+        return schedule_prompts(self.positive, self.negative, steps)
+
 
 def build_prompt(request: GenerateRequest, embed_texts: Callable[[list[str]], object] | None = None) -> PromptPlan:
     """Final prompts for image ``request.index`` (a per-image request, seed resolved).
 
     ``embed_texts`` (worker side, ``backend.engine.text_embed.make_embedder(pipe)``)
     maps texts to pooled text-encoder embeddings; expansion ranks descriptors with it.
-    Raises RequestError for an unknown style or wildcard or a malformed weight.
+    Raises RequestError for an unknown style or wildcard, a malformed weight or
+    prompt-editing group, or ``AND``.
     """
     texts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
     for name, text in texts.items():
-        parse_weights(text, name)  # errors point at the user's own text
+        parse_editing(text, name)  # errors point at the user's own text
     arrays: list[dict] = []
     wildcard_picks: list[dict] = []
     table = load_wildcards() if any("__" in t for t in texts.values()) else {}
@@ -55,7 +61,7 @@ def build_prompt(request: GenerateRequest, embed_texts: Callable[[list[str]], ob
     positive = join_terms([positive, *words]) if words else positive
     for name, text in (("prompt", positive), ("negative_prompt", negative)):
         try:
-            parse_weights(text, name)
+            parse_editing(text, name)
         except RequestError as exc:
             raise RequestError(name, f"after wildcards and styles: {exc.message}") from None
     record = {
@@ -72,6 +78,13 @@ def build_prompt(request: GenerateRequest, embed_texts: Callable[[list[str]], ob
 
 
 def check_prompts(request: GenerateRequest) -> None:
-    """Raise now (at submission) the RequestError that ``build_prompt`` would raise in the worker for any image."""
+    """Raise now (at submission) the RequestError that the worker would raise for any image.
+
+    With ``request.steps`` set (a resolved request) the text of every step is checked too.
+    """
+    checked: set[tuple[str, str]] = set()
     for i in range(request.count):
-        build_prompt(replace(request.per_image(i), expand=False))
+        plan = build_prompt(replace(request.per_image(i), expand=False))
+        if request.steps is not None and (plan.positive, plan.negative) not in checked:
+            plan.schedule(request.steps)
+            checked.add((plan.positive, plan.negative))

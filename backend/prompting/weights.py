@@ -3,7 +3,9 @@
 Pure text -> weighted fragments; the encoder (backend.engine.conditioning)
 turns them into per-token weights. The rules are those documented for the
 AUTOMATIC1111 web UI ("Attention/emphasis"); unlike it, unbalanced brackets are
-an error here instead of being applied to the rest of the prompt.
+an error here instead of being applied to the rest of the prompt. Prompt editing
+(``[a:b:10]``, ``[a|b]``) is resolved before, into the text of each step
+(backend.prompting.editing).
 """
 
 from __future__ import annotations
