@@ -15,7 +15,7 @@ import pytest
 from backend import locations, pool
 from backend.errors import DreamttyError
 from backend.queue_store import QueueStore
-from tui import cli
+from tui import cli, cli_jobs
 from tui.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def generated(monkeypatch) -> list:
     """``generate`` builds its request but queues nothing; (request, args) pairs land in the list."""
     seen: list = []
-    monkeypatch.setattr(cli, "cmd_generate", lambda args: seen.append((cli.request_from_args(args), args)))
+    monkeypatch.setattr(cli_jobs, "cmd_generate", lambda args: seen.append((cli_jobs.request_from_args(args), args)))
     return seen
 
 

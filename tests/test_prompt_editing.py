@@ -252,7 +252,6 @@ def test_each_unet_call_gets_its_steps_texts(pipes, family, sampler, calls_per_s
 
 @pytest.mark.parametrize("family", ["sd", "xl"])
 def test_switch_at_0_or_after_the_last_step_equals_the_plain_prompt(pipes, family):
-    pipe = pipes[family]
     cat, cat_record = _generate(pipes, family, "a photo of a cat", "blurry")
     dog, _ = _generate(pipes, family, "a photo of a dog", "noisy")
     assert np.abs(cat.astype(int) - dog).max() > 0 and cat_record["schedule"] is None

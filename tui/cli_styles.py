@@ -8,7 +8,7 @@ import sys
 
 from backend.prompting.styles import RANDOM_STYLE, StyleLibrary, load_styles
 from backend.safetext import visible
-from tui.cli import print_warnings
+from tui.cli_output import print_warnings
 
 
 def register(subparsers) -> None:

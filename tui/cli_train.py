@@ -19,7 +19,7 @@ from backend.safetext import visible
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
 from backend.training.launch import prepare_run, request_stop, resume_settings, start_trainer
-from tui.cli import print_warnings
+from tui.cli_output import print_warnings
 
 # (flag, TrainRequest field, metavar or None for an on/off switch, help)
 _OPTIONS = (

@@ -1,0 +1,50 @@
+"""What every ``dreamtty`` command prints: one-line errors and warnings, a progress line, parsers
+that report bad usage in one line. Text from users, files and images goes through
+``backend.safetext.visible`` (control characters written out)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from backend.events import Event, Step
+from backend.safetext import visible
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage in one line (exit 2), never a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {visible(message)}\n")
+
+
+def print_warnings(warnings: list[str]) -> None:
+    """Each warning as a ``dreamtty: warning:`` line on stderr."""
+    for warning in warnings:
+        print(f"dreamtty: warning: {visible(warning)}", file=sys.stderr)
+
+
+class Progress:
+    """A one-line progress bar on stderr (only when stderr is a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.shown = False
+
+    def update(self, event: Event) -> None:
+        if not self.enabled or not isinstance(event, Step):
+            return
+        width = 24
+        filled = int(width * event.step / event.total)
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'-' * (width - filled)}] image {event.image + 1}/{event.count} "
+            f"step {event.step}/{event.total} {event.its:.1f} it/s ETA {event.eta:.0f}s  "
+        )
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
