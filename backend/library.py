@@ -229,6 +229,13 @@ def _family_by_context(shapes: Shapes, prefix: str = "") -> str | None:
 
 
 _LORA_MARKERS = (".lora_down.", ".lora_A.", ".lora_up.", ".lora_B.", ".hada_w1", ".lokr_w1", ".lora.down.")
+# LyCORIS (KohakuBlueleaf/LyCORIS) algorithms beside plain LoRA: Hadamard- and Kronecker-product updates.
+LYCORIS_MARKERS = {".hada_w1": "LoHa", ".lokr_w1": "LoKr"}
+
+
+def lycoris_algorithm(shapes: Shapes) -> str | None:
+    """"LoHa" or "LoKr" for a LyCORIS file (diffusers loads neither into SD/SDXL pipelines), None for a LoRA."""
+    return next((name for marker, name in LYCORIS_MARKERS.items() if any(marker in k for k in shapes)), None)
 
 
 def lora_family(shapes: Shapes) -> str | None:
@@ -273,7 +280,7 @@ class Entry:
     size: int  # bytes on disk
     source: str  # the config folder it was found in, "built-in" or "hf-cache"
     format: str  # safetensors | pickle | diffusers
-    variant: str | None = None  # inpaint, pix2pix
+    variant: str | None = None  # checkpoints: inpaint, pix2pix; LoRAs: LoHa, LoKr (LyCORIS)
     note: str = ""  # e.g. why it cannot be used as is
 
     def to_dict(self) -> dict:
@@ -318,6 +325,8 @@ def _inspect_file(kind: str, path: Path, source: str) -> Entry:
         if family is None:
             raise CorruptFile(f"model: {path.name} {problem}")
         entry.family = family
+        if kind == "lora" and (algorithm := lycoris_algorithm(shapes)):
+            entry.variant, entry.note = algorithm, f"LyCORIS {algorithm}: not supported; only LoRA files load"
     return entry
 
 
