@@ -10,6 +10,7 @@ Files are inspected by their tensor names and shapes only:
   every other object into an inert stub. Loading them for real still needs
   ``--allow-pickle`` (see :mod:`backend.engine.loader`).
 
+Diffusers folders are told apart by their JSON configs (:func:`family_from_folder`).
 Checkpoint families are told apart by their text encoders (CLIP-L alone: SD1;
 OpenCLIP alone: SD2; both under ``conditioner.embedders``: SDXL; OpenCLIP
 bigG alone: SDXL refiner) and the UNet's first conv (9 input channels:
@@ -34,6 +35,7 @@ from pathlib import Path
 from backend import locations
 from backend.errors import ModelError
 
+DEMO_MODELS = ("demo", "demo-xl")  # built offline by backend.engine.demo_models
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 MAX_HEADER = 100 * 1024 * 1024
@@ -229,6 +231,13 @@ def _family_by_context(shapes: Shapes, prefix: str = "") -> str | None:
 
 
 _LORA_MARKERS = (".lora_down.", ".lora_A.", ".lora_up.", ".lora_B.", ".hada_w1", ".lokr_w1", ".lora.down.")
+# LyCORIS (KohakuBlueleaf/LyCORIS) algorithms beside plain LoRA: Hadamard- and Kronecker-product updates.
+LYCORIS_MARKERS = {".hada_w1": "LoHa", ".lokr_w1": "LoKr"}
+
+
+def lycoris_algorithm(shapes: Shapes) -> str | None:
+    """"LoHa" or "LoKr" for a LyCORIS file (diffusers loads neither into SD/SDXL pipelines), None for a LoRA."""
+    return next((name for marker, name in LYCORIS_MARKERS.items() if any(marker in k for k in shapes)), None)
 
 
 def lora_family(shapes: Shapes) -> str | None:
@@ -273,7 +282,7 @@ class Entry:
     size: int  # bytes on disk
     source: str  # the config folder it was found in, "built-in" or "hf-cache"
     format: str  # safetensors | pickle | diffusers
-    variant: str | None = None  # inpaint, pix2pix
+    variant: str | None = None  # checkpoints: inpaint, pix2pix; LoRAs: LoHa, LoKr (LyCORIS)
     note: str = ""  # e.g. why it cannot be used as is
 
     def to_dict(self) -> dict:
@@ -318,12 +327,35 @@ def _inspect_file(kind: str, path: Path, source: str) -> Entry:
         if family is None:
             raise CorruptFile(f"model: {path.name} {problem}")
         entry.family = family
+        if kind == "lora" and (algorithm := lycoris_algorithm(shapes)):
+            entry.variant, entry.note = algorithm, f"LyCORIS {algorithm}: not supported; only LoRA files load"
     return entry
 
 
-def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
-    from backend.models import family_from_folder
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model: cannot read {path}: {exc}") from None
 
+
+def family_from_folder(folder: Path) -> str:
+    """Detect SD1 / SD2 / SD2-v / SDXL / SDXL-refiner from a diffusers folder."""
+    index = _read_json(folder / "model_index.json")
+    if (folder / "dreamtty_demo.json").exists():
+        return _read_json(folder / "dreamtty_demo.json")["family"]
+    cls = index.get("_class_name", "")
+    if "XL" in cls:
+        return "sdxl-refiner" if index.get("text_encoder", [None])[0] is None else "sdxl"
+    unet = _read_json(folder / "unet" / "config.json")
+    if unet.get("cross_attention_dim") == 1024:
+        sched = folder / "scheduler" / "scheduler_config.json"
+        pred = _read_json(sched).get("prediction_type") if sched.exists() else None
+        return "sd2-v" if pred == "v_prediction" else "sd2"
+    return "sd1"
+
+
+def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
     if kind == "checkpoint" and (folder / "model_index.json").is_file():
         return Entry(kind, folder.name, str(folder), family_from_folder(folder), _folder_size(folder), source, "diffusers")
     if kind == "vae" and (folder / "config.json").is_file():
@@ -380,8 +412,6 @@ def _hub_snapshots() -> list[tuple[str, Path, int]]:
 
 def _hub_entries(folders: bool) -> list[Entry]:
     """Cached diffusers repos (``folders``) or the single-file checkpoints at the root of cached repos."""
-    from backend.models import family_from_folder
-
     out = []
     for repo_id, snapshot, size in _hub_snapshots():
         if folders and (snapshot / "model_index.json").is_file():
@@ -403,7 +433,6 @@ def discover(config=None, kinds: tuple[str, ...] = KINDS, hub: bool = True) -> L
     """Everything usable in the configured folders, plus the demo models and the HF cache's
     single-file checkpoints (and, with ``hub``, its diffusers repos)."""
     from backend import config as config_mod
-    from backend.models import DEMO_MODELS
 
     cfg = config or config_mod.load()
     lib = Library()

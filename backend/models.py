@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.errors import ModelError
-
-DEMO_MODELS = ("demo", "demo-xl")
+from backend.library import (DEMO_MODELS, PICKLE_SUFFIXES, SAFE_SUFFIXES, checkpoint_family, family_from_folder, find,
+                             read_shapes)
 
 
 @dataclass(frozen=True)
@@ -25,29 +25,6 @@ class ModelRef:
     kind: str  # "demo" | "folder" | "file" | "hub"
     location: str  # demo name, folder or file path, or hub id
     family: str
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model: cannot read {path}: {exc}") from None
-
-
-def family_from_folder(folder: Path) -> str:
-    """Detect SD1 / SD2 / SD2-v / SDXL / SDXL-refiner from a diffusers folder."""
-    index = _read_json(folder / "model_index.json")
-    if (folder / "dreamtty_demo.json").exists():
-        return _read_json(folder / "dreamtty_demo.json")["family"]
-    cls = index.get("_class_name", "")
-    if "XL" in cls:
-        return "sdxl-refiner" if index.get("text_encoder", [None])[0] is None else "sdxl"
-    unet = _read_json(folder / "unet" / "config.json")
-    if unet.get("cross_attention_dim") == 1024:
-        sched = folder / "scheduler" / "scheduler_config.json"
-        pred = _read_json(sched).get("prediction_type") if sched.exists() else None
-        return "sd2-v" if pred == "v_prediction" else "sd2"
-    return "sd1"
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -73,8 +50,6 @@ def pickle_allowed() -> bool:
 
 def _file_ref(name: str, path: Path) -> ModelRef:
     """A single-file checkpoint: inspected (never executed) to find its family."""
-    from backend.library import PICKLE_SUFFIXES, SAFE_SUFFIXES, checkpoint_family, read_shapes
-
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not pickle_allowed():
         raise ModelError(
@@ -97,8 +72,6 @@ def _file_ref(name: str, path: Path) -> ModelRef:
 
 def _library_ref(name: str) -> ModelRef | None:
     """A checkpoint found by name in the configured checkpoint folders."""
-    from backend.library import find
-
     entry = find("checkpoint", name)
     if entry is None:
         return None

@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import time
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -18,6 +19,8 @@ from backend.config import config_path
 from backend.events import Preview, Started, Step
 from backend.pool import ProcessPool
 from backend.service import Service
+import tui.app
+import tui.screens.generate
 from tui.app import ConfirmQuit, DreamttyApp, use_color_system
 from tui.screens.generate import GenerateScreen
 from tui.screens.models import ModelsPane
@@ -314,44 +317,87 @@ async def test_form_follows_a_new_default_model_unless_another_was_typed(idle_se
         assert model.value == "my-own-model" and app.default_model == "demo"
 
 
-async def test_live_frames_slow_down_while_the_user_types(idle_service, tmp_path):
-    """Four live frames a second, one a second while keys were pressed in the last 3 s (typing goes first)."""
+class FakeClock:
+    """The monotonic clock the redraw throttles read, moved by hand, with the timers set against it:
+    the counts of frames and redraws below do not depend on how busy the machine is."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.now = 1000.0
+        self.timers: list[tuple[float, object]] = []
+        for module in (tui.app, tui.screens.generate):
+            monkeypatch.setattr(module, "time", SimpleNamespace(monotonic=lambda: self.now))
+
+    def set_timer(self, delay: float, callback) -> None:
+        self.timers.append((self.now + delay, callback))
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = sorted((t for t in self.timers if t[0] <= self.now), key=lambda t: t[0])
+        self.timers = [t for t in self.timers if t[0] > self.now]
+        for _, callback in due:
+            callback()
+
+
+async def test_live_frames_slow_down_while_the_user_types(idle_service, tmp_path, monkeypatch):
+    """Every live frame is drawn; while keys were pressed in the last 3 s, one a second (the newest)."""
+    clock = FakeClock(monkeypatch)
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
-        screen, preview = app.screen, app.screen.query_one(ImagePreview)
+    async with app.run_test(size=(120, 40)):
+        screen = app.screen
+        monkeypatch.setattr(screen, "set_timer", clock.set_timer)
+        drawn: list[int] = []
+        monkeypatch.setattr(screen.query_one(ImagePreview), "show",
+                            lambda image, limit=None: drawn.append(image.getpixel((0, 0))[0]))
         screen.handle_job_event(Started(job=1))
 
-        async def frames_drawn(last_key: float) -> int:
-            app.last_key = last_key
-            before = preview.frames
-            for i in range(12):  # 1.2 s of frames every 0.1 s
-                rgb = bytes([20 * i, 100, 200]) * 64
+        def frames(count: int) -> list[int]:
+            """Frames 0..count-1 arrive 0.125 s apart; the ones drawn."""
+            before = len(drawn)
+            for i in range(count):
+                rgb = bytes([i, 100, 200]) * 64
                 screen.handle_job_event(Preview(job=1, image=0, width=8, height=8, rgb=rgb))
-                await pilot.pause(0.1)
-            await pilot.pause(0.3)
-            return preview.frames - before
+                clock.advance(0.125)
+            return drawn[before:]
 
-        assert await frames_drawn(last_key=0.0) >= 4
-        assert await frames_drawn(last_key=time.monotonic() - 0.5) <= 2
+        app.last_key = 0.0  # no key for long
+        assert frames(8) == list(range(8))
+        app.last_key = clock.now - 0.5  # a key half a second ago
+        assert frames(16) == [6, 14]  # 1 s after the last frame drawn, then 1 s later: the newest frame each time
 
 
-async def test_progress_redraws_slow_down_while_the_user_types(idle_service, tmp_path):
+class Drained(Exception):
+    pass
+
+
+async def test_progress_redraws_slow_down_while_the_user_types(idle_service, tmp_path, monkeypatch):
+    """Step events are redrawn 4 times a second, once a second while keys were pressed in the last 3 s."""
+    clock = FakeClock(monkeypatch)
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
-        queue: asyncio.Queue = asyncio.Queue()
-        shown: list = []
-        app.job_events.subscribe(app.screen, lambda event: shown.append(event))
-        app.run_worker(app._consume_events(queue), group="test-events")
+    async with app.run_test(size=(120, 40)):
+        shown: list[int] = []
+        app.job_events.subscribe(app.screen, lambda event: shown.append(event.step), immediate=True)
 
-        async def redraws(last_key: float) -> int:
-            app.last_key, before = last_key, len(shown)
-            for step in range(1, 16):  # 1.5 s of steps
-                queue.put_nowait(Step(job=1, step=step, total=100, image=0, count=1, its=10.0, eta=1.0))
-                await pilot.pause(0.1)
-            return sum(1 for e in shown[before:] if isinstance(e, Step))
+        class Steps:
+            """The worker's event queue: one step every 0.125 s on the fake clock; a key is pressed at step 9."""
 
-        assert await redraws(last_key=0.0) >= 5  # about 4 a second
-        assert await redraws(last_key=time.monotonic()) <= 2  # about 1 a second
+            def __init__(self, count: int) -> None:
+                self.steps = list(range(1, count + 1))
+
+            async def get(self) -> Step:
+                if not self.steps:
+                    raise Drained
+                clock.advance(0.125)
+                step = self.steps.pop(0)
+                if step == 9:
+                    app.last_key = clock.now
+                return Step(job=1, step=step, total=100, image=0, count=1, its=8.0, eta=1.0)
+
+        app.last_key = 0.0
+        with pytest.raises(Drained):
+            await app._consume_events(Steps(24))
+        # every 0.25 s (steps 1-7), then every 1 s after the last redraw (steps 15, 23) once a key was pressed
+        assert shown == [1, 3, 5, 7, 15, 23]
+        assert app.progress[1].step == 24  # skipped redraws still update the job's progress
 
 
 async def test_gallery_entry_whose_file_was_deleted_shows_a_line_not_a_crash(idle_service, tmp_path):
