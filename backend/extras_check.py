@@ -52,6 +52,8 @@ def find_extra(kind: str, name: str, cfg) -> library.Entry:
         entry = library.find(kind, name, cfg)
     except ModelError as exc:  # a damaged file: the library's message names "model"
         raise relabel(exc, kind) from None
+    if entry is None and library.looks_like_hub_id(name):
+        raise RequestError(kind, f"{name} is not in the local Hugging Face cache; get it with: dreamtty models pull {name}")
     if entry is None:
         known = library.names(kind, cfg)
         folders = ", ".join(str(p) for p in cfg.folders(library.FOLDER_OF_KIND[kind])) or "none"

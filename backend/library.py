@@ -448,8 +448,45 @@ def discover(config=None, kinds: tuple[str, ...] = KINDS, hub: bool = True) -> L
     return lib
 
 
+def looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def hub_cache_folder(repo_id: str) -> Path | None:
+    """The newest cached snapshot of a hub repo, or None (no network used)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        return None
+
+
+# A LoRA, VAE or embedding repo: the file (or folder) in its snapshot that holds the weights.
+_HUB_WEIGHTS = ("pytorch_lora_weights.safetensors", "diffusion_pytorch_model.safetensors")
+
+
+def _hub_entry(kind: str, repo_id: str) -> Entry | None:
+    """A LoRA, VAE or embedding given by Hugging Face id, from the local cache (never downloaded here)."""
+    folder = hub_cache_folder(repo_id)
+    if folder is None:
+        return None
+    source = f"hf-cache:{repo_id}"
+    if kind == "vae" and (entry := _inspect_folder(kind, folder, source)) is not None:
+        entry.name = repo_id
+        return entry
+    named = [folder / name for name in _HUB_WEIGHTS if (folder / name).is_file()]
+    weights = named or sorted(folder.glob("*.safetensors"))
+    if len(weights) != 1:
+        return None
+    entry = _inspect_file(kind, weights[0], source)
+    entry.name = repo_id
+    return entry
+
+
 def find(kind: str, name: str, config=None) -> Entry | None:
-    """The item of ``kind`` called ``name`` (file stem, folder name or path), or None."""
+    """The item of ``kind`` called ``name`` (file stem, folder name, path or cached Hugging Face id), or None."""
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         from backend.training.runs import run_output
@@ -468,7 +505,7 @@ def find(kind: str, name: str, config=None) -> Entry | None:
         bad = next((p for p in lib.problems if f" {name}." in p or f" {name}:" in p), None)
         if bad:
             raise CorruptFile(bad)
-        return None
+        return _hub_entry(kind, name) if kind != "checkpoint" and looks_like_hub_id(name) else None
     return matches[0]
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.errors import ModelError
-from backend.library import (DEMO_MODELS, PICKLE_SUFFIXES, SAFE_SUFFIXES, checkpoint_family, family_from_folder, find,
+from backend.library import (DEMO_MODELS, hub_cache_folder, looks_like_hub_id, PICKLE_SUFFIXES, SAFE_SUFFIXES, checkpoint_family, family_from_folder, find,
                              read_shapes)
 
 
@@ -25,21 +25,6 @@ class ModelRef:
     kind: str  # "demo" | "folder" | "file" | "hub"
     location: str  # demo name, folder or file path, or hub id
     family: str
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
-
-
-def _hub_cache_folder(repo_id: str) -> Path | None:
-    """The newest cached snapshot of a hub repo, or None (no network used)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
-        return None
 
 
 def pickle_allowed() -> bool:
@@ -142,14 +127,14 @@ def _resolve(name: str) -> ModelRef:
     found = _library_ref(name)
     if found is not None:
         return found
-    if _looks_like_hub_id(name):
-        cached = _hub_cache_folder(name)
+    if looks_like_hub_id(name):
+        cached = hub_cache_folder(name)
         if cached is not None:
             return ModelRef(name, "hub", name, family_from_folder(cached))
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
             raise ModelError(
                 f"model: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                "download it where the network allows (dreamtty models pull)"
+                f"get it where the network allows with: dreamtty models pull {name}"
             )
         return ModelRef(name, "hub", name, "unknown")
     raise ModelError(

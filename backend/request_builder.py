@@ -27,10 +27,10 @@ def parse_lora(text: str) -> tuple[str, float]:
         raise RequestError("lora", f"{text!r}: weight must be a number (NAME[:WEIGHT])") from None
 
 
-def parse_loras(texts: str | list[str]) -> list[tuple[str, float]]:
-    """Repeated ``--lora`` values, or one comma-separated text as a form holds it."""
+def parse_loras(texts: str | list) -> list:
+    """Repeated ``--lora`` values, one comma-separated text as a form holds it, or (name, weight) pairs."""
     items = texts.split(",") if isinstance(texts, str) else texts
-    return [parse_lora(item) for item in items if item.strip()]
+    return [parse_lora(item) if isinstance(item, str) else item for item in items if not isinstance(item, str) or item.strip()]
 
 
 def parse_floats(name: str, text: str) -> tuple[float, ...]:
@@ -78,7 +78,7 @@ def from_text(values: dict) -> dict:
         if name == "size":
             out["width"], out["height"] = parse_size(value)
         elif name == "loras":
-            out["loras"] = parse_loras(value) if isinstance(value, (str, list)) else value
+            out["loras"] = parse_loras(value)
         elif name == "guidance":
             out["guidance"] = {k: parse_guidance_value(k, v) if isinstance(v, str) else v for k, v in value.items()}
         else:
@@ -96,7 +96,7 @@ def layered(explicit: dict, preset: str | None = None, defaults: dict | None = N
     return {**defaults, **apply_preset(preset, explicit)}
 
 
-def build(explicit: dict, preset: str | None = None, kind: type[GenerateRequest] = GenerateRequest,
+def build(values: dict, preset: str | None = None, kind: type[GenerateRequest] = GenerateRequest,
           defaults: dict | None = None) -> GenerateRequest:
-    """The request of type ``kind`` for ``explicit`` values (as :func:`from_text` returns them)."""
-    return kind.from_dict(layered(explicit, preset, defaults))
+    """The request of type ``kind`` for explicit ``values`` as a front end holds them (see :func:`from_text`)."""
+    return kind.from_dict(layered(from_text(values), preset, defaults))

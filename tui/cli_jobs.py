@@ -77,7 +77,7 @@ def request_from_args(args: argparse.Namespace) -> GenerateRequest:
     guidance = {f.name: getattr(args, f.name) for f in fields(GuidanceSettings) if getattr(args, f.name) is not None}
     if guidance:
         values["guidance"] = guidance
-    return request_builder.build(request_builder.from_text(values), args.preset)
+    return request_builder.build(values, args.preset)
 
 
 # -- commands ------------------------------------------------------------------
