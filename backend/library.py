@@ -445,7 +445,29 @@ def discover(config=None, kinds: tuple[str, ...] = KINDS, hub: bool = True) -> L
         lib.entries += _hub_entries(folders=False)
         if hub:
             lib.entries += _hub_entries(folders=True)
+    _qualify_names(lib.entries)
     return lib
+
+
+def _qualify_names(entries: list[Entry]) -> None:
+    """Make names unique per kind: of two files that share a name, the one named more briefly is named
+    more fully (stem, then file name: ``loraevil.pt`` and ``loraevil.ckpt``, then its path)."""
+    levels = (lambda e: Path(e.path).stem, lambda e: Path(e.path).name, lambda e: e.path)
+    level = {id(e): 0 for e in entries}
+    while True:
+        groups: dict[tuple[str, str], list[Entry]] = collections.defaultdict(list)
+        for entry in entries:
+            groups[entry.kind, entry.name].append(entry)
+        clashes = [[e for e in group if e.path and level[id(e)] < len(levels) - 1]
+                   for group in groups.values() if len(group) > 1]
+        clashes = [group for group in clashes if group]
+        if not clashes:
+            return
+        for group in clashes:
+            lowest = min(level[id(e)] for e in group)
+            for entry in (e for e in group if level[id(e)] == lowest):
+                level[id(entry)] += 1
+                entry.name = levels[level[id(entry)]](entry)
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -501,6 +523,9 @@ def find(kind: str, name: str, config=None) -> Entry | None:
     matches = [e for e in lib.of_kind(kind) if e.name == name] or [
         e for e in lib.of_kind(kind) if e.name.lower() == name.lower()
     ]
+    same_stem = [e.name for e in lib.of_kind(kind) if e.path and Path(e.path).stem == name]
+    if not matches and len(same_stem) > 1:
+        raise ModelError(f"model: {name} is ambiguous: {', '.join(same_stem)}; give one of these names")
     if not matches:
         bad = next((p for p in lib.problems if f" {name}." in p or f" {name}:" in p), None)
         if bad:
