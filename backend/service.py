@@ -202,7 +202,10 @@ class Service:
 
     def submit(self, request: GenerateRequest, out_dir: Path | None = None) -> int:
         """Validate and queue a request; returns the job id. Nothing is queued on error."""
-        resolved, family = self.validate(request)
+        return self.enqueue(*self.validate(request), out_dir)
+
+    def enqueue(self, resolved: GenerateRequest, family: str, out_dir: Path | None = None) -> int:
+        """Queue what ``validate`` returned (it may run in another thread: this part must not); the job id."""
         out = Path(out_dir) if out_dir else config.load().outputs_dir()
         check_out_dir(out)
         job_id = self.store.add("generate", {"request": resolved.to_dict(), "out": str(out), "family": family}, self.owner)
