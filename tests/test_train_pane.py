@@ -189,6 +189,8 @@ async def test_form_checks_each_field_and_reports_every_bad_one(tmp_path, monkey
         pane.query_one("#train-instance_dir", Input).value = str(tmp_path / "nowhere")
         pane.query_one("#train-lr", Input).value = "abc"
         await pilot.pause()
+        await app.workers.wait_for_complete()  # the folder is checked in a thread
+        await pilot.pause()
         assert pane._field("max_steps").error == "-1 is out of range; allowed 1..10000000"
         assert pane._field("instance_dir").error == f"{tmp_path / 'nowhere'} does not exist"
         assert pane._field("lr").error == "'abc' is not a number"

@@ -7,21 +7,22 @@ the screens through ``job_events`` (a Textual Signal).
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-from textual import events
+from textual import events, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Grid
 from textual.driver import Driver
 from textual.screen import ModalScreen, Screen
 from textual.signal import Signal
-from textual.widgets import Button, Footer, Label
+from textual.widgets import Button, Label
 
 from backend import config, metadata
 from backend.errors import DreamttyError
@@ -32,11 +33,10 @@ from tui import keymap
 from tui.latency import (GC_TICK, TYPING_QUIET, TYPING_RECENT, TYPING_REDRAW_INTERVAL, KeyGate, QuietGC,
                          key_gated_driver)
 from tui.screens.generate import GenerateScreen
-from tui.screens.models import ModelsPane
-from tui.screens.queue import QueueScreen
-from tui.screens.train import TrainPane
-from tui.widgets.modebar import ModeBar
 from tui.widgets.progress import describe_step
+
+if TYPE_CHECKING:
+    from tui.screens.models import ModelsPane
 
 COLOR_SYSTEMS = {"truecolor": "truecolor", "256": "256"}
 STEP_REDRAW_INTERVAL = 0.25  # seconds: progress is redrawn at most ~4 times a second (once while typing)
@@ -44,18 +44,10 @@ WORKER_NICE = 10  # workers yield the CPU to the UI, so keys are painted promptl
 GIL_SWITCH_INTERVAL = 0.001  # seconds (Python's default: 0.005) the event loop waits for a busy preview thread
 
 
-class TrainScreen(Screen):
-    def compose(self) -> ComposeResult:
-        yield ModeBar("train")
-        yield TrainPane(id="train-pane")
-        yield Footer()
-
-
-class ModelsScreen(Screen):
-    def compose(self) -> ComposeResult:
-        yield ModeBar("models")
-        yield ModelsPane(id="models-pane")
-        yield Footer()
+def shown_later(module: str, screen: str) -> Callable[[], Screen]:
+    """A mode's screen, imported when first shown: the first frame needs only the Generate screen
+    (the others bring the gallery, plot libraries and the Hub client)."""
+    return lambda: getattr(importlib.import_module(module), screen)()
 
 
 class ConfirmQuit(ModalScreen[bool]):
@@ -92,7 +84,9 @@ class DreamttyApp(App):
 
     CSS_PATH = "app.tcss"
     TITLE = "dreamtty"
-    MODES = {"generate": GenerateScreen, "queue": QueueScreen, "train": TrainScreen, "models": ModelsScreen}
+    MODES = {"generate": GenerateScreen, "queue": shown_later("tui.screens.queue", "QueueScreen"),
+             "train": shown_later("tui.screens.train", "TrainScreen"),
+             "models": shown_later("tui.screens.models", "ModelsScreen")}
     DEFAULT_MODE = "generate"
     BINDINGS = [*keymap.bindings(keymap.APP_KEYS), Binding("escape", "hide_help_panel", show=False)]
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
@@ -124,8 +118,11 @@ class DreamttyApp(App):
         self.set_keymap(self.config.keymap)
         for warning in self.config.warnings:
             self.notify(warning, title="config", severity="warning", timeout=10)
+        for warning in self.service.store.warnings:  # a damaged queue file was moved aside
+            self.notify(warning, title="queue", severity="warning", timeout=20, markup=False)
         self.run_worker(self._consume_events(self.service.subscribe()), group="events", name="events")
-        self.run_worker(self._start_service(), group="service", name="service")
+        # The worker process (it imports torch) starts once the first frame is on the screen.
+        self.call_after_refresh(self.run_worker, self._start_service, group="service", name="service")
 
     async def _start_service(self) -> None:
         await self.service.start()
@@ -217,24 +214,37 @@ class DreamttyApp(App):
         if self.generate_screen is not None:
             self.generate_screen.form.follow_default_model(old, message.model)
 
+    @work(thread=True, group="load-parameters")
     def load_into_form(self, path: str) -> None:
-        """Put the parameters saved in image ``path`` into the Generate form and show it."""
+        """Put the parameters saved in image ``path`` into the Generate form and show it (read in a thread)."""
         try:
             request = metadata.request_from_image(path)
         except DreamttyError as exc:
-            self.notify(str(exc), severity="error")
+            self.call_from_thread(self.notify, str(exc), severity="error")
             return
+        self.call_from_thread(self._loaded_into_form, request, Path(path).name)
+
+    async def _loaded_into_form(self, request: GenerateRequest, name: str) -> None:
+        await self.generate_screen.form.ready.wait()
         self.generate_screen.form.fill(request.to_dict())
         self.switch_mode("generate")
-        self.notify(f"Loaded the parameters of {Path(path).name}.")
+        self.notify(f"Loaded the parameters of {name}.")
+
+    @work(thread=True, group="submit")
+    def queue_request(self, build: Callable[[], GenerateRequest], failed: Callable[[DreamttyError], None],
+                      queued: Callable[[int], None]) -> None:
+        """Build and check a request in a thread (that resolves the model, may scan the model library and
+        reads images, wildcard and style files), then queue it on the event loop and call ``queued(job)``.
+        On bad input ``failed(error)`` is called instead and nothing is queued."""
+        try:
+            resolved, family = self.service.validate(build())
+            self.call_from_thread(lambda: queued(self.service.enqueue(resolved, family, self.out_dir)))
+        except DreamttyError as exc:
+            self.call_from_thread(failed, exc)
 
     # -- actions ---------------------------------------------------------------
-    def action_generate(self) -> None:
-        job = self.generate_screen.submit()
-        if job is not None:
-            self.notify(f"Job #{job} queued.")
-        elif self.current_mode != "generate":
-            self.switch_mode("generate")  # show the field with the error
+    async def action_generate(self) -> None:
+        await self.generate_screen.submit()
 
     def action_cancel_running(self) -> None:
         job = self.service.running_job()
@@ -304,9 +314,11 @@ def use_color_system(choice: str) -> None:
     textual.constants.COLOR_SYSTEM = system  # read when the App is created; textual is already imported
 
 
-def run_app(args) -> int:
-    """Entry point for ``dreamtty`` without a subcommand."""
+def run_app(args, report: Callable[[list[str]], None]) -> int:
+    """Entry point for ``dreamtty`` without a subcommand. The app shows the queue's warnings (a damaged file
+    moved aside); ``report`` gets them too once it has closed, so that they stay on the terminal."""
     use_color_system(args.color)
     app = DreamttyApp(model=args.model, out=args.out, device=args.device)
     app.run()
+    report(app.service.store.warnings)
     return app.return_code or 0

@@ -13,13 +13,15 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.markup import escape
 from textual.message import Message
-from textual.widgets import DataTable, Input, ProgressBar, Static
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Input, ProgressBar, Static
 from tqdm import tqdm
 
 from backend import config, downloads, library
 from backend.errors import DreamttyError
 from backend.families import FAMILIES
 from tui.keymap import Key, bindings
+from tui.widgets.modebar import ModeBar
 
 MODELS_KEYS = (
     Key("models.default", "d", "set_default", "Set default", "Make the selected checkpoint the default model"),
@@ -174,3 +176,12 @@ class ModelsPane(Vertical):
         status.update(escape(f"done: {path}"))
         self.notify(f"downloaded to {path}")
         self.action_refresh()
+
+
+class ModelsScreen(Screen):
+    """The Models mode (F4)."""
+
+    def compose(self) -> ComposeResult:
+        yield ModeBar("models")
+        yield ModelsPane(id="models-pane")
+        yield Footer()

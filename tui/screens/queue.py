@@ -6,8 +6,10 @@ From an image: load its parameters into the Generate form, reproduce it, copy it
 from __future__ import annotations
 
 import datetime as dt
+from functools import partial
 from pathlib import Path
 
+from textual import work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
@@ -53,6 +55,10 @@ class QueueScreen(Screen):
 
     BINDINGS = keymap.bindings(keymap.QUEUE_KEYS)
     AUTO_FOCUS = "#gallery"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._image_wanted: str | None = None  # the image whose parameters are being read
 
     def compose(self) -> ComposeResult:
         yield ModeBar("queue")
@@ -145,22 +151,31 @@ class QueueScreen(Screen):
             self._show_image(event.row_key.value)
 
     def _show_image(self, path: str | None) -> None:
-        params = self.query_one("#image-params", Static)
+        self._image_wanted = path
         if path is None:
-            params.update("No image selected.")
-            return
+            self.query_one("#image-params", Static).update("No image selected.")
+        else:
+            self._read_image(path)
+
+    @work(thread=True, exclusive=True, group="gallery-image", exit_on_error=False)
+    def _read_image(self, path: str) -> None:
+        """Read the image's time and parameters in a thread, then show them with the image."""
         try:
             stamp = dt.datetime.fromtimestamp(Path(path).stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
         except OSError as exc:  # deleted or moved since the gallery listed it
-            self.query_one("#gallery-preview", ImagePreview).show(None)
-            params.update(f"{path}\n\ncannot read it: {exc.strerror or exc}")
+            self.app.call_from_thread(self._image_read, path, False, f"{path}\n\ncannot read it: {exc.strerror or exc}")
             return
-        self.query_one("#gallery-preview", ImagePreview).show(path)
         try:
             text = metadata.a1111_parameters(metadata.read(path))
         except DreamttyError as exc:
             text = str(exc)
-        params.update(f"{path}\n{stamp}\n\n{text}")
+        self.app.call_from_thread(self._image_read, path, True, f"{path}\n{stamp}\n\n{text}")
+
+    def _image_read(self, path: str, readable: bool, params: str) -> None:
+        if path != self._image_wanted:
+            return  # another image was selected since
+        self.query_one("#gallery-preview", ImagePreview).show(path if readable else None)
+        self.query_one("#image-params", Static).update(params)
 
     def _image_or_warn(self) -> str | None:
         path = self.selected_image()
@@ -183,14 +198,10 @@ class QueueScreen(Screen):
 
     def action_reproduce(self) -> None:
         path = self._image_or_warn()
-        if path is None:
-            return
-        try:
-            job = self.app.service.submit(metadata.request_from_image(path), self.app.out_dir)
-        except DreamttyError as exc:
-            self.notify(str(exc), severity="error")
-            return
-        self.notify(f"Job #{job} queued: reproducing {Path(path).name}.")
+        if path is not None:
+            self.app.queue_request(partial(metadata.request_from_image, path),
+                                   lambda exc: self.notify(str(exc), severity="error"),
+                                   lambda job: self.notify(f"Job #{job} queued: reproducing {Path(path).name}."))
 
     def action_copy_path(self) -> None:
         path = self._image_or_warn()
