@@ -192,6 +192,8 @@ async def test_form_checks_each_field_and_reports_every_bad_one(tmp_path, monkey
         pane.query_one("#train-instance_dir", Input).value = str(tmp_path / "nowhere")
         pane.query_one("#train-lr", Input).value = "abc"
         await pilot.pause()
+        await app.workers.wait_for_complete()  # the folder is checked in a thread
+        await pilot.pause()
         assert pane._field("max_steps").error == "-1 is out of range; allowed 1..10000000"
         assert pane._field("instance_dir").error == f"{tmp_path / 'nowhere'} does not exist"
         assert pane._field("lr").error == "'abc' is not a number"
@@ -267,7 +269,7 @@ async def test_real_demo_run_from_the_form_streams_losses_and_stops(tmp_path, de
             await _settle(pilot, pane, lambda: runs.read_run_json(run_dir).get("state") == "stopped", timeout=120)
             info = runs.read_run_json(run_dir)
             assert info["state"] == "stopped", (run_dir / runs.LOG_FILE).read_text()[-2000:]
-            steps = [e["step"] for e in runs.EventTail(run_dir).read() if e["type"] == "step"]
+            steps = [e.step for e in runs.EventTail(run_dir).read() if isinstance(e, TrainStep)]
             assert steps[-1] < 10000 and [s for s, _ in runs.list_checkpoints(run_dir)] == [steps[-1]]  # saved on stop
             stats = pane.query_one("#train-stats", Static)
             await _settle(pilot, pane, lambda: "[stopped]" in str(stats.content) and len(pane.loss_points) == len(steps))

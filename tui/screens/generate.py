@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable, TypeVar
 
 from PIL import Image
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Checkbox, Collapsible, Footer, Input, Select, Static, TextArea
 
 from backend import library
@@ -54,7 +55,6 @@ GUIDANCE_HINTS = {
     "pag": "Perturbed-Attention Guidance scale, 0 = off",
     "apg": "Adaptive Projected Guidance scale, 0 = off",
 }
-T = TypeVar("T")
 
 
 def style_choices() -> tuple[list[StyleInfo], list[str]]:
@@ -105,12 +105,15 @@ class GenerateForm(VerticalScroll, can_focus=False):
     Not focusable itself: tab goes field to field and the form scrolls to the focused one.
     """
 
-    def __init__(self, model: str, keep_model: bool = False, id: str | None = None) -> None:
+    def __init__(self, model: str, keep_model: bool = False, preset: str | None = None,
+                 id: str | None = None) -> None:
         super().__init__(id=id)
         self.model = model
         self.keep_model = keep_model  # a model named on the command line wins over presets
-        self.style_list, self.style_warnings = style_choices()
-        self.presets = list_presets()
+        self.default_preset = preset  # loaded into the form after the first frame
+        self.ready = asyncio.Event()  # set once every field is mounted (Guidance: after the first frame)
+        self.presets: list[PresetInfo] = []  # listed after the first frame
+        self._preset_wanted: str | None = None  # the preset being read in a thread
         self.family = "demo"
         self._performance: str | None = None
         self._error_values: dict[Field, tuple] = {}  # fields showing an error: their values then
@@ -120,9 +123,9 @@ class GenerateForm(VerticalScroll, can_focus=False):
         yield Field("Prompt", TextEditor(id="prompt", placeholder="what to draw"), names=("prompt",))
         yield Field("Negative prompt", TextEditor(id="negative_prompt", placeholder="what to avoid"),
                     names=("negative_prompt",))
-        yield Field("Styles", StylePicker(self.style_list, id="styles"), names=("styles",))
+        yield Field("Styles", StylePicker(id="styles"), names=("styles",))
         with Horizontal(classes="row"):
-            yield Field("Preset", _select("preset", _preset_options(self.presets), prompt="none"), names=("preset",))
+            yield Field("Preset", _select("preset", [], prompt="none"), names=("preset",))
             yield Field("Model", _input("model", self.model, suggester=ChoiceSuggester(DEMO_MODELS)),
                         names=("model", "refiner", "vae"))
         with Horizontal(classes="row"):
@@ -146,20 +149,46 @@ class GenerateForm(VerticalScroll, can_focus=False):
             yield Field("LoRAs", _input("loras", placeholder="NAME[:WEIGHT], …"), names=("lora", "loras"))
             yield Field("Prompt expansion", Checkbox("expand", GenerateRequest.expand, compact=True, id="expand"),
                         names=("expand",))
-        with Collapsible(title="Guidance", id="guidance"):
-            names = [f for f in fields(GuidanceSettings)]
-            for pair in (names[i:i + 2] for i in range(0, len(names), 2)):
-                with Horizontal(classes="row"):
-                    for f in pair:
-                        yield Field(f.name.replace("_", " "), _input(f"g-{f.name}", format_guidance_value(f.default), "off"),
-                                    names=(f.name,), hint=GUIDANCE_HINTS.get(f.name, ""))
+
+    @staticmethod
+    def _guidance() -> Collapsible:
+        """The Guidance group; collapsed and below the first screen, it is mounted after the first frame."""
+        names = [f for f in fields(GuidanceSettings)]
+        rows = [Horizontal(*(Field(f.name.replace("_", " "), _input(f"g-{f.name}", format_guidance_value(f.default), "off"),
+                                   names=(f.name,), hint=GUIDANCE_HINTS.get(f.name, "")) for f in pair), classes="row")
+                for pair in (names[i:i + 2] for i in range(0, len(names), 2))]
+        return Collapsible(*rows, title="Guidance", id="guidance")
 
     def on_mount(self) -> None:
-        for widget in self.query("Input, TextArea"):
+        self._no_blinking(self)
+        self.call_after_refresh(self._after_first_frame)
+
+    @staticmethod
+    def _no_blinking(parent: Widget) -> None:
+        for widget in parent.query("Input, TextArea"):
             widget.cursor_blink = False  # a blinking cursor repaints twice a second, over SSH too
+
+    @work(group="form-setup")
+    async def _after_first_frame(self) -> None:
+        """Mount the Guidance group, then start what the first frame did without, each in a thread: the model's
+        family, the Model field's completions, the styles and the presets, then the default preset."""
+        guidance = self._guidance()
+        await self.mount(guidance)
+        self._no_blinking(guidance)
+        self.ready.set()
         self.update_family(self.model)
         self._load_model_choices()
-        for warning in self.style_warnings[:3]:
+        self._load_styles()
+        self.load_presets(self.default_preset, apply=True)
+
+    @work(thread=True, exclusive=True, group="styles", exit_on_error=False)
+    def _load_styles(self) -> None:
+        styles, warnings = style_choices()
+        self.app.call_from_thread(self._styles_loaded, styles, warnings)
+
+    def _styles_loaded(self, styles: list[StyleInfo], warnings: list[str]) -> None:
+        self.query_one(StylePicker).set_styles(styles)
+        for warning in warnings[:3]:
             notify(self, warning, title="styles", severity="warning")
 
     # -- reading the form --------------------------------------------------
@@ -262,23 +291,45 @@ class GenerateForm(VerticalScroll, can_focus=False):
         self.clear_errors()
 
     def fill_preset(self, name: str) -> None:
-        """Load preset ``name`` into the form (a model named on the command line stays)."""
+        """Load preset ``name`` into the form, read in a thread (a model named on the command line stays)."""
+        self._preset_wanted = name
+        self._read_preset(name)
+
+    @work(thread=True, exclusive=True, group="preset")
+    def _read_preset(self, name: str) -> None:
         try:
             values = apply_preset(name, {"model": self.model} if self.keep_model else {})
         except DreamttyError as exc:
+            self.app.call_from_thread(self._preset_read, name, {}, exc)
+        else:
+            self.app.call_from_thread(self._preset_read, name, values, None)
+
+    def _preset_read(self, name: str, values: dict, error: DreamttyError | None) -> None:
+        if name != self._preset_wanted:
+            return  # another preset was chosen since
+        if error is not None:
             with self.prevent(Select.Changed):  # the form does not claim a preset it could not load
                 self.query_one("#preset", Select).value = Select.NULL
-            self.show_error(exc)
+            self.show_error(error)
             return
         self.fill(values)
 
-    def refresh_presets(self, selected: str) -> None:
-        """List the presets again (one was just saved) and select ``selected`` without refilling the form."""
-        self.presets = list_presets()
+    @work(thread=True, exclusive=True, group="presets", exit_on_error=False)
+    def load_presets(self, selected: str | None = None, apply: bool = False) -> None:
+        """List the presets (in a thread) and select ``selected``: with ``apply`` by loading it into the form,
+        else without refilling the form (it was just saved from there)."""
+        presets = list_presets()
+        self.app.call_from_thread(self._presets_listed, presets, selected, apply)
+
+    def _presets_listed(self, presets: list[PresetInfo], selected: str | None, apply: bool) -> None:
+        self.presets = presets
         select = self.query_one("#preset", Select)
         with self.prevent(Select.Changed):
-            select.set_options(_preset_options(self.presets))
-            select.value = selected
+            select.set_options(_preset_options(presets))
+            if selected in {p.name for p in presets} and not apply:
+                select.value = selected
+        if selected and apply:
+            self.fill_preset(selected)
 
     def _set_seed(self, seed: int) -> None:
         random_seed = int(seed) == -1
@@ -387,7 +438,9 @@ class GenerateForm(VerticalScroll, can_focus=False):
 
     @on(Select.Changed, "#preset")
     def _preset_changed(self, event: Select.Changed) -> None:
-        if event.value != Select.NULL:
+        if event.value == Select.NULL:
+            self._preset_wanted = None
+        else:
             self.fill_preset(str(event.value))
 
     @on(Select.Changed, "#performance")
@@ -427,7 +480,7 @@ class GenerateScreen(Screen):
     def compose(self) -> ComposeResult:
         yield ModeBar("generate")
         with Horizontal(id="generate-body"):
-            yield GenerateForm(self.app.default_model, self.app.model_given, id="form")
+            yield GenerateForm(self.app.default_model, self.app.model_given, self.app.default_preset, id="form")
             with Vertical(id="output"):
                 yield JobProgress(id="job-progress")
                 yield ImagePreview(id="preview")
@@ -436,47 +489,62 @@ class GenerateScreen(Screen):
     def on_mount(self) -> None:
         self.app.generate_screen = self
         self.app.job_events.subscribe(self, self.handle_job_event)
-        if self.app.default_preset:
-            self.form.fill_preset(self.app.default_preset)
         self.call_after_refresh(self.form.scroll_home, animate=False)  # focusing the prompt hid its label
 
     @property
     def form(self) -> GenerateForm:
         return self.query_one(GenerateForm)
 
-    def _with_form(self, use: Callable[[GenerateRequest], T]) -> T | None:
-        """``use`` the form's request; on bad input show the error inline and return None."""
-        form = self.form
-        form.clear_errors()
+    async def _read_form(self) -> GenerateRequest | None:
+        """The form's request; on bad input show the error inline and return None."""
+        await self.form.ready.wait()  # a key pressed at once waits for the Guidance group
+        self.form.clear_errors()
         try:
-            return use(form.read_request())
+            return self.form.read_request()
         except DreamttyError as exc:
-            form.show_error(exc)
+            self._rejected(exc)
             return None
 
-    def submit(self) -> int | None:
-        """Queue the form as a job; on bad input show the error inline and queue nothing."""
-        job = self._with_form(lambda request: self.app.service.submit(request, self.app.out_dir))
-        if job is not None:
-            self.submitted.add(job)
-        return job
+    def _rejected(self, exc: DreamttyError) -> None:
+        self.form.show_error(exc)
+        if self.app.current_mode != "generate":
+            self.app.switch_mode("generate")  # show the field with the error
 
-    def _preset_values(self, request: GenerateRequest) -> dict:
-        """The form checked as for queueing; fields left empty (steps: the model's default) stay empty."""
-        resolved, _ = self.app.service.validate(request)
-        empty = {k for k, v in request.to_dict().items() if v is None}
-        return {k: None if k in empty else v for k, v in resolved.to_dict().items()}
+    async def submit(self) -> None:
+        """Queue the form as a job, checked in a thread; on bad input show the error inline and queue nothing."""
+        request = await self._read_form()
+        if request is not None:
+            self.app.queue_request(lambda: request, self._rejected, self._queued)
 
-    def action_save_preset(self) -> None:
+    def _queued(self, job: int) -> None:
+        self.submitted.add(job)
+        self.notify(f"Job #{job} queued.")
+
+    async def action_save_preset(self) -> None:
         """Ask for a name and save the form as a user preset; a bad form value is shown and nothing saved."""
-        values = self._with_form(self._preset_values)
-        if values is not None:
-            self.app.push_screen(SavePresetDialog(values, list_presets()), self._preset_saved)
+        request = await self._read_form()
+        if request is not None:
+            self._check_preset(request)
+
+    @work(exclusive=True, group="save-preset")
+    async def _check_preset(self, request: GenerateRequest) -> None:
+        """The form checked as for queueing; fields left empty (steps: the model's default) stay empty."""
+        try:
+            resolved = await self.app.client.validate(request)
+        except DreamttyError as exc:
+            self._rejected(exc)
+            return
+        empty = {k for k, v in request.to_dict().items() if v is None}
+        values = {k: None if k in empty else v for k, v in resolved.to_dict().items()}
+        self._ask_preset_name(values, await asyncio.to_thread(list_presets))
+
+    def _ask_preset_name(self, values: dict, presets: list[PresetInfo]) -> None:
+        self.app.push_screen(SavePresetDialog(values, presets), self._preset_saved)
 
     def _preset_saved(self, path: Path | None) -> None:
         if path is None:
             return
-        self.form.refresh_presets(path.stem)
+        self.form.load_presets(path.stem)
         notify(self, f"Preset {path.stem!r} written to {path}.", title="preset saved")
 
     def handle_job_event(self, event: Event) -> None:
