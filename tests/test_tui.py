@@ -157,7 +157,7 @@ async def test_form_controls_presets_and_performance(idle_service, tmp_path):
         await pilot.pause()
         form.query_one("#size-custom", Input).value = "192x64"
         request = form.read_request()
-        assert (request.seed, request.width, request.height) == ("77", 192, 64)
+        assert (request.seed, request.width, request.height) == (77, 192, 64)
         # fill() is what "load parameters from an image" uses.
         form.fill({"prompt": "loaded", "seed": -1, "width": 256, "height": 256, "styles": ["Random Style"],
                    "guidance": {"sharpness": 3.0, "freeu": ()}})

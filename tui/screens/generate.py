@@ -16,16 +16,16 @@ from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import Checkbox, Collapsible, Footer, Input, Select, Static, TextArea
 
-from backend import library
+from backend import library, request_builder
 from backend.errors import DreamttyError, RequestError
 from backend.events import FINAL_EVENTS, Event, ImageSaved, JobEvent, Preview, Queued, Started
 from backend.families import FAMILIES, aspect_sizes
 from backend.guidance_settings import GuidanceSettings
 from backend.models import DEMO_MODELS, resolve_model, trained_model
-from backend.prompting.presets import PresetInfo, apply_preset, list_presets
+from backend.prompting.presets import PresetInfo, list_presets
 from backend.prompting.styles import RANDOM_STYLE, load_styles
-from backend.request import GenerateRequest, parse_size
-from backend.request_builder import format_guidance_value, parse_guidance_value, parse_loras
+from backend.request import DTYPES, GenerateRequest, parse_size
+from backend.request_builder import format_guidance_value
 from backend.samplers import SAMPLERS
 from backend.training.runs import list_runs
 from tui import keymap
@@ -39,6 +39,7 @@ from tui.widgets.progress import JobProgress
 from tui.widgets.style_picker import StyleInfo, StylePicker
 
 CUSTOM_SIZE = "custom"
+_TEXT_FIELDS = ("model", "steps", "cfg", "count", "loras", "vae", "refiner", "refiner_switch")  # plain Inputs
 # Performance: (label, steps). Extreme speed also switches to the LCM sampler and CFG 1 (distilled models).
 PERFORMANCE = {"speed": ("Speed", 30), "quality": ("Quality", 60), "extreme": ("Extreme speed", 8)}
 LIVE_PREVIEW_CELLS = (48, 24)  # live frames stay small (~45 KB of ANSI each) for slow SSH links; the final is full size
@@ -117,6 +118,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
         self.family = "demo"
         self._performance: str | None = None
         self._error_values: dict[Field, tuple] = {}  # fields showing an error: their values then
+        self._carried: dict = {}  # request fields the form has no field for, kept from the last fill
 
     def compose(self) -> ComposeResult:
         yield Static("", id="form-error")
@@ -126,8 +128,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
         yield Field("Styles", StylePicker(id="styles"), names=("styles",))
         with Horizontal(classes="row"):
             yield Field("Preset", _select("preset", [], prompt="none"), names=("preset",))
-            yield Field("Model", _input("model", self.model, suggester=ChoiceSuggester(DEMO_MODELS)),
-                        names=("model", "refiner", "vae"))
+            yield Field("Model", _input("model", self.model, suggester=ChoiceSuggester(DEMO_MODELS)), names=("model",))
         with Horizontal(classes="row"):
             performance = [(label, key) for key, (label, _) in PERFORMANCE.items()]
             yield Field("Performance", _select("performance", performance, prompt="custom"), names=("performance",))
@@ -159,6 +160,19 @@ class GenerateForm(VerticalScroll, can_focus=False):
                 for pair in (names[i:i + 2] for i in range(0, len(names), 2))]
         return Collapsible(*rows, title="Guidance", id="guidance")
 
+    @staticmethod
+    def _advanced() -> Collapsible:
+        """VAE, refiner and precision: collapsed, mounted after the first frame like Guidance."""
+        return Collapsible(
+            Horizontal(Field("VAE", _input("vae", placeholder="the model's own"), names=("vae",)),
+                       Field("Dtype", _select("dtype", [(d, d) for d in DTYPES], GenerateRequest.dtype), names=("dtype",)),
+                       classes="row"),
+            Horizontal(Field("Refiner", _input("refiner", placeholder="none (SDXL)"), names=("refiner",)),
+                       Field("Refiner switch", _input("refiner_switch", f"{GenerateRequest.refiner_switch:g}"),
+                             names=("refiner_switch",), hint="fraction of the steps before the refiner"),
+                       classes="row"),
+            title="Model extras", id="advanced")
+
     def on_mount(self) -> None:
         self._no_blinking(self)
         self.call_after_refresh(self._after_first_frame)
@@ -172,9 +186,10 @@ class GenerateForm(VerticalScroll, can_focus=False):
     async def _after_first_frame(self) -> None:
         """Mount the Guidance group, then start what the first frame did without, each in a thread: the model's
         family, the Model field's completions, the styles and the presets, then the default preset."""
-        guidance = self._guidance()
-        await self.mount(guidance)
-        self._no_blinking(guidance)
+        groups = [self._advanced(), self._guidance()]
+        await self.mount_all(groups)
+        for group in groups:
+            self._no_blinking(group)
         self.ready.set()
         self.update_family(self.model)
         self._load_model_choices()
@@ -195,35 +210,25 @@ class GenerateForm(VerticalScroll, can_focus=False):
     def _input(self, selector: str) -> str:
         return self.query_one(selector, Input).value.strip()
 
-    def _form_size(self) -> tuple[int, int]:
-        value = self.query_one("#size", Select).value
-        return parse_size(self._input("#size-custom") if value == CUSTOM_SIZE else str(value))
-
     def read_request(self) -> GenerateRequest:
-        """The form as a request; raises RequestError naming the field. Ranges are checked by the service."""
-        width, height = self._form_size()
-        loras = parse_loras(self._input("#loras"))
-        guidance = {f.name: parse_guidance_value(f.name, self._input(f"#g-{f.name}")) for f in fields(GuidanceSettings)}
+        """The form as a request (through the one request builder; the form already holds its preset's values,
+        so they are all explicit); raises RequestError naming the field. Ranges are checked by the service."""
+        size = self.query_one("#size", Select).value
         preset = self.query_one("#preset", Select).value
-        random_seed = self.query_one("#seed-random", Checkbox).value
-        return GenerateRequest(
-            prompt=self.query_one("#prompt", TextArea).text.strip(),
-            negative_prompt=self.query_one("#negative_prompt", TextArea).text.strip(),
-            model=self._input("#model"),
-            sampler=str(self.query_one("#sampler", Select).value),
-            scheduler=str(self.query_one("#scheduler", Select).value),
-            steps=self._input("#steps") or None,  # type: ignore[arg-type]  # validated by resolved()
-            cfg=self._input("#cfg"),  # type: ignore[arg-type]
-            width=width,
-            height=height,
-            seed=-1 if random_seed else self._input("#seed"),  # type: ignore[arg-type]
-            count=self._input("#count"),  # type: ignore[arg-type]
-            styles=list(self.query_one(StylePicker).selected),
-            preset=None if preset == Select.NULL else str(preset),
-            expand=self.query_one("#expand", Checkbox).value,
-            loras=loras,
-            guidance=GuidanceSettings(**guidance),
-        )
+        values = {
+            "prompt": self.query_one("#prompt", TextArea).text,  # as typed: spaces and newlines are the user's
+            "negative_prompt": self.query_one("#negative_prompt", TextArea).text,
+            **{name: self._input(f"#{name}") for name in _TEXT_FIELDS},
+            **{name: str(self.query_one(f"#{name}", Select).value) for name in ("sampler", "scheduler", "dtype")},
+            "size": self._input("#size-custom") if size == CUSTOM_SIZE else str(size),
+            "seed": "-1" if self.query_one("#seed-random", Checkbox).value else self._input("#seed"),
+            "styles": list(self.query_one(StylePicker).selected),
+            "preset": None if preset == Select.NULL else str(preset),
+            "expand": self.query_one("#expand", Checkbox).value,
+            "guidance": {f.name: self._input(f"#g-{f.name}") for f in fields(GuidanceSettings)},
+            **self._carried,
+        }
+        return request_builder.build(values, defaults={})
 
     # -- errors ------------------------------------------------------------
     def clear_errors(self) -> None:
@@ -258,9 +263,13 @@ class GenerateForm(VerticalScroll, can_focus=False):
             for name in ("prompt", "negative_prompt"):
                 if name in data:
                     q(f"#{name}", TextArea).text = data[name] or ""
-            for name in ("model", "cfg", "count"):
+            for name in ("model", "cfg", "count", "vae", "refiner", "refiner_switch"):
                 if name in data:
-                    q(f"#{name}", Input).value = f"{data[name]:g}" if isinstance(data[name], float) else str(data[name])
+                    value = data[name]
+                    q(f"#{name}", Input).value = "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+            if data.get("dtype") in DTYPES:
+                q("#dtype", Select).value = data["dtype"]
+            self._carried = {"index": data.get("index", 0)}  # which [[a,b]] variant: kept for reproduce
             if "steps" in data:
                 q("#steps", Input).value = "" if data["steps"] is None else str(data["steps"])
                 q("#performance", Select).value = next(
@@ -298,7 +307,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
     @work(thread=True, exclusive=True, group="preset")
     def _read_preset(self, name: str) -> None:
         try:
-            values = apply_preset(name, {"model": self.model} if self.keep_model else {})
+            values = request_builder.layered({"model": self.model} if self.keep_model else {}, name, defaults={})
         except DreamttyError as exc:
             self.app.call_from_thread(self._preset_read, name, {}, exc)
         else:
@@ -394,14 +403,15 @@ class GenerateForm(VerticalScroll, can_focus=False):
             return
         self.family = family
         size = self.query_one("#size", Select)
-        current = self._input("#size-custom") if size.value == CUSTOM_SIZE else str(size.value)
+        custom = size.value == CUSTOM_SIZE
+        current = self._input("#size-custom") if custom else str(size.value)
         options = _size_options(family)
         with self.prevent(Select.Changed):
-            size.set_options(options)
-        if current in {v for _, v in options}:
-            self._set_size(*parse_size(current))
-        elif size.value != CUSTOM_SIZE:
-            self._set_size(*parse_size(options[0][1]))
+            size.set_options(options)  # this picks the first option: put the size back
+            if custom:  # what was typed stays, checked when the form is read
+                size.value = CUSTOM_SIZE
+        if not custom:
+            self._set_size(*parse_size(current if current in {v for _, v in options} else options[0][1]))
 
     # -- reacting to the user ----------------------------------------------
     @on(Input.Changed)
