@@ -61,6 +61,9 @@ def find_extra(kind: str, name: str, cfg) -> library.Entry:
         raise RequestError(kind, f"{name} not found; {listed}")
     if entry.format == "pickle" and not cfg.allow_pickle:
         raise RequestError(kind, f"{name} is a pickle ({Path(entry.path).suffix}); refused without --allow-pickle")
+    if kind == "lora" and entry.variant:  # LyCORIS: diffusers' SD/SDXL LoRA loader refuses LoHa and LoKr files
+        raise RequestError("lora", f"{name} is a LyCORIS {entry.variant} file; only LoRA files load "
+                                   "(lora_down/lora_up or lora_A/lora_B weights)")
     return entry
 
 

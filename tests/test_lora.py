@@ -13,7 +13,7 @@ from backend.engine.extras import apply_extras
 from backend.engine.generate import generate_image
 from backend.engine.loader import PipelineCache, load_pipeline
 from backend.errors import ModelError, RequestError
-from backend.extras_check import effective_request
+from backend.extras_check import check_extras, effective_request
 from backend.models import resolve_model
 from backend.request import GenerateRequest
 from ckpt_helpers import tiny_refiner, vae_to_ldm
@@ -213,6 +213,8 @@ def test_lycoris_files_are_listed_as_unsupported_and_refused_in_one_line(algorit
     assert str(caught.value) == (f"lora: tiny is a LyCORIS {algorithm} file; only LoRA files load "
                                  "(lora_down/lora_up or lora_A/lora_B weights)")
     assert not any(pipe.get_list_adapters().values())  # nothing half-loaded
+    with pytest.raises(RequestError, match=f"^lora: tiny is a LyCORIS {algorithm} file"):  # before queueing too
+        check_extras(GenerateRequest(loras=[("tiny", 1.0)]), "demo")
     with pytest.raises(ValueError):  # diffusers itself refuses it: the reason for the check (drop it when this fails)
         pipe.load_lora_weights(str(tmp_path), weight_name="tiny.safetensors", adapter_name="tiny")
     assert not any(pipe.get_list_adapters().values())

@@ -61,9 +61,6 @@ def _apply_loras(pipe, loras: list[tuple[str, float]], cfg) -> list[dict]:
     records = []
     for name, weight in loras:
         entry = find_extra("lora", name, cfg)
-        if entry.variant:  # LyCORIS: diffusers' SD/SDXL LoRA loader refuses LoHa and LoKr files
-            raise RequestError("lora", f"{name} is a LyCORIS {entry.variant} file; only LoRA files load "
-                                       "(lora_down/lora_up or lora_A/lora_B weights)")
         _same_family("lora", name, entry.family, pipe.dreamtty_family)
         digest = library.short_hash(entry.path)
         adapter = f"{re.sub(r'[^0-9A-Za-z_]', '_', entry.name)}_{digest}"
