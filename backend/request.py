@@ -22,6 +22,7 @@ MAX_COUNT = 64
 MAX_SEED = 2**32 - 1
 MAX_LORAS = 5
 DTYPES = ("auto", "fp16", "bf16", "fp32")
+SPEEDS = ("default", "fast")  # fast: a compiled UNet on CUDA (backend/engine/fast.py); the CPU runs default
 _SIZE = re.compile(r"\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*")  # ASCII digits only: int() refuses "²"
 
 
@@ -47,6 +48,7 @@ class GenerateRequest:
     refiner: str | None = None
     refiner_switch: float = 0.8
     dtype: str = "auto"
+    speed: str = "default"
     guidance: GuidanceSettings = field(default_factory=GuidanceSettings)
 
     # -- serialisation -------------------------------------------------
@@ -115,6 +117,8 @@ class GenerateRequest:
         seed = _seed(self.seed, count)
         if self.dtype not in DTYPES:
             raise RequestError("dtype", f"unknown {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if self.speed not in SPEEDS:
+            raise RequestError("speed", f"unknown {self.speed!r}; allowed: {', '.join(SPEEDS)}")
         if not 0.0 < to_float("refiner_switch", self.refiner_switch) <= 1.0:
             raise RequestError("refiner_switch", f"{self.refiner_switch} is out of range; allowed (0, 1]")
         check_loras(self.loras)
@@ -214,5 +218,6 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "refiner": _optional(_text),
     "refiner_switch": to_float,
     "dtype": _text,
+    "speed": _text,
     "guidance": _guidance,
 }

@@ -1,6 +1,6 @@
 """One way from what a front end holds to a request, for the CLI, the TUI form and the API.
 
-Precedence, everywhere: the request type's defaults < the config's defaults (``default_model``)
+Precedence, everywhere: the request type's defaults < the config's defaults (``default_model``, ``speed``)
 < a preset < explicit values (flags, form fields, JSON fields). Text as typed (a size ``WxH``,
 LoRAs ``name:weight, ...``, guidance values) is parsed here, with one-line errors naming the field.
 """
@@ -89,8 +89,8 @@ def from_text(values: dict) -> dict:
 def layered(explicit: dict, preset: str | None = None, defaults: dict | None = None) -> dict:
     """Request fields: ``defaults`` (the config's when None) < ``preset`` < ``explicit``."""
     if defaults is None:
-        model = config.load().default_model
-        defaults = {"model": model} if model else {}
+        cfg = config.load()
+        defaults = {k: v for k, v in (("model", cfg.default_model), ("speed", cfg.speed)) if v}
     if not preset:
         return {**defaults, **explicit}
     return {**defaults, **apply_preset(preset, explicit)}

@@ -84,6 +84,10 @@ class JobRun:
     def emit(self, cls: type[ev.JobEvent], **data) -> None:
         self.send(cls(job=self.job["job"], worker=self.worker, **data))
 
+    def note(self, message: str) -> None:
+        """A line about this job for people (the progress line, the CLI's stderr)."""
+        self.emit(ev.Note, message=message)
+
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
@@ -119,21 +123,34 @@ def _run_job(run: JobRun) -> None:
 
 
 def _make_images(run: JobRun) -> list[str]:
-    """Images ``first_image``..count-1 of the job, each saved, recorded and announced as it is made."""
-    from backend import jobkinds, metadata
-    from backend.engine.denoise import latent_preview
+    """The job's pipeline (at the job's speed) and its images."""
+    from backend import jobkinds
+    from backend.engine import fast
     from backend.engine.extras import apply_extras
     from backend.engine.loader import pick_dtype
     from backend.families import FAMILIES
     from backend.models import resolve_model
-    from backend.outputs import save_image
 
     kind = jobkinds.get(run.job["kind"])
     request = kind.request(run.job["request"])
     make_image = kind.image_function()
-    pipe = run.cache.get(resolve_model(request.model), pick_dtype(request.dtype, run.cache.device))
+    ref = resolve_model(request.model)
+    speed = fast.effective_speed(request.speed, run.cache.device)
+    if speed != request.speed:
+        run.note(fast.CPU_NOTE)
+    pipe = run.cache.get(ref, pick_dtype(request.dtype, run.cache.device), speed)
     request = apply_extras(pipe, request, run.cache)
     family = FAMILIES[pipe.dreamtty_family]
+    with fast.compiled_run(pipe, ref.location, (request.width, request.height), run.cache.compiled, run.note):
+        return _image_loop(run, kind, request, pipe, family, make_image)
+
+
+def _image_loop(run: JobRun, kind, request, pipe, family, make_image) -> list[str]:
+    """Images ``first_image``..count-1: each made, saved, recorded in the queue and announced."""
+    from backend import metadata
+    from backend.engine.denoise import latent_preview
+    from backend.outputs import save_image
+
     paths: list[str] = []
     for i in range(run.job.get("first_image", 0), request.count):
         per_image = request.per_image(i)

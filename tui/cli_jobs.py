@@ -11,9 +11,9 @@ from pathlib import Path
 
 from backend.client import Client
 from backend.errors import RequestError
-from backend.events import Cancelled, Failed, ImageSaved, to_dict
+from backend.events import Cancelled, Failed, ImageSaved, Note, to_dict
 from backend.guidance_settings import GuidanceSettings
-from backend.request import GenerateRequest
+from backend.request import DTYPES, SPEEDS, GenerateRequest
 from backend.safetext import visible
 from backend.samplers import SAMPLERS, SCHEDULES
 from tui.cli_output import Progress, print_warnings
@@ -49,7 +49,9 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", help="VAE override")
     p.add_argument("--refiner", help="SDXL refiner model")
     p.add_argument("--refiner-switch", type=float, help="fraction of steps before the refiner takes over")
-    p.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"])
+    p.add_argument("--dtype", choices=DTYPES)
+    p.add_argument("--speed", choices=SPEEDS, help="fast: a compiled UNet on CUDA (first time per model and size: "
+                                                   "about a minute; then cached)")
     g = p.add_argument_group("guidance")
     g.add_argument("--perp-neg", type=float, help="PerpNeg scale")
     g.add_argument("--sag", type=float, help="Self-Attention Guidance scale")
@@ -66,7 +68,7 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
 
 
 _REQUEST_FLAGS = ("model", "negative_prompt", "sampler", "scheduler", "steps", "cfg", "seed", "count", "styles",
-                  "expand", "loras", "size", "vae", "refiner", "refiner_switch", "dtype")
+                  "expand", "loras", "size", "vae", "refiner", "refiner_switch", "dtype", "speed")
 
 
 def request_from_args(args: argparse.Namespace) -> GenerateRequest:
@@ -103,6 +105,9 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
                     if not args.json:
                         progress.clear()
                         print(visible(event.path), flush=True)
+                elif isinstance(event, Note):
+                    progress.clear()
+                    print(f"dreamtty: job {job_id}: {visible(event.message)}", file=sys.stderr)
                 elif isinstance(event, (Failed, Cancelled)):
                     failed += 1
                     progress.clear()

@@ -24,7 +24,7 @@ from backend.guidance_settings import GuidanceSettings
 from backend.models import DEMO_MODELS, resolve_model, trained_model
 from backend.prompting.presets import PresetInfo, list_presets
 from backend.prompting.styles import RANDOM_STYLE, load_styles
-from backend.request import DTYPES, GenerateRequest, parse_size
+from backend.request import DTYPES, SPEEDS, GenerateRequest, parse_size
 from backend.request_builder import format_guidance_value
 from backend.samplers import SAMPLERS
 from backend.training.runs import list_runs
@@ -40,6 +40,7 @@ from tui.widgets.style_picker import StyleInfo, StylePicker
 
 CUSTOM_SIZE = "custom"
 _TEXT_FIELDS = ("model", "steps", "cfg", "count", "loras", "vae", "refiner", "refiner_switch")  # plain Inputs
+_SELECT_FIELDS = ("sampler", "scheduler", "dtype", "speed")
 # Performance: (label, steps). Extreme speed also switches to the LCM sampler and CFG 1 (distilled models).
 PERFORMANCE = {"speed": ("Speed", 30), "quality": ("Quality", 60), "extreme": ("Extreme speed", 8)}
 LIVE_PREVIEW_CELLS = (48, 24)  # live frames stay small (~45 KB of ANSI each) for slow SSH links; the final is full size
@@ -166,6 +167,8 @@ class GenerateForm(VerticalScroll, can_focus=False):
         return Collapsible(
             Horizontal(Field("VAE", _input("vae", placeholder="the model's own"), names=("vae",)),
                        Field("Dtype", _select("dtype", [(d, d) for d in DTYPES], GenerateRequest.dtype), names=("dtype",)),
+                       Field("Speed", _select("speed", [(s, s) for s in SPEEDS], GenerateRequest.speed), names=("speed",),
+                             hint="fast: compiled UNet (CUDA)"),
                        classes="row"),
             Horizontal(Field("Refiner", _input("refiner", placeholder="none (SDXL)"), names=("refiner",)),
                        Field("Refiner switch", _input("refiner_switch", f"{GenerateRequest.refiner_switch:g}"),
@@ -219,7 +222,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
             "prompt": self.query_one("#prompt", TextArea).text,  # as typed: spaces and newlines are the user's
             "negative_prompt": self.query_one("#negative_prompt", TextArea).text,
             **{name: self._input(f"#{name}") for name in _TEXT_FIELDS},
-            **{name: str(self.query_one(f"#{name}", Select).value) for name in ("sampler", "scheduler", "dtype")},
+            **{name: str(self.query_one(f"#{name}", Select).value) for name in _SELECT_FIELDS},
             "size": self._input("#size-custom") if size == CUSTOM_SIZE else str(size),
             "seed": "-1" if self.query_one("#seed-random", Checkbox).value else self._input("#seed"),
             "styles": list(self.query_one(StylePicker).selected),
@@ -267,8 +270,9 @@ class GenerateForm(VerticalScroll, can_focus=False):
                 if name in data:
                     value = data[name]
                     q(f"#{name}", Input).value = "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-            if data.get("dtype") in DTYPES:
-                q("#dtype", Select).value = data["dtype"]
+            for name, allowed in (("dtype", DTYPES), ("speed", SPEEDS)):
+                if data.get(name) in allowed:
+                    q(f"#{name}", Select).value = data[name]
             self._carried = {"index": data.get("index", 0)}  # which [[a,b]] variant: kept for reproduce
             if "steps" in data:
                 q("#steps", Input).value = "" if data["steps"] is None else str(data["steps"])
