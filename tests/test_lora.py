@@ -166,12 +166,13 @@ def test_refiner_hands_over_at_the_switch(folders, demo_dirs):
 def _worker_images(payload: dict, cache, tmp_path) -> list[str]:
     """The images a worker makes for a generate job (in this process)."""
     from backend.queue_store import QueueStore
-    from backend.worker import JobRun, _make_images
+    from backend.worker import JobRun, LocalOutput, _make_images
 
     store = QueueStore(tmp_path / "queue.sqlite3")
     job = store.add("generate", payload, "test")
-    return _make_images(JobRun(0, {"job": job, "kind": "generate", **payload}, cache, lambda event: None,
-                               lambda: False, store))
+    _make_images(JobRun(0, {"job": job, "kind": "generate", **payload}, cache, lambda event: None, lambda: False,
+                        LocalOutput(store)))
+    return store.get(job).outputs
 
 
 def test_worker_saves_extras_in_metadata_and_reproduces_pixels(folders, tmp_path):

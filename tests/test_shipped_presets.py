@@ -12,7 +12,6 @@ import yaml
 from backend import metadata, request_builder
 from backend.errors import DreamttyError
 from backend.prompting.presets import list_presets
-from backend.queue_store import QueueStore
 from backend.service import Service
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +85,7 @@ def test_every_shipped_preset_is_covered():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_preset_runs(name, cached_presets, tmp_path):
     from backend.engine.loader import PipelineCache
-    from backend.worker import JobRun, _make_images
+    from backend.worker import JobRun, LocalOutput, _make_images
 
     preset = _preset(name)
     # Small and short on the CPU; everything else (model, LoRAs, sampler, schedule, CFG, styles...) is the preset's.
@@ -95,8 +94,9 @@ def test_shipped_preset_runs(name, cached_presets, tmp_path):
     prepared = service.prepare(request, tmp_path / "out")
     job = service.store.add(prepared.kind, prepared.payload, "test")
     payload = {"job": job, "kind": prepared.kind, **prepared.payload}
-    [path] = _make_images(JobRun(0, payload, PipelineCache(torch.device("cpu")), lambda e: None, lambda: False,
-                                 QueueStore(tmp_path / "queue.sqlite3")))
+    _make_images(JobRun(0, payload, PipelineCache(torch.device("cpu")), lambda e: None, lambda: False,
+                        LocalOutput(service.store)))
+    [path] = service.store.get(job).outputs
     saved = metadata.read(path)
     assert saved["request"]["model"] == preset["model"] and saved["request"]["preset"] == name
     assert saved["request"]["sampler"] == preset.get("sampler", "dpmpp_2m")
