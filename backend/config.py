@@ -1,4 +1,4 @@
-"""The user's YAML config: model folders, defaults and key bindings.
+"""The user's YAML config: model folders, defaults, key bindings and where workers run.
 
 Where it is read from, first match wins: ``set_config_path()`` (the ``--config``
 option), the ``DREAMTTY_CONFIG`` environment variable (so worker processes see
@@ -25,7 +25,7 @@ from backend.errors import DreamttyError
 
 ENV_PATH = "DREAMTTY_CONFIG"
 FOLDER_KINDS = ("checkpoints", "loras", "vae", "embeddings", "wildcards", "styles")
-TOP_KEYS = ("paths", "default_model", "default_preset", "keymap", "allow_pickle")
+TOP_KEYS = ("paths", "default_model", "default_preset", "keymap", "allow_pickle", "workers")
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Config:
     default_preset: str | None = None
     keymap: dict[str, str] = field(default_factory=dict)  # binding id -> key
     allow_pickle: bool = False
+    cluster: str | None = None  # ``workers``: None for local processes, else a Ray cluster address (auto...)
     source: Path | None = None  # the file read, if any
     warnings: list[str] = field(default_factory=list)
 
@@ -134,6 +135,7 @@ def _apply(cfg: Config, data: dict) -> None:
         (None, "default_preset"): lambda v: setattr(cfg, "default_preset", _text("default_preset", v)),
         (None, "keymap"): lambda v: setattr(cfg, "keymap", _keymap(v)),
         (None, "allow_pickle"): lambda v: setattr(cfg, "allow_pickle", _bool("allow_pickle", v)),
+        (None, "workers"): lambda v: setattr(cfg, "cluster", _workers(v)),
     }
     for (section, key), parse in parsers.items():
         source = paths if section else data
@@ -155,6 +157,14 @@ def _bool(key: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{key}: must be true or false, got {value!r}")
     return value
+
+
+def _workers(value: object) -> str | None:
+    """``workers``: local (processes on this machine), ray (this machine's Ray cluster) or a Ray address."""
+    text = _text("workers", value)
+    if text is None or text == "local":
+        return None
+    return "auto" if text == "ray" else text
 
 
 def _keymap(value: object) -> dict[str, str]:
