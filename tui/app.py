@@ -100,7 +100,7 @@ class DreamttyApp(App):
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
 
     def __init__(self, model: str | None = None, out: Path | None = None, device: str = "auto",
-                 service: Service | None = None) -> None:
+                 service: Service | None = None, cluster: str | None = None) -> None:
         self.key_gate = KeyGate()  # before App.__init__, which asks get_driver_class() for the driver
         super().__init__()
         self.animation_level = "none"  # no smooth scrolling: less to send over SSH, and no lag
@@ -109,7 +109,7 @@ class DreamttyApp(App):
         self.model_given = model is not None
         self.default_preset = self.config.default_preset
         self.out_dir = out or self.config.outputs
-        self.service = service or Service(devices=device, recover=True)
+        self.service = service or Service(devices=device, recover=True, cluster=cluster)
         self.job_events: Signal[Event] = Signal(self, "job-events")
         self.active: dict[int, str] = {}  # job id -> queued | running (this session's jobs)
         self.progress: dict[int, dict] = {}  # job id -> its last step event
@@ -313,6 +313,6 @@ def use_color_system(choice: str) -> None:
 def run_app(args) -> int:
     """Entry point for ``dreamtty`` without a subcommand."""
     use_color_system(args.color)
-    app = DreamttyApp(model=args.model, out=args.out, device=args.device)
+    app = DreamttyApp(model=args.model, out=args.out, device=args.device, cluster=args.cluster)
     app.run()
     return app.return_code or 0
