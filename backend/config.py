@@ -1,4 +1,4 @@
-"""The user's YAML config: model folders, defaults and key bindings.
+"""The user's YAML config: model folders, defaults, key bindings and where workers run.
 
 Where it is read from, first match wins: ``set_config_path()`` (the ``--config``
 option), the ``DREAMTTY_CONFIG`` environment variable (so worker processes see
@@ -26,7 +26,7 @@ from backend.request import SPEEDS
 
 ENV_PATH = "DREAMTTY_CONFIG"
 FOLDER_KINDS = ("checkpoints", "loras", "vae", "embeddings", "wildcards", "styles")
-TOP_KEYS = ("paths", "default_model", "default_preset", "speed", "keymap", "allow_pickle")
+TOP_KEYS = ("paths", "default_model", "default_preset", "speed", "keymap", "allow_pickle", "workers")
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Config:
     speed: str | None = None  # default | fast: the default of every request
     keymap: dict[str, str] = field(default_factory=dict)  # binding id -> key
     allow_pickle: bool = False
+    cluster: str | None = None  # ``workers``: None for local processes, else a Ray cluster address (auto...)
     source: Path | None = None  # the file read, if any
     warnings: list[str] = field(default_factory=list)
 
@@ -137,6 +138,7 @@ def _apply(cfg: Config, data: dict) -> None:
         (None, "speed"): lambda v: setattr(cfg, "speed", _choice("speed", v, SPEEDS)),
         (None, "keymap"): lambda v: setattr(cfg, "keymap", _keymap(v)),
         (None, "allow_pickle"): lambda v: setattr(cfg, "allow_pickle", _bool("allow_pickle", v)),
+        (None, "workers"): lambda v: setattr(cfg, "cluster", _workers(v)),
     }
     for (section, key), parse in parsers.items():
         source = paths if section else data
@@ -164,6 +166,14 @@ def _bool(key: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{key}: must be true or false, got {value!r}")
     return value
+
+
+def _workers(value: object) -> str | None:
+    """``workers``: local (processes on this machine), ray (this machine's Ray cluster) or a Ray address."""
+    text = _text("workers", value)
+    if text is None or text == "local":
+        return None
+    return "auto" if text == "ray" else text
 
 
 def _keymap(value: object) -> dict[str, str]:

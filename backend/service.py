@@ -39,6 +39,19 @@ class Prepared:
     payload: dict  # request (resolved), out, family
 
 
+def make_pool(devices: str, db_path: Path, nice: int = 0, cluster: str | None = None) -> WorkerPool:
+    """The service's workers: processes on this machine, or actors on the Ray cluster that ``cluster``
+    (``auto``, ``ray://HEAD:10001``, ``HEAD:6379``; ``local``: no cluster) or the config's ``workers`` names."""
+    field = "cluster"
+    if cluster is None:
+        field, cluster = "workers", config.load().cluster
+    if cluster in (None, "local"):
+        return ProcessPool(devices, db_path, nice)
+    from backend.ray_pool import RayPool
+
+    return RayPool(cluster, db_path, gpu=devices != "cpu", field=field)
+
+
 def new_owner_id() -> str:
     """An owner id for this service's jobs: never numeric, never reused (unlike a pid)."""
     return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
@@ -52,9 +65,9 @@ class Service:
     """
 
     def __init__(self, devices: str = "auto", db_path: Path | None = None, recover: bool = False,
-                 pool: WorkerPool | None = None, nice: int = 0) -> None:
+                 pool: WorkerPool | None = None, nice: int = 0, cluster: str | None = None) -> None:
         self.store = QueueStore(db_path or locations.queue_db())
-        self.pool = pool or ProcessPool(devices, self.store.path, nice)
+        self.pool = pool or make_pool(devices, self.store.path, nice, cluster)
         self.recover = recover
         self.owner = new_owner_id()
         self._subscribers: list[asyncio.Queue] = []
@@ -197,15 +210,19 @@ class Service:
         return next((s for s in self.slots if s.job == job_id), None)
 
     def _dispatch(self) -> None:
-        """Give each idle worker the oldest queued job of this service, resuming after saved images."""
+        """Give idle workers this service's queued jobs, oldest first, resuming after saved images;
+        each job to an idle worker that has its model loaded, when there is one (``pick_slot``)."""
         if self._closing.is_set():
             return
-        for slot in self.slots:
-            if slot.job is not None or not self.pool.alive(slot):
-                continue
+        idle = [slot for slot in self.slots if slot.job is None and self.pool.alive(slot)]
+        while idle:
             job = self.store.next_queued(self.owner)
             if job is None:
                 return
+            model = job.request.get("model", "")
+            slot = pick_slot(idle, model)
+            idle.remove(slot)
+            slot.loads(model)
             self.store.set_state(job.id, "running")
             self.pool.run(slot, {"job": job.id, "kind": job.kind, **job.payload, "first_image": len(job.outputs)})
 
@@ -237,3 +254,10 @@ class Service:
             self.store.set_state(job.id, "failed", error)
             self._publish(Failed(job=job.id, error=error))
         self._dispatch()
+
+
+def pick_slot(idle: list[Slot], model: str) -> Slot:
+    """The idle slot for a job of ``model``: one whose worker has it loaded, else one that has none
+    loaded (other models stay where they are), else the first."""
+    return (next((s for s in idle if model in s.models), None) or next((s for s in idle if not s.models), None)
+            or idle[0])

@@ -13,9 +13,9 @@ from backend import events as ev
 from backend.engine import fast
 from backend.engine.loader import PipelineCache, load_pipeline
 from backend.models import resolve_model
-from backend.queue_store import QueueStore
 from backend.request import GenerateRequest
-from backend.worker import JobRun, _make_images
+from job_helpers import worker_images
+from PIL import Image
 
 CPU = torch.device("cpu")
 
@@ -90,14 +90,8 @@ def test_a_fast_pipeline_compiles_once_per_size_and_the_next_launch_loads_the_ca
 
 
 def _worker_job(request: GenerateRequest, tmp_path, cache: PipelineCache) -> tuple[np.ndarray, list]:
-    store = QueueStore(tmp_path / "queue.sqlite3")
     payload = {"request": request.to_dict(), "out": str(tmp_path / "out")}
-    job = store.add("generate", payload, "test")
-    sent: list = []
-    [path] = _make_images(JobRun(0, {"job": job, "kind": "generate", **payload}, cache, sent.append, lambda: False,
-                                 store))
-    from PIL import Image
-
+    [path], sent = worker_images(payload, cache, tmp_path / "queue.sqlite3")
     return np.asarray(Image.open(path)), sent
 
 

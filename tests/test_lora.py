@@ -14,6 +14,7 @@ from backend.engine.generate import generate_image
 from backend.engine.loader import PipelineCache, load_pipeline
 from backend.errors import ModelError, RequestError
 from backend.extras_check import check_extras, effective_request
+from job_helpers import worker_images
 from backend.models import resolve_model
 from backend.request import GenerateRequest
 from ckpt_helpers import tiny_refiner, vae_to_ldm
@@ -164,14 +165,7 @@ def test_refiner_hands_over_at_the_switch(folders, demo_dirs):
 
 
 def _worker_images(payload: dict, cache, tmp_path) -> list[str]:
-    """The images a worker makes for a generate job (in this process)."""
-    from backend.queue_store import QueueStore
-    from backend.worker import JobRun, _make_images
-
-    store = QueueStore(tmp_path / "queue.sqlite3")
-    job = store.add("generate", payload, "test")
-    return _make_images(JobRun(0, {"job": job, "kind": "generate", **payload}, cache, lambda event: None,
-                               lambda: False, store))
+    return worker_images(payload, cache, tmp_path / "queue.sqlite3")[0]
 
 
 def test_worker_saves_extras_in_metadata_and_reproduces_pixels(folders, tmp_path):

@@ -12,8 +12,8 @@ import yaml
 from backend import metadata, request_builder
 from backend.errors import DreamttyError
 from backend.prompting.presets import list_presets
-from backend.queue_store import QueueStore
 from backend.service import Service
+from job_helpers import worker_images
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.stem for p in (ROOT / "presets").glob("*.yaml"))
@@ -86,22 +86,19 @@ def test_every_shipped_preset_is_covered():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_preset_runs(name, cached_presets, tmp_path):
     from backend.engine.loader import PipelineCache
-    from backend.worker import JobRun, _make_images
 
     preset = _preset(name)
     # Small and short on the CPU; everything else (model, LoRAs, sampler, schedule, CFG, styles...) is the preset's.
     request = request_builder.build({"prompt": "a red fox", "size": "64x64", "steps": 2, "seed": 5}, preset=name)
     service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3")
-    prepared = service.prepare(request, tmp_path / "out")
-    job = service.store.add(prepared.kind, prepared.payload, "test")
-    payload = {"job": job, "kind": prepared.kind, **prepared.payload}
-    [path] = _make_images(JobRun(0, payload, PipelineCache(torch.device("cpu")), lambda e: None, lambda: False,
-                                 QueueStore(tmp_path / "queue.sqlite3")))
+    prepared = service.prepare(request, tmp_path / "out")  # the service's checks, as when queueing
+    service.store.close()
+    [path], _ = worker_images(prepared.payload, PipelineCache(torch.device("cpu")), tmp_path / "queue.sqlite3",
+                              prepared.kind)
     saved = metadata.read(path)
     assert saved["request"]["model"] == preset["model"] and saved["request"]["preset"] == name
     assert saved["request"]["sampler"] == preset.get("sampler", "dpmpp_2m")
     assert [lora["name"] for lora in saved["prompt"].get("loras", [])] == [n for n, _ in preset.get("loras") or []]
-    service.store.close()
 
 
 def test_a_preset_whose_model_or_lora_is_missing_names_the_pull_command(hub, demo_dirs, tmp_path):

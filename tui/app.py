@@ -96,7 +96,7 @@ class DreamttyApp(App):
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
 
     def __init__(self, model: str | None = None, out: Path | None = None, device: str = "auto",
-                 client: Client | None = None) -> None:
+                 client: Client | None = None, cluster: str | None = None) -> None:
         self.key_gate = KeyGate()  # before App.__init__, which asks get_driver_class() for the driver
         super().__init__()
         self.animation_level = "none"  # no smooth scrolling: less to send over SSH, and no lag
@@ -105,7 +105,8 @@ class DreamttyApp(App):
         self.model_given = model is not None
         self.default_preset = self.config.default_preset
         self.out_dir = out or self.config.outputs
-        self.client = client or LocalClient(Service(devices=device, recover=True, nice=WORKER_NICE))
+        self.client = client or LocalClient(Service(devices=device, recover=True, nice=WORKER_NICE,
+                                                    cluster=cluster))
         self.job_events: Signal[Event] = Signal(self, "job-events")
         self.active: dict[int, str] = {}  # job id -> queued | running (this session's jobs)
         self.progress: dict[int, Step] = {}  # job id -> its last step event
@@ -306,7 +307,7 @@ def run_app(args, report: Callable[[list[str]], None]) -> int:
     """Entry point for ``dreamtty`` without a subcommand. The app shows the queue's warnings (a damaged file
     moved aside); ``report`` gets them too once it has closed, so that they stay on the terminal."""
     use_color_system(args.color)
-    app = DreamttyApp(model=args.model, out=args.out, device=args.device)
+    app = DreamttyApp(model=args.model, out=args.out, device=args.device, cluster=args.cluster)
     app.run()
     report(app.client.warnings)
     return app.return_code or 0

@@ -25,6 +25,8 @@ _GLOBAL_OPTIONS = (
     (("--model",), {"help": "demo, demo-xl, a diffusers folder or a Hugging Face id"}),
     (("--out",), {"help": "outputs directory"}),
     (("--device",), {"default": "auto", "help": "auto, cpu, cuda or cuda:N[,cuda:M...]"}),
+    (("--cluster",), {"help": "run the workers on a Ray cluster: auto, ray://HEAD:10001 or HEAD:6379 "
+                               "(local: on this machine; default: the config's workers)"}),
     (("--color",), {"choices": ["auto", "truecolor", "256"], "default": "auto", "help": "TUI colour depth"}),
     (("--config",), {"type": Path, "help": "config file (default: see `dreamtty config path`)"}),
     (("--allow-pickle",), {"action": "store_true", "default": False,
@@ -99,6 +101,10 @@ def _check_global_options(args: argparse.Namespace) -> None:
             raise RequestError("out", "is empty; give a folder")
         args.out = Path(args.out)
     check_devices(args.device)
+    if args.cluster is not None:
+        from backend.ray_pool import check_cluster
+
+        args.cluster = check_cluster(args.cluster)
 
 
 def _check_home() -> None:

@@ -125,7 +125,7 @@ def _client(args) -> Client:
     from backend.client import LocalClient
     from backend.service import Service
 
-    return LocalClient(Service(devices=args.device))
+    return LocalClient(Service(devices=args.device, cluster=args.cluster))
 
 
 def _fetch_if_missing(model: str) -> None:
