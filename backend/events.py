@@ -83,6 +83,13 @@ class ImageSaved(JobEvent):
     seed: int
 
 
+@_register("warning")
+class JobWarning(JobEvent):
+    """Something the user should know about a job that still runs (an input image converted, a fallback used)."""
+
+    message: str
+
+
 @_register("done")
 class Done(JobEvent):
     paths: list[str] = field(default_factory=list)

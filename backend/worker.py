@@ -119,7 +119,11 @@ def _run_job(run: JobRun) -> None:
 
 
 def _make_images(run: JobRun) -> list[str]:
-    """Images ``first_image``..count-1 of the job, each saved, recorded and announced as it is made."""
+    """Images ``first_image``..count-1 of the job, each saved, recorded and announced as it is made.
+
+    The kind's image function gets the pipeline (None when the request needs no model, e.g. a fast
+    upscale) and the worker's device; warnings in the record it returns are announced once per job.
+    """
     from backend import jobkinds, metadata
     from backend.engine.denoise import latent_preview
     from backend.engine.extras import apply_extras
@@ -131,9 +135,15 @@ def _make_images(run: JobRun) -> list[str]:
     kind = jobkinds.get(run.job["kind"])
     request = kind.request(run.job["request"])
     make_image = kind.image_function()
-    pipe = run.cache.get(resolve_model(request.model), pick_dtype(request.dtype, run.cache.device))
-    request = apply_extras(pipe, request, run.cache)
-    family = FAMILIES[pipe.dreamtty_family]
+    pipe, family_name = None, run.job.get("family", "")
+    if request.uses_model:
+        ref = resolve_model(request.model, variants=request.model_variants)
+        pipe = run.cache.get(ref, pick_dtype(request.dtype, run.cache.device))
+        request = apply_extras(pipe, request, run.cache)
+        family_name = pipe.dreamtty_family
+    family = FAMILIES.get(family_name)
+    kept = request.keep_inputs_in(Path(run.job["out"]))
+    announced: set[str] = set()
     paths: list[str] = []
     for i in range(run.job.get("first_image", 0), request.count):
         per_image = request.per_image(i)
@@ -147,13 +157,20 @@ def _make_images(run: JobRun) -> list[str]:
                 rate = step / max(now - clock["start"], 1e-9)
                 run.emit(ev.Step, image=i, count=request.count, step=step, total=total, its=rate,
                          eta=(total - step) / rate + (request.count - i - 1) * total / rate)
-            if not last and now - clock["preview"] >= PREVIEW_INTERVAL:
+            if family is not None and not last and now - clock["preview"] >= PREVIEW_INTERVAL:
                 clock["preview"] = now
                 rgb = latent_preview(latents, family.preview_matrix, family.preview_bias)
                 run.emit(ev.Preview, image=i, width=rgb.shape[1], height=rgb.shape[0], rgb=rgb.tobytes())
 
-        image, record = make_image(pipe, per_image, on_step=on_step, should_cancel=run.should_cancel)
-        meta = metadata.build(per_image, pipe.dreamtty_family, record, kind.name)
+        image, record = make_image(pipe, per_image, on_step=on_step, should_cancel=run.should_cancel,
+                                   device=run.cache.device)
+        for warning in record.get("warnings", []):
+            if warning not in announced:
+                announced.add(warning)
+                run.emit(ev.JobWarning, message=warning)
+        if kept:
+            record["kept_inputs"] = kept
+        meta = metadata.build(per_image, family_name, record, kind.name)
         path = str(save_image(image, meta, Path(run.job["out"])))
         run.store.add_output(run.job["job"], path)  # before anything else: a crash now must not redo it
         paths.append(path)
