@@ -1,4 +1,4 @@
-"""The model library: find checkpoints, LoRAs, VAEs and embeddings on disk, without torch.
+"""The model library: find checkpoints, LoRAs, VAEs, embeddings and upscalers on disk, without torch.
 
 Files are inspected by their tensor names and shapes only:
 
@@ -42,8 +42,9 @@ UNET = "model.diffusion_model."
 # Cross-attention context width -> family, for files without text encoder keys (LoRAs, bare UNets).
 CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
 HIDDEN_FAMILY = {768: "sd1", 1024: "sd2"}  # text-encoder width of SD1 / SD2 embeddings and LoRAs
-KINDS = ("checkpoint", "lora", "vae", "embedding")
-FOLDER_OF_KIND = {"checkpoint": "checkpoints", "lora": "loras", "vae": "vae", "embedding": "embeddings"}
+KINDS = ("checkpoint", "lora", "vae", "embedding", "upscaler")
+FOLDER_OF_KIND = {"checkpoint": "checkpoints", "lora": "loras", "vae": "vae", "embedding": "embeddings",
+                  "upscaler": "upscalers"}
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -261,6 +262,11 @@ def is_vae(shapes: Shapes) -> bool:
     return {"encoder.conv_in.weight", "decoder.conv_out.weight"} <= keys and not _has_prefix(shapes, UNET)
 
 
+def is_image_model(shapes: Shapes) -> bool:
+    """Has 2-D convolution weights and no Stable Diffusion UNet (what every upscaler has)."""
+    return any(len(s) == 4 for s in shapes.values()) and not _has_prefix(shapes, UNET)
+
+
 # -- discovery --------------------------------------------------------------------
 @dataclass
 class Entry:
@@ -297,6 +303,8 @@ _DETECTORS = {  # kind -> (shapes -> family or None, why a file is not of that k
     "lora": (lora_family, "is not a LoRA (no lora_down / lora_A weights)"),
     "embedding": (embedding_family, "is not a textual-inversion embedding"),
     "vae": (lambda shapes: "any" if is_vae(shapes) else None, "is not a VAE (no encoder/decoder weights)"),
+    # Upscalers (ESRGAN, SwinIR, ...): their architecture is told by spandrel, in the worker.
+    "upscaler": (lambda shapes: "any" if is_image_model(shapes) else None, "is not an image model (no convolutions)"),
 }
 
 
