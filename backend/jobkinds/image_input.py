@@ -25,6 +25,11 @@ STRENGTHS = {"subtle": 0.5, "strong": 0.85}
 MAX_OUTPUT_SIDE = 8192  # upscale and inpaint results; a model denoises them in crops or tiles
 
 
+def absolute(path: str) -> str:
+    """``path`` made absolute (``~`` expanded), so a job run or reproduced elsewhere finds the same file."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def parse_strength(name: str, value: object) -> float:
     """A number, or one of the named strengths."""
     if isinstance(value, str) and value.strip().lower() in STRENGTHS:
@@ -70,7 +75,8 @@ class ImageInputRequest(GenerateRequest):
         strength = self.strength_default() if self.strength is None else to_float("strength", self.strength)
         if not 0.0 <= strength <= 1.0:
             raise RequestError("strength", f"{self.strength} is out of range; allowed 0..1 (0 gives the input back)")
-        with_input = replace(self, image_hash=source.hash, strength=strength, **self.from_input(source, fam))
+        with_input = replace(self, image=absolute(self.image), image_hash=source.hash, strength=strength,
+                             **self.from_input(source, fam))
         out = GenerateRequest.resolved(with_input, family)
         if out.uses_model and 0 < strength and int(out.steps * strength) == 0:
             raise RequestError("strength", f"{strength:g} of {out.steps} steps runs no step; "
@@ -116,7 +122,7 @@ class ImageInputRequest(GenerateRequest):
                 tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
                 shutil.copyfile(os.path.expanduser(path), tmp)
                 tmp.replace(copy)
-            kept[role] = str(copy)
+            kept[role] = str(copy.resolve())
         return kept
 
     def with_kept_inputs(self, record: dict) -> tuple["ImageInputRequest", list[str]]:

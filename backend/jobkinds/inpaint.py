@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from backend.errors import RequestError
 from backend.families import Family
 from backend.input_images import InputImage, box_mask, read_mask
-from backend.jobkinds.image_input import ImageInputRequest
+from backend.jobkinds.image_input import ImageInputRequest, absolute
 from backend.request import optional, text_value
 from backend.values import to_float, to_int
 
@@ -85,7 +85,7 @@ class InpaintRequest(ImageInputRequest):
         if not 0.0 <= context <= 1.0:
             raise RequestError("context", f"{self.context} is out of range; allowed 0..1 (1 = the whole image)")
         _, mask_file = self.read_mask(source.size)
-        return {"context": context, "feather": check_feather(self.feather),
+        return {"context": context, "feather": check_feather(self.feather), "mask": absolute(self.mask) if self.mask else None,
                 "mask_hash": mask_file.hash if mask_file else None, **self.derived_size(source.size)}
 
     def a1111_fields(self) -> list[tuple[str, object]]:
