@@ -20,6 +20,7 @@ Large images are denoised in overlapping tiles (backend.engine.tiles).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -69,6 +70,21 @@ def _is_xl(pipe) -> bool:
     return hasattr(pipe, "text_encoder_2")
 
 
+AESTHETIC_SCORES = (6.0, 2.5)  # diffusers' defaults (positive, negative), for models conditioned on them
+
+
+def sdxl_time_ids(pipe, width: int, height: int, dtype: torch.dtype, projection: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's size conditioning (and its negative) for a ``width`` x ``height`` image, as the stock pipeline
+    of ``pipe``'s class makes it: the image-to-image and inpaint pipelines take aesthetic scores, which
+    their model uses when its config asks for them (``requires_aesthetics_score``, the refiner)."""
+    size = (height, width)
+    if "aesthetic_score" in inspect.signature(pipe._get_add_time_ids).parameters:
+        return pipe._get_add_time_ids(size, (0, 0), size, *AESTHETIC_SCORES, size, (0, 0), size, dtype=dtype,
+                                      text_encoder_projection_dim=projection)
+    ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection)
+    return ids, ids
+
+
 def _unet_inputs(pipe, spec: DenoiseSpec, dtype: torch.dtype, batch: int) -> UNetInputs:
     device = pipe._execution_device
     time_ids = neg_time_ids = None
@@ -78,10 +94,8 @@ def _unet_inputs(pipe, spec: DenoiseSpec, dtype: torch.dtype, batch: int) -> UNe
             if pipe.text_encoder_2 is not None
             else int(spec.cond.at(0, 1).pooled.shape[-1])
         )
-        size = (spec.height, spec.width)
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=proj)
-        time_ids = time_ids.to(device).repeat(batch, 1)
-        neg_time_ids = time_ids
+        time_ids, neg_time_ids = sdxl_time_ids(pipe, spec.width, spec.height, dtype, proj)
+        time_ids, neg_time_ids = time_ids.to(device).repeat(batch, 1), neg_time_ids.to(device).repeat(batch, 1)
     timestep_cond = None
     if pipe.unet.config.time_cond_proj_dim is not None:
         w = torch.tensor(spec.cfg - 1).repeat(batch)
