@@ -59,9 +59,9 @@ def content_hash(data: bytes) -> str:
 
 
 def _read_bytes(path: str, field_name: str) -> bytes:
-    file = Path(os.path.expanduser(path))
     if not path:
         raise RequestError(field_name, "is empty; give an image file")
+    file = Path(os.path.expanduser(path))
     try:
         size = file.stat().st_size
         if file.is_dir():
@@ -101,7 +101,8 @@ def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[st
             img.load()
             return ImageOps.exif_transpose(img), notes
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise RequestError(field_name, f"{path} is too large to decode safely (decompression bomb guard)") from None
+        raise RequestError(field_name, f"{path} is too large to decode safely; allowed up to "
+                                       f"{MAX_PIXELS / 1e6:.0f} megapixels") from None
     except UnidentifiedImageError:
         raise RequestError(field_name, f"{path} is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
@@ -109,9 +110,14 @@ def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[st
 
 
 def _sixteen_bit(img: Image.Image) -> bool:
+    """Grey 16-bit opens as I;16; a 16-bit RGB PNG opens as RGB, with a raw mode like RGB;16B (before loading)."""
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         return True
-    return any(";16" in str(getattr(tile, "args", ("",))[0] or "") for tile in getattr(img, "tile", []) or [])
+    for tile in getattr(img, "tile", None) or []:
+        args = tile.args
+        if ";16" in str(args if isinstance(args, str) else (args or ("",))[0]):
+            return True
+    return False
 
 
 def _eight_bit(img: Image.Image) -> Image.Image:
