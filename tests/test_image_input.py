@@ -20,7 +20,7 @@ from backend.guidance_settings import GuidanceSettings
 from backend.jobkinds.img2img import Img2ImgRequest
 from backend.jobkinds.inpaint import InpaintRequest
 from backend.jobkinds.outpaint import OutpaintRequest
-from tests.image_helpers import box_array, gradient, inpaint_model, write_image, write_mask
+from image_helpers import box_array, gradient, inpaint_model, write_image, write_mask
 
 CASES = [("euler", "normal", 0.5), ("dpmpp_2m", "karras", 0.85), ("euler_a", "normal", 1.0), ("heun", "karras", 0.6)]
 
@@ -178,3 +178,22 @@ def test_prefill_takes_the_colours_around_the_hole():
     filled = np.asarray(prefill(Image.fromarray(image), hole)).astype(int)
     assert np.array_equal(filled[~hole], image[~hole])
     assert filled[32, 25, 0] > filled[32, 25, 2] and filled[32, 38, 2] > filled[32, 38, 0]
+
+
+def test_single_file_inpainting_checkpoint_loads_its_nine_channel_unet(tmp_path, monkeypatch):
+    from ckpt_helpers import save_single_file, write_family_config
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from backend.engine.demo_models import build_sd
+    from backend.engine.loader import load_pipeline
+    from backend.models import resolve_model
+
+    write_family_config(build_sd(xl=False), tmp_path / "configs" / "sd1")
+    monkeypatch.setenv("DREAMTTY_MODEL_CONFIGS", str(tmp_path / "configs"))
+    model = StableDiffusionInpaintPipeline.from_pretrained(inpaint_model(tmp_path / "folder"))
+    path = save_single_file(model, "sd1", tmp_path / "tiny-inpainting.safetensors")
+    ref = resolve_model(str(path), variants=("inpaint",))
+    assert (ref.family, ref.variant) == ("sd1", "inpaint")
+    pipe = load_pipeline(ref, torch.device("cpu"), torch.float32)
+    assert isinstance(pipe, StableDiffusionInpaintPipeline) and pipe.unet.config.in_channels == 9
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), model.unet.state_dict().values()))

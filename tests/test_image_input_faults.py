@@ -18,7 +18,7 @@ from backend.jobkinds.inpaint import InpaintRequest
 from backend.jobkinds.outpaint import OutpaintRequest
 from backend.jobkinds.upscale import UpscaleRequest
 from backend.service import Service
-from tests.image_helpers import gradient, inpaint_model, write_image, write_mask
+from image_helpers import gradient, inpaint_model, write_image, write_mask
 
 
 @pytest.fixture

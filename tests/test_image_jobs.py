@@ -22,7 +22,7 @@ from backend.jobkinds.inpaint import InpaintRequest
 from backend.jobkinds.outpaint import OutpaintRequest
 from backend.jobkinds.upscale import UpscaleRequest
 from backend.service import Service
-from tests.image_helpers import box_array, gradient, write_image, write_mask
+from image_helpers import box_array, gradient, write_image, write_mask
 
 TIMEOUT = 180
 

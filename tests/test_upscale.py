@@ -20,7 +20,7 @@ from backend.engine import upscale as engine
 from backend.engine.tiles import TiledGuider, ramp, run_tiled, starts
 from backend.errors import ModelError, RequestError
 from backend.jobkinds.upscale import UpscaleRequest
-from tests.image_helpers import gradient, write_image
+from image_helpers import gradient, write_image
 
 
 class FakeModel:
