@@ -17,7 +17,6 @@ the batch: PerpNeg and PAG about 1.2-1.4×, SAG about 1.6-1.7×.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -26,6 +25,7 @@ from backend.engine.conditioning import encode
 from backend.engine.denoise import DenoiseSpec, denoise
 from backend.engine.scheduling import make_scheduler
 from backend.guidance_settings import GuidanceSettings
+from benchmarks.options import parse, sync
 
 PROMPT, NEGATIVE, CFG = "a red fox in the snow, photo", "blurry", 7.0
 # (label, settings, cfg, SDXL only)
@@ -43,11 +43,6 @@ CONTROLS = [
     ("apg 15", GuidanceSettings(apg=15.0), CFG, False),
     ("plain CFG 7 (again)", GuidanceSettings(), CFG, False),  # shows what is noise
 ]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def seconds_per_step(pipe, size: int, steps: int, runs: int) -> list[float | None]:
@@ -68,10 +63,10 @@ def seconds_per_step(pipe, size: int, steps: int, runs: int) -> list[float | Non
                 scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "dpmpp_2m", "karras")
                 generator = torch.Generator("cpu").manual_seed(0)
                 spec = DenoiseSpec(conds[i], size, size, steps, case[1], generator, guidance=case[0])
-                _sync(device)
+                sync(device)
                 start = clock()
                 denoise(pipe, scheduler, spec)
-                _sync(device)
+                sync(device)
                 took = (clock() - start) / steps
                 if round_:
                     best[i] = took if best[i] is None else min(best[i], took)
@@ -91,24 +86,19 @@ def print_table(pipes: dict[str, object], size: int, steps: int, runs: int) -> N
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true", help="real-size SD1.5 UNet on CUDA, fp16, 512²")
-    parser.add_argument("--steps", type=int, help="steps per run (default 15 on GPU, 4 on CPU)")
-    parser.add_argument("--runs", type=int, help="timed rounds (default 3 on GPU, 8 on CPU); the best is kept")
-    args = parser.parse_args()
+    args = parse(__doc__, "real-size SD1.5 UNet on CUDA, fp16, 512²", gpu=(15, 3), cpu=(4, 8))
+    steps, runs = args.steps, args.runs
     if args.gpu:
-        if not torch.cuda.is_available():
-            parser.error("--gpu needs a CUDA device")
         from benchmarks.realsize import build_pipeline
 
-        pipes, size, steps, runs = {"SD1.5 512²": build_pipeline(xl=False)}, 512, args.steps or 15, args.runs or 3
+        pipes, size = {"SD1.5 512²": build_pipeline(xl=False)}, 512
         title = f"{torch.cuda.get_device_name()}, fp16, {steps} steps, DPM++ 2M Karras"
     else:
         from backend.engine.loader import load_pipeline
         from backend.models import resolve_model
 
         load = lambda name: load_pipeline(resolve_model(name), torch.device("cpu"), torch.float32)  # noqa: E731
-        pipes, size, steps, runs = {"demo": load("demo"), "demo-xl": load("demo-xl")}, 128, args.steps or 4, args.runs or 8
+        pipes, size = {"demo": load("demo"), "demo-xl": load("demo-xl")}, 128
         title = f"CPU ({torch.get_num_threads()} threads), fp32, 128², {steps} steps, DPM++ 2M Karras"
     print(title, flush=True)
     print_table(pipes, size, steps, runs)

@@ -16,7 +16,6 @@ the target is a peak of at most 16 GiB.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from backend.engine.scheduling import make_scheduler
 from backend.jobkinds.img2img import Img2ImgRequest
 from backend.jobkinds.upscale import UpscaleRequest
 from backend.request import GenerateRequest
+from benchmarks.options import parse, sync
 
 STRENGTHS = (0.25, 0.5, 0.75, 1.0)
 PROMPT, NEGATIVE = "a red fox in the snow, photo", "blurry"
@@ -44,16 +44,11 @@ def picture(size: int) -> Image.Image:
     return Image.merge("RGB", (ramp, ramp.transpose(Image.Transpose.ROTATE_90), ramp.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed(device, clock, run) -> float:
-    _sync(device)
+    sync(device)
     start = clock()
     run()
-    _sync(device)
+    sync(device)
     return clock() - start
 
 
@@ -110,33 +105,27 @@ def upscale_peak(pipe, steps: int) -> tuple[float, float]:
                                  seed=1).resolved("sdxl")
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        _sync(pipe._execution_device)
+        sync(pipe._execution_device)
         start = time.perf_counter()
         image, _ = upscale_image(pipe, request)
-        _sync(pipe._execution_device)
+        sync(pipe._execution_device)
         assert image.size == (2048, 2048)
         return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true", help="real-size SDXL on CUDA, fp16, 1024², and a 2x upscale")
-    parser.add_argument("--steps", type=int, help="schedule length (default 30 on GPU, 20 on CPU)")
-    parser.add_argument("--runs", type=int, help="timed rounds (default 2 on GPU, 3 on CPU); the best is kept")
-    args = parser.parse_args()
+    args = parse(__doc__, "real-size SDXL on CUDA, fp16, 1024², and a 2x upscale", gpu=(30, 2), cpu=(20, 3))
+    steps, runs = args.steps, args.runs
     if args.gpu:
-        if not torch.cuda.is_available():
-            parser.error("--gpu needs a CUDA device")
         from benchmarks.realsize import build_pipeline
 
-        pipe, size, steps, runs = build_pipeline(xl=True), 1024, args.steps or 30, args.runs or 2
+        pipe, size = build_pipeline(xl=True), 1024
         title = f"{torch.cuda.get_device_name()}, SDXL (random weights), fp16, {size}², {steps} steps, DPM++ 2M Karras"
     else:
         from backend.engine.loader import load_pipeline
         from backend.models import resolve_model
 
-        pipe = load_pipeline(resolve_model("demo"), torch.device("cpu"), torch.float32)
-        size, steps, runs = 128, args.steps or 20, args.runs or 3
+        pipe, size = load_pipeline(resolve_model("demo"), torch.device("cpu"), torch.float32), 128
         title = f"CPU ({torch.get_num_threads()} threads), demo model, fp32, {size}², {steps} steps, DPM++ 2M Karras"
     print_rows(title, time_rows(pipe, size, steps, runs))
     if args.gpu:
