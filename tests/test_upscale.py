@@ -160,11 +160,16 @@ def test_pickled_upscaler_needs_allow_pickle(tmp_path, monkeypatch):
     assert _request(tmp_path, upscaler="old").upscaler == "old"
 
 
-def test_repainting_pass_runs_in_tiles(sd_pipe, tmp_path):
+def test_repainting_pass_runs_in_tiles(sd_pipe, tmp_path, monkeypatch):
     request = _request(tmp_path, scale=2)
+    shapes: list[tuple[int, ...]] = []
+    forward = sd_pipe.unet.forward
+    monkeypatch.setattr(sd_pipe.unet, "forward", lambda x, *a, **k: shapes.append(tuple(x.shape)) or forward(x, *a, **k))
     totals: list[int] = []
     image, record = engine.upscale_image(sd_pipe, request, on_step=lambda step, total, latents: totals.append(total))
     assert image.size == (256, 256) and set(totals) == {3}  # int(8 * 0.382) steps
+    # 256² is 32² latents: 3 x 3 tiles of 16² (the demo's 128 pixels) per step, [uncond, cond] batched.
+    assert shapes == [(2, 4, 16, 16)] * 9 * 3
     lanczos = gradient().resize((256, 256), Image.Resampling.LANCZOS)
     assert np.abs(np.asarray(image, dtype=int) - np.asarray(lanczos, dtype=int)).max() > 0
     assert not sd_pipe.vae.use_tiling  # VAE tiling was on for this job only
