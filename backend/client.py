@@ -20,6 +20,7 @@ from backend.service import Service
 
 class Client(Protocol):
     warnings: list[str]  # problems met while connecting (a damaged queue moved aside, ...)
+    jobs_survive_close: bool  # False: closing this client stops its queued and running jobs (until a restart)
 
     async def start(self) -> None: ...
 
@@ -48,7 +49,9 @@ class Client(Protocol):
 
 
 class LocalClient:
-    """A client for a service in this process."""
+    """A client for a service in this process: its workers stop when the client closes."""
+
+    jobs_survive_close = False
 
     def __init__(self, service: Service) -> None:
         self.service = service

@@ -22,10 +22,11 @@ import yaml
 
 from backend import locations, yaml_text
 from backend.errors import DreamttyError
+from backend.request import SPEEDS
 
 ENV_PATH = "DREAMTTY_CONFIG"
 FOLDER_KINDS = ("checkpoints", "loras", "vae", "embeddings", "upscalers", "wildcards", "styles")
-TOP_KEYS = ("paths", "default_model", "default_preset", "keymap", "allow_pickle")
+TOP_KEYS = ("paths", "default_model", "default_preset", "speed", "keymap", "allow_pickle")
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Config:
     outputs: Path | None = None  # None = backend.locations.outputs_dir()
     default_model: str | None = None
     default_preset: str | None = None
+    speed: str | None = None  # default | fast: the default of every request
     keymap: dict[str, str] = field(default_factory=dict)  # binding id -> key
     allow_pickle: bool = False
     source: Path | None = None  # the file read, if any
@@ -132,6 +134,7 @@ def _apply(cfg: Config, data: dict) -> None:
         ("paths", "outputs"): lambda v: setattr(cfg, "outputs", _outputs(v)),
         (None, "default_model"): lambda v: setattr(cfg, "default_model", _text("default_model", v)),
         (None, "default_preset"): lambda v: setattr(cfg, "default_preset", _text("default_preset", v)),
+        (None, "speed"): lambda v: setattr(cfg, "speed", _choice("speed", v, SPEEDS)),
         (None, "keymap"): lambda v: setattr(cfg, "keymap", _keymap(v)),
         (None, "allow_pickle"): lambda v: setattr(cfg, "allow_pickle", _bool("allow_pickle", v)),
     }
@@ -143,6 +146,12 @@ def _apply(cfg: Config, data: dict) -> None:
             parse(source[key])
         except ValueError as exc:
             cfg.warnings.append(f"config: {exc}; using the default")
+
+
+def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{key}: {value!r} is not allowed; use {' or '.join(allowed)}")
+    return value
 
 
 def _outputs(value: object) -> Path:

@@ -83,13 +83,6 @@ class ImageSaved(JobEvent):
     seed: int
 
 
-@_register("warning")
-class JobWarning(JobEvent):
-    """Something the user should know about a job that still runs (an input image converted, a fallback used)."""
-
-    message: str
-
-
 @_register("done")
 class Done(JobEvent):
     paths: list[str] = field(default_factory=list)
@@ -103,6 +96,13 @@ class Failed(JobEvent):
 @_register("cancelled")
 class Cancelled(JobEvent):
     pass
+
+
+@_register("note")
+class Note(JobEvent):
+    """A line about the job for people: a fallback taken, a first-time compile coming."""
+
+    message: str
 
 
 @_register("retrying")

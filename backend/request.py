@@ -24,6 +24,7 @@ MAX_COUNT = 64
 MAX_SEED = 2**32 - 1
 MAX_LORAS = 5
 DTYPES = ("auto", "fp16", "bf16", "fp32")
+SPEEDS = ("default", "fast")  # fast: a compiled UNet on CUDA (backend/engine/fast.py); the CPU runs default
 _SIZE = re.compile(r"\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*")  # ASCII digits only: int() refuses "²"
 
 
@@ -49,6 +50,7 @@ class GenerateRequest:
     refiner: str | None = None
     refiner_switch: float = 0.8
     dtype: str = "auto"
+    speed: str = "default"
     guidance: GuidanceSettings = field(default_factory=GuidanceSettings)
 
     # Checkpoint variants (library.checkpoint_family) this kind runs with besides regular ones.
@@ -148,6 +150,8 @@ class GenerateRequest:
         seed = _seed(self.seed, count)
         if self.dtype not in DTYPES:
             raise RequestError("dtype", f"unknown {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if self.speed not in SPEEDS:
+            raise RequestError("speed", f"unknown {self.speed!r}; allowed: {', '.join(SPEEDS)}")
         if not 0.0 < to_float("refiner_switch", self.refiner_switch) <= 1.0:
             raise RequestError("refiner_switch", f"{self.refiner_switch} is out of range; allowed (0, 1]")
         check_loras(self.loras)
@@ -247,5 +251,6 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "refiner": optional(text_value),
     "refiner_switch": to_float,
     "dtype": text_value,
+    "speed": text_value,
     "guidance": _guidance,
 }

@@ -1,9 +1,9 @@
 """One way from what a front end holds to a request, for the CLI, the TUI form and the API.
 
-Precedence, everywhere: the request type's defaults < the config's defaults (``default_model``)
-< the source image's settings (a job on an input image: :func:`source_settings`) < a preset <
-explicit values (flags, form fields, JSON fields). A preset named for a job on an input image
-sets everything but the size, which comes from the image. Text as typed (a size ``WxH``, LoRAs
+Precedence, everywhere: the request type's defaults < the config's defaults (``default_model``,
+``speed``) < the source image's settings (a job on an input image: :func:`source_settings`) < a
+preset < explicit values (flags, form fields, JSON fields). A preset named for a job on an input
+image sets everything but the size, which comes from the image. Text as typed (a size ``WxH``, LoRAs
 ``name:weight, ...``, guidance values) is parsed here, with one-line errors naming the field.
 """
 
@@ -30,10 +30,10 @@ def parse_lora(text: str) -> tuple[str, float]:
         raise RequestError("lora", f"{text!r}: weight must be a number (NAME[:WEIGHT])") from None
 
 
-def parse_loras(texts: str | list[str]) -> list[tuple[str, float]]:
-    """Repeated ``--lora`` values, or one comma-separated text as a form holds it."""
+def parse_loras(texts: str | list) -> list:
+    """Repeated ``--lora`` values, one comma-separated text as a form holds it, or (name, weight) pairs."""
     items = texts.split(",") if isinstance(texts, str) else texts
-    return [parse_lora(item) for item in items if item.strip()]
+    return [parse_lora(item) if isinstance(item, str) else item for item in items if not isinstance(item, str) or item.strip()]
 
 
 def parse_floats(name: str, text: str) -> tuple[float, ...]:
@@ -81,7 +81,7 @@ def from_text(values: dict) -> dict:
         if name == "size":
             out["width"], out["height"] = parse_size(value)
         elif name == "loras":
-            out["loras"] = parse_loras(value) if isinstance(value, (str, list)) else value
+            out["loras"] = parse_loras(value)
         elif name == "guidance":
             out["guidance"] = {k: parse_guidance_value(k, v) if isinstance(v, str) else v for k, v in value.items()}
         else:
@@ -119,8 +119,8 @@ def layered(explicit: dict, preset: str | None = None, defaults: dict | None = N
     from that image: a preset's size is left out.
     """
     if defaults is None:
-        model = config.load().default_model
-        defaults = {"model": model} if model else {}
+        cfg = config.load()
+        defaults = {k: v for k, v in (("model", cfg.default_model), ("speed", cfg.speed)) if v}
     base = {**defaults, **(source or {})}
     chosen = apply_preset(preset, explicit) if preset else dict(explicit)
     if preset and source is not None:
@@ -134,7 +134,7 @@ def layered(explicit: dict, preset: str | None = None, defaults: dict | None = N
     return merged
 
 
-def build(explicit: dict, preset: str | None = None, kind: type[GenerateRequest] = GenerateRequest,
+def build(values: dict, preset: str | None = None, kind: type[GenerateRequest] = GenerateRequest,
           defaults: dict | None = None, source: dict | None = None) -> GenerateRequest:
-    """The request of type ``kind`` for ``explicit`` values (as :func:`from_text` returns them)."""
-    return kind.from_dict(layered(explicit, preset, defaults, source))
+    """The request of type ``kind`` for explicit ``values`` as a front end holds them (see :func:`from_text`)."""
+    return kind.from_dict(layered(from_text(values), preset, defaults, source))

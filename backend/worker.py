@@ -84,6 +84,10 @@ class JobRun:
     def emit(self, cls: type[ev.JobEvent], **data) -> None:
         self.send(cls(job=self.job["job"], worker=self.worker, **data))
 
+    def note(self, message: str) -> None:
+        """A line about this job for people (the progress line, the CLI's stderr)."""
+        self.emit(ev.Note, message=message)
+
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
@@ -119,28 +123,40 @@ def _run_job(run: JobRun) -> None:
 
 
 def _make_images(run: JobRun) -> list[str]:
-    """Images ``first_image``..count-1 of the job, each saved, recorded and announced as it is made.
-
-    The kind's image function gets the pipeline (None when the request needs no model, e.g. a fast
-    upscale) and the worker's device; warnings in the record it returns are announced once per job.
-    """
-    from backend import jobkinds, metadata
-    from backend.engine.denoise import latent_preview
+    """The job's pipeline (at the job's speed; none when the request needs no model, e.g. a fast
+    upscale) and its images."""
+    from backend import jobkinds
+    from backend.engine import fast
     from backend.engine.extras import apply_extras
     from backend.engine.loader import pick_dtype
-    from backend.families import FAMILIES
     from backend.models import resolve_model
-    from backend.outputs import save_image
 
     kind = jobkinds.get(run.job["kind"])
     request = kind.request(run.job["request"])
     make_image = kind.image_function()
-    pipe, family_name = None, run.job.get("family", "")
-    if request.uses_model:
-        ref = resolve_model(request.model, variants=request.model_variants)
-        pipe = run.cache.get(ref, pick_dtype(request.dtype, run.cache.device))
-        request = apply_extras(pipe, request, run.cache)
-        family_name = pipe.dreamtty_family
+    if not request.uses_model:
+        return _image_loop(run, kind, request, None, run.job.get("family", ""), make_image)
+    ref = resolve_model(request.model, variants=request.model_variants)
+    speed = fast.effective_speed(request.speed, run.cache.device)
+    if speed != request.speed:
+        run.note(fast.CPU_NOTE)
+    pipe = run.cache.get(ref, pick_dtype(request.dtype, run.cache.device), speed)
+    request = apply_extras(pipe, request, run.cache)
+    with fast.compiled_run(pipe, ref.location, (request.width, request.height), run.cache.compiled, run.note):
+        return _image_loop(run, kind, request, pipe, pipe.dreamtty_family, make_image)
+
+
+def _image_loop(run: JobRun, kind, request, pipe, family_name: str, make_image) -> list[str]:
+    """Images ``first_image``..count-1: each made, saved, recorded in the queue and announced.
+
+    The kind's image function gets the pipeline (or None) and the worker's device; the warnings in
+    the record it returns are announced as notes, once per job.
+    """
+    from backend import metadata
+    from backend.engine.denoise import latent_preview
+    from backend.families import FAMILIES
+    from backend.outputs import save_image
+
     family = FAMILIES.get(family_name)
     kept = request.keep_inputs_in(Path(run.job["out"]))
     announced: set[str] = set()
@@ -167,7 +183,7 @@ def _make_images(run: JobRun) -> list[str]:
         for warning in record.get("warnings", []):
             if warning not in announced:
                 announced.add(warning)
-                run.emit(ev.JobWarning, message=warning)
+                run.note(warning)
         if kept:
             record["kept_inputs"] = kept
         meta = metadata.build(per_image, family_name, record, kind.name)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from backend import metadata
 from backend.errors import RequestError
-from backend.events import Done, ImageSaved, JobWarning
+from backend.events import Done, ImageSaved, Note
 from backend.jobkinds.img2img import Img2ImgRequest
 from backend.jobkinds.inpaint import InpaintRequest
 from backend.jobkinds.outpaint import OutpaintRequest
@@ -59,7 +59,7 @@ async def test_every_kind_reproduces_identically(tmp_path, demo_dirs):
             paths, seen = await asyncio.wait_for(_run(service, events, request, tmp_path / "out"), TIMEOUT)
             made[kind] = paths
             if kind == "upscale":
-                assert any(isinstance(e, JobWarning) and "Lanczos" in e.message for e in seen)
+                assert any(isinstance(e, Note) and "Lanczos" in e.message for e in seen)
         assert len(made["img2img"]) == 2
         for kind, paths in made.items():
             meta = metadata.read(paths[-1])

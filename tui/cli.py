@@ -110,16 +110,6 @@ def _check_home() -> None:
         make_folder(Path(home), "DREAMTTY_HOME")
 
 
-def _check_queue() -> None:
-    """Open the queue once before the TUI takes the screen, so its warnings stay readable."""
-    from backend import locations
-    from backend.queue_store import QueueStore
-
-    store = QueueStore(locations.queue_db())
-    store.close()
-    print_warnings(store.warnings)
-
-
 def main(argv: list[str] | None = None) -> int:
     from tui.cli_models import apply_global_options
 
@@ -130,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             from tui.app import run_app
 
-            _check_queue()
-            return run_app(args)
+            return run_app(args, print_warnings)
         return int(args.func(args) or 0)
     except DreamttyError as exc:
         print(f"dreamtty: {visible(exc)}", file=sys.stderr)

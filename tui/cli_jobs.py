@@ -12,13 +12,13 @@ from pathlib import Path
 
 from backend.client import Client
 from backend.errors import RequestError
-from backend.events import Cancelled, Failed, ImageSaved, JobWarning, to_dict
+from backend.events import Cancelled, Failed, ImageSaved, Note, to_dict
 from backend.guidance_settings import GuidanceSettings
 from backend.jobkinds.img2img import Img2ImgRequest
 from backend.jobkinds.inpaint import MODES, InpaintRequest
 from backend.jobkinds.outpaint import SIDES, OutpaintRequest
 from backend.jobkinds.upscale import SCALES, UpscaleRequest
-from backend.request import GenerateRequest
+from backend.request import DTYPES, SPEEDS, GenerateRequest
 from backend.safetext import visible
 from backend.samplers import SAMPLERS, SCHEDULES
 from tui.cli_output import Progress, print_warnings
@@ -54,7 +54,9 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", help="VAE override")
     p.add_argument("--refiner", help="SDXL refiner model")
     p.add_argument("--refiner-switch", type=float, help="fraction of steps before the refiner takes over")
-    p.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"])
+    p.add_argument("--dtype", choices=DTYPES)
+    p.add_argument("--speed", choices=SPEEDS, help="fast: a compiled UNet on CUDA (first time per model and size: "
+                                                   "about a minute; then cached)")
     g = p.add_argument_group("guidance")
     g.add_argument("--perp-neg", type=float, help="PerpNeg scale")
     g.add_argument("--sag", type=float, help="Self-Attention Guidance scale")
@@ -71,7 +73,7 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
 
 
 _REQUEST_FLAGS = ("model", "negative_prompt", "sampler", "scheduler", "steps", "cfg", "seed", "count", "styles",
-                  "expand", "loras", "size", "vae", "refiner", "refiner_switch", "dtype")
+                  "expand", "loras", "size", "vae", "refiner", "refiner_switch", "dtype", "speed")
 # Flags of the image-input verbs, each the request field of the same name (absent on other verbs).
 _IMAGE_FLAGS = ("image", "strength", "keep_inputs", "scale", "fast", "upscaler", "mask", "box", "mode", "context",
                 "feather", *SIDES)
@@ -88,7 +90,7 @@ def request_from_args(args: argparse.Namespace, kind: type[GenerateRequest] = Ge
     guidance = {f.name: getattr(args, f.name) for f in fields(GuidanceSettings) if getattr(args, f.name) is not None}
     if guidance:
         values["guidance"] = guidance
-    return request_builder.build(request_builder.from_text(values), args.preset, kind, source=source)
+    return request_builder.build(values, args.preset, kind, source=source)
 
 
 # -- commands ------------------------------------------------------------------
@@ -114,9 +116,9 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
                     if not args.json:
                         progress.clear()
                         print(visible(event.path), flush=True)
-                elif isinstance(event, JobWarning) and not args.json:
+                elif isinstance(event, Note):
                     progress.clear()
-                    print_warnings([f"job {job_id}: {event.message}"])
+                    print(f"dreamtty: job {job_id}: {visible(event.message)}", file=sys.stderr)
                 elif isinstance(event, (Failed, Cancelled)):
                     failed += 1
                     progress.clear()

@@ -150,18 +150,26 @@ class PipelineCache:
     """Keeps up to ``capacity`` pipelines loaded, evicting the least recently used."""
 
     def __init__(self, device: torch.device, capacity: int = 2) -> None:
+        from backend.engine.fast import CompileCache
+
         self.device = device
         self.capacity = capacity
         self._pipes: OrderedDict[tuple, object] = OrderedDict()
+        self.compiled = CompileCache()  # compiled artifacts of fast pipelines, on disk
 
-    def get(self, ref: ModelRef, dtype: torch.dtype):
-        key = (ref.kind, ref.location, dtype)
+    def get(self, ref: ModelRef, dtype: torch.dtype, speed: str = "default"):
+        """The pipeline of ``ref`` in ``dtype``; ``speed`` "fast" (CUDA) is a compiled one, kept apart."""
+        key = (ref.kind, ref.location, dtype, speed)
         if key in self._pipes:
             self._pipes.move_to_end(key)
             return self._pipes[key]
         while len(self._pipes) >= self.capacity:
             self.evict_oldest()
         pipe = load_pipeline(ref, self.device, dtype)
+        if speed == "fast":
+            from backend.engine.fast import make_fast
+
+            make_fast(pipe)
         self._pipes[key] = pipe
         return pipe
 
