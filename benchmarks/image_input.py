@@ -114,7 +114,8 @@ def upscale_peak(pipe, steps: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    args = parse(__doc__, "real-size SDXL on CUDA, fp16, 1024², and a 2x upscale", gpu=(30, 2), cpu=(20, 3))
+    args = parse(__doc__, "real-size SDXL on CUDA, fp16, 1024², and a 2x upscale",
+                 {"steps": ("schedule length", 30, 20), "runs": ("timed rounds; the best is kept", 2, 3)})
     steps, runs = args.steps, args.runs
     if args.gpu:
         from benchmarks.realsize import build_pipeline

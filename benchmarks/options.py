@@ -7,18 +7,19 @@ import argparse
 import torch
 
 
-def parse(doc: str, gpu_help: str, gpu: tuple[int, int], cpu: tuple[int, int]) -> argparse.Namespace:
-    """``--gpu``, ``--steps`` and ``--runs``; the defaults ``(steps, runs)`` of the chosen device filled in.
-    ``--gpu`` without CUDA is a usage error."""
+def parse(doc: str, gpu_help: str, options: dict[str, tuple[str, int, int]]) -> argparse.Namespace:
+    """``--gpu`` and whole-number options ``{name: (help, GPU default, CPU default)}``, each filled with the
+    chosen device's default when not given; ``--gpu`` without CUDA is a usage error."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help=gpu_help)
-    parser.add_argument("--steps", type=int, help=f"steps per run (default {gpu[0]} on GPU, {cpu[0]} on CPU)")
-    parser.add_argument("--runs", type=int, help=f"timed rounds (default {gpu[1]} on GPU, {cpu[1]} on CPU); the best is kept")
+    for name, (text, on_gpu, on_cpu) in options.items():
+        parser.add_argument(f"--{name}", type=int, help=f"{text} (default {on_gpu} on GPU, {on_cpu} on CPU)")
     args = parser.parse_args()
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu needs a CUDA device")
-    steps, runs = gpu if args.gpu else cpu
-    args.steps, args.runs = args.steps or steps, args.runs or runs
+    for name, (_, on_gpu, on_cpu) in options.items():
+        if getattr(args, name) is None:
+            setattr(args, name, on_gpu if args.gpu else on_cpu)
     return args
 
 
