@@ -1,4 +1,4 @@
-"""The model library: find checkpoints, LoRAs, VAEs and embeddings on disk, without torch.
+"""The model library: find checkpoints, LoRAs, VAEs, embeddings and upscalers on disk, without torch.
 
 Files are inspected by their tensor names and shapes only:
 
@@ -44,8 +44,9 @@ UNET = "model.diffusion_model."
 # Cross-attention context width -> family, for files without text encoder keys (LoRAs, bare UNets).
 CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
 HIDDEN_FAMILY = {768: "sd1", 1024: "sd2"}  # text-encoder width of SD1 / SD2 embeddings and LoRAs
-KINDS = ("checkpoint", "lora", "vae", "embedding")
-FOLDER_OF_KIND = {"checkpoint": "checkpoints", "lora": "loras", "vae": "vae", "embedding": "embeddings"}
+KINDS = ("checkpoint", "lora", "vae", "embedding", "upscaler")
+FOLDER_OF_KIND = {"checkpoint": "checkpoints", "lora": "loras", "vae": "vae", "embedding": "embeddings",
+                  "upscaler": "upscalers"}
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -270,6 +271,11 @@ def is_vae(shapes: Shapes) -> bool:
     return {"encoder.conv_in.weight", "decoder.conv_out.weight"} <= keys and not _has_prefix(shapes, UNET)
 
 
+def is_image_model(shapes: Shapes) -> bool:
+    """Has 2-D convolution weights and no Stable Diffusion UNet (what every upscaler has)."""
+    return any(len(s) == 4 for s in shapes.values()) and not _has_prefix(shapes, UNET)
+
+
 # -- discovery --------------------------------------------------------------------
 @dataclass
 class Entry:
@@ -306,6 +312,8 @@ _DETECTORS = {  # kind -> (shapes -> family or None, why a file is not of that k
     "lora": (lora_family, "is not a LoRA (no lora_down / lora_A weights)"),
     "embedding": (embedding_family, "is not a textual-inversion embedding"),
     "vae": (lambda shapes: "any" if is_vae(shapes) else None, "is not a VAE (no encoder/decoder weights)"),
+    # Upscalers (ESRGAN, SwinIR, ...): their architecture is told by spandrel, in the worker.
+    "upscaler": (lambda shapes: "any" if is_image_model(shapes) else None, "is not an image model (no convolutions)"),
 }
 
 
@@ -320,7 +328,8 @@ def _inspect_file(kind: str, path: Path, source: str) -> Entry:
             raise CorruptFile(f"model: {path.name} is not a Stable Diffusion checkpoint (no UNet weights)")
         entry.family, entry.variant = found
         if entry.variant:
-            entry.note = f"{entry.variant} model: not usable for text-to-image"
+            use = "for inpaint and outpaint only" if entry.variant == "inpaint" else "not usable for text-to-image"
+            entry.note = f"{entry.variant} model: {use}"
     else:
         detect, problem = _DETECTORS[kind]
         family = detect(shapes)
@@ -355,9 +364,19 @@ def family_from_folder(folder: Path) -> str:
     return "sd1"
 
 
+def folder_variant(folder: Path) -> str | None:
+    """``"inpaint"`` when a diffusers folder's UNet takes 9 input channels (latents, mask, masked image), as
+    :func:`checkpoint_family` tells for single files."""
+    unet = folder / "unet" / "config.json"
+    if not unet.is_file():
+        return None
+    return {9: "inpaint", 8: "pix2pix"}.get(_read_json(unet).get("in_channels"))
+
+
 def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
     if kind == "checkpoint" and (folder / "model_index.json").is_file():
-        return Entry(kind, folder.name, str(folder), family_from_folder(folder), _folder_size(folder), source, "diffusers")
+        return Entry(kind, folder.name, str(folder), family_from_folder(folder), _folder_size(folder), source,
+                     "diffusers", folder_variant(folder))
     if kind == "vae" and (folder / "config.json").is_file():
         try:
             cls = json.loads((folder / "config.json").read_text()).get("_class_name")

@@ -1,16 +1,19 @@
 """One way from what a front end holds to a request, for the CLI, the TUI form and the API.
 
-Precedence, everywhere: the request type's defaults < the config's defaults (``default_model``, ``speed``)
-< a preset < explicit values (flags, form fields, JSON fields). Text as typed (a size ``WxH``,
-LoRAs ``name:weight, ...``, guidance values) is parsed here, with one-line errors naming the field.
+Precedence, everywhere: the request type's defaults < the config's defaults (``default_model``,
+``speed``) < the source image's settings (a job on an input image: :func:`source_settings`) < a
+preset < explicit values (flags, form fields, JSON fields). A preset named for a job on an input
+image sets everything but the size, which comes from the image. Text as typed (a size ``WxH``, LoRAs
+``name:weight, ...``, guidance values) is parsed here, with one-line errors naming the field.
 """
 
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 
-from backend import config
-from backend.errors import RequestError
+from backend import config, metadata
+from backend.errors import DreamttyError, RequestError
 from backend.guidance_settings import GuidanceSettings
 from backend.prompting.presets import apply_preset
 from backend.request import GenerateRequest, parse_size
@@ -86,17 +89,52 @@ def from_text(values: dict) -> dict:
     return out
 
 
-def layered(explicit: dict, preset: str | None = None, defaults: dict | None = None) -> dict:
-    """Request fields: ``defaults`` (the config's when None) < ``preset`` < ``explicit``."""
+# Settings of a source image that a job on it does not take: its own seed and batch, and its size.
+_NOT_FROM_SOURCE = ("seed", "count", "index", "width", "height")
+
+
+def source_settings(path: str | Path) -> tuple[dict, list[str]]:
+    """The settings the image at ``path`` was made with, as a layer for a job on it, and warnings.
+
+    The common request fields of its metadata (dreamtty's, or A1111's or Fooocus's: then only what
+    that tool recorded), without its seed, batch and size; {} for an image without metadata.
+    """
+    try:
+        request, warnings = metadata.image_request(path)
+    except DreamttyError:
+        return {}, []
+    common = {f.name for f in fields(GenerateRequest)} - set(_NOT_FROM_SOURCE)
+    values = {k: v for k, v in request.to_dict().items() if k in common}
+    if warnings:  # another tool's image: a field it did not record holds our default, which must not win
+        defaults = GenerateRequest().to_dict()
+        values = {k: v for k, v in values.items() if v != defaults[k]}
+    return values, warnings
+
+
+def layered(explicit: dict, preset: str | None = None, defaults: dict | None = None,
+            source: dict | None = None) -> dict:
+    """Request fields: ``defaults`` (the config's when None) < ``source`` < ``preset`` < ``explicit``.
+
+    ``source`` (the settings of a job's input image, {} when it has none) also means the size comes
+    from that image: a preset's size is left out.
+    """
     if defaults is None:
         cfg = config.load()
         defaults = {k: v for k, v in (("model", cfg.default_model), ("speed", cfg.speed)) if v}
-    if not preset:
-        return {**defaults, **explicit}
-    return {**defaults, **apply_preset(preset, explicit)}
+    base = {**defaults, **(source or {})}
+    chosen = apply_preset(preset, explicit) if preset else dict(explicit)
+    if preset and source is not None:
+        for name in ("width", "height"):
+            if name not in explicit:
+                chosen.pop(name, None)
+    merged = {**base, **chosen}
+    guidance = {**(base.get("guidance") or {}), **(chosen.get("guidance") or {})}  # control by control
+    if guidance:
+        merged["guidance"] = guidance
+    return merged
 
 
 def build(values: dict, preset: str | None = None, kind: type[GenerateRequest] = GenerateRequest,
-          defaults: dict | None = None) -> GenerateRequest:
+          defaults: dict | None = None, source: dict | None = None) -> GenerateRequest:
     """The request of type ``kind`` for explicit ``values`` as a front end holds them (see :func:`from_text`)."""
-    return kind.from_dict(layered(from_text(values), preset, defaults))
+    return kind.from_dict(layered(from_text(values), preset, defaults, source))

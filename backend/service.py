@@ -18,6 +18,7 @@ from pathlib import Path
 
 from backend import config, jobkinds, locations
 from backend.events import FINAL_EVENTS, Cancelled, Done, Event, Failed, JobEvent, Queued, Retrying, Started, WorkerReady
+from backend.errors import ModelError
 from backend.extras_check import check_extras
 from backend.guidance_settings import check_clip_skip
 from backend.models import resolve_model, text_encoder_depth
@@ -123,8 +124,13 @@ class Service:
 
     # -- API ---------------------------------------------------------------
     def validate(self, request: GenerateRequest) -> tuple[GenerateRequest, str]:
-        """Resolve the model and validate the request; raises a one-line DreamttyError."""
-        ref = resolve_model(request.model)
+        """Resolve the model and validate the request; raises a one-line DreamttyError.
+
+        A request that loads no model (a fast upscale) is not refused for a model it does not use.
+        """
+        if not request.uses_model:
+            return request.resolved(self._family_or_default(request.model)), ""
+        ref = resolve_model(request.model, variants=request.model_variants)
         family = ref.family if ref.family != "unknown" else "sdxl"
         resolved = request.resolved(family)
         depth = text_encoder_depth(ref)
@@ -133,6 +139,15 @@ class Service:
         check_prompts(resolved)
         check_extras(resolved, ref.family)
         return resolved, ref.family
+
+    @staticmethod
+    def _family_or_default(model: str) -> str:
+        """The model's family for the request's defaults, "sdxl" when it cannot be told."""
+        try:
+            family = resolve_model(model, variants=("inpaint",)).family
+        except ModelError:
+            return "sdxl"
+        return family if family != "unknown" else "sdxl"
 
     def prepare(self, request: GenerateRequest, out_dir: Path | None = None) -> Prepared:
         """Everything ``submit`` checks (model, fields, prompts, extras, the output folder): the slow,

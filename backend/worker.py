@@ -155,33 +155,43 @@ def run_job(run: JobRun) -> None:
 
 
 def _make_images(run: JobRun) -> None:
-    """The job's pipeline (at the job's speed) and its images."""
+    """The job's pipeline (at the job's speed; none when the request needs no model, e.g. a fast
+    upscale) and its images."""
     from backend import jobkinds
     from backend.engine import fast
     from backend.engine.extras import apply_extras
     from backend.engine.loader import pick_dtype
-    from backend.families import FAMILIES
     from backend.models import resolve_model
 
     kind = jobkinds.get(run.job["kind"])
     request = kind.request(run.job["request"])
     make_image = kind.image_function()
-    ref = resolve_model(request.model)
+    if not request.uses_model:
+        _image_loop(run, kind, request, None, run.job.get("family", ""), make_image)
+        return
+    ref = resolve_model(request.model, variants=request.model_variants)
     speed = fast.effective_speed(request.speed, run.cache.device)
     if speed != request.speed:
         run.note(fast.CPU_NOTE)
     pipe = run.cache.get(ref, pick_dtype(request.dtype, run.cache.device), speed)
     request = apply_extras(pipe, request, run.cache)
-    family = FAMILIES[pipe.dreamtty_family]
     with fast.compiled_run(pipe, ref.location, (request.width, request.height), run.cache.compiled, run.note):
-        _image_loop(run, kind, request, pipe, family, make_image)
+        _image_loop(run, kind, request, pipe, pipe.dreamtty_family, make_image)
 
 
-def _image_loop(run: JobRun, kind, request, pipe, family, make_image) -> None:
-    """Images ``first_image``..count-1 of the job, each handed to ``run.output`` as it is made."""
+def _image_loop(run: JobRun, kind, request, pipe, family_name: str, make_image) -> None:
+    """Images ``first_image``..count-1 of the job, each handed to ``run.output`` as it is made.
+
+    The kind's image function gets the pipeline (or None) and the worker's device; the warnings in
+    the record it returns are announced as notes, once per job.
+    """
     from backend import metadata
     from backend.engine.denoise import latent_preview
+    from backend.families import FAMILIES
 
+    family = FAMILIES.get(family_name)
+    kept = request.keep_inputs_in(Path(run.job["out"]))
+    announced: set[str] = set()
     for i in range(run.job.get("first_image", 0), request.count):
         per_image = request.per_image(i)
         clock = {"start": time.monotonic(), "step": 0.0, "preview": 0.0}
@@ -194,11 +204,18 @@ def _image_loop(run: JobRun, kind, request, pipe, family, make_image) -> None:
                 rate = step / max(now - clock["start"], 1e-9)
                 run.emit(ev.Step, image=i, count=request.count, step=step, total=total, its=rate,
                          eta=(total - step) / rate + (request.count - i - 1) * total / rate)
-            if not last and now - clock["preview"] >= PREVIEW_INTERVAL:
+            if family is not None and not last and now - clock["preview"] >= PREVIEW_INTERVAL:
                 clock["preview"] = now
                 rgb = latent_preview(latents, family.preview_matrix, family.preview_bias)
                 run.emit(ev.Preview, image=i, width=rgb.shape[1], height=rgb.shape[0], rgb=rgb.tobytes())
 
-        image, record = make_image(pipe, per_image, on_step=on_step, should_cancel=run.should_cancel)
-        meta = metadata.build(per_image, pipe.dreamtty_family, record, kind.name)
+        image, record = make_image(pipe, per_image, on_step=on_step, should_cancel=run.should_cancel,
+                                   device=run.cache.device)
+        for warning in record.get("warnings", []):
+            if warning not in announced:
+                announced.add(warning)
+                run.note(warning)
+        if kept:
+            record["kept_inputs"] = kept
+        meta = metadata.build(per_image, family_name, record, kind.name)
         run.output.save(run, image, meta, i, per_image.seed)

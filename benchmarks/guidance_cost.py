@@ -20,7 +20,6 @@ Published figures: docs/guidance.md ("Cost").
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -30,6 +29,7 @@ from backend.engine.conditioning import encode
 from backend.engine.denoise import DenoiseSpec, denoise
 from backend.engine.scheduling import make_scheduler
 from backend.guidance_settings import GuidanceSettings
+from benchmarks.options import parse, sync
 
 PROMPT, NEGATIVE, CFG = "a red fox in the snow, photo", "blurry", 7.0
 BASELINE = "plain CFG 7 (noise)"
@@ -48,11 +48,6 @@ CONTROLS = [
 ]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def interleaved_ratios(pipe, size: int, steps: int, rounds: int) -> dict[str, tuple[float, list[float]]]:
     """Label -> (median seconds per step, ratio to the neighbouring baselines in each round), for the
     baseline (each inner baseline run against its two neighbours) and each control that applies."""
@@ -67,10 +62,10 @@ def interleaved_ratios(pipe, size: int, steps: int, rounds: int) -> dict[str, tu
             scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "dpmpp_2m", "karras")
             spec = DenoiseSpec(conds[cfg > 1.0], size, size, steps, cfg, torch.Generator("cpu").manual_seed(0),
                                guidance=settings)
-            _sync(device)
+            sync(device)
             start = clock()
             denoise(pipe, scheduler, spec)
-            _sync(device)
+            sync(device)
             return (clock() - start) / steps
 
         times: dict[str, list[float]] = {label: [] for label in (BASELINE, *(c[0] for c in cases))}
@@ -108,17 +103,13 @@ def print_table(pipes: dict[str, object], size: int, steps: int, rounds: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true", help="real-size SD1.5 UNet on CUDA, fp16, 512²")
-    parser.add_argument("--steps", type=int, help="steps per run (default 15 on GPU, 8 on CPU)")
-    parser.add_argument("--rounds", type=int, help="timed rounds (default 5 on GPU, 10 on CPU)")
-    args = parser.parse_args()
+    args = parse(__doc__, "real-size SD1.5 UNet on CUDA, fp16, 512²",
+                 {"steps": ("steps per run", 15, 8), "rounds": ("timed rounds", 5, 10)})
+    steps, rounds = args.steps, args.rounds
     if args.gpu:
-        if not torch.cuda.is_available():
-            parser.error("--gpu needs a CUDA device")
         from benchmarks.realsize import build_pipeline
 
-        pipes, size, steps, rounds = {"SD1.5 512²": build_pipeline(xl=False)}, 512, args.steps or 15, args.rounds or 5
+        pipes, size = {"SD1.5 512²": build_pipeline(xl=False)}, 512
         title = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, fp16"
     else:
         from backend.engine.loader import load_pipeline
@@ -126,7 +117,6 @@ def main() -> None:
 
         load = lambda name: load_pipeline(resolve_model(name), torch.device("cpu"), torch.float32)  # noqa: E731
         pipes, size = {"demo": load("demo"), "demo-xl": load("demo-xl")}, 128
-        steps, rounds = args.steps or 8, args.rounds or 10
         title = f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32, 128²"
     print(f"{title}, {steps} steps, DPM++ 2M Karras, {rounds} interleaved rounds", flush=True)
     print_table(pipes, size, steps, rounds)

@@ -72,3 +72,31 @@ def test_bad_text_is_a_one_line_error_naming_the_field(values, error):
     with pytest.raises(RequestError) as caught:
         request_builder.build(values)
     assert str(caught.value).startswith(error)
+
+
+def test_source_image_layer_sits_between_config_defaults_and_a_preset(tmp_path):
+    """A job on an image: its settings < --preset < explicit; a new seed; the size from the image."""
+    from PIL import Image
+
+    from backend import metadata
+    from backend.jobkinds.img2img import Img2ImgRequest
+    from backend.guidance_settings import GuidanceSettings
+    from backend.outputs import save_image
+    from backend.request import GenerateRequest
+
+    _config("default_model: demo-xl\n")
+    made = GenerateRequest(prompt="a red fox", model="demo", steps=12, cfg=4.0, seed=9, styles=["Watercolor"],
+                           guidance=GuidanceSettings(sag=0.5, sharpness=2.0)).resolved("demo").to_dict()
+    path = save_image(Image.new("RGB", (128, 128)), {"kind": "generate", "family": "demo", "request": made,
+                                                    "prompt": {}}, tmp_path)
+    source, warnings = request_builder.source_settings(path)
+    assert warnings == [] and {"seed", "width", "height", "count", "index"}.isdisjoint(source)
+    values = {"image": str(path), "guidance": {"sag": "1.5"}}
+    request = request_builder.build(values, kind=Img2ImgRequest, source=source)
+    assert (request.model, request.prompt, request.steps, request.cfg, request.styles) == ("demo", "a red fox", 12, 4.0, ["Watercolor"])
+    assert (request.guidance.sag, request.guidance.sharpness) == (1.5, 2.0)  # merged control by control
+    assert (request.seed, request.width) == (-1, None)
+    with_preset = request_builder.build(values, "anime", Img2ImgRequest, source=source)
+    assert with_preset.model == "cagliostrolab/animagine-xl-3.1" and with_preset.width is None  # not the preset's size
+    assert request_builder.source_settings(tmp_path / "none.png") == ({}, [])
+    assert metadata.read(path)["request"]["seed"] == 9

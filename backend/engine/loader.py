@@ -37,12 +37,15 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+def _pipeline_class(family: str, variant: str | None = None):
+    import diffusers
 
     if family == "sdxl-refiner":
-        return StableDiffusionXLImg2ImgPipeline
-    return StableDiffusionXLPipeline if FAMILIES[family].xl else StableDiffusionPipeline
+        return diffusers.StableDiffusionXLImg2ImgPipeline
+    xl = FAMILIES[family].xl
+    if variant == "inpaint":  # a dedicated inpainting model: its UNet also takes the mask and the masked image
+        return diffusers.StableDiffusionXLInpaintPipeline if xl else diffusers.StableDiffusionInpaintPipeline
+    return diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline
 
 
 def family_config(family: str) -> Path:
@@ -88,7 +91,12 @@ def _check_file(ref: ModelRef) -> Path:
 def _from_single_file(ref: ModelRef, dtype: torch.dtype, extra: dict):
     path = _check_file(ref)
     folder = family_config(ref.family)
-    cls = _pipeline_class(ref.family)
+    cls = _pipeline_class(ref.family, ref.variant)
+    if ref.variant == "inpaint":  # the family's config describes a 4-channel UNet
+        from diffusers import UNet2DConditionModel
+
+        extra = {**extra, "unet": UNet2DConditionModel.from_single_file(
+            str(path), config=str(folder), subfolder="unet", local_files_only=True, dtype=dtype, in_channels=9)}
     return cls.from_single_file(
         str(path), config=str(folder), local_files_only=True, dtype=dtype, **_tokenizers(folder, ref.family), **extra
     )
@@ -125,7 +133,7 @@ def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype):
         if folder is None:
             pipe = _from_single_file(ref, dtype, extra)
         else:
-            pipe = _pipeline_class(family).from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
+            pipe = _pipeline_class(family, ref.variant).from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
     except ModelError:
         raise
     except Exception as exc:

@@ -14,13 +14,11 @@ the hand-over changes the refiner's conditioning at that step.
 from __future__ import annotations
 
 from backend.engine.conditioning import Conditioning, StepConditioning, encode_schedule
+from backend.engine.denoise import sdxl_time_ids
 from backend.engine.guider import Guider, UNetInputs
 from backend.errors import ModelError
 from backend.families import FAMILIES
 from backend.prompting.editing import PromptSchedule
-
-AESTHETIC_SCORE = 6.0
-NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
 class Handover:
@@ -38,19 +36,8 @@ def refiner_inputs(refiner, cond: Conditioning | StepConditioning, width: int, h
     """UNet inputs for the refiner: its conditioning and, for SDXL, its time ids."""
     if not FAMILIES[refiner.dreamtty_family].xl:
         return UNetInputs(refiner, cond, None, None, None)
-    from diffusers import StableDiffusionXLImg2ImgPipeline
-
-    size = (height, width)
     first = cond.at(0, 1)
-    dtype = first.cond.dtype
-    proj = int(first.pooled.shape[-1])
-    if isinstance(refiner, StableDiffusionXLImg2ImgPipeline):
-        ids, neg = refiner._get_add_time_ids(
-            size, (0, 0), size, AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, size, (0, 0), size,
-            dtype=dtype, text_encoder_projection_dim=proj,
-        )
-    else:
-        ids = neg = refiner._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=proj)
+    ids, neg = sdxl_time_ids(refiner, width, height, first.cond.dtype, int(first.pooled.shape[-1]))
     device = refiner._execution_device
     return UNetInputs(refiner, cond, ids.to(device), neg.to(device), None)
 
