@@ -42,6 +42,8 @@ APP_KEYS = (
 
 GENERATE_KEYS = (
     Key("preset.save", "ctrl+o", "save_preset", "Save preset", "Save the Generate form as a preset", priority=True),
+    Key("mask.edit", "ctrl+t", "edit_mask", "Edit mask", "Paint the inpaint mask of the Input image", show=False,
+        priority=True),
 )
 
 QUEUE_KEYS = (
@@ -49,9 +51,57 @@ QUEUE_KEYS = (
     Key("gallery.load", "l", "load_parameters", "Load params", "Load the selected image's parameters into the form"),
     Key("gallery.reproduce", "r", "reproduce", "Reproduce", "Queue the selected image's parameters again"),
     Key("gallery.copy", "y", "copy_path", "Copy path", "Copy the selected image's path to the clipboard"),
+    Key("gallery.vary_subtle", "v", "on_image('vary_subtle')", "Vary",
+        "Vary the selected image, subtle (strength 0.5)"),
+    Key("gallery.vary_strong", "V", "on_image('vary_strong')", "Vary strong",
+        "Vary the selected image, strong (strength 0.85)", show=False),
+    Key("gallery.upscale", "u", "on_image('upscale_1.5')", "Upscale", "Upscale the selected image 1.5×"),
+    Key("gallery.upscale_2", "U", "on_image('upscale_2')", "Upscale 2×", "Upscale the selected image 2×", show=False),
+    Key("gallery.inpaint", "i", "inpaint", "Inpaint", "Paint a mask on the selected image and inpaint it"),
+    Key("gallery.outpaint_left", "H", "on_image('outpaint_left')", "Outpaint left",
+        "Outpaint the selected image: widen it on the left", show=False),
+    Key("gallery.outpaint_right", "L", "on_image('outpaint_right')", "Outpaint right",
+        "Outpaint the selected image: widen it on the right", show=False),
+    Key("gallery.outpaint_top", "K", "on_image('outpaint_top')", "Outpaint top",
+        "Outpaint the selected image: extend it at the top", show=False),
+    Key("gallery.outpaint_bottom", "J", "on_image('outpaint_bottom')", "Outpaint bottom",
+        "Outpaint the selected image: extend it at the bottom", show=False),
+    Key("gallery.input", "e", "use_as_input", "Use as input", "Put the selected image in the Generate screen's "
+        "Input image section", show=False),
 )
 
-ALL_KEYS = APP_KEYS + GENERATE_KEYS + QUEUE_KEYS
+# The mask editor: a brush moved in preview pixels (shifted: several at a time), paint, erase, a pen that
+# paints or erases while moving, rectangles, and the feather of the inpaint job.
+MASK_KEYS = (
+    Key("mask.left", "left,h", "move(-1,0)", "Left", "Mask editor: move the brush left", show=False),
+    Key("mask.right", "right,l", "move(1,0)", "Right", "Mask editor: move the brush right", show=False),
+    Key("mask.up", "up,k", "move(0,-1)", "Up", "Mask editor: move the brush up", show=False),
+    Key("mask.down", "down,j", "move(0,1)", "Down", "Mask editor: move the brush down", show=False),
+    Key("mask.far_left", "shift+left,H", "move_far(-1,0)", "Far left", "Mask editor: move the brush far left",
+        show=False),
+    Key("mask.far_right", "shift+right,L", "move_far(1,0)", "Far right", "Mask editor: move the brush far right",
+        show=False),
+    Key("mask.far_up", "shift+up,K", "move_far(0,-1)", "Far up", "Mask editor: move the brush far up", show=False),
+    Key("mask.far_down", "shift+down,J", "move_far(0,1)", "Far down", "Mask editor: move the brush far down",
+        show=False),
+    Key("mask.paint", "space", "stroke(True)", "Paint", "Mask editor: paint under the brush (or fill the rectangle)"),
+    Key("mask.erase", "x", "stroke(False)", "Erase", "Mask editor: erase under the brush (or the rectangle)"),
+    Key("mask.pen", "p", "pen", "Pen", "Mask editor: pen up / painting / erasing while the brush moves"),
+    Key("mask.bigger", "plus,equals_sign,right_square_bracket", "brush(1)", "Bigger", "Mask editor: bigger brush",
+        show=False),
+    Key("mask.smaller", "minus,left_square_bracket", "brush(-1)", "Smaller", "Mask editor: smaller brush",
+        show=False),
+    Key("mask.rectangle", "r", "rectangle", "Rectangle",
+        "Mask editor: start (or drop) a rectangle at the brush; paint or erase fills it"),
+    Key("mask.invert", "i", "invert", "Invert", "Mask editor: invert the mask", show=False),
+    Key("mask.clear", "c", "clear", "Clear", "Mask editor: clear the mask", show=False),
+    Key("mask.feather_more", "f", "feather(1)", "Feather +", "Mask editor: wider feather (soft edge)", show=False),
+    Key("mask.feather_less", "F", "feather(-1)", "Feather -", "Mask editor: narrower feather", show=False),
+    Key("mask.apply", "enter", "apply", "Use mask", "Mask editor: save the mask and use it"),
+    Key("mask.cancel", "escape", "cancel", "Cancel", "Mask editor: close without using the mask"),
+)
+
+ALL_KEYS = APP_KEYS + GENERATE_KEYS + QUEUE_KEYS + MASK_KEYS
 
 
 def bindings(keys: tuple[Key, ...]) -> list[Binding]:
