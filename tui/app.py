@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import re
 import sys
 import time
 from functools import partial
@@ -25,7 +26,7 @@ from textual.screen import ModalScreen, Screen
 from textual.signal import Signal
 from textual.widgets import Button, Label
 
-from backend import config, metadata
+from backend import config, jobkinds, metadata
 from backend.client import Client, LocalClient
 from backend.errors import DreamttyError
 from backend.events import FINAL_EVENTS, Event, Queued, Retrying, ServiceReady, Started, Step, WorkerReady
@@ -205,7 +206,7 @@ class DreamttyApp(App):
         key = (self.config.keymap.get(binding_id) or default
                or next(k.key for k in keymap.ALL_KEYS if k.id == binding_id))
         shown = self.get_key_display(Binding(key.split(",")[0], ""))
-        return shown.upper() if len(shown) <= 3 and shown[:1] == "f" else shown  # f1 -> F1
+        return shown.upper() if re.fullmatch(r"f\d+", shown) else shown  # f1 -> F1 (but f stays f)
 
     def get_key_display(self, binding: Binding) -> str:
         """Keys come from the user's keymap: shown with control characters visible (footer, keys panel, mode bar)."""
@@ -228,9 +229,20 @@ class DreamttyApp(App):
 
     async def _loaded_into_form(self, request: GenerateRequest, name: str) -> None:
         await self.generate_screen.form.ready.wait()
-        self.generate_screen.form.fill(request.to_dict())
+        self.generate_screen.form.fill(request.to_dict(), kind=jobkinds.kind_of(request).name)
         self.switch_mode("generate")
         notify(self, f"Loaded the parameters of {name}.")
+
+    async def use_as_input(self, path: str) -> None:
+        """Put image ``path`` in the Generate screen's Input image section and show it."""
+        await self.generate_screen.form.ready.wait()
+        self.generate_screen.form.use_input_image(path)
+        self.switch_mode("generate")
+
+    @property
+    def masks_dir(self) -> Path:
+        """Where the mask editor saves masks: ``<outputs>/masks`` (jobs refer to them, for reproduce)."""
+        return (self.out_dir or self.config.outputs_dir()) / "masks"
 
     @work(group="submit")
     async def queue_request(self, build: Callable[[], GenerateRequest], failed: Callable[[DreamttyError], None],

@@ -14,7 +14,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widget import Widget
-from textual.widgets import Checkbox, Collapsible, Footer, Input, Select, Static, TextArea
+from textual.widgets import Button, Checkbox, Collapsible, Footer, Input, Select, Static, TextArea
 
 from backend import library, request_builder
 from backend.errors import DreamttyError, RequestError
@@ -30,8 +30,9 @@ from backend.samplers import SAMPLERS
 from backend.training.runs import list_runs
 from tui import keymap
 from tui.suggest import ChoiceSuggester
-from tui.text import TextEditor, TextInput, notify, plain
-from tui.widgets.field import Field
+from tui.text import TextEditor, notify, plain
+from tui.widgets.field import Field, field_input, field_select
+from tui.widgets.input_image import NONE, InputImageSection
 from tui.widgets.modebar import ModeBar
 from tui.widgets.preset_dialog import SavePresetDialog
 from tui.widgets.preview import ImagePreview
@@ -39,10 +40,12 @@ from tui.widgets.progress import JobProgress
 from tui.widgets.style_picker import StyleInfo, StylePicker
 
 CUSTOM_SIZE = "custom"
+INPUT_SIZE = "input"  # an image-input job's size comes from its input image
 _TEXT_FIELDS = ("model", "steps", "cfg", "count", "loras", "vae", "refiner", "refiner_switch")  # plain Inputs
 _SELECT_FIELDS = ("sampler", "scheduler", "dtype", "speed")
 # Performance: (label, steps). Extreme speed also switches to the LCM sampler and CFG 1 (distilled models).
 PERFORMANCE = {"speed": ("Speed", 30), "quality": ("Quality", 60), "extreme": ("Extreme speed", 8)}
+GALLERY_CHOICES = 200  # recent jobs whose images the Image field completes
 LIVE_PREVIEW_CELLS = (48, 24)  # live frames stay small (~45 KB of ANSI each) for slow SSH links; the final is full size
 FEW_STEP_NAME = re.compile(r"lcm|turbo|lightning|hyper", re.IGNORECASE)
 GUIDANCE_HINTS = {
@@ -78,7 +81,8 @@ def _size_value(width: int, height: int) -> str:
 
 def _size_options(family: str) -> list[tuple[str, str]]:
     sizes = aspect_sizes(family if family in FAMILIES else "sdxl")
-    return [(f"{w}×{h}", _size_value(w, h)) for w, h in sizes] + [("custom W×H", CUSTOM_SIZE)]
+    return [(f"{w}×{h}", _size_value(w, h)) for w, h in sizes] + [("custom W×H", CUSTOM_SIZE),
+                                                                     ("the input image's", INPUT_SIZE)]
 
 
 def _field_values(field: Field) -> tuple:
@@ -88,17 +92,6 @@ def _field_values(field: Field) -> tuple:
 
 def _preset_options(presets: list[PresetInfo]) -> list[tuple[str, str]]:
     return [(plain(f"{p.name}: {p.description}" if p.description else p.name), p.name) for p in presets]
-
-
-def _input(id: str, value: str = "", placeholder: str = "", **kwargs) -> Input:
-    return TextInput(value, placeholder=placeholder, compact=True, id=id, **kwargs)
-
-
-def _select(id: str, options: list[tuple[str, str]], value: str | None = None, prompt: str = "") -> Select:
-    """A compact select; with ``value`` it cannot be blank, else blank shows ``prompt``."""
-    if value is None:
-        return Select(options, prompt=prompt, compact=True, id=id)
-    return Select(options, value=value, allow_blank=False, compact=True, id=id)
 
 
 class GenerateForm(VerticalScroll, can_focus=False):
@@ -128,27 +121,30 @@ class GenerateForm(VerticalScroll, can_focus=False):
                     names=("negative_prompt",))
         yield Field("Styles", StylePicker(id="styles"), names=("styles",))
         with Horizontal(classes="row"):
-            yield Field("Preset", _select("preset", [], prompt="none"), names=("preset",))
-            yield Field("Model", _input("model", self.model, suggester=ChoiceSuggester(DEMO_MODELS)), names=("model",))
+            yield Field("Preset", field_select("preset", [], prompt="none"), names=("preset",))
+            yield Field("Model", field_input("model", self.model, suggester=ChoiceSuggester(DEMO_MODELS)),
+                        names=("model",))
         with Horizontal(classes="row"):
             performance = [(label, key) for key, (label, _) in PERFORMANCE.items()]
-            yield Field("Performance", _select("performance", performance, prompt="custom"), names=("performance",))
+            yield Field("Performance", field_select("performance", performance, prompt="custom"),
+                        names=("performance",))
             sampler = GenerateRequest.sampler
-            yield Field("Sampler", _select("sampler", [(s.label, s.name) for s in SAMPLERS.values()], sampler),
+            yield Field("Sampler", field_select("sampler", [(s.label, s.name) for s in SAMPLERS.values()], sampler),
                         names=("sampler",))
-            yield Field("Schedule", _select("scheduler", [(s, s) for s in SAMPLERS[sampler].schedules],
+            yield Field("Schedule", field_select("scheduler", [(s, s) for s in SAMPLERS[sampler].schedules],
                                             SAMPLERS[sampler].default_schedule), names=("scheduler",))
         with Horizontal(classes="row"):
-            yield Field("Steps", _input("steps", placeholder="model default"), names=("steps",))
-            yield Field("CFG", _input("cfg", f"{GenerateRequest.cfg:g}"), names=("cfg",))
-            yield Field("Images", _input("count", str(GenerateRequest.count)), names=("count",))
+            yield Field("Steps", field_input("steps", placeholder="model default"), names=("steps",))
+            yield Field("CFG", field_input("cfg", f"{GenerateRequest.cfg:g}"), names=("cfg",))
+            yield Field("Images", field_input("count", str(GenerateRequest.count)), names=("count",))
         with Horizontal(classes="row"):
-            yield Field("Seed", _input("seed", placeholder="random", disabled=True),
+            yield Field("Seed", field_input("seed", placeholder="random", disabled=True),
                         Checkbox("random", True, compact=True, id="seed-random"), names=("seed",))
-            yield Field("Size", _select("size", _size_options("demo"), _size_value(128, 128)),
-                        _input("size-custom", placeholder="W×H", disabled=True), names=("size", "width", "height"))
+            yield Field("Size", field_select("size", _size_options("demo"), _size_value(128, 128)),
+                        field_input("size-custom", placeholder="W×H", disabled=True),
+                        names=("size", "width", "height"))
         with Horizontal(classes="row"):
-            yield Field("LoRAs", _input("loras", placeholder="NAME[:WEIGHT], …"), names=("lora", "loras"))
+            yield Field("LoRAs", field_input("loras", placeholder="NAME[:WEIGHT], …"), names=("lora", "loras"))
             yield Field("Prompt expansion", Checkbox("expand", GenerateRequest.expand, compact=True, id="expand"),
                         names=("expand",))
 
@@ -156,7 +152,8 @@ class GenerateForm(VerticalScroll, can_focus=False):
     def _guidance() -> Collapsible:
         """The Guidance group; collapsed and below the first screen, it is mounted after the first frame."""
         names = [f for f in fields(GuidanceSettings)]
-        rows = [Horizontal(*(Field(f.name.replace("_", " "), _input(f"g-{f.name}", format_guidance_value(f.default), "off"),
+        rows = [Horizontal(*(Field(f.name.replace("_", " "),
+                                   field_input(f"g-{f.name}", format_guidance_value(f.default), "off"),
                                    names=(f.name,), hint=GUIDANCE_HINTS.get(f.name, "")) for f in pair), classes="row")
                 for pair in (names[i:i + 2] for i in range(0, len(names), 2))]
         return Collapsible(*rows, title="Guidance", id="guidance")
@@ -165,13 +162,14 @@ class GenerateForm(VerticalScroll, can_focus=False):
     def _advanced() -> Collapsible:
         """VAE, refiner and precision: collapsed, mounted after the first frame like Guidance."""
         return Collapsible(
-            Horizontal(Field("VAE", _input("vae", placeholder="the model's own"), names=("vae",)),
-                       Field("Dtype", _select("dtype", [(d, d) for d in DTYPES], GenerateRequest.dtype), names=("dtype",)),
-                       Field("Speed", _select("speed", [(s, s) for s in SPEEDS], GenerateRequest.speed), names=("speed",),
-                             hint="fast: compiled UNet (CUDA)"),
+            Horizontal(Field("VAE", field_input("vae", placeholder="the model's own"), names=("vae",)),
+                       Field("Dtype", field_select("dtype", [(d, d) for d in DTYPES], GenerateRequest.dtype),
+                             names=("dtype",)),
+                       Field("Speed", field_select("speed", [(s, s) for s in SPEEDS], GenerateRequest.speed),
+                             names=("speed",), hint="fast: compiled UNet (CUDA)"),
                        classes="row"),
-            Horizontal(Field("Refiner", _input("refiner", placeholder="none (SDXL)"), names=("refiner",)),
-                       Field("Refiner switch", _input("refiner_switch", f"{GenerateRequest.refiner_switch:g}"),
+            Horizontal(Field("Refiner", field_input("refiner", placeholder="none (SDXL)"), names=("refiner",)),
+                       Field("Refiner switch", field_input("refiner_switch", f"{GenerateRequest.refiner_switch:g}"),
                              names=("refiner_switch",), hint="fraction of the steps before the refiner"),
                        classes="row"),
             title="Model extras", id="advanced")
@@ -185,11 +183,21 @@ class GenerateForm(VerticalScroll, can_focus=False):
         for widget in parent.query("Input, TextArea"):
             widget.cursor_blink = False  # a blinking cursor repaints twice a second, over SSH too
 
+    def _input_image(self) -> Collapsible:
+        """The Input image section, collapsed and mounted after the first frame like Guidance."""
+        section = InputImageSection(self.app.key_for("mask.edit"), id="input-section")
+        return Collapsible(section, title="Input image", id="input-image")
+
+    @property
+    def input_section(self) -> InputImageSection:
+        return self.query_one(InputImageSection)
+
     @work(group="form-setup")
     async def _after_first_frame(self) -> None:
-        """Mount the Guidance group, then start what the first frame did without, each in a thread: the model's
-        family, the Model field's completions, the styles and the presets, then the default preset."""
-        groups = [self._advanced(), self._guidance()]
+        """Mount the collapsed groups, then start what the first frame did without, each in a thread: the
+        model's family, the Model field's completions, the styles and the presets, then the default preset,
+        and the gallery's images for the Image field."""
+        groups = [self._input_image(), self._advanced(), self._guidance()]
         await self.mount_all(groups)
         for group in groups:
             self._no_blinking(group)
@@ -198,6 +206,12 @@ class GenerateForm(VerticalScroll, can_focus=False):
         self._load_model_choices()
         self._load_styles()
         self.load_presets(self.default_preset, apply=True)
+        self._load_gallery()
+
+    @work(exclusive=True, group="gallery-choices", exit_on_error=False)
+    async def _load_gallery(self) -> None:
+        jobs = await self.app.client.jobs(limit=GALLERY_CHOICES)
+        self.input_section.set_gallery([path for job in jobs for path in reversed(job.outputs)])
 
     @work(thread=True, exclusive=True, group="styles", exit_on_error=False)
     def _load_styles(self) -> None:
@@ -213,25 +227,31 @@ class GenerateForm(VerticalScroll, can_focus=False):
     def _input(self, selector: str) -> str:
         return self.query_one(selector, Input).value.strip()
 
-    def read_request(self) -> GenerateRequest:
-        """The form as a request (through the one request builder; the form already holds its preset's values,
-        so they are all explicit); raises RequestError naming the field. Ranges are checked by the service."""
+    def read_request(self, input_image: bool = True) -> GenerateRequest:
+        """The form as a request of the Input image section's kind (through the one request builder; the form
+        already holds its preset's values, so they are all explicit); raises RequestError naming the field.
+        Ranges and the input files are checked by the service. Without ``input_image``: text to image, with
+        no size when the size is the input image's (a preset saved from the form)."""
+        kind, image_fields = self.input_section.read() if input_image else (GenerateRequest, {})
         size = self.query_one("#size", Select).value
+        if size == INPUT_SIZE and kind is GenerateRequest and input_image:
+            raise RequestError("size", "the input image's size needs an operation on an input image; pick a size")
         preset = self.query_one("#preset", Select).value
         values = {
             "prompt": self.query_one("#prompt", TextArea).text,  # as typed: spaces and newlines are the user's
             "negative_prompt": self.query_one("#negative_prompt", TextArea).text,
             **{name: self._input(f"#{name}") for name in _TEXT_FIELDS},
             **{name: str(self.query_one(f"#{name}", Select).value) for name in _SELECT_FIELDS},
-            "size": self._input("#size-custom") if size == CUSTOM_SIZE else str(size),
+            "size": self._input("#size-custom") if size == CUSTOM_SIZE else None if size == INPUT_SIZE else str(size),
             "seed": "-1" if self.query_one("#seed-random", Checkbox).value else self._input("#seed"),
             "styles": list(self.query_one(StylePicker).selected),
             "preset": None if preset == Select.NULL else str(preset),
             "expand": self.query_one("#expand", Checkbox).value,
             "guidance": {f.name: self._input(f"#g-{f.name}") for f in fields(GuidanceSettings)},
             **self._carried,
+            **image_fields,
         }
-        return request_builder.build(values, defaults={})
+        return request_builder.build(values, defaults={}, kind=kind)
 
     # -- errors ------------------------------------------------------------
     def clear_errors(self) -> None:
@@ -251,18 +271,22 @@ class GenerateForm(VerticalScroll, can_focus=False):
             return
         field.set_error(message)
         self._error_values[field] = _field_values(field)
-        if self.query_one("#guidance", Collapsible) in field.ancestors:
-            self.query_one("#guidance", Collapsible).collapsed = False
+        for group in field.ancestors:
+            if isinstance(group, Collapsible):
+                group.collapsed = False
         # The text box where there is one (a custom size's WxH rather than the size list).
         target = next((w for kind in ("Input, TextArea", "Select") for w in field.query(kind) if not w.disabled), None)
         (target or field).focus()
         self.call_after_refresh(field.scroll_visible)
 
     # -- filling the form ----------------------------------------------------
-    def fill(self, data: dict) -> None:
-        """Set the fields named in ``data`` (request field names; as from ``GenerateRequest.to_dict``)."""
+    def fill(self, data: dict, kind: str | None = None) -> None:
+        """Set the fields named in ``data`` (request field names; as from ``to_dict``). With ``kind`` (a job
+        kind's name) ``data`` is a whole request of that kind, and the Input image section shows it too."""
         q = self.query_one
         with self.prevent(Select.Changed, Input.Changed, Checkbox.Changed):
+            if kind is not None:
+                self.input_section.fill(kind, data)
             for name in ("prompt", "negative_prompt"):
                 if name in data:
                     q(f"#{name}", TextArea).text = data[name] or ""
@@ -407,14 +431,14 @@ class GenerateForm(VerticalScroll, can_focus=False):
             return
         self.family = family
         size = self.query_one("#size", Select)
-        custom = size.value == CUSTOM_SIZE
-        current = self._input("#size-custom") if custom else str(size.value)
+        kept = size.value if size.value in (CUSTOM_SIZE, INPUT_SIZE) else None
+        current = str(size.value)
         options = _size_options(family)
         with self.prevent(Select.Changed):
             size.set_options(options)  # this picks the first option: put the size back
-            if custom:  # what was typed stays, checked when the form is read
-                size.value = CUSTOM_SIZE
-        if not custom:
+            if kept:  # what was typed stays, checked when the form is read
+                size.value = kept
+        if not kept:
             self._set_size(*parse_size(current if current in {v for _, v in options} else options[0][1]))
 
     # -- reacting to the user ----------------------------------------------
@@ -431,6 +455,30 @@ class GenerateForm(VerticalScroll, can_focus=False):
     @on(Input.Changed, "#model")
     def _model_changed(self, event: Input.Changed) -> None:
         self.update_family(event.value)
+
+    @on(Select.Changed, "#in-operation")
+    def _operation_changed(self, event: Select.Changed) -> None:
+        """An operation on the input image takes the image's size; none goes back to the family's default size."""
+        self.input_section.show_operation(str(event.value))
+        self._size_from_input(event.value != NONE)
+
+    @on(Input.Changed, "#in-image")
+    def _image_changed(self) -> None:
+        if self.input_section.operation != NONE:
+            self._size_from_input(True)
+
+    def _size_from_input(self, from_input: bool) -> None:
+        size = self.query_one("#size", Select)
+        if from_input:
+            size.value = INPUT_SIZE
+        elif size.value == INPUT_SIZE:
+            size.value = _size_options(self.family)[0][1]
+
+    def use_input_image(self, path: str) -> None:
+        """Put image ``path`` in the Input image section, open it and focus its operation."""
+        self.query_one("#in-image", Input).value = path
+        self.query_one("#input-image", Collapsible).collapsed = False
+        self.query_one("#in-operation", Select).focus()
 
     @on(Select.Changed, "#sampler")
     def _sampler_changed(self, event: Select.Changed) -> None:
@@ -509,12 +557,12 @@ class GenerateScreen(Screen):
     def form(self) -> GenerateForm:
         return self.query_one(GenerateForm)
 
-    async def _read_form(self) -> GenerateRequest | None:
+    async def _read_form(self, input_image: bool = True) -> GenerateRequest | None:
         """The form's request; on bad input show the error inline and return None."""
         await self.form.ready.wait()  # a key pressed at once waits for the Guidance group
         self.form.clear_errors()
         try:
-            return self.form.read_request()
+            return self.form.read_request(input_image)
         except DreamttyError as exc:
             self._rejected(exc)
             return None
@@ -535,8 +583,9 @@ class GenerateScreen(Screen):
         self.notify(f"Job #{job} queued.")
 
     async def action_save_preset(self) -> None:
-        """Ask for a name and save the form as a user preset; a bad form value is shown and nothing saved."""
-        request = await self._read_form()
+        """Ask for a name and save the form as a user preset; a bad form value is shown and nothing saved. The
+        Input image section is not part of a preset."""
+        request = await self._read_form(input_image=False)
         if request is not None:
             self._check_preset(request)
 
@@ -555,6 +604,20 @@ class GenerateScreen(Screen):
     def _ask_preset_name(self, values: dict, presets: list[PresetInfo]) -> None:
         self.app.push_screen(SavePresetDialog(values, presets), self._preset_saved)
 
+    async def action_edit_mask(self) -> None:
+        """Open the mask editor on the Input image (starting from its mask); the mask saved is used for inpaint."""
+        from tui.widgets.mask_editor import open_mask_editor
+
+        await self.form.ready.wait()
+        self.form.clear_errors()
+        section = self.form.input_section
+        open_mask_editor(self, section.image, section.mask, section.feather(), self._rejected,
+                         lambda mask: section.use_mask(str(mask.path), mask.feather))
+
+    @on(Button.Pressed, "#in-edit-mask")
+    async def _edit_mask_pressed(self) -> None:
+        await self.action_edit_mask()
+
     def _preset_saved(self, path: Path | None) -> None:
         if path is None:
             return
@@ -569,6 +632,8 @@ class GenerateScreen(Screen):
             self.following, self.following_done = job, False
         if isinstance(event, Queued) and job in self.submitted:
             self.form.query_one("#seed", Input).parent.set_hint(f"last seed: {event.request['seed']}")
+        if isinstance(event, ImageSaved) and self.form.ready.is_set():
+            self.form.input_section.add_to_gallery(event.path)
         if job != self.following:
             return
         self.following_done = isinstance(event, FINAL_EVENTS)

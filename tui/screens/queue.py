@@ -1,6 +1,8 @@
 """Queue & gallery screen (F2): jobs with state, progress and ETA; finished images, newest first.
 
-From an image: load its parameters into the Generate form, reproduce it, copy its path.
+From an image: load its parameters into the Generate form, reproduce it, copy its path, use it as the
+Generate screen's input image, or queue a job on it with its own settings and a new seed: vary, upscale,
+outpaint, and inpaint (after painting a mask).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from textual.widgets import DataTable, Footer, Label, Static
 from backend import jobkinds, metadata
 from backend.errors import DreamttyError, RequestError
 from backend.events import FINAL_EVENTS, Event, ImageSaved, Queued, Retrying, Started, Step
+from backend.jobkinds.inpaint import InpaintRequest
 from backend.queue_store import ACTIVE, Job
 from tui import keymap
+from tui.image_jobs import OPERATIONS, gallery_request
 from tui.text import cell, notify, plain
 from tui.widgets.modebar import ModeBar
 from tui.widgets.preview import ImagePreview
@@ -221,3 +225,31 @@ class QueueScreen(Screen):
         if path is not None:
             self.app.copy_to_clipboard(path)
             notify(self, f"Copied: {path}", title="path")
+
+    async def action_use_as_input(self) -> None:
+        path = self._image_or_warn()
+        if path is not None:
+            await self.app.use_as_input(path)
+
+    def action_on_image(self, name: str) -> None:
+        """Queue operation ``name`` (:data:`tui.image_jobs.OPERATIONS`) on the selected image."""
+        path = self._image_or_warn()
+        if path is not None:
+            self._queue_on_image(name, path)
+
+    def _queue_on_image(self, name: str, path: str, values: dict | None = None) -> None:
+        label = OPERATIONS[name].label
+        self.app.queue_request(partial(gallery_request, name, path, values),
+                               lambda exc: notify(self, exc, title=label, severity="error"),
+                               lambda job: notify(self, f"Job #{job} queued: {label} of {Path(path).name}."))
+
+    def action_inpaint(self) -> None:
+        """Open the mask editor on the selected image; the mask it saves is inpainted at once."""
+        from tui.widgets.mask_editor import open_mask_editor
+
+        path = self._image_or_warn()
+        if path is not None:
+            open_mask_editor(self, path, None, InpaintRequest.feather,
+                             lambda exc: notify(self, exc, title="inpaint", severity="error"),
+                             lambda mask: self._queue_on_image("inpaint", path, {"mask": str(mask.path),
+                                                                                 "feather": mask.feather}))

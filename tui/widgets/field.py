@@ -1,13 +1,14 @@
-"""A labelled form field with an inline error line under it (all of its text shown as text, not markup)."""
+"""A labelled form field with an inline error line under it (all of its text shown as text, not markup),
+and the compact controls the forms put in fields."""
 
 from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widget import Widget
-from textual.widgets import Label, Static
+from textual.widgets import Input, Label, Select, Static
 
-from tui.text import plain
+from tui.text import TextInput, plain
 
 
 class Field(Vertical):
@@ -51,3 +52,15 @@ class Field(Vertical):
         hint = self.query_one(".field-hint", Static)
         hint.update(plain(text))
         hint.display = bool(text)
+
+
+def field_input(id: str, value: str = "", placeholder: str = "", **kwargs) -> Input:
+    """A compact text box for a form field (control characters drawn as symbols)."""
+    return TextInput(value, placeholder=placeholder, compact=True, id=id, **kwargs)
+
+
+def field_select(id: str, options: list[tuple[str, str]], value: str | None = None, prompt: str = "") -> Select:
+    """A compact select; with ``value`` it cannot be blank, else blank shows ``prompt``."""
+    if value is None:
+        return Select(options, prompt=prompt, compact=True, id=id)
+    return Select(options, value=value, allow_blank=False, compact=True, id=id)
