@@ -1,19 +1,24 @@
-"""The Generate form loses nothing: every request field round-trips image -> form -> request, and the form
-follows the same precedence as the CLI (config default < preset < a model named on the command line)."""
+"""The Generate form loses nothing: every request field of every job kind round-trips image -> form -> request
+(a field the form forgets fails), and the form follows the same precedence as the CLI (config default <
+preset < a model named on the command line)."""
 
 from __future__ import annotations
 
 from dataclasses import fields
 
 import pytest
+from textual.widgets import Input
 
+from backend import jobkinds
 from backend.client import LocalClient
 from backend.config import config_path
 from backend.guidance_settings import GuidanceSettings
+from backend.jobkinds.image_input import ImageInputRequest
 from backend.request import GenerateRequest
 from backend.service import Service
 from test_tui import NoWorkers, idle_service, make_app, settle  # noqa: F401  (idle_service is a fixture)
 from tui.app import DreamttyApp
+from tui.widgets.input_image import own_fields
 
 # A value for every request field, none of them the default: a field the form forgets fails the test.
 NOT_DEFAULT = {
@@ -27,6 +32,21 @@ NOT_DEFAULT = {
 }
 
 
+# The same for the fields each image-input kind adds (by job kind name).
+IMAGE_NOT_DEFAULT = {
+    "img2img": {},
+    "upscale": {"scale": 4.0, "fast": True, "upscaler": "4x-Ultra [x]"},
+    "inpaint": {"mask": "/masks/a mask.png", "mask_hash": "0123456789ab", "box": (1, 2, 3, 4), "mode": "detail",
+                "context": 0.3, "feather": 20},
+    "outpaint": {"left": 8, "right": 16, "top": 24, "bottom": 32, "feather": 4},
+}
+IMAGE_COMMON = {"image": "/photos/a fox [1].png", "image_hash": "abcdef012345", "strength": 0.7, "keep_inputs": True}
+
+
+def image_request(kind: str):
+    return jobkinds.get(kind).request_type(**NOT_DEFAULT, **IMAGE_COMMON, **IMAGE_NOT_DEFAULT[kind])
+
+
 def test_the_table_names_every_field():
     assert set(NOT_DEFAULT) == {f.name for f in fields(GenerateRequest)}
     defaults = GenerateRequest()
@@ -34,6 +54,14 @@ def test_the_table_names_every_field():
         assert getattr(NOT_DEFAULT["guidance"], f.name) != getattr(defaults.guidance, f.name), f.name
     for name, value in NOT_DEFAULT.items():
         assert value != getattr(defaults, name), name
+    image_kinds = {k.name for k in jobkinds.KINDS.values() if issubclass(k.request_type, ImageInputRequest)}
+    assert set(IMAGE_NOT_DEFAULT) == image_kinds
+    for kind, table in IMAGE_NOT_DEFAULT.items():
+        request_type = jobkinds.get(kind).request_type
+        assert set(IMAGE_COMMON) | set(table) == set(own_fields(request_type)), kind
+        defaults = request_type()
+        for name, value in {**IMAGE_COMMON, **table}.items():
+            assert value != getattr(defaults, name), (kind, name)
 
 
 async def test_image_parameters_round_trip_through_the_form_field_by_field(idle_service, tmp_path):
@@ -47,6 +75,29 @@ async def test_image_parameters_round_trip_through_the_form_field_by_field(idle_
         back = form.read_request()
     for f in fields(GenerateRequest):
         assert getattr(back, f.name) == getattr(request, f.name), f.name
+
+
+@pytest.mark.parametrize("kind", list(IMAGE_NOT_DEFAULT))
+async def test_image_kinds_round_trip_through_the_form_field_by_field(idle_service, tmp_path, kind):
+    request = image_request(kind)
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        form = app.screen.form
+        form.fill(request.to_dict(), kind=kind)
+        await settle(pilot)
+        back = form.read_request()
+        assert type(back) is type(request)
+        for f in fields(request):
+            assert getattr(back, f.name) == getattr(request, f.name), f.name
+
+        # The recorded hash goes with its path: another image is hashed anew when queued.
+        form.query_one("#in-image", Input).value = "/photos/another.png"
+        await pilot.pause()
+        assert form.read_request().image_hash is None
+        # A text-to-image request's parameters set the operation back to none.
+        form.fill(GenerateRequest(**NOT_DEFAULT).to_dict(), kind="generate")
+        assert type(form.read_request()) is GenerateRequest
 
 
 def _app(tmp_path, model: str | None) -> DreamttyApp:

@@ -1,0 +1,461 @@
+"""Image input in the TUI: the gallery's keys, the Generate screen's Input image section and the mask editor.
+
+Jobs are queued on a real Service without workers (``idle_service``), so each test reads the request
+that was queued: its kind, the source image's settings, the new seed, the mask file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from textual.widgets import Collapsible, DataTable, Input, Select, Static
+
+from backend import metadata
+from backend.client import LocalClient
+from backend.request import GenerateRequest
+from backend.service import Service
+from image_helpers import gradient, write_mask
+from test_hostile_text import NAME, NAME_SHOWN, screen_text
+from test_tui import field_of, idle_service, make_app, settle, wait_for  # noqa: F401  (idle_service is a fixture)
+from tui import keymap
+from tui.app import DreamttyApp
+from tui.mask import Mask, block, cell_pixels, disc, preview_index, preview_size
+from tui.screens.generate import GenerateScreen
+from tui.screens.queue import QueueScreen
+from tui.widgets.mask_editor import MaskEditor
+from tui.widgets.preset_dialog import SavePresetDialog
+
+SOURCE = {"prompt": "a red fox [in snow]", "negative_prompt": "blurry", "model": "demo", "sampler": "euler",
+          "scheduler": "karras", "steps": 6, "cfg": 5.5, "seed": 1234, "styles": ["Watercolor"], "width": 128,
+          "height": 96, "loras": []}
+WORKER_TIMEOUT = 120  # the first job starts a worker that imports torch
+KEPT = ("prompt", "negative_prompt", "model", "sampler", "scheduler", "steps", "cfg", "styles")  # from the source
+
+
+def source_png(path: Path, size: tuple[int, int] = (128, 96), **changes) -> Path:
+    """A PNG with dreamtty metadata, as a text-to-image job of the demo model would have saved it."""
+    request = GenerateRequest.from_dict({**SOURCE, **changes})
+    meta = metadata.build(request, "demo", {"positive": request.prompt, "negative": request.negative_prompt})
+    gradient(*size).save(path, pnginfo=metadata.png_info(meta))
+    return path
+
+
+def in_gallery(service, path: Path) -> None:
+    """Record ``path`` as the image of a finished job, so the gallery lists it."""
+    payload = {"request": GenerateRequest.from_dict(SOURCE).to_dict(), "out": str(path.parent), "family": "demo"}
+    job = service.store.add("generate", payload, "a service before")
+    service.store.add_output(job, str(path))
+    service.store.set_state(job, "done")
+
+
+def last_job(service):
+    return service.jobs()[0]
+
+
+async def to_gallery(pilot, app) -> QueueScreen:
+    await pilot.press("f2")
+    await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+    await wait_for(pilot, lambda: app.screen.query_one("#gallery", DataTable).row_count, what="the gallery")
+    await settle(pilot)
+    return app.screen
+
+
+# -- the mapping of cells to image pixels ------------------------------------------------------------
+def test_cells_map_to_image_pixels_exactly():
+    assert preview_size((640, 480), (80, 24)) == (64, 48)  # fitted in 24 rows of two pixels
+    assert preview_size((64, 48), (200, 60)) == (64, 48)  # never enlarged
+    assert preview_size((100, 51), (200, 60)) == (100, 50)  # an even number of pixel rows
+    assert cell_pixels(3, 5) == ((3, 10), (3, 11))
+    # 10 image pixels on 4 preview pixels: blocks of 3, 2, 3, 2 (x·w // W), and back the same way.
+    assert preview_index(10, 4).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
+    assert [list(block(i, 10, 4)) for i in range(4)] == [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]]
+    for size, preview in ((10, 4), (7, 7), (1000, 77), (513, 2)):
+        index = preview_index(size, preview)
+        for i in range(preview):
+            assert list(block(i, size, preview)) == np.flatnonzero(index == i).tolist()
+
+
+def test_mask_paints_whole_blocks_and_reports_coverage():
+    mask = Mask((10, 6), (4, 2))  # blocks: x 3,2,3,2 pixels; y 3,3
+    mask.paint([(1, 1)], radius=0)
+    expected = np.zeros((6, 10), dtype=bool)
+    expected[3:6, 3:5] = True
+    assert np.array_equal(mask.pixels, expected)
+    coverage = mask.coverage()
+    assert coverage[1, 1] == 1.0 and coverage.sum() == 1.0
+    mask.preview_size = (10, 6)  # a bigger terminal: the mask stays, the mapping changes
+    assert mask.coverage()[3:6, 3:5].all() and mask.coverage().sum() == 6
+
+
+def test_mask_edits_match_a_preview_sized_model_and_keep_the_coverage_exact():
+    rng = np.random.default_rng(3)
+    mask, model = Mask((37, 23), (11, 8)), np.zeros((8, 11), dtype=bool)  # model: what each preview pixel shows
+    for _ in range(300):
+        op, value = rng.integers(4), bool(rng.integers(2))
+        x, y, radius = int(rng.integers(-2, 13)), int(rng.integers(-2, 10)), int(rng.integers(0, 3))
+        if op == 0:
+            mask.paint([(x, y)], radius, value)
+            for dx, dy in disc(radius):
+                if 0 <= x + dx < 11 and 0 <= y + dy < 8:
+                    model[y + dy, x + dx] = value
+        elif op == 1:
+            other = (int(rng.integers(-2, 13)), int(rng.integers(-2, 10)))
+            mask.fill_rectangle((x, y), other, value)
+            (x0, x1), (y0, y1) = sorted((x, other[0])), sorted((y, other[1]))
+            model[max(0, y0):max(0, y1 + 1), max(0, x0):max(0, x1 + 1)] = value
+        elif op == 2:
+            mask.invert()
+            model = ~model
+        assert np.array_equal(mask.pixels, model[np.ix_(preview_index(23, 8), preview_index(37, 11))])
+        assert np.array_equal(mask.coverage(), model.astype(float))
+        assert mask.share() == pytest.approx(mask.pixels.mean())
+    start = rng.random((23, 37)) > 0.5  # a mask read from a file: blocks partly masked
+    assert np.allclose(Mask((37, 23), (11, 8), start).coverage(),
+                       [[start[np.ix_(block(j, 23, 8), block(i, 37, 11))].mean() for i in range(11)] for j in range(8)])
+
+
+# -- the gallery's keys ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("key, kind, fields", [
+    ("v", "img2img", {"strength": 0.5, "width": 128, "height": 96}),
+    ("V", "img2img", {"strength": 0.85}),
+    ("u", "upscale", {"scale": 1.5, "width": 192, "height": 144, "strength": 0.382}),
+    ("U", "upscale", {"scale": 2.0, "width": 256, "height": 192}),
+    ("H", "outpaint", {"left": 40, "right": 0, "width": 168, "height": 96}),  # 30% of 128, up to a multiple of 8
+    ("L", "outpaint", {"right": 40, "left": 0}),
+    ("K", "outpaint", {"top": 32, "height": 128, "width": 128}),  # 30% of 96 = 28.8 -> 29 -> 32
+    ("J", "outpaint", {"bottom": 32}),
+])
+async def test_gallery_keys_queue_the_job_with_the_images_settings_and_a_new_seed(idle_service, tmp_path, key, kind,
+                                                                                  fields):
+    image = source_png(tmp_path / "fox.png")
+    in_gallery(idle_service, image)
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        await to_gallery(pilot, app)
+        await pilot.press(key)
+        await wait_for(pilot, lambda: len(idle_service.jobs()) == 2, what="the job")
+        job = last_job(idle_service)
+    assert job.kind == kind
+    request = job.request
+    assert {name: request[name] for name in KEPT} == {name: SOURCE[name] for name in KEPT}
+    assert request["seed"] != SOURCE["seed"]
+    assert request["image"] == str(image) and request["image_hash"]
+    assert {name: request[name] for name in fields} == fields
+
+
+async def test_gallery_key_on_a_missing_image_says_so_and_queues_nothing(idle_service, tmp_path):
+    image = source_png(tmp_path / "fox.png")
+    in_gallery(idle_service, image)
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+        await settle(pilot)
+        await to_gallery(pilot, app)
+        image.unlink()
+        await pilot.press("v")
+        await pilot.press("H")
+        await settle(pilot)
+        messages = [n.message for n in app._notifications]
+        assert any("fox.png is missing" in m for m in messages), messages
+        assert len(idle_service.jobs()) == 1
+        # Every gallery key is in the command palette, the ones the footer leaves out too.
+        commands = {command.title for command in app.get_system_commands(app.screen)}
+        assert {key.help for key in keymap.QUEUE_KEYS} <= commands
+
+
+# -- the mask editor -------------------------------------------------------------------------------------
+def expected_mask(image_size: tuple[int, int], preview: tuple[int, int], painted: set[tuple[int, int]]) -> np.ndarray:
+    """The image-sized mask whose pixels belong to the ``painted`` preview pixels (x·w // W, y·h // H)."""
+    (width, height), (w, h) = image_size, preview
+    return np.array([[(x * w // width, y * h // height) in painted for x in range(width)] for y in range(height)])
+
+
+def saved_mask(path: str) -> np.ndarray:
+    with Image.open(path) as mask:
+        assert mask.mode == "L"
+        return np.asarray(mask) == 255
+
+
+async def open_editor(pilot, app, tmp_path, size=(128, 96)) -> tuple[MaskEditor, Path]:
+    """The gallery's inpaint key on a fresh source image: the mask editor, laid out."""
+    image = source_png(tmp_path / "fox.png", size)
+    in_gallery(app.client.service, image)
+    await settle(pilot)
+    await to_gallery(pilot, app)
+    await pilot.press("i")
+    await wait_for(pilot, lambda: isinstance(app.screen, MaskEditor), what="the mask editor")
+    editor = app.screen
+    await wait_for(pilot, lambda: editor.canvas.mask.preview_size != (1, 2), what="the preview")
+    await pilot.pause()
+    return editor, image
+
+
+async def test_mask_editor_paints_from_keys_and_the_gallery_inpaints_with_it(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(100, 40)) as pilot:
+        editor, image = await open_editor(pilot, app, tmp_path)
+        canvas = editor.canvas
+        w, h = canvas.mask.preview_size
+        assert (w, h) == preview_size((128, 96), (canvas.size.width, canvas.size.height)) and w < 128  # scaled down
+        cx, cy = canvas.cursor
+        assert (cx, cy) == (w // 2, h // 2)
+        await pilot.press("minus", "minus")  # the smallest brush: one preview pixel
+        await pilot.press("l", "l", "l", "j", "j", "space")  # hjkl move one preview pixel
+        await pilot.press("p", "h", "h")  # pen down: painting along the way
+        await pilot.press("p")  # erasing (where the brush is)
+        await pilot.press("p", "K")  # pen up; shift moves 8
+        painted = {(cx + 3, cy + 2), (cx + 2, cy + 2)}
+        assert canvas.cursor == (cx + 1, cy + 2 - 8)
+        await pilot.press("plus", "space")  # a brush of radius 1: 3x3
+        painted |= {(cx + 1 + dx, cy - 6 + dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)}
+        status = str(editor.query_one("#mask-status", Static).content)
+        assert "size 3" in status and "pen up" in status
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(idle_service.jobs()) == 2, what="the inpaint job")
+        job = last_job(idle_service)
+        assert not isinstance(app.screen, MaskEditor)
+    assert job.kind == "inpaint"
+    request = job.request
+    assert request["image"] == str(image) and request["prompt"] == SOURCE["prompt"] and request["seed"] != 1234
+    assert request["mask"].startswith(str(tmp_path / "out" / "masks")) and request["mask_hash"]
+    assert request["feather"] == 8 and request["mode"] == "fill"
+    assert np.array_equal(saved_mask(request["mask"]), expected_mask((128, 96), (w, h), painted))
+
+
+async def test_mask_editor_rectangle_invert_clear_and_feather(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(100, 40)) as pilot:
+        editor, _ = await open_editor(pilot, app, tmp_path)
+        canvas = editor.canvas
+        size = canvas.mask.preview_size
+        cx, cy = canvas.cursor
+        rectangle = {(x, y) for x in range(cx - 6, cx + 1) for y in range(cy, cy + 4)}
+        await pilot.press("r", "H", "l", "l", "down", "down", "down", "space")  # from a corner to the other
+        assert canvas.anchor is None
+        assert np.array_equal(canvas.mask.pixels, expected_mask((128, 96), size, rectangle))
+        await pilot.press("i")  # invert
+        assert np.array_equal(canvas.mask.pixels, ~expected_mask((128, 96), size, rectangle))
+        await pilot.press("c", "enter")  # clear: an empty mask is refused in one line, the editor stays
+        await settle(pilot)
+        assert "all black" in str(editor.query_one("#mask-error", Static).content)
+        assert isinstance(app.screen, MaskEditor) and len(idle_service.jobs()) == 1
+        await pilot.press("r", "L", "x")  # a rectangle erased from nothing: still nothing
+        assert not canvas.mask.pixels.any()
+        await pilot.press("r", "j", "l", "space", "f", "f", "F")  # 2x2 preview pixels; feather 8 + 4 + 4 - 4
+        assert "feather 12 px" in str(editor.query_one("#mask-status", Static).content)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(idle_service.jobs()) == 2, what="the inpaint job")
+        request = last_job(idle_service).request
+    assert request["feather"] == 12
+    square = {(x, y) for x in (cx + 2, cx + 3) for y in (cy + 3, cy + 4)}
+    assert np.array_equal(saved_mask(request["mask"]), expected_mask((128, 96), size, square))
+
+
+async def test_mask_editor_paints_with_the_mouse(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(100, 40)) as pilot:
+        editor, _ = await open_editor(pilot, app, tmp_path, size=(200, 64))
+        canvas = editor.canvas
+        size = canvas.mask.preview_size
+        assert size == (canvas.size.width, 64 * canvas.size.width // 200 // 2 * 2)  # as wide as the canvas
+        ox, oy = canvas.offset
+        assert oy > 0
+        await pilot.press("minus", "minus")
+        await pilot.click(canvas, offset=(ox + 5, oy + 2))  # a cell: two preview pixels, one above the other
+        await pilot.mouse_down(canvas, offset=(ox + 10, oy + 4))  # a drag paints each cell it passes
+        await pilot.hover(canvas, offset=(ox + 11, oy + 4))
+        await pilot.hover(canvas, offset=(ox + 12, oy + 5))
+        await pilot.mouse_up(canvas, offset=(ox + 12, oy + 5))
+        await pilot.hover(canvas, offset=(ox + 20, oy + 5))  # the button is up: nothing painted
+        await pilot.click(canvas, offset=(ox + 11, oy + 4), button=3)  # the right button erases
+        await pilot.click(canvas, offset=(0, 0))  # outside the image: nothing
+        await pilot.pause()
+        painted = {(5, 4), (5, 5), (10, 8), (10, 9), (12, 10), (12, 11)}
+        assert np.array_equal(canvas.mask.pixels, expected_mask((200, 64), size, painted))
+
+
+# -- the Generate screen's Input image section -----------------------------------------------------------
+async def input_section(pilot, app, image: Path | str, operation: str, **settings):
+    """The form with ``image`` and ``operation`` chosen in its Input image section, and ``settings`` typed."""
+    await settle(pilot)
+    form = app.screen.form
+    form.query_one("#input-image", Collapsible).collapsed = False
+    section = form.input_section
+    section.query_one("#in-image", Input).value = str(image)
+    section.query_one("#in-operation", Select).value = operation
+    for name, value in settings.items():
+        section.query_one(f"#in-{name}").value = value
+    await pilot.pause()
+    return form
+
+
+@pytest.mark.parametrize("operation, settings, expected", [
+    ("img2img", {"strength": "strong"}, {"strength": 0.85, "width": 128, "height": 96}),
+    ("upscale", {"scale": "1.5", "fast": True}, {"scale": 1.5, "fast": True, "upscaler": "lanczos", "width": 192}),
+    ("inpaint", {"box": "8,8,32,16", "mode": "detail"}, {"box": [8, 8, 32, 16], "mode": "detail", "strength": 0.5,
+                                                         "feather": 8, "mask": None}),
+    ("outpaint", {"left": "16", "bottom": "20", "feather": "4"}, {"left": 16, "bottom": 24, "width": 144,
+                                                                  "height": 120, "feather": 4}),
+])
+async def test_input_image_section_queues_each_kind(idle_service, tmp_path, operation, settings, expected):
+    image = source_png(tmp_path / "fox.png")
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        form = await input_section(pilot, app, image, operation, **settings)
+        assert form.query_one("#size", Select).value == "input"  # an operation takes the image's size
+        form.query_one("#prompt").text = "a fox in the form"  # the form's settings, as shown, not the image's
+        await pilot.press("ctrl+g")
+        await wait_for(pilot, lambda: idle_service.jobs(), what="the job")
+        job = last_job(idle_service)
+        assert not any(f.error for f in form.query("Field"))
+    assert job.kind == operation
+    assert job.request["image"] == str(image) and job.request["prompt"] == "a fox in the form"
+    assert {name: job.request[name] for name in expected} == expected
+
+
+async def test_input_image_section_paints_a_mask_and_inpaints_with_it(idle_service, tmp_path):
+    image = source_png(tmp_path / "fox.png")
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(100, 40)) as pilot:
+        form = await input_section(pilot, app, image, "img2img", box="1,1,4,4")
+        await pilot.press("ctrl+t")  # the mask editor on the input image
+        await wait_for(pilot, lambda: isinstance(app.screen, MaskEditor), what="the mask editor")
+        await wait_for(pilot, lambda: app.screen.canvas.mask.preview_size != (1, 2), what="the preview")
+        canvas = app.screen.canvas
+        size, (cx, cy) = canvas.mask.preview_size, canvas.cursor
+        await pilot.press("space", "f", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), what="the form")
+        section = form.input_section
+        assert section.operation == "inpaint" and section.query_one("#in-box", Input).value == ""
+        mask = section.mask
+        assert Path(mask).parent == tmp_path / "out" / "masks"
+        radius2 = {(cx + dx, cy + dy) for dx in range(-2, 3) for dy in range(-2, 3) if dx * dx + dy * dy <= 6}
+        assert np.array_equal(saved_mask(mask), expected_mask((128, 96), size, radius2))
+
+        await pilot.press("ctrl+t")  # again: the editor starts from the mask in the field
+        await wait_for(pilot, lambda: isinstance(app.screen, MaskEditor), what="the mask editor")
+        await wait_for(pilot, lambda: app.screen.canvas.mask.preview_size != (1, 2), what="the preview")
+        assert np.array_equal(app.screen.canvas.mask.pixels, saved_mask(mask))
+        await pilot.press("escape")  # cancelled: the field keeps its mask
+        await pilot.press("ctrl+g")
+        await wait_for(pilot, lambda: idle_service.jobs(), what="the job")
+        request = last_job(idle_service).request
+    assert request["mask"] == mask and request["feather"] == 12 and request["box"] is None
+
+
+@pytest.mark.parametrize("operation, image, settings, selector, message", [
+    ("img2img", "missing.png", {}, "#in-image", "missing.png is missing"),
+    ("upscale", "broken.png", {}, "#in-image", "is not an image PIL can read"),
+    ("inpaint", "fox.png", {"mask": "black.png"}, "#in-mask", "is all black"),
+    ("inpaint", "fox.png", {}, "#in-mask", "give a mask image or a box"),
+    ("inpaint", "fox.png", {"box": "0,0,500,5"}, "#in-box", "is not inside the 128x96 image"),
+    ("img2img", "fox.png", {"strength": "1.5"}, "#in-strength", "out of range"),
+    ("outpaint", "fox.png", {}, "#in-left", "nothing to add"),
+    ("outpaint", "fox.png", {"top": "-8"}, "#in-top", "negative"),
+    ("generate", "fox.png", {}, "#size", "needs an operation"),
+])
+async def test_bad_input_image_settings_show_an_error_next_to_the_field(idle_service, tmp_path, operation, image,
+                                                                       settings, selector, message):
+    source_png(tmp_path / "fox.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    write_mask(tmp_path / "black.png", (0, 0, 0, 0), (128, 96))
+    settings = {k: str(tmp_path / v) if k == "mask" else v for k, v in settings.items()}
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        form = await input_section(pilot, app, tmp_path / image, "img2img" if operation == "generate" else operation,
+                                   **settings)
+        if operation == "generate":  # the input image's size, then no operation
+            form.query_one("#in-operation", Select).value = "generate"
+            await pilot.pause()
+            assert form.query_one("#size", Select).value == "128x128"  # back to the family's default
+            form.query_one("#size", Select).value = "input"
+            await pilot.pause()
+        await pilot.press("ctrl+g")
+        await settle(pilot)
+        assert message in field_of(app, selector).error
+        assert [f for f in form.query("Field") if f.error] == [field_of(app, selector)]
+        assert idle_service.jobs() == []
+
+
+async def test_a_preset_is_saved_without_the_input_image(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await input_section(pilot, app, tmp_path / "missing.png", "upscale")
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, SavePresetDialog), what="the save-preset dialog")
+        assert "image" not in app.screen.request and app.screen.request["width"] is None  # the image's size: none
+
+
+async def test_mask_editor_on_a_missing_image_says_so_next_to_the_field(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        form = await input_section(pilot, app, "", "inpaint")
+        form.query_one("#input-image", Collapsible).collapsed = True
+        await pilot.press("ctrl+t")
+        await settle(pilot)
+        assert "is empty; give an image file" in field_of(app, "#in-image").error
+        assert not form.query_one("#input-image", Collapsible).collapsed  # opened to show it
+        assert isinstance(app.screen, GenerateScreen)
+
+
+async def test_gallery_images_complete_in_the_image_field_and_e_puts_one_there(idle_service, tmp_path):
+    image = source_png(tmp_path / "fox.png")
+    (tmp_path / "foxes").mkdir()
+    in_gallery(idle_service, image)
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        field = app.screen.form.query_one("#in-image", Input)
+        suggester = field.suggester
+        assert await suggester.get_suggestion(str(tmp_path / "f")) == str(image)  # the gallery's first
+        assert await suggester.get_suggestion(str(tmp_path / "foxe")) == str(tmp_path / "foxes") + "/"  # files
+        assert await suggester.get_suggestion(str(tmp_path / "zz")) is None
+        await to_gallery(pilot, app)
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), what="the form")
+        assert field.value == str(image) and not app.screen.query_one("#input-image", Collapsible).collapsed
+
+
+async def test_hostile_file_names_are_shown_as_text(idle_service, tmp_path):
+    image = source_png(tmp_path / f"{NAME}.png")
+    (tmp_path / f"{NAME} broken.png").write_bytes(b"not an image")
+    in_gallery(idle_service, image)
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+        form = await input_section(pilot, app, tmp_path / f"{NAME} broken.png", "img2img")
+        await pilot.press("ctrl+g")
+        await settle(pilot)
+        assert NAME_SHOWN in field_of(app, "#in-image").error
+        screen_text(app)
+        assert await form.query_one("#in-image", Input).suggester.get_suggestion(str(tmp_path / "evil")) is None
+
+        await to_gallery(pilot, app)
+        await pilot.press("v")  # queued: the notification names the file
+        await wait_for(pilot, lambda: len(idle_service.jobs()) == 2, what="the job")
+        assert last_job(idle_service).request["image"] == str(image)  # the path itself, as data
+        await pilot.press("i")
+        await wait_for(pilot, lambda: isinstance(app.screen, MaskEditor), what="the mask editor")
+        await pilot.pause()
+        assert NAME_SHOWN in str(app.screen.query_one("#mask-title", Static).content)
+        shown = screen_text(app)
+        assert "evil [sks] [bold red]x" in shown and app.is_running
+
+
+async def test_an_inpaint_painted_in_the_editor_runs_and_keeps_every_pixel_outside_the_mask(tmp_path, demo_dirs):
+    service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3", recover=True)  # with a worker
+    app = DreamttyApp(model="demo", out=tmp_path / "out", client=LocalClient(service))
+    async with app.run_test(size=(100, 40)) as pilot:
+        editor, image = await open_editor(pilot, app, tmp_path)
+        await pilot.press("r", "L", "J", "space", "enter")  # a square of 9x9 preview pixels
+        await wait_for(pilot, lambda: len(service.jobs()) == 2, what="the inpaint job")
+        job = last_job(service).id
+        await wait_for(pilot, lambda: service.store.get(job).state in ("done", "failed"), WORKER_TIMEOUT, "the job")
+        done = service.store.get(job)
+    assert done.state == "done", done.error
+    mask = saved_mask(done.request["mask"])
+    with Image.open(image) as source, Image.open(done.outputs[0]) as result:
+        before, after = np.asarray(source.convert("RGB")), np.asarray(result.convert("RGB"))
+    assert np.array_equal(after[~mask], before[~mask]) and not np.array_equal(after[mask], before[mask])
