@@ -53,7 +53,8 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", dest="loras", action="append", help="NAME[:WEIGHT] (repeatable, up to 5)")
     p.add_argument("--vae", help="VAE override")
     p.add_argument("--refiner", help="SDXL refiner model")
-    p.add_argument("--refiner-switch", type=float, help="fraction of steps before the refiner takes over")
+    p.add_argument("--refiner-switch", type=float, help="fraction of the noise schedule before the refiner takes over "
+                                                              "(diffusers' denoising_end)")
     p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--speed", choices=SPEEDS, help="fast: a compiled UNet on CUDA (first time per model and size: "
                                                    "about a minute; then cached)")

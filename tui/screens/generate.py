@@ -172,7 +172,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
                        classes="row"),
             Horizontal(Field("Refiner", _input("refiner", placeholder="none (SDXL)"), names=("refiner",)),
                        Field("Refiner switch", _input("refiner_switch", f"{GenerateRequest.refiner_switch:g}"),
-                             names=("refiner_switch",), hint="fraction of the steps before the refiner"),
+                             names=("refiner_switch",), hint="fraction of the schedule for the base"),
                        classes="row"),
             title="Model extras", id="advanced")
 
