@@ -113,7 +113,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
         self.model = model
         self.keep_model = keep_model  # a model named on the command line wins over presets
         self.default_preset = preset  # loaded into the form after the first frame
-        self.ready = asyncio.Event()  # set once every field is mounted (Guidance: after the first frame)
+        self.ready = asyncio.Event()  # set once every field is mounted and the default preset is in the form
         self.presets: list[PresetInfo] = []  # listed after the first frame
         self._preset_wanted: str | None = None  # the preset being read in a thread
         self.family = "demo"
@@ -193,7 +193,8 @@ class GenerateForm(VerticalScroll, can_focus=False):
         await self.mount_all(groups)
         for group in groups:
             self._no_blinking(group)
-        self.ready.set()
+        if not self.default_preset:
+            self.ready.set()  # else once the default preset is in the form: a job queued at once uses it
         self.update_family(self.model)
         self._load_model_choices()
         self._load_styles()
@@ -320,6 +321,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
     def _preset_read(self, name: str, values: dict, error: DreamttyError | None) -> None:
         if name != self._preset_wanted:
             return  # another preset was chosen since
+        self.ready.set()  # the default preset (the first read) is in the form, or its error is shown
         if error is not None:
             with self.prevent(Select.Changed):  # the form does not claim a preset it could not load
                 self.query_one("#preset", Select).value = Select.NULL
@@ -511,7 +513,7 @@ class GenerateScreen(Screen):
 
     async def _read_form(self) -> GenerateRequest | None:
         """The form's request; on bad input show the error inline and return None."""
-        await self.form.ready.wait()  # a key pressed at once waits for the Guidance group
+        await self.form.ready.wait()  # a key pressed at once waits for the Guidance group and the default preset
         self.form.clear_errors()
         try:
             return self.form.read_request()
