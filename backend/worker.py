@@ -173,8 +173,16 @@ def _make_images(run: JobRun) -> None:
     speed = fast.effective_speed(request.speed, run.cache.device)
     if speed != request.speed:
         run.note(fast.CPU_NOTE)
+    if speed == "fast" and any(p.active for p in request.image_prompts):
+        speed = "default"  # adapters change the UNet's attention processors and inputs: a compiled one would recompile
+        run.note("image prompts run at the default speed (a compiled UNet does not take them)")
     pipe = run.cache.get(ref, pick_dtype(request.dtype, run.cache.device), speed)
-    request = apply_extras(pipe, request, run.cache)
+
+    def on_preview(label: str, image) -> None:  # an image prompt's preprocessed map, before sampling
+        run.emit(ev.Preview, image=run.job.get("first_image", 0), width=image.width, height=image.height,
+                 rgb=image.convert("RGB").tobytes(), label=label)
+
+    request = apply_extras(pipe, request, run.cache, on_preview=on_preview, note=run.note)
     with fast.compiled_run(pipe, ref.location, (request.width, request.height), run.cache.compiled, run.note):
         _image_loop(run, kind, request, pipe, pipe.dreamtty_family, make_image)
 
