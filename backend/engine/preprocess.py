@@ -4,7 +4,8 @@
 - ``structure`` (Fooocus's CPDS): the reference turned grey by OpenCV's contrast-preserving decolorization
   (``cv2.decolor``: Lu, Xu and Jia 2012, "Contrast Preserving Decolorization"), after a light Gaussian
   blur (sigma 0.8), then stretched to the full 0..255 range: the layout and tonal structure without
-  colour;
+  colour, where colours of equal luminance stay apart (decolor saturates on flat synthetic pictures
+  without any noise: those get their luminance);
 - ``depth``: a depth model from transformers (Depth Anything, DPT, ...), its relative depth scaled to
   0..255 (near = bright).
 
@@ -52,6 +53,8 @@ def structure(image: Image.Image) -> Image.Image:
 
     bgr = cv2.GaussianBlur(np.asarray(image.convert("RGB"))[..., ::-1].copy(), (0, 0), CPDS_BLUR)
     grey, _ = cv2.decolor(bgr)
+    if grey.min() == grey.max():  # decolor saturates on flat, noiseless pictures: then plain luminance
+        grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
     return _rgb(_stretch(grey.astype(np.float32)))
 
 
