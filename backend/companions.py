@@ -110,17 +110,21 @@ def find_model(kind: str, variant: str | None, model_family: str, target: str, c
     if mine:
         return sorted(mine, key=lambda e: e.name)[0]
     what = _what(kind, variant)
-    pull_family = family if family in PULL_FAMILIES else None
-    if any(family in u.families or "any" in u.families for u in USUAL if u.kind == kind and u.variant == variant):
+    usual = [u for u in USUAL if u.kind == kind and u.variant == variant]
+    any_family = any("any" in u.families for u in usual)
+    pull_family = family if family in PULL_FAMILIES and not any_family else None
+    if any_family or any(family in u.families for u in usual):
         get = f"get it with: {pull_command(target, pull_family)}"
     else:
-        get = f"none is known to download for {_label(family)}; put one made for it in the {library.FOLDER_OF_KIND[kind]} folder"
+        get = (f"none is known to download for {_label(family)}; put one made for it in the "
+               f"{library.FOLDER_OF_KIND[kind]} folder")
     other = [e for e in entries if e.source != "built-in" and e.family not in (family, "any")]
     if other:
         raise RequestError(field, f"{what} {other[0].name} is for {_label(other[0].family)}, the model is "
                                   f"{_label(family)}; {get}")
     folders = ", ".join(str(p) for p in cfg.folders(library.FOLDER_OF_KIND[kind])) or "none"
-    raise RequestError(field, f"no {what} for {_label(family)} in {folders}; {get}")
+    scope = "" if any_family else f" for {_label(family)}"
+    raise RequestError(field, f"no {what}{scope} in {folders}; {get}")
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,14 @@ class ImageSaved(JobEvent):
     seed: int
 
 
+@_register("text")
+class TextOutput(JobEvent):
+    """The result of a job whose kind makes text (describe)."""
+
+    image: int
+    text: str
+
+
 @_register("done")
 class Done(JobEvent):
     paths: list[str] = field(default_factory=list)

@@ -172,11 +172,15 @@ def _captioner(folder: Path) -> None:
     tokenizer = BertTokenizer(str(vocab), bos_token="[DEC]")
     torch.manual_seed(32)
     text = dict(vocab_size=len(special) + len(CAPTION_WORDS), hidden_size=32, intermediate_size=64,
-                num_attention_heads=4, num_hidden_layers=2, encoder_hidden_size=32, max_position_embeddings=64,
+                num_attention_heads=4, num_hidden_layers=2, encoder_hidden_size=32, max_position_embeddings=128,
                 bos_token_id=5, sep_token_id=3, pad_token_id=0, eos_token_id=3)
     vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, image_size=32,
                   patch_size=8)
-    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
+    with torch.no_grad():  # random weights would end at once with [SEP]: words only, eight of them
+        model.text_decoder.cls.predictions.bias[:len(special)] = -30.0
+    model.generation_config.max_new_tokens = 8
+    model.save_pretrained(folder)
     BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer).save_pretrained(folder)
 
 

@@ -84,7 +84,7 @@ class Steering:
         return added, residuals
 
 
-def _path(entry: library.Entry) -> str:
+def model_path(entry: library.Entry) -> str:
     """The file or folder of a library entry; a built-in companion is built on first use."""
     if entry.source != "built-in":
         return entry.path
@@ -113,8 +113,8 @@ def apply_image_prompts(pipe, request, on_preview: Callable[[str, Image.Image], 
     records of each reference that applies: its number, models with short hashes and preprocessor."""
     needs = companions.plan(request.image_prompts, pipe.dreamtty_family)
     adapters = [n for n in needs if n.encoder is not None]
-    ip_adapter.load_adapters(pipe, tuple((_path(n.model), _path(n.encoder)) for n in adapters))
-    nets = controlnet.load_controlnets(pipe, [_path(n.model) for n in needs if n.encoder is None])
+    ip_adapter.load_adapters(pipe, tuple((model_path(n.model), model_path(n.encoder)) for n in adapters))
+    nets = controlnet.load_controlnets(pipe, [model_path(n.model) for n in needs if n.encoder is None])
     pipe.dreamtty_image_prompts = None
     if not needs:
         return []
@@ -125,19 +125,19 @@ def apply_image_prompts(pipe, request, on_preview: Callable[[str, Image.Image], 
             note(f"image prompt {need.index + 1}: {warning}")
         images[id(need)] = source.image
         record = {"index": need.index, "type": need.prompt.type, "model": need.model.name,
-                  "hash": _hash(_path(need.model))}
+                  "hash": _hash(model_path(need.model))}
         if need.encoder is not None:
-            record["encoder"] = {"name": need.encoder.name, "hash": _hash(_path(need.encoder))}
+            record["encoder"] = {"name": need.encoder.name, "hash": _hash(model_path(need.encoder))}
         else:
             record["preprocessor"] = PREPROCESSORS[need.prompt.type]
         if need.depth is not None:
-            record["depth_model"] = {"name": need.depth.name, "hash": _hash(_path(need.depth))}
+            record["depth_model"] = {"name": need.depth.name, "hash": _hash(model_path(need.depth))}
         records.append(record)
     positive, negative = ip_adapter.image_embeds(pipe, [images[id(n)] for n in adapters]) if adapters else ([], [])
     controls = []
     for need, net in zip([n for n in needs if n.encoder is None], nets):
         fitted = preprocess.fit(images[id(need)], request.width, request.height)
-        depth = _path(need.depth) if need.depth is not None else None
+        depth = model_path(need.depth) if need.depth is not None else None
         control = Control(need.prompt, net, _preprocess(need.prompt, fitted, depth, pipe._execution_device))
         controls.append(control)
         if on_preview is not None:
