@@ -105,22 +105,22 @@ def _original_resampler_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def _ip_adapter(folder: Path, family: str, seed: int) -> None:
+def ip_adapter_weights(unet_config: dict, encoder_width: int, hidden_dims: int = 64, heads: int = 1,
+                       queries: int = 4) -> dict[str, torch.Tensor]:
+    """Random IP-Adapter "plus" weights in the original file layout for a UNet of ``unet_config`` and an image
+    encoder of ``encoder_width`` (its hidden size): the Resampler, and per cross-attention layer (numbered
+    1, 3, 5, ... in ``attn_processors`` order, as diffusers' loader reads them) ``to_k_ip``/``to_v_ip``."""
     from diffusers import UNet2DConditionModel
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
-    from safetensors.torch import save_file
 
-    from backend.engine.demo_models import ensure_demo
-
-    config = UNet2DConditionModel.load_config(ensure_demo(family) / "unet")
-    cross, blocks = config["cross_attention_dim"], config["block_out_channels"]
-    torch.manual_seed(seed)
-    projection = IPAdapterPlusImageProjection(embed_dims=ENCODER_WIDTH, output_dims=cross, hidden_dims=64, heads=1,
-                                              num_queries=4)
+    cross, blocks = unet_config["cross_attention_dim"], unet_config["block_out_channels"]
+    projection = IPAdapterPlusImageProjection(embed_dims=encoder_width, output_dims=cross, hidden_dims=hidden_dims,
+                                              heads=heads, num_queries=queries)
     state = _original_resampler_keys(projection.state_dict())
-    unet = UNet2DConditionModel.from_config(config)
+    with torch.device("meta"):
+        names = list(UNet2DConditionModel.from_config(unet_config).attn_processors)
     key_id = 1
-    for name in unet.attn_processors:  # diffusers numbers the cross-attention layers 1, 3, 5, ...
+    for name in names:
         if name.endswith("attn1.processor"):
             continue
         block = int(name.split(".")[1]) if not name.startswith("mid_block") else None
@@ -128,7 +128,18 @@ def _ip_adapter(folder: Path, family: str, seed: int) -> None:
         for proj in ("to_k_ip", "to_v_ip"):
             state[f"ip_adapter.{key_id}.{proj}.weight"] = torch.nn.Linear(cross, hidden, bias=False).weight.detach()
         key_id += 2
-    save_file(state, folder / ADAPTER_FILE)
+    return state
+
+
+def _ip_adapter(folder: Path, family: str, seed: int) -> None:
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from backend.engine.demo_models import ensure_demo
+
+    torch.manual_seed(seed)
+    save_file(ip_adapter_weights(UNet2DConditionModel.load_config(ensure_demo(family) / "unet"), ENCODER_WIDTH),
+              folder / ADAPTER_FILE)
 
 
 # -- ControlNets -----------------------------------------------------------------------------

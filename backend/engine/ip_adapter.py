@@ -17,15 +17,18 @@ from backend.errors import ModelError
 AdapterFiles = tuple[tuple[str, str], ...]  # per slot: (adapter file, image encoder folder)
 
 
+def nested(flat: dict[str, torch.Tensor]) -> dict:
+    """IP-Adapter weights as ``load_ip_adapter`` takes them: {"image_proj": {...}, "ip_adapter": {...}}."""
+    return {part: {k.removeprefix(f"{part}."): v for k, v in flat.items() if k.startswith(f"{part}.")}
+            for part in ("image_proj", "ip_adapter")}
+
+
 def _state_dict(path: str) -> dict:
-    """An IP-Adapter file as ``load_ip_adapter`` takes it: {"image_proj": {...}, "ip_adapter": {...}}."""
     if Path(path).suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
-        flat = load_file(path)
-        return {part: {k.removeprefix(f"{part}."): v for k, v in flat.items() if k.startswith(f"{part}.")}
-                for part in ("image_proj", "ip_adapter")}
-    return torch.load(path, map_location="cpu", weights_only=True)  # a .bin: allowed by --allow-pickle only
+        return nested(load_file(path))
+    return torch.load(path, map_location="cpu", weights_only=True)  # a .bin (nested already): --allow-pickle only
 
 
 def load_adapters(pipe, slots: AdapterFiles) -> None:
