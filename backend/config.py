@@ -6,7 +6,8 @@ the same file), else ``<config dir>/config.yaml``. A missing file means the
 defaults. ``DREAMTTY_*`` environment variables override single keys:
 ``DREAMTTY_DEFAULT_MODEL``, ``DREAMTTY_DEFAULT_PRESET``, ``DREAMTTY_OUTPUTS`` and
 ``DREAMTTY_CHECKPOINTS`` / ``_LORAS`` / ``_VAE`` / ``_EMBEDDINGS`` /
-``_UPSCALERS`` / ``_IP_ADAPTERS`` / ``_CONTROLNETS`` / ``_DEPTH_MODELS`` / ``_CAPTIONERS`` / ``_WILDCARDS`` / ``_STYLES`` (folder lists separated by ``os.pathsep``).
+``_UPSCALERS`` / ``_IP_ADAPTERS`` / ``_CONTROLNETS`` / ``_DEPTH_MODELS`` / ``_CAPTIONERS`` /
+``_WILDCARDS`` / ``_STYLES`` (folder lists separated by ``os.pathsep``).
 
 A bad value never stops the app: that key keeps its default and ``load()``
 returns a one-line warning naming the key and the problem.

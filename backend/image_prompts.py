@@ -50,7 +50,7 @@ _WORD = re.compile(r"[A-Za-z][A-Za-z_-]*")
 
 @dataclass
 class ImagePrompt:
-    """One reference image; ``weight``/``stop`` None = the type's default (filled by :func:`resolve`)."""
+    """One reference image; ``weight``/``stop`` None = the type's default (filled by :func:`resolve_image_prompts`)."""
 
     path: str
     type: str = "image"
@@ -64,22 +64,17 @@ class ImagePrompt:
         return bool(self.weight) and bool(self.stop)
 
     def applies(self, iteration: int, iterations: int) -> bool:
-        """Whether it applies at loop iteration ``iteration`` of ``iterations`` (diffusers' control_guidance_end rule)."""
+        """Whether it applies at loop iteration ``iteration`` of ``iterations`` (diffusers' control_guidance_end
+        rule)."""
         return self.active and (iteration + 1) / iterations <= self.stop
 
     def label(self, index: int) -> str:
         return f"{index + 1} ({self.type})"
 
-    def to_text(self) -> str:
-        """The ``IMAGE:TYPE[:WEIGHT[:STOP]]`` text a flag or form holds."""
-        numbers = [] if self.weight is None and self.stop is None else [
-            TYPES[self.type].weight if self.weight is None else self.weight, *([] if self.stop is None else [self.stop])]
-        return ":".join([self.path, self.type, *(f"{v:g}" for v in numbers)])
-
 
 def parse(text: str) -> ImagePrompt:
-    """``IMAGE[:TYPE[:WEIGHT[:STOP]]]``; a path may itself hold ``:`` (the type is the last known type name
-    followed by at most two numbers). RequestError naming the field otherwise."""
+    """``IMAGE[:TYPE[:WEIGHT[:STOP]]]``; a path may itself hold ``:`` (the type is the first of the last
+    three ``:`` fields that names one). RequestError naming the field otherwise."""
     if not isinstance(text, str) or not text.strip():
         raise RequestError(FIELD, "is empty; give IMAGE[:TYPE[:WEIGHT[:STOP]]]")
     parts = text.strip().split(":")
@@ -145,7 +140,8 @@ def resolve_image_prompts(prompts: list[ImagePrompt]) -> list[ImagePrompt]:
         weight = kind.weight if prompt.weight is None else to_float(FIELD, prompt.weight)
         stop = kind.stop if prompt.stop is None else to_float(FIELD, prompt.stop)
         if not 0.0 <= weight <= MAX_WEIGHT:
-            raise RequestError(FIELD, f"{prompt.label(i)}: weight {weight:g} is out of range; allowed 0..{MAX_WEIGHT:g}")
+            raise RequestError(FIELD, f"{prompt.label(i)}: weight {weight:g} is out of range; "
+                                      f"allowed 0..{MAX_WEIGHT:g}")
         if not 0.0 <= stop <= 1.0:
             raise RequestError(FIELD, f"{prompt.label(i)}: stop {stop:g} is out of range; allowed 0..1")
         source = read_image(prompt.path, FIELD, prompt.hash)

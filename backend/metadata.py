@@ -63,9 +63,9 @@ def _control_units(references: list[dict], records: list[dict]) -> list[tuple[st
     for record in records:
         ref = references[record["index"]]
         module = record.get("preprocessor") or "ip-adapter_clip"
-        units.append((f"ControlNet {record['index']}", f"Module: {module}, Model: {record['model']} [{record['hash']}], "
-                                                       f"Weight: {ref['weight']:g}, Guidance Start: 0, "
-                                                       f"Guidance End: {ref['stop']:g}"))
+        units.append((f"ControlNet {record['index']}",
+                      f"Module: {module}, Model: {record['model']} [{record['hash']}], Weight: {ref['weight']:g}, "
+                      f"Guidance Start: 0, Guidance End: {ref['stop']:g}"))
     return units
 
 

@@ -130,7 +130,8 @@ class Service:
         """
         if not request.uses_model:
             if request.image_prompts:
-                raise RequestError("image_prompt", "this job runs no model (e.g. a fast upscale), so reference images cannot steer it")
+                raise RequestError("image_prompt", "this job runs no model (e.g. a fast upscale), so reference images "
+                                                   "cannot steer it")
             return request.resolved(self._family_or_default(request.model)), ""
         ref = resolve_model(request.model, variants=request.model_variants)
         family = ref.family if ref.family != "unknown" else "sdxl"

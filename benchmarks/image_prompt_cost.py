@@ -106,7 +106,8 @@ def main() -> None:
         encoder = (32, 17, {})  # the demo image encoder's hidden states
         title = f"CPU ({torch.get_num_threads()} threads), demo model, fp32, {size}², {args.steps} steps, CFG 7"
     control = _control(pipe, size, demo=not args.gpu)
-    rows = time_rows(pipe, size, args.steps, args.runs, {"plain": None, "1 ControlNet": References([], [], [], [control])})
+    rows = time_rows(pipe, size, args.steps, args.runs,
+                     {"plain": None, "1 ControlNet": References([], [], [], [control])})
     adapter = _adapter(pipe, *encoder)  # loaded after: the UNet then needs image embeddings on every call
     both = References(adapter.adapters, adapter.positive, adapter.negative, [control])
     rows += time_rows(pipe, size, args.steps, args.runs, {"1 IP-Adapter": adapter, "IP-Adapter + ControlNet": both})

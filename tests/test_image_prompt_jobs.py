@@ -171,8 +171,8 @@ def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
     ]
     for prompts, message in cases:
         _refused(service, {"image_prompts": prompts}, tmp_path, message)
-    _refused(service, {"image": str(reference), "mode": "poem"}, tmp_path, "mode: unknown 'poem'; allowed: photo, anime",
-             DescribeRequest)
+    _refused(service, {"image": str(reference), "mode": "poem"}, tmp_path,
+             "mode: unknown 'poem'; allowed: photo, anime", DescribeRequest)
     _refused(service, {"image": str(tmp_path / "gone.png")}, tmp_path, "image: ", DescribeRequest)
 
 
@@ -212,6 +212,12 @@ def test_models_each_type_needs_are_found_for_the_family_or_named_with_the_pull_
                    ("ip_adapter", "image_encoder"): ("any", "image_encoder"),
                    ("controlnet", "control_v11p_sd15_canny"): ("sd1", "canny"),
                    ("controlnet", "my-controlnet"): ("sdxl", None)}
+    from tui.cli_models import format_table
+
+    table = format_table(lib)
+    assert "ip_adapters (8)" in table and "controlnets (8)" in table  # with the demo models' built-in ones
+    assert any(line.startswith("  control_v11p_sd15_canny ") and line.endswith("[canny]") for line in table.splitlines())
+    assert "[type unknown: name it with canny, depth or structure (cpds)]" in table
 
     ref = "x.png"
     face = companions.plan([GenerateRequest.from_dict({"image_prompts": [f"{ref}:face:1:1"]}).image_prompts[0]], "sd1")
@@ -225,8 +231,8 @@ def test_models_each_type_needs_are_found_for_the_family_or_named_with_the_pull_
 
     refused("image", "sdxl", "image_prompt: IP-Adapter ip-adapter-plus_sd15 is for SD 1.x, the model is SDXL; get it "
                              "with: dreamtty models pull --for image --family sdxl")
-    refused("face", "sd2", "image_prompt: IP-Adapter ip-adapter-plus-face_sd15 is for SD 1.x, the model is SD 2.x; none "
-                           "is known to download for SD 2.x; put one made for it in the ip_adapters folder")
+    refused("face", "sd2", "image_prompt: IP-Adapter ip-adapter-plus-face_sd15 is for SD 1.x, the model is SD 2.x; "
+                           "none is known to download for SD 2.x; put one made for it in the ip_adapters folder")
     refused("depth", "sdxl", f"image_prompt: no depth ControlNet for SDXL in {tmp_path / 'controlnets'}; get it with: "
                              "dreamtty models pull --for depth --family sdxl")
     refused("structure", "sd1", f"image_prompt: no structure ControlNet for SD 1.x in {tmp_path / 'controlnets'}; none "

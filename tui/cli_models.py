@@ -46,6 +46,8 @@ def format_table(lib: library.Library) -> str:
         for e in entries:
             size = downloads.human(e.size) if e.size else "-"
             note = f"  [{e.note}]" if e.note else ""
+            if e.variant and kind in library.COMPANION_KINDS:  # what it serves: image, face, canny, photo, ...
+                note = f"  [{e.variant}{'; ' + e.note if e.note else ''}]"
             lines.append(f"  {visible(e.name):<36} {visible(_label(e)):<24} {size:>9}  {e.source}{note}")
     if lib.problems:
         lines.append(f"skipped ({len(lib.problems)})")

@@ -31,7 +31,8 @@ def load_controlnets(pipe, folders: list[str]) -> list:
                 net = ControlNetModel.from_pretrained(folder, local_files_only=True, dtype=pipe.unet.dtype)
             except Exception as exc:
                 text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise ModelError(f"image_prompt: cannot load the ControlNet {Path(folder).name}: {text[:300]}") from None
+                raise ModelError(f"image_prompt: cannot load the ControlNet {Path(folder).name}: {text[:300]}") \
+                    from None
             loaded[folder] = net.to(pipe._execution_device)
     return [loaded[folder] for folder in folders]
 

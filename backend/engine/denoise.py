@@ -140,7 +140,8 @@ def denoise(pipe, scheduler, spec: DenoiseSpec, make_guider=Guider) -> torch.Ten
             latents = scheduler.add_noise(start.latents, noise, timesteps[:1])
     extra = pipe.prepare_extra_step_kwargs(spec.generator, 0.0)
     whole = len(timesteps) + skip  # iterations of the whole schedule: guidance counts steps in it
-    guider = _guider(pipe, spec, dtype, latents, whole, lambda inputs: make_guider(inputs, spec.cfg, spec.guidance, whole))
+    guider = _guider(pipe, spec, dtype, latents, whole,
+                     lambda inputs: make_guider(inputs, spec.cfg, spec.guidance, whole))
     if start is None:
         _begin(scheduler, 0)
     total = len(timesteps)

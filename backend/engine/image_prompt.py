@@ -46,8 +46,9 @@ class References:
     controls: list[Control] = field(default_factory=list)
 
     def steering(self, pipe, width: int, height: int, iterations: int) -> Steering:
-        return Steering(pipe, self, [controlnet.control_tensor(pipe, c.image, width, height) for c in self.controls],
-                        iterations)
+        maps = [controlnet.control_tensor(pipe, preprocess.fit(c.image, width, height), width, height)
+                for c in self.controls]  # fitted again when the sampled area differs (an inpaint crop)
+        return Steering(pipe, self, maps, iterations)
 
 
 class Steering:
@@ -91,7 +92,8 @@ def model_path(entry: library.Entry) -> str:
     from backend.engine.demo_companions import ADAPTER_FILE, ensure_companion
 
     folder = ensure_companion(entry.name)
-    return str(folder / ADAPTER_FILE) if entry.kind == "ip_adapter" and entry.variant != "image_encoder" else str(folder)
+    adapter = entry.kind == "ip_adapter" and entry.variant != "image_encoder"
+    return str(folder / ADAPTER_FILE) if adapter else str(folder)
 
 
 def _hash(path: str) -> str:

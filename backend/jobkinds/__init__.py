@@ -4,8 +4,9 @@ entries of one registry.
 A kind is its request type (a :class:`~backend.request.GenerateRequest` or a subclass sharing its
 common fields, with its own validation and metadata fields) plus the worker-side function that makes
 one result of it: an image (saved with its metadata), or, for a kind whose ``output`` is ``"text"``
-(describe), a text the worker sends as a ``text`` event. The queue, the service, the worker, metadata and "reproduce" look kinds up here
-instead of testing for them. Adding a kind: one module in this package, one line in ``_KINDS``.
+(describe), a text the worker sends as a ``text`` event. The queue, the service, the worker, metadata
+and "reproduce" look kinds up here instead of testing for them. Adding a kind: one module in this
+package, one line in ``_KINDS``.
 """
 
 from __future__ import annotations
