@@ -105,22 +105,25 @@ def test_two_references_compose(pipes, reference, tmp_path):
         assert np.abs(both - alone).max() > 10
 
 
-@pytest.mark.parametrize("sampler,schedule,cfg,stop", [("euler", "normal", 7.0, 0.5), ("dpmpp_2m", "karras", 7.0, 1.0),
-                                                       ("euler_a", "normal", 1.0, 0.7)])
-def test_our_loop_with_one_controlnet_equals_the_stock_controlnet_pipeline(pipes, sampler, schedule, cfg, stop):
-    from diffusers import StableDiffusionControlNetPipeline
+@pytest.mark.parametrize("family,sampler,schedule,cfg,stop", [
+    ("demo", "euler", "normal", 7.0, 0.5), ("demo", "dpmpp_2m", "karras", 7.0, 1.0), ("demo", "euler_a", "normal", 1.0, 0.7),
+    ("demo-xl", "euler", "normal", 7.0, 0.5), ("demo-xl", "dpmpp_2m", "karras", 1.0, 1.0)])
+def test_our_loop_with_one_controlnet_equals_the_stock_controlnet_pipeline(pipes, family, sampler, schedule, cfg, stop):
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
     from backend.engine.conditioning import encode
     from backend.engine.controlnet import load_controlnets
     from backend.engine.demo_companions import ensure_companion
     from backend.engine.denoise import DenoiseSpec, decode, denoise
     from backend.engine.image_prompt import Control, References
+    from backend.engine.ip_adapter import load_adapters
     from backend.engine.preprocess import canny, fit
     from backend.engine.scheduling import make_scheduler
     from backend.image_prompts import ImagePrompt
 
-    pipe = pipes["demo"]
-    [net] = load_controlnets(pipe, [str(ensure_companion("demo-canny"))])
+    pipe = pipes[family]
+    load_adapters(pipe, ())  # none left by an earlier test: the stock pipeline gets no image embeddings
+    [net] = load_controlnets(pipe, [str(ensure_companion(f"{family}-canny"))])
     edges = canny(fit(shapes_picture(), 128, 128))
     refs = References([], [], [], [Control(ImagePrompt("x", "canny", 0.8, stop), net, edges)])
     g = torch.Generator("cpu").manual_seed(42)
@@ -129,13 +132,17 @@ def test_our_loop_with_one_controlnet_equals_the_stock_controlnet_pipeline(pipes
     latents = denoise(pipe, scheduler, DenoiseSpec(cond, 128, 128, 8, cfg, g, references=refs))
     ours = np.asarray(decode(pipe, latents, g), dtype=np.float32) / 255
 
-    stock_pipe = StableDiffusionControlNetPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet, controlnet=net,
-        scheduler=make_scheduler(pipe.dreamtty_scheduler_config, sampler, schedule, seed=42), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+    parts = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet, controlnet=net,
+                 scheduler=make_scheduler(pipe.dreamtty_scheduler_config, sampler, schedule, seed=42))
+    if family == "demo-xl":
+        stock_pipe = StableDiffusionXLControlNetPipeline(**parts, text_encoder_2=pipe.text_encoder_2,
+                                                         tokenizer_2=pipe.tokenizer_2)
+    else:
+        stock_pipe = StableDiffusionControlNetPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False)
     stock_pipe.set_progress_bar_config(disable=True)
     g = torch.Generator("cpu").manual_seed(42)
-    stock = stock_pipe("a red fox", edges, negative_prompt="blurry", num_inference_steps=8, guidance_scale=cfg,
+    stock = stock_pipe("a red fox", image=edges, negative_prompt="blurry", num_inference_steps=8, guidance_scale=cfg,
                        width=128, height=128, generator=g, controlnet_conditioning_scale=0.8,
                        control_guidance_end=stop, output_type="np").images[0]
     plain_g = torch.Generator("cpu").manual_seed(42)

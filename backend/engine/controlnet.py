@@ -43,7 +43,9 @@ def control_tensor(pipe, image: Image.Image, width: int, height: int) -> torch.T
 
     processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor, do_convert_rgb=True, do_normalize=False)
     pixels = processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
-    return pixels.to(pipe._execution_device, pipe.unet.dtype)
+    # contiguous, as the stock pipelines' batching leaves it: a convolution on the processor's channels-last view
+    # takes another kernel, which rounds differently
+    return pixels.to(pipe._execution_device, pipe.unet.dtype).contiguous()
 
 
 class Residuals:
