@@ -216,7 +216,8 @@ def test_models_each_type_needs_are_found_for_the_family_or_named_with_the_pull_
 
     table = format_table(lib)
     assert "ip_adapters (8)" in table and "controlnets (8)" in table  # with the demo models' built-in ones
-    assert any(line.startswith("  control_v11p_sd15_canny ") and line.endswith("[canny]") for line in table.splitlines())
+    lines = table.splitlines()
+    assert any(line.startswith("  control_v11p_sd15_canny ") and line.endswith("[canny]") for line in lines)
     assert "[type unknown: name it with canny, depth or structure (cpds)]" in table
 
     ref = "x.png"

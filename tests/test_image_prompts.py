@@ -106,8 +106,9 @@ def test_two_references_compose(pipes, reference, tmp_path):
 
 
 @pytest.mark.parametrize("family,sampler,schedule,cfg,stop", [
-    ("demo", "euler", "normal", 7.0, 0.5), ("demo", "dpmpp_2m", "karras", 7.0, 1.0), ("demo", "euler_a", "normal", 1.0, 0.7),
-    ("demo-xl", "euler", "normal", 7.0, 0.5), ("demo-xl", "dpmpp_2m", "karras", 1.0, 1.0)])
+    ("demo", "euler", "normal", 7.0, 0.5), ("demo", "dpmpp_2m", "karras", 7.0, 1.0),
+    ("demo", "euler_a", "normal", 1.0, 0.7), ("demo-xl", "euler", "normal", 7.0, 0.5),
+    ("demo-xl", "dpmpp_2m", "karras", 1.0, 1.0)])
 def test_our_loop_with_one_controlnet_equals_the_stock_controlnet_pipeline(pipes, family, sampler, schedule, cfg, stop):
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
