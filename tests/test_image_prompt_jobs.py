@@ -24,7 +24,6 @@ from backend.request import GenerateRequest
 from backend.service import Service
 from image_helpers import gradient, write_image
 
-pytest.importorskip("cv2")
 TIMEOUT = 180
 
 

@@ -11,11 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-pytest.importorskip("cv2")
-
-from backend.engine.extras import apply_extras  # noqa: E402
-from backend.engine.generate import generate_image  # noqa: E402
-from backend.request import GenerateRequest  # noqa: E402
+from backend.engine.extras import apply_extras
+from backend.engine.generate import generate_image
+from backend.request import GenerateRequest
 
 TYPES = ("image", "face", "canny", "depth", "structure")
 
