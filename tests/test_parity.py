@@ -89,17 +89,15 @@ def refiner_cache(tmp_path_factory, demo_dirs):
 
 
 KNOWN_HANDOVER_GAPS = {
-    ("euler", "karras"): "split by step index round(steps*switch); diffusers cuts at timestep >= T*(1-switch), "
-                         "which differs on uneven timesteps (karras 10 steps at 0.8: diffusers 6 base steps, ours 8)",
-    ("heun", "normal"): "second-order: diffusers counts the duplicated timesteps and hands over mid-step",
-    ("dpmpp_2m", "normal"): "multistep: the stock refiner restarts the solver's history, our one scheduler keeps it",
-    ("lms", "normal"): "multistep: the stock refiner restarts the solver's history, our one scheduler keeps it",
+    ("heun", "normal"): "second-order: diffusers' refiner repeats the base's last, duplicated timestep; "
+                        "ours hands over at the start of the next whole step",
 }
 
 
 @pytest.mark.parametrize("sampler,schedule,steps,switch", [
     ("euler", "normal", 10, 0.8), ("euler", "normal", 7, 0.6), ("euler_a", "normal", 10, 0.8),
-    ("ddim", "normal", 10, 0.6),
+    ("ddim", "normal", 10, 0.6), ("euler", "karras", 10, 0.8), ("euler", "sgm_uniform", 10, 0.7),
+    ("dpmpp_2m", "normal", 10, 0.8), ("dpmpp_2m", "karras", 12, 0.75), ("lms", "normal", 10, 0.8),
     *(pytest.param(s, sch, 10 if s != "heun" else 6, 0.8 if s != "heun" else 0.5,
                    marks=pytest.mark.xfail(strict=True, reason=why))
       for (s, sch), why in KNOWN_HANDOVER_GAPS.items()),

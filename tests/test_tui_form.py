@@ -4,15 +4,17 @@ preset < a model named on the command line)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import fields
 
 import pytest
-from textual.widgets import Input
+from textual.widgets import Input, TextArea
 
 from backend import jobkinds
 from backend.client import LocalClient
 from backend.config import config_path
 from backend.guidance_settings import GuidanceSettings
+from backend.image_prompts import ImagePrompt
 from backend.jobkinds.image_input import ImageInputRequest
 from backend.request import GenerateRequest
 from backend.service import Service
@@ -27,6 +29,7 @@ NOT_DEFAULT = {
     "seed": 1234, "count": 3, "index": 1, "styles": ["Watercolor"], "preset": "anime", "expand": True,
     "loras": [("fox", 0.5), ("org/hub-lora", 1.0)], "vae": "alt", "refiner": "my-refiner", "refiner_switch": 0.7,
     "dtype": "bf16", "speed": "fast",
+    "image_prompts": [ImagePrompt("/refs/a face.png", "face", 0.8, 0.6, "0123456789ab"), ImagePrompt("/refs/b.png")],
     "guidance": GuidanceSettings(perp_neg=1.5, sag=0.5, sharpness=3.0, cfg_rescale=0.7, adaptive_cfg=5.0,
                                  adm_scale=(1.5, 0.8, 0.3), freeu=(1.1, 1.2, 0.9, 0.2), clip_skip=2, pag=1.0, apg=2.0),
 }
@@ -121,3 +124,27 @@ async def test_precedence_in_the_form(tmp_path, default_model, model, preset, ex
     assert (request.model, size if expected[1] else None) == expected
     if expected[1] is None:
         assert size != (832, 1216)
+
+
+async def test_a_job_queued_at_once_uses_the_default_preset(tmp_path, user_folder, monkeypatch):
+    """ctrl+g pressed before the default preset (read in a thread after the first frame) is in the form
+    waits for it: the job gets the preset's values, not the form's first ones."""
+    import threading
+
+    from backend.prompting import presets
+
+    (user_folder("presets") / "mine.yaml").write_text("steps: 13\ncfg: 3.5\n")
+    config_path().write_text("default_preset: mine\n")
+    release, real = threading.Event(), presets.list_presets
+    monkeypatch.setattr("tui.screens.generate.list_presets", lambda: (release.wait(10), real())[1])
+    app = _app(tmp_path, "demo")
+    async with app.run_test(size=(120, 40)) as pilot:  # (pilot.press would wait for the blocked thread)
+        app.screen.form.query_one("#prompt", TextArea).text = "a fox"
+        queueing = asyncio.ensure_future(app.action_generate())  # ctrl+g at once
+        await asyncio.sleep(0.3)
+        assert await app.client.jobs() == []  # still waiting for the preset
+        release.set()
+        await queueing
+        await settle(pilot)
+        [job] = await app.client.jobs()
+    assert (job.request["steps"], job.request["cfg"], job.request["preset"]) == (13, 3.5, "mine")

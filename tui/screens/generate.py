@@ -106,7 +106,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
         self.model = model
         self.keep_model = keep_model  # a model named on the command line wins over presets
         self.default_preset = preset  # loaded into the form after the first frame
-        self.ready = asyncio.Event()  # set once every field is mounted (Guidance: after the first frame)
+        self.ready = asyncio.Event()  # set once every field is mounted and the default preset is in the form
         self.presets: list[PresetInfo] = []  # listed after the first frame
         self._preset_wanted: str | None = None  # the preset being read in a thread
         self.family = "demo"
@@ -170,7 +170,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
                        classes="row"),
             Horizontal(Field("Refiner", field_input("refiner", placeholder="none (SDXL)"), names=("refiner",)),
                        Field("Refiner switch", field_input("refiner_switch", f"{GenerateRequest.refiner_switch:g}"),
-                             names=("refiner_switch",), hint="fraction of the steps before the refiner"),
+                             names=("refiner_switch",), hint="fraction of the schedule for the base"),
                        classes="row"),
             title="Model extras", id="advanced")
 
@@ -201,7 +201,8 @@ class GenerateForm(VerticalScroll, can_focus=False):
         await self.mount_all(groups)
         for group in groups:
             self._no_blinking(group)
-        self.ready.set()
+        if not self.default_preset:
+            self.ready.set()  # else once the default preset is in the form: a job queued at once uses it
         self.update_family(self.model)
         self._load_model_choices()
         self._load_styles()
@@ -297,7 +298,11 @@ class GenerateForm(VerticalScroll, can_focus=False):
             for name, allowed in (("dtype", DTYPES), ("speed", SPEEDS)):
                 if data.get(name) in allowed:
                     q(f"#{name}", Select).value = data[name]
-            self._carried = {"index": data.get("index", 0)}  # which [[a,b]] variant: kept for reproduce
+            self._carried = {
+                "index": data.get("index", 0),  # which [[a,b]] variant: kept for reproduce
+                # reference images: kept as loaded until the Input image section has rows for them (issue 15)
+                "image_prompts": data.get("image_prompts", self._carried.get("image_prompts", [])),
+            }
             if "steps" in data:
                 q("#steps", Input).value = "" if data["steps"] is None else str(data["steps"])
                 q("#performance", Select).value = next(
@@ -344,6 +349,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
     def _preset_read(self, name: str, values: dict, error: DreamttyError | None) -> None:
         if name != self._preset_wanted:
             return  # another preset was chosen since
+        self.ready.set()  # the default preset (the first read) is in the form, or its error is shown
         if error is not None:
             with self.prevent(Select.Changed):  # the form does not claim a preset it could not load
                 self.query_one("#preset", Select).value = Select.NULL
@@ -559,7 +565,7 @@ class GenerateScreen(Screen):
 
     async def _read_form(self, input_image: bool = True) -> GenerateRequest | None:
         """The form's request; on bad input show the error inline and return None."""
-        await self.form.ready.wait()  # a key pressed at once waits for the Guidance group
+        await self.form.ready.wait()  # a key pressed at once waits for the Guidance group and the default preset
         self.form.clear_errors()
         try:
             return self.form.read_request(input_image)
@@ -632,8 +638,9 @@ class GenerateScreen(Screen):
             self.following, self.following_done = job, False
         if isinstance(event, Queued) and job in self.submitted:
             self.form.query_one("#seed", Input).parent.set_hint(f"last seed: {event.request['seed']}")
-        if isinstance(event, ImageSaved) and self.form.ready.is_set():
-            self.form.input_section.add_to_gallery(event.path)
+        if isinstance(event, ImageSaved):
+            for section in self.form.query(InputImageSection):  # mounted after the first frame
+                section.add_to_gallery(event.path)
         if job != self.following:
             return
         self.following_done = isinstance(event, FINAL_EVENTS)
