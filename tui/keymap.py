@@ -44,10 +44,14 @@ GENERATE_KEYS = (
     Key("preset.save", "ctrl+o", "save_preset", "Save preset", "Save the Generate form as a preset", priority=True),
     Key("mask.edit", "ctrl+t", "edit_mask", "Edit mask", "Paint the inpaint mask of the Input image", show=False,
         priority=True),
+    Key("describe", "f6", "describe_input", "Describe", "Describe the Input image into the prompt (a captioner)",
+        show=False, priority=True),
 )
 
 QUEUE_KEYS = (
     Key("queue.cancel", "c", "cancel_selected", "Cancel selected", "Cancel the selected queued or running job"),
+    Key("gallery.describe", "d", "describe", "Describe", "Describe the selected image into the Generate prompt",
+        show=False),
     Key("gallery.load", "l", "load_parameters", "Load params", "Load the selected image's parameters into the form"),
     Key("gallery.reproduce", "r", "reproduce", "Reproduce", "Queue the selected image's parameters again"),
     Key("gallery.copy", "y", "copy_path", "Copy path", "Copy the selected image's path to the clipboard"),

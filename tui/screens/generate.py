@@ -18,7 +18,8 @@ from textual.widgets import Button, Checkbox, Collapsible, Footer, Input, Select
 
 from backend import library, request_builder
 from backend.errors import DreamttyError, RequestError
-from backend.events import FINAL_EVENTS, Event, ImageSaved, JobEvent, Preview, Queued, Started
+from backend.events import FINAL_EVENTS, Event, ImageSaved, JobEvent, Preview, Queued, Started, TextOutput
+from backend.jobkinds.describe import DescribeRequest
 from backend.families import FAMILIES, aspect_sizes
 from backend.guidance_settings import GuidanceSettings
 from backend.models import DEMO_MODELS, resolve_model, trained_model
@@ -36,6 +37,7 @@ from tui.widgets.input_image import NONE, InputImageSection
 from tui.widgets.modebar import ModeBar
 from tui.widgets.preset_dialog import SavePresetDialog
 from tui.widgets.preview import ImagePreview
+from tui.widgets.reference_images import ReferenceImages
 from tui.widgets.progress import JobProgress
 from tui.widgets.style_picker import StyleInfo, StylePicker
 
@@ -188,6 +190,15 @@ class GenerateForm(VerticalScroll, can_focus=False):
         section = InputImageSection(self.app.key_for("mask.edit"), id="input-section")
         return Collapsible(section, title="Input image", id="input-image")
 
+    @staticmethod
+    def _image_prompts() -> Collapsible:
+        """Reference images that steer the image (image prompts), collapsed and mounted after the first frame."""
+        return Collapsible(ReferenceImages(id="references"), title="Image prompts", id="image-prompts")
+
+    @property
+    def references(self) -> ReferenceImages:
+        return self.query_one(ReferenceImages)
+
     @property
     def input_section(self) -> InputImageSection:
         return self.query_one(InputImageSection)
@@ -197,7 +208,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
         """Mount the collapsed groups, then start what the first frame did without, each in a thread: the
         model's family, the Model field's completions, the styles and the presets, then the default preset,
         and the gallery's images for the Image field."""
-        groups = [self._input_image(), self._advanced(), self._guidance()]
+        groups = [self._input_image(), self._image_prompts(), self._advanced(), self._guidance()]
         await self.mount_all(groups)
         for group in groups:
             self._no_blinking(group)
@@ -212,7 +223,9 @@ class GenerateForm(VerticalScroll, can_focus=False):
     @work(exclusive=True, group="gallery-choices", exit_on_error=False)
     async def _load_gallery(self) -> None:
         jobs = await self.app.client.jobs(limit=GALLERY_CHOICES)
-        self.input_section.set_gallery([path for job in jobs for path in reversed(job.outputs)])
+        paths = [path for job in jobs for path in reversed(job.outputs)]
+        self.input_section.set_gallery(paths)
+        self.references.set_gallery(paths)
 
     @work(thread=True, exclusive=True, group="styles", exit_on_error=False)
     def _load_styles(self) -> None:
@@ -249,6 +262,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
             "preset": None if preset == Select.NULL else str(preset),
             "expand": self.query_one("#expand", Checkbox).value,
             "guidance": {f.name: self._input(f"#g-{f.name}") for f in fields(GuidanceSettings)},
+            "image_prompts": self.references.read(),
             **self._carried,
             **image_fields,
         }
@@ -298,11 +312,9 @@ class GenerateForm(VerticalScroll, can_focus=False):
             for name, allowed in (("dtype", DTYPES), ("speed", SPEEDS)):
                 if data.get(name) in allowed:
                     q(f"#{name}", Select).value = data[name]
-            self._carried = {
-                "index": data.get("index", 0),  # which [[a,b]] variant: kept for reproduce
-                # reference images: kept as loaded until the Input image section has rows for them (issue 15)
-                "image_prompts": data.get("image_prompts", self._carried.get("image_prompts", [])),
-            }
+            self._carried = {"index": data.get("index", 0)}  # which [[a,b]] variant: kept for reproduce
+            if "image_prompts" in data:
+                self.references.fill(data["image_prompts"] or [])
             if "steps" in data:
                 q("#steps", Input).value = "" if data["steps"] is None else str(data["steps"])
                 q("#performance", Select).value = next(
@@ -541,6 +553,7 @@ class GenerateScreen(Screen):
         self.following: int | None = None  # job whose progress and preview are shown
         self.following_done = True
         self.submitted: set[int] = set()
+        self.describing: set[int] = set()  # describe jobs whose text goes into the prompt
         # an image and its cell limit waiting for the user to stop typing
         self.pending_preview: tuple[Image.Image | str, tuple[int, int] | None] | None = None
         self._last_live_frame = 0.0  # monotonic time the last live frame was drawn
@@ -620,6 +633,20 @@ class GenerateScreen(Screen):
         open_mask_editor(self, section.image, section.mask, section.feather(), self._rejected,
                          lambda mask: section.use_mask(str(mask.path), mask.feather))
 
+    async def action_describe_input(self) -> None:
+        await self.form.ready.wait()
+        self.describe(self.form.input_section.image)
+
+    def describe(self, path: str) -> None:
+        """Describe image ``path`` with the captioner (a describe job); its text replaces the prompt."""
+        if not path:
+            self._rejected(RequestError("image", "give an image to describe (the Input image's path)"))
+            return
+        model = self.form.query_one("#model", Input).value.strip()
+        build = lambda: request_builder.build({"image": path, "model": model}, defaults={}, kind=DescribeRequest)  # noqa: E731
+        self.app.queue_request(build, lambda exc: notify(self, exc, title="describe", severity="error"),
+                               self.describing.add)
+
     @on(Button.Pressed, "#in-edit-mask")
     async def _edit_mask_pressed(self) -> None:
         await self.action_edit_mask()
@@ -638,6 +665,10 @@ class GenerateScreen(Screen):
             self.following, self.following_done = job, False
         if isinstance(event, Queued) and job in self.submitted:
             self.form.query_one("#seed", Input).parent.set_hint(f"last seed: {event.request['seed']}")
+        if isinstance(event, TextOutput) and job in self.describing:
+            self.describing.discard(job)
+            self.form.query_one("#prompt", TextArea).text = event.text
+            notify(self, f"Prompt from job #{job}'s description.", title="describe")
         if isinstance(event, ImageSaved):
             for section in self.form.query(InputImageSection):  # mounted after the first frame
                 section.add_to_gallery(event.path)

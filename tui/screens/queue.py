@@ -231,6 +231,13 @@ class QueueScreen(Screen):
         if path is not None:
             await self.app.use_as_input(path)
 
+    def action_describe(self) -> None:
+        """Describe the selected image into the Generate screen's prompt (shown there)."""
+        path = self._image_or_warn()
+        if path is not None:
+            self.app.generate_screen.describe(path)
+            self.app.switch_mode("generate")
+
     def action_on_image(self, name: str) -> None:
         """Queue operation ``name`` (:data:`tui.image_jobs.OPERATIONS`) on the selected image."""
         path = self._image_or_warn()
