@@ -117,6 +117,15 @@ class WorkerReady(Event):
     cuda_count: int = 0
 
 
+@_register("worker-models")
+class WorkerModels(Event):
+    """The pipelines a worker holds, sent when that changes (for the service's status)."""
+
+    worker: int
+    models: list[dict] = field(default_factory=list)  # {"model": name, "dtype": "float16", "bytes": N}
+    loads: int = 0  # pipelines loaded since the worker started
+
+
 @_register("service-ready")
 class ServiceReady(Event):
     """The service a client talks to has started (or the client reconnected): refresh job lists."""

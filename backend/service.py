@@ -12,12 +12,14 @@ import asyncio
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from backend import config, jobkinds, locations
-from backend.events import FINAL_EVENTS, Cancelled, Done, Event, Failed, JobEvent, Queued, Retrying, Started, WorkerReady
+from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, JobEvent, Queued, Retrying, Started, WorkerModels,
+                            WorkerReady)
 from backend.extras_check import check_extras
 from backend.guidance_settings import check_clip_skip
 from backend.models import resolve_model, text_encoder_depth
@@ -61,6 +63,9 @@ class Service:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self.started: float | None = None  # Unix time of start()
+        self._ready: dict[int, WorkerReady] = {}  # worker -> its last ready event
+        self._models: dict[int, WorkerModels] = {}  # worker -> what it holds loaded
 
     @property
     def slots(self) -> list[Slot]:
@@ -69,6 +74,7 @@ class Service:
     # -- lifecycle -------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.started = time.time()
         self.store.renew_lease(self.owner)
         if self.recover:
             self.store.adopt_orphans(self.owner)
@@ -164,6 +170,20 @@ class Service:
         """This service's queued and running jobs, newest first."""
         return self.store.jobs(ACTIVE, owner=self.owner)
 
+    def status(self) -> dict:
+        """This process, its workers (device, job, loaded models) and the length of its queue, as JSON."""
+        active = self.active_jobs()
+        workers = []
+        for slot in self.slots:
+            ready, models = self._ready.get(slot.id), self._models.get(slot.id)
+            workers.append({"id": slot.id, "device": ready.device if ready else slot.device, "pid": slot.pid,
+                            "ready": ready is not None and self.pool.alive(slot), "job": slot.job,
+                            "models": models.models if models else [], "loads": models.loads if models else 0})
+        return {"pid": os.getpid(), "started": self.started,
+                "uptime": time.time() - self.started if self.started else 0.0, "workers": workers,
+                "queued": sum(job.state == "queued" for job in active),
+                "running": sum(job.state == "running" for job in active)}
+
     def subscribe(self) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()
         self._subscribers.append(q)
@@ -219,6 +239,11 @@ class Service:
                 event = replace(event, paths=self.store.get(event.job).outputs)
         elif isinstance(event, Started):
             self.store.set_state(event.job, "running")
+        elif isinstance(event, WorkerReady):
+            self._ready[event.worker] = event
+            self._models.pop(event.worker, None)  # a restarted worker holds nothing yet
+        elif isinstance(event, WorkerModels):
+            self._models[event.worker] = event
         self._publish(event)
         if isinstance(event, (*FINAL_EVENTS, WorkerReady)):
             self._dispatch()

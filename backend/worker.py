@@ -104,6 +104,7 @@ def _run_job(run: JobRun) -> None:
     except torch.OutOfMemoryError:
         while run.cache.evict_oldest():
             pass
+        _report_models(run)
         req = run.job["request"]
         run.emit(ev.Failed, error=(
             f"out of memory on {run.cache.device} at {req['width']}x{req['height']}: "
@@ -116,6 +117,10 @@ def _run_job(run: JobRun) -> None:
         run.emit(ev.Failed, error=f"{type(exc).__name__}: {_one_line(exc)}")
     else:
         run.emit(ev.Done, paths=paths)
+
+
+def _report_models(run: JobRun) -> None:
+    run.send(ev.WorkerModels(worker=run.worker, models=run.cache.loaded(), loads=run.cache.loads))
 
 
 def _make_images(run: JobRun) -> list[str]:
@@ -131,8 +136,11 @@ def _make_images(run: JobRun) -> list[str]:
     kind = jobkinds.get(run.job["kind"])
     request = kind.request(run.job["request"])
     make_image = kind.image_function()
+    loads = run.cache.loads
     pipe = run.cache.get(resolve_model(request.model), pick_dtype(request.dtype, run.cache.device))
     request = apply_extras(pipe, request, run.cache)
+    if run.cache.loads != loads:
+        _report_models(run)
     family = FAMILIES[pipe.dreamtty_family]
     paths: list[str] = []
     for i in range(run.job.get("first_image", 0), request.count):

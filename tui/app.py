@@ -310,9 +310,12 @@ def use_color_system(choice: str) -> None:
     textual.constants.COLOR_SYSTEM = system  # read when the App is created; textual is already imported
 
 
-def run_app(args) -> int:
-    """Entry point for ``dreamtty`` without a subcommand."""
+def run_app(args, attach: bool = False) -> int:
+    """Entry point for ``dreamtty`` without a subcommand, and for ``dreamtty attach``."""
     use_color_system(args.color)
+    if attach:  # DreamttyApp runs its own Service until its screens speak the Client interface
+        raise DreamttyError("attach: the TUI cannot attach to the service yet; follow its jobs with "
+                            "dreamtty jobs and dreamtty wait ID")
     app = DreamttyApp(model=args.model, out=args.out, device=args.device)
     app.run()
     return app.return_code or 0

@@ -86,21 +86,32 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
     client = _client(args)
     print_warnings(client.warnings)
     events = client.subscribe()
-    paths: list[str] = []
-    failed = 0
-    progress = Progress(enabled=sys.stderr.isatty() and not args.json)
     finished = False  # until every job has ended: else (Ctrl-C, an error) they are cancelled
     try:
         job_ids = [await client.submit(r, out) for r in requests]  # validates before any worker starts
         await client.start()
+        result = await follow(client, job_ids, events, args.json)
+        finished = True
+    finally:
+        await client.close(cancel_jobs=not finished)
+    return result
+
+
+async def follow(client: Client, job_ids: list[int], events, as_json: bool) -> tuple[int, list[str]]:
+    """Print the jobs' saved images (or, ``as_json``, their events) until they end; returns the exit
+    code (1 when one failed or was cancelled) and the paths."""
+    paths: list[str] = []
+    failed = 0
+    progress = Progress(enabled=sys.stderr.isatty() and not as_json)
+    try:
         for job_id in job_ids:
             async for event in client.wait(job_id, events):
-                if args.json:
+                if as_json:
                     print(json.dumps({k: v for k, v in to_dict(event).items() if k != "rgb"}), flush=True)
                 progress.update(event)
                 if isinstance(event, ImageSaved):
                     paths.append(event.path)
-                    if not args.json:
+                    if not as_json:
                         progress.clear()
                         print(visible(event.path), flush=True)
                 elif isinstance(event, (Failed, Cancelled)):
@@ -108,19 +119,17 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
                     progress.clear()
                     line = f"dreamtty: job {job_id} {event.type}: {getattr(event, 'error', '')}".rstrip(": ")
                     print(visible(line), file=sys.stderr)
-        finished = True
     finally:
         progress.clear()
-        await client.close(cancel_jobs=not finished)
     return (1 if failed else 0), paths
 
 
 def _client(args) -> Client:
-    """The service the commands talk to: one in this process."""
-    from backend.client import LocalClient
-    from backend.service import Service
+    """The service the commands talk to: the running ``dreamtty serve`` (started when none runs), or
+    one in this process with ``--local``."""
+    from backend.client import connect
 
-    return LocalClient(Service(devices=args.device))
+    return connect(args.device, local=args.local)
 
 
 def _fetch_if_missing(model: str) -> None:
