@@ -22,18 +22,17 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 from aiohttp import WSCloseCode, web
 
-from backend import events, jobkinds
+from backend import jobkinds
 from backend.errors import DreamttyError, RequestError
-from backend.events import Preview
+from backend.events import Preview, dumps
 from backend.queue_store import ACTIVE, FINAL
 from backend.service import Service
+from backend.versions import versions
 
-API_VERSION = 1
 MAX_BODY = 1 << 20  # bytes: a request is a few KiB
 PREVIEW_BACKLOG = 64  # events waiting for a slow stream, past which its previews are dropped
 BODY_FIELDS = ("kind", "request", "out")
@@ -43,15 +42,6 @@ log = logging.getLogger("dreamtty.api")
 
 class NotFound(DreamttyError):
     """A job or image that is not there (404)."""
-
-
-def versions() -> dict:
-    """What a client and a service compare on connect."""
-    try:
-        package = metadata.version("dreamtty")
-    except metadata.PackageNotFoundError:
-        package = "unknown"
-    return {"dreamtty": package, "api": API_VERSION, "events": events.VERSION}
 
 
 def peer_uid(sock) -> int | None:
@@ -215,7 +205,7 @@ class Api:
                 event = await queue.get()
                 if isinstance(event, Preview) and (not previews or queue.qsize() > PREVIEW_BACKLOG):
                     continue  # a slow client loses previews, never the events that matter
-                await ws.send_str(events.dumps(event))
+                await ws.send_str(dumps(event))
         except (ConnectionError, RuntimeError):  # the client went away mid-stream
             pass
 

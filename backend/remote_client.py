@@ -26,6 +26,7 @@ from backend.models import DEMO_MODELS
 from backend.queue_store import ACTIVE, Job
 from backend.request import GenerateRequest
 from backend.serve import ServeOptions, start_detached
+from backend.versions import versions
 
 RECONNECT_DELAY = (0.1, 2.0)  # seconds: first and longest wait between attempts to reopen the stream
 POLL = 1.0  # seconds between checks, while waiting, that the stream is not lost for good
@@ -93,8 +94,6 @@ class RemoteClient:
             await self._open_stream()
 
     async def _check_versions(self) -> None:
-        from backend.api import versions
-
         theirs, ours = await self._call("GET", "/v1/version"), versions()
         if theirs != ours:
             raise VersionMismatch(

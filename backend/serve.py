@@ -29,7 +29,6 @@ from backend.service_files import AlreadyRunning, ServiceFiles, make_token
 
 START_TIMEOUT = 60.0  # seconds a detached service may take to answer on its socket
 IDLE_CHECK = 5.0  # seconds between checks of the idle limit
-log = logging.getLogger("dreamtty.serve")
 
 
 @dataclass(frozen=True)
