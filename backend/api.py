@@ -134,6 +134,8 @@ class Api:
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         limit = _int(request.query.get("limit", "200"), "limit")
+        if limit < 1:
+            raise RequestError("limit", f"{limit} is not a positive number of jobs")
         states = tuple(s for s in request.query.get("state", "").split(",") if s)
         bad = next((s for s in states if s not in (*ACTIVE, *FINAL)), None)
         if bad is not None:

@@ -20,7 +20,7 @@ import aiohttp
 
 from backend import config
 from backend.errors import DreamttyError, RequestError
-from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, ImageSaved, JobEvent,
+from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, Fanout, ImageSaved, JobEvent,
                             ServiceReady, loads)
 from backend.models import DEMO_MODELS
 from backend.queue_store import ACTIVE, Job
@@ -58,7 +58,7 @@ class RemoteClient:
         self._previews = previews
         self._patience = patience
         self._session: aiohttp.ClientSession | None = None
-        self._subscribers: list[asyncio.Queue] = []
+        self._fanout = Fanout()
         self._stream: asyncio.Task | None = None
         self._lost: DreamttyError | None = None
         self._submitted: list[int] = []
@@ -90,7 +90,7 @@ class RemoteClient:
             except BaseException:
                 await self._drop_session()
                 raise
-        if self._subscribers and self._stream is None:
+        if self._fanout.queues and self._stream is None:
             await self._open_stream()
 
     async def _check_versions(self) -> None:
@@ -113,7 +113,7 @@ class RemoteClient:
             async for message in ws:
                 if message.type == aiohttp.WSMsgType.TEXT:
                     try:
-                        self._publish(loads(message.data))
+                        self._fanout.publish(loads(message.data))
                     except EventError:
                         continue
             down_since = down_since or time.monotonic()
@@ -134,7 +134,7 @@ class RemoteClient:
                         f"service: lost the connection to {self.address} for {self._patience:g} s; its jobs stay "
                         "queued (dreamtty jobs, dreamtty wait ID follow them when a service runs again)")
             delay, down_since, self._lost = RECONNECT_DELAY[0], None, None
-            self._publish(ServiceReady())
+            self._fanout.publish(ServiceReady())
 
     async def _drop_session(self) -> None:
         if self._session is not None:
@@ -212,13 +212,10 @@ class RemoteClient:
         await self._call("POST", "/v1/shutdown")
 
     def subscribe(self) -> asyncio.Queue[Event]:
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._subscribers.append(queue)
-        return queue
+        return self._fanout.subscribe()
 
     def unsubscribe(self, events: asyncio.Queue[Event]) -> None:
-        if events in self._subscribers:
-            self._subscribers.remove(events)
+        self._fanout.unsubscribe(events)
 
     async def wait(self, job_id: int, events: asyncio.Queue[Event] | None = None) -> AsyncIterator[Event]:
         """The events of one job until it ends; what the stream missed is read back from the service."""
@@ -256,10 +253,6 @@ class RemoteClient:
                 self.unsubscribe(queue)
 
     # -- internals ------------------------------------------------------------------------
-    def _publish(self, event: Event) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait(event)
-
     async def _catch_up(self, job_id: int, seen: set[str]) -> list[Event]:
         """The job's saved images not yet seen and, when it ended, its final event, read from the service."""
         job = await self.job(job_id)

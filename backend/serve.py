@@ -164,6 +164,8 @@ def start_detached(options: ServeOptions, timeout: float = START_TIMEOUT) -> dic
         if process.poll() not in (None, 0, AlreadyRunning.EXIT_CODE):
             raise DreamttyError(f"service: did not start ({_last_line(log_file)}); see {log_file}")
         time.sleep(0.05)
+    if process.poll() == AlreadyRunning.EXIT_CODE:  # the one that holds the lock does not answer
+        raise DreamttyError(f"{files.running_message()}; it does not answer on its socket")
     raise DreamttyError(f"service: not answering on {files.socket} after {timeout:g} s; see {log_file}")
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from backend import config, jobkinds, locations
-from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, JobEvent, Queued, Retrying, Started, WorkerModels,
-                            WorkerReady)
+from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, JobEvent, Queued, Retrying, Started,
+                            WorkerModels, WorkerReady)
 from backend.extras_check import check_extras
 from backend.guidance_settings import check_clip_skip
 from backend.models import resolve_model, text_encoder_depth
@@ -59,7 +59,7 @@ class Service:
         self.pool = pool or ProcessPool(devices, self.store.path, nice)
         self.recover = recover
         self.owner = new_owner_id()
-        self._subscribers: list[asyncio.Queue] = []
+        self._fanout = Fanout()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -139,7 +139,7 @@ class Service:
     def enqueue(self, prepared: Prepared) -> int:
         """Queue a prepared job; returns its id."""
         job_id = self.store.add(prepared.kind, prepared.payload, self.owner)
-        self._publish(Queued(job=job_id, kind=prepared.kind, request=prepared.payload["request"]))
+        self._fanout.publish(Queued(job=job_id, kind=prepared.kind, request=prepared.payload["request"]))
         self._dispatch()
         return job_id
 
@@ -157,7 +157,7 @@ class Service:
             self.pool.cancel(slot)
             return True
         self.store.set_state(job_id, "cancelled")
-        self._publish(Cancelled(job=job_id))
+        self._fanout.publish(Cancelled(job=job_id))
         return True
 
     def running_job(self) -> int | None:
@@ -185,13 +185,10 @@ class Service:
                 "running": sum(job.state == "running" for job in active)}
 
     def subscribe(self) -> asyncio.Queue:
-        q: asyncio.Queue = asyncio.Queue()
-        self._subscribers.append(q)
-        return q
+        return self._fanout.subscribe()
 
     def unsubscribe(self, q: asyncio.Queue) -> None:
-        if q in self._subscribers:
-            self._subscribers.remove(q)
+        self._fanout.unsubscribe(q)
 
     async def wait(self, job_id: int, events: asyncio.Queue | None = None):
         """Yield the events of one job until it ends (done, failed or cancelled)."""
@@ -209,10 +206,6 @@ class Service:
                 self.unsubscribe(q)
 
     # -- internals -----------------------------------------------------------
-    def _publish(self, event: Event) -> None:
-        for q in self._subscribers:
-            q.put_nowait(event)
-
     def _slot_of(self, job_id: int) -> Slot | None:
         return next((s for s in self.slots if s.job == job_id), None)
 
@@ -244,7 +237,7 @@ class Service:
             self._models.pop(event.worker, None)  # a restarted worker holds nothing yet
         elif isinstance(event, WorkerModels):
             self._models[event.worker] = event
-        self._publish(event)
+        self._fanout.publish(event)
         if isinstance(event, (*FINAL_EVENTS, WorkerReady)):
             self._dispatch()
 
@@ -256,9 +249,9 @@ class Service:
             return
         if job.attempts < MAX_RETRIES:
             self.store.retry(job.id)
-            self._publish(Retrying(job=job.id, error=why, first_image=len(job.outputs)))
+            self._fanout.publish(Retrying(job=job.id, error=why, first_image=len(job.outputs)))
         else:
             error = f"{why}, {job.attempts + 1} times; the queue goes on (see the worker log)"
             self.store.set_state(job.id, "failed", error)
-            self._publish(Failed(job=job.id, error=error))
+            self._fanout.publish(Failed(job=job.id, error=error))
         self._dispatch()
