@@ -256,7 +256,7 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
 async def test_a_client_killed_mid_stream_harms_nothing(service):
     follower = client(service)
     try:
-        job = await follower.submit(_request(steps=12, count=2), service.out)
+        job = await follower.submit(_request(steps=300, count=2), service.out)  # seconds: outlives the watcher's start
         watcher = subprocess.Popen([sys.executable, "-m", "tui.cli", "wait", str(job)], env=service.env(), cwd=ROOT,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for _ in range(600):
@@ -533,3 +533,32 @@ async def test_no_service_and_no_start_is_one_line(dirs):
     with pytest.raises(DreamttyError, match="none is running at .*start one with dreamtty serve --detach"):
         await lone.jobs()
     await lone.close()
+
+
+def test_connect_picks_the_client(monkeypatch, tmp_path):
+    from backend.client import LocalClient, connect
+    from backend.errors import RequestError
+
+    monkeypatch.delenv("DREAMTTY_LOCAL", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    remote = connect("cpu")
+    assert isinstance(remote, RemoteClient) and remote.address.socket == ServiceFiles.default().socket
+    assert isinstance(connect("cpu", local=True), LocalClient)
+    monkeypatch.setenv("DREAMTTY_LOCAL", "1")
+    assert isinstance(connect("cpu"), LocalClient)
+    monkeypatch.setenv("DREAMTTY_LOCAL", "0")
+    monkeypatch.setenv("DREAMTTY_SERVICE", "127.0.0.1:7860")
+    monkeypatch.setenv("DREAMTTY_TOKEN", "t")
+    tcp = connect("cpu")
+    assert (tcp.address.host, tcp.address.port, tcp.address.token) == ("127.0.0.1", 7860, "t")
+    monkeypatch.setenv("DREAMTTY_SERVICE", "localhost")
+    with pytest.raises(RequestError, match="^DREAMTTY_SERVICE: 'localhost' is not HOST:PORT"):
+        connect("cpu")
+
+
+def test_bad_serve_options_are_one_line(dirs):
+    for args, field in ((("--listen", "nowhere"), "listen"), (("--idle-exit", "-1"), "idle-exit")):
+        result = cli(dirs, "serve", *args)
+        assert result.returncode == 2 and result.stderr.startswith(f"dreamtty: {field}: ")
+        assert len(result.stderr.splitlines()) == 1
+    assert not dirs.files().socket.exists()
