@@ -4,13 +4,16 @@
     python benchmarks/cli_warm.py [--calls 10] [--steps 20] [--size 128]
 
 Prints the wall time of the calls in each mode and each call's overhead over the pure generation
-(prompt encoding, denoising and VAE decode of the same request in this process, median of a few).
+(prompt encoding, denoising and VAE decode of the same request in this process, median of a few),
+and where the service's overhead goes: starting the client (Python and its imports) and the round
+trip through the service (submit, worker, PNG, events) seen by a client already running.
 Target: with the service, overhead < 0.3 s a call. Runs in a temporary DREAMTTY_HOME.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import statistics
@@ -62,6 +65,38 @@ def _pure(args, repeats: int = 5) -> float:
     return statistics.median(times[1:])
 
 
+def _client_start(env: dict, repeats: int = 5) -> float:
+    """Median seconds to start Python and import what ``dreamtty generate`` imports with the service."""
+    code = "import tui.cli, tui.cli_jobs, backend.remote_client; tui.cli.build_parser()"
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _round_trips(args, repeats: int = 5) -> float:
+    """Median seconds from submit to done for a client in this process (no start-up, no imports)."""
+    from backend.client import connect
+    from backend.request import GenerateRequest
+
+    request = GenerateRequest(prompt="a red fox in the snow", model="demo", sampler="euler", scheduler="normal",
+                              steps=args.steps, width=args.size, height=args.size, seed=1)
+
+    async def once() -> float:
+        start = time.perf_counter()
+        client = connect("cpu")
+        events = client.subscribe()
+        job = await client.submit(request)
+        async for _ in client.wait(job, events):
+            pass
+        await client.close()
+        return time.perf_counter() - start
+
+    return statistics.median([asyncio.run(once()) for _ in range(repeats)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=10)
@@ -71,7 +106,8 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="dreamtty-bench-"))
     run = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))
     env = _env(home, run)
-    os.environ.update(DREAMTTY_HOME=str(home), HF_HUB_OFFLINE="1")
+    os.environ.update(DREAMTTY_HOME=str(home), XDG_RUNTIME_DIR=str(run), HF_HUB_OFFLINE="1")
+    os.environ.pop("DREAMTTY_LOCAL", None)
     try:
         from backend.engine.demo_models import ensure_demo
 
@@ -82,6 +118,8 @@ def main() -> None:
                        check=True, stdout=subprocess.DEVNULL)
         first = _calls(env, argparse.Namespace(**{**vars(args), "calls": 1}), [])[0]  # loads the model
         served = _calls(env, args, [])
+        trip = _round_trips(args)
+        start = _client_start(env)
     finally:
         subprocess.run([sys.executable, "-m", "tui.cli", "serve", "--stop"], env=env, cwd=ROOT,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -94,6 +132,8 @@ def main() -> None:
         median = statistics.median(times)
         print(f"{name:<34}{len(times):>6}{sum(times):>10.2f}{median:>15.3f}{median - pure:>17.3f}")
     print(f"service, first call (model load): {first:.2f} s; target: service overhead < 0.3 s a call")
+    print(f"of the service's overhead: client start (Python + imports) {start:.3f} s; round trip through the "
+          f"service for a running client {trip - pure:.3f} s over the pure generation")
 
 
 if __name__ == "__main__":
