@@ -28,6 +28,7 @@ TOKEN_ENV = "DREAMTTY_TOKEN"  # its token (default: the token file, for a servic
 
 class Client(Protocol):
     warnings: list[str]  # problems met while connecting (a damaged queue moved aside, ...)
+    jobs_survive_close: bool  # False: closing this client stops its queued and running jobs (until a restart)
 
     async def start(self) -> None: ...
 
@@ -61,7 +62,9 @@ class Client(Protocol):
 
 
 class LocalClient:
-    """A client for a service in this process."""
+    """A client for a service in this process: its workers stop when the client closes."""
+
+    jobs_survive_close = False
 
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -106,18 +109,20 @@ class LocalClient:
         return self.service.wait(job_id, events)
 
 
-def connect(device: str = "auto", local: bool = False, tui: bool = False, start: bool = True) -> Client:
+def connect(device: str = "auto", local: bool = False, tui: bool = False, start: bool = True,
+            cluster: str | None = None, nice: int = 0) -> Client:
     """The client a front end uses; nothing is contacted or started before its first call.
 
-    ``local`` (or ``DREAMTTY_LOCAL=1``): a service in this process. Else the running ``dreamtty
-    serve`` (over TCP when ``DREAMTTY_SERVICE`` is set), started in the background on ``device`` when
-    none runs and ``start`` allows it. ``tui``: a client for the TUI, which adopts the jobs of
-    services that died (local), receives previews and waits for a lost service as long as it takes.
+    ``local`` (or ``DREAMTTY_LOCAL=1``): a service in this process, its workers on ``device`` or
+    ``cluster`` at ``nice``. Else the running ``dreamtty serve`` (over TCP when ``DREAMTTY_SERVICE``
+    is set), started in the background on ``device`` / ``cluster`` when none runs and ``start``
+    allows it. ``tui``: a client for the TUI, which adopts the jobs of services that died (local),
+    receives previews and waits for a lost service as long as it takes.
     """
     if local or os.environ.get(LOCAL_ENV, "") not in ("", "0"):
         from backend.service import Service
 
-        return LocalClient(Service(devices=device, recover=tui))
+        return LocalClient(Service(devices=device, recover=tui, nice=nice, cluster=cluster))
     from backend.remote_client import Address, RemoteClient
     from backend.serve import ServeOptions, parse_listen
     from backend.service_files import ServiceFiles, read_token
@@ -128,5 +133,5 @@ def connect(device: str = "auto", local: bool = False, tui: bool = False, start:
         host, port = parse_listen(remote, SERVICE_ENV)
         address = Address(host=host, port=port, token=os.environ.get(TOKEN_ENV) or read_token())
         return RemoteClient(address, start=None, previews=tui, patience=patience)
-    options = ServeOptions(devices=device) if start else None
+    options = ServeOptions(devices=device, cluster=cluster) if start else None
     return RemoteClient(Address(socket=ServiceFiles.default().socket), start=options, previews=tui, patience=patience)

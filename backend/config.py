@@ -1,4 +1,4 @@
-"""The user's YAML config: model folders, defaults and key bindings.
+"""The user's YAML config: model folders, defaults, key bindings and where workers run.
 
 Where it is read from, first match wins: ``set_config_path()`` (the ``--config``
 option), the ``DREAMTTY_CONFIG`` environment variable (so worker processes see
@@ -6,7 +6,7 @@ the same file), else ``<config dir>/config.yaml``. A missing file means the
 defaults. ``DREAMTTY_*`` environment variables override single keys:
 ``DREAMTTY_DEFAULT_MODEL``, ``DREAMTTY_DEFAULT_PRESET``, ``DREAMTTY_OUTPUTS`` and
 ``DREAMTTY_CHECKPOINTS`` / ``_LORAS`` / ``_VAE`` / ``_EMBEDDINGS`` /
-``_WILDCARDS`` / ``_STYLES`` (folder lists separated by ``os.pathsep``).
+``_UPSCALERS`` / ``_WILDCARDS`` / ``_STYLES`` (folder lists separated by ``os.pathsep``).
 
 A bad value never stops the app: that key keeps its default and ``load()``
 returns a one-line warning naming the key and the problem.
@@ -22,10 +22,11 @@ import yaml
 
 from backend import locations, yaml_text
 from backend.errors import DreamttyError
+from backend.request import SPEEDS
 
 ENV_PATH = "DREAMTTY_CONFIG"
-FOLDER_KINDS = ("checkpoints", "loras", "vae", "embeddings", "wildcards", "styles")
-TOP_KEYS = ("paths", "default_model", "default_preset", "keymap", "allow_pickle")
+FOLDER_KINDS = ("checkpoints", "loras", "vae", "embeddings", "upscalers", "wildcards", "styles")
+TOP_KEYS = ("paths", "default_model", "default_preset", "speed", "keymap", "allow_pickle", "workers")
 
 
 @dataclass
@@ -36,8 +37,10 @@ class Config:
     outputs: Path | None = None  # None = backend.locations.outputs_dir()
     default_model: str | None = None
     default_preset: str | None = None
+    speed: str | None = None  # default | fast: the default of every request
     keymap: dict[str, str] = field(default_factory=dict)  # binding id -> key
     allow_pickle: bool = False
+    cluster: str | None = None  # ``workers``: None for local processes, else a Ray cluster address (auto...)
     source: Path | None = None  # the file read, if any
     warnings: list[str] = field(default_factory=list)
 
@@ -132,8 +135,10 @@ def _apply(cfg: Config, data: dict) -> None:
         ("paths", "outputs"): lambda v: setattr(cfg, "outputs", _outputs(v)),
         (None, "default_model"): lambda v: setattr(cfg, "default_model", _text("default_model", v)),
         (None, "default_preset"): lambda v: setattr(cfg, "default_preset", _text("default_preset", v)),
+        (None, "speed"): lambda v: setattr(cfg, "speed", _choice("speed", v, SPEEDS)),
         (None, "keymap"): lambda v: setattr(cfg, "keymap", _keymap(v)),
         (None, "allow_pickle"): lambda v: setattr(cfg, "allow_pickle", _bool("allow_pickle", v)),
+        (None, "workers"): lambda v: setattr(cfg, "cluster", _workers(v)),
     }
     for (section, key), parse in parsers.items():
         source = paths if section else data
@@ -143,6 +148,12 @@ def _apply(cfg: Config, data: dict) -> None:
             parse(source[key])
         except ValueError as exc:
             cfg.warnings.append(f"config: {exc}; using the default")
+
+
+def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{key}: {value!r} is not allowed; use {' or '.join(allowed)}")
+    return value
 
 
 def _outputs(value: object) -> Path:
@@ -155,6 +166,14 @@ def _bool(key: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{key}: must be true or false, got {value!r}")
     return value
+
+
+def _workers(value: object) -> str | None:
+    """``workers``: local (processes on this machine), ray (this machine's Ray cluster) or a Ray address."""
+    text = _text("workers", value)
+    if text is None or text == "local":
+        return None
+    return "auto" if text == "ray" else text
 
 
 def _keymap(value: object) -> dict[str, str]:

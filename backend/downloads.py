@@ -102,15 +102,28 @@ def plan(api, repo: str, revision: str | None, filename: str | None) -> tuple[st
             files = ", ".join(n for n in names if n.endswith(".safetensors"))[:300] or "none"
             raise DreamttyError(f"pull: {repo} has no file {filename}; .safetensors files: {files}")
     else:
-        if "model_index.json" not in names:
+        chosen = [s for s in siblings if s.rfilename in _weights_files(names)]
+        if not chosen:
             files = ", ".join(n for n in names if n.endswith(".safetensors") and "/" not in n)[:300] or "none"
             raise DreamttyError(f"pull: {repo} is not a diffusers repo; pick one file with --file (files: {files})")
-        chosen = [s for s in siblings if _wanted(s.rfilename)]
     out = [
         PlannedFile(s.rfilename, getattr(s, "size", None), getattr(getattr(s, "lfs", None), "sha256", None))
         for s in chosen
     ]
     return info.sha or revision or "main", out
+
+
+def _weights_files(names: list[str]) -> set[str]:
+    """What to fetch of a repo: a diffusers pipeline's files; a single diffusers model (a VAE: its config and
+    weights); a LoRA's ``pytorch_lora_weights.safetensors`` or its one top-level .safetensors; else nothing."""
+    if "model_index.json" in names:
+        return {n for n in names if _wanted(n)}
+    if {"config.json", "diffusion_pytorch_model.safetensors"} <= set(names):
+        return {"config.json", "diffusion_pytorch_model.safetensors"}
+    top = [n for n in names if n.endswith(".safetensors") and "/" not in n]
+    if "pytorch_lora_weights.safetensors" in top:
+        return {"pytorch_lora_weights.safetensors"}
+    return set(top) if len(top) == 1 else set()
 
 
 def _cache_root() -> Path:

@@ -99,6 +99,13 @@ class Cancelled(JobEvent):
     pass
 
 
+@_register("note")
+class Note(JobEvent):
+    """A line about the job for people: a fallback taken, a first-time compile coming."""
+
+    message: str
+
+
 @_register("retrying")
 class Retrying(JobEvent):
     """The job's worker died; the job runs again from its first unsaved image."""

@@ -52,6 +52,8 @@ def find_extra(kind: str, name: str, cfg) -> library.Entry:
         entry = library.find(kind, name, cfg)
     except ModelError as exc:  # a damaged file: the library's message names "model"
         raise relabel(exc, kind) from None
+    if entry is None and library.looks_like_hub_id(name):
+        raise RequestError(kind, f"{name} is not in the local Hugging Face cache; get it with: dreamtty models pull {name}")
     if entry is None:
         known = library.names(kind, cfg)
         folders = ", ".join(str(p) for p in cfg.folders(library.FOLDER_OF_KIND[kind])) or "none"
@@ -59,6 +61,9 @@ def find_extra(kind: str, name: str, cfg) -> library.Entry:
         raise RequestError(kind, f"{name} not found; {listed}")
     if entry.format == "pickle" and not cfg.allow_pickle:
         raise RequestError(kind, f"{name} is a pickle ({Path(entry.path).suffix}); refused without --allow-pickle")
+    if kind == "lora" and entry.variant:  # LyCORIS: diffusers' SD/SDXL LoRA loader refuses LoHa and LoKr files
+        raise RequestError("lora", f"{name} is a LyCORIS {entry.variant} file; only LoRA files load "
+                                   "(lora_down/lora_up or lora_A/lora_B weights)")
     return entry
 
 

@@ -1,4 +1,4 @@
-"""The model library: find checkpoints, LoRAs, VAEs and embeddings on disk, without torch.
+"""The model library: find checkpoints, LoRAs, VAEs, embeddings and upscalers on disk, without torch.
 
 Files are inspected by their tensor names and shapes only:
 
@@ -10,6 +10,7 @@ Files are inspected by their tensor names and shapes only:
   every other object into an inert stub. Loading them for real still needs
   ``--allow-pickle`` (see :mod:`backend.engine.loader`).
 
+Diffusers folders are told apart by their JSON configs (:func:`family_from_folder`).
 Checkpoint families are told apart by their text encoders (CLIP-L alone: SD1;
 OpenCLIP alone: SD2; both under ``conditioner.embedders``: SDXL; OpenCLIP
 bigG alone: SDXL refiner) and the UNet's first conv (9 input channels:
@@ -34,6 +35,7 @@ from pathlib import Path
 from backend import locations
 from backend.errors import ModelError
 
+DEMO_MODELS = ("demo", "demo-xl")  # built offline by backend.engine.demo_models
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 MAX_HEADER = 100 * 1024 * 1024
@@ -42,8 +44,9 @@ UNET = "model.diffusion_model."
 # Cross-attention context width -> family, for files without text encoder keys (LoRAs, bare UNets).
 CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
 HIDDEN_FAMILY = {768: "sd1", 1024: "sd2"}  # text-encoder width of SD1 / SD2 embeddings and LoRAs
-KINDS = ("checkpoint", "lora", "vae", "embedding")
-FOLDER_OF_KIND = {"checkpoint": "checkpoints", "lora": "loras", "vae": "vae", "embedding": "embeddings"}
+KINDS = ("checkpoint", "lora", "vae", "embedding", "upscaler")
+FOLDER_OF_KIND = {"checkpoint": "checkpoints", "lora": "loras", "vae": "vae", "embedding": "embeddings",
+                  "upscaler": "upscalers"}
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -229,6 +232,13 @@ def _family_by_context(shapes: Shapes, prefix: str = "") -> str | None:
 
 
 _LORA_MARKERS = (".lora_down.", ".lora_A.", ".lora_up.", ".lora_B.", ".hada_w1", ".lokr_w1", ".lora.down.")
+# LyCORIS (KohakuBlueleaf/LyCORIS) algorithms beside plain LoRA: Hadamard- and Kronecker-product updates.
+LYCORIS_MARKERS = {".hada_w1": "LoHa", ".lokr_w1": "LoKr"}
+
+
+def lycoris_algorithm(shapes: Shapes) -> str | None:
+    """"LoHa" or "LoKr" for a LyCORIS file (diffusers loads neither into SD/SDXL pipelines), None for a LoRA."""
+    return next((name for marker, name in LYCORIS_MARKERS.items() if any(marker in k for k in shapes)), None)
 
 
 def lora_family(shapes: Shapes) -> str | None:
@@ -261,6 +271,11 @@ def is_vae(shapes: Shapes) -> bool:
     return {"encoder.conv_in.weight", "decoder.conv_out.weight"} <= keys and not _has_prefix(shapes, UNET)
 
 
+def is_image_model(shapes: Shapes) -> bool:
+    """Has 2-D convolution weights and no Stable Diffusion UNet (what every upscaler has)."""
+    return any(len(s) == 4 for s in shapes.values()) and not _has_prefix(shapes, UNET)
+
+
 # -- discovery --------------------------------------------------------------------
 @dataclass
 class Entry:
@@ -273,7 +288,7 @@ class Entry:
     size: int  # bytes on disk
     source: str  # the config folder it was found in, "built-in" or "hf-cache"
     format: str  # safetensors | pickle | diffusers
-    variant: str | None = None  # inpaint, pix2pix
+    variant: str | None = None  # checkpoints: inpaint, pix2pix; LoRAs: LoHa, LoKr (LyCORIS)
     note: str = ""  # e.g. why it cannot be used as is
 
     def to_dict(self) -> dict:
@@ -297,6 +312,8 @@ _DETECTORS = {  # kind -> (shapes -> family or None, why a file is not of that k
     "lora": (lora_family, "is not a LoRA (no lora_down / lora_A weights)"),
     "embedding": (embedding_family, "is not a textual-inversion embedding"),
     "vae": (lambda shapes: "any" if is_vae(shapes) else None, "is not a VAE (no encoder/decoder weights)"),
+    # Upscalers (ESRGAN, SwinIR, ...): their architecture is told by spandrel, in the worker.
+    "upscaler": (lambda shapes: "any" if is_image_model(shapes) else None, "is not an image model (no convolutions)"),
 }
 
 
@@ -311,21 +328,55 @@ def _inspect_file(kind: str, path: Path, source: str) -> Entry:
             raise CorruptFile(f"model: {path.name} is not a Stable Diffusion checkpoint (no UNet weights)")
         entry.family, entry.variant = found
         if entry.variant:
-            entry.note = f"{entry.variant} model: not usable for text-to-image"
+            use = "for inpaint and outpaint only" if entry.variant == "inpaint" else "not usable for text-to-image"
+            entry.note = f"{entry.variant} model: {use}"
     else:
         detect, problem = _DETECTORS[kind]
         family = detect(shapes)
         if family is None:
             raise CorruptFile(f"model: {path.name} {problem}")
         entry.family = family
+        if kind == "lora" and (algorithm := lycoris_algorithm(shapes)):
+            entry.variant, entry.note = algorithm, f"LyCORIS {algorithm}: not supported; only LoRA files load"
     return entry
 
 
-def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
-    from backend.models import family_from_folder
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model: cannot read {path}: {exc}") from None
 
+
+def family_from_folder(folder: Path) -> str:
+    """Detect SD1 / SD2 / SD2-v / SDXL / SDXL-refiner from a diffusers folder."""
+    index = _read_json(folder / "model_index.json")
+    if (folder / "dreamtty_demo.json").exists():
+        return _read_json(folder / "dreamtty_demo.json")["family"]
+    cls = index.get("_class_name", "")
+    if "XL" in cls:
+        return "sdxl-refiner" if index.get("text_encoder", [None])[0] is None else "sdxl"
+    unet = _read_json(folder / "unet" / "config.json")
+    if unet.get("cross_attention_dim") == 1024:
+        sched = folder / "scheduler" / "scheduler_config.json"
+        pred = _read_json(sched).get("prediction_type") if sched.exists() else None
+        return "sd2-v" if pred == "v_prediction" else "sd2"
+    return "sd1"
+
+
+def folder_variant(folder: Path) -> str | None:
+    """``"inpaint"`` when a diffusers folder's UNet takes 9 input channels (latents, mask, masked image), as
+    :func:`checkpoint_family` tells for single files."""
+    unet = folder / "unet" / "config.json"
+    if not unet.is_file():
+        return None
+    return {9: "inpaint", 8: "pix2pix"}.get(_read_json(unet).get("in_channels"))
+
+
+def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
     if kind == "checkpoint" and (folder / "model_index.json").is_file():
-        return Entry(kind, folder.name, str(folder), family_from_folder(folder), _folder_size(folder), source, "diffusers")
+        return Entry(kind, folder.name, str(folder), family_from_folder(folder), _folder_size(folder), source,
+                     "diffusers", folder_variant(folder))
     if kind == "vae" and (folder / "config.json").is_file():
         try:
             cls = json.loads((folder / "config.json").read_text()).get("_class_name")
@@ -380,8 +431,6 @@ def _hub_snapshots() -> list[tuple[str, Path, int]]:
 
 def _hub_entries(folders: bool) -> list[Entry]:
     """Cached diffusers repos (``folders``) or the single-file checkpoints at the root of cached repos."""
-    from backend.models import family_from_folder
-
     out = []
     for repo_id, snapshot, size in _hub_snapshots():
         if folders and (snapshot / "model_index.json").is_file():
@@ -403,7 +452,6 @@ def discover(config=None, kinds: tuple[str, ...] = KINDS, hub: bool = True) -> L
     """Everything usable in the configured folders, plus the demo models and the HF cache's
     single-file checkpoints (and, with ``hub``, its diffusers repos)."""
     from backend import config as config_mod
-    from backend.models import DEMO_MODELS
 
     cfg = config or config_mod.load()
     lib = Library()
@@ -416,11 +464,70 @@ def discover(config=None, kinds: tuple[str, ...] = KINDS, hub: bool = True) -> L
         lib.entries += _hub_entries(folders=False)
         if hub:
             lib.entries += _hub_entries(folders=True)
+    _qualify_names(lib.entries)
     return lib
 
 
+def _qualify_names(entries: list[Entry]) -> None:
+    """Make names unique per kind: of two files that share a name, the one named more briefly is named
+    more fully (stem, then file name: ``loraevil.pt`` and ``loraevil.ckpt``, then its path)."""
+    levels = (lambda e: Path(e.path).stem, lambda e: Path(e.path).name, lambda e: e.path)
+    level = {id(e): 0 for e in entries}
+    while True:
+        groups: dict[tuple[str, str], list[Entry]] = collections.defaultdict(list)
+        for entry in entries:
+            groups[entry.kind, entry.name].append(entry)
+        clashes = [[e for e in group if e.path and level[id(e)] < len(levels) - 1]
+                   for group in groups.values() if len(group) > 1]
+        clashes = [group for group in clashes if group]
+        if not clashes:
+            return
+        for group in clashes:
+            lowest = min(level[id(e)] for e in group)
+            for entry in (e for e in group if level[id(e)] == lowest):
+                level[id(entry)] += 1
+                entry.name = levels[level[id(entry)]](entry)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def hub_cache_folder(repo_id: str) -> Path | None:
+    """The newest cached snapshot of a hub repo, or None (no network used)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        return None
+
+
+# A LoRA, VAE or embedding repo: the file (or folder) in its snapshot that holds the weights.
+_HUB_WEIGHTS = ("pytorch_lora_weights.safetensors", "diffusion_pytorch_model.safetensors")
+
+
+def _hub_entry(kind: str, repo_id: str) -> Entry | None:
+    """A LoRA, VAE or embedding given by Hugging Face id, from the local cache (never downloaded here)."""
+    folder = hub_cache_folder(repo_id)
+    if folder is None:
+        return None
+    source = f"hf-cache:{repo_id}"
+    if kind == "vae" and (entry := _inspect_folder(kind, folder, source)) is not None:
+        entry.name = repo_id
+        return entry
+    named = [folder / name for name in _HUB_WEIGHTS if (folder / name).is_file()]
+    weights = named or sorted(folder.glob("*.safetensors"))
+    if len(weights) != 1:
+        return None
+    entry = _inspect_file(kind, weights[0], source)
+    entry.name = repo_id
+    return entry
+
+
 def find(kind: str, name: str, config=None) -> Entry | None:
-    """The item of ``kind`` called ``name`` (file stem, folder name or path), or None."""
+    """The item of ``kind`` called ``name`` (file stem, folder name, path or cached Hugging Face id), or None."""
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         from backend.training.runs import run_output
@@ -435,11 +542,14 @@ def find(kind: str, name: str, config=None) -> Entry | None:
     matches = [e for e in lib.of_kind(kind) if e.name == name] or [
         e for e in lib.of_kind(kind) if e.name.lower() == name.lower()
     ]
+    same_stem = [e.name for e in lib.of_kind(kind) if e.path and Path(e.path).stem == name]
+    if not matches and len(same_stem) > 1:
+        raise ModelError(f"model: {name} is ambiguous: {', '.join(same_stem)}; give one of these names")
     if not matches:
         bad = next((p for p in lib.problems if f" {name}." in p or f" {name}:" in p), None)
         if bad:
             raise CorruptFile(bad)
-        return None
+        return _hub_entry(kind, name) if kind != "checkpoint" and looks_like_hub_id(name) else None
     return matches[0]
 
 

@@ -50,6 +50,7 @@ def a1111_parameters(meta: dict) -> str:
         fields.append(("Lora hashes", ", ".join(f"{x['name']}: {x.get('a1111_hash') or x.get('hash')}" for x in loras)))
     if req.get("styles"):
         fields.append(("Styles", "; ".join(req["styles"])))
+    fields += jobkinds.get(meta.get("kind", "generate")).request(req).a1111_fields()
     fields.append(("Version", "dreamtty"))
     return infotext.format_text(positive, prompt.get("negative", req["negative_prompt"]), fields)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.errors import ModelError
-
-DEMO_MODELS = ("demo", "demo-xl")
+from backend.library import (DEMO_MODELS, PICKLE_SUFFIXES, SAFE_SUFFIXES, checkpoint_family, family_from_folder, find,
+                             folder_variant, hub_cache_folder, looks_like_hub_id, read_shapes)
 
 
 @dataclass(frozen=True)
@@ -25,44 +25,7 @@ class ModelRef:
     kind: str  # "demo" | "folder" | "file" | "hub"
     location: str  # demo name, folder or file path, or hub id
     family: str
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"model: cannot read {path}: {exc}") from None
-
-
-def family_from_folder(folder: Path) -> str:
-    """Detect SD1 / SD2 / SD2-v / SDXL / SDXL-refiner from a diffusers folder."""
-    index = _read_json(folder / "model_index.json")
-    if (folder / "dreamtty_demo.json").exists():
-        return _read_json(folder / "dreamtty_demo.json")["family"]
-    cls = index.get("_class_name", "")
-    if "XL" in cls:
-        return "sdxl-refiner" if index.get("text_encoder", [None])[0] is None else "sdxl"
-    unet = _read_json(folder / "unet" / "config.json")
-    if unet.get("cross_attention_dim") == 1024:
-        sched = folder / "scheduler" / "scheduler_config.json"
-        pred = _read_json(sched).get("prediction_type") if sched.exists() else None
-        return "sd2-v" if pred == "v_prediction" else "sd2"
-    return "sd1"
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
-
-
-def _hub_cache_folder(repo_id: str) -> Path | None:
-    """The newest cached snapshot of a hub repo, or None (no network used)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
-        return None
+    variant: str | None = None  # "inpaint" for a dedicated inpainting model (9 UNet input channels)
 
 
 def pickle_allowed() -> bool:
@@ -71,10 +34,16 @@ def pickle_allowed() -> bool:
     return load().allow_pickle
 
 
+def _check_variant(ref: ModelRef, variants: tuple[str, ...]) -> ModelRef:
+    if ref.variant and ref.variant not in variants:
+        what = "inpaint and outpaint" if ref.variant == "inpaint" else "nothing in dreamtty"
+        raise ModelError(f"model: {Path(ref.location).name} is an {ref.variant} checkpoint, for {what}; "
+                         "use a regular one for this job")
+    return ref
+
+
 def _file_ref(name: str, path: Path) -> ModelRef:
     """A single-file checkpoint: inspected (never executed) to find its family."""
-    from backend.library import PICKLE_SUFFIXES, SAFE_SUFFIXES, checkpoint_family, read_shapes
-
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not pickle_allowed():
         raise ModelError(
@@ -88,22 +57,18 @@ def _file_ref(name: str, path: Path) -> ModelRef:
     if found is None:
         raise ModelError(f"model: {path.name} is not a Stable Diffusion checkpoint (it may be a LoRA, VAE or embedding)")
     family, variant = found
-    if variant:
-        raise ModelError(f"model: {path.name} is an {variant} checkpoint; text-to-image needs a regular one")
     if family == "unknown":
         raise ModelError(f"model: {path.name}: cannot tell the model family (SD1, SD2, SDXL) from its tensors")
-    return ModelRef(name, "file", str(path.resolve()), family)
+    return ModelRef(name, "file", str(path.resolve()), family, variant)
 
 
 def _library_ref(name: str) -> ModelRef | None:
     """A checkpoint found by name in the configured checkpoint folders."""
-    from backend.library import find
-
     entry = find("checkpoint", name)
     if entry is None:
         return None
     if entry.format == "diffusers":
-        return ModelRef(name, "folder", entry.path, entry.family)
+        return ModelRef(name, "folder", entry.path, entry.family, entry.variant)
     return _file_ref(name, Path(entry.path))
 
 
@@ -115,11 +80,12 @@ def trained_model(run_dir: Path) -> Path | None:
     return out[1] if out is not None and out[0] == "model" else None
 
 
-def resolve_model(name: str, field: str = "model") -> ModelRef:
+def resolve_model(name: str, field: str = "model", variants: tuple[str, ...] = ()) -> ModelRef:
     """Map a model name to a :class:`ModelRef`, or raise a one-line ModelError starting with ``field``
-    (the request field that named it, e.g. ``refiner``)."""
+    (the request field that named it, e.g. ``refiner``). A checkpoint variant (an inpainting model)
+    is refused unless ``variants`` names it."""
     try:
-        return _resolve(name)
+        return _check_variant(_resolve(name), variants)
     except ModelError as exc:
         raise relabel(exc, field) from None
 
@@ -165,18 +131,18 @@ def _resolve(name: str) -> ModelRef:
             raise ModelError(f"model: {name} has no model_index.json; it is not a diffusers folder")
         if not os.access(path, os.R_OK | os.X_OK):
             raise ModelError(f"model: {name} is not readable")
-        return ModelRef(name, "folder", str(path.resolve()), family_from_folder(path))
+        return ModelRef(name, "folder", str(path.resolve()), family_from_folder(path), folder_variant(path))
     found = _library_ref(name)
     if found is not None:
         return found
-    if _looks_like_hub_id(name):
-        cached = _hub_cache_folder(name)
+    if looks_like_hub_id(name):
+        cached = hub_cache_folder(name)
         if cached is not None:
-            return ModelRef(name, "hub", name, family_from_folder(cached))
+            return ModelRef(name, "hub", name, family_from_folder(cached), folder_variant(cached))
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
             raise ModelError(
                 f"model: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                "download it where the network allows (dreamtty models pull)"
+                f"get it where the network allows with: dreamtty models pull {name}"
             )
         return ModelRef(name, "hub", name, "unknown")
     raise ModelError(

@@ -1,8 +1,9 @@
 """Where jobs run: a pool of worker slots behind one small interface.
 
 :class:`ProcessPool` runs one worker process per device on this machine (multiprocessing, spawn);
-another pool (Ray actors) can take its place. The service decides which job goes to which slot;
-a pool only starts, feeds, cancels and watches its workers, and reports their events and deaths.
+``backend.ray_pool.RayPool`` runs Ray actors on a cluster instead. The service decides which job goes
+to which slot; a pool only starts, feeds, cancels and watches its workers, and reports their events
+and deaths.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -91,6 +92,9 @@ def _count_visible(visible: str, physical: int) -> int:
     return count
 
 
+MODELS_KEPT = 2  # pipelines a worker keeps loaded: backend.engine.loader.PipelineCache's capacity
+
+
 @dataclass
 class Slot:
     """One worker as the service sees it."""
@@ -99,6 +103,16 @@ class Slot:
     device: str
     job: int | None = None  # the job it runs
     pid: int | None = None
+    node: str | None = None  # the machine it runs on, when not this one (a Ray node)
+    models: list[str] = field(default_factory=list)  # the models of its last jobs, most recent last: loaded
+
+    def loads(self, model: str) -> None:
+        """Note that this slot's worker loads ``model`` for a job (and keeps the last ``MODELS_KEPT``)."""
+        self.models = [*(m for m in self.models if m != model), model][-MODELS_KEPT:]
+
+    def status(self, ready: bool) -> dict:
+        """This slot as JSON, with whether its worker is ready for jobs."""
+        return {**asdict(self), "ready": ready}
 
 
 OnEvent = Callable[[Event], None]
@@ -118,6 +132,9 @@ class WorkerPool(Protocol):
 
     def cancel(self, slot: Slot) -> None:
         """Ask ``slot``'s worker to stop its job between steps."""
+
+    def status(self) -> dict:
+        """Where the workers run, what each holds and runs, as JSON (``workers``: a list of slot statuses)."""
 
     async def close(self) -> None: ...
 
@@ -170,6 +187,9 @@ class ProcessPool:
         if slot.job is not None:
             self._procs[slot.id].cancel.value = slot.job
 
+    def status(self) -> dict:
+        return {"workers": [slot.status(self.alive(slot)) for slot in self.slots]}
+
     async def close(self) -> None:
         import asyncio
 
@@ -200,7 +220,7 @@ class ProcessPool:
             process.start()
         sender.close()  # the worker holds the only write end: EOF here means it is gone
         self._procs[slot.id] = _Process(process, jobs, events, cancel)
-        slot.pid, slot.job = process.pid, None
+        slot.pid, slot.job, slot.models = process.pid, None, []
         if slot not in self.slots:
             self.slots.append(slot)
 

@@ -46,9 +46,13 @@ class Address:
 
 
 class RemoteClient:
-    """``start``: a service started in the background when none answers (None: fail instead).
+    """A client of a service in another process, whose jobs run on when the client closes.
+
+    ``start``: a service started in the background when none answers (None: fail instead).
     ``previews``: receive preview pixels. ``patience``: seconds a lost stream may stay down before
     waits fail (None: keep trying, as a TUI does)."""
+
+    jobs_survive_close = True
 
     def __init__(self, address: Address, start: ServeOptions | None = None, previews: bool = True,
                  patience: float | None = 30.0) -> None:
@@ -293,13 +297,16 @@ def _body(request: GenerateRequest, out: Path | None = None) -> dict:
 
 
 def _paths_for_service(request: GenerateRequest) -> GenerateRequest:
-    """Model, VAE, refiner and LoRA names that are relative paths here, made absolute (the service
-    runs elsewhere); names of models in the library or on the Hub are left as they are."""
+    """Input images, and model, VAE, refiner and LoRA names that are relative paths here, made
+    absolute (the service runs elsewhere); names of models in the library or on the Hub are left as
+    they are."""
     def absolute(name: str | None) -> str | None:
         if not name or name in DEMO_MODELS:
             return name
         path = Path(os.path.expanduser(name))
         return str(path.absolute()) if path.exists() and not path.is_absolute() else name
 
+    inputs = request.input_files() if hasattr(request, "input_files") else {}  # the image-input kinds'
     return replace(request, model=absolute(request.model), vae=absolute(request.vae),
-                   refiner=absolute(request.refiner), loras=[(absolute(n), w) for n, w in request.loras])
+                   refiner=absolute(request.refiner), loras=[(absolute(n), w) for n, w in request.loras],
+                   **{role: os.path.abspath(os.path.expanduser(path)) for role, (path, _) in inputs.items() if path})

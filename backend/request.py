@@ -10,6 +10,8 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import ClassVar
 
 from backend.errors import RequestError
 from backend.families import FAMILIES
@@ -22,6 +24,7 @@ MAX_COUNT = 64
 MAX_SEED = 2**32 - 1
 MAX_LORAS = 5
 DTYPES = ("auto", "fp16", "bf16", "fp32")
+SPEEDS = ("default", "fast")  # fast: a compiled UNet on CUDA (backend/engine/fast.py); the CPU runs default
 _SIZE = re.compile(r"\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*")  # ASCII digits only: int() refuses "²"
 
 
@@ -47,7 +50,42 @@ class GenerateRequest:
     refiner: str | None = None
     refiner_switch: float = 0.8
     dtype: str = "auto"
+    speed: str = "default"
     guidance: GuidanceSettings = field(default_factory=GuidanceSettings)
+
+    # Checkpoint variants (library.checkpoint_family) this kind runs with besides regular ones.
+    model_variants: ClassVar[tuple[str, ...]] = ()
+
+    # -- what a kind adds (overridden by the request types of backend.jobkinds) ---------
+    @classmethod
+    def converters(cls) -> dict[str, Callable[[str, object], object]]:
+        """How ``from_dict`` checks and converts each field (types only; ranges are checked by ``resolved``)."""
+        return _CONVERT
+
+    @property
+    def uses_model(self) -> bool:
+        """Whether the worker needs the model's pipeline for this request."""
+        return True
+
+    def a1111_fields(self) -> list[tuple[str, object]]:
+        """Extra ``Key: value`` pairs for A1111's parameters text (the image-input kinds' settings)."""
+        return []
+
+    def keep_inputs_in(self, out: Path) -> dict[str, str]:
+        """Copy the job's input files under ``out`` when asked to; {role: copy}. Text to image has none."""
+        return {}
+
+    def with_kept_inputs(self, record: dict) -> tuple["GenerateRequest", list[str]]:
+        """For ``reproduce``: the request reading the copies kept in ``record`` where an input is gone."""
+        return self, []
+
+    def check_size(self, fam, width: int, height: int) -> None:
+        """Raise RequestError unless the model can make a ``width`` x ``height`` image."""
+        for name, value in (("width", width), ("height", height)):
+            if value <= 0 or value % 8:
+                raise RequestError(name, f"{value} is not allowed; use a positive multiple of 8")
+            if fam is not None and value > fam.max_side:
+                raise RequestError(name, f"{value} is too large for {fam.label}; allowed up to {fam.max_side}")
 
     # -- serialisation -------------------------------------------------
     def to_dict(self) -> dict:
@@ -64,10 +102,11 @@ class GenerateRequest:
         """
         if not isinstance(data, dict):
             raise RequestError("request", f"expected a mapping of fields, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(_CONVERT), key=str)
+        convert = cls.converters()
+        unknown = sorted(set(data) - set(convert), key=str)
         if unknown:
-            raise RequestError(str(unknown[0]), f"unknown field; allowed: {', '.join(sorted(_CONVERT))}")
-        return cls(**{name: _CONVERT[name](name, value) for name, value in data.items()})
+            raise RequestError(str(unknown[0]), f"unknown field; allowed: {', '.join(sorted(convert))}")
+        return cls(**{name: convert[name](name, value) for name, value in data.items()})
 
     def per_image(self, i: int) -> "GenerateRequest":
         """The request that reproduces image ``i`` of this batch on its own."""
@@ -80,8 +119,8 @@ class GenerateRequest:
         Raises RequestError naming the field and what is allowed.
         """
         fam = FAMILIES.get(family)
-        _text("prompt", self.prompt)
-        _text("negative_prompt", self.negative_prompt)
+        text_value("prompt", self.prompt)
+        text_value("negative_prompt", self.negative_prompt)
         if self.sampler not in SAMPLERS:
             raise RequestError("sampler", f"unknown {self.sampler!r}; allowed: {', '.join(SAMPLERS)}")
         allowed = SAMPLERS[self.sampler].schedules
@@ -104,17 +143,15 @@ class GenerateRequest:
         default = fam.default_size if fam else None
         width = to_int("width", default if self.width is None else self.width)
         height = to_int("height", default if self.height is None else self.height)
-        for name, value in (("width", width), ("height", height)):
-            if value <= 0 or value % 8:
-                raise RequestError(name, f"{value} is not allowed; use a positive multiple of 8")
-            if fam is not None and value > fam.max_side:
-                raise RequestError(name, f"{value} is too large for {fam.label}; allowed up to {fam.max_side}")
+        self.check_size(fam, width, height)
         count = to_int("count", self.count)
         if not 1 <= count <= MAX_COUNT:
             raise RequestError("count", f"{self.count} is out of range; allowed 1..{MAX_COUNT}")
         seed = _seed(self.seed, count)
         if self.dtype not in DTYPES:
             raise RequestError("dtype", f"unknown {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if self.speed not in SPEEDS:
+            raise RequestError("speed", f"unknown {self.speed!r}; allowed: {', '.join(SPEEDS)}")
         if not 0.0 < to_float("refiner_switch", self.refiner_switch) <= 1.0:
             raise RequestError("refiner_switch", f"{self.refiner_switch} is out of range; allowed (0, 1]")
         check_loras(self.loras)
@@ -157,13 +194,13 @@ def _seed(value: object, count: int) -> int:
     return seed
 
 
-def _text(name: str, value: object) -> str:
+def text_value(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise RequestError(name, f"must be text, got {type(value).__name__}")
     return value
 
 
-def _optional(convert: Callable[[str, object], object]) -> Callable[[str, object], object]:
+def optional(convert: Callable[[str, object], object]) -> Callable[[str, object], object]:
     """``convert``, letting None (= the default) through."""
     return lambda name, value: None if value is None else convert(name, value)
 
@@ -194,25 +231,26 @@ def _guidance(name: str, value: object) -> GuidanceSettings:
 
 # How ``from_dict`` checks and converts each field (types only; ranges are checked by ``resolved``).
 _CONVERT: dict[str, Callable[[str, object], object]] = {
-    "prompt": _text,
-    "negative_prompt": _text,
-    "model": _text,
-    "sampler": _text,
-    "scheduler": _optional(_text),
-    "steps": _optional(to_int),
+    "prompt": text_value,
+    "negative_prompt": text_value,
+    "model": text_value,
+    "sampler": text_value,
+    "scheduler": optional(text_value),
+    "steps": optional(to_int),
     "cfg": to_float,
-    "width": _optional(to_int),
-    "height": _optional(to_int),
+    "width": optional(to_int),
+    "height": optional(to_int),
     "seed": to_int,
     "count": to_int,
     "index": to_int,
     "styles": _styles,
-    "preset": _optional(_text),
+    "preset": optional(text_value),
     "expand": to_bool,
     "loras": _loras,
-    "vae": _optional(_text),
-    "refiner": _optional(_text),
+    "vae": optional(text_value),
+    "refiner": optional(text_value),
     "refiner_switch": to_float,
-    "dtype": _text,
+    "dtype": text_value,
+    "speed": text_value,
     "guidance": _guidance,
 }

@@ -1,16 +1,19 @@
 """One way from what a front end holds to a request, for the CLI, the TUI form and the API.
 
-Precedence, everywhere: the request type's defaults < the config's defaults (``default_model``)
-< a preset < explicit values (flags, form fields, JSON fields). Text as typed (a size ``WxH``,
-LoRAs ``name:weight, ...``, guidance values) is parsed here, with one-line errors naming the field.
+Precedence, everywhere: the request type's defaults < the config's defaults (``default_model``,
+``speed``) < the source image's settings (a job on an input image: :func:`source_settings`) < a
+preset < explicit values (flags, form fields, JSON fields). A preset named for a job on an input
+image sets everything but the size, which comes from the image. Text as typed (a size ``WxH``, LoRAs
+``name:weight, ...``, guidance values) is parsed here, with one-line errors naming the field.
 """
 
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 
-from backend import config
-from backend.errors import RequestError
+from backend import config, metadata
+from backend.errors import DreamttyError, RequestError
 from backend.guidance_settings import GuidanceSettings
 from backend.prompting.presets import apply_preset
 from backend.request import GenerateRequest, parse_size
@@ -27,10 +30,10 @@ def parse_lora(text: str) -> tuple[str, float]:
         raise RequestError("lora", f"{text!r}: weight must be a number (NAME[:WEIGHT])") from None
 
 
-def parse_loras(texts: str | list[str]) -> list[tuple[str, float]]:
-    """Repeated ``--lora`` values, or one comma-separated text as a form holds it."""
+def parse_loras(texts: str | list) -> list:
+    """Repeated ``--lora`` values, one comma-separated text as a form holds it, or (name, weight) pairs."""
     items = texts.split(",") if isinstance(texts, str) else texts
-    return [parse_lora(item) for item in items if item.strip()]
+    return [parse_lora(item) if isinstance(item, str) else item for item in items if not isinstance(item, str) or item.strip()]
 
 
 def parse_floats(name: str, text: str) -> tuple[float, ...]:
@@ -78,7 +81,7 @@ def from_text(values: dict) -> dict:
         if name == "size":
             out["width"], out["height"] = parse_size(value)
         elif name == "loras":
-            out["loras"] = parse_loras(value) if isinstance(value, (str, list)) else value
+            out["loras"] = parse_loras(value)
         elif name == "guidance":
             out["guidance"] = {k: parse_guidance_value(k, v) if isinstance(v, str) else v for k, v in value.items()}
         else:
@@ -86,17 +89,52 @@ def from_text(values: dict) -> dict:
     return out
 
 
-def layered(explicit: dict, preset: str | None = None, defaults: dict | None = None) -> dict:
-    """Request fields: ``defaults`` (the config's when None) < ``preset`` < ``explicit``."""
+# Settings of a source image that a job on it does not take: its own seed and batch, and its size.
+_NOT_FROM_SOURCE = ("seed", "count", "index", "width", "height")
+
+
+def source_settings(path: str | Path) -> tuple[dict, list[str]]:
+    """The settings the image at ``path`` was made with, as a layer for a job on it, and warnings.
+
+    The common request fields of its metadata (dreamtty's, or A1111's or Fooocus's: then only what
+    that tool recorded), without its seed, batch and size; {} for an image without metadata.
+    """
+    try:
+        request, warnings = metadata.image_request(path)
+    except DreamttyError:
+        return {}, []
+    common = {f.name for f in fields(GenerateRequest)} - set(_NOT_FROM_SOURCE)
+    values = {k: v for k, v in request.to_dict().items() if k in common}
+    if warnings:  # another tool's image: a field it did not record holds our default, which must not win
+        defaults = GenerateRequest().to_dict()
+        values = {k: v for k, v in values.items() if v != defaults[k]}
+    return values, warnings
+
+
+def layered(explicit: dict, preset: str | None = None, defaults: dict | None = None,
+            source: dict | None = None) -> dict:
+    """Request fields: ``defaults`` (the config's when None) < ``source`` < ``preset`` < ``explicit``.
+
+    ``source`` (the settings of a job's input image, {} when it has none) also means the size comes
+    from that image: a preset's size is left out.
+    """
     if defaults is None:
-        model = config.load().default_model
-        defaults = {"model": model} if model else {}
-    if not preset:
-        return {**defaults, **explicit}
-    return {**defaults, **apply_preset(preset, explicit)}
+        cfg = config.load()
+        defaults = {k: v for k, v in (("model", cfg.default_model), ("speed", cfg.speed)) if v}
+    base = {**defaults, **(source or {})}
+    chosen = apply_preset(preset, explicit) if preset else dict(explicit)
+    if preset and source is not None:
+        for name in ("width", "height"):
+            if name not in explicit:
+                chosen.pop(name, None)
+    merged = {**base, **chosen}
+    guidance = {**(base.get("guidance") or {}), **(chosen.get("guidance") or {})}  # control by control
+    if guidance:
+        merged["guidance"] = guidance
+    return merged
 
 
-def build(explicit: dict, preset: str | None = None, kind: type[GenerateRequest] = GenerateRequest,
-          defaults: dict | None = None) -> GenerateRequest:
-    """The request of type ``kind`` for ``explicit`` values (as :func:`from_text` returns them)."""
-    return kind.from_dict(layered(explicit, preset, defaults))
+def build(values: dict, preset: str | None = None, kind: type[GenerateRequest] = GenerateRequest,
+          defaults: dict | None = None, source: dict | None = None) -> GenerateRequest:
+    """The request of type ``kind`` for explicit ``values`` as a front end holds them (see :func:`from_text`)."""
+    return kind.from_dict(layered(from_text(values), preset, defaults, source))

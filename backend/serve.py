@@ -27,6 +27,7 @@ from backend.errors import DreamttyError, RequestError
 from backend.safetext import visible
 from backend.service_files import AlreadyRunning, ServiceFiles, make_token
 
+WORKER_NICE = 10  # the service's workers yield the CPU to interactive programs (the TUI among them)
 START_TIMEOUT = 60.0  # seconds a detached service may take to answer on its socket
 IDLE_CHECK = 5.0  # seconds between checks of the idle limit
 
@@ -34,6 +35,7 @@ IDLE_CHECK = 5.0  # seconds between checks of the idle limit
 @dataclass(frozen=True)
 class ServeOptions:
     devices: str = "auto"
+    cluster: str | None = None  # Ray cluster for the workers (None: the config's ``workers``)
     listen: str | None = None  # HOST:PORT for TCP clients (with the token)
     idle_exit: float | None = None  # minutes without jobs, requests or attached clients before exiting
 
@@ -67,7 +69,7 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
     try:
         address = parse_listen(options.listen) if options.listen else None
         token = make_token() if address else None
-        service = Service(devices=options.devices, recover=True)
+        service = Service(devices=options.devices, recover=True, nice=WORKER_NICE, cluster=options.cluster)
         info = {"pid": os.getpid(), "socket": str(files.socket), "listen": options.listen,
                 "idle_exit": options.idle_exit, "log": str(log_path())}
         api = Api(service, token, stop.set, lambda: info)

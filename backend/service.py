@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from backend import config, jobkinds, locations
+from backend.errors import ModelError
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, JobEvent, Queued, Retrying, Started,
                             WorkerModels, WorkerReady)
 from backend.extras_check import check_extras
@@ -41,6 +42,19 @@ class Prepared:
     payload: dict  # request (resolved), out, family
 
 
+def make_pool(devices: str, db_path: Path, nice: int = 0, cluster: str | None = None) -> WorkerPool:
+    """The service's workers: processes on this machine, or actors on the Ray cluster that ``cluster``
+    (``auto``, ``ray://HEAD:10001``, ``HEAD:6379``; ``local``: no cluster) or the config's ``workers`` names."""
+    field = "cluster"
+    if cluster is None:
+        field, cluster = "workers", config.load().cluster
+    if cluster in (None, "local"):
+        return ProcessPool(devices, db_path, nice)
+    from backend.ray_pool import RayPool
+
+    return RayPool(cluster, db_path, gpu=devices != "cpu", field=field)
+
+
 def new_owner_id() -> str:
     """An owner id for this service's jobs: never numeric, never reused (unlike a pid)."""
     return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
@@ -54,9 +68,9 @@ class Service:
     """
 
     def __init__(self, devices: str = "auto", db_path: Path | None = None, recover: bool = False,
-                 pool: WorkerPool | None = None, nice: int = 0) -> None:
+                 pool: WorkerPool | None = None, nice: int = 0, cluster: str | None = None) -> None:
         self.store = QueueStore(db_path or locations.queue_db())
-        self.pool = pool or ProcessPool(devices, self.store.path, nice)
+        self.pool = pool or make_pool(devices, self.store.path, nice, cluster)
         self.recover = recover
         self.owner = new_owner_id()
         self._fanout = Fanout()
@@ -116,8 +130,13 @@ class Service:
 
     # -- API ---------------------------------------------------------------
     def validate(self, request: GenerateRequest) -> tuple[GenerateRequest, str]:
-        """Resolve the model and validate the request; raises a one-line DreamttyError."""
-        ref = resolve_model(request.model)
+        """Resolve the model and validate the request; raises a one-line DreamttyError.
+
+        A request that loads no model (a fast upscale) is not refused for a model it does not use.
+        """
+        if not request.uses_model:
+            return request.resolved(self._family_or_default(request.model)), ""
+        ref = resolve_model(request.model, variants=request.model_variants)
         family = ref.family if ref.family != "unknown" else "sdxl"
         resolved = request.resolved(family)
         depth = text_encoder_depth(ref)
@@ -126,6 +145,15 @@ class Service:
         check_prompts(resolved)
         check_extras(resolved, ref.family)
         return resolved, ref.family
+
+    @staticmethod
+    def _family_or_default(model: str) -> str:
+        """The model's family for the request's defaults, "sdxl" when it cannot be told."""
+        try:
+            family = resolve_model(model, variants=("inpaint",)).family
+        except ModelError:
+            return "sdxl"
+        return family if family != "unknown" else "sdxl"
 
     def prepare(self, request: GenerateRequest, out_dir: Path | None = None) -> Prepared:
         """Everything ``submit`` checks (model, fields, prompts, extras, the output folder): the slow,
@@ -210,15 +238,19 @@ class Service:
         return next((s for s in self.slots if s.job == job_id), None)
 
     def _dispatch(self) -> None:
-        """Give each idle worker the oldest queued job of this service, resuming after saved images."""
+        """Give idle workers this service's queued jobs, oldest first, resuming after saved images;
+        each job to an idle worker that has its model loaded, when there is one (``pick_slot``)."""
         if self._closing.is_set():
             return
-        for slot in self.slots:
-            if slot.job is not None or not self.pool.alive(slot):
-                continue
+        idle = [slot for slot in self.slots if slot.job is None and self.pool.alive(slot)]
+        while idle:
             job = self.store.next_queued(self.owner)
             if job is None:
                 return
+            model = job.request.get("model", "")
+            slot = pick_slot(idle, model)
+            idle.remove(slot)
+            slot.loads(model)
             self.store.set_state(job.id, "running")
             self.pool.run(slot, {"job": job.id, "kind": job.kind, **job.payload, "first_image": len(job.outputs)})
 
@@ -255,3 +287,10 @@ class Service:
             self.store.set_state(job.id, "failed", error)
             self._fanout.publish(Failed(job=job.id, error=error))
         self._dispatch()
+
+
+def pick_slot(idle: list[Slot], model: str) -> Slot:
+    """The idle slot for a job of ``model``: one whose worker has it loaded, else one that has none
+    loaded (other models stay where they are), else the first."""
+    return (next((s for s in idle if model in s.models), None) or next((s for s in idle if not s.models), None)
+            or idle[0])

@@ -14,6 +14,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from backend import events as ev
 
@@ -45,19 +46,12 @@ def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str
         os.nice(nice)
     _redirect_output(Path(log_path))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
-    from backend.engine.loader import PipelineCache
     from backend.queue_store import QueueStore
 
-    if device == "auto":
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cache, cuda_count = pipeline_cache(device)
     send = lambda event: events.send_bytes(ev.dumps(event).encode())  # noqa: E731
-    send(ev.WorkerReady(worker=worker_id, device=device, cuda_count=cuda_count))
-    cache = PipelineCache(dev)
-    store = QueueStore(Path(db_path))
+    send(ev.WorkerReady(worker=worker_id, device=str(cache.device), cuda_count=cuda_count))
+    output = LocalOutput(QueueStore(Path(db_path)))
     while True:
         try:
             job = jobs.get(timeout=PARENT_CHECK)
@@ -67,7 +61,19 @@ def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str
             continue
         if job is None:
             return
-        _run_job(JobRun(worker_id, job, cache, send, lambda job_id=job["job"]: cancel.value == job_id, store))
+        run_job(JobRun(worker_id, job, cache, send, lambda job_id=job["job"]: cancel.value == job_id, output))
+
+
+def pipeline_cache(device: str):
+    """An empty pipeline cache on ``device`` (``auto``: the first GPU, else the CPU), and the CUDA GPU count."""
+    import torch
+
+    from backend.engine.loader import PipelineCache
+
+    cuda = torch.cuda.is_available()
+    if device == "auto":
+        device = "cuda:0" if cuda else "cpu"
+    return PipelineCache(torch.device(device)), torch.cuda.device_count() if cuda else 0
 
 
 @dataclass
@@ -79,18 +85,48 @@ class JobRun:
     cache: object  # backend.engine.loader.PipelineCache
     send: object  # Event -> None
     should_cancel: object  # () -> bool
-    store: object  # backend.queue_store.QueueStore
+    output: Output  # where its images go
 
     def emit(self, cls: type[ev.JobEvent], **data) -> None:
         self.send(cls(job=self.job["job"], worker=self.worker, **data))
 
+    def note(self, message: str) -> None:
+        """A line about this job for people (the progress line, the CLI's stderr)."""
+        self.emit(ev.Note, message=message)
 
-def _one_line(exc: BaseException) -> str:
+
+class Output(Protocol):
+    """Where a job's images go: saved in its outputs folder and recorded in the queue at once, so a
+    job that starts again (after a crash) resumes after them, then announced (``ImageSaved``)."""
+
+    def save(self, run: JobRun, image, meta: dict, index: int, seed: int) -> None: ...
+
+
+@dataclass
+class LocalOutput:
+    """Images saved and recorded by this process (a worker process on the service's machine)."""
+
+    store: object  # backend.queue_store.QueueStore
+
+    def save(self, run: JobRun, image, meta: dict, index: int, seed: int) -> None:
+        run.send(save_output(self.store, run.job, run.worker, image, meta, index, seed))
+
+
+def save_output(store, job: dict, worker: int, image, meta: dict, index: int, seed: int) -> ev.ImageSaved:
+    """Save image ``index`` of ``job`` (a queue payload) and record it in ``store``; its event."""
+    from backend.outputs import save_image
+
+    path = str(save_image(image, meta, Path(job["out"])))
+    store.add_output(job["job"], path)  # before anything else: a crash now must not redo it
+    return ev.ImageSaved(job=job["job"], worker=worker, image=index, path=path, seed=seed)
+
+
+def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
 
-def _run_job(run: JobRun) -> None:
+def run_job(run: JobRun) -> None:
     import torch
 
     from backend.engine.denoise import Cancelled
@@ -98,7 +134,7 @@ def _run_job(run: JobRun) -> None:
 
     run.emit(ev.Started, first_image=run.job.get("first_image", 0))
     try:
-        paths = _make_images(run)
+        _make_images(run)
     except Cancelled:
         run.emit(ev.Cancelled)
     except torch.OutOfMemoryError:
@@ -114,35 +150,56 @@ def _run_job(run: JobRun) -> None:
         run.emit(ev.Failed, error=str(exc))
     except Exception as exc:  # a bug or an unexpected library error: one line to the user, details to the log
         log.error("job %s failed:\n%s", run.job["job"], traceback.format_exc())
-        run.emit(ev.Failed, error=f"{type(exc).__name__}: {_one_line(exc)}")
+        run.emit(ev.Failed, error=f"{type(exc).__name__}: {one_line(exc)}")
     else:
-        run.emit(ev.Done, paths=paths)
+        run.emit(ev.Done)  # the service adds the paths: those of earlier attempts too
 
 
 def _report_models(run: JobRun) -> None:
     run.send(ev.WorkerModels(worker=run.worker, models=run.cache.loaded(), loads=run.cache.loads))
 
 
-def _make_images(run: JobRun) -> list[str]:
-    """Images ``first_image``..count-1 of the job, each saved, recorded and announced as it is made."""
-    from backend import jobkinds, metadata
-    from backend.engine.denoise import latent_preview
+def _make_images(run: JobRun) -> None:
+    """The job's pipeline (at the job's speed; none when the request needs no model, e.g. a fast
+    upscale) and its images."""
+    from backend import jobkinds
+    from backend.engine import fast
     from backend.engine.extras import apply_extras
     from backend.engine.loader import pick_dtype
-    from backend.families import FAMILIES
     from backend.models import resolve_model
-    from backend.outputs import save_image
 
     kind = jobkinds.get(run.job["kind"])
     request = kind.request(run.job["request"])
     make_image = kind.image_function()
+    if not request.uses_model:
+        _image_loop(run, kind, request, None, run.job.get("family", ""), make_image)
+        return
+    ref = resolve_model(request.model, variants=request.model_variants)
+    speed = fast.effective_speed(request.speed, run.cache.device)
+    if speed != request.speed:
+        run.note(fast.CPU_NOTE)
     loads = run.cache.loads
-    pipe = run.cache.get(resolve_model(request.model), pick_dtype(request.dtype, run.cache.device))
+    pipe = run.cache.get(ref, pick_dtype(request.dtype, run.cache.device), speed)
     request = apply_extras(pipe, request, run.cache)
     if run.cache.loads != loads:
         _report_models(run)
-    family = FAMILIES[pipe.dreamtty_family]
-    paths: list[str] = []
+    with fast.compiled_run(pipe, ref.location, (request.width, request.height), run.cache.compiled, run.note):
+        _image_loop(run, kind, request, pipe, pipe.dreamtty_family, make_image)
+
+
+def _image_loop(run: JobRun, kind, request, pipe, family_name: str, make_image) -> None:
+    """Images ``first_image``..count-1 of the job, each handed to ``run.output`` as it is made.
+
+    The kind's image function gets the pipeline (or None) and the worker's device; the warnings in
+    the record it returns are announced as notes, once per job.
+    """
+    from backend import metadata
+    from backend.engine.denoise import latent_preview
+    from backend.families import FAMILIES
+
+    family = FAMILIES.get(family_name)
+    kept = request.keep_inputs_in(Path(run.job["out"]))
+    announced: set[str] = set()
     for i in range(run.job.get("first_image", 0), request.count):
         per_image = request.per_image(i)
         clock = {"start": time.monotonic(), "step": 0.0, "preview": 0.0}
@@ -155,15 +212,18 @@ def _make_images(run: JobRun) -> list[str]:
                 rate = step / max(now - clock["start"], 1e-9)
                 run.emit(ev.Step, image=i, count=request.count, step=step, total=total, its=rate,
                          eta=(total - step) / rate + (request.count - i - 1) * total / rate)
-            if not last and now - clock["preview"] >= PREVIEW_INTERVAL:
+            if family is not None and not last and now - clock["preview"] >= PREVIEW_INTERVAL:
                 clock["preview"] = now
                 rgb = latent_preview(latents, family.preview_matrix, family.preview_bias)
                 run.emit(ev.Preview, image=i, width=rgb.shape[1], height=rgb.shape[0], rgb=rgb.tobytes())
 
-        image, record = make_image(pipe, per_image, on_step=on_step, should_cancel=run.should_cancel)
-        meta = metadata.build(per_image, pipe.dreamtty_family, record, kind.name)
-        path = str(save_image(image, meta, Path(run.job["out"])))
-        run.store.add_output(run.job["job"], path)  # before anything else: a crash now must not redo it
-        paths.append(path)
-        run.emit(ev.ImageSaved, image=i, path=path, seed=per_image.seed)
-    return paths
+        image, record = make_image(pipe, per_image, on_step=on_step, should_cancel=run.should_cancel,
+                                   device=run.cache.device)
+        for warning in record.get("warnings", []):
+            if warning not in announced:
+                announced.add(warning)
+                run.note(warning)
+        if kept:
+            record["kept_inputs"] = kept
+        meta = metadata.build(per_image, family_name, record, kind.name)
+        run.output.save(run, image, meta, i, per_image.seed)

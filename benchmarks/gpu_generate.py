@@ -4,8 +4,7 @@ and SDXL (1024², 30 steps) with random weights, fp16, in one run.
     PYTHONPATH=. python benchmarks/gpu_generate.py [--steps 30] [--runs 3]
 
 Prints it/s of each (prompt encoding + denoising loop, no VAE decode, the same work on both
-sides) and the ratio (target >= 0.98). Reference (H100, torch 2.11, diffusers 0.42.1):
-stock SD1.5 37.7 it/s, SDXL 15.7 it/s.
+sides) and the ratio (target >= 0.98).
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ Without a GPU, peak memory is estimated on the CPU (fp32, no autocast): the byte
 live on the GPU when the timed steps start (trained weights, buffers, optimizer state) plus the
 growth of the process's resident memory over those steps (large allocations are mmapped, so
 freeing returns them).
-Reference (H100): plain step 0.136 s at 16.2 GiB peak. Targets: full <= 12 GiB at <= 1.3x the
-plain step time; LoRA <= 8 GiB.
+Targets: full <= 12 GiB at <= 1.3x the plain step time; LoRA <= 8 GiB. Results: docs/training.md
+("Memory and speed").
 """
 
 from __future__ import annotations

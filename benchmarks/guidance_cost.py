@@ -1,23 +1,26 @@
 """Cost of each guidance control: seconds per denoising step, and the ratio to plain CFG.
 
-    PYTHONPATH=. python benchmarks/guidance_cost.py            # CPU: demo and demo-xl, 128², fp32
-    PYTHONPATH=. python benchmarks/guidance_cost.py --gpu      # CUDA: real-size SD1.5 UNet, 512², fp16
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/guidance_cost.py   # CPU: demo and demo-xl, 128², fp32
+    PYTHONPATH=. python benchmarks/guidance_cost.py --gpu                # CUDA: real-size SD1.5 UNet, 512², fp16
 
 The GPU run builds the SD1.5 architecture with random weights (benchmarks/realsize.py;
 nothing is downloaded; speed does not depend on the weights). Only the denoising loop
-is timed (no prompt encoding, no VAE decode); each figure is the best of ``--runs``.
-On CPU the time is the process's CPU time (robust on a shared machine; run it with
-OMP_NUM_THREADS=1 so that is also the work done), on CUDA wall-clock time.
-Measured (H100, torch 2.11, diffusers 0.42.1, 2026-11): there a batch of 1, 2 or 3
-branches takes the same time (the eager UNet at 512² is bound by overhead, not math), so PerpNeg and
-PAG about 1.0×, SAG about 2× (its extra UNet call cannot be batched: it needs the
-first call's output), the rest about 1.0×. On the CPU demo models work grows with
-the batch: PerpNeg and PAG about 1.2-1.4×, SAG about 1.6-1.7×.
+is timed (no prompt encoding, no VAE decode). On CPU the time is the process's CPU time
+(robust on a shared machine; with OMP_NUM_THREADS=1 it is also the work done), on CUDA
+wall-clock time.
+
+Each round runs the baseline (plain CFG) between every two controls: A B A C A D ... A.
+A control's ratio in a round is its time over the mean of the two baseline runs next to
+it, so a clock that drifts (GPU boost and heat, a busy neighbour) shifts both alike. The
+table gives the median ratio over the rounds and its spread (lowest-highest); the
+baseline's row gives the same for each baseline run against its two neighbours, which
+is the noise floor. A first round warms up and is not counted.
+Published figures: docs/guidance.md ("Cost").
 """
 
 from __future__ import annotations
 
-import argparse
+import statistics
 import time
 
 import torch
@@ -26,11 +29,12 @@ from backend.engine.conditioning import encode
 from backend.engine.denoise import DenoiseSpec, denoise
 from backend.engine.scheduling import make_scheduler
 from backend.guidance_settings import GuidanceSettings
+from benchmarks.options import parse, sync
 
 PROMPT, NEGATIVE, CFG = "a red fox in the snow, photo", "blurry", 7.0
-# (label, settings, cfg, SDXL only)
+BASELINE = "plain CFG 7 (noise)"
+# (label, settings, cfg, SDXL only); the baseline, plain CFG 7, runs between every two of them
 CONTROLS = [
-    ("plain CFG 7", GuidanceSettings(), CFG, False),
     ("cfg 1 (no uncond)", GuidanceSettings(), 1.0, False),
     ("cfg_rescale 0.7", GuidanceSettings(cfg_rescale=0.7), CFG, False),
     ("perp_neg 1", GuidanceSettings(perp_neg=1.0), CFG, False),
@@ -41,77 +45,81 @@ CONTROLS = [
     ("freeu (defaults)", GuidanceSettings(freeu=()), CFG, False),
     ("pag 3", GuidanceSettings(pag=3.0), CFG, False),
     ("apg 15", GuidanceSettings(apg=15.0), CFG, False),
-    ("plain CFG 7 (again)", GuidanceSettings(), CFG, False),  # shows what is noise
 ]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def seconds_per_step(pipe, size: int, steps: int, runs: int) -> list[float | None]:
-    """Per control (None where it does not apply): the best time of the denoising loop over
-    ``runs`` rounds, per step. Rounds run every control once, in turn, so noise from a
-    shared machine spreads evenly; a first round warms up and is not counted."""
+def interleaved_ratios(pipe, size: int, steps: int, rounds: int) -> dict[str, tuple[float, list[float]]]:
+    """Label -> (median seconds per step, ratio to the neighbouring baselines in each round), for the
+    baseline (each inner baseline run against its two neighbours) and each control that applies."""
     device = pipe._execution_device
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     xl = hasattr(pipe, "text_encoder_2")
-    cases = [(settings, cfg) if xl or not xl_only else None for _, settings, cfg, xl_only in CONTROLS]
-    best: list[float | None] = [None] * len(cases)
+    cases = [(label, settings, cfg) for label, settings, cfg, xl_only in CONTROLS if xl or not xl_only]
     with torch.inference_mode():
-        conds = [case and encode(pipe, PROMPT, NEGATIVE, case[1] > 1.0) for case in cases]
-        for round_ in range(runs + 1):
-            for i, case in enumerate(cases):
-                if case is None:
-                    continue
-                scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "dpmpp_2m", "karras")
-                generator = torch.Generator("cpu").manual_seed(0)
-                spec = DenoiseSpec(conds[i], size, size, steps, case[1], generator, guidance=case[0])
-                _sync(device)
-                start = clock()
-                denoise(pipe, scheduler, spec)
-                _sync(device)
-                took = (clock() - start) / steps
-                if round_:
-                    best[i] = took if best[i] is None else min(best[i], took)
-    return best
+        conds = {cfg > 1.0: encode(pipe, PROMPT, NEGATIVE, cfg > 1.0) for cfg in (CFG, 1.0)}
+
+        def per_step(settings: GuidanceSettings, cfg: float) -> float:
+            scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "dpmpp_2m", "karras")
+            spec = DenoiseSpec(conds[cfg > 1.0], size, size, steps, cfg, torch.Generator("cpu").manual_seed(0),
+                               guidance=settings)
+            sync(device)
+            start = clock()
+            denoise(pipe, scheduler, spec)
+            sync(device)
+            return (clock() - start) / steps
+
+        times: dict[str, list[float]] = {label: [] for label in (BASELINE, *(c[0] for c in cases))}
+        ratios: dict[str, list[float]] = {label: [] for label in times}
+        for round_ in range(rounds + 1):
+            base = [per_step(GuidanceSettings(), CFG)]
+            took = []
+            for _, settings, cfg in cases:  # A B A C A ...
+                took.append(per_step(settings, cfg))
+                base.append(per_step(GuidanceSettings(), CFG))
+            if not round_:
+                continue  # warm-up
+            times[BASELINE] += base
+            ratios[BASELINE] += [base[k] / ((base[k - 1] + base[k + 1]) / 2) for k in range(1, len(base) - 1)]
+            for k, (label, _, _) in enumerate(cases):
+                times[label].append(took[k])
+                ratios[label].append(took[k] / ((base[k] + base[k + 1]) / 2))
+    return {label: (statistics.median(times[label]), ratios[label]) for label in times}
 
 
-def print_table(pipes: dict[str, object], size: int, steps: int, runs: int) -> None:
-    columns = {name: seconds_per_step(pipe, size, steps, runs) for name, pipe in pipes.items()}
-    head = f"{'control':<24}" + "".join(f"{name + ' s/step':>20}{'ratio':>8}" for name in pipes)
+def print_table(pipes: dict[str, object], size: int, steps: int, rounds: int) -> None:
+    columns = {name: interleaved_ratios(pipe, size, steps, rounds) for name, pipe in pipes.items()}
+    head = f"{'control':<24}" + "".join(f"{name + ' s/step':>18}{'ratio (spread)':>22}" for name in pipes)
     print(head, "-" * len(head), sep="\n")
-    for row, (label, *_) in enumerate(CONTROLS):
+    for label in (BASELINE, *(c[0] for c in CONTROLS)):
         cells = []
-        for times in columns.values():
-            sec = times[row]
-            cells.append(f"{'n/a':>20}{'':>8}" if sec is None else f"{sec:>20.4f}{sec / times[0]:>7.2f}x")
+        for found in columns.values():
+            if label not in found:
+                cells.append(f"{'n/a':>18}{'':>22}")
+                continue
+            sec, ratios = found[label]
+            spread = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+            cells.append(f"{sec:>18.4f}{spread:>22}")
         print(f"{label:<24}" + "".join(cells))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true", help="real-size SD1.5 UNet on CUDA, fp16, 512²")
-    parser.add_argument("--steps", type=int, help="steps per run (default 15 on GPU, 4 on CPU)")
-    parser.add_argument("--runs", type=int, help="timed rounds (default 3 on GPU, 8 on CPU); the best is kept")
-    args = parser.parse_args()
+    args = parse(__doc__, "real-size SD1.5 UNet on CUDA, fp16, 512²",
+                 {"steps": ("steps per run", 15, 8), "rounds": ("timed rounds", 5, 10)})
+    steps, rounds = args.steps, args.rounds
     if args.gpu:
-        if not torch.cuda.is_available():
-            parser.error("--gpu needs a CUDA device")
         from benchmarks.realsize import build_pipeline
 
-        pipes, size, steps, runs = {"SD1.5 512²": build_pipeline(xl=False)}, 512, args.steps or 15, args.runs or 3
-        title = f"{torch.cuda.get_device_name()}, fp16, {steps} steps, DPM++ 2M Karras"
+        pipes, size = {"SD1.5 512²": build_pipeline(xl=False)}, 512
+        title = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, fp16"
     else:
         from backend.engine.loader import load_pipeline
         from backend.models import resolve_model
 
         load = lambda name: load_pipeline(resolve_model(name), torch.device("cpu"), torch.float32)  # noqa: E731
-        pipes, size, steps, runs = {"demo": load("demo"), "demo-xl": load("demo-xl")}, 128, args.steps or 4, args.runs or 8
-        title = f"CPU ({torch.get_num_threads()} threads), fp32, 128², {steps} steps, DPM++ 2M Karras"
-    print(title, flush=True)
-    print_table(pipes, size, steps, runs)
+        pipes, size = {"demo": load("demo"), "demo-xl": load("demo-xl")}, 128
+        title = f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, fp32, 128²"
+    print(f"{title}, {steps} steps, DPM++ 2M Karras, {rounds} interleaved rounds", flush=True)
+    print_table(pipes, size, steps, rounds)
 
 
 if __name__ == "__main__":

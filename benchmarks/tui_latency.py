@@ -128,6 +128,19 @@ def setup_home(home: Path, steps: int, images: int) -> None:
     (home / "config" / "config.yaml").write_text("default_preset: bench\n")
 
 
+def app_command() -> list[str]:
+    """How to start ``dreamtty`` with this Python."""
+    script = Path(sys.executable).with_name("dreamtty")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "tui.cli"]
+
+
+def app_env(home: Path) -> dict:
+    """The environment of a benchmarked app: its own home and config, a UTF-8 truecolor terminal, offline."""
+    return {**os.environ, "DREAMTTY_HOME": str(home), "DREAMTTY_CONFIG": str(home / "config" / "config.yaml"),
+            "TERM": "xterm-256color", "COLORTERM": "truecolor",
+            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HF_HUB_OFFLINE": "1"}
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -147,12 +160,8 @@ def run(presses: int, cols: int, rows: int, steps: int, images: int, job: bool =
     with tempfile.TemporaryDirectory(prefix="dreamtty-bench-") as tmp:
         home = Path(tmp) / "home"
         setup_home(home, steps, images)
-        script = Path(sys.executable).with_name("dreamtty")
-        argv = [str(script)] if script.exists() else [sys.executable, "-m", "tui.cli"]
-        env = {**os.environ, "DREAMTTY_HOME": str(home), "DREAMTTY_CONFIG": str(home / "config" / "config.yaml"),
-               "TERM": "xterm-256color", "COLORTERM": "truecolor",
-               "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HF_HUB_OFFLINE": "1"}
-        term = Terminal([*argv, "--demo", "--device", "cpu", "--out", str(Path(tmp) / "out")], env, cols, rows)
+        term = Terminal([*app_command(), "--demo", "--device", "cpu", "--out", str(Path(tmp) / "out")],
+                        app_env(home), cols, rows)
         try:
             if term.wait_for(b"Prompt", 0, 60) is None:
                 raise SystemExit(f"the app did not draw; output:\n{term.text_since(0)[-2000:]}")

@@ -215,13 +215,13 @@ def test_cli_warns_about_a_damaged_queue(tmp_path, monkeypatch, capsys):
     assert list(locations.queue_db().parent.glob("queue.sqlite3.corrupt-*"))
 
 
-def test_tui_warns_about_a_damaged_queue_before_it_starts(tmp_path, monkeypatch, capsys):
+def test_tui_leaves_a_damaged_queue_warning_on_the_terminal(tmp_path, monkeypatch, capsys):
     import tui.app
 
     monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
     locations.queue_db().parent.mkdir(parents=True)
     locations.queue_db().write_bytes(b"garbage" * 100)
-    monkeypatch.setattr(tui.app, "run_app", lambda args: 0)
+    monkeypatch.setattr(tui.app.DreamttyApp, "run", lambda self: None)  # it notifies too: see test_tui
     assert main(["--demo"]) == 0
     assert capsys.readouterr().err.startswith(f"dreamtty: warning: queue: {locations.queue_db()} is damaged")
 

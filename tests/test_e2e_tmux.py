@@ -1,4 +1,5 @@
-"""End to end in a real terminal: tmux runs ``dreamtty --demo --out DIR``; type a prompt, ctrl+g, ctrl+q.
+"""End to end in a real terminal: tmux runs ``dreamtty --demo --out DIR``; type a prompt, ctrl+g, watch a live
+preview frame while the (long) job runs, then the final image; ctrl+q.
 
 tmux runs on its own socket (``-L``) so it inherits this test's environment.
 Textual draws on stderr, so the app's output is never redirected.
@@ -7,6 +8,7 @@ Textual draws on stderr, so the app's output is never redirected.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -19,6 +21,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 TIMEOUT = 120
+LONG_STEPS = 300  # a user preset makes the demo job long enough to be watched while it runs
 
 
 class Tmux:
@@ -47,28 +50,54 @@ def _command(out: Path) -> str:
     return shlex.join([*argv, "--demo", "--device", "cpu", "--out", str(out)])
 
 
+def _half_blocks(screen: str) -> int:
+    return screen.count("▄") + screen.count("▀")
+
+
+def _running_step(screen: str) -> int | None:
+    """The step the progress line shows, while the job is not finished."""
+    match = re.search(rf"step (\d+)/{LONG_STEPS}\b", screen)
+    return int(match.group(1)) if match and int(match.group(1)) < LONG_STEPS else None
+
+
 def test_tmux_generate_with_preview_then_quit(tmp_path, demo_dirs):
     home = tmp_path / "home"  # its own queue; the demo models are shared with the session
     (home / "data").mkdir(parents=True)
     (home / "data" / "demo-models").symlink_to(demo_dirs["demo"].parent)
+    (home / "config" / "presets").mkdir(parents=True)
+    (home / "config" / "presets" / "long.yaml").write_text(f"description: a long demo job\nsteps: {LONG_STEPS}\n")
     out = tmp_path / "out"
-    env = {**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "DREAMTTY_HOME": str(home), "TERM": "xterm-256color"}
+    env = {**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "DREAMTTY_HOME": str(home), "TERM": "xterm-256color",
+           "DREAMTTY_DEFAULT_PRESET": "long"}
     env.pop("DREAMTTY_OUTPUTS", None)
     tmux = Tmux(env)
     try:
-        started = tmux("new-session", "-d", "-s", "app", "-x", "120", "-y", "40", _command(out))
+        started = tmux("new-session", "-d", "-s", "app", "-x", "200", "-y", "60", _command(out))
         assert started.returncode == 0, started.stderr
         tmux("set-option", "-t", "app", "remain-on-exit", "on")
         tmux.wait(lambda: "Prompt" in tmux.screen() and "Generate" in tmux.screen(), "the app to draw", 60)
 
         tmux("send-keys", "-t", "app", "-l", "a red fox in the snow")
         tmux.wait(lambda: "a red fox in the snow" in tmux.screen(), "the typed prompt", 30)
+        assert _half_blocks(tmux.screen()) == 0  # nothing drawn in the preview yet
         tmux("send-keys", "-t", "app", "C-g")
+        live: list[str] = []
+
+        def live_frame() -> bool:
+            saved = bool(list(out.rglob("*.png")))
+            screen = tmux.screen()
+            if _running_step(screen) is not None and _half_blocks(screen) > 100:
+                live.append(screen)  # a frame of at least 100 cells drawn while the progress line shows a step
+                return True
+            assert not saved, f"the image was saved before any live preview frame was seen; screen:\n{screen}"
+            return False
+
+        tmux.wait(live_frame, "a live preview frame while the job runs")
         tmux.wait(lambda: list(out.rglob("*.png")), "the PNG")
         tmux.wait(lambda: "done" in tmux.screen(), "the job to show as done", 30)
-        screen = tmux.screen()
-        assert "▄" in screen or "▀" in screen, f"no half-block preview on screen:\n{screen}"
-        assert "Traceback" not in screen
+        # live frames are capped at 48x24 cells; the final image fills the larger preview
+        tmux.wait(lambda: _half_blocks(tmux.screen()) > _half_blocks(live[0]), "the final image drawn full size", 30)
+        assert "Traceback" not in tmux.screen()
 
         tmux("send-keys", "-t", "app", "C-q")
         tmux.wait(lambda: tmux("display", "-p", "-t", "app", "#{pane_dead}").stdout.strip() == "1"

@@ -227,3 +227,25 @@ def test_check_extras_refuses_early_without_torch(tmp_path):
         check_extras(GenerateRequest(vae="mine"), "demo", cfg)
     with pytest.raises(ModelError, match="^refiner: nope/nothing"):  # the refiner's own field
         check_extras(GenerateRequest(refiner="nope/nothing"), "demo", cfg)
+
+
+def test_files_that_differ_only_in_suffix_get_names_of_their_own(tmp_path):
+    from backend.errors import DreamttyError
+    from backend.extras_check import check_extras
+    from backend.request import GenerateRequest
+
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+    (tmp_path / "loras").mkdir()
+    torch.save({key: torch.zeros(4, 768)}, tmp_path / "loras" / "evil.pt")
+    torch.save({key: torch.ones(4, 768)}, tmp_path / "loras" / "evil.ckpt")
+    _write(tmp_path / "loras" / "sub" / "evil.ckpt.safetensors", {key: (4, 768)})
+    _write(tmp_path / "loras" / "a" / "ink.safetensors", {key: (4, 768)})
+    _write(tmp_path / "loras" / "b" / "ink.safetensors", {key: (4, 768)})
+    cfg = config.Config(paths={"loras": [tmp_path / "loras"]}, allow_pickle=True)
+    names = library.names("lora", cfg)
+    assert sorted(names) == sorted(["evil.pt", "evil.ckpt", "evil.ckpt.safetensors"] + [
+        str(tmp_path / "loras" / d / "ink.safetensors") for d in "ab"])  # same file name: the path
+    assert len(set(names)) == len(names)
+    assert library.find("lora", "evil.ckpt", cfg).path == str(tmp_path / "loras" / "evil.ckpt")
+    with pytest.raises(DreamttyError, match="^lora: evil is ambiguous: .*evil.pt.*; give one of these names"):
+        check_extras(GenerateRequest(loras=[("evil", 1.0)]), "demo", cfg)

@@ -13,7 +13,8 @@ from backend.engine.extras import apply_extras
 from backend.engine.generate import generate_image
 from backend.engine.loader import PipelineCache, load_pipeline
 from backend.errors import ModelError, RequestError
-from backend.extras_check import effective_request
+from backend.extras_check import check_extras, effective_request
+from job_helpers import worker_images
 from backend.models import resolve_model
 from backend.request import GenerateRequest
 from ckpt_helpers import tiny_refiner, vae_to_ldm
@@ -164,14 +165,7 @@ def test_refiner_hands_over_at_the_switch(folders, demo_dirs):
 
 
 def _worker_images(payload: dict, cache, tmp_path) -> list[str]:
-    """The images a worker makes for a generate job (in this process)."""
-    from backend.queue_store import QueueStore
-    from backend.worker import JobRun, _make_images
-
-    store = QueueStore(tmp_path / "queue.sqlite3")
-    job = store.add("generate", payload, "test")
-    return _make_images(JobRun(0, {"job": job, "kind": "generate", **payload}, cache, lambda event: None,
-                               lambda: False, store))
+    return worker_images(payload, cache, tmp_path / "queue.sqlite3")[0]
 
 
 def test_worker_saves_extras_in_metadata_and_reproduces_pixels(folders, tmp_path):
@@ -188,3 +182,33 @@ def test_worker_saves_extras_in_metadata_and_reproduces_pixels(folders, tmp_path
     # Reproduce on a fresh cache from the metadata alone.
     again = _worker_images({"request": meta["request"], "out": str(tmp_path / "b")}, PipelineCache(CPU), tmp_path)[0]
     assert Image.open(first).tobytes() == Image.open(again).tobytes()
+
+
+KOHYA_TO_K = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"  # demo UNet: 32 -> 64
+LYCORIS_FILES = {  # tiny LyCORIS files made by hand (kohya key names), one cross-attention projection each
+    "LoHa": {f"{KOHYA_TO_K}.{k}": torch.randn(*s) for k, s in
+             (("hada_w1_a", (64, 2)), ("hada_w1_b", (2, 32)), ("hada_w2_a", (64, 2)), ("hada_w2_b", (2, 32)))},
+    "LoKr": {f"{KOHYA_TO_K}.lokr_w1": torch.randn(8, 4), f"{KOHYA_TO_K}.lokr_w2": torch.randn(8, 8)},
+}
+
+
+@pytest.mark.parametrize("algorithm", list(LYCORIS_FILES))
+def test_lycoris_files_are_listed_as_unsupported_and_refused_in_one_line(algorithm, pipe, tmp_path, monkeypatch):
+    """diffusers 0.42 refuses LoHa and LoKr files for SD/SDXL pipelines; the library says so instead of a traceback."""
+    from backend import config, library
+
+    tensors = {**LYCORIS_FILES[algorithm], f"{KOHYA_TO_K}.alpha": torch.tensor(2.0)}
+    save_file(tensors, str(tmp_path / "tiny.safetensors"))
+    monkeypatch.setenv("DREAMTTY_LORAS", str(tmp_path))
+    entry = library.find("lora", "tiny", config.load())
+    assert (entry.variant, entry.note) == (algorithm, f"LyCORIS {algorithm}: not supported; only LoRA files load")
+    with pytest.raises(RequestError) as caught:
+        _image(pipe, loras=[("tiny", 1.0)])
+    assert str(caught.value) == (f"lora: tiny is a LyCORIS {algorithm} file; only LoRA files load "
+                                 "(lora_down/lora_up or lora_A/lora_B weights)")
+    assert not any(pipe.get_list_adapters().values())  # nothing half-loaded
+    with pytest.raises(RequestError, match=f"^lora: tiny is a LyCORIS {algorithm} file"):  # before queueing too
+        check_extras(GenerateRequest(loras=[("tiny", 1.0)]), "demo")
+    with pytest.raises(ValueError):  # diffusers itself refuses it: the reason for the check (drop it when this fails)
+        pipe.load_lora_weights(str(tmp_path), weight_name="tiny.safetensors", adapter_name="tiny")
+    assert not any(pipe.get_list_adapters().values())

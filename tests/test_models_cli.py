@@ -121,9 +121,21 @@ def test_pull_one_file_and_bad_choices(tmp_path):
     assert path.read_bytes() == REPO["v1-5-pruned.safetensors"] and hub.downloaded == ["v1-5-pruned.safetensors"]
     with pytest.raises(DreamttyError, match="has no file nope.safetensors; .safetensors files: .*v1-5-pruned"):
         downloads.pull("org/model", filename="nope.safetensors", api=hub)
-    single = FakeHub(tmp_path, {"lora.safetensors": b"x" * 10})
-    with pytest.raises(DreamttyError, match="not a diffusers repo; pick one file with --file .*lora.safetensors"):
-        downloads.pull("org/lora", api=single)
+    two = FakeHub(tmp_path, {"a.safetensors": b"x" * 10, "b.safetensors": b"y" * 10})
+    with pytest.raises(DreamttyError, match="not a diffusers repo; pick one file with --file .*a.safetensors, b"):
+        downloads.pull("org/two", api=two)
+
+
+@pytest.mark.parametrize("files, fetched", [
+    ({"lora.safetensors": b"x", "README.md": b"#"}, ["lora.safetensors"]),  # a LoRA repo: its one weights file
+    ({"pytorch_lora_weights.safetensors": b"x", "other.safetensors": b"y"}, ["pytorch_lora_weights.safetensors"]),
+    ({"config.json": b"{}", "diffusion_pytorch_model.safetensors": b"v", "diffusion_pytorch_model.bin": b"b",
+      "sdxl_vae.safetensors": b"s"}, ["config.json", "diffusion_pytorch_model.safetensors"]),  # a VAE repo
+])
+def test_pull_lora_and_vae_repos_without_naming_a_file(tmp_path, files, fetched):
+    hub = FakeHub(tmp_path, files)
+    downloads.pull("org/extra", api=hub)
+    assert sorted(hub.downloaded) == fetched
 
 
 def test_pull_checks_free_disk_first(tmp_path, monkeypatch):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -190,6 +192,8 @@ async def test_form_checks_each_field_and_reports_every_bad_one(tmp_path, monkey
         pane.query_one("#train-instance_dir", Input).value = str(tmp_path / "nowhere")
         pane.query_one("#train-lr", Input).value = "abc"
         await pilot.pause()
+        await app.workers.wait_for_complete()  # the folder is checked in a thread
+        await pilot.pause()
         assert pane._field("max_steps").error == "-1 is out of range; allowed 1..10000000"
         assert pane._field("instance_dir").error == f"{tmp_path / 'nowhere'} does not exist"
         assert pane._field("lr").error == "'abc' is not a number"
@@ -237,3 +241,40 @@ async def test_starting_a_run_shows_it_and_settles_then_resumes_a_stopped_run(tm
         assert started == [old.resolve()] and pane.selected_run == old.resolve()
         settings = json.loads((old / runs.RUN_JSON).read_text())["settings"]
         assert settings == {**settings, **recorded, "resume": "latest", "output": str(old.resolve())}
+
+
+async def test_real_demo_run_from_the_form_streams_losses_and_stops(tmp_path, demo_dirs):
+    """No fakes: ctrl+s starts the trainer process on the demo model, its losses reach the plot, ctrl+t stops it."""
+    root = tmp_path / "runs"
+    photos = _photos(tmp_path)
+    app = PaneApp(root)
+    run_dir = (tmp_path / "real").resolve()
+    try:
+        async with app.run_test(size=(140, 44)) as pilot:
+            pane = app.query_one(TrainPane)
+            await pilot.pause()
+            for name, value in (("instance_dir", str(photos)), ("instance_prompt", "a photo of sks toy"),
+                                ("resolution", "32"), ("max_steps", "10000"), ("checkpoint_every", "10000"),
+                                ("seed", "3"), ("output", str(run_dir))):
+                pane.query_one(f"#train-{name}", Input).value = value
+            await pilot.press("ctrl+s")
+            await _settle(pilot, pane, lambda: len(pane.loss_points) >= 3, timeout=180)
+            assert len(pane.loss_points) >= 3, (run_dir / runs.LOG_FILE).read_text()[-2000:]
+            assert [s for s, _ in pane.loss_points[:3]] == [1, 2, 3]
+            assert all(np.isfinite(loss) and loss > 0 for _, loss in pane.loss_points)
+            assert any(ord(ch) in BRAILLE for ch in _text(pane.query_one("#train-loss", PlotextPlot)))
+            assert runs.read_run_json(run_dir)["state"] == "running"
+
+            await pilot.press("ctrl+t")
+            await _settle(pilot, pane, lambda: runs.read_run_json(run_dir).get("state") == "stopped", timeout=120)
+            info = runs.read_run_json(run_dir)
+            assert info["state"] == "stopped", (run_dir / runs.LOG_FILE).read_text()[-2000:]
+            steps = [e.step for e in runs.EventTail(run_dir).read() if isinstance(e, TrainStep)]
+            assert steps[-1] < 10000 and [s for s, _ in runs.list_checkpoints(run_dir)] == [steps[-1]]  # saved on stop
+            stats = pane.query_one("#train-stats", Static)
+            await _settle(pilot, pane, lambda: "[stopped]" in str(stats.content) and len(pane.loss_points) == len(steps))
+            assert "[stopped]" in str(stats.content) and [s for s, _ in pane.loss_points] == steps
+    finally:
+        pid_file = run_dir / runs.PID_FILE
+        if pid_file.exists() and runs.pid_alive(pid := int(pid_file.read_text())):
+            os.kill(pid, signal.SIGKILL)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
+import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -16,9 +17,13 @@ from textual.widgets import Checkbox, Input, Select, TextArea
 
 from backend.config import config_path
 from backend.events import Preview, Started, Step
+from backend.client import LocalClient
 from backend.pool import ProcessPool
 from backend.service import Service
+import tui.app
+import tui.screens.generate
 from tui.app import ConfirmQuit, DreamttyApp, use_color_system
+from tui.screens import generate
 from tui.screens.generate import GenerateScreen
 from tui.screens.models import ModelsPane
 from tui.screens.queue import QueueScreen
@@ -26,6 +31,7 @@ from tui.widgets.field import Field
 from tui import latency
 from tui.latency import KeyGate, key_gated_driver
 from tui.widgets.preview import HalfBlockRenderer, ImagePreview, fit, half_block_lines
+from tui.widgets.style_picker import StylePicker
 
 
 class NoWorkers(ProcessPool):
@@ -43,7 +49,17 @@ def idle_service(tmp_path):
 
 
 def make_app(service, tmp_path, model: str | None = "demo") -> DreamttyApp:
-    return DreamttyApp(model=model, out=tmp_path / "out", service=service)
+    return DreamttyApp(model=model, out=tmp_path / "out", client=LocalClient(service))
+
+
+async def settle(pilot) -> None:
+    """Wait until the app's workers have ended (loads after the first frame, checks and reads off the event
+    loop) and what they handed back is on the screen. The service's event stream never ends: not waited for."""
+    app = pilot.app
+    await pilot.pause()  # messages already posted may start workers
+    while running := [w for w in app.workers if not w.is_finished and w.group != "events"]:
+        await app.workers.wait_for_complete(running)
+        await pilot.pause()
 
 
 async def wait_for(pilot, condition, timeout: float = 10.0, what: str = "condition") -> None:
@@ -63,11 +79,12 @@ async def test_bad_input_shows_inline_error_and_queues_nothing(idle_service, tmp
     async with app.run_test(size=(120, 40)) as pilot:
         assert isinstance(app.screen, GenerateScreen)
         assert app.focused.id == "prompt"  # the prompt has focus when the app opens
-        await pilot.pause()
+        await settle(pilot)
         assert app.screen.form.scroll_y == 0  # with its label in view
         await pilot.press(*"a fox")
         app.screen.query_one("#steps", Input).value = "abc"
         await pilot.press("ctrl+g")
+        await settle(pilot)
         assert "not a whole number" in field_of(app, "#steps").error
         assert app.focused.id == "steps"
         assert idle_service.jobs() == []
@@ -75,22 +92,26 @@ async def test_bad_input_shows_inline_error_and_queues_nothing(idle_service, tmp
         app.screen.query_one("#steps", Input).value = "6"
         app.screen.query_one("#cfg", Input).value = "99"  # a range the service checks
         await pilot.press("ctrl+g")
+        await settle(pilot)
         assert field_of(app, "#steps").error == ""
         assert "out of range" in field_of(app, "#cfg").error
         app.screen.query_one("#cfg", Input).value = "5"
         app.screen.query_one("#g-sharpness", Input).value = "99"  # inside the collapsed Guidance group
         await pilot.press("ctrl+g")
+        await settle(pilot)
         assert "sharpness" not in field_of(app, "#cfg").error
         assert "out of range" in field_of(app, "#g-sharpness").error
         assert not app.screen.query_one("#guidance").collapsed
         app.screen.query_one("#model", Input).value = "/no/such/model"
         app.screen.query_one("#g-sharpness", Input).value = "0"
         await pilot.press("ctrl+g")
+        await settle(pilot)
         assert "does not exist" in field_of(app, "#model").error
         assert idle_service.jobs() == []
 
         app.screen.query_one("#model", Input).value = "demo"
         await pilot.press("ctrl+g")
+        await settle(pilot)
         jobs = idle_service.jobs()
         assert len(jobs) == 1 and jobs[0].request["prompt"] == "a fox" and jobs[0].request["steps"] == 6
         assert all(f.error == "" for f in app.screen.query(Field))
@@ -100,6 +121,7 @@ async def test_form_controls_presets_and_performance(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
         form = app.screen.form
+        await settle(pilot)
         # The schedule list follows the sampler.
         form.query_one("#sampler", Select).value = "euler_a"
         await pilot.pause()
@@ -121,7 +143,7 @@ async def test_form_controls_presets_and_performance(idle_service, tmp_path):
         # A preset fills the form; the model named on the command line stays.
         form.query_one("#model", Input).value = "demo"
         form.query_one("#preset", Select).value = "sd15"
-        await pilot.pause()
+        await settle(pilot)
         request = form.read_request()
         assert request.preset == "sd15" and request.model == "demo"
         assert request.sampler != "lcm"
@@ -134,7 +156,7 @@ async def test_form_controls_presets_and_performance(idle_service, tmp_path):
         await pilot.pause()
         form.query_one("#size-custom", Input).value = "192x64"
         request = form.read_request()
-        assert (request.seed, request.width, request.height) == ("77", 192, 64)
+        assert (request.seed, request.width, request.height) == (77, 192, 64)
         # fill() is what "load parameters from an image" uses.
         form.fill({"prompt": "loaded", "seed": -1, "width": 256, "height": 256, "styles": ["Random Style"],
                    "guidance": {"sharpness": 3.0, "freeu": ()}})
@@ -147,6 +169,7 @@ async def test_form_controls_presets_and_performance(idle_service, tmp_path):
 async def test_style_picker_searches_and_shows_templates(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
         picker = app.screen.query_one("#styles")
         search = picker.query_one("#style-search", Input)
         search.focus()
@@ -161,12 +184,67 @@ async def test_style_picker_searches_and_shows_templates(idle_service, tmp_path)
         assert app.screen.form.read_request().styles == [names[0]]
 
 
+async def test_first_screen_takes_keys_while_the_styles_still_load(idle_service, tmp_path, monkeypatch):
+    """Styles load after the first frame (a large pack takes seconds): the prompt takes keys meanwhile,
+    and a search typed before the styles are there filters them once they are."""
+    release, load_styles = threading.Event(), generate.load_styles
+    monkeypatch.setattr(generate, "load_styles", lambda: release.wait(10) and load_styles())
+    app = make_app(idle_service, tmp_path)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            picker = app.screen.query_one(StylePicker)
+            await pilot.press(*"a fox")
+            picker.query_one("#style-search", Input).focus()
+            await pilot.press(*"clay")
+            await pilot.pause()
+            assert app.screen.query_one("#prompt", TextArea).text == "a fox"
+            assert picker.library == {} and picker.query_one("#style-list").option_count == 0
+            release.set()
+            await settle(pilot)
+            options = picker.query_one("#style-list")
+            names = [options.get_option_at_index(i).value for i in range(options.option_count)]
+            assert names and all("clay" in (n + picker.library[n].prompt).lower() for n in names)
+            assert len(picker.library) > len(names)
+    finally:
+        release.set()
+
+
+async def test_ctrl_g_checks_the_request_off_the_event_loop(idle_service, tmp_path, monkeypatch):
+    """The check may scan the model library and read wildcard and style files: keys are taken meanwhile,
+    and the job is queued once it ends."""
+    release, validate = threading.Event(), idle_service.validate
+    monkeypatch.setattr(idle_service, "validate", lambda request: release.wait(10) and validate(request))
+    app = make_app(idle_service, tmp_path)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await settle(pilot)
+            await pilot.press(*"a fox", "ctrl+g", *" and")
+            await pilot.pause()
+            assert app.screen.query_one("#prompt", TextArea).text == "a fox and" and idle_service.jobs() == []
+            release.set()
+            await settle(pilot)
+            assert [job.request["prompt"] for job in idle_service.jobs()] == ["a fox"]
+    finally:
+        release.set()
+
+
+async def test_a_damaged_queue_file_is_reported_in_the_app(tmp_path, monkeypatch):
+    db = tmp_path / "queue.sqlite3"
+    db.write_bytes(b"garbage" * 100)
+    app = make_app(Service(devices="cpu", db_path=db, recover=True, pool=NoWorkers("cpu", db)), tmp_path)
+    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+        await wait_for(pilot, lambda: app.screen.query("Toast"), what="a notification")
+        toasts = [str(toast.render()) for toast in app.screen.query("Toast")]
+        assert any(f"{db} is damaged" in t and "moved it to" in t for t in toasts), toasts
+
+
 async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path):
     config_path().write_text("keymap:\n  generate: f5\n  screen.queue: f8\n")  # the test's own config file
     app = make_app(idle_service, tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press(*"remapped")
         await pilot.press("f5")
+        await settle(pilot)
         assert [j.request["prompt"] for j in idle_service.jobs()] == ["remapped"]
         await pilot.press("f8")
         await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
@@ -192,6 +270,7 @@ async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path)
 async def test_small_terminal_tab_order_scrolls_and_wide_layout(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
     async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
         app.screen.query_one("#guidance").collapsed = False
         await pilot.pause()
         chain = [w.id for w in app.screen.focus_chain]
@@ -219,11 +298,11 @@ def test_color_option_sets_textual_color_system(monkeypatch):
     use_color_system("auto")
     assert "TEXTUAL_COLOR_SYSTEM" not in os.environ
     use_color_system("256")
-    assert DreamttyApp(service=object()).console.color_system == "256"
+    assert DreamttyApp(client=object()).console.color_system == "256"
     use_color_system("truecolor")
-    assert DreamttyApp(service=object()).console.color_system == "truecolor"
+    assert DreamttyApp(client=object()).console.color_system == "truecolor"
     monkeypatch.setenv("NO_COLOR", "1")
-    assert DreamttyApp(service=object()).no_color
+    assert DreamttyApp(client=object()).no_color
 
 
 def test_half_block_lines_fit_and_filter():
@@ -314,44 +393,87 @@ async def test_form_follows_a_new_default_model_unless_another_was_typed(idle_se
         assert model.value == "my-own-model" and app.default_model == "demo"
 
 
-async def test_live_frames_slow_down_while_the_user_types(idle_service, tmp_path):
-    """Four live frames a second, one a second while keys were pressed in the last 3 s (typing goes first)."""
+class FakeClock:
+    """The monotonic clock the redraw throttles read, moved by hand, with the timers set against it:
+    the counts of frames and redraws below do not depend on how busy the machine is."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.now = 1000.0
+        self.timers: list[tuple[float, object]] = []
+        for module in (tui.app, tui.screens.generate):
+            monkeypatch.setattr(module, "time", SimpleNamespace(monotonic=lambda: self.now))
+
+    def set_timer(self, delay: float, callback) -> None:
+        self.timers.append((self.now + delay, callback))
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = sorted((t for t in self.timers if t[0] <= self.now), key=lambda t: t[0])
+        self.timers = [t for t in self.timers if t[0] > self.now]
+        for _, callback in due:
+            callback()
+
+
+async def test_live_frames_slow_down_while_the_user_types(idle_service, tmp_path, monkeypatch):
+    """Every live frame is drawn; while keys were pressed in the last 3 s, one a second (the newest)."""
+    clock = FakeClock(monkeypatch)
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
-        screen, preview = app.screen, app.screen.query_one(ImagePreview)
+    async with app.run_test(size=(120, 40)):
+        screen = app.screen
+        monkeypatch.setattr(screen, "set_timer", clock.set_timer)
+        drawn: list[int] = []
+        monkeypatch.setattr(screen.query_one(ImagePreview), "show",
+                            lambda image, limit=None: drawn.append(image.getpixel((0, 0))[0]))
         screen.handle_job_event(Started(job=1))
 
-        async def frames_drawn(last_key: float) -> int:
-            app.last_key = last_key
-            before = preview.frames
-            for i in range(12):  # 1.2 s of frames every 0.1 s
-                rgb = bytes([20 * i, 100, 200]) * 64
+        def frames(count: int) -> list[int]:
+            """Frames 0..count-1 arrive 0.125 s apart; the ones drawn."""
+            before = len(drawn)
+            for i in range(count):
+                rgb = bytes([i, 100, 200]) * 64
                 screen.handle_job_event(Preview(job=1, image=0, width=8, height=8, rgb=rgb))
-                await pilot.pause(0.1)
-            await pilot.pause(0.3)
-            return preview.frames - before
+                clock.advance(0.125)
+            return drawn[before:]
 
-        assert await frames_drawn(last_key=0.0) >= 4
-        assert await frames_drawn(last_key=time.monotonic() - 0.5) <= 2
+        app.last_key = 0.0  # no key for long
+        assert frames(8) == list(range(8))
+        app.last_key = clock.now - 0.5  # a key half a second ago
+        assert frames(16) == [6, 14]  # 1 s after the last frame drawn, then 1 s later: the newest frame each time
 
 
-async def test_progress_redraws_slow_down_while_the_user_types(idle_service, tmp_path):
+class Drained(Exception):
+    pass
+
+
+async def test_progress_redraws_slow_down_while_the_user_types(idle_service, tmp_path, monkeypatch):
+    """Step events are redrawn 4 times a second, once a second while keys were pressed in the last 3 s."""
+    clock = FakeClock(monkeypatch)
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
-        queue: asyncio.Queue = asyncio.Queue()
-        shown: list = []
-        app.job_events.subscribe(app.screen, lambda event: shown.append(event))
-        app.run_worker(app._consume_events(queue), group="test-events")
+    async with app.run_test(size=(120, 40)):
+        shown: list[int] = []
+        app.job_events.subscribe(app.screen, lambda event: shown.append(event.step), immediate=True)
 
-        async def redraws(last_key: float) -> int:
-            app.last_key, before = last_key, len(shown)
-            for step in range(1, 16):  # 1.5 s of steps
-                queue.put_nowait(Step(job=1, step=step, total=100, image=0, count=1, its=10.0, eta=1.0))
-                await pilot.pause(0.1)
-            return sum(1 for e in shown[before:] if isinstance(e, Step))
+        class Steps:
+            """The worker's event queue: one step every 0.125 s on the fake clock; a key is pressed at step 9."""
 
-        assert await redraws(last_key=0.0) >= 5  # about 4 a second
-        assert await redraws(last_key=time.monotonic()) <= 2  # about 1 a second
+            def __init__(self, count: int) -> None:
+                self.steps = list(range(1, count + 1))
+
+            async def get(self) -> Step:
+                if not self.steps:
+                    raise Drained
+                clock.advance(0.125)
+                step = self.steps.pop(0)
+                if step == 9:
+                    app.last_key = clock.now
+                return Step(job=1, step=step, total=100, image=0, count=1, its=8.0, eta=1.0)
+
+        app.last_key = 0.0
+        with pytest.raises(Drained):
+            await app._consume_events(Steps(24))
+        # every 0.25 s (steps 1-7), then every 1 s after the last redraw (steps 15, 23) once a key was pressed
+        assert shown == [1, 3, 5, 7, 15, 23]
+        assert app.progress[1].step == 24  # skipped redraws still update the job's progress
 
 
 async def test_gallery_entry_whose_file_was_deleted_shows_a_line_not_a_crash(idle_service, tmp_path):
@@ -361,7 +483,7 @@ async def test_gallery_entry_whose_file_was_deleted_shows_a_line_not_a_crash(idl
         await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
         gone = tmp_path / "out" / "gone.png"
         app.screen._show_image(str(gone))  # what highlighting a row of a deleted image does
-        await pilot.pause()
+        await settle(pilot)
         text = str(app.screen.query_one("#image-params").content)
         assert text == f"{gone}\n\ncannot read it: No such file or directory" and app.is_running
 
@@ -373,14 +495,15 @@ async def test_bad_preset_and_custom_size_errors_point_at_the_right_field(idle_s
     app = make_app(idle_service, tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
         form = app.screen.form
+        await settle(pilot)
         # A preset with an unknown sampler: the error sits under Sampler; the preset is not applied.
         form.query_one("#preset", Select).value = "typo"
-        await pilot.pause()
+        await settle(pilot)
         assert "unknown 'foo'" in field_of(app, "#sampler").error
         assert form.query_one("#preset", Select).value == Select.NULL and form.read_request().sampler == "dpmpp_2m"
         # An unreadable preset: the error under Preset, and the form does not claim that preset.
         form.query_one("#preset", Select).value = "broken"
-        await pilot.pause()
+        await settle(pilot)
         assert "not valid YAML" in field_of(app, "#preset").error
         assert form.read_request().preset is None
         # A bad custom size focuses the WxH box, and its error goes away once it is edited.
@@ -388,6 +511,7 @@ async def test_bad_preset_and_custom_size_errors_point_at_the_right_field(idle_s
         await pilot.pause()
         form.query_one("#size-custom", Input).value = "65x64"
         await pilot.press("ctrl+g")
+        await settle(pilot)
         assert "65 is not allowed" in field_of(app, "#size").error and app.focused.id == "size-custom"
         await pilot.press("backspace")
         await pilot.pause()

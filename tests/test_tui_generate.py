@@ -12,6 +12,7 @@ from PIL import Image
 from textual.widgets import Checkbox, Input, Select, TextArea
 
 from backend import metadata
+from backend.client import LocalClient
 from backend.service import Service
 from test_tui import wait_for
 from tui.app import DreamttyApp
@@ -36,7 +37,7 @@ async def test_generate_preview_gallery_load_reproduce_cancel(tmp_path, demo_dir
     out = tmp_path / "out"
     service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3", recover=True)
     events = service.subscribe()
-    app = DreamttyApp(model="demo", out=out, service=service)
+    app = DreamttyApp(model="demo", out=out, client=LocalClient(service))
     async with app.run_test(size=(120, 40)) as pilot:
         form = app.screen.form
         await pilot.press(*"a red fox")

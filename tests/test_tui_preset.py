@@ -7,7 +7,7 @@ from textual.widgets import Input, Select
 
 from backend.prompting.datafiles import user_dir
 from backend.prompting.presets import load_preset
-from test_tui import field_of, idle_service, make_app, wait_for  # noqa: F401  (idle_service is a fixture)
+from test_tui import field_of, idle_service, make_app, settle, wait_for  # noqa: F401  (idle_service is a fixture)
 from tui.screens.generate import GenerateScreen
 from tui.widgets.preset_dialog import SavePresetDialog
 
@@ -34,6 +34,7 @@ async def test_save_form_as_preset_lists_selects_and_asks_before_overwriting(idl
     app = make_app(idle_service, tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
         form = app.screen.form
+        await settle(pilot)
         await pilot.press(*"a lighthouse")  # the prompt is per job: not part of the preset
         form.query_one("#sampler", Select).value = "euler"
         form.query_one("#cfg", Input).value = "4.5"
@@ -46,6 +47,7 @@ async def test_save_form_as_preset_lists_selects_and_asks_before_overwriting(idl
         await pilot.press(*"my-look")
         await pilot.press("tab", *"cheap ink", "enter")  # enter in the description saves too
         await close(pilot, app)
+        await settle(pilot)
 
         path = own_config_dir / "my-look.yaml"
         assert path.is_file()
@@ -92,7 +94,7 @@ async def test_bad_name_bad_form_and_escape_save_nothing(idle_service, tmp_path,
         # A bad form value is shown under its field, as for ctrl+g; no dialog opens.
         form.query_one("#cfg", Input).value = "99"
         await pilot.press("ctrl+o")
-        await pilot.pause()
+        await settle(pilot)
         assert isinstance(app.screen, GenerateScreen)
         assert "out of range" in field_of(app, "#cfg").error
         assert not own_config_dir.exists()

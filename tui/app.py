@@ -1,29 +1,32 @@
 """The dreamtty Textual app: four modes (Generate, Queue & gallery, Train, Models) over one backend service.
 
-The app never imports torch: generation runs in the service's worker
-processes, whose events arrive on an asyncio queue and are re-published to
+The app talks to the service through a :class:`~backend.client.Client` (in this process, or
+``dreamtty serve``) and never imports torch. Events arrive on an asyncio queue and are re-published to
 the screens through ``job_events`` (a Textual Signal).
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import os
 import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-from textual import events
+from textual import events, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Grid
 from textual.driver import Driver
 from textual.screen import ModalScreen, Screen
 from textual.signal import Signal
-from textual.widgets import Button, Footer, Label
+from textual.widgets import Button, Label
 
 from backend import config, metadata
+from backend.client import Client, LocalClient
 from backend.errors import DreamttyError
 from backend.events import FINAL_EVENTS, Event, Queued, Retrying, ServiceReady, Started, Step, WorkerReady
 from backend.request import GenerateRequest
@@ -33,12 +36,11 @@ from tui import keymap
 from tui.latency import (GC_TICK, TYPING_QUIET, TYPING_RECENT, TYPING_REDRAW_INTERVAL, KeyGate, QuietGC,
                          key_gated_driver)
 from tui.screens.generate import GenerateScreen
-from tui.screens.models import ModelsPane
-from tui.screens.queue import QueueScreen
-from tui.screens.train import TrainPane
 from tui.text import markup, notify
-from tui.widgets.modebar import ModeBar
 from tui.widgets.progress import describe_step
+
+if TYPE_CHECKING:
+    from tui.screens.models import ModelsPane
 
 COLOR_SYSTEMS = {"truecolor": "truecolor", "256": "256"}
 STEP_REDRAW_INTERVAL = 0.25  # seconds: progress is redrawn at most ~4 times a second (once while typing)
@@ -46,18 +48,10 @@ WORKER_NICE = 10  # workers yield the CPU to the UI, so keys are painted promptl
 GIL_SWITCH_INTERVAL = 0.001  # seconds (Python's default: 0.005) the event loop waits for a busy preview thread
 
 
-class TrainScreen(Screen):
-    def compose(self) -> ComposeResult:
-        yield ModeBar("train")
-        yield TrainPane(id="train-pane")
-        yield Footer()
-
-
-class ModelsScreen(Screen):
-    def compose(self) -> ComposeResult:
-        yield ModeBar("models")
-        yield ModelsPane(id="models-pane")
-        yield Footer()
+def shown_later(module: str, screen: str) -> Callable[[], Screen]:
+    """A mode's screen, imported when first shown: the first frame needs only the Generate screen
+    (the others bring the gallery, plot libraries and the Hub client)."""
+    return lambda: getattr(importlib.import_module(module), screen)()
 
 
 class ConfirmQuit(ModalScreen[bool]):
@@ -94,13 +88,15 @@ class DreamttyApp(App):
 
     CSS_PATH = "app.tcss"
     TITLE = "dreamtty"
-    MODES = {"generate": GenerateScreen, "queue": QueueScreen, "train": TrainScreen, "models": ModelsScreen}
+    MODES = {"generate": GenerateScreen, "queue": shown_later("tui.screens.queue", "QueueScreen"),
+             "train": shown_later("tui.screens.train", "TrainScreen"),
+             "models": shown_later("tui.screens.models", "ModelsScreen")}
     DEFAULT_MODE = "generate"
     BINDINGS = [*keymap.bindings(keymap.APP_KEYS), Binding("escape", "hide_help_panel", show=False)]
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
 
     def __init__(self, model: str | None = None, out: Path | None = None, device: str = "auto",
-                 service: Service | None = None) -> None:
+                 client: Client | None = None, cluster: str | None = None) -> None:
         self.key_gate = KeyGate()  # before App.__init__, which asks get_driver_class() for the driver
         super().__init__()
         self.animation_level = "none"  # no smooth scrolling: less to send over SSH, and no lag
@@ -109,10 +105,11 @@ class DreamttyApp(App):
         self.model_given = model is not None
         self.default_preset = self.config.default_preset
         self.out_dir = out or self.config.outputs
-        self.service = service or Service(devices=device, recover=True)
+        self.client = client or LocalClient(Service(devices=device, recover=True, nice=WORKER_NICE,
+                                                    cluster=cluster))
         self.job_events: Signal[Event] = Signal(self, "job-events")
         self.active: dict[int, str] = {}  # job id -> queued | running (this session's jobs)
-        self.progress: dict[int, dict] = {}  # job id -> its last step event
+        self.progress: dict[int, Step] = {}  # job id -> its last step event
         self.worker_state = "starting the worker…"
         self.generate_screen: GenerateScreen | None = None  # set when it mounts (the default mode)
         self.last_key = 0.0  # monotonic time of the last key press
@@ -126,13 +123,15 @@ class DreamttyApp(App):
         self.set_keymap(self.config.keymap)
         for warning in self.config.warnings:
             notify(self, warning, title="config", severity="warning", timeout=10)
-        self.run_worker(self._consume_events(self.service.subscribe()), group="events", name="events")
-        self.run_worker(self._start_service(), group="service", name="service")
+        for warning in self.client.warnings:  # a damaged queue file was moved aside
+            notify(self, warning, title="queue", severity="warning", timeout=20)
+        self.run_worker(self._consume_events(self.client.subscribe()), group="events", name="events")
+        # The worker process (it imports torch) starts once the first frame is on the screen.
+        self.call_after_refresh(self.run_worker, self._start_service, group="service", name="service")
 
     async def _start_service(self) -> None:
-        await self.service.start()
-        self._lower_worker_priority()
-        for job in self.service.active_jobs():
+        await self.client.start()
+        for job in await self.client.active_jobs():
             self.active.setdefault(job.id, job.state)
         self.job_events.publish(ServiceReady())
 
@@ -151,7 +150,6 @@ class DreamttyApp(App):
     def _track(self, event: Event) -> None:
         if isinstance(event, WorkerReady):
             self.worker_state = f"worker ready on {event.device}"
-            self._lower_worker_priority()  # again: threads started since, and restarted workers
         elif isinstance(event, (Queued, Retrying)):
             self.active[event.job] = "queued"
         elif isinstance(event, Started):
@@ -161,11 +159,6 @@ class DreamttyApp(App):
         elif isinstance(event, FINAL_EVENTS):
             self.active.pop(event.job, None)
             self.progress.pop(event.job, None)
-
-    def _lower_worker_priority(self) -> None:
-        for slot in self.service.slots:
-            if slot.pid:
-                lower_priority(slot.pid, WORKER_NICE)
 
     async def on_event(self, event: events.Event) -> None:
         if isinstance(event, events.Key):
@@ -192,7 +185,7 @@ class DreamttyApp(App):
         if self._gc is not None:
             self._gc.stop()
         sys.setswitchinterval(self._switch_interval)
-        await self.service.close()
+        await self.client.close()
 
     # -- helpers for screens -------------------------------------------------
     def activity(self) -> str:
@@ -223,34 +216,48 @@ class DreamttyApp(App):
         if self.generate_screen is not None:
             self.generate_screen.form.follow_default_model(old, message.model)
 
+    @work(thread=True, group="load-parameters")
     def load_into_form(self, path: str) -> None:
-        """Put the parameters saved in image ``path`` into the Generate form and show it."""
+        """Put the parameters saved in image ``path`` into the Generate form and show it (read in a thread)."""
         try:
             request = metadata.request_from_image(path)
         except DreamttyError as exc:
-            notify(self, exc, severity="error")
+            self.call_from_thread(notify, self, exc, severity="error")
             return
+        self.call_from_thread(self._loaded_into_form, request, Path(path).name)
+
+    async def _loaded_into_form(self, request: GenerateRequest, name: str) -> None:
+        await self.generate_screen.form.ready.wait()
         self.generate_screen.form.fill(request.to_dict())
         self.switch_mode("generate")
-        notify(self, f"Loaded the parameters of {Path(path).name}.")
+        notify(self, f"Loaded the parameters of {name}.")
+
+    @work(group="submit")
+    async def queue_request(self, build: Callable[[], GenerateRequest], failed: Callable[[DreamttyError], None],
+                            queued: Callable[[int], None]) -> None:
+        """Build a request in a thread (it may read an image) and queue it (the client checks it off the event
+        loop: that resolves the model, may scan the model library and reads wildcard and style files), then
+        call ``queued(job)``. On bad input ``failed(error)`` is called instead and nothing is queued."""
+        try:
+            job = await self.client.submit(await asyncio.to_thread(build), self.out_dir)
+        except DreamttyError as exc:
+            failed(exc)
+            return
+        queued(job)
 
     # -- actions ---------------------------------------------------------------
-    def action_generate(self) -> None:
-        job = self.generate_screen.submit()
-        if job is not None:
-            self.notify(f"Job #{job} queued.")
-        elif self.current_mode != "generate":
-            self.switch_mode("generate")  # show the field with the error
+    async def action_generate(self) -> None:
+        await self.generate_screen.submit()
 
-    def action_cancel_running(self) -> None:
-        job = self.service.running_job()
+    async def action_cancel_running(self) -> None:
+        job = next((job for job, state in sorted(self.active.items()) if state == "running"), None)
         if job is None:
             self.notify("No job is running.", severity="warning")
-        elif self.service.cancel(job):
+        elif await self.client.cancel(job):
             self.notify(f"Cancelling job #{job}.")
 
     async def action_quit(self) -> None:
-        active = len(self.service.active_jobs())
+        active = 0 if self.client.jobs_survive_close else len(await self.client.active_jobs())
         if not active:
             self._exit_after_notice()
             return
@@ -285,20 +292,6 @@ class DreamttyApp(App):
                                         partial(self.run_action, binding.action, node))
 
 
-def lower_priority(pid: int, nice: int) -> None:
-    """Set the nice value of every thread of process ``pid`` (Linux nice is per thread); best effort."""
-    tasks = Path(f"/proc/{pid}/task")
-    try:
-        tids = [int(t) for t in os.listdir(tasks)] if tasks.is_dir() else [pid]
-    except OSError:
-        tids = [pid]
-    for tid in tids:
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
-        except OSError:
-            pass  # gone, or not ours
-
-
 def use_color_system(choice: str) -> None:
     """``--color``: force Textual's colour depth (over SSH COLORTERM is often lost); NO_COLOR still wins."""
     system = COLOR_SYSTEMS.get(choice)
@@ -310,12 +303,16 @@ def use_color_system(choice: str) -> None:
     textual.constants.COLOR_SYSTEM = system  # read when the App is created; textual is already imported
 
 
-def run_app(args, attach: bool = False) -> int:
-    """Entry point for ``dreamtty`` without a subcommand, and for ``dreamtty attach``."""
+def run_app(args, report: Callable[[list[str]], None], attach: bool = False) -> int:
+    """Entry point for ``dreamtty`` without a subcommand, and for ``dreamtty attach`` (the running
+    service, never a new one). The app shows the queue's warnings (a damaged file moved aside);
+    ``report`` gets them too once it has closed, so that they stay on the terminal."""
+    from backend.client import connect
+
     use_color_system(args.color)
-    if attach:  # DreamttyApp runs its own Service until its screens speak the Client interface
-        raise DreamttyError("attach: the TUI cannot attach to the service yet; follow its jobs with "
-                            "dreamtty jobs and dreamtty wait ID")
-    app = DreamttyApp(model=args.model, out=args.out, device=args.device)
+    client = connect(args.device, local=args.local, tui=True, start=not attach, cluster=args.cluster,
+                     nice=WORKER_NICE)
+    app = DreamttyApp(model=args.model, out=args.out, device=args.device, client=client)
     app.run()
+    report(app.client.warnings)
     return app.return_code or 0

@@ -25,6 +25,8 @@ _GLOBAL_OPTIONS = (
     (("--model",), {"help": "demo, demo-xl, a diffusers folder or a Hugging Face id"}),
     (("--out",), {"help": "outputs directory"}),
     (("--device",), {"default": "auto", "help": "auto, cpu, cuda or cuda:N[,cuda:M...]"}),
+    (("--cluster",), {"help": "run the workers on a Ray cluster: auto, ray://HEAD:10001 or HEAD:6379 "
+                               "(local: on this machine; default: the config's workers)"}),
     (("--color",), {"choices": ["auto", "truecolor", "256"], "default": "auto", "help": "TUI colour depth"}),
     (("--config",), {"type": Path, "help": "config file (default: see `dreamtty config path`)"}),
     (("--allow-pickle",), {"action": "store_true", "default": False,
@@ -101,6 +103,10 @@ def _check_global_options(args: argparse.Namespace) -> None:
             raise RequestError("out", "is empty; give a folder")
         args.out = Path(args.out)
     check_devices(args.device)
+    if args.cluster is not None:
+        from backend.ray_pool import check_cluster
+
+        args.cluster = check_cluster(args.cluster)
 
 
 def _check_home() -> None:
@@ -110,16 +116,6 @@ def _check_home() -> None:
     home = os.environ.get("DREAMTTY_HOME")
     if home:
         make_folder(Path(home), "DREAMTTY_HOME")
-
-
-def _check_queue() -> None:
-    """Open the queue once before the TUI takes the screen, so its warnings stay readable."""
-    from backend import locations
-    from backend.queue_store import QueueStore
-
-    store = QueueStore(locations.queue_db())
-    store.close()
-    print_warnings(store.warnings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             from tui.app import run_app
 
-            _check_queue()
-            return run_app(args)
+            return run_app(args, print_warnings)
         return int(args.func(args) or 0)
     except DreamttyError as exc:
         print(f"dreamtty: {visible(exc)}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The commands that queue image jobs (``generate``, ``reproduce``) and how they follow them."""
+"""The commands that queue image jobs (``generate``, ``vary``, ``upscale``, ``inpaint``, ``outpaint``,
+``reproduce``) and how they follow them."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ from pathlib import Path
 
 from backend.client import Client
 from backend.errors import RequestError
-from backend.events import Cancelled, Failed, ImageSaved, to_dict
+from backend.events import Cancelled, Failed, ImageSaved, Note, to_dict
 from backend.guidance_settings import GuidanceSettings
-from backend.request import GenerateRequest
+from backend.jobkinds.img2img import Img2ImgRequest
+from backend.jobkinds.inpaint import MODES, InpaintRequest
+from backend.jobkinds.outpaint import SIDES, OutpaintRequest
+from backend.jobkinds.upscale import SCALES, UpscaleRequest
+from backend.request import DTYPES, SPEEDS, GenerateRequest
 from backend.safetext import visible
 from backend.samplers import SAMPLERS, SCHEDULES
 from tui.cli_output import Progress, print_warnings
@@ -48,8 +53,11 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", dest="loras", action="append", help="NAME[:WEIGHT] (repeatable, up to 5)")
     p.add_argument("--vae", help="VAE override")
     p.add_argument("--refiner", help="SDXL refiner model")
-    p.add_argument("--refiner-switch", type=float, help="fraction of steps before the refiner takes over")
-    p.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"])
+    p.add_argument("--refiner-switch", type=float, help="fraction of the noise schedule before the refiner takes over "
+                                                              "(diffusers' denoising_end)")
+    p.add_argument("--dtype", choices=DTYPES)
+    p.add_argument("--speed", choices=SPEEDS, help="fast: a compiled UNet on CUDA (first time per model and size: "
+                                                   "about a minute; then cached)")
     g = p.add_argument_group("guidance")
     g.add_argument("--perp-neg", type=float, help="PerpNeg scale")
     g.add_argument("--sag", type=float, help="Self-Attention Guidance scale")
@@ -66,18 +74,24 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
 
 
 _REQUEST_FLAGS = ("model", "negative_prompt", "sampler", "scheduler", "steps", "cfg", "seed", "count", "styles",
-                  "expand", "loras", "size", "vae", "refiner", "refiner_switch", "dtype")
+                  "expand", "loras", "size", "vae", "refiner", "refiner_switch", "dtype", "speed")
+# Flags of the image-input verbs, each the request field of the same name (absent on other verbs).
+_IMAGE_FLAGS = ("image", "strength", "keep_inputs", "scale", "fast", "upscaler", "mask", "box", "mode", "context",
+                "feather", *SIDES)
 
 
-def request_from_args(args: argparse.Namespace) -> GenerateRequest:
-    """The request the flags describe: defaults < config defaults < ``--preset`` < explicit flags."""
+def request_from_args(args: argparse.Namespace, kind: type[GenerateRequest] = GenerateRequest,
+                      source: dict | None = None) -> GenerateRequest:
+    """The request the flags describe: defaults < config defaults < ``source`` (an input image's own
+    settings) < ``--preset`` < explicit flags."""
     from backend import request_builder
 
-    values = {"prompt": args.prompt, **{name: getattr(args, name) for name in _REQUEST_FLAGS}}
+    values = {"prompt": args.prompt, **{name: getattr(args, name) for name in _REQUEST_FLAGS},
+              **{name: getattr(args, name) for name in _IMAGE_FLAGS if getattr(args, name, None) is not None}}
     guidance = {f.name: getattr(args, f.name) for f in fields(GuidanceSettings) if getattr(args, f.name) is not None}
     if guidance:
         values["guidance"] = guidance
-    return request_builder.build(request_builder.from_text(values), args.preset)
+    return request_builder.build(values, args.preset, kind, source=source)
 
 
 # -- commands ------------------------------------------------------------------
@@ -114,6 +128,9 @@ async def follow(client: Client, job_ids: list[int], events, as_json: bool) -> t
                     if not as_json:
                         progress.clear()
                         print(visible(event.path), flush=True)
+                elif isinstance(event, Note):
+                    progress.clear()
+                    print(f"dreamtty: job {job_id}: {visible(event.message)}", file=sys.stderr)
                 elif isinstance(event, (Failed, Cancelled)):
                     failed += 1
                     progress.clear()
@@ -129,7 +146,7 @@ def _client(args) -> Client:
     one in this process with ``--local``."""
     from backend.client import connect
 
-    return connect(args.device, local=args.local)
+    return connect(args.device, local=args.local, cluster=args.cluster)
 
 
 def _fetch_if_missing(model: str) -> None:
@@ -145,10 +162,30 @@ def _fetch_if_missing(model: str) -> None:
 
 
 def cmd_generate(args) -> int:
-    request = request_from_args(args)
+    if args.init_image is None and args.strength is not None:
+        raise RequestError("strength", "needs --init-image (image to image)")
+    args.image = args.init_image
+    request = request_from_args(args, Img2ImgRequest if args.init_image is not None else GenerateRequest)
     _fetch_if_missing(request.model)
     code, _ = asyncio.run(_run_jobs(args, [request], args.out))
     return code
+
+
+def _image_command(kind: type[GenerateRequest]):
+    """A verb on an input image: its settings default to the image's own (its metadata), a new seed."""
+
+    def command(args) -> int:
+        from backend.request_builder import source_settings
+
+        source, warnings = source_settings(args.image)
+        print_warnings([f"settings from {args.image}: {w}" for w in warnings])
+        request = request_from_args(args, kind, source)
+        if request.uses_model:
+            _fetch_if_missing(request.model)
+        code, _ = asyncio.run(_run_jobs(args, [request], args.out))
+        return code
+
+    return command
 
 
 def cmd_reproduce(args) -> int:
@@ -164,6 +201,8 @@ def cmd_reproduce(args) -> int:
         request, warnings = foreign_metadata.from_text(text, f"from-text: {args.from_text}")
     else:
         request, warnings = metadata.image_request(args.image)
+        request, notes = request.with_kept_inputs(_record(args.image))
+        warnings += notes
     print_warnings(warnings)
     if args.model:
         request.model = args.model
@@ -175,11 +214,60 @@ def cmd_reproduce(args) -> int:
     return code
 
 
+def _record(path: Path) -> dict:
+    """The prompt record of a dreamtty image's metadata ({} for another tool's image)."""
+    from backend import metadata
+    from backend.errors import DreamttyError
+
+    try:
+        return metadata.read(path).get("prompt") or {}
+    except DreamttyError:
+        return {}
+
+
+def _image_verb(sub, name: str, help_text: str, kind: type[GenerateRequest]) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("image", help="the input image (its prompt, model and settings are the defaults)")
+    p.add_argument("--prompt", help="prompt (default: the image's own)")
+    _add_generate_options(p)
+    p.add_argument("--keep-inputs", action="store_true", default=None,
+                   help="copy the input image (and mask) into the output folder, for reproduce")
+    p.set_defaults(func=_image_command(kind))
+    return p
+
+
 def register(sub) -> None:
     gen = sub.add_parser("generate", help="generate images headlessly")
     gen.add_argument("prompt", nargs="?", default="", help="prompt (empty = unconditional)")
     _add_generate_options(gen)
+    gen.add_argument("--init-image", metavar="IMAGE", help="start from this image (image to image)")
+    gen.add_argument("--strength", help="with --init-image: 0..1 or subtle (0.5) / strong (0.85)")
+    gen.add_argument("--keep-inputs", action="store_true", default=None, help="copy the init image into the output folder")
     gen.set_defaults(func=cmd_generate)
+
+    vary = _image_verb(sub, "vary", "repaint an image at a strength (image to image)", Img2ImgRequest)
+    vary.add_argument("--strength", help="subtle (0.5, default), strong (0.85) or 0..1 (0 = the input)")
+
+    up = _image_verb(sub, "upscale", "enlarge an image, then restore detail", UpscaleRequest)
+    up.add_argument("--scale", type=float, help=f"{', '.join(f'{s:g}' for s in SCALES)} (default 2)")
+    up.add_argument("--fast", action="store_true", default=None, help="the upscaler alone, no repainting pass")
+    up.add_argument("--upscaler", help="a model in the upscalers folder, or lanczos (default: the first model found)")
+    up.add_argument("--strength", help="of the repainting pass, 0..1 (default 0.382)")
+
+    inp = _image_verb(sub, "inpaint", "repaint the masked part of an image", InpaintRequest)
+    where = inp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mask", help="mask image: white = repaint, black = keep")
+    where.add_argument("--box", help="rectangle to repaint: X,Y,W,H in pixels")
+    inp.add_argument("--mode", choices=list(MODES), help="fill (default), detail or modify")
+    inp.add_argument("--strength", help="0..1 (default: fill 1, detail 0.5, modify 1)")
+    inp.add_argument("--context", type=float, help="0..1: how much of the image the repainted crop covers at least")
+    inp.add_argument("--feather", type=int, help="pixels over which the repainted area fades in (default 8)")
+
+    out = _image_verb(sub, "outpaint", "extend an image's canvas and paint the new area", OutpaintRequest)
+    for side in SIDES:
+        out.add_argument(f"--{side}", type=int, metavar="PX", help=f"pixels to add on the {side} (rounded up to 8)")
+    out.add_argument("--feather", type=int, help="pixels of the original blended into the new area (default 16)")
+    out.add_argument("--strength", help="0..1 (default 1)")
 
     rep = sub.add_parser("reproduce", help="regenerate an image from its metadata (dreamtty, A1111 or Fooocus)")
     rep.add_argument("image", type=Path, nargs="?")

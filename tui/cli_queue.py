@@ -115,6 +115,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 def cmd_attach(args: argparse.Namespace) -> int:
     from tui.app import run_app
+    from tui.cli_output import print_warnings
 
     _service_only(args, "attach")
-    return run_app(args, attach=True)
+    return run_app(args, print_warnings, attach=True)

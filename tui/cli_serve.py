@@ -43,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise RequestError("idle-exit", f"{args.idle_exit:g} is not a positive number of minutes")
     if args.listen:
         parse_listen(args.listen)
-    options = ServeOptions(devices=args.device, listen=args.listen, idle_exit=args.idle_exit)
+    options = ServeOptions(devices=args.device, cluster=args.cluster, listen=args.listen, idle_exit=args.idle_exit)
     try:
         if not args.detach:
             asyncio.run(serve(options, announce=lambda line: print(visible(line), flush=True)))

@@ -6,24 +6,49 @@ pixels match for a seed), but it checks for cancel between steps, never
 decodes unfinished latents, and hands each step to a callback for previews.
 Its conditioning may change from step to step (prompt editing: a
 StepConditioning).
+
+Started from an image (:class:`StartLatents`) it does what the stock
+``StableDiffusion(XL)Img2ImgPipeline`` does: the schedule has ``steps`` steps,
+the input's latents are noised to the level of step ``steps - int(steps *
+strength)`` and only the rest run. Guidance, prompt editing and the refiner
+count steps in the whole schedule. With a mask, the part outside it is
+re-blended every step with the input's latents noised to that step's level (as
+``StableDiffusionInpaintPipeline`` does for 4-channel UNets); a dedicated
+inpainting UNet gets the mask and masked image as extra input channels instead.
+Large images are denoised in overlapping tiles (backend.engine.tiles).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+from diffusers.utils.torch_utils import randn_tensor
 
 from backend.engine.conditioning import Conditioning, StepConditioning
 from backend.engine.guider import Guider, UNetInputs
+from backend.engine.tiles import TiledGuider
 from backend.guidance_settings import GuidanceSettings
 
 
 class Cancelled(Exception):
     """Raised between steps when the job was cancelled."""
+
+
+@dataclass
+class StartLatents:
+    """Image to image: the input's latents and how much of the schedule runs on them."""
+
+    latents: torch.Tensor  # clean, scaled as the UNet sees them
+    strength: float  # the last int(steps * strength) steps of the schedule run
+    mask: torch.Tensor | None = None  # latent size, 1 = repaint; elsewhere the input is re-blended every step
+    from_noise: bool = False  # start from pure noise (strength 1), the input only re-blended
+    unet_extra: torch.Tensor | None = None  # an inpainting UNet's extra input channels (mask, masked image latents)
 
 
 @dataclass
@@ -37,10 +62,27 @@ class DenoiseSpec:
     guidance: GuidanceSettings = field(default_factory=GuidanceSettings)
     on_step: Callable[[int, int, torch.Tensor], None] | None = None
     should_cancel: Callable[[], bool] | None = None
+    start: StartLatents | None = None  # None: text to image, from pure noise
+    tile: int | None = None  # denoise in overlapping tiles of this many pixels a side (large images)
 
 
 def _is_xl(pipe) -> bool:
     return hasattr(pipe, "text_encoder_2")
+
+
+AESTHETIC_SCORES = (6.0, 2.5)  # diffusers' defaults (positive, negative), for models conditioned on them
+
+
+def sdxl_time_ids(pipe, width: int, height: int, dtype: torch.dtype, projection: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's size conditioning (and its negative) for a ``width`` x ``height`` image, as the stock pipeline
+    of ``pipe``'s class makes it: the image-to-image and inpaint pipelines take aesthetic scores, which
+    their model uses when its config asks for them (``requires_aesthetics_score``, the refiner)."""
+    size = (height, width)
+    if "aesthetic_score" in inspect.signature(pipe._get_add_time_ids).parameters:
+        return pipe._get_add_time_ids(size, (0, 0), size, *AESTHETIC_SCORES, size, (0, 0), size, dtype=dtype,
+                                      text_encoder_projection_dim=projection)
+    ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection)
+    return ids, ids
 
 
 def _unet_inputs(pipe, spec: DenoiseSpec, dtype: torch.dtype, batch: int) -> UNetInputs:
@@ -52,16 +94,20 @@ def _unet_inputs(pipe, spec: DenoiseSpec, dtype: torch.dtype, batch: int) -> UNe
             if pipe.text_encoder_2 is not None
             else int(spec.cond.at(0, 1).pooled.shape[-1])
         )
-        size = (spec.height, spec.width)
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=proj)
-        time_ids = time_ids.to(device).repeat(batch, 1)
-        neg_time_ids = time_ids
+        time_ids, neg_time_ids = sdxl_time_ids(pipe, spec.width, spec.height, dtype, proj)
+        time_ids, neg_time_ids = time_ids.to(device).repeat(batch, 1), neg_time_ids.to(device).repeat(batch, 1)
     timestep_cond = None
     if pipe.unet.config.time_cond_proj_dim is not None:
         w = torch.tensor(spec.cfg - 1).repeat(batch)
         timestep_cond = pipe.get_guidance_scale_embedding(w, embedding_dim=pipe.unet.config.time_cond_proj_dim)
         timestep_cond = timestep_cond.to(device=device, dtype=dtype)
-    return UNetInputs(pipe, spec.cond, time_ids, neg_time_ids, timestep_cond)
+    extra = spec.start.unet_extra if spec.start is not None else None
+    return UNetInputs(pipe, spec.cond, time_ids, neg_time_ids, timestep_cond, extra)
+
+
+def _begin(scheduler, index: int) -> None:
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(index)
 
 
 def denoise(pipe, scheduler, spec: DenoiseSpec, make_guider=Guider) -> torch.Tensor:
@@ -70,23 +116,81 @@ def denoise(pipe, scheduler, spec: DenoiseSpec, make_guider=Guider) -> torch.Ten
     pipe.scheduler = scheduler
     timesteps, _ = retrieve_timesteps(scheduler, spec.steps, device)
     dtype = spec.cond.at(0, 1).cond.dtype
-    latents = pipe.prepare_latents(
-        1, pipe.unet.config.in_channels, spec.height, spec.width, dtype, device, spec.generator
-    )
+    start, skip, noise = spec.start, 0, None
+    if start is None:
+        latents = pipe.prepare_latents(
+            1, pipe.unet.config.in_channels, spec.height, spec.width, dtype, device, spec.generator
+        )
+    else:  # StableDiffusion(XL)Img2ImgPipeline.get_timesteps and prepare_latents
+        skip = (spec.steps - min(int(spec.steps * start.strength), spec.steps)) * scheduler.order
+        timesteps = timesteps[skip:]
+        _begin(scheduler, skip)
+        noise = randn_tensor(start.latents.shape, generator=spec.generator, device=device, dtype=dtype)
+        if start.from_noise:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(start.latents, noise, timesteps[:1])
     extra = pipe.prepare_extra_step_kwargs(spec.generator, 0.0)
-    inputs = _unet_inputs(pipe, spec, dtype, latents.shape[0])
-    guider = make_guider(inputs, spec.cfg, spec.guidance, len(timesteps))
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
+    whole = len(timesteps) + skip  # iterations of the whole schedule: guidance counts steps in it
+    guider = _guider(pipe, spec, dtype, latents, lambda inputs: make_guider(inputs, spec.cfg, spec.guidance, whole))
+    if start is None:
+        _begin(scheduler, 0)
     total = len(timesteps)
     for i, t in enumerate(timesteps):
         if spec.should_cancel is not None and spec.should_cancel():
             raise Cancelled()
-        noise_pred = guider.predict(scheduler, latents, t, i)
+        noise_pred = guider.predict(scheduler, latents, t, skip + i)
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+        if start is not None and start.mask is not None:
+            latents = _reblend(scheduler, start, noise, latents, timesteps, i)
         if spec.on_step is not None:
             spec.on_step(i + 1, total, latents)
     return latents
+
+
+def _guider(pipe, spec: DenoiseSpec, dtype: torch.dtype, latents: torch.Tensor, make):
+    """The guider for the whole latents, or a tiled one when ``spec.tile`` is smaller than the image."""
+    factor = pipe.vae_scale_factor
+    size = tuple(latents.shape[-2:])
+    tile = (min(spec.tile // factor, size[0]), min(spec.tile // factor, size[1])) if spec.tile else size
+    if tile == size:
+        return make(_unet_inputs(pipe, spec, dtype, latents.shape[0]))
+    if spec.start is not None and spec.start.unet_extra is not None:
+        raise ValueError("an inpainting UNet's extra channels cannot be tiled")
+    tile_spec = DenoiseSpec(spec.cond, tile[1] * factor, tile[0] * factor, spec.steps, spec.cfg, spec.generator,
+                            guidance=spec.guidance)
+    inputs = _unet_inputs(pipe, tile_spec, dtype, latents.shape[0])
+    return TiledGuider(lambda: make(inputs), size, tile)
+
+
+def _reblend(scheduler, start: StartLatents, noise, latents, timesteps, i: int) -> torch.Tensor:
+    """Outside the mask, the input's latents noised to the next step's level (clean after the last step)."""
+    known = start.latents
+    if i < len(timesteps) - 1:
+        known = scheduler.add_noise(known, noise, timesteps[i + 1:i + 2])
+    return (1 - start.mask) * known + start.mask * latents
+
+
+def encode(pipe, image, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """VAE-encode a PIL image as the stock image-to-image pipelines do: a sample of the latent
+    distribution drawn from ``generator``, scaled (SDXL: shifted by latents_mean/std when the VAE has
+    them); an fp16 VAE that asks for it (``force_upcast``) encodes in fp32."""
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    pixels = pipe.image_processor.preprocess(image).to(pipe._execution_device, vae.dtype)
+    with torch.no_grad():
+        latents = retrieve_latents(vae.encode(pixels), generator=generator)
+    if upcast:
+        vae.to(torch.float16)
+    latents = latents.to(dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, dtype)
+        std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, dtype)
+        return (latents - mean) * vae.config.scaling_factor / std
+    return latents * vae.config.scaling_factor
 
 
 def decode(pipe, latents: torch.Tensor, generator: torch.Generator | None = None):

@@ -46,7 +46,8 @@ def _same_family(kind: str, name: str, item: str, model: str) -> None:
         raise RequestError(kind, f"{name} is for {FAMILIES[item].label}; the model is {FAMILIES[model].label}")
 
 
-def _load_weights(entry: library.Entry) -> dict:
+def load_weights(entry: library.Entry) -> dict:
+    """A library file's tensors (a pickle through ``torch.load(weights_only=True)``: allowed by the caller)."""
     if entry.format == "pickle":
         return torch.load(entry.path, map_location="cpu", weights_only=True)
     from safetensors.torch import load_file
@@ -114,7 +115,7 @@ def _load_embeddings(pipe, request: GenerateRequest, cfg) -> list[dict]:
 
 
 def _load_embedding(pipe, entry: library.Entry) -> None:
-    state = _load_weights(entry)
+    state = load_weights(entry)
     try:
         if "clip_l" in state and "clip_g" in state:
             if getattr(pipe, "text_encoder_2", None) is None:
@@ -159,7 +160,7 @@ def _load_vae(entry: library.Entry, original):
     try:
         if entry.format == "diffusers":
             return AutoencoderKL.from_pretrained(entry.path, local_files_only=True)
-        state = _load_weights(entry)
+        state = load_weights(entry)
         state = {k.removeprefix("vae."): v for k, v in state.items()}
         if not any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state):
             state = convert_ldm_vae_checkpoint(state, dict(original.config))

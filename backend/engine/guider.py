@@ -43,9 +43,12 @@ class UNetInputs:
     add_time_ids: torch.Tensor | None  # SDXL only
     neg_add_time_ids: torch.Tensor | None
     timestep_cond: torch.Tensor | None
+    extra: torch.Tensor | None = None  # an inpainting UNet's extra input channels, after the latents
 
     def call(self, latents: torch.Tensor, t, embeds: torch.Tensor, text_embeds=None, time_ids=None) -> torch.Tensor:
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        if self.extra is not None:
+            latents = torch.cat([latents, self.extra.to(latents.dtype).expand(latents.shape[0], -1, -1, -1)], dim=1)
         return self.pipe.unet(
             latents, t, encoder_hidden_states=embeds, timestep_cond=self.timestep_cond,
             cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False,

@@ -37,12 +37,15 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+def _pipeline_class(family: str, variant: str | None = None):
+    import diffusers
 
     if family == "sdxl-refiner":
-        return StableDiffusionXLImg2ImgPipeline
-    return StableDiffusionXLPipeline if FAMILIES[family].xl else StableDiffusionPipeline
+        return diffusers.StableDiffusionXLImg2ImgPipeline
+    xl = FAMILIES[family].xl
+    if variant == "inpaint":  # a dedicated inpainting model: its UNet also takes the mask and the masked image
+        return diffusers.StableDiffusionXLInpaintPipeline if xl else diffusers.StableDiffusionInpaintPipeline
+    return diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline
 
 
 def family_config(family: str) -> Path:
@@ -88,7 +91,12 @@ def _check_file(ref: ModelRef) -> Path:
 def _from_single_file(ref: ModelRef, dtype: torch.dtype, extra: dict):
     path = _check_file(ref)
     folder = family_config(ref.family)
-    cls = _pipeline_class(ref.family)
+    cls = _pipeline_class(ref.family, ref.variant)
+    if ref.variant == "inpaint":  # the family's config describes a 4-channel UNet
+        from diffusers import UNet2DConditionModel
+
+        extra = {**extra, "unet": UNet2DConditionModel.from_single_file(
+            str(path), config=str(folder), subfolder="unet", local_files_only=True, dtype=dtype, in_channels=9)}
     return cls.from_single_file(
         str(path), config=str(folder), local_files_only=True, dtype=dtype, **_tokenizers(folder, ref.family), **extra
     )
@@ -125,7 +133,7 @@ def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype):
         if folder is None:
             pipe = _from_single_file(ref, dtype, extra)
         else:
-            pipe = _pipeline_class(family).from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
+            pipe = _pipeline_class(family, ref.variant).from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
     except ModelError:
         raise
     except Exception as exc:
@@ -142,20 +150,28 @@ class PipelineCache:
     """Keeps up to ``capacity`` pipelines loaded, evicting the least recently used."""
 
     def __init__(self, device: torch.device, capacity: int = 2) -> None:
+        from backend.engine.fast import CompileCache
+
         self.device = device
         self.capacity = capacity
         self.loads = 0  # pipelines loaded since this cache was made
         self._pipes: OrderedDict[tuple, object] = OrderedDict()
         self._names: dict[tuple, str] = {}
+        self.compiled = CompileCache()  # compiled artifacts of fast pipelines, on disk
 
-    def get(self, ref: ModelRef, dtype: torch.dtype):
-        key = (ref.kind, ref.location, dtype)
+    def get(self, ref: ModelRef, dtype: torch.dtype, speed: str = "default"):
+        """The pipeline of ``ref`` in ``dtype``; ``speed`` "fast" (CUDA) is a compiled one, kept apart."""
+        key = (ref.kind, ref.location, dtype, speed)
         if key in self._pipes:
             self._pipes.move_to_end(key)
             return self._pipes[key]
         while len(self._pipes) >= self.capacity:
             self.evict_oldest()
         pipe = load_pipeline(ref, self.device, dtype)
+        if speed == "fast":
+            from backend.engine.fast import make_fast
+
+            make_fast(pipe)
         self._pipes[key] = pipe
         self._names[key] = ref.name
         self.loads += 1

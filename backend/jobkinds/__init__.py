@@ -1,4 +1,4 @@
-"""Job kinds: text to image, and (later) the image-input kinds, as entries of one registry.
+"""Job kinds: text to image and the image-input kinds (vary, upscale, inpaint, outpaint), as entries of one registry.
 
 A kind is its request type (a :class:`~backend.request.GenerateRequest` or a subclass sharing its
 common fields, with its own validation and metadata fields) plus the worker-side function that makes
@@ -12,6 +12,10 @@ import importlib
 from dataclasses import dataclass
 
 from backend.errors import RequestError
+from backend.jobkinds.img2img import Img2ImgRequest
+from backend.jobkinds.inpaint import InpaintRequest
+from backend.jobkinds.outpaint import OutpaintRequest
+from backend.jobkinds.upscale import UpscaleRequest
 from backend.request import GenerateRequest
 
 
@@ -33,6 +37,10 @@ class JobKind:
 
 _KINDS = (
     JobKind("generate", "text to image", GenerateRequest, "backend.engine.generate:generate_image"),
+    JobKind("img2img", "vary", Img2ImgRequest, "backend.engine.img2img:vary_image"),
+    JobKind("upscale", "upscale", UpscaleRequest, "backend.engine.upscale:upscale_image"),
+    JobKind("inpaint", "inpaint", InpaintRequest, "backend.engine.inpaint:inpaint_image"),
+    JobKind("outpaint", "outpaint", OutpaintRequest, "backend.engine.inpaint:outpaint_image"),
 )
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in _KINDS}
 

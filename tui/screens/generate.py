@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable, TypeVar
 
 from PIL import Image
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Checkbox, Collapsible, Footer, Input, Select, Static, TextArea
 
-from backend import library
+from backend import library, request_builder
 from backend.errors import DreamttyError, RequestError
 from backend.events import FINAL_EVENTS, Event, ImageSaved, JobEvent, Preview, Queued, Started
 from backend.families import FAMILIES, aspect_sizes
 from backend.guidance_settings import GuidanceSettings
 from backend.models import DEMO_MODELS, resolve_model, trained_model
-from backend.prompting.presets import PresetInfo, apply_preset, list_presets
+from backend.prompting.presets import PresetInfo, list_presets
 from backend.prompting.styles import RANDOM_STYLE, load_styles
-from backend.request import GenerateRequest, parse_size
-from backend.request_builder import format_guidance_value, parse_guidance_value, parse_loras
+from backend.request import DTYPES, SPEEDS, GenerateRequest, parse_size
+from backend.request_builder import format_guidance_value
 from backend.samplers import SAMPLERS
 from backend.training.runs import list_runs
 from tui import keymap
@@ -38,6 +39,8 @@ from tui.widgets.progress import JobProgress
 from tui.widgets.style_picker import StyleInfo, StylePicker
 
 CUSTOM_SIZE = "custom"
+_TEXT_FIELDS = ("model", "steps", "cfg", "count", "loras", "vae", "refiner", "refiner_switch")  # plain Inputs
+_SELECT_FIELDS = ("sampler", "scheduler", "dtype", "speed")
 # Performance: (label, steps). Extreme speed also switches to the LCM sampler and CFG 1 (distilled models).
 PERFORMANCE = {"speed": ("Speed", 30), "quality": ("Quality", 60), "extreme": ("Extreme speed", 8)}
 LIVE_PREVIEW_CELLS = (48, 24)  # live frames stay small (~45 KB of ANSI each) for slow SSH links; the final is full size
@@ -54,7 +57,6 @@ GUIDANCE_HINTS = {
     "pag": "Perturbed-Attention Guidance scale, 0 = off",
     "apg": "Adaptive Projected Guidance scale, 0 = off",
 }
-T = TypeVar("T")
 
 
 def style_choices() -> tuple[list[StyleInfo], list[str]]:
@@ -105,26 +107,29 @@ class GenerateForm(VerticalScroll, can_focus=False):
     Not focusable itself: tab goes field to field and the form scrolls to the focused one.
     """
 
-    def __init__(self, model: str, keep_model: bool = False, id: str | None = None) -> None:
+    def __init__(self, model: str, keep_model: bool = False, preset: str | None = None,
+                 id: str | None = None) -> None:
         super().__init__(id=id)
         self.model = model
         self.keep_model = keep_model  # a model named on the command line wins over presets
-        self.style_list, self.style_warnings = style_choices()
-        self.presets = list_presets()
+        self.default_preset = preset  # loaded into the form after the first frame
+        self.ready = asyncio.Event()  # set once every field is mounted and the default preset is in the form
+        self.presets: list[PresetInfo] = []  # listed after the first frame
+        self._preset_wanted: str | None = None  # the preset being read in a thread
         self.family = "demo"
         self._performance: str | None = None
         self._error_values: dict[Field, tuple] = {}  # fields showing an error: their values then
+        self._carried: dict = {}  # request fields the form has no field for, kept from the last fill
 
     def compose(self) -> ComposeResult:
         yield Static("", id="form-error")
         yield Field("Prompt", TextEditor(id="prompt", placeholder="what to draw"), names=("prompt",))
         yield Field("Negative prompt", TextEditor(id="negative_prompt", placeholder="what to avoid"),
                     names=("negative_prompt",))
-        yield Field("Styles", StylePicker(self.style_list, id="styles"), names=("styles",))
+        yield Field("Styles", StylePicker(id="styles"), names=("styles",))
         with Horizontal(classes="row"):
-            yield Field("Preset", _select("preset", _preset_options(self.presets), prompt="none"), names=("preset",))
-            yield Field("Model", _input("model", self.model, suggester=ChoiceSuggester(DEMO_MODELS)),
-                        names=("model", "refiner", "vae"))
+            yield Field("Preset", _select("preset", [], prompt="none"), names=("preset",))
+            yield Field("Model", _input("model", self.model, suggester=ChoiceSuggester(DEMO_MODELS)), names=("model",))
         with Horizontal(classes="row"):
             performance = [(label, key) for key, (label, _) in PERFORMANCE.items()]
             yield Field("Performance", _select("performance", performance, prompt="custom"), names=("performance",))
@@ -146,55 +151,88 @@ class GenerateForm(VerticalScroll, can_focus=False):
             yield Field("LoRAs", _input("loras", placeholder="NAME[:WEIGHT], …"), names=("lora", "loras"))
             yield Field("Prompt expansion", Checkbox("expand", GenerateRequest.expand, compact=True, id="expand"),
                         names=("expand",))
-        with Collapsible(title="Guidance", id="guidance"):
-            names = [f for f in fields(GuidanceSettings)]
-            for pair in (names[i:i + 2] for i in range(0, len(names), 2)):
-                with Horizontal(classes="row"):
-                    for f in pair:
-                        yield Field(f.name.replace("_", " "), _input(f"g-{f.name}", format_guidance_value(f.default), "off"),
-                                    names=(f.name,), hint=GUIDANCE_HINTS.get(f.name, ""))
+
+    @staticmethod
+    def _guidance() -> Collapsible:
+        """The Guidance group; collapsed and below the first screen, it is mounted after the first frame."""
+        names = [f for f in fields(GuidanceSettings)]
+        rows = [Horizontal(*(Field(f.name.replace("_", " "), _input(f"g-{f.name}", format_guidance_value(f.default), "off"),
+                                   names=(f.name,), hint=GUIDANCE_HINTS.get(f.name, "")) for f in pair), classes="row")
+                for pair in (names[i:i + 2] for i in range(0, len(names), 2))]
+        return Collapsible(*rows, title="Guidance", id="guidance")
+
+    @staticmethod
+    def _advanced() -> Collapsible:
+        """VAE, refiner and precision: collapsed, mounted after the first frame like Guidance."""
+        return Collapsible(
+            Horizontal(Field("VAE", _input("vae", placeholder="the model's own"), names=("vae",)),
+                       Field("Dtype", _select("dtype", [(d, d) for d in DTYPES], GenerateRequest.dtype), names=("dtype",)),
+                       Field("Speed", _select("speed", [(s, s) for s in SPEEDS], GenerateRequest.speed), names=("speed",),
+                             hint="fast: compiled UNet (CUDA)"),
+                       classes="row"),
+            Horizontal(Field("Refiner", _input("refiner", placeholder="none (SDXL)"), names=("refiner",)),
+                       Field("Refiner switch", _input("refiner_switch", f"{GenerateRequest.refiner_switch:g}"),
+                             names=("refiner_switch",), hint="fraction of the schedule for the base"),
+                       classes="row"),
+            title="Model extras", id="advanced")
 
     def on_mount(self) -> None:
-        for widget in self.query("Input, TextArea"):
+        self._no_blinking(self)
+        self.call_after_refresh(self._after_first_frame)
+
+    @staticmethod
+    def _no_blinking(parent: Widget) -> None:
+        for widget in parent.query("Input, TextArea"):
             widget.cursor_blink = False  # a blinking cursor repaints twice a second, over SSH too
+
+    @work(group="form-setup")
+    async def _after_first_frame(self) -> None:
+        """Mount the Guidance group, then start what the first frame did without, each in a thread: the model's
+        family, the Model field's completions, the styles and the presets, then the default preset."""
+        groups = [self._advanced(), self._guidance()]
+        await self.mount_all(groups)
+        for group in groups:
+            self._no_blinking(group)
+        if not self.default_preset:
+            self.ready.set()  # else once the default preset is in the form: a job queued at once uses it
         self.update_family(self.model)
         self._load_model_choices()
-        for warning in self.style_warnings[:3]:
+        self._load_styles()
+        self.load_presets(self.default_preset, apply=True)
+
+    @work(thread=True, exclusive=True, group="styles", exit_on_error=False)
+    def _load_styles(self) -> None:
+        styles, warnings = style_choices()
+        self.app.call_from_thread(self._styles_loaded, styles, warnings)
+
+    def _styles_loaded(self, styles: list[StyleInfo], warnings: list[str]) -> None:
+        self.query_one(StylePicker).set_styles(styles)
+        for warning in warnings[:3]:
             notify(self, warning, title="styles", severity="warning")
 
     # -- reading the form --------------------------------------------------
     def _input(self, selector: str) -> str:
         return self.query_one(selector, Input).value.strip()
 
-    def _form_size(self) -> tuple[int, int]:
-        value = self.query_one("#size", Select).value
-        return parse_size(self._input("#size-custom") if value == CUSTOM_SIZE else str(value))
-
     def read_request(self) -> GenerateRequest:
-        """The form as a request; raises RequestError naming the field. Ranges are checked by the service."""
-        width, height = self._form_size()
-        loras = parse_loras(self._input("#loras"))
-        guidance = {f.name: parse_guidance_value(f.name, self._input(f"#g-{f.name}")) for f in fields(GuidanceSettings)}
+        """The form as a request (through the one request builder; the form already holds its preset's values,
+        so they are all explicit); raises RequestError naming the field. Ranges are checked by the service."""
+        size = self.query_one("#size", Select).value
         preset = self.query_one("#preset", Select).value
-        random_seed = self.query_one("#seed-random", Checkbox).value
-        return GenerateRequest(
-            prompt=self.query_one("#prompt", TextArea).text.strip(),
-            negative_prompt=self.query_one("#negative_prompt", TextArea).text.strip(),
-            model=self._input("#model"),
-            sampler=str(self.query_one("#sampler", Select).value),
-            scheduler=str(self.query_one("#scheduler", Select).value),
-            steps=self._input("#steps") or None,  # type: ignore[arg-type]  # validated by resolved()
-            cfg=self._input("#cfg"),  # type: ignore[arg-type]
-            width=width,
-            height=height,
-            seed=-1 if random_seed else self._input("#seed"),  # type: ignore[arg-type]
-            count=self._input("#count"),  # type: ignore[arg-type]
-            styles=list(self.query_one(StylePicker).selected),
-            preset=None if preset == Select.NULL else str(preset),
-            expand=self.query_one("#expand", Checkbox).value,
-            loras=loras,
-            guidance=GuidanceSettings(**guidance),
-        )
+        values = {
+            "prompt": self.query_one("#prompt", TextArea).text,  # as typed: spaces and newlines are the user's
+            "negative_prompt": self.query_one("#negative_prompt", TextArea).text,
+            **{name: self._input(f"#{name}") for name in _TEXT_FIELDS},
+            **{name: str(self.query_one(f"#{name}", Select).value) for name in _SELECT_FIELDS},
+            "size": self._input("#size-custom") if size == CUSTOM_SIZE else str(size),
+            "seed": "-1" if self.query_one("#seed-random", Checkbox).value else self._input("#seed"),
+            "styles": list(self.query_one(StylePicker).selected),
+            "preset": None if preset == Select.NULL else str(preset),
+            "expand": self.query_one("#expand", Checkbox).value,
+            "guidance": {f.name: self._input(f"#g-{f.name}") for f in fields(GuidanceSettings)},
+            **self._carried,
+        }
+        return request_builder.build(values, defaults={})
 
     # -- errors ------------------------------------------------------------
     def clear_errors(self) -> None:
@@ -229,9 +267,14 @@ class GenerateForm(VerticalScroll, can_focus=False):
             for name in ("prompt", "negative_prompt"):
                 if name in data:
                     q(f"#{name}", TextArea).text = data[name] or ""
-            for name in ("model", "cfg", "count"):
+            for name in ("model", "cfg", "count", "vae", "refiner", "refiner_switch"):
                 if name in data:
-                    q(f"#{name}", Input).value = f"{data[name]:g}" if isinstance(data[name], float) else str(data[name])
+                    value = data[name]
+                    q(f"#{name}", Input).value = "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+            for name, allowed in (("dtype", DTYPES), ("speed", SPEEDS)):
+                if data.get(name) in allowed:
+                    q(f"#{name}", Select).value = data[name]
+            self._carried = {"index": data.get("index", 0)}  # which [[a,b]] variant: kept for reproduce
             if "steps" in data:
                 q("#steps", Input).value = "" if data["steps"] is None else str(data["steps"])
                 q("#performance", Select).value = next(
@@ -262,23 +305,46 @@ class GenerateForm(VerticalScroll, can_focus=False):
         self.clear_errors()
 
     def fill_preset(self, name: str) -> None:
-        """Load preset ``name`` into the form (a model named on the command line stays)."""
+        """Load preset ``name`` into the form, read in a thread (a model named on the command line stays)."""
+        self._preset_wanted = name
+        self._read_preset(name)
+
+    @work(thread=True, exclusive=True, group="preset")
+    def _read_preset(self, name: str) -> None:
         try:
-            values = apply_preset(name, {"model": self.model} if self.keep_model else {})
+            values = request_builder.layered({"model": self.model} if self.keep_model else {}, name, defaults={})
         except DreamttyError as exc:
+            self.app.call_from_thread(self._preset_read, name, {}, exc)
+        else:
+            self.app.call_from_thread(self._preset_read, name, values, None)
+
+    def _preset_read(self, name: str, values: dict, error: DreamttyError | None) -> None:
+        if name != self._preset_wanted:
+            return  # another preset was chosen since
+        self.ready.set()  # the default preset (the first read) is in the form, or its error is shown
+        if error is not None:
             with self.prevent(Select.Changed):  # the form does not claim a preset it could not load
                 self.query_one("#preset", Select).value = Select.NULL
-            self.show_error(exc)
+            self.show_error(error)
             return
         self.fill(values)
 
-    def refresh_presets(self, selected: str) -> None:
-        """List the presets again (one was just saved) and select ``selected`` without refilling the form."""
-        self.presets = list_presets()
+    @work(thread=True, exclusive=True, group="presets", exit_on_error=False)
+    def load_presets(self, selected: str | None = None, apply: bool = False) -> None:
+        """List the presets (in a thread) and select ``selected``: with ``apply`` by loading it into the form,
+        else without refilling the form (it was just saved from there)."""
+        presets = list_presets()
+        self.app.call_from_thread(self._presets_listed, presets, selected, apply)
+
+    def _presets_listed(self, presets: list[PresetInfo], selected: str | None, apply: bool) -> None:
+        self.presets = presets
         select = self.query_one("#preset", Select)
         with self.prevent(Select.Changed):
-            select.set_options(_preset_options(self.presets))
-            select.value = selected
+            select.set_options(_preset_options(presets))
+            if selected in {p.name for p in presets} and not apply:
+                select.value = selected
+        if selected and apply:
+            self.fill_preset(selected)
 
     def _set_seed(self, seed: int) -> None:
         random_seed = int(seed) == -1
@@ -343,14 +409,15 @@ class GenerateForm(VerticalScroll, can_focus=False):
             return
         self.family = family
         size = self.query_one("#size", Select)
-        current = self._input("#size-custom") if size.value == CUSTOM_SIZE else str(size.value)
+        custom = size.value == CUSTOM_SIZE
+        current = self._input("#size-custom") if custom else str(size.value)
         options = _size_options(family)
         with self.prevent(Select.Changed):
-            size.set_options(options)
-        if current in {v for _, v in options}:
-            self._set_size(*parse_size(current))
-        elif size.value != CUSTOM_SIZE:
-            self._set_size(*parse_size(options[0][1]))
+            size.set_options(options)  # this picks the first option: put the size back
+            if custom:  # what was typed stays, checked when the form is read
+                size.value = CUSTOM_SIZE
+        if not custom:
+            self._set_size(*parse_size(current if current in {v for _, v in options} else options[0][1]))
 
     # -- reacting to the user ----------------------------------------------
     @on(Input.Changed)
@@ -387,7 +454,9 @@ class GenerateForm(VerticalScroll, can_focus=False):
 
     @on(Select.Changed, "#preset")
     def _preset_changed(self, event: Select.Changed) -> None:
-        if event.value != Select.NULL:
+        if event.value == Select.NULL:
+            self._preset_wanted = None
+        else:
             self.fill_preset(str(event.value))
 
     @on(Select.Changed, "#performance")
@@ -427,7 +496,7 @@ class GenerateScreen(Screen):
     def compose(self) -> ComposeResult:
         yield ModeBar("generate")
         with Horizontal(id="generate-body"):
-            yield GenerateForm(self.app.default_model, self.app.model_given, id="form")
+            yield GenerateForm(self.app.default_model, self.app.model_given, self.app.default_preset, id="form")
             with Vertical(id="output"):
                 yield JobProgress(id="job-progress")
                 yield ImagePreview(id="preview")
@@ -436,47 +505,62 @@ class GenerateScreen(Screen):
     def on_mount(self) -> None:
         self.app.generate_screen = self
         self.app.job_events.subscribe(self, self.handle_job_event)
-        if self.app.default_preset:
-            self.form.fill_preset(self.app.default_preset)
         self.call_after_refresh(self.form.scroll_home, animate=False)  # focusing the prompt hid its label
 
     @property
     def form(self) -> GenerateForm:
         return self.query_one(GenerateForm)
 
-    def _with_form(self, use: Callable[[GenerateRequest], T]) -> T | None:
-        """``use`` the form's request; on bad input show the error inline and return None."""
-        form = self.form
-        form.clear_errors()
+    async def _read_form(self) -> GenerateRequest | None:
+        """The form's request; on bad input show the error inline and return None."""
+        await self.form.ready.wait()  # a key pressed at once waits for the Guidance group and the default preset
+        self.form.clear_errors()
         try:
-            return use(form.read_request())
+            return self.form.read_request()
         except DreamttyError as exc:
-            form.show_error(exc)
+            self._rejected(exc)
             return None
 
-    def submit(self) -> int | None:
-        """Queue the form as a job; on bad input show the error inline and queue nothing."""
-        job = self._with_form(lambda request: self.app.service.submit(request, self.app.out_dir))
-        if job is not None:
-            self.submitted.add(job)
-        return job
+    def _rejected(self, exc: DreamttyError) -> None:
+        self.form.show_error(exc)
+        if self.app.current_mode != "generate":
+            self.app.switch_mode("generate")  # show the field with the error
 
-    def _preset_values(self, request: GenerateRequest) -> dict:
-        """The form checked as for queueing; fields left empty (steps: the model's default) stay empty."""
-        resolved, _ = self.app.service.validate(request)
-        empty = {k for k, v in request.to_dict().items() if v is None}
-        return {k: None if k in empty else v for k, v in resolved.to_dict().items()}
+    async def submit(self) -> None:
+        """Queue the form as a job, checked in a thread; on bad input show the error inline and queue nothing."""
+        request = await self._read_form()
+        if request is not None:
+            self.app.queue_request(lambda: request, self._rejected, self._queued)
 
-    def action_save_preset(self) -> None:
+    def _queued(self, job: int) -> None:
+        self.submitted.add(job)
+        self.notify(f"Job #{job} queued.")
+
+    async def action_save_preset(self) -> None:
         """Ask for a name and save the form as a user preset; a bad form value is shown and nothing saved."""
-        values = self._with_form(self._preset_values)
-        if values is not None:
-            self.app.push_screen(SavePresetDialog(values, list_presets()), self._preset_saved)
+        request = await self._read_form()
+        if request is not None:
+            self._check_preset(request)
+
+    @work(exclusive=True, group="save-preset")
+    async def _check_preset(self, request: GenerateRequest) -> None:
+        """The form checked as for queueing; fields left empty (steps: the model's default) stay empty."""
+        try:
+            resolved = await self.app.client.validate(request)
+        except DreamttyError as exc:
+            self._rejected(exc)
+            return
+        empty = {k for k, v in request.to_dict().items() if v is None}
+        values = {k: None if k in empty else v for k, v in resolved.to_dict().items()}
+        self._ask_preset_name(values, await asyncio.to_thread(list_presets))
+
+    def _ask_preset_name(self, values: dict, presets: list[PresetInfo]) -> None:
+        self.app.push_screen(SavePresetDialog(values, presets), self._preset_saved)
 
     def _preset_saved(self, path: Path | None) -> None:
         if path is None:
             return
-        self.form.refresh_presets(path.stem)
+        self.form.load_presets(path.stem)
         notify(self, f"Preset {path.stem!r} written to {path}.", title="preset saved")
 
     def handle_job_event(self, event: Event) -> None:

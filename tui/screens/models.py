@@ -12,7 +12,8 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.widgets import DataTable, Input, ProgressBar, Static
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Input, ProgressBar, Static
 from tqdm import tqdm
 
 from backend import config, downloads, library
@@ -20,6 +21,7 @@ from backend.errors import DreamttyError
 from backend.families import FAMILIES
 from tui.keymap import Key, bindings
 from tui.text import TextInput, cell, notify, plain
+from tui.widgets.modebar import ModeBar
 
 MODELS_KEYS = (
     Key("models.default", "d", "set_default", "Set default", "Make the selected checkpoint the default model"),
@@ -175,3 +177,12 @@ class ModelsPane(Vertical):
         status.update(plain(f"done: {path}"))
         notify(self, f"downloaded to {path}")
         self.action_refresh()
+
+
+class ModelsScreen(Screen):
+    """The Models mode (F4)."""
+
+    def compose(self) -> ComposeResult:
+        yield ModeBar("models")
+        yield ModelsPane(id="models-pane")
+        yield Footer()

@@ -5,19 +5,21 @@ From an image: load its parameters into the Generate form, reproduce it, copy it
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+from functools import partial
 from pathlib import Path
 
+from textual import work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label, Static
 
-from backend import metadata
-from backend.errors import DreamttyError
+from backend import jobkinds, metadata
+from backend.errors import DreamttyError, RequestError
 from backend.events import FINAL_EVENTS, Event, ImageSaved, Queued, Retrying, Started, Step
 from backend.queue_store import ACTIVE, Job
-from backend.request import GenerateRequest
 from tui import keymap
 from tui.text import cell, notify, plain
 from tui.widgets.modebar import ModeBar
@@ -30,12 +32,18 @@ _REFRESH_ON = (Queued, Started, Retrying, *FINAL_EVENTS)
 
 
 def gallery_entries(jobs: list[Job]) -> list[tuple[str, dict]]:
-    """(path, per-image request dict) of every image the jobs wrote that still exists, newest first."""
+    """(path, per-image request dict) of every image the jobs wrote that still exists, newest first.
+
+    Reads the file system: call it off the event loop."""
     out = []
     for job in jobs:  # newest job first
+        try:
+            request = jobkinds.get(job.kind).request(job.request)
+        except RequestError:  # a job of another dreamtty version
+            continue
         for i in reversed(range(len(job.outputs))):
             if Path(job.outputs[i]).exists():
-                out.append((job.outputs[i], GenerateRequest.from_dict(job.request).per_image(i).to_dict()))
+                out.append((job.outputs[i], request.per_image(i).to_dict()))
     return out[:GALLERY_ROWS]
 
 
@@ -55,6 +63,10 @@ class QueueScreen(Screen):
 
     BINDINGS = keymap.bindings(keymap.QUEUE_KEYS)
     AUTO_FOCUS = "#gallery"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._image_wanted: str | None = None  # the image whose parameters are being read
 
     def compose(self) -> ComposeResult:
         yield ModeBar("queue")
@@ -93,10 +105,11 @@ class QueueScreen(Screen):
             return f"{len(job.outputs)} image{'s' * (len(job.outputs) != 1)}", ""
         return ("" if job.state in ACTIVE else (job.error or "")[:40]), ""
 
-    def refresh_jobs(self) -> None:
+    @work(exclusive=True, group="refresh-jobs")
+    async def refresh_jobs(self) -> None:
+        all_jobs = await self.app.client.jobs(limit=JOB_ROWS)
         table = self.query_one("#jobs", DataTable)
         selected = self._selected_key(table)
-        all_jobs = self.app.service.jobs(limit=JOB_ROWS)
         table.clear()
         for job in all_jobs:
             progress, eta = self._progress_cells(job)
@@ -104,11 +117,13 @@ class QueueScreen(Screen):
             table.add_row(*map(cell, cells), key=str(job.id))
         self._restore_cursor(table, selected)
 
-    def refresh_gallery(self) -> None:
+    @work(exclusive=True, group="refresh-gallery")
+    async def refresh_gallery(self) -> None:
+        entries = await asyncio.to_thread(gallery_entries, await self.app.client.jobs(limit=GALLERY_ROWS))
         table = self.query_one("#gallery", DataTable)
         selected = self._selected_key(table)
         table.clear()
-        for path, request in gallery_entries(self.app.service.jobs(limit=GALLERY_ROWS)):
+        for path, request in entries:
             cells = (Path(path).name, request["seed"], f"{request['width']}×{request['height']}", request["sampler"],
                      request["steps"], _prompt_cell(request))
             table.add_row(*map(cell, cells), key=path)
@@ -149,22 +164,31 @@ class QueueScreen(Screen):
             self._show_image(event.row_key.value)
 
     def _show_image(self, path: str | None) -> None:
-        params = self.query_one("#image-params", Static)
+        self._image_wanted = path
         if path is None:
-            params.update("No image selected.")
-            return
+            self.query_one("#image-params", Static).update("No image selected.")
+        else:
+            self._read_image(path)
+
+    @work(thread=True, exclusive=True, group="gallery-image", exit_on_error=False)
+    def _read_image(self, path: str) -> None:
+        """Read the image's time and parameters in a thread, then show them with the image."""
         try:
             stamp = dt.datetime.fromtimestamp(Path(path).stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
         except OSError as exc:  # deleted or moved since the gallery listed it
-            self.query_one("#gallery-preview", ImagePreview).show(None)
-            params.update(plain(f"{path}\n\ncannot read it: {exc.strerror or exc}"))
+            self.app.call_from_thread(self._image_read, path, False, f"{path}\n\ncannot read it: {exc.strerror or exc}")
             return
-        self.query_one("#gallery-preview", ImagePreview).show(path)
         try:
             text = metadata.a1111_parameters(metadata.read(path))
         except DreamttyError as exc:
             text = str(exc)
-        params.update(plain(f"{path}\n{stamp}\n\n{text}"))
+        self.app.call_from_thread(self._image_read, path, True, f"{path}\n{stamp}\n\n{text}")
+
+    def _image_read(self, path: str, readable: bool, params: str) -> None:
+        if path != self._image_wanted:
+            return  # another image was selected since
+        self.query_one("#gallery-preview", ImagePreview).show(path if readable else None)
+        self.query_one("#image-params", Static).update(plain(params))
 
     def _image_or_warn(self) -> str | None:
         path = self.selected_image()
@@ -173,9 +197,9 @@ class QueueScreen(Screen):
         return path
 
     # -- actions -----------------------------------------------------------
-    def action_cancel_selected(self) -> None:
+    async def action_cancel_selected(self) -> None:
         key = self._selected_key(self.query_one("#jobs", DataTable))
-        if key is None or not self.app.service.cancel(int(key)):
+        if key is None or not await self.app.client.cancel(int(key)):
             self.notify("Select a queued or running job to cancel.", severity="warning")
         else:
             self.notify(f"Cancelling job #{key}.")
@@ -187,14 +211,10 @@ class QueueScreen(Screen):
 
     def action_reproduce(self) -> None:
         path = self._image_or_warn()
-        if path is None:
-            return
-        try:
-            job = self.app.service.submit(metadata.request_from_image(path), self.app.out_dir)
-        except DreamttyError as exc:
-            notify(self, exc, severity="error")
-            return
-        notify(self, f"Job #{job} queued: reproducing {Path(path).name}.")
+        if path is not None:
+            self.app.queue_request(partial(metadata.request_from_image, path),
+                                   lambda exc: notify(self, exc, severity="error"),
+                                   lambda job: notify(self, f"Job #{job} queued: reproducing {Path(path).name}."))
 
     def action_copy_path(self) -> None:
         path = self._image_or_warn()

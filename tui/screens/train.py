@@ -17,7 +17,8 @@ from PIL import Image
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Checkbox, Input, Log, OptionList, Select, Static
+from textual.screen import Screen
+from textual.widgets import Checkbox, Footer, Input, Log, OptionList, Select, Static
 from textual.widgets.option_list import Option, OptionDoesNotExist
 from textual_plotext import PlotextPlot
 
@@ -31,6 +32,7 @@ from backend.training.launch import prepare_run, request_stop, resume_settings, 
 from tui.keymap import Key, bindings
 from tui.text import TextInput, notify, plain
 from tui.widgets.field import Field
+from tui.widgets.modebar import ModeBar
 from tui.widgets.preview import ImagePreview
 
 TRAIN_KEYS = (
@@ -234,9 +236,19 @@ class TrainPane(Vertical):
     @on(Input.Changed)
     def _check_input(self, event: Input.Changed) -> None:
         name = (event.input.id or "").removeprefix("train-")
-        field = self._field(name)
-        if field is not None:
+        if name == "instance_dir":
+            self._check_folder(event.value)
+        elif (field := self._field(name)) is not None:
             field.set_error(live_error(name, event.value))
+
+    @work(thread=True, exclusive=True, group="train-folder", exit_on_error=False)
+    def _check_folder(self, value: str) -> None:
+        """The instance folder's check looks at the disk (maybe a slow mount): in a thread."""
+        self.app.call_from_thread(self._folder_checked, value, live_error("instance_dir", value))
+
+    def _folder_checked(self, value: str, error: str | None) -> None:
+        if value == self.query_one("#train-instance_dir", Input).value:  # else typed on since
+            self._field("instance_dir").set_error(error)
 
     def show_errors(self, errors: dict[str, str], summary: str, loose: str = "") -> None:
         """Each of ``errors`` (field -> message) under its field, ``loose`` text under the form, focus
@@ -420,3 +432,12 @@ class TrainPane(Vertical):
             plt.plot(steps[::stride], values[::stride], label="loss", marker="braille")
             plt.plot(steps[::stride], runs.smooth(values)[::stride], label="smoothed", marker="braille")
         plot.refresh()
+
+
+class TrainScreen(Screen):
+    """The Train mode (F3)."""
+
+    def compose(self) -> ComposeResult:
+        yield ModeBar("train")
+        yield TrainPane(id="train-pane")
+        yield Footer()

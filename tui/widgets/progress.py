@@ -6,7 +6,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import ProgressBar, Static
 
-from backend.events import Cancelled, Done, Failed, ImageSaved, JobEvent, Queued, Retrying, Started, Step
+from backend.events import Cancelled, Done, Failed, ImageSaved, JobEvent, Note, Queued, Retrying, Started, Step
 from tui.text import plain
 
 
@@ -60,6 +60,8 @@ class JobProgress(Vertical):
         elif isinstance(event, Started):
             bar.update(total=1, progress=0)
             self.set_status(f"Job #{job} started: loading the model…")
+        elif isinstance(event, Note):
+            self.set_status(f"Job #{job}: {event.message}")
         elif isinstance(event, Retrying):
             self.set_status(f"Job #{job}: {event.error}; trying again from image {event.first_image + 1}")
         elif isinstance(event, Step):

@@ -22,7 +22,11 @@ class StyleInfo:
 
 
 class StylePicker(Vertical):
-    """Type to search, tab into the list, space to toggle. ``selected`` keeps the order of picking."""
+    """Type to search, tab into the list, space to toggle. ``selected`` keeps the order of picking.
+
+    The styles come later (``set_styles``: a large pack loads in a thread after the first frame);
+    a search typed or styles selected before then apply once they are there.
+    """
 
     DEFAULT_CSS = """
     StylePicker { height: auto; }
@@ -31,23 +35,29 @@ class StylePicker(Vertical):
     StylePicker .style-selected { height: auto; }
     """
 
-    def __init__(self, styles: list[StyleInfo], id: str | None = None) -> None:
+    def __init__(self, id: str | None = None) -> None:
         super().__init__(id=id)
-        self.library = {s.name: s for s in styles}
+        self.library: dict[str, StyleInfo] = {}
+        self._haystacks: list[tuple[str, str]] = []  # (name, lower-case name and prompt) to search
         self.selected: list[str] = []
 
     def compose(self) -> ComposeResult:
-        yield TextInput(placeholder=f"search {len(self.library)} styles…", compact=True, id="style-search")
+        yield TextInput(placeholder="search styles (loading…)", compact=True, id="style-search")
         yield SelectionList[str](id="style-list")
         yield Static("", classes="style-template")
         yield Static("Selected: none", classes="style-selected")
 
-    def on_mount(self) -> None:
-        self._fill("")
+    def set_styles(self, styles: list[StyleInfo]) -> None:
+        """List ``styles``, filtered by what the search box holds now."""
+        self.library = {s.name: s for s in styles}
+        self._haystacks = [(s.name, f"{s.name}\n{s.prompt}".lower()) for s in self.library.values()]
+        search = self.query_one("#style-search", Input)
+        search.placeholder = f"search {len(self.library)} styles…"
+        self._fill(search.value)
 
     def matches(self, text: str) -> list[str]:
         text = text.strip().lower()
-        return [n for n, s in self.library.items() if text in n.lower() or text in s.prompt.lower()][:MAX_SHOWN]
+        return [name for name, haystack in self._haystacks if text in haystack][:MAX_SHOWN]
 
     def _fill(self, text: str) -> None:
         options = self.query_one(SelectionList)

@@ -1,0 +1,126 @@
+"""``speed: fast``: a compiled UNet and VAE decoder, warm from a compile cache on disk.
+
+On CUDA a fast pipeline gets channels_last weights, diffusers' fused QKV projections and
+``torch.compile`` of its UNet and VAE decoder in mode ``reduce-overhead`` (CUDA graphs for the static
+shapes of a job). Compiling costs about a minute per model and size on first use; the compiled
+artifacts (``torch.compiler.save_cache_artifacts``, valid only for the same torch, Triton and GPU) are
+kept on disk under a key of model, size, dtype, those versions and the GPU, so the next launch of the
+same model and size loads them instead of compiling again. On the CPU a fast job runs the default path
+(inductor rarely pays for the few images of a CPU session) and says so.
+
+Fast pipelines are cached apart from default ones (``PipelineCache``), so ``speed: default`` stays
+bit-identical to stock diffusers whatever ran before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from backend import locations
+
+COMPILE_MODE = "reduce-overhead"
+CPU_NOTE = "speed fast: the CPU has no compiled fast path; running the default path"
+
+
+def effective_speed(speed: str, device: torch.device) -> str:
+    """The speed a job really runs at on ``device``."""
+    return speed if device.type == "cuda" else "default"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def compile_key(model: str, width: int, height: int, dtype: torch.dtype, device: torch.device) -> str:
+    """The compile cache's key: artifacts are reused only for the same model, size, dtype, torch, Triton,
+    diffusers and GPU (model: its location and the weights' modification time, so a replaced file misses)."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    try:
+        stamp = Path(model).stat().st_mtime_ns
+    except OSError:
+        stamp = 0
+    parts = {"model": model, "stamp": stamp, "size": [width, height], "dtype": str(dtype), "gpu": gpu,
+             "torch": torch.__version__, "triton": _version("triton"), "diffusers": _version("diffusers"),
+             "mode": COMPILE_MODE}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class CompileCache:
+    """Compiled artifacts by key, one file each under ``<cache dir>/compile``."""
+
+    def __init__(self, root: Path | None = None, load=None, save=None) -> None:
+        self.root = root or locations.cache_dir() / "compile"
+        self._load = load or torch.compiler.load_cache_artifacts
+        self._save = save or (lambda: torch.compiler.save_cache_artifacts())
+        self.loaded: set[str] = set()
+
+    def warm(self, key: str) -> bool:
+        """Load the artifacts saved under ``key`` (once per process); False when there are none."""
+        if key in self.loaded:
+            return True
+        try:
+            data = (self.root / f"{key}.bin").read_bytes()
+        except OSError:
+            return False
+        self._load(data)
+        self.loaded.add(key)
+        return True
+
+    def keep(self, key: str) -> None:
+        """Save what this process compiled so far under ``key`` (atomically: a killed write leaves no file)."""
+        saved = self._save()
+        if not saved:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(saved[0])
+            os.replace(tmp, self.root / f"{key}.bin")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        self.loaded.add(key)
+
+
+def make_fast(pipe, compile: Callable = torch.compile) -> None:
+    """Turn a loaded CUDA pipeline into a fast one (in place); compilation itself happens at its first call."""
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    pipe.fuse_qkv_projections()
+    pipe.unet = compile(pipe.unet, mode=COMPILE_MODE, fullgraph=True)
+    pipe.vae.decoder = compile(pipe.vae.decoder, mode=COMPILE_MODE)
+    pipe.dreamtty_compiled_sizes = set()  # sizes run since: later jobs at those sizes need no compile
+
+
+@contextmanager
+def compiled_run(pipe, model: str, size: tuple[int, int], cache: CompileCache, note: Callable[[str], None]):
+    """Around a fast pipeline's job at ``size``: load the compile cache for it, or say that a first-time
+    compile is coming and keep its artifacts once the job ran. A default pipeline: nothing."""
+    sizes = getattr(pipe, "dreamtty_compiled_sizes", None)
+    if sizes is None or size in sizes:
+        yield
+        return
+    key = compile_key(model, *size, pipe.unet.dtype, pipe.unet.device)
+    if cache.warm(key):
+        note(f"speed fast: loading the compiled UNet for {size[0]}x{size[1]} from the cache")
+        compiles = False
+    else:
+        note(f"speed fast: compiling the UNet for {size[0]}x{size[1]} (first time for this model and size: "
+             "about a minute; later launches load it from the cache)")
+        compiles = True
+    yield
+    sizes.add(size)
+    if compiles:
+        cache.keep(key)

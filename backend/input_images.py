@@ -1,0 +1,194 @@
+"""Input images and masks of the image-input kinds: read, checked and converted with PIL only (no torch).
+
+The same reader runs at submission (so a bad file is refused before anything is queued) and in
+the worker (which uses the pixels). What it does with each kind of file:
+
+- missing, a folder, unreadable, not an image, truncated or damaged: a one-line RequestError;
+- larger than :data:`MAX_PIXELS` (also PIL's decompression-bomb guard) or :data:`MAX_BYTES`: refused;
+- EXIF orientation: applied, so the picture is used the way viewers show it;
+- animated (GIF, APNG, WebP): the first frame, with a warning;
+- 16-bit: reduced to 8 bits per channel, with a warning;
+- grey, palette, CMYK, YCbCr: converted to RGB (CMYK with a warning: without colour management
+  its colours may shift);
+- transparency: composited on **white** (as most viewers show a transparent image and as Fooocus
+  does), with a warning. A mask's transparency counts as black (keep), so a stroke painted on a
+  transparent layer is the mask.
+
+A mask is white (or any value above 127) where the image is repainted and black where it is kept. A
+mask of another size than its image is resized (nearest neighbour) with a warning; an all-black or
+all-white mask is refused. Every file's content hash (:func:`content_hash`) is recorded in the
+request at submission, so a job that runs later, or ``reproduce``, can tell that a file changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings as pywarnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from backend.errors import RequestError
+
+MAX_PIXELS = 8192 * 8192  # an input image's pixels (its width times height)
+MAX_BYTES = 512 * 1024 * 1024  # an input file's size
+HASH_DIGITS = 12
+
+
+@dataclass
+class InputImage:
+    """An input image (RGB) or mask (bool array, True = repaint), with what was done to read it."""
+
+    path: str
+    hash: str
+    image: Image.Image  # RGB, orientation applied
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+
+def content_hash(data: bytes) -> str:
+    """Short SHA-256 of a file's bytes, as recorded in requests and image metadata."""
+    return hashlib.sha256(data).hexdigest()[:HASH_DIGITS]
+
+
+def _read_bytes(path: str, field_name: str) -> bytes:
+    if not path:
+        raise RequestError(field_name, "is empty; give an image file")
+    file = Path(os.path.expanduser(path))
+    try:
+        size = file.stat().st_size
+        if file.is_dir():
+            raise RequestError(field_name, f"{path} is a folder; give an image file")
+        if size > MAX_BYTES:
+            raise RequestError(field_name, f"{path} is {size / 2**20:.0f} MiB; allowed up to {MAX_BYTES // 2**20} MiB")
+        return file.read_bytes()
+    except FileNotFoundError:
+        raise RequestError(field_name, f"{path} is missing") from None
+    except OSError as exc:
+        raise RequestError(field_name, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _check_hash(path: str, field_name: str, data: bytes, expected: str | None) -> str:
+    digest = content_hash(data)
+    if expected and digest != expected:
+        raise RequestError(field_name, f"{path} changed since the job was made (hash {digest}, recorded {expected})")
+    return digest
+
+
+def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[str]]:
+    """The first frame, fully decoded, oriented; warnings for what was dropped."""
+    notes: list[str] = []
+    try:
+        with pywarnings.catch_warnings():
+            pywarnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise RequestError(field_name, f"{path} is {width}x{height}; allowed up to {MAX_PIXELS / 1e6:.0f} megapixels")
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                img.seek(0)
+                notes.append(f"{path} is animated ({frames} frames): the first frame is used")
+            if _sixteen_bit(img):
+                notes.append(f"{path} has 16 bits per channel: reduced to 8")
+            img.load()
+            return ImageOps.exif_transpose(img), notes
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise RequestError(field_name, f"{path} is too large to decode safely; allowed up to "
+                                       f"{MAX_PIXELS / 1e6:.0f} megapixels") from None
+    except UnidentifiedImageError:
+        raise RequestError(field_name, f"{path} is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise RequestError(field_name, f"{path} is truncated or damaged: {str(exc).splitlines()[0] if str(exc) else 'cannot decode'}") from None
+
+
+def _sixteen_bit(img: Image.Image) -> bool:
+    """Grey 16-bit opens as I;16; a 16-bit RGB PNG opens as RGB, with a raw mode like RGB;16B (before loading)."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        return True
+    for tile in getattr(img, "tile", None) or []:
+        args = tile.args
+        if ";16" in str(args if isinstance(args, str) else (args or ("",))[0]):
+            return True
+    return False
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """Grey 16-bit, 32-bit integer and float images as 8-bit grey (scaled, not clipped)."""
+    values = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+    if img.mode == "F" and values.max(initial=0) <= 1.0:
+        top = 1.0
+    return Image.fromarray(np.clip(np.round(values / top * 255), 0, 255).astype(np.uint8), "L")
+
+
+def _has_transparency(img: Image.Image) -> bool:
+    if img.mode == "P":
+        return "transparency" in img.info
+    if "A" not in img.getbands() and img.mode not in ("RGBa", "La"):
+        return False
+    return img.getchannel("A").getextrema()[0] < 255
+
+
+def _to_rgb(img: Image.Image, path: str, background: tuple[int, int, int], notes: list[str], say_alpha: bool) -> Image.Image:
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _eight_bit(img)
+    if img.mode == "CMYK":
+        notes.append(f"{path} is CMYK: converted to RGB without colour management (colours may shift)")
+    if _has_transparency(img):
+        if say_alpha:
+            notes.append(f"{path} has transparency: composited on white")
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def read_image(path: str, field_name: str = "image", expected_hash: str | None = None) -> InputImage:
+    """The image at ``path`` as RGB; RequestError(field_name) when it cannot be used or changed."""
+    data = _read_bytes(path, field_name)
+    digest = _check_hash(path, field_name, data, expected_hash)
+    img, notes = _open(path, field_name, data)
+    return InputImage(path, digest, _to_rgb(img, path, (255, 255, 255), notes, say_alpha=True), notes)
+
+
+def read_mask(path: str, size: tuple[int, int], expected_hash: str | None = None) -> tuple[np.ndarray, InputImage]:
+    """The mask at ``path`` for an image of ``size``: a bool array (True = repaint), and the file read."""
+    data = _read_bytes(path, "mask")
+    digest = _check_hash(path, "mask", data, expected_hash)
+    img, notes = _open(path, "mask", data)
+    grey = _to_rgb(img, path, (0, 0, 0), notes, say_alpha=False).convert("L")
+    if grey.size != size:
+        notes.append(f"mask {path} is {grey.width}x{grey.height}: resized to the image's {size[0]}x{size[1]}")
+        grey = grey.resize(size, Image.Resampling.NEAREST)
+    mask = np.asarray(grey) > 127
+    check_mask(mask, path)
+    return mask, InputImage(path, digest, grey, notes)
+
+
+def check_mask(mask: np.ndarray, what: str) -> None:
+    if not mask.any():
+        raise RequestError("mask", f"{what} is all black: nothing to repaint (white = repaint, black = keep)")
+    if mask.all():
+        raise RequestError("mask", f"{what} is all white: every pixel would be repainted; use vary for that")
+
+
+def box_mask(box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """The mask of rectangle ``box`` = (x, y, w, h) on an image of ``size``; RequestError("box") when it lies outside."""
+    x, y, w, h = box
+    width, height = size
+    if w <= 0 or h <= 0:
+        raise RequestError("box", f"{w}x{h} is empty; give X,Y,W,H with W and H > 0")
+    if x < 0 or y < 0 or x + w > width or y + h > height:
+        raise RequestError("box", f"{x},{y},{w},{h} is not inside the {width}x{height} image")
+    mask = np.zeros((height, width), dtype=bool)
+    mask[y:y + h, x:x + w] = True
+    check_mask(mask, f"box {x},{y},{w},{h}")
+    return mask

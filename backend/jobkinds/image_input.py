@@ -1,0 +1,146 @@
+"""What every image-input kind (vary, upscale, inpaint, outpaint) shares: the input image and its
+hash, the strength, keeping copies of the inputs.
+
+``steps`` means the length of the whole noise schedule, for every kind: a job of strength ``s``
+runs the last ``int(steps * s)`` of them, as diffusers' image-to-image pipelines do (Fooocus instead
+stretches the schedule so that ``steps`` of it run). Strength 0 runs none and gives the input back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
+
+from backend.errors import RequestError
+from backend.families import FAMILIES, Family
+from backend.input_images import InputImage, content_hash, read_image
+from backend.request import GenerateRequest, optional, text_value
+from backend.values import to_bool, to_float
+
+# Named strengths (Fooocus's "Vary (Subtle)" and "Vary (Strong)").
+STRENGTHS = {"subtle": 0.5, "strong": 0.85}
+MAX_OUTPUT_SIDE = 8192  # upscale and inpaint results; a model denoises them in crops or tiles
+
+
+def absolute(path: str) -> str:
+    """``path`` made absolute (``~`` expanded), so a job run or reproduced elsewhere finds the same file."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def parse_strength(name: str, value: object) -> float:
+    """A number, or one of the named strengths."""
+    if isinstance(value, str) and value.strip().lower() in STRENGTHS:
+        return STRENGTHS[value.strip().lower()]
+    try:
+        return to_float(name, value)
+    except RequestError:
+        raise RequestError(name, f"{value!r} is not a number 0..1 or one of: {', '.join(STRENGTHS)}") from None
+
+
+@dataclass
+class ImageInputRequest(GenerateRequest):
+    """A job that starts from an input image (an abstract base: each kind is a subclass)."""
+
+    image: str = ""  # the input image's path
+    image_hash: str | None = None  # its content hash, recorded at submission
+    strength: float | None = None  # how much is repainted, 0..1; None = the kind's default
+    keep_inputs: bool = False  # copy the input files into the output folder
+
+    default_strength: ClassVar[float] = 0.5
+    kind_label: ClassVar[str] = "this kind"  # for messages: "upscale makes a 256x256 image ..."
+
+    @classmethod
+    def converters(cls) -> dict:
+        return {**super().converters(), "image": text_value, "image_hash": optional(text_value),
+                "strength": optional(parse_strength), "keep_inputs": to_bool}
+
+    # -- inputs ------------------------------------------------------------------------
+    def input_files(self) -> dict[str, tuple[str, str | None]]:
+        """{role: (path, recorded hash)}; a role is also the name of the request field holding the path."""
+        return {"image": (self.image, self.image_hash)}
+
+    def read_input(self) -> InputImage:
+        """The input image (checked against its recorded hash)."""
+        return read_image(self.image, "image", self.image_hash)
+
+    # -- validation --------------------------------------------------------------------
+    def resolved(self, family: str) -> "ImageInputRequest":
+        """Read the input (and the kind's other files), record their hashes, derive the size; then
+        the common checks. Raises RequestError naming the field."""
+        fam = FAMILIES.get(family)
+        source = self.read_input()
+        strength = self.strength_default() if self.strength is None else to_float("strength", self.strength)
+        if not 0.0 <= strength <= 1.0:
+            raise RequestError("strength", f"{self.strength} is out of range; allowed 0..1 (0 gives the input back)")
+        with_input = replace(self, image=absolute(self.image), image_hash=source.hash, strength=strength,
+                             **self.from_input(source, fam))
+        out = GenerateRequest.resolved(with_input, family)
+        if out.uses_model and 0 < strength and int(out.steps * strength) == 0:
+            raise RequestError("strength", f"{strength:g} of {out.steps} steps runs no step; "
+                                           "raise --steps or the strength (0 gives the input back)")
+        return out
+
+    def strength_default(self) -> float:
+        return self.default_strength
+
+    def from_input(self, source: InputImage, fam: Family | None) -> dict:
+        """Fields the kind derives from its input (the size, other files' hashes)."""
+        return {}
+
+    def derived_size(self, size: tuple[int, int]) -> dict:
+        """``width``/``height`` fields for a result of ``size``; RequestError("size") when the request asks another."""
+        asked = (self.width, self.height)
+        if asked != (None, None) and asked != size:
+            raise RequestError("size", f"{self.kind_label} makes a {size[0]}x{size[1]} image from this input; "
+                                       "leave the size out")
+        return {"width": size[0], "height": size[1]}
+
+    def check_size(self, fam, width: int, height: int) -> None:
+        for name, value in (("width", width), ("height", height)):
+            if not 0 < value <= MAX_OUTPUT_SIDE:
+                raise RequestError(name, f"{value} is out of range; the result may be up to {MAX_OUTPUT_SIDE} pixels a side")
+
+    # -- metadata and reproduce ----------------------------------------------------------
+    def a1111_fields(self) -> list[tuple[str, object]]:
+        return [("Denoising strength", self.strength), ("Input image hash", self.image_hash)]
+
+    def keep_inputs_in(self, out: Path) -> dict[str, str]:
+        """Copy each input to ``out/inputs/<hash><suffix>`` (once per content) when ``keep_inputs``."""
+        if not self.keep_inputs:
+            return {}
+        folder = out / "inputs"
+        kept = {}
+        for role, (path, digest) in self.input_files().items():
+            if not path:
+                continue
+            copy = folder / f"{digest}{Path(path).suffix.lower()}"
+            if not copy.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
+                shutil.copyfile(os.path.expanduser(path), tmp)
+                tmp.replace(copy)
+            kept[role] = str(copy.resolve())
+        return kept
+
+    def with_kept_inputs(self, record: dict) -> tuple["ImageInputRequest", list[str]]:
+        """Where an input is missing or changed, the copy ``--keep-inputs`` kept (when it has the recorded content)."""
+        kept = record.get("kept_inputs") or {}
+        request, notes = self, []
+        for role, (path, digest) in self.input_files().items():
+            copy = kept.get(role)
+            if not path or not copy or _has_content(path, digest):
+                continue
+            if _has_content(copy, digest):
+                request = replace(request, **{role: copy})
+                notes.append(f"{role}: {path} is missing or changed; using the copy kept at {copy}")
+        return request, notes
+
+
+def _has_content(path: str, digest: str | None) -> bool:
+    try:
+        return content_hash(Path(os.path.expanduser(path)).read_bytes()) == digest
+    except OSError:
+        return False

@@ -1,0 +1,40 @@
+"""Image to image ("vary"): the input repainted at the given strength, at its own size or ``--size``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from backend.errors import RequestError
+from backend.families import Family
+from backend.input_images import InputImage
+from backend.jobkinds.image_input import ImageInputRequest
+from backend.request import GenerateRequest
+
+MIN_SIDE = 64
+
+
+def working_size(size: tuple[int, int], fam: Family | None) -> tuple[int, int]:
+    """The size an input of ``size`` is repainted at: scaled down (aspect kept) to the family's largest
+    side, then each side rounded down to a multiple of 8, as diffusers' image processor does."""
+    width, height = size
+    if min(width, height) < MIN_SIDE:
+        raise RequestError("image", f"is {width}x{height}; at least {MIN_SIDE} pixels a side are needed")
+    scale = min(1.0, fam.max_side / max(width, height)) if fam is not None else 1.0
+    return tuple(max(MIN_SIDE, int(side * scale) // 8 * 8) for side in (width, height))  # type: ignore[return-value]
+
+
+@dataclass
+class Img2ImgRequest(ImageInputRequest):
+    """Vary (subtle 0.5, strong 0.85, or any strength). An explicit ``width``/``height`` resizes the input."""
+
+    kind_label = "vary"
+
+    def from_input(self, source: InputImage, fam: Family | None) -> dict:
+        if (self.width is None) != (self.height is None):
+            raise RequestError("size", "give both width and height, or neither (the input's own size)")
+        if self.width is not None:
+            return {}
+        width, height = working_size(source.size, fam)
+        return {"width": width, "height": height}
+
+    check_size = GenerateRequest.check_size  # repainted as a whole: a size the model can make

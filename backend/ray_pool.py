@@ -1,0 +1,326 @@
+"""Workers on a Ray cluster: one actor per GPU (or CPU actors), behind the ``WorkerPool`` interface.
+
+The service's SQLite queue stays the source of truth (Ray's head is a single point of failure and
+its task queue is not durable); actors are replaceable workers. Each actor runs jobs with
+``backend.worker``'s code and keeps its pipelines loaded between jobs. Its events wait in an outbox
+that the pool long-polls with plain actor calls (they also work over Ray Client, where streaming
+generators do not). Its images come back as pixels and metadata: the pool saves them in the outputs
+folder and records them in the queue, then announces them, so an image counts as made once it is
+saved here. An actor that dies (killed, or its node lost) is replaced, and the service retries its
+job once from the first image not saved. Actors share their driver's fate: a service that stops or
+dies takes its actors with it, and the next service starts fresh ones.
+
+Ray is imported inside functions only: the service starts without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import queue
+import re
+import socket
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from backend import events as ev
+from backend.errors import DreamttyError, RequestError
+from backend.pool import OnDied, OnEvent, Slot
+from backend.queue_store import QueueStore
+from backend.worker import JobRun, one_line, pipeline_cache, run_job, save_output
+
+NAMESPACE = "dreamtty"
+POLL = 1.0  # seconds an events call waits for an event: also how soon an idle actor's death is noticed
+RESTART_DELAY = 5.0  # seconds before trying again to start an actor that could not start
+INSTALL = "pip install 'dreamtty[cluster]'"
+_ADDRESS = re.compile(r"(?:ray://)?(?P<host>[\w.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})")
+_ALLOWED = "auto, ray://HEAD:10001 or HEAD:6379 (local: no cluster)"
+
+
+def check_cluster(text: str, field: str = "cluster") -> str:
+    """``--cluster`` (or the config's ``workers``) checked, as an address; Ray must be installed for it.
+
+    Raises RequestError(field) for text that is no address, DreamttyError naming the install command
+    when Ray (or Ray Client, for ``ray://``) is missing.
+    """
+    address = text.strip()
+    if address == "local":
+        return address
+    if address != "auto" and not _ADDRESS.fullmatch(address):
+        raise RequestError(field, f"{text!r} is not allowed; use {_ALLOWED}")
+    if importlib.util.find_spec("ray") is None:
+        raise DreamttyError(f"{field}: running workers on a Ray cluster needs Ray; {INSTALL}")
+    if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+        raise DreamttyError(f"{field}: ray:// addresses need Ray Client; {INSTALL}")
+    return address
+
+
+@dataclass
+class ShippedImage:
+    """An image an actor made, on its way to the service, which saves and records it."""
+
+    job: int
+    index: int
+    seed: int
+    image: object  # PIL.Image.Image
+    meta: dict
+
+
+class ActorWorker:
+    """The body of a Ray actor: a worker with its pipeline cache, running the jobs the pool gives it
+    one at a time on a thread of its own; its events and images wait in an outbox for ``events``."""
+
+    def __init__(self, worker: int, device: str) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.worker = worker
+        self.cache, self.cuda_count = pipeline_cache(device)
+        self._jobs: queue.Queue = queue.Queue()
+        self._outbox: list = []
+        self._filled = threading.Condition()
+        self._cancel: int | None = None
+        threading.Thread(target=self._serve, name="dreamtty-jobs", daemon=True).start()
+
+    def hello(self) -> dict:
+        """Where this actor runs (its answer also says it is ready)."""
+        return {"device": str(self.cache.device), "cuda_count": self.cuda_count, "host": socket.gethostname()}
+
+    def run(self, job: dict) -> None:
+        self._jobs.put(job)
+
+    def cancel(self, job: int) -> None:
+        self._cancel = job
+
+    def events(self, wait: float) -> list:
+        """The events (``backend.events`` JSON) and images made since the last call, oldest first;
+        waits up to ``wait`` seconds for one."""
+        with self._filled:
+            self._filled.wait_for(lambda: self._outbox, timeout=wait)
+            items, self._outbox = self._outbox, []
+        return items
+
+    # -- the JobRun's event and image sinks (backend.worker.Output) --------------------------
+    def send(self, event: ev.Event) -> None:
+        self._put(ev.dumps(event))
+
+    def save(self, run: JobRun, image, meta: dict, index: int, seed: int) -> None:
+        self._put(ShippedImage(run.job["job"], index, seed, image, meta))
+
+    def _put(self, item) -> None:
+        with self._filled:
+            self._outbox.append(item)
+            self._filled.notify_all()
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            run_job(JobRun(self.worker, job, self.cache, self.send, lambda j=job["job"]: self._cancel == j, self))
+
+
+@dataclass
+class _Worker:
+    """The pool's side of one slot: its current actor and job."""
+
+    slot: Slot
+    actor: object = None  # the actor jobs go to, set on the event loop once it is ready
+    starting: object = None  # the actor being started (or last started) by the slot's thread
+    ready: bool = False
+    job: dict | None = None  # the payload of the job it runs
+    error: str | None = None  # set when the job's images cannot be saved: the job ends failed with it
+    thread: threading.Thread | None = None
+
+
+class RayPool:
+    """Ray actors as workers: one per GPU in the cluster (``num_gpus=1``), or with ``gpu=False`` one
+    CPU actor per node; ``actors`` sets the count instead (tests, benchmarks)."""
+
+    def __init__(self, address: str, db_path: Path, gpu: bool = True, actors: int | None = None,
+                 field: str = "cluster") -> None:
+        self.address = check_cluster(address, field)
+        self.field = field
+        self.db_path = db_path
+        self.gpu = gpu
+        self.actors = actors
+        self.slots: list[Slot] = []
+        self._workers: dict[int, _Worker] = {}
+        self._stop = threading.Event()
+        self._connected = False  # this pool joined the cluster (and leaves it on close)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_event: OnEvent = lambda event: None
+        self._on_died: OnDied = lambda slot, job, why: None
+
+    def start(self, on_event: OnEvent, on_died: OnDied) -> None:
+        """Join the cluster (a one-line DreamttyError when it cannot) and start the actors; each slot
+        becomes ready (a ``WorkerReady`` event) once its actor runs."""
+        import ray
+
+        self._loop = asyncio.get_running_loop()
+        self._on_event, self._on_died = on_event, on_died
+        self._connected = _connect(ray, self.address, self.field)
+        count = self.actors if self.actors is not None else self._count(ray)
+        options = {"num_gpus": 1} if self.gpu else {"num_cpus": 1}
+        actor_class = ray.remote(max_concurrency=4, max_restarts=0, **options)(ActorWorker)
+        for i in range(count):
+            worker = _Worker(Slot(i, "cuda" if self.gpu else "cpu"))
+            self.slots.append(worker.slot)
+            self._workers[i] = worker
+            worker.thread = threading.Thread(target=self._drive, args=(ray, actor_class, worker),
+                                             name=f"dreamtty-actor-{i}", daemon=True)
+            worker.thread.start()
+
+    def alive(self, slot: Slot) -> bool:
+        return self._workers[slot.id].ready
+
+    def run(self, slot: Slot, job: dict) -> None:
+        worker = self._workers[slot.id]
+        slot.job = job["job"]
+        worker.job, worker.error = job, None
+        worker.actor.run.remote(job)
+
+    def cancel(self, slot: Slot) -> None:
+        if slot.job is not None:
+            self._workers[slot.id].actor.cancel.remote(slot.job)
+
+    def status(self) -> dict:
+        """The cluster's nodes (host, GPUs, alive) and the workers: node, device, models, job."""
+        import ray
+
+        nodes = [{"host": n["NodeManagerHostname"], "address": n["NodeManagerAddress"], "alive": n["Alive"],
+                  "gpus": int(n["Resources"].get("GPU", 0))} for n in ray.nodes()]
+        return {"cluster": self.address, "nodes": nodes,
+                "workers": [slot.status(self.alive(slot)) for slot in self.slots]}
+
+    async def close(self) -> None:
+        import ray
+
+        self._stop.set()
+        for worker in self._workers.values():
+            for actor in (worker.actor, worker.starting):
+                _kill(ray, actor)
+        await asyncio.to_thread(self._join)
+        if self._connected:
+            ray.shutdown()
+
+    # -- internals -------------------------------------------------------------------
+    def _count(self, ray) -> int:
+        if not self.gpu:
+            return sum(node["Alive"] for node in ray.nodes())
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus == 0:
+            raise DreamttyError(f"{self.field}: the Ray cluster at {self.address} has no GPU; add GPU nodes, "
+                                "or use --device cpu for one CPU worker per node")
+        return gpus
+
+    def _join(self) -> None:
+        for worker in self._workers.values():
+            if worker.thread is not None:
+                worker.thread.join(timeout=POLL + 5)
+
+    def _drive(self, ray, actor_class, worker: _Worker) -> None:
+        """Thread: keep an actor running for ``worker``'s slot; pass on its events, save its images."""
+        store = QueueStore(self.db_path)
+        try:
+            while not self._stop.is_set():
+                actor = self._start_actor(ray, actor_class, worker)
+                if actor is None:
+                    continue
+                try:
+                    while not self._stop.is_set():
+                        for item in ray.get(actor.events.remote(POLL)):
+                            self._take(worker, actor, item, store)
+                except (ray.exceptions.RayError, ConnectionError) as exc:  # ConnectionError: Ray Client's
+                    if not self._stop.is_set():
+                        self._call(self._died, worker, f"worker actor died ({one_line(exc)})")
+                _kill(ray, actor)
+        finally:
+            store.close()
+
+    def _start_actor(self, ray, actor_class, worker: _Worker):
+        """A new actor for ``worker``, once it runs (a GPU may have to come free first); None when it
+        could not start (said in a log event) or the pool is closing."""
+        actor = worker.starting = actor_class.remote(worker.slot.id, "auto" if self.gpu else "cpu")
+        try:
+            info = ray.get(actor.hello.remote())
+        except ray.exceptions.RayError as exc:
+            _kill(ray, actor)
+            if not self._stop.is_set():
+                self._call(self._on_event, ev.Log(
+                    message=f"worker {worker.slot.id}: cannot start on the cluster: {one_line(exc)}", level="error"))
+                self._stop.wait(RESTART_DELAY)
+            return None
+        self._call(self._ready, worker, actor, info)
+        return actor
+
+    def _take(self, worker: _Worker, actor, item, store: QueueStore) -> None:
+        """Thread: one item of an actor's outbox. An image is saved and recorded before its event."""
+        if isinstance(item, ShippedImage):
+            if worker.error is not None or worker.job is None or worker.job["job"] != item.job:
+                return
+            try:
+                event = save_output(store, worker.job, worker.slot.id, item.image, item.meta, item.index, item.seed)
+            except (DreamttyError, OSError) as exc:  # e.g. a full disk: the job fails with it, as locally
+                worker.error = str(exc)
+                actor.cancel.remote(item.job)
+                return
+        else:
+            try:
+                event = ev.loads(item)
+            except ev.EventError:
+                return
+            if isinstance(event, ev.FINAL_EVENTS) and worker.error is not None:
+                event = ev.Failed(job=event.job, worker=event.worker, error=worker.error)
+            elif isinstance(event, ev.Failed):
+                event = replace(event, error=f"{event.error} (on {worker.slot.node})")
+        self._call(self._on_event, event)
+
+    def _ready(self, worker: _Worker, actor, info: dict) -> None:
+        slot = worker.slot
+        slot.device, slot.node, slot.job, slot.models = info["device"], info["host"], None, []
+        worker.actor, worker.ready = actor, True
+        self._on_event(ev.WorkerReady(worker=slot.id, device=f"{slot.device} ({slot.node})",
+                                      cuda_count=info["cuda_count"]))
+
+    def _died(self, worker: _Worker, why: str) -> None:
+        """The slot's actor died (its thread starts another): the service retries its job."""
+        slot = worker.slot
+        job, slot.job, slot.models = slot.job, None, []
+        worker.ready, worker.job = False, None
+        self._on_died(slot, job, why)
+
+    def _call(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._unless_closed, fn, *args)
+        except RuntimeError:  # the loop closed
+            self._stop.set()
+
+    def _unless_closed(self, fn, *args) -> None:
+        if not self._stop.is_set():
+            fn(*args)
+
+
+def _connect(ray, address: str, field: str) -> bool:
+    """Join the cluster at ``address``; False when this process is in one already (tests, embedding)."""
+    if ray.is_initialized():
+        return False
+    match = _ADDRESS.fullmatch(address)
+    if match:  # ray.init waits minutes for a head that is not there
+        try:
+            socket.create_connection((match["host"].strip("[]"), int(match["port"])), timeout=5).close()
+        except OSError as exc:
+            raise DreamttyError(f"{field}: cannot reach the Ray head at {address}: {exc.strerror or exc}") from None
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
+    except Exception as exc:  # noqa: BLE001 - Ray raises several kinds: one line for each
+        raise DreamttyError(f"{field}: cannot join the Ray cluster at {address}: {one_line(exc)}") from None
+    return True
+
+
+def _kill(ray, actor) -> None:
+    if actor is None:
+        return
+    try:
+        ray.kill(actor)
+    except Exception:  # noqa: BLE001 - gone already, or the cluster is: nothing left to stop
+        pass

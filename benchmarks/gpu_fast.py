@@ -1,0 +1,138 @@
+"""``speed: fast`` against stock diffusers on real-size SD1.5 (512²) and SDXL (1024²) with random weights,
+fp16, DPM++ 2M with CFG, in one run:
+
+    PYTHONPATH=. python benchmarks/gpu_fast.py [--steps 30] [--runs 3] [--models sd15,sdxl]
+
+Rows: stock eager; stock with its best knob (channels_last + torch.compile mode reduce-overhead);
+ours default; ours fast. Columns: it/s (batch 1, median of ``--runs``, the variants interleaved), and
+for ours fast the time from a fresh process's start to its first finished step, with an empty compile
+cache (first launch) and with the cache the first launch left (warm launch), each in a child process.
+Targets (issue 17): SD1.5 >= 200 it/s, SDXL >= 40 it/s, ours fast >= 1.3x stock's best knob, warm
+launch to first step < 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from backend.engine import fast
+from backend.engine.conditioning import encode
+from backend.engine.denoise import DenoiseSpec, denoise
+from backend.engine.scheduling import make_scheduler
+from benchmarks.realsize import build_pipeline
+
+PROMPT, NEGATIVE = "a red fox in the snow, photo", "blurry"
+SIZES = {"sd15": (False, 512), "sdxl": (True, 1024)}
+
+
+def _timed(run) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _stock(pipe, size: int, steps: int):
+    def run() -> None:
+        pipe.scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "dpmpp_2m", "karras")
+        pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.0, width=size, height=size,
+             generator=torch.Generator("cpu").manual_seed(0), output_type="latent")
+    return run
+
+
+def _ours(pipe, size: int, steps: int, on_step=None):
+    def run() -> None:
+        with torch.inference_mode():
+            cond = encode(pipe, PROMPT, NEGATIVE, True)
+            spec = DenoiseSpec(cond, size, size, steps, 7.0, torch.Generator("cpu").manual_seed(0), on_step=on_step)
+            denoise(pipe, make_scheduler(pipe.dreamtty_scheduler_config, "dpmpp_2m", "karras"), spec)
+    return run
+
+
+def _best_knob(pipe) -> None:
+    """What a user would do by hand with stock diffusers."""
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+
+
+def its(model: str, steps: int, runs: int) -> dict[str, float]:
+    xl, size = SIZES[model]
+    pipes = {"stock eager": build_pipeline(xl), "ours default": None, "stock best knob": build_pipeline(xl),
+             "ours fast": build_pipeline(xl)}
+    pipes["ours default"] = pipes["stock eager"]
+    _best_knob(pipes["stock best knob"])
+    fast.make_fast(pipes["ours fast"])
+    variants = {
+        "stock eager": _stock(pipes["stock eager"], size, steps),
+        "stock best knob": _stock(pipes["stock best knob"], size, steps),
+        "ours default": _ours(pipes["ours default"], size, steps),
+        "ours fast": _ours(pipes["ours fast"], size, steps),
+    }
+    for run in variants.values():  # warm-up: compiles, cuDNN autotune, the allocator
+        run()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(runs):
+        for name, run in variants.items():
+            times[name].append(_timed(run))
+    return {name: steps / statistics.median(t) for name, t in times.items()}
+
+
+def launch(model: str, cache_dir: str) -> None:
+    """Child process: a fresh fast pipeline to its first finished step, with the compile cache in ``cache_dir``."""
+    began = time.perf_counter()
+    xl, size = SIZES[model]
+    pipe = build_pipeline(xl)
+    fast.make_fast(pipe)
+    cache = fast.CompileCache(root=Path(cache_dir))
+    first: list[float] = []
+    on_step = lambda step, total, latents: first or first.append(time.perf_counter() - began)  # noqa: E731
+    with fast.compiled_run(pipe, f"realsize-{model}", (size, size), cache, lambda note: None):
+        _ours(pipe, size, 2, on_step)()
+    print(json.dumps({"first_step_s": first[0]}))
+
+
+def _launch_time(model: str, cache_dir: str) -> float:
+    out = subprocess.run([sys.executable, __file__, "--launch", model, "--cache", cache_dir], capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    return json.loads(out.stdout.strip().splitlines()[-1])["first_step_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--models", default="sd15,sdxl")
+    parser.add_argument("--launch", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_fast: needs a CUDA GPU")
+    if args.launch:
+        launch(args.launch, args.cache)
+        return
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    for model in args.models.split(","):
+        with tempfile.TemporaryDirectory() as cache_dir:
+            cold, warm = _launch_time(model, cache_dir), _launch_time(model, cache_dir)
+        rates = its(model, args.steps, args.runs)
+        best = rates["stock best knob"]
+        print(f"\n{model} {SIZES[model][1]}², {args.steps} steps, batch 1")
+        print(f"{'variant':<18}{'it/s':>9}{'vs best knob':>14}")
+        for name, rate in rates.items():
+            print(f"{name:<18}{rate:>9.1f}{rate / best:>13.2f}x")
+        print(f"ours fast, time to first step: first launch {cold:.1f} s, warm launch {warm:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

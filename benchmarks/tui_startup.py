@@ -1,0 +1,117 @@
+"""First frame of ``dreamtty --demo`` against a minimal Textual app (header, a label, footer).
+
+Both run in a pseudo-terminal (as a real terminal would), alternately (A B A B ...),
+each from a fresh process; a run is timed from the start of the process until
+its first frame is on the terminal: the footer's text, which Textual draws with
+the rest of the screen. The figure is the ratio of the medians; the spread is
+the smallest and largest time of each.
+
+Both run with their bytecode cached, as installed packages do: in a private
+``PYTHONPYCACHEPREFIX``, written by a first, unmeasured run of each (with
+``PYTHONDONTWRITEBYTECODE`` set, every start would compile dreamtty's own
+modules again, about 0.1 s here, while Textual's come precompiled).
+
+    python benchmarks/tui_startup.py [--runs 7] [--styles 20000]
+
+``--styles N`` gives dreamtty a user style pack of N entries (it must not delay the first frame).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.tui_latency import Terminal, app_command, app_env
+
+MINIMAL_APP = """
+from textual.app import App
+from textual.widgets import Footer, Header, Label
+
+class Minimal(App):
+    def compose(self):
+        yield Header()
+        yield Label("minimal app")
+        yield Footer()
+
+Minimal().run()
+"""
+FOOTER_TEXT = b"palette"  # the command palette's key, drawn at the right end of every Footer
+TIMEOUT = 60.0
+
+
+def write_style_pack(home: Path, entries: int) -> None:
+    """A user style pack of ``entries`` styles, one JSON object per line."""
+    styles = home / "config" / "styles"
+    styles.mkdir(parents=True, exist_ok=True)
+    lines = ",\n".join(json.dumps({"name": f"pack style {i}", "prompt": f"{{prompt}}, look {i}",
+                                   "negative_prompt": f"not {i}"}) for i in range(entries))
+    (styles / "pack.json").write_text(f"[\n{lines}\n]\n")
+
+
+def first_frame(argv: list[str], env: dict, cols: int, rows: int) -> float:
+    """Seconds from starting ``argv`` in a pty until its footer is drawn."""
+    start = time.perf_counter()
+    term = Terminal(argv, env, cols, rows)
+    try:
+        shown = term.wait_for(FOOTER_TEXT, 0, TIMEOUT)
+        if shown is None:
+            raise SystemExit(f"{argv[0]}: no frame in {TIMEOUT:.0f} s; output:\n{term.text_since(0)[-2000:]}")
+        return shown - start
+    finally:
+        term.close()
+
+
+def spread(times: list[float]) -> str:
+    return f"{statistics.median(times):.3f} s (min {min(times):.3f}, max {max(times):.3f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7, help="runs of each app, interleaved")
+    parser.add_argument("--size", default="120x40", help="terminal COLSxROWS")
+    parser.add_argument("--styles", type=int, default=0, help="entries of a user style pack for dreamtty (0 = none)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    cols, rows = (int(v) for v in args.size.lower().split("x"))
+    with tempfile.TemporaryDirectory(prefix="dreamtty-bench-") as tmp:
+        home = Path(tmp) / "home"
+        (home / "config").mkdir(parents=True)
+        if args.styles:
+            write_style_pack(home, args.styles)
+        env = {**app_env(home), "PYTHONPYCACHEPREFIX": str(Path(tmp) / "pycache")}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        dreamtty = [*app_command(), "--demo", "--device", "cpu", "--out", str(Path(tmp) / "out")]
+        minimal = [sys.executable, "-c", MINIMAL_APP]
+        first_frame(dreamtty, env, cols, rows)  # warm the file and bytecode caches for both
+        first_frame(minimal, env, cols, rows)
+        times: dict[str, list[float]] = {"dreamtty": [], "minimal": []}
+        for _ in range(args.runs):
+            times["minimal"].append(first_frame(minimal, env, cols, rows))
+            times["dreamtty"].append(first_frame(dreamtty, env, cols, rows))
+    ratio = statistics.median(times["dreamtty"]) / statistics.median(times["minimal"])
+    ratios = [d / m for d, m in zip(times["dreamtty"], times["minimal"])]
+    result = {
+        "dreamtty_s": [round(t, 3) for t in times["dreamtty"]],
+        "minimal_s": [round(t, 3) for t in times["minimal"]],
+        "ratio_of_medians": round(ratio, 2),
+        "ratio_per_pair_min_max": [round(min(ratios), 2), round(max(ratios), 2)],
+        "style_pack_entries": args.styles,
+        "terminal": f"{cols}x{rows}",
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{'dreamtty first frame':>24}: {spread(times['dreamtty'])}")
+    print(f"{'minimal Textual app':>24}: {spread(times['minimal'])}")
+    print(f"{'ratio (medians)':>24}: {ratio:.2f}x (per pair {min(ratios):.2f}..{max(ratios):.2f})")
+    if args.styles:
+        print(f"{'user style pack':>24}: {args.styles} entries")
+
+
+if __name__ == "__main__":
+    main()

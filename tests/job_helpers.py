@@ -1,0 +1,18 @@
+"""Running a job's images in the test process, as a worker would (no worker process, no service)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from backend.queue_store import QueueStore
+from backend.worker import JobRun, LocalOutput, _make_images
+
+
+def worker_images(payload: dict, cache, db: Path, kind: str = "generate") -> tuple[list[str], list]:
+    """Queue ``payload`` (request, out, ...) in the queue at ``db``, make its images with ``cache`` (a
+    PipelineCache); returns the saved paths (as the queue records them) and the events sent."""
+    store = QueueStore(db)
+    job = store.add(kind, payload, "test")
+    sent: list = []
+    _make_images(JobRun(0, {"job": job, "kind": kind, **payload}, cache, sent.append, lambda: False, LocalOutput(store)))
+    return store.get(job).outputs, sent

@@ -1,0 +1,173 @@
+"""Bad input images, masks and settings of the image-input kinds: one line naming the field, nothing
+queued; and the images that are converted rather than refused (16-bit, grey, CMYK, alpha, animated, EXIF)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.errors import DreamttyError
+from backend.input_images import read_image, read_mask
+from backend.jobkinds.img2img import Img2ImgRequest
+from backend.jobkinds.inpaint import InpaintRequest
+from backend.jobkinds.outpaint import OutpaintRequest
+from backend.jobkinds.upscale import UpscaleRequest
+from backend.service import Service
+from image_helpers import gradient, inpaint_model, write_image, write_mask
+
+
+@pytest.fixture
+def service(tmp_path):
+    """A service that is never started: submit validates, and must queue nothing on error."""
+    svc = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3")
+    yield svc
+    svc.store.close()
+
+
+def _png(width: int, height: int, bit_depth: int = 8, colour: int = 2, rows: bytes | None = None) -> bytes:
+    """A PNG written by hand: any header, the rows given (or one byte row of zeros per line)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0)
+    data = zlib.compress(rows if rows is not None else b"\0" * (height * 2))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def _refused(service, request, tmp_path, message: str) -> str:
+    with pytest.raises(DreamttyError) as info:
+        service.submit(request, tmp_path / "out")
+    text = str(info.value)
+    assert message in text and "\n" not in text, text
+    assert service.jobs() == []  # nothing queued
+    return text
+
+
+def test_bad_image_files(service, tmp_path):
+    write_image(tmp_path / "ok.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    whole = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "bomb.png").write_bytes(_png(20000, 20000))  # PIL's own guard refuses it
+    (tmp_path / "huge.png").write_bytes(_png(9000, 8000))
+    cases = [
+        (tmp_path / "missing.png", "image: {} is missing"),
+        (tmp_path, "is a folder; give an image file"),
+        (tmp_path / "notes.png", "is not an image PIL can read"),
+        (tmp_path / "cut.png", "is truncated or damaged"),
+        (tmp_path / "bomb.png", "is too large to decode safely; allowed up to 67 megapixels"),
+        (tmp_path / "huge.png", "is 9000x8000; allowed up to 67 megapixels"),
+    ]
+    for path, message in cases:
+        _refused(service, Img2ImgRequest(image=str(path)), tmp_path, message.format(path))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_image(service, tmp_path):
+    path = write_image(tmp_path / "secret.png")
+    path.chmod(0)
+    _refused(service, Img2ImgRequest(image=str(path)), tmp_path, "image: cannot read")
+
+
+def test_bad_settings(service, tmp_path):
+    image = str(write_image(tmp_path / "in.png"))
+    big = write_image(tmp_path / "big.png", Image.new("RGB", (2100, 1000)))
+    mask = str(write_mask(tmp_path / "mask.png", (10, 10, 20, 20)))
+    Image.new("L", (128, 128), 0).save(tmp_path / "black.png")
+    Image.new("L", (128, 128), 255).save(tmp_path / "white.png")
+    cases = [
+        (Img2ImgRequest(image=image, strength=1.5), "strength: 1.5 is out of range; allowed 0..1"),
+        (Img2ImgRequest(image=image, strength=-0.1), "strength: -0.1 is out of range"),
+        (Img2ImgRequest(image=image, strength=0.05, steps=8), "strength: 0.05 of 8 steps runs no step"),
+        (Img2ImgRequest(image=image, width=100, height=128), "width: 100 is not allowed; use a positive multiple of 8"),
+        (InpaintRequest(image=image), "mask: give a mask image or a box X,Y,W,H (one of them)"),
+        (InpaintRequest(image=image, mask=mask, box=(1, 1, 8, 8)), "mask: give a mask image or a box"),
+        (InpaintRequest(image=image, mask=str(tmp_path / "black.png")), "mask: {}/black.png is all black"),
+        (InpaintRequest(image=image, mask=str(tmp_path / "white.png")), "is all white: every pixel would be repainted"),
+        (InpaintRequest(image=image, mask=str(tmp_path / "nomask.png")), "mask: {}/nomask.png is missing"),
+        (InpaintRequest(image=image, box=(100, 100, 64, 64)), "box: 100,100,64,64 is not inside the 128x128 image"),
+        (InpaintRequest(image=image, box=(1, 1, 8, 8), mode="erase"), "mode: unknown 'erase'; allowed: fill, detail, modify"),
+        (InpaintRequest(image=image, box=(1, 1, 8, 8), context=2), "context: 2 is out of range; allowed 0..1"),
+        (OutpaintRequest(image=image), "outpaint: nothing to add; give --left, --right, --top or --bottom"),
+        (OutpaintRequest(image=image, left=-8), "left: -8 is negative"),
+        (OutpaintRequest(image=image, right=500), "outpaint: the result would be 632x128, past demo (SD1-style, tiny)'s maximum 512"),
+        (UpscaleRequest(image=image, scale=3), "scale: 3 is not allowed; allowed: 1.5, 2, 4"),
+        (UpscaleRequest(image=str(big), scale=4, fast=True), "scale: 4x of 2100x1000 is 8400x4000; allowed up to 8192"),
+        (UpscaleRequest(image=image, width=512, height=512), "size: upscale makes a 256x256 image from this input"),
+        (UpscaleRequest(image=image, upscaler="nope"), "upscaler: nope not found"),
+    ]
+    for request, message in cases:
+        request.model = "demo"
+        _refused(service, request, tmp_path, message.format(tmp_path))
+
+
+def test_inpainting_model_refused_for_vary(service, tmp_path):
+    folder = inpaint_model(tmp_path / "inpaint-model")
+    image = str(write_image(tmp_path / "in.png"))
+    _refused(service, Img2ImgRequest(image=image, model=str(folder)), tmp_path, "is an inpaint checkpoint")
+    assert service.prepare(InpaintRequest(image=image, box=(8, 8, 32, 32), model=str(folder))).kind == "inpaint"
+
+
+def test_changed_input_is_refused_with_both_hashes(service, tmp_path):
+    path = write_image(tmp_path / "in.png")
+    recorded = service.prepare(Img2ImgRequest(image=str(path))).payload["request"]
+    write_image(path, gradient().transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    text = _refused(service, Img2ImgRequest.from_dict(recorded), tmp_path, "changed since the job was made")
+    assert recorded["image_hash"] in text
+
+
+def test_sixteen_bit_images_are_scaled_to_eight(tmp_path):
+    grey = np.array([[0, 2570, 40000, 65535]] * 2, dtype=">u2")
+    (tmp_path / "g16.png").write_bytes(_png(4, 2, 16, 0, b"".join(b"\0" + row.tobytes() for row in grey)))
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    (tmp_path / "rgb16.png").write_bytes(_png(4, 2, 16, 2, b"".join(b"\0" + row.tobytes() for row in rgb)))
+    for name in ("g16.png", "rgb16.png"):
+        read = read_image(str(tmp_path / name))
+        assert read.image.mode == "RGB"
+        assert np.asarray(read.image)[0, :, 0].tolist() == [0, 10, 156, 255]  # scaled, not clipped to white
+        assert "has 16 bits per channel: reduced to 8" in read.warnings[0]
+
+
+def test_grey_cmyk_alpha_animated_and_rotated_images(tmp_path):
+    Image.new("L", (8, 8), 100).save(tmp_path / "grey.png")
+    assert read_image(str(tmp_path / "grey.png")).image.getpixel((0, 0)) == (100, 100, 100)
+
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    cmyk = read_image(str(tmp_path / "cmyk.jpg"))
+    assert cmyk.image.mode == "RGB" and "is CMYK: converted to RGB" in cmyk.warnings[0]
+
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 255, 0))
+    rgba.save(tmp_path / "alpha.png")
+    alpha = read_image(str(tmp_path / "alpha.png"))
+    assert alpha.image.getpixel((0, 0)) == (255, 255, 255) and alpha.image.getpixel((1, 1)) == (255, 0, 0)
+    assert "has transparency: composited on white" in alpha.warnings[0]
+    Image.new("RGBA", (8, 8), (1, 2, 3, 255)).save(tmp_path / "opaque.png")
+    assert read_image(str(tmp_path / "opaque.png")).warnings == []  # an alpha channel that is all opaque
+
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    anim = read_image(str(tmp_path / "anim.gif"))
+    assert anim.image.getpixel((0, 0))[0] > 200 and "is animated (2 frames): the first frame is used" in anim.warnings[0]
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: viewers show it upright
+    gradient(64, 32).save(tmp_path / "rotated.jpg", exif=exif)
+    assert read_image(str(tmp_path / "rotated.jpg")).size == (32, 64)
+
+
+def test_mask_of_another_size_is_resized_with_a_warning(tmp_path):
+    write_mask(tmp_path / "small.png", (0, 0, 16, 16), size=(64, 64))
+    mask, read = read_mask(str(tmp_path / "small.png"), (128, 128))
+    assert mask.shape == (128, 128) and mask[:32, :32].all() and not mask[32:, :].any()
+    assert "is 64x64: resized to the image's 128x128" in read.warnings[0]
+    layer = Image.new("RGBA", (128, 128), (0, 0, 0, 0))  # a stroke painted on a transparent layer
+    layer.paste((255, 255, 255, 255), (10, 10, 20, 20))
+    layer.save(tmp_path / "layer.png")
+    mask, _ = read_mask(str(tmp_path / "layer.png"), (128, 128))
+    assert mask.sum() == 100 and mask[15, 15]

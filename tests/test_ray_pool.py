@@ -1,0 +1,270 @@
+"""Workers on a Ray cluster: a local Ray runtime (2 CPUs) with two CPU actors on the demo model.
+
+Jobs spread over both actors, go where their model is loaded, survive a killed actor without
+duplicate images, and make the same files as the local worker; without Ray, ``--cluster`` says how
+to install it. Model affinity in the dispatcher is also tested with fake slots (no Ray).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backend import metadata
+from backend.errors import DreamttyError, RequestError
+from backend.events import Done, Failed, ImageSaved, Retrying, Started, Step, WorkerReady
+from backend.pool import ProcessPool, Slot
+from backend.queue_store import QueueStore
+from backend.request import GenerateRequest
+from backend.service import Prepared, Service, make_pool, pick_slot
+
+TIMEOUT = 90
+ROOT = Path(__file__).resolve().parents[1]
+ray_installed = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the cluster extra")
+
+
+# -- model affinity, with fake slots (no Ray) ------------------------------------------------
+def test_pick_slot_prefers_the_model_then_an_empty_worker():
+    a, b, c = Slot(0, "cpu", models=["demo"]), Slot(1, "cpu", models=["demo-xl"]), Slot(2, "cpu")
+    assert pick_slot([a, b, c], "demo-xl") is b
+    assert pick_slot([a, b, c], "other") is c  # loads it where no model would be pushed out
+    assert pick_slot([a, b], "other") is a
+    c.loads("demo-xl")
+    c.loads("x")
+    c.loads("demo-xl")
+    c.loads("y")
+    assert c.models == ["demo-xl", "y"]  # the last two models a worker ran (PipelineCache keeps two)
+
+
+class _FakePool:
+    """Slots that are always alive and remember the jobs they were given."""
+
+    def __init__(self, count: int) -> None:
+        self.slots = [Slot(i, "cpu") for i in range(count)]
+        self.given: list[tuple[int, int]] = []  # (slot, job)
+
+    def alive(self, slot):
+        return True
+
+    def run(self, slot, job):
+        slot.job = job["job"]
+        self.given.append((slot.id, job["job"]))
+
+
+def _queue(service: Service, model: str) -> int:
+    request = GenerateRequest(prompt="x", model=model, steps=1).resolved("demo").to_dict()
+    return service.store.add("generate", {"request": request, "out": "/nowhere"}, service.owner)
+
+
+def test_dispatch_sends_each_job_to_the_worker_holding_its_model(tmp_path):
+    pool = _FakePool(2)
+    service = Service(db_path=tmp_path / "q.sqlite3", pool=pool)
+    pool.slots[1].models = ["demo-xl"]
+    first, second = _queue(service, "demo-xl"), _queue(service, "demo")
+    service._dispatch()
+    assert pool.given == [(1, first), (0, second)]  # the oldest job first, to the slot holding its model
+    pool.slots[0].job = pool.slots[1].job = None
+    third = _queue(service, "demo")
+    service._dispatch()
+    assert pool.given[-1] == (0, third) and pool.slots[0].models == ["demo"]
+    service.store.close()
+
+
+# -- without Ray, or with a bad address -----------------------------------------------------
+def test_cluster_without_ray_says_how_to_install(monkeypatch):
+    from backend import ray_pool
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(ray_pool.importlib.util, "find_spec", lambda name: None if name == "ray" else real(name))
+    with pytest.raises(DreamttyError, match=r"^cluster: .*needs Ray; pip install 'dreamtty\[cluster\]'$"):
+        ray_pool.check_cluster("auto")
+    with pytest.raises(RequestError, match=r"^cluster: 'http://x' is not allowed; use auto, ray://HEAD:10001"):
+        ray_pool.check_cluster("http://x")
+
+
+def test_config_workers_picks_the_pool(tmp_path, monkeypatch):
+    config = tmp_path / "config.yaml"
+    monkeypatch.setenv("DREAMTTY_CONFIG", str(config))
+    config.write_text("workers: local\n")
+    assert isinstance(make_pool("cpu", tmp_path / "q.sqlite3"), ProcessPool)
+    if importlib.util.find_spec("ray") is not None:
+        config.write_text("workers: ray\n")
+        pool = make_pool("auto", tmp_path / "q.sqlite3")
+        assert type(pool).__name__ == "RayPool" and pool.address == "auto" and pool.gpu
+        assert make_pool("cpu", tmp_path / "q.sqlite3", cluster="local").__class__ is ProcessPool
+    config.write_text("workers: 'not an address'\n")
+    with pytest.raises(RequestError, match="^workers: 'not an address' is not allowed"):
+        make_pool("cpu", tmp_path / "q.sqlite3")
+
+
+def test_cli_cluster_errors_are_one_line(tmp_path):
+    with socket.socket() as probe:  # a port where no Ray head listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for cluster, expected in ((f"127.0.0.1:{port}", f"cluster: cannot reach the Ray head at 127.0.0.1:{port}: "),
+                              ("nohead", "cluster: 'nohead' is not allowed; use auto, ray://HEAD:10001")):
+        out = subprocess.run([sys.executable, "-m", "tui.cli", "--cluster", cluster, "generate", "x", "--demo",
+                              "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+        if importlib.util.find_spec("ray") is None and "reach" in expected:
+            expected = "cluster: running workers on a Ray cluster needs Ray; pip install 'dreamtty[cluster]'"
+        assert out.returncode == 2 and out.stderr.startswith(f"dreamtty: {expected}"), out.stderr
+        assert out.stderr.count("\n") == 1
+
+
+# -- a local Ray runtime, two CPU actors -------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_runtime(demo_dirs):
+    """Ray on this machine with 2 CPUs; its workers inherit this process's environment (DREAMTTY_HOME)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="dreamtty-tests")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+async def cluster(ray_runtime, tmp_path):
+    """A service whose workers are two CPU actors; both ready."""
+    from backend.ray_pool import RayPool
+
+    service = Service(db_path=tmp_path / "queue.sqlite3", pool=RayPool("auto", tmp_path / "queue.sqlite3",
+                                                                       gpu=False, actors=2))
+    events = service.subscribe()
+    await service.start()
+    ready = set()
+    while len(ready) < 2:
+        event = await asyncio.wait_for(events.get(), TIMEOUT)
+        if isinstance(event, WorkerReady):
+            ready.add(event.worker)
+    yield service, events
+    await service.close()
+
+
+async def _finish(service, job, events) -> list:
+    seen = []
+    async for event in service.wait(job, events):
+        seen.append(event)
+    return seen
+
+
+def _local_files(payload: dict, job: int, out: Path, store: QueueStore) -> list[str]:
+    """The files the local worker's code makes for ``payload`` (in this process)."""
+    import torch
+
+    from backend.engine.loader import PipelineCache
+    from backend.worker import JobRun, LocalOutput, run_job
+
+    run_job(JobRun(0, {"job": job, "kind": "generate", **payload, "out": str(out)}, PipelineCache(torch.device("cpu")),
+                   lambda event: None, lambda: False, LocalOutput(store)))
+    return store.get(job).outputs
+
+
+@ray_installed
+async def test_jobs_from_two_clients_spread_over_both_actors_as_local_files(cluster, tmp_path):
+    from backend.client import LocalClient
+
+    service, _ = cluster
+    clients = [LocalClient(service), LocalClient(service)]
+    requests = [GenerateRequest(prompt=f"a red fox {n}", seed=7 + n, count=2, steps=3, width=64, height=64)
+                for n in range(2)]
+    events = [client.subscribe() for client in clients]
+    jobs = [await client.submit(req, tmp_path / "ray") for client, req in zip(clients, requests)]
+    seen = await asyncio.wait_for(asyncio.gather(*(_finish(service, j, e) for j, e in zip(jobs, events))), TIMEOUT)
+    assert {next(e.worker for e in s if isinstance(e, Started)) for s in seen} == {0, 1}  # one job on each actor
+    assert all(isinstance(s[-1], Done) and any(isinstance(e, Step) for e in s) for s in seen)
+    store = QueueStore(tmp_path / "queue.sqlite3")
+    for job, events_of_job in zip(jobs, seen):
+        paths = [e.path for e in events_of_job if isinstance(e, ImageSaved)]
+        assert events_of_job[-1].paths == paths == store.get(job).outputs and len(paths) == 2
+        local = _local_files(store.get(job).payload, store.add("generate", {}, "local"), tmp_path / "local", store)
+        assert [Path(p).read_bytes() for p in paths] == [Path(p).read_bytes() for p in local]  # pixels and metadata
+    status = service.pool.status()
+    assert [w["models"] for w in status["workers"]] == [["demo"], ["demo"]]
+    assert status["nodes"][0]["alive"] and status["workers"][0]["node"] == socket.gethostname()
+
+
+@ray_installed
+async def test_a_job_goes_to_the_actor_holding_its_model(cluster, tmp_path):
+    service, events = cluster
+
+    async def worker_of(model: str) -> int:
+        job = service.submit(GenerateRequest(prompt="x", model=model, steps=1, width=64, height=64), tmp_path)
+        seen = await asyncio.wait_for(_finish(service, job, events), TIMEOUT)
+        assert isinstance(seen[-1], Done)
+        return next(e.worker for e in seen if isinstance(e, Started))
+
+    first = await worker_of("demo")
+    other = await worker_of("demo-xl")
+    assert other != first  # the empty actor loads the new model
+    assert [await worker_of(m) for m in ("demo", "demo-xl", "demo")] == [first, other, first]
+
+
+@ray_installed
+async def test_a_killed_actor_costs_no_image_and_no_duplicate(cluster, ray_runtime, tmp_path):
+    service, events = cluster
+    job = service.submit(GenerateRequest(prompt="x", seed=11, count=3, steps=20, width=64, height=64), tmp_path)
+    seen = []
+
+    async def kill_mid_job() -> None:
+        async for event in service.wait(job, events):
+            seen.append(event)
+            if isinstance(event, Step) and event.image == 1 and not any(isinstance(e, Retrying) for e in seen):
+                ray_runtime.kill(service.pool._workers[event.worker].actor)  # mid image 2, image 1 saved
+
+    await asyncio.wait_for(kill_mid_job(), TIMEOUT)
+    retry = next(e for e in seen if isinstance(e, Retrying))
+    assert "worker actor died" in retry.error and retry.first_image == 1
+    assert isinstance(seen[-1], Done)
+    saved = [e.path for e in seen if isinstance(e, ImageSaved)]
+    assert len(saved) == 3 and seen[-1].paths == saved  # image 1 was not made twice
+    assert [metadata.read(p)["request"]["seed"] for p in saved] == [11, 12, 13]
+    assert sorted(p.name for p in tmp_path.rglob("*.png")) == sorted(Path(p).name for p in saved)
+    assert QueueStore(tmp_path / "queue.sqlite3").get(job).attempts == 1
+    started = [e for e in seen if isinstance(e, Started)]
+    assert len(started) == 2 and started[1].first_image == 1 and started[1].worker != started[0].worker
+
+
+@ray_installed
+async def test_a_model_missing_on_a_node_fails_the_job_naming_the_node(cluster, tmp_path):
+    service, events = cluster
+    request = GenerateRequest(prompt="x", model=str(tmp_path / "gone"), steps=1).resolved("demo").to_dict()
+    job = service.enqueue(Prepared("generate", {"request": request, "out": str(tmp_path), "family": "demo"}))
+    failed = (await asyncio.wait_for(_finish(service, job, events), TIMEOUT))[-1]
+    assert isinstance(failed, Failed) and failed.error.startswith("model: ")
+    assert failed.error.endswith(f"(on {socket.gethostname()})")
+
+
+@ray_installed
+async def test_an_image_the_service_cannot_save_fails_its_job_and_the_actor_goes_on(cluster, tmp_path, monkeypatch):
+    from backend import ray_pool
+
+    service, events = cluster
+    monkeypatch.setattr(ray_pool, "save_output", lambda *args: (_ for _ in ()).throw(DreamttyError("out: disk full")))
+    doomed = service.submit(GenerateRequest(prompt="x", count=2, steps=2, width=64, height=64), tmp_path)
+    failed = (await asyncio.wait_for(_finish(service, doomed, events), TIMEOUT))[-1]
+    assert isinstance(failed, Failed) and failed.error == "out: disk full"
+    monkeypatch.undo()
+    jobs = [service.submit(GenerateRequest(prompt="y", steps=2, width=64, height=64), tmp_path) for _ in range(2)]
+    finals = [(await asyncio.wait_for(_finish(service, job, events), TIMEOUT))[-1] for job in jobs]
+    assert all(isinstance(f, Done) and len(f.paths) == 1 for f in finals)
+    assert QueueStore(tmp_path / "queue.sqlite3").get(doomed).outputs == []
+
+
+@ray_installed
+def test_a_cluster_without_gpus_is_refused_in_one_line(tmp_path):
+    from backend.ray_pool import RayPool
+
+    class NoGpus:
+        @staticmethod
+        def cluster_resources():
+            return {"CPU": 8.0}
+
+    with pytest.raises(DreamttyError, match=r"^cluster: the Ray cluster at auto has no GPU; .*--device cpu"):
+        RayPool("auto", tmp_path / "q.sqlite3")._count(NoGpus)

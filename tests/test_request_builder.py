@@ -1,0 +1,102 @@
+"""One request builder: defaults < config defaults < preset < explicit, for the CLI's flags and a form's text."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend import request_builder
+from backend.config import config_path
+from backend.errors import RequestError
+from tui import cli, cli_jobs
+
+
+def _config(text: str) -> None:
+    config_path().write_text(text)
+
+
+@pytest.fixture
+def _cli(monkeypatch):
+    """``dreamtty generate ARGV``, all the way through ``main``, stopping at the request it would queue."""
+    seen = []
+    monkeypatch.setattr(cli_jobs, "cmd_generate", lambda args: seen.append(cli_jobs.request_from_args(args)))
+
+    def run(*argv: str):
+        assert cli.main(["generate", *argv]) == 0
+        return seen.pop()
+
+    return run
+
+
+# (config default_model, argv) -> (model, width, height): the whole precedence table.
+TABLE = [
+    (None, [], ("demo", None, None)),  # the request's own default
+    ("demo-xl", [], ("demo-xl", None, None)),  # the config's default
+    ("demo-xl", ["--preset", "anime"], ("cagliostrolab/animagine-xl-3.1", 832, 1216)),  # a preset beats the config
+    (None, ["--preset", "anime", "--model", "demo"], ("demo", None, None)),  # explicit wins; the preset's size goes with its model
+    (None, ["--preset", "anime", "--size", "64x96"], ("cagliostrolab/animagine-xl-3.1", 64, 96)),
+    ("demo-xl", ["--model", "demo", "--size", "64x64"], ("demo", 64, 64)),
+]
+
+
+@pytest.mark.parametrize("default_model, argv, expected", TABLE)
+def test_precedence_in_the_cli(default_model, argv, expected, _cli):
+    _config(f"default_model: {default_model}\n" if default_model else "{}\n")
+    request = _cli("a fox", *argv)
+    assert (request.model, request.width, request.height) == expected
+
+
+@pytest.mark.parametrize("default_model, argv, expected", TABLE)
+def test_the_builder_gives_the_cli_and_a_form_the_same_request(default_model, argv, expected, _cli):
+    """The same inputs as a form holds them (texts) build the very request the flags build."""
+    _config(f"default_model: {default_model}\n" if default_model else "{}\n")
+    flags = dict(zip(argv[::2], argv[1::2]))
+    form = {"prompt": "a fox", "model": flags.get("--model"), "size": flags.get("--size")}
+    assert request_builder.build(form, flags.get("--preset")) == _cli("a fox", *argv)
+
+
+def test_guidance_and_loras_from_text():
+    request = request_builder.build({"loras": "fox:0.5, org/hub-lora", "guidance": {"sag": "0.5", "freeu": "default",
+                                                                                     "adm_scale": ""}})
+    assert request.loras == [("fox", 0.5), ("org/hub-lora", 1.0)]
+    assert (request.guidance.sag, request.guidance.freeu, request.guidance.adm_scale) == (0.5, (), None)
+
+
+@pytest.mark.parametrize("values, error", [
+    ({"loras": "fox:lots"}, "lora: 'fox:lots': weight must be a number"),
+    ({"size": "64×"}, "size: '64×' is not WxH"),
+    ({"guidance": {"sag": "much"}}, "sag: 'much' is not a number"),
+    ({"guidance": {"clip_skip": "1.5"}}, "clip_skip: '1.5' is not a whole number"),
+    ({"guidance": {"freeu": "1,x"}}, "freeu: '1,x' is not a comma-separated list of numbers"),
+])
+def test_bad_text_is_a_one_line_error_naming_the_field(values, error):
+    with pytest.raises(RequestError) as caught:
+        request_builder.build(values)
+    assert str(caught.value).startswith(error)
+
+
+def test_source_image_layer_sits_between_config_defaults_and_a_preset(tmp_path):
+    """A job on an image: its settings < --preset < explicit; a new seed; the size from the image."""
+    from PIL import Image
+
+    from backend import metadata
+    from backend.jobkinds.img2img import Img2ImgRequest
+    from backend.guidance_settings import GuidanceSettings
+    from backend.outputs import save_image
+    from backend.request import GenerateRequest
+
+    _config("default_model: demo-xl\n")
+    made = GenerateRequest(prompt="a red fox", model="demo", steps=12, cfg=4.0, seed=9, styles=["Watercolor"],
+                           guidance=GuidanceSettings(sag=0.5, sharpness=2.0)).resolved("demo").to_dict()
+    path = save_image(Image.new("RGB", (128, 128)), {"kind": "generate", "family": "demo", "request": made,
+                                                    "prompt": {}}, tmp_path)
+    source, warnings = request_builder.source_settings(path)
+    assert warnings == [] and {"seed", "width", "height", "count", "index"}.isdisjoint(source)
+    values = {"image": str(path), "guidance": {"sag": "1.5"}}
+    request = request_builder.build(values, kind=Img2ImgRequest, source=source)
+    assert (request.model, request.prompt, request.steps, request.cfg, request.styles) == ("demo", "a red fox", 12, 4.0, ["Watercolor"])
+    assert (request.guidance.sag, request.guidance.sharpness) == (1.5, 2.0)  # merged control by control
+    assert (request.seed, request.width) == (-1, None)
+    with_preset = request_builder.build(values, "anime", Img2ImgRequest, source=source)
+    assert with_preset.model == "cagliostrolab/animagine-xl-3.1" and with_preset.width is None  # not the preset's size
+    assert request_builder.source_settings(tmp_path / "none.png") == ({}, [])
+    assert metadata.read(path)["request"]["seed"] == 9

@@ -1,0 +1,98 @@
+"""The Generate form loses nothing: every request field round-trips image -> form -> request, and the form
+follows the same precedence as the CLI (config default < preset < a model named on the command line)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import fields
+
+import pytest
+from textual.widgets import TextArea
+
+from backend.client import LocalClient
+from backend.config import config_path
+from backend.guidance_settings import GuidanceSettings
+from backend.request import GenerateRequest
+from backend.service import Service
+from test_tui import NoWorkers, idle_service, make_app, settle  # noqa: F401  (idle_service is a fixture)
+from tui.app import DreamttyApp
+
+# A value for every request field, none of them the default: a field the form forgets fails the test.
+NOT_DEFAULT = {
+    "prompt": "  a red\nfox [[in snow, at dusk]]  ", "negative_prompt": "blurry\n", "model": "demo-xl",
+    "sampler": "euler_a", "scheduler": "sgm_uniform", "steps": 12, "cfg": 4.5, "width": 96, "height": 64,
+    "seed": 1234, "count": 3, "index": 1, "styles": ["Watercolor"], "preset": "anime", "expand": True,
+    "loras": [("fox", 0.5), ("org/hub-lora", 1.0)], "vae": "alt", "refiner": "my-refiner", "refiner_switch": 0.7,
+    "dtype": "bf16", "speed": "fast",
+    "guidance": GuidanceSettings(perp_neg=1.5, sag=0.5, sharpness=3.0, cfg_rescale=0.7, adaptive_cfg=5.0,
+                                 adm_scale=(1.5, 0.8, 0.3), freeu=(1.1, 1.2, 0.9, 0.2), clip_skip=2, pag=1.0, apg=2.0),
+}
+
+
+def test_the_table_names_every_field():
+    assert set(NOT_DEFAULT) == {f.name for f in fields(GenerateRequest)}
+    defaults = GenerateRequest()
+    for f in fields(GuidanceSettings):
+        assert getattr(NOT_DEFAULT["guidance"], f.name) != getattr(defaults.guidance, f.name), f.name
+    for name, value in NOT_DEFAULT.items():
+        assert value != getattr(defaults, name), name
+
+
+async def test_image_parameters_round_trip_through_the_form_field_by_field(idle_service, tmp_path):
+    request = GenerateRequest(**NOT_DEFAULT)
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        form = app.screen.form
+        form.fill(request.to_dict())
+        await settle(pilot)
+        back = form.read_request()
+    for f in fields(GenerateRequest):
+        assert getattr(back, f.name) == getattr(request, f.name), f.name
+
+
+def _app(tmp_path, model: str | None) -> DreamttyApp:
+    db = tmp_path / "queue.sqlite3"
+    service = Service(devices="cpu", db_path=db, recover=True, pool=NoWorkers("cpu", db))
+    return DreamttyApp(model=model, out=tmp_path / "out", client=LocalClient(service))
+
+
+@pytest.mark.parametrize("default_model, model, preset, expected", [
+    ("demo-xl", None, None, ("demo-xl", None)),  # the config's default
+    ("demo-xl", None, "anime", ("cagliostrolab/animagine-xl-3.1", (832, 1216))),  # a preset beats the config
+    ("demo-xl", "demo", "anime", ("demo", None)),  # the command line wins; the preset's size goes with its model
+])
+async def test_precedence_in_the_form(tmp_path, default_model, model, preset, expected):
+    config_path().write_text(f"default_model: {default_model}\n" + (f"default_preset: {preset}\n" if preset else ""))
+    app = _app(tmp_path, model)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        request = app.screen.form.read_request()
+    size = (request.width, request.height)
+    assert (request.model, size if expected[1] else None) == expected
+    if expected[1] is None:
+        assert size != (832, 1216)
+
+
+async def test_a_job_queued_at_once_uses_the_default_preset(tmp_path, user_folder, monkeypatch):
+    """ctrl+g pressed before the default preset (read in a thread after the first frame) is in the form
+    waits for it: the job gets the preset's values, not the form's first ones."""
+    import threading
+
+    from backend.prompting import presets
+
+    (user_folder("presets") / "mine.yaml").write_text("steps: 13\ncfg: 3.5\n")
+    config_path().write_text("default_preset: mine\n")
+    release, real = threading.Event(), presets.list_presets
+    monkeypatch.setattr("tui.screens.generate.list_presets", lambda: (release.wait(10), real())[1])
+    app = _app(tmp_path, "demo")
+    async with app.run_test(size=(120, 40)) as pilot:  # (pilot.press would wait for the blocked thread)
+        app.screen.form.query_one("#prompt", TextArea).text = "a fox"
+        queueing = asyncio.ensure_future(app.action_generate())  # ctrl+g at once
+        await asyncio.sleep(0.3)
+        assert await app.client.jobs() == []  # still waiting for the preset
+        release.set()
+        await queueing
+        await settle(pilot)
+        [job] = await app.client.jobs()
+    assert (job.request["steps"], job.request["cfg"], job.request["preset"]) == (13, 3.5, "mine")
