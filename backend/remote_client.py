@@ -64,6 +64,7 @@ class RemoteClient:
         self._session: aiohttp.ClientSession | None = None
         self._fanout = Fanout()
         self._stream: asyncio.Task | None = None
+        self._connecting = asyncio.Lock()
         self._lost: DreamttyError | None = None
         self._submitted: list[int] = []
 
@@ -73,65 +74,73 @@ class RemoteClient:
 
     async def _connect(self) -> None:
         """Open the session (starting a service when allowed and none answers), check versions,
-        and open the event stream when someone subscribed."""
-        if self._session is None:
-            if self.address.socket:
-                connector = aiohttp.UnixConnector(path=str(self.address.socket))
-                base = "http://dreamtty"
-            else:
-                connector, base = aiohttp.TCPConnector(), f"http://{self.address.host}:{self.address.port}"
-            headers = {"Authorization": f"Bearer {self.address.token}"} if self.address.token else {}
-            self._session = aiohttp.ClientSession(base, connector=connector, headers=headers)
-            try:
+        and open the event stream when someone subscribed. Calls made at once (a TUI's screens as it
+        starts) wait for the first one's connection."""
+        async with self._connecting:
+            if self._session is None:
+                self._session = self._new_session()
                 try:
-                    await self._check_versions()
-                except _Unreachable:
-                    if self._start_options is None:
-                        raise DreamttyError(f"service: none is running at {self.address}; "
-                                            "start one with dreamtty serve --detach") from None
-                    await asyncio.to_thread(start_detached, self._start_options)
-                    await self._check_versions()
-            except BaseException:
-                await self._drop_session()
-                raise
-        if self._fanout.queues and self._stream is None:
-            await self._open_stream()
+                    try:
+                        await self._check_versions()
+                    except _Unreachable:
+                        if self._start_options is None:
+                            raise DreamttyError(f"service: none is running at {self.address}; "
+                                                "start one with dreamtty serve --detach") from None
+                        await asyncio.to_thread(start_detached, self._start_options)
+                        await self._check_versions()
+                except BaseException:
+                    await self._drop_session()
+                    raise
+            if self._fanout.queues and self._stream is None:
+                self._stream = asyncio.create_task(self._follow(await self._open_stream()))
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        if self.address.socket:
+            connector, base = aiohttp.UnixConnector(path=str(self.address.socket)), "http://dreamtty"
+        else:
+            connector, base = aiohttp.TCPConnector(), f"http://{self.address.host}:{self.address.port}"
+        headers = {"Authorization": f"Bearer {self.address.token}"} if self.address.token else {}
+        return aiohttp.ClientSession(base, connector=connector, headers=headers)
 
     async def _check_versions(self) -> None:
-        theirs, ours = await self._call("GET", "/v1/version"), versions()
+        theirs, ours = await self._request("GET", "/v1/version"), versions()
         if theirs != ours:
             raise VersionMismatch(
                 f"service: it runs dreamtty {theirs.get('dreamtty')} (API {theirs.get('api')}, events "
                 f"{theirs.get('events')}) and this is {ours['dreamtty']} (API {ours['api']}, events {ours['events']}); "
                 "restart the service: dreamtty serve --stop, then run this again")
 
-    async def _open_stream(self) -> None:
-        ws = await self._session.ws_connect("/v1/events", params={"previews": "1" if self._previews else "0"},
-                                            heartbeat=20.0)
-        self._stream = asyncio.create_task(self._follow(ws))
+    async def _open_stream(self) -> aiohttp.ClientWebSocketResponse:
+        try:
+            return await self._session.ws_connect("/v1/events", heartbeat=20.0,
+                                                  params={"previews": "1" if self._previews else "0"})
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _Unreachable(f"service: cannot follow the events of {self.address}: {exc}") from None
 
     async def _follow(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Task: publish the stream's events; reopen it when it drops."""
         delay, down_since = RECONNECT_DELAY[0], None
         while True:
-            async for message in ws:
-                if message.type == aiohttp.WSMsgType.TEXT:
-                    try:
-                        self._fanout.publish(loads(message.data))
-                    except EventError:
-                        continue
+            try:
+                async for message in ws:
+                    if message.type == aiohttp.WSMsgType.TEXT:
+                        try:
+                            self._fanout.publish(loads(message.data))
+                        except EventError:
+                            continue
+            except (aiohttp.ClientError, OSError):  # the stream broke rather than closed
+                pass
             down_since = down_since or time.monotonic()
             while True:
                 await asyncio.sleep(delay)
                 try:
                     await self._check_versions()
-                    ws = await self._session.ws_connect(
-                        "/v1/events", params={"previews": "1" if self._previews else "0"}, heartbeat=20.0)
+                    ws = await self._open_stream()
                     break
                 except VersionMismatch as exc:  # another version of the service took its place
                     self._lost = exc
                     return
-                except (DreamttyError, aiohttp.ClientError, OSError):
+                except DreamttyError:
                     delay = min(delay * 2, RECONNECT_DELAY[1])
                 if self._patience is not None and time.monotonic() - down_since > self._patience:
                     self._lost = DreamttyError(
@@ -158,9 +167,13 @@ class RemoteClient:
         await self._drop_session()
 
     async def _call(self, method: str, path: str, body: dict | None = None, **params) -> dict:
-        """One API request; the service's one-line error as a DreamttyError (RequestError for a field)."""
-        if self._session is None:
-            await self._connect()
+        """One API request, once connected."""
+        await self._connect()
+        return await self._request(method, path, body, **params)
+
+    async def _request(self, method: str, path: str, body: dict | None = None, **params) -> dict:
+        """One API request on the open session; the service's one-line error as a DreamttyError
+        (RequestError for a field)."""
         try:
             async with self._session.request(method, path, json=body, params=params or None) as response:
                 data = await response.json(content_type=None)
@@ -182,7 +195,6 @@ class RemoteClient:
 
     # -- the Client interface -------------------------------------------------------------
     async def submit(self, request: GenerateRequest, out_dir: Path | None = None) -> int:
-        await self._connect()
         out = Path(out_dir or config.load().outputs_dir()).expanduser().absolute()
         job_id = int((await self._call("POST", "/v1/jobs", _body(request, out)))["id"])
         self._submitted.append(job_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -562,3 +563,53 @@ def test_bad_serve_options_are_one_line(dirs):
         assert result.returncode == 2 and result.stderr.startswith(f"dreamtty: {field}: ")
         assert len(result.stderr.splitlines()) == 1
     assert not dirs.files().socket.exists()
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_the_tui_is_a_client_and_its_kill_spares_the_job(dirs):
+    """``dreamtty`` starts the service and queues on it; killed mid-job, the job still ends in a PNG."""
+    from test_e2e_tmux import Tmux, _command
+
+    (dirs.home / "config" / "presets").mkdir(parents=True)
+    (dirs.home / "config" / "presets" / "long.yaml").write_text("description: a long demo job\nsteps: 150\n")
+    attach = cli(dirs, "attach")  # nothing to attach to yet: it says so, and starts nothing
+    assert attach.returncode == 2 and "none is running" in attach.stderr and not dirs.files().socket.exists()
+    env = {**dirs.env(), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TERM": "xterm-256color",
+           "DREAMTTY_DEFAULT_PRESET": "long"}
+    tmux = Tmux(env)
+    try:
+        assert tmux("new-session", "-d", "-s", "app", "-x", "200", "-y", "60", _command(dirs.out)).returncode == 0
+        tmux("set-option", "-t", "app", "remain-on-exit", "on")
+        tmux.wait(lambda: "Prompt" in tmux.screen() and "Generate" in tmux.screen(), "the app to draw", 60)
+        tmux("send-keys", "-t", "app", "-l", "a red fox in the snow")
+        tmux.wait(lambda: "a red fox in the snow" in tmux.screen(), "the typed prompt", 30)
+        tmux("send-keys", "-t", "app", "C-g")
+        tmux.wait(lambda: re.search(r"step \d+/150", tmux.screen()), "the job's progress from the service")
+        assert not list(dirs.out.rglob("*.png"))
+        pane_pid = int(tmux("display", "-p", "-t", "app", "#{pane_pid}").stdout)
+        os.kill(pane_pid, signal.SIGKILL)  # the TUI dies mid-job, as with an SSH drop
+    finally:
+        tmux("kill-server")
+    deadline = time.monotonic() + 120
+    while not list(dirs.out.rglob("*.png")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (png,) = dirs.out.rglob("*.png")
+    (job,) = json.loads(cli(dirs, "jobs", "--json").stdout)
+    assert job["state"] == "done" and job["outputs"] == [str(png)]
+
+
+async def test_calls_made_at_once_share_one_start(dirs):
+    """A TUI's screens call the client together as it starts: one service is started, all calls answer."""
+    from backend.client import connect
+
+    together = connect("cpu", tui=True)
+    events = together.subscribe()
+    try:
+        _, jobs, active, status = await asyncio.gather(together.start(), together.jobs(), together.active_jobs(),
+                                                       together.status())
+        job = await together.submit(_request(), dirs.out)
+        ended = [e async for e in together.wait(job, events)][-1]
+    finally:
+        await together.close()
+    assert jobs == [] and active == [] and status["pid"] == dirs.files().read_pid_file()["pid"]
+    assert isinstance(ended, Done)

@@ -113,9 +113,21 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return asyncio.run(_wait(args))
 
 
+async def _check_service(args) -> None:
+    """Connect once (versions compared) without starting a service: a one-line error before the TUI draws."""
+    from backend.client import connect
+
+    client = connect(args.device, start=False)
+    try:
+        await client.start()
+    finally:
+        await client.close()
+
+
 def cmd_attach(args: argparse.Namespace) -> int:
     from tui.app import run_app
     from tui.cli_output import print_warnings
 
     _service_only(args, "attach")
+    asyncio.run(_check_service(args))
     return run_app(args, print_warnings, attach=True)
