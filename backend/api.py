@@ -205,8 +205,8 @@ class Api:
         try:
             while True:
                 event = await queue.get()
-                if isinstance(event, Preview) and (not previews or queue.qsize() > PREVIEW_BACKLOG):
-                    continue  # a slow client loses previews, never the events that matter
+                if isinstance(event, Preview) and not event.label and (not previews or queue.qsize() > PREVIEW_BACKLOG):
+                    continue  # a slow client loses live previews, never the events that matter (nor the maps)
                 await ws.send_str(dumps(event))
         except (ConnectionError, RuntimeError):  # the client went away mid-stream
             pass

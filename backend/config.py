@@ -6,7 +6,8 @@ the same file), else ``<config dir>/config.yaml``. A missing file means the
 defaults. ``DREAMTTY_*`` environment variables override single keys:
 ``DREAMTTY_DEFAULT_MODEL``, ``DREAMTTY_DEFAULT_PRESET``, ``DREAMTTY_OUTPUTS`` and
 ``DREAMTTY_CHECKPOINTS`` / ``_LORAS`` / ``_VAE`` / ``_EMBEDDINGS`` /
-``_UPSCALERS`` / ``_WILDCARDS`` / ``_STYLES`` (folder lists separated by ``os.pathsep``).
+``_UPSCALERS`` / ``_IP_ADAPTERS`` / ``_CONTROLNETS`` / ``_DEPTH_MODELS`` / ``_CAPTIONERS`` /
+``_WILDCARDS`` / ``_STYLES`` (folder lists separated by ``os.pathsep``).
 
 A bad value never stops the app: that key keeps its default and ``load()``
 returns a one-line warning naming the key and the problem.
@@ -25,7 +26,8 @@ from backend.errors import DreamttyError
 from backend.request import SPEEDS
 
 ENV_PATH = "DREAMTTY_CONFIG"
-FOLDER_KINDS = ("checkpoints", "loras", "vae", "embeddings", "upscalers", "wildcards", "styles")
+FOLDER_KINDS = ("checkpoints", "loras", "vae", "embeddings", "upscalers", "ip_adapters", "controlnets", "depth_models",
+                "captioners", "wildcards", "styles")
 TOP_KEYS = ("paths", "default_model", "default_preset", "speed", "keymap", "allow_pickle", "workers")
 
 

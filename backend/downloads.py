@@ -88,15 +88,22 @@ def _wanted(name: str) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in DIFFUSERS_PATTERNS) and not name.startswith(EXCLUDED_FOLDERS)
 
 
-def plan(api, repo: str, revision: str | None, filename: str | None) -> tuple[str, list[PlannedFile]]:
-    """(commit sha, files to fetch) for a repo (diffusers layout) or one file of it."""
+def plan(api, repo: str, revision: str | None, filename: str | None,
+         patterns: tuple[str, ...] = ()) -> tuple[str, list[PlannedFile]]:
+    """(commit sha, files to fetch) for a repo (diffusers layout), one file of it, or the files matching
+    ``patterns`` (paths or fnmatch patterns; a plain path the repo lacks is an error)."""
     try:
         info = api.model_info(repo, revision=revision, files_metadata=True)
     except Exception as exc:
         raise _hub_error(repo, exc) from None
     siblings = list(info.siblings or [])
     names = [s.rfilename for s in siblings]
-    if filename:
+    if patterns:
+        missing = [p for p in patterns if not any(ch in p for ch in "*?[") and p not in names]
+        if missing:
+            raise DreamttyError(f"pull: {repo} has no file {missing[0]}")
+        chosen = [s for s in siblings if any(fnmatch.fnmatch(s.rfilename, p) for p in patterns)]
+    elif filename:
         chosen = [s for s in siblings if s.rfilename == filename]
         if not chosen:
             files = ", ".join(n for n in names if n.endswith(".safetensors"))[:300] or "none"
@@ -173,8 +180,11 @@ def pull(
     api=None,
     progress: Callable[[int, int, str], None] | None = None,
     tqdm_class=None,
+    patterns: tuple[str, ...] = (),
+    local_dir: Path | None = None,
 ) -> Path:
-    """Download a diffusers repo (or one file of it) into the HF cache; returns the local folder or file.
+    """Download a diffusers repo (or one file of it, or the files matching ``patterns``) into the HF cache, or
+    into ``local_dir`` keeping the repo's layout; returns the local folder or file.
 
     ``progress(done_bytes, total_bytes, file)`` is called before and after each file.
     """
@@ -185,12 +195,13 @@ def pull(
         from huggingface_hub import HfApi
 
         api = HfApi()
-    sha, files = plan(api, repo, revision, filename)
-    cached = {f.name for f in files if _cached(api, repo, f.name, sha)}
+    sha, files = plan(api, repo, revision, filename, patterns)
+    cached = {f.name for f in files if _cached(api, repo, f.name, sha, local_dir, f.size)}
     need = sum(f.size or 0 for f in files if f.name not in cached)
-    free = free_bytes(_cache_root())
+    target = local_dir or _cache_root()
+    free = free_bytes(target)
     if need > free:
-        raise DreamttyError(f"pull: {repo} needs {human(need)} but only {human(free)} is free in {_cache_root()}")
+        raise DreamttyError(f"pull: {repo} needs {human(need)} but only {human(free)} is free in {target}")
     total = sum(f.size or 0 for f in files)
     done = 0
     local: Path | None = None
@@ -199,6 +210,8 @@ def pull(
             progress(done, total, f.name)
         try:
             extra = {"tqdm_class": tqdm_class} if tqdm_class is not None else {}
+            if local_dir is not None:
+                extra["local_dir"] = str(local_dir)
             local = Path(api.hf_hub_download(repo, f.name, revision=sha, **extra))
         except DreamttyError:
             raise
@@ -211,13 +224,18 @@ def pull(
         progress(total, total, "")
     if local is None:
         raise DreamttyError(f"pull: {repo} lists no files to download")
+    if local_dir is not None:
+        return local_dir
     if filename:
         return local
     return local.parents[len(Path(files[-1].name).parts) - 1]
 
 
-def _cached(api, repo: str, name: str, sha: str) -> bool:
-    """True when the file of this commit is already complete in the cache."""
+def _cached(api, repo: str, name: str, sha: str, local_dir: Path | None = None, size: int | None = None) -> bool:
+    """True when the file of this commit is already complete in the cache (or ``local_dir``: of its size)."""
+    if local_dir is not None:
+        path = local_dir / name
+        return path.is_file() and (size is None or path.stat().st_size == size)
     try:
         from huggingface_hub import try_to_load_from_cache
 

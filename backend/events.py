@@ -75,6 +75,7 @@ class Preview(JobEvent):
     width: int
     height: int
     rgb: bytes  # width * height * 3, row-major RGB
+    label: str = ""  # "" for the image being sampled; else what it shows, e.g. an image prompt's map "canny-1"
 
 
 @_register("image")
@@ -82,6 +83,14 @@ class ImageSaved(JobEvent):
     image: int
     path: str
     seed: int
+
+
+@_register("text")
+class TextOutput(JobEvent):
+    """The result of a job whose kind makes text (describe)."""
+
+    image: int
+    text: str
 
 
 @_register("done")

@@ -1,4 +1,5 @@
-"""The model library: find checkpoints, LoRAs, VAEs, embeddings and upscalers on disk, without torch.
+"""The model library: find checkpoints, LoRAs, VAEs, embeddings, upscalers and the image prompts' models
+(IP-Adapters, ControlNets, depth models, captioners) on disk, without torch.
 
 Files are inspected by their tensor names and shapes only:
 
@@ -44,9 +45,13 @@ UNET = "model.diffusion_model."
 # Cross-attention context width -> family, for files without text encoder keys (LoRAs, bare UNets).
 CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
 HIDDEN_FAMILY = {768: "sd1", 1024: "sd2"}  # text-encoder width of SD1 / SD2 embeddings and LoRAs
-KINDS = ("checkpoint", "lora", "vae", "embedding", "upscaler")
+# Image prompts' models (backend.companions): IP-Adapters and their image encoders, ControlNets, depth
+# models and describe's captioners.
+COMPANION_KINDS = ("ip_adapter", "controlnet", "depth_model", "captioner")
+KINDS = ("checkpoint", "lora", "vae", "embedding", "upscaler", *COMPANION_KINDS)
 FOLDER_OF_KIND = {"checkpoint": "checkpoints", "lora": "loras", "vae": "vae", "embedding": "embeddings",
-                  "upscaler": "upscalers"}
+                  "upscaler": "upscalers", "ip_adapter": "ip_adapters", "controlnet": "controlnets",
+                  "depth_model": "depth_models", "captioner": "captioners"}
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -308,12 +313,33 @@ def _folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def ip_adapter_family(shapes: Shapes) -> str | None:
+    """The family of an IP-Adapter file (its ``image_proj`` and ``ip_adapter`` weights), by the width of the
+    text context its extra key projections take; None when it is no IP-Adapter."""
+    if not (_has_prefix(shapes, "image_proj.") and _has_prefix(shapes, "ip_adapter.")):
+        return None
+    widths = {s[1] for k, s in shapes.items() if k.startswith("ip_adapter.") and k.endswith("to_k_ip.weight")}
+    return CONTEXT_FAMILY.get(min(widths), "unknown") if widths else "unknown"
+
+
+def controlnet_type(name: str) -> str | None:
+    """The image-prompt type a ControlNet serves, told by its name (the weights cannot tell)."""
+    lowered = name.lower()
+    return next((t for t, words in (("canny", ("canny",)), ("depth", ("depth",)), ("structure", ("cpds", "structure")))
+                 if any(w in lowered for w in words)), None)
+
+
 _DETECTORS = {  # kind -> (shapes -> family or None, why a file is not of that kind)
     "lora": (lora_family, "is not a LoRA (no lora_down / lora_A weights)"),
     "embedding": (embedding_family, "is not a textual-inversion embedding"),
     "vae": (lambda shapes: "any" if is_vae(shapes) else None, "is not a VAE (no encoder/decoder weights)"),
     # Upscalers (ESRGAN, SwinIR, ...): their architecture is told by spandrel, in the worker.
     "upscaler": (lambda shapes: "any" if is_image_model(shapes) else None, "is not an image model (no convolutions)"),
+    "ip_adapter": (ip_adapter_family, "is not an IP-Adapter (no image_proj / ip_adapter weights)"),
+    "controlnet": (lambda shapes: None, "is a single file; ControlNets load from a diffusers folder "
+                                        "(config.json + diffusion_pytorch_model.safetensors)"),
+    "depth_model": (lambda shapes: None, "is a single file; depth models load from a transformers folder"),
+    "captioner": (lambda shapes: None, "is a single file; captioners load from a transformers folder"),
 }
 
 
@@ -336,6 +362,8 @@ def _inspect_file(kind: str, path: Path, source: str) -> Entry:
         if family is None:
             raise CorruptFile(f"model: {path.name} {problem}")
         entry.family = family
+        if kind == "ip_adapter":
+            entry.variant = "face" if "face" in path.stem.lower() else "image"
         if kind == "lora" and (algorithm := lycoris_algorithm(shapes)):
             entry.variant, entry.note = algorithm, f"LyCORIS {algorithm}: not supported; only LoRA files load"
     return entry
@@ -373,7 +401,33 @@ def folder_variant(folder: Path) -> str | None:
     return {9: "inpaint", 8: "pix2pix"}.get(_read_json(unet).get("in_channels"))
 
 
+def _companion_folder(kind: str, config: dict) -> tuple[str, str | None] | None:
+    """(family, variant) of an image-prompt model folder of ``kind`` by its config.json, or None."""
+    architectures = " ".join(config.get("architectures") or [])
+    if kind == "controlnet" and config.get("_class_name") == "ControlNetModel":
+        return CONTEXT_FAMILY.get(config.get("cross_attention_dim"), "unknown"), None
+    if kind == "ip_adapter" and config.get("model_type") == "clip_vision_model":
+        return "any", "image_encoder"
+    if kind == "depth_model" and "ForDepthEstimation" in architectures:
+        return "any", None
+    if kind == "captioner" and config.get("model_type") == "blip":
+        return "any", "photo"
+    if kind == "captioner" and "ForImageClassification" in architectures:
+        return "any", "anime"
+    return None
+
+
 def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
+    if kind in COMPANION_KINDS and (folder / "config.json").is_file():
+        found = _companion_folder(kind, _read_json(folder / "config.json"))
+        if found is None:
+            return None
+        fmt = "diffusers" if kind == "controlnet" else "transformers"
+        entry = Entry(kind, folder.name, str(folder), found[0], _folder_size(folder), source, fmt, found[1])
+        if kind == "controlnet":
+            entry.variant = controlnet_type(folder.name)
+            entry.note = "" if entry.variant else "type unknown: name it with canny, depth or structure (cpds)"
+        return entry
     if kind == "checkpoint" and (folder / "model_index.json").is_file():
         return Entry(kind, folder.name, str(folder), family_from_folder(folder), _folder_size(folder), source,
                      "diffusers", folder_variant(folder))
@@ -448,6 +502,22 @@ def _hub_entries(folders: bool) -> list[Entry]:
     return out
 
 
+def built_in_companions() -> list[Entry]:
+    """The demo models' tiny companions (built offline by backend.engine.demo_companions on first use)."""
+
+    def entry(kind: str, name: str, family: str, fmt: str, variant: str | None) -> Entry:
+        return Entry(kind, name, "", family, 0, "built-in", fmt, variant)
+
+    out = [entry("ip_adapter", "demo-image-encoder", "any", "transformers", "image_encoder"),
+           entry("depth_model", "demo-depth-model", "any", "transformers", None),
+           entry("captioner", "demo-captioner", "any", "transformers", "photo"),
+           entry("captioner", "demo-tagger", "any", "transformers", "anime")]
+    for family in DEMO_MODELS:
+        out += [entry("ip_adapter", f"{family}-{t}", family, "safetensors", t) for t in ("image", "face")]
+        out += [entry("controlnet", f"{family}-{t}", family, "diffusers", t) for t in ("canny", "depth", "structure")]
+    return out
+
+
 def discover(config=None, kinds: tuple[str, ...] = KINDS, hub: bool = True) -> Library:
     """Everything usable in the configured folders, plus the demo models and the HF cache's
     single-file checkpoints (and, with ``hub``, its diffusers repos)."""
@@ -457,6 +527,7 @@ def discover(config=None, kinds: tuple[str, ...] = KINDS, hub: bool = True) -> L
     lib = Library()
     if "checkpoint" in kinds:
         lib.entries += [Entry("checkpoint", n, "", n, 0, "built-in", "diffusers") for n in DEMO_MODELS]
+    lib.entries += [e for e in built_in_companions() if e.kind in kinds]
     for kind in kinds:
         for root in cfg.folders(FOLDER_OF_KIND[kind]):
             scan_folder(kind, root, lib)

@@ -50,9 +50,23 @@ def a1111_parameters(meta: dict) -> str:
         fields.append(("Lora hashes", ", ".join(f"{x['name']}: {x.get('a1111_hash') or x.get('hash')}" for x in loras)))
     if req.get("styles"):
         fields.append(("Styles", "; ".join(req["styles"])))
+    fields += _control_units(req.get("image_prompts") or [], prompt.get("image_prompts") or [])
     fields += jobkinds.get(meta.get("kind", "generate")).request(req).a1111_fields()
     fields.append(("Version", "dreamtty"))
     return infotext.format_text(positive, prompt.get("negative", req["negative_prompt"]), fields)
+
+
+def _control_units(references: list[dict], records: list[dict]) -> list[tuple[str, str]]:
+    """A1111's ControlNet extension fields, one unit per reference that applied (IP-Adapters are units there too):
+    ``ControlNet 0: "Module: canny, Model: name [hash], Weight: 1, Guidance Start: 0, Guidance End: 0.5"``."""
+    units = []
+    for record in records:
+        ref = references[record["index"]]
+        module = record.get("preprocessor") or "ip-adapter_clip"
+        units.append((f"ControlNet {record['index']}",
+                      f"Module: {module}, Model: {record['model']} [{record['hash']}], Weight: {ref['weight']:g}, "
+                      f"Guidance Start: 0, Guidance End: {ref['stop']:g}"))
+    return units
 
 
 def _guidance_value(name: str, value: object) -> object:

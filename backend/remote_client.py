@@ -309,16 +309,19 @@ def _body(request: GenerateRequest, out: Path | None = None) -> dict:
 
 
 def _paths_for_service(request: GenerateRequest) -> GenerateRequest:
-    """Input images, and model, VAE, refiner and LoRA names that are relative paths here, made
-    absolute (the service runs elsewhere); names of models in the library or on the Hub are left as
-    they are."""
-    def absolute(name: str | None) -> str | None:
-        if not name or name in DEMO_MODELS:
-            return name
-        path = Path(os.path.expanduser(name))
-        return str(path.absolute()) if path.exists() and not path.is_absolute() else name
+    """The request with the files it names made absolute, since the service runs elsewhere: input
+    images and image prompts, and model, VAE, refiner and LoRA names that are paths here (names of
+    models in the library or on the Hub are left as they are)."""
+    def absolute(path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path)) if path else path
 
-    inputs = request.input_files() if hasattr(request, "input_files") else {}  # the image-input kinds'
-    return replace(request, model=absolute(request.model), vae=absolute(request.vae),
-                   refiner=absolute(request.refiner), loras=[(absolute(n), w) for n, w in request.loras],
-                   **{role: os.path.abspath(os.path.expanduser(path)) for role, (path, _) in inputs.items() if path})
+    def name_or_path(name: str | None) -> str | None:
+        if not name or name in DEMO_MODELS or not Path(os.path.expanduser(name)).exists():
+            return name
+        return absolute(name)
+
+    inputs = request.input_files() if hasattr(request, "input_files") else {}  # the image-input kinds
+    return replace(request, model=name_or_path(request.model), vae=name_or_path(request.vae),
+                   refiner=name_or_path(request.refiner), loras=[(name_or_path(n), w) for n, w in request.loras],
+                   image_prompts=[replace(p, path=absolute(p.path)) for p in request.image_prompts],
+                   **{role: absolute(path) for role, (path, _) in inputs.items()})

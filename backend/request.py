@@ -16,6 +16,7 @@ from typing import ClassVar
 from backend.errors import RequestError
 from backend.families import FAMILIES
 from backend.guidance_settings import GuidanceSettings
+from backend.image_prompts import ImagePrompt, convert_image_prompts, resolve_image_prompts
 from backend.samplers import SAMPLERS, SCHEDULES
 from backend.values import to_bool, to_float, to_int
 
@@ -52,6 +53,7 @@ class GenerateRequest:
     dtype: str = "auto"
     speed: str = "default"
     guidance: GuidanceSettings = field(default_factory=GuidanceSettings)
+    image_prompts: list[ImagePrompt] = field(default_factory=list)  # reference images (backend.image_prompts)
 
     # Checkpoint variants (library.checkpoint_family) this kind runs with besides regular ones.
     model_variants: ClassVar[tuple[str, ...]] = ()
@@ -157,7 +159,8 @@ class GenerateRequest:
         check_loras(self.loras)
         self.guidance.validate(xl=bool(fam and fam.xl), cfg=cfg)
         return replace(
-            self, scheduler=scheduler, steps=steps, cfg=cfg, width=width, height=height, seed=seed, count=count
+            self, scheduler=scheduler, steps=steps, cfg=cfg, width=width, height=height, seed=seed, count=count,
+            image_prompts=resolve_image_prompts(self.image_prompts),
         )
 
 
@@ -253,4 +256,5 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "dtype": text_value,
     "speed": text_value,
     "guidance": _guidance,
+    "image_prompts": convert_image_prompts,
 }

@@ -89,8 +89,8 @@ def from_text(values: dict) -> dict:
     return out
 
 
-# Settings of a source image that a job on it does not take: its own seed and batch, and its size.
-_NOT_FROM_SOURCE = ("seed", "count", "index", "width", "height")
+# Settings of a source image that a job on it does not take: its own seed and batch, its size and its references.
+_NOT_FROM_SOURCE = ("seed", "count", "index", "width", "height", "image_prompts")
 
 
 def source_settings(path: str | Path) -> tuple[dict, list[str]]:

@@ -17,8 +17,8 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from backend import config, jobkinds, locations
-from backend.errors import ModelError
+from backend import companions, config, jobkinds, locations
+from backend.errors import ModelError, RequestError
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, JobEvent, Queued, Retrying, Started,
                             WorkerModels, WorkerReady)
 from backend.extras_check import check_extras
@@ -135,6 +135,9 @@ class Service:
         A request that loads no model (a fast upscale) is not refused for a model it does not use.
         """
         if not request.uses_model:
+            if request.image_prompts:
+                raise RequestError("image_prompt", "this job runs no model (e.g. a fast upscale), so reference images "
+                                                   "cannot steer it")
             return request.resolved(self._family_or_default(request.model)), ""
         ref = resolve_model(request.model, variants=request.model_variants)
         family = ref.family if ref.family != "unknown" else "sdxl"
@@ -144,6 +147,7 @@ class Service:
             check_clip_skip(resolved.guidance.clip_skip, depth)
         check_prompts(resolved)
         check_extras(resolved, ref.family)
+        companions.plan(resolved.image_prompts, ref.family)
         return resolved, ref.family
 
     @staticmethod

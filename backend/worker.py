@@ -178,9 +178,17 @@ def _make_images(run: JobRun) -> None:
     speed = fast.effective_speed(request.speed, run.cache.device)
     if speed != request.speed:
         run.note(fast.CPU_NOTE)
+    if speed == "fast" and any(p.active for p in request.image_prompts):
+        speed = "default"  # adapters change the UNet's attention processors and inputs: a compiled one would recompile
+        run.note("image prompts run at the default speed (a compiled UNet does not take them)")
     loads = run.cache.loads
     pipe = run.cache.get(ref, pick_dtype(request.dtype, run.cache.device), speed)
-    request = apply_extras(pipe, request, run.cache)
+
+    def on_preview(label: str, image) -> None:  # an image prompt's preprocessed map, before sampling
+        run.emit(ev.Preview, image=run.job.get("first_image", 0), width=image.width, height=image.height,
+                 rgb=image.convert("RGB").tobytes(), label=label)
+
+    request = apply_extras(pipe, request, run.cache, on_preview=on_preview, note=run.note)
     if run.cache.loads != loads:
         _report_models(run)
     with fast.compiled_run(pipe, ref.location, (request.width, request.height), run.cache.compiled, run.note):
@@ -188,7 +196,8 @@ def _make_images(run: JobRun) -> None:
 
 
 def _image_loop(run: JobRun, kind, request, pipe, family_name: str, make_image) -> None:
-    """Images ``first_image``..count-1 of the job, each handed to ``run.output`` as it is made.
+    """Images ``first_image``..count-1 of the job, each handed to ``run.output`` as it is made (a kind that
+    makes text sends it as a ``text`` event instead).
 
     The kind's image function gets the pipeline (or None) and the worker's device; the warnings in
     the record it returns are announced as notes, once per job.
@@ -217,13 +226,16 @@ def _image_loop(run: JobRun, kind, request, pipe, family_name: str, make_image) 
                 rgb = latent_preview(latents, family.preview_matrix, family.preview_bias)
                 run.emit(ev.Preview, image=i, width=rgb.shape[1], height=rgb.shape[0], rgb=rgb.tobytes())
 
-        image, record = make_image(pipe, per_image, on_step=on_step, should_cancel=run.should_cancel,
-                                   device=run.cache.device)
+        result, record = make_image(pipe, per_image, on_step=on_step, should_cancel=run.should_cancel,
+                                    device=run.cache.device)
         for warning in record.get("warnings", []):
             if warning not in announced:
                 announced.add(warning)
                 run.note(warning)
+        if kind.output == "text":
+            run.emit(ev.TextOutput, image=i, text=result)
+            continue
         if kept:
             record["kept_inputs"] = kept
         meta = metadata.build(per_image, family_name, record, kind.name)
-        run.output.save(run, image, meta, i, per_image.seed)
+        run.output.save(run, result, meta, i, per_image.seed)

@@ -613,3 +613,21 @@ async def test_calls_made_at_once_share_one_start(dirs):
         await together.close()
     assert jobs == [] and active == [] and status["pid"] == dirs.files().read_pid_file()["pid"]
     assert isinstance(ended, Done)
+
+
+def test_files_a_request_names_are_sent_absolute(tmp_path, monkeypatch):
+    """The service does not share the client's working folder: relative paths are resolved here."""
+    from backend.image_prompts import ImagePrompt
+    from backend.jobkinds.img2img import Img2ImgRequest
+    from backend.remote_client import _paths_for_service
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "style.safetensors").write_bytes(b"")
+    request = Img2ImgRequest(image="in.png", model="models/mine", loras=[("style.safetensors", 0.5), ("hub/lora", 1.0)],
+                             vae="stabilityai/sd-vae-ft-mse", image_prompts=[ImagePrompt(path="ref.png")])
+    sent = _paths_for_service(request)
+    assert sent.image == str(tmp_path / "in.png") and sent.model == str(tmp_path / "models" / "mine")
+    assert sent.loras == [(str(tmp_path / "style.safetensors"), 0.5), ("hub/lora", 1.0)]
+    assert sent.vae == "stabilityai/sd-vae-ft-mse" and sent.image_prompts[0].path == str(tmp_path / "ref.png")
+    assert _paths_for_service(_request()).model == "demo"

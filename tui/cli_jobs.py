@@ -1,4 +1,4 @@
-"""The commands that queue image jobs (``generate``, ``vary``, ``upscale``, ``inpaint``, ``outpaint``,
+"""The commands that queue jobs (``generate``, ``vary``, ``upscale``, ``inpaint``, ``outpaint``, ``describe``,
 ``reproduce``) and how they follow them."""
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from pathlib import Path
 
 from backend.client import Client
 from backend.errors import RequestError
-from backend.events import Cancelled, Failed, ImageSaved, Note, to_dict
+from backend.events import Cancelled, Failed, ImageSaved, Note, Preview, TextOutput, to_dict
 from backend.guidance_settings import GuidanceSettings
+from backend.image_prompts import MAX_IMAGE_PROMPTS, TYPES
+from backend.jobkinds.describe import MODES as DESCRIBE_MODES
+from backend.jobkinds.describe import DescribeRequest
 from backend.jobkinds.img2img import Img2ImgRequest
 from backend.jobkinds.inpaint import MODES, InpaintRequest
 from backend.jobkinds.outpaint import SIDES, OutpaintRequest
@@ -70,11 +73,17 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-skip", type=int, help="use the N-th from last text-encoder layer")
     g.add_argument("--pag", type=float, help="Perturbed-Attention Guidance scale")
     g.add_argument("--apg", type=float, help="Adaptive Projected Guidance scale")
+    i = p.add_argument_group("image prompts")
+    i.add_argument("--image-prompt", dest="image_prompts", action="append", metavar="IMAGE[:TYPE[:WEIGHT[:STOP]]]",
+                   help=f"a reference image (repeatable, up to {MAX_IMAGE_PROMPTS}); types: "
+                        + ", ".join(f"{t.name} ({t.weight:g}, stop {t.stop:g})" for t in TYPES.values()))
+    i.add_argument("--show-preprocessed", action="store_true",
+                   help="save each reference's preprocessed map (canny edges, depth, structure) beside the output")
     p.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
 
 
 _REQUEST_FLAGS = ("model", "negative_prompt", "sampler", "scheduler", "steps", "cfg", "seed", "count", "styles",
-                  "expand", "loras", "size", "vae", "refiner", "refiner_switch", "dtype", "speed")
+                  "expand", "loras", "size", "vae", "refiner", "refiner_switch", "dtype", "speed", "image_prompts")
 # Flags of the image-input verbs, each the request field of the same name (absent on other verbs).
 _IMAGE_FLAGS = ("image", "strength", "keep_inputs", "scale", "fast", "upscaler", "mask", "box", "mode", "context",
                 "feather", *SIDES)
@@ -104,17 +113,20 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
     try:
         job_ids = [await client.submit(r, out) for r in requests]  # validates before any worker starts
         await client.start()
-        result = await follow(client, job_ids, events, args.json)
+        result = await follow(client, job_ids, events, args.json, getattr(args, "show_preprocessed", False))
         finished = True
     finally:
         await client.close(cancel_jobs=not finished)
     return result
 
 
-async def follow(client: Client, job_ids: list[int], events, as_json: bool) -> tuple[int, list[str]]:
+async def follow(client: Client, job_ids: list[int], events, as_json: bool,
+                 show_maps: bool = False) -> tuple[int, list[str]]:
     """Print the jobs' saved images (or, ``as_json``, their events) until they end; returns the exit
-    code (1 when one failed or was cancelled) and the paths."""
+    code (1 when one failed or was cancelled) and the paths. ``show_maps``: save image prompts'
+    preprocessed maps beside each job's first image."""
     paths: list[str] = []
+    maps: dict[int, list[Preview]] = {}  # each job's maps, until its first image is saved
     failed = 0
     progress = Progress(enabled=sys.stderr.isatty() and not as_json)
     try:
@@ -123,11 +135,18 @@ async def follow(client: Client, job_ids: list[int], events, as_json: bool) -> t
                 if as_json:
                     print(json.dumps({k: v for k, v in to_dict(event).items() if k != "rgb"}), flush=True)
                 progress.update(event)
-                if isinstance(event, ImageSaved):
+                if isinstance(event, Preview) and event.label and show_maps:
+                    maps.setdefault(job_id, []).append(event)
+                elif isinstance(event, ImageSaved):
                     paths.append(event.path)
                     if not as_json:
                         progress.clear()
                         print(visible(event.path), flush=True)
+                    for saved in _save_maps(event.path, maps.pop(job_id, [])):
+                        print(f"dreamtty: job {job_id}: preprocessed {visible(saved)}", file=sys.stderr)
+                elif isinstance(event, TextOutput) and not as_json:
+                    progress.clear()
+                    print(visible(event.text), flush=True)
                 elif isinstance(event, Note):
                     progress.clear()
                     print(f"dreamtty: job {job_id}: {visible(event.message)}", file=sys.stderr)
@@ -139,6 +158,18 @@ async def follow(client: Client, job_ids: list[int], events, as_json: bool) -> t
     finally:
         progress.clear()
     return (1 if failed else 0), paths
+
+
+def _save_maps(image_path: str, previews: list[Preview]) -> list[str]:
+    """Image prompts' preprocessed maps saved beside ``image_path`` as ``<its name>.<label>.png``."""
+    from PIL import Image
+
+    out = []
+    for preview in previews:
+        target = Path(image_path).with_suffix(f".{preview.label}.png")
+        Image.frombytes("RGB", (preview.width, preview.height), preview.rgb).save(target)
+        out.append(str(target))
+    return out
 
 
 def _client(args) -> Client:
@@ -186,6 +217,16 @@ def _image_command(kind: type[GenerateRequest]):
         return code
 
     return command
+
+
+def cmd_describe(args) -> int:
+    """Print a prompt for the image (a job in a worker, like every kind)."""
+    from backend import request_builder
+
+    values = {"image": args.image, "mode": args.mode, "model": args.model}
+    request = request_builder.build({k: v for k, v in values.items() if v is not None}, kind=DescribeRequest)
+    code, _ = asyncio.run(_run_jobs(args, [request], None))
+    return code
 
 
 def cmd_reproduce(args) -> int:
@@ -268,6 +309,14 @@ def register(sub) -> None:
         out.add_argument(f"--{side}", type=int, metavar="PX", help=f"pixels to add on the {side} (rounded up to 8)")
     out.add_argument("--feather", type=int, help="pixels of the original blended into the new area (default 16)")
     out.add_argument("--strength", help="0..1 (default 1)")
+
+    des = sub.add_parser("describe", help="print a prompt for an image (a caption, or anime tags)")
+    des.add_argument("image", help="the image to describe")
+    des.add_argument("--mode", choices=DESCRIBE_MODES, help="photo (a caption, default) or anime (tags)")
+    des.add_argument("--model", help="whose captioner to use: a demo model's built-in one, else the library's "
+                                     "(default: the configured default model)")
+    des.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
+    des.set_defaults(func=cmd_describe)
 
     rep = sub.add_parser("reproduce", help="regenerate an image from its metadata (dreamtty, A1111 or Fooocus)")
     rep.add_argument("image", type=Path, nargs="?")

@@ -8,6 +8,7 @@ import os
 import sys
 
 from backend import config, downloads, library
+from backend.errors import RequestError
 from backend.families import FAMILIES
 from backend.safetext import visible
 
@@ -25,6 +26,12 @@ def apply_global_options(args: argparse.Namespace) -> None:
         print(f"dreamtty: {visible(warning)}", file=sys.stderr)
 
 
+def companions_targets() -> tuple[str, ...]:
+    from backend.companions import PULL_TARGETS
+
+    return PULL_TARGETS
+
+
 def _label(entry: library.Entry) -> str:
     fam = FAMILIES.get(entry.family)
     return fam.label if fam else entry.family
@@ -39,6 +46,8 @@ def format_table(lib: library.Library) -> str:
         for e in entries:
             size = downloads.human(e.size) if e.size else "-"
             note = f"  [{e.note}]" if e.note else ""
+            if e.variant and kind in library.COMPANION_KINDS:  # what it serves: image, face, canny, photo, ...
+                note = f"  [{e.variant}{'; ' + e.note if e.note else ''}]"
             lines.append(f"  {visible(e.name):<36} {visible(_label(e)):<24} {size:>9}  {e.source}{note}")
     if lib.problems:
         lines.append(f"skipped ({len(lib.problems)})")
@@ -61,10 +70,30 @@ def cmd_list(args) -> int:
 
 
 def cmd_pull(args) -> int:
+    if args.target is not None:
+        return _pull_for(args)
+    if args.id is None:
+        raise RequestError("id", "give a Hugging Face id, or --for with what to get the models for")
     path = downloads.pull(args.id, revision=args.revision, filename=args.file)
     print(visible(path))
     name = path.stem if args.file else args.id
     print(f"use it with: dreamtty generate \"...\" --model {visible(name)}", file=sys.stderr)
+    return 0
+
+
+def _pull_for(args) -> int:
+    """Download the usual models for image prompts (a type, or all) or describe into the model library."""
+    from backend import companions
+
+    if args.id is not None or args.file is not None:
+        raise RequestError("for", "takes no id or --file: it knows which repositories to get")
+    cfg = config.load()
+    for usual in companions.usual_for(args.target, args.family):
+        folder = usual.folder(cfg)
+        print(f"dreamtty: {usual.kind.replace('_', ' ')} ({usual.variant or 'any'}): {usual.repo} "
+              f"(about {usual.size}) into {visible(folder)}", file=sys.stderr)
+        downloads.pull(usual.repo, revision=args.revision, patterns=usual.files, local_dir=folder)
+        print(visible(folder))
     return 0
 
 
@@ -80,13 +109,17 @@ def register(sub) -> None:
     about = "list models and pull them from the Hugging Face Hub"
     models = sub.add_parser("models", help=about, description=about)
     msub = models.add_subparsers(dest="models_command", required=True, parser_class=type(models))
-    ls = msub.add_parser("list", help="checkpoints, LoRAs, VAEs and embeddings found")
+    ls = msub.add_parser("list", help="checkpoints, LoRAs, VAEs, embeddings, upscalers and image-prompt models found")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)
     pull = msub.add_parser("pull", help="download a Hugging Face model (or one file of it) into the cache")
-    pull.add_argument("id", help="Hugging Face repo id, e.g. stabilityai/stable-diffusion-xl-base-1.0")
+    pull.add_argument("id", nargs="?", help="Hugging Face repo id, e.g. stabilityai/stable-diffusion-xl-base-1.0")
     pull.add_argument("--revision", help="branch, tag or commit")
     pull.add_argument("--file", help="one file of the repo (e.g. a single-file .safetensors checkpoint)")
+    pull.add_argument("--for", dest="target", choices=companions_targets(),
+                      help="instead of an id: the usual models for image prompts (all types, or one) or describe, "
+                           "into the model library")
+    pull.add_argument("--family", choices=("sd1", "sdxl"), default="sdxl", help="with --for: the models' family")
     pull.set_defaults(func=cmd_pull)
     cfg = sub.add_parser("config", help="the configuration file")
     csub = cfg.add_subparsers(dest="config_command", required=True, parser_class=type(cfg))

@@ -15,7 +15,8 @@ count steps in the whole schedule. With a mask, the part outside it is
 re-blended every step with the input's latents noised to that step's level (as
 ``StableDiffusionInpaintPipeline`` does for 4-channel UNets); a dedicated
 inpainting UNet gets the mask and masked image as extra input channels instead.
-Large images are denoised in overlapping tiles (backend.engine.tiles).
+Large images are denoised in overlapping tiles (backend.engine.tiles). Image prompts
+(``spec.references``) steer every UNet call (backend.engine.image_prompt).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,7 +35,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from backend.engine.conditioning import Conditioning, StepConditioning
 from backend.engine.guider import Guider, UNetInputs
 from backend.engine.tiles import TiledGuider
+from backend.errors import ModelError
 from backend.guidance_settings import GuidanceSettings
+
+if TYPE_CHECKING:
+    from backend.engine.image_prompt import References
 
 
 class Cancelled(Exception):
@@ -64,6 +70,7 @@ class DenoiseSpec:
     should_cancel: Callable[[], bool] | None = None
     start: StartLatents | None = None  # None: text to image, from pure noise
     tile: int | None = None  # denoise in overlapping tiles of this many pixels a side (large images)
+    references: References | None = None  # image prompts (backend.engine.image_prompt)
 
 
 def _is_xl(pipe) -> bool:
@@ -85,7 +92,7 @@ def sdxl_time_ids(pipe, width: int, height: int, dtype: torch.dtype, projection:
     return ids, ids
 
 
-def _unet_inputs(pipe, spec: DenoiseSpec, dtype: torch.dtype, batch: int) -> UNetInputs:
+def _unet_inputs(pipe, spec: DenoiseSpec, dtype: torch.dtype, batch: int, iterations: int) -> UNetInputs:
     device = pipe._execution_device
     time_ids = neg_time_ids = None
     if _is_xl(pipe):
@@ -102,7 +109,8 @@ def _unet_inputs(pipe, spec: DenoiseSpec, dtype: torch.dtype, batch: int) -> UNe
         timestep_cond = pipe.get_guidance_scale_embedding(w, embedding_dim=pipe.unet.config.time_cond_proj_dim)
         timestep_cond = timestep_cond.to(device=device, dtype=dtype)
     extra = spec.start.unet_extra if spec.start is not None else None
-    return UNetInputs(pipe, spec.cond, time_ids, neg_time_ids, timestep_cond, extra)
+    steering = None if spec.references is None else spec.references.steering(pipe, spec.width, spec.height, iterations)
+    return UNetInputs(pipe, spec.cond, time_ids, neg_time_ids, timestep_cond, extra, steering)
 
 
 def _begin(scheduler, index: int) -> None:
@@ -132,7 +140,8 @@ def denoise(pipe, scheduler, spec: DenoiseSpec, make_guider=Guider) -> torch.Ten
             latents = scheduler.add_noise(start.latents, noise, timesteps[:1])
     extra = pipe.prepare_extra_step_kwargs(spec.generator, 0.0)
     whole = len(timesteps) + skip  # iterations of the whole schedule: guidance counts steps in it
-    guider = _guider(pipe, spec, dtype, latents, lambda inputs: make_guider(inputs, spec.cfg, spec.guidance, whole))
+    guider = _guider(pipe, spec, dtype, latents, whole,
+                     lambda inputs: make_guider(inputs, spec.cfg, spec.guidance, whole))
     if start is None:
         _begin(scheduler, 0)
     total = len(timesteps)
@@ -148,18 +157,21 @@ def denoise(pipe, scheduler, spec: DenoiseSpec, make_guider=Guider) -> torch.Ten
     return latents
 
 
-def _guider(pipe, spec: DenoiseSpec, dtype: torch.dtype, latents: torch.Tensor, make):
+def _guider(pipe, spec: DenoiseSpec, dtype: torch.dtype, latents: torch.Tensor, iterations: int, make):
     """The guider for the whole latents, or a tiled one when ``spec.tile`` is smaller than the image."""
     factor = pipe.vae_scale_factor
     size = tuple(latents.shape[-2:])
     tile = (min(spec.tile // factor, size[0]), min(spec.tile // factor, size[1])) if spec.tile else size
     if tile == size:
-        return make(_unet_inputs(pipe, spec, dtype, latents.shape[0]))
+        return make(_unet_inputs(pipe, spec, dtype, latents.shape[0], iterations))
     if spec.start is not None and spec.start.unet_extra is not None:
         raise ValueError("an inpainting UNet's extra channels cannot be tiled")
+    if spec.references is not None and spec.references.controls:
+        raise ModelError("image_prompt: canny, depth and structure references cannot steer an upscale denoised in "
+                         "tiles; use a smaller scale, --fast, or image and face references only")
     tile_spec = DenoiseSpec(spec.cond, tile[1] * factor, tile[0] * factor, spec.steps, spec.cfg, spec.generator,
-                            guidance=spec.guidance)
-    inputs = _unet_inputs(pipe, tile_spec, dtype, latents.shape[0])
+                            guidance=spec.guidance, references=spec.references)
+    inputs = _unet_inputs(pipe, tile_spec, dtype, latents.shape[0], iterations)
     return TiledGuider(lambda: make(inputs), size, tile)
 
 

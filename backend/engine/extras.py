@@ -1,4 +1,5 @@
-"""Per-request extras on a loaded pipeline: LoRAs, textual-inversion embeddings, a VAE override, a refiner.
+"""Per-request extras on a loaded pipeline: LoRAs, textual-inversion embeddings, a VAE override, a refiner,
+image prompts.
 
 ``apply_extras`` runs in the worker after the pipeline cache hands out the
 base pipeline. It changes only what the request asks for, so the base model
@@ -12,6 +13,7 @@ is never reloaded:
   the two encoders) and stay loaded.
 - ``--vae`` swaps the VAE; a later request without it gets the model's own back.
 - ``--refiner`` loads the refiner through the same cache (see ``refiner.py``).
+- ``--image-prompt`` references load their IP-Adapters and ControlNets (see ``image_prompt.py``).
 
 What was applied, with short file hashes, is left in ``pipe.dreamtty_extras``
 and saved in each image's metadata.
@@ -195,8 +197,11 @@ def _load_refiner(pipe, request: GenerateRequest, cache) -> dict | None:
     return {"name": request.refiner, "switch": request.refiner_switch, "hash": _model_hash(ref)}
 
 
-def apply_extras(pipe, request: GenerateRequest, cache=None) -> GenerateRequest:
-    """Apply the request's LoRAs, embeddings, VAE and refiner to ``pipe``; returns the effective request."""
+def apply_extras(pipe, request: GenerateRequest, cache=None, on_preview=None, note=None) -> GenerateRequest:
+    """Apply the request's LoRAs, embeddings, VAE, refiner and image prompts to ``pipe``; returns the effective
+    request. ``on_preview(label, image)`` gets each image prompt's preprocessed map, ``note`` a line for people."""
+    from backend.engine.image_prompt import apply_image_prompts
+
     if pipe.dreamtty_family == "sdxl-refiner":
         raise ModelError(f"model: {request.model} is an SDXL refiner; use it with --refiner on an SDXL base model")
     cfg = config_mod.load()
@@ -206,6 +211,7 @@ def apply_extras(pipe, request: GenerateRequest, cache=None) -> GenerateRequest:
         "embeddings": _load_embeddings(pipe, request, cfg),
         "vae": _apply_vae(pipe, request.vae, cfg),
         "refiner": _load_refiner(pipe, request, cache),
+        "image_prompts": apply_image_prompts(pipe, request, on_preview, note),
     }
     pipe.dreamtty_extras = {k: v for k, v in extras.items() if v}
     return request

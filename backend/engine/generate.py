@@ -41,6 +41,7 @@ def generate_image(
             cond, request.width, request.height, request.steps, request.cfg, generator,
             guidance=request.guidance, on_step=on_step, should_cancel=should_cancel,
             start=start.latents(pipe, generator, cond.at(0, 1).cond.dtype) if start is not None else None, tile=tile,
+            references=getattr(pipe, "dreamtty_image_prompts", None),
         )
         latents = denoise(pipe, scheduler, spec, **refiner_handover(pipe, request, schedule))
         image = decode(pipe, latents, generator)

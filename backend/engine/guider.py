@@ -10,13 +10,15 @@ rescale (Lin et al. 2023, arXiv 2305.08891 §3.4, diffusers' implementation)
 comes last. ADM scaling picks SDXL's time ids per branch; FreeU is set on the
 UNet for each job. With every control neutral this is plain CFG, bit for bit.
 With prompt editing the conditioning changes between steps; the batched rows
-are built once per distinct conditioning.
+are built once per distinct conditioning. Image prompts (backend.engine.image_prompt) add their
+IP-Adapter embeddings and ControlNet residuals to every UNet call, each row getting its own.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
@@ -33,6 +35,9 @@ from backend.engine.sag import AttentionMap, capture_attention, degraded_sample
 from backend.engine.sharpness import sharpened
 from backend.guidance_settings import GuidanceSettings
 
+if TYPE_CHECKING:
+    from backend.engine.image_prompt import Steering
+
 
 @dataclass
 class UNetInputs:
@@ -44,14 +49,20 @@ class UNetInputs:
     neg_add_time_ids: torch.Tensor | None
     timestep_cond: torch.Tensor | None
     extra: torch.Tensor | None = None  # an inpainting UNet's extra input channels, after the latents
+    steering: Steering | None = None  # image prompts: IP-Adapter embeddings and ControlNet residuals
 
-    def call(self, latents: torch.Tensor, t, embeds: torch.Tensor, text_embeds=None, time_ids=None) -> torch.Tensor:
+    def call(self, latents: torch.Tensor, t, embeds: torch.Tensor, text_embeds=None, time_ids=None,
+             rows: tuple[str, ...] = ("cond",)) -> torch.Tensor:
+        """The UNet's prediction for the batch of ``rows`` (the guider's row names, one per latents row)."""
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        residuals = {}
+        if self.steering is not None:
+            added, residuals = self.steering.unet_kwargs(latents, t, embeds, added, rows)
         if self.extra is not None:
             latents = torch.cat([latents, self.extra.to(latents.dtype).expand(latents.shape[0], -1, -1, -1)], dim=1)
         return self.pipe.unet(
             latents, t, encoder_hidden_states=embeds, timestep_cond=self.timestep_cond,
-            cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False,
+            cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False, **residuals,
         )[0]
 
 
@@ -150,9 +161,11 @@ class Guider:
         p = progress(scheduler, t) if self.timed else 0.0
         batch = self.batch(self.inputs.cond.at(step, self.total))
         adm = batch.adm_time_ids is not None and p < s.adm_scale[2]
+        if self.inputs.steering is not None:
+            self.inputs.steering.begin(step)
         with self._attention_hooks() as attention:
             pred = self.inputs.call(
-                model_in, t, batch.embeds, batch.text_embeds, batch.adm_time_ids if adm else batch.time_ids
+                model_in, t, batch.embeds, batch.text_embeds, batch.adm_time_ids if adm else batch.time_ids, self.rows
             )
         out = dict(zip(self.rows, pred.chunk(n)))
         x = model_in[:1]
@@ -195,5 +208,5 @@ class Guider:
         eps = level.eps(pred, x)
         mask = attention.mask(tuple(x.shape[-2:]), x.dtype)
         degraded = degraded_sample(level.x0(pred, x), eps, mask, level)
-        degraded_pred = self.inputs.call(degraded, t, b.embeds, b.pooled, b.ids(adm))
+        degraded_pred = self.inputs.call(degraded, t, b.embeds, b.pooled, b.ids(adm), (self.base,))
         return level.eps_step(self.settings.sag * (eps - level.eps(degraded_pred, degraded)))

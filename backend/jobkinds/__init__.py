@@ -1,9 +1,12 @@
-"""Job kinds: text to image and the image-input kinds (vary, upscale, inpaint, outpaint), as entries of one registry.
+"""Job kinds: text to image, the image-input kinds (vary, upscale, inpaint, outpaint) and describe, as
+entries of one registry.
 
 A kind is its request type (a :class:`~backend.request.GenerateRequest` or a subclass sharing its
 common fields, with its own validation and metadata fields) plus the worker-side function that makes
-one image of it. The queue, the service, the worker, metadata and "reproduce" look kinds up here
-instead of testing for them. Adding a kind: one module in this package, one line in ``_KINDS``.
+one result of it: an image (saved with its metadata), or, for a kind whose ``output`` is ``"text"``
+(describe), a text the worker sends as a ``text`` event. The queue, the service, the worker, metadata
+and "reproduce" look kinds up here instead of testing for them. Adding a kind: one module in this
+package, one line in ``_KINDS``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import importlib
 from dataclasses import dataclass
 
 from backend.errors import RequestError
+from backend.jobkinds.describe import DescribeRequest
 from backend.jobkinds.img2img import Img2ImgRequest
 from backend.jobkinds.inpaint import InpaintRequest
 from backend.jobkinds.outpaint import OutpaintRequest
@@ -25,6 +29,7 @@ class JobKind:
     label: str  # for people: "text to image"
     request_type: type[GenerateRequest]
     make_image: str  # "module:function" in backend.engine, imported by the worker only (torch)
+    output: str = "image"  # what the function makes: "image" (PIL image) or "text"
 
     def request(self, data: object) -> GenerateRequest:
         """The request ``data`` (a dict from ``to_dict``) describes; RequestError naming a bad field."""
@@ -41,6 +46,7 @@ _KINDS = (
     JobKind("upscale", "upscale", UpscaleRequest, "backend.engine.upscale:upscale_image"),
     JobKind("inpaint", "inpaint", InpaintRequest, "backend.engine.inpaint:inpaint_image"),
     JobKind("outpaint", "outpaint", OutpaintRequest, "backend.engine.inpaint:outpaint_image"),
+    JobKind("describe", "describe", DescribeRequest, "backend.engine.caption:describe_image", output="text"),
 )
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in _KINDS}
 

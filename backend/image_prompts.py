@@ -1,0 +1,150 @@
+"""Image prompts: reference images that steer a new image (Fooocus's "Image Prompt"), without torch.
+
+A request holds up to :data:`MAX_IMAGE_PROMPTS` references, each ``IMAGE[:TYPE[:WEIGHT[:STOP]]]``:
+
+- ``image`` (IP-Adapter: content and style) and ``face`` (the IP-Adapter face model) add the
+  reference's CLIP image features to the UNet's cross-attention, ``weight`` times;
+- ``canny``, ``depth`` and ``structure`` (Fooocus's CPDS) run a preprocessor on the reference and
+  feed the map to a ControlNet, whose residuals are added ``weight`` times.
+
+Each applies in the first ``stop`` of the steps of the whole schedule (loop iteration ``i`` of ``n``
+while ``(i + 1) / n <= stop``, diffusers' ``control_guidance_end`` rule). The defaults (stop,
+weight) are Fooocus's. A reference with weight 0 or stop 0 changes nothing and loads nothing.
+Reference images are read and hashed like input images (backend.input_images).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from backend.errors import RequestError
+from backend.input_images import read_image
+from backend.values import to_float
+
+FIELD = "image_prompt"  # the request's errors name the CLI flag's field
+MAX_IMAGE_PROMPTS = 4
+MAX_WEIGHT = 2.0
+
+
+@dataclass(frozen=True)
+class PromptType:
+    name: str
+    model: str  # the library kind that carries it: ip_adapter | controlnet
+    stop: float  # Fooocus's defaults
+    weight: float
+    about: str
+
+
+TYPES: dict[str, PromptType] = {t.name: t for t in (
+    PromptType("image", "ip_adapter", 0.5, 0.6, "IP-Adapter: content and style"),
+    PromptType("face", "ip_adapter", 0.9, 0.75, "IP-Adapter face model: the face"),
+    PromptType("canny", "controlnet", 0.5, 1.0, "ControlNet on the edges (Canny)"),
+    PromptType("depth", "controlnet", 0.5, 1.0, "ControlNet on a depth map"),
+    PromptType("structure", "controlnet", 0.5, 1.0, "ControlNet on contrast-preserving decolorised structure (CPDS)"),
+)}
+_WORD = re.compile(r"[A-Za-z][A-Za-z_-]*")
+
+
+@dataclass
+class ImagePrompt:
+    """One reference image; ``weight``/``stop`` None = the type's default (filled by :func:`resolve_image_prompts`)."""
+
+    path: str
+    type: str = "image"
+    weight: float | None = None
+    stop: float | None = None
+    hash: str | None = None  # the file's content hash, recorded at submission
+
+    @property
+    def active(self) -> bool:
+        """Whether it changes anything at all (weight and stop above 0)."""
+        return bool(self.weight) and bool(self.stop)
+
+    def applies(self, iteration: int, iterations: int) -> bool:
+        """Whether it applies at loop iteration ``iteration`` of ``iterations`` (diffusers' control_guidance_end
+        rule)."""
+        return self.active and (iteration + 1) / iterations <= self.stop
+
+    def label(self, index: int) -> str:
+        return f"{index + 1} ({self.type})"
+
+
+def parse(text: str) -> ImagePrompt:
+    """``IMAGE[:TYPE[:WEIGHT[:STOP]]]``; a path may itself hold ``:`` (the type is the first of the last
+    three ``:`` fields that names one). RequestError naming the field otherwise."""
+    if not isinstance(text, str) or not text.strip():
+        raise RequestError(FIELD, "is empty; give IMAGE[:TYPE[:WEIGHT[:STOP]]]")
+    parts = text.strip().split(":")
+    for at in range(max(1, len(parts) - 3), len(parts)):
+        if parts[at].strip().lower() in TYPES:
+            numbers = [_number(p, text) for p in parts[at + 1:]]
+            return ImagePrompt(":".join(parts[:at]), parts[at].strip().lower(), *numbers)
+    tail = parts[-1].strip()
+    if len(parts) > 1 and _WORD.fullmatch(tail) and not Path(os.path.expanduser(text)).exists():
+        raise RequestError(FIELD, f"{text!r}: unknown type {tail!r}; allowed: {', '.join(TYPES)}")
+    return ImagePrompt(text.strip())
+
+
+def _number(part: str, text: str) -> float:
+    try:
+        return to_float(FIELD, part.strip())
+    except RequestError:
+        raise RequestError(FIELD, f"{text!r}: {part!r} is not a number (IMAGE[:TYPE[:WEIGHT[:STOP]]])") from None
+
+
+_KEYS = ("path", "type", "weight", "stop", "hash")
+
+
+def convert_image_prompts(name: str, value: object) -> list[ImagePrompt]:
+    """The request field from a preset, the queue or metadata: a list of texts or of mappings with
+    ``path``, ``type``, ``weight``, ``stop`` (and ``hash``)."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise RequestError(FIELD, f"{value!r} is not allowed; give a list of IMAGE[:TYPE[:WEIGHT[:STOP]]]")
+    return [_one(item) for item in value]
+
+
+def _one(item: object) -> ImagePrompt:
+    if isinstance(item, ImagePrompt):
+        return item
+    if isinstance(item, str):
+        return parse(item)
+    if not isinstance(item, dict):
+        raise RequestError(FIELD, f"{item!r} is not IMAGE[:TYPE[:WEIGHT[:STOP]]] or a mapping")
+    unknown = sorted(set(item) - set(_KEYS), key=str)
+    if unknown:
+        raise RequestError(FIELD, f"unknown key {unknown[0]!r}; allowed: {', '.join(_KEYS)}")
+    if not isinstance(item.get("path"), str) or not isinstance(item.get("type", "image"), str):
+        raise RequestError(FIELD, f"{item!r}: path and type must be text")
+    numbers = {k: None if item.get(k) is None else to_float(FIELD, item[k]) for k in ("weight", "stop")}
+    digest = item.get("hash")
+    return ImagePrompt(item["path"], item.get("type", "image"), numbers["weight"], numbers["stop"],
+                       digest if isinstance(digest, str) else None)
+
+
+def resolve_image_prompts(prompts: list[ImagePrompt]) -> list[ImagePrompt]:
+    """Check every reference (count, type, weight 0..2, stop 0..1, the file as an input image) and fill
+    the type's defaults, the absolute path and the content hash. RequestError("image_prompt") otherwise."""
+    prompts = convert_image_prompts(FIELD, prompts)
+    if len(prompts) > MAX_IMAGE_PROMPTS:
+        raise RequestError(FIELD, f"{len(prompts)} given; at most {MAX_IMAGE_PROMPTS} reference images")
+    out = []
+    for i, prompt in enumerate(prompts):
+        kind = TYPES.get(prompt.type)
+        if kind is None:
+            raise RequestError(FIELD, f"{i + 1}: unknown type {prompt.type!r}; allowed: {', '.join(TYPES)}")
+        weight = kind.weight if prompt.weight is None else to_float(FIELD, prompt.weight)
+        stop = kind.stop if prompt.stop is None else to_float(FIELD, prompt.stop)
+        if not 0.0 <= weight <= MAX_WEIGHT:
+            raise RequestError(FIELD, f"{prompt.label(i)}: weight {weight:g} is out of range; "
+                                      f"allowed 0..{MAX_WEIGHT:g}")
+        if not 0.0 <= stop <= 1.0:
+            raise RequestError(FIELD, f"{prompt.label(i)}: stop {stop:g} is out of range; allowed 0..1")
+        source = read_image(prompt.path, FIELD, prompt.hash)
+        out.append(replace(prompt, path=os.path.abspath(os.path.expanduser(prompt.path)), weight=weight, stop=stop,
+                           hash=source.hash))
+    return out

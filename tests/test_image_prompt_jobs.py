@@ -1,0 +1,301 @@
+"""Image prompts and describe through the service, its worker and the CLI: previews, metadata and reproduce,
+the models they need (library, pull --for, the error naming the pull command), and every bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend import companions, downloads, library, metadata
+from backend.errors import DreamttyError, RequestError
+from backend.events import Done, ImageSaved, Preview, TextOutput
+from backend.image_prompts import ImagePrompt
+from backend.jobkinds.describe import DescribeRequest
+from backend.jobkinds.img2img import Img2ImgRequest
+from backend.request import GenerateRequest
+from backend.service import Service
+from image_helpers import gradient, write_image
+
+TIMEOUT = 180
+
+
+def picture() -> Image.Image:
+    """A reference with edges: a dark box on a gradient."""
+    image = gradient(96, 80)
+    image.paste((10, 10, 40), (20, 15, 60, 50))
+    return image
+
+
+@pytest.fixture
+def reference(tmp_path) -> Path:
+    return write_image(tmp_path / "reference.png", picture())
+
+
+async def _run(service, events, request, out) -> list:
+    job = service.submit(request, out)
+    seen = []
+    async for event in service.wait(job, events):
+        seen.append(event)
+    assert isinstance(seen[-1], Done), seen[-1]
+    return seen
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+async def test_references_through_the_worker_metadata_and_reproduce(tmp_path, demo_dirs, reference):
+    image = str(write_image(tmp_path / "in.png"))
+    prompts = [f"{reference}:canny:0.8", f"{reference}:face", f"{reference}:depth:0:0.5"]  # the last one is off
+    requests = [GenerateRequest.from_dict({"prompt": "a fox", "model": "demo", "steps": 6, "image_prompts": prompts}),
+                Img2ImgRequest.from_dict({"prompt": "a fox", "model": "demo-xl", "steps": 6, "image": image,
+                                          "strength": 0.7, "image_prompts": prompts[:2]})]
+    service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3")
+    events = service.subscribe()
+    await service.start()
+    try:
+        for request in requests:
+            seen = await asyncio.wait_for(_run(service, events, request, tmp_path / "out"), TIMEOUT)
+            maps = [e for e in seen if isinstance(e, Preview) and e.label]
+            assert [e.label for e in maps] == ["canny-1"] and (maps[0].width, maps[0].height) == (128, 128)
+            edges = np.frombuffer(maps[0].rgb, dtype=np.uint8)
+            assert set(np.unique(edges)) == {0, 255}  # a canny map, sent before sampling starts
+            assert seen.index(maps[0]) < min(i for i, e in enumerate(seen) if type(e).__name__ == "Step")
+            [path] = [e.path for e in seen if isinstance(e, ImageSaved)]
+            meta = metadata.read(path)
+            refs = meta["request"]["image_prompts"]
+            assert [(r["type"], r["weight"], r["stop"]) for r in refs][:2] == [("canny", 0.8, 0.5), ("face", 0.75, 0.9)]
+            assert all(r["path"] == str(reference) and len(r["hash"]) == 12 for r in refs)
+            records = meta["prompt"]["image_prompts"]
+            assert [(r["index"], r["type"]) for r in records] == [(0, "canny"), (1, "face")]
+            assert records[1]["encoder"]["name"] == "demo-image-encoder" and len(records[0]["hash"]) == 10
+            text = Image.open(path).text["parameters"]
+            family = meta["family"]
+            assert (f'ControlNet 0: "Module: canny, Model: {family}-canny [{records[0]["hash"]}], Weight: 0.8, '
+                    'Guidance Start: 0, Guidance End: 0.5"') in text
+            assert f'ControlNet 1: "Module: ip-adapter_clip, Model: {family}-face [' in text
+            again_request, warnings = metadata.image_request(path)
+            assert warnings == [] and again_request.image_prompts == [ImagePrompt(**r) for r in refs]
+            again = await asyncio.wait_for(_run(service, events, again_request, tmp_path / "again"), TIMEOUT)
+            [again_path] = [e.path for e in again if isinstance(e, ImageSaved)]
+            assert np.array_equal(_pixels(again_path), _pixels(path))
+        # A reference that changed since: reproduce names it, nothing is queued.
+        picture().transpose(Image.Transpose.ROTATE_180).save(reference)
+        with pytest.raises(RequestError, match=rf"^image_prompt: {reference} changed since the job was made"):
+            service.submit(metadata.image_request(path)[0], tmp_path / "again")
+    finally:
+        await service.close()
+
+
+async def test_describe_returns_text_through_the_worker(tmp_path, demo_dirs, reference):
+    from backend.engine.demo_companions import CAPTION_WORDS, TAGS
+
+    service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3")
+    events = service.subscribe()
+    await service.start()
+    try:
+        texts = {}
+        for mode in ("photo", "anime"):
+            request = DescribeRequest.from_dict({"image": str(reference), "mode": mode, "model": "demo"})
+            seen = await asyncio.wait_for(_run(service, events, request, tmp_path / "out"), TIMEOUT)
+            [texts[mode]] = [e.text for e in seen if isinstance(e, TextOutput)]
+            assert not [e for e in seen if isinstance(e, ImageSaved)] and seen[-1].paths == []
+        words = texts["photo"].split()
+        assert len(words) == 8 and set(words) <= set(CAPTION_WORDS)
+        tags = texts["anime"].split(", ")
+        assert tags and set(tags) <= {t.replace("_", " ") if len(t) > 3 else t for t in TAGS[4:]}
+    finally:
+        await service.close()
+
+
+def run(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=timeout)
+
+
+def test_cli_image_prompts_show_preprocessed_and_describe(tmp_path, demo_dirs, reference):
+    out = tmp_path / "out"
+    r = run("generate", "a fox", "--demo", "--steps", "4", "--image-prompt", f"{reference}:structure",
+            "--image-prompt", f"{reference}:image:1.2:0.3", "--show-preprocessed", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    image = Path(r.stdout.strip().splitlines()[-1])
+    saved = image.with_suffix(".structure-1.png")
+    assert f"preprocessed {saved}" in r.stderr and Image.open(saved).size == (128, 128)
+    assert [(p["type"], p["weight"], p["stop"]) for p in metadata.read(image)["request"]["image_prompts"]] == [
+        ("structure", 1.0, 0.5), ("image", 1.2, 0.3)]
+    r = run("describe", str(reference), "--demo")
+    assert r.returncode == 0 and len(r.stdout.split()) == 8, r.stderr
+
+
+@pytest.fixture
+def service(tmp_path):
+    """A service that is never started: submit validates, and must queue nothing on error."""
+    svc = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3")
+    yield svc
+    svc.store.close()
+
+
+def _refused(service, values: dict, tmp_path, message: str, kind=GenerateRequest) -> None:
+    with pytest.raises(DreamttyError) as info:
+        service.submit(kind.from_dict({"model": "demo", **values}), tmp_path / "out")
+    text = str(info.value)
+    assert message in text and "\n" not in text, text
+    assert service.jobs() == []
+
+
+def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
+    (tmp_path / "notes.png").write_text("not an image")
+    cases = [
+        ([str(reference)] * 5, "image_prompt: 5 given; at most 4 reference images"),
+        ([f"{reference}:sketch"], "image_prompt: '" + f"{reference}:sketch': unknown type 'sketch'; allowed: image, "
+                                  "face, canny, depth, structure"),
+        ([{"path": str(reference), "type": "pose"}], "image_prompt: 1: unknown type 'pose'"),
+        ([f"{reference}:canny:2.5"], "image_prompt: 1 (canny): weight 2.5 is out of range; allowed 0..2"),
+        ([f"{reference}:image:1:1.5"], "image_prompt: 1 (image): stop 1.5 is out of range; allowed 0..1"),
+        ([f"{reference}:image:-1"], "image_prompt: 1 (image): weight -1 is out of range"),
+        ([f"{reference}:face:lots"], "'lots' is not a number (IMAGE[:TYPE[:WEIGHT[:STOP]]])"),
+        ([f"{tmp_path}/gone.png:face"], f"image_prompt: {tmp_path}/gone.png is missing"),
+        ([str(tmp_path / "notes.png")], "is not an image PIL can read"),
+        ([str(tmp_path)], "is a folder; give an image file"),
+        ("photo.png", "image_prompt: 'photo.png' is not allowed; give a list"),
+        ([{"path": str(reference), "colour": 1}], "image_prompt: unknown key 'colour'"),
+    ]
+    for prompts, message in cases:
+        _refused(service, {"image_prompts": prompts}, tmp_path, message)
+    _refused(service, {"image": str(reference), "mode": "poem"}, tmp_path,
+             "mode: unknown 'poem'; allowed: photo, anime", DescribeRequest)
+    _refused(service, {"image": str(tmp_path / "gone.png")}, tmp_path, "image: ", DescribeRequest)
+
+
+def _adapter_file(path: Path, context: int) -> Path:
+    """An IP-Adapter file's header with the tensors the library reads (its data is zeros)."""
+    from safetensors.numpy import save_file
+
+    save_file({"image_proj.proj_in.weight": np.zeros((8, 1280), np.float16),
+               "ip_adapter.1.to_k_ip.weight": np.zeros((8, context), np.float16)}, str(path))
+    return path
+
+
+def _controlnet_folder(path: Path, context: int) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel", "cross_attention_dim": context}))
+    (path / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    return path
+
+
+def test_models_each_type_needs_are_found_for_the_family_or_named_with_the_pull_command(tmp_path, monkeypatch):
+    for kind in ("ip_adapters", "controlnets", "depth_models"):
+        monkeypatch.setenv(f"DREAMTTY_{kind.upper()}", str(tmp_path / kind))
+        (tmp_path / kind).mkdir()
+    folder = tmp_path / "ip_adapters"
+    _adapter_file(folder / "ip-adapter-plus_sd15.safetensors", 768)
+    _adapter_file(folder / "ip-adapter-plus-face_sd15.safetensors", 768)
+    encoder = folder / "image_encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", "hidden_size": 1280}))
+    _controlnet_folder(tmp_path / "controlnets" / "control_v11p_sd15_canny", 768)
+    _controlnet_folder(tmp_path / "controlnets" / "my-controlnet", 2048)
+
+    lib = library.discover(kinds=("ip_adapter", "controlnet"))
+    got = {(e.kind, e.name): (e.family, e.variant) for e in lib.entries if e.source != "built-in"}
+    assert got == {("ip_adapter", "ip-adapter-plus_sd15"): ("sd1", "image"),
+                   ("ip_adapter", "ip-adapter-plus-face_sd15"): ("sd1", "face"),
+                   ("ip_adapter", "image_encoder"): ("any", "image_encoder"),
+                   ("controlnet", "control_v11p_sd15_canny"): ("sd1", "canny"),
+                   ("controlnet", "my-controlnet"): ("sdxl", None)}
+    from tui.cli_models import format_table
+
+    table = format_table(lib)
+    assert "ip_adapters (8)" in table and "controlnets (8)" in table  # with the demo models' built-in ones
+    lines = table.splitlines()
+    assert any(line.startswith("  control_v11p_sd15_canny ") and line.endswith("[canny]") for line in lines)
+    assert "[type unknown: name it with canny, depth or structure (cpds)]" in table
+
+    ref = "x.png"
+    face = companions.plan([GenerateRequest.from_dict({"image_prompts": [f"{ref}:face:1:1"]}).image_prompts[0]], "sd1")
+    assert face[0].model.name == "ip-adapter-plus-face_sd15" and face[0].encoder.name == "image_encoder"
+
+    def refused(kind: str, family: str, message: str) -> None:
+        [prompt] = GenerateRequest.from_dict({"image_prompts": [f"{ref}:{kind}:1:1"]}).image_prompts
+        with pytest.raises(RequestError) as info:
+            companions.plan([prompt], family)
+        assert str(info.value) == message
+
+    refused("image", "sdxl", "image_prompt: IP-Adapter ip-adapter-plus_sd15 is for SD 1.x, the model is SDXL; get it "
+                             "with: dreamtty models pull --for image --family sdxl")
+    refused("face", "sd2", "image_prompt: IP-Adapter ip-adapter-plus-face_sd15 is for SD 1.x, the model is SD 2.x; "
+                           "none is known to download for SD 2.x; put one made for it in the ip_adapters folder")
+    refused("depth", "sdxl", f"image_prompt: no depth ControlNet for SDXL in {tmp_path / 'controlnets'}; get it with: "
+                             "dreamtty models pull --for depth --family sdxl")
+    refused("structure", "sd1", f"image_prompt: no structure ControlNet for SD 1.x in {tmp_path / 'controlnets'}; none "
+                                "is known to download for SD 1.x; put one made for it in the controlnets folder")
+    _controlnet_folder(tmp_path / "controlnets" / "control_v11f1p_sd15_depth", 768)
+    refused("depth", "sd1", f"image_prompt: no depth model in {tmp_path / 'depth_models'}; get it with: "
+                            "dreamtty models pull --for depth")
+
+
+class _Hub:
+    """A fake Hub: the file list of one repository, downloads written where asked (local_dir)."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.downloaded: list[str] = []
+
+    def model_info(self, repo, revision=None, files_metadata=False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sha="c0ffee", siblings=[SimpleNamespace(rfilename=n, size=len(d), lfs=None)
+                                                       for n, d in self.files.items()])
+
+    def hf_hub_download(self, repo, filename, revision=None, local_dir=None, **kwargs):
+        self.downloaded.append(filename)
+        path = Path(local_dir) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.files[filename])
+        return str(path)
+
+
+def test_pull_for_downloads_the_usual_files_into_the_library(tmp_path, monkeypatch):
+    from backend import config
+
+    monkeypatch.setenv("DREAMTTY_IP_ADAPTERS", str(tmp_path / "ip"))
+    hub = _Hub({"models/ip-adapter-plus_sd15.safetensors": b"a" * 10, "models/ip-adapter_sd15.bin": b"b",
+                "models/image_encoder/config.json": b"{}", "models/image_encoder/model.safetensors": b"c" * 5,
+                "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors": b"d"})
+    plans = companions.usual_for("image", "sd1")
+    assert [(u.kind, u.variant, u.repo) for u in plans] == [("ip_adapter", "image", "h94/IP-Adapter"),
+                                                            ("ip_adapter", "image_encoder", "h94/IP-Adapter")]
+    for usual in plans:
+        folder = downloads.pull(usual.repo, patterns=usual.files, local_dir=usual.folder(config.load()), api=hub)
+    assert folder == tmp_path / "ip" / "h94--IP-Adapter"
+    assert sorted(hub.downloaded) == ["models/image_encoder/config.json", "models/image_encoder/model.safetensors",
+                                      "models/ip-adapter-plus_sd15.safetensors"]
+    assert (folder / "models" / "ip-adapter-plus_sd15.safetensors").read_bytes() == b"a" * 10
+    downloads.pull(plans[0].repo, patterns=plans[0].files, local_dir=folder, api=hub)  # already there: kept
+    assert len(hub.downloaded) == 4
+    with pytest.raises(DreamttyError, match="pull: h94/IP-Adapter has no file models/ip-adapter-plus-face_sd15"):
+        face = companions.usual_for("face", "sd1")[0]
+        downloads.pull(face.repo, patterns=face.files, local_dir=folder, api=hub)
+    assert {u.repo for u in companions.usual_for("image-prompt", "sdxl")} >= {
+        "h94/IP-Adapter", "diffusers/controlnet-canny-sdxl-1.0", "depth-anything/Depth-Anything-V2-Small-hf"}
+    assert [u.variant for u in companions.usual_for("describe", "sdxl")] == ["photo", "anime"]
+
+
+def test_pull_for_cli_options(capsys, monkeypatch):
+    from tui.cli import main
+
+    assert main(["models", "pull", "org/x", "--for", "canny"]) == 2
+    assert "for: takes no id or --file" in capsys.readouterr().err
+    assert main(["models", "pull"]) == 2
+    assert "id: give a Hugging Face id, or --for" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["models", "pull", "--for", "canny", "--family", "sd1"]) == 2
+    assert "lllyasviel/control_v11p_sd15_canny cannot be downloaded" in capsys.readouterr().err
