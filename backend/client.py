@@ -1,21 +1,29 @@
 """What a front end (the TUI, the CLI) needs of a service, whether it runs in this process or not.
 
-:class:`LocalClient` runs a :class:`~backend.service.Service` in-process (``--local``, tests). A
-remote client speaks the same interface over the service's API. Front ends hold a ``Client`` and
-never learn which one it is. Calls that touch files or the model library run off the event loop.
+:class:`LocalClient` runs a :class:`~backend.service.Service` in-process (``--local``, tests);
+:class:`~backend.remote_client.RemoteClient` speaks the same interface over the API of
+``dreamtty serve``. Front ends get one from :func:`connect` and never learn which it is. Calls that
+touch files or the model library run off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from backend.events import Event
 from backend.queue_store import Job
 from backend.request import GenerateRequest
-from backend.service import Service
+
+if TYPE_CHECKING:
+    from backend.service import Service
+
+LOCAL_ENV = "DREAMTTY_LOCAL"  # set (not 0): every command runs its own service in-process
+SERVICE_ENV = "DREAMTTY_SERVICE"  # HOST:PORT of a service to reach over TCP
+TOKEN_ENV = "DREAMTTY_TOKEN"  # its token (default: the token file, for a service on this machine)
 
 
 class Client(Protocol):
@@ -35,10 +43,15 @@ class Client(Protocol):
 
     async def cancel(self, job_id: int) -> bool: ...
 
+    async def job(self, job_id: int) -> Job | None: ...
+
     async def jobs(self, limit: int = 200) -> list[Job]: ...
 
     async def active_jobs(self) -> list[Job]:
         """Queued and running jobs this client is responsible for."""
+
+    async def status(self) -> dict:
+        """The service as JSON: pid, uptime, workers (device, job, loaded models), queue length."""
 
     def subscribe(self) -> asyncio.Queue[Event]: ...
 
@@ -74,11 +87,17 @@ class LocalClient:
     async def cancel(self, job_id: int) -> bool:
         return self.service.cancel(job_id)
 
+    async def job(self, job_id: int) -> Job | None:
+        return self.service.store.get(job_id)
+
     async def jobs(self, limit: int = 200) -> list[Job]:
         return self.service.jobs(limit)
 
     async def active_jobs(self) -> list[Job]:
         return self.service.active_jobs()
+
+    async def status(self) -> dict:
+        return self.service.status()
 
     def subscribe(self) -> asyncio.Queue[Event]:
         return self.service.subscribe()
@@ -88,3 +107,31 @@ class LocalClient:
 
     def wait(self, job_id: int, events: asyncio.Queue[Event] | None = None) -> AsyncIterator[Event]:
         return self.service.wait(job_id, events)
+
+
+def connect(device: str = "auto", local: bool = False, tui: bool = False, start: bool = True,
+            cluster: str | None = None, nice: int = 0) -> Client:
+    """The client a front end uses; nothing is contacted or started before its first call.
+
+    ``local`` (or ``DREAMTTY_LOCAL=1``): a service in this process, its workers on ``device`` or
+    ``cluster`` at ``nice``. Else the running ``dreamtty serve`` (over TCP when ``DREAMTTY_SERVICE``
+    is set), started in the background on ``device`` / ``cluster`` when none runs and ``start``
+    allows it. ``tui``: a client for the TUI, which adopts the jobs of services that died (local),
+    receives previews and waits for a lost service as long as it takes.
+    """
+    if local or os.environ.get(LOCAL_ENV, "") not in ("", "0"):
+        from backend.service import Service
+
+        return LocalClient(Service(devices=device, recover=tui, nice=nice, cluster=cluster))
+    from backend.remote_client import Address, RemoteClient
+    from backend.serve import ServeOptions, parse_listen
+    from backend.service_files import ServiceFiles, read_token
+
+    patience = None if tui else 30.0
+    remote = os.environ.get(SERVICE_ENV)
+    if remote:
+        host, port = parse_listen(remote, SERVICE_ENV)
+        address = Address(host=host, port=port, token=os.environ.get(TOKEN_ENV) or read_token())
+        return RemoteClient(address, start=None, previews=tui, patience=patience)
+    options = ServeOptions(devices=device, cluster=cluster) if start else None
+    return RemoteClient(Address(socket=ServiceFiles.default().socket), start=options, previews=tui, patience=patience)

@@ -9,6 +9,7 @@ this version does not know are dropped (a newer minor version may add some).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from dataclasses import MISSING, dataclass, field, fields
@@ -133,6 +134,15 @@ class WorkerReady(Event):
     cuda_count: int = 0
 
 
+@_register("worker-models")
+class WorkerModels(Event):
+    """The pipelines a worker holds, sent when that changes (for the service's status)."""
+
+    worker: int
+    models: list[dict] = field(default_factory=list)  # {"model": name, "dtype": "float16", "bytes": N}
+    loads: int = 0  # pipelines loaded since the worker started
+
+
 @_register("service-ready")
 class ServiceReady(Event):
     """The service a client talks to has started (or the client reconnected): refresh job lists."""
@@ -211,6 +221,26 @@ class TrainError(TrainEvent):
 
 # Before events were versioned, a run's events.jsonl named its training events without the prefix.
 _UNVERSIONED_TRAIN = {"state", "step", "log", "class_images", "checkpoint", "validation", "resume", "error"}
+
+
+class Fanout:
+    """The event queues of a process's subscribers: each gets every event published."""
+
+    def __init__(self) -> None:
+        self.queues: list[asyncio.Queue[Event]] = []
+
+    def subscribe(self) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.queues.append(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        if queue in self.queues:
+            self.queues.remove(queue)
+
+    def publish(self, event: Event) -> None:
+        for queue in self.queues:
+            queue.put_nowait(event)
 
 
 # -- encoding -----------------------------------------------------------------------------

@@ -5,11 +5,15 @@ use to stay inside a temporary directory:
 
 - ``DREAMTTY_HOME``: one root for config, data, state and outputs.
 - ``DREAMTTY_OUTPUTS``: the outputs directory alone.
+
+The service's socket, pid and lock files live in the user's runtime dir (``XDG_RUNTIME_DIR``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import platformdirs
@@ -17,6 +21,7 @@ import platformdirs
 from backend.errors import RequestError
 
 APP = "dreamtty"
+HOME_PREFIX = "home-"  # the runtime subfolder of a DREAMTTY_HOME
 
 
 def make_folder(folder: Path, field: str) -> Path:
@@ -74,3 +79,23 @@ def demo_models_dir() -> Path:
 
 def queue_db() -> Path:
     return state_dir() / "queue.sqlite3"
+
+
+def runtime_dir() -> Path:
+    """The private folder of this user's service (socket, pid and lock files); not created here.
+
+    ``$XDG_RUNTIME_DIR/dreamtty``, else ``/run/user/UID/dreamtty``, else ``$TMPDIR/dreamtty-UID``. With
+    ``DREAMTTY_HOME`` set, a subfolder named after that home: each home has its own service.
+    """
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    session = Path(f"/run/user/{os.getuid()}")
+    if xdg:
+        folder = Path(xdg) / APP
+    elif session.is_dir():
+        folder = session / APP
+    else:
+        folder = Path(tempfile.gettempdir()) / f"{APP}-{os.getuid()}"
+    home = os.environ.get("DREAMTTY_HOME")
+    if home:
+        folder = folder / (HOME_PREFIX + hashlib.sha256(str(Path(home).resolve()).encode()).hexdigest()[:12])
+    return folder

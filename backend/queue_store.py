@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from backend import locations
@@ -40,6 +40,14 @@ class Job:
     @property
     def request(self) -> dict:
         return self.payload.get("request", {})
+
+    def to_dict(self) -> dict:
+        """The job as JSON (the API's form)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Job":
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 class QueueStore:

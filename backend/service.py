@@ -12,13 +12,15 @@ import asyncio
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from backend import companions, config, jobkinds, locations
-from backend.events import FINAL_EVENTS, Cancelled, Done, Event, Failed, JobEvent, Queued, Retrying, Started, WorkerReady
 from backend.errors import ModelError, RequestError
+from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, JobEvent, Queued, Retrying, Started,
+                            WorkerModels, WorkerReady)
 from backend.extras_check import check_extras
 from backend.guidance_settings import check_clip_skip
 from backend.models import resolve_model, text_encoder_depth
@@ -71,10 +73,13 @@ class Service:
         self.pool = pool or make_pool(devices, self.store.path, nice, cluster)
         self.recover = recover
         self.owner = new_owner_id()
-        self._subscribers: list[asyncio.Queue] = []
+        self._fanout = Fanout()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self.started: float | None = None  # Unix time of start()
+        self._ready: dict[int, WorkerReady] = {}  # worker -> its last ready event
+        self._models: dict[int, WorkerModels] = {}  # worker -> what it holds loaded
 
     @property
     def slots(self) -> list[Slot]:
@@ -83,6 +88,7 @@ class Service:
     # -- lifecycle -------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.started = time.time()
         self.store.renew_lease(self.owner)
         if self.recover:
             self.store.adopt_orphans(self.owner)
@@ -165,7 +171,7 @@ class Service:
     def enqueue(self, prepared: Prepared) -> int:
         """Queue a prepared job; returns its id."""
         job_id = self.store.add(prepared.kind, prepared.payload, self.owner)
-        self._publish(Queued(job=job_id, kind=prepared.kind, request=prepared.payload["request"]))
+        self._fanout.publish(Queued(job=job_id, kind=prepared.kind, request=prepared.payload["request"]))
         self._dispatch()
         return job_id
 
@@ -183,7 +189,7 @@ class Service:
             self.pool.cancel(slot)
             return True
         self.store.set_state(job_id, "cancelled")
-        self._publish(Cancelled(job=job_id))
+        self._fanout.publish(Cancelled(job=job_id))
         return True
 
     def running_job(self) -> int | None:
@@ -196,14 +202,25 @@ class Service:
         """This service's queued and running jobs, newest first."""
         return self.store.jobs(ACTIVE, owner=self.owner)
 
+    def status(self) -> dict:
+        """This process, its workers (device, job, loaded models) and the length of its queue, as JSON."""
+        active = self.active_jobs()
+        workers = []
+        for slot in self.slots:
+            ready, models = self._ready.get(slot.id), self._models.get(slot.id)
+            workers.append({"id": slot.id, "device": ready.device if ready else slot.device, "pid": slot.pid,
+                            "ready": ready is not None and self.pool.alive(slot), "job": slot.job,
+                            "models": models.models if models else [], "loads": models.loads if models else 0})
+        return {"pid": os.getpid(), "started": self.started,
+                "uptime": time.time() - self.started if self.started else 0.0, "workers": workers,
+                "queued": sum(job.state == "queued" for job in active),
+                "running": sum(job.state == "running" for job in active)}
+
     def subscribe(self) -> asyncio.Queue:
-        q: asyncio.Queue = asyncio.Queue()
-        self._subscribers.append(q)
-        return q
+        return self._fanout.subscribe()
 
     def unsubscribe(self, q: asyncio.Queue) -> None:
-        if q in self._subscribers:
-            self._subscribers.remove(q)
+        self._fanout.unsubscribe(q)
 
     async def wait(self, job_id: int, events: asyncio.Queue | None = None):
         """Yield the events of one job until it ends (done, failed or cancelled)."""
@@ -221,10 +238,6 @@ class Service:
                 self.unsubscribe(q)
 
     # -- internals -----------------------------------------------------------
-    def _publish(self, event: Event) -> None:
-        for q in self._subscribers:
-            q.put_nowait(event)
-
     def _slot_of(self, job_id: int) -> Slot | None:
         return next((s for s in self.slots if s.job == job_id), None)
 
@@ -255,7 +268,12 @@ class Service:
                 event = replace(event, paths=self.store.get(event.job).outputs)
         elif isinstance(event, Started):
             self.store.set_state(event.job, "running")
-        self._publish(event)
+        elif isinstance(event, WorkerReady):
+            self._ready[event.worker] = event
+            self._models.pop(event.worker, None)  # a restarted worker holds nothing yet
+        elif isinstance(event, WorkerModels):
+            self._models[event.worker] = event
+        self._fanout.publish(event)
         if isinstance(event, (*FINAL_EVENTS, WorkerReady)):
             self._dispatch()
 
@@ -267,11 +285,11 @@ class Service:
             return
         if job.attempts < MAX_RETRIES:
             self.store.retry(job.id)
-            self._publish(Retrying(job=job.id, error=why, first_image=len(job.outputs)))
+            self._fanout.publish(Retrying(job=job.id, error=why, first_image=len(job.outputs)))
         else:
             error = f"{why}, {job.attempts + 1} times; the queue goes on (see the worker log)"
             self.store.set_state(job.id, "failed", error)
-            self._publish(Failed(job=job.id, error=error))
+            self._fanout.publish(Failed(job=job.id, error=error))
         self._dispatch()
 
 

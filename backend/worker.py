@@ -140,6 +140,7 @@ def run_job(run: JobRun) -> None:
     except torch.OutOfMemoryError:
         while run.cache.evict_oldest():
             pass
+        _report_models(run)
         req = run.job["request"]
         run.emit(ev.Failed, error=(
             f"out of memory on {run.cache.device} at {req['width']}x{req['height']}: "
@@ -152,6 +153,10 @@ def run_job(run: JobRun) -> None:
         run.emit(ev.Failed, error=f"{type(exc).__name__}: {one_line(exc)}")
     else:
         run.emit(ev.Done)  # the service adds the paths: those of earlier attempts too
+
+
+def _report_models(run: JobRun) -> None:
+    run.send(ev.WorkerModels(worker=run.worker, models=run.cache.loaded(), loads=run.cache.loads))
 
 
 def _make_images(run: JobRun) -> None:
@@ -176,6 +181,7 @@ def _make_images(run: JobRun) -> None:
     if speed == "fast" and any(p.active for p in request.image_prompts):
         speed = "default"  # adapters change the UNet's attention processors and inputs: a compiled one would recompile
         run.note("image prompts run at the default speed (a compiled UNet does not take them)")
+    loads = run.cache.loads
     pipe = run.cache.get(ref, pick_dtype(request.dtype, run.cache.device), speed)
 
     def on_preview(label: str, image) -> None:  # an image prompt's preprocessed map, before sampling
@@ -183,6 +189,8 @@ def _make_images(run: JobRun) -> None:
                  rgb=image.convert("RGB").tobytes(), label=label)
 
     request = apply_extras(pipe, request, run.cache, on_preview=on_preview, note=run.note)
+    if run.cache.loads != loads:
+        _report_models(run)
     with fast.compiled_run(pipe, ref.location, (request.width, request.height), run.cache.compiled, run.note):
         _image_loop(run, kind, request, pipe, pipe.dreamtty_family, make_image)
 

@@ -36,10 +36,12 @@ def dreamtty_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_home(dreamtty_home, monkeypatch, tmp_path):
-    """Every test sees the session home, its own outputs dir and its own (empty) config file.
+    """Every test sees the session home, its own outputs dir and its own (empty) config file, and
+    runs jobs in-process (``DREAMTTY_LOCAL``: no background service; tests/test_serve.py starts its own).
 
     Setting DREAMTTY_CONFIG through monkeypatch also undoes ``--config`` set by an in-process CLI run.
     """
+    monkeypatch.setenv("DREAMTTY_LOCAL", "1")
     monkeypatch.setenv("DREAMTTY_HOME", str(dreamtty_home))
     monkeypatch.setenv("DREAMTTY_OUTPUTS", str(tmp_path / "outputs"))
     config = tmp_path / "config.yaml"

@@ -31,7 +31,8 @@ def test_backend_never_imports_textual():
 
 
 def test_tui_and_service_pull_in_no_torch():
-    modules = ["tui.cli", "tui.app", "backend.service", "backend.request", "backend.metadata", "backend.models"]
+    modules = ["tui.cli", "tui.app", "backend.service", "backend.request", "backend.metadata", "backend.models",
+               "backend.api", "backend.remote_client", "backend.serve"]
     modules += [f"tui.screens.{p.stem}" for p in (ROOT / "tui" / "screens").glob("*.py") if p.stem != "__init__"]
     code = (
         "import importlib, sys\n"

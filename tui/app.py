@@ -315,11 +315,16 @@ def use_color_system(choice: str) -> None:
     textual.constants.COLOR_SYSTEM = system  # read when the App is created; textual is already imported
 
 
-def run_app(args, report: Callable[[list[str]], None]) -> int:
-    """Entry point for ``dreamtty`` without a subcommand. The app shows the queue's warnings (a damaged file
-    moved aside); ``report`` gets them too once it has closed, so that they stay on the terminal."""
+def run_app(args, report: Callable[[list[str]], None], attach: bool = False) -> int:
+    """Entry point for ``dreamtty`` without a subcommand, and for ``dreamtty attach`` (the running
+    service, never a new one). The app shows the queue's warnings (a damaged file moved aside);
+    ``report`` gets them too once it has closed, so that they stay on the terminal."""
+    from backend.client import connect
+
     use_color_system(args.color)
-    app = DreamttyApp(model=args.model, out=args.out, device=args.device, cluster=args.cluster)
+    client = connect(args.device, local=args.local, tui=True, start=not attach, cluster=args.cluster,
+                     nice=WORKER_NICE)
+    app = DreamttyApp(model=args.model, out=args.out, device=args.device, client=client)
     app.run()
     report(app.client.warnings)
     return app.return_code or 0

@@ -109,29 +109,42 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
     client = _client(args)
     print_warnings(client.warnings)
     events = client.subscribe()
-    paths: list[str] = []
-    maps: dict[int, list[Preview]] = {}  # --show-preprocessed: each job's maps, saved beside its first image
-    failed = 0
-    progress = Progress(enabled=sys.stderr.isatty() and not args.json)
     finished = False  # until every job has ended: else (Ctrl-C, an error) they are cancelled
     try:
         job_ids = [await client.submit(r, out) for r in requests]  # validates before any worker starts
         await client.start()
+        result = await follow(client, job_ids, events, args.json, getattr(args, "show_preprocessed", False))
+        finished = True
+    finally:
+        await client.close(cancel_jobs=not finished)
+    return result
+
+
+async def follow(client: Client, job_ids: list[int], events, as_json: bool,
+                 show_maps: bool = False) -> tuple[int, list[str]]:
+    """Print the jobs' saved images (or, ``as_json``, their events) until they end; returns the exit
+    code (1 when one failed or was cancelled) and the paths. ``show_maps``: save image prompts'
+    preprocessed maps beside each job's first image."""
+    paths: list[str] = []
+    maps: dict[int, list[Preview]] = {}  # each job's maps, until its first image is saved
+    failed = 0
+    progress = Progress(enabled=sys.stderr.isatty() and not as_json)
+    try:
         for job_id in job_ids:
             async for event in client.wait(job_id, events):
-                if args.json:
+                if as_json:
                     print(json.dumps({k: v for k, v in to_dict(event).items() if k != "rgb"}), flush=True)
                 progress.update(event)
-                if isinstance(event, Preview) and event.label and getattr(args, "show_preprocessed", False):
+                if isinstance(event, Preview) and event.label and show_maps:
                     maps.setdefault(job_id, []).append(event)
                 elif isinstance(event, ImageSaved):
                     paths.append(event.path)
-                    if not args.json:
+                    if not as_json:
                         progress.clear()
                         print(visible(event.path), flush=True)
                     for saved in _save_maps(event.path, maps.pop(job_id, [])):
                         print(f"dreamtty: job {job_id}: preprocessed {visible(saved)}", file=sys.stderr)
-                elif isinstance(event, TextOutput) and not args.json:
+                elif isinstance(event, TextOutput) and not as_json:
                     progress.clear()
                     print(visible(event.text), flush=True)
                 elif isinstance(event, Note):
@@ -142,10 +155,8 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
                     progress.clear()
                     line = f"dreamtty: job {job_id} {event.type}: {getattr(event, 'error', '')}".rstrip(": ")
                     print(visible(line), file=sys.stderr)
-        finished = True
     finally:
         progress.clear()
-        await client.close(cancel_jobs=not finished)
     return (1 if failed else 0), paths
 
 
@@ -162,11 +173,11 @@ def _save_maps(image_path: str, previews: list[Preview]) -> list[str]:
 
 
 def _client(args) -> Client:
-    """The service the commands talk to: one in this process."""
-    from backend.client import LocalClient
-    from backend.service import Service
+    """The service the commands talk to: the running ``dreamtty serve`` (started when none runs), or
+    one in this process with ``--local``."""
+    from backend.client import connect
 
-    return LocalClient(Service(devices=args.device, cluster=args.cluster))
+    return connect(args.device, local=args.local, cluster=args.cluster)
 
 
 def _fetch_if_missing(model: str) -> None:

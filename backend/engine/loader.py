@@ -154,7 +154,9 @@ class PipelineCache:
 
         self.device = device
         self.capacity = capacity
+        self.loads = 0  # pipelines loaded since this cache was made
         self._pipes: OrderedDict[tuple, object] = OrderedDict()
+        self._names: dict[tuple, str] = {}
         self.compiled = CompileCache()  # compiled artifacts of fast pipelines, on disk
 
     def get(self, ref: ModelRef, dtype: torch.dtype, speed: str = "default"):
@@ -171,12 +173,26 @@ class PipelineCache:
 
             make_fast(pipe)
         self._pipes[key] = pipe
+        self._names[key] = ref.name
+        self.loads += 1
         return pipe
+
+    def loaded(self) -> list[dict]:
+        """The pipelines held, oldest first: model name, dtype and the bytes of their weights."""
+        return [{"model": self._names[key], "dtype": str(key[2]).removeprefix("torch."), "bytes": _weight_bytes(pipe)}
+                for key, pipe in self._pipes.items()]
 
     def evict_oldest(self) -> bool:
         if not self._pipes:
             return False
-        self._pipes.popitem(last=False)
+        key, _ = self._pipes.popitem(last=False)
+        del self._names[key]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return True
+
+
+def _weight_bytes(pipe) -> int:
+    """Bytes of the parameters and buffers of the pipeline's torch modules."""
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))

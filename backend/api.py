@@ -1,0 +1,245 @@
+"""The HTTP + WebSocket API of ``dreamtty serve`` (aiohttp), over a Unix socket and optionally TCP.
+
+Routes (JSON; see docs/api.md): ``GET /v1/version``, ``GET /v1/status``, ``GET|POST /v1/jobs``,
+``POST /v1/validate``, ``GET /v1/jobs/{id}``, ``POST /v1/jobs/{id}/cancel``,
+``GET /v1/jobs/{id}/images/{n}``, ``GET /v1/events`` (WebSocket: one ``backend.events.dumps`` text
+per message), ``POST /v1/shutdown``.
+
+Who may call: over the Unix socket, processes of this user (the peer uid, checked with SO_PEERCRED
+where the system has it, beside the socket's 0600 and its folder's 0700); over TCP, whoever sends
+the token as ``Authorization: Bearer TOKEN``. Every error is ``{"error": one line}`` (plus ``field``
+and ``message`` for a bad request field), never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import WSCloseCode, web
+
+from backend import jobkinds
+from backend.errors import DreamttyError, RequestError
+from backend.events import Preview, dumps
+from backend.queue_store import ACTIVE, FINAL
+from backend.service import Service
+from backend.versions import versions
+
+MAX_BODY = 1 << 20  # bytes: a request is a few KiB
+PREVIEW_BACKLOG = 64  # events waiting for a slow stream, past which its previews are dropped
+BODY_FIELDS = ("kind", "request", "out")
+METADATA_FIELDS = ("version", "family", "prompt")  # the rest of an image's metadata, ignored
+log = logging.getLogger("dreamtty.api")
+
+
+class NotFound(DreamttyError):
+    """A job or image that is not there (404)."""
+
+
+def peer_uid(sock) -> int | None:
+    """The uid of the process at the other end of a Unix socket; None where the system cannot tell."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    fmt = "3i"  # struct ucred: pid, uid, gid
+    _, uid, _ = struct.unpack(fmt, sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt)))
+    return uid
+
+
+def _error(status: int, text: str, **extra) -> web.Response:
+    return web.json_response({"error": text, **extra}, status=status)
+
+
+class Api:
+    """The routes over one :class:`Service`. ``token``: what TCP clients must send (None: no TCP).
+    ``stop``: called by ``POST /v1/shutdown``; ``info``: more fields for ``GET /v1/status``."""
+
+    def __init__(self, service: Service, token: str | None = None, stop: Callable[[], None] = lambda: None,
+                 info: Callable[[], dict] = dict) -> None:
+        self.service = service
+        self.token = token
+        self.stop = stop
+        self.info = info
+        self.last_request = time.monotonic()
+        self.streams: set[web.WebSocketResponse] = set()
+        self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard, self._errors])
+        self.app.add_routes([
+            web.get("/v1/version", self.version),
+            web.get("/v1/status", self.status),
+            web.get("/v1/jobs", self.list_jobs),
+            web.post("/v1/jobs", self.submit),
+            web.post("/v1/validate", self.validate),
+            web.get("/v1/jobs/{id}", self.get_job),
+            web.post("/v1/jobs/{id}/cancel", self.cancel),
+            web.get("/v1/jobs/{id}/images/{n}", self.image),
+            web.get("/v1/events", self.events),
+            web.post("/v1/shutdown", self.shutdown),
+        ])
+        self.app.on_shutdown.append(self._close_streams)
+
+    # -- middlewares ---------------------------------------------------------------
+    @web.middleware
+    async def _guard(self, request: web.Request, handler):
+        """Unix socket: this user's processes only. TCP: the bearer token. No detail on refusal."""
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None and sock.family == socket.AF_UNIX:
+            uid = peer_uid(sock)
+            if uid is not None and uid != os.getuid():
+                return _error(403, "forbidden")
+        elif not self._token_ok(request.headers.get("Authorization", "")):
+            return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
+        self.last_request = time.monotonic()
+        return await handler(request)
+
+    def _token_ok(self, header: str) -> bool:
+        scheme, _, given = header.partition(" ")
+        return (self.token is not None and scheme.lower() == "bearer"
+                and hmac.compare_digest(given.strip().encode(), self.token.encode()))
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except RequestError as exc:
+            return _error(400, str(exc), field=exc.field, message=exc.message)
+        except NotFound as exc:
+            return _error(404, str(exc))
+        except DreamttyError as exc:
+            return _error(400, str(exc))
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"body: larger than {MAX_BODY} bytes")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error(exc.status, exc.reason)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as exc:  # a bug: one line to the client, the traceback to the service log
+            log.exception("%s %s failed", request.method, request.path)
+            return _error(500, f"internal error ({type(exc).__name__}); see the service log")
+
+    # -- routes ----------------------------------------------------------------------
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response(versions())
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response({**versions(), **self.service.status(), **self.info(), "streams": len(self.streams)})
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        limit = _int(request.query.get("limit", "200"), "limit")
+        if limit < 1:
+            raise RequestError("limit", f"{limit} is not a positive number of jobs")
+        states = tuple(s for s in request.query.get("state", "").split(",") if s)
+        bad = next((s for s in states if s not in (*ACTIVE, *FINAL)), None)
+        if bad is not None:
+            raise RequestError("state", f"{bad!r} is not a job state; use {', '.join((*ACTIVE, *FINAL))}")
+        jobs = self.service.store.jobs(states or None, limit=limit)
+        return web.json_response({"jobs": [job.to_dict() for job in jobs]})
+
+    async def submit(self, request: web.Request) -> web.Response:
+        job_request, out = await _read_job(request)
+        prepared = await asyncio.to_thread(self.service.prepare, job_request, out)
+        return web.json_response({"id": self.service.enqueue(prepared)}, status=201)
+
+    async def validate(self, request: web.Request) -> web.Response:
+        job_request, _ = await _read_job(request)
+        resolved, _ = await asyncio.to_thread(self.service.validate, job_request)
+        return web.json_response({"kind": jobkinds.kind_of(resolved).name, "request": resolved.to_dict()})
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        return web.json_response(self._job(request).to_dict())
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        return web.json_response({"cancelled": self.service.cancel(self._job(request).id)})
+
+    async def image(self, request: web.Request) -> web.StreamResponse:
+        job = self._job(request)
+        n = _int(request.match_info["n"], "image")
+        if not 0 <= n < len(job.outputs):
+            raise NotFound(f"job {job.id}: no image {n} (it has {len(job.outputs)})")
+        path = Path(job.outputs[n])
+        if not path.is_file():
+            raise NotFound(f"job {job.id}: image {n} is no longer at {path}")
+        return web.FileResponse(path, headers={"Content-Type": "image/png"})
+
+    async def events(self, request: web.Request) -> web.WebSocketResponse:
+        """Every event of the service from now on, one JSON text per message (``?previews=0``: none)."""
+        previews = request.query.get("previews", "1") not in ("0", "false", "no")
+        ws = web.WebSocketResponse(heartbeat=20.0)
+        queue = self.service.subscribe()  # before the handshake: a client that then submits misses nothing
+        self.streams.add(ws)
+        try:
+            await ws.prepare(request)
+            sender = asyncio.create_task(self._send_events(queue, ws, previews))
+            try:
+                async for _ in ws:  # clients send nothing; this ends when they close or vanish
+                    pass
+            finally:
+                sender.cancel()
+        finally:
+            self.streams.discard(ws)
+            self.service.unsubscribe(queue)
+        return ws
+
+    async def shutdown(self, request: web.Request) -> web.Response:
+        self.stop()
+        return web.json_response({"stopping": True}, status=202)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _job(self, request: web.Request):
+        job_id = _int(request.match_info["id"], "job")
+        job = self.service.store.get(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id}: no such job")
+        return job
+
+    @staticmethod
+    async def _send_events(queue: asyncio.Queue, ws: web.WebSocketResponse, previews: bool) -> None:
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, Preview) and not event.label and (not previews or queue.qsize() > PREVIEW_BACKLOG):
+                    continue  # a slow client loses live previews, never the events that matter (nor the maps)
+                await ws.send_str(dumps(event))
+        except (ConnectionError, RuntimeError):  # the client went away mid-stream
+            pass
+
+    async def _close_streams(self, app: web.Application) -> None:
+        for ws in list(self.streams):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"service stopping")
+
+
+def _int(text: str, field: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise RequestError(field, f"{text!r} is not a whole number") from None
+
+
+async def _read_job(request: web.Request):
+    """The job a body describes: ``{"kind", "request", "out"}`` (an image's metadata is accepted as is)."""
+    try:
+        data = json.loads(await request.read())
+    except (ValueError, RecursionError):
+        raise RequestError("body", "is not valid JSON; send {\"kind\": \"generate\", \"request\": {...}}") from None
+    if not isinstance(data, dict):
+        raise RequestError("body", f"expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(BODY_FIELDS) - set(METADATA_FIELDS), key=str)
+    if unknown:
+        raise RequestError(str(unknown[0]), f"unknown field; allowed: {', '.join(BODY_FIELDS)}")
+    if "request" not in data:
+        raise RequestError("request", "missing; give the request's fields as an object")
+    kind = data.get("kind", "generate")
+    if not isinstance(kind, str):
+        raise RequestError("kind", f"expected a name, got {type(kind).__name__}")
+    out = data.get("out")
+    if out is not None and (not isinstance(out, str) or not Path(out).is_absolute()):
+        raise RequestError("out", "must be an absolute folder path")
+    return jobkinds.get(kind).request(data["request"]), (Path(out) if out else None)

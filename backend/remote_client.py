@@ -1,0 +1,327 @@
+"""A :class:`~backend.client.Client` for a service in another process: the API of ``dreamtty serve``
+over its Unix socket (or TCP with the token), with aiohttp.
+
+Events come over one WebSocket, opened when someone subscribes. A dropped stream is opened again
+(a restarted service included) and a ``ServiceReady`` event is published so lists refresh; a job
+followed with :meth:`RemoteClient.wait` is then read back from the service, so an image saved or a
+job ended while the stream was down is not missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import aiohttp
+
+from backend import config
+from backend.errors import DreamttyError, RequestError
+from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, Fanout, ImageSaved, JobEvent,
+                            ServiceReady, loads)
+from backend.models import DEMO_MODELS
+from backend.queue_store import ACTIVE, Job
+from backend.request import GenerateRequest
+from backend.serve import ServeOptions, start_detached
+from backend.versions import versions
+
+RECONNECT_DELAY = (0.1, 2.0)  # seconds: first and longest wait between attempts to reopen the stream
+POLL = 1.0  # seconds between checks, while waiting, that the stream is not lost for good
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where a service listens: a Unix socket, or TCP ``host:port`` with its token."""
+
+    socket: Path | None = None
+    host: str | None = None
+    port: int | None = None
+    token: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.socket) if self.socket else f"http://{self.host}:{self.port}"
+
+
+class RemoteClient:
+    """A client of a service in another process, whose jobs run on when the client closes.
+
+    ``start``: a service started in the background when none answers (None: fail instead).
+    ``previews``: receive preview pixels. ``patience``: seconds a lost stream may stay down before
+    waits fail (None: keep trying, as a TUI does)."""
+
+    jobs_survive_close = True
+
+    def __init__(self, address: Address, start: ServeOptions | None = None, previews: bool = True,
+                 patience: float | None = 30.0) -> None:
+        self.address = address
+        self.warnings: list[str] = []
+        self._start_options = start
+        self._previews = previews
+        self._patience = patience
+        self._session: aiohttp.ClientSession | None = None
+        self._fanout = Fanout()
+        self._stream: asyncio.Task | None = None
+        self._connecting = asyncio.Lock()
+        self._lost: DreamttyError | None = None
+        self._submitted: list[int] = []
+
+    # -- connection --------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._connect()
+
+    async def _connect(self) -> None:
+        """Open the session (starting a service when allowed and none answers), check versions,
+        and open the event stream when someone subscribed. Calls made at once (a TUI's screens as it
+        starts) wait for the first one's connection."""
+        async with self._connecting:
+            if self._session is None:
+                self._session = self._new_session()
+                try:
+                    try:
+                        await self._check_versions()
+                    except _Unreachable:
+                        if self._start_options is None:
+                            raise DreamttyError(f"service: none is running at {self.address}; "
+                                                "start one with dreamtty serve --detach") from None
+                        await asyncio.to_thread(start_detached, self._start_options)
+                        await self._check_versions()
+                except BaseException:
+                    await self._drop_session()
+                    raise
+            if self._fanout.queues and self._stream is None:
+                self._stream = asyncio.create_task(self._follow(await self._open_stream()))
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        if self.address.socket:
+            connector, base = aiohttp.UnixConnector(path=str(self.address.socket)), "http://dreamtty"
+        else:
+            connector, base = aiohttp.TCPConnector(), f"http://{self.address.host}:{self.address.port}"
+        headers = {"Authorization": f"Bearer {self.address.token}"} if self.address.token else {}
+        return aiohttp.ClientSession(base, connector=connector, headers=headers)
+
+    async def _check_versions(self) -> None:
+        theirs, ours = await self._request("GET", "/v1/version"), versions()
+        if theirs != ours:
+            raise VersionMismatch(
+                f"service: it runs dreamtty {theirs.get('dreamtty')} (API {theirs.get('api')}, events "
+                f"{theirs.get('events')}) and this is {ours['dreamtty']} (API {ours['api']}, events {ours['events']}); "
+                "restart the service: dreamtty serve --stop, then run this again")
+
+    async def _open_stream(self) -> aiohttp.ClientWebSocketResponse:
+        try:
+            return await self._session.ws_connect("/v1/events", heartbeat=20.0,
+                                                  params={"previews": "1" if self._previews else "0"})
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _Unreachable(f"service: cannot follow the events of {self.address}: {exc}") from None
+
+    async def _follow(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Task: publish the stream's events; reopen it when it drops."""
+        delay, down_since = RECONNECT_DELAY[0], None
+        while True:
+            try:
+                async for message in ws:
+                    if message.type == aiohttp.WSMsgType.TEXT:
+                        try:
+                            self._fanout.publish(loads(message.data))
+                        except EventError:
+                            continue
+            except (aiohttp.ClientError, OSError):  # the stream broke rather than closed
+                pass
+            down_since = down_since or time.monotonic()
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    await self._check_versions()
+                    ws = await self._open_stream()
+                    break
+                except VersionMismatch as exc:  # another version of the service took its place
+                    self._lost = exc
+                    return
+                except DreamttyError:
+                    delay = min(delay * 2, RECONNECT_DELAY[1])
+                if self._patience is not None and time.monotonic() - down_since > self._patience:
+                    self._lost = DreamttyError(
+                        f"service: lost the connection to {self.address} for {self._patience:g} s; its jobs stay "
+                        "queued (dreamtty jobs, dreamtty wait ID follow them when a service runs again)")
+            delay, down_since, self._lost = RECONNECT_DELAY[0], None, None
+            self._fanout.publish(ServiceReady())
+
+    async def _drop_session(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def close(self, cancel_jobs: bool = False) -> None:
+        if cancel_jobs and self._session is not None:
+            for job_id in self._submitted:
+                try:
+                    await self.cancel(job_id)
+                except DreamttyError:
+                    pass  # the service is gone: the job stays queued for the next one
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
+        await self._drop_session()
+
+    async def _call(self, method: str, path: str, body: dict | None = None, **params) -> dict:
+        """One API request, once connected."""
+        await self._connect()
+        return await self._request(method, path, body, **params)
+
+    async def _request(self, method: str, path: str, body: dict | None = None, **params) -> dict:
+        """One API request on the open session; the service's one-line error as a DreamttyError
+        (RequestError for a field)."""
+        try:
+            async with self._session.request(method, path, json=body, params=params or None) as response:
+                data = await response.json(content_type=None)
+        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionError) as exc:
+            raise _Unreachable(f"service: cannot reach {self.address}: {exc}") from None
+        except (aiohttp.ClientError, ValueError) as exc:
+            raise DreamttyError(f"service: {self.address}: {type(exc).__name__}: {exc}") from None
+        if response.status >= 400:
+            if response.status == 401:
+                raise DreamttyError("service: unauthorized (the token is wrong or missing: DREAMTTY_TOKEN)")
+            if response.status == 404 and isinstance(data, dict):
+                raise _NotFound(str(data.get("error")))
+            if not isinstance(data, dict):
+                raise DreamttyError(f"service: HTTP {response.status}")
+            if data.get("field"):
+                raise RequestError(str(data["field"]), str(data.get("message")))
+            raise DreamttyError(str(data.get("error") or f"HTTP {response.status}"))
+        return data
+
+    # -- the Client interface -------------------------------------------------------------
+    async def submit(self, request: GenerateRequest, out_dir: Path | None = None) -> int:
+        out = Path(out_dir or config.load().outputs_dir()).expanduser().absolute()
+        job_id = int((await self._call("POST", "/v1/jobs", _body(request, out)))["id"])
+        self._submitted.append(job_id)
+        return job_id
+
+    async def validate(self, request: GenerateRequest) -> GenerateRequest:
+        data = await self._call("POST", "/v1/validate", _body(request))
+        return type(request).from_dict(data["request"])
+
+    async def cancel(self, job_id: int) -> bool:
+        return bool((await self._call("POST", f"/v1/jobs/{int(job_id)}/cancel"))["cancelled"])
+
+    async def job(self, job_id: int) -> Job | None:
+        try:
+            return Job.from_dict(await self._call("GET", f"/v1/jobs/{int(job_id)}"))
+        except _NotFound:
+            return None
+
+    async def jobs(self, limit: int = 200) -> list[Job]:
+        return [Job.from_dict(j) for j in (await self._call("GET", "/v1/jobs", limit=str(limit)))["jobs"]]
+
+    async def active_jobs(self) -> list[Job]:
+        data = await self._call("GET", "/v1/jobs", state=",".join(ACTIVE))
+        return [Job.from_dict(j) for j in data["jobs"]]
+
+    async def status(self) -> dict:
+        return await self._call("GET", "/v1/status")
+
+    async def shutdown(self) -> None:
+        """Ask the service to stop (its jobs stay queued for the next start)."""
+        await self._call("POST", "/v1/shutdown")
+
+    def subscribe(self) -> asyncio.Queue[Event]:
+        return self._fanout.subscribe()
+
+    def unsubscribe(self, events: asyncio.Queue[Event]) -> None:
+        self._fanout.unsubscribe(events)
+
+    async def wait(self, job_id: int, events: asyncio.Queue[Event] | None = None) -> AsyncIterator[Event]:
+        """The events of one job until it ends; what the stream missed is read back from the service."""
+        queue = events or self.subscribe()
+        seen: set[str] = set()
+        try:
+            await self._connect()
+            for event in await self._catch_up(job_id, seen):
+                yield event
+                if isinstance(event, FINAL_EVENTS):
+                    return
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), POLL)
+                except asyncio.TimeoutError:
+                    if self._lost is not None:
+                        raise self._lost from None
+                    continue
+                if isinstance(event, ServiceReady):
+                    caught_up = await self._catch_up(job_id, seen)
+                elif isinstance(event, JobEvent) and event.job == job_id:
+                    if isinstance(event, ImageSaved):
+                        if event.path in seen:
+                            continue
+                        seen.add(event.path)
+                    caught_up = [event]
+                else:
+                    continue
+                for event in caught_up:
+                    yield event
+                    if isinstance(event, FINAL_EVENTS):
+                        return
+        finally:
+            if events is None:
+                self.unsubscribe(queue)
+
+    # -- internals ------------------------------------------------------------------------
+    async def _catch_up(self, job_id: int, seen: set[str]) -> list[Event]:
+        """The job's saved images not yet seen and, when it ended, its final event, read from the service."""
+        job = await self.job(job_id)
+        if job is None:
+            raise DreamttyError(f"job {job_id}: no such job")
+        seed = int(job.request.get("seed", 0))
+        caught = [ImageSaved(job=job.id, image=i, path=path, seed=seed + i)
+                  for i, path in enumerate(job.outputs) if path not in seen]
+        seen.update(job.outputs)
+        if job.state == "done":
+            caught.append(Done(job=job.id, paths=job.outputs))
+        elif job.state == "failed":
+            caught.append(Failed(job=job.id, error=job.error or "failed"))
+        elif job.state == "cancelled":
+            caught.append(Cancelled(job=job.id))
+        return caught
+
+
+class VersionMismatch(DreamttyError):
+    """The service runs another version of dreamtty or of its API."""
+
+
+class _Unreachable(DreamttyError):
+    """Nothing answers at the address (no service, or it is starting or gone)."""
+
+
+class _NotFound(DreamttyError):
+    """The job or image asked for is not there."""
+
+
+def _body(request: GenerateRequest, out: Path | None = None) -> dict:
+    from backend import jobkinds
+
+    body = {"kind": jobkinds.kind_of(request).name, "request": _paths_for_service(request).to_dict()}
+    if out is not None:
+        body["out"] = str(out)
+    return body
+
+
+def _paths_for_service(request: GenerateRequest) -> GenerateRequest:
+    """The request with the files it names made absolute, since the service runs elsewhere: input
+    images and image prompts, and model, VAE, refiner and LoRA names that are paths here (names of
+    models in the library or on the Hub are left as they are)."""
+    def absolute(path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path)) if path else path
+
+    def name_or_path(name: str | None) -> str | None:
+        if not name or name in DEMO_MODELS or not Path(os.path.expanduser(name)).exists():
+            return name
+        return absolute(name)
+
+    inputs = request.input_files() if hasattr(request, "input_files") else {}  # the image-input kinds
+    return replace(request, model=name_or_path(request.model), vae=name_or_path(request.vae),
+                   refiner=name_or_path(request.refiner), loras=[(name_or_path(n), w) for n, w in request.loras],
+                   image_prompts=[replace(p, path=absolute(p.path)) for p in request.image_prompts],
+                   **{role: absolute(path) for role, (path, _) in inputs.items()})

@@ -1,0 +1,199 @@
+"""``dreamtty serve``: one long-lived service (queue, workers, loaded models) behind the API.
+
+:func:`serve` runs it in this process until ``POST /v1/shutdown``, SIGTERM, SIGINT or the idle
+limit; :func:`start_detached` starts it in the background like tmux starts its server: its own
+session (no terminal, so an SSH drop or a Ctrl-C never reaches it), output to a log under the state
+dir. ``python -m backend.serve OPTIONS_JSON`` is that background process's entry point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from backend import locations
+from backend.errors import DreamttyError, RequestError
+from backend.safetext import visible
+from backend.service_files import AlreadyRunning, ServiceFiles, make_token
+
+WORKER_NICE = 10  # the service's workers yield the CPU to interactive programs (the TUI among them)
+START_TIMEOUT = 60.0  # seconds a detached service may take to answer on its socket
+IDLE_CHECK = 5.0  # seconds between checks of the idle limit
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    devices: str = "auto"
+    cluster: str | None = None  # Ray cluster for the workers (None: the config's ``workers``)
+    listen: str | None = None  # HOST:PORT for TCP clients (with the token)
+    idle_exit: float | None = None  # minutes without jobs, requests or attached clients before exiting
+
+
+def parse_listen(text: str, field: str = "listen") -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); RequestError naming ``field`` otherwise."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RequestError(field, f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:7860)")
+    return host, int(port)
+
+
+def log_path() -> Path:
+    return locations.state_dir() / "logs" / "serve.log"
+
+
+async def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> None:
+    """Run the service until it is stopped; raises AlreadyRunning when another one runs."""
+    from aiohttp import web
+
+    from backend.api import Api
+    from backend.service import Service
+
+    files = ServiceFiles.default()
+    files.make_folder()
+    lock = files.acquire()
+    stop = asyncio.Event()
+    service: Service | None = None
+    runner: web.AppRunner | None = None
+    try:
+        address = parse_listen(options.listen) if options.listen else None
+        token = make_token() if address else None
+        service = Service(devices=options.devices, recover=True, nice=WORKER_NICE, cluster=options.cluster)
+        info = {"pid": os.getpid(), "socket": str(files.socket), "listen": options.listen,
+                "idle_exit": options.idle_exit, "log": str(log_path())}
+        api = Api(service, token, stop.set, lambda: info)
+        runner = web.AppRunner(api.app, handle_signals=False, shutdown_timeout=2.0, access_log=None)
+        await runner.setup()
+        await service.start()
+        umask = os.umask(0o177)  # the socket is born 0600: no moment when others may connect
+        try:
+            await web.UnixSite(runner, str(files.socket)).start()
+        finally:
+            os.umask(umask)
+        if address:
+            await web.TCPSite(runner, *address).start()
+        files.write_pid_file({**info, "started": service.started})
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        announce(f"dreamtty: service running (pid {os.getpid()}) on {files.socket}")
+        if address:
+            announce(f"dreamtty: and on http://{options.listen} (bearer token in {locations.state_dir() / 'serve.token'})")
+        tasks = [asyncio.create_task(_log_events(service, announce))]
+        if options.idle_exit:
+            tasks.append(asyncio.create_task(_exit_when_idle(service, api, options.idle_exit * 60, stop, announce)))
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        announce("dreamtty: service stopping; queued and running jobs stay queued for the next start")
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        if service is not None and service.started is not None:
+            await service.close()
+        files.remove()
+        os.close(lock)
+
+
+async def _log_events(service, announce) -> None:
+    """One line per job queued or ended and per worker ready (what the log is read for)."""
+    from backend.events import FINAL_EVENTS, Queued, Retrying, WorkerReady
+
+    events = service.subscribe()
+    while True:
+        event = await events.get()
+        if isinstance(event, (Queued, Retrying, WorkerReady, *FINAL_EVENTS)):
+            detail = getattr(event, "error", None) or getattr(event, "device", None) or ""
+            who = f"job {event.job}" if hasattr(event, "job") else f"worker {event.worker}"
+            announce(visible(f"dreamtty: {who} {event.type} {detail}".rstrip()))
+
+
+async def _exit_when_idle(service, api, seconds: float, stop: asyncio.Event, announce) -> None:
+    """Stop after ``seconds`` with no job queued or running, no request and no attached client."""
+    quiet_since = time.monotonic()
+    while not stop.is_set():
+        await asyncio.sleep(min(IDLE_CHECK, seconds))
+        now = time.monotonic()
+        if service.active_jobs() or api.streams:
+            quiet_since = now
+        if now - max(quiet_since, api.last_request) >= seconds:
+            announce(f"dreamtty: idle for {seconds / 60:g} minutes; exiting to free the workers")
+            stop.set()
+
+
+def is_running(files: ServiceFiles | None = None) -> bool:
+    """True when a service answers on the socket (a connect; no request)."""
+    files = files or ServiceFiles.default()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(files.socket))
+        except OSError:
+            return False
+    return True
+
+
+def start_detached(options: ServeOptions, timeout: float = START_TIMEOUT) -> dict:
+    """Start a service in the background and wait until it answers; returns its pid file.
+
+    When another process starts one at the same moment, exactly one runs (the lock) and this
+    returns that one's pid file.
+    """
+    files = ServiceFiles.default()
+    files.make_folder()
+    log_file = log_path()
+    locations.make_folder(log_file.parent, "state dir")
+    with open(log_file, "ab") as out:
+        process = subprocess.Popen([sys.executable, "-m", "backend.serve", json.dumps(asdict(options))],
+                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    threading.Thread(target=process.wait, name="dreamtty-reap", daemon=True).start()  # no zombie when it ends
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = files.read_pid_file()
+        if info is not None and is_running(files):
+            return info
+        if process.poll() not in (None, 0, AlreadyRunning.EXIT_CODE):
+            raise DreamttyError(f"service: did not start ({_last_line(log_file)}); see {log_file}")
+        time.sleep(0.05)
+    if process.poll() == AlreadyRunning.EXIT_CODE:  # the one that holds the lock does not answer
+        raise DreamttyError(f"{files.running_message()}; it does not answer on its socket")
+    raise DreamttyError(f"service: not answering on {files.socket} after {timeout:g} s; see {log_file}")
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "no output"
+
+
+def main(argv: list[str]) -> int:
+    """The detached service's entry point: ``python -m backend.serve OPTIONS_JSON``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    options = ServeOptions(**json.loads(argv[0]))
+    try:
+        asyncio.run(serve(options, announce=lambda line: print(time.strftime("%F %T"), line, flush=True)))
+    except AlreadyRunning as exc:
+        print(exc, flush=True)
+        return AlreadyRunning.EXIT_CODE
+    except DreamttyError as exc:
+        print(f"dreamtty: {exc}", flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,167 @@
+"""The files that keep one service per user per machine, and the token of its TCP clients.
+
+In the user's private runtime dir (:func:`backend.locations.runtime_dir`, mode 0700): ``serve.lock``,
+held with ``flock`` by the running service for its whole life (the kernel drops it when the process
+dies, however it dies); ``serve.json``, where it runs (pid, socket, TCP address); ``serve.sock``, its
+Unix socket (0600). Whoever holds the lock owns the other two: a socket or pid file left by a
+crashed service is stale, and the next service to take the lock removes it.
+
+The token for ``--listen HOST:PORT`` lives in the state dir (0600) and is sent as a bearer header.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from backend import locations
+from backend.errors import DreamttyError
+
+MAX_SOCKET_PATH = 103  # bytes: sun_path holds 108 on Linux and 104 on macOS, with the closing NUL
+LOCK_PATIENCE = 0.5  # seconds a starting service retries the lock (another process may be probing it)
+
+
+class AlreadyRunning(DreamttyError):
+    """Another service holds the lock."""
+
+    EXIT_CODE = 3  # of a detached service that found another one running
+
+
+@dataclass(frozen=True)
+class ServiceFiles:
+    folder: Path
+
+    @classmethod
+    def default(cls) -> "ServiceFiles":
+        return cls(locations.runtime_dir())
+
+    @property
+    def socket(self) -> Path:
+        return self.folder / "serve.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.folder / "serve.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.folder / "serve.lock"
+
+    def make_folder(self) -> None:
+        """Create the folder (0700) under an existing runtime dir; refuse one that is not private."""
+        base = self.folder.parent if self.folder.name.startswith(locations.HOME_PREFIX) else self.folder
+        if not base.parent.is_dir():
+            raise DreamttyError(f"runtime dir: {base.parent} does not exist; create it (mkdir -m 700) "
+                                "or set XDG_RUNTIME_DIR to a folder of yours")
+        if len(os.fsencode(self.socket)) > MAX_SOCKET_PATH:
+            raise DreamttyError(f"runtime dir: the socket path {self.socket} is longer than {MAX_SOCKET_PATH} "
+                                "bytes; set XDG_RUNTIME_DIR to a shorter folder")
+        for folder in dict.fromkeys((base, self.folder)):
+            try:
+                folder.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise DreamttyError(f"runtime dir: cannot create {folder}: {exc.strerror}") from None
+            check_private(folder, "runtime dir")
+
+    def acquire(self) -> int:
+        """Take the lock (retrying ``LOCK_PATIENCE`` seconds); returns its file descriptor, to keep
+        open while the service runs. Leftover socket and pid files are removed: they are stale.
+        Raises AlreadyRunning saying where the running service is."""
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + LOCK_PATIENCE
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise AlreadyRunning(self.running_message()) from None
+                time.sleep(0.05)
+        for stale in (self.socket, self.pid_file):
+            stale.unlink(missing_ok=True)
+        return fd
+
+    def locked(self) -> bool:
+        """True while a service holds the lock (it runs, or is starting or stopping). The probe holds
+        a shared lock for a moment, which a starting service outwaits (``LOCK_PATIENCE``)."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def running_message(self) -> str:
+        info = self.read_pid_file()
+        if info is None:
+            return f"service: another one is starting (it holds {self.lock_file})"
+        where = f"socket {info.get('socket')}" + (f", http://{info['listen']}" if info.get("listen") else "")
+        return f"service: one is already running (pid {info.get('pid')}, {where}); stop it with dreamtty serve --stop"
+
+    def write_pid_file(self, info: dict) -> None:
+        """Write ``info`` atomically (0600): readers never see half a file."""
+        tmp = self.pid_file.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        tmp.replace(self.pid_file)
+
+    def read_pid_file(self) -> dict | None:
+        try:
+            info = json.loads(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    def remove(self) -> None:
+        """Remove the socket and pid files (the lock holder, at exit)."""
+        for path in (self.socket, self.pid_file):
+            path.unlink(missing_ok=True)
+
+
+def check_private(path: Path, what: str) -> None:
+    """``path`` must be this user's and closed to group and others (no symlink followed)."""
+    info = path.lstat()
+    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077 or stat.S_ISLNK(info.st_mode):
+        raise DreamttyError(f"{what}: {path} is not private (owner uid {info.st_uid}, mode "
+                            f"{stat.S_IMODE(info.st_mode):04o}); remove it, or chmod go= it if it is yours")
+
+
+def token_file() -> Path:
+    return locations.state_dir() / "serve.token"
+
+
+def read_token() -> str | None:
+    """The TCP token, or None when none was made; refuses a token file others may read."""
+    path = token_file()
+    if not path.exists():
+        return None
+    check_private(path, "token")
+    return path.read_text().strip() or None
+
+
+def make_token() -> str:
+    """The TCP token, generated (and stored 0600) on first use."""
+    token = read_token()
+    if token:
+        return token
+    path = locations.make_folder(token_file().parent, "state dir") / token_file().name
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token

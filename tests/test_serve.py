@@ -1,0 +1,633 @@
+"""``dreamtty serve`` and its clients with real processes and sockets: the CLI in subprocesses, the
+service in its own process (its own DREAMTTY_HOME and XDG_RUNTIME_DIR), the demo model on the CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from backend.api import Api, peer_uid
+from backend.errors import DreamttyError
+from backend.events import Done, ImageSaved, Queued, Started, Step
+from backend.remote_client import Address, RemoteClient
+from backend.request import GenerateRequest
+from backend.service import Service
+from backend.service_files import ServiceFiles
+
+ROOT = Path(__file__).resolve().parents[1]
+START = 90  # seconds a service may take to answer (2 shared cores)
+
+
+@dataclass
+class Dirs:
+    home: Path
+    run: Path  # XDG_RUNTIME_DIR: short, since a socket path has at most ~104 bytes
+    out: Path
+
+    def env(self) -> dict:
+        env = {**os.environ, "DREAMTTY_HOME": str(self.home), "XDG_RUNTIME_DIR": str(self.run),
+               "DREAMTTY_OUTPUTS": str(self.out), "DREAMTTY_CONFIG": str(self.home / "config.yaml")}
+        env.pop("DREAMTTY_LOCAL", None)
+        return env
+
+    def files(self) -> ServiceFiles:
+        """The service files as the service under this home sees them."""
+        saved = {k: os.environ.get(k) for k in ("DREAMTTY_HOME", "XDG_RUNTIME_DIR")}
+        os.environ.update(DREAMTTY_HOME=str(self.home), XDG_RUNTIME_DIR=str(self.run))
+        try:
+            return ServiceFiles.default()
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _make_dirs(root: Path, dreamtty_home: Path) -> Dirs:
+    home = root / "home"
+    (home / "data").mkdir(parents=True)
+    (home / "data" / "demo-models").symlink_to(dreamtty_home / "data" / "demo-models")  # built once per session
+    (home / "config.yaml").write_text("{}\n")
+    run = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))
+    return Dirs(home, run, root / "out")
+
+
+def _stop_any(dirs: Dirs) -> None:
+    """Kill a service left running under ``dirs`` (a detached one a test started), then its folder."""
+    files = dirs.files()
+    info = files.read_pid_file()
+    if info and files.locked():
+        try:
+            os.kill(int(info["pid"]), signal.SIGTERM)
+            for _ in range(300):
+                if not files.locked():
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(int(info["pid"]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(dirs.run, ignore_errors=True)
+
+
+@pytest.fixture
+def dirs(tmp_path, dreamtty_home, demo_dirs, monkeypatch):
+    """A fresh home and runtime dir, also set in this process (for in-process clients)."""
+    d = _make_dirs(tmp_path, dreamtty_home)
+    _use(d, monkeypatch)
+    yield d
+    _stop_any(d)
+
+
+def _use(d: Dirs, monkeypatch) -> None:
+    for key in ("DREAMTTY_HOME", "XDG_RUNTIME_DIR", "DREAMTTY_OUTPUTS", "DREAMTTY_CONFIG"):
+        monkeypatch.setenv(key, d.env()[key])
+    monkeypatch.delenv("DREAMTTY_LOCAL", raising=False)
+
+
+class ServeProcess:
+    """``dreamtty serve --device cpu`` in the foreground of a subprocess."""
+
+    def __init__(self, dirs: Dirs, *args: str) -> None:
+        self.dirs = dirs
+        self.log = dirs.home / f"serve-{time.monotonic_ns()}.out"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "tui.cli", "serve", "--device", "cpu", *args],
+                                         env=dirs.env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_ready(self) -> "ServeProcess":
+        files = self.dirs.files()
+        deadline = time.monotonic() + START
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            if files.read_pid_file() and _connects(files.socket):
+                return self
+            time.sleep(0.1)
+        raise AssertionError(f"no service after {START} s: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _connects(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, dreamtty_home, demo_dirs):
+    """One service for the tests that only use it."""
+    d = _make_dirs(tmp_path_factory.mktemp("serve"), dreamtty_home)
+    service = ServeProcess(d).wait_ready()
+    yield d
+    service.stop()
+    _stop_any(d)
+
+
+@pytest.fixture
+def service(shared, monkeypatch) -> Dirs:
+    _use(shared, monkeypatch)
+    return shared
+
+
+def cli(dirs: Dirs, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tui.cli", *args], env=dirs.env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def client(dirs: Dirs, patience: float | None = 30.0) -> RemoteClient:
+    return RemoteClient(Address(socket=dirs.files().socket), start=None, previews=False, patience=patience)
+
+
+def _request(**fields) -> GenerateRequest:
+    return GenerateRequest(**{"prompt": "a red fox", "model": "demo", "steps": 4, "width": 64, "height": 64,
+                              "seed": 1, **fields})
+
+
+GENERATE = ("generate", "a red fox", "--demo", "--steps", "4", "--size", "64x64", "--seed", "3")
+
+
+# -- clients of one service ------------------------------------------------------------
+async def test_two_cli_clients_queue_and_a_third_watches(service):
+    watcher = client(service)
+    events = watcher.subscribe()
+    await watcher.start()
+    try:
+        procs = [await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tui.cli", *GENERATE[:-1], str(seed), env=service.env(), cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for seed in (11, 12)]
+        outputs = [await asyncio.wait_for(p.communicate(), 180) for p in procs]
+        seen: list = []
+        while not events.empty():
+            seen.append(events.get_nowait())
+    finally:
+        await watcher.close()
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err.decode()
+        assert Path(out.decode().strip()).is_file()
+    queued = [e.job for e in seen if isinstance(e, Queued)]
+    assert len(queued) == 2
+    for job in queued:  # the third client saw each job from queue to done
+        kinds = [type(e) for e in seen if getattr(e, "job", None) == job]
+        assert kinds[0] is Queued and Started in kinds and ImageSaved in kinds and kinds[-1] is Done
+
+
+def test_generate_twice_loads_the_model_once(service):
+    first, second = cli(service, *GENERATE), cli(service, *GENERATE)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout != second.stdout  # two images, same seed: two files
+    status = json.loads(cli(service, "serve", "--status", "--json").stdout)
+    (worker,) = status["workers"]
+    assert worker["loads"] == 1
+    assert [m["model"] for m in worker["models"]] == ["demo"] and worker["models"][0]["bytes"] > 0
+    text = cli(service, "serve", "--status").stdout
+    assert f"pid {status['pid']}" in text and "1 load(s)" in text and "demo (float32" in text
+
+
+def test_jobs_cancel_and_wait_commands(service):
+    made = cli(service, *GENERATE, "-n", "1")
+    listing = json.loads(cli(service, "jobs", "--json", "--limit", "1").stdout)
+    (job,) = listing
+    assert job["state"] == "done" and job["outputs"] == [made.stdout.strip()]
+    waited = cli(service, "wait", str(job["id"]))  # an ended job: its images at once
+    assert waited.returncode == 0 and waited.stdout.strip() == made.stdout.strip()
+    assert str(job["id"]) in cli(service, "jobs").stdout
+    done = cli(service, "cancel", str(job["id"]))
+    assert done.returncode == 1 and "not queued or running" in done.stderr
+    missing = cli(service, "wait", "999999")
+    assert missing.returncode == 2 and missing.stderr.strip() == "dreamtty: job 999999: no such job"
+    local = cli(service, "--local", "wait", str(job["id"]))
+    assert local.returncode == 2 and "drop --local" in local.stderr
+
+
+async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
+    socket_path = str(service.files().socket)
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=socket_path)) as http:
+        async def post(data: bytes) -> tuple[int, dict]:
+            async with http.post("http://dreamtty/v1/jobs", data=data) as r:
+                return r.status, await r.json(content_type=None)
+
+        before = len((await (await http.get("http://dreamtty/v1/jobs")).json())["jobs"])
+        status, body = await post(b'{"request": {"prompt": ')
+        assert status == 400 and body["field"] == "body" and "not valid JSON" in body["error"]
+        status, body = await post(json.dumps({"request": {"prompt": "x", "stepz": 4}}).encode())
+        assert status == 400 and body["field"] == "stepz" and body["error"].startswith("stepz: unknown field")
+        status, body = await post(json.dumps({"request": {}, "priority": 1}).encode())
+        assert status == 400 and body["field"] == "priority"
+        status, body = await post(json.dumps({"request": {"steps": 0}}).encode())
+        assert status == 400 and body["field"] == "steps"
+        status, body = await post(json.dumps({"request": {}, "out": "relative/dir"}).encode())
+        assert status == 400 and body["field"] == "out"
+        status, body = await post(b'{"request": {"prompt": "' + b"x" * (2 << 20) + b'"}}')
+        assert status == 413 and body["error"].startswith("body: larger than")
+        async with http.get("http://dreamtty/v1/nowhere") as r:
+            assert r.status == 404 and (await r.json())["error"]
+        async with http.get("http://dreamtty/v1/jobs/abc") as r:
+            assert r.status == 400 and (await r.json())["field"] == "job"
+        for body in (await post(b"[1]"))[1], (await post(b"{}"))[1]:
+            assert "\n" not in body["error"] and "Traceback" not in body["error"]
+        after = len((await (await http.get("http://dreamtty/v1/jobs")).json())["jobs"])
+    assert after == before
+
+
+async def test_a_client_killed_mid_stream_harms_nothing(service):
+    follower = client(service)
+    try:
+        job = await follower.submit(_request(steps=300, count=2), service.out)  # seconds: outlives the watcher's start
+        watcher = subprocess.Popen([sys.executable, "-m", "tui.cli", "wait", str(job)], env=service.env(), cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(600):
+            if (await follower.status())["streams"] or watcher.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert watcher.poll() is None, watcher.stderr.read()
+        watcher.kill()  # SIGKILL: its socket closes without a goodbye, mid-job
+        watcher.wait()
+        ended = [e async for e in follower.wait(job)][-1]
+        status = await follower.status()
+    finally:
+        await follower.close()
+    assert isinstance(ended, Done) and len(ended.paths) == 2
+    assert status["streams"] == 1  # the follower's own: the killed one's is gone
+
+
+# -- permissions -------------------------------------------------------------------------
+def test_runtime_files_are_private(service):
+    files = service.files()
+    assert stat.S_IMODE(files.folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(files.folder.parent.stat().st_mode) == 0o700
+    for path in (files.socket, files.pid_file, files.lock_file):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_ISSOCK(files.socket.stat().st_mode)
+
+
+def test_a_runtime_dir_open_to_others_is_refused(dirs):
+    files = dirs.files()
+    files.folder.parent.mkdir(mode=0o755)
+    os.chmod(files.folder.parent, 0o755)
+    result = cli(dirs, "serve", "--detach")
+    assert result.returncode == 2 and "is not private" in result.stderr and "0755" in result.stderr
+    assert not files.socket.exists()
+
+
+def test_a_missing_runtime_dir_is_named(dirs):
+    env = {**dirs.env(), "XDG_RUNTIME_DIR": str(dirs.run / "gone")}
+    result = subprocess.run([sys.executable, "-m", "tui.cli", "jobs"], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(f"{dirs.run / 'gone'} does not exist; create it (mkdir -m 700) "
+                                          "or set XDG_RUNTIME_DIR to a folder of yours")
+
+
+def test_peer_uid_of_a_unix_socket_is_the_connecting_process():
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        assert peer_uid(a) == os.getuid()
+
+
+@pytest.mark.skipif(os.getuid() != 0 or not shutil.which("curl"), reason="needs root (to act as another user) and curl")
+async def test_another_user_is_refused(dirs, tmp_path):
+    """Through the 0700 folder another user cannot reach the socket; where permissions would let
+    them (a socket opened up on purpose), the peer-uid check answers 403."""
+    nobody = 65534
+    files = dirs.files()
+    files.make_folder()
+    open_dir = Path(tempfile.mkdtemp(prefix="dt-open-", dir="/tmp"))
+    open_dir.chmod(0o777)
+    api = Api(Service(devices="cpu", db_path=tmp_path / "queue.sqlite3"))
+    runner = web.AppRunner(api.app)
+    await runner.setup()
+    try:
+        for path in (files.socket, open_dir / "s"):
+            await web.UnixSite(runner, str(path)).start()
+        os.chmod(open_dir / "s", 0o666)
+
+        async def curl(path: Path, user: int | None) -> tuple[int, str]:
+            proc = await asyncio.create_subprocess_exec(
+                "curl", "-s", "-w", "\n%{http_code}", "--unix-socket", str(path), "http://x/v1/version",
+                user=user, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out, _ = await proc.communicate()
+            return proc.returncode, out.decode()
+
+        code, _ = await curl(files.socket, nobody)
+        assert code == 7  # curl: could not connect (permission denied on the folder)
+        code, out = await curl(open_dir / "s", nobody)
+        assert code == 0 and out.splitlines() == ['{"error": "forbidden"}', "403"]
+        code, out = await curl(open_dir / "s", None)
+        assert code == 0 and out.splitlines()[-1] == "200"
+    finally:
+        await runner.cleanup()
+        shutil.rmtree(open_dir)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_tcp_needs_the_token_and_says_nothing_else(dirs):
+    port = _free_port()
+    serve = ServeProcess(dirs, "--listen", f"127.0.0.1:{port}").wait_ready()
+    try:
+        token_file = dirs.home / "state" / "serve.token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token},
+                            {"Authorization": f"Basic {token}"}):
+                for method, path in (("GET", "/v1/jobs"), ("POST", "/v1/shutdown"), ("GET", "/v1/events"),
+                                     ("GET", "/nowhere")):
+                    async with http.request(method, url + path, headers=headers) as r:
+                        assert r.status == 401, (headers, path)
+                        assert await r.text() == '{"error": "unauthorized"}'
+            async with http.get(url + "/v1/version", headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 200 and (await r.json())["api"] >= 1
+        env = {**dirs.env(), "DREAMTTY_SERVICE": f"127.0.0.1:{port}"}
+        result = subprocess.run([sys.executable, "-m", "tui.cli", "jobs", "--json"], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and json.loads(result.stdout) == []
+        env["DREAMTTY_TOKEN"] = "wrong"
+        result = subprocess.run([sys.executable, "-m", "tui.cli", "jobs"], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2
+        assert result.stderr.strip() == "dreamtty: service: unauthorized (the token is wrong or missing: DREAMTTY_TOKEN)"
+        assert serve.proc.poll() is None  # the refused shutdown did nothing
+    finally:
+        serve.stop()
+
+
+# -- one service per user ---------------------------------------------------------------
+def test_a_second_service_says_where_the_first_runs(dirs):
+    first = ServeProcess(dirs).wait_ready()
+    try:
+        pid = dirs.files().read_pid_file()["pid"]
+        for args in (("serve",), ("serve", "--detach")):
+            again = cli(dirs, *args)
+            assert again.returncode == 1
+            assert f"already running (pid {pid}, socket {dirs.files().socket})" in again.stderr
+        assert first.proc.poll() is None
+        stopped = cli(dirs, "serve", "--stop")
+        assert stopped.returncode == 0 and f"pid {pid}" in stopped.stdout
+        assert first.proc.wait(10) == 0
+        assert not dirs.files().socket.exists() and not dirs.files().pid_file.exists()
+        assert cli(dirs, "serve", "--status").returncode == 1
+    finally:
+        first.stop()
+
+
+def test_two_services_started_at_once_one_wins(dirs):
+    both = [ServeProcess(dirs), ServeProcess(dirs)]
+    try:
+        deadline = time.monotonic() + START
+        while sum(s.proc.poll() is None for s in both) == 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (loser,) = [s for s in both if s.proc.poll() is not None]
+        (winner,) = [s for s in both if s is not loser]
+        winner.wait_ready()
+        assert loser.proc.returncode == 1
+        assert "already running" in loser.log.read_text() or "another one is starting" in loser.log.read_text()
+        assert dirs.files().read_pid_file()["pid"] == winner.proc.pid
+    finally:
+        for s in both:
+            s.stop()
+
+
+def test_stale_socket_and_pid_file_are_cleaned(dirs):
+    files = dirs.files()
+    files.make_folder()
+    with socket.socket(socket.AF_UNIX) as dead:  # a socket file nobody listens on, as a crash leaves it
+        dead.bind(str(files.socket))
+    files.write_pid_file({"pid": 999999999, "socket": str(files.socket)})
+    status = cli(dirs, "serve", "--status")
+    assert status.returncode == 1 and "a crashed one left its socket; the next start removes it" in status.stderr
+    started = cli(dirs, "serve", "--detach", "--device", "cpu")
+    assert started.returncode == 0, started.stderr
+    info = files.read_pid_file()
+    assert info["pid"] != 999999999 and _connects(files.socket)
+    assert cli(dirs, "serve", "--stop").returncode == 0
+
+
+def test_idle_exit_stops_a_quiet_service(dirs):
+    serve = ServeProcess(dirs, "--idle-exit", "0.05").wait_ready()  # 3 s
+    assert serve.proc.wait(60) == 0
+    assert "idle for 0.05 minutes" in serve.log.read_text()
+    assert not dirs.files().socket.exists()
+    bad = cli(dirs, "serve", "--idle-exit", "0")
+    assert bad.returncode == 2 and "idle-exit" in bad.stderr
+
+
+# -- faults ------------------------------------------------------------------------------
+async def test_kill_9_mid_job_then_restart_runs_every_job(dirs):
+    serve = ServeProcess(dirs).wait_ready()
+    follower = client(dirs, patience=None)
+    events = follower.subscribe()
+    try:
+        long_job = await follower.submit(_request(steps=20, count=2), dirs.out)
+        short_job = await follower.submit(_request(seed=5), dirs.out)
+        while not isinstance(await asyncio.wait_for(events.get(), 120), Step):
+            pass
+        serve.proc.kill()  # SIGKILL: no cleanup at all
+        serve.proc.wait()
+        assert (await asyncio.to_thread(cli, dirs, "serve", "--status")).returncode == 1
+        again = ServeProcess(dirs).wait_ready()  # adopts the jobs once the dead one's lease ran out
+        try:
+            ends = {job: [e async for e in follower.wait(job, events)][-1] for job in (long_job, short_job)}
+            jobs = {job.id: job for job in await follower.jobs()}
+        finally:
+            again.stop()
+    finally:
+        await follower.close()
+        serve.stop()
+    for job in (long_job, short_job):
+        assert isinstance(ends[job], Done), ends[job]
+        assert jobs[job].state == "done"
+        assert all(Path(p).is_file() for p in jobs[job].outputs)
+    assert len(set(jobs[long_job].outputs)) >= 2
+
+
+async def test_version_mismatch_says_to_restart_the_service(dirs):
+    """A service of another version (an old one still running after an upgrade) answers the CLI."""
+    app = web.Application()
+    app.router.add_get("/v1/version", lambda request: web.json_response({"dreamtty": "0.0.1", "api": 0, "events": 1}))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    files = dirs.files()
+    files.make_folder()
+    await web.UnixSite(runner, str(files.socket)).start()
+    try:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "tui.cli", "jobs", env=dirs.env(), cwd=ROOT,
+                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await runner.cleanup()
+    assert proc.returncode == 2
+    (line,) = err.decode().splitlines()
+    assert line.startswith("dreamtty: service: it runs dreamtty 0.0.1 (API 0, events 1) and this is ")
+    assert line.endswith("restart the service: dreamtty serve --stop, then run this again")
+
+
+def test_generate_starts_a_service_and_ctrl_c_cancels_its_job(dirs):
+    first = cli(dirs, *GENERATE, "--device", "cpu")  # no service yet: started in the background
+    assert first.returncode == 0, first.stderr
+    info = dirs.files().read_pid_file()
+    assert info and _connects(dirs.files().socket)
+    with open(dirs.home / "gen.err", "w") as err:
+        gen = subprocess.Popen([sys.executable, "-m", "tui.cli", *GENERATE, "--steps", "400", "-n", "3"],
+                               env=dirs.env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        jobs = json.loads(cli(dirs, "jobs", "--json", "--limit", "1").stdout)
+        if jobs and jobs[0]["state"] == "running" and jobs[0]["id"] > 1:
+            break
+        time.sleep(0.3)
+    gen.send_signal(signal.SIGINT)
+    assert gen.wait(60) == 130
+    job = json.loads(cli(dirs, "jobs", "--json", "--limit", "1").stdout)[0]
+    for _ in range(100):
+        if job["state"] == "cancelled":
+            break
+        time.sleep(0.2)
+        job = json.loads(cli(dirs, "jobs", "--json", "--limit", "1").stdout)[0]
+    assert job["state"] == "cancelled"
+    assert dirs.files().read_pid_file()["pid"] == info["pid"]  # the service outlives its clients
+
+
+def test_local_mode_starts_no_service(dirs):
+    result = subprocess.run([sys.executable, "-m", "tui.cli", *GENERATE, "--local", "--device", "cpu"],
+                            env=dirs.env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0 and Path(result.stdout.strip()).is_file()
+    env = {**dirs.env(), "DREAMTTY_LOCAL": "1"}
+    result = subprocess.run([sys.executable, "-m", "tui.cli", "jobs", "--json"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and len(json.loads(result.stdout)) == 1
+    assert not dirs.files().folder.exists()
+
+
+async def test_no_service_and_no_start_is_one_line(dirs):
+    lone = client(dirs)
+    with pytest.raises(DreamttyError, match="none is running at .*start one with dreamtty serve --detach"):
+        await lone.jobs()
+    await lone.close()
+
+
+def test_connect_picks_the_client(monkeypatch, tmp_path):
+    from backend.client import LocalClient, connect
+    from backend.errors import RequestError
+
+    monkeypatch.delenv("DREAMTTY_LOCAL", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    remote = connect("cpu")
+    assert isinstance(remote, RemoteClient) and remote.address.socket == ServiceFiles.default().socket
+    assert isinstance(connect("cpu", local=True), LocalClient)
+    monkeypatch.setenv("DREAMTTY_LOCAL", "1")
+    assert isinstance(connect("cpu"), LocalClient)
+    monkeypatch.setenv("DREAMTTY_LOCAL", "0")
+    monkeypatch.setenv("DREAMTTY_SERVICE", "127.0.0.1:7860")
+    monkeypatch.setenv("DREAMTTY_TOKEN", "t")
+    tcp = connect("cpu")
+    assert (tcp.address.host, tcp.address.port, tcp.address.token) == ("127.0.0.1", 7860, "t")
+    monkeypatch.setenv("DREAMTTY_SERVICE", "localhost")
+    with pytest.raises(RequestError, match="^DREAMTTY_SERVICE: 'localhost' is not HOST:PORT"):
+        connect("cpu")
+
+
+def test_bad_serve_options_are_one_line(dirs):
+    for args, field in ((("--listen", "nowhere"), "listen"), (("--idle-exit", "-1"), "idle-exit")):
+        result = cli(dirs, "serve", *args)
+        assert result.returncode == 2 and result.stderr.startswith(f"dreamtty: {field}: ")
+        assert len(result.stderr.splitlines()) == 1
+    assert not dirs.files().socket.exists()
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_the_tui_is_a_client_and_its_kill_spares_the_job(dirs):
+    """``dreamtty`` starts the service and queues on it; killed mid-job, the job still ends in a PNG."""
+    from test_e2e_tmux import Tmux, _command
+
+    (dirs.home / "config" / "presets").mkdir(parents=True)
+    (dirs.home / "config" / "presets" / "long.yaml").write_text("description: a long demo job\nsteps: 150\n")
+    attach = cli(dirs, "attach")  # nothing to attach to yet: it says so, and starts nothing
+    assert attach.returncode == 2 and "none is running" in attach.stderr and not dirs.files().socket.exists()
+    env = {**dirs.env(), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TERM": "xterm-256color",
+           "DREAMTTY_DEFAULT_PRESET": "long"}
+    tmux = Tmux(env)
+    try:
+        assert tmux("new-session", "-d", "-s", "app", "-x", "200", "-y", "60", _command(dirs.out)).returncode == 0
+        tmux("set-option", "-t", "app", "remain-on-exit", "on")
+        tmux.wait(lambda: "Prompt" in tmux.screen() and "Generate" in tmux.screen(), "the app to draw", 60)
+        tmux("send-keys", "-t", "app", "-l", "a red fox in the snow")
+        tmux.wait(lambda: "a red fox in the snow" in tmux.screen(), "the typed prompt", 30)
+        tmux("send-keys", "-t", "app", "C-g")
+        tmux.wait(lambda: re.search(r"step \d+/150", tmux.screen()), "the job's progress from the service")
+        assert not list(dirs.out.rglob("*.png"))
+        pane_pid = int(tmux("display", "-p", "-t", "app", "#{pane_pid}").stdout)
+        os.kill(pane_pid, signal.SIGKILL)  # the TUI dies mid-job, as with an SSH drop
+    finally:
+        tmux("kill-server")
+    deadline = time.monotonic() + 120
+    while not list(dirs.out.rglob("*.png")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (png,) = dirs.out.rglob("*.png")
+    (job,) = json.loads(cli(dirs, "jobs", "--json").stdout)
+    assert job["state"] == "done" and job["outputs"] == [str(png)]
+
+
+async def test_calls_made_at_once_share_one_start(dirs):
+    """A TUI's screens call the client together as it starts: one service is started, all calls answer."""
+    from backend.client import connect
+
+    together = connect("cpu", tui=True)
+    events = together.subscribe()
+    try:
+        _, jobs, active, status = await asyncio.gather(together.start(), together.jobs(), together.active_jobs(),
+                                                       together.status())
+        job = await together.submit(_request(), dirs.out)
+        ended = [e async for e in together.wait(job, events)][-1]
+    finally:
+        await together.close()
+    assert jobs == [] and active == [] and status["pid"] == dirs.files().read_pid_file()["pid"]
+    assert isinstance(ended, Done)
+
+
+def test_files_a_request_names_are_sent_absolute(tmp_path, monkeypatch):
+    """The service does not share the client's working folder: relative paths are resolved here."""
+    from backend.image_prompts import ImagePrompt
+    from backend.jobkinds.img2img import Img2ImgRequest
+    from backend.remote_client import _paths_for_service
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "style.safetensors").write_bytes(b"")
+    request = Img2ImgRequest(image="in.png", model="models/mine", loras=[("style.safetensors", 0.5), ("hub/lora", 1.0)],
+                             vae="stabilityai/sd-vae-ft-mse", image_prompts=[ImagePrompt(path="ref.png")])
+    sent = _paths_for_service(request)
+    assert sent.image == str(tmp_path / "in.png") and sent.model == str(tmp_path / "models" / "mine")
+    assert sent.loras == [(str(tmp_path / "style.safetensors"), 0.5), ("hub/lora", 1.0)]
+    assert sent.vae == "stabilityai/sd-vae-ft-mse" and sent.image_prompts[0].path == str(tmp_path / "ref.png")
+    assert _paths_for_service(_request()).model == "demo"

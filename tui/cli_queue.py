@@ -1,0 +1,133 @@
+"""The queue of the service, from the command line: ``jobs``, ``cancel``, ``wait`` and ``attach``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+from backend.errors import DreamttyError, RequestError
+from backend.safetext import visible
+
+PROMPT_WIDTH = 48  # characters of a prompt shown in the ``jobs`` table
+
+
+def register(subparsers) -> None:
+    jobs = subparsers.add_parser("jobs", help="list the queue's jobs, newest first")
+    jobs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    jobs.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    jobs.set_defaults(func=cmd_jobs)
+    cancel = subparsers.add_parser("cancel", help="cancel queued or running jobs")
+    cancel.add_argument("ids", metavar="ID", type=int, nargs="+")
+    cancel.set_defaults(func=cmd_cancel)
+    wait = subparsers.add_parser("wait", help="follow jobs until they end; prints their images")
+    wait.add_argument("ids", metavar="ID", type=int, nargs="+")
+    wait.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
+    wait.set_defaults(func=cmd_wait)
+    attach = subparsers.add_parser("attach", help="the TUI on the running service")
+    attach.set_defaults(func=cmd_attach)
+
+
+def _client(args):
+    from backend.client import connect
+
+    return connect(args.device, local=args.local)
+
+
+def _service_only(args, command: str) -> None:
+    """``wait`` and ``attach`` follow the service's jobs: an in-process service has none to follow."""
+    from backend.client import LOCAL_ENV
+
+    if args.local or os.environ.get(LOCAL_ENV, "") not in ("", "0"):
+        raise DreamttyError(f"{command}: follows the jobs of dreamtty serve; drop --local / {LOCAL_ENV}")
+
+
+async def _jobs(args) -> list:
+    client = _client(args)
+    try:
+        return await client.jobs(args.limit)
+    finally:
+        await client.close()
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise RequestError("limit", f"{args.limit} is not a positive number of jobs")
+    jobs = asyncio.run(_jobs(args))
+    if args.json:
+        print(json.dumps([job.to_dict() for job in jobs]))
+        return 0
+    print(f"{'id':>6}  {'state':<10}{'kind':<10}{'queued':<17}{'images':>6}  prompt")
+    for job in jobs:
+        prompt = " ".join(str(job.request.get("prompt", "")).split())
+        prompt = prompt if len(prompt) <= PROMPT_WIDTH else prompt[:PROMPT_WIDTH - 1] + "…"
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created))
+        count = f"{len(job.outputs)}/{job.request.get('count', 1)}"
+        print(visible(f"{job.id:>6}  {job.state:<10}{job.kind:<10}{when:<17}{count:>6}  {prompt}"))
+        if job.error:
+            print(visible(f"{'':>8}{job.error}"))
+    return 0
+
+
+async def _cancel(args) -> int:
+    client = _client(args)
+    code = 0
+    try:
+        for job_id in args.ids:
+            if await client.job(job_id) is None:
+                raise DreamttyError(f"job {job_id}: no such job")
+            if await client.cancel(job_id):
+                print(f"job {job_id} cancelled")
+            else:
+                print(f"dreamtty: job {job_id} is not queued or running", file=sys.stderr)
+                code = 1
+    finally:
+        await client.close()
+    return code
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    return asyncio.run(_cancel(args))
+
+
+async def _wait(args) -> int:
+    from tui.cli_jobs import follow
+
+    client = _client(args)
+    events = client.subscribe()
+    try:
+        for job_id in args.ids:
+            if await client.job(job_id) is None:
+                raise DreamttyError(f"job {job_id}: no such job")
+        code, _ = await follow(client, args.ids, events, args.json)
+    finally:
+        await client.close()  # an interrupted wait leaves the jobs running
+    return code
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    _service_only(args, "wait")
+    return asyncio.run(_wait(args))
+
+
+async def _check_service(args) -> None:
+    """Connect once (versions compared) without starting a service: a one-line error before the TUI draws."""
+    from backend.client import connect
+
+    client = connect(args.device, start=False)
+    try:
+        await client.start()
+    finally:
+        await client.close()
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    from tui.app import run_app
+    from tui.cli_output import print_warnings
+
+    _service_only(args, "attach")
+    asyncio.run(_check_service(args))
+    return run_app(args, print_warnings, attach=True)

@@ -1,0 +1,146 @@
+"""``dreamtty serve``: run the service (queue, workers, loaded models) for every client of this user.
+
+``dreamtty serve`` runs it in the foreground, ``--detach`` in the background (as the CLI does by
+itself when a command needs it and none runs), ``--stop`` stops it, ``--status`` tells what it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+from backend.errors import DreamttyError, RequestError
+from backend.safetext import visible
+
+STOP_TIMEOUT = 60.0  # seconds to wait for a stopped service to exit (its workers finish their step)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="run the service that every client uses (foreground, or --detach)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--detach", action="store_true", help="start it in the background and return")
+    what.add_argument("--stop", action="store_true", help="stop the running service (its jobs stay queued)")
+    what.add_argument("--status", action="store_true", help="pid, uptime, workers, loaded models, queue length")
+    p.add_argument("--listen", metavar="HOST:PORT", help="also listen on TCP (clients send the token)")
+    p.add_argument("--idle-exit", metavar="MINUTES", type=float,
+                   help="exit after this many minutes with no job and no client (default: never)")
+    p.add_argument("--json", action="store_true", help="with --status: one JSON object")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from backend.serve import ServeOptions, parse_listen, serve, start_detached
+    from backend.service_files import AlreadyRunning
+
+    if args.stop:
+        return asyncio.run(_stop())
+    if args.status:
+        return asyncio.run(_status(args.json))
+    if args.idle_exit is not None and not args.idle_exit > 0:
+        raise RequestError("idle-exit", f"{args.idle_exit:g} is not a positive number of minutes")
+    if args.listen:
+        parse_listen(args.listen)
+    options = ServeOptions(devices=args.device, cluster=args.cluster, listen=args.listen, idle_exit=args.idle_exit)
+    try:
+        if not args.detach:
+            asyncio.run(serve(options, announce=lambda line: print(visible(line), flush=True)))
+            return 0
+        if _answers():
+            raise AlreadyRunning(_files().running_message())
+        info = start_detached(options)
+    except AlreadyRunning as exc:
+        print(f"dreamtty: {visible(exc)}", file=sys.stderr)
+        return 1
+    print(visible(f"dreamtty: service started in the background (pid {info['pid']}) on {info['socket']}; "
+                  f"log: {info['log']}"))
+    return 0
+
+
+def _files():
+    from backend.service_files import ServiceFiles
+
+    return ServiceFiles.default()
+
+
+def _answers() -> bool:
+    from backend.serve import is_running
+
+    return is_running(_files())
+
+
+def _client():
+    """A client of this machine's service that never starts one."""
+    from backend.remote_client import Address, RemoteClient
+
+    return RemoteClient(Address(socket=_files().socket), start=None, previews=False)
+
+
+def _not_running() -> int:
+    files = _files()
+    stale = " (a crashed one left its socket; the next start removes it)" if files.socket.exists() else ""
+    print(f"dreamtty: no service is running{stale}", file=sys.stderr)
+    return 1
+
+
+async def _stop() -> int:
+    if not _answers():
+        return _not_running()
+    files = _files()
+    pid = (files.read_pid_file() or {}).get("pid")
+    client = _client()
+    try:
+        await client.shutdown()
+    finally:
+        await client.close()
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while files.locked() and time.monotonic() < deadline:  # the lock goes with the process
+        await asyncio.sleep(0.1)
+    if files.locked():
+        raise DreamttyError(f"service: pid {pid} still runs {STOP_TIMEOUT:g} s after it was asked to stop")
+    print(f"dreamtty: service stopped (pid {pid}); its queued jobs run at the next start")
+    return 0
+
+
+async def _status(as_json: bool) -> int:
+    if not _answers():
+        return _not_running()
+    client = _client()
+    try:
+        status = await client.status()
+    finally:
+        await client.close()
+    if as_json:
+        print(json.dumps(status))
+    else:
+        print(format_status(status))
+    return 0
+
+
+def format_status(status: dict) -> str:
+    """The ``serve --status`` text (paths and model names with control characters made visible)."""
+    from backend.downloads import human
+
+    where = str(status.get("socket")) + (f", http://{status['listen']}" if status.get("listen") else "")
+    idle = f"exits after {status['idle_exit']:g} min idle" if status.get("idle_exit") else "never exits when idle"
+    lines = [f"service   pid {status['pid']}, up {_duration(status['uptime'])}, dreamtty {status['dreamtty']}, {idle}",
+             f"listens   {where}",
+             f"queue     {status['queued']} queued, {status['running']} running; {status['streams']} client(s) attached"]
+    for worker in status["workers"]:
+        state = f"job {worker['job']}" if worker["job"] is not None else ("idle" if worker["ready"] else "starting")
+        models = ", ".join(f"{m['model']} ({m['dtype']}, {human(m['bytes'])})" for m in worker["models"]) or "no model"
+        lines.append(f"worker {worker['id']}  {worker['device']} (pid {worker['pid']}), {state}; {models}; "
+                     f"{worker['loads']} load(s) since it started")
+    lines.append(f"log       {status.get('log')}")
+    return visible("\n".join(lines))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
