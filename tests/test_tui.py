@@ -537,3 +537,17 @@ async def test_train_screen_opens_with_its_first_label_in_view(idle_service, tmp
         await wait_for(pilot, lambda: app.focused is not None and app.focused.id == "train-model", what="the form")
         await pilot.pause()
         assert app.screen.query_one("#train-form").scroll_y == 0
+
+
+async def test_a_service_that_cannot_start_is_one_line_and_the_form_stays(idle_service, tmp_path):
+    from backend.errors import DreamttyError
+
+    class Unstartable(LocalClient):
+        async def start(self) -> None:
+            raise DreamttyError("runtime dir: cannot create /nowhere: Permission denied")
+
+    app = DreamttyApp(model="demo", out=tmp_path / "out", client=Unstartable(idle_service))
+    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+        await wait_for(pilot, lambda: app.screen.query("Toast"), what="a notification")
+        assert any("cannot create /nowhere" in str(t.render()) for t in app.screen.query("Toast"))
+        assert app.is_running and app.worker_state == "no service"

@@ -131,7 +131,13 @@ class DreamttyApp(App):
         self.call_after_refresh(self.run_worker, self._start_service, group="service", name="service")
 
     async def _start_service(self) -> None:
-        await self.client.start()
+        try:
+            await self.client.start()
+        except DreamttyError as exc:  # e.g. the service cannot start: said in one line, the form still works
+            self.worker_state = "no service"
+            notify(self, exc, title="service", severity="error", timeout=30)
+            self.job_events.publish(ServiceReady())
+            return
         for job in await self.client.active_jobs():
             self.active.setdefault(job.id, job.state)
         self.job_events.publish(ServiceReady())
