@@ -192,7 +192,7 @@ def _make_images(run: JobRun) -> None:
     if run.cache.loads != loads:
         _report_models(run)
     with fast.compiled_run(pipe, ref.location, (request.width, request.height), run.cache.compiled, run.note):
-        _image_loop(run, kind, request, pipe, pipe.dreamtty_family, make_image)
+        _image_loop(run, kind, request, pipe, pipe.dreamtty.family, make_image)
 
 
 def _image_loop(run: JobRun, kind, request, pipe, family_name: str, make_image) -> None:

@@ -45,7 +45,7 @@ def _timed(run) -> float:
 
 def _stock(pipe, size: int, steps: int):
     def run() -> None:
-        pipe.scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "dpmpp_2m", "karras")
+        pipe.scheduler = make_scheduler(pipe.dreamtty.scheduler_config, "dpmpp_2m", "karras")
         pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.0, width=size, height=size,
              generator=torch.Generator("cpu").manual_seed(0), output_type="latent")
     return run
@@ -56,7 +56,7 @@ def _ours(pipe, size: int, steps: int, on_step=None):
         with torch.inference_mode():
             cond = encode(pipe, PROMPT, NEGATIVE, True)
             spec = DenoiseSpec(cond, size, size, steps, 7.0, torch.Generator("cpu").manual_seed(0), on_step=on_step)
-            denoise(pipe, make_scheduler(pipe.dreamtty_scheduler_config, "dpmpp_2m", "karras"), spec)
+            denoise(pipe, make_scheduler(pipe.dreamtty.scheduler_config, "dpmpp_2m", "karras"), spec)
     return run
 
 

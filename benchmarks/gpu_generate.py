@@ -25,7 +25,7 @@ PROMPT, NEGATIVE = "a red fox in the snow, photo", "blurry"
 
 
 def _stock(pipe, size: int, steps: int) -> float:
-    pipe.scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "euler", "normal")
+    pipe.scheduler = make_scheduler(pipe.dreamtty.scheduler_config, "euler", "normal")
     torch.cuda.synchronize()
     start = time.perf_counter()
     pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.0, width=size, height=size,
@@ -40,7 +40,7 @@ def _ours(pipe, size: int, steps: int) -> float:
     with torch.inference_mode():
         cond = encode(pipe, PROMPT, NEGATIVE, True)
         spec = DenoiseSpec(cond, size, size, steps, 7.0, torch.Generator("cpu").manual_seed(0))
-        denoise(pipe, make_scheduler(pipe.dreamtty_scheduler_config, "euler", "normal"), spec)
+        denoise(pipe, make_scheduler(pipe.dreamtty.scheduler_config, "euler", "normal"), spec)
     torch.cuda.synchronize()
     return time.perf_counter() - start
 

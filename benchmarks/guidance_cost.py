@@ -27,6 +27,7 @@ import torch
 
 from backend.engine.conditioning import encode
 from backend.engine.denoise import DenoiseSpec, denoise
+from backend.engine.pipeline import execution_device
 from backend.engine.scheduling import make_scheduler
 from backend.guidance_settings import GuidanceSettings
 from benchmarks.options import parse, sync
@@ -51,7 +52,7 @@ CONTROLS = [
 def interleaved_ratios(pipe, size: int, steps: int, rounds: int) -> dict[str, tuple[float, list[float]]]:
     """Label -> (median seconds per step, ratio to the neighbouring baselines in each round), for the
     baseline (each inner baseline run against its two neighbours) and each control that applies."""
-    device = pipe._execution_device
+    device = execution_device(pipe)
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     xl = hasattr(pipe, "text_encoder_2")
     cases = [(label, settings, cfg) for label, settings, cfg, xl_only in CONTROLS if xl or not xl_only]
@@ -59,7 +60,7 @@ def interleaved_ratios(pipe, size: int, steps: int, rounds: int) -> dict[str, tu
         conds = {cfg > 1.0: encode(pipe, PROMPT, NEGATIVE, cfg > 1.0) for cfg in (CFG, 1.0)}
 
         def per_step(settings: GuidanceSettings, cfg: float) -> float:
-            scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "dpmpp_2m", "karras")
+            scheduler = make_scheduler(pipe.dreamtty.scheduler_config, "dpmpp_2m", "karras")
             spec = DenoiseSpec(conds[cfg > 1.0], size, size, steps, cfg, torch.Generator("cpu").manual_seed(0),
                                guidance=settings)
             sync(device)

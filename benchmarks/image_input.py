@@ -28,6 +28,7 @@ from backend.engine.conditioning import encode
 from backend.engine.denoise import DenoiseSpec, denoise
 from backend.engine.generate import generate_image
 from backend.engine.img2img import ImageStart, repaint
+from backend.engine.pipeline import execution_device
 from backend.engine.scheduling import make_scheduler
 from backend.jobkinds.img2img import Img2ImgRequest
 from backend.jobkinds.upscale import UpscaleRequest
@@ -54,7 +55,7 @@ def _timed(device, clock, run) -> float:
 
 def time_rows(pipe, size: int, steps: int, runs: int) -> list[tuple[str, float, float]]:
     """(label, loop seconds, whole-image seconds) for text to image and vary at each strength (best of ``runs``)."""
-    device = pipe._execution_device
+    device = execution_device(pipe)
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     base = GenerateRequest(prompt=PROMPT, negative_prompt=NEGATIVE, sampler="dpmpp_2m", scheduler="karras",
                            steps=steps, cfg=7.0, width=size, height=size, seed=1)
@@ -66,7 +67,7 @@ def time_rows(pipe, size: int, steps: int, runs: int) -> list[tuple[str, float, 
         generator = torch.Generator("cpu").manual_seed(1)
         with torch.inference_mode():
             start = ImageStart(image, strength).latents(pipe, generator, cond.cond.dtype) if strength else None
-            scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "dpmpp_2m", "karras")
+            scheduler = make_scheduler(pipe.dreamtty.scheduler_config, "dpmpp_2m", "karras")
             spec = DenoiseSpec(cond, size, size, steps, 7.0, generator, start=start)
             return _timed(device, clock, lambda: denoise(pipe, scheduler, spec))
 
@@ -105,10 +106,10 @@ def upscale_peak(pipe, steps: int) -> tuple[float, float]:
                                  seed=1).resolved("sdxl")
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        sync(pipe._execution_device)
+        sync(execution_device(pipe))
         start = time.perf_counter()
         image, _ = upscale_image(pipe, request)
-        sync(pipe._execution_device)
+        sync(execution_device(pipe))
         assert image.size == (2048, 2048)
         return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30
 

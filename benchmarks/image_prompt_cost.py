@@ -24,6 +24,7 @@ from backend.engine.demo_companions import ip_adapter_weights
 from backend.engine.denoise import DenoiseSpec, denoise
 from backend.engine.image_prompt import Control, References
 from backend.engine.ip_adapter import nested
+from backend.engine.pipeline import execution_device
 from backend.engine.scheduling import make_scheduler
 from backend.image_prompts import ImagePrompt
 from benchmarks.image_input import picture
@@ -42,7 +43,7 @@ def _control(pipe, size: int, demo: bool) -> Control:
 
         [net] = load_controlnets(pipe, [str(ensure_companion("demo-canny"))])
     else:
-        net = ControlNetModel.from_unet(pipe.unet).to(pipe._execution_device, pipe.unet.dtype)
+        net = ControlNetModel.from_unet(pipe.unet).to(execution_device(pipe), pipe.unet.dtype)
     return Control(ImagePrompt("x", "canny", 1.0, 1.0), net, picture(size))
 
 
@@ -54,13 +55,13 @@ def _adapter(pipe, encoder_width: int, tokens: int, resampler: dict) -> Referenc
     weights = ip_adapter_weights(dict(pipe.unet.config), encoder_width, **resampler)
     pipe.load_ip_adapter([nested({k: v.to(dtype) for k, v in weights.items()})], subfolder=[""], weight_name=[""],
                          image_encoder_folder=None)
-    embeds = torch.randn(1, 1, tokens, encoder_width, device=pipe._execution_device, dtype=dtype)  # batch, images, ...
+    embeds = torch.randn(1, 1, tokens, encoder_width, device=execution_device(pipe), dtype=dtype)  # batch, images, ...
     return References([ImagePrompt("x", "image", 1.0, 1.0)], [embeds], [torch.zeros_like(embeds)])
 
 
 def time_rows(pipe, size: int, steps: int, runs: int, cases: dict) -> list[tuple[str, float]]:
     """(case, seconds per step), best of ``runs`` after a warm-up round."""
-    device = pipe._execution_device
+    device = execution_device(pipe)
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     with torch.inference_mode():
         cond = encode(pipe, PROMPT, NEGATIVE, True)
@@ -68,7 +69,7 @@ def time_rows(pipe, size: int, steps: int, runs: int, cases: dict) -> list[tuple
     for round_ in range(runs + 1):
         for label, refs in cases.items():
             generator = torch.Generator("cpu").manual_seed(1)
-            scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "dpmpp_2m", "karras")
+            scheduler = make_scheduler(pipe.dreamtty.scheduler_config, "dpmpp_2m", "karras")
             spec = DenoiseSpec(cond, size, size, steps, 7.0, generator, references=refs)
             with torch.inference_mode():
                 sync(device)
@@ -95,7 +96,6 @@ def main() -> None:
         from benchmarks.realsize import build_pipeline
 
         pipe, size = build_pipeline(xl=True), 1024
-        pipe.dreamtty_scheduler_config = dict(pipe.scheduler.config)
         encoder = (1280, 257, {"hidden_dims": 1280, "heads": 20, "queries": 16})  # ViT-H/14 hidden states, 224²
         title = f"{torch.cuda.get_device_name()}, SDXL (random weights), fp16, {size}², {args.steps} steps, CFG 7"
     else:

@@ -32,7 +32,7 @@ def _request(args, seed: int) -> GenerateRequest:
 
 def _direct_image(pipe, args, seed: int) -> float:
     """One stock pipeline call with the same settings; returns seconds."""
-    pipe.scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "euler", "normal")
+    pipe.scheduler = make_scheduler(pipe.dreamtty.scheduler_config, "euler", "normal")
     start = time.perf_counter()
     pipe("a red fox in the snow", num_inference_steps=args.steps, guidance_scale=7.0, width=args.size,
          height=args.size, generator=torch.Generator("cpu").manual_seed(seed)).images[0]

@@ -70,6 +70,7 @@ def build_pipeline(xl: bool, device: str = "cuda", dtype=torch.float16):
                                            requires_safety_checker=False)
     pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    pipe.dreamtty_scheduler_config = dict(pipe.scheduler.config)
-    pipe.dreamtty_family = "sdxl" if xl else "sd1"
+    from backend.engine.pipeline import attach
+
+    attach(pipe, "sdxl" if xl else "sd1")
     return pipe

@@ -54,7 +54,7 @@ def _latents(pipe, settings=None, cfg=7.0, sampler="euler", schedule="karras", m
     with torch.inference_mode():
         g = torch.Generator("cpu").manual_seed(SEED)
         cond = encode(pipe, prompt, NEGATIVE, cfg > 1.0, settings.clip_skip)
-        sched = make_scheduler(config or pipe.dreamtty_scheduler_config, sampler, schedule, seed=SEED)
+        sched = make_scheduler(config or pipe.dreamtty.scheduler_config, sampler, schedule, seed=SEED)
         spec = DenoiseSpec(cond, SIZE, SIZE, STEPS, cfg, g, guidance=settings)
         return denoise(pipe, sched, spec, make_guider=make_guider)
 
@@ -261,7 +261,7 @@ def test_sag_matches_diffusers_sag_pipeline_math(pipes, family, kind, cfg):
     """Reference: the masking, x0 and eps helpers of diffusers' (deprecated, SD-only) SAG pipeline,
     with the guidance difference taken in eps space (for eps models: the pipeline's own formula)."""
     pipe, scale = pipes[family], 0.8
-    config = {**pipe.dreamtty_scheduler_config, "prediction_type": kind}
+    config = {**pipe.dreamtty.scheduler_config, "prediction_type": kind}
     guider = _recorded(pipe, GuidanceSettings(sag=scale), cfg, sampler="ddim", schedule="normal", config=config)
     fake = SimpleNamespace(unet=pipe.unet, scheduler=make_scheduler(config, "ddim", "normal"))
     i, c = guider.inputs, guider.inputs.cond
@@ -308,7 +308,7 @@ def test_joint_bilateral_matches_reference_on_a_non_square_image():
 @pytest.mark.parametrize("sampler,schedule", [("euler", "karras"), ("ddim", "normal")])
 def test_noise_level_matches_schedulers(pipes, kind, sampler, schedule):
     """x0 as DDIM computes it, and (for Karras sigmas, fractional timesteps) the scheduler's own sigma."""
-    config = {**pipes["sd"].dreamtty_scheduler_config, "prediction_type": kind, "clip_sample": False}
+    config = {**pipes["sd"].dreamtty.scheduler_config, "prediction_type": kind, "clip_sample": False}
     ddim = make_scheduler(config, "ddim", "normal")
     sched = make_scheduler(config, sampler, schedule)
     sched.set_timesteps(10)
@@ -331,7 +331,7 @@ def test_noise_level_matches_schedulers(pipes, kind, sampler, schedule):
 def test_sharpness_matches_bilateral_blend(pipes, family):
     pipe, sharpness, cfg = pipes[family], 30.0, 7.0
     guider = _recorded(pipe, GuidanceSettings(sharpness=sharpness), cfg, sampler="ddim", schedule="normal")
-    alphas = make_scheduler(pipe.dreamtty_scheduler_config, "ddim", "normal").alphas_cumprod.double()
+    alphas = make_scheduler(pipe.dreamtty.scheduler_config, "ddim", "normal").alphas_cumprod.double()
     for x, t, ours in guider.seen:
         uncond, cond = (p.double() for p in _branches(guider, x, t))
         a = alphas[int(t)]
@@ -398,7 +398,7 @@ def test_cfg_rescale_matches_lin_et_al(pipes, family):
 def _stock(pipe, cls, cfg, **extra) -> np.ndarray:
     stock = cls(**pipe.components, **({"pag_applied_layers": "mid"} if "pag_scale" in extra else {}))
     stock.set_progress_bar_config(disable=True)
-    stock.scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "euler", "karras", seed=SEED)
+    stock.scheduler = make_scheduler(pipe.dreamtty.scheduler_config, "euler", "karras", seed=SEED)
     g = torch.Generator("cpu").manual_seed(SEED)
     out = stock(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=cfg, width=SIZE,
                 height=SIZE, generator=g, output_type="np", **extra).images[0]

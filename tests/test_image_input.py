@@ -28,7 +28,7 @@ CASES = [("euler", "normal", 0.5), ("dpmpp_2m", "karras", 0.85), ("euler_a", "no
 def _ours(pipe, sampler, schedule, strength, seed=42):
     g = torch.Generator("cpu").manual_seed(seed)
     cond = encode(pipe, "a red fox", "blurry", True)
-    sched = make_scheduler(pipe.dreamtty_scheduler_config, sampler, schedule, seed=seed)
+    sched = make_scheduler(pipe.dreamtty.scheduler_config, sampler, schedule, seed=seed)
     with torch.inference_mode():
         start = ImageStart(gradient(), strength).latents(pipe, g, cond.cond.dtype)
         latents = denoise(pipe, sched, DenoiseSpec(cond, 128, 128, 8, 7.0, g, start=start))
@@ -44,7 +44,7 @@ def _stock(pipe, sampler, schedule, strength, seed=42):
         stock = StableDiffusionImg2ImgPipeline(**parts, safety_checker=None, feature_extractor=None,
                                                requires_safety_checker=False)
     stock.set_progress_bar_config(disable=True)
-    stock.scheduler = make_scheduler(pipe.dreamtty_scheduler_config, sampler, schedule, seed=seed)
+    stock.scheduler = make_scheduler(pipe.dreamtty.scheduler_config, sampler, schedule, seed=seed)
     g = torch.Generator("cpu").manual_seed(seed)
     out = stock("a red fox", image=gradient(), strength=strength, negative_prompt="blurry", num_inference_steps=8,
                 guidance_scale=7.0, generator=g, output_type="np").images[0]

@@ -80,7 +80,7 @@ def test_stop_at_half_applies_each_reference_in_the_first_half_of_the_steps(pipe
     request = apply_extras(pipe, request)
     adapter = next(p for p in pipe.unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0))
     ip_calls, control_calls, unet_calls = [], [], []
-    net = pipe.dreamtty_image_prompts.controls[0].net
+    net = pipe.dreamtty.image_prompts.controls[0].net
     hooks = [_count_calls(adapter.to_k_ip[0], ip_calls), _count_calls(net, control_calls),
              _count_calls(pipe.unet, unet_calls)]
     try:
@@ -127,12 +127,12 @@ def test_our_loop_with_one_controlnet_equals_the_stock_controlnet_pipeline(pipes
     refs = References([], [], [], [Control(ImagePrompt("x", "canny", 0.8, stop), net, edges)])
     g = torch.Generator("cpu").manual_seed(42)
     cond = encode(pipe, "a red fox", "blurry", cfg > 1)
-    scheduler = make_scheduler(pipe.dreamtty_scheduler_config, sampler, schedule, seed=42)
+    scheduler = make_scheduler(pipe.dreamtty.scheduler_config, sampler, schedule, seed=42)
     latents = denoise(pipe, scheduler, DenoiseSpec(cond, 128, 128, 8, cfg, g, references=refs))
     ours = np.asarray(decode(pipe, latents, g), dtype=np.float32) / 255
 
     parts = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet, controlnet=net,
-                 scheduler=make_scheduler(pipe.dreamtty_scheduler_config, sampler, schedule, seed=42))
+                 scheduler=make_scheduler(pipe.dreamtty.scheduler_config, sampler, schedule, seed=42))
     if family == "demo-xl":
         stock_pipe = StableDiffusionXLControlNetPipeline(**parts, text_encoder_2=pipe.text_encoder_2,
                                                          tokenizer_2=pipe.tokenizer_2)
@@ -145,7 +145,7 @@ def test_our_loop_with_one_controlnet_equals_the_stock_controlnet_pipeline(pipes
                        width=128, height=128, generator=g, controlnet_conditioning_scale=0.8,
                        control_guidance_end=stop, output_type="np").images[0]
     plain_g = torch.Generator("cpu").manual_seed(42)
-    plain_scheduler = make_scheduler(pipe.dreamtty_scheduler_config, sampler, schedule, seed=42)
+    plain_scheduler = make_scheduler(pipe.dreamtty.scheduler_config, sampler, schedule, seed=42)
     plain = denoise(pipe, plain_scheduler, DenoiseSpec(cond, 128, 128, 8, cfg, plain_g))
     assert np.abs(ours - np.asarray(decode(pipe, plain, plain_g), dtype=np.float32) / 255).max() > 0.02
     assert np.abs(ours - np.round(stock * 255) / 255).max() <= 1e-4

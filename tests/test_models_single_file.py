@@ -59,7 +59,7 @@ def test_family_detected_and_loaded_offline(files, family):
     ref = resolve_model(str(files["paths"][family]))
     assert (ref.kind, ref.family) == ("file", family)
     pipe = load_pipeline(ref, CPU, torch.float32)
-    assert pipe.dreamtty_family == family
+    assert pipe.dreamtty.family == family
     _same_weights(files["pipes"][family], pipe)
     if family == "sd2-v":
         assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.pad_token == "!"

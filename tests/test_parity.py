@@ -19,13 +19,13 @@ CASES = [("euler", "normal"), ("dpmpp_2m", "karras"), ("euler_a", "normal"), ("h
 def _ours(pipe, sampler, schedule, cfg, seed=42):
     g = torch.Generator("cpu").manual_seed(seed)
     cond = encode(pipe, "a red fox", "blurry", cfg > 1)
-    sched = make_scheduler(pipe.dreamtty_scheduler_config, sampler, schedule, seed=seed)
+    sched = make_scheduler(pipe.dreamtty.scheduler_config, sampler, schedule, seed=seed)
     latents = denoise(pipe, sched, DenoiseSpec(cond, 128, 128, 6, cfg, g))
     return np.asarray(decode(pipe, latents, g), dtype=np.float32) / 255
 
 
 def _stock(pipe, sampler, schedule, cfg, seed=42):
-    pipe.scheduler = make_scheduler(pipe.dreamtty_scheduler_config, sampler, schedule, seed=seed)
+    pipe.scheduler = make_scheduler(pipe.dreamtty.scheduler_config, sampler, schedule, seed=seed)
     g = torch.Generator("cpu").manual_seed(seed)
     out = pipe("a red fox", negative_prompt="blurry", num_inference_steps=6, guidance_scale=cfg,
                width=128, height=128, generator=g, output_type="np").images[0]
@@ -56,7 +56,7 @@ def test_cancel_stops_between_steps(sd_pipe):
     spec = DenoiseSpec(cond, 64, 64, 10, 7.0, g, on_step=lambda i, n, lat: seen.append(i),
                        should_cancel=lambda: len(seen) >= 3)
     with pytest.raises(Cancelled):
-        denoise(sd_pipe, make_scheduler(sd_pipe.dreamtty_scheduler_config, "euler", "normal"), spec)
+        denoise(sd_pipe, make_scheduler(sd_pipe.dreamtty.scheduler_config, "euler", "normal"), spec)
     assert seen == [1, 2, 3]
 
 
@@ -114,9 +114,9 @@ def test_refiner_handover_matches_stock_denoising_end_start(refiner_cache, sampl
     image, _ = generate_image(base, apply_extras(base, request.resolved("demo-xl"), cache))
     ours = np.asarray(image, dtype=np.float32) / 255
 
-    refiner = base.dreamtty_refiner
+    refiner = base.dreamtty.refiner
     for pipe in (base, refiner):
-        pipe.scheduler = make_scheduler(base.dreamtty_scheduler_config, sampler, schedule, seed=5)
+        pipe.scheduler = make_scheduler(base.dreamtty.scheduler_config, sampler, schedule, seed=5)
     g = torch.Generator("cpu").manual_seed(5)
     handed = base("a castle", negative_prompt="blurry", num_inference_steps=steps, guidance_scale=7.0, width=64,
                   height=64, generator=g, denoising_end=switch, output_type="latent").images

@@ -310,7 +310,7 @@ def test_refiner_gets_the_texts_of_the_steps_after_the_hand_over(pipes, tmp_path
     with unet_calls(pipe) as base_calls:
         _generate(pipes, "xl", "warmup", **fields)  # loads the refiner
         base_calls.clear()
-        refiner = pipe.dreamtty_refiner
+        refiner = pipe.dreamtty.refiner
         with unet_calls(refiner) as refiner_calls:
             _, record = _generate(pipes, "xl", "a [castle:tower:3]", "blurry", **fields)
     assert all(_same(call, _rows(pipe, "a castle", "blurry")) for call in base_calls) and len(base_calls) == 2

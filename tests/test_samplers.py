@@ -36,13 +36,13 @@ def test_schedule_lists_match_class_signatures(name):
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_make_scheduler_builds_each(name, sd_pipe):
     for schedule in SAMPLERS[name].schedules:
-        sched = make_scheduler(sd_pipe.dreamtty_scheduler_config, name, schedule, seed=1)
+        sched = make_scheduler(sd_pipe.dreamtty.scheduler_config, name, schedule, seed=1)
         cls_name, flags = scheduler_spec(name, schedule)
         assert type(sched).__name__ == cls_name
         for key, value in flags.items():
             assert sched.config[key] == value
         # the model's noise schedule is kept
-        assert sched.config["beta_end"] == sd_pipe.dreamtty_scheduler_config["beta_end"]
+        assert sched.config["beta_end"] == sd_pipe.dreamtty.scheduler_config["beta_end"]
 
 
 # -- each schedule gives the sigmas its formula gives, computed here from the model's config ------------------------

@@ -71,7 +71,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 def _image(pipe, seed: int = 1) -> np.ndarray:
     # Our loop leaves its last scheduler on a pipeline: start every image from the model's own.
-    pipe.scheduler = make_scheduler(pipe.dreamtty_scheduler_config, "euler", "normal")
+    pipe.scheduler = make_scheduler(pipe.dreamtty.scheduler_config, "euler", "normal")
     return pipe("a photo of sks dog", num_inference_steps=3, height=64, width=64, output_type="np",
                 generator=torch.Generator().manual_seed(seed)).images[0]
 
@@ -105,7 +105,7 @@ def test_full_run_with_prior_then_lora_reuses_class_images(photos, tmp_path, sd_
     assert runs.run_output(run_dir) == ("model", run_dir / "model")
     assert resolve_model(str(run_dir)).location == str((run_dir / "model").resolve())  # --model RUN_DIR
     trained = load_pipeline(resolve_model(str(run_dir / "model")), CPU, torch.float32)
-    assert trained.dreamtty_family == "demo"
+    assert trained.dreamtty.family == "demo"
     assert not torch.equal(trained.unet.conv_in.weight, sd_pipe.unet.conv_in.weight)
     assert np.abs(_image(trained) - _image(sd_pipe)).max() > 1e-3
 

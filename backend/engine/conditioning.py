@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from backend.engine.pipeline import execution_device
 from backend.guidance_settings import check_clip_skip
 from backend.prompting.editing import PromptSchedule
 from backend.prompting.weights import Fragment, is_plain, parse_weights
@@ -138,7 +139,7 @@ class TextEncoder:
 
 def _encode_stock(pipe, text: str) -> Embedding:
     """``encode_prompt`` of one text (its positive branch: the same operations as its negative one)."""
-    device = pipe._execution_device
+    device = execution_device(pipe)
     if _is_xl(pipe):
         cond, _, pooled, _ = pipe.encode_prompt(
             prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
@@ -245,7 +246,7 @@ def _encode_chunks(pipe, per_encoder: list[list[Chunk]], clip_skip: int) -> Embe
         if first.ndim == 2:  # CLIPTextModelWithProjection: pooled embeds of the first chunk
             pooled = first[:1]
     dtype = (pipe.text_encoder_2 if xl else pipe.text_encoder).dtype
-    device = pipe._execution_device
+    device = execution_device(pipe)
     out = torch.cat(hidden, dim=-1).to(device=device, dtype=dtype)
     return out, (pooled.to(device=device, dtype=dtype) if pooled is not None else None)
 

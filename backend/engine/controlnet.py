@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from backend.engine.pipeline import execution_device
 from backend.errors import ModelError
 
 
@@ -22,7 +23,7 @@ def load_controlnets(pipe, folders: list[str]) -> list:
     no longer asked for are dropped."""
     from diffusers import ControlNetModel
 
-    loaded: dict[str, object] = pipe.__dict__.setdefault("dreamtty_controlnets", {})
+    loaded: dict[str, object] = pipe.dreamtty.controlnets
     for stale in set(loaded) - set(folders):
         del loaded[stale]
     for folder in folders:
@@ -33,7 +34,7 @@ def load_controlnets(pipe, folders: list[str]) -> list:
                 text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise ModelError(f"image_prompt: cannot load the ControlNet {Path(folder).name}: {text[:300]}") \
                     from None
-            loaded[folder] = net.to(pipe._execution_device)
+            loaded[folder] = net.to(execution_device(pipe))
     return [loaded[folder] for folder in folders]
 
 
@@ -45,7 +46,7 @@ def control_tensor(pipe, image: Image.Image, width: int, height: int) -> torch.T
     pixels = processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
     # contiguous, as the stock pipelines' batching leaves it: a convolution on the processor's channels-last view
     # takes another kernel, which rounds differently
-    return pixels.to(pipe._execution_device, pipe.unet.dtype).contiguous()
+    return pixels.to(execution_device(pipe), pipe.unet.dtype).contiguous()
 
 
 class Residuals:

@@ -21,7 +21,6 @@ Large images are denoised in overlapping tiles (backend.engine.tiles). Image pro
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -34,6 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from backend.engine.conditioning import Conditioning, StepConditioning
 from backend.engine.guider import Guider, UNetInputs
+from backend.engine.pipeline import execution_device, sdxl_time_ids
 from backend.engine.tiles import TiledGuider
 from backend.errors import ModelError
 from backend.guidance_settings import GuidanceSettings
@@ -77,23 +77,8 @@ def _is_xl(pipe) -> bool:
     return hasattr(pipe, "text_encoder_2")
 
 
-AESTHETIC_SCORES = (6.0, 2.5)  # diffusers' defaults (positive, negative), for models conditioned on them
-
-
-def sdxl_time_ids(pipe, width: int, height: int, dtype: torch.dtype, projection: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL's size conditioning (and its negative) for a ``width`` x ``height`` image, as the stock pipeline
-    of ``pipe``'s class makes it: the image-to-image and inpaint pipelines take aesthetic scores, which
-    their model uses when its config asks for them (``requires_aesthetics_score``, the refiner)."""
-    size = (height, width)
-    if "aesthetic_score" in inspect.signature(pipe._get_add_time_ids).parameters:
-        return pipe._get_add_time_ids(size, (0, 0), size, *AESTHETIC_SCORES, size, (0, 0), size, dtype=dtype,
-                                      text_encoder_projection_dim=projection)
-    ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection)
-    return ids, ids
-
-
 def _unet_inputs(pipe, spec: DenoiseSpec, dtype: torch.dtype, batch: int, iterations: int) -> UNetInputs:
-    device = pipe._execution_device
+    device = execution_device(pipe)
     time_ids = neg_time_ids = None
     if _is_xl(pipe):
         proj = (
@@ -120,7 +105,7 @@ def _begin(scheduler, index: int) -> None:
 
 def denoise(pipe, scheduler, spec: DenoiseSpec, make_guider=Guider) -> torch.Tensor:
     """Run the sampling loop and return the final latents."""
-    device = pipe._execution_device
+    device = execution_device(pipe)
     pipe.scheduler = scheduler
     timesteps, _ = retrieve_timesteps(scheduler, spec.steps, device)
     dtype = spec.cond.at(0, 1).cond.dtype
@@ -191,7 +176,7 @@ def encode(pipe, image, generator: torch.Generator, dtype: torch.dtype) -> torch
     upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     if upcast:
         vae.to(torch.float32)
-    pixels = pipe.image_processor.preprocess(image).to(pipe._execution_device, vae.dtype)
+    pixels = pipe.image_processor.preprocess(image).to(execution_device(pipe), vae.dtype)
     with torch.no_grad():
         latents = retrieve_latents(vae.encode(pixels), generator=generator)
     if upcast:

@@ -15,7 +15,7 @@ is never reloaded:
 - ``--refiner`` loads the refiner through the same cache (see ``refiner.py``).
 - ``--image-prompt`` references load their IP-Adapters and ControlNets (see ``image_prompt.py``).
 
-What was applied, with short file hashes, is left in ``pipe.dreamtty_extras``
+What was applied, with short file hashes, is left in ``pipe.dreamtty.extras``
 and saved in each image's metadata.
 """
 
@@ -59,12 +59,12 @@ def load_weights(entry: library.Entry) -> dict:
 
 # -- LoRAs --------------------------------------------------------------------------
 def _apply_loras(pipe, loras: list[tuple[str, float]], cfg) -> list[dict]:
-    loaded: dict[str, str] = pipe.__dict__.setdefault("dreamtty_loras", {})  # adapter -> path
+    loaded: dict[str, str] = pipe.dreamtty.loras  # adapter -> path
     wanted: list[tuple[str, float]] = []
     records = []
     for name, weight in loras:
         entry = find_extra("lora", name, cfg)
-        _same_family("lora", name, entry.family, pipe.dreamtty_family)
+        _same_family("lora", name, entry.family, pipe.dreamtty.family)
         digest = library.short_hash(entry.path)
         adapter = f"{re.sub(r'[^0-9A-Za-z_]', '_', entry.name)}_{digest}"
         if adapter not in loaded:
@@ -97,7 +97,7 @@ def _mentioned(name: str, text: str) -> bool:
 
 def _load_embeddings(pipe, request: GenerateRequest, cfg) -> list[dict]:
     text = f"{request.prompt}\n{request.negative_prompt}"
-    loaded: dict[str, str] = pipe.__dict__.setdefault("dreamtty_embeddings", {})  # token -> hash
+    loaded: dict[str, str] = pipe.dreamtty.embeddings  # token -> hash
     lib = library.discover(cfg, kinds=("embedding",), hub=False)
     records = []
     for entry in lib.of_kind("embedding"):
@@ -105,7 +105,7 @@ def _load_embeddings(pipe, request: GenerateRequest, cfg) -> list[dict]:
             continue
         if entry.format == "pickle" and not cfg.allow_pickle:
             raise RequestError("embedding", f"{entry.name} is a pickle; refused without --allow-pickle")
-        _same_family("embedding", entry.name, entry.family, pipe.dreamtty_family)
+        _same_family("embedding", entry.name, entry.family, pipe.dreamtty.family)
         digest = library.short_hash(entry.path)
         if loaded.get(entry.name) != digest:
             if entry.name in loaded:
@@ -134,18 +134,20 @@ def _load_embedding(pipe, entry: library.Entry) -> None:
 
 # -- VAE override -------------------------------------------------------------------------
 def _apply_vae(pipe, name: str | None, cfg) -> dict | None:
-    original = pipe.__dict__.setdefault("dreamtty_model_vae", pipe.vae)
+    if pipe.dreamtty.model_vae is None:
+        pipe.dreamtty.model_vae = pipe.vae
+    original = pipe.dreamtty.model_vae
     if not name:
         if pipe.vae is not original:
             pipe.vae = original
-            pipe.dreamtty_vae_key = None
+            pipe.dreamtty.vae_key = None
         return None
     entry = find_extra("vae", name, cfg)
     digest = library.folder_hash(entry.path) if entry.format == "diffusers" else library.short_hash(entry.path)
-    if getattr(pipe, "dreamtty_vae_key", None) != (entry.path, digest):
+    if pipe.dreamtty.vae_key != (entry.path, digest):
         vae = _load_vae(entry, original)
         pipe.vae = vae.to(device=original.device, dtype=original.dtype)
-        pipe.dreamtty_vae_key = (entry.path, digest)
+        pipe.dreamtty.vae_key = (entry.path, digest)
     return {"name": entry.name, "hash": digest}
 
 
@@ -184,7 +186,7 @@ def _model_hash(ref) -> str | None:
 
 
 def _load_refiner(pipe, request: GenerateRequest, cache) -> dict | None:
-    pipe.dreamtty_refiner = None
+    pipe.dreamtty.refiner = None
     if not request.refiner:
         return None
     from backend.models import resolve_model
@@ -192,8 +194,8 @@ def _load_refiner(pipe, request: GenerateRequest, cache) -> dict | None:
     ref = resolve_model(request.refiner, "refiner")
     if cache is None:
         raise ModelError("refiner: no pipeline cache to load it with")
-    check_refiner(request.refiner, ref.family, pipe.dreamtty_family)
-    pipe.dreamtty_refiner = cache.get(ref, pipe.unet.dtype)
+    check_refiner(request.refiner, ref.family, pipe.dreamtty.family)
+    pipe.dreamtty.refiner = cache.get(ref, pipe.unet.dtype)
     return {"name": request.refiner, "switch": request.refiner_switch, "hash": _model_hash(ref)}
 
 
@@ -202,7 +204,7 @@ def apply_extras(pipe, request: GenerateRequest, cache=None, on_preview=None, no
     request. ``on_preview(label, image)`` gets each image prompt's preprocessed map, ``note`` a line for people."""
     from backend.engine.image_prompt import apply_image_prompts
 
-    if pipe.dreamtty_family == "sdxl-refiner":
+    if pipe.dreamtty.family == "sdxl-refiner":
         raise ModelError(f"model: {request.model} is an SDXL refiner; use it with --refiner on an SDXL base model")
     cfg = config_mod.load()
     request = effective_request(request)
@@ -213,5 +215,5 @@ def apply_extras(pipe, request: GenerateRequest, cache=None, on_preview=None, no
         "refiner": _load_refiner(pipe, request, cache),
         "image_prompts": apply_image_prompts(pipe, request, on_preview, note),
     }
-    pipe.dreamtty_extras = {k: v for k, v in extras.items() if v}
+    pipe.dreamtty.extras = {k: v for k, v in extras.items() if v}
     return request

@@ -101,14 +101,14 @@ def make_fast(pipe, compile: Callable = torch.compile) -> None:
     pipe.fuse_qkv_projections()
     pipe.unet = compile(pipe.unet, mode=COMPILE_MODE, fullgraph=True)
     pipe.vae.decoder = compile(pipe.vae.decoder, mode=COMPILE_MODE)
-    pipe.dreamtty_compiled_sizes = set()  # sizes run since: later jobs at those sizes need no compile
+    pipe.dreamtty.compiled_sizes = set()  # sizes run since: later jobs at those sizes need no compile
 
 
 @contextmanager
 def compiled_run(pipe, model: str, size: tuple[int, int], cache: CompileCache, note: Callable[[str], None]):
     """Around a fast pipeline's job at ``size``: load the compile cache for it, or say that a first-time
     compile is coming and keep its artifacts once the job ran. A default pipeline: nothing."""
-    sizes = getattr(pipe, "dreamtty_compiled_sizes", None)
+    sizes = pipe.dreamtty.compiled_sizes
     if sizes is None or size in sizes:
         yield
         return

@@ -11,7 +11,8 @@ from backend.guidance_settings import freeu_defaults
 
 def pipeline_family(pipe) -> str:
     """Our family name for a loaded pipeline (set by the loader; guessed for bare pipelines)."""
-    return getattr(pipe, "dreamtty_family", None) or ("sdxl" if hasattr(pipe, "text_encoder_2") else "sd1")
+    state = getattr(pipe, "dreamtty", None)
+    return state.family if state is not None else "sdxl" if hasattr(pipe, "text_encoder_2") else "sd1"
 
 
 def set_freeu(pipe, freeu: tuple[float, ...] | None) -> None:

@@ -32,22 +32,22 @@ def generate_image(
     """
     plan = build_prompt(request, make_embedder(pipe))
     schedule = plan.schedule(request.steps)
-    tile = tile_size(pipe.dreamtty_family, request.width, request.height) if start is not None and start.tile else None
+    tile = tile_size(pipe.dreamtty.family, request.width, request.height) if start is not None and start.tile else None
     with torch.inference_mode(), _vae_tiling(pipe, tile is not None):
         cond = encode_schedule(pipe, schedule, request.cfg > 1.0, request.guidance.clip_skip)
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        scheduler = make_scheduler(pipe.dreamtty_scheduler_config, request.sampler, request.scheduler, request.seed)
+        scheduler = make_scheduler(pipe.dreamtty.scheduler_config, request.sampler, request.scheduler, request.seed)
         spec = DenoiseSpec(
             cond, request.width, request.height, request.steps, request.cfg, generator,
             guidance=request.guidance, on_step=on_step, should_cancel=should_cancel,
             start=start.latents(pipe, generator, cond.at(0, 1).cond.dtype) if start is not None else None, tile=tile,
-            references=getattr(pipe, "dreamtty_image_prompts", None),
+            references=pipe.dreamtty.image_prompts,
         )
         latents = denoise(pipe, scheduler, spec, **refiner_handover(pipe, request, schedule))
         image = decode(pipe, latents, generator)
     record = {
         "positive": plan.positive, "negative": plan.negative, **plan.record, "schedule": schedule.record(),
-        **getattr(pipe, "dreamtty_extras", {}),
+        **pipe.dreamtty.extras,
     }
     return image, record
 

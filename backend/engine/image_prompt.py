@@ -4,7 +4,7 @@ each UNet call of the denoise loop (backend.engine.guider) with them.
 :func:`apply_image_prompts` runs once per job (from ``apply_extras``): it loads the IP-Adapters and
 ControlNets onto the cached pipeline, encodes the ``image``/``face`` references with the adapters' image
 encoder, makes the ``canny``/``depth``/``structure`` maps at the request's size (each handed to
-``on_preview``), and leaves the result in ``pipe.dreamtty_image_prompts``. A denoise run turns that into
+``on_preview``), and leaves the result in ``pipe.dreamtty.image_prompts``. A denoise run turns that into
 a :class:`Steering`, which the guider asks, call by call, for the UNet's extra inputs: the image
 embeddings (positive for the cond and PAG rows, negative for uncond and PerpNeg's empty prompt) and the
 ControlNet residuals. A reference applies while ``(iteration + 1) / iterations <= stop`` over the whole
@@ -22,6 +22,7 @@ from PIL import Image
 
 from backend import companions, library
 from backend.engine import controlnet, ip_adapter, preprocess
+from backend.engine.pipeline import execution_device
 from backend.image_prompts import FIELD, ImagePrompt
 from backend.input_images import read_image
 
@@ -110,14 +111,14 @@ def _preprocess(prompt: ImagePrompt, image: Image.Image, depth_model: str | None
 
 def apply_image_prompts(pipe, request, on_preview: Callable[[str, Image.Image], None] | None = None,
                         note: Callable[[str], None] | None = None) -> list[dict]:
-    """Load and prepare ``request``'s references on ``pipe`` (``pipe.dreamtty_image_prompts``; None without
+    """Load and prepare ``request``'s references on ``pipe`` (``pipe.dreamtty.image_prompts``; None without
     any); ``note`` gets what reading a reference image changed (transparency, ...). Returns what the metadata
     records of each reference that applies: its number, models with short hashes and preprocessor."""
-    needs = companions.plan(request.image_prompts, pipe.dreamtty_family)
+    needs = companions.plan(request.image_prompts, pipe.dreamtty.family)
     adapters = [n for n in needs if n.encoder is not None]
     ip_adapter.load_adapters(pipe, tuple((model_path(n.model), model_path(n.encoder)) for n in adapters))
     nets = controlnet.load_controlnets(pipe, [model_path(n.model) for n in needs if n.encoder is None])
-    pipe.dreamtty_image_prompts = None
+    pipe.dreamtty.image_prompts = None
     if not needs:
         return []
     records, images = [], {}
@@ -140,9 +141,9 @@ def apply_image_prompts(pipe, request, on_preview: Callable[[str, Image.Image], 
     for need, net in zip([n for n in needs if n.encoder is None], nets):
         fitted = preprocess.fit(images[id(need)], request.width, request.height)
         depth = model_path(need.depth) if need.depth is not None else None
-        control = Control(need.prompt, net, _preprocess(need.prompt, fitted, depth, pipe._execution_device))
+        control = Control(need.prompt, net, _preprocess(need.prompt, fitted, depth, execution_device(pipe)))
         controls.append(control)
         if on_preview is not None:
             on_preview(f"{need.prompt.type}-{len(controls)}", control.image)
-    pipe.dreamtty_image_prompts = References([n.prompt for n in adapters], positive, negative, controls)
+    pipe.dreamtty.image_prompts = References([n.prompt for n in adapters], positive, negative, controls)
     return records

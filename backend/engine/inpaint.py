@@ -91,7 +91,7 @@ def repaint_masked(pipe, request: ImageInputRequest, image: Image.Image, mask: n
         return image, {}
     box = crop_box(mask, context)
     crop_w, crop_h = box[2] - box[0], box[3] - box[1]
-    size = model_size(crop_w, crop_h, pipe.dreamtty_family)
+    size = model_size(crop_w, crop_h, pipe.dreamtty.family)
     start_image = prefill(image, hole) if hole is not None else image
     crop = start_image.crop(box).resize(size, LANCZOS)
     crop_mask = Image.fromarray(mask[box[1]:box[3], box[0]:box[2]].astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from backend.engine.pipeline import execution_device
 from backend.errors import ModelError
 
 AdapterFiles = tuple[tuple[str, str], ...]  # per slot: (adapter file, image encoder folder)
@@ -33,11 +34,11 @@ def _state_dict(path: str) -> dict:
 
 def load_adapters(pipe, slots: AdapterFiles) -> None:
     """Make ``pipe``'s adapter slots exactly ``slots`` (none: unloaded). ModelError when they cannot load."""
-    if getattr(pipe, "dreamtty_ip_slots", ()) == slots:
+    if pipe.dreamtty.ip_slots == slots:
         return
-    if getattr(pipe, "dreamtty_ip_slots", ()):
+    if pipe.dreamtty.ip_slots:
         pipe.unload_ip_adapter()
-    pipe.dreamtty_ip_slots = ()
+    pipe.dreamtty.ip_slots = ()
     if not slots:
         return
     encoders = sorted({encoder for _, encoder in slots})
@@ -48,7 +49,7 @@ def load_adapters(pipe, slots: AdapterFiles) -> None:
 
     try:
         encoder = CLIPVisionModelWithProjection.from_pretrained(encoders[0], local_files_only=True,
-                                                                dtype=pipe.unet.dtype).to(pipe._execution_device)
+                                                                dtype=pipe.unet.dtype).to(execution_device(pipe))
         size = encoder.config.image_size
         pipe.register_modules(image_encoder=encoder, feature_extractor=CLIPImageProcessor(size=size, crop_size=size))
         n = len(slots)
@@ -57,13 +58,13 @@ def load_adapters(pipe, slots: AdapterFiles) -> None:
     except Exception as exc:
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"image_prompt: cannot load the IP-Adapter {Path(slots[0][0]).name}: {text[:300]}") from None
-    pipe.dreamtty_ip_slots = slots
+    pipe.dreamtty.ip_slots = slots
 
 
 def image_embeds(pipe, images: list) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(positive, negative) image embeddings per slot, one reference image each, as diffusers makes them (the
     negative: a "plus" adapter's encoding of a black image, a plain adapter's zeros)."""
-    both = pipe.prepare_ip_adapter_image_embeds(images, None, pipe._execution_device, 1, True)
+    both = pipe.prepare_ip_adapter_image_embeds(images, None, execution_device(pipe), 1, True)
     negative, positive = zip(*(embeds.chunk(2) for embeds in both))
     return list(positive), list(negative)
 

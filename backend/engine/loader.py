@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from backend.engine.pipeline import attach
 from backend.errors import ModelError
 from backend.families import FAMILIES
 from backend.library import PICKLE_SUFFIXES, read_safetensors_header
@@ -141,8 +142,7 @@ def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype):
         raise ModelError(f"model: cannot load {ref.name}: {msg[:300]}") from None
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    pipe.dreamtty_family = family
-    pipe.dreamtty_scheduler_config = dict(pipe.scheduler.config)
+    attach(pipe, family)
     return pipe
 
 

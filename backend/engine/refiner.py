@@ -16,7 +16,7 @@ the hand-over changes the refiner's conditioning at that step.
 from __future__ import annotations
 
 from backend.engine.conditioning import Conditioning, StepConditioning, encode_schedule
-from backend.engine.denoise import sdxl_time_ids
+from backend.engine.pipeline import execution_device, sdxl_time_ids
 from backend.engine.guider import Guider, UNetInputs
 from backend.errors import ModelError
 from backend.families import FAMILIES
@@ -54,11 +54,11 @@ class Handover:
 
 def refiner_inputs(refiner, cond: Conditioning | StepConditioning, width: int, height: int) -> UNetInputs:
     """UNet inputs for the refiner: its conditioning and, for SDXL, its time ids."""
-    if not FAMILIES[refiner.dreamtty_family].xl:
+    if not FAMILIES[refiner.dreamtty.family].xl:
         return UNetInputs(refiner, cond, None, None, None)
     first = cond.at(0, 1)
     ids, neg = sdxl_time_ids(refiner, width, height, first.cond.dtype, int(first.pooled.shape[-1]))
-    device = refiner._execution_device
+    device = execution_device(refiner)
     return UNetInputs(refiner, cond, ids.to(device), neg.to(device), None)
 
 
@@ -66,7 +66,7 @@ def refiner_handover(pipe, request, schedule: PromptSchedule) -> dict:
     """``denoise`` keyword arguments for the request: {} without a refiner, else a hand-over guider."""
     if not request.refiner:
         return {}
-    refiner = getattr(pipe, "dreamtty_refiner", None)
+    refiner = pipe.dreamtty.refiner
     if refiner is None:
         raise ModelError(f"refiner: {request.refiner} is not loaded (apply_extras loads it)")
     cond = encode_schedule(refiner, schedule, request.cfg > 1.0, request.guidance.clip_skip)

@@ -18,6 +18,7 @@ from PIL import Image
 from backend import config, library
 from backend.engine.extras import load_weights
 from backend.engine.img2img import LANCZOS, ImageStart, input_record, repaint
+from backend.engine.pipeline import execution_device
 from backend.engine.tiles import run_tiled
 from backend.errors import ModelError
 from backend.extras_check import find_extra
@@ -109,7 +110,7 @@ def upscale_image(pipe, request: UpscaleRequest, on_step=None, should_cancel=Non
     """Enlarge the input; unless ``fast`` (or strength 0), repaint it at the request's strength."""
     source = request.read_input()
     notes = list(source.warnings)
-    device = pipe._execution_device if pipe is not None else device
+    device = execution_device(pipe) if pipe is not None else device
     big, upscaler = enlarge(request, source.image, device, notes)
     more = {"upscaler": upscaler, "warnings": notes}
     if not request.uses_model:

@@ -70,7 +70,7 @@ def _generate(ref: ModelRef, prompt: str, indices: list[int], resolution: int, s
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = load_pipeline(ref, device, dtype)
-    steps = FAMILIES[pipe.dreamtty_family].default_steps
+    steps = FAMILIES[pipe.dreamtty.family].default_steps
     try:
         for start in range(0, len(indices), SAMPLE_BATCH):
             chunk = indices[start:start + SAMPLE_BATCH]

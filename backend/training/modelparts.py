@@ -54,13 +54,13 @@ def load_parts(model: str) -> ModelParts:
 
 
 def parts_from_pipeline(pipe) -> ModelParts:
-    """Wrap a loaded SD/SDXL pipeline (with ``dreamtty_family`` set): every module frozen."""
+    """Wrap a loaded SD/SDXL pipeline (its family in ``pipe.dreamtty``): every module frozen."""
     from diffusers import DDPMScheduler
 
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if module is not None:
             module.requires_grad_(False)
-    family = pipe.dreamtty_family
+    family = pipe.dreamtty.family
     return ModelParts(pipe, family, FAMILIES[family].xl, DDPMScheduler.from_config(pipe.scheduler.config))
 
 
