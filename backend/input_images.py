@@ -28,11 +28,14 @@ import os
 import warnings as pywarnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.errors import RequestError
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where masks are made: not on the CLI's or the TUI's start path
 
 MAX_PIXELS = 8192 * 8192  # an input image's pixels (its width times height)
 MAX_BYTES = 512 * 1024 * 1024  # an input file's size
@@ -122,6 +125,8 @@ def _sixteen_bit(img: Image.Image) -> bool:
 
 def _eight_bit(img: Image.Image) -> Image.Image:
     """Grey 16-bit, 32-bit integer and float images as 8-bit grey (scaled, not clipped)."""
+    import numpy as np
+
     values = np.asarray(img, dtype=np.float64)
     top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
     if img.mode == "F" and values.max(initial=0) <= 1.0:
@@ -168,6 +173,8 @@ def read_mask(path: str, size: tuple[int, int], expected_hash: str | None = None
     if grey.size != size:
         notes.append(f"mask {path} is {grey.width}x{grey.height}: resized to the image's {size[0]}x{size[1]}")
         grey = grey.resize(size, Image.Resampling.NEAREST)
+    import numpy as np
+
     mask = np.asarray(grey) > 127
     check_mask(mask, path)
     return mask, InputImage(path, digest, grey, notes)
@@ -188,6 +195,8 @@ def box_mask(box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarra
         raise RequestError("box", f"{w}x{h} is empty; give X,Y,W,H with W and H > 0")
     if x < 0 or y < 0 or x + w > width or y + h > height:
         raise RequestError("box", f"{x},{y},{w},{h} is not inside the {width}x{height} image")
+    import numpy as np
+
     mask = np.zeros((height, width), dtype=bool)
     mask[y:y + h, x:x + w] = True
     check_mask(mask, f"box {x},{y},{w},{h}")
