@@ -153,16 +153,13 @@ def encoder_width(adapter: library.Entry) -> tuple[str, int] | None:
 
 def _encoder(adapter: library.Entry, model_family: str, cfg) -> library.Entry:
     """The image encoder an IP-Adapter was trained with (the width its projection takes)."""
-    import json
-
     want = encoder_width(adapter)
     if want is None:
         return find_model("ip_adapter", "image_encoder", model_family, "image", cfg)
     entries = library.discover(cfg, kinds=("ip_adapter",), hub=False).of_kind("ip_adapter")
     for entry in sorted(entries, key=lambda e: e.name):
         if entry.variant == "image_encoder" and entry.path:
-            config = json.loads((Path(entry.path) / "config.json").read_text())
-            if config.get(want[0]) == want[1]:
+            if library.read_json(Path(entry.path) / "config.json").get(want[0]) == want[1]:
                 return entry
     family = _family(model_family)
     raise RequestError(FIELD, f"no image encoder with {want[0]} {want[1]} (the one {adapter.name} takes) in "

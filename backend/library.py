@@ -369,25 +369,29 @@ def _inspect_file(kind: str, path: Path, source: str) -> Entry:
     return entry
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A model folder's JSON file (config.json, model_index.json) as a mapping; ModelError otherwise."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
         raise ModelError(f"model: cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"model: {path} is not a JSON object")
+    return data
 
 
 def family_from_folder(folder: Path) -> str:
     """Detect SD1 / SD2 / SD2-v / SDXL / SDXL-refiner from a diffusers folder."""
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     if (folder / "dreamtty_demo.json").exists():
-        return _read_json(folder / "dreamtty_demo.json")["family"]
+        return read_json(folder / "dreamtty_demo.json")["family"]
     cls = index.get("_class_name", "")
     if "XL" in cls:
         return "sdxl-refiner" if index.get("text_encoder", [None])[0] is None else "sdxl"
-    unet = _read_json(folder / "unet" / "config.json")
+    unet = read_json(folder / "unet" / "config.json")
     if unet.get("cross_attention_dim") == 1024:
         sched = folder / "scheduler" / "scheduler_config.json"
-        pred = _read_json(sched).get("prediction_type") if sched.exists() else None
+        pred = read_json(sched).get("prediction_type") if sched.exists() else None
         return "sd2-v" if pred == "v_prediction" else "sd2"
     return "sd1"
 
@@ -398,7 +402,7 @@ def folder_variant(folder: Path) -> str | None:
     unet = folder / "unet" / "config.json"
     if not unet.is_file():
         return None
-    return {9: "inpaint", 8: "pix2pix"}.get(_read_json(unet).get("in_channels"))
+    return {9: "inpaint", 8: "pix2pix"}.get(read_json(unet).get("in_channels"))
 
 
 def _companion_folder(kind: str, config: dict) -> tuple[str, str | None] | None:
@@ -419,7 +423,7 @@ def _companion_folder(kind: str, config: dict) -> tuple[str, str | None] | None:
 
 def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
     if kind in COMPANION_KINDS and (folder / "config.json").is_file():
-        found = _companion_folder(kind, _read_json(folder / "config.json"))
+        found = _companion_folder(kind, read_json(folder / "config.json"))
         if found is None:
             return None
         fmt = "diffusers" if kind == "controlnet" else "transformers"

@@ -90,7 +90,7 @@ def _text_chunks(path: str | Path) -> dict[str, str]:
     try:
         with Image.open(path) as img:
             return dict(getattr(img, "text", {}))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DreamttyError(f"image: cannot read {path}: {exc}") from None
 
 

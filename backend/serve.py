@@ -82,7 +82,10 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
         finally:
             os.umask(umask)
         if address:
-            await web.TCPSite(runner, *address).start()
+            try:
+                await web.TCPSite(runner, *address).start()
+            except OSError as exc:
+                raise DreamttyError(f"listen: cannot listen on {options.listen}: {exc.strerror or exc}") from None
         files.write_pid_file({**info, "started": service.started})
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

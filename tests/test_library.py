@@ -249,3 +249,14 @@ def test_files_that_differ_only_in_suffix_get_names_of_their_own(tmp_path):
     assert library.find("lora", "evil.ckpt", cfg).path == str(tmp_path / "loras" / "evil.ckpt")
     with pytest.raises(DreamttyError, match="^lora: evil is ambiguous: .*evil.pt.*; give one of these names"):
         check_extras(GenerateRequest(loras=[("evil", 1.0)]), "demo", cfg)
+
+
+def test_a_model_folder_whose_config_is_not_a_mapping_is_skipped_with_a_line(tmp_path):
+    (tmp_path / "controlnets" / "odd").mkdir(parents=True)
+    (tmp_path / "controlnets" / "odd" / "config.json").write_text("[1, 2]")
+    (tmp_path / "controlnets" / "deep").mkdir()
+    (tmp_path / "controlnets" / "deep" / "config.json").write_text("[" * 100_000)
+    lib = library.discover(config.Config(paths={"controlnets": [tmp_path / "controlnets"]}), kinds=("controlnet",))
+    assert [e for e in lib.of_kind("controlnet") if e.source != "built-in"] == []
+    assert any("odd/config.json is not a JSON object" in p for p in lib.problems)
+    assert any("deep/config.json" in p for p in lib.problems)

@@ -320,3 +320,8 @@ def test_refiner_gets_the_texts_of_the_steps_after_the_hand_over(pipes, tmp_path
     assert record["refiner"]["switch"] == 0.5
     tower = _generate(pipes, "xl", "a tower", "blurry", **fields)[0]
     assert np.array_equal(_generate(pipes, "xl", "a [castle:tower:0]", "blurry", **fields)[0], tower)
+
+
+def test_brackets_nested_too_deep_are_a_one_line_error_not_a_recursion_error():
+    with pytest.raises(RequestError, match="^negative_prompt: brackets nested deeper than 32 at column 33"):
+        check_prompts(GenerateRequest(negative_prompt="[" * 400 + "a" + "]" * 400))

@@ -22,10 +22,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from backend import locations
 from backend.api import Api, peer_uid
 from backend.errors import DreamttyError
 from backend.events import Done, ImageSaved, Queued, Started, Step
 from backend.remote_client import Address, RemoteClient
+from backend.queue_store import QueueStore
 from backend.request import GenerateRequest
 from backend.service import Service
 from backend.service_files import ServiceFiles
@@ -631,3 +633,28 @@ def test_files_a_request_names_are_sent_absolute(tmp_path, monkeypatch):
     assert sent.loras == [(str(tmp_path / "style.safetensors"), 0.5), ("hub/lora", 1.0)]
     assert sent.vae == "stabilityai/sd-vae-ft-mse" and sent.image_prompts[0].path == str(tmp_path / "ref.png")
     assert _paths_for_service(_request()).model == "demo"
+
+
+def test_listing_or_cancelling_with_no_service_starts_none(dirs):
+    """jobs and cancel read the queue in their own process when no service runs; wait says there is none."""
+    store = QueueStore(locations.queue_db())
+    job = store.add("generate", {"request": _request().to_dict()}, "gone/1/x")
+    store.close()
+    listed = cli(dirs, "jobs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [j["id"] for j in json.loads(listed.stdout)] == [job]
+    assert cli(dirs, "cancel", str(job)).returncode == 0
+    assert QueueStore(locations.queue_db()).get(job).state == "cancelled"
+    waited = cli(dirs, "wait", str(job))
+    assert waited.returncode == 2 and "no dreamtty serve is running" in waited.stderr
+    assert dirs.files().read_pid_file() is None and not dirs.files().locked()  # nothing was started
+
+
+def test_listen_on_a_port_in_use_is_one_line(dirs):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = cli(dirs, "serve", "--listen", f"127.0.0.1:{port}", "--device", "cpu")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"listen: cannot listen on 127.0.0.1:{port}" in out.stderr

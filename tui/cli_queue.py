@@ -31,10 +31,19 @@ def register(subparsers) -> None:
     attach.set_defaults(func=cmd_attach)
 
 
+def _running() -> bool:
+    from backend.client import SERVICE_ENV
+    from backend.service_files import ServiceFiles
+
+    return bool(os.environ.get(SERVICE_ENV)) or ServiceFiles.default().locked()
+
+
 def _client(args):
+    """The running service's client; with none running, the queue read in this process (nothing is
+    started just to list or cancel jobs: a service would adopt and run orphaned jobs too)."""
     from backend.client import connect
 
-    return connect(args.device, local=args.local)
+    return connect(args.device, local=args.local or not _running(), start=False, cluster=args.cluster)
 
 
 def _service_only(args, command: str) -> None:
@@ -110,6 +119,8 @@ async def _wait(args) -> int:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     _service_only(args, "wait")
+    if not _running():
+        raise DreamttyError("wait: no dreamtty serve is running, so no job runs (start it: dreamtty serve --detach)")
     return asyncio.run(_wait(args))
 
 

@@ -12,14 +12,15 @@ from backend.safetext import CONTROL, visible
 
 
 class ChoiceSuggester(Suggester):
-    """Suggests the first of ``choices`` that starts with what was typed (any case), control characters visible."""
+    """Suggests the first of ``choices`` that starts with what was typed (any case). A choice with a control
+    character is not suggested: accepting it must give the choice itself, and Input draws it as it is."""
 
     def __init__(self, choices: Iterable[str] = ()) -> None:
         super().__init__(use_cache=False, case_sensitive=False)
         self.choices = list(choices)
 
     async def get_suggestion(self, value: str) -> str | None:
-        return next((visible(c) for c in self.choices if c.casefold().startswith(value)), None)
+        return next((c for c in self.choices if _drawn_as_is(c) and c.casefold().startswith(value)), None)
 
 
 def _drawn_as_is(text: str) -> bool:

@@ -148,6 +148,9 @@ def _when(text: str, where: str, text_field: str) -> tuple[Fraction, bool]:
     raise RequestError(text_field, f"{where}: when {text!r} is not allowed; use {WHEN_HELP}")
 
 
+MAX_NESTING = 32  # brackets inside brackets: far beyond any real prompt, well within Python's recursion
+
+
 def parse_editing(text: str, text_field: str = "prompt") -> tuple[_Node, ...]:
     """Parse ``text`` into nodes; raises RequestError(text_field, ...) for a malformed group or ``AND``.
 
@@ -163,6 +166,9 @@ def parse_editing(text: str, text_field: str = "prompt") -> tuple[_Node, ...]:
         kind, token = match.lastgroup, match.group()
         top = frames[-1]
         if kind == "open":
+            if len(frames) > MAX_NESTING:
+                raise RequestError(text_field, f"brackets nested deeper than {MAX_NESTING} at column "
+                                               f"{match.start() + 1}; nest them less")
             frames.append(_Frame(token, match.start() + 1))
         elif kind == "close":
             node = frames.pop().close(token, text_field)

@@ -359,9 +359,9 @@ class GenerateForm(VerticalScroll, can_focus=False):
             self.app.call_from_thread(self._preset_read, name, values, None)
 
     def _preset_read(self, name: str, values: dict, error: DreamttyError | None) -> None:
+        self.ready.set()  # the default preset (the first read) is in the form, or was replaced, or failed
         if name != self._preset_wanted:
             return  # another preset was chosen since
-        self.ready.set()  # the default preset (the first read) is in the form, or its error is shown
         if error is not None:
             with self.prevent(Select.Changed):  # the form does not claim a preset it could not load
                 self.query_one("#preset", Select).value = Select.NULL
