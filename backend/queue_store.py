@@ -108,7 +108,9 @@ class QueueStore:
         row = self._db.execute(f"SELECT {_SELECT} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
-    def jobs(self, states: tuple[str, ...] | None = None, owner: str | None = None, limit: int = 500) -> list[Job]:
+    def jobs(self, states: tuple[str, ...] | None = None, owner: str | None = None,
+             limit: int | None = None) -> list[Job]:
+        """Jobs newest first: those in ``states`` of ``owner`` (all when None), at most ``limit`` (None: all)."""
         sql, args = f"SELECT {_SELECT} FROM jobs", []
         where = []
         if states:
@@ -120,7 +122,7 @@ class QueueStore:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
-        args.append(limit)
+        args.append(-1 if limit is None else limit)  # SQLite: a negative LIMIT is none
         return [_job(r) for r in self._db.execute(sql, args).fetchall()]
 
     def next_queued(self, owner: str) -> Job | None:

@@ -56,6 +56,10 @@ def load_adapters(pipe, slots: AdapterFiles) -> None:
         pipe.load_ip_adapter([_state_dict(adapter) for adapter, _ in slots], subfolder=[""] * n, weight_name=[""] * n,
                              image_encoder_folder=None)
     except Exception as exc:
+        try:  # a load that failed half way leaves adapter attention in the UNet: take it out
+            pipe.unload_ip_adapter()
+        except Exception:  # nothing was installed
+            pass
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"image_prompt: cannot load the IP-Adapter {Path(slots[0][0]).name}: {text[:300]}") from None
     pipe.dreamtty.ip_slots = slots
