@@ -298,7 +298,7 @@ def test_a_runtime_dir_open_to_others_is_refused(dirs):
 
 def test_a_missing_runtime_dir_is_named(dirs):
     env = {**dirs.env(), "XDG_RUNTIME_DIR": str(dirs.run / "gone")}
-    result = subprocess.run([sys.executable, "-m", "tui.cli", "jobs"], env=env, cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "tui.cli", "serve", "--detach"], env=env, cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().endswith(f"{dirs.run / 'gone'} does not exist; create it (mkdir -m 700) "
@@ -375,7 +375,7 @@ async def test_tcp_needs_the_token_and_says_nothing_else(dirs):
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and json.loads(result.stdout) == []
         env["DREAMTTY_TOKEN"] = "wrong"
-        result = subprocess.run([sys.executable, "-m", "tui.cli", "jobs"], env=env, cwd=ROOT,
+        result = subprocess.run([sys.executable, "-m", "tui.cli", "serve", "--detach"], env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2
         assert result.stderr.strip() == "dreamtty: service: unauthorized (the token is wrong or missing: DREAMTTY_TOKEN)"
@@ -483,7 +483,7 @@ async def test_version_mismatch_says_to_restart_the_service(dirs):
     files.make_folder()
     await web.UnixSite(runner, str(files.socket)).start()
     try:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "tui.cli", "jobs", env=dirs.env(), cwd=ROOT,
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "tui.cli", "attach", env=dirs.env(), cwd=ROOT,
                                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
     finally:
