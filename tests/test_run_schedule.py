@@ -20,22 +20,15 @@ import pytest
 from PIL import Image
 
 from backend.events import Cancelled, Done, Note, RunState, Started, Step, WorkerReady, WorkerReleased
-from backend.pool import ProcessPool
 from backend.request import GenerateRequest
 from backend.run_schedule import ENDED, TRAINING, WAITING, resolve_devices, trainer_env
 from backend.service import Service
 from backend.training import runs
 from backend.training.config import TrainRequest
+from test_tui import NoWorkers
 
 TIMEOUT = 120
 FAKE_TRAINER = shlex.join([sys.executable, str(Path(__file__).with_name("fake_trainer.py"))])
-
-
-class NoWorkers(ProcessPool):
-    """A pool that starts no worker process."""
-
-    def _spawn(self, slot) -> None:
-        pass
 
 
 @pytest.fixture
