@@ -366,10 +366,15 @@ class Service:
             if blockers:
                 self.training.wait(run, "; ".join(blockers))
                 continue
-            workers = {s.id: d for s in self.slots if (d := self._device_of(s)) in run.devices
-                       and s.id in self._ready and self.pool.alive(s)}
+            workers = {s.id: d for s in self.slots if (d := self._device_of(s)) in run.devices and self._holds_models(s)}
             slots = {slot.id: slot for slot in self.slots}
             self.training.begin(run, workers, lambda worker: self.pool.release(slots[worker]))
+
+    def _holds_models(self, slot: Slot) -> bool:
+        """Whether ``slot``'s worker may hold a pipeline: one it reported, or a job's model since it started
+        or last freed its device (a job that failed while loading may not have reported its model)."""
+        reported = self._models.get(slot.id)
+        return self.pool.alive(slot) and slot.id in self._ready and bool(slot.models or (reported and reported.models))
 
     def _run_job(self, slot: Slot, job: Job) -> None:
         slot.loads(job.request.get("model", ""))
