@@ -15,7 +15,6 @@ and ``message`` for a bad request field), never a traceback.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from backend.events import Preview, dumps
 from backend.queue_store import ACTIVE, FINAL
 from backend.run_schedule import STATES as RUN_STATES
 from backend.service import Service
+from backend.service_files import bearer_ok
 from backend.training.config import TrainRequest
 from backend.versions import versions
 
@@ -101,13 +101,10 @@ class Api:
             uid = peer_uid(sock)
             if uid is not None and uid != os.getuid():
                 return _error(403, "forbidden")
-        elif not self._token_ok(request.headers.get("Authorization", "")):
+        elif not bearer_ok(request.headers.get("Authorization", ""), self.token):
             return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
         self.last_request = time.monotonic()
         return await handler(request)
-
-    def _token_ok(self, header: str) -> bool:
-        return bearer_ok(header, self.token)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
@@ -245,13 +242,6 @@ class Api:
     async def _close_streams(self, app: web.Application) -> None:
         for ws in list(self.streams):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"service stopping")
-
-
-def bearer_ok(header: str, token: str | None) -> bool:
-    """Whether an ``Authorization`` header carries ``token`` as a bearer token (compared in constant time)."""
-    scheme, _, given = header.partition(" ")
-    return token is not None and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
-                                                                                     token.encode())
 
 
 def _listing(request: web.Request, what: str, allowed: tuple[str, ...]) -> tuple[int, tuple[str, ...] | None]:
