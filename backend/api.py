@@ -215,18 +215,10 @@ class Api:
 
     # -- helpers -------------------------------------------------------------------------
     def _job(self, request: web.Request):
-        job_id = _int(request.match_info["id"], "job")
-        job = self.service.store.get(job_id)
-        if job is None:
-            raise NotFound(f"job {job_id}: no such job")
-        return job
+        return _found(request, "job", self.service.store.get)
 
     def _run(self, request: web.Request):
-        run_id = _int(request.match_info["id"], "run")
-        run = self.service.training.get(run_id)
-        if run is None:
-            raise NotFound(f"run {run_id}: no such run")
-        return run
+        return _found(request, "run", self.service.training.get)
 
     @staticmethod
     async def _send_events(queue: asyncio.Queue, ws: web.WebSocketResponse, previews: bool) -> None:
@@ -242,6 +234,15 @@ class Api:
     async def _close_streams(self, app: web.Application) -> None:
         for ws in list(self.streams):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"service stopping")
+
+
+def _found(request: web.Request, what: str, get: Callable[[int], object]):
+    """The job or run the route's ``{id}`` names; NotFound (404) when there is none."""
+    key = _int(request.match_info["id"], what)
+    found = get(key)
+    if found is None:
+        raise NotFound(f"{what} {key}: no such {what}")
+    return found
 
 
 def _listing(request: web.Request, what: str, allowed: tuple[str, ...]) -> tuple[int, tuple[str, ...] | None]:

@@ -116,25 +116,30 @@ async def test_a_run_waits_for_the_job_then_holds_the_device_until_it_ends(tmp_p
         await service.close()
 
 
-async def test_the_note_names_the_run_and_a_second_run_waits_for_the_first(tmp_path, photos, demo_dirs):
+@pytest.fixture
+async def without_workers(tmp_path, demo_dirs):
+    """A started service whose pool has no worker (runs only) and its events; closed after the test."""
     db = tmp_path / "queue.sqlite3"
     service = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
     events = service.subscribe()
     await service.start()
-    try:
-        first = queue_run(service, photos, tmp_path / "first")
-        second = queue_run(service, photos, tmp_path / "second")
-        assert first.state == TRAINING and second.state == WAITING
-        assert second.waiting_for == "the CPU: training run first"
-        assert [r.id for r in service.training.listing((WAITING,))] == [second.id]
-        assert service.stop_run(second.id) and not service.stop_run(second.id)  # taken off the queue, once
-        assert runs.read_run_json(second.path)["state"] == "stopped"
-        assert service.training.get(second.id).outcome == "stopped"
-        assert service.stop_run(first.id)  # a training run stops after its step, through its STOP file
-        await next_event(events, run_is(first.id, ENDED))
-        assert service.training.get(first.id).outcome == "stopped"
-    finally:
-        await service.close()
+    yield service, events
+    await service.close()
+
+
+async def test_a_second_run_waits_for_the_first_and_can_leave_the_queue(without_workers, tmp_path, photos):
+    service, events = without_workers
+    first = queue_run(service, photos, tmp_path / "first")
+    second = queue_run(service, photos, tmp_path / "second")
+    assert first.state == TRAINING and second.state == WAITING
+    assert second.waiting_for == "the CPU: training run first"
+    assert [r.id for r in service.training.listing((WAITING,))] == [second.id]
+    assert service.stop_run(second.id) and not service.stop_run(second.id)  # taken off the queue, once
+    assert runs.read_run_json(second.path)["state"] == "stopped"
+    assert service.training.get(second.id).outcome == "stopped"
+    assert service.stop_run(first.id)  # a training run stops after its step, through its STOP file
+    await next_event(events, run_is(first.id, ENDED))
+    assert service.training.get(first.id).outcome == "stopped"
 
 
 async def test_a_restarted_service_takes_over_a_live_trainer_and_starts_the_waiting_run(tmp_path, photos, demo_dirs):
@@ -172,23 +177,17 @@ async def test_a_restarted_service_takes_over_a_live_trainer_and_starts_the_wait
             os.kill(pid, signal.SIGKILL)
 
 
-async def test_a_trainer_that_dies_fails_its_run_and_frees_the_device(tmp_path, photos, demo_dirs):
-    db = tmp_path / "queue.sqlite3"
-    service = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
-    events = service.subscribe()
-    await service.start()
-    try:
-        run = queue_run(service, photos, tmp_path / "killed")
-        waiting = queue_run(service, photos, tmp_path / "next")
-        os.kill(run.pid, signal.SIGKILL)
-        ended = (await next_event(events, run_is(run.id, ENDED)))[-1]
-        assert ended.outcome == "failed" and ended.error.startswith("the trainer exited with code -9 before finishing")
-        assert runs.read_run_json(run.path)["state"] == "failed"
-        await next_event(events, run_is(waiting.id, TRAINING))
-        finish(waiting)
-        await next_event(events, run_is(waiting.id, ENDED))
-    finally:
-        await service.close()
+async def test_a_trainer_that_dies_fails_its_run_and_frees_the_device(without_workers, tmp_path, photos):
+    service, events = without_workers
+    run = queue_run(service, photos, tmp_path / "killed")
+    waiting = queue_run(service, photos, tmp_path / "next")
+    os.kill(run.pid, signal.SIGKILL)
+    ended = (await next_event(events, run_is(run.id, ENDED)))[-1]
+    assert ended.outcome == "failed" and ended.error.startswith("the trainer exited with code -9 before finishing")
+    assert runs.read_run_json(run.path)["state"] == "failed"
+    await next_event(events, run_is(waiting.id, TRAINING))
+    finish(waiting)
+    await next_event(events, run_is(waiting.id, ENDED))
 
 
 def test_devices_of_a_run(monkeypatch):

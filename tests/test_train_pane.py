@@ -19,7 +19,6 @@ from backend.client import LocalClient
 from backend.events import TrainLog, TrainState, TrainStep, TrainValidation
 from backend.service import Service
 from backend.training import launch, runs
-from backend.training.config import TrainRequest
 from test_tui import NoWorkers
 from tui.screens.train import TrainPane
 from tui.widgets.preview import ImagePreview
@@ -188,6 +187,18 @@ async def test_start_and_stop_from_the_keyboard(tmp_path, monkeypatch):
         await pilot.press("ctrl+t")
         assert (run_dir / runs.STOP_FILE).exists()
 
+        # A run started while that one still trains waits for the CPU; ctrl+t takes it off the queue.
+        pane.query_one("#train-output", Input).value = str(tmp_path / "second")
+        await pilot.press("ctrl+s")
+        second = (tmp_path / "second").resolve()
+        await _settle(pilot, pane, lambda: pane.selected_run == second)
+        assert started == [run_dir] and runs.read_run_json(second)["state"] == "waiting"
+        await pilot.press("ctrl+t")
+        await _settle(pilot, pane, lambda: runs.read_run_json(second)["state"] == "stopped")
+        assert started == [run_dir] and not (second / runs.STOP_FILE).exists()
+        await _settle(pilot, pane, lambda: "[stopped]" in str(pane.query_one("#train-stats", Static).content))
+        assert "state: stopped (taken off the queue before it started)" in pane.query_one("#train-log", Log).lines
+
 
 async def test_form_checks_each_field_and_reports_every_bad_one(tmp_path, monkeypatch):
     started = _fake_trainer(monkeypatch)
@@ -261,29 +272,6 @@ async def test_starting_a_run_shows_it_and_settles_then_resumes_a_stopped_run(tm
         assert started == [old.resolve()] and pane.selected_run == old.resolve()
         settings = json.loads((old / runs.RUN_JSON).read_text())["settings"]
         assert settings == {**settings, **recorded, "resume": "latest", "output": str(old.resolve())}
-
-
-async def test_ctrl_t_takes_a_waiting_run_off_the_queue(tmp_path, monkeypatch):
-    root = tmp_path / "runs"
-    photos = _photos(tmp_path)
-    started = _fake_trainer(monkeypatch)
-    app = PaneApp(root)
-    async with app.run_test(size=(140, 44)) as pilot:
-        pane = app.query_one(TrainPane)
-        await pilot.pause()
-        settings = {"model": "demo", "instance_dir": str(photos), "instance_prompt": "a photo of sks toy",
-                    "resolution": 64}
-        first, _ = await app.client.start_run(TrainRequest(**settings, output=str(tmp_path / "first")), runs_root=root)
-        second, _ = await app.client.start_run(TrainRequest(**settings, output=str(tmp_path / "second")),
-                                               runs_root=root)
-        assert (first.state, second.state) == ("training", "waiting")
-        pane.select_run(Path(second.path))
-        await pilot.press("ctrl+t")
-        await _settle(pilot, pane, lambda: runs.read_run_json(second.path)["state"] == "stopped")
-        assert started == [Path(first.path)] and not (Path(second.path) / runs.STOP_FILE).exists()
-        assert app.client.service.training.get(second.id).outcome == "stopped"
-        await _settle(pilot, pane, lambda: "[stopped]" in str(pane.query_one("#train-stats", Static).content))
-        assert "state: stopped (taken off the queue before it started)" in pane.query_one("#train-log", Log).lines
 
 
 async def test_real_demo_run_from_the_form_streams_losses_and_stops(tmp_path, demo_dirs):
