@@ -67,7 +67,7 @@ class ScheduledRun:
 
 
 # -- devices ----------------------------------------------------------------------------------
-def canonical(device: str) -> str:
+def _canonical(device: str) -> str:
     """A device as the schedule compares them: ``cuda`` is ``cuda:0``."""
     return "cuda:0" if device == "cuda" else device
 
@@ -78,7 +78,7 @@ def resolve_devices(text: str, default: str | None) -> list[str]:
     devices = parse_devices(text)
     if devices == ["auto"]:
         return [default or ("cpu" if visible_gpus() == 0 else "cuda:0")]
-    return [canonical(d) for d in devices]
+    return [_canonical(d) for d in devices]
 
 
 def device_label(device: str) -> str:

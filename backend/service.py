@@ -36,7 +36,7 @@ from backend.pool import ProcessPool, Slot, WorkerPool
 from backend.prompting import check_prompts
 from backend.queue_store import ACTIVE, LEASE_TTL, Job, QueueStore
 from backend.request import GenerateRequest
-from backend.run_schedule import RunStore, ScheduledRun, TrainingRuns, canonical, device_label, resolve_devices
+from backend.run_schedule import RunStore, ScheduledRun, TrainingRuns, device_label, resolve_devices
 from backend.training.config import TrainRequest
 from backend.training import launch
 
@@ -107,7 +107,7 @@ class Service:
         self._models: dict[int, WorkerModels] = {}  # worker -> what it holds loaded
         self.training = TrainingRuns(self.store.path, self.owner, self._fanout.publish)
         self._watch: asyncio.Task | None = None
-        self._told_waiting: set[tuple[int, int]] = set()  # (job, run): the job was told it waits for the run
+        self._told_waiting: dict[int, int] = {}  # queued job -> the training run it was told it waits for
 
     @property
     def slots(self) -> list[Slot]:
@@ -259,6 +259,7 @@ class Service:
             self.pool.cancel(slot)
             return True
         self.store.set_state(job_id, "cancelled")
+        self._told_waiting.pop(job_id, None)
         self._fanout.publish(Cancelled(job=job_id))
         return True
 
@@ -322,7 +323,7 @@ class Service:
             return None
         ready = self._ready.get(slot.id)
         device = ready.device if ready else slot.device
-        return None if device == "auto" else canonical(device)
+        return resolve_devices(device, None)[0]  # a worker not ready yet on "auto" takes the first GPU, else the CPU
 
     def _first_device(self) -> str | None:
         return next((d for slot in self.slots if (d := self._device_of(slot))), None)
@@ -389,13 +390,14 @@ class Service:
         device = devices[0]
         run = reserved[device]
         for job in self.store.jobs(("queued",), owner=self.owner):
-            if (job.id, run.id) not in self._told_waiting:
-                self._told_waiting.add((job.id, run.id))
+            if self._told_waiting.get(job.id) != run.id:
+                self._told_waiting[job.id] = run.id
                 self._fanout.publish(Note(job=job.id, message=f"waiting for {device_label(device)}: "
                                                               f"training run {run.name}"))
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, FINAL_EVENTS):
+            self._told_waiting.pop(event.job, None)
             slot = self._slot_of(event.job)
             if slot is not None and slot.id == event.worker:
                 slot.job = None
