@@ -3,7 +3,8 @@
 
 It records itself as running (with the ``CUDA_VISIBLE_DEVICES`` it was given, in ``env.json``), then
 waits until ``RUN_DIR/GO`` exists (it ends done, with a LoRA output) or ``RUN_DIR/STOP`` does
-(stopped), the way the real trainer checks for STOP after each step.
+(stopped), the way the real trainer checks for STOP after each step. A test that failed before
+either leaves it waiting ``PATIENCE`` seconds at most.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from backend.events import TrainState, TrainStep
 from backend.training import runs
 
+PATIENCE = 300.0  # seconds
+
 
 def main(run_dir: Path) -> int:
     (run_dir / "env.json").write_text(json.dumps({"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}))
@@ -24,8 +27,9 @@ def main(run_dir: Path) -> int:
     runs.update_run_json(run_dir, state="running", pid=os.getpid())
     write(TrainState(state="running", max_steps=2))
     write(TrainStep(step=1, max_steps=2, loss=0.5, lr=1e-4, its=2.0))
+    deadline = time.monotonic() + PATIENCE
     while not (run_dir / "GO").exists():
-        if (run_dir / runs.STOP_FILE).exists():
+        if (run_dir / runs.STOP_FILE).exists() or time.monotonic() > deadline:
             runs.update_run_json(run_dir, state="stopped", step=1)
             write(TrainState(state="stopped", step=1))
             return 3
