@@ -2,8 +2,9 @@
 
 Routes (JSON; see docs/api.md): ``GET /v1/version``, ``GET /v1/status``, ``GET|POST /v1/jobs``,
 ``POST /v1/validate``, ``GET /v1/jobs/{id}``, ``POST /v1/jobs/{id}/cancel``,
-``GET /v1/jobs/{id}/images/{n}``, ``GET /v1/events`` (WebSocket: one ``backend.events.dumps`` text
-per message), ``POST /v1/shutdown``.
+``GET /v1/jobs/{id}/images/{n}``, ``GET|POST /v1/runs``, ``GET /v1/runs/{id}``,
+``POST /v1/runs/{id}/stop``, ``GET /v1/events`` (WebSocket: one ``backend.events.dumps`` text per
+message), ``POST /v1/shutdown``.
 
 Who may call: over the Unix socket, processes of this user (the peer uid, checked with SO_PEERCRED
 where the system has it, beside the socket's 0600 and its folder's 0700); over TCP, whoever sends
@@ -14,7 +15,6 @@ and ``message`` for a bad request field), never a traceback.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -30,12 +30,16 @@ from backend import jobkinds
 from backend.errors import DreamttyError, RequestError
 from backend.events import Preview, dumps
 from backend.queue_store import ACTIVE, FINAL
+from backend.run_schedule import STATES as RUN_STATES
 from backend.service import Service
+from backend.service_files import bearer_ok
+from backend.training.config import TrainRequest
 from backend.versions import versions
 
 MAX_BODY = 1 << 20  # bytes: a request is a few KiB
 PREVIEW_BACKLOG = 64  # events waiting for a slow stream, past which its previews are dropped
 BODY_FIELDS = ("kind", "request", "out")
+RUN_FIELDS = ("request", "devices", "launcher", "runs_root")
 METADATA_FIELDS = ("version", "family", "prompt")  # the rest of an image's metadata, ignored
 log = logging.getLogger("dreamtty.api")
 
@@ -79,6 +83,10 @@ class Api:
             web.get("/v1/jobs/{id}", self.get_job),
             web.post("/v1/jobs/{id}/cancel", self.cancel),
             web.get("/v1/jobs/{id}/images/{n}", self.image),
+            web.get("/v1/runs", self.list_runs),
+            web.post("/v1/runs", self.start_run),
+            web.get("/v1/runs/{id}", self.get_run),
+            web.post("/v1/runs/{id}/stop", self.stop_run),
             web.get("/v1/events", self.events),
             web.post("/v1/shutdown", self.shutdown),
         ])
@@ -93,15 +101,10 @@ class Api:
             uid = peer_uid(sock)
             if uid is not None and uid != os.getuid():
                 return _error(403, "forbidden")
-        elif not self._token_ok(request.headers.get("Authorization", "")):
+        elif not bearer_ok(request.headers.get("Authorization", ""), self.token):
             return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
         self.last_request = time.monotonic()
         return await handler(request)
-
-    def _token_ok(self, header: str) -> bool:
-        scheme, _, given = header.partition(" ")
-        return (self.token is not None and scheme.lower() == "bearer"
-                and hmac.compare_digest(given.strip().encode(), self.token.encode()))
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
@@ -133,14 +136,8 @@ class Api:
         return web.json_response({**versions(), **self.service.status(), **self.info(), "streams": len(self.streams)})
 
     async def list_jobs(self, request: web.Request) -> web.Response:
-        limit = _int(request.query.get("limit", "200"), "limit")
-        if limit < 1:
-            raise RequestError("limit", f"{limit} is not a positive number of jobs")
-        states = tuple(s for s in request.query.get("state", "").split(",") if s)
-        bad = next((s for s in states if s not in (*ACTIVE, *FINAL)), None)
-        if bad is not None:
-            raise RequestError("state", f"{bad!r} is not a job state; use {', '.join((*ACTIVE, *FINAL))}")
-        jobs = self.service.store.jobs(states or None, limit=limit)
+        limit, states = _listing(request, "job", (*ACTIVE, *FINAL))
+        jobs = self.service.store.jobs(states, limit=limit)
         return web.json_response({"jobs": [job.to_dict() for job in jobs]})
 
     async def submit(self, request: web.Request) -> web.Response:
@@ -169,6 +166,30 @@ class Api:
             raise NotFound(f"job {job.id}: image {n} is no longer at {path}")
         return web.FileResponse(path, headers={"Content-Type": "image/png"})
 
+    async def list_runs(self, request: web.Request) -> web.Response:
+        limit, states = _listing(request, "run", RUN_STATES)
+        return web.json_response({"runs": [run.to_dict() for run in self.service.training.listing(states, limit)]})
+
+    async def start_run(self, request: web.Request) -> web.Response:
+        data = await _read_object(request, RUN_FIELDS, '{"request": {"model": ..., "instance_dir": ...}}')
+        if not isinstance(data.get("request"), dict):
+            raise RequestError("request", "missing; give the run's settings as an object")
+        devices, launcher = data.get("devices", "auto"), data.get("launcher")
+        for name, value in (("devices", devices), ("launcher", launcher)):
+            if value is not None and not isinstance(value, str):
+                raise RequestError(name, f"expected text, got {type(value).__name__}")
+        runs_root = _absolute(data.get("runs_root"), "runs_root")
+        train = TrainRequest.from_dict(data["request"])
+        prepared = await asyncio.to_thread(self.service.prepare_run, train, devices or "auto", launcher, runs_root)
+        run = self.service.enqueue_run(prepared)
+        return web.json_response({"run": run.to_dict(), "warnings": prepared.warnings}, status=201)
+
+    async def get_run(self, request: web.Request) -> web.Response:
+        return web.json_response(self._run(request).to_dict())
+
+    async def stop_run(self, request: web.Request) -> web.Response:
+        return web.json_response({"stopped": self.service.stop_run(self._run(request).id)})
+
     async def events(self, request: web.Request) -> web.WebSocketResponse:
         """Every event of the service from now on, one JSON text per message (``?previews=0``: none)."""
         previews = request.query.get("previews", "1") not in ("0", "false", "no")
@@ -194,11 +215,10 @@ class Api:
 
     # -- helpers -------------------------------------------------------------------------
     def _job(self, request: web.Request):
-        job_id = _int(request.match_info["id"], "job")
-        job = self.service.store.get(job_id)
-        if job is None:
-            raise NotFound(f"job {job_id}: no such job")
-        return job
+        return _found(request, "job", self.service.store.get)
+
+    def _run(self, request: web.Request):
+        return _found(request, "run", self.service.training.get)
 
     @staticmethod
     async def _send_events(queue: asyncio.Queue, ws: web.WebSocketResponse, previews: bool) -> None:
@@ -216,6 +236,33 @@ class Api:
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"service stopping")
 
 
+def _found(request: web.Request, what: str, get: Callable[[int], object]):
+    """The job or run the route's ``{id}`` names; NotFound (404) when there is none."""
+    key = _int(request.match_info["id"], what)
+    found = get(key)
+    if found is None:
+        raise NotFound(f"{what} {key}: no such {what}")
+    return found
+
+
+def _listing(request: web.Request, what: str, allowed: tuple[str, ...]) -> tuple[int, tuple[str, ...] | None]:
+    """``?limit=N&state=a,b`` of a list route: the limit and the states asked for (None: all)."""
+    limit = _int(request.query.get("limit", "200"), "limit")
+    if limit < 1:
+        raise RequestError("limit", f"{limit} is not a positive number of {what}s")
+    states = tuple(s for s in request.query.get("state", "").split(",") if s)
+    bad = next((s for s in states if s not in allowed), None)
+    if bad is not None:
+        raise RequestError("state", f"{bad!r} is not a {what} state; use {', '.join(allowed)}")
+    return limit, states or None
+
+
+def _absolute(value: object, field: str) -> Path | None:
+    if value is not None and (not isinstance(value, str) or not Path(value).is_absolute()):
+        raise RequestError(field, "must be an absolute folder path")
+    return Path(value) if value else None
+
+
 def _int(text: str, field: str) -> int:
     try:
         return int(text)
@@ -223,23 +270,27 @@ def _int(text: str, field: str) -> int:
         raise RequestError(field, f"{text!r} is not a whole number") from None
 
 
-async def _read_job(request: web.Request):
-    """The job a body describes: ``{"kind", "request", "out"}`` (an image's metadata is accepted as is)."""
+async def _read_object(request: web.Request, allowed: tuple[str, ...], example: str,
+                       ignored: tuple[str, ...] = ()) -> dict:
+    """The body as a JSON object with no key but ``allowed`` (and ``ignored``); RequestError otherwise."""
     try:
         data = json.loads(await request.read())
     except (ValueError, RecursionError):
-        raise RequestError("body", "is not valid JSON; send {\"kind\": \"generate\", \"request\": {...}}") from None
+        raise RequestError("body", f"is not valid JSON; send {example}") from None
     if not isinstance(data, dict):
         raise RequestError("body", f"expected a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(BODY_FIELDS) - set(METADATA_FIELDS), key=str)
+    unknown = sorted(set(data) - set(allowed) - set(ignored), key=str)
     if unknown:
-        raise RequestError(str(unknown[0]), f"unknown field; allowed: {', '.join(BODY_FIELDS)}")
+        raise RequestError(str(unknown[0]), f"unknown field; allowed: {', '.join(allowed)}")
+    return data
+
+
+async def _read_job(request: web.Request):
+    """The job a body describes: ``{"kind", "request", "out"}`` (an image's metadata is accepted as is)."""
+    data = await _read_object(request, BODY_FIELDS, '{"kind": "generate", "request": {...}}', METADATA_FIELDS)
     if "request" not in data:
         raise RequestError("request", "missing; give the request's fields as an object")
     kind = data.get("kind", "generate")
     if not isinstance(kind, str):
         raise RequestError("kind", f"expected a name, got {type(kind).__name__}")
-    out = data.get("out")
-    if out is not None and (not isinstance(out, str) or not Path(out).is_absolute()):
-        raise RequestError("out", "must be an absolute folder path")
-    return jobkinds.get(kind).request(data["request"]), (Path(out) if out else None)
+    return jobkinds.get(kind).request(data["request"]), _absolute(data.get("out"), "out")

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Protocol
 from backend.events import Event
 from backend.queue_store import Job
 from backend.request import GenerateRequest
+from backend.run_schedule import ScheduledRun
+from backend.training.config import TrainRequest
 
 if TYPE_CHECKING:
     from backend.service import Service
@@ -52,6 +54,18 @@ class Client(Protocol):
 
     async def status(self) -> dict:
         """The service as JSON: pid, uptime, workers (device, job, loaded models), queue length."""
+
+    async def start_run(self, request: TrainRequest, devices: str = "auto", launcher: str | None = None,
+                        runs_root: Path | None = None) -> tuple[ScheduledRun, list[str]]:
+        """Check a training run, make its folder and queue it: it starts when its devices are free (at
+        once, when they are). The run and the warnings about its settings; a one-line DreamttyError
+        names a bad setting and nothing is made."""
+
+    async def runs(self, limit: int = 200) -> list[ScheduledRun]:
+        """Training runs in the schedule, newest first (a waiting one says what it waits for)."""
+
+    async def stop_run(self, run_id: int) -> bool:
+        """Stop a run after its current step, or take a waiting one off the queue; False when it had ended."""
 
     def subscribe(self) -> asyncio.Queue[Event]: ...
 
@@ -99,6 +113,17 @@ class LocalClient:
     async def status(self) -> dict:
         return self.service.status()
 
+    async def start_run(self, request: TrainRequest, devices: str = "auto", launcher: str | None = None,
+                        runs_root: Path | None = None) -> tuple[ScheduledRun, list[str]]:
+        prepared = await asyncio.to_thread(self.service.prepare_run, request, devices, launcher, runs_root)
+        return self.service.enqueue_run(prepared), prepared.warnings
+
+    async def runs(self, limit: int = 200) -> list[ScheduledRun]:
+        return self.service.training.listing(limit=limit)
+
+    async def stop_run(self, run_id: int) -> bool:
+        return self.service.stop_run(run_id)
+
     def subscribe(self) -> asyncio.Queue[Event]:
         return self.service.subscribe()
 
@@ -110,19 +135,20 @@ class LocalClient:
 
 
 def connect(device: str = "auto", local: bool = False, tui: bool = False, start: bool = True,
-            cluster: str | None = None, nice: int = 0) -> Client:
+            cluster: str | None = None, nice: int = 0, jobs: bool = True) -> Client:
     """The client a front end uses; nothing is contacted or started before its first call.
 
     ``local`` (or ``DREAMTTY_LOCAL=1``): a service in this process, its workers on ``device`` or
-    ``cluster`` at ``nice``. Else the running ``dreamtty serve`` (over TCP when ``DREAMTTY_SERVICE``
-    is set), started in the background on ``device`` / ``cluster`` when none runs and ``start``
-    allows it. ``tui``: a client for the TUI, which adopts the jobs of services that died (local),
-    receives previews and waits for a lost service as long as it takes.
+    ``cluster`` at ``nice`` (none without ``jobs``: a command that only trains). Else the running
+    ``dreamtty serve`` (over TCP when ``DREAMTTY_SERVICE`` is set), started in the background on
+    ``device`` / ``cluster`` when none runs and ``start`` allows it. ``tui``: a client for the TUI,
+    which adopts the jobs and runs of services that died (local), receives previews and waits for a
+    lost service as long as it takes.
     """
     if local or os.environ.get(LOCAL_ENV, "") not in ("", "0"):
         from backend.service import Service
 
-        return LocalClient(Service(devices=device, recover=tui, nice=nice, cluster=cluster))
+        return LocalClient(Service(devices=device, recover=tui, nice=nice, cluster=cluster, workers=jobs))
     from backend.remote_client import Address, RemoteClient
     from backend.serve import ServeOptions, parse_listen
     from backend.service_files import ServiceFiles, read_token

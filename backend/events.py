@@ -143,6 +143,14 @@ class WorkerModels(Event):
     loads: int = 0  # pipelines loaded since the worker started
 
 
+@_register("worker-released")
+class WorkerReleased(Event):
+    """A worker freed every pipeline it held, as asked when a training run takes its device."""
+
+    worker: int
+    freed: int = 0  # pipelines it let go
+
+
 @_register("service-ready")
 class ServiceReady(Event):
     """The service a client talks to has started (or the client reconnected): refresh job lists."""
@@ -153,6 +161,21 @@ class Log(Event):
     message: str
     level: str = "info"  # info, warning or error
     job: int | None = None
+
+
+# -- training runs as the service schedules them ------------------------------------------
+@_register("run")
+class RunState(Event):
+    """A training run's place in the service's schedule changed (backend.run_schedule)."""
+
+    run: int
+    path: str
+    state: str  # waiting, training or ended
+    devices: list[str] = field(default_factory=list)
+    pid: int | None = None
+    waiting_for: str | None = None  # why it waits, e.g. "GPU cuda:0: job 12 is running"
+    outcome: str | None = None  # once ended: the run's own state (done, failed, stopped)
+    error: str | None = None
 
 
 # -- training runs (a run's events.jsonl) ----------------------------------------------

@@ -23,6 +23,7 @@ from typing import Protocol
 from backend import locations
 from backend.errors import RequestError
 from backend.events import Event, EventError, WorkerReady, loads
+from backend.worker import RELEASE
 
 _CTX = mp.get_context("spawn")
 _DEVICES = "auto, cpu, cuda or cuda:N[,cuda:M...]"
@@ -133,6 +134,10 @@ class WorkerPool(Protocol):
     def cancel(self, slot: Slot) -> None:
         """Ask ``slot``'s worker to stop its job between steps."""
 
+    def release(self, slot: Slot) -> None:
+        """Ask ``slot``'s idle worker to free every pipeline it holds (a training run takes its device);
+        it answers with a ``WorkerReleased`` event."""
+
     def status(self) -> dict:
         """Where the workers run, what each holds and runs, as JSON (``workers``: a list of slot statuses)."""
 
@@ -186,6 +191,10 @@ class ProcessPool:
     def cancel(self, slot: Slot) -> None:
         if slot.job is not None:
             self._procs[slot.id].cancel.value = slot.job
+
+    def release(self, slot: Slot) -> None:
+        slot.models = []
+        self._procs[slot.id].jobs.put(RELEASE)
 
     def status(self) -> dict:
         return {"workers": [slot.status(self.alive(slot)) for slot in self.slots]}

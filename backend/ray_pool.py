@@ -30,7 +30,7 @@ from backend import events as ev
 from backend.errors import DreamttyError, RequestError
 from backend.pool import OnDied, OnEvent, Slot
 from backend.queue_store import QueueStore
-from backend.worker import JobRun, one_line, pipeline_cache, run_job, save_output
+from backend.worker import RELEASE, JobRun, one_line, pipeline_cache, release, run_job, save_output
 
 NAMESPACE = "dreamtty"
 POLL = 1.0  # seconds an events call waits for an event: also how soon an idle actor's death is noticed
@@ -116,6 +116,9 @@ class ActorWorker:
     def _serve(self) -> None:
         while True:
             job = self._jobs.get()
+            if job == RELEASE:
+                release(self.worker, self.cache, self.send)
+                continue
             run_job(JobRun(self.worker, job, self.cache, self.send, lambda j=job["job"]: self._cancel == j, self))
 
 
@@ -182,6 +185,10 @@ class RayPool:
     def cancel(self, slot: Slot) -> None:
         if slot.job is not None:
             self._workers[slot.id].actor.cancel.remote(slot.job)
+
+    def release(self, slot: Slot) -> None:
+        slot.models = []
+        self._workers[slot.id].actor.run.remote(RELEASE)
 
     def status(self) -> dict:
         """The cluster's nodes (host, GPUs, alive) and the workers: node, device, models, job."""

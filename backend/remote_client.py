@@ -25,7 +25,9 @@ from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Fa
 from backend.models import DEMO_MODELS
 from backend.queue_store import ACTIVE, Job
 from backend.request import GenerateRequest
+from backend.run_schedule import ScheduledRun
 from backend.serve import ServeOptions, start_detached
+from backend.training.config import TrainRequest
 from backend.versions import versions
 
 RECONNECT_DELAY = (0.1, 2.0)  # seconds: first and longest wait between attempts to reopen the stream
@@ -223,6 +225,20 @@ class RemoteClient:
     async def status(self) -> dict:
         return await self._call("GET", "/v1/status")
 
+    async def start_run(self, request: TrainRequest, devices: str = "auto", launcher: str | None = None,
+                        runs_root: Path | None = None) -> tuple[ScheduledRun, list[str]]:
+        body = {"request": _train_paths_for_service(request).to_dict(), "devices": devices, "launcher": launcher}
+        if runs_root is not None:
+            body["runs_root"] = _absolute(str(runs_root))
+        data = await self._call("POST", "/v1/runs", body)
+        return ScheduledRun.from_dict(data["run"]), list(data["warnings"])
+
+    async def runs(self, limit: int = 200) -> list[ScheduledRun]:
+        return [ScheduledRun.from_dict(r) for r in (await self._call("GET", "/v1/runs", limit=str(limit)))["runs"]]
+
+    async def stop_run(self, run_id: int) -> bool:
+        return bool((await self._call("POST", f"/v1/runs/{int(run_id)}/stop"))["stopped"])
+
     async def shutdown(self) -> None:
         """Ask the service to stop (its jobs stay queued for the next start)."""
         await self._call("POST", "/v1/shutdown")
@@ -308,20 +324,29 @@ def _body(request: GenerateRequest, out: Path | None = None) -> dict:
     return body
 
 
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def _name_or_path(name: str | None) -> str | None:
+    """A model name as it is, a path that exists here made absolute."""
+    if not name or name in DEMO_MODELS or not Path(os.path.expanduser(name)).exists():
+        return name
+    return _absolute(name)
+
+
 def _paths_for_service(request: GenerateRequest) -> GenerateRequest:
     """The request with the files it names made absolute, since the service runs elsewhere: input
     images and image prompts, and model, VAE, refiner and LoRA names that are paths here (names of
     models in the library or on the Hub are left as they are)."""
-    def absolute(path: str) -> str:
-        return os.path.abspath(os.path.expanduser(path)) if path else path
-
-    def name_or_path(name: str | None) -> str | None:
-        if not name or name in DEMO_MODELS or not Path(os.path.expanduser(name)).exists():
-            return name
-        return absolute(name)
-
     inputs = request.input_files() if hasattr(request, "input_files") else {}  # the image-input kinds
-    return replace(request, model=name_or_path(request.model), vae=name_or_path(request.vae),
-                   refiner=name_or_path(request.refiner), loras=[(name_or_path(n), w) for n, w in request.loras],
-                   image_prompts=[replace(p, path=absolute(p.path)) for p in request.image_prompts],
-                   **{role: absolute(path) for role, (path, _) in inputs.items()})
+    return replace(request, model=_name_or_path(request.model), vae=_name_or_path(request.vae),
+                   refiner=_name_or_path(request.refiner), loras=[(_name_or_path(n), w) for n, w in request.loras],
+                   image_prompts=[replace(p, path=_absolute(p.path)) for p in request.image_prompts],
+                   **{role: _absolute(path) for role, (path, _) in inputs.items()})
+
+
+def _train_paths_for_service(request: TrainRequest) -> TrainRequest:
+    """A training run's folders (instance images, the run, a checkpoint to resume) and model made absolute."""
+    return replace(request, model=_name_or_path(request.model), instance_dir=_absolute(request.instance_dir),
+                   output=_absolute(request.output) if request.output else None, resume=_name_or_path(request.resume))

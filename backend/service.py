@@ -1,16 +1,23 @@
 """The backend service: an asyncio object (no torch) that owns the persistent queue, decides which
-job runs on which worker of its pool, and fans typed events (backend.events) out to subscribers.
+job runs on which worker of its pool and when a training run may take its device, and fans typed
+events (backend.events) out to subscribers.
 
 Jobs are never lost: a job whose worker dies is retried once from its first unsaved image, then
 fails with the reason; jobs of a service that was killed are adopted by the next recovering service
 once that service's lease ran out (backend.queue_store).
+
+Jobs and training runs share the devices first come, first served: a run waits until no job runs on
+its devices, their workers free their pipelines, then its trainer starts; while it trains, those
+workers get no job (backend.run_schedule).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -19,8 +26,8 @@ from pathlib import Path
 
 from backend import companions, config, jobkinds, locations
 from backend.errors import ModelError, RequestError
-from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, JobEvent, Queued, Retrying, Started,
-                            WorkerModels, WorkerReady)
+from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, JobEvent, Note, Queued, Retrying,
+                            Started, WorkerModels, WorkerReady, WorkerReleased)
 from backend.extras_check import check_extras
 from backend.guidance_settings import check_clip_skip
 from backend.models import resolve_model, text_encoder_depth
@@ -29,9 +36,14 @@ from backend.pool import ProcessPool, Slot, WorkerPool
 from backend.prompting import check_prompts
 from backend.queue_store import ACTIVE, LEASE_TTL, Job, QueueStore
 from backend.request import GenerateRequest
+from backend.run_schedule import RunStore, ScheduledRun, TrainingRuns, device_label, resolve_devices
+from backend.training.config import TrainRequest
+from backend.training import launch
 
 MAX_RETRIES = 1  # a job whose worker died runs once more, then fails with the reason
 LEASE_RENEW = LEASE_TTL / 5  # seconds between heartbeats
+RUN_CHECK = 1.0  # seconds between checks that training runs' trainers still live
+log = logging.getLogger("dreamtty.service")
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,16 @@ class Prepared:
 
     kind: str
     payload: dict  # request (resolved), out, family
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A checked training run, its folder made, ready for the schedule."""
+
+    path: Path
+    devices: list[str]
+    launcher: str | None
+    warnings: list[str]
 
 
 def make_pool(devices: str, db_path: Path, nice: int = 0, cluster: str | None = None) -> WorkerPool:
@@ -63,14 +85,17 @@ def new_owner_id() -> str:
 class Service:
     """Queue + workers. Use ``await start()``, ``submit()``, ``subscribe()``, ``await close()``.
 
-    ``recover``: adopt the jobs of services that died (the TUI and ``dreamtty serve`` do; a one-off
-    ``dreamtty generate`` runs only its own).
+    ``recover``: adopt the jobs and training runs of services that died (the TUI and ``dreamtty
+    serve`` do; a one-off ``dreamtty generate`` runs only its own). ``workers``: False for a service
+    that runs no job (a one-off ``dreamtty train --local``): its pool is never started.
     """
 
     def __init__(self, devices: str = "auto", db_path: Path | None = None, recover: bool = False,
-                 pool: WorkerPool | None = None, nice: int = 0, cluster: str | None = None) -> None:
+                 pool: WorkerPool | None = None, nice: int = 0, cluster: str | None = None,
+                 workers: bool = True) -> None:
         self.store = QueueStore(db_path or locations.queue_db())
         self.pool = pool or make_pool(devices, self.store.path, nice, cluster)
+        self.workers = workers
         self.recover = recover
         self.owner = new_owner_id()
         self._fanout = Fanout()
@@ -80,6 +105,9 @@ class Service:
         self.started: float | None = None  # Unix time of start()
         self._ready: dict[int, WorkerReady] = {}  # worker -> its last ready event
         self._models: dict[int, WorkerModels] = {}  # worker -> what it holds loaded
+        self.training = TrainingRuns(self.store.path, self.owner, self._fanout.publish)
+        self._watch: asyncio.Task | None = None
+        self._told_waiting: dict[int, int] = {}  # queued job -> the training run it was told it waits for
 
     @property
     def slots(self) -> list[Slot]:
@@ -92,36 +120,56 @@ class Service:
         self.store.renew_lease(self.owner)
         if self.recover:
             self.store.adopt_orphans(self.owner)
-        self.pool.start(self._handle, self._worker_died)
+            self.training.store.adopt_orphans(self.owner)
+        if self.workers:
+            self.pool.start(self._handle, self._worker_died)
         self._heartbeat = threading.Thread(target=self._keep_lease, name="dreamtty-lease", daemon=True)
         self._heartbeat.start()
+        self._watch = asyncio.create_task(self._watch_runs())
         self._dispatch()
 
     def _keep_lease(self) -> None:
         """Thread: renew this service's lease (a busy event loop must not lose it), adopt orphans."""
-        store = QueueStore(self.store.path)
+        store, run_store = QueueStore(self.store.path), RunStore(self.store.path)
         try:
             while not self._closing.wait(LEASE_RENEW):
                 store.renew_lease(self.owner)
-                if self.recover and store.adopt_orphans(self.owner):
+                if self.recover and (store.adopt_orphans(self.owner) + run_store.adopt_orphans(self.owner)):
                     self._loop.call_soon_threadsafe(self._dispatch)
         except RuntimeError:  # the loop closed under us
             pass
         finally:
             store.close()
+            run_store.close()
+
+    async def _watch_runs(self) -> None:
+        """Task: notice trainers that ended (their devices take jobs again)."""
+        while True:
+            await asyncio.sleep(RUN_CHECK)
+            try:
+                ended = self.training.check()
+            except (OSError, sqlite3.Error) as exc:  # e.g. the queue's disk is full: try again later
+                log.error("checking training runs: %s", exc)
+                continue
+            if ended:
+                self._dispatch()
 
     async def close(self, cancel_jobs: bool = False) -> None:
         """Stop workers. This service's jobs still queued or running stay queued for the next
         start, or end as cancelled with ``cancel_jobs`` (the user interrupted them)."""
         self._closing.set()
+        if self._watch is not None:
+            self._watch.cancel()
         if cancel_jobs:  # at once: a second Ctrl-C may cut the rest of close short
             self._end_active("cancelled")
-        await self.pool.close()
+        if self.workers:
+            await self.pool.close()
         self._end_active("cancelled" if cancel_jobs else "queued")  # events handled meanwhile may have changed them
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=2)
         self.store.drop_lease(self.owner)  # what stays queued is adopted by the next recovering service
         self.store.close()
+        self.training.close()  # runs keep training; waiting ones start with the next recovering service
 
     def _end_active(self, state: str) -> None:
         for job in self.store.jobs(ACTIVE, owner=self.owner):
@@ -179,6 +227,28 @@ class Service:
         """Validate and queue a request of any kind; returns the job id. Nothing is queued on error."""
         return self.enqueue(self.prepare(request, out_dir))
 
+    def prepare_run(self, request: TrainRequest, devices: str = "auto", launcher: str | None = None,
+                    runs_root: Path | None = None) -> PreparedRun:
+        """Check a training run and make its folder (``backend.training.launch.prepare_run``): the slow,
+        file-reading part, safe to run in a thread. ``devices``: what it trains on, as ``--device``
+        (``auto``: the device of the first worker). Raises a one-line DreamttyError."""
+        chosen = resolve_devices(devices, self._first_device())
+        launch.trainer_command(Path("."), launcher)  # a launcher that cannot be split is refused before anything is made
+        prepared = launch.prepare_run(request, runs_root)
+        return PreparedRun(prepared.run_dir, chosen, launcher, prepared.warnings)
+
+    def enqueue_run(self, prepared: PreparedRun) -> ScheduledRun:
+        """Queue a prepared run; it starts at once when its devices are free."""
+        run = self.training.add(prepared.path, prepared.devices, prepared.launcher)
+        self._dispatch()
+        return self.training.get(run.id)
+
+    def stop_run(self, run_id: int) -> bool:
+        """Stop a run (a waiting one is taken off the queue). False when it had ended or is unknown."""
+        stopped = self.training.stop(run_id)
+        self._dispatch()
+        return stopped
+
     def cancel(self, job_id: int) -> bool:
         """Cancel a queued or running job. Returns False when it is not active."""
         job = self.store.get(job_id)
@@ -189,6 +259,7 @@ class Service:
             self.pool.cancel(slot)
             return True
         self.store.set_state(job_id, "cancelled")
+        self._told_waiting.pop(job_id, None)
         self._fanout.publish(Cancelled(job=job_id))
         return True
 
@@ -206,15 +277,19 @@ class Service:
         """This process, its workers (device, job, loaded models) and the length of its queue, as JSON."""
         active = self.active_jobs()
         workers = []
+        held = self.training.holding()
         for slot in self.slots:
             ready, models = self._ready.get(slot.id), self._models.get(slot.id)
+            run = held.get(self._device_of(slot))
             workers.append({"id": slot.id, "device": ready.device if ready else slot.device, "pid": slot.pid,
                             "ready": ready is not None and self.pool.alive(slot), "job": slot.job,
-                            "models": models.models if models else [], "loads": models.loads if models else 0})
+                            "models": models.models if models else [], "loads": models.loads if models else 0,
+                            "training": run.id if run else None})
         return {"pid": os.getpid(), "started": self.started,
                 "uptime": time.time() - self.started if self.started else 0.0, "workers": workers,
                 "queued": sum(job.state == "queued" for job in active),
-                "running": sum(job.state == "running" for job in active)}
+                "running": sum(job.state == "running" for job in active),
+                "runs": {"training": len({run.id for run in held.values()}), "waiting": len(self.training.waiting())}}
 
     def subscribe(self) -> asyncio.Queue:
         return self._fanout.subscribe()
@@ -241,25 +316,88 @@ class Service:
     def _slot_of(self, job_id: int) -> Slot | None:
         return next((s for s in self.slots if s.job == job_id), None)
 
+    def _device_of(self, slot: Slot) -> str | None:
+        """The device of ``slot``'s worker as training runs name it; None for a worker on a Ray node (Ray
+        hands out its GPUs itself: runs on this machine do not share them)."""
+        if slot.node is not None:
+            return None
+        ready = self._ready.get(slot.id)
+        device = ready.device if ready else slot.device
+        return resolve_devices(device, None)[0]  # a worker not ready yet on "auto" takes the first GPU, else the CPU
+
+    def _first_device(self) -> str | None:
+        return next((d for slot in self.slots if (d := self._device_of(slot))), None)
+
     def _dispatch(self) -> None:
-        """Give idle workers this service's queued jobs, oldest first, resuming after saved images;
-        each job to an idle worker that has its model loaded, when there is one (``pick_slot``)."""
+        """Share the workers' devices between this service's queued jobs and waiting training runs,
+        first come first served.
+
+        A job goes to an idle worker whose device no run holds or waits for, one that has its model
+        loaded when there is one (``pick_slot``), and resumes after its saved images. A run starts
+        when no job runs on its devices and no older run holds or waits for them; until then it
+        reserves them, so newer jobs do not keep it waiting.
+        """
         if self._closing.is_set():
             return
+        reserved = self.training.holding()  # device -> the run that holds it, or waits for it first
+        busy = {device: slot.job for slot in self.slots if slot.job is not None and (device := self._device_of(slot))}
         idle = [slot for slot in self.slots if slot.job is None and self.pool.alive(slot)]
-        while idle:
-            job = self.store.next_queued(self.owner)
-            if job is None:
-                return
-            model = job.request.get("model", "")
-            slot = pick_slot(idle, model)
-            idle.remove(slot)
-            slot.loads(model)
-            self.store.set_state(job.id, "running")
-            self.pool.run(slot, {"job": job.id, "kind": job.kind, **job.payload, "first_image": len(job.outputs)})
+        runs = self.training.waiting()
+        job = self.store.next_queued(self.owner)
+        while job is not None or runs:
+            if job is not None and (not runs or job.created <= runs[0].created):
+                free = [slot for slot in idle if self._device_of(slot) not in reserved]
+                if not free:
+                    self._tell_waiting(reserved)
+                    job = None  # first come first served: newer jobs wait too
+                    continue
+                slot = pick_slot(free, job.request.get("model", ""))
+                idle.remove(slot)
+                self._run_job(slot, job)
+                if (device := self._device_of(slot)) is not None:
+                    busy[device] = job.id
+                job = self.store.next_queued(self.owner)
+                continue
+            run = runs.pop(0)
+            blockers = [f"{device_label(d)}: training run {reserved[d].name}" if d in reserved
+                        else f"{device_label(d)}: job {busy[d]} is running" for d in run.devices
+                        if d in reserved or d in busy]
+            for device in run.devices:
+                reserved.setdefault(device, run)
+            if blockers:
+                self.training.wait(run, "; ".join(blockers))
+                continue
+            workers = {s.id: d for s in self.slots if (d := self._device_of(s)) in run.devices and self._holds_models(s)}
+            slots = {slot.id: slot for slot in self.slots}
+            self.training.begin(run, workers, lambda worker: self.pool.release(slots[worker]))
+
+    def _holds_models(self, slot: Slot) -> bool:
+        """Whether ``slot``'s worker may hold a pipeline: one it reported, or a job's model since it started
+        or last freed its device (a job that failed while loading may not have reported its model)."""
+        reported = self._models.get(slot.id)
+        return self.pool.alive(slot) and slot.id in self._ready and bool(slot.models or (reported and reported.models))
+
+    def _run_job(self, slot: Slot, job: Job) -> None:
+        slot.loads(job.request.get("model", ""))
+        self.store.set_state(job.id, "running")
+        self.pool.run(slot, {"job": job.id, "kind": job.kind, **job.payload, "first_image": len(job.outputs)})
+
+    def _tell_waiting(self, reserved: dict[str, ScheduledRun]) -> None:
+        """When training runs hold every worker's device, tell each queued job, once per run, that it waits for one."""
+        devices = [d for slot in self.slots if self.pool.alive(slot) and (d := self._device_of(slot)) is not None]
+        if not devices or any(d not in reserved for d in devices):
+            return
+        device = devices[0]
+        run = reserved[device]
+        for job in self.store.jobs(("queued",), owner=self.owner):
+            if self._told_waiting.get(job.id) != run.id:
+                self._told_waiting[job.id] = run.id
+                self._fanout.publish(Note(job=job.id, message=f"waiting for {device_label(device)}: "
+                                                              f"training run {run.name}"))
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, FINAL_EVENTS):
+            self._told_waiting.pop(event.job, None)
             slot = self._slot_of(event.job)
             if slot is not None and slot.id == event.worker:
                 slot.job = None
@@ -274,6 +412,8 @@ class Service:
         elif isinstance(event, WorkerModels):
             self._models[event.worker] = event
         self._fanout.publish(event)
+        if isinstance(event, (WorkerReady, WorkerReleased)):  # it holds no pipeline: a run may start on its device
+            self.training.released(event.worker)
         if isinstance(event, (*FINAL_EVENTS, WorkerReady)):
             self._dispatch()
 

@@ -12,6 +12,7 @@ The token for ``--listen HOST:PORT`` lives in the state dir (0600) and is sent a
 from __future__ import annotations
 
 import fcntl
+import hmac
 import json
 import os
 import secrets
@@ -165,3 +166,14 @@ def make_token() -> str:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
+
+
+def token_matches(given: str | None, token: str | None) -> bool:
+    """Whether ``given`` is ``token`` (compared in constant time); never without a token."""
+    return given is not None and token is not None and hmac.compare_digest(given.encode(), token.encode())
+
+
+def bearer_ok(header: str, token: str | None) -> bool:
+    """Whether an ``Authorization`` header carries ``token`` as a bearer token."""
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and token_matches(given.strip(), token)

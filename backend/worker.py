@@ -21,6 +21,7 @@ from backend import events as ev
 PREVIEW_INTERVAL = 0.25  # seconds: at most ~4 previews a second
 STEP_INTERVAL = 0.1  # seconds between step events (the last step is always sent)
 PARENT_CHECK = 1.0  # seconds an idle worker waits before checking that its service still lives
+RELEASE = "release"  # on a worker's job queue: free every pipeline (a training run takes the device)
 
 log = logging.getLogger("dreamtty.worker")
 
@@ -61,6 +62,9 @@ def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str
             continue
         if job is None:
             return
+        if job == RELEASE:
+            release(worker_id, cache, send)
+            continue
         run_job(JobRun(worker_id, job, cache, send, lambda job_id=job["job"]: cancel.value == job_id, output))
 
 
@@ -74,6 +78,28 @@ def pipeline_cache(device: str):
     if device == "auto":
         device = "cuda:0" if cuda else "cpu"
     return PipelineCache(torch.device(device)), torch.cuda.device_count() if cuda else 0
+
+
+def free_pipelines(cache) -> int:
+    """Evict every pipeline from ``cache`` and give their memory back to the device; how many there were."""
+    import gc
+
+    import torch
+
+    freed = 0
+    while cache.evict_oldest():
+        freed += 1
+    gc.collect()  # pipelines hold reference cycles: their tensors go only now
+    if cache.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return freed
+
+
+def release(worker: int, cache, send) -> None:
+    """Free the worker's device for a training run, and say so."""
+    freed = free_pipelines(cache)
+    send(_models(worker, cache))
+    send(ev.WorkerReleased(worker=worker, freed=freed))
 
 
 @dataclass
@@ -138,8 +164,7 @@ def run_job(run: JobRun) -> None:
     except Cancelled:
         run.emit(ev.Cancelled)
     except torch.OutOfMemoryError:
-        while run.cache.evict_oldest():
-            pass
+        free_pipelines(run.cache)
         _report_models(run)
         req = run.job["request"]
         run.emit(ev.Failed, error=(
@@ -156,7 +181,11 @@ def run_job(run: JobRun) -> None:
 
 
 def _report_models(run: JobRun) -> None:
-    run.send(ev.WorkerModels(worker=run.worker, models=run.cache.loaded(), loads=run.cache.loads))
+    run.send(_models(run.worker, run.cache))
+
+
+def _models(worker: int, cache) -> ev.WorkerModels:
+    return ev.WorkerModels(worker=worker, models=cache.loaded(), loads=cache.loads)
 
 
 def _make_images(run: JobRun) -> None:

@@ -364,14 +364,16 @@ def test_resume_that_would_lose_or_break_the_run_is_refused_before_run_json_chan
 
 def test_a_trainer_that_cannot_start_leaves_a_failed_run_not_a_starting_one(photos, tmp_path, capsys):
     base = ["train", "--model", "demo", "--instance-dir", str(photos), "--instance-prompt", "a photo of sks dog"]
-    for launcher, words in (("accelerate launch '", "launcher: \"accelerate launch '\": No closing quotation"),
-                            ("no-such-launcher-cmd", "launcher: cannot start the trainer")):
-        run_dir = tmp_path / launcher.split()[0]
-        assert cli.main([*base, "--output", str(run_dir), "--launcher", launcher]) == 2
-        err = capsys.readouterr().err.strip()
-        assert words in err and len(err.splitlines()) == 1
-        state, error = runs.effective_state(run_dir)
-        assert state == "failed" and words in error
+    unsplit = tmp_path / "unsplit"  # a launcher that cannot be split is refused before the run is made
+    assert cli.main([*base, "--output", str(unsplit), "--launcher", "accelerate launch '"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "dreamtty: launcher: \"accelerate launch '\": No closing quotation" and not unsplit.exists()
+    run_dir = tmp_path / "missing"
+    assert cli.main([*base, "--output", str(run_dir), "--launcher", "no-such-launcher-cmd"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "launcher: cannot start the trainer" in err and len(err.splitlines()) == 1
+    state, error = runs.effective_state(run_dir)
+    assert state == "failed" and "launcher: cannot start the trainer" in error
     # Started again with a working trainer, it is a resume of that failed run (nothing to lose).
     assert prepare_run(_request(photos, output=str(run_dir), resume="latest")).warnings == [
         f"resume: {run_dir} has no checkpoint yet; starting from step 0"]

@@ -1,4 +1,5 @@
-"""The Train dashboard (Textual pilot): loss points, live tail, re-attach after a restart, start and stop."""
+"""The Train dashboard (Textual pilot): loss points, live tail, re-attach after a restart, start, stop, and
+runs that wait for their device (a service in the test's process, without workers)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from textual.app import App, ComposeResult
 from textual.widgets import Footer, Input, Log, OptionList, Select, Static
 from textual_plotext import PlotextPlot
 
+from backend.client import LocalClient
 from backend.events import TrainLog, TrainState, TrainStep, TrainValidation
-from backend.training import runs
-from tui.screens import train as train_screen
+from backend.service import Service
+from backend.training import launch, runs
+from test_tui import NoWorkers
 from tui.screens.train import TrainPane
 from tui.widgets.preview import ImagePreview
 
@@ -24,13 +27,23 @@ BRAILLE = range(0x2801, 0x2900)
 
 
 class PaneApp(App):
+    """The Train pane over a service that schedules runs (its queue beside the runs folder)."""
+
     def __init__(self, root: Path) -> None:
         super().__init__()
         self.root = root
+        db = root.parent / "queue.sqlite3"
+        self.client = LocalClient(Service(devices="cpu", db_path=db, recover=True, pool=NoWorkers("cpu", db)))
 
     def compose(self) -> ComposeResult:
         yield TrainPane(runs_root=self.root, id="train-pane")
         yield Footer()
+
+    async def on_mount(self) -> None:
+        await self.client.start()
+
+    async def on_unmount(self) -> None:
+        await self.client.close()
 
 
 def _write_run(root: Path, name: str, state: str, losses: list[float], updated: float, validation: bool = False) -> Path:
@@ -126,12 +139,12 @@ def _fake_trainer(monkeypatch) -> list[Path]:
     """Replace the trainer process with a stand-in that 'runs'; the run dirs it was started on."""
     started: list[Path] = []
 
-    def fake_start(run_dir, launcher=None):
+    def fake_start(run_dir, launcher=None, env=None):
         started.append(Path(run_dir))
         (Path(run_dir) / runs.PID_FILE).write_text(str(FakeProcess.pid))
         return FakeProcess()
 
-    monkeypatch.setattr(train_screen, "start_trainer", fake_start)
+    monkeypatch.setattr(launch, "start_trainer", fake_start)
     monkeypatch.setattr(runs, "pid_alive", lambda pid: pid == FakeProcess.pid)
     return started
 
@@ -173,6 +186,18 @@ async def test_start_and_stop_from_the_keyboard(tmp_path, monkeypatch):
 
         await pilot.press("ctrl+t")
         assert (run_dir / runs.STOP_FILE).exists()
+
+        # A run started while that one still trains waits for the CPU; ctrl+t takes it off the queue.
+        pane.query_one("#train-output", Input).value = str(tmp_path / "second")
+        await pilot.press("ctrl+s")
+        second = (tmp_path / "second").resolve()
+        await _settle(pilot, pane, lambda: pane.selected_run == second)
+        assert started == [run_dir] and runs.read_run_json(second)["state"] == "waiting"
+        await pilot.press("ctrl+t")
+        await _settle(pilot, pane, lambda: runs.read_run_json(second)["state"] == "stopped")
+        assert started == [run_dir] and not (second / runs.STOP_FILE).exists()
+        await _settle(pilot, pane, lambda: "[stopped]" in str(pane.query_one("#train-stats", Static).content))
+        assert "state: stopped (taken off the queue before it started)" in pane.query_one("#train-log", Log).lines
 
 
 async def test_form_checks_each_field_and_reports_every_bad_one(tmp_path, monkeypatch):
@@ -232,11 +257,17 @@ async def test_starting_a_run_shows_it_and_settles_then_resumes_a_stopped_run(tm
         monkeypatch.undo()
         started = _fake_trainer(monkeypatch)
 
-        # ctrl+r continues the stopped run with its own settings from its newest checkpoint.
+        # ctrl+r continues the stopped run with its own settings from its newest checkpoint, once the
+        # new run (which holds the CPU) has ended.
         await pilot.press("ctrl+r")  # the new run is live: nothing to resume
         assert started == []
         pane.select_run(old)
         await pilot.press("ctrl+r")
+        stats = pane.query_one("#train-stats", Static)
+        await _settle(pilot, pane, lambda: "waiting for the CPU: training run new;" in str(stats.content))
+        assert "⧗ old-run  [waiting]" in str(stats.content) and started == []
+        assert "⧗ old-run  [waiting]" in [str(o.prompt) for o in pane.query_one(OptionList).options]
+        monkeypatch.setattr(FakeProcess, "poll", lambda self: 0)  # the new run's trainer ends
         await _settle(pilot, pane, lambda: started != [])
         assert started == [old.resolve()] and pane.selected_run == old.resolve()
         settings = json.loads((old / runs.RUN_JSON).read_text())["settings"]

@@ -75,14 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_SubcommandParser)
 
     # Subcommand groups that live in their own modules.
-    from tui import cli_jobs, cli_models, cli_queue, cli_serve, cli_styles, cli_train
+    from tui import cli_jobs, cli_models, cli_queue, cli_serve, cli_styles, cli_train, cli_web
 
     cli_jobs.register(sub)
     sam = sub.add_parser("samplers", help="list samplers and schedules")
     sam.add_argument("--json", action="store_true")
     sam.set_defaults(func=cmd_samplers)
 
-    for module in (cli_queue, cli_serve, cli_styles, cli_train, cli_models):
+    for module in (cli_queue, cli_serve, cli_styles, cli_train, cli_web, cli_models):
         module.register(sub)
     return parser
 

@@ -1,7 +1,8 @@
 """``dreamtty train``: DreamBooth fine-tuning from the command line.
 
 Settings: ``TrainRequest`` defaults < the resumed run's settings (``--resume``) < ``--config
-train.yaml`` < flags. The trainer runs as its own process; this command follows its events
+train.yaml`` < flags. The service schedules the run: it waits until no generation job runs on its
+device (``--device``), then the trainer runs as its own process; this command follows its events
 and prints progress on stderr, or returns at once with ``--detach``.
 Exit codes: 0 done, 1 the run failed or was stopped, 2 bad input (one line on stderr).
 """
@@ -9,17 +10,22 @@ Exit codes: 0 done, 1 the run failed or was stopped, 2 bad input (one line on st
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from backend.errors import RequestError
-from backend.events import TrainStep
+from backend.errors import DreamttyError, RequestError
+from backend.events import RunState, TrainStep
+from backend.run_schedule import TRAINING, WAITING, ScheduledRun, device_label
 from backend.safetext import visible
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
-from backend.training.launch import prepare_run, request_stop, resume_settings, start_trainer
+from backend.training.launch import request_stop, resume_settings
 from tui.cli_output import print_warnings
+
+RECHECK = 5.0  # seconds between readings of a waiting run's place in the schedule (besides its events)
 
 # (flag, TrainRequest field, metavar or None for an on/off switch, help)
 _OPTIONS = (
@@ -71,7 +77,8 @@ def register(subparsers) -> None:
         else:
             p.add_argument(flag, dest=f"train_{dest}", metavar=metavar, default=None, help=help_text)
     p.add_argument("--detach", action="store_true", help="start the run in the background and return")
-    p.add_argument("--launcher", metavar="CMD", help="e.g. 'accelerate launch --num_processes 2' for several GPUs")
+    p.add_argument("--launcher", metavar="CMD", help="e.g. 'accelerate launch --num_processes 2' for several GPUs "
+                                                     "(with --device cuda:0,cuda:1: the GPUs the run waits for)")
     p.set_defaults(func=cmd_train)
 
 
@@ -92,19 +99,82 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
     return TrainRequest.from_dict(data)
 
 
+@dataclass
+class Trainer:
+    """A trainer the service started, followed from this process: like ``Popen.poll``, ``poll()`` is
+    None while it runs, but only the service knows its exit code."""
+
+    pid: int | None
+    returncode: int | None = None
+
+    def poll(self) -> bool | None:
+        return None if runs.pid_alive(self.pid) else True
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "out", None) is not None:  # --out (images) is easily taken for --output (the run)
         raise RequestError("out", "is where generated images go; give the run folder with --output RUN_DIR")
-    prepared = prepare_run(request_from_args(args))
-    print_warnings(prepared.warnings)
-    run_dir = prepared.run_dir
-    proc = start_trainer(run_dir, args.launcher)
+    run = asyncio.run(_schedule(args, request_from_args(args)))
+    run_dir = Path(run.path)
     if args.detach:
-        print(visible(f"dreamtty: training in the background (pid {proc.pid}); follow it in the TUI (F3) or "
-                      f"{run_dir / runs.EVENTS}; stop it with: touch {run_dir / runs.STOP_FILE}"), file=sys.stderr)
+        where = (f"training in the background (pid {run.pid})" if run.state == TRAINING
+                 else f"queued: it starts when {_devices(run)} {'is' if len(run.devices) == 1 else 'are'} free")
+        print(visible(f"dreamtty: {where}; follow it in the TUI (F3) or {run_dir / runs.EVENTS}; stop it there "
+                      f"(ctrl+t) or with: touch {run_dir / runs.STOP_FILE}"), file=sys.stderr)
         print(visible(run_dir))
         return 0
-    return follow(run_dir, proc)
+    return follow(run_dir, Trainer(run.pid if run.state == TRAINING else None))
+
+
+async def _schedule(args: argparse.Namespace, request: TrainRequest) -> ScheduledRun:
+    """Give the run to the service and, unless ``--detach``, wait until it trains (or ended before:
+    stopped from the TUI, or its trainer could not start). Interrupted while it waits, the run is
+    taken off the queue."""
+    from backend.client import connect
+
+    client = connect(args.device, local=args.local, cluster=args.cluster, jobs=False)
+    events = client.subscribe()
+    run, settled = None, False
+    try:
+        await client.start()
+        run, warnings = await client.start_run(request, args.device, args.launcher)
+        print_warnings(warnings)
+        if run.state == WAITING and not args.detach:
+            run = await _until_it_trains(client, run, events)
+        settled = True
+    finally:
+        if run is not None and not settled:
+            try:
+                if await client.stop_run(run.id):
+                    print(visible(f"dreamtty: took {run.path} off the queue before it started"), file=sys.stderr)
+            except DreamttyError:
+                pass  # the service is gone: the run waits for the next one
+        await client.close()
+    return run
+
+
+async def _until_it_trains(client, run: ScheduledRun, events: asyncio.Queue) -> ScheduledRun:
+    """Say why the run waits (again when that changes) until it leaves the queue."""
+    said = None
+    while run.state == WAITING:
+        if run.waiting_for != said:
+            said = run.waiting_for
+            why = said or f"{_devices(run)} to be free"
+            print(visible(f"dreamtty: waiting for {why}; the run starts when it is free (Ctrl-C takes it off the "
+                          "queue)"), file=sys.stderr)
+        try:
+            while not isinstance(event := await asyncio.wait_for(events.get(), RECHECK), RunState) or event.run != run.id:
+                pass
+        except asyncio.TimeoutError:
+            pass
+        run = next((r for r in await client.runs() if r.id == run.id), run)
+    if run.state == TRAINING:
+        print(f"dreamtty: training on {_devices(run)} (pid {run.pid})", file=sys.stderr)
+    return run
+
+
+def _devices(run: ScheduledRun) -> str:
+    return ", ".join(map(device_label, run.devices))
 
 
 def follow(run_dir: Path, proc) -> int:
@@ -137,8 +207,9 @@ def follow(run_dir: Path, proc) -> int:
                   file=sys.stderr)
     data = runs.read_run_json(run_dir)
     if data.get("state") in runs.LIVE_STATES:  # the trainer died before it could record why
-        data = runs.update_run_json(run_dir, state="failed", error=f"the trainer exited with code {proc.returncode} "
-                                    f"before finishing; see {run_dir / runs.LOG_FILE}")
+        how = "ended" if proc.returncode is None else f"exited with code {proc.returncode}"
+        data = runs.update_run_json(run_dir, state="failed", error=f"the trainer {how} before finishing; see "
+                                    f"{run_dir / runs.LOG_FILE}")
     state, error = runs.effective_state(run_dir, data)
     if state == "done":
         output = data.get("output", {})

@@ -81,6 +81,8 @@ def _previous_run(run_dir: Path, req: TrainRequest) -> dict:
     state, _ = runs.effective_state(run_dir, previous)
     if state in runs.LIVE_STATES:
         raise RequestError("output", f"{run_dir} is already running; stop it first")
+    if state == runs.WAITING:
+        raise RequestError("output", f"{run_dir} is already waiting for its device; stop it first")
     if req.resume is None:
         raise RequestError("output", f"{run_dir} already holds a run; resume it (--resume latest, or ctrl+r "
                                      "on the Train screen) or choose another folder")
@@ -173,13 +175,15 @@ def trainer_command(run_dir: Path, launcher: str | None = None) -> list[str]:
     return [sys.executable, "-m", "backend.training.trainer_process", str(run_dir)]
 
 
-def start_trainer(run_dir: Path, launcher: str | None = None, log_to_file: bool = True) -> subprocess.Popen:
-    """Start the trainer in its own session (it survives the TUI and SSH closing).
+def start_trainer(run_dir: Path, launcher: str | None = None, log_to_file: bool = True,
+                  env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start the trainer in its own session (it survives the TUI and SSH closing); ``env``: more
+    environment for it (the service names its devices with ``CUDA_VISIBLE_DEVICES``).
 
     When it cannot start, the run is marked failed (not left "starting") and RequestError is raised.
     """
     run_dir = Path(run_dir)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     log = open(run_dir / runs.LOG_FILE, "ab") if log_to_file else subprocess.DEVNULL

@@ -2,7 +2,7 @@
 
 Layout of ``RUN_DIR``::
 
-    run.json            settings + state (starting/running/done/failed/stopped), pid, output
+    run.json            settings + state (waiting/starting/running/done/failed/stopped), pid, output
     events.jsonl        one JSON object per line (see EVENT TYPES below)
     trainer.pid         pid of the process the launcher started
     trainer.log         stdout/stderr of a detached trainer
@@ -41,6 +41,7 @@ STATE_FILE = "dreamtty_state.json"  # in a checkpoint folder, written last: the 
 MODEL_DIR = "model"
 LORA_FILE = "lora/pytorch_lora_weights.safetensors"
 LIVE_STATES = ("starting", "running")
+WAITING = "waiting"  # queued by the service until its device is free (backend.run_schedule): no process yet
 
 
 def runs_root() -> Path:

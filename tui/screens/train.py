@@ -1,8 +1,9 @@
 """Train screen (F3): start DreamBooth runs and watch them live.
 
-Runs are their own processes (``backend.training.launch``); this pane only reads their run
-directories: ``run.json`` for the state and ``events.jsonl`` (tailed every 0.5 s) for the
-loss curve, lr, speed, ETA, GPU memory, validation images and log. So it re-attaches to
+Runs are given to the service (the app's client), which starts each one's trainer as its own
+process once its device is free of generation jobs; this pane lists which runs wait and why. It
+reads their run directories: ``run.json`` for the state and ``events.jsonl`` (tailed every 0.5 s)
+for the loss curve, lr, speed, ETA, GPU memory, validation images and log. So it re-attaches to
 running and past runs whenever it is opened, also after the app restarts. No torch here.
 """
 
@@ -24,11 +25,12 @@ from textual_plotext import PlotextPlot
 
 from backend.errors import DreamttyError, RequestError
 from backend.events import TrainResume, TrainStep
+from backend.run_schedule import ENDED, TRAINING, ScheduledRun
 from backend.safetext import visible
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, TrainRequest, check_field
 from backend.training.images import check_folder
-from backend.training.launch import prepare_run, request_stop, resume_settings, start_trainer
+from backend.training.launch import request_stop, resume_settings
 from tui.keymap import Key, bindings
 from tui.text import TextInput, notify, plain
 from tui.widgets.field import Field
@@ -45,7 +47,7 @@ TRAIN_KEYS = (
 POLL_S = 0.5
 RESCAN_EVERY = 4  # polls between rescans of the runs folder
 MAX_PLOT_POINTS = 400
-STATE_MARKS = {"starting": "…", "running": "▶", "done": "✓", "failed": "✗", "stopped": "■"}
+STATE_MARKS = {"waiting": "⧗", "starting": "…", "running": "▶", "done": "✓", "failed": "✗", "stopped": "■"}
 
 # Text inputs of the form: (field, label, placeholder). Empty = the TrainRequest default.
 _TEXT_FIELDS = (
@@ -157,7 +159,7 @@ class TrainPane(Vertical):
         self.progress = runs.RunProgress()
         self.run_infos: list[runs.RunInfo] = []
         self._tail: runs.EventTail | None = None
-        self._procs: list = []  # trainers started here (polled so they never linger as zombies)
+        self.scheduled: dict[Path, ScheduledRun] = {}  # run folder -> its place in the service's schedule
         self._polls = 0
         self._shown_validation: list[str] = []
         self._listed: list[tuple[str, str]] = []
@@ -303,34 +305,61 @@ class TrainPane(Vertical):
         self.query_one("#train-form-error", Static).update("checking the settings…")
         self._prepare_and_start(request)
 
-    @work(thread=True, exclusive=True, group="train-start", exit_on_error=False)
-    def _prepare_and_start(self, request: TrainRequest) -> None:
+    @work(exclusive=True, group="train-start", exit_on_error=False)
+    async def _prepare_and_start(self, request: TrainRequest) -> None:
+        """Give the run to the service (which checks it off its event loop and makes its folder)."""
         try:
-            prepared = prepare_run(request, self.runs_root)  # reads images and the model folder: off the event loop
-            proc = start_trainer(prepared.run_dir)
+            run, warnings = await self.app.client.start_run(request, runs_root=self.runs_root)
         except DreamttyError as exc:
-            self.app.call_from_thread(self.show_error, exc)
+            self.show_error(exc)
             return
-        self.app.call_from_thread(self._started, prepared, proc)
-
-    def _started(self, prepared, proc) -> None:
-        self._procs.append(proc)
         self.query_one("#train-form-error", Static).update("")
         for field in self.query(Field):
             field.set_error(None)
-        for warning in prepared.warnings:
+        for warning in warnings:
             notify(self, warning, title="warning", severity="warning", timeout=10)
-        notify(self, f"training started: {prepared.run_dir}", title="train")
+        self.scheduled[Path(run.path)] = run
+        if run.state == TRAINING:
+            notify(self, f"training started: {run.path}", title="train")
+        elif run.state == ENDED:  # its trainer could not start (said in its log too)
+            notify(self, f"{run.name} could not start: {run.error}", title="train", severity="error")
+        else:
+            notify(self, f"{run.name} waits for {run.waiting_for or 'its device'}; it starts when that is free",
+                   title="train")
         self.rescan()
-        self.select_run(prepared.run_dir)
+        self.select_run(Path(run.path))
 
-    def action_stop_run(self) -> None:
-        info = runs.read_run(self.selected_run) if self.selected_run else None
-        if info is None or info.state not in runs.LIVE_STATES:
-            self.notify("no running run selected", severity="warning")
+    @work(exclusive=True, group="train-schedule", exit_on_error=False)
+    async def _read_schedule(self) -> None:
+        """Where the runs stand in the service's schedule (which wait, and for what)."""
+        try:
+            listed = await self.app.client.runs()
+        except DreamttyError:  # no service (yet): the folders still say what they can
             return
-        request_stop(info.path)
-        notify(self, f"stopping {info.name} after its current step (a checkpoint is saved)", title="train")
+        self.scheduled = {Path(run.path): run for run in reversed(listed)}  # the newest record of a folder wins
+        self._update_stats()
+
+    async def action_stop_run(self) -> None:
+        info = runs.read_run(self.selected_run) if self.selected_run else None
+        if info is None or info.state not in (*runs.LIVE_STATES, runs.WAITING):
+            self.notify("no running or waiting run selected", severity="warning")
+            return
+        try:
+            scheduled = next((run for run in await self.app.client.runs()
+                              if Path(run.path) == info.path and run.state != ENDED), None)
+            if scheduled is None:  # a run started before the service scheduled runs
+                request_stop(info.path)
+            elif not await self.app.client.stop_run(scheduled.id):
+                self.notify(f"{info.name} has already ended", severity="warning")
+                return
+        except DreamttyError as exc:
+            notify(self, exc, title="cannot stop", severity="error")
+            return
+        if info.state == runs.WAITING:
+            notify(self, f"took {info.name} off the queue before it started", title="train")
+        else:
+            notify(self, f"stopping {info.name} after its current step (a checkpoint is saved)", title="train")
+        self.rescan()
 
     # -- runs list -----------------------------------------------------------------
     def rescan(self) -> None:
@@ -385,9 +414,9 @@ class TrainPane(Vertical):
 
     def poll(self) -> None:
         self._polls += 1
-        self._procs = [p for p in self._procs if p.poll() is None]
-        if self._polls % RESCAN_EVERY == 0:
+        if self._polls % RESCAN_EVERY == 1:
             self.rescan()
+            self._read_schedule()
         if self._tail is None:
             return
         new_steps = False
@@ -416,6 +445,10 @@ class TrainPane(Vertical):
         lines = [head, self.progress.summary()]
         if self.progress.class_images and self.progress.class_images[0] < self.progress.class_images[1]:
             lines.append("generating class images: {}/{}".format(*self.progress.class_images))
+        scheduled = self.scheduled.get(info.path)
+        if info.state == runs.WAITING:
+            lines.append(f"waiting for {scheduled.waiting_for if scheduled and scheduled.waiting_for else 'its device'}; "
+                         "it starts when that is free (ctrl+t takes it off the queue)")
         if info.error:
             lines.append(f"error: {info.error}")
         self.query_one("#train-stats", Static).update(plain("\n".join(lines)))

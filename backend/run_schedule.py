@@ -1,0 +1,302 @@
+"""Training runs as the service schedules them: a run asks for its devices and waits until no
+generation worker holds them busy; while it trains, their workers get no job and hold no pipeline.
+
+A run's own process, folder, ``events.jsonl``, resume and stop stay as ``backend.training`` makes
+them. This module keeps the service's side: the ``runs`` table beside the jobs in the queue database
+(its rows outlive the service: a run of a service that died is adopted, like its jobs, once that
+service's lease ran out), the trainers the service started, and the workers it asked to free a
+device. Which run starts when is decided by the service, in one place with its jobs
+(``Service._dispatch``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from backend.errors import DreamttyError
+from backend.events import Event, RunState, TrainState
+from backend.pool import parse_devices, visible_gpus
+from backend.queue_store import LEASE_TTL
+from backend.training import launch, runs
+
+WAITING, TRAINING, ENDED = "waiting", "training", "ended"
+STATES = (WAITING, TRAINING, ENDED)
+RELEASE_PATIENCE = 30.0  # seconds a run waits for its device's workers to free their pipelines, then starts anyway
+log = logging.getLogger("dreamtty.runs")
+
+
+@dataclass
+class ScheduledRun:
+    """A training run in the service's schedule."""
+
+    id: int
+    path: str  # the run folder
+    devices: list[str]  # "cpu", or CUDA devices as the service's workers name them ("cuda:0")
+    launcher: str | None  # e.g. "accelerate launch --num_processes 2"
+    state: str  # waiting, training or ended
+    pid: int | None  # of its trainer (or launcher), once started
+    owner: str  # the service that schedules it
+    created: float
+    updated: float
+    outcome: str | None = None  # once ended: the run's own state (done, failed, stopped)
+    error: str | None = None
+    waiting_for: str | None = None  # why it waits (said by its service; not stored)
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ScheduledRun":
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    def event(self) -> RunState:
+        return RunState(run=self.id, path=self.path, state=self.state, devices=self.devices, pid=self.pid,
+                        waiting_for=self.waiting_for, outcome=self.outcome, error=self.error)
+
+
+# -- devices ----------------------------------------------------------------------------------
+def _canonical(device: str) -> str:
+    """A device as the schedule compares them: ``cuda`` is ``cuda:0``."""
+    return "cuda:0" if device == "cuda" else device
+
+
+def resolve_devices(text: str, default: str | None) -> list[str]:
+    """A run's ``--device``: ``auto`` is ``default`` (the device of the service's first worker) or,
+    without one, the first GPU (the CPU on a machine without one). RequestError("device") when bad."""
+    devices = parse_devices(text)
+    if devices == ["auto"]:
+        return [default or ("cpu" if visible_gpus() == 0 else "cuda:0")]
+    return [_canonical(d) for d in devices]
+
+
+def device_label(device: str) -> str:
+    return "the CPU" if device == "cpu" else f"GPU {device}"
+
+
+def trainer_env(devices: list[str]) -> dict[str, str]:
+    """``CUDA_VISIBLE_DEVICES`` that shows the trainer its devices only (none: it trains on the CPU).
+    The service's own ``CUDA_VISIBLE_DEVICES``, when set, maps its ``cuda:N`` to the GPUs it names."""
+    if devices == ["cpu"]:
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    indexes = [int(d.partition(":")[2] or 0) for d in devices]
+    ours = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if ours is not None:
+        entries = [e.strip() for e in ours.split(",")]
+        return {"CUDA_VISIBLE_DEVICES": ",".join(entries[i] for i in indexes if i < len(entries))}
+    return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, indexes))}
+
+
+# -- the table ----------------------------------------------------------------------------------
+_SCHEMA = """CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL, devices TEXT NOT NULL, launcher TEXT,
+    state TEXT NOT NULL, pid INTEGER, owner TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
+    outcome TEXT, error TEXT)"""
+_SELECT = "id, path, devices, launcher, state, pid, owner, created, updated, outcome, error"
+
+
+class RunStore:
+    """The ``runs`` table of the queue database at ``path`` (whose ``owners`` leases it shares)."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+        self._db.execute(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def add(self, path: Path, devices: list[str], launcher: str | None, owner: str) -> int:
+        now = time.time()
+        cur = self._db.execute("INSERT INTO runs (path, devices, launcher, state, owner, created, updated) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?)", (str(path), json.dumps(devices), launcher, WAITING,
+                                                                owner, now, now))
+        return int(cur.lastrowid)
+
+    def get(self, run_id: int) -> ScheduledRun | None:
+        row = self._db.execute(f"SELECT {_SELECT} FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return _run(row) if row else None
+
+    def runs(self, states: tuple[str, ...] | None = None, owner: str | None = None, limit: int = 200,
+             oldest_first: bool = False) -> list[ScheduledRun]:
+        sql, where, args = f"SELECT {_SELECT} FROM runs", [], []
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += list(states)
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY id {'ASC' if oldest_first else 'DESC'} LIMIT ?"
+        return [_run(row) for row in self._db.execute(sql, [*args, limit]).fetchall()]
+
+    def update(self, run_id: int, **values) -> None:
+        """Set ``state``, ``pid``, ``outcome`` or ``error``."""
+        names = ", ".join(f"{name} = ?" for name in values)
+        self._db.execute(f"UPDATE runs SET {names}, updated = ? WHERE id = ?", (*values.values(), time.time(), run_id))
+
+    def adopt_orphans(self, owner: str, ttl: float = LEASE_TTL) -> list[int]:
+        """Take over, for ``owner``, the waiting and training runs of services whose lease ran out
+        (``backend.queue_store``'s ``owners``): they keep their state, and a trainer that still
+        lives is watched again."""
+        now = time.time()
+        rows = self._db.execute(
+            "UPDATE runs SET owner = ?1, updated = ?2 WHERE state IN ('waiting', 'training') AND owner != ?1 "
+            "AND owner NOT IN (SELECT owner FROM owners WHERE heartbeat > ?2 - ?3) RETURNING id",
+            (owner, now, ttl)).fetchall()
+        return sorted(r[0] for r in rows)
+
+
+def _run(row: tuple) -> ScheduledRun:
+    id_, path, devices, launcher, state, pid, owner, created, updated, outcome, error = row
+    return ScheduledRun(id_, path, json.loads(devices), launcher, state, pid, owner, created, updated, outcome, error)
+
+
+# -- one service's runs ---------------------------------------------------------------------------
+class TrainingRuns:
+    """The runs a service schedules: queued, started once their device's workers let go of it,
+    watched, and ended. ``publish`` announces each change (a ``RunState`` event)."""
+
+    def __init__(self, db_path: Path, owner: str, publish: Callable[[Event], None]) -> None:
+        self.store = RunStore(db_path)
+        self.owner = owner
+        self._publish = publish
+        self._trainers: dict[int, subprocess.Popen] = {}  # the trainers this service started
+        self._releasing: dict[int, tuple[set[int], float]] = {}  # run -> workers still freeing its device, deadline
+        self._waiting_for: dict[int, str] = {}
+
+    def close(self) -> None:
+        self.store.close()
+
+    def add(self, run_dir: Path, devices: list[str], launcher: str | None) -> ScheduledRun:
+        """Queue a prepared run (its folder says "waiting" until it starts)."""
+        run_id = self.store.add(run_dir, devices, launcher, self.owner)
+        _record(run_dir, state=runs.WAITING)
+        run = self.store.get(run_id)
+        self._publish(run.event())
+        return run
+
+    def get(self, run_id: int) -> ScheduledRun | None:
+        run = self.store.get(run_id)
+        return run and self._told(run)
+
+    def listing(self, states: tuple[str, ...] | None = None, limit: int = 200) -> list[ScheduledRun]:
+        """Every service's runs, newest first, with why each of this service's waiting runs waits."""
+        return [self._told(run) for run in self.store.runs(states, limit=limit)]
+
+    def _told(self, run: ScheduledRun) -> ScheduledRun:
+        return replace(run, waiting_for=self._waiting_for.get(run.id)) if run.state == WAITING else run
+
+    def waiting(self) -> list[ScheduledRun]:
+        """This service's runs that wait for their devices, oldest first."""
+        return [run for run in self.store.runs((WAITING,), self.owner, oldest_first=True)
+                if run.id not in self._releasing]
+
+    def holding(self) -> dict[str, ScheduledRun]:
+        """Device -> this service's run that trains on it, or is about to."""
+        held = [*self.store.runs((TRAINING,), self.owner), *map(self.store.get, self._releasing)]
+        return {device: run for run in held for device in run.devices}
+
+    def wait(self, run: ScheduledRun, why: str) -> None:
+        """Say why ``run`` waits, when that changed."""
+        if self._waiting_for.get(run.id) != why:
+            self._waiting_for[run.id] = why
+            self._publish(replace(run, waiting_for=why).event())
+
+    def begin(self, run: ScheduledRun, workers: dict[int, str], release: Callable[[int], None]) -> None:
+        """Start ``run`` once ``workers`` (worker id -> device, those on its devices) have freed their pipelines."""
+        self._releasing[run.id] = (set(workers), time.monotonic() + RELEASE_PATIENCE)
+        for worker, device in workers.items():
+            self.wait(run, f"{device_label(device)}: its worker is freeing its models")
+            release(worker)
+        self._launch_ready()
+
+    def released(self, worker: int) -> None:
+        """``worker`` holds no pipeline any more (it freed them, or it was restarted)."""
+        for pending, _ in self._releasing.values():
+            pending.discard(worker)
+        self._launch_ready()
+
+    def check(self) -> bool:
+        """Start the runs whose workers took too long to let go; end those whose trainer is gone.
+        True when a run ended (its devices are free again)."""
+        self._launch_ready()
+        ended = False
+        for run in self.store.runs((TRAINING,), self.owner):
+            proc = self._trainers.get(run.id)
+            code = proc.poll() if proc is not None else None
+            if (proc is not None and code is not None) or (proc is None and not runs.pid_alive(run.pid)):
+                self._trainer_gone(run, code)
+                ended = True
+        return ended
+
+    def stop(self, run_id: int) -> bool:
+        """Stop a run: a training one after its step (with a checkpoint), a waiting one at once, taken
+        off the queue. False when it had already ended (or is unknown)."""
+        run = self.store.get(run_id)
+        if run is None or run.state == ENDED:
+            return False
+        if run.state == TRAINING:
+            launch.request_stop(Path(run.path))
+            return True
+        self._releasing.pop(run.id, None)
+        self._waiting_for.pop(run.id, None)
+        _record(run.path, state="stopped", error=None)
+        runs.EventWriter(Path(run.path))(TrainState(state="stopped", message="taken off the queue before it started"))
+        self._end(run, "stopped", None)
+        return True
+
+    # -- internals ---------------------------------------------------------------------------
+    def _launch_ready(self) -> None:
+        now = time.monotonic()
+        for run_id, (pending, deadline) in list(self._releasing.items()):
+            if not pending or now >= deadline:
+                del self._releasing[run_id]
+                self._launch(self.store.get(run_id))
+
+    def _launch(self, run: ScheduledRun) -> None:
+        self._waiting_for.pop(run.id, None)
+        try:
+            proc = launch.start_trainer(Path(run.path), run.launcher, env=trainer_env(run.devices))
+        except DreamttyError as exc:  # start_trainer recorded it in run.json
+            self._end(run, "failed", str(exc))
+            return
+        _record(run.path, state="starting")
+        self._trainers[run.id] = proc
+        self.store.update(run.id, state=TRAINING, pid=proc.pid)
+        self._publish(self.store.get(run.id).event())
+
+    def _trainer_gone(self, run: ScheduledRun, code: int | None) -> None:
+        """The run's trainer exited: a run it left "running" failed (it was killed, or crashed)."""
+        self._trainers.pop(run.id, None)
+        data = runs.read_run_json(run.path)
+        if data.get("state") in (*runs.LIVE_STATES, runs.WAITING):
+            how = f"exited with code {code}" if code is not None else "ended"
+            data = _record(run.path, state="failed", error=f"the trainer {how} before finishing; see "
+                                                       f"{Path(run.path) / runs.LOG_FILE}")
+        self._end(run, data.get("state", "failed"), data.get("error"))
+
+    def _end(self, run: ScheduledRun, outcome: str, error: str | None) -> None:
+        self.store.update(run.id, state=ENDED, outcome=outcome, error=error)
+        self._publish(self.store.get(run.id).event())
+
+
+def _record(run_dir: str | Path, **changes) -> dict:
+    """Merge ``changes`` into the run's run.json; a folder that cannot be written (removed, a full
+    disk) leaves the schedule as it is and is logged."""
+    try:
+        return runs.update_run_json(Path(run_dir), **changes)
+    except OSError as exc:
+        log.error("cannot record %s in %s: %s", changes, run_dir, exc)
+        return {**runs.read_run_json(Path(run_dir)), **changes}

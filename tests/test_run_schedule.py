@@ -1,0 +1,212 @@
+"""Training runs scheduled by the service: a run and generation jobs share a device one at a time,
+the worker frees its pipelines for the run, and a restarted service takes over live and waiting runs.
+
+The trainer is a stand-in (tests/fake_trainer.py) that trains until the test lets it finish; the
+generation jobs run in a real worker process on the CPU with the demo model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.events import Cancelled, Done, Note, RunState, Started, Step, WorkerReady, WorkerReleased
+from backend.request import GenerateRequest
+from backend.run_schedule import ENDED, TRAINING, WAITING, resolve_devices, trainer_env
+from backend.service import Service
+from backend.training import runs
+from backend.training.config import TrainRequest
+from test_tui import NoWorkers
+
+TIMEOUT = 120
+FAKE_TRAINER = shlex.join([sys.executable, str(Path(__file__).with_name("fake_trainer.py"))])
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((64, 64, 3), 60 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def train_request(photos: Path, run_dir: Path) -> TrainRequest:
+    return TrainRequest(model="demo", instance_dir=str(photos), instance_prompt="a photo of sks toy", resolution=64,
+                        max_steps=2, output=str(run_dir))
+
+
+def queue_run(service: Service, photos: Path, run_dir: Path):
+    return service.enqueue_run(service.prepare_run(train_request(photos, run_dir), "auto", FAKE_TRAINER))
+
+
+async def next_event(events: asyncio.Queue, match) -> list:
+    """The events up to and including the first that ``match`` accepts."""
+    seen = []
+    while True:
+        event = await asyncio.wait_for(events.get(), TIMEOUT)
+        seen.append(event)
+        if match(event):
+            return seen
+
+
+def run_is(run_id: int, state: str):
+    return lambda e: isinstance(e, RunState) and e.run == run_id and e.state == state
+
+
+def job_is(job_id: int, kind):
+    return lambda e: isinstance(e, kind) and getattr(e, "job", None) == job_id
+
+
+def finish(run) -> None:
+    (Path(run.path) / "GO").touch()
+
+
+async def test_a_run_waits_for_the_job_then_holds_the_device_until_it_ends(tmp_path, photos, demo_dirs):
+    service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3")
+    events = service.subscribe()
+    await service.start()
+    try:
+        await next_event(events, lambda e: isinstance(e, WorkerReady))
+        job = service.submit(GenerateRequest(prompt="a red fox", steps=400, seed=1), tmp_path / "out")
+        await next_event(events, job_is(job, Step))  # its model is loaded
+        assert [m["model"] for m in service.status()["workers"][0]["models"]] == ["demo"]
+
+        run = queue_run(service, photos, tmp_path / "run")
+        assert (run.state, run.devices, run.waiting_for) == (WAITING, ["cpu"], f"the CPU: job {job} is running")
+        assert runs.read_run_json(run.path)["state"] == runs.WAITING and not (Path(run.path) / runs.PID_FILE).exists()
+        service.cancel(job)  # the job ends: the worker frees its models, then the trainer starts
+        seen = await next_event(events, run_is(run.id, TRAINING))
+        order = [type(e) for e in seen if isinstance(e, (Cancelled, WorkerReleased, RunState))]
+        assert order.index(Cancelled) < order.index(WorkerReleased) < len(order) - 1
+        assert next(e for e in seen if isinstance(e, WorkerReleased)).freed == 1
+        worker = service.status()["workers"][0]
+        assert worker["models"] == [] and worker["training"] == run.id
+        assert service.status()["runs"] == {"training": 1, "waiting": 0}
+        pid = int((Path(run.path) / runs.PID_FILE).read_text())
+        assert runs.pid_alive(pid) and service.training.get(run.id).pid == pid
+        for _ in range(100):
+            if (Path(run.path) / "env.json").exists():
+                break
+            await asyncio.sleep(0.1)
+        assert json.loads((Path(run.path) / "env.json").read_text()) == {"CUDA_VISIBLE_DEVICES": ""}
+
+        # A job queued while the run trains waits, and says why.
+        second = service.submit(GenerateRequest(prompt="a red fox", steps=2, seed=2), tmp_path / "out")
+        note = (await next_event(events, job_is(second, Note)))[-1]
+        assert note.message == "waiting for the CPU: training run run"
+        await asyncio.sleep(2.0)
+        assert service.store.get(second).state == "queued"
+        finish(run)
+        seen = await next_event(events, job_is(second, Done))
+        ended = next(i for i, e in enumerate(seen) if run_is(run.id, ENDED)(e))
+        assert ended < next(i for i, e in enumerate(seen) if job_is(second, Started)(e))
+        assert seen[ended].outcome == "done" and service.training.get(run.id).outcome == "done"
+        assert service.status()["workers"][0]["training"] is None
+    finally:
+        await service.close()
+
+
+@pytest.fixture
+async def without_workers(tmp_path, demo_dirs):
+    """A started service whose pool has no worker (runs only) and its events; closed after the test."""
+    db = tmp_path / "queue.sqlite3"
+    service = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
+    events = service.subscribe()
+    await service.start()
+    yield service, events
+    await service.close()
+
+
+async def test_a_second_run_waits_for_the_first_and_can_leave_the_queue(without_workers, tmp_path, photos):
+    service, events = without_workers
+    first = queue_run(service, photos, tmp_path / "first")
+    second = queue_run(service, photos, tmp_path / "second")
+    assert first.state == TRAINING and second.state == WAITING
+    assert second.waiting_for == "the CPU: training run first"
+    assert [r.id for r in service.training.listing((WAITING,))] == [second.id]
+    assert service.stop_run(second.id) and not service.stop_run(second.id)  # taken off the queue, once
+    assert runs.read_run_json(second.path)["state"] == "stopped"
+    assert service.training.get(second.id).outcome == "stopped"
+    assert service.stop_run(first.id)  # a training run stops after its step, through its STOP file
+    await next_event(events, run_is(first.id, ENDED))
+    assert service.training.get(first.id).outcome == "stopped"
+
+
+async def test_a_restarted_service_takes_over_a_live_trainer_and_starts_the_waiting_run(tmp_path, photos, demo_dirs):
+    db = tmp_path / "queue.sqlite3"
+    first_service = Service(devices="cpu", db_path=db, recover=True, pool=NoWorkers("cpu", db))
+    await first_service.start()
+    live = queue_run(first_service, photos, tmp_path / "live")
+    waiting = queue_run(first_service, photos, tmp_path / "waiting")
+    await first_service.close()  # the trainer lives on; the waiting run stays queued
+    pid = int((Path(live.path) / runs.PID_FILE).read_text())
+    try:
+        assert runs.pid_alive(pid)
+        service = Service(devices="cpu", db_path=db, recover=True)
+        events = service.subscribe()
+        await service.start()
+        try:
+            assert service.training.get(live.id).state == TRAINING and service.training.get(live.id).pid == pid
+            assert service.training.get(waiting.id).state == WAITING
+            await next_event(events, lambda e: isinstance(e, WorkerReady))
+            job = service.submit(GenerateRequest(prompt="a red fox", steps=2, seed=2), tmp_path / "out")
+            note = (await next_event(events, job_is(job, Note)))[-1]
+            assert note.message == "waiting for the CPU: training run live"
+            finish(live)
+            await next_event(events, run_is(live.id, ENDED))
+            started = (await next_event(events, run_is(waiting.id, TRAINING)))[-1]  # older than the job: first
+            assert service.store.get(job).state == "queued" and runs.pid_alive(started.pid)
+            finish(waiting)
+            seen = await next_event(events, job_is(job, Done))
+            assert any(run_is(waiting.id, ENDED)(e) for e in seen)
+            assert [service.training.get(r.id).outcome for r in (live, waiting)] == ["done", "done"]
+        finally:
+            await service.close()
+    finally:
+        if runs.pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_trainer_that_dies_fails_its_run_and_frees_the_device(without_workers, tmp_path, photos):
+    service, events = without_workers
+    run = queue_run(service, photos, tmp_path / "killed")
+    waiting = queue_run(service, photos, tmp_path / "next")
+    os.kill(run.pid, signal.SIGKILL)
+    ended = (await next_event(events, run_is(run.id, ENDED)))[-1]
+    assert ended.outcome == "failed" and ended.error.startswith("the trainer exited with code -9 before finishing")
+    assert runs.read_run_json(run.path)["state"] == "failed"
+    await next_event(events, run_is(waiting.id, TRAINING))
+    finish(waiting)
+    await next_event(events, run_is(waiting.id, ENDED))
+
+
+def test_devices_of_a_run(monkeypatch):
+    assert resolve_devices("auto", "cuda:1") == ["cuda:1"]
+    assert resolve_devices("cuda", None) == ["cuda:0"]
+    assert resolve_devices("cuda:0,cuda:2", None) == ["cuda:0", "cuda:2"]
+    with pytest.raises(Exception, match="^device: 'gpu' is not allowed"):
+        resolve_devices("gpu", None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert trainer_env(["cpu"]) == {"CUDA_VISIBLE_DEVICES": ""}
+    assert trainer_env(["cuda:0", "cuda:2"]) == {"CUDA_VISIBLE_DEVICES": "0,2"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")  # the service sees three GPUs: its cuda:1 is GPU 5
+    assert trainer_env(["cuda:1"]) == {"CUDA_VISIBLE_DEVICES": "5"}
+
+
+def test_bad_run_settings_make_nothing(tmp_path, photos, demo_dirs):
+    db = tmp_path / "queue.sqlite3"
+    service = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
+    for devices, launcher, field in (("gpu", None, "device"), ("auto", "accelerate 'launch", "launcher")):
+        with pytest.raises(Exception, match=f"^{field}: "):
+            service.prepare_run(train_request(photos, tmp_path / "bad"), devices, launcher)
+    assert not (tmp_path / "bad").exists() and service.training.listing() == []

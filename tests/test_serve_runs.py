@@ -1,0 +1,122 @@
+"""Training runs through ``dreamtty serve``, with real processes: ``dreamtty train`` waits for a job
+on the service's only device and says so, the API's run routes refuse bad input in one line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+from PIL import Image
+
+from backend.events import Step
+from test_run_schedule import FAKE_TRAINER
+from test_serve import ROOT, _request, client, service, shared  # noqa: F401 (fixtures)
+
+
+def _photos(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((64, 64, 3), 50 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _train_args(photos: Path, run_dir: Path) -> list[str]:
+    return ["train", "--model", "demo", "--instance-dir", str(photos), "--instance-prompt", "a photo of sks toy",
+            "--resolution", "64", "--output", str(run_dir), "--launcher", FAKE_TRAINER]
+
+
+async def _line(stream: asyncio.StreamReader, words: str, seen: list[str]) -> str:
+    while True:
+        line = (await asyncio.wait_for(stream.readline(), 120)).decode()
+        assert line, f"no line with {words!r} in: {seen}"
+        seen.append(line)
+        if words in line:
+            return line
+
+
+async def _ended(follower, run_id: int):
+    """The run once its service has seen its trainer end (it checks every second)."""
+    deadline = time.monotonic() + 60
+    while (run := next(r for r in await follower.runs() if r.id == run_id)).state != "ended":
+        assert time.monotonic() < deadline, run
+        await asyncio.sleep(0.2)
+    return run
+
+
+async def test_train_waits_for_the_running_job_and_says_so(service, tmp_path):
+    photos, run_dir = _photos(tmp_path / "photos"), tmp_path / "run"
+    follower = client(service)
+    events = follower.subscribe()
+    try:
+        job = await follower.submit(_request(steps=400), service.out)
+        while not isinstance(event := await asyncio.wait_for(events.get(), 120), Step) or event.job != job:
+            pass
+        train = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tui.cli", *_train_args(photos, run_dir), env=service.env(), cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        seen: list[str] = []
+        line = await _line(train.stderr, "waiting for", seen)
+        assert line.strip() == (f"dreamtty: waiting for the CPU: job {job} is running; the run starts when it is "
+                                "free (Ctrl-C takes it off the queue)")
+        assert json.loads((run_dir / "run.json").read_text())["state"] == "waiting"
+        (scheduled,) = [r for r in await follower.runs() if r.path == str(run_dir.resolve())]
+        assert scheduled.state == "waiting" and scheduled.waiting_for == f"the CPU: job {job} is running"
+        await follower.cancel(job)
+        line = await _line(train.stderr, "training on", seen)
+        assert line.startswith("dreamtty: training on the CPU (pid ")
+        (run_dir / "GO").touch()
+        out, err = await asyncio.wait_for(train.communicate(), 120)
+        assert train.returncode == 0, "".join(seen) + err.decode()
+        assert out.decode().strip() == str(run_dir.resolve() / "lora" / "pytorch_lora_weights.safetensors")
+        assert (await _ended(follower, scheduled.id)).outcome == "done"
+    finally:
+        await follower.close()
+
+
+async def test_detached_train_while_another_run_trains(service, tmp_path):
+    photos = _photos(tmp_path / "photos")
+    first = subprocess.run([sys.executable, "-m", "tui.cli", *_train_args(photos, tmp_path / "first"), "--detach"],
+                           env=service.env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    second = subprocess.run([sys.executable, "-m", "tui.cli", *_train_args(photos, tmp_path / "second"), "--detach"],
+                            env=service.env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and "training in the background (pid" in first.stderr, first.stderr
+    assert second.returncode == 0 and "queued: it starts when the CPU is free;" in second.stderr, second.stderr
+    assert second.stdout.strip() == str((tmp_path / "second").resolve())
+    follower = client(service)
+    try:
+        runs = {Path(r.path).name: r for r in await follower.runs()}
+        assert runs["second"].waiting_for == "the CPU: training run first"
+        assert await follower.stop_run(runs["second"].id) and await follower.stop_run(runs["first"].id)
+        assert [(await _ended(follower, runs[name].id)).outcome for name in ("first", "second")] == ["stopped"] * 2
+    finally:
+        await follower.close()
+
+
+async def test_run_routes_refuse_bad_input_in_one_line(service, tmp_path):
+    photos = _photos(tmp_path / "photos")
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(service.files().socket))) as http:
+        async def post(body) -> tuple[int, dict]:
+            async with http.post("http://dreamtty/v1/runs", json=body) as r:
+                return r.status, await r.json()
+
+        settings = {"model": "demo", "instance_dir": str(photos), "instance_prompt": "a photo of sks toy"}
+        for body, field in (({"request": settings, "gpu": 1}, "gpu"), ({}, "request"),
+                            ({"request": {**settings, "rankk": 4}}, "rankk"),
+                            ({"request": {**settings, "instance_dir": str(tmp_path / "none")}}, "instance_dir"),
+                            ({"request": settings, "devices": "gpu"}, "device"),
+                            ({"request": settings, "devices": 3}, "devices"),
+                            ({"request": settings, "runs_root": "relative"}, "runs_root")):
+            status, answer = await post(body)
+            assert status == 400 and answer["field"] == field and "\n" not in answer["error"], (body, answer)
+        async with http.get("http://dreamtty/v1/runs/999") as r:
+            assert r.status == 404 and (await r.json())["error"] == "run 999: no such run"
+        async with http.get("http://dreamtty/v1/runs?state=paused") as r:
+            assert r.status == 400 and (await r.json())["field"] == "state"
+        async with http.get("http://dreamtty/v1/runs") as r:
+            assert r.status == 200 and all(Path(run["path"]).name != "none" for run in (await r.json())["runs"])

@@ -1,0 +1,64 @@
+"""The web server of ``dreamtty web``: textual-serve's, which runs a command (``dreamtty attach``) per
+browser tab, behind the service's token.
+
+textual-serve has no authentication of its own, and whoever reaches the page runs dreamtty as you.
+So every request must carry the token (``<state dir>/serve.token``, as for ``dreamtty serve
+--listen``): the address ``dreamtty web`` prints holds it as ``?token=``, which the page trades for
+a cookie (HttpOnly, SameSite=Strict) while the address bar drops it; scripts may send it as a
+bearer header. WebSocket upgrades must come from a page of the same origin. The check sits in front
+of every route, on loopback too: other users of the machine reach loopback as well.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from textual_serve.server import Server
+
+from backend.service_files import bearer_ok, token_matches
+
+COOKIE = "dreamtty_token"
+UNAUTHORIZED = "unauthorized: open the address that dreamtty web printed (it carries ?token=...)\n"
+
+
+class WebFront(Server):
+    """textual-serve's server running ``command`` per browser tab, on ``host:port``, for ``token`` holders."""
+
+    def __init__(self, command: str, host: str, port: int, token: str) -> None:
+        super().__init__(command, host=host, port=port, title="dreamtty")
+        self.token = token
+
+    async def _make_app(self) -> web.Application:
+        app = await super()._make_app()
+        app.middlewares.append(self._guard)
+        return app
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler):
+        if not (bearer_ok(request.headers.get("Authorization", ""), self.token)
+                or token_matches(request.cookies.get(COOKIE), self.token)):
+            if not token_matches(request.query.get("token"), self.token):
+                return web.Response(status=401, text=UNAUTHORIZED)
+            kept = {key: value for key, value in request.query.items() if key != "token"}
+            response = web.HTTPFound(request.rel_url.with_query(kept))
+            response.set_cookie(COOKIE, self.token, httponly=True, samesite="Strict", path="/")
+            return response
+        origin = request.headers.get("Origin")
+        if request.headers.get("Upgrade", "").lower() == "websocket" and origin and urlsplit(origin).netloc != request.host:
+            return web.Response(status=403, text="forbidden: the page is not from this server\n")
+        return await handler(request)
+
+    async def handle_index(self, request: web.Request) -> web.Response:
+        # The page names the address the browser used: textual-serve writes ``public_url`` into it,
+        # with nothing awaited between setting and reading it.
+        scheme = "https" if request.headers.get("X-Forwarded-Proto") == "https" else request.scheme
+        self.public_url = f"{scheme}://{request.host}"
+        return await super().handle_index(request)
+
+    async def on_startup(self, app: web.Application) -> None:
+        """Quiet: ``dreamtty web`` already said where the page is."""
+
+    def run(self) -> None:
+        """Serve until Ctrl-C (or SIGTERM)."""
+        web.run_app(self._make_app(), host=self.host, port=self.port, print=None, access_log=None)
