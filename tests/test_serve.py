@@ -375,7 +375,7 @@ async def test_tcp_needs_the_token_and_says_nothing_else(dirs):
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and json.loads(result.stdout) == []
         env["DREAMTTY_TOKEN"] = "wrong"
-        result = subprocess.run([sys.executable, "-m", "tui.cli", "serve", "--detach"], env=env, cwd=ROOT,
+        result = subprocess.run([sys.executable, "-m", "tui.cli", "jobs"], env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2
         assert result.stderr.strip() == "dreamtty: service: unauthorized (the token is wrong or missing: DREAMTTY_TOKEN)"
