@@ -633,6 +633,12 @@ def test_files_a_request_names_are_sent_absolute(tmp_path, monkeypatch):
     assert sent.loras == [(str(tmp_path / "style.safetensors"), 0.5), ("hub/lora", 1.0)]
     assert sent.vae == "stabilityai/sd-vae-ft-mse" and sent.image_prompts[0].path == str(tmp_path / "ref.png")
     assert _paths_for_service(_request()).model == "demo"
+    from backend.jobkinds.describe import DescribeRequest
+    from backend.jobkinds.inpaint import InpaintRequest
+
+    assert _paths_for_service(DescribeRequest(image="in.png")).image == str(tmp_path / "in.png")
+    masked = _paths_for_service(InpaintRequest(image="in.png", mask="mask.png"))
+    assert (masked.image, masked.mask) == (str(tmp_path / "in.png"), str(tmp_path / "mask.png"))
 
 
 def test_listing_or_cancelling_with_no_service_starts_none(dirs):
