@@ -106,12 +106,21 @@ class RemoteClient:
         return aiohttp.ClientSession(base, connector=connector, headers=headers)
 
     async def _check_versions(self) -> None:
+        """Same versions as this client, and for a service of this machine's user the same settings
+        (``config.service_settings``: --config, --allow-pickle, model folders)."""
         theirs, ours = await self._request("GET", "/v1/version"), versions()
+        settings = theirs.pop("settings", None) or {}
         if theirs != ours:
             raise VersionMismatch(
                 f"service: it runs dreamtty {theirs.get('dreamtty')} (API {theirs.get('api')}, events "
                 f"{theirs.get('events')}) and this is {ours['dreamtty']} (API {ours['api']}, events {ours['events']}); "
                 "restart the service: dreamtty serve --stop, then run this again")
+        if self.address.socket and settings != (mine := config.service_settings()):
+            differ = sorted(k for k in {*settings, *mine} if settings.get(k) != mine.get(k))
+            raise DreamttyError(
+                f"service: it runs with other settings ({', '.join(differ)}: "
+                + "; ".join(f"{k} {settings.get(k) or 'unset'} there, {mine.get(k) or 'unset'} here" for k in differ)
+                + "); run this with --local, or restart the service with these: dreamtty serve --stop")
 
     async def _open_stream(self) -> aiohttp.ClientWebSocketResponse:
         try:
