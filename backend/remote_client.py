@@ -33,6 +33,7 @@ from backend.versions import versions
 
 RECONNECT_DELAY = (0.1, 2.0)  # seconds: first and longest wait between attempts to reopen the stream
 POLL = 1.0  # seconds between checks, while waiting, that the stream is not lost for good
+ANSWER_TIMEOUT = 300.0  # seconds a request waits for the service's answer (aiohttp's default)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ class RemoteClient:
         else:
             connector, base = aiohttp.TCPConnector(), f"http://{self.address.host}:{self.address.port}"
         headers = {"Authorization": f"Bearer {self.address.token}"} if self.address.token else {}
-        return aiohttp.ClientSession(base, connector=connector, headers=headers)
+        return aiohttp.ClientSession(base, connector=connector, headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=ANSWER_TIMEOUT))
 
     async def _check_versions(self) -> None:
         """Same versions as this client, and for a service of this machine's user the same settings
@@ -191,6 +193,8 @@ class RemoteClient:
                 data = await response.json(content_type=None)
         except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionError) as exc:
             raise _Unreachable(f"service: cannot reach {self.address}: {exc}") from None
+        except asyncio.TimeoutError:
+            raise DreamttyError(f"service: {self.address} did not answer {method} {path} in time") from None
         except (aiohttp.ClientError, ValueError) as exc:
             raise DreamttyError(f"service: {self.address}: {type(exc).__name__}: {exc}") from None
         if response.status >= 400:

@@ -478,6 +478,29 @@ async def test_kill_9_mid_job_then_restart_runs_every_job(dirs):
     assert len(set(jobs[long_job].outputs)) >= 2
 
 
+async def test_a_service_that_does_not_answer_is_one_error(dirs, monkeypatch):
+    import backend.remote_client as remote
+
+    async def hang(request):
+        await asyncio.sleep(2)  # past ANSWER_TIMEOUT
+
+    app = web.Application()
+    app.router.add_get("/v1/version", hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    files = dirs.files()
+    files.make_folder()
+    await web.UnixSite(runner, str(files.socket)).start()
+    monkeypatch.setattr(remote, "ANSWER_TIMEOUT", 0.2)
+    quiet = RemoteClient(Address(socket=files.socket), start=None, previews=False)
+    try:
+        with pytest.raises(DreamttyError, match=r"did not answer GET /v1/version in time$"):
+            await quiet.jobs()
+    finally:
+        await quiet.close()
+        await runner.cleanup()
+
+
 async def test_version_mismatch_says_to_restart_the_service(dirs):
     """A service of another version (an old one still running after an upgrade) answers the CLI."""
     app = web.Application()
