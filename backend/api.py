@@ -26,7 +26,7 @@ from pathlib import Path
 
 from aiohttp import WSCloseCode, web
 
-from backend import jobkinds
+from backend import config, jobkinds
 from backend.errors import DreamttyError, RequestError
 from backend.events import Preview, dumps
 from backend.queue_store import ACTIVE, FINAL
@@ -130,7 +130,7 @@ class Api:
 
     # -- routes ----------------------------------------------------------------------
     async def version(self, request: web.Request) -> web.Response:
-        return web.json_response(versions())
+        return web.json_response({**versions(), "settings": config.service_settings()})
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response({**versions(), **self.service.status(), **self.info(), "streams": len(self.streams)})

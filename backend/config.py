@@ -68,6 +68,15 @@ def set_config_path(path: str | Path | None) -> None:
         os.environ[ENV_PATH] = str(Path(path).expanduser().resolve())
 
 
+def service_settings() -> dict[str, str]:
+    """What a service's jobs read of the configuration of the process that started it: the config file and
+    the environment's model folders and pickle switch. A client whose settings differ must not hand its jobs
+    to that service (they would find other models, or load weights it refused)."""
+    env = {f"DREAMTTY_{kind.upper()}": os.environ.get(f"DREAMTTY_{kind.upper()}", "") for kind in FOLDER_KINDS}
+    pickle = os.environ.get("DREAMTTY_ALLOW_PICKLE", "").lower() in ("1", "true", "yes")
+    return {"config": str(config_path()), **{k: v for k, v in env.items() if v}, **({"allow_pickle": "1"} if pickle else {})}
+
+
 def config_path() -> Path:
     env = os.environ.get(ENV_PATH)
     return Path(env) if env else locations.config_dir() / "config.yaml"

@@ -247,7 +247,11 @@ _UNVERSIONED_TRAIN = {"state", "step", "log", "class_images", "checkpoint", "val
 
 
 class Fanout:
-    """The event queues of a process's subscribers: each gets every event published."""
+    """The event queues of a process's subscribers: each gets every event published, except live previews
+    for a subscriber that has ``PREVIEW_BACKLOG`` events not read yet (a stalled client must not hold
+    every preview in memory; a later one replaces them anyway)."""
+
+    PREVIEW_BACKLOG = 64
 
     def __init__(self) -> None:
         self.queues: list[asyncio.Queue[Event]] = []
@@ -262,8 +266,10 @@ class Fanout:
             self.queues.remove(queue)
 
     def publish(self, event: Event) -> None:
+        droppable = isinstance(event, Preview)
         for queue in self.queues:
-            queue.put_nowait(event)
+            if not (droppable and queue.qsize() >= self.PREVIEW_BACKLOG):
+                queue.put_nowait(event)
 
 
 # -- encoding -----------------------------------------------------------------------------

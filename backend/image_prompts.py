@@ -22,7 +22,7 @@ from pathlib import Path
 
 from backend.errors import RequestError
 from backend.input_images import read_image
-from backend.values import to_float
+from backend.values import absolute, to_float
 
 FIELD = "image_prompt"  # the request's errors name the CLI flag's field
 MAX_IMAGE_PROMPTS = 4
@@ -145,6 +145,6 @@ def resolve_image_prompts(prompts: list[ImagePrompt]) -> list[ImagePrompt]:
         if not 0.0 <= stop <= 1.0:
             raise RequestError(FIELD, f"{prompt.label(i)}: stop {stop:g} is out of range; allowed 0..1")
         source = read_image(prompt.path, FIELD, prompt.hash)
-        out.append(replace(prompt, path=os.path.abspath(os.path.expanduser(prompt.path)), weight=weight, stop=stop,
+        out.append(replace(prompt, path=absolute(prompt.path), weight=weight, stop=stop,
                            hash=source.hash))
     return out

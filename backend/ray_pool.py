@@ -22,6 +22,7 @@ import os
 import queue
 import re
 import socket
+import sqlite3
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -267,7 +268,7 @@ class RayPool:
                 return
             try:
                 event = save_output(store, worker.job, worker.slot.id, item.image, item.meta, item.index, item.seed)
-            except (DreamttyError, OSError) as exc:  # e.g. a full disk: the job fails with it, as locally
+            except (DreamttyError, OSError, sqlite3.Error) as exc:  # a full disk: the job fails with it, as locally
                 worker.error = str(exc)
                 actor.cancel.remote(item.job)
                 return

@@ -28,10 +28,12 @@ from backend.request import GenerateRequest
 from backend.run_schedule import ScheduledRun
 from backend.serve import ServeOptions, start_detached
 from backend.training.config import TrainRequest
+from backend.values import absolute
 from backend.versions import versions
 
 RECONNECT_DELAY = (0.1, 2.0)  # seconds: first and longest wait between attempts to reopen the stream
 POLL = 1.0  # seconds between checks, while waiting, that the stream is not lost for good
+ANSWER_TIMEOUT = 300.0  # seconds a request waits for the service's answer (aiohttp's default)
 
 
 @dataclass(frozen=True)
@@ -102,15 +104,25 @@ class RemoteClient:
         else:
             connector, base = aiohttp.TCPConnector(), f"http://{self.address.host}:{self.address.port}"
         headers = {"Authorization": f"Bearer {self.address.token}"} if self.address.token else {}
-        return aiohttp.ClientSession(base, connector=connector, headers=headers)
+        return aiohttp.ClientSession(base, connector=connector, headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=ANSWER_TIMEOUT))
 
     async def _check_versions(self) -> None:
+        """Same versions as this client, and for a service of this machine's user the same settings
+        (``config.service_settings``: --config, --allow-pickle, model folders)."""
         theirs, ours = await self._request("GET", "/v1/version"), versions()
+        settings = theirs.pop("settings", None) or {}
         if theirs != ours:
             raise VersionMismatch(
                 f"service: it runs dreamtty {theirs.get('dreamtty')} (API {theirs.get('api')}, events "
                 f"{theirs.get('events')}) and this is {ours['dreamtty']} (API {ours['api']}, events {ours['events']}); "
                 "restart the service: dreamtty serve --stop, then run this again")
+        if self.address.socket and settings != (mine := config.service_settings()):
+            differ = sorted(k for k in {*settings, *mine} if settings.get(k) != mine.get(k))
+            raise DreamttyError(
+                f"service: it runs with other settings ({', '.join(differ)}: "
+                + "; ".join(f"{k} {settings.get(k) or 'unset'} there, {mine.get(k) or 'unset'} here" for k in differ)
+                + "); run this with --local, or restart the service with these: dreamtty serve --stop")
 
     async def _open_stream(self) -> aiohttp.ClientWebSocketResponse:
         try:
@@ -181,6 +193,8 @@ class RemoteClient:
                 data = await response.json(content_type=None)
         except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionError) as exc:
             raise _Unreachable(f"service: cannot reach {self.address}: {exc}") from None
+        except asyncio.TimeoutError:
+            raise DreamttyError(f"service: {self.address} did not answer {method} {path} in time") from None
         except (aiohttp.ClientError, ValueError) as exc:
             raise DreamttyError(f"service: {self.address}: {type(exc).__name__}: {exc}") from None
         if response.status >= 400:
@@ -229,7 +243,7 @@ class RemoteClient:
                         runs_root: Path | None = None) -> tuple[ScheduledRun, list[str]]:
         body = {"request": _train_paths_for_service(request).to_dict(), "devices": devices, "launcher": launcher}
         if runs_root is not None:
-            body["runs_root"] = _absolute(str(runs_root))
+            body["runs_root"] = absolute(str(runs_root))
         data = await self._call("POST", "/v1/runs", body)
         return ScheduledRun.from_dict(data["run"]), list(data["warnings"])
 
@@ -324,29 +338,25 @@ def _body(request: GenerateRequest, out: Path | None = None) -> dict:
     return body
 
 
-def _absolute(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path)) if path else path
-
-
 def _name_or_path(name: str | None) -> str | None:
     """A model name as it is, a path that exists here made absolute."""
     if not name or name in DEMO_MODELS or not Path(os.path.expanduser(name)).exists():
         return name
-    return _absolute(name)
+    return absolute(name)
 
 
 def _paths_for_service(request: GenerateRequest) -> GenerateRequest:
     """The request with the files it names made absolute, since the service runs elsewhere: input
     images and image prompts, and model, VAE, refiner and LoRA names that are paths here (names of
     models in the library or on the Hub are left as they are)."""
-    inputs = request.input_files() if hasattr(request, "input_files") else {}  # the image-input kinds
+    inputs = request.input_files()
     return replace(request, model=_name_or_path(request.model), vae=_name_or_path(request.vae),
                    refiner=_name_or_path(request.refiner), loras=[(_name_or_path(n), w) for n, w in request.loras],
-                   image_prompts=[replace(p, path=_absolute(p.path)) for p in request.image_prompts],
-                   **{role: _absolute(path) for role, (path, _) in inputs.items()})
+                   image_prompts=[replace(p, path=absolute(p.path)) for p in request.image_prompts],
+                   **{role: absolute(path) for role, (path, _) in inputs.items()})
 
 
 def _train_paths_for_service(request: TrainRequest) -> TrainRequest:
     """A training run's folders (instance images, the run, a checkpoint to resume) and model made absolute."""
-    return replace(request, model=_name_or_path(request.model), instance_dir=_absolute(request.instance_dir),
-                   output=_absolute(request.output) if request.output else None, resume=_name_or_path(request.resume))
+    return replace(request, model=_name_or_path(request.model), instance_dir=absolute(request.instance_dir),
+                   output=absolute(request.output) if request.output else None, resume=_name_or_path(request.resume))

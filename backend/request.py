@@ -110,6 +110,11 @@ class GenerateRequest:
             raise RequestError(str(unknown[0]), f"unknown field; allowed: {', '.join(sorted(convert))}")
         return cls(**{name: convert[name](name, value) for name, value in data.items()})
 
+    def input_files(self) -> dict[str, tuple[str, str | None]]:
+        """{role: (path, recorded hash)} of the files the job reads besides models; a role is also the
+        name of the request field holding the path. Text to image reads none."""
+        return {}
+
     def per_image(self, i: int) -> "GenerateRequest":
         """The request that reproduces image ``i`` of this batch on its own."""
         return replace(self, seed=self.seed + i, count=1, index=self.index + i)

@@ -129,12 +129,18 @@ class Service:
         self._dispatch()
 
     def _keep_lease(self) -> None:
-        """Thread: renew this service's lease (a busy event loop must not lose it), adopt orphans."""
+        """Thread: renew this service's lease (a busy event loop must not lose it), adopt orphans. A database
+        error (locked past its timeout, a full disk) is logged and the next round tries again."""
         store, run_store = QueueStore(self.store.path), RunStore(self.store.path)
         try:
             while not self._closing.wait(LEASE_RENEW):
-                store.renew_lease(self.owner)
-                if self.recover and (store.adopt_orphans(self.owner) + run_store.adopt_orphans(self.owner)):
+                try:
+                    store.renew_lease(self.owner)
+                    adopted = self.recover and (store.adopt_orphans(self.owner) + run_store.adopt_orphans(self.owner))
+                except sqlite3.Error as exc:
+                    log.warning("queue: cannot renew this service's lease: %s", exc)
+                    continue
+                if adopted:
                     self._loop.call_soon_threadsafe(self._dispatch)
         except RuntimeError:  # the loop closed under us
             pass

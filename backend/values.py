@@ -6,6 +6,7 @@ Each parser takes the field name and raises a one-line RequestError naming it.
 from __future__ import annotations
 
 import math
+import os
 
 from backend.errors import RequestError
 
@@ -51,3 +52,8 @@ def to_bool(name: str, value: object) -> bool:
     if text in _FALSE:
         return False
     raise RequestError(name, f"{value!r} is not true or false")
+
+
+def absolute(path: str) -> str:
+    """``path`` made absolute (``~`` expanded), so a job run or reproduced elsewhere finds the same file."""
+    return os.path.abspath(os.path.expanduser(path)) if path else path

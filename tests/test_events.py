@@ -63,3 +63,15 @@ def test_training_lines_from_before_versions_read_as_training_events():
     with pytest.raises(EventError):  # not on a job channel: there an unversioned "step" is no event
         loads(line)
     assert isinstance(loads(dumps(Step(job=1, image=0, count=1, step=1, total=2, its=1.0, eta=1.0))), Step)
+
+
+def test_a_subscriber_that_reads_nothing_holds_a_bounded_number_of_previews():
+    fanout = events.Fanout()
+    stalled, reading = fanout.subscribe(), fanout.subscribe()
+    preview = Preview(job=1, worker=0, image=0, width=1, height=1, rgb=b"\0\0\0")
+    for _ in range(1000):
+        fanout.publish(preview)
+        reading.get_nowait()
+    fanout.publish(events.Done(job=1, worker=0, paths=[]))
+    assert stalled.qsize() == events.Fanout.PREVIEW_BACKLOG + 1  # previews dropped, the job's end kept
+    assert isinstance(reading.get_nowait(), events.Done)

@@ -22,7 +22,7 @@ from backend.jobkinds.inpaint import InpaintRequest
 from backend.jobkinds.outpaint import OutpaintRequest
 from backend.jobkinds.upscale import UpscaleRequest
 from backend.service import Service
-from image_helpers import box_array, gradient, write_image, write_mask
+from image_helpers import box_array, gradient, inpaint_model, write_image, write_mask
 
 TIMEOUT = 180
 
@@ -123,6 +123,12 @@ def test_cli_inpaint_box_and_bad_mask(tmp_path, demo_dirs):
     inside = box_array((16, 16, 40, 40))
     assert np.array_equal(_pixels(path)[~inside], _pixels(image)[~inside])
     assert metadata.read(path)["request"]["prompt"] == "a cat"  # an image without metadata: flags and defaults
+
+    model = inpaint_model(tmp_path / "inpaint-model")  # an inpainting checkpoint is allowed where the kind takes one
+    r = run("inpaint", str(image), "--box", "16,16,40,40", "--prompt", "a cat", "--model", str(model), "--steps", "2",
+            "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert metadata.read(r.stdout.strip().splitlines()[-1])["request"]["model"] == str(model)
 
     Image.new("L", (128, 128), 0).save(tmp_path / "black.png")
     r = run("inpaint", str(image), "--mask", str(tmp_path / "black.png"), "--demo", "--out", str(tmp_path / "bad"))

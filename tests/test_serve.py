@@ -432,6 +432,11 @@ def test_stale_socket_and_pid_file_are_cleaned(dirs):
     assert started.returncode == 0, started.stderr
     info = files.read_pid_file()
     assert info["pid"] != 999999999 and _connects(files.socket)
+    # A command asking for settings the running service was not started with is refused, not run with the service's.
+    other = cli(dirs, "jobs", "--allow-pickle")
+    assert other.returncode == 2 and other.stderr.count("\n") == 1, other.stderr
+    assert "allow_pickle unset there, 1 here" in other.stderr and "--local" in other.stderr
+    assert cli(dirs, "jobs", "--allow-pickle", "--local").returncode == 0
     assert cli(dirs, "serve", "--stop").returncode == 0
 
 
@@ -471,6 +476,29 @@ async def test_kill_9_mid_job_then_restart_runs_every_job(dirs):
         assert jobs[job].state == "done"
         assert all(Path(p).is_file() for p in jobs[job].outputs)
     assert len(set(jobs[long_job].outputs)) >= 2
+
+
+async def test_a_service_that_does_not_answer_is_one_error(dirs, monkeypatch):
+    import backend.remote_client as remote
+
+    async def hang(request):
+        await asyncio.sleep(2)  # past ANSWER_TIMEOUT
+
+    app = web.Application()
+    app.router.add_get("/v1/version", hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    files = dirs.files()
+    files.make_folder()
+    await web.UnixSite(runner, str(files.socket)).start()
+    monkeypatch.setattr(remote, "ANSWER_TIMEOUT", 0.2)
+    quiet = RemoteClient(Address(socket=files.socket), start=None, previews=False)
+    try:
+        with pytest.raises(DreamttyError, match=r"did not answer GET /v1/version in time$"):
+            await quiet.jobs()
+    finally:
+        await quiet.close()
+        await runner.cleanup()
 
 
 async def test_version_mismatch_says_to_restart_the_service(dirs):
@@ -633,6 +661,12 @@ def test_files_a_request_names_are_sent_absolute(tmp_path, monkeypatch):
     assert sent.loras == [(str(tmp_path / "style.safetensors"), 0.5), ("hub/lora", 1.0)]
     assert sent.vae == "stabilityai/sd-vae-ft-mse" and sent.image_prompts[0].path == str(tmp_path / "ref.png")
     assert _paths_for_service(_request()).model == "demo"
+    from backend.jobkinds.describe import DescribeRequest
+    from backend.jobkinds.inpaint import InpaintRequest
+
+    assert _paths_for_service(DescribeRequest(image="in.png")).image == str(tmp_path / "in.png")
+    masked = _paths_for_service(InpaintRequest(image="in.png", mask="mask.png"))
+    assert (masked.image, masked.mask) == (str(tmp_path / "in.png"), str(tmp_path / "mask.png"))
 
 
 def test_listing_or_cancelling_with_no_service_starts_none(dirs):

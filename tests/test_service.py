@@ -187,6 +187,38 @@ def test_a_live_owner_keeps_its_jobs_and_a_silent_one_loses_them(db, tmp_path):
     assert store.adopt_orphans("someone-else") == []  # adopting renewed the lease of "me"
 
 
+async def test_a_database_error_does_not_stop_the_lease(db, monkeypatch):
+    """A renewal that fails (the database locked past its timeout) is tried again on the next round."""
+    import sqlite3
+    import threading
+
+    import backend.service as service_module
+    from test_tui import NoWorkers
+
+    renewals: list[str] = []
+
+    def renew(store, owner, now=None):
+        if threading.current_thread().name == "dreamtty-lease":
+            renewals.append(owner)
+        if 0 < len(renewals) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        original(store, owner, now)
+
+    original = QueueStore.renew_lease
+    monkeypatch.setattr(QueueStore, "renew_lease", renew)
+    monkeypatch.setattr(service_module, "LEASE_RENEW", 0.01)
+    service = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
+    await service.start()
+    try:
+        for _ in range(500):
+            if len(renewals) > 3:
+                break
+            await asyncio.sleep(0.01)
+        assert len(renewals) > 3 and service._heartbeat.is_alive()
+    finally:
+        await service.close()
+
+
 async def test_bad_request_queues_nothing(db, tmp_path):
     service = Service(devices="cpu", db_path=db)
     with pytest.raises(Exception, match="steps"):

@@ -17,6 +17,7 @@ from textual.widgets import Checkbox, Input, Select, TextArea
 
 from backend.config import config_path
 from backend.events import Preview, Started, Step
+from backend.request import GenerateRequest
 from backend.client import LocalClient
 from backend.pool import ProcessPool
 from backend.service import Service
@@ -115,6 +116,28 @@ async def test_bad_input_shows_inline_error_and_queues_nothing(idle_service, tmp
         jobs = idle_service.jobs()
         assert len(jobs) == 1 and jobs[0].request["prompt"] == "a fox" and jobs[0].request["steps"] == 6
         assert all(f.error == "" for f in app.screen.query(Field))
+
+
+async def test_ctrl_x_cancels_only_a_job_of_this_terminal(idle_service, tmp_path):
+    """Another client's running job (the CLI's) is left alone; this TUI's own is cancelled."""
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+        await settle(pilot)
+        theirs = idle_service.submit(GenerateRequest(prompt="theirs", model="demo"), tmp_path)
+        await settle(pilot)  # its Queued event reached the app
+        app._track(Started(job=theirs, worker=0))
+        await pilot.press("ctrl+x")
+        await settle(pilot)
+        assert idle_service.store.get(theirs).state == "queued"
+        assert "No job of this terminal is running; 1 of other clients run" in [n.message for n in app._notifications][-1]
+        await pilot.press(*"mine", "ctrl+g")
+        await settle(pilot)
+        [mine] = app.submitted
+        app._track(Started(job=mine, worker=0))
+        await pilot.press("ctrl+x")
+        await settle(pilot)
+        assert idle_service.store.get(mine).state == "cancelled"
+        assert idle_service.store.get(theirs).state == "queued"
 
 
 async def test_form_controls_presets_and_performance(idle_service, tmp_path):

@@ -109,7 +109,8 @@ class DreamttyApp(App):
         self.client = client or LocalClient(Service(devices=device, recover=True, nice=WORKER_NICE,
                                                     cluster=cluster))
         self.job_events: Signal[Event] = Signal(self, "job-events")
-        self.active: dict[int, str] = {}  # job id -> queued | running (this session's jobs)
+        self.active: dict[int, str] = {}  # job id -> queued | running (every client's jobs on the service)
+        self.submitted: set[int] = set()  # the jobs this TUI queued (ctrl+x cancels only these)
         self.progress: dict[int, Step] = {}  # job id -> its last step event
         self.worker_state = "starting the worker…"
         self.generate_screen: GenerateScreen | None = None  # set when it mounts (the default mode)
@@ -261,6 +262,7 @@ class DreamttyApp(App):
         except DreamttyError as exc:
             failed(exc)
             return
+        self.submitted.add(job)
         queued(job)
 
     # -- actions ---------------------------------------------------------------
@@ -268,9 +270,13 @@ class DreamttyApp(App):
         await self.generate_screen.submit()
 
     async def action_cancel_running(self) -> None:
-        job = next((job for job, state in sorted(self.active.items()) if state == "running"), None)
+        """Cancel the newest running job this TUI queued; another client's (the CLI's, another terminal's)
+        only from the Queue screen, where it is selected by its id."""
+        running = [job for job, state in self.active.items() if state == "running"]
+        job = max((job for job in running if job in self.submitted), default=None)
         if job is None:
-            self.notify("No job is running.", severity="warning")
+            others = f"; {len(running)} of other clients run (cancel them on the Queue screen)" if running else ""
+            self.notify(f"No job of this terminal is running{others}.", severity="warning")
         elif await self.client.cancel(job):
             self.notify(f"Cancelling job #{job}.")
 

@@ -180,16 +180,16 @@ def _client(args) -> Client:
     return connect(args.device, local=args.local, cluster=args.cluster)
 
 
-def _fetch_if_missing(model: str) -> None:
-    """A Hugging Face id that is not cached yet is downloaded here, with a progress bar on stderr."""
+def _fetch_if_missing(request: GenerateRequest) -> None:
+    """The request's model, a Hugging Face id not cached yet, is downloaded here (progress bar on stderr)."""
     from backend.models import resolve_model
 
-    ref = resolve_model(model)
+    ref = resolve_model(request.model, variants=request.model_variants)
     if ref.kind == "hub" and ref.family == "unknown":
         from backend.downloads import pull
 
-        print(f"dreamtty: downloading {visible(model)} into the Hugging Face cache", file=sys.stderr)
-        pull(model)
+        print(f"dreamtty: downloading {visible(request.model)} into the Hugging Face cache", file=sys.stderr)
+        pull(request.model)
 
 
 def cmd_generate(args) -> int:
@@ -197,7 +197,7 @@ def cmd_generate(args) -> int:
         raise RequestError("strength", "needs --init-image (image to image)")
     args.image = args.init_image
     request = request_from_args(args, Img2ImgRequest if args.init_image is not None else GenerateRequest)
-    _fetch_if_missing(request.model)
+    _fetch_if_missing(request)
     code, _ = asyncio.run(_run_jobs(args, [request], args.out))
     return code
 
@@ -212,7 +212,7 @@ def _image_command(kind: type[GenerateRequest]):
         print_warnings([f"settings from {args.image}: {w}" for w in warnings])
         request = request_from_args(args, kind, source)
         if request.uses_model:
-            _fetch_if_missing(request.model)
+            _fetch_if_missing(request)
         code, _ = asyncio.run(_run_jobs(args, [request], args.out))
         return code
 

@@ -8,13 +8,13 @@ model uses its built-in tiny one. The job runs in a worker like every kind and s
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 from backend import companions
 from backend.errors import RequestError
 from backend.input_images import read_image
 from backend.request import GenerateRequest, optional, text_value
+from backend.values import absolute
 
 MODES = ("photo", "anime")
 
@@ -29,6 +29,9 @@ class DescribeRequest(GenerateRequest):
     def converters(cls) -> dict:
         return {**super().converters(), "image": text_value, "image_hash": optional(text_value), "mode": text_value}
 
+    def input_files(self) -> dict[str, tuple[str, str | None]]:
+        return {"image": (self.image, self.image_hash)}
+
     @property
     def uses_model(self) -> bool:
         return False  # only the captioner: no Stable Diffusion pipeline
@@ -39,5 +42,5 @@ class DescribeRequest(GenerateRequest):
             raise RequestError("mode", f"unknown {self.mode!r}; allowed: {', '.join(MODES)}")
         source = read_image(self.image, "image", self.image_hash)
         companions.find_model("captioner", self.mode, family, "describe", field="describe")
-        out = replace(self, image=os.path.abspath(os.path.expanduser(self.image)), image_hash=source.hash)
+        out = replace(self, image=absolute(self.image), image_hash=source.hash)
         return GenerateRequest.resolved(out, family)

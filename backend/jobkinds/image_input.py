@@ -18,16 +18,11 @@ from backend.errors import RequestError
 from backend.families import FAMILIES, Family
 from backend.input_images import InputImage, content_hash, read_image
 from backend.request import GenerateRequest, optional, text_value
-from backend.values import to_bool, to_float
+from backend.values import absolute, to_bool, to_float
 
 # Named strengths (Fooocus's "Vary (Subtle)" and "Vary (Strong)").
 STRENGTHS = {"subtle": 0.5, "strong": 0.85}
 MAX_OUTPUT_SIDE = 8192  # upscale and inpaint results; a model denoises them in crops or tiles
-
-
-def absolute(path: str) -> str:
-    """``path`` made absolute (``~`` expanded), so a job run or reproduced elsewhere finds the same file."""
-    return os.path.abspath(os.path.expanduser(path))
 
 
 def parse_strength(name: str, value: object) -> float:
@@ -59,7 +54,6 @@ class ImageInputRequest(GenerateRequest):
 
     # -- inputs ------------------------------------------------------------------------
     def input_files(self) -> dict[str, tuple[str, str | None]]:
-        """{role: (path, recorded hash)}; a role is also the name of the request field holding the path."""
         return {"image": (self.image, self.image_hash)}
 
     def read_input(self) -> InputImage:

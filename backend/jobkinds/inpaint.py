@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from backend.errors import RequestError
 from backend.families import Family
 from backend.input_images import InputImage, box_mask, read_mask
-from backend.jobkinds.image_input import ImageInputRequest, absolute
+from backend.jobkinds.image_input import ImageInputRequest
 from backend.request import optional, text_value
+from backend.values import absolute
 from backend.values import to_float, to_int
 
 # mode -> (strength, context)
