@@ -23,12 +23,12 @@ import yaml
 
 from backend import locations, yaml_text
 from backend.errors import DreamttyError
-from backend.request import SPEEDS
+from backend.request import MAX_COUNT, SPEEDS
 
 ENV_PATH = "DREAMTTY_CONFIG"
 FOLDER_KINDS = ("checkpoints", "loras", "vae", "embeddings", "upscalers", "ip_adapters", "controlnets", "depth_models",
                 "captioners", "wildcards", "styles")
-TOP_KEYS = ("paths", "default_model", "default_preset", "speed", "keymap", "allow_pickle", "workers")
+TOP_KEYS = ("paths", "default_model", "default_preset", "speed", "max_batch", "keymap", "allow_pickle", "workers")
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Config:
     default_model: str | None = None
     default_preset: str | None = None
     speed: str | None = None  # default | fast: the default of every request
+    max_batch: int | None = None  # images denoised together, the default of every request (None: the device's)
     keymap: dict[str, str] = field(default_factory=dict)  # binding id -> key
     allow_pickle: bool = False
     cluster: str | None = None  # ``workers``: None for local processes, else a Ray cluster address (auto...)
@@ -147,6 +148,7 @@ def _apply(cfg: Config, data: dict) -> None:
         (None, "default_model"): lambda v: setattr(cfg, "default_model", _text("default_model", v)),
         (None, "default_preset"): lambda v: setattr(cfg, "default_preset", _text("default_preset", v)),
         (None, "speed"): lambda v: setattr(cfg, "speed", _choice("speed", v, SPEEDS)),
+        (None, "max_batch"): lambda v: setattr(cfg, "max_batch", _count("max_batch", v, MAX_COUNT)),
         (None, "keymap"): lambda v: setattr(cfg, "keymap", _keymap(v)),
         (None, "allow_pickle"): lambda v: setattr(cfg, "allow_pickle", _bool("allow_pickle", v)),
         (None, "workers"): lambda v: setattr(cfg, "cluster", _workers(v)),
@@ -164,6 +166,12 @@ def _apply(cfg: Config, data: dict) -> None:
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{key}: {value!r} is not allowed; use {' or '.join(allowed)}")
+    return value
+
+
+def _count(key: str, value: object, most: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise ValueError(f"{key}: {value!r} is not allowed; use a whole number 1..{most}")
     return value
 
 

@@ -67,6 +67,7 @@ class Step(JobEvent):
     total: int
     its: float
     eta: float
+    done: int | None = None  # steps done over the job's images, those denoised together each counted (None: unknown)
 
 
 @_register("preview")

@@ -54,6 +54,10 @@ class GenerateRequest:
     speed: str = "default"
     guidance: GuidanceSettings = field(default_factory=GuidanceSettings)
     image_prompts: list[ImagePrompt] = field(default_factory=list)  # reference images (backend.image_prompts)
+    max_batch: int | None = None  # at most this many of the job's images denoise together; None: the device's default
+    # (size, position) of the batch one image was denoised in (its metadata): a one-image request with it runs that
+    # batch again and keeps only its image, since batch-mates change its pixels in the last bits (reproduce).
+    batch: tuple[int, int] | None = None
 
     # Checkpoint variants (library.checkpoint_family) this kind runs with besides regular ones.
     model_variants: ClassVar[tuple[str, ...]] = ()
@@ -116,8 +120,14 @@ class GenerateRequest:
         return {}
 
     def per_image(self, i: int) -> "GenerateRequest":
-        """The request that reproduces image ``i`` of this batch on its own."""
+        """The request that reproduces image ``i`` of this job on its own (denoised alone)."""
         return replace(self, seed=self.seed + i, count=1, index=self.index + i)
+
+    def batch_mates(self) -> list["GenerateRequest"]:
+        """The per-image requests of the batch ``self.batch`` names, in order (this one at its position)."""
+        size, position = self.batch or (1, 0)
+        first = replace(self, seed=self.seed - position, index=self.index - position, batch=None)
+        return [first.per_image(k) for k in range(size)]
 
     # -- validation ----------------------------------------------------
     def resolved(self, family: str) -> "GenerateRequest":
@@ -155,6 +165,10 @@ class GenerateRequest:
         if not 1 <= count <= MAX_COUNT:
             raise RequestError("count", f"{self.count} is out of range; allowed 1..{MAX_COUNT}")
         seed = _seed(self.seed, count)
+        max_batch = optional(to_int)("max_batch", self.max_batch)
+        if max_batch is not None and not 1 <= max_batch <= MAX_COUNT:
+            raise RequestError("max_batch", f"{self.max_batch} is out of range; allowed 1..{MAX_COUNT} "
+                                            "(or none: the device's default)")
         if self.dtype not in DTYPES:
             raise RequestError("dtype", f"unknown {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         if self.speed not in SPEEDS:
@@ -165,7 +179,8 @@ class GenerateRequest:
         self.guidance.validate(xl=bool(fam and fam.xl), cfg=cfg)
         return replace(
             self, scheduler=scheduler, steps=steps, cfg=cfg, width=width, height=height, seed=seed, count=count,
-            image_prompts=resolve_image_prompts(self.image_prompts),
+            image_prompts=resolve_image_prompts(self.image_prompts), max_batch=max_batch,
+            batch=_checked_batch(self.batch, seed) if count == 1 else None,  # a job of several makes its own batches
         )
 
 
@@ -202,6 +217,20 @@ def _seed(value: object, count: int) -> int:
     return seed
 
 
+def _checked_batch(batch: tuple[int, int] | None, seed: int) -> tuple[int, int] | None:
+    """A recorded (size, position) whose batch-mates' seeds (seed - position + k) are all valid seeds."""
+    if batch is None:
+        return None
+    size, position = batch
+    if not 2 <= size <= MAX_COUNT or not 0 <= position < size:
+        raise RequestError("batch", f"{list(batch)} is not allowed; [size, position] with size 2..{MAX_COUNT} and "
+                                    "position 0..size-1")
+    if not 0 <= seed - position <= MAX_SEED - size + 1:
+        raise RequestError("batch", f"{list(batch)} needs seeds {seed - position}..{seed - position + size - 1}; "
+                                    f"allowed 0..{MAX_SEED}")
+    return size, position
+
+
 def text_value(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise RequestError(name, f"must be text, got {type(value).__name__}")
@@ -233,6 +262,14 @@ def _is_lora(pair: object) -> bool:
     return isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)
 
 
+def _batch(name: str, value: object) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise RequestError(name, f"{value!r} is not allowed; give [size, position], e.g. [4, 1]")
+    return to_int(name, value[0]), to_int(name, value[1])
+
+
 def _guidance(name: str, value: object) -> GuidanceSettings:
     return GuidanceSettings.from_dict({} if value is None else value)
 
@@ -262,4 +299,6 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "speed": text_value,
     "guidance": _guidance,
     "image_prompts": convert_image_prompts,
+    "max_batch": optional(to_int),
+    "batch": _batch,
 }

@@ -1,7 +1,7 @@
 """One way from what a front end holds to a request, for the CLI, the TUI form and the API.
 
 Precedence, everywhere: the request type's defaults < the config's defaults (``default_model``,
-``speed``) < the source image's settings (a job on an input image: :func:`source_settings`) < a
+``speed``, ``max_batch``) < the source image's settings (a job on an input image: :func:`source_settings`) < a
 preset < explicit values (flags, form fields, JSON fields). A preset named for a job on an input
 image sets everything but the size, which comes from the image. Text as typed (a size ``WxH``, LoRAs
 ``name:weight, ...``, guidance values) is parsed here, with one-line errors naming the field.
@@ -90,7 +90,7 @@ def from_text(values: dict) -> dict:
 
 
 # Settings of a source image that a job on it does not take: its own seed and batch, its size and its references.
-_NOT_FROM_SOURCE = ("seed", "count", "index", "width", "height", "image_prompts")
+_NOT_FROM_SOURCE = ("seed", "count", "index", "batch", "width", "height", "image_prompts")
 
 
 def source_settings(path: str | Path) -> tuple[dict, list[str]]:
@@ -120,7 +120,8 @@ def layered(explicit: dict, preset: str | None = None, defaults: dict | None = N
     """
     if defaults is None:
         cfg = config.load()
-        defaults = {k: v for k, v in (("model", cfg.default_model), ("speed", cfg.speed)) if v}
+        defaults = {k: v for k, v in (("model", cfg.default_model), ("speed", cfg.speed), ("max_batch", cfg.max_batch))
+                    if v}
     base = {**defaults, **(source or {})}
     chosen = apply_preset(preset, explicit) if preset else dict(explicit)
     if preset and source is not None:

@@ -12,7 +12,9 @@ import os
 import queue
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -220,51 +222,135 @@ def _make_images(run: JobRun) -> None:
     request = apply_extras(pipe, request, run.cache, on_preview=on_preview, note=run.note)
     if run.cache.loads != loads:
         _report_models(run)
-    with fast.compiled_run(pipe, ref.location, (request.width, request.height), run.cache.compiled, run.note):
-        _image_loop(run, kind, request, pipe, pipe.dreamtty.family, make_image)
+    size = (request.width, request.height)
+    _image_loop(run, kind, request, pipe, pipe.dreamtty.family, make_image,
+                lambda images: fast.compiled_run(pipe, ref.location, size, run.cache.compiled, run.note, images))
 
 
-def _image_loop(run: JobRun, kind, request, pipe, family_name: str, make_image) -> None:
-    """Images ``first_image``..count-1 of the job, each handed to ``run.output`` as it is made (a kind that
-    makes text sends it as a ``text`` event instead).
-
-    The kind's image function gets the pipeline (or None) and the worker's device; the warnings in
-    the record it returns are announced as notes, once per job.
+def _image_loop(run: JobRun, kind, request, pipe, family_name: str, make_image,
+                compiled: Callable[[int], AbstractContextManager] = lambda images: nullcontext()) -> None:
+    """Images ``first_image``..count-1 of the job, each handed over as it is made (``_Handover``), in batches of
+    up to ``max_batch`` where the kind can denoise several at once (``compiled(batch size)`` is around each
+    batch). The kind's function gets the pipeline (or None) and the worker's device. A batch that runs out of
+    GPU memory is tried again at half its size, from its first unsaved image.
     """
-    from backend import metadata
-    from backend.engine.denoise import latent_preview
+    import torch
+
     from backend.families import FAMILIES
 
-    family = FAMILIES.get(family_name)
-    kept = request.keep_inputs_in(Path(run.job["out"]))
-    announced: set[str] = set()
-    for i in range(run.job.get("first_image", 0), request.count):
-        per_image = request.per_image(i)
+    on_step = _step_events(run, request, FAMILIES.get(family_name))
+    hand_over = _Handover(run, kind, family_name, request.keep_inputs_in(Path(run.job["out"])))
+    make, limit = _batch_plan(run, kind, request, pipe, make_image)
+    todo = _images_to_make(request, run.job.get("first_image", 0))
+    while todo:
+        batch = todo[:limit]
+        callbacks = on_step(batch, later=-(-(len(todo) - len(batch)) // limit))
+        try:
+            with compiled(len(batch)):
+                made = make(pipe, [r for _, r in batch], on_step=callbacks, should_cancel=run.should_cancel,
+                            device=run.cache.device)
+                for (i, per_image), (result, record, place) in zip(batch, made):
+                    todo.pop(0)
+                    if i is not None:  # else a batch-mate of the image reproduced
+                        hand_over(i, replace(per_image, batch=place), result, record)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1 or request.batch is not None:
+                raise
+            torch.cuda.empty_cache()
+            limit = max(1, len(batch) // 2)
+            run.note(f"out of memory with {len(batch)} images at once; trying {limit} at a time")
+
+
+@dataclass
+class _Handover:
+    """Hands image ``i`` of a job over: saved with its metadata through ``run.output`` (a kind that makes
+    text sends it as a ``text`` event instead); the warnings in its record become notes, once per job."""
+
+    run: JobRun
+    kind: object  # backend.jobkinds.JobKind
+    family: str
+    kept: dict[str, str]  # the job's kept input files
+    announced: set[str] = field(default_factory=set)
+
+    def __call__(self, i: int, per_image, result, record: dict) -> None:
+        from backend import metadata
+
+        for warning in record.get("warnings", []):
+            if warning not in self.announced:
+                self.announced.add(warning)
+                self.run.note(warning)
+        if self.kind.output == "text":
+            self.run.emit(ev.TextOutput, image=i, text=result)
+            return
+        if self.kept:
+            record["kept_inputs"] = self.kept
+        meta = metadata.build(per_image, self.family, record, self.kind.name)
+        self.run.output.save(self.run, result, meta, i, per_image.seed)
+
+
+def _images_to_make(request, first: int) -> list[tuple[int | None, object]]:
+    """(image index, per-image request) for images ``first``.. of the job. A request that names the batch its
+    image was made in (``reproduce``) makes that whole batch, its mates with index None (not kept)."""
+    if request.batch is None:
+        return [(i, request.per_image(i)) for i in range(first, request.count)]
+    if first > 0:
+        return []
+    position = request.batch[1]
+    return [(0 if k == position else None, mate) for k, mate in enumerate(request.batch_mates())]
+
+
+def _batch_plan(run: JobRun, kind, request, pipe, make_image) -> tuple[Callable, int]:
+    """The function making a batch of the job's images (one at a time where the kind or its guidance needs
+    that, said in a note) and how many images a batch holds at most."""
+    from backend.engine import batching
+
+    make_batch = kind.batch_function()
+    if make_batch is None:
+        return _one_by_one(make_image), 1
+    if request.batch is not None:
+        return make_batch, request.batch[0]
+    limit = batching.max_batch(request, run.cache.device, pipe.unet.dtype)
+    why = batching.one_at_a_time(request)
+    if limit > 1 and why is not None and request.count - run.job.get("first_image", 0) > 1:
+        run.note(why)
+        limit = 1
+    return make_batch, limit
+
+
+def _one_by_one(make_image) -> Callable:
+    """A kind's one-image function as a batch function (of batches of one)."""
+    def make(pipe, requests, on_step, should_cancel, device):
+        for request, callback in zip(requests, on_step):
+            yield (*make_image(pipe, request, on_step=callback, should_cancel=should_cancel, device=device), None)
+    return make
+
+
+def _step_events(run: JobRun, request, family) -> Callable:
+    """``on_step(batch, later)``: step callbacks for the images of ``batch`` ((index or None, request) pairs),
+    each sending its image's Step events and live previews (at most every STEP_INTERVAL and PREVIEW_INTERVAL);
+    ``later`` whole batches are still to come after this one."""
+    from backend.engine.denoise import latent_preview
+
+    def on_step(batch: list, later: int) -> list:
+        mine = [i for i, _ in batch if i is not None]
+        return [None if i is None else callback(i, mine[0], len(mine), later) for i, _ in batch]
+
+    def callback(i: int, first: int, images: int, later: int):
         clock = {"start": time.monotonic(), "step": 0.0, "preview": 0.0}
 
-        def on_step(step: int, total: int, latents, i=i, clock=clock) -> None:
+        def on_image_step(step: int, total: int, latents) -> None:
             now = time.monotonic()
             last = step == total
             if last or now - clock["step"] >= STEP_INTERVAL:
                 clock["step"] = now
                 rate = step / max(now - clock["start"], 1e-9)
                 run.emit(ev.Step, image=i, count=request.count, step=step, total=total, its=rate,
-                         eta=(total - step) / rate + (request.count - i - 1) * total / rate)
+                         eta=(total - step) / rate + later * total / rate, done=first * total + images * step)
             if family is not None and not last and now - clock["preview"] >= PREVIEW_INTERVAL:
                 clock["preview"] = now
                 rgb = latent_preview(latents, family.preview_matrix, family.preview_bias)
                 run.emit(ev.Preview, image=i, width=rgb.shape[1], height=rgb.shape[0], rgb=rgb.tobytes())
 
-        result, record = make_image(pipe, per_image, on_step=on_step, should_cancel=run.should_cancel,
-                                    device=run.cache.device)
-        for warning in record.get("warnings", []):
-            if warning not in announced:
-                announced.add(warning)
-                run.note(warning)
-        if kind.output == "text":
-            run.emit(ev.TextOutput, image=i, text=result)
-            continue
-        if kept:
-            record["kept_inputs"] = kept
-        meta = metadata.build(per_image, family_name, record, kind.name)
-        run.output.save(run, result, meta, i, per_image.seed)
+        return on_image_step
+
+    return on_step

@@ -4,11 +4,14 @@ fp16, DPM++ 2M with CFG, in one run:
     PYTHONPATH=. python benchmarks/gpu_fast.py [--steps 30] [--runs 3] [--models sd15,sdxl]
 
 Rows: stock eager; stock with its best knob (channels_last + torch.compile mode reduce-overhead);
-ours default; ours fast. Columns: it/s (batch 1, median of ``--runs``, the variants interleaved), and
-for ours fast the time from a fresh process's start to its first finished step, with an empty compile
-cache (first launch) and with the cache the first launch left (warm launch), each in a child process.
+ours default; ours fast. Columns: it/s (batch 1, median of ``--runs``, the variants interleaved) and
+images/s at batch ``--batch`` (8: stock with ``num_images_per_prompt``, ours a job's images denoised
+together, each with its own seed, decoded one by one; both decode to PIL images), and for ours fast the
+time from a fresh process's start to its first finished step, with an empty compile cache (first
+launch) and with the cache the first launch left (warm launch), each in a child process. Last, how far
+a batched image is from the same image made alone (ours default; max difference in 0..255).
 Targets (issue 17): SD1.5 >= 200 it/s, SDXL >= 40 it/s, ours fast >= 1.3x stock's best knob, warm
-launch to first step < 10 s.
+launch to first step < 10 s, SD1.5 batch 8 >= 10 images/s (stock eager 5.0).
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from backend.engine import fast
 from backend.engine.conditioning import encode
 from backend.engine.denoise import DenoiseSpec, denoise
+from backend.engine.generate import generate_batch, generate_image
 from backend.engine.scheduling import make_scheduler
+from backend.request import GenerateRequest
 from benchmarks.realsize import build_pipeline
 
 PROMPT, NEGATIVE = "a red fox in the snow, photo", "blurry"
@@ -43,12 +49,36 @@ def _timed(run) -> float:
     return time.perf_counter() - start
 
 
-def _stock(pipe, size: int, steps: int):
+def _stock(pipe, size: int, steps: int, images: int = 1):
+    """Stock diffusers: one image to its latents, or ``images`` (``num_images_per_prompt``) decoded."""
     def run() -> None:
         pipe.scheduler = make_scheduler(pipe.dreamtty.scheduler_config, "dpmpp_2m", "karras")
         pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.0, width=size, height=size,
-             generator=torch.Generator("cpu").manual_seed(0), output_type="latent")
+             num_images_per_prompt=images, generator=torch.Generator("cpu").manual_seed(0),
+             output_type="latent" if images == 1 else "pil")
     return run
+
+
+def _job_images(size: int, steps: int, images: int) -> list[GenerateRequest]:
+    """The per-image requests of a job of ``images`` (seeds 0..images-1)."""
+    job = GenerateRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, cfg=7.0, width=size, height=size,
+                          seed=0, count=images, sampler="dpmpp_2m", scheduler="karras")
+    return [job.per_image(k) for k in range(images)]
+
+
+def _ours_batch(pipe, size: int, steps: int, images: int):
+    """Ours: a job's ``images`` denoised together (backend.engine.generate), decoded one by one."""
+    def run() -> None:
+        list(generate_batch(pipe, _job_images(size, steps, images)))
+    return run
+
+
+def batch_difference(pipe, size: int, steps: int, images: int) -> int:
+    """The largest pixel difference (0..255) between an image of a batch and the same image made alone."""
+    requests = _job_images(size, steps, images)
+    batched = [np.asarray(image, dtype=int) for image, _, _ in generate_batch(pipe, requests)]
+    return max(int(np.abs(np.asarray(generate_image(pipe, r)[0], dtype=int) - batched[k]).max())
+               for k, r in enumerate(requests[:2]))
 
 
 def _ours(pipe, size: int, steps: int, on_step=None):
@@ -66,7 +96,20 @@ def _best_knob(pipe) -> None:
     pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
 
 
-def its(model: str, steps: int, runs: int) -> dict[str, float]:
+def _medians(variants: dict, runs: int) -> dict[str, float]:
+    """Each variant's median time over ``runs`` (after a warm-up run: compiles, cuDNN autotune, the allocator),
+    the variants interleaved."""
+    for run in variants.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(runs):
+        for name, run in variants.items():
+            times[name].append(_timed(run))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def its(model: str, steps: int, runs: int, images: int) -> tuple[dict[str, float], dict[str, float], int]:
+    """it/s at batch 1 and images/s at batch ``images`` per variant, and the batched-vs-alone pixel difference."""
     xl, size = SIZES[model]
     pipes = {"stock eager": build_pipeline(xl), "ours default": None, "stock best knob": build_pipeline(xl),
              "ours fast": build_pipeline(xl)}
@@ -79,13 +122,19 @@ def its(model: str, steps: int, runs: int) -> dict[str, float]:
         "ours default": _ours(pipes["ours default"], size, steps),
         "ours fast": _ours(pipes["ours fast"], size, steps),
     }
-    for run in variants.values():  # warm-up: compiles, cuDNN autotune, the allocator
-        run()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(runs):
-        for name, run in variants.items():
-            times[name].append(_timed(run))
-    return {name: steps / statistics.median(t) for name, t in times.items()}
+    rates = {name: steps / t for name, t in _medians(variants, runs).items()}
+    if not images:
+        return rates, {}, 0
+    batched = {
+        "stock eager": _stock(pipes["stock eager"], size, steps, images),
+        "stock best knob": _stock(pipes["stock best knob"], size, steps, images),
+        "ours default": _ours_batch(pipes["ours default"], size, steps, images),
+        "ours fast": _ours_batch(pipes["ours fast"], size, steps, images),
+    }
+    per_second = {name: images / t for name, t in _medians(batched, runs).items()}
+    with torch.inference_mode():
+        difference = batch_difference(pipes["ours default"], size, steps, images)
+    return rates, per_second, difference
 
 
 def launch(model: str, cache_dir: str) -> None:
@@ -113,6 +162,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--models", default="sd15,sdxl")
+    parser.add_argument("--batch", type=int, default=8, help="images per batch for the images/s column (0: none)")
     parser.add_argument("--launch", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -125,13 +175,17 @@ def main() -> None:
     for model in args.models.split(","):
         with tempfile.TemporaryDirectory() as cache_dir:
             cold, warm = _launch_time(model, cache_dir), _launch_time(model, cache_dir)
-        rates = its(model, args.steps, args.runs)
+        rates, per_second, difference = its(model, args.steps, args.runs, args.batch)
         best = rates["stock best knob"]
-        print(f"\n{model} {SIZES[model][1]}², {args.steps} steps, batch 1")
-        print(f"{'variant':<18}{'it/s':>9}{'vs best knob':>14}")
+        print(f"\n{model} {SIZES[model][1]}², {args.steps} steps")
+        print(f"{'variant':<18}{'it/s (batch 1)':>15}{'vs best knob':>14}" + (
+            f"{f'images/s (batch {args.batch})':>22}" if per_second else ""))
         for name, rate in rates.items():
-            print(f"{name:<18}{rate:>9.1f}{rate / best:>13.2f}x")
-        print(f"ours fast, time to first step: first launch {cold:.1f} s, warm launch {warm:.1f} s", flush=True)
+            print(f"{name:<18}{rate:>15.1f}{rate / best:>13.2f}x" + (f"{per_second[name]:>22.2f}" if per_second else ""))
+        print(f"ours fast, time to first step: first launch {cold:.1f} s, warm launch {warm:.1f} s")
+        if per_second:
+            print(f"ours default, an image of a batch of {args.batch} vs the same image alone: max difference "
+                  f"{difference}/255", flush=True)
 
 
 if __name__ == "__main__":

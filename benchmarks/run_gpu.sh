@@ -12,7 +12,7 @@ bench() {  # SECONDS SCRIPT [ARGS...]
   timeout "$limit" python3 "$@" 2>&1 | grep -v -i -e warn -e torchvision | tee -a "$log"
 }
 bench 240 benchmarks/gpu_generate.py
-bench 600 benchmarks/gpu_fast.py
+bench 900 benchmarks/gpu_fast.py
 bench 240 benchmarks/guidance_cost.py --gpu
 bench 300 benchmarks/gpu_train.py --steps 6 --warmup 2 \
   --variants plain,full,full+8bit,full+8bit/separate,full+8bit+ckpt,lora

@@ -55,6 +55,8 @@ def test_generate_json_then_reproduce_identical(tmp_path, demo_dirs):
         (["--model", "someone/not-cached-model"], "not in the local Hugging Face cache"),
         (["--out", "/proc/forbidden"], "out: cannot create /proc/forbidden"),
         (["--steps", "ten"], "argument --steps: invalid int value"),
+        (["--max-batch", "0"], "max_batch: 0 is out of range; allowed 1..64"),
+        (["--max-batch", "two"], "argument --max-batch: invalid int value"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path):

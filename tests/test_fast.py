@@ -20,14 +20,15 @@ from PIL import Image
 CPU = torch.device("cpu")
 
 
-def test_the_compile_key_changes_with_model_size_dtype_and_versions(tmp_path, monkeypatch):
+def test_the_compile_key_changes_with_model_shape_dtype_and_versions(tmp_path, monkeypatch):
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"x")
     key = fast.compile_key(str(model), 512, 512, torch.float16, CPU)
     assert key == fast.compile_key(str(model), 512, 512, torch.float16, CPU)  # stable
     others = [fast.compile_key(str(tmp_path / "other"), 512, 512, torch.float16, CPU),
               fast.compile_key(str(model), 512, 768, torch.float16, CPU),
-              fast.compile_key(str(model), 512, 512, torch.bfloat16, CPU)]
+              fast.compile_key(str(model), 512, 512, torch.bfloat16, CPU),
+              fast.compile_key(str(model), 512, 512, torch.float16, CPU, images=8)]  # a batch of 8
     monkeypatch.setattr(fast, "_version", lambda package: "9.9" if package == "triton" else "1.0")
     others.append(fast.compile_key(str(model), 512, 512, torch.float16, CPU))
     monkeypatch.undo()
@@ -71,9 +72,13 @@ def test_a_fast_pipeline_compiles_once_per_size_and_the_next_launch_loads_the_ca
     for size in ((64, 64), (64, 64), (96, 64)):
         with fast.compiled_run(pipe, "demo", size, cache, notes.append):
             pass
+    for images in (4, 4):
+        with fast.compiled_run(pipe, "demo", (64, 64), cache, notes.append, images):
+            pass
     assert [n.split(" (")[0] for n in notes] == ["speed fast: compiling the UNet for 64x64",
-                                                 "speed fast: compiling the UNet for 96x64"]
-    assert len(list((tmp_path / "compile").glob("*.bin"))) == 2 and not list((tmp_path / "compile").glob("*.part"))
+                                                 "speed fast: compiling the UNet for 96x64",
+                                                 "speed fast: compiling the UNet for 64x64, 4 images at once"]
+    assert len(list((tmp_path / "compile").glob("*.bin"))) == 3 and not list((tmp_path / "compile").glob("*.part"))
 
     # A new process: the same model and size load what was kept; another size compiles.
     relaunched = load_pipeline(resolve_model("demo"), CPU, torch.float32)

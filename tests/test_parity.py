@@ -125,3 +125,19 @@ def test_refiner_handover_matches_stock_denoising_end_start(refiner_cache, sampl
     base_only, _ = generate_image(base, apply_extras(base, replace(request, refiner=None).resolved("demo-xl"), cache))
     assert np.abs(ours - np.asarray(base_only, dtype=np.float32) / 255).max() > 0.01  # the refiner did something
     assert np.abs(ours - np.round(stock * 255) / 255).max() <= 1e-4
+
+
+def test_a_batch_with_a_refiner_hands_each_image_over_with_its_own_prompt(refiner_cache):
+    from backend.engine.extras import apply_extras
+    from backend.engine.generate import generate_batch, generate_image
+    from backend.request import GenerateRequest
+
+    cache, base, folder = refiner_cache
+    request = GenerateRequest(prompt="a [[castle, lake]]", model="demo-xl", steps=8, width=64, height=64, seed=5,
+                              count=2, refiner=folder, refiner_switch=0.6).resolved("demo-xl")
+    request = apply_extras(base, request, cache)
+    mates = [request.per_image(k) for k in range(2)]
+    batched = [np.asarray(image, dtype=int) for image, _, _ in generate_batch(base, mates)]
+    for k, mate in enumerate(mates):  # alone it differs in the last bits only (oneDNN: batch-sized kernels)
+        assert np.abs(np.asarray(generate_image(base, mate)[0], dtype=int) - batched[k]).max() <= 2
+    assert np.abs(batched[0] - batched[1]).max() > 30

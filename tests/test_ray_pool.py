@@ -209,7 +209,8 @@ async def test_a_job_goes_to_the_actor_holding_its_model(cluster, tmp_path):
 @ray_installed
 async def test_a_killed_actor_costs_no_image_and_no_duplicate(cluster, ray_runtime, tmp_path):
     service, events = cluster
-    job = service.submit(GenerateRequest(prompt="x", seed=11, count=3, steps=20, width=64, height=64), tmp_path)
+    job = service.submit(GenerateRequest(prompt="x", seed=11, count=3, steps=20, width=64, height=64, max_batch=1),
+                         tmp_path)  # the images in turn
     seen = []
 
     async def kill_mid_job() -> None:

@@ -102,7 +102,7 @@ async def test_cancel_running_and_queued(running, db, tmp_path):
 
 async def test_killed_worker_is_retried_from_the_first_unsaved_image(running, db, tmp_path):
     service, events = running
-    job = service.submit(GenerateRequest(prompt="x", steps=30, seed=11, count=3), tmp_path)
+    job = service.submit(GenerateRequest(prompt="x", steps=30, seed=11, count=3, max_batch=1), tmp_path)  # in turn
     seen = []
     async for event in service.wait(job, events):
         seen.append(event)
@@ -250,7 +250,7 @@ def test_killed_cli_job_is_adopted_and_finishes_without_duplicates(tmp_path, dem
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tui.cli", "generate", "x", "--model", "demo", "--steps", "40", "-n", "3",
-         "--seed", "21", "--device", "cpu", "--out", str(out), "--json"],
+         "--max-batch", "1", "--seed", "21", "--device", "cpu", "--out", str(out), "--json"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     job = None

@@ -28,7 +28,7 @@ NOT_DEFAULT = {
     "sampler": "euler_a", "scheduler": "sgm_uniform", "steps": 12, "cfg": 4.5, "width": 96, "height": 64,
     "seed": 1234, "count": 3, "index": 1, "styles": ["Watercolor"], "preset": "anime", "expand": True,
     "loras": [("fox", 0.5), ("org/hub-lora", 1.0)], "vae": "alt", "refiner": "my-refiner", "refiner_switch": 0.7,
-    "dtype": "bf16", "speed": "fast",
+    "dtype": "bf16", "speed": "fast", "max_batch": 4, "batch": (3, 1),
     "image_prompts": [ImagePrompt("/refs/a face.png", "face", 0.8, 0.6, "0123456789ab"), ImagePrompt("/refs/b.png")],
     "guidance": GuidanceSettings(perp_neg=1.5, sag=0.5, sharpness=3.0, cfg_rescale=0.7, adaptive_cfg=5.0,
                                  adm_scale=(1.5, 0.8, 0.3), freeu=(1.1, 1.2, 0.9, 0.2), clip_skip=2, pag=1.0, apg=2.0),

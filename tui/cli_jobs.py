@@ -21,7 +21,7 @@ from backend.jobkinds.img2img import Img2ImgRequest
 from backend.jobkinds.inpaint import MODES, InpaintRequest
 from backend.jobkinds.outpaint import SIDES, OutpaintRequest
 from backend.jobkinds.upscale import SCALES, UpscaleRequest
-from backend.request import DTYPES, SPEEDS, GenerateRequest
+from backend.request import DTYPES, MAX_COUNT, SPEEDS, GenerateRequest
 from backend.safetext import visible
 from backend.samplers import SAMPLERS, SCHEDULES
 from tui.cli_output import Progress, print_warnings
@@ -61,6 +61,8 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--speed", choices=SPEEDS, help="fast: a compiled UNet on CUDA (first time per model and size: "
                                                    "about a minute; then cached)")
+    p.add_argument("--max-batch", type=int, metavar="N", help=f"denoise up to N of the images at once (1..{MAX_COUNT}; "
+                                                              "default: 1 on the CPU, what memory allows on a GPU)")
     g = p.add_argument_group("guidance")
     g.add_argument("--perp-neg", type=float, help="PerpNeg scale")
     g.add_argument("--sag", type=float, help="Self-Attention Guidance scale")
@@ -83,7 +85,8 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
 
 
 _REQUEST_FLAGS = ("model", "negative_prompt", "sampler", "scheduler", "steps", "cfg", "seed", "count", "styles",
-                  "expand", "loras", "size", "vae", "refiner", "refiner_switch", "dtype", "speed", "image_prompts")
+                  "expand", "loras", "size", "vae", "refiner", "refiner_switch", "dtype", "speed", "max_batch",
+                  "image_prompts")
 # Flags of the image-input verbs, each the request field of the same name (absent on other verbs).
 _IMAGE_FLAGS = ("image", "strength", "keep_inputs", "scale", "fast", "upscaler", "mask", "box", "mode", "context",
                 "feather", *SIDES)

@@ -63,6 +63,38 @@ class StepConditioning:
         return self.per_step[iteration * len(self.per_step) // iterations]
 
 
+class BatchConditioning:
+    """The conditionings of images denoised together: each iteration's :class:`Conditioning` stacks the images'
+    own (row k is image k's), so each image keeps its prompt and its prompt editing. The images' embeddings
+    must have the same shapes (:func:`batch_shape`)."""
+
+    def __init__(self, members: Sequence[Conditioning | StepConditioning]) -> None:
+        self.members = list(members)
+        self.stacked: dict[tuple[Conditioning, ...], Conditioning] = {}  # one object per combination: the Guider's key
+
+    def at(self, iteration: int, iterations: int) -> Conditioning:
+        parts = tuple(m.at(iteration, iterations) for m in self.members)
+        if parts not in self.stacked:
+            def cat(name: str) -> torch.Tensor | None:
+                tensors = [getattr(p, name) for p in parts]
+                return None if tensors[0] is None else torch.cat(tensors)
+
+            self.stacked[parts] = Conditioning(cat("cond"), cat("uncond"), cat("pooled"), cat("uncond_pooled"))
+        return self.stacked[parts]
+
+
+def batch_shape(cond: Conditioning | StepConditioning) -> tuple:
+    """What must match for images to share a batch: their embeddings' shapes (long prompts have more windows)."""
+    first = cond.at(0, 1)
+    return tuple(None if t is None else tuple(t.shape)
+                 for t in (first.cond, first.uncond, first.pooled, first.uncond_pooled))
+
+
+def stack(conds: Sequence[Conditioning | StepConditioning]) -> Conditioning | StepConditioning | BatchConditioning:
+    """One image's conditioning as it is; several images' as a :class:`BatchConditioning`."""
+    return conds[0] if len(conds) == 1 else BatchConditioning(conds)
+
+
 def _is_xl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None or hasattr(pipe, "tokenizer_2")
 

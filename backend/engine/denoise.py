@@ -5,7 +5,10 @@ With every extra off it performs the same operations, in the same order, as
 pixels match for a seed), but it checks for cancel between steps, never
 decodes unfinished latents, and hands each step to a callback for previews.
 Its conditioning may change from step to step (prompt editing: a
-StepConditioning).
+StepConditioning). Text to image denoises several images at once from a
+BatchConditioning and one generator per image: each image's initial noise, and
+the noise an ancestral or SDE sampler adds, comes from its own generator as in a
+run of its own (diffusers' ``randn_tensor`` takes a list of generators).
 
 Started from an image (:class:`StartLatents`) it does what the stock
 ``StableDiffusion(XL)Img2ImgPipeline`` does: the schedule has ``steps`` steps,
@@ -31,7 +34,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
 
-from backend.engine.conditioning import Conditioning, StepConditioning
+from backend.engine.conditioning import BatchConditioning, Conditioning, StepConditioning
 from backend.engine.guider import Guider, UNetInputs
 from backend.engine.pipeline import execution_device, sdxl_time_ids
 from backend.engine.tiles import TiledGuider
@@ -59,12 +62,12 @@ class StartLatents:
 
 @dataclass
 class DenoiseSpec:
-    cond: Conditioning | StepConditioning
+    cond: Conditioning | StepConditioning | BatchConditioning
     width: int
     height: int
     steps: int
     cfg: float
-    generator: torch.Generator
+    generator: torch.Generator | list[torch.Generator]  # a list: one per image of a batch (text to image only)
     guidance: GuidanceSettings = field(default_factory=GuidanceSettings)
     on_step: Callable[[int, int, torch.Tensor], None] | None = None
     should_cancel: Callable[[], bool] | None = None
@@ -110,9 +113,10 @@ def denoise(pipe, scheduler, spec: DenoiseSpec, make_guider=Guider) -> torch.Ten
     timesteps, _ = retrieve_timesteps(scheduler, spec.steps, device)
     dtype = spec.cond.at(0, 1).cond.dtype
     start, skip, noise = spec.start, 0, None
-    if start is None:
+    if start is None:  # a batch: each image's noise drawn from its own generator, as alone
+        images = len(spec.generator) if isinstance(spec.generator, list) else 1
         latents = pipe.prepare_latents(
-            1, pipe.unet.config.in_channels, spec.height, spec.width, dtype, device, spec.generator
+            images, pipe.unet.config.in_channels, spec.height, spec.width, dtype, device, spec.generator
         )
     else:  # StableDiffusion(XL)Img2ImgPipeline.get_timesteps and prepare_latents
         skip = (spec.steps - min(int(spec.steps * start.strength), spec.steps)) * scheduler.order

@@ -43,15 +43,16 @@ def _version(package: str) -> str:
         return "none"
 
 
-def compile_key(model: str, width: int, height: int, dtype: torch.dtype, device: torch.device) -> str:
-    """The compile cache's key: artifacts are reused only for the same model, size, dtype, torch, Triton,
-    diffusers and GPU (model: its location and the weights' modification time, so a replaced file misses)."""
+def compile_key(model: str, width: int, height: int, dtype: torch.dtype, device: torch.device, images: int = 1) -> str:
+    """The compile cache's key: artifacts are reused only for the same model, size, images per batch, dtype,
+    torch, Triton, diffusers and GPU (model: its location and the weights' modification time, so a replaced
+    file misses)."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     try:
         stamp = Path(model).stat().st_mtime_ns
     except OSError:
         stamp = 0
-    parts = {"model": model, "stamp": stamp, "size": [width, height], "dtype": str(dtype), "gpu": gpu,
+    parts = {"model": model, "stamp": stamp, "size": [width, height], "images": images, "dtype": str(dtype), "gpu": gpu,
              "torch": torch.__version__, "triton": _version("triton"), "diffusers": _version("diffusers"),
              "mode": COMPILE_MODE}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
@@ -105,22 +106,25 @@ def make_fast(pipe, compile: Callable = torch.compile) -> None:
 
 
 @contextmanager
-def compiled_run(pipe, model: str, size: tuple[int, int], cache: CompileCache, note: Callable[[str], None]):
-    """Around a fast pipeline's job at ``size``: load the compile cache for it, or say that a first-time
-    compile is coming and keep its artifacts once the job ran. A default pipeline: nothing."""
+def compiled_run(pipe, model: str, size: tuple[int, int], cache: CompileCache, note: Callable[[str], None],
+                 images: int = 1):
+    """Around a fast pipeline's batch of ``images`` at ``size``: load the compile cache for it, or say that a
+    first-time compile is coming and keep its artifacts once the batch ran. A default pipeline: nothing."""
     sizes = pipe.dreamtty.compiled_sizes
-    if sizes is None or size in sizes:
+    shape = (*size, images)
+    if sizes is None or shape in sizes:
         yield
         return
-    key = compile_key(model, *size, pipe.unet.dtype, pipe.unet.device)
+    key = compile_key(model, *size, pipe.unet.dtype, pipe.unet.device, images)
+    what = f"{size[0]}x{size[1]}" + (f", {images} images at once" if images > 1 else "")
     if cache.warm(key):
-        note(f"speed fast: loading the compiled UNet for {size[0]}x{size[1]} from the cache")
+        note(f"speed fast: loading the compiled UNet for {what} from the cache")
         compiles = False
     else:
-        note(f"speed fast: compiling the UNet for {size[0]}x{size[1]} (first time for this model and size: "
+        note(f"speed fast: compiling the UNet for {what} (first time for this model and shape: "
              "about a minute; later launches load it from the cache)")
         compiles = True
     yield
-    sizes.add(size)
+    sizes.add(shape)
     if compiles:
         cache.keep(key)

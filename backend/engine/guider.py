@@ -3,7 +3,9 @@
 One batched UNet call per step runs every branch the request needs:
 [uncond, cond] for CFG ([cond] alone at cfg <= 1: half the work, as the stock
 pipelines do), [empty, cond, uncond] for PerpNeg, plus a perturbed copy of cond
-for PAG. SAG adds one more call, on its degraded sample. Within a step:
+for PAG. With several images denoised together (a BatchConditioning) each branch
+has one row per image, branch after branch, as the stock pipelines lay out
+``num_images_per_prompt``. SAG adds one more call, on its degraded sample. Within a step:
 adaptive CFG picks the scale, sharpness filters the positive prediction,
 CFG / PerpNeg / APG combine the branches, PAG and SAG add their terms, and CFG
 rescale (Lin et al. 2023, arXiv 2305.08891 §3.4, diffusers' implementation)
@@ -147,8 +149,11 @@ class Guider:
             out["uncond"] = branch(c.uncond, c.uncond_pooled, inputs.neg_add_time_ids, neg)
         if self.empty is not None:
             # Long prompts are encoded as several 77-token windows; an empty prompt's windows are all alike.
-            embeds = self.empty.cond.repeat(1, c.cond.shape[1] // self.empty.cond.shape[1], 1)
-            out["empty"] = branch(embeds, self.empty.pooled, inputs.neg_add_time_ids, neg)
+            # One row per image of a batch.
+            images = c.cond.shape[0]
+            embeds = self.empty.cond.repeat(images, c.cond.shape[1] // self.empty.cond.shape[1], 1)
+            pooled = None if self.empty.pooled is None else self.empty.pooled.repeat(images, 1)
+            out["empty"] = branch(embeds, pooled, inputs.neg_add_time_ids, neg)
         if s.pag:
             out["perturbed"] = out["cond"]
         return out
@@ -168,7 +173,7 @@ class Guider:
                 model_in, t, batch.embeds, batch.text_embeds, batch.adm_time_ids if adm else batch.time_ids, self.rows
             )
         out = dict(zip(self.rows, pred.chunk(n)))
-        x = model_in[:1]
+        x = model_in[:latents.shape[0]]
         level = noise_level(scheduler, t) if s.sag or s.sharpness else None
         guided = self._combine(out, x, level, p)
         if s.sag:

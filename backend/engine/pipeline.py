@@ -29,7 +29,7 @@ class PipelineState:
     image_prompts: object | None = None  # the current request's prepared references (engine.image_prompt)
     ip_slots: tuple = ()  # the IP-Adapters loaded, one per reference
     controlnets: dict = field(default_factory=dict)  # ControlNet folder -> loaded model
-    compiled_sizes: set | None = None  # a fast pipeline's sizes compiled so far (None: not a fast pipeline)
+    compiled_sizes: set | None = None  # a fast pipeline's (width, height, images) compiled so far (None: not fast)
 
 
 def attach(pipe, family: str) -> PipelineState:

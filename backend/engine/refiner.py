@@ -15,7 +15,7 @@ the hand-over changes the refiner's conditioning at that step.
 
 from __future__ import annotations
 
-from backend.engine.conditioning import Conditioning, StepConditioning, encode_schedule
+from backend.engine.conditioning import BatchConditioning, Conditioning, StepConditioning, encode_schedule, stack
 from backend.engine.pipeline import execution_device, sdxl_time_ids
 from backend.engine.guider import Guider, UNetInputs
 from backend.errors import ModelError
@@ -52,24 +52,26 @@ class Handover:
         return guider.predict(scheduler, latents, t, step)
 
 
-def refiner_inputs(refiner, cond: Conditioning | StepConditioning, width: int, height: int) -> UNetInputs:
+def refiner_inputs(refiner, cond: Conditioning | StepConditioning | BatchConditioning, width: int,
+                   height: int) -> UNetInputs:
     """UNet inputs for the refiner: its conditioning and, for SDXL, its time ids."""
     if not FAMILIES[refiner.dreamtty.family].xl:
         return UNetInputs(refiner, cond, None, None, None)
     first = cond.at(0, 1)
     ids, neg = sdxl_time_ids(refiner, width, height, first.cond.dtype, int(first.pooled.shape[-1]))
-    device = execution_device(refiner)
-    return UNetInputs(refiner, cond, ids.to(device), neg.to(device), None)
+    device, images = execution_device(refiner), first.cond.shape[0]  # a row per image of a batch
+    return UNetInputs(refiner, cond, ids.to(device).repeat(images, 1), neg.to(device).repeat(images, 1), None)
 
 
-def refiner_handover(pipe, request, schedule: PromptSchedule) -> dict:
-    """``denoise`` keyword arguments for the request: {} without a refiner, else a hand-over guider."""
+def refiner_handover(pipe, request, schedules: list[PromptSchedule]) -> dict:
+    """``denoise`` keyword arguments for the request: {} without a refiner, else a hand-over guider.
+    ``schedules``: the prompts of each image denoised together (one, unless a batch)."""
     if not request.refiner:
         return {}
     refiner = pipe.dreamtty.refiner
     if refiner is None:
         raise ModelError(f"refiner: {request.refiner} is not loaded (apply_extras loads it)")
-    cond = encode_schedule(refiner, schedule, request.cfg > 1.0, request.guidance.clip_skip)
+    cond = stack([encode_schedule(refiner, s, request.cfg > 1.0, request.guidance.clip_skip) for s in schedules])
 
     def make_guider(inputs: UNetInputs, cfg: float, settings, total: int) -> Handover:
         refine = Guider(refiner_inputs(refiner, cond, request.width, request.height), cfg, settings, total)

@@ -312,7 +312,8 @@ class GenerateForm(VerticalScroll, can_focus=False):
             for name, allowed in (("dtype", DTYPES), ("speed", SPEEDS)):
                 if data.get(name) in allowed:
                     q(f"#{name}", Select).value = data[name]
-            self._carried = {"index": data.get("index", 0)}  # which [[a,b]] variant: kept for reproduce
+            # Which [[a,b]] variant and the batch the image was denoised in: kept for reproduce.
+            self._carried = {name: data.get(name) for name in ("index", "batch", "max_batch")}
             if "image_prompts" in data:
                 self.references.fill(data["image_prompts"] or [])
             if "steps" in data:

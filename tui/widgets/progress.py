@@ -17,8 +17,10 @@ def describe_step(event: Step) -> str:
 
 
 def step_counts(event: Step) -> tuple[int, int]:
-    """(steps done, steps in all) over every image of the job, from a ``step`` event."""
-    return event.image * event.total + event.step, event.count * event.total
+    """(steps done, steps in all) over every image of the job, from a ``step`` event (images denoised together
+    all advance at once: the event counts them)."""
+    done = event.image * event.total + event.step if event.done is None else event.done
+    return done, event.count * event.total
 
 
 def format_eta(seconds: float) -> str:
