@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from backend.events import Event
-from backend.queue_store import Job
-from backend.request import GenerateRequest
-from backend.run_schedule import ScheduledRun
-from backend.training.config import TrainRequest
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a CLI client imports only what it runs (benchmarks/cli_warm.py counts its start-up)
+    from backend.queue_store import Job
+    from backend.request import GenerateRequest
+    from backend.run_schedule import ScheduledRun
     from backend.service import Service
+    from backend.training.config import TrainRequest
 
 LOCAL_ENV = "DREAMTTY_LOCAL"  # set (not 0): every command runs its own service in-process
 SERVICE_ENV = "DREAMTTY_SERVICE"  # HOST:PORT of a service to reach over TCP

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -22,14 +23,16 @@ from backend import config
 from backend.errors import DreamttyError, RequestError
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, Fanout, ImageSaved, JobEvent,
                             ServiceReady, loads)
-from backend.models import DEMO_MODELS
+from backend.library import DEMO_MODELS
 from backend.queue_store import ACTIVE, Job
 from backend.request import GenerateRequest
-from backend.run_schedule import ScheduledRun
 from backend.serve import ServeOptions, start_detached
-from backend.training.config import TrainRequest
 from backend.values import absolute
 from backend.versions import versions
+
+if TYPE_CHECKING:  # imported where used: a generate call never needs them (benchmarks/cli_warm.py)
+    from backend.run_schedule import ScheduledRun
+    from backend.training.config import TrainRequest
 
 RECONNECT_DELAY = (0.1, 2.0)  # seconds: first and longest wait between attempts to reopen the stream
 POLL = 1.0  # seconds between checks, while waiting, that the stream is not lost for good
@@ -245,9 +248,13 @@ class RemoteClient:
         if runs_root is not None:
             body["runs_root"] = absolute(str(runs_root))
         data = await self._call("POST", "/v1/runs", body)
+        from backend.run_schedule import ScheduledRun
+
         return ScheduledRun.from_dict(data["run"]), list(data["warnings"])
 
     async def runs(self, limit: int = 200) -> list[ScheduledRun]:
+        from backend.run_schedule import ScheduledRun
+
         return [ScheduledRun.from_dict(r) for r in (await self._call("GET", "/v1/runs", limit=str(limit)))["runs"]]
 
     async def stop_run(self, run_id: int) -> bool:

@@ -14,15 +14,17 @@ import asyncio
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from backend.errors import DreamttyError, RequestError
 from backend.events import RunState, TrainStep
-from backend.run_schedule import TRAINING, WAITING, ScheduledRun, device_label
 from backend.safetext import visible
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
-from backend.training.launch import request_stop, resume_settings
+
+if TYPE_CHECKING:  # the scheduler and launcher are imported by the train command only, not by every CLI start
+    from backend.run_schedule import ScheduledRun
 from tui.cli_output import print_warnings
 
 RECHECK = 5.0  # seconds between readings of a waiting run's place in the schedule (besides its events)
@@ -93,6 +95,8 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
     resume = flags.get("resume", config.get("resume"))
     output = flags.get("output", config.get("output"))
     if resume and output and runs.is_run_dir(Path(output).expanduser()):
+        from backend.training.launch import resume_settings
+
         data.update(resume_settings(Path(output).expanduser()))
     data.update(config)
     data.update(flags)
@@ -114,6 +118,8 @@ class Trainer:
 def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "out", None) is not None:  # --out (images) is easily taken for --output (the run)
         raise RequestError("out", "is where generated images go; give the run folder with --output RUN_DIR")
+    from backend.run_schedule import TRAINING
+
     run = asyncio.run(_schedule(args, request_from_args(args)))
     run_dir = Path(run.path)
     if args.detach:
@@ -131,6 +137,7 @@ async def _schedule(args: argparse.Namespace, request: TrainRequest) -> Schedule
     stopped from the TUI, or its trainer could not start). Interrupted while it waits, the run is
     taken off the queue."""
     from backend.client import connect
+    from backend.run_schedule import WAITING
 
     client = connect(args.device, local=args.local, cluster=args.cluster, jobs=False)
     events = client.subscribe()
@@ -155,6 +162,8 @@ async def _schedule(args: argparse.Namespace, request: TrainRequest) -> Schedule
 
 async def _until_it_trains(client, run: ScheduledRun, events: asyncio.Queue) -> ScheduledRun:
     """Say why the run waits (again when that changes) until it leaves the queue."""
+    from backend.run_schedule import TRAINING, WAITING
+
     said = None
     while run.state == WAITING:
         if run.waiting_for != said:
@@ -174,11 +183,15 @@ async def _until_it_trains(client, run: ScheduledRun, events: asyncio.Queue) -> 
 
 
 def _devices(run: ScheduledRun) -> str:
+    from backend.run_schedule import device_label
+
     return ", ".join(map(device_label, run.devices))
 
 
 def follow(run_dir: Path, proc) -> int:
     """Print the run's progress on stderr until the trainer exits; Ctrl-C asks it to stop."""
+    from backend.training.launch import request_stop
+
     tail, progress, shown = runs.EventTail(run_dir), runs.RunProgress(), 0.0
     events = Path(run_dir) / runs.EVENTS
     tail.offset = events.stat().st_size if events.exists() else 0  # warnings were printed already
