@@ -30,6 +30,7 @@ _DEVICES = "auto, cpu, cuda or cuda:N[,cuda:M...]"
 _CUDA = re.compile(r"cuda(?::(\d+))?")
 _NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU this container may use
 _DEV = Path("/dev")
+RESPAWN_BACKOFF = (1.0, 60.0)  # seconds: first and longest wait before restarting a worker that dies before ready
 
 
 def parse_devices(text: str) -> list[str]:
@@ -151,6 +152,13 @@ class _Process:
     events: object  # the read end of this worker's event pipe
     cancel: object
     died_reported: bool = False
+    ready: bool = False  # it reported WorkerReady (a worker that dies before is restarted after a wait)
+
+    def retire(self) -> None:
+        """Free what a dead worker's process and job queue hold (the reader closes its pipe at EOF)."""
+        self.process.join(timeout=1)
+        self.jobs.close()
+        self.jobs.cancel_join_thread()
 
 
 class ProcessPool:
@@ -167,6 +175,7 @@ class ProcessPool:
         self._on_event: OnEvent = lambda event: None
         self._on_died: OnDied = lambda slot, job, why: None
         self._loop = None
+        self._early_deaths: dict[int, int] = {}  # slot id -> deaths in a row before the worker was ready
 
     def start(self, on_event: OnEvent, on_died: OnDied) -> None:
         import asyncio
@@ -194,7 +203,8 @@ class ProcessPool:
 
     def release(self, slot: Slot) -> None:
         slot.models = []
-        self._procs[slot.id].jobs.put(RELEASE)
+        if self.alive(slot):  # one waiting to be restarted holds nothing
+            self._procs[slot.id].jobs.put(RELEASE)
 
     def status(self) -> dict:
         return {"workers": [slot.status(self.alive(slot)) for slot in self.slots]}
@@ -251,6 +261,7 @@ class ProcessPool:
                 except (EOFError, OSError):  # the worker exited: stop reading its pipe
                     if proc.events is conn:  # unless a restart already replaced it
                         proc.events = None
+                    conn.close()
                     continue
                 except EventError:
                     continue
@@ -271,6 +282,8 @@ class ProcessPool:
 
     def _deliver(self, event: Event) -> None:
         if isinstance(event, WorkerReady):
+            self._procs[event.worker].ready = True
+            self._early_deaths.pop(event.worker, None)
             self._add_gpu_workers(event)
         self._on_event(event)
 
@@ -284,9 +297,20 @@ class ProcessPool:
     def _died(self, slot: Slot, exitcode) -> None:
         if self._stop.is_set():
             return
-        job = slot.job
-        self._spawn(slot)  # first: the service may hand the new worker a job at once
+        job, dead = slot.job, self._procs[slot.id]
+        dead.retire()
+        if dead.ready:
+            self._spawn(slot)  # first: the service may hand the new worker a job at once
+        else:  # it cannot start (a broken install or driver): restart it after a wait, not in a loop
+            deaths = self._early_deaths[slot.id] = self._early_deaths.get(slot.id, 0) + 1
+            first, longest = RESPAWN_BACKOFF
+            slot.job = None
+            self._loop.call_later(min(longest, first * 2 ** (deaths - 1)), self._respawn, slot)
         self._on_died(slot, job, f"worker crashed (exit code {exitcode})")
+
+    def _respawn(self, slot: Slot) -> None:
+        if not self._stop.is_set():
+            self._spawn(slot)  # its WorkerReady lets the service hand it jobs again
 
 
 @contextlib.contextmanager

@@ -270,3 +270,23 @@ def test_killed_cli_job_is_adopted_and_finishes_without_duplicates(tmp_path, dem
     assert isinstance(done, Done) and len(done.paths) == 3
     assert _seeds(done.paths) == [21, 22, 23]
     assert len(list(out.rglob("*.png"))) == 3
+
+
+async def test_a_worker_that_dies_before_ready_is_restarted_after_growing_waits(monkeypatch, tmp_path):
+    from backend import pool
+
+    monkeypatch.setattr(pool, "_worker_entry", os._exit)  # called with the worker's arguments: exits at once
+    monkeypatch.setattr(pool, "RESPAWN_BACKOFF", (1.0, 2.0))
+    workers = ProcessPool("cpu", tmp_path / "queue.sqlite3")
+    deaths: list[tuple[float, str]] = []
+    workers.start(lambda event: None, lambda slot, job, why: deaths.append((asyncio.get_running_loop().time(), why)))
+    try:
+        async with asyncio.timeout(60):
+            while len(deaths) < 4:
+                await asyncio.sleep(0.05)
+    finally:
+        await workers.close()
+    gaps = [later - earlier for (earlier, _), (later, _) in zip(deaths, deaths[1:])]
+    assert gaps[0] >= 1.0 and gaps[1] >= 2.0 and gaps[2] >= 2.0, gaps  # 1 s, then doubled up to the cap
+    assert all("worker crashed (exit code" in why for _, why in deaths)
+    assert not workers.alive(workers.slots[0])
