@@ -299,3 +299,16 @@ def test_pull_for_cli_options(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["models", "pull", "--for", "canny", "--family", "sd1"]) == 2
     assert "lllyasviel/control_v11p_sd15_canny cannot be downloaded" in capsys.readouterr().err
+
+
+def test_a_map_that_cannot_be_saved_is_one_line(tmp_path):
+    from backend.events import Preview
+    from tui.cli_jobs import _save_maps
+
+    edges = Preview(job=1, worker=0, image=0, width=2, height=1, rgb=bytes(6), label="canny")
+    saved = tmp_path / "a.png"
+    assert _save_maps(str(saved), [edges]) == [f"preprocessed {tmp_path / 'a.canny.png'}"]
+    assert Image.open(tmp_path / "a.canny.png").size == (2, 1)
+    elsewhere = tmp_path / "on-the-service-machine" / "b.png"  # a folder this machine does not have
+    [line] = _save_maps(str(elsewhere), [edges])
+    assert line.startswith(f"could not save the preprocessed canny map as {elsewhere.with_suffix('.canny.png')}: ")

@@ -145,8 +145,8 @@ async def follow(client: Client, job_ids: list[int], events, as_json: bool,
                     if not as_json:
                         progress.clear()
                         print(visible(event.path), flush=True)
-                    for saved in _save_maps(event.path, maps.pop(job_id, [])):
-                        print(f"dreamtty: job {job_id}: preprocessed {visible(saved)}", file=sys.stderr)
+                    for line in _save_maps(event.path, maps.pop(job_id, [])):
+                        print(f"dreamtty: job {job_id}: {visible(line)}", file=sys.stderr)
                 elif isinstance(event, TextOutput) and not as_json:
                     progress.clear()
                     print(visible(event.text), flush=True)
@@ -164,15 +164,21 @@ async def follow(client: Client, job_ids: list[int], events, as_json: bool,
 
 
 def _save_maps(image_path: str, previews: list[Preview]) -> list[str]:
-    """Image prompts' preprocessed maps saved beside ``image_path`` as ``<its name>.<label>.png``."""
+    """Image prompts' preprocessed maps saved beside ``image_path`` as ``<its name>.<label>.png``; a line
+    for each (the file, or why it could not be written: a service on another machine saved the image)."""
     from PIL import Image
 
-    out = []
+    lines = []
     for preview in previews:
         target = Path(image_path).with_suffix(f".{preview.label}.png")
-        Image.frombytes("RGB", (preview.width, preview.height), preview.rgb).save(target)
-        out.append(str(target))
-    return out
+        try:
+            Image.frombytes("RGB", (preview.width, preview.height), preview.rgb).save(target)
+        except OSError as exc:
+            lines.append(f"could not save the preprocessed {preview.label} map as {target}: "
+                         f"{exc.strerror or exc}")
+        else:
+            lines.append(f"preprocessed {target}")
+    return lines
 
 
 def _client(args) -> Client:
