@@ -10,14 +10,14 @@ job ended while the stream was down is not missed.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import aiohttp
 
 from backend import config
 from backend.errors import DreamttyError, RequestError
@@ -33,6 +33,22 @@ from backend.versions import versions
 if TYPE_CHECKING:  # imported where used: a generate call never needs them (benchmarks/cli_warm.py)
     from backend.run_schedule import ScheduledRun
     from backend.training.config import TrainRequest
+
+
+def _lazy_module(name: str):
+    """``name``, loaded at its first attribute access (importlib's LazyLoader recipe): the TUI draws its
+    first frame before aiohttp (about 0.15 s of imports) is loaded for its first call to the service."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+aiohttp = _lazy_module("aiohttp")
 
 RECONNECT_DELAY = (0.1, 2.0)  # seconds: first and longest wait between attempts to reopen the stream
 POLL = 1.0  # seconds between checks, while waiting, that the stream is not lost for good

@@ -32,7 +32,6 @@ from backend.errors import DreamttyError
 from backend.events import FINAL_EVENTS, Event, Queued, Retrying, ServiceReady, Started, Step, WorkerReady
 from backend.request import GenerateRequest
 from backend.safetext import visible
-from backend.service import Service
 from tui import keymap
 from tui.latency import (GC_TICK, TYPING_QUIET, TYPING_RECENT, TYPING_REDRAW_INTERVAL, KeyGate, QuietGC,
                          key_gated_driver)
@@ -106,8 +105,7 @@ class DreamttyApp(App):
         self.model_given = model is not None
         self.default_preset = self.config.default_preset
         self.out_dir = out or self.config.outputs
-        self.client = client or LocalClient(Service(devices=device, recover=True, nice=WORKER_NICE,
-                                                    cluster=cluster))
+        self.client = client or _local_client(device, cluster)
         self.job_events: Signal[Event] = Signal(self, "job-events")
         self.active: dict[int, str] = {}  # job id -> queued | running (every client's jobs on the service)
         self.submitted: set[int] = set()  # the jobs this TUI queued (ctrl+x cancels only these)
@@ -314,6 +312,13 @@ class DreamttyApp(App):
                     key = self.key_for(binding.id, binding.key)
                     yield SystemCommand(binding.tooltip or binding.description, markup(f"key: {key}"),
                                         partial(self.run_action, binding.action, node))
+
+
+def _local_client(device: str, cluster: str | None) -> LocalClient:
+    """A service in this process (tests, ``--local``); imported here: ``dreamtty`` attaches to ``serve``."""
+    from backend.service import Service
+
+    return LocalClient(Service(devices=device, recover=True, nice=WORKER_NICE, cluster=cluster))
 
 
 def use_color_system(choice: str) -> None:
