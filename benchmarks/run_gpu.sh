@@ -17,3 +17,5 @@ bench 240 benchmarks/guidance_cost.py --gpu
 bench 300 benchmarks/gpu_train.py --steps 6 --warmup 2 \
   --variants plain,full,full+8bit,full+8bit/separate,full+8bit+ckpt,lora
 bench 120 benchmarks/adam8bit_layout.py --device cuda
+bench 300 benchmarks/image_input.py --gpu
+bench 300 benchmarks/image_prompt_cost.py --gpu
