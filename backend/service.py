@@ -280,7 +280,8 @@ class Service:
         return self.store.jobs(ACTIVE, owner=self.owner)
 
     def status(self) -> dict:
-        """This process, its workers (device, job, loaded models) and the length of its queue, as JSON."""
+        """This process, its workers (device, node, job, loaded models), the pool's own facts (a cluster's
+        address and nodes) and the length of its queue, as JSON."""
         active = self.active_jobs()
         workers = []
         held = self.training.holding()
@@ -288,10 +289,11 @@ class Service:
             ready, models = self._ready.get(slot.id), self._models.get(slot.id)
             run = held.get(self._device_of(slot))
             workers.append({"id": slot.id, "device": ready.device if ready else slot.device, "pid": slot.pid,
-                            "ready": ready is not None and self.pool.alive(slot), "job": slot.job,
+                            "node": slot.node, "ready": ready is not None and self.pool.alive(slot), "job": slot.job,
                             "models": models.models if models else [], "loads": models.loads if models else 0,
                             "training": run.id if run else None})
-        return {"pid": os.getpid(), "started": self.started,
+        pool = {key: value for key, value in self.pool.status().items() if key != "workers"}
+        return {**pool, "pid": os.getpid(), "started": self.started,
                 "uptime": time.time() - self.started if self.started else 0.0, "workers": workers,
                 "queued": sum(job.state == "queued" for job in active),
                 "running": sum(job.state == "running" for job in active),

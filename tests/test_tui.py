@@ -13,13 +13,13 @@ from PIL import Image
 from rich_pixels import HalfcellRenderer
 from textual import events
 from textual.drivers.headless_driver import HeadlessDriver
-from textual.widgets import Checkbox, Input, Select, TextArea
+from textual.widgets import Checkbox, Input, Select, Static, TextArea
 
 from backend.config import config_path
-from backend.events import Preview, Started, Step
+from backend.events import Preview, Started, Step, WorkerModels
 from backend.request import GenerateRequest
 from backend.client import LocalClient
-from backend.pool import ProcessPool
+from backend.pool import ProcessPool, Slot
 from backend.service import Service
 import tui.app
 import tui.screens.generate
@@ -574,3 +574,42 @@ async def test_a_service_that_cannot_start_is_one_line_and_the_form_stays(idle_s
         await wait_for(pilot, lambda: app.screen.query("Toast"), what="a notification")
         assert any("cannot create /nowhere" in str(t.render()) for t in app.screen.query("Toast"))
         assert app.is_running and app.worker_state == "no service"
+
+
+class SlotsWithoutProcesses:
+    """A pool of one worker slot that never starts (backend.pool.WorkerPool): the service lists it as starting."""
+
+    def __init__(self) -> None:
+        self.slots = [Slot(0, "cpu")]
+
+    def alive(self, slot) -> bool:
+        return False
+
+    def status(self) -> dict:
+        return {"workers": []}
+
+    def start(self, on_event, on_died) -> None: ...
+
+    def run(self, slot, job) -> None: ...
+
+    def cancel(self, slot) -> None: ...
+
+    def release(self, slot) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+async def test_models_screen_shows_the_workers_and_what_they_hold(tmp_path):
+    db = tmp_path / "queue.sqlite3"
+    service = Service(devices="cpu", db_path=db, recover=True, pool=SlotsWithoutProcesses())
+    app = make_app(service, tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("f4")
+        shown = lambda: str(app.screen.query_one("#service-workers", Static).render())  # noqa: E731
+        await wait_for(pilot, lambda: "worker 0  cpu" in shown(), what="the worker list")
+        assert "Workers" in shown() and "starting; no model" in shown()
+        # the list follows the workers' events: a worker that loads a model
+        service._models[0] = WorkerModels(worker=0, models=[{"model": "demo\x1b[2J", "dtype": "float32",
+                                                                 "bytes": 5 * 2**20}], loads=1)
+        app.job_events.publish(WorkerModels(worker=0))
+        await wait_for(pilot, lambda: "demo\\x1b[2J (float32, 5.2 MB)" in shown(), what="the loaded model")

@@ -121,20 +121,32 @@ async def _status(as_json: bool) -> int:
 
 def format_status(status: dict) -> str:
     """The ``serve --status`` text (paths and model names with control characters made visible)."""
-    from backend.downloads import human
-
     where = str(status.get("socket")) + (f", http://{status['listen']}" if status.get("listen") else "")
     idle = f"exits after {status['idle_exit']:g} min idle" if status.get("idle_exit") else "never exits when idle"
     lines = [f"service   pid {status['pid']}, up {_duration(status['uptime'])}, dreamtty {status['dreamtty']}, {idle}",
              f"listens   {where}",
-             f"queue     {status['queued']} queued, {status['running']} running; {status['streams']} client(s) attached"]
+             f"queue     {status['queued']} queued, {status['running']} running; {status['streams']} client(s) attached",
+             *worker_lines(status), f"log       {status.get('log')}"]
+    return visible("\n".join(lines))
+
+
+def worker_lines(status: dict) -> list[str]:
+    """Where the service's workers run (a cluster's nodes too) and what each runs and holds."""
+    from backend.downloads import human
+
+    lines = []
+    if "nodes" in status:
+        nodes = status["nodes"]
+        lines.append(f"cluster   {status.get('cluster') or 'Ray'}: {len(nodes)} node(s), "
+                     f"{sum(n['gpus'] for n in nodes)} GPU(s)")
+        lines += [f"node      {n['host']} ({n['address']}), {n['gpus']} GPU(s), {'alive' if n['alive'] else 'lost'}"
+                  for n in nodes]
     for worker in status["workers"]:
         state = f"job {worker['job']}" if worker["job"] is not None else ("idle" if worker["ready"] else "starting")
         models = ", ".join(f"{m['model']} ({m['dtype']}, {human(m['bytes'])})" for m in worker["models"]) or "no model"
         lines.append(f"worker {worker['id']}  {worker['device']} (pid {worker['pid']}), {state}; {models}; "
                      f"{worker['loads']} load(s) since it started")
-    lines.append(f"log       {status.get('log')}")
-    return visible("\n".join(lines))
+    return lines
 
 
 def _duration(seconds: float) -> str:

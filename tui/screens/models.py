@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from backend import config, downloads, library
 from backend.errors import DreamttyError
+from backend.events import ServiceReady, WorkerModels, WorkerReady, WorkerReleased
 from backend.families import FAMILIES
 from tui.keymap import Key, bindings
 from tui.text import TextInput, cell, notify, plain
@@ -180,9 +181,31 @@ class ModelsPane(Vertical):
 
 
 class ModelsScreen(Screen):
-    """The Models mode (F4)."""
+    """The Models mode (F4): the model library, and below it the service's workers and what they hold."""
 
     def compose(self) -> ComposeResult:
         yield ModeBar("models")
         yield ModelsPane(id="models-pane")
+        yield Static("", id="service-workers")
         yield Footer()
+
+    def on_mount(self) -> None:
+        self.app.job_events.subscribe(self, self._on_job_event)
+
+    def on_screen_resume(self) -> None:
+        self.show_workers()
+
+    def _on_job_event(self, event) -> None:
+        if isinstance(event, (WorkerReady, WorkerModels, WorkerReleased, ServiceReady)):
+            self.show_workers()
+
+    @work(exclusive=True, group="service-workers")
+    async def show_workers(self) -> None:
+        """The service's workers (devices, cluster nodes, loaded models, jobs), as ``serve --status`` says."""
+        from tui.cli_serve import worker_lines
+
+        try:
+            text = "\n".join(["Workers", *worker_lines(await self.app.client.status())])
+        except DreamttyError as exc:
+            text = f"Workers: {exc}"
+        self.query_one("#service-workers", Static).update(plain(text))
