@@ -459,3 +459,67 @@ async def test_an_inpaint_painted_in_the_editor_runs_and_keeps_every_pixel_outsi
     with Image.open(image) as source, Image.open(done.outputs[0]) as result:
         before, after = np.asarray(source.convert("RGB")), np.asarray(result.convert("RGB"))
     assert np.array_equal(after[~mask], before[~mask]) and not np.array_equal(after[mask], before[mask])
+
+
+async def test_f7_loads_the_parameters_of_an_a1111_input_image_with_its_warnings(idle_service, tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    from test_a1111 import A1111_TEXT
+
+    info = PngInfo()
+    info.add_text("parameters", A1111_TEXT)
+    image = tmp_path / "from-a1111.png"
+    Image.new("RGB", (64, 64)).save(image, pnginfo=info)
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(160, 50)) as pilot:
+        form = await input_section(pilot, app, image, "img2img")
+        await pilot.press("f7")
+        prompt = lambda: form.query_one("#prompt").text  # noqa: E731
+        await wait_for(pilot, lambda: prompt().startswith("masterpiece, a  red fox"), what="the A1111 prompt")
+        assert form.query_one("#model", Input).value == "sd_xl_base_1.0"
+        assert form.query_one("#steps", Input).value == "3" and form.query_one("#seed", Input).value == "1234567"
+        messages = [(n.title, n.message) for n in app._notifications]
+        assert ("", "Loaded the parameters of from-a1111.png.") in messages
+        assert sum(title == "from-a1111.png" for title, _ in messages) == 2  # its warnings: what differs
+        form.query_one("#in-image", Input).value = ""
+        await pilot.press("f7")
+        await wait_for(pilot, lambda: "give an image whose parameters to load" in screen_text(app), what="the error")
+
+
+async def test_image_prompt_rows_queue_their_references_and_refuse_a_bad_weight(idle_service, tmp_path):
+    edges, face = source_png(tmp_path / "edges.png"), source_png(tmp_path / "face.png")
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await settle(pilot)
+        form = app.screen.form
+        form.query_one("#image-prompts", Collapsible).collapsed = False
+        form.query_one("#ref-0-path", Input).value = str(edges)
+        form.query_one("#ref-0-type", Select).value = "canny"
+        form.query_one("#ref-0-weight", Input).value = "3"
+        form.query_one("#ref-1-path", Input).value = str(face)
+        form.query_one("#ref-1-type", Select).value = "face"
+        await pilot.press("ctrl+g")
+        await wait_for(pilot, lambda: field_of(app, "#ref-0-path").error, what="the weight's error on the first row")
+        assert "weight 3 is out of range" in field_of(app, "#ref-0-path").error and idle_service.jobs() == []
+        form.query_one("#ref-0-weight", Input).value = "0.8"
+        form.query_one("#ref-0-stop", Input).value = "0.6"
+        await pilot.press("ctrl+g")
+        await wait_for(pilot, lambda: idle_service.jobs(), what="the job")
+        references = last_job(idle_service).request["image_prompts"]
+    assert [(p["path"], p["type"], p["weight"], p["stop"]) for p in references] \
+        == [(str(edges), "canny", 0.8, 0.6), (str(face), "face", 0.75, 0.9)]  # the face takes its type's defaults
+
+
+async def test_describe_keys_queue_a_describe_job_of_the_image(idle_service, tmp_path):
+    image = source_png(tmp_path / "fox.png")
+    in_gallery(idle_service, image)
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(160, 50)) as pilot:
+        await input_section(pilot, app, image, "img2img")
+        await pilot.press("f6")
+        await wait_for(pilot, lambda: any(j.kind == "describe" for j in idle_service.jobs()), what="describe (F6)")
+        await to_gallery(pilot, app)
+        await pilot.press(app.key_for("gallery.describe"))
+        await wait_for(pilot, lambda: sum(j.kind == "describe" for j in idle_service.jobs()) == 2,
+                       what="describe (d in the gallery)")
+        assert [j.request["image"] for j in idle_service.jobs() if j.kind == "describe"] == [str(image)] * 2

@@ -224,19 +224,22 @@ class DreamttyApp(App):
 
     @work(thread=True, group="load-parameters")
     def load_into_form(self, path: str) -> None:
-        """Put the parameters saved in image ``path`` into the Generate form and show it (read in a thread)."""
+        """Put the parameters saved in image ``path`` (ours, or A1111's or Fooocus's: the closest request, with
+        warnings saying what differs) into the Generate form and show it (read in a thread)."""
         try:
-            request = metadata.request_from_image(path)
+            request, warnings = metadata.image_request(path)
         except DreamttyError as exc:
             self.call_from_thread(notify, self, exc, severity="error")
             return
-        self.call_from_thread(self._loaded_into_form, request, Path(path).name)
+        self.call_from_thread(self._loaded_into_form, request, Path(path).name, warnings)
 
-    async def _loaded_into_form(self, request: GenerateRequest, name: str) -> None:
+    async def _loaded_into_form(self, request: GenerateRequest, name: str, warnings: list[str]) -> None:
         await self.generate_screen.form.ready.wait()
         self.generate_screen.form.fill(request.to_dict(), kind=jobkinds.kind_of(request).name)
         self.switch_mode("generate")
         notify(self, f"Loaded the parameters of {name}.")
+        for warning in warnings:
+            notify(self, warning, title=name, severity="warning", timeout=15)
 
     async def use_as_input(self, path: str) -> None:
         """Put image ``path`` in the Generate screen's Input image section and show it."""

@@ -46,6 +46,8 @@ GENERATE_KEYS = (
         priority=True),
     Key("describe", "f6", "describe_input", "Describe", "Describe the Input image into the prompt (a captioner)",
         show=False, priority=True),
+    Key("load_input", "f7", "load_input_parameters", "Load params", "Load the Input image's parameters (dreamtty, "
+        "A1111 or Fooocus metadata) into the form", show=False, priority=True),
 )
 
 QUEUE_KEYS = (

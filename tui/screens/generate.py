@@ -638,6 +638,14 @@ class GenerateScreen(Screen):
         await self.form.ready.wait()
         self.describe(self.form.input_section.image)
 
+    async def action_load_input_parameters(self) -> None:
+        await self.form.ready.wait()
+        path = self.form.input_section.image
+        if not path:
+            self._rejected(RequestError("image", "give an image whose parameters to load (the Input image's path)"))
+            return
+        self.app.load_into_form(str(Path(path).expanduser()))
+
     def describe(self, path: str) -> None:
         """Describe image ``path`` with the captioner (a describe job); its text replaces the prompt."""
         if not path:
