@@ -33,8 +33,8 @@ class Tmux:
         return subprocess.run(["tmux", "-L", self.socket, *args], env=self.env, capture_output=True, text=True,
                               timeout=30)
 
-    def screen(self) -> str:
-        return self("capture-pane", "-p", "-t", "app").stdout
+    def screen(self, session: str = "app") -> str:
+        return self("capture-pane", "-p", "-t", session).stdout
 
     def wait(self, condition, what: str, timeout: float = TIMEOUT) -> None:
         deadline = time.monotonic() + timeout

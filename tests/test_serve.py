@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -597,7 +598,8 @@ def test_bad_serve_options_are_one_line(dirs):
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_the_tui_is_a_client_and_its_kill_spares_the_job(dirs):
-    """``dreamtty`` starts the service and queues on it; killed mid-job, the job still ends in a PNG."""
+    """``dreamtty`` starts the service and queues on it; a second TUI (``dreamtty attach``) sees the job live;
+    the first, killed mid-job, leaves the job to end in a PNG."""
     from test_e2e_tmux import Tmux, _command
 
     (dirs.home / "config" / "presets").mkdir(parents=True)
@@ -615,6 +617,11 @@ def test_the_tui_is_a_client_and_its_kill_spares_the_job(dirs):
         tmux.wait(lambda: "a red fox in the snow" in tmux.screen(), "the typed prompt", 30)
         tmux("send-keys", "-t", "app", "C-g")
         tmux.wait(lambda: re.search(r"step \d+/150", tmux.screen()), "the job's progress from the service")
+        attach = shlex.join([sys.executable, "-m", "tui.cli", "attach"])
+        assert tmux("new-session", "-d", "-s", "second", "-x", "200", "-y", "60", attach).returncode == 0
+        tmux.wait(lambda: re.search(r"step \d+/150", tmux.screen("second")), "the second TUI to show the job live")
+        tmux("send-keys", "-t", "second", "F2")
+        tmux.wait(lambda: "a red fox in the snow" in tmux.screen("second"), "the job in the second TUI's queue")
         assert not list(dirs.out.rglob("*.png"))
         pane_pid = int(tmux("display", "-p", "-t", "app", "#{pane_pid}").stdout)
         os.kill(pane_pid, signal.SIGKILL)  # the TUI dies mid-job, as with an SSH drop
