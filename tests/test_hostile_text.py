@@ -374,3 +374,59 @@ def test_train_follow_prints_hostile_events(capsys, tmp_path):
     _, err = capsys.readouterr()
     assert_clean(err, "stderr")
     assert_shown(err)
+
+
+def test_jobs_lists_hostile_prompts_and_errors(capsys, tmp_path):
+    from backend import locations
+    from backend.queue_store import QueueStore
+
+    store = QueueStore(locations.queue_db())
+    request = GenerateRequest(prompt=PROMPT).to_dict()
+    store.set_state(store.add("generate", {"request": request, "out": str(tmp_path)}, "gone/1/a"), "failed", TEXT)
+    store.close()
+    code, out, _ = cli(capsys, "jobs")  # no service runs: the queue is read here
+    assert code == 0 and "failed" in out and "a cat [/] dog" in out
+    assert_shown(out.split("\n", 2)[2], MARKUP + SHOWN)  # the error line, whole
+    code, out, _ = cli(capsys, "jobs", "--json")
+    assert code == 0 and json.loads(out)[0]["error"] == TEXT
+
+
+def test_followed_events_print_as_text(capsys):
+    """What ``generate``, ``wait`` and ``describe`` print of a job's events: notes, describe's text, saved paths,
+    errors."""
+    import asyncio
+
+    from backend.events import ImageSaved, Note, TextOutput
+    from tui.cli_jobs import follow
+
+    class Replay:
+        async def wait(self, job_id, events):
+            for event in (Note(job=job_id, message=TEXT), TextOutput(job=job_id, image=0, text=TEXT),
+                          ImageSaved(job=job_id, image=0, path=f"/out/{NAME}.png", seed=1),
+                          Failed(job=job_id, error=TEXT)):
+                yield event
+
+    for as_json in (False, True):
+        code, paths = asyncio.run(follow(Replay(), [7], None, as_json))
+        out, err = capsys.readouterr()
+        assert_clean(out, "stdout")
+        assert_clean(err, "stderr")
+        assert code == 1 and paths == [f"/out/{NAME}.png"]
+        if not as_json:
+            assert_shown(out)
+            assert_shown(err)
+            assert NAME_SHOWN in out and err.count("dreamtty: job 7") == 2
+        else:
+            assert [json.loads(line)["type"] for line in out.splitlines()] == ["note", "text", "image", "failed"]
+
+
+def test_serve_status_shows_hostile_names_as_text():
+    from tui.cli_serve import format_status
+
+    worker = {"id": 0, "device": f"cuda:0 ({NAME})", "pid": 1, "job": None, "ready": True, "loads": 1,
+              "models": [{"model": NAME, "dtype": "float16", "bytes": 2**30}]}
+    text = format_status({"pid": 1, "uptime": 5, "dreamtty": "0.1", "socket": f"/run/{NAME}", "queued": 0,
+                          "running": 0, "streams": 1, "workers": [worker], "log": f"/log/{NAME}",
+                          "cluster": NAME, "nodes": [{"host": NAME, "address": "10.0.0.2", "gpus": 1, "alive": True}]})
+    assert_clean(text, "serve --status")
+    assert text.count(NAME_SHOWN) == 6  # the socket, cluster, node, device, model and log, each written out
