@@ -20,6 +20,7 @@ from backend.events import Done, ImageSaved, Preview, TextOutput
 from backend.image_prompts import ImagePrompt
 from backend.jobkinds.describe import DescribeRequest
 from backend.jobkinds.img2img import Img2ImgRequest
+from backend.jobkinds.inpaint import InpaintRequest
 from backend.request import GenerateRequest
 from backend.service import Service
 from image_helpers import gradient, write_image
@@ -312,3 +313,28 @@ def test_a_map_that_cannot_be_saved_is_one_line(tmp_path):
     elsewhere = tmp_path / "on-the-service-machine" / "b.png"  # a folder this machine does not have
     [line] = _save_maps(str(elsewhere), [edges])
     assert line.startswith(f"could not save the preprocessed canny map as {elsewhere.with_suffix('.canny.png')}: ")
+
+
+async def test_inpaint_with_a_face_reference_steers_only_the_mask(tmp_path, demo_dirs, reference):
+    """References compose with the image kinds: inpaint with a face reference changes the repainted box and
+    leaves every pixel outside it as the input's."""
+    image = write_image(tmp_path / "in.png")
+    base = {"prompt": "a fox", "model": "demo", "steps": 6, "seed": 3, "image": str(image), "box": [32, 32, 48, 40],
+            "mode": "modify"}
+    service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3")
+    events = service.subscribe()
+    await service.start()
+    try:
+        made = []
+        for prompts in ([], [f"{reference}:face:1.0"]):
+            request = InpaintRequest.from_dict({**base, "image_prompts": prompts})
+            seen = await asyncio.wait_for(_run(service, events, request, tmp_path / "out"), TIMEOUT)
+            made.append(_pixels(next(e.path for e in seen if isinstance(e, ImageSaved))))
+    finally:
+        await service.close()
+    source = _pixels(image)
+    outside = np.ones(source.shape[:2], bool)
+    outside[24:80, 24:88] = False  # the box and its feathered border
+    for pixels in made:
+        assert np.array_equal(pixels[outside], source[outside])
+    assert np.abs(made[0][40:64, 40:72] - made[1][40:64, 40:72]).max() > 0  # the reference changed the box
