@@ -14,6 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One BLAS/OpenMP thread per process: tests run on 2 shared cores, where torch's
 # default threading oversubscribes them badly. Worker processes inherit this.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# pytest-xdist sets COLUMNS=80 and LINES=24 in its workers; the apps that tests start in a terminal
+# (tmux, the browser's pty) would take them for their size instead of the terminal's own.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 
 
 @pytest.fixture

@@ -603,7 +603,7 @@ def test_the_tui_is_a_client_and_its_kill_spares_the_job(dirs):
     from test_e2e_tmux import Tmux, _command
 
     (dirs.home / "config" / "presets").mkdir(parents=True)
-    (dirs.home / "config" / "presets" / "long.yaml").write_text("description: a long demo job\nsteps: 150\n")
+    (dirs.home / "config" / "presets" / "long.yaml").write_text("description: a long demo job\nsteps: 500\n")
     attach = cli(dirs, "attach")  # nothing to attach to yet: it says so, and starts nothing
     assert attach.returncode == 2 and "none is running" in attach.stderr and not dirs.files().socket.exists()
     env = {**dirs.env(), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TERM": "xterm-256color",
@@ -612,16 +612,18 @@ def test_the_tui_is_a_client_and_its_kill_spares_the_job(dirs):
     try:
         assert tmux("new-session", "-d", "-s", "app", "-x", "200", "-y", "60", _command(dirs.out)).returncode == 0
         tmux("set-option", "-t", "app", "remain-on-exit", "on")
-        tmux.wait(lambda: "Prompt" in tmux.screen() and "Generate" in tmux.screen(), "the app to draw", 60)
+        tmux.wait(lambda: "worker ready" in tmux.screen(), "the app to draw and its service to start", 120)
+        attach = shlex.join([sys.executable, "-m", "tui.cli", "attach"])
+        assert tmux("new-session", "-d", "-s", "second", "-x", "200", "-y", "60", attach).returncode == 0
+        tmux.wait(lambda: "worker ready" in tmux.screen("second"), "the second TUI on the same service", 60)
+        tmux("send-keys", "-t", "second", "F2")  # its queue screen, before the job exists
+        tmux.wait(lambda: "Jobs" in tmux.screen("second"), "the second TUI's queue screen", 30)
         tmux("send-keys", "-t", "app", "-l", "a red fox in the snow")
         tmux.wait(lambda: "a red fox in the snow" in tmux.screen(), "the typed prompt", 30)
         tmux("send-keys", "-t", "app", "C-g")
-        tmux.wait(lambda: re.search(r"step \d+/150", tmux.screen()), "the job's progress from the service")
-        attach = shlex.join([sys.executable, "-m", "tui.cli", "attach"])
-        assert tmux("new-session", "-d", "-s", "second", "-x", "200", "-y", "60", attach).returncode == 0
-        tmux.wait(lambda: re.search(r"step \d+/150", tmux.screen("second")), "the second TUI to show the job live")
-        tmux("send-keys", "-t", "second", "F2")
-        tmux.wait(lambda: "a red fox in the snow" in tmux.screen("second"), "the job in the second TUI's queue")
+        tmux.wait(lambda: re.search(r"step \d+/500", tmux.screen()), "the job's progress from the service")
+        tmux.wait(lambda: re.search(r"step \d+/500", screen := tmux.screen("second")) and "a red fox" in screen,
+                  "the job live in the second TUI: its progress line and its queue")
         assert not list(dirs.out.rglob("*.png"))
         pane_pid = int(tmux("display", "-p", "-t", "app", "#{pane_pid}").stdout)
         os.kill(pane_pid, signal.SIGKILL)  # the TUI dies mid-job, as with an SSH drop
