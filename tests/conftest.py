@@ -19,6 +19,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("COLUMNS", None)
 os.environ.pop("LINES", None)
 
+# The slowest files first: the two test processes (pytest-xdist, a file each) take files in collection
+# order, so the long ones start at once instead of leaving one process working alone at the end.
+SLOW_FIRST = ("test_serve.py", "test_service.py", "test_tui_image_input.py", "test_image_prompt_jobs.py",
+              "test_ray_pool.py", "test_image_jobs.py", "test_cli.py", "test_run_schedule.py", "test_train_pane.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
 
 @pytest.fixture
 def two_process_launcher() -> list[str]:
