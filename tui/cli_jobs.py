@@ -62,7 +62,8 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed", choices=SPEEDS, help="fast: a compiled UNet on CUDA (first time per model and size: "
                                                    "about a minute; then cached)")
     p.add_argument("--max-batch", type=int, metavar="N", help=f"denoise up to N of the images at once (1..{MAX_COUNT}; "
-                                                              "default: 1 on the CPU, what memory allows on a GPU)")
+                                                              "default: what half the free memory holds, at most 4 "
+                                                              "on the CPU and 8 on CUDA)")
     g = p.add_argument_group("guidance")
     g.add_argument("--perp-neg", type=float, help="PerpNeg scale")
     g.add_argument("--sag", type=float, help="Self-Attention Guidance scale")
