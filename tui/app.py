@@ -140,7 +140,7 @@ class DreamttyApp(App):
         for job in await self.client.active_jobs():
             self.active.setdefault(job.id, job.state)
         ready = [worker for worker in (await self.client.status())["workers"] if worker["ready"]]
-        if ready and self.worker_state.startswith("starting"):  # attached to a running service: no WorkerReady comes
+        if ready:  # attached to a running service: its WorkerReady events came before this TUI
             self.worker_state = f"worker ready on {ready[0]['device']}"
         self.job_events.publish(ServiceReady())
 
