@@ -52,7 +52,8 @@ def _command(out: Path) -> str:
 
 def _half_blocks(screen: str) -> int:
     """Half-block cells right of the preview panel's border "▊" (the form's scrollbar, left of it, has some too)."""
-    return sum(line.rsplit("▊", 1)[-1].count("▄") + line.rsplit("▊", 1)[-1].count("▀") for line in screen.splitlines())
+    right = [line.rsplit("▊", 1)[-1] for line in screen.splitlines()]
+    return sum(part.count("▄") + part.count("▀") for part in right)
 
 
 def _full_width(screen: str) -> bool:

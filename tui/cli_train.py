@@ -14,18 +14,18 @@ import asyncio
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backend.errors import DreamttyError, RequestError
 from backend.events import RunState, TrainStep
 from backend.safetext import visible
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
+from tui.cli_output import print_warnings
 
 if TYPE_CHECKING:  # the scheduler and launcher are imported by the train command only, not by every CLI start
     from backend.run_schedule import ScheduledRun
-from tui.cli_output import print_warnings
 
 RECHECK = 5.0  # seconds between readings of a waiting run's place in the schedule (besides its events)
 
