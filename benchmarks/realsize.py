@@ -58,7 +58,7 @@ def build_pipeline(xl: bool, device: str = "cuda", dtype=torch.float16):
                                    steps_offset=1, timestep_spacing="leading")
     with torch.device(device):
         unet = UNet2DConditionModel(**(SDXL_UNET if xl else SD15_UNET))
-        vae = AutoencoderKL(**VAE, scaling_factor=0.13025 if xl else 0.18215, force_upcast=xl)
+        vae = AutoencoderKL(**VAE, sample_size=1024 if xl else 512, scaling_factor=0.13025 if xl else 0.18215, force_upcast=xl)
         te = _text(CLIPTextModel, **CLIP_L)
         if xl:
             te2 = _text(CLIPTextModelWithProjection, **CLIP_BIGG)
