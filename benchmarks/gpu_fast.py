@@ -35,6 +35,7 @@ from backend.engine.denoise import DenoiseSpec, denoise
 from backend.engine.generate import generate_batch, generate_image
 from backend.engine.scheduling import make_scheduler
 from backend.request import GenerateRequest
+from benchmarks.options import child_env
 from benchmarks.realsize import build_pipeline
 
 PROMPT, NEGATIVE = "a red fox in the snow, photo", "blurry"
@@ -153,7 +154,7 @@ def launch(model: str, cache_dir: str) -> None:
 
 def _launch_time(model: str, cache_dir: str) -> float:
     out = subprocess.run([sys.executable, __file__, "--launch", model, "--cache", cache_dir], capture_output=True,
-                         text=True, check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                         text=True, check=True, env=child_env(os.getcwd()))
     return json.loads(out.stdout.strip().splitlines()[-1])["first_step_s"]
 
 
@@ -172,17 +173,17 @@ def main() -> None:
         launch(args.launch, args.cache)
         return
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    for model in args.models.split(","):
+    for model in args.models.split(","):  # each figure printed as soon as it is known
+        print(f"\n{model} {SIZES[model][1]}², {args.steps} steps")
         with tempfile.TemporaryDirectory() as cache_dir:
-            cold, warm = _launch_time(model, cache_dir), _launch_time(model, cache_dir)
+            for launch_kind in ("first launch", "warm launch"):
+                print(f"ours fast, time to first step, {launch_kind}: {_launch_time(model, cache_dir):.1f} s", flush=True)
         rates, per_second, difference = its(model, args.steps, args.runs, args.batch)
         best = rates["stock best knob"]
-        print(f"\n{model} {SIZES[model][1]}², {args.steps} steps")
         print(f"{'variant':<18}{'it/s (batch 1)':>15}{'vs best knob':>14}" + (
             f"{f'images/s (batch {args.batch})':>22}" if per_second else ""))
         for name, rate in rates.items():
             print(f"{name:<18}{rate:>15.1f}{rate / best:>13.2f}x" + (f"{per_second[name]:>22.2f}" if per_second else ""))
-        print(f"ours fast, time to first step: first launch {cold:.1f} s, warm launch {warm:.1f} s")
         if per_second:
             print(f"ours default, an image of a batch of {args.batch} vs the same image alone: max difference "
                   f"{difference}/255", flush=True)

@@ -219,9 +219,10 @@ def main() -> None:
     if args.variant:
         run_variant(args)
         return
+    from benchmarks.options import child_env
+
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
-           "MALLOC_MMAP_THRESHOLD_": "65536"}  # CPU estimate: freed tensors leave the resident set
+    env = child_env(root, MALLOC_MMAP_THRESHOLD_="65536")  # CPU estimate: freed tensors leave the resident set
     results = {}
     for name in args.variants.split(","):
         if name not in VARIANTS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -27,3 +28,9 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA runs asynchronously), so a clock reads the work done."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def child_env(root: str, **more: str) -> dict[str, str]:
+    """This process's environment for a benchmark's child process, with ``root`` first on PYTHONPATH."""
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **more}
