@@ -23,6 +23,7 @@ from typing import Protocol
 from backend import locations
 from backend.errors import RequestError
 from backend.events import Event, EventError, WorkerReady, loads
+from backend.request import MAX_COUNT
 from backend.worker import RELEASE
 
 _CTX = mp.get_context("spawn")
@@ -103,7 +104,7 @@ class Slot:
 
     id: int
     device: str
-    job: int | None = None  # the job it runs
+    jobs: list[int] = field(default_factory=list)  # the jobs it runs: one, or a group (backend.job_groups)
     pid: int | None = None
     node: str | None = None  # the machine it runs on, when not this one (a Ray node)
     models: list[str] = field(default_factory=list)  # the models of its last jobs, most recent last: loaded
@@ -112,13 +113,18 @@ class Slot:
         """Note that this slot's worker loads ``model`` for a job (and keeps the last ``MODELS_KEPT``)."""
         self.models = [*(m for m in self.models if m != model), model][-MODELS_KEPT:]
 
+    @property
+    def job(self) -> int | None:
+        """The first of the jobs it runs, or None when it is idle."""
+        return self.jobs[0] if self.jobs else None
+
     def status(self, ready: bool) -> dict:
-        """This slot as JSON, with whether its worker is ready for jobs."""
-        return {**asdict(self), "ready": ready}
+        """This slot as JSON, with its first job and whether its worker is ready for jobs."""
+        return {**asdict(self), "job": self.job, "ready": ready}
 
 
 OnEvent = Callable[[Event], None]
-OnDied = Callable[[Slot, "int | None", str], None]  # the slot whose worker died, its job, and why
+OnDied = Callable[[Slot, list[int], str], None]  # the slot whose worker died, the jobs it ran, and why
 
 
 class WorkerPool(Protocol):
@@ -129,11 +135,11 @@ class WorkerPool(Protocol):
 
     def alive(self, slot: Slot) -> bool: ...
 
-    def run(self, slot: Slot, job: dict) -> None:
-        """Hand ``job`` (its payload plus ``job``, its id) to the idle ``slot``."""
+    def run(self, slot: Slot, jobs: list[dict]) -> None:
+        """Hand ``jobs`` (each its payload plus ``job``, its id: one job or a group) to the idle ``slot``."""
 
-    def cancel(self, slot: Slot) -> None:
-        """Ask ``slot``'s worker to stop its job between steps."""
+    def cancel(self, slot: Slot, job: int) -> None:
+        """Ask ``slot``'s worker to stop ``job`` between steps (its group-mates go on)."""
 
     def release(self, slot: Slot) -> None:
         """Ask ``slot``'s idle worker to free every pipeline it holds (a training run takes its device);
@@ -150,7 +156,8 @@ class _Process:
     process: object
     jobs: object
     events: object  # the read end of this worker's event pipe
-    cancel: object
+    cancel: object  # shared array: the id of each job of the group at its position once it is cancelled
+    group: list[int] = field(default_factory=list)  # the ids of the jobs last handed over, in order
     died_reported: bool = False
     ready: bool = False  # it reported WorkerReady (a worker that dies before is restarted after a wait)
 
@@ -173,7 +180,7 @@ class ProcessPool:
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
         self._on_event: OnEvent = lambda event: None
-        self._on_died: OnDied = lambda slot, job, why: None
+        self._on_died: OnDied = lambda slot, jobs, why: None
         self._loop = None
         self._early_deaths: dict[int, int] = {}  # slot id -> deaths in a row before the worker was ready
 
@@ -191,15 +198,17 @@ class ProcessPool:
         proc = self._procs.get(slot.id)
         return proc is not None and proc.process.is_alive()
 
-    def run(self, slot: Slot, job: dict) -> None:
+    def run(self, slot: Slot, jobs: list[dict]) -> None:
         proc = self._procs[slot.id]
-        slot.job = job["job"]
-        proc.cancel.value = 0
-        proc.jobs.put(job)
+        proc.group = [job["job"] for job in jobs]
+        slot.jobs = list(proc.group)  # the service drops each job as it ends
+        proc.cancel[:] = [0] * len(proc.cancel)
+        proc.jobs.put(jobs)
 
-    def cancel(self, slot: Slot) -> None:
-        if slot.job is not None:
-            self._procs[slot.id].cancel.value = slot.job
+    def cancel(self, slot: Slot, job: int) -> None:
+        proc = self._procs[slot.id]
+        if job in slot.jobs:
+            proc.cancel[proc.group.index(job)] = job
 
     def release(self, slot: Slot) -> None:
         slot.models = []
@@ -217,7 +226,8 @@ class ProcessPool:
             proc = self._procs[slot.id]
             if proc.process.is_alive():
                 proc.jobs.put(None)
-            self.cancel(slot)
+            for job in list(slot.jobs):
+                self.cancel(slot, job)
         await asyncio.to_thread(self._join)
         if self._reader is not None:
             self._reader.join(timeout=2)
@@ -227,7 +237,7 @@ class ProcessPool:
         with _real_stderr():  # queues and processes may start multiprocessing's resource tracker
             jobs = _CTX.Queue()
             events, sender = _CTX.Pipe(duplex=False)
-            cancel = _CTX.Value("q", 0)
+            cancel = _CTX.Array("q", MAX_COUNT)
             log_path = locations.state_dir() / "logs" / f"worker-{slot.id}.log"
             process = _CTX.Process(
                 target=_worker_entry,
@@ -239,7 +249,7 @@ class ProcessPool:
             process.start()
         sender.close()  # the worker holds the only write end: EOF here means it is gone
         self._procs[slot.id] = _Process(process, jobs, events, cancel)
-        slot.pid, slot.job, slot.models = process.pid, None, []
+        slot.pid, slot.jobs, slot.models = process.pid, [], []
         if slot not in self.slots:
             self.slots.append(slot)
 
@@ -297,16 +307,16 @@ class ProcessPool:
     def _died(self, slot: Slot, exitcode) -> None:
         if self._stop.is_set():
             return
-        job, dead = slot.job, self._procs[slot.id]
+        jobs, dead = slot.jobs, self._procs[slot.id]
         dead.retire()
         if dead.ready:
             self._spawn(slot)  # first: the service may hand the new worker a job at once
         else:  # it cannot start (a broken install or driver): restart it after a wait, not in a loop
             deaths = self._early_deaths[slot.id] = self._early_deaths.get(slot.id, 0) + 1
             first, longest = RESPAWN_BACKOFF
-            slot.job = None
+            slot.jobs = []
             self._loop.call_later(min(longest, first * 2 ** (deaths - 1)), self._respawn, slot)
-        self._on_died(slot, job, f"worker crashed (exit code {exitcode})")
+        self._on_died(slot, jobs, f"worker crashed (exit code {exitcode})")
 
     def _respawn(self, slot: Slot) -> None:
         if not self._stop.is_set():

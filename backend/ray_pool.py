@@ -24,14 +24,14 @@ import re
 import socket
 import sqlite3
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from backend import events as ev
 from backend.errors import DreamttyError, RequestError
 from backend.pool import OnDied, OnEvent, Slot
 from backend.queue_store import QueueStore
-from backend.worker import RELEASE, JobRun, one_line, pipeline_cache, release, run_job, save_output
+from backend.worker import RELEASE, JobRun, one_line, pipeline_cache, release, run_jobs, save_output
 
 NAMESPACE = "dreamtty"
 POLL = 1.0  # seconds an events call waits for an event: also how soon an idle actor's death is noticed
@@ -81,18 +81,19 @@ class ActorWorker:
         self._jobs: queue.Queue = queue.Queue()
         self._outbox: list = []
         self._filled = threading.Condition()
-        self._cancel: int | None = None
+        self._cancelled: set[int] = set()  # job ids are never reused
         threading.Thread(target=self._serve, name="dreamtty-jobs", daemon=True).start()
 
     def hello(self) -> dict:
         """Where this actor runs (its answer also says it is ready)."""
         return {"device": str(self.cache.device), "cuda_count": self.cuda_count, "host": socket.gethostname()}
 
-    def run(self, job: dict) -> None:
-        self._jobs.put(job)
+    def run(self, jobs: list[dict] | str) -> None:
+        """Run ``jobs`` (one job's payload or a group's, see backend.job_groups), or ``RELEASE``."""
+        self._jobs.put(jobs)
 
     def cancel(self, job: int) -> None:
-        self._cancel = job
+        self._cancelled.add(job)
 
     def events(self, wait: float) -> list:
         """The events (``backend.events`` JSON) and images made since the last call, oldest first;
@@ -120,7 +121,8 @@ class ActorWorker:
             if job == RELEASE:
                 release(self.worker, self.cache, self.send)
                 continue
-            run_job(JobRun(self.worker, job, self.cache, self.send, lambda j=job["job"]: self._cancel == j, self))
+            run_jobs([JobRun(self.worker, payload, self.cache, self.send, lambda j=payload["job"]: j in self._cancelled,
+                             self) for payload in job])
 
 
 @dataclass
@@ -131,8 +133,8 @@ class _Worker:
     actor: object = None  # the actor jobs go to, set on the event loop once it is ready
     starting: object = None  # the actor being started (or last started) by the slot's thread
     ready: bool = False
-    job: dict | None = None  # the payload of the job it runs
-    error: str | None = None  # set when the job's images cannot be saved: the job ends failed with it
+    jobs: dict[int, dict] = field(default_factory=dict)  # job id -> the payload of each job it runs
+    errors: dict[int, str] = field(default_factory=dict)  # jobs whose images cannot be saved: they end failed
     thread: threading.Thread | None = None
 
 
@@ -153,7 +155,7 @@ class RayPool:
         self._connected = False  # this pool joined the cluster (and leaves it on close)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_event: OnEvent = lambda event: None
-        self._on_died: OnDied = lambda slot, job, why: None
+        self._on_died: OnDied = lambda slot, jobs, why: None
 
     def start(self, on_event: OnEvent, on_died: OnDied) -> None:
         """Join the cluster (a one-line DreamttyError when it cannot) and start the actors; each slot
@@ -177,15 +179,15 @@ class RayPool:
     def alive(self, slot: Slot) -> bool:
         return self._workers[slot.id].ready
 
-    def run(self, slot: Slot, job: dict) -> None:
+    def run(self, slot: Slot, jobs: list[dict]) -> None:
         worker = self._workers[slot.id]
-        slot.job = job["job"]
-        worker.job, worker.error = job, None
-        worker.actor.run.remote(job)
+        slot.jobs = [job["job"] for job in jobs]
+        worker.jobs, worker.errors = {job["job"]: job for job in jobs}, {}
+        worker.actor.run.remote(jobs)
 
-    def cancel(self, slot: Slot) -> None:
-        if slot.job is not None:
-            self._workers[slot.id].actor.cancel.remote(slot.job)
+    def cancel(self, slot: Slot, job: int) -> None:
+        if job in slot.jobs:
+            self._workers[slot.id].actor.cancel.remote(job)
 
     def release(self, slot: Slot) -> None:
         slot.models = []
@@ -264,12 +266,13 @@ class RayPool:
     def _take(self, worker: _Worker, actor, item, store: QueueStore) -> None:
         """Thread: one item of an actor's outbox. An image is saved and recorded before its event."""
         if isinstance(item, ShippedImage):
-            if worker.error is not None or worker.job is None or worker.job["job"] != item.job:
+            payload = worker.jobs.get(item.job)
+            if payload is None or item.job in worker.errors:
                 return
             try:
-                event = save_output(store, worker.job, worker.slot.id, item.image, item.meta, item.index, item.seed)
+                event = save_output(store, payload, worker.slot.id, item.image, item.meta, item.index, item.seed)
             except (DreamttyError, OSError, sqlite3.Error) as exc:  # a full disk: the job fails with it, as locally
-                worker.error = str(exc)
+                worker.errors[item.job] = str(exc)
                 actor.cancel.remote(item.job)
                 return
         else:
@@ -277,25 +280,25 @@ class RayPool:
                 event = ev.loads(item)
             except ev.EventError:
                 return
-            if isinstance(event, ev.FINAL_EVENTS) and worker.error is not None:
-                event = ev.Failed(job=event.job, worker=event.worker, error=worker.error)
+            if isinstance(event, ev.FINAL_EVENTS) and event.job in worker.errors:
+                event = ev.Failed(job=event.job, worker=event.worker, error=worker.errors[event.job])
             elif isinstance(event, ev.Failed):
                 event = replace(event, error=f"{event.error} (on {worker.slot.node})")
         self._call(self._on_event, event)
 
     def _ready(self, worker: _Worker, actor, info: dict) -> None:
         slot = worker.slot
-        slot.device, slot.node, slot.job, slot.models = info["device"], info["host"], None, []
+        slot.device, slot.node, slot.jobs, slot.models = info["device"], info["host"], [], []
         worker.actor, worker.ready = actor, True
         self._on_event(ev.WorkerReady(worker=slot.id, device=f"{slot.device} ({slot.node})",
                                       cuda_count=info["cuda_count"]))
 
     def _died(self, worker: _Worker, why: str) -> None:
-        """The slot's actor died (its thread starts another): the service retries its job."""
+        """The slot's actor died (its thread starts another): the service retries its jobs."""
         slot = worker.slot
-        job, slot.job, slot.models = slot.job, None, []
-        worker.ready, worker.job = False, None
-        self._on_died(slot, job, why)
+        jobs, slot.jobs, slot.models = slot.jobs, [], []
+        worker.ready, worker.jobs = False, {}
+        self._on_died(slot, jobs, why)
 
     def _call(self, fn, *args) -> None:
         try:

@@ -30,6 +30,7 @@ from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout
                             Started, WorkerModels, WorkerReady, WorkerReleased)
 from backend.extras_check import check_extras
 from backend.guidance_settings import check_clip_skip
+from backend.job_groups import group_of
 from backend.models import resolve_model, text_encoder_depth
 from backend.outputs import check_out_dir
 from backend.pool import ProcessPool, Slot, WorkerPool
@@ -262,7 +263,7 @@ class Service:
             return False
         slot = self._slot_of(job_id)
         if slot is not None:
-            self.pool.cancel(slot)
+            self.pool.cancel(slot, job_id)
             return True
         self.store.set_state(job_id, "cancelled")
         self._told_waiting.pop(job_id, None)
@@ -270,7 +271,7 @@ class Service:
         return True
 
     def running_job(self) -> int | None:
-        return next((s.job for s in self.slots if s.job is not None), None)
+        return next((s.job for s in self.slots if s.jobs), None)
 
     def jobs(self, limit: int = 200) -> list[Job]:
         return self.store.jobs(limit=limit)
@@ -290,7 +291,8 @@ class Service:
             run = held.get(self._device_of(slot))
             workers.append({"id": slot.id, "device": ready.device if ready else slot.device, "pid": slot.pid,
                             "node": slot.node, "ready": ready is not None and self.pool.alive(slot), "job": slot.job,
-                            "models": models.models if models else [], "loads": models.loads if models else 0,
+                            "jobs": list(slot.jobs), "models": models.models if models else [],
+                            "loads": models.loads if models else 0,
                             "training": run.id if run else None})
         pool = {key: value for key, value in self.pool.status().items() if key != "workers"}
         return {**pool, "pid": os.getpid(), "started": self.started,
@@ -322,7 +324,7 @@ class Service:
 
     # -- internals -----------------------------------------------------------
     def _slot_of(self, job_id: int) -> Slot | None:
-        return next((s for s in self.slots if s.job == job_id), None)
+        return next((s for s in self.slots if job_id in s.jobs), None)
 
     def _device_of(self, slot: Slot) -> str | None:
         """The device of ``slot``'s worker as training runs name it; None for a worker on a Ray node (Ray
@@ -348,8 +350,8 @@ class Service:
         if self._closing.is_set():
             return
         reserved = self.training.holding()  # device -> the run that holds it, or waits for it first
-        busy = {device: slot.job for slot in self.slots if slot.job is not None and (device := self._device_of(slot))}
-        idle = [slot for slot in self.slots if slot.job is None and self.pool.alive(slot)]
+        busy = {device: slot.job for slot in self.slots if slot.jobs and (device := self._device_of(slot))}
+        idle = [slot for slot in self.slots if not slot.jobs and self.pool.alive(slot)]
         runs = self.training.waiting()
         job = self.store.next_queued(self.owner)
         while job is not None or runs:
@@ -361,7 +363,8 @@ class Service:
                     continue
                 slot = pick_slot(free, job.request.get("model", ""))
                 idle.remove(slot)
-                self._run_job(slot, job)
+                # the last free worker also takes the queued jobs alike to this one, as one group
+                self._run_jobs(slot, self._group(job, runs) if len(free) == 1 else [job])
                 if (device := self._device_of(slot)) is not None:
                     busy[device] = job.id
                 job = self.store.next_queued(self.owner)
@@ -385,10 +388,19 @@ class Service:
         reported = self._models.get(slot.id)
         return self.pool.alive(slot) and slot.id in self._ready and bool(slot.models or (reported and reported.models))
 
-    def _run_job(self, slot: Slot, job: Job) -> None:
-        slot.loads(job.request.get("model", ""))
-        self.store.set_state(job.id, "running")
-        self.pool.run(slot, {"job": job.id, "kind": job.kind, **job.payload, "first_image": len(job.outputs)})
+    def _group(self, first: Job, runs: list[ScheduledRun]) -> list[Job]:
+        """``first`` and the queued jobs that may share its batches (``backend.job_groups``); none newer than a
+        waiting training run, which comes first."""
+        before = runs[0].created if runs else float("inf")
+        queued = [job for job in reversed(self.store.jobs(("queued",), owner=self.owner)) if job.created <= before]
+        return group_of(first, queued)
+
+    def _run_jobs(self, slot: Slot, jobs: list[Job]) -> None:
+        slot.loads(jobs[0].request.get("model", ""))
+        for job in jobs:
+            self.store.set_state(job.id, "running")
+        self.pool.run(slot, [{"job": job.id, "kind": job.kind, **job.payload, "first_image": len(job.outputs)}
+                             for job in jobs])
 
     def _tell_waiting(self, reserved: dict[str, ScheduledRun]) -> None:
         """When training runs hold every worker's device, tell each queued job, once per run, that it waits for one."""
@@ -408,7 +420,7 @@ class Service:
             self._told_waiting.pop(event.job, None)
             slot = self._slot_of(event.job)
             if slot is not None and slot.id == event.worker:
-                slot.job = None
+                slot.jobs.remove(event.job)
             self.store.set_state(event.job, event.type, getattr(event, "error", None))
             if isinstance(event, Done):  # with the images saved before a restart or a retry
                 event = replace(event, paths=self.store.get(event.job).outputs)
@@ -425,19 +437,19 @@ class Service:
         if isinstance(event, (*FINAL_EVENTS, WorkerReady)):
             self._dispatch()
 
-    def _worker_died(self, slot: Slot, job_id: int | None, why: str) -> None:
-        """A worker died (it was restarted): retry its job once from the first unsaved image, then fail."""
-        job = self.store.get(job_id) if job_id is not None else None
-        if self._closing.is_set() or job is None or job.state != "running":
-            self._dispatch()
-            return
-        if job.attempts < MAX_RETRIES:
-            self.store.retry(job.id)
-            self._fanout.publish(Retrying(job=job.id, error=why, first_image=len(job.outputs)))
-        else:
-            error = f"{why}, {job.attempts + 1} times; the queue goes on (see the worker log)"
-            self.store.set_state(job.id, "failed", error)
-            self._fanout.publish(Failed(job=job.id, error=error))
+    def _worker_died(self, slot: Slot, job_ids: list[int], why: str) -> None:
+        """A worker died (it was restarted): retry each of its jobs once from its first unsaved image, then fail."""
+        for job_id in job_ids:
+            job = self.store.get(job_id)
+            if self._closing.is_set() or job is None or job.state != "running":
+                continue
+            if job.attempts < MAX_RETRIES:
+                self.store.retry(job.id)
+                self._fanout.publish(Retrying(job=job.id, error=why, first_image=len(job.outputs)))
+            else:
+                error = f"{why}, {job.attempts + 1} times; the queue goes on (see the worker log)"
+                self.store.set_state(job.id, "failed", error)
+                self._fanout.publish(Failed(job=job.id, error=error))
         self._dispatch()
 
 

@@ -40,7 +40,8 @@ def _redirect_output(log_path: Path) -> None:
 
 def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str, db_path: str,
                 parent: int, nice: int = 0) -> None:
-    """Process entry point: serve jobs from ``jobs`` until it yields None or the service is gone.
+    """Process entry point: serve jobs from ``jobs`` (lists of payloads: a job or a group) until it yields None
+    or the service is gone. ``cancel`` holds at position k the id of the group's job k once it is cancelled.
 
     ``events`` is this worker's own pipe end: if the process dies mid-write only its pipe is
     spoiled, never another worker's. ``nice`` is set first, so every thread started later inherits it.
@@ -67,7 +68,8 @@ def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str
         if job == RELEASE:
             release(worker_id, cache, send)
             continue
-        run_job(JobRun(worker_id, job, cache, send, lambda job_id=job["job"]: cancel.value == job_id, output))
+        run_jobs([JobRun(worker_id, payload, cache, send, lambda k=k, i=payload["job"]: cancel[k] == i, output)
+                  for k, payload in enumerate(job)])
 
 
 def pipeline_cache(device: str):
@@ -154,32 +156,73 @@ def one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def run_job(run: JobRun) -> None:
+class JobGroup:
+    """The jobs a worker runs together: one, or a group of alike jobs (``backend.job_groups``) whose images
+    share batches. Each job ends on its own, once: cancelled as soon as its cancel is seen (its group-mates
+    go on), done once its last image is handed over; an error ends every job still running."""
+
+    def __init__(self, runs: list[JobRun]) -> None:
+        self.runs = runs
+        self.ended: set[int] = set()
+
+    @property
+    def first(self) -> JobRun:
+        return self.runs[0]
+
+    def running(self, run: JobRun) -> bool:
+        return run.job["job"] not in self.ended
+
+    def end(self, run: JobRun, cls: type[ev.JobEvent], **data) -> None:
+        if self.running(run):
+            self.ended.add(run.job["job"])
+            run.emit(cls, **data)
+
+    def end_all(self, cls: type[ev.JobEvent], **data) -> None:
+        for run in self.runs:
+            self.end(run, cls, **data)
+
+    def note(self, message: str) -> None:
+        for run in self.runs:
+            if self.running(run):
+                run.note(message)
+
+    def should_cancel(self, members: list[JobRun]) -> Callable[[], bool]:
+        """For a batch of ``members``' images: ends each member whose cancel is seen; True (stop the batch)
+        once none of them runs."""
+        def check() -> bool:
+            for run in members:
+                if self.running(run) and run.should_cancel():
+                    self.end(run, ev.Cancelled)
+            return not any(self.running(run) for run in members)
+        return check
+
+
+def run_jobs(runs: list[JobRun]) -> None:
+    """Run one job, or a group of alike jobs whose images share batches (see :class:`JobGroup`)."""
     import torch
 
-    from backend.engine.denoise import Cancelled
     from backend.errors import DreamttyError
 
-    run.emit(ev.Started, first_image=run.job.get("first_image", 0))
+    for run in runs:
+        run.emit(ev.Started, first_image=run.job.get("first_image", 0))
+    group = JobGroup(runs)
     try:
-        _make_images(run)
-    except Cancelled:
-        run.emit(ev.Cancelled)
+        _make_images(group)
     except torch.OutOfMemoryError:
-        free_pipelines(run.cache)
-        _report_models(run)
-        req = run.job["request"]
-        run.emit(ev.Failed, error=(
-            f"out of memory on {run.cache.device} at {req['width']}x{req['height']}: "
+        free_pipelines(group.first.cache)
+        _report_models(group.first)
+        req = group.first.job["request"]
+        group.end_all(ev.Failed, error=(
+            f"out of memory on {group.first.cache.device} at {req['width']}x{req['height']}: "
             "lower the size or the image count, or use --dtype fp16"
         ))
     except DreamttyError as exc:
-        run.emit(ev.Failed, error=str(exc))
+        group.end_all(ev.Failed, error=str(exc))
     except Exception as exc:  # a bug or an unexpected library error: one line to the user, details to the log
-        log.error("job %s failed:\n%s", run.job["job"], traceback.format_exc())
-        run.emit(ev.Failed, error=f"{type(exc).__name__}: {one_line(exc)}")
+        log.error("jobs %s failed:\n%s", [run.job["job"] for run in runs], traceback.format_exc())
+        group.end_all(ev.Failed, error=f"{type(exc).__name__}: {one_line(exc)}")
     else:
-        run.emit(ev.Done)  # the service adds the paths: those of earlier attempts too
+        group.end_all(ev.Done)  # the service adds the paths: those of earlier attempts too
 
 
 def _report_models(run: JobRun) -> None:
@@ -190,75 +233,124 @@ def _models(worker: int, cache) -> ev.WorkerModels:
     return ev.WorkerModels(worker=worker, models=cache.loaded(), loads=cache.loads)
 
 
-def _make_images(run: JobRun) -> None:
-    """The job's pipeline (at the job's speed; none when the request needs no model, e.g. a fast
-    upscale) and its images."""
+def _make_images(group: JobGroup) -> None:
+    """The group's pipeline (its first job's model, at its speed; none when the request needs no model,
+    e.g. a fast upscale) and its jobs' images. A group's jobs share everything but their images' own
+    fields (``backend.job_groups.OWN_FIELDS``)."""
     from backend import jobkinds
     from backend.engine import fast
     from backend.engine.extras import apply_extras
     from backend.engine.loader import pick_dtype
     from backend.models import resolve_model
 
-    kind = jobkinds.get(run.job["kind"])
-    request = kind.request(run.job["request"])
+    first = group.first
+    kind = jobkinds.get(first.job["kind"])
+    requests = [kind.request(run.job["request"]) for run in group.runs]
+    request = requests[0]
     make_image = kind.image_function()
     if not request.uses_model:
-        _image_loop(run, kind, request, None, run.job.get("family", ""), make_image)
+        _image_loop(group, kind, requests, None, first.job.get("family", ""), make_image)
         return
     ref = resolve_model(request.model, variants=request.model_variants)
-    speed = fast.effective_speed(request.speed, run.cache.device)
+    speed = fast.effective_speed(request.speed, first.cache.device)
     if speed != request.speed:
-        run.note(fast.CPU_NOTE)
+        group.note(fast.CPU_NOTE)
     if speed == "fast" and any(p.active for p in request.image_prompts):
         speed = "default"  # adapters change the UNet's attention processors and inputs: a compiled one would recompile
-        run.note("image prompts run at the default speed (a compiled UNet does not take them)")
-    loads = run.cache.loads
-    pipe = run.cache.get(ref, pick_dtype(request.dtype, run.cache.device), speed)
+        group.note("image prompts run at the default speed (a compiled UNet does not take them)")
+    loads = first.cache.loads
+    pipe = first.cache.get(ref, pick_dtype(request.dtype, first.cache.device), speed)
 
     def on_preview(label: str, image) -> None:  # an image prompt's preprocessed map, before sampling
-        run.emit(ev.Preview, image=run.job.get("first_image", 0), width=image.width, height=image.height,
-                 rgb=image.convert("RGB").tobytes(), label=label)
+        for run in group.runs:
+            run.emit(ev.Preview, image=run.job.get("first_image", 0), width=image.width, height=image.height,
+                     rgb=image.convert("RGB").tobytes(), label=label)
 
-    request = apply_extras(pipe, request, run.cache, on_preview=on_preview, note=run.note)
-    if run.cache.loads != loads:
-        _report_models(run)
+    requests = [apply_extras(pipe, r, first.cache, on_preview=on_preview, note=group.note) for r in requests]
+    if first.cache.loads != loads:
+        _report_models(first)
     size = (request.width, request.height)
-    _image_loop(run, kind, request, pipe, pipe.dreamtty.family, make_image,
-                lambda images: fast.compiled_run(pipe, ref.location, size, run.cache.compiled, run.note, images))
+    _image_loop(group, kind, requests, pipe, pipe.dreamtty.family, make_image,
+                lambda images: fast.compiled_run(pipe, ref.location, size, first.cache.compiled, group.note, images))
 
 
-def _image_loop(run: JobRun, kind, request, pipe, family_name: str, make_image,
+@dataclass
+class _Item:
+    """An image to make: its job, its index in the job (None: a batch-mate of an image reproduced, not
+    kept) and its per-image request."""
+
+    run: JobRun
+    index: int | None
+    request: object
+
+
+def _image_loop(group: JobGroup, kind, requests: list, pipe, family_name: str, make_image,
                 compiled: Callable[[int], AbstractContextManager] = lambda images: nullcontext()) -> None:
-    """Images ``first_image``..count-1 of the job, each handed over as it is made (``_Handover``), in batches of
-    up to ``max_batch`` where the kind can denoise several at once (``compiled(batch size)`` is around each
-    batch). The kind's function gets the pipeline (or None) and the worker's device. A batch that runs out of
-    GPU memory is tried again at half its size, from its first unsaved image.
+    """The images of the group's jobs (each from its ``first_image``), each handed over as it is made
+    (``_Handover``), in batches of up to ``max_batch`` where the kind can denoise several at once
+    (``compiled(batch size)`` is around each batch); a job is done once its last image is handed over. The
+    kind's function gets the pipeline (or None) and the worker's device. A batch that runs out of GPU
+    memory is tried again at half its size, from its first unsaved image; one whose jobs were all
+    cancelled stops, and the loop goes on with the other jobs' images.
     """
     import torch
 
+    from backend.engine.denoise import Cancelled
     from backend.families import FAMILIES
 
-    on_step = _step_events(run, request, FAMILIES.get(family_name))
-    hand_over = _Handover(run, kind, family_name, request.keep_inputs_in(Path(run.job["out"])))
-    make, limit = _batch_plan(run, kind, request, pipe, make_image)
-    todo = _images_to_make(request, run.job.get("first_image", 0))
+    family = FAMILIES.get(family_name)
+    runs = group.runs
+    steps = {id(run): _step_events(run, request, family) for run, request in zip(runs, requests)}
+    hand_over = {id(run): _Handover(run, kind, family_name, request.keep_inputs_in(Path(run.job["out"])))
+                 for run, request in zip(runs, requests)}
+    make, limit = _batch_plan(group, kind, requests[0], pipe, make_image)
+    todo = [_Item(run, i, per_image) for run, request in zip(runs, requests)
+            for i, per_image in _images_to_make(request, run.job.get("first_image", 0))]
+    _end_finished(group, todo)
     while todo:
         batch = todo[:limit]
-        callbacks = on_step(batch, later=-(-(len(todo) - len(batch)) // limit))
+        members = list({id(item.run): item.run for item in batch}.values())
+        callbacks = _batch_callbacks(batch, todo[len(batch):], steps, limit)
         try:
             with compiled(len(batch)):
-                made = make(pipe, [r for _, r in batch], on_step=callbacks, should_cancel=run.should_cancel,
-                            device=run.cache.device)
-                for (i, per_image), (result, record, place) in zip(batch, made):
+                made = make(pipe, [item.request for item in batch], on_step=callbacks,
+                            should_cancel=group.should_cancel(members), device=group.first.cache.device)
+                for item, (result, record, place) in zip(batch, made):
                     todo.pop(0)
-                    if i is not None:  # else a batch-mate of the image reproduced
-                        hand_over(i, replace(per_image, batch=place), result, record)
+                    if item.index is not None and group.running(item.run):  # else a mate of the image reproduced
+                        hand_over[id(item.run)](item.index, replace(item.request, batch=place), result, record)
+                    _end_finished(group, todo)
+        except Cancelled:  # every job of the batch was cancelled (each ended as its cancel was seen)
+            for run in members:
+                group.end(run, ev.Cancelled)
         except torch.OutOfMemoryError:
-            if len(batch) == 1 or request.batch is not None:
+            if len(batch) == 1 or requests[0].batch is not None:
                 raise
             torch.cuda.empty_cache()
             limit = max(1, len(batch) // 2)
-            run.note(f"out of memory with {len(batch)} images at once; trying {limit} at a time")
+            group.note(f"out of memory with {len(batch)} images at once; trying {limit} at a time")
+        todo[:] = [item for item in todo if group.running(item.run)]
+
+
+def _end_finished(group: JobGroup, todo: list[_Item]) -> None:
+    """End (done) each running job of the group with no image left to make."""
+    left = {id(item.run) for item in todo}
+    for run in group.runs:
+        if id(run) not in left:
+            group.end(run, ev.Done)
+
+
+def _batch_callbacks(batch: list[_Item], later: list[_Item], steps: dict, limit: int) -> list:
+    """Step callbacks for the images of ``batch``, each from its job's ``_step_events``, which also counts
+    the batches still to come with that job's images (``later``: the images after this batch)."""
+    callbacks: list = [None] * len(batch)
+    for run_id in dict.fromkeys(id(item.run) for item in batch):
+        positions = [k for k, item in enumerate(batch) if id(item.run) == run_id]
+        rest = sum(id(item.run) == run_id for item in later)
+        mine = steps[run_id]([(batch[k].index, batch[k].request) for k in positions], later=-(-rest // limit))
+        for k, callback in zip(positions, mine):
+            callbacks[k] = callback
+    return callbacks
 
 
 @dataclass
@@ -299,20 +391,21 @@ def _images_to_make(request, first: int) -> list[tuple[int | None, object]]:
     return [(0 if k == position else None, mate) for k, mate in enumerate(request.batch_mates())]
 
 
-def _batch_plan(run: JobRun, kind, request, pipe, make_image) -> tuple[Callable, int]:
-    """The function making a batch of the job's images (one at a time where the kind or its guidance needs
-    that, said in a note) and how many images a batch holds at most."""
+def _batch_plan(group: JobGroup, kind, request, pipe, make_image) -> tuple[Callable, int]:
+    """The function making a batch of the group's images (one at a time where the kind or its guidance needs
+    that, said in a note) and how many images a batch holds at most (``request``: the first job's)."""
     from backend.engine import batching
+    from backend.job_groups import one_at_a_time
 
     make_batch = kind.batch_function()
     if make_batch is None:
         return _one_by_one(make_image), 1
     if request.batch is not None:
         return make_batch, request.batch[0]
-    limit = batching.max_batch(request, run.cache.device, pipe.unet.dtype)
-    why = batching.one_at_a_time(request)
-    if limit > 1 and why is not None and request.count - run.job.get("first_image", 0) > 1:
-        run.note(why)
+    limit = batching.max_batch(request, group.first.cache.device, pipe.unet.dtype)
+    why = one_at_a_time(request)
+    if limit > 1 and why is not None and request.count - group.first.job.get("first_image", 0) > 1:
+        group.note(why)
         limit = 1
     return make_batch, limit
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from backend.queue_store import QueueStore
-from backend.worker import JobRun, LocalOutput, _make_images
+from backend.worker import JobGroup, JobRun, LocalOutput, _make_images
 
 
 def worker_images(payload: dict, cache, db: Path, kind: str = "generate") -> tuple[list[str], list]:
@@ -14,5 +14,6 @@ def worker_images(payload: dict, cache, db: Path, kind: str = "generate") -> tup
     store = QueueStore(db)
     job = store.add(kind, payload, "test")
     sent: list = []
-    _make_images(JobRun(0, {"job": job, "kind": kind, **payload}, cache, sent.append, lambda: False, LocalOutput(store)))
+    run = JobRun(0, {"job": job, "kind": kind, **payload}, cache, sent.append, lambda: False, LocalOutput(store))
+    _make_images(JobGroup([run]))
     return store.get(job).outputs, sent

@@ -20,7 +20,7 @@ from backend.guidance_settings import GuidanceSettings
 from backend.models import resolve_model
 from backend.queue_store import QueueStore
 from backend.request import GenerateRequest
-from backend.worker import JobRun, LocalOutput, _make_images
+from backend.worker import JobGroup, JobRun, LocalOutput, _make_images
 from job_helpers import worker_images
 
 CPU = torch.device("cpu")
@@ -149,12 +149,12 @@ def test_a_crash_mid_batch_resumes_at_the_first_unsaved_image(cache, tmp_path):
     job = store.add("generate", payload, "test")
     run = JobRun(0, {"job": job, "kind": "generate", **payload}, cache, [].append, lambda: False, CrashingOutput(store, 1))
     with pytest.raises(Crash):
-        _make_images(run)
+        _make_images(JobGroup([run]))
     saved = store.get(job).outputs
     assert len(saved) == 1
     first_image = len(saved)  # what the service hands the retry
     resumed = {"job": job, "kind": "generate", **payload, "first_image": first_image}
-    _make_images(JobRun(0, resumed, cache, [].append, lambda: False, LocalOutput(store)))
+    _make_images(JobGroup([JobRun(0, resumed, cache, [].append, lambda: False, LocalOutput(store))]))
     outputs = store.get(job).outputs
     assert outputs[:1] == saved and len(outputs) == 4 == len(list((tmp_path / "out").rglob("*.png")))
     metas = [metadata.read(p)["request"] for p in outputs]

@@ -53,9 +53,9 @@ class _FakePool:
     def alive(self, slot):
         return True
 
-    def run(self, slot, job):
-        slot.job = job["job"]
-        self.given.append((slot.id, job["job"]))
+    def run(self, slot, jobs):
+        slot.jobs = [job["job"] for job in jobs]
+        self.given.append((slot.id, *slot.jobs))
 
 
 def _queue(service: Service, model: str) -> int:
@@ -70,7 +70,7 @@ def test_dispatch_sends_each_job_to_the_worker_holding_its_model(tmp_path):
     first, second = _queue(service, "demo-xl"), _queue(service, "demo")
     service._dispatch()
     assert pool.given == [(1, first), (0, second)]  # the oldest job first, to the slot holding its model
-    pool.slots[0].job = pool.slots[1].job = None
+    pool.slots[0].jobs = pool.slots[1].jobs = []
     third = _queue(service, "demo")
     service._dispatch()
     assert pool.given[-1] == (0, third) and pool.slots[0].models == ["demo"]
@@ -159,10 +159,10 @@ def _local_files(payload: dict, job: int, out: Path, store: QueueStore) -> list[
     import torch
 
     from backend.engine.loader import PipelineCache
-    from backend.worker import JobRun, LocalOutput, run_job
+    from backend.worker import JobRun, LocalOutput, run_jobs
 
-    run_job(JobRun(0, {"job": job, "kind": "generate", **payload, "out": str(out)}, PipelineCache(torch.device("cpu")),
-                   lambda event: None, lambda: False, LocalOutput(store)))
+    run_jobs([JobRun(0, {"job": job, "kind": "generate", **payload, "out": str(out)}, PipelineCache(torch.device("cpu")),
+                     lambda event: None, lambda: False, LocalOutput(store))])
     return store.get(job).outputs
 
 

@@ -1,4 +1,5 @@
-"""How many of a job's images denoise together (``max_batch``), and which jobs run one image at a time.
+"""How many of a job's images denoise together (``max_batch``); which jobs run one image at a time is
+``backend.job_groups.one_at_a_time``.
 
 A batch shares every UNet call, so it makes images faster than one at a time: on a GPU, and on the CPU too
 (about twice as fast per image at batch 4, measured on the demo models and on a real-size SD1.5 UNet). Its
@@ -21,15 +22,6 @@ CPU_DEFAULT = 4
 # SDXL (their widest blocks hold 320 channels at full latent size, a few dozen such tensors at a time).
 ACTIVATION_BYTES = 48 * 1024
 HEADROOM = 0.5  # of the free memory: the rest stays for the decode, the allocator and other jobs' models
-
-
-def one_at_a_time(request: GenerateRequest) -> str | None:
-    """Why the images of ``request`` cannot share a batch, or None when they can."""
-    if request.guidance.sag:
-        return "sag: its extra UNet call depends on each image's attention, so images run one at a time"
-    if any(p.active for p in request.image_prompts):
-        return "image prompts: images run one at a time"
-    return None
 
 
 def unet_rows(request: GenerateRequest) -> int:
