@@ -34,6 +34,8 @@ def files(tmp_path_factory):
         paths[family] = save_single_file(pipe, LAYOUT_OF[family], root / "ckpt" / f"tiny-{family}.safetensors")
     # The SD2 config folder has no tokenizer: the CLIP tokenizer built from the shipped BPE is used.
     shutil.rmtree(root / "configs" / "sd2-v" / "tokenizer")
+    scheduler = root / "configs" / "sd2-v" / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction"}))
     return {"root": root, "pipes": pipes, "paths": paths}
 
 
@@ -65,6 +67,40 @@ def test_family_detected_and_loaded_offline(files, family):
         assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.pad_token == "!"
     if family == "sdxl-refiner":
         assert type(pipe).__name__ == "StableDiffusionXLImg2ImgPipeline"
+
+
+def test_image_kinds_run_on_an_sd2_v_model(files, tmp_path):
+    """Vary, inpaint, outpaint and upscale on SD 2.x (v-prediction, OpenCLIP layout): sizes, and the pixels
+    outside the mask or the new canvas stay exactly the input's."""
+    import numpy as np
+
+    from backend.engine.img2img import vary_image
+    from backend.engine.inpaint import inpaint_image, outpaint_image
+    from backend.engine.upscale import upscale_image
+    from backend.jobkinds.img2img import Img2ImgRequest
+    from backend.jobkinds.inpaint import InpaintRequest
+    from backend.jobkinds.outpaint import OutpaintRequest
+    from backend.jobkinds.upscale import UpscaleRequest
+    from image_helpers import box_array, gradient, write_image, write_mask
+
+    path = str(files["paths"]["sd2-v"])
+    pipe = load_pipeline(resolve_model(path), CPU, torch.float32)
+    assert pipe.dreamtty.scheduler_config["prediction_type"] == "v_prediction"
+    pipe.tokenizer = files["pipes"]["sd2-v"].tokenizer  # the tiny text encoder's own vocabulary, not OpenCLIP's
+    common = dict(image=str(write_image(tmp_path / "in.png")), model=path, prompt="a red fox", steps=6, seed=3)
+    src = np.asarray(gradient(), dtype=int)
+
+    varied, _ = vary_image(pipe, Img2ImgRequest(**common, strength=0.6).resolved("sd2-v"))
+    assert varied.size == (128, 128) and np.abs(np.asarray(varied, dtype=int) - src).mean() > 2
+    box = (30, 44, 40, 24)
+    mask = str(write_mask(tmp_path / "mask.png", box))
+    painted, _ = inpaint_image(pipe, InpaintRequest(**common, mask=mask).resolved("sd2-v"))
+    out, inside = np.asarray(painted, dtype=int), box_array(box)
+    assert np.array_equal(out[~inside], src[~inside]) and np.abs(out[inside] - src[inside]).mean() > 5
+    grown, _ = outpaint_image(pipe, OutpaintRequest(**common, right=24, feather=0).resolved("sd2-v"))
+    assert grown.size == (152, 128) and np.array_equal(np.asarray(grown, dtype=int)[:, :128], src)
+    big, _ = upscale_image(pipe, UpscaleRequest(**common, scale=1.5, upscaler="lanczos").resolved("sd2-v"))
+    assert big.size == (192, 192)
 
 
 def test_single_file_makes_the_same_pixels_as_the_folder(files, sd_pipe):
