@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--models", default="sd15,sdxl")
     parser.add_argument("--batch", type=int, default=8, help="images per batch for the images/s column (0: none)")
+    parser.add_argument("--no-launch", action="store_true", help="skip the two launch-time measurements")
     parser.add_argument("--launch", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -176,7 +177,7 @@ def main() -> None:
     for model in args.models.split(","):  # each figure printed as soon as it is known
         print(f"\n{model} {SIZES[model][1]}², {args.steps} steps")
         with tempfile.TemporaryDirectory() as cache_dir:
-            for launch_kind in ("first launch", "warm launch"):
+            for launch_kind in () if args.no_launch else ("first launch", "warm launch"):
                 print(f"ours fast, time to first step, {launch_kind}: {_launch_time(model, cache_dir):.1f} s", flush=True)
         rates, per_second, difference = its(model, args.steps, args.runs, args.batch)
         best = rates["stock best knob"]
