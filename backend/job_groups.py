@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 
 from backend import jobkinds
+from backend.errors import DreamttyError
+from backend.extras_check import effective_request
 from backend.queue_store import Job
 from backend.request import GenerateRequest
 
@@ -31,15 +33,20 @@ def one_at_a_time(request: GenerateRequest) -> str | None:
 
 
 def group_key(job: Job) -> str | None:
-    """What ``job`` shares with the jobs it may run with, or None when it runs alone (a kind that makes one
-    image at a time, SAG or image prompts, a reproduce of a batch)."""
-    kind = jobkinds.get(job.kind)
-    if kind.make_batch is None:
+    """What ``job`` shares with the jobs it may run with, or None when it runs alone: a kind that makes one
+    image at a time, SAG or image prompts, a reproduce of a batch, a retry (a job that took its worker down
+    must not take its group-mates' tries too), or a stored request that no longer reads (its worker says why).
+    A prompt's ``<lora:...>`` tags count as the LoRAs they name."""
+    try:
+        kind = jobkinds.get(job.kind)
+        if kind.make_batch is None or job.attempts or job.request.get("batch") is not None:
+            return None
+        request = effective_request(kind.request(job.request))
+    except (DreamttyError, TypeError, ValueError):
         return None
-    request = job.request
-    if request.get("batch") is not None or one_at_a_time(kind.request(request)):
+    if one_at_a_time(request):
         return None
-    shared = {name: value for name, value in request.items() if name not in OWN_FIELDS}
+    shared = {name: value for name, value in request.to_dict().items() if name not in OWN_FIELDS}
     return json.dumps([job.kind, job.payload.get("family"), shared], sort_keys=True, default=str)
 
 

@@ -187,10 +187,10 @@ class JobGroup:
                 run.note(message)
 
     def should_cancel(self, members: list[JobRun]) -> Callable[[], bool]:
-        """For a batch of ``members``' images: ends each member whose cancel is seen; True (stop the batch)
-        once none of them runs."""
+        """For a batch of ``members``' images: ends each job of the group whose cancel is seen (those with
+        images in later batches too); True (stop the batch) once none of the members runs."""
         def check() -> bool:
-            for run in members:
+            for run in self.runs:
                 if self.running(run) and run.should_cancel():
                     self.end(run, ev.Cancelled)
             return not any(self.running(run) for run in members)
@@ -241,6 +241,7 @@ def _make_images(group: JobGroup) -> None:
     from backend.engine import fast
     from backend.engine.extras import apply_extras
     from backend.engine.loader import pick_dtype
+    from backend.errors import DreamttyError
     from backend.models import resolve_model
 
     first = group.first
@@ -249,7 +250,8 @@ def _make_images(group: JobGroup) -> None:
     request = requests[0]
     make_image = kind.image_function()
     if not request.uses_model:
-        _image_loop(group, kind, requests, None, first.job.get("family", ""), make_image)
+        _image_loop(group, kind, {run.job["job"]: r for run, r in zip(group.runs, requests)}, None,
+                    first.job.get("family", ""), make_image)
         return
     ref = resolve_model(request.model, variants=request.model_variants)
     speed = fast.effective_speed(request.speed, first.cache.device)
@@ -266,12 +268,22 @@ def _make_images(group: JobGroup) -> None:
             run.emit(ev.Preview, image=run.job.get("first_image", 0), width=image.width, height=image.height,
                      rgb=image.convert("RGB").tobytes(), label=label)
 
-    requests = [apply_extras(pipe, r, first.cache, on_preview=on_preview, note=group.note) for r in requests]
+    extras = {}  # job -> what apply_extras applied for it (group-mates differ only in their prompts' embeddings)
+    for run, job_request in zip(group.runs, requests):
+        try:
+            job_request = apply_extras(pipe, job_request, first.cache, on_preview=on_preview, note=group.note)
+        except DreamttyError as exc:  # e.g. an embedding its prompt names: this job fails, its group-mates go on
+            if len(group.runs) == 1:
+                raise
+            group.end(run, ev.Failed, error=str(exc))
+            continue
+        extras[run.job["job"]] = (job_request, dict(pipe.dreamtty.extras))
     if first.cache.loads != loads:
         _report_models(first)
     size = (request.width, request.height)
-    _image_loop(group, kind, requests, pipe, pipe.dreamtty.family, make_image,
-                lambda images: fast.compiled_run(pipe, ref.location, size, first.cache.compiled, group.note, images))
+    _image_loop(group, kind, {job: r for job, (r, _) in extras.items()}, pipe, pipe.dreamtty.family, make_image,
+                lambda images: fast.compiled_run(pipe, ref.location, size, first.cache.compiled, group.note, images),
+                {job: own for job, (_, own) in extras.items()})
 
 
 @dataclass
@@ -284,14 +296,16 @@ class _Item:
     request: object
 
 
-def _image_loop(group: JobGroup, kind, requests: list, pipe, family_name: str, make_image,
-                compiled: Callable[[int], AbstractContextManager] = lambda images: nullcontext()) -> None:
-    """The images of the group's jobs (each from its ``first_image``), each handed over as it is made
-    (``_Handover``), in batches of up to ``max_batch`` where the kind can denoise several at once
-    (``compiled(batch size)`` is around each batch); a job is done once its last image is handed over. The
-    kind's function gets the pipeline (or None) and the worker's device. A batch that runs out of GPU
-    memory is tried again at half its size, from its first unsaved image; one whose jobs were all
-    cancelled stops, and the loop goes on with the other jobs' images.
+def _image_loop(group: JobGroup, kind, requests: dict[int, object], pipe, family_name: str, make_image,
+                compiled: Callable[[int], AbstractContextManager] = lambda images: nullcontext(),
+                extras: dict[int, dict] | None = None) -> None:
+    """The images of the group's jobs (``requests``: job id -> its request, for those still running; each from
+    its ``first_image``), each handed over as it is made (``_Handover``, with its own job's ``extras`` in its
+    record), in batches of up to ``max_batch`` where the kind can denoise several at once (``compiled(batch
+    size)`` is around each batch); a job is done once its last image is handed over. The kind's function
+    gets the pipeline (or None) and the worker's device. A batch that runs out of GPU memory is tried again
+    at half its size, from its first unsaved image; one whose jobs were all cancelled stops, and the loop
+    goes on with the other jobs' images.
     """
     import torch
 
@@ -299,12 +313,16 @@ def _image_loop(group: JobGroup, kind, requests: list, pipe, family_name: str, m
     from backend.families import FAMILIES
 
     family = FAMILIES.get(family_name)
-    runs = group.runs
-    steps = {id(run): _step_events(run, request, family) for run, request in zip(runs, requests)}
-    hand_over = {id(run): _Handover(run, kind, family_name, request.keep_inputs_in(Path(run.job["out"])))
-                 for run, request in zip(runs, requests)}
-    make, limit = _batch_plan(group, kind, requests[0], pipe, make_image)
-    todo = [_Item(run, i, per_image) for run, request in zip(runs, requests)
+    runs = [(run, requests[run.job["job"]]) for run in group.runs if run.job["job"] in requests]
+    last_extras = pipe.dreamtty.extras if pipe is not None else {}  # what the batches' records carry
+    steps = {id(run): _step_events(run, request, family) for run, request in runs}
+    hand_over = {id(run): _Handover(run, kind, family_name, request.keep_inputs_in(Path(run.job["out"])),
+                                    (last_extras, (extras or {}).get(run.job["job"], last_extras)))
+                 for run, request in runs}
+    if not runs:
+        return
+    make, limit = _batch_plan(group, kind, runs[0][1], pipe, make_image)
+    todo = [_Item(run, i, per_image) for run, request in runs
             for i, per_image in _images_to_make(request, run.job.get("first_image", 0))]
     _end_finished(group, todo)
     while todo:
@@ -324,7 +342,7 @@ def _image_loop(group: JobGroup, kind, requests: list, pipe, family_name: str, m
             for run in members:
                 group.end(run, ev.Cancelled)
         except torch.OutOfMemoryError:
-            if len(batch) == 1 or requests[0].batch is not None:
+            if len(batch) == 1 or runs[0][1].batch is not None:
                 raise
             torch.cuda.empty_cache()
             limit = max(1, len(batch) // 2)
@@ -362,11 +380,15 @@ class _Handover:
     kind: object  # backend.jobkinds.JobKind
     family: str
     kept: dict[str, str]  # the job's kept input files
+    # (the extras a batch's records carry: the pipeline's last applied, this job's own): a group-mate's differ
+    extras: tuple[dict, dict] = ({}, {})
     announced: set[str] = field(default_factory=set)
 
     def __call__(self, i: int, per_image, result, record: dict) -> None:
         from backend import metadata
 
+        carried, own = self.extras
+        record = {**{key: value for key, value in record.items() if key not in carried}, **own}
         for warning in record.get("warnings", []):
             if warning not in self.announced:
                 self.announced.add(warning)

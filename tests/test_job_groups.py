@@ -66,6 +66,17 @@ def test_jobs_alike_but_for_prompts_and_seeds_group_and_others_do_not(store):
     assert all(group_key(job) != group_key(first) for job in others)
 
 
+def test_prompt_lora_tags_retries_and_unreadable_jobs(store):
+    plain, tagged = _queued(store, prompt="a fox"), _queued(store, prompt="a cat <lora:fox:0.5>")
+    flagged = _queued(store, prompt="a dog", loras=[("fox", 0.5)])
+    assert group_key(plain) != group_key(tagged) == group_key(flagged)  # a tag counts as the LoRA it names
+    retried = store.get(_queued(store).id)
+    store.retry(retried.id)
+    assert group_key(store.get(retried.id)) is None  # a job that took its worker down runs alone
+    broken = store.get(store.add("generate", {"request": {"prompt": "x", "no_such_field": 1}, "out": "/o"}, "me"))
+    assert group_key(broken) is None and group_of(plain, [broken, tagged]) == [plain]  # its worker says why
+
+
 def test_jobs_that_run_alone_and_the_room_of_a_group(store):
     alone = [_queued(store, guidance=GuidanceSettings(sag=0.5)), _queued(store, batch=(2, 1))]
     assert [group_key(job) for job in alone] == [None, None]
@@ -112,6 +123,10 @@ def test_the_last_free_worker_takes_the_alike_queued_jobs_as_one_group(tmp_path)
     assert pool.given == [(0, [a]), (1, [b, c])]  # the first free worker takes one job, the last its alike ones
     assert service.store.get(odd).state == "queued"
     assert service.status()["workers"][1]["jobs"] == [b, c]
+    from tui.cli_serve import format_status
+
+    text = format_status({**service.status(), "socket": "s", "dreamtty": "x", "streams": 0})  # serve --status
+    assert f"worker 0  cpu (pid None), job {a};" in text and f"worker 1  cpu (pid None), jobs {b}, {c};" in text
     # each job of a group ends on its own; the worker stays busy until the last one
     service.cancel(c)
     assert pool.cancelled == [(1, c)]
@@ -137,7 +152,8 @@ def test_a_dead_workers_group_is_retried_job_by_job(tmp_path):
         if isinstance(event, ev.Retrying):
             retried.append(event.job)
     assert retried == [a, b]
-    assert pool.given[-1] == (0, [a, b]) and [service.store.get(j).attempts for j in (a, b)] == [1, 1]
+    # retried, each runs alone: a job that took its worker down must not take its mates' tries too
+    assert pool.given[-1] == (0, [a]) and [service.store.get(j).attempts for j in (a, b)] == [1, 1]
     service.store.close()
 
 
@@ -265,3 +281,11 @@ async def test_a_service_runs_the_jobs_queued_before_its_worker_was_ready_as_one
     store.close()
     assert [m["request"]["batch"] for m in metas] == [[3, 0], [3, 1], [3, 2]]
     assert [m["prompt"]["positive"] for m in metas] == prompts and [m["request"]["seed"] for m in metas] == [0, 1, 2]
+
+
+def test_a_job_waiting_for_a_later_batch_is_cancelled_at_once(cache, store, tmp_path):
+    requests = [_request(seed=1, count=2, max_batch=2), _request(seed=7, max_batch=2)]
+    jobs, sent, rows = _run_group(cache, store, requests, tmp_path, cancel_after={1: 1})
+    order = [(type(e).__name__, e.job) for e in sent if isinstance(e, (ev.ImageSaved, *ev.FINAL_EVENTS))]
+    assert order == [("Cancelled", jobs[1]), ("ImageSaved", jobs[0]), ("ImageSaved", jobs[0]), ("Done", jobs[0])]
+    assert rows == [4] * 4  # the first job's batch only: the cancelled job's never ran

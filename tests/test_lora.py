@@ -212,3 +212,30 @@ def test_lycoris_files_are_listed_as_unsupported_and_refused_in_one_line(algorit
     with pytest.raises(ValueError):  # diffusers itself refuses it: the reason for the check (drop it when this fails)
         pipe.load_lora_weights(str(tmp_path), weight_name="tiny.safetensors", adapter_name="tiny")
     assert not any(pipe.get_list_adapters().values())
+
+
+def test_a_group_records_each_jobs_own_embeddings_and_a_bad_one_fails_alone(tmp_path):
+    """Jobs of one group (backend.job_groups) share a pipeline: each image's metadata names the embeddings of
+    its own prompt, and a job whose own extras fail ends failed while its group-mates run."""
+    from backend import events as ev, metadata
+    from backend.queue_store import QueueStore
+    from backend.worker import JobRun, LocalOutput, run_jobs
+
+    store, sent = QueueStore(tmp_path / "queue.sqlite3"), []
+    prompts = ["a mytok photo", "a plain photo", "an xltok photo"]  # xltok is an SDXL embedding: refused on SD1
+    runs = []
+    for k, prompt in enumerate(prompts):
+        request = GenerateRequest(prompt=prompt, seed=k, steps=2, width=64, height=64, max_batch=3).resolved("demo")
+        payload = {"request": request.to_dict(), "out": str(tmp_path / f"out{k}"), "family": "sd1"}
+        job = store.add("generate", payload, "me")
+        runs.append(JobRun(0, {"job": job, "kind": "generate", **payload}, PipelineCache(CPU), sent.append,
+                           lambda: False, LocalOutput(store)))
+    run_jobs(runs)
+    ends = {e.job: e for e in sent if isinstance(e, ev.FINAL_EVENTS)}
+    jobs = [run.job["job"] for run in runs]
+    assert [type(ends[j]).__name__ for j in jobs] == ["Done", "Done", "Failed"]
+    assert "xltok" in ends[jobs[2]].error
+    records = [metadata.read(store.get(j).outputs[0])["prompt"] for j in jobs[:2]]
+    assert [e["name"] for e in records[0]["embeddings"]] == ["mytok"] and "embeddings" not in records[1]
+    assert [metadata.read(store.get(j).outputs[0])["request"]["batch"] for j in jobs[:2]] == [[2, 0], [2, 1]]
+    store.close()

@@ -16,7 +16,7 @@ from textual.drivers.headless_driver import HeadlessDriver
 from textual.widgets import Checkbox, Input, Select, Static, TextArea
 
 from backend.config import config_path
-from backend.events import Preview, Started, Step, WorkerModels
+from backend.events import Done, Preview, Started, Step, WorkerModels
 from backend.request import GenerateRequest
 from backend.client import LocalClient
 from backend.pool import ProcessPool, Slot
@@ -462,6 +462,26 @@ async def test_live_frames_slow_down_while_the_user_types(idle_service, tmp_path
         assert frames(8) == list(range(8))
         app.last_key = clock.now - 0.5  # a key half a second ago
         assert frames(16) == [6, 14]  # 1 s after the last frame drawn, then 1 s later: the newest frame each time
+
+
+async def test_the_preview_follows_a_groups_mates_once_the_followed_job_ended(idle_service, tmp_path, monkeypatch):
+    """A group's jobs start together (backend.job_groups): the screen follows the last to start, and once that one
+    ended, the mate whose steps come next."""
+    app = make_app(idle_service, tmp_path)
+    async with app.run_test(size=(120, 40)):
+        screen = app.screen
+        drawn: list[int] = []
+        monkeypatch.setattr(screen.query_one(ImagePreview), "show",
+                            lambda image, limit=None: drawn.append(image.getpixel((0, 0))[0]))
+        frame = lambda job, red: Preview(job=job, image=0, width=8, height=8, rgb=bytes([red, 0, 0]) * 64)  # noqa: E731
+        for job in (1, 2):
+            screen.handle_job_event(Started(job=job))
+        screen.handle_job_event(frame(1, 10))
+        screen.handle_job_event(frame(2, 20))
+        screen.handle_job_event(Done(job=2))
+        screen.handle_job_event(Step(job=1, image=0, count=1, step=3, total=4, its=1.0, eta=1.0, done=3))
+        screen.handle_job_event(frame(1, 30))
+        assert drawn == [20, 30] and screen.following == 1
 
 
 class Drained(Exception):

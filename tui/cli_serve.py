@@ -142,7 +142,9 @@ def worker_lines(status: dict) -> list[str]:
         lines += [f"node      {n['host']} ({n['address']}), {n['gpus']} GPU(s), {'alive' if n['alive'] else 'lost'}"
                   for n in nodes]
     for worker in status["workers"]:
-        state = f"job {worker['job']}" if worker["job"] is not None else ("idle" if worker["ready"] else "starting")
+        jobs = worker.get("jobs") or ([worker["job"]] if worker["job"] is not None else [])
+        state = (f"job{'s' * (len(jobs) > 1)} {', '.join(map(str, jobs))}" if jobs
+                 else "idle" if worker["ready"] else "starting")
         models = ", ".join(f"{m['model']} ({m['dtype']}, {human(m['bytes'])})" for m in worker["models"]) or "no model"
         lines.append(f"worker {worker['id']}  {worker['device']} (pid {worker['pid']}), {state}; {models}; "
                      f"{worker['loads']} load(s) since it started")

@@ -18,7 +18,7 @@ from textual.widgets import Button, Checkbox, Collapsible, Footer, Input, Select
 
 from backend import library, request_builder
 from backend.errors import DreamttyError, RequestError
-from backend.events import FINAL_EVENTS, Event, ImageSaved, JobEvent, Preview, Queued, Started, TextOutput
+from backend.events import FINAL_EVENTS, Event, ImageSaved, JobEvent, Preview, Queued, Started, Step, TextOutput
 from backend.jobkinds.describe import DescribeRequest
 from backend.families import FAMILIES, aspect_sizes
 from backend.guidance_settings import GuidanceSettings
@@ -670,7 +670,8 @@ class GenerateScreen(Screen):
         if not isinstance(event, JobEvent):
             return
         job = event.job
-        if isinstance(event, Started) or (isinstance(event, Queued) and self.following_done):
+        # follow the job that starts now; once it ended, whichever steps next (the mates of a group go on)
+        if isinstance(event, Started) or (isinstance(event, (Queued, Step)) and self.following_done):
             self.following, self.following_done = job, False
         if isinstance(event, Queued) and job in self.submitted:
             self.form.query_one("#seed", Input).parent.set_hint(f"last seed: {event.request['seed']}")
