@@ -304,12 +304,13 @@ def _image_loop(group: JobGroup, kind, requests: dict[int, object], pipe, family
     record), in batches of up to ``max_batch`` where the kind can denoise several at once (``compiled(batch
     size)`` is around each batch); a job is done once its last image is handed over. The kind's function
     gets the pipeline (or None) and the worker's device. A batch that runs out of GPU memory is tried again
-    at half its size, from its first unsaved image; one whose jobs were all cancelled stops, and the loop
-    goes on with the other jobs' images.
+    at half its size, from its first unsaved image; one whose jobs were all cancelled, or that fails with a
+    one-line error, ends its jobs, and the loop goes on with the other jobs' images.
     """
     import torch
 
     from backend.engine.denoise import Cancelled
+    from backend.errors import DreamttyError
     from backend.families import FAMILIES
 
     family = FAMILIES.get(family_name)
@@ -341,6 +342,9 @@ def _image_loop(group: JobGroup, kind, requests: dict[int, object], pipe, family
         except Cancelled:  # every job of the batch was cancelled (each ended as its cancel was seen)
             for run in members:
                 group.end(run, ev.Cancelled)
+        except DreamttyError as exc:  # e.g. a style file removed since the jobs were queued: this batch's jobs fail
+            for run in members:
+                group.end(run, ev.Failed, error=str(exc))
         except torch.OutOfMemoryError:
             if len(batch) == 1 or runs[0][1].batch is not None:
                 raise

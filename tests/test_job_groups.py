@@ -289,3 +289,11 @@ def test_a_job_waiting_for_a_later_batch_is_cancelled_at_once(cache, store, tmp_
     order = [(type(e).__name__, e.job) for e in sent if isinstance(e, (ev.ImageSaved, *ev.FINAL_EVENTS))]
     assert order == [("Cancelled", jobs[1]), ("ImageSaved", jobs[0]), ("ImageSaved", jobs[0]), ("Done", jobs[0])]
     assert rows == [4] * 4  # the first job's batch only: the cancelled job's never ran
+
+
+def test_a_batch_that_fails_ends_its_own_jobs_and_the_group_goes_on(cache, store, tmp_path):
+    requests = [_request(seed=1, max_batch=1, styles=["no such style"]), _request(seed=2, max_batch=1)]
+    jobs, sent, rows = _run_group(cache, store, requests, tmp_path)  # a style removed since it was queued
+    ends = {e.job: e for e in sent if isinstance(e, ev.FINAL_EVENTS)}
+    assert type(ends[jobs[0]]).__name__ == "Failed" and "no such style" in ends[jobs[0]].error
+    assert type(ends[jobs[1]]).__name__ == "Done" and len(store.get(jobs[1]).outputs) == 1
