@@ -268,22 +268,20 @@ def _make_images(group: JobGroup) -> None:
             run.emit(ev.Preview, image=run.job.get("first_image", 0), width=image.width, height=image.height,
                      rgb=image.convert("RGB").tobytes(), label=label)
 
-    extras = {}  # job -> what apply_extras applied for it (group-mates differ only in their prompts' embeddings)
+    effective = {}  # job -> its request with its extras applied (group-mates differ in their embeddings only)
     for run, job_request in zip(group.runs, requests):
         try:
-            job_request = apply_extras(pipe, job_request, first.cache, on_preview=on_preview, note=group.note)
+            effective[run.job["job"]] = apply_extras(pipe, job_request, first.cache, on_preview=on_preview,
+                                                     note=group.note)
         except DreamttyError as exc:  # e.g. an embedding its prompt names: this job fails, its group-mates go on
             if len(group.runs) == 1:
                 raise
             group.end(run, ev.Failed, error=str(exc))
-            continue
-        extras[run.job["job"]] = (job_request, dict(pipe.dreamtty.extras))
     if first.cache.loads != loads:
         _report_models(first)
     size = (request.width, request.height)
-    _image_loop(group, kind, {job: r for job, (r, _) in extras.items()}, pipe, pipe.dreamtty.family, make_image,
-                lambda images: fast.compiled_run(pipe, ref.location, size, first.cache.compiled, group.note, images),
-                {job: own for job, (_, own) in extras.items()})
+    _image_loop(group, kind, effective, pipe, pipe.dreamtty.family, make_image,
+                lambda images: fast.compiled_run(pipe, ref.location, size, first.cache.compiled, group.note, images))
 
 
 @dataclass
@@ -297,15 +295,14 @@ class _Item:
 
 
 def _image_loop(group: JobGroup, kind, requests: dict[int, object], pipe, family_name: str, make_image,
-                compiled: Callable[[int], AbstractContextManager] = lambda images: nullcontext(),
-                extras: dict[int, dict] | None = None) -> None:
+                compiled: Callable[[int], AbstractContextManager] = lambda images: nullcontext()) -> None:
     """The images of the group's jobs (``requests``: job id -> its request, for those still running; each from
-    its ``first_image``), each handed over as it is made (``_Handover``, with its own job's ``extras`` in its
-    record), in batches of up to ``max_batch`` where the kind can denoise several at once (``compiled(batch
-    size)`` is around each batch); a job is done once its last image is handed over. The kind's function
-    gets the pipeline (or None) and the worker's device. A batch that runs out of GPU memory is tried again
-    at half its size, from its first unsaved image; one whose jobs were all cancelled, or that fails with a
-    one-line error, ends its jobs, and the loop goes on with the other jobs' images.
+    its ``first_image``), each handed over as it is made (``_Handover``), in batches of up to ``max_batch``
+    where the kind can denoise several at once (``compiled(batch size)`` is around each batch); a job is done
+    once its last image is handed over. The kind's function gets the pipeline (or None) and the worker's
+    device. A batch that runs out of GPU memory is tried again at half its size, from its first unsaved
+    image; one whose jobs were all cancelled, or that fails with a one-line error, ends its jobs, and the
+    loop goes on with the other jobs' images.
     """
     import torch
 
@@ -315,13 +312,11 @@ def _image_loop(group: JobGroup, kind, requests: dict[int, object], pipe, family
 
     family = FAMILIES.get(family_name)
     runs = [(run, requests[run.job["job"]]) for run in group.runs if run.job["job"] in requests]
-    last_extras = pipe.dreamtty.extras if pipe is not None else {}  # what the batches' records carry
-    steps = {id(run): _step_events(run, request, family) for run, request in runs}
-    hand_over = {id(run): _Handover(run, kind, family_name, request.keep_inputs_in(Path(run.job["out"])),
-                                    (last_extras, (extras or {}).get(run.job["job"], last_extras)))
-                 for run, request in runs}
     if not runs:
         return
+    steps = {id(run): _step_events(run, request, family) for run, request in runs}
+    hand_over = {id(run): _Handover(run, kind, family_name, request.keep_inputs_in(Path(run.job["out"])))
+                 for run, request in runs}
     make, limit = _batch_plan(group, kind, runs[0][1], pipe, make_image)
     todo = [_Item(run, i, per_image) for run, request in runs
             for i, per_image in _images_to_make(request, run.job.get("first_image", 0))]
@@ -384,15 +379,11 @@ class _Handover:
     kind: object  # backend.jobkinds.JobKind
     family: str
     kept: dict[str, str]  # the job's kept input files
-    # (the extras a batch's records carry: the pipeline's last applied, this job's own): a group-mate's differ
-    extras: tuple[dict, dict] = ({}, {})
     announced: set[str] = field(default_factory=set)
 
     def __call__(self, i: int, per_image, result, record: dict) -> None:
         from backend import metadata
 
-        carried, own = self.extras
-        record = {**{key: value for key, value in record.items() if key not in carried}, **own}
         for warning in record.get("warnings", []):
             if warning not in self.announced:
                 self.announced.add(warning)

@@ -16,7 +16,9 @@ is never reloaded:
 - ``--image-prompt`` references load their IP-Adapters and ControlNets (see ``image_prompt.py``).
 
 What was applied, with short file hashes, is left in ``pipe.dreamtty.extras``
-and saved in each image's metadata.
+and saved in each image's metadata; an image records the loaded embeddings its
+own prompts name (``embedding_records``), so the images of one batch, whose
+prompts differ, each record theirs.
 """
 
 from __future__ import annotations
@@ -95,11 +97,16 @@ def _mentioned(name: str, text: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text) is not None
 
 
-def _load_embeddings(pipe, request: GenerateRequest, cfg) -> list[dict]:
+def embedding_records(pipe, text: str) -> list[dict]:
+    """The embeddings loaded on ``pipe`` that ``text`` names, with their short hashes (an image's metadata)."""
+    return [{"name": name, "hash": digest} for name, digest in sorted(pipe.dreamtty.embeddings.items())
+            if _mentioned(name, text)]
+
+
+def _load_embeddings(pipe, request: GenerateRequest, cfg) -> None:
     text = f"{request.prompt}\n{request.negative_prompt}"
     loaded: dict[str, str] = pipe.dreamtty.embeddings  # token -> hash
     lib = library.discover(cfg, kinds=("embedding",), hub=False)
-    records = []
     for entry in lib.of_kind("embedding"):
         if not _mentioned(entry.name, text):
             continue
@@ -112,8 +119,6 @@ def _load_embeddings(pipe, request: GenerateRequest, cfg) -> list[dict]:
                 pipe.unload_textual_inversion(entry.name)
             _load_embedding(pipe, entry)
             loaded[entry.name] = digest
-        records.append({"name": entry.name, "hash": digest})
-    return records
 
 
 def _load_embedding(pipe, entry: library.Entry) -> None:
@@ -208,9 +213,9 @@ def apply_extras(pipe, request: GenerateRequest, cache=None, on_preview=None, no
         raise ModelError(f"model: {request.model} is an SDXL refiner; use it with --refiner on an SDXL base model")
     cfg = config_mod.load()
     request = effective_request(request)
+    _load_embeddings(pipe, request, cfg)
     extras = {
         "loras": _apply_loras(pipe, request.loras, cfg),
-        "embeddings": _load_embeddings(pipe, request, cfg),
         "vae": _apply_vae(pipe, request.vae, cfg),
         "refiner": _load_refiner(pipe, request, cache),
         "image_prompts": apply_image_prompts(pipe, request, on_preview, note),

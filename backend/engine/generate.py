@@ -10,6 +10,7 @@ import torch
 
 from backend.engine.conditioning import batch_shape, encode_schedule, stack
 from backend.engine.denoise import DenoiseSpec, decode, denoise
+from backend.engine.extras import embedding_records
 from backend.engine.refiner import refiner_handover
 from backend.engine.scheduling import make_scheduler
 from backend.engine.text_embed import make_embedder
@@ -105,10 +106,12 @@ def _fan_out(callbacks: list[StepCallback | None]) -> StepCallback:
 
 
 def _record(pipe, plan, schedule) -> dict:
-    """What the image's metadata records about its prompts and the pipeline's extras."""
+    """What the image's metadata records about its prompts and the pipeline's extras (the embeddings its
+    own prompts name)."""
+    embeddings = embedding_records(pipe, f"{plan.positive}\n{plan.negative}")
     return {
         "positive": plan.positive, "negative": plan.negative, **plan.record, "schedule": schedule.record(),
-        **pipe.dreamtty.extras,
+        **pipe.dreamtty.extras, **({"embeddings": embeddings} if embeddings else {}),
     }
 
 
