@@ -423,7 +423,7 @@ def test_followed_events_print_as_text(capsys):
 def test_serve_status_shows_hostile_names_as_text():
     from tui.cli_serve import format_status
 
-    worker = {"id": 0, "device": f"cuda:0 ({NAME})", "pid": 1, "job": None, "ready": True, "loads": 1,
+    worker = {"id": 0, "device": f"cuda:0 ({NAME})", "pid": 1, "job": None, "jobs": [], "ready": True, "loads": 1,
               "models": [{"model": NAME, "dtype": "float16", "bytes": 2**30}]}
     text = format_status({"pid": 1, "uptime": 5, "dreamtty": "0.1", "socket": f"/run/{NAME}", "queued": 0,
                           "running": 0, "streams": 1, "workers": [worker], "log": f"/log/{NAME}",

@@ -142,7 +142,7 @@ def worker_lines(status: dict) -> list[str]:
         lines += [f"node      {n['host']} ({n['address']}), {n['gpus']} GPU(s), {'alive' if n['alive'] else 'lost'}"
                   for n in nodes]
     for worker in status["workers"]:
-        jobs = worker.get("jobs") or ([worker["job"]] if worker["job"] is not None else [])
+        jobs = worker["jobs"]
         state = (f"job{'s' * (len(jobs) > 1)} {', '.join(map(str, jobs))}" if jobs
                  else "idle" if worker["ready"] else "starting")
         models = ", ".join(f"{m['model']} ({m['dtype']}, {human(m['bytes'])})" for m in worker["models"]) or "no model"
