@@ -100,8 +100,8 @@ def _best_knob(pipe) -> None:
 def _medians(variants: dict, runs: int) -> dict[str, float]:
     """Each variant's median time over ``runs`` (after a warm-up run: compiles, cuDNN autotune, the allocator),
     the variants interleaved."""
-    for run in variants.values():
-        run()
+    for name, run in variants.items():
+        print(f"{name}: first run (compile, autotune) {_timed(run):.1f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(runs):
         for name, run in variants.items():
@@ -152,10 +152,13 @@ def launch(model: str, cache_dir: str) -> None:
     print(json.dumps({"first_step_s": first[0]}))
 
 
-def _launch_time(model: str, cache_dir: str) -> float:
+def _launch_time(model: str, cache_dir: str) -> str:
+    """A child's time to its first step, or why it has none (the rest of the table goes on)."""
     out = subprocess.run([sys.executable, __file__, "--launch", model, "--cache", cache_dir], capture_output=True,
-                         text=True, check=True, env=child_env(os.getcwd()))
-    return json.loads(out.stdout.strip().splitlines()[-1])["first_step_s"]
+                         text=True, env=child_env(os.getcwd()))
+    if out.returncode:
+        return "failed: " + " | ".join(out.stderr.strip().splitlines()[-3:])
+    return f"{json.loads(out.stdout.strip().splitlines()[-1])['first_step_s']:.1f} s"
 
 
 def main() -> None:
@@ -178,7 +181,7 @@ def main() -> None:
         print(f"\n{model} {SIZES[model][1]}², {args.steps} steps")
         with tempfile.TemporaryDirectory() as cache_dir:
             for launch_kind in () if args.no_launch else ("first launch", "warm launch"):
-                print(f"ours fast, time to first step, {launch_kind}: {_launch_time(model, cache_dir):.1f} s", flush=True)
+                print(f"ours fast, time to first step, {launch_kind}: {_launch_time(model, cache_dir)}", flush=True)
         rates, per_second, difference = its(model, args.steps, args.runs, args.batch)
         best = rates["stock best knob"]
         print(f"{'variant':<18}{'it/s (batch 1)':>15}{'vs best knob':>14}" + (

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, in parts that each fit one 10-minute call on a lent GPU machine
 # (each benchmark's docstring says what it measures; its figures go to the docs named there).
-# Usage: bash benchmarks/run_gpu.sh {1|2|3|4|all} [LOGFILE]
+# Usage: bash benchmarks/run_gpu.sh {1|2|3|4|fast|all} [LOGFILE]
 #   1: image input, image prompts, generation, training, guidance (about 8 min on an H200)
-#   2-4: speed fast (torch.compile, each part a few compiles): SD1.5 batch 1 with the launch times, SDXL
-#        batch 1, SD1.5 batch 8. Part 2 alone ran past 7 minutes on an H200 when it still did batch 8 too.
+#   2-4 (fast: 2 and 3): speed fast (torch.compile, each part a few compiles): SD1.5 batch 1 with the
+#        launch times, SDXL batch 1, SD1.5 batch 8. SD1.5 with batch 8 and the launch times in one call ran
+#        past 7 minutes on an H200.
 set -u
 part=${1:-all}
 log=${2:-/tmp/gpu_bench.log}
@@ -14,7 +15,7 @@ bench() {  # SECONDS SCRIPT [ARGS...]
   local limit=$1 began=$SECONDS
   shift
   echo "== $*" | tee -a "$log"
-  timeout "$limit" python3 "$@" 2>&1 | grep -v -i -e warn -e torchvision -e kernels -e "kept in float32" | tee -a "$log"
+  timeout "$limit" ${PYTHON:-python3} "$@" 2>&1 | grep -v -i -e warn -e torchvision -e kernels -e "kept in float32" | tee -a "$log"
   echo "-- $((SECONDS - began)) s" | tee -a "$log"
 }
 if [[ $part == 1 || $part == all ]]; then
@@ -25,13 +26,13 @@ if [[ $part == 1 || $part == all ]]; then
   bench 60 benchmarks/adam8bit_layout.py --device cuda --tensors 686 --values 589824 --steps 10
   bench 150 benchmarks/guidance_cost.py --gpu
 fi
-fast() {  # PART ARGS...: one part of gpu_fast.py
-  local this=$1
-  shift
-  if [[ $part == "$this" || $part == all ]]; then
-    bench 540 benchmarks/gpu_fast.py --steps 20 --runs 2 "$@"
+fast() {  # "PARTS" LIMIT ARGS...: one part of gpu_fast.py, run when the part asked for is one of PARTS
+  local parts=" $1 all " limit=$2
+  shift 2
+  if [[ $parts == *" $part "* ]]; then
+    bench "$limit" benchmarks/gpu_fast.py --steps 20 --runs 2 "$@"
   fi
 }
-fast 2 --models sd15 --batch 0
-fast 3 --models sdxl --batch 0
-fast 4 --models sd15 --batch 8 --no-launch
+fast "2 fast" 330 --models sd15 --batch 0
+fast "3 fast" 240 --models sdxl --batch 0 --no-launch
+fast "4" 300 --models sd15 --batch 8 --no-launch
