@@ -279,9 +279,8 @@ def _make_images(group: JobGroup) -> None:
             group.end(run, ev.Failed, error=str(exc))
     if first.cache.loads != loads:
         _report_models(first)
-    size = (request.width, request.height)
     _image_loop(group, kind, effective, pipe, pipe.dreamtty.family, make_image,
-                lambda images: fast.compiled_run(pipe, ref.location, size, first.cache.compiled, group.note, images))
+                lambda: fast.compiled_run(pipe, ref.location, first.cache.compiled, group.note))
 
 
 @dataclass
@@ -295,10 +294,10 @@ class _Item:
 
 
 def _image_loop(group: JobGroup, kind, requests: dict[int, object], pipe, family_name: str, make_image,
-                compiled: Callable[[int], AbstractContextManager] = lambda images: nullcontext()) -> None:
+                compiled: Callable[[], AbstractContextManager] = nullcontext) -> None:
     """The images of the group's jobs (``requests``: job id -> its request, for those still running; each from
     its ``first_image``), each handed over as it is made (``_Handover``), in batches of up to ``max_batch``
-    where the kind can denoise several at once (``compiled(batch size)`` is around each batch); a job is done
+    where the kind can denoise several at once (``compiled()`` is around each batch); a job is done
     once its last image is handed over. The kind's function gets the pipeline (or None) and the worker's
     device. A batch that runs out of GPU memory is tried again at half its size, from its first unsaved
     image; one whose jobs were all cancelled, or that fails with a one-line error, ends its jobs, and the
@@ -326,7 +325,7 @@ def _image_loop(group: JobGroup, kind, requests: dict[int, object], pipe, family
         members = list({id(item.run): item.run for item in batch}.values())
         callbacks = _batch_callbacks(batch, todo[len(batch):], steps, limit)
         try:
-            with compiled(len(batch)):
+            with compiled():
                 made = make(pipe, [item.request for item in batch], on_step=callbacks,
                             should_cancel=group.should_cancel(members), device=group.first.cache.device)
                 for item, (result, record, place) in zip(batch, made):

@@ -147,7 +147,7 @@ def launch(model: str, cache_dir: str) -> None:
     cache = fast.CompileCache(root=Path(cache_dir))
     first: list[float] = []
     on_step = lambda step, total, latents: first or first.append(time.perf_counter() - began)  # noqa: E731
-    with fast.compiled_run(pipe, f"realsize-{model}", (size, size), cache, lambda note: None):
+    with fast.compiled_run(pipe, f"realsize-{model}", cache, lambda note: None):
         _ours(pipe, size, 2, on_step)()
     print(json.dumps({"first_step_s": first[0]}))
 

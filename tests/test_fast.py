@@ -11,7 +11,10 @@ import torch
 
 from backend import events as ev
 from backend.engine import fast
+from backend.engine.conditioning import encode
+from backend.engine.denoise import Cancelled, DenoiseSpec, denoise
 from backend.engine.loader import PipelineCache, load_pipeline
+from backend.engine.scheduling import make_scheduler
 from backend.models import resolve_model
 from backend.request import GenerateRequest
 from job_helpers import worker_images
@@ -69,12 +72,11 @@ def test_a_fast_pipeline_compiles_once_per_size_and_the_next_launch_loads_the_ca
 
     notes: list[str] = []
     cache = compiler.cache(tmp_path / "compile")
-    for size in ((64, 64), (64, 64), (96, 64)):
-        with fast.compiled_run(pipe, "demo", size, cache, notes.append):
-            pass
-    for images in (4, 4):
-        with fast.compiled_run(pipe, "demo", (64, 64), cache, notes.append, images):
-            pass
+    for shapes in ([(1, 64, 64)], [(1, 64, 64), (1, 96, 64)], [(4, 64, 64)], [(4, 64, 64)]):
+        with fast.compiled_run(pipe, "demo", cache, notes.append):
+            for shape in shapes:  # what the denoise loop tells (images, width, height)
+                pipe.dreamtty.on_denoise(*shape)
+    assert pipe.dreamtty.on_denoise is None  # only while the batch runs
     assert [n.split(" (")[0] for n in notes] == ["speed fast: compiling the UNet for 64x64",
                                                  "speed fast: compiling the UNet for 96x64",
                                                  "speed fast: compiling the UNet for 64x64, 4 images at once"]
@@ -85,13 +87,36 @@ def test_a_fast_pipeline_compiles_once_per_size_and_the_next_launch_loads_the_ca
     fast.make_fast(relaunched, compile=FakeCompiler().compile)
     fresh = FakeCompiler()
     notes.clear()
-    with fast.compiled_run(relaunched, "demo", (64, 64), fresh.cache(tmp_path / "compile"), notes.append):
-        pass
+    with fast.compiled_run(relaunched, "demo", fresh.cache(tmp_path / "compile"), notes.append):
+        relaunched.dreamtty.on_denoise(1, 64, 64)
     assert notes == ["speed fast: loading the compiled UNet for 64x64 from the cache"]
     assert fresh.loaded == [compiler.artifacts[:len(b"UNet2DConditionModelDecoder")]]
-    with fast.compiled_run(relaunched, "demo", (128, 64), fresh.cache(tmp_path / "compile"), notes.append):
-        pass
+    with fast.compiled_run(relaunched, "demo", fresh.cache(tmp_path / "compile"), notes.append):
+        relaunched.dreamtty.on_denoise(1, 128, 64)
     assert notes[-1].startswith("speed fast: compiling the UNet for 128x64") and len(fresh.loaded) == 1
+
+
+def test_the_compile_cache_follows_the_shape_the_unet_denoises_not_the_image_size(demo_dirs, tmp_path):
+    """An upscale denoised in tiles compiles (and caches) the UNet for the tile; a batch that fails keeps
+    nothing and counts its shape as not compiled."""
+    pipe = load_pipeline(resolve_model("demo"), CPU, torch.float32)
+    compiler = FakeCompiler()
+    fast.make_fast(pipe, compile=compiler.compile)
+    notes: list[str] = []
+
+    def tiled_denoise(should_cancel=None) -> None:
+        with torch.inference_mode():
+            spec = DenoiseSpec(encode(pipe, "a fox", "", True), 128, 96, 2, 7.0, torch.Generator().manual_seed(0),
+                               tile=64, should_cancel=should_cancel)
+            denoise(pipe, make_scheduler(pipe.dreamtty.scheduler_config, "euler", "normal"), spec)
+
+    with pytest.raises(Cancelled), fast.compiled_run(pipe, "demo", compiler.cache(tmp_path), notes.append):
+        tiled_denoise(should_cancel=lambda: True)
+    assert not list(tmp_path.glob("*.bin")) and pipe.dreamtty.compiled_sizes == set()
+    with fast.compiled_run(pipe, "demo", compiler.cache(tmp_path), notes.append):
+        tiled_denoise()
+    assert [n.split(" (")[0] for n in notes] == ["speed fast: compiling the UNet for 64x64"] * 2
+    assert pipe.dreamtty.compiled_sizes == {(64, 64, 1)} and len(list(tmp_path.glob("*.bin"))) == 1
 
 
 def _worker_job(request: GenerateRequest, tmp_path, cache: PipelineCache) -> tuple[np.ndarray, list]:

@@ -151,6 +151,8 @@ def _guider(pipe, spec: DenoiseSpec, dtype: torch.dtype, latents: torch.Tensor, 
     factor = pipe.vae_scale_factor
     size = tuple(latents.shape[-2:])
     tile = (min(spec.tile // factor, size[0]), min(spec.tile // factor, size[1])) if spec.tile else size
+    if pipe.dreamtty.on_denoise is not None:  # a fast pipeline's compile cache (backend.engine.fast)
+        pipe.dreamtty.on_denoise(latents.shape[0], tile[1] * factor, tile[0] * factor)
     if tile == size:
         return make(_unet_inputs(pipe, spec, dtype, latents.shape[0], iterations))
     if spec.start is not None and spec.start.unet_extra is not None:

@@ -106,25 +106,37 @@ def make_fast(pipe, compile: Callable = torch.compile) -> None:
 
 
 @contextmanager
-def compiled_run(pipe, model: str, size: tuple[int, int], cache: CompileCache, note: Callable[[str], None],
-                 images: int = 1):
-    """Around a fast pipeline's batch of ``images`` at ``size``: load the compile cache for it, or say that a
-    first-time compile is coming and keep its artifacts once the batch ran. A default pipeline: nothing."""
-    sizes = pipe.dreamtty.compiled_sizes
-    shape = (*size, images)
-    if sizes is None or shape in sizes:
+def compiled_run(pipe, model: str, cache: CompileCache, note: Callable[[str], None]):
+    """Around a fast pipeline's batch: each new shape its denoise loop runs the UNet at (the loop says which,
+    through ``PipelineState.on_denoise``: the whole image, or a tile of an upscale) loads the compile cache
+    for it, or is said to compile for the first time; what compiled is kept once the batch ran. A default
+    pipeline: nothing."""
+    state = pipe.dreamtty
+    if state.compiled_sizes is None:
         yield
         return
-    key = compile_key(model, *size, pipe.unet.dtype, pipe.unet.device, images)
-    what = f"{size[0]}x{size[1]}" + (f", {images} images at once" if images > 1 else "")
-    if cache.warm(key):
-        note(f"speed fast: loading the compiled UNet for {what} from the cache")
-        compiles = False
-    else:
-        note(f"speed fast: compiling the UNet for {what} (first time for this model and shape: "
-             "about a minute; later launches load it from the cache)")
-        compiles = True
-    yield
-    sizes.add(shape)
-    if compiles:
-        cache.keep(key)
+    new: dict[tuple[int, int, int], str | None] = {}  # shape -> its key, where it compiles (kept after)
+
+    def denoising(images: int, width: int, height: int) -> None:
+        shape = (width, height, images)
+        if shape in state.compiled_sizes or shape in new:
+            return
+        key = compile_key(model, width, height, pipe.unet.dtype, pipe.unet.device, images)
+        what = f"{width}x{height}" + (f", {images} images at once" if images > 1 else "")
+        if cache.warm(key):
+            note(f"speed fast: loading the compiled UNet for {what} from the cache")
+            new[shape] = None
+        else:
+            note(f"speed fast: compiling the UNet for {what} (first time for this model and shape: "
+                 "about a minute; later launches load it from the cache)")
+            new[shape] = key
+
+    state.on_denoise = denoising
+    try:
+        yield
+    finally:
+        state.on_denoise = None
+    for shape, key in new.items():
+        state.compiled_sizes.add(shape)
+        if key is not None:
+            cache.keep(key)

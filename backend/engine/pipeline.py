@@ -9,6 +9,7 @@ here only. A diffusers upgrade that changes them touches this file.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ class PipelineState:
     ip_slots: tuple = ()  # the IP-Adapters loaded, one per reference
     controlnets: dict = field(default_factory=dict)  # ControlNet folder -> loaded model
     compiled_sizes: set | None = None  # a fast pipeline's (width, height, images) compiled so far (None: not fast)
+    on_denoise: Callable[[int, int, int], None] | None = None  # told (images, width, height) a denoise loop runs at
 
 
 def attach(pipe, family: str) -> PipelineState:
