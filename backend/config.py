@@ -23,7 +23,6 @@ import yaml
 
 from backend import locations, yaml_text
 from backend.errors import DreamttyError
-from backend.request import MAX_COUNT, SPEEDS
 
 ENV_PATH = "DREAMTTY_CONFIG"
 FOLDER_KINDS = ("checkpoints", "loras", "vae", "embeddings", "upscalers", "ip_adapters", "controlnets", "depth_models",
@@ -147,8 +146,8 @@ def _apply(cfg: Config, data: dict) -> None:
         ("paths", "outputs"): lambda v: setattr(cfg, "outputs", _outputs(v)),
         (None, "default_model"): lambda v: setattr(cfg, "default_model", _text("default_model", v)),
         (None, "default_preset"): lambda v: setattr(cfg, "default_preset", _text("default_preset", v)),
-        (None, "speed"): lambda v: setattr(cfg, "speed", _choice("speed", v, SPEEDS)),
-        (None, "max_batch"): lambda v: setattr(cfg, "max_batch", _count("max_batch", v, MAX_COUNT)),
+        (None, "speed"): lambda v: setattr(cfg, "speed", _choice("speed", v, _request().SPEEDS)),
+        (None, "max_batch"): lambda v: setattr(cfg, "max_batch", _count("max_batch", v, _request().MAX_COUNT)),
         (None, "keymap"): lambda v: setattr(cfg, "keymap", _keymap(v)),
         (None, "allow_pickle"): lambda v: setattr(cfg, "allow_pickle", _bool("allow_pickle", v)),
         (None, "workers"): lambda v: setattr(cfg, "cluster", _workers(v)),
@@ -161,6 +160,14 @@ def _apply(cfg: Config, data: dict) -> None:
             parse(source[key])
         except ValueError as exc:
             cfg.warnings.append(f"config: {exc}; using the default")
+
+
+def _request():
+    """backend.request, imported only for a config that sets what it checks: a TUI's first frame (which reads
+    the config) does not wait for it and the image libraries it brings."""
+    from backend import request
+
+    return request
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:

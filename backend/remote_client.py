@@ -23,14 +23,13 @@ from backend import config
 from backend.errors import DreamttyError, RequestError
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, Fanout, ImageSaved, JobEvent,
                             ServiceReady, loads)
-from backend.library import DEMO_MODELS
 from backend.queue_store import ACTIVE, Job
-from backend.request import GenerateRequest
 from backend.serve import ServeOptions, start_detached
 from backend.values import absolute
 from backend.versions import versions
 
 if TYPE_CHECKING:  # imported where used: a generate call never needs them (benchmarks/cli_warm.py)
+    from backend.request import GenerateRequest
     from backend.run_schedule import ScheduledRun
     from backend.training.config import TrainRequest
 
@@ -363,6 +362,8 @@ def _body(request: GenerateRequest, out: Path | None = None) -> dict:
 
 def _name_or_path(name: str | None) -> str | None:
     """A model name as it is, a path that exists here made absolute."""
+    from backend.library import DEMO_MODELS  # the model library's scanner: not before a TUI's first frame
+
     if not name or name in DEMO_MODELS or not Path(os.path.expanduser(name)).exists():
         return name
     return absolute(name)

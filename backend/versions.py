@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from importlib import metadata
-
 from backend import events
 
 API_VERSION = 1  # of backend.api's routes and bodies
 
 
 def versions() -> dict:
+    from importlib import metadata  # 10 ms to import: not before a TUI's first frame
+
     try:
         package = metadata.version("dreamtty")
     except metadata.PackageNotFoundError:

@@ -4,7 +4,8 @@ Both run in a pseudo-terminal (as a real terminal would), alternately (A B A B .
 each from a fresh process; a run is timed from the start of the process until
 its first frame is on the terminal: the footer's text, which Textual draws with
 the rest of the screen. The figure is the ratio of the medians; the spread is
-the smallest and largest time of each.
+the smallest and largest time of each. dreamtty's first frame shows the Generate screen without its
+form, which is mounted just after it: the time until the form is drawn is printed too.
 
 Both run with their bytecode cached, as installed packages do: in a private
 ``PYTHONPYCACHEPREFIX``, written by a first, unmeasured run of each (with
@@ -41,6 +42,7 @@ class Minimal(App):
 Minimal().run()
 """
 FOOTER_TEXT = b"palette"  # the command palette's key, drawn at the right end of every Footer
+FORM_TEXT = b"Negative prompt"  # a label of dreamtty's form, mounted just after the first frame
 TIMEOUT = 60.0
 
 
@@ -53,15 +55,18 @@ def write_style_pack(home: Path, entries: int) -> None:
     (styles / "pack.json").write_text(f"[\n{lines}\n]\n")
 
 
-def first_frame(argv: list[str], env: dict, cols: int, rows: int) -> float:
-    """Seconds from starting ``argv`` in a pty until its footer is drawn."""
+def first_frame(argv: list[str], env: dict, cols: int, rows: int, then: bytes = b"") -> tuple[float, float]:
+    """Seconds from starting ``argv`` in a pty until its footer is drawn, and until ``then`` is drawn too."""
     start = time.perf_counter()
     term = Terminal(argv, env, cols, rows)
     try:
-        shown = term.wait_for(FOOTER_TEXT, 0, TIMEOUT)
-        if shown is None:
-            raise SystemExit(f"{argv[0]}: no frame in {TIMEOUT:.0f} s; output:\n{term.text_since(0)[-2000:]}")
-        return shown - start
+        times = []
+        for text in (FOOTER_TEXT, then):
+            shown = term.wait_for(text, 0, TIMEOUT)
+            if shown is None:
+                raise SystemExit(f"{argv[0]}: no {text!r} in {TIMEOUT:.0f} s; output:\n{term.text_since(0)[-2000:]}")
+            times.append(shown - start)
+        return times[0], times[1]
     finally:
         term.close()
 
@@ -87,17 +92,20 @@ def main() -> None:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         dreamtty = [*app_command(), "--demo", "--device", "cpu", "--out", str(Path(tmp) / "out")]
         minimal = [sys.executable, "-c", MINIMAL_APP]
-        first_frame(dreamtty, env, cols, rows)  # warm the file and bytecode caches for both
+        first_frame(dreamtty, env, cols, rows, FORM_TEXT)  # warm the file and bytecode caches for both
         first_frame(minimal, env, cols, rows)
-        times: dict[str, list[float]] = {"dreamtty": [], "minimal": []}
+        times: dict[str, list[float]] = {"dreamtty": [], "minimal": [], "form": []}
         for _ in range(args.runs):
-            times["minimal"].append(first_frame(minimal, env, cols, rows))
-            times["dreamtty"].append(first_frame(dreamtty, env, cols, rows))
+            times["minimal"].append(first_frame(minimal, env, cols, rows)[0])
+            frame, form = first_frame(dreamtty, env, cols, rows, FORM_TEXT)
+            times["dreamtty"].append(frame)
+            times["form"].append(form)
     ratio = statistics.median(times["dreamtty"]) / statistics.median(times["minimal"])
     ratios = [d / m for d, m in zip(times["dreamtty"], times["minimal"])]
     result = {
         "dreamtty_s": [round(t, 3) for t in times["dreamtty"]],
         "minimal_s": [round(t, 3) for t in times["minimal"]],
+        "dreamtty_form_s": [round(t, 3) for t in times["form"]],
         "ratio_of_medians": round(ratio, 2),
         "ratio_per_pair_min_max": [round(min(ratios), 2), round(max(ratios), 2)],
         "style_pack_entries": args.styles,
@@ -108,6 +116,7 @@ def main() -> None:
         return
     print(f"{'dreamtty first frame':>24}: {spread(times['dreamtty'])}")
     print(f"{'minimal Textual app':>24}: {spread(times['minimal'])}")
+    print(f"{'dreamtty form drawn':>24}: {spread(times['form'])}")
     print(f"{'ratio (medians)':>24}: {ratio:.2f}x (per pair {min(ratios):.2f}..{max(ratios):.2f})")
     if args.styles:
         print(f"{'user style pack':>24}: {args.styles} entries")

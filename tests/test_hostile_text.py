@@ -24,7 +24,7 @@ from backend.request import GenerateRequest
 from backend.safetext import visible
 from backend.training import runs
 from test_library import SD1_TEXT, _checkpoint, _write
-from test_tui import field_of, idle_service, make_app, settle, wait_for  # noqa: F401  (idle_service is a fixture)
+from test_tui import field_of, idle_service, make_app, opened, settle, wait_for  # noqa: F401  (idle_service is a fixture)
 from tui.cli import main
 from tui.screens.models import ModelsPane
 from tui.screens.queue import QueueScreen
@@ -89,7 +89,7 @@ def hostile_png(path, request: GenerateRequest) -> None:
 async def test_prompt_through_form_queue_gallery_and_back(idle_service, tmp_path):
     config_path().write_text(yaml.safe_dump({TEXT: 1}))  # an unknown key: a config warning
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+    async with opened(app, size=(140, 45), notifications=True) as pilot:
         await settle(pilot)  # the form loads styles and presets after the first frame
         form = app.screen.form
         form.query_one("#prompt", TextArea).text = PROMPT
@@ -142,7 +142,7 @@ async def test_prompt_through_form_queue_gallery_and_back(idle_service, tmp_path
 
 async def test_model_field_error_and_hint(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+    async with opened(app, size=(120, 40), notifications=True) as pilot:
         await settle(pilot)  # the form loads styles and presets after the first frame
         model = app.screen.form.query_one("#model", Input)
         for value in ("demox[/]", NAME, TEXT):
@@ -161,7 +161,7 @@ async def test_style_pack_in_the_picker(idle_service, tmp_path, user_folder):
         [{"name": NAME, "prompt": f"{TEXT} {{prompt}}", "negative_prompt": TEXT}]))
     (styles / f"{NAME}.json").write_text("[")  # a broken pack: its warning names the file
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+    async with opened(app, size=(140, 45), notifications=True) as pilot:
         await settle(pilot)  # the form loads styles and presets after the first frame
         picker = app.screen.form.query_one("#styles")
         picker.query_one("#style-search", Input).value = "evil"
@@ -183,7 +183,7 @@ async def test_preset_description_and_save_dialog(idle_service, tmp_path, user_f
     (presets / "hostile.yaml").write_text(yaml.safe_dump({"description": TEXT, "steps": 4}))
     (presets / "broken.yaml").write_text(f"steps: [{NAME}\n")  # listed with its parse error as description
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+    async with opened(app, size=(140, 45), notifications=True) as pilot:
         await settle(pilot)  # the form loads styles and presets after the first frame
         select = app.screen.form.query_one("#preset", Select)
         select.value = "hostile"
@@ -216,7 +216,7 @@ async def test_train_screen_log_runs_and_stats(idle_service, tmp_path, monkeypat
     write(TrainLog(level="warning", message=TEXT))
     write(TrainError(message=TEXT))
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+    async with opened(app, size=(140, 45), notifications=True) as pilot:
         await settle(pilot)  # the form loads styles and presets after the first frame
         await pilot.press("f3")
         pane = await _pane(pilot, app, TrainPane)
@@ -235,7 +235,7 @@ async def test_models_screen_with_hostile_file_names(idle_service, tmp_path):
     (ckpt / f"{NAME} broken.safetensors").write_bytes(b"\x00" * 4)
     config_path().write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}}))
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+    async with opened(app, size=(140, 45), notifications=True) as pilot:
         await settle(pilot)  # the form loads styles and presets after the first frame
         await pilot.press("f4")
         pane = await _pane(pilot, app, ModelsPane)
@@ -253,7 +253,7 @@ async def _pane(pilot, app, kind):
 
 async def test_notifications_are_text_and_cut(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+    async with opened(app, size=(140, 45), notifications=True) as pilot:
         await settle(pilot)  # the form loads styles and presets after the first frame
         notify(app, TEXT, title=NAME)
         notify(app, LONG)
@@ -267,7 +267,7 @@ async def test_notifications_are_text_and_cut(idle_service, tmp_path):
 async def test_keymap_from_the_config_file(idle_service, tmp_path):
     config_path().write_text(yaml.safe_dump({"keymap": {"generate": "[/]", "screen.queue": "a\x1bc"}}))
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+    async with opened(app, size=(140, 45), notifications=True) as pilot:
         await settle(pilot)  # the form loads styles and presets after the first frame
         await pilot.pause()
         assert "a\\x1bc Queue" in screen_text(app)  # the mode bar

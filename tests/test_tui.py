@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import threading
 import time
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 from rich_pixels import HalfcellRenderer
 from textual import events
+from textual.app import App
 from textual.drivers.headless_driver import HeadlessDriver
 from textual.widgets import Checkbox, Input, Select, Static, TextArea
 
@@ -24,14 +27,15 @@ from backend.service import Service
 import tui.app
 import tui.screens.generate
 from tui.app import ConfirmQuit, DreamttyApp, use_color_system
-from tui.screens import generate
+from tui.screens import generate_form
 from tui.screens.generate import GenerateScreen
 from tui.screens.models import ModelsPane
 from tui.screens.queue import QueueScreen
 from tui.widgets.field import Field
 from tui import latency
 from tui.latency import KeyGate, key_gated_driver
-from tui.widgets.preview import HalfBlockRenderer, ImagePreview, fit, half_block_lines
+from tui.half_blocks import HalfBlockRenderer, fit, half_block_lines
+from tui.widgets.preview import ImagePreview
 from tui.widgets.style_picker import StylePicker
 
 
@@ -51,6 +55,18 @@ def idle_service(tmp_path):
 
 def make_app(service, tmp_path, model: str | None = "demo") -> DreamttyApp:
     return DreamttyApp(model=model, out=tmp_path / "out", client=LocalClient(service))
+
+
+@asynccontextmanager
+async def opened(app: App, **kwargs):
+    """``app.run_test(**kwargs)``, from when dreamtty's Generate form is there with every field (it is mounted
+    just after the first frame, its collapsed groups after it)."""
+    async with app.run_test(**kwargs) as pilot:
+        screen = getattr(app, "generate_screen", None)
+        if screen is not None:
+            await asyncio.wait_for(screen.ready_form(), 10)
+            await pilot.pause()
+        yield pilot
 
 
 async def settle(pilot) -> None:
@@ -75,9 +91,32 @@ def field_of(app, selector: str) -> Field:
     return next(a for a in app.screen.query_one(selector).ancestors if isinstance(a, Field))
 
 
-async def test_bad_input_shows_inline_error_and_queues_nothing(idle_service, tmp_path):
+async def test_the_first_frame_comes_before_the_form_and_keys_typed_meanwhile_are_kept(idle_service, tmp_path,
+                                                                                       monkeypatch):
+    """The first frame shows the screen without its form (tui.screens.generate): text typed before the form
+    is there goes into its prompt, and ctrl+g pressed then queues the job once the form can be read."""
+    started: list = []
+    monkeypatch.setattr(DreamttyApp, "first_frame_shown", lambda self: started.append(self))
     app = make_app(idle_service, tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
+        screen = app.screen
+        assert not screen.query("GenerateForm") and screen.query_one("#form-placeholder")
+        await pilot.press(*"a red fox", "ctrl+g")
+        await pilot.pause()
+        assert idle_service.jobs() == []  # the job waits for the form
+        monkeypatch.undo()
+        started[0].first_frame_shown()
+        await asyncio.wait_for(screen.form_mounted.wait(), 10)
+        await settle(pilot)
+        assert app.focused.id == "prompt" and screen.query_one("#prompt", TextArea).text == "a red fox"
+        assert not screen.query("#form-placeholder")
+        [job] = idle_service.jobs()
+        assert job.request["prompt"] == "a red fox"
+
+
+async def test_bad_input_shows_inline_error_and_queues_nothing(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(120, 40)) as pilot:
         assert isinstance(app.screen, GenerateScreen)
         assert app.focused.id == "prompt"  # the prompt has focus when the app opens
         await settle(pilot)
@@ -121,7 +160,7 @@ async def test_bad_input_shows_inline_error_and_queues_nothing(idle_service, tmp
 async def test_ctrl_x_cancels_only_a_job_of_this_terminal(idle_service, tmp_path):
     """Another client's running job (the CLI's) is left alone; this TUI's own is cancelled."""
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+    async with opened(app, size=(120, 40), notifications=True) as pilot:
         await settle(pilot)
         theirs = idle_service.submit(GenerateRequest(prompt="theirs", model="demo"), tmp_path)
         await settle(pilot)  # its Queued event reached the app
@@ -142,7 +181,7 @@ async def test_ctrl_x_cancels_only_a_job_of_this_terminal(idle_service, tmp_path
 
 async def test_form_controls_presets_and_performance(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         form = app.screen.form
         await settle(pilot)
         # The schedule list follows the sampler.
@@ -191,7 +230,7 @@ async def test_form_controls_presets_and_performance(idle_service, tmp_path):
 
 async def test_style_picker_searches_and_shows_templates(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         await settle(pilot)
         picker = app.screen.query_one("#styles")
         search = picker.query_one("#style-search", Input)
@@ -210,11 +249,11 @@ async def test_style_picker_searches_and_shows_templates(idle_service, tmp_path)
 async def test_first_screen_takes_keys_while_the_styles_still_load(idle_service, tmp_path, monkeypatch):
     """Styles load after the first frame (a large pack takes seconds): the prompt takes keys meanwhile,
     and a search typed before the styles are there filters them once they are."""
-    release, load_styles = threading.Event(), generate.load_styles
-    monkeypatch.setattr(generate, "load_styles", lambda: release.wait(10) and load_styles())
+    release, load_styles = threading.Event(), generate_form.load_styles
+    monkeypatch.setattr(generate_form, "load_styles", lambda: release.wait(10) and load_styles())
     app = make_app(idle_service, tmp_path)
     try:
-        async with app.run_test(size=(120, 40)) as pilot:
+        async with opened(app, size=(120, 40)) as pilot:
             picker = app.screen.query_one(StylePicker)
             await pilot.press(*"a fox")
             picker.query_one("#style-search", Input).focus()
@@ -239,7 +278,7 @@ async def test_ctrl_g_checks_the_request_off_the_event_loop(idle_service, tmp_pa
     monkeypatch.setattr(idle_service, "validate", lambda request: release.wait(10) and validate(request))
     app = make_app(idle_service, tmp_path)
     try:
-        async with app.run_test(size=(120, 40)) as pilot:
+        async with opened(app, size=(120, 40)) as pilot:
             await settle(pilot)
             await pilot.press(*"a fox", "ctrl+g", *" and")
             await pilot.pause()
@@ -255,7 +294,7 @@ async def test_a_damaged_queue_file_is_reported_in_the_app(tmp_path, monkeypatch
     db = tmp_path / "queue.sqlite3"
     db.write_bytes(b"garbage" * 100)
     app = make_app(Service(devices="cpu", db_path=db, recover=True, pool=NoWorkers("cpu", db)), tmp_path)
-    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+    async with opened(app, size=(120, 40), notifications=True) as pilot:
         await wait_for(pilot, lambda: app.screen.query("Toast"), what="a notification")
         toasts = [str(toast.render()) for toast in app.screen.query("Toast")]
         assert any(f"{db} is damaged" in t and "moved it to" in t for t in toasts), toasts
@@ -264,7 +303,7 @@ async def test_a_damaged_queue_file_is_reported_in_the_app(tmp_path, monkeypatch
 async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path):
     config_path().write_text("keymap:\n  generate: f5\n  screen.queue: f8\n")  # the test's own config file
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         await pilot.press(*"remapped")
         await pilot.press("f5")
         await settle(pilot)
@@ -292,7 +331,7 @@ async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path)
 
 async def test_small_terminal_tab_order_scrolls_and_wide_layout(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with opened(app, size=(80, 24)) as pilot:
         await settle(pilot)
         app.screen.query_one("#guidance").collapsed = False
         await pilot.pause()
@@ -367,7 +406,7 @@ async def test_key_gated_driver_and_preview_waiting_for_a_pending_key(idle_servi
 
     monkeypatch.setattr(latency, "KEY_PRIORITY", 1.0)  # a key that takes long to paint
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         preview = app.screen.query_one(ImagePreview)
         await pilot.press("x")
         preview.show(Image.new("RGB", (64, 64), (200, 30, 30)))
@@ -389,7 +428,7 @@ async def test_model_field_completes_finished_full_runs_only(idle_service, tmp_p
         (run_dir / output).write_text("{}")
         runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": state, "settings": {}})
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         model = app.screen.form.query_one("#model", Input)
         trained = lambda: [c for c in model.suggester.choices if c.startswith(str(runs.runs_root()))]  # noqa: E731
         await wait_for(pilot, trained, what="the trained runs among the model choices")
@@ -398,7 +437,7 @@ async def test_model_field_completes_finished_full_runs_only(idle_service, tmp_p
 
 async def test_form_follows_a_new_default_model_unless_another_was_typed(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path, model=None)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         form = app.screen.form
         model = form.query_one("#model", Input)
         assert model.value == "demo"
@@ -441,7 +480,7 @@ async def test_live_frames_slow_down_while_the_user_types(idle_service, tmp_path
     """Every live frame is drawn; while keys were pressed in the last 3 s, one a second (the newest)."""
     clock = FakeClock(monkeypatch)
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)):
+    async with opened(app, size=(120, 40)):
         screen = app.screen
         monkeypatch.setattr(screen, "set_timer", clock.set_timer)
         drawn: list[int] = []
@@ -468,7 +507,7 @@ async def test_the_preview_follows_a_groups_mates_once_the_followed_job_ended(id
     """A group's jobs start together (backend.job_groups): the screen follows the last to start, and once that one
     ended, the mate whose steps come next."""
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)):
+    async with opened(app, size=(120, 40)):
         screen = app.screen
         drawn: list[int] = []
         monkeypatch.setattr(screen.query_one(ImagePreview), "show",
@@ -492,7 +531,7 @@ async def test_progress_redraws_slow_down_while_the_user_types(idle_service, tmp
     """Step events are redrawn 4 times a second, once a second while keys were pressed in the last 3 s."""
     clock = FakeClock(monkeypatch)
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)):
+    async with opened(app, size=(120, 40)):
         shown: list[int] = []
         app.job_events.subscribe(app.screen, lambda event: shown.append(event.step), immediate=True)
 
@@ -521,7 +560,7 @@ async def test_progress_redraws_slow_down_while_the_user_types(idle_service, tmp
 
 async def test_gallery_entry_whose_file_was_deleted_shows_a_line_not_a_crash(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         await pilot.press("f2")
         await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
         gone = tmp_path / "out" / "gone.png"
@@ -536,7 +575,7 @@ async def test_bad_preset_and_custom_size_errors_point_at_the_right_field(idle_s
     (presets / "typo.yaml").write_text("sampler: foo\n")
     (presets / "broken.yaml").write_text("steps: [1,\n")
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         form = app.screen.form
         await settle(pilot)
         # A preset with an unknown sampler: the error sits under Sampler; the preset is not applied.
@@ -563,7 +602,7 @@ async def test_bad_preset_and_custom_size_errors_point_at_the_right_field(idle_s
 
 async def test_f12_shows_the_keys_and_escape_hides_them(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         await pilot.press("f12")
         await wait_for(pilot, lambda: app.screen.query("HelpPanel"), what="the keys panel")
         await pilot.press("escape")
@@ -575,7 +614,7 @@ async def test_f12_shows_the_keys_and_escape_hides_them(idle_service, tmp_path):
 
 async def test_train_screen_opens_with_its_first_label_in_view(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(110, 34)) as pilot:
+    async with opened(app, size=(110, 34)) as pilot:
         await pilot.press("f3")
         await wait_for(pilot, lambda: app.focused is not None and app.focused.id == "train-model", what="the form")
         await pilot.pause()
@@ -590,7 +629,7 @@ async def test_a_service_that_cannot_start_is_one_line_and_the_form_stays(idle_s
             raise DreamttyError("runtime dir: cannot create /nowhere: Permission denied")
 
     app = DreamttyApp(model="demo", out=tmp_path / "out", client=Unstartable(idle_service))
-    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+    async with opened(app, size=(120, 40), notifications=True) as pilot:
         await wait_for(pilot, lambda: app.screen.query("Toast"), what="a notification")
         assert any("cannot create /nowhere" in str(t.render()) for t in app.screen.query("Toast"))
         assert app.is_running and app.worker_state == "no service"
@@ -623,7 +662,7 @@ async def test_models_screen_shows_the_workers_and_what_they_hold(tmp_path):
     db = tmp_path / "queue.sqlite3"
     service = Service(devices="cpu", db_path=db, recover=True, pool=SlotsWithoutProcesses())
     app = make_app(service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         await pilot.press("f4")
         shown = lambda: str(app.screen.query_one("#service-workers", Static).render())  # noqa: E731
         await wait_for(pilot, lambda: "worker 0  cpu" in shown(), what="the worker list")

@@ -18,7 +18,7 @@ from backend.image_prompts import ImagePrompt
 from backend.jobkinds.image_input import ImageInputRequest
 from backend.request import GenerateRequest
 from backend.service import Service
-from test_tui import NoWorkers, idle_service, make_app, settle  # noqa: F401  (idle_service is a fixture)
+from test_tui import NoWorkers, idle_service, make_app, opened, settle  # noqa: F401  (idle_service is a fixture)
 from tui.app import DreamttyApp
 from tui.widgets.input_image import own_fields
 
@@ -70,7 +70,7 @@ def test_the_table_names_every_field():
 async def test_image_parameters_round_trip_through_the_form_field_by_field(idle_service, tmp_path):
     request = GenerateRequest(**NOT_DEFAULT)
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         await settle(pilot)
         form = app.screen.form
         form.fill(request.to_dict())
@@ -84,7 +84,7 @@ async def test_image_parameters_round_trip_through_the_form_field_by_field(idle_
 async def test_image_kinds_round_trip_through_the_form_field_by_field(idle_service, tmp_path, kind):
     request = image_request(kind)
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         await settle(pilot)
         form = app.screen.form
         form.fill(request.to_dict(), kind=kind)
@@ -117,7 +117,7 @@ def _app(tmp_path, model: str | None) -> DreamttyApp:
 async def test_precedence_in_the_form(tmp_path, default_model, model, preset, expected):
     config_path().write_text(f"default_model: {default_model}\n" + (f"default_preset: {preset}\n" if preset else ""))
     app = _app(tmp_path, model)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         await settle(pilot)
         request = app.screen.form.read_request()
     size = (request.width, request.height)
@@ -136,15 +136,15 @@ async def test_a_job_queued_at_once_uses_the_default_preset(tmp_path, user_folde
     (user_folder("presets") / "mine.yaml").write_text("steps: 13\ncfg: 3.5\n")
     config_path().write_text("default_preset: mine\n")
     release, real = threading.Event(), presets.list_presets
-    monkeypatch.setattr("tui.screens.generate.list_presets", lambda: (release.wait(10), real())[1])
+    monkeypatch.setattr("tui.screens.generate_form.list_presets", lambda: (release.wait(10), real())[1])
     app = _app(tmp_path, "demo")
     async with app.run_test(size=(120, 40)) as pilot:  # (pilot.press would wait for the blocked thread)
+        await asyncio.wait_for(app.screen.form_mounted.wait(), 10)  # the form, not yet ready
         app.screen.form.query_one("#prompt", TextArea).text = "a fox"
-        queueing = asyncio.ensure_future(app.action_generate())  # ctrl+g at once
+        app.action_generate()  # ctrl+g at once
         await asyncio.sleep(0.3)
         assert await app.client.jobs() == []  # still waiting for the preset
         release.set()
-        await queueing
         await settle(pilot)
         [job] = await app.client.jobs()
     assert (job.request["steps"], job.request["cfg"], job.request["preset"]) == (13, 3.5, "mine")

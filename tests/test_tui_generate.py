@@ -14,7 +14,7 @@ from textual.widgets import Checkbox, Input, Select, TextArea
 from backend import metadata
 from backend.client import LocalClient
 from backend.service import Service
-from test_tui import wait_for
+from test_tui import opened, wait_for
 from tui.app import DreamttyApp
 from tui.screens.generate import GenerateScreen
 from tui.screens.queue import QueueScreen
@@ -38,7 +38,7 @@ async def test_generate_preview_gallery_load_reproduce_cancel(tmp_path, demo_dir
     service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3", recover=True)
     events = service.subscribe()
     app = DreamttyApp(model="demo", out=out, client=LocalClient(service))
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         form = app.screen.form
         await pilot.press(*"a red fox")
         form.query_one("#negative_prompt", TextArea).text = "blurry"

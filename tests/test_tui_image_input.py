@@ -19,7 +19,7 @@ from backend.request import GenerateRequest
 from backend.service import Service
 from image_helpers import gradient, write_mask
 from test_hostile_text import NAME, NAME_SHOWN, screen_text
-from test_tui import field_of, idle_service, make_app, settle, wait_for  # noqa: F401  (idle_service is a fixture)
+from test_tui import field_of, idle_service, make_app, opened, settle, wait_for  # noqa: F401  (idle_service is a fixture)
 from tui import keymap
 from tui.app import DreamttyApp
 from tui.mask import Mask, block, cell_pixels, disc, preview_index, preview_size
@@ -133,7 +133,7 @@ async def test_gallery_keys_queue_the_job_with_the_images_settings_and_a_new_see
     image = source_png(tmp_path / "fox.png")
     in_gallery(idle_service, image)
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         await settle(pilot)
         await to_gallery(pilot, app)
         await pilot.press(key)
@@ -151,7 +151,7 @@ async def test_gallery_key_on_a_missing_image_says_so_and_queues_nothing(idle_se
     image = source_png(tmp_path / "fox.png")
     in_gallery(idle_service, image)
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+    async with opened(app, size=(120, 40), notifications=True) as pilot:
         await settle(pilot)
         await to_gallery(pilot, app)
         image.unlink()
@@ -195,7 +195,7 @@ async def open_editor(pilot, app, tmp_path, size=(128, 96)) -> tuple[MaskEditor,
 
 async def test_mask_editor_paints_from_keys_and_the_gallery_inpaints_with_it(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(100, 40)) as pilot:
+    async with opened(app, size=(100, 40)) as pilot:
         editor, image = await open_editor(pilot, app, tmp_path)
         canvas = editor.canvas
         w, h = canvas.mask.preview_size
@@ -227,7 +227,7 @@ async def test_mask_editor_paints_from_keys_and_the_gallery_inpaints_with_it(idl
 
 async def test_mask_editor_rectangle_invert_clear_and_feather(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(100, 40)) as pilot:
+    async with opened(app, size=(100, 40)) as pilot:
         editor, _ = await open_editor(pilot, app, tmp_path)
         canvas = editor.canvas
         size = canvas.mask.preview_size
@@ -256,7 +256,7 @@ async def test_mask_editor_rectangle_invert_clear_and_feather(idle_service, tmp_
 
 async def test_mask_editor_paints_with_the_mouse(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(100, 40)) as pilot:
+    async with opened(app, size=(100, 40)) as pilot:
         editor, _ = await open_editor(pilot, app, tmp_path, size=(200, 64))
         canvas = editor.canvas
         size = canvas.mask.preview_size
@@ -303,7 +303,7 @@ async def input_section(pilot, app, image: Path | str, operation: str, **setting
 async def test_input_image_section_queues_each_kind(idle_service, tmp_path, operation, settings, expected):
     image = source_png(tmp_path / "fox.png")
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         form = await input_section(pilot, app, image, operation, **settings)
         assert form.query_one("#size", Select).value == "input"  # an operation takes the image's size
         form.query_one("#prompt").text = "a fox in the form"  # the form's settings, as shown, not the image's
@@ -319,7 +319,7 @@ async def test_input_image_section_queues_each_kind(idle_service, tmp_path, oper
 async def test_input_image_section_paints_a_mask_and_inpaints_with_it(idle_service, tmp_path):
     image = source_png(tmp_path / "fox.png")
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(100, 40)) as pilot:
+    async with opened(app, size=(100, 40)) as pilot:
         form = await input_section(pilot, app, image, "img2img", box="1,1,4,4")
         await pilot.press("ctrl+t")  # the mask editor on the input image
         await wait_for(pilot, lambda: isinstance(app.screen, MaskEditor), what="the mask editor")
@@ -364,7 +364,7 @@ async def test_bad_input_image_settings_show_an_error_next_to_the_field(idle_ser
     write_mask(tmp_path / "black.png", (0, 0, 0, 0), (128, 96))
     settings = {k: str(tmp_path / v) if k == "mask" else v for k, v in settings.items()}
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         form = await input_section(pilot, app, tmp_path / image, "img2img" if operation == "generate" else operation,
                                    **settings)
         if operation == "generate":  # the input image's size, then no operation
@@ -382,7 +382,7 @@ async def test_bad_input_image_settings_show_an_error_next_to_the_field(idle_ser
 
 async def test_a_preset_is_saved_without_the_input_image(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         await input_section(pilot, app, tmp_path / "missing.png", "upscale")
         await pilot.press("ctrl+o")
         await wait_for(pilot, lambda: isinstance(app.screen, SavePresetDialog), what="the save-preset dialog")
@@ -391,7 +391,7 @@ async def test_a_preset_is_saved_without_the_input_image(idle_service, tmp_path)
 
 async def test_mask_editor_on_a_missing_image_says_so_next_to_the_field(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         form = await input_section(pilot, app, "", "inpaint")
         form.query_one("#input-image", Collapsible).collapsed = True
         await pilot.press("ctrl+t")
@@ -406,7 +406,7 @@ async def test_gallery_images_complete_in_the_image_field_and_e_puts_one_there(i
     (tmp_path / "foxes").mkdir()
     in_gallery(idle_service, image)
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         await settle(pilot)
         field = app.screen.form.query_one("#in-image", Input)
         suggester = field.suggester
@@ -424,7 +424,7 @@ async def test_hostile_file_names_are_shown_as_text(idle_service, tmp_path):
     (tmp_path / f"{NAME} broken.png").write_bytes(b"not an image")
     in_gallery(idle_service, image)
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(140, 45), notifications=True) as pilot:
+    async with opened(app, size=(140, 45), notifications=True) as pilot:
         form = await input_section(pilot, app, tmp_path / f"{NAME} broken.png", "img2img")
         await pilot.press("ctrl+g")
         await settle(pilot)
@@ -447,7 +447,7 @@ async def test_hostile_file_names_are_shown_as_text(idle_service, tmp_path):
 async def test_an_inpaint_painted_in_the_editor_runs_and_keeps_every_pixel_outside_the_mask(tmp_path, demo_dirs):
     service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3", recover=True)  # with a worker
     app = DreamttyApp(model="demo", out=tmp_path / "out", client=LocalClient(service))
-    async with app.run_test(size=(100, 40)) as pilot:
+    async with opened(app, size=(100, 40)) as pilot:
         editor, image = await open_editor(pilot, app, tmp_path)
         await pilot.press("r", "L", "J", "space", "enter")  # a square of 9x9 preview pixels
         await wait_for(pilot, lambda: len(service.jobs()) == 2, what="the inpaint job")
@@ -471,7 +471,7 @@ async def test_f7_loads_the_parameters_of_an_a1111_input_image_with_its_warnings
     image = tmp_path / "from-a1111.png"
     Image.new("RGB", (64, 64)).save(image, pnginfo=info)
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(160, 50)) as pilot:
+    async with opened(app, size=(160, 50)) as pilot:
         form = await input_section(pilot, app, image, "img2img")
         await pilot.press("f7")
         prompt = lambda: form.query_one("#prompt").text  # noqa: E731
@@ -489,7 +489,7 @@ async def test_f7_loads_the_parameters_of_an_a1111_input_image_with_its_warnings
 async def test_image_prompt_rows_queue_their_references_and_refuse_a_bad_weight(idle_service, tmp_path):
     edges, face = source_png(tmp_path / "edges.png"), source_png(tmp_path / "face.png")
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(160, 50)) as pilot:
+    async with opened(app, size=(160, 50)) as pilot:
         await settle(pilot)
         form = app.screen.form
         form.query_one("#image-prompts", Collapsible).collapsed = False
@@ -514,7 +514,7 @@ async def test_describe_keys_queue_a_describe_job_of_the_image(idle_service, tmp
     image = source_png(tmp_path / "fox.png")
     in_gallery(idle_service, image)
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(160, 50)) as pilot:
+    async with opened(app, size=(160, 50)) as pilot:
         await input_section(pilot, app, image, "img2img")
         await pilot.press("f6")
         await wait_for(pilot, lambda: any(j.kind == "describe" for j in idle_service.jobs()), what="describe (F6)")

@@ -7,7 +7,7 @@ from textual.widgets import Input, Select
 
 from backend.prompting.datafiles import user_dir
 from backend.prompting.presets import load_preset
-from test_tui import field_of, idle_service, make_app, settle, wait_for  # noqa: F401  (idle_service is a fixture)
+from test_tui import field_of, idle_service, make_app, opened, settle, wait_for  # noqa: F401  (idle_service is a fixture)
 from tui.screens.generate import GenerateScreen
 from tui.widgets.preset_dialog import SavePresetDialog
 
@@ -32,7 +32,7 @@ async def close(pilot, app) -> None:
 async def test_save_form_as_preset_lists_selects_and_asks_before_overwriting(idle_service, tmp_path,
                                                                             own_config_dir):
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         form = app.screen.form
         await settle(pilot)
         await pilot.press(*"a lighthouse")  # the prompt is per job: not part of the preset
@@ -76,7 +76,7 @@ async def test_save_form_as_preset_lists_selects_and_asks_before_overwriting(idl
 
 async def test_bad_name_bad_form_and_escape_save_nothing(idle_service, tmp_path, own_config_dir):
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         form = app.screen.form
         dialog = await open_dialog(pilot, app)
         await pilot.press("enter")
@@ -105,7 +105,7 @@ async def test_save_preset_key_is_remappable_and_in_the_palette(idle_service, tm
 
     config_path().write_text("keymap:\n  preset.save: f9\n")
     app = make_app(idle_service, tmp_path)
-    async with app.run_test(size=(120, 40)) as pilot:
+    async with opened(app, size=(120, 40)) as pilot:
         commands = {c.title: c.help for c in app.get_system_commands(app.screen)}
         assert commands["Save the Generate form as a preset"] == "key: F9"
         await pilot.press("ctrl+o")

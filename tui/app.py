@@ -26,11 +26,10 @@ from textual.screen import ModalScreen, Screen
 from textual.signal import Signal
 from textual.widgets import Button, Label
 
-from backend import config, jobkinds, metadata
+from backend import config
 from backend.client import Client, LocalClient
 from backend.errors import DreamttyError
 from backend.events import FINAL_EVENTS, Event, Queued, Retrying, ServiceReady, Started, Step, WorkerReady
-from backend.request import GenerateRequest
 from backend.safetext import visible
 from tui import keymap
 from tui.latency import (GC_TICK, TYPING_QUIET, TYPING_RECENT, TYPING_REDRAW_INTERVAL, KeyGate, QuietGC,
@@ -40,11 +39,13 @@ from tui.text import markup, notify
 from tui.widgets.progress import describe_step
 
 if TYPE_CHECKING:
+    from backend.request import GenerateRequest
     from tui.screens.models import ModelsPane
 
 COLOR_SYSTEMS = {"truecolor": "truecolor", "256": "256"}
 STEP_REDRAW_INTERVAL = 0.25  # seconds: progress is redrawn at most ~4 times a second (once while typing)
 WORKER_NICE = 10  # workers yield the CPU to the UI, so keys are painted promptly while a job runs
+FIRST_FRAME_WAIT = 1.0  # seconds: what waits for the first frame starts by then whatever the screen
 GIL_SWITCH_INTERVAL = 0.001  # seconds (Python's default: 0.005) the event loop waits for a busy preview thread
 
 
@@ -101,7 +102,7 @@ class DreamttyApp(App):
         super().__init__()
         self.animation_level = "none"  # no smooth scrolling: less to send over SSH, and no lag
         self.config = config.load()
-        self.default_model = model or self.config.default_model or GenerateRequest.model
+        self.default_model = model or self.config.default_model  # None: the request's own default
         self.model_given = model is not None
         self.default_preset = self.config.default_preset
         self.out_dir = out or self.config.outputs
@@ -114,10 +115,12 @@ class DreamttyApp(App):
         self.generate_screen: GenerateScreen | None = None  # set when it mounts (the default mode)
         self.last_key = 0.0  # monotonic time of the last key press
         self._gc: QuietGC | None = None  # started after the first paint
+        self._after_first_frame: list[Callable[[], object]] | None = []  # None once the first frame is whole
 
     # -- lifecycle -----------------------------------------------------------
     def on_mount(self) -> None:
-        self.call_after_refresh(self._start_quiet_gc)
+        self.after_first_frame(self._start_quiet_gc)
+        self.set_timer(FIRST_FRAME_WAIT, self.first_frame_shown)  # a screen without a footer
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.set_keymap(self.config.keymap)
@@ -127,7 +130,21 @@ class DreamttyApp(App):
             notify(self, warning, title="queue", severity="warning", timeout=20)
         self.run_worker(self._consume_events(self.client.subscribe()), group="events", name="events")
         # The worker process (it imports torch) starts once the first frame is on the screen.
-        self.call_after_refresh(self.run_worker, self._start_service, group="service", name="service")
+        self.after_first_frame(self.run_worker, self._start_service, group="service", name="service")
+
+    def after_first_frame(self, callback: Callable, *args, **kwargs) -> None:
+        """Call ``callback`` once the first frame is whole on the terminal (the footer's keys too), so that
+        the work the first screen does without never delays it; later, after the next refresh."""
+        if self._after_first_frame is None:
+            self.call_after_refresh(callback, *args, **kwargs)
+        else:
+            self._after_first_frame.append(partial(callback, *args, **kwargs))
+
+    def first_frame_shown(self) -> None:
+        """The first frame is whole (``KeysFooter``): start what waited for it."""
+        waiting, self._after_first_frame = self._after_first_frame, None
+        for callback in waiting or ():
+            self.call_later(callback)
 
     async def _start_service(self) -> None:
         try:
@@ -221,14 +238,18 @@ class DreamttyApp(App):
         return visible(super().get_key_display(binding))
 
     def on_models_pane_default_changed(self, message: ModelsPane.DefaultChanged) -> None:
-        old, self.default_model = self.default_model, message.model
-        if self.generate_screen is not None:
+        from backend.request import GenerateRequest
+
+        old, self.default_model = self.default_model or GenerateRequest.model, message.model
+        if self.generate_screen is not None and self.generate_screen.form_mounted.is_set():  # else mounted with it
             self.generate_screen.form.follow_default_model(old, message.model)
 
     @work(thread=True, group="load-parameters")
     def load_into_form(self, path: str) -> None:
         """Put the parameters saved in image ``path`` (ours, or A1111's or Fooocus's: the closest request, with
         warnings saying what differs) into the Generate form and show it (read in a thread)."""
+        from backend import metadata
+
         try:
             request, warnings = metadata.image_request(path)
         except DreamttyError as exc:
@@ -237,8 +258,9 @@ class DreamttyApp(App):
         self.call_from_thread(self._loaded_into_form, request, Path(path).name, warnings)
 
     async def _loaded_into_form(self, request: GenerateRequest, name: str, warnings: list[str]) -> None:
-        await self.generate_screen.form.ready.wait()
-        self.generate_screen.form.fill(request.to_dict(), kind=jobkinds.kind_of(request).name)
+        from backend import jobkinds
+
+        (await self.generate_screen.ready_form()).fill(request.to_dict(), kind=jobkinds.kind_of(request).name)
         self.switch_mode("generate")
         notify(self, f"Loaded the parameters of {name}.")
         for warning in warnings:
@@ -246,8 +268,7 @@ class DreamttyApp(App):
 
     async def use_as_input(self, path: str) -> None:
         """Put image ``path`` in the Generate screen's Input image section and show it."""
-        await self.generate_screen.form.ready.wait()
-        self.generate_screen.form.use_input_image(path)
+        (await self.generate_screen.ready_form()).use_input_image(path)
         self.switch_mode("generate")
 
     @property
@@ -270,8 +291,8 @@ class DreamttyApp(App):
         queued(job)
 
     # -- actions ---------------------------------------------------------------
-    async def action_generate(self) -> None:
-        await self.generate_screen.submit()
+    def action_generate(self) -> None:
+        self.generate_screen.submit()
 
     async def action_cancel_running(self) -> None:
         """Cancel the newest running job this TUI queued; another client's (the CLI's, another terminal's)

@@ -13,7 +13,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input, ProgressBar, Static
+from textual.widgets import DataTable, Input, ProgressBar, Static
 from tqdm import tqdm
 
 from backend import config, downloads, library
@@ -22,6 +22,7 @@ from backend.events import ServiceReady, WorkerModels, WorkerReady, WorkerReleas
 from backend.families import FAMILIES
 from tui.keymap import Key, bindings
 from tui.text import TextInput, cell, notify, plain
+from tui.widgets.footer import KeysFooter
 from tui.widgets.modebar import ModeBar
 
 MODELS_KEYS = (
@@ -187,7 +188,7 @@ class ModelsScreen(Screen):
         yield ModeBar("models")
         yield ModelsPane(id="models-pane")
         yield Static("", id="service-workers")
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         self.app.job_events.subscribe(self, self._on_job_event)

@@ -16,7 +16,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Label, Static
+from textual.widgets import DataTable, Label, Static
 
 from backend import jobkinds, metadata
 from backend.errors import DreamttyError, RequestError
@@ -26,6 +26,7 @@ from backend.queue_store import ACTIVE, Job
 from tui import keymap
 from tui.image_jobs import OPERATIONS, gallery_request
 from tui.text import cell, notify, plain
+from tui.widgets.footer import KeysFooter
 from tui.widgets.modebar import ModeBar
 from tui.widgets.preview import ImagePreview
 from tui.widgets.progress import format_eta, step_counts
@@ -84,7 +85,7 @@ class QueueScreen(Screen):
                 yield ImagePreview(id="gallery-preview")
                 with VerticalScroll(id="params-scroll"):
                     yield Static("No image selected.", id="image-params")
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         jobs = self.query_one("#jobs", DataTable)

@@ -19,7 +19,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Checkbox, Footer, Input, Log, OptionList, Select, Static
+from textual.widgets import Checkbox, Input, Log, OptionList, Select, Static
 from textual.widgets.option_list import Option, OptionDoesNotExist
 from textual_plotext import PlotextPlot
 
@@ -34,6 +34,7 @@ from backend.training.launch import request_stop, resume_settings
 from tui.keymap import Key, bindings
 from tui.text import TextInput, notify, plain
 from tui.widgets.field import Field
+from tui.widgets.footer import KeysFooter
 from tui.widgets.modebar import ModeBar
 from tui.widgets.preview import ImagePreview
 
@@ -473,4 +474,4 @@ class TrainScreen(Screen):
     def compose(self) -> ComposeResult:
         yield ModeBar("train")
         yield TrainPane(id="train-pane")
-        yield Footer()
+        yield KeysFooter()

@@ -19,7 +19,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.strip import Strip
 from textual.widget import Widget
-from textual.widgets import Footer, Label, Static
+from textual.widgets import Label, Static
 
 from backend.errors import DreamttyError, RequestError
 from backend.input_images import read_image, read_mask
@@ -27,6 +27,7 @@ from backend.jobkinds.inpaint import MAX_FEATHER, InpaintRequest
 from tui import keymap
 from tui.mask import Mask, Mapping, block, cell_pixels, disc, line, preview_size
 from tui.text import plain
+from tui.widgets.footer import KeysFooter
 
 BIG_STEP = 8  # preview pixels a shifted move goes
 FEATHER_STEP = 4
@@ -277,7 +278,7 @@ class MaskEditor(ModalScreen[MaskResult | None]):
             yield Static("", id="mask-status")
             yield Static("", id="mask-error")
             yield Static(plain(self._keys_help()), id="mask-keys")
-        yield Footer()
+        yield KeysFooter()
 
     def _keys_help(self) -> str:
         """Every key of the editor, as the user's keymap has them: moves first, then the rest."""
