@@ -80,6 +80,22 @@ def test_corrupt_weights_fail_the_job_with_exit_1(tmp_path, demo_dirs):
     assert not list((tmp_path / "out").rglob("*.png"))
 
 
+def test_a_subcommand_is_parsed_by_its_own_module_and_each_module_is_named():
+    """``dreamtty CMD`` builds only CMD's module's parsers (tui.cli.COMMAND_MODULES): it must name every command."""
+    import argparse
+
+    from tui import cli
+
+    def commands(parser) -> set[str]:
+        return set(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+
+    assert commands(cli.build_parser()) == set(cli.COMMAND_MODULES)
+    for command in cli.COMMAND_MODULES:
+        assert command in commands(cli.build_parser(command))
+    assert cli.parse_args(["--demo", "generate", "a fox", "-n", "2"]).count == 2
+    assert cli.parse_args(["--device", "cpu"]).command is None  # the TUI
+
+
 def test_samplers_lists_names():
     r = run("samplers")
     assert r.returncode == 0

@@ -8,6 +8,7 @@ written out); ``--json`` output is escaped by ``json.dumps``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -69,22 +70,45 @@ def cmd_samplers(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The module that registers each subcommand: a command line that names one imports only that module (the
+# others bring much of the backend). A command missing here still works, through the whole parser.
+COMMAND_MODULES = {
+    **dict.fromkeys(("generate", "vary", "upscale", "inpaint", "outpaint", "describe", "reproduce"), "cli_jobs"),
+    **dict.fromkeys(("jobs", "cancel", "wait", "attach"), "cli_queue"),
+    "models": "cli_models", "config": "cli_models", "serve": "cli_serve", "styles": "cli_styles",
+    "train": "cli_train", "web": "cli_web", "samplers": None,
+}
+_MODULES = ("cli_jobs", None, "cli_queue", "cli_serve", "cli_styles", "cli_train", "cli_web", "cli_models")  # None: here
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line's parser, or with ``command`` (a key of COMMAND_MODULES) only the subcommands
+    of the module that registers it."""
     parser = Parser(prog="dreamtty", description="Stable Diffusion generation and DreamBooth training in the terminal")
     _add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", parser_class=_SubcommandParser)
-
-    # Subcommand groups that live in their own modules.
-    from tui import cli_jobs, cli_models, cli_queue, cli_serve, cli_styles, cli_train, cli_web
-
-    cli_jobs.register(sub)
-    sam = sub.add_parser("samplers", help="list samplers and schedules")
-    sam.add_argument("--json", action="store_true")
-    sam.set_defaults(func=cmd_samplers)
-
-    for module in (cli_queue, cli_serve, cli_styles, cli_train, cli_web, cli_models):
-        module.register(sub)
+    for module in _MODULES if command is None else (COMMAND_MODULES[command],):
+        if module is None:
+            sam = sub.add_parser("samplers", help="list samplers and schedules")
+            sam.add_argument("--json", action="store_true")
+            sam.set_defaults(func=cmd_samplers)
+        else:
+            importlib.import_module(f"tui.{module}").register(sub)
     return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line. Without a subcommand (the TUI) only the global options are parsed, and with one
+    only its module's parsers are built: the subcommands' modules import much of the backend (a tenth of a
+    second before the TUI's first frame or a ``generate``)."""
+    top = Parser(prog="dreamtty", add_help=False)
+    _add_global_options(top, suppress=False)
+    args, rest = top.parse_known_args(argv)
+    if not rest:
+        args.command = None
+        return args
+    command = rest[0] if rest[0] in COMMAND_MODULES else None  # else --help or a mistake: the whole parser says
+    return build_parser(command).parse_args(argv)
 
 
 def _check_global_options(args: argparse.Namespace) -> None:
@@ -118,10 +142,22 @@ def _check_home() -> None:
         make_folder(Path(home), "DREAMTTY_HOME")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tui.cli_models import apply_global_options
+def apply_global_options(args: argparse.Namespace) -> None:
+    """Make ``--config`` and ``--allow-pickle`` reach this process and the workers it starts."""
+    from backend import config
 
-    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) is not None:
+        config.set_config_path(args.config)
+    if getattr(args, "allow_pickle", False):
+        os.environ["DREAMTTY_ALLOW_PICKLE"] = "1"
+    if args.command is None:
+        return  # the TUI shows config warnings itself
+    for warning in config.load().warnings:
+        print(f"dreamtty: {visible(warning)}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         _check_global_options(args)
         apply_global_options(args)

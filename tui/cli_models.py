@@ -1,29 +1,14 @@
-"""``dreamtty models list|pull`` and ``dreamtty config path``, plus the global ``--config`` / ``--allow-pickle``."""
+"""``dreamtty models list|pull`` and ``dreamtty config path``."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 
 from backend import config, downloads, library
 from backend.errors import RequestError
 from backend.families import FAMILIES
 from backend.safetext import visible
-
-
-def apply_global_options(args: argparse.Namespace) -> None:
-    """Make ``--config`` and ``--allow-pickle`` reach this process and the workers it starts."""
-    if getattr(args, "config", None) is not None:
-        config.set_config_path(args.config)
-    if getattr(args, "allow_pickle", False):
-        os.environ["DREAMTTY_ALLOW_PICKLE"] = "1"
-    if args.command is None:
-        return  # the TUI shows config warnings itself
-    cfg = config.load()
-    for warning in cfg.warnings:
-        print(f"dreamtty: {visible(warning)}", file=sys.stderr)
 
 
 def companions_targets() -> tuple[str, ...]:
