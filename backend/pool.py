@@ -12,7 +12,6 @@ import contextlib
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
-import re
 import sys
 import threading
 from collections.abc import Callable
@@ -21,78 +20,13 @@ from pathlib import Path
 from typing import Protocol
 
 from backend import locations
-from backend.errors import RequestError
+from backend.devices import parse_devices
 from backend.events import Event, EventError, WorkerReady, loads
 from backend.request import MAX_COUNT
 from backend.worker import RELEASE
 
 _CTX = mp.get_context("spawn")
-_DEVICES = "auto, cpu, cuda or cuda:N[,cuda:M...]"
-_CUDA = re.compile(r"cuda(?::(\d+))?")
-_NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU this container may use
-_DEV = Path("/dev")
 RESPAWN_BACKOFF = (1.0, 60.0)  # seconds: first and longest wait before restarting a worker that dies before ready
-
-
-def parse_devices(text: str) -> list[str]:
-    """``--device`` as the workers' devices: ``["auto"]``, ``["cpu"]`` or CUDA devices.
-
-    Raises RequestError("device") when the text is not one of ``_DEVICES``.
-    """
-    if text.strip() in ("auto", "cpu"):
-        return [text.strip()]
-    devices = [d.strip() for d in text.split(",")]
-    bad = next((d for d in devices if not _CUDA.fullmatch(d)), None)
-    if bad is not None:
-        raise RequestError("device", f"{bad!r} is not allowed; use {_DEVICES}")
-    return devices
-
-
-def check_devices(text: str) -> list[str]:
-    """``parse_devices``, and every CUDA device named must exist on this machine."""
-    devices = parse_devices(text)
-    count = visible_gpus()
-    if count is None:
-        return devices  # cannot tell without torch: the worker reports a missing GPU
-    for device in devices:
-        cuda = _CUDA.fullmatch(device)
-        if cuda and int(cuda.group(1) or 0) >= count:
-            have = ", ".join(f"cuda:{n}" for n in range(count)) or "no CUDA GPU"
-            raise RequestError("device", f"{device} is not available; this machine has {have} (use auto or cpu)")
-    return devices
-
-
-def visible_gpus() -> int | None:
-    """The CUDA GPUs this process may use, counted without torch; None when that cannot be told.
-
-    Importing torch here would cost seconds and is not allowed in the TUI process. On Linux the
-    NVIDIA driver lists its GPUs in /proc/driver/nvidia/gpus (containers see only theirs) and
-    CUDA_VISIBLE_DEVICES narrows that down. Without that list, GPU device nodes (NVIDIA, AMD ROCm,
-    WSL) mean "cannot tell", and none at all means no GPU. macOS has no CUDA.
-    """
-    if sys.platform == "darwin":
-        return 0
-    if not sys.platform.startswith("linux"):
-        return None
-    if _NVIDIA_GPUS.is_dir():
-        physical = len(list(_NVIDIA_GPUS.iterdir()))
-    elif any(_DEV.glob("nvidia[0-9]*")) or (_DEV / "kfd").exists() or (_DEV / "dxg").exists():
-        return None
-    else:
-        physical = 0
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return physical if visible is None else min(physical, _count_visible(visible, physical))
-
-
-def _count_visible(visible: str, physical: int) -> int:
-    """Entries of CUDA_VISIBLE_DEVICES up to the first invalid one (where CUDA stops reading)."""
-    count = 0
-    for entry in visible.split(","):
-        entry = entry.strip()
-        if not (entry.startswith(("GPU-", "MIG-")) or (entry.isdigit() and int(entry) < physical)):
-            break
-        count += 1
-    return count
 
 
 MODELS_KEPT = 2  # pipelines a worker keeps loaded: backend.engine.loader.PipelineCache's capacity

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from backend.errors import DreamttyError
 from backend.events import Event, RunState, TrainState
-from backend.pool import parse_devices, visible_gpus
+from backend.devices import parse_devices, visible_gpus
 from backend.queue_store import LEASE_TTL
 from backend.training import launch, runs
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backend import locations, pool
+from backend import devices, locations
 from backend.errors import DreamttyError
 from backend.queue_store import QueueStore
 from tui import cli, cli_jobs
@@ -44,10 +44,10 @@ def gpus(tmp_path, monkeypatch):
         folder.mkdir()
         for n in range(count):
             (folder / f"0000:0{n}:00.0").mkdir()
-        monkeypatch.setattr(pool, "_NVIDIA_GPUS", folder)
+        monkeypatch.setattr(devices, "_NVIDIA_GPUS", folder)
 
     (tmp_path / "dev").mkdir()
-    monkeypatch.setattr(pool, "_DEV", tmp_path / "dev")
+    monkeypatch.setattr(devices, "_DEV", tmp_path / "dev")
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return make
@@ -113,20 +113,20 @@ def test_cuda_index_beyond_the_gpus(gpus, generated, capsys):
 def test_cuda_visible_devices_narrows_the_gpus(visible, count, gpus, monkeypatch):
     gpus(3)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    assert pool.visible_gpus() == count
+    assert devices.visible_gpus() == count
 
 
 @pytest.mark.parametrize("node", [None, "nvidia0", "kfd", "dxg"])
 def test_gpus_without_the_driver_list(node, gpus, tmp_path, monkeypatch):
     """No driver list: GPU device nodes (NVIDIA, ROCm, WSL) leave the check to the worker; none means no GPU."""
     gpus(0)
-    monkeypatch.setattr(pool, "_NVIDIA_GPUS", tmp_path / "no-such-list")
+    monkeypatch.setattr(devices, "_NVIDIA_GPUS", tmp_path / "no-such-list")
     if node is None:
-        assert pool.visible_gpus() == 0
+        assert devices.visible_gpus() == 0
     else:
         (tmp_path / "dev" / node).touch()
-        assert pool.visible_gpus() is None
-        assert pool.check_devices("cuda:3") == ["cuda:3"]
+        assert devices.visible_gpus() is None
+        assert devices.check_devices("cuda:3") == ["cuda:3"]
 
 
 # -- 3: output folder ------------------------------------------------------------------------

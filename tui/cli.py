@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _check_global_options(args: argparse.Namespace) -> None:
     """Validate the global options in place: ``--out`` becomes a Path, ``--demo`` sets the model."""
-    from backend.pool import check_devices
+    from backend.devices import check_devices
 
     _check_home()
     if args.model is not None and not args.model.strip():
