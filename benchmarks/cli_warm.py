@@ -27,8 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env(home: Path, run: Path) -> dict:
-    env = {**os.environ, "DREAMTTY_HOME": str(home), "XDG_RUNTIME_DIR": str(run), "HF_HUB_OFFLINE": "1"}
+    """The calls' environment. Their bytecode is cached (in a private ``PYTHONPYCACHEPREFIX``, written by the
+    first call), as an installed package's is: with ``PYTHONDONTWRITEBYTECODE`` set, every call would
+    compile dreamtty's modules again."""
+    env = {**os.environ, "DREAMTTY_HOME": str(home), "XDG_RUNTIME_DIR": str(run), "HF_HUB_OFFLINE": "1",
+           "PYTHONPYCACHEPREFIX": str(home / "pycache")}
     env.pop("DREAMTTY_LOCAL", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 
