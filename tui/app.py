@@ -238,11 +238,9 @@ class DreamttyApp(App):
         return visible(super().get_key_display(binding))
 
     def on_models_pane_default_changed(self, message: ModelsPane.DefaultChanged) -> None:
-        from backend.request import GenerateRequest
-
-        old, self.default_model = self.default_model or GenerateRequest.model, message.model
+        self.default_model = message.model
         if self.generate_screen is not None and self.generate_screen.form_mounted.is_set():  # else mounted with it
-            self.generate_screen.form.follow_default_model(old, message.model)
+            self.generate_screen.form.follow_default_model(message.model)
 
     @work(thread=True, group="load-parameters")
     def load_into_form(self, path: str) -> None:

@@ -72,13 +72,14 @@ def cmd_samplers(args) -> int:
 
 # The module that registers each subcommand: a command line that names one imports only that module (the
 # others bring much of the backend). A command missing here still works, through the whole parser.
+# None: ``samplers``, registered here. The whole parser registers the modules in this order (its --help's).
 COMMAND_MODULES = {
     **dict.fromkeys(("generate", "vary", "upscale", "inpaint", "outpaint", "describe", "reproduce"), "cli_jobs"),
+    "samplers": None,
     **dict.fromkeys(("jobs", "cancel", "wait", "attach"), "cli_queue"),
-    "models": "cli_models", "config": "cli_models", "serve": "cli_serve", "styles": "cli_styles",
-    "train": "cli_train", "web": "cli_web", "samplers": None,
+    "serve": "cli_serve", "styles": "cli_styles", "train": "cli_train", "web": "cli_web",
+    "models": "cli_models", "config": "cli_models",
 }
-_MODULES = ("cli_jobs", None, "cli_queue", "cli_serve", "cli_styles", "cli_train", "cli_web", "cli_models")  # None: here
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -87,7 +88,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = Parser(prog="dreamtty", description="Stable Diffusion generation and DreamBooth training in the terminal")
     _add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", parser_class=_SubcommandParser)
-    for module in _MODULES if command is None else (COMMAND_MODULES[command],):
+    for module in dict.fromkeys(COMMAND_MODULES.values()) if command is None else (COMMAND_MODULES[command],):
         if module is None:
             sam = sub.add_parser("samplers", help="list samplers and schedules")
             sam.add_argument("--json", action="store_true")

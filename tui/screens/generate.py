@@ -107,10 +107,10 @@ class GenerateScreen(Screen):
 
     async def _read_form(self, input_image: bool = True) -> GenerateRequest | None:
         """The form's request; on bad input show the error inline and return None."""
-        await self.ready_form()
-        self.form.clear_errors()
+        form = await self.ready_form()
+        form.clear_errors()
         try:
-            return self.form.read_request(input_image)
+            return form.read_request(input_image)
         except DreamttyError as exc:
             self._rejected(exc)
             return None

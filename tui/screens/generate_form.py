@@ -407,9 +407,9 @@ class GenerateForm(VerticalScroll, can_focus=False):
         choices = [*DEMO_MODELS, *library.names("checkpoint"), *trained]
         self.app.call_from_thread(setattr, self.query_one("#model", Input).suggester, "choices", choices)
 
-    def follow_default_model(self, old: str, new: str) -> None:
+    def follow_default_model(self, new: str) -> None:
         """The default model changed (Models screen): use it, unless another model than the old default is set."""
-        if self._input("#model") == old:
+        if self._input("#model") == self.model:
             self.query_one("#model", Input).value = new  # Input.Changed updates the family and the sizes
         self.model = new
         self._load_model_choices()
