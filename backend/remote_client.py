@@ -1,5 +1,5 @@
 """A :class:`~backend.client.Client` for a service in another process: the API of ``dreamtty serve``
-over its Unix socket (or TCP with the token), with aiohttp.
+over its Unix socket (or TCP with the token), through :mod:`backend.http_client`.
 
 Events come over one WebSocket, opened when someone subscribes. A dropped stream is opened again
 (a restarted service included) and a ``ServiceReady`` event is published so lists refresh; a job
@@ -10,9 +10,7 @@ job ended while the stream was down is not missed.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -23,6 +21,7 @@ from backend import config
 from backend.errors import DreamttyError, RequestError
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, Fanout, ImageSaved, JobEvent,
                             ServiceReady, loads)
+from backend.http_client import HTTPClient, Unreachable, WebSocket
 from backend.queue_store import ACTIVE, Job
 from backend.serve import ServeOptions, start_detached
 from backend.values import absolute
@@ -33,25 +32,10 @@ if TYPE_CHECKING:  # imported where used: a generate call never needs them (benc
     from backend.run_schedule import ScheduledRun
     from backend.training.config import TrainRequest
 
-
-def _lazy_module(name: str):
-    """``name``, loaded at its first attribute access (importlib's LazyLoader recipe): the TUI draws its
-    first frame before aiohttp (about 0.15 s of imports) is loaded for its first call to the service."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-aiohttp = _lazy_module("aiohttp")
-
 RECONNECT_DELAY = (0.1, 2.0)  # seconds: first and longest wait between attempts to reopen the stream
 POLL = 1.0  # seconds between checks, while waiting, that the stream is not lost for good
-ANSWER_TIMEOUT = 300.0  # seconds a request waits for the service's answer (aiohttp's default)
+ANSWER_TIMEOUT = 300.0  # seconds a request waits for the service's answer
+STREAM_IDLE = 45.0  # seconds without a message on the event stream (the service pings every 20) before it is lost
 
 
 @dataclass(frozen=True)
@@ -83,7 +67,7 @@ class RemoteClient:
         self._start_options = start
         self._previews = previews
         self._patience = patience
-        self._session: aiohttp.ClientSession | None = None
+        self._http: HTTPClient | None = None
         self._fanout = Fanout()
         self._stream: asyncio.Task | None = None
         self._connecting = asyncio.Lock()
@@ -99,8 +83,8 @@ class RemoteClient:
         and open the event stream when someone subscribed. Calls made at once (a TUI's screens as it
         starts) wait for the first one's connection."""
         async with self._connecting:
-            if self._session is None:
-                self._session = self._new_session()
+            if self._http is None:
+                self._http = self._new_http()
                 try:
                     try:
                         await self._check_versions()
@@ -111,19 +95,16 @@ class RemoteClient:
                         await asyncio.to_thread(start_detached, self._start_options)
                         await self._check_versions()
                 except BaseException:
-                    await self._drop_session()
+                    self._drop_http()
                     raise
             if self._fanout.queues and self._stream is None:
                 self._stream = asyncio.create_task(self._follow(await self._open_stream()))
 
-    def _new_session(self) -> aiohttp.ClientSession:
-        if self.address.socket:
-            connector, base = aiohttp.UnixConnector(path=str(self.address.socket)), "http://dreamtty"
-        else:
-            connector, base = aiohttp.TCPConnector(), f"http://{self.address.host}:{self.address.port}"
+    def _new_http(self) -> HTTPClient:
         headers = {"Authorization": f"Bearer {self.address.token}"} if self.address.token else {}
-        return aiohttp.ClientSession(base, connector=connector, headers=headers,
-                                     timeout=aiohttp.ClientTimeout(total=ANSWER_TIMEOUT))
+        if self.address.socket:
+            return HTTPClient(socket=str(self.address.socket), headers=headers)
+        return HTTPClient(host=self.address.host, port=self.address.port, headers=headers)
 
     async def _check_versions(self) -> None:
         """Same versions as this client, and for a service of this machine's user the same settings
@@ -142,26 +123,27 @@ class RemoteClient:
                 + "; ".join(f"{k} {settings.get(k) or 'unset'} there, {mine.get(k) or 'unset'} here" for k in differ)
                 + "); run this with --local, or restart the service with these: dreamtty serve --stop")
 
-    async def _open_stream(self) -> aiohttp.ClientWebSocketResponse:
+    async def _open_stream(self) -> WebSocket:
         try:
-            return await self._session.ws_connect("/v1/events", heartbeat=20.0,
-                                                  params={"previews": "1" if self._previews else "0"})
-        except (aiohttp.ClientError, OSError) as exc:
+            return await asyncio.wait_for(
+                self._http.websocket("/v1/events", {"previews": "1" if self._previews else "0"}), ANSWER_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:  # unreachable, refused, reset, timed out
             raise _Unreachable(f"service: cannot follow the events of {self.address}: {exc}") from None
 
-    async def _follow(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _follow(self, ws: WebSocket) -> None:
         """Task: publish the stream's events; reopen it when it drops."""
         delay, down_since = RECONNECT_DELAY[0], None
         while True:
             try:
-                async for message in ws:
-                    if message.type == aiohttp.WSMsgType.TEXT:
-                        try:
-                            self._fanout.publish(loads(message.data))
-                        except EventError:
-                            continue
-            except (aiohttp.ClientError, OSError):  # the stream broke rather than closed
+                while (message := await ws.receive(STREAM_IDLE)) is not None:
+                    try:
+                        self._fanout.publish(loads(message))
+                    except EventError:
+                        continue
+            except (OSError, asyncio.TimeoutError):  # the stream broke (or went quiet) rather than closed
                 pass
+            finally:
+                ws.close()
             down_since = down_since or time.monotonic()
             while True:
                 await asyncio.sleep(delay)
@@ -181,13 +163,13 @@ class RemoteClient:
             delay, down_since, self._lost = RECONNECT_DELAY[0], None, None
             self._fanout.publish(ServiceReady())
 
-    async def _drop_session(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    def _drop_http(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
 
     async def close(self, cancel_jobs: bool = False) -> None:
-        if cancel_jobs and self._session is not None:
+        if cancel_jobs and self._http is not None:
             for job_id in self._submitted:
                 try:
                     await self.cancel(job_id)
@@ -196,7 +178,7 @@ class RemoteClient:
         if self._stream is not None:
             self._stream.cancel()
             self._stream = None
-        await self._drop_session()
+        self._drop_http()
 
     async def _call(self, method: str, path: str, body: dict | None = None, **params) -> dict:
         """One API request, once connected."""
@@ -207,24 +189,26 @@ class RemoteClient:
         """One API request on the open session; the service's one-line error as a DreamttyError
         (RequestError for a field)."""
         try:
-            async with self._session.request(method, path, json=body, params=params or None) as response:
-                data = await response.json(content_type=None)
-        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionError) as exc:
+            status, data = await asyncio.wait_for(self._http.request(method, path, body, params or None),
+                                                  ANSWER_TIMEOUT)
+        except Unreachable as exc:
             raise _Unreachable(f"service: cannot reach {self.address}: {exc}") from None
         except asyncio.TimeoutError:
             raise DreamttyError(f"service: {self.address} did not answer {method} {path} in time") from None
-        except (aiohttp.ClientError, ValueError) as exc:
-            raise DreamttyError(f"service: {self.address}: {type(exc).__name__}: {exc}") from None
-        if response.status >= 400:
-            if response.status == 401:
+        except (OSError, ValueError) as exc:
+            raise DreamttyError(f"service: {self.address}: {exc}") from None
+        if status >= 400:
+            if status == 401:
                 raise DreamttyError("service: unauthorized (the token is wrong or missing: DREAMTTY_TOKEN)")
-            if response.status == 404 and isinstance(data, dict):
+            if status == 404 and isinstance(data, dict):
                 raise _NotFound(str(data.get("error")))
             if not isinstance(data, dict):
-                raise DreamttyError(f"service: HTTP {response.status}")
+                raise DreamttyError(f"service: HTTP {status}")
             if data.get("field"):
                 raise RequestError(str(data["field"]), str(data.get("message")))
-            raise DreamttyError(str(data.get("error") or f"HTTP {response.status}"))
+            raise DreamttyError(str(data.get("error") or f"HTTP {status}"))
+        if not isinstance(data, dict):
+            raise DreamttyError(f"service: {self.address}: {method} {path} answered no JSON object")
         return data
 
     # -- the Client interface -------------------------------------------------------------

@@ -1,0 +1,159 @@
+"""backend/http_client.py against a real aiohttp server (what ``dreamtty serve`` runs) on a Unix socket:
+kept connections, a connection the server dropped, bodies and statuses, and the event WebSocket's pings."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from backend.http_client import HTTPClient, Rejected, Unreachable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def socket_path():
+    folder = Path(tempfile.mkdtemp(prefix="dt-http-", dir="/tmp"))  # a socket path has at most ~104 bytes
+    yield folder / "api.sock"
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _serve(app: web.Application, path: Path, **runner_options) -> web.AppRunner:
+    runner = web.AppRunner(app, **runner_options)
+    await runner.setup()
+    await web.UnixSite(runner, str(path)).start()
+    return runner
+
+
+def _echo_app(connections: list) -> web.Application:
+    async def echo(request: web.Request) -> web.Response:
+        connections.append(id(request.transport))
+        body = await request.json() if request.can_read_body else None
+        status = int(request.query.get("status", "200"))
+        return web.json_response({"method": request.method, "query": dict(request.query), "body": body,
+                                  "auth": request.headers.get("Authorization")}, status=status)
+
+    app = web.Application()
+    app.router.add_route("*", "/echo", echo)
+    app.router.add_get("/text", lambda request: web.Response(text="not json"))
+    return app
+
+
+async def test_requests_send_json_and_read_the_status_and_answer(socket_path):
+    connections: list = []
+    runner = await _serve(_echo_app(connections), socket_path)
+    http = HTTPClient(socket=str(socket_path), headers={"Authorization": "Bearer t0k"})
+    try:
+        status, data = await http.request("POST", "/echo", {"prompt": "a fox ☃ [/]"}, {"a": "1 2", "status": "404"})
+        assert status == 404
+        assert data == {"method": "POST", "query": {"a": "1 2", "status": "404"}, "body": {"prompt": "a fox ☃ [/]"},
+                        "auth": "Bearer t0k"}
+        assert await http.request("GET", "/text") == (200, None)
+        assert (await http.request("GET", "/missing"))[0] == 404
+        with pytest.raises(ValueError, match="cannot send this request"):
+            await HTTPClient(socket=str(socket_path), headers={"Authorization": "Bearer a\nb"}).request("GET", "/echo")
+    finally:
+        http.close()
+        await runner.cleanup()
+
+
+async def test_a_connection_is_kept_and_one_the_server_dropped_is_replaced(socket_path):
+    connections: list = []
+    runner = await _serve(_echo_app(connections), socket_path, keepalive_timeout=0.3)
+    http = HTTPClient(socket=str(socket_path))
+    try:
+        for _ in range(3):
+            assert (await http.request("GET", "/echo"))[0] == 200
+        assert len(set(connections)) == 1  # one connection for the three
+        await asyncio.sleep(1.0)  # the server closes the idle connection
+        assert (await http.request("POST", "/echo", {"n": 1}))[1]["body"] == {"n": 1}
+        assert len(set(connections)) == 2 and len(connections) == 4  # sent once, on a new connection
+        both = await asyncio.gather(http.request("GET", "/echo"), http.request("GET", "/echo"))
+        assert [status for status, _ in both] == [200, 200]
+    finally:
+        http.close()
+        await runner.cleanup()
+
+
+async def test_no_server_is_unreachable_and_a_server_gone_mid_answer_is_a_reset(socket_path):
+    with pytest.raises(Unreachable):
+        await HTTPClient(socket=str(socket_path)).request("GET", "/v1/version")
+
+    async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"cut")
+        writer.close()
+
+    server = await asyncio.start_unix_server(half, str(socket_path))
+    try:
+        with pytest.raises(ConnectionResetError, match="broke off"):
+            await HTTPClient(socket=str(socket_path)).request("GET", "/v1/version")
+    finally:
+        server.close()
+
+
+async def test_the_websocket_answers_the_servers_pings_and_reads_every_message(socket_path):
+    """aiohttp's server closes a WebSocket whose pings go unanswered for half its heartbeat."""
+
+    async def events(request: web.Request) -> web.WebSocketResponse:
+        if request.headers.get("Authorization") != "Bearer ok":
+            return web.json_response({"error": "unauthorized"}, status=401)
+        ws = web.WebSocketResponse(heartbeat=0.2)
+        await ws.prepare(request)
+        await ws.send_str(request.query["n"])
+        await asyncio.sleep(1.0)  # five heartbeats
+        await ws.send_str("x" * 300_000)  # more than one read
+        await ws.close()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/events", events)
+    runner = await _serve(app, socket_path)
+    try:
+        ws = await HTTPClient(socket=str(socket_path), headers={"Authorization": "Bearer ok"}).websocket(
+            "/events", {"n": "1"})
+        assert await ws.receive(idle=5) == "1"
+        assert await ws.receive(idle=5) == "x" * 300_000
+        assert await ws.receive(idle=5) is None  # closed
+        with pytest.raises(Rejected) as refused:
+            await HTTPClient(socket=str(socket_path)).websocket("/events")
+        assert refused.value.status == 401
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_quiet_websocket_times_out(socket_path):
+    async def silent(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()  # no heartbeat: nothing comes
+        await ws.prepare(request)
+        async for _ in ws:  # until the client goes
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/events", silent)
+    runner = await _serve(app, socket_path)
+    try:
+        ws = await HTTPClient(socket=str(socket_path)).websocket("/events")
+        with pytest.raises(asyncio.TimeoutError):
+            await ws.receive(idle=0.3)
+        ws.close()
+    finally:
+        await runner.cleanup()
+
+
+def test_a_cli_client_never_imports_aiohttp():
+    """A ``dreamtty generate`` against the service loads the client, not aiohttp's 0.13 s of imports."""
+    code = ("import sys, tui.cli, tui.cli_jobs, backend.remote_client, backend.client\n"
+            "tui.cli.parse_args(['generate', 'a fox'])\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
