@@ -24,6 +24,7 @@ import pty
 import random
 import re
 import select
+import shutil
 import signal
 import statistics
 import struct
@@ -33,6 +34,8 @@ import tempfile
 import termios
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ALPHABET = "QXZKWVBY"  # not in the app's labels, status lines or half blocks
@@ -134,11 +137,24 @@ def app_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "tui.cli"]
 
 
-def app_env(home: Path) -> dict:
-    """The environment of a benchmarked app: its own home and config, a UTF-8 truecolor terminal, offline."""
-    return {**os.environ, "DREAMTTY_HOME": str(home), "DREAMTTY_CONFIG": str(home / "config" / "config.yaml"),
-            "TERM": "xterm-256color", "COLORTERM": "truecolor",
-            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HF_HUB_OFFLINE": "1"}
+@contextmanager
+def app_home() -> Iterator[tuple[Path, dict]]:
+    """A temporary folder for a benchmarked app, and the app's environment: its own home (``home`` in the
+    folder) and config, service runtime folder, a UTF-8 truecolor terminal, offline. The service the app
+    starts there is stopped at the end: it would outlive the benchmark."""
+    with tempfile.TemporaryDirectory(prefix="dreamtty-bench-") as tmp:
+        run = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))  # short: a socket path has at most ~104 bytes
+        home = Path(tmp) / "home"
+        env = {**os.environ, "DREAMTTY_HOME": str(home), "DREAMTTY_CONFIG": str(home / "config" / "config.yaml"),
+               "XDG_RUNTIME_DIR": str(run), "TERM": "xterm-256color", "COLORTERM": "truecolor",
+               "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HF_HUB_OFFLINE": "1"}
+        env.pop("DREAMTTY_LOCAL", None)
+        try:
+            yield Path(tmp), env
+        finally:
+            subprocess.run([*app_command(), "serve", "--stop"], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=120)
+            shutil.rmtree(run, ignore_errors=True)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -157,11 +173,9 @@ def steps_seen(text: str) -> list[int]:
 
 
 def run(presses: int, cols: int, rows: int, steps: int, images: int, job: bool = True, gap: float = 0.03) -> dict:
-    with tempfile.TemporaryDirectory(prefix="dreamtty-bench-") as tmp:
-        home = Path(tmp) / "home"
-        setup_home(home, steps, images)
-        term = Terminal([*app_command(), "--demo", "--device", "cpu", "--out", str(Path(tmp) / "out")],
-                        app_env(home), cols, rows)
+    with app_home() as (tmp, env):
+        setup_home(tmp / "home", steps, images)
+        term = Terminal([*app_command(), "--demo", "--device", "cpu", "--out", str(tmp / "out")], env, cols, rows)
         try:
             if term.wait_for(b"Prompt", 0, 60) is None:
                 raise SystemExit(f"the app did not draw; output:\n{term.text_since(0)[-2000:]}")

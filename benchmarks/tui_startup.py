@@ -23,11 +23,10 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.tui_latency import Terminal, app_command, app_env
+from benchmarks.tui_latency import Terminal, app_command, app_home
 
 MINIMAL_APP = """
 from textual.app import App
@@ -83,14 +82,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     cols, rows = (int(v) for v in args.size.lower().split("x"))
-    with tempfile.TemporaryDirectory(prefix="dreamtty-bench-") as tmp:
-        home = Path(tmp) / "home"
+    with app_home() as (tmp, env):
+        home = tmp / "home"
         (home / "config").mkdir(parents=True)
         if args.styles:
             write_style_pack(home, args.styles)
-        env = {**app_env(home), "PYTHONPYCACHEPREFIX": str(Path(tmp) / "pycache")}
+        env["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        dreamtty = [*app_command(), "--demo", "--device", "cpu", "--out", str(Path(tmp) / "out")]
+        dreamtty = [*app_command(), "--demo", "--device", "cpu", "--out", str(tmp / "out")]
         minimal = [sys.executable, "-c", MINIMAL_APP]
         first_frame(dreamtty, env, cols, rows, FORM_TEXT)  # warm the file and bytecode caches for both
         first_frame(minimal, env, cols, rows)
