@@ -25,7 +25,8 @@ MAX_COUNT = 64
 MAX_SEED = 2**32 - 1
 MAX_LORAS = 5
 DTYPES = ("auto", "fp16", "bf16", "fp32")
-SPEEDS = ("default", "fast")  # fast: a compiled UNet on CUDA (backend/engine/fast.py); the CPU runs default
+# fast: a compiled UNet on CUDA; fastest: with float8 linear layers (backend/engine/fast.py); the CPU runs default
+SPEEDS = ("default", "fast", "fastest")
 _SIZE = re.compile(r"\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*")  # ASCII digits only: int() refuses "²"
 
 

@@ -254,10 +254,10 @@ def _make_images(group: JobGroup) -> None:
                     first.job.get("family", ""), make_image)
         return
     ref = resolve_model(request.model, variants=request.model_variants)
-    speed = fast.effective_speed(request.speed, first.cache.device)
-    if speed != request.speed:
-        group.note(fast.CPU_NOTE)
-    if speed == "fast" and any(p.active for p in request.image_prompts):
+    speed, why = fast.effective_speed(request.speed, first.cache.device)
+    if why:
+        group.note(why)
+    if speed != "default" and any(p.active for p in request.image_prompts):
         speed = "default"  # adapters change the UNet's attention processors and inputs: a compiled one would recompile
         group.note("image prompts run at the default speed (a compiled UNet does not take them)")
     loads = first.cache.loads

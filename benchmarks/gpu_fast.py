@@ -1,15 +1,18 @@
-"""``speed: fast`` against stock diffusers on real-size SD1.5 (512²) and SDXL (1024²) with random weights,
-fp16, DPM++ 2M with CFG, in one run:
+"""``speed: fast`` and ``fastest`` against stock diffusers on real-size SD1.5 (512²) and SDXL (1024²) with
+random weights, fp16, DPM++ 2M with CFG, in one run:
 
-    PYTHONPATH=. python benchmarks/gpu_fast.py [--steps 30] [--runs 3] [--models sd15,sdxl]
+    PYTHONPATH=. python benchmarks/gpu_fast.py [--steps 30] [--runs 3] [--models sd15,sdxl] [--variants ...]
 
-Rows: stock eager; stock with its best knob (channels_last + torch.compile mode reduce-overhead);
-ours default; ours fast. Columns: it/s (batch 1, median of ``--runs``, the variants interleaved) and
-images/s at batch ``--batch`` (8: stock with ``num_images_per_prompt``, ours a job's images denoised
-together, each with its own seed, decoded one by one; both decode to PIL images), and for ours fast the
-time from a fresh process's start to its first finished step, with an empty compile cache (first
-launch) and with the cache the first launch left (warm launch), each in a child process. Last, how far
-a batched image is from the same image made alone (ours default; max difference in 0..255).
+Rows (``--variants``): stock eager; stock with its best knob (channels_last + torch.compile mode
+reduce-overhead); ours default; ours fast; ours fastest (fast with torchao's float8 linear layers; not
+run by default). Columns: it/s (batch 1, median of ``--runs``, the variants interleaved) and images/s at
+batch ``--batch`` (8: stock with ``num_images_per_prompt``, ours a job's images denoised together, each
+with its own seed, decoded one by one; both decode to PIL images), and for ours fast the time from a
+fresh process's start to its first finished step, with an empty compile cache (first launch) and with
+the cache the first launch left (warm launch), each in a child process. Then how far a batched image is
+from the same image made alone (ours default; max difference in 0..255), and how far the images of ours
+fast and fastest are from ours default's (max and mean difference in 0..255), on the real-size random
+weights and on the demo model.
 Targets (issue 17): SD1.5 >= 200 it/s, SDXL >= 40 it/s, ours fast >= 1.3x stock's best knob, warm
 launch to first step < 10 s, SD1.5 batch 8 >= 10 images/s (stock eager 5.0).
 """
@@ -40,6 +43,8 @@ from benchmarks.realsize import build_pipeline
 
 PROMPT, NEGATIVE = "a red fox in the snow, photo", "blurry"
 SIZES = {"sd15": (False, 512), "sdxl": (True, 1024)}
+VARIANTS = ("stock eager", "stock best knob", "ours default", "ours fast", "ours fastest")
+FAST = {"ours fast", "ours fastest"}
 
 
 def _timed(run) -> float:
@@ -109,33 +114,78 @@ def _medians(variants: dict, runs: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def its(model: str, steps: int, runs: int, images: int) -> tuple[dict[str, float], dict[str, float], int]:
-    """it/s at batch 1 and images/s at batch ``images`` per variant, and the batched-vs-alone pixel difference."""
-    xl, size = SIZES[model]
-    pipes = {"stock eager": build_pipeline(xl), "ours default": None, "stock best knob": build_pipeline(xl),
-             "ours fast": build_pipeline(xl)}
-    pipes["ours default"] = pipes["stock eager"]
-    _best_knob(pipes["stock best knob"])
-    fast.make_fast(pipes["ours fast"])
-    variants = {
-        "stock eager": _stock(pipes["stock eager"], size, steps),
-        "stock best knob": _stock(pipes["stock best knob"], size, steps),
-        "ours default": _ours(pipes["ours default"], size, steps),
-        "ours fast": _ours(pipes["ours fast"], size, steps),
-    }
-    rates = {name: steps / t for name, t in _medians(variants, runs).items()}
-    if not images:
-        return rates, {}, 0
-    batched = {
-        "stock eager": _stock(pipes["stock eager"], size, steps, images),
-        "stock best knob": _stock(pipes["stock best knob"], size, steps, images),
-        "ours default": _ours_batch(pipes["ours default"], size, steps, images),
-        "ours fast": _ours_batch(pipes["ours fast"], size, steps, images),
-    }
-    per_second = {name: images / t for name, t in _medians(batched, runs).items()}
+def pixel_changes(pipes: dict, size: int, steps: int) -> dict[str, tuple[int, float]]:
+    """Max and mean pixel difference (0..255) of the image each of ours fast and fastest makes from ours
+    default's (seed 0)."""
+    [request] = _job_images(size, steps, 1)
     with torch.inference_mode():
-        difference = batch_difference(pipes["ours default"], size, steps, images)
-    return rates, per_second, difference
+        images = {name: np.asarray(generate_image(pipe, request)[0], dtype=int) for name, pipe in pipes.items()
+                  if name.startswith("ours")}
+    base = images.pop("ours default")
+    return {name: (int(np.abs(image - base).max()), float(np.abs(image - base).mean())) for name, image in images.items()}
+
+
+def _set_up(name: str, pipe) -> bool:
+    """Make ``pipe`` the variant ``name``; False, with a line, where that fails (fastest without a float8 GPU
+    or torchao): the rest of the table goes on."""
+    try:
+        if name == "stock best knob":
+            _best_knob(pipe)
+        elif name in FAST:
+            fast.make_fast(pipe, name.removeprefix("ours "))
+    except Exception as exc:  # noqa: BLE001
+        print(f"{name}: failed to set up: {type(exc).__name__}: {exc}", flush=True)
+        return False
+    return True
+
+
+def _variant_pipes(xl: bool, names: list[str]) -> dict:
+    """A pipeline per variant that could be set up (ours default runs on stock eager's, the same weights
+    and modules)."""
+    pipes: dict = {}
+    for name in names:
+        if name == "ours default" and "stock eager" in pipes:
+            pipes[name] = pipes["stock eager"]
+            continue
+        torch.manual_seed(0)  # the same random weights for each, so that their images compare
+        pipe = build_pipeline(xl)
+        if _set_up(name, pipe):
+            pipes[name] = pipe
+    return pipes
+
+
+def its(model: str, names: list[str], steps: int, runs: int, images: int):
+    """it/s at batch 1 and images/s at batch ``images`` per variant, the batched-vs-alone pixel difference
+    (None without ours default or a batch), and the pixel changes of ours fast and fastest."""
+    xl, size = SIZES[model]
+    pipes = _variant_pipes(xl, names)
+    batch1 = {name: (_stock if name.startswith("stock") else _ours)(pipe, size, steps) for name, pipe in pipes.items()}
+    rates = {name: steps / t for name, t in _medians(batch1, runs).items()}
+    per_second, difference = {}, None
+    if images:
+        batched = {name: (_stock if name.startswith("stock") else _ours_batch)(pipe, size, steps, images)
+                   for name, pipe in pipes.items()}
+        per_second = {name: images / t for name, t in _medians(batched, runs).items()}
+        if "ours default" in pipes:
+            with torch.inference_mode():
+                difference = batch_difference(pipes["ours default"], size, steps, images)
+    changes = pixel_changes(pipes, size, steps) if "ours default" in pipes and pipes.keys() & FAST else {}
+    return rates, per_second, difference, changes
+
+
+def demo_changes(names: list[str], steps: int) -> dict[str, tuple[int, float]]:
+    """:func:`pixel_changes` on the demo model (fp16, 256²)."""
+    from backend.engine.demo_models import ensure_demo
+    from backend.engine.loader import load_pipeline
+    from backend.models import resolve_model
+
+    ensure_demo("demo")
+    pipes = {}
+    for name in ("ours default", *(n for n in names if n in FAST)):
+        pipe = load_pipeline(resolve_model("demo"), torch.device("cuda"), torch.float16)
+        if _set_up(name, pipe):
+            pipes[name] = pipe
+    return pixel_changes(pipes, 256, steps)
 
 
 def launch(model: str, cache_dir: str) -> None:
@@ -168,9 +218,13 @@ def main() -> None:
     parser.add_argument("--models", default="sd15,sdxl")
     parser.add_argument("--batch", type=int, default=8, help="images per batch for the images/s column (0: none)")
     parser.add_argument("--no-launch", action="store_true", help="skip the two launch-time measurements")
+    parser.add_argument("--variants", default=",".join(VARIANTS[:4]), help=f"rows, of: {', '.join(VARIANTS)}")
     parser.add_argument("--launch", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    names = [n.strip() for n in args.variants.split(",")]
+    if unknown := set(names) - set(VARIANTS):
+        raise SystemExit(f"gpu_fast: unknown variants {sorted(unknown)}; allowed: {', '.join(VARIANTS)}")
     if not torch.cuda.is_available():
         raise SystemExit("gpu_fast: needs a CUDA GPU")
     if args.launch:
@@ -182,15 +236,24 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as cache_dir:
             for launch_kind in () if args.no_launch else ("first launch", "warm launch"):
                 print(f"ours fast, time to first step, {launch_kind}: {_launch_time(model, cache_dir)}", flush=True)
-        rates, per_second, difference = its(model, args.steps, args.runs, args.batch)
-        best = rates["stock best knob"]
-        print(f"{'variant':<18}{'it/s (batch 1)':>15}{'vs best knob':>14}" + (
+        rates, per_second, difference, changes = its(model, names, args.steps, args.runs, args.batch)
+        base = "stock best knob" if "stock best knob" in rates else next(iter(rates))
+        print(f"{'variant':<18}{'it/s (batch 1)':>15}{f'vs {base}':>20}" + (
             f"{f'images/s (batch {args.batch})':>22}" if per_second else ""))
         for name, rate in rates.items():
-            print(f"{name:<18}{rate:>15.1f}{rate / best:>13.2f}x" + (f"{per_second[name]:>22.2f}" if per_second else ""))
-        if per_second:
+            print(f"{name:<18}{rate:>15.1f}{rate / rates[base]:>19.2f}x"
+                  + (f"{per_second[name]:>22.2f}" if per_second else ""))
+        if difference is not None:
             print(f"ours default, an image of a batch of {args.batch} vs the same image alone: max difference "
                   f"{difference}/255", flush=True)
+        _print_changes(f"{model}, random weights", changes)
+    if FAST & set(names):
+        _print_changes("demo model, 256²", demo_changes(names, args.steps))
+
+
+def _print_changes(what: str, changes: dict[str, tuple[int, float]]) -> None:
+    for name, (largest, mean) in changes.items():
+        print(f"{what}: {name} vs ours default, pixels: max difference {largest}/255, mean {mean:.2f}", flush=True)
 
 
 if __name__ == "__main__":

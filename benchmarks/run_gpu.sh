@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, in parts that each fit one 10-minute call on a lent GPU machine
 # (each benchmark's docstring says what it measures; its figures go to the docs named there).
-# Usage: bash benchmarks/run_gpu.sh {1|2|3|4|fast|all} [LOGFILE]
+# Usage: bash benchmarks/run_gpu.sh {1|2|3|4|5|fast|all} [LOGFILE]
 #   1: image input, image prompts, generation, training, guidance (about 8 min on an H200)
 #   2-4 (fast: 2 and 3): speed fast (torch.compile, each part a few compiles): SD1.5 batch 1 with the
 #        launch times, SDXL batch 1, SD1.5 batch 8. SD1.5 with batch 8 and the launch times in one call ran
 #        past 7 minutes on an H200.
+#   5: speed fastest (float8, torchao) against default and fast on SD1.5 and SDXL: it/s and the change in
+#        pixels, on the random weights and on the demo model.
 set -u
 part=${1:-all}
 log=${2:-/tmp/gpu_bench.log}
@@ -36,3 +38,4 @@ fast() {  # "PARTS" LIMIT ARGS...: one part of gpu_fast.py, run when the part as
 fast "2 fast" 330 --models sd15 --batch 0
 fast "3 fast" 240 --models sdxl --batch 0 --no-launch
 fast "4" 300 --models sd15 --batch 8 --no-launch
+fast "5" 420 --models sd15,sdxl --batch 0 --no-launch --variants "ours default,ours fast,ours fastest"

@@ -1,4 +1,4 @@
-"""``speed: fast``: the compile cache's key and files, the fast pipeline's setup, the CPU fallback, and
+"""``speed: fast`` and ``fastest``: the compile cache's key and files, the fast pipeline's setup, the fallbacks, and
 inductor's compiled demo UNet against eager (the GPU figures: benchmarks/gpu_fast.py)."""
 
 from __future__ import annotations
@@ -31,12 +31,18 @@ def test_the_compile_key_changes_with_model_shape_dtype_and_versions(tmp_path, m
     others = [fast.compile_key(str(tmp_path / "other"), 512, 512, torch.float16, CPU),
               fast.compile_key(str(model), 512, 768, torch.float16, CPU),
               fast.compile_key(str(model), 512, 512, torch.bfloat16, CPU),
-              fast.compile_key(str(model), 512, 512, torch.float16, CPU, images=8)]  # a batch of 8
+              fast.compile_key(str(model), 512, 512, torch.float16, CPU, images=8),  # a batch of 8
+              fast.compile_key(str(model), 512, 512, torch.float16, CPU, speed="fastest")]
     monkeypatch.setattr(fast, "_version", lambda package: "9.9" if package == "triton" else "1.0")
     others.append(fast.compile_key(str(model), 512, 512, torch.float16, CPU))
     monkeypatch.undo()
     monkeypatch.setattr(torch, "__version__", "99.0")
     others.append(fast.compile_key(str(model), 512, 512, torch.float16, CPU))
+    monkeypatch.undo()
+    version = fast._version
+    monkeypatch.setattr(fast, "_version", lambda package: "9.9" if package == "torchao" else version(package))
+    others.append(fast.compile_key(str(model), 512, 512, torch.float16, CPU, speed="fastest"))
+    assert fast.compile_key(str(model), 512, 512, torch.float16, CPU) == key  # torchao counts for fastest only
     monkeypatch.undo()
     model.write_bytes(b"new weights, same name")
     import os
@@ -68,6 +74,8 @@ def test_a_fast_pipeline_compiles_once_per_size_and_the_next_launch_loads_the_ca
     fast.make_fast(pipe, compile=compiler.compile)
     assert compiler.compiled == [("UNet2DConditionModel", "reduce-overhead"), ("Decoder", "reduce-overhead")]
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
     assert any(hasattr(m, "to_qkv") for m in pipe.unet.modules())  # diffusers' fused projections
 
     notes: list[str] = []
@@ -94,6 +102,38 @@ def test_a_fast_pipeline_compiles_once_per_size_and_the_next_launch_loads_the_ca
     with fast.compiled_run(relaunched, "demo", fresh.cache(tmp_path / "compile"), notes.append):
         relaunched.dreamtty.on_denoise(1, 128, 64)
     assert notes[-1].startswith("speed fast: compiling the UNet for 128x64") and len(fresh.loaded) == 1
+
+
+def test_fastest_quantizes_the_unet_before_compiling_it_and_keys_its_cache_apart(demo_dirs, tmp_path):
+    pipe = load_pipeline(resolve_model("demo"), CPU, torch.float32)
+    compiler, quantized = FakeCompiler(), []
+    fast.make_fast(pipe, "fastest", compile=compiler.compile,
+                   quantize=lambda unet: quantized.append((type(unet).__name__, len(compiler.compiled))))
+    assert quantized == [("UNet2DConditionModel", 0)]  # the eager UNet, before anything compiled
+    notes: list[str] = []
+    with fast.compiled_run(pipe, "demo", compiler.cache(tmp_path), notes.append):
+        pipe.dreamtty.on_denoise(1, 64, 64)
+    assert notes[0].startswith("speed fastest: compiling the UNet for 64x64")
+    [saved] = (tmp_path).glob("*.bin")
+    assert saved.stem == fast.compile_key("demo", 64, 64, torch.float32, CPU, speed="fastest")
+
+
+@pytest.mark.parametrize("device, capability, torchao, expected", [
+    ("cpu", None, True, ("default", "speed fastest: the CPU has no compiled fast path; running the default path")),
+    ("cuda", (8, 0), True, ("fast", "speed fastest: float8 needs a GPU of compute capability 8.9 or newer, this one "
+                                    "has 8.0; running fast")),
+    ("cuda", (9, 0), False, ("fast", "speed fastest: float8 needs torchao (pip install torchao); running fast")),
+    ("cuda", (8, 9), True, ("fastest", None)),
+])
+def test_fastest_runs_where_float8_can_and_says_what_it_ran_instead(monkeypatch, device, capability, torchao, expected):
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if torchao else None) if name == "torchao" else find_spec(name, *a))
+    assert fast.effective_speed("fastest", torch.device(device)) == expected
+    assert fast.effective_speed("fast", torch.device(device))[0] == ("default" if device == "cpu" else "fast")
 
 
 def test_the_compile_cache_follows_the_shape_the_unet_denoises_not_the_image_size(demo_dirs, tmp_path):
@@ -130,15 +170,18 @@ def test_fast_on_the_cpu_is_the_default_path_and_says_so(demo_dirs, tmp_path):
     request = GenerateRequest(prompt="a fox", steps=3, seed=4, width=64, height=64)
     default, sent = _worker_job(request.resolved("demo"), tmp_path, cache)
     assert not any(isinstance(e, ev.Note) for e in sent)
-    quick, sent = _worker_job(GenerateRequest(**{**request.__dict__, "speed": "fast"}).resolved("demo"), tmp_path, cache)
-    assert np.array_equal(default, quick)
-    assert [e.message for e in sent if isinstance(e, ev.Note)] == [fast.CPU_NOTE]
+    for speed in ("fast", "fastest"):
+        quick, sent = _worker_job(GenerateRequest(**{**request.__dict__, "speed": speed}).resolved("demo"), tmp_path,
+                                  cache)
+        assert np.array_equal(default, quick)
+        assert [e.message for e in sent if isinstance(e, ev.Note)] == [
+            f"speed {speed}: the CPU has no compiled fast path; running the default path"]
 
 
 def test_a_bad_speed_is_a_one_line_error():
     from backend.errors import RequestError
 
-    with pytest.raises(RequestError, match="^speed: unknown 'ludicrous'; allowed: default, fast$"):
+    with pytest.raises(RequestError, match="^speed: unknown 'ludicrous'; allowed: default, fast, fastest$"):
         GenerateRequest(speed="ludicrous").resolved("demo")
 
 

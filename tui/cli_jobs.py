@@ -60,7 +60,8 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
                                                               "(diffusers' denoising_end)")
     p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--speed", choices=SPEEDS, help="fast: a compiled UNet on CUDA (first time per model and size: "
-                                                   "about a minute; then cached)")
+                                                   "about a minute; then cached); fastest: also float8 linear layers "
+                                                   "(compute capability 8.9+, torchao)")
     p.add_argument("--max-batch", type=int, metavar="N", help=f"denoise up to N of the images at once (1..{MAX_COUNT}; "
                                                               "default: what half the free memory holds, at most 4 "
                                                               "on the CPU and 8 on CUDA)")

@@ -160,7 +160,8 @@ class PipelineCache:
         self.compiled = CompileCache()  # compiled artifacts of fast pipelines, on disk
 
     def get(self, ref: ModelRef, dtype: torch.dtype, speed: str = "default"):
-        """The pipeline of ``ref`` in ``dtype``; ``speed`` "fast" (CUDA) is a compiled one, kept apart."""
+        """The pipeline of ``ref`` in ``dtype``; ``speed`` "fast" or "fastest" (CUDA) is a compiled one, kept
+        apart."""
         key = (ref.kind, ref.location, dtype, speed)
         if key in self._pipes:
             self._pipes.move_to_end(key)
@@ -168,10 +169,10 @@ class PipelineCache:
         while len(self._pipes) >= self.capacity:
             self.evict_oldest()
         pipe = load_pipeline(ref, self.device, dtype)
-        if speed == "fast":
+        if speed != "default":
             from backend.engine.fast import make_fast
 
-            make_fast(pipe)
+            make_fast(pipe, speed)
         self._pipes[key] = pipe
         self._names[key] = ref.name
         self.loads += 1

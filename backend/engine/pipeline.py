@@ -30,6 +30,7 @@ class PipelineState:
     image_prompts: object | None = None  # the current request's prepared references (engine.image_prompt)
     ip_slots: tuple = ()  # the IP-Adapters loaded, one per reference
     controlnets: dict = field(default_factory=dict)  # ControlNet folder -> loaded model
+    speed: str = "default"  # what it was set up for (backend.engine.fast)
     compiled_sizes: set | None = None  # a fast pipeline's (width, height, images) compiled so far (None: not fast)
     on_denoise: Callable[[int, int, int], None] | None = None  # told (images, width, height) a denoise loop runs at
 

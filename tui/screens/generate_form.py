@@ -156,7 +156,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
                        Field("Dtype", field_select("dtype", [(d, d) for d in DTYPES], GenerateRequest.dtype),
                              names=("dtype",)),
                        Field("Speed", field_select("speed", [(s, s) for s in SPEEDS], GenerateRequest.speed),
-                             names=("speed",), hint="fast: compiled UNet (CUDA)"),
+                             names=("speed",), hint="fast: compiled UNet (CUDA); fastest: + float8"),
                        classes="row"),
             Horizontal(Field("Refiner", field_input("refiner", placeholder="none (SDXL)"), names=("refiner",)),
                        Field("Refiner switch", field_input("refiner_switch", f"{GenerateRequest.refiner_switch:g}"),
