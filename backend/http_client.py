@@ -20,6 +20,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnec
 from wsproto.utilities import RemoteProtocolError
 
 READ_SIZE = 1 << 16
+IDEMPOTENT = ("GET", "HEAD")  # sent again on a new connection when a kept one closed before answering
 
 
 class Unreachable(ConnectionError):
@@ -41,9 +42,11 @@ class HTTPClient:
     def __init__(self, socket: str | None = None, host: str | None = None, port: int | None = None,
                  headers: dict[str, str] | None = None) -> None:
         self._socket, self._host, self._port = socket, host, port
-        self._authority = "dreamtty" if socket is not None else f"{host}:{port}"
+        bracketed = f"[{host}]" if host and ":" in host else host  # an IPv6 address
+        self._authority = "dreamtty" if socket is not None else f"{bracketed}:{port}"
         self._headers = list((headers or {}).items())
         self._idle: list[_Connection] = []
+        self._closed = False
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
@@ -66,19 +69,22 @@ class HTTPClient:
         except h11.LocalProtocolError as exc:  # a token with a line break, say
             raise ValueError(f"cannot send this request: {exc}") from None
         while True:
-            kept = bool(self._idle)
-            connection = self._idle.pop() if kept else _Connection(*await self._open())
+            connection = self._kept()
+            kept = connection is not None
+            connection = connection or _Connection(*await self._open())
             try:
                 status, answer = await connection.exchange(request, payload)
-            except _Closed:
+            except _Closed as closed:
                 connection.close()
-                if kept:  # the service closed a kept connection (idle, or it restarted): a new one
+                # A kept connection the service closed as the request went (idle, or it restarted): again on a
+                # new one, unless the service may have read and acted on it.
+                if kept and (closed.unsent or method in IDEMPOTENT):
                     continue
                 raise ConnectionResetError("the service closed the connection without answering") from None
             except BaseException:
                 connection.close()
                 raise
-            if connection.reusable():
+            if connection.reusable() and not self._closed:
                 self._idle.append(connection)
             else:
                 connection.close()
@@ -87,14 +93,27 @@ class HTTPClient:
             except ValueError:
                 return status, None
 
+    def _kept(self) -> _Connection | None:
+        """An idle connection that the service has not closed meanwhile."""
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.open():
+                return connection
+            connection.close()
+        return None
+
     async def websocket(self, path: str, params: dict[str, str] | None = None) -> WebSocket:
         """A WebSocket opened at ``path``; :class:`Rejected` when the service answers with a status."""
         reader, writer = await self._open()
         protocol = WSConnection(ConnectionType.CLIENT)
         try:
-            writer.write(protocol.send(Request(
-                host=self._authority, target=f"{path}?{urlencode(params)}" if params else path,
-                extra_headers=[(k.encode(), v.encode()) for k, v in self._headers])))
+            try:
+                handshake = protocol.send(Request(
+                    host=self._authority, target=f"{path}?{urlencode(params)}" if params else path,
+                    extra_headers=[(k.encode(), v.encode()) for k, v in self._headers]))
+            except h11.LocalProtocolError as exc:
+                raise ValueError(f"cannot open the event stream: {exc}") from None
+            writer.write(handshake)
             await writer.drain()
             while True:
                 events = await _read_events(reader, protocol)
@@ -108,6 +127,8 @@ class HTTPClient:
             raise
 
     def close(self) -> None:
+        """Close the idle connections, and the others as their requests end."""
+        self._closed = True
         while self._idle:
             self._idle.pop().close()
 
@@ -122,8 +143,8 @@ class WebSocket:
         self._parts: list[str] = []
 
     async def receive(self, idle: float) -> str | None:
-        """The next text message; None once the stream is closed. ``TimeoutError`` when nothing (not
-        even the service's heartbeat ping) came for ``idle`` seconds."""
+        """The next text message; None once the stream is closed. ``asyncio.TimeoutError`` when nothing
+        (not even the service's heartbeat ping) came for ``idle`` seconds."""
         while True:
             while self._pending:
                 event = self._pending.popleft()
@@ -149,7 +170,12 @@ class WebSocket:
 
 
 class _Closed(ConnectionError):
-    """The peer closed the connection (an HTTP one: before any of the answer came)."""
+    """The peer closed the connection (an HTTP one: before any of the answer came; ``unsent``: before the
+    request could be sent)."""
+
+    def __init__(self, unsent: bool = False) -> None:
+        super().__init__()
+        self.unsent = unsent
 
 
 class _Connection:
@@ -168,7 +194,7 @@ class _Connection:
                                + p.send(h11.EndOfMessage()))
             await self._writer.drain()
         except ConnectionError:
-            raise _Closed() from None
+            raise _Closed(unsent=True) from None
         status, body, received = 0, [], False
         while True:
             try:
@@ -187,6 +213,10 @@ class _Connection:
                 body.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 return status, b"".join(body)
+
+    def open(self) -> bool:
+        """False once the service closed the connection (seen by the event loop)."""
+        return not (self._reader.at_eof() or self._writer.is_closing())
 
     def reusable(self) -> bool:
         if self._protocol.our_state is h11.DONE and self._protocol.their_state is h11.DONE:

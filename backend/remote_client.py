@@ -48,7 +48,8 @@ class Address:
     token: str | None = None
 
     def __str__(self) -> str:
-        return str(self.socket) if self.socket else f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return str(self.socket) if self.socket else f"http://{host}:{self.port}"
 
 
 class RemoteClient:
@@ -127,7 +128,7 @@ class RemoteClient:
         try:
             return await asyncio.wait_for(
                 self._http.websocket("/v1/events", {"previews": "1" if self._previews else "0"}), ANSWER_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as exc:  # unreachable, refused, reset, timed out
+        except (OSError, asyncio.TimeoutError, ValueError) as exc:  # unreachable, refused, reset, timed out
             raise _Unreachable(f"service: cannot follow the events of {self.address}: {exc}") from None
 
     async def _follow(self, ws: WebSocket) -> None:

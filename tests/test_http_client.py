@@ -4,6 +4,7 @@ kept connections, a connection the server dropped, bodies and statuses, and the 
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import sys
@@ -157,3 +158,60 @@ def test_a_cli_client_never_imports_aiohttp():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+async def test_a_request_the_service_may_have_read_is_not_sent_twice(socket_path):
+    """A kept connection closed after the request went: a GET goes again on a new connection, a POST
+    (which may have queued a job) fails instead of queueing it twice."""
+    seen: list[bytes] = []
+
+    async def answer_one_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for number in range(2):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+                await reader.readexactly(length)
+                seen.append(head.split(b" ", 2)[1])
+                if number == 1:
+                    break  # read and acted on, but never answered
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        finally:
+            writer.close()
+
+    server = await asyncio.start_unix_server(answer_one_per_connection, str(socket_path))
+    http = HTTPClient(socket=str(socket_path))
+    try:
+        assert await http.request("GET", "/a") == (200, {})
+        with pytest.raises(ConnectionResetError, match="closed the connection without answering"):
+            await http.request("POST", "/jobs", {"prompt": "a fox"})
+        assert await http.request("GET", "/c") == (200, {})
+        assert await http.request("GET", "/d") == (200, {})  # its kept connection closes unanswered: again
+        assert seen == [b"/a", b"/jobs", b"/c", b"/d", b"/d"]
+    finally:
+        http.close()
+        server.close()
+
+
+async def test_an_ipv6_service_gets_a_bracketed_host_header():
+    seen: list[str] = []
+
+    async def host(request: web.Request) -> web.Response:
+        seen.append(f"{request.headers['Host']} {request.url}")
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/v1/version", host)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "::1", 0)
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        pytest.skip("no IPv6 loopback here")
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        assert await HTTPClient(host="::1", port=port).request("GET", "/v1/version") == (200, {})
+        assert seen == [f"[::1]:{port} http://[::1]:{port}/v1/version"]
+    finally:
+        await runner.cleanup()
