@@ -64,8 +64,7 @@ class HTTPClient:
         if body is not None:
             headers.append(("Content-Type", "application/json"))
         try:
-            request = h11.Request(method=method, target=f"{path}?{urlencode(params)}" if params else path,
-                                  headers=headers)
+            request = h11.Request(method=method, target=_target(path, params), headers=headers)
         except h11.LocalProtocolError as exc:  # a token with a line break, say
             raise ValueError(f"cannot send this request: {exc}") from None
         while True:
@@ -108,9 +107,8 @@ class HTTPClient:
         protocol = WSConnection(ConnectionType.CLIENT)
         try:
             try:
-                handshake = protocol.send(Request(
-                    host=self._authority, target=f"{path}?{urlencode(params)}" if params else path,
-                    extra_headers=[(k.encode(), v.encode()) for k, v in self._headers]))
+                handshake = protocol.send(Request(host=self._authority, target=_target(path, params),
+                                                  extra_headers=[(k.encode(), v.encode()) for k, v in self._headers]))
             except h11.LocalProtocolError as exc:
                 raise ValueError(f"cannot open the event stream: {exc}") from None
             writer.write(handshake)
@@ -226,6 +224,10 @@ class _Connection:
 
     def close(self) -> None:
         self._writer.close()
+
+
+def _target(path: str, params: dict[str, str] | None) -> str:
+    return f"{path}?{urlencode(params)}" if params else path
 
 
 async def _read_events(reader: asyncio.StreamReader, protocol: WSConnection) -> list:
