@@ -35,6 +35,11 @@ class Rejected(ConnectionError):
         self.status = status
 
 
+def authority(host: str, port: int) -> str:
+    """``host:port`` as a URL or Host header writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class HTTPClient:
     """Requests and WebSockets to one address; a connection is kept for the next request when the
     service keeps it open, and requests made at once each get their own."""
@@ -42,8 +47,7 @@ class HTTPClient:
     def __init__(self, socket: str | None = None, host: str | None = None, port: int | None = None,
                  headers: dict[str, str] | None = None) -> None:
         self._socket, self._host, self._port = socket, host, port
-        bracketed = f"[{host}]" if host and ":" in host else host  # an IPv6 address
-        self._authority = "dreamtty" if socket is not None else f"{bracketed}:{port}"
+        self._authority = "dreamtty" if socket is not None else authority(host, port)
         self._headers = list((headers or {}).items())
         self._idle: list[_Connection] = []
         self._closed = False

@@ -21,7 +21,7 @@ from backend import config
 from backend.errors import DreamttyError, RequestError
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, Fanout, ImageSaved, JobEvent,
                             ServiceReady, loads)
-from backend.http_client import HTTPClient, Unreachable, WebSocket
+from backend.http_client import HTTPClient, Unreachable, WebSocket, authority
 from backend.queue_store import ACTIVE, Job
 from backend.serve import ServeOptions, start_detached
 from backend.values import absolute
@@ -48,8 +48,7 @@ class Address:
     token: str | None = None
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return str(self.socket) if self.socket else f"http://{host}:{self.port}"
+        return str(self.socket) if self.socket else f"http://{authority(self.host, self.port)}"
 
 
 class RemoteClient:
