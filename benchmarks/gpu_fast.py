@@ -122,7 +122,8 @@ def pixel_changes(pipes: dict, size: int, steps: int) -> dict[str, tuple[int, fl
         images = {name: np.asarray(generate_image(pipe, request)[0], dtype=int) for name, pipe in pipes.items()
                   if name.startswith("ours")}
     base = images.pop("ours default")
-    return {name: (int(np.abs(image - base).max()), float(np.abs(image - base).mean())) for name, image in images.items()}
+    differences = {name: np.abs(image - base) for name, image in images.items()}
+    return {name: (int(d.max()), float(d.mean())) for name, d in differences.items()}
 
 
 def _set_up(name: str, pipe) -> bool:
