@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from backend import metadata
+from tui.cli import main
 
 
 def run(*args, env_extra=None, timeout=180):
@@ -40,6 +42,25 @@ def test_generate_json_then_reproduce_identical(tmp_path, demo_dirs):
     again = r.stdout.strip().splitlines()[-1]
     assert "pixels: identical" in r.stderr
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(paths[1])))
+
+    # An image resized after it was made (or an A1111 hires-fix image): reproduced, the sizes named.
+    with Image.open(paths[1]) as image:
+        info = PngInfo()
+        for key, value in image.text.items():
+            info.add_text(key, value)
+        image.resize((image.width * 2, image.height * 2)).save(tmp_path / "resized.png", pnginfo=info)
+    r = run("reproduce", str(tmp_path / "resized.png"), "--out", str(tmp_path / "again"))
+    assert r.returncode == 0, r.stderr
+    assert "pixels: differ (size 128x128, the image's is 256x256)" in r.stderr
+
+
+def test_reproduce_of_metadata_whose_kind_is_not_text_is_one_line(tmp_path, capsys):
+    info = PngInfo()
+    info.add_text("dreamtty", json.dumps({"version": 1, "kind": [], "request": {"prompt": "x"}}))
+    Image.new("RGB", (64, 64)).save(tmp_path / "odd.png", pnginfo=info)
+    assert main(["reproduce", str(tmp_path / "odd.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dreamtty: kind: in the metadata of ") and "unknown job kind []; allowed: generate, " in err
 
 
 @pytest.mark.parametrize(

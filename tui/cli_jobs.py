@@ -261,6 +261,10 @@ def cmd_reproduce(args) -> int:
     code, paths = asyncio.run(_run_jobs(args, [request], args.out))
     if code == 0 and paths and args.image is not None:
         with Image.open(args.image) as a, Image.open(paths[0]) as b:
+            if a.size != b.size:  # an A1111 hires-fix image, or one resized after it was made
+                print(f"pixels: differ (size {b.width}x{b.height}, the image's is {a.width}x{a.height})",
+                      file=sys.stderr)
+                return code
             diff = np.abs(np.asarray(a.convert("RGB"), dtype=int) - np.asarray(b.convert("RGB"), dtype=int)).max()
         print("pixels: identical" if diff == 0 else f"pixels: differ (max difference {diff}/255)", file=sys.stderr)
     return code

@@ -63,7 +63,7 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in _KINDS}
 
 
 def get(name: str) -> JobKind:
-    kind = KINDS.get(name)
+    kind = KINDS.get(name) if isinstance(name, str) else None  # metadata may hold any JSON here
     if kind is None:
         raise RequestError("kind", f"unknown job kind {name!r}; allowed: {', '.join(KINDS)}")
     return kind
