@@ -57,6 +57,13 @@ def _run(request: TrainRequest, **kwargs) -> Path:
     return prepared.run_dir
 
 
+def test_a_long_prompt_without_spaces_names_a_run_folder_that_fits(photos, tmp_path):
+    prompt = "一张sks狗在草地上奔跑的照片" * 30  # CJK: one word of 420 characters, 1260 bytes
+    prepared = prepare_run(_request(photos, tmp_path, instance_prompt=prompt, output=None), runs_root=tmp_path)
+    assert prepared.run_dir.is_dir() and prepared.run_dir.name.endswith(prompt[:40])
+    assert len(prepared.run_dir.name.encode()) <= 255
+
+
 def _events(run_dir: Path) -> list[TrainEvent]:
     return runs.EventTail(run_dir).read()
 

@@ -32,9 +32,12 @@ class PreparedRun:
     warnings: list[str] = field(default_factory=list)
 
 
+NAME_CHARS = 40  # of the prompt in a run folder's name: 40 CJK characters are 120 of a file name's 255 bytes
+
+
 def _default_name(request: TrainRequest) -> str:
     words = [w for w in request.instance_prompt.lower().split() if w.isalnum()][-2:] or ["run"]
-    return time.strftime("%Y%m%d-%H%M%S-") + "-".join(words)
+    return time.strftime("%Y%m%d-%H%M%S-") + "-".join(words)[:NAME_CHARS]
 
 
 def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
