@@ -18,6 +18,7 @@ from backend.families import FAMILIES
 from backend.request import GenerateRequest, check_loras
 
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::\s*([-+]?(?:\d+\.?\d*|\.\d+)))?\s*>")
+_ANY_LORA_TAG = re.compile(r"<lora:[^>]*>")  # what a user meant as a tag, written right or not
 
 
 # A tag with the spaces before it, or at the start of a line with the spaces after it.
@@ -29,6 +30,10 @@ def prompt_loras(text: str) -> tuple[str, list[tuple[str, float]]]:
 
     Only the tags and the spaces that separated them go: the rest stays as typed (newlines, repeated spaces).
     """
+    for tag in _ANY_LORA_TAG.findall(text):
+        if not LORA_TAG.fullmatch(tag):
+            raise RequestError("prompt", f"{tag} is not a LoRA tag; write <lora:NAME> or <lora:NAME:WEIGHT>, "
+                                         "WEIGHT a number in -2..2")
     found = [(m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0) for m in LORA_TAG.finditer(text)]
     return (_TAG_AND_SPACES.sub("", text), found) if found else (text, found)
 

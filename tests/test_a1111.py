@@ -161,6 +161,13 @@ def test_lora_tags_leave_the_rest_of_the_prompt_as_typed():
         "a  cat\nnext", [("fox", 0.3), ("b", 1.0), ("c", 2.0)])
 
 
+@pytest.mark.parametrize("tag", ["<lora:fox:abc>", "<lora:>", "<lora:fox:0.5:0.2>"])
+def test_a_lora_tag_written_wrong_is_a_one_line_error_not_prompt_text(tag):
+    with pytest.raises(RequestError) as err:
+        prompt_loras(f"a cat {tag}")
+    assert err.value.field == "prompt" and tag in str(err.value) and "<lora:NAME:WEIGHT>" in str(err.value)
+
+
 def run(*args, input=None, timeout=240):
     return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True,
                           env=dict(os.environ), input=input, timeout=timeout)
