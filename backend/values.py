@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 from backend.errors import RequestError
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
+_WHOLE = re.compile(r"\s*[-+]?[0-9]{1,100}\s*")
 
 
 def to_int(name: str, value: object) -> int:
     """An int, or a float or text holding a whole number."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if isinstance(value, str) and _WHOLE.fullmatch(value):
+        return int(value)  # exact, where a float would round a large number
     try:
         number = float(value) if isinstance(value, (float, str)) else math.nan
     except ValueError:

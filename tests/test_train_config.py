@@ -69,6 +69,11 @@ def test_from_dict_coerces_text_and_rejects_unknown_keys():
     assert (req.max_steps, req.lr, req.random_flip, req.class_prompt, req.snr_gamma) == (12, 2e-4, True, None, None)
     with pytest.raises(RequestError, match="max_steps: '1.5' is not a whole number"):
         TrainRequest.from_dict({"max_steps": "1.5"})
+    big = "99999999999999999999999"  # named as typed, not as a float rounds it
+    with pytest.raises(RequestError, match=f"seed: {big} is out of range"):
+        TrainRequest.from_dict({"model": "demo", "seed": big}).validate()
+    with pytest.raises(RequestError, match="max_steps: '9{5000}' is not a whole number"):
+        TrainRequest.from_dict({"max_steps": "9" * 5000})  # past what int() reads
     with pytest.raises(RequestError) as err:
         TrainRequest.from_dict({"epochs": 3})
     assert err.value.field == "epochs"
