@@ -122,6 +122,7 @@ class Service:
         if self.recover:
             self.store.adopt_orphans(self.owner)
             self.training.store.adopt_orphans(self.owner)
+            self.training.check()  # an adopted run whose trainer ended meanwhile holds no device
         if self.workers:
             self.pool.start(self._handle, self._worker_died)
         self._heartbeat = threading.Thread(target=self._keep_lease, name="dreamtty-lease", daemon=True)
@@ -142,12 +143,17 @@ class Service:
                     log.warning("queue: cannot renew this service's lease: %s", exc)
                     continue
                 if adopted:
-                    self._loop.call_soon_threadsafe(self._dispatch)
+                    self._loop.call_soon_threadsafe(self._take_adopted)
         except RuntimeError:  # the loop closed under us
             pass
         finally:
             store.close()
             run_store.close()
+
+    def _take_adopted(self) -> None:
+        """Run what was adopted: end the adopted runs whose trainer is gone, then dispatch."""
+        self.training.check()
+        self._dispatch()
 
     async def _watch_runs(self) -> None:
         """Task: notice trainers that ended (their devices take jobs again)."""

@@ -177,6 +177,26 @@ async def test_a_restarted_service_takes_over_a_live_trainer_and_starts_the_wait
             os.kill(pid, signal.SIGKILL)
 
 
+async def test_an_adopted_run_whose_trainer_ended_meanwhile_ends_at_once(tmp_path, photos, demo_dirs):
+    db = tmp_path / "queue.sqlite3"
+    first_service = Service(devices="cpu", db_path=db, recover=True, pool=NoWorkers("cpu", db))
+    await first_service.start()
+    run = queue_run(first_service, photos, tmp_path / "run")
+    await first_service.close()  # as a --local train does once its run says done
+    finish(run)
+    for _ in range(TIMEOUT * 10):
+        if not runs.pid_alive(run.pid):
+            break
+        await asyncio.sleep(0.1)
+    service = Service(devices="cpu", db_path=db, recover=True, pool=NoWorkers("cpu", db))
+    await service.start()
+    try:  # ended before any job could be told it waits for the run
+        assert service.training.get(run.id).state == ENDED and service.training.get(run.id).outcome == "done"
+        assert service.training.holding() == {}
+    finally:
+        await service.close()
+
+
 async def test_a_trainer_that_dies_fails_its_run_and_frees_the_device(without_workers, tmp_path, photos):
     service, events = without_workers
     run = queue_run(service, photos, tmp_path / "killed")
