@@ -121,3 +121,14 @@ def test_samplers_lists_names():
     r = run("samplers")
     assert r.returncode == 0
     assert "dpmpp_2m_sde" in r.stdout and "karras" in r.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["--demo"]])
+def test_the_tui_without_a_terminal_is_a_one_line_error(command, tmp_path):
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    env.pop("TEXTUAL_DRIVER", None)
+    r = subprocess.run([sys.executable, "-m", "tui.cli", *command], stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == ("dreamtty: terminal: the TUI needs a terminal on stdin and stdout; in a script, use a "
+                        "command such as dreamtty generate (dreamtty --help lists them)\n")

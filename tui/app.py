@@ -28,7 +28,7 @@ from textual.widgets import Button, Label
 
 from backend import config
 from backend.client import Client, LocalClient
-from backend.errors import DreamttyError
+from backend.errors import DreamttyError, RequestError
 from backend.events import FINAL_EVENTS, Event, Queued, Retrying, ServiceReady, Started, Step, WorkerReady
 from backend.safetext import visible
 from tui import keymap
@@ -363,6 +363,9 @@ def run_app(args, report: Callable[[list[str]], None], attach: bool = False) -> 
     ``report`` gets them too once it has closed, so that they stay on the terminal."""
     from backend.client import connect
 
+    if not os.environ.get("TEXTUAL_DRIVER") and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise RequestError("terminal", "the TUI needs a terminal on stdin and stdout; in a script, use a command "
+                                       "such as dreamtty generate (dreamtty --help lists them)")
     use_color_system(args.color)
     client = connect(args.device, local=args.local, tui=True, start=not attach, cluster=args.cluster,
                      nice=WORKER_NICE)
