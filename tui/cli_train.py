@@ -69,7 +69,8 @@ _OPTIONS = (
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="DreamBooth fine-tuning (full or LoRA)",
-                              description="DreamBooth fine-tuning. Every flag is also a train.yaml key (with _).")
+                              description="DreamBooth fine-tuning. Every flag but --config, --detach, --launcher and the "
+                                          "global --device is also a train.yaml key (with _).")
     # Its own dest: the global --config (the app's config file) must survive.
     p.add_argument("--config", dest="train_config", type=Path, metavar="FILE",
                    help="train.yaml with the same keys; flags override")
