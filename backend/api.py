@@ -29,7 +29,7 @@ from aiohttp import WSCloseCode, web
 from backend import config, jobkinds
 from backend.errors import DreamttyError, RequestError
 from backend.events import Preview, dumps
-from backend.queue_store import ACTIVE, FINAL
+from backend.queue_store import ACTIVE, FINAL, MAX_ID, check_limit
 from backend.run_schedule import STATES as RUN_STATES
 from backend.service import Service
 from backend.service_files import bearer_ok
@@ -110,12 +110,14 @@ class Api:
     async def _errors(self, request: web.Request, handler):
         try:
             return await handler(request)
-        except RequestError as exc:
-            return _error(400, str(exc), field=exc.field, message=exc.message)
         except NotFound as exc:
             return _error(404, str(exc))
         except DreamttyError as exc:
-            return _error(400, str(exc))
+            field, message = _field_of(exc)
+            response = _error(400, str(exc), field=field, message=message)
+            if request.content.exception() is not None:  # a body that could not be read: the connection ends
+                response.force_close()
+            return response
         except web.HTTPRequestEntityTooLarge:
             return _error(413, f"body: larger than {MAX_BODY} bytes")
         except web.HTTPException as exc:
@@ -158,7 +160,7 @@ class Api:
 
     async def image(self, request: web.Request) -> web.StreamResponse:
         job = self._job(request)
-        n = _int(request.match_info["n"], "image")
+        n = _digits(request.match_info["n"], "image")
         if not 0 <= n < len(job.outputs):
             raise NotFound(f"job {job.id}: no image {n} (it has {len(job.outputs)})")
         path = Path(job.outputs[n])
@@ -238,8 +240,8 @@ class Api:
 
 def _found(request: web.Request, what: str, get: Callable[[int], object]):
     """The job or run the route's ``{id}`` names; NotFound (404) when there is none."""
-    key = _int(request.match_info["id"], what)
-    found = get(key)
+    key = _digits(request.match_info["id"], what)
+    found = get(key) if key <= MAX_ID else None
     if found is None:
         raise NotFound(f"{what} {key}: no such {what}")
     return found
@@ -247,9 +249,7 @@ def _found(request: web.Request, what: str, get: Callable[[int], object]):
 
 def _listing(request: web.Request, what: str, allowed: tuple[str, ...]) -> tuple[int, tuple[str, ...] | None]:
     """``?limit=N&state=a,b`` of a list route: the limit and the states asked for (None: all)."""
-    limit = _int(request.query.get("limit", "200"), "limit")
-    if limit < 1:
-        raise RequestError("limit", f"{limit} is not a positive number of {what}s")
+    limit = check_limit(_digits(request.query.get("limit", "200"), "limit"), what)
     states = tuple(s for s in request.query.get("state", "").split(",") if s)
     bad = next((s for s in states if s not in allowed), None)
     if bad is not None:
@@ -263,18 +263,33 @@ def _absolute(value: object, field: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _int(text: str, field: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise RequestError(field, f"{text!r} is not a whole number") from None
+def _digits(text: str, field: str) -> int:
+    """A number in a route's path or query (an id, an image, a limit): ASCII digits only, not the
+    ``+``, spaces, ``_`` or other scripts' digits that ``int`` would take."""
+    if not (text.isascii() and text.isdigit()):
+        raise RequestError(field, f"{text!r} is not a whole number of digits 0-9")
+    return int(text)
+
+
+def _field_of(exc: DreamttyError) -> tuple[str, str]:
+    """The field an error names and its message: a RequestError's own, else the ``field: message``
+    its line starts with (``request`` when it names none)."""
+    if isinstance(exc, RequestError):
+        return exc.field, exc.message
+    field, sep, message = str(exc).partition(": ")
+    return (field, message) if sep and field and " " not in field else ("request", str(exc))
 
 
 async def _read_object(request: web.Request, allowed: tuple[str, ...], example: str,
                        ignored: tuple[str, ...] = ()) -> dict:
     """The body as a JSON object with no key but ``allowed`` (and ``ignored``); RequestError otherwise."""
     try:
-        data = json.loads(await request.read())
+        body = await request.read()
+    except web.RequestPayloadError:
+        encoding = request.headers.get("Content-Encoding", "none")
+        raise RequestError("body", f"cannot be decoded (Content-Encoding: {encoding}); send plain JSON") from None
+    try:
+        data = json.loads(body)
     except (ValueError, RecursionError):
         raise RequestError("body", f"is not valid JSON; send {example}") from None
     if not isinstance(data, dict):

@@ -10,18 +10,28 @@ takes its place.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from backend import locations
-from backend.errors import DreamttyError
+from backend.errors import DreamttyError, RequestError
 
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
 LEASE_TTL = 15.0  # seconds without a heartbeat before an owner's jobs may be adopted
+MAX_ID = 2**63 - 1  # SQLite's largest INTEGER: no job (nor run) has a larger id
+
+
+def check_limit(limit: int, what: str) -> int:
+    """``limit`` of a listing of ``what``s, when it is 1..MAX_ID; RequestError naming ``limit`` otherwise."""
+    if not 1 <= limit <= MAX_ID:
+        raise RequestError("limit", f"{limit} is out of range; give 1 to {MAX_ID} {what}s")
+    return limit
 
 
 @dataclass
@@ -105,6 +115,8 @@ class QueueStore:
         )
 
     def get(self, job_id: int) -> Job | None:
+        if not 0 <= job_id <= MAX_ID:
+            return None
         row = self._db.execute(f"SELECT {_SELECT} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
@@ -167,7 +179,9 @@ _SELECT = "id, kind, request, state, created, updated, error, outputs, owner, at
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    """Open (or create) the queue database and check it; raises sqlite3 errors."""
+    """Open (or create) the queue database and check it; raises sqlite3 errors. The file is made 0600
+    (prompts are private), and SQLite gives its -wal and -shm files the same mode."""
+    _make_private(path)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
     try:
         db.execute("PRAGMA journal_mode=WAL")
@@ -182,6 +196,19 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _make_private(path: Path) -> None:
+    """Create ``path`` 0600 when missing; take group and others' access away from it (and its -wal
+    and -shm files) when a queue of ours was made before. Errors are left to sqlite3.connect. An
+    existing file is never opened: closing it would drop the SQLite locks of this process's connections."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            file = Path(f"{path}{suffix}")
+            if file.stat().st_uid == os.getuid():
+                file.chmod(0o600)
 
 
 def _move_aside(path: Path) -> Path:

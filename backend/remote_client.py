@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # imported where used: a generate call never needs them (benc
 RECONNECT_DELAY = (0.1, 2.0)  # seconds: first and longest wait between attempts to reopen the stream
 POLL = 1.0  # seconds between checks, while waiting, that the stream is not lost for good
 ANSWER_TIMEOUT = 300.0  # seconds a request waits for the service's answer
+QUICK_TIMEOUT = 10.0  # seconds a quick request (a read, a cancel: no model touched) waits for it
 STREAM_IDLE = 45.0  # seconds without a message on the event stream (the service pings every 20) before it is lost
 
 
@@ -109,7 +110,7 @@ class RemoteClient:
     async def _check_versions(self) -> None:
         """Same versions as this client, and for a service of this machine's user the same settings
         (``config.service_settings``: --config, --allow-pickle, model folders)."""
-        theirs, ours = await self._request("GET", "/v1/version"), versions()
+        theirs, ours = await self._request("GET", "/v1/version", quick=True), versions()
         settings = theirs.pop("settings", None) or {}
         if theirs != ours:
             raise VersionMismatch(
@@ -180,17 +181,19 @@ class RemoteClient:
             self._stream = None
         self._drop_http()
 
-    async def _call(self, method: str, path: str, body: dict | None = None, **params) -> dict:
+    async def _call(self, method: str, path: str, body: dict | None = None, quick: bool = False, **params) -> dict:
         """One API request, once connected."""
         await self._connect()
-        return await self._request(method, path, body, **params)
+        return await self._request(method, path, body, quick, **params)
 
-    async def _request(self, method: str, path: str, body: dict | None = None, **params) -> dict:
+    async def _request(self, method: str, path: str, body: dict | None = None, quick: bool = False,
+                       **params) -> dict:
         """One API request on the open session; the service's one-line error as a DreamttyError
-        (RequestError for a field)."""
+        (RequestError for a field). ``quick``: an answer that needs no model, awaited ``QUICK_TIMEOUT``
+        seconds (a service that hangs is named soon), not ``ANSWER_TIMEOUT``."""
         try:
             status, data = await asyncio.wait_for(self._http.request(method, path, body, params or None),
-                                                  ANSWER_TIMEOUT)
+                                                  QUICK_TIMEOUT if quick else ANSWER_TIMEOUT)
         except Unreachable as exc:
             raise _Unreachable(f"service: cannot reach {self.address}: {exc}") from None
         except asyncio.TimeoutError:
@@ -223,23 +226,23 @@ class RemoteClient:
         return type(request).from_dict(data["request"])
 
     async def cancel(self, job_id: int) -> bool:
-        return bool((await self._call("POST", f"/v1/jobs/{int(job_id)}/cancel"))["cancelled"])
+        return bool((await self._call("POST", f"/v1/jobs/{int(job_id)}/cancel", quick=True))["cancelled"])
 
     async def job(self, job_id: int) -> Job | None:
         try:
-            return Job.from_dict(await self._call("GET", f"/v1/jobs/{int(job_id)}"))
+            return Job.from_dict(await self._call("GET", f"/v1/jobs/{int(job_id)}", quick=True))
         except _NotFound:
             return None
 
     async def jobs(self, limit: int = 200) -> list[Job]:
-        return [Job.from_dict(j) for j in (await self._call("GET", "/v1/jobs", limit=str(limit)))["jobs"]]
+        return [Job.from_dict(j) for j in (await self._call("GET", "/v1/jobs", quick=True, limit=str(limit)))["jobs"]]
 
     async def active_jobs(self) -> list[Job]:
-        data = await self._call("GET", "/v1/jobs", state=",".join(ACTIVE))
+        data = await self._call("GET", "/v1/jobs", quick=True, state=",".join(ACTIVE))
         return [Job.from_dict(j) for j in data["jobs"]]
 
     async def status(self) -> dict:
-        return await self._call("GET", "/v1/status")
+        return await self._call("GET", "/v1/status", quick=True)
 
     async def start_run(self, request: TrainRequest, devices: str = "auto", launcher: str | None = None,
                         runs_root: Path | None = None) -> tuple[ScheduledRun, list[str]]:
@@ -254,14 +257,15 @@ class RemoteClient:
     async def runs(self, limit: int = 200) -> list[ScheduledRun]:
         from backend.run_schedule import ScheduledRun
 
-        return [ScheduledRun.from_dict(r) for r in (await self._call("GET", "/v1/runs", limit=str(limit)))["runs"]]
+        data = await self._call("GET", "/v1/runs", quick=True, limit=str(limit))
+        return [ScheduledRun.from_dict(r) for r in data["runs"]]
 
     async def stop_run(self, run_id: int) -> bool:
-        return bool((await self._call("POST", f"/v1/runs/{int(run_id)}/stop"))["stopped"])
+        return bool((await self._call("POST", f"/v1/runs/{int(run_id)}/stop", quick=True))["stopped"])
 
     async def shutdown(self) -> None:
         """Ask the service to stop (its jobs stay queued for the next start)."""
-        await self._call("POST", "/v1/shutdown")
+        await self._call("POST", "/v1/shutdown", quick=True)
 
     def subscribe(self) -> asyncio.Queue[Event]:
         return self._fanout.subscribe()

@@ -70,6 +70,8 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
         address = parse_listen(options.listen) if options.listen else None
         token = make_token() if address else None
         service = Service(devices=options.devices, recover=True, nice=WORKER_NICE, cluster=options.cluster)
+        for warning in service.store.warnings:  # a damaged queue file moved aside
+            announce(visible(f"dreamtty: warning: {warning}"))
         info = {"pid": os.getpid(), "socket": str(files.socket), "listen": options.listen,
                 "idle_exit": options.idle_exit, "log": str(log_path())}
         api = Api(service, token, stop.set, lambda: info)

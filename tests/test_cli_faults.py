@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -213,6 +214,42 @@ def test_cli_warns_about_a_damaged_queue(tmp_path, monkeypatch, capsys):
     assert warning.startswith(f"dreamtty: warning: queue: {locations.queue_db()} is damaged")
     assert error.endswith("is a file; give a folder")
     assert list(locations.queue_db().parent.glob("queue.sqlite3.corrupt-*"))
+
+
+@pytest.mark.parametrize("argv", [["jobs"], ["cancel", "1"]])
+def test_listing_or_cancelling_warns_about_a_damaged_queue_once(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))  # no service runs: the queue is read here
+    locations.queue_db().parent.mkdir(parents=True)
+    locations.queue_db().write_bytes(b"garbage" * 100)
+    main(argv)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"dreamtty: warning: queue: {locations.queue_db()} is damaged")
+
+
+def test_the_queue_is_private(tmp_path):
+    db = tmp_path / "queue.sqlite3"
+    db.touch(mode=0o644)  # made by an older dreamtty
+    store = QueueStore(db)
+    store.add("generate", {"request": {"prompt": "a secret"}}, owner=1)
+    files = [db, *tmp_path.glob("queue.sqlite3-*")]
+    assert len(files) == 3 and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    store.close()
+    (tmp_path / "new").mkdir()
+    QueueStore(tmp_path / "new" / "queue.sqlite3").close()
+    assert stat.S_IMODE((tmp_path / "new" / "queue.sqlite3").stat().st_mode) == 0o600
+
+
+def test_huge_job_ids_and_limits_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    huge = "99999999999999999999"
+    assert main(["cancel", huge]) == 2
+    _one_error(capsys, f"job {huge}: no such job")
+    assert main(["jobs", "--limit", huge]) == 2
+    _one_error(capsys, "limit: 99999999999999999999 is out of range")
+    assert main(["jobs", "--limit", "0"]) == 2
+    _one_error(capsys, "limit: 0 is out of range")
 
 
 def test_tui_leaves_a_damaged_queue_warning_on_the_terminal(tmp_path, monkeypatch, capsys):

@@ -9,8 +9,9 @@ import os
 import sys
 import time
 
-from backend.errors import DreamttyError, RequestError
+from backend.errors import DreamttyError
 from backend.safetext import visible
+from tui.cli_output import print_warnings
 
 PROMPT_WIDTH = 48  # characters of a prompt shown in the ``jobs`` table
 
@@ -54,17 +55,24 @@ def _service_only(args, command: str) -> None:
         raise DreamttyError(f"{command}: follows the jobs of dreamtty serve; drop --local / {LOCAL_ENV}")
 
 
+async def _close(client) -> None:
+    """Close a listing or cancelling client and print its warnings (a damaged queue file moved aside)."""
+    await client.close()
+    print_warnings(client.warnings)
+
+
 async def _jobs(args) -> list:
     client = _client(args)
     try:
         return await client.jobs(args.limit)
     finally:
-        await client.close()
+        await _close(client)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    if args.limit < 1:
-        raise RequestError("limit", f"{args.limit} is not a positive number of jobs")
+    from backend.queue_store import check_limit
+
+    check_limit(args.limit, "job")
     jobs = asyncio.run(_jobs(args))
     if args.json:
         print(json.dumps([job.to_dict() for job in jobs]))
@@ -94,7 +102,7 @@ async def _cancel(args) -> int:
                 print(f"dreamtty: job {job_id} is not queued or running", file=sys.stderr)
                 code = 1
     finally:
-        await client.close()
+        await _close(client)
     return code
 
 
@@ -137,7 +145,6 @@ async def _check_service(args) -> None:
 
 def cmd_attach(args: argparse.Namespace) -> int:
     from tui.app import run_app
-    from tui.cli_output import print_warnings
 
     _service_only(args, "attach")
     asyncio.run(_check_service(args))
