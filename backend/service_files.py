@@ -109,6 +109,9 @@ class ServiceFiles:
     def running_message(self) -> str:
         info = self.read_pid_file()
         if info is None:
+            if not self.locked():
+                return (f"service: something that is not a dreamtty service listens on {self.socket} (nothing holds "
+                        f"{self.lock_file}); stop it, or remove {self.socket}")
             return f"service: another one is starting (it holds {self.lock_file})"
         where = f"socket {info.get('socket')}" + (f", http://{info['listen']}" if info.get("listen") else "")
         return f"service: one is already running (pid {info.get('pid')}, {where}); stop it with dreamtty serve --stop"
@@ -169,8 +172,10 @@ def make_token() -> str:
 
 
 def token_matches(given: str | None, token: str | None) -> bool:
-    """Whether ``given`` is ``token`` (compared in constant time); never without a token."""
-    return given is not None and token is not None and hmac.compare_digest(given.encode(), token.encode())
+    """Whether ``given`` is ``token`` (compared in constant time); never without a token. A header's
+    undecodable bytes (lone surrogates) are compared as they are, never an error."""
+    return given is not None and token is not None and hmac.compare_digest(
+        given.encode(errors="surrogatepass"), token.encode(errors="surrogatepass"))
 
 
 def bearer_ok(header: str, token: str | None) -> bool:

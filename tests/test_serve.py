@@ -251,10 +251,37 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
             assert r.status == 404 and (await r.json())["error"]
         async with http.get("http://dreamtty/v1/jobs/abc") as r:
             assert r.status == 400 and (await r.json())["field"] == "job"
+        for request in ({"model": "nosuch"}, {}):
+            status, body = await post(json.dumps({"request": request, "out": "/proc/nope"}).encode())
+            assert status == 400 and body["error"] == f"{body['field']}: {body['message']}", body
+            assert body["field"] == ("model" if request else "out")
+        async with http.post("http://dreamtty/v1/jobs", data=b"garbage", headers={"Content-Encoding": "deflate"}) as r:
+            body = await r.json()
+            assert r.status == 400 and body["field"] == "body" and "cannot be decoded" in body["error"]
         for body in (await post(b"[1]"))[1], (await post(b"{}"))[1]:
             assert "\n" not in body["error"] and "Traceback" not in body["error"]
         after = len((await (await http.get("http://dreamtty/v1/jobs")).json())["jobs"])
     assert after == before
+
+
+async def test_ids_and_limits_are_ascii_digits_in_range(service):
+    huge = "99999999999999999999"
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(service.files().socket))) as http:
+        async def call(method: str, path: str) -> tuple[int, dict]:
+            async with http.request(method, "http://dreamtty" + path) as r:
+                return r.status, await r.json()
+
+        for method, path, what, key in (("GET", "/v1/jobs/{}", "job", huge), ("GET", "/v1/jobs/{}", "job", str(2**63)),
+                                        ("POST", "/v1/jobs/{}/cancel", "job", huge), ("GET", "/v1/runs/{}", "run", huge),
+                                        ("POST", "/v1/runs/{}/stop", "run", huge)):
+            assert await call(method, path.format(key)) == (404, {"error": f"{what} {key}: no such {what}"})
+        for odd in ("+1", "%201", "%D9%A1", "1_0", "-1"):
+            status, body = await call("GET", f"/v1/jobs/{odd}")
+            assert status == 400 and body["field"] == "job", (odd, body)
+        for what in ("jobs", "runs"):
+            status, body = await call("GET", f"/v1/{what}?limit={huge}")
+            assert status == 400 and body["field"] == "limit" and "out of range" in body["error"]
+            assert (await call("GET", f"/v1/{what}?limit=+5"))[1]["field"] == "limit"
 
 
 async def test_a_client_killed_mid_stream_harms_nothing(service):
@@ -371,6 +398,11 @@ async def test_tcp_needs_the_token_and_says_nothing_else(dirs):
                         assert await r.text() == '{"error": "unauthorized"}'
             async with http.get(url + "/v1/version", headers={"Authorization": f"Bearer {token}"}) as r:
                 assert r.status == 200 and (await r.json())["api"] >= 1
+        with socket.create_connection(("127.0.0.1", port)) as raw:  # bytes no client library sends
+            raw.sendall(b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+                        b"Connection: close\r\n\r\n")
+            answer = b"".join(iter(lambda: raw.recv(4096), b""))
+        assert answer.startswith(b"HTTP/1.1 401 ") and answer.endswith(b'{"error": "unauthorized"}')
         env = {**dirs.env(), "DREAMTTY_SERVICE": f"127.0.0.1:{port}"}
         result = subprocess.run([sys.executable, "-m", "tui.cli", "jobs", "--json"], env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
@@ -402,6 +434,18 @@ def test_a_second_service_says_where_the_first_runs(dirs):
         assert cli(dirs, "serve", "--status").returncode == 1
     finally:
         first.stop()
+
+
+def test_detach_names_a_foreign_listener_on_the_socket(dirs):
+    files = dirs.files()
+    files.make_folder()
+    with socket.socket(socket.AF_UNIX) as foreign:
+        foreign.bind(str(files.socket))
+        foreign.listen()
+        result = cli(dirs, "serve", "--detach")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"dreamtty: service: something that is not a dreamtty service listens on "
+                                     f"{files.socket} (nothing holds {files.lock_file}); stop it, or remove {files.socket}")
 
 
 def test_two_services_started_at_once_one_wins(dirs):
@@ -492,11 +536,11 @@ async def test_a_service_that_does_not_answer_is_one_error(dirs, monkeypatch):
     files = dirs.files()
     files.make_folder()
     await web.UnixSite(runner, str(files.socket)).start()
-    monkeypatch.setattr(remote, "ANSWER_TIMEOUT", 0.2)
+    monkeypatch.setattr(remote, "QUICK_TIMEOUT", 0.2)  # a listing waits this, not ANSWER_TIMEOUT (minutes)
     quiet = RemoteClient(Address(socket=files.socket), start=None, previews=False)
     try:
         with pytest.raises(DreamttyError, match=r"did not answer GET /v1/version in time$"):
-            await quiet.jobs()
+            await asyncio.wait_for(quiet.jobs(), 1.5)
     finally:
         await quiet.close()
         await runner.cleanup()
