@@ -3,7 +3,8 @@
 The same reader runs at submission (so a bad file is refused before anything is queued) and in
 the worker (which uses the pixels). What it does with each kind of file:
 
-- missing, a folder, unreadable, not an image, truncated or damaged: a one-line RequestError;
+- missing, a folder, not a regular file (a device, a FIFO), unreadable, not an image, truncated or
+  damaged: a one-line RequestError;
 - larger than :data:`MAX_PIXELS` (also PIL's decompression-bomb guard) or :data:`MAX_BYTES`: refused;
 - EXIF orientation: applied, so the picture is used the way viewers show it;
 - animated (GIF, APNG, WebP): the first frame, with a warning;
@@ -27,11 +28,11 @@ import io
 import os
 import warnings as pywarnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from backend import user_files
 from backend.errors import RequestError
 
 if TYPE_CHECKING:
@@ -64,16 +65,14 @@ def content_hash(data: bytes) -> str:
 def _read_bytes(path: str, field_name: str) -> bytes:
     if not path:
         raise RequestError(field_name, "is empty; give an image file")
-    file = Path(os.path.expanduser(path))
     try:
-        size = file.stat().st_size
-        if file.is_dir():
-            raise RequestError(field_name, f"{path} is a folder; give an image file")
-        if size > MAX_BYTES:
-            raise RequestError(field_name, f"{path} is {size / 2**20:.0f} MiB; allowed up to {MAX_BYTES // 2**20} MiB")
-        return file.read_bytes()
+        return user_files.read_bytes(os.path.expanduser(path), MAX_BYTES)
     except FileNotFoundError:
         raise RequestError(field_name, f"{path} is missing") from None
+    except IsADirectoryError:
+        raise RequestError(field_name, f"{path} is a folder; give an image file") from None
+    except user_files.RefusedFile as exc:
+        raise RequestError(field_name, f"{path} {exc.strerror}") from None
     except OSError as exc:
         raise RequestError(field_name, f"cannot read {path}: {exc.strerror or exc}") from None
 

@@ -6,18 +6,22 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from backend import user_files
 from backend.errors import DreamttyError
+from backend.image_prompts import ImagePrompt
 from backend.input_images import read_image, read_mask
 from backend.jobkinds.img2img import Img2ImgRequest
 from backend.jobkinds.inpaint import InpaintRequest
 from backend.jobkinds.outpaint import OutpaintRequest
 from backend.jobkinds.upscale import UpscaleRequest
+from backend.request import GenerateRequest
 from backend.service import Service
 from image_helpers import gradient, inpaint_model, write_image, write_mask
 
@@ -177,3 +181,38 @@ def test_mask_of_another_size_is_resized_with_a_warning(tmp_path):
     layer.save(tmp_path / "layer.png")
     mask, _ = read_mask(str(tmp_path / "layer.png"), (128, 128))
     assert mask.sum() == 100 and mask[15, 15]
+
+
+def test_devices_are_refused_before_reading(service, tmp_path):
+    """A device (/dev/zero would never end) as an image, a mask or an image prompt is not a regular file."""
+    image = str(write_image(tmp_path / "in.png"))
+    cases = [
+        (Img2ImgRequest(image="/dev/null"), "image: /dev/null is not a regular file"),
+        (InpaintRequest(image=image, mask="/dev/null"), "mask: /dev/null is not a regular file"),
+        (GenerateRequest(image_prompts=[ImagePrompt("/dev/null")]), "image_prompt: /dev/null is not a regular file"),
+    ]
+    for request, message in cases:
+        request.model = "demo"
+        _refused(service, request, tmp_path, message)
+
+
+def test_fifo_is_refused_without_waiting_for_its_writer(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR)  # a writer that never ends the stream: a read of it would wait forever
+    pool = ThreadPoolExecutor(1)
+    try:
+        with pytest.raises(DreamttyError) as info:
+            pool.submit(read_image, str(fifo)).result(timeout=10)
+    finally:
+        os.close(writer)  # ends such a read, so a failing test ends too
+        pool.shutdown()
+    assert str(info.value) == f"image: {fifo} is not a regular file"
+
+
+def test_a_file_is_read_up_to_the_limit_only(tmp_path):
+    """A file whose size says nothing (/proc's say 0) is cut at the limit, not read whole."""
+    with pytest.raises(user_files.RefusedFile, match="/proc/self/status is over"):
+        user_files.read_bytes("/proc/self/status", 10)
+    (tmp_path / "ten").write_bytes(b"0123456789")
+    assert user_files.read_bytes(tmp_path / "ten", 10) == b"0123456789"

@@ -1,0 +1,53 @@
+"""Files that users name (input images, the config, presets, styles, ...), read within limits.
+
+A path may name a device (``/dev/zero`` never ends), a FIFO (a read waits for a writer forever) or
+a huge file: read whole, each would hang a thread or exhaust memory. :func:`read_bytes` refuses what
+is not a regular file before opening it (so a FIFO is never opened), opens without blocking, checks
+again what it opened (the path may have been replaced meanwhile), and reads at most ``limit`` bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+MAX_TEXT_BYTES = 16 * 2**20  # a config, preset, style, wildcard or parameters file
+
+
+class RefusedFile(OSError):
+    """A path that is not a regular file, or a file larger than allowed; ``str()`` is ``PATH is ...``."""
+
+    def __str__(self) -> str:
+        return f"{self.filename} {self.strerror}"
+
+
+def read_bytes(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of the regular file at ``path``: RefusedFile when it is something else or over ``limit``
+    bytes, OSError when it cannot be read."""
+    _check(os.stat(path), path, limit)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        _check(os.fstat(fd), path, limit)
+        data = fh.read(limit + 1)  # a file that grew since fstat (or a /proc file, size 0) is cut here
+    if len(data) > limit:
+        raise RefusedFile(errno.EFBIG, f"is over {_mib(limit)}", os.fspath(path))
+    return data
+
+
+def read_text(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES, encoding: str = "utf-8") -> str:
+    """:func:`read_bytes` decoded; UnicodeDecodeError when it is not text in ``encoding``."""
+    return read_bytes(path, limit).decode(encoding)
+
+
+def _check(info: os.stat_result, path: str | os.PathLike, limit: int) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a folder", os.fspath(path))
+    if not stat.S_ISREG(info.st_mode):
+        raise RefusedFile(errno.EINVAL, "is not a regular file", os.fspath(path))
+    if info.st_size > limit:
+        raise RefusedFile(errno.EFBIG, f"is {_mib(info.st_size)}; allowed up to {_mib(limit)}", os.fspath(path))
+
+
+def _mib(size: int) -> str:
+    return f"{round(size / 2**20, 1):g} MiB"
