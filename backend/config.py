@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from backend import locations, yaml_text
+from backend import locations, user_files, yaml_text
 from backend.errors import DreamttyError
 
 ENV_PATH = "DREAMTTY_CONFIG"
@@ -88,10 +88,13 @@ def _defaults() -> Config:
 
 def _read_yaml(path: Path, cfg: Config) -> dict:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = user_files.read_text(path)
     except FileNotFoundError:
         if os.environ.get(ENV_PATH):
             cfg.warnings.append(f"config: {path} does not exist; using defaults")
+        return {}
+    except user_files.RefusedFile as exc:
+        cfg.warnings.append(f"config: {exc}; using defaults")
         return {}
     except OSError as exc:
         cfg.warnings.append(f"config: cannot read {path}: {exc.strerror}; using defaults")
@@ -241,7 +244,7 @@ def set_value(key: str, value: object, path: Path | None = None) -> Path:
     data: dict = {}
     if file.exists():
         try:
-            loaded = yaml_text.load(file.read_text(encoding="utf-8"))
+            loaded = yaml_text.load(user_files.read_text(file))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise DreamttyError(f"config: cannot update {file}: {exc}") from None
         if isinstance(loaded, dict):

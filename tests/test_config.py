@@ -104,3 +104,12 @@ def test_set_value_keeps_other_keys(tmp_path):
     assert config.load(path).default_model == "mine"
     with pytest.raises(Exception, match="unknown key"):
         config.set_value("nope", 1, path)
+
+
+def test_a_config_that_is_not_a_regular_file_or_too_large_is_not_read(tmp_path):
+    """``--config /dev/zero`` would read forever: a device or a file over the limit is one warning."""
+    assert config.load("/dev/null").warnings == ["config: /dev/null is not a regular file; using defaults"]
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as fh:
+        fh.truncate(17 * 2**20)  # sparse: its size is all that is read
+    assert config.load(big).warnings == [f"config: {big} is 17 MiB; allowed up to 16 MiB; using defaults"]
