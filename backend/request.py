@@ -18,7 +18,7 @@ from backend.families import FAMILIES
 from backend.guidance_settings import GuidanceSettings
 from backend.image_prompts import ImagePrompt, convert_image_prompts, resolve_image_prompts
 from backend.samplers import SAMPLERS, SCHEDULES
-from backend.values import to_bool, to_float, to_int
+from backend.values import check_text, to_bool, to_float, to_int
 
 MAX_STEPS = 500
 MAX_COUNT = 64
@@ -27,6 +27,7 @@ MAX_LORAS = 5
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 # fast: a compiled UNet on CUDA; fastest: with float8 linear layers (backend/engine/fast.py); the CPU runs default
 SPEEDS = ("default", "fast", "fastest")
+FREE_TEXT = ("prompt", "negative_prompt")  # the only text fields that are neither names nor paths: NUL allowed
 _SIZE = re.compile(r"\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*")  # ASCII digits only: int() refuses "²"
 
 
@@ -104,8 +105,8 @@ class GenerateRequest:
     def from_dict(cls, data: object) -> "GenerateRequest":
         """Build a request from a preset, image metadata or the queue.
 
-        Raises RequestError naming the first unknown key or value of the wrong type;
-        ranges are checked later by :meth:`resolved`.
+        Raises RequestError naming the first unknown key or value of the wrong type, or text that is not
+        UTF-8 (or holds a NUL outside the prompts); ranges are checked later by :meth:`resolved`.
         """
         if not isinstance(data, dict):
             raise RequestError("request", f"expected a mapping of fields, got {type(data).__name__}")
@@ -113,6 +114,8 @@ class GenerateRequest:
         unknown = sorted(set(data) - set(convert), key=str)
         if unknown:
             raise RequestError(str(unknown[0]), f"unknown field; allowed: {', '.join(sorted(convert))}")
+        for name, value in data.items():
+            check_text(name, value, nul=name in FREE_TEXT)
         return cls(**{name: convert[name](name, value) for name, value in data.items()})
 
     def input_files(self) -> dict[str, tuple[str, str | None]]:

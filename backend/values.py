@@ -1,4 +1,4 @@
-"""Numbers and switches from text, YAML, JSON or a form, checked the same way everywhere.
+"""Numbers, switches and text from text, YAML, JSON or a form, checked the same way everywhere.
 
 Each parser takes the field name and raises a one-line RequestError naming it.
 """
@@ -14,6 +14,7 @@ from backend.errors import RequestError
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _WHOLE = re.compile(r"\s*[-+]?[0-9]{1,100}\s*")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800", or a byte of a non-UTF-8 argument (surrogateescape)
 
 
 def to_int(name: str, value: object) -> int:
@@ -56,6 +57,32 @@ def to_bool(name: str, value: object) -> bool:
     if text in _FALSE:
         return False
     raise RequestError(name, f"{value!r} is not true or false")
+
+
+def check_text(name: str, value: object, nul: bool = False) -> None:
+    """Every text in ``value`` (nested in lists and mappings too) must be valid UTF-8 and, unless ``nul``,
+    hold no NUL (no file name can). Raises RequestError(name) otherwise."""
+    if isinstance(value, str):
+        bad = _SURROGATE.search(value)
+        if bad:
+            raise RequestError(name, f"is not valid UTF-8 text ({_code_point(bad.group())} at character "
+                                     f"{bad.start() + 1}); give text, and paths, in UTF-8")
+        if not nul and "\0" in value:
+            raise RequestError(name, f"holds a NUL character (at character {value.index(chr(0)) + 1}); "
+                                     "no path or name may hold one")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(name, key, nul)
+            check_text(name, item, nul)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_text(name, item, nul)
+
+
+def _code_point(char: str) -> str:
+    """A surrogate as the byte it stands for (Python's surrogateescape) or as its code point."""
+    code = ord(char)
+    return f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
 
 
 def absolute(path: str) -> str:

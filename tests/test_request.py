@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
+from backend import jobkinds
 from backend.errors import RequestError
-from backend.request import GenerateRequest
+from backend.request import FREE_TEXT, GenerateRequest
 
 
 def _err(**kw) -> RequestError:
@@ -78,3 +81,31 @@ def test_unknown_field_in_dict_is_an_error():
 def test_default_schedule_follows_the_sampler():
     assert GenerateRequest(prompt="x", sampler="dpmpp_2m").resolved("demo").scheduler == "karras"
     assert GenerateRequest(prompt="x", sampler="euler_a").resolved("demo").scheduler == "normal"
+
+
+def _text_fields(kind) -> list[str]:
+    """The fields of ``kind``'s request that hold text (names, paths, choices, prompts)."""
+    return [f.name for f in fields(kind.request_type) if "str" in str(f.type) and "list" not in str(f.type)]
+
+
+@pytest.mark.parametrize("kind", list(jobkinds.KINDS.values()), ids=lambda kind: kind.name)
+def test_text_that_is_not_utf8_is_refused_in_every_field_of_every_kind(kind):
+    """A lone surrogate (JSON's "\\ud800", or a byte of a non-UTF-8 argument) is refused before anything is
+    queued: the tokenizer, the queue's database and the terminal all fail on it later."""
+    for name in _text_fields(kind) + ["styles", "image_prompts"]:
+        for bad, shown in (("a\ud800", "lone surrogate U+D800 at character 2"), ("/x/\udcff", "byte 0xff at character 4")):
+            value = {"styles": [bad], "image_prompts": [{"path": bad}]}.get(name, bad)
+            with pytest.raises(RequestError) as info:
+                kind.request({name: value})
+            assert str(info.value) == f"{name}: is not valid UTF-8 text ({shown}); give text, and paths, in UTF-8"
+
+
+@pytest.mark.parametrize("kind", list(jobkinds.KINDS.values()), ids=lambda kind: kind.name)
+def test_nul_is_refused_in_names_and_paths_but_not_in_prompts(kind):
+    for name in _text_fields(kind):
+        if name in FREE_TEXT:
+            assert getattr(kind.request({name: "a\0b"}), name) == "a\0b"
+            continue
+        with pytest.raises(RequestError) as info:
+            kind.request({name: "/a\0b"})
+        assert str(info.value) == f"{name}: holds a NUL character (at character 3); no path or name may hold one"
