@@ -635,6 +635,30 @@ async def test_a_service_that_cannot_start_is_one_line_and_the_form_stays(idle_s
         assert app.is_running and app.worker_state == "no service"
 
 
+async def test_the_queue_screen_without_a_service_says_so_in_one_line(idle_service, tmp_path, monkeypatch):
+    from backend.errors import DreamttyError
+
+    idle_service.submit(GenerateRequest(prompt="queued", model="demo"), tmp_path)
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(120, 40), notifications=True) as pilot:
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        await settle(pilot)
+        error = app.screen.query_one("#queue-error", Static)
+        assert not error.display
+
+        async def gone(*args, **kwargs):
+            raise DreamttyError("service: none is running at /run/x.sock")
+
+        monkeypatch.setattr(app.client, "jobs", gone)
+        monkeypatch.setattr(app.client, "cancel", gone)
+        app.screen.refresh_jobs()
+        app.screen.refresh_gallery()
+        await settle(pilot)
+        assert error.display and str(error.content) == "service: none is running at /run/x.sock"
+        await pilot.press("c")  # cancel the selected job
+        await settle(pilot)
+        assert app.is_running and list(app._notifications)[-1].message == "service: none is running at /run/x.sock"
 class SlotsWithoutProcesses:
     """A pool of one worker slot that never starts (backend.pool.WorkerPool): the service lists it as starting."""
 

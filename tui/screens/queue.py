@@ -77,6 +77,7 @@ class QueueScreen(Screen):
         yield ModeBar("queue")
         with Horizontal(id="queue-body"):
             with Vertical(id="queue-lists"):
+                yield Static(id="queue-error")
                 yield Label("Jobs", classes="section")
                 yield DataTable(id="jobs", cursor_type="row", zebra_stripes=True)
                 yield Label("Images, newest first", classes="section")
@@ -110,9 +111,26 @@ class QueueScreen(Screen):
             return f"{len(job.outputs)} image{'s' * (len(job.outputs) != 1)}", ""
         return ("" if job.state in ACTIVE else (job.error or "")[:40]), ""
 
+    async def _jobs(self, limit: int) -> list[Job] | None:
+        """The service's newest ``limit`` jobs, or None with why not shown above the tables."""
+        try:
+            jobs = await self.app.client.jobs(limit=limit)
+        except DreamttyError as exc:  # no service (yet)
+            self._show_error(str(exc))
+            return None
+        self._show_error("")
+        return jobs
+
+    def _show_error(self, message: str) -> None:
+        error = self.query_one("#queue-error", Static)
+        error.update(plain(message))
+        error.display = bool(message)
+
     @work(exclusive=True, group="refresh-jobs")
     async def refresh_jobs(self) -> None:
-        all_jobs = await self.app.client.jobs(limit=JOB_ROWS)
+        all_jobs = await self._jobs(JOB_ROWS)
+        if all_jobs is None:
+            return
         table = self.query_one("#jobs", DataTable)
         selected = self._selected_key(table)
         table.clear()
@@ -124,7 +142,10 @@ class QueueScreen(Screen):
 
     @work(exclusive=True, group="refresh-gallery")
     async def refresh_gallery(self) -> None:
-        entries = await asyncio.to_thread(gallery_entries, await self.app.client.jobs(limit=GALLERY_ROWS))
+        jobs = await self._jobs(GALLERY_ROWS)
+        if jobs is None:
+            return
+        entries = await asyncio.to_thread(gallery_entries, jobs)
         table = self.query_one("#gallery", DataTable)
         selected = self._selected_key(table)
         table.clear()
@@ -204,10 +225,15 @@ class QueueScreen(Screen):
     # -- actions -----------------------------------------------------------
     async def action_cancel_selected(self) -> None:
         key = self._selected_key(self.query_one("#jobs", DataTable))
-        if key is None or not await self.app.client.cancel(int(key)):
-            self.notify("Select a queued or running job to cancel.", severity="warning")
+        try:
+            cancelled = key is not None and await self.app.client.cancel(int(key))
+        except DreamttyError as exc:
+            notify(self, exc, title="cancel", severity="error")
+            return
+        if cancelled:
+            notify(self, f"Cancelling job #{key}.")
         else:
-            self.notify(f"Cancelling job #{key}.")
+            self.notify("Select a queued or running job to cancel.", severity="warning")
 
     def action_load_parameters(self) -> None:
         path = self._image_or_warn()
