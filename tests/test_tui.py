@@ -351,6 +351,21 @@ async def test_small_terminal_tab_order_scrolls_and_wide_layout(idle_service, tm
         assert app.screen.query_one("#output").size.width >= 80
 
 
+async def test_a_very_narrow_terminal_keeps_the_form_usable(idle_service, tmp_path):
+    """The output pane gives way: the prompt is never 0 wide (TextArea crashed), nor a Select's list."""
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(120, 40)) as pilot:
+        await settle(pilot)
+        for size in ((40, 24), (20, 5), (10, 3), (38, 24)):
+            await pilot.resize_terminal(*size)
+            await pilot.pause()
+            assert app.screen.form.query_one("#prompt").content_size.width > 0, size
+        app.screen.form.query_one("#performance", Select).focus()
+        await pilot.press("enter", "pageup", "escape")
+        await pilot.pause()
+        assert app.is_running
+
+
 def test_color_option_sets_textual_color_system(monkeypatch):
     import textual.constants
 
