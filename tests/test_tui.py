@@ -329,6 +329,25 @@ async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path)
         await wait_for(pilot, lambda: not app.is_running, what="exit")
 
 
+async def test_one_command_palette_and_one_quit_dialog_at_a_time(idle_service, tmp_path):
+    from textual.command import CommandPalette
+
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(120, 40)) as pilot:
+        await pilot.press("ctrl+p")
+        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), what="the palette")
+        await pilot.press("f3")  # a mode key closes the palette before switching
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "TrainScreen", what="the train screen")
+        await pilot.press("ctrl+p")
+        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), what="the palette again")
+        await pilot.press("escape", "f1", *"x", "ctrl+g")
+        await settle(pilot)
+        assert [type(s).__name__ for s in app.screen_stack] == ["GenerateScreen"]
+        await pilot.press("ctrl+q", "ctrl+q", "ctrl+q")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmQuit), what="the quit dialog")
+        assert [type(s).__name__ for s in app.screen_stack] == ["GenerateScreen", "ConfirmQuit"]
+
+
 async def test_small_terminal_tab_order_scrolls_and_wide_layout(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(80, 24)) as pilot:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from textual import events, work
 from textual.app import App, ComposeResult, SystemCommand
+from textual.command import CommandPalette
 from textual.binding import Binding
 from textual.containers import Grid
 from textual.driver import Driver
@@ -303,7 +304,16 @@ class DreamttyApp(App):
         elif await self.client.cancel(job):
             self.notify(f"Cancelling job #{job}.")
 
+    async def action_switch_mode(self, mode: str) -> None:
+        """Switch to ``mode``, closing the command palette first: it would stay open in the mode left, and
+        Textual allows one palette (opening another there crashed the app)."""
+        if CommandPalette.is_open(self):
+            await self.screen.dismiss()
+        await super().action_switch_mode(mode)
+
     async def action_quit(self) -> None:
+        if isinstance(self.screen, ConfirmQuit):
+            return  # already asked
         active = 0 if self.client.jobs_survive_close else len(await self.client.active_jobs())
         if not active:
             self._exit_after_notice()
