@@ -15,7 +15,7 @@ import re
 import pytest
 import yaml
 from PIL import Image
-from textual.widgets import DataTable, Input, Log, OptionList, Select, SelectionList, Static, TextArea
+from textual.widgets import Button, DataTable, Input, Log, OptionList, Select, SelectionList, Static, TextArea
 
 from backend import metadata
 from backend.config import config_path
@@ -265,12 +265,14 @@ async def test_notifications_are_text_and_cut(idle_service, tmp_path):
 
 
 async def test_keymap_from_the_config_file(idle_service, tmp_path):
-    config_path().write_text(yaml.safe_dump({"keymap": {"generate": "[/]", "screen.queue": "a\x1bc"}}))
+    config_path().write_text(yaml.safe_dump({"keymap": {"generate": "[/]", "screen.queue": "a\x1bc",
+                                                        "mask.edit": "[b]x"}}))
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(140, 45), notifications=True) as pilot:
         await settle(pilot)  # the form loads styles and presets after the first frame
         await pilot.pause()
         assert "a\\x1bc Queue" in screen_text(app)  # the mode bar
+        assert str(app.screen.query_one("#in-edit-mask", Button).label) == "Edit mask ([b]x)"
         await pilot.press("ctrl+p")  # the command palette lists every key (its help line is markup)
         await pilot.pause(0.5)
         assert "key: a\\x1bc" in screen_text(app) and app.is_running

@@ -27,6 +27,7 @@ from backend.jobkinds.upscale import LANCZOS, SCALES, spandrel_installed
 from backend.request import GenerateRequest
 from backend.values import to_int
 from tui.suggest import ChoiceSuggester, PathSuggester
+from tui.text import plain
 from tui.widgets.field import Field, field_input, field_select
 
 NONE = "generate"  # the operation "none": text to image
@@ -96,8 +97,8 @@ class InputImageSection(Vertical):
                                                 suggester=ChoiceSuggester([LANCZOS])), names=("upscaler",))
             yield Field("Fast", Checkbox("upscaler only", compact=True, id="in-fast"), names=("fast",))
         with Horizontal(classes="row op-setting for-inpaint"):
-            yield Field("Mask", Horizontal(field_input("in-mask", placeholder="white = repaint"),
-                                           Button(f"Edit mask ({self.mask_key})", compact=True, id="in-edit-mask"),
+            edit = Button(plain(f"Edit mask ({self.mask_key})"), compact=True, id="in-edit-mask")  # a user's key
+            yield Field("Mask", Horizontal(field_input("in-mask", placeholder="white = repaint"), edit,
                                            classes="mask-row"), names=("mask", "mask_hash"))
         with Horizontal(classes="row op-setting for-inpaint"):
             yield Field("Box", field_input("in-box", placeholder="X,Y,W,H"), names=("box",), hint="instead of a mask")
