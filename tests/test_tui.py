@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import threading
@@ -12,12 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from rich_pixels import HalfcellRenderer
 from textual import events
 from textual.app import App
 from textual.drivers.headless_driver import HeadlessDriver
 from textual.widgets import Checkbox, Input, Select, Static, TextArea
 
+from backend import metadata
 from backend.config import config_path
 from backend.events import Done, Preview, Started, Step, WorkerModels
 from backend.request import GenerateRequest
@@ -602,6 +605,23 @@ async def test_gallery_entry_whose_file_was_deleted_shows_a_line_not_a_crash(idl
         await settle(pilot)
         text = str(app.screen.query_one("#image-params").content)
         assert text == f"{gone}\n\ncannot read it: No such file or directory" and app.is_running
+
+
+async def test_gallery_image_with_malformed_metadata_shows_its_path_and_one_line(idle_service, tmp_path):
+    meta = metadata.build(GenerateRequest(prompt="older"), "demo", {})
+    del meta["request"]["scheduler"]  # an older or foreign writer's metadata
+    info = PngInfo()
+    info.add_text("dreamtty", json.dumps(meta))
+    older = tmp_path / "older.png"
+    Image.new("RGB", (8, 8)).save(older, pnginfo=info)
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(120, 40)) as pilot:
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        app.screen._show_image(str(older))  # what highlighting its row does
+        await settle(pilot)
+        text = str(app.screen.query_one("#image-params").content)
+        assert text.startswith(f"{older}\n") and text.endswith("\n\ncannot show its parameters: KeyError: 'scheduler'")
 
 
 async def test_bad_preset_and_custom_size_errors_point_at_the_right_field(idle_service, tmp_path, user_folder):
