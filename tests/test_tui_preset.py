@@ -113,3 +113,19 @@ async def test_save_preset_key_is_remappable_and_in_the_palette(idle_service, tm
         assert isinstance(app.screen, GenerateScreen)
         await pilot.press("f9")
         await wait_for(pilot, lambda: isinstance(app.screen, SavePresetDialog), what="the dialog on f9")
+
+
+async def test_a_preset_error_goes_when_another_preset_is_chosen(idle_service, tmp_path, user_folder):
+    presets = user_folder("presets")
+    (presets / "words.yaml").write_text("steps: many\n")
+    (presets / "list.yaml").write_text("- not a mapping\n")
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(140, 45)) as pilot:
+        await settle(pilot)
+        preset = app.screen.form.query_one("#preset", Select)
+        preset.value = "words"
+        await settle(pilot)
+        assert field_of(app, "#steps").error
+        preset.value = "list"
+        await settle(pilot)
+        assert field_of(app, "#steps").error == "" and field_of(app, "#preset").error
