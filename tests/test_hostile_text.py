@@ -11,6 +11,7 @@ import html
 import json
 import random
 import re
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -227,6 +228,34 @@ async def test_train_screen_log_runs_and_stats(idle_service, tmp_path, monkeypat
         assert_shown(content(pane.query_one("#train-stats", Static)))
         screen_text(app)
         assert app.is_running
+
+
+async def test_stopping_a_run_that_already_ended_names_it_as_text(idle_service, tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    monkeypatch.setattr(runs, "runs_root", lambda: root)
+    run_dir = root / NAME
+    run_dir.mkdir(parents=True)
+    runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": "waiting", "updated": 1.0,
+                                                     "settings": {"model": "demo", "method": "lora", "max_steps": 10}})
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(140, 45), notifications=True) as pilot:
+        await pilot.press("f3")
+        pane = await _pane(pilot, app, TrainPane)
+        await wait_for(pilot, lambda: pane.selected_run is not None, what="the run")
+        scheduled = SimpleNamespace(path=str(run_dir.resolve()), state="training", id=7)
+
+        async def listed(*args, **kwargs):
+            return [scheduled]
+
+        async def ended(run_id):
+            return False
+
+        monkeypatch.setattr(app.client, "runs", listed)
+        monkeypatch.setattr(app.client, "stop_run", ended)
+        await pilot.press("ctrl+t")
+        await settle(pilot)
+        assert list(app._notifications)[-1].message == f"{NAME_SHOWN} has already ended"
+        screen_text(app)
 
 
 async def test_models_screen_with_hostile_file_names(idle_service, tmp_path):

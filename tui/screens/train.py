@@ -351,7 +351,7 @@ class TrainPane(Vertical):
             if scheduled is None:  # a run started before the service scheduled runs
                 request_stop(info.path)
             elif not await self.app.client.stop_run(scheduled.id):
-                self.notify(f"{info.name} has already ended", severity="warning")
+                notify(self, f"{info.name} has already ended", severity="warning")
                 return
         except DreamttyError as exc:
             notify(self, exc, title="cannot stop", severity="error")
