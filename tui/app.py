@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from textual import events, work
 from textual.app import App, ComposeResult, SystemCommand
-from textual.command import CommandPalette
 from textual.binding import Binding
+from textual.command import CommandPalette
 from textual.containers import Grid
 from textual.driver import Driver
 from textual.screen import ModalScreen, Screen

@@ -507,7 +507,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
 
     @on(Select.Changed, "#preset")
     def _preset_changed(self, event: Select.Changed) -> None:
-        self.clear_errors()  # the last preset's (a preset that loads clears them too)
+        self.clear_errors()  # those the last preset left (one that loads clears them too)
         if event.value == Select.NULL:
             self._preset_wanted = None
         else:

@@ -112,7 +112,7 @@ class QueueScreen(Screen):
         return ("" if job.state in ACTIVE else (job.error or "")[:40]), ""
 
     async def _jobs(self, limit: int) -> list[Job] | None:
-        """The service's newest ``limit`` jobs, or None with why not shown above the tables."""
+        """The service's newest ``limit`` jobs, or None with the reason shown above the tables."""
         try:
             jobs = await self.app.client.jobs(limit=limit)
         except DreamttyError as exc:  # no service (yet)
