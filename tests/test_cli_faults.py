@@ -259,6 +259,7 @@ def test_tui_leaves_a_damaged_queue_warning_on_the_terminal(tmp_path, monkeypatc
     locations.queue_db().parent.mkdir(parents=True)
     locations.queue_db().write_bytes(b"garbage" * 100)
     monkeypatch.setattr(tui.app.DreamttyApp, "run", lambda self: None)  # it notifies too: see test_tui
+    monkeypatch.setenv("TEXTUAL_DRIVER", "textual.drivers.headless_driver:HeadlessDriver")  # pytest has no tty
     assert main(["--demo"]) == 0
     assert capsys.readouterr().err.startswith(f"dreamtty: warning: queue: {locations.queue_db()} is damaged")
 
