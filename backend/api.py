@@ -34,6 +34,7 @@ from backend.run_schedule import STATES as RUN_STATES
 from backend.service import Service
 from backend.service_files import bearer_ok
 from backend.training.config import TrainRequest
+from backend.values import check_text
 from backend.versions import versions
 
 MAX_BODY = 1 << 20  # bytes: a request is a few KiB
@@ -182,6 +183,8 @@ class Api:
                 raise RequestError(name, f"expected text, got {type(value).__name__}")
         runs_root = _absolute(data.get("runs_root"), "runs_root")
         train = TrainRequest.from_dict(data["request"])
+        for name in ("instance_dir", "output"):
+            _absolute(getattr(train, name) or None, name)
         prepared = await asyncio.to_thread(self.service.prepare_run, train, devices or "auto", launcher, runs_root)
         run = self.service.enqueue_run(prepared)
         return web.json_response({"run": run.to_dict(), "warnings": prepared.warnings}, status=201)
@@ -258,8 +261,10 @@ def _listing(request: web.Request, what: str, allowed: tuple[str, ...]) -> tuple
 
 
 def _absolute(value: object, field: str) -> Path | None:
+    """A folder the request names: the service's working folder is not the client's, so it must be absolute."""
     if value is not None and (not isinstance(value, str) or not Path(value).is_absolute()):
         raise RequestError(field, "must be an absolute folder path")
+    check_text(field, value)
     return Path(value) if value else None
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from backend import companions, config, jobkinds, locations
+from backend.devices import check_devices
 from backend.errors import ModelError, RequestError
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, JobEvent, Note, Queued, Retrying,
                             Started, WorkerModels, WorkerReady, WorkerReleased)
@@ -245,6 +246,7 @@ class Service:
         """Check a training run and make its folder (``backend.training.launch.prepare_run``): the slow,
         file-reading part, safe to run in a thread. ``devices``: what it trains on, as ``--device``
         (``auto``: the device of the first worker). Raises a one-line DreamttyError."""
+        check_devices(devices)  # a GPU this machine lacks is refused before anything is made
         chosen = resolve_devices(devices, self._first_device())
         launch.trainer_command(Path("."), launcher)  # a launcher that cannot be split is refused before anything is made
         prepared = launch.prepare_run(request, runs_root)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend import devices as devices_module
 from backend.events import Cancelled, Done, Note, RunState, Started, Step, WorkerReady, WorkerReleased
 from backend.request import GenerateRequest
 from backend.run_schedule import ENDED, TRAINING, WAITING, resolve_devices, trainer_env
@@ -223,10 +224,12 @@ def test_devices_of_a_run(monkeypatch):
     assert trainer_env(["cuda:1"]) == {"CUDA_VISIBLE_DEVICES": "5"}
 
 
-def test_bad_run_settings_make_nothing(tmp_path, photos, demo_dirs):
+def test_bad_run_settings_make_nothing(tmp_path, photos, demo_dirs, monkeypatch):
     db = tmp_path / "queue.sqlite3"
     service = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
-    for devices, launcher, field in (("gpu", None, "device"), ("auto", "accelerate 'launch", "launcher")):
+    monkeypatch.setattr(devices_module, "visible_gpus", lambda: 2)
+    for devices, launcher, field in (("gpu", None, "device"), ("cuda:2", None, "device"),
+                                     ("auto", "accelerate 'launch", "launcher")):
         with pytest.raises(Exception, match=f"^{field}: "):
             service.prepare_run(train_request(photos, tmp_path / "bad"), devices, launcher)
     assert not (tmp_path / "bad").exists() and service.training.listing() == []

@@ -111,7 +111,12 @@ async def test_run_routes_refuse_bad_input_in_one_line(service, tmp_path):
                             ({"request": {**settings, "instance_dir": str(tmp_path / "none")}}, "instance_dir"),
                             ({"request": settings, "devices": "gpu"}, "device"),
                             ({"request": settings, "devices": 3}, "devices"),
-                            ({"request": settings, "runs_root": "relative"}, "runs_root")):
+                            ({"request": settings, "runs_root": "relative"}, "runs_root"),
+                            ({"request": settings, "runs_root": "/tmp/a\0b"}, "runs_root"),
+                            ({"request": {**settings, "instance_dir": "photos"}}, "instance_dir"),  # the service's cwd
+                            ({"request": {**settings, "output": "run"}}, "output"),
+                            ({"request": {**settings, "output": str(tmp_path / "r\0")}}, "output"),
+                            ({"request": settings, "devices": "cuda:99"}, "device")):
             status, answer = await post(body)
             assert status == 400 and answer["field"] == field and "\n" not in answer["error"], (body, answer)
         async with http.get("http://dreamtty/v1/runs/999") as r:
@@ -119,4 +124,4 @@ async def test_run_routes_refuse_bad_input_in_one_line(service, tmp_path):
         async with http.get("http://dreamtty/v1/runs?state=paused") as r:
             assert r.status == 400 and (await r.json())["field"] == "state"
         async with http.get("http://dreamtty/v1/runs") as r:
-            assert r.status == 200 and all(Path(run["path"]).name != "none" for run in (await r.json())["runs"])
+            assert r.status == 200 and all(Path(run["path"]).parent != tmp_path for run in (await r.json())["runs"])

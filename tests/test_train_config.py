@@ -79,6 +79,14 @@ def test_from_dict_coerces_text_and_rejects_unknown_keys():
     assert err.value.field == "epochs"
 
 
+def test_from_dict_refuses_nul_in_paths_and_text_that_is_not_utf8():
+    assert TrainRequest.from_dict({"instance_prompt": "a sks\0toy"}).instance_prompt == "a sks\0toy"  # free text
+    with pytest.raises(RequestError, match=r"^instance_dir: holds a NUL character \(at character 7\)"):
+        TrainRequest.from_dict({"instance_dir": "/tmp/a\0b"})
+    with pytest.raises(RequestError, match=r"^class_prompt: is not valid UTF-8 text \(byte 0xff at character 3\)"):
+        TrainRequest.from_dict({"class-prompt": "a \udcff dog"})
+
+
 def test_resolved_fills_family_defaults(photos):
     req = _request(photos, class_prompt="a photo of dog", method="full").resolved("demo")
     assert (req.resolution, req.lr, req.prior_preservation) == (128, 5e-6, True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from backend.errors import RequestError
 from backend.families import FAMILIES
-from backend.values import to_bool, to_float, to_int
+from backend.values import check_text, to_bool, to_float, to_int
 
 METHODS = ("full", "lora")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -21,6 +21,7 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_
 MAX_SEED = 2**32 - 1
 # diffusers' DreamBooth example defaults: 5e-6 for a full fine-tune, 1e-4 for LoRA.
 DEFAULT_LR = {"full": 5e-6, "lora": 1e-4}
+PROMPTS = ("instance_prompt", "class_prompt", "validation_prompt")  # free text: NUL allowed, unlike names and paths
 
 
 @dataclass
@@ -65,13 +66,15 @@ class TrainRequest:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainRequest":
-        """Build from a dict (YAML, JSON, form); keys may use ``-`` or ``_``. Values are coerced."""
+        """Build from a dict (YAML, JSON, form); keys may use ``-`` or ``_``. Values are coerced; text must be
+        UTF-8 and only the prompts may hold a NUL."""
         known = {f.name for f in fields(cls)}
         values = {}
         for key, value in data.items():
             name = str(key).replace("-", "_")
             if name not in known:
                 raise RequestError(name, f"unknown setting; allowed: {', '.join(sorted(known))}")
+            check_text(name, value, nul=name in PROMPTS)
             values[name] = parse_field(name, value)
         return cls(**values)
 
