@@ -17,9 +17,8 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from backend import infotext
+from backend import infotext, user_files
 from backend.errors import RequestError
 from backend.guidance_settings import GuidanceSettings
 from backend.request import MAX_SEED, GenerateRequest, parse_size
@@ -274,7 +273,8 @@ def read_text_file(path: str) -> str:
     try:
         if path == "-":
             return sys.stdin.read(MAX_TEXT + 1)
-        with open(Path(path), encoding="utf-8-sig") as fh:
-            return fh.read(MAX_TEXT + 1)
+        return user_files.read_text(path, MAX_TEXT * 4, "utf-8-sig")  # UTF-8 takes up to 4 bytes a character
+    except user_files.RefusedFile as exc:
+        raise RequestError("from-text", f"{path}: cannot read: {exc.strerror}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RequestError("from-text", f"{path}: cannot read: {exc}") from None

@@ -14,9 +14,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
+from backend import user_files
 from backend.errors import RequestError
 from backend.families import FAMILIES, Family
-from backend.input_images import InputImage, content_hash, read_image
+from backend.input_images import MAX_BYTES, InputImage, content_hash, read_image
 from backend.request import GenerateRequest, optional, text_value
 from backend.values import absolute, to_bool, to_float
 
@@ -135,6 +136,6 @@ class ImageInputRequest(GenerateRequest):
 
 def _has_content(path: str, digest: str | None) -> bool:
     try:
-        return content_hash(Path(os.path.expanduser(path)).read_bytes()) == digest
+        return content_hash(user_files.read_bytes(os.path.expanduser(path), MAX_BYTES)) == digest
     except OSError:
         return False

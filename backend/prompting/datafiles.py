@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from backend import locations
+from backend import locations, user_files
 
 
 @dataclass(frozen=True)
@@ -20,9 +20,11 @@ class DataFile:
     _resource: object = None
 
     def read_text(self) -> str:
-        """The file's text; a UTF-8 byte-order mark (A1111 writes one in ``styles.csv``) is dropped."""
-        source = self.path if self.path is not None else self._resource
-        return source.read_text(encoding="utf-8-sig")  # type: ignore[union-attr]
+        """The file's text; a UTF-8 byte-order mark (A1111 writes one in ``styles.csv``) is dropped. A user's
+        file must be a regular file of at most 16 MiB (``user_files.RefusedFile`` otherwise)."""
+        if self.path is not None:
+            return user_files.read_text(self.path, encoding="utf-8-sig")
+        return self._resource.read_text(encoding="utf-8-sig")  # type: ignore[attr-defined]
 
 
 def user_dir(kind: str) -> Path:

@@ -201,10 +201,10 @@ def load_yaml(path: str | Path) -> dict:
     """Read a ``train.yaml`` (same keys as the flags); one-line errors."""
     import yaml
 
-    from backend import yaml_text
+    from backend import user_files, yaml_text
 
     try:
-        data = yaml_text.load(Path(path).read_text(encoding="utf-8"))
+        data = yaml_text.load(user_files.read_text(path))
     except OSError as exc:
         raise RequestError("config", f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:

@@ -1,0 +1,64 @@
+"""Every reader of a file a user names refuses a FIFO (its read would wait for a writer forever)
+and a device at once, with a one-line error, instead of hanging the CLI or a service thread."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from backend import foreign_metadata, user_files
+from backend.errors import RequestError
+from backend.jobkinds import image_input
+from backend.prompting.datafiles import DataFile
+from backend.prompting.styles import load_styles
+from backend.training.config import load_yaml
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    return path
+
+
+def _without_waiting(call, fifo):
+    """``call()``'s result or exception; a reader that opened the FIFO is let go so the test ends."""
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(call).result(timeout=10)
+    finally:
+        writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # lets a blocked open() return, so the pool can end
+        os.close(writer)
+        pool.shutdown()
+
+
+def test_train_yaml(fifo):
+    with pytest.raises(RequestError, match=f"^config: cannot read {fifo}: is not a regular file$"):
+        _without_waiting(lambda: load_yaml(fifo), fifo)
+
+
+def test_a_parameters_text(fifo):
+    with pytest.raises(RequestError, match=f"^from-text: {fifo}: cannot read: is not a regular file$"):
+        _without_waiting(lambda: foreign_metadata.read_text_file(str(fifo)), fifo)
+
+
+def test_a_style_preset_or_wildcard_file(fifo):
+    with pytest.raises(user_files.RefusedFile, match=f"^{fifo} is not a regular file$"):
+        _without_waiting(lambda: DataFile("pipe", ".csv", str(fifo), fifo).read_text(), fifo)
+
+
+def test_a_styles_folder_holding_a_fifo_skips_it_and_loads_the_rest(fifo, monkeypatch):
+    (fifo.parent / "mine.csv").write_text("name,prompt,negative_prompt\nMine,{prompt} in ink,\n")
+    os.rename(fifo, fifo.parent / "pipe.csv")
+    from backend import config
+
+    monkeypatch.setattr(config.Config, "folders", lambda self, kind: [fifo.parent])
+    library = _without_waiting(load_styles, fifo.parent / "pipe.csv")
+    assert library.warnings == [] and "pipe" not in library.styles
+    assert library.get("Mine").prompt == "{prompt} in ink"
+
+
+def test_a_recorded_input_that_became_a_fifo_is_not_the_same_content(fifo):
+    assert _without_waiting(lambda: image_input._has_content(str(fifo), "0" * 64), fifo) is False
