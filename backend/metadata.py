@@ -22,6 +22,15 @@ def build(request: GenerateRequest, family: str, prompt_record: dict, kind: str 
     return {"version": VERSION, "kind": kind, "family": family, "request": request.to_dict(), "prompt": prompt_record}
 
 
+def parameters_text(path: str | Path) -> str:
+    """The A1111 ``parameters`` text of the image at ``path``, from our metadata; a one-line DreamttyError
+    when it has none or it lacks a field (written by hand, or by another tool under our chunk's name)."""
+    try:
+        return a1111_parameters(read(path))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise DreamttyError(f"cannot show its parameters: {type(exc).__name__}: {exc}") from None
+
+
 def a1111_parameters(meta: dict) -> str:
     """A1111 ``parameters`` text, readable by A1111's PNG Info, Civitai and most image viewers."""
     req = meta["request"]

@@ -129,6 +129,24 @@ def test_freeu_family_defaults_are_written_as_numbers():
     assert 'FreeU: "(1.5, 1.6, 0.9, 0.2)"' in metadata.a1111_parameters(_meta(guidance=GuidanceSettings(freeu=())))
 
 
+@pytest.mark.parametrize("damage, words", [
+    (lambda m: m["request"].pop("scheduler"), "KeyError: 'scheduler'"),
+    (lambda m: m.update(prompt=[]), "AttributeError: "),
+    (lambda m: m["request"].update(loras=[["x"]]), "ValueError: "),
+    (lambda m: m["prompt"].update(image_prompts=[{"index": 3}]), "IndexError: "),  # no image_prompts[3]
+])
+def test_parameters_of_malformed_metadata_are_one_line(tmp_path, damage, words):
+    """Metadata written by hand, or by another tool under our chunk's name, lacking or mistyping a field."""
+    meta = _meta()
+    damage(meta)
+    info = PngInfo()
+    info.add_text(metadata.CHUNK, json.dumps(meta))
+    Image.new("RGB", (8, 8)).save(tmp_path / "odd.png", pnginfo=info)
+    with pytest.raises(DreamttyError) as err:
+        metadata.parameters_text(tmp_path / "odd.png")
+    assert str(err.value).startswith(f"cannot show its parameters: {words}") and "\n" not in str(err.value)
+
+
 def _lora_file(tmp_path: Path, monkeypatch, name: str, meta: dict | None = None) -> Path:
     monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
     folder = config.default_folders("loras")[0]

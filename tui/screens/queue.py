@@ -205,11 +205,9 @@ class QueueScreen(Screen):
             self.app.call_from_thread(self._image_read, path, False, f"{path}\n\ncannot read it: {exc.strerror or exc}")
             return
         try:
-            text = metadata.a1111_parameters(metadata.read(path))
+            text = metadata.parameters_text(path)
         except DreamttyError as exc:
             text = str(exc)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # malformed metadata
-            text = f"cannot show its parameters: {type(exc).__name__}: {exc}"
         self.app.call_from_thread(self._image_read, path, True, f"{path}\n{stamp}\n\n{text}")
 
     def _image_read(self, path: str, readable: bool, params: str) -> None:
