@@ -67,14 +67,8 @@ def _read_bytes(path: str, field_name: str) -> bytes:
         raise RequestError(field_name, "is empty; give an image file")
     try:
         return user_files.read_bytes(os.path.expanduser(path), MAX_BYTES)
-    except FileNotFoundError:
-        raise RequestError(field_name, f"{path} is missing") from None
-    except IsADirectoryError:
-        raise RequestError(field_name, f"{path} is a folder; give an image file") from None
-    except user_files.RefusedFile as exc:
-        raise RequestError(field_name, f"{path} {exc.strerror}") from None
     except OSError as exc:
-        raise RequestError(field_name, f"cannot read {path}: {exc.strerror or exc}") from None
+        raise user_files.read_error(field_name, path, exc, "an image file") from None
 
 
 def _check_hash(path: str, field_name: str, data: bytes, expected: str | None) -> str:

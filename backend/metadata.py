@@ -8,9 +8,10 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from backend import infotext, jobkinds
+from backend import infotext, jobkinds, user_files
 from backend.errors import DreamttyError, RequestError
 from backend.guidance_settings import GuidanceSettings, freeu_defaults
+from backend.input_images import MAX_BYTES
 from backend.request import GenerateRequest
 
 CHUNK = "dreamtty"
@@ -97,7 +98,11 @@ def png_info(meta: dict) -> PngInfo:
 
 def _text_chunks(path: str | Path) -> dict[str, str]:
     try:
-        with Image.open(path) as img:
+        fh = user_files.open_regular(path, MAX_BYTES)
+    except OSError as exc:
+        raise user_files.read_error("image", path, exc, "an image file") from None
+    try:
+        with fh, Image.open(fh) as img:
             return dict(getattr(img, "text", {}))
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DreamttyError(f"image: cannot read {path}: {exc}") from None

@@ -23,3 +23,9 @@ def _escape(match: re.Match[str]) -> str:
 def visible(text: object) -> str:
     """``str(text)`` with each control character (see ``CONTROL``) written as ``\\xNN`` or ``\\uNNNN``."""
     return CONTROL.sub(_escape, str(text))
+
+
+def one_line(text: object) -> str:
+    """:func:`visible`, with newlines written as ``\\n`` too: an error or a warning that names a path
+    holding a newline stays on one line."""
+    return visible(text).replace("\n", "\\n")

@@ -1,9 +1,10 @@
 """Files that users name (input images, the config, presets, styles, ...), read within limits.
 
 A path may name a device (``/dev/zero`` never ends), a FIFO (a read waits for a writer forever) or
-a huge file: read whole, each would hang a thread or exhaust memory. :func:`read_bytes` refuses what
-is not a regular file before opening it (so a FIFO is never opened), opens without blocking, checks
-again what it opened (the path may have been replaced meanwhile), and reads at most ``limit`` bytes.
+a huge file: read whole, each would hang a thread or exhaust memory. :func:`open_regular` refuses
+what is not a regular file before opening it (so a FIFO is never opened), opens without blocking and
+checks again what it opened (the path may have been replaced meanwhile); :func:`read_bytes` then reads
+at most ``limit`` bytes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from typing import BinaryIO
+
+from backend.errors import RequestError
 
 MAX_TEXT_BYTES = 16 * 2**20  # a config, preset, style, wildcard or parameters file
 
@@ -22,13 +26,25 @@ class RefusedFile(OSError):
         return f"{self.filename} {self.strerror}"
 
 
+def open_regular(path: str | os.PathLike, limit: int) -> BinaryIO:
+    """The regular file at ``path`` opened for reading in binary: RefusedFile when it is something else
+    or over ``limit`` bytes, OSError when it cannot be opened. For readers that read only a part (an
+    image's metadata)."""
+    _check(os.stat(path), path, limit)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fh = os.fdopen(fd, "rb")
+    try:
+        _check(os.fstat(fd), path, limit)
+    except OSError:
+        fh.close()
+        raise
+    return fh
+
+
 def read_bytes(path: str | os.PathLike, limit: int) -> bytes:
     """The bytes of the regular file at ``path``: RefusedFile when it is something else or over ``limit``
     bytes, OSError when it cannot be read."""
-    _check(os.stat(path), path, limit)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as fh:
-        _check(os.fstat(fd), path, limit)
+    with open_regular(path, limit) as fh:
         data = fh.read(limit + 1)  # a file that grew since fstat (or a /proc file, size 0) is cut here
     if len(data) > limit:
         raise RefusedFile(errno.EFBIG, f"is over {_mib(limit)}", os.fspath(path))
@@ -38,6 +54,18 @@ def read_bytes(path: str | os.PathLike, limit: int) -> bytes:
 def read_text(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES, encoding: str = "utf-8") -> str:
     """:func:`read_bytes` decoded; UnicodeDecodeError when it is not text in ``encoding``."""
     return read_bytes(path, limit).decode(encoding)
+
+
+def read_error(field: str, path: str | os.PathLike, exc: OSError, wanted: str = "a file") -> RequestError:
+    """The one-line error naming ``field`` for ``exc``, raised opening or reading ``path`` (``wanted``: what
+    to give instead of a folder)."""
+    if isinstance(exc, FileNotFoundError):
+        return RequestError(field, f"{path} is missing")
+    if isinstance(exc, IsADirectoryError):
+        return RequestError(field, f"{path} is a folder; give {wanted}")
+    if isinstance(exc, RefusedFile):
+        return RequestError(field, f"{path} {exc.strerror}")
+    return RequestError(field, f"cannot read {path}: {exc.strerror or exc}")
 
 
 def _check(info: os.stat_result, path: str | os.PathLike, limit: int) -> None:

@@ -311,3 +311,9 @@ def test_more_bad_flags_are_one_line_errors(capsys, argv, words):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_an_error_naming_a_path_with_a_newline_stays_one_line(tmp_path, capsys):
+    path = tmp_path / "new\nline\x1b[31m.png"
+    assert main(["reproduce", str(path)]) == 2
+    assert capsys.readouterr().err == f"dreamtty: image: {tmp_path}/new\\nline\\x1b[31m.png is missing\n"

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from backend import foreign_metadata, user_files
+from backend import foreign_metadata, metadata, user_files
 from backend.errors import RequestError
 from backend.jobkinds import image_input
 from backend.prompting.datafiles import DataFile
@@ -62,3 +62,8 @@ def test_a_styles_folder_holding_a_fifo_skips_it_and_loads_the_rest(fifo, monkey
 
 def test_a_recorded_input_that_became_a_fifo_is_not_the_same_content(fifo):
     assert _without_waiting(lambda: image_input._has_content(str(fifo), "0" * 64), fifo) is False
+
+
+def test_an_image_to_reproduce_or_take_settings_from(fifo):
+    with pytest.raises(RequestError, match=f"^image: {fifo} is not a regular file$"):
+        _without_waiting(lambda: metadata.image_request(fifo), fifo)

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 a job failed, 2 bad input (one line on stderr).
 Text from users, files and images is printed through ``backend.safetext.visible`` (control characters
-written out); ``--json`` output is escaped by ``json.dumps``.
+written out; errors and warnings through ``one_line``, newlines too); ``--json`` output is escaped by
+``json.dumps``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 from backend.errors import DreamttyError, RequestError
-from backend.safetext import visible
+from backend.safetext import one_line
 from backend.samplers import SAMPLERS, SCHEDULES
 from tui.cli_output import Parser, print_warnings
 
@@ -154,7 +155,7 @@ def apply_global_options(args: argparse.Namespace) -> None:
     if args.command is None:
         return  # the TUI shows config warnings itself
     for warning in config.load().warnings:
-        print(f"dreamtty: {visible(warning)}", file=sys.stderr)
+        print(f"dreamtty: {one_line(warning)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_app(args, print_warnings)
         return int(args.func(args) or 0)
     except DreamttyError as exc:
-        print(f"dreamtty: {visible(exc)}", file=sys.stderr)
+        print(f"dreamtty: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dreamtty: interrupted", file=sys.stderr)

@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from backend.events import Event, Step
-from backend.safetext import visible
+from backend.safetext import one_line, visible
 
 
 class Parser(argparse.ArgumentParser):
@@ -21,7 +21,7 @@ class Parser(argparse.ArgumentParser):
 def print_warnings(warnings: list[str]) -> None:
     """Each warning as a ``dreamtty: warning:`` line on stderr."""
     for warning in warnings:
-        print(f"dreamtty: warning: {visible(warning)}", file=sys.stderr)
+        print(f"dreamtty: warning: {one_line(warning)}", file=sys.stderr)
 
 
 class Progress:

@@ -13,7 +13,7 @@ import sys
 import time
 
 from backend.errors import DreamttyError, RequestError
-from backend.safetext import visible
+from backend.safetext import one_line, visible
 
 STOP_TIMEOUT = 60.0  # seconds to wait for a stopped service to exit (its workers finish their step)
 
@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise AlreadyRunning(_files().running_message())
         info = start_detached(options)
     except AlreadyRunning as exc:
-        print(f"dreamtty: {visible(exc)}", file=sys.stderr)
+        print(f"dreamtty: {one_line(exc)}", file=sys.stderr)
         return 1
     print(visible(f"dreamtty: service started in the background (pid {info['pid']}) on {info['socket']}; "
                   f"log: {info['log']}"))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from backend.errors import DreamttyError, RequestError
 from backend.events import RunState, TrainStep
-from backend.safetext import visible
+from backend.safetext import one_line, visible
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
 from tui.cli_output import print_warnings
@@ -203,7 +203,7 @@ def follow(run_dir: Path, proc) -> int:
             for event in tail.read():
                 line = progress.apply(event)
                 if line:
-                    print(f"dreamtty: {visible(line)}", file=sys.stderr)
+                    print(f"dreamtty: {one_line(line)}", file=sys.stderr)
                 elif isinstance(event, TrainStep) and (time.monotonic() - shown > 2 or progress.step == progress.max_steps):
                     print(f"dreamtty: {progress.summary()}", file=sys.stderr)
                     shown = time.monotonic()
