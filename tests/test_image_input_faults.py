@@ -60,6 +60,7 @@ def test_bad_image_files(service, tmp_path):
     (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
     (tmp_path / "bomb.png").write_bytes(_png(20000, 20000))  # PIL's own guard refuses it
     (tmp_path / "huge.png").write_bytes(_png(9000, 8000))
+    write_image(tmp_path / "tiny.png", gradient().resize((7, 13)))
     cases = [
         (tmp_path / "missing.png", "image: {} is missing"),
         (tmp_path, "is a folder; give an image file"),
@@ -67,6 +68,7 @@ def test_bad_image_files(service, tmp_path):
         (tmp_path / "cut.png", "is truncated or damaged"),
         (tmp_path / "bomb.png", "is too large to decode safely; allowed up to 67 megapixels"),
         (tmp_path / "huge.png", "is 9000x8000; allowed up to 67 megapixels"),
+        (tmp_path / "tiny.png", "image: {} is 7x13; at least 64 pixels a side are needed"),
     ]
     for path, message in cases:
         _refused(service, Img2ImgRequest(image=str(path)), tmp_path, message.format(path))

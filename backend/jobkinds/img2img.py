@@ -13,12 +13,12 @@ from backend.request import GenerateRequest
 MIN_SIDE = 64
 
 
-def working_size(size: tuple[int, int], fam: Family | None) -> tuple[int, int]:
-    """The size an input of ``size`` is repainted at: scaled down (aspect kept) to the family's largest
-    side, then each side rounded down to a multiple of 8, as diffusers' image processor does."""
-    width, height = size
+def working_size(source: InputImage, fam: Family | None) -> tuple[int, int]:
+    """The size ``source`` is repainted at: scaled down (aspect kept) to the family's largest side, then
+    each side rounded down to a multiple of 8, as diffusers' image processor does."""
+    width, height = source.size
     if min(width, height) < MIN_SIDE:
-        raise RequestError("image", f"is {width}x{height}; at least {MIN_SIDE} pixels a side are needed")
+        raise RequestError("image", f"{source.path} is {width}x{height}; at least {MIN_SIDE} pixels a side are needed")
     scale = min(1.0, fam.max_side / max(width, height)) if fam is not None else 1.0
     return tuple(max(MIN_SIDE, int(side * scale) // 8 * 8) for side in (width, height))  # type: ignore[return-value]
 
@@ -34,7 +34,7 @@ class Img2ImgRequest(ImageInputRequest):
             raise RequestError("size", "give both width and height, or neither (the input's own size)")
         if self.width is not None:
             return {}
-        width, height = working_size(source.size, fam)
+        width, height = working_size(source, fam)
         return {"width": width, "height": height}
 
     check_size = GenerateRequest.check_size  # repainted as a whole: a size the model can make
