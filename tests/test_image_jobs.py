@@ -87,6 +87,10 @@ async def test_every_kind_reproduces_identically(tmp_path, demo_dirs):
         assert request.image == kept["image"] and "using the copy kept at" in notes[0]
         again, _ = await asyncio.wait_for(_run(service, events, request, tmp_path / "again"), TIMEOUT)
         assert np.array_equal(_pixels(again[0]), _pixels(made["inpaint"][0]))
+        Path(kept["image"]).write_bytes(b"damaged")  # the copy fails its check: said, not passed over
+        request, notes = metadata.image_request(made["inpaint"][0])[0].with_kept_inputs(record)
+        assert request.image == str(image) and notes == [f"image: the copy kept at {kept['image']} is missing or "
+                                                         "changed too"]
     finally:
         await service.close()
 

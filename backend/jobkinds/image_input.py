@@ -131,6 +131,8 @@ class ImageInputRequest(GenerateRequest):
             if _has_content(copy, digest):
                 request = replace(request, **{role: copy})
                 notes.append(f"{role}: {path} is missing or changed; using the copy kept at {copy}")
+            else:
+                notes.append(f"{role}: the copy kept at {copy} is missing or changed too")
         return request, notes
 
 
