@@ -105,9 +105,7 @@ def _read_yaml(path: Path, cfg: Config) -> dict:
     try:
         data = yaml_text.load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        cfg.warnings.append(f"config: {path} is not valid YAML{where}; using defaults")
+        cfg.warnings.append(f"config: {path} is not valid YAML{yaml_text.fault(exc)}; using defaults")
         return {}
     if data is None:
         return {}
@@ -245,7 +243,9 @@ def set_value(key: str, value: object, path: Path | None = None) -> Path:
     if file.exists():
         try:
             loaded = yaml_text.load(user_files.read_text(file))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        except yaml.YAMLError as exc:
+            raise DreamttyError(f"config: cannot update {file}: not valid YAML{yaml_text.fault(exc)}") from None
+        except (OSError, UnicodeDecodeError) as exc:
             raise DreamttyError(f"config: cannot update {file}: {exc}") from None
         if isinstance(loaded, dict):
             data = loaded

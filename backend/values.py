@@ -62,6 +62,12 @@ def to_bool(name: str, value: object) -> bool:
 def check_text(name: str, value: object, nul: bool = False) -> None:
     """Every text in ``value`` (nested in lists and mappings too) must be valid UTF-8 and, unless ``nul``,
     hold no NUL (no file name can). Raises RequestError(name) otherwise."""
+    _check_text(name, value, nul, set())
+
+
+def _check_text(name: str, value: object, nul: bool, seen: set[int]) -> None:
+    """:func:`check_text`, visiting each list or mapping once: YAML aliases can share one node so often
+    (a "billion laughs" file) that a walk of every path through them would never end."""
     if isinstance(value, str):
         bad = _SURROGATE.search(value)
         if bad:
@@ -70,13 +76,13 @@ def check_text(name: str, value: object, nul: bool = False) -> None:
         if not nul and "\0" in value:
             raise RequestError(name, f"holds a NUL character (at character {value.index(chr(0)) + 1}); "
                                      "no path or name may hold one")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            check_text(name, key, nul)
-            check_text(name, item, nul)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            check_text(name, item, nul)
+        return
+    if not isinstance(value, (dict, list, tuple)) or id(value) in seen:
+        return
+    seen.add(id(value))
+    items = [x for pair in value.items() for x in pair] if isinstance(value, dict) else value
+    for item in items:
+        _check_text(name, item, nul, seen)
 
 
 def _code_point(char: str) -> str:

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from backend import config
+from backend.errors import DreamttyError
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +67,12 @@ def test_broken_yaml_is_one_warning_and_defaults(tmp_path):
     assert len(cfg.warnings) == 1 and "not valid YAML at line" in cfg.warnings[0]
     assert cfg.folders("checkpoints") == config.default_folders("checkpoints")
     assert "must be a mapping" in config.load(_write(tmp_path / "l.yaml", "- a\n- b\n")).warnings[0]
+    twice = _write(tmp_path / "t.yaml", "default_model: a\ndefault_model: b\n")
+    assert config.load(twice).warnings == [
+        f"config: {twice} is not valid YAML at line 2 (the key 'default_model' is given twice); using defaults"]
+    with pytest.raises(DreamttyError, match=r"^config: cannot update .*t.yaml: not valid YAML at line 2 \(the key"):
+        config.set_value("default_model", "c", twice)
+    assert twice.read_text() == "default_model: a\ndefault_model: b\n"  # the user's file is left as it was
 
 
 def test_env_overrides_single_keys(tmp_path, monkeypatch):

@@ -59,7 +59,9 @@ def test_unknown_preset_is_a_one_line_error():
     [
         ("stpes: 20\n", r"bad.yaml: unknown key 'stpes'; allowed: .*steps"),
         ("seed: 4\n", r"unknown key 'seed'"),
-        ("steps: 20\ncfg: [1,\n", r"bad.yaml line \d+: not valid YAML"),
+        ("steps: 20\ncfg: [1,\n", r"bad.yaml is not valid YAML at line \d+"),
+        ("steps: 20\ncfg: 4\nsteps: 30\n", r"bad.yaml is not valid YAML at line 3 \(the key 'steps' is given twice\)$"),
+        ("steps: 2024-01-01\n", r"^steps: in preset .*bad.yaml: '2024-01-01' is not a whole number"),
         ("guidance:\n  sharpnes: 2\n", r"^guidance: in preset .*bad.yaml: unknown control 'sharpnes'"),
         ("styles: [Nope]\n", r"^styles: in preset .*bad.yaml: unknown 'Nope'"),
         ("size: big\n", r"size 'big' is not WxH"),

@@ -62,13 +62,13 @@ def test_deeply_nested_style_file_is_reported_and_skipped(styles_dir, capsys):
 
 def test_deeply_nested_preset_and_config_are_one_line_errors(user_folder, monkeypatch, tmp_path):
     (user_folder("presets") / "deep.yaml").write_text(DEEP_YAML)
-    with pytest.raises(RequestError, match=r"^preset: .*deep\.yaml: not valid YAML \(nested too deeply\)$"):
+    with pytest.raises(RequestError, match=r"^preset: .*deep\.yaml is not valid YAML \(nested too deeply\)$"):
         load_preset("deep")
     assert any(p.name == "deep" and "nested too deeply" in p.description for p in list_presets())
     deep_config = tmp_path / "deep-config.yaml"
     deep_config.write_text(DEEP_YAML)
     monkeypatch.setenv("DREAMTTY_CONFIG", str(deep_config))
-    assert config.load().warnings == [f"config: {deep_config} is not valid YAML; using defaults"]
+    assert config.load().warnings == [f"config: {deep_config} is not valid YAML (nested too deeply); using defaults"]
 
 
 def test_a_100k_style_pack_loads_and_lists_in_one_pass(styles_dir, capsys):

@@ -106,6 +106,12 @@ def test_yaml_config(tmp_path):
     path.write_text("model: [unclosed\n")
     with pytest.raises(RequestError, match="config: .* is not valid YAML at line"):
         load_yaml(path)
+    path.write_text("model: demo\nmax_steps: 5\nmax_steps: 6\n")
+    with pytest.raises(RequestError, match=r"^config: .* is not valid YAML at line 3 \(the key 'max_steps' is given twice\)$"):
+        load_yaml(path)
+    path.write_text("model: demo\nmax_steps: 5\nmax-steps: 6\n")
+    with pytest.raises(RequestError, match=r"^max_steps: is given twice in .*train.yaml \(as max_steps and max-steps\)$"):
+        load_yaml(path)
     path.write_text("- a list\n")
     with pytest.raises(RequestError, match="mapping"):
         load_yaml(path)
@@ -445,3 +451,18 @@ def test_cli_second_ctrl_c_leaves_the_trainer_running_and_a_dead_trainer_is_reco
     runs.write_json_atomic(tmp_path / runs.RUN_JSON, {"state": "failed", "settings": {}})
     assert follow(tmp_path, DiedAtOnce()) == 1
     assert capsys.readouterr().err.strip() == f"dreamtty: training failed: see {tmp_path / runs.LOG_FILE}"
+
+
+@pytest.mark.timeout(5)  # the old walk of every path took minutes
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """A "billion laughs" file (aliases of aliases, 9**9 texts if walked) is checked node by node."""
+    levels = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    levels += [f"{b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    path = tmp_path / "train.yaml"
+    path.write_text("model: demo\ninstance_prompt: {" + ", ".join(levels) + "}\n")
+    with pytest.raises(RequestError, match=r"^instance_prompt: must be text, got dict$"):
+        TrainRequest.from_dict(load_yaml(path))
+    nested = load_yaml(path)["instance_prompt"]["i"]
+    nested[0][0][0][0][0][0][0][0][0] = "\0"
+    with pytest.raises(RequestError, match=r"^instance_dir: holds a NUL character"):
+        TrainRequest.from_dict({"instance_dir": nested})

@@ -53,9 +53,7 @@ def _read(file: DataFile) -> dict:
     try:
         data = yaml_text.load(file.read_text()) or {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise RequestError("preset", f"{file.label}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise RequestError("preset", f"{file.label} is not valid YAML{yaml_text.fault(exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RequestError("preset", f"{file.label}: cannot read: {exc}") from None
     if not isinstance(data, dict):

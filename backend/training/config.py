@@ -210,11 +210,16 @@ def load_yaml(path: str | Path) -> dict:
     except UnicodeDecodeError:
         raise RequestError("config", f"{path} is not UTF-8 text (a train.yaml is expected)") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise RequestError("config", f"{path} is not valid YAML{where}") from None
+        raise RequestError("config", f"{path} is not valid YAML{yaml_text.fault(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise RequestError("config", f"{path} must hold a mapping of settings (key: value)")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    out: dict = {}
+    spelled: dict[str, str] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in out:
+            raise RequestError(name, f"is given twice in {path} (as {spelled[name]} and {key})")
+        out[name], spelled[name] = value, str(key)
+    return out
