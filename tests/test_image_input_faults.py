@@ -7,6 +7,7 @@ import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,7 @@ def test_bad_settings(service, tmp_path):
     mask = str(write_mask(tmp_path / "mask.png", (10, 10, 20, 20)))
     Image.new("L", (128, 128), 0).save(tmp_path / "black.png")
     Image.new("L", (128, 128), 255).save(tmp_path / "white.png")
+    tiny = str(write_image(tmp_path / "tiny.png", gradient().resize((20, 40))))
     cases = [
         (Img2ImgRequest(image=image, strength=1.5), "strength: 1.5 is out of range; allowed 0..1"),
         (Img2ImgRequest(image=image, strength=-0.1), "strength: -0.1 is out of range"),
@@ -112,10 +114,13 @@ def test_bad_settings(service, tmp_path):
         (UpscaleRequest(image=str(big), scale=4, fast=True), "scale: 4x of 2100x1000 is 8400x4000; allowed up to 8192"),
         (UpscaleRequest(image=image, width=512, height=512), "size: upscale makes a 256x256 image from this input"),
         (UpscaleRequest(image=image, upscaler="nope"), "upscaler: nope not found"),
+        (UpscaleRequest(image=tiny), "image: {}/tiny.png upscaled is 40x80; repainting needs at least 64 pixels a side"),
     ]
     for request, message in cases:
         request.model = "demo"
         _refused(service, request, tmp_path, message.format(tmp_path))
+    for enlarged_only in (UpscaleRequest(image=tiny, fast=True), UpscaleRequest(image=tiny, strength=0)):
+        assert service.prepare(replace(enlarged_only, model="demo")).payload["request"]["width"] == 40
 
 
 def test_inpainting_model_refused_for_vary(service, tmp_path):

@@ -11,6 +11,7 @@ from backend.errors import RequestError
 from backend.families import Family
 from backend.input_images import InputImage
 from backend.jobkinds.image_input import MAX_OUTPUT_SIDE, ImageInputRequest
+from backend.jobkinds.img2img import MIN_SIDE
 from backend.request import optional, text_value
 from backend.values import to_bool, to_float
 
@@ -57,6 +58,12 @@ class UpscaleRequest(ImageInputRequest):
             raise RequestError("scale", f"{scale:g}x of {width}x{height} is {size[0]}x{size[1]}; "
                                         f"allowed up to {MAX_OUTPUT_SIDE} pixels a side")
         return {"scale": scale, "upscaler": check_upscaler(self.upscaler), **self.derived_size(size)}
+
+    def check_size(self, fam, width: int, height: int) -> None:
+        if self.uses_model and min(width, height) < MIN_SIDE:  # the repaint would see a few latents a side
+            raise RequestError("image", f"{self.image} upscaled is {width}x{height}; repainting needs at least "
+                                        f"{MIN_SIDE} pixels a side: give --fast (or strength 0) or a larger --scale")
+        super().check_size(fam, width, height)
 
     def a1111_fields(self) -> list[tuple[str, object]]:
         fields = [("Upscale by", self.scale), ("Upscaler", self.upscaler)]
