@@ -29,6 +29,7 @@ from aiohttp import WSCloseCode, web
 from backend import config, jobkinds
 from backend.errors import DreamttyError, RequestError
 from backend.events import Preview, dumps
+from backend.outputs import check_out_dir
 from backend.queue_store import ACTIVE, FINAL, MAX_ID, check_limit
 from backend.run_schedule import STATES as RUN_STATES
 from backend.service import Service
@@ -149,8 +150,10 @@ class Api:
         return web.json_response({"id": self.service.enqueue(prepared)}, status=201)
 
     async def validate(self, request: web.Request) -> web.Response:
-        job_request, _ = await _read_job(request)
+        job_request, out = await _read_job(request)
         resolved, _ = await asyncio.to_thread(self.service.validate, job_request)
+        if out is not None:
+            await asyncio.to_thread(check_out_dir, out)
         return web.json_response({"kind": jobkinds.kind_of(resolved).name, "request": resolved.to_dict()})
 
     async def get_job(self, request: web.Request) -> web.Response:

@@ -604,14 +604,14 @@ def _hub_entry(kind: str, repo_id: str) -> Entry | None:
 def find(kind: str, name: str, config=None) -> Entry | None:
     """The item of ``kind`` called ``name`` (file stem, folder name, path or cached Hugging Face id), or None."""
     path = Path(os.path.expanduser(name))
-    if path.is_dir():
+    if os.path.isdir(path):  # os.path's tests read an unusable path (too long a name) as missing
         from backend.training.runs import run_output
 
         trained = run_output(path)  # a DreamBooth run dir: its LoRA file (--lora RUN_DIR)
         if trained is not None and trained[0] == kind:
             return _inspect_file(kind, trained[1], "path")
         return _inspect_folder(kind, path, "path")
-    if path.is_file():
+    if os.path.isfile(path):
         return _inspect_file(kind, path, "path")
     lib = discover(config, kinds=(kind,), hub=False)
     matches = [e for e in lib.of_kind(kind) if e.name == name] or [

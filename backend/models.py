@@ -121,8 +121,8 @@ def _resolve(name: str) -> ModelRef:
     if name in DEMO_MODELS:
         return ModelRef(name, "demo", name, name)
     path = Path(os.path.expanduser(name))
-    if path.exists():
-        if not path.is_dir():
+    if os.path.exists(path):  # os.path's tests read an unusable path (too long a name) as missing
+        if not os.path.isdir(path):
             return _file_ref(name, path)
         trained = trained_model(path)
         if trained is not None:

@@ -35,7 +35,7 @@ def check_out_dir(out: Path) -> None:
     Creates today's folder and a probe file in it, as saving will: permission bits and
     ``os.access`` do not tell (root, read-only or virtual file systems such as /sys).
     """
-    if out.exists() and not out.is_dir():
+    if os.path.exists(out) and not os.path.isdir(out):
         raise RequestError("out", f"{out} is a file; give a folder")
     folder = day_folder(out)
     check_writable(folder)

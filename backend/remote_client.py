@@ -352,7 +352,7 @@ def _name_or_path(name: str | None) -> str | None:
     """A model name as it is, a path that exists here made absolute."""
     from backend.library import DEMO_MODELS  # the model library's scanner: not before a TUI's first frame
 
-    if not name or name in DEMO_MODELS or not Path(os.path.expanduser(name)).exists():
+    if not name or name in DEMO_MODELS or not os.path.exists(os.path.expanduser(name)):
         return name
     return absolute(name)
 

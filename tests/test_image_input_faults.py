@@ -101,6 +101,7 @@ def test_bad_settings(service, tmp_path):
         (Img2ImgRequest(image=image, width=100, height=128), "width: 100 is not allowed; use a positive multiple of 8"),
         (InpaintRequest(image=image), "mask: give a mask image or a box X,Y,W,H (one of them)"),
         (InpaintRequest(image=image, mask=mask, box=(1, 1, 8, 8)), "mask: give a mask image or a box"),
+        (InpaintRequest(image=image, mask=""), "mask: give a mask image or a box"),
         (InpaintRequest(image=image, mask=str(tmp_path / "black.png")), "mask: {}/black.png is all black"),
         (InpaintRequest(image=image, mask=str(tmp_path / "white.png")), "is all white: every pixel would be repainted"),
         (InpaintRequest(image=image, mask=str(tmp_path / "nomask.png")), "mask: {}/nomask.png is missing"),

@@ -283,3 +283,25 @@ def test_clip_skip_deeper_than_the_text_encoder_is_refused_before_queueing(capsy
     assert main(["generate", "a fox", "--model", "demo", "--clip-skip", "5"]) == 2
     assert capsys.readouterr().err.strip() == ("dreamtty: clip_skip: 5 is deeper than this model's text encoder; "
                                                "allowed 1..4")
+
+
+LONG = "a" * 300  # a file name past the kernel's 255 bytes: os.stat fails with ENAMETOOLONG
+
+
+@pytest.mark.parametrize("args,field", [
+    (["generate", "x", "--model", LONG], "model"),
+    (["generate", "x", "--vae", LONG], "vae"),
+    (["generate", "x", "--refiner", LONG], "refiner"),
+    (["generate", "x", "--lora", LONG], "lora"),
+    (["generate", f"<lora:{LONG}:1>"], "lora"),
+    (["generate", "x", "--out", f"/tmp/{LONG}"], "out"),
+    (["upscale", "{image}", "--upscaler", LONG], "upscaler"),
+    (["train", "--model", LONG, "--instance-dir", "{folder}", "--instance-prompt", "x"], "model"),
+    (["train", "--instance-dir", f"/tmp/{LONG}", "--instance-prompt", "x"], "instance_dir"),
+])
+def test_names_too_long_for_a_file_are_one_line_errors(args, field, tmp_path, capsys):
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    args = [a.format(image=tmp_path / "in.png", folder=tmp_path) for a in args]
+    assert main([*args, "--model", "demo"] if "--model" not in args else args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dreamtty: {field}: ") and len(err.splitlines()) == 1, err

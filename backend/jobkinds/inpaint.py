@@ -80,7 +80,7 @@ class InpaintRequest(ImageInputRequest):
     def from_input(self, source: InputImage, fam: Family | None) -> dict:
         if self.mode not in MODES:
             raise RequestError("mode", f"unknown {self.mode!r}; allowed: {', '.join(MODES)}")
-        if (self.mask is None) == (self.box is None):
+        if (not self.mask) == (self.box is None):
             raise RequestError("mask", "give a mask image or a box X,Y,W,H (one of them)")
         context = MODES[self.mode][1] if self.context is None else to_float("context", self.context)
         if not 0.0 <= context <= 1.0:

@@ -8,6 +8,7 @@ none is left. Every place that trains on an image decodes it with ``open_rgb``.
 from __future__ import annotations
 
 import errno
+import os
 import stat
 import warnings
 from collections.abc import Iterator
@@ -130,9 +131,9 @@ def _problem(path: Path, smallest: int) -> str | None:
 def check_folder(folder: str | Path, field_name: str = "instance_dir") -> Path:
     """``folder`` as a path, or a RequestError when it is missing or not a folder."""
     path = Path(folder).expanduser()
-    if not path.exists():
+    if not os.path.exists(path):  # os.path's test reads an unusable path (too long a name) as missing
         raise RequestError(field_name, f"{folder} does not exist")
-    if not path.is_dir():
+    if not os.path.isdir(path):
         raise RequestError(field_name, f"{folder} is not a folder")
     return path
 
