@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from backend import locations
+from backend import locations, service_log
 from backend.errors import DreamttyError, RequestError
 from backend.safetext import visible
 from backend.service_files import AlreadyRunning, ServiceFiles, make_token
@@ -63,6 +63,7 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
     files = ServiceFiles.default()
     files.make_folder()
     lock = files.acquire()
+    service_log.quiet_client_faults()
     stop = asyncio.Event()
     service: Service | None = None
     runner: web.AppRunner | None = None
@@ -158,6 +159,7 @@ def start_detached(options: ServeOptions, timeout: float = START_TIMEOUT) -> dic
     files.make_folder()
     log_file = log_path()
     locations.make_folder(log_file.parent, "state dir")
+    service_log.rotate(log_file)
     with open(log_file, "ab") as out:
         process = subprocess.Popen([sys.executable, "-m", "backend.serve", json.dumps(asdict(options))],
                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

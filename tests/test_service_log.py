@@ -1,0 +1,33 @@
+"""The service log stays small: one old log kept, asyncio's out-of-descriptors line once a minute."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from backend import service_log
+
+
+def test_a_large_log_is_moved_aside_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(service_log, "MAX_BYTES", 10)
+    log = tmp_path / "serve.log"
+    log.write_text("short\n")
+    service_log.rotate(log)
+    assert log.read_text() == "short\n"
+    log.write_text("x" * 11)
+    service_log.rotate(log)
+    assert not log.exists() and (tmp_path / "serve.log.1").read_text() == "x" * 11
+    service_log.rotate(log)  # no log yet: nothing to do
+
+
+def test_a_full_descriptor_table_is_said_once_a_minute(caplog, monkeypatch):
+    service_log.quiet_client_faults()
+    clock = iter([1000.0, 1001.0, 1061.0])
+    monkeypatch.setattr(service_log.time, "monotonic", lambda: next(clock))
+    exc = OSError(errno.EMFILE, "Too many open files")
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        for _ in range(3):  # what asyncio's default exception handler logs, each second
+            logging.getLogger("asyncio").error(f"{service_log.FULL_TABLE}\nsocket: <sock>", exc_info=exc)
+        logging.getLogger("aiohttp.server").error("Error handling request", exc_info=ConnectionResetError())
+    assert [(r.getMessage(), r.exc_info) for r in caplog.records] == [
+        (f"{service_log.FULL_TABLE} ([Errno 24] Too many open files); new connections wait", None)] * 2
