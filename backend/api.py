@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -125,7 +126,8 @@ class Api:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _error(exc.status, exc.reason)
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+            return web.json_response({"error": exc.reason}, status=exc.status, headers=allow)
         except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception as exc:  # a bug: one line to the client, the traceback to the service log
@@ -202,6 +204,8 @@ class Api:
         """Every event of the service from now on, one JSON text per message (``?previews=0``: none)."""
         previews = request.query.get("previews", "1") not in ("0", "false", "no")
         ws = web.WebSocketResponse(heartbeat=20.0)
+        if not ws.can_prepare(request).ok:
+            raise RequestError("events", "is a WebSocket: send GET with Connection: Upgrade and Upgrade: websocket")
         queue = self.service.subscribe()  # before the handshake: a client that then submits misses nothing
         self.streams.add(ws)
         try:
@@ -298,8 +302,10 @@ async def _read_object(request: web.Request, allowed: tuple[str, ...], example: 
         raise RequestError("body", f"cannot be decoded (Content-Encoding: {encoding}); send plain JSON") from None
     try:
         data = json.loads(body)
-    except (ValueError, RecursionError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise RequestError("body", f"is not valid JSON; send {example}") from None
+    except ValueError:  # Python refuses to convert an integer of more digits than this
+        raise RequestError("body", f"holds a number of more than {sys.get_int_max_str_digits()} digits") from None
     if not isinstance(data, dict):
         raise RequestError("body", f"expected a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - set(allowed) - set(ignored), key=str)

@@ -261,6 +261,12 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
         async with http.post("http://dreamtty/v1/jobs", data=b"garbage", headers={"Content-Encoding": "deflate"}) as r:
             body = await r.json()
             assert r.status == 400 and body["field"] == "body" and "cannot be decoded" in body["error"]
+        status, body = await post(b'{"request": {"seed": ' + b"9" * 5000 + b"}}")
+        assert status == 400 and body["error"] == "body: holds a number of more than 4300 digits"
+        async with http.get("http://dreamtty/v1/events") as r:  # not a WebSocket upgrade
+            assert r.status == 400 and (await r.json())["field"] == "events"
+        async with http.delete("http://dreamtty/v1/jobs") as r:
+            assert r.status == 405 and "POST" in r.headers["Allow"] and (await r.json())["error"]
         for body in (await post(b"[1]"))[1], (await post(b"{}"))[1]:
             assert "\n" not in body["error"] and "Traceback" not in body["error"]
         after = len((await (await http.get("http://dreamtty/v1/jobs")).json())["jobs"])
