@@ -87,6 +87,7 @@ async def test_the_tui_in_a_browser_generates_a_png(dirs, tmp_path):
         _wait("page", lambda: _status(base + "/") is not None, 30)
         assert _status(base + "/") == 401 and _status(base + "/static/js/textual.js") == 401
         assert _status(base + "/", {"Authorization": f"Bearer {token}"}) == 200
+        assert _status(base + "/ws", {"Authorization": f"Bearer {token}"}) == 400  # not an upgrade
         async with aiohttp.ClientSession(cookies={"dreamtty_token": token}) as http:
             with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
                 await http.ws_connect(f"ws://127.0.0.1:{port}/ws", headers={"Origin": "http://elsewhere.example"})

@@ -44,6 +44,8 @@ class WebFront(Server):
             response = web.HTTPFound(request.rel_url.with_query(kept))
             response.set_cookie(COOKIE, self.token, httponly=True, samesite="Strict", path="/")
             return response
+        if request.path == "/ws" and not web.WebSocketResponse().can_prepare(request).ok:
+            return web.Response(status=400, text="bad request: /ws is the page's WebSocket; open the page instead\n")
         origin = request.headers.get("Origin")
         if request.headers.get("Upgrade", "").lower() == "websocket" and origin and urlsplit(origin).netloc != request.host:
             return web.Response(status=403, text="forbidden: the page is not from this server\n")
