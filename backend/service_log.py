@@ -12,8 +12,6 @@ import math
 import time
 from pathlib import Path
 
-from aiohttp.http_exceptions import HttpProcessingError
-
 MAX_BYTES = 16 << 20  # a log past this is moved to serve.log.1 when a service starts
 FULL_TABLE = "socket.accept() out of system resource"  # asyncio's line, every second while no fd is free
 FULL_TABLE_EVERY = 60.0  # seconds
@@ -32,10 +30,13 @@ class _ClientFaults(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.said_full = -math.inf
+        # aiohttp is imported here, in the service, not by every CLI that imports ``backend.serve``
+        from aiohttp.http_exceptions import HttpProcessingError
+        self.client_faults = (HttpProcessingError, ConnectionError)
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, (HttpProcessingError, ConnectionError)):
+        if isinstance(exc, self.client_faults):
             return False
         if isinstance(record.msg, str) and record.msg.startswith(FULL_TABLE):
             now = time.monotonic()
