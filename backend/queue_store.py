@@ -5,13 +5,15 @@ Each service that queues jobs owns them under a random owner id and renews a lea
 killed, whatever became of its pid) are adopted by a recovering service and queued again; they
 resume at their first image not yet saved, since workers record each saved image here at once.
 A queue file that is not a readable database is moved aside (never deleted) and an empty queue
-takes its place.
+takes its place; a row that does not read as a job (edited by hand, or by another program) is marked
+failed with the reason, and the queue goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sqlite3
 import time
@@ -61,7 +63,8 @@ class Job:
 
 
 class QueueStore:
-    """The jobs table in ``path``; ``warnings`` says when a damaged file was moved aside."""
+    """The jobs table in ``path``; ``warnings`` says when a damaged file was moved aside or a row that does
+    not read as a job was marked failed."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -71,6 +74,8 @@ class QueueStore:
             self._db = self._open()
         except sqlite3.Error as exc:
             raise DreamttyError(f"queue: cannot open {path}: {exc}") from None
+        # the rows a worker may be given, checked now so that their warnings are said at start
+        self._jobs(self._db.execute(f"SELECT {_SELECT} FROM jobs WHERE state NOT IN ({_FINAL_SQL})"))
 
     def _open(self) -> sqlite3.Connection:
         """Connect; a damaged file is moved aside and replaced by an empty queue."""
@@ -118,7 +123,7 @@ class QueueStore:
         if not 0 <= job_id <= MAX_ID:
             return None
         row = self._db.execute(f"SELECT {_SELECT} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _job(row) if row else None
+        return self._job(row) if row else None
 
     def jobs(self, states: tuple[str, ...] | None = None, owner: str | None = None,
              limit: int | None = None) -> list[Job]:
@@ -135,13 +140,30 @@ class QueueStore:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(-1 if limit is None else limit)  # SQLite: a negative LIMIT is none
-        return [_job(r) for r in self._db.execute(sql, args).fetchall()]
+        jobs = self._jobs(self._db.execute(sql, args).fetchall())
+        return [job for job in jobs if not states or job.state in states]  # a row that did not read is failed now
 
     def next_queued(self, owner: str) -> Job | None:
-        row = self._db.execute(
+        while row := self._db.execute(
             f"SELECT {_SELECT} FROM jobs WHERE state = 'queued' AND owner = ? ORDER BY id LIMIT 1", (str(owner),)
-        ).fetchone()
-        return _job(row) if row else None
+        ).fetchone():
+            if (job := self._job(row)).state == "queued":  # else it did not read, and is failed now
+                return job
+        return None
+
+    def _jobs(self, rows) -> list[Job]:
+        return [self._job(row) for row in rows]
+
+    def _job(self, row: tuple) -> Job:
+        """The job of ``row``. A row that does not read as one is marked failed (once), saying why."""
+        try:
+            return _job(row)
+        except ValueError as exc:
+            job = _unreadable(row, str(exc))
+            if (row[3], row[6]) != (job.state, job.error):
+                self.set_state(job.id, job.state, job.error)
+                self.warnings.append(f"queue: job {job.id} {exc} in {self.path}; marked it failed")
+            return job
 
     def renew_lease(self, owner: str, now: float | None = None) -> None:
         """Heartbeat: ``owner`` is alive and keeps its jobs for another ``LEASE_TTL`` seconds."""
@@ -176,6 +198,7 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, heartbeat REAL NOT NULL)"""
 _SELECT = "id, kind, request, state, created, updated, error, outputs, owner, attempts"
+_FINAL_SQL = ", ".join(f"'{state}'" for state in FINAL)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -228,6 +251,46 @@ def _move_aside(path: Path) -> Path:
 
 
 def _job(row: tuple) -> Job:
+    """The job of a ``jobs`` row; ValueError saying which column does not read as what it should."""
     id_, kind, payload, state, created, updated, error, outputs, owner, attempts = row
-    return Job(id_, kind, json.loads(payload), state, created, updated, error, json.loads(outputs), str(owner),
-               attempts)
+    payload = json_column(payload, "a request that is", dict)
+    if not isinstance(payload.get("request"), dict):
+        raise ValueError("has no request")
+    outputs = json_column(outputs, "outputs that are", list)
+    if not all(isinstance(path, str) for path in outputs):
+        raise ValueError("has outputs that are not paths")
+    if not isinstance(kind, str) or state not in ACTIVE + FINAL:
+        raise ValueError(f"has kind {kind!r} and state {state!r}, not a job's")
+    if not (is_time(created) and is_time(updated) and isinstance(attempts, int)
+            and (error is None or isinstance(error, str))):
+        raise ValueError("has a time, error or attempt count of the wrong type")
+    return Job(id_, kind, payload, state, created, updated, error, outputs, str(owner), attempts)
+
+
+def json_column(text, what: str, kind: type):
+    """The JSON ``kind`` (dict or list) in a column; ValueError "has ``what`` not ..." when it is not one."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        raise ValueError(f"has {what} not valid JSON") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"has {what} not a JSON {'object' if kind is dict else 'array'}")
+    return value
+
+
+def is_time(value) -> bool:
+    """Whether a column holds a time (seconds since the epoch) as SQLite gives it: a finite number."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def readable_times(created, updated) -> tuple[float, float]:
+    """(created, updated) of a row that does not read: each one that is not a time is the other (or 0)."""
+    when = updated if is_time(updated) else created if is_time(created) else 0.0
+    return (created if is_time(created) else when), when
+
+
+def _unreadable(row: tuple, why: str) -> Job:
+    """A failed job standing for ``row``, which does not read (``why``): it is listed, never run."""
+    id_, kind, _, _, created, updated, _, _, owner, _ = row
+    return Job(id_, str(kind), {}, "failed", *readable_times(created, updated),
+               f"this job {why} in the queue file; it cannot run", [], str(owner))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -225,6 +226,32 @@ def test_listing_or_cancelling_warns_about_a_damaged_queue_once(argv, tmp_path, 
     main(argv)
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and warnings[0].startswith(f"dreamtty: warning: queue: {locations.queue_db()} is damaged")
+
+
+def test_a_row_that_does_not_read_is_listed_failed_and_cancel_goes_past_a_missing_id(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))  # no service runs: the queue is read here
+    store = QueueStore(locations.queue_db())
+    broken, erred, queued = (store.add("generate", {"request": {"prompt": p}}, owner="gone") for p in "abc")
+    store.set_state(erred, "failed", "line one\nline two")
+    with sqlite3.connect(locations.queue_db()) as conn:  # while the store is open, as by another program
+        conn.execute("UPDATE jobs SET created = 'yesterday' WHERE id = ?", (broken,))
+    assert [j.id for j in store.jobs(("queued",))] == [queued] and store.next_queued("gone").id == queued
+    store.close()
+    with sqlite3.connect(locations.queue_db()) as conn:  # unread yet by the next store
+        conn.execute("UPDATE jobs SET state = 'queued', error = NULL WHERE id = ?", (broken,))
+    assert main(["jobs"]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"dreamtty: warning: queue: job {broken} has a time, error or attempt count of the "
+                                f"wrong type in {locations.queue_db()}; marked it failed"]
+    lines = out.splitlines()
+    assert lines[1].split()[:2] == [str(queued), "queued"] and lines[2].split()[:2] == [str(erred), "failed"]
+    assert lines[3].strip() == "line one\\nline two" and lines[4].split()[:2] == [str(broken), "failed"]
+    assert "in the queue file; it cannot run" in lines[5] and len(lines) == 6
+    assert main(["cancel", "99999", str(queued)]) == 2
+    out, err = capsys.readouterr()
+    assert out == f"job {queued} cancelled\n" and err == "dreamtty: job 99999: no such job\n"
+    assert QueueStore(locations.queue_db()).get(queued).state == "cancelled"
 
 
 def test_the_queue_is_private(tmp_path):

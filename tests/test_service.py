@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,35 @@ async def test_queue_survives_restart(db, tmp_path, demo_dirs):
     finals = await _recover_and_run(db, [first, second])
     assert all(isinstance(f, Done) for f in finals)
     assert all(QueueStore(db).get(j).state == "done" for j in (first, second))
+
+
+# column -> a value that does not read, and what the job's error says of it
+_UNREADABLE = {
+    "request": ('{"request": {"prompt": "half', "has a request that is not valid JSON"),
+    "request ": ("[1, 2]", "has a request that is not a JSON object"),
+    "request  ": ('{"request": "a string"}', "has no request"),
+    "outputs": ('{"a": 1}', "has outputs that are not a JSON array"),
+    "created": ("yesterday", "has a time, error or attempt count of the wrong type"),
+    "state": ("bogus", "has kind 'generate' and state 'bogus', not a job's"),
+}
+
+
+async def test_rows_that_do_not_read_fail_and_the_queue_goes_on(db, tmp_path, demo_dirs):
+    """A row edited by hand (or by another program) fails with the reason, said once; the good job runs."""
+    bad = {_planted(db, tmp_path, "gone/3/c"): column for column in _UNREADABLE}
+    good = _planted(db, tmp_path, "gone/3/c")
+    with sqlite3.connect(db) as conn:
+        for job, column in bad.items():
+            conn.execute(f"UPDATE jobs SET {column.strip()} = ? WHERE id = ?", (_UNREADABLE[column][0], job))
+    [done] = await _recover_and_run(db, [good])
+    assert isinstance(done, Done) and len(done.paths) == 1
+    store = QueueStore(db)
+    for job, column in bad.items():
+        listed = store.get(job)
+        assert (listed.state, listed.error) == ("failed", f"this job {_UNREADABLE[column][1]} in the queue file; "
+                                                          "it cannot run")
+    assert store.warnings == []  # said by the service that found them, once
+    assert [j.id for j in store.jobs()] == [good, *sorted(bad, reverse=True)]
 
 
 async def test_recovered_job_resumes_after_its_saved_images(db, tmp_path, demo_dirs):

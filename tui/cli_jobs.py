@@ -22,7 +22,7 @@ from backend.jobkinds.inpaint import MODES, InpaintRequest
 from backend.jobkinds.outpaint import SIDES, OutpaintRequest
 from backend.jobkinds.upscale import SCALES, UpscaleRequest
 from backend.request import DTYPES, MAX_COUNT, SPEEDS, GenerateRequest
-from backend.safetext import visible
+from backend.safetext import one_line, visible
 from backend.samplers import SAMPLERS, SCHEDULES
 from tui.cli_output import Progress, print_warnings
 
@@ -148,18 +148,18 @@ async def follow(client: Client, job_ids: list[int], events, as_json: bool,
                         progress.clear()
                         print(visible(event.path), flush=True)
                     for line in _save_maps(event.path, maps.pop(job_id, [])):
-                        print(f"dreamtty: job {job_id}: {visible(line)}", file=sys.stderr)
+                        print(f"dreamtty: job {job_id}: {one_line(line)}", file=sys.stderr)
                 elif isinstance(event, TextOutput) and not as_json:
                     progress.clear()
                     print(visible(event.text), flush=True)
                 elif isinstance(event, Note):
                     progress.clear()
-                    print(f"dreamtty: job {job_id}: {visible(event.message)}", file=sys.stderr)
+                    print(f"dreamtty: job {job_id}: {one_line(event.message)}", file=sys.stderr)
                 elif isinstance(event, (Failed, Cancelled)):
                     failed += 1
                     progress.clear()
                     line = f"dreamtty: job {job_id} {event.type}: {getattr(event, 'error', '')}".rstrip(": ")
-                    print(visible(line), file=sys.stderr)
+                    print(one_line(line), file=sys.stderr)
     finally:
         progress.clear()
     return (1 if failed else 0), paths

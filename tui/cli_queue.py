@@ -10,7 +10,7 @@ import sys
 import time
 
 from backend.errors import DreamttyError
-from backend.safetext import visible
+from backend.safetext import one_line, visible
 from tui.cli_output import print_warnings
 
 PROMPT_WIDTH = 48  # characters of a prompt shown in the ``jobs`` table
@@ -85,22 +85,25 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         count = f"{len(job.outputs)}/{job.request.get('count', 1)}"
         print(visible(f"{job.id:>6}  {job.state:<10}{job.kind:<10}{when:<17}{count:>6}  {prompt}"))
         if job.error:
-            print(visible(f"{'':>8}{job.error}"))
+            print(f"{'':>8}{one_line(job.error)}")
     return 0
 
 
 async def _cancel(args) -> int:
+    """Cancel each job named; one that is not there or has ended is said, and the rest are still cancelled.
+    Exit 2 when a job is not there, else 1 when one had ended."""
     client = _client(args)
     code = 0
     try:
         for job_id in args.ids:
             if await client.job(job_id) is None:
-                raise DreamttyError(f"job {job_id}: no such job")
-            if await client.cancel(job_id):
+                print(f"dreamtty: job {job_id}: no such job", file=sys.stderr)
+                code = 2
+            elif await client.cancel(job_id):
                 print(f"job {job_id} cancelled")
             else:
                 print(f"dreamtty: job {job_id} is not queued or running", file=sys.stderr)
-                code = 1
+                code = max(code, 1)
     finally:
         await _close(client)
     return code
