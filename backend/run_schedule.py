@@ -24,7 +24,7 @@ from pathlib import Path
 from backend.errors import DreamttyError
 from backend.events import Event, RunState, TrainState
 from backend.devices import parse_devices, visible_gpus
-from backend.queue_store import LEASE_TTL
+from backend.queue_store import LEASE_TTL, is_time, json_column, readable_times
 from backend.training import launch, runs
 
 WAITING, TRAINING, ENDED = "waiting", "training", "ended"
@@ -125,7 +125,7 @@ class RunStore:
 
     def get(self, run_id: int) -> ScheduledRun | None:
         row = self._db.execute(f"SELECT {_SELECT} FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return _run(row) if row else None
+        return self._run(row) if row else None
 
     def runs(self, states: tuple[str, ...] | None = None, owner: str | None = None, limit: int = 200,
              oldest_first: bool = False) -> list[ScheduledRun]:
@@ -139,7 +139,20 @@ class RunStore:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY id {'ASC' if oldest_first else 'DESC'} LIMIT ?"
-        return [_run(row) for row in self._db.execute(sql, [*args, limit]).fetchall()]
+        found = [self._run(row) for row in self._db.execute(sql, [*args, limit]).fetchall()]
+        return [run for run in found if not states or run.state in states]  # a row that did not read has ended
+
+    def _run(self, row: tuple) -> ScheduledRun:
+        """The run of ``row``. A row that does not read as one (edited by hand, or by another program) is
+        ended as failed (once), saying why; the schedule goes on."""
+        try:
+            return _run(row)
+        except ValueError as exc:
+            run = _unreadable(row, str(exc))
+            if (row[4], row[9], row[10]) != (run.state, run.outcome, run.error):
+                self.update(run.id, state=run.state, outcome=run.outcome, error=run.error)
+                log.warning("run %s %s in the queue file; ended it as failed", run.id, exc)
+            return run
 
     def update(self, run_id: int, **values) -> None:
         """Set ``state``, ``pid``, ``outcome`` or ``error``."""
@@ -159,8 +172,23 @@ class RunStore:
 
 
 def _run(row: tuple) -> ScheduledRun:
+    """The run of a ``runs`` row; ValueError saying which column does not read as what it should."""
     id_, path, devices, launcher, state, pid, owner, created, updated, outcome, error = row
-    return ScheduledRun(id_, path, json.loads(devices), launcher, state, pid, owner, created, updated, outcome, error)
+    devices = json_column(devices, "devices that are", list)
+    if not devices or not all(isinstance(device, str) for device in devices):
+        raise ValueError("has no devices")
+    if not (isinstance(path, str) and state in STATES and is_time(created) and is_time(updated)
+            and (pid is None or isinstance(pid, int))
+            and all(value is None or isinstance(value, str) for value in (launcher, outcome, error))):
+        raise ValueError("has a path, state, pid, time or text of the wrong type")
+    return ScheduledRun(id_, path, devices, launcher, state, pid, str(owner), created, updated, outcome, error)
+
+
+def _unreadable(row: tuple, why: str) -> ScheduledRun:
+    """An ended, failed run standing for ``row``, which does not read (``why``): it is listed, never started."""
+    id_, path, _, _, _, _, owner, created, updated, _, _ = row
+    return ScheduledRun(id_, str(path), [], None, ENDED, None, str(owner), *readable_times(created, updated),
+                        "failed", f"this run {why} in the queue file; it cannot start")
 
 
 # -- one service's runs ---------------------------------------------------------------------------
@@ -214,25 +242,25 @@ class TrainingRuns:
             self._waiting_for[run.id] = why
             self._publish(replace(run, waiting_for=why).event())
 
-    def begin(self, run: ScheduledRun, workers: dict[int, str], release: Callable[[int], None]) -> None:
-        """Start ``run`` once ``workers`` (worker id -> device, those on its devices) have freed their pipelines."""
+    def begin(self, run: ScheduledRun, workers: dict[int, str], release: Callable[[int], None]) -> bool:
+        """Start ``run`` once ``workers`` (worker id -> device, those on its devices) have freed their pipelines.
+        True when a run could not start (it ended failed): its devices are free again."""
         self._releasing[run.id] = (set(workers), time.monotonic() + RELEASE_PATIENCE)
         for worker, device in workers.items():
             self.wait(run, f"{device_label(device)}: its worker is freeing its models")
             release(worker)
-        self._launch_ready()
+        return self._launch_ready()
 
-    def released(self, worker: int) -> None:
-        """``worker`` holds no pipeline any more (it freed them, or it was restarted)."""
+    def released(self, worker: int) -> bool:
+        """``worker`` holds no pipeline any more (it freed them, or it was restarted). True as :meth:`begin`."""
         for pending, _ in self._releasing.values():
             pending.discard(worker)
-        self._launch_ready()
+        return self._launch_ready()
 
     def check(self) -> bool:
         """Start the runs whose workers took too long to let go; end those whose trainer is gone.
         True when a run ended (its devices are free again)."""
-        self._launch_ready()
-        ended = False
+        ended = self._launch_ready()
         for run in self.store.runs((TRAINING,), self.owner):
             proc = self._trainers.get(run.id)
             code = proc.poll() if proc is not None else None
@@ -258,24 +286,28 @@ class TrainingRuns:
         return True
 
     # -- internals ---------------------------------------------------------------------------
-    def _launch_ready(self) -> None:
-        now = time.monotonic()
+    def _launch_ready(self) -> bool:
+        """Launch the runs whose workers let go (or took too long); True when one could not start."""
+        now, failed = time.monotonic(), False
         for run_id, (pending, deadline) in list(self._releasing.items()):
             if not pending or now >= deadline:
                 del self._releasing[run_id]
-                self._launch(self.store.get(run_id))
+                failed |= not self._launch(self.store.get(run_id))
+        return failed
 
-    def _launch(self, run: ScheduledRun) -> None:
+    def _launch(self, run: ScheduledRun) -> bool:
+        """Start ``run``'s trainer; False when it cannot start (its folder is gone, ...): the run ends failed."""
         self._waiting_for.pop(run.id, None)
         try:
             proc = launch.start_trainer(Path(run.path), run.launcher, env=trainer_env(run.devices))
-        except DreamttyError as exc:  # start_trainer recorded it in run.json
+        except DreamttyError as exc:  # start_trainer recorded it in run.json where it could
             self._end(run, "failed", str(exc))
-            return
+            return False
         _record(run.path, state="starting")
         self._trainers[run.id] = proc
         self.store.update(run.id, state=TRAINING, pid=proc.pid)
         self._publish(self.store.get(run.id).event())
+        return True
 
     def _trainer_gone(self, run: ScheduledRun, code: int | None) -> None:
         """The run's trainer exited: a run it left "running" failed (it was killed, or crashed)."""

@@ -388,7 +388,9 @@ class Service:
                 continue
             workers = {s.id: d for s in self.slots if (d := self._device_of(s)) in run.devices and self._holds_models(s)}
             slots = {slot.id: slot for slot in self.slots}
-            self.training.begin(run, workers, lambda worker: self.pool.release(slots[worker]))
+            if self.training.begin(run, workers, lambda worker: self.pool.release(slots[worker])):
+                self._dispatch()  # it could not start: its devices are free for the jobs and runs after it
+                return
 
     def _holds_models(self, slot: Slot) -> bool:
         """Whether ``slot``'s worker may hold a pipeline: one it reported, or a job's model since it started
@@ -440,9 +442,9 @@ class Service:
         elif isinstance(event, WorkerModels):
             self._models[event.worker] = event
         self._fanout.publish(event)
-        if isinstance(event, (WorkerReady, WorkerReleased)):  # it holds no pipeline: a run may start on its device
-            self.training.released(event.worker)
-        if isinstance(event, (*FINAL_EVENTS, WorkerReady)):
+        # a worker that holds no pipeline lets a run start on its device; one that cannot start frees it again
+        freed = isinstance(event, (WorkerReady, WorkerReleased)) and self.training.released(event.worker)
+        if freed or isinstance(event, (*FINAL_EVENTS, WorkerReady)):
             self._dispatch()
 
     def _worker_died(self, slot: Slot, job_ids: list[int], why: str) -> None:

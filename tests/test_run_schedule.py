@@ -11,7 +11,9 @@ import asyncio
 import json
 import os
 import shlex
+import shutil
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -209,6 +211,44 @@ async def test_a_trainer_that_dies_fails_its_run_and_frees_the_device(without_wo
     await next_event(events, run_is(waiting.id, TRAINING))
     finish(waiting)
     await next_event(events, run_is(waiting.id, ENDED))
+
+
+async def test_a_waiting_run_whose_folder_was_removed_fails_and_the_next_one_starts(without_workers, tmp_path, photos):
+    service, events = without_workers
+    first = queue_run(service, photos, tmp_path / "first")
+    gone = queue_run(service, photos, tmp_path / "gone")
+    after = queue_run(service, photos, tmp_path / "after")
+    shutil.rmtree(gone.path)
+    finish(first)
+    ended = (await next_event(events, run_is(gone.id, ENDED)))[-1]
+    assert ended.outcome == "failed" and ended.error == f"output: the run folder {gone.path} is gone; nothing was started"
+    await next_event(events, run_is(after.id, TRAINING))
+    finish(after)
+    await next_event(events, run_is(after.id, ENDED))
+    assert not Path(gone.path).exists()  # not made again
+
+
+async def test_a_runs_row_that_does_not_read_ends_failed_and_the_service_starts(tmp_path, photos, demo_dirs):
+    db = tmp_path / "queue.sqlite3"
+    service = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
+    await service.start()
+    bad = [queue_run(service, photos, tmp_path / name) for name in ("devices", "state", "pid")]
+    await service.close()
+    with sqlite3.connect(db) as conn:
+        for run, (column, value) in zip(bad, [("devices", '["cpu'), ("state", "paused"), ("pid", "many")]):
+            conn.execute(f"UPDATE runs SET {column} = ?, owner = 'gone' WHERE id = ?", (value, run.id))
+    service = Service(devices="cpu", db_path=db, recover=True, pool=NoWorkers("cpu", db))
+    await service.start()
+    try:
+        good = queue_run(service, photos, tmp_path / "good")
+        assert good.state == TRAINING
+        ended = [service.training.get(run.id) for run in bad]
+        assert [(r.state, r.outcome) for r in ended] == [(ENDED, "failed")] * 3
+        assert ended[0].error == "this run has devices that are not valid JSON in the queue file; it cannot start"
+        assert ended[1].error.startswith("this run has a path, state, pid, time or text of the wrong type")
+        finish(good)
+    finally:
+        await service.close()
 
 
 def test_devices_of_a_run(monkeypatch):

@@ -6,6 +6,7 @@ session, so closing the TUI or the SSH connection does not stop it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -186,23 +187,24 @@ def start_trainer(run_dir: Path, launcher: str | None = None, log_to_file: bool 
     When it cannot start, the run is marked failed (not left "starting") and RequestError is raised.
     """
     run_dir = Path(run_dir)
+    if not os.path.isdir(run_dir):  # removed while the run waited for its devices
+        raise RequestError("output", f"the run folder {run_dir} is gone; nothing was started")
     env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    log = open(run_dir / runs.LOG_FILE, "ab") if log_to_file else subprocess.DEVNULL
     try:
-        proc = subprocess.Popen(
-            trainer_command(run_dir, launcher), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True, env=env, cwd=run_dir,
-        )
+        with open(run_dir / runs.LOG_FILE, "ab") if log_to_file else contextlib.nullcontext(None) as log:
+            proc = subprocess.Popen(
+                trainer_command(run_dir, launcher), stdin=subprocess.DEVNULL, stdout=log or subprocess.DEVNULL,
+                stderr=log or subprocess.DEVNULL, start_new_session=True, env=env, cwd=run_dir,
+            )
     except (OSError, RequestError) as exc:
         error = exc if isinstance(exc, RequestError) else RequestError("launcher", f"cannot start the trainer: {exc}")
-        runs.update_run_json(run_dir, state="failed", error=str(error), error_kind="input")
+        with contextlib.suppress(OSError):  # a folder that cannot be written: the error is still said
+            runs.update_run_json(run_dir, state="failed", error=str(error), error_kind="input")
         raise error from None
-    finally:
-        if log_to_file:
-            log.close()
-    (run_dir / runs.PID_FILE).write_text(str(proc.pid))
+    with contextlib.suppress(OSError):  # without it the run is still watched through its process
+        (run_dir / runs.PID_FILE).write_text(str(proc.pid))
     return proc
 
 
