@@ -8,7 +8,7 @@ from typing import Iterable
 
 from textual.suggester import Suggester
 
-from backend.safetext import CONTROL, visible
+from backend.safetext import CONTROL
 
 
 class ChoiceSuggester(Suggester):
