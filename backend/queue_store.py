@@ -4,8 +4,8 @@ Each service that queues jobs owns them under a random owner id and renews a lea
 (a heartbeat time in the ``owners`` table). Jobs whose owner's lease ran out (the process was
 killed, whatever became of its pid) are adopted by a recovering service and queued again; they
 resume at their first image not yet saved, since workers record each saved image here at once.
-A queue file that is not a readable database is moved aside (never deleted) and an empty queue
-takes its place; a row that does not read as a job (edited by hand, or by another program) is marked
+A queue file that is not a readable database is moved aside (never deleted) and a new queue with
+the jobs that still read from it takes its place; a row that does not read as a job (edited by hand, or by another program) is marked
 failed with the reason, and the queue goes on.
 """
 
@@ -15,7 +15,9 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,6 +29,8 @@ ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
 LEASE_TTL = 15.0  # seconds without a heartbeat before an owner's jobs may be adopted
 MAX_ID = 2**63 - 1  # SQLite's largest INTEGER: no job (nor run) has a larger id
+SALVAGE_MISSES = 1000  # ids in a row that do not read before the salvage of a damaged queue gives up
+MAX_COPY = 1 << 34  # a damaged queue whose header claims more than this (16 GiB) is read as it is
 
 
 def check_limit(limit: int, what: str) -> int:
@@ -87,9 +91,11 @@ class QueueStore:
             if type(exc) is not sqlite3.DatabaseError:
                 raise
             moved = _move_aside(self.path)
-            self.warnings.append(f"queue: {self.path} is damaged ({exc}); moved it to {moved.name} "
-                                 "and started an empty queue")
-            return _connect(self.path)
+            db = _connect(self.path)
+            kept = _salvage(moved, db)
+            self.warnings.append(f"queue: {self.path} is damaged ({exc}); moved it to {moved.name} and started "
+                                 + (f"a new queue with the {kept} jobs it could read" if kept else "an empty queue"))
+            return db
 
     def close(self) -> None:
         self._db.close()
@@ -248,6 +254,47 @@ def _move_aside(path: Path) -> Path:
     except OSError as exc:
         raise DreamttyError(f"queue: {path} is damaged and cannot be moved aside: {exc.strerror}") from None
     return target
+
+
+def _salvage(damaged: Path, db: sqlite3.Connection) -> int:
+    """Copy the jobs of the ``damaged`` queue file that still read into ``db``, with their ids; how many.
+    It is read from a copy made whole (:func:`_whole_copy`); a row on a page that does not read is stepped
+    over, and after SALVAGE_MISSES ids in a row that do not read the rest is given up."""
+    kept, last, misses = 0, 0, 0
+    with tempfile.TemporaryDirectory(dir=damaged.parent) as folder:
+        try:
+            old = sqlite3.connect(_whole_copy(damaged, Path(folder) / "queue.sqlite3"))
+        except (OSError, sqlite3.Error):
+            return 0
+        with contextlib.closing(old):
+            while misses < SALVAGE_MISSES:
+                try:
+                    for row in old.execute(f"SELECT {_SELECT} FROM jobs WHERE id > ? ORDER BY id", (last,)):
+                        last, misses = row[0], 0
+                        with contextlib.suppress(sqlite3.Error):  # e.g. a NULL where the table wants a value
+                            kept += db.execute(f"INSERT OR IGNORE INTO jobs ({_SELECT}) "
+                                               f"VALUES ({', '.join('?' * len(row))})", row).rowcount
+                    break
+                except sqlite3.OperationalError:  # not a queue of this schema (or no table at all)
+                    break
+                except sqlite3.DatabaseError:  # a damaged page: try past the row after the last one read
+                    last, misses = last + 1, misses + 1
+    return kept
+
+
+def _whole_copy(damaged: Path, copy: Path) -> Path:
+    """``damaged`` (and its -wal) copied to ``copy``, lengthened with zeros to the size its header gives:
+    SQLite reads nothing of a file cut short, but a page of zeros only fails the rows on it."""
+    shutil.copyfile(damaged, copy)
+    with contextlib.suppress(FileNotFoundError):
+        shutil.copyfile(f"{damaged}-wal", f"{copy}-wal")
+    header = copy.read_bytes()[:32] if copy.stat().st_size >= 32 else b""
+    page_size = int.from_bytes(header[16:18], "big") if header else 0
+    page_size = 65536 if page_size == 1 else page_size  # the format writes 65536 as 1
+    pages = int.from_bytes(header[28:32], "big") if header else 0
+    if page_size & (page_size - 1) == 0 and 512 <= page_size and copy.stat().st_size < pages * page_size <= MAX_COPY:
+        os.truncate(copy, pages * page_size)  # a sparse file: the zeros take no disk
+    return copy
 
 
 def _job(row: tuple) -> Job:

@@ -95,6 +95,9 @@ class RemoteClient:
                                                 "start one with dreamtty serve --detach") from None
                         await asyncio.to_thread(start_detached, self._start_options)
                         await self._check_versions()
+                        # what the new service found (a damaged queue file moved aside, ...) is said here
+                        status = await self._request("GET", "/v1/status", quick=True)
+                        self.warnings = [str(w) for w in status.get("warnings") or []]
                 except BaseException:
                     self._drop_http()
                     raise

@@ -74,7 +74,8 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
         for warning in service.store.warnings:  # a damaged queue file moved aside
             announce(visible(f"dreamtty: warning: {warning}"))
         info = {"pid": os.getpid(), "socket": str(files.socket), "listen": options.listen,
-                "idle_exit": options.idle_exit, "log": str(log_path())}
+                "idle_exit": options.idle_exit, "log": str(log_path()),
+                "warnings": service.store.warnings}  # said to the client that started it and by --status
         api = Api(service, token, stop.set, lambda: info)
         runner = web.AppRunner(api.app, handle_signals=False, shutdown_timeout=2.0, access_log=None)
         await runner.setup()

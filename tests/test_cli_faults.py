@@ -188,9 +188,18 @@ def test_damaged_queue_is_moved_aside(damage, tmp_path):
     store = QueueStore(db)
     (moved,) = tmp_path.glob("queue.sqlite3.corrupt-*")
     assert moved.read_bytes() == content
-    reason = "file is not a database" if damage == "garbage" else "database disk image is malformed"
-    assert store.warnings == [f"queue: {db} is damaged ({reason}); moved it to {moved.name} and started an empty queue"]
-    assert store.jobs() == [] and store.add("generate", {}, owner=1) == 1
+    if damage == "garbage":
+        assert store.warnings == [f"queue: {db} is damaged (file is not a database); moved it to {moved.name} and "
+                                  "started an empty queue"]
+        assert store.jobs() == [] and store.add("generate", {}, owner=1) == 1
+    else:  # the jobs on the pages left are kept, with their ids; one cut in half is failed, saying so
+        kept = [job for job in store.jobs() if job.state == "queued"]
+        assert store.warnings[0] == (f"queue: {db} is damaged (database disk image is malformed); moved it to "
+                                     f"{moved.name} and started a new queue with the {len(store.jobs())} jobs it "
+                                     "could read")
+        assert 200 < len(kept) < 250 and kept[-1].id == 1 and all(j.request == {"prompt": "x" * 500} for j in kept)
+        assert all("in the queue file; it cannot run" in j.error for j in store.jobs() if j.state != "queued")
+        assert store.add("generate", {}, owner=1) > kept[0].id
     store.close()
     db.write_bytes(content)
     QueueStore(db).close()

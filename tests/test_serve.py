@@ -602,6 +602,19 @@ def test_generate_starts_a_service_and_ctrl_c_cancels_its_job(dirs):
     assert dirs.files().read_pid_file()["pid"] == info["pid"]  # the service outlives its clients
 
 
+def test_what_a_started_service_finds_damaged_is_said_to_the_client_that_started_it(dirs):
+    db = locations.queue_db()
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b"garbage" * 100)
+    made = cli(dirs, *GENERATE, "--device", "cpu")  # starts the service, which moves the queue aside
+    assert made.returncode == 0, made.stderr
+    (moved,) = db.parent.glob("queue.sqlite3.corrupt-*")
+    said = f"queue: {db} is damaged (file is not a database); moved it to {moved.name} and started an empty queue"
+    assert [line for line in made.stderr.splitlines() if "warning" in line] == [f"dreamtty: warning: {said}"]
+    assert f"warning   {said}" in cli(dirs, "serve", "--status").stdout.splitlines()
+    assert "warning" not in cli(dirs, "jobs").stderr  # a client that did not start it is not told again
+
+
 def test_local_mode_starts_no_service(dirs):
     result = subprocess.run([sys.executable, "-m", "tui.cli", *GENERATE, "--local", "--device", "cpu"],
                             env=dirs.env(), cwd=ROOT, capture_output=True, text=True, timeout=180)

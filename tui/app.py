@@ -127,8 +127,6 @@ class DreamttyApp(App):
         self.set_keymap(self.config.keymap)
         for warning in self.config.warnings:
             notify(self, warning, title="config", severity="warning", timeout=10)
-        for warning in self.client.warnings:  # a damaged queue file was moved aside
-            notify(self, warning, title="queue", severity="warning", timeout=20)
         self.run_worker(self._consume_events(self.client.subscribe()), group="events", name="events")
         # The worker process (it imports torch) starts once the first frame is on the screen.
         self.after_first_frame(self.run_worker, self._start_service, group="service", name="service")
@@ -155,6 +153,9 @@ class DreamttyApp(App):
             notify(self, exc, title="service", severity="error", timeout=30)
             self.job_events.publish(ServiceReady())
             return
+        finally:  # what the queue read here, or a service started for the app, found damaged
+            for warning in self.client.warnings:
+                notify(self, warning, title="queue", severity="warning", timeout=20)
         for job in await self.client.active_jobs():
             self.active.setdefault(job.id, job.state)
         ready = [worker for worker in (await self.client.status())["workers"] if worker["ready"]]

@@ -112,12 +112,14 @@ def request_from_args(args: argparse.Namespace, kind: type[GenerateRequest] = Ge
 async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> tuple[int, list[str]]:
     """Queue ``requests``, follow them to the end; an interrupt (Ctrl-C) cancels them in the queue."""
     client = _client(args)
-    print_warnings(client.warnings)
+    print_warnings(client.warnings)  # the queue read here
+    said = len(client.warnings)
     events = client.subscribe()
     finished = False  # until every job has ended: else (Ctrl-C, an error) they are cancelled
     try:
         job_ids = [await client.submit(r, out) for r in requests]  # validates before any worker starts
         await client.start()
+        print_warnings(client.warnings[said:])  # those of a service started for these jobs
         result = await follow(client, job_ids, events, args.json, getattr(args, "show_preprocessed", False))
         finished = True
     finally:

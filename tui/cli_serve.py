@@ -126,7 +126,8 @@ def format_status(status: dict) -> str:
     lines = [f"service   pid {status['pid']}, up {_duration(status['uptime'])}, dreamtty {status['dreamtty']}, {idle}",
              f"listens   {where}",
              f"queue     {status['queued']} queued, {status['running']} running; {status['streams']} client(s) attached",
-             *worker_lines(status), f"log       {status.get('log')}"]
+             *worker_lines(status), f"log       {status.get('log')}",
+             *(f"warning   {one_line(warning)}" for warning in status.get("warnings") or [])]
     return visible("\n".join(lines))
 
 
