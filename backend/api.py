@@ -23,6 +23,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import WSCloseCode, web
@@ -41,7 +42,8 @@ from backend.versions import versions
 
 MAX_BODY = 1 << 20  # bytes: a request is a few KiB
 PREVIEW_BACKLOG = 64  # events waiting for a slow stream, past which its previews are dropped
-BODY_FIELDS = ("kind", "request", "out")
+BODY_FIELDS = ("kind", "request", "out", "client_ref")
+MAX_REF = 64  # characters of a client_ref
 RUN_FIELDS = ("request", "devices", "launcher", "runs_root")
 METADATA_FIELDS = ("version", "family", "prompt")  # the rest of an image's metadata, ignored
 log = logging.getLogger("dreamtty.api")
@@ -147,12 +149,14 @@ class Api:
         return web.json_response({"jobs": [job.to_dict() for job in jobs]})
 
     async def submit(self, request: web.Request) -> web.Response:
-        job_request, out = await _read_job(request)
+        job_request, out, ref = await _read_job(request)
         prepared = await asyncio.to_thread(self.service.prepare, job_request, out)
+        if ref is not None:  # kept in the job, so a client that lost the answer can find the job
+            prepared = replace(prepared, payload={**prepared.payload, "client_ref": ref})
         return web.json_response({"id": self.service.enqueue(prepared)}, status=201)
 
     async def validate(self, request: web.Request) -> web.Response:
-        job_request, out = await _read_job(request)
+        job_request, out, _ = await _read_job(request)
         resolved, _ = await asyncio.to_thread(self.service.validate, job_request)
         if out is not None:
             await asyncio.to_thread(check_out_dir, out)
@@ -315,11 +319,15 @@ async def _read_object(request: web.Request, allowed: tuple[str, ...], example: 
 
 
 async def _read_job(request: web.Request):
-    """The job a body describes: ``{"kind", "request", "out"}`` (an image's metadata is accepted as is)."""
+    """The job a body describes: ``{"kind", "request", "out", "client_ref"}`` (an image's metadata is accepted as
+    is); returns (request, out, client_ref)."""
     data = await _read_object(request, BODY_FIELDS, '{"kind": "generate", "request": {...}}', METADATA_FIELDS)
     if "request" not in data:
         raise RequestError("request", "missing; give the request's fields as an object")
     kind = data.get("kind", "generate")
     if not isinstance(kind, str):
         raise RequestError("kind", f"expected a name, got {type(kind).__name__}")
-    return jobkinds.get(kind).request(data["request"]), _absolute(data.get("out"), "out")
+    ref = data.get("client_ref")
+    if ref is not None and not (isinstance(ref, str) and 0 < len(ref) <= MAX_REF and ref.isascii() and ref.isprintable()):
+        raise RequestError("client_ref", f"give up to {MAX_REF} printable ASCII characters, got {ref!r:.80}")
+    return jobkinds.get(kind).request(data["request"]), _absolute(data.get("out"), "out"), ref

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -74,6 +75,7 @@ class RemoteClient:
         self._connecting = asyncio.Lock()
         self._lost: DreamttyError | None = None
         self._submitted: list[int] = []
+        self._unanswered: set[str] = set()  # client_refs of submits whose answer did not come
 
     # -- connection --------------------------------------------------------------------
     async def start(self) -> None:
@@ -173,12 +175,17 @@ class RemoteClient:
             self._http = None
 
     async def close(self, cancel_jobs: bool = False) -> None:
+        """Close the session; ``cancel_jobs``: cancel the jobs this client queued, those of a submit whose
+        answer never came (interrupted) too, when the service queued them."""
         if cancel_jobs and self._http is not None:
-            for job_id in self._submitted:
-                try:
+            try:
+                if self._unanswered:
+                    self._submitted += [job.id for job in await self.active_jobs()
+                                        if job.payload.get("client_ref") in self._unanswered]
+                for job_id in self._submitted:
                     await self.cancel(job_id)
-                except DreamttyError:
-                    pass  # the service is gone: the job stays queued for the next one
+            except DreamttyError:
+                pass  # the service is gone: the jobs stay queued for the next one
         if self._stream is not None:
             self._stream.cancel()
             self._stream = None
@@ -220,7 +227,10 @@ class RemoteClient:
     # -- the Client interface -------------------------------------------------------------
     async def submit(self, request: GenerateRequest, out_dir: Path | None = None) -> int:
         out = Path(out_dir or config.load().outputs_dir()).expanduser().absolute()
-        job_id = int((await self._call("POST", "/v1/jobs", _body(request, out)))["id"])
+        ref = uuid.uuid4().hex  # if the answer is lost (Ctrl-C), close finds the job by it
+        self._unanswered.add(ref)
+        job_id = int((await self._call("POST", "/v1/jobs", {**_body(request, out), "client_ref": ref}))["id"])
+        self._unanswered.discard(ref)
         self._submitted.append(job_id)
         return job_id
 

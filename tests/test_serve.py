@@ -314,6 +314,48 @@ async def test_a_client_killed_mid_stream_harms_nothing(service):
     assert status["streams"] == 1  # the follower's own: the killed one's is gone
 
 
+async def test_a_submit_interrupted_before_its_answer_is_cancelled_on_close(service, monkeypatch):
+    """Ctrl-C after the service queued the job but before its id came back: closing with cancel_jobs still
+    finds the job (by the client_ref the submit sent) and cancels it; another client's job goes on."""
+    other = client(service)
+    kept = await other.submit(_request(steps=300), service.out)
+    lost = client(service)
+    answered = RemoteClient._request
+
+    async def interrupted(self, method, path, body=None, quick=False, **params):
+        answer = await answered(self, method, path, body, quick, **params)
+        if method == "POST":
+            raise asyncio.CancelledError  # the job is queued; its id never reaches the caller
+        return answer
+
+    monkeypatch.setattr(RemoteClient, "_request", interrupted)
+    with pytest.raises(asyncio.CancelledError):
+        await lost.submit(_request(steps=300), service.out)
+    monkeypatch.setattr(RemoteClient, "_request", answered)
+    await lost.close(cancel_jobs=True)
+    try:
+        jobs = {job.id: job for job in await other.jobs(3)}
+        (queued,) = [job for job in jobs.values() if job.id != kept]
+        assert queued.state == "cancelled" and len(queued.payload["client_ref"]) == 32
+        assert jobs[kept].state in ("queued", "running")
+        assert (await other.cancel(kept)) is True
+    finally:
+        await other.close()
+
+
+async def test_a_client_ref_that_is_not_a_short_text_is_refused(service):
+    lone = client(service)
+    try:
+        before = await lone.jobs()
+        for ref in ("", "x" * 65, 7, "a\nb", "é"):
+            body = {"kind": "generate", "request": _request().to_dict(), "client_ref": ref}
+            with pytest.raises(DreamttyError, match="^client_ref: give up to 64 printable ASCII characters, got "):
+                await lone._call("POST", "/v1/jobs", body)
+        assert await lone.jobs() == before
+    finally:
+        await lone.close()
+
+
 # -- permissions -------------------------------------------------------------------------
 def test_runtime_files_are_private(service):
     files = service.files()
