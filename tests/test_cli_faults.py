@@ -319,6 +319,25 @@ def test_ctrl_c_cancels_the_job_in_the_queue(tmp_path, demo_dirs):
     assert QueueStore(locations.queue_db()).get(job).state == "cancelled"
 
 
+_WHILE_LOADING = ("import builtins, sys\n"
+                  "load = builtins.__import__\n"
+                  "def interrupted(name, *args, **kwargs):\n"
+                  "    if name == 'backend.samplers' and 'tui.entry' in sys.modules:\n"
+                  "        raise KeyboardInterrupt\n"
+                  "    return load(name, *args, **kwargs)\n"
+                  "builtins.__import__ = interrupted\n")
+_WHILE_PARSING = ("import sys, tui.cli\n"
+                  "tui.cli.parse_args = lambda argv: (_ for _ in ()).throw(KeyboardInterrupt())\n")
+
+
+@pytest.mark.parametrize("setup", [_WHILE_LOADING, _WHILE_PARSING], ids=["loading", "parsing"])
+def test_ctrl_c_while_the_command_loads_is_one_line(setup):
+    """As if Ctrl-C came while ``dreamtty``'s modules load, or while it reads its arguments."""
+    code = setup + "from tui.entry import main\nsys.exit(main())\n"
+    out = subprocess.run([sys.executable, "-c", code, "jobs"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stderr) == (130, "dreamtty: interrupted\n")
+
+
 # -- 8: models pull ---------------------------------------------------------------------------
 @pytest.mark.parametrize("repo", ["a b", "", "../../etc", "a/b/c"])
 def test_pull_refuses_invalid_ids(repo, capsys):

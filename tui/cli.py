@@ -159,8 +159,8 @@ def apply_global_options(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         _check_global_options(args)
         apply_global_options(args)
         if args.command is None:
