@@ -183,7 +183,7 @@ async def test_jobs_from_two_clients_spread_over_both_actors_as_local_files(clus
     for job, events_of_job in zip(jobs, seen):
         paths = [e.path for e in events_of_job if isinstance(e, ImageSaved)]
         assert events_of_job[-1].paths == paths == store.get(job).outputs and len(paths) == 2
-        local = _local_files(store.get(job).payload, store.add("generate", {}, "local"), tmp_path / "local", store)
+        local = _local_files(store.get(job).payload, store.add("generate", store.get(job).payload, "local"), tmp_path / "local", store)
         assert [Path(p).read_bytes() for p in paths] == [Path(p).read_bytes() for p in local]  # pixels and metadata
     status = service.pool.status()
     assert [w["models"] for w in status["workers"]] == [["demo"], ["demo"]]
