@@ -5,8 +5,8 @@ Each service that queues jobs owns them under a random owner id and renews a lea
 killed, whatever became of its pid) are adopted by a recovering service and queued again; they
 resume at their first image not yet saved, since workers record each saved image here at once.
 A queue file that is not a readable database is moved aside (never deleted) and a new queue with
-the jobs that still read from it takes its place; a row that does not read as a job (edited by hand, or by another program) is marked
-failed with the reason, and the queue goes on.
+the jobs that still read from it takes its place; a row that does not read as a job (edited by hand,
+or by another program) is marked failed with the reason, and the queue goes on.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class QueueStore:
         self._jobs(self._db.execute(f"SELECT {_SELECT} FROM jobs WHERE state NOT IN ({_FINAL_SQL})"))
 
     def _open(self) -> sqlite3.Connection:
-        """Connect; a damaged file is moved aside and replaced by an empty queue."""
+        """Connect; a damaged file is moved aside and replaced by a queue of the jobs that still read from it."""
         try:
             return _connect(self.path)
         except sqlite3.DatabaseError as exc:
@@ -261,6 +261,7 @@ def _salvage(damaged: Path, db: sqlite3.Connection) -> int:
     It is read from a copy made whole (:func:`_whole_copy`); a row on a page that does not read is stepped
     over, and after SALVAGE_MISSES ids in a row that do not read the rest is given up."""
     kept, last, misses = 0, 0, 0
+    insert = f"INSERT OR IGNORE INTO jobs ({_SELECT}) VALUES ({', '.join('?' * len(_SELECT.split(',')))})"
     with tempfile.TemporaryDirectory(dir=damaged.parent) as folder:
         try:
             old = sqlite3.connect(_whole_copy(damaged, Path(folder) / "queue.sqlite3"))
@@ -272,8 +273,7 @@ def _salvage(damaged: Path, db: sqlite3.Connection) -> int:
                     for row in old.execute(f"SELECT {_SELECT} FROM jobs WHERE id > ? ORDER BY id", (last,)):
                         last, misses = row[0], 0
                         with contextlib.suppress(sqlite3.Error):  # e.g. a NULL where the table wants a value
-                            kept += db.execute(f"INSERT OR IGNORE INTO jobs ({_SELECT}) "
-                                               f"VALUES ({', '.join('?' * len(row))})", row).rowcount
+                            kept += db.execute(insert, row).rowcount
                     break
                 except sqlite3.OperationalError:  # not a queue of this schema (or no table at all)
                     break
@@ -288,10 +288,11 @@ def _whole_copy(damaged: Path, copy: Path) -> Path:
     shutil.copyfile(damaged, copy)
     with contextlib.suppress(FileNotFoundError):
         shutil.copyfile(f"{damaged}-wal", f"{copy}-wal")
-    header = copy.read_bytes()[:32] if copy.stat().st_size >= 32 else b""
-    page_size = int.from_bytes(header[16:18], "big") if header else 0
+    with open(copy, "rb") as file:
+        header = file.read(32).ljust(32, b"\0")  # a file shorter than its header claims no size
+    page_size = int.from_bytes(header[16:18], "big")
     page_size = 65536 if page_size == 1 else page_size  # the format writes 65536 as 1
-    pages = int.from_bytes(header[28:32], "big") if header else 0
+    pages = int.from_bytes(header[28:32], "big")
     if page_size & (page_size - 1) == 0 and 512 <= page_size and copy.stat().st_size < pages * page_size <= MAX_COPY:
         os.truncate(copy, pages * page_size)  # a sparse file: the zeros take no disk
     return copy
