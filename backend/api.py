@@ -118,8 +118,8 @@ class Api:
         except NotFound as exc:
             return _error(404, str(exc))
         except DreamttyError as exc:
-            field, message = _field_of(exc)
-            response = _error(400, str(exc), field=field, message=message)
+            field, message, line = _field_of(exc)
+            response = _error(400, line, field=field, message=message)
             if request.content.exception() is not None:  # a body that could not be read: the connection ends
                 response.force_close()
             return response
@@ -287,13 +287,15 @@ def _digits(text: str, field: str) -> int:
     return int(text)
 
 
-def _field_of(exc: DreamttyError) -> tuple[str, str]:
-    """The field an error names and its message: a RequestError's own, else the ``field: message``
-    its line starts with (``request`` when it names none)."""
-    if isinstance(exc, RequestError):
-        return exc.field, exc.message
-    field, sep, message = str(exc).partition(": ")
-    return (field, message) if sep and field and " " not in field else ("request", str(exc))
+def _field_of(exc: DreamttyError) -> tuple[str, str, str]:
+    """The JSON key an error is about, its message and its line: a RequestError's own, else the
+    ``field: message`` its line starts with (``request`` when it names none)."""
+    if not isinstance(exc, RequestError):
+        field, sep, message = str(exc).partition(": ")
+        if not (sep and field and " " not in field):
+            return "request", str(exc), str(exc)
+        exc = RequestError(field, message)
+    return exc.json_key, exc.message, f"{exc.json_key}: {exc.message}"
 
 
 async def _read_object(request: web.Request, allowed: tuple[str, ...], example: str,

@@ -8,12 +8,28 @@ class DreamttyError(Exception):
 
 
 class RequestError(DreamttyError, ValueError):
-    """A request field holds a value that is not allowed."""
+    """A request field holds a value that is not allowed.
+
+    ``field`` is named as the CLI flag is: ``lora``, ``image_prompt`` and ``device`` are given once per
+    item. :attr:`json_key` is the request key that holds them, as the HTTP API names it.
+    """
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field
         self.message = message
         super().__init__(f"{field}: {message}")
+
+    @property
+    def json_key(self) -> str:
+        return _JSON_KEYS.get(self.field, self.field)
+
+    @classmethod
+    def from_json_key(cls, key: str, message: str) -> RequestError:
+        """The error an API answer names by its JSON key, with the field as the CLI names it."""
+        return cls(next((field for field, k in _JSON_KEYS.items() if k == key), key), message)
+
+
+_JSON_KEYS = {"lora": "loras", "image_prompt": "image_prompts", "device": "devices"}
 
 
 class ModelError(DreamttyError):

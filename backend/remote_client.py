@@ -218,7 +218,7 @@ class RemoteClient:
             if not isinstance(data, dict):
                 raise DreamttyError(f"service: HTTP {status}")
             if data.get("field"):
-                raise RequestError(str(data["field"]), str(data.get("message")))
+                raise RequestError.from_json_key(str(data["field"]), str(data.get("message")))
             raise DreamttyError(str(data.get("error") or f"HTTP {status}"))
         if not isinstance(data, dict):
             raise DreamttyError(f"service: {self.address}: {method} {path} answered no JSON object")

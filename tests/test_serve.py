@@ -25,7 +25,7 @@ from aiohttp import web
 
 from backend import locations
 from backend.api import Api, peer_uid
-from backend.errors import DreamttyError
+from backend.errors import DreamttyError, RequestError
 from backend.events import Done, ImageSaved, Queued, Started, Step
 from backend.remote_client import Address, RemoteClient
 from backend.queue_store import QueueStore
@@ -255,6 +255,10 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
             status, body = await post(json.dumps({"request": request, "out": "/proc/nope"}).encode())
             assert status == 400 and body["error"] == f"{body['field']}: {body['message']}", body
             assert body["field"] == ("model" if request else "out")
+        for request, key in (({"loras": [["a", 5]]}, "loras"), ({"image_prompts": [{"path": "/no/such.png"}]},
+                                                                   "image_prompts")):  # the JSON key, not --lora
+            status, body = await post(json.dumps({"request": request}).encode())
+            assert status == 400 and body["field"] == key and body["error"] == f"{key}: {body['message']}", body
         for route in ("validate", "jobs"):  # validate refuses what submit refuses
             async with http.post(f"http://dreamtty/v1/{route}", json={"request": {}, "out": "/proc/nope"}) as r:
                 assert r.status == 400 and (await r.json())["field"] == "out"
@@ -822,3 +826,14 @@ def test_requests_it_cannot_parse_write_no_tracebacks(service):
     time.sleep(0.5)
     grown = b"".join(p.read_bytes()[size:] for p, size in logs.items())
     assert logs and b"Traceback" not in grown and b"Error handling request" not in grown, grown[-2000:]
+
+
+async def test_a_client_names_the_field_as_the_cli_does(service):
+    """The API answers ``loras``; the client raises the error for ``lora`` (--lora), as a local run does."""
+    remote = client(service)
+    try:
+        with pytest.raises(RequestError) as refused:
+            await remote.submit(_request(loras=[("a", 5.0)]))
+        assert refused.value.field == "lora" and str(refused.value).startswith("lora: ")
+    finally:
+        await remote.close()

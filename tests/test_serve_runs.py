@@ -109,14 +109,14 @@ async def test_run_routes_refuse_bad_input_in_one_line(service, tmp_path):
         for body, field in (({"request": settings, "gpu": 1}, "gpu"), ({}, "request"),
                             ({"request": {**settings, "rankk": 4}}, "rankk"),
                             ({"request": {**settings, "instance_dir": str(tmp_path / "none")}}, "instance_dir"),
-                            ({"request": settings, "devices": "gpu"}, "device"),
+                            ({"request": settings, "devices": "gpu"}, "devices"),
                             ({"request": settings, "devices": 3}, "devices"),
                             ({"request": settings, "runs_root": "relative"}, "runs_root"),
                             ({"request": settings, "runs_root": "/tmp/a\0b"}, "runs_root"),
                             ({"request": {**settings, "instance_dir": "photos"}}, "instance_dir"),  # the service's cwd
                             ({"request": {**settings, "output": "run"}}, "output"),
                             ({"request": {**settings, "output": str(tmp_path / "r\0")}}, "output"),
-                            ({"request": settings, "devices": "cuda:99"}, "device")):
+                            ({"request": settings, "devices": "cuda:99"}, "devices")):
             status, answer = await post(body)
             assert status == 400 and answer["field"] == field and "\n" not in answer["error"], (body, answer)
         async with http.get("http://dreamtty/v1/runs/999") as r:
