@@ -170,9 +170,10 @@ class Api:
 
     async def image(self, request: web.Request) -> web.StreamResponse:
         job = self._job(request)
-        n = _digits(request.match_info["n"], "image")
+        text = request.match_info["n"]
+        n = _digits(text, "image")
         if not 0 <= n < len(job.outputs):
-            raise NotFound(f"job {job.id}: no image {n} (it has {len(job.outputs)})")
+            raise NotFound(f"job {job.id}: no image {text} (it has {len(job.outputs)})")
         path = Path(job.outputs[n])
         if not path.is_file():
             raise NotFound(f"job {job.id}: image {n} is no longer at {path}")
@@ -254,10 +255,11 @@ class Api:
 
 def _found(request: web.Request, what: str, get: Callable[[int], object]):
     """The job or run the route's ``{id}`` names; NotFound (404) when there is none."""
-    key = _digits(request.match_info["id"], what)
+    text = request.match_info["id"]
+    key = _digits(text, what)
     found = get(key) if key <= MAX_ID else None
     if found is None:
-        raise NotFound(f"{what} {key}: no such {what}")
+        raise NotFound(f"{what} {text}: no such {what}")
     return found
 
 
@@ -281,10 +283,12 @@ def _absolute(value: object, field: str) -> Path | None:
 
 def _digits(text: str, field: str) -> int:
     """A number in a route's path or query (an id, an image, a limit): ASCII digits only, not the
-    ``+``, spaces, ``_`` or other scripts' digits that ``int`` would take."""
+    ``+``, spaces, ``_`` or other scripts' digits that ``int`` would take. A number past MAX_ID reads
+    as MAX_ID + 1 (no id, image or limit goes that far), without ``int`` reading thousands of digits."""
     if not (text.isascii() and text.isdigit()):
         raise RequestError(field, f"{text!r} is not a whole number of digits 0-9")
-    return int(text)
+    significant = text.lstrip("0")
+    return int(significant or "0") if len(significant) <= len(str(MAX_ID)) else MAX_ID + 1
 
 
 def _field_of(exc: DreamttyError) -> tuple[str, str, str]:

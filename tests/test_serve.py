@@ -278,7 +278,7 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
 
 
 async def test_ids_and_limits_are_ascii_digits_in_range(service):
-    huge = "99999999999999999999"
+    huge, past_int = "99999999999999999999", "9" * 5000  # past_int: more digits than int() reads
     async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(service.files().socket))) as http:
         async def call(method: str, path: str) -> tuple[int, dict]:
             async with http.request(method, "http://dreamtty" + path) as r:
@@ -286,14 +286,21 @@ async def test_ids_and_limits_are_ascii_digits_in_range(service):
 
         for method, path, what, key in (("GET", "/v1/jobs/{}", "job", huge), ("GET", "/v1/jobs/{}", "job", str(2**63)),
                                         ("POST", "/v1/jobs/{}/cancel", "job", huge), ("GET", "/v1/runs/{}", "run", huge),
-                                        ("POST", "/v1/runs/{}/stop", "run", huge)):
+                                        ("POST", "/v1/runs/{}/stop", "run", huge), ("GET", "/v1/jobs/{}", "job", past_int),
+                                        ("POST", "/v1/runs/{}/stop", "run", past_int)):
             assert await call(method, path.format(key)) == (404, {"error": f"{what} {key}: no such {what}"})
+        async with http.post("http://dreamtty/v1/jobs", json={"request": {"model": "demo", "steps": 2}}) as r:
+            job = (await r.json())["id"]
+        status, body = await call("GET", f"/v1/jobs/{job}/images/{past_int}")
+        assert status == 404 and body["error"] == f"job {job}: no image {past_int} (it has 0)"
+        await call("POST", f"/v1/jobs/{job}/cancel")
         for odd in ("+1", "%201", "%D9%A1", "1_0", "-1"):
             status, body = await call("GET", f"/v1/jobs/{odd}")
             assert status == 400 and body["field"] == "job", (odd, body)
         for what in ("jobs", "runs"):
-            status, body = await call("GET", f"/v1/{what}?limit={huge}")
-            assert status == 400 and body["field"] == "limit" and "out of range" in body["error"]
+            for limit in (huge, past_int):
+                status, body = await call("GET", f"/v1/{what}?limit={limit}")
+                assert status == 400 and body["field"] == "limit" and "out of range" in body["error"]
             assert (await call("GET", f"/v1/{what}?limit=+5"))[1]["field"] == "limit"
 
 
