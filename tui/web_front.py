@@ -4,19 +4,24 @@ browser tab, behind the service's token.
 textual-serve has no authentication of its own, and whoever reaches the page runs dreamtty as you.
 So every request must carry the token (``<state dir>/serve.token``, as for ``dreamtty serve
 --listen``): the address ``dreamtty web`` prints holds it as ``?token=``, which the page trades for
-a cookie (HttpOnly, SameSite=Strict) while the address bar drops it; scripts may send it as a
-bearer header. WebSocket upgrades must come from a page of the same origin. The check sits in front
-of every route, on loopback too: other users of the machine reach loopback as well.
+a cookie (HttpOnly, SameSite=Strict, Secure behind TLS) while the address bar drops it; scripts may
+send it as a bearer header. The cookie holds a key derived from the token, not the token: browsers
+send a host's cookies to each of its ports, and the key opens this page, not the service's API.
+WebSocket upgrades must come from a page of the same origin. The check sits in front of every
+route, on loopback too: other users of the machine reach loopback as well.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from textual_serve.server import Server
 
 from backend.service_files import bearer_ok, token_matches
+from backend.service_log import quiet_client_faults
 
 COOKIE = "dreamtty_token"
 UNAUTHORIZED = "unauthorized: open the address that dreamtty web printed (it carries ?token=...)\n"
@@ -28,6 +33,7 @@ class WebFront(Server):
     def __init__(self, command: str, host: str, port: int, token: str) -> None:
         super().__init__(command, host=host, port=port, title="dreamtty")
         self.token = token
+        self.cookie = hmac.new(token.encode(), b"dreamtty web cookie", hashlib.sha256).hexdigest()
 
     async def _make_app(self) -> web.Application:
         app = await super()._make_app()
@@ -36,14 +42,11 @@ class WebFront(Server):
 
     @web.middleware
     async def _guard(self, request: web.Request, handler):
+        if token_matches(request.query.get("token"), self.token):
+            return self._trade(request)
         if not (bearer_ok(request.headers.get("Authorization", ""), self.token)
-                or token_matches(request.cookies.get(COOKIE), self.token)):
-            if not token_matches(request.query.get("token"), self.token):
-                return web.Response(status=401, text=UNAUTHORIZED)
-            kept = {key: value for key, value in request.query.items() if key != "token"}
-            response = web.HTTPFound(request.rel_url.with_query(kept))
-            response.set_cookie(COOKIE, self.token, httponly=True, samesite="Strict", path="/")
-            return response
+                or token_matches(request.cookies.get(COOKIE), self.cookie)):
+            return web.Response(status=401, text=UNAUTHORIZED)
         if request.path == "/ws" and not web.WebSocketResponse().can_prepare(request).ok:
             return web.Response(status=400, text="bad request: /ws is the page's WebSocket; open the page instead\n")
         origin = request.headers.get("Origin")
@@ -51,16 +54,30 @@ class WebFront(Server):
             return web.Response(status=403, text="forbidden: the page is not from this server\n")
         return await handler(request)
 
+    def _trade(self, request: web.Request) -> web.Response:
+        """The cookie for a ``?token=`` address, and the same address without the token. The path
+        keeps one leading slash: ``//host`` or ``/\\host`` would send the browser to another site."""
+        kept = {key: value for key, value in request.query.items() if key != "token"}
+        response = web.HTTPFound("/" + str(request.rel_url.with_query(kept)).lstrip("/\\"))
+        response.set_cookie(COOKIE, self.cookie, httponly=True, samesite="Strict", path="/",
+                            secure=_scheme(request) == "https")
+        return response
+
     async def handle_index(self, request: web.Request) -> web.Response:
         # The page names the address the browser used: textual-serve writes ``public_url`` into it,
         # with nothing awaited between setting and reading it.
-        scheme = "https" if request.headers.get("X-Forwarded-Proto") == "https" else request.scheme
-        self.public_url = f"{scheme}://{request.host}"
+        self.public_url = f"{_scheme(request)}://{request.host}"
         return await super().handle_index(request)
 
     async def on_startup(self, app: web.Application) -> None:
         """Quiet: ``dreamtty web`` already said where the page is."""
 
     def run(self) -> None:
-        """Serve until Ctrl-C (or SIGTERM)."""
+        """Serve until Ctrl-C (or SIGTERM); a client's malformed request is not a traceback on stderr."""
+        quiet_client_faults()
         web.run_app(self._make_app(), host=self.host, port=self.port, print=None, access_log=None)
+
+
+def _scheme(request: web.Request) -> str:
+    """``https`` behind a TLS proxy (``X-Forwarded-Proto``), else the connection's own."""
+    return "https" if request.headers.get("X-Forwarded-Proto") == "https" else request.scheme

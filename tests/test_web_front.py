@@ -1,0 +1,80 @@
+"""The token check in front of ``dreamtty web`` (tui/web_front.py), without a browser or a service:
+what the address trades for, where it sends the browser, and what the cookie opens."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from yarl import URL
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("textual_serve") is None,
+                                reason="needs textual-serve (pip install -e '.[test]')")
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+async def server():
+    from tui.web_front import WebFront
+
+    web_front = WebFront("true", "127.0.0.1", 0, TOKEN)
+    test_server = TestServer(await web_front._make_app(), host="127.0.0.1")
+    await test_server.start_server()
+    test_server.web_front = web_front
+    yield test_server
+    await test_server.close()
+
+
+@pytest.fixture
+async def front(server):
+    async with aiohttp.ClientSession(base_url=server.make_url("/")) as http:
+        yield server.web_front, http
+
+
+async def test_the_token_address_becomes_a_cookie_that_is_not_the_token(front):
+    web_front, http = front
+    async with http.get("/?token=" + TOKEN + "&a=1", allow_redirects=False) as r:
+        assert r.status == 302 and r.headers["Location"] == "/?a=1"
+        cookie = r.cookies["dreamtty_token"]
+    assert cookie.value == web_front.cookie != TOKEN and cookie["httponly"] and cookie["samesite"] == "Strict"
+    assert not cookie["secure"]
+    async with http.get("/", headers={"Cookie": f"dreamtty_token={web_front.cookie}"}) as r:
+        assert r.status == 200 and TOKEN not in await r.text()
+    for refused in ({"Cookie": f"dreamtty_token={TOKEN}"}, {"Authorization": f"Bearer {web_front.cookie}"}, {}):
+        async with http.get("/", headers=refused) as r:
+            assert r.status == 401, refused
+
+
+async def test_a_token_address_opened_again_still_drops_the_token(front):
+    web_front, http = front
+    async with http.get("/?token=" + TOKEN, allow_redirects=False,
+                        headers={"Cookie": f"dreamtty_token={web_front.cookie}"}) as r:
+        assert r.status == 302 and r.headers["Location"] == "/"
+
+
+@pytest.mark.parametrize("path", ["//evil.example/", "/\\evil.example", "/\\/evil.example/x"])
+async def test_the_trade_never_sends_the_browser_to_another_site(server, path):
+    url = URL(f"http://{server.host}:{server.port}{path}?token={TOKEN}", encoded=True)  # the path as it is
+    async with aiohttp.ClientSession() as http, http.get(url, allow_redirects=False) as r:
+        location = r.headers["Location"]
+    assert r.status == 302 and location.startswith("/") and location[1:2] not in ("/", "\\"), location
+
+
+async def test_the_cookie_is_secure_behind_a_tls_proxy(front):
+    _, http = front
+    async with http.get("/?token=" + TOKEN, allow_redirects=False, headers={"X-Forwarded-Proto": "https"}) as r:
+        assert r.cookies["dreamtty_token"]["secure"]
+
+
+async def test_a_malformed_request_writes_no_traceback(front, caplog, monkeypatch):
+    web_front, http = front
+    monkeypatch.setattr(logging.getLogger("aiohttp.server"), "filters", [])  # none left by another test
+    monkeypatch.setattr("aiohttp.web.run_app", lambda app, **options: app.close())  # run() up to serving
+    web_front.run()
+    with caplog.at_level(logging.DEBUG, logger="aiohttp.server"):
+        async with http.get("/", headers={"Cookie": "x=" + "y" * 9000}) as r:  # past aiohttp's 8190-byte field
+            assert r.status == 400
+    assert "Traceback" not in caplog.text and not any(rec.exc_info for rec in caplog.records)
