@@ -58,6 +58,7 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
     from aiohttp import web
 
     from backend.api import Api
+    from backend.http_server import listen_tcp, make_runner
     from backend.service import Service
 
     files = ServiceFiles.default()
@@ -67,6 +68,7 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
     stop = asyncio.Event()
     service: Service | None = None
     runner: web.AppRunner | None = None
+    tcp: asyncio.Server | None = None
     try:
         address = parse_listen(options.listen) if options.listen else None
         token = make_token() if address else None
@@ -77,7 +79,7 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
                 "idle_exit": options.idle_exit, "log": str(log_path()),
                 "warnings": service.store.warnings}  # said to the client that started it and by --status
         api = Api(service, token, stop.set, lambda: info)
-        runner = web.AppRunner(api.app, handle_signals=False, shutdown_timeout=2.0, access_log=None)
+        runner = make_runner(api.app)
         await runner.setup()
         await service.start()
         umask = os.umask(0o177)  # the socket is born 0600: no moment when others may connect
@@ -87,7 +89,7 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
             os.umask(umask)
         if address:
             try:
-                await web.TCPSite(runner, *address).start()
+                tcp = await listen_tcp(runner, *address)
             except OSError as exc:
                 raise DreamttyError(f"listen: cannot listen on {options.listen}: {exc.strerror or exc}") from None
         files.write_pid_file({**info, "started": service.started})
@@ -105,6 +107,8 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
             task.cancel()
         announce("dreamtty: service stopping; queued and running jobs stay queued for the next start")
     finally:
+        if tcp is not None:
+            tcp.close()
         if runner is not None:
             await runner.cleanup()
         if service is not None and service.started is not None:

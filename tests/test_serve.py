@@ -26,6 +26,7 @@ from aiohttp import web
 from backend import locations
 from backend.api import Api, peer_uid
 from backend.errors import DreamttyError, RequestError
+from backend.http_server import BUSY, MAX_CONNECTIONS
 from backend.events import Done, ImageSaved, Queued, Started, Step
 from backend.remote_client import Address, RemoteClient
 from backend.queue_store import QueueStore
@@ -436,6 +437,20 @@ async def test_another_user_is_refused(dirs, tmp_path):
         shutil.rmtree(open_dir)
 
 
+def _busy(port: int, within: float = 30.0) -> bool:
+    """Whether a connection to ``port`` is answered BUSY and closed, once the service has accepted
+    the connections made before (it takes them from the backlog at its own pace)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as late:
+            try:
+                if b"".join(iter(lambda: late.recv(4096), b"")) == BUSY:
+                    return True
+            except TimeoutError:  # accepted as one more: the service had not taken them all yet
+                pass
+    return False
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -475,6 +490,13 @@ async def test_tcp_needs_the_token_and_says_nothing_else(dirs):
         assert result.returncode == 2
         assert result.stderr.strip() == "dreamtty: service: unauthorized (the token is wrong or missing: DREAMTTY_TOKEN)"
         assert serve.proc.poll() is None  # the refused shutdown did nothing
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS)]  # no token, no request
+        try:
+            assert _busy(port)  # told, and hung up on
+            assert cli(dirs, "jobs", "--json").returncode == 0  # the owner's socket still answers
+        finally:
+            for raw in held:
+                raw.close()
     finally:
         serve.stop()
 

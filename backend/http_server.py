@@ -1,0 +1,48 @@
+"""The service's HTTP server (aiohttp): how long a connection may wait, and how many TCP ones it holds.
+
+aiohttp keeps a connection that has not sent a whole request for an hour by default, and accepts
+connections until the process runs out of file descriptors. Anyone who reaches a ``--listen``
+port could then hold enough half-sent requests, with no token, that the owner's Unix socket,
+the queue file and the workers' pipes can no longer be opened. Here a connection has
+:data:`KEEPALIVE` seconds to send its first request (aiohttp counts from the connection, not from
+its last byte, so sending slowly does not extend it) and to idle between requests; and the TCP
+listener answers ``503`` past :data:`MAX_CONNECTIONS` open connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+KEEPALIVE = 60.0  # seconds; the CLI and the TUI send a request as soon as they connect
+MAX_CONNECTIONS = 256  # open at once (the Unix socket's and event streams included), well under 1024 descriptors
+_BUSY_BODY = b'{"error": "busy: too many open connections"}\n'
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The runner of the service's ``app``: no signal handlers of its own, no access log."""
+    return web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0, access_log=None,
+                         keepalive_timeout=KEEPALIVE)
+
+
+async def listen_tcp(runner: web.AppRunner, host: str, port: int, limit: int = MAX_CONNECTIONS) -> asyncio.Server:
+    """``runner``'s app on ``host:port``; a connection past ``limit`` open ones is answered 503 and closed.
+    The caller closes the listener before ``runner.cleanup()`` (which ends the connections)."""
+    server = runner.server
+    assert server is not None, "runner.setup() first"
+
+    def connection() -> asyncio.BaseProtocol:
+        return server() if len(server.connections) < limit else _Busy()
+
+    return await asyncio.get_running_loop().create_server(connection, host, port)
+
+
+class _Busy(asyncio.Protocol):
+    """Says 503 and hangs up."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(BUSY)
+        transport.close()

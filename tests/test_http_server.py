@@ -1,0 +1,73 @@
+"""The service's HTTP server (backend/http_server.py): a cap on open TCP connections, and a time
+limit on a connection that does not send its request, on a small app in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from backend import http_server
+
+
+async def _hello(request: web.Request) -> web.Response:
+    return web.json_response({"hello": 1})
+
+
+@pytest.fixture
+async def runner(monkeypatch):
+    monkeypatch.setattr(http_server, "KEEPALIVE", 1.0)
+    app = web.Application()
+    app.router.add_get("/", _hello)
+    runner = http_server.make_runner(app)
+    await runner.setup()
+    yield runner
+    await runner.cleanup()
+
+
+async def _get(port: int) -> int:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/") as r:
+        return r.status
+
+
+async def test_past_the_cap_a_connection_is_told_busy_and_closed(runner):
+    tcp = await http_server.listen_tcp(runner, "127.0.0.1", 0, limit=3)
+    port = tcp.sockets[0].getsockname()[1]
+    try:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]  # silent: no request
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        answer = await asyncio.wait_for(reader.read(), 5)  # the server closes it
+        writer.close()
+        assert answer == http_server.BUSY and answer.startswith(b"HTTP/1.1 503 ")
+        assert answer.endswith(b"\r\n\r\n" + b'{"error": "busy: too many open connections"}\n')
+        held.pop()[1].close()
+        await asyncio.sleep(0.1)
+        assert await _get(port) == 200  # a place came free
+    finally:
+        for _, writer in held:
+            writer.close()
+        tcp.close()
+
+
+async def test_a_connection_that_trickles_its_request_is_closed_after_the_keepalive(runner):
+    tcp = await http_server.listen_tcp(runner, "127.0.0.1", 0)
+    port = tcp.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        hung_up = asyncio.create_task(reader.read())  # b"" once the server closes the connection
+        began = time.monotonic()
+        for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 100:  # a byte at a time, never the end
+            if hung_up.done() or time.monotonic() - began > 10:
+                break
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.1)
+        assert hung_up.done() and await hung_up == b""
+        assert 0.9 < time.monotonic() - began < 3  # KEEPALIVE is 1 s here
+        writer.close()
+        assert await _get(port) == 200
+    finally:
+        tcp.close()
