@@ -327,3 +327,23 @@ def test_report_to_tensorboard_logs_the_loss_curve(photos, tmp_path):
     scalars = _tensorboard_scalars(run_dir / "logs")
     assert scalars["loss"] == pytest.approx(_losses(run_dir), rel=1e-6)
     assert sorted(scalars["lr"]) == [1, 2, 3] and set(scalars["prior_loss"]) == {1, 2, 3}
+
+
+def test_a_stop_asked_while_the_model_loads_stops_after_the_first_step(photos, tmp_path):
+    prepared = prepare_run(_request(photos, tmp_path / "r", max_steps=4, checkpoint_every=4))
+    (prepared.run_dir / runs.STOP_FILE).touch()  # Ctrl-C before the trainer reached its first step
+    assert train(prepared.request, prepared.run_dir) == "stopped"
+    data = runs.read_run_json(prepared.run_dir)
+    assert data["state"] == "stopped" and data["step"] == 1
+    assert [p.name for p in (prepared.run_dir / runs.CHECKPOINTS).iterdir()] == ["checkpoint-1"]
+
+
+def test_a_relative_resume_path_is_the_same_checkpoint_from_the_trainers_folder(photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = _run(_request(photos, "run", max_steps=2, checkpoint_every=1, keep_checkpoints=2))
+    prepared = prepare_run(_request(photos, "run", max_steps=3, checkpoint_every=1, resume="run/checkpoints/checkpoint-1"))
+    assert prepared.request.resume == str(first / "checkpoints" / "checkpoint-1")
+    monkeypatch.chdir(prepared.run_dir)  # where the trainer process runs
+    assert train(prepared.request, prepared.run_dir) == "done"
+    resumed = [e for e in _events(first) if isinstance(e, TrainResume)]
+    assert resumed and resumed[-1].step == 1

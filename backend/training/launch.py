@@ -149,8 +149,9 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> Prepare
     try:
         previous = _previous_run(run_dir, req)
         warnings += _check_resume(req, run_dir, previous, ref.family)
-        req = replace(req, output=str(run_dir.resolve()),
-                      instance_dir=str(Path(req.instance_dir).expanduser().resolve()))
+        checkpoint = resume_checkpoint(run_dir, req.resume) if req.resume not in (None, "latest") else None
+        req = replace(req, output=str(run_dir.resolve()), instance_dir=str(Path(req.instance_dir).expanduser().resolve()),
+                      resume=str(checkpoint.resolve()) if checkpoint else req.resume)  # the trainer runs in run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / runs.STOP_FILE).unlink(missing_ok=True)
         (run_dir / runs.PID_FILE).unlink(missing_ok=True)

@@ -464,8 +464,7 @@ def train(req: TrainRequest, run_dir: Path, events: runs.EventWriter | None = No
     events = events or runs.EventWriter(run_dir)
     trainer = DreamBoothTrainer(req, run_dir, events, should_stop)
     events.enabled = events.enabled and trainer.main
-    if trainer.main:
-        (run_dir / runs.STOP_FILE).unlink(missing_ok=True)
+    if trainer.main:  # a STOP made while the model loaded stays (prepare_run removed any older one)
         runs.update_run_json(run_dir, state="running", pid=os.getpid(), error=None, error_kind=None)
     events(TrainState(state="running", max_steps=req.max_steps, device=str(trainer.device),
                       processes=trainer.acc.num_processes, mixed_precision=trainer.acc.mixed_precision))
