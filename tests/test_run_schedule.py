@@ -15,6 +15,7 @@ import shutil
 import signal
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from PIL import Image
 
 from backend import devices as devices_module
 from backend.events import Cancelled, Done, Note, RunState, Started, Step, WorkerReady, WorkerReleased
+from backend.queue_store import LEASE_TTL, QueueStore
 from backend.request import GenerateRequest
 from backend.run_schedule import ENDED, TRAINING, WAITING, resolve_devices, trainer_env
 from backend.service import Service
@@ -178,6 +180,30 @@ async def test_a_restarted_service_takes_over_a_live_trainer_and_starts_the_wait
     finally:
         if runs.pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_live_trainer_of_a_killed_service_holds_its_device_before_it_is_adopted(tmp_path, photos, demo_dirs):
+    """kill -9 leaves the service's lease fresh for LEASE_TTL: its trainer still holds the device meanwhile."""
+    db = tmp_path / "queue.sqlite3"
+    killed = Service(devices="cpu", db_path=db, recover=True, pool=NoWorkers("cpu", db))
+    await killed.start()
+    live = queue_run(killed, photos, tmp_path / "live")
+    await killed.close()
+    QueueStore(db).renew_lease(killed.owner, time.time() - LEASE_TTL + 6)  # it died without a word; adopted in 6 s
+    service = Service(devices="cpu", db_path=db, recover=True, pool=NoWorkers("cpu", db))
+    events = service.subscribe()
+    await service.start()
+    try:
+        assert service.training.get(live.id).owner == killed.owner  # not adopted yet
+        second = queue_run(service, photos, tmp_path / "second")
+        assert second.state == WAITING and second.waiting_for == "the CPU: training run live"
+        finish(live)  # once that trainer ends, the device is free: the waiting run starts
+        await next_event(events, run_is(second.id, TRAINING))
+        finish(second)
+    finally:
+        await service.close()
+        if runs.pid_alive(live.pid):
+            os.kill(live.pid, signal.SIGKILL)
 
 
 async def test_an_adopted_run_whose_trainer_ended_meanwhile_ends_at_once(tmp_path, photos, demo_dirs):
