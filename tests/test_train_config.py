@@ -276,6 +276,21 @@ def test_cli_bad_input_exits_2_with_one_line(capsys, photos, argv, words):
     assert words in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("text", ["[]", "null", '"a run"', "garbage{",
+                                  '{"state": "running", "pid": "7", "created": "x", "updated": [], "settings": [1]}'])
+def test_a_damaged_run_json_is_named_and_listed_without_a_traceback(capsys, tmp_path, text):
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / runs.RUN_JSON).write_text(text)
+    assert cli.main(["train", "--output", str(run_dir), "--resume", "latest"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"dreamtty: resume: {run_dir / runs.RUN_JSON} holds no settings to resume with (it is damaged); " \
+                  "give --model, --instance-dir and --instance-prompt too"
+    listed = runs.list_runs(tmp_path / "runs")  # the Train screen's list
+    assert [(r.name, r.settings, r.updated) for r in listed] == ([("r", {}, 0.0)] if text.startswith("{") else [])
+    assert all(r.state == "failed" for r in listed)
+
+
 def test_cli_missing_instance_dir(capsys, tmp_path):
     code = cli.main(["train", "--model", "demo", "--instance-dir", str(tmp_path / "none"), "--instance-prompt", "sks"])
     assert code == 2 and "instance_dir:" in capsys.readouterr().err

@@ -95,10 +95,13 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
     config = load_yaml(args.train_config) if args.train_config else {}
     resume = flags.get("resume", config.get("resume"))
     output = flags.get("output", config.get("output"))
-    if resume and output and runs.is_run_dir(Path(output).expanduser()):
+    if resume and output and runs.is_run_dir(run_dir := Path(output).expanduser()):
         from backend.training.launch import resume_settings
 
-        data.update(resume_settings(Path(output).expanduser()))
+        data.update(resume_settings(run_dir))
+        if "model" not in {**data, **config, **flags}:
+            raise RequestError("resume", f"{run_dir / runs.RUN_JSON} holds no settings to resume with (it is damaged); "
+                                         "give --model, --instance-dir and --instance-prompt too")
     data.update(config)
     data.update(flags)
     return TrainRequest.from_dict(data)

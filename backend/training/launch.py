@@ -58,8 +58,7 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
 
 def resume_settings(run_dir: Path) -> dict:
     """The settings to continue ``run_dir`` with: those in its run.json, resuming from its newest checkpoint."""
-    settings = dict(runs.read_run_json(run_dir).get("settings", {}))
-    return {**settings, "output": str(run_dir), "resume": "latest"}
+    return {**runs.read_run_json(run_dir).get("settings", {}), "output": str(run_dir), "resume": "latest"}
 
 
 def _check_optional_packages(request: TrainRequest) -> None:

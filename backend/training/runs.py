@@ -64,11 +64,22 @@ def write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
+# The type of each field the code reads from run.json.
+_FIELD_TYPES = {"state": str, "pid": int, "created": (int, float), "updated": (int, float), "settings": dict,
+                "family": str, "error": str, "error_kind": str, "step": int, "output": dict}
+
+
 def read_run_json(run_dir: Path) -> dict:
+    """The run's run.json; {} when it is missing or not a JSON object. A field of the wrong type (a
+    damaged or hand-edited file) reads as absent, so that each reader's default applies."""
     try:
-        return json.loads((Path(run_dir) / RUN_JSON).read_text())
-    except (OSError, ValueError):
+        data = json.loads((Path(run_dir) / RUN_JSON).read_text())
+    except (OSError, ValueError, RecursionError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: value for key, value in data.items()
+            if key not in _FIELD_TYPES or (isinstance(value, _FIELD_TYPES[key]) and not isinstance(value, bool))}
 
 
 def update_run_json(run_dir: Path, **changes) -> dict:
