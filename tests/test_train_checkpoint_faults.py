@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import signal
 from contextlib import contextmanager
 from dataclasses import replace
@@ -156,6 +157,19 @@ def test_damaged_checkpoint_named_fails_and_latest_falls_back(photos, tmp_path):
     with safe_open(weights, framework="pt") as saved:  # step 4 saved again, whole
         assert len(list(saved.keys())) > 0
     assert runs.read_run_json(run_dir)["state"] == "done"
+
+
+def test_a_state_file_without_a_step_is_a_damaged_checkpoint(photos, tmp_path):
+    trained = _run(_request(photos, tmp_path / "state", max_steps=4, checkpoint_every=2))
+    for n, (text, why) in enumerate((("[]", "its step is None"), ("{}", "its step is None"),
+                                     ('{"step": -5}', "its step is -5"), ('{"step": "4"}', "its step is '4'"),
+                                     ('{"step": true}', "its step is True"))):
+        run_dir = shutil.copytree(trained, tmp_path / f"case{n}")
+        (run_dir / "checkpoints/checkpoint-4" / STATE_FILE).write_text(text)
+        _run(_settings(run_dir, output=str(run_dir), max_steps=5, resume="latest"))
+        assert _warnings(run_dir)[-1] == (f"resume: cannot load {run_dir / 'checkpoints/checkpoint-4'}: {STATE_FILE} is "
+                                          f"damaged ({why}, not a whole number from 1); resuming from checkpoint-2 instead")
+        assert _steps_after_resume(run_dir) == (2, [3, 4, 5])
 
 
 def test_checkpoint_of_another_layout_names_the_flags(photos, tmp_path):

@@ -153,7 +153,10 @@ def _damage(folder: Path) -> str | None:
             elif path.suffix in (".bin", ".pkl", ".pt"):
                 zipfile.ZipFile(path).close()
             elif path.name == STATE_FILE:
-                json.loads(path.read_text())
+                state = json.loads(path.read_text())
+                step = state.get("step") if isinstance(state, dict) else None
+                if type(step) is not int or step < 1:
+                    raise ValueError(f"its step is {step!r}, not a whole number from 1")
         except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as exc:
             return f"{path.name} is damaged ({str(exc).splitlines()[0][:120]})"
     return None
