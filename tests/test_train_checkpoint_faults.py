@@ -6,6 +6,7 @@ safetensors take their own error paths, as they do on a full disk.
 
 from __future__ import annotations
 
+import errno
 import json
 import resource
 import shutil
@@ -185,3 +186,39 @@ def test_checkpoint_of_another_layout_names_the_flags(photos, tmp_path):
         flags = "--rank, --method or --train-text-encoder" if "rank" in change else "--method or --train-text-encoder"
         assert message.endswith(f"; was {flags} changed?")
     assert [s for s, _ in runs.list_checkpoints(run_dir)] == [1] and runs.run_output(run_dir)[0] == "lora"
+
+
+def test_a_full_disk_at_validation_warns_and_training_goes_on(photos, tmp_path, monkeypatch):
+    from PIL import Image
+
+    real_save = Image.Image.save
+
+    def full_disk(self, path, *args, **kwargs):
+        if "validation" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    run_dir = _run(_request(photos, tmp_path / "v", max_steps=2, validation_prompt="sks dog", validation_every=1))
+    assert _warnings(run_dir) == [f"validation images of step {n} not saved: No space left on device" for n in (1, 2)]
+    assert runs.read_run_json(run_dir)["state"] == "done" and (run_dir / runs.LORA_FILE).is_file()
+
+
+def test_a_full_disk_at_the_export_keeps_the_checkpoint_and_a_resume_saves_the_result(photos, tmp_path, monkeypatch):
+    from backend.training import trainer as trainer_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "export", full_disk)
+        prepared = prepare_run(_request(photos, tmp_path / "x", max_steps=2, checkpoint_every=5))
+        assert trainer_process.main([str(prepared.run_dir)]) == 1
+    data = runs.read_run_json(prepared.run_dir)
+    assert data["state"] == "failed" and data["error"] == (
+        f"the result was not saved in {prepared.run_dir}: No space left on device; the checkpoint of step 2 is kept: "
+        "free some space, then resume with --resume latest")
+    assert [s for s, _ in runs.list_checkpoints(prepared.run_dir)] == [2]
+    _run(_settings(prepared.run_dir, resume="latest"))  # the same max_steps: nothing to train, the result saved
+    assert runs.read_run_json(prepared.run_dir)["state"] == "done" and (prepared.run_dir / runs.LORA_FILE).is_file()
+    assert _steps_after_resume(prepared.run_dir) == (2, [])

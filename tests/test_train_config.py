@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import subprocess
@@ -466,6 +467,14 @@ def test_cli_second_ctrl_c_leaves_the_trainer_running_and_a_dead_trainer_is_reco
     runs.write_json_atomic(tmp_path / runs.RUN_JSON, {"state": "failed", "settings": {}})
     assert follow(tmp_path, DiedAtOnce()) == 1
     assert capsys.readouterr().err.strip() == f"dreamtty: training failed: see {tmp_path / runs.LOG_FILE}"
+    # A full disk: the failure cannot be recorded, and is said all the same.
+    runs.write_json_atomic(tmp_path / runs.RUN_JSON, {"state": "running", "settings": {}})
+    with monkeypatch.context() as patch:
+        patch.setattr(runs, "write_json_atomic", _raise(OSError(errno.ENOSPC, "No space left on device")))
+        assert follow(tmp_path, DiedAtOnce()) == 1
+    assert capsys.readouterr().err.strip() == (f"dreamtty: training failed: the trainer exited with code 3 before "
+                                               f"finishing; see {tmp_path / runs.LOG_FILE}")
+    assert runs.read_run_json(tmp_path)["state"] == "running"  # as it was
 
 
 @pytest.mark.timeout(5)  # the old walk of every path took minutes
@@ -481,3 +490,9 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
     nested[0][0][0][0][0][0][0][0][0] = "\0"
     with pytest.raises(RequestError, match=r"^instance_dir: holds a NUL character"):
         TrainRequest.from_dict({"instance_dir": nested})
+
+
+def _raise(exc: Exception):
+    def raising(*args, **kwargs):
+        raise exc
+    return raising

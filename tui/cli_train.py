@@ -225,8 +225,11 @@ def follow(run_dir: Path, proc) -> int:
     data = runs.read_run_json(run_dir)
     if data.get("state") in runs.LIVE_STATES:  # the trainer died before it could record why
         how = "ended" if proc.returncode is None else f"exited with code {proc.returncode}"
-        data = runs.update_run_json(run_dir, state="failed", error=f"the trainer {how} before finishing; see "
-                                    f"{run_dir / runs.LOG_FILE}")
+        failed = {"state": "failed", "error": f"the trainer {how} before finishing; see {run_dir / runs.LOG_FILE}"}
+        try:
+            data = runs.update_run_json(run_dir, **failed)
+        except OSError:  # a full disk: said here, though not recorded
+            data = {**data, **failed}
     state, error = runs.effective_state(run_dir, data)
     if state == "done":
         output = data.get("output", {})

@@ -76,7 +76,10 @@ def register_hooks(accelerator) -> None:
 
 
 # -- saving --------------------------------------------------------------------
-def _write_failure(exc: Exception) -> str | None:
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # what a failed write raises, among others
+
+
+def write_failure(exc: Exception) -> str | None:
     """Why a write failed (disk full, I/O error), or None when ``exc`` is not a failed write."""
     text = str(exc)
     if isinstance(exc, OSError):
@@ -88,12 +91,12 @@ def _write_failure(exc: Exception) -> str | None:
     return None
 
 
-def _try_write(write: Callable[[], object]) -> str | None:
+def try_write(write: Callable[[], object]) -> str | None:
     """Run ``write``; return why it failed when it failed to write, else None. Other errors propagate."""
     try:
         write()
-    except (OSError, RuntimeError, SafetensorError) as exc:
-        reason = _write_failure(exc)
+    except WRITE_ERRORS as exc:
+        reason = write_failure(exc)
         if reason is None:
             raise
         return reason
@@ -122,11 +125,11 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: in
         for stale in root.glob(f".tmp-{runs.CHECKPOINT_PREFIX}*"):  # also those of a killed trainer
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    reason = _try_write(lambda: accelerator.save_state(str(tmp)))
+    reason = try_write(lambda: accelerator.save_state(str(tmp)))
     if any_process(accelerator, reason is not None):
         reason = reason or "a write failed in another process"
     elif main:
-        reason = _try_write(lambda: _complete(tmp, final, state))
+        reason = try_write(lambda: _complete(tmp, final, state))
     if reason is not None:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)

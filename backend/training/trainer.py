@@ -24,7 +24,8 @@ from backend.families import FAMILIES
 from backend.engine.loader import local_folder
 from backend.models import ModelRef, resolve_model
 from backend.training import runs
-from backend.training.checkpoints import CheckpointError, any_process, load_newest, register_hooks, save_checkpoint
+from backend.training.checkpoints import (WRITE_ERRORS, CheckpointError, any_process, load_newest, register_hooks,
+                                          save_checkpoint, try_write, write_failure)
 from backend.training.class_images import ensure_class_images
 from backend.training.config import TrainRequest
 from backend.training.data import ImageSet, batch_generator
@@ -421,8 +422,6 @@ class DreamBoothTrainer:
         if not self.main:
             return
         req, pipe = self.req, self.parts.pipe
-        folder = self.run_dir / "validation"
-        folder.mkdir(exist_ok=True)
         modules = list(self.trainables.values())
         for module in modules:
             module.eval()
@@ -435,23 +434,36 @@ class DreamBoothTrainer:
         finally:
             for module in modules:
                 module.train()
-        paths = []
-        for i, image in enumerate(images):
-            path = folder / f"step-{step:06d}-{i}.png"
-            image.save(path)
-            paths.append(str(path))
-        self.events(TrainValidation(step=step, images=paths))
+        paths = [self.run_dir / "validation" / f"step-{step:06d}-{i}.png" for i in range(len(images))]
+        reason = try_write(lambda: _save_images(images, paths))
+        if reason:  # a full disk: the run goes on, as when a checkpoint cannot be saved
+            self._warn(f"validation images of step {step} not saved: {reason}")
+            return
+        self.events(TrainValidation(step=step, images=list(map(str, paths))))
 
     def _export(self) -> None:
         self.acc.wait_for_everyone()
         if not self.main:
             return
         modules = {name: self.acc.unwrap_model(m) for name, m in self.trainables.items()}
-        kind, path = export(self.parts, self.req.method, self.run_dir, modules)
+        try:
+            kind, path = export(self.parts, self.req.method, self.run_dir, modules)
+        except WRITE_ERRORS as exc:
+            reason = write_failure(exc)
+            if reason is None:
+                raise
+            raise TrainingError(f"the result was not saved in {self.run_dir}: {reason}; the checkpoint of step "
+                                f"{self.step} is kept: free some space, then resume with --resume latest") from None
         runs.update_run_json(self.run_dir, output={"kind": kind, "path": str(path)})
         self.events(TrainLog(level="info", message=f"saved {kind}: {path}"))
         if self.req.report_to == "tensorboard":
             self.acc.end_training()
+
+
+def _save_images(images: list, paths: list[Path]) -> None:
+    paths[0].parent.mkdir(exist_ok=True)
+    for image, path in zip(images, paths):
+        image.save(path)
 
 
 def train(req: TrainRequest, run_dir: Path, events: runs.EventWriter | None = None,
