@@ -234,8 +234,9 @@ class TrainingRuns:
     def holding(self) -> dict[str, ScheduledRun]:
         """Device -> the run that trains on it, or is about to: this service's, or one whose service
         died and whose trainer lives on, until its lease runs out and it is adopted."""
-        orphans = [run for run in self.store.runs((TRAINING,)) if run.owner != self.owner and runs.pid_alive(run.pid)]
-        held = [*orphans, *self.store.runs((TRAINING,), self.owner), *map(self.store.get, self._releasing)]
+        training = self.store.runs((TRAINING,))
+        orphans = [run for run in training if run.owner != self.owner and runs.pid_alive(run.pid)]
+        held = [*orphans, *(run for run in training if run.owner == self.owner), *map(self.store.get, self._releasing)]
         return {device: run for run in held for device in run.devices}
 
     def wait(self, run: ScheduledRun, why: str) -> None:
