@@ -99,10 +99,11 @@ def _checkpoint_step(checkpoint: Path) -> int | None:
         return None
 
 
-def _check_resume(req: TrainRequest, run_dir: Path, previous: dict, family: str) -> list[str]:
-    """Refuse a resume that would overwrite a result or cannot load its checkpoint; its warnings."""
+def _check_resume(req: TrainRequest, run_dir: Path, previous: dict, family: str) -> tuple[Path | None, list[str]]:
+    """Refuse a resume that would overwrite a result or cannot load its checkpoint; the checkpoint it
+    continues from (None: from step 0) and its warnings."""
     if req.resume is None:
-        return []
+        return None, []
     if not req.output:
         raise RequestError("resume", "needs --output RUN_DIR: the run to continue")
     checkpoint = resume_checkpoint(run_dir, req.resume)
@@ -110,7 +111,7 @@ def _check_resume(req: TrainRequest, run_dir: Path, previous: dict, family: str)
         if previous.get("state") == "done":
             raise RequestError("resume", f"{run_dir} finished without a checkpoint to continue from; "
                                          "train a new run in another folder")
-        return [f"resume: {run_dir} has no checkpoint yet; starting from step 0"]
+        return None, [f"resume: {run_dir} has no checkpoint yet; starting from step 0"]
     step = _checkpoint_step(checkpoint)
     if step is not None and step > req.max_steps:
         raise RequestError("max_steps", f"{req.max_steps} is below the checkpoint's step {step}")
@@ -126,7 +127,7 @@ def _check_resume(req: TrainRequest, run_dir: Path, previous: dict, family: str)
         if name in settings and settings[name] != getattr(req, name):
             raise RequestError(name, f"the checkpoint was trained with {settings[name]}, not {getattr(req, name)}; "
                                      "a resume must keep it (or train a new run in another folder)")
-    return []
+    return checkpoint, []
 
 
 def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> PreparedRun:
@@ -147,10 +148,11 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> Prepare
     run_dir = Path(req.output).expanduser() if req.output else runs_root / _default_name(req)
     try:
         previous = _previous_run(run_dir, req)
-        warnings += _check_resume(req, run_dir, previous, ref.family)
-        checkpoint = resume_checkpoint(run_dir, req.resume) if req.resume not in (None, "latest") else None
+        checkpoint, resume_warnings = _check_resume(req, run_dir, previous, ref.family)
+        warnings += resume_warnings
+        named = checkpoint is not None and req.resume != "latest"  # a path: absolute, as the trainer runs in run_dir
         req = replace(req, output=str(run_dir.resolve()), instance_dir=str(Path(req.instance_dir).expanduser().resolve()),
-                      resume=str(checkpoint.resolve()) if checkpoint else req.resume)  # the trainer runs in run_dir
+                      resume=str(checkpoint.resolve()) if named else req.resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / runs.STOP_FILE).unlink(missing_ok=True)
         (run_dir / runs.PID_FILE).unlink(missing_ok=True)
