@@ -5,8 +5,6 @@ page is refused without the service's token, and its WebSocket to pages of anoth
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import importlib.util
 import json
 import re
@@ -90,8 +88,9 @@ async def test_the_tui_in_a_browser_generates_a_png(dirs, tmp_path):
         assert _status(base + "/") == 401 and _status(base + "/static/js/textual.js") == 401
         assert _status(base + "/", {"Authorization": f"Bearer {token}"}) == 200
         assert _status(base + "/ws", {"Authorization": f"Bearer {token}"}) == 400  # not an upgrade
-        cookie = hmac.new(token.encode(), b"dreamtty web cookie", hashlib.sha256).hexdigest()  # what the page sets
-        async with aiohttp.ClientSession(cookies={"dreamtty_token": cookie}) as http:
+        from tui.web_front import cookie_value
+
+        async with aiohttp.ClientSession(cookies={"dreamtty_token": cookie_value(token)}) as http:
             with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
                 await http.ws_connect(f"ws://127.0.0.1:{port}/ws", headers={"Origin": "http://elsewhere.example"})
             assert refused.value.status == 403

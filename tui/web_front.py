@@ -33,7 +33,7 @@ class WebFront(Server):
     def __init__(self, command: str, host: str, port: int, token: str) -> None:
         super().__init__(command, host=host, port=port, title="dreamtty")
         self.token = token
-        self.cookie = hmac.new(token.encode(), b"dreamtty web cookie", hashlib.sha256).hexdigest()
+        self.cookie = cookie_value(token)
 
     async def _make_app(self) -> web.Application:
         app = await super()._make_app()
@@ -76,6 +76,11 @@ class WebFront(Server):
         """Serve until Ctrl-C (or SIGTERM); a client's malformed request is not a traceback on stderr."""
         quiet_client_faults()
         web.run_app(self._make_app(), host=self.host, port=self.port, print=None, access_log=None)
+
+
+def cookie_value(token: str) -> str:
+    """The page's cookie for ``token``: a key derived from it, which is not a bearer token for the API."""
+    return hmac.new(token.encode(), b"dreamtty web cookie", hashlib.sha256).hexdigest()
 
 
 def _scheme(request: web.Request) -> str:
