@@ -1,4 +1,5 @@
-"""The service's HTTP server (aiohttp): how long a connection may wait, and how many TCP ones it holds.
+"""The HTTP servers of the service and of ``dreamtty web`` (aiohttp): how long a connection may wait,
+and how many TCP ones they hold.
 
 aiohttp keeps a connection that has not sent a whole request for an hour by default, and accepts
 connections until the process runs out of file descriptors. Anyone who reaches a ``--listen``
@@ -12,8 +13,11 @@ listener answers ``503`` past :data:`MAX_CONNECTIONS` open connections.
 from __future__ import annotations
 
 import asyncio
+import signal
 
 from aiohttp import web
+
+from backend.errors import DreamttyError
 
 KEEPALIVE = 60.0  # seconds; the CLI and the TUI send a request as soon as they connect
 MAX_CONNECTIONS = 256  # open at once (the Unix socket's and event streams included), well under 1024 descriptors
@@ -30,14 +34,39 @@ def make_runner(app: web.Application) -> web.AppRunner:
 
 async def listen_tcp(runner: web.AppRunner, host: str, port: int, limit: int = MAX_CONNECTIONS) -> asyncio.Server:
     """``runner``'s app on ``host:port``; a connection past ``limit`` open ones is answered 503 and closed.
-    The caller closes the listener before ``runner.cleanup()`` (which ends the connections)."""
+    The caller closes the listener before ``runner.cleanup()`` (which ends the connections). DreamttyError
+    when it cannot listen there."""
     server = runner.server
     assert server is not None, "runner.setup() first"
 
     def connection() -> asyncio.BaseProtocol:
         return server() if len(server.connections) < limit else _Busy()
 
-    return await asyncio.get_running_loop().create_server(connection, host, port)
+    try:
+        return await asyncio.get_running_loop().create_server(connection, host, port)
+    except OSError as exc:  # in use, not this machine's address, a privileged port
+        shown = f"[{host}]" if ":" in host else host
+        raise DreamttyError(f"listen: cannot listen on {shown}:{port}: {exc.strerror or exc}") from None
+
+
+async def serve_tcp(app: web.Application, host: str, port: int) -> None:
+    """``app`` on ``host:port``, with the limits above, until SIGINT or SIGTERM."""
+    runner = make_runner(app)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        listener = await listen_tcp(runner, host, port, MAX_CONNECTIONS)
+        try:
+            await stop.wait()
+        finally:
+            listener.close()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
 
 
 class _Busy(asyncio.Protocol):

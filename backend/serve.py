@@ -88,10 +88,7 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
         finally:
             os.umask(umask)
         if address:
-            try:
-                tcp = await listen_tcp(runner, *address)
-            except OSError as exc:
-                raise DreamttyError(f"listen: cannot listen on {options.listen}: {exc.strerror or exc}") from None
+            tcp = await listen_tcp(runner, *address)
         files.write_pid_file({**info, "started": service.started})
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -3,8 +3,12 @@ what the address trades for, where it sends the browser, and what the cookie ope
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
+import os
+import signal
+import socket
 
 import aiohttp
 import pytest
@@ -72,9 +76,54 @@ async def test_the_cookie_is_secure_behind_a_tls_proxy(front):
 async def test_a_malformed_request_writes_no_traceback(front, caplog, monkeypatch):
     web_front, http = front
     monkeypatch.setattr(logging.getLogger("aiohttp.server"), "filters", [])  # none left by another test
-    monkeypatch.setattr("aiohttp.web.run_app", lambda app, **options: app.close())  # run() up to serving
+    monkeypatch.setattr("asyncio.run", lambda serving: serving.close())  # run() up to serving
     web_front.run()
     with caplog.at_level(logging.DEBUG, logger="aiohttp.server"):
         async with http.get("/", headers={"Cookie": "x=" + "y" * 9000}) as r:  # past aiohttp's 8190-byte field
             assert r.status == 400
     assert "Traceback" not in caplog.text and not any(rec.exc_info for rec in caplog.records)
+
+
+
+async def test_the_page_has_the_services_connection_cap_and_stops_on_sigterm(monkeypatch):
+    from backend import http_server
+    from tui.web_front import WebFront
+
+    monkeypatch.setattr(http_server, "MAX_CONNECTIONS", 2)
+    port = _free_port()
+    serving = asyncio.create_task(WebFront("true", "127.0.0.1", port, TOKEN)._serve())
+    held = []
+    for _ in range(100):  # until it listens
+        try:
+            held.append(await asyncio.open_connection("127.0.0.1", port))
+            break
+        except OSError:
+            await asyncio.sleep(0.05)
+    held.append(await asyncio.open_connection("127.0.0.1", port))
+    await asyncio.sleep(0.1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await asyncio.wait_for(reader.read(), 5) == http_server.BUSY
+    for _, held_writer in [*held, (reader, writer)]:
+        held_writer.close()
+    os.kill(os.getpid(), signal.SIGTERM)  # what `kill` or systemd sends: it stops serving, quietly
+    await asyncio.wait_for(serving, 10)
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+
+
+def test_a_port_in_use_is_a_one_line_error():
+    from backend.errors import DreamttyError
+    from tui.web_front import WebFront
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(DreamttyError, match=f"^listen: cannot listen on 127.0.0.1:{port}: "):
+            WebFront("true", "127.0.0.1", port, TOKEN).run()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -13,6 +13,7 @@ route, on loopback too: other users of the machine reach loopback as well.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from urllib.parse import urlsplit
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from textual_serve.server import Server
 
+from backend.http_server import serve_tcp
 from backend.service_files import bearer_ok, token_matches
 from backend.service_log import quiet_client_faults
 
@@ -73,9 +75,13 @@ class WebFront(Server):
         """Quiet: ``dreamtty web`` already said where the page is."""
 
     def run(self) -> None:
-        """Serve until Ctrl-C (or SIGTERM); a client's malformed request is not a traceback on stderr."""
+        """Serve until Ctrl-C (or SIGTERM), with the service's limits on slow and excess connections;
+        a client's malformed request is not a traceback on stderr."""
         quiet_client_faults()
-        web.run_app(self._make_app(), host=self.host, port=self.port, print=None, access_log=None)
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        await serve_tcp(await self._make_app(), self.host, self.port)
 
 
 def cookie_value(token: str) -> str:
