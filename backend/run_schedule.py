@@ -11,6 +11,7 @@ device. Which run starts when is decided by the service, in one place with its j
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -283,8 +284,7 @@ class TrainingRuns:
             return True
         self._releasing.pop(run.id, None)
         self._waiting_for.pop(run.id, None)
-        _record(run.path, state="stopped", error=None)
-        runs.EventWriter(Path(run.path))(TrainState(state="stopped", message="taken off the queue before it started"))
+        withdraw(run.path, "taken off the queue before it started")
         self._end(run, "stopped", None)
         return True
 
@@ -325,6 +325,14 @@ class TrainingRuns:
     def _end(self, run: ScheduledRun, outcome: str, error: str | None) -> None:
         self.store.update(run.id, state=ENDED, outcome=outcome, error=error)
         self._publish(self.store.get(run.id).event())
+
+
+def withdraw(run_dir: str | Path, why: str) -> None:
+    """Record a run that will not start as "stopped" (a waiting or "starting" one keeps a new start out
+    of its folder), and tell its followers ``why``."""
+    _record(run_dir, state="stopped", error=None)
+    with contextlib.suppress(OSError):  # a full disk: run.json says it where it could
+        runs.EventWriter(Path(run_dir))(TrainState(state="stopped", message=why))
 
 
 def _record(run_dir: str | Path, **changes) -> dict:

@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,40 @@ async def test_a_second_run_waits_for_the_first_and_can_leave_the_queue(without_
     assert service.stop_run(first.id)  # a training run stops after its step, through its STOP file
     await next_event(events, run_is(first.id, ENDED))
     assert service.training.get(first.id).outcome == "stopped"
+
+
+
+async def test_a_run_interrupted_while_its_folder_is_made_is_stopped_not_left_starting(
+        without_workers, tmp_path, photos, monkeypatch):
+    """Ctrl-C during ``dreamtty train --local``'s checks: the folder they made does not read as a run
+    that is starting, which would refuse the retry."""
+    from backend.client import LocalClient
+    from backend.training import launch
+
+    service, events = without_workers
+    prepare = launch.prepare_run
+
+    def slow_prepare(*args):
+        prepared = prepare(*args)
+        time.sleep(0.5)  # the run.json of a "starting" run is written; the answer is not back yet
+        return prepared
+
+    monkeypatch.setattr(launch, "prepare_run", slow_prepare)
+    starting = asyncio.create_task(LocalClient(service).start_run(train_request(photos, tmp_path / "run"),
+                                                                  launcher=FAKE_TRAINER))
+    await asyncio.sleep(0.2)
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert runs.effective_state(tmp_path / "run") == ("stopped", None)
+    assert service.training.listing() == []  # nothing was queued
+    assert runs.EventTail(tmp_path / "run").read()[-1].message == "interrupted before it started"
+    monkeypatch.setattr(launch, "prepare_run", prepare)
+    retry = replace(train_request(photos, tmp_path / "run"), resume="latest")  # not refused as running
+    run = service.enqueue_run(service.prepare_run(retry, "auto", FAKE_TRAINER))
+    assert run.state == TRAINING
+    finish(run)
+    await next_event(events, run_is(run.id, ENDED))
 
 
 async def test_a_restarted_service_takes_over_a_live_trainer_and_starts_the_waiting_run(tmp_path, photos, demo_dirs):
