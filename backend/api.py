@@ -34,6 +34,7 @@ from backend.events import Preview, dumps
 from backend.outputs import check_out_dir
 from backend.queue_store import ACTIVE, FINAL, MAX_ID, check_limit
 from backend.run_schedule import STATES as RUN_STATES
+from backend.run_schedule import withdraw
 from backend.service import Service
 from backend.service_files import bearer_ok
 from backend.training.config import TrainRequest
@@ -195,7 +196,10 @@ class Api:
         train = TrainRequest.from_dict(data["request"])
         for name in ("instance_dir", "output"):
             _absolute(getattr(train, name) or None, name)
-        prepared = await asyncio.to_thread(self.service.prepare_run, train, devices or "auto", launcher, runs_root)
+        prepared = await self.service.prepare_run_in_thread(train, devices or "auto", launcher, runs_root)
+        if request.transport is None:  # the client hung up meanwhile (Ctrl-C): nobody asks for the run any more
+            withdraw(prepared.path, "interrupted before it started")
+            return web.json_response({"error": "the client hung up; the run was not started"}, status=400)
         run = self.service.enqueue_run(prepared)
         return web.json_response({"run": run.to_dict(), "warnings": prepared.warnings}, status=201)
 

@@ -9,7 +9,6 @@ touch files or the model library run off the event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -116,16 +115,7 @@ class LocalClient:
 
     async def start_run(self, request: TrainRequest, devices: str = "auto", launcher: str | None = None,
                         runs_root: Path | None = None) -> tuple[ScheduledRun, list[str]]:
-        preparing = asyncio.ensure_future(asyncio.to_thread(self.service.prepare_run, request, devices, launcher,
-                                                            runs_root))
-        try:
-            prepared = await asyncio.shield(preparing)
-        except asyncio.CancelledError:  # Ctrl-C while its folder is made: the run is not left "starting"
-            from backend.run_schedule import withdraw
-
-            with contextlib.suppress(Exception):  # e.g. its settings were refused: no folder was made
-                withdraw((await preparing).path, "interrupted before it started")
-            raise
+        prepared = await self.service.prepare_run_in_thread(request, devices, launcher, runs_root)
         return self.service.enqueue_run(prepared), prepared.warnings
 
     async def runs(self, limit: int = 200) -> list[ScheduledRun]:

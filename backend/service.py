@@ -14,6 +14,7 @@ workers get no job (backend.run_schedule).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -38,7 +39,7 @@ from backend.pool import ProcessPool, Slot, WorkerPool
 from backend.prompting import check_prompts
 from backend.queue_store import ACTIVE, LEASE_TTL, Job, QueueStore
 from backend.request import GenerateRequest
-from backend.run_schedule import RunStore, ScheduledRun, TrainingRuns, device_label, resolve_devices
+from backend.run_schedule import RunStore, ScheduledRun, TrainingRuns, device_label, resolve_devices, withdraw
 from backend.training.config import TrainRequest
 from backend.training import launch
 
@@ -251,6 +252,18 @@ class Service:
         launch.trainer_command(Path("."), launcher)  # a launcher that cannot be split is refused before anything is made
         prepared = launch.prepare_run(request, runs_root)
         return PreparedRun(prepared.run_dir, chosen, launcher, prepared.warnings)
+
+    async def prepare_run_in_thread(self, request: TrainRequest, devices: str = "auto", launcher: str | None = None,
+                                    runs_root: Path | None = None) -> PreparedRun:
+        """:meth:`prepare_run` off the event loop. Cancelled meanwhile (Ctrl-C, a client that hung up),
+        the folder it makes is recorded "stopped", not left "starting" (which refuses a retry)."""
+        preparing = asyncio.ensure_future(asyncio.to_thread(self.prepare_run, request, devices, launcher, runs_root))
+        try:
+            return await asyncio.shield(preparing)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # e.g. its settings were refused: no folder was made
+                withdraw((await preparing).path, "interrupted before it started")
+            raise
 
     def enqueue_run(self, prepared: PreparedRun) -> ScheduledRun:
         """Queue a prepared run; it starts at once when its devices are free."""

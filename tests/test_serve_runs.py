@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 import numpy as np
 from PIL import Image
 
@@ -125,3 +126,51 @@ async def test_run_routes_refuse_bad_input_in_one_line(service, tmp_path):
             assert r.status == 400 and (await r.json())["field"] == "state"
         async with http.get("http://dreamtty/v1/runs") as r:
             assert r.status == 200 and all(Path(run["path"]).parent != tmp_path for run in (await r.json())["runs"])
+
+
+
+@pytest.mark.parametrize("cancels", [False, True], ids=["service's server", "handler cancelled on hang-up"])
+async def test_a_run_whose_client_hangs_up_before_the_answer_is_not_started(tmp_path, demo_dirs, monkeypatch, cancels):
+    """Ctrl-C while the service checks the run: the folder it made reads "stopped", and nothing is
+    queued, whether or not aiohttp cancels the request's handler when its client goes."""
+    from aiohttp import web
+
+    from backend import http_server
+    from backend.api import Api
+    from backend.service import Service
+    from backend.training import launch, runs
+    from test_tui import NoWorkers
+
+    prepare = launch.prepare_run
+
+    def slow_prepare(*args):
+        prepared = prepare(*args)
+        time.sleep(1.0)  # the folder is made; the answer is not back yet
+        return prepared
+
+    monkeypatch.setattr(launch, "prepare_run", slow_prepare)
+    db = tmp_path / "queue.sqlite3"
+    owner = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
+    await owner.start()
+    app = Api(owner, token="t").app
+    runner = web.AppRunner(app, handler_cancellation=True) if cancels else http_server.make_runner(app)
+    await runner.setup()
+    tcp = await http_server.listen_tcp(runner, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{tcp.sockets[0].getsockname()[1]}/v1/runs"
+    run_dir = tmp_path / "run"
+    body = {"request": {"model": "demo", "instance_dir": str(_photos(tmp_path / "photos")), "output": str(run_dir),
+                        "instance_prompt": "a photo of sks toy", "resolution": 64}, "launcher": FAKE_TRAINER}
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer t"}) as http:
+            with pytest.raises(asyncio.TimeoutError):  # the client gives up (Ctrl-C) and closes its connection
+                await http.post(url, json=body, timeout=aiohttp.ClientTimeout(total=0.5))
+        deadline = time.monotonic() + 20
+        while runs.read_run_json(run_dir).get("state") != "stopped":
+            assert time.monotonic() < deadline, runs.read_run_json(run_dir)
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        assert owner.training.listing() == [] and runs.effective_state(run_dir) == ("stopped", None)
+    finally:
+        tcp.close()
+        await runner.cleanup()
+        await owner.close()
