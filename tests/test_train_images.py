@@ -136,9 +136,18 @@ def fake_generate(tmp_path, monkeypatch):
     return made
 
 
-def _ensure(resolution: int, warnings: list[str], count: int = 3) -> list[Path]:
-    return ensure_class_images(resolve_model("demo"), "a photo of dog", count, resolution, 0, CPU, 0, 1,
-                               lambda done, total: None, lambda: None, warnings.append)
+def _ensure(resolution: int, warnings: list[str], count: int = 3, report=lambda done, total: None,
+            processes: int = 1) -> list[Path]:
+    return ensure_class_images(resolve_model("demo"), "a photo of dog", count, resolution, 0, CPU, 0, processes,
+                               report, lambda: None, warnings.append)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_class_image_progress_is_said_once_per_count_and_never_past_the_total(fake_generate, processes):
+    said: list[tuple[int, int]] = []
+    _ensure(64, [], report=lambda done, total: said.append((done, total)), processes=processes)
+    assert said == [(0, 3), (3, 3)]  # process 0 of 2 makes 2 of the 3, and counts the other's 1 too
+    assert fake_generate == [[0, 1, 2][::processes]]
 
 
 def test_class_images_are_reused_only_at_their_resolution_or_below(fake_generate):

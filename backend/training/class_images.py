@@ -53,14 +53,22 @@ def ensure_class_images(
     missing = [i for i, path in enumerate(files) if not _reusable(path, resolution, warn)]
     barrier()  # every process has checked the cache before any writes to it: all agree on what is missing
     mine = missing[process_index::num_processes]
+    said = None
+
+    def say(done: int) -> None:  # once per count: the last chunk and the barrier both say "all of them"
+        nonlocal said
+        if min(done, count) != said:
+            said = min(done, count)
+            report(said, count)
+
     if missing:
-        report(count - len(missing), count)
-    if mine:
+        say(count - len(missing))
+    if mine:  # the others make about as many meanwhile
         _generate(ref, class_prompt, mine, resolution, seed, device, folder,
-                  lambda n: report(count - len(missing) + n * num_processes, count))
+                  lambda n: say(count - len(missing) + n * num_processes))
     barrier()
     if missing:
-        report(count, count)
+        say(count)
     return [f for f in files if f.exists()]
 
 
