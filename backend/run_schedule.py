@@ -315,11 +315,7 @@ class TrainingRuns:
     def _trainer_gone(self, run: ScheduledRun, code: int | None) -> None:
         """The run's trainer exited: a run it left "running" failed (it was killed, or crashed)."""
         self._trainers.pop(run.id, None)
-        data = runs.read_run_json(run.path)
-        if data.get("state") in (*runs.LIVE_STATES, runs.WAITING):
-            how = f"exited with code {code}" if code is not None else "ended"
-            data = _record(run.path, state="failed", error=f"the trainer {how} before finishing; see "
-                                                       f"{Path(run.path) / runs.LOG_FILE}")
+        data = runs.record_trainer_gone(Path(run.path), code)
         self._end(run, data.get("state", "failed"), data.get("error"))
 
     def _end(self, run: ScheduledRun, outcome: str, error: str | None) -> None:

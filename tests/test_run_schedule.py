@@ -267,8 +267,11 @@ async def test_a_trainer_that_dies_fails_its_run_and_frees_the_device(without_wo
     waiting = queue_run(service, photos, tmp_path / "next")
     os.kill(run.pid, signal.SIGKILL)
     ended = (await next_event(events, run_is(run.id, ENDED)))[-1]
-    assert ended.outcome == "failed" and ended.error.startswith("the trainer exited with code -9 before finishing")
+    assert ended.outcome == "failed"
+    assert ended.error.startswith("the trainer was killed by SIGKILL (out of memory? see dmesg) before finishing; see ")
     assert runs.read_run_json(run.path)["state"] == "failed"
+    log = (Path(run.path) / runs.LOG_FILE).read_text().splitlines()  # it could not say so itself
+    assert log[-1] == "dreamtty: the trainer was killed by SIGKILL (out of memory? see dmesg) before finishing"
     await next_event(events, run_is(waiting.id, TRAINING))
     finish(waiting)
     await next_event(events, run_is(waiting.id, ENDED))

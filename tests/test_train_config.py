@@ -309,7 +309,7 @@ def test_trainer_entry_without_run_json_fails_cleanly(tmp_path, capsys):
 class FakeTrainer:
     """Stands in for the trainer process: writes a short run, then exits with ``final`` in run.json."""
 
-    pid = 4321
+    pid, returncode = 4321, 0
 
     def __init__(self, run_dir, final: dict) -> None:
         self.run_dir, self.final, self.polls = run_dir, final, 0
@@ -463,6 +463,7 @@ def test_cli_second_ctrl_c_leaves_the_trainer_running_and_a_dead_trainer_is_reco
     assert err == [f"dreamtty: training failed: the trainer exited with code 3 before finishing; see "
                    f"{tmp_path / runs.LOG_FILE}"]
     assert runs.read_run_json(tmp_path)["state"] == "failed"
+    assert (tmp_path / runs.LOG_FILE).read_text() == "dreamtty: the trainer exited with code 3 before finishing\n"
     # A run recorded as failed without a reason still says where to look.
     runs.write_json_atomic(tmp_path / runs.RUN_JSON, {"state": "failed", "settings": {}})
     assert follow(tmp_path, DiedAtOnce()) == 1

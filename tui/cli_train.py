@@ -222,14 +222,7 @@ def follow(run_dir: Path, proc) -> int:
             request_stop(run_dir)
             print("dreamtty: stopping after this step with a checkpoint (Ctrl-C again to leave it running)",
                   file=sys.stderr)
-    data = runs.read_run_json(run_dir)
-    if data.get("state") in runs.LIVE_STATES:  # the trainer died before it could record why
-        how = "ended" if proc.returncode is None else f"exited with code {proc.returncode}"
-        failed = {"state": "failed", "error": f"the trainer {how} before finishing; see {run_dir / runs.LOG_FILE}"}
-        try:
-            data = runs.update_run_json(run_dir, **failed)
-        except OSError:  # a full disk: said here, though not recorded
-            data = {**data, **failed}
+    data = runs.record_trainer_gone(run_dir, proc.returncode)  # one that died before it could record why
     state, error = runs.effective_state(run_dir, data)
     if state == "done":
         output = data.get("output", {})

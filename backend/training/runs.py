@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -88,6 +89,38 @@ def update_run_json(run_dir: Path, **changes) -> dict:
     data.update(changes, updated=time.time())
     write_json_atomic(Path(run_dir) / RUN_JSON, data)
     return data
+
+
+def record_trainer_gone(run_dir: Path, code: int | None) -> dict:
+    """run.json once its trainer exited (``code``: its exit status, None when unknown). A run it left
+    live or waiting did not finish: it is recorded failed, saying how the trainer ended, and so is
+    the end of trainer.log, which a killed trainer could not write. A disk that cannot be written
+    leaves the files as they were; the returned dict says it all the same."""
+    data = read_run_json(run_dir)
+    if data.get("state") not in (*LIVE_STATES, WAITING):
+        return data
+    how = exit_text(code)
+    failed = {"state": "failed", "error": f"the trainer {how} before finishing; see {Path(run_dir) / LOG_FILE}"}
+    try:
+        data = update_run_json(run_dir, **failed)
+        with open(Path(run_dir) / LOG_FILE, "a", encoding="utf-8") as log:
+            log.write(f"dreamtty: the trainer {how} before finishing\n")
+    except OSError:
+        data = {**data, **failed}
+    return data
+
+
+def exit_text(code: int | None) -> str:
+    """How a process ended, from its exit status (negative: the signal that killed it)."""
+    if code is None:
+        return "ended"
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"was killed by {name}" + (" (out of memory? see dmesg)" if -code == signal.SIGKILL else "")
 
 
 def is_run_dir(path: str | Path) -> bool:
