@@ -206,7 +206,7 @@ def parse_size(value: object) -> tuple[int, int]:
     match = _SIZE.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         raise RequestError("size", f"{value!r} is not WxH, e.g. 1024x1024")
-    return int(match[1]), int(match[2])
+    return to_int("width", match[1]), to_int("height", match[2])
 
 
 def _seed(value: object, count: int) -> int:

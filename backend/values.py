@@ -13,7 +13,8 @@ from backend.errors import RequestError
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
-_WHOLE = re.compile(r"\s*[-+]?[0-9]{1,100}\s*")
+_WHOLE = re.compile(r"\s*[-+]?([0-9]+)\s*")
+MAX_DIGITS = 100  # more is out of range for every field (and int() refuses more than 4300)
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800", or a byte of a non-UTF-8 argument (surrogateescape)
 
 
@@ -21,7 +22,10 @@ def to_int(name: str, value: object) -> int:
     """An int, or a float or text holding a whole number."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and _WHOLE.fullmatch(value):
+    whole = _WHOLE.fullmatch(value) if isinstance(value, str) else None
+    if whole and len(whole[1]) > MAX_DIGITS:
+        raise RequestError(name, f"a number of {len(whole[1])} digits is out of range")
+    if whole:
         return int(value)  # exact, where a float would round a large number
     try:
         number = float(value) if isinstance(value, (float, str)) else math.nan

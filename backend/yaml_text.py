@@ -1,8 +1,9 @@
 """YAML from users' files (config, presets, training configs), read with PyYAML's safe loader.
 
-Two changes to it: a key given twice in one mapping is an error (the safe loader keeps the last one
+Three changes to it: a key given twice in one mapping is an error (the safe loader keeps the last one
 silently, so a setting the user wrote is ignored), and dates stay text (``2024-01-01`` would otherwise
-be a ``datetime.date`` and show as its Python repr in an error).
+be a ``datetime.date`` and show as its Python repr in an error), and a number too long for ``int()``
+is a ``yaml.YAMLError`` like any other fault of the text.
 
 PyYAML parses nested collections recursively, so text nested thousands deep (``[[[[...``) raises
 RecursionError; it is reported here as a ``yaml.YAMLError``, which every caller already turns into
@@ -31,6 +32,16 @@ class _Loader(yaml.SafeLoader):
                 raise ConstructorError("while reading a mapping", node.start_mark,
                                        f"the key {key!r} is given twice", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # more digits than int() takes (4300)
+            raise ConstructorError(None, None, f"a number of {len(node.value)} characters is too long",
+                                   node.start_mark) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 _Loader.yaml_implicit_resolvers = {

@@ -73,6 +73,9 @@ def test_broken_yaml_is_one_warning_and_defaults(tmp_path):
     with pytest.raises(DreamttyError, match=r"^config: cannot update .*t.yaml: not valid YAML at line 2 \(the key"):
         config.set_value("default_model", "c", twice)
     assert twice.read_text() == "default_model: a\ndefault_model: b\n"  # the user's file is left as it was
+    huge = _write(tmp_path / "h.yaml", "max_batch: " + "9" * 5000 + "\n")  # more digits than int() takes
+    assert config.load(huge).warnings == [
+        f"config: {huge} is not valid YAML at line 1 (a number of 5000 characters is too long); using defaults"]
 
 
 def test_env_overrides_single_keys(tmp_path, monkeypatch):

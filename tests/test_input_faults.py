@@ -21,6 +21,7 @@ from backend.prompting.styles import RANDOM_STYLE, load_styles
 from backend.prompting.weights import MAX_WEIGHT, parse_weights
 from backend.prompting.wildcards import MAX_CHARS, expand_wildcards, load_wildcards
 from backend.request import MAX_SEED, GenerateRequest, parse_size
+from backend.values import to_int
 from backend.samplers import SAMPLERS
 from tui.cli import main
 
@@ -151,6 +152,10 @@ def test_size_needs_ascii_digits():
     assert parse_size(" 64 x 128 ") == (64, 128) and parse_size("64×128") == (64, 128)
     with pytest.raises(RequestError, match="^size: '²x64' is not WxH"):
         parse_size("²x64")
+    with pytest.raises(RequestError, match="^width: a number of 5000 digits is out of range$"):
+        parse_size("9" * 5000 + "x64")  # more digits than int() takes
+    with pytest.raises(RequestError, match="^steps: a number of 101 digits is out of range$"):
+        to_int("steps", "1" * 101)
 
 
 # -- request ranges ----------------------------------------------------------------
