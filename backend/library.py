@@ -80,13 +80,14 @@ def read_safetensors_header(path: Path) -> tuple[Shapes, dict[str, str]]:
         meta = header.pop("__metadata__", None) or {}
         shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in header.items()}
         end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    except (ValueError, TypeError, KeyError, AttributeError):
+        meta = {str(k): str(v) for k, v in meta.items()}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
         raise CorruptFile(f"model: {path.name} has a corrupt safetensors header") from None
     if 8 + length + end > size:
         raise CorruptFile(
             f"model: {path.name} is truncated: {size} bytes on disk, {8 + length + end} expected (download it again)"
         )
-    return shapes, {str(k): str(v) for k, v in meta.items()}
+    return shapes, meta
 
 
 class _Stub:

@@ -107,6 +107,11 @@ def test_damaged_files_raise_one_line_errors(tmp_path):
     garbage.write_bytes(struct.pack("<Q", 20) + b"{not json at all!!!}" + b"\0" * 10)
     with pytest.raises(CorruptFile, match="junk.safetensors has a corrupt safetensors header"):
         read_shapes(garbage)
+    for header in (b'{"__metadata__": [1, 2]}', b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}',
+                   b"[" * 100_000 + b"]" * 100_000):  # metadata not a mapping, one offset, nested too deeply
+        garbage.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+        with pytest.raises(CorruptFile, match="junk.safetensors has a corrupt safetensors header"):
+            read_shapes(garbage)
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
     with pytest.raises(CorruptFile, match="empty or truncated"):
