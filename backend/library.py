@@ -439,7 +439,7 @@ def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
     if kind == "vae" and (folder / "config.json").is_file():
         try:
             cls = json.loads((folder / "config.json").read_text()).get("_class_name")
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError, AttributeError):  # AttributeError: not a JSON object
             raise CorruptFile(f"model: {folder.name}/config.json is not valid JSON") from None
         if cls == "AutoencoderKL":
             return Entry(kind, folder.name, str(folder), "any", _folder_size(folder), source, "diffusers")

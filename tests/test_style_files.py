@@ -52,8 +52,10 @@ def test_shared_csv_with_spaces_after_the_commas(styles_dir):
 def test_deeply_nested_style_file_is_reported_and_skipped(styles_dir, capsys):
     (styles_dir / "deep.json").write_text(DEEP)
     (styles_dir / "fine.json").write_text(json.dumps([{"name": "Fine", "prompt": "fine {prompt}"}]))
+    (styles_dir / "long.json").write_text('[{"name": "Long", "n": ' + "9" * 5000 + "}]")  # past int()'s digits
     library = load_styles()
-    assert library.warnings == [f"{styles_dir / 'deep.json'}: JSON nested too deeply; file skipped"]
+    assert library.warnings == [f"{styles_dir / 'deep.json'}: JSON nested too deeply; file skipped",
+                                f"{styles_dir / 'long.json'}: not valid JSON (a number too long); file skipped"]
     assert library.get("Fine").prompt == "fine {prompt}"
     assert main(["styles", "list", "--search", "fine"]) == 0
     out, err = capsys.readouterr()

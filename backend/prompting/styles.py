@@ -96,6 +96,9 @@ def _read_json(file: DataFile, text: str, library: StyleLibrary) -> None:
     except RecursionError:
         library.warnings.append(f"{file.label}: JSON nested too deeply; file skipped")
         return
+    except ValueError:  # an integer of more digits than int() takes
+        library.warnings.append(f"{file.label}: not valid JSON (a number too long); file skipped")
+        return
     if not isinstance(data, list):
         library.warnings.append(f"{file.label} line 1: expected a JSON list of styles; file skipped")
         return
