@@ -157,6 +157,8 @@ def test_discover_lists_each_kind_and_skips_damaged(tmp_path, demo_dirs):
     _write(root / "vae" / "myvae.safetensors", {"encoder.conv_in.weight": (4, 3, 3, 3), "decoder.conv_out.weight": (3, 4, 3, 3)})
     _write(root / "emb" / "bad-hands.safetensors", {"emb_params": (4, 768)})
     (root / "emb" / "old.pt").write_bytes(b"")
+    (root / "vae" / "listvae").mkdir()
+    (root / "vae" / "listvae" / "config.json").write_text("[1]")  # JSON, but not an object
     cfg = config.Config(paths={"checkpoints": [root / "ckpt"], "loras": [root / "loras"], "vae": [root / "vae"],
                                "embeddings": [root / "emb"]})
     lib = library.discover(cfg, hub=False)
@@ -171,7 +173,7 @@ def test_discover_lists_each_kind_and_skips_damaged(tmp_path, demo_dirs):
     assert ("checkpoint", "broken") not in got and ("lora", "notalora") not in got
     problems = "\n".join(lib.problems)
     assert "broken.safetensors" in problems and "notalora.safetensors is not a LoRA" in problems
-    assert "old.pt" in problems
+    assert "old.pt" in problems and "listvae/config.json is not valid JSON" in problems
     size = next(e.size for e in lib.entries if e.name == "mysd")
     assert size == (root / "ckpt" / "mysd.safetensors").stat().st_size
     assert library.find("lora", "STYLE", cfg).name == "style"  # case-insensitive fallback
