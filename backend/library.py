@@ -451,6 +451,7 @@ def scan_folder(kind: str, root: Path, lib: Library) -> None:
     if not root.is_dir():
         return
     source = str(root)
+    searched = {_identity(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
         for d in sorted(dirnames):
@@ -462,7 +463,7 @@ def scan_folder(kind: str, root: Path, lib: Library) -> None:
             if entry is not None:
                 lib.entries.append(entry)
                 dirnames.remove(d)  # a model folder is not searched further
-        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".")]
+        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".") and _first_visit(here / d, searched)]
         for name in sorted(filenames):
             if not name.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES) or name.startswith("."):
                 continue
@@ -470,6 +471,24 @@ def scan_folder(kind: str, root: Path, lib: Library) -> None:
                 lib.entries.append(_inspect_file(kind, here / name, source))
             except ModelError as exc:
                 lib.problems.append(str(exc))
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _first_visit(folder: Path, searched: set) -> bool:
+    """Whether ``folder`` (through links) is not searched yet; it counts as searched from now on.
+    A link back up the tree (``ln -s . all``) would otherwise be searched again and again."""
+    identity = _identity(folder)
+    if identity in searched:
+        return False
+    searched.add(identity)
+    return True
 
 
 def _hub_snapshots() -> list[tuple[str, Path, int]]:

@@ -157,6 +157,7 @@ def test_discover_lists_each_kind_and_skips_damaged(tmp_path, demo_dirs):
     _write(root / "vae" / "myvae.safetensors", {"encoder.conv_in.weight": (4, 3, 3, 3), "decoder.conv_out.weight": (3, 4, 3, 3)})
     _write(root / "emb" / "bad-hands.safetensors", {"emb_params": (4, 768)})
     (root / "emb" / "old.pt").write_bytes(b"")
+    os.symlink(".", root / "loras" / "all")  # a link back up the tree: searched once, not 40 deep
     (root / "vae" / "listvae").mkdir()
     (root / "vae" / "listvae" / "config.json").write_text("[1]")  # JSON, but not an object
     cfg = config.Config(paths={"checkpoints": [root / "ckpt"], "loras": [root / "loras"], "vae": [root / "vae"],
@@ -168,6 +169,7 @@ def test_discover_lists_each_kind_and_skips_damaged(tmp_path, demo_dirs):
     assert got[("checkpoint", "folder-model")] == ("demo", "diffusers", str(root / "ckpt"))
     assert got[("checkpoint", "demo-xl")] == ("demo-xl", "diffusers", "built-in")
     assert got[("lora", "style")][0] == "sd1"
+    assert [e.name for e in lib.entries if e.kind == "lora"] == ["style"]
     assert got[("vae", "myvae")][0] == "any"
     assert got[("embedding", "bad-hands")][0] == "sd1"
     assert ("checkpoint", "broken") not in got and ("lora", "notalora") not in got
