@@ -67,6 +67,8 @@ def _library_ref(name: str) -> ModelRef | None:
     entry = find("checkpoint", name)
     if entry is None:
         return None
+    if entry.name in DEMO_MODELS and entry.source == "built-in":  # "DEMO": names match case-insensitively
+        return _resolve(entry.name)
     if entry.format == "diffusers":
         return ModelRef(name, "folder", entry.path, entry.family, entry.variant)
     return _file_ref(name, Path(entry.path))

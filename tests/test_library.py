@@ -269,3 +269,10 @@ def test_a_model_folder_whose_config_is_not_a_mapping_is_skipped_with_a_line(tmp
     assert [e for e in lib.of_kind("controlnet") if e.source != "built-in"] == []
     assert any("odd/config.json is not a JSON object" in p for p in lib.problems)
     assert any("deep/config.json" in p for p in lib.problems)
+
+
+@pytest.mark.parametrize("typed", ["DEMO", "Demo-XL"])
+def test_a_built_in_model_named_in_another_case_is_that_model(typed, demo_dirs):
+    from backend.models import resolve_model
+
+    assert resolve_model(typed) == resolve_model(typed.lower())  # not a folder named "demo" in the working directory
