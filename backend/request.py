@@ -27,6 +27,9 @@ MAX_LORAS = 5
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 # fast: a compiled UNet on CUDA; fastest: with float8 linear layers (backend/engine/fast.py); the CPU runs default
 SPEEDS = ("default", "fast", "fastest")
+# About 2,500 tokens: 30 of CLIP's 77-token chunks. More only slows the text encoder (a million
+# characters took minutes), and no sampler reads that much.
+MAX_PROMPT_CHARS = 10_000
 FREE_TEXT = ("prompt", "negative_prompt")  # the only text fields that are neither names nor paths: NUL allowed
 _SIZE = re.compile(r"\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*")  # ASCII digits only: int() refuses "²"
 
@@ -140,8 +143,8 @@ class GenerateRequest:
         Raises RequestError naming the field and what is allowed.
         """
         fam = FAMILIES.get(family)
-        text_value("prompt", self.prompt)
-        text_value("negative_prompt", self.negative_prompt)
+        for name in FREE_TEXT:
+            check_prompt_length(name, text_value(name, getattr(self, name)))
         if self.sampler not in SAMPLERS:
             raise RequestError("sampler", f"unknown {self.sampler!r}; allowed: {', '.join(SAMPLERS)}")
         allowed = SAMPLERS[self.sampler].schedules
@@ -233,6 +236,12 @@ def _checked_batch(batch: tuple[int, int] | None, seed: int) -> tuple[int, int] 
         raise RequestError("batch", f"{list(batch)} needs seeds {seed - position}..{seed - position + size - 1}; "
                                     f"allowed 0..{MAX_SEED}")
     return size, position
+
+
+def check_prompt_length(name: str, text: str, after: str = "") -> None:
+    """RequestError(name) for a prompt past MAX_PROMPT_CHARS (``after``: what made it that long)."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise RequestError(name, f"is {len(text):,} characters{after}; allowed up to {MAX_PROMPT_CHARS:,}")
 
 
 def text_value(name: str, value: object) -> str:

@@ -44,7 +44,7 @@ SHOWN = ("\\x1bc", "\\x1b#8", "]52;c;aGk=\\x07", "\\x9b2J", "nul\\x00", "del\\x7
 # A file name can hold neither "/" nor NUL.
 NAME = "evil [sks] [bold red]x \x1bc \x1b]52;c;aGk=\x07 \x9b2J \u202eend"
 NAME_SHOWN = visible(NAME)
-LONG = "long " * 4000
+LONG = "long " * 1900  # within MAX_PROMPT_CHARS, far past any line
 RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e]")  # what must never reach the terminal
 
 

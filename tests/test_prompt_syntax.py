@@ -137,3 +137,14 @@ def test_check_prompts_finds_errors_of_any_image(tmp_path, monkeypatch):
     check_prompts(GenerateRequest(prompt="a [[fine, __odd__]]", seed=1, count=1))  # image 0 is fine
     with pytest.raises(RequestError, match=r"after wildcards and styles: '\(' at column 3 is never closed"):
         check_prompts(GenerateRequest(prompt="a [[fine, __odd__]]", seed=1, count=2))
+
+
+
+def test_a_prompt_made_too_long_by_its_wildcards_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    (tmp_path / "config" / "wildcards").mkdir(parents=True)
+    (tmp_path / "config" / "wildcards" / "long.txt").write_text("x" * 6000 + "\n")
+    check_prompts(GenerateRequest(prompt="__long__", seed=1))
+    with pytest.raises(RequestError, match=r"^negative_prompt: is 12,001 characters after wildcards and styles; "
+                                           r"allowed up to 10,000$"):
+        check_prompts(GenerateRequest(prompt="a", negative_prompt="__long__ __long__", seed=1))

@@ -36,6 +36,7 @@ def _err(**kw) -> RequestError:
         ({"count": 0}, "count", "1..64"),
         ({"dtype": "fp8"}, "dtype", "fp16"),
         ({"loras": [("x", 3.0)]}, "lora", "-2..2"),
+        ({"negative_prompt": "x" * 10_001}, "negative_prompt", "is 10,001 characters; allowed up to 10,000"),
     ],
 )
 def test_bad_values_name_the_field(kw, field, fragment):

@@ -18,7 +18,7 @@ from backend.prompting.expansion import expand
 from backend.prompting.editing import PromptSchedule, parse_editing, schedule_prompts
 from backend.prompting.styles import apply_styles, join_terms, load_styles
 from backend.prompting.wildcards import expand_arrays, expand_wildcards, load_wildcards
-from backend.request import GenerateRequest
+from backend.request import GenerateRequest, check_prompt_length
 
 
 @dataclass
@@ -85,6 +85,8 @@ def check_prompts(request: GenerateRequest) -> None:
     checked: set[tuple[str, str]] = set()
     for i in range(request.count):
         plan = build_prompt(replace(request.per_image(i), expand=False))
+        check_prompt_length("prompt", plan.positive, " after wildcards and styles")
+        check_prompt_length("negative_prompt", plan.negative, " after wildcards and styles")
         if request.steps is not None and (plan.positive, plan.negative) not in checked:
             plan.schedule(request.steps)
             checked.add((plan.positive, plan.negative))
