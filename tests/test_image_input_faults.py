@@ -224,3 +224,12 @@ def test_a_file_is_read_up_to_the_limit_only(tmp_path):
         user_files.read_bytes("/proc/self/status", 10)
     (tmp_path / "ten").write_bytes(b"0123456789")
     assert user_files.read_bytes(tmp_path / "ten", 10) == b"0123456789"
+
+
+@pytest.mark.parametrize("record", ["a string", {"kept_inputs": [1, 2]}, {"kept_inputs": {"image": 5}},
+                                    {"kept_inputs": {"image": "/tmp/a\0b"}}, {"kept_inputs": {"image": "/tmp/\ud800"}}])
+def test_a_damaged_record_of_kept_inputs_keeps_nothing(tmp_path, record):
+    """reproduce reads the record from a PNG, which anyone may have written."""
+    request = Img2ImgRequest(prompt="x", image=str(tmp_path / "gone.png"), image_hash="d7741e300849")
+    again, notes = request.with_kept_inputs(record)
+    assert again == request and all(note.endswith("is missing or changed too") for note in notes)

@@ -122,11 +122,12 @@ class ImageInputRequest(GenerateRequest):
 
     def with_kept_inputs(self, record: dict) -> tuple["ImageInputRequest", list[str]]:
         """Where an input is missing or changed, the copy ``--keep-inputs`` kept (when it has the recorded content)."""
-        kept = record.get("kept_inputs") or {}
+        kept = record.get("kept_inputs") if isinstance(record, dict) else None
+        kept = kept if isinstance(kept, dict) else {}  # a damaged record keeps nothing
         request, notes = self, []
         for role, (path, digest) in self.input_files().items():
             copy = kept.get(role)
-            if not path or not copy or _has_content(path, digest):
+            if not path or not isinstance(copy, str) or not copy or _has_content(path, digest):
                 continue
             if _has_content(copy, digest):
                 request = replace(request, **{role: copy})
@@ -139,5 +140,5 @@ class ImageInputRequest(GenerateRequest):
 def _has_content(path: str, digest: str | None) -> bool:
     try:
         return content_hash(user_files.read_bytes(os.path.expanduser(path), MAX_BYTES)) == digest
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL or an unpaired surrogate in a recorded path
         return False
