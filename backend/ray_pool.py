@@ -39,6 +39,8 @@ RESTART_DELAY = 5.0  # seconds before trying again to start an actor that could 
 INSTALL = "pip install 'dreamtty[cluster]'"
 _ADDRESS = re.compile(r"(?:ray://)?(?P<host>[\w.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})")
 _ALLOWED = "auto, ray://HEAD:10001 or HEAD:6379 (local: no cluster)"
+HEAD_TIMEOUT = 5.0  # seconds to connect to a head, and for it to answer
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 
 
 def check_cluster(text: str, field: str = "cluster") -> str:
@@ -316,16 +318,43 @@ def _connect(ray, address: str, field: str) -> bool:
     if ray.is_initialized():
         return False
     match = _ADDRESS.fullmatch(address)
-    if match:  # ray.init waits minutes for a head that is not there
-        try:
-            socket.create_connection((match["host"].strip("[]"), int(match["port"])), timeout=5).close()
-        except OSError as exc:
-            raise DreamttyError(f"{field}: cannot reach the Ray head at {address}: {exc.strerror or exc}") from None
+    if match:  # ray.init waits minutes for a head that is not there, or for something else that listens
+        _check_head(address, match["host"].strip("[]"), int(match["port"]), field)
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
     except Exception as exc:  # noqa: BLE001 - Ray raises several kinds: one line for each
         raise DreamttyError(f"{field}: cannot join the Ray cluster at {address}: {one_line(exc)}") from None
     return True
+
+
+def _check_head(address: str, host: str, port: int, field: str) -> None:
+    """DreamttyError(field) unless a gRPC server (a Ray GCS or Ray Client server) answers at ``host:port``."""
+    try:
+        sock = socket.create_connection((host, port), timeout=HEAD_TIMEOUT)
+    except UnicodeError:  # the IDNA codec: an empty label ("a..b") or one over 63 characters
+        raise DreamttyError(f"{field}: {host!r} in {address} is not a valid host name") from None
+    except OSError as exc:
+        raise DreamttyError(f"{field}: cannot reach the Ray head at {address}: {exc.strerror or exc}") from None
+    with sock:
+        if os.environ.get("RAY_USE_TLS", "0") not in ("", "0"):  # a TLS head answers in TLS first
+            return
+        try:
+            grpc = _answers_http2(sock)
+        except OSError:  # silent until the timeout, or hung up
+            grpc = False
+    if not grpc:
+        raise DreamttyError(f"{field}: {address} is not a Ray head (it does not answer gRPC); give the head's "
+                            "GCS port (HEAD:6379) or Ray Client's (ray://HEAD:10001)")
+
+
+def _answers_http2(sock: socket.socket) -> bool:
+    """Whether the server speaks HTTP/2, as gRPC does: after a client's connection preface its first
+    frame is SETTINGS (RFC 9113, section 3.4; a frame header is 9 bytes, the type at byte 3)."""
+    sock.sendall(_HTTP2_PREFACE)
+    head = b""
+    while len(head) < 9 and (chunk := sock.recv(9 - len(head))):
+        head += chunk
+    return len(head) == 9 and head[3] == 0x4
 
 
 def _kill(ray, actor) -> None:

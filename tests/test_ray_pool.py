@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,32 @@ def test_cli_cluster_errors_are_one_line(tmp_path):
             expected = "cluster: running workers on a Ray cluster needs Ray; pip install 'dreamtty[cluster]'"
         assert out.returncode == 2 and out.stderr.startswith(f"dreamtty: {expected}"), out.stderr
         assert out.stderr.count("\n") == 1
+
+
+
+def test_an_address_that_is_no_ray_head_is_refused_at_once():
+    """A host name the resolver refuses, and a port where something else (an HTTP server) listens:
+    ray.init would wait minutes for the latter."""
+    from backend.ray_pool import _check_head
+
+    with pytest.raises(DreamttyError, match=r"^cluster: 'a\.\.b' in a\.\.b:6379 is not a valid host name$"):
+        _check_head("a..b:6379", "a..b", 6379, "cluster")
+    with socket.socket() as http:
+        http.bind(("127.0.0.1", 0))
+        http.listen()
+        port = http.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = http.accept()
+            with conn:
+                conn.recv(100)
+                conn.sendall(b"HTTP/1.0 400 Bad request\r\n\r\n")
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        with pytest.raises(DreamttyError, match=rf"^workers: 127.0.0.1:{port} is not a Ray head \(it does not answer gRPC\)"):
+            _check_head(f"127.0.0.1:{port}", "127.0.0.1", port, "workers")
+        thread.join()
 
 
 # -- a local Ray runtime, two CPU actors -------------------------------------------------------
@@ -277,3 +304,12 @@ def test_a_cluster_without_gpus_is_refused_in_one_line(tmp_path):
 
     with pytest.raises(DreamttyError, match=r"^cluster: the Ray cluster at auto has no GPU; .*--device cpu"):
         RayPool("auto", tmp_path / "q.sqlite3")._count(NoGpus)
+
+
+
+@ray_installed
+def test_the_head_check_passes_a_real_ray_head(ray_runtime):
+    from backend.ray_pool import _check_head
+
+    host, port = ray_runtime.get_runtime_context().gcs_address.rsplit(":", 1)
+    _check_head(f"{host}:{port}", host, int(port), "cluster")
