@@ -210,6 +210,15 @@ def test_unreadable_wildcard_file_is_skipped_with_one_warning(wildcards_dir, cap
         check_prompts(GenerateRequest(prompt="a __broken__", seed=1))
 
 
+
+def test_a_skipped_wildcard_files_warning_shows_controls_in_its_path(wildcards_dir, caplog):
+    (wildcards_dir / "bad\x1b]0;pwned\x07.txt").write_bytes(b"\xff\n")
+    with caplog.at_level(logging.WARNING, logger="dreamtty.wildcards"):
+        load_wildcards()
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "bad\\x1b]0;pwned\\x07.txt cannot be read" in message and "\x1b" not in message
+
+
 def test_wildcards_that_multiply_stop_quickly(wildcards_dir):
     for i in range(14):
         (wildcards_dir / f"w{i}.txt").write_text(" ".join([f"__w{i + 1}__"] * 3) + "\n")

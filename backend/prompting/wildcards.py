@@ -15,6 +15,7 @@ import re
 
 from backend.errors import RequestError
 from backend.prompting.datafiles import data_files, user_dir
+from backend.safetext import one_line
 
 MAX_DEPTH = 16
 MAX_CHARS = 20_000  # longest text one wildcard may expand to (nested picks included)
@@ -43,7 +44,7 @@ def _skip(name: str, reason: str) -> None:
     """Remember why wildcard ``name`` is missing (its use names the reason); warn once per process."""
     if _skipped.get(name) != reason:
         _skipped[name] = reason
-        log.warning("dreamtty: warning: %s; wildcard file skipped", reason)
+        log.warning("dreamtty: warning: %s; wildcard file skipped", one_line(reason))  # a path may hold ESC
 
 
 def expand_wildcards(
