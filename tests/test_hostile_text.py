@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import random
 import re
 from types import SimpleNamespace
@@ -160,7 +161,8 @@ async def test_model_field_error_and_hint(idle_service, tmp_path):
 async def test_style_pack_in_the_picker(idle_service, tmp_path, user_folder):
     styles = user_folder("styles")
     (styles / "hostile.json").write_text(json.dumps(
-        [{"name": NAME, "prompt": f"{TEXT} {{prompt}}", "negative_prompt": TEXT}]))
+        [{"name": NAME, "prompt": f"{TEXT} {{prompt}}", "negative_prompt": TEXT},
+         {"name": "odd\nrow", "prompt": "a\nb {prompt}"}]))
     (styles / f"{NAME}.json").write_text("[")  # a broken pack: its warning names the file
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(140, 45), notifications=True) as pilot:
@@ -341,10 +343,15 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 def test_styles_list_and_show(capsys, user_folder):
     styles = user_folder("styles")
     (styles / "hostile.json").write_text(json.dumps(
-        [{"name": NAME, "prompt": f"{TEXT} {{prompt}}", "negative_prompt": TEXT}]))
+        [{"name": NAME, "prompt": f"{TEXT} {{prompt}}", "negative_prompt": TEXT},
+         {"name": "odd\nrow", "prompt": "a\nb {prompt}"}]))
     (styles / f"{NAME}.json").write_text("[")
     code, out, err = cli(capsys, "styles", "list", "--search", "evil")
     assert code == 0 and NAME_SHOWN in out and NAME_SHOWN in err  # the broken pack's warning
+    code, out, _ = cli(capsys, "styles", "list", "--search", "odd")
+    assert out.splitlines()[0].startswith("odd\\nrow ")  # a row per style: its newline shown as \n
+    code, out, _ = cli(capsys, "styles", "show", "odd\nrow")
+    assert out.splitlines()[0] == "name:     odd\\nrow" and "prompt:   a\\nb {prompt}" in out
     code, out, _ = cli(capsys, "styles", "show", NAME)
     assert code == 0 and NAME_SHOWN in out
     assert_shown(out)
@@ -375,13 +382,15 @@ def test_generate_errors_and_bad_arguments(capsys, tmp_path):
     assert_shown(err)
 
 
-def test_models_list_and_config_warnings(capsys, tmp_path):
+def test_models_list_and_config_warnings(capsys, tmp_path, demo_dirs):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / f"{NAME}.safetensors").write_bytes(b"\x00" * 4)
+    os.symlink(demo_dirs["demo"], ckpt / "new\nline")  # a diffusers folder
     config_path().write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}, TEXT: 1}))
     code, out, err = cli(capsys, "models", "list")
     assert code == 0 and NAME_SHOWN in out and "unknown key" in err
+    assert any(line.startswith("  new\\nline ") for line in out.splitlines())  # one row, \n shown
     code, out, _ = cli(capsys, "models", "list", "--json")
     assert code == 0 and any(NAME in p for p in json.loads(out)["problems"])
 

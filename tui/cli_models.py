@@ -8,7 +8,7 @@ import sys
 from backend import config, downloads, library
 from backend.errors import RequestError
 from backend.families import FAMILIES
-from backend.safetext import visible
+from backend.safetext import one_line, visible
 
 
 def companions_targets() -> tuple[str, ...]:
@@ -23,7 +23,8 @@ def _label(entry: library.Entry) -> str:
 
 
 def format_table(lib: library.Library) -> str:
-    """The ``models list`` text: one section per kind, then the skipped files (control characters visible)."""
+    """The ``models list`` text: one section per kind, then the skipped files; a row per item (control
+    characters and newlines shown escaped)."""
     lines = []
     for kind in library.KINDS:
         entries = lib.of_kind(kind)
@@ -33,11 +34,12 @@ def format_table(lib: library.Library) -> str:
             note = f"  [{e.note}]" if e.note else ""
             if e.variant and kind in library.COMPANION_KINDS:  # what it serves: image, face, canny, photo, ...
                 note = f"  [{e.variant}{'; ' + e.note if e.note else ''}]"
-            lines.append(f"  {visible(e.name):<36} {visible(_label(e)):<24} {size:>9}  {e.source}{note}")
+            lines.append(f"  {one_line(e.name):<36} {one_line(_label(e)):<24} {size:>9}  {one_line(e.source)}"
+                         f"{one_line(note)}")
     if lib.problems:
         lines.append(f"skipped ({len(lib.problems)})")
-        lines += [f"  {p}" for p in lib.problems]
-    return visible("\n".join(lines))
+        lines += [f"  {one_line(p)}" for p in lib.problems]
+    return "\n".join(lines)
 
 
 def cmd_list(args) -> int:

@@ -7,7 +7,7 @@ import json
 import sys
 
 from backend.prompting.styles import RANDOM_STYLE, StyleLibrary, load_styles
-from backend.safetext import visible
+from backend.safetext import one_line
 from tui.cli_output import print_warnings
 
 
@@ -35,10 +35,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"name": s.name, "category": s.category, "source": s.source} for s in found]))
         return 0
-    names = [visible(s.name) for s in found]
+    names = [one_line(s.name) for s in found]  # one row each: a newline in a name is shown as \n
     width = max(map(len, names), default=4) + 2
     for name, style in zip(names, found):
-        print(f"{name:<{width}}{visible(style.category)}")
+        print(f"{name:<{width}}{one_line(style.category)}")
     if not args.search:
         print(f"{RANDOM_STYLE:<{width}}(picks one of the above per image seed)")
     print(f"\n{len(found)} styles", file=sys.stderr)
@@ -51,6 +51,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps({"name": style.name, "prompt": style.prompt, "negative_prompt": style.negative_prompt,
                           "category": style.category, "source": style.source}))
         return 0
-    print(visible(f"name:     {style.name}\ncategory: {style.category}\nsource:   {style.source}\n"
-                  f"prompt:   {style.prompt}\nnegative: {style.negative_prompt}"))
+    fields = {"name": style.name, "category": style.category, "source": style.source, "prompt": style.prompt,
+              "negative": style.negative_prompt}
+    for label, value in fields.items():
+        print(f"{label + ':':<10}{one_line(value)}")
     return 0
