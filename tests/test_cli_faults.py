@@ -301,7 +301,9 @@ def test_tui_leaves_a_damaged_queue_warning_on_the_terminal(tmp_path, monkeypatc
 
 
 # -- 4: Ctrl-C ------------------------------------------------------------------------------
-def test_ctrl_c_cancels_the_job_in_the_queue(tmp_path, demo_dirs):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_cancels_the_job_in_the_queue(tmp_path, demo_dirs, sig):
+    """Ctrl-C reaches the process group; SIGTERM (kill, timeout) the command alone."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "tui.cli", "generate", "x", "--model", "demo", "--steps", "500", "--size", "256x256",
          "--device", "cpu", "--out", str(tmp_path), "--json"],
@@ -312,7 +314,7 @@ def test_ctrl_c_cancels_the_job_in_the_queue(tmp_path, demo_dirs):
         event = json.loads(line)
         job = event["job"] if event["type"] == "queued" else job
         if event["type"] == "step":
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
             break
     assert proc.wait(timeout=60) == 130
     assert "interrupted" in proc.stderr.read()

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -167,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             from tui.app import run_app
 
             return run_app(args, print_warnings)
+        if args.command != "attach":  # the TUI restores the terminal on its own signals
+            # `kill`, `timeout` or a job scheduler: a command stops as on Ctrl-C (its --local jobs are
+            # cancelled, not left "running" for a later service to run); serve and web handle it themselves.
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
         return int(args.func(args) or 0)
     except DreamttyError as exc:
         print(f"dreamtty: {one_line(exc)}", file=sys.stderr)
