@@ -52,8 +52,11 @@ def check_cluster(text: str, field: str = "cluster") -> str:
     address = text.strip()
     if address == "local":
         return address
-    if address != "auto" and not _ADDRESS.fullmatch(address):
+    match = _ADDRESS.fullmatch(address)
+    if address != "auto" and not match:
         raise RequestError(field, f"{text!r} is not allowed; use {_ALLOWED}")
+    if match and not 0 < int(match["port"]) < 65536:
+        raise RequestError(field, f"{text!r} is not allowed: port {match['port']} is out of range 1..65535")
     if importlib.util.find_spec("ray") is None:
         raise DreamttyError(f"{field}: running workers on a Ray cluster needs Ray; {INSTALL}")
     if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
