@@ -27,6 +27,8 @@ import hashlib
 import io
 import os
 import warnings as pywarnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -76,6 +78,18 @@ def _check_hash(path: str, field_name: str, data: bytes, expected: str | None) -
     if expected and digest != expected:
         raise RequestError(field_name, f"{path} changed since the job was made (hash {digest}, recorded {expected})")
     return digest
+
+
+
+@contextmanager
+def open_quietly(source) -> Iterator[Image.Image]:
+    """``Image.open(source)`` (a path or a file), with PIL's DecompressionBombWarning (two lines on
+    stderr) silenced while in use: images between PIL's pixel limit (about 89 MP) and twice that are
+    the user's own (100 MP cameras exist). Beyond twice the limit PIL still raises DecompressionBombError."""
+    with pywarnings.catch_warnings():
+        pywarnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(source) as img:
+            yield img
 
 
 def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[str]]:

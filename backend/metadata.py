@@ -11,7 +11,7 @@ from PIL.PngImagePlugin import PngInfo
 from backend import infotext, jobkinds, user_files
 from backend.errors import DreamttyError, RequestError
 from backend.guidance_settings import GuidanceSettings, freeu_defaults
-from backend.input_images import MAX_BYTES
+from backend.input_images import MAX_BYTES, open_quietly
 from backend.request import GenerateRequest
 
 CHUNK = "dreamtty"
@@ -102,7 +102,7 @@ def _text_chunks(path: str | Path) -> dict[str, str]:
     except OSError as exc:
         raise user_files.read_error("image", path, exc, "an image file") from None
     try:
-        with fh, Image.open(fh) as img:
+        with fh, open_quietly(fh) as img:
             return dict(getattr(img, "text", {}))
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DreamttyError(f"image: cannot read {path}: {exc}") from None

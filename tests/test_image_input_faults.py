@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -35,14 +36,17 @@ def service(tmp_path):
     svc.store.close()
 
 
-def _png(width: int, height: int, bit_depth: int = 8, colour: int = 2, rows: bytes | None = None) -> bytes:
-    """A PNG written by hand: any header, the rows given (or one byte row of zeros per line)."""
+def _png(width: int, height: int, bit_depth: int = 8, colour: int = 2, rows: bytes | None = None,
+         text: bytes = b"") -> bytes:
+    """A PNG written by hand: any header, the rows given (or one byte row of zeros per line), and a
+    tEXt chunk when ``text`` is given (keyword NUL text)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0)
     data = zlib.compress(rows if rows is not None else b"\0" * (height * 2))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    texts = chunk(b"tEXt", text) if text else b""
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + texts + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 def _refused(service, request, tmp_path, message: str) -> str:
@@ -233,3 +237,16 @@ def test_a_damaged_record_of_kept_inputs_keeps_nothing(tmp_path, record):
     request = Img2ImgRequest(prompt="x", image=str(tmp_path / "gone.png"), image_hash="d7741e300849")
     again, notes = request.with_kept_inputs(record)
     assert again == request and all(note.endswith("is missing or changed too") for note in notes)
+
+
+
+def test_the_metadata_of_an_image_past_pils_pixel_limit_reads_without_pils_warning(tmp_path):
+    """PIL warns (two raw lines on stderr) between its limit, about 89 MP, and twice that."""
+    from backend import metadata
+
+    side = 9500  # 90.25 MP, grey
+    path = tmp_path / "large.png"
+    path.write_bytes(_png(side, side, colour=0, rows=b"\0" * (side + 1) * side, text=b'dreamtty\0{"version": 1}'))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert metadata.read(path) == {"version": 1}

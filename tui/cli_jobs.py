@@ -247,6 +247,7 @@ def cmd_reproduce(args) -> int:
     from PIL import Image
 
     from backend import foreign_metadata, metadata
+    from backend.input_images import open_quietly
 
     if (args.image is None) == (args.from_text is None):
         raise RequestError("reproduce", "give an IMAGE or --from-text FILE (one of them)")
@@ -262,7 +263,7 @@ def cmd_reproduce(args) -> int:
         request.model = args.model
     code, paths = asyncio.run(_run_jobs(args, [request], args.out))
     if code == 0 and paths and args.image is not None:
-        with Image.open(args.image) as a, Image.open(paths[0]) as b:
+        with open_quietly(args.image) as a, Image.open(paths[0]) as b:
             if a.size != b.size:  # an A1111 hires-fix image, or one resized after it was made
                 print(f"pixels: differ (size {b.width}x{b.height}, the image's is {a.width}x{a.height})",
                       file=sys.stderr)

@@ -10,9 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +17,7 @@ from typing import TYPE_CHECKING
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.errors import RequestError
+from backend.input_images import open_quietly
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,20 +39,6 @@ class ImageProblem(ValueError):
 def min_side(resolution: int) -> int:
     """Shortest side worth training on: upscaling more than 4x gives mush."""
     return max(MIN_SIDE, resolution // 4)
-
-
-@contextmanager
-def _opened(path: Path) -> Iterator[Image.Image]:
-    """``Image.open``; PIL's DecompressionBombWarning (two lines on stderr) is silenced while in use.
-
-    Images between PIL's pixel limit (about 89 MP) and twice that are accepted quietly: they are
-    the user's own files, and 100 MP cameras exist. Beyond twice the limit PIL still raises
-    DecompressionBombError, and the image is skipped as too large.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            yield img
 
 
 def _full_scale(mode: str, values: np.ndarray) -> float:
@@ -79,7 +63,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def open_rgb(path: Path) -> Image.Image:
     """Decode ``path`` upright (EXIF orientation) as 8-bit RGB."""
-    with _opened(path) as raw:
+    with open_quietly(path) as raw:
         return to_rgb(ImageOps.exif_transpose(raw))
 
 
@@ -105,7 +89,7 @@ def check_image(path: Path) -> tuple[int, int]:
     if problem:
         raise ImageProblem(problem)
     try:
-        with _opened(path) as img:
+        with open_quietly(path) as img:
             img.verify()  # checks the file structure (e.g. PNG checksums)
         with open_rgb(path) as img:  # decodes as training will: catches truncated data
             return img.size
