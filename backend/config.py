@@ -15,7 +15,10 @@ returns a one-line warning naming the key and the problem.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,27 +237,59 @@ def load(path: str | Path | None = None) -> Config:
     return cfg
 
 
-def set_value(key: str, value: object, path: Path | None = None) -> Path:
-    """Set one top-level key in the config file, keeping the others; returns the file written."""
+def set_value(key: str, value: str | int | float | bool | None, path: Path | None = None) -> Path:
+    """Set one top-level key in the config file and keep the rest as the user wrote it (comments,
+    order, anchors): the key's line is replaced, or a line is added. A linked file (dotfiles) is
+    written where the link points. Returns the file written; DreamttyError, the file untouched, when
+    that cannot be done."""
     if key not in TOP_KEYS:
         raise DreamttyError(f"config: unknown key {key!r}; allowed: {', '.join(TOP_KEYS)}")
-    file = path or config_path()
-    data: dict = {}
+    file = Path(os.path.realpath(path or config_path()))
+    text, data = "", {}
     if file.exists():
         try:
-            loaded = yaml_text.load(user_files.read_text(file))
+            text = user_files.read_text(file)
+            loaded = yaml_text.load(text)
         except yaml.YAMLError as exc:
             raise DreamttyError(f"config: cannot update {file}: not valid YAML{yaml_text.fault(exc)}") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise DreamttyError(f"config: cannot update {file}: {exc}") from None
-        if isinstance(loaded, dict):
-            data = loaded
-    data[key] = value
+        if loaded is not None and not isinstance(loaded, dict):
+            raise DreamttyError(f"config: cannot update {file}: it holds a {type(loaded).__name__}, not a mapping "
+                                "of keys; fix it first")
+        data = loaded or {}
+    updated = _with_line(text, key, f"{key}: {json.dumps(value)}\n")  # JSON text is a YAML scalar
+    try:
+        same = yaml_text.load(updated) == {**data, key: value}
+    except yaml.YAMLError:
+        same = False
+    if not same:  # the key's value spans lines in a way this edit does not follow
+        raise DreamttyError(f"config: cannot update {file} without rewriting it; set {key}: {json.dumps(value)} "
+                            "there by hand")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(file.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        tmp.write_text(updated, encoding="utf-8")
+        if file.exists():
+            os.chmod(tmp, stat.S_IMODE(file.stat().st_mode))
         tmp.replace(file)
     except OSError as exc:
         raise DreamttyError(f"config: cannot write {file}: {exc.strerror}") from None
     return file
+
+
+def _with_line(text: str, key: str, line: str) -> str:
+    """``text`` with the top-level ``key:`` entry (its line and the indented or ``-`` lines under it)
+    replaced by ``line``, or with ``line`` added at the end."""
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    head = re.compile(rf"{re.escape(key)}[ \t]*:")
+    for i, current in enumerate(lines):
+        if head.match(current):
+            end = i + 1
+            while end < len(lines) and (lines[end][:1] in (" ", "\t") or lines[end].rstrip() == "-"
+                                        or lines[end].startswith("- ")):
+                end += 1
+            return "".join([*lines[:i], line, *lines[end:]])
+    return "".join([*lines, line])

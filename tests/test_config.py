@@ -116,6 +116,33 @@ def test_set_value_keeps_other_keys(tmp_path):
         config.set_value("nope", 1, path)
 
 
+def test_set_value_keeps_comments_anchors_and_a_dotfiles_link(tmp_path):
+    dotfile = tmp_path / "dotfiles" / "dreamtty.yaml"
+    dotfile.parent.mkdir()
+    dotfile.write_text("# my settings\npaths: &p\n  loras: [/l]  # shared\ndefault_model:\n  old\n"
+                       "keymap: {generate: f5}\n")
+    dotfile.chmod(0o600)
+    link = tmp_path / "linked.yaml"
+    link.symlink_to(dotfile)
+    assert config.set_value("default_model", "new one", link) == dotfile
+    assert link.is_symlink() and dotfile.stat().st_mode & 0o777 == 0o600
+    assert dotfile.read_text() == ("# my settings\npaths: &p\n  loras: [/l]  # shared\ndefault_model: \"new one\"\n"
+                                   "keymap: {generate: f5}\n")
+    config.set_value("default_preset", "a\nb", link)  # added at the end, on one line
+    assert yaml.safe_load(dotfile.read_text())["default_preset"] == "a\nb"
+    assert dotfile.read_text().splitlines()[0] == "# my settings"
+
+
+@pytest.mark.parametrize("text", ["- default_model: x\n", "just text\n"])
+def test_set_value_refuses_a_config_that_is_not_a_mapping(tmp_path, text):
+    """It is read with a warning and the defaults; writing one key would replace what the user wrote."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(DreamttyError, match=r"^config: cannot update .*c.yaml: it holds a (list|str), not a mapping"):
+        config.set_value("default_model", "mine", path)
+    assert path.read_text() == text
+
+
 def test_a_config_that_is_not_a_regular_file_or_too_large_is_not_read(tmp_path):
     """``--config /dev/zero`` would read forever: a device or a file over the limit is one warning."""
     assert config.load("/dev/null").warnings == ["config: /dev/null is not a regular file; using defaults"]
