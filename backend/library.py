@@ -25,6 +25,7 @@ import collections
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -81,6 +82,8 @@ def read_safetensors_header(path: Path) -> tuple[Shapes, dict[str, str]]:
         shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in header.items()}
         end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
         meta = {str(k): str(v) for k, v in meta.items()}
+        if not all(map(_consistent, header.values())):
+            raise ValueError("a tensor's offsets do not hold its shape")
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
         raise CorruptFile(f"model: {path.name} has a corrupt safetensors header") from None
     if 8 + length + end > size:
@@ -88,6 +91,21 @@ def read_safetensors_header(path: Path) -> tuple[Shapes, dict[str, str]]:
             f"model: {path.name} is truncated: {size} bytes on disk, {8 + length + end} expected (download it again)"
         )
     return shapes, meta
+
+
+# Bytes per element of the safetensors dtypes whose size is whole (newer packed ones are not checked).
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _consistent(tensor: dict) -> bool:
+    """Whether a header entry's offsets span exactly its shape (safetensors refuses the file otherwise)."""
+    start, end = (int(x) for x in tensor["data_offsets"])
+    shape = [int(d) for d in tensor["shape"]]
+    if not 0 <= start <= end or any(d < 0 for d in shape):
+        return False
+    size = _DTYPE_BYTES.get(tensor.get("dtype"))
+    return size is None or end - start == math.prod(shape) * size
 
 
 class _Stub:

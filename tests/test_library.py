@@ -108,8 +108,11 @@ def test_damaged_files_raise_one_line_errors(tmp_path):
     with pytest.raises(CorruptFile, match="junk.safetensors has a corrupt safetensors header"):
         read_shapes(garbage)
     for header in (b'{"__metadata__": [1, 2]}', b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}',
-                   b"[" * 100_000 + b"]" * 100_000):  # metadata not a mapping, one offset, nested too deeply
-        garbage.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+                   b"[" * 100_000 + b"]" * 100_000,  # metadata not a mapping, one offset, nested too deeply
+                   b'{"a": {"dtype": "F32", "shape": [1, 32], "data_offsets": [0, 64]}}',  # 128 bytes' shape
+                   b'{"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}',
+                   b'{"a": {"dtype": "U8", "shape": [0], "data_offsets": [4, 0]}}'):
+        garbage.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
         with pytest.raises(CorruptFile, match="junk.safetensors has a corrupt safetensors header"):
             read_shapes(garbage)
     empty = tmp_path / "empty.safetensors"
