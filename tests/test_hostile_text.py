@@ -297,17 +297,32 @@ async def test_notifications_are_text_and_cut(idle_service, tmp_path):
 
 
 async def test_keymap_from_the_config_file(idle_service, tmp_path):
+    """Keys that no terminal sends are dropped, their defaults kept, and each is said, escaped."""
     config_path().write_text(yaml.safe_dump({"keymap": {"generate": "[/]", "screen.queue": "a\x1bc",
-                                                        "mask.edit": "[b]x"}}))
+                                                        "mask.edit": "[b]x", "[b]\x1bc": "f9"}}))
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(140, 45), notifications=True) as pilot:
         await settle(pilot)  # the form loads styles and presets after the first frame
         await pilot.pause()
-        assert "a\\x1bc Queue" in screen_text(app)  # the mode bar
-        assert str(app.screen.query_one("#in-edit-mask", Button).label) == "Edit mask ([b]x)"
+        messages = [n.message for n in app._notifications]
+        assert "keymap.screen.queue: 'a\\x1bc' is not a key name (e.g. ctrl+g, f5, escape, x); keeping f2" in messages
+        assert "keymap: '[b]\\x1bc' is not a binding id (the ids are listed in docs/tui.md)" in messages
+        assert "F2 Queue" in screen_text(app)  # the mode bar
+        assert str(app.screen.query_one("#in-edit-mask", Button).label) == "Edit mask (^t)"
         await pilot.press("ctrl+p")  # the command palette lists every key (its help line is markup)
         await pilot.pause(0.5)
-        assert "key: a\\x1bc" in screen_text(app) and app.is_running
+        assert app.is_running
+
+
+def test_a_keymap_entry_that_cannot_work_is_dropped_and_a_shared_key_is_said():
+    from tui.keymap import check_keymap
+
+    kept, warnings = check_keymap({"generate": "ctlr+g", "screen.models": "ctrl+q", "train.start": "f5,plus",
+                                   "help": "F5"})
+    assert kept == {"screen.models": "ctrl+q", "train.start": "f5,plus"}
+    assert warnings == ["keymap.generate: 'ctlr+g' is not a key name (e.g. ctrl+g, f5, escape, x); keeping ctrl+g",
+                        "keymap.help: 'F5' is not a key name (e.g. ctrl+g, f5, escape, x); keeping f12",
+                        "keymap.screen.models: ctrl+q is also the key of quit"]
 
 
 def test_markup_reads_back_as_typed():

@@ -124,8 +124,9 @@ class DreamttyApp(App):
         self.set_timer(FIRST_FRAME_WAIT, self.first_frame_shown)  # a screen without a footer
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+        self.config.keymap, keymap_warnings = keymap.check_keymap(self.config.keymap)
         self.set_keymap(self.config.keymap)
-        for warning in self.config.warnings:
+        for warning in [*self.config.warnings, *keymap_warnings]:
             notify(self, warning, title="config", severity="warning", timeout=10)
         self.run_worker(self._consume_events(self.client.subscribe()), group="events", name="events")
         # The worker process (it imports torch) starts once the first frame is on the screen.

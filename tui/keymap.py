@@ -7,7 +7,9 @@ Remap in the config file (``backend.config``, ``<config dir>/config.yaml``)::
       screen.queue: f6
 
 Keys are Textual key names (``ctrl+g``, ``f1``, ``delete``, ``l``); several
-keys for one binding are separated by commas.
+keys for one binding are separated by commas. :func:`check_keymap` drops what cannot work (an
+unknown binding id, a key name Textual does not know) with a warning, and warns of a key that two
+bindings of one screen share.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from textual.binding import Binding
+from textual.keys import REPLACED_KEYS, Keys, key_to_character
 
 
 @dataclass(frozen=True)
@@ -107,10 +110,68 @@ MASK_KEYS = (
     Key("mask.cancel", "escape", "cancel", "Cancel", "Mask editor: close without using the mask"),
 )
 
-ALL_KEYS = APP_KEYS + GENERATE_KEYS + QUEUE_KEYS + MASK_KEYS
+TRAIN_KEYS = (
+    Key("train.start", "ctrl+s", "start_run", "Start run", "Start a training run with the Train form", priority=True),
+    Key("train.stop", "ctrl+t", "stop_run", "Stop run", "Stop the selected run after its step (keeps a checkpoint)",
+        priority=True),
+    Key("train.resume", "ctrl+r", "resume_run", "Resume run",
+        "Continue the selected stopped or failed run from its newest checkpoint", priority=True),
+)
+
+MODELS_KEYS = (
+    Key("models.default", "d", "set_default", "Set default", "Make the selected checkpoint the default model"),
+    Key("models.refresh", "r", "refresh", "Rescan", "Scan the model folders again"),
+    Key("models.pull", "p", "focus_pull", "Pull", "Type a Hugging Face id to download"),
+)
+
+ALL_KEYS = APP_KEYS + GENERATE_KEYS + QUEUE_KEYS + MASK_KEYS + TRAIN_KEYS + MODELS_KEYS
 
 
 def bindings(keys: tuple[Key, ...]) -> list[Binding]:
     return [Binding(k.key, k.action, k.description, show=k.show, priority=k.priority, id=k.id, tooltip=k.help)
             for k in keys]
 
+
+
+# Bindings active together: the app's keys are live on every screen.
+GROUPS = tuple(APP_KEYS + keys for keys in (GENERATE_KEYS, QUEUE_KEYS, MASK_KEYS, TRAIN_KEYS, MODELS_KEYS))
+_MODIFIERS = ("ctrl", "shift", "alt", "meta", "super", "hyper")
+_NAMED = {key.value for key in Keys if "+" not in key.value and not key.value.startswith("<")}
+
+
+def known_key(name: str) -> bool:
+    """Whether ``name`` is a key Textual can report: modifiers, then a named key (``f5``, ``escape``),
+    a character, or a character's name (``plus``, ``equals_sign``)."""
+    *modifiers, base = name.split("+")
+    if not base or any(m not in _MODIFIERS for m in modifiers):
+        return False
+    return base in _NAMED or (len(base) == 1 and base.isprintable()) or key_to_character(REPLACED_KEYS.get(base, base)) is not None
+
+
+def check_keymap(user: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The user's keymap without the entries that cannot work, and a warning for each one dropped
+    (its default stays) and for each key that two bindings active together now share."""
+    defaults = {key.id: key.key for key in ALL_KEYS}
+    kept: dict[str, str] = {}
+    warnings = []
+    for binding_id, keys in user.items():
+        bad = next((k for k in keys.split(",") if not known_key(k.strip())), None)
+        if binding_id not in defaults:
+            warnings.append(f"keymap: {binding_id!r} is not a binding id (the ids are listed in docs/tui.md)")
+        elif bad is not None:
+            warnings.append(f"keymap.{binding_id}: {bad.strip()!r} is not a key name (e.g. ctrl+g, f5, escape, x); "
+                            f"keeping {defaults[binding_id]}")
+        else:
+            kept[binding_id] = keys
+    for group in GROUPS:
+        owners: dict[str, str] = {}
+        for key in group:
+            for name in kept.get(key.id, key.key).split(","):
+                other = owners.setdefault(name.strip(), key.id)
+                if other == key.id or not (key.id in kept or other in kept):
+                    continue
+                mine, theirs = (key.id, other) if key.id in kept else (other, key.id)  # the remapped one first
+                clash = f"keymap.{mine}: {name.strip()} is also the key of {theirs}"
+                if clash not in warnings:
+                    warnings.append(clash)
+    return kept, warnings

@@ -20,16 +20,11 @@ from backend import config, downloads, library
 from backend.errors import DreamttyError
 from backend.events import ServiceReady, WorkerModels, WorkerReady, WorkerReleased
 from backend.families import FAMILIES
-from tui.keymap import Key, bindings
+from tui.keymap import MODELS_KEYS, bindings
 from tui.text import TextInput, cell, notify, plain
 from tui.widgets.footer import KeysFooter
 from tui.widgets.modebar import ModeBar
 
-MODELS_KEYS = (
-    Key("models.default", "d", "set_default", "Set default", "Make the selected checkpoint the default model"),
-    Key("models.refresh", "r", "refresh", "Rescan", "Scan the model folders again"),
-    Key("models.pull", "p", "focus_pull", "Pull", "Type a Hugging Face id to download"),
-)
 COLUMNS = ("kind", "name", "family", "size", "source", "note")
 
 

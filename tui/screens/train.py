@@ -31,20 +31,13 @@ from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, TrainRequest, check_field
 from backend.training.images import check_folder
 from backend.training.launch import request_stop, resume_settings
-from tui.keymap import Key, bindings
+from tui.keymap import TRAIN_KEYS, bindings
 from tui.text import TextInput, notify, plain
 from tui.widgets.field import Field
 from tui.widgets.footer import KeysFooter
 from tui.widgets.modebar import ModeBar
 from tui.widgets.preview import ImagePreview
 
-TRAIN_KEYS = (
-    Key("train.start", "ctrl+s", "start_run", "Start run", "Start a training run with the Train form", priority=True),
-    Key("train.stop", "ctrl+t", "stop_run", "Stop run", "Stop the selected run after its step (keeps a checkpoint)",
-        priority=True),
-    Key("train.resume", "ctrl+r", "resume_run", "Resume run",
-        "Continue the selected stopped or failed run from its newest checkpoint", priority=True),
-)
 POLL_S = 0.5
 RESCAN_EVERY = 4  # polls between rescans of the runs folder
 MAX_PLOT_POINTS = 400
