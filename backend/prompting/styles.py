@@ -51,6 +51,10 @@ class StyleLibrary:
     warnings: list[str] = field(default_factory=list)
 
     def add(self, style: Style) -> None:
+        if style_key(style.name) == style_key(RANDOM_STYLE):  # the built-in pick would hide it
+            self.warnings.append(f"{style.source}: {style.name!r} is a reserved name (it picks one of the styles "
+                                 "per image seed); style skipped")
+            return
         self.styles[style_key(style.name)] = style
 
     def get(self, name: str) -> Style:
