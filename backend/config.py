@@ -25,7 +25,8 @@ from pathlib import Path
 import yaml
 
 from backend import locations, user_files, yaml_text
-from backend.errors import DreamttyError
+from backend.errors import DreamttyError, RequestError
+from backend.values import to_bool
 
 ENV_PATH = "DREAMTTY_CONFIG"
 FOLDER_KINDS = ("checkpoints", "loras", "vae", "embeddings", "upscalers", "ip_adapters", "controlnets", "depth_models",
@@ -76,7 +77,7 @@ def service_settings() -> dict[str, str]:
     the environment's model folders and pickle switch. A client whose settings differ must not hand its jobs
     to that service (they would find other models, or load weights it refused)."""
     env = {f"DREAMTTY_{kind.upper()}": os.environ.get(f"DREAMTTY_{kind.upper()}", "") for kind in FOLDER_KINDS}
-    pickle = os.environ.get("DREAMTTY_ALLOW_PICKLE", "").lower() in ("1", "true", "yes")
+    pickle = _pickle_env()[0]
     return {"config": str(config_path()), **{k: v for k, v in env.items() if v}, **({"allow_pickle": "1"} if pickle else {})}
 
 
@@ -223,9 +224,20 @@ def _apply_env(cfg: Config) -> None:
         env = os.environ.get(f"DREAMTTY_{key.upper()}")
         if env:
             setattr(cfg, key, env)
-    env = os.environ.get("DREAMTTY_ALLOW_PICKLE", "").lower()
-    if env:
-        cfg.allow_pickle = env in ("1", "true", "yes")
+    pickle, problem = _pickle_env()
+    if problem:
+        cfg.warnings.append(f"config: {problem}; the config file's allow_pickle applies")
+    elif pickle is not None:
+        cfg.allow_pickle = pickle
+
+
+def _pickle_env() -> tuple[bool | None, str | None]:
+    """``DREAMTTY_ALLOW_PICKLE``: (its switch, None when unset or not one; why it is not one)."""
+    env = os.environ.get("DREAMTTY_ALLOW_PICKLE", "")
+    try:
+        return (to_bool("DREAMTTY_ALLOW_PICKLE", env) if env else None), None
+    except RequestError as exc:
+        return None, str(exc)
 
 
 def load(path: str | Path | None = None) -> Config:

@@ -86,6 +86,13 @@ def test_env_overrides_single_keys(tmp_path, monkeypatch):
     cfg = config.load(path)
     assert cfg.folders("loras") == [Path("/env/a"), Path("/env/b")]
     assert cfg.default_model == "env-model" and cfg.allow_pickle
+    monkeypatch.setenv("DREAMTTY_ALLOW_PICKLE", "garbage")  # not a switch: said, and the file's value applies
+    path = _write(tmp_path / "p.yaml", {"allow_pickle": True})
+    cfg = config.load(path)
+    assert cfg.allow_pickle and cfg.warnings == [
+        "config: DREAMTTY_ALLOW_PICKLE: 'garbage' is not true or false; the config file's allow_pickle applies"]
+    monkeypatch.setenv("DREAMTTY_ALLOW_PICKLE", "off")
+    assert not config.load(path).allow_pickle
 
 
 def test_set_config_path_reaches_other_processes_through_env(tmp_path, monkeypatch):
