@@ -390,6 +390,8 @@ def test_reproduce_an_image_with_hostile_metadata(field, value, capsys, tmp_path
 def test_generate_errors_and_bad_arguments(capsys, tmp_path):
     code, _, err = cli(capsys, "generate", TEXT, "--model", NAME, "--out", str(tmp_path))
     assert code == 2 and NAME_SHOWN in err
+    code, _, err = cli(capsys, "generate", "x", "--model", "m" * 100_000, "--out", str(tmp_path))
+    assert code == 2 and len(err) < 2100 and err.endswith("… (cut)\n")  # not a megabyte of one line
     code, _, err = cli(capsys, "generate", "x", "--lora", f"{NAME}:heavy")
     assert code == 2 and NAME_SHOWN in err
     code, _, err = cli(capsys, "samplers", TEXT)

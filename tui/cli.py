@@ -159,6 +159,9 @@ def apply_global_options(args: argparse.Namespace) -> None:
         print(f"dreamtty: {one_line(warning)}", file=sys.stderr)
 
 
+MAX_ERROR = 2000  # characters of an error line
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -174,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.default_int_handler)
         return int(args.func(args) or 0)
     except DreamttyError as exc:
-        print(f"dreamtty: {one_line(exc)}", file=sys.stderr)
+        text = one_line(exc)  # a value echoed in it may be a megabyte long
+        print(f"dreamtty: {text if len(text) <= MAX_ERROR else text[:MAX_ERROR] + '… (cut)'}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dreamtty: interrupted", file=sys.stderr)
