@@ -23,7 +23,11 @@ import queue
 import re
 import socket
 import sqlite3
+import sys
+import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -323,11 +327,30 @@ def _connect(ray, address: str, field: str) -> bool:
     match = _ADDRESS.fullmatch(address)
     if match:  # ray.init waits minutes for a head that is not there, or for something else that listens
         _check_head(address, match["host"].strip("[]"), int(match["port"]), field)
-    try:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
-    except Exception as exc:  # noqa: BLE001 - Ray raises several kinds: one line for each
-        raise DreamttyError(f"{field}: cannot join the Ray cluster at {address}: {one_line(exc)}") from None
+    with tempfile.TemporaryFile() as said:
+        try:
+            with _stderr_into(said):  # Ray's core logs each failed try there, a line apiece
+                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
+        except Exception as exc:  # noqa: BLE001 - Ray raises several kinds: one line for each
+            said.seek(0)
+            why = one_line(exc)
+            if b"InvalidAuthToken" in said.read():
+                why = "it refused this machine's token (set RAY_AUTH_TOKEN, or ~/.ray/auth_token, as on the head)"
+            raise DreamttyError(f"{field}: cannot join the Ray cluster at {address}: {why}") from None
     return True
+
+
+@contextmanager
+def _stderr_into(file) -> Iterator[None]:
+    """File descriptor 2 (where native code writes) into ``file`` meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _check_head(address: str, host: str, port: int, field: str) -> None:

@@ -316,3 +316,26 @@ def test_the_head_check_passes_a_real_ray_head(ray_runtime):
 
     host, port = ray_runtime.get_runtime_context().gcs_address.rsplit(":", 1)
     _check_head(f"{host}:{port}", host, int(port), "cluster")
+
+
+@pytest.mark.parametrize("log, why", [
+    (b"[W gcs_client.cc:210] Failed to get cluster ID: Unauthenticated: InvalidAuthToken: token is incorrect\n",
+     r"it refused this machine.s token \(set RAY_AUTH_TOKEN"),
+    (b"[W rpc_client.h:153] Failed to connect to GCS\n", "Failed to connect to Ray cluster at 192.0.2.2:6379$"),
+])
+def test_a_failed_join_is_one_line_without_rays_own_log(monkeypatch, capfd, log, why):
+    """Ray's core writes each failed try to descriptor 2, about twenty lines before it gives up."""
+    from backend import ray_pool
+
+    class Refusing:
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **options) -> None:
+            os.write(2, log * 20)
+            raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.2:6379")
+
+    monkeypatch.setattr(ray_pool, "_check_head", lambda *args: None)
+    with pytest.raises(DreamttyError, match=rf"^cluster: cannot join the Ray cluster at h:6379: {why}"):
+        ray_pool._connect(Refusing(), "h:6379", "cluster")
+    assert capfd.readouterr().err == ""
