@@ -93,6 +93,13 @@ def test_wildcard_errors_name_the_wildcard():
         _expand("__empty__", 1)
 
 
+
+def test_an_unknown_wildcard_names_the_folder_searched(tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAMTTY_WILDCARDS", str(tmp_path / "mine"))
+    with pytest.raises(RequestError, match=rf"^prompt: unknown wildcard __nope__; add nope.txt to {tmp_path / 'mine'}$"):
+        check_prompts(GenerateRequest(prompt="a __nope__", seed=1))
+
+
 def test_shipped_and_user_wildcards(tmp_path, monkeypatch):
     monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
     (tmp_path / "config" / "wildcards" / "mine").mkdir(parents=True)

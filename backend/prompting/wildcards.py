@@ -14,7 +14,7 @@ import random
 import re
 
 from backend.errors import RequestError
-from backend.prompting.datafiles import data_files, user_dir
+from backend.prompting.datafiles import data_files, user_dir, user_dirs
 from backend.safetext import one_line
 
 MAX_DEPTH = 16
@@ -68,7 +68,7 @@ def expand_wildcards(
             if options is None and name.lower() in _skipped:
                 raise RequestError(field, f"wildcard __{name}__: {_skipped[name.lower()]}")
             if options is None:
-                raise RequestError(field, f"unknown wildcard __{name}__; add {name}.txt to {user_dir('wildcards')}")
+                raise RequestError(field, f"unknown wildcard __{name}__; add {name}.txt to {_first_folder()}")
             if not options:
                 raise RequestError(field, f"wildcard __{name}__ has no lines")
             if len(picks) >= MAX_PICKS:
@@ -98,3 +98,8 @@ def expand_arrays(text: str, index: int, field: str) -> tuple[str, list[dict]]:
         return choice
 
     return ARRAY.sub(choose, text), choices
+
+
+def _first_folder() -> str:
+    """Where a new wildcard file goes: the first wildcards folder searched (``paths.wildcards``, DREAMTTY_WILDCARDS)."""
+    return str(next(iter(user_dirs("wildcards")), user_dir("wildcards")))
