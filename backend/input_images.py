@@ -8,7 +8,7 @@ the worker (which uses the pixels). What it does with each kind of file:
 - larger than :data:`MAX_PIXELS` (also PIL's decompression-bomb guard) or :data:`MAX_BYTES`: refused;
 - EXIF orientation: applied, so the picture is used the way viewers show it;
 - animated (GIF, APNG, WebP): the first frame, with a warning;
-- 16-bit: reduced to 8 bits per channel, with a warning;
+- 16-bit (and a TIFF's 32-bit) channels: reduced to 8 bits, with a warning;
 - grey, palette, CMYK, YCbCr: converted to RGB (CMYK with a warning: without colour management
   its colours may shift);
 - transparency: composited on **white** (as most viewers show a transparent image and as Fooocus
@@ -106,8 +106,9 @@ def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[st
             if frames > 1:
                 img.seek(0)
                 notes.append(f"{path} is animated ({frames} frames): the first frame is used")
-            if _sixteen_bit(img):
-                notes.append(f"{path} has 16 bits per channel: reduced to 8")
+            depth = _deep_channels(img)
+            if depth:
+                notes.append(f"{path} has {depth} channels: reduced to 8 bits")
             img.load()
             return ImageOps.exif_transpose(img), notes
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
@@ -119,15 +120,15 @@ def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[st
         raise RequestError(field_name, f"{path} is truncated or damaged: {str(exc).splitlines()[0] if str(exc) else 'cannot decode'}") from None
 
 
-def _sixteen_bit(img: Image.Image) -> bool:
-    """Grey 16-bit opens as I;16; a 16-bit RGB PNG opens as RGB, with a raw mode like RGB;16B (before loading)."""
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        return True
+def _deep_channels(img: Image.Image) -> str | None:
+    """How deep a channel is when deeper than 8 bits (read before loading): a 16-bit PNG opens as
+    I;16 or I (grey) or RGB, with a raw mode like RGB;16B in its tile; a TIFF may hold 32-bit ints (I)
+    or floats (F)."""
     for tile in getattr(img, "tile", None) or []:
         args = tile.args
         if ";16" in str(args if isinstance(args, str) else (args or ("",))[0]):
-            return True
-    return False
+            return "16-bit"
+    return {"I": "32-bit integer", "F": "32-bit float"}.get(img.mode, "16-bit" if img.mode.startswith("I;16") else None)
 
 
 def _eight_bit(img: Image.Image) -> Image.Image:

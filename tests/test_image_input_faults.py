@@ -152,7 +152,10 @@ def test_sixteen_bit_images_are_scaled_to_eight(tmp_path):
         read = read_image(str(tmp_path / name))
         assert read.image.mode == "RGB"
         assert np.asarray(read.image)[0, :, 0].tolist() == [0, 10, 156, 255]  # scaled, not clipped to white
-        assert "has 16 bits per channel: reduced to 8" in read.warnings[0]
+        assert "has 16-bit channels: reduced to 8 bits" in read.warnings[0]
+    Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32)).save(tmp_path / "f32.tif")  # what TIFFs may hold
+    assert read_image(str(tmp_path / "f32.tif")).warnings == [f"{tmp_path / 'f32.tif'} has 32-bit float channels: "
+                                                               "reduced to 8 bits"]
 
 
 def test_grey_cmyk_alpha_animated_and_rotated_images(tmp_path):
