@@ -73,7 +73,7 @@ def test_from_dict_coerces_text_and_rejects_unknown_keys():
     big = "99999999999999999999999"  # named as typed, not as a float rounds it
     with pytest.raises(RequestError, match=f"seed: {big} is out of range"):
         TrainRequest.from_dict({"model": "demo", "seed": big}).validate()
-    with pytest.raises(RequestError, match="max_steps: '9{5000}' is not a whole number"):
+    with pytest.raises(RequestError, match="^max_steps: a number of 5000 digits is out of range$"):
         TrainRequest.from_dict({"max_steps": "9" * 5000})  # past what int() reads
     with pytest.raises(RequestError) as err:
         TrainRequest.from_dict({"epochs": 3})
