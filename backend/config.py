@@ -246,6 +246,10 @@ def load(path: str | Path | None = None) -> Config:
     file = Path(path).expanduser() if path is not None else config_path()
     _apply(cfg, _read_yaml(file, cfg))
     _apply_env(cfg)
+    for kind, folders in cfg.paths.items():  # a file where a folder goes: said, not searched in silence
+        for folder in [f for f in folders if f.exists() and not f.is_dir()]:
+            cfg.warnings.append(f"config: paths.{kind}: {folder} is a file, not a folder; ignored")
+            folders.remove(folder)
     return cfg
 
 

@@ -95,6 +95,15 @@ def test_env_overrides_single_keys(tmp_path, monkeypatch):
     assert not config.load(path).allow_pickle
 
 
+def test_a_folder_path_that_names_a_file_is_said_and_ignored(tmp_path, monkeypatch):
+    styles = _write(tmp_path / "styles.json", {})
+    monkeypatch.setenv("DREAMTTY_WILDCARDS", str(styles))
+    cfg = config.load(_write(tmp_path / "c.yaml", {"paths": {"styles": [str(styles), str(tmp_path)]}}))
+    assert cfg.folders("styles") == [tmp_path] and cfg.folders("wildcards") == []
+    assert sorted(cfg.warnings) == [f"config: paths.styles: {styles} is a file, not a folder; ignored",
+                                    f"config: paths.wildcards: {styles} is a file, not a folder; ignored"]
+
+
 def test_set_config_path_reaches_other_processes_through_env(tmp_path, monkeypatch):
     path = _write(tmp_path / "c.yaml", {"default_model": "chosen"})
     config.set_config_path(path)
