@@ -81,6 +81,7 @@ def test_extra_argument_is_unrecognized(capsys):
         (["generate", "x", "--model", ""], "model: is empty"),
         (["generate", "x", "--model", "   "], "model: is empty"),
         (["generate", "x", "--out", ""], "out: is empty"),
+        (["--config", " ", "generate", "x"], "config: is empty; give a file"),  # not the working folder
     ],
 )
 def test_conflicting_or_empty_options(argv, message, generated, capsys):

@@ -31,7 +31,7 @@ _GLOBAL_OPTIONS = (
     (("--cluster",), {"help": "run the workers on a Ray cluster: auto, ray://HEAD:10001 or HEAD:6379 "
                                "(local: on this machine; default: the config's workers)"}),
     (("--color",), {"choices": ["auto", "truecolor", "256"], "default": "auto", "help": "TUI colour depth"}),
-    (("--config",), {"type": Path, "help": "config file (default: see `dreamtty config path`)"}),
+    (("--config",), {"help": "config file (default: see `dreamtty config path`)"}),
     (("--allow-pickle",), {"action": "store_true", "default": False,
                            "help": "allow pickled .ckpt/.pt/.bin weights (weights only)"}),
     (("--local",), {"action": "store_true", "default": False,
@@ -125,10 +125,12 @@ def _check_global_options(args: argparse.Namespace) -> None:
         raise RequestError("model", f"--demo and --model {args.model} conflict; give one of them")
     if args.demo:
         args.model = "demo"
-    if args.out is not None:
-        if not args.out.strip():
-            raise RequestError("out", "is empty; give a folder")
-        args.out = Path(args.out)
+    for name, what in (("out", "a folder"), ("config", "a file")):
+        value = getattr(args, name)
+        if value is not None and not value.strip():  # Path("") would be the working folder
+            raise RequestError(name, f"is empty; give {what}")
+        if value is not None:
+            setattr(args, name, Path(value))
     check_devices(args.device)
     if args.cluster is not None:
         from backend.ray_pool import check_cluster
