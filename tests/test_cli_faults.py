@@ -73,6 +73,13 @@ def test_extra_argument_is_unrecognized(capsys):
     _one_error(capsys, "unrecognized arguments: extra")
 
 
+def test_an_empty_config_is_refused_not_read_as_the_working_folder(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", " ", "generate", "x"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "dreamtty: error: argument --config: is empty; give a file\n"
+
+
 # -- 7: silent overrides ----------------------------------------------------------------
 @pytest.mark.parametrize(
     "argv,message",
@@ -81,7 +88,6 @@ def test_extra_argument_is_unrecognized(capsys):
         (["generate", "x", "--model", ""], "model: is empty"),
         (["generate", "x", "--model", "   "], "model: is empty"),
         (["generate", "x", "--out", ""], "out: is empty"),
-        (["--config", " ", "generate", "x"], "config: is empty; give a file"),  # not the working folder
     ],
 )
 def test_conflicting_or_empty_options(argv, message, generated, capsys):

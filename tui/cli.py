@@ -22,6 +22,13 @@ from backend.samplers import SAMPLERS, SCHEDULES
 from tui.cli_output import Parser, print_warnings
 
 
+def _file_path(text: str) -> Path:
+    """``--config``: a path; empty text is refused (``Path("")`` is the working folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a file")
+    return Path(text)
+
+
 # Options taken before the subcommand or after it: (flags, add_argument keywords).
 _GLOBAL_OPTIONS = (
     (("--demo",), {"action": "store_true", "default": False, "help": "use the built-in demo model (offline, tiny)"}),
@@ -31,7 +38,7 @@ _GLOBAL_OPTIONS = (
     (("--cluster",), {"help": "run the workers on a Ray cluster: auto, ray://HEAD:10001 or HEAD:6379 "
                                "(local: on this machine; default: the config's workers)"}),
     (("--color",), {"choices": ["auto", "truecolor", "256"], "default": "auto", "help": "TUI colour depth"}),
-    (("--config",), {"help": "config file (default: see `dreamtty config path`)"}),
+    (("--config",), {"type": _file_path, "help": "config file (default: see `dreamtty config path`)"}),
     (("--allow-pickle",), {"action": "store_true", "default": False,
                            "help": "allow pickled .ckpt/.pt/.bin weights (weights only)"}),
     (("--local",), {"action": "store_true", "default": False,
@@ -125,12 +132,10 @@ def _check_global_options(args: argparse.Namespace) -> None:
         raise RequestError("model", f"--demo and --model {args.model} conflict; give one of them")
     if args.demo:
         args.model = "demo"
-    for name, what in (("out", "a folder"), ("config", "a file")):
-        value = getattr(args, name)
-        if value is not None and not value.strip():  # Path("") would be the working folder
-            raise RequestError(name, f"is empty; give {what}")
-        if value is not None:
-            setattr(args, name, Path(value))
+    if args.out is not None:
+        if not args.out.strip():
+            raise RequestError("out", "is empty; give a folder")
+        args.out = Path(args.out)
     check_devices(args.device)
     if args.cluster is not None:
         from backend.ray_pool import check_cluster
