@@ -148,3 +148,15 @@ async def test_a_job_queued_at_once_uses_the_default_preset(tmp_path, user_folde
         await settle(pilot)
         [job] = await app.client.jobs()
     assert (job.request["steps"], job.request["cfg"], job.request["preset"]) == (13, 3.5, "mine")
+
+
+def test_loaded_steps_pick_a_performance_only_where_it_gives_them():
+    """An 8-step DPM++ image is not "Extreme speed" (which is 8 LCM steps at CFG 1)."""
+    from textual.widgets import Select
+
+    from tui.screens.generate_form import performance_of
+
+    assert performance_of({"steps": 8, "sampler": "dpmpp_2m", "cfg": 7.0}) is Select.NULL
+    assert performance_of({"steps": 8, "sampler": "lcm"}) == "extreme"
+    assert performance_of({"steps": 30, "sampler": "euler_a"}) == "speed"
+    assert performance_of({"steps": 31}) is Select.NULL

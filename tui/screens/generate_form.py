@@ -60,6 +60,14 @@ def style_choices() -> tuple[list[StyleInfo], list[str]]:
     return styles, library.warnings
 
 
+def performance_of(data: dict) -> str | object:
+    """The Performance choice that gives ``data``'s steps (Extreme speed: with the LCM sampler too)."""
+    key = next((k for k, (_, n) in PERFORMANCE.items() if n == data.get("steps")), None)
+    if key is None or (key == "extreme" and data.get("sampler", "lcm") != "lcm"):
+        return Select.NULL
+    return key
+
+
 def few_step_allowed(model: str, loras: str) -> bool:
     """Extreme speed needs a few-step model or LoRA (LCM, turbo, lightning, hyper), judged by name."""
     return bool(FEW_STEP_NAME.search(f"{model} {loras}"))
@@ -306,8 +314,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
                 self.references.fill(data["image_prompts"] or [])
             if "steps" in data:
                 q("#steps", Input).value = "" if data["steps"] is None else str(data["steps"])
-                q("#performance", Select).value = next(
-                    (k for k, (_, n) in PERFORMANCE.items() if n == data["steps"]), Select.NULL)
+                q("#performance", Select).value = performance_of(data)
             if data.get("sampler") in SAMPLERS:
                 q("#sampler", Select).value = data["sampler"]
                 self._set_schedules(data["sampler"], data.get("scheduler"))
