@@ -296,6 +296,17 @@ async def test_notifications_are_text_and_cut(idle_service, tmp_path):
         screen_text(app)
 
 
+async def test_an_inline_error_naming_a_huge_path_is_cut(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(140, 45)) as pilot:
+        await settle(pilot)
+        field = app.screen.form.query_one("#steps").parent
+        field.set_error(f"image: /{'a' * 10_000}.png cannot be read")
+        await pilot.pause()
+        shown = str(field.query_one(".field-error").render())
+        assert len(shown) == NOTIFY_MAX and shown.endswith("…")  # not 10,000 characters pushing the form away
+
+
 async def test_keymap_from_the_config_file(idle_service, tmp_path):
     """Keys that no terminal sends are dropped, their defaults kept, and each is said, escaped."""
     config_path().write_text(yaml.safe_dump({"keymap": {"generate": "[/]", "screen.queue": "a\x1bc",

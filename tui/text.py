@@ -30,7 +30,7 @@ from textual.widgets import Input, TextArea
 
 from backend.safetext import CONTROL, visible
 
-NOTIFY_MAX = 400  # characters of a notification's message; a longer one would cover the screen
+NOTIFY_MAX = 400  # characters of a notification's or an inline error's message; more would cover the screen
 # One-cell symbols for the controls in editable text: Unicode's control pictures (U+2400-U+2421)
 # for C0 and DEL, the replacement character for the others (C1, bidirectional controls).
 _PICTURES = {code: chr(0x2400 + code) for code in range(0x20)} | {0x7F: "\u2421"}
@@ -55,10 +55,13 @@ def markup(text: object) -> str:
 def notify(node: Widget | App, message: object, *, title: str = "", severity: SeverityLevel = "information",
            timeout: float | None = None) -> None:
     """Notify with ``message`` and ``title`` shown as text (cut to ``NOTIFY_MAX`` characters)."""
-    shown = visible(message)
-    if len(shown) > NOTIFY_MAX:
-        shown = shown[:NOTIFY_MAX - 1] + "…"
-    node.notify(shown, title=visible(title), severity=severity, timeout=timeout, markup=False)
+    node.notify(short(message), title=visible(title), severity=severity, timeout=timeout, markup=False)
+
+
+def short(text: object, most: int = NOTIFY_MAX) -> str:
+    """:func:`visible` text cut to ``most`` characters (a path of 10,000 would fill the screen)."""
+    shown = visible(text)
+    return shown if len(shown) <= most else shown[:most - 1] + "…"
 
 
 def _picture(match: re.Match[str]) -> str:

@@ -4,11 +4,12 @@ and the compact controls the forms put in fields."""
 from __future__ import annotations
 
 from textual.app import ComposeResult
+from textual.content import Content
 from textual.containers import Vertical
 from textual.widget import Widget
 from textual.widgets import Input, Label, Select, Static
 
-from tui.text import TextInput, plain
+from tui.text import TextInput, plain, short
 
 
 class Field(Vertical):
@@ -45,7 +46,7 @@ class Field(Vertical):
         return str(self.query_one(".field-error", Static).content) if self.has_class("-invalid") else ""
 
     def set_error(self, message: str | None) -> None:
-        self.query_one(".field-error", Static).update(plain(message or ""))
+        self.query_one(".field-error", Static).update(Content(short(message or "")))
         self.set_class(bool(message), "-invalid")
 
     def set_hint(self, text: str) -> None:
