@@ -249,6 +249,23 @@ async def test_style_picker_searches_and_shows_templates(idle_service, tmp_path)
         assert app.screen.form.read_request().styles == [names[0]]
 
 
+async def test_a_search_that_empties_the_style_list_at_once_keeps_the_app_running(idle_service, tmp_path):
+    """Typed fast (or pasted), a search that matched and then matches nothing used to leave a highlight
+    message for an option that was gone: Textual's SelectionList died on it, then the app."""
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(120, 40)) as pilot:
+        await settle(pilot)
+        picker = app.screen.query_one("#styles")
+        search = picker.query_one("#style-search", Input)
+        search.value = "clay"
+        search.value = "clayzzzz"  # both changes are handled before the list's own messages
+        await pilot.pause(0.5)
+        search.value = ""
+        await pilot.pause(0.5)
+        assert app.is_running and picker.query_one("#style-list").option_count > 0
+        assert picker.query_one(".style-template").content  # the first style's template
+
+
 async def test_first_screen_takes_keys_while_the_styles_still_load(idle_service, tmp_path, monkeypatch):
     """Styles load after the first frame (a large pack takes seconds): the prompt takes keys meanwhile,
     and a search typed before the styles are there filters them once they are."""

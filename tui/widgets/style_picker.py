@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Input, SelectionList, Static
+from textual.widgets import Input, OptionList, SelectionList, Static
 
 from tui.text import TextInput, plain
 
@@ -61,10 +61,14 @@ class StylePicker(Vertical):
 
     def _fill(self, text: str) -> None:
         options = self.query_one(SelectionList)
+        names = self.matches(text)
         options.clear_options()
-        options.add_options([(plain(name), name, name in self.selected) for name in self.matches(text)])
-        if options.option_count:
-            options.highlighted = 0
+        options.add_options([(plain(name), name, name in self.selected) for name in names])
+        # No highlight message: the next keystroke may empty the list before it is handled, and
+        # SelectionList would then look up an option that is gone (a crash in Textual 8).
+        with options.prevent(OptionList.OptionHighlighted):
+            options.highlighted = 0 if names else None
+        self._show_template(names[0] if names else None)
 
     def set_selected(self, names: list[str]) -> None:
         self.selected = list(names)
@@ -90,7 +94,9 @@ class StylePicker(Vertical):
 
     @on(SelectionList.SelectionHighlighted)
     def _highlighted(self, event: SelectionList.SelectionHighlighted) -> None:
-        style = self.library.get(event.selection.value)
-        if style is not None:
-            negative = f"\nnegative: {style.negative}" if style.negative else ""
-            self.query_one(".style-template", Static).update(plain(f"{style.prompt}{negative}"))
+        self._show_template(event.selection.value)
+
+    def _show_template(self, name: str | None) -> None:
+        style = self.library.get(name) if name is not None else None
+        negative = f"\nnegative: {style.negative}" if style is not None and style.negative else ""
+        self.query_one(".style-template", Static).update(plain(f"{style.prompt}{negative}" if style else ""))
