@@ -398,6 +398,14 @@ def test_reproduce_an_image_with_hostile_metadata(field, value, capsys, tmp_path
     assert code == 2 and NAME_SHOWN in err and len(err.splitlines()) == 1
 
 
+def test_a_saved_paths_newline_keeps_it_one_line_on_stdout(capsys, tmp_path, demo_dirs):
+    """Scripts read one path a line: a newline in --out must not make two."""
+    code, out, _ = cli(capsys, "generate", "x", "--demo", "--steps", "1", "--size", "64x64", "--out",
+                       str(tmp_path / "a\nb"))
+    (line,) = out.splitlines()
+    assert code == 0 and line.startswith(f"{tmp_path}/a\\nb/") and line.endswith(".png")
+
+
 def test_generate_errors_and_bad_arguments(capsys, tmp_path):
     code, _, err = cli(capsys, "generate", TEXT, "--model", NAME, "--out", str(tmp_path))
     assert code == 2 and NAME_SHOWN in err

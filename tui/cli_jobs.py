@@ -148,7 +148,7 @@ async def follow(client: Client, job_ids: list[int], events, as_json: bool,
                     paths.append(event.path)
                     if not as_json:
                         progress.clear()
-                        print(visible(event.path), flush=True)
+                        print(one_line(event.path), flush=True)  # a path a line, whatever it holds
                     for line in _save_maps(event.path, maps.pop(job_id, [])):
                         print(f"dreamtty: job {job_id}: {one_line(line)}", file=sys.stderr)
                 elif isinstance(event, TextOutput) and not as_json:

@@ -62,7 +62,7 @@ def cmd_pull(args) -> int:
     if args.id is None:
         raise RequestError("id", "give a Hugging Face id, or --for with what to get the models for")
     path = downloads.pull(args.id, revision=args.revision, filename=args.file)
-    print(visible(path))
+    print(one_line(path))
     name = path.stem if args.file else args.id
     print(f"use it with: dreamtty generate \"...\" --model {visible(name)}", file=sys.stderr)
     return 0
@@ -80,13 +80,13 @@ def _pull_for(args) -> int:
         print(f"dreamtty: {usual.kind.replace('_', ' ')} ({usual.variant or 'any'}): {usual.repo} "
               f"(about {usual.size}) into {visible(folder)}", file=sys.stderr)
         downloads.pull(usual.repo, revision=args.revision, patterns=usual.files, local_dir=folder)
-        print(visible(folder))
+        print(one_line(folder))
     return 0
 
 
 def cmd_config_path(args) -> int:
     path = config.config_path()
-    print(visible(path))
+    print(one_line(path))
     if not path.exists():
         print("(it does not exist yet: the defaults apply)", file=sys.stderr)
     return 0

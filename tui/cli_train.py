@@ -131,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  else f"queued: it starts when {_devices(run)} {'is' if len(run.devices) == 1 else 'are'} free")
         print(visible(f"dreamtty: {where}; follow it in the TUI (F3) or {run_dir / runs.EVENTS}; stop it there "
                       f"(ctrl+t) or with: touch {run_dir / runs.STOP_FILE}"), file=sys.stderr)
-        print(visible(run_dir))
+        print(one_line(run_dir))
         return 0
     return follow(run_dir, Trainer(run.pid if run.state == TRAINING else None))
 
@@ -226,7 +226,7 @@ def follow(run_dir: Path, proc) -> int:
     state, error = runs.effective_state(run_dir, data)
     if state == "done":
         output = data.get("output", {})
-        print(visible(output.get("path", run_dir)))
+        print(one_line(output.get("path", run_dir)))
         return 0
     if state == "stopped":
         print(visible(f"dreamtty: stopped at step {data.get('step', progress.step)}; continue with "
