@@ -182,10 +182,15 @@ class GenerateRequest:
             raise RequestError("speed", f"unknown {self.speed!r}; allowed: {', '.join(SPEEDS)}")
         if not 0.0 < to_float("refiner_switch", self.refiner_switch) <= 1.0:
             raise RequestError("refiner_switch", f"{self.refiner_switch} is out of range; allowed (0, 1]")
+        index = to_int("index", self.index)
+        if not 0 <= index <= MAX_SEED - count + 1:  # as the seeds: image i is index + i
+            raise RequestError("index", f"{self.index} is out of range; allowed 0..{MAX_SEED - count + 1} (the "
+                                        "first image's position in its [[a, b]] arrays)")
         check_loras(self.loras)
         self.guidance.validate(xl=bool(fam and fam.xl), cfg=cfg)
         return replace(
             self, scheduler=scheduler, steps=steps, cfg=cfg, width=width, height=height, seed=seed, count=count,
+            index=index,
             image_prompts=resolve_image_prompts(self.image_prompts), max_batch=max_batch,
             batch=_checked_batch(self.batch, seed) if count == 1 else None,  # a job of several makes its own batches
         )

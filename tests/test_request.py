@@ -36,6 +36,8 @@ def _err(**kw) -> RequestError:
         ({"count": 0}, "count", "1..64"),
         ({"dtype": "fp8"}, "dtype", "fp16"),
         ({"loras": [("x", 3.0)]}, "lora", "-2..2"),
+        ({"index": -5}, "index", "out of range; allowed 0..4294967295"),
+        ({"index": 2**64}, "index", "out of range"),
         ({"negative_prompt": "x" * 10_001}, "negative_prompt", "is 10,001 characters; allowed up to 10,000"),
     ],
 )
