@@ -75,9 +75,9 @@ def test_reproduce_of_metadata_whose_kind_is_not_text_is_one_line(tmp_path, caps
         (["--model", "/no/such/model"], "model: /no/such/model does not exist"),
         (["--model", "someone/not-cached-model"], "not in the local Hugging Face cache"),
         (["--out", "/proc/forbidden"], "out: cannot create /proc/forbidden"),
-        (["--steps", "ten"], "argument --steps: invalid int value"),
+        (["--steps", "ten"], "argument --steps: invalid integer value"),
         (["--max-batch", "0"], "max_batch: 0 is out of range; allowed 1..64"),
-        (["--max-batch", "two"], "argument --max-batch: invalid int value"),
+        (["--max-batch", "two"], "argument --max-batch: invalid integer value"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path):

@@ -264,7 +264,7 @@ def test_a_row_that_does_not_read_is_listed_failed_and_cancel_goes_past_a_missin
     assert lines[1].split()[:2] == [str(queued), "queued"] and lines[2].split()[:2] == [str(erred), "failed"]
     assert lines[3].strip() == "line one\\nline two" and lines[4].split()[:2] == [str(broken), "failed"]
     assert "in the queue file; it cannot run" in lines[5] and len(lines) == 6
-    assert main(["cancel", "99999", str(queued)]) == 2
+    assert main(["cancel", "99999", str(queued), str(queued)]) == 2  # an id given twice is cancelled once
     out, err = capsys.readouterr()
     assert out == f"job {queued} cancelled\n" and err == "dreamtty: job 99999: no such job\n"
     assert QueueStore(locations.queue_db()).get(queued).state == "cancelled"
@@ -281,6 +281,14 @@ def test_the_queue_is_private(tmp_path):
     (tmp_path / "new").mkdir()
     QueueStore(tmp_path / "new" / "queue.sqlite3").close()
     assert stat.S_IMODE((tmp_path / "new" / "queue.sqlite3").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("argv", [["cancel", "\u0663"], ["generate", "x", "-n", "\u0663"], ["generate", "x", "--cfg", "\u0667.5"]])
+def test_numbers_in_other_scripts_digits_are_refused(argv, capsys):
+    """int() reads "٣" as 3: `cancel ٣` acted on job 3."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and f"invalid {'number' if '--cfg' in argv else 'integer'} value" in capsys.readouterr().err
 
 
 def test_huge_job_ids_and_limits_are_one_line(tmp_path, monkeypatch, capsys):

@@ -24,7 +24,7 @@ from backend.jobkinds.upscale import SCALES, UpscaleRequest
 from backend.request import DTYPES, MAX_COUNT, SPEEDS, GenerateRequest
 from backend.safetext import one_line, visible
 from backend.samplers import SAMPLERS, SCHEDULES
-from tui.cli_output import Progress, print_warnings
+from tui.cli_output import Progress, integer, number, print_warnings
 
 
 def _floats(name: str, count: int | None = None):
@@ -45,38 +45,38 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", dest="negative_prompt", help="negative prompt")
     p.add_argument("--sampler", help=f"one of: {', '.join(SAMPLERS)}")
     p.add_argument("--scheduler", help=f"noise schedule: {', '.join(SCHEDULES)}")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--steps", type=integer)
+    p.add_argument("--cfg", type=number, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--size", help="WxH, e.g. 1024x1024 (multiples of 8)")
-    p.add_argument("--seed", type=int, help="-1 = random (the chosen seed is recorded)")
-    p.add_argument("-n", "--count", type=int, help="number of images")
+    p.add_argument("--seed", type=integer, help="-1 = random (the chosen seed is recorded)")
+    p.add_argument("-n", "--count", type=integer, help="number of images")
     p.add_argument("--style", dest="styles", action="append", help="style name (repeatable)")
     p.add_argument("--preset", help="preset name")
     p.add_argument("--expand", action=argparse.BooleanOptionalAction, default=None, help="prompt expansion")
     p.add_argument("--lora", dest="loras", action="append", help="NAME[:WEIGHT] (repeatable, up to 5)")
     p.add_argument("--vae", help="VAE override")
     p.add_argument("--refiner", help="SDXL refiner model")
-    p.add_argument("--refiner-switch", type=float, help="fraction of the noise schedule before the refiner takes over "
+    p.add_argument("--refiner-switch", type=number, help="fraction of the noise schedule before the refiner takes over "
                                                               "(diffusers' denoising_end)")
     p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--speed", choices=SPEEDS, help="fast: a compiled UNet on CUDA (first time per model and size: "
                                                    "about a minute; then cached); fastest: also float8 linear layers "
                                                    "(compute capability 8.9+, torchao)")
-    p.add_argument("--max-batch", type=int, metavar="N", help=f"denoise up to N of the images at once (1..{MAX_COUNT}; "
+    p.add_argument("--max-batch", type=integer, metavar="N", help=f"denoise up to N of the images at once (1..{MAX_COUNT}; "
                                                               "default: what half the free memory holds, at most 4 "
                                                               "on the CPU and 8 on CUDA)")
     g = p.add_argument_group("guidance")
-    g.add_argument("--perp-neg", type=float, help="PerpNeg scale")
-    g.add_argument("--sag", type=float, help="Self-Attention Guidance scale")
-    g.add_argument("--sharpness", type=float, help="0..30")
-    g.add_argument("--cfg-rescale", type=float, help="0..1")
-    g.add_argument("--adaptive-cfg", type=float, help="mimic CFG at high CFG")
+    g.add_argument("--perp-neg", type=number, help="PerpNeg scale")
+    g.add_argument("--sag", type=number, help="Self-Attention Guidance scale")
+    g.add_argument("--sharpness", type=number, help="0..30")
+    g.add_argument("--cfg-rescale", type=number, help="0..1")
+    g.add_argument("--adaptive-cfg", type=number, help="mimic CFG at high CFG")
     g.add_argument("--adm-scale", type=_floats("adm-scale", 3), help="SDXL: POS,NEG,END")
     g.add_argument("--freeu", nargs="?", const=(), type=_floats("freeu", 4),
                    help="FreeU [s1,s2,b1,b2] (family defaults if empty)")
-    g.add_argument("--clip-skip", type=int, help="use the N-th from last text-encoder layer")
-    g.add_argument("--pag", type=float, help="Perturbed-Attention Guidance scale")
-    g.add_argument("--apg", type=float, help="Adaptive Projected Guidance scale")
+    g.add_argument("--clip-skip", type=integer, help="use the N-th from last text-encoder layer")
+    g.add_argument("--pag", type=number, help="Perturbed-Attention Guidance scale")
+    g.add_argument("--apg", type=number, help="Adaptive Projected Guidance scale")
     i = p.add_argument_group("image prompts")
     i.add_argument("--image-prompt", dest="image_prompts", action="append", metavar="IMAGE[:TYPE[:WEIGHT[:STOP]]]",
                    help=f"a reference image (repeatable, up to {MAX_IMAGE_PROMPTS}); types: "
@@ -308,7 +308,7 @@ def register(sub) -> None:
     vary.add_argument("--strength", help="subtle (0.5, default), strong (0.85) or 0..1 (0 = the input)")
 
     up = _image_verb(sub, "upscale", "enlarge an image, then restore detail", UpscaleRequest)
-    up.add_argument("--scale", type=float, help=f"{', '.join(f'{s:g}' for s in SCALES)} (default 2)")
+    up.add_argument("--scale", type=number, help=f"{', '.join(f'{s:g}' for s in SCALES)} (default 2)")
     up.add_argument("--fast", action="store_true", default=None, help="the upscaler alone, no repainting pass")
     up.add_argument("--upscaler", help="a model in the upscalers folder, or lanczos (default: the first model found)")
     up.add_argument("--strength", help="of the repainting pass, 0..1 (default 0.382)")
@@ -319,13 +319,13 @@ def register(sub) -> None:
     where.add_argument("--box", help="rectangle to repaint: X,Y,W,H in pixels")
     inp.add_argument("--mode", choices=list(MODES), help="fill (default), detail or modify")
     inp.add_argument("--strength", help="0..1 (default: fill 1, detail 0.5, modify 1)")
-    inp.add_argument("--context", type=float, help="0..1: how much of the image the repainted crop covers at least")
-    inp.add_argument("--feather", type=int, help="pixels over which the repainted area fades in (default 8)")
+    inp.add_argument("--context", type=number, help="0..1: how much of the image the repainted crop covers at least")
+    inp.add_argument("--feather", type=integer, help="pixels over which the repainted area fades in (default 8)")
 
     out = _image_verb(sub, "outpaint", "extend an image's canvas and paint the new area", OutpaintRequest)
     for side in SIDES:
-        out.add_argument(f"--{side}", type=int, metavar="PX", help=f"pixels to add on the {side} (rounded up to 8)")
-    out.add_argument("--feather", type=int, help="pixels of the original blended into the new area (default 16)")
+        out.add_argument(f"--{side}", type=integer, metavar="PX", help=f"pixels to add on the {side} (rounded up to 8)")
+    out.add_argument("--feather", type=integer, help="pixels of the original blended into the new area (default 16)")
     out.add_argument("--strength", help="0..1 (default 1)")
 
     des = sub.add_parser("describe", help="print a prompt for an image (a caption, or anime tags)")

@@ -18,6 +18,21 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {visible(message)}\n")
 
 
+
+def integer(text: str) -> int:
+    """argparse's ``type`` for a whole number of ASCII digits (``int()`` also reads "٣" as 3)."""
+    if not text.isascii():
+        raise ValueError(text)
+    return int(text)
+
+
+def number(text: str) -> float:
+    """argparse's ``type`` for a number in ASCII (``float()`` also reads other scripts' digits)."""
+    if not text.isascii():
+        raise ValueError(text)
+    return float(text)
+
+
 def print_warnings(warnings: list[str]) -> None:
     """Each warning as a ``dreamtty: warning:`` line on stderr."""
     for warning in warnings:

@@ -11,21 +11,21 @@ import time
 
 from backend.errors import DreamttyError
 from backend.safetext import one_line, visible
-from tui.cli_output import print_warnings
+from tui.cli_output import integer, print_warnings
 
 PROMPT_WIDTH = 48  # characters of a prompt shown in the ``jobs`` table
 
 
 def register(subparsers) -> None:
     jobs = subparsers.add_parser("jobs", help="list the queue's jobs, newest first")
-    jobs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    jobs.add_argument("--limit", type=integer, default=20, help="how many (default 20)")
     jobs.add_argument("--json", action="store_true", help="one JSON array on stdout")
     jobs.set_defaults(func=cmd_jobs)
     cancel = subparsers.add_parser("cancel", help="cancel queued or running jobs")
-    cancel.add_argument("ids", metavar="ID", type=int, nargs="+")
+    cancel.add_argument("ids", metavar="ID", type=integer, nargs="+")
     cancel.set_defaults(func=cmd_cancel)
     wait = subparsers.add_parser("wait", help="follow jobs until they end; prints their images")
-    wait.add_argument("ids", metavar="ID", type=int, nargs="+")
+    wait.add_argument("ids", metavar="ID", type=integer, nargs="+")
     wait.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
     wait.set_defaults(func=cmd_wait)
     attach = subparsers.add_parser("attach", help="the TUI on the running service")
@@ -95,7 +95,7 @@ async def _cancel(args) -> int:
     client = _client(args)
     code = 0
     try:
-        for job_id in args.ids:
+        for job_id in dict.fromkeys(args.ids):  # an id given twice is cancelled once
             if await client.job(job_id) is None:
                 print(f"dreamtty: job {job_id}: no such job", file=sys.stderr)
                 code = 2
@@ -119,10 +119,11 @@ async def _wait(args) -> int:
     client = _client(args)
     events = client.subscribe()
     try:
-        for job_id in args.ids:
+        ids = list(dict.fromkeys(args.ids))  # an id given twice: its images are printed once
+        for job_id in ids:
             if await client.job(job_id) is None:
                 raise DreamttyError(f"job {job_id}: no such job")
-        code, _ = await follow(client, args.ids, events, args.json)
+        code, _ = await follow(client, ids, events, args.json)
     finally:
         await client.close()  # an interrupted wait leaves the jobs running
     return code

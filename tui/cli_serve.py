@@ -14,6 +14,7 @@ import time
 
 from backend.errors import DreamttyError, RequestError
 from backend.safetext import one_line, visible
+from tui.cli_output import number
 
 STOP_TIMEOUT = 60.0  # seconds to wait for a stopped service to exit (its workers finish their step)
 
@@ -25,7 +26,7 @@ def register(subparsers) -> None:
     what.add_argument("--stop", action="store_true", help="stop the running service (its jobs stay queued)")
     what.add_argument("--status", action="store_true", help="pid, uptime, workers, loaded models, queue length")
     p.add_argument("--listen", metavar="HOST:PORT", help="also listen on TCP (clients send the token)")
-    p.add_argument("--idle-exit", metavar="MINUTES", type=float,
+    p.add_argument("--idle-exit", metavar="MINUTES", type=number,
                    help="exit after this many minutes with no job and no client (default: never)")
     p.add_argument("--json", action="store_true", help="with --status: one JSON object")
     p.set_defaults(func=cmd_serve)
