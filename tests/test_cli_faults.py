@@ -291,6 +291,12 @@ def test_numbers_in_other_scripts_digits_are_refused(argv, capsys):
     assert exit_.value.code == 2 and f"invalid {'number' if '--cfg' in argv else 'integer'} value" in capsys.readouterr().err
 
 
+def test_a_list_of_numbers_in_other_scripts_digits_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "x", "--adm-scale", "\u0663,1,1"])
+    assert exit_.value.code == 2 and "is not a comma-separated list of numbers" in capsys.readouterr().err
+
+
 def test_huge_job_ids_and_limits_are_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))

@@ -30,7 +30,7 @@ from tui.cli_output import Progress, integer, number, print_warnings
 def _floats(name: str, count: int | None = None):
     def parse(text: str) -> tuple[float, ...]:
         try:
-            values = tuple(float(v) for v in text.split(",") if v.strip())
+            values = tuple(number(v) for v in text.split(",") if v.strip())
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name}: {text!r} is not a comma-separated list of numbers") from None
         if count is not None and len(values) != count:
@@ -56,15 +56,15 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", dest="loras", action="append", help="NAME[:WEIGHT] (repeatable, up to 5)")
     p.add_argument("--vae", help="VAE override")
     p.add_argument("--refiner", help="SDXL refiner model")
-    p.add_argument("--refiner-switch", type=number, help="fraction of the noise schedule before the refiner takes over "
-                                                              "(diffusers' denoising_end)")
+    p.add_argument("--refiner-switch", type=number,
+                   help="fraction of the noise schedule before the refiner takes over (diffusers' denoising_end)")
     p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--speed", choices=SPEEDS, help="fast: a compiled UNet on CUDA (first time per model and size: "
                                                    "about a minute; then cached); fastest: also float8 linear layers "
                                                    "(compute capability 8.9+, torchao)")
-    p.add_argument("--max-batch", type=integer, metavar="N", help=f"denoise up to N of the images at once (1..{MAX_COUNT}; "
-                                                              "default: what half the free memory holds, at most 4 "
-                                                              "on the CPU and 8 on CUDA)")
+    p.add_argument("--max-batch", type=integer, metavar="N",
+                   help=f"denoise up to N of the images at once (1..{MAX_COUNT}; default: what half the free memory "
+                        "holds, at most 4 on the CPU and 8 on CUDA)")
     g = p.add_argument_group("guidance")
     g.add_argument("--perp-neg", type=number, help="PerpNeg scale")
     g.add_argument("--sag", type=number, help="Self-Attention Guidance scale")
