@@ -80,7 +80,6 @@ def _check_hash(path: str, field_name: str, data: bytes, expected: str | None) -
     return digest
 
 
-
 @contextmanager
 def open_quietly(source) -> Iterator[Image.Image]:
     """``Image.open(source)`` (a path or a file), with PIL's DecompressionBombWarning (two lines on

@@ -18,7 +18,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {visible(message)}\n")
 
 
-
 def integer(text: str) -> int:
     """argparse's ``type`` for a whole number of ASCII digits (``int()`` also reads "٣" as 3)."""
     if not text.isascii():

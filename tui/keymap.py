@@ -132,7 +132,6 @@ def bindings(keys: tuple[Key, ...]) -> list[Binding]:
             for k in keys]
 
 
-
 # Bindings active together: the app's keys are live on every screen.
 GROUPS = tuple(APP_KEYS + keys for keys in (GENERATE_KEYS, QUEUE_KEYS, MASK_KEYS, TRAIN_KEYS, MODELS_KEYS))
 _MODIFIERS = ("ctrl", "shift", "alt", "meta", "super", "hyper")
@@ -145,7 +144,8 @@ def known_key(name: str) -> bool:
     *modifiers, base = name.split("+")
     if not base or any(m not in _MODIFIERS for m in modifiers):
         return False
-    return base in _NAMED or (len(base) == 1 and base.isprintable()) or key_to_character(REPLACED_KEYS.get(base, base)) is not None
+    return (base in _NAMED or (len(base) == 1 and base.isprintable())
+            or key_to_character(REPLACED_KEYS.get(base, base)) is not None)
 
 
 def check_keymap(user: dict[str, str]) -> tuple[dict[str, str], list[str]]:

@@ -151,7 +151,8 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> Prepare
         checkpoint, resume_warnings = _check_resume(req, run_dir, previous, ref.family)
         warnings += resume_warnings
         named = checkpoint is not None and req.resume != "latest"  # a path: absolute, as the trainer runs in run_dir
-        req = replace(req, output=str(run_dir.resolve()), instance_dir=str(Path(req.instance_dir).expanduser().resolve()),
+        req = replace(req, output=str(run_dir.resolve()),
+                      instance_dir=str(Path(req.instance_dir).expanduser().resolve()),
                       resume=str(checkpoint.resolve()) if named else req.resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / runs.STOP_FILE).unlink(missing_ok=True)
