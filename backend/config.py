@@ -246,10 +246,12 @@ def load(path: str | Path | None = None) -> Config:
     file = Path(path).expanduser() if path is not None else config_path()
     _apply(cfg, _read_yaml(file, cfg))
     _apply_env(cfg)
-    for kind, folders in cfg.paths.items():  # a file where a folder goes: said, not searched in silence
+    for kind, folders in cfg.paths.items():  # a folder that cannot be searched: said, not passed over in silence
         for folder in [f for f in folders if f.exists() and not f.is_dir()]:
             cfg.warnings.append(f"config: paths.{kind}: {folder} is a file, not a folder; ignored")
             folders.remove(folder)
+        for folder in [f for f in folders if f not in default_folders(kind) and not f.exists()]:
+            cfg.warnings.append(f"config: paths.{kind}: {folder} does not exist; nothing is found there")
     return cfg
 
 

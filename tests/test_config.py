@@ -34,14 +34,18 @@ def test_missing_file_gives_xdg_defaults(dreamtty_home):
 
 def test_valid_file_is_read(tmp_path, monkeypatch):
     monkeypatch.delenv("DREAMTTY_OUTPUTS")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("ckpt", "more", "loras"):
+        (tmp_path / name).mkdir()
     path = _write(tmp_path / "c.yaml", {
-        "paths": {"checkpoints": ["/data/ckpt", "~/more"], "loras": "/data/loras", "outputs": "/data/out"},
+        "paths": {"checkpoints": [str(tmp_path / "ckpt"), "~/more"], "loras": str(tmp_path / "loras"),
+                  "outputs": "/data/out"},  # made when an image is saved: need not exist yet
         "default_model": "sdxl-base", "default_preset": "anime", "keymap": {"generate": "ctrl+g"},
     })
     cfg = config.load(path)
     assert cfg.warnings == []
-    assert cfg.folders("checkpoints") == [Path("/data/ckpt"), Path("~/more").expanduser()]
-    assert cfg.folders("loras") == [Path("/data/loras")]
+    assert cfg.folders("checkpoints") == [tmp_path / "ckpt", tmp_path / "more"]
+    assert cfg.folders("loras") == [tmp_path / "loras"]
     assert cfg.outputs_dir() == Path("/data/out")
     assert (cfg.default_model, cfg.default_preset, cfg.keymap) == ("sdxl-base", "anime", {"generate": "ctrl+g"})
 
@@ -80,11 +84,12 @@ def test_broken_yaml_is_one_warning_and_defaults(tmp_path):
 
 def test_env_overrides_single_keys(tmp_path, monkeypatch):
     path = _write(tmp_path / "c.yaml", {"paths": {"loras": ["/from/file"]}, "default_model": "file-model"})
-    monkeypatch.setenv("DREAMTTY_LORAS", f"/env/a{__import__('os').pathsep}/env/b")
+    monkeypatch.setenv("DREAMTTY_LORAS", f"{tmp_path}{__import__('os').pathsep}{tmp_path / 'b'}")
+    (tmp_path / "b").mkdir()
     monkeypatch.setenv("DREAMTTY_DEFAULT_MODEL", "env-model")
     monkeypatch.setenv("DREAMTTY_ALLOW_PICKLE", "1")
     cfg = config.load(path)
-    assert cfg.folders("loras") == [Path("/env/a"), Path("/env/b")]
+    assert cfg.folders("loras") == [tmp_path, tmp_path / "b"]
     assert cfg.default_model == "env-model" and cfg.allow_pickle
     monkeypatch.setenv("DREAMTTY_ALLOW_PICKLE", "garbage")  # not a switch: said, and the file's value applies
     path = _write(tmp_path / "p.yaml", {"allow_pickle": True})
@@ -95,13 +100,18 @@ def test_env_overrides_single_keys(tmp_path, monkeypatch):
     assert not config.load(path).allow_pickle
 
 
-def test_a_folder_path_that_names_a_file_is_said_and_ignored(tmp_path, monkeypatch):
+def test_a_folder_path_that_names_a_file_or_nothing_is_said(tmp_path, monkeypatch):
     styles = _write(tmp_path / "styles.json", {})
     monkeypatch.setenv("DREAMTTY_WILDCARDS", str(styles))
-    cfg = config.load(_write(tmp_path / "c.yaml", {"paths": {"styles": [str(styles), str(tmp_path)]}}))
+    cfg = config.load(_write(tmp_path / "c.yaml", {"paths": {"styles": [str(styles), str(tmp_path)],
+                                                             "loras": [str(tmp_path / "lroas")]}}))
     assert cfg.folders("styles") == [tmp_path] and cfg.folders("wildcards") == []
-    assert sorted(cfg.warnings) == [f"config: paths.styles: {styles} is a file, not a folder; ignored",
+    assert cfg.folders("loras") == [tmp_path / "lroas"]  # searched once it is made
+    assert sorted(cfg.warnings) == [f"config: paths.loras: {tmp_path / 'lroas'} does not exist; nothing is found there",
+                                    f"config: paths.styles: {styles} is a file, not a folder; ignored",
                                     f"config: paths.wildcards: {styles} is a file, not a folder; ignored"]
+    monkeypatch.delenv("DREAMTTY_WILDCARDS")
+    assert config.load(_write(tmp_path / "d.yaml", {})).warnings == []  # the default folders need not exist
 
 
 def test_set_config_path_reaches_other_processes_through_env(tmp_path, monkeypatch):
