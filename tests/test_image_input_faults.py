@@ -112,7 +112,7 @@ def test_bad_settings(service, tmp_path):
         (InpaintRequest(image=image, box=(100, 100, 64, 64)), "box: 100,100,64,64 is not inside the 128x128 image"),
         (InpaintRequest(image=image, box=(1, 1, 8, 8), mode="erase"), "mode: unknown 'erase'; allowed: fill, detail, modify"),
         (InpaintRequest(image=image, box=(1, 1, 8, 8), context=2), "context: 2 is out of range; allowed 0..1"),
-        (OutpaintRequest(image=image), "outpaint: nothing to add; give --left, --right, --top or --bottom"),
+        (OutpaintRequest(image=image), "outpaint: nothing to add; give the pixels to add on the left, right, top or bottom"),
         (OutpaintRequest(image=image, left=-8), "left: -8 is negative"),
         (OutpaintRequest(image=image, right=500), "outpaint: the result would be 632x128, past demo (SD1-style, tiny)'s maximum 512"),
         (UpscaleRequest(image=image, scale=3), "scale: 3 is not allowed; allowed: 1.5, 2, 4"),

@@ -217,7 +217,7 @@ def test_a_full_disk_at_the_export_keeps_the_checkpoint_and_a_resume_saves_the_r
     data = runs.read_run_json(prepared.run_dir)
     assert data["state"] == "failed" and data["error"] == (
         f"the result was not saved in {prepared.run_dir}: No space left on device; the checkpoint of step 2 is kept: "
-        "free some space, then resume with --resume latest")
+        "free some space, then resume with --resume latest (ctrl+r on the Train screen)")
     assert [s for s, _ in runs.list_checkpoints(prepared.run_dir)] == [2]
     _run(_settings(prepared.run_dir, resume="latest"))  # the same max_steps: nothing to train, the result saved
     assert runs.read_run_json(prepared.run_dir)["state"] == "done" and (prepared.run_dir / runs.LORA_FILE).is_file()

@@ -170,7 +170,7 @@ def test_prepare_run_writes_run_json_and_links(photos, tmp_path):
     assert prepared.run_dir in linked  # a symlink in the runs folder points at it
     # A second start into the same folder needs --resume.
     runs.update_run_json(prepared.run_dir, state="done")
-    with pytest.raises(RequestError, match=r"output: .* already holds a run; resume it \(--resume latest"):
+    with pytest.raises(RequestError, match=r"output: .* already holds a run; resume with --resume latest \(ctrl\+r "):
         prepare_run(_request(photos, output=str(tmp_path / "run1")))
     with pytest.raises(RequestError, match="resume: .* finished without a checkpoint to continue from"):
         prepare_run(_request(photos, output=str(tmp_path / "run1"), resume="latest"))  # would overwrite its result

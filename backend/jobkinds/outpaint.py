@@ -40,7 +40,7 @@ class OutpaintRequest(ImageInputRequest):
                 raise RequestError(side, f"{value} is negative; give the pixels to add (0 or more)")
             grow[side] = -(-value // 8) * 8  # up to a multiple of 8
         if not any(grow.values()):
-            raise RequestError("outpaint", "nothing to add; give --left, --right, --top or --bottom in pixels")
+            raise RequestError("outpaint", "nothing to add; give the pixels to add on the left, right, top or bottom")
         width, height = source.size
         size = (width + grow["left"] + grow["right"], height + grow["top"] + grow["bottom"])
         feather = check_feather(self.feather)

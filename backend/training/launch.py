@@ -87,8 +87,8 @@ def _previous_run(run_dir: Path, req: TrainRequest) -> dict:
     if state == runs.WAITING:
         raise RequestError("output", f"{run_dir} is already waiting for its device; stop it first")
     if req.resume is None:
-        raise RequestError("output", f"{run_dir} already holds a run; resume it (--resume latest, or ctrl+r "
-                                     "on the Train screen) or choose another folder")
+        raise RequestError("output", f"{run_dir} already holds a run; {runs.RESUME_HINT}, or choose another "
+                                     "folder")
     return {**previous, "state": state}
 
 

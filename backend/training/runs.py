@@ -42,6 +42,7 @@ STATE_FILE = "dreamtty_state.json"  # in a checkpoint folder, written last: the 
 MODEL_DIR = "model"
 LORA_FILE = "lora/pytorch_lora_weights.safetensors"
 LIVE_STATES = ("starting", "running")
+RESUME_HINT = "resume with --resume latest (ctrl+r on the Train screen)"  # words for the CLI and the TUI alike
 WAITING = "waiting"  # queued by the service until its device is free (backend.run_schedule): no process yet
 
 
@@ -194,7 +195,7 @@ def effective_state(run_dir: Path, data: dict | None = None) -> tuple[str, str |
         started = data.get("created", 0)
         if state == "starting" and time.time() - started < 30 and not (Path(run_dir) / PID_FILE).exists():
             return state, None
-        return "failed", "the trainer process ended without finishing (killed?); resume with --resume latest"
+        return "failed", f"the trainer process ended without finishing (killed?); {RESUME_HINT}"
     return state, data.get("error")
 
 

@@ -58,7 +58,7 @@ def oom_message(req: TrainRequest, step: int, run_dir: Path) -> str:
     ) if on]
     tips.append(f"a smaller --resolution (now {req.resolution}) or --batch-size (now {req.batch_size})")
     found = runs.list_checkpoints(run_dir)
-    kept = f"; {found[-1][1].name} is kept: continue with --resume latest" if found else ""
+    kept = f"; {found[-1][1].name} is kept: {runs.RESUME_HINT}" if found else ""
     return f"out of GPU memory at step {step}; reduce memory with {', '.join(tips)}{kept}"
 
 
@@ -453,7 +453,7 @@ class DreamBoothTrainer:
             if reason is None:
                 raise
             raise TrainingError(f"the result was not saved in {self.run_dir}: {reason}; the checkpoint of step "
-                                f"{self.step} is kept: free some space, then resume with --resume latest") from None
+                                f"{self.step} is kept: free some space, then {runs.RESUME_HINT}") from None
         runs.update_run_json(self.run_dir, output={"kind": kind, "path": str(path)})
         self.events(TrainLog(level="info", message=f"saved {kind}: {path}"))
         if self.req.report_to == "tensorboard":
@@ -486,6 +486,6 @@ def train(req: TrainRequest, run_dir: Path, events: runs.EventWriter | None = No
         raise TrainingError(oom_message(req, trainer.step + 1, run_dir)) from None
     if trainer.main:
         runs.update_run_json(run_dir, state=state, step=trainer.step)
-    message = "resume with --resume latest" if state == "stopped" else None
+    message = runs.RESUME_HINT if state == "stopped" else None
     events(TrainState(state=state, step=trainer.step, message=message))
     return state
