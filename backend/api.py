@@ -45,7 +45,7 @@ MAX_BODY = 1 << 20  # bytes: a request is a few KiB
 PREVIEW_BACKLOG = 64  # events waiting for a slow stream, past which its previews are dropped
 BODY_FIELDS = ("kind", "request", "out", "client_ref")
 MAX_REF = 64  # characters of a client_ref
-RUN_FIELDS = ("request", "devices", "launcher", "runs_root")
+RUN_FIELDS = ("request", "devices", "launcher", "runs_root", "client_ref")
 METADATA_FIELDS = ("version", "family", "prompt")  # the rest of an image's metadata, ignored
 log = logging.getLogger("dreamtty.api")
 
@@ -192,7 +192,7 @@ class Api:
         for name, value in (("devices", devices), ("launcher", launcher)):
             if value is not None and not isinstance(value, str):
                 raise RequestError(name, f"expected text, got {type(value).__name__}")
-        runs_root = _absolute(data.get("runs_root"), "runs_root")
+        runs_root, ref = _absolute(data.get("runs_root"), "runs_root"), _client_ref(data)
         train = TrainRequest.from_dict(data["request"])
         for name in ("instance_dir", "output"):
             _absolute(getattr(train, name) or None, name)
@@ -200,7 +200,7 @@ class Api:
         if request.transport is None:  # the client hung up meanwhile (Ctrl-C): nobody asks for the run any more
             withdraw(prepared.path, "interrupted before it started")
             return web.json_response({"error": "the client hung up; the run was not started"}, status=400)
-        run = self.service.enqueue_run(prepared)
+        run = self.service.enqueue_run(prepared, ref)
         return web.json_response({"run": run.to_dict(), "warnings": prepared.warnings}, status=201)
 
     async def get_run(self, request: web.Request) -> web.Response:
@@ -337,7 +337,12 @@ async def _read_job(request: web.Request):
     kind = data.get("kind", "generate")
     if not isinstance(kind, str):
         raise RequestError("kind", f"expected a name, got {type(kind).__name__}")
+    return jobkinds.get(kind).request(data["request"]), _absolute(data.get("out"), "out"), _client_ref(data)
+
+
+def _client_ref(data: dict) -> str | None:
+    """A body's ``client_ref``: the client's name for what it asks to queue, to find it if the answer is lost."""
     ref = data.get("client_ref")
     if ref is not None and not (isinstance(ref, str) and 0 < len(ref) <= MAX_REF and ref.isascii() and ref.isprintable()):
         raise RequestError("client_ref", f"give up to {MAX_REF} printable ASCII characters, got {ref!r:.80}")
-    return jobkinds.get(kind).request(data["request"]), _absolute(data.get("out"), "out"), ref
+    return ref

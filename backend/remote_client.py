@@ -259,13 +259,29 @@ class RemoteClient:
 
     async def start_run(self, request: TrainRequest, devices: str = "auto", launcher: str | None = None,
                         runs_root: Path | None = None) -> tuple[ScheduledRun, list[str]]:
-        body = {"request": _train_paths_for_service(request).to_dict(), "devices": devices, "launcher": launcher}
+        ref = uuid.uuid4().hex  # if the answer is lost (Ctrl-C), the run is found by it and stopped
+        body = {"request": _train_paths_for_service(request).to_dict(), "devices": devices, "launcher": launcher,
+                "client_ref": ref}
         if runs_root is not None:
             body["runs_root"] = absolute(str(runs_root))
-        data = await self._call("POST", "/v1/runs", body)
+        try:
+            data = await self._call("POST", "/v1/runs", body)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            await self._stop_runs_of(ref)
+            raise
         from backend.run_schedule import ScheduledRun
 
         return ScheduledRun.from_dict(data["run"]), list(data["warnings"])
+
+    async def _stop_runs_of(self, ref: str) -> None:
+        """Stop the run queued with ``ref``, if the service queued it (one it was still checking, it drops
+        itself when it finds this client gone)."""
+        try:
+            for run in await self.runs(limit=20):
+                if run.client_ref == ref and run.state != "ended":
+                    await self.stop_run(run.id)
+        except DreamttyError:
+            pass  # the service is gone: the run waits for the next one
 
     async def runs(self, limit: int = 200) -> list[ScheduledRun]:
         from backend.run_schedule import ScheduledRun

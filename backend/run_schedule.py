@@ -49,6 +49,7 @@ class ScheduledRun:
     updated: float
     outcome: str | None = None  # once ended: the run's own state (done, failed, stopped)
     error: str | None = None
+    client_ref: str | None = None  # from the client that queued it, which finds the run by it if the answer is lost
     waiting_for: str | None = None  # why it waits (said by its service; not stored)
 
     @property
@@ -103,8 +104,8 @@ def trainer_env(devices: list[str]) -> dict[str, str]:
 _SCHEMA = """CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL, devices TEXT NOT NULL, launcher TEXT,
     state TEXT NOT NULL, pid INTEGER, owner TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
-    outcome TEXT, error TEXT)"""
-_SELECT = "id, path, devices, launcher, state, pid, owner, created, updated, outcome, error"
+    outcome TEXT, error TEXT, client_ref TEXT)"""
+_SELECT = "id, path, devices, launcher, state, pid, owner, created, updated, outcome, error, client_ref"
 
 
 class RunStore:
@@ -113,15 +114,19 @@ class RunStore:
     def __init__(self, path: Path) -> None:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
         self._db.execute(_SCHEMA)
+        if "client_ref" not in {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}:
+            with contextlib.suppress(sqlite3.OperationalError):  # another service added it meanwhile
+                self._db.execute("ALTER TABLE runs ADD COLUMN client_ref TEXT")  # a queue file of an older version
 
     def close(self) -> None:
         self._db.close()
 
-    def add(self, path: Path, devices: list[str], launcher: str | None, owner: str) -> int:
+    def add(self, path: Path, devices: list[str], launcher: str | None, owner: str,
+            client_ref: str | None = None) -> int:
         now = time.time()
-        cur = self._db.execute("INSERT INTO runs (path, devices, launcher, state, owner, created, updated) "
-                               "VALUES (?, ?, ?, ?, ?, ?, ?)", (str(path), json.dumps(devices), launcher, WAITING,
-                                                                owner, now, now))
+        cur = self._db.execute("INSERT INTO runs (path, devices, launcher, state, owner, created, updated, client_ref) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (str(path), json.dumps(devices), launcher, WAITING,
+                                                                   owner, now, now, client_ref))
         return int(cur.lastrowid)
 
     def get(self, run_id: int) -> ScheduledRun | None:
@@ -174,20 +179,21 @@ class RunStore:
 
 def _run(row: tuple) -> ScheduledRun:
     """The run of a ``runs`` row; ValueError saying which column does not read as what it should."""
-    id_, path, devices, launcher, state, pid, owner, created, updated, outcome, error = row
+    id_, path, devices, launcher, state, pid, owner, created, updated, outcome, error, client_ref = row
     devices = json_column(devices, "devices that are", list)
     if not devices or not all(isinstance(device, str) for device in devices):
         raise ValueError("has no devices")
     if not (isinstance(path, str) and state in STATES and is_time(created) and is_time(updated)
             and (pid is None or isinstance(pid, int))
-            and all(value is None or isinstance(value, str) for value in (launcher, outcome, error))):
+            and all(value is None or isinstance(value, str) for value in (launcher, outcome, error, client_ref))):
         raise ValueError("has a path, state, pid, time or text of the wrong type")
-    return ScheduledRun(id_, path, devices, launcher, state, pid, str(owner), created, updated, outcome, error)
+    return ScheduledRun(id_, path, devices, launcher, state, pid, str(owner), created, updated, outcome, error,
+                        client_ref)
 
 
 def _unreadable(row: tuple, why: str) -> ScheduledRun:
     """An ended, failed run standing for ``row``, which does not read (``why``): it is listed, never started."""
-    id_, path, _, _, _, _, owner, created, updated, _, _ = row
+    id_, path, _, _, _, _, owner, created, updated, *_ = row
     return ScheduledRun(id_, str(path), [], None, ENDED, None, str(owner), *readable_times(created, updated),
                         "failed", f"this run {why} in the queue file; it cannot start")
 
@@ -208,9 +214,10 @@ class TrainingRuns:
     def close(self) -> None:
         self.store.close()
 
-    def add(self, run_dir: Path, devices: list[str], launcher: str | None) -> ScheduledRun:
+    def add(self, run_dir: Path, devices: list[str], launcher: str | None,
+            client_ref: str | None = None) -> ScheduledRun:
         """Queue a prepared run (its folder says "waiting" until it starts)."""
-        run_id = self.store.add(run_dir, devices, launcher, self.owner)
+        run_id = self.store.add(run_dir, devices, launcher, self.owner, client_ref)
         _record(run_dir, state=runs.WAITING)
         run = self.store.get(run_id)
         self._publish(run.event())

@@ -265,9 +265,9 @@ class Service:
                 withdraw((await preparing).path, "interrupted before it started")
             raise
 
-    def enqueue_run(self, prepared: PreparedRun) -> ScheduledRun:
+    def enqueue_run(self, prepared: PreparedRun, client_ref: str | None = None) -> ScheduledRun:
         """Queue a prepared run; it starts at once when its devices are free."""
-        run = self.training.add(prepared.path, prepared.devices, prepared.launcher)
+        run = self.training.add(prepared.path, prepared.devices, prepared.launcher, client_ref)
         self._dispatch()
         return self.training.get(run.id)
 

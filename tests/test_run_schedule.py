@@ -8,6 +8,7 @@ generation jobs run in a real worker process on the CPU with the demo model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -315,6 +316,24 @@ async def test_a_runs_row_that_does_not_read_ends_failed_and_the_service_starts(
         await service.close()
         for run in bad:  # the first one's trainer started before its row was damaged
             (Path(run.path) / runs.STOP_FILE).touch()
+
+
+def test_a_queue_file_of_an_older_version_gets_the_client_ref_column(tmp_path):
+    """A runs table made before client_ref: its rows still read, and new rows keep their ref."""
+    from backend.run_schedule import RunStore
+
+    db = tmp_path / "queue.sqlite3"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL, devices TEXT NOT "
+                     "NULL, launcher TEXT, state TEXT NOT NULL, pid INTEGER, owner TEXT NOT NULL, created REAL NOT "
+                     "NULL, updated REAL NOT NULL, outcome TEXT, error TEXT)")
+        conn.execute("INSERT INTO runs (path, devices, state, owner, created, updated) "
+                     "VALUES ('/r/old', '[\"cpu\"]', 'ended', 'gone', 1, 2)")
+    with contextlib.closing(RunStore(db)) as store:
+        new = store.add(tmp_path / "new", ["cpu"], None, "me", client_ref="abc")
+        assert [(r.path, r.client_ref) for r in store.runs()] == [(str(tmp_path / "new"), "abc"), ("/r/old", None)]
+    with contextlib.closing(RunStore(db)) as store:  # opened again: the column is there already
+        assert store.get(new).client_ref == "abc"
 
 
 def test_devices_of_a_run(monkeypatch):

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from backend.events import Step
+from backend.training.config import TrainRequest
 from test_run_schedule import FAKE_TRAINER
 from test_serve import ROOT, _request, client, service, shared  # noqa: F401 (fixtures)
 
@@ -127,6 +128,33 @@ async def test_run_routes_refuse_bad_input_in_one_line(service, tmp_path):
         async with http.get("http://dreamtty/v1/runs") as r:
             assert r.status == 200 and all(Path(run["path"]).parent != tmp_path for run in (await r.json())["runs"])
 
+
+
+async def test_a_run_whose_answer_is_lost_to_ctrl_c_is_found_by_its_ref_and_stopped(service, tmp_path, monkeypatch):
+    """Ctrl-C after the service queued the run but before the answer came back: the client finds the run
+    by the client_ref it sent and stops it, as it would one whose answer came."""
+    from backend.remote_client import RemoteClient
+
+    run_dir = tmp_path / "run"
+    request = TrainRequest(model="demo", instance_dir=str(_photos(tmp_path / "photos")), output=str(run_dir),
+                           instance_prompt="a photo of sks toy", resolution=64)
+    answered = RemoteClient._request
+
+    async def interrupted(self, method, path, body=None, quick=False, **params):
+        answer = await answered(self, method, path, body, quick, **params)
+        if (method, path) == ("POST", "/v1/runs"):
+            raise asyncio.CancelledError  # the run is queued; the answer never reaches the caller
+        return answer
+
+    monkeypatch.setattr(RemoteClient, "_request", interrupted)
+    lost = client(service)
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await lost.start_run(request, launcher=FAKE_TRAINER)
+        (run,) = [r for r in await lost.runs() if r.path == str(run_dir.resolve())]
+        assert len(run.client_ref) == 32 and (await _ended(lost, run.id)).outcome == "stopped"
+    finally:
+        await lost.close()
 
 
 @pytest.mark.parametrize("cancels", [False, True], ids=["service's server", "handler cancelled on hang-up"])
