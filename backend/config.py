@@ -219,7 +219,7 @@ def _apply_env(cfg: Config) -> None:
         if env:
             cfg.paths[kind] = [Path(os.path.expanduser(p)) for p in env.split(os.pathsep) if p]
     if os.environ.get("DREAMTTY_OUTPUTS"):
-        cfg.outputs = Path(os.environ["DREAMTTY_OUTPUTS"])
+        cfg.outputs = _outputs(os.environ["DREAMTTY_OUTPUTS"])
     for key in ("default_model", "default_preset"):
         env = os.environ.get(f"DREAMTTY_{key.upper()}")
         if env:

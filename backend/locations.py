@@ -1,10 +1,8 @@
 """Where dreamtty keeps its files (XDG paths via platformdirs).
 
-Every path can be redirected with an environment variable, which the tests
-use to stay inside a temporary directory:
-
-- ``DREAMTTY_HOME``: one root for config, data, state and outputs.
-- ``DREAMTTY_OUTPUTS``: the outputs directory alone.
+``DREAMTTY_HOME`` redirects them all to one root for config, data, state and outputs (the tests
+use it to stay inside a temporary directory). ``DREAMTTY_OUTPUTS``, the outputs directory alone, is
+read by ``backend.config`` with the other settings a variable overrides.
 
 The service's socket, pid and lock files live in the user's runtime dir (``XDG_RUNTIME_DIR``).
 """
@@ -65,9 +63,7 @@ def cache_dir() -> Path:
 
 
 def outputs_dir() -> Path:
-    env = os.environ.get("DREAMTTY_OUTPUTS")
-    if env:
-        return Path(env)
+    """Where images go by default (``config.Config.outputs_dir`` applies the config's and ``DREAMTTY_OUTPUTS``)."""
     if os.environ.get("DREAMTTY_HOME"):
         return _root("outputs")
     return Path(platformdirs.user_pictures_dir()) / APP

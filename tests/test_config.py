@@ -90,6 +90,9 @@ def test_env_overrides_single_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("DREAMTTY_ALLOW_PICKLE", "1")
     cfg = config.load(path)
     assert cfg.folders("loras") == [tmp_path, tmp_path / "b"]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DREAMTTY_OUTPUTS", "~/pics")
+    assert config.load(path).outputs_dir() == tmp_path / "pics"  # as paths.outputs: ~ is the home folder
     assert cfg.default_model == "env-model" and cfg.allow_pickle
     monkeypatch.setenv("DREAMTTY_ALLOW_PICKLE", "garbage")  # not a switch: said, and the file's value applies
     path = _write(tmp_path / "p.yaml", {"allow_pickle": True})
