@@ -195,7 +195,9 @@ async def test_form_controls_presets_and_performance(idle_service, tmp_path):
         # Extreme speed is refused for a model whose name is not few-step, and says why.
         form.query_one("#performance", Select).value = "extreme"
         await pilot.pause()
-        assert "LCM" in field_of(app, "#performance").error
+        assert field_of(app, "#performance").error == ("Extreme speed needs a model or LoRA named LCM, turbo, "
+                                                       "lightning or hyper (a few-step one); neither the model nor "
+                                                       "the LoRAs are")
         assert form.query_one("#performance", Select).value != "extreme"
         form.query_one("#performance", Select).value = "quality"
         await pilot.pause()

@@ -37,7 +37,8 @@ _SELECT_FIELDS = ("sampler", "scheduler", "dtype", "speed")
 # Performance: (label, steps). Extreme speed also switches to the LCM sampler and CFG 1 (distilled models).
 PERFORMANCE = {"speed": ("Speed", 30), "quality": ("Quality", 60), "extreme": ("Extreme speed", 8)}
 GALLERY_CHOICES = 200  # recent jobs whose images the Image field completes
-FEW_STEP_NAME = re.compile(r"lcm|turbo|lightning|hyper", re.IGNORECASE)
+FEW_STEP_WORDS = ("LCM", "turbo", "lightning", "hyper")  # in the name of a few-step model or LoRA
+FEW_STEP_NAME = re.compile("|".join(FEW_STEP_WORDS), re.IGNORECASE)
 GUIDANCE_HINTS = {
     "perp_neg": "PerpNeg scale, 0 = off",
     "sag": "Self-Attention Guidance scale, 0 = off",
@@ -525,8 +526,8 @@ class GenerateForm(VerticalScroll, can_focus=False):
         choice = event.value
         field = self.query_one("#performance", Select).parent
         if choice == "extreme" and not few_step_allowed(self._input("#model"), self._input("#loras")):
-            field.set_error("Extreme speed needs an LCM, turbo or lightning model or LoRA "
-                            f"(by name); {self._input('#model')!r} is none of these")
+            field.set_error(f"Extreme speed needs a model or LoRA named {', '.join(FEW_STEP_WORDS[:-1])} or "
+                            f"{FEW_STEP_WORDS[-1]} (a few-step one); neither the model nor the LoRAs are")
             with self.prevent(Select.Changed):
                 event.select.value = self._performance or Select.NULL
             return
