@@ -340,7 +340,7 @@ async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path)
         assert app.screen.query_one("#prompt", TextArea).text == "remapped"  # the mode kept its state
         titles = [c.title for c in app.get_system_commands(app.screen)]
         assert "Queue a generation with the Generate form" in titles
-        assert "Cancel the running job" in titles
+        assert "Cancel this terminal's newest running job" in titles
         # A job is queued: quitting asks first; "n" stays, "y" quits.
         await pilot.press("ctrl+q")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmQuit), what="the quit dialog")

@@ -34,7 +34,8 @@ class Key:
 # Priority keys work even while a text field has focus (TextArea binds ctrl+x to cut, f6 and f7).
 APP_KEYS = (
     Key("generate", "ctrl+g", "generate", "Generate", "Queue a generation with the Generate form", priority=True),
-    Key("cancel", "ctrl+x", "cancel_running", "Cancel job", "Cancel the running job", priority=True),
+    Key("cancel", "ctrl+x", "cancel_running", "Cancel job", "Cancel this terminal's newest running job",
+        priority=True),
     Key("screen.generate", "f1", "switch_mode('generate')", "Generate", "Show the Generate screen", False, True),
     Key("screen.queue", "f2", "switch_mode('queue')", "Queue", "Show the Queue & gallery screen", False, True),
     Key("screen.train", "f3", "switch_mode('train')", "Train", "Show the Train screen", False, True),
