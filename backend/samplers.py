@@ -25,7 +25,6 @@ class Sampler:
         return "karras" if "karras" in self.schedules else self.schedules[0]
 
 
-_SIGMA_SCHEDULES = ("normal", "karras", "exponential", "sgm_uniform")
 _TIMESTEP_ONLY = ("normal", "sgm_uniform")
 
 SAMPLERS: dict[str, Sampler] = {

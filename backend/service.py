@@ -291,9 +291,6 @@ class Service:
         self._fanout.publish(Cancelled(job=job_id))
         return True
 
-    def running_job(self) -> int | None:
-        return next((s.job for s in self.slots if s.jobs), None)
-
     def jobs(self, limit: int = 200) -> list[Job]:
         return self.store.jobs(limit=limit)
 

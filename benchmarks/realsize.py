@@ -39,13 +39,6 @@ def _text(cls, **cfg):
                               eos_token_id=49407, pad_token_id=49407, **cfg))
 
 
-def sd15_unet(device: str = "cuda", dtype=torch.float16):
-    from diffusers import UNet2DConditionModel
-
-    with torch.device(device):
-        return UNet2DConditionModel(**SD15_UNET).to(dtype)
-
-
 def build_pipeline(xl: bool, device: str = "cuda", dtype=torch.float16):
     """A stock StableDiffusion(XL)Pipeline of real size with random weights, on ``device``."""
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,

@@ -86,7 +86,8 @@ class ConfirmQuit(ModalScreen[bool]):
 
 
 class DreamttyApp(App):
-    """``service`` defaults to ``Service(devices=device, recover=True)``, started on mount."""
+    """The TUI on ``client`` (a local or a remote service); without one, a local service on ``device``
+    (or with workers on the Ray cluster ``cluster``), started on mount."""
 
     CSS_PATH = "app.tcss"
     TITLE = "dreamtty"

@@ -61,10 +61,6 @@ class Steering:
         self.active: list[int] = []
         self.residuals = controlnet.Residuals()
 
-    @property
-    def has_controls(self) -> bool:
-        return bool(self.refs.controls)
-
     def begin(self, iteration: int) -> None:
         """Set the adapters' scales and the ControlNets that apply for loop iteration ``iteration``."""
         scales = [p.weight if p.applies(iteration, self.iterations) else 0.0 for p in self.refs.adapters]
