@@ -10,7 +10,6 @@ the network.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 import shutil
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.errors import DreamttyError, RequestError
+from backend.user_files import file_sha256
 
 # The files a diffusers folder needs: configs, tokenizers and the default (non-variant) safetensors weights.
 DIFFUSERS_PATTERNS = (
@@ -146,19 +146,11 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verify(path: Path, f: PlannedFile) -> None:
     size = path.stat().st_size
     if f.size is not None and size != f.size:
         raise DreamttyError(f"pull: {f.name} has {size} bytes, the Hub says {f.size}; run the pull again to resume")
-    if f.sha256 and _sha256(path) != f.sha256:
+    if f.sha256 and file_sha256(path) != f.sha256:
         path.unlink(missing_ok=True)
         raise DreamttyError(f"pull: {f.name} does not match its SHA-256; it was removed, run the pull again")
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from backend import locations
 from backend.errors import ModelError
+from backend.user_files import file_sha256
 
 DEMO_MODELS = ("demo", "demo-xl")  # built offline by backend.engine.demo_models
 SAFE_SUFFIXES = (".safetensors",)
@@ -677,7 +678,7 @@ def _hash_cache_file() -> Path:
 
 def short_hash(path: str | Path) -> str:
     """First 10 hex digits of the file's SHA-256 (A1111's and Civitai's "AutoV2")."""
-    return _cached_hash(path, "", lambda p: _file_sha256(p)[:10])
+    return _cached_hash(path, "", lambda p: file_sha256(p)[:10])
 
 
 def lora_hash(path: str | Path) -> str:
@@ -687,24 +688,15 @@ def lora_hash(path: str | Path) -> str:
 
     def compute(p: Path) -> str:
         if p.suffix.lower() != ".safetensors":
-            return _file_sha256(p)[:12]
+            return file_sha256(p)[:12]
         stored = read_safetensors_header(p)[1].get("sshs_model_hash", "").lower()
         if re.fullmatch(r"[0-9a-f]{12,64}", stored):
             return stored[:12]
         with open(p, "rb") as fh:
             (length,) = struct.unpack("<Q", fh.read(8))
-        return _file_sha256(p, start=8 + length)[:12]
+        return file_sha256(p, start=8 + length)[:12]
 
     return _cached_hash(path, "lora:", compute)
-
-
-def _file_sha256(path: Path, start: int = 0) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        fh.seek(start)
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _cached_hash(path: str | Path, prefix: str, compute) -> str:

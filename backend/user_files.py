@@ -10,6 +10,7 @@ at most ``limit`` bytes.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from typing import BinaryIO
@@ -79,3 +80,13 @@ def _check(info: os.stat_result, path: str | os.PathLike, limit: int) -> None:
 
 def _mib(size: int) -> str:
     return f"{round(size / 2**20, 1):g} MiB"
+
+
+def file_sha256(path: str | os.PathLike, start: int = 0) -> str:
+    """The SHA-256 (hex) of the file at ``path`` from byte ``start`` on, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
