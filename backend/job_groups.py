@@ -17,7 +17,9 @@ from backend.extras_check import effective_request
 from backend.queue_store import Job
 from backend.request import GenerateRequest
 
-GROUP_IMAGES = 8  # images a group holds at most by default (CUDA's default batch: backend.engine.batching)
+# Images a group holds, and a batch on CUDA, at most by default: past it, images/s hardly grow and the first
+# image waits (backend.engine.batching).
+GROUP_IMAGES = 8
 # What each image of a batch has of its own (generate_batch): prompts, seed, position, its prompt's styles
 # and expansion. Everything else of the request is shared by the batch, so a group's jobs must agree on it.
 OWN_FIELDS = frozenset({"prompt", "negative_prompt", "seed", "count", "index", "styles", "preset", "expand"})

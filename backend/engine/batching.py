@@ -7,16 +7,16 @@ images differ from runs of their own in the last bits (the kernels a library pic
 size; on the CPU oneDNN's convolutions do), so an image records the batch it was made in and ``reproduce``
 runs that batch again (``GenerateRequest.batch``). The default: as many images as half the free memory
 holds by the estimate below, at most :data:`CPU_DEFAULT` on the CPU (a reproduce runs its whole batch) and
-:data:`CUDA_DEFAULT` on CUDA.
+:data:`backend.job_groups.GROUP_IMAGES` on CUDA (the images a group of jobs holds).
 """
 
 from __future__ import annotations
 
 import torch
 
+from backend.job_groups import GROUP_IMAGES
 from backend.request import GenerateRequest
 
-CUDA_DEFAULT = 8  # images per batch at most by default: past it, images/s hardly grow and the first image waits
 CPU_DEFAULT = 4
 # UNet activations alive at once per latent position per batch row, at 2 bytes a value: an estimate from SD1.5 and
 # SDXL (their widest blocks hold 320 channels at full latent size, a few dozen such tensors at a time).
@@ -42,9 +42,9 @@ def max_batch(request: GenerateRequest, device: torch.device, dtype: torch.dtype
     if request.max_batch is not None:
         return request.max_batch
     if device.type == "cuda":
-        free, most = torch.cuda.mem_get_info(device)[0], CUDA_DEFAULT
+        free, most = torch.cuda.mem_get_info(device)[0], GROUP_IMAGES
     else:
-        import psutil  # accelerate's dependency
+        import psutil
 
         free, most = psutil.virtual_memory().available, CPU_DEFAULT
     return fitting(free, request, torch.finfo(dtype).bits // 8, most)
