@@ -29,3 +29,9 @@ def one_line(text: object) -> str:
     """:func:`visible`, with newlines written as ``\\n`` too: an error or a warning that names a path
     holding a newline stays on one line."""
     return visible(text).replace("\n", "\\n")
+
+
+def summary(text: object, most: int) -> str:
+    """``text`` on one line (each run of white space one space), cut to ``most`` characters with "…"."""
+    shown = " ".join(str(text).split())
+    return shown if len(shown) <= most else shown[:most - 1] + "…"

@@ -10,7 +10,7 @@ import sys
 import time
 
 from backend.errors import DreamttyError
-from backend.safetext import one_line, visible
+from backend.safetext import one_line, summary, visible
 from tui.cli_output import integer, print_warnings
 
 PROMPT_WIDTH = 48  # characters of a prompt shown in the ``jobs`` table
@@ -79,8 +79,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     print(f"{'id':>6}  {'state':<10}{'kind':<10}{'queued':<17}{'images':>6}  prompt")
     for job in jobs:
-        prompt = " ".join(str(job.request.get("prompt", "")).split())
-        prompt = prompt if len(prompt) <= PROMPT_WIDTH else prompt[:PROMPT_WIDTH - 1] + "…"
+        prompt = summary(job.request.get("prompt", ""), PROMPT_WIDTH)
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created))
         count = f"{len(job.outputs)}/{job.request.get('count', 1)}"
         print(visible(f"{job.id:>6}  {job.state:<10}{job.kind:<10}{when:<17}{count:>6}  {prompt}"))

@@ -23,6 +23,7 @@ from backend.errors import DreamttyError, RequestError
 from backend.events import FINAL_EVENTS, Event, ImageSaved, Queued, Retrying, Started, Step
 from backend.jobkinds.inpaint import InpaintRequest
 from backend.queue_store import ACTIVE, Job
+from backend.safetext import summary
 from tui import keymap
 from tui.image_jobs import OPERATIONS, gallery_request
 from tui.text import cell, notify, plain
@@ -33,6 +34,7 @@ from tui.widgets.progress import format_eta, step_counts
 
 JOB_ROWS = 60  # active jobs plus the most recent finished ones
 GALLERY_ROWS = 500
+PROMPT_WIDTH = 61  # characters of a prompt in the job and gallery tables
 _REFRESH_ON = (Queued, Started, Retrying, *FINAL_EVENTS)
 
 
@@ -59,8 +61,7 @@ def step_cells(step: Step) -> tuple[str, str]:
 
 
 def _prompt_cell(request: dict) -> str:
-    text = " ".join(str(request.get("prompt", "")).split())
-    return (text[:60] + "…") if len(text) > 60 else text or "(empty)"
+    return summary(request.get("prompt", ""), PROMPT_WIDTH) or "(empty)"
 
 
 class QueueScreen(Screen):
