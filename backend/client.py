@@ -134,6 +134,11 @@ class LocalClient:
         return self.service.wait(job_id, events)
 
 
+def is_local(local: bool = False) -> bool:
+    """Whether a command runs its own service in-process: ``--local``, or ``DREAMTTY_LOCAL`` set (not 0)."""
+    return local or os.environ.get(LOCAL_ENV, "") not in ("", "0")
+
+
 def connect(device: str = "auto", local: bool = False, tui: bool = False, start: bool = True,
             cluster: str | None = None, nice: int = 0, jobs: bool = True) -> Client:
     """The client a front end uses; nothing is contacted or started before its first call.
@@ -145,7 +150,7 @@ def connect(device: str = "auto", local: bool = False, tui: bool = False, start:
     which adopts the jobs and runs of services that died (local), receives previews and waits for a
     lost service as long as it takes.
     """
-    if local or os.environ.get(LOCAL_ENV, "") not in ("", "0"):
+    if is_local(local):
         from backend.service import Service
 
         return LocalClient(Service(devices=device, recover=tui, nice=nice, cluster=cluster, workers=jobs))

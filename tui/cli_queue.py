@@ -49,9 +49,9 @@ def _client(args):
 
 def _service_only(args, command: str) -> None:
     """``wait`` and ``attach`` follow the service's jobs: an in-process service has none to follow."""
-    from backend.client import LOCAL_ENV
+    from backend.client import LOCAL_ENV, is_local
 
-    if args.local or os.environ.get(LOCAL_ENV, "") not in ("", "0"):
+    if is_local(args.local):
         raise DreamttyError(f"{command}: follows the jobs of dreamtty serve; drop --local / {LOCAL_ENV}")
 
 
