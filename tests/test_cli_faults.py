@@ -395,3 +395,12 @@ def test_an_error_naming_a_path_with_a_newline_stays_one_line(tmp_path, capsys):
     path = tmp_path / "new\nline\x1b[31m.png"
     assert main(["reproduce", str(path)]) == 2
     assert capsys.readouterr().err == f"dreamtty: image: {tmp_path}/new\\nline\\x1b[31m.png is missing\n"
+
+
+def test_wait_and_attach_refuse_an_in_process_service(monkeypatch, capsys):
+    """They follow the jobs of ``dreamtty serve``: with --local or DREAMTTY_LOCAL there are none to follow."""
+    assert main(["wait", "1", "--local"]) == 2
+    monkeypatch.setenv("DREAMTTY_LOCAL", "1")
+    assert main(["attach"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"dreamtty: {verb}: follows the jobs of dreamtty serve; drop --local / DREAMTTY_LOCAL" for verb in ("wait", "attach")]

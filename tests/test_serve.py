@@ -730,7 +730,7 @@ def test_connect_picks_the_client(monkeypatch, tmp_path):
 
 
 def test_bad_serve_options_are_one_line(dirs):
-    for args, field in ((("--listen", "nowhere"), "listen"), (("--idle-exit", "-1"), "idle-exit")):
+    for args, field in ((("--listen", "nowhere"), "listen"), (("--idle-exit", "-1"), "idle-exit"), (("--json",), "json")):
         result = cli(dirs, "serve", *args)
         assert result.returncode == 2 and result.stderr.startswith(f"dreamtty: {field}: ")
         assert len(result.stderr.splitlines()) == 1

@@ -40,6 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return asyncio.run(_stop())
     if args.status:
         return asyncio.run(_status(args.json))
+    if args.json:
+        raise RequestError("json", "goes with --status (dreamtty serve --status --json)")
     if args.idle_exit is not None and not args.idle_exit > 0:
         raise RequestError("idle-exit", f"{args.idle_exit:g} is not a positive number of minutes")
     if args.listen:
