@@ -134,19 +134,7 @@ class QueueStore:
     def jobs(self, states: tuple[str, ...] | None = None, owner: str | None = None,
              limit: int | None = None) -> list[Job]:
         """Jobs newest first: those in ``states`` of ``owner`` (all when None), at most ``limit`` (None: all)."""
-        sql, args = f"SELECT {_SELECT} FROM jobs", []
-        where = []
-        if states:
-            where.append(f"state IN ({','.join('?' * len(states))})")
-            args += list(states)
-        if owner is not None:
-            where.append("owner = ?")
-            args.append(str(owner))
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
-        args.append(-1 if limit is None else limit)  # SQLite: a negative LIMIT is none
-        jobs = self._jobs(self._db.execute(sql, args).fetchall())
+        jobs = self._jobs(self._db.execute(*listing_sql(_SELECT, "jobs", states, owner, limit)).fetchall())
         return [job for job in jobs if not states or job.state in states]  # a row that did not read is failed now
 
     def next_queued(self, owner: str) -> Job | None:
@@ -313,6 +301,22 @@ def _job(row: tuple) -> Job:
             and (error is None or isinstance(error, str))):
         raise ValueError("has a time, error or attempt count of the wrong type")
     return Job(id_, kind, payload, state, created, updated, error, outputs, str(owner), attempts)
+
+
+def listing_sql(columns: str, table: str, states: tuple[str, ...] | None, owner: str | None, limit: int | None,
+                oldest_first: bool = False) -> tuple[str, list]:
+    """The query (and its arguments) of ``table``'s rows in ``states`` of ``owner`` (all when None), newest
+    first (or oldest), at most ``limit`` (None: all)."""
+    where, args = [], []
+    if states:
+        where.append(f"state IN ({','.join('?' * len(states))})")
+        args += list(states)
+    if owner is not None:
+        where.append("owner = ?")
+        args.append(str(owner))
+    sql = f"SELECT {columns} FROM {table}" + (f" WHERE {' AND '.join(where)}" if where else "")
+    # SQLite: a negative LIMIT is none
+    return f"{sql} ORDER BY id {'ASC' if oldest_first else 'DESC'} LIMIT ?", [*args, -1 if limit is None else limit]
 
 
 def json_column(text, what: str, kind: type):

@@ -25,7 +25,7 @@ from pathlib import Path
 from backend.errors import DreamttyError
 from backend.events import Event, RunState, TrainState
 from backend.devices import parse_devices, visible_gpus
-from backend.queue_store import LEASE_TTL, is_time, json_column, readable_times
+from backend.queue_store import LEASE_TTL, is_time, json_column, listing_sql, readable_times
 from backend.training import launch, runs
 
 WAITING, TRAINING, ENDED = "waiting", "training", "ended"
@@ -135,17 +135,8 @@ class RunStore:
 
     def runs(self, states: tuple[str, ...] | None = None, owner: str | None = None, limit: int = 200,
              oldest_first: bool = False) -> list[ScheduledRun]:
-        sql, where, args = f"SELECT {_SELECT} FROM runs", [], []
-        if states:
-            where.append(f"state IN ({','.join('?' * len(states))})")
-            args += list(states)
-        if owner is not None:
-            where.append("owner = ?")
-            args.append(owner)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY id {'ASC' if oldest_first else 'DESC'} LIMIT ?"
-        found = [self._run(row) for row in self._db.execute(sql, [*args, limit]).fetchall()]
+        query = listing_sql(_SELECT, "runs", states, owner, limit, oldest_first)
+        found = [self._run(row) for row in self._db.execute(*query).fetchall()]
         return [run for run in found if not states or run.state in states]  # a row that did not read has ended
 
     def _run(self, row: tuple) -> ScheduledRun:
