@@ -32,7 +32,7 @@ from backend import config, jobkinds
 from backend.errors import DreamttyError, RequestError
 from backend.events import Preview, dumps
 from backend.outputs import check_out_dir
-from backend.queue_store import ACTIVE, FINAL, MAX_ID, check_limit
+from backend.queue_store import ACTIVE, FINAL, MAX_ID, QueueUnavailable, check_limit
 from backend.run_schedule import STATES as RUN_STATES
 from backend.run_schedule import withdraw
 from backend.service import Service
@@ -118,6 +118,8 @@ class Api:
             return await handler(request)
         except NotFound as exc:
             return _error(404, str(exc))
+        except QueueUnavailable as exc:  # for now: the client may try again
+            return _error(503, str(exc))
         except DreamttyError as exc:
             field, message, line = _field_of(exc)
             response = _error(400, line, field=field, message=message)

@@ -12,6 +12,7 @@ or by another program) is marked failed with the reason, and the queue goes on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -31,6 +32,32 @@ LEASE_TTL = 15.0  # seconds without a heartbeat before an owner's jobs may be ad
 MAX_ID = 2**63 - 1  # SQLite's largest INTEGER: no job (nor run) has a larger id
 SALVAGE_MISSES = 1000  # ids in a row that do not read before the salvage of a damaged queue gives up
 MAX_COPY = 1 << 34  # a damaged queue whose header claims more than this (16 GiB) is read as it is
+
+
+class QueueUnavailable(DreamttyError):
+    """The queue file takes no reads or writes for now: another program holds it locked past SQLite's wait,
+    its disk is full or read-only. One line naming the file, with what helps."""
+
+    _HINTS = {"database is locked": "another program holds it (a backup, an sqlite3 shell?)",
+              "database or disk is full": "free some space on its disk",
+              "attempt to write a readonly database": "its folder is read-only"}
+
+    def __init__(self, path: Path, exc: sqlite3.Error) -> None:
+        hint = self._HINTS.get(str(exc))
+        super().__init__(f"queue: cannot use {path}: {exc}" + (f"; {hint}" if hint else ""))
+
+
+def queue_access(method):
+    """A store method (of an object with ``path``) whose SQLite errors of access raise QueueUnavailable."""
+
+    @functools.wraps(method)
+    def reach(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            raise QueueUnavailable(self.path, exc) from None
+
+    return reach
 
 
 def check_limit(limit: int, what: str) -> int:
@@ -100,6 +127,7 @@ class QueueStore:
     def close(self) -> None:
         self._db.close()
 
+    @queue_access
     def add(self, kind: str, payload: dict, owner: str) -> int:
         now = time.time()
         cur = self._db.execute(
@@ -108,16 +136,25 @@ class QueueStore:
         )
         return int(cur.lastrowid)
 
+    @queue_access
     def retry(self, job_id: int) -> None:
         """Queue a job again after its worker died, counting the attempt."""
         self._db.execute("UPDATE jobs SET state = 'queued', attempts = attempts + 1, updated = ? WHERE id = ?",
                          (time.time(), job_id))
 
+    @queue_access
     def set_state(self, job_id: int, state: str, error: str | None = None) -> None:
         self._db.execute(
             "UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?", (state, error, time.time(), job_id)
         )
 
+    @queue_access
+    def set_running(self, job_ids: list[int]) -> None:
+        """Mark jobs running, in one statement: all of them or, when the queue takes no writes, none."""
+        self._db.execute(f"UPDATE jobs SET state = 'running', updated = ? WHERE id IN ({','.join('?' * len(job_ids))})",
+                         (time.time(), *job_ids))
+
+    @queue_access
     def add_output(self, job_id: int, path: str) -> None:
         """Record a saved image (in one statement: other processes write this table too)."""
         self._db.execute(
@@ -125,18 +162,21 @@ class QueueStore:
             (path, time.time(), job_id),
         )
 
+    @queue_access
     def get(self, job_id: int) -> Job | None:
         if not 0 <= job_id <= MAX_ID:
             return None
         row = self._db.execute(f"SELECT {_SELECT} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._job(row) if row else None
 
+    @queue_access
     def jobs(self, states: tuple[str, ...] | None = None, owner: str | None = None,
              limit: int | None = None) -> list[Job]:
         """Jobs newest first: those in ``states`` of ``owner`` (all when None), at most ``limit`` (None: all)."""
         jobs = self._jobs(self._db.execute(*listing_sql(_SELECT, "jobs", states, owner, limit)).fetchall())
         return [job for job in jobs if not states or job.state in states]  # a row that did not read is failed now
 
+    @queue_access
     def next_queued(self, owner: str) -> Job | None:
         while row := self._db.execute(
             f"SELECT {_SELECT} FROM jobs WHERE state = 'queued' AND owner = ? ORDER BY id LIMIT 1", (str(owner),)
@@ -159,15 +199,18 @@ class QueueStore:
                 self.warnings.append(f"queue: job {job.id} {exc} in {self.path}; marked it failed")
             return job
 
+    @queue_access
     def renew_lease(self, owner: str, now: float | None = None) -> None:
         """Heartbeat: ``owner`` is alive and keeps its jobs for another ``LEASE_TTL`` seconds."""
         self._db.execute("INSERT INTO owners (owner, heartbeat) VALUES (?, ?) "
                          "ON CONFLICT (owner) DO UPDATE SET heartbeat = excluded.heartbeat",
                          (str(owner), time.time() if now is None else now))
 
+    @queue_access
     def drop_lease(self, owner: str) -> None:
         self._db.execute("DELETE FROM owners WHERE owner = ?", (str(owner),))
 
+    @queue_access
     def adopt_orphans(self, owner: str, ttl: float = LEASE_TTL) -> list[int]:
         """Queue again, under ``owner``, the active jobs whose owner renewed no lease for ``ttl`` seconds.
 

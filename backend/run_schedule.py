@@ -25,7 +25,8 @@ from pathlib import Path
 from backend.errors import DreamttyError
 from backend.events import Event, RunState, TrainState
 from backend.devices import parse_devices, visible_gpus
-from backend.queue_store import LEASE_TTL, is_time, json_column, listing_sql, readable_times
+from backend.queue_store import (LEASE_TTL, QueueUnavailable, is_time, json_column, listing_sql, queue_access,
+                                  readable_times)
 from backend.training import launch, runs
 
 WAITING, TRAINING, ENDED = "waiting", "training", "ended"
@@ -112,15 +113,22 @@ class RunStore:
     """The ``runs`` table of the queue database at ``path`` (whose ``owners`` leases it shares)."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-        self._db.execute(_SCHEMA)
-        if "client_ref" not in {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}:
+        try:
+            self._db.execute(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        except sqlite3.OperationalError as exc:
+            self._db.close()
+            raise QueueUnavailable(path, exc) from None
+        if "client_ref" not in columns:
             with contextlib.suppress(sqlite3.OperationalError):  # another service added it meanwhile
                 self._db.execute("ALTER TABLE runs ADD COLUMN client_ref TEXT")  # a queue file of an older version
 
     def close(self) -> None:
         self._db.close()
 
+    @queue_access
     def add(self, path: Path, devices: list[str], launcher: str | None, owner: str,
             client_ref: str | None = None) -> int:
         now = time.time()
@@ -129,10 +137,12 @@ class RunStore:
                                                                    owner, now, now, client_ref))
         return int(cur.lastrowid)
 
+    @queue_access
     def get(self, run_id: int) -> ScheduledRun | None:
         row = self._db.execute(f"SELECT {_SELECT} FROM runs WHERE id = ?", (run_id,)).fetchone()
         return self._run(row) if row else None
 
+    @queue_access
     def runs(self, states: tuple[str, ...] | None = None, owner: str | None = None, limit: int = 200,
              oldest_first: bool = False) -> list[ScheduledRun]:
         query = listing_sql(_SELECT, "runs", states, owner, limit, oldest_first)
@@ -151,11 +161,13 @@ class RunStore:
                 log.warning("run %s %s in the queue file; ended it as failed", run.id, exc)
             return run
 
+    @queue_access
     def update(self, run_id: int, **values) -> None:
         """Set ``state``, ``pid``, ``outcome`` or ``error``."""
         names = ", ".join(f"{name} = ?" for name in values)
         self._db.execute(f"UPDATE runs SET {names}, updated = ? WHERE id = ?", (*values.values(), time.time(), run_id))
 
+    @queue_access
     def adopt_orphans(self, owner: str, ttl: float = LEASE_TTL) -> list[int]:
         """Take over, for ``owner``, the waiting and training runs of services whose lease ran out
         (``backend.queue_store``'s ``owners``): they keep their state, and a trainer that still

@@ -4,7 +4,9 @@ events (backend.events) out to subscribers.
 
 Jobs are never lost: a job whose worker dies is retried once from its first unsaved image, then
 fails with the reason; jobs of a service that was killed are adopted by the next recovering service
-once that service's lease ran out (backend.queue_store).
+once that service's lease ran out (backend.queue_store). While the queue file takes no writes (another
+program holds it locked, its disk is full), what a worker reports waits, in order, and is written
+once it does: the queue moves on by itself.
 
 Jobs and training runs share the devices first come, first served: a run waits until no job runs on
 its devices, their workers free their pipelines, then its trainer starts; while it trains, those
@@ -22,14 +24,16 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from backend import companions, config, jobkinds, locations
 from backend.devices import check_devices
 from backend.errors import ModelError, RequestError
-from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, JobEvent, Note, Queued, Retrying,
-                            Started, WorkerModels, WorkerReady, WorkerReleased)
+from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, JobEvent, Log, Note, Queued,
+                            Retrying, Started, WorkerModels, WorkerReady, WorkerReleased)
 from backend.extras_check import check_extras
 from backend.guidance_settings import check_clip_skip
 from backend.job_groups import group_of
@@ -37,7 +41,7 @@ from backend.models import resolve_model, text_encoder_depth
 from backend.outputs import check_out_dir
 from backend.pool import ProcessPool, Slot, WorkerPool
 from backend.prompting import check_prompts
-from backend.queue_store import ACTIVE, LEASE_TTL, Job, QueueStore
+from backend.queue_store import ACTIVE, LEASE_TTL, Job, QueueStore, QueueUnavailable
 from backend.request import GenerateRequest
 from backend.run_schedule import RunStore, ScheduledRun, TrainingRuns, device_label, resolve_devices, withdraw
 from backend.training.config import TrainRequest
@@ -46,6 +50,7 @@ from backend.training import launch
 MAX_RETRIES = 1  # a job whose worker died runs once more, then fails with the reason
 LEASE_RENEW = LEASE_TTL / 5  # seconds between heartbeats
 RUN_CHECK = 1.0  # seconds between checks that training runs' trainers still live
+WRITE_RETRY = 2.0  # seconds between tries to write to a queue file that takes no writes
 log = logging.getLogger("dreamtty.service")
 
 
@@ -111,6 +116,9 @@ class Service:
         self.training = TrainingRuns(self.store.path, self.owner, self._fanout.publish)
         self._watch: asyncio.Task | None = None
         self._told_waiting: dict[int, int] = {}  # queued job -> the training run it was told it waits for
+        self._unwritten: list[Callable[[], None]] = []  # queue writes that wait for the queue file (_when_writable)
+        self._write_error: str | None = None  # why they wait, said once
+        self._next_try: asyncio.TimerHandle | None = None
 
     @property
     def slots(self) -> list[Slot]:
@@ -141,8 +149,8 @@ class Service:
                 try:
                     store.renew_lease(self.owner)
                     adopted = self.recover and (store.adopt_orphans(self.owner) + run_store.adopt_orphans(self.owner))
-                except sqlite3.Error as exc:
-                    log.warning("queue: cannot renew this service's lease: %s", exc)
+                except (sqlite3.Error, QueueUnavailable) as exc:
+                    log.warning("cannot renew this service's lease: %s", exc)
                     continue
                 if adopted:
                     self._loop.call_soon_threadsafe(self._take_adopted)
@@ -163,7 +171,7 @@ class Service:
             await asyncio.sleep(RUN_CHECK)
             try:
                 ended = self.training.check()
-            except (OSError, sqlite3.Error) as exc:  # e.g. the queue's disk is full: try again later
+            except (OSError, sqlite3.Error, QueueUnavailable) as exc:  # e.g. the queue's disk is full: try again later
                 log.error("checking training runs: %s", exc)
                 continue
             if ended:
@@ -175,14 +183,21 @@ class Service:
         self._closing.set()
         if self._watch is not None:
             self._watch.cancel()
-        if cancel_jobs:  # at once: a second Ctrl-C may cut the rest of close short
-            self._end_active("cancelled")
-        if self.workers:
-            await self.pool.close()
-        self._end_active("cancelled" if cancel_jobs else "queued")  # events handled meanwhile may have changed them
+        try:
+            if cancel_jobs:  # at once: a second Ctrl-C may cut the rest of close short
+                self._end_active("cancelled")
+            if self.workers:
+                await self.pool.close()
+            self._write_unwritten()
+            self._end_active("cancelled" if cancel_jobs else "queued")  # events handled meanwhile may have changed them
+        except QueueUnavailable as exc:  # what stays running is adopted, and queued again, by the next service
+            log.error("%s; this service's jobs are left as they are", exc)
+        if self._next_try is not None:
+            self._next_try.cancel()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=2)
-        self.store.drop_lease(self.owner)  # what stays queued is adopted by the next recovering service
+        with contextlib.suppress(QueueUnavailable):  # its lease runs out by itself
+            self.store.drop_lease(self.owner)  # what stays queued is adopted by the next recovering service
         self.store.close()
         self.training.close()  # runs keep training; waiting ones start with the next recovering service
 
@@ -365,6 +380,17 @@ class Service:
         when no job runs on its devices and no older run holds or waits for them; until then it
         reserves them, so newer jobs do not keep it waiting.
         """
+        if self._unwritten:  # after the queue writes that wait for the queue file
+            if self._unwritten[-1] != self._share_devices:
+                self._unwritten.append(self._share_devices)
+            return
+        try:
+            self._share_devices()
+        except QueueUnavailable as exc:
+            self._unwritten.append(self._share_devices)
+            self._try_later(exc)
+
+    def _share_devices(self) -> None:
         if self._closing.is_set():
             return
         reserved = self.training.holding()  # device -> the run that holds it, or waits for it first
@@ -416,9 +442,8 @@ class Service:
         return group_of(first, queued)
 
     def _run_jobs(self, slot: Slot, jobs: list[Job]) -> None:
+        self.store.set_running([job.id for job in jobs])
         slot.loads(jobs[0].request.get("model", ""))
-        for job in jobs:
-            self.store.set_state(job.id, "running")
         self.pool.run(slot, [{"job": job.id, "kind": job.kind, **job.payload, "first_image": len(job.outputs)}
                              for job in jobs])
 
@@ -436,17 +461,11 @@ class Service:
                                                               f"training run {run.name}"))
 
     def _handle(self, event: Event) -> None:
-        if isinstance(event, FINAL_EVENTS):
-            self._told_waiting.pop(event.job, None)
-            slot = self._slot_of(event.job)
-            if slot is not None and slot.id == event.worker:
-                slot.jobs.remove(event.job)
-            self.store.set_state(event.job, event.type, getattr(event, "error", None))
-            if isinstance(event, Done):  # with the images saved before a restart or a retry
-                event = replace(event, paths=self.store.get(event.job).outputs)
-        elif isinstance(event, Started):
-            self.store.set_state(event.job, "running")
-        elif isinstance(event, WorkerReady):
+        """A worker's event: one that ends or starts a job is written to the queue first, then published."""
+        if isinstance(event, (*FINAL_EVENTS, Started)):
+            self._when_writable(partial(self._record, event))
+            return
+        if isinstance(event, WorkerReady):
             self._ready[event.worker] = event
             self._models.pop(event.worker, None)  # a restarted worker holds nothing yet
         elif isinstance(event, WorkerModels):
@@ -454,11 +473,63 @@ class Service:
         self._fanout.publish(event)
         # a worker that holds no pipeline lets a run start on its device; one that cannot start frees it again
         freed = isinstance(event, (WorkerReady, WorkerReleased)) and self.training.released(event.worker)
-        if freed or isinstance(event, (*FINAL_EVENTS, WorkerReady)):
+        if freed or isinstance(event, WorkerReady):
             self._dispatch()
+
+    def _record(self, event: JobEvent) -> None:
+        """Write a job's start or end to the queue, then publish it."""
+        if isinstance(event, Started):
+            self.store.set_state(event.job, "running")
+            self._fanout.publish(event)
+            return
+        self.store.set_state(event.job, event.type, getattr(event, "error", None))
+        if isinstance(event, Done):  # with the images saved before a restart or a retry
+            event = replace(event, paths=self.store.get(event.job).outputs)
+        self._told_waiting.pop(event.job, None)
+        slot = self._slot_of(event.job)
+        if slot is not None and slot.id == event.worker:
+            slot.jobs.remove(event.job)
+        self._fanout.publish(event)
+        self._dispatch()
+
+    def _when_writable(self, write: Callable[[], None]) -> None:
+        """Run ``write`` (queue writes first, then what follows from them) now or, while the queue file takes no
+        writes, once it does: in order, tried again every ``WRITE_RETRY`` seconds, said once."""
+        self._unwritten.append(write)
+        if len(self._unwritten) == 1:
+            self._write_unwritten()
+
+    def _write_unwritten(self) -> None:
+        """Run the waiting writes in order; the first that fails waits for the next try, and those after it."""
+        while self._unwritten:
+            try:
+                self._unwritten[0]()
+            except QueueUnavailable as exc:
+                if self._closing.is_set():
+                    raise
+                self._try_later(exc)
+                return
+            self._unwritten.pop(0)
+        if self._write_error is not None:
+            self._write_error = None
+            self._say(f"queue: {self.store.path} takes writes again; the jobs go on", "info")
+
+    def _try_later(self, exc: QueueUnavailable) -> None:
+        """Say why the queue writes wait (once), and try them again in ``WRITE_RETRY`` seconds."""
+        if self._write_error != str(exc):
+            self._write_error = str(exc)
+            self._say(f"{exc}; the jobs' states are written when it can be, and the queue goes on then", "warning")
+        self._next_try = self._loop.call_later(WRITE_RETRY, self._write_unwritten)
+
+    def _say(self, message: str, level: str) -> None:
+        log.log(logging.WARNING if level == "warning" else logging.INFO, "%s", message)
+        self._fanout.publish(Log(message=message, level=level))
 
     def _worker_died(self, slot: Slot, job_ids: list[int], why: str) -> None:
         """A worker died (it was restarted): retry each of its jobs once from its first unsaved image, then fail."""
+        self._when_writable(partial(self._retry_jobs, job_ids, why))
+
+    def _retry_jobs(self, job_ids: list[int], why: str) -> None:
         for job_id in job_ids:
             job = self.store.get(job_id)
             if self._closing.is_set() or job is None or job.state != "running":

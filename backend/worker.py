@@ -24,6 +24,8 @@ PREVIEW_INTERVAL = 0.25  # seconds: at most ~4 previews a second
 STEP_INTERVAL = 0.1  # seconds between step events (the last step is always sent)
 PARENT_CHECK = 1.0  # seconds an idle worker waits before checking that its service still lives
 RELEASE = "release"  # on a worker's job queue: free every pipeline (a training run takes the device)
+RECORD_PATIENCE = 600.0  # seconds a saved image waits for the queue file to take its record; then its job fails
+RECORD_RETRY = 2.0  # seconds between tries
 
 log = logging.getLogger("dreamtty.worker")
 
@@ -139,16 +141,37 @@ class LocalOutput:
     store: object  # backend.queue_store.QueueStore
 
     def save(self, run: JobRun, image, meta: dict, index: int, seed: int) -> None:
-        run.send(save_output(self.store, run.job, run.worker, image, meta, index, seed))
+        run.send(save_output(self.store, run.job, run.worker, image, meta, index, seed, run.note))
 
 
-def save_output(store, job: dict, worker: int, image, meta: dict, index: int, seed: int) -> ev.ImageSaved:
+def save_output(store, job: dict, worker: int, image, meta: dict, index: int, seed: int,
+                say: Callable[[str], None] = log.warning) -> ev.ImageSaved:
     """Save image ``index`` of ``job`` (a queue payload) and record it in ``store``; its event."""
     from backend.outputs import save_image
 
     path = str(save_image(image, meta, Path(job["out"])))
-    store.add_output(job["job"], path)  # before anything else: a crash now must not redo it
+    record_output(store, job["job"], path, say)
     return ev.ImageSaved(job=job["job"], worker=worker, image=index, path=path, seed=seed)
+
+
+def record_output(store, job_id: int, path: str, say: Callable[[str], None]) -> None:
+    """Record a saved image in the queue before anything else: a crash now must not make it again. While the
+    queue file takes no writes (another program holds it locked, its disk is full), the job holds still until
+    it does, said once, for up to ``RECORD_PATIENCE`` seconds; then it fails, naming the saved image."""
+    from backend.errors import DreamttyError
+    from backend.queue_store import QueueUnavailable
+
+    deadline, said = time.monotonic() + RECORD_PATIENCE, False
+    while True:
+        try:
+            return store.add_output(job_id, path)
+        except QueueUnavailable as exc:
+            if time.monotonic() > deadline:
+                raise DreamttyError(f"{exc}; the image {path} is saved but not recorded") from None
+            if not said:
+                say(f"{exc}; the job waits until it can record its image")
+                said = True
+            time.sleep(RECORD_RETRY)
 
 
 def one_line(exc: BaseException) -> str:

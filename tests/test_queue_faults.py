@@ -1,0 +1,115 @@
+"""The queue file taking no writes for a while (another program holds it locked, its disk is full): one line
+naming it, what workers report waits in order, and the queue moves on by itself once it takes writes again."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from contextlib import closing
+
+import pytest
+
+from backend import events as ev, worker
+from backend.errors import DreamttyError
+from backend.queue_store import QueueStore, QueueUnavailable
+from backend.service import Service
+from test_job_groups import _Pool, _submit
+
+
+class _StartedPool(_Pool):
+    def start(self, on_event, on_died) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+def _hold(db) -> sqlite3.Connection:
+    """Another program's connection that holds the queue file locked (as a backup or an sqlite3 shell)."""
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    return other
+
+
+def _impatient(*stores) -> None:
+    """SQLite waits 10 s for a lock by default; the test's stores give up at once."""
+    for store in stores:
+        store._db.execute("PRAGMA busy_timeout = 50")
+
+
+def test_a_locked_queue_is_one_line_naming_the_file(tmp_path):
+    db = tmp_path / "queue.sqlite3"
+    with closing(QueueStore(db)) as store:
+        job = store.add("generate", {"request": {}}, "me")
+        _impatient(store)
+        with closing(_hold(db)):
+            with pytest.raises(QueueUnavailable) as raised:
+                store.set_state(job, "running")
+        assert str(raised.value) == (f"queue: cannot use {db}: database is locked; another program holds it "
+                                     "(a backup, an sqlite3 shell?)")
+        assert store.get(job).state == "queued"  # nothing half-written
+
+
+async def test_what_a_worker_reports_waits_for_the_locked_queue_and_the_queue_moves_on(tmp_path, monkeypatch):
+    monkeypatch.setattr("backend.service.WRITE_RETRY", 0.1)
+    db = tmp_path / "queue.sqlite3"
+    pool = _StartedPool(1)
+    service = Service(devices="cpu", db_path=db, pool=pool)
+    events = service.subscribe()
+    first, second = _submit(service, seed=1), _submit(service, steps=6)  # not one group
+    await service.start()
+    try:
+        assert pool.given == [(0, [first])]
+        _impatient(service.store, service.training.store)
+        other = _hold(db)
+        service._handle(ev.Started(job=first, worker=0))
+        service._handle(ev.Step(job=first, worker=0, image=0, count=1, step=1, total=2, its=1.0, eta=1.0))
+        service._handle(ev.Done(job=first, worker=0))
+        await asyncio.sleep(0.3)  # a few tries
+        seen = [events.get_nowait() for _ in range(events.qsize())]
+        warning = f"queue: cannot use {db}: database is locked; another program holds it (a backup, an sqlite3 shell?)"
+        assert [(type(e), getattr(e, "message", None)) for e in seen] == [
+            (ev.Log, f"{warning}; the jobs' states are written when it can be, and the queue goes on then"),
+            (ev.Step, None)]  # said once; the step goes on, the start and the end wait
+        assert pool.given == [(0, [first])] and pool.slots[0].jobs == [first]
+        other.execute("COMMIT")
+        other.close()
+        deadline = time.monotonic() + 10
+        while len(pool.given) < 2:
+            assert time.monotonic() < deadline, "the queue did not move on"
+            await asyncio.sleep(0.05)
+        seen = [events.get_nowait() for _ in range(events.qsize())]
+        assert [type(e) for e in seen] == [ev.Started, ev.Done, ev.Log]  # in order, then said once
+        assert seen[-1].message == f"queue: {db} takes writes again; the jobs go on"
+        assert service.store.get(first).state == "done" and pool.given[1] == (0, [second])
+        assert service.store.get(second).state == "running"
+    finally:
+        await service.close()
+
+
+class _Store:
+    """A queue that takes no writes ``refusals`` times, then records."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals, self.recorded = refusals, []
+
+    def add_output(self, job_id: int, path: str) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            raise QueueUnavailable("/q.sqlite3", sqlite3.OperationalError("database or disk is full"))
+        self.recorded.append((job_id, path))
+
+
+def test_a_saved_image_waits_for_its_record_then_fails_naming_it(monkeypatch):
+    monkeypatch.setattr(worker, "RECORD_RETRY", 0.01)
+    said: list[str] = []
+    store = _Store(refusals=3)
+    worker.record_output(store, 7, "/out/a.png", said.append)
+    assert store.recorded == [(7, "/out/a.png")] and said == [
+        "queue: cannot use /q.sqlite3: database or disk is full; free some space on its disk; the job waits until "
+        "it can record its image"]
+    monkeypatch.setattr(worker, "RECORD_PATIENCE", 0.05)
+    with pytest.raises(DreamttyError, match=r"disk is full; free some space on its disk; the image /out/b.png is "
+                                            r"saved but not recorded$"):
+        worker.record_output(_Store(refusals=10**6), 7, "/out/b.png", said.append)
