@@ -216,9 +216,24 @@ def test_a_full_disk_at_the_export_keeps_the_checkpoint_and_a_resume_saves_the_r
         assert trainer_process.main([str(prepared.run_dir)]) == 1
     data = runs.read_run_json(prepared.run_dir)
     assert data["state"] == "failed" and data["error"] == (
-        f"the result was not saved in {prepared.run_dir}: No space left on device; the checkpoint of step 2 is kept: "
+        f"the result was not saved in {prepared.run_dir}: No space left on device; checkpoint-2 is kept: "
         "free some space, then resume with --resume latest (ctrl+r on the Train screen)")
     assert [s for s, _ in runs.list_checkpoints(prepared.run_dir)] == [2]
     _run(_settings(prepared.run_dir, resume="latest"))  # the same max_steps: nothing to train, the result saved
     assert runs.read_run_json(prepared.run_dir)["state"] == "done" and (prepared.run_dir / runs.LORA_FILE).is_file()
     assert _steps_after_resume(prepared.run_dir) == (2, [])
+
+
+def test_an_event_the_full_disk_cannot_take_is_left_out_whole_and_said_later(tmp_path):
+    """A torn line in events.jsonl would swallow the next event; a full disk must not stop the run either."""
+    writer = runs.EventWriter(tmp_path)
+    writer(TrainLog(level="info", message="first"))
+    size = (tmp_path / runs.EVENTS).stat().st_size
+    with disk_full_after(size + 20):  # 20 bytes of the next line fit
+        writer(TrainLog(level="info", message="x" * 100))
+        writer(TrainLog(level="info", message="y" * 100))
+    assert (tmp_path / runs.EVENTS).stat().st_size == size
+    writer(TrainLog(level="info", message="last"))
+    assert [e.message for e in _events(tmp_path)] == ["first", "2 events were not written here (the disk was full)",
+                                                      "last"]
+

@@ -473,8 +473,10 @@ def test_cli_second_ctrl_c_leaves_the_trainer_running_and_a_dead_trainer_is_reco
     with monkeypatch.context() as patch:
         patch.setattr(runs, "write_json_atomic", _raise(OSError(errno.ENOSPC, "No space left on device")))
         assert follow(tmp_path, DiedAtOnce()) == 1
-    assert capsys.readouterr().err.strip() == (f"dreamtty: training failed: the trainer exited with code 3 before "
-                                               f"finishing; see {tmp_path / runs.LOG_FILE}")
+    assert capsys.readouterr().err.strip() == (
+        f"dreamtty: training failed: the trainer exited with code 3 before finishing, and nothing can be written in "
+        f"{tmp_path} (No space left on device): free some space, then resume with --resume latest (ctrl+r on the "
+        "Train screen)")
     assert runs.read_run_json(tmp_path)["state"] == "running"  # as it was
 
 

@@ -18,6 +18,8 @@ each with its ``time`` (Unix seconds).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -96,7 +98,8 @@ def record_trainer_gone(run_dir: Path, code: int | None) -> dict:
     """run.json once its trainer exited (``code``: its exit status, None when unknown). A run it left
     live or waiting did not finish: it is recorded failed, saying how the trainer ended, and so is
     the end of trainer.log, which a killed trainer could not write. A disk that cannot be written
-    leaves the files as they were; the returned dict says it all the same."""
+    leaves the files as they were; the returned dict says it all the same, and that (a full disk
+    also stops the trainer from recording why it failed)."""
     data = read_run_json(run_dir)
     if data.get("state") not in (*LIVE_STATES, WAITING):
         return data
@@ -106,8 +109,10 @@ def record_trainer_gone(run_dir: Path, code: int | None) -> dict:
         data = update_run_json(run_dir, **failed)
         with open(Path(run_dir) / LOG_FILE, "a", encoding="utf-8") as log:
             log.write(f"dreamtty: the trainer {how} before finishing\n")
-    except OSError:
-        data = {**data, **failed}
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        data = {**data, **failed, "error": f"the trainer {how} before finishing, and nothing can be written in "
+                                           f"{run_dir} ({why}): free some space, then {RESUME_HINT}"}
     return data
 
 
@@ -253,18 +258,41 @@ def link_into_root(run_dir: Path, root: Path | None = None) -> None:
 
 # -- events -------------------------------------------------------------------
 class EventWriter:
-    """Appends events to ``events.jsonl``; a no-op on non-main processes."""
+    """Appends events to ``events.jsonl``; a no-op on non-main processes. An event the disk cannot take
+    (it is full) is left out whole, never torn, and training goes on; the next one written says how many
+    were left out."""
 
     def __init__(self, run_dir: Path, enabled: bool = True) -> None:
         self.path = Path(run_dir) / EVENTS
         self.enabled = enabled
+        self.left_out = 0
 
     def __call__(self, event: TrainEvent) -> None:
         if not self.enabled or not self.path.parent.is_dir():
             return
-        line = dumps(replace(event, time=round(time.time(), 3)))
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+        lines = [replace(event, time=round(time.time(), 3))]
+        if self.left_out:
+            lines.insert(0, TrainLog(level="warning", message=f"{self.left_out} events were not written here (the "
+                                                              "disk was full)", time=lines[0].time))
+        try:
+            _append(self.path, "".join(dumps(e) + "\n" for e in lines).encode())
+        except OSError:
+            self.left_out += 1
+        else:
+            self.left_out = 0
+
+
+def _append(path: Path, data: bytes) -> None:
+    """Append ``data`` whole or, when the disk takes only part of it, not at all."""
+    with open(path, "ab", buffering=0) as fh:
+        start = fh.seek(0, os.SEEK_END)
+        try:
+            if fh.write(data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            with contextlib.suppress(OSError):
+                fh.truncate(start)
+            raise
 
 
 class EventTail:

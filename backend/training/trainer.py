@@ -57,9 +57,15 @@ def oom_message(req: TrainRequest, step: int, run_dir: Path) -> str:
         ("no --train-text-encoder", req.train_text_encoder),
     ) if on]
     tips.append(f"a smaller --resolution (now {req.resolution}) or --batch-size (now {req.batch_size})")
+    kept = newest_checkpoint(run_dir)
+    return (f"out of GPU memory at step {step}; reduce memory with {', '.join(tips)}"
+            + (f"; {kept} is kept: {runs.RESUME_HINT}" if kept else ""))
+
+
+def newest_checkpoint(run_dir: Path) -> str | None:
+    """The name of the run's newest complete checkpoint, None when it has none."""
     found = runs.list_checkpoints(run_dir)
-    kept = f"; {found[-1][1].name} is kept: {runs.RESUME_HINT}" if found else ""
-    return f"out of GPU memory at step {step}; reduce memory with {', '.join(tips)}{kept}"
+    return found[-1][1].name if found else None
 
 
 def _accelerator(req: TrainRequest, run_dir: Path):
@@ -452,8 +458,9 @@ class DreamBoothTrainer:
             reason = write_failure(exc)
             if reason is None:
                 raise
-            raise TrainingError(f"the result was not saved in {self.run_dir}: {reason}; the checkpoint of step "
-                                f"{self.step} is kept: free some space, then {runs.RESUME_HINT}") from None
+            kept = newest_checkpoint(self.run_dir)  # the last step's, unless the disk could not take it either
+            then = f"{kept} is kept: free some space, then {runs.RESUME_HINT}" if kept else "free some space and train again"
+            raise TrainingError(f"the result was not saved in {self.run_dir}: {reason}; {then}") from None
         runs.update_run_json(self.run_dir, output={"kind": kind, "path": str(path)})
         self.events(TrainLog(level="info", message=f"saved {kind}: {path}"))
         if self.req.report_to == "tensorboard":

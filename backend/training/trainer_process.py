@@ -24,9 +24,13 @@ from backend.training.config import TrainRequest
 def fail(run_dir: Path, events: runs.EventWriter, message: str, kind: str = "error") -> None:
     """Record the failure; ``kind`` "input" marks a bad setting (the CLI exits 2)."""
     events(TrainError(message=message))
-    if events.enabled and runs.is_run_dir(run_dir):
-        runs.update_run_json(run_dir, state="failed", error=message, error_kind=kind)
     print(f"dreamtty train: {message}", file=sys.stderr)
+    if events.enabled and runs.is_run_dir(run_dir):
+        try:
+            runs.update_run_json(run_dir, state="failed", error=message, error_kind=kind)
+        except OSError as exc:  # a full disk: whoever started the trainer records that it ended
+            print(f"dreamtty train: cannot record the failure in {run_dir / runs.RUN_JSON}: {exc.strerror}",
+                  file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
