@@ -157,6 +157,14 @@ class ServiceReady(Event):
     """The service a client talks to has started (or the client reconnected): refresh job lists."""
 
 
+@_register("service-lost")
+class ServiceLost(Event):
+    """The client lost its service's event stream (it stopped, or the network broke) and tries again;
+    ``ServiceReady`` follows when it is back."""
+
+    message: str
+
+
 @_register("log")
 class Log(Event):
     message: str

@@ -2,7 +2,8 @@
 over its Unix socket (or TCP with the token), through :mod:`backend.http_client`.
 
 Events come over one WebSocket, opened when someone subscribes. A dropped stream is opened again
-(a restarted service included) and a ``ServiceReady`` event is published so lists refresh; a job
+(a restarted service included): a ``ServiceLost`` event is published when it drops, a ``ServiceReady``
+event when it is back so lists refresh; a job
 followed with :meth:`RemoteClient.wait` is then read back from the service, so an image saved or a
 job ended while the stream was down is not missed.
 """
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 from backend import config
 from backend.errors import DreamttyError, RequestError
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, Fanout, ImageSaved, JobEvent,
-                            ServiceReady, loads)
+                            ServiceLost, ServiceReady, loads)
 from backend.http_client import HTTPClient, Unreachable, WebSocket, authority
 from backend.queue_store import ACTIVE, Job
 from backend.serve import ServeOptions, start_detached
@@ -150,6 +151,8 @@ class RemoteClient:
                 pass
             finally:
                 ws.close()
+            self._fanout.publish(ServiceLost(message=f"service: lost the connection to {self.address}; trying again "
+                                                     "(its jobs stay queued)"))
             down_since = down_since or time.monotonic()
             while True:
                 await asyncio.sleep(delay)
@@ -192,7 +195,15 @@ class RemoteClient:
         self._drop_http()
 
     async def _call(self, method: str, path: str, body: dict | None = None, quick: bool = False, **params) -> dict:
-        """One API request, once connected."""
+        """One API request, once connected. A service gone since (stopped) is started again when this client
+        may start one, as for its first request: the request was not sent, so it is sent to the new one."""
+        await self._connect()
+        try:
+            return await self._request(method, path, body, quick, **params)
+        except _Unreachable:
+            if self._start_options is None:
+                raise
+        self._drop_http()
         await self._connect()
         return await self._request(method, path, body, quick, **params)
 

@@ -16,7 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -866,3 +868,71 @@ async def test_a_client_names_the_field_as_the_cli_does(service):
         assert refused.value.field == "lora" and str(refused.value).startswith("lora: ")
     finally:
         await remote.close()
+
+
+async def _serve_in_test(db: Path, sock: Path) -> tuple[Service, web.AppRunner]:
+    """A service without workers, its API on ``sock``, in this process."""
+    from backend import http_server
+    from test_tui import NoWorkers
+
+    service = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
+    await service.start()
+    runner = http_server.make_runner(Api(service, token="t").app)
+    await runner.setup()
+    await web.UnixSite(runner, str(sock)).start()
+    return service, runner
+
+
+async def test_a_tui_says_its_service_is_lost_and_reads_the_queue_again_when_it_is_back(tmp_path):
+    """The service stops under an attached TUI: it says so at once, shows no stale job, and once a service
+    runs again it reads the queue as it is then (a job cancelled meanwhile is no longer counted)."""
+    from test_tui import opened, wait_for
+    from tui.app import DreamttyApp
+
+    db, sock = tmp_path / "queue.sqlite3", tmp_path / "serve.sock"
+    serve = partial(_serve_in_test, db, sock)
+    service, runner = await serve()
+    job = service.store.add("generate", {"request": {"prompt": "a fox"}}, service.owner)  # no worker: it waits
+    app = DreamttyApp(model="demo", out=tmp_path / "out",
+                      client=RemoteClient(Address(socket=sock), start=None, previews=False, patience=None))
+    async with opened(app, size=(120, 40)) as pilot:
+        try:
+            await wait_for(pilot, lambda: app.activity() == "1 queued", what="the queued job")
+            await runner.cleanup()
+            await service.close()
+            await wait_for(pilot, lambda: app.activity() == "no service: trying again…", what="the lost service")
+            with closing(QueueStore(db)) as store:
+                store.set_state(job, "cancelled")  # by another client, while this one was away
+            service, runner = await serve()
+            await wait_for(pilot, lambda: app.activity() == "starting the worker…", what="the service back")
+            assert app.active == {}
+        finally:
+            await runner.cleanup()
+            await service.close()
+
+
+async def test_a_client_that_may_start_a_service_starts_one_when_its_service_is_gone(tmp_path, monkeypatch):
+    """As for its first request: a request whose service stopped meanwhile was never sent, so it goes to the
+    service started for it (the TUI's ctrl+g after ``dreamtty serve --stop``)."""
+    from backend import remote_client
+
+    db, sock = tmp_path / "queue.sqlite3", tmp_path / "serve.sock"
+    loop, started = asyncio.get_running_loop(), []
+
+    def start_detached(options):  # called in a thread, as it spawns ``dreamtty serve --detach``
+        started.append(asyncio.run_coroutine_threadsafe(_serve_in_test(db, sock), loop).result())
+
+    monkeypatch.setattr(remote_client, "start_detached", start_detached)
+    service, runner = await _serve_in_test(db, sock)
+    job = service.store.add("generate", {"request": {"prompt": "a fox"}}, service.owner)
+    starter = RemoteClient(Address(socket=sock), start=remote_client.ServeOptions(devices="cpu"), previews=False)
+    try:
+        assert [j.id for j in await starter.jobs()] == [job]
+        await runner.cleanup()
+        await service.close()
+        assert [j.id for j in await starter.jobs()] == [job] and len(started) == 1
+    finally:
+        await starter.close()
+        for service, runner in started:
+            await runner.cleanup()
+            await service.close()

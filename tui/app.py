@@ -8,6 +8,7 @@ the screens through ``job_events`` (a Textual Signal).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import re
@@ -30,7 +31,8 @@ from textual.widgets import Button, Label
 from backend import config
 from backend.client import Client, LocalClient
 from backend.errors import DreamttyError, RequestError
-from backend.events import FINAL_EVENTS, Event, Queued, Retrying, ServiceReady, Started, Step, WorkerReady
+from backend.events import (FINAL_EVENTS, Event, Queued, Retrying, ServiceLost, ServiceReady, Started, Step,
+                            WorkerReady)
 from backend.safetext import visible
 from tui import keymap
 from tui.latency import (GC_TICK, TYPING_QUIET, TYPING_RECENT, TYPING_REDRAW_INTERVAL, KeyGate, QuietGC,
@@ -48,6 +50,7 @@ STEP_REDRAW_INTERVAL = 0.25  # seconds: progress is redrawn at most ~4 times a s
 WORKER_NICE = 10  # workers yield the CPU to the UI, so keys are painted promptly while a job runs
 FIRST_FRAME_WAIT = 1.0  # seconds: what waits for the first frame starts by then whatever the screen
 GIL_SWITCH_INTERVAL = 0.001  # seconds (Python's default: 0.005) the event loop waits for a busy preview thread
+STARTING = "starting the worker…"  # the worker state until one reports it is ready
 
 
 def shown_later(module: str, screen: str) -> Callable[[], Screen]:
@@ -113,7 +116,7 @@ class DreamttyApp(App):
         self.active: dict[int, str] = {}  # job id -> queued | running (every client's jobs on the service)
         self.submitted: set[int] = set()  # the jobs this TUI queued (ctrl+x cancels only these)
         self.progress: dict[int, Step] = {}  # job id -> its last step event
-        self.worker_state = "starting the worker…"
+        self.worker_state = STARTING
         self.generate_screen: GenerateScreen | None = None  # set when it mounts (the default mode)
         self.last_key = 0.0  # monotonic time of the last key press
         self._gc: QuietGC | None = None  # started after the first paint
@@ -158,17 +161,29 @@ class DreamttyApp(App):
         finally:  # what the queue read here, or a service started for the app, found damaged
             for warning in self.client.warnings:
                 notify(self, warning, title="queue", severity="warning", timeout=20)
-        for job in await self.client.active_jobs():
-            self.active.setdefault(job.id, job.state)
-        ready = [worker for worker in (await self.client.status())["workers"] if worker["ready"]]
-        if ready:  # attached to a running service: its WorkerReady events came before this TUI
-            self.worker_state = f"worker ready on {ready[0]['device']}"
+        await self._read_service()
         self.job_events.publish(ServiceReady())
+
+    async def _read_service(self) -> None:
+        """The service's active jobs and whether a worker is ready: attached to a running service, or back
+        after it was lost, the events before are not replayed."""
+        jobs = await self.client.active_jobs()
+        ready = [worker for worker in (await self.client.status())["workers"] if worker["ready"]]
+        self.active = {job.id: job.state for job in jobs}
+        self.progress = {job: step for job, step in self.progress.items() if job in self.active}
+        self.worker_state = f"worker ready on {ready[0]['device']}" if ready else STARTING
 
     async def _consume_events(self, events) -> None:
         last_step = 0.0
         while True:
             event = await events.get()
+            if isinstance(event, ServiceLost):
+                self.active, self.progress, self.worker_state = {}, {}, "no service: trying again…"
+                notify(self, event.message, title="service", severity="warning", timeout=10)
+            elif isinstance(event, ServiceReady):
+                with contextlib.suppress(DreamttyError):  # lost again already: its ServiceLost follows
+                    await self._read_service()
+                notify(self, "service: connected again", title="service", timeout=5)
             self._track(event)
             if isinstance(event, Step) and event.step < event.total:
                 now = time.monotonic()
