@@ -347,12 +347,14 @@ def _image_loop(group: JobGroup, kind, requests: dict[int, object], pipe, family
         batch = todo[:limit]
         members = list({id(item.run): item.run for item in batch}.values())
         callbacks = _batch_callbacks(batch, todo[len(batch):], steps, limit)
+        cancelled = group.should_cancel(members)
         try:
             with compiled():
                 made = make(pipe, [item.request for item in batch], on_step=callbacks,
-                            should_cancel=group.should_cancel(members), device=group.first.cache.device)
+                            should_cancel=cancelled, device=group.first.cache.device)
                 for item, (result, record, place) in zip(batch, made):
                     todo.pop(0)
+                    cancelled()  # a cancel seen after the last step (while decoding): no image of its job is saved
                     if item.index is not None and group.running(item.run):  # else a mate of the image reproduced
                         hand_over[id(item.run)](item.index, replace(item.request, batch=place), result, record)
                     _end_finished(group, todo)

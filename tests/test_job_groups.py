@@ -297,3 +297,29 @@ def test_a_batch_that_fails_ends_its_own_jobs_and_the_group_goes_on(cache, store
     ends = {e.job: e for e in sent if isinstance(e, ev.FINAL_EVENTS)}
     assert type(ends[jobs[0]]).__name__ == "Failed" and "no such style" in ends[jobs[0]].error
     assert type(ends[jobs[1]]).__name__ == "Done" and len(store.get(jobs[1]).outputs) == 1
+
+
+def test_a_cancel_seen_after_the_last_step_saves_no_image_and_ends_the_job_cancelled(monkeypatch):
+    """The user cancels while the batch decodes (past its last denoising step): its images are not saved and
+    the job ends cancelled, as the cancel said, not done."""
+    from backend import jobkinds, worker
+
+    cancelled, saved, sent = [], [], []
+
+    def plan(group, kind, request, pipe, make_image):
+        def make(pipe, requests, on_step, should_cancel, device):
+            cancelled.append(True)  # every step was made; the cancel comes now
+            return [(Image.new("RGB", (8, 8)), {}, 0) for _ in requests]
+        return make, 8
+
+    class Output:
+        def save(self, run, image, meta, index, seed):
+            saved.append(index)
+
+    monkeypatch.setattr(worker, "_batch_plan", plan)
+    request = _request(count=2)
+    cache = PipelineCache(torch.device("cpu"))
+    run = JobRun(0, {"job": 1, "kind": "generate", "request": request.to_dict(), "out": "/nowhere"}, cache,
+                 sent.append, lambda: bool(cancelled), Output())
+    worker._image_loop(worker.JobGroup([run]), jobkinds.get("generate"), {1: request}, None, "sd1", None)
+    assert saved == [] and [type(e) for e in sent] == [ev.Cancelled]
