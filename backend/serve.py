@@ -162,7 +162,12 @@ def start_detached(options: ServeOptions, timeout: float = START_TIMEOUT) -> dic
     log_file = log_path()
     locations.make_folder(log_file.parent, "state dir")
     service_log.rotate(log_file)
-    with open(log_file, "ab") as out:
+    try:
+        out = open(log_file, "ab")
+    except OSError as exc:  # a read-only or full state folder, where the queue lives too
+        raise DreamttyError(f"service: cannot write its log {log_file}: {exc.strerror or exc}; the state folder "
+                            "must be writable") from None
+    with out:
         process = subprocess.Popen([sys.executable, "-m", "backend.serve", json.dumps(asdict(options))],
                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -936,3 +936,13 @@ async def test_a_client_that_may_start_a_service_starts_one_when_its_service_is_
         for service, runner in started:
             await runner.cleanup()
             await service.close()
+
+
+def test_a_state_folder_that_takes_no_log_is_one_line(tmp_path, monkeypatch):
+    from backend import serve
+
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    serve.log_path().mkdir(parents=True)  # a log it cannot write, as in a read-only state folder
+    with pytest.raises(DreamttyError, match=r"^service: cannot write its log .*serve\.log: Is a directory; the state "
+                                            r"folder must be writable$"):
+        serve.start_detached(serve.ServeOptions(devices="cpu"))
