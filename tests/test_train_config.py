@@ -168,6 +168,12 @@ def test_prepare_run_writes_run_json_and_links(photos, tmp_path):
     assert isinstance(events[0], TrainLog) and events[0].level == "warning"
     linked = [r.path for r in runs.list_runs()]
     assert prepared.run_dir in linked  # a symlink in the runs folder points at it
+    (tmp_path / "file").write_text("")  # a runs folder that cannot be made (as one that is read-only)
+    elsewhere = prepare_run(_request(photos, output=str(tmp_path / "run2")), runs_root=tmp_path / "file" / "runs")
+    assert runs.read_run_json(elsewhere.run_dir)["state"] == "starting"  # the run goes on, unlisted
+    assert elsewhere.warnings[-1] == (
+        f"runs: cannot list the run in {tmp_path / 'file' / 'runs'} (Not a directory); the Train screen does not "
+        f"show it, `dreamtty train --output {tmp_path / 'run2'} --resume latest` still works")
     # A second start into the same folder needs --resume.
     runs.update_run_json(prepared.run_dir, state="done")
     with pytest.raises(RequestError, match=r"output: .* already holds a run; resume with --resume latest \(ctrl\+r "):

@@ -163,7 +163,11 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> Prepare
             {**previous, "version": 1, "settings": req.to_dict(), "family": ref.family, "state": "starting",
              "pid": None, "error": None, "error_kind": None, "created": previous.get("created", now), "updated": now},
         )
-        runs.link_into_root(run_dir, runs_root)
+        try:
+            runs.link_into_root(run_dir, runs_root)
+        except OSError as exc:  # a read-only runs folder: the run goes on, unlisted
+            warnings.append(f"runs: cannot list the run in {runs_root} ({exc.strerror or exc}); the Train screen "
+                            f"does not show it, `dreamtty train --output {run_dir} --resume latest` still works")
         for warning in warnings:
             runs.EventWriter(run_dir)(TrainLog(level="warning", message=warning))
     except OSError as exc:
