@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -201,13 +203,38 @@ def test_unreadable_wildcard_file_is_skipped_with_one_warning(wildcards_dir, cap
         check_prompts(GenerateRequest(prompt="a __pet__", seed=1, count=3))
         assert "broken" not in load_wildcards()
     assert [r.getMessage() for r in caplog.records] == [
-        f"dreamtty: warning: {wildcards_dir / 'broken.txt'} cannot be read as UTF-8 text "
-        "('utf-8' codec can't decode byte 0xff in position 0: invalid start byte); wildcard file skipped"
-    ]
+        f"dreamtty: warning: {wildcards_dir / 'broken.txt'} is not UTF-8 text; wildcard file skipped"]
     assert build_prompt(GenerateRequest(prompt="a __pet__", seed=1)).positive == "a axolotl"
     # Using it names the reason, not "unknown wildcard ... add broken.txt" (the TUI shows no log warnings).
-    with pytest.raises(RequestError, match=r"^prompt: wildcard __broken__: .*broken.txt cannot be read as UTF-8"):
+    with pytest.raises(RequestError, match=r"^prompt: wildcard __broken__: .*broken.txt is not UTF-8 text$"):
         check_prompts(GenerateRequest(prompt="a __broken__", seed=1))
+    # a FIFO (reading it would wait forever) or a dangling link: named as such, not "unknown ... add u.txt"
+    os.mkfifo(wildcards_dir / "fifo.txt")
+    (wildcards_dir / "gone.txt").symlink_to(wildcards_dir / "nowhere")
+    with pytest.raises(RequestError, match=r"^prompt: wildcard __fifo__: .*fifo.txt: cannot read: .*fifo.txt is not "
+                                           r"a regular file$"):
+        check_prompts(GenerateRequest(prompt="a __fifo__", seed=1))
+    with pytest.raises(RequestError, match=r"^prompt: wildcard __gone__: .*gone.txt: cannot read: .*No such file"):
+        check_prompts(GenerateRequest(prompt="a __gone__", seed=1))
+
+
+def test_a_user_folder_that_cannot_be_listed_is_said(user_folder, caplog, monkeypatch):
+    from backend.prompting import datafiles
+
+    presets = user_folder("presets")
+    listdir = os.listdir
+
+    def refused(path):
+        if Path(path) == presets:
+            raise PermissionError(13, "Permission denied")
+        return listdir(path)
+
+    monkeypatch.setattr(datafiles.os, "listdir", refused)
+    with caplog.at_level(logging.WARNING, logger="dreamtty.datafiles"):
+        datafiles.data_files("presets", "presets", (".yaml",))
+        datafiles.data_files("presets", "presets", (".yaml",))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"dreamtty: warning: {presets}: cannot list: Permission denied; its presets are not found"]
 
 
 
@@ -216,7 +243,7 @@ def test_a_skipped_wildcard_files_warning_shows_controls_in_its_path(wildcards_d
     with caplog.at_level(logging.WARNING, logger="dreamtty.wildcards"):
         load_wildcards()
     (message,) = [r.getMessage() for r in caplog.records]
-    assert "bad\\x1b]0;pwned\\x07.txt cannot be read" in message and "\x1b" not in message
+    assert "bad\\x1b]0;pwned\\x07.txt is not UTF-8 text" in message and "\x1b" not in message
 
 
 def test_wildcards_that_multiply_stop_quickly(wildcards_dir):

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from backend import locations, user_files
+from backend.safetext import one_line
+
+log = logging.getLogger("dreamtty.datafiles")
+_said: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -41,15 +47,24 @@ def user_dirs(kind: str) -> list[Path]:
 
 
 def data_files(package: str, kind: str, suffixes: tuple[str, ...], recursive: bool = False) -> list[DataFile]:
-    """Shipped files of ``package`` first, then the user's ``<config dir>/<kind>`` files, each sorted by name."""
+    """Shipped files of ``package`` first, then the user's ``<config dir>/<kind>`` files, each sorted by name.
+    A user's entry that is not a regular file (a FIFO, a dangling link) is listed too: reading it says why it
+    is refused, where passing over it would call the name unknown. A folder that cannot be listed is said."""
     shipped = sorted(
         (p for p in resources.files(package).iterdir() if p.name.endswith(suffixes)), key=lambda p: p.name
     )
     out = [DataFile(_stem(p.name, suffixes), _suffix(p.name, suffixes), f"shipped:{p.name}", None, p) for p in shipped]
     pattern = "**/*" if recursive else "*"
     for folder in user_dirs(kind):
-        for path in sorted(folder.glob(pattern)) if folder.is_dir() else ():
-            if path.is_file() and path.name.endswith(suffixes):
+        if not folder.is_dir():
+            continue
+        try:
+            os.listdir(folder)  # glob passes over a folder it cannot list, in silence
+        except OSError as exc:
+            _say_once(f"{folder}: cannot list: {exc.strerror or exc}; its {kind} are not found")
+            continue
+        for path in sorted(folder.glob(pattern)):
+            if not path.is_dir() and path.name.endswith(suffixes):
                 stem = path.relative_to(folder).as_posix()
                 out.append(DataFile(_stem(stem, suffixes), _suffix(path.name, suffixes), str(path), path))
     return out
@@ -61,3 +76,9 @@ def _suffix(name: str, suffixes: tuple[str, ...]) -> str:
 
 def _stem(name: str, suffixes: tuple[str, ...]) -> str:
     return name[: -len(_suffix(name, suffixes))]
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning("dreamtty: warning: %s", one_line(message))  # a path may hold ESC

@@ -32,8 +32,11 @@ def load_wildcards() -> dict[str, list[str]]:
     for file in data_files("wildcards", "wildcards", (".txt",), recursive=True):
         try:
             text = file.read_text()
-        except (OSError, UnicodeError) as exc:
-            _skip(file.stem.lower(), f"{file.label} cannot be read as UTF-8 text ({exc})")
+        except OSError as exc:
+            _skip(file.stem.lower(), f"{file.label}: cannot read: {exc}")
+            continue
+        except UnicodeError:
+            _skip(file.stem.lower(), f"{file.label} is not UTF-8 text")
             continue
         lines = (line.strip() for line in text.splitlines())
         table[file.stem.lower()] = [line for line in lines if line and not line.startswith("#")]
