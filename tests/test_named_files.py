@@ -49,14 +49,15 @@ def test_a_style_preset_or_wildcard_file(fifo):
         _without_waiting(lambda: DataFile("pipe", ".csv", str(fifo), fifo).read_text(), fifo)
 
 
-def test_a_styles_folder_holding_a_fifo_skips_it_and_loads_the_rest(fifo, monkeypatch):
+def test_a_styles_folder_holding_a_fifo_says_so_without_opening_it_and_loads_the_rest(fifo, monkeypatch):
     (fifo.parent / "mine.csv").write_text("name,prompt,negative_prompt\nMine,{prompt} in ink,\n")
     os.rename(fifo, fifo.parent / "pipe.csv")
     from backend import config
 
     monkeypatch.setattr(config.Config, "folders", lambda self, kind: [fifo.parent])
     library = _without_waiting(load_styles, fifo.parent / "pipe.csv")
-    assert library.warnings == [] and "pipe" not in library.styles
+    pipe = fifo.parent / "pipe.csv"
+    assert library.warnings == [f"{pipe}: cannot read: {pipe} is not a regular file"] and "pipe" not in library.styles
     assert library.get("Mine").prompt == "{prompt} in ink"
 
 
