@@ -287,9 +287,11 @@ class RemoteClient:
     async def _stop_runs_of(self, ref: str) -> None:
         """Stop the run queued with ``ref``, if the service queued it (one it was still checking, it drops
         itself when it finds this client gone)."""
+        from backend.run_schedule import ENDED
+
         try:
             for run in await self.runs(limit=20):
-                if run.client_ref == ref and run.state != "ended":
+                if run.client_ref == ref and run.state != ENDED:
                     await self.stop_run(run.id)
         except DreamttyError:
             pass  # the service is gone: the run waits for the next one

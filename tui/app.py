@@ -51,6 +51,7 @@ WORKER_NICE = 10  # workers yield the CPU to the UI, so keys are painted promptl
 FIRST_FRAME_WAIT = 1.0  # seconds: what waits for the first frame starts by then whatever the screen
 GIL_SWITCH_INTERVAL = 0.001  # seconds (Python's default: 0.005) the event loop waits for a busy preview thread
 STARTING = "starting the worker…"  # the worker state until one reports it is ready
+LOST = "no service: trying again…"  # the worker state while the client has lost its service
 
 
 def shown_later(module: str, screen: str) -> Callable[[], Screen]:
@@ -166,19 +167,22 @@ class DreamttyApp(App):
 
     async def _read_service(self) -> None:
         """The service's active jobs and whether a worker is ready: attached to a running service, or back
-        after it was lost, the events before are not replayed."""
+        after it was lost, the events before are not replayed (those seen meanwhile are newer: kept)."""
         jobs = await self.client.active_jobs()
         ready = [worker for worker in (await self.client.status())["workers"] if worker["ready"]]
-        self.active = {job.id: job.state for job in jobs}
-        self.progress = {job: step for job, step in self.progress.items() if job in self.active}
-        self.worker_state = f"worker ready on {ready[0]['device']}" if ready else STARTING
+        for job in jobs:
+            self.active.setdefault(job.id, job.state)
+        if ready:
+            self.worker_state = f"worker ready on {ready[0]['device']}"
+        elif self.worker_state == LOST:
+            self.worker_state = STARTING
 
     async def _consume_events(self, events) -> None:
         last_step = 0.0
         while True:
             event = await events.get()
             if isinstance(event, ServiceLost):
-                self.active, self.progress, self.worker_state = {}, {}, "no service: trying again…"
+                self.active, self.progress, self.worker_state = {}, {}, LOST
                 notify(self, event.message, title="service", severity="warning", timeout=10)
             elif isinstance(event, ServiceReady):
                 with contextlib.suppress(DreamttyError):  # lost again already: its ServiceLost follows
