@@ -250,7 +250,8 @@ def load(path: str | Path | None = None) -> Config:
         for folder in [f for f in folders if f.exists() and not f.is_dir()]:
             cfg.warnings.append(f"config: paths.{kind}: {folder} is a file, not a folder; ignored")
             folders.remove(folder)
-        for folder in [f for f in folders if f not in default_folders(kind) and not f.exists()]:
+        defaults = default_folders(kind)  # need not exist
+        for folder in [f for f in folders if f not in defaults and not f.exists()]:
             cfg.warnings.append(f"config: paths.{kind}: {folder} does not exist; nothing is found there")
     return cfg
 
