@@ -484,6 +484,12 @@ def test_cli_second_ctrl_c_leaves_the_trainer_running_and_a_dead_trainer_is_reco
         f"{tmp_path} (No space left on device): free some space, then resume with --resume latest (ctrl+r on the "
         "Train screen)")
     assert runs.read_run_json(tmp_path)["state"] == "running"  # as it was
+    # A read-only folder is not cured by freeing space.
+    with monkeypatch.context() as patch:
+        patch.setattr(runs, "write_json_atomic", _raise(OSError(errno.EROFS, "Read-only file system")))
+        assert follow(tmp_path, DiedAtOnce()) == 1
+    assert capsys.readouterr().err.strip().endswith("(Read-only file system): make it writable, then resume with "
+                                                    "--resume latest (ctrl+r on the Train screen)")
 
 
 @pytest.mark.timeout(5)  # the old walk of every path took minutes

@@ -46,6 +46,13 @@ LORA_FILE = "lora/pytorch_lora_weights.safetensors"
 LIVE_STATES = ("starting", "running")
 RESUME_HINT = "resume with --resume latest (ctrl+r on the Train screen)"  # words for the CLI and the TUI alike
 WAITING = "waiting"  # queued by the service until its device is free (backend.run_schedule): no process yet
+_WRITE_FIXES = {errno.EACCES: "make it writable", errno.EPERM: "make it writable", errno.EROFS: "make it writable",
+                errno.ENOTDIR: "put its folder back", errno.ENOENT: "put its folder back"}
+
+
+def write_fix(exc: BaseException) -> str:
+    """What lets a failed write succeed next time: by its errno; a full disk when nothing says otherwise."""
+    return _WRITE_FIXES.get(getattr(exc, "errno", None), "free some space")
 
 
 def runs_root() -> Path:
@@ -112,7 +119,7 @@ def record_trainer_gone(run_dir: Path, code: int | None) -> dict:
     except OSError as exc:
         why = exc.strerror or str(exc)
         data = {**data, **failed, "error": f"the trainer {how} before finishing, and nothing can be written in "
-                                           f"{run_dir} ({why}): free some space, then {RESUME_HINT}"}
+                                           f"{run_dir} ({why}): {write_fix(exc)}, then {RESUME_HINT}"}
     return data
 
 

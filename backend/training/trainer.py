@@ -459,8 +459,8 @@ class DreamBoothTrainer:
             if reason is None:
                 raise
             kept = newest_checkpoint(self.run_dir)  # the last step's, unless the disk could not take it either
-            then = (f"{kept} is kept: free some space, then {runs.RESUME_HINT}" if kept
-                    else "free some space and train again")
+            fix = runs.write_fix(exc)
+            then = f"{kept} is kept: {fix}, then {runs.RESUME_HINT}" if kept else f"{fix} and train again"
             raise TrainingError(f"the result was not saved in {self.run_dir}: {reason}; {then}") from None
         runs.update_run_json(self.run_dir, output={"kind": kind, "path": str(path)})
         self.events(TrainLog(level="info", message=f"saved {kind}: {path}"))
