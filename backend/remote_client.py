@@ -92,9 +92,9 @@ class RemoteClient:
                 try:
                     try:
                         await self._check_versions()
-                    except _Unreachable:
+                    except ServiceUnreachable:
                         if self._start_options is None:
-                            raise DreamttyError(f"service: none is running at {self.address}; "
+                            raise ServiceUnreachable(f"service: none is running at {self.address}; "
                                                 "start one with dreamtty serve --detach") from None
                         await asyncio.to_thread(start_detached, self._start_options)
                         await self._check_versions()
@@ -135,7 +135,7 @@ class RemoteClient:
             return await asyncio.wait_for(
                 self._http.websocket("/v1/events", {"previews": "1" if self._previews else "0"}), ANSWER_TIMEOUT)
         except (OSError, asyncio.TimeoutError, ValueError) as exc:  # unreachable, refused, reset, timed out
-            raise _Unreachable(f"service: cannot follow the events of {self.address}: {exc}") from None
+            raise ServiceUnreachable(f"service: cannot follow the events of {self.address}: {exc}") from None
 
     async def _follow(self, ws: WebSocket) -> None:
         """Task: publish the stream's events; reopen it when it drops."""
@@ -200,7 +200,7 @@ class RemoteClient:
         await self._connect()
         try:
             return await self._request(method, path, body, quick, **params)
-        except _Unreachable:
+        except ServiceUnreachable:
             if self._start_options is None:
                 raise
         self._drop_http()
@@ -216,7 +216,7 @@ class RemoteClient:
             status, data = await asyncio.wait_for(self._http.request(method, path, body, params or None),
                                                   QUICK_TIMEOUT if quick else ANSWER_TIMEOUT)
         except Unreachable as exc:
-            raise _Unreachable(f"service: cannot reach {self.address}: {exc}") from None
+            raise ServiceUnreachable(f"service: cannot reach {self.address}: {exc}") from None
         except asyncio.TimeoutError:
             raise DreamttyError(f"service: {self.address} did not answer {method} {path} in time") from None
         except (OSError, ValueError) as exc:
@@ -373,7 +373,7 @@ class VersionMismatch(DreamttyError):
     """The service runs another version of dreamtty or of its API."""
 
 
-class _Unreachable(DreamttyError):
+class ServiceUnreachable(DreamttyError):
     """Nothing answers at the address (no service, or it is starting or gone)."""
 
 

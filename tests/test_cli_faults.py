@@ -9,7 +9,10 @@ import signal
 import sqlite3
 import stat
 import subprocess
+import shutil
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -268,6 +271,35 @@ def test_a_row_that_does_not_read_is_listed_failed_and_cancel_goes_past_a_missin
     out, err = capsys.readouterr()
     assert out == f"job {queued} cancelled\n" and err == "dreamtty: job 99999: no such job\n"
     assert QueueStore(locations.queue_db()).get(queued).state == "cancelled"
+
+
+def test_jobs_and_cancel_wait_for_a_service_that_holds_its_lock_without_answering(tmp_path, monkeypatch, capsys):
+    """A service stopping (its workers ending) or starting holds its lock with no socket answering: jobs and
+    cancel wait for it, then read the queue here; one that never settles is one line after SETTLE_PATIENCE."""
+    from backend.service_files import ServiceFiles
+    from tui import cli_queue
+
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    monkeypatch.delenv("DREAMTTY_LOCAL", raising=False)
+    run = tempfile.mkdtemp(prefix="dt-", dir="/tmp")  # a socket path under 104 bytes
+    monkeypatch.setenv("XDG_RUNTIME_DIR", run)
+    files = ServiceFiles.default()
+    files.make_folder()
+    store = QueueStore(locations.queue_db())
+    first, second = (store.add("generate", {"request": {"prompt": p}}, owner="gone") for p in "ab")
+    store.close()
+    held = files.acquire()
+    threading.Timer(1.0, os.close, [held]).start()  # the stopping service exits a second later
+    assert main(["cancel", str(first), str(second)]) == 0
+    assert capsys.readouterr() == (f"job {first} cancelled\njob {second} cancelled\n", "")
+    monkeypatch.setattr(cli_queue, "SETTLE_PATIENCE", 0.5)
+    held = files.acquire()
+    try:
+        assert main(["jobs"]) == 2
+    finally:
+        os.close(held)
+    assert capsys.readouterr().err.startswith(f"dreamtty: service: none is running at {files.socket}")
+    shutil.rmtree(run)
 
 
 def test_the_queue_is_private(tmp_path):

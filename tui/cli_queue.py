@@ -8,12 +8,18 @@ import json
 import os
 import sys
 import time
+from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
 from backend.errors import DreamttyError
 from backend.safetext import one_line, summary, visible
 from tui.cli_output import integer, print_warnings
 
+if TYPE_CHECKING:
+    from backend.client import Client
+
 PROMPT_WIDTH = 48  # characters of a prompt shown in the ``jobs`` table
+SETTLE_PATIENCE = 15.0  # seconds a service that holds its lock without answering (starting, stopping) is waited for
+T = TypeVar("T")
 
 
 def register(subparsers) -> None:
@@ -61,12 +67,28 @@ async def _close(client) -> None:
     print_warnings(client.warnings)
 
 
+async def _with_queue(args, use: Callable[[Client], Awaitable[T]]) -> T:
+    """``use`` the queue's client (:func:`_client`), closed after. A service of this machine that holds its
+    lock but does not answer (starting, or stopping while its workers end) is waited for: up to
+    SETTLE_PATIENCE seconds, until it answers or is gone and the queue is read here."""
+    from backend.client import SERVICE_ENV
+    from backend.remote_client import ServiceUnreachable
+
+    deadline = time.monotonic() + SETTLE_PATIENCE
+    while True:
+        client = _client(args)
+        try:
+            return await use(client)
+        except ServiceUnreachable:
+            if os.environ.get(SERVICE_ENV) or time.monotonic() > deadline:
+                raise
+        finally:
+            await _close(client)
+        await asyncio.sleep(0.2)
+
+
 async def _jobs(args) -> list:
-    client = _client(args)
-    try:
-        return await client.jobs(args.limit)
-    finally:
-        await _close(client)
+    return await _with_queue(args, lambda client: client.jobs(args.limit))
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -91,10 +113,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 async def _cancel(args) -> int:
     """Cancel each job named; one that is not there or has ended is said, and the rest are still cancelled.
     Exit 2 when a job is not there, else 1 when one had ended."""
-    client = _client(args)
-    code = 0
-    try:
-        for job_id in dict.fromkeys(args.ids):  # an id given twice is cancelled once
+    code, left = 0, list(dict.fromkeys(args.ids))  # an id given twice is cancelled once
+
+    async def cancel_each(client: Client) -> None:
+        nonlocal code
+        while left:  # a job said is not tried again on another client (the service stopped meanwhile)
+            job_id = left[0]
             if await client.job(job_id) is None:
                 print(f"dreamtty: job {job_id}: no such job", file=sys.stderr)
                 code = 2
@@ -103,8 +127,9 @@ async def _cancel(args) -> int:
             else:
                 print(f"dreamtty: job {job_id} is not queued or running", file=sys.stderr)
                 code = max(code, 1)
-    finally:
-        await _close(client)
+            left.pop(0)
+
+    await _with_queue(args, cancel_each)
     return code
 
 
