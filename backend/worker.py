@@ -237,7 +237,7 @@ def run_jobs(runs: list[JobRun]) -> None:
         req = group.first.job["request"]
         group.end_all(ev.Failed, error=(
             f"out of memory on {group.first.cache.device} at {req['width']}x{req['height']}: "
-            "lower the size or the image count, or use --dtype fp16"
+            "lower the size or the image count, or set dtype to fp16"
         ))
     except DreamttyError as exc:
         group.end_all(ev.Failed, error=str(exc))

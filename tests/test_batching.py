@@ -40,9 +40,10 @@ def _request(**fields) -> GenerateRequest:
     return GenerateRequest(**{"prompt": "a red fox", "seed": 10, **SMALL, **fields}).resolved(fields.get("model", "demo"))
 
 
-def _job(request: GenerateRequest, cache, tmp_path, name: str = "job", **payload) -> tuple[list[str], list]:
+def _job(request: GenerateRequest, cache, tmp_path, name: str = "job", whole: bool = False,
+         **payload) -> tuple[list[str], list]:
     return worker_images({"request": request.to_dict(), "out": str(tmp_path / name), **payload}, cache,
-                         tmp_path / "queue.sqlite3")
+                         tmp_path / "queue.sqlite3", whole=whole)
 
 
 def _unet_rows(cache, model: str = "demo") -> list[int]:
@@ -179,6 +180,11 @@ def test_a_batch_out_of_memory_is_tried_again_at_half_its_size(cache, tmp_path, 
     assert [metadata.read(p)["request"]["batch"] for p in paths] == [[2, 0], [2, 1], [2, 0], [2, 1]]
     assert [e.message for e in sent if isinstance(e, ev.Note)] == [
         "out of memory with 4 images at once; trying 2 at a time"]
+    monkeypatch.setattr(generate, "generate_batch", lambda *args, **kwargs: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory")))  # not even one image fits: the job fails, saying what helps
+    paths, sent = _job(_request(count=1), cache, tmp_path, "none", whole=True)
+    assert paths == [] and [e.error for e in sent if isinstance(e, ev.Failed)] == [
+        "out of memory on cpu at 64x64: lower the size or the image count, or set dtype to fp16"]
 
 
 def test_sag_and_image_kinds_run_one_image_at_a_time(cache, tmp_path):

@@ -48,15 +48,16 @@ class TrainingError(DreamttyError):
 
 
 def oom_message(req: TrainRequest, step: int, run_dir: Path) -> str:
-    """Out of memory: name the flags that reduce memory and the checkpoint that is kept."""
-    tips = [flag for flag, on in (
-        ("--gradient-checkpointing", not req.gradient_checkpointing),
-        ("--use-8bit-adam", not req.use_8bit_adam),
-        ("--method lora", req.method == "full"),
-        ("--mixed-precision fp16", req.mixed_precision in (None, "no")),
-        ("no --train-text-encoder", req.train_text_encoder),
+    """Out of memory: name the settings that reduce memory (words for the CLI, train.yaml and the TUI alike)
+    and the checkpoint that is kept."""
+    tips = [setting for setting, on in (
+        ("gradient checkpointing", not req.gradient_checkpointing),
+        ("8-bit Adam", not req.use_8bit_adam),
+        ("method lora", req.method == "full"),
+        ("mixed precision fp16", req.mixed_precision in (None, "no")),
+        ("the text encoder not trained", req.train_text_encoder),
     ) if on]
-    tips.append(f"a smaller --resolution (now {req.resolution}) or --batch-size (now {req.batch_size})")
+    tips.append(f"a smaller resolution (now {req.resolution}) or batch size (now {req.batch_size})")
     kept = newest_checkpoint(run_dir)
     return (f"out of GPU memory at step {step}; reduce memory with {', '.join(tips)}"
             + (f"; {kept} is kept: {runs.RESUME_HINT}" if kept else ""))
