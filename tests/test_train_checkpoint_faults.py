@@ -237,3 +237,17 @@ def test_an_event_the_full_disk_cannot_take_is_left_out_whole_and_said_later(tmp
     assert [e.message for e in _events(tmp_path)] == ["first", "2 events were not written here (the disk was full)",
                                                       "last"]
 
+
+
+def test_a_run_folder_removed_mid_run_fails_the_run_and_is_not_made_again(photos, tmp_path):
+    """Its checkpoints went with it: training on into a new folder would leave a run.json without settings."""
+    from backend.training.trainer import TrainingError
+
+    prepared = prepare_run(_request(photos, tmp_path / "gone", max_steps=3, checkpoint_every=1))
+    removed = lambda: shutil.rmtree(prepared.run_dir, ignore_errors=True) or False  # noqa: E731
+    with pytest.raises(TrainingError, match="was removed or moved while training; stopped"):
+        train(prepared.request, prepared.run_dir, should_stop=removed)
+    assert not prepared.run_dir.exists()
+    assert runs.effective_state(prepared.run_dir) == ("failed", f"{prepared.run_dir} is gone (removed or moved?)")
+    prepared.run_dir.mkdir()
+    assert runs.effective_state(prepared.run_dir)[1] == f"{prepared.run_dir / runs.RUN_JSON} is gone (removed or moved?)"

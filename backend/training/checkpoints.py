@@ -121,7 +121,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: in
     tmp = root / f".tmp-{runs.CHECKPOINT_PREFIX}{step}"
     main = accelerator.is_main_process
     if main:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(exist_ok=True)  # not the run folder: one removed mid-run is not made again (the trainer stops)
         for stale in root.glob(f".tmp-{runs.CHECKPOINT_PREFIX}*"):  # also those of a killed trainer
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -200,8 +200,12 @@ def recorded_pids(run_dir: Path, data: dict) -> list[int]:
 
 
 def effective_state(run_dir: Path, data: dict | None = None) -> tuple[str, str | None]:
-    """(state, error): a live state whose process is gone reads as "failed"."""
+    """(state, error): a live state whose process is gone reads as "failed", and so does a run whose
+    folder or run.json is gone."""
     data = read_run_json(run_dir) if data is None else data
+    if not data and not (Path(run_dir) / RUN_JSON).is_file():
+        missing = Path(run_dir) / RUN_JSON if Path(run_dir).is_dir() else run_dir
+        return "failed", f"{missing} is gone (removed or moved?)"
     state = data.get("state", "failed")
     if state in LIVE_STATES and not any(pid_alive(p) for p in recorded_pids(run_dir, data)):
         started = data.get("created", 0)

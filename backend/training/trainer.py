@@ -344,7 +344,12 @@ class DreamBoothTrainer:
 
     # -- the loop ----------------------------------------------------------------
     def _stop_requested(self) -> bool:
-        return any_process(self.acc, self.should_stop() or (self.run_dir / runs.STOP_FILE).exists())
+        """Whether a stop was asked (by the launcher, or the STOP file). A run folder that is gone (removed,
+        moved) fails the run: its checkpoints went with it, and a new folder would hold a run with no settings."""
+        stop = any_process(self.acc, self.should_stop() or (self.run_dir / runs.STOP_FILE).exists())
+        if any_process(self.acc, not (self.run_dir / runs.RUN_JSON).is_file()):
+            raise TrainingError(f"the run folder {self.run_dir} was removed or moved while training; stopped")
+        return stop
 
     def _checkpoint(self, step: int) -> None:
         state = {"step": step, "micro_batches": step * self.req.grad_accum, "seed": self.req.seed}
