@@ -31,6 +31,7 @@ from aiohttp import WSCloseCode, web
 from backend import config, jobkinds
 from backend.errors import DreamttyError, RequestError
 from backend.events import Preview, dumps
+from backend.http_server import trust
 from backend.outputs import check_out_dir
 from backend.queue_store import ACTIVE, FINAL, MAX_ID, QueueUnavailable, check_limit
 from backend.run_schedule import STATES as RUN_STATES
@@ -61,6 +62,12 @@ def peer_uid(sock) -> int | None:
     fmt = "3i"  # struct ucred: pid, uid, gid
     _, uid, _ = struct.unpack(fmt, sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt)))
     return uid
+
+
+def _unix_socket(request: web.Request):
+    """The socket of a request that came over the Unix socket (a process of this machine), else None."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    return sock if sock is not None and sock.family == socket.AF_UNIX else None
 
 
 def _error(status: int, text: str, **extra) -> web.Response:
@@ -102,13 +109,14 @@ class Api:
     @web.middleware
     async def _guard(self, request: web.Request, handler):
         """Unix socket: this user's processes only. TCP: the bearer token. No detail on refusal."""
-        sock = request.transport.get_extra_info("socket") if request.transport else None
-        if sock is not None and sock.family == socket.AF_UNIX:
+        sock = _unix_socket(request)
+        if sock is not None:
             uid = peer_uid(sock)
             if uid is not None and uid != os.getuid():
                 return _error(403, "forbidden")
         elif not bearer_ok(request.headers.get("Authorization", ""), self.token):
             return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
+        trust(request)
         self.last_request = time.monotonic()
         return await handler(request)
 
@@ -178,7 +186,7 @@ class Api:
         if not 0 <= n < len(job.outputs):
             raise NotFound(f"job {job.id}: no image {text} (it has {len(job.outputs)})")
         path = Path(job.outputs[n])
-        if not path.is_file():
+        if path.is_symlink() or not path.is_file():  # a link put in its place since may lead anywhere
             raise NotFound(f"job {job.id}: image {n} is no longer at {path}")
         return web.FileResponse(path, headers={"Content-Type": "image/png"})
 
@@ -194,6 +202,9 @@ class Api:
         for name, value in (("devices", devices), ("launcher", launcher)):
             if value is not None and not isinstance(value, str):
                 raise RequestError(name, f"expected text, got {type(value).__name__}")
+        if launcher and _unix_socket(request) is None:  # a command line the service runs: its own user's only
+            raise RequestError("launcher", "is taken over the service's Unix socket only, not over TCP; leave it "
+                                           "out (the service trains with its own launcher)")
         runs_root, ref = _absolute(data.get("runs_root"), "runs_root"), _client_ref(data)
         train = TrainRequest.from_dict(data["request"])
         for name in ("instance_dir", "output"):
@@ -271,7 +282,8 @@ def _found(request: web.Request, what: str, get: Callable[[int], object]):
 
 def _listing(request: web.Request, what: str, allowed: tuple[str, ...]) -> tuple[int, tuple[str, ...] | None]:
     """``?limit=N&state=a,b`` of a list route: the limit and the states asked for (None: all)."""
-    limit = check_limit(_digits(request.query.get("limit", "200"), "limit"), what)
+    text = request.query.get("limit", "200")
+    limit = check_limit(_digits(text, "limit"), what, text)
     states = tuple(s for s in request.query.get("state", "").split(",") if s)
     bad = next((s for s in states if s not in allowed), None)
     if bad is not None:

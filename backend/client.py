@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # a CLI client imports only what it runs (benchmarks/cli_warm
 
 LOCAL_ENV = "DREAMTTY_LOCAL"  # set (not 0): every command runs its own service in-process
 SERVICE_ENV = "DREAMTTY_SERVICE"  # HOST:PORT of a service to reach over TCP
-TOKEN_ENV = "DREAMTTY_TOKEN"  # its token (default: the token file, for a service on this machine)
+TOKEN_ENV = "DREAMTTY_TOKEN"  # its token (default: the token file, for a service at a loopback address)
 
 
 class Client(Protocol):
@@ -155,14 +155,15 @@ def connect(device: str = "auto", local: bool = False, tui: bool = False, start:
 
         return LocalClient(Service(devices=device, recover=tui, nice=nice, cluster=cluster, workers=jobs))
     from backend.remote_client import Address, RemoteClient
-    from backend.serve import ServeOptions, parse_listen
+    from backend.serve import ServeOptions, is_loopback, parse_listen
     from backend.service_files import ServiceFiles, read_token
 
     patience = None if tui else 30.0
     remote = os.environ.get(SERVICE_ENV)
     if remote:
         host, port = parse_listen(remote, SERVICE_ENV)
-        address = Address(host=host, port=port, token=os.environ.get(TOKEN_ENV) or read_token())
+        mine = read_token() if is_loopback(host) else None  # this machine's token is sent to this machine only
+        address = Address(host=host, port=port, token=os.environ.get(TOKEN_ENV) or mine)
         return RemoteClient(address, start=None, previews=tui, patience=patience)
     options = ServeOptions(devices=device, cluster=cluster) if start else None
     return RemoteClient(Address(socket=ServiceFiles.default().socket), start=options, previews=tui, patience=patience)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from backend import locations
 from backend.errors import DreamttyError, RequestError
+from backend.safetext import summary
 
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
@@ -60,10 +61,11 @@ def queue_access(method):
     return reach
 
 
-def check_limit(limit: int, what: str) -> int:
-    """``limit`` of a listing of ``what``s, when it is 1..MAX_ID; RequestError naming ``limit`` otherwise."""
+def check_limit(limit: int, what: str, given: str | None = None) -> int:
+    """``limit`` of a listing of ``what``s, when it is 1..MAX_ID; RequestError naming ``limit`` otherwise,
+    with the ``given`` text it was read from (one past MAX_ID stands for any larger number)."""
     if not 1 <= limit <= MAX_ID:
-        raise RequestError("limit", f"{limit} is out of range; give 1 to {MAX_ID} {what}s")
+        raise RequestError("limit", f"{summary(given or limit, 40)} is out of range; give 1 to {MAX_ID} {what}s")
     return limit
 
 

@@ -9,6 +9,7 @@ dir. ``python -m backend.serve OPTIONS_JSON`` is that background process's entry
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -47,6 +48,16 @@ def parse_listen(text: str, field: str = "listen") -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise RequestError(field, f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:7860)")
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (of ``HOST:PORT``) is this machine's loopback: only its own users reach it."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def log_path() -> Path:

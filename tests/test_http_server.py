@@ -14,6 +14,7 @@ from backend import http_server
 
 
 async def _hello(request: web.Request) -> web.Response:
+    http_server.trust(request)  # as the service's guard does for a request with the token
     return web.json_response({"hello": 1})
 
 
@@ -33,14 +34,28 @@ async def _get(port: int) -> int:
         return r.status
 
 
-async def test_past_the_cap_a_connection_is_told_busy_and_closed(runner):
+async def _kept(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that made one authorised request, answered 200, and stays open."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    await reader.readexactly(len(b'{"hello": 1}'))
+    return reader, writer
+
+
+async def test_past_the_cap_a_stranger_makes_room_and_authorised_connections_are_told_busy(runner):
     tcp = await http_server.listen_tcp(runner, "127.0.0.1", 0, limit=3)
     port = tcp.sockets[0].getsockname()[1]
+    held = []
     try:
-        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]  # silent: no request
+        strangers = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]  # silent: no request
+        held += strangers
         await asyncio.sleep(0.1)
+        held += [await _kept(port) for _ in range(3)]  # each takes the place of the oldest stranger
+        assert [await asyncio.wait_for(reader.read(), 5) for reader, _ in strangers] == [b""] * 3
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        answer = await asyncio.wait_for(reader.read(), 5)  # the server closes it
+        answer = await asyncio.wait_for(reader.read(), 5)  # all three authorised: the server says so, closes it
         writer.close()
         assert answer == http_server.BUSY and answer.startswith(b"HTTP/1.1 503 ")
         assert answer.endswith(b"\r\n\r\n" + b'{"error": "busy: too many open connections"}\n')

@@ -52,6 +52,23 @@ async def test_the_token_address_becomes_a_cookie_that_is_not_the_token(front):
             assert r.status == 401, refused
 
 
+async def test_the_page_cannot_be_framed_loads_nothing_from_outside_and_bounds_the_terminal(front):
+    from tui.web_front import HEADERS
+
+    web_front, http = front
+    auth = {"Cookie": f"dreamtty_token={web_front.cookie}"}
+    async with http.get("/", headers=auth) as r:
+        page = await r.text()
+        assert r.status == 200 and {name: r.headers.get(name) for name in HEADERS} == HEADERS
+    assert "xterm.css" in page and "https://" not in page  # textual-serve's page, without its online font
+    async with http.get("/", headers={}) as r:  # refusals too
+        assert r.status == 401 and r.headers["X-Frame-Options"] == "DENY"
+    for size in ("width=100000&height=24", "width=80&height=0", "width=8e1&height=24"):
+        async with http.get(f"/ws?{size}", headers={**auth, "Connection": "Upgrade", "Upgrade": "websocket",
+                                                     "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "a" * 22 + "=="}) as r:
+            assert r.status == 400 and "width and height are 1..1000 cells" in await r.text(), size
+
+
 async def test_a_token_address_opened_again_still_drops_the_token(front):
     web_front, http = front
     async with http.get("/?token=" + TOKEN, allow_redirects=False,
@@ -91,7 +108,8 @@ async def test_the_page_has_the_services_connection_cap_and_stops_on_sigterm(mon
 
     monkeypatch.setattr(http_server, "MAX_CONNECTIONS", 2)
     port = _free_port()
-    serving = asyncio.create_task(WebFront("true", "127.0.0.1", port, TOKEN)._serve())
+    said = []
+    serving = asyncio.create_task(WebFront("true", "127.0.0.1", port, TOKEN)._serve(lambda: said.append("listening")))
     held = []
     for _ in range(100):  # until it listens
         try:
@@ -101,12 +119,19 @@ async def test_the_page_has_the_services_connection_cap_and_stops_on_sigterm(mon
             await asyncio.sleep(0.05)
     held.append(await asyncio.open_connection("127.0.0.1", port))
     await asyncio.sleep(0.1)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    assert await asyncio.wait_for(reader.read(), 5) == http_server.BUSY
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession(headers=auth) as one, aiohttp.ClientSession(headers=auth) as two:
+        for http, stranger in ((one, held[0]), (two, held[1])):  # each token holder gets in past a stranger
+            async with http.get(f"http://127.0.0.1:{port}/") as page:
+                assert page.status == 200
+            assert await asyncio.wait_for(stranger[0].read(), 5) == b""  # the oldest stranger made room
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # two authorised connections: the cap
+        assert await asyncio.wait_for(reader.read(), 5) == http_server.BUSY
     for _, held_writer in [*held, (reader, writer)]:
         held_writer.close()
     os.kill(os.getpid(), signal.SIGTERM)  # what `kill` or systemd sends: it stops serving, quietly
     await asyncio.wait_for(serving, 10)
+    assert said == ["listening"]
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
 
@@ -119,8 +144,10 @@ def test_a_port_in_use_is_a_one_line_error():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        said = []  # dreamtty web prints the page's address once it listens: here never
         with pytest.raises(DreamttyError, match=f"^listen: cannot listen on 127.0.0.1:{port}: "):
-            WebFront("true", "127.0.0.1", port, TOKEN).run()
+            WebFront("true", "127.0.0.1", port, TOKEN).run(lambda: said.append("listening"))
+        assert said == []
 
 
 def _free_port() -> int:

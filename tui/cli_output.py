@@ -62,3 +62,12 @@ class Progress:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
             self.shown = False
+
+
+def warn_plain_http(host: str, listen: str) -> None:
+    """Say on stderr that ``listen`` (beyond loopback) serves plain HTTP, the token included."""
+    from backend.serve import is_loopback
+
+    if not is_loopback(host):
+        print(visible(f"dreamtty: serving plain HTTP on {listen}, the token in clear; put TLS in front of it (an SSH "
+                      "tunnel or a reverse proxy)"), file=sys.stderr)

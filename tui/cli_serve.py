@@ -14,7 +14,7 @@ import time
 
 from backend.errors import DreamttyError, RequestError
 from backend.safetext import one_line, visible
-from tui.cli_output import number
+from tui.cli_output import number, warn_plain_http
 
 STOP_TIMEOUT = 60.0  # seconds to wait for a stopped service to exit (its workers finish their step)
 
@@ -42,10 +42,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return asyncio.run(_status(args.json))
     if args.json:
         raise RequestError("json", "goes with --status (dreamtty serve --status --json)")
+    if args.listen:
+        warn_plain_http(parse_listen(args.listen)[0], args.listen)
     if args.idle_exit is not None and not args.idle_exit > 0:
         raise RequestError("idle-exit", f"{args.idle_exit:g} is not a positive number of minutes")
-    if args.listen:
-        parse_listen(args.listen)
     options = ServeOptions(devices=args.device, cluster=args.cluster, listen=args.listen, idle_exit=args.idle_exit)
     try:
         if not args.detach:

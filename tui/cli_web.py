@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import shlex
 import socket
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from backend.errors import DreamttyError
 from backend.safetext import visible
+from tui.cli_output import warn_plain_http
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
 
@@ -42,12 +42,13 @@ def cmd_web(args: argparse.Namespace) -> int:
     token = make_token()
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
     shown = f"[{shown}]" if ":" in shown else shown
-    if not _loopback(host):
-        print(visible(f"dreamtty: serving plain HTTP on {args.listen}; put TLS in front of it (an SSH tunnel or a "
-                      "reverse proxy)"), file=sys.stderr)
-    print(visible(f"dreamtty: the TUI in a browser at http://{shown}:{port}/?token={token} (each tab is a client "
-                  "of the service; Ctrl-C stops serving the page, not the service)"), flush=True)
-    WebFront(tab_command(args), host, port, token).run()
+    warn_plain_http(host, args.listen)
+
+    def listening() -> None:  # the address is printed once it serves: a script reading it may open it at once
+        print(visible(f"dreamtty: the TUI in a browser at http://{shown}:{port}/?token={token} (each tab is a "
+                      "client of the service; Ctrl-C stops serving the page, not the service)"), flush=True)
+
+    WebFront(tab_command(args), host, port, token).run(listening)
     return 0
 
 
@@ -68,12 +69,3 @@ def tab_command(args: argparse.Namespace) -> str:
         if value is not None:
             words += [flag, str(Path(value).absolute()) if isinstance(value, Path) else str(value)]
     return shlex.join([*words, "attach"])
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

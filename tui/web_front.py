@@ -16,17 +16,26 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from textual_serve.server import Server
 
-from backend.http_server import serve_tcp
+from backend.http_server import serve_tcp, trust
 from backend.service_files import bearer_ok, token_matches
 from backend.service_log import quiet_client_faults
 
 COOKIE = "dreamtty_token"
 UNAUTHORIZED = "unauthorized: open the address that dreamtty web printed (it carries ?token=...)\n"
+MAX_CELLS = 1000  # columns or rows a tab's terminal may ask for (textual-serve takes any number)
+# Sent with every answer: no other page may frame this one (its keys would be typed into dreamtty), no sniffing.
+HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
+           "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+# textual-serve's page links a font stylesheet on fonts.googleapis.com; this tool works offline, and tells no
+# one when a page is opened: the link is left out (the page falls back to a local monospace font).
+_ONLINE_FONT = re.compile(r"<link\b[^>]*\bhref=\"https://fonts\.googleapis\.com/[^>]*>\s*")
 
 
 class WebFront(Server):
@@ -40,6 +49,7 @@ class WebFront(Server):
     async def _make_app(self) -> web.Application:
         app = await super()._make_app()
         app.middlewares.append(self._guard)
+        app.on_response_prepare.append(_add_headers)
         return app
 
     @web.middleware
@@ -49,8 +59,11 @@ class WebFront(Server):
         if not (bearer_ok(request.headers.get("Authorization", ""), self.token)
                 or token_matches(request.cookies.get(COOKIE), self.cookie)):
             return web.Response(status=401, text=UNAUTHORIZED)
+        trust(request)
         if request.path == "/ws" and not web.WebSocketResponse().can_prepare(request).ok:
             return web.Response(status=400, text="bad request: /ws is the page's WebSocket; open the page instead\n")
+        if request.path == "/ws" and not all(_cells(request.query.get(name)) for name in ("width", "height")):
+            return web.Response(status=400, text=f"bad request: width and height are 1..{MAX_CELLS} cells\n")
         origin = request.headers.get("Origin")
         if request.headers.get("Upgrade", "").lower() == "websocket" and origin and urlsplit(origin).netloc != request.host:
             return web.Response(status=403, text="forbidden: the page is not from this server\n")
@@ -69,19 +82,21 @@ class WebFront(Server):
         # The page names the address the browser used: textual-serve writes ``public_url`` into it,
         # with nothing awaited between setting and reading it.
         self.public_url = f"{_scheme(request)}://{request.host}"
-        return await super().handle_index(request)
+        page = await super().handle_index(request)
+        page.text = _ONLINE_FONT.sub("", page.text)
+        return page
 
     async def on_startup(self, app: web.Application) -> None:
         """Quiet: ``dreamtty web`` already said where the page is."""
 
-    def run(self) -> None:
+    def run(self, listening: Callable[[], None] = lambda: None) -> None:
         """Serve until Ctrl-C (or SIGTERM), with the service's limits on slow and excess connections;
-        a client's malformed request is not a traceback on stderr."""
+        a client's malformed request is not a traceback on stderr. ``listening``: called once it listens."""
         quiet_client_faults()
-        asyncio.run(self._serve())
+        asyncio.run(self._serve(listening))
 
-    async def _serve(self) -> None:
-        await serve_tcp(await self._make_app(), self.host, self.port)
+    async def _serve(self, listening: Callable[[], None] = lambda: None) -> None:
+        await serve_tcp(await self._make_app(), self.host, self.port, listening)
 
 
 def cookie_value(token: str) -> str:
@@ -92,3 +107,12 @@ def cookie_value(token: str) -> str:
 def _scheme(request: web.Request) -> str:
     """``https`` behind a TLS proxy (``X-Forwarded-Proto``), else the connection's own."""
     return "https" if request.headers.get("X-Forwarded-Proto") == "https" else request.scheme
+
+
+def _cells(text: str | None) -> bool:
+    """Whether a tab's ``width`` or ``height`` is absent (textual-serve's default) or 1..MAX_CELLS."""
+    return text is None or (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_CELLS)
+
+
+async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(HEADERS)
