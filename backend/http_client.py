@@ -20,6 +20,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnec
 from wsproto.utilities import RemoteProtocolError
 
 READ_SIZE = 1 << 16
+MAX_ANSWER = 1 << 28  # bytes of one answer (256 MiB: a listing of a million jobs); past it the service is not ours
 IDEMPOTENT = ("GET", "HEAD")  # sent again on a new connection when a kept one closed before answering
 
 
@@ -197,7 +198,7 @@ class _Connection:
             await self._writer.drain()
         except ConnectionError:
             raise _Closed(unsent=True) from None
-        status, body, received = 0, [], False
+        status, body, received, size = 0, [], False, 0
         while True:
             try:
                 event = p.next_event()
@@ -212,6 +213,9 @@ class _Connection:
             elif isinstance(event, h11.Response):
                 status = event.status_code
             elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_ANSWER:
+                    raise ValueError(f"its answer is over {MAX_ANSWER >> 20} MiB")
                 body.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 return status, b"".join(body)

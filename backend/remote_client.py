@@ -11,6 +11,7 @@ job ended while the stream was down is not missed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 import uuid
@@ -25,6 +26,7 @@ from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Fa
                             ServiceLost, ServiceReady, loads)
 from backend.http_client import HTTPClient, Unreachable, WebSocket, authority
 from backend.queue_store import ACTIVE, Job
+from backend.safetext import one_line
 from backend.serve import ServeOptions, start_detached
 from backend.values import absolute
 from backend.versions import versions
@@ -52,6 +54,23 @@ class Address:
 
     def __str__(self) -> str:
         return str(self.socket) if self.socket else f"http://{authority(self.host, self.port)}"
+
+
+def _readable(call):
+    """A client call whose answer does not read as this version's (a field missing or of the wrong type,
+    from a service of another make) fails with one line, not a traceback."""
+
+    @functools.wraps(call)
+    async def read(self, *args, **kwargs):
+        try:
+            return await call(self, *args, **kwargs)
+        except DreamttyError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DreamttyError(f"service: {self.address}: its answer does not read ({type(exc).__name__}: "
+                                f"{one_line(exc)})") from None
+
+    return read
 
 
 class RemoteClient:
@@ -236,6 +255,7 @@ class RemoteClient:
         return data
 
     # -- the Client interface -------------------------------------------------------------
+    @_readable
     async def submit(self, request: GenerateRequest, out_dir: Path | None = None) -> int:
         out = Path(out_dir or config.load().outputs_dir()).expanduser().absolute()
         ref = uuid.uuid4().hex  # if the answer is lost (Ctrl-C), close finds the job by it
@@ -245,22 +265,27 @@ class RemoteClient:
         self._submitted.append(job_id)
         return job_id
 
+    @_readable
     async def validate(self, request: GenerateRequest) -> GenerateRequest:
         data = await self._call("POST", "/v1/validate", _body(request))
         return type(request).from_dict(data["request"])
 
+    @_readable
     async def cancel(self, job_id: int) -> bool:
         return bool((await self._call("POST", f"/v1/jobs/{int(job_id)}/cancel", quick=True))["cancelled"])
 
+    @_readable
     async def job(self, job_id: int) -> Job | None:
         try:
             return Job.from_dict(await self._call("GET", f"/v1/jobs/{int(job_id)}", quick=True))
         except _NotFound:
             return None
 
+    @_readable
     async def jobs(self, limit: int = 200) -> list[Job]:
         return [Job.from_dict(j) for j in (await self._call("GET", "/v1/jobs", quick=True, limit=str(limit)))["jobs"]]
 
+    @_readable
     async def active_jobs(self) -> list[Job]:
         data = await self._call("GET", "/v1/jobs", quick=True, state=",".join(ACTIVE))
         return [Job.from_dict(j) for j in data["jobs"]]
@@ -268,6 +293,7 @@ class RemoteClient:
     async def status(self) -> dict:
         return await self._call("GET", "/v1/status", quick=True)
 
+    @_readable
     async def start_run(self, request: TrainRequest, devices: str = "auto", launcher: str | None = None,
                         runs_root: Path | None = None) -> tuple[ScheduledRun, list[str]]:
         ref = uuid.uuid4().hex  # if the answer is lost (Ctrl-C), the run is found by it and stopped
@@ -296,12 +322,14 @@ class RemoteClient:
         except DreamttyError:
             pass  # the service is gone: the run waits for the next one
 
+    @_readable
     async def runs(self, limit: int = 200) -> list[ScheduledRun]:
         from backend.run_schedule import ScheduledRun
 
         data = await self._call("GET", "/v1/runs", quick=True, limit=str(limit))
         return [ScheduledRun.from_dict(r) for r in data["runs"]]
 
+    @_readable
     async def stop_run(self, run_id: int) -> bool:
         return bool((await self._call("POST", f"/v1/runs/{int(run_id)}/stop", quick=True))["stopped"])
 

@@ -215,3 +215,28 @@ async def test_an_ipv6_service_gets_a_bracketed_host_header():
         assert seen == [f"[::1]:{port} http://[::1]:{port}/v1/version"]
     finally:
         await runner.cleanup()
+
+
+async def test_a_service_of_another_make_is_one_line_not_a_traceback(socket_path, monkeypatch):
+    """Answers that pass the version check but not as this version's: a job without its fields, a flood."""
+    from backend import config, http_client
+    from backend.errors import DreamttyError
+    from backend.remote_client import Address, RemoteClient
+    from backend.versions import versions
+
+    app = web.Application()
+    app.router.add_get("/v1/version", lambda request: web.json_response({**versions(),
+                                                                         "settings": config.service_settings()}))
+    app.router.add_get("/v1/jobs", lambda request: web.json_response({"jobs": [{"id": 1, "state": "done"}]}))
+    app.router.add_post("/v1/jobs/1/cancel", lambda request: web.json_response({"cancelled": True, "pad": "x" * 2**21}))
+    runner = await _serve(app, socket_path)
+    client = RemoteClient(Address(socket=socket_path), start=None)
+    try:
+        with pytest.raises(DreamttyError, match=r"^service: .*api.sock: its answer does not read \(TypeError: "):
+            await client.jobs()
+        monkeypatch.setattr(http_client, "MAX_ANSWER", 2**20)
+        with pytest.raises(DreamttyError, match=r"^service: .*api.sock: its answer is over 1 MiB$"):
+            await client.cancel(1)
+    finally:
+        await client.close()
+        await runner.cleanup()
