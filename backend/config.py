@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from backend import locations, user_files, yaml_text
+from backend.cluster_address import check_address
 from backend.errors import DreamttyError, RequestError
 from backend.values import to_bool
 
@@ -204,7 +205,10 @@ def _workers(value: object) -> str | None:
     text = _text("workers", value)
     if text is None or text == "local":
         return None
-    return "auto" if text == "ray" else text
+    if text in ("ray", "auto"):
+        return "auto"
+    check_address(text, "workers", "local, ray, ray://HEAD:10001 or HEAD:6379")
+    return text
 
 
 def _keymap(value: object) -> dict[str, str]:

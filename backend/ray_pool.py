@@ -20,7 +20,6 @@ import importlib.util
 import logging
 import os
 import queue
-import re
 import socket
 import sqlite3
 import sys
@@ -32,7 +31,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from backend import events as ev
-from backend.errors import DreamttyError, RequestError
+from backend.cluster_address import ADDRESS, check_address
+from backend.errors import DreamttyError
 from backend.pool import OnDied, OnEvent, Slot
 from backend.queue_store import QueueStore
 from backend.worker import RELEASE, JobRun, one_line, pipeline_cache, release, run_jobs, save_output
@@ -41,7 +41,6 @@ NAMESPACE = "dreamtty"
 POLL = 1.0  # seconds an events call waits for an event: also how soon an idle actor's death is noticed
 RESTART_DELAY = 5.0  # seconds before trying again to start an actor that could not start
 INSTALL = "pip install 'dreamtty[cluster]'"
-_ADDRESS = re.compile(r"(?:ray://)?(?P<host>[\w.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})")
 _ALLOWED = "auto, ray://HEAD:10001 or HEAD:6379 (local: no cluster)"
 HEAD_TIMEOUT = 5.0  # seconds to connect to a head, and for it to answer
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
@@ -56,11 +55,8 @@ def check_cluster(text: str, field: str = "cluster") -> str:
     address = text.strip()
     if address == "local":
         return address
-    match = _ADDRESS.fullmatch(address)
-    if address != "auto" and not match:
-        raise RequestError(field, f"{text!r} is not allowed; use {_ALLOWED}")
-    if match and not 0 < int(match["port"]) < 65536:
-        raise RequestError(field, f"{text!r} is not allowed: port {match['port']} is out of range 1..65535")
+    if address != "auto":
+        check_address(address, field, _ALLOWED)
     if importlib.util.find_spec("ray") is None:
         raise DreamttyError(f"{field}: running workers on a Ray cluster needs Ray; {INSTALL}")
     if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
@@ -324,7 +320,7 @@ def _connect(ray, address: str, field: str) -> bool:
     """Join the cluster at ``address``; False when this process is in one already (tests, embedding)."""
     if ray.is_initialized():
         return False
-    match = _ADDRESS.fullmatch(address)
+    match = ADDRESS.fullmatch(address)
     if match:  # ray.init waits minutes for a head that is not there, or for something else that listens
         _check_head(address, match["host"].strip("[]"), int(match["port"]), field)
     with tempfile.TemporaryFile() as said:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from backend import metadata
+from backend.config import load as load_config
 from backend.errors import DreamttyError, RequestError
 from backend.events import Done, Failed, ImageSaved, Retrying, Started, Step, WorkerReady
 from backend.pool import ProcessPool, Slot
@@ -103,9 +104,10 @@ def test_config_workers_picks_the_pool(tmp_path, monkeypatch):
         pool = make_pool("auto", tmp_path / "q.sqlite3")
         assert type(pool).__name__ == "RayPool" and pool.address == "auto" and pool.gpu
         assert make_pool("cpu", tmp_path / "q.sqlite3", cluster="local").__class__ is ProcessPool
-    config.write_text("workers: 'not an address'\n")
-    with pytest.raises(RequestError, match="^workers: 'not an address' is not allowed"):
-        make_pool("cpu", tmp_path / "q.sqlite3")
+    config.write_text("workers: 'not an address'\n")  # a bad value warns and keeps the default, as every key
+    assert isinstance(make_pool("cpu", tmp_path / "q.sqlite3"), ProcessPool)
+    assert load_config().warnings == ["config: workers: 'not an address' is not allowed; use local, ray, "
+                                      "ray://HEAD:10001 or HEAD:6379; using the default"]
 
 
 def test_cli_cluster_errors_are_one_line(tmp_path):

@@ -1,0 +1,20 @@
+"""The text of a Ray cluster address (``--cluster``, the config's ``workers``), checked without Ray."""
+
+from __future__ import annotations
+
+import re
+
+from backend.errors import RequestError
+
+ADDRESS = re.compile(r"(?:ray://)?(?P<host>[\w.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})")
+
+
+def check_address(text: str, field: str, allowed: str) -> re.Match:
+    """``text`` as ``HOST:PORT`` or ``ray://HOST:PORT``; RequestError naming ``field`` and the ``allowed``
+    values otherwise."""
+    match = ADDRESS.fullmatch(text)
+    if not match:
+        raise RequestError(field, f"{text!r} is not allowed; use {allowed}")
+    if not 0 < int(match["port"]) < 65536:
+        raise RequestError(field, f"{text!r} is not allowed: port {match['port']} is out of range 1..65535")
+    return match
