@@ -273,6 +273,20 @@ def test_a_row_that_does_not_read_is_listed_failed_and_cancel_goes_past_a_missin
     assert QueueStore(locations.queue_db()).get(queued).state == "cancelled"
 
 
+def test_jobs_lists_a_describe_job_as_text_not_missing_images(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))  # no service runs: the queue is read here
+    store = QueueStore(locations.queue_db())
+    described, drawn = store.add("describe", {"request": {"image": "/a.png"}}, "x"), store.add("generate", {
+        "request": {"prompt": "p", "count": 2}}, "x")
+    for job in (described, drawn):
+        store.set_state(job, "done")
+    store.close()
+    assert main(["jobs"]) == 0
+    rows = {int(line.split()[0]): line.split()[2:] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows[described][0] == "describe" and rows[described][3] == "text" and rows[drawn][3] == "0/2"
+
+
 def test_jobs_and_cancel_wait_for_a_service_that_holds_its_lock_without_answering(tmp_path, monkeypatch, capsys):
     """A service stopping (its workers ending) or starting holds its lock with no socket answering: jobs and
     cancel wait for it, then read the queue here; one that never settles is one line after SETTLE_PATIENCE."""

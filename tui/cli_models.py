@@ -106,7 +106,8 @@ def register(sub) -> None:
     pull.add_argument("--for", dest="target", choices=companions_targets(),
                       help="instead of an id: the usual models for image prompts (all types, or one) or describe, "
                            "into the model library")
-    pull.add_argument("--family", choices=("sd1", "sdxl"), default="sdxl", help="with --for: the models' family")
+    pull.add_argument("--family", choices=("sd1", "sdxl"), default="sdxl",
+                      help="with --for: the models' family (default sdxl)")
     pull.set_defaults(func=cmd_pull)
     cfg = sub.add_parser("config", help="the configuration file")
     csub = cfg.add_subparsers(dest="config_command", required=True, parser_class=type(cfg))

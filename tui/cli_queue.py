@@ -92,6 +92,7 @@ async def _jobs(args) -> list:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    from backend import jobkinds
     from backend.queue_store import check_limit
 
     check_limit(args.limit, "job")
@@ -103,7 +104,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     for job in jobs:
         prompt = summary(job.request.get("prompt", ""), PROMPT_WIDTH)
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created))
-        count = f"{len(job.outputs)}/{job.request.get('count', 1)}"
+        count = "text" if jobkinds.makes_text(job.kind) else f"{len(job.outputs)}/{job.request.get('count', 1)}"
         print(visible(f"{job.id:>6}  {job.state:<10}{job.kind:<10}{when:<17}{count:>6}  {prompt}"))
         if job.error:
             print(f"{'':>8}{one_line(job.error)}")

@@ -69,6 +69,12 @@ def get(name: str) -> JobKind:
     return kind
 
 
+def makes_text(name: object) -> bool:
+    """Whether jobs of the kind named ``name`` make a text (describe), not images; False for a name no kind has."""
+    kind = KINDS.get(name) if isinstance(name, str) else None
+    return kind is not None and kind.output == "text"
+
+
 def kind_of(request: GenerateRequest) -> JobKind:
     """The kind whose request type ``request`` is (exactly: a subclass is another kind)."""
     return next(kind for kind in _KINDS if type(request) is kind.request_type)

@@ -109,7 +109,8 @@ class QueueScreen(Screen):
         if job.state == "running" and step:
             return step_cells(step)
         if job.state == "done":
-            return f"{len(job.outputs)} image{'s' * (len(job.outputs) != 1)}", ""
+            made = len(job.outputs)
+            return ("text" if jobkinds.makes_text(job.kind) else f"{made} image{'s' * (made != 1)}"), ""
         return ("" if job.state in ACTIVE else (job.error or "")[:40]), ""
 
     async def _jobs(self, limit: int) -> list[Job] | None:
