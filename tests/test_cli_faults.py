@@ -67,6 +67,9 @@ def test_global_options_after_the_subcommand(generated, tmp_path):
         ("a fox", "demo-xl", tmp_path, "auto"), ("a red fox", "demo", None, "auto"), ("a hen", "demo-xl", tmp_path / "o", "cpu")]
     args = cli.build_parser().parse_args(["--config", "app.yaml", "train", "--model", "demo", "--config", "t.yaml"])
     assert (args.config, args.train_config, args.train_model) == (Path("app.yaml"), Path("t.yaml"), "demo")
+    for argv, model in ((["--model", "x", "describe", "a.png"], "x"), (["describe", "a.png", "--model", "y"], "y"),
+                        (["describe", "a.png"], None)):  # describe's own --model left out keeps the global one
+        assert cli.build_parser().parse_args(argv).model == model, argv
 
 
 def test_extra_argument_is_unrecognized(capsys):

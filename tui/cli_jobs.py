@@ -331,8 +331,9 @@ def register(sub) -> None:
     des = sub.add_parser("describe", help="print a prompt for an image (a caption, or anime tags)")
     des.add_argument("image", help="the image to describe")
     des.add_argument("--mode", choices=DESCRIBE_MODES, help="photo (a caption, default) or anime (tags)")
-    des.add_argument("--model", help="whose captioner to use: a demo model's built-in one, else the library's "
-                                     "(default: the configured default model)")
+    des.add_argument("--model", default=argparse.SUPPRESS,  # left out: a --model before describe stays
+                     help="whose captioner to use: a demo model's built-in one, else the library's (default: the "
+                          "configured default model)")
     des.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
     des.set_defaults(func=cmd_describe)
 
