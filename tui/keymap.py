@@ -4,7 +4,7 @@ Remap in the config file (``backend.config``, ``<config dir>/config.yaml``)::
 
     keymap:
       generate: f5
-      screen.queue: f6
+      screen.queue: f8
 
 Keys are Textual key names (``ctrl+g``, ``f1``, ``delete``, ``l``); several
 keys for one binding are separated by commas. :func:`check_keymap` drops what cannot work (an

@@ -8,7 +8,7 @@ Layout of ``RUN_DIR``::
     trainer.log         stdout/stderr of a detached trainer
     STOP                present = stop after the current step (checkpoint, state "stopped")
     checkpoints/checkpoint-<step>/   accelerate save_state + dreamtty_state.json
-    validation/step-<step>-<i>.png
+    validation/step-<step, 6 digits>-<i>.png
     model/              full fine-tune result: a diffusers folder
     lora/pytorch_lora_weights.safetensors   LoRA result
 
