@@ -26,6 +26,7 @@ from backend.request import MAX_COUNT
 from backend.worker import RELEASE
 
 _CTX = mp.get_context("spawn")
+JOIN_PATIENCE = 5.0  # seconds a worker has to exit when the pool closes, then after SIGTERM
 RESPAWN_BACKOFF = (1.0, 60.0)  # seconds: first and longest wait before restarting a worker that dies before ready
 
 
@@ -188,11 +189,15 @@ class ProcessPool:
             self.slots.append(slot)
 
     def _join(self) -> None:
+        """Wait for the workers to exit: SIGTERM after JOIN_PATIENCE seconds, SIGKILL as long again after it (one stuck in a driver call or
+        stopped would otherwise keep this process, which waits for its children at exit, alive)."""
         for proc in self._procs.values():
-            proc.process.join(timeout=5)
-            if proc.process.is_alive():
-                proc.process.terminate()
-                proc.process.join(timeout=5)
+            proc.process.join(timeout=JOIN_PATIENCE)
+            for end in (proc.process.terminate, proc.process.kill):
+                if not proc.process.is_alive():
+                    break
+                end()
+                proc.process.join(timeout=JOIN_PATIENCE)
 
     def _read_events(self) -> None:
         """Thread: move worker events onto the event loop; notice dead workers."""

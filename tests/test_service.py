@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -300,6 +301,29 @@ def test_killed_cli_job_is_adopted_and_finishes_without_duplicates(tmp_path, dem
     assert isinstance(done, Done) and len(done.paths) == 3
     assert _seeds(done.paths) == [21, 22, 23]
     assert len(list(out.rglob("*.png"))) == 3
+
+
+def _deaf_worker(*args) -> None:
+    """A worker stuck where SIGTERM does nothing (a driver call, a stopped process): only SIGKILL ends it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(os.environ["DT_DEAF_READY"]).touch()
+    time.sleep(600)
+
+
+async def test_closing_the_pool_kills_a_worker_that_ignores_sigterm(monkeypatch, tmp_path):
+    from backend import pool
+
+    monkeypatch.setattr(pool, "_worker_entry", _deaf_worker)
+    monkeypatch.setattr(pool, "JOIN_PATIENCE", 0.5)
+    monkeypatch.setenv("DT_DEAF_READY", str(tmp_path / "ready"))
+    workers = ProcessPool("cpu", tmp_path / "queue.sqlite3")
+    workers.start(lambda event: None, lambda slot, job, why: None)
+    async with asyncio.timeout(60):
+        while not (tmp_path / "ready").exists():
+            await asyncio.sleep(0.05)
+    began = time.monotonic()
+    await workers.close()
+    assert not workers._procs[workers.slots[0].id].process.is_alive() and time.monotonic() - began < 10
 
 
 async def test_a_worker_that_dies_before_ready_is_restarted_after_growing_waits(monkeypatch, tmp_path):
