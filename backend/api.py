@@ -156,7 +156,10 @@ class Api:
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         limit, states = _listing(request, "job", (*ACTIVE, *FINAL))
-        jobs = self.service.store.jobs(states, limit=limit)
+        images = request.query.get("images", "0")
+        if images not in ("0", "1"):
+            raise RequestError("images", f"{images!r} is not allowed; use 1 (jobs with saved images only) or 0")
+        jobs = self.service.jobs(limit, states, with_images=images == "1")
         return web.json_response({"jobs": [job.to_dict() for job in jobs]})
 
     async def submit(self, request: web.Request) -> web.Response:

@@ -47,7 +47,10 @@ class Client(Protocol):
 
     async def job(self, job_id: int) -> Job | None: ...
 
-    async def jobs(self, limit: int = 200) -> list[Job]: ...
+    async def jobs(self, limit: int = 200, states: tuple[str, ...] | None = None,
+                   with_images: bool = False) -> list[Job]:
+        """The newest ``limit`` jobs (in ``states``; all when None), those with saved images only when
+        ``with_images``."""
 
     async def active_jobs(self) -> list[Job]:
         """Queued and running jobs this client is responsible for."""
@@ -104,8 +107,9 @@ class LocalClient:
     async def job(self, job_id: int) -> Job | None:
         return self.service.store.get(job_id)
 
-    async def jobs(self, limit: int = 200) -> list[Job]:
-        return self.service.jobs(limit)
+    async def jobs(self, limit: int = 200, states: tuple[str, ...] | None = None,
+                   with_images: bool = False) -> list[Job]:
+        return self.service.jobs(limit, states, with_images)
 
     async def active_jobs(self) -> list[Job]:
         return self.service.active_jobs()

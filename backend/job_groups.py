@@ -20,6 +20,7 @@ from backend.request import GenerateRequest
 # Images a group holds, and a batch on CUDA, at most by default: past it, images/s hardly grow and the first
 # image waits (backend.engine.batching).
 GROUP_IMAGES = 8
+GROUP_SCAN = 256  # the oldest queued jobs looked at for a group: a queue of thousands is not read at each dispatch
 # What each image of a batch has of its own (generate_batch): prompts, seed, position, its prompt's styles
 # and expansion. Everything else of the request is shared by the batch, so a group's jobs must agree on it.
 OWN_FIELDS = frozenset({"prompt", "negative_prompt", "seed", "count", "index", "styles", "preset", "expand"})

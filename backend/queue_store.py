@@ -172,11 +172,22 @@ class QueueStore:
         return self._job(row) if row else None
 
     @queue_access
-    def jobs(self, states: tuple[str, ...] | None = None, owner: str | None = None,
-             limit: int | None = None) -> list[Job]:
-        """Jobs newest first: those in ``states`` of ``owner`` (all when None), at most ``limit`` (None: all)."""
-        jobs = self._jobs(self._db.execute(*listing_sql(_SELECT, "jobs", states, owner, limit)).fetchall())
+    def jobs(self, states: tuple[str, ...] | None = None, owner: str | None = None, limit: int | None = None,
+             oldest_first: bool = False, with_images: bool = False) -> list[Job]:
+        """Jobs newest first (or oldest): those in ``states`` of ``owner`` (all when None), with saved images only
+        when ``with_images``, at most ``limit`` (None: all)."""
+        query = listing_sql(_SELECT, "jobs", states, owner, limit, oldest_first,
+                            ["outputs != '[]'"] if with_images else [])
+        jobs = self._jobs(self._db.execute(*query).fetchall())
         return [job for job in jobs if not states or job.state in states]  # a row that did not read is failed now
+
+    @queue_access
+    def counts(self, owner: str | None = None) -> dict[str, int]:
+        """How many jobs (of ``owner``; all when None) are in each active state."""
+        sql, args = f"SELECT state, COUNT(*) FROM jobs WHERE state IN ({_ACTIVE_SQL})", []
+        if owner is not None:
+            sql, args = sql + " AND owner = ?", [str(owner)]
+        return {state: 0 for state in ACTIVE} | dict(self._db.execute(sql + " GROUP BY state", args).fetchall())
 
     @queue_access
     def next_queued(self, owner: str) -> Job | None:
@@ -235,9 +246,11 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
     error TEXT, outputs TEXT NOT NULL DEFAULT '[]', owner TEXT NOT NULL DEFAULT '',
     attempts INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, heartbeat REAL NOT NULL)"""
+CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, heartbeat REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id)"""  # a queue of thousands: a state's jobs, in order
 _SELECT = "id, kind, request, state, created, updated, error, outputs, owner, attempts"
 _FINAL_SQL = ", ".join(f"'{state}'" for state in FINAL)
+_ACTIVE_SQL = ", ".join(f"'{state}'" for state in ACTIVE)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -349,10 +362,10 @@ def _job(row: tuple) -> Job:
 
 
 def listing_sql(columns: str, table: str, states: tuple[str, ...] | None, owner: str | None, limit: int | None,
-                oldest_first: bool = False) -> tuple[str, list]:
-    """The query (and its arguments) of ``table``'s rows in ``states`` of ``owner`` (all when None), newest
-    first (or oldest), at most ``limit`` (None: all)."""
-    where, args = [], []
+                oldest_first: bool = False, where: list[str] | None = None) -> tuple[str, list]:
+    """The query (and its arguments) of ``table``'s rows in ``states`` of ``owner`` (all when None) that meet
+    the conditions ``where`` too, newest first (or oldest), at most ``limit`` (None: all)."""
+    where, args = list(where or []), []
     if states:
         where.append(f"state IN ({','.join('?' * len(states))})")
         args += list(states)

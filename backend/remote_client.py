@@ -25,7 +25,7 @@ from backend.errors import DreamttyError, RequestError
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, Fanout, ImageSaved, JobEvent,
                             ServiceLost, ServiceReady, loads)
 from backend.http_client import HTTPClient, Unreachable, WebSocket, authority
-from backend.queue_store import ACTIVE, Job
+from backend.queue_store import ACTIVE, MAX_ID, Job
 from backend.safetext import one_line
 from backend.serve import ServeOptions, start_detached
 from backend.values import absolute
@@ -282,13 +282,14 @@ class RemoteClient:
             return None
 
     @_readable
-    async def jobs(self, limit: int = 200) -> list[Job]:
-        return [Job.from_dict(j) for j in (await self._call("GET", "/v1/jobs", quick=True, limit=str(limit)))["jobs"]]
-
-    @_readable
-    async def active_jobs(self) -> list[Job]:
-        data = await self._call("GET", "/v1/jobs", quick=True, state=",".join(ACTIVE))
+    async def jobs(self, limit: int = 200, states: tuple[str, ...] | None = None,
+                   with_images: bool = False) -> list[Job]:
+        params = {"limit": str(limit)} | ({"state": ",".join(states)} if states else {})
+        data = await self._call("GET", "/v1/jobs", quick=True, **params, **({"images": "1"} if with_images else {}))
         return [Job.from_dict(j) for j in data["jobs"]]
+
+    async def active_jobs(self) -> list[Job]:
+        return await self.jobs(MAX_ID, ACTIVE)  # every one: a TUI counts them
 
     async def status(self) -> dict:
         return await self._call("GET", "/v1/status", quick=True)

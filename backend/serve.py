@@ -144,7 +144,7 @@ async def _exit_when_idle(service, api, seconds: float, stop: asyncio.Event, ann
     while not stop.is_set():
         await asyncio.sleep(min(IDLE_CHECK, seconds))
         now = time.monotonic()
-        if service.active_jobs() or api.streams:
+        if any(service.store.counts(service.owner).values()) or api.streams:
             quiet_since = now
         if now - max(quiet_since, api.last_request) >= seconds:
             announce(f"dreamtty: idle for {seconds / 60:g} minutes; exiting to free the workers")

@@ -36,7 +36,7 @@ from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout
                             Retrying, Started, WorkerModels, WorkerReady, WorkerReleased)
 from backend.extras_check import check_extras
 from backend.guidance_settings import check_clip_skip
-from backend.job_groups import group_of
+from backend.job_groups import GROUP_SCAN, group_of
 from backend.models import resolve_model, text_encoder_depth
 from backend.outputs import check_out_dir
 from backend.pool import ProcessPool, Slot, WorkerPool
@@ -306,8 +306,8 @@ class Service:
         self._fanout.publish(Cancelled(job=job_id))
         return True
 
-    def jobs(self, limit: int = 200) -> list[Job]:
-        return self.store.jobs(limit=limit)
+    def jobs(self, limit: int = 200, states: tuple[str, ...] | None = None, with_images: bool = False) -> list[Job]:
+        return self.store.jobs(states, limit=limit, with_images=with_images)
 
     def active_jobs(self) -> list[Job]:
         """This service's queued and running jobs, newest first."""
@@ -316,7 +316,7 @@ class Service:
     def status(self) -> dict:
         """This process, its workers (device, node, job, loaded models), the pool's own facts (a cluster's
         address and nodes) and the length of its queue, as JSON."""
-        active = self.active_jobs()
+        counts = self.store.counts(self.owner)
         workers = []
         held = self.training.holding()
         for slot in self.slots:
@@ -330,8 +330,7 @@ class Service:
         pool = {key: value for key, value in self.pool.status().items() if key != "workers"}
         return {**pool, "pid": os.getpid(), "started": self.started,
                 "uptime": time.time() - self.started if self.started else 0.0, "workers": workers,
-                "queued": sum(job.state == "queued" for job in active),
-                "running": sum(job.state == "running" for job in active),
+                "queued": counts["queued"], "running": counts["running"],
                 "runs": {"training": len({run.id for run in held.values()}), "waiting": len(self.training.waiting())}}
 
     def subscribe(self) -> asyncio.Queue:
@@ -438,8 +437,8 @@ class Service:
         """``first`` and the queued jobs that may share its batches (``backend.job_groups``); none newer than a
         waiting training run, which comes first."""
         before = runs[0].created if runs else float("inf")
-        queued = [job for job in reversed(self.store.jobs(("queued",), owner=self.owner)) if job.created <= before]
-        return group_of(first, queued)
+        oldest = self.store.jobs(("queued",), owner=self.owner, limit=GROUP_SCAN, oldest_first=True)
+        return group_of(first, [job for job in oldest if job.created <= before])
 
     def _run_jobs(self, slot: Slot, jobs: list[Job]) -> None:
         self.store.set_running([job.id for job in jobs])

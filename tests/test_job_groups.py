@@ -137,6 +137,23 @@ def test_the_last_free_worker_takes_the_alike_queued_jobs_as_one_group(tmp_path)
     service.store.close()
 
 
+def test_a_long_queue_is_not_read_whole_at_each_dispatch(tmp_path, monkeypatch):
+    """A group is made of the oldest GROUP_SCAN queued jobs; the status counts the queue in SQL."""
+    from backend import service as service_module
+
+    monkeypatch.setattr(service_module, "GROUP_SCAN", 3)
+    pool = _Pool(1)
+    service = Service(db_path=tmp_path / "q.sqlite3", pool=pool)
+    jobs = [_submit(service, seed=n) for n in range(6)]
+    read: list[int] = []
+    listing = service.store.jobs
+    monkeypatch.setattr(service.store, "jobs", lambda *a, **k: read.append(k.get("limit")) or listing(*a, **k))
+    service._dispatch()
+    assert pool.given == [(0, jobs[:3])] and read == [3]  # alike, but only the oldest three were looked at
+    assert {k: service.status()[k] for k in ("queued", "running")} == {"queued": 3, "running": 3} and read == [3]
+    service.store.close()
+
+
 def test_a_dead_workers_group_is_retried_job_by_job(tmp_path):
     pool = _Pool(1)
     service = Service(db_path=tmp_path / "q.sqlite3", pool=pool)

@@ -325,6 +325,12 @@ async def test_an_image_is_served_from_its_recorded_path_and_never_through_a_lin
             assert r.status == 200 and await r.read() == b"\x89PNG a"
         async with http.get(f"/v1/jobs/{job}/images/1") as r:
             assert r.status == 404 and (await r.json())["error"] == f"job {job}: image 1 is no longer at {tmp_path / 'b.png'}"
+        owner.store.add("generate", {"request": {"prompt": "p"}}, owner="gone")  # newer, and no image
+        for images, ids in (("1", [job]), ("0", [job + 1, job])):
+            async with http.get(f"/v1/jobs?images={images}&state=queued,cancelled") as r:
+                assert [j["id"] for j in (await r.json())["jobs"]] == ids
+        async with http.get("/v1/jobs?images=yes") as r:
+            assert r.status == 400 and (await r.json())["field"] == "images"
     await owner.close()
 
 

@@ -18,7 +18,7 @@ from rich_pixels import HalfcellRenderer
 from textual import events
 from textual.app import App
 from textual.drivers.headless_driver import HeadlessDriver
-from textual.widgets import Checkbox, Input, Select, Static, TextArea
+from textual.widgets import Checkbox, DataTable, Input, Select, Static, TextArea
 
 from backend import metadata
 from backend.config import config_path
@@ -612,6 +612,31 @@ async def test_progress_redraws_slow_down_while_the_user_types(idle_service, tmp
         # every 0.25 s (steps 1-7), then every 1 s after the last redraw (steps 15, 23) once a key was pressed
         assert shown == [1, 3, 5, 7, 15, 23]
         assert app.progress[1].step == 24  # skipped redraws still update the job's progress
+
+
+async def test_a_long_queue_keeps_the_running_job_and_the_images_in_sight(idle_service, tmp_path, monkeypatch):
+    """Past the rows the tables read (the newest jobs), the running job still heads the jobs table, and
+    the gallery reads the jobs that saved images, not the newest ones, which may have none."""
+    from tui.screens import queue
+
+    monkeypatch.setattr(queue, "JOB_ROWS", 3)
+    monkeypatch.setattr(queue, "GALLERY_ROWS", 2)
+    store, request = idle_service.store, {"request": GenerateRequest(prompt="p").to_dict()}
+    drawn, running = store.add("generate", request, "gone"), store.add("generate", request, "gone")
+    Image.new("RGB", (8, 8)).save(tmp_path / "kept.png")
+    store.add_output(drawn, str(tmp_path / "kept.png"))
+    store.set_state(drawn, "done")
+    for _ in range(5):
+        store.set_state(store.add("generate", request, "gone"), "cancelled")
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(120, 40)) as pilot:
+        store.set_running([running])  # once the service adopted the jobs of the owner gone
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        gallery, jobs = (app.screen.query_one(f"#{name}", DataTable) for name in ("gallery", "jobs"))
+        await wait_for(pilot, lambda: gallery.row_count and jobs.row_count, what="both tables")
+        assert [key.value for key in jobs.rows][0] == str(running) and jobs.row_count == 4
+        assert [key.value for key in gallery.rows] == [str(tmp_path / "kept.png")]
 
 
 async def test_gallery_entry_whose_file_was_deleted_shows_a_line_not_a_crash(idle_service, tmp_path):

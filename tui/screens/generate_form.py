@@ -219,7 +219,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
 
     @work(exclusive=True, group="gallery-choices", exit_on_error=False)
     async def _load_gallery(self) -> None:
-        jobs = await self.app.client.jobs(limit=GALLERY_CHOICES)
+        jobs = await self.app.client.jobs(limit=GALLERY_CHOICES, with_images=True)
         paths = [path for job in jobs for path in reversed(job.outputs)]
         self.input_section.set_gallery(paths)
         self.references.set_gallery(paths)

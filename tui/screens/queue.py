@@ -73,6 +73,7 @@ class QueueScreen(Screen):
     def __init__(self) -> None:
         super().__init__()
         self._image_wanted: str | None = None  # the image whose parameters are being read
+        self._stale: set[str] = set()  # tables whose jobs changed while another screen showed: read on return
 
     def compose(self) -> ComposeResult:
         yield ModeBar("queue")
@@ -113,10 +114,11 @@ class QueueScreen(Screen):
             return ("text" if jobkinds.makes_text(job.kind) else f"{made} image{'s' * (made != 1)}"), ""
         return ("" if job.state in ACTIVE else (job.error or "")[:40]), ""
 
-    async def _jobs(self, limit: int) -> list[Job] | None:
-        """The service's newest ``limit`` jobs, or None with the reason shown above the tables."""
+    async def _jobs(self, limit: int, states: tuple[str, ...] | None = None,
+                    with_images: bool = False) -> list[Job] | None:
+        """The service's newest ``limit`` jobs (see ``Client.jobs``), or None with the reason shown above the tables."""
         try:
-            jobs = await self.app.client.jobs(limit=limit)
+            jobs = await self.app.client.jobs(limit, states, with_images)
         except DreamttyError as exc:  # no service (yet)
             self._show_error(str(exc))
             return None
@@ -130,9 +132,11 @@ class QueueScreen(Screen):
 
     @work(exclusive=True, group="refresh-jobs")
     async def refresh_jobs(self) -> None:
-        all_jobs = await self._jobs(JOB_ROWS)
-        if all_jobs is None:
+        """The running jobs first (however many are queued after them), then the newest JOB_ROWS others."""
+        running, newest = await self._jobs(JOB_ROWS, ("running",)), await self._jobs(JOB_ROWS)
+        if running is None or newest is None:
             return
+        all_jobs = [*running, *(job for job in newest if job.state != "running")]
         table = self.query_one("#jobs", DataTable)
         selected = self._selected_key(table)
         table.clear()
@@ -144,7 +148,7 @@ class QueueScreen(Screen):
 
     @work(exclusive=True, group="refresh-gallery")
     async def refresh_gallery(self) -> None:
-        jobs = await self._jobs(GALLERY_ROWS)
+        jobs = await self._jobs(GALLERY_ROWS, with_images=True)
         if jobs is None:
             return
         entries = await asyncio.to_thread(gallery_entries, jobs)
@@ -172,9 +176,9 @@ class QueueScreen(Screen):
 
     def handle_job_event(self, event: Event) -> None:
         if isinstance(event, _REFRESH_ON):
-            self.refresh_jobs()
+            self._refresh("jobs")
         elif isinstance(event, ImageSaved):
-            self.refresh_gallery()
+            self._refresh("gallery")
         elif isinstance(event, Step):
             table = self.query_one("#jobs", DataTable)
             job = event.job
@@ -182,6 +186,19 @@ class QueueScreen(Screen):
                 progress, eta = step_cells(event)
                 table.update_cell(str(job), "progress", progress, update_width=True)
                 table.update_cell(str(job), "eta", eta, update_width=True)
+
+    def _refresh(self, table: str) -> None:
+        """Read the jobs of ``table`` (jobs, gallery) again: now, or once this screen shows again when another
+        one shows (not at every image the service saves)."""
+        if self.is_current:
+            {"jobs": self.refresh_jobs, "gallery": self.refresh_gallery}[table]()
+        else:
+            self._stale.add(table)
+
+    def on_screen_resume(self) -> None:
+        stale, self._stale = self._stale, set()
+        for table in stale:
+            self._refresh(table)
 
     # -- selection ----------------------------------------------------------
     def selected_image(self) -> str | None:
