@@ -108,8 +108,8 @@ async def test_pane_shows_loss_points_follows_and_reattaches(tmp_path):
         # Choosing the other run in the list shows its curve.
         pane.query_one(OptionList).focus()
         await pilot.press("down")
-        await _settle(pilot, pane, lambda: pane.selected_run == old.resolve())
-        assert pane.loss_points == [(1, 1.0), (2, 0.9)]
+        await _settle(pilot, pane, lambda: pane.loss_points == [(1, 1.0), (2, 0.9)])  # read in a thread
+        assert pane.selected_run == old.resolve()
 
     # The app restarts: the pane re-attaches by reading the run dirs.
     app = PaneApp(root)
@@ -118,6 +118,26 @@ async def test_pane_shows_loss_points_follows_and_reattaches(tmp_path):
         await _settle(pilot, pane, lambda: len(pane.loss_points) == 6)
         assert pane.selected_run == run_dir.resolve()
         assert pane.loss_points[-1] == (6, 0.35)
+
+
+async def test_a_long_runs_events_are_read_off_the_ui_thread(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    long_run = _write_run(root, "long-run", "stopped", [1.0, 0.9], updated=1.0)
+    real_read = runs.EventTail.read
+
+    def slow_read(tail):  # as a file of tens of MB reads
+        time.sleep(1.5)
+        return real_read(tail)
+
+    app = PaneApp(root)
+    async with app.run_test(size=(140, 44)) as pilot:
+        pane = app.query_one(TrainPane)
+        await _settle(pilot, pane, lambda: pane.loss_points == [(1, 1.0), (2, 0.9)])
+        monkeypatch.setattr(runs.EventTail, "read", slow_read)
+        began = time.monotonic()
+        pane.select_run(long_run)
+        assert time.monotonic() - began < 0.5 and pane.loss_points == []  # the app goes on meanwhile
+        await _settle(pilot, pane, lambda: pane.loss_points == [(1, 1.0), (2, 0.9)])
 
 
 class FakeProcess:

@@ -390,16 +390,29 @@ class TrainPane(Vertical):
             self.select_run(Path(event.option.id))
 
     def select_run(self, run_dir: Path) -> None:
-        """Show ``run_dir``: read all its events from the start, then follow new ones."""
+        """Show ``run_dir``: its events are read from the start in a thread (a long run's file holds tens of
+        MB), then the poll follows new ones."""
         self.selected_run = Path(run_dir).resolve()
-        self._tail = runs.EventTail(self.selected_run)
+        self._tail = None
         self.progress = runs.RunProgress()
         self._shown_validation = []
         self.query_one("#train-log", Log).clear()
         self.query_one("#train-validation", ImagePreview).show(None)
         self._highlight()
         self._draw_plot()
-        self.poll()
+        self._read_run(self.selected_run)
+
+    @work(thread=True, exclusive=True, group="train-run", exit_on_error=False)
+    def _read_run(self, run_dir: Path) -> None:
+        tail, progress = runs.EventTail(run_dir), runs.RunProgress()
+        lines, _ = _fold(tail.read(), progress)  # a progress of its own: nothing else sees it meanwhile
+        self.app.call_from_thread(self._run_read, run_dir, tail, progress, lines)
+
+    def _run_read(self, run_dir: Path, tail: runs.EventTail, progress: runs.RunProgress, lines: list[str]) -> None:
+        if run_dir != self.selected_run:  # another run was chosen meanwhile
+            return
+        self._tail, self.progress = tail, progress
+        self._show(lines, new_steps=True)
 
     # -- following the selected run ---------------------------------------------------
     @property
@@ -411,15 +424,11 @@ class TrainPane(Vertical):
         if self._polls % RESCAN_EVERY == 1:
             self.rescan()
             self._read_schedule()
-        if self._tail is None:
+        if self._tail is None:  # none selected, or its events are being read
             return
-        new_steps = False
-        lines = []
-        for event in self._tail.read():
-            line = self.progress.apply(event)
-            new_steps |= isinstance(event, (TrainStep, TrainResume))
-            if line:
-                lines.append(visible(line))
+        self._show(*_fold(self._tail.read(), self.progress))
+
+    def _show(self, lines: list[str], new_steps: bool) -> None:
         if lines:
             self.query_one("#train-log", Log).write_lines(lines)
         if new_steps:
@@ -459,6 +468,17 @@ class TrainPane(Vertical):
             plt.plot(steps[::stride], values[::stride], label="loss", marker="braille")
             plt.plot(steps[::stride], runs.smooth(values)[::stride], label="smoothed", marker="braille")
         plot.refresh()
+
+
+def _fold(events: list, progress: runs.RunProgress) -> tuple[list[str], bool]:
+    """Apply ``events`` to ``progress``: the log lines they make, and whether a step came (the plot changes)."""
+    lines, new_steps = [], False
+    for event in events:
+        line = progress.apply(event)
+        new_steps |= isinstance(event, (TrainStep, TrainResume))
+        if line:
+            lines.append(visible(line))
+    return lines, new_steps
 
 
 class TrainScreen(Screen):
