@@ -1,7 +1,7 @@
 """The HTTP + WebSocket API of ``dreamtty serve`` (aiohttp), over a Unix socket and optionally TCP.
 
 Routes (JSON; see docs/api.md): ``GET /v1/version``, ``GET /v1/status``, ``GET|POST /v1/jobs``,
-``POST /v1/validate``, ``GET /v1/jobs/{id}``, ``POST /v1/jobs/{id}/cancel``,
+``POST /v1/validate``, ``GET /v1/jobs/{id}``, ``POST /v1/jobs/{id}/cancel``, ``POST /v1/jobs/cancel``,
 ``GET /v1/jobs/{id}/images/{n}``, ``GET|POST /v1/runs``, ``GET /v1/runs/{id}``,
 ``POST /v1/runs/{id}/stop``, ``GET /v1/events`` (WebSocket: one ``backend.events.dumps`` text per
 message), ``POST /v1/shutdown``.
@@ -95,6 +95,7 @@ class Api:
             web.post("/v1/validate", self.validate),
             web.get("/v1/jobs/{id}", self.get_job),
             web.post("/v1/jobs/{id}/cancel", self.cancel),
+            web.post("/v1/jobs/cancel", self.cancel_all),
             web.get("/v1/jobs/{id}/images/{n}", self.image),
             web.get("/v1/runs", self.list_runs),
             web.post("/v1/runs", self.start_run),
@@ -181,6 +182,9 @@ class Api:
 
     async def cancel(self, request: web.Request) -> web.Response:
         return web.json_response({"cancelled": self.service.cancel(self._job(request).id)})
+
+    async def cancel_all(self, request: web.Request) -> web.Response:
+        return web.json_response({"cancelled": self.service.cancel_all()})
 
     async def image(self, request: web.Request) -> web.StreamResponse:
         job = self._job(request)

@@ -45,6 +45,9 @@ class Client(Protocol):
 
     async def cancel(self, job_id: int) -> bool: ...
 
+    async def cancel_all(self) -> list[int]:
+        """Cancel every queued and running job of the queue; the ids of those cancelled."""
+
     async def job(self, job_id: int) -> Job | None: ...
 
     async def jobs(self, limit: int = 200, states: tuple[str, ...] | None = None,
@@ -103,6 +106,9 @@ class LocalClient:
 
     async def cancel(self, job_id: int) -> bool:
         return self.service.cancel(job_id)
+
+    async def cancel_all(self) -> list[int]:
+        return self.service.cancel_all()
 
     async def job(self, job_id: int) -> Job | None:
         return self.service.store.get(job_id)

@@ -182,6 +182,11 @@ class QueueStore:
         return [job for job in jobs if not states or job.state in states]  # a row that did not read is failed now
 
     @queue_access
+    def ids(self, states: tuple[str, ...]) -> list[int]:
+        """The ids of the jobs in ``states``, oldest first (no job read whole)."""
+        return [row[0] for row in self._db.execute(*listing_sql("id", "jobs", states, None, None, oldest_first=True))]
+
+    @queue_access
     def counts(self, owner: str | None = None) -> dict[str, int]:
         """How many jobs (of ``owner``; all when None) are in each active state."""
         sql, args = f"SELECT state, COUNT(*) FROM jobs WHERE state IN ({_ACTIVE_SQL})", []

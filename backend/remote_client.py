@@ -275,6 +275,10 @@ class RemoteClient:
         return bool((await self._call("POST", f"/v1/jobs/{int(job_id)}/cancel", quick=True))["cancelled"])
 
     @_readable
+    async def cancel_all(self) -> list[int]:
+        return [int(job_id) for job_id in (await self._call("POST", "/v1/jobs/cancel"))["cancelled"]]
+
+    @_readable
     async def job(self, job_id: int) -> Job | None:
         try:
             return Job.from_dict(await self._call("GET", f"/v1/jobs/{int(job_id)}", quick=True))

@@ -290,6 +290,21 @@ def test_jobs_lists_a_describe_job_as_text_not_missing_images(tmp_path, monkeypa
     assert rows[described][0] == "describe" and rows[described][3] == "text" and rows[drawn][3] == "0/2"
 
 
+def test_cancel_all_cancels_every_active_job_and_needs_ids_or_all(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))  # no service runs: the queue is read here
+    store = QueueStore(locations.queue_db())
+    jobs = [store.add("generate", {"request": {"prompt": p}}, "gone") for p in "abcd"]
+    store.set_state(jobs[0], "done")
+    store.close()
+    for argv in (["cancel"], ["cancel", "--all", str(jobs[1])]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == ("dreamtty: cancel: give the ids of the jobs to cancel, or --all (every queued "
+                                           "and running job)\n")
+    assert main(["cancel", "--all"]) == 0 and capsys.readouterr().out == "3 jobs cancelled\n"
+    assert [QueueStore(locations.queue_db()).get(j).state for j in jobs] == ["done", *["cancelled"] * 3]
+
+
 def test_jobs_and_cancel_wait_for_a_service_that_holds_its_lock_without_answering(tmp_path, monkeypatch, capsys):
     """A service stopping (its workers ending) or starting holds its lock with no socket answering: jobs and
     cancel wait for it, then read the queue here; one that never settles is one line after SETTLE_PATIENCE."""

@@ -331,6 +331,8 @@ async def test_an_image_is_served_from_its_recorded_path_and_never_through_a_lin
                 assert [j["id"] for j in (await r.json())["jobs"]] == ids
         async with http.get("/v1/jobs?images=yes") as r:
             assert r.status == 400 and (await r.json())["field"] == "images"
+        async with http.post("/v1/jobs/cancel") as r:  # every active job: the one queued above
+            assert await r.json() == {"cancelled": [job + 1]} and owner.store.get(job + 1).state == "cancelled"
     await owner.close()
 
 

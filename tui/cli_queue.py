@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
-from backend.errors import DreamttyError
+from backend.errors import DreamttyError, RequestError
 from backend.safetext import one_line, summary, visible
 from tui.cli_output import integer, print_warnings
 
@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     jobs.add_argument("--json", action="store_true", help="one JSON array on stdout")
     jobs.set_defaults(func=cmd_jobs)
     cancel = subparsers.add_parser("cancel", help="cancel queued or running jobs")
-    cancel.add_argument("ids", metavar="ID", type=integer, nargs="+")
+    cancel.add_argument("ids", metavar="ID", type=integer, nargs="*")
+    cancel.add_argument("--all", action="store_true", help="every queued and running job")
     cancel.set_defaults(func=cmd_cancel)
     wait = subparsers.add_parser("wait", help="follow jobs until they end; prints their images")
     wait.add_argument("ids", metavar="ID", type=integer, nargs="+")
@@ -134,8 +135,16 @@ async def _cancel(args) -> int:
     return code
 
 
+async def _cancel_all(args) -> int:
+    cancelled = await _with_queue(args, lambda client: client.cancel_all())
+    print(f"{len(cancelled)} job{'s' * (len(cancelled) != 1)} cancelled")
+    return 0
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
-    return asyncio.run(_cancel(args))
+    if bool(args.ids) == args.all:
+        raise RequestError("cancel", "give the ids of the jobs to cancel, or --all (every queued and running job)")
+    return asyncio.run(_cancel_all(args) if args.all else _cancel(args))
 
 
 async def _wait(args) -> int:
