@@ -157,10 +157,11 @@ class Api:
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         limit, states = _listing(request, "job", (*ACTIVE, *FINAL))
-        images = request.query.get("images", "0")
-        if images not in ("0", "1"):
-            raise RequestError("images", f"{images!r} is not allowed; use 1 (jobs with saved images only) or 0")
-        jobs = self.service.jobs(limit, states, with_images=images == "1")
+        images, brief = _flag(request, "images", "jobs with saved images only"), _flag(request, "brief", "id and state")
+        if brief:  # a TUI counting a queue of thousands: no job read whole
+            listed = [{"id": i, "state": s} for i, s in self.service.store.states(states or (*ACTIVE, *FINAL)).items()]
+            return web.json_response({"jobs": listed[::-1][:limit]})
+        jobs = self.service.jobs(limit, states, with_images=images)
         return web.json_response({"jobs": [job.to_dict() for job in jobs]})
 
     async def submit(self, request: web.Request) -> web.Response:
@@ -296,6 +297,14 @@ def _listing(request: web.Request, what: str, allowed: tuple[str, ...]) -> tuple
     if bad is not None:
         raise RequestError("state", f"{bad!r} is not a {what} state; use {', '.join(allowed)}")
     return limit, states or None
+
+
+def _flag(request: web.Request, name: str, what: str) -> bool:
+    """``?name=1`` (``what``) or ``0``, the default; RequestError naming ``name`` otherwise."""
+    value = request.query.get(name, "0")
+    if value not in ("0", "1"):
+        raise RequestError(name, f"{value!r} is not allowed; use 1 ({what}) or 0")
+    return value == "1"
 
 
 def _absolute(value: object, field: str) -> Path | None:

@@ -58,6 +58,9 @@ class Client(Protocol):
     async def active_jobs(self) -> list[Job]:
         """Queued and running jobs this client is responsible for."""
 
+    async def active_states(self) -> dict[int, str]:
+        """The state of every queued and running job of the queue, by id (no job read whole)."""
+
     async def status(self) -> dict:
         """The service as JSON: pid, uptime, workers (device, job, loaded models), queue length."""
 
@@ -120,6 +123,11 @@ class LocalClient:
     async def active_jobs(self) -> list[Job]:
         return self.service.active_jobs()
 
+    async def active_states(self) -> dict[int, str]:
+        from backend.queue_store import ACTIVE
+
+        return self.service.store.states(ACTIVE)
+
     async def status(self) -> dict:
         return self.service.status()
 
@@ -172,8 +180,9 @@ def connect(device: str = "auto", local: bool = False, tui: bool = False, start:
     remote = os.environ.get(SERVICE_ENV)
     if remote:
         host, port = parse_listen(remote, SERVICE_ENV)
-        mine = read_token() if is_loopback(host) else None  # this machine's token is sent to this machine only
-        address = Address(host=host, port=port, token=os.environ.get(TOKEN_ENV) or mine)
+        # this machine's token file is read for (and sent to) this machine only
+        token = os.environ.get(TOKEN_ENV) or (read_token() if is_loopback(host) else None)
+        address = Address(host=host, port=port, token=token)
         return RemoteClient(address, start=None, previews=tui, patience=patience)
     options = ServeOptions(devices=device, cluster=cluster) if start else None
     return RemoteClient(Address(socket=ServiceFiles.default().socket), start=options, previews=tui, patience=patience)

@@ -7,9 +7,10 @@ port could then hold enough half-sent requests, with no token, that the owner's 
 the queue file and the workers' pipes can no longer be opened. Here a connection has
 :data:`KEEPALIVE` seconds to send its first request (aiohttp counts from the connection, not from
 its last byte, so sending slowly does not extend it) and to idle between requests. Past
-:data:`MAX_CONNECTIONS` open connections, a new TCP one takes the place of the oldest connection
-that has not yet made an authorised request (:func:`trust`), so that idle connections opened without
-the token cannot shut the owner out; when every one has, the listener answers ``503``.
+:data:`MAX_CONNECTIONS` open TCP connections, a new one takes the place of the oldest that has not
+yet made an authorised request (:func:`trust`), so that idle connections opened without the token
+cannot shut the owner out; when every one has, the listener answers ``503``. The Unix socket's
+connections (this user's processes) are neither counted nor closed.
 """
 
 from __future__ import annotations
@@ -23,49 +24,69 @@ from aiohttp import web
 from backend.errors import DreamttyError
 
 KEEPALIVE = 60.0  # seconds; the CLI and the TUI send a request as soon as they connect
-MAX_CONNECTIONS = 256  # open at once (the Unix socket's and event streams included), well under 1024 descriptors
+MAX_CONNECTIONS = 256  # TCP connections open at once (event streams included), well under 1024 descriptors
 _BUSY_BODY = b'{"error": "busy: too many open connections"}\n'
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
 
-# An app's connections (aiohttp's request handlers, which take no weak references) that were authorised;
-# those closed since are dropped at the next connection.
-TRUSTED = web.AppKey("trusted", set)
+class TcpConnections:
+    """An app's open TCP connections (aiohttp's request handlers), oldest first, and those authorised."""
+
+    def __init__(self) -> None:
+        self.open: dict[object, _Counted] = {}
+        self.trusted: set = set()
+
+    def add(self, handler) -> _Counted:
+        self.open[handler] = counted = _Counted(handler, self.gone)
+        return counted
+
+    def gone(self, handler) -> None:
+        self.open.pop(handler, None)
+        self.trusted.discard(handler)
+
+    def trust(self, handler) -> None:
+        if handler in self.open:
+            self.trusted.add(handler)
+
+    def evict_stranger(self) -> bool:
+        """Close the oldest connection not authorised; False when every one is."""
+        stranger = next((handler for handler in self.open if handler not in self.trusted), None)
+        if stranger is None:
+            return False
+        self.open.pop(stranger).evict()
+        return True
+
+
+CONNECTIONS = web.AppKey("tcp_connections", TcpConnections)
 
 
 def trust(request: web.Request) -> None:
     """Mark ``request``'s connection as authorised: it is never closed to make room for another."""
-    trusted = request.app.get(TRUSTED)
-    if trusted is not None and request.protocol is not None:
-        trusted.add(request.protocol)
+    connections = request.app.get(CONNECTIONS)
+    if connections is not None and request.protocol is not None:
+        connections.trust(request.protocol)
 
 
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner of the service's ``app``: no signal handlers of its own, no access log."""
-    app[TRUSTED] = set()
+    app[CONNECTIONS] = TcpConnections()
     return web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0, access_log=None,
                          keepalive_timeout=KEEPALIVE)
 
 
 async def listen_tcp(runner: web.AppRunner, host: str, port: int, limit: int = MAX_CONNECTIONS) -> asyncio.Server:
-    """``runner``'s app on ``host:port``; a connection past ``limit`` open ones is answered 503 and closed.
-    The caller closes the listener before ``runner.cleanup()`` (which ends the connections). DreamttyError
-    when it cannot listen there."""
-    server, trusted = runner.server, runner.app.get(TRUSTED)
+    """``runner``'s app on ``host:port``; past ``limit`` open connections, a new one takes the place of the
+    oldest not authorised, or is answered 503 and closed. The caller closes the listener before
+    ``runner.cleanup()`` (which ends the connections). DreamttyError when it cannot listen there."""
+    server = runner.server
     assert server is not None, "runner.setup() first"
-    trusted = set() if trusted is None else trusted  # an app not run by make_runner: none known
+    connections = runner.app.get(CONNECTIONS) or TcpConnections()  # an app not run by make_runner: none trusted
 
     def connection() -> asyncio.BaseProtocol:
-        open_now = server.connections
-        trusted.intersection_update(open_now)
-        if len(open_now) < limit:
-            return server()
-        stranger = next((handler for handler in open_now if handler not in trusted), None)
-        if stranger is None:
+        if len(connections.open) >= limit and not connections.evict_stranger():
             return _Busy()
-        stranger.force_close()  # the oldest first: connections are listed in the order they came
-        return server()
+        return connections.add(server())
 
     try:
         return await asyncio.get_running_loop().create_server(connection, host, port)
@@ -94,6 +115,40 @@ async def serve_tcp(app: web.Application, host: str, port: int, listening: Calla
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await runner.cleanup()
+
+
+class _Counted(asyncio.Protocol):
+    """A TCP connection's aiohttp handler, which says when the connection ends: the listener counts open
+    connections as they are accepted, before aiohttp's own list has them."""
+
+    def __init__(self, handler, gone: Callable[[object], None]) -> None:
+        self.handler, self._gone, self._evicted = handler, gone, False
+
+    def evict(self) -> None:
+        """Close the connection: now, or as soon as it is made (a burst is accepted before any is)."""
+        self._evicted = True
+        self.handler.force_close()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.handler.connection_made(transport)
+        if self._evicted:
+            self.handler.force_close()
+
+    def data_received(self, data: bytes) -> None:
+        self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone(self.handler)
+        self.handler.connection_lost(exc)
 
 
 class _Busy(asyncio.Protocol):

@@ -14,6 +14,7 @@ import multiprocessing.connection as mp_connection
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -103,6 +104,14 @@ class _Process:
         self.jobs.cancel_join_thread()
 
 
+def _still_alive(processes: list) -> list:
+    """Wait up to JOIN_PATIENCE seconds in all for ``processes`` to exit; those still running."""
+    deadline = time.monotonic() + JOIN_PATIENCE
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+    return [process for process in processes if process.is_alive()]
+
+
 class ProcessPool:
     """One worker process per device (``--device``); ``auto`` adds one per extra GPU the first finds."""
 
@@ -189,15 +198,14 @@ class ProcessPool:
             self.slots.append(slot)
 
     def _join(self) -> None:
-        """Wait for the workers to exit: SIGTERM after JOIN_PATIENCE seconds, SIGKILL as long again after it (one stuck in a driver call or
-        stopped would otherwise keep this process, which waits for its children at exit, alive)."""
-        for proc in self._procs.values():
-            proc.process.join(timeout=JOIN_PATIENCE)
-            for end in (proc.process.terminate, proc.process.kill):
-                if not proc.process.is_alive():
-                    break
-                end()
-                proc.process.join(timeout=JOIN_PATIENCE)
+        """Wait for the workers to exit; SIGTERM those still there, then SIGKILL (one stopped or stuck in a
+        driver call ignores SIGTERM, and this process waits for its children at exit)."""
+        left = _still_alive([proc.process for proc in self._procs.values()])
+        for process in left:
+            process.terminate()
+        for process in _still_alive(left):
+            process.kill()
+        _still_alive(left)
 
     def _read_events(self) -> None:
         """Thread: move worker events onto the event loop; notice dead workers."""

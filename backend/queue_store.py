@@ -151,6 +151,13 @@ class QueueStore:
         )
 
     @queue_access
+    def cancel_queued(self) -> list[int]:
+        """Cancel every queued job in one write; their ids, oldest first."""
+        rows = self._db.execute("UPDATE jobs SET state = 'cancelled', error = NULL, updated = ? WHERE state = 'queued' "
+                                "RETURNING id", (time.time(),)).fetchall()
+        return sorted(row[0] for row in rows)
+
+    @queue_access
     def set_running(self, job_ids: list[int]) -> None:
         """Mark jobs running, in one statement: all of them or, when the queue takes no writes, none."""
         self._db.execute(f"UPDATE jobs SET state = 'running', updated = ? WHERE id IN ({','.join('?' * len(job_ids))})",
@@ -182,9 +189,9 @@ class QueueStore:
         return [job for job in jobs if not states or job.state in states]  # a row that did not read is failed now
 
     @queue_access
-    def ids(self, states: tuple[str, ...]) -> list[int]:
-        """The ids of the jobs in ``states``, oldest first (no job read whole)."""
-        return [row[0] for row in self._db.execute(*listing_sql("id", "jobs", states, None, None, oldest_first=True))]
+    def states(self, states: tuple[str, ...]) -> dict[int, str]:
+        """The state of each job in ``states`` by id, oldest first (no job read whole)."""
+        return dict(self._db.execute(*listing_sql("id, state", "jobs", states, None, None, oldest_first=True)))
 
     @queue_access
     def counts(self, owner: str | None = None) -> dict[str, int]:

@@ -114,7 +114,7 @@ class RemoteClient:
                     except ServiceUnreachable:
                         if self._start_options is None:
                             raise ServiceUnreachable(f"service: none is running at {self.address}; "
-                                                "start one with dreamtty serve --detach") from None
+                                                     "start one with dreamtty serve --detach") from None
                         await asyncio.to_thread(start_detached, self._start_options)
                         await self._check_versions()
                         # what the new service found (a damaged queue file moved aside, ...) is said here
@@ -293,8 +293,14 @@ class RemoteClient:
         return [Job.from_dict(j) for j in data["jobs"]]
 
     async def active_jobs(self) -> list[Job]:
-        return await self.jobs(MAX_ID, ACTIVE)  # every one: a TUI counts them
+        return await self.jobs(MAX_ID, ACTIVE)
 
+    @_readable
+    async def active_states(self) -> dict[int, str]:
+        data = await self._call("GET", "/v1/jobs", quick=True, state=",".join(ACTIVE), limit=str(MAX_ID), brief="1")
+        return {int(job["id"]): str(job["state"]) for job in data["jobs"]}
+
+    @_readable
     async def status(self) -> dict:
         return await self._call("GET", "/v1/status", quick=True)
 

@@ -307,8 +307,12 @@ class Service:
         return True
 
     def cancel_all(self) -> list[int]:
-        """Cancel every queued and running job; the ids of those cancelled, oldest first."""
-        return [job_id for job_id in self.store.ids(ACTIVE) if self.cancel(job_id)]
+        """Cancel every queued job (in one write) and every running one; the ids of those cancelled."""
+        queued = self.store.cancel_queued()
+        for job_id in queued:
+            self._told_waiting.pop(job_id, None)
+            self._fanout.publish(Cancelled(job=job_id))
+        return queued + [job_id for job_id in self.store.states(("running",)) if self.cancel(job_id)]
 
     def jobs(self, limit: int = 200, states: tuple[str, ...] | None = None, with_images: bool = False) -> list[Job]:
         return self.store.jobs(states, limit=limit, with_images=with_images)

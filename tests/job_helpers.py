@@ -8,7 +8,8 @@ from backend.queue_store import QueueStore
 from backend.worker import JobGroup, JobRun, LocalOutput, _make_images, run_jobs
 
 
-def worker_images(payload: dict, cache, db: Path, kind: str = "generate", whole: bool = False) -> tuple[list[str], list]:
+def worker_images(payload: dict, cache, db: Path, kind: str = "generate",
+                  whole: bool = False) -> tuple[list[str], list]:
     """Queue ``payload`` (request, out, ...) in the queue at ``db``, make its images with ``cache`` (a
     PipelineCache); returns the saved paths (as the queue records them) and the events sent. ``whole``:
     run it as a worker does, its errors sent as its Failed event, not raised."""

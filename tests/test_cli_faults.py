@@ -12,7 +12,6 @@ import subprocess
 import shutil
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -299,10 +298,11 @@ def test_cancel_all_cancels_every_active_job_and_needs_ids_or_all(tmp_path, monk
     store.close()
     for argv in (["cancel"], ["cancel", "--all", str(jobs[1])]):
         assert main(argv) == 2
-        assert capsys.readouterr().err == ("dreamtty: cancel: give the ids of the jobs to cancel, or --all (every queued "
-                                           "and running job)\n")
+        assert capsys.readouterr().err == ("dreamtty: cancel: give the ids of the jobs to cancel, or --all (every "
+                                           "queued and running job)\n")
     assert main(["cancel", "--all"]) == 0 and capsys.readouterr().out == "3 jobs cancelled\n"
     assert [QueueStore(locations.queue_db()).get(j).state for j in jobs] == ["done", *["cancelled"] * 3]
+    assert main(["cancel", "--all"]) == 1 and capsys.readouterr().err == "dreamtty: no job is queued or running\n"
 
 
 def test_jobs_and_cancel_wait_for_a_service_that_holds_its_lock_without_answering(tmp_path, monkeypatch, capsys):
@@ -320,10 +320,19 @@ def test_jobs_and_cancel_wait_for_a_service_that_holds_its_lock_without_answerin
     store = QueueStore(locations.queue_db())
     first, second = (store.add("generate", {"request": {"prompt": p}}, owner="gone") for p in "ab")
     store.close()
-    held = files.acquire()
-    threading.Timer(1.0, os.close, [held]).start()  # the stopping service exits a second later
+    held, made = files.acquire(), []
+    real_client = cli_queue._client
+
+    def client(args):  # the stopping service exits once a first try found it not answering
+        made.append(args)
+        if len(made) == 2:
+            os.close(held)
+        return real_client(args)
+
+    monkeypatch.setattr(cli_queue, "_client", client)
     assert main(["cancel", str(first), str(second)]) == 0
-    assert capsys.readouterr() == (f"job {first} cancelled\njob {second} cancelled\n", "")
+    assert capsys.readouterr() == (f"job {first} cancelled\njob {second} cancelled\n", "") and len(made) == 2
+    monkeypatch.setattr(cli_queue, "_client", real_client)
     monkeypatch.setattr(cli_queue, "SETTLE_PATIENCE", 0.5)
     held = files.acquire()
     try:

@@ -68,6 +68,23 @@ async def test_past_the_cap_a_stranger_makes_room_and_authorised_connections_are
         tcp.close()
 
 
+async def test_a_burst_of_strangers_past_the_cap_leaves_no_more_than_the_cap_open(runner):
+    """A burst is accepted before aiohttp lists any of it: each stranger evicted is closed all the same."""
+    tcp = await http_server.listen_tcp(runner, "127.0.0.1", 0, limit=8)
+    port = tcp.sockets[0].getsockname()[1]
+    held = []
+    try:
+        for _ in range(3):
+            held += await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port) for _ in range(50)))
+            await asyncio.sleep(0.2)
+        assert len(runner.server.connections) <= 8 and len(runner.app[http_server.CONNECTIONS].open) <= 8
+        assert await _get(port) == 200  # a newcomer gets in, in place of a stranger
+    finally:
+        for _, writer in held:
+            writer.close()
+        tcp.close()
+
+
 async def test_a_connection_that_trickles_its_request_is_closed_after_the_keepalive(runner):
     tcp = await http_server.listen_tcp(runner, "127.0.0.1", 0)
     port = tcp.sockets[0].getsockname()[1]

@@ -324,13 +324,17 @@ async def test_an_image_is_served_from_its_recorded_path_and_never_through_a_lin
         async with http.get(f"/v1/jobs/{job}/images/0") as r:
             assert r.status == 200 and await r.read() == b"\x89PNG a"
         async with http.get(f"/v1/jobs/{job}/images/1") as r:
-            assert r.status == 404 and (await r.json())["error"] == f"job {job}: image 1 is no longer at {tmp_path / 'b.png'}"
+            error = (await r.json())["error"]
+            assert r.status == 404 and error == f"job {job}: image 1 is no longer at {tmp_path / 'b.png'}"
         owner.store.add("generate", {"request": {"prompt": "p"}}, owner="gone")  # newer, and no image
         for images, ids in (("1", [job]), ("0", [job + 1, job])):
             async with http.get(f"/v1/jobs?images={images}&state=queued,cancelled") as r:
                 assert [j["id"] for j in (await r.json())["jobs"]] == ids
-        async with http.get("/v1/jobs?images=yes") as r:
-            assert r.status == 400 and (await r.json())["field"] == "images"
+        async with http.get("/v1/jobs?state=queued,running&brief=1") as r:  # what a TUI counts: no job read whole
+            assert await r.json() == {"jobs": [{"id": job + 1, "state": "queued"}]}
+        for flag in ("images", "brief"):
+            async with http.get(f"/v1/jobs?{flag}=yes") as r:
+                assert r.status == 400 and (await r.json())["field"] == flag
         async with http.post("/v1/jobs/cancel") as r:  # every active job: the one queued above
             assert await r.json() == {"cancelled": [job + 1]} and owner.store.get(job + 1).state == "cancelled"
     await owner.close()
@@ -750,8 +754,11 @@ def test_connect_picks_the_client(monkeypatch, tmp_path):
     monkeypatch.delenv("DREAMTTY_TOKEN")
     make_token()  # this machine's token goes to this machine's addresses only
     assert connect("cpu").address.token == read_token() and read_token()
-    monkeypatch.setenv("DREAMTTY_SERVICE", "gpu-box.example:7860")
-    assert connect("cpu").address.token is None
+    monkeypatch.setenv("DREAMTTY_SERVICE", "[::1]:7860")
+    assert connect("cpu").address.token == read_token()
+    for elsewhere in ("gpu-box.example:7860", "0.0.0.0:7860", "[::ffff:10.0.0.1]:7860"):
+        monkeypatch.setenv("DREAMTTY_SERVICE", elsewhere)
+        assert connect("cpu").address.token is None, elsewhere
     monkeypatch.setenv("DREAMTTY_SERVICE", "localhost")
     with pytest.raises(RequestError, match="^DREAMTTY_SERVICE: 'localhost' is not HOST:PORT"):
         connect("cpu")
@@ -763,8 +770,8 @@ def test_bad_serve_options_are_one_line(dirs):
         assert result.returncode == 2 and result.stderr.startswith(f"dreamtty: {field}: ")
         assert len(result.stderr.splitlines()) == 1
     result = cli(dirs, "serve", "--listen", "0.0.0.0:1", "--idle-exit", "-1")  # said before the bad option
-    assert result.stderr.splitlines()[0] == ("dreamtty: serving plain HTTP on 0.0.0.0:1, the token in clear; put TLS in "
-                                             "front of it (an SSH tunnel or a reverse proxy)")
+    assert result.stderr.splitlines()[0] == ("dreamtty: serving plain HTTP on 0.0.0.0:1, the token in clear; put TLS "
+                                             "in front of it (an SSH tunnel or a reverse proxy)")
     assert not dirs.files().socket.exists()
 
 

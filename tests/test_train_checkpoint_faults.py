@@ -238,7 +238,6 @@ def test_an_event_the_full_disk_cannot_take_is_left_out_whole_and_said_later(tmp
                                                       "last"]
 
 
-
 def test_a_run_folder_removed_mid_run_fails_the_run_and_is_not_made_again(photos, tmp_path):
     """Its checkpoints went with it: training on into a new folder would leave a run.json without settings."""
     from backend.training.trainer import TrainingError
@@ -250,4 +249,5 @@ def test_a_run_folder_removed_mid_run_fails_the_run_and_is_not_made_again(photos
     assert not prepared.run_dir.exists()
     assert runs.effective_state(prepared.run_dir) == ("failed", f"{prepared.run_dir} is gone (removed or moved?)")
     prepared.run_dir.mkdir()
-    assert runs.effective_state(prepared.run_dir)[1] == f"{prepared.run_dir / runs.RUN_JSON} is gone (removed or moved?)"
+    gone = prepared.run_dir / runs.RUN_JSON
+    assert runs.effective_state(prepared.run_dir)[1] == f"{gone} is gone (removed or moved?)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -123,10 +124,10 @@ async def test_pane_shows_loss_points_follows_and_reattaches(tmp_path):
 async def test_a_long_runs_events_are_read_off_the_ui_thread(tmp_path, monkeypatch):
     root = tmp_path / "runs"
     long_run = _write_run(root, "long-run", "stopped", [1.0, 0.9], updated=1.0)
-    real_read = runs.EventTail.read
+    real_read, read_on = runs.EventTail.read, threading.Event()
 
-    def slow_read(tail):  # as a file of tens of MB reads
-        time.sleep(1.5)
+    def slow_read(tail):  # as a file of tens of MB reads: until the test lets it
+        read_on.wait(30)
         return real_read(tail)
 
     app = PaneApp(root)
@@ -134,9 +135,10 @@ async def test_a_long_runs_events_are_read_off_the_ui_thread(tmp_path, monkeypat
         pane = app.query_one(TrainPane)
         await _settle(pilot, pane, lambda: pane.loss_points == [(1, 1.0), (2, 0.9)])
         monkeypatch.setattr(runs.EventTail, "read", slow_read)
-        began = time.monotonic()
-        pane.select_run(long_run)
-        assert time.monotonic() - began < 0.5 and pane.loss_points == []  # the app goes on meanwhile
+        pane.select_run(long_run)  # returns while the read waits
+        await pilot.pause(0.2)
+        assert pane.loss_points == [] and pane.selected_run == long_run.resolve()
+        read_on.set()
         await _settle(pilot, pane, lambda: pane.loss_points == [(1, 1.0), (2, 0.9)])
 
 

@@ -22,7 +22,7 @@ from textual.widgets import Checkbox, DataTable, Input, Select, Static, TextArea
 
 from backend import metadata
 from backend.config import config_path
-from backend.events import Done, Preview, Started, Step, WorkerModels
+from backend.events import Cancelled, Done, Preview, Started, Step, WorkerModels
 from backend.request import GenerateRequest
 from backend.client import LocalClient
 from backend.pool import ProcessPool, Slot
@@ -637,6 +637,26 @@ async def test_a_long_queue_keeps_the_running_job_and_the_images_in_sight(idle_s
         await wait_for(pilot, lambda: gallery.row_count and jobs.row_count, what="both tables")
         assert [key.value for key in jobs.rows][0] == str(running) and jobs.row_count == 4
         assert [key.value for key in gallery.rows] == [str(tmp_path / "kept.png")]
+
+
+async def test_the_queue_screen_reads_its_tables_once_for_a_burst_and_not_while_hidden(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(120, 40)) as pilot:
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        screen, reads = app.screen, []
+        screen.refresh_jobs = lambda: reads.append("jobs")
+        for job in range(1, 101):  # a hundred jobs cancelled at once
+            app.job_events.publish(Cancelled(job=job))
+        await pilot.pause(0.4)
+        assert reads == ["jobs"]
+        await pilot.press("f1")
+        await settle(pilot)
+        app.job_events.publish(Cancelled(job=101))
+        await pilot.pause(0.4)
+        assert reads == ["jobs"]  # not while the Generate screen shows
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: reads == ["jobs", "jobs"], what="the read on return")
 
 
 async def test_gallery_entry_whose_file_was_deleted_shows_a_line_not_a_crash(idle_service, tmp_path):

@@ -168,10 +168,10 @@ class DreamttyApp(App):
     async def _read_service(self) -> None:
         """The service's active jobs and whether a worker is ready: attached to a running service, or back
         after it was lost, the events before are not replayed (those seen meanwhile are newer: kept)."""
-        jobs = await self.client.active_jobs()
+        states = await self.client.active_states()
         ready = [worker for worker in (await self.client.status())["workers"] if worker["ready"]]
-        for job in jobs:
-            self.active.setdefault(job.id, job.state)
+        for job_id, state in states.items():
+            self.active.setdefault(job_id, state)
         if ready:
             self.worker_state = f"worker ready on {ready[0]['device']}"
         elif self.worker_state == LOST:

@@ -8,7 +8,8 @@ import json
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from backend.errors import DreamttyError, RequestError
 from backend.safetext import one_line, summary, visible
@@ -136,7 +137,11 @@ async def _cancel(args) -> int:
 
 
 async def _cancel_all(args) -> int:
+    """Cancel every queued and running job; exit 1 when there was none (nothing to do)."""
     cancelled = await _with_queue(args, lambda client: client.cancel_all())
+    if not cancelled:
+        print("dreamtty: no job is queued or running", file=sys.stderr)
+        return 1
     print(f"{len(cancelled)} job{'s' * (len(cancelled) != 1)} cancelled")
     return 0
 

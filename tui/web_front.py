@@ -29,7 +29,6 @@ from backend.service_log import quiet_client_faults
 
 COOKIE = "dreamtty_token"
 UNAUTHORIZED = "unauthorized: open the address that dreamtty web printed (it carries ?token=...)\n"
-MAX_CELLS = 1000  # columns or rows a tab's terminal may ask for (textual-serve takes any number)
 # Sent with every answer: no other page may frame this one (its keys would be typed into dreamtty), no sniffing.
 HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
@@ -62,8 +61,6 @@ class WebFront(Server):
         trust(request)
         if request.path == "/ws" and not web.WebSocketResponse().can_prepare(request).ok:
             return web.Response(status=400, text="bad request: /ws is the page's WebSocket; open the page instead\n")
-        if request.path == "/ws" and not all(_cells(request.query.get(name)) for name in ("width", "height")):
-            return web.Response(status=400, text=f"bad request: width and height are 1..{MAX_CELLS} cells\n")
         origin = request.headers.get("Origin")
         if request.headers.get("Upgrade", "").lower() == "websocket" and origin and urlsplit(origin).netloc != request.host:
             return web.Response(status=403, text="forbidden: the page is not from this server\n")
@@ -107,11 +104,6 @@ def cookie_value(token: str) -> str:
 def _scheme(request: web.Request) -> str:
     """``https`` behind a TLS proxy (``X-Forwarded-Proto``), else the connection's own."""
     return "https" if request.headers.get("X-Forwarded-Proto") == "https" else request.scheme
-
-
-def _cells(text: str | None) -> bool:
-    """Whether a tab's ``width`` or ``height`` is absent (textual-serve's default) or 1..MAX_CELLS."""
-    return text is None or (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_CELLS)
 
 
 async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:

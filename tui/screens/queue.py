@@ -32,9 +32,10 @@ from tui.widgets.modebar import ModeBar
 from tui.widgets.preview import ImagePreview
 from tui.widgets.progress import format_eta, step_counts
 
-JOB_ROWS = 60  # active jobs plus the most recent finished ones
+JOB_ROWS = 60  # the newest jobs the jobs table lists, after the running ones
 GALLERY_ROWS = 500
 PROMPT_WIDTH = 61  # characters of a prompt in the job and gallery tables
+REFRESH_DELAY = 0.1  # seconds of job events a table's one new read covers
 _REFRESH_ON = (Queued, Started, Retrying, *FINAL_EVENTS)
 
 
@@ -74,6 +75,7 @@ class QueueScreen(Screen):
         super().__init__()
         self._image_wanted: str | None = None  # the image whose parameters are being read
         self._stale: set[str] = set()  # tables whose jobs changed while another screen showed: read on return
+        self._due: set[str] = set()  # tables to be read again shortly
 
     def compose(self) -> ComposeResult:
         yield ModeBar("queue")
@@ -133,10 +135,12 @@ class QueueScreen(Screen):
     @work(exclusive=True, group="refresh-jobs")
     async def refresh_jobs(self) -> None:
         """The running jobs first (however many are queued after them), then the newest JOB_ROWS others."""
-        running, newest = await self._jobs(JOB_ROWS, ("running",)), await self._jobs(JOB_ROWS)
-        if running is None or newest is None:
+        running = await self._jobs(JOB_ROWS, ("running",))
+        newest = None if running is None else await self._jobs(JOB_ROWS)
+        if newest is None:
             return
-        all_jobs = [*running, *(job for job in newest if job.state != "running")]
+        shown = {job.id for job in running}  # a job may end between the two reads: listed once
+        all_jobs = [*running, *(job for job in newest if job.id not in shown)]
         table = self.query_one("#jobs", DataTable)
         selected = self._selected_key(table)
         table.clear()
@@ -188,12 +192,17 @@ class QueueScreen(Screen):
                 table.update_cell(str(job), "eta", eta, update_width=True)
 
     def _refresh(self, table: str) -> None:
-        """Read the jobs of ``table`` (jobs, gallery) again: now, or once this screen shows again when another
-        one shows (not at every image the service saves)."""
-        if self.is_current:
-            {"jobs": self.refresh_jobs, "gallery": self.refresh_gallery}[table]()
-        else:
+        """Read the jobs of ``table`` (jobs, gallery) again: once for the events of the next REFRESH_DELAY
+        seconds (a thousand jobs cancelled at once), or once this screen shows again when another one shows."""
+        if not self.is_current:
             self._stale.add(table)
+        elif table not in self._due:
+            self._due.add(table)
+            self.set_timer(REFRESH_DELAY, partial(self._read_again, table))
+
+    def _read_again(self, table: str) -> None:
+        self._due.discard(table)
+        {"jobs": self.refresh_jobs, "gallery": self.refresh_gallery}[table]()
 
     def on_screen_resume(self) -> None:
         stale, self._stale = self._stale, set()

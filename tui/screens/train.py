@@ -153,6 +153,7 @@ class TrainPane(Vertical):
         self.progress = runs.RunProgress()
         self.run_infos: list[runs.RunInfo] = []
         self._tail: runs.EventTail | None = None
+        self._reads = 0  # runs chosen so far: only the last one's read is shown
         self.scheduled: dict[Path, ScheduledRun] = {}  # run folder -> its place in the service's schedule
         self._polls = 0
         self._shown_validation: list[str] = []
@@ -400,16 +401,17 @@ class TrainPane(Vertical):
         self.query_one("#train-validation", ImagePreview).show(None)
         self._highlight()
         self._draw_plot()
-        self._read_run(self.selected_run)
+        self._reads += 1
+        self._read_run(self.selected_run, self._reads)
 
     @work(thread=True, exclusive=True, group="train-run", exit_on_error=False)
-    def _read_run(self, run_dir: Path) -> None:
+    def _read_run(self, run_dir: Path, read: int) -> None:
         tail, progress = runs.EventTail(run_dir), runs.RunProgress()
         lines, _ = _fold(tail.read(), progress)  # a progress of its own: nothing else sees it meanwhile
-        self.app.call_from_thread(self._run_read, run_dir, tail, progress, lines)
+        self.app.call_from_thread(self._run_read, read, tail, progress, lines)
 
-    def _run_read(self, run_dir: Path, tail: runs.EventTail, progress: runs.RunProgress, lines: list[str]) -> None:
-        if run_dir != self.selected_run:  # another run was chosen meanwhile
+    def _run_read(self, read: int, tail: runs.EventTail, progress: runs.RunProgress, lines: list[str]) -> None:
+        if read != self._reads:  # another run (or this one again) was chosen meanwhile: that read counts
             return
         self._tail, self.progress = tail, progress
         self._show(lines, new_steps=True)
