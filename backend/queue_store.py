@@ -92,7 +92,8 @@ class Job:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Job":
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        """The job of ``to_dict``'s JSON; TypeError or ValueError when it does not read as one."""
+        return _checked(cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data}))
 
 
 class QueueStore:
@@ -363,14 +364,26 @@ def _job(row: tuple) -> Job:
     if not isinstance(payload.get("request"), dict):
         raise ValueError("has no request")
     outputs = json_column(outputs, "outputs that are", list)
-    if not all(isinstance(path, str) for path in outputs):
+    return _checked(Job(id_, kind, payload, state, created, updated, error, outputs, str(owner), attempts))
+
+
+def _checked(job: Job) -> Job:
+    """``job``, when each of its fields is of its type; ValueError saying which is not. (A job listed failed
+    for a row that did not read has an empty payload.)"""
+    if not isinstance(job.payload, dict) or not isinstance(job.payload.get("request", {}), dict):
+        raise ValueError("has a payload that is not a job's")
+    if not isinstance(job.outputs, list) or not all(isinstance(path, str) for path in job.outputs):
         raise ValueError("has outputs that are not paths")
-    if not isinstance(kind, str) or state not in ACTIVE + FINAL:
-        raise ValueError(f"has kind {kind!r} and state {state!r}, not a job's")
-    if not (is_time(created) and is_time(updated) and isinstance(attempts, int)
-            and (error is None or isinstance(error, str))):
-        raise ValueError("has a time, error or attempt count of the wrong type")
-    return Job(id_, kind, payload, state, created, updated, error, outputs, str(owner), attempts)
+    if not isinstance(job.kind, str) or job.state not in ACTIVE + FINAL:
+        raise ValueError(f"has kind {job.kind!r} and state {job.state!r}, not a job's")
+    if not (is_time(job.created) and is_time(job.updated) and _whole(job.attempts) and _whole(job.id)
+            and isinstance(job.owner, str) and (job.error is None or isinstance(job.error, str))):
+        raise ValueError("has an id, time, owner, error or attempt count of the wrong type")
+    return job
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def listing_sql(columns: str, table: str, states: tuple[str, ...] | None, owner: str | None, limit: int | None,

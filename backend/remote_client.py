@@ -78,14 +78,16 @@ class RemoteClient:
 
     ``start``: a service started in the background when none answers (None: fail instead).
     ``previews``: receive preview pixels. ``patience``: seconds a lost stream may stay down before
-    waits fail (None: keep trying, as a TUI does)."""
+    waits fail (None: keep trying, as a TUI does). ``manage``: a client that only reads the service's
+    status or stops it, which may run another version or other settings (``serve --stop`` is the way out)."""
 
     jobs_survive_close = True
 
     def __init__(self, address: Address, start: ServeOptions | None = None, previews: bool = True,
-                 patience: float | None = 30.0) -> None:
+                 patience: float | None = 30.0, manage: bool = False) -> None:
         self.address = address
         self.warnings: list[str] = []
+        self._manage = manage
         self._start_options = start
         self._previews = previews
         self._patience = patience
@@ -137,6 +139,8 @@ class RemoteClient:
         (``config.service_settings``: --config, --allow-pickle, model folders)."""
         theirs, ours = await self._request("GET", "/v1/version", quick=True), versions()
         settings = theirs.pop("settings", None) or {}
+        if self._manage:
+            return
         if theirs != ours:
             raise VersionMismatch(
                 f"service: it runs dreamtty {theirs.get('dreamtty')} (API {theirs.get('api')}, events "

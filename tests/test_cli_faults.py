@@ -263,8 +263,8 @@ def test_a_row_that_does_not_read_is_listed_failed_and_cancel_goes_past_a_missin
         conn.execute("UPDATE jobs SET state = 'queued', error = NULL WHERE id = ?", (broken,))
     assert main(["jobs"]) == 0
     out, err = capsys.readouterr()
-    assert err.splitlines() == [f"dreamtty: warning: queue: job {broken} has a time, error or attempt count of the "
-                                f"wrong type in {locations.queue_db()}; marked it failed"]
+    assert err.splitlines() == [f"dreamtty: warning: queue: job {broken} has an id, time, owner, error or attempt "
+                                f"count of the wrong type in {locations.queue_db()}; marked it failed"]
     lines = out.splitlines()
     assert lines[1].split()[:2] == [str(queued), "queued"] and lines[2].split()[:2] == [str(erred), "failed"]
     assert lines[3].strip() == "line one\\nline two" and lines[4].split()[:2] == [str(broken), "failed"]

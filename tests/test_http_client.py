@@ -227,13 +227,20 @@ async def test_a_service_of_another_make_is_one_line_not_a_traceback(socket_path
     app = web.Application()
     app.router.add_get("/v1/version", lambda request: web.json_response({**versions(),
                                                                          "settings": config.service_settings()}))
-    app.router.add_get("/v1/jobs", lambda request: web.json_response({"jobs": [{"id": 1, "state": "done"}]}))
+    answers = [{"jobs": [{"id": 1, "state": "done"}]}]  # the last one is sent
+    app.router.add_get("/v1/jobs", lambda request: web.json_response(answers[-1]))
     app.router.add_post("/v1/jobs/1/cancel", lambda request: web.json_response({"cancelled": True, "pad": "x" * 2**21}))
     runner = await _serve(app, socket_path)
     client = RemoteClient(Address(socket=socket_path), start=None)
     try:
         with pytest.raises(DreamttyError, match=r"^service: .*api.sock: its answer does not read \(TypeError: "):
             await client.jobs()
+        job = {"id": 1, "kind": "generate", "payload": {"request": {}}, "state": "done", "created": 1.0, "updated": 1.0,
+               "error": None, "outputs": [], "owner": "x"}
+        for odd in ({"payload": None}, {"created": "yesterday"}, {"outputs": "abc"}, {"id": "1"}):
+            answers.append({"jobs": [{**job, **odd}]})
+            with pytest.raises(DreamttyError, match=r"its answer does not read \(ValueError: has "):
+                await client.jobs()
         monkeypatch.setattr(http_client, "MAX_ANSWER", 2**20)
         with pytest.raises(DreamttyError, match=r"^service: .*api.sock: its answer is over 1 MiB$"):
             await client.cancel(1)

@@ -658,21 +658,27 @@ async def test_a_service_that_does_not_answer_is_one_error(dirs, monkeypatch):
 
 async def test_version_mismatch_says_to_restart_the_service(dirs):
     """A service of another version (an old one still running after an upgrade) answers the CLI."""
-    app = web.Application()
+    app, shutdowns = web.Application(), []
     app.router.add_get("/v1/version", lambda request: web.json_response({"dreamtty": "0.0.1", "api": 0, "events": 1}))
+    app.router.add_post("/v1/shutdown", lambda request: shutdowns.append(1) or web.json_response({}))
     runner = web.AppRunner(app)
     await runner.setup()
     files = dirs.files()
     files.make_folder()
     await web.UnixSite(runner, str(files.socket)).start()
     try:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "tui.cli", "attach", env=dirs.env(), cwd=ROOT,
-                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        ended = []
+        for command in ("attach", "serve --stop"):  # the way out it names works on that service
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "tui.cli", *command.split(),
+                                                        env=dirs.env(), cwd=ROOT, stdout=subprocess.PIPE,
+                                                        stderr=subprocess.PIPE)
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+            ended.append((proc.returncode, err.decode()))
     finally:
         await runner.cleanup()
-    assert proc.returncode == 2
-    (line,) = err.decode().splitlines()
+    (attached, err), (stopped, _) = ended
+    assert attached == 2 and stopped == 0 and shutdowns == [1]
+    (line,) = err.splitlines()
     assert line.startswith("dreamtty: service: it runs dreamtty 0.0.1 (API 0, events 1) and this is ")
     assert line.endswith("restart the service: dreamtty serve --stop, then run this again")
 

@@ -171,7 +171,7 @@ _UNREADABLE = {
     "request ": ("[1, 2]", "has a request that is not a JSON object"),
     "request  ": ('{"request": "a string"}', "has no request"),
     "outputs": ('{"a": 1}', "has outputs that are not a JSON array"),
-    "created": ("yesterday", "has a time, error or attempt count of the wrong type"),
+    "created": ("yesterday", "has an id, time, owner, error or attempt count of the wrong type"),
     "state": ("bogus", "has kind 'generate' and state 'bogus', not a job's"),
 }
 

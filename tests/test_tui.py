@@ -639,6 +639,14 @@ async def test_a_long_queue_keeps_the_running_job_and_the_images_in_sight(idle_s
         assert [key.value for key in gallery.rows] == [str(tmp_path / "kept.png")]
 
 
+def test_the_mode_bar_names_one_running_job_and_counts_the_rest(idle_service, tmp_path):
+    """A group of eight running jobs leaves room for the queued count (it fell off a 120-column line)."""
+    app = make_app(idle_service, tmp_path)
+    app.active = {job: "running" for job in range(10, 18)} | {20: "queued", 21: "queued"}
+    app.progress[10] = Step(job=10, step=4, total=20, image=0, count=1, its=2.0, eta=8.0)
+    assert app.activity() == "job #10: step 4/20 · 2.0 it/s · ETA 8s (+7 running) · 2 queued"
+
+
 async def test_the_queue_screen_reads_its_tables_once_for_a_burst_and_not_while_hidden(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:

@@ -65,6 +65,33 @@ async def test_the_page_cannot_be_framed_and_loads_nothing_from_outside(front):
         assert r.status == 401 and r.headers["X-Frame-Options"] == "DENY"
 
 
+async def test_a_tabs_terminal_stays_within_1000_cells(front, monkeypatch):
+    """A huge terminal makes the tab's dreamtty take memory without end: refused at first, clamped after."""
+    from textual_serve.server import Server
+
+    from tui.web_front import WebFront
+
+    web_front, http = front
+    auth = {"Cookie": f"dreamtty_token={web_front.cookie}", "Connection": "Upgrade", "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "a" * 22 + "=="}
+    for size in ("width=100000&height=24", "width=80&height=0", "width=8e1&height=24"):
+        async with http.get(f"/ws?{size}", headers=auth) as r:
+            assert r.status == 400 and "width and height are 1..1000 cells" in await r.text(), size
+    sizes = []
+
+    class Tab:
+        async def set_terminal_size(self, width, height):
+            sizes.append((width, height))
+
+    async def resizes(server, websocket, app_service):  # textual-serve's loop, given resize messages
+        for width, height in ((120, 40), (100000, 0), ("80", 24), (True, 24)):
+            await app_service.set_terminal_size(width, height)
+
+    monkeypatch.setattr(Server, "_process_messages", resizes)
+    await WebFront._process_messages(web_front, None, Tab())
+    assert sizes == [(120, 40), (1000, 1)]
+
+
 async def test_a_token_address_opened_again_still_drops_the_token(front):
     web_front, http = front
     async with http.get("/?token=" + TOKEN, allow_redirects=False,

@@ -238,12 +238,14 @@ class DreamttyApp(App):
 
     # -- helpers for screens -------------------------------------------------
     def activity(self) -> str:
-        """One line: the running job's progress and how many wait, else the worker's state."""
+        """One line: the first running job's progress (and how many more run, a group's), and how many wait;
+        else the worker's state."""
         parts = []
-        for job, state in sorted(self.active.items()):
-            if state == "running":
-                step = self.progress.get(job)
-                parts.append(f"job #{job}: {describe_step(step) if step else 'starting'}")
+        running = [job for job, state in sorted(self.active.items()) if state == "running"]
+        if running:
+            step = self.progress.get(running[0])
+            more = f" (+{len(running) - 1} running)" if len(running) > 1 else ""
+            parts.append(f"job #{running[0]}: {describe_step(step) if step else 'starting'}{more}")
         queued = sum(1 for s in self.active.values() if s == "queued")
         if queued:
             parts.append(f"{queued} queued")

@@ -75,10 +75,11 @@ def _answers() -> bool:
 
 
 def _client():
-    """A client of this machine's service that never starts one."""
+    """A client of this machine's service that never starts one, and stops or reads one of any version
+    or settings."""
     from backend.remote_client import Address, RemoteClient
 
-    return RemoteClient(Address(socket=_files().socket), start=None, previews=False)
+    return RemoteClient(Address(socket=_files().socket), start=None, previews=False, manage=True)
 
 
 def _not_running() -> int:

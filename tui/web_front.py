@@ -29,6 +29,7 @@ from backend.service_log import quiet_client_faults
 
 COOKIE = "dreamtty_token"
 UNAUTHORIZED = "unauthorized: open the address that dreamtty web printed (it carries ?token=...)\n"
+MAX_CELLS = 1000  # columns or rows a tab's terminal may have (textual-serve takes any number; a huge one eats memory)
 # Sent with every answer: no other page may frame this one (its keys would be typed into dreamtty), no sniffing.
 HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
@@ -61,6 +62,8 @@ class WebFront(Server):
         trust(request)
         if request.path == "/ws" and not web.WebSocketResponse().can_prepare(request).ok:
             return web.Response(status=400, text="bad request: /ws is the page's WebSocket; open the page instead\n")
+        if request.path == "/ws" and not all(_cells(request.query.get(name)) for name in ("width", "height")):
+            return web.Response(status=400, text=f"bad request: width and height are 1..{MAX_CELLS} cells\n")
         origin = request.headers.get("Origin")
         if request.headers.get("Upgrade", "").lower() == "websocket" and origin and urlsplit(origin).netloc != request.host:
             return web.Response(status=403, text="forbidden: the page is not from this server\n")
@@ -82,6 +85,10 @@ class WebFront(Server):
         page = await super().handle_index(request)
         page.text = _ONLINE_FONT.sub("", page.text)
         return page
+
+    async def _process_messages(self, websocket: web.WebSocketResponse, app_service) -> None:
+        """textual-serve's, with a tab's resizes held to MAX_CELLS (its first size is checked in ``_guard``)."""
+        await super()._process_messages(websocket, _SizeLimited(app_service))
 
     async def on_startup(self, app: web.Application) -> None:
         """Quiet: ``dreamtty web`` already said where the page is."""
@@ -108,3 +115,23 @@ def _scheme(request: web.Request) -> str:
 
 async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.update(HEADERS)
+
+
+def _cells(text: str | None) -> bool:
+    """Whether a tab's ``width`` or ``height`` is absent (textual-serve's default) or 1..MAX_CELLS."""
+    return text is None or (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_CELLS)
+
+
+class _SizeLimited:
+    """A tab's textual-serve AppService whose terminal size stays within 1..MAX_CELLS; a size that is no
+    whole number is ignored."""
+
+    def __init__(self, app_service) -> None:
+        self._app_service = app_service
+
+    def __getattr__(self, name: str):
+        return getattr(self._app_service, name)
+
+    async def set_terminal_size(self, width: object, height: object) -> None:
+        if all(isinstance(n, int) and not isinstance(n, bool) for n in (width, height)):
+            await self._app_service.set_terminal_size(min(max(width, 1), MAX_CELLS), min(max(height, 1), MAX_CELLS))
