@@ -193,8 +193,10 @@ class Api:
         n = _digits(text, "image")
         if not 0 <= n < len(job.outputs):
             raise NotFound(f"job {job.id}: no image {text} (it has {len(job.outputs)})")
-        path = Path(job.outputs[n])
-        if path.is_symlink() or not path.is_file():  # a link put in its place since may lead anywhere
+        path, out = Path(job.outputs[n]), job.payload.get("out")
+        # a link put in its place since (the file, or a folder on its way) may lead anywhere
+        moved = path.is_symlink() or (isinstance(out, str) and not path.resolve().is_relative_to(Path(out).resolve()))
+        if moved or not path.is_file():
             raise NotFound(f"job {job.id}: image {n} is no longer at {path}")
         return web.FileResponse(path, headers={"Content-Type": "image/png"})
 

@@ -314,11 +314,12 @@ async def test_an_image_is_served_from_its_recorded_path_and_never_through_a_lin
     from test_tui import NoWorkers
 
     owner = Service(devices="cpu", db_path=tmp_path / "q.sqlite3", pool=NoWorkers("cpu", tmp_path / "q.sqlite3"))
-    job = owner.store.add("generate", {"request": {"prompt": "p"}}, owner="gone")
+    job = owner.store.add("generate", {"request": {"prompt": "p"}, "out": str(tmp_path)}, owner="gone")
     owner.store.set_state(job, "cancelled")  # nothing runs it any more
     (tmp_path / "a.png").write_bytes(b"\x89PNG a")
     (tmp_path / "b.png").symlink_to("/etc/hostname")  # an output replaced by a link since it was saved
-    for name in ("a.png", "b.png"):
+    (tmp_path / "day").symlink_to("/etc")  # or the folder it was saved in
+    for name in ("a.png", "b.png", "day/hostname"):
         owner.store.add_output(job, str(tmp_path / name))
     async with TestClient(TestServer(Api(owner, token="t").app), headers={"Authorization": "Bearer t"}) as http:
         async with http.get(f"/v1/jobs/{job}/images/0") as r:
@@ -326,6 +327,8 @@ async def test_an_image_is_served_from_its_recorded_path_and_never_through_a_lin
         async with http.get(f"/v1/jobs/{job}/images/1") as r:
             error = (await r.json())["error"]
             assert r.status == 404 and error == f"job {job}: image 1 is no longer at {tmp_path / 'b.png'}"
+        async with http.get(f"/v1/jobs/{job}/images/2") as r:
+            assert r.status == 404 and "image 2 is no longer at" in (await r.json())["error"]
         owner.store.add("generate", {"request": {"prompt": "p"}}, owner="gone")  # newer, and no image
         for images, ids in (("1", [job]), ("0", [job + 1, job])):
             async with http.get(f"/v1/jobs?images={images}&state=queued,cancelled") as r:
