@@ -11,14 +11,13 @@ job ended while the stream was down is not missed.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from backend import config
 from backend.errors import DreamttyError, RequestError
@@ -41,6 +40,7 @@ POLL = 1.0  # seconds between checks, while waiting, that the stream is not lost
 ANSWER_TIMEOUT = 300.0  # seconds a request waits for the service's answer
 QUICK_TIMEOUT = 10.0  # seconds a quick request (a read, a cancel: no model touched) waits for it
 STREAM_IDLE = 45.0  # seconds without a message on the event stream (the service pings every 20) before it is lost
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,23 +54,6 @@ class Address:
 
     def __str__(self) -> str:
         return str(self.socket) if self.socket else f"http://{authority(self.host, self.port)}"
-
-
-def _readable(call):
-    """A client call whose answer does not read as this version's (a field missing or of the wrong type,
-    from a service of another make) fails with one line, not a traceback."""
-
-    @functools.wraps(call)
-    async def read(self, *args, **kwargs):
-        try:
-            return await call(self, *args, **kwargs)
-        except DreamttyError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise DreamttyError(f"service: {self.address}: its answer does not read ({type(exc).__name__}: "
-                                f"{one_line(exc)})") from None
-
-    return read
 
 
 class RemoteClient:
@@ -230,6 +213,19 @@ class RemoteClient:
         await self._connect()
         return await self._request(method, path, body, quick, **params)
 
+    async def _read(self, decode: Callable[[dict], T], method: str, path: str, body: dict | None = None,
+                    quick: bool = False, **params) -> T:
+        """An API request (``_call``) whose answer ``decode`` reads. An answer that does not read as this
+        version's (a field missing or of the wrong type, from a service of another make) is one line."""
+        data = await self._call(method, path, body, quick, **params)
+        try:
+            return decode(data)
+        except DreamttyError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DreamttyError(f"service: {self.address}: its answer does not read ({type(exc).__name__}: "
+                                f"{one_line(exc)})") from None
+
     async def _request(self, method: str, path: str, body: dict | None = None, quick: bool = False,
                        **params) -> dict:
         """One API request on the open session; the service's one-line error as a DreamttyError
@@ -259,56 +255,49 @@ class RemoteClient:
         return data
 
     # -- the Client interface -------------------------------------------------------------
-    @_readable
     async def submit(self, request: GenerateRequest, out_dir: Path | None = None) -> int:
         out = Path(out_dir or config.load().outputs_dir()).expanduser().absolute()
         ref = uuid.uuid4().hex  # if the answer is lost (Ctrl-C), close finds the job by it
         self._unanswered.add(ref)
-        job_id = int((await self._call("POST", "/v1/jobs", {**_body(request, out), "client_ref": ref}))["id"])
+        job_id = await self._read(lambda data: int(data["id"]), "POST", "/v1/jobs", {**_body(request, out),
+                                                                                   "client_ref": ref})
         self._unanswered.discard(ref)
         self._submitted.append(job_id)
         return job_id
 
-    @_readable
     async def validate(self, request: GenerateRequest) -> GenerateRequest:
-        data = await self._call("POST", "/v1/validate", _body(request))
-        return type(request).from_dict(data["request"])
+        return await self._read(lambda data: type(request).from_dict(data["request"]), "POST", "/v1/validate",
+                                _body(request))
 
-    @_readable
     async def cancel(self, job_id: int) -> bool:
-        return bool((await self._call("POST", f"/v1/jobs/{int(job_id)}/cancel", quick=True))["cancelled"])
+        return await self._read(lambda data: bool(data["cancelled"]), "POST", f"/v1/jobs/{int(job_id)}/cancel",
+                                quick=True)
 
-    @_readable
     async def cancel_all(self) -> list[int]:
-        return [int(job_id) for job_id in (await self._call("POST", "/v1/jobs/cancel"))["cancelled"]]
+        return await self._read(lambda data: [int(job_id) for job_id in data["cancelled"]], "POST", "/v1/jobs/cancel")
 
-    @_readable
     async def job(self, job_id: int) -> Job | None:
         try:
-            return Job.from_dict(await self._call("GET", f"/v1/jobs/{int(job_id)}", quick=True))
+            return await self._read(Job.from_dict, "GET", f"/v1/jobs/{int(job_id)}", quick=True)
         except _NotFound:
             return None
 
-    @_readable
     async def jobs(self, limit: int = 200, states: tuple[str, ...] | None = None,
                    with_images: bool = False) -> list[Job]:
         params = {"limit": str(limit)} | ({"state": ",".join(states)} if states else {})
-        data = await self._call("GET", "/v1/jobs", quick=True, **params, **({"images": "1"} if with_images else {}))
-        return [Job.from_dict(j) for j in data["jobs"]]
+        return await self._read(lambda data: [Job.from_dict(job) for job in data["jobs"]], "GET", "/v1/jobs",
+                                quick=True, **params, **({"images": "1"} if with_images else {}))
 
     async def active_jobs(self) -> list[Job]:
         return await self.jobs(MAX_ID, ACTIVE)
 
-    @_readable
     async def active_states(self) -> dict[int, str]:
-        data = await self._call("GET", "/v1/jobs", quick=True, state=",".join(ACTIVE), limit=str(MAX_ID), brief="1")
-        return {int(job["id"]): str(job["state"]) for job in data["jobs"]}
+        return await self._read(lambda data: {int(job["id"]): str(job["state"]) for job in data["jobs"]}, "GET",
+                                "/v1/jobs", quick=True, state=",".join(ACTIVE), limit=str(MAX_ID), brief="1")
 
-    @_readable
     async def status(self) -> dict:
         return await self._call("GET", "/v1/status", quick=True)
 
-    @_readable
     async def start_run(self, request: TrainRequest, devices: str = "auto", launcher: str | None = None,
                         runs_root: Path | None = None) -> tuple[ScheduledRun, list[str]]:
         ref = uuid.uuid4().hex  # if the answer is lost (Ctrl-C), the run is found by it and stopped
@@ -316,14 +305,14 @@ class RemoteClient:
                 "client_ref": ref}
         if runs_root is not None:
             body["runs_root"] = absolute(str(runs_root))
+        from backend.run_schedule import ScheduledRun
+
         try:
-            data = await self._call("POST", "/v1/runs", body)
+            return await self._read(lambda data: (ScheduledRun.from_dict(data["run"]), list(data["warnings"])),
+                                    "POST", "/v1/runs", body)
         except (asyncio.CancelledError, KeyboardInterrupt):
             await self._stop_runs_of(ref)
             raise
-        from backend.run_schedule import ScheduledRun
-
-        return ScheduledRun.from_dict(data["run"]), list(data["warnings"])
 
     async def _stop_runs_of(self, ref: str) -> None:
         """Stop the run queued with ``ref``, if the service queued it (one it was still checking, it drops
@@ -337,16 +326,15 @@ class RemoteClient:
         except DreamttyError:
             pass  # the service is gone: the run waits for the next one
 
-    @_readable
     async def runs(self, limit: int = 200) -> list[ScheduledRun]:
         from backend.run_schedule import ScheduledRun
 
-        data = await self._call("GET", "/v1/runs", quick=True, limit=str(limit))
-        return [ScheduledRun.from_dict(r) for r in data["runs"]]
+        return await self._read(lambda data: [ScheduledRun.from_dict(run) for run in data["runs"]], "GET",
+                                "/v1/runs", quick=True, limit=str(limit))
 
-    @_readable
     async def stop_run(self, run_id: int) -> bool:
-        return bool((await self._call("POST", f"/v1/runs/{int(run_id)}/stop", quick=True))["stopped"])
+        return await self._read(lambda data: bool(data["stopped"]), "POST", f"/v1/runs/{int(run_id)}/stop",
+                                quick=True)
 
     async def shutdown(self) -> None:
         """Ask the service to stop (its jobs stay queued for the next start)."""
