@@ -2,6 +2,7 @@
 
 Routes (JSON; see docs/api.md): ``GET /v1/version``, ``GET /v1/status``, ``GET|POST /v1/jobs``,
 ``POST /v1/validate``, ``GET /v1/jobs/{id}``, ``POST /v1/jobs/{id}/cancel``, ``POST /v1/jobs/cancel``,
+``POST /v1/jobs/forget?days=N``,
 ``GET /v1/jobs/{id}/images/{n}``, ``GET|POST /v1/runs``, ``GET /v1/runs/{id}``,
 ``POST /v1/runs/{id}/stop``, ``GET /v1/events`` (WebSocket: one ``backend.events.dumps`` text per
 message), ``POST /v1/shutdown``.
@@ -96,6 +97,7 @@ class Api:
             web.get("/v1/jobs/{id}", self.get_job),
             web.post("/v1/jobs/{id}/cancel", self.cancel),
             web.post("/v1/jobs/cancel", self.cancel_all),
+            web.post("/v1/jobs/forget", self.forget_ended),
             web.get("/v1/jobs/{id}/images/{n}", self.image),
             web.get("/v1/runs", self.list_runs),
             web.post("/v1/runs", self.start_run),
@@ -186,6 +188,10 @@ class Api:
 
     async def cancel_all(self, request: web.Request) -> web.Response:
         return web.json_response({"cancelled": self.service.cancel_all()})
+
+    async def forget_ended(self, request: web.Request) -> web.Response:
+        days = _digits(request.query.get("days", ""), "days")
+        return web.json_response({"forgotten": await asyncio.to_thread(self.service.forget_ended, days)})
 
     async def image(self, request: web.Request) -> web.StreamResponse:
         job = self._job(request)

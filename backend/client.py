@@ -48,6 +48,9 @@ class Client(Protocol):
     async def cancel_all(self) -> list[int]:
         """Cancel every queued and running job of the queue; the ids of those cancelled."""
 
+    async def forget_ended(self, days: int) -> int:
+        """Forget the jobs that ended more than ``days`` days ago (their images stay on disk); how many."""
+
     async def job(self, job_id: int) -> Job | None: ...
 
     async def jobs(self, limit: int = 200, states: tuple[str, ...] | None = None,
@@ -112,6 +115,9 @@ class LocalClient:
 
     async def cancel_all(self) -> list[int]:
         return self.service.cancel_all()
+
+    async def forget_ended(self, days: int) -> int:
+        return self.service.forget_ended(days)
 
     async def job(self, job_id: int) -> Job | None:
         return self.service.store.get(job_id)

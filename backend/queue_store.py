@@ -159,6 +159,11 @@ class QueueStore:
         return sorted(row[0] for row in rows)
 
     @queue_access
+    def forget_ended(self, before: float) -> int:
+        """Delete the jobs that ended before the time ``before`` (their images stay on disk); how many."""
+        return self._db.execute(f"DELETE FROM jobs WHERE state IN ({_FINAL_SQL}) AND updated < ?", (before,)).rowcount
+
+    @queue_access
     def set_running(self, job_ids: list[int]) -> None:
         """Mark jobs running, in one statement: all of them or, when the queue takes no writes, none."""
         self._db.execute(f"UPDATE jobs SET state = 'running', updated = ? WHERE id IN ({','.join('?' * len(job_ids))})",

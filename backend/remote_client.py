@@ -276,6 +276,9 @@ class RemoteClient:
     async def cancel_all(self) -> list[int]:
         return await self._read(lambda data: [int(job_id) for job_id in data["cancelled"]], "POST", "/v1/jobs/cancel")
 
+    async def forget_ended(self, days: int) -> int:
+        return await self._read(lambda data: int(data["forgotten"]), "POST", "/v1/jobs/forget", days=str(days))
+
     async def job(self, job_id: int) -> Job | None:
         try:
             return await self._read(Job.from_dict, "GET", f"/v1/jobs/{int(job_id)}", quick=True)

@@ -314,6 +314,10 @@ class Service:
             self._fanout.publish(Cancelled(job=job_id))
         return queued + [job_id for job_id in self.store.states(("running",)) if self.cancel(job_id)]
 
+    def forget_ended(self, days: int) -> int:
+        """Forget the jobs that ended more than ``days`` days ago (their images stay on disk); how many."""
+        return self.store.forget_ended(time.time() - days * 86400)
+
     def jobs(self, limit: int = 200, states: tuple[str, ...] | None = None, with_images: bool = False) -> list[Job]:
         return self.store.jobs(states, limit=limit, with_images=with_images)
 

@@ -305,6 +305,27 @@ def test_cancel_all_cancels_every_active_job_and_needs_ids_or_all(tmp_path, monk
     assert main(["cancel", "--all"]) == 1 and capsys.readouterr().err == "dreamtty: no job is queued or running\n"
 
 
+def test_jobs_forget_drops_the_jobs_ended_long_ago_and_keeps_their_images(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))  # no service runs: the queue is read here
+    store = QueueStore(locations.queue_db())
+    old, recent, queued = (store.add("generate", {"request": {"prompt": p}}, "gone") for p in "abc")
+    (tmp_path / "old.png").write_bytes(b"png")
+    store.add_output(old, str(tmp_path / "old.png"))
+    for job in (old, recent):
+        store.set_state(job, "done")
+    store.close()
+    with sqlite3.connect(locations.queue_db()) as conn:
+        conn.execute("UPDATE jobs SET updated = updated - 40 * 86400 WHERE id = ?", (old,))
+    assert main(["jobs", "--forget", "30"]) == 0 and capsys.readouterr().out == "1 ended job forgotten\n"
+    kept = QueueStore(locations.queue_db())
+    assert kept.get(old) is None and kept.get(recent).state == "done" and (tmp_path / "old.png").exists()
+    assert main(["jobs", "--forget", "0"]) == 0 and capsys.readouterr().out == "1 ended job forgotten\n"
+    assert [job.id for job in QueueStore(locations.queue_db()).jobs()] == [queued]  # never an active one
+    assert main(["jobs", "--forget", "-1"]) == 2
+    assert capsys.readouterr().err == "dreamtty: forget: -1 is negative; give a number of days (0 or more)\n"
+
+
 def test_jobs_and_cancel_wait_for_a_service_that_holds_its_lock_without_answering(tmp_path, monkeypatch, capsys):
     """A service stopping (its workers ending) or starting holds its lock with no socket answering: jobs and
     cancel wait for it, then read the queue here; one that never settles is one line after SETTLE_PATIENCE."""

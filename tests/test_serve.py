@@ -340,6 +340,10 @@ async def test_an_image_is_served_from_its_recorded_path_and_never_through_a_lin
                 assert r.status == 400 and (await r.json())["field"] == flag
         async with http.post("/v1/jobs/cancel") as r:  # every active job: the one queued above
             assert await r.json() == {"cancelled": [job + 1]} and owner.store.get(job + 1).state == "cancelled"
+        async with http.post("/v1/jobs/forget?days=-1") as r:
+            assert r.status == 400 and (await r.json())["field"] == "days"
+        async with http.post("/v1/jobs/forget?days=0") as r:  # both ended: forgotten; the image files stay
+            assert await r.json() == {"forgotten": 2} and owner.store.jobs() == [] and (tmp_path / "a.png").exists()
     await owner.close()
 
 

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     jobs = subparsers.add_parser("jobs", help="list the queue's jobs, newest first")
     jobs.add_argument("--limit", type=integer, default=20, help="how many (default 20)")
     jobs.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    jobs.add_argument("--forget", type=integer, metavar="DAYS",
+                      help="forget the jobs that ended more than DAYS days ago (0: every ended job); their images "
+                           "stay on disk")
     jobs.set_defaults(func=cmd_jobs)
     cancel = subparsers.add_parser("cancel", help="cancel queued or running jobs")
     cancel.add_argument("ids", metavar="ID", type=integer, nargs="*")
@@ -98,6 +101,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from backend.queue_store import check_limit
 
     check_limit(args.limit, "job")
+    if args.forget is not None:
+        return _forget(args)
     jobs = asyncio.run(_jobs(args))
     if args.json:
         print(json.dumps([job.to_dict() for job in jobs]))
@@ -110,6 +115,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(visible(f"{job.id:>6}  {job.state:<10}{job.kind:<10}{when:<17}{count:>6}  {prompt}"))
         if job.error:
             print(f"{'':>8}{one_line(job.error)}")
+    return 0
+
+
+def _forget(args: argparse.Namespace) -> int:
+    if args.forget < 0:
+        raise RequestError("forget", f"{args.forget} is negative; give a number of days (0 or more)")
+    forgotten = asyncio.run(_with_queue(args, lambda client: client.forget_ended(args.forget)))
+    print(f"{forgotten} ended job{'s' * (forgotten != 1)} forgotten")
     return 0
 
 
