@@ -161,8 +161,8 @@ class Api:
         limit, states = _listing(request, "job", (*ACTIVE, *FINAL))
         images, brief = _flag(request, "images", "jobs with saved images only"), _flag(request, "brief", "id and state")
         if brief:  # a TUI counting a queue of thousands: no job read whole
-            listed = [{"id": i, "state": s} for i, s in self.service.store.states(states or (*ACTIVE, *FINAL)).items()]
-            return web.json_response({"jobs": listed[::-1][:limit]})
+            listed = self.service.store.states(states, limit, oldest_first=False)
+            return web.json_response({"jobs": [{"id": job, "state": state} for job, state in listed.items()]})
         jobs = self.service.jobs(limit, states, with_images=images)
         return web.json_response({"jobs": [job.to_dict() for job in jobs]})
 

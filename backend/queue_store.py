@@ -195,9 +195,11 @@ class QueueStore:
         return [job for job in jobs if not states or job.state in states]  # a row that did not read is failed now
 
     @queue_access
-    def states(self, states: tuple[str, ...]) -> dict[int, str]:
-        """The state of each job in ``states`` by id, oldest first (no job read whole)."""
-        return dict(self._db.execute(*listing_sql("id, state", "jobs", states, None, None, oldest_first=True)))
+    def states(self, states: tuple[str, ...] | None, limit: int | None = None,
+               oldest_first: bool = True) -> dict[int, str]:
+        """The state of each job in ``states`` (all when None) by id, oldest first (or newest), at most ``limit``
+        (None: all); no job is read whole."""
+        return dict(self._db.execute(*listing_sql("id, state", "jobs", states, None, limit, oldest_first)))
 
     @queue_access
     def counts(self, owner: str | None = None) -> dict[str, int]:
