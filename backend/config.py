@@ -27,7 +27,7 @@ import yaml
 from backend import locations, user_files, yaml_text
 from backend.cluster_address import check_address
 from backend.errors import DreamttyError, RequestError
-from backend.values import to_bool
+from backend.values import is_whole, to_bool
 
 ENV_PATH = "DREAMTTY_CONFIG"
 FOLDER_KINDS = ("checkpoints", "loras", "vae", "embeddings", "upscalers", "ip_adapters", "controlnets", "depth_models",
@@ -183,7 +183,7 @@ def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
 
 
 def _count(key: str, value: object, most: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+    if not is_whole(value) or not 1 <= value <= most:
         raise ValueError(f"{key}: {value!r} is not allowed; use a whole number 1..{most}")
     return value
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 from backend.errors import RequestError
 from backend.families import FAMILIES
-from backend.values import to_float
+from backend.values import is_whole, to_float
 
 # Allowed range of each scalar control; its neutral value (0 = off) is the low end.
 RANGES: dict[str, tuple[float, float]] = {
@@ -103,9 +103,7 @@ class GuidanceSettings:
         """Raise RequestError for an out-of-range value or a combination that makes no sense."""
         for name, (lo, hi) in RANGES.items():
             _range(name, getattr(self, name), lo, hi)
-        if isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int) or not (
-            1 <= self.clip_skip <= CLIP_SKIP_MAX
-        ):
+        if not is_whole(self.clip_skip) or not 1 <= self.clip_skip <= CLIP_SKIP_MAX:
             raise RequestError("clip_skip", f"{self.clip_skip} is not allowed; use a whole number 1..{CLIP_SKIP_MAX} (1 = last layer)")
         self._validate_adm(xl)
         self._validate_freeu()

@@ -26,6 +26,7 @@ from pathlib import Path
 from backend import locations
 from backend.errors import DreamttyError, RequestError
 from backend.safetext import summary
+from backend.values import is_whole
 
 ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
@@ -383,14 +384,10 @@ def _checked(job: Job) -> Job:
         raise ValueError("has outputs that are not paths")
     if not isinstance(job.kind, str) or job.state not in ACTIVE + FINAL:
         raise ValueError(f"has kind {job.kind!r} and state {job.state!r}, not a job's")
-    if not (is_time(job.created) and is_time(job.updated) and _whole(job.attempts) and _whole(job.id)
+    if not (is_time(job.created) and is_time(job.updated) and is_whole(job.attempts) and is_whole(job.id)
             and isinstance(job.owner, str) and (job.error is None or isinstance(job.error, str))):
         raise ValueError("has an id, time, owner, error or attempt count of the wrong type")
     return job
-
-
-def _whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def listing_sql(columns: str, table: str, states: tuple[str, ...] | None, owner: str | None, limit: int | None,

@@ -18,9 +18,14 @@ MAX_DIGITS = 100  # more is out of range for every field (and int() refuses more
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800", or a byte of a non-UTF-8 argument (surrogateescape)
 
 
+def is_whole(value: object) -> bool:
+    """Whether ``value`` is an int, and not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def to_int(name: str, value: object) -> int:
     """An int, or a float or text holding a whole number."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_whole(value):
         return value
     whole = _WHOLE.fullmatch(value) if isinstance(value, str) else None
     if whole and len(whole[1]) > MAX_DIGITS:

@@ -26,6 +26,7 @@ from textual_serve.server import Server
 from backend.http_server import serve_tcp, trust
 from backend.service_files import bearer_ok, token_matches
 from backend.service_log import quiet_client_faults
+from backend.values import is_whole
 
 COOKIE = "dreamtty_token"
 UNAUTHORIZED = "unauthorized: open the address that dreamtty web printed (it carries ?token=...)\n"
@@ -133,5 +134,5 @@ class _SizeLimited:
         return getattr(self._app_service, name)
 
     async def set_terminal_size(self, width: object, height: object) -> None:
-        if all(isinstance(n, int) and not isinstance(n, bool) for n in (width, height)):
+        if is_whole(width) and is_whole(height):
             await self._app_service.set_terminal_size(min(max(width, 1), MAX_CELLS), min(max(height, 1), MAX_CELLS))
