@@ -27,6 +27,7 @@ from backend.http_client import HTTPClient, Unreachable, WebSocket, authority
 from backend.queue_store import ACTIVE, MAX_ID, Job
 from backend.safetext import one_line
 from backend.serve import ServeOptions, start_detached
+from backend.service_status import checked_status
 from backend.values import absolute
 from backend.versions import versions
 
@@ -299,7 +300,7 @@ class RemoteClient:
                                 "/v1/jobs", quick=True, state=",".join(ACTIVE), limit=str(MAX_ID), brief="1")
 
     async def status(self) -> dict:
-        return await self._call("GET", "/v1/status", quick=True)
+        return await self._read(checked_status, "GET", "/v1/status", quick=True)
 
     async def start_run(self, request: TrainRequest, devices: str = "auto", launcher: str | None = None,
                         runs_root: Path | None = None) -> tuple[ScheduledRun, list[str]]:

@@ -230,6 +230,10 @@ async def test_a_service_of_another_make_is_one_line_not_a_traceback(socket_path
     answers = [{"jobs": [{"id": 1, "state": "done"}]}]  # the last one is sent
     app.router.add_get("/v1/jobs", lambda request: web.json_response(answers[-1]))
     app.router.add_post("/v1/jobs/1/cancel", lambda request: web.json_response({"cancelled": True, "pad": "x" * 2**21}))
+    worker = {"id": 0, "device": "cpu", "pid": 7, "ready": True, "jobs": [], "models": [], "loads": 0}
+    status = {"pid": 7, "uptime": 1.0, "queued": 0, "running": 0, "workers": [worker]}
+    statuses = [status]
+    app.router.add_get("/v1/status", lambda request: web.json_response(statuses[-1]))
     runner = await _serve(app, socket_path)
     client = RemoteClient(Address(socket=socket_path), start=None)
     try:
@@ -241,6 +245,13 @@ async def test_a_service_of_another_make_is_one_line_not_a_traceback(socket_path
             answers.append({"jobs": [{**job, **odd}]})
             with pytest.raises(DreamttyError, match=r"its answer does not read \(ValueError: has "):
                 await client.jobs()
+        assert await client.status() == status
+        for odd, field in (({"workers": None}, "workers"), ({"workers": [{**worker, "ready": "yes"}]}, "workers[0].ready"),
+                           ({"workers": [{**worker, "models": [{"model": "m"}]}]}, "workers[0].models[0].dtype"),
+                           ({"nodes": [{"host": "h"}]}, "nodes[0].address"), ({"pid": True}, "pid")):
+            statuses.append({**status, **odd})
+            with pytest.raises(DreamttyError, match=rf"does not read \(ValueError: status field '{re.escape(field)}' is"):
+                await client.status()
         monkeypatch.setattr(http_client, "MAX_ANSWER", 2**20)
         with pytest.raises(DreamttyError, match=r"^service: .*api.sock: its answer is over 1 MiB$"):
             await client.cancel(1)

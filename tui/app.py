@@ -162,7 +162,10 @@ class DreamttyApp(App):
         finally:  # what the queue read here, or a service started for the app, found damaged
             for warning in self.client.warnings:
                 notify(self, warning, title="queue", severity="warning", timeout=20)
-        await self._read_service()
+        try:
+            await self._read_service()
+        except DreamttyError as exc:  # lost at once, or an answer of another make: said, the form still works
+            notify(self, exc, title="service", severity="error", timeout=30)
         self.job_events.publish(ServiceReady())
 
     async def _read_service(self) -> None:

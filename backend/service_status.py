@@ -1,0 +1,52 @@
+"""The service's status (``GET /v1/status``) as a client reads it: checked field by field, so that an
+answer of another make is one line naming the field, never a traceback in a front end."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from backend.values import is_whole
+
+Shape = object  # a type, a predicate, [Shape] (a list of it) or {key: Shape} (a record with those keys)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _optional(shape: Shape) -> Callable[[object], bool]:
+    return lambda value: value is None or _reads(value, shape) is None
+
+
+_MODEL = {"model": str, "dtype": str, "bytes": _number}
+_WORKER = {"id": is_whole, "device": str, "pid": _optional(is_whole), "ready": bool, "jobs": [is_whole],
+           "models": [_MODEL], "loads": is_whole}
+_NODE = {"host": str, "address": str, "gpus": _number, "alive": bool}
+_REQUIRED = {"pid": is_whole, "uptime": _number, "queued": is_whole, "running": is_whole, "workers": [_WORKER]}
+# What a service run by ``dreamtty serve`` adds (an in-process one has none of these).
+_OPTIONAL = {"dreamtty": str, "streams": is_whole, "idle_exit": _number, "socket": str, "listen": str, "log": str,
+             "cluster": str, "nodes": [_NODE], "warnings": [str]}
+
+
+def _reads(value: object, shape: Shape, where: str = "") -> str | None:
+    """None when ``value`` has ``shape``; else the path of the first field that does not (``workers[0].ready``)."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return where or "the answer"
+        return next((bad for key, inner in shape.items()
+                     if (bad := _reads(value.get(key), inner, f"{where}.{key}".lstrip("."))) is not None), None)
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return where
+        return next((bad for i, item in enumerate(value) if (bad := _reads(item, shape[0], f"{where}[{i}]")) is not None), None)
+    ok = isinstance(value, shape) if isinstance(shape, type) else shape(value)
+    return None if ok else where
+
+
+def checked_status(data: object) -> dict:
+    """``data`` when it reads as a service's status; ValueError naming the first field that does not."""
+    present = {key: shape for key, shape in _OPTIONAL.items() if isinstance(data, dict) and data.get(key) is not None}
+    bad = _reads(data, {**_REQUIRED, **present})
+    if bad is not None:
+        raise ValueError(f"status field {bad!r} is missing or of the wrong type")
+    return data
