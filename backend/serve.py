@@ -136,6 +136,7 @@ async def _log_events(service, announce) -> None:
             detail = getattr(event, "error", None) or getattr(event, "device", None) or ""
             who = f"job {event.job}" if hasattr(event, "job") else f"worker {event.worker}"
             announce(visible(f"dreamtty: {who} {event.type} {detail}".rstrip()))
+            service_log.rotate_own(log_path())
 
 
 async def _exit_when_idle(service, api, seconds: float, stop: asyncio.Event, announce) -> None:

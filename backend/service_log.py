@@ -2,17 +2,19 @@
 
 A request aiohttp cannot parse (it answers 400) or a client that hangs up mid-request would each
 write a traceback; anyone who can reach a TCP port could fill the disk with them. They are left out.
-The one old log kept is ``serve.log.1``.
+The one old log kept is ``serve.log.1``: a log past MAX_BYTES is moved there when a service starts,
+and by a running service (:func:`rotate_own`) as it writes.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
-MAX_BYTES = 16 << 20  # a log past this is moved to serve.log.1 when a service starts
+MAX_BYTES = 16 << 20  # a log past this is moved to serve.log.1
 FULL_TABLE = "socket.accept() out of system resource"  # asyncio's line, every second while no fd is free
 FULL_TABLE_EVERY = 60.0  # seconds
 
@@ -24,6 +26,25 @@ def rotate(path: Path) -> None:
             path.replace(path.with_name(path.name + ".1"))
     except OSError:
         pass  # no log yet, or one we cannot move: it is appended to as before
+
+
+def rotate_own(path: Path) -> None:
+    """:func:`rotate` the log this process writes as its stdout and stderr (a detached service's): a new
+    ``path`` takes their place. Workers started before write on to ``<path>.1`` until they restart."""
+    try:
+        own, log = os.fstat(1), path.stat()
+    except OSError:
+        return
+    if (own.st_dev, own.st_ino) != (log.st_dev, log.st_ino) or own.st_size <= MAX_BYTES:
+        return  # a terminal (``serve`` in the foreground), or small yet
+    rotate(path)
+    try:
+        fresh = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, log.st_mode & 0o777)
+    except OSError:
+        return  # the old file, now <path>.1, is written on
+    for fd in (1, 2):
+        os.dup2(fresh, fd)
+    os.close(fresh)
 
 
 class _ClientFaults(logging.Filter):

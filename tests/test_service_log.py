@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import subprocess
+import sys
 
 from backend import service_log
 
@@ -31,3 +34,21 @@ def test_a_full_descriptor_table_is_said_once_a_minute(caplog, monkeypatch):
         logging.getLogger("aiohttp.server").error("Error handling request", exc_info=ConnectionResetError())
     assert [(r.getMessage(), r.exc_info) for r in caplog.records] == [
         (f"{service_log.FULL_TABLE} ([Errno 24] Too many open files); new connections wait", None)] * 2
+
+
+def test_a_running_service_moves_its_own_log_aside(tmp_path):
+    """A detached service writes its log as stdout and stderr: past MAX_BYTES both go to a new file."""
+    log = tmp_path / "serve.log"
+    script = ("import sys; from pathlib import Path; from backend import service_log\n"
+              "service_log.MAX_BYTES = 10\n"
+              f"log = Path({str(log)!r})\n"
+              "print('first line, past ten bytes'); service_log.rotate_own(log)\n"
+              "print('2'); print('e', file=sys.stderr); service_log.rotate_own(log)\n")
+    with open(log, "ab") as out:
+        subprocess.run([sys.executable, "-c", script], stdout=out, stderr=out, check=True,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert (tmp_path / "serve.log.1").read_text() == "first line, past ten bytes\n"
+    assert log.read_text() == "2\ne\n"
+    with open(tmp_path / "other.log", "ab") as out:  # a log that is not this process's own stays
+        subprocess.run([sys.executable, "-c", script], stdout=out, stderr=out, check=True)
+    assert log.read_text() == "2\ne\n"
