@@ -498,3 +498,49 @@ def test_wait_and_attach_refuse_an_in_process_service(monkeypatch, capsys):
     assert main(["attach"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"dreamtty: {verb}: follows the jobs of dreamtty serve; drop --local / DREAMTTY_LOCAL" for verb in ("wait", "attach")]
+
+
+def test_cancel_says_cancelled_once_a_running_job_has_stopped(monkeypatch, capsys):
+    """A running job stops after its current step: cancel waits for it, says one that stays running past
+    CANCEL_WAIT as such, and one that ended done before the cancel reached it as an error (exit 1)."""
+    import asyncio
+
+    from backend.events import Cancelled, Done, Started
+    from tui import cli_queue
+
+    ends = {5: Cancelled(job=5), 6: None, 7: Done(job=7, paths=[])}  # 6 never stops; 8 is queued
+    states = {5: "running", 6: "running", 7: "running", 8: "queued"}
+
+    class Fake:
+        warnings: list = []
+
+        async def job(self, job_id):
+            return states.get(job_id)
+
+        async def cancel(self, job_id):
+            return True
+
+        async def cancel_all(self):
+            return list(states)
+
+        async def active_states(self):
+            return dict(states)
+
+        async def wait(self, job_id):
+            yield Started(job=job_id)
+            await asyncio.sleep(0.2 if ends[job_id] else 60)
+            states[job_id] = ends[job_id].type
+            yield ends[job_id]
+
+        async def close(self):
+            pass
+
+    monkeypatch.setattr(cli_queue, "_client", lambda args: Fake())
+    monkeypatch.setattr(cli_queue, "CANCEL_WAIT", 1.0)
+    assert main(["cancel", "5"]) == 0
+    assert capsys.readouterr() == ("job 5 cancelled\n", "") and states[5] == "cancelled"
+    states[5] = "running"
+    assert main(["cancel", "--all"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "2 jobs cancelled\njob 6 cancelled; it stops after its current step (still running after 1 s)\n"
+    assert err == "dreamtty: job 7 ended done before the cancel reached it\n"

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 PROMPT_WIDTH = 48  # characters of a prompt shown in the ``jobs`` table
 SETTLE_PATIENCE = 15.0  # seconds a service that holds its lock without answering (starting, stopping) is waited for
+CANCEL_WAIT = 30.0  # seconds cancelled running jobs are waited for (each stops after its current step)
 T = TypeVar("T")
 
 
@@ -139,7 +140,7 @@ async def _cancel(args) -> int:
                 print(f"dreamtty: job {job_id}: no such job", file=sys.stderr)
                 code = 2
             elif await client.cancel(job_id):
-                print(f"job {job_id} cancelled")
+                code = max(code, _said_cancelled(await _ends(client, [job_id])))
             else:
                 print(f"dreamtty: job {job_id} is not queued or running", file=sys.stderr)
                 code = max(code, 1)
@@ -151,12 +152,54 @@ async def _cancel(args) -> int:
 
 async def _cancel_all(args) -> int:
     """Cancel every queued and running job; exit 1 when there was none (nothing to do)."""
-    cancelled = await _with_queue(args, lambda client: client.cancel_all())
-    if not cancelled:
+    async def cancel_all(client: Client) -> dict[int, str]:
+        return await _ends(client, await client.cancel_all())
+
+    ends = await _with_queue(args, cancel_all)
+    if not ends:
         print("dreamtty: no job is queued or running", file=sys.stderr)
         return 1
-    print(f"{len(cancelled)} job{'s' * (len(cancelled) != 1)} cancelled")
-    return 0
+    return _said_cancelled(ends)
+
+
+async def _ends(client: Client, cancelled: list[int]) -> dict[int, str]:
+    """How each of the ``cancelled`` jobs ended: a running one stops after its current step, so it is
+    waited for (CANCEL_WAIT seconds in all); "running" for one still running then, "done" for one that
+    ended before the cancel reached it."""
+    from backend.events import FINAL_EVENTS
+
+    ends = dict.fromkeys(cancelled, "cancelled")
+    running = [job_id for job_id, state in (await client.active_states()).items() if state == "running" and job_id in ends]
+
+    async def end(job_id: int) -> str:
+        async for event in client.wait(job_id):
+            if isinstance(event, FINAL_EVENTS):
+                return event.type
+        return "cancelled"
+
+    waits = {job_id: asyncio.ensure_future(end(job_id)) for job_id in running}
+    done, pending = await asyncio.wait(waits.values(), timeout=CANCEL_WAIT) if waits else (set(), set())
+    for wait in pending:
+        wait.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for job_id, wait in waits.items():  # one not seen to stop (or whose service was lost meanwhile): "running"
+        ends[job_id] = wait.result() if wait in done and wait.exception() is None else "running"
+    return ends
+
+
+def _said_cancelled(ends: dict[int, str]) -> int:
+    """Print how the cancelled jobs ended (:func:`_ends`); 1 when one ended otherwise than cancelled."""
+    stopped = [job_id for job_id, state in ends.items() if state == "cancelled"]
+    if len(stopped) == 1 and len(ends) == 1:
+        print(f"job {stopped[0]} cancelled")
+    elif stopped:
+        print(f"{len(stopped)} job{'s' * (len(stopped) != 1)} cancelled")
+    for job_id, state in ends.items():
+        if state == "running":
+            print(f"job {job_id} cancelled; it stops after its current step (still running after {CANCEL_WAIT:g} s)")
+        elif state != "cancelled":
+            print(f"dreamtty: job {job_id} ended {state} before the cancel reached it", file=sys.stderr)
+    return int(any(state not in ("cancelled", "running") for state in ends.values()))
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
