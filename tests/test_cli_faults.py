@@ -78,11 +78,18 @@ def test_extra_argument_is_unrecognized(capsys):
     _one_error(capsys, "unrecognized arguments: extra")
 
 
-def test_an_empty_config_is_refused_not_read_as_the_working_folder(capsys):
+@pytest.mark.parametrize("argv,prog", [
+    (["--config", " ", "generate", "x"], "dreamtty"),  # not the working folder
+    (["vary", "in.png", "--strength", ""], "dreamtty vary"),
+    (["generate", "x", "--size", " "], "dreamtty generate"),
+    (["inpaint", "in.png", "--box", ""], "dreamtty inpaint"),
+])
+def test_an_empty_option_is_refused_not_read_as_its_default(argv, prog, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["--config", " ", "generate", "x"])
+        main(argv)
     assert exit_.value.code == 2
-    assert capsys.readouterr().err == "dreamtty: error: argument --config: is empty; give a file\n"
+    flag = next(arg for arg, value in zip(argv, argv[1:]) if not value.strip())
+    assert capsys.readouterr().err == f"{prog}: error: argument {flag}: is empty; give a value or leave the option out\n"
 
 
 # -- 7: silent overrides ----------------------------------------------------------------

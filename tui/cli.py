@@ -19,14 +19,12 @@ from pathlib import Path
 from backend.errors import DreamttyError, RequestError
 from backend.safetext import one_line
 from backend.samplers import SAMPLERS, SCHEDULES
-from tui.cli_output import Parser, print_warnings
+from tui.cli_output import Parser, given, print_warnings
 
 
 def _file_path(text: str) -> Path:
     """``--config``: a path; empty text is refused (``Path("")`` is the working folder)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("is empty; give a file")
-    return Path(text)
+    return Path(given(text))
 
 
 # Options taken before the subcommand or after it: (flags, add_argument keywords).

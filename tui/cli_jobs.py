@@ -24,7 +24,7 @@ from backend.jobkinds.upscale import SCALES, UpscaleRequest
 from backend.request import DTYPES, MAX_COUNT, SPEEDS, GenerateRequest
 from backend.safetext import one_line, visible
 from backend.samplers import SAMPLERS, SCHEDULES
-from tui.cli_output import Progress, integer, number, print_warnings
+from tui.cli_output import Progress, given, integer, number, print_warnings
 
 
 def _floats(name: str, count: int | None = None):
@@ -43,19 +43,19 @@ def _floats(name: str, count: int | None = None):
 def _add_generate_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``generate`` (None = not given, so presets and defaults apply)."""
     p.add_argument("--negative", dest="negative_prompt", help="negative prompt")
-    p.add_argument("--sampler", help=f"one of: {', '.join(SAMPLERS)}")
-    p.add_argument("--scheduler", help=f"noise schedule: {', '.join(SCHEDULES)}")
+    p.add_argument("--sampler", type=given, help=f"one of: {', '.join(SAMPLERS)}")
+    p.add_argument("--scheduler", type=given, help=f"noise schedule: {', '.join(SCHEDULES)}")
     p.add_argument("--steps", type=integer)
     p.add_argument("--cfg", type=number, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--size", help="WxH, e.g. 1024x1024 (multiples of 8)")
+    p.add_argument("--size", type=given, help="WxH, e.g. 1024x1024 (multiples of 8)")
     p.add_argument("--seed", type=integer, help="-1 = random (the chosen seed is recorded)")
     p.add_argument("-n", "--count", type=integer, help="number of images")
-    p.add_argument("--style", dest="styles", action="append", help="style name (repeatable)")
-    p.add_argument("--preset", help="preset name")
+    p.add_argument("--style", dest="styles", action="append", type=given, help="style name (repeatable)")
+    p.add_argument("--preset", type=given, help="preset name")
     p.add_argument("--expand", action=argparse.BooleanOptionalAction, default=None, help="prompt expansion")
-    p.add_argument("--lora", dest="loras", action="append", help="NAME[:WEIGHT] (repeatable, up to 5)")
-    p.add_argument("--vae", help="VAE override")
-    p.add_argument("--refiner", help="SDXL refiner model")
+    p.add_argument("--lora", dest="loras", action="append", type=given, help="NAME[:WEIGHT] (repeatable, up to 5)")
+    p.add_argument("--vae", type=given, help="VAE override")
+    p.add_argument("--refiner", type=given, help="SDXL refiner model")
     p.add_argument("--refiner-switch", type=number,
                    help="fraction of the noise schedule before the refiner takes over (diffusers' denoising_end)")
     p.add_argument("--dtype", choices=DTYPES)
@@ -299,26 +299,26 @@ def register(sub) -> None:
     gen = sub.add_parser("generate", help="generate images headlessly")
     gen.add_argument("prompt", nargs="?", default="", help="prompt (empty = unconditional)")
     _add_generate_options(gen)
-    gen.add_argument("--init-image", metavar="IMAGE", help="start from this image (image to image)")
-    gen.add_argument("--strength", help="with --init-image: 0..1 or subtle (0.5) / strong (0.85)")
+    gen.add_argument("--init-image", type=given, metavar="IMAGE", help="start from this image (image to image)")
+    gen.add_argument("--strength", type=given, help="with --init-image: 0..1 or subtle (0.5) / strong (0.85)")
     gen.add_argument("--keep-inputs", action="store_true", default=None, help="copy the init image into the output folder")
     gen.set_defaults(func=cmd_generate)
 
     vary = _image_verb(sub, "vary", "repaint an image at a strength (image to image)", Img2ImgRequest)
-    vary.add_argument("--strength", help="subtle (0.5, default), strong (0.85) or 0..1 (0 = the input)")
+    vary.add_argument("--strength", type=given, help="subtle (0.5, default), strong (0.85) or 0..1 (0 = the input)")
 
     up = _image_verb(sub, "upscale", "enlarge an image, then restore detail", UpscaleRequest)
     up.add_argument("--scale", type=number, help=f"{', '.join(f'{s:g}' for s in SCALES)} (default 2)")
     up.add_argument("--fast", action="store_true", default=None, help="the upscaler alone, no repainting pass")
-    up.add_argument("--upscaler", help="a model in the upscalers folder, or lanczos (default: the first model found)")
-    up.add_argument("--strength", help="of the repainting pass, 0..1 (default 0.382)")
+    up.add_argument("--upscaler", type=given, help="a model in the upscalers folder, or lanczos (default: the first model found)")
+    up.add_argument("--strength", type=given, help="of the repainting pass, 0..1 (default 0.382)")
 
     inp = _image_verb(sub, "inpaint", "repaint the masked part of an image", InpaintRequest)
     where = inp.add_mutually_exclusive_group(required=True)
-    where.add_argument("--mask", help="mask image: white = repaint, black = keep")
-    where.add_argument("--box", help="rectangle to repaint: X,Y,W,H in pixels")
+    where.add_argument("--mask", type=given, help="mask image: white = repaint, black = keep")
+    where.add_argument("--box", type=given, help="rectangle to repaint: X,Y,W,H in pixels")
     inp.add_argument("--mode", choices=list(MODES), help="fill (default), detail or modify")
-    inp.add_argument("--strength", help="0..1 (default: fill 1, detail 0.5, modify 1)")
+    inp.add_argument("--strength", type=given, help="0..1 (default: fill 1, detail 0.5, modify 1)")
     inp.add_argument("--context", type=number, help="0..1: how much of the image the repainted crop covers at least")
     inp.add_argument("--feather", type=integer, help="pixels over which the repainted area fades in (default 8)")
 
@@ -326,7 +326,7 @@ def register(sub) -> None:
     for side in SIDES:
         out.add_argument(f"--{side}", type=integer, metavar="PX", help=f"pixels to add on the {side} (rounded up to 8)")
     out.add_argument("--feather", type=integer, help="pixels of the original blended into the new area (default 16)")
-    out.add_argument("--strength", help="0..1 (default 1)")
+    out.add_argument("--strength", type=given, help="0..1 (default 1)")
 
     des = sub.add_parser("describe", help="print a prompt for an image (a caption, or anime tags)")
     des.add_argument("image", help="the image to describe")

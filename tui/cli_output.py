@@ -32,6 +32,13 @@ def number(text: str) -> float:
     return float(text)
 
 
+def given(text: str) -> str:
+    """argparse's ``type`` for text that must not be empty (an empty value would quietly mean the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a value or leave the option out")
+    return text
+
+
 def print_warnings(warnings: list[str]) -> None:
     """Each warning as a ``dreamtty: warning:`` line on stderr."""
     for warning in warnings:
