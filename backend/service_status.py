@@ -33,14 +33,14 @@ def _reads(value: object, shape: Shape, where: str = "") -> str | None:
     if isinstance(shape, dict):
         if not isinstance(value, dict):
             return where or "the answer"
-        return next((bad for key, inner in shape.items()
-                     if (bad := _reads(value.get(key), inner, f"{where}.{key}".lstrip("."))) is not None), None)
-    if isinstance(shape, list):
+        parts = ((value.get(key), inner, f"{where}.{key}".lstrip(".")) for key, inner in shape.items())
+    elif isinstance(shape, list):
         if not isinstance(value, list):
             return where
-        return next((bad for i, item in enumerate(value) if (bad := _reads(item, shape[0], f"{where}[{i}]")) is not None), None)
-    ok = isinstance(value, shape) if isinstance(shape, type) else shape(value)
-    return None if ok else where
+        parts = ((item, shape[0], f"{where}[{i}]") for i, item in enumerate(value))
+    else:
+        return None if (isinstance(value, shape) if isinstance(shape, type) else shape(value)) else where
+    return next((bad for part in parts if (bad := _reads(*part)) is not None), None)
 
 
 def checked_status(data: object) -> dict:

@@ -220,9 +220,10 @@ async def test_jobs_from_two_clients_spread_over_both_actors_as_local_files(clus
     status = service.pool.status()
     assert [w["models"] for w in status["workers"]] == [["demo"], ["demo"]]
     assert status["nodes"][0]["alive"] and status["workers"][0]["node"] == socket.gethostname()
+    from backend.service_status import checked_status
     from tui.cli_serve import format_status
 
-    text = format_status({**service.status(), "socket": "s", "dreamtty": "x", "streams": 0})  # serve --status
+    text = format_status(checked_status({**service.status(), "socket": "s", "dreamtty": "x", "streams": 0}))
     host = socket.gethostname()
     assert f"cluster   {status['cluster'] or 'Ray'}: 1 node(s), 0 GPU(s)" in text
     assert f"node      {host} (" in text and "0 GPU(s), alive" in text
