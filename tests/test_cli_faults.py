@@ -89,7 +89,8 @@ def test_an_empty_option_is_refused_not_read_as_its_default(argv, prog, capsys):
         main(argv)
     assert exit_.value.code == 2
     flag = next(arg for arg, value in zip(argv, argv[1:]) if not value.strip())
-    assert capsys.readouterr().err == f"{prog}: error: argument {flag}: is empty; give a value or leave the option out\n"
+    error = f"{prog}: error: argument {flag}: is empty; give a value or leave the option out\n"
+    assert capsys.readouterr().err == error
 
 
 # -- 7: silent overrides ----------------------------------------------------------------

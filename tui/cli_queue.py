@@ -169,7 +169,8 @@ async def _ends(client: Client, cancelled: list[int]) -> dict[int, str]:
     from backend.events import FINAL_EVENTS
 
     ends = dict.fromkeys(cancelled, "cancelled")
-    running = [job_id for job_id, state in (await client.active_states()).items() if state == "running" and job_id in ends]
+    running = [job_id for job_id, state in (await client.active_states()).items()
+               if state == "running" and job_id in ends]
 
     async def end(job_id: int) -> str:
         async for event in client.wait(job_id):
