@@ -16,6 +16,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar, TypeVar
 
 from backend.errors import DreamttyError
+from backend.values import is_number, is_whole
 
 VERSION = 1
 _TYPES: dict[str, type["Event"]] = {}
@@ -311,10 +312,29 @@ def from_dict(data: object, run_file: bool = False) -> Event:
     for f in fields(cls):
         if f.name in data:
             value = data[f.name]
-            values[f.name] = base64.b64decode(value) if f.type == "bytes" and isinstance(value, str) else value
+            if f.type == "bytes" and isinstance(value, str):
+                try:
+                    value = base64.b64decode(value, validate=True)
+                except ValueError:
+                    raise EventError(f"event: {name}'s {f.name!r} field is not base64") from None
+            if not _holds(f.type, value):
+                raise EventError(f"event: {name}'s {f.name!r} field holds {type(value).__name__}, not {f.type}")
+            values[f.name] = value
         elif f.default is MISSING and f.default_factory is MISSING:
             raise EventError(f"event: {name} lacks its {f.name!r} field")
     return cls(**values)
+
+
+# What a field of each annotation the events use may hold, as JSON gives it (a test checks there are no others).
+_HOLDS = {"None": lambda v: v is None, "int": is_whole, "float": is_number, "str": lambda v: isinstance(v, str),
+          "bytes": lambda v: isinstance(v, bytes), "dict": lambda v: isinstance(v, dict),
+          "list[dict]": lambda v: isinstance(v, list) and all(isinstance(i, dict) for i in v),
+          "list[str]": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v)}
+
+
+def _holds(annotation: str, value: object) -> bool:
+    """Whether ``value`` is of the type ``annotation`` names (``int | None``: either)."""
+    return any(_HOLDS[kind](value) for kind in annotation.split(" | "))
 
 
 def dumps(event: Event) -> str:

@@ -5,26 +5,22 @@ from __future__ import annotations
 
 from typing import Callable
 
-from backend.values import is_whole
+from backend.values import is_number, is_whole
 
 Shape = object  # a type, a predicate, [Shape] (a list of it) or {key: Shape} (a record with those keys)
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _optional(shape: Shape) -> Callable[[object], bool]:
     return lambda value: value is None or _reads(value, shape) is None
 
 
-_MODEL = {"model": str, "dtype": str, "bytes": _number}
+_MODEL = {"model": str, "dtype": str, "bytes": is_number}
 _WORKER = {"id": is_whole, "device": str, "pid": _optional(is_whole), "ready": bool, "jobs": [is_whole],
            "models": [_MODEL], "loads": is_whole}
-_NODE = {"host": str, "address": str, "gpus": _number, "alive": bool}
-_REQUIRED = {"pid": is_whole, "uptime": _number, "queued": is_whole, "running": is_whole, "workers": [_WORKER]}
+_NODE = {"host": str, "address": str, "gpus": is_number, "alive": bool}
+_REQUIRED = {"pid": is_whole, "uptime": is_number, "queued": is_whole, "running": is_whole, "workers": [_WORKER]}
 # What a service run by ``dreamtty serve`` adds (an in-process one has none of these).
-_OPTIONAL = {"dreamtty": str, "streams": is_whole, "idle_exit": _number, "socket": str, "listen": str, "log": str,
+_OPTIONAL = {"dreamtty": str, "streams": is_whole, "idle_exit": is_number, "socket": str, "listen": str, "log": str,
              "cluster": str, "nodes": [_NODE], "warnings": [str]}
 
 

@@ -23,6 +23,11 @@ def is_whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_number(value: object) -> bool:
+    """Whether ``value`` is an int or a float, and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def to_int(name: str, value: object) -> int:
     """An int, or a float or text holding a whole number."""
     if is_whole(value):
