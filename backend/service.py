@@ -116,6 +116,7 @@ class Service:
         self.training = TrainingRuns(self.store.path, self.owner, self._fanout.publish)
         self._watch: asyncio.Task | None = None
         self._told_waiting: dict[int, int] = {}  # queued job -> the training run it was told it waits for
+        self._cancelling: set[int] = set()  # running jobs asked to cancel: they stop after their current step
         self._unwritten: list[Callable[[], None]] = []  # queue writes that wait for the queue file (_when_writable)
         self._write_error: str | None = None  # why they wait, said once
         self._next_try: asyncio.TimerHandle | None = None
@@ -202,9 +203,11 @@ class Service:
         self.training.close()  # runs keep training; waiting ones start with the next recovering service
 
     def _end_active(self, state: str) -> None:
+        """End this service's queued and running jobs as ``state``; those asked to cancel as cancelled."""
         for job in self.store.jobs(ACTIVE, owner=self.owner):
-            if job.state != state:
-                self.store.set_state(job.id, state)
+            end = "cancelled" if job.id in self._cancelling else state
+            if job.state != end:
+                self.store.set_state(job.id, end)
 
     # -- API ---------------------------------------------------------------
     def validate(self, request: GenerateRequest) -> tuple[GenerateRequest, str]:
@@ -299,6 +302,7 @@ class Service:
             return False
         slot = self._slot_of(job_id)
         if slot is not None:
+            self._cancelling.add(job_id)
             self.pool.cancel(slot, job_id)
             return True
         self.store.set_state(job_id, "cancelled")
@@ -497,6 +501,7 @@ class Service:
         if isinstance(event, Done):  # with the images saved before a restart or a retry
             event = replace(event, paths=self.store.get(event.job).outputs)
         self._told_waiting.pop(event.job, None)
+        self._cancelling.discard(event.job)
         slot = self._slot_of(event.job)
         if slot is not None and slot.id == event.worker:
             slot.jobs.remove(event.job)
@@ -537,7 +542,8 @@ class Service:
         self._fanout.publish(Log(message=message, level=level))
 
     def _worker_died(self, slot: Slot, job_ids: list[int], why: str) -> None:
-        """A worker died (it was restarted): retry each of its jobs once from its first unsaved image, then fail."""
+        """A worker died (it was restarted): retry each of its jobs once from its first unsaved image, then fail
+        (one asked to cancel ends cancelled)."""
         self._when_writable(partial(self._retry_jobs, job_ids, why))
 
     def _retry_jobs(self, job_ids: list[int], why: str) -> None:
@@ -545,7 +551,11 @@ class Service:
             job = self.store.get(job_id)
             if self._closing.is_set() or job is None or job.state != "running":
                 continue
-            if job.attempts < MAX_RETRIES:
+            if job.id in self._cancelling:  # it was to stop anyway: not run again
+                self._cancelling.discard(job.id)
+                self.store.set_state(job.id, "cancelled")
+                self._fanout.publish(Cancelled(job=job.id))
+            elif job.attempts < MAX_RETRIES:
                 self.store.retry(job.id)
                 self._fanout.publish(Retrying(job=job.id, error=why, first_image=len(job.outputs)))
             else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -111,6 +112,16 @@ class _Pool:
         return {"workers": []}
 
 
+class _StartedPool(_Pool):
+    """A :class:`_Pool` a service can start and close."""
+
+    def start(self, on_event, on_died) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
 def _submit(service: Service, **fields) -> int:
     return service.store.add("generate", _payload(_request(**fields), "/out"), service.owner)
 
@@ -135,6 +146,25 @@ def test_the_last_free_worker_takes_the_alike_queued_jobs_as_one_group(tmp_path)
     service._handle(ev.Cancelled(job=c, worker=1))
     assert pool.given[-1] == (1, [odd]) and service.store.get(c).state == "cancelled"
     service.store.close()
+
+
+async def test_a_job_asked_to_cancel_ends_cancelled_if_its_worker_dies_or_the_service_stops_first(tmp_path):
+    """A running job stops after its current step; one whose worker dies before is not run again, and one
+    still running when the service stops is not queued for the next start."""
+    pool = _StartedPool(2)
+    service = Service(devices="cpu", db_path=tmp_path / "q.sqlite3", pool=pool)
+    a, b, c = _submit(service, seed=1), _submit(service, steps=6), _submit(service, steps=7)  # three groups
+    await service.start()
+    events = service.subscribe()
+    assert pool.given == [(0, [a]), (1, [b])]
+    assert service.cancel(a) and service.cancel(b) and pool.cancelled == [(0, a), (1, b)]
+    pool.slots[0].jobs = []  # as the pool leaves a slot whose worker it restarted
+    service._worker_died(pool.slots[0], [a], "worker 0 died")
+    assert service.store.get(a).state == "cancelled" and isinstance(events.get_nowait(), ev.Cancelled)
+    assert pool.given[-1] == (0, [c])  # the restarted worker takes the next job
+    await service.close()
+    with closing(QueueStore(tmp_path / "q.sqlite3")) as store:
+        assert [store.get(job).state for job in (b, c)] == ["cancelled", "queued"]
 
 
 def test_a_long_queue_is_not_read_whole_at_each_dispatch(tmp_path, monkeypatch):

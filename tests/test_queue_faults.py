@@ -14,15 +14,7 @@ from backend import events as ev, worker
 from backend.errors import DreamttyError
 from backend.queue_store import QueueStore, QueueUnavailable
 from backend.service import Service
-from test_job_groups import _Pool, _submit
-
-
-class _StartedPool(_Pool):
-    def start(self, on_event, on_died) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
+from test_job_groups import _StartedPool, _submit
 
 
 def _hold(db) -> sqlite3.Connection:
