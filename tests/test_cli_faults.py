@@ -509,8 +509,9 @@ def test_wait_and_attach_refuse_an_in_process_service(monkeypatch, capsys):
 
 
 def test_cancel_says_cancelled_once_a_running_job_has_stopped(monkeypatch, capsys):
-    """A running job stops after its current step: cancel waits for it, says one that stays running past
-    CANCEL_WAIT as such, and one that ended done before the cancel reached it as an error (exit 1)."""
+    """A running job stops after its current step: cancel asks every job first, then waits for the running
+    ones together; one still running past CANCEL_WAIT is said as such, and one that ended done before the
+    cancel reached it as an error (exit 1)."""
     import asyncio
 
     from backend.events import Cancelled, Done, Started
@@ -518,6 +519,7 @@ def test_cancel_says_cancelled_once_a_running_job_has_stopped(monkeypatch, capsy
 
     ends = {5: Cancelled(job=5), 6: None, 7: Done(job=7, paths=[])}  # 6 never stops; 8 is queued
     states = {5: "running", 6: "running", 7: "running", 8: "queued"}
+    calls: list = []
 
     class Fake:
         warnings: list = []
@@ -526,6 +528,7 @@ def test_cancel_says_cancelled_once_a_running_job_has_stopped(monkeypatch, capsy
             return states.get(job_id)
 
         async def cancel(self, job_id):
+            calls.append(("cancel", job_id))
             return True
 
         async def cancel_all(self):
@@ -535,6 +538,7 @@ def test_cancel_says_cancelled_once_a_running_job_has_stopped(monkeypatch, capsy
             return dict(states)
 
         async def wait(self, job_id):
+            calls.append(("wait", job_id))
             yield Started(job=job_id)
             await asyncio.sleep(0.2 if ends[job_id] else 60)
             states[job_id] = ends[job_id].type
@@ -545,10 +549,12 @@ def test_cancel_says_cancelled_once_a_running_job_has_stopped(monkeypatch, capsy
 
     monkeypatch.setattr(cli_queue, "_client", lambda args: Fake())
     monkeypatch.setattr(cli_queue, "CANCEL_WAIT", 1.0)
-    assert main(["cancel", "5"]) == 0
-    assert capsys.readouterr() == ("job 5 cancelled\n", "") and states[5] == "cancelled"
-    states[5] = "running"
+    assert main(["cancel", "5", "7"]) == 1
+    assert capsys.readouterr() == ("job 5 cancelled\n", "dreamtty: job 7 ended done before the cancel reached it\n")
+    assert states[5] == "cancelled" and calls == [("cancel", 5), ("cancel", 7), ("wait", 5), ("wait", 7)]
+    states[5] = states[7] = "running"
     assert main(["cancel", "--all"]) == 1
     out, err = capsys.readouterr()
-    assert out == "2 jobs cancelled\njob 6 cancelled; it stops after its current step (still running after 1 s)\n"
+    assert out == ("2 jobs cancelled\n"
+                   "job 6: cancel asked; not seen to stop within 1 s (a running job stops after its current step)\n")
     assert err == "dreamtty: job 7 ended done before the cancel reached it\n"

@@ -130,9 +130,9 @@ def _forget(args: argparse.Namespace) -> int:
 async def _cancel(args) -> int:
     """Cancel each job named; one that is not there or has ended is said, and the rest are still cancelled.
     Exit 2 when a job is not there, else 1 when one had ended."""
-    code, left = 0, list(dict.fromkeys(args.ids))  # an id given twice is cancelled once
+    code, left, asked = 0, list(dict.fromkeys(args.ids)), []  # an id given twice is cancelled once
 
-    async def cancel_each(client: Client) -> None:
+    async def cancel_each(client: Client) -> dict[int, str]:
         nonlocal code
         while left:  # a job said is not tried again on another client (the service stopped meanwhile)
             job_id = left[0]
@@ -140,35 +140,43 @@ async def _cancel(args) -> int:
                 print(f"dreamtty: job {job_id}: no such job", file=sys.stderr)
                 code = 2
             elif await client.cancel(job_id):
-                code = max(code, _said_cancelled(await _ends(client, [job_id])))
+                asked.append(job_id)
             else:
                 print(f"dreamtty: job {job_id} is not queued or running", file=sys.stderr)
                 code = max(code, 1)
             left.pop(0)
+        return await _ends(client, asked)
 
-    await _with_queue(args, cancel_each)
-    return code
+    said = _said_cancelled(await _with_queue(args, cancel_each))
+    return max(code, said)
 
 
 async def _cancel_all(args) -> int:
     """Cancel every queued and running job; exit 1 when there was none (nothing to do)."""
+    cancelled: list[int] | None = None
+
     async def cancel_all(client: Client) -> dict[int, str]:
-        return await _ends(client, await client.cancel_all())
+        nonlocal cancelled
+        if cancelled is None:  # once: on another client (the service stopped meanwhile) they are only waited for
+            cancelled = await client.cancel_all()
+        return await _ends(client, cancelled)
 
     ends = await _with_queue(args, cancel_all)
     if not ends:
         print("dreamtty: no job is queued or running", file=sys.stderr)
         return 1
-    return _said_cancelled(ends)
+    return _said_cancelled(ends, count=True)
 
 
 async def _ends(client: Client, cancelled: list[int]) -> dict[int, str]:
-    """How each of the ``cancelled`` jobs ended: a running one stops after its current step, so it is
-    waited for (CANCEL_WAIT seconds in all); "running" for one still running then, "done" for one that
-    ended before the cancel reached it."""
+    """How each of the ``cancelled`` jobs ended. A running one stops after its current step: the running
+    ones are waited for together, CANCEL_WAIT seconds in all. "running" for one not seen to stop by then,
+    "done" (or "failed") for one that ended before the cancel reached it."""
     from backend.events import FINAL_EVENTS
 
     ends = dict.fromkeys(cancelled, "cancelled")
+    if not ends:
+        return ends
     running = [job_id for job_id, state in (await client.active_states()).items()
                if state == "running" and job_id in ends]
 
@@ -188,16 +196,18 @@ async def _ends(client: Client, cancelled: list[int]) -> dict[int, str]:
     return ends
 
 
-def _said_cancelled(ends: dict[int, str]) -> int:
-    """Print how the cancelled jobs ended (:func:`_ends`); 1 when one ended otherwise than cancelled."""
+def _said_cancelled(ends: dict[int, str], count: bool = False) -> int:
+    """Print how the cancelled jobs ended (:func:`_ends`): each, or how many (``count``), and each that did
+    not end as cancelled. 1 when one ended (done or failed) before the cancel reached it."""
     stopped = [job_id for job_id, state in ends.items() if state == "cancelled"]
-    if len(stopped) == 1 and len(ends) == 1:
-        print(f"job {stopped[0]} cancelled")
-    elif stopped:
+    if count and stopped:
         print(f"{len(stopped)} job{'s' * (len(stopped) != 1)} cancelled")
     for job_id, state in ends.items():
-        if state == "running":
-            print(f"job {job_id} cancelled; it stops after its current step (still running after {CANCEL_WAIT:g} s)")
+        if state == "cancelled" and not count:
+            print(f"job {job_id} cancelled")
+        elif state == "running":
+            print(f"job {job_id}: cancel asked; not seen to stop within {CANCEL_WAIT:g} s (a running job stops "
+                  "after its current step)")
         elif state != "cancelled":
             print(f"dreamtty: job {job_id} ended {state} before the cancel reached it", file=sys.stderr)
     return int(any(state not in ("cancelled", "running") for state in ends.values()))
