@@ -1,9 +1,10 @@
-"""The service's log (``serve.log``): what a client can make the service write stays small.
+"""The service's log (``serve.log``) and its workers' (``worker-N.log``): what a client can make the
+service write stays small.
 
 A request aiohttp cannot parse (it answers 400) or a client that hangs up mid-request would each
 write a traceback; anyone who can reach a TCP port could fill the disk with them. They are left out.
-The one old log kept is ``serve.log.1``: a log past MAX_BYTES is moved there when a service starts,
-and by a running service (:func:`rotate_own`) as it writes.
+The one old log kept is ``<log>.1``: a log past MAX_BYTES is moved there when its process starts, and
+by the process as it writes (:func:`rotate_own`).
 """
 
 from __future__ import annotations
@@ -29,20 +30,22 @@ def rotate(path: Path) -> None:
 
 
 def rotate_own(path: Path) -> None:
-    """:func:`rotate` the log this process writes as its stdout and stderr (a detached service's): a new
-    ``path`` takes their place. Workers started before write on to ``<path>.1`` until they restart."""
+    """:func:`rotate` the log this process writes as its stdout or stderr (a detached service's both), and
+    point those at a new ``path``. Children started before (multiprocessing's resource tracker; workers
+    write their own ``worker-N.log``) write on to the old file."""
     try:
-        own, log = os.fstat(1), path.stat()
+        log = path.stat()
+        own = [fd for fd in (1, 2) if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) == (log.st_dev, log.st_ino)]
     except OSError:
         return
-    if (own.st_dev, own.st_ino) != (log.st_dev, log.st_ino) or own.st_size <= MAX_BYTES:
+    if not own or log.st_size <= MAX_BYTES:
         return  # a terminal (``serve`` in the foreground), or small yet
     rotate(path)
     try:
         fresh = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, log.st_mode & 0o777)
     except OSError:
         return  # the old file, now <path>.1, is written on
-    for fd in (1, 2):
+    for fd in own:
         os.dup2(fresh, fd)
     os.close(fresh)
 

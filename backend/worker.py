@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-from backend import events as ev
+from backend import events as ev, service_log
 
 PREVIEW_INTERVAL = 0.25  # seconds: at most ~4 previews a second
 STEP_INTERVAL = 0.1  # seconds between step events (the last step is always sent)
@@ -31,8 +31,10 @@ log = logging.getLogger("dreamtty.worker")
 
 
 def _redirect_output(log_path: Path) -> None:
-    """Send this process's stdout/stderr to a log file so it never draws over the TUI."""
+    """Send this process's stdout/stderr to a log file so it never draws over the TUI (one over
+    ``service_log.MAX_BYTES`` is moved aside first, as after each job)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    service_log.rotate(log_path)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -72,6 +74,7 @@ def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str
             continue
         run_jobs([JobRun(worker_id, payload, cache, send, lambda k=k, i=payload["job"]: cancel[k] == i, output)
                   for k, payload in enumerate(job)])
+        service_log.rotate_own(Path(log_path))
 
 
 def pipeline_cache(device: str):

@@ -52,3 +52,17 @@ def test_a_running_service_moves_its_own_log_aside(tmp_path):
     with open(tmp_path / "other.log", "ab") as out:  # a log that is not this process's own stays
         subprocess.run([sys.executable, "-c", script], stdout=out, stderr=out, check=True)
     assert log.read_text() == "2\ne\n"
+    log.unlink()
+    with open(log, "ab") as out:  # `serve >> serve.log` in a terminal: its stderr stays on the terminal
+        ran = subprocess.run([sys.executable, "-c", script], stdout=out, stderr=subprocess.PIPE, check=True,
+                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert log.read_text() == "2\n" and ran.stderr == "e\n"
+
+
+def test_a_worker_moves_a_large_log_aside_as_it_starts(tmp_path):
+    log = tmp_path / "worker-0.log"
+    log.write_text("x" * 11)
+    script = ("from pathlib import Path; from backend import service_log, worker\n"
+              f"service_log.MAX_BYTES = 10; worker._redirect_output(Path({str(log)!r})); print('started')\n")
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert (tmp_path / "worker-0.log.1").read_text() == "x" * 11 and log.read_text() == "started\n"
