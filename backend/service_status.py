@@ -18,17 +18,17 @@ _MODEL = {"model": str, "dtype": str, "bytes": is_number}
 _WORKER = {"id": is_whole, "device": str, "pid": _optional(is_whole), "ready": bool, "jobs": [is_whole],
            "models": [_MODEL], "loads": is_whole}
 _NODE = {"host": str, "address": str, "gpus": is_number, "alive": bool}
-_REQUIRED = {"pid": is_whole, "uptime": is_number, "queued": is_whole, "running": is_whole, "workers": [_WORKER]}
-# What a service run by ``dreamtty serve`` adds (an in-process one has none of these).
-_OPTIONAL = {"dreamtty": str, "streams": is_whole, "idle_exit": is_number, "socket": str, "listen": str, "log": str,
-             "cluster": str, "nodes": [_NODE], "warnings": [str]}
+_REQUIRED = {"pid": is_whole, "uptime": is_number, "queued": is_whole, "running": is_whole, "workers": [_WORKER],
+             "dreamtty": str, "streams": is_whole}
+_OPTIONAL = {"idle_exit": is_number, "socket": str, "listen": str, "log": str, "cluster": str, "nodes": [_NODE],
+             "warnings": [str]}  # may be null, or left out
 
 
 def _reads(value: object, shape: Shape, where: str = "") -> str | None:
     """None when ``value`` has ``shape``; else the path of the first field that does not (``workers[0].ready``)."""
     if isinstance(shape, dict):
         if not isinstance(value, dict):
-            return where or "the answer"
+            return where
         parts = ((value.get(key), inner, f"{where}.{key}".lstrip(".")) for key, inner in shape.items())
     elif isinstance(shape, list):
         if not isinstance(value, list):
@@ -41,8 +41,9 @@ def _reads(value: object, shape: Shape, where: str = "") -> str | None:
 
 def checked_status(data: object) -> dict:
     """``data`` when it reads as a service's status; ValueError naming the first field that does not."""
-    present = {key: shape for key, shape in _OPTIONAL.items() if isinstance(data, dict) and data.get(key) is not None}
-    bad = _reads(data, {**_REQUIRED, **present})
+    if not isinstance(data, dict):
+        raise ValueError("the status is not a JSON object")
+    bad = _reads(data, {**_REQUIRED, **{key: shape for key, shape in _OPTIONAL.items() if data.get(key) is not None}})
     if bad is not None:
         raise ValueError(f"status field {bad!r} is missing or of the wrong type")
     return data

@@ -222,6 +222,7 @@ async def test_a_service_of_another_make_is_one_line_not_a_traceback(socket_path
     from backend import config, http_client
     from backend.errors import DreamttyError
     from backend.remote_client import Address, RemoteClient
+    from backend.service_status import checked_status
     from backend.versions import versions
 
     app = web.Application()
@@ -231,7 +232,7 @@ async def test_a_service_of_another_make_is_one_line_not_a_traceback(socket_path
     app.router.add_get("/v1/jobs", lambda request: web.json_response(answers[-1]))
     app.router.add_post("/v1/jobs/1/cancel", lambda request: web.json_response({"cancelled": True, "pad": "x" * 2**21}))
     worker = {"id": 0, "device": "cpu", "pid": 7, "ready": True, "jobs": [], "models": [], "loads": 0}
-    status = {"pid": 7, "uptime": 1.0, "queued": 0, "running": 0, "workers": [worker]}
+    status = {"pid": 7, "uptime": 1.0, "queued": 0, "running": 0, "workers": [worker], "dreamtty": "1", "streams": 1}
     statuses = [status]
     app.router.add_get("/v1/status", lambda request: web.json_response(statuses[-1]))
     runner = await _serve(app, socket_path)
@@ -249,10 +250,13 @@ async def test_a_service_of_another_make_is_one_line_not_a_traceback(socket_path
         for odd, field in (({"workers": None}, "workers"),
                            ({"workers": [{**worker, "ready": "yes"}]}, "workers[0].ready"),
                            ({"workers": [{**worker, "models": [{"model": "m"}]}]}, "workers[0].models[0].dtype"),
-                           ({"nodes": [{"host": "h"}]}, "nodes[0].address"), ({"pid": True}, "pid")):
+                           ({"nodes": [{"host": "h"}]}, "nodes[0].address"), ({"pid": True}, "pid"),
+                           ({"dreamtty": None}, "dreamtty")):
             statuses.append({**status, **odd})
             with pytest.raises(DreamttyError, match=rf"\(ValueError: status field '{re.escape(field)}' is missing"):
                 await client.status()
+        with pytest.raises(ValueError, match="^the status is not a JSON object$"):  # the client refuses it before
+            checked_status([status])
         monkeypatch.setattr(http_client, "MAX_ANSWER", 2**20)
         with pytest.raises(DreamttyError, match=r"^service: .*api.sock: its answer is over 1 MiB$"):
             await client.cancel(1)

@@ -140,7 +140,7 @@ def worker_lines(status: dict) -> list[str]:
     from backend.downloads import human
 
     lines = []
-    if "nodes" in status:
+    if status.get("nodes") is not None:
         nodes = status["nodes"]
         lines.append(f"cluster   {status.get('cluster') or 'Ray'}: {len(nodes)} node(s), "
                      f"{sum(n['gpus'] for n in nodes)} GPU(s)")
