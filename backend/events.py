@@ -41,6 +41,10 @@ def _register(name: str):
 class Event:
     type: ClassVar[str] = ""
 
+    def problem(self) -> str | None:
+        """What makes this event unusable besides its fields' types (None: nothing)."""
+        return None
+
 
 # -- jobs ---------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +74,9 @@ class Step(JobEvent):
     eta: float
     done: int | None = None  # steps done over the job's images, those denoised together each counted (None: unknown)
 
+    def problem(self) -> str | None:
+        return None if self.total > 0 else f"has total {self.total} (a step of none)"
+
 
 @_register("preview")
 class Preview(JobEvent):
@@ -78,6 +85,11 @@ class Preview(JobEvent):
     height: int
     rgb: bytes  # width * height * 3, row-major RGB
     label: str = ""  # "" for the image being sampled; else what it shows, e.g. an image prompt's map "canny-1"
+
+    def problem(self) -> str | None:
+        if self.width > 0 and self.height > 0 and len(self.rgb) == self.width * self.height * 3:
+            return None
+        return f"has {len(self.rgb)} bytes for {self.width}x{self.height} RGB pixels"
 
 
 @_register("image")
@@ -322,7 +334,10 @@ def from_dict(data: object, run_file: bool = False) -> Event:
             values[f.name] = value
         elif f.default is MISSING and f.default_factory is MISSING:
             raise EventError(f"event: {name} lacks its {f.name!r} field")
-    return cls(**values)
+    event = cls(**values)
+    if (problem := event.problem()) is not None:
+        raise EventError(f"event: {name} {problem}")
+    return event
 
 
 # What a field of each annotation the events use may hold, as JSON gives it (a test checks there are no others).

@@ -11,7 +11,8 @@ import pytest
 from backend import events
 from backend.events import EventError, ImageSaved, Preview, Step, TrainStep, dumps, loads
 
-_SAMPLE = {"int": 3, "float": 0.5, "str": "a\x1b[31m\nb", "bytes": bytes(range(256)), "list[str]": ["x", "y"],
+# bytes: a preview's 3x3 RGB pixels, its ints being 3
+_SAMPLE = {"int": 3, "float": 0.5, "str": "a\x1b[31m\nb", "bytes": bytes(range(27)), "list[str]": ["x", "y"],
            "list[dict]": [{"model": "m"}], "dict": {"prompt": "p"}}
 
 
@@ -40,13 +41,18 @@ def test_preview_pixels_travel_as_base64():
     ('{"type": "done", "job": 1}', "version None is not supported"),
     ('{"v": 1, "type": "exploded", "job": 1}', "unknown type 'exploded'"),
     ('{"v": 1, "type": "image", "job": 1, "image": 0, "seed": 1}', "image lacks its 'path' field"),
-    ('{"v": 1, "type": "image", "job": 1, "image": 0, "seed": 1, "path": 7}', "image's 'path' field holds int, not str"),
+    ('{"v": 1, "type": "image", "job": 1, "image": 0, "seed": 1, "path": 7}',
+     "image's 'path' field holds int, not str"),
     ('{"v": 1, "type": "done", "job": true}', "done's 'job' field holds bool, not int"),
     ('{"v": 1, "type": "done", "job": 1, "paths": [1]}', "done's 'paths' field holds list, not list[str]"),
     ('{"v": 1, "type": "step", "job": 1, "image": 0, "count": 1, "step": "2", "total": 3, "its": 1, "eta": 0}',
      "step's 'step' field holds str, not int"),
     ('{"v": 1, "type": "preview", "job": 1, "image": 0, "width": 1, "height": 1, "rgb": "!!"}',
      "preview's 'rgb' field is not base64"),
+    ('{"v": 1, "type": "preview", "job": 1, "image": 0, "width": 2, "height": 1, "rgb": "AP8Q"}',
+     "preview has 3 bytes for 2x1 RGB pixels"),
+    ('{"v": 1, "type": "step", "job": 1, "image": 0, "count": 1, "step": 0, "total": 0, "its": 1, "eta": 0}',
+     "step has total 0 (a step of none)"),
     ('[1, 2]', "expected a JSON object, got list"),
     ('{"v": 1, "type": "done", "job"', "not JSON"),
     ("[" * 100_000, "not JSON"),
