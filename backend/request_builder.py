@@ -31,8 +31,11 @@ def parse_lora(text: str) -> tuple[str, float]:
 
 
 def parse_loras(texts: str | list) -> list:
-    """Repeated ``--lora`` values, one comma-separated text as a form holds it, or (name, weight) pairs."""
+    """Repeated ``--lora`` values, one comma-separated text as a form holds it, or (name, weight) pairs;
+    ``none`` alone: no LoRAs, not even a preset's."""
     items = texts.split(",") if isinstance(texts, str) else texts
+    if [item.strip().lower() if isinstance(item, str) else item for item in items] == ["none"]:
+        return []
     return [parse_lora(item) if isinstance(item, str) else item for item in items if not isinstance(item, str) or item.strip()]
 
 

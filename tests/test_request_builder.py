@@ -59,6 +59,8 @@ def test_guidance_and_loras_from_text():
                                                                                      "adm_scale": ""}})
     assert request.loras == [("fox", 0.5), ("org/hub-lora", 1.0)]
     assert (request.guidance.sag, request.guidance.freeu, request.guidance.adm_scale) == (0.5, (), None)
+    assert request_builder.build({}, preset="fast").loras  # the preset's LCM LoRA
+    assert request_builder.build({"loras": [" None"]}, preset="fast").loras == []  # --lora none: not even those
 
 
 @pytest.mark.parametrize("values, error", [

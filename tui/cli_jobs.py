@@ -53,7 +53,8 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--style", dest="styles", action="append", type=given, help="style name (repeatable)")
     p.add_argument("--preset", type=given, help="preset name")
     p.add_argument("--expand", action=argparse.BooleanOptionalAction, default=None, help="prompt expansion")
-    p.add_argument("--lora", dest="loras", action="append", type=given, help="NAME[:WEIGHT] (repeatable, up to 5)")
+    p.add_argument("--lora", dest="loras", action="append", type=given,
+                   help="NAME[:WEIGHT] (repeatable, up to 5; none: no LoRAs, not even the preset's)")
     p.add_argument("--vae", type=given, help="VAE override")
     p.add_argument("--refiner", type=given, help="SDXL refiner model")
     p.add_argument("--refiner-switch", type=number,
