@@ -12,8 +12,9 @@ set -u
 part=${1:-all}
 log=${2:-/tmp/gpu_bench.log}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-if compgen -G ".whl/*.whl" >/dev/null; then  # wheels the GPU machine lacks, downloaded beforehand (benchmarks/README.md)
-  ${PYTHON:-python3} -m pip install -q --no-deps .whl/*.whl 2>&1 | tail -1 | tee -a "$log"
+# wheels the GPU machine lacks, downloaded beforehand (benchmarks/README.md)
+if compgen -G ".whl/*.whl" >/dev/null && ! out=$(${PYTHON:-python3} -m pip install -q --no-deps .whl/*.whl 2>&1); then
+  echo "could not install .whl/*.whl: $(tail -3 <<<"$out")" | tee -a "$log"
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$log"
 bench() {  # SECONDS SCRIPT [ARGS...]
