@@ -128,8 +128,9 @@ class RemoteClient:
         if theirs != ours:
             raise VersionMismatch(
                 f"service: it runs dreamtty {theirs.get('dreamtty')} (API {theirs.get('api')}, events "
-                f"{theirs.get('events')}) and this is {ours['dreamtty']} (API {ours['api']}, events {ours['events']}); "
-                "restart the service: dreamtty serve --stop, then run this again")
+                f"{theirs.get('events')}, build {theirs.get('build')}) and this is {ours['dreamtty']} (API "
+                f"{ours['api']}, events {ours['events']}, build {ours['build']}); restart the service: dreamtty "
+                "serve --stop, then run this again")
         if self.address.socket and settings != (mine := config.service_settings()):
             differ = sorted(k for k in {*settings, *mine} if settings.get(k) != mine.get(k))
             raise DreamttyError(

@@ -27,6 +27,7 @@ from backend import locations, service_log
 from backend.errors import DreamttyError, RequestError
 from backend.safetext import visible
 from backend.service_files import AlreadyRunning, ServiceFiles, make_token
+from backend.versions import build
 
 WORKER_NICE = 10  # the service's workers yield the CPU to interactive programs (the TUI among them)
 START_TIMEOUT = 60.0  # seconds a detached service may take to answer on its socket
@@ -72,6 +73,7 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
     from backend.http_server import listen_tcp, make_runner
     from backend.service import Service
 
+    build()  # the code this service runs, fingerprinted before an upgrade may change it on disk
     files = ServiceFiles.default()
     files.make_folder()
     lock = files.acquire()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+from pathlib import Path
+
 from backend import events
 
 API_VERSION = 1  # of backend.api's routes and bodies
@@ -14,4 +18,15 @@ def versions() -> dict:
         package = metadata.version("dreamtty")
     except metadata.PackageNotFoundError:
         package = "unknown"
-    return {"dreamtty": package, "api": API_VERSION, "events": events.VERSION}
+    return {"dreamtty": package, "api": API_VERSION, "events": events.VERSION, "build": build()}
+
+
+@functools.cache
+def build() -> str:
+    """A fingerprint of this install's backend code, taken once: a service still running the code of before
+    an upgrade (a source checkout pulled, a reinstall of the same version) differs from the new client's."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]

@@ -664,9 +664,13 @@ async def test_a_service_that_does_not_answer_is_one_error(dirs, monkeypatch):
 
 
 async def test_version_mismatch_says_to_restart_the_service(dirs):
-    """A service of another version (an old one still running after an upgrade) answers the CLI."""
+    """A service of other code (an old one still running after an upgrade of the same version number)
+    answers the CLI."""
+    from backend.versions import versions
+
+    ours = versions()
     app, shutdowns = web.Application(), []
-    app.router.add_get("/v1/version", lambda request: web.json_response({"dreamtty": "0.0.1", "api": 0, "events": 1}))
+    app.router.add_get("/v1/version", lambda request: web.json_response({**ours, "build": "0ld"}))
     app.router.add_post("/v1/shutdown", lambda request: shutdowns.append(1) or web.json_response({}))
     runner = web.AppRunner(app)
     await runner.setup()
@@ -686,7 +690,8 @@ async def test_version_mismatch_says_to_restart_the_service(dirs):
     (attached, err), (stopped, _) = ended
     assert attached == 2 and stopped == 0 and shutdowns == [1]
     (line,) = err.splitlines()
-    assert line.startswith("dreamtty: service: it runs dreamtty 0.0.1 (API 0, events 1) and this is ")
+    assert line.startswith(f"dreamtty: service: it runs dreamtty {ours['dreamtty']} (API 1, events 1, build 0ld) "
+                           f"and this is {ours['dreamtty']} (API 1, events 1, build {ours['build']}); ")
     assert line.endswith("restart the service: dreamtty serve --stop, then run this again")
 
 
