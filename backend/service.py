@@ -306,17 +306,21 @@ class Service:
             self.pool.cancel(slot, job_id)
             return True
         self.store.set_state(job_id, "cancelled")
-        self._told_waiting.pop(job_id, None)
-        self._fanout.publish(Cancelled(job=job_id))
+        self._ended_cancelled(job_id)
         return True
 
     def cancel_all(self) -> list[int]:
         """Cancel every queued job (in one write) and every running one; the ids of those cancelled."""
         queued = self.store.cancel_queued()
         for job_id in queued:
-            self._told_waiting.pop(job_id, None)
-            self._fanout.publish(Cancelled(job=job_id))
+            self._ended_cancelled(job_id)
         return queued + [job_id for job_id in self.store.states(("running",)) if self.cancel(job_id)]
+
+    def _ended_cancelled(self, job_id: int) -> None:
+        """Say that ``job_id``, written as cancelled, ended so (it no longer waits or stops)."""
+        self._told_waiting.pop(job_id, None)
+        self._cancelling.discard(job_id)
+        self._fanout.publish(Cancelled(job=job_id))
 
     def forget_ended(self, days: int) -> int:
         """Forget the jobs that ended more than ``days`` days ago (their images stay on disk); how many."""
@@ -552,9 +556,8 @@ class Service:
             if self._closing.is_set() or job is None or job.state != "running":
                 continue
             if job.id in self._cancelling:  # it was to stop anyway: not run again
-                self._cancelling.discard(job.id)
                 self.store.set_state(job.id, "cancelled")
-                self._fanout.publish(Cancelled(job=job.id))
+                self._ended_cancelled(job.id)
             elif job.attempts < MAX_RETRIES:
                 self.store.retry(job.id)
                 self._fanout.publish(Retrying(job=job.id, error=why, first_image=len(job.outputs)))
