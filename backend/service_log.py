@@ -35,7 +35,7 @@ def rotate_own(path: Path) -> None:
     write their own ``worker-N.log``) write on to the old file."""
     try:
         log = path.stat()
-        own = [fd for fd in (1, 2) if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) == (log.st_dev, log.st_ino)]
+        own = [fd for fd in (1, 2) if os.path.samestat(os.fstat(fd), log)]
     except OSError:
         return
     if not own or log.st_size <= MAX_BYTES:
