@@ -16,7 +16,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar, TypeVar
 
 from backend.errors import DreamttyError
-from backend.values import is_number, is_whole
+from backend.values import is_number, is_whole, shape_fault
 
 VERSION = 1
 _TYPES: dict[str, type["Event"]] = {}
@@ -341,15 +341,13 @@ def from_dict(data: object, run_file: bool = False) -> Event:
 
 
 # What a field of each annotation the events use may hold, as JSON gives it (a test checks there are no others).
-_HOLDS = {"None": lambda v: v is None, "int": is_whole, "float": is_number, "str": lambda v: isinstance(v, str),
-          "bytes": lambda v: isinstance(v, bytes), "dict": lambda v: isinstance(v, dict),
-          "list[dict]": lambda v: isinstance(v, list) and all(isinstance(i, dict) for i in v),
-          "list[str]": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v)}
+_HOLDS = {"None": type(None), "int": is_whole, "float": is_number, "str": str, "bytes": bytes, "dict": dict,
+          "list[dict]": [dict], "list[str]": [str]}
 
 
 def _holds(annotation: str, value: object) -> bool:
     """Whether ``value`` is of the type ``annotation`` names (``int | None``: either)."""
-    return any(_HOLDS[kind](value) for kind in annotation.split(" | "))
+    return any(shape_fault(value, _HOLDS[kind]) is None for kind in annotation.split(" | "))
 
 
 def dumps(event: Event) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 
 from backend.errors import RequestError
 
@@ -26,6 +27,30 @@ def is_whole(value: object) -> bool:
 def is_number(value: object) -> bool:
     """Whether ``value`` is an int or a float, and not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+Shape = object  # a type, a predicate, [Shape] (a list of it) or {key: Shape} (a record with those keys)
+
+
+def shape_fault(value: object, shape: Shape, where: str = "") -> str | None:
+    """None when ``value`` (as JSON gives it) has ``shape``; else the path of the first part that has not
+    (``workers[0].ready``; ``where`` for ``value`` itself)."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return where
+        parts = ((value.get(key), inner, f"{where}.{key}".lstrip(".")) for key, inner in shape.items())
+    elif isinstance(shape, list):
+        if not isinstance(value, list):
+            return where
+        parts = ((item, shape[0], f"{where}[{i}]") for i, item in enumerate(value))
+    else:
+        return None if (isinstance(value, shape) if isinstance(shape, type) else shape(value)) else where
+    return next((bad for part in parts if (bad := shape_fault(*part)) is not None), None)
+
+
+def optional(shape: Shape) -> Callable[[object], bool]:
+    """``shape``, or None."""
+    return lambda value: value is None or shape_fault(value, shape) is None
 
 
 def to_int(name: str, value: object) -> int:
