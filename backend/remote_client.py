@@ -121,16 +121,12 @@ class RemoteClient:
     async def _check_versions(self) -> None:
         """Same versions as this client, and for a service of this machine's user the same settings
         (``config.service_settings``: --config, --allow-pickle, model folders)."""
-        theirs, ours = await self._request("GET", "/v1/version", quick=True), versions()
+        theirs = await self._request("GET", "/v1/version", quick=True)
         settings = theirs.pop("settings", None) or {}
         if self._manage:
             return
-        if theirs != ours:
-            raise VersionMismatch(
-                f"service: it runs dreamtty {theirs.get('dreamtty')} (API {theirs.get('api')}, events "
-                f"{theirs.get('events')}, build {theirs.get('build')}) and this is {ours['dreamtty']} (API "
-                f"{ours['api']}, events {ours['events']}, build {ours['build']}); restart the service: dreamtty "
-                "serve --stop, then run this again")
+        if (differ := _versions_differ(theirs)) is not None:
+            raise VersionMismatch(f"service: {differ}")
         if self.address.socket and settings != (mine := config.service_settings()):
             differ = sorted(k for k in {*settings, *mine} if settings.get(k) != mine.get(k))
             raise DreamttyError(
@@ -187,8 +183,9 @@ class RemoteClient:
 
     async def close(self, cancel_jobs: bool = False) -> None:
         """Close the session; ``cancel_jobs``: cancel the jobs this client queued, those of a submit whose
-        answer never came (interrupted) too, when the service queued them."""
-        if cancel_jobs and self._http is not None:
+        answer never came (interrupted) too, when the service queued them. Not once this client gave up on
+        its lost service: it said that the jobs stay queued."""
+        if cancel_jobs and self._http is not None and self._lost is None:
             try:
                 if self._unanswered:
                     self._submitted += [job.id for job in await self.active_jobs()
@@ -225,8 +222,12 @@ class RemoteClient:
         except DreamttyError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise DreamttyError(f"service: {self.address}: its answer does not read ({type(exc).__name__}: "
-                                f"{one_line(exc)})") from None
+            said = f"service: {self.address}: its answer does not read ({type(exc).__name__}: {one_line(exc)})"
+            try:  # one of another version (read with ``manage``, as serve --status does) is to be restarted
+                differ = _versions_differ(await self._request("GET", "/v1/version", quick=True))
+            except DreamttyError:
+                differ = None
+            raise DreamttyError(said if differ is None else f"{said}; {differ}") from None
 
     async def _request(self, method: str, path: str, body: dict | None = None, quick: bool = False,
                        **params) -> dict:
@@ -407,6 +408,17 @@ class RemoteClient:
 
 class VersionMismatch(DreamttyError):
     """The service runs another version of dreamtty or of its API."""
+
+
+def _versions_differ(theirs: dict) -> str | None:
+    """What a service's ``/v1/version`` answer says when it is not this client's versions, and the way out."""
+    ours = versions()
+    if {key: value for key, value in theirs.items() if key != "settings"} == ours:
+        return None
+    return (f"it runs dreamtty {theirs.get('dreamtty')} (API {theirs.get('api')}, events {theirs.get('events')}, "
+            f"build {theirs.get('build')}) and this is {ours['dreamtty']} (API {ours['api']}, events "
+            f"{ours['events']}, build {ours['build']}); restart the service: dreamtty serve --stop, then run this "
+            "again")
 
 
 class ServiceUnreachable(DreamttyError):

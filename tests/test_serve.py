@@ -671,6 +671,7 @@ async def test_version_mismatch_says_to_restart_the_service(dirs):
     ours = versions()
     app, shutdowns = web.Application(), []
     app.router.add_get("/v1/version", lambda request: web.json_response({**ours, "build": "0ld"}))
+    app.router.add_get("/v1/status", lambda request: web.json_response({**ours, "build": "0ld", "pid": 7}))  # its shape
     app.router.add_post("/v1/shutdown", lambda request: shutdowns.append(1) or web.json_response({}))
     runner = web.AppRunner(app)
     await runner.setup()
@@ -679,7 +680,7 @@ async def test_version_mismatch_says_to_restart_the_service(dirs):
     await web.UnixSite(runner, str(files.socket)).start()
     try:
         ended = []
-        for command in ("attach", "serve --stop"):  # the way out it names works on that service
+        for command in ("attach", "serve --status", "serve --stop"):  # the way out it names works on it
             proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "tui.cli", *command.split(),
                                                         env=dirs.env(), cwd=ROOT, stdout=subprocess.PIPE,
                                                         stderr=subprocess.PIPE)
@@ -687,12 +688,17 @@ async def test_version_mismatch_says_to_restart_the_service(dirs):
             ended.append((proc.returncode, err.decode()))
     finally:
         await runner.cleanup()
-    (attached, err), (stopped, _) = ended
-    assert attached == 2 and stopped == 0 and shutdowns == [1]
+    (attached, err), (told, status_err), (stopped, _) = ended
+    assert attached == 2 and told == 2 and stopped == 0 and shutdowns == [1]
     (line,) = err.splitlines()
-    assert line.startswith(f"dreamtty: service: it runs dreamtty {ours['dreamtty']} (API 1, events 1, build 0ld) "
-                           f"and this is {ours['dreamtty']} (API 1, events 1, build {ours['build']}); ")
-    assert line.endswith("restart the service: dreamtty serve --stop, then run this again")
+    differ = (f"it runs dreamtty {ours['dreamtty']} (API 1, events 1, build 0ld) and this is {ours['dreamtty']} "
+              f"(API 1, events 1, build {ours['build']}); restart the service: dreamtty serve --stop, then run this "
+              "again")
+    assert line == f"dreamtty: service: {differ}"
+    (line,) = status_err.splitlines()  # serve --status reads a service of any version, as far as its answer reads
+    assert line.startswith("dreamtty: service: ")
+    assert "its answer does not read (ValueError: status field 'uptime'" in line
+    assert line.endswith(f"; {differ}")
 
 
 def test_generate_starts_a_service_and_ctrl_c_cancels_its_job(dirs):
@@ -1000,3 +1006,37 @@ def test_a_state_folder_that_takes_no_log_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(DreamttyError, match=r"^service: cannot write its log .*serve\.log: Is a directory; the state "
                                             r"folder must be writable$"):
         serve.start_detached(serve.ServeOptions(devices="cpu"))
+
+
+async def test_a_client_that_gave_up_on_its_lost_service_leaves_its_jobs_queued(tmp_path, monkeypatch):
+    """``generate`` says "its jobs stay queued" when its service is gone for its patience: it then cancels
+    nothing, and starts no service to cancel them (as it would for Ctrl-C)."""
+    from backend import remote_client
+
+    db, sock = tmp_path / "queue.sqlite3", tmp_path / "serve.sock"
+    started = []
+    monkeypatch.setattr(remote_client, "start_detached", started.append)
+    monkeypatch.setattr(remote_client, "POLL", 0.1)
+    service, runner = await _serve_in_test(db, sock)
+    starter = RemoteClient(Address(socket=sock), start=remote_client.ServeOptions(devices="cpu"), previews=False,
+                           patience=0.5)
+    events = starter.subscribe()
+    try:
+        job = await starter.submit(_request(), tmp_path / "out")
+        waiting = asyncio.create_task(_drain(starter.wait(job, events)))  # it follows the job's events
+        await asyncio.sleep(0.5)
+        await runner.cleanup()
+        await service.close()
+        with pytest.raises(DreamttyError, match=r"for 0\.5 s; its jobs stay queued"):
+            async with asyncio.timeout(30):
+                await waiting
+    finally:
+        await starter.close(cancel_jobs=True)
+    assert started == []
+    with closing(QueueStore(db)) as store:
+        assert store.get(job).state == "queued"
+
+
+async def _drain(events) -> None:
+    async for _ in events:
+        pass
