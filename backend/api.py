@@ -155,7 +155,9 @@ class Api:
         return web.json_response({**versions(), "settings": config.service_settings()})
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response({**versions(), **self.service.status(), **self.info(), "streams": len(self.streams)})
+        status, info = self.service.status(), self.info()
+        warnings = [*(info.get("warnings") or []), *(status.get("warnings") or [])]
+        return web.json_response({**versions(), **status, **info, "warnings": warnings, "streams": len(self.streams)})
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         limit, states = _listing(request, "job", (*ACTIVE, *FINAL))

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from backend import locations
+from backend import locations, versions
 from backend.devices import parse_devices
-from backend.events import Event, EventError, WorkerReady, loads
+from backend.events import Event, EventError, Log, WorkerReady, loads
 from backend.request import MAX_COUNT
 from backend.worker import RELEASE
 
@@ -82,7 +82,8 @@ class WorkerPool(Protocol):
         it answers with a ``WorkerReleased`` event."""
 
     def status(self) -> dict:
-        """Where the workers run, what each holds and runs, as JSON (``workers``: a list of slot statuses)."""
+        """Where the workers run, what each holds and runs, as JSON (``workers``: a list of slot statuses; and
+        ``warnings``, when there are any: why a worker cannot start)."""
 
     async def close(self) -> None: ...
 
@@ -127,12 +128,14 @@ class ProcessPool:
         self._on_died: OnDied = lambda slot, jobs, why: None
         self._loop = None
         self._early_deaths: dict[int, int] = {}  # slot id -> deaths in a row before the worker was ready
+        self._stale: dict[int, str] = {}  # slot id -> why its worker refused to start: code changed on disk
 
     def start(self, on_event: OnEvent, on_died: OnDied) -> None:
         import asyncio
 
         self._loop = asyncio.get_running_loop()
         self._on_event, self._on_died = on_event, on_died
+        os.environ[versions.SERVICE_BUILD] = versions.build()  # each worker compares it with its own code's
         for i, device in enumerate(self.devices):
             self._spawn(Slot(i, device))
         self._reader = threading.Thread(target=self._read_events, name="dreamtty-events", daemon=True)
@@ -160,7 +163,8 @@ class ProcessPool:
             self._procs[slot.id].jobs.put(RELEASE)
 
     def status(self) -> dict:
-        return {"workers": [slot.status(self.alive(slot)) for slot in self.slots]}
+        workers = [slot.status(self.alive(slot)) for slot in self.slots]
+        return {"workers": workers, "warnings": list(self._stale.values())}
 
     async def close(self) -> None:
         import asyncio
@@ -241,6 +245,7 @@ class ProcessPool:
         if isinstance(event, WorkerReady):
             self._procs[event.worker].ready = True
             self._early_deaths.pop(event.worker, None)
+            self._stale.pop(event.worker, None)
             self._add_gpu_workers(event)
         self._on_event(event)
 
@@ -256,6 +261,12 @@ class ProcessPool:
             return
         jobs, dead = slot.jobs, self._procs[slot.id]
         dead.retire()
+        why = f"worker crashed (exit code {exitcode})"
+        if exitcode == versions.STALE_EXIT:
+            why = f"worker {slot.id}: {versions.stale_why()}"
+            if self._stale.get(slot.id) != why:  # said once, not at each try
+                self._on_event(Log(message=why, level="error"))
+            self._stale[slot.id] = why
         if dead.ready:
             self._spawn(slot)  # first: the service may hand the new worker a job at once
         else:  # it cannot start (a broken install or driver): restart it after a wait, not in a loop
@@ -263,7 +274,7 @@ class ProcessPool:
             first, longest = RESPAWN_BACKOFF
             slot.jobs = []
             self._loop.call_later(min(longest, first * 2 ** (deaths - 1)), self._respawn, slot)
-        self._on_died(slot, jobs, f"worker crashed (exit code {exitcode})")
+        self._on_died(slot, jobs, why)
 
     def _respawn(self, slot: Slot) -> None:
         if not self._stop.is_set():
@@ -288,6 +299,9 @@ def _real_stderr():
 
 
 def _worker_entry(*args) -> None:
+    if versions.stale_worker():  # before it speaks: see backend.versions
+        print("dreamtty worker: the code on disk is not its service's; exiting", file=sys.stderr)
+        sys.exit(versions.STALE_EXIT)
     from backend.worker import worker_main
 
     worker_main(*args)

@@ -52,6 +52,7 @@ LEASE_RENEW = LEASE_TTL / 5  # seconds between heartbeats
 RUN_CHECK = 1.0  # seconds between checks that training runs' trainers still live
 WRITE_RETRY = 2.0  # seconds between tries to write to a queue file that takes no writes
 log = logging.getLogger("dreamtty.service")
+_LOG_LEVELS = {"warning": logging.WARNING, "error": logging.ERROR}  # a Log event's level -> the service log's
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class Service:
         self._watch: asyncio.Task | None = None
         self._told_waiting: dict[int, int] = {}  # queued job -> the training run it was told it waits for
         self._cancelling: set[int] = set()  # running jobs asked to cancel: they stop after their current step
+        self._taken: set[int] = set()  # jobs whose worker said Started since they were handed to it
         self._unwritten: list[Callable[[], None]] = []  # queue writes that wait for the queue file (_when_writable)
         self._write_error: str | None = None  # why they wait, said once
         self._next_try: asyncio.TimerHandle | None = None
@@ -462,6 +464,7 @@ class Service:
 
     def _run_jobs(self, slot: Slot, jobs: list[Job]) -> None:
         self.store.set_running([job.id for job in jobs])
+        self._taken.difference_update(job.id for job in jobs)
         slot.loads(jobs[0].request.get("model", ""))
         self.pool.run(slot, [{"job": job.id, "kind": job.kind, **job.payload, "first_image": len(job.outputs)}
                              for job in jobs])
@@ -482,6 +485,8 @@ class Service:
     def _handle(self, event: Event) -> None:
         """A worker's event: one that ends or starts a job is written to the queue first, then published."""
         if isinstance(event, (*FINAL_EVENTS, Started)):
+            if isinstance(event, Started):
+                self._taken.add(event.job)
             self._when_writable(partial(self._record, event))
             return
         if isinstance(event, WorkerReady):
@@ -489,6 +494,9 @@ class Service:
             self._models.pop(event.worker, None)  # a restarted worker holds nothing yet
         elif isinstance(event, WorkerModels):
             self._models[event.worker] = event
+        elif isinstance(event, Log):  # a pool's: why a worker cannot start
+            self._say(event.message, event.level)
+            return
         self._fanout.publish(event)
         # a worker that holds no pipeline lets a run start on its device; one that cannot start frees it again
         freed = isinstance(event, (WorkerReady, WorkerReleased)) and self.training.released(event.worker)
@@ -506,6 +514,7 @@ class Service:
             event = replace(event, paths=self.store.get(event.job).outputs)
         self._told_waiting.pop(event.job, None)
         self._cancelling.discard(event.job)
+        self._taken.discard(event.job)
         slot = self._slot_of(event.job)
         if slot is not None and slot.id == event.worker:
             slot.jobs.remove(event.job)
@@ -542,12 +551,14 @@ class Service:
         self._next_try = self._loop.call_later(WRITE_RETRY, self._write_unwritten)
 
     def _say(self, message: str, level: str) -> None:
-        log.log(logging.WARNING if level == "warning" else logging.INFO, "%s", message)
+        log.log(_LOG_LEVELS.get(level, logging.INFO), "%s", message)
         self._fanout.publish(Log(message=message, level=level))
 
     def _worker_died(self, slot: Slot, job_ids: list[int], why: str) -> None:
         """A worker died (it was restarted): retry each of its jobs once from its first unsaved image, then fail
-        (one asked to cancel ends cancelled)."""
+        (one asked to cancel ends cancelled). One it had not taken yet (a worker that dies as it starts) is
+        queued again, and that is no attempt."""
+        self._models.pop(slot.id, None)  # its pipelines died with it
         self._when_writable(partial(self._retry_jobs, job_ids, why))
 
     def _retry_jobs(self, job_ids: list[int], why: str) -> None:
@@ -558,6 +569,8 @@ class Service:
             if job.id in self._cancelling:  # it was to stop anyway: not run again
                 self.store.set_state(job.id, "cancelled")
                 self._ended_cancelled(job.id)
+            elif job.id not in self._taken:
+                self.store.set_state(job.id, "queued")
             elif job.attempts < MAX_RETRIES:
                 self.store.retry(job.id)
                 self._fanout.publish(Retrying(job=job.id, error=why, first_image=len(job.outputs)))

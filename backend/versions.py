@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from pathlib import Path
 
 from backend import events
 
 API_VERSION = 1  # of backend.api's routes and bodies
+SERVICE_BUILD = "DREAMTTY_SERVICE_BUILD"  # environment: the build of the service that spawns this worker
+STALE_EXIT = 75  # a worker's exit status when the code on disk is not its service's (EX_TEMPFAIL)
 
 
 def versions() -> dict:
@@ -30,3 +33,19 @@ def build() -> str:
     for path in sorted(root.rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def stale_worker() -> bool:
+    """Whether this worker's code (read from disk as it started) is not the code of the service that spawned it:
+    an upgrade in place under a running service. Such a worker must exit at once, with ``STALE_EXIT``, before it
+    speaks: its events and its reading of job payloads may differ from the service's. Every future version's
+    worker entry keeps this check first."""
+    service = os.environ.get(SERVICE_BUILD)
+    return service is not None and service != build()
+
+
+def stale_why() -> str:
+    """The service's line when a worker it spawned exits with ``STALE_EXIT``."""
+    on_disk = build.__wrapped__()  # read again: this service's own build() was taken as it started
+    return (f"dreamtty was changed on disk since this service started (build {build()}, now {on_disk}): "
+            "restart the service to run jobs again (dreamtty serve --stop, then dreamtty serve); queued jobs wait")

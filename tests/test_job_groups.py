@@ -155,16 +155,43 @@ async def test_a_job_asked_to_cancel_ends_cancelled_if_its_worker_dies_or_the_se
     service = Service(devices="cpu", db_path=tmp_path / "q.sqlite3", pool=pool)
     a, b, c = _submit(service, seed=1), _submit(service, steps=6), _submit(service, steps=7)  # three groups
     await service.start()
+    service._handle(ev.WorkerModels(worker=0, models=[{"model": "demo", "dtype": "float32", "bytes": 1}], loads=1))
     events = service.subscribe()
     assert pool.given == [(0, [a]), (1, [b])]
     assert service.cancel(a) and service.cancel(b) and pool.cancelled == [(0, a), (1, b)]
     pool.slots[0].jobs = []  # as the pool leaves a slot whose worker it restarted
     service._worker_died(pool.slots[0], [a], "worker 0 died")
+    assert service.status()["workers"][0]["models"] == []  # its pipelines died with it
     assert service.store.get(a).state == "cancelled" and isinstance(events.get_nowait(), ev.Cancelled)
     assert pool.given[-1] == (0, [c])  # the restarted worker takes the next job
     await service.close()
     with closing(QueueStore(tmp_path / "q.sqlite3")) as store:
         assert [store.get(job).state for job in (b, c)] == ["cancelled", "queued"]
+
+
+def test_a_job_its_worker_died_before_taking_is_queued_again_without_counting_an_attempt(tmp_path):
+    """A job is handed to a worker as it starts; one that dies first (it cannot start, or runs code changed on
+    disk: backend.versions) never took it. Only a job its worker said Started for counts an attempt."""
+    pool = _Pool(1)
+    service = Service(db_path=tmp_path / "q.sqlite3", pool=pool)
+    events = service.subscribe()
+    job = _submit(service)
+    service._dispatch()
+    for _ in range(3):  # three workers in a row die as they start
+        pool.slots[0].jobs = []  # as the pool leaves a slot whose worker died
+        service._worker_died(pool.slots[0], [job], "worker 0: cannot start")
+    assert len(pool.given) == 4 and service.store.get(job).attempts == 0 and events.empty()
+    for attempt in (1, 2):  # one that took it and died: retried once, then failed
+        service._handle(ev.Started(job=job, worker=0))
+        pool.slots[0].jobs = []
+        service._worker_died(pool.slots[0], [job], "worker crashed (exit code -9)")
+        assert [type(e) for e in _drain(events)] == [ev.Started, ev.Retrying if attempt == 1 else ev.Failed]
+    assert service.store.get(job).state == "failed"
+    service.store.close()
+
+
+def _drain(events) -> list:
+    return [events.get_nowait() for _ in range(events.qsize())]
 
 
 def test_a_long_queue_is_not_read_whole_at_each_dispatch(tmp_path, monkeypatch):
@@ -191,6 +218,8 @@ def test_a_dead_workers_group_is_retried_job_by_job(tmp_path):
     a, b = _submit(service, seed=1), _submit(service, seed=2)
     service._dispatch()
     assert pool.given == [(0, [a, b])]
+    for job in (a, b):  # its worker took both
+        service._handle(ev.Started(job=job, worker=0))
     pool.slots[0].jobs = []
     service._worker_died(pool.slots[0], [a, b], "worker crashed (exit code -9)")
     retried = []

@@ -1008,6 +1008,36 @@ def test_a_state_folder_that_takes_no_log_is_one_line(tmp_path, monkeypatch):
         serve.start_detached(serve.ServeOptions(devices="cpu"))
 
 
+async def test_the_status_says_why_a_worker_cannot_start_after_the_queue_files_warnings(tmp_path, caplog):
+    """A worker of code changed on disk (backend.pool): its pool's line reaches the log, the event stream and
+    ``serve --status``, beside the warnings the service had from its start."""
+    from aiohttp.test_utils import TestClient, TestServer
+    from test_job_groups import _StartedPool
+
+    from backend.events import Log
+    from backend.service_status import checked_status
+    from tui.cli_serve import format_status
+
+    why = "worker 0: dreamtty was changed on disk since this service started (…): restart the service"
+
+    class StalePool(_StartedPool):
+        def status(self) -> dict:
+            return {"workers": [], "warnings": [why]}
+
+    service = Service(devices="cpu", db_path=tmp_path / "q.sqlite3", pool=StalePool(1))
+    events = service.subscribe()
+    service._handle(Log(message=why, level="error"))  # as the pool says it, once
+    assert events.get_nowait() == Log(message=why, level="error")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "dreamtty.service"] == [("ERROR", why)]
+    api = Api(service, token="t", info=lambda: {"warnings": ["queue: a damaged queue.sqlite3 was moved aside"]})
+    async with TestClient(TestServer(api.app), headers={"Authorization": "Bearer t"}) as http:
+        async with http.get("/v1/status") as r:
+            status = checked_status(await r.json())
+    assert status["warnings"] == ["queue: a damaged queue.sqlite3 was moved aside", why]
+    assert f"warning   {why}" in format_status(status)
+    service.store.close()
+
+
 async def test_a_client_that_gave_up_on_its_lost_service_leaves_its_jobs_queued(tmp_path, monkeypatch):
     """``generate`` says "its jobs stay queued" when its service is gone for its patience: it then cancels
     nothing, and starts no service to cancel them (as it would for Ctrl-C)."""

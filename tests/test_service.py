@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from backend import metadata
-from backend.events import Cancelled, Done, Failed, ImageSaved, Preview, Queued, Retrying, Started, Step, WorkerReady
+from backend.events import (Cancelled, Done, Event, Failed, ImageSaved, Preview, Queued, Retrying, Started, Step,
+                            WorkerReady)
 from backend.pool import ProcessPool, Slot
 from backend.queue_store import QueueStore
 from backend.request import GenerateRequest
@@ -344,3 +345,43 @@ async def test_a_worker_that_dies_before_ready_is_restarted_after_growing_waits(
     assert gaps[0] >= 1.0 and gaps[1] >= 2.0 and gaps[2] >= 2.0, gaps  # 1 s, then doubled up to the cap
     assert all("worker crashed (exit code" in why for _, why in deaths)
     assert not workers.alive(workers.slots[0])
+
+
+async def test_a_worker_of_code_changed_on_disk_exits_before_it_speaks_and_the_pool_says_restart(monkeypatch, tmp_path):
+    """An upgrade in place under a running service: a worker it spawns later runs the new code, which may speak
+    another protocol. It exits before its first event; the pool says once why, and restarts it after waits."""
+    from backend import pool, versions
+
+    service_build = lambda: "0ld0ld0ld0ld"  # noqa: E731 - the code this service started with
+    service_build.__wrapped__ = versions.build.__wrapped__  # what is on disk now
+    monkeypatch.setattr(versions, "build", service_build)
+    monkeypatch.setenv(versions.SERVICE_BUILD, "")  # the pool sets it: restored after the test
+    monkeypatch.setattr(pool, "RESPAWN_BACKOFF", (0.2, 0.4))
+    workers = ProcessPool("cpu", tmp_path / "queue.sqlite3")
+    said: list[Event] = []
+    deaths: list[str] = []
+    workers.start(said.append, lambda slot, jobs, why: deaths.append(why))
+    try:
+        async with asyncio.timeout(60):
+            while len(deaths) < 3:
+                await asyncio.sleep(0.05)
+        warnings = workers.status()["warnings"]
+    finally:
+        await workers.close()
+    assert not any(isinstance(event, WorkerReady) for event in said)
+    assert [(type(e).__name__, e.level) for e in said] == [("Log", "error")]  # said once, not at each try
+    why = said[0].message
+    assert deaths == [why] * len(deaths) and warnings == [why]
+    assert why.startswith("worker 0: dreamtty was changed on disk since this service started (build 0ld0ld0ld0ld, "
+                          f"now {versions.build.__wrapped__()}): restart the service")
+
+
+def test_a_worker_runs_only_the_code_of_the_service_that_spawned_it(monkeypatch):
+    from backend import versions
+
+    monkeypatch.delenv(versions.SERVICE_BUILD, raising=False)
+    assert not versions.stale_worker()  # not spawned by a service (or by one of before this check)
+    monkeypatch.setenv(versions.SERVICE_BUILD, versions.build())
+    assert not versions.stale_worker()
+    monkeypatch.setenv(versions.SERVICE_BUILD, "0ld0ld0ld0ld")
+    assert versions.stale_worker()

@@ -22,7 +22,7 @@ from textual.widgets import Checkbox, DataTable, Input, Select, Static, TextArea
 
 from backend import metadata
 from backend.config import config_path
-from backend.events import Cancelled, Done, Preview, Started, Step, WorkerModels
+from backend.events import Cancelled, Done, Log, Preview, Started, Step, WorkerModels
 from backend.request import GenerateRequest
 from backend.client import LocalClient
 from backend.pool import ProcessPool, Slot
@@ -612,6 +612,26 @@ async def test_progress_redraws_slow_down_while_the_user_types(idle_service, tmp
         # every 0.25 s (steps 1-7), then every 1 s after the last redraw (steps 15, 23) once a key was pressed
         assert shown == [1, 3, 5, 7, 15, 23]
         assert app.progress[1].step == 24  # skipped redraws still update the job's progress
+
+
+async def test_a_services_warning_is_a_notification_of_plain_text(idle_service, tmp_path):
+    """Why a worker cannot start (backend.pool) reaches an attached TUI; the service's info lines do not."""
+    app = make_app(idle_service, tmp_path)
+    why = "worker 0: dreamtty was changed on disk [b](build 0ld)[/b]: restart the service"
+    said = [Log(message=why, level="error"), Log(message="queue: takes writes again"), Log(message="x", job=3)]
+
+    class Said:
+        async def get(self) -> Log:
+            if not said:
+                raise Drained
+            return said.pop(0)
+
+    async with opened(app, size=(120, 40), notifications=True) as pilot:
+        with pytest.raises(Drained):
+            await app._consume_events(Said())
+        await pilot.pause()
+        shown = [(n.title, n.message, n.severity, n.markup) for n in app._notifications]
+        assert shown == [("service", why, "error", False)]
 
 
 async def test_a_long_queue_keeps_the_running_job_and_the_images_in_sight(idle_service, tmp_path, monkeypatch):

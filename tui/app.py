@@ -31,7 +31,7 @@ from textual.widgets import Button, Label
 from backend import config
 from backend.client import Client, LocalClient
 from backend.errors import DreamttyError, RequestError
-from backend.events import (FINAL_EVENTS, Event, Queued, Retrying, ServiceLost, ServiceReady, Started, Step,
+from backend.events import (FINAL_EVENTS, Event, Log, Queued, Retrying, ServiceLost, ServiceReady, Started, Step,
                             WorkerReady)
 from backend.safetext import visible
 from tui import keymap
@@ -191,6 +191,8 @@ class DreamttyApp(App):
                 with contextlib.suppress(DreamttyError):  # lost again already: its ServiceLost follows
                     await self._read_service()
                 notify(self, "service: connected again", title="service", timeout=5)
+            elif isinstance(event, Log) and event.job is None and event.level in ("warning", "error"):
+                notify(self, event.message, title="service", severity=event.level, timeout=30)
             self._track(event)
             if isinstance(event, Step) and event.step < event.total:
                 now = time.monotonic()
