@@ -60,7 +60,8 @@ class Slot:
 
 
 OnEvent = Callable[[Event], None]
-OnDied = Callable[[Slot, list[int], str], None]  # the slot whose worker died, the jobs it ran, and why
+# the slot whose worker died, the jobs it was handed, why, and whether it had taken them (False: it died starting)
+OnDied = Callable[[Slot, list[int], str, bool], None]
 
 
 class WorkerPool(Protocol):
@@ -125,7 +126,7 @@ class ProcessPool:
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
         self._on_event: OnEvent = lambda event: None
-        self._on_died: OnDied = lambda slot, jobs, why: None
+        self._on_died: OnDied = lambda slot, jobs, why, taken: None
         self._loop = None
         self._early_deaths: dict[int, int] = {}  # slot id -> deaths in a row before the worker was ready
         self._stale: dict[int, str] = {}  # slot id -> why its worker refused to start: code changed on disk
@@ -274,7 +275,7 @@ class ProcessPool:
             first, longest = RESPAWN_BACKOFF
             slot.jobs = []
             self._loop.call_later(min(longest, first * 2 ** (deaths - 1)), self._respawn, slot)
-        self._on_died(slot, jobs, why)
+        self._on_died(slot, jobs, why, dead.ready)  # a worker reads jobs only once it said it is ready
 
     def _respawn(self, slot: Slot) -> None:
         if not self._stop.is_set():

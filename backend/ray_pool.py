@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from backend import events as ev
+from backend import events as ev, versions
 from backend.cluster_address import ADDRESS, check_address
 from backend.errors import DreamttyError
 from backend.pool import OnDied, OnEvent, Slot
@@ -90,8 +90,9 @@ class ActorWorker:
         threading.Thread(target=self._serve, name="dreamtty-jobs", daemon=True).start()
 
     def hello(self) -> dict:
-        """Where this actor runs (its answer also says it is ready)."""
-        return {"device": str(self.cache.device), "cuda_count": self.cuda_count, "host": socket.gethostname()}
+        """Where this actor runs and the code it runs (its answer also says it is ready)."""
+        return {"device": str(self.cache.device), "cuda_count": self.cuda_count, "host": socket.gethostname(),
+                "build": versions.build()}
 
     def run(self, jobs: list[dict] | str) -> None:
         """Run ``jobs`` (one job's payload or a group's, see backend.job_groups), or ``RELEASE``."""
@@ -141,6 +142,7 @@ class _Worker:
     jobs: dict[int, dict] = field(default_factory=dict)  # job id -> the payload of each job it runs
     errors: dict[int, str] = field(default_factory=dict)  # jobs whose images cannot be saved: they end failed
     thread: threading.Thread | None = None
+    cannot: str | None = None  # why its actor cannot start, said once; None once one runs
 
 
 class RayPool:
@@ -160,7 +162,7 @@ class RayPool:
         self._connected = False  # this pool joined the cluster (and leaves it on close)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_event: OnEvent = lambda event: None
-        self._on_died: OnDied = lambda slot, jobs, why: None
+        self._on_died: OnDied = lambda slot, jobs, why, taken: None
 
     def start(self, on_event: OnEvent, on_died: OnDied) -> None:
         """Join the cluster (a one-line DreamttyError when it cannot) and start the actors; each slot
@@ -205,7 +207,8 @@ class RayPool:
         nodes = [{"host": n["NodeManagerHostname"], "address": n["NodeManagerAddress"], "alive": n["Alive"],
                   "gpus": int(n["Resources"].get("GPU", 0))} for n in ray.nodes()]
         return {"cluster": self.address, "nodes": nodes,
-                "workers": [slot.status(self.alive(slot)) for slot in self.slots]}
+                "workers": [slot.status(self.alive(slot)) for slot in self.slots],
+                "warnings": [worker.cannot for worker in self._workers.values() if worker.cannot]}
 
     async def close(self) -> None:
         import ray
@@ -258,15 +261,27 @@ class RayPool:
         actor = worker.starting = actor_class.remote(worker.slot.id, "auto" if self.gpu else "cpu")
         try:
             info = ray.get(actor.hello.remote())
+            why = None
         except ray.exceptions.RayError as exc:
+            why = f"cannot start on the cluster: {one_line(exc)}"
+        else:  # the events and payloads they pass must be read alike: see backend.versions
+            if info.get("build") != versions.build():
+                why = (f"{info.get('host')} runs other dreamtty code (build {info.get('build')}) than this service "
+                       f"(build {versions.build()}); install the same dreamtty on every node, then restart the service")
+        if why is not None:
             _kill(ray, actor)
             if not self._stop.is_set():
-                self._call(self._on_event, ev.Log(
-                    message=f"worker {worker.slot.id}: cannot start on the cluster: {one_line(exc)}", level="error"))
+                self._cannot_start(worker, f"worker {worker.slot.id}: {why}")
                 self._stop.wait(RESTART_DELAY)
             return None
         self._call(self._ready, worker, actor, info)
         return actor
+
+    def _cannot_start(self, worker: _Worker, why: str) -> None:
+        """Thread: say why ``worker``'s actor cannot start, once (it is tried again every ``RESTART_DELAY``)."""
+        if worker.cannot != why:
+            self._call(self._on_event, ev.Log(message=why, level="error"))
+        worker.cannot = why
 
     def _take(self, worker: _Worker, actor, item, store: QueueStore) -> None:
         """Thread: one item of an actor's outbox. An image is saved and recorded before its event."""
@@ -294,7 +309,7 @@ class RayPool:
     def _ready(self, worker: _Worker, actor, info: dict) -> None:
         slot = worker.slot
         slot.device, slot.node, slot.jobs, slot.models = info["device"], info["host"], [], []
-        worker.actor, worker.ready = actor, True
+        worker.actor, worker.ready, worker.cannot = actor, True, None
         self._on_event(ev.WorkerReady(worker=slot.id, device=f"{slot.device} ({slot.node})",
                                       cuda_count=info["cuda_count"]))
 
@@ -303,7 +318,7 @@ class RayPool:
         slot = worker.slot
         jobs, slot.jobs, slot.models = slot.jobs, [], []
         worker.ready, worker.jobs = False, {}
-        self._on_died(slot, jobs, why)
+        self._on_died(slot, jobs, why, True)  # it was handed jobs only once it ran
 
     def _call(self, fn, *args) -> None:
         try:

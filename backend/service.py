@@ -118,7 +118,6 @@ class Service:
         self._watch: asyncio.Task | None = None
         self._told_waiting: dict[int, int] = {}  # queued job -> the training run it was told it waits for
         self._cancelling: set[int] = set()  # running jobs asked to cancel: they stop after their current step
-        self._taken: set[int] = set()  # jobs whose worker said Started since they were handed to it
         self._unwritten: list[Callable[[], None]] = []  # queue writes that wait for the queue file (_when_writable)
         self._write_error: str | None = None  # why they wait, said once
         self._next_try: asyncio.TimerHandle | None = None
@@ -464,7 +463,6 @@ class Service:
 
     def _run_jobs(self, slot: Slot, jobs: list[Job]) -> None:
         self.store.set_running([job.id for job in jobs])
-        self._taken.difference_update(job.id for job in jobs)
         slot.loads(jobs[0].request.get("model", ""))
         self.pool.run(slot, [{"job": job.id, "kind": job.kind, **job.payload, "first_image": len(job.outputs)}
                              for job in jobs])
@@ -485,8 +483,6 @@ class Service:
     def _handle(self, event: Event) -> None:
         """A worker's event: one that ends or starts a job is written to the queue first, then published."""
         if isinstance(event, (*FINAL_EVENTS, Started)):
-            if isinstance(event, Started):
-                self._taken.add(event.job)
             self._when_writable(partial(self._record, event))
             return
         if isinstance(event, WorkerReady):
@@ -514,7 +510,6 @@ class Service:
             event = replace(event, paths=self.store.get(event.job).outputs)
         self._told_waiting.pop(event.job, None)
         self._cancelling.discard(event.job)
-        self._taken.discard(event.job)
         slot = self._slot_of(event.job)
         if slot is not None and slot.id == event.worker:
             slot.jobs.remove(event.job)
@@ -554,14 +549,14 @@ class Service:
         log.log(_LOG_LEVELS.get(level, logging.INFO), "%s", message)
         self._fanout.publish(Log(message=message, level=level))
 
-    def _worker_died(self, slot: Slot, job_ids: list[int], why: str) -> None:
+    def _worker_died(self, slot: Slot, job_ids: list[int], why: str, taken: bool) -> None:
         """A worker died (it was restarted): retry each of its jobs once from its first unsaved image, then fail
-        (one asked to cancel ends cancelled). One it had not taken yet (a worker that dies as it starts) is
-        queued again, and that is no attempt."""
+        (one asked to cancel ends cancelled). Jobs it had not ``taken`` (it died starting, before it read one)
+        are queued again, and that is no attempt."""
         self._models.pop(slot.id, None)  # its pipelines died with it
-        self._when_writable(partial(self._retry_jobs, job_ids, why))
+        self._when_writable(partial(self._retry_jobs, job_ids, why, taken))
 
-    def _retry_jobs(self, job_ids: list[int], why: str) -> None:
+    def _retry_jobs(self, job_ids: list[int], why: str, taken: bool) -> None:
         for job_id in job_ids:
             job = self.store.get(job_id)
             if self._closing.is_set() or job is None or job.state != "running":
@@ -569,7 +564,7 @@ class Service:
             if job.id in self._cancelling:  # it was to stop anyway: not run again
                 self.store.set_state(job.id, "cancelled")
                 self._ended_cancelled(job.id)
-            elif job.id not in self._taken:
+            elif not taken:
                 self.store.set_state(job.id, "queued")
             elif job.attempts < MAX_RETRIES:
                 self.store.retry(job.id)

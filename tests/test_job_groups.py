@@ -160,7 +160,7 @@ async def test_a_job_asked_to_cancel_ends_cancelled_if_its_worker_dies_or_the_se
     assert pool.given == [(0, [a]), (1, [b])]
     assert service.cancel(a) and service.cancel(b) and pool.cancelled == [(0, a), (1, b)]
     pool.slots[0].jobs = []  # as the pool leaves a slot whose worker it restarted
-    service._worker_died(pool.slots[0], [a], "worker 0 died")
+    service._worker_died(pool.slots[0], [a], "worker 0 died", True)
     assert service.status()["workers"][0]["models"] == []  # its pipelines died with it
     assert service.store.get(a).state == "cancelled" and isinstance(events.get_nowait(), ev.Cancelled)
     assert pool.given[-1] == (0, [c])  # the restarted worker takes the next job
@@ -171,7 +171,7 @@ async def test_a_job_asked_to_cancel_ends_cancelled_if_its_worker_dies_or_the_se
 
 def test_a_job_its_worker_died_before_taking_is_queued_again_without_counting_an_attempt(tmp_path):
     """A job is handed to a worker as it starts; one that dies first (it cannot start, or runs code changed on
-    disk: backend.versions) never took it. Only a job its worker said Started for counts an attempt."""
+    disk: backend.versions) never read it. Only a death of a worker that took its jobs counts an attempt."""
     pool = _Pool(1)
     service = Service(db_path=tmp_path / "q.sqlite3", pool=pool)
     events = service.subscribe()
@@ -179,12 +179,12 @@ def test_a_job_its_worker_died_before_taking_is_queued_again_without_counting_an
     service._dispatch()
     for _ in range(3):  # three workers in a row die as they start
         pool.slots[0].jobs = []  # as the pool leaves a slot whose worker died
-        service._worker_died(pool.slots[0], [job], "worker 0: cannot start")
+        service._worker_died(pool.slots[0], [job], "worker 0: cannot start", False)
     assert len(pool.given) == 4 and service.store.get(job).attempts == 0 and events.empty()
     for attempt in (1, 2):  # one that took it and died: retried once, then failed
         service._handle(ev.Started(job=job, worker=0))
         pool.slots[0].jobs = []
-        service._worker_died(pool.slots[0], [job], "worker crashed (exit code -9)")
+        service._worker_died(pool.slots[0], [job], "worker crashed (exit code -9)", True)
         assert [type(e) for e in _drain(events)] == [ev.Started, ev.Retrying if attempt == 1 else ev.Failed]
     assert service.store.get(job).state == "failed"
     service.store.close()
@@ -218,10 +218,8 @@ def test_a_dead_workers_group_is_retried_job_by_job(tmp_path):
     a, b = _submit(service, seed=1), _submit(service, seed=2)
     service._dispatch()
     assert pool.given == [(0, [a, b])]
-    for job in (a, b):  # its worker took both
-        service._handle(ev.Started(job=job, worker=0))
     pool.slots[0].jobs = []
-    service._worker_died(pool.slots[0], [a, b], "worker crashed (exit code -9)")
+    service._worker_died(pool.slots[0], [a, b], "worker crashed (exit code -9)", True)
     retried = []
     while not events.empty():
         event = events.get_nowait()

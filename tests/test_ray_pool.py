@@ -110,6 +110,60 @@ def test_config_workers_picks_the_pool(tmp_path, monkeypatch):
                                       "ray://HEAD:10001 or HEAD:6379; using the default"]
 
 
+class _FakeRay:
+    """Just enough of ``ray`` for ``RayPool._start_actor``: each actor answers hello with the next of ``answers``
+    (an exception is raised as Ray's)."""
+
+    class exceptions:
+        RayError = RuntimeError
+
+    def __init__(self, answers: list) -> None:
+        self.answers, self.killed = list(answers), 0
+        self.actor_class = type("ActorClass", (), {"remote": lambda *args: self._actor()})
+
+    def _actor(self):
+        answer = self.answers.pop(0)
+        return type("Actor", (), {"hello": type("Hello", (), {"remote": lambda: answer})})
+
+    def get(self, answer):
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def kill(self, actor) -> None:
+        self.killed += 1
+
+
+async def test_an_actor_that_runs_other_code_takes_no_job_and_is_said_once(tmp_path, monkeypatch):
+    """Nodes must run the service's code (the events and job payloads they pass are read alike): an actor of
+    another build is stopped and tried again later, and why is said once, and in the status, until one runs."""
+    import ray
+
+    from backend import ray_pool, versions
+
+    monkeypatch.setattr(ray_pool, "RESTART_DELAY", 0)
+    monkeypatch.setattr(ray, "nodes", lambda: [])
+    other = {"device": "cpu", "cuda_count": 0, "host": "node-b", "build": "0ld0ld0ld0ld"}
+    fake = _FakeRay([other, other, RuntimeError("node lost"), {**other, "build": versions.build()}])
+    pool = ray_pool.RayPool("auto", tmp_path / "q.sqlite3", gpu=False)
+    said: list = []
+    pool._loop, pool._on_event = asyncio.get_running_loop(), said.append
+    worker = pool._workers[0] = ray_pool._Worker(Slot(0, "cpu"))
+    pool.slots.append(worker.slot)
+    started, warnings = [], []
+    for _ in range(4):
+        started.append(await asyncio.to_thread(pool._start_actor, fake, fake.actor_class, worker))
+        await asyncio.sleep(0)  # what the thread handed the event loop
+        warnings.append(pool.status()["warnings"])
+    assert [actor is not None for actor in started] == [False, False, False, True] and fake.killed == 3
+    other_code = (f"worker 0: node-b runs other dreamtty code (build 0ld0ld0ld0ld) than this service (build "
+                  f"{versions.build()}); install the same dreamtty on every node, then restart the service")
+    lost = "worker 0: cannot start on the cluster: node lost"
+    assert [(e.message, e.level) for e in said[:-1]] == [(other_code, "error"), (lost, "error")]
+    assert isinstance(said[-1], WorkerReady) and worker.ready
+    assert warnings == [[other_code], [other_code], [lost], []]
+
+
 def test_cli_cluster_errors_are_one_line(tmp_path):
     with socket.socket() as probe:  # a port where no Ray head listens
         probe.bind(("127.0.0.1", 0))

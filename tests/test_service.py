@@ -318,7 +318,7 @@ async def test_closing_the_pool_kills_a_worker_that_ignores_sigterm(monkeypatch,
     monkeypatch.setattr(pool, "JOIN_PATIENCE", 0.5)
     monkeypatch.setenv("DT_DEAF_READY", str(tmp_path / "ready"))
     workers = ProcessPool("cpu", tmp_path / "queue.sqlite3")
-    workers.start(lambda event: None, lambda slot, job, why: None)
+    workers.start(lambda event: None, lambda slot, job, why, taken: None)
     async with asyncio.timeout(60):
         while not (tmp_path / "ready").exists():
             await asyncio.sleep(0.05)
@@ -334,7 +334,8 @@ async def test_a_worker_that_dies_before_ready_is_restarted_after_growing_waits(
     monkeypatch.setattr(pool, "RESPAWN_BACKOFF", (1.0, 2.0))
     workers = ProcessPool("cpu", tmp_path / "queue.sqlite3")
     deaths: list[tuple[float, str]] = []
-    workers.start(lambda event: None, lambda slot, job, why: deaths.append((asyncio.get_running_loop().time(), why)))
+    workers.start(lambda event: None,
+                  lambda slot, job, why, taken: deaths.append((asyncio.get_running_loop().time(), why)))
     try:
         async with asyncio.timeout(60):
             while len(deaths) < 4:
@@ -360,7 +361,7 @@ async def test_a_worker_of_code_changed_on_disk_exits_before_it_speaks_and_the_p
     workers = ProcessPool("cpu", tmp_path / "queue.sqlite3")
     said: list[Event] = []
     deaths: list[str] = []
-    workers.start(said.append, lambda slot, jobs, why: deaths.append(why))
+    workers.start(said.append, lambda slot, jobs, why, taken: deaths.append((why, taken)))
     try:
         async with asyncio.timeout(60):
             while len(deaths) < 3:
@@ -371,7 +372,7 @@ async def test_a_worker_of_code_changed_on_disk_exits_before_it_speaks_and_the_p
     assert not any(isinstance(event, WorkerReady) for event in said)
     assert [(type(e).__name__, e.level) for e in said] == [("Log", "error")]  # said once, not at each try
     why = said[0].message
-    assert deaths == [why] * len(deaths) and warnings == [why]
+    assert deaths == [(why, False)] * len(deaths) and warnings == [why]
     assert why.startswith("worker 0: dreamtty was changed on disk since this service started (build 0ld0ld0ld0ld, "
                           f"now {versions.build.__wrapped__()}): restart the service")
 
