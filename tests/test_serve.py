@@ -827,6 +827,10 @@ def test_the_tui_is_a_client_and_its_kill_spares_the_job(dirs):
         tmux.wait(lambda: re.search(r"step \d+/500", tmux.screen()), "the job's progress from the service")
         tmux.wait(lambda: re.search(r"step \d+/500", screen := tmux.screen("second")) and "a red fox" in screen,
                   "the job live in the second TUI: its progress line and its queue")
+        tmux("set-option", "-t", "second", "remain-on-exit", "on")
+        tmux("send-keys", "-t", "second", "C-q")  # it quits at once: the job goes on, as it says
+        tmux.wait(lambda: "1 job queued or running goes on in the service" in tmux.screen("second"),
+                  "the second TUI's line as it quit", 30)
         assert not list(dirs.out.rglob("*.png"))
         pane_pid = int(tmux("display", "-p", "-t", "app", "#{pane_pid}").stdout)
         os.kill(pane_pid, signal.SIGKILL)  # the TUI dies mid-job, as with an SSH drop

@@ -351,6 +351,23 @@ async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path)
         await wait_for(pilot, lambda: not app.is_running, what="exit")
 
 
+async def test_a_tui_attached_to_the_service_quits_at_once_and_says_its_jobs_go_on(idle_service, tmp_path,
+                                                                                monkeypatch):
+    """Quitting stops nothing when the service runs the jobs: no question, and a line on the terminal after."""
+    from tui.app import goes_on
+
+    app = make_app(idle_service, tmp_path)
+    monkeypatch.setattr(app.client, "jobs_survive_close", True)  # as a RemoteClient's
+    async with opened(app, size=(120, 40)) as pilot:
+        app.active.update({7: "running", 8: "queued"})
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: not app.is_running, what="exit")
+    assert app.left_going == 2
+    assert goes_on(2) == ("dreamtty: 2 jobs queued or running go on in the service (dreamtty jobs lists them; "
+                          "dreamtty attach shows them)")
+    assert goes_on(1).startswith("dreamtty: 1 job queued or running goes on in the service")
+
+
 async def test_one_command_palette_and_one_quit_dialog_at_a_time(idle_service, tmp_path):
     from textual.command import CommandPalette
 

@@ -115,6 +115,7 @@ class DreamttyApp(App):
         self.client = client or _local_client(device, cluster)
         self.job_events: Signal[Event] = Signal(self, "job-events")
         self.active: dict[int, str] = {}  # job id -> queued | running (every client's jobs on the service)
+        self.left_going = 0  # jobs queued or running as a TUI attached to the service quit: they go on there
         self.submitted: set[int] = set()  # the jobs this TUI queued (ctrl+x cancels only these)
         self.progress: dict[int, Step] = {}  # job id -> its last step event
         self.worker_state = STARTING
@@ -343,7 +344,11 @@ class DreamttyApp(App):
     async def action_quit(self) -> None:
         if isinstance(self.screen, ConfirmQuit):
             return  # already asked
-        active = 0 if self.client.jobs_survive_close else len(await self.client.active_jobs())
+        if self.client.jobs_survive_close:  # nothing stops: the service runs the jobs (said after the exit)
+            self.left_going = len(self.active)
+            self.exit()
+            return
+        active = len(await self.client.active_jobs())
         if not active:
             self._exit_after_notice()
             return
@@ -385,6 +390,12 @@ def _local_client(device: str, cluster: str | None) -> LocalClient:
     return LocalClient(Service(devices=device, recover=True, nice=WORKER_NICE, cluster=cluster))
 
 
+def goes_on(count: int) -> str:
+    """What a TUI attached to the service says as it quits with ``count`` jobs queued or running."""
+    jobs = "1 job queued or running goes" if count == 1 else f"{count} jobs queued or running go"
+    return f"dreamtty: {jobs} on in the service (dreamtty jobs lists them; dreamtty attach shows them)"
+
+
 def use_color_system(choice: str) -> None:
     """``--color``: force Textual's colour depth (over SSH COLORTERM is often lost); NO_COLOR still wins."""
     system = COLOR_SYSTEMS.get(choice)
@@ -411,4 +422,6 @@ def run_app(args, report: Callable[[list[str]], None], attach: bool = False) -> 
     app = DreamttyApp(model=args.model, out=args.out, device=args.device, client=client)
     app.run()
     report(app.client.warnings)
+    if app.left_going:
+        print(goes_on(app.left_going), file=sys.stderr)
     return app.return_code or 0
