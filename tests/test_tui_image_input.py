@@ -19,7 +19,7 @@ from backend.request import GenerateRequest
 from backend.service import Service
 from image_helpers import gradient, write_mask
 from test_hostile_text import NAME, NAME_SHOWN, screen_text
-from test_tui import field_of, idle_service, make_app, opened, settle, wait_for  # noqa: F401  (idle_service is a fixture)
+from test_tui import field_of, idle_service, make_app, opened, settle, wait_for  # noqa: F401  (idle_service: a fixture)
 from tui import keymap
 from tui.app import DreamttyApp
 from tui.mask import Mask, block, cell_pixels, disc, preview_index, preview_size
@@ -118,7 +118,7 @@ def test_mask_edits_match_a_preview_sized_model_and_keep_the_coverage_exact():
 
 
 # -- the gallery's keys ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("key, kind, fields", [
+GALLERY_KEYS = [  # a key, the kind it queues, fields of its request
     ("v", "img2img", {"strength": 0.5, "width": 128, "height": 96}),
     ("V", "img2img", {"strength": 0.85}),
     ("u", "upscale", {"scale": 1.5, "width": 192, "height": 144, "strength": 0.382}),
@@ -127,24 +127,27 @@ def test_mask_edits_match_a_preview_sized_model_and_keep_the_coverage_exact():
     ("L", "outpaint", {"right": 40, "left": 0}),
     ("K", "outpaint", {"top": 32, "height": 128, "width": 128}),  # 30% of 96 = 28.8 -> 29 -> 32
     ("J", "outpaint", {"bottom": 32}),
-])
-async def test_gallery_keys_queue_the_job_with_the_images_settings_and_a_new_seed(idle_service, tmp_path, key, kind,
-                                                                                  fields):
+]
+
+
+async def test_gallery_keys_queue_the_job_with_the_images_settings_and_a_new_seed(idle_service, tmp_path):
+    """Each key in turn, in one app, on the same gallery image."""
     image = source_png(tmp_path / "fox.png")
     in_gallery(idle_service, image)
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:
         await settle(pilot)
         await to_gallery(pilot, app)
-        await pilot.press(key)
-        await wait_for(pilot, lambda: len(idle_service.jobs()) == 2, what="the job")
-        job = last_job(idle_service)
-    assert job.kind == kind
-    request = job.request
-    assert {name: request[name] for name in KEPT} == {name: SOURCE[name] for name in KEPT}
-    assert request["seed"] != SOURCE["seed"]
-    assert request["image"] == str(image) and request["image_hash"]
-    assert {name: request[name] for name in fields} == fields
+        for jobs, (key, kind, fields) in enumerate(GALLERY_KEYS, start=2):  # job 1: the source image's
+            await pilot.press(key)
+            await wait_for(pilot, lambda n=jobs: len(idle_service.jobs()) == n, what=f"the job of {key}")
+            job = last_job(idle_service)
+            assert job.kind == kind, key
+            request = job.request
+            assert {name: request[name] for name in KEPT} == {name: SOURCE[name] for name in KEPT}, key
+            assert request["seed"] != SOURCE["seed"], key
+            assert request["image"] == str(image) and request["image_hash"], key
+            assert {name: request[name] for name in fields} == fields, key
 
 
 async def test_gallery_key_on_a_missing_image_says_so_and_queues_nothing(idle_service, tmp_path):
@@ -292,28 +295,51 @@ async def input_section(pilot, app, image: Path | str, operation: str, **setting
     return form
 
 
-@pytest.mark.parametrize("operation, settings, expected", [
+def form_reset(app):
+    """A function that sets the form's Input image section, size and focus back to what they are now and clears
+    its errors: taken as the app opens, each case of a test starts from the form as it opened."""
+    form = app.screen.form
+    controls = [*form.input_section.query("Input, Select, Checkbox"), form.query_one("#size", Select)]
+    values, focused = [control.value for control in controls], app.focused
+
+    def reset() -> None:
+        for control, value in zip(controls, values):
+            control.value = value
+        form.clear_errors()
+        focused.focus()
+
+    return reset
+
+
+QUEUED_KINDS = [  # an operation, the settings typed, fields of its request
     ("img2img", {"strength": "strong"}, {"strength": 0.85, "width": 128, "height": 96}),
     ("upscale", {"scale": "1.5", "fast": True}, {"scale": 1.5, "fast": True, "upscaler": "lanczos", "width": 192}),
     ("inpaint", {"box": "8,8,32,16", "mode": "detail"}, {"box": [8, 8, 32, 16], "mode": "detail", "strength": 0.5,
                                                          "feather": 8, "mask": None}),
     ("outpaint", {"left": "16", "bottom": "20", "feather": "4"}, {"left": 16, "bottom": 24, "width": 144,
                                                                   "height": 120, "feather": 4}),
-])
-async def test_input_image_section_queues_each_kind(idle_service, tmp_path, operation, settings, expected):
+]
+
+
+async def test_input_image_section_queues_each_kind(idle_service, tmp_path):
+    """Each operation in turn, in one app, from the form as it opened."""
     image = source_png(tmp_path / "fox.png")
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:
-        form = await input_section(pilot, app, image, operation, **settings)
-        assert form.query_one("#size", Select).value == "input"  # an operation takes the image's size
-        form.query_one("#prompt").text = "a fox in the form"  # the form's settings, as shown, not the image's
-        await pilot.press("ctrl+g")
-        await wait_for(pilot, lambda: idle_service.jobs(), what="the job")
-        job = last_job(idle_service)
-        assert not any(f.error for f in form.query("Field"))
-    assert job.kind == operation
-    assert job.request["image"] == str(image) and job.request["prompt"] == "a fox in the form"
-    assert {name: job.request[name] for name in expected} == expected
+        await settle(pilot)
+        reset = form_reset(app)
+        for jobs, (operation, settings, expected) in enumerate(QUEUED_KINDS, start=1):
+            reset()
+            form = await input_section(pilot, app, image, operation, **settings)
+            assert form.query_one("#size", Select).value == "input", operation  # the image's size
+            form.query_one("#prompt").text = "a fox in the form"  # the form's settings, as shown, not the image's
+            await pilot.press("ctrl+g")
+            await wait_for(pilot, lambda n=jobs: len(idle_service.jobs()) == n, what=f"the {operation} job")
+            job = last_job(idle_service)
+            assert not any(f.error for f in form.query("Field")), operation
+            assert job.kind == operation
+            assert job.request["image"] == str(image) and job.request["prompt"] == "a fox in the form", operation
+            assert {name: job.request[name] for name in expected} == expected, operation
 
 
 async def test_input_image_section_paints_a_mask_and_inpaints_with_it(idle_service, tmp_path):
@@ -346,7 +372,7 @@ async def test_input_image_section_paints_a_mask_and_inpaints_with_it(idle_servi
     assert request["mask"] == mask and request["feather"] == 12 and request["box"] is None
 
 
-@pytest.mark.parametrize("operation, image, settings, selector, message", [
+BAD_SETTINGS = [  # an operation, its image and settings, the field that shows the error, its message
     ("img2img", "missing.png", {}, "#in-image", "missing.png is missing"),
     ("upscale", "broken.png", {}, "#in-image", "is not an image PIL can read"),
     ("inpaint", "fox.png", {"mask": "black.png"}, "#in-mask", "is all black"),
@@ -356,28 +382,35 @@ async def test_input_image_section_paints_a_mask_and_inpaints_with_it(idle_servi
     ("outpaint", "fox.png", {}, "#in-left", "nothing to add"),
     ("outpaint", "fox.png", {"top": "-8"}, "#in-top", "negative"),
     ("generate", "fox.png", {}, "#size", "needs an operation"),
-])
-async def test_bad_input_image_settings_show_an_error_next_to_the_field(idle_service, tmp_path, operation, image,
-                                                                       settings, selector, message):
+]
+
+
+async def test_bad_input_image_settings_show_an_error_next_to_the_field(idle_service, tmp_path):
+    """Each case in turn, in one app, from the form as it opened; a failure names its case."""
     source_png(tmp_path / "fox.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     write_mask(tmp_path / "black.png", (0, 0, 0, 0), (128, 96))
-    settings = {k: str(tmp_path / v) if k == "mask" else v for k, v in settings.items()}
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:
-        form = await input_section(pilot, app, tmp_path / image, "img2img" if operation == "generate" else operation,
-                                   **settings)
-        if operation == "generate":  # the input image's size, then no operation
-            form.query_one("#in-operation", Select).value = "generate"
-            await pilot.pause()
-            assert form.query_one("#size", Select).value == "128x128"  # back to the family's default
-            form.query_one("#size", Select).value = "input"
-            await pilot.pause()
-        await pilot.press("ctrl+g")
         await settle(pilot)
-        assert message in field_of(app, selector).error
-        assert [f for f in form.query("Field") if f.error] == [field_of(app, selector)]
-        assert idle_service.jobs() == []
+        reset = form_reset(app)
+        for case in BAD_SETTINGS:
+            operation, image, settings, selector, message = case
+            reset()
+            settings = {k: str(tmp_path / v) if k == "mask" else v for k, v in settings.items()}
+            form = await input_section(pilot, app, tmp_path / image,
+                                       "img2img" if operation == "generate" else operation, **settings)
+            if operation == "generate":  # the input image's size, then no operation
+                form.query_one("#in-operation", Select).value = "generate"
+                await pilot.pause()
+                assert form.query_one("#size", Select).value == "128x128", case  # back to the family's default
+                form.query_one("#size", Select).value = "input"
+                await pilot.pause()
+            await pilot.press("ctrl+g")
+            await settle(pilot)
+            assert message in field_of(app, selector).error, case
+            assert [f for f in form.query("Field") if f.error] == [field_of(app, selector)], case
+            assert idle_service.jobs() == [], case
 
 
 async def test_a_preset_is_saved_without_the_input_image(idle_service, tmp_path):
