@@ -60,7 +60,8 @@ class Slot:
 
 
 OnEvent = Callable[[Event], None]
-# the slot whose worker died, the jobs it was handed, why, and whether it had taken them (False: it died starting)
+# the slot whose worker died, the jobs it was handed, why, and whether that counts as an attempt of each (False:
+# a worker of code changed on disk refused them before it read one; they wait queued for a restart)
 OnDied = Callable[[Slot, list[int], str, bool], None]
 
 
@@ -126,7 +127,7 @@ class ProcessPool:
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
         self._on_event: OnEvent = lambda event: None
-        self._on_died: OnDied = lambda slot, jobs, why, taken: None
+        self._on_died: OnDied = lambda slot, jobs, why, counts: None
         self._loop = None
         self._early_deaths: dict[int, int] = {}  # slot id -> deaths in a row before the worker was ready
         self._stale: dict[int, str] = {}  # slot id -> why its worker refused to start: code changed on disk
@@ -215,26 +216,32 @@ class ProcessPool:
     def _read_events(self) -> None:
         """Thread: move worker events onto the event loop; notice dead workers."""
         while not self._stop.is_set():
-            pipes = {p.events: (s, p) for s in self.slots if (p := self._procs[s.id]).events is not None}
+            pipes = {p.events: p for s in self.slots if (p := self._procs[s.id]).events is not None}
             for conn in mp_connection.wait(list(pipes), timeout=0.2):
-                slot, proc = pipes[conn]
-                try:
-                    event = loads(conn.recv_bytes())
-                except (EOFError, OSError):  # the worker exited: stop reading its pipe
-                    if proc.events is conn:  # unless a restart already replaced it
-                        proc.events = None
-                    conn.close()
-                    continue
-                except EventError:
-                    continue
-                self._call(self._deliver, event)
+                self._receive(pipes[conn], conn)
             for slot in list(self.slots):
                 proc = self._procs[slot.id]
                 if not proc.process.is_alive() and not self._stop.is_set() and not proc.died_reported:
+                    while (conn := proc.events) is not None and conn.poll(0):  # what it sent before it died first
+                        self._receive(proc, conn)
                     proc.died_reported = True
                     self._call(self._died, slot, proc.process.exitcode)
             if not pipes:
                 self._stop.wait(0.2)
+
+    def _receive(self, proc: _Process, conn) -> None:
+        """Thread: one event from ``proc``'s pipe onto the event loop; at the pipe's end (the worker exited), stop
+        reading it."""
+        try:
+            event = loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            if proc.events is conn:  # unless a restart already replaced it
+                proc.events = None
+            conn.close()
+            return
+        except EventError:
+            return
+        self._call(self._deliver, event)
 
     def _call(self, fn, *args) -> None:
         try:
@@ -262,8 +269,8 @@ class ProcessPool:
             return
         jobs, dead = slot.jobs, self._procs[slot.id]
         dead.retire()
-        why = f"worker crashed (exit code {exitcode})"
-        if exitcode == versions.STALE_EXIT:
+        why, stale = f"worker crashed (exit code {exitcode})", exitcode == versions.STALE_EXIT
+        if stale:
             why = f"worker {slot.id}: {versions.stale_why()}"
             if self._stale.get(slot.id) != why:  # said once, not at each try
                 self._on_event(Log(message=why, level="error"))
@@ -275,7 +282,7 @@ class ProcessPool:
             first, longest = RESPAWN_BACKOFF
             slot.jobs = []
             self._loop.call_later(min(longest, first * 2 ** (deaths - 1)), self._respawn, slot)
-        self._on_died(slot, jobs, why, dead.ready)  # a worker reads jobs only once it said it is ready
+        self._on_died(slot, jobs, why, not stale)  # a stale worker read no job: they wait for a restart
 
     def _respawn(self, slot: Slot) -> None:
         if not self._stop.is_set():
@@ -300,8 +307,7 @@ def _real_stderr():
 
 
 def _worker_entry(*args) -> None:
-    if versions.stale_worker():  # before it speaks: see backend.versions
-        print("dreamtty worker: the code on disk is not its service's; exiting", file=sys.stderr)
+    if versions.stale_worker():  # before it speaks: see backend.versions (the pool says why)
         sys.exit(versions.STALE_EXIT)
     from backend.worker import worker_main
 

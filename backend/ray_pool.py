@@ -162,7 +162,7 @@ class RayPool:
         self._connected = False  # this pool joined the cluster (and leaves it on close)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_event: OnEvent = lambda event: None
-        self._on_died: OnDied = lambda slot, jobs, why, taken: None
+        self._on_died: OnDied = lambda slot, jobs, why, counts: None
 
     def start(self, on_event: OnEvent, on_died: OnDied) -> None:
         """Join the cluster (a one-line DreamttyError when it cannot) and start the actors; each slot
@@ -318,7 +318,7 @@ class RayPool:
         slot = worker.slot
         jobs, slot.jobs, slot.models = slot.jobs, [], []
         worker.ready, worker.jobs = False, {}
-        self._on_died(slot, jobs, why, True)  # it was handed jobs only once it ran
+        self._on_died(slot, jobs, why, True)
 
     def _call(self, fn, *args) -> None:
         try:

@@ -29,7 +29,7 @@ from backend.safetext import one_line
 from backend.serve import ServeOptions, start_detached
 from backend.service_status import checked_status
 from backend.values import absolute
-from backend.versions import versions
+from backend.versions import versions_differ
 
 if TYPE_CHECKING:  # imported where used: a generate call never needs them (benchmarks/cli_warm.py)
     from backend.request import GenerateRequest
@@ -80,6 +80,7 @@ class RemoteClient:
         self._stream: asyncio.Task | None = None
         self._connecting = asyncio.Lock()
         self._lost: DreamttyError | None = None
+        self._left_queued = False  # it gave up on its lost service, saying that the jobs stay queued
         self._submitted: list[int] = []
         self._unanswered: set[str] = set()  # client_refs of submits whose answer did not come
 
@@ -125,7 +126,7 @@ class RemoteClient:
         settings = theirs.pop("settings", None) or {}
         if self._manage:
             return
-        if (differ := _versions_differ(theirs)) is not None:
+        if (differ := versions_differ(theirs)) is not None:
             raise VersionMismatch(f"service: {differ}")
         if self.address.socket and settings != (mine := config.service_settings()):
             differ = sorted(k for k in {*settings, *mine} if settings.get(k) != mine.get(k))
@@ -185,7 +186,7 @@ class RemoteClient:
         """Close the session; ``cancel_jobs``: cancel the jobs this client queued, those of a submit whose
         answer never came (interrupted) too, when the service queued them. Not once this client gave up on
         its lost service: it said that the jobs stay queued."""
-        if cancel_jobs and self._http is not None and self._lost is None:
+        if cancel_jobs and self._http is not None and not self._left_queued:
             try:
                 if self._unanswered:
                     self._submitted += [job.id for job in await self.active_jobs()
@@ -224,7 +225,7 @@ class RemoteClient:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             said = f"service: {self.address}: its answer does not read ({type(exc).__name__}: {one_line(exc)})"
             try:  # one of another version (read with ``manage``, as serve --status does) is to be restarted
-                differ = _versions_differ(await self._request("GET", "/v1/version", quick=True))
+                differ = versions_differ(await self._request("GET", "/v1/version", quick=True))
             except DreamttyError:
                 differ = None
             raise DreamttyError(said if differ is None else f"{said}; {differ}") from None
@@ -367,6 +368,7 @@ class RemoteClient:
                     event = await asyncio.wait_for(queue.get(), POLL)
                 except asyncio.TimeoutError:
                     if self._lost is not None:
+                        self._left_queued = not isinstance(self._lost, VersionMismatch)
                         raise self._lost from None
                     continue
                 if isinstance(event, ServiceReady):
@@ -408,17 +410,6 @@ class RemoteClient:
 
 class VersionMismatch(DreamttyError):
     """The service runs another version of dreamtty or of its API."""
-
-
-def _versions_differ(theirs: dict) -> str | None:
-    """What a service's ``/v1/version`` answer says when it is not this client's versions, and the way out."""
-    ours = versions()
-    if {key: value for key, value in theirs.items() if key != "settings"} == ours:
-        return None
-    return (f"it runs dreamtty {theirs.get('dreamtty')} (API {theirs.get('api')}, events {theirs.get('events')}, "
-            f"build {theirs.get('build')}) and this is {ours['dreamtty']} (API {ours['api']}, events "
-            f"{ours['events']}, build {ours['build']}); restart the service: dreamtty serve --stop, then run this "
-            "again")
 
 
 class ServiceUnreachable(DreamttyError):

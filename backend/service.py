@@ -483,6 +483,9 @@ class Service:
     def _handle(self, event: Event) -> None:
         """A worker's event: one that ends or starts a job is written to the queue first, then published."""
         if isinstance(event, (*FINAL_EVENTS, Started)):
+            slot = self._slot_of(event.job)
+            if isinstance(event, Started) and (slot is None or slot.id != event.worker):
+                return  # from a worker that died since: the job is queued again, or ended
             self._when_writable(partial(self._record, event))
             return
         if isinstance(event, WorkerReady):
@@ -549,14 +552,14 @@ class Service:
         log.log(_LOG_LEVELS.get(level, logging.INFO), "%s", message)
         self._fanout.publish(Log(message=message, level=level))
 
-    def _worker_died(self, slot: Slot, job_ids: list[int], why: str, taken: bool) -> None:
+    def _worker_died(self, slot: Slot, job_ids: list[int], why: str, counts: bool) -> None:
         """A worker died (it was restarted): retry each of its jobs once from its first unsaved image, then fail
-        (one asked to cancel ends cancelled). Jobs it had not ``taken`` (it died starting, before it read one)
-        are queued again, and that is no attempt."""
+        (one asked to cancel ends cancelled). A death that ``counts`` as no attempt (a worker of code changed on
+        disk refused them) queues them again, to wait for a restart."""
         self._models.pop(slot.id, None)  # its pipelines died with it
-        self._when_writable(partial(self._retry_jobs, job_ids, why, taken))
+        self._when_writable(partial(self._retry_jobs, job_ids, why, counts))
 
-    def _retry_jobs(self, job_ids: list[int], why: str, taken: bool) -> None:
+    def _retry_jobs(self, job_ids: list[int], why: str, counts: bool) -> None:
         for job_id in job_ids:
             job = self.store.get(job_id)
             if self._closing.is_set() or job is None or job.state != "running":
@@ -564,7 +567,7 @@ class Service:
             if job.id in self._cancelling:  # it was to stop anyway: not run again
                 self.store.set_state(job.id, "cancelled")
                 self._ended_cancelled(job.id)
-            elif not taken:
+            elif not counts:
                 self.store.set_state(job.id, "queued")
             elif job.attempts < MAX_RETRIES:
                 self.store.retry(job.id)

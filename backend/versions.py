@@ -24,14 +24,37 @@ def versions() -> dict:
     return {"dreamtty": package, "api": API_VERSION, "events": events.VERSION, "build": build()}
 
 
+def versions_differ(theirs: dict) -> str | None:
+    """What a service's versions (its ``/v1/version`` or status answer) say when they are not this client's, and
+    the way out; None when they are the same."""
+    ours = versions()
+    if {key: theirs.get(key) for key in ours} == ours:
+        return None
+    return (f"it runs dreamtty {theirs.get('dreamtty')} (API {theirs.get('api')}, events {theirs.get('events')}, "
+            f"build {theirs.get('build')}) and this is {ours['dreamtty']} (API {ours['api']}, events "
+            f"{ours['events']}, build {ours['build']}); restart the service: dreamtty serve --stop, then run this "
+            "again")
+
+
 @functools.cache
 def build() -> str:
     """A fingerprint of this install's backend code, taken once: a service still running the code of before
     an upgrade (a source checkout pulled, a reinstall of the same version) differs from the new client's."""
-    root = Path(__file__).parent
+    return fingerprint(Path(__file__).parent)
+
+
+def fingerprint(root: Path) -> str:
+    """A hash of the names and contents of the ``.py`` files under ``root``. Hidden ones (an editor's lock
+    link ``.#pool.py``) and those that cannot be read (removed by an upgrade under way) are left out."""
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+        name = path.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in name.split("/")):
+            continue
+        try:
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+        except OSError:
+            continue
     return digest.hexdigest()[:12]
 
 
@@ -46,6 +69,7 @@ def stale_worker() -> bool:
 
 def stale_why() -> str:
     """The service's line when a worker it spawned exits with ``STALE_EXIT``."""
-    on_disk = build.__wrapped__()  # read again: this service's own build() was taken as it started
+    on_disk = fingerprint(Path(__file__).parent)  # read again: build() was taken as this service started
     return (f"dreamtty was changed on disk since this service started (build {build()}, now {on_disk}): "
-            "restart the service to run jobs again (dreamtty serve --stop, then dreamtty serve); queued jobs wait")
+            "restart it to run jobs again (the service: dreamtty serve --stop, then start it as before); "
+            "queued jobs wait")

@@ -169,24 +169,26 @@ async def test_a_job_asked_to_cancel_ends_cancelled_if_its_worker_dies_or_the_se
         assert [store.get(job).state for job in (b, c)] == ["cancelled", "queued"]
 
 
-def test_a_job_its_worker_died_before_taking_is_queued_again_without_counting_an_attempt(tmp_path):
-    """A job is handed to a worker as it starts; one that dies first (it cannot start, or runs code changed on
-    disk: backend.versions) never read it. Only a death of a worker that took its jobs counts an attempt."""
+def test_jobs_a_worker_of_changed_code_refused_wait_queued_without_counting_an_attempt(tmp_path):
+    """A job is handed to a worker as it starts; one whose code changed on disk (backend.versions) exits before it
+    reads it, again at each restart: the job waits for the service's restart. Other deaths count an attempt."""
     pool = _Pool(1)
     service = Service(db_path=tmp_path / "q.sqlite3", pool=pool)
     events = service.subscribe()
     job = _submit(service)
     service._dispatch()
-    for _ in range(3):  # three workers in a row die as they start
+    for _ in range(3):  # three workers in a row refuse it
         pool.slots[0].jobs = []  # as the pool leaves a slot whose worker died
-        service._worker_died(pool.slots[0], [job], "worker 0: cannot start", False)
+        service._worker_died(pool.slots[0], [job], "worker 0: dreamtty was changed on disk", False)
     assert len(pool.given) == 4 and service.store.get(job).attempts == 0 and events.empty()
-    for attempt in (1, 2):  # one that took it and died: retried once, then failed
+    for attempt in (1, 2):  # one that crashed running it: retried once, then failed
         service._handle(ev.Started(job=job, worker=0))
         pool.slots[0].jobs = []
         service._worker_died(pool.slots[0], [job], "worker crashed (exit code -9)", True)
         assert [type(e) for e in _drain(events)] == [ev.Started, ev.Retrying if attempt == 1 else ev.Failed]
     assert service.store.get(job).state == "failed"
+    service._handle(ev.Started(job=job, worker=0))  # late, from a worker that died since: not set running again
+    assert service.store.get(job).state == "failed" and events.empty()
     service.store.close()
 
 

@@ -1074,3 +1074,23 @@ async def test_a_client_that_gave_up_on_its_lost_service_leaves_its_jobs_queued(
 async def _drain(events) -> None:
     async for _ in events:
         pass
+
+
+async def test_serve_status_says_to_restart_a_service_of_other_code_whose_status_reads(monkeypatch, capsys):
+    from backend.versions import versions
+    from tui import cli_serve
+
+    class OldService:  # one left running by an upgrade in place: its status reads alike
+        async def status(self) -> dict:
+            return {**versions(), "build": "0ld0ld0ld0ld", "pid": 7, "uptime": 1.0, "queued": 0, "running": 0,
+                    "workers": [], "streams": 0}
+
+        async def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(cli_serve, "_answers", lambda: True)
+    monkeypatch.setattr(cli_serve, "_client", OldService)
+    assert await cli_serve._status(False) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "build 0ld0ld0ld0ld) and this is" in warnings[0]
+    assert warnings[0].endswith("restart the service: dreamtty serve --stop, then run this again")

@@ -318,7 +318,7 @@ async def test_closing_the_pool_kills_a_worker_that_ignores_sigterm(monkeypatch,
     monkeypatch.setattr(pool, "JOIN_PATIENCE", 0.5)
     monkeypatch.setenv("DT_DEAF_READY", str(tmp_path / "ready"))
     workers = ProcessPool("cpu", tmp_path / "queue.sqlite3")
-    workers.start(lambda event: None, lambda slot, job, why, taken: None)
+    workers.start(lambda event: None, lambda slot, job, why, counts: None)
     async with asyncio.timeout(60):
         while not (tmp_path / "ready").exists():
             await asyncio.sleep(0.05)
@@ -335,7 +335,7 @@ async def test_a_worker_that_dies_before_ready_is_restarted_after_growing_waits(
     workers = ProcessPool("cpu", tmp_path / "queue.sqlite3")
     deaths: list[tuple[float, str]] = []
     workers.start(lambda event: None,
-                  lambda slot, job, why, taken: deaths.append((asyncio.get_running_loop().time(), why)))
+                  lambda slot, job, why, counts: deaths.append((asyncio.get_running_loop().time(), why)))
     try:
         async with asyncio.timeout(60):
             while len(deaths) < 4:
@@ -353,15 +353,13 @@ async def test_a_worker_of_code_changed_on_disk_exits_before_it_speaks_and_the_p
     another protocol. It exits before its first event; the pool says once why, and restarts it after waits."""
     from backend import pool, versions
 
-    service_build = lambda: "0ld0ld0ld0ld"  # noqa: E731 - the code this service started with
-    service_build.__wrapped__ = versions.build.__wrapped__  # what is on disk now
-    monkeypatch.setattr(versions, "build", service_build)
+    monkeypatch.setattr(versions, "build", lambda: "0ld0ld0ld0ld")  # the code this service started with
     monkeypatch.setenv(versions.SERVICE_BUILD, "")  # the pool sets it: restored after the test
     monkeypatch.setattr(pool, "RESPAWN_BACKOFF", (0.2, 0.4))
     workers = ProcessPool("cpu", tmp_path / "queue.sqlite3")
     said: list[Event] = []
     deaths: list[str] = []
-    workers.start(said.append, lambda slot, jobs, why, taken: deaths.append((why, taken)))
+    workers.start(said.append, lambda slot, jobs, why, counts: deaths.append((why, counts)))
     try:
         async with asyncio.timeout(60):
             while len(deaths) < 3:
@@ -373,8 +371,28 @@ async def test_a_worker_of_code_changed_on_disk_exits_before_it_speaks_and_the_p
     assert [(type(e).__name__, e.level) for e in said] == [("Log", "error")]  # said once, not at each try
     why = said[0].message
     assert deaths == [(why, False)] * len(deaths) and warnings == [why]
-    assert why.startswith("worker 0: dreamtty was changed on disk since this service started (build 0ld0ld0ld0ld, "
-                          f"now {versions.build.__wrapped__()}): restart the service")
+    on_disk = versions.fingerprint(Path(versions.__file__).parent)
+    assert why == (f"worker 0: dreamtty was changed on disk since this service started (build 0ld0ld0ld0ld, now "
+                   f"{on_disk}): restart it to run jobs again (the service: dreamtty serve --stop, then start it as "
+                   "before); queued jobs wait")
+
+
+def test_the_fingerprint_of_the_code_leaves_out_hidden_and_unreadable_files(tmp_path):
+    from backend.versions import fingerprint
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("A = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("B = 2\n")
+    (tmp_path / "notes.txt").write_text("not code")
+    first = fingerprint(tmp_path)
+    (tmp_path / ".#a.py").symlink_to("root@host.1234:1700000000")  # an editor's lock: a link to nowhere
+    (tmp_path / ".hidden.py").write_text("C = 3\n")
+    (tmp_path / "notes.txt").write_text("other notes")
+    assert fingerprint(tmp_path) == first
+    (tmp_path / "sub" / "b.py").write_text("B = 3\n")
+    changed = fingerprint(tmp_path)
+    (tmp_path / "sub" / "b.py").rename(tmp_path / "b.py")  # the same code at another place
+    assert changed != first and fingerprint(tmp_path) not in (first, changed)
 
 
 def test_a_worker_runs_only_the_code_of_the_service_that_spawned_it(monkeypatch):
@@ -386,3 +404,31 @@ def test_a_worker_runs_only_the_code_of_the_service_that_spawned_it(monkeypatch)
     assert not versions.stale_worker()
     monkeypatch.setenv(versions.SERVICE_BUILD, "0ld0ld0ld0ld")
     assert versions.stale_worker()
+
+
+def _says_then_dies(worker: int, device: str, jobs, events, *rest) -> None:
+    """A worker that says it is ready and starts six jobs, then dies at once: its pipe still holds what it said."""
+    from backend.events import dumps
+
+    for event in (WorkerReady(worker=worker, device="cpu", cuda_count=0), *(Started(job=j, worker=worker)
+                                                                          for j in range(1, 7))):
+        events.send_bytes(dumps(event).encode())
+    os._exit(9)
+
+
+async def test_what_a_worker_said_before_it_died_comes_before_its_death(monkeypatch, tmp_path):
+    """Else a job's start would come after its retry (setting a queued job running) or be lost."""
+    from backend import pool
+
+    monkeypatch.setattr(pool, "_worker_entry", _says_then_dies)
+    workers = ProcessPool("cpu", tmp_path / "queue.sqlite3")
+    seen: list[str] = []
+    workers.start(lambda event: seen.append(type(event).__name__),
+                  lambda slot, jobs, why, counts: seen.append("died"))
+    try:
+        async with asyncio.timeout(60):
+            while seen.count("died") < 3:  # each restarted worker does the same
+                await asyncio.sleep(0.05)
+    finally:
+        await workers.close()
+    assert seen[:24] == ["WorkerReady", *["Started"] * 6, "died"] * 3

@@ -118,8 +118,11 @@ async def _status(as_json: bool) -> int:
         await client.close()
     if as_json:
         print(json.dumps(status))
-    else:
-        print(format_status(status))
+        return 0
+    from backend.versions import versions_differ
+
+    differ = versions_differ(status)  # a service left running by an upgrade, that still answers alike
+    print(format_status({**status, "warnings": [*(status.get("warnings") or []), *([differ] if differ else [])]}))
     return 0
 
 
