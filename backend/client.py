@@ -31,6 +31,7 @@ TOKEN_ENV = "DREAMTTY_TOKEN"  # its token (default: the token file, for a servic
 class Client(Protocol):
     warnings: list[str]  # problems met while connecting (a damaged queue moved aside, ...)
     jobs_survive_close: bool  # False: closing this client stops its queued and running jobs (until a restart)
+    kept: list[int]  # the jobs close(cancel_jobs=True) could not cancel (no service answered): they stay queued
 
     async def start(self) -> None: ...
 
@@ -95,6 +96,7 @@ class LocalClient:
     def __init__(self, service: Service) -> None:
         self.service = service
         self.warnings = list(service.store.warnings)
+        self.kept: list[int] = []
 
     async def start(self) -> None:
         await self.service.start()

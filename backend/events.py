@@ -184,6 +184,10 @@ class Log(Event):
     level: str = "info"  # info, warning or error
     job: int | None = None
 
+    def tells_waiters(self) -> bool:
+        """Whether a client following a job is told it too: an error of the service's (no worker can start)."""
+        return self.job is None and self.level == "error"
+
 
 # -- training runs as the service schedules them ------------------------------------------
 @_register("run")

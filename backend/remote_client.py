@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 from backend import config
 from backend.errors import DreamttyError, RequestError
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, Fanout, ImageSaved, JobEvent,
-                            ServiceLost, ServiceReady, loads)
+                            Log, ServiceLost, ServiceReady, loads)
 from backend.http_client import HTTPClient, Unreachable, WebSocket, authority
 from backend.queue_store import ACTIVE, MAX_ID, Job
 from backend.safetext import one_line
@@ -82,6 +82,7 @@ class RemoteClient:
         self._lost: DreamttyError | None = None
         self._left_queued = False  # it gave up on its lost service, saying that the jobs stay queued
         self._submitted: list[int] = []
+        self.kept: list[int] = []
         self._unanswered: set[str] = set()  # client_refs of submits whose answer did not come
 
     # -- connection --------------------------------------------------------------------
@@ -130,7 +131,7 @@ class RemoteClient:
             raise VersionMismatch(f"service: {differ}")
         if self.address.socket and settings != (mine := config.service_settings()):
             differ = sorted(k for k in {*settings, *mine} if settings.get(k) != mine.get(k))
-            raise DreamttyError(
+            raise VersionMismatch(
                 f"service: it runs with other settings ({', '.join(differ)}: "
                 + "; ".join(f"{k} {settings.get(k) or 'unset'} there, {mine.get(k) or 'unset'} here" for k in differ)
                 + "); run this with --local, or restart the service with these: dreamtty serve --stop")
@@ -165,7 +166,7 @@ class RemoteClient:
                     await self._check_versions()
                     ws = await self._open_stream()
                     break
-                except VersionMismatch as exc:  # another version of the service took its place
+                except VersionMismatch as exc:  # another version (or settings) of the service took its place
                     self._lost = exc
                     return
                 except DreamttyError:
@@ -185,16 +186,21 @@ class RemoteClient:
     async def close(self, cancel_jobs: bool = False) -> None:
         """Close the session; ``cancel_jobs``: cancel the jobs this client queued, those of a submit whose
         answer never came (interrupted) too, when the service queued them. Not once this client gave up on
-        its lost service: it said that the jobs stay queued."""
+        its lost service: it said that the jobs stay queued. No service is started to cancel them: with none
+        answering, they stay queued (``kept``)."""
         if cancel_jobs and self._http is not None and not self._left_queued:
+            start, self._start_options = self._start_options, None
             try:
                 if self._unanswered:
                     self._submitted += [job.id for job in await self.active_jobs()
                                         if job.payload.get("client_ref") in self._unanswered]
-                for job_id in self._submitted:
+                for job_id in list(self._submitted):
                     await self.cancel(job_id)
+                    self._submitted.remove(job_id)
             except DreamttyError:
-                pass  # the service is gone: the jobs stay queued for the next one
+                self.kept = list(self._submitted)  # the service is gone: they stay queued for the next one
+            finally:
+                self._start_options = start
         if self._stream is not None:
             self._stream.cancel()
             self._stream = None
@@ -373,6 +379,8 @@ class RemoteClient:
                     continue
                 if isinstance(event, ServiceReady):
                     caught_up = await self._catch_up(job_id, seen)
+                elif isinstance(event, Log) and event.tells_waiters():
+                    caught_up = [event]
                 elif isinstance(event, JobEvent) and event.job == job_id:
                     if isinstance(event, ImageSaved):
                         if event.path in seen:
@@ -409,7 +417,8 @@ class RemoteClient:
 
 
 class VersionMismatch(DreamttyError):
-    """The service runs another version of dreamtty or of its API."""
+    """The service runs another version of dreamtty or of its API, or other settings: a client that finds it in
+    its service's place stops following it."""
 
 
 class ServiceUnreachable(DreamttyError):

@@ -366,6 +366,9 @@ class Service:
         try:
             while True:
                 event = await q.get()
+                if isinstance(event, Log) and event.tells_waiters():
+                    yield event
+                    continue
                 if not isinstance(event, JobEvent) or event.job != job_id:
                     continue
                 yield event
@@ -557,6 +560,7 @@ class Service:
         (one asked to cancel ends cancelled). A death that ``counts`` as no attempt (a worker of code changed on
         disk refused them) queues them again, to wait for a restart."""
         self._models.pop(slot.id, None)  # its pipelines died with it
+        self._ready.pop(slot.id, None)  # its replacement is starting
         self._when_writable(partial(self._retry_jobs, job_ids, why, counts))
 
     def _retry_jobs(self, job_ids: list[int], why: str, counts: bool) -> None:

@@ -155,6 +155,7 @@ async def test_a_job_asked_to_cancel_ends_cancelled_if_its_worker_dies_or_the_se
     service = Service(devices="cpu", db_path=tmp_path / "q.sqlite3", pool=pool)
     a, b, c = _submit(service, seed=1), _submit(service, steps=6), _submit(service, steps=7)  # three groups
     await service.start()
+    service._handle(ev.WorkerReady(worker=0, device="cpu", cuda_count=0))
     service._handle(ev.WorkerModels(worker=0, models=[{"model": "demo", "dtype": "float32", "bytes": 1}], loads=1))
     events = service.subscribe()
     assert pool.given == [(0, [a]), (1, [b])]
@@ -162,6 +163,7 @@ async def test_a_job_asked_to_cancel_ends_cancelled_if_its_worker_dies_or_the_se
     pool.slots[0].jobs = []  # as the pool leaves a slot whose worker it restarted
     service._worker_died(pool.slots[0], [a], "worker 0 died", True)
     assert service.status()["workers"][0]["models"] == []  # its pipelines died with it
+    assert not service.status()["workers"][0]["ready"]  # its replacement is starting
     assert service.store.get(a).state == "cancelled" and isinstance(events.get_nowait(), ev.Cancelled)
     assert pool.given[-1] == (0, [c])  # the restarted worker takes the next job
     await service.close()

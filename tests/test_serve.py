@@ -1030,8 +1030,10 @@ async def test_the_status_says_why_a_worker_cannot_start_after_the_queue_files_w
 
     service = Service(devices="cpu", db_path=tmp_path / "q.sqlite3", pool=StalePool(1))
     events = service.subscribe()
+    waiting = service.wait(7, service.subscribe())  # a client following a job is told too
     service._handle(Log(message=why, level="error"))  # as the pool says it, once
     assert events.get_nowait() == Log(message=why, level="error")
+    assert await anext(waiting) == Log(message=why, level="error")
     assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "dreamtty.service"] == [("ERROR", why)]
     api = Api(service, token="t", info=lambda: {"warnings": ["queue: a damaged queue.sqlite3 was moved aside"]})
     async with TestClient(TestServer(api.app), headers={"Authorization": "Bearer t"}) as http:
@@ -1069,6 +1071,73 @@ async def test_a_client_that_gave_up_on_its_lost_service_leaves_its_jobs_queued(
     assert started == []
     with closing(QueueStore(db)) as store:
         assert store.get(job).state == "queued"
+
+
+async def test_a_client_interrupted_while_its_service_is_gone_starts_none_to_cancel_its_jobs(tmp_path, monkeypatch):
+    """Ctrl-C on ``generate`` after ``serve --stop``: a service started to cancel would first run the jobs (it
+    adopts them) and stay; they are left queued, and named."""
+    from backend import remote_client
+
+    db, sock = tmp_path / "queue.sqlite3", tmp_path / "serve.sock"
+    started = []
+    monkeypatch.setattr(remote_client, "start_detached", started.append)
+    service, runner = await _serve_in_test(db, sock)
+    starter = RemoteClient(Address(socket=sock), start=remote_client.ServeOptions(devices="cpu"), previews=False)
+    job = await starter.submit(_request(), tmp_path / "out")
+    await runner.cleanup()
+    await service.close()
+    await starter.close(cancel_jobs=True)  # as the interrupted generate does
+    assert started == [] and starter.kept == [job]
+    with closing(QueueStore(db)) as store:
+        assert store.get(job).state == "queued"
+
+
+async def test_a_client_whose_service_is_replaced_by_one_of_other_settings_says_so(tmp_path, monkeypatch):
+    """Not "lost the connection … for 30 s" while a service answers: the reason, at once."""
+    from backend import remote_client
+    from backend.versions import versions
+
+    monkeypatch.setattr(remote_client, "POLL", 0.1)
+    db, sock = tmp_path / "queue.sqlite3", tmp_path / "serve.sock"
+    service, runner = await _serve_in_test(db, sock)
+    follower = RemoteClient(Address(socket=sock), start=None, previews=False, patience=30)
+    events = follower.subscribe()
+    other = None
+    try:
+        job = await follower.submit(_request(), tmp_path / "out")
+        waiting = asyncio.create_task(_drain(follower.wait(job, events)))
+        await asyncio.sleep(0.5)
+        await runner.cleanup()
+        await service.close()
+        app = web.Application()  # started with DREAMTTY_ALLOW_PICKLE=1, say
+        app.router.add_get("/v1/version", lambda request: web.json_response({**versions(),
+                                                                             "settings": {"allow_pickle": True}}))
+        other = web.AppRunner(app)
+        await other.setup()
+        await web.UnixSite(other, str(sock)).start()
+        with pytest.raises(DreamttyError, match=r"^service: it runs with other settings \(allow_pickle"):
+            async with asyncio.timeout(20):
+                await waiting
+    finally:
+        await follower.close()
+        if other is not None:
+            await other.cleanup()
+
+
+async def test_following_a_job_says_its_retry_and_why_no_worker_runs_it(capsys):
+    from backend.events import Done, Log, Retrying
+    from tui.cli_jobs import follow
+
+    class Said:
+        async def wait(self, job_id, events):
+            yield Retrying(job=job_id, error="worker crashed (exit code -9)", first_image=2)
+            yield Log(message="worker 0: dreamtty was changed on disk …", level="error")
+            yield Done(job=job_id, paths=[])
+
+    assert await follow(Said(), [3], None, False) == (0, [])
+    assert capsys.readouterr().err.splitlines() == [
+        "dreamtty: job 3: worker crashed (exit code -9); it runs again from image 3",
+        "dreamtty: service: worker 0: dreamtty was changed on disk …"]
 
 
 async def _drain(events) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from backend.client import Client
 from backend.errors import RequestError
-from backend.events import Cancelled, Failed, ImageSaved, Note, Preview, TextOutput, to_dict
+from backend.events import Cancelled, Failed, ImageSaved, Log, Note, Preview, Retrying, TextOutput, to_dict
 from backend.guidance_settings import GuidanceSettings
 from backend.image_prompts import MAX_IMAGE_PROMPTS, TYPES
 from backend.jobkinds.describe import MODES as DESCRIBE_MODES
@@ -125,6 +125,11 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
         finished = True
     finally:
         await client.close(cancel_jobs=not finished)
+        if client.kept:
+            ids = " ".join(map(str, client.kept))
+            jobs = f"jobs {ids} stay" if len(client.kept) > 1 else f"job {ids} stays"
+            print(f"dreamtty: no service answers: {jobs} queued for the next one (dreamtty cancel {ids} cancels "
+                  "them)", file=sys.stderr)
     return result
 
 
@@ -158,6 +163,13 @@ async def follow(client: Client, job_ids: list[int], events, as_json: bool,
                 elif isinstance(event, Note):
                     progress.clear()
                     print(f"dreamtty: job {job_id}: {one_line(event.message)}", file=sys.stderr)
+                elif isinstance(event, Retrying) and not as_json:
+                    progress.clear()
+                    print(f"dreamtty: job {job_id}: {one_line(event.error)}; it runs again from image "
+                          f"{event.first_image + 1}", file=sys.stderr)
+                elif isinstance(event, Log) and not as_json:
+                    progress.clear()
+                    print(f"dreamtty: service: {one_line(event.message)}", file=sys.stderr)
                 elif isinstance(event, (Failed, Cancelled)):
                     failed += 1
                     progress.clear()
