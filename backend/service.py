@@ -486,9 +486,10 @@ class Service:
     def _handle(self, event: Event) -> None:
         """A worker's event: one that ends or starts a job is written to the queue first, then published."""
         if isinstance(event, (*FINAL_EVENTS, Started)):
-            slot = self._slot_of(event.job)
-            if isinstance(event, Started) and (slot is None or slot.id != event.worker):
-                return  # from a worker that died since: the job is queued again, or ended
+            if isinstance(event, Started):
+                slot = self._slot_of(event.job)
+                if slot is None or slot.id != event.worker:
+                    return  # from a worker that died since: the job is queued again, or ended
             self._when_writable(partial(self._record, event))
             return
         if isinstance(event, WorkerReady):
@@ -557,8 +558,8 @@ class Service:
 
     def _worker_died(self, slot: Slot, job_ids: list[int], why: str, counts: bool) -> None:
         """A worker died (it was restarted): retry each of its jobs once from its first unsaved image, then fail
-        (one asked to cancel ends cancelled). A death that ``counts`` as no attempt (a worker of code changed on
-        disk refused them) queues them again, to wait for a restart."""
+        (one asked to cancel ends cancelled). A death that does not ``count`` as an attempt (a worker of code
+        changed on disk refused them) queues them again, to wait for a restart."""
         self._models.pop(slot.id, None)  # its pipelines died with it
         self._ready.pop(slot.id, None)  # its replacement is starting
         self._when_writable(partial(self._retry_jobs, job_ids, why, counts))
