@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 
 from backend import metadata
 from backend.errors import DreamttyError, RequestError
+
+SAVING = ".saving"  # under an outputs folder: the images being written, as temp files
 
 
 def check_writable(out_dir: Path) -> None:
@@ -39,6 +43,7 @@ def check_out_dir(out: Path) -> None:
         raise RequestError("out", f"{out} is a file; give a folder")
     folder = day_folder(out)
     check_writable(folder)
+    check_writable(out / SAVING)
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
@@ -54,17 +59,32 @@ def _umask() -> int:
     return mask
 
 
-def save_image(image: Image.Image, meta: dict, out_root: Path, now: dt.datetime | None = None) -> Path:
+def save_image(image: Image.Image, meta: dict, out_root: Path, now: dt.datetime | None = None, tag: str = "image",
+               record: Callable[[Path], None] = lambda path: None) -> Path:
     """Write ``image`` with its metadata as ``out_root/YYYY-MM-DD/HHMMSS-SEED.png``.
 
-    The PNG is written to a temp file, flushed to disk, then linked to a name
-    that does not exist yet; on any error no partial file is left.
+    The PNG is written to a temp file in ``out_root/.saving``, flushed to disk, then linked to a name that
+    does not exist yet; on any error no partial file is left. ``record`` (the queue's record of the image) runs
+    before the temp file goes: one of ``tag`` that a killed process left behind names an image it saved but
+    may not have recorded (``settle``).
     """
     now = now or dt.datetime.now()
     folder = day_folder(out_root, now)
     check_writable(folder)
+    check_writable(out_root / SAVING)
     stem = f"{now.strftime('%H%M%S')}-{meta['request']['seed']}"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=folder)  # no *.png until complete
+    # no *.png until complete; the name says where it goes
+    fd, tmp = tempfile.mkstemp(prefix=f"{tag}.{folder.name}.{stem}.", suffix=".part", dir=out_root / SAVING)
+    try:
+        target = _write_and_link(fd, Path(tmp), image, meta, folder, stem)
+        record(target)
+        return target
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _write_and_link(fd: int, tmp: Path, image: Image.Image, meta: dict, folder: Path, stem: str) -> Path:
+    """Write the PNG to ``tmp`` (open as ``fd``) and link it to the first free name ``folder/stem[-N].png``."""
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600: a picture is shared as the user's files are
@@ -81,5 +101,26 @@ def save_image(image: Image.Image, meta: dict, out_root: Path, now: dt.datetime 
         raise DreamttyError(f"out: no free file name for {stem} in {folder}")
     except OSError as exc:
         raise DreamttyError(f"out: cannot save image in {folder}: {exc.strerror or exc}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+
+
+def settle(out_root: Path, tag: str, record: Callable[[Path], None]) -> int:
+    """Record each image saved under ``tag`` by a process killed before it recorded it, oldest first; how many.
+
+    Such an image's temp file is left in ``out_root/.saving`` linked to its name. A temp file of ``tag`` goes
+    once its image is recorded, or at once when it was never linked (that image is made again).
+    """
+    try:
+        temps = sorted((p.stat().st_mtime, p) for p in (out_root / SAVING).glob(f"{tag}.*.part"))
+    except OSError:  # the folder is gone, or unreadable: nothing to find
+        return 0
+    count = 0
+    for _, tmp in temps:
+        _, day, stem, *_ = tmp.name.split(".")
+        with contextlib.suppress(OSError):
+            if tmp.stat().st_nlink > 1:
+                for path in (out_root / day).glob(f"{stem}*.png"):
+                    if os.path.samefile(path, tmp):
+                        record(path)
+                        count += 1
+        tmp.unlink(missing_ok=True)
+    return count

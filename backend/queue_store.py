@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -131,6 +132,10 @@ class QueueStore:
     def close(self) -> None:
         self._db.close()
 
+    def image_tag(self, job_id: int) -> str:
+        """Names job ``job_id`` of this queue among the images being saved (``backend.outputs.save_image``)."""
+        return f"{hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:12]}-{job_id}"
+
     @queue_access
     def add(self, kind: str, payload: dict, owner: str) -> int:
         now = time.time()
@@ -172,9 +177,10 @@ class QueueStore:
 
     @queue_access
     def add_output(self, job_id: int, path: str) -> None:
-        """Record a saved image (in one statement: other processes write this table too)."""
+        """Record a saved image, once (in one statement: other processes write this table too)."""
         self._db.execute(
-            "UPDATE jobs SET outputs = json_insert(outputs, '$[#]', ?), updated = ? WHERE id = ?",
+            "UPDATE jobs SET outputs = json_insert(outputs, '$[#]', ?1), updated = ?2 WHERE id = ?3 "
+            "AND NOT EXISTS (SELECT 1 FROM json_each(outputs) WHERE value = ?1)",
             (path, time.time(), job_id),
         )
 

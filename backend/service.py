@@ -38,7 +38,7 @@ from backend.extras_check import check_extras
 from backend.guidance_settings import check_clip_skip
 from backend.job_groups import GROUP_SCAN, group_of
 from backend.models import resolve_model, text_encoder_depth
-from backend.outputs import check_out_dir
+from backend.outputs import check_out_dir, settle
 from backend.pool import ProcessPool, Slot, WorkerPool
 from backend.prompting import check_prompts
 from backend.queue_store import ACTIVE, LEASE_TTL, Job, QueueStore, QueueUnavailable
@@ -465,6 +465,7 @@ class Service:
         return group_of(first, [job for job in oldest if job.created <= before])
 
     def _run_jobs(self, slot: Slot, jobs: list[Job]) -> None:
+        jobs = [self._settled(job) for job in jobs]  # an adopted job resumes after every image it saved
         self.store.set_running([job.id for job in jobs])
         slot.loads(jobs[0].request.get("model", ""))
         self.pool.run(slot, [{"job": job.id, "kind": job.kind, **job.payload, "first_image": len(job.outputs)}
@@ -569,6 +570,7 @@ class Service:
             job = self.store.get(job_id)
             if self._closing.is_set() or job is None or job.state != "running":
                 continue
+            job = self._settled(job)
             if job.id in self._cancelling:  # it was to stop anyway: not run again
                 self.store.set_state(job.id, "cancelled")
                 self._ended_cancelled(job.id)
@@ -582,6 +584,13 @@ class Service:
                 self.store.set_state(job.id, "failed", error)
                 self._fanout.publish(Failed(job=job.id, error=error))
         self._dispatch()
+
+    def _settled(self, job: Job) -> Job:
+        """``job`` with the images recorded that its worker saved but was killed before recording (else they
+        would be made again: see ``backend.outputs.settle``)."""
+        recorded = settle(Path(job.payload.get("out", "")), self.store.image_tag(job.id),
+                          lambda path: self.store.add_output(job.id, str(path)))
+        return self.store.get(job.id) if recorded else job
 
 
 def pick_slot(idle: list[Slot], model: str) -> Slot:

@@ -152,8 +152,8 @@ def save_output(store, job: dict, worker: int, image, meta: dict, index: int, se
     """Save image ``index`` of ``job`` (a queue payload) and record it in ``store``; its event."""
     from backend.outputs import save_image
 
-    path = str(save_image(image, meta, Path(job["out"])))
-    record_output(store, job["job"], path, say)
+    path = str(save_image(image, meta, Path(job["out"]), tag=store.image_tag(job["job"]),
+                          record=lambda saved: record_output(store, job["job"], str(saved), say)))
     return ev.ImageSaved(job=job["job"], worker=worker, image=index, path=path, seed=seed)
 
 

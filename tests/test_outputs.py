@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from PIL import Image
 
 from backend import metadata
 from backend.errors import DreamttyError
-from backend.outputs import check_out_dir, check_writable, day_folder, save_image
+from backend.outputs import SAVING, check_out_dir, check_writable, day_folder, save_image, settle
 from backend.request import GenerateRequest
 
 NOW = dt.datetime(2026, 11, 26, 10, 30, 5)
@@ -66,7 +67,7 @@ def test_disk_full_leaves_no_partial_file(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", full)
     with pytest.raises(DreamttyError, match="out: cannot save image .*No space left"):
         save_image(_image(), _meta(), tmp_path, now=NOW)
-    assert list((tmp_path / "2026-11-26").iterdir()) == []
+    assert list((tmp_path / "2026-11-26").iterdir()) == [] and list((tmp_path / SAVING).iterdir()) == []
 
 
 def test_no_png_is_visible_until_complete(tmp_path, monkeypatch):
@@ -81,6 +82,57 @@ def test_no_png_is_visible_until_complete(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", watched)
     path = save_image(_image(), _meta(), tmp_path, now=NOW)
     assert seen == [[]] and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def _save_and_die(out: str, tag: str, dies_writing: bool) -> None:
+    """A process killed (no cleanup runs) as it records the image it saved, or while it writes it."""
+    if dies_writing:
+        Image.Image.save = lambda *args, **kwargs: os._exit(9)
+    save_image(_image(), _meta(), Path(out), now=NOW, tag=tag, record=lambda path: os._exit(9))
+
+
+def killed_while_saving(out: Path, tag: str, dies_writing: bool = False) -> None:
+    """Run ``_save_and_die`` in a process of its own (spawned: this one may hold threads)."""
+    process = multiprocessing.get_context("spawn").Process(target=_save_and_die, args=(str(out), tag, dies_writing))
+    process.start()
+    process.join(60)
+    assert process.exitcode == 9
+
+
+def test_an_image_saved_by_a_process_killed_before_it_was_recorded_is_recorded_once(tmp_path):
+    """A worker killed between naming its image and recording it: its next attempt must not make it again."""
+    killed_while_saving(tmp_path, "q1-7")
+    [png] = (tmp_path / "2026-11-26").glob("*.png")
+    assert metadata.read(png)["request"]["seed"] == 7
+    killed_while_saving(tmp_path, "q1-8")  # another job's: left for it
+    recorded: list[Path] = []
+    assert settle(tmp_path, "q1-7", recorded.append) == 1 and recorded == [png]
+    assert settle(tmp_path, "q1-7", recorded.append) == 0 and recorded == [png]
+    assert [p.name.split(".")[0] for p in (tmp_path / SAVING).iterdir()] == ["q1-8"]
+
+
+def test_an_image_killed_while_written_is_made_again(tmp_path):
+    killed_while_saving(tmp_path, "q1-7", dies_writing=True)
+    assert len(list((tmp_path / SAVING).iterdir())) == 1  # the temp file of the half-written image
+    assert settle(tmp_path, "q1-7", lambda path: pytest.fail("nothing was saved")) == 0
+    assert not list((tmp_path / SAVING).iterdir()) and not list(tmp_path.rglob("*.png"))
+
+
+def test_an_image_that_cannot_be_recorded_yet_is_found_again(tmp_path):
+    """The queue takes no writes now: the temp file stays, so a later settle records the image."""
+    killed_while_saving(tmp_path, "q1-7")
+
+    def locked(path: Path) -> None:
+        raise DreamttyError("queue: cannot use q.sqlite3: database is locked")
+
+    with pytest.raises(DreamttyError, match="database is locked"):
+        settle(tmp_path, "q1-7", locked)
+    recorded: list[Path] = []
+    assert settle(tmp_path, "q1-7", recorded.append) == 1 and len(recorded) == 1
+
+
+def test_an_outputs_folder_gone_has_nothing_to_settle(tmp_path):
+    assert settle(tmp_path / "gone", "q1-7", lambda path: pytest.fail("no image")) == 0
 
 
 @pytest.mark.skipif(not Path("/proc/sys").is_dir(), reason="needs Linux procfs")

@@ -206,6 +206,63 @@ async def test_recovered_job_resumes_after_its_saved_images(db, tmp_path, demo_d
     assert len(list(tmp_path.rglob("*.png"))) == 3
 
 
+async def test_an_adopted_job_records_the_image_its_killed_worker_saved_and_makes_it_not_again(db, tmp_path,
+                                                                                                demo_dirs):
+    from test_outputs import killed_while_saving
+
+    job = _planted(db, tmp_path, "gone/4/d", count=3)
+    killed_while_saving(tmp_path, QueueStore(db).image_tag(job))  # linked to its name, not recorded
+    [saved] = tmp_path.rglob("*.png")
+    [done] = await _recover_and_run(db, [job])
+    assert done.paths[0] == str(saved) and len(done.paths) == 3
+    assert _seeds(done.paths[1:]) == [4, 5]
+    assert sorted(tmp_path.rglob("*.png")) == sorted(map(Path, done.paths))
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_an_image_is_recorded_once_and_each_queue_names_its_jobs_apart(db, tmp_path):
+    job = _planted(db, tmp_path, "gone/5/e", count=3)
+    store = QueueStore(db)
+    for path in ("/o/a.png", "/o/a.png", "/o/b.png"):
+        store.add_output(job, path)
+    assert store.get(job).outputs == ["/o/a.png", "/o/b.png"]
+    assert store.image_tag(job) == QueueStore(db).image_tag(job) != QueueStore(tmp_path / "q2").image_tag(job)
+
+
+def _saves_then_dies(worker: int, device: str, jobs, events, cancel, log_path: str, db_path: str, *rest) -> None:
+    """A worker that starts its job and saves its next image, then is killed before it records it."""
+    from backend.events import dumps
+    from backend.worker import save_output
+
+    events.send_bytes(dumps(WorkerReady(worker=worker, device="cpu", cuda_count=0)).encode())
+    [job] = jobs.get()
+    events.send_bytes(dumps(Started(job=job["job"], worker=worker)).encode())
+    request = GenerateRequest.from_dict(job["request"])
+    store = QueueStore(Path(db_path))
+    store.add_output = lambda *args: os._exit(9)
+    save_output(store, job, worker, Image.new("RGB", (8, 8)), metadata.build(request, "demo", {}),
+                job["first_image"], request.seed)
+
+
+async def test_a_worker_killed_before_it_recorded_its_image_is_retried_after_it(monkeypatch, db, tmp_path, demo_dirs):
+    from backend import pool
+
+    monkeypatch.setattr(pool, "_worker_entry", _saves_then_dies)
+    service = Service(devices="cpu", db_path=db)
+    events = service.subscribe()
+    await service.start()
+    try:
+        job = service.submit(GenerateRequest(prompt="x", steps=2, seed=5, count=3), tmp_path)
+        seen = await asyncio.wait_for(_collect(service, job, events), TIMEOUT)
+    finally:
+        await service.close()
+    retry, failed = [e for e in seen if isinstance(e, (Retrying, Failed))]
+    assert retry.first_image == 1 and "worker crashed (exit code 9)" in failed.error
+    outputs = QueueStore(db).get(job).outputs
+    assert len(outputs) == 2 and sorted(tmp_path.rglob("*.png")) == sorted(map(Path, outputs))
+    assert not list(tmp_path.rglob("*.part"))
+
+
 def test_a_live_owner_keeps_its_jobs_and_a_silent_one_loses_them(db, tmp_path):
     """Adoption follows the lease, not the pid: this very process's pid is alive, yet its lease ran out."""
     store = QueueStore(db)
