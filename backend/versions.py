@@ -67,6 +67,12 @@ def stale_worker() -> bool:
     return service is not None and service != build()
 
 
+def changed_on_disk() -> bool:
+    """Whether the code on disk is no longer this process's (as ``build()`` read it): a worker checks before each
+    job, since a job may import a module for the first time (a job kind, an extra)."""
+    return fingerprint(Path(__file__).parent) != build()
+
+
 def stale_why() -> str:
     """The service's line when a worker it spawned exits with ``STALE_EXIT``."""
     on_disk = fingerprint(Path(__file__).parent)  # read again: build() was taken as this service started

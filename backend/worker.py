@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-from backend import events as ev, service_log
+from backend import events as ev, service_log, versions
 
 PREVIEW_INTERVAL = 0.25  # seconds: at most ~4 previews a second
 STEP_INTERVAL = 0.1  # seconds between step events (the last step is always sent)
@@ -56,6 +57,7 @@ def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from backend.queue_store import QueueStore
 
+    versions.build()  # the code this worker runs: read before its first job (see changed_on_disk)
     cache, cuda_count = pipeline_cache(device)
     send = lambda event: events.send_bytes(ev.dumps(event).encode())  # noqa: E731
     send(ev.WorkerReady(worker=worker_id, device=str(cache.device), cuda_count=cuda_count))
@@ -72,6 +74,8 @@ def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str
         if job == RELEASE:
             release(worker_id, cache, send)
             continue
+        if versions.changed_on_disk():  # upgraded in place: its jobs wait, uncounted, and the pool says why
+            sys.exit(versions.STALE_EXIT)
         run_jobs([JobRun(worker_id, payload, cache, send, lambda k=k, i=payload["job"]: cancel[k] == i, output)
                   for k, payload in enumerate(job)])
         service_log.rotate_own(Path(log_path))

@@ -1163,3 +1163,5 @@ async def test_serve_status_says_to_restart_a_service_of_other_code_whose_status
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
     assert len(warnings) == 1 and "build 0ld0ld0ld0ld) and this is" in warnings[0]
     assert warnings[0].endswith("restart the service: dreamtty serve --stop, then run this again")
+    assert await cli_serve._status(True) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == [warnings[0].removeprefix("warning   ")]

@@ -463,6 +463,27 @@ def test_a_worker_runs_only_the_code_of_the_service_that_spawned_it(monkeypatch)
     assert versions.stale_worker()
 
 
+def test_a_worker_takes_no_job_once_its_code_was_changed_on_disk(monkeypatch, tmp_path):
+    """A running worker still imports some modules as a job first needs them: after an upgrade in place it would
+    mix two versions. It exits as a worker of other code does, before it speaks of the job."""
+    import queue
+
+    from backend import versions, worker
+
+    monkeypatch.setattr(worker, "_redirect_output", lambda path: None)
+    monkeypatch.setattr(worker, "pipeline_cache", lambda device: (type("Cache", (), {"device": "cpu"}), 0))
+    monkeypatch.setattr(worker, "run_jobs", lambda runs: pytest.fail("it ran a job"))
+    monkeypatch.setattr(versions, "build", lambda: "0ld0ld0ld0ld")  # as it read its code when it started
+    jobs, sent = queue.Queue(), []
+    jobs.put([{"job": 1, "kind": "generate"}])
+    events = type("Pipe", (), {"send_bytes": lambda self, data: sent.append(json.loads(data)["type"])})()
+    with pytest.raises(SystemExit) as exit_:
+        worker.worker_main(0, "cpu", jobs, events, [0], str(tmp_path / "w.log"), str(tmp_path / "q"), os.getppid())
+    assert exit_.value.code == versions.STALE_EXIT and sent == ["ready"]
+    monkeypatch.setattr(versions, "build", lambda: versions.fingerprint(Path(versions.__file__).parent))
+    assert not versions.changed_on_disk()
+
+
 def _says_then_dies(worker: int, device: str, jobs, events, *rest) -> None:
     """A worker that says it is ready and starts six jobs, then dies at once: its pipe still holds what it said."""
     from backend.events import dumps

@@ -116,13 +116,11 @@ async def _status(as_json: bool) -> int:
         status = await client.status()
     finally:
         await client.close()
-    if as_json:
-        print(json.dumps(status))
-        return 0
     from backend.versions import versions_differ
 
     differ = versions_differ(status)  # a service left running by an upgrade, that still answers alike
-    print(format_status({**status, "warnings": [*(status.get("warnings") or []), *([differ] if differ else [])]}))
+    status = {**status, "warnings": [*(status.get("warnings") or []), *([differ] if differ else [])]}
+    print(json.dumps(status) if as_json else format_status(status))
     return 0
 
 
