@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import logging
 import os
 import signal
 import socket
@@ -209,7 +208,7 @@ def _last_line(path: Path) -> str:
 
 def main(argv: list[str]) -> int:
     """The detached service's entry point: ``python -m backend.serve OPTIONS_JSON``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    service_log.configure()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     options = ServeOptions(**json.loads(argv[0]))
     try:

@@ -20,6 +20,11 @@ FULL_TABLE = "socket.accept() out of system resource"  # asyncio's line, every s
 FULL_TABLE_EVERY = 60.0  # seconds
 
 
+def configure() -> None:
+    """Log lines as the service's own announcements read: ``2026-12-06 11:31:35 dreamtty.service: ...``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+
+
 def rotate(path: Path) -> None:
     """Move ``path`` to ``<path>.1`` (replacing it) when it is over MAX_BYTES."""
     try:

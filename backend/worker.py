@@ -40,7 +40,7 @@ def _redirect_output(log_path: Path) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    service_log.configure()
 
 
 def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str, db_path: str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -66,3 +67,11 @@ def test_a_worker_moves_a_large_log_aside_as_it_starts(tmp_path):
               f"service_log.MAX_BYTES = 10; worker._redirect_output(Path({str(log)!r})); print('started')\n")
     subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert (tmp_path / "worker-0.log.1").read_text() == "x" * 11 and log.read_text() == "started\n"
+
+
+def test_log_lines_read_as_the_service_announcements_do():
+    """``2026-12-06 11:31:24 dreamtty: worker 0 ready`` beside ``2026-12-06 11:31:35 dreamtty.service: ...``."""
+    script = ("import logging; from backend import service_log\n"
+              "service_log.configure(); logging.getLogger('dreamtty.service').info('worker 0: changed')\n")
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d dreamtty\.service: worker 0: changed\n", ran.stderr)
