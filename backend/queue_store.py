@@ -105,6 +105,7 @@ class QueueStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.warnings: list[str] = []
+        self._name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]  # see image_tag
         locations.make_folder(path.parent, "queue")
         try:
             self._db = self._open()
@@ -134,7 +135,7 @@ class QueueStore:
 
     def image_tag(self, job_id: int) -> str:
         """Names job ``job_id`` of this queue among the images being saved (``backend.outputs.save_image``)."""
-        return f"{hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:12]}-{job_id}"
+        return f"{self._name}-{job_id}"
 
     @queue_access
     def add(self, kind: str, payload: dict, owner: str) -> int:

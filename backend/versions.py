@@ -40,6 +40,11 @@ def versions_differ(theirs: dict) -> str | None:
 def build() -> str:
     """A fingerprint of this install's backend code, taken once: a service still running the code of before
     an upgrade (a source checkout pulled, a reinstall of the same version) differs from the new client's."""
+    return on_disk()
+
+
+def on_disk() -> str:
+    """The fingerprint of the backend code on disk now."""
     return fingerprint(Path(__file__).parent)
 
 
@@ -70,12 +75,12 @@ def stale_worker() -> bool:
 def changed_on_disk() -> bool:
     """Whether the code on disk is no longer this process's (as ``build()`` read it): a worker checks before each
     job, since a job may import a module for the first time (a job kind, an extra)."""
-    return fingerprint(Path(__file__).parent) != build()
+    return on_disk() != build()
 
 
 def stale_why() -> str:
     """The service's line when a worker it spawned exits with ``STALE_EXIT``."""
-    on_disk = fingerprint(Path(__file__).parent)  # read again: build() was taken as this service started
-    return (f"dreamtty was changed on disk since this service started (build {build()}, now {on_disk}): "
+    now = on_disk()  # read again: build() was taken as this service started
+    return (f"dreamtty was changed on disk since this service started (build {build()}, now {now}): "
             "restart it to run jobs again (the service: dreamtty serve --stop, then start it as before); "
             "queued jobs wait")
