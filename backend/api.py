@@ -31,7 +31,7 @@ from aiohttp import WSCloseCode, web
 
 from backend import config, jobkinds
 from backend.errors import DreamttyError, RequestError
-from backend.events import Preview, dumps
+from backend.events import Fanout, Preview, dumps
 from backend.http_server import trust
 from backend.outputs import check_out_dir
 from backend.queue_store import ACTIVE, FINAL, MAX_ID, QueueUnavailable, check_limit
@@ -44,7 +44,7 @@ from backend.values import check_text
 from backend.versions import versions
 
 MAX_BODY = 1 << 20  # bytes: a request is a few KiB
-PREVIEW_BACKLOG = 64  # events waiting for a slow stream, past which its previews are dropped
+CLOSE_TIMEOUT = 5.0  # seconds a stream that fell behind has to take its close
 BODY_FIELDS = ("kind", "request", "out", "client_ref")
 MAX_REF = 64  # characters of a client_ref
 RUN_FIELDS = ("request", "devices", "launcher", "runs_root", "client_ref")
@@ -246,16 +246,19 @@ class Api:
         ws = web.WebSocketResponse(heartbeat=20.0)
         if not ws.can_prepare(request).ok:
             raise RequestError("events", "is a WebSocket: send GET with Connection: Upgrade and Upgrade: websocket")
-        queue = self.service.subscribe()  # before the handshake: a client that then submits misses nothing
+        overran = asyncio.Event()
+        queue = self.service.subscribe(overran.set)  # before the handshake: a client that then submits misses nothing
         self.streams.add(ws)
         try:
             await ws.prepare(request)
-            sender = asyncio.create_task(self._send_events(queue, ws, previews))
+            tasks = (asyncio.create_task(self._send_events(queue, ws, previews)),
+                     asyncio.create_task(self._drop_when(overran, ws, request)))
             try:
                 async for _ in ws:  # clients send nothing; this ends when they close or vanish
                     pass
             finally:
-                sender.cancel()
+                for task in tasks:
+                    task.cancel()
         finally:
             self.streams.discard(ws)
             self.service.unsubscribe(queue)
@@ -277,11 +280,24 @@ class Api:
         try:
             while True:
                 event = await queue.get()
-                if isinstance(event, Preview) and not event.label and (not previews or queue.qsize() > PREVIEW_BACKLOG):
+                behind = queue.qsize() > Fanout.PREVIEW_BACKLOG
+                if isinstance(event, Preview) and not event.label and (not previews or behind):
                     continue  # a slow client loses live previews, never the events that matter (nor the maps)
                 await ws.send_str(dumps(event))
         except (ConnectionError, RuntimeError):  # the client went away mid-stream
             pass
+
+    @staticmethod
+    async def _drop_when(overran: asyncio.Event, ws: web.WebSocketResponse, request: web.Request) -> None:
+        """Close a stream whose client stopped reading (``Fanout.BACKLOG`` events behind): it connects again
+        and reads back what it missed. One that takes not even the close is cut off."""
+        await overran.wait()
+        reason = f"events: this client fell {Fanout.BACKLOG} events behind; connect again"
+        try:
+            await asyncio.wait_for(ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=reason.encode()), CLOSE_TIMEOUT)
+        except asyncio.TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()  # close() would wait for the unsent bytes to go out
 
     async def _close_streams(self, app: web.Application) -> None:
         for ws in list(self.streams):

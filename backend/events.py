@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar, TypeVar
 
@@ -275,27 +276,40 @@ _UNVERSIONED_TRAIN = {"state", "step", "log", "class_images", "checkpoint", "val
 class Fanout:
     """The event queues of a process's subscribers: each gets every event published, except live previews
     for a subscriber that has ``PREVIEW_BACKLOG`` events not read yet (a stalled client must not hold
-    every preview in memory; a later one replaces them anyway)."""
+    every preview in memory; a later one replaces them anyway). A subscriber across a network may be
+    dropped instead once it leaves ``BACKLOG`` events unread: one that stopped reading must not hold the
+    service's memory; it reads what it missed back when it subscribes again."""
 
     PREVIEW_BACKLOG = 64
+    BACKLOG = 1024
 
     def __init__(self) -> None:
         self.queues: list[asyncio.Queue[Event]] = []
+        self._overrun: dict[int, Callable[[], None]] = {}  # id(queue): called when it is dropped
 
-    def subscribe(self) -> asyncio.Queue[Event]:
+    def subscribe(self, overrun: Callable[[], None] | None = None) -> asyncio.Queue[Event]:
+        """A new subscriber's queue; ``overrun``: drop it past ``BACKLOG`` unread events and call this."""
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self.queues.append(queue)
+        if overrun is not None:
+            self._overrun[id(queue)] = overrun
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
         if queue in self.queues:
             self.queues.remove(queue)
+            self._overrun.pop(id(queue), None)
 
     def publish(self, event: Event) -> None:
         droppable = isinstance(event, Preview)
-        for queue in self.queues:
-            if not (droppable and queue.qsize() >= self.PREVIEW_BACKLOG):
-                queue.put_nowait(event)
+        for queue in list(self.queues):
+            if droppable and queue.qsize() >= self.PREVIEW_BACKLOG:
+                continue
+            if queue.qsize() >= self.BACKLOG and (overrun := self._overrun.get(id(queue))) is not None:
+                self.unsubscribe(queue)
+                overrun()
+                continue
+            queue.put_nowait(event)
 
 
 # -- encoding -----------------------------------------------------------------------------

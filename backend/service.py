@@ -354,8 +354,9 @@ class Service:
                 "queued": counts["queued"], "running": counts["running"],
                 "runs": {"training": len({run.id for run in held.values()}), "waiting": len(self.training.waiting())}}
 
-    def subscribe(self) -> asyncio.Queue:
-        return self._fanout.subscribe()
+    def subscribe(self, overrun: Callable[[], None] | None = None) -> asyncio.Queue:
+        """A queue of every event from now on (``overrun``: see ``Fanout.subscribe``)."""
+        return self._fanout.subscribe(overrun)
 
     def unsubscribe(self, q: asyncio.Queue) -> None:
         self._fanout.unsubscribe(q)

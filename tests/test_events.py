@@ -81,6 +81,16 @@ def test_training_lines_from_before_versions_read_as_training_events():
     assert isinstance(loads(dumps(Step(job=1, image=0, count=1, step=1, total=2, its=1.0, eta=1.0))), Step)
 
 
+def test_a_subscriber_that_may_be_dropped_is_dropped_once_it_falls_a_backlog_behind():
+    fanout, calls = events.Fanout(), []
+    stalled, local = fanout.subscribe(overrun=lambda: calls.append("dropped")), fanout.subscribe()
+    for n in range(events.Fanout.BACKLOG + 10):
+        fanout.publish(events.Log(message=str(n)))
+    assert calls == ["dropped"] and fanout.queues == [local]
+    assert stalled.qsize() == events.Fanout.BACKLOG  # nothing more was put there
+    assert local.qsize() == events.Fanout.BACKLOG + 10  # one in this process is never dropped
+
+
 def test_a_subscriber_that_reads_nothing_holds_a_bounded_number_of_previews():
     fanout = events.Fanout()
     stalled, reading = fanout.subscribe(), fanout.subscribe()

@@ -1165,3 +1165,50 @@ async def test_serve_status_says_to_restart_a_service_of_other_code_whose_status
     assert warnings[0].endswith("restart the service: dreamtty serve --stop, then run this again")
     assert await cli_serve._status(True) == 0
     assert json.loads(capsys.readouterr().out)["warnings"] == [warnings[0].removeprefix("warning   ")]
+
+
+async def test_a_stream_whose_client_stopped_reading_is_closed_and_a_reading_one_gets_every_event(tmp_path,
+                                                                                                  monkeypatch):
+    """A WebSocket client that takes nothing (its window full) while events pile up must not hold the service's
+    memory: past Fanout.BACKLOG unread events its stream is closed. A client that reads misses nothing."""
+    from backend import api
+    from backend.events import Fanout, Log
+
+    monkeypatch.setattr(api, "CLOSE_TIMEOUT", 0.5)
+    service, runner = await _serve_in_test(tmp_path / "queue.sqlite3", tmp_path / "serve.sock")
+    follower = RemoteClient(Address(socket=tmp_path / "serve.sock", token="t"), start=None, previews=False)
+    stalled = socket.socket(socket.AF_UNIX)
+    try:
+        events = follower.subscribe()
+        await follower.status()  # connects, and opens its stream
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await asyncio.to_thread(stalled.connect, str(tmp_path / "serve.sock"))
+        stalled.sendall(b"GET /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nConnection: Upgrade\r\n"
+                        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                        b"Sec-WebSocket-Key: aaaaaaaaaaaaaaaaaaaaaa==\r\n\r\n")
+        while len(service._fanout.queues) < 2:
+            await asyncio.sleep(0.05)
+        sent = 0
+        while len(service._fanout.queues) == 2 and sent < 20 * Fanout.BACKLOG:
+            for _ in range(50):
+                service._fanout.publish(Log(message=f"{sent} " + "x" * 4000))
+                sent += 1
+            await asyncio.sleep(0.01)  # the follower reads as they come
+        assert len(service._fanout.queues) == 1 and sent < 20 * Fanout.BACKLOG  # the stalled one was dropped
+        service._fanout.publish(Log(message="the end"))
+        got = []
+        while not got or got[-1] != "the end":
+            event = await asyncio.wait_for(events.get(), 10)
+            if isinstance(event, Log):
+                got.append(event.message)
+        assert [int(m.split()[0]) for m in got[:-1]] == list(range(sent))  # every one, in order
+        for _ in range(100):  # the stalled one's stream is closed within CLOSE_TIMEOUT; the follower's stays
+            if (streams := (await follower.status())["streams"]) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert streams == 1
+    finally:
+        stalled.close()
+        await follower.close()
+        await runner.cleanup()
+        await service.close()
