@@ -64,6 +64,40 @@ def test_a_long_prompt_without_spaces_names_a_run_folder_that_fits(photos, tmp_p
     assert len(prepared.run_dir.name.encode()) <= 255
 
 
+def test_runs_sent_at_once_never_share_a_folder(photos, tmp_path, monkeypatch):
+    """Without ``output``, runs sent in the same second with the same prompt get a folder each (name, name-2,
+    ...); with the same ``output``, one takes it and the others are refused, not written over it."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backend.errors import RequestError
+    from backend.training import launch
+
+    monkeypatch.setattr(launch.time, "strftime", lambda _format: "20261206-120000-")  # one second for all
+    gate = threading.Barrier(4)
+
+    def prepare(request: TrainRequest):
+        gate.wait()
+        try:
+            return prepare_run(request, runs_root=tmp_path / "runs")
+        except RequestError as exc:
+            return exc
+
+    requests = [_request(photos, tmp_path, output=None, seed=n) for n in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        prepared = list(pool.map(prepare, requests))
+    names = sorted(p.run_dir.name for p in prepared)
+    assert names == ["20261206-120000-sks-dog"] + [f"20261206-120000-sks-dog-{n}" for n in (2, 3, 4)]
+    assert sorted(runs.read_run_json(p.run_dir)["settings"]["seed"] for p in prepared) == [0, 1, 2, 3]
+    gate.reset()
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(prepare, [replace(r, output=str(tmp_path / "one")) for r in requests]))
+    refused = [a for a in answers if isinstance(a, RequestError)]
+    (taken,) = [a for a in answers if not isinstance(a, RequestError)]
+    assert len(refused) == 3 and all(e.field == "output" and "already running" in str(e) for e in refused)
+    assert runs.read_run_json(tmp_path / "one")["settings"]["seed"] == taken.request.seed
+
+
 def _events(run_dir: Path) -> list[TrainEvent]:
     return runs.EventTail(run_dir).read()
 

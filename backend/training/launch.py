@@ -13,6 +13,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +40,20 @@ NAME_CHARS = 40  # of the prompt in a run folder's name: 40 CJK characters are 1
 def _default_name(request: TrainRequest) -> str:
     words = [w for w in request.instance_prompt.lower().split() if w.isalnum()][-2:] or ["run"]
     return time.strftime("%Y%m%d-%H%M%S-") + "-".join(words)[:NAME_CHARS]
+
+
+def _new_run_dir(runs_root: Path, name: str) -> Path:
+    """A folder made here for a run sent without ``output``: ``name``, else ``name-2``, ``name-3``, ...
+    (two runs sent in the same second with the same prompt never share one)."""
+    runs_root.mkdir(parents=True, exist_ok=True)
+    path, n = runs_root / name, 1
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+            path = runs_root / f"{name}-{n}"
 
 
 def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
@@ -104,8 +119,6 @@ def _check_resume(req: TrainRequest, run_dir: Path, previous: dict, family: str)
     continues from (None: from step 0) and its warnings."""
     if req.resume is None:
         return None, []
-    if not req.output:
-        raise RequestError("resume", "needs --output RUN_DIR: the run to continue")
     checkpoint = resume_checkpoint(run_dir, req.resume)
     if checkpoint is None:
         if previous.get("state") == "done":
@@ -145,33 +158,48 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> Prepare
     token = unique_token_warning(req.instance_prompt, req.class_prompt if req.prior else None)
     if token:
         warnings.append(token)
-    run_dir = Path(req.output).expanduser() if req.output else runs_root / _default_name(req)
+    if req.resume is not None and not req.output:
+        raise RequestError("resume", "needs --output RUN_DIR: the run to continue")
+    run_dir = Path(req.output).expanduser() if req.output else None
     try:
-        previous = _previous_run(run_dir, req)
-        checkpoint, resume_warnings = _check_resume(req, run_dir, previous, ref.family)
-        warnings += resume_warnings
-        named = checkpoint is not None and req.resume != "latest"  # a path: absolute, as the trainer runs in run_dir
-        req = replace(req, output=str(run_dir.resolve()),
-                      instance_dir=str(Path(req.instance_dir).expanduser().resolve()),
-                      resume=str(checkpoint.resolve()) if named else req.resume)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / runs.STOP_FILE).unlink(missing_ok=True)
-        (run_dir / runs.PID_FILE).unlink(missing_ok=True)
-        now = time.time()
-        runs.write_json_atomic(
-            run_dir / runs.RUN_JSON,
-            {**previous, "version": 1, "settings": req.to_dict(), "family": ref.family, "state": "starting",
-             "pid": None, "error": None, "error_kind": None, "created": previous.get("created", now), "updated": now},
-        )
-        try:
-            runs.link_into_root(run_dir, runs_root)
-        except OSError as exc:  # a read-only runs folder: the run goes on, unlisted
-            warnings.append(f"runs: cannot list the run in {runs_root} ({exc.strerror or exc}); the Train screen "
-                            f"does not show it, `dreamtty train --output {run_dir} --resume latest` still works")
-        for warning in warnings:
-            runs.EventWriter(run_dir)(TrainLog(level="warning", message=warning))
+        with _PREPARING:  # from the check of the folder to its run.json: two requests never take one folder
+            return _make_run_dir(req, ref.family, run_dir, runs_root, warnings)
     except OSError as exc:
-        raise RequestError("output", f"cannot write the run to {run_dir}: {exc.strerror or exc}") from None
+        raise RequestError("output", f"cannot write the run to {run_dir or runs_root}: {exc.strerror or exc}") from None
+
+
+_PREPARING = threading.Lock()
+
+
+def _make_run_dir(req: TrainRequest, family: str, run_dir: Path | None, runs_root: Path,
+                  warnings: list[str]) -> PreparedRun:
+    """Check ``run_dir`` (None: a new folder in ``runs_root``) may take the run, then write its run.json."""
+    if run_dir is None:
+        run_dir, previous, checkpoint = _new_run_dir(runs_root, _default_name(req)), {}, None
+    else:
+        previous = _previous_run(run_dir, req)
+        checkpoint, resume_warnings = _check_resume(req, run_dir, previous, family)
+        warnings += resume_warnings
+    named = checkpoint is not None and req.resume != "latest"  # a path: absolute, as the trainer runs in run_dir
+    req = replace(req, output=str(run_dir.resolve()),
+                  instance_dir=str(Path(req.instance_dir).expanduser().resolve()),
+                  resume=str(checkpoint.resolve()) if named else req.resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / runs.STOP_FILE).unlink(missing_ok=True)
+    (run_dir / runs.PID_FILE).unlink(missing_ok=True)
+    now = time.time()
+    runs.write_json_atomic(
+        run_dir / runs.RUN_JSON,
+        {**previous, "version": 1, "settings": req.to_dict(), "family": family, "state": "starting",
+         "pid": None, "error": None, "error_kind": None, "created": previous.get("created", now), "updated": now},
+    )
+    try:
+        runs.link_into_root(run_dir, runs_root)
+    except OSError as exc:  # a read-only runs folder: the run goes on, unlisted
+        warnings.append(f"runs: cannot list the run in {runs_root} ({exc.strerror or exc}); the Train screen "
+                        f"does not show it, `dreamtty train --output {run_dir} --resume latest` still works")
+    for warning in warnings:
+        runs.EventWriter(run_dir)(TrainLog(level="warning", message=warning))
     return PreparedRun(run_dir.resolve(), req, warnings)
 
 
