@@ -11,22 +11,27 @@ from pathlib import Path
 from backend.errors import RequestError
 
 _DEVICES = "auto, cpu, cuda or cuda:N[,cuda:M...]"
-_CUDA = re.compile(r"cuda(?::(\d+))?")
+_CUDA = re.compile(r"cuda(?::([0-9]+))?")
 _NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU this container may use
 _DEV = Path("/dev")
 
 
 def parse_devices(text: str) -> list[str]:
-    """``--device`` as the workers' devices: ``["auto"]``, ``["cpu"]`` or CUDA devices.
+    """``--device`` as the workers' devices: ``["auto"]``, ``["cpu"]`` or CUDA devices, each as ``cuda:N``
+    (``cuda`` and ``cuda:00`` are ``cuda:0``: the schedule compares devices by name).
 
-    Raises RequestError("device") when the text is not one of ``_DEVICES``.
+    Raises RequestError("device") when the text is not one of ``_DEVICES`` or names a GPU twice.
     """
     if text.strip() in ("auto", "cpu"):
         return [text.strip()]
-    devices = [d.strip() for d in text.split(",")]
-    bad = next((d for d in devices if not _CUDA.fullmatch(d)), None)
-    if bad is not None:
-        raise RequestError("device", f"{bad!r} is not allowed; use {_DEVICES}")
+    devices = []
+    for given in (d.strip() for d in text.split(",")):
+        if (cuda := _CUDA.fullmatch(given)) is None:
+            raise RequestError("device", f"{given!r} is not allowed; use {_DEVICES}")
+        device = f"cuda:{int(cuda.group(1) or 0)}"
+        if device in devices:
+            raise RequestError("device", f"{given!r} names {device} twice; name each GPU once")
+        devices.append(device)
     return devices
 
 
@@ -37,8 +42,7 @@ def check_devices(text: str) -> list[str]:
     if count is None:
         return devices  # cannot tell without torch: the worker reports a missing GPU
     for device in devices:
-        cuda = _CUDA.fullmatch(device)
-        if cuda and int(cuda.group(1) or 0) >= count:
+        if device.startswith("cuda:") and int(device[5:]) >= count:
             have = ", ".join(f"cuda:{n}" for n in range(count)) or "no CUDA GPU"
             raise RequestError("device", f"{device} is not available; this machine has {have} (use auto or cpu)")
     return devices

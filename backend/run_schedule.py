@@ -70,18 +70,13 @@ class ScheduledRun:
 
 
 # -- devices ----------------------------------------------------------------------------------
-def _canonical(device: str) -> str:
-    """A device as the schedule compares them: ``cuda`` is ``cuda:0``."""
-    return "cuda:0" if device == "cuda" else device
-
-
 def resolve_devices(text: str, default: str | None) -> list[str]:
     """A run's ``--device``: ``auto`` is ``default`` (the device of the service's first worker) or,
     without one, the first GPU (the CPU on a machine without one). RequestError("device") when bad."""
     devices = parse_devices(text)
     if devices == ["auto"]:
         return [default or ("cpu" if visible_gpus() == 0 else "cuda:0")]
-    return [_canonical(d) for d in devices]
+    return devices
 
 
 def device_label(device: str) -> str:

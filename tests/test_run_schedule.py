@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -25,6 +26,7 @@ import pytest
 from PIL import Image
 
 from backend import devices as devices_module
+from backend.errors import RequestError
 from backend.events import Cancelled, Done, Note, RunState, Started, Step, WorkerReady, WorkerReleased
 from backend.queue_store import LEASE_TTL, QueueStore
 from backend.request import GenerateRequest
@@ -340,8 +342,13 @@ def test_devices_of_a_run(monkeypatch):
     assert resolve_devices("auto", "cuda:1") == ["cuda:1"]
     assert resolve_devices("cuda", None) == ["cuda:0"]
     assert resolve_devices("cuda:0,cuda:2", None) == ["cuda:0", "cuda:2"]
-    with pytest.raises(Exception, match="^device: 'gpu' is not allowed"):
-        resolve_devices("gpu", None)
+    # another spelling of a GPU is that GPU: a run on cuda:00 waits for a job on cuda:0, as the schedule compares names
+    assert resolve_devices("cuda:00, cuda:002", None) == ["cuda:0", "cuda:2"]
+    assert devices_module.parse_devices("cuda,cuda:1") == ["cuda:0", "cuda:1"]  # the workers' devices too
+    for text, error in (("gpu", "'gpu' is not allowed"), ("cuda:\u0663", "'cuda:\u0663' is not allowed"),
+                        ("cuda:0,cuda:00", "'cuda:00' names cuda:0 twice; name each GPU once")):
+        with pytest.raises(RequestError, match=f"^device: {re.escape(error)}"):
+            resolve_devices(text, None)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert trainer_env(["cpu"]) == {"CUDA_VISIBLE_DEVICES": ""}
     assert trainer_env(["cuda:0", "cuda:2"]) == {"CUDA_VISIBLE_DEVICES": "0,2"}
