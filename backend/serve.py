@@ -31,6 +31,7 @@ from backend.versions import build
 WORKER_NICE = 10  # the service's workers yield the CPU to interactive programs (the TUI among them)
 START_TIMEOUT = 60.0  # seconds a detached service may take to answer on its socket
 IDLE_CHECK = 5.0  # seconds between checks of the idle limit
+LOG_CHECK = 10.0  # seconds between checks of the log's size
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
         announce(f"dreamtty: service running (pid {os.getpid()}) on {files.socket}")
         if address:
             announce(f"dreamtty: and on http://{options.listen} (bearer token in {locations.state_dir() / 'serve.token'})")
-        tasks = [asyncio.create_task(_log_events(service, announce))]
+        tasks = [asyncio.create_task(_log_events(service, announce)), asyncio.create_task(_rotate_log(log_path()))]
         if options.idle_exit:
             tasks.append(asyncio.create_task(_exit_when_idle(service, api, options.idle_exit * 60, stop, announce)))
         await stop.wait()
@@ -137,7 +138,13 @@ async def _log_events(service, announce) -> None:
             detail = getattr(event, "error", None) or getattr(event, "device", None) or ""
             who = f"job {event.job}" if hasattr(event, "job") else f"worker {event.worker}"
             announce(visible(f"dreamtty: {who} {event.type} {detail}".rstrip()))
-            service_log.rotate_own(log_path())
+
+
+async def _rotate_log(path: Path) -> None:
+    """Move the log aside once it is past its limit, whatever wrote to it (an idle service too)."""
+    while True:
+        await asyncio.sleep(LOG_CHECK)
+        service_log.rotate_own(path)
 
 
 async def _exit_when_idle(service, api, seconds: float, stop: asyncio.Event, announce) -> None:

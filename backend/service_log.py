@@ -61,7 +61,8 @@ class _ClientFaults(logging.Filter):
         self.said_full = -math.inf
         # aiohttp is imported here, in the service, not by every CLI that imports ``backend.serve``
         from aiohttp.http_exceptions import HttpProcessingError
-        self.client_faults = (HttpProcessingError, ConnectionError)
+        from aiohttp.web_protocol import RequestPayloadError  # a body that does not decode as it says (gzip)
+        self.client_faults = (HttpProcessingError, RequestPayloadError, ConnectionError)
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None

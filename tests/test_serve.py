@@ -913,10 +913,11 @@ def test_listen_on_a_port_in_use_is_one_line(dirs):
 def test_requests_it_cannot_parse_write_no_tracebacks(service):
     """A client without the token could otherwise fill the disk with aiohttp's tracebacks."""
     logs = {p: p.stat().st_size for p in service.home.glob("serve-*.out")}  # the shared service's output
-    for head in (b"Content-Length: -1", b"Content-Length: 99\r\nContent-Length: 1", b"X: " + b"y" * 9000):
+    for head in (b"Content-Length: -1\r\n\r\n", b"Content-Length: 99\r\nContent-Length: 1\r\n\r\n",
+                 b"X: " + b"y" * 9000 + b"\r\n\r\n", b"Content-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello"):
         with socket.socket(socket.AF_UNIX) as raw:
             raw.connect(str(service.files().socket))
-            raw.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n")
+            raw.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\n" + head)
             assert raw.recv(4096).split(b"\r\n")[0].endswith(b" 400 Bad Request")
     time.sleep(0.5)
     grown = b"".join(p.read_bytes()[size:] for p, size in logs.items())

@@ -60,6 +60,23 @@ def test_a_running_service_moves_its_own_log_aside(tmp_path):
     assert log.read_text() == "2\n" and ran.stderr == "e\n"
 
 
+def test_an_idle_service_moves_its_log_aside_too(tmp_path):
+    """Lines no job caused (a client's) fill the log too: the service checks its size every LOG_CHECK."""
+    log = tmp_path / "serve.log"
+    script = ("import asyncio; from pathlib import Path; from backend import serve, service_log\n"
+              "service_log.MAX_BYTES, serve.LOG_CHECK = 10, 0.05\n"
+              "async def main():\n"
+              f"    task = asyncio.create_task(serve._rotate_log(Path({str(log)!r})))\n"
+              "    print('first line, past ten bytes'); await asyncio.sleep(0.5); print('2')\n"
+              "    task.cancel()\n"
+              "asyncio.run(main())\n")
+    with open(log, "ab") as out:
+        subprocess.run([sys.executable, "-c", script], stdout=out, stderr=out, check=True,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert (tmp_path / "serve.log.1").read_text() == "first line, past ten bytes\n"
+    assert log.read_text() == "2\n"
+
+
 def test_a_worker_moves_a_large_log_aside_as_it_starts(tmp_path):
     log = tmp_path / "worker-0.log"
     log.write_text("x" * 11)
