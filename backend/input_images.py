@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 import warnings as pywarnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,7 +110,8 @@ def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[st
             if depth:
                 notes.append(f"{path} has {depth} channels: reduced to 8 bits")
             img.load()
-            return ImageOps.exif_transpose(img), notes
+            ImageOps.exif_transpose(img, in_place=True)
+            return img, notes
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise RequestError(field_name, f"{path} is too large to decode safely; allowed up to "
                                        f"{MAX_PIXELS / 1e6:.0f} megapixels") from None
@@ -130,15 +132,24 @@ def _deep_channels(img: Image.Image) -> str | None:
     return {"I": "32-bit integer", "F": "32-bit float"}.get(img.mode, "16-bit" if img.mode.startswith("I;16") else None)
 
 
+STRIP_ROWS = 1024  # rows converted at a time: an 8192-wide strip of float32 is 32 MB
+
+
 def _eight_bit(img: Image.Image) -> Image.Image:
-    """Grey 16-bit, 32-bit integer and float images as 8-bit grey (scaled, not clipped)."""
+    """Grey 16-bit, 32-bit integer and float images as 8-bit grey (scaled, not clipped), a strip of rows
+    at a time: a 67-megapixel scan costs its pixels and a strip, not eight bytes a pixel."""
     import numpy as np
 
-    values = np.asarray(img, dtype=np.float64)
-    top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-    if img.mode == "F" and values.max(initial=0) <= 1.0:
+    values = np.asarray(img)
+    brightest = float(values.max(initial=0))
+    top = 65535.0 if img.mode.startswith("I;16") or brightest > 255 else 255.0
+    if img.mode == "F" and brightest <= 1.0:
         top = 1.0
-    return Image.fromarray(np.clip(np.round(values / top * 255), 0, 255).astype(np.uint8), "L")
+    grey = np.empty(values.shape, dtype=np.uint8)
+    for row in range(0, values.shape[0], STRIP_ROWS):
+        strip = values[row:row + STRIP_ROWS].astype(np.float32) * np.float32(255 / top)
+        grey[row:row + STRIP_ROWS] = np.clip(np.round(strip), 0, 255)
+    return Image.fromarray(grey, "L")
 
 
 def _has_transparency(img: Image.Image) -> bool:
@@ -157,26 +168,34 @@ def _to_rgb(img: Image.Image, path: str, background: tuple[int, int, int], notes
     if _has_transparency(img):
         if say_alpha:
             notes.append(f"{path} has transparency: composited on white")
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return img.convert("RGB")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba)  # blends by the alpha channel, as alpha_composite on an opaque canvas
+        return canvas
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+# Images decoded at once: a service checks each submission's inputs in a thread of its own, and a
+# 67-megapixel input costs about half a GB while it is decoded and converted.
+_DECODING = threading.BoundedSemaphore(2)
 
 
 def read_image(path: str, field_name: str = "image", expected_hash: str | None = None) -> InputImage:
     """The image at ``path`` as RGB; RequestError(field_name) when it cannot be used or changed."""
     data = _read_bytes(path, field_name)
     digest = _check_hash(path, field_name, data, expected_hash)
-    img, notes = _open(path, field_name, data)
-    return InputImage(path, digest, _to_rgb(img, path, (255, 255, 255), notes, say_alpha=True), notes)
+    with _DECODING:
+        img, notes = _open(path, field_name, data)
+        return InputImage(path, digest, _to_rgb(img, path, (255, 255, 255), notes, say_alpha=True), notes)
 
 
 def read_mask(path: str, size: tuple[int, int], expected_hash: str | None = None) -> tuple[np.ndarray, InputImage]:
     """The mask at ``path`` for an image of ``size``: a bool array (True = repaint), and the file read."""
     data = _read_bytes(path, "mask")
     digest = _check_hash(path, "mask", data, expected_hash)
-    img, notes = _open(path, "mask", data)
-    grey = _to_rgb(img, path, (0, 0, 0), notes, say_alpha=False).convert("L")
+    with _DECODING:
+        img, notes = _open(path, "mask", data)
+        grey = _to_rgb(img, path, (0, 0, 0), notes, say_alpha=False).convert("L")
     if grey.size != size:
         notes.append(f"mask {path} is {grey.width}x{grey.height}: resized to the image's {size[0]}x{size[1]}")
         grey = grey.resize(size, Image.Resampling.NEAREST)

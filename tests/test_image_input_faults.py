@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend import user_files
+from backend import input_images, user_files
 from backend.errors import DreamttyError
 from backend.image_prompts import ImagePrompt
 from backend.input_images import read_image, read_mask
@@ -143,7 +143,8 @@ def test_changed_input_is_refused_with_both_hashes(service, tmp_path):
     assert recorded["image_hash"] in text
 
 
-def test_sixteen_bit_images_are_scaled_to_eight(tmp_path):
+def test_sixteen_bit_images_are_scaled_to_eight(tmp_path, monkeypatch):
+    monkeypatch.setattr(input_images, "STRIP_ROWS", 1)  # converted a row at a time: every row still is
     grey = np.array([[0, 2570, 40000, 65535]] * 2, dtype=">u2")
     (tmp_path / "g16.png").write_bytes(_png(4, 2, 16, 0, b"".join(b"\0" + row.tobytes() for row in grey)))
     rgb = np.repeat(grey[..., None], 3, axis=2)
@@ -151,7 +152,7 @@ def test_sixteen_bit_images_are_scaled_to_eight(tmp_path):
     for name in ("g16.png", "rgb16.png"):
         read = read_image(str(tmp_path / name))
         assert read.image.mode == "RGB"
-        assert np.asarray(read.image)[0, :, 0].tolist() == [0, 10, 156, 255]  # scaled, not clipped to white
+        assert np.asarray(read.image)[..., 0].tolist() == [[0, 10, 156, 255]] * 2  # scaled, not clipped to white
         assert "has 16-bit channels: reduced to 8 bits" in read.warnings[0]
     Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32)).save(tmp_path / "f32.tif")  # what TIFFs may hold
     assert read_image(str(tmp_path / "f32.tif")).warnings == [f"{tmp_path / 'f32.tif'} has 32-bit float channels: "
