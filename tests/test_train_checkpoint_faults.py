@@ -151,8 +151,10 @@ def test_damaged_checkpoint_named_fails_and_latest_falls_back(photos, tmp_path):
     assert weights.read_bytes() == cut and [s for s, _ in runs.list_checkpoints(run_dir)] == [2, 4]  # nothing lost
 
     _run(_settings(run_dir, max_steps=5, resume="latest"))
-    assert _warnings(run_dir)[-1] == f"{error}; resuming from checkpoint-2 instead"
+    assert _warnings(run_dir)[-2] == f"{error}; resuming from checkpoint-2 instead"
     assert _steps_after_resume(run_dir) == (2, [3, 4, 5])
+    (moved,) = (run_dir / runs.CHECKPOINTS / runs.ABANDONED).iterdir()  # moved aside when passed over, as it was
+    assert (moved / "checkpoint-4/trainable_0.safetensors").read_bytes() == cut
     again = _losses(run_dir)
     assert [again[3], again[4]] == pytest.approx([first[3], first[4]], rel=1e-5)
     with safe_open(weights, framework="pt") as saved:  # step 4 saved again, whole
@@ -168,7 +170,7 @@ def test_a_state_file_without_a_step_is_a_damaged_checkpoint(photos, tmp_path):
         run_dir = shutil.copytree(trained, tmp_path / f"case{n}")
         (run_dir / "checkpoints/checkpoint-4" / STATE_FILE).write_text(text)
         _run(_settings(run_dir, output=str(run_dir), max_steps=5, resume="latest"))
-        assert _warnings(run_dir)[-1] == (f"resume: cannot load {run_dir / 'checkpoints/checkpoint-4'}: {STATE_FILE} is "
+        assert _warnings(run_dir)[-2] == (f"resume: cannot load {run_dir / 'checkpoints/checkpoint-4'}: {STATE_FILE} is "
                                           f"damaged ({why}, not a whole number from 1); resuming from checkpoint-2 instead")
         assert _steps_after_resume(run_dir) == (2, [3, 4, 5])
 
@@ -251,3 +253,53 @@ def test_a_run_folder_removed_mid_run_fails_the_run_and_is_not_made_again(photos
     prepared.run_dir.mkdir()
     gone = prepared.run_dir / runs.RUN_JSON
     assert runs.effective_state(prepared.run_dir)[1] == f"{gone} is gone (removed or moved?)"
+
+
+def _folders(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / runs.CHECKPOINTS).iterdir())
+
+
+def _cut_short(checkpoint: Path) -> None:
+    weights = checkpoint / "trainable_0.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def test_a_resume_from_an_older_checkpoint_moves_the_branch_it_leaves_aside(photos, tmp_path):
+    """The first run's checkpoint-6 is not the newest work once a run resumed from step 4: latest and pruning
+    must not see it (else pruning removes the new branch's checkpoints and latest continues the old one)."""
+    run_dir = _run(_request(photos, tmp_path / "branch", max_steps=6, checkpoint_every=2))
+    assert _folders(run_dir) == ["checkpoint-4", "checkpoint-6"]
+
+    _run(_settings(run_dir, max_steps=5, checkpoint_every=1, lr=3e-5, resume=str(run_dir / "checkpoints/checkpoint-4")))
+    assert _folders(run_dir) == [runs.ABANDONED, "checkpoint-4", "checkpoint-5"]
+    (moved,) = (run_dir / runs.CHECKPOINTS / runs.ABANDONED).iterdir()
+    assert _warnings(run_dir)[-1] == (f"resume from step 4: checkpoint-6 (newer, of the branch left behind) "
+                                     f"moved to {moved}")
+    assert [p.name for p in moved.iterdir()] == ["checkpoint-6"]
+    assert json.loads((moved / "checkpoint-6" / STATE_FILE).read_text())["step"] == 6  # kept whole
+
+    _run(_settings(run_dir, max_steps=7, resume="latest"))
+    assert _steps_after_resume(run_dir) == (5, [6, 7])  # the newest work, not the first run's step 6
+    assert _folders(run_dir) == [runs.ABANDONED, "checkpoint-6", "checkpoint-7"]
+    assert len(list((run_dir / runs.CHECKPOINTS / runs.ABANDONED).iterdir())) == 1  # nothing more moved
+
+
+def test_a_damaged_checkpoint_passed_over_is_moved_aside_and_not_kept_instead_of_a_good_one(photos, tmp_path):
+    run_dir = _run(_request(photos, tmp_path / "cut", max_steps=4, checkpoint_every=2))
+    _cut_short(run_dir / "checkpoints/checkpoint-4")
+
+    _run(_settings(run_dir, max_steps=8, checkpoint_every=1, resume="latest"), should_stop=lambda: True)
+    assert _steps_after_resume(run_dir) == (2, [3])
+    assert _folders(run_dir) == [runs.ABANDONED, "checkpoint-2", "checkpoint-3"]  # keep 2: both load
+    (moved,) = (run_dir / runs.CHECKPOINTS / runs.ABANDONED).iterdir()
+    assert [p.name for p in moved.iterdir()] == ["checkpoint-4"]
+
+
+def test_pruning_keeps_the_newest_checkpoints_that_load(photos, tmp_path):
+    """A damaged checkpoint among the newest is not one of the --keep-checkpoints kept (nor removed early)."""
+    run_dir = _run(_request(photos, tmp_path / "keep", max_steps=4, checkpoint_every=1, keep_checkpoints=3))
+    _cut_short(run_dir / "checkpoints/checkpoint-3")
+
+    _run(_settings(run_dir, max_steps=5, resume="latest"))
+    assert _steps_after_resume(run_dir) == (4, [5])
+    assert _folders(run_dir) == ["checkpoint-2", "checkpoint-3", "checkpoint-4", "checkpoint-5"]

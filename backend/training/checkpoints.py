@@ -1,6 +1,7 @@
 """Checkpoints: accelerate ``save_state`` into a temp folder, then rename; prune old ones.
 
 A failed save (disk full) removes the temp folder and leaves the previous checkpoint as it was.
+Pruning keeps the newest ``keep`` that load; a resume moves the checkpoints past its step aside.
 A load first checks that no file is cut short (DamagedCheckpointError), then restores the state.
 Only trainable weights are stored (LoRA: the adapters; full: the UNet/text encoders), through
 accelerate's save/load state hooks, the way diffusers' DreamBooth scripts do.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -137,9 +139,30 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: in
         kept = f"{previous[-1][1].name} is kept" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"checkpoint at step {step} not saved: {reason}; {kept}")
     if main:
-        for _, old in runs.list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(run_dir, keep)
     return final
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    """Remove the checkpoints older than the newest ``keep`` that load: a damaged one does not count."""
+    found = runs.list_checkpoints(run_dir)
+    good = [step for step, folder in found if _damage(folder) is None]
+    for step, folder in found:
+        if len(good) > keep and step < good[-keep]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def abandon_past(run_dir: Path, step: int) -> tuple[list[str], Path | None]:
+    """Move the checkpoint folders past ``step`` (the branch a resume from ``step`` leaves) into
+    ``checkpoints/abandoned/<time>/``, out of the sight of ``--resume latest`` and pruning: (their names, where)."""
+    past = [folder for n, folder in runs.checkpoint_folders(run_dir) if n > step]
+    if not past:
+        return [], None
+    aside = Path(run_dir) / runs.CHECKPOINTS / runs.ABANDONED / time.strftime("%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True, exist_ok=True)
+    for folder in past:
+        os.replace(folder, aside / folder.name)
+    return [folder.name for folder in past], aside
 
 
 # -- loading -------------------------------------------------------------------

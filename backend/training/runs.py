@@ -8,6 +8,7 @@ Layout of ``RUN_DIR``::
     trainer.log         stdout/stderr of a detached trainer
     STOP                present = stop after the current step (checkpoint, state "stopped")
     checkpoints/checkpoint-<step>/   accelerate save_state + dreamtty_state.json
+    checkpoints/abandoned/<time>/checkpoint-<step>/   those past the step a resume went back to
     validation/step-<step, 6 digits>-<i>.png
     model/              full fine-tune result: a diffusers folder
     lora/pytorch_lora_weights.safetensors   LoRA result
@@ -40,6 +41,7 @@ LOG_FILE = "trainer.log"
 STOP_FILE = "STOP"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
+ABANDONED = "abandoned"  # in CHECKPOINTS: a folder per resume, holding the checkpoints past its step
 STATE_FILE = "dreamtty_state.json"  # in a checkpoint folder, written last: the checkpoint is complete
 MODEL_DIR = "model"
 LORA_FILE = "lora/pytorch_lora_weights.safetensors"
@@ -154,21 +156,25 @@ def run_output(path: str | Path) -> tuple[str, Path] | None:
 
 
 # -- checkpoints --------------------------------------------------------------
+def checkpoint_folders(run_dir: Path) -> list[tuple[int, Path]]:
+    """Every ``checkpoint-<step>`` folder (step, folder), complete or not, oldest first."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = []
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            step = entry.name.removeprefix(CHECKPOINT_PREFIX)
+            if entry.name.startswith(CHECKPOINT_PREFIX) and step.isdigit():
+                found.append((int(step), entry))
+    return sorted(found)
+
+
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (step, folder), oldest first.
 
     Complete: the trainer writes :data:`STATE_FILE` last. Temp folders and
     folders without it (a copy cut short, a removal cut short) are ignored.
     """
-    folder = Path(run_dir) / CHECKPOINTS
-    found = []
-    if folder.is_dir():
-        for entry in folder.iterdir():
-            step = entry.name.removeprefix(CHECKPOINT_PREFIX)
-            complete = (entry / STATE_FILE).is_file()
-            if entry.name.startswith(CHECKPOINT_PREFIX) and step.isdigit() and complete:
-                found.append((int(step), entry))
-    return sorted(found)
+    return [(step, entry) for step, entry in checkpoint_folders(run_dir) if (entry / STATE_FILE).is_file()]
 
 
 # -- liveness -----------------------------------------------------------------

@@ -24,8 +24,8 @@ from backend.families import FAMILIES
 from backend.engine.loader import local_folder
 from backend.models import ModelRef, resolve_model
 from backend.training import runs
-from backend.training.checkpoints import (WRITE_ERRORS, CheckpointError, any_process, load_newest, register_hooks,
-                                          save_checkpoint, try_write, write_failure)
+from backend.training.checkpoints import (WRITE_ERRORS, CheckpointError, abandon_past, any_process, load_newest,
+                                          register_hooks, save_checkpoint, try_write, write_failure)
 from backend.training.class_images import ensure_class_images
 from backend.training.config import TrainRequest
 from backend.training.data import ImageSet, batch_generator
@@ -203,6 +203,17 @@ class DreamBoothTrainer:
             group["initial_lr"] = base
             group["lr"] = base * factor(schedule.last_epoch)
 
+    def _abandon_past(self, step: int) -> None:
+        """Move the checkpoints past ``step`` aside: a branch this resume leaves (also a damaged one passed over)."""
+        try:
+            names, aside = abandon_past(self.run_dir, step)
+        except OSError as exc:
+            self._warn(f"resume from step {step}: the checkpoints past it not moved aside: {exc.strerror or exc}")
+            return
+        if names:
+            left = ", ".join(names)
+            self._warn(f"resume from step {step}: {left} (newer, of the branch left behind) moved to {aside}")
+
     @torch.no_grad()
     def _setup_conditioning(self) -> None:
         """Token ids per prompt; with frozen text encoders, the embeddings once (then the encoders leave the GPU)."""
@@ -262,6 +273,8 @@ class DreamBoothTrainer:
             start = int(state["step"])
             self._apply_schedule(base_lrs)
             self.events(TrainResume(step=start, checkpoint=str(checkpoint)))
+            if self.main:
+                self._abandon_past(start)
         elif req.resume is not None:  # nothing saved yet: start over (drops the old steps from the curve)
             self.events(TrainResume(step=0, checkpoint=None))
         self._setup_conditioning()
