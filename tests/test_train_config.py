@@ -447,16 +447,30 @@ def test_cli_second_ctrl_c_leaves_the_trainer_running_and_a_dead_trainer_is_reco
     from tui.cli_train import follow
 
     class Interrupted:
+        """Ctrl-C twice while the trainer runs; ``stops``: it honoured the first one before the second came."""
         pid, returncode = 99, None
 
+        def __init__(self, stops: bool) -> None:
+            self.stops, self.polls = stops, 0
+
         def poll(self):
-            raise KeyboardInterrupt
+            self.polls += 1
+            if self.polls <= 2:
+                raise KeyboardInterrupt
+            if self.stops:
+                runs.update_run_json(tmp_path, state="stopped", step=4)
+                self.returncode = 0
+            return self.returncode
 
     monkeypatch.setattr("tui.cli_train.time.sleep", lambda _: None)
     runs.write_json_atomic(tmp_path / runs.RUN_JSON, {"state": "running", "settings": {}})
-    assert follow(tmp_path, Interrupted()) == 130
+    assert follow(tmp_path, Interrupted(stops=False)) == 130
     assert not (tmp_path / runs.STOP_FILE).exists()  # the first Ctrl-C's stop request is taken back
     assert "leaving the trainer running in the background (pid 99)" in capsys.readouterr().err
+    assert follow(tmp_path, Interrupted(stops=True)) == 1
+    err = capsys.readouterr().err
+    assert "leaving the trainer running" not in err and "dreamtty: stopped at step 4; continue with" in err
+    runs.write_json_atomic(tmp_path / runs.RUN_JSON, {"state": "running", "settings": {}})
 
     class DiedAtOnce:
         pid, returncode = 98, 3

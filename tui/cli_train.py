@@ -215,6 +215,8 @@ def follow(run_dir: Path, proc) -> int:
             time.sleep(0.5)
         except KeyboardInterrupt:
             if interrupted:
+                if proc.poll() is not None:
+                    break  # it stopped already, as the first Ctrl-C asked: say how it ended
                 (Path(run_dir) / runs.STOP_FILE).unlink(missing_ok=True)  # the first Ctrl-C's request
                 print(f"dreamtty: leaving the trainer running in the background (pid {proc.pid})", file=sys.stderr)
                 return 130
