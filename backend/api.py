@@ -179,7 +179,7 @@ class Api:
         job_request, out, _ = await _read_job(request)
         resolved, _ = await asyncio.to_thread(self.service.validate, job_request)
         if out is not None:
-            await asyncio.to_thread(check_out_dir, out)
+            await asyncio.to_thread(check_out_dir, out, False)  # a dry run makes no folder
         return web.json_response({"kind": jobkinds.kind_of(resolved).name, "request": resolved.to_dict()})
 
     async def get_job(self, request: web.Request) -> web.Response:

@@ -33,22 +33,31 @@ def day_folder(out_root: Path, now: dt.datetime | dt.date | None = None) -> Path
     return out_root / (now or dt.date.today()).strftime("%Y-%m-%d")
 
 
-def check_out_dir(out: Path) -> None:
+def check_out_dir(out: Path, create: bool = True) -> None:
     """Raise a one-line error unless images can be saved under ``out`` today (before queueing).
 
     Creates today's folder and a probe file in it, as saving will: permission bits and
-    ``os.access`` do not tell (root, read-only or virtual file systems such as /sys).
+    ``os.access`` do not tell (root, read-only or virtual file systems such as /sys). Without
+    ``create`` (a dry run) nothing is left behind: the probe is made in the nearest folder that exists.
     """
     if os.path.exists(out) and not os.path.isdir(out):
         raise RequestError("out", f"{out} is a file; give a folder")
     folder = day_folder(out)
-    check_writable(folder)
-    check_writable(out / SAVING)
+    if create:
+        check_writable(folder)
+        check_writable(out / SAVING)
+        probe = folder
+    else:
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise DreamttyError(f"out: cannot create {folder}: {probe} is not a folder")
     try:
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as exc:
-        raise DreamttyError(f"out: cannot write in {folder}: {exc.strerror}") from None
+        raise DreamttyError(f"out: cannot write in {probe}: {exc.strerror}") from None
 
 
 @functools.cache

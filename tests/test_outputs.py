@@ -173,3 +173,19 @@ def test_image_without_metadata(tmp_path):
     _image().save(p)
     with pytest.raises(DreamttyError, match="has no dreamtty metadata"):
         metadata.read(p)
+
+
+def test_a_dry_run_checks_the_out_folder_and_makes_nothing(tmp_path):
+    """POST /v1/validate checks ``out`` as a submit does, and leaves no folder behind."""
+    base = tmp_path / "base"
+    base.mkdir()
+    out = base / "not" / "yet"
+    check_out_dir(out, create=False)
+    assert list(base.iterdir()) == []
+    (base / "file").write_text("x")
+    with pytest.raises(DreamttyError, match=f"^out: cannot create {base}/file/sub/.*: {base}/file is not a folder$"):
+        check_out_dir(base / "file" / "sub", create=False)
+    with pytest.raises(DreamttyError, match="^out: cannot write in /proc: "):
+        check_out_dir(Path("/proc/nope"), create=False)
+    check_out_dir(out)  # a submit makes today's folder (and the one images are written in first)
+    assert sorted(p.name for p in out.iterdir()) == sorted([SAVING, day_folder(out).name])

@@ -265,6 +265,8 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
         for route in ("validate", "jobs"):  # validate refuses what submit refuses
             async with http.post(f"http://dreamtty/v1/{route}", json={"request": {}, "out": "/proc/nope"}) as r:
                 assert r.status == 400 and (await r.json())["field"] == "out"
+        async with http.post("http://dreamtty/v1/validate", json={"request": {}, "out": str(service.out / "new")}) as r:
+            assert r.status == 200 and not (service.out / "new").exists()  # a dry run makes no folder
         async with http.post("http://dreamtty/v1/jobs", data=b"garbage", headers={"Content-Encoding": "deflate"}) as r:
             body = await r.json()
             assert r.status == 400 and body["field"] == "body" and "cannot be decoded" in body["error"]
