@@ -17,6 +17,9 @@ OpenCLIP alone: SD2; both under ``conditioner.embedders``: SDXL; OpenCLIP
 bigG alone: SDXL refiner) and the UNet's first conv (9 input channels:
 inpainting). Whether an SD2 checkpoint predicts v cannot be read from the
 weights; :func:`sd2_prediction` documents the rule used.
+
+Every file is opened through :mod:`backend.user_files`: a FIFO or a device named like a model file is
+refused unread (a read of it would hang the thread that checks a request).
 """
 
 from __future__ import annotations
@@ -34,9 +37,8 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from backend import locations
+from backend import locations, user_files
 from backend.errors import ModelError
-from backend.user_files import file_sha256
 
 DEMO_MODELS = ("demo", "demo-xl")  # built offline by backend.engine.demo_models
 SAFE_SUFFIXES = (".safetensors",)
@@ -62,12 +64,17 @@ class CorruptFile(ModelError):
     """A model file that cannot be parsed (truncated download, not a model, ...)."""
 
 
+def _unreadable(path: Path, exc: OSError) -> CorruptFile:
+    """The one-line error for a model file that cannot be opened or read (e.g. ``is not a regular file``)."""
+    return CorruptFile(str(user_files.read_error("model", path, exc)))
+
+
 # -- reading tensor names and shapes ------------------------------------------
 def read_safetensors_header(path: Path) -> tuple[Shapes, dict[str, str]]:
     """Tensor shapes and ``__metadata__`` of a .safetensors file; CorruptFile when it is damaged."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
+        with user_files.open_regular(path) as fh:
+            size = os.fstat(fh.fileno()).st_size
             head = fh.read(8)
             if len(head) < 8:
                 raise CorruptFile(f"model: {path.name} is empty or truncated ({size} bytes)")
@@ -76,7 +83,7 @@ def read_safetensors_header(path: Path) -> tuple[Shapes, dict[str, str]]:
                 raise CorruptFile(f"model: {path.name} is not a safetensors file or is truncated (bad header length)")
             raw = fh.read(length)
     except OSError as exc:
-        raise CorruptFile(f"model: cannot read {path}: {exc.strerror}") from None
+        raise _unreadable(path, exc) from None
     try:
         header = json.loads(raw)
         meta = header.pop("__metadata__", None) or {}
@@ -157,7 +164,7 @@ def _flatten(obj: object, prefix: str = "") -> Shapes:
 def read_pickle_shapes(path: Path) -> Shapes:
     """Tensor names and shapes of a torch zip-format pickle, without running it."""
     try:
-        with zipfile.ZipFile(path) as zf:
+        with user_files.open_regular(path) as fh, zipfile.ZipFile(fh) as zf:
             names = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
             if not names:
                 raise CorruptFile(f"model: {path.name} is not a torch checkpoint (no data.pkl)")
@@ -167,7 +174,7 @@ def read_pickle_shapes(path: Path) -> Shapes:
     except zipfile.BadZipFile:
         raise CorruptFile(f"model: {path.name} is truncated or in the legacy torch format (not a zip)") from None
     except OSError as exc:
-        raise CorruptFile(f"model: cannot read {path}: {exc.strerror}") from None
+        raise _unreadable(path, exc) from None
     try:
         obj = _ShapeUnpickler(io.BytesIO(raw)).load()
     except Exception:  # any malformed pickle: report, never crash the listing
@@ -212,7 +219,7 @@ def sd2_prediction(path: Path, meta: dict[str, str], shapes: Shapes) -> str:
     sidecar = path.with_suffix(".yaml")
     if sidecar.is_file():
         try:
-            text = sidecar.read_text(encoding="utf-8", errors="replace")
+            text = user_files.read_bytes(sidecar, user_files.MAX_TEXT_BYTES).decode("utf-8", "replace")
         except OSError:
             text = ""
         return "v" if re.search(r"parameterization:\s*[\"']?v[\"']?\s*$", text, re.M) else "epsilon"
@@ -392,8 +399,10 @@ def _inspect_file(kind: str, path: Path, source: str) -> Entry:
 def read_json(path: Path) -> dict:
     """A model folder's JSON file (config.json, model_index.json) as a mapping; ModelError otherwise."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
+        data = json.loads(user_files.read_text(path))
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    except (ValueError, RecursionError) as exc:
         raise ModelError(f"model: cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ModelError(f"model: {path} is not a JSON object")
@@ -456,11 +465,7 @@ def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
         return Entry(kind, folder.name, str(folder), family_from_folder(folder), _folder_size(folder), source,
                      "diffusers", folder_variant(folder))
     if kind == "vae" and (folder / "config.json").is_file():
-        try:
-            cls = json.loads((folder / "config.json").read_text()).get("_class_name")
-        except (OSError, ValueError, RecursionError, AttributeError):  # AttributeError: not a JSON object
-            raise CorruptFile(f"model: {folder.name}/config.json is not valid JSON") from None
-        if cls == "AutoencoderKL":
+        if read_json(folder / "config.json").get("_class_name") == "AutoencoderKL":
             return Entry(kind, folder.name, str(folder), "any", _folder_size(folder), source, "diffusers")
     return None
 
@@ -678,7 +683,7 @@ def _hash_cache_file() -> Path:
 
 def short_hash(path: str | Path) -> str:
     """First 10 hex digits of the file's SHA-256 (A1111's and Civitai's "AutoV2")."""
-    return _cached_hash(path, "", lambda p: file_sha256(p)[:10])
+    return _cached_hash(path, "", lambda p: user_files.file_sha256(p)[:10])
 
 
 def lora_hash(path: str | Path) -> str:
@@ -688,13 +693,13 @@ def lora_hash(path: str | Path) -> str:
 
     def compute(p: Path) -> str:
         if p.suffix.lower() != ".safetensors":
-            return file_sha256(p)[:12]
+            return user_files.file_sha256(p)[:12]
         stored = read_safetensors_header(p)[1].get("sshs_model_hash", "").lower()
         if re.fullmatch(r"[0-9a-f]{12,64}", stored):
             return stored[:12]
-        with open(p, "rb") as fh:
+        with user_files.open_regular(p) as fh:
             (length,) = struct.unpack("<Q", fh.read(8))
-        return file_sha256(p, start=8 + length)[:12]
+        return user_files.file_sha256(p, start=8 + length)[:12]
 
     return _cached_hash(path, "lora:", compute)
 

@@ -9,14 +9,13 @@ The family is read from the folder's JSON configs or the file's tensor names.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from backend.errors import ModelError
 from backend.library import (DEMO_MODELS, PICKLE_SUFFIXES, SAFE_SUFFIXES, checkpoint_family, family_from_folder, find,
-                             folder_variant, hub_cache_folder, looks_like_hub_id, read_shapes)
+                             folder_variant, hub_cache_folder, looks_like_hub_id, read_json, read_shapes)
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,8 @@ def resolve_model(name: str, field: str = "model", variants: tuple[str, ...] = (
 
 def text_encoder_depth(ref: ModelRef) -> int | None:
     """Layers of the model's shallowest text encoder, read from its configs without loading it
-    (diffusers folders and built demo models); None when that cannot be told here."""
+    (diffusers folders and built demo models); None when that cannot be told here, ModelError when a
+    config cannot be read (a FIFO is refused unread)."""
     from backend import locations
 
     folder = {"folder": Path(ref.location), "demo": locations.demo_models_dir() / ref.location}.get(ref.kind)
@@ -103,8 +103,8 @@ def text_encoder_depth(ref: ModelRef) -> int | None:
     depths = []
     for config in sorted(folder.glob("text_encoder*/config.json")):
         try:
-            depths.append(int(json.loads(config.read_text())["num_hidden_layers"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            depths.append(int(read_json(config)["num_hidden_layers"]))
+        except (ValueError, KeyError, TypeError):
             return None
     return min(depths) if depths else None
 

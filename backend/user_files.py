@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import stat
+import sys
 from typing import BinaryIO
 
 from backend.errors import RequestError
@@ -27,10 +28,10 @@ class RefusedFile(OSError):
         return f"{self.filename} {self.strerror}"
 
 
-def open_regular(path: str | os.PathLike, limit: int) -> BinaryIO:
+def open_regular(path: str | os.PathLike, limit: int = sys.maxsize) -> BinaryIO:
     """The regular file at ``path`` opened for reading in binary: RefusedFile when it is something else
     or over ``limit`` bytes, OSError when it cannot be opened. For readers that read only a part (an
-    image's metadata)."""
+    image's metadata, a model's header)."""
     _check(os.stat(path), path, limit)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     fh = os.fdopen(fd, "rb")
@@ -85,7 +86,7 @@ def _mib(size: int) -> str:
 def file_sha256(path: str | os.PathLike, start: int = 0) -> str:
     """The SHA-256 (hex) of the file at ``path`` from byte ``start`` on, read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         fh.seek(start)
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)

@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import random
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from backend.prompting.wildcards import MAX_CHARS, expand_wildcards, load_wildca
 from backend.request import MAX_SEED, GenerateRequest, parse_size
 from backend.values import to_int
 from backend.samplers import SAMPLERS
+from backend.service import Service
 from tui.cli import main
 
 
@@ -288,6 +291,73 @@ def test_model_errors_name_the_field_that_named_the_model(tmp_path):
             resolve_model(name, field="refiner")
         with pytest.raises(ModelError, match="^model: "):
             resolve_model(name)
+
+
+def _unblocked(fifos: list[Path], call: Callable[[], object]) -> object:
+    """``call()`` while each FIFO has a writer that never ends its stream, so a read of one would wait for ever;
+    after 10 s the writers are closed, which ends such a read: a regression fails instead of hanging."""
+    writers = [os.open(fifo, os.O_RDWR) for fifo in fifos]
+
+    def close() -> None:
+        while writers:
+            os.close(writers.pop())
+
+    timer = threading.Timer(10, close)
+    timer.start()
+    try:
+        return call()
+    finally:
+        timer.cancel()
+        timer.join()
+        close()
+
+
+def _fifo_model(root: Path, fifo: str) -> tuple[Path, Path]:
+    """(the model to name, the FIFO): a FIFO called like a checkpoint, or a diffusers folder with one config a FIFO."""
+    folder = root / "diffusers"
+    configs = {"model_index.json": {"_class_name": "StableDiffusionPipeline"}, "unet/config.json": {"in_channels": 4},
+               "text_encoder/config.json": {"num_hidden_layers": 12}}
+    for name, data in configs.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(data))
+    (root / fifo).unlink(missing_ok=True)
+    os.mkfifo(root / fifo)
+    return (folder if fifo.startswith("diffusers/") else root / fifo), root / fifo
+
+
+@pytest.mark.parametrize("field,fifo", [
+    *[(field, fifo) for field in ("model", "refiner")
+      for fifo in ("model.safetensors", "diffusers/model_index.json", "diffusers/unet/config.json")],
+    ("model", "diffusers/text_encoder/config.json"),  # read for clip_skip's check
+])
+def test_a_fifo_as_a_model_file_is_refused_unread(tmp_path, field, fifo):
+    model, pipe = _fifo_model(tmp_path, fifo)
+    service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3")
+    request = GenerateRequest(prompt="a fox", **{"model": "demo", field: str(model)})
+    try:
+        with pytest.raises(ModelError) as info:
+            _unblocked([pipe], lambda: service.validate(request))
+    finally:
+        service.store.close()
+    assert str(info.value) == f"{field}: {pipe} is not a regular file"
+
+
+@pytest.mark.parametrize("flag", ["--model", "--refiner"])
+def test_cli_refuses_a_fifo_as_a_model_at_once(tmp_path, capsys, flag):
+    model, pipe = _fifo_model(tmp_path, "model.safetensors")
+    assert _unblocked([pipe], lambda: main(["generate", "a fox", "--model", "demo", flag, str(model)])) == 2
+    assert capsys.readouterr().err.strip() == f"dreamtty: {flag[2:]}: {pipe} is not a regular file"
+
+
+def test_models_list_names_a_fifo_and_goes_on(tmp_path, monkeypatch, capsys):
+    fifos = [tmp_path / "ckpt" / name for name in ("pipe.safetensors", "pipe.ckpt", "folder/model_index.json")]
+    fifos[-1].parent.mkdir(parents=True)
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    monkeypatch.setenv("DREAMTTY_CHECKPOINTS", str(tmp_path / "ckpt"))
+    assert _unblocked(fifos, lambda: main(["models", "list", "--json"])) == 0
+    problems = json.loads(capsys.readouterr().out)["problems"]  # "folder" is no model folder: searched, not read
+    assert sorted(problems) == [f"model: {fifo} is not a regular file" for fifo in sorted(fifos[:2])]
 
 
 def test_vae_and_refiner_errors_name_their_own_field(tmp_path, capsys):

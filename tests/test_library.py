@@ -178,7 +178,7 @@ def test_discover_lists_each_kind_and_skips_damaged(tmp_path, demo_dirs):
     assert ("checkpoint", "broken") not in got and ("lora", "notalora") not in got
     problems = "\n".join(lib.problems)
     assert "broken.safetensors" in problems and "notalora.safetensors is not a LoRA" in problems
-    assert "old.pt" in problems and "listvae/config.json is not valid JSON" in problems
+    assert "old.pt" in problems and "listvae/config.json is not a JSON object" in problems
     size = next(e.size for e in lib.entries if e.name == "mysd")
     assert size == (root / "ckpt" / "mysd.safetensors").stat().st_size
     assert library.find("lora", "STYLE", cfg).name == "style"  # case-insensitive fallback
