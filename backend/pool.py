@@ -65,6 +65,25 @@ OnEvent = Callable[[Event], None]
 OnDied = Callable[[Slot, list[int], str, bool], None]
 
 
+class StartFaults:
+    """Why each slot's worker cannot start: said once (an error ``Log``), not at each try, and a status
+    warning until a worker of that slot runs."""
+
+    def __init__(self) -> None:
+        self._why: dict[int, str] = {}  # slot id -> why
+
+    def cannot(self, slot_id: int, why: str, say: OnEvent) -> None:
+        if self._why.get(slot_id) != why:
+            say(Log(message=why, level="error"))
+        self._why[slot_id] = why
+
+    def started(self, slot_id: int) -> None:
+        self._why.pop(slot_id, None)
+
+    def warnings(self) -> list[str]:
+        return list(self._why.values())
+
+
 class WorkerPool(Protocol):
     slots: list[Slot]
 
@@ -130,7 +149,7 @@ class ProcessPool:
         self._on_died: OnDied = lambda slot, jobs, why, counts: None
         self._loop = None
         self._early_deaths: dict[int, int] = {}  # slot id -> deaths in a row before the worker was ready
-        self._stale: dict[int, str] = {}  # slot id -> why its worker refused to start: code changed on disk
+        self._stale = StartFaults()  # workers that refused to start: the code changed on disk
 
     def start(self, on_event: OnEvent, on_died: OnDied) -> None:
         import asyncio
@@ -166,7 +185,7 @@ class ProcessPool:
 
     def status(self) -> dict:
         workers = [slot.status(self.alive(slot)) for slot in self.slots]
-        return {"workers": workers, "warnings": list(self._stale.values())}
+        return {"workers": workers, "warnings": self._stale.warnings()}
 
     async def close(self) -> None:
         import asyncio
@@ -253,7 +272,7 @@ class ProcessPool:
         if isinstance(event, WorkerReady):
             self._procs[event.worker].ready = True
             self._early_deaths.pop(event.worker, None)
-            self._stale.pop(event.worker, None)
+            self._stale.started(event.worker)
             self._add_gpu_workers(event)
         self._on_event(event)
 
@@ -272,9 +291,7 @@ class ProcessPool:
         why, stale = f"worker crashed (exit code {exitcode})", exitcode == versions.STALE_EXIT
         if stale:
             why = f"worker {slot.id}: {versions.stale_why()}"
-            if self._stale.get(slot.id) != why:  # said once, not at each try
-                self._on_event(Log(message=why, level="error"))
-            self._stale[slot.id] = why
+            self._stale.cannot(slot.id, why, self._on_event)
         if dead.ready:
             self._spawn(slot)  # first: the service may hand the new worker a job at once
         else:  # it cannot start (a broken install or driver): restart it after a wait, not in a loop

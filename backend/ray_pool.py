@@ -33,7 +33,7 @@ from pathlib import Path
 from backend import events as ev, versions
 from backend.cluster_address import ADDRESS, check_address
 from backend.errors import DreamttyError
-from backend.pool import OnDied, OnEvent, Slot
+from backend.pool import OnDied, OnEvent, Slot, StartFaults
 from backend.queue_store import QueueStore
 from backend.worker import RELEASE, JobRun, one_line, pipeline_cache, release, run_jobs, save_output
 
@@ -142,7 +142,6 @@ class _Worker:
     jobs: dict[int, dict] = field(default_factory=dict)  # job id -> the payload of each job it runs
     errors: dict[int, str] = field(default_factory=dict)  # jobs whose images cannot be saved: they end failed
     thread: threading.Thread | None = None
-    cannot: str | None = None  # why its actor cannot start, said once; None once one runs
 
 
 class RayPool:
@@ -163,6 +162,7 @@ class RayPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_event: OnEvent = lambda event: None
         self._on_died: OnDied = lambda slot, jobs, why, counts: None
+        self._faults = StartFaults()  # actors that cannot start (tried again every RESTART_DELAY)
 
     def start(self, on_event: OnEvent, on_died: OnDied) -> None:
         """Join the cluster (a one-line DreamttyError when it cannot) and start the actors; each slot
@@ -208,7 +208,7 @@ class RayPool:
                   "gpus": int(n["Resources"].get("GPU", 0))} for n in ray.nodes()]
         return {"cluster": self.address, "nodes": nodes,
                 "workers": [slot.status(self.alive(slot)) for slot in self.slots],
-                "warnings": [worker.cannot for worker in self._workers.values() if worker.cannot]}
+                "warnings": self._faults.warnings()}
 
     async def close(self) -> None:
         import ray
@@ -271,17 +271,13 @@ class RayPool:
         if why is not None:
             _kill(ray, actor)
             if not self._stop.is_set():
-                self._cannot_start(worker, f"worker {worker.slot.id}: {why}")
+                # said once: it is tried again every RESTART_DELAY
+                self._faults.cannot(worker.slot.id, f"worker {worker.slot.id}: {why}",
+                                    lambda event: self._call(self._on_event, event))
                 self._stop.wait(RESTART_DELAY)
             return None
         self._call(self._ready, worker, actor, info)
         return actor
-
-    def _cannot_start(self, worker: _Worker, why: str) -> None:
-        """Thread: say why ``worker``'s actor cannot start, once (it is tried again every ``RESTART_DELAY``)."""
-        if worker.cannot != why:
-            self._call(self._on_event, ev.Log(message=why, level="error"))
-        worker.cannot = why
 
     def _take(self, worker: _Worker, actor, item, store: QueueStore) -> None:
         """Thread: one item of an actor's outbox. An image is saved and recorded before its event."""
@@ -309,7 +305,8 @@ class RayPool:
     def _ready(self, worker: _Worker, actor, info: dict) -> None:
         slot = worker.slot
         slot.device, slot.node, slot.jobs, slot.models = info["device"], info["host"], [], []
-        worker.actor, worker.ready, worker.cannot = actor, True, None
+        worker.actor, worker.ready = actor, True
+        self._faults.started(slot.id)
         self._on_event(ev.WorkerReady(worker=slot.id, device=f"{slot.device} ({slot.node})",
                                       cuda_count=info["cuda_count"]))
 
