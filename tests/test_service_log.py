@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from backend import service_log
 
@@ -37,6 +38,13 @@ def test_a_full_descriptor_table_is_said_once_a_minute(caplog, monkeypatch):
         (f"{service_log.FULL_TABLE} ([Errno 24] Too many open files); new connections wait", None)] * 2
 
 
+def _logging_to(log: Path, script: str) -> None:
+    """Run ``script`` with its stdout and stderr appended to ``log``, as a detached service's are."""
+    with open(log, "ab") as out:
+        subprocess.run([sys.executable, "-c", script], stdout=out, stderr=out, check=True,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
 def test_a_running_service_moves_its_own_log_aside(tmp_path):
     """A detached service writes its log as stdout and stderr: past MAX_BYTES both go to a new file."""
     log = tmp_path / "serve.log"
@@ -45,13 +53,10 @@ def test_a_running_service_moves_its_own_log_aside(tmp_path):
               f"log = Path({str(log)!r})\n"
               "print('first line, past ten bytes'); service_log.rotate_own(log)\n"
               "print('2'); print('e', file=sys.stderr); service_log.rotate_own(log)\n")
-    with open(log, "ab") as out:
-        subprocess.run([sys.executable, "-c", script], stdout=out, stderr=out, check=True,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    _logging_to(log, script)
     assert (tmp_path / "serve.log.1").read_text() == "first line, past ten bytes\n"
     assert log.read_text() == "2\ne\n"
-    with open(tmp_path / "other.log", "ab") as out:  # a log that is not this process's own stays
-        subprocess.run([sys.executable, "-c", script], stdout=out, stderr=out, check=True)
+    _logging_to(tmp_path / "other.log", script)  # a log that is not this process's own stays
     assert log.read_text() == "2\ne\n"
     log.unlink()
     with open(log, "ab") as out:  # `serve >> serve.log` in a terminal: its stderr stays on the terminal
@@ -70,9 +75,7 @@ def test_an_idle_service_moves_its_log_aside_too(tmp_path):
               "    print('first line, past ten bytes'); await asyncio.sleep(0.5); print('2')\n"
               "    task.cancel()\n"
               "asyncio.run(main())\n")
-    with open(log, "ab") as out:
-        subprocess.run([sys.executable, "-c", script], stdout=out, stderr=out, check=True,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    _logging_to(log, script)
     assert (tmp_path / "serve.log.1").read_text() == "first line, past ten bytes\n"
     assert log.read_text() == "2\n"
 
