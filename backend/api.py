@@ -16,6 +16,7 @@ and ``message`` for a bad request field), never a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -251,8 +252,8 @@ class Api:
         self.streams.add(ws)
         try:
             await ws.prepare(request)
-            tasks = (asyncio.create_task(self._send_events(queue, ws, previews)),
-                     asyncio.create_task(self._drop_when(overran, ws, request)))
+            sender = asyncio.create_task(self._send_events(queue, ws, previews))
+            tasks = (sender, asyncio.create_task(self._drop_when(overran, ws, request, sender)))
             try:
                 async for _ in ws:  # clients send nothing; this ends when they close or vanish
                     pass
@@ -288,20 +289,27 @@ class Api:
             pass
 
     @staticmethod
-    async def _drop_when(overran: asyncio.Event, ws: web.WebSocketResponse, request: web.Request) -> None:
+    async def _drop_when(overran: asyncio.Event, ws: web.WebSocketResponse, request: web.Request,
+                         sender: asyncio.Task) -> None:
         """Close a stream whose client stopped reading (``Fanout.BACKLOG`` events behind): it connects again
-        and reads back what it missed. One that takes not even the close is cut off."""
+        and reads back what it missed. One that does not take the close within CLOSE_TIMEOUT is cut off
+        (closing waits for the bytes it has not taken, for ever)."""
         await overran.wait()
+        sender.cancel()  # no event after the close
+        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, _cut_off, request)
         reason = f"events: this client fell {Fanout.BACKLOG} events behind; connect again"
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=reason.encode()), CLOSE_TIMEOUT)
-        except asyncio.TimeoutError:
-            if request.transport is not None:
-                request.transport.abort()  # close() would wait for the unsent bytes to go out
 
     async def _close_streams(self, app: web.Application) -> None:
         for ws in list(self.streams):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"service stopping")
+
+
+def _cut_off(request: web.Request) -> None:
+    """End ``request``'s connection now, unsent bytes and all, if it is still open."""
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _found(request: web.Request, what: str, get: Callable[[int], object]):

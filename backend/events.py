@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar, TypeVar
@@ -276,19 +277,25 @@ _UNVERSIONED_TRAIN = {"state", "step", "log", "class_images", "checkpoint", "val
 class Fanout:
     """The event queues of a process's subscribers: each gets every event published, except live previews
     for a subscriber that has ``PREVIEW_BACKLOG`` events not read yet (a stalled client must not hold
-    every preview in memory; a later one replaces them anyway). A subscriber across a network may be
-    dropped instead once it leaves ``BACKLOG`` events unread: one that stopped reading must not hold the
+    every preview in memory; a later one replaces them anyway).
+
+    A subscriber across a network may be dropped instead when it stops reading: once it has left
+    ``BACKLOG`` events unread for ``PATIENCE`` seconds (a burst, such as cancelling a long queue, is
+    read in time by a client that reads), or ``HARD_BACKLOG`` at once. It then must not hold the
     service's memory; it reads what it missed back when it subscribes again."""
 
     PREVIEW_BACKLOG = 64
     BACKLOG = 1024
+    HARD_BACKLOG = 16 * BACKLOG
+    PATIENCE = 10.0
 
     def __init__(self) -> None:
         self.queues: list[asyncio.Queue[Event]] = []
         self._overrun: dict[int, Callable[[], None]] = {}  # id(queue): called when it is dropped
+        self._behind: dict[int, float] = {}  # id(queue): since when it has had BACKLOG events unread
 
     def subscribe(self, overrun: Callable[[], None] | None = None) -> asyncio.Queue[Event]:
-        """A new subscriber's queue; ``overrun``: drop it past ``BACKLOG`` unread events and call this."""
+        """A new subscriber's queue; ``overrun``: drop it when it stops reading (see above) and call this."""
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self.queues.append(queue)
         if overrun is not None:
@@ -299,17 +306,27 @@ class Fanout:
         if queue in self.queues:
             self.queues.remove(queue)
             self._overrun.pop(id(queue), None)
+            self._behind.pop(id(queue), None)
 
     def publish(self, event: Event) -> None:
         droppable = isinstance(event, Preview)
         for queue in list(self.queues):
             if droppable and queue.qsize() >= self.PREVIEW_BACKLOG:
                 continue
-            if queue.qsize() >= self.BACKLOG and (overrun := self._overrun.get(id(queue))) is not None:
+            overrun = self._overrun.get(id(queue))
+            if overrun is not None and self._stopped_reading(queue):
                 self.unsubscribe(queue)
                 overrun()
                 continue
             queue.put_nowait(event)
+
+    def _stopped_reading(self, queue: asyncio.Queue[Event]) -> bool:
+        unread = queue.qsize()
+        if unread < self.BACKLOG:
+            self._behind.pop(id(queue), None)
+            return False
+        since = self._behind.setdefault(id(queue), time.monotonic())
+        return unread >= self.HARD_BACKLOG or time.monotonic() - since >= self.PATIENCE
 
 
 # -- encoding -----------------------------------------------------------------------------

@@ -81,14 +81,34 @@ def test_training_lines_from_before_versions_read_as_training_events():
     assert isinstance(loads(dumps(Step(job=1, image=0, count=1, step=1, total=2, its=1.0, eta=1.0))), Step)
 
 
-def test_a_subscriber_that_may_be_dropped_is_dropped_once_it_falls_a_backlog_behind():
+def test_a_subscriber_that_may_be_dropped_is_dropped_once_it_stays_a_backlog_behind(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(events.time, "monotonic", lambda: clock[0])
     fanout, calls = events.Fanout(), []
     stalled, local = fanout.subscribe(overrun=lambda: calls.append("dropped")), fanout.subscribe()
-    for n in range(events.Fanout.BACKLOG + 10):
+    burst = events.Fanout.BACKLOG + 10  # e.g. cancelling a long queue: one Cancelled a job, all at once
+    for n in range(burst):
         fanout.publish(events.Log(message=str(n)))
-    assert calls == ["dropped"] and fanout.queues == [local]
-    assert stalled.qsize() == events.Fanout.BACKLOG  # nothing more was put there
-    assert local.qsize() == events.Fanout.BACKLOG + 10  # one in this process is never dropped
+    assert calls == [] and stalled.qsize() == burst  # a burst is read in time by a client that reads
+    clock[0] = events.Fanout.PATIENCE
+    fanout.publish(events.Log(message="later"))
+    assert calls == ["dropped"] and fanout.queues == [local]  # still that far behind: it stopped reading
+    assert stalled.qsize() == burst  # nothing more was put there
+    assert local.qsize() == burst + 1  # one in this process is never dropped
+    reader = fanout.subscribe(overrun=lambda: calls.append("reader dropped"))
+    for n in range(events.Fanout.BACKLOG + 1):
+        fanout.publish(events.Log(message=str(n)))
+    while reader.qsize() > 10:  # it reads: back under the backlog, its clock starts again
+        reader.get_nowait()
+    fanout.publish(events.Log(message="read"))
+    clock[0] += events.Fanout.PATIENCE
+    fanout.publish(events.Log(message="on time"))
+    assert calls == ["dropped"] and reader.qsize() == 12
+    fanout.unsubscribe(reader)
+    flood = fanout.subscribe(overrun=lambda: calls.append("flooded"))
+    for n in range(events.Fanout.HARD_BACKLOG + 1):
+        fanout.publish(events.Log(message=str(n)))
+    assert calls == ["dropped", "flooded"] and flood.qsize() == events.Fanout.HARD_BACKLOG  # at once, no waiting
 
 
 def test_a_subscriber_that_reads_nothing_holds_a_bounded_number_of_previews():

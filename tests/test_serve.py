@@ -1178,6 +1178,7 @@ async def test_a_stream_whose_client_stopped_reading_is_closed_and_a_reading_one
     from backend.events import Fanout, Log
 
     monkeypatch.setattr(api, "CLOSE_TIMEOUT", 0.5)
+    monkeypatch.setattr(Fanout, "PATIENCE", 0.2)
     service, runner = await _serve_in_test(tmp_path / "queue.sqlite3", tmp_path / "serve.sock")
     follower = RemoteClient(Address(socket=tmp_path / "serve.sock", token="t"), start=None, previews=False)
     stalled = socket.socket(socket.AF_UNIX)
