@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import functools
 import os
 import tempfile
@@ -46,18 +47,31 @@ def check_out_dir(out: Path, create: bool = True) -> None:
     if create:
         check_writable(folder)
         check_writable(out / SAVING)
-        probe = folder
+        probes = [folder]
     else:
-        probe = folder
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if not probe.is_dir():
-            raise DreamttyError(f"out: cannot create {folder}: {probe} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as exc:
-        raise DreamttyError(f"out: cannot write in {probe}: {exc.strerror}") from None
+        probes = [_nearest_folder(folder), _nearest_folder(out / SAVING)]
+    for probe in probes:
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as exc:
+            raise DreamttyError(f"out: cannot write in {probe}: {exc.strerror}") from None
+
+
+def _nearest_folder(path: Path) -> Path:
+    """The nearest folder that exists on the way to ``path`` (itself, else a parent): where making ``path``
+    would start. DreamttyError("out") when what is there is no folder (a file, a dangling link, a loop)."""
+    for found in (path, *path.parents):
+        try:
+            os.lstat(found)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # not there: a parent may be, or is the fault
+                continue
+            raise DreamttyError(f"out: cannot create {path}: {exc.strerror}") from None  # a name too long, ...
+        if not found.is_dir():
+            raise DreamttyError(f"out: cannot create {path}: {found} is not a folder")
+        return found
+    raise DreamttyError(f"out: cannot create {path}: no folder on its way exists")  # a working folder removed
 
 
 @functools.cache

@@ -187,5 +187,17 @@ def test_a_dry_run_checks_the_out_folder_and_makes_nothing(tmp_path):
         check_out_dir(base / "file" / "sub", create=False)
     with pytest.raises(DreamttyError, match="^out: cannot write in /proc: "):
         check_out_dir(Path("/proc/nope"), create=False)
+    (base / "loop").symlink_to(base / "loop")
+    (base / "dangling").symlink_to(base / "nowhere")
+    (base / "saving-file").mkdir()
+    (base / "saving-file" / SAVING).write_text("x")
+    for name, what in (("loop", "loop"), ("dangling", "dangling"), ("saving-file", f"saving-file/{SAVING}")):
+        refused = f"^out: cannot create {base}/{name}/.*: {base}/{what} is not a folder$"
+        with pytest.raises(DreamttyError, match=refused):
+            check_out_dir(base / name, create=False)  # a submit would fail on each
+        with pytest.raises(DreamttyError, match="^out: cannot create"):
+            check_out_dir(base / name)
+    with pytest.raises(DreamttyError, match="^out: cannot create .*: File name too long$"):
+        check_out_dir(base / ("a" * 300), create=False)
     check_out_dir(out)  # a submit makes today's folder (and the one images are written in first)
     assert sorted(p.name for p in out.iterdir()) == sorted([SAVING, day_folder(out).name])
