@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from backend.errors import RequestError
 from backend.events import TrainLog, TrainResume, TrainStep
 from backend.training import runs, trainer_process
 from backend.training.checkpoints import STATE_FILE, CheckpointError
@@ -273,8 +274,7 @@ def test_a_resume_from_an_older_checkpoint_moves_the_branch_it_leaves_aside(phot
     _run(_settings(run_dir, max_steps=5, checkpoint_every=1, lr=3e-5, resume=str(run_dir / "checkpoints/checkpoint-4")))
     assert _folders(run_dir) == [runs.ABANDONED, "checkpoint-4", "checkpoint-5"]
     (moved,) = (run_dir / runs.CHECKPOINTS / runs.ABANDONED).iterdir()
-    assert _warnings(run_dir)[-1] == (f"resume from step 4: checkpoint-6 (newer, of the branch left behind) "
-                                     f"moved to {moved}")
+    assert _warnings(run_dir)[-1] == f"resume from step 4: checkpoint-6 (of the branch left behind) moved to {moved}"
     assert [p.name for p in moved.iterdir()] == ["checkpoint-6"]
     assert json.loads((moved / "checkpoint-6" / STATE_FILE).read_text())["step"] == 6  # kept whole
 
@@ -282,6 +282,15 @@ def test_a_resume_from_an_older_checkpoint_moves_the_branch_it_leaves_aside(phot
     assert _steps_after_resume(run_dir) == (5, [6, 7])  # the newest work, not the first run's step 6
     assert _folders(run_dir) == [runs.ABANDONED, "checkpoint-6", "checkpoint-7"]
     assert len(list((run_dir / runs.CHECKPOINTS / runs.ABANDONED).iterdir())) == 1  # nothing more moved
+
+    # the abandoned branch taken up again: its run's settings are checked, and the branch it leaves goes aside whole
+    with pytest.raises(RequestError, match="^train_text_encoder: the checkpoint was trained with False, not True"):
+        prepare_run(_settings(run_dir, max_steps=7, train_text_encoder=True, resume=str(moved / "checkpoint-6")))
+    _run(_settings(run_dir, max_steps=7, resume=str(moved / "checkpoint-6")))
+    assert _steps_after_resume(run_dir) == (6, [7])
+    first, second = sorted((run_dir / runs.CHECKPOINTS / runs.ABANDONED).iterdir())
+    assert first == moved and sorted(p.name for p in second.iterdir()) == ["checkpoint-6", "checkpoint-7"]
+    assert _folders(run_dir) == [runs.ABANDONED, "checkpoint-7"]
 
 
 def test_a_damaged_checkpoint_passed_over_is_moved_aside_and_not_kept_instead_of_a_good_one(photos, tmp_path):

@@ -152,14 +152,14 @@ def _prune(run_dir: Path, keep: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def abandon_past(run_dir: Path, step: int) -> tuple[list[str], Path | None]:
-    """Move the checkpoint folders past ``step`` (the branch a resume from ``step`` leaves) into
-    ``checkpoints/abandoned/<time>/``, out of the sight of ``--resume latest`` and pruning: (their names, where)."""
-    past = [folder for n, folder in runs.checkpoint_folders(run_dir) if n > step]
+def abandon_past(run_dir: Path, step: int | None) -> tuple[list[str], Path | None]:
+    """Move the checkpoint folders past ``step`` (None: all of them), the branch a resume from ``step`` leaves,
+    into ``checkpoints/abandoned/<time>/``, out of the sight of ``--resume latest`` and pruning: (their names,
+    where)."""
+    past = [folder for n, folder in runs.checkpoint_folders(run_dir) if step is None or n > step]
     if not past:
         return [], None
-    aside = Path(run_dir) / runs.CHECKPOINTS / runs.ABANDONED / time.strftime("%Y%m%d-%H%M%S")
-    aside.mkdir(parents=True, exist_ok=True)
+    aside = runs.new_folder(Path(run_dir) / runs.CHECKPOINTS / runs.ABANDONED, time.strftime("%Y%m%d-%H%M%S"))
     for folder in past:
         os.replace(folder, aside / folder.name)
     return [folder.name for folder in past], aside
@@ -171,7 +171,11 @@ def _damage(folder: Path) -> str | None:
 
     safetensors checks its header against the file size; torch.save writes a zip whose directory is at the end.
     """
-    for path in sorted(Path(folder).iterdir()):
+    try:
+        paths = sorted(Path(folder).iterdir())
+    except OSError as exc:  # gone (moved aside by another process) or unreadable
+        return f"{Path(folder).name} cannot be read ({exc.strerror})"
+    for path in paths:
         try:
             if path.suffix == ".safetensors":
                 with safe_open(path, framework="pt"):

@@ -42,20 +42,6 @@ def _default_name(request: TrainRequest) -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + "-".join(words)[:NAME_CHARS]
 
 
-def _new_run_dir(runs_root: Path, name: str) -> Path:
-    """A folder made here for a run sent without ``output``: ``name``, else ``name-2``, ``name-3``, ...
-    (two runs sent in the same second with the same prompt never share one)."""
-    runs_root.mkdir(parents=True, exist_ok=True)
-    path, n = runs_root / name, 1
-    while True:
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            n += 1
-            path = runs_root / f"{name}-{n}"
-
-
 def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
     """The checkpoint folder ``resume`` names ("latest" -> newest complete one; None -> None)."""
     if resume is None:
@@ -130,7 +116,9 @@ def _check_resume(req: TrainRequest, run_dir: Path, previous: dict, family: str)
         raise RequestError("max_steps", f"{req.max_steps} is below the checkpoint's step {step}")
     if step == req.max_steps and previous.get("state") == "done":  # stopped at its last step: only the export is left
         raise RequestError("max_steps", f"{req.max_steps} must be above the checkpoint's step {step} to train on")
-    trained = runs.read_run_json(checkpoint.parent.parent)  # the run the checkpoint belongs to
+    # the run the checkpoint belongs to (checkpoints/checkpoint-N, or checkpoints/abandoned/TIME/checkpoint-N)
+    owner = next((p for p in checkpoint.parents if (p / runs.RUN_JSON).is_file()), None)
+    trained = runs.read_run_json(owner) if owner else {}
     if trained.get("family") not in (None, family):
         raise RequestError("model", f"the checkpoint was trained on a {trained['family']} model, not {family}")
     settings = trained.get("settings", {})
@@ -175,7 +163,7 @@ def _make_run_dir(req: TrainRequest, family: str, run_dir: Path | None, runs_roo
                   warnings: list[str]) -> PreparedRun:
     """Check ``run_dir`` (None: a new folder in ``runs_root``) may take the run, then write its run.json."""
     if run_dir is None:
-        run_dir, previous, checkpoint = _new_run_dir(runs_root, _default_name(req)), {}, None
+        run_dir, previous, checkpoint = runs.new_folder(runs_root, _default_name(req)), {}, None
     else:
         previous = _previous_run(run_dir, req)
         checkpoint, resume_warnings = _check_resume(req, run_dir, previous, family)

@@ -155,6 +155,20 @@ def run_output(path: str | Path) -> tuple[str, Path] | None:
     return None
 
 
+def new_folder(parent: Path, name: str) -> Path:
+    """A folder made here, no other's: ``parent/name``, else ``name-2``, ``name-3``, ... (two made in the same
+    second under a time-stamped name never share one)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    path, n = parent / name, 1
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+            path = parent / f"{name}-{n}"
+
+
 # -- checkpoints --------------------------------------------------------------
 def checkpoint_folders(run_dir: Path) -> list[tuple[int, Path]]:
     """Every ``checkpoint-<step>`` folder (step, folder), complete or not, oldest first."""

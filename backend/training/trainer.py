@@ -203,16 +203,19 @@ class DreamBoothTrainer:
             group["initial_lr"] = base
             group["lr"] = base * factor(schedule.last_epoch)
 
-    def _abandon_past(self, step: int) -> None:
-        """Move the checkpoints past ``step`` aside: a branch this resume leaves (also a damaged one passed over)."""
+    def _abandon_past(self, checkpoint: Path, step: int) -> None:
+        """Move aside the checkpoints of the branch this resume leaves: those past ``step`` (also a damaged one
+        passed over), or all of them when ``checkpoint`` is not among them (an abandoned branch taken up again)."""
+        ours = checkpoint.resolve().parent == (self.run_dir / runs.CHECKPOINTS).resolve()
         try:
-            names, aside = abandon_past(self.run_dir, step)
+            names, aside = abandon_past(self.run_dir, step if ours else None)
         except OSError as exc:
-            self._warn(f"resume from step {step}: the checkpoints past it not moved aside: {exc.strerror or exc}")
+            self._warn(f"resume from step {step}: the checkpoints of the branch left behind not moved aside: "
+                       f"{exc.strerror or exc}")
             return
         if names:
             left = ", ".join(names)
-            self._warn(f"resume from step {step}: {left} (newer, of the branch left behind) moved to {aside}")
+            self._warn(f"resume from step {step}: {left} (of the branch left behind) moved to {aside}")
 
     @torch.no_grad()
     def _setup_conditioning(self) -> None:
@@ -273,8 +276,9 @@ class DreamBoothTrainer:
             start = int(state["step"])
             self._apply_schedule(base_lrs)
             self.events(TrainResume(step=start, checkpoint=str(checkpoint)))
+            self.acc.wait_for_everyone()  # every process has loaded before a checkpoint is moved
             if self.main:
-                self._abandon_past(start)
+                self._abandon_past(checkpoint, start)
         elif req.resume is not None:  # nothing saved yet: start over (drops the old steps from the curve)
             self.events(TrainResume(step=0, checkpoint=None))
         self._setup_conditioning()
