@@ -96,6 +96,10 @@ def test_runs_sent_at_once_never_share_a_folder(photos, tmp_path, monkeypatch):
     (taken,) = [a for a in answers if not isinstance(a, RequestError)]
     assert len(refused) == 3 and all(e.field == "output" and "already running" in str(e) for e in refused)
     assert runs.read_run_json(tmp_path / "one")["settings"]["seed"] == taken.request.seed
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RequestError, match=f"^output: cannot make a run folder in {tmp_path}/file: it is not a "
+                                           "folder; give the run a folder$"):
+        prepare_run(requests[0], runs_root=tmp_path / "file")
 
 
 def _events(run_dir: Path) -> list[TrainEvent]:

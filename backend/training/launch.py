@@ -153,7 +153,11 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> Prepare
         with _PREPARING:  # from the check of the folder to its run.json: two requests never take one folder
             return _make_run_dir(req, ref.family, run_dir, runs_root, warnings)
     except OSError as exc:
-        raise RequestError("output", f"cannot write the run to {run_dir or runs_root}: {exc.strerror or exc}") from None
+        if run_dir is None:  # none given: the runs folder takes no new one
+            why = "it is not a folder" if runs_root.is_file() else exc.strerror or exc
+            raise RequestError("output", f"cannot make a run folder in {runs_root}: {why}; give the run a "
+                                         "folder") from None
+        raise RequestError("output", f"cannot write the run to {run_dir}: {exc.strerror or exc}") from None
 
 
 _PREPARING = threading.Lock()
