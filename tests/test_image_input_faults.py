@@ -154,6 +154,9 @@ def test_sixteen_bit_images_are_scaled_to_eight(tmp_path, monkeypatch):
         assert read.image.mode == "RGB"
         assert np.asarray(read.image)[..., 0].tolist() == [[0, 10, 156, 255]] * 2  # scaled, not clipped to white
         assert "has 16-bit channels: reduced to 8 bits" in read.warnings[0]
+    # a float TIFF of 0..1 with a hole (NaN) and a spike (inf): scaled by its finite values, not made black
+    Image.fromarray(np.array([[0, 0.5, 1, np.nan, np.inf]], dtype=np.float32)).save(tmp_path / "holes.tif")
+    assert np.asarray(read_image(str(tmp_path / "holes.tif")).image)[0, :, 0].tolist() == [0, 128, 255, 0, 255]
     Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32)).save(tmp_path / "f32.tif")  # what TIFFs may hold
     assert read_image(str(tmp_path / "f32.tif")).warnings == [f"{tmp_path / 'f32.tif'} has 32-bit float channels: "
                                                                "reduced to 8 bits"]
