@@ -24,15 +24,19 @@ def parse_devices(text: str) -> list[str]:
     """
     if text.strip() in ("auto", "cpu"):
         return [text.strip()]
-    devices = []
+    devices: dict[str, str] = {}  # cuda:N -> as given
     for given in (d.strip() for d in text.split(",")):
+        if given in ("auto", "cpu"):
+            raise RequestError("device", f"{given} stands alone, not in a list of GPUs; use {_DEVICES}")
         if (cuda := _CUDA.fullmatch(given)) is None:
-            raise RequestError("device", f"{given!r} is not allowed; use {_DEVICES}")
+            what = repr(given) if given else f"an empty entry in {text!r}"
+            raise RequestError("device", f"{what} is not allowed; use {_DEVICES}")
         device = f"cuda:{int(cuda.group(1) or 0)}"
         if device in devices:
-            raise RequestError("device", f"{given!r} names {device} twice; name each GPU once")
-        devices.append(device)
-    return devices
+            raise RequestError("device", f"{devices[device]!r} and {given!r} are the same GPU ({device}); "
+                                         "name each GPU once")
+        devices[device] = given
+    return list(devices)
 
 
 def check_devices(text: str) -> list[str]:

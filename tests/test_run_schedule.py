@@ -346,7 +346,9 @@ def test_devices_of_a_run(monkeypatch):
     assert resolve_devices("cuda:00, cuda:002", None) == ["cuda:0", "cuda:2"]
     assert devices_module.parse_devices("cuda,cuda:1") == ["cuda:0", "cuda:1"]  # the workers' devices too
     for text, error in (("gpu", "'gpu' is not allowed"), ("cuda:\u0663", "'cuda:\u0663' is not allowed"),
-                        ("cuda:0,cuda:00", "'cuda:00' names cuda:0 twice; name each GPU once")):
+                        ("cuda:0,cuda:00", "'cuda:0' and 'cuda:00' are the same GPU (cuda:0); name each GPU once"),
+                        ("cuda:0, ", "an empty entry in 'cuda:0, ' is not allowed"),
+                        ("auto,cuda:1", "auto stands alone, not in a list of GPUs")):
         with pytest.raises(RequestError, match=f"^device: {re.escape(error)}"):
             resolve_devices(text, None)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
