@@ -144,6 +144,7 @@ class WebSocket:
         self._reader, self._writer, self._protocol = reader, writer, protocol
         self._pending = deque(pending)
         self._parts: list[str] = []
+        self.close_reason: str | None = None  # what the server said as it closed the stream, if anything
 
     async def receive(self, idle: float) -> str | None:
         """The next text message; None once the stream is closed. ``asyncio.TimeoutError`` when nothing
@@ -159,6 +160,7 @@ class WebSocket:
                 elif isinstance(event, Ping):
                     self._writer.write(self._protocol.send(event.response()))
                 elif isinstance(event, CloseConnection):
+                    self.close_reason = event.reason or None
                     self._writer.write(self._protocol.send(event.response()))
                     self.close()
                     return None

@@ -157,8 +157,9 @@ class RemoteClient:
                 pass
             finally:
                 ws.close()
-            self._fanout.publish(ServiceLost(message=f"service: lost the connection to {self.address}; trying again "
-                                                     "(its jobs stay queued)"))
+            why = f" ({one_line(ws.close_reason)})" if ws.close_reason else ""
+            self._fanout.publish(ServiceLost(message=f"service: lost the connection to {self.address}{why}; trying "
+                                                     "again (its jobs stay queued)"))
             down_since = down_since or time.monotonic()
             while True:
                 await asyncio.sleep(delay)

@@ -111,7 +111,7 @@ async def test_the_websocket_answers_the_servers_pings_and_reads_every_message(s
         await ws.send_str(request.query["n"])
         await asyncio.sleep(1.0)  # five heartbeats
         await ws.send_str("x" * 300_000)  # more than one read
-        await ws.close()
+        await ws.close(code=1013, message=b"events: fell behind\x1b[2J")
         return ws
 
     app = web.Application()
@@ -122,7 +122,9 @@ async def test_the_websocket_answers_the_servers_pings_and_reads_every_message(s
             "/events", {"n": "1"})
         assert await ws.receive(idle=5) == "1"
         assert await ws.receive(idle=5) == "x" * 300_000
-        assert await ws.receive(idle=5) is None  # closed
+        assert ws.close_reason is None
+        assert await ws.receive(idle=5) is None  # closed, with the reason the server gave (shown escaped)
+        assert ws.close_reason == "events: fell behind\x1b[2J"
         with pytest.raises(Rejected) as refused:
             await HTTPClient(socket=str(socket_path)).websocket("/events")
         assert refused.value.status == 401

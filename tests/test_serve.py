@@ -1216,3 +1216,23 @@ async def test_a_stream_whose_client_stopped_reading_is_closed_and_a_reading_one
         await follower.close()
         await runner.cleanup()
         await service.close()
+
+
+async def test_a_client_says_why_the_service_closed_its_stream(tmp_path):
+    from backend.events import ServiceLost
+
+    service, runner = await _serve_in_test(tmp_path / "queue.sqlite3", tmp_path / "serve.sock")
+    follower = RemoteClient(Address(socket=tmp_path / "serve.sock", token="t"), start=None, previews=False)
+    try:
+        events = follower.subscribe()
+        await follower.status()  # connects, and opens its stream
+        while not (await follower.status())["streams"]:
+            await asyncio.sleep(0.05)
+        await runner.cleanup()  # the service stops: it closes each stream with its reason
+        while not isinstance(event := await asyncio.wait_for(events.get(), 10), ServiceLost):
+            pass
+        assert event.message == (f"service: lost the connection to {follower.address} (service stopping); trying "
+                                 "again (its jobs stay queued)")
+    finally:
+        await follower.close()
+        await service.close()
