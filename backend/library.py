@@ -92,7 +92,7 @@ def read_safetensors_header(path: Path) -> tuple[Shapes, dict[str, str]]:
         meta = {str(k): str(v) for k, v in meta.items()}
         if not all(map(_consistent, header.values())):
             raise ValueError("a tensor's offsets do not hold its shape")
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError):
         raise CorruptFile(f"model: {path.name} has a corrupt safetensors header") from None
     if 8 + length + end > size:
         raise CorruptFile(
@@ -396,7 +396,27 @@ def _inspect_file(kind: str, path: Path, source: str) -> Entry:
     return entry
 
 
-def read_json(path: Path) -> dict:
+class JsonConfig(dict):
+    """A model folder's JSON file as read: a mapping that knows its file, to name it in an error."""
+
+    def __init__(self, path: Path, data: dict) -> None:
+        super().__init__(data)
+        self.path = path
+
+    def value(self, key: str, kind: type | tuple[type, ...], default: object = None):
+        """``self[key]`` when it is a ``kind``; ``default`` when absent or null; ModelError naming the file
+        and the key when it is something else (a damaged or hand-made config)."""
+        value = self.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, kind):  # JSON's true is no number here
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            raise ModelError(f"model: {self.path}: {key} is {type(value).__name__}, not "
+                             f"{' or '.join(k.__name__ for k in kinds)}")
+        return value
+
+
+def read_json(path: Path) -> JsonConfig:
     """A model folder's JSON file (config.json, model_index.json) as a mapping; ModelError otherwise."""
     try:
         data = json.loads(user_files.read_text(path))
@@ -406,17 +426,20 @@ def read_json(path: Path) -> dict:
         raise ModelError(f"model: cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ModelError(f"model: {path} is not a JSON object")
-    return data
+    return JsonConfig(path, data)
 
 
 def family_from_folder(folder: Path) -> str:
     """Detect SD1 / SD2 / SD2-v / SDXL / SDXL-refiner from a diffusers folder."""
     index = read_json(folder / "model_index.json")
     if (folder / "dreamtty_demo.json").exists():
-        return read_json(folder / "dreamtty_demo.json")["family"]
-    cls = index.get("_class_name", "")
-    if "XL" in cls:
-        return "sdxl-refiner" if index.get("text_encoder", [None])[0] is None else "sdxl"
+        demo = read_json(folder / "dreamtty_demo.json")
+        if (family := demo.value("family", str)) is None:
+            raise ModelError(f"model: {demo.path} names no family")
+        return family
+    if "XL" in index.value("_class_name", str, ""):
+        text_encoder = index.value("text_encoder", list, [])  # [library, class], or [null, null]: none
+        return "sdxl-refiner" if not text_encoder or text_encoder[0] is None else "sdxl"
     unet = read_json(folder / "unet" / "config.json")
     if unet.get("cross_attention_dim") == 1024:
         sched = folder / "scheduler" / "scheduler_config.json"
@@ -431,14 +454,14 @@ def folder_variant(folder: Path) -> str | None:
     unet = folder / "unet" / "config.json"
     if not unet.is_file():
         return None
-    return {9: "inpaint", 8: "pix2pix"}.get(read_json(unet).get("in_channels"))
+    return {9: "inpaint", 8: "pix2pix"}.get(read_json(unet).value("in_channels", int))
 
 
-def _companion_folder(kind: str, config: dict) -> tuple[str, str | None] | None:
+def _companion_folder(kind: str, config: JsonConfig) -> tuple[str, str | None] | None:
     """(family, variant) of an image-prompt model folder of ``kind`` by its config.json, or None."""
-    architectures = " ".join(config.get("architectures") or [])
+    architectures = " ".join(map(str, config.value("architectures", list, [])))
     if kind == "controlnet" and config.get("_class_name") == "ControlNetModel":
-        return CONTEXT_FAMILY.get(config.get("cross_attention_dim"), "unknown"), None
+        return CONTEXT_FAMILY.get(config.value("cross_attention_dim", int), "unknown"), None
     if kind == "ip_adapter" and config.get("model_type") == "clip_vision_model":
         return "any", "image_encoder"
     if kind == "depth_model" and "ForDepthEstimation" in architectures:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import struct
@@ -111,7 +112,9 @@ def test_damaged_files_raise_one_line_errors(tmp_path):
                    b"[" * 100_000 + b"]" * 100_000,  # metadata not a mapping, one offset, nested too deeply
                    b'{"a": {"dtype": "F32", "shape": [1, 32], "data_offsets": [0, 64]}}',  # 128 bytes' shape
                    b'{"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}',
-                   b'{"a": {"dtype": "U8", "shape": [0], "data_offsets": [4, 0]}}'):
+                   b'{"a": {"dtype": "U8", "shape": [0], "data_offsets": [4, 0]}}',
+                   b'{"a": {"dtype": "F16", "shape": [1e400], "data_offsets": [0, 2]}}',  # JSON's infinity
+                   b'{"a": {"dtype": "F16", "shape": [1], "data_offsets": [0, 1e400]}}'):
         garbage.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
         with pytest.raises(CorruptFile, match="junk.safetensors has a corrupt safetensors header"):
             read_shapes(garbage)
@@ -279,3 +282,36 @@ def test_a_built_in_model_named_in_another_case_is_that_model(typed, demo_dirs):
     from backend.models import resolve_model
 
     assert resolve_model(typed) == resolve_model(typed.lower())  # not a folder named "demo" in the working directory
+
+
+def test_model_folders_whose_configs_hold_the_wrong_types_are_skipped_with_a_line(tmp_path):
+    """Each a damaged or hand-made config: named with its key in one line, and the listing goes on."""
+    checkpoints, controlnets, captioners = (tmp_path / kind for kind in ("checkpoints", "controlnets", "captioners"))
+    folders = {
+        checkpoints / "te": {"model_index.json": {"_class_name": "StableDiffusionXLPipeline", "text_encoder": 5}},
+        checkpoints / "cls": {"model_index.json": {"_class_name": 5}},
+        checkpoints / "unet": {"model_index.json": {"_class_name": "StableDiffusionPipeline"},
+                               "unet/config.json": {"in_channels": [4]}},
+        checkpoints / "demo": {"model_index.json": {}, "dreamtty_demo.json": {}},
+        controlnets / "cn-canny": {"config.json": {"_class_name": "ControlNetModel", "cross_attention_dim": [768]}},
+        captioners / "cap": {"config.json": {"architectures": 5}},
+    }
+    for folder, files in folders.items():
+        for name, data in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(json.dumps(data))
+    refiner = checkpoints / "refiner"  # an SDXL refiner's index: no first text encoder, or an empty entry
+    refiner.mkdir()
+    (refiner / "model_index.json").write_text('{"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": []}')
+    paths = {"checkpoints": [checkpoints], "controlnets": [controlnets], "captioners": [captioners]}
+    lib = library.discover(config.Config(paths=paths), kinds=("checkpoint", "controlnet", "captioner"), hub=False)
+    assert sorted(lib.problems) == sorted([
+        f"model: {checkpoints}/cls/model_index.json: _class_name is int, not str",
+        f"model: {checkpoints}/demo/dreamtty_demo.json names no family",
+        f"model: {checkpoints}/te/model_index.json: text_encoder is int, not list",
+        f"model: {checkpoints}/unet/unet/config.json: in_channels is list, not int",
+        f"model: {controlnets}/cn-canny/config.json: cross_attention_dim is list, not int",
+        f"model: {captioners}/cap/config.json: architectures is int, not list",
+    ])
+    assert [(e.name, e.family) for e in lib.of_kind("checkpoint") if e.source != "built-in"] == [
+        ("refiner", "sdxl-refiner")]
