@@ -66,6 +66,7 @@ def test_bad_image_files(service, tmp_path):
     (tmp_path / "bomb.png").write_bytes(_png(20000, 20000))  # PIL's own guard refuses it
     (tmp_path / "huge.png").write_bytes(_png(9000, 8000))
     write_image(tmp_path / "tiny.png", gradient().resize((7, 13)))
+    write_image(tmp_path / "narrow.png", gradient().resize((64, 4096)))  # 1:64: the model's 512 px make it 8 wide
     cases = [
         (tmp_path / "missing.png", "image: {} is missing"),
         (tmp_path, "is a folder; give an image file"),
@@ -74,6 +75,8 @@ def test_bad_image_files(service, tmp_path):
         (tmp_path / "bomb.png", "is too large to decode safely; allowed up to 67 megapixels"),
         (tmp_path / "huge.png", "is 9000x8000; allowed up to 67 megapixels"),
         (tmp_path / "tiny.png", "image: {} is 7x13; at least 64 pixels a side are needed"),
+        (tmp_path / "narrow.png", "image: {} is 64x4096: scaled to the model's largest side it would be 8x512, "
+                                  "under 64 pixels a side; crop it, or give a size (it is then stretched to it)"),
     ]
     for path, message in cases:
         _refused(service, Img2ImgRequest(image=str(path)), tmp_path, message.format(path))

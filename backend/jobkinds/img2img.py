@@ -20,7 +20,12 @@ def working_size(source: InputImage, fam: Family | None) -> tuple[int, int]:
     if min(width, height) < MIN_SIDE:
         raise RequestError("image", f"{source.path} is {width}x{height}; at least {MIN_SIDE} pixels a side are needed")
     scale = min(1.0, fam.max_side / max(width, height)) if fam is not None else 1.0
-    return tuple(max(MIN_SIDE, int(side * scale) // 8 * 8) for side in (width, height))  # type: ignore[return-value]
+    size = tuple(int(side * scale) // 8 * 8 for side in (width, height))
+    if min(size) < MIN_SIDE:  # the floor would stretch it: say so rather than change its shape
+        raise RequestError("image", f"{source.path} is {width}x{height}: scaled to the model's largest side it "
+                                    f"would be {size[0]}x{size[1]}, under {MIN_SIDE} pixels a side; crop it, or "
+                                    "give a size (it is then stretched to it)")
+    return size  # type: ignore[return-value]
 
 
 @dataclass
