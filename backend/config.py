@@ -70,7 +70,9 @@ def set_config_path(path: str | Path | None) -> None:
     if path is None:
         os.environ.pop(ENV_PATH, None)
     else:
-        os.environ[ENV_PATH] = str(Path(path).expanduser().resolve())
+        # os.path, not Path.resolve() / expanduser(): those raise for a symlink loop or ~unknown-user, where
+        # this keeps the path as given and load() says in one line why it cannot be read
+        os.environ[ENV_PATH] = os.path.realpath(os.path.expanduser(path))
 
 
 def service_settings() -> dict[str, str]:
@@ -139,14 +141,15 @@ def _text(key: str, value: object) -> str | None:
 
 def _apply(cfg: Config, data: dict) -> None:
     """Copy valid keys of ``data`` into ``cfg``; each bad key becomes one warning."""
-    for key in sorted(set(data) - set(TOP_KEYS)):
-        cfg.warnings.append(f"config: unknown key {key!r}; allowed: {', '.join(TOP_KEYS)}")
+    for key in [k for k in data if k not in TOP_KEYS]:  # in the file's order: keys may be numbers, null, true...
+        cfg.warnings.append(f"config: unknown key {_key_text(key)}; allowed: {', '.join(TOP_KEYS)}")
     paths = data.get("paths") or {}
     if not isinstance(paths, dict):
         cfg.warnings.append("config: paths: must be a mapping of kind -> folders; using the defaults")
         paths = {}
-    for kind in sorted(set(paths) - {*FOLDER_KINDS, "outputs"}):
-        cfg.warnings.append(f"config: paths.{kind}: unknown kind; allowed: {', '.join(FOLDER_KINDS)}, outputs")
+    for kind in [k for k in paths if k not in (*FOLDER_KINDS, "outputs")]:
+        shown = kind if isinstance(kind, str) else _key_text(kind)
+        cfg.warnings.append(f"config: paths.{shown}: unknown kind; allowed: {', '.join(FOLDER_KINDS)}, outputs")
     parsers = {
         **{("paths", k): (lambda v, k=k: cfg.paths.__setitem__(k, _folder_list(f"paths.{k}", v))) for k in FOLDER_KINDS},
         ("paths", "outputs"): lambda v: setattr(cfg, "outputs", _outputs(v)),
@@ -166,6 +169,15 @@ def _apply(cfg: Config, data: dict) -> None:
             parse(source[key])
         except ValueError as exc:
             cfg.warnings.append(f"config: {exc}; using the default")
+
+
+def _key_text(key: object) -> str:
+    """A YAML key as the user wrote it, near enough: a text quoted (``'colour'``), null, true, false, 1."""
+    if isinstance(key, str):
+        return repr(key)
+    if key is None or isinstance(key, bool):
+        return json.dumps(key)
+    return str(key)
 
 
 def _request():
@@ -247,17 +259,32 @@ def _pickle_env() -> tuple[bool | None, str | None]:
 def load(path: str | Path | None = None) -> Config:
     """The effective config. ``path`` overrides where it is read from (as ``--config``)."""
     cfg = _defaults()
-    file = Path(path).expanduser() if path is not None else config_path()
+    file = Path(os.path.expanduser(path)) if path is not None else config_path()
     _apply(cfg, _read_yaml(file, cfg))
     _apply_env(cfg)
     for kind, folders in cfg.paths.items():  # a folder that cannot be searched: said, not passed over in silence
-        for folder in [f for f in folders if f.exists() and not f.is_dir()]:
-            cfg.warnings.append(f"config: paths.{kind}: {folder} is a file, not a folder; ignored")
-            folders.remove(folder)
         defaults = default_folders(kind)  # need not exist
-        for folder in [f for f in folders if f not in defaults and not f.exists()]:
-            cfg.warnings.append(f"config: paths.{kind}: {folder} does not exist; nothing is found there")
+        for folder in list(folders):
+            problem = _folder_problem(folder)
+            if problem == "missing":  # kept: searched once it is made
+                if folder not in defaults:
+                    cfg.warnings.append(f"config: paths.{kind}: {folder} does not exist; nothing is found there")
+            elif problem:
+                cfg.warnings.append(f"config: paths.{kind}: {folder} {problem}; ignored")
+                folders.remove(folder)
     return cfg
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """None for a folder; "missing"; else why it cannot be searched (a file, a name too long, a symlink
+    loop, no permission). Path.exists() raises for some of these and calls others missing."""
+    try:
+        info = os.stat(folder)
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL character
+        return "missing"
+    except OSError as exc:
+        return f"cannot be searched: {exc.strerror or exc}"
+    return None if stat.S_ISDIR(info.st_mode) else "is a file, not a folder"
 
 
 def set_value(key: str, value: str | int | float | bool | None, path: Path | None = None) -> Path:
@@ -268,15 +295,22 @@ def set_value(key: str, value: str | int | float | bool | None, path: Path | Non
     if key not in TOP_KEYS:
         raise DreamttyError(f"config: unknown key {key!r}; allowed: {', '.join(TOP_KEYS)}")
     file = Path(os.path.realpath(path or config_path()))
-    text, data = "", {}
-    if file.exists():
+    text, data, exists = "", {}, True
+    try:
+        text = user_files.read_text(file)
+    except FileNotFoundError:
+        exists = False  # made below
+    except user_files.RefusedFile as exc:
+        raise DreamttyError(f"config: cannot update {exc}") from None
+    except OSError as exc:  # a symlink loop, a name too long, no permission: Path.exists() raises or says missing
+        raise DreamttyError(f"config: cannot update {file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise DreamttyError(f"config: cannot update {file}: it is not UTF-8 text") from None
+    if exists:
         try:
-            text = user_files.read_text(file)
             loaded = yaml_text.load(text)
         except yaml.YAMLError as exc:
             raise DreamttyError(f"config: cannot update {file}: not valid YAML{yaml_text.fault(exc)}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DreamttyError(f"config: cannot update {file}: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise DreamttyError(f"config: cannot update {file}: it holds a {type(loaded).__name__}, not a mapping "
                                 "of keys; fix it first")
@@ -293,7 +327,7 @@ def set_value(key: str, value: str | int | float | bool | None, path: Path | Non
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
         tmp.write_text(updated, encoding="utf-8")
-        if file.exists():
+        if exists:
             os.chmod(tmp, stat.S_IMODE(file.stat().st_mode))
         tmp.replace(file)
     except OSError as exc:

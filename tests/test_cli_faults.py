@@ -558,3 +558,56 @@ def test_cancel_says_cancelled_once_a_running_job_has_stopped(monkeypatch, capsy
     assert out == ("2 jobs cancelled\n"
                    "job 6: cancel asked; not seen to stop within 1 s (a running job stops after its current step)\n")
     assert err == "dreamtty: job 7 ended done before the cancel reached it\n"
+
+
+# -- 9: a config that cannot be read ------------------------------------------------------------
+def test_a_config_option_naming_a_symlink_loop_is_one_warning(tmp_path, capsys):
+    """``--config LOOP`` once died in Path.resolve() (RuntimeError); it is said as DREAMTTY_CONFIG=LOOP is."""
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    warning = f"dreamtty: config: cannot read {tmp_path}/loop1: Too many levels of symbolic links; using defaults\n"
+    assert main(["--config", str(tmp_path / "loop1"), "samplers"]) == 0
+    assert capsys.readouterr().err == warning
+    assert main(["--config", str(tmp_path / "loop1"), "config", "path"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{tmp_path}/loop1\n"
+    assert captured.err == warning + "(it cannot be read: Too many levels of symbolic links; the defaults apply)\n"
+
+
+def test_config_path_says_a_config_that_links_to_itself_cannot_be_read(tmp_path, monkeypatch, capsys):
+    """Path.exists() calls a symlink loop missing: "it does not exist yet" was wrong."""
+    monkeypatch.delenv("DREAMTTY_CONFIG")
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").symlink_to("config.yaml")
+    assert main(["config", "path"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{tmp_path}/config/config.yaml\n"
+    assert captured.err == (f"dreamtty: config: cannot read {tmp_path}/config/config.yaml: Too many levels of "
+                            "symbolic links; using defaults\n"
+                            "(it cannot be read: Too many levels of symbolic links; the defaults apply)\n")
+    (tmp_path / "config" / "config.yaml").unlink()
+    assert main(["config", "path"]) == 0
+    assert capsys.readouterr().err == "(it does not exist yet: the defaults apply)\n"
+    (tmp_path / "config" / "config.yaml").mkdir()
+    assert main(["config", "path"]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == "(it is a folder: the defaults apply)"
+
+
+@pytest.mark.parametrize("text, warning", [
+    ("1: a\nfoo: b\n", "unknown key 1; allowed: paths, default_model"),
+    ("~: 1\nfoo: 2\n", "unknown key null; allowed: paths, default_model"),
+    ("yes: 1\nfoo: 2\n", "unknown key true; allowed: paths, default_model"),
+    ("paths:\n  1: [a]\n  foo: [b]\n", "paths.1: unknown kind; allowed: checkpoints, loras"),
+    (f"paths:\n  loras: [/{'a' * 300}]\n",
+     f"paths.loras: /{'a' * 300} cannot be searched: File name too long; ignored"),
+])
+def test_a_config_every_command_reads_warns_and_the_command_runs(tmp_path, capsys, text, warning):
+    """Mixed-type unknown keys (sorted() raised TypeError) and a folder name too long (Path.exists() raised)
+    made every command die with a traceback."""
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    assert main(["--config", str(config), "samplers"]) == 0
+    captured = capsys.readouterr()
+    assert "euler" in captured.out and "Traceback" not in captured.err
+    assert f"dreamtty: config: {warning}" in captured.err.splitlines()[0]

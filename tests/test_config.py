@@ -179,3 +179,58 @@ def test_a_config_that_is_not_a_regular_file_or_too_large_is_not_read(tmp_path):
     with open(big, "wb") as fh:
         fh.truncate(17 * 2**20)  # sparse: its size is all that is read
     assert config.load(big).warnings == [f"config: {big} is 17 MiB; allowed up to 16 MiB; using defaults"]
+
+
+ALLOWED = "allowed: paths, default_model, default_preset, speed, max_batch, keymap, allow_pickle, workers"
+KINDS = ("allowed: checkpoints, loras, vae, embeddings, upscalers, ip_adapters, controlnets, depth_models, captioners, "
+         "wildcards, styles, outputs")
+
+
+@pytest.mark.parametrize("text, unknown", [
+    ("1: a\nfoo: b\n", ["1", "'foo'"]),
+    ("~: 1\nfoo: 2\n", ["null", "'foo'"]),
+    ("yes: 1\nfoo: 2\nno: 3\n", ["true", "'foo'", "false"]),  # YAML reads yes and no as true and false
+    ("1.5: a\n\"\\e[31m\": b\n", ["1.5", "'\\x1b[31m'"]),  # control characters escaped
+])
+def test_unknown_keys_of_mixed_types_are_one_warning_each(tmp_path, text, unknown):
+    """Unknown keys that are numbers, null or true next to texts once made sorted() raise a TypeError; each is
+    said, in the file's order."""
+    cfg = config.load(_write(tmp_path / "c.yaml", text + "default_model: kept\n"))
+    assert cfg.warnings == [f"config: unknown key {key}; {ALLOWED}" for key in unknown]
+    assert cfg.default_model == "kept"
+
+
+def test_unknown_path_kinds_of_mixed_types_are_one_warning_each(tmp_path):
+    cfg = config.load(_write(tmp_path / "c.yaml", f"paths:\n  1: [a]\n  foo: [b]\n  ~: [c]\n  loras: [{tmp_path}]\n"))
+    assert cfg.warnings == [f"config: paths.{kind}: unknown kind; {KINDS}" for kind in ("1", "foo", "null")]
+    assert cfg.folders("loras") == [tmp_path] and cfg.folders("vae") == config.default_folders("vae")
+
+
+def test_a_folder_that_cannot_be_searched_is_said_not_a_traceback(tmp_path, monkeypatch):
+    """Path.exists() raises for a name too long (and no permission), and calls a symlink loop missing."""
+    long = Path("/" + "a" * 300)
+    (tmp_path / "loop").symlink_to("loop")
+    monkeypatch.setenv("DREAMTTY_LORAS", str(tmp_path / "loop"))  # the environment's folders too
+    cfg = config.load(_write(tmp_path / "c.yaml", {"paths": {"checkpoints": [str(long), str(tmp_path)],
+                                                             "vae": [str(tmp_path / "missing")]}}))
+    assert cfg.warnings == [
+        f"config: paths.checkpoints: {long} cannot be searched: File name too long; ignored",
+        f"config: paths.loras: {tmp_path / 'loop'} cannot be searched: Too many levels of symbolic links; ignored",
+        f"config: paths.vae: {tmp_path / 'missing'} does not exist; nothing is found there"]
+    assert cfg.folders("checkpoints") == [tmp_path] and cfg.folders("loras") == []
+    assert cfg.folders("vae") == [tmp_path / "missing"]  # searched once it is made
+
+
+def test_set_config_path_keeps_a_symlink_loop_for_load_to_say(tmp_path, monkeypatch):
+    """Path.resolve() raises RuntimeError for a loop (Python 3.11); the path is kept as given instead."""
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    config.set_config_path(tmp_path / "loop1")
+    try:
+        assert config.config_path() == tmp_path / "loop1"
+        assert config.load().warnings == [
+            f"config: cannot read {tmp_path / 'loop1'}: Too many levels of symbolic links; using defaults"]
+    finally:
+        config.set_config_path(None)
+    with pytest.raises(DreamttyError, match=r"^config: cannot update .*loop1: Too many levels of symbolic links$"):
+        config.set_value("default_model", "x", tmp_path / "loop1")
