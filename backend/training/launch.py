@@ -150,7 +150,7 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> Prepare
         raise RequestError("resume", "needs --output RUN_DIR: the run to continue")
     run_dir = Path(req.output).expanduser() if req.output else None
     try:
-        with _PREPARING:  # from the check of the folder to its run.json: two requests never take one folder
+        with _PREPARING:  # check to run.json: two requests to this process (the service) never take one folder
             return _make_run_dir(req, ref.family, run_dir, runs_root, warnings)
     except OSError as exc:
         if run_dir is None:  # none given: the runs folder takes no new one
