@@ -385,6 +385,13 @@ async def test_one_command_palette_and_one_quit_dialog_at_a_time(idle_service, t
         await pilot.press("ctrl+q", "ctrl+q", "ctrl+q")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmQuit), what="the quit dialog")
         assert [type(s).__name__ for s in app.screen_stack] == ["GenerateScreen", "ConfirmQuit"]
+        await pilot.press("f2")  # a mode key is an answer too: stay (the question is not left behind in F1)
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "QueueScreen", what="the queue screen")
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmQuit), what="the quit dialog in F2")
+        await pilot.press("n", "f1")
+        await settle(pilot)
+        assert [type(s).__name__ for s in app.screen_stack] == ["GenerateScreen"] and app.is_running
 
 
 async def test_small_terminal_tab_order_scrolls_and_wide_layout(idle_service, tmp_path):

@@ -335,9 +335,10 @@ class DreamttyApp(App):
             self.notify(f"Cancelling job #{job}.")
 
     async def action_switch_mode(self, mode: str) -> None:
-        """Switch to ``mode``, closing the command palette first: it would stay open in the mode left, and
-        Textual allows one palette (opening another there crashed the app)."""
-        if CommandPalette.is_open(self):
+        """Switch to ``mode``, closing the command palette or the quit question first: either would stay open in
+        the mode left (Textual allows one palette: opening another there crashed the app; a second quit question
+        could be asked). Leaving the question is staying."""
+        if CommandPalette.is_open(self) or isinstance(self.screen, ConfirmQuit):
             await self.screen.dismiss()
         await super().action_switch_mode(mode)
 
