@@ -556,3 +556,90 @@ async def test_describe_keys_queue_a_describe_job_of_the_image(idle_service, tmp
         await wait_for(pilot, lambda: sum(j.kind == "describe" for j in idle_service.jobs()) == 2,
                        what="describe (d in the gallery)")
         assert [j.request["image"] for j in idle_service.jobs() if j.kind == "describe"] == [str(image)] * 2
+
+
+# -- redrawn right after a resize --------------------------------------------------------------
+def _picture_at(widget) -> tuple[int, int, int, int] | None:
+    """(first column, row, last column + 1, strip width) of the first row of half-block cells a widget draws."""
+    for y in range(widget.size.height):
+        strip = widget.render_line(y)
+        if "▄" in strip.text:
+            return strip.text.index("▄"), y, strip.text.rindex("▄") + 1, strip.cell_length
+    return None
+
+
+async def _mask_editor_on(pilot, app, image: Path) -> MaskEditor:
+    in_gallery(app.client.service, image)
+    await settle(pilot)
+    await to_gallery(pilot, app)
+    await pilot.press("i")
+    await wait_for(pilot, lambda: isinstance(app.screen, MaskEditor), what="the mask editor")
+    await wait_for(pilot, lambda: app.screen.canvas.ready, what="the preview")
+    return app.screen
+
+
+async def test_the_mask_editor_centres_its_picture_anew_after_a_resize(idle_service, tmp_path):
+    """A small image keeps its preview size: it is drawn where the brush and the mouse now map it."""
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(100, 40)) as pilot:
+        canvas = (await _mask_editor_on(pilot, app, source_png(tmp_path / "small.png", (32, 32)))).canvas
+        await pilot.resize_terminal(160, 50)
+        await pilot.pause(0.3)
+        await settle(pilot)
+        assert _picture_at(canvas)[:2] == canvas.offset != (33, 8)
+        await pilot.click(canvas, offset=canvas.offset)  # the picture's top left cell, as drawn
+        await pilot.pause()
+        assert canvas.mask.pixels.any()
+
+
+async def test_a_rescale_for_an_older_size_that_comes_last_is_dropped(idle_service, tmp_path, monkeypatch):
+    """Two quick resizes: the preview made for the first (slow: a large image) may come after the second's."""
+    import threading
+    import time
+
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(100, 40)) as pilot:
+        canvas = (await _mask_editor_on(pilot, app, source_png(tmp_path / "big.png", (1600, 1200)))).canvas
+        mapping, started = Mask.mapping, threading.Event()
+
+        def slow_for_big(self, size):
+            if size[0] > 150:
+                started.set()
+                time.sleep(1.0)
+            return mapping(self, size)
+
+        monkeypatch.setattr(Mask, "mapping", slow_for_big)
+        await pilot.resize_terminal(250, 80)
+        await wait_for(pilot, started.is_set, what="the large preview's mapping")
+        await pilot.resize_terminal(60, 20)
+        await pilot.pause(1.5)
+        await settle(pilot)
+        assert canvas.ready and canvas.mask.preview_size == preview_size((1600, 1200), tuple(canvas.size))
+
+
+async def test_an_image_one_pixel_tall_is_refused_by_the_mask_editor_in_one_line(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(100, 40)) as pilot:
+        thin = source_png(tmp_path / "thin.png", (200, 1))
+        in_gallery(app.client.service, thin)
+        await settle(pilot)
+        await to_gallery(pilot, app)
+        await pilot.press("i")
+        await wait_for(pilot, lambda: any("the mask editor needs at least 2 pixel rows" in n.message
+                                          for n in app._notifications), what="the refusal")
+        assert not isinstance(app.screen, MaskEditor)
+
+
+async def test_a_live_frame_is_centred_anew_when_its_panel_shrinks(idle_service, tmp_path):
+    from tui.screens.generate import LIVE_PREVIEW_CELLS
+    from tui.widgets.preview import ImagePreview
+
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(200, 60)) as pilot:
+        preview = app.screen.query_one(ImagePreview)
+        preview.show(Image.new("RGB", (64, 64), (200, 30, 30)), LIVE_PREVIEW_CELLS)  # as a job's live frame is
+        await wait_for(pilot, lambda: preview.frames == 1, what="the frame")
+        await pilot.resize_terminal(150, 45)  # the panel shrinks; the frame's 48x24 cells still fit
+        await wait_for(pilot, lambda: preview.frames == 2, what="the frame redrawn")
+        first, _, last, width = _picture_at(preview)
+        assert width == preview.size.width and first == (preview.size.width - (last - first)) // 2

@@ -50,6 +50,9 @@ def read_for_editing(image: str, mask: str | None) -> tuple[Image.Image, np.ndar
     mask to start from: ``mask`` when it is a usable mask of that image, else None. Reads files: call
     it in a thread."""
     source = read_image(image)
+    if source.size[1] < 2:  # a cell shows two pixel rows, and the preview is never taller than the image
+        raise RequestError("image", f"{image} is {source.size[0]}x{source.size[1]}: the mask editor needs at least "
+                                    "2 pixel rows; give a box instead")
     try:
         start = read_mask(mask, source.size)[0] if mask else None
     except RequestError:
@@ -108,6 +111,7 @@ class MaskCanvas(Widget):
         self._tint: np.ndarray | None = None  # the mask's colour at each preview pixel (h, w, 3)
         self._strips: dict[int, Strip] = {}
         self._scaling = False  # a preview of another size is being made: edits wait for it
+        self._wanted: tuple[int, int] | None = None  # the preview size last asked for (an older one may come late)
 
     @property
     def ready(self) -> bool:
@@ -118,8 +122,10 @@ class MaskCanvas(Widget):
     def on_resize(self) -> None:
         size = preview_size(self.image.size, (self.size.width, self.size.height))
         if self._base is None or size != self.mask.preview_size:
-            self._scaling = True
+            self._scaling, self._wanted = True, size
             self._scale(size)
+        else:  # the same preview, centred anew
+            self.changed()
 
     @work(thread=True, exclusive=True, group="mask-preview", exit_on_error=False)
     def _scale(self, size: tuple[int, int]) -> None:
@@ -129,6 +135,8 @@ class MaskCanvas(Widget):
         self.app.call_from_thread(self._scaled, base, self.mask.mapping(size))
 
     def _scaled(self, base: np.ndarray, mapping: Mapping) -> None:
+        if mapping.size != self._wanted:
+            return  # made for a size the canvas had before a later resize (a thread is not stopped)
         old, size = self.mask.preview_size, mapping.size
         self.mask.use(mapping)
         self._base, self._scaling = base, False

@@ -44,6 +44,7 @@ class ImagePreview(Widget):
         self.frames = 0  # frames drawn so far
         self._lines: list[Strip] = []
         self._cells = (0, 0)
+        self._laid_out = (0, 0)  # the widget's size the frame was centred in
         self._generation = 0  # frames started; a band of an older frame is dropped
 
     def show(self, image: Image.Image | str | Path | None, limit: tuple[int, int] | None = None) -> None:
@@ -65,8 +66,8 @@ class ImagePreview(Widget):
         return width, height
 
     def on_resize(self) -> None:
-        if self.source is not None and self._cells_for() != self._cells:
-            self._draw(self.source, self._cells_for(), self._color_system())
+        if self.source is not None and (self._cells_for(), tuple(self.size)) != (self._cells, self._laid_out):
+            self._draw(self.source, self._cells_for(), self._color_system())  # re-fitted, or centred anew
 
     @work(thread=True, exclusive=True, group="preview", exit_on_error=False)
     def _draw(self, source: Image.Image | str | Path, cells: tuple[int, int],
@@ -107,7 +108,7 @@ class ImagePreview(Widget):
         blank = Strip.blank(width, style)
         strips = [Strip([Segment(" " * pad_left, style), *line]).extend_cell_length(width, style) for line in lines]
         frame = [blank] * pad_top + strips + [blank] * max(0, height - pad_top - len(strips))
-        self._cells = cells
+        self._cells, self._laid_out = cells, (width, height)
         self._generation += 1
         self._paint_band(self._generation, frame, 0)
 
