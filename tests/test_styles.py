@@ -64,6 +64,11 @@ def test_random_style_is_seeded_and_recorded():
     assert pick(4) == pick(4)
     picks = {pick(seed)[1] for seed in range(12)}
     assert len(picks) > 3 and "Watercolor" not in picks and RANDOM_STYLE not in picks
+    every = [style.name for style in load_styles().styles.values()]
+    for names in ([*every, RANDOM_STYLE], [RANDOM_STYLE] * (len(every) + 1)):  # none left to pick
+        with pytest.raises(RequestError, match=f"^styles: {RANDOM_STYLE} has no style left to pick: every one of "
+                                               f"the {len(every)} is selected or picked already; select fewer$"):
+            build_prompt(GenerateRequest(prompt="a cat", styles=names, seed=1))
 
 
 def test_user_json_and_a1111_csv_load(user_home):

@@ -73,7 +73,11 @@ class StyleLibrary:
         return sorted(found, key=lambda s: (s.category.lower(), s.name.lower()))
 
     def pick_random(self, rng: random.Random, exclude: list[str]) -> Style:
+        """A style not in ``exclude``; RequestError("styles") when every one is."""
         names = sorted(k for k, s in self.styles.items() if s.name not in exclude)
+        if not names:
+            raise RequestError("styles", f"{RANDOM_STYLE} has no style left to pick: every one of the "
+                                         f"{len(self.styles)} is selected or picked already; select fewer")
         return self.styles[rng.choice(names)]
 
 
