@@ -25,7 +25,7 @@ from pathlib import Path
 from backend import locations, service_log
 from backend.errors import DreamttyError, RequestError
 from backend.safetext import visible
-from backend.service_files import AlreadyRunning, ServiceFiles, make_token
+from backend.service_files import AlreadyRunning, ServiceFiles, hold_queue, make_token
 from backend.versions import build
 
 WORKER_NICE = 10  # the service's workers yield the CPU to interactive programs (the TUI among them)
@@ -82,7 +82,9 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
     service: Service | None = None
     runner: web.AppRunner | None = None
     tcp: asyncio.Server | None = None
+    queue_lock: int | None = None
     try:
+        queue_lock = hold_queue(locations.state_dir(), {"pid": os.getpid(), "socket": str(files.socket)})
         address = parse_listen(options.listen) if options.listen else None
         token = make_token() if address else None
         service = Service(devices=options.devices, recover=True, nice=WORKER_NICE, cluster=options.cluster)
@@ -124,7 +126,9 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
         if service is not None and service.started is not None:
             await service.close()
         files.remove()
-        os.close(lock)
+        for fd in (lock, queue_lock):
+            if fd is not None:
+                os.close(fd)
 
 
 async def _log_events(service, announce) -> None:
@@ -199,6 +203,8 @@ def start_detached(options: ServeOptions, timeout: float = START_TIMEOUT) -> dic
             return info
         if process.poll() not in (None, 0, AlreadyRunning.EXIT_CODE):
             raise DreamttyError(f"service: did not start ({_last_line(log_file)}); see {log_file}")
+        if process.poll() == AlreadyRunning.EXIT_CODE and not files.locked():  # not another of this runtime dir:
+            raise AlreadyRunning(_last_line(log_file))  # one of another runtime dir runs the queue (hold_queue)
         time.sleep(0.05)
     if process.poll() == AlreadyRunning.EXIT_CODE:  # the one that holds the lock does not answer
         raise DreamttyError(f"{files.running_message()}; it does not answer on its socket")

@@ -26,6 +26,7 @@ from backend.errors import DreamttyError
 
 MAX_SOCKET_PATH = 103  # bytes: sun_path holds 108 on Linux and 104 on macOS, with the closing NUL
 LOCK_PATIENCE = 0.5  # seconds a starting service retries the lock (another process may be probing it)
+QUEUE_LOCK = "serve.lock"  # in the state dir, beside the queue: held by the service that runs it
 
 
 class AlreadyRunning(DreamttyError):
@@ -77,16 +78,9 @@ class ServiceFiles:
         open while the service runs. Leftover socket and pid files are removed: they are stale.
         Raises AlreadyRunning saying where the running service is."""
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + LOCK_PATIENCE
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise AlreadyRunning(self.running_message()) from None
-                time.sleep(0.05)
+        if not _lock(fd):
+            os.close(fd)
+            raise AlreadyRunning(self.running_message())
         for stale in (self.socket, self.pid_file):
             stale.unlink(missing_ok=True)
         return fd
@@ -135,6 +129,45 @@ class ServiceFiles:
         """Remove the socket and pid files (the lock holder, at exit)."""
         for path in (self.socket, self.pid_file):
             path.unlink(missing_ok=True)
+
+
+def _lock(fd: int) -> bool:
+    """Take ``fd``'s exclusive flock, retrying ``LOCK_PATIENCE`` seconds (another process may be probing it)."""
+    deadline = time.monotonic() + LOCK_PATIENCE
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
+def hold_queue(state: Path, info: dict) -> int | None:
+    """Lock the state dir's queue for this service's life, with ``info`` (pid, socket) in the lock file: a
+    second service started under another runtime dir (XDG_RUNTIME_DIR, which logind removes at the last
+    logout, or set apart in two shells) must not run the same queue. The file descriptor to keep open;
+    None when the folder takes no file (read-only: the queue says why). Raises AlreadyRunning."""
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state / QUEUE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    if not _lock(fd):
+        try:
+            other = json.loads(os.pread(fd, 4096, 0))
+        except ValueError:
+            other = {}
+        os.close(fd)
+        other = other if isinstance(other, dict) else {}
+        raise AlreadyRunning(f"service: another one (pid {other.get('pid')}, socket {other.get('socket')}) runs the "
+                             f"queue in {state}, started with another runtime dir (XDG_RUNTIME_DIR); stop it, or "
+                             "run dreamtty with its XDG_RUNTIME_DIR")
+    written = json.dumps(info).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, written, 0)
+    return fd
 
 
 def check_private(path: Path, what: str) -> None:

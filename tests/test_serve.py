@@ -555,6 +555,26 @@ def test_a_second_service_says_where_the_first_runs(dirs):
         first.stop()
 
 
+def test_a_second_service_of_the_queue_under_another_runtime_dir_is_refused(dirs):
+    """The runtime dir's lock keeps one service per runtime dir; a lock beside the queue keeps one per queue
+    (logind removes XDG_RUNTIME_DIR at the last logout while the service runs on; two shells may differ)."""
+    from dataclasses import replace
+
+    first = ServeProcess(dirs).wait_ready()
+    other = replace(dirs, run=Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp")))
+    try:
+        pid = dirs.files().read_pid_file()["pid"]
+        for args in (("serve",), ("serve", "--detach")):
+            again = cli(other, *args)
+            assert again.returncode == 1, again.stderr
+            assert (f"dreamtty: service: another one (pid {pid}, socket {dirs.files().socket}) runs the queue in "
+                    f"{dirs.home / 'state'}, started with another runtime dir") in again.stderr
+        assert first.proc.poll() is None and not other.files().socket.exists()
+    finally:
+        first.stop()
+        shutil.rmtree(other.run, ignore_errors=True)
+
+
 def test_detach_names_a_foreign_listener_on_the_socket(dirs):
     files = dirs.files()
     files.make_folder()
