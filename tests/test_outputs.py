@@ -193,10 +193,9 @@ def test_a_dry_run_checks_the_out_folder_and_makes_nothing(tmp_path):
     (base / "saving-file" / SAVING).write_text("x")
     for name, what in (("loop", "loop"), ("dangling", "dangling"), ("saving-file", f"saving-file/{SAVING}")):
         refused = f"^out: cannot create {base}/{name}/.*: {base}/{what} is not a folder$"
-        with pytest.raises(DreamttyError, match=refused):
-            check_out_dir(base / name, create=False)  # a submit would fail on each
-        with pytest.raises(DreamttyError, match="^out: cannot create"):
-            check_out_dir(base / name)
+        for create in (False, True):  # a dry run says what a submit says
+            with pytest.raises(DreamttyError, match=refused):
+                check_out_dir(base / name, create=create)
     with pytest.raises(DreamttyError, match="^out: cannot create .*: File name too long$"):
         check_out_dir(base / ("a" * 300), create=False)
     check_out_dir(out)  # a submit makes today's folder (and the one images are written in first)
