@@ -118,12 +118,13 @@ def _one(item: object) -> ImagePrompt:
     unknown = sorted(set(item) - set(_KEYS), key=str)
     if unknown:
         raise RequestError(FIELD, f"unknown key {unknown[0]!r}; allowed: {', '.join(_KEYS)}")
-    if not isinstance(item.get("path"), str) or not isinstance(item.get("type", "image"), str):
+    if not all(isinstance(item.get(key, ""), str) for key in ("path", "type")) or "path" not in item:
         raise RequestError(FIELD, f"{item!r}: path and type must be text")
+    if not isinstance(item.get("hash", ""), (str, type(None))):
+        raise RequestError(FIELD, f"{item!r}: hash must be text (the content hash recorded at submission)")
     numbers = {k: None if item.get(k) is None else to_float(FIELD, item[k]) for k in ("weight", "stop")}
-    digest = item.get("hash")
-    return ImagePrompt(item["path"], item.get("type", "image"), numbers["weight"], numbers["stop"],
-                       digest if isinstance(digest, str) else None)
+    return ImagePrompt(item["path"], item.get("type", "image").strip().lower(), numbers["weight"], numbers["stop"],
+                       item.get("hash"))
 
 
 def resolve_image_prompts(prompts: list[ImagePrompt]) -> list[ImagePrompt]:
@@ -140,10 +141,10 @@ def resolve_image_prompts(prompts: list[ImagePrompt]) -> list[ImagePrompt]:
         weight = kind.weight if prompt.weight is None else to_float(FIELD, prompt.weight)
         stop = kind.stop if prompt.stop is None else to_float(FIELD, prompt.stop)
         if not 0.0 <= weight <= MAX_WEIGHT:
-            raise RequestError(FIELD, f"{prompt.label(i)}: weight {weight:g} is out of range; "
+            raise RequestError(FIELD, f"{prompt.label(i)}: weight {weight:.12g} is out of range; "
                                       f"allowed 0..{MAX_WEIGHT:g}")
         if not 0.0 <= stop <= 1.0:
-            raise RequestError(FIELD, f"{prompt.label(i)}: stop {stop:g} is out of range; allowed 0..1")
+            raise RequestError(FIELD, f"{prompt.label(i)}: stop {stop:.12g} is out of range; allowed 0..1")
         source = read_image(prompt.path, FIELD, prompt.hash)
         out.append(replace(prompt, path=absolute(prompt.path), weight=weight, stop=stop,
                            hash=source.hash))

@@ -17,7 +17,7 @@ from PIL import Image
 from backend import companions, downloads, library, metadata
 from backend.errors import DreamttyError, RequestError
 from backend.events import Done, ImageSaved, Preview, TextOutput
-from backend.image_prompts import ImagePrompt
+from backend.image_prompts import ImagePrompt, convert_image_prompts
 from backend.jobkinds.describe import DescribeRequest
 from backend.jobkinds.img2img import Img2ImgRequest
 from backend.jobkinds.inpaint import InpaintRequest
@@ -162,6 +162,8 @@ def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
         ([f"{reference}:canny:2.5"], "image_prompt: 1 (canny): weight 2.5 is out of range; allowed 0..2"),
         ([f"{reference}:image:1:1.5"], "image_prompt: 1 (image): stop 1.5 is out of range; allowed 0..1"),
         ([f"{reference}:image:-1"], "image_prompt: 1 (image): weight -1 is out of range"),
+        ([f"{reference}:image:2.0000001"], "image_prompt: 1 (image): weight 2.0000001 is out of range"),  # not "2"
+        ([{"path": str(reference), "hash": 123}], "hash must be text"),
         ([f"{reference}:face:lots"], "'lots' is not a number (IMAGE[:TYPE[:WEIGHT[:STOP]]])"),
         ([f"{tmp_path}/gone.png:face"], f"image_prompt: {tmp_path}/gone.png is missing"),
         ([str(tmp_path / "notes.png")], "is not an image PIL can read"),
@@ -171,6 +173,8 @@ def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
     ]
     for prompts, message in cases:
         _refused(service, {"image_prompts": prompts}, tmp_path, message)
+    mapping = {"path": str(reference), "type": " IMAGE "}  # a type in any case, as IMAGE:TYPE takes it
+    assert convert_image_prompts("image_prompts", [mapping])[0].type == "image"
     _refused(service, {"image": str(reference), "mode": "poem"}, tmp_path,
              "mode: unknown 'poem'; allowed: photo, anime", DescribeRequest)
     _refused(service, {"image": str(tmp_path / "gone.png")}, tmp_path, "image: ", DescribeRequest)
