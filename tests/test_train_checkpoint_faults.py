@@ -171,8 +171,9 @@ def test_a_state_file_without_a_step_is_a_damaged_checkpoint(photos, tmp_path):
         run_dir = shutil.copytree(trained, tmp_path / f"case{n}")
         (run_dir / "checkpoints/checkpoint-4" / STATE_FILE).write_text(text)
         _run(_settings(run_dir, output=str(run_dir), max_steps=5, resume="latest"))
-        assert _warnings(run_dir)[-2] == (f"resume: cannot load {run_dir / 'checkpoints/checkpoint-4'}: {STATE_FILE} is "
-                                          f"damaged ({why}, not a whole number from 1); resuming from checkpoint-2 instead")
+        damaged = run_dir / "checkpoints/checkpoint-4"
+        assert _warnings(run_dir)[-2] == (f"resume: cannot load {damaged}: {STATE_FILE} is damaged ({why}, not a whole "
+                                          "number from 1); resuming from checkpoint-2 instead")
         assert _steps_after_resume(run_dir) == (2, [3, 4, 5])
 
 
