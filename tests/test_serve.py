@@ -1163,6 +1163,32 @@ async def test_following_a_job_says_its_retry_and_why_no_worker_runs_it(capsys):
         "dreamtty: service: worker 0: dreamtty was changed on disk …"]
 
 
+async def test_waiting_for_jobs_prints_those_already_ended_first(capsys):
+    """``wait 2 1`` with job 1 done: its image is printed at once, not after job 2, by when another client may
+    have forgotten job 1."""
+    from types import SimpleNamespace
+
+    from backend.events import Done, ImageSaved
+    from tui.cli_jobs import follow
+
+    class TwoJobs:
+        def __init__(self) -> None:
+            self.states = {1: "done", 2: "running"}
+
+        async def job(self, job_id):
+            return SimpleNamespace(state=self.states[job_id]) if job_id in self.states else None
+
+        async def wait(self, job_id, events):
+            if job_id not in self.states:
+                raise DreamttyError(f"job {job_id}: no such job")
+            yield ImageSaved(job=job_id, image=0, path=f"/out/{job_id}.png", seed=job_id)
+            yield Done(job=job_id, paths=[f"/out/{job_id}.png"])
+            self.states.pop(1, None)  # once a job ended, another client forgets job 1
+
+    assert await follow(TwoJobs(), [2, 1], None, False) == (0, ["/out/1.png", "/out/2.png"])
+    assert capsys.readouterr().out.splitlines() == ["/out/1.png", "/out/2.png"]
+
+
 async def _drain(events) -> None:
     async for _ in events:
         pass

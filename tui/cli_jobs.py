@@ -21,6 +21,7 @@ from backend.jobkinds.img2img import Img2ImgRequest
 from backend.jobkinds.inpaint import MODES, InpaintRequest
 from backend.jobkinds.outpaint import SIDES, OutpaintRequest
 from backend.jobkinds.upscale import SCALES, UpscaleRequest
+from backend.queue_store import FINAL
 from backend.request import DTYPES, MAX_COUNT, SPEEDS, GenerateRequest
 from backend.safetext import one_line, visible
 from backend.samplers import SAMPLERS, SCHEDULES
@@ -143,7 +144,7 @@ async def follow(client: Client, job_ids: list[int], events, as_json: bool,
     failed = 0
     progress = Progress(enabled=sys.stderr.isatty() and not as_json)
     try:
-        for job_id in job_ids:
+        for job_id in await _ended_first(client, job_ids):
             async for event in client.wait(job_id, events):
                 if as_json:
                     print(json.dumps({k: v for k, v in to_dict(event).items() if k != "rgb"}), flush=True)
@@ -178,6 +179,15 @@ async def follow(client: Client, job_ids: list[int], events, as_json: bool,
     finally:
         progress.clear()
     return (1 if failed else 0), paths
+
+
+async def _ended_first(client: Client, job_ids: list[int]) -> list[int]:
+    """``job_ids``, those that had ended first: their images are printed at once, before another client may
+    forget them while this follows the others."""
+    if len(job_ids) < 2:
+        return job_ids
+    ended = {job_id for job_id in job_ids if (job := await client.job(job_id)) is not None and job.state in FINAL}
+    return [*(j for j in job_ids if j in ended), *(j for j in job_ids if j not in ended)]
 
 
 def _save_maps(image_path: str, previews: list[Preview]) -> list[str]:
