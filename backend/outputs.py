@@ -44,13 +44,11 @@ def check_out_dir(out: Path, create: bool = True) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise RequestError("out", f"{out} is a file; give a folder")
     folder = day_folder(out)
-    nearest = [_nearest_folder(folder), _nearest_folder(out / SAVING)]  # what is in the way, named
+    probes = [_nearest_folder(folder), _nearest_folder(out / SAVING)]  # names what is in the way
     if create:
         check_writable(folder)
         check_writable(out / SAVING)
         probes = [folder]
-    else:
-        probes = nearest
     for probe in probes:
         try:
             with tempfile.TemporaryFile(dir=probe):

@@ -201,9 +201,10 @@ def start_detached(options: ServeOptions, timeout: float = START_TIMEOUT) -> dic
         info = files.read_pid_file()
         if info is not None and is_running(files):
             return info
-        if process.poll() not in (None, 0, AlreadyRunning.EXIT_CODE):
+        code = process.poll()
+        if code not in (None, 0, AlreadyRunning.EXIT_CODE):
             raise DreamttyError(f"service: did not start ({_last_line(log_file)}); see {log_file}")
-        if process.poll() == AlreadyRunning.EXIT_CODE and not files.locked():  # not another of this runtime dir:
+        if code == AlreadyRunning.EXIT_CODE and not files.locked():  # not another of this runtime dir:
             raise AlreadyRunning(_last_line(log_file))  # one of another runtime dir runs the queue (hold_queue)
         time.sleep(0.05)
     if process.poll() == AlreadyRunning.EXIT_CODE:  # the one that holds the lock does not answer
