@@ -729,13 +729,15 @@ def test_generate_starts_a_service_and_ctrl_c_cancels_its_job(dirs):
     info = dirs.files().read_pid_file()
     assert info and _connects(dirs.files().socket)
     with open(dirs.home / "gen.err", "w") as err:
-        gen = subprocess.Popen([sys.executable, "-m", "tui.cli", *GENERATE, "--steps", "400", "-n", "3"],
-                               env=dirs.env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+        # long enough on any CPU that the poll below sees it run: a job of seconds ended between two polls in CI
+        gen = subprocess.Popen([sys.executable, "-m", "tui.cli", *GENERATE, "--steps", "500", "--size", "256x256",
+                                "-n", "3"], env=dirs.env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         jobs = json.loads(cli(dirs, "jobs", "--json", "--limit", "1").stdout)
         if jobs and jobs[0]["state"] == "running" and jobs[0]["id"] > 1:
             break
+        assert gen.poll() is None, "the job ended before it was seen running"
         time.sleep(0.3)
     gen.send_signal(signal.SIGINT)
     assert gen.wait(60) == 130
