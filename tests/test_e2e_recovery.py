@@ -25,7 +25,8 @@ def test_killed_tui_resumes_its_job_without_duplicates(tmp_path, demo_dirs):
     out = tmp_path / "out"
     db = home / "state" / "queue.sqlite3"
     db.parent.mkdir(parents=True)
-    request = GenerateRequest(prompt="a fox", steps=40, seed=31, count=3, max_batch=1).resolved("demo")  # in turn
+    # in turn, each slow enough that the kill lands before the next two are saved, on a fast CPU too
+    request = GenerateRequest(prompt="a fox", steps=100, seed=31, count=3, max_batch=1).resolved("demo")
     store = QueueStore(db)  # a job left by a dreamtty that is gone: the TUI adopts it at start
     job = store.add("generate", {"request": request.to_dict(), "out": str(out), "family": "demo"}, "gone/1/x")
     store.close()
