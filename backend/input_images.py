@@ -101,7 +101,8 @@ def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[st
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > MAX_PIXELS:
-                raise RequestError(field_name, f"{path} is {width}x{height}; allowed up to {MAX_PIXELS / 1e6:.0f} megapixels")
+                raise RequestError(field_name,
+                                   f"{path} is {width}x{height}; allowed up to {MAX_PIXELS / 1e6:.0f} megapixels")
             frames = getattr(img, "n_frames", 1)
             if frames > 1:
                 img.seek(0)
@@ -112,13 +113,16 @@ def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[st
             img.load()
             ImageOps.exif_transpose(img, in_place=True)
             return img, notes
+    except RequestError:
+        raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise RequestError(field_name, f"{path} is too large to decode safely; allowed up to "
                                        f"{MAX_PIXELS / 1e6:.0f} megapixels") from None
     except UnidentifiedImageError:
         raise RequestError(field_name, f"{path} is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise RequestError(field_name, f"{path} is truncated or damaged: {str(exc).splitlines()[0] if str(exc) else 'cannot decode'}") from None
+        why = str(exc).splitlines()[0] if str(exc) else "cannot decode"
+        raise RequestError(field_name, f"{path} is truncated or damaged: {why}") from None
 
 
 def _deep_channels(img: Image.Image) -> str | None:
