@@ -17,6 +17,11 @@ class Family:
     preview_matrix: tuple[tuple[float, float, float], ...]
     preview_bias: tuple[float, float, float]
 
+    def tile_side(self, width: int, height: int) -> int | None:
+        """Tile side in pixels for denoising a ``width`` x ``height`` image in tiles (backend.engine.tiles), or
+        None when the model takes it whole: tiles of the default size once a side exceeds 1.5 times it."""
+        return self.default_size if max(width, height) > self.default_size * 3 // 2 else None
+
 
 # Per-channel latent->RGB factors published for SD1.x/2.x and SDXL latents.
 _SD_RGB = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177))

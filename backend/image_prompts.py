@@ -127,6 +127,17 @@ def _one(item: object) -> ImagePrompt:
                        item.get("hash"))
 
 
+def steers_tiles(prompts: list[ImagePrompt]) -> bool:
+    """Whether any active reference feeds a ControlNet, whose map cannot be cut to a tile."""
+    return any(p.active and TYPES[p.type].model == "controlnet" for p in prompts)
+
+
+def tiled_control_error(width: int, height: int, side: int) -> RequestError:
+    return RequestError(FIELD, f"canny, depth and structure references cannot steer an upscale denoised in tiles "
+                               f"({width}x{height} is, in tiles of {side}); use a smaller scale or input, or image "
+                               "and face references only")
+
+
 def resolve_image_prompts(prompts: list[ImagePrompt]) -> list[ImagePrompt]:
     """Check every reference (count, type, weight 0..2, stop 0..1, the file as an input image) and fill
     the type's defaults, the absolute path and the content hash. RequestError("image_prompt") otherwise."""

@@ -124,12 +124,18 @@ def test_bad_settings(service, tmp_path):
         (UpscaleRequest(image=image, width=512, height=512), "size: upscale makes a 256x256 image from this input"),
         (UpscaleRequest(image=image, upscaler="nope"), "upscaler: nope not found"),
         (UpscaleRequest(image=tiny), "image: {}/tiny.png upscaled is 40x80; repainting needs at least 64 pixels a side"),
+        (UpscaleRequest(image=image, image_prompts=[f"{image}:canny"]),  # known before it is queued, not failed later
+         "image_prompt: canny, depth and structure references cannot steer an upscale denoised in tiles (256x256 is, "
+         "in tiles of 128)"),
     ]
     for request, message in cases:
         request.model = "demo"
         _refused(service, request, tmp_path, message.format(tmp_path))
     for enlarged_only in (UpscaleRequest(image=tiny, fast=True), UpscaleRequest(image=tiny, strength=0)):
         assert service.prepare(replace(enlarged_only, model="demo")).payload["request"]["width"] == 40
+    for untiled in (UpscaleRequest(image=image, scale=1.5, image_prompts=[f"{image}:canny"]),  # 192 is taken whole
+                    UpscaleRequest(image=image, image_prompts=[f"{image}:canny:0"])):  # a weight of 0 steers nothing
+        assert service.prepare(replace(untiled, model="demo")).payload["request"]["image_prompts"]
 
 
 def test_inpainting_model_refused_for_vary(service, tmp_path):

@@ -38,8 +38,8 @@ from backend.engine.conditioning import BatchConditioning, Conditioning, StepCon
 from backend.engine.guider import Guider, UNetInputs
 from backend.engine.pipeline import execution_device, sdxl_time_ids
 from backend.engine.tiles import TiledGuider
-from backend.errors import ModelError
 from backend.guidance_settings import GuidanceSettings
+from backend.image_prompts import tiled_control_error
 
 if TYPE_CHECKING:
     from backend.engine.image_prompt import References
@@ -157,9 +157,8 @@ def _guider(pipe, spec: DenoiseSpec, dtype: torch.dtype, latents: torch.Tensor, 
         return make(_unet_inputs(pipe, spec, dtype, latents.shape[0], iterations))
     if spec.start is not None and spec.start.unet_extra is not None:
         raise ValueError("an inpainting UNet's extra channels cannot be tiled")
-    if spec.references is not None and spec.references.controls:
-        raise ModelError("image_prompt: canny, depth and structure references cannot steer an upscale denoised in "
-                         "tiles; use a smaller scale, --fast, or image and face references only")
+    if spec.references is not None and spec.references.controls:  # refused at submission since it is known then
+        raise tiled_control_error(spec.width, spec.height, spec.tile)
     tile_spec = DenoiseSpec(spec.cond, tile[1] * factor, tile[0] * factor, spec.steps, spec.cfg, spec.generator,
                             guidance=spec.guidance, references=spec.references)
     inputs = _unet_inputs(pipe, tile_spec, dtype, latents.shape[0], iterations)

@@ -14,7 +14,7 @@ from backend.engine.extras import embedding_records
 from backend.engine.refiner import refiner_handover
 from backend.engine.scheduling import make_scheduler
 from backend.engine.text_embed import make_embedder
-from backend.engine.tiles import tile_size
+from backend.families import FAMILIES
 from backend.prompting import build_prompt
 from backend.request import GenerateRequest
 
@@ -36,7 +36,8 @@ def generate_image(
     """
     plan = build_prompt(request, make_embedder(pipe))
     schedule = plan.schedule(request.steps)
-    tile = tile_size(pipe.dreamtty.family, request.width, request.height) if start is not None and start.tile else None
+    tiled = start is not None and start.tile
+    tile = FAMILIES[pipe.dreamtty.family].tile_side(request.width, request.height) if tiled else None
     with torch.inference_mode(), _vae_tiling(pipe, tile is not None):
         cond = encode_schedule(pipe, schedule, request.cfg > 1.0, request.guidance.clip_skip)
         latents, generators = _sample(pipe, [request], [cond], [schedule], on_step, should_cancel, start, tile)

@@ -13,15 +13,6 @@ from collections.abc import Callable
 
 import torch
 
-from backend.families import FAMILIES
-
-
-def tile_size(family: str, width: int, height: int) -> int | None:
-    """Tile side in pixels for denoising a ``width`` x ``height`` image of ``family``'s model, or None
-    when the model takes it whole: tiles of the family's default size once a side exceeds 1.5 times it."""
-    side = FAMILIES[family].default_size
-    return side if max(width, height) > side * 3 // 2 else None
-
 
 def starts(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles of ``tile`` covering ``length``, evenly spread, overlapping by at least ``overlap``."""

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from backend import config, library
 from backend.errors import RequestError
-from backend.families import Family
+from backend.families import FAMILIES, Family
+from backend.image_prompts import steers_tiles, tiled_control_error
 from backend.input_images import InputImage
 from backend.jobkinds.image_input import MAX_OUTPUT_SIDE, ImageInputRequest
 from backend.jobkinds.img2img import MIN_SIDE
@@ -58,6 +59,13 @@ class UpscaleRequest(ImageInputRequest):
             raise RequestError("scale", f"{scale:g}x of {width}x{height} is {size[0]}x{size[1]}; "
                                         f"allowed up to {MAX_OUTPUT_SIDE} pixels a side")
         return {"scale": scale, "upscaler": check_upscaler(self.upscaler), **self.derived_size(size)}
+
+    def resolved(self, family: str) -> "UpscaleRequest":
+        out = super().resolved(family)
+        side = FAMILIES[family].tile_side(out.width, out.height) if family in FAMILIES else None
+        if out.uses_model and side and steers_tiles(out.image_prompts):
+            raise tiled_control_error(out.width, out.height, side)
+        return out
 
     def check_size(self, fam, width: int, height: int) -> None:
         if self.uses_model and min(width, height) < MIN_SIDE:  # the repaint would see a few latents a side
