@@ -101,18 +101,23 @@ class GuidanceSettings:
 
     def validate(self, xl: bool, cfg: float) -> None:
         """Raise RequestError for an out-of-range value or a combination that makes no sense."""
-        for name, (lo, hi) in RANGES.items():
-            _range(name, getattr(self, name), lo, hi)
-        if not is_whole(self.clip_skip) or not 1 <= self.clip_skip <= CLIP_SKIP_MAX:
-            raise RequestError("clip_skip", f"{self.clip_skip} is not allowed; use a whole number 1..{CLIP_SKIP_MAX} (1 = last layer)")
+        self.check_values()
         self._validate_adm(xl)
-        self._validate_freeu()
         for name, why in _NEEDS_CFG.items():
             if getattr(self, name) > 0 and cfg <= 1.0:
                 raise RequestError(name, f"needs cfg > 1 ({why}); raise cfg or set {name} to 0")
         for a, b, why in _EXCLUSIVE:
             if getattr(self, a) > 0 and getattr(self, b) > 0:
                 raise RequestError(a, f"cannot be combined with {b} ({why}); set one of them to 0")
+
+    def check_values(self) -> None:
+        """The checks that hold for any model and settings: each control's range. RequestError otherwise."""
+        for name, (lo, hi) in RANGES.items():
+            _range(name, getattr(self, name), lo, hi)
+        if not is_whole(self.clip_skip) or not 1 <= self.clip_skip <= CLIP_SKIP_MAX:
+            raise RequestError("clip_skip", f"{self.clip_skip} is not allowed; use a whole number 1..{CLIP_SKIP_MAX} "
+                                            "(1 = last layer)")
+        self._validate_freeu()
 
     def _validate_adm(self, xl: bool) -> None:
         if self.adm_scale is None:

@@ -79,9 +79,10 @@ def load_preset(name: str) -> dict:
     try:
         request = GenerateRequest.from_dict(dict(data))
         # The checks that need no model family (names, ranges); stand-ins for what the family fills.
-        # Guidance rules depend on the family (SDXL-only controls): those are checked when queueing.
+        # Guidance rules depend on the family (SDXL-only controls) and the cfg: those are checked when queueing.
         stand_ins = {k: 8 for k in ("steps", "width", "height") if getattr(request, k) is None}
         replace(request, guidance=GuidanceSettings(), **stand_ins).resolved("")
+        request.guidance.check_values()
         library = load_styles()
         for style in request.styles:
             library.get(style)
