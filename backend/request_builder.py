@@ -116,23 +116,39 @@ def source_settings(path: str | Path) -> tuple[dict, list[str]]:
 
 def layered(explicit: dict, preset: str | None = None, defaults: dict | None = None,
             source: dict | None = None) -> dict:
-    """Request fields: ``defaults`` (the config's when None) < ``source`` < ``preset`` < ``explicit``.
+    """Request fields: ``defaults`` < ``source`` < ``preset`` < ``explicit``. ``defaults`` None: the config's
+    (``default_model``, ``speed``, ``max_batch``, then its ``default_preset`` when no preset is named).
 
     ``source`` (the settings of a job's input image, {} when it has none) also means the size comes
     from that image: a preset's size is left out.
     """
-    if defaults is None:
+    base = defaults
+    if base is None:
         cfg = config.load()
-        defaults = {k: v for k, v in (("model", cfg.default_model), ("speed", cfg.speed), ("max_batch", cfg.max_batch))
-                    if v}
-    base = {**defaults, **(source or {})}
-    chosen = apply_preset(preset, explicit) if preset else dict(explicit)
-    if preset and source is not None:
-        for name in ("width", "height"):
-            if name not in explicit:
-                chosen.pop(name, None)
-    merged = {**base, **chosen}
-    guidance = {**(base.get("guidance") or {}), **(chosen.get("guidance") or {})}  # control by control
+        base = {k: v for k, v in (("model", cfg.default_model), ("speed", cfg.speed), ("max_batch", cfg.max_batch))
+                if v}
+        if cfg.default_preset and not preset:
+            base = _over(base, _preset_layer(cfg.default_preset, explicit, source))
+    base = _over(base, source or {})
+    if preset:
+        base = _over(base, _preset_layer(preset, explicit, source))
+    return _over(base, explicit)
+
+
+def _preset_layer(name: str, explicit: dict, source: dict | None) -> dict:
+    """Preset ``name``'s fields for a job: without its size when ``explicit`` names another model or the
+    job is on an input image (``source`` not None)."""
+    values = apply_preset(name, {"model": explicit["model"]} if "model" in explicit else {})
+    if source is not None:
+        values.pop("width", None)
+        values.pop("height", None)
+    return values
+
+
+def _over(low: dict, high: dict) -> dict:
+    """``high``'s fields over ``low``'s; ``guidance`` control by control."""
+    merged = {**low, **high}
+    guidance = {**(low.get("guidance") or {}), **(high.get("guidance") or {})}
     if guidance:
         merged["guidance"] = guidance
     return merged

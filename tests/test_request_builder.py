@@ -102,3 +102,36 @@ def test_source_image_layer_sits_between_config_defaults_and_a_preset(tmp_path):
     assert with_preset.model == "cagliostrolab/animagine-xl-3.1" and with_preset.width is None  # not the preset's size
     assert request_builder.source_settings(tmp_path / "none.png") == ({}, [])
     assert metadata.read(path)["request"]["seed"] == 9
+
+
+def test_the_configs_default_preset_applies_unless_a_preset_is_named(_cli, tmp_path):
+    """As in the TUI's form: the config's default preset beats its default model; a named preset replaces
+    it; a job on an image keeps the image's own settings over it; a name that is no preset is said once."""
+    from PIL import Image
+
+    from backend import config
+    from backend.jobkinds.img2img import Img2ImgRequest
+    from backend.outputs import save_image
+    from backend.request import GenerateRequest
+
+    _config("default_model: demo-xl\ndefault_preset: anime\n")
+    request = _cli("a fox")
+    assert (request.model, request.width, request.steps, request.preset) == ("cagliostrolab/animagine-xl-3.1", 832, 28,
+                                                                             "anime")
+    assert request.guidance.clip_skip == 2 and request.styles == ["Anime", "Clean Negative"]
+    mine = _cli("a fox", "--model", "demo")  # the preset's size goes with its model
+    assert (mine.model, mine.width, mine.steps) == ("demo", None, 28)
+    fast = _cli("a fox", "--preset", "fast")
+    assert (fast.preset, fast.steps, fast.styles, fast.guidance.clip_skip) == ("fast", 6, [], 1)  # nothing of anime
+
+    made = GenerateRequest(prompt="a red fox", model="demo", steps=12, seed=9).resolved("demo").to_dict()
+    path = save_image(Image.new("RGB", (128, 128)), {"kind": "generate", "family": "demo", "request": made,
+                                                    "prompt": {}}, tmp_path)
+    source, _ = request_builder.source_settings(path)
+    on_image = request_builder.build({"image": str(path)}, kind=Img2ImgRequest, source=source)
+    assert (on_image.model, on_image.steps, on_image.width, on_image.styles) == ("demo", 12, None, [])  # its own
+
+    _config("default_model: demo-xl\ndefault_preset: '[red]nope'\n")
+    assert config.load().warnings == ["config: default_preset: unknown '[red]nope'; allowed: anime, default, fast, "
+                                      "realistic, sd15; no preset is applied"]
+    assert (_cli("a fox").model, _cli("a fox").preset) == ("demo-xl", None)

@@ -37,6 +37,11 @@ def _files() -> dict[str, DataFile]:
     return {f.stem: f for f in data_files("presets", "presets", (".yaml", ".yml"))}
 
 
+def preset_names() -> list[str]:
+    """The names of every preset, shipped and the user's, sorted."""
+    return sorted(_files())
+
+
 def list_presets() -> list[PresetInfo]:
     """All presets by name; a file that does not parse is listed with the error as its description."""
     out = []
