@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from backend import infotext, jobkinds, user_files
@@ -104,6 +104,8 @@ def _text_chunks(path: str | Path) -> dict[str, str]:
     try:
         with fh, open_quietly(fh) as img:
             return dict(getattr(img, "text", {}))
+    except UnidentifiedImageError:  # its text names PIL's file object, not the path
+        raise DreamttyError(f"image: {path} is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DreamttyError(f"image: cannot read {path}: {exc}") from None
 

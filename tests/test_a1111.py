@@ -352,6 +352,10 @@ def test_unreadable_images_and_deep_metadata_are_one_line_errors(tmp_path):
             metadata.image_request(tmp_path / name)
     r = run("reproduce", str(tmp_path / "deep.png"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "corrupt dreamtty metadata" in r.stderr
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(DreamttyError) as err:  # not PIL's "cannot identify image file <_io.BufferedReader ...>"
+        metadata.image_request(tmp_path / "notes.png")
+    assert str(err.value) == f"image: {tmp_path / 'notes.png'} is not an image PIL can read (PNG, JPEG, WebP, ...)"
 
 
 @pytest.mark.parametrize("args,message", [
