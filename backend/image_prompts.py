@@ -83,8 +83,12 @@ def parse(text: str) -> ImagePrompt:
             numbers = [_number(p, text) for p in parts[at + 1:]]
             return ImagePrompt(":".join(parts[:at]), parts[at].strip().lower(), *numbers)
     tail = parts[-1].strip()
-    if len(parts) > 1 and _WORD.fullmatch(tail) and not Path(os.path.expanduser(text)).exists():
+    exists = Path(os.path.expanduser(text.strip())).exists()
+    if len(parts) > 1 and _WORD.fullmatch(tail) and not exists:
         raise RequestError(FIELD, f"{text!r}: unknown type {tail!r}; allowed: {', '.join(TYPES)}")
+    if "" in (p.strip() for p in parts[-3:-1]) and not exists:  # IMAGE::WEIGHT: the type left out
+        raise RequestError(FIELD, f"{text!r}: the type is empty; give one of {', '.join(TYPES)} "
+                                  "(IMAGE[:TYPE[:WEIGHT[:STOP]]])")
     return ImagePrompt(text.strip())
 
 

@@ -165,6 +165,8 @@ def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
         ([f"{reference}:image:2.0000001"], "image_prompt: 1 (image): weight 2.0000001 is out of range"),  # not "2"
         ([{"path": str(reference), "hash": 123}], "hash must be text"),
         ([f"{reference}:face:lots"], "'lots' is not a number (IMAGE[:TYPE[:WEIGHT[:STOP]]])"),
+        ([f"{reference}::0.5"], "image_prompt: '" + f"{reference}::0.5': the type is empty; give one of image, "
+                                "face, canny, depth, structure (IMAGE[:TYPE[:WEIGHT[:STOP]]])"),  # not "is missing"
         ([f"{tmp_path}/gone.png:face"], f"image_prompt: {tmp_path}/gone.png is missing"),
         ([str(tmp_path / "notes.png")], "is not an image PIL can read"),
         ([str(tmp_path)], "is a folder; give an image file"),
