@@ -374,7 +374,7 @@ async def test_a_submit_interrupted_before_its_answer_is_cancelled_on_close(serv
     """Ctrl-C after the service queued the job but before its id came back: closing with cancel_jobs still
     finds the job (by the client_ref the submit sent) and cancels it; another client's job goes on."""
     other = client(service)
-    kept = await other.submit(_request(steps=300), service.out)
+    kept = await other.submit(_request(steps=500, width=256, height=256), service.out)  # cancelled at the end
     lost = client(service)
     answered = RemoteClient._request
 

@@ -58,7 +58,7 @@ async def test_train_waits_for_the_running_job_and_says_so(service, tmp_path):
     follower = client(service)
     events = follower.subscribe()
     try:
-        job = await follower.submit(_request(steps=400), service.out)
+        job = await follower.submit(_request(steps=500, width=256, height=256), service.out)  # cancelled below
         while not isinstance(event := await asyncio.wait_for(events.get(), 120), Step) or event.job != job:
             pass
         train = await asyncio.create_subprocess_exec(

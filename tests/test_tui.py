@@ -29,6 +29,7 @@ from backend.pool import ProcessPool, Slot
 from backend.service import Service
 import tui.app
 import tui.screens.generate
+import tui.screens.queue
 from tui.app import ConfirmQuit, DreamttyApp, use_color_system
 from tui.screens import generate_form
 from tui.screens.generate import GenerateScreen
@@ -485,6 +486,8 @@ async def test_key_gated_driver_and_preview_waiting_for_a_pending_key(idle_servi
     assert 0 < gate.remaining() <= latency.KEY_PRIORITY
 
     monkeypatch.setattr(latency, "KEY_PRIORITY", 1.0)  # a key that takes long to paint
+    now = [1000.0]  # the gate's clock, moved by hand: a slow machine does not open it early
+    monkeypatch.setattr(latency, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=time.sleep))
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:
         preview = app.screen.query_one(ImagePreview)
@@ -492,6 +495,7 @@ async def test_key_gated_driver_and_preview_waiting_for_a_pending_key(idle_servi
         preview.show(Image.new("RGB", (64, 64), (200, 30, 30)))
         await pilot.pause(0.5)
         assert preview.frames == 0  # the frame waits while the key is painted
+        now[0] += 1.0
         await wait_for(pilot, lambda: preview.frames == 1, what="the frame after the key")
         middle = preview.render_line(preview.size.height // 2)
         assert any(seg.text == "▄" and seg.style.color.triplet == (200, 30, 30) for seg in middle)
@@ -531,8 +535,9 @@ async def test_form_follows_a_new_default_model_unless_another_was_typed(idle_se
 
         model.value = "my-own-model"  # typed by the user: a new default leaves it alone
         app.screen.query_one(ModelsPane).post_message(ModelsPane.DefaultChanged("demo"))
-        await pilot.pause(0.2)
-        assert model.value == "my-own-model" and app.default_model == "demo"
+        await wait_for(pilot, lambda: app.default_model == "demo", what="the new default")
+        await settle(pilot)
+        assert model.value == "my-own-model"
 
 
 class FakeClock:
@@ -691,7 +696,9 @@ def test_the_mode_bar_names_one_running_job_and_counts_the_rest(idle_service, tm
     assert app.activity() == "job #10: step 4/20 · 2.0 it/s · ETA 8s (+7 running) · 2 queued"
 
 
-async def test_the_queue_screen_reads_its_tables_once_for_a_burst_and_not_while_hidden(idle_service, tmp_path):
+async def test_the_queue_screen_reads_its_tables_once_for_a_burst_and_not_while_hidden(idle_service, tmp_path,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(tui.screens.queue, "REFRESH_DELAY", 1.0)  # the burst fits in it on a loaded machine too
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:
         await pilot.press("f2")
@@ -700,7 +707,8 @@ async def test_the_queue_screen_reads_its_tables_once_for_a_burst_and_not_while_
         screen.refresh_jobs = lambda: reads.append("jobs")
         for job in range(1, 101):  # a hundred jobs cancelled at once
             app.job_events.publish(Cancelled(job=job))
-        await pilot.pause(0.4)
+        await wait_for(pilot, lambda: reads, what="the read")
+        await pilot.pause(0.3)
         assert reads == ["jobs"]
         await pilot.press("f1")
         await settle(pilot)

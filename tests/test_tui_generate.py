@@ -43,7 +43,7 @@ async def test_generate_preview_gallery_load_reproduce_cancel(tmp_path, demo_dir
         await pilot.press(*"a red fox")
         form.query_one("#negative_prompt", TextArea).text = "blurry"
         form.query_one("#sampler", Select).value = "euler"
-        form.query_one("#steps", Input).value = "60"  # long enough for previews after the key-press hold-back
+        form.query_one("#steps", Input).value = "150"  # long enough for previews after the key-press hold-back
         form.query_one("#cfg", Input).value = "5"
         form.query_one("#seed-random", Checkbox).value = False
         await pilot.pause()
@@ -56,7 +56,7 @@ async def test_generate_preview_gallery_load_reproduce_cancel(tmp_path, demo_dir
         [png] = pngs(out)
         saved = metadata.read(png)["request"]
         assert (saved["prompt"], saved["negative_prompt"], saved["sampler"]) == ("a red fox", "blurry", "euler")
-        assert (saved["steps"], saved["cfg"], saved["seed"], saved["model"]) == (60, 5.0, 1234, "demo")
+        assert (saved["steps"], saved["cfg"], saved["seed"], saved["model"]) == (150, 5.0, 1234, "demo")
         # Live previews arrived and were drawn in half-block cells, then the final image replaced them.
         kinds = [events.get_nowait().type for _ in range(events.qsize())]
         assert "preview" in kinds and kinds.index("preview") < kinds.index("image")
@@ -82,7 +82,7 @@ async def test_generate_preview_gallery_load_reproduce_cancel(tmp_path, demo_dir
         await pilot.press("l")
         await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), what="the generate screen")
         assert form.query_one("#prompt", TextArea).text == "a red fox"
-        assert form.query_one("#steps", Input).value == "60"
+        assert form.query_one("#steps", Input).value == "150"
         assert not form.query_one("#seed-random", Checkbox).value and form.query_one("#seed", Input).value == "1234"
         assert form.read_request().sampler == "euler"
 
