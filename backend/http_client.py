@@ -15,7 +15,7 @@ from collections import deque
 from urllib.parse import urlencode
 
 import h11
-from wsproto import ConnectionType, WSConnection
+from wsproto import ConnectionState, ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, Request, TextMessage
 from wsproto.utilities import RemoteProtocolError
 
@@ -157,7 +157,7 @@ class WebSocket:
                     if event.message_finished:
                         text, self._parts = "".join(self._parts), []
                         return text
-                elif isinstance(event, Ping):
+                elif isinstance(event, Ping) and self._protocol.state is ConnectionState.OPEN:  # not once it closes
                     self._writer.write(self._protocol.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     self.close_reason = event.reason or None

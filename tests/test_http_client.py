@@ -100,6 +100,28 @@ async def test_no_server_is_unreachable_and_a_server_gone_mid_answer_is_a_reset(
         server.close()
 
 
+async def test_a_ping_read_together_with_the_close_is_not_answered():
+    """A heartbeat ping and the server's close in one read: by the time the ping is handled the stream is
+    closing, and a pong then is a protocol error (it failed the test below on a loaded machine)."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, Ping, Request
+
+    from backend.http_client import WebSocket
+
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="localhost", target="/v1/events")))
+    list(server.events())  # the handshake request
+    client.receive_data(server.send(AcceptConnection()))
+    list(client.events())
+    client.receive_data(server.send(Ping()) + server.send(CloseConnection(code=1013, reason="fell behind")))
+    written = []
+    writer = type("Writer", (), {"write": lambda self, data: written.append(data), "close": lambda self: None})()
+    ws = WebSocket(asyncio.StreamReader(), writer, client, list(client.events()))
+    assert await ws.receive(idle=1) is None and ws.close_reason == "fell behind"
+    server.receive_data(b"".join(written))
+    assert [type(event).__name__ for event in server.events()] == ["CloseConnection"]  # the close answered, no pong
+
+
 async def test_the_websocket_answers_the_servers_pings_and_reads_every_message(socket_path):
     """aiohttp's server closes a WebSocket whose pings go unanswered for half its heartbeat."""
 
