@@ -262,7 +262,6 @@ def load(path: str | Path | None = None) -> Config:
     file = Path(os.path.expanduser(path)) if path is not None else config_path()
     _apply(cfg, _read_yaml(file, cfg))
     _apply_env(cfg)
-    _check_default_preset(cfg)
     for kind, folders in cfg.paths.items():  # a folder that cannot be searched: said, not passed over in silence
         defaults = default_folders(kind)  # need not exist
         for folder in list(folders):
@@ -274,19 +273,6 @@ def load(path: str | Path | None = None) -> Config:
                 cfg.warnings.append(f"config: paths.{kind}: {folder} {problem}; ignored")
                 folders.remove(folder)
     return cfg
-
-
-def _check_default_preset(cfg: Config) -> None:
-    """A ``default_preset`` that names no preset is said, and none is applied."""
-    if not cfg.default_preset:
-        return
-    from backend.prompting.presets import preset_names  # which reads presets from the config dir, not the config
-
-    names = preset_names()
-    if cfg.default_preset not in names:
-        cfg.warnings.append(f"config: default_preset: unknown {cfg.default_preset!r}; allowed: {', '.join(names)}; "
-                            "no preset is applied")
-        cfg.default_preset = None
 
 
 def _folder_problem(folder: Path) -> str | None:

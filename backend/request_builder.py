@@ -15,7 +15,7 @@ from pathlib import Path
 from backend import config, metadata
 from backend.errors import DreamttyError, RequestError
 from backend.guidance_settings import GuidanceSettings
-from backend.prompting.presets import apply_preset
+from backend.prompting.presets import apply_preset, preset_names
 from backend.request import GenerateRequest, parse_size
 
 
@@ -127,12 +127,21 @@ def layered(explicit: dict, preset: str | None = None, defaults: dict | None = N
         cfg = config.load()
         base = {k: v for k, v in (("model", cfg.default_model), ("speed", cfg.speed), ("max_batch", cfg.max_batch))
                 if v}
-        if cfg.default_preset and not preset:
-            base = _over(base, _preset_layer(cfg.default_preset, explicit, source))
+        default_preset, _ = config_preset(cfg)
+        if default_preset and not preset:
+            base = _over(base, _preset_layer(default_preset, explicit, source))
     base = _over(base, source or {})
     if preset:
         base = _over(base, _preset_layer(preset, explicit, source))
     return _over(base, explicit)
+
+
+def config_preset(cfg: config.Config) -> tuple[str | None, str | None]:
+    """The config's ``default_preset`` when it names a preset (else None), and the warning when it names none."""
+    name = cfg.default_preset
+    if not name or name in (names := preset_names()):
+        return name or None, None
+    return None, f"config: default_preset: unknown {name!r}; allowed: {', '.join(names)}; no preset is applied"
 
 
 def _preset_layer(name: str, explicit: dict, source: dict | None) -> dict:

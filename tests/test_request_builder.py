@@ -104,12 +104,11 @@ def test_source_image_layer_sits_between_config_defaults_and_a_preset(tmp_path):
     assert metadata.read(path)["request"]["seed"] == 9
 
 
-def test_the_configs_default_preset_applies_unless_a_preset_is_named(_cli, tmp_path):
+def test_the_configs_default_preset_applies_unless_a_preset_is_named(_cli, tmp_path, capsys):
     """As in the TUI's form: the config's default preset beats its default model; a named preset replaces
     it; a job on an image keeps the image's own settings over it; a name that is no preset is said once."""
     from PIL import Image
 
-    from backend import config
     from backend.jobkinds.img2img import Img2ImgRequest
     from backend.outputs import save_image
     from backend.request import GenerateRequest
@@ -132,6 +131,7 @@ def test_the_configs_default_preset_applies_unless_a_preset_is_named(_cli, tmp_p
     assert (on_image.model, on_image.steps, on_image.width, on_image.styles) == ("demo", 12, None, [])  # its own
 
     _config("default_model: demo-xl\ndefault_preset: '[red]nope'\n")
-    assert config.load().warnings == ["config: default_preset: unknown '[red]nope'; allowed: anime, default, fast, "
-                                      "realistic, sd15; no preset is applied"]
+    capsys.readouterr()
     assert (_cli("a fox").model, _cli("a fox").preset) == ("demo-xl", None)
+    assert capsys.readouterr().err.splitlines() == ["dreamtty: config: default_preset: unknown '[red]nope'; allowed: "
+                                                    "anime, default, fast, realistic, sd15; no preset is applied"] * 2

@@ -160,7 +160,13 @@ def apply_global_options(args: argparse.Namespace) -> None:
         os.environ["DREAMTTY_ALLOW_PICKLE"] = "1"
     if args.command is None:
         return  # the TUI shows config warnings itself
-    for warning in config.load().warnings:
+    cfg = config.load()
+    warnings = list(cfg.warnings)
+    if cfg.default_preset:  # said where the config's warnings are; the TUI's form says it as it loads the preset
+        from backend.request_builder import config_preset
+
+        warnings += [problem] if (problem := config_preset(cfg)[1]) else []
+    for warning in warnings:
         print(f"dreamtty: {one_line(warning)}", file=sys.stderr)
 
 
