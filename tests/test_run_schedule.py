@@ -363,7 +363,8 @@ def test_bad_run_settings_make_nothing(tmp_path, photos, demo_dirs, monkeypatch)
     service = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
     monkeypatch.setattr(devices_module, "visible_gpus", lambda: 2)
     for devices, launcher, field in (("gpu", None, "device"), ("cuda:2", None, "device"),
-                                     ("auto", "accelerate 'launch", "launcher")):
+                                     ("auto", "accelerate 'launch", "launcher"), ("auto", "\x00", "launcher"),
+                                     ("auto", "accelerate\ud800", "launcher")):  # Popen's and SQLite's errors
         with pytest.raises(Exception, match=f"^{field}: "):
             service.prepare_run(train_request(photos, tmp_path / "bad"), devices, launcher)
     assert not (tmp_path / "bad").exists() and service.training.listing() == []

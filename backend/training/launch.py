@@ -20,6 +20,7 @@ from pathlib import Path
 
 from backend.errors import RequestError
 from backend.events import TrainLog
+from backend.safetext import CONTROL
 from backend.models import resolve_model
 from backend.training import runs
 from backend.training.config import TrainRequest
@@ -198,12 +199,23 @@ def _make_run_dir(req: TrainRequest, family: str, run_dir: Path | None, runs_roo
 def trainer_command(run_dir: Path, launcher: str | None = None) -> list[str]:
     """``python -m backend.training.trainer_process RUN_DIR``, or the same through e.g. ``accelerate launch``."""
     if launcher:
+        if CONTROL.search(launcher) or not _utf8(launcher):  # NUL: Popen's ValueError; surrogates: SQLite's
+            raise RequestError("launcher", f"{launcher[:200]!r} holds a control character or a lone surrogate; "
+                                           "give a command line such as 'accelerate launch --num_processes 2'")
         try:
             words = shlex.split(launcher)
         except ValueError as exc:  # e.g. an unbalanced quote
             raise RequestError("launcher", f"{launcher!r}: {exc}") from None
         return [*words, "-m", "backend.training.trainer_process", str(run_dir)]
     return [sys.executable, "-m", "backend.training.trainer_process", str(run_dir)]
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def start_trainer(run_dir: Path, launcher: str | None = None, log_to_file: bool = True,
@@ -225,7 +237,7 @@ def start_trainer(run_dir: Path, launcher: str | None = None, log_to_file: bool 
                 trainer_command(run_dir, launcher), stdin=subprocess.DEVNULL, stdout=log or subprocess.DEVNULL,
                 stderr=log or subprocess.DEVNULL, start_new_session=True, env=env, cwd=run_dir,
             )
-    except (OSError, RequestError) as exc:
+    except (OSError, RequestError) as exc:  # a run queued with a launcher refused now fails here, as it starts
         error = exc if isinstance(exc, RequestError) else RequestError("launcher", f"cannot start the trainer: {exc}")
         with contextlib.suppress(OSError):  # a folder that cannot be written: the error is still said
             runs.update_run_json(run_dir, state="failed", error=str(error), error_kind="input")
