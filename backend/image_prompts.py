@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from backend.errors import RequestError
 from backend.input_images import read_image
@@ -83,7 +82,7 @@ def parse(text: str) -> ImagePrompt:
             numbers = [_number(p, text) for p in parts[at + 1:]]
             return ImagePrompt(":".join(parts[:at]), parts[at].strip().lower(), *numbers)
     tail = parts[-1].strip()
-    exists = Path(os.path.expanduser(text.strip())).exists()
+    exists = os.path.exists(os.path.expanduser(text.strip()))  # False for a name too long, where Path raises
     if len(parts) > 1 and _WORD.fullmatch(tail) and not exists:
         raise RequestError(FIELD, f"{text!r}: unknown type {tail!r}; allowed: {', '.join(TYPES)}")
     if "" in (p.strip() for p in parts[-3:-1]) and not exists:  # IMAGE::WEIGHT: the type left out
