@@ -50,10 +50,10 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
     if resume == "latest":
         found = runs.list_checkpoints(run_dir)
         return found[-1][1] if found else None
-    path = Path(resume).expanduser()
-    if not path.is_absolute() and not path.exists():
+    path = Path(resume).expanduser()  # os.path's checks: False for a name too long, where Path's raise
+    if not path.is_absolute() and not os.path.exists(path):
         path = Path(run_dir) / runs.CHECKPOINTS / resume
-    if not (path.is_dir() and (path / runs.STATE_FILE).is_file()):
+    if not (os.path.isdir(path) and os.path.isfile(path / runs.STATE_FILE)):
         raise RequestError("resume", f"{resume} is not a checkpoint folder; use latest or {run_dir}/checkpoints/checkpoint-N")
     return path
 
