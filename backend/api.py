@@ -38,6 +38,7 @@ from backend.outputs import check_out_dir
 from backend.queue_store import ACTIVE, FINAL, MAX_ID, QueueUnavailable, check_limit
 from backend.run_schedule import STATES as RUN_STATES
 from backend.run_schedule import withdraw
+from backend.safetext import error_line, one_line
 from backend.service import Service
 from backend.service_files import bearer_ok
 from backend.training.config import TrainRequest
@@ -365,9 +366,10 @@ def _field_of(exc: DreamttyError) -> tuple[str, str, str]:
     if not isinstance(exc, RequestError):
         field, sep, message = str(exc).partition(": ")
         if not (sep and field and " " not in field):
-            return "request", str(exc), str(exc)
+            return "request", error_line(exc), error_line(exc)
         exc = RequestError(field, message)
-    return exc.json_key, exc.message, f"{exc.json_key}: {exc.message}"
+    field = one_line(exc.json_key)[:100]  # an unknown key echoed
+    return field, error_line(exc.message), error_line(f"{field}: {exc.message}")
 
 
 async def _read_object(request: web.Request, allowed: tuple[str, ...], example: str,

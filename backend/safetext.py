@@ -31,6 +31,15 @@ def one_line(text: object) -> str:
     return visible(text).replace("\n", "\\n")
 
 
+MAX_LINE = 2000  # characters of an error line: a value echoed in it may be a megabyte long
+
+
+def error_line(text: object) -> str:
+    """:func:`one_line`, cut to :data:`MAX_LINE` characters."""
+    line = one_line(text)
+    return line if len(line) <= MAX_LINE else line[:MAX_LINE] + "… (cut)"
+
+
 def summary(text: object, most: int) -> str:
     """``text`` on one line (each run of white space one space), cut to ``most`` characters with "…"."""
     shown = " ".join(str(text).split())

@@ -278,6 +278,12 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
             assert r.status == 405 and "POST" in r.headers["Allow"] and (await r.json())["error"]
         for body in (await post(b"[1]"))[1], (await post(b"{}"))[1]:
             assert "\n" not in body["error"] and "Traceback" not in body["error"]
+        # a value or key echoed in an error: written out visibly (a client may print it as it is), and cut
+        status, body = await post(json.dumps({"request": {"model": "a\nb\x1b[2J" + "m" * 100_000}}).encode())
+        assert status == 400 and body["field"] == "model" and body["error"].startswith("model: a\\nb\\x1b[2Jmmm")
+        assert len(body["error"]) < 2100 and body["error"].endswith("… (cut)") and len(body["message"]) < 2100
+        status, body = await post(json.dumps({"request": {"\n\x1b[31mevil": 1}}).encode())
+        assert status == 400 and body["field"] == "\\n\\x1b[31mevil" and "\x1b" not in body["error"]
         after = len((await (await http.get("http://dreamtty/v1/jobs")).json())["jobs"])
     assert after == before
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from backend.errors import DreamttyError, RequestError
-from backend.safetext import one_line
+from backend.safetext import error_line, one_line
 from backend.samplers import SAMPLERS, SCHEDULES
 from tui.cli_output import Parser, given, print_warnings
 
@@ -170,9 +170,6 @@ def apply_global_options(args: argparse.Namespace) -> None:
         print(f"dreamtty: {one_line(warning)}", file=sys.stderr)
 
 
-MAX_ERROR = 2000  # characters of an error line
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -188,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.default_int_handler)
         return int(args.func(args) or 0)
     except DreamttyError as exc:
-        text = one_line(exc)  # a value echoed in it may be a megabyte long
-        print(f"dreamtty: {text if len(text) <= MAX_ERROR else text[:MAX_ERROR] + '… (cut)'}", file=sys.stderr)
+        print(f"dreamtty: {error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dreamtty: interrupted", file=sys.stderr)
