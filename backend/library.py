@@ -632,8 +632,16 @@ def _qualify_names(entries: list[Entry]) -> None:
 
 
 def looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+    """Whether ``name`` is an ``owner/name`` id the Hugging Face Hub allows (its own check, no network)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.count("/") != 1 or name.startswith((".", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def hub_cache_folder(repo_id: str) -> Path | None:

@@ -223,6 +223,17 @@ def test_single_files_pulled_into_the_hf_cache_are_found(tmp_path, monkeypatch):
     assert resolve_model("sd_xl_base").family == "sdxl"
 
 
+def test_a_name_the_hub_would_refuse_is_no_hub_id(monkeypatch):
+    """``[/]`` was queued as a Hugging Face id and failed when the worker asked the hub; now refused at once."""
+    from backend.models import resolve_model
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert resolve_model("org/sdxl-1.0").kind == "hub"  # fetched when the job runs
+    for name in ("[/]", "not a/valid repo", "\x1b[2J/x", "a--b/c", "a/" + "b" * 97):
+        with pytest.raises(ModelError, match=r"^model: .* does not exist; use demo"):
+            resolve_model(name)
+
+
 def test_check_extras_refuses_early_without_torch(tmp_path):
     from backend.errors import RequestError
     from backend.extras_check import check_extras
