@@ -125,15 +125,15 @@ async def _status(as_json: bool) -> int:
 
 
 def format_status(status: dict) -> str:
-    """The ``serve --status`` text (paths and model names with control characters made visible)."""
+    """The ``serve --status`` text (paths and model names with control characters and newlines made visible)."""
     where = str(status.get("socket")) + (f", http://{status['listen']}" if status.get("listen") else "")
     idle = f"exits after {status['idle_exit']:g} min idle" if status.get("idle_exit") else "never exits when idle"
     lines = [f"service   pid {status['pid']}, up {_duration(status['uptime'])}, dreamtty {status['dreamtty']}, {idle}",
              f"listens   {where}",
              f"queue     {status['queued']} queued, {status['running']} running; {status['streams']} client(s) attached",
              *worker_lines(status), f"log       {status.get('log')}",
-             *(f"warning   {one_line(warning)}" for warning in status.get("warnings") or [])]
-    return visible("\n".join(lines))
+             *(f"warning   {warning}" for warning in status.get("warnings") or [])]
+    return "\n".join(one_line(line) for line in lines)  # a newline in a name cannot forge a line
 
 
 def worker_lines(status: dict) -> list[str]:
