@@ -163,6 +163,7 @@ class RayPool:
         self._on_event: OnEvent = lambda event: None
         self._on_died: OnDied = lambda slot, jobs, why, counts: None
         self._faults = StartFaults()  # actors that cannot start (tried again every RESTART_DELAY)
+        self._asking: tuple[threading.Thread, list] | None = None  # a ray.nodes() call and its answer
 
     def start(self, on_event: OnEvent, on_died: OnDied) -> None:
         """Join the cluster (a one-line DreamttyError when it cannot) and start the actors; each slot
@@ -204,11 +205,14 @@ class RayPool:
         """The cluster's nodes (host, GPUs, alive) and the workers: node, device, models, job."""
         import ray
 
+        found = self._nodes(ray)
+        head = [] if found is not None else [f"{self.field}: the Ray head at {self.address} does not answer; "
+                                             "its nodes are unknown"]
         nodes = [{"host": n["NodeManagerHostname"], "address": n["NodeManagerAddress"], "alive": n["Alive"],
-                  "gpus": int(n["Resources"].get("GPU", 0))} for n in ray.nodes()]
+                  "gpus": int(n["Resources"].get("GPU", 0))} for n in found or []]
         return {"cluster": self.address, "nodes": nodes,
                 "workers": [slot.status(self.alive(slot)) for slot in self.slots],
-                "warnings": self._faults.warnings()}
+                "warnings": [*head, *self._faults.warnings()]}
 
     async def close(self) -> None:
         import ray
@@ -222,6 +226,18 @@ class RayPool:
             ray.shutdown()
 
     # -- internals -------------------------------------------------------------------
+    def _nodes(self, ray) -> list[dict] | None:
+        """``ray.nodes()``, or None when it has not answered in HEAD_TIMEOUT: it blocks while the head is
+        down (a minute, until Ray gives up), so it runs on a thread of its own, one call at a time."""
+        if self._asking is None or not self._asking[0].is_alive():
+            answer: list = []
+            thread = threading.Thread(target=lambda: answer.append(ray.nodes()), name="ray-nodes", daemon=True)
+            self._asking = (thread, answer)
+            thread.start()
+        thread, answer = self._asking
+        thread.join(HEAD_TIMEOUT)
+        return answer[0] if answer else None
+
     def _count(self, ray) -> int:
         if not self.gpu:
             return sum(node["Alive"] for node in ray.nodes())
@@ -332,9 +348,11 @@ def _connect(ray, address: str, field: str) -> bool:
     """Join the cluster at ``address``; False when this process is in one already (tests, embedding)."""
     if ray.is_initialized():
         return False
-    match = ADDRESS.fullmatch(address)
+    target = os.environ.get("RAY_ADDRESS", "").strip() if address == "auto" else address
+    match = ADDRESS.fullmatch(target)
     if match:  # ray.init waits minutes for a head that is not there, or for something else that listens
-        _check_head(address, match["host"].strip("[]"), int(match["port"]), field)
+        _check_head(target, match["host"].strip("[]"), int(match["port"]), field)
+    _token_auth_when_a_token_exists()
     with tempfile.TemporaryFile() as said:
         try:
             with _stderr_into(said):  # Ray's core logs each failed try there, a line apiece
@@ -343,9 +361,21 @@ def _connect(ray, address: str, field: str) -> bool:
             said.seek(0)
             why = one_line(exc)
             if b"InvalidAuthToken" in said.read():
-                why = "it refused this machine's token (set RAY_AUTH_TOKEN, or ~/.ray/auth_token, as on the head)"
+                why = ("it refused this machine's token (set RAY_AUTH_TOKEN, or ~/.ray/auth_token, as on the head; "
+                       "RAY_AUTH_MODE=token if it is set otherwise)")
             raise DreamttyError(f"{field}: cannot join the Ray cluster at {address}: {why}") from None
     return True
+
+
+def _token_auth_when_a_token_exists() -> None:
+    """Token authentication on when this machine has a token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token) and RAY_AUTH_MODE is unset: Ray does so itself only for a cluster it finds, not for
+    an address given (``--cluster HEAD:6379``, RAY_ADDRESS), which a head with tokens then refuses."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 @contextmanager

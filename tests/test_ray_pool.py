@@ -134,6 +134,25 @@ class _FakeRay:
         self.killed += 1
 
 
+def test_the_status_answers_while_the_head_does_not(tmp_path, monkeypatch):
+    """ray.nodes() blocks while the head is down: ``serve --status`` (and every client) hung a minute."""
+    import ray
+
+    from backend import ray_pool
+
+    head_back = threading.Event()
+    monkeypatch.setattr(ray, "nodes", lambda: head_back.wait() and [])
+    monkeypatch.setattr(ray_pool, "HEAD_TIMEOUT", 0.2)
+    pool = ray_pool.RayPool("auto", tmp_path / "q.sqlite3", gpu=False)
+    for _ in range(2):  # the second call waits on the same call to the head, not a new one
+        status = pool.status()
+        assert status["nodes"] == [] and status["warnings"] == [
+            "cluster: the Ray head at auto does not answer; its nodes are unknown"]
+    assert [t.name for t in threading.enumerate()].count("ray-nodes") == 1
+    head_back.set()
+    assert pool.status() == {"cluster": "auto", "nodes": [], "workers": [], "warnings": []}
+
+
 async def test_an_actor_that_runs_other_code_takes_no_job_and_is_said_once(tmp_path, monkeypatch):
     """Nodes must run the service's code (the events and job payloads they pass are read alike): an actor of
     another build is stopped and tried again later, and why is said once, and in the status, until one runs."""
@@ -206,6 +225,13 @@ def test_an_address_that_is_no_ray_head_is_refused_at_once():
 
 
 # -- a local Ray runtime, two CPU actors -------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _ray_auth_mode_kept(monkeypatch):
+    """``_connect`` may set RAY_AUTH_MODE for its process (a token on this machine): undone after each test."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "")
+    monkeypatch.delenv("RAY_AUTH_MODE")
+
+
 @pytest.fixture(scope="module")
 def ray_runtime(demo_dirs):
     """Ray on this machine with 2 CPUs; its workers inherit this process's environment (DREAMTTY_HOME)."""
@@ -375,9 +401,42 @@ def test_the_head_check_passes_a_real_ray_head(ray_runtime):
     _check_head(f"{host}:{port}", host, int(port), "cluster")
 
 
+def test_a_token_on_this_machine_turns_token_auth_on_and_auto_checks_ray_address(monkeypatch, tmp_path):
+    """Ray enables token auth by itself only for a cluster it finds: with an address, a head using tokens
+    refused the service. ``auto`` with RAY_ADDRESS naming no head waited silently, without end."""
+    from backend import ray_pool
+
+    seen = []
+
+    class Joining:
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **options) -> None:
+            seen.append(os.environ.get("RAY_AUTH_MODE"))
+
+    check_head = ray_pool._check_head
+    monkeypatch.setattr(ray_pool, "_check_head", lambda *args: None)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    assert ray_pool._connect(Joining(), "h:6379", "cluster") and seen == [None]  # no token: as Ray leaves it
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("secret")
+    ray_pool._connect(Joining(), "h:6379", "cluster")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # said explicitly: kept
+    ray_pool._connect(Joining(), "h:6379", "cluster")
+    assert seen == [None, "token", "disabled"]
+
+    monkeypatch.setattr(ray_pool, "_check_head", check_head)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(DreamttyError, match=r"^cluster: cannot reach the Ray head at 127.0.0.1:1: "):
+        ray_pool._connect(Joining(), "auto", "cluster")
+
+
 @pytest.mark.parametrize("log, why", [
     (b"[W gcs_client.cc:210] Failed to get cluster ID: Unauthenticated: InvalidAuthToken: token is incorrect\n",
-     r"it refused this machine.s token \(set RAY_AUTH_TOKEN"),
+     r"it refused this machine.s token \(set RAY_AUTH_TOKEN, .*RAY_AUTH_MODE=token if it is set otherwise\)"),
     (b"[W rpc_client.h:153] Failed to connect to GCS\n", "Failed to connect to Ray cluster at 192.0.2.2:6379$"),
 ])
 def test_a_failed_join_is_one_line_without_rays_own_log(monkeypatch, capfd, log, why):
