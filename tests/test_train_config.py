@@ -51,6 +51,8 @@ def _request(photos, **extra) -> TrainRequest:
     ({"prior_preservation": True}, "class_prompt", "required for prior preservation"),
     ({"class_prompt": "a dog", "num_class_images": 0}, "num_class_images", "at least 1"),
     ({"instance_prompt": "  "}, "instance_prompt", "required"),
+    ({"instance_prompt": "x" * 10_001}, "instance_prompt", "is 10,001 characters; allowed up to 10,000"),
+    ({"validation_prompt": "x" * 100_000}, "validation_prompt", "is 100,000 characters; allowed up to 10,000"),
     ({"report_to": "wandb"}, "report_to", "allowed: none, tensorboard"),
     ({"seed": -5}, "seed", "out of range"),
     ({"lr_scheduler": "onecycle"}, "lr_scheduler", "allowed: constant, constant_with_warmup, linear, cosine"),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from backend.errors import RequestError
 from backend.families import FAMILIES
+from backend.request import check_prompt_length
 from backend.values import check_text, to_bool, to_float, to_int
 
 METHODS = ("full", "lora")
@@ -91,6 +92,8 @@ class TrainRequest:
         for name in ("model", "instance_dir", "instance_prompt"):
             if not (getattr(self, name) or "").strip():
                 raise RequestError(name, "is required")
+        for name in PROMPTS:  # as a generation's prompts
+            check_prompt_length(name, getattr(self, name) or "")
         if self.lr_warmup_steps and self.lr_warmup_steps >= self.max_steps:
             raise RequestError("lr_warmup_steps", f"{self.lr_warmup_steps} must be below max_steps ({self.max_steps})")
         if self.prior and not (self.class_prompt or "").strip():
