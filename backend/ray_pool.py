@@ -43,6 +43,7 @@ RESTART_DELAY = 5.0  # seconds before trying again to start an actor that could 
 INSTALL = "pip install 'dreamtty[cluster]'"
 _ALLOWED = "auto, ray://HEAD:10001 or HEAD:6379 (local: no cluster)"
 HEAD_TIMEOUT = 5.0  # seconds to connect to a head, and for it to answer
+NODES_WAIT = 1.0  # seconds the status waits for the cluster's nodes (a call still waiting is not waited for)
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 
 
@@ -205,14 +206,12 @@ class RayPool:
         """The cluster's nodes (host, GPUs, alive) and the workers: node, device, models, job."""
         import ray
 
-        found = self._nodes(ray)
-        head = [] if found is not None else [f"{self.field}: the Ray head at {self.address} does not answer; "
-                                             "its nodes are unknown"]
+        found, problem = self._nodes(ray)
         nodes = [{"host": n["NodeManagerHostname"], "address": n["NodeManagerAddress"], "alive": n["Alive"],
-                  "gpus": int(n["Resources"].get("GPU", 0))} for n in found or []]
+                  "gpus": int(n["Resources"].get("GPU", 0))} for n in found]
         return {"cluster": self.address, "nodes": nodes,
                 "workers": [slot.status(self.alive(slot)) for slot in self.slots],
-                "warnings": [*head, *self._faults.warnings()]}
+                "warnings": [*([problem] if problem else []), *self._faults.warnings()]}
 
     async def close(self) -> None:
         import ray
@@ -226,17 +225,29 @@ class RayPool:
             ray.shutdown()
 
     # -- internals -------------------------------------------------------------------
-    def _nodes(self, ray) -> list[dict] | None:
-        """``ray.nodes()``, or None when it has not answered in HEAD_TIMEOUT: it blocks while the head is
-        down (a minute, until Ray gives up), so it runs on a thread of its own, one call at a time."""
+    def _nodes(self, ray) -> tuple[list[dict], str | None]:
+        """``ray.nodes()``, or none and why not. It blocks while the head is down (a minute, until Ray gives up),
+        so it runs on a thread of its own, one call at a time, waited for NODES_WAIT at most: the status
+        is answered on the service's event loop."""
         if self._asking is None or not self._asking[0].is_alive():
             answer: list = []
-            thread = threading.Thread(target=lambda: answer.append(ray.nodes()), name="ray-nodes", daemon=True)
+
+            def ask() -> None:
+                try:
+                    answer.append(ray.nodes())
+                except Exception as exc:  # noqa: BLE001 - said in the status, in one line
+                    answer.append(exc)
+
+            thread = threading.Thread(target=ask, name="ray-nodes", daemon=True)
             self._asking = (thread, answer)
             thread.start()
-        thread, answer = self._asking
-        thread.join(HEAD_TIMEOUT)
-        return answer[0] if answer else None
+            thread.join(NODES_WAIT)
+        answer = self._asking[1]
+        if not answer:
+            return [], f"{self.field}: the Ray head at {self.address} does not answer; its nodes are unknown"
+        if isinstance(answer[0], Exception):
+            return [], f"{self.field}: cannot list the nodes of {self.address}: {one_line(answer[0])}"
+        return answer[0], None
 
     def _count(self, ray) -> int:
         if not self.gpu:
@@ -352,7 +363,6 @@ def _connect(ray, address: str, field: str) -> bool:
     match = ADDRESS.fullmatch(target)
     if match:  # ray.init waits minutes for a head that is not there, or for something else that listens
         _check_head(target, match["host"].strip("[]"), int(match["port"]), field)
-    _token_auth_when_a_token_exists()
     with tempfile.TemporaryFile() as said:
         try:
             with _stderr_into(said):  # Ray's core logs each failed try there, a line apiece
@@ -361,21 +371,10 @@ def _connect(ray, address: str, field: str) -> bool:
             said.seek(0)
             why = one_line(exc)
             if b"InvalidAuthToken" in said.read():
-                why = ("it refused this machine's token (set RAY_AUTH_TOKEN, or ~/.ray/auth_token, as on the head; "
-                       "RAY_AUTH_MODE=token if it is set otherwise)")
+                why = ("it refused this machine's token (give it the head's token in RAY_AUTH_TOKEN or "
+                       "~/.ray/auth_token, and set RAY_AUTH_MODE=token: Ray sets it itself only for a cluster it finds)")
             raise DreamttyError(f"{field}: cannot join the Ray cluster at {address}: {why}") from None
     return True
-
-
-def _token_auth_when_a_token_exists() -> None:
-    """Token authentication on when this machine has a token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-    ~/.ray/auth_token) and RAY_AUTH_MODE is unset: Ray does so itself only for a cluster it finds, not for
-    an address given (``--cluster HEAD:6379``, RAY_ADDRESS), which a head with tokens then refuses."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
-        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 @contextmanager
