@@ -1,9 +1,10 @@
 """One way from what a front end holds to a request, for the CLI, the TUI form and the API.
 
 Precedence, everywhere: the request type's defaults < the config's defaults (``default_model``,
-``speed``, ``max_batch``) < the source image's settings (a job on an input image: :func:`source_settings`) < a
-preset < explicit values (flags, form fields, JSON fields). A preset named for a job on an input
-image sets everything but the size, which comes from the image. Text as typed (a size ``WxH``, LoRAs
+``speed``, ``max_batch``, then ``default_preset`` when no preset is named) < the source image's
+settings (a job on an input image: :func:`source_settings`) < a preset < explicit values (flags, form
+fields, JSON fields). A preset for a job on an input image sets everything but the size, which comes
+from the image. Text as typed (a size ``WxH``, LoRAs
 ``name:weight, ...``, guidance values) is parsed here, with one-line errors naming the field.
 """
 
@@ -125,15 +126,22 @@ def layered(explicit: dict, preset: str | None = None, defaults: dict | None = N
     base = defaults
     if base is None:
         cfg = config.load()
-        base = {k: v for k, v in (("model", cfg.default_model), ("speed", cfg.speed), ("max_batch", cfg.max_batch))
-                if v}
+        base = config_defaults(cfg)
         default_preset, _ = config_preset(cfg)
         if default_preset and not preset:
-            base = _over(base, _preset_layer(default_preset, explicit, source))
+            try:
+                base = _over(base, _preset_layer(default_preset, explicit, source))
+            except RequestError as exc:  # the user named no preset: say where it comes from
+                raise RequestError(exc.field, f"{exc.message} (the config's default_preset)") from None
     base = _over(base, source or {})
     if preset:
         base = _over(base, _preset_layer(preset, explicit, source))
     return _over(base, explicit)
+
+
+def config_defaults(cfg: config.Config) -> dict:
+    """The request fields the config sets for every job: ``default_model``, ``speed``, ``max_batch``."""
+    return {k: v for k, v in (("model", cfg.default_model), ("speed", cfg.speed), ("max_batch", cfg.max_batch)) if v}
 
 
 def config_preset(cfg: config.Config) -> tuple[str | None, str | None]:

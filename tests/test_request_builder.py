@@ -135,3 +135,33 @@ def test_the_configs_default_preset_applies_unless_a_preset_is_named(_cli, tmp_p
     assert (_cli("a fox").model, _cli("a fox").preset) == ("demo-xl", None)
     assert capsys.readouterr().err.splitlines() == ["dreamtty: config: default_preset: unknown '[red]nope'; allowed: "
                                                     "anime, default, fast, realistic, sd15; no preset is applied"] * 2
+
+
+def test_the_default_preset_leaves_an_init_images_size_and_describe_alone(tmp_path, monkeypatch):
+    """``generate --init-image`` took the default preset's size and stretched the image; describe took its
+    model (which picks the captioner) and recorded it."""
+    from PIL import Image
+
+    queued = []
+
+    async def run_jobs(args, requests, out):
+        queued.extend(requests)
+        return 0, []
+
+    monkeypatch.setattr(cli_jobs, "_run_jobs", run_jobs)
+    monkeypatch.setattr(cli_jobs, "_fetch_if_missing", lambda request: None)
+    Image.new("RGB", (96, 64)).save(tmp_path / "in.png")
+    _config("default_model: demo-xl\ndefault_preset: anime\n")
+    for argv in (["generate", "a fox", "--init-image", str(tmp_path / "in.png")], ["describe", str(tmp_path / "in.png")]):
+        assert cli.main(argv) == 0
+    init, described = queued
+    assert (init.model, init.steps, init.width, init.height) == ("cagliostrolab/animagine-xl-3.1", 28, None, None)
+    assert (described.model, described.preset) == ("demo-xl", None)
+    _config("default_model: demo-xl\ndefault_preset: broken\n")
+    from backend.prompting.datafiles import user_dir
+
+    user_dir("presets").mkdir(parents=True, exist_ok=True)
+    (user_dir("presets") / "broken.yaml").write_text("steps: 9999\n")
+    with pytest.raises(RequestError, match=r"^steps: in preset .*broken.yaml: 9999 is out of range.* \(the config's "
+                                           r"default_preset\)$"):
+        request_builder.build({"prompt": "a fox"})

@@ -232,7 +232,10 @@ def cmd_generate(args) -> int:
     if args.init_image is None and args.strength is not None:
         raise RequestError("strength", "needs --init-image (image to image)")
     args.image = args.init_image
-    request = request_from_args(args, Img2ImgRequest if args.init_image is not None else GenerateRequest)
+    if args.init_image is None:
+        request = request_from_args(args)
+    else:  # a job on an input image: its size is the image's, not a preset's
+        request = request_from_args(args, Img2ImgRequest, source={})
     _fetch_if_missing(request)
     code, _ = asyncio.run(_run_jobs(args, [request], args.out))
     return code
@@ -257,10 +260,11 @@ def _image_command(kind: type[GenerateRequest]):
 
 def cmd_describe(args) -> int:
     """Print a prompt for the image (a job in a worker, like every kind)."""
-    from backend import request_builder
+    from backend import config, request_builder
 
     values = {"image": args.image, "mode": args.mode, "model": args.model}
-    request = request_builder.build({k: v for k, v in values.items() if v is not None}, kind=DescribeRequest)
+    request = request_builder.build({k: v for k, v in values.items() if v is not None}, kind=DescribeRequest,
+                                    defaults=request_builder.config_defaults(config.load()))  # takes no preset
     code, _ = asyncio.run(_run_jobs(args, [request], None))
     return code
 
