@@ -85,10 +85,19 @@ def parse(text: str) -> ImagePrompt:
     exists = os.path.exists(os.path.expanduser(text.strip()))  # False for a name too long, where Path raises
     if len(parts) > 1 and _WORD.fullmatch(tail) and not exists:
         raise RequestError(FIELD, f"{text!r}: unknown type {tail!r}; allowed: {', '.join(TYPES)}")
-    if "" in (p.strip() for p in parts[-3:-1]) and not exists:  # IMAGE::WEIGHT: the type left out
+    if not exists and any(not parts[at].strip() and parts[at + 1:] and all(map(_is_number, parts[at + 1:]))
+                          for at in range(max(1, len(parts) - 3), len(parts))):  # IMAGE::WEIGHT: the type left out
         raise RequestError(FIELD, f"{text!r}: the type is empty; give one of {', '.join(TYPES)} "
                                   "(IMAGE[:TYPE[:WEIGHT[:STOP]]])")
     return ImagePrompt(text.strip())
+
+
+def _is_number(part: str) -> bool:
+    try:
+        float(part)
+    except ValueError:
+        return False
+    return True
 
 
 def _number(part: str, text: str) -> float:

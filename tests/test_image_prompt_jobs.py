@@ -168,6 +168,7 @@ def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
         ([f"{reference}::0.5"], "image_prompt: '" + f"{reference}::0.5': the type is empty; give one of image, "
                                 "face, canny, depth, structure (IMAGE[:TYPE[:WEIGHT[:STOP]]])"),  # not "is missing"
         ([f"{tmp_path}/gone.png:face"], f"image_prompt: {tmp_path}/gone.png is missing"),
+        ([f"{tmp_path}/a::b/gone.png"], f"image_prompt: {tmp_path}/a::b/gone.png is missing"),  # no number after
         ([f"{tmp_path}/{'a' * 300}.png"], "image_prompt: cannot read"),  # a name too long: not a 500
         ([str(tmp_path / "notes.png")], "is not an image PIL can read"),
         ([str(tmp_path)], "is a folder; give an image file"),
