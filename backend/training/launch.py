@@ -20,8 +20,8 @@ from pathlib import Path
 
 from backend.errors import RequestError
 from backend.events import TrainLog
-from backend.safetext import CONTROL
 from backend.models import resolve_model
+from backend.safetext import CONTROL
 from backend.training import runs
 from backend.training.config import TrainRequest
 from backend.training.images import scan_images
