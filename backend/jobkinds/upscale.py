@@ -61,6 +61,7 @@ class UpscaleRequest(ImageInputRequest):
         return {"scale": scale, "upscaler": check_upscaler(self.upscaler), **self.derived_size(size)}
 
     def resolved(self, family: str) -> "UpscaleRequest":
+        # A hub model not downloaded yet is checked as SDXL; its tiles are known when it runs (the engine refuses then)
         out = super().resolved(family)
         side = FAMILIES[family].tile_side(out.width, out.height) if family in FAMILIES else None
         if out.uses_model and side and steers_tiles(out.image_prompts):
