@@ -137,7 +137,7 @@ def test_the_last_free_worker_takes_the_alike_queued_jobs_as_one_group(tmp_path)
     from tui.cli_serve import format_status
 
     text = format_status({**service.status(), "socket": "s", "dreamtty": "x", "streams": 0})  # serve --status
-    assert f"worker 0  cpu (pid None), job {a};" in text and f"worker 1  cpu (pid None), jobs {b}, {c};" in text
+    assert f"worker 0  cpu, job {a};" in text and f"worker 1  cpu, jobs {b}, {c};" in text  # no process: no pid
     # each job of a group ends on its own; the worker stays busy until the last one
     service.cancel(c)
     assert pool.cancelled == [(1, c)]

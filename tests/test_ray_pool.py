@@ -309,7 +309,7 @@ async def test_jobs_from_two_clients_spread_over_both_actors_as_local_files(clus
     host = socket.gethostname()
     assert f"cluster   {status['cluster'] or 'Ray'}: 1 node(s), 0 GPU(s)" in text
     assert f"node      {host} (" in text and "0 GPU(s), alive" in text
-    assert f"worker 0  cpu ({host}) (pid " in text and f"worker 1  cpu ({host}) (pid " in text  # device (node)
+    assert f"worker 0  cpu ({host}), idle" in text and f"worker 1  cpu ({host}), idle" in text  # device (node)
     assert [w["node"] for w in service.status()["workers"]] == [host, host]
 
 
