@@ -509,7 +509,7 @@ def test_serve_status_shows_hostile_names_as_text():
     assert text.count(NAME_SHOWN) == 6  # the socket, cluster, node, device, model and log, each written out
     forged = "m\nworker 9  cuda:0 (pid 1), idle; FORGED"  # a newline in a model's folder name
     worker["models"] = [{"model": forged, "dtype": "float16", "bytes": 2**30}]
-    worker["pid"] = None  # a Ray actor not running yet: no "(pid None)"
+    worker["pid"] = None  # a Ray actor (its pid is not known here): no "(pid None)"
     text = format_status({"pid": 1, "uptime": 5, "dreamtty": "0.1", "socket": "/run/s", "queued": 0, "running": 0,
                           "streams": 1, "workers": [worker], "log": "/log/l"})
     assert "m\\nworker 9" in text and not any(line.startswith("worker 9") for line in text.splitlines())

@@ -152,7 +152,7 @@ def worker_lines(status: dict) -> list[str]:
         state = (f"job{'s' * (len(jobs) > 1)} {', '.join(map(str, jobs))}" if jobs
                  else "idle" if worker["ready"] else "starting")
         models = ", ".join(f"{m['model']} ({m['dtype']}, {human(m['bytes'])})" for m in worker["models"]) or "no model"
-        pid = f" (pid {worker['pid']})" if worker["pid"] is not None else ""  # a Ray actor's, once it runs
+        pid = f" (pid {worker['pid']})" if worker["pid"] is not None else ""  # none: a Ray actor, or not started
         lines.append(f"worker {worker['id']}  {worker['device']}{pid}, {state}; {models}; "
                      f"{worker['loads']} load(s) since it started")
     return lines
