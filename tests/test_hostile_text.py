@@ -498,7 +498,7 @@ def test_followed_events_print_as_text(capsys):
 
 
 def test_serve_status_shows_hostile_names_as_text():
-    from tui.cli_serve import format_status
+    from tui.cli_serve import format_status, worker_lines
 
     worker = {"id": 0, "device": f"cuda:0 ({NAME})", "pid": 1, "job": None, "jobs": [], "ready": True, "loads": 1,
               "models": [{"model": NAME, "dtype": "float16", "bytes": 2**30}]}
@@ -513,4 +513,6 @@ def test_serve_status_shows_hostile_names_as_text():
     text = format_status({"pid": 1, "uptime": 5, "dreamtty": "0.1", "socket": "/run/s", "queued": 0, "running": 0,
                           "streams": 1, "workers": [worker], "log": "/log/l"})
     assert "m\\nworker 9" in text and not any(line.startswith("worker 9") for line in text.splitlines())
+    shown = "\n".join(worker_lines({"workers": [worker]}))  # as the Models screen joins them
+    assert "m\\nworker 9" in shown and not any(line.startswith("worker 9") for line in shown.splitlines())
     assert f"worker 0  cuda:0 ({NAME_SHOWN}), idle;" in text

@@ -137,7 +137,8 @@ def format_status(status: dict) -> str:
 
 
 def worker_lines(status: dict) -> list[str]:
-    """Where the service's workers run (a cluster's nodes too) and what each runs and holds."""
+    """Where the service's workers run (a cluster's nodes too) and what each runs and holds, a line each
+    (control characters and newlines in names written out): for ``serve --status`` and the Models screen."""
     from backend.downloads import human
 
     lines = []
@@ -155,7 +156,7 @@ def worker_lines(status: dict) -> list[str]:
         pid = f" (pid {worker['pid']})" if worker["pid"] is not None else ""  # none: a Ray actor, or not started
         lines.append(f"worker {worker['id']}  {worker['device']}{pid}, {state}; {models}; "
                      f"{worker['loads']} load(s) since it started")
-    return lines
+    return [one_line(line) for line in lines]
 
 
 def _duration(seconds: float) -> str:
