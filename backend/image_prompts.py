@@ -93,9 +93,10 @@ def parse(text: str) -> ImagePrompt:
 
 
 def _is_number(part: str) -> bool:
+    """Whether ``part`` reads as a weight or a stop does (:func:`_number`)."""
     try:
-        float(part)
-    except ValueError:
+        to_float(FIELD, part.strip())
+    except RequestError:
         return False
     return True
 

@@ -63,7 +63,8 @@ class UpscaleRequest(ImageInputRequest):
     def resolved(self, family: str) -> "UpscaleRequest":
         # A hub model not downloaded yet is checked as SDXL; its tiles are known when it runs (the engine refuses then)
         out = super().resolved(family)
-        side = FAMILIES[family].tile_side(out.width, out.height) if family in FAMILIES else None
+        fam = FAMILIES.get(family)
+        side = fam.tile_side(out.width, out.height) if fam else None
         if out.uses_model and side and steers_tiles(out.image_prompts):
             raise tiled_control_error(out.width, out.height, side)
         return out

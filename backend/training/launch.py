@@ -26,6 +26,7 @@ from backend.training import runs
 from backend.training.config import TrainRequest
 from backend.training.images import scan_images
 from backend.training.words import unique_token_warning
+from backend.values import check_text
 
 
 @dataclass
@@ -199,23 +200,16 @@ def _make_run_dir(req: TrainRequest, family: str, run_dir: Path | None, runs_roo
 def trainer_command(run_dir: Path, launcher: str | None = None) -> list[str]:
     """``python -m backend.training.trainer_process RUN_DIR``, or the same through e.g. ``accelerate launch``."""
     if launcher:
-        if CONTROL.search(launcher) or not _utf8(launcher):  # NUL: Popen's ValueError; surrogates: SQLite's
-            raise RequestError("launcher", f"{launcher[:200]!r} holds a control character or a lone surrogate; "
-                                           "give a command line such as 'accelerate launch --num_processes 2'")
+        check_text("launcher", launcher)  # a NUL (Popen's ValueError) or a lone surrogate (SQLite's)
+        if CONTROL.search(launcher):
+            raise RequestError("launcher", f"{launcher[:200]!r} holds a control character; give a command line "
+                                           "such as 'accelerate launch --num_processes 2'")
         try:
             words = shlex.split(launcher)
         except ValueError as exc:  # e.g. an unbalanced quote
             raise RequestError("launcher", f"{launcher!r}: {exc}") from None
         return [*words, "-m", "backend.training.trainer_process", str(run_dir)]
     return [sys.executable, "-m", "backend.training.trainer_process", str(run_dir)]
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def start_trainer(run_dir: Path, launcher: str | None = None, log_to_file: bool = True,
