@@ -399,6 +399,12 @@ def test_a_list_of_numbers_in_other_scripts_digits_is_refused(capsys):
     assert exit_.value.code == 2 and "is not a comma-separated list of numbers" in capsys.readouterr().err
 
 
+def test_a_list_that_starts_with_a_minus_is_a_value(capsys):
+    """argparse took "-1,1,0.5" for an option: "expected one argument" instead of the range."""
+    assert main(["generate", "x", "--model", "demo-xl", "--local", "--adm-scale", "-1,1,0.5"]) == 2
+    _one_error(capsys, "adm_scale: (-1.0, 1.0, 0.5) is out of range")
+
+
 def test_huge_job_ids_and_limits_are_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))

@@ -5,6 +5,7 @@ that report bad usage in one line. Text from users, files and images goes throug
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from backend.events import Event, Step
@@ -12,7 +13,15 @@ from backend.safetext import one_line, visible
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports bad usage in one line (exit 2), never a usage dump."""
+    """argparse that reports bad usage in one line (exit 2), never a usage dump.
+
+    A value that starts with a minus and a digit is a value, never an option: ``--adm-scale -1,1,0.5``
+    (Python 3.13's argparse reads it so; 3.11 took only a plain negative number).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {visible(message)}\n")
