@@ -255,6 +255,15 @@ def test_check_extras_refuses_early_without_torch(tmp_path):
         check_extras(GenerateRequest(refiner="nope/nothing"), "demo", cfg)
 
 
+def test_a_pickle_is_listed_as_refused_only_while_pickles_are(tmp_path):
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+    (tmp_path / "loras").mkdir()
+    torch.save({key: torch.zeros(4, 768)}, tmp_path / "loras" / "old.pt")
+    for allowed, note in ((False, "pickle: refused unless --allow-pickle"), (True, "")):
+        cfg = config.Config(paths={"loras": [tmp_path / "loras"]}, allow_pickle=allowed)
+        assert [e.note for e in library.discover(cfg, kinds=("lora",)).of_kind("lora")] == [note]
+
+
 def test_files_that_differ_only_in_suffix_get_names_of_their_own(tmp_path):
     from backend.errors import DreamttyError
     from backend.extras_check import check_extras
