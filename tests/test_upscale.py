@@ -148,6 +148,12 @@ def test_lanczos_fallback_says_so(tmp_path):
     assert "upscaled with a Lanczos resize: no upscaler model in" in record["warnings"][0]
 
 
+def test_lanczos_asked_for_beside_a_model_is_no_warning(fake_spandrel, upscalers, tmp_path):
+    upscalers("fake-4x")
+    image, record = engine.upscale_image(None, _request(tmp_path, fast=True, upscaler="Lanczos"))
+    assert image.size == (256, 256) and record["upscaler"] == {"name": "lanczos"} and record["warnings"] == []
+
+
 def test_pickled_upscaler_needs_allow_pickle(tmp_path, monkeypatch):
     folder = tmp_path / "upscalers"
     folder.mkdir()

@@ -85,7 +85,7 @@ def enlarge(request: UpscaleRequest, image: Image.Image, device, notes: list[str
     """``image`` at the request's size, by its upscaler (then Lanczos to the exact size) or by Lanczos alone."""
     size = (request.width, request.height)
     if request.upscaler == LANCZOS_NAME:
-        notes.append(f"upscaled with a Lanczos resize: {_why_lanczos()}")
+        notes += [f"upscaled with a Lanczos resize: {why}"] if (why := _why_lanczos()) else []
         return image.resize(size, LANCZOS), {"name": LANCZOS_NAME}
     entry = find_extra("upscaler", request.upscaler, config.load())  # refuses a pickle without --allow-pickle
     digest = library.short_hash(entry.path)
@@ -96,14 +96,15 @@ def enlarge(request: UpscaleRequest, image: Image.Image, device, notes: list[str
     return big, {"name": entry.name, "hash": digest, "scale": model.scale, "architecture": model.architecture.name}
 
 
-def _why_lanczos() -> str:
+def _why_lanczos() -> str | None:
+    """Why a Lanczos resize stood in for an upscaler model; None when there was a usable model (it was asked for)."""
     found = library.names("upscaler")
     if not found:
         folders = ", ".join(str(p) for p in config.load().folders("upscalers")) or "none configured"
         return f"no upscaler model in {folders} (ESRGAN-type .safetensors or .pth files)"
     if not spandrel_installed():
         return f"upscaler models need spandrel: {INSTALL}"
-    return "asked for"
+    return None
 
 
 def upscale_image(pipe, request: UpscaleRequest, on_step=None, should_cancel=None, device=None):
