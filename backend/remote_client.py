@@ -27,7 +27,7 @@ from backend.http_client import HTTPClient, Unreachable, WebSocket, authority
 from backend.queue_store import ACTIVE, MAX_ID, Job
 from backend.safetext import one_line
 from backend.serve import ServeOptions, start_detached
-from backend.service_status import checked_status
+from backend.service_status import checked_status, placement_differs
 from backend.values import absolute
 from backend.versions import versions_differ
 
@@ -108,6 +108,8 @@ class RemoteClient:
                         # what the new service found (a damaged queue file moved aside, ...) is said here
                         status = await self._request("GET", "/v1/status", quick=True)
                         self.warnings = [str(w) for w in status.get("warnings") or []]
+                    else:
+                        await self._check_placement()
                 except BaseException:
                     self._drop_http()
                     raise
@@ -135,6 +137,18 @@ class RemoteClient:
                 f"service: it runs with other settings ({', '.join(differ)}: "
                 + "; ".join(f"{k} {settings.get(k) or 'unset'} there, {mine.get(k) or 'unset'} here" for k in differ)
                 + "); run this with --local, or restart the service with these: dreamtty serve --stop")
+
+    async def _check_placement(self) -> None:
+        """Warn when the service found running puts its workers elsewhere than this command's ``--device`` or
+        ``--cluster`` ask (asked for only: the defaults fit any service)."""
+        options = self._start_options
+        if options is None or (options.devices == "auto" and options.cluster is None):
+            return
+        try:
+            status = checked_status(await self._request("GET", "/v1/status", quick=True))
+        except ValueError:  # a status of another make: nothing to compare
+            return
+        self.warnings += [differ] if (differ := placement_differs(status, options.devices, options.cluster)) else []
 
     async def _open_stream(self) -> WebSocket:
         try:

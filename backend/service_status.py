@@ -24,3 +24,21 @@ def checked_status(data: object) -> dict:
     if bad is not None:
         raise ValueError(f"status field {bad!r} is missing or of the wrong type")
     return data
+
+
+def placement_differs(status: dict, devices: str, cluster: str | None) -> str | None:
+    """What a running service's workers (its ``status``) do not share with ``--device`` and ``--cluster``
+    given to a command that found it running (it keeps its own), as a warning; None when they agree or
+    nothing was asked for (``auto``; no ``--cluster``)."""
+    from backend.devices import parse_devices
+
+    theirs = status.get("cluster")  # the Ray cluster's address; None: this machine
+    if cluster is not None and ((cluster != "local") != (theirs is not None) or cluster not in ("auto", "local", theirs)):
+        asked, there = f"--cluster {cluster}", f"on the Ray cluster {theirs}" if theirs else "on this machine"
+    elif devices != "auto" and theirs is None and "auto" not in (held := {w["device"] for w in status["workers"]}) \
+            and set(parse_devices(devices)) != held:  # "auto": a worker not started yet, its device not known
+        asked, there = f"--device {devices}", f"on {', '.join(sorted(held)) or 'no device'}"
+    else:
+        return None
+    return (f"service: the running service's workers are {there}; {asked} takes effect when it starts again "
+            "(dreamtty serve --stop)")

@@ -214,6 +214,37 @@ def test_generate_twice_loads_the_model_once(service):
     assert f"pid {status['pid']}" in text and "1 load(s)" in text and "demo (float32" in text
 
 
+def test_a_device_or_cluster_the_running_service_does_not_use_is_said(service):
+    """It was ignored: the job ran on the service's workers, and nothing said so."""
+    same = cli(service, *GENERATE, "--device", "cpu", "--cluster", "local")
+    assert same.returncode == 0 and "warning" not in same.stderr, same.stderr
+    other = cli(service, *GENERATE, "--cluster", "127.0.0.1:1")  # no cluster is asked: the job runs on the service's
+    assert other.returncode == 0 and Path(other.stdout.strip()).is_file(), other.stderr
+    assert other.stderr.strip() == ("dreamtty: warning: service: the running service's workers are on this machine; "
+                                    "--cluster 127.0.0.1:1 takes effect when it starts again (dreamtty serve --stop)")
+
+
+@pytest.mark.parametrize("devices,cluster,status,said", [
+    ("auto", None, {"cluster": "ray://h:10001", "workers": []}, None),
+    ("cpu", None, {"workers": [{"device": "cpu"}, {"device": "cpu"}]}, None),
+    ("cuda:1", None, {"workers": [{"device": "auto"}]}, None),  # not started yet: not known
+    ("cuda,cuda:1", None, {"workers": [{"device": "cuda:1"}, {"device": "cuda:0"}]}, None),
+    ("cuda:1", None, {"workers": [{"device": "cuda:0"}, {"device": "cuda:1"}]}, "on cuda:0, cuda:1; --device cuda:1"),
+    ("cuda:0", None, {"workers": [{"device": "cpu"}]}, "on cpu; --device cuda:0"),
+    ("cuda:0", None, {"cluster": "auto", "workers": [{"device": "cuda:0"}]}, None),  # the cluster places them
+    ("auto", "auto", {"cluster": "ray://h:10001", "workers": []}, None),
+    ("auto", "ray://h:10001", {"cluster": "ray://h:10001", "workers": []}, None),
+    ("auto", "ray://g:10001", {"cluster": "ray://h:10001", "workers": []}, "on the Ray cluster ray://h:10001; --clu"),
+    ("auto", "local", {"cluster": "ray://h:10001", "workers": []}, "on the Ray cluster ray://h:10001; --cluster local"),
+    ("auto", "auto", {"workers": [{"device": "cpu"}]}, "on this machine; --cluster auto"),
+])
+def test_placement_differs(devices, cluster, status, said):
+    from backend.service_status import placement_differs
+
+    found = placement_differs(status, devices, cluster)
+    assert (found is None) if said is None else (said in found and found.endswith("(dreamtty serve --stop)")), found
+
+
 def test_jobs_cancel_and_wait_commands(service):
     made = cli(service, *GENERATE, "-n", "1")
     listing = json.loads(cli(service, "jobs", "--json", "--limit", "1").stdout)
