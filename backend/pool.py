@@ -102,6 +102,9 @@ class WorkerPool(Protocol):
         """Ask ``slot``'s idle worker to free every pipeline it holds (a training run takes its device);
         it answers with a ``WorkerReleased`` event."""
 
+    def log_of(self, slot: Slot) -> str:
+        """Where ``slot``'s worker writes its log, for an error that points there."""
+
     def status(self) -> dict:
         """Where the workers run, what each holds and runs, as JSON (``workers``: a list of slot statuses; and
         ``warnings``, when there are any: why a worker cannot start)."""
@@ -183,6 +186,9 @@ class ProcessPool:
         if self.alive(slot):  # one waiting to be restarted holds nothing
             self._procs[slot.id].jobs.put(RELEASE)
 
+    def log_of(self, slot: Slot) -> str:
+        return str(locations.state_dir() / "logs" / f"worker-{slot.id}.log")
+
     def status(self) -> dict:
         workers = [slot.status(self.alive(slot)) for slot in self.slots]
         return {"workers": workers, "warnings": self._stale.warnings()}
@@ -207,10 +213,9 @@ class ProcessPool:
             jobs = _CTX.Queue()
             events, sender = _CTX.Pipe(duplex=False)
             cancel = _CTX.Array("q", MAX_COUNT)
-            log_path = locations.state_dir() / "logs" / f"worker-{slot.id}.log"
             process = _CTX.Process(
                 target=_worker_entry,
-                args=(slot.id, slot.device, jobs, sender, cancel, str(log_path), str(self.db_path), os.getpid(),
+                args=(slot.id, slot.device, jobs, sender, cancel, self.log_of(slot), str(self.db_path), os.getpid(),
                       self.nice),
                 name=f"dreamtty-worker-{slot.id}",
                 daemon=True,

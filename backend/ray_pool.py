@@ -202,6 +202,9 @@ class RayPool:
         slot.models = []
         self._workers[slot.id].actor.run.remote(RELEASE)
 
+    def log_of(self, slot: Slot) -> str:
+        return f"the Ray worker logs on {slot.node or 'its node'} (`ray logs` lists them)"
+
     def status(self) -> dict:
         """The cluster's nodes (host, GPUs, alive) and the workers: node, device, models, job."""
         import ray

@@ -564,9 +564,9 @@ class Service:
         changed on disk refused them) queues them again, to wait for a restart."""
         self._models.pop(slot.id, None)  # its pipelines died with it
         self._ready.pop(slot.id, None)  # its replacement is starting
-        self._when_writable(partial(self._retry_jobs, job_ids, why, counts))
+        self._when_writable(partial(self._retry_jobs, job_ids, why, counts, self.pool.log_of(slot)))
 
-    def _retry_jobs(self, job_ids: list[int], why: str, counts: bool) -> None:
+    def _retry_jobs(self, job_ids: list[int], why: str, counts: bool, log: str) -> None:
         for job_id in job_ids:
             job = self.store.get(job_id)
             if self._closing.is_set() or job is None or job.state != "running":
@@ -581,7 +581,7 @@ class Service:
                 self.store.retry(job.id)
                 self._fanout.publish(Retrying(job=job.id, error=why, first_image=len(job.outputs)))
             else:
-                error = f"{why}, {job.attempts + 1} times; the queue goes on (see the worker log)"
+                error = f"{why}, {job.attempts + 1} times; the queue goes on (see {log})"
                 self.store.set_state(job.id, "failed", error)
                 self._fanout.publish(Failed(job=job.id, error=error))
         self._dispatch()

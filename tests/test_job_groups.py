@@ -108,6 +108,9 @@ class _Pool:
     def cancel(self, slot, job) -> None:
         self.cancelled.append((slot.id, job))
 
+    def log_of(self, slot) -> str:
+        return f"/logs/worker-{slot.id}.log"
+
     def status(self) -> dict:
         return {"workers": []}
 
@@ -188,7 +191,8 @@ def test_jobs_a_worker_of_changed_code_refused_wait_queued_without_counting_an_a
         pool.slots[0].jobs = []
         service._worker_died(pool.slots[0], [job], "worker crashed (exit code -9)", True)
         assert [type(e) for e in _drain(events)] == [ev.Started, ev.Retrying if attempt == 1 else ev.Failed]
-    assert service.store.get(job).state == "failed"
+    assert service.store.get(job).error == ("worker crashed (exit code -9), 2 times; the queue goes on "
+                                            "(see /logs/worker-0.log)")
     service._handle(ev.Started(job=job, worker=0))  # late, from a worker that died since: not set running again
     assert service.store.get(job).state == "failed" and events.empty()
     service.store.close()

@@ -162,6 +162,13 @@ def test_the_status_answers_while_the_head_does_not(tmp_path, monkeypatch):
     assert pool.status()["warnings"] == ["cluster: cannot list the nodes of auto: GCS unreachable"]
 
 
+def test_a_failed_job_points_at_the_node_whose_worker_logs_say_why(tmp_path):
+    from backend import ray_pool
+
+    pool = ray_pool.RayPool("auto", tmp_path / "q.sqlite3", gpu=False)
+    assert pool.log_of(Slot(0, "cuda", node="gpu-7")) == "the Ray worker logs on gpu-7 (`ray logs` lists them)"
+
+
 async def test_an_actor_that_runs_other_code_takes_no_job_and_is_said_once(tmp_path, monkeypatch):
     """Nodes must run the service's code (the events and job payloads they pass are read alike): an actor of
     another build is stopped and tried again later, and why is said once, and in the status, until one runs."""
