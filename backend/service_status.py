@@ -33,7 +33,8 @@ def placement_differs(status: dict, devices: str, cluster: str | None) -> str | 
     from backend.devices import parse_devices
 
     theirs = status.get("cluster")  # the Ray cluster's address; None: this machine
-    if cluster is not None and ((cluster != "local") != (theirs is not None) or cluster not in ("auto", "local", theirs)):
+    on_a_cluster = cluster not in (None, "local")
+    if cluster is not None and (on_a_cluster != (theirs is not None) or cluster not in ("auto", "local", theirs)):
         asked, there = f"--cluster {cluster}", f"on the Ray cluster {theirs}" if theirs else "on this machine"
     elif devices != "auto" and theirs is None and "auto" not in (held := {w["device"] for w in status["workers"]}) \
             and set(parse_devices(devices)) != held:  # "auto": a worker not started yet, its device not known
