@@ -58,11 +58,12 @@ class PlannedFile:
 
 
 def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
+    """A byte count in B, KB, MB or GB (powers of 1000)."""
+    units = ("B", "KB", "MB", "GB")
+    power = 0
+    while abs(n) >= 1000 and power < len(units) - 1:
+        n, power = n / 1000, power + 1
+    return f"{n:.1f} {units[power]}" if power else f"{int(n)} B"
 
 
 def _offline() -> bool:
@@ -178,7 +179,8 @@ def pull(
     """Download a diffusers repo (or one file of it, or the files matching ``patterns``) into the HF cache, or
     into ``local_dir`` keeping the repo's layout; returns the local folder or file.
 
-    ``progress(done_bytes, total_bytes, file)`` is called before and after each file.
+    ``progress(done_bytes, total_bytes, file)`` is called before each file, and once at the end with
+    ``file`` empty.
     """
     check_repo_id(repo)
     if api is None:

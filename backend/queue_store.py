@@ -210,12 +210,10 @@ class QueueStore:
         return dict(self._db.execute(*listing_sql("id, state", "jobs", states, None, limit, oldest_first)))
 
     @queue_access
-    def counts(self, owner: str | None = None) -> dict[str, int]:
-        """How many jobs (of ``owner``; all when None) are in each active state."""
-        sql, args = f"SELECT state, COUNT(*) FROM jobs WHERE state IN ({_ACTIVE_SQL})", []
-        if owner is not None:
-            sql, args = sql + " AND owner = ?", [str(owner)]
-        return {state: 0 for state in ACTIVE} | dict(self._db.execute(sql + " GROUP BY state", args).fetchall())
+    def counts(self, owner: str) -> dict[str, int]:
+        """How many jobs of ``owner`` are in each active state."""
+        sql = f"SELECT state, COUNT(*) FROM jobs WHERE state IN ({_ACTIVE_SQL}) AND owner = ? GROUP BY state"
+        return {state: 0 for state in ACTIVE} | dict(self._db.execute(sql, (str(owner),)).fetchall())
 
     @queue_access
     def next_queued(self, owner: str) -> Job | None:

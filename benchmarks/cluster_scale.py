@@ -40,7 +40,7 @@ async def _ready(events: asyncio.Queue, count: int) -> None:
             ready.add(event.worker)
 
 
-async def _finish(service: Service, events: asyncio.Queue, jobs: list[int]) -> None:
+async def _finish(events: asyncio.Queue, jobs: list[int]) -> None:
     left = set(jobs)
     while left:
         event = await events.get()
@@ -58,14 +58,14 @@ async def measure(pool, workers: int, args, out: Path) -> tuple[float, float]:
     try:
         await _ready(events, workers)
         warm = [service.submit(_request(args, seed), out) for seed in range(workers)]  # each worker loads the model
-        await _finish(service, events, warm)
+        await _finish(events, warm)
         start = time.perf_counter()
-        await _finish(service, events, [service.submit(_request(args, seed), out) for seed in range(args.jobs)])
+        await _finish(events, [service.submit(_request(args, seed), out) for seed in range(args.jobs)])
         rate = args.jobs / (time.perf_counter() - start) * 60
         serial = []
         for seed in range(args.jobs):
             start = time.perf_counter()
-            await _finish(service, events, [service.submit(_request(args, seed), out)])
+            await _finish(events, [service.submit(_request(args, seed), out)])
             serial.append(time.perf_counter() - start)
     finally:
         await service.close()

@@ -41,10 +41,6 @@ def attach(pipe, family: str) -> PipelineState:
     return pipe.dreamtty
 
 
-def state(pipe) -> PipelineState:
-    return pipe.dreamtty
-
-
 def execution_device(pipe) -> torch.device:
     """Where the pipeline computes: its UNet's device. dreamtty never offloads a pipeline, so this skips
     diffusers' ``_execution_device``, which looks for offload hooks in every module (12 ms a call on SDXL)."""

@@ -30,7 +30,9 @@ from backend.values import check_text
 
 
 @dataclass
-class PreparedRun:
+class RunFolder:
+    """A checked training run and its folder, made, with run.json (state "starting") in it."""
+
     run_dir: Path
     request: TrainRequest
     warnings: list[str] = field(default_factory=list)
@@ -133,7 +135,7 @@ def _check_resume(req: TrainRequest, run_dir: Path, previous: dict, family: str)
     return checkpoint, []
 
 
-def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> PreparedRun:
+def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> RunFolder:
     """Validate everything that needs no torch, then create RUN_DIR with run.json (state "starting").
 
     Without ``output`` the run gets a new folder in ``runs_root`` (default ``runs.runs_root()``);
@@ -166,7 +168,7 @@ _PREPARING = threading.Lock()
 
 
 def _make_run_dir(req: TrainRequest, family: str, run_dir: Path | None, runs_root: Path,
-                  warnings: list[str]) -> PreparedRun:
+                  warnings: list[str]) -> RunFolder:
     """Check ``run_dir`` (None: a new folder in ``runs_root``) may take the run, then write its run.json."""
     if run_dir is None:
         run_dir, previous, checkpoint = runs.new_folder(runs_root, _default_name(req)), {}, None
@@ -194,7 +196,7 @@ def _make_run_dir(req: TrainRequest, family: str, run_dir: Path | None, runs_roo
                         f"does not show it, `dreamtty train --output {run_dir} --resume latest` still works")
     for warning in warnings:
         runs.EventWriter(run_dir)(TrainLog(level="warning", message=warning))
-    return PreparedRun(run_dir.resolve(), req, warnings)
+    return RunFolder(run_dir.resolve(), req, warnings)
 
 
 def trainer_command(run_dir: Path, launcher: str | None = None) -> list[str]:
@@ -212,10 +214,9 @@ def trainer_command(run_dir: Path, launcher: str | None = None) -> list[str]:
     return [sys.executable, "-m", "backend.training.trainer_process", str(run_dir)]
 
 
-def start_trainer(run_dir: Path, launcher: str | None = None, log_to_file: bool = True,
-                  env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start the trainer in its own session (it survives the TUI and SSH closing); ``env``: more
-    environment for it (the service names its devices with ``CUDA_VISIBLE_DEVICES``).
+def start_trainer(run_dir: Path, launcher: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start the trainer in its own session (it survives the TUI and SSH closing), its output in the run's
+    log; ``env``: more environment for it (the service names its devices with ``CUDA_VISIBLE_DEVICES``).
 
     When it cannot start, the run is marked failed (not left "starting") and RequestError is raised.
     """
@@ -226,11 +227,9 @@ def start_trainer(run_dir: Path, launcher: str | None = None, log_to_file: bool 
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     try:
-        with open(run_dir / runs.LOG_FILE, "ab") if log_to_file else contextlib.nullcontext(None) as log:
-            proc = subprocess.Popen(
-                trainer_command(run_dir, launcher), stdin=subprocess.DEVNULL, stdout=log or subprocess.DEVNULL,
-                stderr=log or subprocess.DEVNULL, start_new_session=True, env=env, cwd=run_dir,
-            )
+        with open(run_dir / runs.LOG_FILE, "ab") as log:
+            proc = subprocess.Popen(trainer_command(run_dir, launcher), stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=log, start_new_session=True, env=env, cwd=run_dir)
     except (OSError, RequestError) as exc:  # a run queued with a launcher refused now fails here, as it starts
         error = exc if isinstance(exc, RequestError) else RequestError("launcher", f"cannot start the trainer: {exc}")
         with contextlib.suppress(OSError):  # a folder that cannot be written: the error is still said
