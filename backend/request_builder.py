@@ -1,9 +1,10 @@
-"""One way from what a front end holds to a request, for the CLI, the TUI form and the API.
+"""One way from what a front end holds to a request, for the CLI and the TUI form (the API takes a request
+whole: its client applied the preset).
 
 Precedence, everywhere: the request type's defaults < the config's defaults (``default_model``,
 ``speed``, ``max_batch``, then ``default_preset`` when no preset is named) < the source image's
 settings (a job on an input image: :func:`source_settings`) < a preset < explicit values (flags, form
-fields, JSON fields). A preset for a job on an input image sets everything but the size, which comes
+fields). A preset for a job on an input image sets everything but the size, which comes
 from the image. Text as typed (a size ``WxH``, LoRAs
 ``name:weight, ...``, guidance values) is parsed here, with one-line errors naming the field.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 from backend import config, metadata
 from backend.errors import DreamttyError, RequestError
 from backend.guidance_settings import GuidanceSettings
-from backend.prompting.presets import apply_preset, preset_names
+from backend.prompting.presets import preset_fields, preset_names
 from backend.request import GenerateRequest, parse_size
 
 
@@ -155,7 +156,7 @@ def config_preset(cfg: config.Config) -> tuple[str | None, str | None]:
 def _preset_layer(name: str, explicit: dict, source: dict | None) -> dict:
     """Preset ``name``'s fields for a job: without its size when ``explicit`` names another model or the
     job is on an input image (``source`` not None)."""
-    values = apply_preset(name, {"model": explicit["model"]} if "model" in explicit else {})
+    values = preset_fields(name, explicit.get("model"))
     if source is not None:
         values.pop("width", None)
         values.pop("height", None)

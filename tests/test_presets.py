@@ -7,8 +7,9 @@ import yaml
 
 from backend.errors import RequestError
 from backend.families import FAMILIES
-from backend.prompting.presets import apply_preset, list_presets, load_preset, save_preset
+from backend.prompting.presets import list_presets, load_preset, preset_fields, save_preset
 from backend.request import GenerateRequest
+from backend.request_builder import build
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def test_shipped_presets_build_valid_requests():
     names = {p.name for p in list_presets()}
     assert {"default", "sd15", "realistic", "anime", "fast"} <= names
     for name in names:
-        request = GenerateRequest.from_dict(apply_preset(name, {"prompt": "a cat"}))
+        request = GenerateRequest.from_dict({**preset_fields(name), "prompt": "a cat"})
         family = "sdxl" if name != "sd15" else "sd1"
         resolved = request.resolved(family)
         assert resolved.preset == name and resolved.model != "demo"
@@ -32,9 +33,7 @@ def test_shipped_presets_build_valid_requests():
 
 
 def test_precedence_defaults_then_preset_then_explicit():
-    request = GenerateRequest.from_dict(
-        apply_preset("anime", {"prompt": "a cat", "steps": 12, "guidance": {"sag": 0.5}})
-    )
+    request = build({"prompt": "a cat", "steps": 12, "guidance": {"sag": 0.5}}, "anime", defaults={})
     assert request.steps == 12  # explicit beats preset (28)
     assert request.sampler == "euler_a" and request.cfg == 6.0  # preset beats defaults
     assert request.guidance.clip_skip == 2 and request.guidance.sag == 0.5  # guidance merged control by control
@@ -43,10 +42,11 @@ def test_precedence_defaults_then_preset_then_explicit():
 
 
 def test_other_model_drops_the_presets_size():
-    data = apply_preset("default", {"prompt": "x", "model": "demo-xl"})
+    data = preset_fields("default", "demo-xl")
     assert "width" not in data and GenerateRequest.from_dict(data).resolved("demo-xl").width == 128
-    kept = apply_preset("default", {"prompt": "x", "model": "demo-xl", "width": 256, "height": 192})
-    assert (kept["width"], kept["height"]) == (256, 192)
+    assert "width" in preset_fields("default", load_preset("default")["model"])  # its own model: its size
+    kept = build({"prompt": "x", "model": "demo-xl", "size": "256x192"}, "default", defaults={})
+    assert (kept.width, kept.height) == (256, 192)
 
 
 def test_unknown_preset_is_a_one_line_error():
@@ -102,7 +102,7 @@ def test_save_preset_round_trips_the_form(presets_dir):
     saved = yaml.safe_load(path.read_text())
     assert saved["size"] == "192x128" and saved["guidance"] == {"sharpness": 3.0}
     assert "prompt" not in saved and "seed" not in saved
-    again = GenerateRequest.from_dict(apply_preset("my-look", {"prompt": "a dog", "seed": 1}))
+    again = build({"prompt": "a dog", "seed": 1}, "my-look", defaults={})
     assert again.to_dict() == {**form.to_dict(), "prompt": "a dog", "seed": 1, "preset": "my-look"}
     with pytest.raises(RequestError, match="name '../x' is not allowed"):
         save_preset("../x", form.to_dict())

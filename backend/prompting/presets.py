@@ -130,24 +130,15 @@ def _lora(item: object, label: str) -> list:
         raise RequestError("preset", f"{label}: lora {item!r} must be [name, weight] or 'name:weight'") from None
 
 
-def apply_preset(name: str, overrides: dict) -> dict:
-    """Request fields from preset ``name`` with ``overrides`` (explicit values) on top.
-
-    ``guidance`` is merged control by control. A preset's size belongs to its
-    model: when ``overrides`` name another model, the preset's size is dropped
-    (that model's family default applies unless a size is given). The result
-    records ``preset: name`` and feeds ``GenerateRequest.from_dict``.
-    """
-    merged = load_preset(name)
-    if overrides.get("model") not in (None, merged.get("model")):
-        merged.pop("width", None)
-        merged.pop("height", None)
-    guidance = {**(merged.get("guidance") or {}), **(overrides.get("guidance") or {})}
-    merged.update(overrides)
-    if guidance:
-        merged["guidance"] = guidance
-    merged["preset"] = name
-    return merged
+def preset_fields(name: str, model: str | None = None) -> dict:
+    """Preset ``name``'s request fields, recording ``preset: name`` (``backend.request_builder`` lays them
+    under explicit values). A preset's size belongs to its model: for another ``model`` it is left out
+    (that model's family default applies unless a size is given)."""
+    fields = load_preset(name)
+    if model not in (None, fields.get("model")):
+        fields.pop("width", None)
+        fields.pop("height", None)
+    return {**fields, "preset": name}
 
 
 def save_preset(name: str, request: dict, description: str = "") -> Path:
