@@ -37,6 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend import user_files
 from backend.errors import RequestError
+from backend.safetext import first_line
 
 if TYPE_CHECKING:
     import numpy as np  # imported where masks are made: not on the CLI's or the TUI's start path
@@ -121,8 +122,7 @@ def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[st
     except UnidentifiedImageError:
         raise RequestError(field_name, f"{path} is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        why = str(exc).splitlines()[0] if str(exc) else "cannot decode"
-        raise RequestError(field_name, f"{path} is truncated or damaged: {why}") from None
+        raise RequestError(field_name, f"{path} is truncated or damaged: {first_line(exc) or 'cannot decode'}") from None
 
 
 def _deep_channels(img: Image.Image) -> str | None:

@@ -44,3 +44,10 @@ def summary(text: object, most: int) -> str:
     """``text`` on one line (each run of white space one space), cut to ``most`` characters with "…"."""
     shown = " ".join(str(text).split())
     return shown if len(shown) <= most else shown[:most - 1] + "…"
+
+
+def first_line(exc: BaseException, most: int = 300) -> str:
+    """The first line of ``exc``'s message, cut to ``most`` characters; "" when it has none (a library's
+    error quoted in one of ours: the rest is a traceback's worth of detail)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:most] if lines else ""

@@ -23,7 +23,7 @@ from backend import metadata
 from backend.config import config_path
 from backend.events import Failed, TrainError, TrainLog
 from backend.request import GenerateRequest
-from backend.safetext import visible
+from backend.safetext import first_line, visible
 from backend.training import runs
 from test_library import SD1_TEXT, _checkpoint, _write
 from test_tui import field_of, idle_service, make_app, opened, settle, wait_for  # noqa: F401  (idle_service is a fixture)
@@ -516,3 +516,9 @@ def test_serve_status_shows_hostile_names_as_text():
     shown = "\n".join(worker_lines({"workers": [worker]}))  # as the Models screen joins them
     assert "m\\nworker 9" in shown and not any(line.startswith("worker 9") for line in shown.splitlines())
     assert f"worker 0  cuda:0 ({NAME_SHOWN}), idle;" in text
+
+
+def test_a_library_error_is_quoted_by_its_first_line():
+    assert first_line(OSError("  cannot read\nTraceback ...\n")) == "cannot read"
+    assert first_line(ValueError("x" * 500), 120) == "x" * 120 and first_line(KeyError()) == ""
+

@@ -24,6 +24,7 @@ from backend.errors import ModelError
 from backend.families import FAMILIES
 from backend.library import PICKLE_SUFFIXES, read_safetensors_header
 from backend.models import ModelRef, family_from_folder, pickle_allowed
+from backend.safetext import first_line
 
 CONFIGS_ENV = "DREAMTTY_MODEL_CONFIGS"
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
@@ -138,8 +139,7 @@ def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype):
     except ModelError:
         raise
     except Exception as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"model: cannot load {ref.name}: {msg[:300]}") from None
+        raise ModelError(f"model: cannot load {ref.name}: {first_line(exc) or type(exc).__name__}") from None
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     attach(pipe, family)

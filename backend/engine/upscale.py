@@ -23,6 +23,7 @@ from backend.engine.tiles import run_tiled
 from backend.errors import ModelError
 from backend.extras_check import find_extra
 from backend.jobkinds.upscale import INSTALL, LANCZOS as LANCZOS_NAME, UpscaleRequest, spandrel_installed
+from backend.safetext import first_line
 
 TILE, OVERLAP, MIN_TILE = 512, 32, 128
 
@@ -49,7 +50,7 @@ def _load(path: str, digest: str, device: str):
     except spandrel.UnsupportedModelError:
         raise ModelError(f"upscaler: {name}: spandrel does not know its architecture (not ESRGAN, SwinIR, ...)") from None
     except Exception as exc:
-        raise ModelError(f"upscaler: cannot load {name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ModelError(f"upscaler: cannot load {name}: {first_line(exc) or type(exc).__name__}") from None
     if not isinstance(model, spandrel.ImageModelDescriptor):
         raise ModelError(f"upscaler: {name} is a {model.purpose} model, not an image-to-image one")
     if model.input_channels not in (1, 3) or model.output_channels not in (1, 3):

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from backend.errors import DreamttyError
+from backend.safetext import first_line
 from backend.training import runs
 
 STATE_FILE = runs.STATE_FILE
@@ -188,7 +189,7 @@ def _damage(folder: Path) -> str | None:
                 if type(step) is not int or step < 1:
                     raise ValueError(f"its step is {step!r}, not a whole number from 1")
         except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as exc:
-            return f"{path.name} is damaged ({str(exc).splitlines()[0][:120]})"
+            return f"{path.name} is damaged ({first_line(exc, 120)})"
     return None
 
 

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.errors import RequestError
 from backend.input_images import open_quietly
+from backend.safetext import first_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -78,11 +79,6 @@ def _file_problem(path: Path) -> str | None:
     return None if stat.S_ISREG(mode) else "not a regular file"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return text.splitlines()[0][:80] if text else type(exc).__name__
-
-
 def check_image(path: Path) -> tuple[int, int]:
     """(width, height) of the decoded image at ``path``; ImageProblem when it cannot be trained on."""
     problem = _file_problem(path)
@@ -98,7 +94,7 @@ def check_image(path: Path) -> tuple[int, int]:
     except Image.DecompressionBombError:
         raise ImageProblem("image too large to decode safely") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageProblem(f"corrupt image ({_first_line(exc)})") from None
+        raise ImageProblem(f"corrupt image ({first_line(exc, 80) or type(exc).__name__})") from None
 
 
 def _problem(path: Path, smallest: int) -> str | None:
@@ -112,36 +108,36 @@ def _problem(path: Path, smallest: int) -> str | None:
     return None
 
 
-def check_folder(folder: str | Path, field_name: str = "instance_dir") -> Path:
-    """``folder`` as a path, or a RequestError when it is missing or not a folder."""
+def check_folder(folder: str | Path) -> Path:
+    """``folder`` (the instance images) as a path, or a RequestError when it is missing or not a folder."""
     path = Path(folder).expanduser()
     if not os.path.exists(path):  # os.path's test reads an unusable path (too long a name) as missing
-        raise RequestError(field_name, f"{folder} does not exist")
+        raise RequestError("instance_dir", f"{folder} does not exist")
     if not os.path.isdir(path):
-        raise RequestError(field_name, f"{folder} is not a folder")
+        raise RequestError("instance_dir", f"{folder} is not a folder")
     return path
 
 
-def scan_images(folder: str | Path, resolution: int, field_name: str = "instance_dir") -> ImageScan:
+def scan_images(folder: str | Path, resolution: int) -> ImageScan:
     """Usable images in ``folder`` (sorted), with a warning per skipped file and when there are few."""
-    path = check_folder(folder, field_name)
+    path = check_folder(folder)
     entries = sorted(p for p in path.iterdir() if not p.name.startswith(".") and not p.is_dir())
     if not entries:
-        raise RequestError(field_name, f"{folder} is empty; put 3-20 photos of the subject there")
+        raise RequestError("instance_dir", f"{folder} is empty; put 3-20 photos of the subject there")
     scan, skipped = ImageScan(), []
     smallest = min_side(resolution)
     for entry in entries:
         problem = _problem(entry, smallest)
         if problem:
             skipped.append(f"{entry.name}: {problem}")
-            scan.warnings.append(f"{field_name}: skipping {entry.name}: {problem}")
+            scan.warnings.append(f"instance_dir: skipping {entry.name}: {problem}")
         else:
             scan.files.append(entry)
     if not scan.files:
         listed = "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
-        raise RequestError(field_name, f"{folder} has no usable images ({listed})")
+        raise RequestError("instance_dir", f"{folder} has no usable images ({listed})")
     if len(scan.files) < FEW_IMAGES:
         count = len(scan.files)
-        scan.warnings.append(f"{field_name}: only {count} usable image{'s' if count > 1 else ''}; "
+        scan.warnings.append(f"instance_dir: only {count} usable image{'s' if count > 1 else ''}; "
                              "3-20 photos of the subject work best")
     return scan

@@ -23,6 +23,7 @@ from backend.events import TrainCheckpoint, TrainClassImages, TrainLog, TrainRes
 from backend.families import FAMILIES
 from backend.engine.loader import local_folder
 from backend.models import ModelRef, resolve_model
+from backend.safetext import first_line
 from backend.training import runs
 from backend.training.checkpoints import (WRITE_ERRORS, CheckpointError, abandon_past, any_process, load_newest,
                                           register_hooks, save_checkpoint, try_write, write_failure)
@@ -80,7 +81,7 @@ def _accelerator(req: TrainRequest, run_dir: Path):
             project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         )
     except ValueError as exc:
-        raise RequestError("mixed_precision", str(exc).splitlines()[0]) from None
+        raise RequestError("mixed_precision", first_line(exc)) from None
 
 
 def _keep_small_in_32_bits(flat: FlatParameters) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from backend.errors import DreamttyError, RequestError
 from backend.events import TrainError
+from backend.safetext import first_line
 from backend.training import runs
 from backend.training.config import TrainRequest
 
@@ -63,8 +64,7 @@ def _train(run_dir: Path, events: runs.EventWriter, stop: threading.Event) -> in
         return 1
     except Exception as exc:  # an unexpected bug: full traceback in trainer.log, one line in events
         traceback.print_exc()
-        first = str(exc).splitlines()[0][:300] if str(exc) else ""
-        fail(run_dir, events, f"{type(exc).__name__}: {first} (details in {run_dir / runs.LOG_FILE})")
+        fail(run_dir, events, f"{type(exc).__name__}: {first_line(exc)} (details in {run_dir / runs.LOG_FILE})")
         return 1
     return 0 if state == "done" else 3
 
