@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -80,8 +82,7 @@ def test_bad_preset_files_are_one_line_errors(presets_dir, text, message):
     with pytest.raises(RequestError, match=message) as err:
         load_preset("bad")
     assert "\n" not in str(err.value)
-    if "YAML" in message:
-        assert {p.name: p.description for p in list_presets()}["bad"].startswith("(unusable:")
+    assert {p.name: p.description for p in list_presets()}["bad"] == f"(unusable: {err.value.message})"
 
 
 def test_user_preset_overrides_shipped(presets_dir):
@@ -106,3 +107,21 @@ def test_save_preset_round_trips_the_form(presets_dir):
     assert again.to_dict() == {**form.to_dict(), "prompt": "a dog", "seed": 1, "preset": "my-look"}
     with pytest.raises(RequestError, match="name '../x' is not allowed"):
         save_preset("../x", form.to_dict())
+
+
+def test_the_cli_lists_and_shows_presets_as_data(presets_dir, capsys):
+    from tui.cli import main
+
+    (presets_dir / "mine.yaml").write_text('description: "red \\x1b[31m"\nsteps: 9\nsize: 640x512\n')
+    (presets_dir / "bad.yaml").write_text("stpes: 9\n")
+    assert main(["presets", "list"]) == 0
+    listed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert listed["mine"] == "red \\x1b[31m" and listed["bad"].startswith("(unusable: ") and "sd15" in listed
+    assert main(["presets", "show", "mine"]) == 0
+    assert capsys.readouterr().out.split("\n")[1:] == ["steps:            9", "size:             640x512", ""]
+    assert main(["presets", "show", "anime", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["source"] == "shipped:anime.yaml" and shown["fields"]["guidance"] == {"clip_skip": 2}
+    assert main(["presets", "show", "bad"]) == 2
+    assert capsys.readouterr().err.startswith("dreamtty: preset: ") and main(["presets", "show", "nope"]) == 2
+

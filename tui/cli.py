@@ -84,7 +84,7 @@ COMMAND_MODULES = {
     **dict.fromkeys(("generate", "vary", "upscale", "inpaint", "outpaint", "describe", "reproduce"), "cli_jobs"),
     "samplers": None,
     **dict.fromkeys(("jobs", "cancel", "wait", "attach"), "cli_queue"),
-    "serve": "cli_serve", "styles": "cli_styles", "train": "cli_train", "web": "cli_web",
+    "serve": "cli_serve", "styles": "cli_styles", "presets": "cli_presets", "train": "cli_train", "web": "cli_web",
     "models": "cli_models", "config": "cli_models",
 }
 

@@ -43,11 +43,13 @@ def preset_names() -> list[str]:
 
 
 def list_presets() -> list[PresetInfo]:
-    """All presets by name; a file that does not parse is listed with the error as its description."""
+    """All presets by name; one that cannot be used (it does not parse, or holds an unknown key or a bad value)
+    is listed with the error as its description."""
     out = []
     for name, file in sorted(_files().items()):
         try:
             description = str(_read(file).get("description", ""))
+            load_preset(name)
         except RequestError as exc:
             description = f"(unusable: {exc.message})"
         out.append(PresetInfo(name, description, file.label))

@@ -1,0 +1,48 @@
+"""``dreamtty presets list`` and ``dreamtty presets show NAME``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from backend.prompting.presets import list_presets, load_preset
+from backend.safetext import one_line
+
+
+def register(subparsers) -> None:
+    presets = subparsers.add_parser("presets", help="list and show presets")
+    sub = presets.add_subparsers(dest="presets_command", metavar="list|show", required=True, parser_class=type(presets))
+    listing = sub.add_parser("list", help="list presets (shipped and yours) with their descriptions")
+    listing.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    listing.set_defaults(func=cmd_list)
+    show = sub.add_parser("show", help="show the settings a preset sets")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    found = list_presets()
+    if args.json:
+        print(json.dumps([{"name": p.name, "description": p.description, "source": p.source} for p in found]))
+        return 0
+    names = [one_line(p.name) for p in found]
+    width = max(map(len, names), default=4) + 2
+    for name, preset in zip(names, found):
+        print(f"{name:<{width}}{one_line(preset.description)}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    fields = load_preset(args.name)  # checked: an unusable preset is a one-line error
+    source = next(p.source for p in list_presets() if p.name == args.name)
+    if args.json:
+        print(json.dumps({"name": args.name, "source": source, "fields": fields}))
+        return 0
+    if "width" in fields:  # as a preset's file writes it
+        width, height = fields.pop("width"), fields.pop("height")
+        fields["size"] = f"{width}x{height}"
+    for key, value in {"source": source, **fields}.items():
+        shown = value if isinstance(value, str) else json.dumps(value)
+        print(f"{key + ':':<18}{one_line(shown)}")
+    return 0
