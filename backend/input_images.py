@@ -93,6 +93,20 @@ def open_quietly(source) -> Iterator[Image.Image]:
             yield img
 
 
+# What PIL raises for a file it cannot open or decode (UnidentifiedImageError is an OSError).
+UNREADABLE = (Image.DecompressionBombWarning, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError)
+
+
+def unreadable(field_name: str, path: object, exc: BaseException) -> RequestError:
+    """The one-line error for an image PIL could not open or decode (``exc``, one of UNREADABLE)."""
+    if isinstance(exc, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
+        return RequestError(field_name, f"{path} is too large to decode safely; allowed up to "
+                                        f"{MAX_PIXELS / 1e6:.0f} megapixels")
+    if isinstance(exc, UnidentifiedImageError):  # its text names PIL's file object, not the path
+        return RequestError(field_name, f"{path} is not an image PIL can read (PNG, JPEG, WebP, ...)")
+    return RequestError(field_name, f"{path} is truncated or damaged: {first_line(exc) or 'cannot decode'}")
+
+
 def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[str]]:
     """The first frame, fully decoded, oriented; warnings for what was dropped."""
     notes: list[str] = []
@@ -116,13 +130,8 @@ def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[st
             return img, notes
     except RequestError:
         raise
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise RequestError(field_name, f"{path} is too large to decode safely; allowed up to "
-                                       f"{MAX_PIXELS / 1e6:.0f} megapixels") from None
-    except UnidentifiedImageError:
-        raise RequestError(field_name, f"{path} is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise RequestError(field_name, f"{path} is truncated or damaged: {first_line(exc) or 'cannot decode'}") from None
+    except UNREADABLE as exc:
+        raise unreadable(field_name, path, exc) from None
 
 
 def _deep_channels(img: Image.Image) -> str | None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from backend import infotext, jobkinds, user_files
 from backend.errors import DreamttyError, RequestError
 from backend.guidance_settings import GuidanceSettings, freeu_defaults
-from backend.input_images import MAX_BYTES, open_quietly
+from backend.input_images import MAX_BYTES, UNREADABLE, open_quietly, unreadable
 from backend.request import GenerateRequest
 
 CHUNK = "dreamtty"
@@ -104,10 +103,8 @@ def _text_chunks(path: str | Path) -> dict[str, str]:
     try:
         with fh, open_quietly(fh) as img:
             return dict(getattr(img, "text", {}))
-    except UnidentifiedImageError:  # its text names PIL's file object, not the path
-        raise DreamttyError(f"image: {path} is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DreamttyError(f"image: cannot read {path}: {exc}") from None
+    except UNREADABLE as exc:
+        raise unreadable("image", path, exc) from None
 
 
 def _ours(path: str | Path, text: str) -> dict:

@@ -83,6 +83,21 @@ def test_bad_image_files(service, tmp_path):
         assert text.count(f"{path}") == 1, text
 
 
+def test_reading_an_images_metadata_says_what_a_job_says_of_it(tmp_path):
+    """reproduce quoted PIL: "Image size (400000000 pixels) exceeds limit ..., could be decompression bomb DOS attack"."""
+    from backend import metadata
+
+    write_image(tmp_path / "ok.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "bomb.png").write_bytes(_png(20000, 20000))
+    (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:60])
+    for name, message in (("notes", "is not an image PIL can read"), ("cut", "is truncated or damaged: "),
+                          ("bomb", "is too large to decode safely; allowed up to 67 megapixels")):
+        with pytest.raises(DreamttyError) as info:
+            metadata.image_request(tmp_path / f"{name}.png")
+        assert str(info.value).startswith(f"image: {tmp_path / name}.png {message}"), info.value
+
+
 def test_unreadable_image(service, tmp_path):
     """Mode 0 for a user; root reads files whatever their mode, so it gets one whose read the kernel refuses."""
     if os.geteuid() == 0:
