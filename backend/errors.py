@@ -32,5 +32,10 @@ class RequestError(DreamttyError, ValueError):
 _JSON_KEYS = {"lora": "loras", "image_prompt": "image_prompts", "device": "devices"}
 
 
+class ServiceUnavailable(DreamttyError):
+    """No service answers: none runs, or the one in use was lost. Nothing queued is lost; a command exits 3
+    (a script may try again later), not 2 (bad input)."""
+
+
 class ModelError(DreamttyError):
     """A model cannot be found, read or loaded."""

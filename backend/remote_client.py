@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from backend import config
-from backend.errors import DreamttyError, RequestError
+from backend.errors import DreamttyError, RequestError, ServiceUnavailable
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, Fanout, ImageSaved, JobEvent,
                             Log, ServiceLost, ServiceReady, loads)
 from backend.http_client import HTTPClient, Unreachable, WebSocket, authority
@@ -187,7 +187,7 @@ class RemoteClient:
                 except DreamttyError:
                     delay = min(delay * 2, RECONNECT_DELAY[1])
                 if self._patience is not None and time.monotonic() - down_since > self._patience:
-                    self._lost = DreamttyError(
+                    self._lost = ServiceUnreachable(
                         f"service: lost the connection to {self.address} for {self._patience:g} s; its jobs stay "
                         "queued (dreamtty jobs, dreamtty wait ID follow them when a service runs again)")
             delay, down_since, self._lost = RECONNECT_DELAY[0], None, None
@@ -436,7 +436,7 @@ class VersionMismatch(DreamttyError):
     its service's place stops following it."""
 
 
-class ServiceUnreachable(DreamttyError):
+class ServiceUnreachable(ServiceUnavailable):
     """Nothing answers at the address (no service, or it is starting or gone)."""
 
 

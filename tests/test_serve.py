@@ -27,7 +27,7 @@ from aiohttp import web
 
 from backend import locations
 from backend.api import Api, peer_uid
-from backend.errors import DreamttyError, RequestError
+from backend.errors import DreamttyError, RequestError, ServiceUnavailable
 from backend.http_server import MAX_CONNECTIONS
 from backend.events import Done, ImageSaved, Queued, Started, Step
 from backend.remote_client import Address, RemoteClient
@@ -869,7 +869,7 @@ def test_the_tui_is_a_client_and_its_kill_spares_the_job(dirs):
     (dirs.home / "config" / "presets").mkdir(parents=True)
     (dirs.home / "config" / "presets" / "long.yaml").write_text("description: a long demo job\nsteps: 500\n")
     attach = cli(dirs, "attach")  # nothing to attach to yet: it says so, and starts nothing
-    assert attach.returncode == 2 and "none is running" in attach.stderr and not dirs.files().socket.exists()
+    assert attach.returncode == 3 and "none is running" in attach.stderr and not dirs.files().socket.exists()
     env = {**dirs.env(), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TERM": "xterm-256color",
            "DREAMTTY_DEFAULT_PRESET": "long"}
     tmux = Tmux(env)
@@ -957,7 +957,7 @@ def test_listing_or_cancelling_with_no_service_starts_none(dirs):
     assert cli(dirs, "cancel", str(job)).returncode == 0
     assert QueueStore(locations.queue_db()).get(job).state == "cancelled"
     waited = cli(dirs, "wait", str(job))
-    assert waited.returncode == 2 and "no dreamtty serve is running" in waited.stderr
+    assert waited.returncode == 3 and "no dreamtty serve is running" in waited.stderr
     assert dirs.files().read_pid_file() is None and not dirs.files().locked()  # nothing was started
 
 
@@ -1125,7 +1125,7 @@ async def test_a_client_that_gave_up_on_its_lost_service_leaves_its_jobs_queued(
         await asyncio.sleep(0.5)
         await runner.cleanup()
         await service.close()
-        with pytest.raises(DreamttyError, match=r"for 0\.5 s; its jobs stay queued"):
+        with pytest.raises(ServiceUnavailable, match=r"for 0\.5 s; its jobs stay queued"):  # the CLI exits 3
             async with asyncio.timeout(30):
                 await waiting
     finally:

@@ -1,6 +1,7 @@
 """The ``dreamtty`` command: the TUI when run without a subcommand, else a headless CLI.
 
-Exit codes: 0 success, 1 a job failed, 2 bad input (one line on stderr).
+Exit codes: 0 success, 1 a job failed, 2 bad input, 3 no service answers (one line on stderr for 2 and 3),
+130 interrupted.
 Text from users, files and images is printed through ``backend.safetext.visible`` (control characters
 written out; errors and warnings through ``one_line``, newlines too); ``--json`` output is escaped by
 ``json.dumps``.
@@ -16,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from backend.errors import DreamttyError, RequestError
+from backend.errors import DreamttyError, RequestError, ServiceUnavailable
 from backend.safetext import error_line, one_line
 from backend.samplers import SAMPLERS, SCHEDULES
 from tui.cli_output import Parser, given, print_warnings
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except DreamttyError as exc:
         print(f"dreamtty: {error_line(exc)}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(exc, ServiceUnavailable) else 2
     except KeyboardInterrupt:
         print("dreamtty: interrupted", file=sys.stderr)
         return 130

@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from backend.errors import DreamttyError, RequestError
+from backend.errors import DreamttyError, RequestError, ServiceUnavailable
 from backend.safetext import one_line, summary, visible
 from tui.cli_output import integer, print_warnings
 
@@ -238,7 +238,7 @@ async def _wait(args) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     _service_only(args, "wait")
     if not _running():
-        raise DreamttyError("wait: no dreamtty serve is running, so no job runs (start it: dreamtty serve --detach)")
+        raise ServiceUnavailable("wait: no dreamtty serve is running, so no job runs (start it: dreamtty serve --detach)")
     return asyncio.run(_wait(args))
 
 
