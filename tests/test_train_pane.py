@@ -244,10 +244,12 @@ async def test_form_checks_each_field_and_reports_every_bad_one(tmp_path, monkey
         assert pane._field("max_steps").error == "-1 is out of range; allowed 1..10000000"
         assert pane._field("instance_dir").error == f"{tmp_path / 'nowhere'} does not exist"
         assert pane._field("lr").error == "'abc' is not a number"
-        # ctrl+s keeps every error (not only the first) and focuses the first bad field.
+        # ctrl+s keeps every error (not only the first; an empty required one too) and focuses the first bad field.
         await pilot.press("ctrl+s")
         await pilot.pause()
-        assert [n for n in ("instance_dir", "max_steps", "lr") if pane._field(n).error] == ["instance_dir", "max_steps", "lr"]
+        assert {n: pane._field(n).error for n in ("instance_dir", "instance_prompt", "max_steps", "lr")} == {
+            "instance_dir": f"{tmp_path / 'nowhere'} does not exist", "instance_prompt": "is required",
+            "max_steps": "-1 is out of range; allowed 1..10000000", "lr": "'abc' is not a number"}
         assert app.focused is pane.query_one("#train-instance_dir", Input) and started == []
 
 

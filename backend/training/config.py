@@ -23,6 +23,7 @@ MAX_SEED = 2**32 - 1
 # diffusers' DreamBooth example defaults: 5e-6 for a full fine-tune, 1e-4 for LoRA.
 DEFAULT_LR = {"full": 5e-6, "lora": 1e-4}
 PROMPTS = ("instance_prompt", "class_prompt", "validation_prompt")  # free text: NUL allowed, unlike names and paths
+REQUIRED = ("model", "instance_dir", "instance_prompt")  # the settings a run cannot do without
 
 
 @dataclass
@@ -89,7 +90,7 @@ class TrainRequest:
         """Check every field; raise a one-line RequestError naming the first bad one."""
         for f in fields(self):
             check_field(f.name, getattr(self, f.name))
-        for name in ("model", "instance_dir", "instance_prompt"):
+        for name in REQUIRED:
             if not (getattr(self, name) or "").strip():
                 raise RequestError(name, "is required")
         for name in PROMPTS:  # as a generation's prompts

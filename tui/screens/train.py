@@ -28,7 +28,7 @@ from backend.events import TrainResume, TrainStep
 from backend.run_schedule import ENDED, TRAINING, ScheduledRun
 from backend.safetext import visible
 from backend.training import runs
-from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, TrainRequest, check_field
+from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REQUIRED, TrainRequest, check_field
 from backend.training.images import check_folder
 from backend.training.launch import request_stop, resume_settings
 from tui.keymap import TRAIN_KEYS, bindings
@@ -274,6 +274,7 @@ class TrainPane(Vertical):
     def action_start_run(self) -> None:
         values = self.form_values()
         errors = {name: error for name, value in values.items() if (error := live_error(name, value))}
+        errors |= {name: "is required" for name in REQUIRED if name in _FORM_FIELDS and name not in values}
         if errors:
             self.show_errors(errors, f"fix {len(errors)} setting(s): {', '.join(errors)}")
             return
