@@ -140,9 +140,13 @@ def _text(key: str, value: object) -> str | None:
 
 
 def _apply(cfg: Config, data: dict) -> None:
-    """Copy valid keys of ``data`` into ``cfg``; each bad key becomes one warning."""
-    for key in [k for k in data if k not in TOP_KEYS]:  # in the file's order: keys may be numbers, null, true...
-        cfg.warnings.append(f"config: unknown key {_key_text(key)}; allowed: {', '.join(TOP_KEYS)}")
+    """Copy valid keys of ``data`` into ``cfg``; the unknown keys are one warning, each other bad key one."""
+    unknown = [k for k in data if k not in TOP_KEYS]  # in the file's order: keys may be numbers, null, true...
+    if unknown:
+        # a train.yaml given as the app's --config (before ``train``, not after it) holds dozens
+        hint = "; training settings go in `dreamtty train --config FILE`" if "instance_dir" in unknown else ""
+        cfg.warnings.append(f"config: unknown key{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(map(_key_text, unknown))}; allowed: {', '.join(TOP_KEYS)}{hint}")
     paths = data.get("paths") or {}
     if not isinstance(paths, dict):
         cfg.warnings.append("config: paths: must be a mapping of kind -> folders; using the defaults")

@@ -192,12 +192,23 @@ KINDS = ("allowed: checkpoints, loras, vae, embeddings, upscalers, ip_adapters, 
     ("yes: 1\nfoo: 2\nno: 3\n", ["true", "'foo'", "false"]),  # YAML reads yes and no as true and false
     ("1.5: a\n\"\\e[31m\": b\n", ["1.5", "'\\x1b[31m'"]),  # control characters escaped
 ])
-def test_unknown_keys_of_mixed_types_are_one_warning_each(tmp_path, text, unknown):
+def test_unknown_keys_of_mixed_types_are_one_warning(tmp_path, text, unknown):
     """Unknown keys that are numbers, null or true next to texts once made sorted() raise a TypeError; each is
-    said, in the file's order."""
+    said, in the file's order, in one line."""
     cfg = config.load(_write(tmp_path / "c.yaml", text + "default_model: kept\n"))
-    assert cfg.warnings == [f"config: unknown key {key}; {ALLOWED}" for key in unknown]
+    assert cfg.warnings == [f"config: unknown keys {', '.join(unknown)}; {ALLOWED}"]
     assert cfg.default_model == "kept"
+
+
+def test_a_train_yaml_given_as_the_app_config_is_one_warning_that_says_where_it_goes(tmp_path, capsys):
+    """It was a line per key (15 for a train.yaml), then a misleading "model: empty"."""
+    from tui.cli import main
+
+    train = _write(tmp_path / "train.yaml", "model: demo\ninstance_dir: photos\ninstance_prompt: a sks dog\n")
+    assert main(["--config", str(train), "styles", "list"]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"dreamtty: config: unknown keys 'model', 'instance_dir', 'instance_prompt'; {ALLOWED}; training settings "
+        "go in `dreamtty train --config FILE`")
 
 
 def test_unknown_path_kinds_of_mixed_types_are_one_warning_each(tmp_path):
