@@ -244,6 +244,14 @@ def test_progress_resume_replaces_superseded_steps():
     assert runs.smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
 
 
+def test_a_runs_progress_knows_its_planned_steps_before_its_trainer_says_them(tmp_path):
+    """A run waiting for its device read "step 0/?"."""
+    runs.write_json_atomic(tmp_path / runs.RUN_JSON, {"settings": {"max_steps": 400}})
+    assert runs.RunProgress.of_run(tmp_path).summary() == "step 0/400"
+    runs.write_json_atomic(tmp_path / runs.RUN_JSON, {"settings": {"max_steps": "x"}})  # damaged: as unknown
+    assert runs.RunProgress.of_run(tmp_path).summary() == "step 0/?"
+
+
 def test_run_output_detects_results(tmp_path):
     assert runs.run_output(tmp_path) is None
     (tmp_path / "lora").mkdir()

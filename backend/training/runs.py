@@ -411,6 +411,13 @@ class RunProgress:
             self.logs.append(line)
         return line
 
+    @classmethod
+    def of_run(cls, run_dir: Path) -> "RunProgress":
+        """A progress for the run in ``run_dir``: its planned steps known before its trainer says them (a run
+        that waits for its device reads "step 0/400", not "step 0/?")."""
+        planned = (read_run_json(run_dir).get("settings") or {}).get("max_steps")
+        return cls(max_steps=planned if type(planned) is int and planned > 0 else 0)
+
     def eta_s(self) -> float | None:
         if not self.its or not self.max_steps:
             return None

@@ -407,7 +407,7 @@ class TrainPane(Vertical):
 
     @work(thread=True, exclusive=True, group="train-run", exit_on_error=False)
     def _read_run(self, run_dir: Path, read: int) -> None:
-        tail, progress = runs.EventTail(run_dir), runs.RunProgress()
+        tail, progress = runs.EventTail(run_dir), runs.RunProgress.of_run(run_dir)
         lines, _ = _fold(tail.read(), progress)  # a progress of its own: nothing else sees it meanwhile
         self.app.call_from_thread(self._run_read, read, tail, progress, lines)
 
