@@ -49,6 +49,7 @@ class Config:
     allow_pickle: bool = False
     cluster: str | None = None  # ``workers``: None for local processes, else a Ray cluster address (auto...)
     source: Path | None = None  # the file read, if any
+    unread: str | None = None  # why the file named (--config, DREAMTTY_CONFIG) or found could not be used
     warnings: list[str] = field(default_factory=list)
 
     def folders(self, kind: str) -> list[Path]:
@@ -94,33 +95,35 @@ def _defaults() -> Config:
 
 
 def _read_yaml(path: Path, cfg: Config) -> dict:
+    """The config file's keys; {} (and ``cfg.unread`` with a warning) when it cannot be used."""
+    data, cfg.unread = _file_data(path)
+    if cfg.unread:
+        cfg.warnings.append(f"config: {cfg.unread}; using defaults")
+    elif data is not None:
+        cfg.source = path
+    return data or {}
+
+
+def _file_data(path: Path) -> tuple[dict | None, str | None]:
+    """(the mapping in the YAML file at ``path``, None): None for an empty file, or a missing one unless it was
+    named (``DREAMTTY_CONFIG``, ``--config``); else (None, why it cannot be used)."""
     try:
         text = user_files.read_text(path)
     except FileNotFoundError:
-        if os.environ.get(ENV_PATH):
-            cfg.warnings.append(f"config: {path} does not exist; using defaults")
-        return {}
+        return None, f"{path} does not exist" if os.environ.get(ENV_PATH) else None
     except user_files.RefusedFile as exc:
-        cfg.warnings.append(f"config: {exc}; using defaults")
-        return {}
+        return None, str(exc)
     except OSError as exc:
-        cfg.warnings.append(f"config: cannot read {path}: {exc.strerror}; using defaults")
-        return {}
+        return None, f"cannot read {path}: {exc.strerror}"
     except UnicodeDecodeError:
-        cfg.warnings.append(f"config: {path} is not UTF-8 text; using defaults")
-        return {}
+        return None, f"{path} is not UTF-8 text"
     try:
         data = yaml_text.load(text)
     except yaml.YAMLError as exc:
-        cfg.warnings.append(f"config: {path} is not valid YAML{yaml_text.fault(exc)}; using defaults")
-        return {}
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        cfg.warnings.append(f"config: {path} must be a mapping of keys, got {type(data).__name__}; using defaults")
-        return {}
-    cfg.source = path
-    return data
+        return None, f"{path} is not valid YAML{yaml_text.fault(exc)}"
+    if data is not None and not isinstance(data, dict):
+        return None, f"{path} must be a mapping of keys, got {type(data).__name__}"
+    return data, None
 
 
 def _folder_list(key: str, value: object) -> list[Path]:

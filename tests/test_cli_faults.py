@@ -567,13 +567,20 @@ def test_cancel_says_cancelled_once_a_running_job_has_stopped(monkeypatch, capsy
 
 
 # -- 9: a config that cannot be read ------------------------------------------------------------
-def test_a_config_option_naming_a_symlink_loop_is_one_warning(tmp_path, capsys):
-    """``--config LOOP`` once died in Path.resolve() (RuntimeError); it is said as DREAMTTY_CONFIG=LOOP is."""
+def test_a_config_option_naming_a_file_that_cannot_be_used_is_one_error(tmp_path, capsys):
+    """``--config LOOP`` once died in Path.resolve() (RuntimeError); then a --config that could not be read
+    (a typo, a folder, a loop) was a warning, and the command ran on the defaults: the settings given were lost."""
     (tmp_path / "loop1").symlink_to("loop2")
     (tmp_path / "loop2").symlink_to("loop1")
+    (tmp_path / "list.yaml").write_text("- a\n")
+    for name, problem in (("loop1", f"cannot read {tmp_path}/loop1: Too many levels of symbolic links"),
+                          ("missing.yaml", f"{tmp_path}/missing.yaml does not exist"),
+                          ("list.yaml", f"{tmp_path}/list.yaml must be a mapping of keys, got list")):
+        assert main(["--config", str(tmp_path / name), "samplers"]) == 2
+        assert capsys.readouterr() == ("", f"dreamtty: config: {problem}\n")
+    assert main(["--config", "/" + "a" * 5000, "samplers"]) == 2
+    assert len(capsys.readouterr().err) < 2100  # cut, as every error
     warning = f"dreamtty: config: cannot read {tmp_path}/loop1: Too many levels of symbolic links; using defaults\n"
-    assert main(["--config", str(tmp_path / "loop1"), "samplers"]) == 0
-    assert capsys.readouterr().err == warning
     assert main(["--config", str(tmp_path / "loop1"), "config", "path"]) == 0
     captured = capsys.readouterr()
     assert captured.out == f"{tmp_path}/loop1\n"
@@ -601,9 +608,9 @@ def test_config_path_says_a_config_that_links_to_itself_cannot_be_read(tmp_path,
 
 
 @pytest.mark.parametrize("text, warning", [
-    ("1: a\nfoo: b\n", "unknown key 1; allowed: paths, default_model"),
-    ("~: 1\nfoo: 2\n", "unknown key null; allowed: paths, default_model"),
-    ("yes: 1\nfoo: 2\n", "unknown key true; allowed: paths, default_model"),
+    ("1: a\nfoo: b\n", "unknown keys 1, 'foo'; allowed: paths, default_model"),
+    ("~: 1\nfoo: 2\n", "unknown keys null, 'foo'; allowed: paths, default_model"),
+    ("yes: 1\nfoo: 2\n", "unknown keys true, 'foo'; allowed: paths, default_model"),
     ("paths:\n  1: [a]\n  foo: [b]\n", "paths.1: unknown kind; allowed: checkpoints, loras"),
     (f"paths:\n  loras: [/{'a' * 300}]\n",
      f"paths.loras: /{'a' * 300} cannot be searched: File name too long; ignored"),

@@ -157,6 +157,8 @@ def apply_global_options(args: argparse.Namespace) -> None:
 
     if getattr(args, "config", None) is not None:
         config.set_config_path(args.config)
+        if args.command != "config" and (problem := config.load().unread):  # a typo must not mean the defaults
+            raise RequestError("config", problem)
     if getattr(args, "allow_pickle", False):
         os.environ["DREAMTTY_ALLOW_PICKLE"] = "1"
     if args.command is None:
@@ -168,7 +170,7 @@ def apply_global_options(args: argparse.Namespace) -> None:
 
         warnings += [problem] if (problem := config_preset(cfg)[1]) else []
     for warning in warnings:
-        print(f"dreamtty: {one_line(warning)}", file=sys.stderr)
+        print(f"dreamtty: {error_line(warning)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

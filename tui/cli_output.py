@@ -9,7 +9,7 @@ import re
 import sys
 
 from backend.events import Event, Step
-from backend.safetext import one_line, visible
+from backend.safetext import error_line, visible
 
 
 class Parser(argparse.ArgumentParser):
@@ -51,7 +51,7 @@ def given(text: str) -> str:
 def print_warnings(warnings: list[str]) -> None:
     """Each warning as a ``dreamtty: warning:`` line on stderr."""
     for warning in warnings:
-        print(f"dreamtty: warning: {one_line(warning)}", file=sys.stderr)
+        print(f"dreamtty: warning: {error_line(warning)}", file=sys.stderr)
 
 
 class Progress:
