@@ -83,6 +83,8 @@ class Job:
     outputs: list[str]
     owner: str
     attempts: int = 0  # times a worker died while running it
+    # active, and its owner renews no lease (a process killed): the next recovering service runs it again
+    orphaned: bool = False
 
     @property
     def request(self) -> dict:
@@ -200,6 +202,10 @@ class QueueStore:
         query = listing_sql(_SELECT, "jobs", states, owner, limit, oldest_first,
                             ["outputs != '[]'"] if with_images else [])
         jobs = self._jobs(self._db.execute(*query).fetchall())
+        live = {owner for (owner,) in self._db.execute("SELECT owner FROM owners WHERE heartbeat > ?",
+                                                        (time.time() - LEASE_TTL,))}
+        for job in jobs:
+            job.orphaned = job.state in ACTIVE and job.owner not in live
         return [job for job in jobs if not states or job.state in states]  # a row that did not read is failed now
 
     @queue_access
@@ -390,7 +396,8 @@ def _checked(job: Job) -> Job:
     if not isinstance(job.kind, str) or job.state not in ACTIVE + FINAL:
         raise ValueError(f"has kind {job.kind!r} and state {job.state!r}, not a job's")
     if not (is_time(job.created) and is_time(job.updated) and is_whole(job.attempts) and is_whole(job.id)
-            and isinstance(job.owner, str) and (job.error is None or isinstance(job.error, str))):
+            and isinstance(job.owner, str) and (job.error is None or isinstance(job.error, str))
+            and isinstance(job.orphaned, bool)):
         raise ValueError("has an id, time, owner, error or attempt count of the wrong type")
     return job
 

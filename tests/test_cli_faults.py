@@ -417,6 +417,22 @@ def test_huge_job_ids_and_limits_are_one_line(tmp_path, monkeypatch, capsys):
     _one_error(capsys, "limit: 0 is out of range")
 
 
+def test_a_job_a_killed_process_left_running_is_listed_as_such(tmp_path, monkeypatch, capsys):
+    """A ``--local`` generate killed with SIGKILL left its job "running" in ``jobs`` for ever, nothing said."""
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    store = QueueStore(locations.queue_db())
+    job = store.add("generate", {"request": {"prompt": "killed"}}, owner="gone")
+    store.set_state(job, "running")
+    store.close()
+    assert main(["jobs"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:2] == [str(job), "running"] and out[2] == (
+        f"        its process is gone (killed?): the next dreamtty serve or TUI runs it (dreamtty cancel {job} drops it)")
+    assert main(["jobs", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["orphaned"] is True
+
+
 def test_tui_leaves_a_damaged_queue_warning_on_the_terminal(tmp_path, monkeypatch, capsys):
     import tui.app
 

@@ -271,8 +271,13 @@ def test_a_live_owner_keeps_its_jobs_and_a_silent_one_loses_them(db, tmp_path):
     store.renew_lease(silent, now=0.0)  # no heartbeat since 1970
     kept = store.add("generate", {"request": {}}, live)
     lost = store.add("generate", {"request": {}}, silent)
+    done = store.add("generate", {"request": {}}, silent)
+    store.set_state(done, "done")
+    # listed, a job a killed process left active says so (it was "running" for ever while no service ran)
+    assert {job.id: job.orphaned for job in store.jobs()} == {kept: False, lost: True, done: False}
     assert store.adopt_orphans("me") == [lost]
     assert store.get(kept).owner == live and store.get(lost).owner == "me"
+    assert not any(job.orphaned for job in store.jobs())
     assert store.adopt_orphans("someone-else") == []  # adopting renewed the lease of "me"
 
 

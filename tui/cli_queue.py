@@ -116,6 +116,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(visible(f"{job.id:>6}  {job.state:<10}{job.kind:<10}{when:<17}{count:>6}  {prompt}"))
         if job.error:
             print(f"{'':>8}{one_line(job.error)}")
+        if job.orphaned:
+            print(f"{'':>8}its process is gone (killed?): the next dreamtty serve or TUI runs it "
+                  f"(dreamtty cancel {job.id} drops it)")
     return 0
 
 
