@@ -158,3 +158,14 @@ def test_pull_verifies_hash_and_reports_network_errors(tmp_path):
 
     with pytest.raises(DreamttyError, match="cannot reach the Hugging Face Hub for org/model: Name or service"):
         downloads.pull("org/model", api=Down(tmp_path, {}))
+
+
+def test_a_missing_lora_is_said_before_the_model_downloads(monkeypatch, capsys):
+    """``--preset fast`` downloaded SDXL (7 GB) and then refused its LoRA, not in the cache."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    pulled: list = []
+    monkeypatch.setattr(downloads, "pull", lambda *args, **kwargs: pulled.append(args))
+    assert main(["generate", "x", "--local", "--model", "org/not-cached", "--lora", "org/lcm-lora"]) == 2
+    assert pulled == [] and capsys.readouterr().err == (
+        "dreamtty: lora: org/lcm-lora is not in the local Hugging Face cache; get it with: dreamtty models pull "
+        "org/lcm-lora\n")

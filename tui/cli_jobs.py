@@ -223,7 +223,9 @@ def _fetch_if_missing(request: GenerateRequest) -> None:
     ref = resolve_model(request.model, variants=request.model_variants)
     if ref.kind == "hub" and ref.family == "unknown":
         from backend.downloads import pull
+        from backend.extras_check import check_extras
 
+        check_extras(request, ref.family)  # a LoRA, VAE or refiner missing is said before gigabytes download
         print(f"dreamtty: downloading {visible(request.model)} into the Hugging Face cache", file=sys.stderr)
         pull(request.model)
 
