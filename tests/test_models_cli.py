@@ -29,7 +29,8 @@ def test_models_list_json_and_text(tmp_path, monkeypatch, capsys):
     (tmp_path / "ckpt" / "partial.safetensors").write_bytes(b"\xff" * 12)
     monkeypatch.setenv("DREAMTTY_CHECKPOINTS", str(tmp_path / "ckpt"))
     assert main(["models", "list", "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
+    (line,) = capsys.readouterr().out.splitlines()  # one JSON object a line, as every --json
+    data = json.loads(line)
     mine = next(m for m in data["models"] if m["name"] == "my-model")
     assert (mine["kind"], mine["family"], mine["format"], mine["source"]) == (
         "checkpoint", "sd1", "safetensors", str(tmp_path / "ckpt"))

@@ -46,7 +46,7 @@ def cmd_list(args) -> int:
     cfg = config.load()
     lib = library.discover(cfg)
     if args.json:
-        print(json.dumps({"models": [e.to_dict() for e in lib.entries], "problems": lib.problems}, indent=1))
+        print(json.dumps({"models": [e.to_dict() for e in lib.entries], "problems": lib.problems}))
         return 0
     print(format_table(lib))
     if all(e.source == "built-in" for e in lib.of_kind("checkpoint")):
