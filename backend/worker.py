@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import sys
 import time
 import traceback
@@ -51,6 +52,9 @@ def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str
     ``events`` is this worker's own pipe end: if the process dies mid-write only its pipe is
     spoiled, never another worker's. ``nice`` is set first, so every thread started later inherits it.
     """
+    # SIGTERM sent to the command's process group (`timeout`, `kill -- -PGID`) ends it as Ctrl-C's SIGINT does,
+    # unwinding: what it holds is released (killed outright, it left a semaphore the resource tracker warned of)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if nice:
         os.nice(nice)
     _redirect_output(Path(log_path))

@@ -446,9 +446,15 @@ def test_tui_leaves_a_damaged_queue_warning_on_the_terminal(tmp_path, monkeypatc
 
 
 # -- 4: Ctrl-C ------------------------------------------------------------------------------
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_or_sigterm_cancels_the_job_in_the_queue(tmp_path, demo_dirs, sig):
-    """Ctrl-C reaches the process group; SIGTERM (kill, timeout) the command alone."""
+_SIGNALS = {"ctrl-c": lambda proc: os.killpg(proc.pid, signal.SIGINT),  # a terminal's: the group, workers too
+            "kill": lambda proc: proc.send_signal(signal.SIGTERM),
+            # GNU timeout: the command, then its group; the second SIGTERM interrupted the first one's cleanup (a
+            # traceback, the job left running) and the worker died leaving a semaphore (a resource tracker warning)
+            "timeout": lambda proc: (proc.send_signal(signal.SIGTERM), os.killpg(proc.pid, signal.SIGTERM))}
+
+
+@pytest.mark.parametrize("how", _SIGNALS)
+def test_ctrl_c_or_sigterm_cancels_the_job_in_the_queue(tmp_path, demo_dirs, how):
     proc = subprocess.Popen(
         [sys.executable, "-m", "tui.cli", "generate", "x", "--model", "demo", "--steps", "500", "--size", "256x256",
          "--device", "cpu", "--out", str(tmp_path), "--json"],
@@ -459,11 +465,24 @@ def test_ctrl_c_or_sigterm_cancels_the_job_in_the_queue(tmp_path, demo_dirs, sig
         event = json.loads(line)
         job = event["job"] if event["type"] == "queued" else job
         if event["type"] == "step":
-            os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+            _SIGNALS[how](proc)
             break
     assert proc.wait(timeout=60) == 130
-    assert "interrupted" in proc.stderr.read()
+    assert proc.stderr.read() == "dreamtty: interrupted\n"
     assert QueueStore(locations.queue_db()).get(job).state == "cancelled"
+
+
+def test_a_burst_of_signals_is_one_interrupt_and_a_later_one_another(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: now[0])
+    interrupt = cli.Interrupt()
+    with pytest.raises(KeyboardInterrupt):
+        interrupt(signal.SIGTERM, None)
+    now[0] += 0.01
+    assert interrupt(signal.SIGTERM, None) is None  # the same burst: the cleanup goes on
+    now[0] += cli.Interrupt.DUPLICATE
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C pressed again (train: leave the trainer running)
+        interrupt(signal.SIGINT, None)
 
 
 _WHILE_LOADING = ("import builtins, sys\n"

@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from backend.errors import DreamttyError, RequestError, ServiceUnavailable
-from backend.safetext import error_line, one_line
+from backend.safetext import error_line
 from backend.samplers import SAMPLERS, SCHEDULES
 from tui.cli_output import Parser, given, print_warnings
 
@@ -173,6 +175,25 @@ def apply_global_options(args: argparse.Namespace) -> None:
         print(f"dreamtty: {error_line(warning)}", file=sys.stderr)
 
 
+class Interrupt:
+    """A signal handler that raises KeyboardInterrupt, once for a burst: `timeout` and `kill -- -PGID` signal
+    the process and its group, so it gets the signal twice at once. The second interrupted the first one's
+    cleanup (a traceback, a cancelled job left "running"; ``train`` left its trainer running instead of
+    stopping it). A signal DUPLICATE seconds later (Ctrl-C pressed again) raises again."""
+
+    DUPLICATE = 0.5
+
+    def __init__(self) -> None:
+        self.last = -math.inf
+
+    def __call__(self, signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if now - self.last < self.DUPLICATE:
+            return  # the same burst
+        self.last = now
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -185,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "attach":  # the TUI restores the terminal on its own signals
             # `kill`, `timeout` or a job scheduler: a command stops as on Ctrl-C (its --local jobs are
             # cancelled, not left "running" for a later service to run); serve and web handle it themselves.
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            interrupt = Interrupt()
+            signal.signal(signal.SIGINT, interrupt)
+            signal.signal(signal.SIGTERM, interrupt)
         return int(args.func(args) or 0)
     except DreamttyError as exc:
         print(f"dreamtty: {error_line(exc)}", file=sys.stderr)
