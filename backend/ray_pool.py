@@ -376,6 +376,9 @@ def _connect(ray, address: str, field: str) -> bool:
             if b"InvalidAuthToken" in said.read():
                 why = ("it refused this machine's token (give it the head's token in RAY_AUTH_TOKEN or "
                        "~/.ray/auth_token, and set RAY_AUTH_MODE=token: Ray sets it itself only for a cluster it finds)")
+            elif address == "auto" and "Could not find any running Ray instance" in why:  # Ray names its own flag
+                why = ("none runs on this machine (`ray start --head` starts one); or name one: RAY_ADDRESS, or "
+                       "--cluster ray://HEAD:10001 or HEAD:6379")
             raise DreamttyError(f"{field}: cannot join the Ray cluster at {address}: {why}") from None
     return True
 

@@ -431,6 +431,7 @@ def test_auto_checks_the_head_ray_address_names(monkeypatch):
      r"it refused this machine.s token \(give it the head.s token .*set RAY_AUTH_MODE=token: Ray sets it itself only "
      r"for a cluster it finds\)"),
     (b"[W rpc_client.h:153] Failed to connect to GCS\n", "Failed to connect to Ray cluster at 192.0.2.2:6379$"),
+    (b"", r"none runs on this machine \(`ray start --head` starts one\); or name one: RAY_ADDRESS, or --cluster "),
 ])
 def test_a_failed_join_is_one_line_without_rays_own_log(monkeypatch, capfd, log, why):
     """Ray's core writes each failed try to descriptor 2, about twenty lines before it gives up."""
@@ -440,11 +441,15 @@ def test_a_failed_join_is_one_line_without_rays_own_log(monkeypatch, capfd, log,
         def is_initialized(self) -> bool:
             return False
 
-        def init(self, **options) -> None:
+        def init(self, address: str, **options) -> None:
             os.write(2, log * 20)
-            raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.2:6379")
+            raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to by "
+                                  "setting `--address` flag or `RAY_ADDRESS` environment variable." if address == "auto"
+                                  else "Failed to connect to Ray cluster at 192.0.2.2:6379")
 
     monkeypatch.setattr(ray_pool, "_check_head", lambda *args: None)
-    with pytest.raises(DreamttyError, match=rf"^cluster: cannot join the Ray cluster at h:6379: {why}"):
-        ray_pool._connect(Refusing(), "h:6379", "cluster")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    address = "auto" if not log else "h:6379"  # auto, with none on this machine: Ray's text named a flag of its own
+    with pytest.raises(DreamttyError, match=rf"^cluster: cannot join the Ray cluster at {address}: {why}"):
+        ray_pool._connect(Refusing(), address, "cluster")
     assert capfd.readouterr().err == ""
