@@ -274,7 +274,7 @@ def read_text_file(path: str) -> str:
         if path == "-":
             return sys.stdin.read(MAX_TEXT + 1)
         return user_files.read_text(path, MAX_TEXT * 4, "utf-8-sig")  # UTF-8 takes up to 4 bytes a character
-    except user_files.RefusedFile as exc:
-        raise RequestError("from-text", f"{path}: cannot read: {exc.strerror}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RequestError("from-text", f"{path}: cannot read: {exc}") from None
+    except OSError as exc:
+        raise user_files.read_error("from-text", path, exc, "a text file (- reads standard input)") from None
+    except UnicodeDecodeError:
+        raise RequestError("from-text", f"{path} is not UTF-8 text") from None

@@ -363,11 +363,14 @@ def test_unreadable_images_and_deep_metadata_are_one_line_errors(tmp_path):
 @pytest.mark.parametrize("args,message", [
     ([], "reproduce: give an IMAGE or --from-text FILE"),
     (["x.png", "--from-text", "t.txt"], "reproduce: give an IMAGE or --from-text FILE"),
-    (["--from-text", "/no/such.txt"], "from-text: /no/such.txt: cannot read"),
+    (["--from-text", "/no/such.txt"], "from-text: /no/such.txt is missing\n"),
     (["--from-text", "GARBAGE"], "from-text: GARBAGE: no parameters found"),
+    (["--from-text", "."], "from-text: . is a folder; give a text file (- reads standard input)\n"),
+    (["--from-text", "latin1.txt"], "from-text: latin1.txt is not UTF-8 text\n"),  # Python's codec text, before
 ])
 def test_cli_reproduce_bad_input_is_one_line(args, message, tmp_path):
     (tmp_path / "GARBAGE").write_bytes(b"\x00\x01 not parameters")
+    (tmp_path / "latin1.txt").write_bytes("a caf\u00e9\nSteps: 20".encode("latin-1"))
     r = subprocess.run([sys.executable, "-m", "tui.cli", "reproduce", *args], capture_output=True, text=True,
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr

@@ -40,7 +40,7 @@ def test_train_yaml(fifo):
 
 
 def test_a_parameters_text(fifo):
-    with pytest.raises(RequestError, match=f"^from-text: {fifo}: cannot read: is not a regular file$"):
+    with pytest.raises(RequestError, match=f"^from-text: {fifo} is not a regular file$"):
         _without_waiting(lambda: foreign_metadata.read_text_file(str(fifo)), fifo)
 
 
