@@ -298,6 +298,15 @@ def test_cli_bad_input_exits_2_with_one_line(capsys, photos, argv, words):
     assert words in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("flag", ["--lr", "--output", "--class-prompt", "--rank", "--launcher", "--config"])
+def test_an_empty_flag_is_refused_not_read_as_the_default(capsys, flag):
+    """``--lr "$LR"`` with LR unset trained at the default rate (--rank "" said "is required", unlike the rest)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--model", "demo", flag, ""])
+    assert exit_.value.code == 2 and capsys.readouterr().err.endswith(
+        f"error: argument {flag}: is empty; give a value or leave the option out\n")
+
+
 @pytest.mark.parametrize("text", ["[]", "null", '"a run"', "garbage{",
                                   '{"state": "running", "pid": "7", "created": "x", "updated": [], "settings": [1]}'])
 def test_a_damaged_run_json_is_named_and_listed_without_a_traceback(capsys, tmp_path, text):
