@@ -27,6 +27,8 @@ def parse_lora(text: str) -> tuple[str, float]:
     if not sep:
         return text.strip(), 1.0
     try:
+        if not weight.isascii():  # float() reads other scripts' digits
+            raise ValueError(weight)
         return name.strip(), float(weight)
     except ValueError:
         raise RequestError("lora", f"{text!r}: weight must be a number (NAME[:WEIGHT])") from None
@@ -44,6 +46,8 @@ def parse_loras(texts: str | list) -> list:
 def parse_floats(name: str, text: str) -> tuple[float, ...]:
     """``"0.9, 0.2"`` -> (0.9, 0.2); RequestError naming ``name`` otherwise."""
     try:
+        if not text.isascii():  # float() reads other scripts' digits
+            raise ValueError(text)
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise RequestError(name, f"{text!r} is not a comma-separated list of numbers") from None

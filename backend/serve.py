@@ -46,7 +46,7 @@ def parse_listen(text: str, field: str = "listen") -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); RequestError naming ``field`` otherwise."""
     host, sep, port = text.strip().rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise RequestError(field, f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:7860)")
     return host, int(port)
 

@@ -53,10 +53,18 @@ def optional(shape: Shape) -> Callable[[object], bool]:
     return lambda value: value is None or shape_fault(value, shape) is None
 
 
+def _ascii_text(name: str, value: object) -> None:
+    """RequestError unless a text ``value`` is ASCII: ``int()`` and ``float()`` read "٣" (another script's digit)
+    as 3, where every option of the CLI refuses it."""
+    if isinstance(value, str) and not value.isascii():
+        raise RequestError(name, f"{value!r} is not a number (write it in ASCII digits)")
+
+
 def to_int(name: str, value: object) -> int:
-    """An int, or a float or text holding a whole number."""
+    """An int, or a float or text holding a whole number (ASCII digits)."""
     if is_whole(value):
         return value
+    _ascii_text(name, value)
     whole = _WHOLE.fullmatch(value) if isinstance(value, str) else None
     if whole and len(whole[1]) > MAX_DIGITS:
         raise RequestError(name, f"a number of {len(whole[1])} digits is out of range")
@@ -72,7 +80,8 @@ def to_int(name: str, value: object) -> int:
 
 
 def to_float(name: str, value: object) -> float:
-    """A finite float from a number or text."""
+    """A finite float from a number or text (ASCII digits)."""
+    _ascii_text(name, value)
     try:
         if isinstance(value, bool):
             raise TypeError

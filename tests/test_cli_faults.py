@@ -19,6 +19,7 @@ import pytest
 from backend import devices, locations
 from backend.errors import DreamttyError
 from backend.queue_store import QueueStore
+from image_helpers import write_image
 from tui import cli, cli_jobs
 from tui.cli import main
 
@@ -397,6 +398,23 @@ def test_a_list_of_numbers_in_other_scripts_digits_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "x", "--adm-scale", "\u0663,1,1"])
     assert exit_.value.code == 2 and "is not a comma-separated list of numbers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inpaint", "x.png", "--box", "\u0661,0,8,8"], "box: '\u0661,0,8,8' is not X,Y,W,H"),
+    (["vary", "x.png", "--strength", "\u0661"], "strength: '\u0661' is not a number"),
+    (["train", "--rank", "\u0661"], "rank: '\u0661' is not a number (write it in ASCII digits)"),
+    (["generate", "x", "--lora", "ink:\u0660.5"], "lora: 'ink:\u0660.5': weight must be a number"),
+    (["--cluster", "h:\u0661\u0662", "jobs"], "cluster: "),
+    (["serve", "--listen", "127.0.0.1:\u0661\u0662"], "listen: "),
+])
+def test_other_scripts_digits_are_refused_by_every_field(argv, message, tmp_path, monkeypatch, capsys):
+    """Some fields took "١" for 1 (int() and float() read it) where the options' own types refused it."""
+    monkeypatch.chdir(tmp_path)
+    write_image(tmp_path / "x.png")
+    assert main([*argv, "--local"] if argv[0] != "serve" else argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dreamtty: {message}") and err.count("\n") == 1, err
 
 
 def test_a_list_that_starts_with_a_minus_is_a_value(capsys):

@@ -23,7 +23,7 @@ from backend.values import to_float, to_int
 # mode -> (strength, context)
 MODES = {"fill": (1.0, 0.618), "detail": (0.5, 0.0), "modify": (1.0, 0.0)}
 MAX_FEATHER = 256
-_BOX = re.compile(r"\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*")
+_BOX = re.compile(r"\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*", re.ASCII)
 
 
 def parse_box(name: str, value: object) -> tuple[int, int, int, int]:
