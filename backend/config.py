@@ -138,7 +138,7 @@ def _text(key: str, value: object) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{key}: must be a non-empty text, got {value!r}")
+        raise ValueError(f"{key}: must be a non-empty text, got {_yaml_text(value)}")
     return value.strip()
 
 
@@ -149,13 +149,13 @@ def _apply(cfg: Config, data: dict) -> None:
         # a train.yaml given as the app's --config (before ``train``, not after it) holds dozens
         hint = "; training settings go in `dreamtty train --config FILE`" if "instance_dir" in unknown else ""
         cfg.warnings.append(f"config: unknown key{'s' if len(unknown) > 1 else ''} "
-                            f"{', '.join(map(_key_text, unknown))}; allowed: {', '.join(TOP_KEYS)}{hint}")
+                            f"{', '.join(map(_yaml_text, unknown))}; allowed: {', '.join(TOP_KEYS)}{hint}")
     paths = data.get("paths") or {}
     if not isinstance(paths, dict):
         cfg.warnings.append("config: paths: must be a mapping of kind -> folders; using the defaults")
         paths = {}
     for kind in [k for k in paths if k not in (*FOLDER_KINDS, "outputs")]:
-        shown = kind if isinstance(kind, str) else _key_text(kind)
+        shown = kind if isinstance(kind, str) else _yaml_text(kind)
         cfg.warnings.append(f"config: paths.{shown}: unknown kind; allowed: {', '.join(FOLDER_KINDS)}, outputs")
     parsers = {
         **{("paths", k): (lambda v, k=k: cfg.paths.__setitem__(k, _folder_list(f"paths.{k}", v))) for k in FOLDER_KINDS},
@@ -178,8 +178,8 @@ def _apply(cfg: Config, data: dict) -> None:
             cfg.warnings.append(f"config: {exc}; using the default")
 
 
-def _key_text(key: object) -> str:
-    """A YAML key as the user wrote it, near enough: a text quoted (``'colour'``), null, true, false, 1."""
+def _yaml_text(key: object) -> str:
+    """A YAML key or value as the user wrote it, near enough: a text quoted (``'colour'``), null, true, false, 1."""
     if isinstance(key, str):
         return repr(key)
     if key is None or isinstance(key, bool):
@@ -197,13 +197,13 @@ def _request():
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise ValueError(f"{key}: {value!r} is not allowed; use {' or '.join(allowed)}")
+        raise ValueError(f"{key}: {_yaml_text(value)} is not allowed; use {' or '.join(allowed)}")
     return value
 
 
 def _count(key: str, value: object, most: int) -> int:
     if not is_whole(value) or not 1 <= value <= most:
-        raise ValueError(f"{key}: {value!r} is not allowed; use a whole number 1..{most}")
+        raise ValueError(f"{key}: {_yaml_text(value)} is not allowed; use a whole number 1..{most}")
     return value
 
 
@@ -215,7 +215,7 @@ def _outputs(value: object) -> Path:
 
 def _bool(key: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{key}: must be true or false, got {value!r}")
+        raise ValueError(f"{key}: must be true or false, got {_yaml_text(value)}")
     return value
 
 

@@ -248,6 +248,8 @@ def test_max_batch_comes_from_the_config_below_an_explicit_value(tmp_path, monke
     cfg = config.load()
     assert cfg.max_batch is None and cfg.warnings == ["config: max_batch: 0 is not allowed; use a whole number 1..64; "
                                                       "using the default"]
+    path.write_text("max_batch: yes\n")  # said as YAML writes it, not as Python's True
+    assert config.load().warnings[0].startswith("config: max_batch: true is not allowed")
 
 
 @pytest.mark.parametrize("guidance", [

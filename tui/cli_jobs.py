@@ -75,7 +75,7 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adaptive-cfg", type=number, help="mimic CFG at high CFG")
     g.add_argument("--adm-scale", type=_floats("adm-scale", 3), help="SDXL: POS,NEG,END")
     g.add_argument("--freeu", nargs="?", const=(), type=_floats("freeu", 4),
-                   help="FreeU [s1,s2,b1,b2] (family defaults if empty)")
+                   help="FreeU s1,s2,b1,b2 (alone: the family's defaults)")
     g.add_argument("--clip-skip", type=integer, help="use the N-th from last text-encoder layer")
     g.add_argument("--pag", type=number, help="Perturbed-Attention Guidance scale")
     g.add_argument("--apg", type=number, help="Adaptive Projected Guidance scale")

@@ -9,6 +9,7 @@ from backend import config, downloads, library, user_files
 from backend.errors import RequestError
 from backend.families import FAMILIES
 from backend.safetext import one_line, visible
+from tui.cli_output import given
 
 
 def companions_targets() -> tuple[str, ...]:
@@ -107,8 +108,8 @@ def register(sub) -> None:
     ls.set_defaults(func=cmd_list)
     pull = msub.add_parser("pull", help="download a Hugging Face model (or one file of it) into the cache")
     pull.add_argument("id", nargs="?", help="Hugging Face repo id, e.g. stabilityai/stable-diffusion-xl-base-1.0")
-    pull.add_argument("--revision", help="branch, tag or commit")
-    pull.add_argument("--file", help="one file of the repo (e.g. a single-file .safetensors checkpoint)")
+    pull.add_argument("--revision", type=given, help="branch, tag or commit")
+    pull.add_argument("--file", type=given, help="one file of the repo (e.g. a single-file .safetensors checkpoint)")
     pull.add_argument("--for", dest="target", choices=companions_targets(),
                       help="instead of an id: the usual models for image prompts (all types, or one) or describe, "
                            "into the model library")
