@@ -114,11 +114,14 @@ def test_the_cli_lists_and_shows_presets_as_data(presets_dir, capsys):
 
     (presets_dir / "mine.yaml").write_text('description: "red \\x1b[31m"\nsteps: 9\nsize: 640x512\n')
     (presets_dir / "bad.yaml").write_text("stpes: 9\n")
+    (presets_dir / "wide.yaml").write_text("width: 1024\n")  # no height: "presets show" raised KeyError
     assert main(["presets", "list"]) == 0
-    listed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    listed = dict((line.split(None, 1) + [""])[:2] for line in capsys.readouterr().out.splitlines())
     assert listed["mine"] == "red \\x1b[31m" and listed["bad"].startswith("(unusable: ") and "sd15" in listed
     assert main(["presets", "show", "mine"]) == 0
     assert capsys.readouterr().out.split("\n")[1:] == ["steps:            9", "size:             640x512", ""]
+    assert main(["presets", "show", "wide"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == "width:            1024"
     assert main(["presets", "show", "anime", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["source"] == "shipped:anime.yaml" and shown["fields"]["guidance"] == {"clip_skip": 2}

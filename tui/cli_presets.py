@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from backend.prompting.presets import list_presets, load_preset
+from backend.prompting.presets import list_presets, load_preset, preset_file
 from backend.safetext import one_line
 
 
@@ -35,11 +35,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     fields = load_preset(args.name)  # checked: an unusable preset is a one-line error
-    source = next(p.source for p in list_presets() if p.name == args.name)
+    source = preset_file(args.name).label
     if args.json:
         print(json.dumps({"name": args.name, "source": source, "fields": fields}))
         return 0
-    if "width" in fields:  # as a preset's file writes it
+    if "width" in fields and "height" in fields:  # as a preset's file writes it
         width, height = fields.pop("width"), fields.pop("height")
         fields["size"] = f"{width}x{height}"
     for key, value in {"source": source, **fields}.items():

@@ -68,12 +68,17 @@ def _read(file: DataFile) -> dict:
     return data
 
 
+def preset_file(name: str) -> DataFile:
+    """Preset ``name``'s file; RequestError("preset") naming the known ones when there is none."""
+    files = _files()
+    if name not in files:
+        raise RequestError("preset", f"unknown {name!r}; allowed: {', '.join(sorted(files)) or 'none'}")
+    return files[name]
+
+
 def load_preset(name: str) -> dict:
     """The request fields preset ``name`` sets (``size`` split into width/height), checked and converted."""
-    file = _files().get(name)
-    if file is None:
-        known = ", ".join(sorted(_files())) or "none"
-        raise RequestError("preset", f"unknown {name!r}; allowed: {known}")
+    file = preset_file(name)
     data = _read(file)
     unknown = sorted(set(data) - set(ALLOWED), key=str)
     if unknown:
