@@ -192,7 +192,7 @@ class QueueStore:
         if not 0 <= job_id <= MAX_ID:
             return None
         row = self._db.execute(f"SELECT {_SELECT} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return self._job(row) if row else None
+        return self._mark_orphans([self._job(row)])[0] if row else None
 
     @queue_access
     def jobs(self, states: tuple[str, ...] | None = None, owner: str | None = None, limit: int | None = None,
@@ -202,11 +202,17 @@ class QueueStore:
         query = listing_sql(_SELECT, "jobs", states, owner, limit, oldest_first,
                             ["outputs != '[]'"] if with_images else [])
         jobs = self._jobs(self._db.execute(*query).fetchall())
+        if owner is None:  # an owner's own listing (the service's dispatch) has no use for it
+            self._mark_orphans(jobs)
+        return [job for job in jobs if not states or job.state in states]  # a row that did not read is failed now
+
+    def _mark_orphans(self, jobs: list[Job]) -> list[Job]:
+        """``jobs``, each active one whose owner renews no lease marked ``orphaned``."""
         live = {owner for (owner,) in self._db.execute("SELECT owner FROM owners WHERE heartbeat > ?",
                                                         (time.time() - LEASE_TTL,))}
         for job in jobs:
             job.orphaned = job.state in ACTIVE and job.owner not in live
-        return [job for job in jobs if not states or job.state in states]  # a row that did not read is failed now
+        return jobs
 
     @queue_access
     def states(self, states: tuple[str, ...] | None, limit: int | None = None,

@@ -275,6 +275,7 @@ def test_a_live_owner_keeps_its_jobs_and_a_silent_one_loses_them(db, tmp_path):
     store.set_state(done, "done")
     # listed, a job a killed process left active says so (it was "running" for ever while no service ran)
     assert {job.id: job.orphaned for job in store.jobs()} == {kept: False, lost: True, done: False}
+    assert store.get(lost).orphaned and not store.get(kept).orphaned  # GET /v1/jobs/ID says it too
     assert store.adopt_orphans("me") == [lost]
     assert store.get(kept).owner == live and store.get(lost).owner == "me"
     assert not any(job.orphaned for job in store.jobs())

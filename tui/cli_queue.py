@@ -117,7 +117,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if job.error:
             print(f"{'':>8}{one_line(job.error)}")
         if job.orphaned:
-            print(f"{'':>8}its process is gone (killed?): the next dreamtty serve or TUI runs it "
+            print(f"{'':>8}its process is gone (killed?): a running dreamtty serve or TUI runs it, else the next "
                   f"(dreamtty cancel {job.id} drops it)")
     return 0
 
