@@ -10,7 +10,8 @@ defaults. ``DREAMTTY_*`` environment variables override single keys:
 ``_WILDCARDS`` / ``_STYLES`` (folder lists separated by ``os.pathsep``).
 
 A bad value never stops the app: that key keeps its default and ``load()``
-returns a one-line warning naming the key and the problem.
+returns a one-line warning naming the key and the problem. A whole file that cannot be used is a
+warning too (``Config.unread``), but a command given it with ``--config`` refuses to run (``tui.cli``).
 """
 
 from __future__ import annotations

@@ -52,12 +52,12 @@ def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str
     ``events`` is this worker's own pipe end: if the process dies mid-write only its pipe is
     spoiled, never another worker's. ``nice`` is set first, so every thread started later inherits it.
     """
-    # SIGTERM sent to the command's process group (`timeout`, `kill -- -PGID`) ends it as Ctrl-C's SIGINT does,
-    # unwinding: what it holds is released (killed outright, it left a semaphore the resource tracker warned of)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if nice:
         os.nice(nice)
     _redirect_output(Path(log_path))
+    # SIGTERM sent to the command's process group (`timeout`, `kill -- -PGID`) ends it as Ctrl-C's SIGINT does,
+    # unwinding: what it holds is released (killed outright, it left a semaphore the resource tracker warned of)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from backend.queue_store import QueueStore
 

@@ -500,8 +500,8 @@ def test_a_burst_of_signals_is_one_interrupt_and_a_later_one_another(monkeypatch
     now[0] += 0.01
     assert interrupt(signal.SIGTERM, None) is None  # the same burst: the cleanup goes on
     now[0] += cli.Interrupt.DUPLICATE
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C pressed again (train: leave the trainer running)
-        interrupt(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):  # a later one (train: leave the trainer running)
+        interrupt(signal.SIGTERM, None)
 
 
 _WHILE_LOADING = ("import builtins, sys\n"
@@ -639,6 +639,16 @@ def test_a_config_option_naming_a_file_that_cannot_be_used_is_one_error(tmp_path
     captured = capsys.readouterr()
     assert captured.out == f"{tmp_path}/loop1\n"
     assert captured.err == warning + "(it cannot be read: Too many levels of symbolic links; the defaults apply)\n"
+
+
+def test_the_tui_starts_with_a_config_it_has_yet_to_write(tmp_path, monkeypatch):
+    """A command refuses an unusable --config; the TUI starts (it writes the file when a setting is saved)."""
+    import tui.app
+
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    monkeypatch.setattr(tui.app.DreamttyApp, "run", lambda self: None)
+    monkeypatch.setenv("TEXTUAL_DRIVER", "textual.drivers.headless_driver:HeadlessDriver")  # pytest has no tty
+    assert main(["--demo", "--config", str(tmp_path / "new.yaml")]) == 0
 
 
 def test_config_path_says_a_config_that_links_to_itself_cannot_be_read(tmp_path, monkeypatch, capsys):

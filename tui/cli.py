@@ -159,7 +159,8 @@ def apply_global_options(args: argparse.Namespace) -> None:
 
     if getattr(args, "config", None) is not None:
         config.set_config_path(args.config)
-        if args.command != "config" and (problem := config.load().unread):  # a typo must not mean the defaults
+        # a typo must not mean a command's run on the defaults; the TUI says it, and saves settings there
+        if args.command not in (None, "config") and (problem := config.load().unread):
             raise RequestError("config", problem)
     if getattr(args, "allow_pickle", False):
         os.environ["DREAMTTY_ALLOW_PICKLE"] = "1"
@@ -176,10 +177,10 @@ def apply_global_options(args: argparse.Namespace) -> None:
 
 
 class Interrupt:
-    """A signal handler that raises KeyboardInterrupt, once for a burst: `timeout` and `kill -- -PGID` signal
-    the process and its group, so it gets the signal twice at once. The second interrupted the first one's
+    """SIGTERM's handler: KeyboardInterrupt, as Ctrl-C, once for a burst. `timeout` and `kill -- -PGID` signal
+    the process and its group, so it gets SIGTERM twice at once: the second interrupted the first one's
     cleanup (a traceback, a cancelled job left "running"; ``train`` left its trainer running instead of
-    stopping it). A signal DUPLICATE seconds later (Ctrl-C pressed again) raises again."""
+    stopping it). One DUPLICATE seconds later raises again."""
 
     DUPLICATE = 0.5
 
@@ -206,9 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "attach":  # the TUI restores the terminal on its own signals
             # `kill`, `timeout` or a job scheduler: a command stops as on Ctrl-C (its --local jobs are
             # cancelled, not left "running" for a later service to run); serve and web handle it themselves.
-            interrupt = Interrupt()
-            signal.signal(signal.SIGINT, interrupt)
-            signal.signal(signal.SIGTERM, interrupt)
+            # SIGINT keeps Python's handler: asyncio.run cancels its main task on it only while that is set
+            signal.signal(signal.SIGTERM, Interrupt())
         return int(args.func(args) or 0)
     except DreamttyError as exc:
         print(f"dreamtty: {error_line(exc)}", file=sys.stderr)
