@@ -84,6 +84,7 @@ class RemoteClient:
         self._submitted: list[int] = []
         self.kept: list[int] = []
         self._unanswered: set[str] = set()  # client_refs of submits whose answer did not come
+        self._placement_checked = False
 
     # -- connection --------------------------------------------------------------------
     async def start(self) -> None:
@@ -139,14 +140,16 @@ class RemoteClient:
                 + "); run this with --local, or restart the service with these: dreamtty serve --stop")
 
     async def _check_placement(self) -> None:
-        """Warn when the service found running puts its workers elsewhere than this command's ``--device`` or
-        ``--cluster`` ask (asked for only: the defaults fit any service)."""
+        """Warn, once, when the service found running puts its workers elsewhere than this command's ``--device``
+        or ``--cluster`` ask (asked for only: the defaults fit any service). Advisory: a status that does not
+        come or read is no error."""
         options = self._start_options
-        if options is None or (options.devices == "auto" and options.cluster is None):
+        if options is None or (options.devices == "auto" and options.cluster is None) or self._placement_checked:
             return
+        self._placement_checked = True
         try:
             status = checked_status(await self._request("GET", "/v1/status", quick=True))
-        except ValueError:  # a status of another make: nothing to compare
+        except (DreamttyError, ValueError):
             return
         self.warnings += [differ] if (differ := placement_differs(status, options.devices, options.cluster)) else []
 
@@ -262,7 +265,7 @@ class RemoteClient:
         except Unreachable as exc:
             raise ServiceUnreachable(f"service: cannot reach {self.address}: {exc}") from None
         except asyncio.TimeoutError:
-            raise DreamttyError(f"service: {self.address} did not answer {method} {path} in time") from None
+            raise ServiceUnavailable(f"service: {self.address} did not answer {method} {path} in time") from None
         except (OSError, ValueError) as exc:
             raise DreamttyError(f"service: {self.address}: {exc}") from None
         if status >= 400:

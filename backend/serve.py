@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from backend import locations, service_log
-from backend.errors import DreamttyError, RequestError
+from backend.errors import DreamttyError, RequestError, ServiceUnavailable
 from backend.safetext import visible
 from backend.service_files import AlreadyRunning, ServiceFiles, hold_queue, make_token
 from backend.versions import build
@@ -203,13 +203,13 @@ def start_detached(options: ServeOptions, timeout: float = START_TIMEOUT) -> dic
             return info
         code = process.poll()
         if code not in (None, 0, AlreadyRunning.EXIT_CODE):
-            raise DreamttyError(f"service: did not start ({_last_line(log_file)}); see {log_file}")
+            raise ServiceUnavailable(f"service: did not start ({_last_line(log_file)}); see {log_file}")
         if code == AlreadyRunning.EXIT_CODE and not files.locked():  # not another of this runtime dir:
             raise AlreadyRunning(_last_line(log_file))  # one of another runtime dir runs the queue (hold_queue)
         time.sleep(0.05)
     if process.poll() == AlreadyRunning.EXIT_CODE:  # the one that holds the lock does not answer
-        raise DreamttyError(f"{files.running_message()}; it does not answer on its socket")
-    raise DreamttyError(f"service: not answering on {files.socket} after {timeout:g} s; see {log_file}")
+        raise ServiceUnavailable(f"{files.running_message()}; it does not answer on its socket")
+    raise ServiceUnavailable(f"service: not answering on {files.socket} after {timeout:g} s; see {log_file}")
 
 
 def _last_line(path: Path) -> str:

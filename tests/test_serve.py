@@ -715,7 +715,7 @@ async def test_a_service_that_does_not_answer_is_one_error(dirs, monkeypatch):
     monkeypatch.setattr(remote, "QUICK_TIMEOUT", 0.2)  # a listing waits this, not ANSWER_TIMEOUT (minutes)
     quiet = RemoteClient(Address(socket=files.socket), start=None, previews=False)
     try:
-        with pytest.raises(DreamttyError, match=r"did not answer GET /v1/version in time$"):
+        with pytest.raises(ServiceUnavailable, match=r"did not answer GET /v1/version in time$"):  # exit 3
             await asyncio.wait_for(quiet.jobs(), 1.5)
     finally:
         await quiet.close()
