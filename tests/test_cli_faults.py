@@ -275,9 +275,10 @@ def test_a_row_that_does_not_read_is_listed_failed_and_cancel_goes_past_a_missin
     assert err.splitlines() == [f"dreamtty: warning: queue: job {broken} has an id, time, owner, error or attempt "
                                 f"count of the wrong type in {locations.queue_db()}; marked it failed"]
     lines = out.splitlines()
-    assert lines[1].split()[:2] == [str(queued), "queued"] and lines[2].split()[:2] == [str(erred), "failed"]
-    assert lines[3].strip() == "line one\\nline two" and lines[4].split()[:2] == [str(broken), "failed"]
-    assert "in the queue file; it cannot run" in lines[5] and len(lines) == 6
+    assert lines[1].split()[:2] == [str(queued), "queued"] and "its process is gone" in lines[2]  # "gone" has no lease
+    assert lines[3].split()[:2] == [str(erred), "failed"]
+    assert lines[4].strip() == "line one\\nline two" and lines[5].split()[:2] == [str(broken), "failed"]
+    assert "in the queue file; it cannot run" in lines[6] and len(lines) == 7
     assert main(["cancel", "99999", str(queued), str(queued)]) == 2  # an id given twice is cancelled once
     out, err = capsys.readouterr()
     assert out == f"job {queued} cancelled\n" and err == "dreamtty: job 99999: no such job\n"
