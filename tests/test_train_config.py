@@ -283,6 +283,9 @@ def test_cli_precedence_defaults_config_flags(tmp_path, photos):
     runs.write_json_atomic(run_dir / runs.RUN_JSON, {"settings": req.to_dict() | {"seed": 9}})
     resumed = request_from_args(_args("--output", str(run_dir), "--resume", "latest", "--max-steps", "80"))
     assert (resumed.seed, resumed.rank, resumed.max_steps, resumed.resume) == (9, 16, 80, "latest")
+    config.write_text(config.read_text() + "validation_prompt: a sks dog on the moon\n")
+    cleared = request_from_args(_args("--config", str(config), "--validation-prompt", ""))
+    assert cleared.validation_prompt is None  # an empty text flag clears the file's (other empties are refused)
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -298,7 +301,7 @@ def test_cli_bad_input_exits_2_with_one_line(capsys, photos, argv, words):
     assert words in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("flag", ["--lr", "--output", "--class-prompt", "--rank", "--launcher", "--config"])
+@pytest.mark.parametrize("flag", ["--lr", "--snr-gamma", "--rank", "--launcher", "--config"])
 def test_an_empty_flag_is_refused_not_read_as_the_default(capsys, flag):
     """``--lr "$LR"`` with LR unset trained at the default rate (--rank "" said "is required", unlike the rest)."""
     with pytest.raises(SystemExit) as exit_:

@@ -22,12 +22,7 @@ from pathlib import Path
 from backend.errors import DreamttyError, RequestError, ServiceUnavailable
 from backend.safetext import error_line
 from backend.samplers import SAMPLERS, SCHEDULES
-from tui.cli_output import Parser, given, print_warnings
-
-
-def _file_path(text: str) -> Path:
-    """``--config``: a path; empty text is refused (``Path("")`` is the working folder)."""
-    return Path(given(text))
+from tui.cli_output import Parser, file_path, print_warnings
 
 
 # Options taken before the subcommand or after it: (flags, add_argument keywords).
@@ -39,7 +34,7 @@ _GLOBAL_OPTIONS = (
     (("--cluster",), {"help": "run the workers on a Ray cluster: auto, ray://HEAD:10001 or HEAD:6379 "
                                "(local: on this machine; default: the config's workers)"}),
     (("--color",), {"choices": ["auto", "truecolor", "256"], "default": "auto", "help": "TUI colour depth"}),
-    (("--config",), {"type": _file_path, "help": "config file (default: see `dreamtty config path`)"}),
+    (("--config",), {"type": file_path, "help": "config file (default: see `dreamtty config path`)"}),
     (("--allow-pickle",), {"action": "store_true", "default": False,
                            "help": "allow pickled .ckpt/.pt/.bin weights (weights only)"}),
     (("--local",), {"action": "store_true", "default": False,

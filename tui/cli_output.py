@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
 from backend.events import Event, Step
 from backend.safetext import error_line, visible
@@ -46,6 +47,11 @@ def given(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty; give a value or leave the option out")
     return text
+
+
+def file_path(text: str) -> Path:
+    """argparse's ``type`` for a file's path; empty text is refused (``Path("")`` is the working folder)."""
+    return Path(given(text))
 
 
 def print_warnings(warnings: list[str]) -> None:

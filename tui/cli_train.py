@@ -22,7 +22,7 @@ from backend.events import RunState, TrainStep
 from backend.safetext import one_line, visible
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
-from tui.cli_output import given, print_warnings
+from tui.cli_output import file_path, given, print_warnings
 
 if TYPE_CHECKING:  # the scheduler and launcher are imported by the train command only, not by every CLI start
     from backend.run_schedule import ScheduledRun
@@ -67,19 +67,24 @@ _OPTIONS = (
 )
 
 
+_CLEARABLE = ("class_prompt", "validation_prompt", "output", "resume")  # text whose "" means none
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="DreamBooth fine-tuning (full or LoRA)",
                               description="DreamBooth fine-tuning. Every flag but --config, --detach, --launcher and the "
                                           "global --device is also a train.yaml key (with _).")
     # Its own dest: the global --config (the app's config file) must survive.
-    p.add_argument("--config", dest="train_config", type=lambda text: Path(given(text)), metavar="FILE",
+    p.add_argument("--config", dest="train_config", type=file_path, metavar="FILE",
                    help="train.yaml with the same keys; flags override")
     for flag, dest, metavar, help_text in _OPTIONS:
         if metavar is None:
             p.add_argument(flag, dest=f"train_{dest}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            # empty is refused, as generate's: `--lr "$LR"` with LR unset would quietly mean the default
-            p.add_argument(flag, dest=f"train_{dest}", metavar=metavar, type=given, default=None, help=help_text)
+            # empty is refused, as generate's (`--lr "$LR"` with LR unset would quietly mean the default), but
+            # where it clears what train.yaml or the resumed run set (no validation images, no class prompt)
+            p.add_argument(flag, dest=f"train_{dest}", metavar=metavar, type=str if dest in _CLEARABLE else given,
+                           default=None, help=help_text)
     p.add_argument("--detach", action="store_true", help="start the run in the background and return")
     p.add_argument("--launcher", metavar="CMD", type=given, help="e.g. 'accelerate launch --num_processes 2' for several GPUs "
                                                      "(with --device cuda:0,cuda:1: the GPUs the run waits for)")
