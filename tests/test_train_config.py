@@ -188,10 +188,10 @@ def test_prepare_run_writes_run_json_and_links(photos, tmp_path):
     with pytest.raises(RequestError, match="is already running"):  # "starting", no trainer yet
         prepare_run(_request(photos, output=str(tmp_path / "run1"), resume="latest"))
     runs.update_run_json(prepared.run_dir, state="stopped")
-    typo = tmp_path / "rnu1"  # it trained a new run from step 0, with a warning
-    with pytest.raises(RequestError, match=f"^resume: {typo} holds no run to continue"):
-        prepare_run(_request(photos, output=str(typo), resume="latest"))
-    assert not typo.exists()
+    typo = tmp_path / "rnu1"  # a typo, or the first launch of a script that always resumes: a new run, said so
+    assert prepare_run(_request(photos, output=str(typo), resume="latest")).warnings == [
+        f"resume: {typo} holds no run yet; a new run starts there from step 0 (check its name if you meant to "
+        "continue one)"]
     for resume in ("nope", "r" * 300, f"/tmp/{'r' * 300}"):  # a name too long is not blamed on the output
         with pytest.raises(RequestError, match=f"^resume: {resume} is not a checkpoint folder"):
             prepare_run(_request(photos, output=str(tmp_path / "run1"), resume=resume))

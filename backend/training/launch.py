@@ -82,9 +82,6 @@ def _previous_run(run_dir: Path, req: TrainRequest) -> dict:
     if run_dir.exists() and not run_dir.is_dir():
         raise RequestError("output", f"{run_dir} is a file; give a folder for the run")
     if not runs.is_run_dir(run_dir):
-        if req.resume == "latest":  # a typo in the folder's name would train a new run from step 0
-            raise RequestError("resume", f"{run_dir} holds no run to continue (no {runs.RUN_JSON}); check the "
-                                         "folder, or leave out --resume to start a new run there")
         if run_dir.is_dir() and any(run_dir.iterdir()):  # never write a run among someone's files
             raise RequestError("output", f"{run_dir} is not empty and holds no run; choose a new or empty folder")
         return {}
@@ -117,6 +114,9 @@ def _check_resume(req: TrainRequest, run_dir: Path, previous: dict, family: str)
         if previous.get("state") == "done":
             raise RequestError("resume", f"{run_dir} finished without a checkpoint to continue from; "
                                          "train a new run in another folder")
+        if not previous:  # a first launch of a script that always resumes (preemptible jobs), or a typo
+            return None, [f"resume: {run_dir} holds no run yet; a new run starts there from step 0 (check its "
+                          "name if you meant to continue one)"]
         return None, [f"resume: {run_dir} has no checkpoint yet; starting from step 0"]
     step = _checkpoint_step(checkpoint)
     if step is not None and step > req.max_steps:
