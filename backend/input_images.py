@@ -104,7 +104,7 @@ def unreadable(field_name: str, path: object, exc: BaseException) -> RequestErro
                                         f"{MAX_PIXELS / 1e6:.0f} megapixels")
     if isinstance(exc, UnidentifiedImageError):  # its text names PIL's file object, not the path
         return RequestError(field_name, f"{path} is not an image PIL can read (PNG, JPEG, WebP, ...)")
-    return RequestError(field_name, f"{path} is truncated or damaged: {first_line(exc) or 'cannot decode'}")
+    return RequestError(field_name, f"{path} is truncated or damaged: {first_line(exc, empty='cannot decode')}")
 
 
 def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[str]]:

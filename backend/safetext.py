@@ -46,8 +46,8 @@ def summary(text: object, most: int) -> str:
     return shown if len(shown) <= most else shown[:most - 1] + "…"
 
 
-def first_line(exc: BaseException, most: int = 300) -> str:
-    """The first line of ``exc``'s message, cut to ``most`` characters; "" when it has none (a library's
-    error quoted in one of ours: the rest is a traceback's worth of detail)."""
+def first_line(exc: BaseException, most: int = 300, empty: str | None = None) -> str:
+    """The first line of ``exc``'s message, cut to ``most`` characters (a library's error quoted in one of ours:
+    the rest is a traceback's worth of detail); ``empty`` when it has none (None: its type's name)."""
     lines = str(exc).strip().splitlines()
-    return lines[0][:most] if lines else ""
+    return lines[0][:most] if lines else type(exc).__name__ if empty is None else empty

@@ -520,5 +520,6 @@ def test_serve_status_shows_hostile_names_as_text():
 
 def test_a_library_error_is_quoted_by_its_first_line():
     assert first_line(OSError("  cannot read\nTraceback ...\n")) == "cannot read"
-    assert first_line(ValueError("x" * 500), 120) == "x" * 120 and first_line(KeyError()) == ""
+    assert first_line(ValueError("x" * 500), 120) == "x" * 120 and first_line(KeyError()) == "KeyError"
+    assert first_line(KeyError(), empty="") == ""
 

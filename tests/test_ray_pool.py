@@ -162,6 +162,7 @@ def test_the_status_answers_while_the_head_does_not(tmp_path, monkeypatch):
     assert pool.status()["warnings"] == ["cluster: cannot list the nodes of auto: GCS unreachable"]
 
 
+@ray_installed
 def test_a_failed_job_points_at_the_node_whose_worker_logs_say_why(tmp_path):
     from backend import ray_pool
 

@@ -4,6 +4,7 @@ service in its own process (its own DREAMTTY_HOME and XDG_RUNTIME_DIR), the demo
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -214,6 +215,7 @@ def test_generate_twice_loads_the_model_once(service):
     assert f"pid {status['pid']}" in text and "1 load(s)" in text and "demo (float32" in text
 
 
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="--cluster needs Ray (the test extra has it)")
 def test_a_device_or_cluster_the_running_service_does_not_use_is_said(service):
     """It was ignored: the job ran on the service's workers, and nothing said so."""
     same = cli(service, *GENERATE, "--device", "cpu", "--cluster", "local")

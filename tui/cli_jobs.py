@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from backend.client import Client
+from backend.client import SERVICE_ENV, Client
 from backend.errors import RequestError
 from backend.events import Cancelled, Failed, ImageSaved, Log, Note, Preview, Retrying, TextOutput, to_dict
 from backend.guidance_settings import GuidanceSettings
@@ -225,7 +226,8 @@ def _fetch_if_missing(request: GenerateRequest) -> None:
         from backend.downloads import pull
         from backend.extras_check import check_extras
 
-        check_extras(request, ref.family)  # a LoRA, VAE or refiner missing is said before gigabytes download
+        if not os.environ.get(SERVICE_ENV):  # another machine's service has LoRAs of its own
+            check_extras(request, ref.family)  # a LoRA, VAE or refiner missing is said before gigabytes download
         print(f"dreamtty: downloading {visible(request.model)} into the Hugging Face cache", file=sys.stderr)
         pull(request.model)
 

@@ -70,7 +70,7 @@ def _apply_loras(pipe, loras: list[tuple[str, float]], cfg) -> list[dict]:
             try:
                 pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
             except Exception as exc:
-                raise ModelError(f"lora: cannot load {name}: {first_line(exc) or type(exc).__name__}") from None
+                raise ModelError(f"lora: cannot load {name}: {first_line(exc)}") from None
             loaded[adapter] = entry.path
         wanted.append((adapter, weight))
         records.append({"name": entry.name, "weight": weight, "hash": digest, "a1111_hash": library.lora_hash(entry.path)})
@@ -130,7 +130,7 @@ def _load_embedding(pipe, entry: library.Entry) -> None:
         else:
             pipe.load_textual_inversion(state, token=entry.name)
     except Exception as exc:
-        raise ModelError(f"embedding: cannot load {entry.name}: {first_line(exc) or type(exc).__name__}") from None
+        raise ModelError(f"embedding: cannot load {entry.name}: {first_line(exc)}") from None
 
 
 # -- VAE override -------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def _load_vae(entry: library.Entry, original):
         vae.load_state_dict(state, strict=True)
         return vae
     except Exception as exc:
-        raise ModelError(f"vae: cannot load {entry.name}: {first_line(exc) or type(exc).__name__}") from None
+        raise ModelError(f"vae: cannot load {entry.name}: {first_line(exc)}") from None
 
 
 # -- refiner -----------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype):
     except ModelError:
         raise
     except Exception as exc:
-        raise ModelError(f"model: cannot load {ref.name}: {first_line(exc) or type(exc).__name__}") from None
+        raise ModelError(f"model: cannot load {ref.name}: {first_line(exc)}") from None
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     attach(pipe, family)

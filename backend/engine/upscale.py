@@ -50,7 +50,7 @@ def _load(path: str, digest: str, device: str):
     except spandrel.UnsupportedModelError:
         raise ModelError(f"upscaler: {name}: spandrel does not know its architecture (not ESRGAN, SwinIR, ...)") from None
     except Exception as exc:
-        raise ModelError(f"upscaler: cannot load {name}: {first_line(exc) or type(exc).__name__}") from None
+        raise ModelError(f"upscaler: cannot load {name}: {first_line(exc)}") from None
     if not isinstance(model, spandrel.ImageModelDescriptor):
         raise ModelError(f"upscaler: {name} is a {model.purpose} model, not an image-to-image one")
     if model.input_channels not in (1, 3) or model.output_channels not in (1, 3):

@@ -94,7 +94,7 @@ def check_image(path: Path) -> tuple[int, int]:
     except Image.DecompressionBombError:
         raise ImageProblem("image too large to decode safely") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageProblem(f"corrupt image ({first_line(exc, 80) or type(exc).__name__})") from None
+        raise ImageProblem(f"corrupt image ({first_line(exc, 80)})") from None
 
 
 def _problem(path: Path, smallest: int) -> str | None:

@@ -64,7 +64,8 @@ def _train(run_dir: Path, events: runs.EventWriter, stop: threading.Event) -> in
         return 1
     except Exception as exc:  # an unexpected bug: full traceback in trainer.log, one line in events
         traceback.print_exc()
-        fail(run_dir, events, f"{type(exc).__name__}: {first_line(exc)} (details in {run_dir / runs.LOG_FILE})")
+        first = first_line(exc, empty="")
+        fail(run_dir, events, f"{type(exc).__name__}: {first} (details in {run_dir / runs.LOG_FILE})")
         return 1
     return 0 if state == "done" else 3
 

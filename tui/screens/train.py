@@ -274,7 +274,7 @@ class TrainPane(Vertical):
     def action_start_run(self) -> None:
         values = self.form_values()
         errors = {name: error for name, value in values.items() if (error := live_error(name, value))}
-        errors |= {name: "is required" for name in REQUIRED if name in _FORM_FIELDS and name not in values}
+        errors |= {name: "is required" for name in REQUIRED if name not in values}
         if errors:
             self.show_errors(errors, f"fix {len(errors)} setting(s): {', '.join(errors)}")
             return
