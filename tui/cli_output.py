@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from backend.events import Event, Step
@@ -47,6 +48,21 @@ def given(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty; give a value or leave the option out")
     return text
+
+
+def add_list_show(subparsers, name: str, about: str, list_about: str, show_about: str,
+                  cmd_list: Callable, cmd_show: Callable) -> argparse.ArgumentParser:
+    """``dreamtty NAME list|show [--json]``: a library's items, and one of them by name; the list's parser."""
+    parser = subparsers.add_parser(name, help=about)
+    sub = parser.add_subparsers(dest=f"{name}_command", metavar="list|show", required=True, parser_class=type(parser))
+    listing = sub.add_parser("list", help=list_about)
+    listing.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    listing.set_defaults(func=cmd_list)
+    show = sub.add_parser("show", help=show_about)
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
+    return listing
 
 
 def file_path(text: str) -> Path:

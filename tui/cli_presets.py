@@ -7,18 +7,12 @@ import json
 
 from backend.prompting.presets import list_presets, load_preset, preset_file
 from backend.safetext import one_line
+from tui.cli_output import add_list_show
 
 
 def register(subparsers) -> None:
-    presets = subparsers.add_parser("presets", help="list and show presets")
-    sub = presets.add_subparsers(dest="presets_command", metavar="list|show", required=True, parser_class=type(presets))
-    listing = sub.add_parser("list", help="list presets (shipped and yours) with their descriptions")
-    listing.add_argument("--json", action="store_true", help="one JSON array on stdout")
-    listing.set_defaults(func=cmd_list)
-    show = sub.add_parser("show", help="show the settings a preset sets")
-    show.add_argument("name")
-    show.add_argument("--json", action="store_true")
-    show.set_defaults(func=cmd_show)
+    add_list_show(subparsers, "presets", "list and show presets", "list presets (shipped and yours) with their "
+                  "descriptions", "show the settings a preset sets", cmd_list, cmd_show)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

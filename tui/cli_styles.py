@@ -8,20 +8,13 @@ import sys
 
 from backend.prompting.styles import RANDOM_STYLE, StyleLibrary, load_styles
 from backend.safetext import one_line
-from tui.cli_output import print_warnings
+from tui.cli_output import add_list_show, print_warnings
 
 
 def register(subparsers) -> None:
-    styles = subparsers.add_parser("styles", help="list and show prompt styles")
-    sub = styles.add_subparsers(dest="styles_command", metavar="list|show", required=True, parser_class=type(styles))
-    listing = sub.add_parser("list", help="list styles (shipped and yours)")
+    listing = add_list_show(subparsers, "styles", "list and show prompt styles", "list styles (shipped and yours)",
+                            "show one style's templates", cmd_list, cmd_show)
     listing.add_argument("--search", default="", help="only styles whose name, category or prompt contain TEXT")
-    listing.add_argument("--json", action="store_true", help="one JSON array on stdout")
-    listing.set_defaults(func=cmd_list)
-    show = sub.add_parser("show", help="show one style's templates")
-    show.add_argument("name")
-    show.add_argument("--json", action="store_true")
-    show.set_defaults(func=cmd_show)
 
 
 def _load() -> StyleLibrary:
