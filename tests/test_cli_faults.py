@@ -447,8 +447,8 @@ def test_a_job_a_killed_process_left_running_is_listed_as_such(tmp_path, monkeyp
     assert main(["jobs"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1].split()[:2] == [str(job), "running"] and out[2] == (
-        f"        its process is gone (killed?): a running dreamtty serve or TUI runs it, else the next (dreamtty cancel "
-        f"{job} drops it)")
+        "        its process is gone (killed?): a running dreamtty serve or TUI runs it, else the next "
+        f"(dreamtty cancel {job} drops it)")
     assert main(["jobs", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["orphaned"] is True
 

@@ -84,7 +84,8 @@ def test_bad_image_files(service, tmp_path):
 
 
 def test_reading_an_images_metadata_says_what_a_job_says_of_it(tmp_path):
-    """reproduce quoted PIL: "Image size (400000000 pixels) exceeds limit ..., could be decompression bomb DOS attack"."""
+    """reproduce quoted PIL: "Image size (400000000 pixels) exceeds limit of ... pixels, could be decompression
+    bomb DOS attack"."""
     from backend import metadata
 
     write_image(tmp_path / "ok.png")

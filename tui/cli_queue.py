@@ -241,7 +241,8 @@ async def _wait(args) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     _service_only(args, "wait")
     if not _running():
-        raise ServiceUnavailable("wait: no dreamtty serve is running, so no job runs (start it: dreamtty serve --detach)")
+        raise ServiceUnavailable("wait: no dreamtty serve is running, so no job runs "
+                                 "(start it: dreamtty serve --detach)")
     return asyncio.run(_wait(args))
 
 

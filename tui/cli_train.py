@@ -86,8 +86,9 @@ def register(subparsers) -> None:
             p.add_argument(flag, dest=f"train_{dest}", metavar=metavar, type=str if dest in _CLEARABLE else given,
                            default=None, help=help_text)
     p.add_argument("--detach", action="store_true", help="start the run in the background and return")
-    p.add_argument("--launcher", metavar="CMD", type=given, help="e.g. 'accelerate launch --num_processes 2' for several GPUs "
-                                                     "(with --device cuda:0,cuda:1: the GPUs the run waits for)")
+    p.add_argument("--launcher", metavar="CMD", type=given,
+                   help="e.g. 'accelerate launch --num_processes 2' for several GPUs "
+                        "(with --device cuda:0,cuda:1: the GPUs the run waits for)")
     p.set_defaults(func=cmd_train)
 
 
