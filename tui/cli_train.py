@@ -4,7 +4,8 @@ Settings: ``TrainRequest`` defaults < the resumed run's settings (``--resume``) 
 train.yaml`` < flags. The service schedules the run: it waits until no generation job runs on its
 device (``--device``), then the trainer runs as its own process; this command follows its events
 and prints progress on stderr, or returns at once with ``--detach``.
-Exit codes: 0 done, 1 the run failed or was stopped, 2 bad input (one line on stderr).
+Exit codes: 0 done, 1 the run failed or was stopped, 2 bad input (one line on stderr), 3 no service answers,
+130 interrupted.
 """
 
 from __future__ import annotations
