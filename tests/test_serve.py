@@ -217,9 +217,8 @@ def test_generate_twice_loads_the_model_once(service):
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="--cluster needs Ray (the test extra has it)")
 def test_a_device_or_cluster_the_running_service_does_not_use_is_said(service):
-    """It was ignored: the job ran on the service's workers, and nothing said so."""
-    same = cli(service, *GENERATE, "--device", "cpu", "--cluster", "local")
-    assert same.returncode == 0 and "warning" not in same.stderr, same.stderr
+    """It was ignored: the job ran on the service's workers, and nothing said so (test_placement_differs: when
+    they agree)."""
     other = cli(service, *GENERATE, "--cluster", "127.0.0.1:1")  # no cluster is asked: the job runs on the service's
     assert other.returncode == 0 and Path(other.stdout.strip()).is_file(), other.stderr
     assert other.stderr.strip() == ("dreamtty: warning: service: the running service's workers are on this machine; "
