@@ -48,8 +48,9 @@ def list_presets() -> list[PresetInfo]:
     out = []
     for name, file in sorted(_files().items()):
         try:
-            description = str(_read(file).get("description", ""))
-            load_preset(name)
+            data = _read(file)
+            description = str(data.get("description", ""))
+            _fields(file, data)
         except RequestError as exc:
             description = f"(unusable: {exc.message})"
         out.append(PresetInfo(name, description, file.label))
@@ -79,7 +80,12 @@ def preset_file(name: str) -> DataFile:
 def load_preset(name: str) -> dict:
     """The request fields preset ``name`` sets (``size`` split into width/height), checked and converted."""
     file = preset_file(name)
-    data = _read(file)
+    return _fields(file, _read(file))
+
+
+def _fields(file: DataFile, read: dict) -> dict:
+    """The request fields of ``read``, preset ``file``'s mapping as read, checked and converted."""
+    data = dict(read)
     unknown = sorted(set(data) - set(ALLOWED), key=str)
     if unknown:
         raise RequestError("preset", f"{file.label}: unknown key {unknown[0]!r}; allowed: {', '.join(ALLOWED)}")
