@@ -43,7 +43,7 @@ from backend.errors import ModelError
 DEMO_MODELS = ("demo", "demo-xl")  # built offline by backend.engine.demo_models
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-PICKLE_REFUSED = "pickle: refused unless --allow-pickle"  # a pickle's note, unless the config allows them
+PICKLE_REFUSED = "pickle: refused unless --allow-pickle"  # a listed pickle's note while the config refuses them
 MAX_HEADER = 100 * 1024 * 1024
 MAX_PICKLE = 64 * 1024 * 1024
 UNET = "model.diffusion_model."
@@ -374,8 +374,7 @@ _DETECTORS = {  # kind -> (shapes -> family or None, why a file is not of that k
 def _inspect_file(kind: str, path: Path, source: str) -> Entry:
     shapes, meta = read_shapes(path)
     fmt = "pickle" if path.suffix.lower() in PICKLE_SUFFIXES else "safetensors"
-    note = PICKLE_REFUSED if fmt == "pickle" else ""
-    entry = Entry(kind, path.stem, str(path), "unknown", path.stat().st_size, source, fmt, note=note)
+    entry = Entry(kind, path.stem, str(path), "unknown", path.stat().st_size, source, fmt)
     if kind == "checkpoint":
         found = checkpoint_family(path, shapes, meta)
         if found is None:
@@ -608,8 +607,8 @@ def discover(config=None, kinds: tuple[str, ...] = KINDS, hub: bool = True) -> L
         if hub:
             lib.entries += _hub_entries(folders=True)
     _qualify_names(lib.entries)
-    for entry in lib.entries if cfg.allow_pickle else ():
-        entry.note = "" if entry.note == PICKLE_REFUSED else entry.note
+    for entry in lib.entries if not cfg.allow_pickle else ():
+        entry.note = entry.note or (PICKLE_REFUSED if entry.format == "pickle" else "")  # a variant's note first
     return lib
 
 
