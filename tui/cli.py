@@ -154,14 +154,13 @@ def apply_global_options(args: argparse.Namespace) -> None:
 
     if getattr(args, "config", None) is not None:
         config.set_config_path(args.config)
-        # a typo must not mean a command's run on the defaults; the TUI says it, and saves settings there
-        if args.command not in (None, "config") and (problem := config.load().unread):
-            raise RequestError("config", problem)
     if getattr(args, "allow_pickle", False):
         os.environ["DREAMTTY_ALLOW_PICKLE"] = "1"
     if args.command is None:
-        return  # the TUI shows config warnings itself
+        return  # the TUI shows config warnings itself (and saves settings to a --config it has yet to write)
     cfg = config.load()
+    if getattr(args, "config", None) is not None and args.command != "config" and cfg.unread:  # a typo must not mean the defaults
+        raise RequestError("config", cfg.unread)
     warnings = list(cfg.warnings)
     if cfg.default_preset:  # said where the config's warnings are; the TUI's form says it as it loads the preset
         from backend.request_builder import config_preset
