@@ -158,8 +158,9 @@ def apply_global_options(args: argparse.Namespace) -> None:
         os.environ["DREAMTTY_ALLOW_PICKLE"] = "1"
     if args.command is None:
         return  # the TUI shows config warnings itself (and saves settings to a --config it has yet to write)
+    # a --config a command cannot use must not mean a run on the defaults (a typo)
     cfg = config.load()
-    if getattr(args, "config", None) is not None and args.command != "config" and cfg.unread:  # a typo must not mean the defaults
+    if getattr(args, "config", None) is not None and args.command != "config" and cfg.unread:
         raise RequestError("config", cfg.unread)
     warnings = list(cfg.warnings)
     if cfg.default_preset:  # said where the config's warnings are; the TUI's form says it as it loads the preset
