@@ -159,6 +159,21 @@ def test_unique_token_warning():
     assert unique_token_warning("ohwx man") is None
 
 
+@pytest.mark.parametrize("changes, said", [
+    ({"method": "full", "rank": 8}, ["rank: the LoRA rank, unused by a full fine-tune (--method full); ignored"]),
+    ({"class_prompt": "a dog", "prior_preservation": False, "prior_loss_weight": 0.5},
+     [f"{name}: unused with prior preservation off (--no-prior-preservation); ignored"
+      for name in ("class_prompt", "prior_loss_weight")]),
+    ({"num_class_images": 20}, ["num_class_images: unused with prior preservation off (--no-prior-preservation); "
+                                "ignored"]),
+    ({"method": "full", "class_prompt": "a dog", "num_class_images": 20}, []),  # all used; rank left as is
+    ({"class_prompt": "", "prior_preservation": False}, []),
+])
+def test_settings_a_run_does_not_use_are_warned_about(photos, tmp_path, changes, said):
+    prepared = prepare_run(_request(photos, output=str(tmp_path / "run"), **changes))
+    assert [w for w in prepared.warnings if "common English word" not in w] == said
+
+
 # -- run dirs ------------------------------------------------------------------------
 def test_prepare_run_writes_run_json_and_links(photos, tmp_path):
     prepared = prepare_run(_request(photos, instance_prompt="a photo of dog", output=str(tmp_path / "run1"), seed=3))

@@ -103,6 +103,18 @@ class TrainRequest:
             raise RequestError("num_class_images", "must be at least 1 with prior preservation")
         return self
 
+    def unused(self) -> list[str]:
+        """A warning for each setting given that this run does not use (a LoRA rank on a full fine-tune,
+        prior-preservation settings with it off)."""
+        defaults = TrainRequest()
+        unused = [name for name in ("rank",) if self.method != "lora" and self.rank != defaults.rank]
+        if not self.prior:
+            unused += [name for name in ("class_prompt", "num_class_images", "prior_loss_weight")
+                       if getattr(self, name) not in (getattr(defaults, name), "")]
+        why = {"rank": "the LoRA rank, unused by a full fine-tune (--method full)"}
+        return [f"{name}: {why.get(name, 'unused with prior preservation off (--no-prior-preservation)')}; ignored"
+                for name in unused]
+
     def resolved(self, family: str) -> "TrainRequest":
         """Validate and fill the defaults that depend on the model family (size, lr, seed, prior)."""
         self.validate()

@@ -149,7 +149,7 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> RunFold
     req = request.resolved(ref.family)
     _check_optional_packages(req)
     scan = scan_images(req.instance_dir, req.resolution)
-    warnings = list(scan.warnings)
+    warnings = [*req.unused(), *scan.warnings]
     token = unique_token_warning(req.instance_prompt, req.class_prompt if req.prior else None)
     if token:
         warnings.append(token)
