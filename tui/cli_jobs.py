@@ -108,7 +108,10 @@ def request_from_args(args: argparse.Namespace, kind: type[GenerateRequest] = Ge
     guidance = {f.name: getattr(args, f.name) for f in fields(GuidanceSettings) if getattr(args, f.name) is not None}
     if guidance:
         values["guidance"] = guidance
-    return request_builder.build(values, args.preset, kind, source=source)
+    request = request_builder.build(values, args.preset, kind, source=source)
+    if args.refiner_switch is not None and not request.refiner:
+        print_warnings(["refiner_switch: unused without a refiner (--refiner); ignored"])
+    return request
 
 
 # -- commands ------------------------------------------------------------------
