@@ -22,6 +22,7 @@ from typing import Protocol
 
 from backend import locations, versions
 from backend.devices import parse_devices
+from backend.processes import exit_text
 from backend.events import Event, EventError, Log, WorkerReady, loads
 from backend.request import MAX_COUNT
 from backend.worker import RELEASE
@@ -293,7 +294,7 @@ class ProcessPool:
             return
         jobs, dead = slot.jobs, self._procs[slot.id]
         dead.retire()
-        why, stale = f"worker crashed (exit code {exitcode})", exitcode == versions.STALE_EXIT
+        why, stale = f"worker {exit_text(exitcode)}", exitcode == versions.STALE_EXIT
         if stale:
             why = f"worker {slot.id}: {versions.stale_why()}"
             self._stale.cannot(slot.id, why, self._on_event)

@@ -1,8 +1,9 @@
-"""Process liveness, for jobs and training runs whose owner may have died."""
+"""Processes: liveness, for jobs and training runs whose owner may have died, and how one ended."""
 
 from __future__ import annotations
 
 import os
+import signal
 
 
 def process_exists(pid: int | None) -> bool:
@@ -18,3 +19,22 @@ def process_exists(pid: int | None) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def exit_text(code: int | None) -> str:
+    """How a process ended, from its exit status: negative, the signal that killed it; 128 + N, a shell's
+    (and a worker's) way to say it ended on signal N."""
+    if code is None:
+        return "ended"
+    if code >= 0:
+        name = _signal_name(code - 128) if code > 128 else None
+        return f"exited with code {code}" + (f" (on {name})" if name else "")
+    name = _signal_name(-code) or f"signal {-code}"
+    return f"was killed by {name}" + (" (out of memory? see dmesg)" if -code == signal.SIGKILL else "")
+
+
+def _signal_name(number: int) -> str | None:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return None

@@ -44,6 +44,17 @@ def _redirect_output(log_path: Path) -> None:
     service_log.configure()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the worker is."""
+
+
+TERMINATED_EXIT = 128 + signal.SIGTERM  # as a shell says "ended on SIGTERM"; else it would exit 1, as if it crashed
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str, db_path: str,
                 parent: int, nice: int = 0) -> None:
     """Process entry point: serve jobs from ``jobs`` (lists of payloads: a job or a group) until it yields None
@@ -55,9 +66,17 @@ def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str
     if nice:
         os.nice(nice)
     _redirect_output(Path(log_path))
-    # SIGTERM sent to the command's process group (`timeout`, `kill -- -PGID`) ends it as Ctrl-C's SIGINT does,
+    # SIGTERM (`timeout`, `kill -- -PGID` on the command's process group, `kill PID`) ends it as Ctrl-C does,
     # unwinding: what it holds is released (killed outright, it left a semaphore the resource tracker warned of)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        _serve(worker_id, device, jobs, events, cancel, log_path, db_path, parent)
+    except Terminated:
+        sys.exit(TERMINATED_EXIT)
+
+
+def _serve(worker_id: int, device: str, jobs, events, cancel, log_path: str, db_path: str, parent: int) -> None:
+    """Serve jobs until told to stop or orphaned (see worker_main)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from backend.queue_store import QueueStore
 

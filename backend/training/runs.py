@@ -24,7 +24,6 @@ import errno
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 from backend import locations
 from backend.events import (EventError, TrainCheckpoint, TrainClassImages, TrainError, TrainEvent, TrainLog,
                             TrainResume, TrainState, TrainStep, TrainValidation, dumps, loads)
-from backend.processes import process_exists
+from backend.processes import exit_text, process_exists
 
 RUN_JSON = "run.json"
 EVENTS = "events.jsonl"
@@ -123,19 +122,6 @@ def record_trainer_gone(run_dir: Path, code: int | None) -> dict:
         data = {**data, **failed, "error": f"the trainer {how} before finishing, and nothing can be written in "
                                            f"{run_dir} ({why}): {write_fix(exc)}, then {RESUME_HINT}"}
     return data
-
-
-def exit_text(code: int | None) -> str:
-    """How a process ended, from its exit status (negative: the signal that killed it)."""
-    if code is None:
-        return "ended"
-    if code >= 0:
-        return f"exited with code {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = f"signal {-code}"
-    return f"was killed by {name}" + (" (out of memory? see dmesg)" if -code == signal.SIGKILL else "")
 
 
 def is_run_dir(path: str | Path) -> bool:
