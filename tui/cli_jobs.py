@@ -109,9 +109,18 @@ def request_from_args(args: argparse.Namespace, kind: type[GenerateRequest] = Ge
     if guidance:
         values["guidance"] = guidance
     request = request_builder.build(values, args.preset, kind, source=source)
-    if args.refiner_switch is not None and not request.refiner:
-        print_warnings(["refiner_switch: unused without a refiner (--refiner); ignored"])
+    print_warnings(_unused(args, request))
     return request
+
+
+def _unused(args: argparse.Namespace, request: GenerateRequest) -> list[str]:
+    """A warning for each flag given that ``request`` has no use for."""
+    unused = []
+    if args.refiner_switch is not None and not request.refiner:
+        unused.append("refiner_switch: unused without a refiner (--refiner); ignored")
+    if getattr(args, "show_preprocessed", False) and not request.image_prompts:
+        unused.append("show_preprocessed: there is no image prompt (--image-prompt) to show; ignored")
+    return unused
 
 
 # -- commands ------------------------------------------------------------------
