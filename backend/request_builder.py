@@ -19,6 +19,7 @@ from backend.errors import DreamttyError, RequestError
 from backend.guidance_settings import GuidanceSettings
 from backend.prompting.presets import preset_fields, preset_names
 from backend.request import GenerateRequest, parse_size
+from backend.samplers import SAMPLERS
 
 
 def parse_lora(text: str) -> tuple[str, float]:
@@ -168,8 +169,12 @@ def _preset_layer(name: str, explicit: dict, source: dict | None) -> dict:
 
 
 def _over(low: dict, high: dict) -> dict:
-    """``high``'s fields over ``low``'s; ``guidance`` control by control."""
+    """``high``'s fields over ``low``'s; ``guidance`` control by control. A sampler set without a schedule
+    drops ``low``'s schedule when that does not work with it (it was chosen for ``low``'s sampler)."""
     merged = {**low, **high}
+    sampler, schedule = high.get("sampler"), low.get("scheduler")
+    if "scheduler" not in high and sampler in SAMPLERS and schedule and schedule not in SAMPLERS[sampler].schedules:
+        del merged["scheduler"]
     guidance = {**(low.get("guidance") or {}), **(high.get("guidance") or {})}
     if guidance:
         merged["guidance"] = guidance

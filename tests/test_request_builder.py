@@ -104,6 +104,19 @@ def test_source_image_layer_sits_between_config_defaults_and_a_preset(tmp_path):
     assert metadata.read(path)["request"]["seed"] == 9
 
 
+@pytest.mark.parametrize("explicit, expected", [
+    ({"sampler": "euler_a"}, ("euler_a", None)),  # karras does not work with euler_a: its own default
+    ({"sampler": "euler"}, ("euler", "karras")),  # it does with euler: kept
+    ({"sampler": "euler_a", "scheduler": "normal"}, ("euler_a", "normal")),
+    ({"scheduler": "exponential"}, ("dpmpp_2m", "exponential")),
+])
+def test_a_sampler_given_over_a_sources_drops_a_schedule_that_does_not_work_with_it(explicit, expected):
+    source = {"model": "demo", "sampler": "dpmpp_2m", "scheduler": "karras"}  # as an image's metadata records it
+    request = request_builder.build(explicit, defaults={}, source=source)
+    assert (request.sampler, request.scheduler) == expected
+    request.resolved("demo")  # a schedule the sampler takes
+
+
 def test_the_configs_default_preset_applies_unless_a_preset_is_named(_cli, tmp_path, capsys):
     """As in the TUI's form: the config's default preset beats its default model; a named preset replaces
     it; a job on an image keeps the image's own settings over it; a name that is no preset is said once."""
