@@ -414,6 +414,7 @@ def test_a_list_of_numbers_in_other_scripts_digits_is_refused(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["inpaint", "x.png", "--box", "\u0661,0,8,8"], "box: '\u0661,0,8,8' is not X,Y,W,H"),
+    (["inpaint", "x.png", "--box", "0,0," + "9" * 5000 + ",8"], "box: a number of 5000 digits is out of range"),
     (["vary", "x.png", "--strength", "\u0661"], "strength: '\u0661' is not a number"),
     (["train", "--rank", "\u0661"], "rank: '\u0661' is not a number (write it in ASCII digits)"),
     (["generate", "x", "--lora", "ink:\u0660.5"], "lora: 'ink:\u0660.5': weight must be a number"),
