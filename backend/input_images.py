@@ -149,15 +149,18 @@ STRIP_ROWS = 1024  # rows converted at a time: an 8192-wide strip of float32 is 
 
 
 def _eight_bit(img: Image.Image) -> Image.Image:
-    """Grey 16-bit, 32-bit integer and float images as 8-bit grey, scaled from their range (0..65535; floats
-    of 0..1; 0..255 when no value is above) with what lies outside clipped (NaN: black), a strip of rows at
-    a time: a 67-megapixel scan costs its pixels and a strip, not eight bytes a pixel."""
+    """Grey 16-bit, 32-bit integer and float images as 8-bit grey, scaled from their range (0..65535; 32-bit
+    integers above that: 0..2³¹-1; floats of 0..1; 0..255 when no value is above) with what lies outside
+    clipped (NaN: black), a strip of rows at a time: a 67-megapixel scan costs its pixels and a strip, not
+    eight bytes a pixel."""
     import numpy as np
 
     values = np.asarray(img)
     finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
     brightest = float(finite.max(initial=0))
     top = 65535.0 if img.mode.startswith("I;16") or brightest > 255 else 255.0
+    if img.mode == "I" and brightest > 65535:
+        top = float(2**31 - 1)
     if img.mode == "F" and brightest <= 1.0:
         top = 1.0
     grey = np.empty(values.shape, dtype=np.uint8)

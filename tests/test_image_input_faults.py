@@ -183,6 +183,10 @@ def test_sixteen_bit_images_are_scaled_to_eight(tmp_path, monkeypatch):
     # a float TIFF of 0..1 with a hole (NaN) and a spike (inf): scaled by its finite values, not made black
     Image.fromarray(np.array([[0, 0.5, 1, np.nan, np.inf]], dtype=np.float32)).save(tmp_path / "holes.tif")
     assert np.asarray(read_image(str(tmp_path / "holes.tif")).image)[0, :, 0].tolist() == [0, 128, 255, 0, 255]
+    # 32-bit integers: 16-bit values stored wide scale as 16-bit ones; past 65535, from the full 32-bit range
+    for values, grey in (([0, 40000, 65535], [0, 156, 255]), ([0, 2**30, 2**31 - 1], [0, 128, 255])):
+        Image.fromarray(np.array([values], dtype=np.int32), "I").save(tmp_path / "i32.tif")
+        assert np.asarray(read_image(str(tmp_path / "i32.tif")).image)[0, :, 0].tolist() == grey
     Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32)).save(tmp_path / "f32.tif")  # what TIFFs may hold
     assert read_image(str(tmp_path / "f32.tif")).warnings == [f"{tmp_path / 'f32.tif'} has 32-bit float channels: "
                                                                "reduced to 8 bits"]
