@@ -135,6 +135,8 @@ def test_bad_settings(service, tmp_path):
         (OutpaintRequest(image=image), "outpaint: nothing to add; give the pixels to add on the left, right, top or bottom"),
         (OutpaintRequest(image=image, left=-8), "left: -8 is negative"),
         (OutpaintRequest(image=image, right=500), "outpaint: the result would be 632x128, past demo (SD1-style, tiny)'s maximum 512"),
+        (OutpaintRequest(image=str(big), top=8), "image: {}/big.png is 2100x1000, past demo (SD1-style, tiny)'s "
+                                                 "maximum 512 a side already; scale it down or crop it first"),
         (UpscaleRequest(image=image, scale=3), "scale: 3 is not allowed; allowed: 1.5, 2, 4"),
         (UpscaleRequest(image=str(big), scale=4, fast=True), "scale: 4x of 2100x1000 is 8400x4000; allowed up to 8192"),
         (UpscaleRequest(image=image, width=512, height=512), "size: upscale makes a 256x256 image from this input"),

@@ -42,6 +42,9 @@ class OutpaintRequest(ImageInputRequest):
         if not any(grow.values()):
             raise RequestError("outpaint", "nothing to add; give the pixels to add on the left, right, top or bottom")
         width, height = source.size
+        if fam is not None and max(width, height) > fam.max_side:  # no pixels to add can help
+            raise RequestError("image", f"{source.path} is {width}x{height}, past {fam.label}'s maximum "
+                                        f"{fam.max_side} a side already; scale it down or crop it first")
         size = (width + grow["left"] + grow["right"], height + grow["top"] + grow["bottom"])
         feather = check_feather(self.feather)
         return {**grow, "feather": feather, **self.derived_size(size)}
