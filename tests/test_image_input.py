@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 from PIL import Image
+from scipy import ndimage
 
 from backend.engine.conditioning import encode
 from backend.engine.denoise import DenoiseSpec, decode, denoise
@@ -178,6 +179,24 @@ def test_prefill_takes_the_colours_around_the_hole():
     filled = np.asarray(prefill(Image.fromarray(image), hole)).astype(int)
     assert np.array_equal(filled[~hole], image[~hole])
     assert filled[32, 25, 0] > filled[32, 25, 2] and filled[32, 38, 2] > filled[32, 38, 0]
+
+
+@pytest.mark.parametrize("holes", [[(5, 900, 40, 30)], [(5, 900, 40, 30), (1150, 3, 30, 40)], []])
+def test_prefill_of_a_small_hole_in_a_large_image_is_the_whole_images_fill(holes, monkeypatch):
+    """It blurs a window around the hole, not the whole image, with the same pixels as a fill of it all."""
+    from backend.engine import inpaint
+
+    monkeypatch.setattr(inpaint, "FILL_RADII", (128, 16, 3))
+    image = np.random.default_rng(3).integers(0, 256, (960, 1200, 3), dtype=np.uint8)
+    hole = np.zeros(image.shape[:2], dtype=bool)
+    for box in holes:
+        hole |= box_array(box, (1200, 960))
+    whole = image.astype(np.float32)  # the fill computed on every pixel
+    whole[hole] = whole[~hole].mean(axis=0)
+    for radius in inpaint.FILL_RADII:
+        blurred = ndimage.uniform_filter(whole, size=(2 * radius + 1, 2 * radius + 1, 1), mode="nearest")
+        whole[hole] = blurred[hole]
+    assert np.array_equal(np.asarray(prefill(Image.fromarray(image), hole)), np.round(whole).clip(0, 255).astype(np.uint8))
 
 
 def test_single_file_inpainting_checkpoint_loads_its_nine_channel_unet(tmp_path, monkeypatch):

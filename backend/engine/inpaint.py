@@ -55,14 +55,26 @@ def model_size(width: int, height: int, family: str) -> tuple[int, int]:
 
 
 def prefill(image: Image.Image, hole: np.ndarray) -> Image.Image:
-    """``image`` with ``hole`` filled from around it: box blurs from coarse to fine, known pixels kept."""
-    pixels = np.asarray(image, dtype=np.float32)
-    filled = pixels.copy()
-    filled[hole] = pixels[~hole].mean(axis=0)
+    """``image`` with ``hole`` filled from around it: box blurs from coarse to fine, known pixels kept.
+
+    Only known pixels change nothing, so the blurs run on the hole's bounding box grown by the largest
+    radius (what a hole pixel reads), not on the whole image: a small box in a large input costs its box.
+    """
+    pixels = np.asarray(image)
+    rows, cols = np.flatnonzero(hole.any(axis=1)), np.flatnonzero(hole.any(axis=0))
+    if not len(rows):
+        return image
+    reach = max(FILL_RADII)
+    top, bottom = max(rows[0] - reach, 0), min(rows[-1] + 1 + reach, hole.shape[0])
+    left, right = max(cols[0] - reach, 0), min(cols[-1] + 1 + reach, hole.shape[1])
+    window, inside = pixels[top:bottom, left:right].astype(np.float32), hole[top:bottom, left:right]
+    window[inside] = pixels[~hole].mean(axis=0, dtype=np.float32)
     for radius in FILL_RADII:
-        blurred = ndimage.uniform_filter(filled, size=(2 * radius + 1, 2 * radius + 1, 1), mode="nearest")
-        filled[hole] = blurred[hole]
-    return Image.fromarray(np.round(filled).clip(0, 255).astype(np.uint8))
+        blurred = ndimage.uniform_filter(window, size=(2 * radius + 1, 2 * radius + 1, 1), mode="nearest")
+        window[inside] = blurred[inside]
+    filled = pixels.copy()
+    filled[top:bottom, left:right] = np.round(window).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(filled)
 
 
 def feathered(mask: np.ndarray, feather: int) -> np.ndarray:
