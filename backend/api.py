@@ -403,7 +403,19 @@ async def _read_job(request: web.Request):
     kind = data.get("kind", "generate")
     if not isinstance(kind, str):
         raise RequestError("kind", f"expected a name, got {type(kind).__name__}")
-    return jobkinds.get(kind).request(data["request"]), _absolute(data.get("out"), "out"), _client_ref(data)
+    job = jobkinds.get(kind).request(data["request"])
+    _absolute_inputs(job)
+    return job, _absolute(data.get("out"), "out"), _client_ref(data)
+
+
+def _absolute_inputs(request) -> None:
+    """The images a job reads must be named absolute, as folders: the service's working folder is not the
+    client's, so a relative path would read whatever lies there."""
+    named = [*((role, path) for role, (path, _) in request.input_files().items()),
+             *(("image_prompt", prompt.path) for prompt in request.image_prompts)]
+    for field, path in named:
+        if path and not Path(path).is_absolute():
+            raise RequestError(field, f"{path!r} is relative; give an absolute path (the service reads it)")
 
 
 def _client_ref(data: dict) -> str | None:

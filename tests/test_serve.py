@@ -280,6 +280,11 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
         assert status == 400 and body["field"] == "steps"
         status, body = await post(json.dumps({"request": {}, "out": "relative/dir"}).encode())
         assert status == 400 and body["field"] == "out"
+        for kind, request, key in (("img2img", {"image": "in.png"}, "image"),  # read in the service's folder before
+                                   ("inpaint", {"image": "/in.png", "mask": "m.png"}, "mask"),
+                                   ("generate", {"image_prompts": [{"path": "ref.png"}]}, "image_prompts")):
+            status, body = await post(json.dumps({"kind": kind, "request": request}).encode())
+            assert status == 400 and body["field"] == key and "is relative; give an absolute path" in body["error"]
         status, body = await post(b'{"request": {"prompt": "' + b"x" * (2 << 20) + b'"}}')
         assert status == 413 and body["error"].startswith("body: larger than")
         async with http.get("http://dreamtty/v1/nowhere") as r:
