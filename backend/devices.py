@@ -52,6 +52,16 @@ def check_devices(text: str) -> list[str]:
     return devices
 
 
+def check_cluster_devices(text: str) -> list[str]:
+    """``--device`` for workers on a Ray cluster: ``auto`` (an actor per GPU of the cluster) or ``cpu`` (one
+    per node); this machine's GPUs by number mean nothing there. RequestError("device") otherwise."""
+    devices = parse_devices(text)
+    if devices not in (["auto"], ["cpu"]):
+        raise RequestError("device", f"{text.strip()} names GPUs of this machine; on a Ray cluster use auto (an "
+                                     "actor per GPU of the cluster) or cpu (one actor per node)")
+    return devices
+
+
 def visible_gpus() -> int | None:
     """The CUDA GPUs this process may use, counted without torch; None when that cannot be told.
 

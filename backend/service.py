@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 
 from backend import companions, config, jobkinds, locations
-from backend.devices import check_devices
+from backend.devices import check_cluster_devices, check_devices
 from backend.errors import ModelError, RequestError
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, JobEvent, Log, Note, Queued,
                             Retrying, Started, WorkerModels, WorkerReady, WorkerReleased)
@@ -83,7 +83,7 @@ def make_pool(devices: str, db_path: Path, nice: int = 0, cluster: str | None = 
         return ProcessPool(devices, db_path, nice)
     from backend.ray_pool import RayPool
 
-    return RayPool(cluster, db_path, gpu=devices != "cpu", field=field)
+    return RayPool(cluster, db_path, gpu=check_cluster_devices(devices) != ["cpu"], field=field)
 
 
 def new_owner_id() -> str:

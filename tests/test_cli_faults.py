@@ -3,6 +3,7 @@ folders, a damaged queue, Ctrl-C. Each bad input is one line on stderr with exit
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -141,6 +142,19 @@ def test_cuda_index_beyond_the_gpus(gpus, generated, capsys):
     assert main(["generate", "x", "--device", "cuda:1,cuda:0"]) == 0
     assert main(["generate", "x", "--device", "cuda:2"]) == 2
     _one_error(capsys, "device: cuda:2 is not available; this machine has cuda:0, cuda:1")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="--cluster needs Ray")
+def test_cluster_workers_take_auto_or_cpu_not_this_machines_gpus(gpus, generated, capsys):
+    """With --cluster the GPUs are the cluster's: cuda:N was checked against this machine (no GPU here,
+    refused as missing; one here, taken as every GPU of the cluster). A training run's are this machine's."""
+    gpus(0)
+    assert main(["--cluster", "auto", "generate", "x", "--device", "cuda:1"]) == 2
+    _one_error(capsys, "device: cuda:1 names GPUs of this machine; on a Ray cluster use auto")
+    assert main(["--cluster", "auto", "generate", "x", "--device", "cpu"]) == 0
+    assert main(["--cluster", "auto", "train", "--device", "cuda:0"]) == 2
+    _one_error(capsys, "device: cuda:0 is not available; this machine has no CUDA GPU")
+    assert [a.cluster for _, a in generated] == ["auto"]
 
 
 @pytest.mark.parametrize("visible,count", [("1", 1), ("", 0), ("-1", 0), ("0,7,1", 1), ("GPU-1a2b,GPU-3c4d", 2)])

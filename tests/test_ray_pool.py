@@ -105,6 +105,10 @@ def test_config_workers_picks_the_pool(tmp_path, monkeypatch):
         pool = make_pool("auto", tmp_path / "q.sqlite3")
         assert type(pool).__name__ == "RayPool" and pool.address == "auto" and pool.gpu
         assert make_pool("cpu", tmp_path / "q.sqlite3", cluster="local").__class__ is ProcessPool
+        assert not make_pool(" cpu ", tmp_path / "q.sqlite3").gpu  # as --device cpu (it was a GPU actor each)
+        with pytest.raises(RequestError, match=r"^device: cuda:1 names GPUs of this machine; on a Ray cluster use "
+                                               r"auto \(an actor per GPU of the cluster\) or cpu"):
+            make_pool("cuda:1", tmp_path / "q.sqlite3")  # its GPU 1 was taken to mean every GPU of the cluster
     config.write_text("workers: 'not an address'\n")  # a bad value warns and keeps the default, as every key
     assert isinstance(make_pool("cpu", tmp_path / "q.sqlite3"), ProcessPool)
     assert load_config().warnings == ["config: workers: 'not an address' is not allowed; use local, ray, "

@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _check_global_options(args: argparse.Namespace) -> None:
     """Validate the global options in place: ``--out`` becomes a Path, ``--demo`` sets the model."""
-    from backend.devices import check_devices
+    from backend.devices import check_cluster_devices, check_devices
 
     _check_home()
     if args.model is not None and not args.model.strip():
@@ -132,11 +132,14 @@ def _check_global_options(args: argparse.Namespace) -> None:
         if not args.out.strip():
             raise RequestError("out", "is empty; give a folder")
         args.out = Path(args.out)
-    check_devices(args.device)
     if args.cluster is not None:
         from backend.ray_pool import check_cluster
 
         args.cluster = check_cluster(args.cluster)
+    if args.cluster in (None, "local") or args.command == "train":  # a run trains on this machine's devices
+        check_devices(args.device)
+    else:  # the workers' devices are the cluster's
+        check_cluster_devices(args.device)
 
 
 def _check_home() -> None:
