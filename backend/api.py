@@ -145,7 +145,9 @@ class Api:
             if exc.status < 400:
                 raise
             allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
-            return web.json_response({"error": exc.reason}, status=exc.status, headers=allow)
+            line = {404: f"{request.path}: no such route (docs/api.md lists them)",
+                    405: f"{request.method} {request.path}: not allowed; use {allow.get('Allow')}"}
+            return web.json_response({"error": line.get(exc.status, exc.reason)}, status=exc.status, headers=allow)
         except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception as exc:  # a bug: one line to the client, the traceback to the service log
