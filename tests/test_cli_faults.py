@@ -75,13 +75,14 @@ def test_global_options_after_the_subcommand(generated, tmp_path):
 
 def test_flags_without_their_subject_are_warned_about(generated, capsys):
     assert main(["generate", "a fox", "--model", "demo-xl", "--refiner-switch", "0.6"]) == 0
-    assert capsys.readouterr().err == "dreamtty: warning: refiner_switch: unused without a refiner (--refiner); ignored\n"
+    assert capsys.readouterr().err == ("dreamtty: warning: refiner_switch: unused without a refiner (--refiner); "
+                                       "ignored\n")
     assert main(["generate", "a fox", "--model", "demo-xl", "--refiner", "demo-xl", "--refiner-switch", "0.6"]) == 0
     assert capsys.readouterr().err == ""
     assert [r.refiner_switch for r, _ in generated] == [0.6, 0.6]
     assert main(["generate", "a fox", "--model", "demo", "--show-preprocessed"]) == 0
-    assert capsys.readouterr().err == ("dreamtty: warning: show_preprocessed: there is no image prompt (--image-prompt) "
-                                       "to show; ignored\n")
+    assert capsys.readouterr().err == ("dreamtty: warning: show_preprocessed: there is no image prompt "
+                                       "(--image-prompt) to show; ignored\n")
 
 
 def test_extra_argument_is_unrecognized(capsys):

@@ -196,7 +196,8 @@ def test_prefill_of_a_small_hole_in_a_large_image_is_the_whole_images_fill(holes
     for radius in inpaint.FILL_RADII:
         blurred = ndimage.uniform_filter(whole, size=(2 * radius + 1, 2 * radius + 1, 1), mode="nearest")
         whole[hole] = blurred[hole]
-    assert np.array_equal(np.asarray(prefill(Image.fromarray(image), hole)), np.round(whole).clip(0, 255).astype(np.uint8))
+    expected = np.round(whole).clip(0, 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(prefill(Image.fromarray(image), hole)), expected)
 
 
 def test_single_file_inpainting_checkpoint_loads_its_nine_channel_unet(tmp_path, monkeypatch):

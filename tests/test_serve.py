@@ -288,7 +288,8 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
         status, body = await post(b'{"request": {"prompt": "' + b"x" * (2 << 20) + b'"}}')
         assert status == 413 and body["error"].startswith("body: larger than")
         async with http.get("http://dreamtty/v1/nowhere") as r:
-            assert r.status == 404 and (await r.json())["error"] == "/v1/nowhere: no such route (docs/api.md lists them)"
+            assert r.status == 404
+            assert (await r.json())["error"] == "/v1/nowhere: no such route (docs/api.md lists them)"
         async with http.delete("http://dreamtty/v1/jobs/1") as r:
             assert r.status == 405 and (await r.json())["error"] == "DELETE /v1/jobs/1: not allowed; use GET,HEAD"
         async with http.get("http://dreamtty/v1/jobs/abc") as r:
