@@ -218,8 +218,11 @@ class Api:
 
     async def start_run(self, request: web.Request) -> web.Response:
         data = await _read_object(request, RUN_FIELDS, '{"request": {"model": ..., "instance_dir": ...}}')
-        if not isinstance(data.get("request"), dict):
+        if "request" not in data:
             raise RequestError("request", "missing; give the run's settings as an object")
+        if not isinstance(data["request"], dict):
+            what = type(data["request"]).__name__
+            raise RequestError("request", f"expected an object of the run's settings, got {what}")
         devices, launcher = data.get("devices", "auto"), data.get("launcher")
         for name, value in (("devices", devices), ("launcher", launcher)):
             if value is not None and not isinstance(value, str):
