@@ -90,9 +90,14 @@ class Job:
     def request(self) -> dict:
         return self.payload.get("request", {})
 
+    @property
+    def texts(self) -> list[str]:
+        """The results of a kind that makes text (describe), in order."""
+        return self.payload.get("texts", [])
+
     def to_dict(self) -> dict:
         """The job as JSON (the API's form)."""
-        return asdict(self)
+        return {**asdict(self), "texts": self.texts}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Job":
@@ -185,6 +190,16 @@ class QueueStore:
             "UPDATE jobs SET outputs = json_insert(outputs, '$[#]', ?1), updated = ?2 WHERE id = ?3 "
             "AND NOT EXISTS (SELECT 1 FROM json_each(outputs) WHERE value = ?1)",
             (path, time.time(), job_id),
+        )
+
+    @queue_access
+    def add_text(self, job_id: int, image: int, text: str) -> None:
+        """Record the text a job made as its result ``image`` (kept in its payload's ``texts``), once."""
+        texts = "COALESCE(json_extract(request, '$.texts'), '[]')"
+        self._db.execute(
+            f"UPDATE jobs SET request = json_set(request, '$.texts', json_insert({texts}, '$[#]', ?1)), updated = ?2 "
+            f"WHERE id = ?3 AND json_array_length({texts}) = ?4",
+            (text, time.time(), job_id, image),
         )
 
     @queue_access

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 from backend import config
 from backend.errors import DreamttyError, RequestError, ServiceUnavailable
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, Fanout, ImageSaved, JobEvent,
-                            Log, ServiceLost, ServiceReady, loads)
+                            Log, ServiceLost, ServiceReady, TextOutput, loads)
 from backend.http_client import HTTPClient, Unreachable, WebSocket, authority
 from backend.queue_store import ACTIVE, MAX_ID, Job
 from backend.safetext import one_line
@@ -400,10 +400,10 @@ class RemoteClient:
                 elif isinstance(event, Log) and event.tells_waiters():
                     caught_up = [event]
                 elif isinstance(event, JobEvent) and event.job == job_id:
-                    if isinstance(event, ImageSaved):
-                        if event.path in seen:
+                    if isinstance(event, (ImageSaved, TextOutput)):
+                        if _result_key(event) in seen:
                             continue
-                        seen.add(event.path)
+                        seen.add(_result_key(event))
                     caught_up = [event]
                 else:
                     continue
@@ -417,14 +417,17 @@ class RemoteClient:
 
     # -- internals ------------------------------------------------------------------------
     async def _catch_up(self, job_id: int, seen: set[str]) -> list[Event]:
-        """The job's saved images not yet seen and, when it ended, its final event, read from the service."""
+        """The job's saved images and texts not yet seen and, when it ended, its final event, read from the
+        service."""
         job = await self.job(job_id)
         if job is None:
             raise DreamttyError(f"job {job_id}: no such job")
         seed = int(job.request.get("seed", 0))
-        caught = [ImageSaved(job=job.id, image=i, path=path, seed=seed + i)
-                  for i, path in enumerate(job.outputs) if path not in seen]
-        seen.update(job.outputs)
+        caught: list[Event] = [
+            *(ImageSaved(job=job.id, image=i, path=path, seed=seed + i) for i, path in enumerate(job.outputs)),
+            *(TextOutput(job=job.id, image=i, text=text) for i, text in enumerate(job.texts))]
+        caught = [event for event in caught if _result_key(event) not in seen]
+        seen.update(map(_result_key, caught))
         if job.state == "done":
             caught.append(Done(job=job.id, paths=job.outputs))
         elif job.state == "failed":
@@ -432,6 +435,11 @@ class RemoteClient:
         elif job.state == "cancelled":
             caught.append(Cancelled(job=job.id))
         return caught
+
+
+def _result_key(event: ImageSaved | TextOutput) -> str:
+    """What tells one result of a job from another: an image's path, a text's index."""
+    return event.path if isinstance(event, ImageSaved) else f"text {event.image}"
 
 
 class VersionMismatch(DreamttyError):

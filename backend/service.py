@@ -33,7 +33,7 @@ from backend import companions, config, jobkinds, locations
 from backend.devices import check_cluster_devices, check_devices
 from backend.errors import ModelError, RequestError
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, JobEvent, Log, Note, Queued,
-                            Retrying, Started, WorkerModels, WorkerReady, WorkerReleased)
+                            Retrying, Started, TextOutput, WorkerModels, WorkerReady, WorkerReleased)
 from backend.extras_check import check_extras
 from backend.guidance_settings import check_clip_skip
 from backend.job_groups import GROUP_SCAN, group_of
@@ -487,6 +487,9 @@ class Service:
 
     def _handle(self, event: Event) -> None:
         """A worker's event: one that ends or starts a job is written to the queue first, then published."""
+        if isinstance(event, TextOutput):  # kept with the job, so a client that was away reads it back
+            self._when_writable(partial(self._record_text, event))
+            return
         if isinstance(event, (*FINAL_EVENTS, Started)):
             if isinstance(event, Started):
                 slot = self._slot_of(event.job)
@@ -524,6 +527,10 @@ class Service:
             slot.jobs.remove(event.job)
         self._fanout.publish(event)
         self._dispatch()
+
+    def _record_text(self, event: TextOutput) -> None:
+        self.store.add_text(event.job, event.image, event.text)
+        self._fanout.publish(event)
 
     def _when_writable(self, write: Callable[[], None]) -> None:
         """Run ``write`` (queue writes first, then what follows from them) now or, while the queue file takes no

@@ -262,6 +262,20 @@ def test_jobs_cancel_and_wait_commands(service):
     assert local.returncode == 2 and "drop --local" in local.stderr
 
 
+def test_a_describe_jobs_text_is_kept_and_read_back(service):
+    """Its text was only sent live: `wait` on the ended job, or GET /v1/jobs/ID, had nothing to show."""
+    from image_helpers import write_image
+
+    service.out.mkdir(parents=True, exist_ok=True)
+    image = write_image(service.out / "in.png")
+    described = cli(service, "describe", str(image), "--model", "demo")
+    assert described.returncode == 0 and len(described.stdout.split()) == 8, described.stderr
+    (job,) = json.loads(cli(service, "jobs", "--json", "--limit", "1").stdout)
+    assert job["kind"] == "describe" and job["texts"] == [described.stdout.strip()]
+    waited = cli(service, "wait", str(job["id"]))
+    assert waited.returncode == 0 and waited.stdout == described.stdout
+
+
 async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
     socket_path = str(service.files().socket)
     async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=socket_path)) as http:
