@@ -177,7 +177,7 @@ class Api:
         prepared = await asyncio.to_thread(self.service.prepare, job_request, out)
         if ref is not None:  # kept in the job, so a client that lost the answer can find the job
             prepared = replace(prepared, payload={**prepared.payload, "client_ref": ref})
-        return web.json_response({"id": self.service.enqueue(prepared)}, status=201)
+        return web.json_response({"id": await self.service.enqueue_in_thread(prepared)}, status=201)
 
     async def validate(self, request: web.Request) -> web.Response:
         job_request, out, _ = await _read_job(request)

@@ -106,7 +106,7 @@ class LocalClient:
 
     async def submit(self, request: GenerateRequest, out_dir: Path | None = None) -> int:
         prepared = await asyncio.to_thread(self.service.prepare, request, out_dir)
-        return self.service.enqueue(prepared)
+        return await self.service.enqueue_in_thread(prepared)
 
     async def validate(self, request: GenerateRequest) -> GenerateRequest:
         resolved, _ = await asyncio.to_thread(self.service.validate, request)

@@ -121,6 +121,8 @@ class Service:
         self._unwritten: list[Callable[[], None]] = []  # queue writes that wait for the queue file (_when_writable)
         self._write_error: str | None = None  # why they wait, said once
         self._next_try: asyncio.TimerHandle | None = None
+        self._submissions: QueueStore | None = None  # enqueue_in_thread's connection, one submission at a time
+        self._submitting = threading.Lock()
 
     @property
     def slots(self) -> list[Slot]:
@@ -201,6 +203,9 @@ class Service:
         with contextlib.suppress(QueueUnavailable):  # its lease runs out by itself
             self.store.drop_lease(self.owner)  # what stays queued is adopted by the next recovering service
         self.store.close()
+        with self._submitting:
+            if self._submissions is not None:
+                self._submissions.close()
         self.training.close()  # runs keep training; waiting ones start with the next recovering service
 
     def _end_active(self, state: str) -> None:
@@ -252,7 +257,20 @@ class Service:
 
     def enqueue(self, prepared: Prepared) -> int:
         """Queue a prepared job; returns its id."""
-        job_id = self.store.add(prepared.kind, prepared.payload, self.owner)
+        return self._queued(self.store.add(prepared.kind, prepared.payload, self.owner), prepared)
+
+    async def enqueue_in_thread(self, prepared: Prepared) -> int:
+        """:meth:`enqueue`, written off the event loop on a connection of its own: while another program holds
+        the queue file locked, this submission waits (then QueueUnavailable), not every client of the service."""
+        def add() -> int:
+            with self._submitting:
+                if self._submissions is None:
+                    self._submissions = QueueStore(self.store.path)
+                return self._submissions.add(prepared.kind, prepared.payload, self.owner)
+
+        return self._queued(await asyncio.to_thread(add), prepared)
+
+    def _queued(self, job_id: int, prepared: Prepared) -> int:
         self._fanout.publish(Queued(job=job_id, kind=prepared.kind, request=prepared.payload["request"]))
         self._dispatch()
         return job_id

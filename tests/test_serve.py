@@ -1019,6 +1019,37 @@ async def test_a_client_names_the_field_as_the_cli_does(service):
         await remote.close()
 
 
+async def test_a_submission_waiting_for_a_locked_queue_file_holds_up_no_other_request(tmp_path):
+    """Another program holds the queue file locked (an sqlite3 shell, a backup): a POST waits for it, off the
+    event loop. Its write ran on the loop: every client waited sqlite's 10 s with it."""
+    import sqlite3
+
+    from aiohttp.test_utils import TestClient, TestServer
+    from test_tui import NoWorkers
+
+    db = tmp_path / "q.sqlite3"
+    service = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
+    await service.start()
+    try:
+        async with TestClient(TestServer(Api(service, token="t").app), headers={"Authorization": "Bearer t"}) as http:
+            other = sqlite3.connect(db, isolation_level=None)
+            other.execute("BEGIN EXCLUSIVE")
+            posted = asyncio.create_task(http.post("/v1/jobs", json={"request": _request().to_dict(),
+                                                                     "out": str(tmp_path / "out")}))
+            await asyncio.sleep(0.5)  # the POST is at the queue file
+            began = time.monotonic()
+            async with http.get("/v1/version") as r:
+                assert r.status == 200 and time.monotonic() - began < 3
+            assert not posted.done()
+            other.execute("COMMIT")
+            other.close()
+            async with await posted as r:
+                job = (await r.json())["id"]
+                assert r.status == 201 and service.store.get(job).state == "queued"
+    finally:
+        await service.close()
+
+
 async def _serve_in_test(db: Path, sock: Path) -> tuple[Service, web.AppRunner]:
     """A service without workers, its API on ``sock``, in this process."""
     from backend import http_server
