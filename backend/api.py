@@ -166,6 +166,8 @@ class Api:
     async def list_jobs(self, request: web.Request) -> web.Response:
         limit, states = _listing(request, "job", (*ACTIVE, *FINAL))
         images, brief = _flag(request, "images", "jobs with saved images only"), _flag(request, "brief", "id and state")
+        if images and brief:
+            raise RequestError("images", "cannot be combined with brief=1, which lists every job's id and state")
         if brief:  # a TUI counting a queue of thousands: no job read whole
             listed = self.service.store.states(states, limit, oldest_first=False)
             return web.json_response({"jobs": [{"id": job, "state": state} for job, state in listed.items()]})
@@ -249,7 +251,7 @@ class Api:
 
     async def events(self, request: web.Request) -> web.WebSocketResponse:
         """Every event of the service from now on, one JSON text per message (``?previews=0``: none)."""
-        previews = request.query.get("previews", "1") not in ("0", "false", "no")
+        previews = _flag(request, "previews", "preview pixels, the default", default=True)
         ws = web.WebSocketResponse(heartbeat=20.0)
         if not ws.can_prepare(request).ok:
             raise RequestError("events", "is a WebSocket: send GET with Connection: Upgrade and Upgrade: websocket")
@@ -339,9 +341,9 @@ def _listing(request: web.Request, what: str, allowed: tuple[str, ...]) -> tuple
     return limit, states or None
 
 
-def _flag(request: web.Request, name: str, what: str) -> bool:
-    """``?name=1`` (``what``) or ``0``, the default; RequestError naming ``name`` otherwise."""
-    value = request.query.get(name, "0")
+def _flag(request: web.Request, name: str, what: str, default: bool = False) -> bool:
+    """``?name=1`` (``what``) or ``0``, ``default`` when left out; RequestError naming ``name`` otherwise."""
+    value = request.query.get(name, "1" if default else "0")
     if value not in ("0", "1"):
         raise RequestError(name, f"{value!r} is not allowed; use 1 ({what}) or 0")
     return value == "1"

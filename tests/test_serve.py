@@ -328,6 +328,11 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
         assert status == 400 and body["error"] == "body: holds a number of more than 4300 digits"
         async with http.get("http://dreamtty/v1/events") as r:  # not a WebSocket upgrade
             assert r.status == 400 and (await r.json())["field"] == "events"
+        async with http.get("http://dreamtty/v1/events?previews=off") as r:  # turned them on
+            assert r.status == 400 and (await r.json())["error"] == ("previews: 'off' is not allowed; use 1 (preview "
+                                                                     "pixels, the default) or 0")
+        async with http.get("http://dreamtty/v1/jobs?images=1&brief=1") as r:  # listed jobs without images
+            assert r.status == 400 and (await r.json())["field"] == "images"
         async with http.delete("http://dreamtty/v1/jobs") as r:
             assert r.status == 405 and "POST" in r.headers["Allow"] and (await r.json())["error"]
         for body in (await post(b"[1]"))[1], (await post(b"{}"))[1]:
