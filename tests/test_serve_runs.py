@@ -124,6 +124,8 @@ async def test_run_routes_refuse_bad_input_in_one_line(service, tmp_path):
             status, answer = await post(body)
             assert status == 400 and answer["field"] == field and "\n" not in answer["error"], (body, answer)
         assert (await post({"request": 5}))[1]["error"] == "request: expected an object of the run's settings, got int"
+        relative = {**settings, "output": str(tmp_path / "r"), "resume": "r/checkpoints/checkpoint-1"}  # the service's
+        assert (await post({"request": relative}))[1]["error"] == "resume: must be an absolute folder path"  # cwd's
         async with http.get("http://dreamtty/v1/runs/999") as r:
             assert r.status == 404 and (await r.json())["error"] == "run 999: no such run"
         async with http.get("http://dreamtty/v1/runs?state=paused") as r:
