@@ -122,6 +122,14 @@ def read(path: str | Path) -> dict:
     return _ours(path, text)
 
 
+def carries_ours(path: str | Path) -> bool:
+    """Whether the image at ``path`` has a dreamtty metadata chunk, usable or not."""
+    try:
+        return bool(_text_chunks(path).get(CHUNK))
+    except DreamttyError:
+        return False
+
+
 def image_request(path: str | Path) -> tuple[GenerateRequest, list[str]]:
     """The request that reproduces the image at ``path``, and warnings for the user.
 

@@ -107,12 +107,13 @@ def source_settings(path: str | Path) -> tuple[dict, list[str]]:
     """The settings the image at ``path`` was made with, as a layer for a job on it, and warnings.
 
     The common request fields of its metadata (dreamtty's, or A1111's or Fooocus's: then only what
-    that tool recorded), without its seed, batch and size; {} for an image without metadata.
+    that tool recorded), without its seed, batch and size; {} for an image without metadata (or one the
+    job cannot read, which says why), and a warning for dreamtty metadata that does not read as a request.
     """
     try:
         request, warnings = metadata.image_request(path)
-    except DreamttyError:
-        return {}, []
+    except DreamttyError as exc:
+        return {}, [f"{exc}; its settings are not used"] if metadata.carries_ours(path) else []
     common = {f.name for f in fields(GenerateRequest)} - set(_NOT_FROM_SOURCE)
     values = {k: v for k, v in request.to_dict().items() if k in common}
     if warnings:  # another tool's image: a field it did not record holds our default, which must not win

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from backend import request_builder
@@ -102,6 +104,16 @@ def test_source_image_layer_sits_between_config_defaults_and_a_preset(tmp_path):
     assert with_preset.model == "cagliostrolab/animagine-xl-3.1" and with_preset.width is None  # not the preset's size
     assert request_builder.source_settings(tmp_path / "none.png") == ({}, [])
     assert metadata.read(path)["request"]["seed"] == 9
+    from PIL.PngImagePlugin import PngInfo
+
+    info, broken = PngInfo(), tmp_path / "broken.png"
+    info.add_text(metadata.CHUNK, json.dumps({**metadata.read(path), "request": {**made, "steps": "abc"}}))
+    Image.new("RGB", (128, 128)).save(broken, pnginfo=info)
+    assert request_builder.source_settings(broken) == ({}, [  # its settings were dropped without a word
+        f"steps: in the metadata of {broken}: 'abc' is not a whole number; its settings are not used"])
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    assert request_builder.source_settings(plain) == ({}, [])
 
 
 @pytest.mark.parametrize("explicit, expected", [
