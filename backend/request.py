@@ -82,9 +82,10 @@ class GenerateRequest:
         """Extra ``Key: value`` pairs for A1111's parameters text (the image-input kinds' settings)."""
         return []
 
-    def keep_inputs_in(self, out: Path) -> dict[str, str]:
-        """Copy the job's input files under ``out`` when asked to; {role: copy}. Text to image has none."""
-        return {}
+    def keep_inputs_in(self, out: Path) -> tuple[dict[str, str], list[str]]:
+        """Copy the job's input files under ``out`` when asked to: ({role: copy}, a note for each that could not
+        be). Text to image has none."""
+        return {}, []
 
     def with_kept_inputs(self, record: dict) -> tuple["GenerateRequest", list[str]]:
         """For ``reproduce``: the request reading the copies kept in ``record`` where an input is gone."""

@@ -367,8 +367,12 @@ def _image_loop(group: JobGroup, kind, requests: dict[int, object], pipe, family
     if not runs:
         return
     steps = {id(run): _step_events(run, request, family) for run, request in runs}
-    hand_over = {id(run): _Handover(run, kind, family_name, request.keep_inputs_in(Path(run.job["out"])))
-                 for run, request in runs}
+    hand_over = {}
+    for run, request in runs:
+        kept, notes = request.keep_inputs_in(Path(run.job["out"]))
+        for note in notes:
+            run.note(note)
+        hand_over[id(run)] = _Handover(run, kind, family_name, kept)
     make, limit = _batch_plan(group, kind, runs[0][1], pipe, make_image)
     todo = [_Item(run, i, per_image) for run, request in runs
             for i, per_image in _images_to_make(request, run.job.get("first_image", 0))]

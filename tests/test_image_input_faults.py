@@ -289,3 +289,17 @@ def test_the_metadata_of_an_image_past_pils_pixel_limit_reads_without_pils_warni
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert metadata.read(path) == {"version": 1}
+
+
+def test_an_input_that_cannot_be_kept_is_a_note_and_the_image_is_made_all_the_same(tmp_path):
+    """A file where out/inputs goes: the job failed with a raw FileExistsError after its work, saving nothing."""
+    image = str(write_image(tmp_path / "in.png"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "inputs").write_text("in the way")
+    request = Img2ImgRequest(image=image, image_hash="abc123", keep_inputs=True)
+    assert request.keep_inputs_in(tmp_path / "out") == ({}, [
+        f"keep_inputs: cannot copy the image to {tmp_path / 'out' / 'inputs'} (File exists); the image records its "
+        "path only"])
+    (tmp_path / "out" / "inputs").unlink()
+    kept, notes = request.keep_inputs_in(tmp_path / "out")
+    assert notes == [] and Path(kept["image"]).read_bytes() == Path(image).read_bytes()

@@ -102,23 +102,29 @@ class ImageInputRequest(GenerateRequest):
     def a1111_fields(self) -> list[tuple[str, object]]:
         return [("Denoising strength", self.strength), ("Input image hash", self.image_hash)]
 
-    def keep_inputs_in(self, out: Path) -> dict[str, str]:
-        """Copy each input to ``out/inputs/<hash><suffix>`` (once per content) when ``keep_inputs``."""
+    def keep_inputs_in(self, out: Path) -> tuple[dict[str, str], list[str]]:
+        """Copy each input to ``out/inputs/<hash><suffix>`` (once per content) when ``keep_inputs``; one that
+        cannot be copied is a note, and the image is made all the same."""
         if not self.keep_inputs:
-            return {}
+            return {}, []
         folder = out / "inputs"
-        kept = {}
+        kept, notes = {}, []
         for role, (path, digest) in self.input_files().items():
             if not path:
                 continue
             copy = folder / f"{digest}{Path(path).suffix.lower()}"
-            if not copy.exists():
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
-                shutil.copyfile(os.path.expanduser(path), tmp)
-                tmp.replace(copy)
+            try:
+                if not copy.exists():
+                    folder.mkdir(parents=True, exist_ok=True)
+                    tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
+                    shutil.copyfile(os.path.expanduser(path), tmp)
+                    tmp.replace(copy)
+            except OSError as exc:
+                notes.append(f"keep_inputs: cannot copy the {role} to {folder} ({exc.strerror or exc}); the image "
+                             "records its path only")
+                continue
             kept[role] = str(copy.resolve())
-        return kept
+        return kept, notes
 
     def with_kept_inputs(self, record: dict) -> tuple["ImageInputRequest", list[str]]:
         """Where an input is missing or changed, the copy ``--keep-inputs`` kept (when it has the recorded content)."""
