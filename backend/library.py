@@ -380,9 +380,7 @@ def _inspect_file(kind: str, path: Path, source: str) -> Entry:
         if found is None:
             raise CorruptFile(f"model: {path.name} is not a Stable Diffusion checkpoint (no UNet weights)")
         entry.family, entry.variant = found
-        if entry.variant:
-            use = "for inpaint and outpaint only" if entry.variant == "inpaint" else "not usable for text-to-image"
-            entry.note = f"{entry.variant} model: {use}"
+        entry.note = _variant_note(entry.variant)
     else:
         detect, problem = _DETECTORS[kind]
         family = detect(shapes)
@@ -473,6 +471,14 @@ def _companion_folder(kind: str, config: JsonConfig) -> tuple[str, str | None] |
     return None
 
 
+def _variant_note(variant: str | None) -> str:
+    """What a checkpoint of ``variant`` (inpaint, pix2pix, None) is for, when not for everything."""
+    if not variant:
+        return ""
+    return f"{variant} model: " + ("for inpaint and outpaint only" if variant == "inpaint" else
+                                   "not usable for text-to-image")
+
+
 def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
     if kind in COMPANION_KINDS and (folder / "config.json").is_file():
         found = _companion_folder(kind, read_json(folder / "config.json"))
@@ -485,8 +491,9 @@ def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
             entry.note = "" if entry.variant else "type unknown: name it with canny, depth or structure (cpds)"
         return entry
     if kind == "checkpoint" and (folder / "model_index.json").is_file():
+        variant = folder_variant(folder)
         return Entry(kind, folder.name, str(folder), family_from_folder(folder), _folder_size(folder), source,
-                     "diffusers", folder_variant(folder))
+                     "diffusers", variant, _variant_note(variant))
     if kind == "vae" and (folder / "config.json").is_file():
         if read_json(folder / "config.json").get("_class_name") == "AutoencoderKL":
             return Entry(kind, folder.name, str(folder), "any", _folder_size(folder), source, "diffusers")

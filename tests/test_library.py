@@ -190,6 +190,18 @@ def test_discover_lists_each_kind_and_skips_damaged(tmp_path, demo_dirs):
         library.find("checkpoint", "broken", cfg)
 
 
+def test_an_inpainting_checkpoint_is_flagged_as_a_folder_as_a_file(tmp_path):
+    """The note a single file got ("inpaint model: ..."); a diffusers folder was listed without it."""
+    (tmp_path / "ckpt" / "sd-inpaint" / "unet").mkdir(parents=True)
+    (tmp_path / "ckpt" / "sd-inpaint" / "model_index.json").write_text("{}")
+    (tmp_path / "ckpt" / "sd-inpaint" / "unet" / "config.json").write_text('{"in_channels": 9}')
+    _write(tmp_path / "ckpt" / "file-inpaint.safetensors", _checkpoint(SD1_TEXT, unet_in=9))
+    lib = library.discover(config.Config(paths={"checkpoints": [tmp_path / "ckpt"]}), hub=False)
+    notes = {e.name: (e.variant, e.note) for e in lib.entries if e.kind == "checkpoint" and "inpaint" in e.name}
+    assert notes == {name: ("inpaint", "inpaint model: for inpaint and outpaint only")
+                     for name in ("sd-inpaint", "file-inpaint")}
+
+
 def test_short_hash_is_sha256_prefix_and_cached(tmp_path):
     path = tmp_path / "w.safetensors"
     path.write_bytes(b"weights" * 1000)
