@@ -308,6 +308,9 @@ def test_pull_for_cli_options(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["models", "pull", "--for", "canny", "--family", "sd1"]) == 2
     assert "lllyasviel/control_v11p_sd15_canny cannot be downloaded" in capsys.readouterr().err
+    assert main(["models", "pull", "--for", "structure"]) == 2  # it printed nothing and exited 0
+    assert capsys.readouterr().err == ("dreamtty: for: none is known to download for structure (sdxl); put one made "
+                                       "for it in the controlnets folder (docs/image-prompts.md)\n")
 
 
 def test_a_map_that_cannot_be_saved_is_one_line(tmp_path):

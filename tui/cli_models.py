@@ -76,7 +76,14 @@ def _pull_for(args) -> int:
     if args.id is not None or args.file is not None:
         raise RequestError("for", "takes no id or --file: it knows which repositories to get")
     cfg = config.load()
-    for usual in companions.usual_for(args.target, args.family):
+    wanted = companions.usual_for(args.target, args.family)
+    if not wanted:  # structure: no model is published for it
+        from backend.image_prompts import TYPES
+
+        folder = library.FOLDER_OF_KIND[TYPES[args.target].model]
+        raise RequestError("for", f"none is known to download for {args.target} ({args.family}); put one made for it "
+                                  f"in the {folder} folder (docs/image-prompts.md)")
+    for usual in wanted:
         folder = usual.folder(cfg)
         print(f"dreamtty: {usual.kind.replace('_', ' ')} ({usual.variant or 'any'}): {usual.repo} "
               f"(about {usual.size}) into {visible(folder)}", file=sys.stderr)
