@@ -135,8 +135,8 @@ class RemoteClient:
         if self.address.socket and settings != (mine := config.service_settings()):
             differ = sorted(k for k in {*settings, *mine} if settings.get(k) != mine.get(k))
             raise VersionMismatch(
-                f"service: it runs with other settings ({', '.join(differ)}: "
-                + "; ".join(f"{k} {settings.get(k) or 'unset'} there, {mine.get(k) or 'unset'} here" for k in differ)
+                "service: it runs with other settings ("
+                + "; ".join(f"{k}: {settings.get(k) or 'unset'} there, {mine.get(k) or 'unset'} here" for k in differ)
                 + "); run this with --local, or restart the service with these: dreamtty serve --stop")
 
     async def _check_placement(self) -> None:

@@ -1236,7 +1236,8 @@ async def test_a_client_whose_service_is_replaced_by_one_of_other_settings_says_
         other = web.AppRunner(app)
         await other.setup()
         await web.UnixSite(other, str(sock)).start()
-        with pytest.raises(DreamttyError, match=r"^service: it runs with other settings \(allow_pickle"):
+        with pytest.raises(DreamttyError, match=r"^service: it runs with other settings \(allow_pickle: True there, "
+                                                r"unset here; config: unset there, /"):  # each said once
             async with asyncio.timeout(20):
                 await waiting
     finally:
