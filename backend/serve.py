@@ -25,7 +25,7 @@ from pathlib import Path
 from backend import locations, service_log
 from backend.errors import DreamttyError, RequestError, ServiceUnavailable
 from backend.safetext import visible
-from backend.service_files import AlreadyRunning, ServiceFiles, hold_queue, make_token
+from backend.service_files import AlreadyRunning, QueueHeld, ServiceFiles, hold_queue, make_token
 from backend.versions import build
 
 WORKER_NICE = 10  # the service's workers yield the CPU to interactive programs (the TUI among them)
@@ -186,6 +186,27 @@ def start_detached(options: ServeOptions, timeout: float = START_TIMEOUT) -> dic
     log_file = log_path()
     locations.make_folder(log_file.parent, "state dir")
     service_log.rotate(log_file)
+    process = _spawn(options, log_file)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = files.read_pid_file()
+        if info is not None and is_running(files):
+            return info
+        code = process.poll()
+        if code == QueueHeld.EXIT_CODE:  # one of another runtime dir runs the queue (hold_queue)
+            raise QueueHeld(_last_line(log_file))
+        if code not in (None, 0, AlreadyRunning.EXIT_CODE):
+            raise ServiceUnavailable(f"service: did not start ({_last_line(log_file)}); see {log_file}")
+        if code == AlreadyRunning.EXIT_CODE and not files.locked():  # the one that held the lock was stopping
+            process = _spawn(options, log_file)
+        time.sleep(0.05)
+    if process.poll() == AlreadyRunning.EXIT_CODE:  # the one that holds the lock does not answer
+        raise ServiceUnavailable(f"{files.running_message()}; it does not answer on its socket")
+    raise ServiceUnavailable(f"service: not answering on {files.socket} after {timeout:g} s; see {log_file}")
+
+
+def _spawn(options: ServeOptions, log_file: Path) -> subprocess.Popen:
+    """A detached service process (its own session), writing to ``log_file``."""
     try:
         out = open(log_file, "ab")
     except OSError as exc:  # a read-only or full state folder, where the queue lives too
@@ -196,20 +217,7 @@ def start_detached(options: ServeOptions, timeout: float = START_TIMEOUT) -> dic
                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     threading.Thread(target=process.wait, name="dreamtty-reap", daemon=True).start()  # no zombie when it ends
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = files.read_pid_file()
-        if info is not None and is_running(files):
-            return info
-        code = process.poll()
-        if code not in (None, 0, AlreadyRunning.EXIT_CODE):
-            raise ServiceUnavailable(f"service: did not start ({_last_line(log_file)}); see {log_file}")
-        if code == AlreadyRunning.EXIT_CODE and not files.locked():  # not another of this runtime dir:
-            raise AlreadyRunning(_last_line(log_file))  # one of another runtime dir runs the queue (hold_queue)
-        time.sleep(0.05)
-    if process.poll() == AlreadyRunning.EXIT_CODE:  # the one that holds the lock does not answer
-        raise ServiceUnavailable(f"{files.running_message()}; it does not answer on its socket")
-    raise ServiceUnavailable(f"service: not answering on {files.socket} after {timeout:g} s; see {log_file}")
+    return process
 
 
 def _last_line(path: Path) -> str:
@@ -229,7 +237,7 @@ def main(argv: list[str]) -> int:
         asyncio.run(serve(options, announce=lambda line: print(time.strftime("%F %T"), line, flush=True)))
     except AlreadyRunning as exc:
         print(exc, flush=True)
-        return AlreadyRunning.EXIT_CODE
+        return exc.EXIT_CODE
     except DreamttyError as exc:
         print(f"dreamtty: {exc}", flush=True)
         return 2

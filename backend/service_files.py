@@ -35,6 +35,12 @@ class AlreadyRunning(DreamttyError):
     EXIT_CODE = 3  # of a detached service that found another one running
 
 
+class QueueHeld(AlreadyRunning):
+    """A service of another runtime dir runs the queue."""
+
+    EXIT_CODE = 4
+
+
 @dataclass(frozen=True)
 class ServiceFiles:
     folder: Path
@@ -161,7 +167,7 @@ def hold_queue(state: Path, info: dict) -> int | None:
             other = {}
         os.close(fd)
         other = other if isinstance(other, dict) else {}
-        raise AlreadyRunning(f"service: another one (pid {other.get('pid')}, socket {other.get('socket')}) runs the "
+        raise QueueHeld(f"service: another one (pid {other.get('pid')}, socket {other.get('socket')}) runs the "
                              f"queue in {state}, started with another runtime dir (XDG_RUNTIME_DIR); stop it, or "
                              "run dreamtty with its XDG_RUNTIME_DIR")
     written = json.dumps(info).encode()

@@ -1123,6 +1123,29 @@ async def test_a_client_that_may_start_a_service_starts_one_when_its_service_is_
             await service.close()
 
 
+def test_a_service_that_is_stopping_is_said_so_and_a_start_waits_for_it_to_go(dirs):
+    """A service stops for seconds with jobs running, holding its lock. The status said none runs (a crashed
+    one left its socket), and a command that needed a service failed: "one is already running ... stop it"."""
+    import fcntl
+    import threading
+
+    from backend import serve
+    from backend.service_files import ServiceFiles
+
+    files = ServiceFiles.default()
+    files.make_folder()
+    files.socket.touch()  # a socket that no longer answers
+    files.write_pid_file({"pid": 4242})
+    lock = os.open(files.lock_file, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    status = cli(dirs, "serve", "--status")
+    assert status.returncode == 1
+    assert status.stderr == "dreamtty: the service (pid 4242) does not answer: it is starting or stopping\n"
+    threading.Timer(3.0, os.close, (lock,)).start()  # it exits: the lock goes with it
+    info = serve.start_detached(serve.ServeOptions(devices="cpu"))
+    assert info["pid"] != 4242 and serve.is_running(files)
+
+
 def test_a_state_folder_that_takes_no_log_is_one_line(tmp_path, monkeypatch):
     from backend import serve
 

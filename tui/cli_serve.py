@@ -84,6 +84,11 @@ def _client():
 
 def _not_running() -> int:
     files = _files()
+    if files.locked():  # it holds the lock but does not answer: it starts or stops
+        pid = (files.read_pid_file() or {}).get("pid")
+        print(f"dreamtty: the service{f' (pid {pid})' if pid else ''} does not answer: it is starting or stopping",
+              file=sys.stderr)
+        return 1
     stale = " (a crashed one left its socket; the next start removes it)" if files.socket.exists() else ""
     print(f"dreamtty: no service is running{stale}", file=sys.stderr)
     return 1
