@@ -231,10 +231,16 @@ class QueueStore:
 
     @queue_access
     def states(self, states: tuple[str, ...] | None, limit: int | None = None,
-               oldest_first: bool = True) -> dict[int, str]:
-        """The state of each job in ``states`` (all when None) by id, oldest first (or newest), at most ``limit``
-        (None: all); no job is read whole."""
-        return dict(self._db.execute(*listing_sql("id, state", "jobs", states, None, limit, oldest_first)))
+               oldest_first: bool = True, owner: str | None = None) -> dict[int, str]:
+        """The state of each job in ``states`` (all when None) of ``owner`` (any when None) by id, oldest first
+        (or newest), at most ``limit`` (None: all); no job is read whole."""
+        return dict(self._db.execute(*listing_sql("id, state", "jobs", states, owner, limit, oldest_first)))
+
+    @queue_access
+    def states_of(self, job_ids: set[int]) -> dict[int, str]:
+        """The state of each of ``job_ids`` that is in the queue, by id."""
+        ids = sorted(job_ids)
+        return dict(self._db.execute(f"SELECT id, state FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids))
 
     @queue_access
     def counts(self, owner: str) -> dict[str, int]:

@@ -121,6 +121,8 @@ class Service:
         self._unwritten: list[Callable[[], None]] = []  # queue writes that wait for the queue file (_when_writable)
         self._write_error: str | None = None  # why they wait, said once
         self._next_try: asyncio.TimerHandle | None = None
+        self._active_seen: set[int] = set()  # this service's active jobs at the last _notice_cancelled
+        self._ended_here: set[int] = set()  # jobs this service ended since then
         self._submissions: QueueStore | None = None  # enqueue_in_thread's connection, one submission at a time
         self._submitting = threading.Lock()
 
@@ -141,7 +143,7 @@ class Service:
             self.pool.start(self._handle, self._worker_died)
         self._heartbeat = threading.Thread(target=self._keep_lease, name="dreamtty-lease", daemon=True)
         self._heartbeat.start()
-        self._watch = asyncio.create_task(self._watch_runs())
+        self._watch = asyncio.create_task(self._watch_others())
         self._dispatch()
 
     def _keep_lease(self) -> None:
@@ -169,17 +171,35 @@ class Service:
         self.training.check()
         self._dispatch()
 
-    async def _watch_runs(self) -> None:
-        """Task: notice trainers that ended (their devices take jobs again)."""
+    async def _watch_others(self) -> None:
+        """Task: notice trainers that ended (their devices take jobs again), and jobs of this service that another
+        process cancelled in the queue."""
         while True:
             await asyncio.sleep(RUN_CHECK)
             try:
                 ended = self.training.check()
+                self._notice_cancelled()
             except (OSError, sqlite3.Error, QueueUnavailable) as exc:  # e.g. the queue's disk is full: try again later
-                log.error("checking training runs: %s", exc)
+                log.error("checking training runs and jobs: %s", exc)
                 continue
             if ended:
                 self._dispatch()
+
+    def _notice_cancelled(self) -> None:
+        """Act on what another process cancelled in the queue (``dreamtty cancel`` of a job that a ``--local``
+        command runs): a running job stops after its step, a queued one ends for whoever follows it."""
+        active = self.store.states(ACTIVE, owner=self.owner)
+        running = {job_id: slot for slot in self.slots for job_id in slot.jobs}
+        left = (self._active_seen | running.keys()) - active.keys() - self._ended_here
+        self._active_seen, self._ended_here = set(active), set()
+        for job_id, state in (self.store.states_of(left) if left else {}).items():
+            if state != "cancelled":
+                continue
+            if job_id not in running:
+                self._ended_cancelled(job_id)
+            elif job_id not in self._cancelling:
+                self._cancelling.add(job_id)
+                self.pool.cancel(running[job_id], job_id)
 
     async def close(self, cancel_jobs: bool = False) -> None:
         """Stop workers. This service's jobs still queued or running stay queued for the next
@@ -337,6 +357,7 @@ class Service:
 
     def _ended_cancelled(self, job_id: int) -> None:
         """Say that ``job_id``, written as cancelled, ended so (it no longer waits or stops)."""
+        self._ended_here.add(job_id)
         self._told_waiting.pop(job_id, None)
         self._cancelling.discard(job_id)
         self._fanout.publish(Cancelled(job=job_id))
@@ -538,6 +559,7 @@ class Service:
         self.store.set_state(event.job, event.type, getattr(event, "error", None))
         if isinstance(event, Done):  # with the images saved before a restart or a retry
             event = replace(event, paths=self.store.get(event.job).outputs)
+        self._ended_here.add(event.job)
         self._told_waiting.pop(event.job, None)
         self._cancelling.discard(event.job)
         slot = self._slot_of(event.job)

@@ -103,6 +103,28 @@ async def test_cancel_running_and_queued(running, db, tmp_path):
     assert store.get(long).outputs == []  # nothing decoded or saved for the cancelled job
 
 
+async def test_jobs_another_process_cancels_end_here_too(running, db, tmp_path):
+    """`dreamtty cancel` of a job that a --local command runs writes "cancelled" to the queue: that command's
+    job ran on to "done" (and a queued one was waited for for ever)."""
+    from test_tui import NoWorkers
+
+    service, events = running
+    long = service.submit(GenerateRequest(prompt="x", steps=400, seed=1, count=3, max_batch=1), tmp_path)
+    queued = service.submit(GenerateRequest(prompt="y", steps=4, seed=1), tmp_path)
+    other = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))  # as the one `dreamtty cancel` reaches
+    followed = service.subscribe()  # the queued job's follower
+    try:
+        async for event in service.wait(long, events):
+            if isinstance(event, Step) and (event.image, event.step) == (0, 1):
+                assert other.cancel(long) and other.cancel(queued)
+        ended = await asyncio.wait_for(_collect(service, queued, followed), TIMEOUT)
+    finally:
+        other.store.close()
+    assert isinstance(event, Cancelled) and [type(e) for e in ended] == [Cancelled]
+    store = QueueStore(db)
+    assert [store.get(j).state for j in (long, queued)] == ["cancelled", "cancelled"] and store.get(long).outputs == []
+
+
 async def test_killed_worker_is_retried_from_the_first_unsaved_image(running, db, tmp_path):
     service, events = running
     job = service.submit(GenerateRequest(prompt="x", steps=30, seed=11, count=3, max_batch=1), tmp_path)  # in turn
