@@ -58,6 +58,8 @@ def check_cluster(text: str, field: str = "cluster") -> str:
         return address
     if address != "auto":
         check_address(address, field, _ALLOWED)
+    else:
+        auto_target()
     if importlib.util.find_spec("ray") is None:
         raise DreamttyError(f"{field}: running workers on a Ray cluster needs Ray; {INSTALL}")
     if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
@@ -358,11 +360,20 @@ class RayPool:
             fn(*args)
 
 
+def auto_target() -> str:
+    """The head ``--cluster auto`` joins as RAY_ADDRESS names it ("" when unset: this machine's), checked as an
+    address: Ray waits minutes on one it cannot read. RequestError("RAY_ADDRESS") otherwise."""
+    target = os.environ.get("RAY_ADDRESS", "").strip()
+    if target not in ("", "auto", "local"):  # Ray's own words for this machine's cluster
+        check_address(target, "RAY_ADDRESS", "HOST:PORT or ray://HOST:PORT, or unset it")
+    return target
+
+
 def _connect(ray, address: str, field: str) -> bool:
     """Join the cluster at ``address``; False when this process is in one already (tests, embedding)."""
     if ray.is_initialized():
         return False
-    target = os.environ.get("RAY_ADDRESS", "").strip() if address == "auto" else address
+    target = auto_target() if address == "auto" else address
     match = ADDRESS.fullmatch(target)
     if match:  # ray.init waits minutes for a head that is not there, or for something else that listens
         _check_head(target, match["host"].strip("[]"), int(match["port"]), field)

@@ -429,6 +429,13 @@ def test_auto_checks_the_head_ray_address_names(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     with pytest.raises(DreamttyError, match=r"^cluster: cannot reach the Ray head at 127.0.0.1:1: "):
         ray_pool._connect(Joining(), "auto", "cluster")
+    for unreadable in ("[/]:1", "h\x1b[31mx:1"):  # not an address: not checked, so Ray waited minutes on it
+        monkeypatch.setenv("RAY_ADDRESS", unreadable)
+        for check in (lambda: ray_pool.check_cluster("auto"), lambda: ray_pool._connect(Joining(), "auto", "cluster")):
+            with pytest.raises(RequestError) as refused:
+                check()
+            assert str(refused.value) == (f"RAY_ADDRESS: {unreadable!r} is not allowed; use HOST:PORT or "
+                                          "ray://HOST:PORT, or unset it")
 
 
 @pytest.mark.parametrize("log, why", [
