@@ -6,7 +6,7 @@ import re
 
 from backend.errors import RequestError
 
-ADDRESS = re.compile(r"(?:ray://)?(?P<host>[\w.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
+ADDRESS = re.compile(r"(?:ray://)?(?P<host>[\w.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]+)")
 
 
 def check_address(text: str, field: str, allowed: str) -> re.Match:
@@ -15,6 +15,7 @@ def check_address(text: str, field: str, allowed: str) -> re.Match:
     match = ADDRESS.fullmatch(text)
     if not match:
         raise RequestError(field, f"{text!r} is not allowed; use {allowed}")
-    if not 0 < int(match["port"]) < 65536:
+    port = match["port"].lstrip("0")
+    if not port or len(port) > 5 or int(port) > 65535:  # leading zeros allowed, as Ray's int() reads them
         raise RequestError(field, f"{text!r} is not allowed: port {match['port']} is out of range 1..65535")
     return match

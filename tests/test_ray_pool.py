@@ -90,9 +90,11 @@ def test_cluster_without_ray_says_how_to_install(monkeypatch):
         ray_pool.check_cluster("auto")
     with pytest.raises(RequestError, match=r"^cluster: 'http://x' is not allowed; use auto, ray://HEAD:10001"):
         ray_pool.check_cluster("http://x")
-    for port in ("0", "99999"):
-        with pytest.raises(RequestError, match=rf"^cluster: 'h:{port}' is not allowed: port {port} is out of range 1..65535$"):
+    for port in ("0", "0000", "99999", "123456"):  # six digits were "not allowed; use auto, ..."
+        with pytest.raises(RequestError, match=rf"^cluster: 'h:{port}' is not allowed: port {port} is out of range "
+                                               r"1..65535$"):
             ray_pool.check_cluster(f"h:{port}")
+    assert ray_pool.check_address("h:06379", "cluster", "")["port"] == "06379"  # as Ray reads it: port 6379
 
 
 def test_config_workers_picks_the_pool(tmp_path, monkeypatch):
