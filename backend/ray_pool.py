@@ -162,6 +162,7 @@ class RayPool:
         self._workers: dict[int, _Worker] = {}
         self._stop = threading.Event()
         self._connected = False  # this pool joined the cluster (and leaves it on close)
+        self.head: str | None = None  # the head's address once joined (what ``auto`` found)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_event: OnEvent = lambda event: None
         self._on_died: OnDied = lambda slot, jobs, why, counts: None
@@ -176,6 +177,7 @@ class RayPool:
         self._loop = asyncio.get_running_loop()
         self._on_event, self._on_died = on_event, on_died
         self._connected = _connect(ray, self.address, self.field)
+        self.head = _head_address(ray)
         count = self.actors if self.actors is not None else self._count(ray)
         options = {"num_gpus": 1} if self.gpu else {"num_cpus": 1}
         actor_class = ray.remote(max_concurrency=4, max_restarts=0, **options)(ActorWorker)
@@ -212,9 +214,9 @@ class RayPool:
         import ray
 
         found, problem = self._nodes(ray)
-        nodes = [{"host": n["NodeManagerHostname"], "address": n["NodeManagerAddress"], "alive": n["Alive"],
-                  "gpus": int(n["Resources"].get("GPU", 0))} for n in found]
-        return {"cluster": self.address, "nodes": nodes,
+        nodes = None if problem else [{"host": n["NodeManagerHostname"], "address": n["NodeManagerAddress"],
+                                       "alive": n["Alive"], "gpus": int(n["Resources"].get("GPU", 0))} for n in found]
+        return {"cluster": self.address, "head": self.head, "nodes": nodes,
                 "workers": [slot.status(self.alive(slot)) for slot in self.slots],
                 "warnings": [*([problem] if problem else []), *self._faults.warnings()]}
 
@@ -249,9 +251,9 @@ class RayPool:
             thread.join(NODES_WAIT)
         answer = self._asking[1]
         if not answer:
-            return [], f"{self.field}: the Ray head at {self.address} does not answer; its nodes are unknown"
+            return [], f"{self.field}: the Ray head at {self.head or self.address} does not answer"
         if isinstance(answer[0], Exception):
-            return [], f"{self.field}: cannot list the nodes of {self.address}: {one_line(answer[0])}"
+            return [], f"{self.field}: cannot list the nodes of {self.head or self.address}: {one_line(answer[0])}"
         return answer[0], None
 
     def _count(self, ray) -> int:
@@ -367,6 +369,14 @@ def auto_target() -> str:
     if target not in ("", "auto", "local"):  # Ray's own words for this machine's cluster
         check_address(target, "RAY_ADDRESS", "HOST:PORT or ray://HOST:PORT, or unset it")
     return target
+
+
+def _head_address(ray) -> str | None:
+    """The address of the head this process joined (``HOST:PORT``), None when Ray does not say."""
+    try:
+        return str(ray.get_runtime_context().gcs_address) or None
+    except Exception:  # noqa: BLE001 - only shown: a Ray without it, or a runtime context that has none
+        return None
 
 
 def _connect(ray, address: str, field: str) -> bool:

@@ -11,7 +11,7 @@ _WORKER = {"id": is_whole, "device": str, "pid": optional(is_whole), "ready": bo
 _NODE = {"host": str, "address": str, "gpus": is_number, "alive": bool}
 _REQUIRED = {"pid": is_whole, "uptime": is_number, "queued": is_whole, "running": is_whole, "workers": [_WORKER],
              "dreamtty": str, "streams": is_whole}
-_OPTIONAL = {"idle_exit": is_number, "socket": str, "listen": str, "log": str, "cluster": str, "nodes": [_NODE],
+_OPTIONAL = {"idle_exit": is_number, "socket": str, "listen": str, "log": str, "cluster": str, "head": str, "nodes": [_NODE],
              "warnings": [str]}  # may be null, or left out
 
 
@@ -34,7 +34,8 @@ def placement_differs(status: dict, devices: str, cluster: str | None) -> str | 
 
     theirs = status.get("cluster")  # the Ray cluster's address; None: this machine
     on_a_cluster = cluster not in (None, "local")
-    if cluster is not None and (on_a_cluster != (theirs is not None) or cluster not in ("auto", "local", theirs)):
+    named = ("auto", "local", theirs, status.get("head"))  # auto: whatever it joined
+    if cluster is not None and (on_a_cluster != (theirs is not None) or cluster not in named):
         asked, there = f"--cluster {cluster}", f"on the Ray cluster {theirs}" if theirs else "on this machine"
     elif devices != "auto" and theirs is None and "auto" not in (held := {w["device"] for w in status["workers"]}) \
             and set(parse_devices(devices)) != held:  # "auto": a worker not started yet, its device not known

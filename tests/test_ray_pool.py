@@ -154,12 +154,15 @@ def test_the_status_answers_while_the_head_does_not(tmp_path, monkeypatch):
     for _ in range(2):  # the second status does not wait again, nor ask the head a second time
         started = time.monotonic()
         status = pool.status()
-        assert status["nodes"] == [] and status["warnings"] == [
-            "cluster: the Ray head at auto does not answer; its nodes are unknown"]
+        assert status["nodes"] is None and status["warnings"] == ["cluster: the Ray head at auto does not answer"]
     assert time.monotonic() - started < 0.2 and [t.name for t in threading.enumerate()].count("ray-nodes") == 1
     head_back.set()
     pool._asking[0].join()
-    assert pool.status() == {"cluster": "auto", "nodes": [], "workers": [], "warnings": []}
+    assert pool.status() == {"cluster": "auto", "head": None, "nodes": [], "workers": [], "warnings": []}
+    from tui.cli_serve import worker_lines  # not "0 node(s)", as if it had none
+
+    assert worker_lines({"cluster": "auto", "head": "10.0.0.1:6379", "nodes": None, "workers": []}) == [
+        "cluster   auto (head 10.0.0.1:6379): nodes unknown"]
 
     def lost():
         raise ConnectionError("GCS unreachable\n(details)")
@@ -321,7 +324,7 @@ async def test_jobs_from_two_clients_spread_over_both_actors_as_local_files(clus
 
     text = format_status(checked_status({**service.status(), "socket": "s", "dreamtty": "x", "streams": 0}))
     host = socket.gethostname()
-    assert f"cluster   {status['cluster'] or 'Ray'}: 1 node(s), 0 GPU(s)" in text
+    assert status["head"] and f"cluster   auto (head {status['head']}): 1 node(s), 0 GPU(s)" in text  # what it found
     assert f"node      {host} (" in text and "0 GPU(s), alive" in text
     assert f"worker 0  cpu ({host}), idle" in text and f"worker 1  cpu ({host}), idle" in text  # device (node)
     assert [w["node"] for w in service.status()["workers"]] == [host, host]

@@ -238,6 +238,7 @@ def test_a_device_or_cluster_the_running_service_does_not_use_is_said(service):
     ("auto", "ray://g:10001", {"cluster": "ray://h:10001", "workers": []}, "on the Ray cluster ray://h:10001; --clu"),
     ("auto", "local", {"cluster": "ray://h:10001", "workers": []}, "on the Ray cluster ray://h:10001; --cluster local"),
     ("auto", "auto", {"workers": [{"device": "cpu"}]}, "on this machine; --cluster auto"),
+    ("auto", "h:6379", {"cluster": "auto", "head": "h:6379", "workers": []}, None),  # the head auto found
 ])
 def test_placement_differs(devices, cluster, status, said):
     from backend.service_status import placement_differs

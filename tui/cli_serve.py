@@ -147,12 +147,13 @@ def worker_lines(status: dict) -> list[str]:
     from backend.downloads import human
 
     lines = []
-    if status.get("nodes") is not None:
-        nodes = status["nodes"]
-        lines.append(f"cluster   {status.get('cluster') or 'Ray'}: {len(nodes)} node(s), "
-                     f"{sum(n['gpus'] for n in nodes)} GPU(s)")
+    if status.get("cluster") is not None:
+        nodes, cluster, head = status.get("nodes"), status["cluster"], status.get("head")
+        counted = f"{len(nodes)} node(s), {sum(n['gpus'] for n in nodes)} GPU(s)" if nodes is not None else \
+            "nodes unknown"
+        lines.append(f"cluster   {cluster}{f' (head {head})' if head and head != cluster else ''}: {counted}")
         lines += [f"node      {n['host']} ({n['address']}), {n['gpus']} GPU(s), {'alive' if n['alive'] else 'lost'}"
-                  for n in nodes]
+                  for n in nodes or []]
     for worker in status["workers"]:
         jobs = worker["jobs"]
         state = (f"job{'s' * (len(jobs) > 1)} {', '.join(map(str, jobs))}" if jobs
