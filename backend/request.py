@@ -24,6 +24,7 @@ MAX_STEPS = 500
 MAX_COUNT = 64
 MAX_SEED = 2**32 - 1
 MAX_LORAS = 5
+MAX_STYLES = 64  # a request's styles (Fooocus offers a few hundred; each is applied in turn)
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 # fast: a compiled UNet on CUDA; fastest: with float8 linear layers (backend/engine/fast.py); the CPU runs default
 SPEEDS = ("default", "fast", "fastest")
@@ -262,10 +263,21 @@ def optional(convert: Callable[[str, object], object]) -> Callable[[str, object]
 
 
 def _styles(name: str, value: object) -> list[str]:
+    """Style names, each once (but "Random Style", which picks another each time), at most MAX_STYLES."""
+    from backend.prompting.styles import RANDOM_STYLE, style_key
+
     if value is None:
         return []
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise RequestError(name, f"{value!r} is not allowed; give a list of style names, e.g. [Watercolor]")
+    if len(value) > MAX_STYLES:
+        raise RequestError(name, f"{len(value)} given; at most {MAX_STYLES}")
+    seen: set[str] = set()
+    for style in value:
+        if (key := style_key(style)) in seen:
+            raise RequestError(name, f"{style!r} is given twice")
+        if key != style_key(RANDOM_STYLE):
+            seen.add(key)
     return list(value)
 
 
