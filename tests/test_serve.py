@@ -685,7 +685,7 @@ def test_stale_socket_and_pid_file_are_cleaned(dirs):
     # A command asking for settings the running service was not started with is refused, not run with the service's.
     other = cli(dirs, "jobs", "--allow-pickle")
     assert other.returncode == 2 and other.stderr.count("\n") == 1, other.stderr
-    assert "allow_pickle unset there, 1 here" in other.stderr and "--local" in other.stderr
+    assert "(allow_pickle: unset there, 1 here)" in other.stderr and "--local" in other.stderr
     assert cli(dirs, "jobs", "--allow-pickle", "--local").returncode == 0
     assert cli(dirs, "serve", "--stop").returncode == 0
 
