@@ -344,6 +344,9 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
         assert len(body["error"]) < 2100 and body["error"].endswith("… (cut)") and len(body["message"]) < 2100
         status, body = await post(json.dumps({"request": {"\n\x1b[31mevil": 1}}).encode())
         assert status == 400 and body["field"] == "\\n\\x1b[31mevil" and "\x1b" not in body["error"]
+        for key in ("a\\u2028b", "\\ud800"):  # a line break to splitlines(), and what no UTF-8 encoder takes
+            status, body = await post(b'{"request": {"' + key.encode() + b'": 1}}')  # echoed as JSON escaped them
+            assert status == 400 and body["error"].startswith(f"{key}: unknown field") and body["field"] == key
         after = len((await (await http.get("http://dreamtty/v1/jobs")).json())["jobs"])
     assert after == before
 
