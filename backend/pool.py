@@ -110,6 +110,9 @@ class WorkerPool(Protocol):
         """Where the workers run, what each holds and runs, as JSON (``workers``: a list of slot statuses; and
         ``warnings``, when there are any: why a worker cannot start)."""
 
+    def start_faults(self) -> list[str]:
+        """Why workers cannot start, a line each (none when they can)."""
+
     async def close(self) -> None: ...
 
 
@@ -192,7 +195,10 @@ class ProcessPool:
 
     def status(self) -> dict:
         workers = [slot.status(self.alive(slot)) for slot in self.slots]
-        return {"workers": workers, "warnings": self._stale.warnings()}
+        return {"workers": workers, "warnings": self.start_faults()}
+
+    def start_faults(self) -> list[str]:
+        return self._stale.warnings()
 
     async def close(self) -> None:
         import asyncio

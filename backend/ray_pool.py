@@ -218,7 +218,10 @@ class RayPool:
                                        "alive": n["Alive"], "gpus": int(n["Resources"].get("GPU", 0))} for n in found]
         return {"cluster": self.address, "head": self.head, "nodes": nodes,
                 "workers": [slot.status(self.alive(slot)) for slot in self.slots],
-                "warnings": [*([problem] if problem else []), *self._faults.warnings()]}
+                "warnings": [*([problem] if problem else []), *self.start_faults()]}
+
+    def start_faults(self) -> list[str]:
+        return self._faults.warnings()
 
     async def close(self) -> None:
         import ray

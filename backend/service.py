@@ -292,6 +292,9 @@ class Service:
 
     def _queued(self, job_id: int, prepared: Prepared) -> int:
         self._fanout.publish(Queued(job=job_id, kind=prepared.kind, request=prepared.payload["request"]))
+        ready = any(slot.id in self._ready and self.pool.alive(slot) for slot in self.slots)
+        if not ready and (faults := self.pool.start_faults()):  # said once, when it began: maybe before this client
+            self._fanout.publish(Note(job=job_id, message=f"waiting: {faults[0]}"))
         self._dispatch()
         return job_id
 

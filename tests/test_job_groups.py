@@ -114,6 +114,9 @@ class _Pool:
     def status(self) -> dict:
         return {"workers": []}
 
+    def start_faults(self) -> list[str]:
+        return []
+
 
 class _StartedPool(_Pool):
     """A :class:`_Pool` a service can start and close."""
@@ -148,6 +151,27 @@ def test_the_last_free_worker_takes_the_alike_queued_jobs_as_one_group(tmp_path)
     assert pool.slots[1].jobs == [c] and service.store.get(odd).state == "queued"
     service._handle(ev.Cancelled(job=c, worker=1))
     assert pool.given[-1] == (1, [odd]) and service.store.get(c).state == "cancelled"
+    service.store.close()
+
+
+def test_a_job_queued_while_no_worker_can_start_is_told_why(tmp_path):
+    """Why a worker cannot start is said once, when it begins: a client that queued a job later heard
+    nothing, and waited without end (a cluster whose actors all die at start)."""
+    from backend.service import Prepared
+
+    pool = _Pool(1)
+    pool.start_faults = lambda: ["worker 0: cannot start on the cluster: The actor died unexpectedly"]
+    service = Service(devices="cpu", db_path=tmp_path / "q.sqlite3", pool=pool)
+    events = service.subscribe()
+
+    def notes() -> list[str]:
+        return [e.message for e in (events.get_nowait() for _ in range(events.qsize())) if isinstance(e, ev.Note)]
+
+    service.enqueue(Prepared("generate", _payload(_request(), "/out")))
+    assert notes() == ["waiting: worker 0: cannot start on the cluster: The actor died unexpectedly"]
+    service._handle(ev.WorkerReady(worker=0, device="cpu", cuda_count=0))  # one runs: nothing to wait for
+    service.enqueue(Prepared("generate", _payload(_request(), "/out")))
+    assert notes() == []
     service.store.close()
 
 
