@@ -387,6 +387,7 @@ def _connect(ray, address: str, field: str) -> bool:
     if ray.is_initialized():
         return False
     target = auto_target() if address == "auto" else address
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the lines Ray prints (to serve.log): no colour codes
     match = ADDRESS.fullmatch(target)
     if match:  # ray.init waits minutes for a head that is not there, or for something else that listens
         _check_head(target, match["host"].strip("[]"), int(match["port"]), field)

@@ -443,6 +443,21 @@ def test_auto_checks_the_head_ray_address_names(monkeypatch):
                                           "ray://HOST:PORT, or unset it")
 
 
+def test_the_lines_ray_prints_in_the_service_log_have_no_colour_codes(monkeypatch):
+    """Its raylet's messages (a worker died, a node was lost) reached serve.log with ESC[33m ... ESC[0m."""
+    from backend import ray_pool
+
+    class Joins:
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **options) -> None:
+            pass
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
+    assert ray_pool._connect(Joins(), "auto", "cluster") and os.environ["RAY_COLOR_PREFIX"] == "0"
+
+
 @pytest.mark.parametrize("log, why", [
     (b"[W gcs_client.cc:210] Failed to get cluster ID: Unauthenticated: InvalidAuthToken: token is incorrect\n",
      r"it refused this machine.s token \(give it the head.s token .*set RAY_AUTH_MODE=token: Ray sets it itself only "
