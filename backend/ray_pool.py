@@ -179,7 +179,8 @@ class RayPool:
         self._connected = _connect(ray, self.address, self.field)
         self.head = _head_address(ray)
         count = self.actors if self.actors is not None else self._count(ray)
-        options = {"num_gpus": 1} if self.gpu else {"num_cpus": 1}
+        # a CPU actor per node: spread over the nodes (Ray packs actors on one node by default)
+        options = {"num_gpus": 1} if self.gpu else {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
         actor_class = ray.remote(max_concurrency=4, max_restarts=0, **options)(ActorWorker)
         for i in range(count):
             worker = _Worker(Slot(i, "cuda" if self.gpu else "cpu"))
