@@ -238,9 +238,9 @@ class QueueStore:
 
     @queue_access
     def states_of(self, job_ids: set[int]) -> dict[int, str]:
-        """The state of each of ``job_ids`` that is in the queue, by id."""
-        ids = sorted(job_ids)
-        return dict(self._db.execute(f"SELECT id, state FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids))
+        """The state of each of ``job_ids`` that is in the queue, by id (any number: one JSON argument)."""
+        return dict(self._db.execute("SELECT id, state FROM jobs WHERE id IN (SELECT value FROM json_each(?))",
+                                     (json.dumps(sorted(job_ids)),)))
 
     @queue_access
     def counts(self, owner: str) -> dict[str, int]:

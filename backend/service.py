@@ -176,14 +176,16 @@ class Service:
         process cancelled in the queue."""
         while True:
             await asyncio.sleep(RUN_CHECK)
-            try:
-                ended = self.training.check()
-                self._notice_cancelled()
-            except (OSError, sqlite3.Error, QueueUnavailable) as exc:  # e.g. the queue's disk is full: try again later
-                log.error("checking training runs and jobs: %s", exc)
-                continue
-            if ended:
-                self._dispatch()
+            for what, check in (("training runs", self._notice_ended_runs), ("cancelled jobs", self._notice_cancelled)):
+                try:
+                    check()
+                except (OSError, sqlite3.Error, QueueUnavailable) as exc:  # e.g. the queue's disk is full: next time
+                    log.error("checking %s: %s", what, exc)
+
+    def _notice_ended_runs(self) -> None:
+        """A trainer that ended frees its devices for jobs."""
+        if self.training.check():
+            self._dispatch()
 
     def _notice_cancelled(self) -> None:
         """Act on what another process cancelled in the queue (``dreamtty cancel`` of a job that a ``--local``
@@ -191,8 +193,9 @@ class Service:
         active = self.store.states(ACTIVE, owner=self.owner)
         running = {job_id: slot for slot in self.slots for job_id in slot.jobs}
         left = (self._active_seen | running.keys()) - active.keys() - self._ended_here
+        states = self.store.states_of(left) if left else {}
         self._active_seen, self._ended_here = set(active), set()
-        for job_id, state in (self.store.states_of(left) if left else {}).items():
+        for job_id, state in states.items():
             if state != "cancelled":
                 continue
             if job_id not in running:
@@ -619,7 +622,11 @@ class Service:
     def _retry_jobs(self, job_ids: list[int], why: str, counts: bool, log: str) -> None:
         for job_id in job_ids:
             job = self.store.get(job_id)
-            if self._closing.is_set() or job is None or job.state != "running":
+            if self._closing.is_set() or job is None:
+                continue
+            if job.state == "cancelled" and job_id in self._cancelling:  # another process cancelled it (and the
+                self._ended_cancelled(job_id)  # worker died before it stopped): it ends so for its followers
+            if job.state != "running":
                 continue
             job = self._settled(job)
             if job.id in self._cancelling:  # it was to stop anyway: not run again

@@ -11,8 +11,8 @@ _WORKER = {"id": is_whole, "device": str, "pid": optional(is_whole), "ready": bo
 _NODE = {"host": str, "address": str, "gpus": is_number, "alive": bool}
 _REQUIRED = {"pid": is_whole, "uptime": is_number, "queued": is_whole, "running": is_whole, "workers": [_WORKER],
              "dreamtty": str, "streams": is_whole}
-_OPTIONAL = {"idle_exit": is_number, "socket": str, "listen": str, "log": str, "cluster": str, "head": str, "nodes": [_NODE],
-             "warnings": [str]}  # may be null, or left out
+_OPTIONAL = {"idle_exit": is_number, "socket": str, "listen": str, "log": str, "cluster": str, "head": str,
+             "nodes": [_NODE], "warnings": [str]}  # may be null, or left out
 
 
 def checked_status(data: object) -> dict:

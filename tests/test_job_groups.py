@@ -175,6 +175,23 @@ def test_a_job_queued_while_no_worker_can_start_is_told_why(tmp_path):
     service.store.close()
 
 
+def test_a_job_another_process_cancels_ends_cancelled_if_its_worker_dies_before_it_stops(tmp_path):
+    pool = _StartedPool(1)
+    service = Service(devices="cpu", db_path=tmp_path / "q.sqlite3", pool=pool)
+    job = _submit(service)
+    service._handle(ev.WorkerReady(worker=0, device="cpu", cuda_count=0))
+    events = service.subscribe()
+    with closing(QueueStore(tmp_path / "q.sqlite3")) as other:  # `dreamtty cancel` through another service
+        other.set_state(job, "cancelled")
+    service._notice_cancelled()
+    assert pool.given == [(0, [job])] and pool.cancelled == [(0, job)]
+    pool.slots[0].jobs = []
+    service._worker_died(pool.slots[0], [job], "worker 0 died", True)  # before it stopped: it sent no Cancelled
+    assert [type(e) for e in (events.get_nowait() for _ in range(events.qsize()))] == [ev.Cancelled]
+    assert service.store.get(job).state == "cancelled" and job not in service._cancelling
+    service.store.close()
+
+
 async def test_a_job_asked_to_cancel_ends_cancelled_if_its_worker_dies_or_the_service_stops_first(tmp_path):
     """A running job stops after its current step; one whose worker dies before is not run again, and one
     still running when the service stops is not queued for the next start."""
