@@ -235,7 +235,7 @@ class Api:
         runs_root, ref = _absolute(data.get("runs_root"), "runs_root"), _client_ref(data)
         train = TrainRequest.from_dict(data["request"])
         for name in ("instance_dir", "output", "resume"):
-            if getattr(train, name) != "latest":  # resume: "latest" or a checkpoint's folder
+            if (name, getattr(train, name)) != ("resume", "latest"):  # resume: "latest" or a checkpoint's folder
                 _absolute(getattr(train, name) or None, name)
         prepared = await self.service.prepare_run_in_thread(train, devices or "auto", launcher, runs_root)
         if request.transport is None:  # the client hung up meanwhile (Ctrl-C): nobody asks for the run any more

@@ -119,6 +119,7 @@ async def test_run_routes_refuse_bad_input_in_one_line(service, tmp_path):
                             ({"request": settings, "runs_root": "/tmp/a\0b"}, "runs_root"),
                             ({"request": {**settings, "instance_dir": "photos"}}, "instance_dir"),  # the service's cwd
                             ({"request": {**settings, "output": "run"}}, "output"),
+                            ({"request": {**settings, "output": "latest"}}, "output"),  # as resume's word
                             ({"request": {**settings, "output": str(tmp_path / "r\0")}}, "output"),
                             ({"request": settings, "devices": "cuda:99"}, "devices")):
             status, answer = await post(body)
