@@ -107,19 +107,23 @@ class Job:
 
 class QueueStore:
     """The jobs table in ``path``; ``warnings`` says when a damaged file was moved aside or a row that does
-    not read as a job was marked failed."""
+    not read as a job was marked failed.
 
-    def __init__(self, path: Path) -> None:
+    ``checked`` False: another connection to a queue this process opened (and checked) already, for a thread
+    of its own: a damaged file is an error, not moved aside a second time, and no row is read.
+    """
+
+    def __init__(self, path: Path, checked: bool = True) -> None:
         self.path = path
         self.warnings: list[str] = []
         self._name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]  # see image_tag
         locations.make_folder(path.parent, "queue")
         try:
-            self._db = self._open()
+            self._db = self._open() if checked else _connect(path)
         except sqlite3.Error as exc:
             raise DreamttyError(f"queue: cannot open {path}: {exc}") from None
-        # the rows a worker may be given, checked now so that their warnings are said at start
-        self._jobs(self._db.execute(f"SELECT {_SELECT} FROM jobs WHERE state NOT IN ({_FINAL_SQL})"))
+        if checked:  # the rows a worker may be given, checked now so that their warnings are said at start
+            self._jobs(self._db.execute(f"SELECT {_SELECT} FROM jobs WHERE state NOT IN ({_FINAL_SQL})"))
 
     def _open(self) -> sqlite3.Connection:
         """Connect; a damaged file is moved aside and replaced by a queue of the jobs that still read from it."""

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from backend import companions, config, jobkinds, locations
 from backend.devices import check_cluster_devices, check_devices
-from backend.errors import ModelError, RequestError
+from backend.errors import ModelError, RequestError, ServiceUnavailable
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, JobEvent, Log, Note, Queued,
                             Retrying, Started, TextOutput, WorkerModels, WorkerReady, WorkerReleased)
 from backend.extras_check import check_extras
@@ -149,7 +149,7 @@ class Service:
     def _keep_lease(self) -> None:
         """Thread: renew this service's lease (a busy event loop must not lose it), adopt orphans. A database
         error (locked past its timeout, a full disk) is logged and the next round tries again."""
-        store, run_store = QueueStore(self.store.path), RunStore(self.store.path)
+        store, run_store = QueueStore(self.store.path, checked=False), RunStore(self.store.path)
         try:
             while not self._closing.wait(LEASE_RENEW):
                 try:
@@ -226,9 +226,9 @@ class Service:
         with contextlib.suppress(QueueUnavailable):  # its lease runs out by itself
             self.store.drop_lease(self.owner)  # what stays queued is adopted by the next recovering service
         self.store.close()
-        with self._submitting:
-            if self._submissions is not None:
-                self._submissions.close()
+        if self._submissions is not None and self._submitting.acquire(blocking=False):  # else a submission waits
+            self._submissions.close()  # for a locked queue file: its connection goes when it is done
+            self._submitting.release()
         self.training.close()  # runs keep training; waiting ones start with the next recovering service
 
     def _end_active(self, state: str) -> None:
@@ -287,8 +287,10 @@ class Service:
         the queue file locked, this submission waits (then QueueUnavailable), not every client of the service."""
         def add() -> int:
             with self._submitting:
+                if self._closing.is_set():
+                    raise ServiceUnavailable("service: it is stopping; queue the job again once it runs")
                 if self._submissions is None:
-                    self._submissions = QueueStore(self.store.path)
+                    self._submissions = QueueStore(self.store.path, checked=False)
                 return self._submissions.add(prepared.kind, prepared.payload, self.owner)
 
         return self._queued(await asyncio.to_thread(add), prepared)

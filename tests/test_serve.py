@@ -1057,6 +1057,8 @@ async def test_a_submission_waiting_for_a_locked_queue_file_holds_up_no_other_re
                 assert r.status == 201 and service.store.get(job).state == "queued"
     finally:
         await service.close()
+    with pytest.raises(ServiceUnavailable, match="^service: it is stopping"):  # not sqlite's "closed database"
+        await service.enqueue_in_thread(service.prepare(_request(), tmp_path / "out"))
 
 
 async def _serve_in_test(db: Path, sock: Path) -> tuple[Service, web.AppRunner]:
