@@ -263,21 +263,13 @@ def optional(convert: Callable[[str, object], object]) -> Callable[[str, object]
 
 
 def _styles(name: str, value: object) -> list[str]:
-    """Style names, each once (but "Random Style", which picks another each time), at most MAX_STYLES."""
-    from backend.prompting.styles import RANDOM_STYLE, style_key
-
+    """Style names, at most MAX_STYLES."""
     if value is None:
         return []
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise RequestError(name, f"{value!r} is not allowed; give a list of style names, e.g. [Watercolor]")
     if len(value) > MAX_STYLES:
         raise RequestError(name, f"{len(value)} given; at most {MAX_STYLES}")
-    seen: set[str] = set()
-    for style in value:
-        if (key := style_key(style)) in seen:
-            raise RequestError(name, f"{style!r} is given twice")
-        if key != style_key(RANDOM_STYLE):
-            seen.add(key)
     return list(value)
 
 

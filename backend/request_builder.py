@@ -18,6 +18,7 @@ from backend import config, metadata
 from backend.errors import DreamttyError, RequestError
 from backend.guidance_settings import GuidanceSettings
 from backend.prompting.presets import preset_fields, preset_names
+from backend.prompting.styles import RANDOM_STYLE, style_key
 from backend.request import GenerateRequest, parse_size
 from backend.samplers import SAMPLERS
 
@@ -42,6 +43,20 @@ def parse_loras(texts: str | list) -> list:
     if [item.strip().lower() if isinstance(item, str) else item for item in items] == ["none"]:
         return []
     return [parse_lora(item) if isinstance(item, str) else item for item in items if not isinstance(item, str) or item.strip()]
+
+
+def once_each(styles: list[str]) -> list[str]:
+    """Styles as chosen, each once (but "Random Style", which picks another each time); RequestError("styles")
+    for one named twice. (A request read back takes them as they are: an image made so reproduces.)"""
+    if not isinstance(styles, (list, tuple)) or not all(isinstance(style, str) for style in styles):
+        return styles  # the request's own check says what is wrong
+    seen: set[str] = set()
+    for style in styles:
+        if (key := style_key(style)) in seen:
+            raise RequestError("styles", f"{style!r} is given twice")
+        if key != style_key(RANDOM_STYLE):
+            seen.add(key)
+    return styles
 
 
 def parse_floats(name: str, text: str) -> tuple[float, ...]:
@@ -92,6 +107,8 @@ def from_text(values: dict) -> dict:
             out["width"], out["height"] = parse_size(value)
         elif name == "loras":
             out["loras"] = parse_loras(value)
+        elif name == "styles":
+            out["styles"] = once_each(value)
         elif name == "guidance":
             out["guidance"] = {k: parse_guidance_value(k, v) if isinstance(v, str) else v for k, v in value.items()}
         else:

@@ -48,15 +48,11 @@ def test_bad_values_name_the_field(kw, field, fragment):
     assert "\n" not in str(err)
 
 
-@pytest.mark.parametrize("styles, message", [
-    (["Watercolor", "watercolor"], "styles: 'watercolor' is given twice"),
-    (["3D Render"] * 80_000, "styles: 80000 given; at most 64"),  # a megabyte of them took the service a minute
-])
-def test_styles_are_each_named_once_and_not_without_end(styles, message):
-    with pytest.raises(RequestError) as info:
-        GenerateRequest.from_dict({"styles": styles})
-    assert str(info.value) == message
-    assert GenerateRequest.from_dict({"styles": ["Random Style", "random style"]}).styles  # a pick each
+def test_styles_are_not_without_end():
+    with pytest.raises(RequestError) as info:  # a megabyte of them took the service a minute
+        GenerateRequest.from_dict({"styles": ["3D Render"] * 80_000})
+    assert str(info.value) == "styles: 80000 given; at most 64"
+    assert GenerateRequest.from_dict({"styles": ["Ink", "ink"]}).styles == ["Ink", "ink"]  # an image made so: as is
 
 
 def test_defaults_come_from_the_family():

@@ -129,6 +129,12 @@ def test_a_sampler_given_over_a_sources_drops_a_schedule_that_does_not_work_with
     request.resolved("demo")  # a schedule the sampler takes
 
 
+def test_a_style_is_chosen_once():
+    with pytest.raises(RequestError, match="^styles: 'watercolor' is given twice$"):
+        request_builder.build({"styles": ["Watercolor", "watercolor"]})
+    assert request_builder.build({"styles": ["Random Style", "random style"]}).styles  # a pick each
+
+
 def test_the_configs_default_preset_applies_unless_a_preset_is_named(_cli, tmp_path, capsys):
     """As in the TUI's form: the config's default preset beats its default model; a named preset replaces
     it; a job on an image keeps the image's own settings over it; a name that is no preset is said once."""
