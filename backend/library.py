@@ -479,6 +479,14 @@ def _variant_note(variant: str | None) -> str:
                                    "not usable for text-to-image")
 
 
+def _folder_checkpoint(name: str, folder: Path, size: int, source: str) -> Entry:
+    """A diffusers folder as a checkpoint, flagged by its UNet (inpaint, pix2pix); ModelError when its family is
+    not known."""
+    variant = folder_variant(folder)
+    return Entry("checkpoint", name, str(folder), family_from_folder(folder), size, source, "diffusers", variant,
+                 _variant_note(variant))
+
+
 def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
     if kind in COMPANION_KINDS and (folder / "config.json").is_file():
         found = _companion_folder(kind, read_json(folder / "config.json"))
@@ -491,9 +499,7 @@ def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
             entry.note = "" if entry.variant else "type unknown: name it with canny, depth or structure (cpds)"
         return entry
     if kind == "checkpoint" and (folder / "model_index.json").is_file():
-        variant = folder_variant(folder)
-        return Entry(kind, folder.name, str(folder), family_from_folder(folder), _folder_size(folder), source,
-                     "diffusers", variant, _variant_note(variant))
+        return _folder_checkpoint(folder.name, folder, _folder_size(folder), source)
     if kind == "vae" and (folder / "config.json").is_file():
         if read_json(folder / "config.json").get("_class_name") == "AutoencoderKL":
             return Entry(kind, folder.name, str(folder), "any", _folder_size(folder), source, "diffusers")
@@ -567,8 +573,7 @@ def _hub_entries(folders: bool) -> list[Entry]:
     for repo_id, snapshot, size in _hub_snapshots():
         if folders and (snapshot / "model_index.json").is_file():
             try:
-                out.append(Entry("checkpoint", repo_id, str(snapshot), family_from_folder(snapshot), size,
-                                 "hf-cache", "diffusers"))
+                out.append(_folder_checkpoint(repo_id, snapshot, size, "hf-cache"))
             except ModelError:
                 continue
         elif not folders:

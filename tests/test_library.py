@@ -190,16 +190,24 @@ def test_discover_lists_each_kind_and_skips_damaged(tmp_path, demo_dirs):
         library.find("checkpoint", "broken", cfg)
 
 
-def test_an_inpainting_checkpoint_is_flagged_as_a_folder_as_a_file(tmp_path):
-    """The note a single file got ("inpaint model: ..."); a diffusers folder was listed without it."""
-    (tmp_path / "ckpt" / "sd-inpaint" / "unet").mkdir(parents=True)
-    (tmp_path / "ckpt" / "sd-inpaint" / "model_index.json").write_text("{}")
-    (tmp_path / "ckpt" / "sd-inpaint" / "unet" / "config.json").write_text('{"in_channels": 9}')
+def test_an_inpainting_checkpoint_is_flagged_as_a_folder_as_a_file(tmp_path, monkeypatch):
+    """The note a single file got ("inpaint model: ..."); a diffusers folder, or a repo in the Hugging Face
+    cache, was listed without it."""
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--org--hub-inpaint" / "snapshots" / "c0ffee"
+    for folder in (tmp_path / "ckpt" / "sd-inpaint", snapshot):
+        (folder / "unet").mkdir(parents=True)
+        (folder / "model_index.json").write_text("{}")
+        (folder / "unet" / "config.json").write_text('{"in_channels": 9}')
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("c0ffee")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     _write(tmp_path / "ckpt" / "file-inpaint.safetensors", _checkpoint(SD1_TEXT, unet_in=9))
-    lib = library.discover(config.Config(paths={"checkpoints": [tmp_path / "ckpt"]}), hub=False)
+    lib = library.discover(config.Config(paths={"checkpoints": [tmp_path / "ckpt"]}))
     notes = {e.name: (e.variant, e.note) for e in lib.entries if e.kind == "checkpoint" and "inpaint" in e.name}
     assert notes == {name: ("inpaint", "inpaint model: for inpaint and outpaint only")
-                     for name in ("sd-inpaint", "file-inpaint")}
+                     for name in ("sd-inpaint", "file-inpaint", "org/hub-inpaint")}
 
 
 def test_short_hash_is_sha256_prefix_and_cached(tmp_path):
