@@ -301,5 +301,14 @@ def test_an_input_that_cannot_be_kept_is_a_note_and_the_image_is_made_all_the_sa
         f"keep_inputs: cannot copy the image to {tmp_path / 'out' / 'inputs'} (File exists); the image records its "
         "path only"])
     (tmp_path / "out" / "inputs").unlink()
+
+    def half_copied(source, target):  # as a full disk leaves it
+        Path(target).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("shutil.copyfile", half_copied)
+        assert "(No space left on device)" in request.keep_inputs_in(tmp_path / "out")[1][0]
+    assert list((tmp_path / "out" / "inputs").iterdir()) == []  # no half copy left behind
     kept, notes = request.keep_inputs_in(tmp_path / "out")
     assert notes == [] and Path(kept["image"]).read_bytes() == Path(image).read_bytes()

@@ -8,6 +8,7 @@ stretches the schedule so that ``steps`` of it run). Strength 0 runs none and gi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass, replace
@@ -113,13 +114,15 @@ class ImageInputRequest(GenerateRequest):
             if not path:
                 continue
             copy = folder / f"{digest}{Path(path).suffix.lower()}"
+            tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
             try:
                 if not copy.exists():
                     folder.mkdir(parents=True, exist_ok=True)
-                    tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
                     shutil.copyfile(os.path.expanduser(path), tmp)
                     tmp.replace(copy)
             except OSError as exc:
+                with contextlib.suppress(OSError):  # half a copy (a full disk)
+                    tmp.unlink()
                 notes.append(f"keep_inputs: cannot copy the {role} to {folder} ({exc.strerror or exc}); the image "
                              "records its path only")
                 continue
