@@ -36,6 +36,7 @@ from backend.events import Fanout, Preview, dumps
 from backend.http_server import trust
 from backend.outputs import check_out_dir
 from backend.queue_store import ACTIVE, FINAL, MAX_ID, QueueUnavailable, check_limit
+from backend.request import GenerateRequest
 from backend.run_schedule import STATES as RUN_STATES
 from backend.run_schedule import withdraw
 from backend.safetext import error_line, one_line
@@ -343,11 +344,17 @@ def _listing(request: web.Request, what: str, allowed: tuple[str, ...]) -> tuple
 
 
 def _flag(request: web.Request, name: str, what: str, default: bool = False) -> bool:
-    """``?name=1`` (``what``) or ``0``, ``default`` when left out; RequestError naming ``name`` otherwise."""
-    value = request.query.get(name, "1" if default else "0")
-    if value not in ("0", "1"):
+    """``?name=1`` (``what``; also ``true``, ``yes``) or ``0`` (``false``, ``no``), ``default`` when left out;
+    RequestError naming ``name`` otherwise."""
+    value = request.query.get(name)
+    if value is None:
+        return default
+    if value.lower() not in (*_ON, *_OFF):
         raise RequestError(name, f"{value!r} is not allowed; use 1 ({what}) or 0")
-    return value == "1"
+    return value.lower() in _ON
+
+
+_ON, _OFF = ("1", "true", "yes"), ("0", "false", "no")
 
 
 def _absolute(value: object, field: str) -> Path | None:
@@ -416,7 +423,7 @@ async def _read_job(request: web.Request):
     return job, _absolute(data.get("out"), "out"), _client_ref(data)
 
 
-def _absolute_inputs(request) -> None:
+def _absolute_inputs(request: GenerateRequest) -> None:
     """The images a job reads must be named absolute, as folders: the service's working folder is not the
     client's, so a relative path would read whatever lies there."""
     named = [*((role, path) for role, (path, _) in request.input_files().items()),

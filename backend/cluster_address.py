@@ -6,7 +6,7 @@ import re
 
 from backend.errors import RequestError
 
-ADDRESS = re.compile(r"(?:ray://)?(?P<host>[\w.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]+)")
+ADDRESS = re.compile(r"(?:ray://)?(?P<host>[\w.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,20})")  # 20: past any port
 
 
 def check_address(text: str, field: str, allowed: str) -> re.Match:

@@ -22,8 +22,8 @@ from typing import Protocol
 
 from backend import locations, versions
 from backend.devices import parse_devices
-from backend.processes import exit_text
 from backend.events import Event, EventError, Log, WorkerReady, loads
+from backend.processes import exit_text
 from backend.request import MAX_COUNT
 from backend.worker import RELEASE
 

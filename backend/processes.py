@@ -34,6 +34,7 @@ def exit_text(code: int | None) -> str:
 
 
 def _signal_name(number: int) -> str | None:
+    """``SIGTERM`` for 15; None for a number no signal has."""
     try:
         return signal.Signals(number).name
     except ValueError:

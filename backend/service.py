@@ -296,6 +296,7 @@ class Service:
         return self._queued(await asyncio.to_thread(add), prepared)
 
     def _queued(self, job_id: int, prepared: Prepared) -> int:
+        """Say that ``job_id`` was queued (and why it waits, when no worker can start); hand out work."""
         self._fanout.publish(Queued(job=job_id, kind=prepared.kind, request=prepared.payload["request"]))
         ready = any(slot.id in self._ready and self.pool.alive(slot) for slot in self.slots)
         if not ready and (faults := self.pool.start_faults()):  # said once, when it began: maybe before this client
@@ -577,6 +578,7 @@ class Service:
         self._dispatch()
 
     def _record_text(self, event: TextOutput) -> None:
+        """Keep a job's text with it, then publish it."""
         self.store.add_text(event.job, event.image, event.text)
         self._fanout.publish(event)
 

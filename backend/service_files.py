@@ -168,8 +168,8 @@ def hold_queue(state: Path, info: dict) -> int | None:
         os.close(fd)
         other = other if isinstance(other, dict) else {}
         raise QueueHeld(f"service: another one (pid {other.get('pid')}, socket {other.get('socket')}) runs the "
-                             f"queue in {state}, started with another runtime dir (XDG_RUNTIME_DIR); stop it, or "
-                             "run dreamtty with its XDG_RUNTIME_DIR")
+                        f"queue in {state}, started with another runtime dir (XDG_RUNTIME_DIR); stop it, or "
+                        "run dreamtty with its XDG_RUNTIME_DIR")
     written = json.dumps(info).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, written, 0)

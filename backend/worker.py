@@ -51,7 +51,8 @@ class Terminated(KeyboardInterrupt):
 TERMINATED_EXIT = 128 + signal.SIGTERM  # as a shell says "ended on SIGTERM"; else it would exit 1, as if it crashed
 
 
-def _terminated(signum, frame) -> None:
+def _terminated(signum: int, frame: object) -> None:
+    """The SIGTERM handler: unwind from wherever the worker is."""
     raise Terminated
 
 

@@ -83,11 +83,13 @@ def _client():
 
 
 def _not_running() -> int:
+    from backend.serve import log_path
+
     files = _files()
     if files.locked():  # it holds the lock but does not answer: it starts or stops
         pid = (files.read_pid_file() or {}).get("pid")
-        print(f"dreamtty: the service{f' (pid {pid})' if pid else ''} does not answer: it is starting or stopping",
-              file=sys.stderr)
+        print(f"dreamtty: the service{f' (pid {pid})' if pid else ''} does not answer: it is starting, stopping or "
+              f"busy (its log: {log_path()})", file=sys.stderr)
         return 1
     stale = " (a crashed one left its socket; the next start removes it)" if files.socket.exists() else ""
     print(f"dreamtty: no service is running{stale}", file=sys.stderr)
