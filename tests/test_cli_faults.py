@@ -146,7 +146,7 @@ def test_cuda_index_beyond_the_gpus(gpus, generated, capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="--cluster needs Ray")
-def test_cluster_workers_take_auto_or_cpu_not_this_machines_gpus(gpus, generated, capsys):
+def test_cluster_workers_take_auto_or_cpu_not_this_machines_gpus(gpus, generated, capsys, tmp_path):
     """With --cluster the GPUs are the cluster's: cuda:N was checked against this machine (no GPU here,
     refused as missing; one here, taken as every GPU of the cluster). A training run's are this machine's."""
     gpus(0)
@@ -156,6 +156,10 @@ def test_cluster_workers_take_auto_or_cpu_not_this_machines_gpus(gpus, generated
     assert main(["--cluster", "auto", "train", "--device", "cuda:0"]) == 2
     _one_error(capsys, "device: cuda:0 is not available; this machine has no CUDA GPU")
     assert [a.cluster for _, a in generated] == ["auto"]
+    config = tmp_path / "ray.yaml"
+    config.write_text("workers: ray\n")  # a cluster the config names: the same (the service refused to start)
+    assert main(["--config", str(config), "generate", "x", "--device", "cuda:1"]) == 2
+    _one_error(capsys, "device: cuda:1 names GPUs of this machine; on a Ray cluster use auto")
 
 
 @pytest.mark.parametrize("visible,count", [("1", 1), ("", 0), ("-1", 0), ("0,7,1", 1), ("GPU-1a2b,GPU-3c4d", 2)])

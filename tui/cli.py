@@ -119,8 +119,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _check_global_options(args: argparse.Namespace) -> None:
     """Validate the global options in place: ``--out`` becomes a Path, ``--demo`` sets the model."""
-    from backend.devices import check_cluster_devices, check_devices
-
     _check_home()
     if args.model is not None and not args.model.strip():
         raise RequestError("model", "is empty; use demo, demo-xl, a diffusers folder or a Hugging Face id")
@@ -136,10 +134,6 @@ def _check_global_options(args: argparse.Namespace) -> None:
         from backend.ray_pool import check_cluster
 
         args.cluster = check_cluster(args.cluster)
-    if args.cluster in (None, "local") or args.command == "train":  # a run trains on this machine's devices
-        check_devices(args.device)
-    else:  # the workers' devices are the cluster's
-        check_cluster_devices(args.device)
 
 
 def _check_home() -> None:
@@ -149,6 +143,19 @@ def _check_home() -> None:
     home = os.environ.get("DREAMTTY_HOME")
     if home:
         make_folder(Path(home), "DREAMTTY_HOME")
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """``--device`` names this machine's devices; with workers on a Ray cluster (``--cluster``, else the
+    config's ``workers``) it is auto or cpu, but for a training run, which trains here."""
+    from backend import config
+    from backend.devices import check_cluster_devices, check_devices
+
+    cluster = args.cluster if args.cluster is not None else config.load().cluster
+    if cluster in (None, "local") or args.command == "train":
+        check_devices(args.device)
+    else:
+        check_cluster_devices(args.device)
 
 
 def apply_global_options(args: argparse.Namespace) -> None:
@@ -198,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         _check_global_options(args)
         apply_global_options(args)
+        _check_device(args)
         if args.command is None:
             from tui.app import run_app
 
