@@ -182,10 +182,13 @@ class QueueStore:
         return self._db.execute(f"DELETE FROM jobs WHERE state IN ({_FINAL_SQL}) AND updated < ?", (before,)).rowcount
 
     @queue_access
-    def set_running(self, job_ids: list[int]) -> None:
-        """Mark jobs running, in one statement: all of them or, when the queue takes no writes, none."""
-        self._db.execute(f"UPDATE jobs SET state = 'running', updated = ? WHERE id IN ({','.join('?' * len(job_ids))})",
-                         (time.time(), *job_ids))
+    def set_running(self, job_ids: list[int]) -> set[int]:
+        """Mark the queued ones of ``job_ids`` running, in one statement (none when the queue takes no writes);
+        the ids marked: another process may have cancelled one since it was read."""
+        marks = ",".join("?" * len(job_ids))
+        return {row[0] for row in self._db.execute(
+            f"UPDATE jobs SET state = 'running', updated = ? WHERE id IN ({marks}) AND state = 'queued' RETURNING id",
+            (time.time(), *job_ids))}
 
     @queue_access
     def add_output(self, job_id: int, path: str) -> None:

@@ -515,7 +515,10 @@ class Service:
 
     def _run_jobs(self, slot: Slot, jobs: list[Job]) -> None:
         jobs = [self._settled(job) for job in jobs]  # an adopted job resumes after every image it saved
-        self.store.set_running([job.id for job in jobs])
+        taken = self.store.set_running([job.id for job in jobs])
+        jobs = [job for job in jobs if job.id in taken]
+        if not jobs:
+            return
         slot.loads(jobs[0].request.get("model", ""))
         self.pool.run(slot, [{"job": job.id, "kind": job.kind, **job.payload, "first_image": len(job.outputs)}
                              for job in jobs])

@@ -175,6 +175,17 @@ def test_a_job_queued_while_no_worker_can_start_is_told_why(tmp_path):
     service.store.close()
 
 
+def test_a_job_cancelled_between_its_read_and_its_start_is_not_run(tmp_path):
+    pool = _Pool(1)
+    service = Service(devices="cpu", db_path=tmp_path / "q.sqlite3", pool=pool)
+    job = service.store.get(_submit(service))  # as the dispatch read it
+    with closing(QueueStore(tmp_path / "q.sqlite3")) as other:  # `dreamtty cancel` through another service
+        other.set_state(job.id, "cancelled")
+    service._run_jobs(pool.slots[0], [job])  # it was written "running" over "cancelled", and run
+    assert pool.given == [] and service.store.get(job.id).state == "cancelled"
+    service.store.close()
+
+
 def test_a_job_another_process_cancels_ends_cancelled_if_its_worker_dies_before_it_stops(tmp_path):
     pool = _StartedPool(1)
     service = Service(devices="cpu", db_path=tmp_path / "q.sqlite3", pool=pool)
