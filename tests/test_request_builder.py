@@ -192,7 +192,11 @@ def test_the_default_preset_leaves_an_init_images_size_and_describe_alone(tmp_pa
     from backend.prompting.datafiles import user_dir
 
     user_dir("presets").mkdir(parents=True, exist_ok=True)
-    (user_dir("presets") / "broken.yaml").write_text("steps: 9999\n")
-    with pytest.raises(RequestError, match=r"^steps: in preset .*broken.yaml: 9999 is out of range.* \(the config's "
-                                           r"default_preset\)$"):
-        request_builder.build({"prompt": "a fox"})
+    broken = user_dir("presets") / "broken.yaml"  # in the session's home: removed, or later tests list it
+    broken.write_text("steps: 9999\n")
+    try:
+        with pytest.raises(RequestError, match=r"^steps: in preset .*broken.yaml: 9999 is out of range.* \(the "
+                                               r"config's default_preset\)$"):
+            request_builder.build({"prompt": "a fox"})
+    finally:
+        broken.unlink()

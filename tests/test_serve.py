@@ -409,7 +409,7 @@ async def test_an_image_is_served_from_its_recorded_path_and_never_through_a_lin
         async with http.get("/v1/jobs?state=queued,running&brief=1") as r:  # what a TUI counts: no job read whole
             assert await r.json() == {"jobs": [{"id": job + 1, "state": "queued"}]}
         for flag in ("images", "brief"):
-            async with http.get(f"/v1/jobs?{flag}=yes") as r:
+            async with http.get(f"/v1/jobs?{flag}=maybe") as r:
                 assert r.status == 400 and (await r.json())["field"] == flag
         async with http.post("/v1/jobs/cancel") as r:  # every active job: the one queued above
             assert await r.json() == {"cancelled": [job + 1]} and owner.store.get(job + 1).state == "cancelled"
