@@ -176,10 +176,11 @@ def is_running(files: ServiceFiles | None = None) -> bool:
 
 
 def start_detached(options: ServeOptions, timeout: float = START_TIMEOUT) -> dict:
-    """Start a service in the background and wait until it answers; returns its pid file.
+    """Start a service in the background and wait until it answers; returns its pid file, and ``started``:
+    whether it is the one started here.
 
     When another process starts one at the same moment, exactly one runs (the lock) and this
-    returns that one's pid file.
+    returns that one's pid file (``started`` False).
     """
     files = ServiceFiles.default()
     files.make_folder()
@@ -191,7 +192,7 @@ def start_detached(options: ServeOptions, timeout: float = START_TIMEOUT) -> dic
     while time.monotonic() < deadline:
         info = files.read_pid_file()
         if info is not None and is_running(files):
-            return info
+            return {**info, "started": info.get("pid") == process.pid}
         code = process.poll()
         if code == QueueHeld.EXIT_CODE:  # one of another runtime dir runs the queue (hold_queue)
             raise QueueHeld(_last_line(log_file))

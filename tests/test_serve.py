@@ -675,6 +675,17 @@ def test_two_services_started_at_once_one_wins(dirs):
             s.stop()
 
 
+def test_of_two_detached_starts_at_once_one_says_started_the_other_already_running(dirs):
+    """Both said "service started in the background (pid N)" of the one that won."""
+    both = [subprocess.Popen([sys.executable, "-m", "tui.cli", "serve", "--detach", "--device", "cpu"], env=dirs.env(),
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    said = sorted((proc.wait(timeout=START), *proc.communicate()) for proc in both)
+    pid = dirs.files().read_pid_file()["pid"]
+    assert [code for code, _, _ in said] == [0, 1], said
+    assert said[0][1].startswith(f"dreamtty: service started in the background (pid {pid})")
+    assert said[1][2].startswith(f"dreamtty: service: one is already running (pid {pid}")
+
+
 def test_stale_socket_and_pid_file_are_cleaned(dirs):
     files = dirs.files()
     files.make_folder()

@@ -54,6 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if _answers():
             raise AlreadyRunning(_files().running_message())
         info = start_detached(options)
+        if not info["started"]:  # another command started one at the same moment
+            raise AlreadyRunning(_files().running_message())
     except AlreadyRunning as exc:
         print(f"dreamtty: {one_line(exc)}", file=sys.stderr)
         return 1
