@@ -129,6 +129,7 @@ class Api:
     @web.middleware
     async def _errors(self, request: web.Request, handler):
         try:
+            _check_query(request)
             return await handler(request)
         except NotFound as exc:
             return _error(404, str(exc))
@@ -341,6 +342,23 @@ def _listing(request: web.Request, what: str, allowed: tuple[str, ...]) -> tuple
     if bad is not None:
         raise RequestError("state", f"{bad!r} is not a {what} state; use {', '.join(allowed)}")
     return limit, states or None
+
+
+# The query parameters of each route (by its path as registered); another one is refused with its name.
+_QUERY = {"/v1/jobs": ("limit", "state", "images", "brief"), "/v1/runs": ("limit", "state"),
+          "/v1/events": ("previews",), "/v1/jobs/forget": ("days",)}
+
+
+def _check_query(request: web.Request) -> None:
+    """RequestError naming a query parameter the route does not take (a typo was ignored: ``?stat=queued``
+    listed every job)."""
+    resource = request.match_info.route.resource
+    if resource is None:  # no such route: the handler says so
+        return
+    allowed = _QUERY.get(resource.canonical, ())
+    unknown = sorted(set(request.query) - set(allowed))
+    if unknown:
+        raise RequestError(unknown[0], f"unknown query parameter; allowed: {', '.join(allowed) or 'none'}")
 
 
 def _flag(request: web.Request, name: str, what: str, default: bool = False) -> bool:
