@@ -365,11 +365,15 @@ class Service:
         return queued + [job_id for job_id in self.store.states(("running",)) if self.cancel(job_id)]
 
     def _ended_cancelled(self, job_id: int) -> None:
-        """Say that ``job_id``, written as cancelled, ended so (it no longer waits or stops)."""
+        """Say that ``job_id``, written as cancelled, ended so."""
+        self._forget_active(job_id)
+        self._fanout.publish(Cancelled(job=job_id))
+
+    def _forget_active(self, job_id: int) -> None:
+        """``job_id`` ended here: it no longer waits or stops (and its end is not news to _notice_cancelled)."""
         self._ended_here.add(job_id)
         self._told_waiting.pop(job_id, None)
         self._cancelling.discard(job_id)
-        self._fanout.publish(Cancelled(job=job_id))
 
     def forget_ended(self, days: int) -> int:
         """Forget the jobs that ended more than ``days`` days ago (their images stay on disk); how many."""
@@ -571,9 +575,7 @@ class Service:
         self.store.set_state(event.job, event.type, getattr(event, "error", None))
         if isinstance(event, Done):  # with the images saved before a restart or a retry
             event = replace(event, paths=self.store.get(event.job).outputs)
-        self._ended_here.add(event.job)
-        self._told_waiting.pop(event.job, None)
-        self._cancelling.discard(event.job)
+        self._forget_active(event.job)
         slot = self._slot_of(event.job)
         if slot is not None and slot.id == event.worker:
             slot.jobs.remove(event.job)
