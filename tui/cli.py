@@ -18,11 +18,15 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backend.errors import DreamttyError, RequestError, ServiceUnavailable
 from backend.safetext import error_line
 from backend.samplers import SAMPLERS, SCHEDULES
 from tui.cli_output import Parser, file_path, print_warnings
+
+if TYPE_CHECKING:
+    from backend.config import Config
 
 
 # Options taken before the subcommand or after it: (flags, add_argument keywords).
@@ -145,21 +149,23 @@ def _check_home() -> None:
         make_folder(Path(home), "DREAMTTY_HOME")
 
 
-def _check_device(args: argparse.Namespace) -> None:
+def _check_device(args: argparse.Namespace, cfg: Config | None) -> None:
     """``--device`` names this machine's devices; with workers on a Ray cluster (``--cluster``, else the
-    config's ``workers``) it is auto or cpu, but for a training run, which trains here."""
+    config's ``workers``; ``cfg``: the config read already, None when it was not) it is auto or cpu, but for a
+    training run, which trains here."""
     from backend import config
     from backend.devices import check_cluster_devices, check_devices
 
-    cluster = args.cluster if args.cluster is not None else config.load().cluster
+    cluster = args.cluster if args.cluster is not None else (cfg or config.load()).cluster
     if cluster in (None, "local") or args.command == "train":
         check_devices(args.device)
     else:
         check_cluster_devices(args.device)
 
 
-def apply_global_options(args: argparse.Namespace) -> None:
-    """Make ``--config`` and ``--allow-pickle`` reach this process and the workers it starts."""
+def apply_global_options(args: argparse.Namespace) -> Config | None:
+    """Make ``--config`` and ``--allow-pickle`` reach this process and the workers it starts; the config a
+    command reads (None for the TUI, which reads it itself)."""
     from backend import config
 
     if getattr(args, "config", None) is not None:
@@ -167,7 +173,7 @@ def apply_global_options(args: argparse.Namespace) -> None:
     if getattr(args, "allow_pickle", False):
         os.environ["DREAMTTY_ALLOW_PICKLE"] = "1"
     if args.command is None:
-        return  # the TUI shows config warnings itself (and saves settings to a --config it has yet to write)
+        return None  # the TUI shows config warnings itself (and saves settings to a --config it has yet to write)
     # a --config a command cannot use must not mean a run on the defaults (a typo)
     cfg = config.load()
     if getattr(args, "config", None) is not None and args.command != "config" and cfg.unread:
@@ -179,6 +185,7 @@ def apply_global_options(args: argparse.Namespace) -> None:
         warnings += [problem] if (problem := config_preset(cfg)[1]) else []
     for warning in warnings:
         print(f"dreamtty: {error_line(warning)}", file=sys.stderr)
+    return cfg
 
 
 class Interrupt:
@@ -204,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         _check_global_options(args)
-        apply_global_options(args)
-        _check_device(args)
+        _check_device(args, apply_global_options(args))
         if args.command is None:
             from tui.app import run_app
 
