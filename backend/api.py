@@ -43,7 +43,7 @@ from backend.safetext import error_line, one_line
 from backend.service import Service
 from backend.service_files import bearer_ok
 from backend.training.config import TrainRequest
-from backend.values import check_text
+from backend.values import check_text, kind_of
 from backend.versions import versions
 
 MAX_BODY = 1 << 20  # bytes: a request is a few KiB
@@ -225,12 +225,12 @@ class Api:
         if "request" not in data:
             raise RequestError("request", "missing; give the run's settings as an object")
         if not isinstance(data["request"], dict):
-            what = type(data["request"]).__name__
+            what = kind_of(data["request"])
             raise RequestError("request", f"expected an object of the run's settings, got {what}")
         devices, launcher = data.get("devices", "auto"), data.get("launcher")
         for name, value in (("devices", devices), ("launcher", launcher)):
             if value is not None and not isinstance(value, str):
-                raise RequestError(name, f"expected text, got {type(value).__name__}")
+                raise RequestError(name, f"expected text, got {kind_of(value)}")
         if launcher and _unix_socket(request) is None:  # a command line the service runs: its own user's only
             raise RequestError("launcher", "is taken over the service's Unix socket only, not over TCP; leave it "
                                            "out (the service trains with its own launcher)")
@@ -420,7 +420,7 @@ async def _read_object(request: web.Request, allowed: tuple[str, ...], example: 
     except ValueError:  # Python refuses to convert an integer of more digits than this
         raise RequestError("body", f"holds a number of more than {sys.get_int_max_str_digits()} digits") from None
     if not isinstance(data, dict):
-        raise RequestError("body", f"expected a JSON object, got {type(data).__name__}")
+        raise RequestError("body", f"expected a JSON object, got {kind_of(data)}")
     unknown = sorted(set(data) - set(allowed) - set(ignored), key=str)
     if unknown:
         raise RequestError(str(unknown[0]), f"unknown field; allowed: {', '.join(allowed)}")
@@ -435,7 +435,7 @@ async def _read_job(request: web.Request):
         raise RequestError("request", "missing; give the request's fields as an object")
     kind = data.get("kind", "generate")
     if not isinstance(kind, str):
-        raise RequestError("kind", f"expected a name, got {type(kind).__name__}")
+        raise RequestError("kind", f"expected a name, got {kind_of(kind)}")
     job = jobkinds.get(kind).request(data["request"])
     _absolute_inputs(job)
     return job, _absolute(data.get("out"), "out"), _client_ref(data)

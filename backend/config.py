@@ -28,7 +28,7 @@ import yaml
 from backend import locations, user_files, yaml_text
 from backend.cluster_address import check_address
 from backend.errors import DreamttyError, RequestError
-from backend.values import is_whole, to_bool
+from backend.values import is_whole, kind_of, to_bool
 
 ENV_PATH = "DREAMTTY_CONFIG"
 FOLDER_KINDS = ("checkpoints", "loras", "vae", "embeddings", "upscalers", "ip_adapters", "controlnets", "depth_models",
@@ -123,7 +123,7 @@ def _file_data(path: Path) -> tuple[dict | None, str | None]:
     except yaml.YAMLError as exc:
         return None, f"{path} is not valid YAML{yaml_text.fault(exc)}"
     if data is not None and not isinstance(data, dict):
-        return None, f"{path} must be a mapping of keys, got {type(data).__name__}"
+        return None, f"{path} must be a mapping of keys, got {kind_of(data)}"
     return data, None
 
 
@@ -320,7 +320,7 @@ def set_value(key: str, value: str | int | float | bool | None, path: Path | Non
         except yaml.YAMLError as exc:
             raise DreamttyError(f"config: cannot update {file}: not valid YAML{yaml_text.fault(exc)}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise DreamttyError(f"config: cannot update {file}: it holds a {type(loaded).__name__}, not a mapping "
+            raise DreamttyError(f"config: cannot update {file}: it holds {kind_of(loaded)}, not a mapping "
                                 "of keys; fix it first")
         data = loaded or {}
     updated = _with_line(text, key, f"{key}: {json.dumps(value)}\n")  # JSON text is a YAML scalar

@@ -23,7 +23,7 @@ from backend.errors import RequestError
 from backend.guidance_settings import GuidanceSettings
 from backend.request import MAX_SEED, GenerateRequest, parse_size
 from backend.samplers import SAMPLERS
-from backend.values import to_float, to_int
+from backend.values import kind_of, to_float, to_int
 
 MAX_TEXT = 1_000_000  # characters; a parameters text is a few hundred
 
@@ -255,7 +255,7 @@ def _json_object(text: str, source: str) -> dict:
     except ValueError as exc:
         raise _error(source, f"Fooocus metadata is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise _error(source, f"Fooocus metadata must be a JSON object, got {type(data).__name__}")
+        raise _error(source, f"Fooocus metadata must be a JSON object, got {kind_of(data)}")
     return data
 
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 
 from backend.errors import RequestError
 from backend.families import FAMILIES
-from backend.values import is_whole, to_float
+from backend.values import is_whole, kind_of, shown, to_float
 
 # Allowed range of each scalar control; its neutral value (0 = off) is the low end.
 RANGES: dict[str, tuple[float, float]] = {
@@ -82,7 +82,7 @@ class GuidanceSettings:
     def from_dict(cls, data: object) -> "GuidanceSettings":
         """Settings from a mapping of controls; a wrong key or type is a RequestError naming it."""
         if not isinstance(data, dict):
-            raise RequestError("guidance", f"expected a mapping of controls, got {type(data).__name__}")
+            raise RequestError("guidance", f"expected a mapping of controls, got {kind_of(data)}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known, key=str)
         if unknown:
@@ -95,7 +95,7 @@ class GuidanceSettings:
             if value is None:
                 continue
             if not isinstance(value, (tuple, list)):
-                raise RequestError(name, f"{value!r} is not allowed; give a list of numbers")
+                raise RequestError(name, f"{shown(value)} is not allowed; give a list of numbers")
             setattr(out, name, tuple(to_float(name, v) for v in value))
         return out
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from backend.errors import RequestError
 from backend.input_images import read_image
-from backend.values import absolute, to_float
+from backend.values import absolute, shown, to_float
 
 FIELD = "image_prompt"  # the request's errors name the CLI flag's field
 MAX_IMAGE_PROMPTS = 4
@@ -117,7 +117,7 @@ def convert_image_prompts(name: str, value: object) -> list[ImagePrompt]:
     if value is None:
         return []
     if not isinstance(value, (list, tuple)):
-        raise RequestError(FIELD, f"{value!r} is not allowed; give a list of IMAGE[:TYPE[:WEIGHT[:STOP]]]")
+        raise RequestError(FIELD, f"{shown(value)} is not allowed; give a list of IMAGE[:TYPE[:WEIGHT[:STOP]]]")
     return [_one(item) for item in value]
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from backend import locations, user_files
 from backend.errors import ModelError
+from backend.values import kind_of
 
 DEMO_MODELS = ("demo", "demo-xl")  # built offline by backend.engine.demo_models
 SAFE_SUFFIXES = (".safetensors",)
@@ -394,6 +395,9 @@ def _inspect_file(kind: str, path: Path, source: str) -> Entry:
     return entry
 
 
+_KIND_NAMES = {str: "text", list: "a list", int: "a whole number", dict: "a mapping"}
+
+
 class JsonConfig(dict):
     """A model folder's JSON file as read: a mapping that knows its file, to name it in an error."""
 
@@ -409,8 +413,8 @@ class JsonConfig(dict):
             return default
         if isinstance(value, bool) or not isinstance(value, kind):  # JSON's true is no number here
             kinds = kind if isinstance(kind, tuple) else (kind,)
-            raise ModelError(f"model: {self.path}: {key} is {type(value).__name__}, not "
-                             f"{' or '.join(k.__name__ for k in kinds)}")
+            wanted = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+            raise ModelError(f"model: {self.path}: {key} is {kind_of(value)}, not {wanted}")
         return value
 
 

@@ -18,7 +18,7 @@ from backend.families import FAMILIES
 from backend.guidance_settings import GuidanceSettings
 from backend.image_prompts import ImagePrompt, convert_image_prompts, resolve_image_prompts
 from backend.samplers import SAMPLERS, SCHEDULES
-from backend.values import check_text, to_bool, to_float, to_int
+from backend.values import check_text, kind_of, shown, to_bool, to_float, to_int
 
 MAX_STEPS = 500
 MAX_COUNT = 64
@@ -114,7 +114,7 @@ class GenerateRequest:
         UTF-8 (or holds a NUL outside the prompts); ranges are checked later by :meth:`resolved`.
         """
         if not isinstance(data, dict):
-            raise RequestError("request", f"expected a mapping of fields, got {type(data).__name__}")
+            raise RequestError("request", f"expected a mapping of fields, got {kind_of(data)}")
         convert = cls.converters()
         unknown = sorted(set(data) - set(convert), key=str)
         if unknown:
@@ -215,7 +215,7 @@ def parse_size(value: object) -> tuple[int, int]:
     """``"WxH"`` (or ``W×H``) -> (width, height); RequestError("size", ...) for anything else."""
     match = _SIZE.fullmatch(value) if isinstance(value, str) else None
     if match is None:
-        raise RequestError("size", f"{value!r} is not WxH, e.g. 1024x1024")
+        raise RequestError("size", f"{shown(value)} is not WxH, e.g. 1024x1024")
     return to_int("width", match[1]), to_int("height", match[2])
 
 
@@ -253,7 +253,7 @@ def check_prompt_length(name: str, text: str, after: str = "") -> None:
 
 def text_value(name: str, value: object) -> str:
     if not isinstance(value, str):
-        raise RequestError(name, f"must be text, got {type(value).__name__}")
+        raise RequestError(name, f"must be text, got {kind_of(value)}")
     return value
 
 
@@ -267,7 +267,7 @@ def _styles(name: str, value: object) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise RequestError(name, f"{value!r} is not allowed; give a list of style names, e.g. [Watercolor]")
+        raise RequestError(name, f"{shown(value)} is not allowed; give a list of style names, e.g. [Watercolor]")
     if len(value) > MAX_STYLES:
         raise RequestError(name, f"{len(value)} given; at most {MAX_STYLES}")
     return list(value)
@@ -277,7 +277,7 @@ def _loras(name: str, value: object) -> list[tuple[str, float]]:
     if value is None:
         return []
     if not isinstance(value, (list, tuple)) or not all(_is_lora(pair) for pair in value):
-        raise RequestError(name, f"{value!r} is not allowed; give a list of [name, weight] pairs")
+        raise RequestError(name, f"{shown(value)} is not allowed; give a list of [name, weight] pairs")
     return [(n, to_float(name, w)) for n, w in value]
 
 
@@ -289,7 +289,7 @@ def _batch(name: str, value: object) -> tuple[int, int] | None:
     if value is None:
         return None
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise RequestError(name, f"{value!r} is not allowed; give [size, position], e.g. [4, 1]")
+        raise RequestError(name, f"{shown(value)} is not allowed; give [size, position], e.g. [4, 1]")
     return to_int(name, value[0]), to_int(name, value[1])
 
 

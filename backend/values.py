@@ -5,6 +5,7 @@ Each parser takes the field name and raises a one-line RequestError naming it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -17,6 +18,28 @@ _FALSE = ("0", "false", "no", "off")
 _WHOLE = re.compile(r"\s*[-+]?([0-9]+)\s*")
 MAX_DIGITS = 100  # more is out of range for every field (and int() refuses more than 4300)
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800", or a byte of a non-UTF-8 argument (surrogateescape)
+
+
+def shown(value: object) -> str:
+    """``value`` as an error quotes it: text in quotes, anything else as JSON writes it (``true``, ``null``,
+    ``[1, 2]``), since a JSON or YAML body wrote it that way (Python's ``True`` and ``None`` would puzzle)."""
+    if isinstance(value, str):
+        return repr(value)
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=True, default=str)
+    except (TypeError, ValueError):  # circular: a YAML alias of itself
+        return repr(value)
+
+
+def kind_of(value: object) -> str:
+    """What JSON or YAML calls ``value``'s type, for "expected text, got ...": "a list", "a mapping", "a number",
+    "text", or the value itself for true, false and null."""
+    if isinstance(value, bool) or value is None:
+        return shown(value)
+    for types, name in ((str, "text"), ((int, float), "a number"), ((list, tuple), "a list"), (dict, "a mapping")):
+        if isinstance(value, types):
+            return name
+    return type(value).__name__
 
 
 def is_whole(value: object) -> bool:
@@ -57,7 +80,7 @@ def _ascii_text(name: str, value: object) -> None:
     """RequestError unless a text ``value`` is ASCII: ``int()`` and ``float()`` read "٣" (another script's digit)
     as 3, where every option of the CLI refuses it."""
     if isinstance(value, str) and not value.isascii():
-        raise RequestError(name, f"{value!r} is not a number (write it in ASCII digits)")
+        raise RequestError(name, f"{shown(value)} is not a number (write it in ASCII digits)")
 
 
 def to_int(name: str, value: object) -> int:
@@ -75,7 +98,7 @@ def to_int(name: str, value: object) -> int:
     except ValueError:
         number = math.nan
     if not number.is_integer():  # also False for nan and inf
-        raise RequestError(name, f"{value!r} is not a whole number")
+        raise RequestError(name, f"{shown(value)} is not a whole number")
     return int(number)
 
 
@@ -89,9 +112,9 @@ def to_float(name: str, value: object) -> float:
     except OverflowError:  # an int beyond float's range
         out = math.inf
     except (TypeError, ValueError):
-        raise RequestError(name, f"{value!r} is not a number") from None
+        raise RequestError(name, f"{shown(value)} is not a number") from None
     if not math.isfinite(out):
-        raise RequestError(name, f"{value!r} is not a finite number")
+        raise RequestError(name, f"{shown(value)} is not a finite number")
     return out
 
 
@@ -104,7 +127,7 @@ def to_bool(name: str, value: object) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise RequestError(name, f"{value!r} is not true or false")
+    raise RequestError(name, f"{shown(value)} is not true or false")
 
 
 def check_text(name: str, value: object, nul: bool = False) -> None:

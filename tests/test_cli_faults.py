@@ -661,7 +661,7 @@ def test_a_config_option_naming_a_file_that_cannot_be_used_is_one_error(tmp_path
     (tmp_path / "list.yaml").write_text("- a\n")
     for name, problem in (("loop1", f"cannot read {tmp_path}/loop1: Too many levels of symbolic links"),
                           ("missing.yaml", f"{tmp_path}/missing.yaml does not exist"),
-                          ("list.yaml", f"{tmp_path}/list.yaml must be a mapping of keys, got list")):
+                          ("list.yaml", f"{tmp_path}/list.yaml must be a mapping of keys, got a list")):
         assert main(["--config", str(tmp_path / name), "samplers"]) == 2
         assert capsys.readouterr() == ("", f"dreamtty: config: {problem}\n")
     assert main(["--config", "/" + "a" * 5000, "samplers"]) == 2

@@ -346,12 +346,12 @@ def test_model_folders_whose_configs_hold_the_wrong_types_are_skipped_with_a_lin
     paths = {"checkpoints": [checkpoints], "controlnets": [controlnets], "captioners": [captioners]}
     lib = library.discover(config.Config(paths=paths), kinds=("checkpoint", "controlnet", "captioner"), hub=False)
     assert sorted(lib.problems) == sorted([
-        f"model: {checkpoints}/cls/model_index.json: _class_name is int, not str",
+        f"model: {checkpoints}/cls/model_index.json: _class_name is a number, not text",
         f"model: {checkpoints}/demo/dreamtty_demo.json names no family",
-        f"model: {checkpoints}/te/model_index.json: text_encoder is int, not list",
-        f"model: {checkpoints}/unet/unet/config.json: in_channels is list, not int",
-        f"model: {controlnets}/cn-canny/config.json: cross_attention_dim is list, not int",
-        f"model: {captioners}/cap/config.json: architectures is int, not list",
+        f"model: {checkpoints}/te/model_index.json: text_encoder is a number, not a list",
+        f"model: {checkpoints}/unet/unet/config.json: in_channels is a list, not a whole number",
+        f"model: {controlnets}/cn-canny/config.json: cross_attention_dim is a list, not a whole number",
+        f"model: {captioners}/cap/config.json: architectures is a number, not a list",
     ])
     assert [(e.name, e.family) for e in lib.of_kind("checkpoint") if e.source != "built-in"] == [
         ("refiner", "sdxl-refiner")]

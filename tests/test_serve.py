@@ -293,6 +293,12 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
         assert status == 400 and body["field"] == "priority"
         status, body = await post(json.dumps({"request": {"steps": 0}}).encode())
         assert status == 400 and body["field"] == "steps"
+        for data, error in (({"request": {"steps": True}}, "steps: true is not a whole number"),  # JSON's words
+                            ({"request": {"model": None}}, "model: must be text, got null"),
+                            ({"request": {}, "kind": ["generate"]}, "kind: expected a name, got a list"),
+                            ([{"request": {}}], "body: expected a JSON object, got a list")):
+            status, body = await post(json.dumps(data).encode())
+            assert (status, body["error"]) == (400, error)
         status, body = await post(json.dumps({"request": {}, "out": "relative/dir"}).encode())
         assert status == 400 and body["field"] == "out"
         for kind, request, key in (("img2img", {"image": "in.png"}, "image"),  # read in the service's folder before

@@ -555,7 +555,7 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
     levels += [f"{b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
     path = tmp_path / "train.yaml"
     path.write_text("model: demo\ninstance_prompt: {" + ", ".join(levels) + "}\n")
-    with pytest.raises(RequestError, match=r"^instance_prompt: must be text, got dict$"):
+    with pytest.raises(RequestError, match=r"^instance_prompt: must be text, got a mapping$"):
         TrainRequest.from_dict(load_yaml(path))
     nested = load_yaml(path)["instance_prompt"]["i"]
     nested[0][0][0][0][0][0][0][0][0] = "\0"

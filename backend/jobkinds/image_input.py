@@ -20,7 +20,7 @@ from backend.errors import RequestError
 from backend.families import FAMILIES, Family
 from backend.input_images import MAX_BYTES, InputImage, content_hash, read_image
 from backend.request import GenerateRequest, optional, text_value
-from backend.values import absolute, to_bool, to_float
+from backend.values import absolute, shown, to_bool, to_float
 
 # Named strengths (Fooocus's "Vary (Subtle)" and "Vary (Strong)").
 STRENGTHS = {"subtle": 0.5, "strong": 0.85}
@@ -34,7 +34,7 @@ def parse_strength(name: str, value: object) -> float:
     try:
         return to_float(name, value)
     except RequestError:
-        raise RequestError(name, f"{value!r} is not a number 0..1 or one of: {', '.join(STRENGTHS)}") from None
+        raise RequestError(name, f"{shown(value)} is not a number 0..1 or one of: {', '.join(STRENGTHS)}") from None
 
 
 @dataclass

@@ -17,7 +17,7 @@ from backend.families import Family
 from backend.input_images import InputImage, box_mask, read_mask
 from backend.jobkinds.image_input import ImageInputRequest
 from backend.request import optional, text_value
-from backend.values import absolute, to_float, to_int
+from backend.values import absolute, shown, to_float, to_int
 
 # mode -> (strength, context)
 MODES = {"fill": (1.0, 0.618), "detail": (0.5, 0.0), "modify": (1.0, 0.0)}
@@ -33,7 +33,7 @@ def parse_box(name: str, value: object) -> tuple[int, int, int, int]:
             raise RequestError(name, f"{value!r} is not X,Y,W,H (whole pixels, e.g. 32,48,64,64)")
         return tuple(to_int(name, v) for v in match.groups())  # type: ignore[return-value]
     if not isinstance(value, (list, tuple)) or len(value) != 4:
-        raise RequestError(name, f"{value!r} is not X,Y,W,H")
+        raise RequestError(name, f"{shown(value)} is not X,Y,W,H")
     return tuple(to_int(name, v) for v in value)  # type: ignore[return-value]
 
 

@@ -20,6 +20,7 @@ from backend.guidance_settings import GuidanceSettings
 from backend.prompting.datafiles import DataFile, data_files, user_dir
 from backend.prompting.styles import load_styles
 from backend.request import GenerateRequest, parse_size
+from backend.values import shown
 
 NOT_IN_PRESETS = ("prompt", "seed", "index", "batch", "preset")  # per job, never part of a preset
 ALLOWED = tuple(f.name for f in fields(GenerateRequest) if f.name not in NOT_IN_PRESETS) + ("size", "description")
@@ -127,7 +128,7 @@ def _loras(value: object, label: str) -> list:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise RequestError("preset", f"{label}: loras {value!r} must be a list of [name, weight] or 'name:weight'")
+        raise RequestError("preset", f"{label}: loras {shown(value)} must be a list of [name, weight] or 'name:weight'")
     return [_lora(item, label) for item in value]
 
 

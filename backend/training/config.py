@@ -12,7 +12,7 @@ from pathlib import Path
 from backend.errors import RequestError
 from backend.families import FAMILIES
 from backend.request import check_prompt_length
-from backend.values import check_text, to_bool, to_float, to_int
+from backend.values import check_text, kind_of, to_bool, to_float, to_int
 
 METHODS = ("full", "lora")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -173,7 +173,7 @@ def parse_field(name: str, value: object) -> object:
         if optional and isinstance(value, str) and not value.strip():
             return None
         if not isinstance(value, (str, Path)):
-            raise RequestError(name, f"must be text, got {type(value).__name__}")
+            raise RequestError(name, f"must be text, got {kind_of(value)}")
         return str(value)
     if base == "bool":
         return to_bool(name, value)
