@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from backend import config, metadata
-from backend.errors import DreamttyError, RequestError
+from backend.errors import DreamttyError, ModelError, RequestError
 from backend.guidance_settings import GuidanceSettings
 from backend.prompting.presets import preset_fields, preset_names
 from backend.prompting.styles import RANDOM_STYLE, style_key
@@ -202,4 +202,27 @@ def _over(low: dict, high: dict) -> dict:
 def build(values: dict, preset: str | None = None, kind: type[GenerateRequest] = GenerateRequest,
           defaults: dict | None = None, source: dict | None = None) -> GenerateRequest:
     """The request of type ``kind`` for explicit ``values`` as a front end holds them (see :func:`from_text`)."""
-    return kind.from_dict(layered(from_text(values), preset, defaults, source))
+    explicit = from_text(values)
+    merged = layered(explicit, preset, defaults, source)
+    try:
+        return kind.from_dict(merged)
+    except RequestError as exc:
+        raise inherited(exc, merged, source or {}, explicit) from None
+
+
+def inherited(exc: DreamttyError, request: dict, source: dict, explicit: dict) -> DreamttyError:
+    """``exc`` (a RequestError, or a ModelError: its text starts with the field), saying so when the value it
+    refuses is the input image's own setting (``source``) that ``request`` (the job's fields) kept and the user
+    did not give (``explicit``): they never typed it, and a value they give overrides it."""
+    if not isinstance(exc, (RequestError, ModelError)):
+        return exc
+    key = exc.json_key if isinstance(exc, RequestError) else str(exc).partition(":")[0]
+    if key in source:
+        kept = key not in explicit and request.get(key) == source[key]
+    else:
+        own, used = source.get("guidance") or {}, request.get("guidance") or {}
+        kept = key in own and key not in (explicit.get("guidance") or {}) and used.get(key) == own[key]
+    if not kept:
+        return exc
+    note = f" (the setting of the input image {request.get('image')}; give another value to override it)"
+    return RequestError(exc.field, exc.message + note) if isinstance(exc, RequestError) else ModelError(f"{exc}{note}")

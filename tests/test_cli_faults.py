@@ -720,3 +720,35 @@ def test_a_config_every_command_reads_warns_and_the_command_runs(tmp_path, capsy
     captured = capsys.readouterr()
     assert "euler" in captured.out and "Traceback" not in captured.err
     assert f"dreamtty: config: {warning}" in captured.err.splitlines()[0]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"steps": 0}, "steps: 0 is out of range; allowed 1..500"),
+    ({"sampler": "nosuch"}, "sampler: unknown 'nosuch'"),
+    ({"model": "/no/such/model"}, "model: /no/such/model does not exist"),
+    ({"guidance": {"sag": -3.0}}, "sag: -3.0 is out of range"),
+])
+def test_an_error_in_a_setting_the_input_image_carried_says_so(setting, message, tmp_path, monkeypatch, capsys):
+    """``vary photo.png`` refused "steps: 0 is out of range": a value the user never typed, with no word of
+    where it came from; the same value typed is refused without the note, another typed value overrides it."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from backend import metadata
+    from backend.request import GenerateRequest
+
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    made = GenerateRequest(prompt="a fox", model="demo", steps=2).resolved("demo").to_dict()
+    for key, value in setting.items():
+        made[key] = {**made[key], **value} if key == "guidance" else value
+    info, path = PngInfo(), tmp_path / "made [b].png"
+    info.add_text(metadata.CHUNK, json.dumps({"kind": "generate", "family": "demo", "request": made, "prompt": {}}))
+    Image.new("RGB", (64, 64)).save(path, pnginfo=info)
+    assert main(["vary", str(path), "--local"]) == 2
+    _one_error(capsys, message, f"(the setting of the input image {path}; give another value to override it)")
+    flag, value = next(iter(setting.items()))
+    if flag == "guidance":
+        flag, value = next(iter(value.items()))
+    assert main(["vary", str(path), "--local", f"--{flag}", str(value)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "input image" not in err

@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from backend.client import SERVICE_ENV, Client
-from backend.errors import RequestError
+from backend.errors import DreamttyError, RequestError
 from backend.events import Cancelled, Failed, ImageSaved, Log, Note, Preview, Retrying, TextOutput, to_dict
 from backend.guidance_settings import GuidanceSettings
 from backend.image_prompts import MAX_IMAGE_PROMPTS, TYPES
@@ -103,14 +103,19 @@ def request_from_args(args: argparse.Namespace, kind: type[GenerateRequest] = Ge
     settings) < ``--preset`` < explicit flags."""
     from backend import request_builder
 
+    request = request_builder.build(_flag_values(args), args.preset, kind, source=source)
+    print_warnings(_unused(args, request))
+    return request
+
+
+def _flag_values(args: argparse.Namespace) -> dict:
+    """The request fields the flags hold, as text (None where a flag is not given)."""
     values = {"prompt": args.prompt, **{name: getattr(args, name) for name in _REQUEST_FLAGS},
               **{name: getattr(args, name) for name in _IMAGE_FLAGS if getattr(args, name, None) is not None}}
     guidance = {f.name: getattr(args, f.name) for f in fields(GuidanceSettings) if getattr(args, f.name) is not None}
     if guidance:
         values["guidance"] = guidance
-    request = request_builder.build(values, args.preset, kind, source=source)
-    print_warnings(_unused(args, request))
-    return request
+    return values
 
 
 def _unused(args: argparse.Namespace, request: GenerateRequest) -> list[str]:
@@ -261,14 +266,18 @@ def _image_command(kind: type[GenerateRequest]):
     """A verb on an input image: its settings default to the image's own (its metadata), a new seed."""
 
     def command(args) -> int:
-        from backend.request_builder import source_settings
+        from backend import request_builder
 
-        source, warnings = source_settings(args.image)
+        source, warnings = request_builder.source_settings(args.image)
         print_warnings([f"settings from {args.image}: {w}" for w in warnings])
         request = request_from_args(args, kind, source)
-        if request.uses_model:
-            _fetch_if_missing(request)
-        code, _ = asyncio.run(_run_jobs(args, [request], args.out))
+        try:
+            if request.uses_model:
+                _fetch_if_missing(request)
+            code, _ = asyncio.run(_run_jobs(args, [request], args.out))
+        except DreamttyError as exc:
+            explicit = request_builder.from_text(_flag_values(args))
+            raise request_builder.inherited(exc, request.to_dict(), source, explicit) from None
         return code
 
     return command
