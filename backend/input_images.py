@@ -125,7 +125,10 @@ def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[st
             depth = _deep_channels(img)
             if depth:
                 notes.append(f"{path} has {depth} channels: reduced to 8 bits")
+            unsigned = _unsigned_32(img)
             img.load()
+            if unsigned:  # Pillow holds them as signed: half the range would wrap below zero (black)
+                img = _eight_bit(img, unsigned=True)
             ImageOps.exif_transpose(img, in_place=True)
             return img, notes
     except RequestError:
@@ -145,22 +148,29 @@ def _deep_channels(img: Image.Image) -> str | None:
     return {"I": "32-bit integer", "F": "32-bit float"}.get(img.mode, "16-bit" if img.mode.startswith("I;16") else None)
 
 
+def _unsigned_32(img: Image.Image) -> bool:
+    """Whether ``img`` (not yet loaded) holds unsigned 32-bit integers (a TIFF's; Pillow's raw modes I;32 and
+    I;32N, where the signed ones are I;32S and I;32BS)."""
+    modes = (tile.args if isinstance(tile.args, str) else (tile.args or ("",))[0] for tile in img.tile or [])
+    return img.mode == "I" and any(str(m).startswith("I;32") and "S" not in str(m) for m in modes)
+
+
 STRIP_ROWS = 1024  # rows converted at a time: an 8192-wide strip of float32 is 32 MB
 
 
-def _eight_bit(img: Image.Image) -> Image.Image:
+def _eight_bit(img: Image.Image, unsigned: bool = False) -> Image.Image:
     """Grey 16-bit, 32-bit integer and float images as 8-bit grey, scaled from their range (0..65535; 32-bit
-    integers above that: 0..2³¹-1; floats of 0..1; 0..255 when no value is above) with what lies outside
-    clipped (NaN: black), a strip of rows at a time: a 67-megapixel scan costs its pixels and a strip, not
-    eight bytes a pixel."""
+    integers above that: 0..2³¹-1, or 0..2³²-1 when ``unsigned``; floats of 0..1; 0..255 when no value is
+    above) with what lies outside clipped (NaN: black), a strip of rows at a time: a 67-megapixel scan costs
+    its pixels and a strip, not eight bytes a pixel."""
     import numpy as np
 
-    values = np.asarray(img)
+    values = np.asarray(img).view(np.uint32) if unsigned else np.asarray(img)
     finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
     brightest = float(finite.max(initial=0))
     top = 65535.0 if img.mode.startswith("I;16") or brightest > 255 else 255.0
     if img.mode == "I" and brightest > 65535:
-        top = float(2**31 - 1)
+        top = float(2**32 - 1 if unsigned else 2**31 - 1)
     if img.mode == "F" and brightest <= 1.0:
         top = 1.0
     grey = np.empty(values.shape, dtype=np.uint8)

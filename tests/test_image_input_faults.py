@@ -189,6 +189,15 @@ def test_sixteen_bit_images_are_scaled_to_eight(tmp_path, monkeypatch):
     for values, grey in (([0, 40000, 65535], [0, 156, 255]), ([0, 2**30, 2**31 - 1], [0, 128, 255])):
         Image.fromarray(np.array([values], dtype=np.int32), "I").save(tmp_path / "i32.tif")
         assert np.asarray(read_image(str(tmp_path / "i32.tif")).image)[0, :, 0].tolist() == grey
+    # unsigned 32-bit (SampleFormat 1; Pillow writes signed): the upper half wrapped below zero and read as black
+    unsigned = np.array([[0, 2**31, 2**32 - 1]], dtype=np.uint32)
+    Image.fromarray(unsigned.view(np.int32), "I").save(tmp_path / "u32.tif")
+    signed_tag = b"\x53\x01\x03\x00\x01\x00\x00\x00\x02\x00"  # tag 339 SampleFormat: SHORT, 1 value, 2
+    data = (tmp_path / "u32.tif").read_bytes()
+    assert data.count(signed_tag) == 1
+    (tmp_path / "u32.tif").write_bytes(data.replace(signed_tag, signed_tag[:-2] + b"\x01\x00"))
+    read = read_image(str(tmp_path / "u32.tif"))
+    assert np.asarray(read.image)[0, :, 0].tolist() == [0, 128, 255] and "32-bit integer" in read.warnings[0]
     Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32)).save(tmp_path / "f32.tif")  # what TIFFs may hold
     assert read_image(str(tmp_path / "f32.tif")).warnings == [f"{tmp_path / 'f32.tif'} has 32-bit float channels: "
                                                                "reduced to 8 bits"]
