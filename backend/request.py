@@ -83,6 +83,10 @@ class GenerateRequest:
         """Extra ``Key: value`` pairs for A1111's parameters text (the image-input kinds' settings)."""
         return []
 
+    def first_iteration(self) -> int:
+        """The first iteration of the ``steps`` schedule that the job runs (text to image: all of them)."""
+        return 0
+
     def keep_inputs_in(self, out: Path) -> tuple[dict[str, str], list[str]]:
         """Copy the job's input files under ``out`` when asked to: ({role: copy}, a note for each that could not
         be). Text to image has none."""

@@ -16,7 +16,7 @@ from PIL import Image
 
 from backend import companions, downloads, library, metadata
 from backend.errors import DreamttyError, RequestError
-from backend.events import Done, ImageSaved, Preview, TextOutput
+from backend.events import Done, ImageSaved, Note, Preview, TextOutput
 from backend.image_prompts import ImagePrompt, convert_image_prompts
 from backend.jobkinds.describe import DescribeRequest
 from backend.jobkinds.img2img import Img2ImgRequest
@@ -94,6 +94,33 @@ async def test_references_through_the_worker_metadata_and_reproduce(tmp_path, de
             service.submit(metadata.image_request(path)[0], tmp_path / "again")
     finally:
         await service.close()
+
+
+async def test_a_reference_that_stops_before_a_vary_starts_is_left_out_with_a_note(tmp_path, demo_dirs, reference):
+    """Strength 0.5 of 6 steps runs steps 4..6; a canny reference stopping at 0.5 ends at step 3. It was loaded,
+    its map made and recorded, and it changed nothing: now it is left out with a note, and the pixels are the
+    ones made without it."""
+    image = str(write_image(tmp_path / "in.png"))
+    base = {"prompt": "a fox", "model": "demo", "steps": 6, "image": image, "strength": 0.5, "seed": 3}
+    with_idle = Img2ImgRequest.from_dict({**base, "image_prompts": [f"{reference}:canny:0.8:0.5", f"{reference}:face"]})
+    without = Img2ImgRequest.from_dict({**base, "image_prompts": [f"{reference}:face"]})
+    service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3")
+    events = service.subscribe()
+    await service.start()
+    try:
+        seen = await asyncio.wait_for(_run(service, events, with_idle, tmp_path / "out"), TIMEOUT)
+        alone = await asyncio.wait_for(_run(service, events, without, tmp_path / "alone"), TIMEOUT)
+    finally:
+        await service.close()
+    assert [e.message for e in seen if isinstance(e, Note)] == [
+        "image prompt 1 (canny): it stops at 0.5 of the schedule, before the first step this job runs (4 of 6); "
+        "it is left out (raise its stop or the strength to use it)"]
+    assert not [e for e in seen if isinstance(e, Preview) and e.label]  # no canny map made
+    [path], [alone_path] = ([e.path for e in run if isinstance(e, ImageSaved)] for run in (seen, alone))
+    meta = metadata.read(path)
+    assert [(r["index"], r["type"]) for r in meta["prompt"]["image_prompts"]] == [(1, "face")]
+    assert [r["type"] for r in meta["request"]["image_prompts"]] == ["canny", "face"]  # as asked: reproduce agrees
+    assert np.array_equal(_pixels(path), _pixels(alone_path))
 
 
 async def test_describe_returns_text_through_the_worker(tmp_path, demo_dirs, reference):

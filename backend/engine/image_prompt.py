@@ -14,7 +14,7 @@ schedule, as prompt editing and the refiner count steps.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -105,12 +105,28 @@ def _preprocess(prompt: ImagePrompt, image: Image.Image, depth_model: str | None
     return preprocess.depth(image, depth_model, device)
 
 
+def _running(request, note: Callable[[str], None] | None) -> list[ImagePrompt]:
+    """``request``'s references, with each one that stops before the job's first iteration (a strength that skips
+    the start of the schedule) switched off, and a note saying so: it would be loaded to change nothing."""
+    first, steps = request.first_iteration(), request.steps
+    out = []
+    for index, prompt in enumerate(request.image_prompts):
+        if prompt.active and first < steps and not prompt.applies(first, steps):
+            if note is not None:
+                note(f"image prompt {prompt.label(index)}: it stops at {prompt.stop:g} of the schedule, before the "
+                     f"first step this job runs ({first + 1} of {steps}); it is left out (raise its stop or the "
+                     "strength to use it)")
+            prompt = replace(prompt, weight=0.0)
+        out.append(prompt)
+    return out
+
+
 def apply_image_prompts(pipe, request, on_preview: Callable[[str, Image.Image], None] | None = None,
                         note: Callable[[str], None] | None = None) -> list[dict]:
     """Load and prepare ``request``'s references on ``pipe`` (``pipe.dreamtty.image_prompts``; None without
     any); ``note`` gets what reading a reference image changed (transparency, ...). Returns what the metadata
     records of each reference that applies: its number, models with short hashes and preprocessor."""
-    needs = companions.plan(request.image_prompts, pipe.dreamtty.family)
+    needs = companions.plan(_running(request, note), pipe.dreamtty.family)
     adapters = [n for n in needs if n.encoder is not None]
     ip_adapter.load_adapters(pipe, tuple((model_path(n.model), model_path(n.encoder)) for n in adapters))
     nets = controlnet.load_controlnets(pipe, [model_path(n.model) for n in needs if n.encoder is None])

@@ -79,6 +79,10 @@ class ImageInputRequest(GenerateRequest):
                                            "raise --steps or the strength (0 gives the input back)")
         return out
 
+    def first_iteration(self) -> int:
+        """Strength ``s`` skips all but the last ``int(steps * s)`` iterations (of a resolved request)."""
+        return self.steps - int(self.steps * self.strength)
+
     def strength_default(self) -> float:
         return self.default_strength
 
