@@ -48,7 +48,8 @@ def _request(photos, **extra) -> TrainRequest:
     ({"mixed_precision": "fp8"}, "mixed_precision", "allowed: no, fp16, bf16"),
     ({"rank": 0}, "rank", "out of range"),
     ({"lr": 5.0}, "lr", "out of range"),
-    ({"prior_preservation": True}, "class_prompt", "required for prior preservation"),
+    ({"prior_preservation": True}, "class_prompt",
+     "required for prior preservation (or turn it off: --no-prior-preservation, or prior_preservation: false)"),
     ({"class_prompt": "a dog", "num_class_images": 0}, "num_class_images", "at least 1"),
     ({"instance_prompt": "  "}, "instance_prompt", "required"),
     ({"instance_prompt": "x" * 10_001}, "instance_prompt", "is 10,001 characters; allowed up to 10,000"),
@@ -162,9 +163,9 @@ def test_unique_token_warning():
 @pytest.mark.parametrize("changes, said", [
     ({"method": "full", "rank": 8}, ["rank: the LoRA rank, unused by a full fine-tune (--method full); ignored"]),
     ({"class_prompt": "a dog", "prior_preservation": False, "prior_loss_weight": 0.5},
-     [f"{name}: unused with prior preservation off (--no-prior-preservation); ignored"
+     [f"{name}: unused with prior preservation off; ignored"
       for name in ("class_prompt", "prior_loss_weight")]),
-    ({"num_class_images": 20}, ["num_class_images: unused with prior preservation off (--no-prior-preservation); "
+    ({"num_class_images": 20}, ["num_class_images: unused with prior preservation off; "
                                 "ignored"]),
     ({"method": "full", "class_prompt": "a dog", "num_class_images": 20}, []),  # all used; rank left as is
     ({"class_prompt": "", "prior_preservation": False}, []),
@@ -414,7 +415,7 @@ def test_output_folder_that_is_not_a_run_is_refused_and_left_alone(photos, tmp_p
             prepare_run(_request(photos, output=str(folder)))
     assert (other / "model" / "notes.txt").read_text() == "precious" and afile.read_text() == "precious"
     assert not (photos / runs.RUN_JSON).exists()
-    with pytest.raises(RequestError, match=r"^resume: needs --output RUN_DIR"):
+    with pytest.raises(RequestError, match=r"^resume: needs the run to continue: --output RUN_DIR \(output: RUN_DIR\)$"):
         prepare_run(_request(photos, resume="latest"))
 
 

@@ -76,7 +76,7 @@ class ImageInputRequest(GenerateRequest):
         out = GenerateRequest.resolved(with_input, family)
         if out.uses_model and 0 < strength and int(out.steps * strength) == 0:
             raise RequestError("strength", f"{strength:g} of {out.steps} steps runs no step; "
-                                           "raise --steps or the strength (0 gives the input back)")
+                                           "raise the steps or the strength (0 gives the input back)")
         return out
 
     def first_iteration(self) -> int:

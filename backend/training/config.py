@@ -98,7 +98,8 @@ class TrainRequest:
         if self.lr_warmup_steps and self.lr_warmup_steps >= self.max_steps:
             raise RequestError("lr_warmup_steps", f"{self.lr_warmup_steps} must be below max_steps ({self.max_steps})")
         if self.prior and not (self.class_prompt or "").strip():
-            raise RequestError("class_prompt", "is required for prior preservation (or pass --no-prior-preservation)")
+            raise RequestError("class_prompt", "is required for prior preservation (or turn it off: "
+                                               "--no-prior-preservation, or prior_preservation: false)")
         if self.prior and self.num_class_images < 1:
             raise RequestError("num_class_images", "must be at least 1 with prior preservation")
         return self
@@ -112,7 +113,7 @@ class TrainRequest:
             unused += [name for name in ("class_prompt", "num_class_images", "prior_loss_weight")
                        if getattr(self, name) not in (getattr(defaults, name), "")]
         why = {"rank": "the LoRA rank, unused by a full fine-tune (--method full)"}
-        return [f"{name}: {why.get(name, 'unused with prior preservation off (--no-prior-preservation)')}; ignored"
+        return [f"{name}: {why.get(name, 'unused with prior preservation off')}; ignored"
                 for name in unused]
 
     def resolved(self, family: str) -> "TrainRequest":

@@ -154,7 +154,7 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> RunFold
     if token:
         warnings.append(token)
     if req.resume is not None and not req.output:
-        raise RequestError("resume", "needs --output RUN_DIR: the run to continue")
+        raise RequestError("resume", "needs the run to continue: --output RUN_DIR (output: RUN_DIR)")
     run_dir = Path(req.output).expanduser() if req.output else None
     try:
         with _PREPARING:  # check to run.json: two requests to this process (the service) never take one folder
