@@ -37,7 +37,9 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from backend import locations, user_files
+import yaml
+
+from backend import locations, user_files, yaml_text
 from backend.errors import ModelError
 from backend.values import kind_of
 
@@ -220,17 +222,25 @@ def sd2_prediction(path: Path, meta: dict[str, str], shapes: Shapes) -> str:
         return "v"
     sidecar = path.with_suffix(".yaml")
     if sidecar.is_file():
-        try:
-            text = user_files.read_bytes(sidecar, user_files.MAX_TEXT_BYTES).decode("utf-8", "replace")
-        except OSError:
-            text = ""
-        return "v" if re.search(r"parameterization:\s*[\"']?v[\"']?\s*$", text, re.M) else "epsilon"
+        return _sidecar_prediction(sidecar)
     name = path.stem.lower()
     if re.search(r"768-v|v-?pred", name):
         return "v"
     if "base" in name or "512" in name:
         return "epsilon"
     return "v"
+
+
+def _sidecar_prediction(sidecar: Path) -> str:
+    """``"v"`` when an A1111 config says ``model.params.parameterization: v`` (as YAML reads it: quoted or not,
+    with a comment, in flow style), else ``"epsilon"`` (also for one that cannot be read)."""
+    try:
+        data = yaml_text.load(user_files.read_bytes(sidecar, user_files.MAX_TEXT_BYTES).decode("utf-8", "replace"))
+    except (OSError, yaml.YAMLError):
+        return "epsilon"
+    for key in ("model", "params"):
+        data = data.get(key) if isinstance(data, dict) else None
+    return "v" if isinstance(data, dict) and str(data.get("parameterization")).strip().lower() == "v" else "epsilon"
 
 
 def checkpoint_family(path: Path, shapes: Shapes, meta: dict[str, str]) -> tuple[str, str | None] | None:

@@ -65,6 +65,13 @@ def test_sd2_prediction_rules(tmp_path):
     assert checkpoint_family(sidecar, *read_shapes(sidecar))[0] == "sd2-v"
     sidecar.with_suffix(".yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
     assert checkpoint_family(sidecar, *read_shapes(sidecar))[0] == "sd2"
+    for text, family in (('model:\n  params:\n    parameterization: "v"   # v-prediction\n', "sd2-v"),  # read as YAML
+                         ('model: {params: {parameterization: v}}\n', "sd2-v"),
+                         ('model:\n  params:\n    parameterization: "eps"\n', "sd2"),
+                         ('notes: "parameterization: v"\n', "sd2"),  # not the setting
+                         ("model: [unclosed\n", "sd2")):
+        sidecar.with_suffix(".yaml").write_text(text)
+        assert checkpoint_family(sidecar, *read_shapes(sidecar))[0] == family, text
 
 
 def test_not_a_checkpoint(tmp_path):
