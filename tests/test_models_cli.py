@@ -170,3 +170,14 @@ def test_a_missing_lora_is_said_before_the_model_downloads(monkeypatch, capsys):
     assert pulled == [] and capsys.readouterr().err == (
         "dreamtty: lora: org/lcm-lora is not in the local Hugging Face cache; get it with: dreamtty models pull "
         "org/lcm-lora\n")
+
+
+@pytest.mark.parametrize("file, hint", [("sd15.safetensors", "sd15"), ("ckpts/sd15.safetensors", "{path}")])
+def test_pull_of_one_file_says_the_name_it_is_found_by(file, hint, tmp_path, monkeypatch, capsys):
+    """A file in a subfolder of the repo is not listed by its name (only a repo's top files are): the hint gave
+    ``--model sd15``, which said "does not exist"."""
+    path = tmp_path / "snapshots" / "abc" / file
+    monkeypatch.setattr(downloads, "pull", lambda *args, **kwargs: path)
+    assert main(["models", "pull", "org/model", "--file", file]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{path}\n" and err == f'use it with: dreamtty generate "..." --model {hint.format(path=path)}\n'

@@ -64,7 +64,10 @@ def cmd_pull(args) -> int:
         raise RequestError("id", "give a Hugging Face id, or --for with what to get the models for")
     path = downloads.pull(args.id, revision=args.revision, filename=args.file)
     print(one_line(path))
-    name = path.stem if args.file else args.id
+    if not args.file:
+        name = args.id
+    else:  # the library names the single files at the root of a cached repo; one in a subfolder by its path
+        name = path.stem if "/" not in args.file.strip("/") else str(path)
     print(f"use it with: dreamtty generate \"...\" --model {visible(name)}", file=sys.stderr)
     return 0
 
