@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What a model field may name (the --model help and its errors).
+MODEL_NAMES = ("demo, demo-xl, a checkpoint name (dreamtty models list), a .safetensors file, a diffusers folder or "
+               "a Hugging Face id")
+
 
 @dataclass(frozen=True)
 class Family:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.errors import ModelError
+from backend.families import MODEL_NAMES
 from backend.library import (DEMO_MODELS, PICKLE_SUFFIXES, SAFE_SUFFIXES, checkpoint_family, family_from_folder, find,
                              folder_variant, hub_cache_folder, looks_like_hub_id, read_json, read_shapes)
 
@@ -119,7 +120,7 @@ def relabel(error: ModelError, field: str) -> ModelError:
 def _resolve(name: str) -> ModelRef:
     name = (name or "").strip()
     if not name:
-        raise ModelError("model: empty; use demo, demo-xl, a checkpoint name or file, a diffusers folder or a Hugging Face id")
+        raise ModelError(f"model: empty; use {MODEL_NAMES}")
     if name in DEMO_MODELS:
         return ModelRef(name, "demo", name, name)
     path = Path(os.path.expanduser(name))
@@ -147,7 +148,4 @@ def _resolve(name: str) -> ModelRef:
                 f"get it where the network allows with: dreamtty models pull {name}"
             )
         return ModelRef(name, "hub", name, "unknown")
-    raise ModelError(
-        f"model: {name} does not exist; use demo, demo-xl, a checkpoint name (dreamtty models list), "
-        "a .safetensors file, a diffusers folder or a Hugging Face id"
-    )
+    raise ModelError(f"model: {name} does not exist; use {MODEL_NAMES}")

@@ -112,7 +112,8 @@ def test_an_empty_option_is_refused_not_read_as_its_default(argv, prog, capsys):
     "argv,message",
     [
         (["--demo", "generate", "x", "--model", "demo-xl"], "model: --demo and --model demo-xl conflict"),
-        (["generate", "x", "--model", ""], "model: is empty"),
+        (["generate", "x", "--model", ""],
+         "model: is empty; use demo, demo-xl, a checkpoint name (dreamtty models list), a .safetensors file"),
         (["generate", "x", "--model", "   "], "model: is empty"),
         (["generate", "x", "--out", ""], "out: is empty"),
     ],

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backend.errors import DreamttyError, RequestError, ServiceUnavailable
+from backend.families import MODEL_NAMES
 from backend.safetext import error_line
 from backend.samplers import SAMPLERS, SCHEDULES
 from tui.cli_output import Parser, file_path, print_warnings
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 # Options taken before the subcommand or after it: (flags, add_argument keywords).
 _GLOBAL_OPTIONS = (
     (("--demo",), {"action": "store_true", "default": False, "help": "use the built-in demo model (offline, tiny)"}),
-    (("--model",), {"help": "demo, demo-xl, a diffusers folder or a Hugging Face id"}),
+    (("--model",), {"help": MODEL_NAMES}),
     (("--out",), {"help": "outputs directory"}),
     (("--device",), {"default": "auto", "help": "auto, cpu, cuda or cuda:N[,cuda:M...]"}),
     (("--cluster",), {"help": "run the workers on a Ray cluster: auto, ray://HEAD:10001 or HEAD:6379 "
@@ -125,7 +126,7 @@ def _check_global_options(args: argparse.Namespace) -> None:
     """Validate the global options in place: ``--out`` becomes a Path, ``--demo`` sets the model."""
     _check_home()
     if args.model is not None and not args.model.strip():
-        raise RequestError("model", "is empty; use demo, demo-xl, a diffusers folder or a Hugging Face id")
+        raise RequestError("model", f"is empty; use {MODEL_NAMES}")
     if args.demo and args.model is not None:
         raise RequestError("model", f"--demo and --model {args.model} conflict; give one of them")
     if args.demo:

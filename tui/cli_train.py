@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from backend.errors import DreamttyError, RequestError
 from backend.events import RunState, TrainStep
+from backend.families import MODEL_NAMES
 from backend.safetext import one_line, visible
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
@@ -32,7 +33,7 @@ RECHECK = 5.0  # seconds between readings of a waiting run's place in the schedu
 
 # (flag, TrainRequest field, metavar or None for an on/off switch, help)
 _OPTIONS = (
-    ("--model", "model", "M", "base model: demo, demo-xl, a diffusers folder or a Hugging Face id"),
+    ("--model", "model", "M", f"base model: {MODEL_NAMES}"),
     ("--instance-dir", "instance_dir", "DIR", "folder with 3-20 photos of the subject"),
     ("--instance-prompt", "instance_prompt", "TEXT", "prompt with the unique token, e.g. 'a photo of sks dog'"),
     ("--class-prompt", "class_prompt", "TEXT", "the class without the token, e.g. 'a photo of dog'"),
