@@ -58,8 +58,8 @@ class PlannedFile:
 
 
 def human(n: float) -> str:
-    """A byte count in B, KB, MB or GB (powers of 1000)."""
-    units = ("B", "KB", "MB", "GB")
+    """A byte count in B, KB, MB, GB or TB (powers of 1000)."""
+    units = ("B", "KB", "MB", "GB", "TB")
     power = 0
     while abs(n) >= 1000 and power < len(units) - 1:
         n, power = n / 1000, power + 1

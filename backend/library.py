@@ -81,7 +81,7 @@ def read_safetensors_header(path: Path) -> tuple[Shapes, dict[str, str]]:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(8)
             if len(head) < 8:
-                raise CorruptFile(f"model: {path.name} is empty or truncated ({size} bytes)")
+                raise CorruptFile(f"model: {path.name} is empty or truncated ({size} byte{'' if size == 1 else 's'})")
             (length,) = struct.unpack("<Q", head)
             if length > min(MAX_HEADER, size - 8):
                 raise CorruptFile(f"model: {path.name} is not a safetensors file or is truncated (bad header length)")

@@ -37,7 +37,8 @@ def pickle_allowed() -> bool:
 def _check_variant(ref: ModelRef, variants: tuple[str, ...]) -> ModelRef:
     if ref.variant and ref.variant not in variants:
         what = "inpaint and outpaint" if ref.variant == "inpaint" else "nothing in dreamtty"
-        raise ModelError(f"model: {Path(ref.location).name} is an {ref.variant} checkpoint, for {what}; "
+        article = "an" if ref.variant[0] in "aeiou" else "a"
+        raise ModelError(f"model: {Path(ref.location).name} is {article} {ref.variant} checkpoint, for {what}; "
                          "use a regular one for this job")
     return ref
 

@@ -74,6 +74,14 @@ def test_sd2_prediction_rules(tmp_path):
         assert checkpoint_family(sidecar, *read_shapes(sidecar))[0] == family, text
 
 
+def test_a_checkpoint_variant_is_refused_with_its_article(tmp_path):
+    from backend.models import resolve_model
+
+    pix2pix = _write(tmp_path / "p2p.safetensors", _checkpoint(SD1_TEXT, 8))
+    with pytest.raises(ModelError, match=r"^model: p2p.safetensors is a pix2pix checkpoint, for nothing in dreamtty"):
+        resolve_model(str(pix2pix))
+
+
 def test_not_a_checkpoint(tmp_path):
     path = _write(tmp_path / "x.safetensors", {"encoder.conv_in.weight": (4, 3, 3, 3)})
     assert checkpoint_family(path, *read_shapes(path)) is None
@@ -127,7 +135,10 @@ def test_damaged_files_raise_one_line_errors(tmp_path):
             read_shapes(garbage)
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
-    with pytest.raises(CorruptFile, match="empty or truncated"):
+    with pytest.raises(CorruptFile, match=r"empty\.safetensors is empty or truncated \(0 bytes\)$"):
+        read_shapes(empty)
+    empty.write_bytes(b"x")
+    with pytest.raises(CorruptFile, match=r"is empty or truncated \(1 byte\)$"):
         read_shapes(empty)
     half_zip = tmp_path / "half.ckpt"
     torch.save({"state_dict": {"a": torch.zeros(2)}}, half_zip)

@@ -145,6 +145,8 @@ def test_pull_checks_free_disk_first(tmp_path, monkeypatch):
     with pytest.raises(DreamttyError, match=r"needs 406 B but only 100 B is free"):
         downloads.pull("org/model", api=hub)
     assert hub.downloaded == []
+    assert [downloads.human(n) for n in (999, 1500, 2.5e9, 7.2e12, 3e15)] == [
+        "999 B", "1.5 KB", "2.5 GB", "7.2 TB", "3000.0 TB"]
 
 
 def test_pull_verifies_hash_and_reports_network_errors(tmp_path):

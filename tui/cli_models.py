@@ -114,7 +114,7 @@ def register(sub) -> None:
     models = sub.add_parser("models", help=about, description=about)
     msub = models.add_subparsers(dest="models_command", required=True, parser_class=type(models))
     ls = msub.add_parser("list", help="checkpoints, LoRAs, VAEs, embeddings, upscalers and image-prompt models found")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="one JSON object: models and skipped files (problems)")
     ls.set_defaults(func=cmd_list)
     pull = msub.add_parser("pull", help="download a Hugging Face model (or one file of it) into the cache")
     pull.add_argument("id", nargs="?", help="Hugging Face repo id, e.g. stabilityai/stable-diffusion-xl-base-1.0")
