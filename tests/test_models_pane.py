@@ -96,3 +96,28 @@ async def test_pane_shows_pull_errors(tmp_path, monkeypatch):
         await pilot.press(*"x/y", "enter")
         await _wait(pilot, lambda: "HF_HUB_OFFLINE is set" in str(app.query_one("#pull-status").render()), "error")
         assert app.query_one(ModelsPane).pulling is False
+
+
+async def test_every_skipped_file_can_be_read_and_names_stay_on_one_line(tmp_path, monkeypatch):
+    """The skipped files showed in a box of 6 lines that did not scroll: the 7th and later were out of reach.
+    A name holding a newline showed its first line only (its row is one line)."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for i in range(12):
+        (ckpt / f"broken{i:02}.safetensors").write_bytes(b"x")
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+               "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": torch.zeros(77, 8)},
+              str(ckpt / "two\nlines.safetensors"))
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}}))
+    monkeypatch.setenv("DREAMTTY_CONFIG", str(cfg_file))
+    app = PaneApp()
+    async with app.run_test(size=(140, 40)) as pilot:
+        await _wait(pilot, lambda: any("two" in r[1] for r in _rows(app)), "the scan")
+        assert "two\\nlines" in [r[1] for r in _rows(app)]
+        box = app.query_one("#models-problems-box")
+        assert box.size.height <= 6 and box.max_scroll_y > 0
+        box.focus()
+        await pilot.press("end")
+        await _wait(pilot, lambda: box.scroll_y == box.max_scroll_y, "scrolled to the end")  # by the keyboard
+        assert "broken11.safetensors" in str(app.query_one("#models-problems", Static).render())

@@ -28,7 +28,7 @@ from textual.notifications import SeverityLevel
 from textual.widget import Widget
 from textual.widgets import Input, TextArea
 
-from backend.safetext import CONTROL, visible
+from backend.safetext import CONTROL, one_line, visible
 
 NOTIFY_MAX = 400  # characters of a notification's or an inline error's message; more would cover the screen
 # One-cell symbols for the controls in editable text: Unicode's control pictures (U+2400-U+2421)
@@ -42,8 +42,9 @@ def plain(text: object) -> Content:
 
 
 def cell(text: object) -> Text:
-    """``text`` as a DataTable cell: as typed, control characters visible."""
-    return Text(visible(text))
+    """``text`` as a DataTable cell: as typed, control characters visible, newlines as ``\\n`` (a cell is one
+    line: the rest of a name with a newline was hidden)."""
+    return Text(one_line(text))
 
 
 def markup(text: object) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from textual import on, work
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Input, ProgressBar, Static
@@ -20,6 +20,7 @@ from backend import config, downloads, library
 from backend.errors import DreamttyError
 from backend.events import ServiceReady, WorkerModels, WorkerReady, WorkerReleased
 from backend.families import FAMILIES
+from backend.safetext import one_line
 from tui.keymap import MODELS_KEYS, bindings
 from tui.text import TextInput, cell, notify, plain
 from tui.widgets.footer import KeysFooter
@@ -42,7 +43,8 @@ class ModelsPane(Vertical):
     BINDINGS = bindings(MODELS_KEYS)
     DEFAULT_CSS = """
     ModelsPane #models-table { height: 1fr; }
-    ModelsPane #models-problems { height: auto; max-height: 6; color: $warning; }
+    ModelsPane #models-problems-box { height: auto; max-height: 6; }
+    ModelsPane #models-problems { color: $warning; }
     ModelsPane #models-pull-row { height: auto; }
     ModelsPane #models-pull-row Input { width: 1fr; }
     ModelsPane #pull-status { height: auto; }
@@ -63,7 +65,8 @@ class ModelsPane(Vertical):
     def compose(self) -> ComposeResult:
         yield Static("", id="models-info")
         yield DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
-        yield Static("", id="models-problems")
+        with VerticalScroll(id="models-problems-box"):  # Tab reaches it: the arrow keys scroll every skipped file
+            yield Static("", id="models-problems")
         with Horizontal(id="models-pull-row"):
             yield TextInput(placeholder="Hugging Face id, e.g. stabilityai/sdxl-turbo", id="pull-id")
             yield TextInput(placeholder="one file (optional), e.g. sd_xl_turbo_1.0_fp16.safetensors", id="pull-file")
@@ -101,8 +104,9 @@ class ModelsPane(Vertical):
             f"{len(lib.entries)} items · default model: {default} · checkpoints in: {folders} "
             f"· config: {config.config_path()}"
         ))
-        problems = "\n".join(f"skipped: {p}" for p in lib.problems)
+        problems = "\n".join(f"skipped: {one_line(p)}" for p in lib.problems)
         self.query_one("#models-problems", Static).update(plain(problems))
+        self.query_one("#models-problems-box").display = bool(problems)
 
     def selected(self) -> library.Entry | None:
         table = self.query_one(DataTable)
@@ -116,7 +120,7 @@ class ModelsPane(Vertical):
             self.notify("Select a checkpoint to make it the default model", severity="warning")
             return
         if entry.note:
-            notify(self, f"{entry.name}: {entry.note}", severity="warning")
+            notify(self, f"{one_line(entry.name)}: {entry.note}", severity="warning")
             return
         try:
             path = config.set_value("default_model", entry.name)
@@ -124,7 +128,7 @@ class ModelsPane(Vertical):
             notify(self, exc, severity="error")
             return
         self.post_message(self.DefaultChanged(entry.name))
-        notify(self, f"default model: {entry.name} (saved in {path})")
+        notify(self, f"default model: {one_line(entry.name)} (saved in {one_line(path)})")
         self.action_refresh()
 
     # -- pulling --------------------------------------------------------------------
