@@ -11,10 +11,12 @@ from __future__ import annotations
 import re
 
 # C0 controls except tab and newline, DEL, C1 controls, the Unicode bidirectional controls (ALM, LRM/RLM,
-# LRE..RLO, LRI..PDI), the line and paragraph separators (a line break to splitlines() and JavaScript) and
-# lone surrogates (from JSON's "\ud800" or undecodable bytes: no UTF-8 encoder writes them).
-CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-                     "\ud800-\udfff]")
+# LRE..RLO, LRI..PDI), the line and paragraph separators (a line break to splitlines() and JavaScript), the
+# invisible characters that join nothing (zero width space, word joiner, invisible operators, BOM: "fo\u200bx.png"
+# read as "fox.png"; the joiners U+200C/U+200D stay, for scripts and emoji) and lone surrogates (from JSON's
+# "\ud800" or undecodable bytes: no UTF-8 encoder writes them).
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064"
+                     "\u2066-\u2069\ufeff\ud800-\udfff]")
 
 
 def _escape(match: re.Match[str]) -> str:

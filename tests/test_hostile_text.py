@@ -36,17 +36,18 @@ from tui.widgets.preset_dialog import SavePresetDialog
 from tui.widgets.progress import JobProgress
 
 MARKUP = ("a cat [/] dog", "[/x]", "[bold red]x[link=https://e]y[/link]", "[sks]", "[$accent]v")
-CONTROLS = ("\x1bc", "\x1b#8", "\x1b]52;c;aGk=\x07", "\x9b2J", "nul\x00", "del\x7f", "bare\rreturn", "\u202eevil")
+CONTROLS = ("\x1bc", "\x1b#8", "\x1b]52;c;aGk=\x07", "\x9b2J", "nul\x00", "del\x7f", "bare\rreturn", "\u202eevil",
+            "fo\u200bx\ufeff")
 TEXT = " ".join(MARKUP + CONTROLS)
 PROMPT = TEXT.replace("]52", "\\]52")  # a prompt escapes a lone "]" (prompt syntax)
 # How the controls of TEXT (and PROMPT) must read on screen and in the CLI's output.
 SHOWN = ("\\x1bc", "\\x1b#8", "]52;c;aGk=\\x07", "\\x9b2J", "nul\\x00", "del\\x7f", "bare\\x0dreturn",
-         "\\u202eevil")
+         "\\u202eevil", "fo\\u200bx\\ufeff")
 # A file name can hold neither "/" nor NUL.
 NAME = "evil [sks] [bold red]x \x1bc \x1b]52;c;aGk=\x07 \x9b2J \u202eend"
 NAME_SHOWN = visible(NAME)
 LONG = "long " * 1900  # within MAX_PROMPT_CHARS, far past any line
-RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e]")  # what must never reach the terminal
+RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e\u200b\ufeff]")  # what must never reach the terminal
 
 
 def assert_clean(text: str, where: str) -> None:
