@@ -352,7 +352,7 @@ def test_markup_reads_back_as_typed():
 def test_editors_draw_controls_as_one_symbol_each():
     from tui.text import pictures
 
-    assert pictures("a\x1bb\x9b\x00\x7f\u202e\t\n") == "a␛b\ufffd␀␡\ufffd\t\n"
+    assert pictures("a\x1bb\x9b\x00\x7f\u202e\t\n") == "a␛b\ufffd␀␡\ufffd\t␊"  # a text box is one line
 
 
 # -- the CLI ---------------------------------------------------------------------------------------

@@ -413,6 +413,19 @@ async def test_bad_input_image_settings_show_an_error_next_to_the_field(idle_ser
             assert idle_service.jobs() == [], case
 
 
+async def test_a_newline_in_the_image_path_is_drawn_as_a_symbol_and_its_error_is_one_line(idle_service, tmp_path):
+    """A path from metadata (F7, l) may hold a newline: the text box stays one line, and so does its error."""
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(120, 40)) as pilot:
+        form = await input_section(pilot, app, "line1\nline2.png", "img2img")
+        box = form.query_one("#in-image", Input)
+        assert "line1\u240aline2.png" in box.render_line(0).text
+        await pilot.press("ctrl+g")
+        await settle(pilot)
+        error = field_of(app, "#in-image").error
+        assert "line1\\nline2.png is missing" in error and "\n" not in error and idle_service.jobs() == []
+
+
 async def test_a_preset_is_saved_without_the_input_image(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:

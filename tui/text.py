@@ -32,8 +32,10 @@ from backend.safetext import CONTROL, one_line, visible
 
 NOTIFY_MAX = 400  # characters of a notification's or an inline error's message; more would cover the screen
 # One-cell symbols for the controls in editable text: Unicode's control pictures (U+2400-U+2421)
-# for C0 and DEL, the replacement character for the others (C1, bidirectional controls).
+# for C0 and DEL, the replacement character for the others (C1, bidirectional controls). A newline is
+# one of them: a text box is one line (a TextEditor draws each line on its own).
 _PICTURES = {code: chr(0x2400 + code) for code in range(0x20)} | {0x7F: "\u2421"}
+_PICTURED = re.compile(f"{CONTROL.pattern}|\n")
 
 
 def plain(text: object) -> Content:
@@ -61,7 +63,15 @@ def notify(node: Widget | App, message: object, *, title: str = "", severity: Se
 
 def short(text: object, most: int = NOTIFY_MAX) -> str:
     """:func:`visible` text cut to ``most`` characters (a path of 10,000 would fill the screen)."""
-    shown = visible(text)
+    return _cut(visible(text), most)
+
+
+def line(text: object, most: int = NOTIFY_MAX) -> str:
+    """:func:`short`, with newlines written as ``\\n``: an inline error is one line."""
+    return _cut(one_line(text), most)
+
+
+def _cut(shown: str, most: int) -> str:
     return shown if len(shown) <= most else shown[:most - 1] + "…"
 
 
@@ -70,8 +80,9 @@ def _picture(match: re.Match[str]) -> str:
 
 
 def pictures(text: str) -> str:
-    """``text`` with each control character replaced by one symbol (same length, so cursors stay right)."""
-    return CONTROL.sub(_picture, text)
+    """``text`` with each control character and newline replaced by one symbol (same length, so cursors stay
+    right)."""
+    return _PICTURED.sub(_picture, text)
 
 
 class _ControlPictures(Highlighter):

@@ -9,7 +9,7 @@ from textual.containers import Vertical
 from textual.widget import Widget
 from textual.widgets import Input, Label, Select, Static
 
-from tui.text import TextInput, plain, short
+from tui.text import TextInput, line, plain
 
 
 class Field(Vertical):
@@ -46,7 +46,8 @@ class Field(Vertical):
         return str(self.query_one(".field-error", Static).content) if self.has_class("-invalid") else ""
 
     def set_error(self, message: str | None) -> None:
-        self.query_one(".field-error", Static).update(Content(short(message or "")))
+        """Show ``message`` under the field, on one line (None: no error)."""
+        self.query_one(".field-error", Static).update(Content(line(message or "")))
         self.set_class(bool(message), "-invalid")
 
     def set_hint(self, text: str) -> None:
