@@ -20,15 +20,21 @@ MAX_DIGITS = 100  # more is out of range for every field (and int() refuses more
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800", or a byte of a non-UTF-8 argument (surrogateescape)
 
 
+MAX_SHOWN = 200  # characters of a value quoted in an error: what is allowed comes after it, and must show
+
+
 def shown(value: object) -> str:
     """``value`` as an error quotes it: text in quotes, anything else as JSON writes it (``true``, ``null``,
-    ``[1, 2]``), since a JSON or YAML body wrote it that way (Python's ``True`` and ``None`` would puzzle)."""
+    ``[1, 2]``), since a JSON or YAML body wrote it that way (Python's ``True`` and ``None`` would puzzle);
+    cut to :data:`MAX_SHOWN` characters."""
     if isinstance(value, str):
-        return repr(value)
-    try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=True, default=str)
-    except (TypeError, ValueError):  # circular: a YAML alias of itself
-        return repr(value)
+        text = repr(value)
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False, allow_nan=True, default=str)
+        except (TypeError, ValueError):  # circular: a YAML alias of itself
+            text = repr(value)
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 1] + "…"
 
 
 def kind_of(value: object) -> str:

@@ -418,3 +418,14 @@ def test_names_too_long_for_a_file_are_one_line_errors(args, field, tmp_path, ca
     assert main([*args, "--model", "demo"] if "--model" not in args else args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"dreamtty: {field}: ") and len(err.splitlines()) == 1, err
+
+
+def test_a_huge_wrong_value_is_cut_and_what_is_allowed_still_shows():
+    """A YAML alias tree of styles filled the 2,000 characters of an error line before its advice."""
+    nested: list = ["Enhance"] * 10
+    for _ in range(5):
+        nested = [nested] * 10
+    with pytest.raises(RequestError) as err:
+        GenerateRequest.from_dict({"styles": nested})
+    assert len(str(err.value)) < 300 and str(err.value).endswith("… is not allowed; give a list of style names, "
+                                                                    "e.g. [Watercolor]")
