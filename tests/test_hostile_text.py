@@ -31,7 +31,7 @@ from tui.cli import main
 from tui.screens.models import ModelsPane
 from tui.screens.queue import QueueScreen
 from tui.screens.train import TrainPane
-from tui.text import NOTIFY_MAX, notify
+from tui.text import LONG_WORD, NOTIFY_MAX, notify
 from tui.widgets.preset_dialog import SavePresetDialog
 from tui.widgets.progress import JobProgress
 
@@ -302,10 +302,12 @@ async def test_an_inline_error_naming_a_huge_path_is_cut(idle_service, tmp_path)
     async with opened(app, size=(140, 45)) as pilot:
         await settle(pilot)
         field = app.screen.form.query_one("#steps").parent
-        field.set_error(f"image: /{'a' * 10_000}.png cannot be read")
+        field.set_error(f"cannot read /{'a' * 10_000}.png: File name too long")
         await pilot.pause()
         shown = str(field.query_one(".field-error").render())
-        assert len(shown) == NOTIFY_MAX and shown.endswith("…")  # not 10,000 characters pushing the form away
+        # Not 10,000 characters pushing the form away, nor the path's first 400 without the reason.
+        assert shown.startswith("cannot read /aaa") and shown.endswith("aaa.png: File name too long")
+        assert "…" in shown and len(shown) < len("cannot read : File name too long") + LONG_WORD
 
 
 async def test_keymap_from_the_config_file(idle_service, tmp_path):

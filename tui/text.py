@@ -31,6 +31,8 @@ from textual.widgets import Input, TextArea
 from backend.safetext import CONTROL, one_line, visible
 
 NOTIFY_MAX = 400  # characters of a notification's or an inline error's message; more would cover the screen
+LONG_WORD = 64  # characters of a word (a path) an inline error shows whole; a longer one is cut in its middle
+_LONG_WORD = re.compile(rf"\S{{{LONG_WORD + 1},}}")
 # One-cell symbols for the controls in editable text: Unicode's control pictures (U+2400-U+2421)
 # for C0 and DEL, the replacement character for the others (C1, bidirectional controls). A newline is
 # one of them: a text box is one line (a TextEditor draws each line on its own).
@@ -67,8 +69,14 @@ def short(text: object, most: int = NOTIFY_MAX) -> str:
 
 
 def line(text: object, most: int = NOTIFY_MAX) -> str:
-    """:func:`short`, with newlines written as ``\\n``: an inline error is one line."""
-    return _cut(one_line(text), most)
+    """:func:`short`, with newlines written as ``\\n`` and each word longer than ``LONG_WORD`` cut in its
+    middle: an inline error is one short line, and the reason after a long path stays in sight."""
+    return _cut(_LONG_WORD.sub(_middle, one_line(text)), most)
+
+
+def _middle(match: re.Match[str]) -> str:
+    word, half = match.group(), LONG_WORD // 2
+    return f"{word[:half - 1]}…{word[-half:]}"
 
 
 def _cut(shown: str, most: int) -> str:
