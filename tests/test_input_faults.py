@@ -383,7 +383,7 @@ def test_refiner_of_another_latent_space_is_refused_before_queueing(capsys):
 
 def test_numbers_beyond_float_range_in_guidance_are_one_line_errors():
     for guidance in ({"sag": 10**400}, {"freeu": [10**400, 1, 1, 1]}):
-        with pytest.raises(RequestError, match=r"^(sag|freeu): \d+ is not a finite number$"):
+        with pytest.raises(RequestError, match=r"^(sag|freeu): \d{199}… is not a finite number$"):
             GenerateRequest.from_dict({"guidance": guidance})
 
 
