@@ -169,6 +169,29 @@ async def test_gallery_key_on_a_missing_image_says_so_and_queues_nothing(idle_se
         assert {key.help for key in keymap.QUEUE_KEYS} <= commands
 
 
+async def test_gallery_key_on_an_image_whose_settings_are_unusable_says_so(idle_service, tmp_path):
+    """Metadata that does not read as a request: the job uses the defaults, and a warning says so (as the CLI)."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("dreamtty", json.dumps({"version": 1, "kind": "generate", "request": {**SOURCE, "steps": "[/]x"}}))
+    image = tmp_path / "odd.png"
+    gradient(128, 96).save(image, pnginfo=info)
+    in_gallery(idle_service, image)
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(120, 40), notifications=True) as pilot:
+        await settle(pilot)
+        await to_gallery(pilot, app)
+        await pilot.press("v")
+        await wait_for(pilot, lambda: len(idle_service.jobs()) == 2, what="the job")
+        await settle(pilot)
+        warnings = [n.message for n in app._notifications if n.title == "odd.png" and n.severity == "warning"]
+        assert last_job(idle_service).request["prompt"] == ""
+    assert len(warnings) == 1 and "'[/]x' is not a whole number; its settings are not used" in warnings[0]
+
+
 # -- the mask editor -------------------------------------------------------------------------------------
 def expected_mask(image_size: tuple[int, int], preview: tuple[int, int], painted: set[tuple[int, int]]) -> np.ndarray:
     """The image-sized mask whose pixels belong to the ``painted`` preview pixels (x·w // W, y·h // H)."""

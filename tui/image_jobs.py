@@ -40,16 +40,18 @@ def outpaint_pixels(size: tuple[int, int], side: str) -> int:
     return math.ceil(OUTPAINT_SHARE * size[0 if side in ("left", "right") else 1])
 
 
-def request_on_image(kind: type[ImageInputRequest], image: str, values: dict) -> ImageInputRequest:
+def request_on_image(kind: type[ImageInputRequest], image: str, values: dict) -> tuple[ImageInputRequest, list[str]]:
     """The request of ``kind`` on ``image``: defaults < the config's < the image's own settings < ``values``,
-    with a new seed (as the CLI's verbs build it). Reads the image's metadata: call it in a thread."""
-    source, _ = request_builder.source_settings(image)
-    return request_builder.build({"image": image, **values}, kind=kind, source=source)
+    with a new seed (as the CLI's verbs build it), and the warnings about those settings (metadata that is not
+    used, another tool's settings not carried over). Reads the image's metadata: call it in a thread."""
+    source, warnings = request_builder.source_settings(image)
+    return request_builder.build({"image": image, **values}, kind=kind, source=source), warnings
 
 
-def gallery_request(name: str, image: str, values: dict | None = None) -> ImageInputRequest:
-    """The job that operation ``name`` queues on ``image`` (``values``: more fields, e.g. inpaint's mask).
-    Reads the image (an outpaint's size): call it in a thread; RequestError("image") when it cannot be used."""
+def gallery_request(name: str, image: str, values: dict | None = None) -> tuple[ImageInputRequest, list[str]]:
+    """The job that operation ``name`` queues on ``image`` (``values``: more fields, e.g. inpaint's mask), and
+    the warnings about the image's settings. Reads the image (an outpaint's size): call it in a thread;
+    RequestError("image") when it cannot be used."""
     op = OPERATIONS[name]
     extra = dict(values or {})
     if op.side is not None:

@@ -21,6 +21,7 @@ from textual.widgets import DataTable, Label, Static
 from backend import jobkinds, metadata
 from backend.errors import DreamttyError, RequestError
 from backend.events import FINAL_EVENTS, Event, ImageSaved, Queued, Retrying, Started, Step
+from backend.jobkinds.image_input import ImageInputRequest
 from backend.jobkinds.inpaint import InpaintRequest
 from backend.queue_store import ACTIVE, Job
 from backend.safetext import summary
@@ -301,9 +302,17 @@ class QueueScreen(Screen):
 
     def _queue_on_image(self, name: str, path: str, values: dict | None = None) -> None:
         label = OPERATIONS[name].label
-        self.app.queue_request(partial(gallery_request, name, path, values),
+        self.app.queue_request(partial(self._request_on_image, name, path, values),
                                lambda exc: notify(self, exc, title=label, severity="error"),
                                lambda job: notify(self, f"Job #{job} queued: {label} of {Path(path).name}."))
+
+    def _request_on_image(self, name: str, path: str, values: dict | None) -> ImageInputRequest:
+        """The job of operation ``name`` on ``path`` (in a thread); what its metadata gives that is not used is
+        said, as the CLI's verbs say it."""
+        request, warnings = gallery_request(name, path, values)
+        for warning in warnings:
+            self.app.call_from_thread(notify, self, warning, title=Path(path).name, severity="warning", timeout=15)
+        return request
 
     def action_inpaint(self) -> None:
         """Open the mask editor on the selected image; the mask it saves is inpainted at once."""
