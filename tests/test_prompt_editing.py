@@ -67,6 +67,7 @@ def _texts(text: str, steps: int) -> list[str]:
         ("[sks] dog", 3, ["[sks] dog"] * 3),
         ("[style: anime]", 2, ["[style: anime]"] * 2),
         ("[a:b]", 2, ["[a:b]"] * 2),
+        ("[a:b:\u0663]", 4, ["[a:b:\u0663]"] * 4),  # another script's digit is no step, as in A1111
         (r"\[a:b:1\] \[c|d\]", 2, [r"\[a:b:1\] \[c|d\]"] * 2),
         (r"[a\:b:1]", 2, ["", r"a\:b"]),  # an escaped colon is text: [to:when]
         ("(a|b:1)", 2, ["(a|b:1)"] * 2),  # ':' and '|' in parentheses are text

@@ -37,6 +37,7 @@ def test_escapes_are_literal_and_not_plain():
 
 def test_colon_without_number_is_text():
     assert _weights("(time: noon)") == [("time: noon", round(UP, 6))]
+    assert _weights("(x:\u0661)") == [("x:\u0661", round(UP, 6))]  # another script's digit is text, as in A1111
 
 
 def test_break_splits_chunks():

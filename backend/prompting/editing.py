@@ -24,9 +24,10 @@ _FIELDS = ("prompt", "negative_prompt")
 _TOKEN = re.compile(
     r"(?P<escape>\\.)|(?P<open>[(\[])|(?P<close>[)\]])|(?P<sep>[:|])|(?P<text>[^\\()\[\]:|]+|\\)", re.DOTALL
 )
-_NUMBER = re.compile(r"\s*([+-]?[\d.]*\d[\d.]*)\s*")  # what reads as a number attempt: signs, digits, points
-_STEP = re.compile(r"\d+")
-_FRACTION = re.compile(r"\d*\.\d*")
+# Numbers in ASCII digits, as A1111 reads them ("٣" is text, where \d and int() would read 3).
+_NUMBER = re.compile(r"\s*([+-]?[0-9.]*[0-9][0-9.]*)\s*")  # what reads as a number attempt: signs, digits, points
+_STEP = re.compile(r"[0-9]+")
+_FRACTION = re.compile(r"[0-9]*\.[0-9]*")
 _AND = re.compile(r"\bAND\b")
 WHEN_HELP = "a step number (10) or a fraction of the steps from 0.0 to 1.0 (0.5)"
 

@@ -22,7 +22,7 @@ MAX_WEIGHT = 100.0  # a fragment's weight (nested brackets multiplied) must lie 
 _TOKEN = re.compile(
     r"""
     (?P<escape>\\[\\()\[\]])
-  | (?P<weight>:\s*(?P<number>[+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\))
+  | (?P<weight>:\s*(?P<number>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))\s*\))
   | (?P<open>[(\[])
   | (?P<close>[)\]])
   | (?P<text>[^\\()\[\]:]+|[\\:])
