@@ -449,6 +449,44 @@ async def test_a_newline_in_the_image_path_is_drawn_as_a_symbol_and_its_error_is
         assert "line1\\nline2.png is missing" in error and "\n" not in error and idle_service.jobs() == []
 
 
+async def retype_last_character(pilot, app, selector: str) -> None:
+    """Focus the text box and, by keys, delete its last character and type it again."""
+    box = app.screen.query_one(selector, Input)
+    box.focus()
+    last = box.value[-1]
+    await pilot.press("end", "backspace", last)
+
+
+async def test_a_recorded_hash_of_a_changed_file_is_dropped_once_its_path_is_edited(idle_service, tmp_path):
+    """A loaded job's input changed since it was made: refused, until the user edits the path (or the operation);
+    then the file is used as it is now. The same for a reference image."""
+    image = source_png(tmp_path / "src.png")
+    recorded = {"image": str(image), "image_hash": "0" * 12, "image_prompts": [{"path": str(image), "hash": "0" * 12}]}
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(160, 50)) as pilot:
+        await settle(pilot)
+        form = app.screen.form
+        form.fill(recorded, kind="img2img")
+        await pilot.press("ctrl+g")
+        await settle(pilot)
+        assert "changed since the job was made" in field_of(app, "#in-image").error and idle_service.jobs() == []
+        await retype_last_character(pilot, app, "#in-image")
+        await pilot.press("ctrl+g")
+        await settle(pilot)
+        assert not field_of(app, "#in-image").error
+        assert "changed since the job was made" in field_of(app, "#ref-0-path").error and idle_service.jobs() == []
+        await retype_last_character(pilot, app, "#ref-0-path")
+        await pilot.press("ctrl+g")
+        await wait_for(pilot, lambda: idle_service.jobs(), what="the job")
+        assert last_job(idle_service).kind == "img2img"
+
+        form.fill(recorded, kind="img2img")  # loaded again: changing the operation drops the hashes too
+        assert form.input_section.read()[1]["image_hash"] == "0" * 12
+        form.query_one("#in-operation", Select).value = "upscale"
+        await pilot.pause()
+        assert form.input_section.read()[1]["image_hash"] is None
+
+
 async def test_a_preset_is_saved_without_the_input_image(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Checkbox, Input, Select
@@ -33,7 +34,7 @@ from tui.widgets.field import Field, field_input, field_select
 NONE = "generate"  # the operation "none": text to image
 IMAGE_KINDS = {k.name: k for k in jobkinds.KINDS.values() if issubclass(k.request_type, ImageInputRequest)}
 _COMMON = {f.name for f in fields(GenerateRequest)}
-_HASHES = {"image_hash": "image", "mask_hash": "mask"}  # recorded hashes: kept while their file's path is
+_HASHES = {"image_hash": "image", "mask_hash": "mask"}  # recorded hashes: kept until their file's path is edited
 _EVERY_KIND = " ".join(f"for-{name}" for name in IMAGE_KINDS)
 
 
@@ -76,7 +77,7 @@ class InputImageSection(Vertical):
     def __init__(self, mask_key: str, id: str | None = None) -> None:
         super().__init__(id=id)
         self.mask_key = mask_key  # shown on the Edit mask button
-        self._hashes: dict[str, tuple[str, str | None]] = {}  # file field -> (its path, its recorded hash)
+        self._hashes: dict[str, str | None] = {}  # file field -> its recorded hash (see read)
 
     def compose(self) -> ComposeResult:
         operations = [("none (text to image)", NONE), *((k.label, k.name) for k in IMAGE_KINDS.values())]
@@ -161,15 +162,15 @@ class InputImageSection(Vertical):
     # -- request fields ------------------------------------------------------------
     def read(self) -> tuple[type[GenerateRequest], dict]:
         """The request type of the chosen operation and its fields as the request builder takes them (texts;
-        empty = the kind's default). A recorded hash is kept while its file's path is unchanged."""
+        empty = the kind's default). A hash recorded with a job (filled from its image) is kept until the user
+        edits its file's path or the operation: then the file is used as it is now."""
         if self.operation not in IMAGE_KINDS:
             return GenerateRequest, {}
         kind = IMAGE_KINDS[self.operation].request_type
         values: dict = {}
         for name in own_fields(kind):
             if name in _HASHES:
-                path, digest = self._hashes.get(_HASHES[name], ("", None))
-                values[name] = digest if path and self._value(_HASHES[name]) == path else None
+                values[name] = self._hashes.get(_HASHES[name])
             else:
                 values[name] = self._value(name)
         return kind, values
@@ -188,10 +189,19 @@ class InputImageSection(Vertical):
         if operation != NONE:
             for name in own_fields(IMAGE_KINDS[operation].request_type):
                 if name in _HASHES:
-                    self._hashes[_HASHES[name]] = (data.get(_HASHES[name]) or "", data.get(name))
+                    self._hashes[_HASHES[name]] = data.get(name)
                 elif name in data:
                     self._set(name, data[name])
         self.show_operation(operation)
+
+    @on(Input.Changed, "#in-image, #in-mask")
+    def _file_edited(self, event: Input.Changed) -> None:
+        """A path edited: its file is hashed anew when queued (a changed file is no longer refused)."""
+        self._hashes.pop(event.input.id.removeprefix("in-"), None)
+
+    @on(Select.Changed, "#in-operation")
+    def _operation_edited(self) -> None:
+        self._hashes.clear()
 
     def _set(self, name: str, value: object) -> None:
         widget = self.query_one(f"#in-{name}")

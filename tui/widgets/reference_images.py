@@ -1,12 +1,14 @@
 """The Generate screen's "Image prompts": up to four reference images that steer a new image, a row each
 (image, type, weight, stop), read as the request's ``image_prompts`` and filled from a request.
 
-An empty weight or stop is the type's default (Fooocus's). A reference's recorded hash is kept while its
-path is unchanged, so reproducing a loaded image still notices a changed file.
+An empty weight or stop is the type's default (Fooocus's). A reference's recorded hash is kept until its
+path is edited, so reproducing a loaded image still notices a changed file, and editing the path uses the
+file as it is now.
 """
 
 from __future__ import annotations
 
+from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Input, Select
@@ -27,7 +29,7 @@ class ReferenceImages(Vertical):
 
     def __init__(self, id: str | None = None) -> None:
         super().__init__(id=id)
-        self._hashes: dict[int, tuple[str, str | None]] = {}  # row -> (its path, its recorded hash)
+        self._hashes: dict[int, str | None] = {}  # row -> its recorded hash
 
     def compose(self) -> ComposeResult:
         types = [(f"{t.name}: {t.about}", t.name) for t in TYPES.values()]
@@ -55,12 +57,11 @@ class ReferenceImages(Vertical):
             path = self._input(row, "path").value.strip()
             if not path:
                 continue
-            recorded_path, digest = self._hashes.get(row, ("", None))
             out.append({
                 "path": path, "type": str(self.query_one(f"#ref-{row}-type", Select).value),
                 "weight": self._input(row, "weight").value.strip() or None,
                 "stop": self._input(row, "stop").value.strip() or None,
-                "hash": digest if recorded_path == path else None,
+                "hash": self._hashes.get(row),
             })
         return out
 
@@ -75,4 +76,11 @@ class ReferenceImages(Vertical):
             self._input(row, "weight").value = _number(prompt.get("weight"))
             self._input(row, "stop").value = _number(prompt.get("stop"))
             if prompt:
-                self._hashes[row] = (prompt.get("path", ""), prompt.get("hash"))
+                self._hashes[row] = prompt.get("hash")
+
+    @on(Input.Changed)
+    def _path_edited(self, event: Input.Changed) -> None:
+        """A row's path edited: its file is hashed anew when queued (a changed file is no longer refused)."""
+        _, row, name = event.input.id.split("-")
+        if name == "path":
+            self._hashes.pop(int(row), None)
