@@ -57,8 +57,8 @@ def a1111_parameters(meta: dict) -> str:
     fields += [(infotext.GUIDANCE_KEYS[k], _guidance_value(k, v)) for k, v in guidance.items()]
     if loras:
         fields.append(("Lora hashes", ", ".join(f"{x['name']}: {x.get('a1111_hash') or x.get('hash')}" for x in loras)))
-    if req.get("styles"):
-        fields.append(("Styles", "; ".join(req["styles"])))
+    if req.get("styles"):  # the styles applied, by their names: a Random Style's pick, not "Random Style"
+        fields.append(("Styles", "; ".join(prompt.get("styles") or req["styles"])))
     fields += _control_units(req.get("image_prompts") or [], prompt.get("image_prompts") or [])
     fields += jobkinds.get(meta.get("kind", "generate")).request(req).a1111_fields()
     fields.append(("Version", "dreamtty"))

@@ -125,6 +125,13 @@ def test_values_that_would_split_the_line_are_quoted():
     assert a1111_read(text)["Model"] == 'C:\\models\\"odd", one.safetensors'
 
 
+def test_styles_are_written_as_applied():
+    """A typed "two-prompts" or a Random Style was written as typed: A1111 would apply another style."""
+    meta = _meta({"positive": "a red fox", "negative": "", "styles": ["Two Prompts", "Watercolor"]},
+                 styles=["two-prompts", "Random Style"])
+    assert a1111_read(metadata.a1111_parameters(meta))["Styles"] == "Two Prompts; Watercolor"
+
+
 def test_freeu_family_defaults_are_written_as_numbers():
     assert 'FreeU: "(1.5, 1.6, 0.9, 0.2)"' in metadata.a1111_parameters(_meta(guidance=GuidanceSettings(freeu=())))
 
