@@ -53,7 +53,7 @@ def list_presets() -> list[PresetInfo]:
             description = str(data.get("description", ""))
             _fields(file, data)
         except RequestError as exc:
-            description = f"(unusable: {exc.message})"
+            description = f"(unusable: {exc.message if exc.field == 'preset' else exc})"  # the key it names
         out.append(PresetInfo(name, description, file.label))
     return out
 
