@@ -31,7 +31,7 @@ from textual.widgets import Input, TextArea
 from backend.safetext import CONTROL, one_line, visible
 
 NOTIFY_MAX = 400  # characters of a notification's or an inline error's message; more would cover the screen
-LONG_WORD = 64  # characters of a word (a path) an inline error shows whole; a longer one is cut in its middle
+LONG_WORD = 96  # characters of a word (a path) an inline error shows whole; a longer one is cut in its middle
 _LONG_WORD = re.compile(rf"\S{{{LONG_WORD + 1},}}")
 # One-cell symbols for the controls in editable text: Unicode's control pictures (U+2400-U+2421)
 # for C0 and DEL, the replacement character for the others (C1, bidirectional controls). A newline is
