@@ -60,13 +60,18 @@ def once_each(styles: list[str]) -> list[str]:
 
 
 def parse_floats(name: str, text: str) -> tuple[float, ...]:
-    """``"0.9, 0.2"`` -> (0.9, 0.2); RequestError naming ``name`` otherwise."""
+    """``"0.9, 0.2"`` -> (0.9, 0.2); RequestError naming ``name`` otherwise (``"1,,1"`` too: two numbers were
+    read, and the count was said wrong)."""
+    parts = [part.strip() for part in text.split(",")]
     try:
         if not text.isascii():  # float() reads other scripts' digits
             raise ValueError(text)
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(float(v) for v in parts if v)
     except ValueError:
         raise RequestError(name, f"{text!r} is not a comma-separated list of numbers") from None
+    if values and not all(parts):
+        raise RequestError(name, f"{text!r} has an empty value between commas")
+    return values
 
 
 def parse_guidance_value(name: str, text: str) -> object:

@@ -31,10 +31,12 @@ from tui.cli_output import Progress, given, integer, number, print_warnings
 
 def _floats(name: str, count: int | None = None):
     def parse(text: str) -> tuple[float, ...]:
+        from backend.request_builder import parse_floats
+
         try:
-            values = tuple(number(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: {text!r} is not a comma-separated list of numbers") from None
+            values = parse_floats(name, text)
+        except RequestError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
         if count is not None and len(values) != count:
             raise argparse.ArgumentTypeError(f"{name}: needs {count} comma-separated numbers, got {len(values)}")
         return values
