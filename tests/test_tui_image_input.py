@@ -606,8 +606,9 @@ async def test_image_prompt_rows_queue_their_references_and_refuse_a_bad_weight(
         form.query_one("#ref-1-path", Input).value = str(face)
         form.query_one("#ref-1-type", Select).value = "face"
         await pilot.press("ctrl+g")
-        await wait_for(pilot, lambda: field_of(app, "#ref-0-path").error, what="the weight's error on the first row")
-        assert "weight 3 is out of range" in field_of(app, "#ref-0-path").error and idle_service.jobs() == []
+        await wait_for(pilot, lambda: field_of(app, "#ref-0-weight").error, what="the weight's error")
+        assert field_of(app, "#ref-0-weight").error == "Reference 1: weight 3 is out of range; allowed 0..2"
+        assert idle_service.jobs() == []
         form.query_one("#ref-0-weight", Input).value = "0.8"
         form.query_one("#ref-0-stop", Input).value = "0.6"
         await pilot.press("ctrl+g")
@@ -615,6 +616,36 @@ async def test_image_prompt_rows_queue_their_references_and_refuse_a_bad_weight(
         references = last_job(idle_service).request["image_prompts"]
     assert [(p["path"], p["type"], p["weight"], p["stop"]) for p in references] \
         == [(str(edges), "canny", 0.8, 0.6), (str(face), "face", 0.75, 0.9)]  # the face takes its type's defaults
+
+
+BAD_REFERENCES = [  # the third row's weight, stop and path; the box that shows the error, its message
+    ("[/]", "", "fox.png", "#ref-2-weight", "Reference 3: weight '[/]' is not a number; allowed 0..2"),
+    ("nan", "", "fox.png", "#ref-2-weight", "Reference 3: weight 'nan' is not a finite number; allowed 0..2"),
+    ("", "2", "fox.png", "#ref-2-stop", "Reference 3: stop 2 is out of range; allowed 0..1"),
+    ("", "", "gone.png", "#ref-2-path", "Reference 3: {tmp}/gone.png is missing"),
+]
+
+
+async def test_an_image_prompt_error_is_shown_under_its_rows_box(idle_service, tmp_path):
+    """Rows 1 and 3 filled (2 empty): an error of the third row names it as labelled, under the bad box, focused."""
+    source_png(tmp_path / "fox.png")
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(160, 50)) as pilot:
+        await settle(pilot)
+        form = app.screen.form
+        form.query_one("#image-prompts", Collapsible).collapsed = False
+        form.query_one("#ref-0-path", Input).value = str(tmp_path / "fox.png")
+        for case in BAD_REFERENCES:
+            weight, stop, path, selector, message = case
+            for name, value in (("weight", weight), ("stop", stop), ("path", str(tmp_path / path))):
+                form.query_one(f"#ref-2-{name}", Input).value = value
+            await pilot.press("ctrl+g")
+            await settle(pilot)
+            assert [(f.label, f.error) for f in form.query("Field") if f.error] \
+                == [("Reference 3" if selector.endswith("path") else selector[7:].title(),
+                     message.format(tmp=tmp_path))], case
+            assert app.focused is form.query_one(selector), case
+            assert idle_service.jobs() == [], case
 
 
 async def test_describe_keys_queue_a_describe_job_of_the_image(idle_service, tmp_path):

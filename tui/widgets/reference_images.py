@@ -1,7 +1,8 @@
 """The Generate screen's "Image prompts": up to four reference images that steer a new image, a row each
 (image, type, weight, stop), read as the request's ``image_prompts`` and filled from a request.
 
-An empty weight or stop is the type's default (Fooocus's). A reference's recorded hash is kept until its
+An empty weight or stop is the type's default (Fooocus's). A bad weight or stop, and a file the service
+refuses, is shown under its row's box, naming the row as labelled. A reference's recorded hash is kept until its
 path is edited, so reproducing a loaded image still notices a changed file, and editing the path uses the
 file as it is now.
 """
@@ -13,9 +14,16 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Input, Select
 
-from backend.image_prompts import FIELD, MAX_IMAGE_PROMPTS, TYPES
+import os
+
+from backend.errors import RequestError
+from backend.image_prompts import FIELD, MAX_IMAGE_PROMPTS, MAX_WEIGHT, TYPES
+from backend.values import to_float
 from tui.suggest import PathSuggester
 from tui.widgets.field import Field, field_input, field_select
+
+
+MOST = {"weight": MAX_WEIGHT, "stop": 1.0}  # the largest weight and stop; both from 0
 
 
 def _number(value: object) -> str:
@@ -35,12 +43,15 @@ class ReferenceImages(Vertical):
         types = [(f"{t.name}: {t.about}", t.name) for t in TYPES.values()]
         for row in range(MAX_IMAGE_PROMPTS):
             with Horizontal(classes="row"):
+                # The service's errors name image_prompt: those not placed on a row are shown on the first.
                 yield Field(f"Reference {row + 1}", field_input(f"ref-{row}-path", placeholder="image path",
                                                                 suggester=PathSuggester()),
-                            names=(FIELD,) if row == 0 else ())  # errors name image_prompt: shown on the first row
+                            names=(f"ref-{row}-path", FIELD) if row == 0 else (f"ref-{row}-path",))
                 yield Field("Type", field_select(f"ref-{row}-type", types, "image"))
-                yield Field("Weight", field_input(f"ref-{row}-weight", placeholder="type's"), hint="0..2")
-                yield Field("Stop", field_input(f"ref-{row}-stop", placeholder="type's"), hint="0..1 of the steps")
+                yield Field("Weight", field_input(f"ref-{row}-weight", placeholder="type's"),
+                            names=(f"ref-{row}-weight",), hint=f"0..{MAX_WEIGHT:g}")
+                yield Field("Stop", field_input(f"ref-{row}-stop", placeholder="type's"), names=(f"ref-{row}-stop",),
+                            hint="0..1 of the steps")
 
     def _input(self, row: int, name: str) -> Input:
         return self.query_one(f"#ref-{row}-{name}", Input)
@@ -51,7 +62,8 @@ class ReferenceImages(Vertical):
             self._input(row, "path").suggester.choices = list(paths)
 
     def read(self) -> list[dict]:
-        """The references as request values (texts; empty = the type's default)."""
+        """The references as request values (texts; empty = the type's default); RequestError naming the box
+        of a weight or stop that is not a number in range."""
         out = []
         for row in range(MAX_IMAGE_PROMPTS):
             path = self._input(row, "path").value.strip()
@@ -59,11 +71,45 @@ class ReferenceImages(Vertical):
                 continue
             out.append({
                 "path": path, "type": str(self.query_one(f"#ref-{row}-type", Select).value),
-                "weight": self._input(row, "weight").value.strip() or None,
-                "stop": self._input(row, "stop").value.strip() or None,
+                "weight": self._number(row, "weight"),
+                "stop": self._number(row, "stop"),
                 "hash": self._hashes.get(row),
             })
         return out
+
+    def _number(self, row: int, name: str) -> str | None:
+        """The weight or stop typed in ``row`` (None: empty, the type's default), checked."""
+        text = self._input(row, name).value.strip()
+        if not text:
+            return None
+        try:
+            value = to_float(name, text)
+        except RequestError as exc:
+            raise self._error(row, name, exc.message) from None
+        if not 0.0 <= value <= MOST[name]:
+            raise self._error(row, name, f"{value:.12g} is out of range")
+        return text
+
+    @staticmethod
+    def _error(row: int, name: str, problem: str) -> RequestError:
+        return RequestError(f"ref-{row}-{name}", f"Reference {row + 1}: {name} {problem}; allowed 0..{MOST[name]:g}")
+
+    def placed(self, exc: RequestError) -> RequestError:
+        """``exc`` as the error of the row whose file it names (the service numbers the references given, not
+        the rows), else as it is."""
+        if exc.field != FIELD:
+            return exc
+        named = [(len(path), row) for row in range(MAX_IMAGE_PROMPTS)
+                 for path in self._spellings(row) if path and path in exc.message]
+        if not named:
+            return exc
+        row = max(named)[1]  # a.png is in b/a.png's message too: the longest path named
+        return RequestError(f"ref-{row}-path", f"Reference {row + 1}: {exc.message}")
+
+    def _spellings(self, row: int) -> tuple[str, str]:
+        """Row ``row``'s path as typed and as the service may name it (absolute)."""
+        path = self._input(row, "path").value.strip()
+        return path, os.path.abspath(os.path.expanduser(path)) if path else ""
 
     def fill(self, prompts: list[dict]) -> None:
         """Show ``prompts`` (as from a request's ``to_dict``); rows beyond them are emptied."""
