@@ -401,6 +401,7 @@ BAD_SETTINGS = [  # an operation, its image and settings, the field that shows t
     ("inpaint", "fox.png", {"mask": "black.png"}, "#in-mask", "is all black"),
     ("inpaint", "fox.png", {}, "#in-mask", "give a mask image or a box"),
     ("inpaint", "fox.png", {"box": "0,0,500,5"}, "#in-box", "is not inside the 128x96 image"),
+    ("inpaint", "fox.png", {"box": "0,0,128,96"}, "#in-box", "box 0,0,128,96 is all white"),
     ("img2img", "fox.png", {"strength": "1.5"}, "#in-strength", "out of range"),
     ("outpaint", "fox.png", {}, "#in-left", "nothing to add"),
     ("outpaint", "fox.png", {"top": "-8"}, "#in-top", "negative"),
@@ -433,6 +434,7 @@ async def test_bad_input_image_settings_show_an_error_next_to_the_field(idle_ser
             await settle(pilot)
             assert message in field_of(app, selector).error, case
             assert [f for f in form.query("Field") if f.error] == [field_of(app, selector)], case
+            assert app.focused is form.query_one(selector), case
             assert idle_service.jobs() == [], case
 
 
