@@ -121,6 +121,9 @@ def test_schedule_record():
         ("[a:b:2)", "closed by ')'"),
         ("a cat AND a dog", "'AND' at column 7 (A1111 composable diffusion) is not supported; write 'and'"),
         ("([(a:95)|b]:1.1)", "at step 1, which reads '((a:95):1.1)': weight 104.5 at column 8 is out of range"),
+        # the group is no [...] down-weight: 60 / 1.1 * 2 = 109.1 was said, a weight of no step
+        ("([a:(b:60):2]:2)", "at step 3, which reads '((b:60):2)': weight 120 at column 8 is out of range"),
+        ("(x:200)", "weight 200 at column 3 is out of range"),  # no editing: the text as typed
     ],
 )
 @pytest.mark.parametrize("field", ["prompt", "negative_prompt"])

@@ -155,9 +155,11 @@ MAX_NESTING = 32  # brackets inside brackets: far beyond any real prompt, well w
 def parse_editing(text: str, text_field: str = "prompt") -> tuple[_Node, ...]:
     """Parse ``text`` into nodes; raises RequestError(text_field, ...) for a malformed group or ``AND``.
 
-    Brackets are checked by :func:`parse_weights` first, so its errors (with columns) apply here too.
+    Brackets are checked by :func:`parse_weights` first, so its errors (with columns) apply here too; the
+    weights' range only where no group edits the text (the weights of a step's text are what count: a group
+    read as a ``[...]`` down-weight gave a weight no step has).
     """
-    parse_weights(text, text_field)
+    parse_weights(text, text_field, in_range=False)
     found = _AND.search(text)
     if found:
         raise RequestError(text_field, f"'AND' at column {found.start() + 1} (A1111 composable diffusion) is not "
@@ -179,7 +181,10 @@ def parse_editing(text: str, text_field: str = "prompt") -> tuple[_Node, ...]:
             top.seps.append(token)
         else:
             top.parts[-1].append(_Text(token))
-    return tuple(frames[0].parts[0])
+    nodes = tuple(frames[0].parts[0])
+    if not _uses_editing(nodes):
+        parse_weights(text, text_field)
+    return nodes
 
 
 def _uses_editing(nodes: tuple[_Node, ...]) -> bool:

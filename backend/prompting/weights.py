@@ -41,10 +41,10 @@ class Fragment:
     is_break: bool = False
 
 
-def parse_weights(text: str, field: str = "prompt") -> list[Fragment]:
+def parse_weights(text: str, field: str = "prompt", in_range: bool = True) -> list[Fragment]:
     """Split ``text`` into weighted fragments; adjacent equal weights are merged.
 
-    Raises RequestError(field, ...) naming the column of an unbalanced bracket or of a
+    Raises RequestError(field, ...) naming the column of an unbalanced bracket or, with ``in_range``, of a
     weight outside -MAX_WEIGHT..MAX_WEIGHT (also after nested brackets multiply).
     """
     pieces: list[list] = []  # [text, weight] pairs, weights multiplied in place
@@ -67,7 +67,8 @@ def parse_weights(text: str, field: str = "prompt") -> list[Fragment]:
             factor = float(match.group("number")) if kind == "weight" else (UP if bracket == "(" else DOWN)
             for piece in pieces[first:]:
                 piece[1] *= factor
-                _check_weight(piece[1], col, field)
+                if in_range:
+                    _check_weight(piece[1], col, field)
     if stack:
         bracket, opened, _ = stack[-1]
         closing = {"(": ")", "[": "]"}[bracket]
