@@ -790,6 +790,28 @@ async def test_f12_shows_the_keys_and_escape_hides_them(idle_service, tmp_path):
         assert not app.screen.query("HelpPanel") and app.focused.id == "prompt"
 
 
+async def test_f12_keys_of_the_queue_screen_scroll_by_keyboard(idle_service, tmp_path):
+    """The list is longer than the screen: tab reaches it, and end scrolls to its last key (escape: described)."""
+    from test_hostile_text import screen_text
+
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(120, 40)) as pilot:
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        await pilot.press("f12")
+        await wait_for(pilot, lambda: app.screen.query("KeyPanel"), what="the keys panel")
+        panel = app.screen.query_one("KeyPanel")
+        for _ in range(5):
+            if app.focused is panel:
+                break
+            await pilot.press("tab")
+        assert app.focused is panel
+        await pilot.press("end")
+        await pilot.pause()
+        shown = screen_text(app)
+        assert panel.scroll_y > 0 and "Use as input" in shown and "Hide keys" in shown
+
+
 async def test_train_screen_opens_with_its_first_label_in_view(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(110, 34)) as pilot:

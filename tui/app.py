@@ -99,7 +99,8 @@ class DreamttyApp(App):
              "train": shown_later("tui.screens.train", "TrainScreen"),
              "models": shown_later("tui.screens.models", "ModelsScreen")}
     DEFAULT_MODE = "generate"
-    BINDINGS = [*keymap.bindings(keymap.APP_KEYS), Binding("escape", "hide_help_panel", show=False)]
+    BINDINGS = [*keymap.bindings(keymap.APP_KEYS),
+                Binding("escape", "hide_help_panel", "Hide keys", show=False, tooltip="Hide this keys panel")]
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
 
     def __init__(self, model: str | None = None, out: Path | None = None, device: str = "auto",
@@ -370,6 +371,13 @@ class DreamttyApp(App):
             self.action_hide_help_panel()
         else:
             self.action_show_help_panel()
+
+    def action_show_help_panel(self) -> None:
+        """Show the keys panel, whose list tab reaches and the keys then scroll (``tui.widgets.keys_help``)."""
+        from tui.widgets.keys_help import KeysHelp
+
+        if not self.screen.query("HelpPanel"):
+            self.screen.mount(KeysHelp())
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """Textual's commands plus every binding with an id: the app's and those of the screen's widgets."""
