@@ -391,7 +391,7 @@ def _inspect_file(kind: str, path: Path, source: str) -> Entry:
         if found is None:
             raise CorruptFile(f"model: {path.name} is not a Stable Diffusion checkpoint (no UNet weights)")
         entry.family, entry.variant = found
-        entry.note = _variant_note(entry.variant)
+        entry.note = _checkpoint_note(entry.family, entry.variant)
     else:
         detect, problem = _DETECTORS[kind]
         family = detect(shapes)
@@ -485,8 +485,10 @@ def _companion_folder(kind: str, config: JsonConfig) -> tuple[str, str | None] |
     return None
 
 
-def _variant_note(variant: str | None) -> str:
-    """What a checkpoint of ``variant`` (inpaint, pix2pix, None) is for, when not for everything."""
+def _checkpoint_note(family: str, variant: str | None) -> str:
+    """What a checkpoint of ``family`` and ``variant`` (inpaint, pix2pix, None) is for, when not for everything."""
+    if family == "sdxl-refiner":
+        return "refiner: use it with --refiner on an SDXL model"
     if not variant:
         return ""
     return f"{variant} model: " + ("for inpaint and outpaint only" if variant == "inpaint" else
@@ -496,9 +498,9 @@ def _variant_note(variant: str | None) -> str:
 def _folder_checkpoint(name: str, folder: Path, size: int, source: str) -> Entry:
     """A diffusers folder as a checkpoint, flagged by its UNet (inpaint, pix2pix); ModelError when its family is
     not known."""
-    variant = folder_variant(folder)
-    return Entry("checkpoint", name, str(folder), family_from_folder(folder), size, source, "diffusers", variant,
-                 _variant_note(variant))
+    family, variant = family_from_folder(folder), folder_variant(folder)
+    return Entry("checkpoint", name, str(folder), family, size, source, "diffusers", variant,
+                 _checkpoint_note(family, variant))
 
 
 def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:

@@ -111,6 +111,11 @@ def text_encoder_depth(ref: ModelRef) -> int | None:
     return min(depths) if depths else None
 
 
+def refiner_error(name: str) -> ModelError:
+    """The error for an SDXL refiner named as the model: it only refines an SDXL base model's image."""
+    return ModelError(f"model: {name} is an SDXL refiner; use it with --refiner on an SDXL base model")
+
+
 def relabel(error: ModelError, field: str) -> ModelError:
     """``error`` with its leading ``model:`` replaced by ``field:`` (model files named by another field)."""
     if field == "model":

@@ -37,7 +37,7 @@ from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout
 from backend.extras_check import check_extras
 from backend.guidance_settings import check_clip_skip
 from backend.job_groups import GROUP_SCAN, group_of
-from backend.models import resolve_model, text_encoder_depth
+from backend.models import refiner_error, resolve_model, text_encoder_depth
 from backend.outputs import check_out_dir, settle
 from backend.pool import ProcessPool, Slot, WorkerPool
 from backend.prompting import check_prompts
@@ -250,6 +250,8 @@ class Service:
                                                    "cannot steer it")
             return request.resolved(self._family_or_default(request.model)), ""
         ref = resolve_model(request.model, variants=request.model_variants)
+        if ref.family == "sdxl-refiner":  # refused here, not when its worker loads it
+            raise refiner_error(request.model)
         family = ref.family if ref.family != "unknown" else "sdxl"
         resolved = request.resolved(family)
         depth = text_encoder_depth(ref)

@@ -164,6 +164,19 @@ def test_refiner_hands_over_at_the_switch(folders, demo_dirs):
         apply_extras(sd, GenerateRequest(model="demo", refiner=refiner), cache)
 
 
+def test_a_refiner_as_the_model_is_refused_before_it_is_queued(folders, tmp_path):
+    """The job was queued, and failed when its worker loaded the refiner."""
+    from backend.service import Service
+
+    service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3")
+    try:
+        with pytest.raises(ModelError, match=r"^model: .*refiner is an SDXL refiner; use it with --refiner on an SDXL"):
+            service.submit(GenerateRequest(prompt="a castle", model=str(folders / "refiner")))
+        assert service.jobs() == []
+    finally:
+        service.store.close()
+
+
 def _worker_images(payload: dict, cache, tmp_path) -> list[str]:
     return worker_images(payload, cache, tmp_path / "queue.sqlite3")[0]
 

@@ -121,3 +121,26 @@ async def test_every_skipped_file_can_be_read_and_names_stay_on_one_line(tmp_pat
         await pilot.press("end")
         await _wait(pilot, lambda: box.scroll_y == box.max_scroll_y, "scrolled to the end")  # by the keyboard
         assert "broken11.safetensors" in str(app.query_one("#models-problems", Static).render())
+
+
+async def test_a_refiner_cannot_become_the_default_model(tmp_path, monkeypatch):
+    """``d`` made an SDXL refiner the default: every later job without --model failed in its worker."""
+    refiner = tmp_path / "ckpt" / "xl-refiner"
+    refiner.mkdir(parents=True)
+    (refiner / "model_index.json").write_text('{"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": []}')
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump({"paths": {"checkpoints": [str(tmp_path / "ckpt")]}}))
+    monkeypatch.setenv("DREAMTTY_CONFIG", str(cfg_file))
+    app = PaneApp()
+    async with app.run_test(size=(140, 40)) as pilot:
+        await _wait(pilot, lambda: any(r[1] == "xl-refiner" for r in _rows(app)), "the scan")
+        rows = _rows(app)
+        assert rows[[r[1] for r in rows].index("xl-refiner")][5] == "refiner: use it with --refiner on an SDXL model"
+        table = app.query_one(DataTable)
+        table.focus()
+        table.move_cursor(row=[r[1] for r in rows].index("xl-refiner"))
+        await pilot.press("d")
+        await pilot.pause()
+        assert config.load().default_model is None
+        assert [n.message for n in app._notifications] == [
+            "xl-refiner: refiner: use it with --refiner on an SDXL model"]

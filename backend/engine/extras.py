@@ -33,6 +33,7 @@ from backend import library
 from backend.errors import ModelError, RequestError
 from backend.extras_check import check_refiner, effective_request, find_extra
 from backend.families import FAMILIES
+from backend.models import refiner_error
 from backend.request import GenerateRequest
 from backend.safetext import first_line
 
@@ -206,7 +207,7 @@ def apply_extras(pipe, request: GenerateRequest, cache=None, on_preview=None, no
     from backend.engine.image_prompt import apply_image_prompts
 
     if pipe.dreamtty.family == "sdxl-refiner":
-        raise ModelError(f"model: {request.model} is an SDXL refiner; use it with --refiner on an SDXL base model")
+        raise refiner_error(request.model)
     cfg = config_mod.load()
     request = effective_request(request)
     _load_embeddings(pipe, request, cfg)
