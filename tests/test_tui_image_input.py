@@ -528,6 +528,28 @@ async def test_gallery_images_complete_in_the_image_field_and_e_puts_one_there(i
         assert field.value == str(image) and not app.screen.query_one("#input-image", Collapsible).collapsed
 
 
+async def test_l_on_an_image_jobs_result_opens_the_input_image_section_it_fills(idle_service, tmp_path):
+    """What ctrl+g then queues (a vary, not a text to image) is in sight."""
+    from backend.jobkinds.img2img import Img2ImgRequest
+
+    source = source_png(tmp_path / "fox.png")
+    request = Img2ImgRequest.from_dict({**SOURCE, "image": str(source), "strength": 0.7})
+    meta = metadata.build(request, "demo", {"positive": request.prompt, "negative": ""}, kind="img2img")
+    varied = tmp_path / "varied.png"
+    gradient(128, 96).save(varied, pnginfo=metadata.png_info(meta))
+    in_gallery(idle_service, varied)
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(120, 40)) as pilot:
+        await settle(pilot)
+        await to_gallery(pilot, app)
+        await pilot.press("l")
+        await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), what="the form")
+        form = app.screen.form
+        await wait_for(pilot, lambda: form.input_section.operation == "img2img", what="the operation")
+        assert not form.query_one("#input-image", Collapsible).collapsed
+        assert form.input_section.image == str(source)
+
+
 async def test_hostile_file_names_are_shown_as_text(idle_service, tmp_path):
     image = source_png(tmp_path / f"{NAME}.png")
     (tmp_path / f"{NAME} broken.png").write_bytes(b"not an image")

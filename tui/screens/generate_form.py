@@ -301,6 +301,8 @@ class GenerateForm(VerticalScroll, can_focus=False):
         with self.prevent(Select.Changed, Input.Changed, Checkbox.Changed):
             if kind is not None:
                 self.input_section.fill(kind, data)
+                if self.input_section.operation != NONE:  # shown: ctrl+g queues that operation
+                    self._open_input_image()
             for name in ("prompt", "negative_prompt"):
                 if name in data:
                     q(f"#{name}", TextArea).text = data[name] or ""
@@ -494,8 +496,11 @@ class GenerateForm(VerticalScroll, can_focus=False):
     def use_input_image(self, path: str) -> None:
         """Put image ``path`` in the Input image section, open it and focus its operation."""
         self.query_one("#in-image", Input).value = path
-        self.query_one("#input-image", Collapsible).collapsed = False
+        self._open_input_image()
         self.query_one("#in-operation", Select).focus()
+
+    def _open_input_image(self) -> None:
+        self.query_one("#input-image", Collapsible).collapsed = False
 
     @on(Select.Changed, "#sampler")
     def _sampler_changed(self, event: Select.Changed) -> None:
