@@ -686,6 +686,24 @@ async def test_describe_keys_queue_a_describe_job_of_the_image(idle_service, tmp
         await wait_for(pilot, lambda: sum(j.kind == "describe" for j in idle_service.jobs()) == 2,
                        what="describe (d in the gallery)")
         assert [j.request["image"] for j in idle_service.jobs() if j.kind == "describe"] == [str(image)] * 2
+        await to_gallery(pilot, app)
+        jobs = app.screen.query_one("#jobs", DataTable)
+        assert [str(jobs.get_cell(str(j.id), "prompt")) for j in idle_service.jobs()[:2]] == ["describe fox.png"] * 2
+
+
+async def test_a_describe_jobs_end_says_what_it_described(idle_service, tmp_path):
+    from backend.events import Done, Started, TextOutput
+    from tui.widgets.progress import JobProgress
+
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(160, 50)) as pilot:
+        progress = app.screen.query_one(JobProgress)
+        for event in (Started(job=2), TextOutput(job=2, image=0, text="a red fox,\n  in snow"), Done(job=2)):
+            progress.follow(event)
+        await pilot.pause()
+        assert progress.status == "Job #2 done: described: a red fox, in snow"
+        progress.follow(Done(job=3))  # another job that saved nothing
+        assert progress.status == "Job #3 done: no images"
 
 
 # -- redrawn right after a resize --------------------------------------------------------------

@@ -66,6 +66,13 @@ def _prompt_cell(request: dict) -> str:
     return summary(request.get("prompt", ""), PROMPT_WIDTH) or "(empty)"
 
 
+def _job_cell(job: Job) -> str:
+    """The jobs table's Prompt cell: the prompt, or what a job that makes text (describe) describes."""
+    if jobkinds.makes_text(job.kind):
+        return f"describe {Path(str(job.request.get('image') or '')).name}"
+    return _prompt_cell(job.request)
+
+
 class QueueScreen(Screen):
     """Two tables (jobs, images) on the left; the selected image and its parameters on the right."""
 
@@ -147,7 +154,7 @@ class QueueScreen(Screen):
         table.clear()
         for job in all_jobs:
             progress, eta = self._progress_cells(job)
-            cells = (f"#{job.id}", job.state, progress, eta, _prompt_cell(job.request))
+            cells = (f"#{job.id}", job.state, progress, eta, _job_cell(job))
             table.add_row(*map(cell, cells), key=str(job.id))
         self._restore_cursor(table, selected)
 

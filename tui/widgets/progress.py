@@ -1,4 +1,4 @@
-"""Progress of one job: a bar plus "image i/n · step s/N · it/s · ETA"."""
+"""Progress of one job: a bar plus "image i/n · step s/N · it/s · ETA"; at its end what it made."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import ProgressBar, Static
 
-from backend.events import Cancelled, Done, Failed, ImageSaved, JobEvent, Note, Queued, Retrying, Started, Step
+from backend.events import (Cancelled, Done, Failed, ImageSaved, JobEvent, Note, Queued, Retrying, Started, Step,
+                            TextOutput)
+from backend.safetext import summary
 from tui.text import plain
 
 
@@ -21,6 +23,9 @@ def step_counts(event: Step) -> tuple[int, int]:
     all advance at once: the event counts them)."""
     done = event.image * event.total + event.step if event.done is None else event.done
     return done, event.count * event.total
+
+
+TEXT_WIDTH = 80  # characters of a describe job's text in the status line
 
 
 def format_eta(seconds: float) -> str:
@@ -39,6 +44,10 @@ class JobProgress(Vertical):
     JobProgress .status { height: 2; }
     JobProgress.-failed .status { color: $error; }
     """
+
+    def __init__(self, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._text: tuple[int, str] | None = None  # the last job that made a text (describe), and the text
 
     def compose(self) -> ComposeResult:
         yield Static("Idle: write a prompt and press ctrl+g.", classes="status")
@@ -72,12 +81,21 @@ class JobProgress(Vertical):
             self.set_status(f"Job #{job}: {describe_step(event)}")
         elif isinstance(event, ImageSaved):
             self.set_status(f"Job #{job}: saved {event.path}")
+        elif isinstance(event, TextOutput):
+            self._text = job, summary(event.text, TEXT_WIDTH)
         elif isinstance(event, Done):
             bar.update(progress=bar.total or 1)
-            paths = event.paths
-            where = paths[-1] if len(paths) == 1 else f"{len(paths)} images, last {paths[-1]}" if paths else "no images"
-            self.set_status(f"Job #{job} done: {where}")
+            self.set_status(f"Job #{job} done: {self._made(event)}")
         elif isinstance(event, Failed):
             self.set_status(f"Job #{job} failed: {event.error}", failed=True)
         elif isinstance(event, Cancelled):
             self.set_status(f"Job #{job} cancelled.")
+
+    def _made(self, event: Done) -> str:
+        """What the job ``event`` ends made: its images, or the text of a describe job."""
+        paths = event.paths
+        if paths:
+            return paths[-1] if len(paths) == 1 else f"{len(paths)} images, last {paths[-1]}"
+        if self._text is not None and self._text[0] == event.job:
+            return f"described: {self._text[1]}"
+        return "no images"
