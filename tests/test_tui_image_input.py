@@ -691,6 +691,18 @@ async def test_describe_keys_queue_a_describe_job_of_the_image(idle_service, tmp
         assert [str(jobs.get_cell(str(j.id), "prompt")) for j in idle_service.jobs()[:2]] == ["describe fox.png"] * 2
 
 
+async def test_f6_on_a_bad_input_image_shows_the_error_under_the_image_field(idle_service, tmp_path):
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(160, 50)) as pilot:
+        form = await input_section(pilot, app, tmp_path / "gone [bold].png", "img2img")
+        form.query_one("#input-image", Collapsible).collapsed = True
+        form.query_one("#prompt").focus()
+        await pilot.press("f6")
+        await settle(pilot)
+        assert "gone [bold].png is missing" in field_of(app, "#in-image").error and idle_service.jobs() == []
+        assert app.focused is form.query_one("#in-image") and not form.query_one("#input-image").collapsed
+
+
 async def test_a_describe_jobs_end_says_what_it_described(idle_service, tmp_path):
     from backend.events import Done, Started, TextOutput
     from tui.widgets.progress import JobProgress

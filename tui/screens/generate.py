@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from textual import events, on, work
 from textual.app import ComposeResult
@@ -171,7 +172,8 @@ class GenerateScreen(Screen):
 
     @work(group="form-actions")
     async def action_describe_input(self) -> None:
-        self.describe((await self.ready_form()).input_section.image)
+        """Describe the Input image; a bad one is shown under its field, as ctrl+g shows it."""
+        self.describe((await self.ready_form()).input_section.image, self._rejected)
 
     @work(group="form-actions")
     async def action_load_input_parameters(self) -> None:
@@ -181,8 +183,9 @@ class GenerateScreen(Screen):
             return
         self.app.load_into_form(str(Path(path).expanduser()))
 
-    def describe(self, path: str) -> None:
-        """Describe image ``path`` with the captioner (a describe job); its text replaces the prompt."""
+    def describe(self, path: str, failed: Callable[[DreamttyError], None] | None = None) -> None:
+        """Describe image ``path`` with the captioner (a describe job); its text replaces the prompt. On bad input
+        ``failed(error)`` is called (None: a notification says it)."""
         if not path:
             self._rejected(RequestError("image", "give an image to describe (the Input image's path)"))
             return
@@ -191,7 +194,7 @@ class GenerateScreen(Screen):
 
         model = self.form.query_one("#model", Input).value.strip()
         build = lambda: request_builder.build({"image": path, "model": model}, defaults={}, kind=DescribeRequest)  # noqa: E731
-        self.app.queue_request(build, lambda exc: notify(self, exc, title="describe", severity="error"),
+        self.app.queue_request(build, failed or partial(notify, self, title="describe", severity="error"),
                                self.describing.add)
 
     @on(Button.Pressed, "#in-edit-mask")
