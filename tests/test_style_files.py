@@ -34,6 +34,22 @@ def test_a1111_styles_csv_with_a_byte_order_mark(styles_dir):
     assert library.get("Été").prompt == "summer {prompt}" and library.get("Bom Json").prompt == "x {prompt}"
 
 
+def test_a_csv_quote_never_closed_and_a_file_not_utf8_are_said(styles_dir):
+    """The quote swallowed every later row into one style's prompt, without a word; a binary file got Python's
+    codec message."""
+    (styles_dir / "bad.csv").write_text('name,prompt,negative_prompt\nok1,p {prompt},n\nunterminated,"abc\n'
+                                        'next,q {prompt},m\n')
+    (styles_dir / "multi.csv").write_text('name,prompt\nTwo Lines,"first {prompt}\nsecond"\nAfter,x {prompt}\n')
+    (styles_dir / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    library = load_styles()
+    assert library.warnings == [
+        f"{styles_dir / 'bad.csv'} line 3: a quote opened in this row is never closed (the rest of the file would be "
+        "one field); file skipped",
+        f"{styles_dir / 'binary.json'} is not UTF-8 text; file skipped"]
+    assert {"unterminated", "ok1", "next"}.isdisjoint(library.styles)
+    assert library.get("Two Lines").prompt == "first {prompt}\nsecond" and library.get("After").prompt == "x {prompt}"
+
+
 def test_shared_csv_with_spaces_after_the_commas(styles_dir):
     """Shared packs write `name, "prompt", "negative"`: A1111 reads them with skipinitialspace."""
     (styles_dir / "shared.csv").write_text(

@@ -87,7 +87,10 @@ def load_styles() -> StyleLibrary:
     for file in data_files("styles", "styles", (".json", ".csv")):
         try:
             text = file.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError:
+            library.warnings.append(f"{file.label} is not UTF-8 text; file skipped")
+            continue
+        except OSError as exc:
             library.warnings.append(f"{file.label}: cannot read: {exc}")
             continue
         reader = _read_csv if file.suffix == ".csv" else _read_json
@@ -148,6 +151,11 @@ def _check_entry(entry: object) -> str | None:
 
 
 def _read_csv(file: DataFile, text: str, library: StyleLibrary) -> None:
+    unclosed = _unclosed_quote(text)
+    if unclosed is not None:
+        library.warnings.append(f"{file.label} line {unclosed}: a quote opened in this row is never closed (the rest "
+                                "of the file would be one field); file skipped")
+        return
     reader = csv.DictReader(io.StringIO(text), skipinitialspace=True)  # `name, "prompt", "negative"` as shared
     try:
         styles = _csv_styles(file, reader, library.warnings)
@@ -156,6 +164,19 @@ def _read_csv(file: DataFile, text: str, library: StyleLibrary) -> None:
         return
     for style in styles:
         library.add(style)
+
+
+def _unclosed_quote(text: str) -> int | None:
+    """The line of the row whose quoted field runs to the end of ``text`` (the csv module reads the rest of the
+    file into it without a word), else None."""
+    reader = csv.reader(io.StringIO(text), skipinitialspace=True, strict=True)
+    start = 1
+    try:
+        for _ in reader:
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        return start if "unexpected end of data" in str(exc) else None
+    return None
 
 
 def _csv_styles(file: DataFile, reader: csv.DictReader, warnings: list[str]) -> list[Style]:
