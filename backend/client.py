@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # a CLI client imports only what it runs (benchmarks/cli_warm
     from backend.service import Service
     from backend.training.config import TrainRequest
 
-LOCAL_ENV = "DREAMTTY_LOCAL"  # set (not 0): every command runs its own service in-process
+LOCAL_ENV = "DREAMTTY_LOCAL"  # true: every command runs its own service in-process
 SERVICE_ENV = "DREAMTTY_SERVICE"  # HOST:PORT of a service to reach over TCP
 TOKEN_ENV = "DREAMTTY_TOKEN"  # its token (default: the token file, for a service at a loopback address)
 
@@ -161,8 +161,12 @@ class LocalClient:
 
 
 def is_local(local: bool = False) -> bool:
-    """Whether a command runs its own service in-process: ``--local``, or ``DREAMTTY_LOCAL`` set (not 0)."""
-    return local or os.environ.get(LOCAL_ENV, "") not in ("", "0")
+    """Whether a command runs its own service in-process: ``--local``, or ``DREAMTTY_LOCAL`` true (1, true, yes,
+    on; "false" turned it on). RequestError naming the variable for another value."""
+    from backend.values import to_bool
+
+    value = os.environ.get(LOCAL_ENV, "").strip()
+    return local or (bool(value) and to_bool(LOCAL_ENV, value))
 
 
 def connect(device: str = "auto", local: bool = False, tui: bool = False, start: bool = True,

@@ -603,6 +603,19 @@ def test_wait_and_attach_refuse_an_in_process_service(monkeypatch, capsys):
         f"dreamtty: {verb}: follows the jobs of dreamtty serve; drop --local / DREAMTTY_LOCAL" for verb in ("wait", "attach")]
 
 
+def test_dreamtty_local_reads_true_and_false_words(monkeypatch):
+    """``DREAMTTY_LOCAL=false`` (any value but 0) turned local mode on."""
+    from backend.client import is_local
+
+    for value, local in (("", False), ("0", False), ("false", False), ("No", False), ("off", False),
+                         ("1", True), ("true", True), (" yes ", True)):
+        monkeypatch.setenv("DREAMTTY_LOCAL", value)
+        assert is_local() is local, value
+    monkeypatch.setenv("DREAMTTY_LOCAL", "banana")
+    with pytest.raises(DreamttyError, match="^DREAMTTY_LOCAL: 'banana' is not true or false$"):
+        is_local()
+
+
 def test_cancel_says_cancelled_once_a_running_job_has_stopped(monkeypatch, capsys):
     """A running job stops after its current step: cancel asks every job first, then waits for the running
     ones together; one still running past CANCEL_WAIT is said as such, and one that ended done before the
