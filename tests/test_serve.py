@@ -905,8 +905,9 @@ def test_connect_picks_the_client(monkeypatch, tmp_path):
 
 
 def test_bad_serve_options_are_one_line(dirs):
-    for args, field in ((("--listen", "nowhere"), "listen"), (("--idle-exit", "-1"), "idle-exit"), (("--json",), "json")):
-        result = cli(dirs, "serve", *args)
+    for args, field in ((("--listen", "nowhere"), "listen"), (("--idle-exit", "-1"), "idle-exit"), (("--json",), "json"),
+                        (("--status", "--idle-exit", "-3"), "idle-exit"), (("--stop", "--listen", "foo"), "listen")):
+        result = cli(dirs, "serve", *args)  # the last two were ignored
         assert result.returncode == 2 and result.stderr.startswith(f"dreamtty: {field}: ")
         assert len(result.stderr.splitlines()) == 1
     result = cli(dirs, "serve", "--listen", "0.0.0.0:1", "--idle-exit", "-1")  # said before the bad option

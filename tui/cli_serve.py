@@ -36,6 +36,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from backend.serve import ServeOptions, parse_listen, serve, start_detached
     from backend.service_files import AlreadyRunning
 
+    if args.stop or args.status:  # options of a service being started: said, not ignored
+        given = next((name for name in ("listen", "idle_exit") if getattr(args, name) is not None), None)
+        if given is not None:
+            flag = given.replace("_", "-")
+            raise RequestError(flag, f"goes with starting a service (dreamtty serve [--detach] --{flag} ...), not "
+                                     f"with --{'stop' if args.stop else 'status'}")
     if args.stop:
         return asyncio.run(_stop())
     if args.status:
