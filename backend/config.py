@@ -171,7 +171,7 @@ def _apply(cfg: Config, data: dict) -> None:
     }
     for (section, key), parse in parsers.items():
         source = paths if section else data
-        if key not in source:
+        if source.get(key) is None:  # absent, or null: not set (as the docs' example writes it)
             continue
         try:
             parse(source[key])

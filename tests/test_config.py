@@ -65,6 +65,17 @@ def test_bad_values_name_the_key_and_keep_defaults(tmp_path):
     assert cfg.default_model is None and cfg.allow_pickle is False
 
 
+def test_null_means_not_set(tmp_path):
+    """``speed: null`` warned "null is not allowed", though the docs' example writes null for keys left unset."""
+    path = tmp_path / "c.yaml"
+    path.write_text("speed: null\nmax_batch: ~\ndefault_model: null\nallow_pickle: null\nworkers: null\n"
+                    "paths:\n  loras: null\n  outputs: null\n")
+    cfg = config.load(path)
+    assert cfg.warnings == [] and (cfg.speed, cfg.max_batch, cfg.default_model, cfg.allow_pickle) == (
+        None, None, None, False)
+    assert cfg.folders("loras") == config.default_folders("loras")
+
+
 def test_broken_yaml_is_one_warning_and_defaults(tmp_path):
     path = _write(tmp_path / "c.yaml", "paths:\n  checkpoints: [/a\n default_model: x\n")
     cfg = config.load(path)
