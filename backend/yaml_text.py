@@ -53,7 +53,8 @@ _Loader.yaml_implicit_resolvers = {
 def fault(exc: yaml.YAMLError) -> str:
     """Where and what is wrong, for "<file> is not valid YAML<fault>": " at line 3 (the key 'a' is given twice)"."""
     mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or (str(exc) if not mark else "")
+    problem = getattr(exc, "problem", None) or (str(exc).split("\n")[0] if not mark else "")  # a ReaderError's
+    # second line says where in "<unicode string>"
     return (f" at line {mark.line + 1}" if mark is not None else "") + (f" ({problem})" if problem else "")
 
 

@@ -76,6 +76,13 @@ def test_null_means_not_set(tmp_path):
     assert cfg.folders("loras") == config.default_folders("loras")
 
 
+def test_a_control_character_in_yaml_is_said_on_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text('speed: "x\x1b"\n')
+    assert config.load(path).warnings == [f"config: {path} is not valid YAML (unacceptable character #x001b: special "
+                                          "characters are not allowed); using defaults"]
+
+
 def test_broken_yaml_is_one_warning_and_defaults(tmp_path):
     path = _write(tmp_path / "c.yaml", "paths:\n  checkpoints: [/a\n default_model: x\n")
     cfg = config.load(path)
