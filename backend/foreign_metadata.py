@@ -270,6 +270,8 @@ def _error(source: str, message: str) -> RequestError:
 
 def read_text_file(path: str) -> str:
     """A parameters text from a file, or from stdin for ``-``; a one-line error when it cannot be read."""
+    if not path.strip():
+        raise RequestError("from-text", "is empty; give a text file (- reads standard input)")
     try:
         if path == "-":
             return sys.stdin.read(MAX_TEXT + 1)
