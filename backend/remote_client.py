@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # imported where used: a generate call never needs them (benc
 
 RECONNECT_DELAY = (0.1, 2.0)  # seconds: first and longest wait between attempts to reopen the stream
 POLL = 1.0  # seconds between checks, while waiting, that the stream is not lost for good
+RECHECK = 5.0  # seconds between reads of a waited job's record: a --local command's job sends the service no events
 ANSWER_TIMEOUT = 300.0  # seconds a request waits for the service's answer
 QUICK_TIMEOUT = 10.0  # seconds a quick request (a read, a cancel: no model touched) waits for it
 STREAM_IDLE = 45.0  # seconds without a message on the event stream (the service pings every 20) before it is lost
@@ -378,7 +379,8 @@ class RemoteClient:
         self._fanout.unsubscribe(events)
 
     async def wait(self, job_id: int, events: asyncio.Queue[Event] | None = None) -> AsyncIterator[Event]:
-        """The events of one job until it ends; what the stream missed is read back from the service."""
+        """The events of one job until it ends; what the stream missed is read back from the service, and so is the
+        job's record every :data:`RECHECK` seconds (the job of a ``--local`` command sends the service no events)."""
         queue = events or self.subscribe()
         seen: set[str] = set()
         try:
@@ -387,6 +389,7 @@ class RemoteClient:
                 yield event
                 if isinstance(event, FINAL_EVENTS):
                     return
+            checked = time.monotonic()
             while True:
                 try:
                     event = await asyncio.wait_for(queue.get(), POLL)
@@ -394,19 +397,11 @@ class RemoteClient:
                     if self._lost is not None:
                         self._left_queued = not isinstance(self._lost, VersionMismatch)
                         raise self._lost from None
-                    continue
-                if isinstance(event, ServiceReady):
-                    caught_up = await self._catch_up(job_id, seen)
-                elif isinstance(event, Log) and event.tells_waiters():
-                    caught_up = [event]
-                elif isinstance(event, JobEvent) and event.job == job_id:
-                    if isinstance(event, (ImageSaved, TextOutput)):
-                        if _result_key(event) in seen:
-                            continue
-                        seen.add(_result_key(event))
-                    caught_up = [event]
-                else:
-                    continue
+                    event = None
+                caught_up = [event] if _tells(event, job_id, seen) else []
+                if isinstance(event, ServiceReady) or time.monotonic() - checked >= RECHECK:
+                    caught_up += await self._catch_up(job_id, seen)
+                    checked = time.monotonic()
                 for event in caught_up:
                     yield event
                     if isinstance(event, FINAL_EVENTS):
@@ -435,6 +430,20 @@ class RemoteClient:
         elif job.state == "cancelled":
             caught.append(Cancelled(job=job.id))
         return caught
+
+
+def _tells(event: Event | None, job_id: int, seen: set[str]) -> bool:
+    """Whether a waiter of ``job_id`` is shown ``event``: the job's own (a result once), or a log line for waiters;
+    a result is added to ``seen``."""
+    if isinstance(event, Log):
+        return event.tells_waiters()
+    if not isinstance(event, JobEvent) or event.job != job_id:
+        return False
+    if isinstance(event, (ImageSaved, TextOutput)):
+        if _result_key(event) in seen:
+            return False
+        seen.add(_result_key(event))
+    return True
 
 
 def _result_key(event: ImageSaved | TextOutput) -> str:

@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from backend import locations
+from backend import locations, remote_client
 from backend.api import Api, peer_uid
 from backend.errors import DreamttyError, RequestError, ServiceUnavailable
 from backend.http_server import MAX_CONNECTIONS
@@ -1129,8 +1129,6 @@ async def test_a_tui_says_its_service_is_lost_and_reads_the_queue_again_when_it_
 async def test_a_client_that_may_start_a_service_starts_one_when_its_service_is_gone(tmp_path, monkeypatch):
     """As for its first request: a request whose service stopped meanwhile was never sent, so it goes to the
     service started for it (the TUI's ctrl+g after ``dreamtty serve --stop``)."""
-    from backend import remote_client
-
     db, sock = tmp_path / "queue.sqlite3", tmp_path / "serve.sock"
     loop, started = asyncio.get_running_loop(), []
 
@@ -1434,3 +1432,31 @@ async def test_a_client_says_why_the_service_closed_its_stream(tmp_path):
     finally:
         await follower.close()
         await service.close()
+
+
+async def test_waiting_on_a_job_another_process_runs_ends_when_it_ends(tmp_path, monkeypatch):
+    """``dreamtty wait`` on a job a ``--local`` command runs: the service gets no event of it, and the wait hung
+    after the job had ended. Its record is read again every RECHECK seconds: images and the end come through."""
+    monkeypatch.setattr(remote_client, "RECHECK", 0.2)
+    service, runner = await _serve_in_test(tmp_path / "queue.sqlite3", tmp_path / "serve.sock")
+    follower = RemoteClient(Address(socket=tmp_path / "serve.sock", token="t"), start=None, previews=False)
+    with closing(QueueStore(tmp_path / "queue.sqlite3")) as local:  # the --local command's own connection
+        job = local.add("generate", {"request": {"prompt": "p"}}, owner="local/1/x")
+        local.set_running([job])
+        try:
+            waiting = asyncio.create_task(_collect(follower.wait(job)))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            local.add_output(job, str(tmp_path / "a.png"))
+            local.set_state(job, "done")
+            events = await asyncio.wait_for(waiting, 10)
+        finally:
+            await follower.close()
+            await runner.cleanup()
+            await service.close()
+    assert [type(e).__name__ for e in events] == ["ImageSaved", "Done"]
+    assert events[0].path == str(tmp_path / "a.png") and events[1].paths == [str(tmp_path / "a.png")]
+
+
+async def _collect(events) -> list:
+    return [event async for event in events]
