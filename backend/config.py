@@ -59,6 +59,18 @@ class Config:
     def outputs_dir(self) -> Path:
         return self.outputs or locations.outputs_dir()
 
+    def outputs_error(self, exc: DreamttyError) -> DreamttyError:
+        """``exc``, when it is about :meth:`outputs_dir` (``out: ...``; no ``--out`` given), saying what named that
+        folder: "out" alone named a flag the user never typed."""
+        if not str(exc).startswith("out: "):
+            return exc
+        origin = ("DREAMTTY_OUTPUTS" if os.environ.get("DREAMTTY_OUTPUTS") else
+                  f"paths.outputs of {config_path()}" if self.outputs else "the default outputs folder")
+        note = f" ({origin}; give --out FOLDER, or change it)"
+        if isinstance(exc, RequestError):
+            return RequestError("out", exc.message + note)
+        return DreamttyError(f"{exc}{note}")
+
 
 def default_folders(kind: str) -> list[Path]:
     """``<data dir>/models/<kind>`` for model files, ``<config dir>/<kind>`` for wildcards and styles."""

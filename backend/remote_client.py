@@ -285,11 +285,15 @@ class RemoteClient:
 
     # -- the Client interface -------------------------------------------------------------
     async def submit(self, request: GenerateRequest, out_dir: Path | None = None) -> int:
-        out = Path(out_dir or config.load().outputs_dir()).expanduser().absolute()
+        cfg = config.load()
+        out = Path(out_dir or cfg.outputs_dir()).expanduser().absolute()
         ref = uuid.uuid4().hex  # if the answer is lost (Ctrl-C), close finds the job by it
         self._unanswered.add(ref)
-        job_id = await self._read(lambda data: int(data["id"]), "POST", "/v1/jobs", {**_body(request, out),
-                                                                                   "client_ref": ref})
+        try:
+            job_id = await self._read(lambda data: int(data["id"]), "POST", "/v1/jobs", {**_body(request, out),
+                                                                                       "client_ref": ref})
+        except DreamttyError as exc:
+            raise exc if out_dir else cfg.outputs_error(exc) from None
         self._unanswered.discard(ref)
         self._submitted.append(job_id)
         return job_id

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from backend import companions, config, jobkinds, locations
 from backend.devices import check_cluster_devices, check_devices
-from backend.errors import ModelError, RequestError, ServiceUnavailable
+from backend.errors import DreamttyError, ModelError, RequestError, ServiceUnavailable
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, JobEvent, Log, Note, Queued,
                             Retrying, Started, TextOutput, WorkerModels, WorkerReady, WorkerReleased)
 from backend.extras_check import check_extras
@@ -276,8 +276,12 @@ class Service:
         file-reading part, safe to run in a thread. Raises a one-line DreamttyError."""
         kind = jobkinds.kind_of(request)
         resolved, family = self.validate(request)
-        out = Path(out_dir) if out_dir else config.load().outputs_dir()
-        check_out_dir(out)
+        cfg = config.load()
+        out = Path(out_dir) if out_dir else cfg.outputs_dir()
+        try:
+            check_out_dir(out)
+        except DreamttyError as exc:
+            raise exc if out_dir else cfg.outputs_error(exc) from None
         return Prepared(kind.name, {"request": resolved.to_dict(), "out": str(out), "family": family})
 
     def enqueue(self, prepared: Prepared) -> int:

@@ -768,3 +768,21 @@ def test_an_error_in_a_setting_the_input_image_carried_says_so(setting, message,
     assert main(["vary", str(path), "--local", f"--{flag}", str(value)]) == 2
     err = capsys.readouterr().err
     assert message in err and "input image" not in err
+
+
+def test_an_outputs_folder_the_config_or_environment_names_is_said_to_come_from_it(tmp_path, monkeypatch, capsys):
+    """A bad paths.outputs stopped generate with "out: ...": a flag the user never typed."""
+    monkeypatch.delenv("DREAMTTY_OUTPUTS", raising=False)  # the tests' own
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(f"paths:\n  outputs: {blocker / 'sub'}\n")
+    argv = ["--config", str(config_file), "generate", "x", "--model", "demo", "--local"]
+    assert main(argv) == 2
+    _one_error(capsys, f"out: cannot create {blocker / 'sub'}", f"(paths.outputs of {config_file}; give --out FOLDER")
+    monkeypatch.setenv("DREAMTTY_OUTPUTS", str(blocker))
+    assert main(argv) == 2
+    _one_error(capsys, "is a file; give a folder (DREAMTTY_OUTPUTS; give --out FOLDER, or change it)")
+    assert main([*argv, "--out", str(blocker)]) == 2  # given: no note
+    err = capsys.readouterr().err
+    assert err.endswith("is a file; give a folder\n") and "DREAMTTY_OUTPUTS" not in err
