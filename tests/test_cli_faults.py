@@ -786,3 +786,16 @@ def test_an_outputs_folder_the_config_or_environment_names_is_said_to_come_from_
     assert main([*argv, "--out", str(blocker)]) == 2  # given: no note
     err = capsys.readouterr().err
     assert err.endswith("is a file; give a folder\n") and "DREAMTTY_OUTPUTS" not in err
+
+
+def test_a_default_model_that_does_not_exist_is_said_to_be_the_default(tmp_path, monkeypatch, capsys):
+    """``model: nosuch does not exist`` after a command with no --model: the name came from the config."""
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("default_model: nosuch\n")
+    assert main(["--config", str(config_file), "generate", "x", "--local"]) == 2
+    _one_error(capsys, "model: nosuch does not exist", f"(default_model of {config_file}; give --model NAME, or change")
+    monkeypatch.setenv("DREAMTTY_DEFAULT_MODEL", "other")
+    assert main(["vary", str(write_image(tmp_path / "in.png")), "--local"]) == 2
+    _one_error(capsys, "model: other does not exist", "(DREAMTTY_DEFAULT_MODEL; give --model NAME, or change it)")
+    assert main(["generate", "x", "--local", "--model", "typed"]) == 2
+    assert "DREAMTTY_DEFAULT_MODEL" not in capsys.readouterr().err

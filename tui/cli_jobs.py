@@ -259,8 +259,24 @@ def cmd_generate(args) -> int:
         request = request_from_args(args)
     else:  # a job on an input image: its size is the image's, not a preset's
         request = request_from_args(args, Img2ImgRequest, source={})
-    _fetch_if_missing(request)
-    code, _ = asyncio.run(_run_jobs(args, [request], args.out))
+    return _run_one(args, request)
+
+
+def _run_one(args: argparse.Namespace, request: GenerateRequest, source: dict | None = None) -> int:
+    """Fetch the model when missing and run the job; an error about a value the user did not type says where it
+    came from (``source``: the input image's settings; else the config's default model)."""
+    from backend import config, request_builder
+
+    try:
+        if request.uses_model:
+            _fetch_if_missing(request)
+        code, _ = asyncio.run(_run_jobs(args, [request], args.out))
+    except DreamttyError as exc:
+        explicit = request_builder.from_text(_flag_values(args))
+        explained = request_builder.inherited(exc, request.to_dict(), source or {}, explicit)
+        if explained is exc and not args.model and request.model == (cfg := config.load()).default_model:
+            explained = cfg.model_error(exc)
+        raise explained from None
     return code
 
 
@@ -272,15 +288,7 @@ def _image_command(kind: type[GenerateRequest]):
 
         source, warnings = request_builder.source_settings(args.image)
         print_warnings([f"settings from {args.image}: {w}" for w in warnings])
-        request = request_from_args(args, kind, source)
-        try:
-            if request.uses_model:
-                _fetch_if_missing(request)
-            code, _ = asyncio.run(_run_jobs(args, [request], args.out))
-        except DreamttyError as exc:
-            explicit = request_builder.from_text(_flag_values(args))
-            raise request_builder.inherited(exc, request.to_dict(), source, explicit) from None
-        return code
+        return _run_one(args, request_from_args(args, kind, source), source)
 
     return command
 
