@@ -721,12 +721,13 @@ def find(kind: str, name: str, config=None) -> Entry | None:
     lib = discover(config, kinds=(kind,), hub=False)
     matches = [e for e in lib.of_kind(kind) if e.name == name] or [
         e for e in lib.of_kind(kind) if e.name.lower() == name.lower()
-    ]
+    ] or [e for e in lib.of_kind(kind) if e.path and Path(e.path).name == name]  # "x.safetensors" for "x"
     same_stem = [e.name for e in lib.of_kind(kind) if e.path and Path(e.path).stem == name]
     if not matches and len(same_stem) > 1:
         raise ModelError(f"model: {name} is ambiguous: {', '.join(same_stem)}; give one of these names")
     if not matches:
-        bad = next((p for p in lib.problems if f" {name}." in p or f" {name}:" in p), None)
+        named = re.compile(rf"(?:^|[\s/]){re.escape(name)}(?:[./:\s]|$)")  # a file's name, or a folder's in its path
+        bad = next((p for p in lib.problems if named.search(p)), None)
         if bad:
             raise CorruptFile(bad)
         return _hub_entry(kind, name) if kind != "checkpoint" and looks_like_hub_id(name) else None

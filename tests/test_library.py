@@ -373,3 +373,20 @@ def test_model_folders_whose_configs_hold_the_wrong_types_are_skipped_with_a_lin
     ])
     assert [(e.name, e.family) for e in lib.of_kind("checkpoint") if e.source != "built-in"] == [
         ("refiner", "sdxl-refiner")]
+
+
+def test_a_checkpoint_named_by_its_file_name_and_a_broken_folder_by_its_name(tmp_path, monkeypatch):
+    """``--model x.safetensors`` (the file's name, not its stem) and a folder listed as skipped both said
+    "does not exist"."""
+    from backend.models import resolve_model
+
+    ckpt = tmp_path / "ckpt"
+    good = _write(ckpt / "sd1model.safetensors", _checkpoint(SD1_TEXT))
+    (ckpt / "badindex").mkdir()
+    (ckpt / "badindex" / "model_index.json").write_text("{not json")
+    monkeypatch.setenv("DREAMTTY_CHECKPOINTS", str(ckpt))
+    assert resolve_model("sd1model.safetensors").location == str(good)
+    with pytest.raises(ModelError, match=rf"^model: cannot read {ckpt}/badindex/model_index.json"):
+        resolve_model("badindex")
+    with pytest.raises(ModelError, match="^model: index does not exist"):  # a part of the name is not the name
+        resolve_model("index")
