@@ -116,6 +116,25 @@ def test_embedding_token_changes_the_conditioning(pipe):
     assert "xltok" not in pipe.tokenizer.get_vocab()  # only embeddings named in the prompt load
 
 
+def test_a_damaged_lora_and_an_embedding_of_another_width_say_why_in_a_line(pipe, tmp_path, monkeypatch):
+    """A LoRA without its up weights failed with a bare tensor name (a KeyError's text); an embedding of another
+    width with diffusers' message, its {...} placeholders unfilled."""
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "emb").mkdir()
+    down = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+    save_file({down: torch.zeros(4, 32)}, str(tmp_path / "loras" / "ink.safetensors"))
+    save_file({"emb_params": torch.zeros(1, 768)}, str(tmp_path / "emb" / "wide.safetensors"))
+    monkeypatch.setenv("DREAMTTY_LORAS", str(tmp_path / "loras"))
+    monkeypatch.setenv("DREAMTTY_EMBEDDINGS", str(tmp_path / "emb"))
+    with pytest.raises(ModelError) as err:
+        apply_extras(pipe, GenerateRequest(model="demo", loras=[("ink", 1.0)]).resolved("demo"))
+    assert str(err.value).startswith("lora: cannot load ink: it has no tensor ") and "'" not in str(err.value)[:40]
+    assert str(err.value).endswith("lora_up.weight (a damaged file, or one made for another tool)")
+    with pytest.raises(ModelError, match=r"^embedding: cannot load wide: its vectors are 768 wide, and this model's "
+                                         r"text encoder takes 32 \(an embedding for another model family\)$"):
+        apply_extras(pipe, GenerateRequest(model="demo", prompt="a wide cat").resolved("demo"))
+
+
 def test_sdxl_embedding_loads_into_both_encoders(demo_dirs):
     xl = load_pipeline(resolve_model("demo-xl"), CPU, torch.float32)
     request = GenerateRequest(prompt="xltok castle", model="demo-xl", steps=2, width=32, height=32, seed=1)

@@ -71,7 +71,7 @@ def _apply_loras(pipe, loras: list[tuple[str, float]], cfg) -> list[dict]:
             try:
                 pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
             except Exception as exc:
-                raise ModelError(f"lora: cannot load {name}: {first_line(exc)}") from None
+                raise ModelError(f"lora: cannot load {name}: {_load_fault(exc)}") from None
             loaded[adapter] = entry.path
         wanted.append((adapter, weight))
         records.append({"name": entry.name, "weight": weight, "hash": digest, "a1111_hash": library.lora_hash(entry.path)})
@@ -129,9 +129,27 @@ def _load_embedding(pipe, entry: library.Entry) -> None:
             pipe.load_textual_inversion(state["clip_g"], token=entry.name, text_encoder=pipe.text_encoder_2,
                                         tokenizer=pipe.tokenizer_2)
         else:
+            _check_width(state, pipe.text_encoder)
             pipe.load_textual_inversion(state, token=entry.name)
     except Exception as exc:
-        raise ModelError(f"embedding: cannot load {entry.name}: {first_line(exc)}") from None
+        raise ModelError(f"embedding: cannot load {entry.name}: {_load_fault(exc)}") from None
+
+
+def _check_width(state: dict, text_encoder) -> None:
+    """ValueError unless the vectors in ``state`` are as wide as ``text_encoder``'s token embeddings (diffusers'
+    own message for this shows its unfilled ``{...}`` placeholders)."""
+    width = text_encoder.get_input_embeddings().weight.shape[-1]
+    widths = {int(t.shape[-1]) for t in state.values() if isinstance(t, torch.Tensor) and t.ndim}
+    if widths and width not in widths:
+        raise ValueError(f"its vectors are {', '.join(map(str, sorted(widths)))} wide, and this model's text encoder "
+                         f"takes {width} (an embedding for another model family)")
+
+
+def _load_fault(exc: BaseException) -> str:
+    """Why a LoRA or embedding file did not load, in a line: a KeyError is a tensor the loader looked for."""
+    if isinstance(exc, KeyError) and exc.args:
+        return f"it has no tensor {exc.args[0]} (a damaged file, or one made for another tool)"
+    return first_line(exc)
 
 
 # -- VAE override -------------------------------------------------------------------------
