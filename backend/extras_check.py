@@ -80,12 +80,23 @@ def check_extras(request: GenerateRequest, model_family: str, cfg=None) -> Gener
     cfg = cfg or config_mod.load()
     request = effective_request(request)
     for name, _ in request.loras:
-        find_extra("lora", name, cfg)
+        entry = find_extra("lora", name, cfg)
+        if model_family in FAMILIES:  # refused here, not by its worker after queueing
+            same_family("lora", name, entry.family, model_family)
     if request.vae:
         find_extra("vae", request.vae, cfg)
     if request.refiner:
         check_refiner(request.refiner, resolve_model(request.refiner, "refiner").family, model_family)
     return request
+
+
+def same_family(kind: str, name: str, item: str, model: str) -> None:
+    """Refuse a LoRA or embedding made for another family (unknown ones and demo models are let through)."""
+    if item in ("unknown", "any") or model.startswith("demo"):
+        return
+    norm = {"sd2-v": "sd2"}
+    if norm.get(item, item) != norm.get(model, model):
+        raise RequestError(kind, f"{name} is for {FAMILIES[item].label}; the model is {FAMILIES[model].label}")
 
 
 def check_refiner(name: str, family: str, model_family: str) -> None:

@@ -11,6 +11,7 @@ from the image. Text as typed (a size ``WxH``, LoRAs
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from pathlib import Path
 
@@ -27,21 +28,30 @@ def parse_lora(text: str) -> tuple[str, float]:
     """``NAME[:WEIGHT]`` -> (name, weight); a hub id's own ``:`` is not a weight unless a number follows."""
     name, sep, weight = text.strip().rpartition(":")
     if not sep:
-        return text.strip(), 1.0
-    try:
-        if not weight.isascii():  # float() reads other scripts' digits
-            raise ValueError(weight)
-        return name.strip(), float(weight)
-    except ValueError:
-        raise RequestError("lora", f"{text!r}: weight must be a number (NAME[:WEIGHT])") from None
+        name, number = text.strip(), 1.0
+    else:
+        try:
+            if not weight.isascii():  # float() reads other scripts' digits
+                raise ValueError(weight)
+            number = float(weight)
+        except ValueError:
+            raise RequestError("lora", f"{text!r}: weight must be a number (NAME[:WEIGHT])") from None
+    if not name.strip():
+        raise RequestError("lora", f"{text!r}: the name is empty (NAME[:WEIGHT])")
+    if not math.isfinite(number):
+        raise RequestError("lora", f"{text!r}: weight must be a finite number, -2..2")
+    return name.strip(), number
 
 
 def parse_loras(texts: str | list) -> list:
     """Repeated ``--lora`` values, one comma-separated text as a form holds it, or (name, weight) pairs;
     ``none`` alone: no LoRAs, not even a preset's."""
     items = texts.split(",") if isinstance(texts, str) else texts
-    if [item.strip().lower() if isinstance(item, str) else item for item in items] == ["none"]:
+    words = [item.strip().lower() if isinstance(item, str) else item for item in items]
+    if words == ["none"]:
         return []
+    if "none" in words:
+        raise RequestError("lora", "none (no LoRAs at all) cannot go with other LoRAs; give one or the other")
     return [parse_lora(item) if isinstance(item, str) else item for item in items if not isinstance(item, str) or item.strip()]
 
 

@@ -135,6 +135,17 @@ def test_a_damaged_lora_and_an_embedding_of_another_width_say_why_in_a_line(pipe
         apply_extras(pipe, GenerateRequest(model="demo", prompt="a wide cat").resolved("demo"))
 
 
+def test_a_lora_of_another_family_is_refused_before_queueing(tmp_path, monkeypatch):
+    """It was queued, and failed in its worker (a missing LoRA was refused at once)."""
+    (tmp_path / "loras").mkdir()
+    save_file({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": torch.zeros(4, 2048)},
+              str(tmp_path / "loras" / "xl-lora.safetensors"))
+    monkeypatch.setenv("DREAMTTY_LORAS", str(tmp_path / "loras"))
+    with pytest.raises(RequestError, match="^lora: xl-lora is for SDXL; the model is SD 1.x$"):
+        check_extras(GenerateRequest(loras=[("xl-lora", 1.0)]), "sd1")
+    assert check_extras(GenerateRequest(loras=[("xl-lora", 1.0)]), "sdxl").loras == [("xl-lora", 1.0)]
+
+
 def test_sdxl_embedding_loads_into_both_encoders(demo_dirs):
     xl = load_pipeline(resolve_model("demo-xl"), CPU, torch.float32)
     request = GenerateRequest(prompt="xltok castle", model="demo-xl", steps=2, width=32, height=32, seed=1)

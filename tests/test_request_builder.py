@@ -67,6 +67,9 @@ def test_guidance_and_loras_from_text():
 
 @pytest.mark.parametrize("values, error", [
     ({"loras": "fox:lots"}, "lora: 'fox:lots': weight must be a number"),
+    ({"loras": ["ink:nan"]}, "lora: 'ink:nan': weight must be a finite number, -2..2"),  # "loras: nan is not ..."
+    ({"loras": [":0.5"]}, "lora: ':0.5': the name is empty"),  # "lora:  not found"
+    ({"loras": ["none", "ink"]}, "lora: none (no LoRAs at all) cannot go with other LoRAs"),
     ({"size": "64×"}, "size: '64×' is not WxH"),
     ({"guidance": {"sag": "much"}}, "sag: 'much' is not a number"),
     ({"guidance": {"clip_skip": "1.5"}}, "clip_skip: '1.5' is not a whole number"),

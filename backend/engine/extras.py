@@ -31,20 +31,10 @@ import torch
 from backend import config as config_mod
 from backend import library
 from backend.errors import ModelError, RequestError
-from backend.extras_check import check_refiner, effective_request, find_extra
-from backend.families import FAMILIES
+from backend.extras_check import check_refiner, effective_request, find_extra, same_family
 from backend.models import refiner_error
 from backend.request import GenerateRequest
 from backend.safetext import first_line
-
-
-def _same_family(kind: str, name: str, item: str, model: str) -> None:
-    """Refuse a LoRA or embedding made for another family (unknown ones and demo models are let through)."""
-    if item in ("unknown", "any") or model.startswith("demo"):
-        return
-    norm = {"sd2-v": "sd2"}
-    if norm.get(item, item) != norm.get(model, model):
-        raise RequestError(kind, f"{name} is for {FAMILIES[item].label}; the model is {FAMILIES[model].label}")
 
 
 def load_weights(entry: library.Entry) -> dict:
@@ -63,7 +53,7 @@ def _apply_loras(pipe, loras: list[tuple[str, float]], cfg) -> list[dict]:
     records = []
     for name, weight in loras:
         entry = find_extra("lora", name, cfg)
-        _same_family("lora", name, entry.family, pipe.dreamtty.family)
+        same_family("lora", name, entry.family, pipe.dreamtty.family)
         digest = library.short_hash(entry.path)
         adapter = f"{re.sub(r'[^0-9A-Za-z_]', '_', entry.name)}_{digest}"
         if adapter not in loaded:
@@ -109,7 +99,7 @@ def _load_embeddings(pipe, request: GenerateRequest, cfg) -> None:
             continue
         if entry.format == "pickle" and not cfg.allow_pickle:
             raise RequestError("embedding", f"{entry.name} is a pickle; refused without --allow-pickle")
-        _same_family("embedding", entry.name, entry.family, pipe.dreamtty.family)
+        same_family("embedding", entry.name, entry.family, pipe.dreamtty.family)
         digest = library.short_hash(entry.path)
         if loaded.get(entry.name) != digest:
             if entry.name in loaded:
