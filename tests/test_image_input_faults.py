@@ -139,7 +139,8 @@ def test_bad_settings(service, tmp_path):
                                                  "maximum 512 a side already; scale it down or crop it first"),
         (UpscaleRequest(image=image, scale=3), "scale: 3 is not allowed; allowed: 1.5, 2, 4"),
         (UpscaleRequest(image=str(big), scale=4, fast=True), "scale: 4x of 2100x1000 is 8400x4000; allowed up to 8192"),
-        (UpscaleRequest(image=image, width=512, height=512), "size: upscale makes a 256x256 image from this input"),
+        (UpscaleRequest(image=image, width=512, height=512), "size: upscale makes a 256x256 image from this input; "
+                                                               "leave the size out (the form's Size: the input image's)"),
         (UpscaleRequest(image=image, upscaler="nope"), "upscaler: nope not found"),
         (UpscaleRequest(image=tiny), "image: {}/tiny.png upscaled is 40x80; repainting needs at least 64 pixels a side"),
         (UpscaleRequest(image=image, image_prompts=[f"{image}:canny"]),  # known before it is queued, not failed later
