@@ -27,7 +27,7 @@ import yaml
 
 from backend import locations, user_files, yaml_text
 from backend.cluster_address import check_address
-from backend.errors import DreamttyError, RequestError
+from backend.errors import DreamttyError, RequestError, noted
 from backend.values import is_whole, kind_of, to_bool
 
 ENV_PATH = "DREAMTTY_CONFIG"
@@ -65,27 +65,20 @@ class Config:
         if not str(exc).startswith("out: "):
             return exc
         origin = self.origin("outputs") if self.outputs else "the default outputs folder"
-        return _noted(exc, f" ({origin}; give --out FOLDER, or change it)")
+        return noted(exc, f" ({origin}; give --out FOLDER, or change it)")
 
     def model_error(self, exc: DreamttyError) -> DreamttyError:
         """``exc``, when it is about the model this config's ``default_model`` names (no ``--model`` given),
         saying so."""
         if not self.default_model or not str(exc).startswith("model: "):
             return exc
-        return _noted(exc, f" ({self.origin('default_model')}; give --model NAME, or change it)")
+        return noted(exc, f" ({self.origin('default_model')}; give --model NAME, or change it)")
 
     @staticmethod
     def origin(key: str) -> str:
         """Where a setting's value came from: its environment variable, else the config file."""
         env = f"DREAMTTY_{key.upper()}"
         return env if os.environ.get(env) else f"{'paths.' if key == 'outputs' else ''}{key} of {config_path()}"
-
-
-def _noted(exc: DreamttyError, note: str) -> DreamttyError:
-    """``exc`` of the same kind and field with ``note`` at the end of its message."""
-    if isinstance(exc, RequestError):
-        return RequestError(exc.field, exc.message + note)
-    return type(exc)(f"{exc}{note}")
 
 
 def default_folders(kind: str) -> list[Path]:

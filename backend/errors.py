@@ -39,3 +39,11 @@ class ServiceUnavailable(DreamttyError):
 
 class ModelError(DreamttyError):
     """A model cannot be found, read or loaded."""
+
+
+def noted(exc: DreamttyError, note: str) -> DreamttyError:
+    """``exc`` as the same kind of error (and field) with ``note`` at the end of its message: where a value the
+    user did not type came from."""
+    if isinstance(exc, RequestError):
+        return RequestError(exc.field, exc.message + note)
+    return type(exc)(f"{exc}{note}")

@@ -194,7 +194,10 @@ class _Reader:
             self.guidance[name] = to_float(name, value)
 
     def _seed(self, seed: int) -> None:
-        if not 0 <= seed <= MAX_SEED:
+        if seed < 0:  # -1: random, as the tools write it
+            self.unmapped.append(f"Seed: {seed} (random: a new seed is drawn)")
+            return
+        if seed > MAX_SEED:
             self.unmapped.append(f"Seed: {seed} (outside 0..{MAX_SEED}; using {seed % (MAX_SEED + 1)})")
             seed %= MAX_SEED + 1
         self.request["seed"] = seed

@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from backend import config, metadata
-from backend.errors import DreamttyError, ModelError, RequestError
+from backend.errors import DreamttyError, ModelError, RequestError, noted
 from backend.guidance_settings import GuidanceSettings
 from backend.prompting.presets import preset_fields, preset_names
 from backend.prompting.styles import RANDOM_STYLE, style_key
@@ -239,5 +239,4 @@ def inherited(exc: DreamttyError, request: dict, source: dict, explicit: dict) -
         kept = key in own and key not in (explicit.get("guidance") or {}) and used.get(key) == own[key]
     if not kept:
         return exc
-    note = f" (the setting of the input image {request.get('image')}; give another value to override it)"
-    return RequestError(exc.field, exc.message + note) if isinstance(exc, RequestError) else ModelError(f"{exc}{note}")
+    return noted(exc, f" (the setting of the input image {request.get('image')}; give another value to override it)")

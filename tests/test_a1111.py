@@ -291,6 +291,21 @@ def test_fooocus_json_becomes_the_closest_request():
                            "Refiner Swap Method: joint")
 
 
+def test_a_random_seed_is_drawn_and_a_bad_recorded_value_is_said_to_be_recorded(tmp_path, capsys):
+    """Fooocus's seed -1 became 4294967295; A1111's Steps: -5 stopped reproduce without a word of where it came
+    from (dreamtty's own metadata errors say so)."""
+    from tui.cli import main
+
+    request, warnings = foreign_metadata.from_text(json.dumps({**FOOOCUS_JSON, "seed": "-1"}))
+    assert request.seed == -1 and "Seed: -1 (random: a new seed is drawn)" in warnings[1]
+    info, path = PngInfo(), tmp_path / "a1111.png"
+    info.add_text("parameters", "a fox\nSteps: -5, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Model: demo")
+    Image.new("RGB", (64, 64)).save(path, pnginfo=info)
+    assert main(["reproduce", str(path), "--local"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"dreamtty: steps: -5 is out of range; allowed 1..500 (the value in the metadata of {path})")
+
+
 def test_fooocus_a1111_text_uses_its_own_scheduler_and_lora_weights():
     request, warnings = foreign_metadata.from_text(FOOOCUS_TEXT)
     assert (request.sampler, request.scheduler, request.seed, request.cfg) == ("dpmpp_2m_sde", "sgm_uniform", 42, 4.0)

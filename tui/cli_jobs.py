@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from backend.client import SERVICE_ENV, Client
-from backend.errors import DreamttyError, RequestError
+from backend.errors import DreamttyError, ModelError, RequestError, noted
 from backend.events import Cancelled, Failed, ImageSaved, Log, Note, Preview, Retrying, TextOutput, to_dict
 from backend.guidance_settings import GuidanceSettings
 from backend.image_prompts import MAX_IMAGE_PROMPTS, TYPES
@@ -323,7 +323,14 @@ def cmd_reproduce(args) -> int:
     print_warnings(warnings)
     if args.model:
         request.model = args.model
-    code, paths = asyncio.run(_run_jobs(args, [request], args.out))
+    try:
+        code, paths = asyncio.run(_run_jobs(args, [request], args.out))
+    except (RequestError, ModelError) as exc:  # every value but --model is the record's: say so
+        if args.model and str(exc).startswith("model: "):
+            raise
+        where = f"the metadata of {args.image}" if args.image is not None else f"the text of {args.from_text}"
+        hint = "; give --model" if str(exc).startswith("model: ") else ""
+        raise noted(exc, f" (the value in {where}{hint})") from None
     if code == 0 and paths and args.image is not None:
         with open_quietly(args.image) as a, Image.open(paths[0]) as b:
             if a.size != b.size:  # an A1111 hires-fix image, or one resized after it was made
