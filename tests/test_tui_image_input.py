@@ -670,6 +670,10 @@ async def test_an_image_prompt_error_is_shown_under_its_rows_box(idle_service, t
                      message.format(tmp=tmp_path))], case
             assert app.focused is form.query_one(selector), case
             assert idle_service.jobs() == [], case
+        form.query_one("#ref-0-path", Input).value = str(tmp_path / "gone.png")  # the same file twice: the first row
+        await pilot.press("ctrl+g")
+        await settle(pilot)
+        assert field_of(app, "#ref-0-path").error.startswith("Reference 1: ") and not field_of(app, "#ref-2-path").error
 
 
 async def test_describe_keys_queue_a_describe_job_of_the_image(idle_service, tmp_path):

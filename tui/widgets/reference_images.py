@@ -99,11 +99,11 @@ class ReferenceImages(Vertical):
         the rows), else as it is."""
         if exc.field != FIELD:
             return exc
-        named = [(len(path), row) for row in range(MAX_IMAGE_PROMPTS)
+        named = [(-len(path), row) for row in range(MAX_IMAGE_PROMPTS)
                  for path in self._spellings(row) if path and path in exc.message]
         if not named:
             return exc
-        row = max(named)[1]  # a.png is in b/a.png's message too: the longest path named
+        row = min(named)[1]  # the longest path named (a.png is in b/a.png's message too), on its first row
         return RequestError(f"ref-{row}-path", f"Reference {row + 1}: {exc.message}")
 
     def _spellings(self, row: int) -> tuple[str, str]:
