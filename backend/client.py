@@ -31,6 +31,7 @@ TOKEN_ENV = "DREAMTTY_TOKEN"  # its token (default: the token file, for a servic
 class Client(Protocol):
     warnings: list[str]  # problems met while connecting (a damaged queue moved aside, ...)
     jobs_survive_close: bool  # False: closing this client stops its queued and running jobs (until a restart)
+    started: int | None  # the pid of the background service this client started (it outlives the client)
     kept: list[int]  # the jobs close(cancel_jobs=True) could not cancel (no service answered): they stay queued
 
     async def start(self) -> None: ...
@@ -92,6 +93,7 @@ class LocalClient:
     """A client for a service in this process: its workers stop when the client closes."""
 
     jobs_survive_close = False
+    started = None  # its service is in this process
 
     def __init__(self, service: Service) -> None:
         self.service = service

@@ -86,6 +86,7 @@ class RemoteClient:
         self.kept: list[int] = []
         self._unanswered: set[str] = set()  # client_refs of submits whose answer did not come
         self._placement_checked = False
+        self.started: int | None = None  # the pid of the service this client started, when it did
 
     # -- connection --------------------------------------------------------------------
     async def start(self) -> None:
@@ -105,7 +106,8 @@ class RemoteClient:
                         if self._start_options is None:
                             raise ServiceUnreachable(f"service: none is running at {self.address}; "
                                                      "start one with dreamtty serve --detach") from None
-                        await asyncio.to_thread(start_detached, self._start_options)
+                        info = await asyncio.to_thread(start_detached, self._start_options)
+                        self.started = info.get("pid") if info.get("started") else None
                         await self._check_versions()
                         # what the new service found (a damaged queue file moved aside, ...) is said here
                         status = await self._request("GET", "/v1/status", quick=True)

@@ -820,6 +820,10 @@ def test_generate_starts_a_service_and_ctrl_c_cancels_its_job(dirs):
     assert first.returncode == 0, first.stderr
     info = dirs.files().read_pid_file()
     assert info and _connects(dirs.files().socket)
+    said = (f"dreamtty: started the service in the background (pid {info['pid']}): it keeps the model loaded for the "
+            "next command; dreamtty serve --stop ends it")
+    assert first.stderr.splitlines() == [said]  # it outlives the command, holding the model: not in silence
+    assert cli(dirs, *GENERATE).stderr == ""  # the next command used it: nothing to say
     with open(dirs.home / "gen.err", "w") as err:
         # long enough on any CPU that the poll below sees it run: a job of seconds ended between two polls in CI
         gen = subprocess.Popen([sys.executable, "-m", "tui.cli", *GENERATE, "--steps", "500", "--size", "256x256",
@@ -1134,6 +1138,7 @@ async def test_a_client_that_may_start_a_service_starts_one_when_its_service_is_
 
     def start_detached(options):  # called in a thread, as it spawns ``dreamtty serve --detach``
         started.append(asyncio.run_coroutine_threadsafe(_serve_in_test(db, sock), loop).result())
+        return {"pid": os.getpid(), "started": True}
 
     monkeypatch.setattr(remote_client, "start_detached", start_detached)
     service, runner = await _serve_in_test(db, sock)

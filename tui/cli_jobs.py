@@ -142,6 +142,9 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
         job_ids = [await client.submit(r, out) for r in requests]  # validates before any worker starts
         await client.start()
         print_warnings(client.warnings[said:])  # those of a service started for these jobs
+        if client.started:  # it outlives this command, holding its model (and GPU memory)
+            print(f"dreamtty: started the service in the background (pid {client.started}): it keeps the model "
+                  "loaded for the next command; dreamtty serve --stop ends it", file=sys.stderr)
         result = await follow(client, job_ids, events, args.json, getattr(args, "show_preprocessed", False))
         finished = True
     finally:
