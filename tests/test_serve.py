@@ -1018,7 +1018,27 @@ def test_listing_or_cancelling_with_no_service_starts_none(dirs):
     assert QueueStore(locations.queue_db()).get(job).state == "cancelled"
     waited = cli(dirs, "wait", str(job))
     assert waited.returncode == 3 and "no dreamtty serve is running" in waited.stderr
+    status = cli(dirs, "serve", "--status", "--json")  # a script reads stdout: JSON there too
+    assert status.returncode == 1 and json.loads(status.stdout) == {"running": False}
+    forgot = cli(dirs, "jobs", "--forget", "0", "--json")
+    assert forgot.returncode == 0 and json.loads(forgot.stdout) == {"forgotten": 1}
     assert dirs.files().read_pid_file() is None and not dirs.files().locked()  # nothing was started
+
+
+def test_stopping_a_service_that_takes_connections_but_answers_none_gives_its_pid(dirs, monkeypatch, capsys):
+    """``serve --stop`` of a stuck service (kill -STOP) said only that it did not answer."""
+    from tui.cli import main
+
+    monkeypatch.setattr(remote_client, "QUICK_TIMEOUT", 0.5)
+    files = dirs.files()
+    files.make_folder()
+    files.write_pid_file({"pid": 4321})
+    with socket.socket(socket.AF_UNIX) as stuck:  # it accepts (the kernel's backlog), and never answers
+        stuck.bind(str(files.socket))
+        stuck.listen(8)
+        assert main(["serve", "--stop"]) == 3
+    err = capsys.readouterr().err
+    assert err.endswith("; if pid 4321 stays stuck, end it with: kill 4321\n") and err.count("\n") == 1, err
 
 
 def test_listen_on_a_port_in_use_is_one_line(dirs):

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from backend.errors import DreamttyError, RequestError
+from backend.errors import DreamttyError, RequestError, ServiceUnavailable
 from backend.safetext import one_line, visible
 from tui.cli_output import number, warn_plain_http
 
@@ -112,6 +112,8 @@ async def _stop() -> int:
     client = _client()
     try:
         await client.shutdown()
+    except ServiceUnavailable as exc:  # it takes connections but answers none: stuck (stopped, swapping, ...)
+        raise ServiceUnavailable(f"{exc}; if pid {pid} stays stuck, end it with: kill {pid}") from None
     finally:
         await client.close()
     deadline = time.monotonic() + STOP_TIMEOUT
@@ -125,6 +127,8 @@ async def _stop() -> int:
 
 async def _status(as_json: bool) -> int:
     if not _answers():
+        if as_json:  # a script reads stdout: JSON there too
+            print(json.dumps({"running": False}))
         return _not_running()
     client = _client()
     try:
@@ -135,7 +139,7 @@ async def _status(as_json: bool) -> int:
 
     differ = versions_differ(status)  # a service left running by an upgrade, that still answers alike
     status = {**status, "warnings": [*(status.get("warnings") or []), *([differ] if differ else [])]}
-    print(json.dumps(status) if as_json else format_status(status))
+    print(json.dumps({"running": True, **status}) if as_json else format_status(status))
     return 0
 
 
