@@ -234,11 +234,12 @@ def read_mask(path: str, size: tuple[int, int], expected_hash: str | None = None
     return mask, InputImage(path, digest, grey, notes)
 
 
-def check_mask(mask: np.ndarray, what: str) -> None:
+def check_mask(mask: np.ndarray, what: str, field: str = "mask") -> None:
+    """RequestError(``field``) for a mask that repaints nothing or everything."""
     if not mask.any():
-        raise RequestError("mask", f"{what} is all black: nothing to repaint (white = repaint, black = keep)")
+        raise RequestError(field, f"{what} is all black: nothing to repaint (white = repaint, black = keep)")
     if mask.all():
-        raise RequestError("mask", f"{what} is all white: every pixel would be repainted; use vary for that")
+        raise RequestError(field, f"{what} is all white: every pixel would be repainted; use vary for that")
 
 
 def box_mask(box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
@@ -253,5 +254,5 @@ def box_mask(box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarra
 
     mask = np.zeros((height, width), dtype=bool)
     mask[y:y + h, x:x + w] = True
-    check_mask(mask, f"box {x},{y},{w},{h}")
+    check_mask(mask, f"box {x},{y},{w},{h}", "box")
     return mask

@@ -130,6 +130,7 @@ def test_bad_settings(service, tmp_path):
         (InpaintRequest(image=image, mask=str(tmp_path / "white.png")), "is all white: every pixel would be repainted"),
         (InpaintRequest(image=image, mask=str(tmp_path / "nomask.png")), "mask: {}/nomask.png is missing"),
         (InpaintRequest(image=image, box=(100, 100, 64, 64)), "box: 100,100,64,64 is not inside the 128x128 image"),
+        (InpaintRequest(image=image, box=(0, 0, 128, 128)), "box: box 0,0,128,128 is all white: every pixel"),  # not mask:
         (InpaintRequest(image=image, box=(1, 1, 8, 8), mode="erase"), "mode: unknown 'erase'; allowed: fill, detail, modify"),
         (InpaintRequest(image=image, box=(1, 1, 8, 8), context=2), "context: 2 is out of range; allowed 0..1"),
         (OutpaintRequest(image=image), "outpaint: nothing to add; give the pixels to add on the left, right, top or bottom"),

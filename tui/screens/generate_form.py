@@ -275,7 +275,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
     def show_error(self, exc: DreamttyError) -> None:
         """Show a one-line error next to the field it names (else at the top of the form)."""
         if isinstance(exc, RequestError):
-            exc = self.input_section.placed(self.references.placed(exc))
+            exc = self.references.placed(exc)
         name = exc.field if isinstance(exc, RequestError) else str(exc).split(":", 1)[0].strip()
         message = exc.message if isinstance(exc, RequestError) else str(exc).split(":", 1)[-1].strip()
         field = next((f for f in self.query(Field) if name in f.names), None)

@@ -175,13 +175,6 @@ class InputImageSection(Vertical):
                 values[name] = self._value(name)
         return kind, values
 
-    def placed(self, exc: RequestError) -> RequestError:
-        """``exc`` as the error of the field it is about: a mask error when a box and no mask is given is the
-        box's (a box as large as the image is refused as an all-white mask)."""
-        if exc.field == "mask" and not self.mask and self._value("box"):
-            return RequestError("box", exc.message)
-        return exc
-
     def _value(self, name: str) -> object:
         widget = self.query_one(f"#in-{name}")
         if isinstance(widget, Input):
