@@ -135,7 +135,7 @@ def _one(item: object) -> ImagePrompt:
         raise RequestError(FIELD, f"{item!r}: path and type must be text")
     if not isinstance(item.get("hash", ""), (str, type(None))):
         raise RequestError(FIELD, f"{item!r}: hash must be text (the content hash recorded at submission)")
-    numbers = {k: None if item.get(k) is None else to_float(FIELD, item[k]) for k in ("weight", "stop")}
+    numbers = {k: None if item.get(k) is None else _setting(k, item[k]) for k in ("weight", "stop")}
     return ImagePrompt(item["path"], item.get("type", "image").strip().lower(), numbers["weight"], numbers["stop"],
                        item.get("hash"))
 
@@ -151,6 +151,15 @@ def tiled_control_error(width: int, height: int, side: int) -> RequestError:
                                "and face references only")
 
 
+def _setting(name: str, value: object) -> float:
+    """A reference's weight or stop as a number; RequestError naming it and its range otherwise."""
+    try:
+        return to_float(FIELD, value)
+    except RequestError as exc:
+        allowed = f"0..{MAX_WEIGHT:g}" if name == "weight" else "0..1"
+        raise RequestError(FIELD, f"{name} {exc.message}; allowed {allowed}") from None
+
+
 def resolve_image_prompts(prompts: list[ImagePrompt]) -> list[ImagePrompt]:
     """Check every reference (count, type, weight 0..2, stop 0..1, the file as an input image) and fill
     the type's defaults, the absolute path and the content hash. RequestError("image_prompt") otherwise."""
@@ -162,14 +171,17 @@ def resolve_image_prompts(prompts: list[ImagePrompt]) -> list[ImagePrompt]:
         kind = TYPES.get(prompt.type)
         if kind is None:
             raise RequestError(FIELD, f"{i + 1}: unknown type {prompt.type!r}; allowed: {', '.join(TYPES)}")
-        weight = kind.weight if prompt.weight is None else to_float(FIELD, prompt.weight)
-        stop = kind.stop if prompt.stop is None else to_float(FIELD, prompt.stop)
+        weight = kind.weight if prompt.weight is None else _setting("weight", prompt.weight)
+        stop = kind.stop if prompt.stop is None else _setting("stop", prompt.stop)
         if not 0.0 <= weight <= MAX_WEIGHT:
             raise RequestError(FIELD, f"{prompt.label(i)}: weight {weight:.12g} is out of range; "
                                       f"allowed 0..{MAX_WEIGHT:g}")
         if not 0.0 <= stop <= 1.0:
             raise RequestError(FIELD, f"{prompt.label(i)}: stop {stop:.12g} is out of range; allowed 0..1")
-        source = read_image(prompt.path, FIELD, prompt.hash)
+        try:
+            source = read_image(prompt.path, FIELD, prompt.hash)
+        except RequestError as exc:  # which of several references
+            raise RequestError(FIELD, f"{prompt.label(i)}: {exc.message}") from None
         out.append(replace(prompt, path=absolute(prompt.path), weight=weight, stop=stop,
                            hash=source.hash))
     return out

@@ -90,7 +90,7 @@ async def test_references_through_the_worker_metadata_and_reproduce(tmp_path, de
             assert np.array_equal(_pixels(again_path), _pixels(path))
         # A reference that changed since: reproduce names it, nothing is queued.
         picture().transpose(Image.Transpose.ROTATE_180).save(reference)
-        with pytest.raises(RequestError, match=rf"^image_prompt: {reference} changed since the job was made"):
+        with pytest.raises(RequestError, match=rf"^image_prompt: 1 \(canny\): {reference} changed since the job was made"):
             service.submit(metadata.image_request(path)[0], tmp_path / "again")
     finally:
         await service.close()
@@ -194,9 +194,11 @@ def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
         ([f"{reference}:face:lots"], "'lots' is not a number (IMAGE[:TYPE[:WEIGHT[:STOP]]])"),
         ([f"{reference}::0.5"], "image_prompt: '" + f"{reference}::0.5': the type is empty; give one of image, "
                                 "face, canny, depth, structure (IMAGE[:TYPE[:WEIGHT[:STOP]]])"),  # not "is missing"
-        ([f"{tmp_path}/gone.png:face"], f"image_prompt: {tmp_path}/gone.png is missing"),
-        ([f"{tmp_path}/a::b/gone.png"], f"image_prompt: {tmp_path}/a::b/gone.png is missing"),  # no number after
-        ([f"{tmp_path}/{'a' * 300}.png"], "image_prompt: cannot read"),  # a name too long: not a 500
+        ([str(reference), f"{tmp_path}/gone.png:face"], f"image_prompt: 2 (face): {tmp_path}/gone.png is missing"),
+        ([f"{tmp_path}/a::b/gone.png"], f"image_prompt: 1 (image): {tmp_path}/a::b/gone.png is missing"),  # no number
+        ([f"{tmp_path}/{'a' * 300}.png"], "image_prompt: 1 (image): cannot read"),  # a name too long: not a 500
+        ([{"path": str(reference), "weight": "[/]"}], "image_prompt: weight '[/]' is not a number; allowed 0..2"),
+        ([{"path": str(reference), "stop": "nan"}], "image_prompt: stop 'nan' is not a finite number; allowed 0..1"),
         ([str(tmp_path / "notes.png")], "is not an image PIL can read"),
         ([str(tmp_path)], "is a folder; give an image file"),
         ("photo.png", "image_prompt: 'photo.png' is not allowed; give a list"),

@@ -15,6 +15,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Input, Select
 
 import os
+import re
 
 from backend.errors import RequestError
 from backend.image_prompts import FIELD, MAX_IMAGE_PROMPTS, MAX_WEIGHT, TYPES
@@ -104,7 +105,8 @@ class ReferenceImages(Vertical):
         if not named:
             return exc
         row = min(named)[1]  # the longest path named (a.png is in b/a.png's message too), on its first row
-        return RequestError(f"ref-{row}-path", f"Reference {row + 1}: {exc.message}")
+        message = re.sub(r"^\d+ \(\w+\): ", "", exc.message)  # the service's number counts the references given
+        return RequestError(f"ref-{row}-path", f"Reference {row + 1}: {message}")
 
     def _spellings(self, row: int) -> tuple[str, str]:
         """Row ``row``'s path as typed and as the service may name it (absolute)."""
