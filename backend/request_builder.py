@@ -186,7 +186,7 @@ def config_defaults(cfg: config.Config) -> dict:
 def config_preset(cfg: config.Config) -> tuple[str | None, str | None]:
     """The config's ``default_preset`` when it names a preset (else None), and the warning when it names none."""
     name = cfg.default_preset
-    if not name or name in (names := preset_names()):
+    if not name or name.strip().lower() in map(str.lower, names := preset_names()):
         return name or None, None
     return None, f"config: default_preset: unknown {name!r}; allowed: {', '.join(names)}; no preset is applied"
 

@@ -10,7 +10,7 @@ import yaml
 
 from backend.errors import RequestError
 from backend.families import FAMILIES
-from backend.prompting.presets import list_presets, load_preset, preset_fields, save_preset
+from backend.prompting.presets import list_presets, load_preset, preset_fields, preset_names, save_preset
 from backend.request import GenerateRequest
 from backend.request_builder import build
 
@@ -93,6 +93,13 @@ def test_user_preset_overrides_shipped(presets_dir):
     info = {p.name: p for p in list_presets()}["anime"]
     assert info.description == "mine" and info.source.endswith("anime.yml")
     assert load_preset("anime") == {"steps": 9, "width": 640, "height": 512, "loras": [["style-lora", 0.7]]}
+
+
+def test_preset_names_match_in_any_case(presets_dir):
+    """A user's Fast.yaml stood beside the shipped fast, and --preset FAST was unknown."""
+    (presets_dir / "Fast.yaml").write_text("steps: 4\n")
+    assert [p.name for p in list_presets()].count("Fast") == 1 and "fast" not in preset_names()
+    assert load_preset("FAST") == load_preset("fast") == {"steps": 4}
 
 
 def test_save_preset_round_trips_the_form(presets_dir):

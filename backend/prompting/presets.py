@@ -35,26 +35,28 @@ class PresetInfo:
 
 
 def _files() -> dict[str, DataFile]:
-    return {f.stem: f for f in data_files("presets", "presets", (".yaml", ".yml"))}
+    """Preset files by name in lower case, as style names match: a user's ``Fast.yaml`` replaces the shipped
+    ``fast`` (it stood beside it)."""
+    return {f.stem.lower(): f for f in data_files("presets", "presets", (".yaml", ".yml"))}
 
 
 def preset_names() -> list[str]:
-    """The names of every preset, shipped and the user's, sorted."""
-    return sorted(_files())
+    """The names of every preset, shipped and the user's, sorted (as their files spell them)."""
+    return sorted(f.stem for f in _files().values())
 
 
 def list_presets() -> list[PresetInfo]:
     """All presets by name; one that cannot be used (it does not parse, or holds an unknown key or a bad value)
     is listed with the error as its description."""
     out = []
-    for name, file in sorted(_files().items()):
+    for file in sorted(_files().values(), key=lambda f: f.stem):
         try:
             data = _read(file)
             description = str(data.get("description", ""))
             _fields(file, data)
         except RequestError as exc:
             description = f"(unusable: {exc.message if exc.field == 'preset' else exc})"  # the key it names
-        out.append(PresetInfo(name, description, file.label))
+        out.append(PresetInfo(file.stem, description, file.label))
     return out
 
 
@@ -72,10 +74,10 @@ def _read(file: DataFile) -> dict:
 
 def preset_file(name: str) -> DataFile:
     """Preset ``name``'s file; RequestError("preset") naming the known ones when there is none."""
-    files = _files()
-    if name not in files:
-        raise RequestError("preset", f"unknown {name!r}; allowed: {', '.join(sorted(files)) or 'none'}")
-    return files[name]
+    file = _files().get(name.strip().lower())
+    if file is None:
+        raise RequestError("preset", f"unknown {name!r}; allowed: {', '.join(preset_names()) or 'none'}")
+    return file
 
 
 def load_preset(name: str) -> dict:
