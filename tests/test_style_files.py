@@ -50,6 +50,23 @@ def test_a_csv_quote_never_closed_and_a_file_not_utf8_are_said(styles_dir):
     assert library.get("Two Lines").prompt == "first {prompt}\nsecond" and library.get("After").prompt == "x {prompt}"
 
 
+def test_a_style_that_changes_nothing_or_is_given_twice_is_said(styles_dir):
+    """An entry with no prompt and no negative, a CSV row with a name only, and a name given twice in the user's
+    files loaded in silence (the last one won)."""
+    (styles_dir / "a.json").write_text(json.dumps([{"name": "NoPrompt"}, {"name": "dup", "prompt": "one {prompt}"},
+                                                   {"name": "Watercolor", "prompt": "mine {prompt}"}]))
+    (styles_dir / "b.json").write_text(json.dumps([{"name": "DUP", "prompt": "two {prompt}"}]))
+    (styles_dir / "c.csv").write_text("name,prompt,negative_prompt\nBad Row\n")
+    library = load_styles()
+    assert library.warnings == [
+        f"{styles_dir / 'a.json'}: 'NoPrompt' has no prompt and no negative_prompt: it would change nothing; style "
+        "skipped",
+        f"{styles_dir / 'b.json'}: 'DUP' is given again (first in {styles_dir / 'a.json'}); the later one is used",
+        f"{styles_dir / 'c.csv'}: 'Bad Row' has no prompt and no negative_prompt: it would change nothing; style "
+        "skipped"]  # a user's Watercolor replaces the shipped one without a word
+    assert library.get("dup").prompt == "two {prompt}" and library.get("Watercolor").prompt == "mine {prompt}"
+
+
 def test_shared_csv_with_spaces_after_the_commas(styles_dir):
     """Shared packs write `name, "prompt", "negative"`: A1111 reads them with skipinitialspace."""
     (styles_dir / "shared.csv").write_text(

@@ -51,11 +51,22 @@ class StyleLibrary:
     warnings: list[str] = field(default_factory=list)
 
     def add(self, style: Style) -> None:
-        if style_key(style.name) == style_key(RANDOM_STYLE):  # the built-in pick would hide it
+        """Add ``style``: a user's replaces a shipped one of its name; one that would change nothing, a reserved
+        name, and a name a user's file already gave are said."""
+        key = style_key(style.name)
+        if key == style_key(RANDOM_STYLE):  # the built-in pick would hide it
             self.warnings.append(f"{style.source}: {style.name!r} is a reserved name (it picks one of the styles "
                                  "per image seed); style skipped")
             return
-        self.styles[style_key(style.name)] = style
+        if style.prompt.strip() in ("", PLACEHOLDER) and not style.negative_prompt.strip():
+            self.warnings.append(f"{style.source}: {style.name!r} has no prompt and no negative_prompt: it would "
+                                 "change nothing; style skipped")
+            return
+        earlier = self.styles.get(key)
+        if earlier is not None and not earlier.source.startswith("shipped:"):
+            self.warnings.append(f"{style.source}: {style.name!r} is given again (first in {earlier.source}); the "
+                                 "later one is used")
+        self.styles[key] = style
 
     def get(self, name: str) -> Style:
         """The style called ``name``; "Random Style" gives a stand-in describing the seeded pick."""
