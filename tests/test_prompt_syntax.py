@@ -95,6 +95,22 @@ def test_wildcard_errors_name_the_wildcard():
 
 
 
+def test_a_bracket_fault_a_wildcard_or_style_brought_names_it(user_folder):
+    """"'(' at column 1 is never closed" for a prompt of "__unbal__": a column of text the user never typed."""
+    import json
+
+    (user_folder("wildcards") / "unbal.txt").write_text("(unbalanced\n")
+    (user_folder("styles") / "mine.json").write_text(json.dumps([{"name": "Bad Neg", "prompt": "{prompt}, ok",
+                                                                  "negative_prompt": "[blurry"}]))
+    with pytest.raises(RequestError) as err:
+        build_prompt(GenerateRequest(prompt="a __unbal__ cat", seed=1))
+    assert str(err.value) == ("prompt: after wildcards and styles: '(' at column 3 is never closed; add ')' or escape "
+                              "it (from wildcard __unbal__, which picked '(unbalanced')")
+    with pytest.raises(RequestError) as err:
+        build_prompt(GenerateRequest(prompt="a cat", styles=["Bad Neg"], seed=1))
+    assert str(err.value).endswith("is never closed; add ']' or escape it (from the negative_prompt of style 'Bad Neg')")
+
+
 def test_an_unknown_wildcard_names_the_folder_searched(tmp_path, monkeypatch):
     monkeypatch.setenv("DREAMTTY_WILDCARDS", str(tmp_path / "mine"))
     with pytest.raises(RequestError, match=rf"^prompt: unknown wildcard __nope__; add nope.txt to {tmp_path / 'mine'}$"):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from backend.errors import RequestError
 from backend.prompting.expansion import expand
 from backend.prompting.editing import PromptSchedule, parse_editing, schedule_prompts
-from backend.prompting.styles import apply_styles, join_terms, load_styles
+from backend.prompting.styles import PLACEHOLDER, apply_styles, join_terms, load_styles
 from backend.prompting.wildcards import expand_arrays, expand_wildcards, load_wildcards
 from backend.request import GenerateRequest, check_prompt_length
 
@@ -63,7 +63,8 @@ def build_prompt(request: GenerateRequest, embed_texts: Callable[[list[str]], ob
         try:
             parse_editing(text, name)
         except RequestError as exc:
-            raise RequestError(name, f"after wildcards and styles: {exc.message}") from None
+            source = _source_of_fault(name, wildcard_picks, used)
+            raise RequestError(name, f"after wildcards and styles: {exc.message}{source}") from None
     record = {
         "preset": request.preset,
         "styles": used,
@@ -75,6 +76,20 @@ def build_prompt(request: GenerateRequest, embed_texts: Callable[[list[str]], ob
         "negative": negative,
     }
     return PromptPlan(positive, negative, record)
+
+
+def _source_of_fault(name: str, picks: list[dict], styles: list[str]) -> str:
+    """`` (from ...)`` naming the first wildcard pick or style text of field ``name`` that does not parse on its
+    own: the user never typed the column the error names."""
+    library = load_styles() if styles else None
+    texts = [(f"wildcard __{p['name']}__, which picked {p['pick']!r}", p["pick"]) for p in picks if p["field"] == name]
+    texts += [(f"the {name} of style {n!r}", getattr(library.get(n), name).replace(PLACEHOLDER, "")) for n in styles]
+    for label, text in texts:
+        try:
+            parse_editing(text, name)
+        except RequestError:
+            return f" (from {label})"
+    return ""
 
 
 def check_prompts(request: GenerateRequest) -> None:
