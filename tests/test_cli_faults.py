@@ -306,7 +306,7 @@ def test_a_row_that_does_not_read_is_listed_failed_and_cancel_goes_past_a_missin
     assert err.splitlines() == [f"dreamtty: warning: queue: job {broken} has an id, time, owner, error or attempt "
                                 f"count of the wrong type in {locations.queue_db()}; marked it failed"]
     lines = out.splitlines()
-    assert lines[1].split()[:2] == [str(queued), "queued"] and "its process is gone" in lines[2]  # "gone" has no lease
+    assert lines[1].split()[:2] == [str(queued), "queued"] and "no running process holds it" in lines[2]  # "gone": no lease
     assert lines[3].split()[:2] == [str(erred), "failed"]
     assert lines[4].strip() == "line one\\nline two" and lines[5].split()[:2] == [str(broken), "failed"]
     assert "in the queue file; it cannot run" in lines[6] and len(lines) == 7
@@ -479,8 +479,8 @@ def test_a_job_a_killed_process_left_running_is_listed_as_such(tmp_path, monkeyp
     assert main(["jobs"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1].split()[:2] == [str(job), "running"] and out[2] == (
-        "        its process is gone (killed?): a running dreamtty serve or TUI runs it, else the next "
-        f"(dreamtty cancel {job} drops it)")
+        "        no running process holds it (its service stopped, or was killed): a running dreamtty serve or TUI "
+        f"takes it, else the next (dreamtty cancel {job} drops it)")  # "killed?" after a clean serve --stop too
     assert main(["jobs", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["orphaned"] is True
 

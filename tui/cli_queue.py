@@ -117,8 +117,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if job.error:
             print(f"{'':>8}{one_line(job.error)}")
         if job.orphaned:
-            print(f"{'':>8}its process is gone (killed?): a running dreamtty serve or TUI runs it, else the next "
-                  f"(dreamtty cancel {job.id} drops it)")
+            print(f"{'':>8}no running process holds it (its service stopped, or was killed): a running dreamtty serve "
+                  f"or TUI takes it, else the next (dreamtty cancel {job.id} drops it)")
     return 0
 
 
