@@ -641,8 +641,17 @@ def discover(config=None, kinds: tuple[str, ...] = KINDS, hub: bool = True) -> L
 
 
 def _qualify_names(entries: list[Entry]) -> None:
-    """Make names unique per kind: of two files that share a name, the one named more briefly is named
-    more fully (stem, then file name: ``loraevil.pt`` and ``loraevil.ckpt``, then its path)."""
+    """Make names unique per kind: a file of the Hugging Face cache that shares a name with one of the user's
+    folders is named by its repo (``owner/repo/name``: a download must not take the name a config or a script
+    uses); of two other files that share a name, the one named more briefly is named more fully (stem, then
+    file name: ``loraevil.pt`` and ``loraevil.ckpt``, then its path)."""
+    shared: dict[tuple[str, str], list[Entry]] = collections.defaultdict(list)
+    for entry in entries:
+        shared[entry.kind, entry.name].append(entry)
+    for group in shared.values():
+        if len(group) > 1 and not all(e.source.startswith("hf-cache:") for e in group):
+            for entry in (e for e in group if e.source.startswith("hf-cache:")):
+                entry.name = f"{entry.source.removeprefix('hf-cache:')}/{entry.name}"
     levels = (lambda e: Path(e.path).stem, lambda e: Path(e.path).name, lambda e: e.path)
     level = {id(e): 0 for e in entries}
     while True:

@@ -259,6 +259,12 @@ def test_single_files_pulled_into_the_hf_cache_are_found(tmp_path, monkeypatch):
     from backend.models import resolve_model
 
     assert resolve_model("sd_xl_base").family == "sdxl"
+    # A download of a name the user's folder has: the user's keeps it (a config's default_model, a script's
+    # --model went "ambiguous"), the cache's is named by its repo.
+    mine = _write(tmp_path / "ckpt" / "sd_xl_base.safetensors", _checkpoint(SD1_TEXT))
+    cfg = config.Config(paths={"checkpoints": [tmp_path / "ckpt"]})
+    assert library.find("checkpoint", "sd_xl_base", cfg).path == str(mine)
+    assert library.find("checkpoint", "org/sdxl/sd_xl_base", cfg).source == "hf-cache:org/sdxl"
 
 
 def test_a_name_the_hub_would_refuse_is_no_hub_id(monkeypatch):
