@@ -583,15 +583,16 @@ def _hub_snapshots() -> list[tuple[str, Path, int]]:
     return out
 
 
-def _hub_entries(folders: bool) -> list[Entry]:
-    """Cached diffusers repos (``folders``) or the single-file checkpoints at the root of cached repos."""
+def _hub_entries(folders: bool, problems: list[str]) -> list[Entry]:
+    """Cached diffusers repos (``folders``; one that cannot be read is added to ``problems``) or the single-file
+    checkpoints at the root of cached repos."""
     out = []
     for repo_id, snapshot, size in _hub_snapshots():
         if folders and (snapshot / "model_index.json").is_file():
             try:
                 out.append(_folder_checkpoint(repo_id, snapshot, size, "hf-cache"))
-            except ModelError:
-                continue
+            except ModelError as exc:
+                problems.append(f"{exc} (the Hugging Face cache's {repo_id})")
         elif not folders:
             for file in sorted(snapshot.glob("*.safetensors")):
                 try:
@@ -631,9 +632,9 @@ def discover(config=None, kinds: tuple[str, ...] = KINDS, hub: bool = True) -> L
         for root in cfg.folders(FOLDER_OF_KIND[kind]):
             scan_folder(kind, root, lib)
     if "checkpoint" in kinds:
-        lib.entries += _hub_entries(folders=False)
+        lib.entries += _hub_entries(False, lib.problems)
         if hub:
-            lib.entries += _hub_entries(folders=True)
+            lib.entries += _hub_entries(True, lib.problems)
     _qualify_names(lib.entries)
     for entry in lib.entries if not cfg.allow_pickle else ():
         entry.note = entry.note or (PICKLE_REFUSED if entry.format == "pickle" else "")  # a variant's note first

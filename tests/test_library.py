@@ -265,6 +265,15 @@ def test_single_files_pulled_into_the_hf_cache_are_found(tmp_path, monkeypatch):
     cfg = config.Config(paths={"checkpoints": [tmp_path / "ckpt"]})
     assert library.find("checkpoint", "sd_xl_base", cfg).path == str(mine)
     assert library.find("checkpoint", "org/sdxl/sd_xl_base", cfg).source == "hf-cache:org/sdxl"
+    broken = tmp_path / "hub" / "models--org--broken" / "snapshots" / "abc"  # a cached diffusers repo: said, not
+    broken.mkdir(parents=True)                                               # dropped in silence
+    (broken / "model_index.json").write_text("{not json")
+    (broken.parents[1] / "refs").mkdir()
+    (broken.parents[1] / "refs" / "main").write_text("abc")
+    problems = library.discover(cfg, kinds=("checkpoint",)).problems
+    assert [p for p in problems if "org/broken" in p] == [
+        f"model: cannot read {broken}/model_index.json: Expecting property name enclosed in double quotes: line 1 "
+        "column 2 (char 1) (the Hugging Face cache's org/broken)"]
 
 
 def test_a_name_the_hub_would_refuse_is_no_hub_id(monkeypatch):
