@@ -147,6 +147,10 @@ def _resolve(name: str) -> ModelRef:
     if looks_like_hub_id(name):
         cached = hub_cache_folder(name)
         if cached is not None:
+            files = sorted(p.stem for p in cached.glob("*.safetensors"))
+            if files and not (cached / "model_index.json").exists():  # pulled with --file: no diffusers folder
+                raise ModelError(f"model: {name} is cached as single files, not a diffusers folder; use one by its "
+                                 f"name: {', '.join(files[:5])}")
             return ModelRef(name, "hub", name, family_from_folder(cached), folder_variant(cached))
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
             raise ModelError(

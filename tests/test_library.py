@@ -259,6 +259,9 @@ def test_single_files_pulled_into_the_hf_cache_are_found(tmp_path, monkeypatch):
     from backend.models import resolve_model
 
     assert resolve_model("sd_xl_base").family == "sdxl"
+    with pytest.raises(ModelError, match="^model: org/sdxl is cached as single files, not a diffusers folder; use one "
+                                         "by its name: sd_xl_base$"):  # "model_index.json is missing"
+        resolve_model("org/sdxl")
     # A download of a name the user's folder has: the user's keeps it (a config's default_model, a script's
     # --model went "ambiguous"), the cache's is named by its repo.
     mine = _write(tmp_path / "ckpt" / "sd_xl_base.safetensors", _checkpoint(SD1_TEXT))
