@@ -88,8 +88,8 @@ class GuidanceSettings:
         if unknown:
             raise RequestError("guidance", f"unknown control {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
         out = cls(**data)
-        for name in RANGES:
-            setattr(out, name, to_float(name, getattr(out, name)))
+        for name, (low, high) in RANGES.items():
+            setattr(out, name, to_float(name, getattr(out, name), f"{low:g}..{high:g}"))
         for name in ("adm_scale", "freeu"):
             value = getattr(out, name)
             if value is None:

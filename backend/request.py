@@ -21,6 +21,7 @@ from backend.samplers import SAMPLERS, SCHEDULES
 from backend.values import check_text, kind_of, shown, to_bool, to_float, to_int
 
 MAX_STEPS = 500
+CFG_RANGE = "0..30 (1 = no guidance)"
 MAX_COUNT = 64
 MAX_SEED = 2**32 - 1
 MAX_LORAS = 5
@@ -167,9 +168,9 @@ class GenerateRequest:
         min_steps = SAMPLERS[self.sampler].min_steps
         if steps < min_steps:
             raise RequestError("steps", f"{self.sampler} needs at least {min_steps}; got {steps}")
-        cfg = to_float("cfg", self.cfg)
+        cfg = to_float("cfg", self.cfg, CFG_RANGE)
         if not 0.0 <= cfg <= 30.0:
-            raise RequestError("cfg", f"{self.cfg} is out of range; allowed 0..30 (1 = no guidance)")
+            raise RequestError("cfg", f"{self.cfg} is out of range; allowed {CFG_RANGE}")
         default = fam.default_size if fam else None
         width = to_int("width", default if self.width is None else self.width)
         height = to_int("height", default if self.height is None else self.height)
@@ -309,7 +310,7 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "sampler": text_value,
     "scheduler": optional(text_value),
     "steps": optional(to_int),
-    "cfg": to_float,
+    "cfg": lambda name, value: to_float(name, value, CFG_RANGE),
     "width": optional(to_int),
     "height": optional(to_int),
     "seed": to_int,

@@ -27,7 +27,7 @@ def shown(value: object) -> str:
     """``value`` as an error quotes it: text in quotes, anything else as JSON writes it (``true``, ``null``,
     ``[1, 2]``), since a JSON or YAML body wrote it that way (Python's ``True`` and ``None`` would puzzle);
     cut to :data:`MAX_SHOWN` characters."""
-    if isinstance(value, str):
+    if isinstance(value, (str, float)):  # a float as typed: nan, inf (JSON would write NaN, Infinity)
         text = repr(value)
     else:
         try:
@@ -108,8 +108,9 @@ def to_int(name: str, value: object) -> int:
     return int(number)
 
 
-def to_float(name: str, value: object) -> float:
-    """A finite float from a number or text (ASCII digits)."""
+def to_float(name: str, value: object, allowed: str = "") -> float:
+    """A finite float from a number or text (ASCII digits); the error says ``allowed`` (a range) when given."""
+    said = f"; allowed {allowed}" if allowed else ""
     _ascii_text(name, value)
     try:
         if isinstance(value, bool):
@@ -118,9 +119,9 @@ def to_float(name: str, value: object) -> float:
     except OverflowError:  # an int beyond float's range
         out = math.inf
     except (TypeError, ValueError):
-        raise RequestError(name, f"{shown(value)} is not a number") from None
+        raise RequestError(name, f"{shown(value)} is not a number{said}") from None
     if not math.isfinite(out):
-        raise RequestError(name, f"{shown(value)} is not a finite number")
+        raise RequestError(name, f"{shown(value)} is not a finite number{said}")
     return out
 
 

@@ -382,9 +382,15 @@ def test_refiner_of_another_latent_space_is_refused_before_queueing(capsys):
 
 
 def test_numbers_beyond_float_range_in_guidance_are_one_line_errors():
-    for guidance in ({"sag": 10**400}, {"freeu": [10**400, 1, 1, 1]}):
-        with pytest.raises(RequestError, match=r"^(sag|freeu): \d{199}… is not a finite number$"):
+    for guidance, allowed in (({"sag": 10**400}, "; allowed 0..10"), ({"freeu": [10**400, 1, 1, 1]}, "")):
+        with pytest.raises(RequestError, match=rf"^(sag|freeu): \d{{199}}… is not a finite number{allowed}$"):
             GenerateRequest.from_dict({"guidance": guidance})
+    for data, error in (({"cfg": "nan"}, "cfg: 'nan' is not a finite number; allowed 0..30 (1 = no guidance)"),
+                        ({"cfg": float("inf")}, "cfg: inf is not a finite number; allowed 0..30 (1 = no guidance)"),
+                        ({"guidance": {"pag": "lots"}}, "pag: 'lots' is not a number; allowed 0..20")):
+        with pytest.raises(RequestError) as err:  # what is allowed, as an out-of-range value is told
+            GenerateRequest.from_dict(data)
+        assert str(err.value) == error
 
 
 def test_sdxl_preset_with_sdxl_only_guidance_loads(user_folder):
