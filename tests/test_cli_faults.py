@@ -306,7 +306,7 @@ def test_a_row_that_does_not_read_is_listed_failed_and_cancel_goes_past_a_missin
     assert err.splitlines() == [f"dreamtty: warning: queue: job {broken} has an id, time, owner, error or attempt "
                                 f"count of the wrong type in {locations.queue_db()}; marked it failed"]
     lines = out.splitlines()
-    assert lines[1].split()[:2] == [str(queued), "queued"] and "no running process holds it" in lines[2]  # "gone": no lease
+    assert lines[1].split()[:2] == [str(queued), "queued"] and "no running process holds it" in lines[2]  # no lease
     assert lines[3].split()[:2] == [str(erred), "failed"]
     assert lines[4].strip() == "line one\\nline two" and lines[5].split()[:2] == [str(broken), "failed"]
     assert "in the queue file; it cannot run" in lines[6] and len(lines) == 7

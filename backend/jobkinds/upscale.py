@@ -72,7 +72,8 @@ class UpscaleRequest(ImageInputRequest):
     def check_size(self, fam, width: int, height: int) -> None:
         if self.uses_model and min(width, height) < MIN_SIDE:  # the repaint would see a few latents a side
             raise RequestError("image", f"{self.image} upscaled is {width}x{height}; repainting needs at least "
-                                        f"{MIN_SIDE} pixels a side: turn fast on (--fast), give strength 0 or a larger scale")
+                                        f"{MIN_SIDE} pixels a side: turn fast on (--fast), give strength 0 or a "
+                                        "larger scale")
         super().check_size(fam, width, height)
 
     def a1111_fields(self) -> list[tuple[str, object]]:
