@@ -209,7 +209,7 @@ def test_generate_twice_loads_the_model_once(service):
     assert first.stdout != second.stdout  # two images, same seed: two files
     status = json.loads(cli(service, "serve", "--status", "--json").stdout)
     (worker,) = status["workers"]
-    assert worker["loads"] == 1
+    assert worker["loads"] == 1 and status["service"] == "running" and status["running"] == 0  # jobs running
     assert [m["model"] for m in worker["models"]] == ["demo"] and worker["models"][0]["bytes"] > 0
     text = cli(service, "serve", "--status").stdout
     assert f"pid {status['pid']}" in text and "1 load(s)" in text and "demo (float32" in text
@@ -1019,7 +1019,7 @@ def test_listing_or_cancelling_with_no_service_starts_none(dirs):
     waited = cli(dirs, "wait", str(job))
     assert waited.returncode == 3 and "no dreamtty serve is running" in waited.stderr
     status = cli(dirs, "serve", "--status", "--json")  # a script reads stdout: JSON there too
-    assert status.returncode == 1 and json.loads(status.stdout) == {"running": False}
+    assert status.returncode == 1 and json.loads(status.stdout) == {"service": "not running", "pid": None}
     forgot = cli(dirs, "jobs", "--forget", "0", "--json")
     assert forgot.returncode == 0 and json.loads(forgot.stdout) == {"forgotten": 1}
     assert dirs.files().read_pid_file() is None and not dirs.files().locked()  # nothing was started

@@ -113,7 +113,8 @@ async def _stop() -> int:
     try:
         await client.shutdown()
     except ServiceUnavailable as exc:  # it takes connections but answers none: stuck (stopped, swapping, ...)
-        raise ServiceUnavailable(f"{exc}; if pid {pid} stays stuck, end it with: kill {pid}") from None
+        hint = f"; if pid {pid} stays stuck, end it with: kill {pid}" if pid else ""
+        raise ServiceUnavailable(f"{exc}{hint}") from None
     finally:
         await client.close()
     deadline = time.monotonic() + STOP_TIMEOUT
@@ -128,7 +129,9 @@ async def _stop() -> int:
 async def _status(as_json: bool) -> int:
     if not _answers():
         if as_json:  # a script reads stdout: JSON there too
-            print(json.dumps({"running": False}))
+            files = _files()
+            pid = (files.read_pid_file() or {}).get("pid") if files.locked() else None
+            print(json.dumps({"service": "not answering" if files.locked() else "not running", "pid": pid}))
         return _not_running()
     client = _client()
     try:
@@ -139,7 +142,7 @@ async def _status(as_json: bool) -> int:
 
     differ = versions_differ(status)  # a service left running by an upgrade, that still answers alike
     status = {**status, "warnings": [*(status.get("warnings") or []), *([differ] if differ else [])]}
-    print(json.dumps({"running": True, **status}) if as_json else format_status(status))
+    print(json.dumps({**status, "service": "running"}) if as_json else format_status(status))
     return 0
 
 
