@@ -226,17 +226,20 @@ def build(values: dict, preset: str | None = None, kind: type[GenerateRequest] =
 
 
 def inherited(exc: DreamttyError, request: dict, source: dict, explicit: dict) -> DreamttyError:
-    """``exc`` (a RequestError, or a ModelError: its text starts with the field), saying so when the value it
-    refuses is the input image's own setting (``source``) that ``request`` (the job's fields) kept and the user
-    did not give (``explicit``): they never typed it, and a value they give overrides it."""
-    if not isinstance(exc, (RequestError, ModelError)):
-        return exc
-    key = exc.json_key if isinstance(exc, RequestError) else str(exc).partition(":")[0]
-    if key in source:
-        kept = key not in explicit and request.get(key) == source[key]
-    else:
-        own, used = source.get("guidance") or {}, request.get("guidance") or {}
-        kept = key in own and key not in (explicit.get("guidance") or {}) and used.get(key) == own[key]
-    if not kept:
+    """``exc``, saying so when the value it refuses is the input image's own setting (see :func:`kept_from`)."""
+    if not kept_from(exc, request, source, explicit):
         return exc
     return noted(exc, f" (the setting of the input image {request.get('image')}; give another value to override it)")
+
+
+def kept_from(exc: DreamttyError, request: dict, source: dict, explicit: dict) -> bool:
+    """Whether ``exc`` (a RequestError, or a ModelError: its text starts with the field) refuses a value of
+    ``source`` (an image's recorded settings) that ``request`` (the job's fields) kept and the user did not give
+    (``explicit``): they never typed it, and a value they give overrides it."""
+    if not isinstance(exc, (RequestError, ModelError)):
+        return False
+    key = exc.json_key if isinstance(exc, RequestError) else str(exc).partition(":")[0]
+    if key in source:
+        return key not in explicit and request.get(key) == source[key]
+    own, used = source.get("guidance") or {}, request.get("guidance") or {}
+    return key in own and key not in (explicit.get("guidance") or {}) and used.get(key) == own[key]

@@ -304,6 +304,14 @@ def test_a_random_seed_is_drawn_and_a_bad_recorded_value_is_said_to_be_recorded(
     assert main(["reproduce", str(path), "--local"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"dreamtty: steps: -5 is out of range; allowed 1..500 (the value in the metadata of {path})")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    fine = tmp_path / "fine.png"
+    good = PngInfo()
+    good.add_text("parameters", "a fox\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Model: demo")
+    Image.new("RGB", (64, 64)).save(fine, pnginfo=good)
+    assert main(["reproduce", str(fine), "--local", "--out", str(blocker)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"dreamtty: out: {blocker} is a file; give a folder"  # typed
 
 
 def test_fooocus_a1111_text_uses_its_own_scheduler_and_lora_weights():

@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from backend.client import SERVICE_ENV, Client
-from backend.errors import DreamttyError, ModelError, RequestError, noted
+from backend.errors import DreamttyError, RequestError, noted
 from backend.events import Cancelled, Failed, ImageSaved, Log, Note, Preview, Retrying, TextOutput, to_dict
 from backend.guidance_settings import GuidanceSettings
 from backend.image_prompts import MAX_IMAGE_PROMPTS, TYPES
@@ -311,7 +311,7 @@ def cmd_reproduce(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from backend import foreign_metadata, metadata
+    from backend import foreign_metadata, metadata, request_builder
     from backend.input_images import open_quietly
 
     if (args.image is None) == (args.from_text is None):
@@ -324,12 +324,13 @@ def cmd_reproduce(args) -> int:
         request, notes = request.with_kept_inputs(_record(args.image))
         warnings += notes
     print_warnings(warnings)
+    recorded = request.to_dict()
     if args.model:
         request.model = args.model
     try:
         code, paths = asyncio.run(_run_jobs(args, [request], args.out))
-    except (RequestError, ModelError) as exc:  # every value but --model is the record's: say so
-        if args.model and str(exc).startswith("model: "):
+    except DreamttyError as exc:  # a recorded value (not --model, --out or the environment): say so
+        if not request_builder.kept_from(exc, request.to_dict(), recorded, {"model": args.model} if args.model else {}):
             raise
         where = f"the metadata of {args.image}" if args.image is not None else f"the text of {args.from_text}"
         hint = "; give --model" if str(exc).startswith("model: ") else ""
