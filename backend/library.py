@@ -343,9 +343,16 @@ class Entry:
 class Library:
     entries: list[Entry] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # one line per skipped file
+    skipped: dict[str, str] = field(default_factory=dict)  # the names a skipped file would have -> its problem
 
     def of_kind(self, kind: str) -> list[Entry]:
         return [e for e in self.entries if e.kind == kind]
+
+    def skip(self, path: Path, problem: str) -> None:
+        """Say why the file or folder at ``path`` is not listed; naming it (by stem, file name or path) says so."""
+        self.problems.append(problem)
+        for name in (path.stem, path.name, str(path)):
+            self.skipped.setdefault(name, problem)
 
 
 def _folder_size(folder: Path) -> int:
@@ -534,7 +541,7 @@ def scan_folder(kind: str, root: Path, lib: Library) -> None:
             try:
                 entry = _inspect_folder(kind, here / d, source)
             except ModelError as exc:
-                lib.problems.append(str(exc))
+                lib.skip(here / d, str(exc))
                 continue
             if entry is not None:
                 lib.entries.append(entry)
@@ -546,7 +553,7 @@ def scan_folder(kind: str, root: Path, lib: Library) -> None:
             try:
                 lib.entries.append(_inspect_file(kind, here / name, source))
             except ModelError as exc:
-                lib.problems.append(str(exc))
+                lib.skip(here / name, str(exc))
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:
@@ -736,8 +743,7 @@ def find(kind: str, name: str, config=None) -> Entry | None:
     if not matches and len(same_stem) > 1:
         raise ModelError(f"model: {name} is ambiguous: {', '.join(same_stem)}; give one of these names")
     if not matches:
-        named = re.compile(rf"(?:^|[\s/]){re.escape(name)}(?:[./:\s]|$)")  # a file's name, or a folder's in its path
-        bad = next((p for p in lib.problems if named.search(p)), None)
+        bad = lib.skipped.get(name)
         if bad:
             raise CorruptFile(bad)
         return _hub_entry(kind, name) if kind != "checkpoint" and looks_like_hub_id(name) else None

@@ -406,5 +406,6 @@ def test_a_checkpoint_named_by_its_file_name_and_a_broken_folder_by_its_name(tmp
     assert resolve_model("sd1model.safetensors").location == str(good)
     with pytest.raises(ModelError, match=rf"^model: cannot read {ckpt}/badindex/model_index.json"):
         resolve_model("badindex")
-    with pytest.raises(ModelError, match="^model: index does not exist"):  # a part of the name is not the name
-        resolve_model("index")
+    for other in ("index", "ckpt", "model", "cannot"):  # a part of its name, a folder of its path, a word of its line
+        with pytest.raises(ModelError, match=f"^model: {other} does not exist"):
+            resolve_model(other)
