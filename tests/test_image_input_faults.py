@@ -251,7 +251,8 @@ def test_devices_are_refused_before_reading(service, tmp_path):
     cases = [
         (Img2ImgRequest(image="/dev/null"), "image: /dev/null is not a regular file"),
         (InpaintRequest(image=image, mask="/dev/null"), "mask: /dev/null is not a regular file"),
-        (GenerateRequest(image_prompts=[ImagePrompt("/dev/null")]), "image_prompt: /dev/null is not a regular file"),
+        (GenerateRequest(image_prompts=[ImagePrompt("/dev/null")]),
+         "image_prompt: 1 (image): /dev/null is not a regular file"),
     ]
     for request, message in cases:
         request.model = "demo"
