@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 
 from backend.errors import RequestError
+from backend.safetext import visible
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -30,8 +31,8 @@ def shown(value: object) -> str:
     if isinstance(value, (str, float)):  # a float as typed: nan, inf (JSON would write NaN, Infinity)
         text = repr(value)
     else:
-        try:
-            text = json.dumps(value, ensure_ascii=False, allow_nan=True, default=str)
+        try:  # JSON escapes C0 only: C1 and bidirectional controls are written out as repr() would
+            text = visible(json.dumps(value, ensure_ascii=False, allow_nan=True, default=str))
         except (TypeError, ValueError):  # circular: a YAML alias of itself
             text = repr(value)
     return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 1] + "…"

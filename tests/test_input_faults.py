@@ -426,6 +426,12 @@ def test_names_too_long_for_a_file_are_one_line_errors(args, field, tmp_path, ca
     assert err.startswith(f"dreamtty: {field}: ") and len(err.splitlines()) == 1, err
 
 
+def test_a_wrong_value_quoted_in_an_error_shows_its_controls():
+    with pytest.raises(RequestError) as err:
+        GenerateRequest.from_dict({"styles": ["\u202e\x9b31m", 5]})
+    assert str(err.value).startswith('styles: ["\\u202e\\x9b31m", 5] is not allowed')  # written out, not raw
+
+
 def test_a_huge_wrong_value_is_cut_and_what_is_allowed_still_shows():
     """A YAML alias tree of styles filled the 2,000 characters of an error line before its advice."""
     nested: list = ["Enhance"] * 10
