@@ -28,7 +28,7 @@ import yaml
 from backend import locations, user_files, yaml_text
 from backend.cluster_address import check_address
 from backend.errors import DreamttyError, RequestError, noted
-from backend.values import is_whole, kind_of, to_bool
+from backend.values import is_whole, kind_of, shown, to_bool
 
 ENV_PATH = "DREAMTTY_CONFIG"
 FOLDER_KINDS = ("checkpoints", "loras", "vae", "embeddings", "upscalers", "ip_adapters", "controlnets", "depth_models",
@@ -160,7 +160,7 @@ def _text(key: str, value: object) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{key}: must be a non-empty text, got {_yaml_text(value)}")
+        raise ValueError(f"{key}: must be a non-empty text, got {shown(value)}")
     return value.strip()
 
 
@@ -171,14 +171,14 @@ def _apply(cfg: Config, data: dict) -> None:
         # a train.yaml given as the app's --config (before ``train``, not after it) holds dozens
         hint = "; training settings go in `dreamtty train --config FILE`" if "instance_dir" in unknown else ""
         cfg.warnings.append(f"config: unknown key{'s' if len(unknown) > 1 else ''} "
-                            f"{', '.join(map(_yaml_text, unknown))}; allowed: {', '.join(TOP_KEYS)}{hint}")
+                            f"{', '.join(map(shown, unknown))}; allowed: {', '.join(TOP_KEYS)}{hint}")
     paths = data.get("paths") or {}
     if not isinstance(paths, dict):
         cfg.warnings.append("config: paths: must be a mapping of kind -> folders; using the defaults")
         paths = {}
     for kind in [k for k in paths if k not in (*FOLDER_KINDS, "outputs")]:
-        shown = kind if isinstance(kind, str) else _yaml_text(kind)
-        cfg.warnings.append(f"config: paths.{shown}: unknown kind; allowed: {', '.join(FOLDER_KINDS)}, outputs")
+        said = kind if isinstance(kind, str) else shown(kind)
+        cfg.warnings.append(f"config: paths.{said}: unknown kind; allowed: {', '.join(FOLDER_KINDS)}, outputs")
     parsers = {
         **{("paths", k): (lambda v, k=k: cfg.paths.__setitem__(k, _folder_list(f"paths.{k}", v))) for k in FOLDER_KINDS},
         ("paths", "outputs"): lambda v: setattr(cfg, "outputs", _outputs(v)),
@@ -200,15 +200,6 @@ def _apply(cfg: Config, data: dict) -> None:
             cfg.warnings.append(f"config: {exc}; using the default")
 
 
-def _yaml_text(key: object) -> str:
-    """A YAML key or value as the user wrote it, near enough: a text quoted (``'colour'``), null, true, false, 1."""
-    if isinstance(key, str):
-        return repr(key)
-    if key is None or isinstance(key, bool):
-        return json.dumps(key)
-    return str(key)
-
-
 def _request():
     """backend.request, imported only for a config that sets what it checks: a TUI's first frame (which reads
     the config) does not wait for it and the image libraries it brings."""
@@ -219,13 +210,13 @@ def _request():
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise ValueError(f"{key}: {_yaml_text(value)} is not allowed; use {' or '.join(allowed)}")
+        raise ValueError(f"{key}: {shown(value)} is not allowed; use {' or '.join(allowed)}")
     return value
 
 
 def _count(key: str, value: object, most: int) -> int:
     if not is_whole(value) or not 1 <= value <= most:
-        raise ValueError(f"{key}: {_yaml_text(value)} is not allowed; use a whole number 1..{most}")
+        raise ValueError(f"{key}: {shown(value)} is not allowed; use a whole number 1..{most}")
     return value
 
 
@@ -237,7 +228,7 @@ def _outputs(value: object) -> Path:
 
 def _bool(key: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{key}: must be true or false, got {_yaml_text(value)}")
+        raise ValueError(f"{key}: must be true or false, got {shown(value)}")
     return value
 
 

@@ -412,9 +412,6 @@ def _inspect_file(kind: str, path: Path, source: str) -> Entry:
     return entry
 
 
-_KIND_NAMES = {str: "text", list: "a list", int: "a whole number", dict: "a mapping"}
-
-
 class JsonConfig(dict):
     """A model folder's JSON file as read: a mapping that knows its file, to name it in an error."""
 
@@ -430,7 +427,7 @@ class JsonConfig(dict):
             return default
         if isinstance(value, bool) or not isinstance(value, kind):  # JSON's true is no number here
             kinds = kind if isinstance(kind, tuple) else (kind,)
-            wanted = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+            wanted = " or ".join(kind_of(k()) for k in kinds)  # what an empty one of each is called
             raise ModelError(f"model: {self.path}: {key} is {kind_of(value)}, not {wanted}")
         return value
 

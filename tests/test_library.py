@@ -385,8 +385,8 @@ def test_model_folders_whose_configs_hold_the_wrong_types_are_skipped_with_a_lin
         f"model: {checkpoints}/cls/model_index.json: _class_name is a number, not text",
         f"model: {checkpoints}/demo/dreamtty_demo.json names no family",
         f"model: {checkpoints}/te/model_index.json: text_encoder is a number, not a list",
-        f"model: {checkpoints}/unet/unet/config.json: in_channels is a list, not a whole number",
-        f"model: {controlnets}/cn-canny/config.json: cross_attention_dim is a list, not a whole number",
+        f"model: {checkpoints}/unet/unet/config.json: in_channels is a list, not a number",
+        f"model: {controlnets}/cn-canny/config.json: cross_attention_dim is a list, not a number",
         f"model: {captioners}/cap/config.json: architectures is a number, not a list",
     ])
     assert [(e.name, e.family) for e in lib.of_kind("checkpoint") if e.source != "built-in"] == [
