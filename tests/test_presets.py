@@ -100,6 +100,7 @@ def test_preset_names_match_in_any_case(presets_dir):
     (presets_dir / "Fast.yaml").write_text("steps: 4\n")
     assert [p.name for p in list_presets()].count("Fast") == 1 and "fast" not in preset_names()
     assert load_preset("FAST") == load_preset("fast") == {"steps": 4}
+    assert preset_fields(" FAST ")["preset"] == "Fast"  # recorded as its file names it (the form's list has that)
 
 
 def test_save_preset_round_trips_the_form(presets_dir):

@@ -150,11 +150,12 @@ def preset_fields(name: str, model: str | None = None) -> dict:
     """Preset ``name``'s request fields, recording ``preset: name`` (``backend.request_builder`` lays them
     under explicit values). A preset's size belongs to its model: for another ``model`` it is left out
     (that model's family default applies unless a size is given)."""
-    fields = load_preset(name)
+    file = preset_file(name)
+    fields = _fields(file, _read(file))
     if model not in (None, fields.get("model")):
         fields.pop("width", None)
         fields.pop("height", None)
-    return {**fields, "preset": name}
+    return {**fields, "preset": file.stem}  # as its file names it: " FAST " is recorded as fast
 
 
 def save_preset(name: str, request: dict, description: str = "") -> Path:
