@@ -80,7 +80,8 @@ def parse_floats(name: str, text: str) -> tuple[float, ...]:
     except ValueError:
         raise RequestError(name, f"{text!r} is not a comma-separated list of numbers") from None
     if values and not all(parts):
-        raise RequestError(name, f"{text!r} has an empty value between commas")
+        where = "after its last comma" if all(parts[:-1]) else "between commas"
+        raise RequestError(name, f"{text!r} has an empty value {where}")
     return values
 
 

@@ -575,7 +575,7 @@ def test_models_help_names_only_existing_subcommands(capsys):
     (["generate", "a fox", "--freeu", "1,2,3"], "freeu: needs 4 comma-separated numbers, got 3"),
     (["generate", "a fox", "--freeu", "a,b,c,d"], "freeu: 'a,b,c,d' is not a comma-separated list of numbers"),
     (["generate", "a fox", "--adm-scale", "1,,1"], "adm-scale: '1,,1' has an empty value between commas"),  # "got 2"
-    (["generate", "a fox", "--freeu", "1,2,3,4,"], "freeu: '1,2,3,4,' has an empty value between commas"),
+    (["generate", "a fox", "--freeu", "1,2,3,4,"], "freeu: '1,2,3,4,' has an empty value after its last comma"),
     (["train", "--out", "runs/x"], "out: is where generated images go; give the run folder with --output RUN_DIR"),
 ])
 def test_more_bad_flags_are_one_line_errors(capsys, argv, words):
