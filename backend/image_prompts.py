@@ -118,10 +118,11 @@ def convert_image_prompts(name: str, value: object) -> list[ImagePrompt]:
         return []
     if not isinstance(value, (list, tuple)):
         raise RequestError(FIELD, f"{shown(value)} is not allowed; give a list of IMAGE[:TYPE[:WEIGHT[:STOP]]]")
-    return [_one(item) for item in value]
+    return [_one(item, i) for i, item in enumerate(value)]
 
 
-def _one(item: object) -> ImagePrompt:
+def _one(item: object, index: int) -> ImagePrompt:
+    """Item ``index`` of the field: a text as typed, or a mapping (errors about its numbers name ``index + 1``)."""
     if isinstance(item, ImagePrompt):
         return item
     if isinstance(item, str):
@@ -135,7 +136,8 @@ def _one(item: object) -> ImagePrompt:
         raise RequestError(FIELD, f"{item!r}: path and type must be text")
     if not isinstance(item.get("hash", ""), (str, type(None))):
         raise RequestError(FIELD, f"{item!r}: hash must be text (the content hash recorded at submission)")
-    numbers = {k: None if item.get(k) is None else _setting(k, item[k]) for k in ("weight", "stop")}
+    numbers = {k: None if item.get(k) is None else _setting(k, item[k], f"{index + 1}: ")
+               for k in ("weight", "stop")}
     return ImagePrompt(item["path"], item.get("type", "image").strip().lower(), numbers["weight"], numbers["stop"],
                        item.get("hash"))
 
@@ -151,13 +153,14 @@ def tiled_control_error(width: int, height: int, side: int) -> RequestError:
                                "and face references only")
 
 
-def _setting(name: str, value: object) -> float:
-    """A reference's weight or stop as a number; RequestError naming it and its range otherwise."""
+def _setting(name: str, value: object, which: str = "") -> float:
+    """A reference's weight or stop as a number; RequestError naming it (after ``which``, the reference) and its
+    range otherwise."""
+    allowed = f"0..{MAX_WEIGHT:g}" if name == "weight" else "0..1"
     try:
-        return to_float(FIELD, value)
+        return to_float(FIELD, value, allowed)
     except RequestError as exc:
-        allowed = f"0..{MAX_WEIGHT:g}" if name == "weight" else "0..1"
-        raise RequestError(FIELD, f"{name} {exc.message}; allowed {allowed}") from None
+        raise RequestError(FIELD, f"{which}{name} {exc.message}") from None
 
 
 def resolve_image_prompts(prompts: list[ImagePrompt]) -> list[ImagePrompt]:
@@ -171,8 +174,8 @@ def resolve_image_prompts(prompts: list[ImagePrompt]) -> list[ImagePrompt]:
         kind = TYPES.get(prompt.type)
         if kind is None:
             raise RequestError(FIELD, f"{i + 1}: unknown type {prompt.type!r}; allowed: {', '.join(TYPES)}")
-        weight = kind.weight if prompt.weight is None else _setting("weight", prompt.weight)
-        stop = kind.stop if prompt.stop is None else _setting("stop", prompt.stop)
+        weight = kind.weight if prompt.weight is None else _setting("weight", prompt.weight, f"{prompt.label(i)}: ")
+        stop = kind.stop if prompt.stop is None else _setting("stop", prompt.stop, f"{prompt.label(i)}: ")
         if not 0.0 <= weight <= MAX_WEIGHT:
             raise RequestError(FIELD, f"{prompt.label(i)}: weight {weight:.12g} is out of range; "
                                       f"allowed 0..{MAX_WEIGHT:g}")

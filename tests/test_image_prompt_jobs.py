@@ -197,8 +197,9 @@ def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
         ([str(reference), f"{tmp_path}/gone.png:face"], f"image_prompt: 2 (face): {tmp_path}/gone.png is missing"),
         ([f"{tmp_path}/a::b/gone.png"], f"image_prompt: 1 (image): {tmp_path}/a::b/gone.png is missing"),  # no number
         ([f"{tmp_path}/{'a' * 300}.png"], "image_prompt: 1 (image): cannot read"),  # a name too long: not a 500
-        ([{"path": str(reference), "weight": "[/]"}], "image_prompt: weight '[/]' is not a number; allowed 0..2"),
-        ([{"path": str(reference), "stop": "nan"}], "image_prompt: stop 'nan' is not a finite number; allowed 0..1"),
+        ([{"path": str(reference)}, {"path": str(reference), "weight": "[/]"}],
+         "image_prompt: 2: weight '[/]' is not a number; allowed 0..2"),
+        ([{"path": str(reference), "stop": "nan"}], "image_prompt: 1: stop 'nan' is not a finite number; allowed 0..1"),
         ([str(tmp_path / "notes.png")], "is not an image PIL can read"),
         ([str(tmp_path)], "is a folder; give an image file"),
         ("photo.png", "image_prompt: 'photo.png' is not allowed; give a list"),
