@@ -26,6 +26,7 @@ from backend.values import absolute, shown, to_float
 FIELD = "image_prompt"  # the request's errors name the CLI flag's field
 MAX_IMAGE_PROMPTS = 4
 MAX_WEIGHT = 2.0
+SETTING_MOST = {"weight": MAX_WEIGHT, "stop": 1.0}  # the largest weight and stop of a reference; both from 0
 
 
 @dataclass(frozen=True)
@@ -156,11 +157,18 @@ def tiled_control_error(width: int, height: int, side: int) -> RequestError:
 def _setting(name: str, value: object, which: str = "") -> float:
     """A reference's weight or stop as a number; RequestError naming it (after ``which``, the reference) and its
     range otherwise."""
-    allowed = f"0..{MAX_WEIGHT:g}" if name == "weight" else "0..1"
     try:
-        return to_float(FIELD, value, allowed)
+        return to_float(FIELD, value, f"0..{SETTING_MOST[name]:g}")
     except RequestError as exc:
         raise RequestError(FIELD, f"{which}{name} {exc.message}") from None
+
+
+def setting_value(name: str, value: object, which: str = "") -> float:
+    """:func:`_setting`, in range too (0..2 for a weight, 0..1 for a stop)."""
+    number = _setting(name, value, which)
+    if not 0.0 <= number <= SETTING_MOST[name]:
+        raise RequestError(FIELD, f"{which}{name} {number:.12g} is out of range; allowed 0..{SETTING_MOST[name]:g}")
+    return number
 
 
 def resolve_image_prompts(prompts: list[ImagePrompt]) -> list[ImagePrompt]:
@@ -174,13 +182,9 @@ def resolve_image_prompts(prompts: list[ImagePrompt]) -> list[ImagePrompt]:
         kind = TYPES.get(prompt.type)
         if kind is None:
             raise RequestError(FIELD, f"{i + 1}: unknown type {prompt.type!r}; allowed: {', '.join(TYPES)}")
-        weight = kind.weight if prompt.weight is None else _setting("weight", prompt.weight, f"{prompt.label(i)}: ")
-        stop = kind.stop if prompt.stop is None else _setting("stop", prompt.stop, f"{prompt.label(i)}: ")
-        if not 0.0 <= weight <= MAX_WEIGHT:
-            raise RequestError(FIELD, f"{prompt.label(i)}: weight {weight:.12g} is out of range; "
-                                      f"allowed 0..{MAX_WEIGHT:g}")
-        if not 0.0 <= stop <= 1.0:
-            raise RequestError(FIELD, f"{prompt.label(i)}: stop {stop:.12g} is out of range; allowed 0..1")
+        which = f"{prompt.label(i)}: "
+        weight = kind.weight if prompt.weight is None else setting_value("weight", prompt.weight, which)
+        stop = kind.stop if prompt.stop is None else setting_value("stop", prompt.stop, which)
         try:
             source = read_image(prompt.path, FIELD, prompt.hash)
         except RequestError as exc:  # which of several references

@@ -9,22 +9,18 @@ file as it is now.
 
 from __future__ import annotations
 
+import re
+
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Input, Select
 
-import os
-import re
-
 from backend.errors import RequestError
-from backend.image_prompts import FIELD, MAX_IMAGE_PROMPTS, MAX_WEIGHT, TYPES
-from backend.values import to_float
+from backend.image_prompts import FIELD, MAX_IMAGE_PROMPTS, MAX_WEIGHT, TYPES, setting_value
+from backend.values import absolute
 from tui.suggest import PathSuggester
 from tui.widgets.field import Field, field_input, field_select
-
-
-MOST = {"weight": MAX_WEIGHT, "stop": 1.0}  # the largest weight and stop; both from 0
 
 
 def _number(value: object) -> str:
@@ -84,16 +80,10 @@ class ReferenceImages(Vertical):
         if not text:
             return None
         try:
-            value = to_float(name, text)
+            setting_value(name, text)
         except RequestError as exc:
-            raise self._error(row, name, exc.message) from None
-        if not 0.0 <= value <= MOST[name]:
-            raise self._error(row, name, f"{value:.12g} is out of range")
+            raise RequestError(f"ref-{row}-{name}", f"Reference {row + 1}: {exc.message}") from None
         return text
-
-    @staticmethod
-    def _error(row: int, name: str, problem: str) -> RequestError:
-        return RequestError(f"ref-{row}-{name}", f"Reference {row + 1}: {name} {problem}; allowed 0..{MOST[name]:g}")
 
     def placed(self, exc: RequestError) -> RequestError:
         """``exc`` as the error of the row whose file it names (the service numbers the references given, not
@@ -111,7 +101,7 @@ class ReferenceImages(Vertical):
     def _spellings(self, row: int) -> tuple[str, str]:
         """Row ``row``'s path as typed and as the service may name it (absolute)."""
         path = self._input(row, "path").value.strip()
-        return path, os.path.abspath(os.path.expanduser(path)) if path else ""
+        return path, absolute(path)
 
     def fill(self, prompts: list[dict]) -> None:
         """Show ``prompts`` (as from a request's ``to_dict``); rows beyond them are emptied."""
@@ -129,6 +119,6 @@ class ReferenceImages(Vertical):
     @on(Input.Changed)
     def _path_edited(self, event: Input.Changed) -> None:
         """A row's path edited: its file is hashed anew when queued (a changed file is no longer refused)."""
-        _, row, name = event.input.id.split("-")
-        if name == "path":
-            self._hashes.pop(int(row), None)
+        row = next((r for r in range(MAX_IMAGE_PROMPTS) if event.input.id == f"ref-{r}-path"), None)
+        if row is not None:
+            self._hashes.pop(row, None)
