@@ -137,8 +137,9 @@ def _check_width(state: dict, text_encoder) -> None:
 
 def _load_fault(exc: BaseException) -> str:
     """Why a LoRA or embedding file did not load, in a line: a KeyError is a tensor the loader looked for."""
-    if isinstance(exc, KeyError) and exc.args:
-        return f"it has no tensor {exc.args[0]} (a damaged file, or one made for another tool)"
+    key = exc.args[0] if isinstance(exc, KeyError) and exc.args else None
+    if isinstance(key, str) and key.endswith((".weight", ".bias", ".alpha")):  # a tensor's name, not a config key
+        return f"it has no tensor {key} (a damaged file, or one made for another tool)"
     return first_line(exc)
 
 
