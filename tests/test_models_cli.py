@@ -183,3 +183,20 @@ def test_pull_of_one_file_says_the_name_it_is_found_by(file, hint, tmp_path, mon
     assert main(["models", "pull", "org/model", "--file", file]) == 0
     out, err = capsys.readouterr()
     assert out == f"{path}\n" and err == f'use it with: dreamtty generate "..." --model {hint.format(path=path)}\n'
+
+
+def test_pull_of_a_file_one_of_the_users_has_the_name_of_gives_the_name_it_got(tmp_path, monkeypatch, capsys):
+    """A pulled file whose name one of the user's checkpoints has is named owner/repo/name: the hint said the bare
+    name, which is the user's own file."""
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--org--model" / "snapshots" / "abc"
+    pulled = _sd1_file(snapshot / "sd15.safetensors")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _sd1_file(tmp_path / "mine" / "sd15.safetensors")
+    monkeypatch.setenv("DREAMTTY_CHECKPOINTS", str(tmp_path / "mine"))
+    monkeypatch.setattr(downloads, "pull", lambda *args, **kwargs: pulled)
+    assert main(["models", "pull", "org/model", "--file", "sd15.safetensors"]) == 0
+    assert capsys.readouterr().err == 'use it with: dreamtty generate "..." --model org/model/sd15\n'

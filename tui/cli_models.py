@@ -66,8 +66,10 @@ def cmd_pull(args) -> int:
     print(one_line(path))
     if not args.file:
         name = args.id
-    else:  # the library names the single files at the root of a cached repo; one in a subfolder by its path
-        name = path.stem if "/" not in args.file.strip("/") else str(path)
+    else:  # as the library names it (owner/repo/name when one of the user's files has its name), else by its path
+        listed = library.discover(kinds=("checkpoint",), hub=False).of_kind("checkpoint")
+        name = next((e.name for e in listed if e.path == str(path)), None) or (
+            path.stem if "/" not in args.file.strip("/") else str(path))
     print(f"use it with: dreamtty generate \"...\" --model {visible(name)}", file=sys.stderr)
     return 0
 
