@@ -90,7 +90,8 @@ async def test_references_through_the_worker_metadata_and_reproduce(tmp_path, de
             assert np.array_equal(_pixels(again_path), _pixels(path))
         # A reference that changed since: reproduce names it, nothing is queued.
         picture().transpose(Image.Transpose.ROTATE_180).save(reference)
-        with pytest.raises(RequestError, match=rf"^image_prompt: 1 \(canny\): {reference} changed since the job was made"):
+        changed = rf"^image_prompt: 1 \(canny\): {reference} changed since the job was made"
+        with pytest.raises(RequestError, match=changed):
             service.submit(metadata.image_request(path)[0], tmp_path / "again")
     finally:
         await service.close()

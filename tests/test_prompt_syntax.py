@@ -108,7 +108,7 @@ def test_a_bracket_fault_a_wildcard_or_style_brought_names_it(user_folder):
                               "it (from wildcard __unbal__, which picked '(unbalanced')")
     with pytest.raises(RequestError) as err:
         build_prompt(GenerateRequest(prompt="a cat", styles=["Bad Neg"], seed=1))
-    assert str(err.value).endswith("is never closed; add ']' or escape it (from the negative_prompt of style 'Bad Neg')")
+    assert str(err.value).endswith("add ']' or escape it (from the negative_prompt of style 'Bad Neg')")
 
 
 def test_an_unknown_wildcard_names_the_folder_searched(tmp_path, monkeypatch):

@@ -909,8 +909,9 @@ def test_connect_picks_the_client(monkeypatch, tmp_path):
 
 
 def test_bad_serve_options_are_one_line(dirs):
-    for args, field in ((("--listen", "nowhere"), "listen"), (("--idle-exit", "-1"), "idle-exit"), (("--json",), "json"),
-                        (("--status", "--idle-exit", "-3"), "idle-exit"), (("--stop", "--listen", "foo"), "listen")):
+    for args, field in ((("--listen", "nowhere"), "listen"), (("--idle-exit", "-1"), "idle-exit"),
+                        (("--json",), "json"), (("--status", "--idle-exit", "-3"), "idle-exit"),
+                        (("--stop", "--listen", "foo"), "listen")):
         result = cli(dirs, "serve", *args)  # the last two were ignored
         assert result.returncode == 2 and result.stderr.startswith(f"dreamtty: {field}: ")
         assert len(result.stderr.splitlines()) == 1

@@ -124,7 +124,8 @@ async def test_run_routes_refuse_bad_input_in_one_line(service, tmp_path):
                             ({"request": settings, "devices": "cuda:99"}, "devices")):
             status, answer = await post(body)
             assert status == 400 and answer["field"] == field and "\n" not in answer["error"], (body, answer)
-        assert (await post({"request": 5}))[1]["error"] == "request: expected an object of the run's settings, got a number"
+        said = "request: expected an object of the run's settings, got a number"
+        assert (await post({"request": 5}))[1]["error"] == said
         relative = {**settings, "output": str(tmp_path / "r"), "resume": "r/checkpoints/checkpoint-1"}  # the service's
         assert (await post({"request": relative}))[1]["error"] == "resume: must be an absolute folder path"  # cwd's
         async with http.get("http://dreamtty/v1/runs/999") as r:

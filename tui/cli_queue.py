@@ -126,7 +126,8 @@ def _forget(args: argparse.Namespace) -> int:
     if args.forget < 0:
         raise RequestError("forget", f"{args.forget} is negative; give a number of days (0 or more)")
     forgotten = asyncio.run(_with_queue(args, lambda client: client.forget_ended(args.forget)))
-    print(json.dumps({"forgotten": forgotten}) if args.json else f"{forgotten} ended job{'s' * (forgotten != 1)} forgotten")
+    said = f"{forgotten} ended job{'s' * (forgotten != 1)} forgotten"
+    print(json.dumps({"forgotten": forgotten}) if args.json else said)
     return 0
 
 
