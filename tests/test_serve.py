@@ -820,8 +820,8 @@ def test_generate_starts_a_service_and_ctrl_c_cancels_its_job(dirs):
     assert first.returncode == 0, first.stderr
     info = dirs.files().read_pid_file()
     assert info and _connects(dirs.files().socket)
-    said = (f"dreamtty: started the service in the background (pid {info['pid']}): it keeps the model loaded for the "
-            "next command; dreamtty serve --stop ends it")
+    said = (f"dreamtty: started the service in the background (pid {info['pid']}); it stays, keeping models loaded "
+            "for the next command: dreamtty serve --stop ends it")
     assert first.stderr.splitlines() == [said]  # it outlives the command, holding the model: not in silence
     assert cli(dirs, *GENERATE).stderr == ""  # the next command used it: nothing to say
     with open(dirs.home / "gen.err", "w") as err:

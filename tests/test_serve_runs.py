@@ -20,7 +20,7 @@ from PIL import Image
 from backend.events import Step
 from backend.training.config import TrainRequest
 from test_run_schedule import FAKE_TRAINER
-from test_serve import ROOT, _request, client, service, shared  # noqa: F401 (fixtures)
+from test_serve import ROOT, _request, cli, client, dirs, service, shared  # noqa: F401 (fixtures)
 
 
 def _photos(folder: Path) -> Path:
@@ -209,3 +209,13 @@ async def test_a_run_whose_client_hangs_up_before_the_answer_is_not_started(tmp_
         await runner.cleanup()
         await owner.close()
         shutil.rmtree(folder)
+
+
+def test_a_train_that_starts_the_service_says_so(dirs, tmp_path):
+    """The service it starts outlives it, holding what it loads: said, as generate says it."""
+    photos, run_dir = _photos(tmp_path / "photos"), tmp_path / "run"
+    started = cli(dirs, *_train_args(photos, run_dir), "--detach", "--device", "cpu")
+    assert started.returncode == 0, started.stderr
+    pid = dirs.files().read_pid_file()["pid"]
+    assert (f"dreamtty: started the service in the background (pid {pid}); it stays, keeping models loaded for the "
+            "next command: dreamtty serve --stop ends it") in started.stderr.splitlines()

@@ -26,7 +26,7 @@ from backend.queue_store import FINAL
 from backend.request import DTYPES, MAX_COUNT, SPEEDS, GenerateRequest
 from backend.safetext import one_line, visible
 from backend.samplers import SAMPLERS, SCHEDULES
-from tui.cli_output import Progress, given, integer, number, print_warnings
+from tui.cli_output import Progress, given, integer, number, print_warnings, say_started
 
 
 def _floats(name: str, count: int | None = None):
@@ -142,9 +142,7 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
         job_ids = [await client.submit(r, out) for r in requests]  # validates before any worker starts
         await client.start()
         print_warnings(client.warnings[said:])  # those of a service started for these jobs
-        if client.started:  # it outlives this command, holding its model (and GPU memory)
-            print(f"dreamtty: started the service in the background (pid {client.started}): it keeps the model "
-                  "loaded for the next command; dreamtty serve --stop ends it", file=sys.stderr)
+        say_started(client)
         result = await follow(client, job_ids, events, args.json, getattr(args, "show_preprocessed", False))
         finished = True
     finally:

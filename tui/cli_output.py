@@ -70,6 +70,14 @@ def file_path(text: str) -> Path:
     return Path(given(text))
 
 
+def say_started(client) -> None:
+    """Say so when ``client`` started the background service: it outlives the command, holding what it loaded
+    (a GPU's memory)."""
+    if client.started:
+        print(f"dreamtty: started the service in the background (pid {client.started}); it stays, keeping models "
+              "loaded for the next command: dreamtty serve --stop ends it", file=sys.stderr)
+
+
 def print_warnings(warnings: list[str]) -> None:
     """Each warning as a ``dreamtty: warning:`` line on stderr."""
     for warning in warnings:

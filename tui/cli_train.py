@@ -24,7 +24,7 @@ from backend.families import MODEL_NAMES
 from backend.safetext import one_line, visible
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
-from tui.cli_output import file_path, given, print_warnings
+from tui.cli_output import file_path, given, print_warnings, say_started
 
 if TYPE_CHECKING:  # the scheduler and launcher are imported by the train command only, not by every CLI start
     from backend.run_schedule import ScheduledRun
@@ -157,6 +157,7 @@ async def _schedule(args: argparse.Namespace, request: TrainRequest) -> Schedule
     run, settled = None, False
     try:
         await client.start()
+        say_started(client)
         run, warnings = await client.start_run(request, args.device, args.launcher)
         print_warnings(warnings)
         if run.state == WAITING and not args.detach:
