@@ -614,6 +614,7 @@ def test_dreamtty_local_reads_true_and_false_words(monkeypatch):
     monkeypatch.setenv("DREAMTTY_LOCAL", "banana")
     with pytest.raises(DreamttyError, match="^DREAMTTY_LOCAL: 'banana' is not true or false$"):
         is_local()
+    assert main(["jobs"]) == 2  # a command that reads the queue file passed over it
 
 
 def test_cancel_says_cancelled_once_a_running_job_has_stopped(monkeypatch, capsys):

@@ -54,9 +54,10 @@ def _running() -> bool:
 def _client(args):
     """The running service's client; with none running, the queue read in this process (nothing is
     started just to list or cancel jobs: a service would adopt and run orphaned jobs too)."""
-    from backend.client import connect
+    from backend.client import connect, is_local
 
-    return connect(args.device, local=args.local or not _running(), start=False, cluster=args.cluster)
+    local = is_local(args.local)  # DREAMTTY_LOCAL read (and a bad value said) whether or not a service runs
+    return connect(args.device, local=local or not _running(), start=False, cluster=args.cluster)
 
 
 def _service_only(args, command: str) -> None:
