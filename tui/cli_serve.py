@@ -90,12 +90,16 @@ def _client():
     return RemoteClient(Address(socket=_files().socket), start=None, previews=False, manage=True)
 
 
-def _not_running() -> int:
+def _not_running(as_json: bool = False) -> int:
+    """Say that no service answers (on stderr; ``as_json``: also as JSON on stdout, which a script reads)."""
     from backend.serve import log_path
 
     files = _files()
-    if files.locked():  # it holds the lock but does not answer: it starts or stops
-        pid = (files.read_pid_file() or {}).get("pid")
+    locked = files.locked()  # it holds the lock but does not answer: it starts or stops
+    pid = (files.read_pid_file() or {}).get("pid") if locked else None
+    if as_json:
+        print(json.dumps({"service": "not answering" if locked else "not running", "pid": pid}))
+    if locked:
         print(f"dreamtty: the service{f' (pid {pid})' if pid else ''} does not answer: it is starting, stopping or "
               f"busy (its log: {log_path()})", file=sys.stderr)
         return 1
@@ -128,11 +132,7 @@ async def _stop() -> int:
 
 async def _status(as_json: bool) -> int:
     if not _answers():
-        if as_json:  # a script reads stdout: JSON there too
-            files = _files()
-            pid = (files.read_pid_file() or {}).get("pid") if files.locked() else None
-            print(json.dumps({"service": "not answering" if files.locked() else "not running", "pid": pid}))
-        return _not_running()
+        return _not_running(as_json)
     client = _client()
     try:
         status = await client.status()
