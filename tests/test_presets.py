@@ -139,3 +139,15 @@ def test_the_cli_lists_and_shows_presets_as_data(presets_dir, capsys):
     assert main(["presets", "show", "bad"]) == 2
     assert capsys.readouterr().err.startswith("dreamtty: preset: ") and main(["presets", "show", "nope"]) == 2
 
+
+
+def test_unknown_preset_error_allows_only_usable_presets(presets_dir):
+    """An unusable preset was listed among the allowed ones; choosing it only gave another error."""
+    (presets_dir / "broken.yaml").write_text("steps: [oops\n")
+    (presets_dir / "Loud.yaml").write_text("cfg: 99\n")
+    with pytest.raises(RequestError) as err:
+        load_preset("nope")
+    allowed, _, unusable = err.value.message.partition("; unusable: ")
+    assert "broken" not in allowed and "Loud" not in allowed and "anime" in allowed
+    assert unusable == "Loud, broken"
+    assert [p.name for p in list_presets() if not p.usable] == ["Loud", "broken"]

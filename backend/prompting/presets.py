@@ -32,6 +32,7 @@ class PresetInfo:
     name: str
     description: str
     source: str  # "shipped:<file>" or the user's path
+    usable: bool = True
 
 
 def _files() -> dict[str, DataFile]:
@@ -45,6 +46,14 @@ def preset_names() -> list[str]:
     return sorted(f.stem for f in _files().values())
 
 
+def known_presets() -> str:
+    """The presets to name in an error: ``allowed: <the usable ones>``, then ``; unusable: <the others>``."""
+    found = list_presets()
+    usable = ", ".join(p.name for p in found if p.usable) or "none"
+    unusable = ", ".join(p.name for p in found if not p.usable)
+    return f"allowed: {usable}" + (f"; unusable: {unusable}" if unusable else "")
+
+
 def list_presets() -> list[PresetInfo]:
     """All presets by name; one that cannot be used (it does not parse, or holds an unknown key or a bad value)
     is listed with the error as its description."""
@@ -56,6 +65,8 @@ def list_presets() -> list[PresetInfo]:
             _fields(file, data)
         except RequestError as exc:
             description = f"(unusable: {exc.message if exc.field == 'preset' else exc})"  # the key it names
+            out.append(PresetInfo(file.stem, description, file.label, usable=False))
+            continue
         out.append(PresetInfo(file.stem, description, file.label))
     return out
 
@@ -76,14 +87,19 @@ def preset_file(name: str) -> DataFile:
     """Preset ``name``'s file; RequestError("preset") naming the known ones when there is none."""
     file = _files().get(name.strip().lower())
     if file is None:
-        raise RequestError("preset", f"unknown {name!r}; allowed: {', '.join(preset_names()) or 'none'}")
+        raise RequestError("preset", f"unknown {name!r}; {known_presets()}")
     return file
 
 
 def load_preset(name: str) -> dict:
     """The request fields preset ``name`` sets (``size`` split into width/height), checked and converted."""
+    return _loaded(name)[1]
+
+
+def _loaded(name: str) -> tuple[DataFile, dict]:
+    """Preset ``name``'s file and the request fields it sets."""
     file = preset_file(name)
-    return _fields(file, _read(file))
+    return file, _fields(file, _read(file))
 
 
 def _fields(file: DataFile, read: dict) -> dict:
@@ -150,8 +166,7 @@ def preset_fields(name: str, model: str | None = None) -> dict:
     """Preset ``name``'s request fields, recording ``preset: name`` (``backend.request_builder`` lays them
     under explicit values). A preset's size belongs to its model: for another ``model`` it is left out
     (that model's family default applies unless a size is given)."""
-    file = preset_file(name)
-    fields = _fields(file, _read(file))
+    file, fields = _loaded(name)
     if model not in (None, fields.get("model")):
         fields.pop("width", None)
         fields.pop("height", None)
