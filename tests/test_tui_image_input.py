@@ -192,6 +192,23 @@ async def test_gallery_key_on_an_image_whose_settings_are_unusable_says_so(idle_
     assert len(warnings) == 1 and "'[/]x' is not a whole number; its settings are not used" in warnings[0]
 
 
+
+async def test_gallery_key_refused_for_a_setting_the_image_carried_says_so(idle_service, tmp_path):
+    """A refusal when the job is queued (the image's model is gone) did not say the value was the image's own
+    setting, which the user never typed (the CLI's verbs say so)."""
+    image = source_png(tmp_path / "fox.png", model=str(tmp_path / "gone"))
+    in_gallery(idle_service, image)
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(120, 40), notifications=True) as pilot:
+        await settle(pilot)
+        await to_gallery(pilot, app)
+        await pilot.press("v")
+        await wait_for(pilot, lambda: any(n.severity == "error" for n in app._notifications), what="the refusal")
+        errors = [n.message for n in app._notifications if n.severity == "error"]
+        assert len(idle_service.jobs()) == 1
+    assert errors[0].startswith(f"model: {tmp_path / 'gone'} does not exist"), errors
+    assert errors[0].endswith(f"(the setting of the input image {image}; give another value to override it)")
+
 # -- the mask editor -------------------------------------------------------------------------------------
 def expected_mask(image_size: tuple[int, int], preview: tuple[int, int], painted: set[tuple[int, int]]) -> np.ndarray:
     """The image-sized mask whose pixels belong to the ``painted`` preview pixels (x·w // W, y·h // H)."""

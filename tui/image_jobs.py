@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from backend import request_builder
+from backend.errors import DreamttyError
 from backend.input_images import read_image
 from backend.jobkinds.image_input import ImageInputRequest
 from backend.jobkinds.img2img import Img2ImgRequest
@@ -40,18 +41,33 @@ def outpaint_pixels(size: tuple[int, int], side: str) -> int:
     return math.ceil(OUTPAINT_SHARE * size[0 if side in ("left", "right") else 1])
 
 
-def request_on_image(kind: type[ImageInputRequest], image: str, values: dict) -> tuple[ImageInputRequest, list[str]]:
-    """The request of ``kind`` on ``image``: defaults < the config's < the image's own settings < ``values``,
-    with a new seed (as the CLI's verbs build it), and the warnings about those settings (metadata that is not
-    used, another tool's settings not carried over). Reads the image's metadata: call it in a thread."""
+@dataclass(frozen=True)
+class ImageJob:
+    """A job on an image, as built: its request and the warnings about the image's settings (metadata that is
+    not used, another tool's settings not carried over)."""
+
+    request: ImageInputRequest
+    warnings: list[str]
+    source: dict  # the image's own settings
+    values: dict  # the fields the operation gave
+
+    def explained(self, exc: DreamttyError) -> DreamttyError:
+        """``exc``, a refusal of the job when it is queued, saying so when it refuses a setting of the image."""
+        explicit = request_builder.from_text(self.values)
+        return request_builder.inherited(exc, self.request.to_dict(), self.source, explicit)
+
+
+def request_on_image(kind: type[ImageInputRequest], image: str, values: dict) -> ImageJob:
+    """The job of ``kind`` on ``image``: defaults < the config's < the image's own settings < ``values``, with a
+    new seed (as the CLI's verbs build it). Reads the image's metadata: call it in a thread."""
     source, warnings = request_builder.source_settings(image)
-    return request_builder.build({"image": image, **values}, kind=kind, source=source), warnings
+    request = request_builder.build({"image": image, **values}, kind=kind, source=source)
+    return ImageJob(request, warnings, source, values)  # type: ignore[arg-type]
 
 
-def gallery_request(name: str, image: str, values: dict | None = None) -> tuple[ImageInputRequest, list[str]]:
-    """The job that operation ``name`` queues on ``image`` (``values``: more fields, e.g. inpaint's mask), and
-    the warnings about the image's settings. Reads the image (an outpaint's size): call it in a thread;
-    RequestError("image") when it cannot be used."""
+def gallery_request(name: str, image: str, values: dict | None = None) -> ImageJob:
+    """The job that operation ``name`` queues on ``image`` (``values``: more fields, e.g. inpaint's mask). Reads
+    the image (an outpaint's size): call it in a thread; RequestError("image") when it cannot be used."""
     op = OPERATIONS[name]
     extra = dict(values or {})
     if op.side is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from backend.jobkinds.inpaint import InpaintRequest
 from backend.queue_store import ACTIVE, Job
 from backend.safetext import summary
 from tui import keymap
-from tui.image_jobs import OPERATIONS, gallery_request
+from tui.image_jobs import OPERATIONS, ImageJob, gallery_request
 from tui.text import cell, notify, plain
 from tui.widgets.footer import KeysFooter
 from tui.widgets.modebar import ModeBar
@@ -309,17 +310,23 @@ class QueueScreen(Screen):
 
     def _queue_on_image(self, name: str, path: str, values: dict | None = None) -> None:
         label = OPERATIONS[name].label
-        self.app.queue_request(partial(self._request_on_image, name, path, values),
-                               lambda exc: notify(self, exc, title=label, severity="error"),
+        built: list[ImageJob] = []  # the job, once built: a refusal of a setting the image carried says so
+
+        def failed(exc: DreamttyError) -> None:
+            notify(self, built[0].explained(exc) if built else exc, title=label, severity="error")
+
+        self.app.queue_request(partial(self._request_on_image, name, path, values, built.append), failed,
                                lambda job: notify(self, f"Job #{job} queued: {label} of {Path(path).name}."))
 
-    def _request_on_image(self, name: str, path: str, values: dict | None) -> ImageInputRequest:
-        """The job of operation ``name`` on ``path`` (in a thread); what its metadata gives that is not used is
-        said, as the CLI's verbs say it."""
-        request, warnings = gallery_request(name, path, values)
-        for warning in warnings:
+    def _request_on_image(self, name: str, path: str, values: dict | None,
+                          keep: Callable[[ImageJob], None]) -> ImageInputRequest:
+        """The job of operation ``name`` on ``path`` (in a thread), given to ``keep``; what its metadata gives
+        that is not used is said, as the CLI's verbs say it."""
+        job = gallery_request(name, path, values)
+        keep(job)
+        for warning in job.warnings:
             self.app.call_from_thread(notify, self, warning, title=Path(path).name, severity="warning", timeout=15)
-        return request
+        return job.request
 
     def action_inpaint(self) -> None:
         """Open the mask editor on the selected image; the mask it saves is inpainted at once."""
