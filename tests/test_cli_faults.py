@@ -800,3 +800,18 @@ def test_a_default_model_that_does_not_exist_is_said_to_be_the_default(tmp_path,
     _one_error(capsys, "model: other does not exist", "(DREAMTTY_DEFAULT_MODEL; give --model NAME, or change it)")
     assert main(["generate", "x", "--local", "--model", "typed"]) == 2
     assert "DREAMTTY_DEFAULT_MODEL" not in capsys.readouterr().err
+
+
+def test_a_model_name_this_process_cannot_resolve_is_left_to_the_service(monkeypatch, tmp_path):
+    """A service started with another config (another model library) knows names this client does not: the
+    client refused ``--model mine`` as missing before the service was asked."""
+    queued = []
+
+    async def run_jobs(args, requests, out):
+        queued.extend(requests)
+        return 0, []
+
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    monkeypatch.setattr(cli_jobs, "_run_jobs", run_jobs)
+    assert main(["generate", "x", "--model", "mine", "--size", "64x64"]) == 0
+    assert [request.model for request in queued] == ["mine"]

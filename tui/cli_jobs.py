@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from backend.client import SERVICE_ENV, Client
-from backend.errors import DreamttyError, RequestError, noted
+from backend.errors import DreamttyError, ModelError, RequestError, noted
 from backend.events import Cancelled, Failed, ImageSaved, Log, Note, Preview, Retrying, TextOutput, to_dict
 from backend.guidance_settings import GuidanceSettings
 from backend.image_prompts import MAX_IMAGE_PROMPTS, TYPES
@@ -238,10 +238,14 @@ def _client(args) -> Client:
 
 
 def _fetch_if_missing(request: GenerateRequest) -> None:
-    """The request's model, a Hugging Face id not cached yet, is downloaded here (progress bar on stderr)."""
+    """The request's model, a Hugging Face id not cached yet, is downloaded here (progress bar on stderr). A
+    name this process cannot resolve is left to the service: one started with another config may know it."""
     from backend.models import resolve_model
 
-    ref = resolve_model(request.model, variants=request.model_variants)
+    try:
+        ref = resolve_model(request.model, variants=request.model_variants)
+    except ModelError:
+        return
     if ref.kind == "hub" and ref.family == "unknown":
         from backend.downloads import pull
         from backend.extras_check import check_extras
