@@ -29,6 +29,7 @@ from backend.worker import RELEASE
 
 _CTX = mp.get_context("spawn")
 JOIN_PATIENCE = 5.0  # seconds a worker has to exit when the pool closes, then after SIGTERM
+EARLY_DEATHS_SAID = 2  # a worker that dies this many times in a row before it is ready is said to be unable to start
 RESPAWN_BACKOFF = (1.0, 60.0)  # seconds: first and longest wait before restarting a worker that dies before ready
 
 
@@ -156,7 +157,7 @@ class ProcessPool:
         self._on_died: OnDied = lambda slot, jobs, why, counts: None
         self._loop = None
         self._early_deaths: dict[int, int] = {}  # slot id -> deaths in a row before the worker was ready
-        self._stale = StartFaults()  # workers that refused to start: the code changed on disk
+        self._start_faults = StartFaults()  # workers that cannot start: the code changed on disk, or they die early
 
     def start(self, on_event: OnEvent, on_died: OnDied) -> None:
         import asyncio
@@ -198,7 +199,7 @@ class ProcessPool:
         return {"workers": workers, "warnings": self.start_faults()}
 
     def start_faults(self) -> list[str]:
-        return self._stale.warnings()
+        return self._start_faults.warnings()
 
     async def close(self) -> None:
         import asyncio
@@ -284,7 +285,7 @@ class ProcessPool:
         if isinstance(event, WorkerReady):
             self._procs[event.worker].ready = True
             self._early_deaths.pop(event.worker, None)
-            self._stale.started(event.worker)
+            self._start_faults.started(event.worker)
             self._add_gpu_workers(event)
         self._on_event(event)
 
@@ -303,11 +304,16 @@ class ProcessPool:
         why, stale = f"worker {exit_text(exitcode)}", exitcode == versions.STALE_EXIT
         if stale:
             why = f"worker {slot.id}: {versions.stale_why()}"
-            self._stale.cannot(slot.id, why, self._on_event)
+            self._start_faults.cannot(slot.id, why, self._on_event)
         if dead.ready:
             self._spawn(slot)  # first: the service may hand the new worker a job at once
         else:  # it cannot start (a broken install or driver): restart it after a wait, not in a loop
             deaths = self._early_deaths[slot.id] = self._early_deaths.get(slot.id, 0) + 1
+            if deaths >= EARLY_DEATHS_SAID and not stale:  # else its queued jobs wait in silence
+                self._start_faults.cannot(slot.id, f"worker {slot.id} cannot start: it {exit_text(exitcode)} before "
+                                          f"it was ready, {EARLY_DEATHS_SAID} or more times in a row (see "
+                                          f"{self.log_of(slot)}); it is started again after growing waits, and "
+                                          "queued jobs wait", self._on_event)
             first, longest = RESPAWN_BACKOFF
             slot.jobs = []
             self._loop.call_later(min(longest, first * 2 ** (deaths - 1)), self._respawn, slot)

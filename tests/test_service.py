@@ -419,18 +419,25 @@ async def test_a_worker_that_dies_before_ready_is_restarted_after_growing_waits(
     monkeypatch.setattr(pool, "RESPAWN_BACKOFF", (1.0, 2.0))
     workers = ProcessPool("cpu", tmp_path / "queue.sqlite3")
     deaths: list[tuple[float, str]] = []
-    workers.start(lambda event: None,
+    said: list[Event] = []
+    workers.start(said.append,
                   lambda slot, job, why, counts: deaths.append((asyncio.get_running_loop().time(), why)))
     try:
         async with asyncio.timeout(60):
             while len(deaths) < 4:
                 await asyncio.sleep(0.05)
+        warnings = workers.status()["warnings"]
     finally:
         await workers.close()
     gaps = [later - earlier for (earlier, _), (later, _) in zip(deaths, deaths[1:])]
     assert gaps[0] >= 1.0 and gaps[1] >= 2.0 and gaps[2] >= 2.0, gaps  # 1 s, then doubled up to the cap
     assert all(why == "worker exited with code 1" for _, why in deaths)  # a TypeError: os._exit takes one argument
     assert not workers.alive(workers.slots[0])
+    # Its queued jobs waited in silence: that it cannot start is said once (the second death), and in the status.
+    assert [(type(e).__name__, e.level) for e in said] == [("Log", "error")]
+    assert warnings == [said[0].message] and said[0].message == (
+        f"worker 0 cannot start: it exited with code 1 before it was ready, 2 or more times in a row (see "
+        f"{workers.log_of(workers.slots[0])}); it is started again after growing waits, and queued jobs wait")
 
 
 async def test_a_worker_of_code_changed_on_disk_exits_before_it_speaks_and_the_pool_says_restart(monkeypatch, tmp_path):
