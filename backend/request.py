@@ -182,7 +182,7 @@ class GenerateRequest:
         max_batch = optional(to_int)("max_batch", self.max_batch)
         if max_batch is not None and not 1 <= max_batch <= MAX_COUNT:
             raise RequestError("max_batch", f"{self.max_batch} is out of range; allowed 1..{MAX_COUNT} "
-                                            "(or none: the device's default)")
+                                            "(left out: the device's default)")
         if self.dtype not in DTYPES:
             raise RequestError("dtype", f"unknown {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         if self.speed not in SPEEDS:

@@ -257,8 +257,10 @@ def _fetch_if_missing(request: GenerateRequest) -> None:
 
 
 def cmd_generate(args) -> int:
-    if args.init_image is None and args.strength is not None:
-        raise RequestError("strength", "needs --init-image (image to image)")
+    if args.init_image is None:
+        for name in ("strength", "keep_inputs"):
+            if getattr(args, name) is not None:
+                raise RequestError(name, "needs --init-image (image to image)")
     args.image = args.init_image
     if args.init_image is None:
         request = request_from_args(args)
