@@ -234,12 +234,12 @@ def read_mask(path: str, size: tuple[int, int], expected_hash: str | None = None
     return mask, InputImage(path, digest, grey, notes)
 
 
-def check_mask(mask: np.ndarray, what: str, field: str = "mask") -> None:
-    """RequestError(``field``) for a mask that repaints nothing or everything."""
+def check_mask(mask: np.ndarray, what: str) -> None:
+    """RequestError("mask") for a mask that repaints nothing or everything."""
     if not mask.any():
-        raise RequestError(field, f"{what} is all black: nothing to repaint (white = repaint, black = keep)")
+        raise RequestError("mask", f"{what} is all black: nothing to repaint (white = repaint, black = keep)")
     if mask.all():
-        raise RequestError(field, f"{what} is all white: every pixel would be repainted; use vary for that")
+        raise RequestError("mask", f"{what} is all white: every pixel would be repainted; use vary for that")
 
 
 def box_mask(box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
@@ -250,9 +250,11 @@ def box_mask(box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarra
         raise RequestError("box", f"{w}x{h} is empty; give X,Y,W,H with W and H > 0")
     if x < 0 or y < 0 or x + w > width or y + h > height:
         raise RequestError("box", f"{x},{y},{w},{h} is not inside the {width}x{height} image")
+    if (w, h) == size:
+        raise RequestError("box", f"{x},{y},{w},{h} is the whole {width}x{height} image: every pixel would be "
+                                  "repainted; use vary for that")
     import numpy as np
 
     mask = np.zeros((height, width), dtype=bool)
     mask[y:y + h, x:x + w] = True
-    check_mask(mask, f"box {x},{y},{w},{h}", "box")
     return mask

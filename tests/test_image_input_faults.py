@@ -130,7 +130,7 @@ def test_bad_settings(service, tmp_path):
         (InpaintRequest(image=image, mask=str(tmp_path / "white.png")), "is all white: every pixel would be repainted"),
         (InpaintRequest(image=image, mask=str(tmp_path / "nomask.png")), "mask: {}/nomask.png is missing"),
         (InpaintRequest(image=image, box=(100, 100, 64, 64)), "box: 100,100,64,64 is not inside the 128x128 image"),
-        (InpaintRequest(image=image, box=(0, 0, 128, 128)), "box: box 0,0,128,128 is all white: every pixel"),
+        (InpaintRequest(image=image, box=(0, 0, 128, 128)), "box: 0,0,128,128 is the whole 128x128 image: every pixel"),
         (InpaintRequest(image=image, box=(1, 1, 8, 8), mode="erase"), "mode: unknown 'erase'; allowed: fill, detail, modify"),
         (InpaintRequest(image=image, box=(1, 1, 8, 8), context=2), "context: 2 is out of range; allowed 0..1"),
         (OutpaintRequest(image=image), "outpaint: nothing to add; give the pixels to add on the left, right, top or bottom"),
@@ -141,7 +141,7 @@ def test_bad_settings(service, tmp_path):
         (UpscaleRequest(image=image, scale=3), "scale: 3 is not allowed; allowed: 1.5, 2, 4"),
         (UpscaleRequest(image=str(big), scale=4, fast=True), "scale: 4x of 2100x1000 is 8400x4000; allowed up to 8192"),
         (UpscaleRequest(image=image, width=512, height=512),
-         "size: upscale makes a 256x256 image from this input; leave the size out (the form's Size: the input image's)"),
+         "size: upscale makes a 256x256 image from this input; leave the size out (the TUI's Size: the input image's)"),
         (UpscaleRequest(image=image, upscaler="nope"), "upscaler: nope not found"),
         (UpscaleRequest(image=tiny), "image: {}/tiny.png upscaled is 40x80; repainting needs at least 64 pixels a side"),
         (UpscaleRequest(image=image, image_prompts=[f"{image}:canny"]),  # known before it is queued, not failed later

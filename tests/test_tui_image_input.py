@@ -418,7 +418,7 @@ BAD_SETTINGS = [  # an operation, its image and settings, the field that shows t
     ("inpaint", "fox.png", {"mask": "black.png"}, "#in-mask", "is all black"),
     ("inpaint", "fox.png", {}, "#in-mask", "give a mask image or a box"),
     ("inpaint", "fox.png", {"box": "0,0,500,5"}, "#in-box", "is not inside the 128x96 image"),
-    ("inpaint", "fox.png", {"box": "0,0,128,96"}, "#in-box", "box 0,0,128,96 is all white"),
+    ("inpaint", "fox.png", {"box": "0,0,128,96"}, "#in-box", "0,0,128,96 is the whole 128x96 image"),
     ("img2img", "fox.png", {"strength": "1.5"}, "#in-strength", "out of range"),
     ("outpaint", "fox.png", {}, "#in-left", "nothing to add"),
     ("outpaint", "fox.png", {"top": "-8"}, "#in-top", "negative"),

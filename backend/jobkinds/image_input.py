@@ -95,7 +95,7 @@ class ImageInputRequest(GenerateRequest):
         asked = (self.width, self.height)
         if asked != (None, None) and asked != size:
             raise RequestError("size", f"{self.kind_label} makes a {size[0]}x{size[1]} image from this input; "
-                                       "leave the size out (the form's Size: the input image's)")
+                                       "leave the size out (the TUI's Size: the input image's)")
         return {"width": size[0], "height": size[1]}
 
     def check_size(self, fam, width: int, height: int) -> None:
