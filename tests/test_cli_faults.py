@@ -815,3 +815,12 @@ def test_a_model_name_this_process_cannot_resolve_is_left_to_the_service(monkeyp
     monkeypatch.setattr(cli_jobs, "_run_jobs", run_jobs)
     assert main(["generate", "x", "--model", "mine", "--size", "64x64"]) == 0
     assert [request.model for request in queued] == ["mine"]
+
+
+def test_upscale_fast_with_a_strength_is_refused(tmp_path, capsys):
+    """``upscale --fast --strength 0.5`` recorded the strength of a repainting pass it never ran."""
+    image = write_image(tmp_path / "in.png")
+    with pytest.raises(SystemExit) as exit_:
+        main(["upscale", str(image), "--fast", "--strength", "0.5"])
+    assert exit_.value.code == 2
+    _one_error(capsys, "argument --strength: not allowed with argument --fast")

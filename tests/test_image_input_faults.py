@@ -122,6 +122,7 @@ def test_bad_settings(service, tmp_path):
         (Img2ImgRequest(image=image, strength=1.5), "strength: 1.5 is out of range; allowed 0..1"),
         (Img2ImgRequest(image=image, strength=-0.1), "strength: -0.1 is out of range"),
         (Img2ImgRequest(image=image, strength=0.05, steps=8), "strength: 0.05 of 8 steps runs no step"),
+        (UpscaleRequest(image=image, steps=2), "strength: 0.382 (upscale's default) of 2 steps runs no step"),
         (Img2ImgRequest(image=image, width=100, height=128), "width: 100 is not allowed; use a positive multiple of 8"),
         (InpaintRequest(image=image), "mask: give a mask image or a box X,Y,W,H (one of them)"),
         (InpaintRequest(image=image, mask=mask, box=(1, 1, 8, 8)), "mask: give a mask image or a box"),

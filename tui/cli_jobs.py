@@ -386,10 +386,11 @@ def register(sub) -> None:
 
     up = _image_verb(sub, "upscale", "enlarge an image, then restore detail", UpscaleRequest)
     up.add_argument("--scale", type=number, help=f"{', '.join(f'{s:g}' for s in SCALES)} (default 2)")
-    up.add_argument("--fast", action="store_true", default=None, help="the upscaler alone, no repainting pass")
+    pass_or_not = up.add_mutually_exclusive_group()  # fast repaints nothing: a strength would go unused
+    pass_or_not.add_argument("--fast", action="store_true", default=None, help="the upscaler alone, no repainting pass")
     up.add_argument("--upscaler", type=given,
                     help="a model in the upscalers folder, or lanczos (default: the first model found)")
-    up.add_argument("--strength", type=given, help="of the repainting pass, 0..1 (default 0.382)")
+    pass_or_not.add_argument("--strength", type=given, help="of the repainting pass, 0..1 (default 0.382)")
 
     inp = _image_verb(sub, "inpaint", "repaint the masked part of an image", InpaintRequest)
     where = inp.add_mutually_exclusive_group(required=True)

@@ -75,7 +75,8 @@ class ImageInputRequest(GenerateRequest):
                              **self.from_input(source, fam))
         out = GenerateRequest.resolved(with_input, family)
         if out.uses_model and 0 < strength and int(out.steps * strength) == 0:
-            raise RequestError("strength", f"{strength:g} of {out.steps} steps runs no step; "
+            default = f" ({self.kind_label}'s default)" if self.strength is None else ""
+            raise RequestError("strength", f"{strength:g}{default} of {out.steps} steps runs no step; "
                                            "raise the steps or the strength (0 gives the input back)")
         return out
 
