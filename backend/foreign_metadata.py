@@ -132,7 +132,7 @@ class _Reader:
         if self.tool == "Fooocus":
             self.guidance.setdefault("adaptive_cfg", _FOOOCUS_ADAPTIVE_CFG)
         if "model" not in self.request:
-            self.unmapped.append("Model: not recorded (give --model)")
+            self.unmapped.append("Model: not recorded (the default model is used unless one is given)")
         if "Sampler" in fields:
             self._sampler(fields["Sampler"], fields.get("Scheduler") or fields.get("Schedule type"))
         try:

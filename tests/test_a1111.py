@@ -366,7 +366,7 @@ def test_bad_field_values_are_listed_not_fatal():
     assert request.steps is None and request.cfg == 7.0
     assert "Steps: many ('many' is not a whole number)" in warnings[1] and "Size: big" in warnings[1]
     # not "using demo": the model used is --model's, or the config's default for a job on the image
-    assert warnings[1].endswith("; Model: not recorded (give --model)")
+    assert warnings[1].endswith("; Model: not recorded (the default model is used unless one is given)")
 
 
 def test_unreadable_images_and_deep_metadata_are_one_line_errors(tmp_path):
