@@ -11,10 +11,11 @@ job ended while the stream was down is not missed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -210,22 +211,29 @@ class RemoteClient:
         its lost service: it said that the jobs stay queued. No service is started to cancel them: with none
         answering, they stay queued (``kept``)."""
         if cancel_jobs and self._http is not None and not self._left_queued:
-            start, self._start_options = self._start_options, None
             try:
-                if self._unanswered:
-                    self._submitted += [job.id for job in await self.active_jobs()
-                                        if job.payload.get("client_ref") in self._unanswered]
-                for job_id in list(self._submitted):
-                    await self.cancel(job_id)
-                    self._submitted.remove(job_id)
+                with self._starting_none():
+                    if self._unanswered:
+                        self._submitted += [job.id for job in await self.active_jobs()
+                                            if job.payload.get("client_ref") in self._unanswered]
+                    for job_id in list(self._submitted):
+                        await self.cancel(job_id)
+                        self._submitted.remove(job_id)
             except DreamttyError:
                 self.kept = list(self._submitted)  # the service is gone: they stay queued for the next one
-            finally:
-                self._start_options = start
         if self._stream is not None:
             self._stream.cancel()
             self._stream = None
         self._drop_http()
+
+    @contextlib.contextmanager
+    def _starting_none(self) -> Iterator[None]:
+        """Within: a service gone is not started again (one stopped with ``serve --stop`` stays stopped)."""
+        start, self._start_options = self._start_options, None
+        try:
+            yield
+        finally:
+            self._start_options = start
 
     async def _call(self, method: str, path: str, body: dict | None = None, quick: bool = False, **params) -> dict:
         """One API request, once connected. A service gone since (stopped) is started again when this client
@@ -406,7 +414,11 @@ class RemoteClient:
                     event = None
                 caught_up = [event] if _tells(event, job_id, seen) else []
                 if isinstance(event, ServiceReady) or time.monotonic() - checked >= RECHECK:
-                    caught_up += await self._catch_up(job_id, seen)
+                    try:
+                        with self._starting_none():  # a stopped service is waited for (see _follow), not restarted
+                            caught_up += await self._catch_up(job_id, seen)
+                    except ServiceUnreachable:
+                        pass  # the stream says it is lost, and gives up after the patience
                     checked = time.monotonic()
                 for event in caught_up:
                     yield event

@@ -1177,6 +1177,34 @@ async def test_a_client_that_may_start_a_service_starts_one_when_its_service_is_
             await service.close()
 
 
+async def test_a_waiting_client_does_not_start_again_a_service_that_was_stopped(tmp_path, monkeypatch):
+    """``dreamtty generate`` waiting for its job re-reads the job's record every few seconds: after ``serve
+    --stop`` that read started a new service (without the stopped one's options) instead of leaving the job
+    queued for the next start and saying so."""
+    db, sock = tmp_path / "queue.sqlite3", tmp_path / "serve.sock"
+    started = []
+    monkeypatch.setattr(remote_client, "start_detached", lambda options: started.append(options))
+    monkeypatch.setattr(remote_client, "RECHECK", 0.2)
+    service, runner = await _serve_in_test(db, sock)
+    waiter = RemoteClient(Address(socket=sock), start=remote_client.ServeOptions(devices="cpu"), previews=False,
+                          patience=2.0)
+    try:
+        job = await waiter.submit(_request(), tmp_path)
+
+        async def follow() -> None:
+            async for _ in waiter.wait(job):
+                pass
+
+        waiting = asyncio.create_task(follow())
+        await asyncio.sleep(0.5)  # it follows the job
+        await runner.cleanup()
+        await service.close()
+        with pytest.raises(ServiceUnavailable, match="for 2 s; its jobs stay queued"):
+            await asyncio.wait_for(waiting, 30)
+    finally:
+        await waiter.close()
+    assert started == []
+
 def test_a_service_that_is_stopping_is_said_so_and_a_start_waits_for_it_to_go(dirs):
     """A service stops for seconds with jobs running, holding its lock. The status said none runs (a crashed
     one left its socket), and a command that needed a service failed: "one is already running ... stop it"."""
