@@ -910,6 +910,7 @@ def test_connect_picks_the_client(monkeypatch, tmp_path):
 
 def test_bad_serve_options_are_one_line(dirs):
     for args, field in ((("--listen", "nowhere"), "listen"), (("--idle-exit", "-1"), "idle-exit"),
+                        (("--idle-exit", "inf"), "idle-exit"),  # it was taken, and wrote Infinity into the status JSON
                         (("--json",), "json"), (("--status", "--idle-exit", "-3"), "idle-exit"),
                         (("--stop", "--listen", "foo"), "listen")):
         result = cli(dirs, "serve", *args)  # the last two were ignored

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 import time
 
@@ -50,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise RequestError("json", "goes with --status (dreamtty serve --status --json)")
     if args.listen:
         warn_plain_http(parse_listen(args.listen)[0], args.listen)
-    if args.idle_exit is not None and not args.idle_exit > 0:
+    if args.idle_exit is not None and not 0 < args.idle_exit < math.inf:  # inf: leave it out (never exits)
         raise RequestError("idle-exit", f"{args.idle_exit:g} is not a positive number of minutes")
     options = ServeOptions(devices=args.device, cluster=args.cluster, listen=args.listen, idle_exit=args.idle_exit)
     try:

@@ -47,6 +47,8 @@ LORA_FILE = "lora/pytorch_lora_weights.safetensors"
 LIVE_STATES = ("starting", "running")
 RESUME_HINT = "resume with --resume latest (ctrl+r on the Train screen)"  # words for the CLI and the TUI alike
 WAITING = "waiting"  # queued by the service until its device is free (backend.run_schedule): no process yet
+MAX_COUNT = 10**12  # steps and images: a count past this in events.jsonl is damage, not progress
+_COMPACT_FROM = 1e6  # a number this large is shown in 3 significant digits (1e+300, not 300 digits)
 _WRITE_FIXES = {errno.EACCES: "make it writable", errno.EPERM: "make it writable", errno.EROFS: "make it writable",
                 errno.ENOTDIR: "put its folder back", errno.ENOENT: "put its folder back"}
 
@@ -240,15 +242,19 @@ def read_run(path: Path) -> RunInfo | None:
 
 
 def list_runs(root: Path | None = None, extra: list[Path] | tuple[Path, ...] = ()) -> list[RunInfo]:
-    """Runs in ``root`` (folders, or links to run dirs elsewhere) plus ``extra`` dirs, newest first."""
+    """Runs in ``root`` (folders, or links to run dirs elsewhere) plus ``extra`` dirs, newest first. An entry
+    that cannot be read (a symlink loop, a folder without permission) is left out."""
     root = runs_root() if root is None else Path(root)
     candidates = list(extra)
-    if root.is_dir():
+    with contextlib.suppress(OSError):  # no runs folder (yet), or a file in its place
         candidates += [p for p in root.iterdir() if not p.name.startswith(".")]
     seen, runs = set(), []
     for path in candidates:
-        real = Path(path).resolve()
-        if real in seen or not is_run_dir(real):
+        try:
+            real = Path(path).resolve()
+            if real in seen or not is_run_dir(real):
+                continue
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop (before Python 3.13)
             continue
         seen.add(real)
         info = read_run(real)
@@ -365,29 +371,32 @@ class RunProgress:
         return max(self.losses, default=0)
 
     def apply(self, event: TrainEvent) -> str | None:
-        """Fold one event in; return a log line for it, if it has one."""
+        """Fold one event in; return a log line for it, if it has one. A number that is out of range (a damaged
+        or hand-edited file: a negative count, a NaN speed) reads as unknown; a step out of range is left out."""
         if isinstance(event, TrainStep):
-            self.losses[event.step] = float(event.loss if event.loss is not None else math.nan)
-            self.max_steps = event.max_steps
-            self.lr, self.its, self.mem_gib = event.lr, event.its, event.mem_gib
+            if count(event.step) is not None:
+                self.losses[event.step] = _finite(event.loss, math.nan)
+                self.max_steps = count(event.max_steps) or self.max_steps
+                self.lr, self.its, self.mem_gib = _finite(event.lr), _speed(event.its), _finite(event.mem_gib)
             return None
         line = None
         if isinstance(event, TrainResume):
             self.losses = {s: v for s, v in self.losses.items() if s <= event.step}
-            line = (f"resumed from step {event.step} ({event.checkpoint})" if event.checkpoint
+            line = (f"resumed from step {shown_count(event.step)} ({event.checkpoint})" if event.checkpoint
                     else "no checkpoint yet: starting over")
         elif isinstance(event, TrainState):
             self.state = event.state
-            self.max_steps = event.max_steps if event.max_steps is not None else self.max_steps
+            self.max_steps = count(event.max_steps) or self.max_steps
             line = f"state: {self.state}" + (f" ({event.message})" if event.message else "")
         elif isinstance(event, TrainCheckpoint):
-            line = f"checkpoint saved at step {event.step}: {event.path}"
+            line = f"checkpoint saved at step {shown_count(event.step)}: {event.path}"
         elif isinstance(event, TrainValidation):
             self.validation = list(event.images)
-            line = f"validation images at step {event.step}: {len(self.validation)}"
+            line = f"validation images at step {shown_count(event.step)}: {len(self.validation)}"
         elif isinstance(event, TrainClassImages):
-            self.class_images = (event.done, event.total)
-            line = f"class images: {event.done}/{event.total}"
+            done, total = count(event.done), count(event.total)
+            self.class_images = (done, total) if done is not None and total is not None else None
+            line = f"class images: {shown_count(event.done)}/{shown_count(event.total)}"
         elif isinstance(event, TrainError):
             self.error = event.message
             line = f"error: {self.error}"
@@ -402,7 +411,7 @@ class RunProgress:
         """A progress for the run in ``run_dir``: its planned steps known before its trainer says them (a run
         that waits for its device reads "step 0/400", not "step 0/?")."""
         planned = (read_run_json(run_dir).get("settings") or {}).get("max_steps")
-        return cls(max_steps=planned if type(planned) is int and planned > 0 else 0)
+        return cls(max_steps=count(planned) or 0) if type(planned) is int else cls()
 
     def eta_s(self) -> float | None:
         if not self.its or not self.max_steps:
@@ -413,20 +422,57 @@ class RunProgress:
         """One line: step/max, loss, lr, it/s, ETA, GPU memory."""
         parts = [f"step {self.step}/{self.max_steps or '?'}"]
         if self.losses:
-            parts.append(f"loss {self.losses[self.step]:.4f}")
+            parts.append(f"loss {compact(self.losses[self.step], 4)}")
         if self.lr is not None:
             parts.append(f"lr {self.lr:.2e}")
         if self.its:
-            parts.append(f"{self.its:.2f} it/s")
+            parts.append(f"{compact(self.its, 2)} it/s")
         eta = self.eta_s()
         if eta is not None and self.state in (None, *LIVE_STATES):
             parts.append(f"ETA {format_duration(eta)}")
         if self.mem_gib is not None:
-            parts.append(f"GPU {self.mem_gib:.1f} GiB")
+            parts.append(f"GPU {compact(self.mem_gib, 1)} GiB")
         return "  ".join(parts)
 
 
+def count(value: int | None) -> int | None:
+    """``value`` as a step or image count; None when it is unknown, negative or past :data:`MAX_COUNT`."""
+    return value if value is not None and 0 <= value <= MAX_COUNT else None
+
+
+def shown_count(value: int) -> str:
+    """A count as a log line says it: ``?`` when it is out of range (see :func:`count`)."""
+    return "?" if count(value) is None else str(value)
+
+
+def _finite(value: float | None, default: float | None = None) -> float | None:
+    """``value`` as a float when it is a finite number, else ``default`` (a NaN, an infinity, an int too large
+    for a float)."""
+    try:
+        number = float(value)
+    except (TypeError, OverflowError):
+        return default
+    return number if math.isfinite(number) else default
+
+
+def _speed(value: float | None) -> float | None:
+    """``value`` as it/s: a finite number above 0, else None (unknown)."""
+    its = _finite(value)
+    return its if its and its > 0 else None
+
+
+def compact(value: float, digits: int) -> str:
+    """``value`` with ``digits`` decimals; a very large one in 3 significant digits (``1e+300``)."""
+    return f"{value:.{digits}f}" if abs(value) < _COMPACT_FROM else f"{value:.3g}"
+
+
 def format_duration(seconds: float) -> str:
+    """``H:MM:SS`` (``M:SS`` under an hour); ``?`` for a negative or endless one, hours in 3 significant digits
+    for a very long one."""
+    if not 0 <= seconds < math.inf:
+        return "?"
+    if seconds >= _COMPACT_FROM * 3600:
+        return f"{seconds / 3600:.3g} hours"
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)

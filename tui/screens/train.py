@@ -9,13 +9,14 @@ running and past runs whenever it is opened, also after the app restarts. No tor
 
 from __future__ import annotations
 
-import math
 from dataclasses import fields
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
+from warnings import catch_warnings, simplefilter
 
 from PIL import Image
 from textual import on, work
+from textual.worker import Worker, get_current_worker
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
@@ -25,6 +26,7 @@ from textual_plotext import PlotextPlot
 
 from backend.errors import DreamttyError, RequestError
 from backend.events import TrainResume, TrainStep
+from backend.input_images import UNREADABLE
 from backend.run_schedule import ENDED, TRAINING, ScheduledRun
 from backend.safetext import visible
 from backend.training import runs
@@ -32,7 +34,7 @@ from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REQUIRED,
 from backend.training.images import check_folder
 from backend.training.launch import request_stop, resume_settings
 from tui.keymap import TRAIN_KEYS, bindings
-from tui.text import TextInput, notify, plain
+from tui.text import TextInput, line, notify, plain
 from tui.widgets.field import Field
 from tui.widgets.footer import KeysFooter
 from tui.widgets.modebar import ModeBar
@@ -41,6 +43,7 @@ from tui.widgets.preview import ImagePreview
 POLL_S = 0.5
 RESCAN_EVERY = 4  # polls between rescans of the runs folder
 MAX_PLOT_POINTS = 400
+MAX_PLOT_LOSS = 1e100  # a loss past this is left out of the plot (plotext overflows near 1e308)
 STATE_MARKS = {"waiting": "⧗", "starting": "…", "running": "▶", "done": "✓", "failed": "✗", "stopped": "■"}
 
 # Text inputs of the form: (field, label, placeholder). Empty = the TrainRequest default.
@@ -86,6 +89,26 @@ def live_error(name: str, value: object) -> str | None:
     return None
 
 
+def field_errors(exc: DreamttyError) -> dict[str, str]:
+    """The request field ``exc`` is about and its message ({} when none): a RequestError's, or the one that starts
+    the text of another error (the service refuses a model with ``model: ... does not exist``)."""
+    if isinstance(exc, RequestError):
+        return {exc.field: exc.message}
+    name, _, message = str(exc).partition(": ")
+    return {name: message} if name in _FORM_FIELDS and message else {}
+
+
+def waiting_for(run: ScheduledRun | None, schedule: Iterable[ScheduledRun]) -> str:
+    """What ``run`` waits for. The trainer of its own folder, still exiting (stopped a moment ago), is said as
+    such: the service names it as a run it waits for."""
+    if run is None:
+        return "its device"
+    if any(other.path == run.path and other.id != run.id and (other.state == TRAINING or other.updated >= run.created)
+           for other in schedule):
+        return "its previous trainer to exit"
+    return run.waiting_for or "its device"
+
+
 def _input_field(name: str, label: str, placeholder: str, value: str = "") -> Field:
     return Field(label, TextInput(value=value, placeholder=placeholder, compact=True, id=f"train-{name}"),
                  names=(name,), id=f"train-field-{name}")
@@ -95,15 +118,20 @@ def _select(name: str, options: list[tuple[str, str]], value: str) -> Select:
     return Select(options, value=value, allow_blank=False, compact=True, id=f"train-{name}")
 
 
+def _open_rgb(path: str) -> Image.Image | None:
+    """The image at ``path`` in RGB; None when PIL cannot read it or it is past PIL's pixel limit."""
+    try:
+        with catch_warnings():
+            simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.convert("RGB")
+    except UNREADABLE:
+        return None
+
+
 def side_by_side(paths: Sequence[str]) -> Image.Image | None:
     """The images at ``paths`` in one row (skipping unreadable ones)."""
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                images.append(img.convert("RGB"))
-        except OSError:
-            continue
+    images = [img for path in paths if (img := _open_rgb(path)) is not None]
     if not images:
         return None
     height = min(i.height for i in images)
@@ -154,8 +182,10 @@ class TrainPane(Vertical):
         self.run_infos: list[runs.RunInfo] = []
         self._tail: runs.EventTail | None = None
         self._reads = 0  # runs chosen so far: only the last one's read is shown
+        self.schedule: list[ScheduledRun] = []  # the service's runs, newest first
         self.scheduled: dict[Path, ScheduledRun] = {}  # run folder -> its place in the service's schedule
         self._polls = 0
+        self._scan: Worker | None = None  # the newest read of the runs folder
         self._shown_validation: list[str] = []
         self._listed: list[tuple[str, str]] = []
 
@@ -202,8 +232,6 @@ class TrainPane(Vertical):
         plt.title("loss")
         plt.xlabel("step")
         self.rescan()
-        if self.run_infos:
-            self.select_run(self.run_infos[0].path)
         self.set_interval(POLL_S, self.poll)
         form = self.query_one("#train-form", VerticalScroll)
         self.call_after_refresh(form.scroll_home, animate=False)  # focusing the first field hid its label
@@ -256,19 +284,24 @@ class TrainPane(Vertical):
         placed = {n for f in fields_shown for n in f.names}
         lines = [loose] if loose else []
         lines += [f"{name}: {message}" for name, message in errors.items() if name not in placed]
-        self.query_one("#train-form-error", Static).update(plain("\n".join(lines)))
+        self.query_one("#train-form-error", Static).update(plain("\n".join(map(line, lines))))
         first = next((f for f in fields_shown if f.error), None)
         if first is not None and first.widgets:
             self.query_one("#train-form", VerticalScroll).scroll_to_widget(first)
             first.widgets[0].focus()
-        notify(self, summary, title="cannot start", severity="error")
+        notify(self, line(summary), title="cannot start", severity="error")
 
-    def show_error(self, exc: DreamttyError) -> None:
-        """Show ``exc`` under its field (or under the form) and in a notification."""
-        if isinstance(exc, RequestError):
-            self.show_errors({exc.field: exc.message}, str(exc))
-        else:
+    def show_error(self, exc: DreamttyError, run: str | None = None) -> None:
+        """Show ``exc`` under the field it names (else under the form) and in a notification. With ``run``, a
+        setting it names is that run's saved one, not the form's: said under the form, naming the run."""
+        errors = field_errors(exc)
+        if not errors:
             self.show_errors({}, str(exc), loose=str(exc))
+        elif run is None:
+            self.show_errors(errors, str(exc))
+        else:
+            message = f"the saved settings of {run}: {exc}"
+            self.show_errors({}, message, loose=message)
 
     # -- start and stop ------------------------------------------------------------
     def action_start_run(self) -> None:
@@ -293,47 +326,52 @@ class TrainPane(Vertical):
         try:
             request = TrainRequest.from_dict(resume_settings(info.path))
         except RequestError as exc:
-            self.show_error(exc)
+            self.show_error(exc, run=info.name)
             return
-        self._start(request)
+        self._start(request, resumed=info.name)
 
-    def _start(self, request: TrainRequest) -> None:
+    def _start(self, request: TrainRequest, resumed: str | None = None) -> None:
         self.query_one("#train-form-error", Static).update("checking the settings…")
-        self._prepare_and_start(request)
+        self._prepare_and_start(request, resumed)
 
     @work(exclusive=True, group="train-start", exit_on_error=False)
-    async def _prepare_and_start(self, request: TrainRequest) -> None:
-        """Give the run to the service (which checks it off its event loop and makes its folder)."""
+    async def _prepare_and_start(self, request: TrainRequest, resumed: str | None) -> None:
+        """Give the run to the service (which checks it off its event loop and makes its folder). ``resumed``: the
+        name of the run whose saved settings ``request`` holds (None: the form's)."""
         try:
             run, warnings = await self.app.client.start_run(request, runs_root=self.runs_root)
         except DreamttyError as exc:
-            self.show_error(exc)
+            self.show_error(exc, run=resumed)
             return
         self.query_one("#train-form-error", Static).update("")
         for field in self.query(Field):
             field.set_error(None)
         for warning in warnings:
             notify(self, warning, title="warning", severity="warning", timeout=10)
+        await self._fetch_schedule()
         self.scheduled[Path(run.path)] = run
         if run.state == TRAINING:
             notify(self, f"training started: {run.path}", title="train")
         elif run.state == ENDED:  # its trainer could not start (said in its log too)
             notify(self, f"{run.name} could not start: {run.error}", title="train", severity="error")
         else:
-            notify(self, f"{run.name} waits for {run.waiting_for or 'its device'}; it starts when that is free",
+            notify(self, f"{run.name} waits for {waiting_for(run, self.schedule)}; it starts when that is free",
                    title="train")
         self.rescan()
         self.select_run(Path(run.path))
 
     @work(exclusive=True, group="train-schedule", exit_on_error=False)
     async def _read_schedule(self) -> None:
+        await self._fetch_schedule()
+        self._update_stats()
+
+    async def _fetch_schedule(self) -> None:
         """Where the runs stand in the service's schedule (which wait, and for what)."""
         try:
-            listed = await self.app.client.runs()
+            self.schedule = await self.app.client.runs()
         except DreamttyError:  # no service (yet): the folders still say what they can
             return
-        self.scheduled = {Path(run.path): run for run in reversed(listed)}  # the newest record of a folder wins
-        self._update_stats()
+        self.scheduled = {Path(run.path): run for run in reversed(self.schedule)}  # a folder's newest record wins
 
     async def action_stop_run(self) -> None:
         info = runs.read_run(self.selected_run) if self.selected_run else None
@@ -359,8 +397,20 @@ class TrainPane(Vertical):
 
     # -- runs list -----------------------------------------------------------------
     def rescan(self) -> None:
-        """List the runs in the runs folder (and extra dirs), newest first."""
-        self.run_infos = runs.list_runs(self.runs_root, self.extra_runs)
+        """List the runs in the runs folder (and extra dirs) again, newest first: in a thread (a thousand runs
+        take a while to read). The first list shows its newest run."""
+        self._scan = self._scan_runs()
+
+    @work(thread=True, exclusive=True, group="train-rescan", exit_on_error=False)
+    def _scan_runs(self) -> None:
+        found = runs.list_runs(self.runs_root, self.extra_runs)
+        if not get_current_worker().is_cancelled:  # else a newer scan (after a start or stop) follows
+            self.app.call_from_thread(self._list_runs, found)
+
+    def _list_runs(self, found: list[runs.RunInfo]) -> None:
+        self.run_infos = found
+        if self.selected_run is None and found:
+            self.select_run(found[0].path)
         listed = [(str(r.path), r.state) for r in self.run_infos]
         if listed == self._listed:
             return
@@ -423,9 +473,14 @@ class TrainPane(Vertical):
         return sorted(self.progress.losses.items())
 
     def poll(self) -> None:
+        """Follow the selected run's events; every RESCAN_EVERY polls, the runs and the schedule too. Not while
+        another screen shows."""
+        if not self.screen.is_current:
+            return
         self._polls += 1
         if self._polls % RESCAN_EVERY == 1:
-            self.rescan()
+            if self._scan is None or self._scan.is_finished:  # a slow disk: one scan at a time
+                self.rescan()
             self._read_schedule()
         if self._tail is None:  # none selected, or its events are being read
             return
@@ -453,14 +508,14 @@ class TrainPane(Vertical):
             lines.append("generating class images: {}/{}".format(*self.progress.class_images))
         scheduled = self.scheduled.get(info.path)
         if info.state == runs.WAITING:
-            lines.append(f"waiting for {scheduled.waiting_for if scheduled and scheduled.waiting_for else 'its device'}; "
+            lines.append(f"waiting for {waiting_for(scheduled, self.schedule)}; "
                          "it starts when that is free (ctrl+t takes it off the queue)")
         if info.error:
             lines.append(f"error: {info.error}")
         self.query_one("#train-stats", Static).update(plain("\n".join(lines)))
 
     def _draw_plot(self) -> None:
-        points = [(s, v) for s, v in self.loss_points if math.isfinite(v)]
+        points = [(s, v) for s, v in self.loss_points if abs(v) <= MAX_PLOT_LOSS]  # NaN and infinities too
         plot = self.query_one("#train-loss", PlotextPlot)
         plt = plot.plt
         plt.clear_data()
