@@ -1039,8 +1039,12 @@ def test_stopping_a_service_that_takes_connections_but_answers_none_gives_its_pi
         stuck.bind(str(files.socket))
         stuck.listen(8)
         assert main(["serve", "--stop"]) == 3
-    err = capsys.readouterr().err
-    assert err.endswith("; if pid 4321 stays stuck, end it with: kill 4321\n") and err.count("\n") == 1, err
+        err = capsys.readouterr().err
+        assert err.endswith("; if pid 4321 stays stuck, end it with: kill 4321\n") and err.count("\n") == 1, err
+        assert main(["serve", "--status", "--json"]) == 1  # it printed no JSON, and exited 3
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"service": "not answering", "pid": 4321}
+    assert err.startswith("dreamtty: the service (pid 4321) does not answer: it is starting, stopping or busy")
 
 
 def test_listen_on_a_port_in_use_is_one_line(dirs):

@@ -93,19 +93,24 @@ def _client():
 
 def _not_running(as_json: bool = False) -> int:
     """Say that no service answers (on stderr; ``as_json``: also as JSON on stdout, which a script reads)."""
-    from backend.serve import log_path
-
     files = _files()
-    locked = files.locked()  # it holds the lock but does not answer: it starts or stops
-    pid = (files.read_pid_file() or {}).get("pid") if locked else None
+    if files.locked():  # it holds the lock but does not answer: it starts or stops
+        return _not_answering((files.read_pid_file() or {}).get("pid"), as_json)
     if as_json:
-        print(json.dumps({"service": "not answering" if locked else "not running", "pid": pid}))
-    if locked:
-        print(f"dreamtty: the service{f' (pid {pid})' if pid else ''} does not answer: it is starting, stopping or "
-              f"busy (its log: {log_path()})", file=sys.stderr)
-        return 1
+        print(json.dumps({"service": "not running", "pid": None}))
     stale = " (a crashed one left its socket; the next start removes it)" if files.socket.exists() else ""
     print(f"dreamtty: no service is running{stale}", file=sys.stderr)
+    return 1
+
+
+def _not_answering(pid: int | None, as_json: bool) -> int:
+    """Say that the service (``pid``) holds its lock or takes connections, but answers none."""
+    from backend.serve import log_path
+
+    if as_json:
+        print(json.dumps({"service": "not answering", "pid": pid}))
+    print(f"dreamtty: the service{f' (pid {pid})' if pid else ''} does not answer: it is starting, stopping or "
+          f"busy (its log: {log_path()})", file=sys.stderr)
     return 1
 
 
@@ -137,6 +142,8 @@ async def _status(as_json: bool) -> int:
     client = _client()
     try:
         status = await client.status()
+    except ServiceUnavailable:  # it takes connections but answers none: stuck (stopped, swapping, ...)
+        return _not_answering((_files().read_pid_file() or {}).get("pid"), as_json)
     finally:
         await client.close()
     from backend.versions import versions_differ
