@@ -161,19 +161,41 @@ def hold_queue(state: Path, info: dict) -> int | None:
     except OSError:
         return None
     if not _lock(fd):
-        try:
-            other = json.loads(os.pread(fd, 4096, 0))
-        except ValueError:
-            other = {}
+        held = _held_by(fd, state)
         os.close(fd)
-        other = other if isinstance(other, dict) else {}
-        raise QueueHeld(f"service: another one (pid {other.get('pid')}, socket {other.get('socket')}) runs the "
-                        f"queue in {state}, started with another runtime dir (XDG_RUNTIME_DIR); stop it, or "
-                        "run dreamtty with its XDG_RUNTIME_DIR")
+        raise QueueHeld(held)
     written = json.dumps(info).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, written, 0)
     return fd
+
+
+def queue_holder(state: Path) -> str | None:
+    """The line naming the service that runs the state dir's queue when one does (under another runtime dir:
+    this one's has none answering), else None."""
+    try:
+        fd = os.open(state / QUEUE_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _held_by(fd, state)
+    finally:
+        os.close(fd)  # a lock taken goes with it
+    return None
+
+
+def _held_by(fd: int, state: Path) -> str:
+    """The line naming the service whose details (pid, socket) the held queue lock ``fd`` holds."""
+    try:
+        other = json.loads(os.pread(fd, 4096, 0))
+    except ValueError:
+        other = {}
+    other = other if isinstance(other, dict) else {}
+    return (f"service: another one (pid {other.get('pid')}, socket {other.get('socket')}) runs the queue in "
+            f"{state}, started with another runtime dir (XDG_RUNTIME_DIR); stop it, or run dreamtty with its "
+            "XDG_RUNTIME_DIR")
 
 
 def check_private(path: Path, what: str) -> None:

@@ -650,6 +650,10 @@ def test_a_second_service_of_the_queue_under_another_runtime_dir_is_refused(dirs
             assert again.returncode == 1, again.stderr
             assert (f"dreamtty: service: another one (pid {pid}, socket {dirs.files().socket}) runs the queue in "
                     f"{dirs.home / 'state'}, started with another runtime dir") in again.stderr
+        for args in (("serve", "--status"), ("serve", "--stop")):  # they said that no service runs
+            said = cli(other, *args)
+            assert said.returncode == 1 and said.stderr.startswith(
+                f"dreamtty: service: another one (pid {pid}, socket {dirs.files().socket}) runs the queue"), said.stderr
         assert first.proc.poll() is None and not other.files().socket.exists()
     finally:
         first.stop()

@@ -98,6 +98,12 @@ def _not_running(as_json: bool = False) -> int:
         return _not_answering((files.read_pid_file() or {}).get("pid"), as_json)
     if as_json:
         print(json.dumps({"service": "not running", "pid": None}))
+    from backend import locations
+    from backend.service_files import queue_holder
+
+    if (elsewhere := queue_holder(locations.state_dir())) is not None:
+        print(f"dreamtty: {one_line(elsewhere)}", file=sys.stderr)
+        return 1
     stale = " (a crashed one left its socket; the next start removes it)" if files.socket.exists() else ""
     print(f"dreamtty: no service is running{stale}", file=sys.stderr)
     return 1
