@@ -121,6 +121,16 @@ def test_yaml_config(tmp_path):
         load_yaml(path)
 
 
+@pytest.mark.parametrize("word", ["no", "off", "false", '"no"'])
+def test_mixed_precision_no_in_yaml_is_no_though_yaml_reads_it_as_false(tmp_path, word):
+    path = tmp_path / "train.yaml"
+    path.write_text(f"mixed_precision: {word}\n")
+    assert TrainRequest.from_dict(load_yaml(path)).mixed_precision == "no"
+    path.write_text("mixed_precision: yes\n")
+    with pytest.raises(RequestError, match="^mixed_precision: must be text, got true$"):
+        TrainRequest.from_dict(load_yaml(path))
+
+
 # -- instance images and the unique token -----------------------------------------
 def test_scan_skips_bad_files_with_a_warning_each(tmp_path):
     folder = tmp_path / "mixed"

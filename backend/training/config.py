@@ -173,6 +173,8 @@ def parse_field(name: str, value: object) -> object:
     if base == "str":
         if optional and isinstance(value, str) and not value.strip():
             return None
+        if name == "mixed_precision" and value is False:  # YAML 1.1 reads `no` and `off` as false
+            return "no"
         if not isinstance(value, (str, Path)):
             raise RequestError(name, f"must be text, got {kind_of(value)}")
         return str(value)
