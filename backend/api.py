@@ -47,6 +47,7 @@ from backend.values import check_text, kind_of
 from backend.versions import versions
 
 MAX_BODY = 1 << 20  # bytes: a request is a few KiB
+DECODED = ("identity", "gzip", "deflate")  # the Content-Encodings of a body aiohttp decodes with no extra package
 CLOSE_TIMEOUT = 5.0  # seconds a stream that fell behind has to take its close
 BODY_FIELDS = ("kind", "request", "out", "client_ref")
 MAX_REF = 64  # characters of a client_ref
@@ -75,7 +76,7 @@ def _unix_socket(request: web.Request):
 
 
 def _error(status: int, text: str, **extra) -> web.Response:
-    return web.json_response({"error": text, **extra}, status=status)
+    return web.json_response({"error": error_line(text), **extra}, status=status)  # it may echo a long id
 
 
 class Api:
@@ -408,11 +409,14 @@ def _field_of(exc: DreamttyError) -> tuple[str, str, str]:
 async def _read_object(request: web.Request, allowed: tuple[str, ...], example: str,
                        ignored: tuple[str, ...] = ()) -> dict:
     """The body as a JSON object with no key but ``allowed`` (and ``ignored``); RequestError otherwise."""
+    encoding = request.headers.get("Content-Encoding", "identity")
+    undecoded = RequestError("body", f"cannot be decoded (Content-Encoding: {encoding}); send plain JSON")
+    if encoding.strip().lower() not in DECODED:  # aiohttp passes an unknown one over
+        raise undecoded
     try:
         body = await request.read()
     except web.RequestPayloadError:
-        encoding = request.headers.get("Content-Encoding", "none")
-        raise RequestError("body", f"cannot be decoded (Content-Encoding: {encoding}); send plain JSON") from None
+        raise undecoded from None
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
