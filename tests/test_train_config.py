@@ -351,6 +351,27 @@ def test_a_damaged_run_json_is_named_and_listed_without_a_traceback(capsys, tmp_
     assert all(r.state == "failed" for r in listed)
 
 
+def test_a_resume_of_no_run_names_resume_or_output_not_the_missing_model(capsys, tmp_path):
+    done = tmp_path / "done"
+    done.mkdir()
+    runs.write_json_atomic(done / runs.RUN_JSON, {"state": "done", "settings": {}})
+    no_json = tmp_path / "no-json"
+    (no_json / runs.CHECKPOINTS).mkdir(parents=True)
+    cases = [
+        ([], "resume: needs the run to continue: --output RUN_DIR (output: RUN_DIR)"),
+        (["--output", str(tmp_path / "none")], f"resume: {tmp_path / 'none'} holds no run to continue; give --output "
+                                                "the folder of a run, or --model, --instance-dir and --instance-prompt "
+                                                "to start one there"),
+        (["--output", str(no_json)], f"output: {no_json} is not empty and holds no run; choose a new or empty folder"),
+        (["--output", str(done), "--resume", ""], f"output: {done} already holds a run; {runs.RESUME_HINT}, or choose "
+                                                  "another folder"),
+    ]
+    for argv, error in cases:
+        assert cli.main(["train", "--resume", "latest", *argv, "--max-steps", "8"]) == 2, argv
+        assert capsys.readouterr().err == f"dreamtty: {error}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "done", "no-json"]  # no folder made
+
+
 def test_cli_missing_instance_dir(capsys, tmp_path):
     code = cli.main(["train", "--model", "demo", "--instance-dir", str(tmp_path / "none"), "--instance-prompt", "sks"])
     assert code == 2 and "instance_dir:" in capsys.readouterr().err

@@ -138,6 +138,23 @@ def _check_resume(req: TrainRequest, run_dir: Path, previous: dict, family: str)
     return checkpoint, []
 
 
+def _check_target(request: TrainRequest) -> None:
+    """Check the folder a run goes to before its settings, so that a resume of no run says so (not that its model
+    is missing); the folder is checked again as the run is made."""
+    if request.resume is not None and not request.output:
+        raise RequestError("resume", "needs the run to continue: --output RUN_DIR (output: RUN_DIR)")
+    if not request.output:
+        return
+    run_dir = Path(request.output).expanduser()
+    try:
+        previous = _previous_run(run_dir, request)
+    except OSError:  # said as the run is made
+        return
+    if request.resume is not None and not previous and not request.model.strip():
+        raise RequestError("resume", f"{run_dir} holds no run to continue; give --output the folder of a run, or "
+                                     "--model, --instance-dir and --instance-prompt to start one there")
+
+
 def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> RunFolder:
     """Validate everything that needs no torch, then create RUN_DIR with run.json (state "starting").
 
@@ -145,6 +162,7 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> RunFold
     a run elsewhere is linked there, so the dashboard lists it.
     """
     runs_root = runs.runs_root() if runs_root is None else Path(runs_root)
+    _check_target(request)
     ref = resolve_model(request.model)
     req = request.resolved(ref.family)
     _check_optional_packages(req)
@@ -153,8 +171,6 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> RunFold
     token = unique_token_warning(req.instance_prompt, req.class_prompt if req.prior else None)
     if token:
         warnings.append(token)
-    if req.resume is not None and not req.output:
-        raise RequestError("resume", "needs the run to continue: --output RUN_DIR (output: RUN_DIR)")
     run_dir = Path(req.output).expanduser() if req.output else None
     try:
         with _PREPARING:  # check to run.json: two requests to this process (the service) never take one folder
