@@ -17,6 +17,7 @@ from backend.errors import ModelError
 from backend.families import MODEL_NAMES
 from backend.library import (DEMO_MODELS, PICKLE_SUFFIXES, SAFE_SUFFIXES, checkpoint_family, family_from_folder, find,
                              folder_variant, hub_cache_folder, looks_like_hub_id, read_json, read_shapes)
+from backend.values import absolute
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,14 @@ def trained_model(run_dir: Path) -> Path | None:
 
     out = run_output(run_dir)
     return out[1] if out is not None and out[0] == "model" else None
+
+
+def absolute_model(name: str) -> str:
+    """``name`` made absolute where it is a path here (``resolve_model`` reads it as one first), else as it is (a
+    demo, library or Hub name): for a process that runs in another folder, as a training run's trainer does."""
+    if name in DEMO_MODELS or not os.path.exists(os.path.expanduser(name)):
+        return name
+    return absolute(name)
 
 
 def resolve_model(name: str, field: str = "model", variants: tuple[str, ...] = ()) -> ModelRef:

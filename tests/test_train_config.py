@@ -223,6 +223,16 @@ def test_prepare_run_writes_run_json_and_links(photos, tmp_path):
             prepare_run(_request(photos, output=str(tmp_path / "run1"), resume=resume))
 
 
+def test_a_relative_model_path_is_recorded_absolute_for_the_trainer_in_the_run_folder(photos, tmp_path, monkeypatch):
+    (tmp_path / "base").mkdir()
+    for name in ("model_index.json", "dreamtty_demo.json"):  # a demo model's folder, as far as its family goes
+        (tmp_path / "base" / name).write_text('{"family": "demo"}')
+    monkeypatch.chdir(tmp_path)
+    prepared = prepare_run(_request(photos, model="base", output="run"))
+    assert runs.read_run_json(prepared.run_dir)["settings"]["model"] == str(tmp_path / "base")
+    assert runs.read_run_json(prepare_run(_request(photos, output="demo-run")).run_dir)["settings"]["model"] == "demo"
+
+
 def test_prepare_run_checks_model_and_optional_packages(photos, monkeypatch):
     with pytest.raises(ModelError, match="does not exist"):
         prepare_run(_request(photos, model="/no/such/model"))

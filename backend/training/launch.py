@@ -20,7 +20,7 @@ from pathlib import Path
 
 from backend.errors import RequestError
 from backend.events import TrainLog
-from backend.models import resolve_model
+from backend.models import absolute_model, resolve_model
 from backend.safetext import CONTROL
 from backend.training import runs
 from backend.training.config import TrainRequest
@@ -196,7 +196,7 @@ def _make_run_dir(req: TrainRequest, family: str, run_dir: Path | None, runs_roo
         checkpoint, resume_warnings = _check_resume(req, run_dir, previous, family)
         warnings += resume_warnings
     named = checkpoint is not None and req.resume != "latest"  # a path: absolute, as the trainer runs in run_dir
-    req = replace(req, output=str(run_dir.resolve()),
+    req = replace(req, output=str(run_dir.resolve()), model=absolute_model(req.model),
                   instance_dir=str(Path(req.instance_dir).expanduser().resolve()),
                   resume=str(checkpoint.resolve()) if named else req.resume)
     run_dir.mkdir(parents=True, exist_ok=True)
