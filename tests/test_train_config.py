@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -485,6 +486,20 @@ def test_resume_that_would_lose_or_break_the_run_is_refused_before_run_json_chan
     assert (run_dir / runs.RUN_JSON).read_text() == before
     extended = prepare_run(_request(photos, output=str(run_dir), resume="latest", max_steps=8))
     assert extended.request.max_steps == 8 and extended.warnings == []
+
+
+def test_a_checkpoint_of_another_run_is_refused_before_anything_moves(photos, tmp_path, capsys):
+    other = _finished_run(photos, tmp_path / "a", 2, instance_prompt="a photo of zzq cat")
+    ours = _finished_run(photos, tmp_path / "b", 4)
+    before = sorted(str(p.relative_to(ours)) for p in ours.rglob("*")), (ours / runs.RUN_JSON).read_text()
+    foreign = other / "checkpoints/checkpoint-2"
+    copy = tmp_path / "backup" / "checkpoint-2"  # in no run folder
+    shutil.copytree(foreign, copy)
+    for checkpoint, whose in [(foreign, f"a checkpoint of {other}, not of {ours}"), (copy, f"not a checkpoint of {ours}")]:
+        assert cli.main(["train", "--output", str(ours), "--resume", str(checkpoint), "--max-steps", "8"]) == 2
+        assert capsys.readouterr().err == (f"dreamtty: resume: {checkpoint} is {whose}; give one in "
+                                           f"{ours / runs.CHECKPOINTS}, or latest\n")
+    assert (sorted(str(p.relative_to(ours)) for p in ours.rglob("*")), (ours / runs.RUN_JSON).read_text()) == before
 
 
 def test_a_trainer_that_cannot_start_leaves_a_failed_run_not_a_starting_one(photos, tmp_path, capsys):

@@ -104,6 +104,16 @@ def _checkpoint_step(checkpoint: Path) -> int | None:
         return None
 
 
+def _check_belongs(checkpoint: Path, run_dir: Path) -> None:
+    """Refuse a checkpoint that is not ``run_dir``'s own (in its ``checkpoints``, or in ``checkpoints/abandoned``):
+    resuming from another run's would put that run's weights in this one and move this one's checkpoints aside."""
+    if checkpoint.resolve().is_relative_to((run_dir / runs.CHECKPOINTS).resolve()):
+        return
+    owner = next((p for p in checkpoint.resolve().parents if runs.is_run_dir(p)), None)
+    whose = f"a checkpoint of {owner}, not of {run_dir}" if owner else f"not a checkpoint of {run_dir}"
+    raise RequestError("resume", f"{checkpoint} is {whose}; give one in {run_dir / runs.CHECKPOINTS}, or latest")
+
+
 def _check_resume(req: TrainRequest, run_dir: Path, previous: dict, family: str) -> tuple[Path | None, list[str]]:
     """Refuse a resume that would overwrite a result or cannot load its checkpoint; the checkpoint it
     continues from (None: from step 0) and its warnings."""
@@ -118,17 +128,15 @@ def _check_resume(req: TrainRequest, run_dir: Path, previous: dict, family: str)
             return None, [f"resume: {run_dir} holds no run yet; a new run starts there from step 0 (check its "
                           "name if you meant to continue one)"]
         return None, [f"resume: {run_dir} has no checkpoint yet; starting from step 0"]
+    _check_belongs(checkpoint, run_dir)
     step = _checkpoint_step(checkpoint)
     if step is not None and step > req.max_steps:
         raise RequestError("max_steps", f"{req.max_steps} is below the checkpoint's step {step}")
     if step == req.max_steps and previous.get("state") == "done":  # stopped at its last step: only the export is left
         raise RequestError("max_steps", f"{req.max_steps} must be above the checkpoint's step {step} to train on")
-    # the run the checkpoint belongs to (checkpoints/checkpoint-N, or checkpoints/abandoned/TIME/checkpoint-N)
-    owner = next((p for p in checkpoint.parents if (p / runs.RUN_JSON).is_file()), None)
-    trained = runs.read_run_json(owner) if owner else {}
-    if trained.get("family") not in (None, family):
-        raise RequestError("model", f"the checkpoint was trained on a {trained['family']} model, not {family}")
-    settings = trained.get("settings", {})
+    if previous.get("family") not in (None, family):
+        raise RequestError("model", f"the checkpoint was trained on a {previous['family']} model, not {family}")
+    settings = previous.get("settings", {})
     for name in CHECKPOINT_SHAPE:
         if name == "rank" and req.method != "lora":
             continue
