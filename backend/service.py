@@ -322,7 +322,7 @@ class Service:
         check_devices(devices)  # a GPU this machine lacks is refused before anything is made
         chosen = resolve_devices(devices, self._first_device())
         launch.trainer_command(Path("."), launcher)  # a launcher that cannot be split is refused before anything is made
-        prepared = launch.prepare_run(request, runs_root)
+        prepared = launch.prepare_run(request, runs_root, chosen)
         return PreparedRun(prepared.run_dir, chosen, launcher, prepared.warnings)
 
     async def prepare_run_in_thread(self, request: TrainRequest, devices: str = "auto", launcher: str | None = None,

@@ -383,6 +383,15 @@ def test_a_resume_of_no_run_names_resume_or_output_not_the_missing_model(capsys,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "done", "no-json"]  # no folder made
 
 
+def test_fp16_for_a_full_fine_tune_on_the_cpu_is_refused_before_a_run_folder_is_made(capsys, photos, tmp_path):
+    argv = ["--device", "cpu", "train", "--model", "demo", "--instance-dir", str(photos), "--instance-prompt",
+            "sks dog", "--method", "full", "--mixed-precision", "fp16", "--output", str(tmp_path / "run")]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == ("dreamtty: mixed_precision: fp16 needs a CUDA GPU for a full fine-tune; use "
+                                       "bf16 or no on the CPU\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_missing_instance_dir(capsys, tmp_path):
     code = cli.main(["train", "--model", "demo", "--instance-dir", str(tmp_path / "none"), "--instance-prompt", "sks"])
     assert code == 2 and "instance_dir:" in capsys.readouterr().err

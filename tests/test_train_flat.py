@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from backend.errors import RequestError
 from backend.training import trainer as trainer_module
 from backend.training import runs
 from backend.training.config import TrainRequest
@@ -172,3 +173,16 @@ def test_bf16_mixed_precision_trains_fp32_master_weights(photos, tmp_path, monke
     assert trainer.acc.mixed_precision == "bf16" and trainer.weight_dtype == torch.bfloat16
     assert {t.dtype for t in trainer.flat.tensors} == {torch.float32} and weight.dtype == torch.float32
     assert not torch.equal(weight.detach(), before)  # the bf16 forward's gradients reached the fp32 weights
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused on the CPU only")
+def test_fp16_from_accelerates_config_is_refused_for_a_full_fine_tune_on_the_cpu(
+        photos, tmp_path, monkeypatch, fresh_accelerate_state):  # noqa: F811
+    """Refused before the model loads, in one line, where no mixed_precision was given (the run's device and
+    accelerate's config are known only here)."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # as `accelerate config` sets it
+    prepared = prepare_run(TrainRequest(model="demo", instance_dir=str(photos), instance_prompt="a photo of sks dog",
+                                        resolution=64, method="full", output=str(tmp_path / "fp16")))
+    with pytest.raises(RequestError, match="^mixed_precision: fp16 needs a CUDA GPU for a full fine-tune; use bf16 "
+                                           "or no on the CPU$"):
+        DreamBoothTrainer(prepared.request, prepared.run_dir, EventWriter(prepared.run_dir, enabled=False))

@@ -208,6 +208,13 @@ def check_field(name: str, value: object) -> object:
     return value
 
 
+def check_precision(method: str, precision: str | None, on_cpu: bool) -> None:
+    """Refuse fp16 for a full fine-tune on the CPU: accelerate autocasts fp16 on a GPU only, and the fp32 UNet
+    would meet fp16 inputs there (LoRA's fp16 UNet and bf16 autocast are fine)."""
+    if on_cpu and method == "full" and precision == "fp16":
+        raise RequestError("mixed_precision", "fp16 needs a CUDA GPU for a full fine-tune; use bf16 or no on the CPU")
+
+
 _WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
 
 

@@ -23,7 +23,7 @@ from backend.events import TrainLog
 from backend.models import absolute_model, resolve_model
 from backend.safetext import CONTROL
 from backend.training import runs
-from backend.training.config import TrainRequest
+from backend.training.config import TrainRequest, check_precision
 from backend.training.images import scan_images
 from backend.training.words import unique_token_warning
 from backend.values import check_text
@@ -163,16 +163,19 @@ def _check_target(request: TrainRequest) -> None:
                                      "--model, --instance-dir and --instance-prompt to start one there")
 
 
-def prepare_run(request: TrainRequest, runs_root: Path | None = None) -> RunFolder:
+def prepare_run(request: TrainRequest, runs_root: Path | None = None, devices: list[str] | None = None) -> RunFolder:
     """Validate everything that needs no torch, then create RUN_DIR with run.json (state "starting").
 
     Without ``output`` the run gets a new folder in ``runs_root`` (default ``runs.runs_root()``);
-    a run elsewhere is linked there, so the dashboard lists it.
+    a run elsewhere is linked there, so the dashboard lists it. ``devices``: what it will train on
+    (``["cpu"]``, ``["cuda:0"]``, ...), None when not known yet.
     """
     runs_root = runs.runs_root() if runs_root is None else Path(runs_root)
     _check_target(request)
     ref = resolve_model(request.model)
     req = request.resolved(ref.family)
+    if devices is not None:
+        check_precision(req.method, req.mixed_precision, devices == ["cpu"])
     _check_optional_packages(req)
     scan = scan_images(req.instance_dir, req.resolution)
     warnings = [*req.unused(), *scan.warnings]

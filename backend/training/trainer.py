@@ -28,7 +28,7 @@ from backend.training import runs
 from backend.training.checkpoints import (WRITE_ERRORS, CheckpointError, abandon_past, any_process, load_newest,
                                           register_hooks, save_checkpoint, try_write, write_failure)
 from backend.training.class_images import ensure_class_images
-from backend.training.config import TrainRequest
+from backend.training.config import TrainRequest, check_precision
 from backend.training.data import ImageSet, batch_generator
 from backend.training.flat import FlatParameters
 from backend.training.images import scan_images
@@ -112,6 +112,7 @@ class DreamBoothTrainer:
         self.parts = parts
         self.acc = _accelerator(req, self.run_dir)
         self.device = self.acc.device
+        check_precision(req.method, self.acc.mixed_precision, self.device.type == "cpu")  # e.g. accelerate's config
         self.weight_dtype = _DTYPES.get(self.acc.mixed_precision, torch.float32)
         self.main = self.acc.is_main_process
         self.step = 0
