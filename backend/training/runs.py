@@ -374,29 +374,29 @@ class RunProgress:
         """Fold one event in; return a log line for it, if it has one. A number that is out of range (a damaged
         or hand-edited file: a negative count, a NaN speed) reads as unknown; a step out of range is left out."""
         if isinstance(event, TrainStep):
-            if count(event.step) is not None:
+            if _count(event.step) is not None:
                 self.losses[event.step] = _finite(event.loss, math.nan)
-                self.max_steps = count(event.max_steps) or self.max_steps
+                self.max_steps = _count(event.max_steps) or self.max_steps
                 self.lr, self.its, self.mem_gib = _finite(event.lr), _speed(event.its), _finite(event.mem_gib)
             return None
         line = None
         if isinstance(event, TrainResume):
             self.losses = {s: v for s, v in self.losses.items() if s <= event.step}
-            line = (f"resumed from step {shown_count(event.step)} ({event.checkpoint})" if event.checkpoint
+            line = (f"resumed from step {_shown_count(event.step)} ({event.checkpoint})" if event.checkpoint
                     else "no checkpoint yet: starting over")
         elif isinstance(event, TrainState):
             self.state = event.state
-            self.max_steps = count(event.max_steps) or self.max_steps
+            self.max_steps = _count(event.max_steps) or self.max_steps
             line = f"state: {self.state}" + (f" ({event.message})" if event.message else "")
         elif isinstance(event, TrainCheckpoint):
-            line = f"checkpoint saved at step {shown_count(event.step)}: {event.path}"
+            line = f"checkpoint saved at step {_shown_count(event.step)}: {event.path}"
         elif isinstance(event, TrainValidation):
             self.validation = list(event.images)
-            line = f"validation images at step {shown_count(event.step)}: {len(self.validation)}"
+            line = f"validation images at step {_shown_count(event.step)}: {len(self.validation)}"
         elif isinstance(event, TrainClassImages):
-            done, total = count(event.done), count(event.total)
+            done, total = _count(event.done), _count(event.total)
             self.class_images = (done, total) if done is not None and total is not None else None
-            line = f"class images: {shown_count(event.done)}/{shown_count(event.total)}"
+            line = f"class images: {_shown_count(event.done)}/{_shown_count(event.total)}"
         elif isinstance(event, TrainError):
             self.error = event.message
             line = f"error: {self.error}"
@@ -411,7 +411,7 @@ class RunProgress:
         """A progress for the run in ``run_dir``: its planned steps known before its trainer says them (a run
         that waits for its device reads "step 0/400", not "step 0/?")."""
         planned = (read_run_json(run_dir).get("settings") or {}).get("max_steps")
-        return cls(max_steps=count(planned) or 0) if type(planned) is int else cls()
+        return cls(max_steps=_count(planned) or 0) if type(planned) is int else cls()
 
     def eta_s(self) -> float | None:
         if not self.its or not self.max_steps:
@@ -422,27 +422,27 @@ class RunProgress:
         """One line: step/max, loss, lr, it/s, ETA, GPU memory."""
         parts = [f"step {self.step}/{self.max_steps or '?'}"]
         if self.losses:
-            parts.append(f"loss {compact(self.losses[self.step], 4)}")
+            parts.append(f"loss {_compact(self.losses[self.step], 4)}")
         if self.lr is not None:
             parts.append(f"lr {self.lr:.2e}")
         if self.its:
-            parts.append(f"{compact(self.its, 2)} it/s")
+            parts.append(f"{_compact(self.its, 2)} it/s")
         eta = self.eta_s()
         if eta is not None and self.state in (None, *LIVE_STATES):
             parts.append(f"ETA {format_duration(eta)}")
         if self.mem_gib is not None:
-            parts.append(f"GPU {compact(self.mem_gib, 1)} GiB")
+            parts.append(f"GPU {_compact(self.mem_gib, 1)} GiB")
         return "  ".join(parts)
 
 
-def count(value: int | None) -> int | None:
+def _count(value: int | None) -> int | None:
     """``value`` as a step or image count; None when it is unknown, negative or past :data:`MAX_COUNT`."""
     return value if value is not None and 0 <= value <= MAX_COUNT else None
 
 
-def shown_count(value: int) -> str:
-    """A count as a log line says it: ``?`` when it is out of range (see :func:`count`)."""
-    return "?" if count(value) is None else str(value)
+def _shown_count(value: int) -> str:
+    """A count as a log line says it: ``?`` when it is out of range (see :func:`_count`)."""
+    return "?" if _count(value) is None else str(value)
 
 
 def _finite(value: float | None, default: float | None = None) -> float | None:
@@ -461,7 +461,7 @@ def _speed(value: float | None) -> float | None:
     return its if its and its > 0 else None
 
 
-def compact(value: float, digits: int) -> str:
+def _compact(value: float, digits: int) -> str:
     """``value`` with ``digits`` decimals; a very large one in 3 significant digits (``1e+300``)."""
     return f"{value:.{digits}f}" if abs(value) < _COMPACT_FROM else f"{value:.3g}"
 

@@ -16,12 +16,12 @@ from warnings import catch_warnings, simplefilter
 
 from PIL import Image
 from textual import on, work
-from textual.worker import Worker, get_current_worker
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Checkbox, Input, Log, OptionList, Select, Static
 from textual.widgets.option_list import Option, OptionDoesNotExist
+from textual.worker import Worker, get_current_worker
 from textual_plotext import PlotextPlot
 
 from backend.errors import DreamttyError, RequestError
