@@ -74,7 +74,7 @@ def _nearest_folder(path: Path) -> Path:
 
 
 @functools.cache
-def _umask() -> int:
+def umask() -> int:
     """This process's umask (reading it means setting it: once, before any worker thread writes files)."""
     mask = os.umask(0o022)
     os.umask(mask)
@@ -109,7 +109,7 @@ def _write_and_link(fd: int, tmp: Path, image: Image.Image, meta: dict, folder: 
     """Write the PNG to ``tmp`` (open as ``fd``) and link it to the first free name ``folder/stem[-N].png``."""
     try:
         with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600: a picture is shared as the user's files are
+            os.fchmod(fh.fileno(), 0o666 & ~umask())  # mkstemp makes 0600: a picture is shared as the user's files are
             image.save(fh, format="PNG", pnginfo=metadata.png_info(meta))
             fh.flush()
             os.fsync(fh.fileno())

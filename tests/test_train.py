@@ -140,6 +140,7 @@ def test_full_run_with_prior_then_lora_reuses_class_images(photos, tmp_path, sd_
     assert len(validation) == 1 and all(Image.open(p).size == (64, 64) for p in validation[0].images)
     assert json.loads((run_dir / "checkpoints/checkpoint-2" / STATE_FILE).read_text())["step"] == 2
 
+    assert _mode(run_dir / "model/unet/diffusion_pytorch_model.safetensors") == _mode(run_dir / "model/model_index.json")
     # The class images sit in the shared cache, keyed by model + class prompt.
     cache = class_dir(resolve_model("demo"), "a photo of dog")
     made = sorted(cache.glob("class-*.png"))
@@ -161,6 +162,18 @@ def test_full_run_with_prior_then_lora_reuses_class_images(photos, tmp_path, sd_
     assert [p.stat().st_mtime_ns for p in made] == stamps
     assert (lora_dir / runs.LORA_FILE).is_file()
     assert Path(library.find("lora", str(lora_dir)).path) == lora_dir / runs.LORA_FILE  # --lora RUN_DIR
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_weights_are_written_with_the_umasks_mode_as_the_other_files(photos, tmp_path):
+    run_dir = _run(_request(photos, tmp_path / "modes", max_steps=1, checkpoint_every=1))
+    shared = _mode(run_dir / runs.RUN_JSON)  # as Python writes a file: 0666 less the umask
+    assert shared != 0o600
+    assert _mode(run_dir / "checkpoints/checkpoint-1/trainable_0.safetensors") == shared
+    assert _mode(run_dir / runs.LORA_FILE) == shared
 
 
 def test_sdxl_lora_with_text_encoders_loads_in_diffusers(photos, tmp_path, xl_pipe):

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from backend.errors import DreamttyError
+from backend.outputs import umask
 from backend.safetext import first_line
 from backend.training import runs
 
@@ -106,8 +107,17 @@ def try_write(write: Callable[[], object]) -> str | None:
     return None
 
 
+def follow_umask(folder: Path) -> None:
+    """Give the weights under ``folder`` the mode the umask gives new files (safetensors writes them 0600), so that
+    whoever may read the run's other files may read them too."""
+    mode = 0o666 & ~umask()
+    for path in Path(folder).rglob("*.safetensors"):
+        os.chmod(path, mode)
+
+
 def _complete(tmp: Path, final: Path, state: dict) -> None:
     """Write our state file last (it marks the checkpoint complete), then rename the folder into place."""
+    follow_umask(tmp)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

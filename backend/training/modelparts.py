@@ -17,6 +17,7 @@ import torch
 from backend.families import FAMILIES
 from backend.models import resolve_model
 from backend.training import runs
+from backend.training.checkpoints import follow_umask
 
 LORA_UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 LORA_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -115,6 +116,7 @@ def export(parts: ModelParts, method: str, run_dir: Path, modules: dict[str, tor
             (tmp / "dreamtty_demo.json").write_text(json.dumps({"family": parts.family}))
     else:
         _save_lora(parts, modules, tmp)
+    follow_umask(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return ("model", final) if method == "full" else ("lora", run_dir / runs.LORA_FILE)
