@@ -384,6 +384,7 @@ def test_a_stop_asked_while_the_model_loads_stops_after_the_first_step(photos, t
     prepared = prepare_run(_request(photos, tmp_path / "r", max_steps=4, checkpoint_every=4))
     (prepared.run_dir / runs.STOP_FILE).touch()  # Ctrl-C before the trainer reached its first step
     assert train(prepared.request, prepared.run_dir) == "stopped"
+    assert not (prepared.run_dir / runs.STOP_FILE).exists()  # taken: a second Ctrl-C cannot take it back
     data = runs.read_run_json(prepared.run_dir)
     assert data["state"] == "stopped" and data["step"] == 1
     assert [p.name for p in (prepared.run_dir / runs.CHECKPOINTS).iterdir()] == ["checkpoint-1"]

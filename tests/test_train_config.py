@@ -579,6 +579,12 @@ def test_cli_second_ctrl_c_leaves_the_trainer_running_and_a_dead_trainer_is_reco
     err = capsys.readouterr().err
     assert "leaving the trainer running" not in err and "dreamtty: stopped at step 4; continue with" in err
     runs.write_json_atomic(tmp_path / runs.RUN_JSON, {"state": "running", "settings": {}})
+    assert follow(tmp_path, TookTheStop(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert "leaving the trainer" not in err and err.endswith(
+        "dreamtty: the trainer is stopping already, after its checkpoint (Ctrl-C again to stop waiting)\n"
+        f"dreamtty: stopped at step 9; continue with dreamtty train --output {tmp_path} --resume latest\n")
+    runs.write_json_atomic(tmp_path / runs.RUN_JSON, {"state": "running", "settings": {}})
 
     class DiedAtOnce:
         pid, returncode = 98, 3
@@ -612,6 +618,28 @@ def test_cli_second_ctrl_c_leaves_the_trainer_running_and_a_dead_trainer_is_reco
         assert follow(tmp_path, DiedAtOnce()) == 1
     assert capsys.readouterr().err.strip().endswith("(Read-only file system): make it writable, then resume with "
                                                     "--resume latest (ctrl+r on the Train screen)")
+
+
+class TookTheStop:
+    """A trainer that takes the first Ctrl-C's stop request (it removes STOP) before the second Ctrl-C comes,
+    then saves its checkpoint and stops."""
+
+    pid, returncode = 97, None
+
+    def __init__(self, run_dir) -> None:
+        self.run_dir, self.polls = run_dir, 0
+
+    def poll(self):
+        self.polls += 1
+        if self.polls == 2:
+            (self.run_dir / runs.STOP_FILE).unlink()
+        if self.polls <= 2:
+            raise KeyboardInterrupt
+        if self.polls < 5:
+            return None  # saving its checkpoint
+        runs.update_run_json(self.run_dir, state="stopped", step=9)
+        self.returncode = 3
+        return 3
 
 
 @pytest.mark.timeout(5)  # the old walk of every path took minutes

@@ -204,12 +204,12 @@ def _devices(run: ScheduledRun) -> str:
 
 def follow(run_dir: Path, proc) -> int:
     """Print the run's progress on stderr until the trainer exits; Ctrl-C asks it to stop."""
-    from backend.training.launch import request_stop
+    from backend.training.launch import request_stop, withdraw_stop
 
     tail, progress, shown = runs.EventTail(run_dir), runs.RunProgress(), 0.0
     events = Path(run_dir) / runs.EVENTS
     tail.offset = events.stat().st_size if events.exists() else 0  # warnings were printed already
-    interrupted = False
+    interrupts = 0
     while True:
         try:
             done = proc.poll() is not None
@@ -224,16 +224,20 @@ def follow(run_dir: Path, proc) -> int:
                 break
             time.sleep(0.5)
         except KeyboardInterrupt:
-            if interrupted:
-                if proc.poll() is not None:
-                    break  # it stopped already, as the first Ctrl-C asked: say how it ended
-                (Path(run_dir) / runs.STOP_FILE).unlink(missing_ok=True)  # the first Ctrl-C's request
-                print(f"dreamtty: leaving the trainer running in the background (pid {proc.pid})", file=sys.stderr)
+            interrupts += 1
+            if interrupts == 1:
+                request_stop(run_dir)
+                print("dreamtty: stopping after this step with a checkpoint (Ctrl-C again to leave it running)",
+                      file=sys.stderr)
+            elif proc.poll() is not None:
+                break  # it stopped already, as the first Ctrl-C asked: say how it ended
+            elif interrupts == 2 and not withdraw_stop(run_dir):  # taken: the trainer is saving its checkpoint
+                print("dreamtty: the trainer is stopping already, after its checkpoint (Ctrl-C again to stop waiting)",
+                      file=sys.stderr)
+            else:
+                how = "running" if interrupts == 2 else "to stop after its checkpoint"
+                print(f"dreamtty: leaving the trainer {how} in the background (pid {proc.pid})", file=sys.stderr)
                 return 130
-            interrupted = True
-            request_stop(run_dir)
-            print("dreamtty: stopping after this step with a checkpoint (Ctrl-C again to leave it running)",
-                  file=sys.stderr)
     data = runs.record_trainer_gone(run_dir, proc.returncode)  # one that died before it could record why
     state, error = runs.effective_state(run_dir, data)
     if state == "done":

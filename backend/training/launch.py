@@ -273,3 +273,12 @@ def start_trainer(run_dir: Path, launcher: str | None = None, env: dict[str, str
 def request_stop(run_dir: Path) -> None:
     """Ask a running trainer to save a checkpoint and stop (it checks for STOP after each step)."""
     (Path(run_dir) / runs.STOP_FILE).touch()
+
+
+def withdraw_stop(run_dir: Path) -> bool:
+    """Take back a stop request; False when the trainer took it already (it removes STOP as it stops)."""
+    try:
+        (Path(run_dir) / runs.STOP_FILE).unlink()
+    except FileNotFoundError:
+        return False
+    return True

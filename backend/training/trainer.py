@@ -365,10 +365,23 @@ class DreamBoothTrainer:
     def _stop_requested(self) -> bool:
         """Whether a stop was asked (by the launcher, or the STOP file). A run folder that is gone (removed,
         moved) fails the run: its checkpoints went with it, and a new folder would hold a run with no settings."""
-        stop = any_process(self.acc, self.should_stop() or (self.run_dir / runs.STOP_FILE).exists())
+        taken = self._take_stop_file()
+        stop = any_process(self.acc, self.should_stop() or taken)
         if any_process(self.acc, not (self.run_dir / runs.RUN_JSON).is_file()):
             raise TrainingError(f"the run folder {self.run_dir} was removed or moved while training; stopped")
         return stop
+
+    def _take_stop_file(self) -> bool:
+        """Whether the STOP file is there. The main process removes it as it takes the request, so that whoever
+        made it can tell a request taken from one it may still take back (``launch.withdraw_stop``)."""
+        stop_file = self.run_dir / runs.STOP_FILE
+        if not self.main:
+            return stop_file.exists()
+        try:
+            stop_file.unlink()
+        except OSError:  # none; or a folder that cannot be written, where the request stands
+            return stop_file.exists()
+        return True
 
     def _checkpoint(self, step: int) -> None:
         state = {"step": step, "micro_batches": step * self.req.grad_accum, "seed": self.req.seed}
