@@ -51,7 +51,7 @@ def effective_request(request: GenerateRequest) -> GenerateRequest:
 
 
 def find_extra(kind: str, name: str, cfg) -> library.Entry:
-    from backend.models import relabel
+    from backend.models import relabel, run_folder_hint
 
     try:
         entry = library.find(kind, name, cfg)
@@ -59,6 +59,8 @@ def find_extra(kind: str, name: str, cfg) -> library.Entry:
         raise relabel(exc, kind) from None
     if entry is None and library.looks_like_hub_id(name):
         raise RequestError(kind, f"{name} is not in the local Hugging Face cache; get it with: dreamtty models pull {name}")
+    if entry is None and (hint := run_folder_hint(name)):
+        raise RequestError(kind, hint)
     if entry is None:
         known = library.names(kind, cfg)
         folders = ", ".join(str(p) for p in cfg.folders(library.FOLDER_OF_KIND[kind])) or "none"

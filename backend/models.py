@@ -84,6 +84,33 @@ def trained_model(run_dir: Path) -> Path | None:
     return out[1] if out is not None and out[0] == "model" else None
 
 
+def run_folder_hint(name: str) -> str | None:
+    """What a DreamBooth run's folder, or a checkpoint of one, holds and which flag takes its result, for a
+    folder that a ``--model`` or ``--lora`` lookup did not take; None for any other folder."""
+    from backend.training import runs
+
+    path = Path(os.path.expanduser(name))
+    if os.path.isfile(path / runs.STATE_FILE):
+        run_dir = next((p for p in path.resolve().parents if runs.is_run_dir(p)), None)
+        if run_dir is None:
+            return f"{name} is a training checkpoint, not a result"
+        what = f"a training checkpoint, not a result (of the run {run_dir})"
+    elif runs.is_run_dir(path):
+        run_dir, what = path, "a training run"
+    else:
+        return None
+    result = runs.run_output(run_dir)
+    if result is not None:
+        kind = "a full fine-tune" if result[0] == "model" else "a LoRA"
+        return f"{name} is {what}; its result is {kind}: use --{result[0]} {run_dir}"
+    data = runs.read_run_json(run_dir)
+    state, _ = runs.effective_state(run_dir, data)
+    at = f" at step {data['step']}" if "step" in data else ""
+    todo = ("wait for it to finish" if state in (*runs.LIVE_STATES, runs.WAITING)
+            else f"finish it with: dreamtty train --output {run_dir} --resume latest")
+    return f"{name} is {what} with no result yet ({state}{at}); {todo}"
+
+
 def absolute_model(name: str) -> str:
     """``name`` made absolute where it is a path here (``resolve_model`` reads it as one first), else as it is (a
     demo, library or Hub name): for a process that runs in another folder, as a training run's trainer does."""
@@ -146,7 +173,8 @@ def _resolve(name: str) -> ModelRef:
         if trained is not None:
             path = trained
         elif not (path / "model_index.json").exists():
-            raise ModelError(f"model: {name} has no model_index.json; it is not a diffusers folder")
+            hint = run_folder_hint(name) or f"{name} has no model_index.json; it is not a diffusers folder"
+            raise ModelError(f"model: {hint}")
         if not os.access(path, os.R_OK | os.X_OK):
             raise ModelError(f"model: {name} is not readable")
         return ModelRef(name, "folder", str(path.resolve()), family_from_folder(path), folder_variant(path))

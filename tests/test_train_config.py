@@ -661,3 +661,34 @@ def _raise(exc: Exception):
     def raising(*args, **kwargs):
         raise exc
     return raising
+
+
+def test_a_run_folder_of_the_wrong_kind_for_model_or_lora_says_what_it_is_and_which_flag_takes_it(tmp_path):
+    from backend.config import Config
+    from backend.extras_check import find_extra
+    from backend.models import resolve_model
+
+    full, lora, stopped = (tmp_path / name for name in ("full", "lora", "stopped"))
+    for run_dir, state in ((full, "done"), (lora, "done"), (stopped, "stopped")):
+        run_dir.mkdir()
+        runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": state, "step": 6, "settings": {}})
+    (full / runs.MODEL_DIR).mkdir()
+    (full / runs.MODEL_DIR / "model_index.json").write_text("{}")
+    (lora / runs.LORA_FILE).parent.mkdir()
+    (lora / runs.LORA_FILE).write_bytes(b"")
+    checkpoint = lora / runs.CHECKPOINTS / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / runs.STATE_FILE).write_text('{"step": 3}')
+    with pytest.raises(ModelError, match=f"^model: {lora} is a training run; its result is a LoRA: use --lora {lora}$"):
+        resolve_model(str(lora))
+    lookups = {
+        full: f"lora: {full} is a training run; its result is a full fine-tune: use --model {full}",
+        stopped: f"lora: {stopped} is a training run with no result yet (stopped at step 6); finish it with: "
+                 f"dreamtty train --output {stopped} --resume latest",
+        checkpoint: f"lora: {checkpoint} is a training checkpoint, not a result (of the run {lora}); its result is a "
+                    f"LoRA: use --lora {lora}",
+    }
+    for path, error in lookups.items():
+        with pytest.raises(RequestError) as err:
+            find_extra("lora", str(path), Config(paths={"loras": [tmp_path / "loras"]}))
+        assert str(err.value) == error
