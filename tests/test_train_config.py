@@ -171,13 +171,14 @@ def test_unique_token_warning():
     assert unique_token_warning("ohwx man") is None
 
 
+PRIOR_OFF = "unused with prior preservation off (turn it on: --prior-preservation, or prior_preservation: true); ignored"
+
+
 @pytest.mark.parametrize("changes, said", [
     ({"method": "full", "rank": 8}, ["rank: the LoRA rank, unused by a full fine-tune (--method full); ignored"]),
     ({"class_prompt": "a dog", "prior_preservation": False, "prior_loss_weight": 0.5},
-     [f"{name}: unused with prior preservation off; ignored"
-      for name in ("class_prompt", "prior_loss_weight")]),
-    ({"num_class_images": 20}, ["num_class_images: unused with prior preservation off; "
-                                "ignored"]),
+     [f"{name}: {PRIOR_OFF}" for name in ("class_prompt", "prior_loss_weight")]),
+    ({"num_class_images": 20}, [f"num_class_images: {PRIOR_OFF}"]),
     ({"method": "full", "class_prompt": "a dog", "num_class_images": 20}, []),  # all used; rank left as is
     ({"class_prompt": "", "prior_preservation": False}, []),
 ])

@@ -113,7 +113,8 @@ class TrainRequest:
             unused += [name for name in ("class_prompt", "num_class_images", "prior_loss_weight")
                        if getattr(self, name) not in (getattr(defaults, name), "")]
         why = {"rank": "the LoRA rank, unused by a full fine-tune (--method full)"}
-        return [f"{name}: {why.get(name, 'unused with prior preservation off')}; ignored"
+        off = "unused with prior preservation off (turn it on: --prior-preservation, or prior_preservation: true)"
+        return [f"{name}: {why.get(name, off)}; ignored"
                 for name in unused]
 
     def resolved(self, family: str) -> "TrainRequest":
