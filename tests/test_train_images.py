@@ -173,3 +173,21 @@ def test_corrupt_cached_class_images_are_generated_again_with_a_warning(fake_gen
     assert warnings[0].startswith(f"{prefix}/class-00001.png again: corrupt image (")
     assert warnings[1] == f"{prefix}/class-00002.png again: broken link"
     assert [np.asarray(open_rgb(f))[0, 0].tolist() for f in files] == [[0, 0, 0], [1, 1, 1], [2, 2, 2]]
+
+
+def test_a_class_image_that_cannot_be_saved_is_named_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    def pipe(prompt, height, width, **_):
+        return SimpleNamespace(images=[Image.new("RGB", (width, height))] * len(prompt))
+
+    pipe.dreamtty = SimpleNamespace(family="demo")
+    monkeypatch.setattr("backend.engine.loader.load_pipeline", lambda *args: pipe)
+    folder = tmp_path / "cache"
+    (folder / "class-00001.png").mkdir(parents=True)  # what the cache holds in its place
+    with pytest.raises(DreamttyError) as err:
+        class_images._generate(resolve_model("demo"), "a dog", [0, 1], 64, 0, CPU, folder, lambda done: None)
+    assert str(err.value) == (f"class_prompt: cannot save the class image {folder / 'class-00001.png'}: Is a "
+                              "directory; resume with --resume latest (ctrl+r on the Train screen) once it can be "
+                              "written")
+    assert sorted(p.name for p in folder.iterdir()) == ["class-00000.png", "class-00001.png"]

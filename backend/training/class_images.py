@@ -8,6 +8,7 @@ resolution or cannot be decoded (with a warning naming it). With several process
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -16,8 +17,10 @@ from typing import Callable
 import torch
 
 from backend import locations
+from backend.errors import DreamttyError
 from backend.families import FAMILIES
 from backend.models import ModelRef
+from backend.training import runs
 from backend.training.images import ImageProblem, check_image
 
 SAMPLE_BATCH = 4
@@ -86,11 +89,23 @@ def _generate(ref: ModelRef, prompt: str, indices: list[int], resolution: int, s
             images = pipe(prompt=[prompt] * len(chunk), num_inference_steps=steps, height=resolution,
                           width=resolution, generator=gens).images
             for i, image in zip(chunk, images):
-                tmp = folder / f".class-{i:05d}.{os.getpid()}.png"
-                image.save(tmp)
-                os.replace(tmp, folder / f"class-{i:05d}.png")  # never a half-written image
+                _save(image, folder, i)
             progress(start + len(chunk))
     finally:
         del pipe
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _save(image, folder: Path, index: int) -> None:
+    """Write class image ``index`` through a temp file (never a half-written one); a one-line DreamttyError, and no
+    temp file left, when it cannot be written (a full disk, a folder in its place)."""
+    target, tmp = folder / f"class-{index:05d}.png", folder / f".class-{index:05d}.{os.getpid()}.png"
+    try:
+        image.save(tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise DreamttyError(f"class_prompt: cannot save the class image {target}: {exc.strerror or exc}; "
+                            f"{runs.RESUME_HINT} once it can be written") from None
