@@ -130,7 +130,7 @@ class Api:
     @web.middleware
     async def _errors(self, request: web.Request, handler):
         try:
-            _check_query(request)
+            _check_request(request)
             return await handler(request)
         except NotFound as exc:
             return _error(404, str(exc))
@@ -350,9 +350,12 @@ _QUERY = {"/v1/jobs": ("limit", "state", "images", "brief"), "/v1/runs": ("limit
           "/v1/events": ("previews",), "/v1/jobs/forget": ("days",)}
 
 
-def _check_query(request: web.Request) -> None:
+_BODIES = ("/v1/jobs", "/v1/validate", "/v1/runs")  # the routes that read a body
+
+
+def _check_request(request: web.Request) -> None:
     """RequestError naming a query parameter the route does not take (a typo was ignored: ``?stat=queued``
-    listed every job)."""
+    listed every job), or for a body sent to a route that reads none."""
     resource = request.match_info.route.resource
     if resource is None:  # no such route: the handler says so
         return
@@ -360,6 +363,8 @@ def _check_query(request: web.Request) -> None:
     unknown = sorted(set(request.query) - set(allowed))
     if unknown:
         raise RequestError(unknown[0], f"unknown query parameter; allowed: {', '.join(allowed) or 'none'}")
+    if request.method == "POST" and resource.canonical not in _BODIES and request.body_exists:  # it was ignored
+        raise RequestError("body", "this route takes none; send the request without one")
 
 
 def _flag(request: web.Request, name: str, what: str, default: bool = False) -> bool:

@@ -329,6 +329,10 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
                 assert r.status == 400 and (await r.json())["field"] == "out"
         async with http.post("http://dreamtty/v1/validate", json={"request": {}, "out": str(service.out / "new")}) as r:
             assert r.status == 200 and not (service.out / "new").exists()  # a dry run makes no folder
+        for route in ("jobs/1/cancel", "jobs/cancel", "runs/1/stop", "shutdown"):  # a body was ignored
+            async with http.post(f"http://dreamtty/v1/{route}", json={"bogus": 1}) as r:
+                assert (r.status, (await r.json())["error"]) == (400, "body: this route takes none; send the request "
+                                                                      "without one")
         for encoding in ("deflate", "bogus"):  # an unknown one was passed over
             async with http.post("http://dreamtty/v1/jobs", data=b"garbage", headers={"Content-Encoding": encoding}) as r:
                 body = await r.json()
