@@ -824,3 +824,12 @@ def test_upscale_fast_with_a_strength_is_refused(tmp_path, capsys):
         main(["upscale", str(image), "--fast", "--strength", "0.5"])
     assert exit_.value.code == 2
     _one_error(capsys, "argument --strength: not allowed with argument --fast")
+
+
+@pytest.mark.parametrize("argv", [["cancel", "-1"], ["wait", "0"], ["cancel", "1", "x"], ["wait", "\u0661"]])
+def test_a_job_id_that_is_no_number_1_or_more_is_refused_before_any_service_is_asked(argv, capsys):
+    """``cancel -1`` went to the service and came back as the API's "job: '-1' is not a whole number of digits"."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    _one_error(capsys, f"argument ID: {argv[-1]!r} is not a job id; give a number 1 or more")

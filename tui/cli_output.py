@@ -36,6 +36,13 @@ def integer(text: str) -> int:
     return int(text)
 
 
+def id_number(text: str) -> int:
+    """argparse's ``type`` for a job's id: a whole number of ASCII digits, 1 or more."""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a job id; give a number 1 or more")
+    return int(text)
+
+
 def number(text: str) -> float:
     """argparse's ``type`` for a number in ASCII (``float()`` also reads other scripts' digits)."""
     if not text.isascii():

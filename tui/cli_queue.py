@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from backend.errors import DreamttyError, RequestError, ServiceUnavailable
 from backend.safetext import one_line, summary, visible
-from tui.cli_output import integer, print_warnings
+from tui.cli_output import id_number, integer, print_warnings
 
 if TYPE_CHECKING:
     from backend.client import Client
@@ -33,11 +33,11 @@ def register(subparsers) -> None:
                            "stay on disk")
     jobs.set_defaults(func=cmd_jobs)
     cancel = subparsers.add_parser("cancel", help="cancel queued or running jobs")
-    cancel.add_argument("ids", metavar="ID", type=integer, nargs="*")
+    cancel.add_argument("ids", metavar="ID", type=id_number, nargs="*")
     cancel.add_argument("--all", action="store_true", help="every queued and running job")
     cancel.set_defaults(func=cmd_cancel)
     wait = subparsers.add_parser("wait", help="follow jobs until they end; prints their images")
-    wait.add_argument("ids", metavar="ID", type=integer, nargs="+")
+    wait.add_argument("ids", metavar="ID", type=id_number, nargs="+")
     wait.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
     wait.set_defaults(func=cmd_wait)
     attach = subparsers.add_parser("attach", help="the TUI on the running service")
