@@ -329,6 +329,11 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
                 assert r.status == 400 and (await r.json())["field"] == "out"
         async with http.post("http://dreamtty/v1/validate", json={"request": {}, "out": str(service.out / "new")}) as r:
             assert r.status == 200 and not (service.out / "new").exists()  # a dry run makes no folder
+        for route in ("cancel", "forget"):  # the POST route: GET of it was read as a job id, 'cancel'
+            async with http.get(f"http://dreamtty/v1/jobs/{route}") as r:
+                assert (r.status, r.headers["Allow"]) == (405, "POST")
+        async with http.post("http://dreamtty/v1/jobs/forget") as r:  # it said "days: '' is not a whole number"
+            assert (await r.json())["error"] == "days: missing; give ?days=N (0: every ended job)"
         for route in ("jobs/1/cancel", "jobs/cancel", "runs/1/stop", "shutdown"):  # a body was ignored
             async with http.post(f"http://dreamtty/v1/{route}", json={"bogus": 1}) as r:
                 assert (r.status, (await r.json())["error"]) == (400, "body: this route takes none; send the request "
