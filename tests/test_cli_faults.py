@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import sqlite3
 import stat
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from backend import devices, locations
-from backend.errors import DreamttyError
+from backend.errors import DreamttyError, RequestError
 from backend.queue_store import QueueStore
 from image_helpers import write_image
 from tui import cli, cli_jobs
@@ -833,3 +834,16 @@ def test_a_job_id_that_is_no_number_1_or_more_is_refused_before_any_service_is_a
         main(argv)
     assert exit_.value.code == 2
     _one_error(capsys, f"argument ID: {argv[-1]!r} is not a job id; give a number 1 or more")
+
+
+@pytest.mark.parametrize("listen, error", [
+    ("::1:7860", "listen: '::1:7860': an IPv6 address goes in brackets, as in [::1]:7860"),  # it was taken
+    ("[::1:7860", "listen: '[::1:7860': an IPv6 address goes in brackets, as in [::1]:7860"),
+    ("nowhere", "listen: 'nowhere' is not HOST:PORT (e.g. 127.0.0.1:7860)"),
+])
+def test_a_listen_address_a_url_cannot_hold_is_refused(listen, error):
+    from backend.serve import parse_listen
+
+    with pytest.raises(RequestError, match=re.escape(error)):
+        parse_listen(listen)
+    assert parse_listen("[::1]:7860") == ("::1", 7860) and parse_listen("localhost:80") == ("localhost", 80)
