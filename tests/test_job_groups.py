@@ -144,6 +144,12 @@ def test_the_last_free_worker_takes_the_alike_queued_jobs_as_one_group(tmp_path)
 
     text = format_status({**service.status(), "socket": "s", "dreamtty": "x", "streams": 0})  # serve --status
     assert f"worker 0  cpu, job {a};" in text and f"worker 1  cpu, jobs {b}, {c};" in text  # no process: no pid
+    assert "runs " not in text  # none scheduled
+    lent = {**service.status(), "socket": "s", "dreamtty": "x", "streams": 0, "runs": {"training": 1, "waiting": 2}}
+    lent["workers"][0] = {**lent["workers"][0], "jobs": [], "training": 6}  # it said "idle" while a run trained
+    lines = format_status(lent).splitlines()
+    assert "runs      1 training, 2 waiting for a device" in lines
+    assert any(line.startswith("worker 0  cpu, lent to training run 6;") for line in lines), lines
     # each job of a group ends on its own; the worker stays busy until the last one
     service.cancel(c)
     assert pool.cancelled == [(1, c)]

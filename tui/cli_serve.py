@@ -167,9 +167,16 @@ def format_status(status: dict) -> str:
     lines = [f"service   pid {status['pid']}, up {_duration(status['uptime'])}, dreamtty {status['dreamtty']}, {idle}",
              f"listens   {where}",
              f"queue     {status['queued']} queued, {status['running']} running; {status['streams']} client(s) attached",
-             *worker_lines(status), f"log       {status.get('log')}",
+             *_runs_line(status.get("runs")), *worker_lines(status), f"log       {status.get('log')}",
              *(f"warning   {warning}" for warning in status.get("warnings") or [])]
     return "\n".join(one_line(line) for line in lines)  # a newline in a name cannot forge a line
+
+
+def _runs_line(runs: dict | None) -> list[str]:
+    """The training runs the service schedules, when there are any."""
+    if not runs or not (runs["training"] or runs["waiting"]):
+        return []
+    return [f"runs      {runs['training']} training, {runs['waiting']} waiting for a device"]
 
 
 def worker_lines(status: dict) -> list[str]:
@@ -187,7 +194,9 @@ def worker_lines(status: dict) -> list[str]:
                   for n in nodes or []]
     for worker in status["workers"]:
         jobs = worker["jobs"]
+        training = worker.get("training")
         state = (f"job{'s' * (len(jobs) > 1)} {', '.join(map(str, jobs))}" if jobs
+                 else f"lent to training run {training}" if training is not None
                  else "idle" if worker["ready"] else "starting")
         models = ", ".join(f"{m['model']} ({m['dtype']}, {human(m['bytes'])})" for m in worker["models"]) or "no model"
         pid = f" (pid {worker['pid']})" if worker["pid"] is not None else ""  # none: a Ray actor, or not started
