@@ -144,7 +144,7 @@ async def _log_events(service, announce) -> None:
         if isinstance(event, (Queued, Retrying, WorkerReady, *FINAL_EVENTS)):
             detail = getattr(event, "error", None) or getattr(event, "device", None) or ""
             who = f"job {event.job}" if hasattr(event, "job") else f"worker {event.worker}"
-            announce(visible(f"dreamtty: {who} {event.type} {detail}".rstrip()))
+            announce(visible(f"dreamtty: {who} {event.type}" + (f": {detail}" if detail else "")))
 
 
 async def _rotate_log(path: Path) -> None:

@@ -847,3 +847,24 @@ def test_a_listen_address_a_url_cannot_hold_is_refused(listen, error):
     with pytest.raises(RequestError, match=re.escape(error)):
         parse_listen(listen)
     assert parse_listen("[::1]:7860") == ("::1", 7860) and parse_listen("localhost:80") == ("localhost", 80)
+
+
+async def test_the_service_log_line_of_an_event_sets_its_detail_apart():
+    """``job 33 retrying worker actor died``: the reason ran on from the event's name."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from backend.events import Queued, Retrying, WorkerReady
+    from backend.serve import _log_events
+
+    events: asyncio.Queue = asyncio.Queue()
+    for event in (Queued(job=3, kind="generate", request={}), Retrying(job=3, error="worker actor died", first_image=0),
+                  WorkerReady(worker=0, device="cpu", cuda_count=0)):
+        events.put_nowait(event)
+    said: list[str] = []
+    logging = asyncio.create_task(_log_events(SimpleNamespace(subscribe=lambda: events), said.append))
+    while len(said) < 3:
+        await asyncio.sleep(0.01)
+    logging.cancel()
+    assert said == ["dreamtty: job 3 queued", "dreamtty: job 3 retrying: worker actor died",
+                    "dreamtty: worker 0 ready: cpu"]
