@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -493,11 +492,9 @@ def _body(request: GenerateRequest, out: Path | None = None) -> dict:
 
 def _name_or_path(name: str | None) -> str | None:
     """A model name as it is, a path that exists here made absolute."""
-    from backend.library import DEMO_MODELS  # the model library's scanner: not before a TUI's first frame
+    from backend.models import absolute_model  # the model library's scanner: not before a TUI's first frame
 
-    if not name or name in DEMO_MODELS or not os.path.exists(os.path.expanduser(name)):
-        return name
-    return absolute(name)
+    return absolute_model(name) if name else name
 
 
 def _paths_for_service(request: GenerateRequest) -> GenerateRequest:
