@@ -78,7 +78,8 @@ async def run(args, out: Path) -> list[tuple[str, float, float]]:
     if not gpu:  # after the local run: Ray's idle workers starting up would slow it down
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # "local": a runtime of its own, not a Ray head already running here (it refuses num_cpus)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     for actors in (1, 2):
         pool = RayPool(args.cluster or "auto", out / "queue.sqlite3", gpu=gpu, actors=actors)
         rows.append((f"ray, {actors} actor{'s' * (actors > 1)}", *await measure(pool, actors, args, out)))
@@ -93,7 +94,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--cluster", help="a Ray cluster address (default: a local Ray runtime with CPU actors)")
     args = parser.parse_args()
-    if args.cluster is None:
+    if args.cluster is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--cluster measures GPU workers beside a local one on cuda; this machine has no CUDA GPU")
+    else:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per worker, inherited by the actors
         if args.model in ("demo", "demo-xl"):
             from backend.engine.demo_models import ensure_demo
