@@ -6,6 +6,7 @@ that was queued: its kind, the source image's settings, the new seed, the mask f
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,17 @@ def in_gallery(service, path: Path) -> None:
 
 def last_job(service):
     return service.jobs()[0]
+
+
+@contextlib.asynccontextmanager
+async def gallery_of(service, tmp_path: Path, image: Path):
+    """The app on the gallery, ``image`` listed there, its toasts kept: (app, pilot)."""
+    in_gallery(service, image)
+    app = make_app(service, tmp_path)
+    async with opened(app, size=(120, 40), notifications=True) as pilot:
+        await settle(pilot)
+        await to_gallery(pilot, app)
+        yield app, pilot
 
 
 async def to_gallery(pilot, app) -> QueueScreen:
@@ -152,11 +164,7 @@ async def test_gallery_keys_queue_the_job_with_the_images_settings_and_a_new_see
 
 async def test_gallery_key_on_a_missing_image_says_so_and_queues_nothing(idle_service, tmp_path):
     image = source_png(tmp_path / "fox.png")
-    in_gallery(idle_service, image)
-    app = make_app(idle_service, tmp_path)
-    async with opened(app, size=(120, 40), notifications=True) as pilot:
-        await settle(pilot)
-        await to_gallery(pilot, app)
+    async with gallery_of(idle_service, tmp_path, image) as (app, pilot):
         image.unlink()
         await pilot.press("v")
         await pilot.press("H")
@@ -179,11 +187,7 @@ async def test_gallery_key_on_an_image_whose_settings_are_unusable_says_so(idle_
     info.add_text("dreamtty", json.dumps({"version": 1, "kind": "generate", "request": {**SOURCE, "steps": "[/]x"}}))
     image = tmp_path / "odd.png"
     gradient(128, 96).save(image, pnginfo=info)
-    in_gallery(idle_service, image)
-    app = make_app(idle_service, tmp_path)
-    async with opened(app, size=(120, 40), notifications=True) as pilot:
-        await settle(pilot)
-        await to_gallery(pilot, app)
+    async with gallery_of(idle_service, tmp_path, image) as (app, pilot):
         await pilot.press("v")
         await wait_for(pilot, lambda: len(idle_service.jobs()) == 2, what="the job")
         await settle(pilot)
@@ -192,22 +196,18 @@ async def test_gallery_key_on_an_image_whose_settings_are_unusable_says_so(idle_
     assert len(warnings) == 1 and "'[/]x' is not a whole number; its settings are not used" in warnings[0]
 
 
-
 async def test_gallery_key_refused_for_a_setting_the_image_carried_says_so(idle_service, tmp_path):
     """A refusal when the job is queued (the image's model is gone) did not say the value was the image's own
     setting, which the user never typed (the CLI's verbs say so)."""
     image = source_png(tmp_path / "fox.png", model=str(tmp_path / "gone"))
-    in_gallery(idle_service, image)
-    app = make_app(idle_service, tmp_path)
-    async with opened(app, size=(120, 40), notifications=True) as pilot:
-        await settle(pilot)
-        await to_gallery(pilot, app)
+    async with gallery_of(idle_service, tmp_path, image) as (app, pilot):
         await pilot.press("v")
         await wait_for(pilot, lambda: any(n.severity == "error" for n in app._notifications), what="the refusal")
         errors = [n.message for n in app._notifications if n.severity == "error"]
         assert len(idle_service.jobs()) == 1
     assert errors[0].startswith(f"model: {tmp_path / 'gone'} does not exist"), errors
     assert errors[0].endswith(f"(the setting of the input image {image}; give another value to override it)")
+
 
 # -- the mask editor -------------------------------------------------------------------------------------
 def expected_mask(image_size: tuple[int, int], preview: tuple[int, int], painted: set[tuple[int, int]]) -> np.ndarray:
