@@ -3,6 +3,7 @@ runs that wait for their device (a service in the test's process, without worker
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -45,6 +46,16 @@ class PaneApp(App):
 
     async def on_unmount(self) -> None:
         await self.client.close()
+
+
+@contextlib.asynccontextmanager
+async def opened_pane(tmp_path: Path):
+    """The pane in its app over the runs folder ``tmp_path/runs``, after its first frame: (app, pilot, pane)."""
+    app = PaneApp(tmp_path / "runs")
+    async with app.run_test(size=(140, 44)) as pilot:
+        pane = app.query_one(TrainPane)
+        await pilot.pause()
+        yield app, pilot, pane
 
 
 def _write_run(root: Path, name: str, state: str, losses: list[float], updated: float, validation: bool = False) -> Path:
@@ -224,10 +235,7 @@ async def test_start_and_stop_from_the_keyboard(tmp_path, monkeypatch):
 
 async def test_form_checks_each_field_and_reports_every_bad_one(tmp_path, monkeypatch):
     started = _fake_trainer(monkeypatch)
-    app = PaneApp(tmp_path / "runs")
-    async with app.run_test(size=(140, 44)) as pilot:
-        pane = app.query_one(TrainPane)
-        await pilot.pause()
+    async with opened_pane(tmp_path) as (app, pilot, pane):
         # Range, multiple-of-8 and folder checks run while typing; an emptied input means the default.
         resolution = pane.query_one("#train-resolution", Input)
         resolution.focus()

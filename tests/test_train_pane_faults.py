@@ -16,7 +16,7 @@ import test_tui
 import tui.screens.train
 from backend.events import TrainClassImages, TrainStep
 from backend.training import runs
-from test_train_pane import BRAILLE, PaneApp, _fake_trainer, _photos, _settle, _text, _write_run
+from test_train_pane import BRAILLE, PaneApp, _fake_trainer, opened_pane, _photos, _settle, _text, _write_run
 from test_tui import make_app, opened, settle, wait_for
 from tui.screens.train import TrainPane, TrainScreen
 from tui.widgets.preview import ImagePreview
@@ -205,10 +205,7 @@ async def test_a_bad_saved_setting_on_resume_names_the_run_on_one_line_not_the_f
 
 async def test_a_model_the_service_refuses_shows_under_the_model_field(tmp_path, monkeypatch):
     started = _fake_trainer(monkeypatch)
-    app = PaneApp(tmp_path / "runs")
-    async with app.run_test(size=(140, 44)) as pilot:
-        pane = app.query_one(TrainPane)
-        await pilot.pause()
+    async with opened_pane(tmp_path) as (app, pilot, pane):
         for name, value in (("model", "/nonexistent/model"), ("instance_dir", str(_photos(tmp_path))),
                             ("instance_prompt", "a photo of sks toy"), ("resolution", "64")):
             pane.query_one(f"#train-{name}", Input).value = value
