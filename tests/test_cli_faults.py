@@ -419,9 +419,10 @@ def test_the_queue_is_private(tmp_path):
     assert stat.S_IMODE((tmp_path / "new" / "queue.sqlite3").stat().st_mode) == 0o600
 
 
-@pytest.mark.parametrize("argv", [["cancel", "\u0663"], ["generate", "x", "-n", "\u0663"], ["generate", "x", "--cfg", "\u0667.5"]])
+@pytest.mark.parametrize("argv", [["jobs", "--limit", "\u0663"], ["generate", "x", "-n", "\u0663"],
+                                  ["generate", "x", "--cfg", "\u0667.5"]])
 def test_numbers_in_other_scripts_digits_are_refused(argv, capsys):
-    """int() reads "٣" as 3: `cancel ٣` acted on job 3."""
+    """int() reads "٣" as 3: `cancel ٣` acted on job 3 (see also the test of job ids)."""
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and f"invalid {'number' if '--cfg' in argv else 'integer'} value" in capsys.readouterr().err

@@ -127,7 +127,7 @@ def record_trainer_gone(run_dir: Path, code: int | None) -> dict:
 
 
 def is_run_dir(path: str | Path) -> bool:
-    return (Path(path) / RUN_JSON).is_file()
+    return os.path.isfile(Path(path) / RUN_JSON)  # False for a name too long, where Path.is_file raises
 
 
 def run_output(path: str | Path) -> tuple[str, Path] | None:
