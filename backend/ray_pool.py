@@ -288,7 +288,7 @@ class RayPool:
                             self._take(worker, actor, item, store)
                 except (ray.exceptions.RayError, ConnectionError) as exc:  # ConnectionError: Ray Client's
                     if not self._stop.is_set():
-                        self._call(self._died, worker, f"worker actor died ({one_line(exc)})")
+                        self._call(self._died, worker, *self._death(exc))
                 _kill(ray, actor)
         finally:
             store.close()
@@ -348,12 +348,26 @@ class RayPool:
         self._on_event(ev.WorkerReady(worker=slot.id, device=f"{slot.device} ({slot.node})",
                                       cuda_count=info["cuda_count"]))
 
-    def _died(self, worker: _Worker, why: str) -> None:
-        """The slot's actor died (its thread starts another): the service retries its jobs."""
+    def _death(self, exc: Exception) -> tuple[str, bool]:
+        """Why an actor was lost, and whether that counts as an attempt of its jobs: not when the head does not
+        answer (a cluster outage, not a fault of the jobs: they wait queued for it)."""
+        why = f"worker actor died ({one_line(exc)})"
+        if self.head is None:
+            return why, True
+        host, _, port = self.head.rpartition(":")
+        try:
+            _check_head(self.head, host.strip("[]"), int(port), self.field)
+        except (DreamttyError, ValueError):
+            return f"{why}; the Ray head at {self.head} does not answer", False
+        return why, True
+
+    def _died(self, worker: _Worker, why: str, counts: bool) -> None:
+        """The slot's actor died (its thread starts another): the service retries its jobs (``counts``), or
+        queues them again."""
         slot = worker.slot
         jobs, slot.jobs, slot.models = slot.jobs, [], []
         worker.ready, worker.jobs = False, {}
-        self._on_died(slot, jobs, why, True)
+        self._on_died(slot, jobs, why, counts)
 
     def _call(self, fn, *args) -> None:
         try:

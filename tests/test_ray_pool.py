@@ -485,3 +485,26 @@ def test_a_failed_join_is_one_line_without_rays_own_log(monkeypatch, capfd, log,
     with pytest.raises(DreamttyError, match=rf"^cluster: cannot join the Ray cluster at {address}: {why}"):
         ray_pool._connect(Refusing(), address, "cluster")
     assert capfd.readouterr().err == ""
+
+
+def test_an_actor_lost_with_the_head_costs_its_jobs_no_attempt(tmp_path):
+    """A head outage killed every actor and used up each running job's one retry: one more death then failed
+    it, though the jobs were never at fault."""
+    pytest.importorskip("ray")
+    from backend import ray_pool
+
+    pool = ray_pool.RayPool("auto", tmp_path / "q.sqlite3", gpu=False)
+    with socket.socket() as gone:
+        gone.bind(("127.0.0.1", 0))
+        pool.head = f"127.0.0.1:{gone.getsockname()[1]}"  # nothing listens there once closed
+    why, counts = pool._death(RuntimeError("actor died"))
+    assert not counts and why == f"worker actor died (actor died); the Ray head at {pool.head} does not answer"
+
+    with socket.socket() as head:  # a gRPC server's first frame: SETTINGS
+        head.bind(("127.0.0.1", 0))
+        head.listen(1)
+        pool.head = f"127.0.0.1:{head.getsockname()[1]}"
+        answer = threading.Thread(target=lambda: head.accept()[0].sendall(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])))
+        answer.start()
+        assert pool._death(RuntimeError("actor died")) == ("worker actor died (actor died)", True)
+        answer.join()
