@@ -74,6 +74,7 @@ class RemoteClient:
         self.warnings: list[str] = []
         self._manage = manage
         self._start_options = start
+        self._holding_starts = 0  # see _starting_none
         self._previews = previews
         self._patience = patience
         self._http: HTTPClient | None = None
@@ -103,10 +104,10 @@ class RemoteClient:
                     try:
                         await self._check_versions()
                     except ServiceUnreachable:
-                        if self._start_options is None:
+                        if (options := self._options_to_start()) is None:
                             raise ServiceUnreachable(f"service: none is running at {self.address}; "
                                                      "start one with dreamtty serve --detach") from None
-                        info = await asyncio.to_thread(start_detached, self._start_options)
+                        info = await asyncio.to_thread(start_detached, options)
                         self.started = info.get("pid") if info.get("started") else None
                         await self._check_versions()
                         # what the new service found (a damaged queue file moved aside, ...) is said here
@@ -227,12 +228,17 @@ class RemoteClient:
 
     @contextlib.contextmanager
     def _starting_none(self) -> Iterator[None]:
-        """Within: a service gone is not started again (one stopped with ``serve --stop`` stays stopped)."""
-        start, self._start_options = self._start_options, None
+        """Within: a service gone is not started again (one stopped with ``serve --stop`` stays stopped). Counted,
+        not a swap of the options: the catch-ups of several waits may overlap."""
+        self._holding_starts += 1
         try:
             yield
         finally:
-            self._start_options = start
+            self._holding_starts -= 1
+
+    def _options_to_start(self) -> ServeOptions | None:
+        """The options of a service to start when none answers; None when this client starts none now."""
+        return None if self._holding_starts else self._start_options
 
     async def _call(self, method: str, path: str, body: dict | None = None, quick: bool = False, **params) -> dict:
         """One API request, once connected. A service gone since (stopped) is started again when this client
@@ -241,7 +247,7 @@ class RemoteClient:
         try:
             return await self._request(method, path, body, quick, **params)
         except ServiceUnreachable:
-            if self._start_options is None:
+            if self._options_to_start() is None:
                 raise
         self._drop_http()
         await self._connect()

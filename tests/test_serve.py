@@ -1212,13 +1212,22 @@ async def test_a_waiting_client_does_not_start_again_a_service_that_was_stopped(
                           patience=2.0)
     try:
         job = await waiter.submit(_request(), tmp_path)
+        read_back, catch_up = [], waiter._catch_up
+
+        async def counted(*args):
+            caught = await catch_up(*args)
+            read_back.append(caught)
+            return caught
 
         async def follow() -> None:
             async for _ in waiter.wait(job):
                 pass
 
+        monkeypatch.setattr(waiter, "_catch_up", counted)
         waiting = asyncio.create_task(follow())
-        await asyncio.sleep(0.5)  # it follows the job
+        async with asyncio.timeout(30):
+            while not read_back:  # it follows the job: its first read of the record is done
+                await asyncio.sleep(0.05)
         await runner.cleanup()
         await service.close()
         with pytest.raises(ServiceUnavailable, match="for 2 s; its jobs stay queued"):
@@ -1226,6 +1235,21 @@ async def test_a_waiting_client_does_not_start_again_a_service_that_was_stopped(
     finally:
         await waiter.close()
     assert started == []
+
+
+
+async def test_overlapping_waits_that_hold_back_starts_leave_the_client_able_to_start_one(tmp_path):
+    """Each catch-up swapped the start options out and back: two that overlapped left none, for good."""
+    options = remote_client.ServeOptions(devices="cpu")
+    client = RemoteClient(Address(socket=tmp_path / "s.sock"), start=options, previews=False)
+
+    async def catch_up(seconds: float) -> None:
+        with client._starting_none():
+            assert client._options_to_start() is None
+            await asyncio.sleep(seconds)
+
+    await asyncio.gather(catch_up(0.05), catch_up(0.1))  # the first ends while the second still holds
+    assert client._options_to_start() is options
 
 def test_a_service_that_is_stopping_is_said_so_and_a_start_waits_for_it_to_go(dirs):
     """A service stops for seconds with jobs running, holding its lock. The status said none runs (a crashed
