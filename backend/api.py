@@ -50,7 +50,7 @@ MAX_BODY = 1 << 20  # bytes: a request is a few KiB
 DECODED = ("identity", "gzip", "deflate")  # the Content-Encodings of a body aiohttp decodes with no extra package
 CLOSE_TIMEOUT = 5.0  # seconds a stream that fell behind has to take its close
 BODY_FIELDS = ("kind", "request", "out", "client_ref")
-_JOB_ACTIONS = ("cancel", "forget")  # the POST routes /v1/jobs/<action>, beside /v1/jobs/{id}
+_JOB_ACTIONS = ("cancel", "forget")  # the POST routes /v1/jobs/cancel and /forget, beside GET /v1/jobs/{id}
 MAX_REF = 64  # characters of a client_ref
 RUN_FIELDS = ("request", "devices", "launcher", "runs_root", "client_ref")
 METADATA_FIELDS = ("version", "family", "prompt")  # the rest of an image's metadata, ignored
@@ -101,7 +101,7 @@ class Api:
             web.post("/v1/validate", self.validate),
             web.get("/v1/jobs/{id}", self.get_job),
             web.post("/v1/jobs/{id}/cancel", self.cancel),
-            web.post("/v1/jobs/cancel", self.cancel_all),  # each name in _JOB_ACTIONS
+            web.post("/v1/jobs/cancel", self.cancel_all),
             web.post("/v1/jobs/forget", self.forget_ended),
             web.get("/v1/jobs/{id}/images/{n}", self.image),
             web.get("/v1/runs", self.list_runs),
@@ -193,6 +193,8 @@ class Api:
         return web.json_response({"kind": jobkinds.kind_of(resolved).name, "request": resolved.to_dict()})
 
     async def get_job(self, request: web.Request) -> web.Response:
+        if request.match_info["id"] in _JOB_ACTIONS:  # GET /v1/jobs/cancel: the POST route, not a job id
+            raise web.HTTPMethodNotAllowed(request.method, ["POST"])
         return web.json_response(self._job(request).to_dict())
 
     async def cancel(self, request: web.Request) -> web.Response:
@@ -286,8 +288,6 @@ class Api:
 
     # -- helpers -------------------------------------------------------------------------
     def _job(self, request: web.Request):
-        if request.match_info["id"] in _JOB_ACTIONS:  # GET /v1/jobs/cancel: the POST route, not a job id
-            raise web.HTTPMethodNotAllowed(request.method, ["POST"])
         return _found(request, "job", self.service.store.get)
 
     def _run(self, request: web.Request):

@@ -181,6 +181,8 @@ def queue_holder(state: Path) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return _held_by(fd, state)
+    except OSError:  # a file system without locks (NFS without lockd): none can be told
+        return None
     finally:
         os.close(fd)  # a lock taken goes with it
     return None

@@ -332,6 +332,8 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
         for route in ("cancel", "forget"):  # the POST route: GET of it was read as a job id, 'cancel'
             async with http.get(f"http://dreamtty/v1/jobs/{route}") as r:
                 assert (r.status, r.headers["Allow"]) == (405, "POST")
+            async with http.post(f"http://dreamtty/v1/jobs/{route}/cancel") as r:  # a job id there
+                assert (r.status, (await r.json())["field"]) == (400, "job")
         async with http.post("http://dreamtty/v1/jobs/forget") as r:  # it said "days: '' is not a whole number"
             assert (await r.json())["error"] == "days: missing; give ?days=N (0: every ended job)"
         for route in ("jobs/1/cancel", "jobs/cancel", "runs/1/stop", "shutdown"):  # a body was ignored
@@ -663,10 +665,11 @@ def test_a_second_service_of_the_queue_under_another_runtime_dir_is_refused(dirs
             assert again.returncode == 1, again.stderr
             assert (f"dreamtty: service: another one (pid {pid}, socket {dirs.files().socket}) runs the queue in "
                     f"{dirs.home / 'state'}, started with another runtime dir") in again.stderr
-        for args in (("serve", "--status"), ("serve", "--stop")):  # they said that no service runs
+        for args in (("serve", "--status"), ("serve", "--stop"), ("serve", "--status", "--json")):  # "none runs"
             said = cli(other, *args)
             assert said.returncode == 1 and said.stderr.startswith(
                 f"dreamtty: service: another one (pid {pid}, socket {dirs.files().socket}) runs the queue"), said.stderr
+        assert json.loads(said.stdout) == {"service": "elsewhere", "pid": None}
         assert first.proc.poll() is None and not other.files().socket.exists()
     finally:
         first.stop()

@@ -51,8 +51,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise RequestError("json", "goes with --status (dreamtty serve --status --json)")
     if args.listen:
         warn_plain_http(parse_listen(args.listen)[0], args.listen)
-    if args.idle_exit is not None and not 0 < args.idle_exit < math.inf:  # inf: leave it out (never exits)
-        raise RequestError("idle-exit", f"{args.idle_exit:g} is not a positive number of minutes")
+    if args.idle_exit is not None and not 0 < args.idle_exit < math.inf:
+        raise RequestError("idle-exit", f"{args.idle_exit:g} is not a finite number of minutes above 0 (leave "
+                                        "--idle-exit out: it never exits)")
     options = ServeOptions(devices=args.device, cluster=args.cluster, listen=args.listen, idle_exit=args.idle_exit)
     try:
         if not args.detach:
@@ -96,12 +97,13 @@ def _not_running(as_json: bool = False) -> int:
     files = _files()
     if files.locked():  # it holds the lock but does not answer: it starts or stops
         return _not_answering((files.read_pid_file() or {}).get("pid"), as_json)
-    if as_json:
-        print(json.dumps({"service": "not running", "pid": None}))
     from backend import locations
     from backend.service_files import queue_holder
 
-    if (elsewhere := queue_holder(locations.state_dir())) is not None:
+    elsewhere = queue_holder(locations.state_dir())
+    if as_json:
+        print(json.dumps({"service": "not running" if elsewhere is None else "elsewhere", "pid": None}))
+    if elsewhere is not None:
         print(f"dreamtty: {one_line(elsewhere)}", file=sys.stderr)
         return 1
     stale = " (a crashed one left its socket; the next start removes it)" if files.socket.exists() else ""
