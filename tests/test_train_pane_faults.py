@@ -242,3 +242,16 @@ async def test_a_resume_right_after_a_stop_waits_for_its_previous_trainer_not_fo
         assert _waits(app) == ["runA waits for its previous trainer to exit; it starts when that is free"]
         await _settle(pilot, pane, lambda: "waiting for its previous trainer to exit" in _stats(pane))
         assert "training run runA" not in _stats(pane)
+
+
+def test_a_run_waits_for_its_previous_trainer_only_while_that_one_trains():
+    """An ended record of the folder, updated after the resume was queued, hid the service's own reason."""
+    from backend.run_schedule import ScheduledRun
+    from tui.screens.train import waiting_for
+
+    def record(id: int, state: str, why: str | None = None) -> ScheduledRun:
+        return ScheduledRun(id, "/runs/a", ["cpu"], None, state, None, "s", created=10.0, updated=20.0, waiting_for=why)
+
+    waiting = record(2, "waiting", "the CPU: job 7 is running")
+    assert waiting_for(waiting, [record(1, "training"), waiting]) == "its previous trainer to exit"
+    assert waiting_for(waiting, [record(1, "ended"), waiting]) == "the CPU: job 7 is running"

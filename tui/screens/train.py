@@ -98,13 +98,15 @@ def field_errors(exc: DreamttyError) -> dict[str, str]:
     return {name: message} if name in _FORM_FIELDS and message else {}
 
 
+_NOT_SAVED = {"output", "resume"}  # what a resume gives, besides the run's saved settings
+
+
 def waiting_for(run: ScheduledRun | None, schedule: Iterable[ScheduledRun]) -> str:
     """What ``run`` waits for. The trainer of its own folder, still exiting (stopped a moment ago), is said as
     such: the service names it as a run it waits for."""
     if run is None:
         return "its device"
-    if any(other.path == run.path and other.id != run.id and (other.state == TRAINING or other.updated >= run.created)
-           for other in schedule):
+    if any(other.path == run.path and other.id != run.id and other.state == TRAINING for other in schedule):
         return "its previous trainer to exit"
     return run.waiting_for or "its device"
 
@@ -297,7 +299,7 @@ class TrainPane(Vertical):
         errors = field_errors(exc)
         if not errors:
             self.show_errors({}, str(exc), loose=str(exc))
-        elif run is None:
+        elif run is None or errors.keys() <= _NOT_SAVED:  # the run's folder or checkpoint, not a saved setting
             self.show_errors(errors, str(exc))
         else:
             message = f"the saved settings of {run}: {exc}"
