@@ -866,8 +866,9 @@ async def test_the_service_log_line_of_an_event_sets_its_detail_apart():
         events.put_nowait(event)
     said: list[str] = []
     logging = asyncio.create_task(_log_events(SimpleNamespace(subscribe=lambda: events), said.append))
-    while len(said) < 3:
-        await asyncio.sleep(0.01)
+    async with asyncio.timeout(5):
+        while len(said) < 3:
+            await asyncio.sleep(0.01)
     logging.cancel()
     assert said == ["dreamtty: job 3 queued", "dreamtty: job 3 retrying: worker actor died",
                     "dreamtty: worker 0 ready: cpu"]

@@ -140,7 +140,6 @@ def test_the_cli_lists_and_shows_presets_as_data(presets_dir, capsys):
     assert capsys.readouterr().err.startswith("dreamtty: preset: ") and main(["presets", "show", "nope"]) == 2
 
 
-
 def test_unknown_preset_error_allows_only_usable_presets(presets_dir):
     """An unusable preset was listed among the allowed ones; choosing it only gave another error."""
     (presets_dir / "broken.yaml").write_text("steps: [oops\n")

@@ -341,7 +341,8 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
                 assert (r.status, (await r.json())["error"]) == (400, "body: this route takes none; send the request "
                                                                       "without one")
         for encoding in ("deflate", "bogus"):  # an unknown one was passed over
-            async with http.post("http://dreamtty/v1/jobs", data=b"garbage", headers={"Content-Encoding": encoding}) as r:
+            headers = {"Content-Encoding": encoding}
+            async with http.post("http://dreamtty/v1/jobs", data=b"garbage", headers=headers) as r:
                 body = await r.json()
                 assert r.status == 400 and body["error"] == (f"body: cannot be decoded (Content-Encoding: {encoding}); "
                                                              "send plain JSON"), body

@@ -140,7 +140,8 @@ def test_full_run_with_prior_then_lora_reuses_class_images(photos, tmp_path, sd_
     assert len(validation) == 1 and all(Image.open(p).size == (64, 64) for p in validation[0].images)
     assert json.loads((run_dir / "checkpoints/checkpoint-2" / STATE_FILE).read_text())["step"] == 2
 
-    assert _mode(run_dir / "model/unet/diffusion_pytorch_model.safetensors") == _mode(run_dir / "model/model_index.json")
+    weights = run_dir / "model/unet/diffusion_pytorch_model.safetensors"
+    assert _mode(weights) == _mode(run_dir / "model/model_index.json")
     # The class images sit in the shared cache, keyed by model + class prompt.
     cache = class_dir(resolve_model("demo"), "a photo of dog")
     made = sorted(cache.glob("class-*.png"))
@@ -169,9 +170,17 @@ def _mode(path: Path) -> int:
 
 
 def test_weights_are_written_with_the_umasks_mode_as_the_other_files(photos, tmp_path):
-    run_dir = _run(_request(photos, tmp_path / "modes", max_steps=1, checkpoint_every=1))
+    from backend import outputs
+
+    kept = os.umask(0o022)  # a umask of 077 would give 0600 to every file
+    outputs.umask.cache_clear()
+    try:
+        run_dir = _run(_request(photos, tmp_path / "modes", max_steps=1, checkpoint_every=1))
+    finally:
+        os.umask(kept)
+        outputs.umask.cache_clear()
     shared = _mode(run_dir / runs.RUN_JSON)  # as Python writes a file: 0666 less the umask
-    assert shared != 0o600
+    assert shared == 0o644
     assert _mode(run_dir / "checkpoints/checkpoint-1/trainable_0.safetensors") == shared
     assert _mode(run_dir / runs.LORA_FILE) == shared
 

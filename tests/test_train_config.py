@@ -171,7 +171,8 @@ def test_unique_token_warning():
     assert unique_token_warning("ohwx man") is None
 
 
-PRIOR_OFF = "unused with prior preservation off (turn it on: --prior-preservation, or prior_preservation: true); ignored"
+PRIOR_OFF = ("unused with prior preservation off (turn it on: --prior-preservation, or prior_preservation: true); "
+             "ignored")
 
 
 @pytest.mark.parametrize("changes, said", [
@@ -505,7 +506,8 @@ def test_a_checkpoint_of_another_run_is_refused_before_anything_moves(photos, tm
     foreign = other / "checkpoints/checkpoint-2"
     copy = tmp_path / "backup" / "checkpoint-2"  # in no run folder
     shutil.copytree(foreign, copy)
-    for checkpoint, whose in [(foreign, f"a checkpoint of {other}, not of {ours}"), (copy, f"not a checkpoint of {ours}")]:
+    for checkpoint, whose in [(foreign, f"a checkpoint of {other}, not of {ours}"),
+                              (copy, f"not a checkpoint of {ours}")]:
         assert cli.main(["train", "--output", str(ours), "--resume", str(checkpoint), "--max-steps", "8"]) == 2
         assert capsys.readouterr().err == (f"dreamtty: resume: {checkpoint} is {whose}; give one in "
                                            f"{ours / runs.CHECKPOINTS}, or latest\n")
