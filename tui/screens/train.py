@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 from typing import Iterable, Sequence
-from warnings import catch_warnings, simplefilter
 
 from PIL import Image
 from textual import on, work
@@ -123,10 +122,10 @@ def _select(name: str, options: list[tuple[str, str]], value: str) -> Select:
 def _open_rgb(path: str) -> Image.Image | None:
     """The image at ``path`` in RGB; None when PIL cannot read it or it is past PIL's pixel limit."""
     try:
-        with catch_warnings():
-            simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                return img.convert("RGB")
+        with Image.open(path) as img:  # the size is read before the pixels: warnings filters are process-wide
+            if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                return None
+            return img.convert("RGB")
     except UNREADABLE:
         return None
 
