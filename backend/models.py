@@ -91,7 +91,7 @@ def run_folder_hint(name: str) -> str | None:
 
     path = Path(os.path.expanduser(name))
     if os.path.isfile(path / runs.STATE_FILE):
-        run_dir = next((p for p in path.resolve().parents if runs.is_run_dir(p)), None)
+        run_dir = runs.run_holding(path)
         if run_dir is None:
             return f"{name} is a training checkpoint, not a result"
         what = f"a training checkpoint, not a result (of the run {run_dir})"

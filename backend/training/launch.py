@@ -109,7 +109,7 @@ def _check_belongs(checkpoint: Path, run_dir: Path) -> None:
     resuming from another run's would put that run's weights in this one and move this one's checkpoints aside."""
     if checkpoint.resolve().is_relative_to((run_dir / runs.CHECKPOINTS).resolve()):
         return
-    owner = next((p for p in checkpoint.resolve().parents if runs.is_run_dir(p)), None)
+    owner = runs.run_holding(checkpoint)
     whose = f"a checkpoint of {owner}, not of {run_dir}" if owner else f"not a checkpoint of {run_dir}"
     raise RequestError("resume", f"{checkpoint} is {whose}; give one in {run_dir / runs.CHECKPOINTS}, or latest")
 

@@ -130,6 +130,12 @@ def is_run_dir(path: str | Path) -> bool:
     return os.path.isfile(Path(path) / RUN_JSON)  # False for a name too long, where Path.is_file raises
 
 
+def run_holding(path: Path) -> Path | None:
+    """The run folder ``path`` lies in (a checkpoint's: ``checkpoints/checkpoint-N`` or
+    ``checkpoints/abandoned/TIME/checkpoint-N``), else None."""
+    return next((p for p in path.resolve().parents if is_run_dir(p)), None)
+
+
 def run_output(path: str | Path) -> tuple[str, Path] | None:
     """What a run produced: ("model", diffusers folder) or ("lora", .safetensors), else None.
 
