@@ -96,7 +96,7 @@ def _not_running(as_json: bool = False) -> int:
     """Say that no service answers (on stderr; ``as_json``: also as JSON on stdout, which a script reads)."""
     files = _files()
     if files.locked():  # it holds the lock but does not answer: it starts or stops
-        return _not_answering((files.read_pid_file() or {}).get("pid"), as_json)
+        return _not_answering(as_json)
     from backend import locations
     from backend.service_files import queue_holder
 
@@ -111,10 +111,11 @@ def _not_running(as_json: bool = False) -> int:
     return 1
 
 
-def _not_answering(pid: int | None, as_json: bool) -> int:
-    """Say that the service (``pid``) holds its lock or takes connections, but answers none."""
+def _not_answering(as_json: bool) -> int:
+    """Say that the service holds its lock or takes connections, but answers none (with its pid, when known)."""
     from backend.serve import log_path
 
+    pid = (_files().read_pid_file() or {}).get("pid")
     if as_json:
         print(json.dumps({"service": "not answering", "pid": pid}))
     print(f"dreamtty: the service{f' (pid {pid})' if pid else ''} does not answer: it is starting, stopping or "
@@ -151,7 +152,7 @@ async def _status(as_json: bool) -> int:
     try:
         status = await client.status()
     except ServiceUnavailable:  # it takes connections but answers none: stuck (stopped, swapping, ...)
-        return _not_answering((_files().read_pid_file() or {}).get("pid"), as_json)
+        return _not_answering(as_json)
     finally:
         await client.close()
     from backend.versions import versions_differ
