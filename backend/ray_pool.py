@@ -354,10 +354,9 @@ class RayPool:
         why = f"worker actor died ({one_line(exc)})"
         if self.head is None:
             return why, True
-        host, _, port = self.head.rpartition(":")
         try:
-            _check_head(self.head, host.strip("[]"), int(port), self.field)
-        except (DreamttyError, ValueError):
+            _check_head_at(self.head, self.field)
+        except DreamttyError:
             return f"{why}; the Ray head at {self.head} does not answer", False
         return why, True
 
@@ -403,9 +402,7 @@ def _connect(ray, address: str, field: str) -> bool:
         return False
     target = auto_target() if address == "auto" else address
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the lines Ray prints (to serve.log): no colour codes
-    match = ADDRESS.fullmatch(target)
-    if match:  # ray.init waits minutes for a head that is not there, or for something else that listens
-        _check_head(target, match["host"].strip("[]"), int(match["port"]), field)
+    _check_head_at(target, field)  # ray.init waits minutes for a head not there, or for another listener there
     with tempfile.TemporaryFile() as said:
         try:
             with _stderr_into(said):  # Ray's core logs each failed try there, a line apiece
@@ -434,6 +431,13 @@ def _stderr_into(file) -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def _check_head_at(address: str, field: str) -> None:
+    """:func:`_check_head` for a ``HOST:PORT`` or ``ray://HOST:PORT`` address (one of another form is Ray's to read)."""
+    match = ADDRESS.fullmatch(address)
+    if match:
+        _check_head(address, match["host"].strip("[]"), int(match["port"]), field)
 
 
 def _check_head(address: str, host: str, port: int, field: str) -> None:
