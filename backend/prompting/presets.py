@@ -61,13 +61,12 @@ def list_presets() -> list[PresetInfo]:
     for file in sorted(_files().values(), key=lambda f: f.stem):
         try:
             data = _read(file)
-            description = str(data.get("description", ""))
+            description, usable = str(data.get("description", "")), True
             _fields(file, data)
         except RequestError as exc:
             description = f"(unusable: {exc.message if exc.field == 'preset' else exc})"  # the key it names
-            out.append(PresetInfo(file.stem, description, file.label, usable=False))
-            continue
-        out.append(PresetInfo(file.stem, description, file.label))
+            usable = False
+        out.append(PresetInfo(file.stem, description, file.label, usable))
     return out
 
 
