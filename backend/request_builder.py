@@ -18,7 +18,7 @@ from pathlib import Path
 from backend import config, metadata
 from backend.errors import DreamttyError, ModelError, RequestError, noted
 from backend.guidance_settings import GuidanceSettings
-from backend.prompting.presets import known_presets, preset_fields, preset_names
+from backend.prompting.presets import is_preset, known_presets, preset_fields
 from backend.prompting.styles import RANDOM_STYLE, style_key
 from backend.request import GenerateRequest, parse_size
 from backend.samplers import SAMPLERS
@@ -187,7 +187,7 @@ def config_defaults(cfg: config.Config) -> dict:
 def config_preset(cfg: config.Config) -> tuple[str | None, str | None]:
     """The config's ``default_preset`` when it names a preset (else None), and the warning when it names none."""
     name = cfg.default_preset
-    if not name or name.strip().lower() in map(str.lower, preset_names()):
+    if not name or is_preset(name):
         return name or None, None
     return None, f"config: default_preset: unknown {name!r}; {known_presets()}; no preset is applied"
 

@@ -41,9 +41,9 @@ def _files() -> dict[str, DataFile]:
     return {f.stem.lower(): f for f in data_files("presets", "presets", (".yaml", ".yml"))}
 
 
-def preset_names() -> list[str]:
-    """The names of every preset, shipped and the user's, sorted (as their files spell them)."""
-    return sorted(f.stem for f in _files().values())
+def is_preset(name: str) -> bool:
+    """Whether a preset (shipped or the user's) is named ``name``, matched as :func:`preset_file` matches it."""
+    return name.strip().lower() in _files()
 
 
 def known_presets() -> str:
