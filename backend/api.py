@@ -450,7 +450,10 @@ async def _read_job(request: web.Request):
     kind = data.get("kind", "generate")
     if not isinstance(kind, str):
         raise RequestError("kind", f"expected a name, got {kind_of(kind)}")
-    job = jobkinds.get(kind).request(data["request"])
+    job_kind = jobkinds.get(kind)
+    if "version" not in data and isinstance(data["request"], dict):  # a client's own fields, not an image's record
+        job_kind.request_type.check_given(data["request"])
+    job = job_kind.request(data["request"])
     _absolute_inputs(job)
     return job, _absolute(data.get("out"), "out"), _client_ref(data)
 

@@ -75,6 +75,11 @@ class GenerateRequest:
         """How ``from_dict`` checks and converts each field (types only; ranges are checked by ``resolved``)."""
         return _CONVERT
 
+    @classmethod
+    def check_given(cls, given: dict) -> None:
+        """Refuse fields a user gave together that contradict each other (what was typed or posted, not a
+        stored request: that is read as it was saved). RequestError naming the field."""
+
     @property
     def uses_model(self) -> bool:
         """Whether the worker needs the model's pipeline for this request."""

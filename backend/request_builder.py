@@ -219,6 +219,7 @@ def build(values: dict, preset: str | None = None, kind: type[GenerateRequest] =
           defaults: dict | None = None, source: dict | None = None) -> GenerateRequest:
     """The request of type ``kind`` for explicit ``values`` as a front end holds them (see :func:`from_text`)."""
     explicit = from_text(values)
+    kind.check_given(explicit)
     merged = layered(explicit, preset, defaults, source)
     try:
         return kind.from_dict(merged)

@@ -9,6 +9,7 @@ import pytest
 from backend import request_builder
 from backend.config import config_path
 from backend.errors import RequestError
+from backend.jobkinds.upscale import UpscaleRequest
 from tui import cli, cli_jobs
 
 
@@ -79,6 +80,13 @@ def test_bad_text_is_a_one_line_error_naming_the_field(values, error):
     with pytest.raises(RequestError) as caught:
         request_builder.build(values)
     assert str(caught.value).startswith(error)
+
+
+def test_the_upscaler_alone_refuses_a_strength_it_would_not_use():
+    with pytest.raises(RequestError, match="^strength: is unused with fast"):
+        request_builder.build({"image": "in.png", "fast": True, "strength": "0.3"}, kind=UpscaleRequest)
+    assert request_builder.build({"image": "in.png", "fast": False, "strength": "0.3"}, kind=UpscaleRequest).strength
+    assert request_builder.build({"image": "in.png", "fast": True, "strength": ""}, kind=UpscaleRequest).fast
 
 
 def test_source_image_layer_sits_between_config_defaults_and_a_preset(tmp_path):

@@ -307,6 +307,10 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
                                    ("generate", {"image_prompts": [{"path": "ref.png"}]}, "image_prompts")):
             status, body = await post(json.dumps({"kind": kind, "request": request}).encode())
             assert status == 400 and body["field"] == key and "is relative; give an absolute path" in body["error"]
+        fast = {"image": "/in.png", "fast": True, "strength": 0.5}  # the CLI refuses --fast --strength too
+        status, body = await post(json.dumps({"kind": "upscale", "request": fast}).encode())
+        assert (status, body["error"]) == (400, "strength: is unused with fast (the upscaler alone repaints nothing); "
+                                                "leave it out or turn fast off")
         status, body = await post(b'{"request": {"prompt": "' + b"x" * (2 << 20) + b'"}}')
         assert status == 413 and body["error"].startswith("body: larger than")
         async with http.get("http://dreamtty/v1/nowhere") as r:

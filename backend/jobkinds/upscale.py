@@ -45,6 +45,12 @@ class UpscaleRequest(ImageInputRequest):
     def converters(cls) -> dict:
         return {**super().converters(), "scale": to_float, "fast": to_bool, "upscaler": optional(text_value)}
 
+    @classmethod
+    def check_given(cls, given: dict) -> None:
+        if to_bool("fast", given.get("fast", False)) and given.get("strength") is not None:
+            raise RequestError("strength", "is unused with fast (the upscaler alone repaints nothing); "
+                                           "leave it out or turn fast off")
+
     @property
     def uses_model(self) -> bool:
         return not self.fast and self.strength != 0
