@@ -30,7 +30,7 @@ from pathlib import Path
 
 from aiohttp import WSCloseCode, web
 
-from backend import config, jobkinds
+from backend import config, jobkinds, metadata
 from backend.errors import DreamttyError, RequestError
 from backend.events import Fanout, Preview, dumps
 from backend.http_server import trust
@@ -454,6 +454,8 @@ async def _read_job(request: web.Request):
     if "version" not in data and isinstance(data["request"], dict):  # a client's own fields, not an image's record
         job_kind.request_type.check_given(data["request"])
     job = job_kind.request(data["request"])
+    if "version" in data:  # an image's metadata: its Random Style picks as it made them
+        job = metadata.with_style_picks(job, data.get("prompt"))
     _absolute_inputs(job)
     return job, _absolute(data.get("out"), "out"), _client_ref(data)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
@@ -11,6 +12,7 @@ from backend import infotext, jobkinds, user_files
 from backend.errors import DreamttyError, RequestError
 from backend.guidance_settings import GuidanceSettings, freeu_defaults
 from backend.input_images import MAX_BYTES, UNREADABLE, open_quietly, unreadable
+from backend.prompting.styles import RANDOM_STYLE, style_key
 from backend.request import GenerateRequest
 
 CHUNK = "dreamtty"
@@ -146,6 +148,36 @@ def image_request(path: str | Path) -> tuple[GenerateRequest, list[str]]:
     if "workflow" in chunks or "prompt" in chunks:
         raise DreamttyError(f"image: {path} holds a ComfyUI workflow; dreamtty reads A1111 and Fooocus metadata")
     raise DreamttyError(f"image: {path} has no dreamtty, A1111 or Fooocus metadata")
+
+
+def with_style_picks(request: GenerateRequest, record: object) -> GenerateRequest:
+    """For reproducing: each "Random Style" of ``request`` replaced by the style it picked (the prompt ``record``
+    lists the styles applied in order), so styles added or removed since do not change the pick."""
+    picks = record.get("styles") if isinstance(record, dict) else None
+    randoms = [style_key(name) == style_key(RANDOM_STYLE) for name in request.styles]
+    if not any(randoms) or not isinstance(picks, list) or len(picks) != len(request.styles):
+        return request
+    if not all(isinstance(pick, str) and pick for pick in picks):
+        return request
+    return replace(request, styles=[pick if random else name for name, pick, random in
+                                     zip(request.styles, picks, randoms)])
+
+
+def prompt_change(recorded: object, made: object) -> str | None:
+    """Why the final prompt of a reproduced image (prompt record ``made``) is not the image's (``recorded``): the
+    first wildcard that picked another line, else the texts themselves; None when they are the same."""
+    if not isinstance(recorded, dict) or not isinstance(made, dict):
+        return None
+    before, after = recorded.get("wildcards"), made.get("wildcards")
+    if isinstance(before, list) and isinstance(after, list):
+        for old, new in zip(before, after):
+            if isinstance(old, dict) and isinstance(new, dict) and old.get("pick") != new.get("pick"):
+                return (f"wildcard __{new.get('name')}__ picked {new.get('pick')!r}, the image's {old.get('pick')!r} "
+                        "(its file changed since)")
+    for key, name in (("positive", "prompt"), ("negative", "negative prompt")):
+        if recorded.get(key) != made.get(key):
+            return f"the final {name} differs from the image's (a style or wildcard file changed since)"
+    return None
 
 
 def request_from_image(path: str | Path) -> GenerateRequest:

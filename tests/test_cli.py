@@ -15,6 +15,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from backend import metadata
+from backend.request import GenerateRequest
 from tui.cli import main
 
 
@@ -52,6 +53,41 @@ def test_generate_json_then_reproduce_identical(tmp_path, demo_dirs):
     r = run("reproduce", str(tmp_path / "resized.png"), "--out", str(tmp_path / "again"))
     assert r.returncode == 0, r.stderr
     assert "pixels: differ (size 128x128, the image's is 256x256)" in r.stderr
+
+
+def test_reproduce_keeps_the_random_style_picks_and_names_a_changed_wildcard(tmp_path, demo_dirs):
+    styles, wildcards = tmp_path / "styles", tmp_path / "wildcards"
+    styles.mkdir()
+    wildcards.mkdir()
+    (wildcards / "pet.txt").write_text("cat\ndog\nowl\n")
+    Path(os.environ["DREAMTTY_CONFIG"]).write_text(f"paths:\n  styles: [{styles}]\n  wildcards: [{wildcards}]\n")
+    r = run("generate", "a __pet__", "--model", "demo", "--seed", "5", "--steps", "2", "--style", "Random Style",
+            "--out", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    made = metadata.read(r.stdout.strip().splitlines()[-1])
+    pick, pet = made["prompt"]["styles"], made["prompt"]["wildcards"][0]["pick"]
+    pack = [{"name": f"A pack {i}", "prompt": f"pack{i} {{prompt}}"} for i in range(40)]
+    (styles / "pack.json").write_text(json.dumps(pack))  # Random Style would now pick another
+    r = run("reproduce", r.stdout.strip().splitlines()[-1], "--out", str(tmp_path / "b"))
+    assert r.returncode == 0 and "pixels: identical" in r.stderr, r.stderr
+    assert metadata.read(r.stdout.strip().splitlines()[-1])["request"]["styles"] == pick
+    (wildcards / "pet.txt").write_text("eel\n")
+    r = run("reproduce", r.stdout.strip().splitlines()[-1], "--out", str(tmp_path / "c"))
+    assert r.returncode == 0, r.stderr
+    assert f"wildcard __pet__ picked 'eel', the image's {pet!r} (its file changed since)" in r.stderr
+
+
+@pytest.mark.parametrize("record, styles", [
+    ({"styles": ["Ink", "VHS", "Neon"]}, ["Ink", "VHS", "Neon"]),
+    ({"styles": ["Ink", "VHS"]}, ["Ink", "Random Style", "Neon"]),  # not one pick a style: a damaged record
+    ({"styles": ["Ink", 3, "Neon"]}, ["Ink", "Random Style", "Neon"]),
+    ({}, ["Ink", "Random Style", "Neon"]),
+    ([], ["Ink", "Random Style", "Neon"]),
+])
+def test_only_a_random_style_is_replaced_by_its_recorded_pick(record, styles):
+    request = GenerateRequest(styles=["Ink", "random-style", "Neon"])  # matched as style names are
+    expected = ["Ink", "random-style", "Neon"] if "Random Style" in styles else styles
+    assert metadata.with_style_picks(request, record).styles == expected
 
 
 def test_reproduce_of_metadata_whose_kind_is_not_text_is_one_line(tmp_path, capsys):

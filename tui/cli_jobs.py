@@ -320,12 +320,14 @@ def cmd_reproduce(args) -> int:
 
     if (args.image is None) == (args.from_text is None):
         raise RequestError("reproduce", "give an IMAGE or --from-text FILE (one of them)")
+    record: dict = {}  # the prompt record of a dreamtty image
     if args.from_text is not None:
         text = foreign_metadata.read_text_file(args.from_text)
         request, warnings = foreign_metadata.from_text(text, f"from-text: {args.from_text}")
     else:
         request, warnings = metadata.image_request(args.image)
-        request, notes = request.with_kept_inputs(_record(args.image))
+        record = _record(args.image)
+        request, notes = metadata.with_style_picks(request, record).with_kept_inputs(record)
         warnings += notes
     print_warnings(warnings)
     recorded = request.to_dict()
@@ -346,7 +348,9 @@ def cmd_reproduce(args) -> int:
                       file=sys.stderr)
                 return code
             diff = np.abs(np.asarray(a.convert("RGB"), dtype=int) - np.asarray(b.convert("RGB"), dtype=int)).max()
-        print("pixels: identical" if diff == 0 else f"pixels: differ (max difference {diff}/255)", file=sys.stderr)
+        change = metadata.prompt_change(record, _record(paths[0])) if diff else None
+        why = f": {change}" if change else ""
+        print("pixels: identical" if diff == 0 else f"pixels: differ (max difference {diff}/255){why}", file=sys.stderr)
     return code
 
 
