@@ -79,6 +79,9 @@ class GenerateRequest:
     def check_given(cls, given: dict) -> None:
         """Refuse fields a user gave together that contradict each other (what was typed or posted, not a
         stored request: that is read as it was saved). RequestError naming the field."""
+        from backend.prompting.styles import check_once_each  # backend.prompting imports this module
+
+        check_once_each(given.get("styles"))
 
     @property
     def uses_model(self) -> bool:

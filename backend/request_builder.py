@@ -19,7 +19,6 @@ from backend import config, metadata
 from backend.errors import DreamttyError, ModelError, RequestError, noted
 from backend.guidance_settings import GuidanceSettings
 from backend.prompting.presets import is_preset, known_presets, preset_fields
-from backend.prompting.styles import RANDOM_STYLE, style_key
 from backend.request import GenerateRequest, parse_size
 from backend.samplers import SAMPLERS
 
@@ -53,20 +52,6 @@ def parse_loras(texts: str | list) -> list:
     if "none" in words:
         raise RequestError("lora", "none (no LoRAs at all) cannot go with other LoRAs; give one or the other")
     return [parse_lora(item) if isinstance(item, str) else item for item in items if not isinstance(item, str) or item.strip()]
-
-
-def once_each(styles: list[str]) -> list[str]:
-    """Styles as chosen, each once (but "Random Style", which picks another each time); RequestError("styles")
-    for one named twice. (A request read back takes them as they are: an image made so reproduces.)"""
-    if not isinstance(styles, (list, tuple)) or not all(isinstance(style, str) for style in styles):
-        return styles  # the request's own check says what is wrong
-    seen: set[str] = set()
-    for style in styles:
-        if (key := style_key(style)) in seen:
-            raise RequestError("styles", f"{style!r} is given twice")
-        if key != style_key(RANDOM_STYLE):
-            seen.add(key)
-    return styles
 
 
 def parse_floats(name: str, text: str) -> tuple[float, ...]:
@@ -123,8 +108,6 @@ def from_text(values: dict) -> dict:
             out["width"], out["height"] = parse_size(value)
         elif name == "loras":
             out["loras"] = parse_loras(value)
-        elif name == "styles":
-            out["styles"] = once_each(value)
         elif name == "guidance":
             out["guidance"] = {k: parse_guidance_value(k, v) if isinstance(v, str) else v for k, v in value.items()}
         else:

@@ -70,6 +70,7 @@ def test_unknown_preset_is_a_one_line_error():
         ("guidance:\n  clip_skip: 0\n", r"^clip_skip: in preset .*bad.yaml: 0 is not allowed"),
         ("guidance:\n  freeu: [1, 2]\n", r"^freeu: in preset .*bad.yaml: \(1.0, 2.0\) is not allowed; give 4 numbers"),
         ("styles: [Nope]\n", r"^styles: in preset .*bad.yaml: unknown 'Nope'"),
+        ("styles: [Enhance, enhance]\n", r"^styles: in preset .*bad.yaml: 'enhance' is given twice$"),
         ("size: big\n", r"size 'big' is not WxH"),
         ("loras: [[a, b, c]]\n", r"lora \['a', 'b', 'c'\] must be \[name, weight\]"),
         ("sampler: foo\n", r"^sampler: in preset .*bad.yaml: unknown 'foo'; allowed: .*euler"),

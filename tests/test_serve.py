@@ -307,6 +307,8 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
                                    ("generate", {"image_prompts": [{"path": "ref.png"}]}, "image_prompts")):
             status, body = await post(json.dumps({"kind": kind, "request": request}).encode())
             assert status == 400 and body["field"] == key and "is relative; give an absolute path" in body["error"]
+        status, body = await post(json.dumps({"request": {"styles": ["Enhance", "enhance"]}}).encode())  # as the CLI
+        assert (status, body["error"]) == (400, "styles: 'enhance' is given twice")
         fast = {"image": "/in.png", "fast": True, "strength": 0.5}  # the CLI refuses --fast --strength too
         status, body = await post(json.dumps({"kind": "upscale", "request": fast}).encode())
         assert (status, body["error"]) == (400, "strength: is unused with fast (the upscaler alone repaints nothing); "

@@ -47,6 +47,7 @@ class UpscaleRequest(ImageInputRequest):
 
     @classmethod
     def check_given(cls, given: dict) -> None:
+        super().check_given(given)
         if to_bool("fast", given.get("fast", False)) and given.get("strength") is not None:
             raise RequestError("strength", "is unused with fast (the upscaler alone repaints nothing); "
                                            "leave it out or turn fast off")

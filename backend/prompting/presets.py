@@ -113,6 +113,7 @@ def _fields(file: DataFile, read: dict) -> dict:
     if "loras" in data:
         data["loras"] = _loras(data["loras"], file.label)
     try:
+        GenerateRequest.check_given(data)
         request = GenerateRequest.from_dict(dict(data))
         # The checks that need no model family (names, ranges); stand-ins for what the family fills.
         # Guidance rules depend on the family (SDXL-only controls) and the cfg: those are checked when queueing.

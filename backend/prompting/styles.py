@@ -45,6 +45,19 @@ def style_key(name: str) -> str:
     return " ".join(name.replace("-", " ").replace("_", " ").lower().split())
 
 
+def check_once_each(styles: object) -> None:
+    """RequestError("styles") for a style chosen twice (but "Random Style", which picks another each time). Only
+    what a user gives is checked: a request read back is taken as it is (an image made so reproduces)."""
+    if not isinstance(styles, (list, tuple)) or not all(isinstance(style, str) for style in styles):
+        return  # the request's own check says what is wrong
+    seen: set[str] = set()
+    for style in styles:
+        if (key := style_key(style)) in seen:
+            raise RequestError("styles", f"{style!r} is given twice")
+        if key != style_key(RANDOM_STYLE):
+            seen.add(key)
+
+
 @dataclass
 class StyleLibrary:
     styles: dict[str, Style] = field(default_factory=dict)
