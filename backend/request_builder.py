@@ -70,8 +70,12 @@ def parse_floats(name: str, text: str) -> tuple[float, ...]:
     return values
 
 
+OFF = "off"  # typed for a list control (adm_scale, freeu): off, over a preset's or an input image's value
+
+
 def parse_guidance_value(name: str, text: str) -> object:
-    """One guidance control as typed: its default's type decides; empty = its default (off)."""
+    """One guidance control as typed: its default's type decides; empty = its default (off); ``off`` too for a
+    list control."""
     default = next(f.default for f in fields(GuidanceSettings) if f.name == name)
     text = text.strip()
     if isinstance(default, (int, float)):
@@ -80,7 +84,7 @@ def parse_guidance_value(name: str, text: str) -> object:
             return kind(text) if text else default
         except ValueError:
             raise RequestError(name, f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
-    if not text:
+    if not text or text.lower() == OFF:
         return None
     if text.lower() == "default":
         return ()

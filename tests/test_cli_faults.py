@@ -578,6 +578,9 @@ def test_models_help_names_only_existing_subcommands(capsys):
     (["generate", "a fox", "--freeu", "a,b,c,d"], "freeu: 'a,b,c,d' is not a comma-separated list of numbers"),
     (["generate", "a fox", "--adm-scale", "1,,1"], "adm-scale: '1,,1' has an empty value between commas"),  # "got 2"
     (["generate", "a fox", "--freeu", "1,2,3,4,"], "freeu: '1,2,3,4,' has an empty value after its last comma"),
+    (["generate", "a fox", "--sag", "abc"], "argument --sag: sag: 'abc' is not a number; allowed 0..10"),
+    (["generate", "a fox", "--clip-skip", "1.5"], "clip_skip: '1.5' is not a whole number; allowed 1..12"),
+    (["generate", "a fox", "--pag", "\u0663"], "pag: '\u0663' is not a number; allowed 0..20"),
     (["train", "--out", "runs/x"], "out: is where generated images go; give the run folder with --output RUN_DIR"),
 ])
 def test_more_bad_flags_are_one_line_errors(capsys, argv, words):

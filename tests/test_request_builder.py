@@ -82,6 +82,16 @@ def test_bad_text_is_a_one_line_error_naming_the_field(values, error):
     assert str(caught.value).startswith(error)
 
 
+def test_off_turns_a_presets_list_controls_off(_cli, user_folder):
+    (user_folder("presets") / "xl.yaml").write_text("model: demo-xl\nguidance: {adm_scale: [1.5, 0.8, 0.3], "
+                                                     "freeu: [0.9, 0.2, 1.3, 1.4]}\n")
+    assert _cli("x", "--preset", "xl").guidance.adm_scale == (1.5, 0.8, 0.3)
+    request = _cli("x", "--preset", "xl", "--adm-scale", "off", "--freeu", "OFF", "--model", "demo")
+    assert (request.guidance.adm_scale, request.guidance.freeu) == (None, None)
+    request.resolved("sd1")  # an SD1 model takes it: no SDXL-only control is left on
+    assert request_builder.build({"guidance": {"freeu": " off "}}, preset="xl").guidance.freeu is None  # the form
+
+
 def test_the_upscaler_alone_refuses_a_strength_it_would_not_use():
     with pytest.raises(RequestError, match="^strength: is unused with fast"):
         request_builder.build({"image": "in.png", "fast": True, "strength": "0.3"}, kind=UpscaleRequest)

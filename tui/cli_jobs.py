@@ -14,7 +14,7 @@ from pathlib import Path
 from backend.client import SERVICE_ENV, Client
 from backend.errors import DreamttyError, ModelError, RequestError, noted
 from backend.events import Cancelled, Failed, ImageSaved, Log, Note, Preview, Retrying, TextOutput, to_dict
-from backend.guidance_settings import GuidanceSettings
+from backend.guidance_settings import CLIP_SKIP_MAX, RANGES, GuidanceSettings
 from backend.image_prompts import MAX_IMAGE_PROMPTS, TYPES
 from backend.jobkinds.describe import MODES as DESCRIBE_MODES
 from backend.jobkinds.describe import DescribeRequest
@@ -29,10 +29,27 @@ from backend.samplers import SAMPLERS, SCHEDULES
 from tui.cli_output import Progress, given, integer, number, print_warnings, say_started
 
 
-def _floats(name: str, count: int | None = None):
-    def parse(text: str) -> tuple[float, ...]:
-        from backend.request_builder import parse_floats
+def _control(name: str, whole: bool = False):
+    """argparse's ``type`` for guidance control ``name``: a number (a whole one), refused with its range."""
+    low, high = RANGES.get(name, (1, CLIP_SKIP_MAX))
 
+    def parse(text: str) -> float:
+        try:
+            return integer(text) if whole else number(text)
+        except ValueError:
+            kind = "a whole number" if whole else "a number"
+            raise argparse.ArgumentTypeError(f"{name}: {text!r} is not {kind}; allowed {low:g}..{high:g}") from None
+
+    return parse
+
+
+def _floats(name: str, count: int | None = None):
+    """argparse's ``type`` for a list of ``count`` numbers, or ``off`` (none: not even a preset's or an image's)."""
+    def parse(text: str) -> tuple[float, ...] | str:
+        from backend.request_builder import OFF, parse_floats
+
+        if text.strip().lower() == OFF:
+            return OFF  # the request builder reads it as the control off
         try:
             values = parse_floats(name, text)
         except RequestError as exc:
@@ -71,17 +88,18 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
                    help=f"denoise up to N of the images at once (1..{MAX_COUNT}; default: what half the free memory "
                         "holds, at most 4 on the CPU and 8 on CUDA)")
     g = p.add_argument_group("guidance")
-    g.add_argument("--perp-neg", type=number, help="PerpNeg scale")
-    g.add_argument("--sag", type=number, help="Self-Attention Guidance scale")
-    g.add_argument("--sharpness", type=number, help="0..30")
-    g.add_argument("--cfg-rescale", type=number, help="0..1")
-    g.add_argument("--adaptive-cfg", type=number, help="mimic CFG at high CFG")
-    g.add_argument("--adm-scale", type=_floats("adm-scale", 3), help="SDXL: POS,NEG,END")
+    g.add_argument("--perp-neg", type=_control("perp_neg"), help="PerpNeg scale")
+    g.add_argument("--sag", type=_control("sag"), help="Self-Attention Guidance scale")
+    g.add_argument("--sharpness", type=_control("sharpness"), help="0..30")
+    g.add_argument("--cfg-rescale", type=_control("cfg_rescale"), help="0..1")
+    g.add_argument("--adaptive-cfg", type=_control("adaptive_cfg"), help="mimic CFG at high CFG")
+    g.add_argument("--adm-scale", type=_floats("adm-scale", 3), help="SDXL: POS,NEG,END (off: none)")
     g.add_argument("--freeu", nargs="?", const=(), type=_floats("freeu", 4),
-                   help="FreeU s1,s2,b1,b2 (alone: the family's defaults)")
-    g.add_argument("--clip-skip", type=integer, help="use the N-th from last text-encoder layer")
-    g.add_argument("--pag", type=number, help="Perturbed-Attention Guidance scale")
-    g.add_argument("--apg", type=number, help="Adaptive Projected Guidance scale")
+                   help="FreeU s1,s2,b1,b2 (alone: the family's defaults; off: none)")
+    g.add_argument("--clip-skip", type=_control("clip_skip", whole=True),
+                   help="use the N-th from last text-encoder layer")
+    g.add_argument("--pag", type=_control("pag"), help="Perturbed-Attention Guidance scale")
+    g.add_argument("--apg", type=_control("apg"), help="Adaptive Projected Guidance norm threshold (smaller: stronger)")
     i = p.add_argument_group("image prompts")
     i.add_argument("--image-prompt", dest="image_prompts", action="append", metavar="IMAGE[:TYPE[:WEIGHT[:STOP]]]",
                    help=f"a reference image (repeatable, up to {MAX_IMAGE_PROMPTS}); types: "
