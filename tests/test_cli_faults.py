@@ -86,6 +86,15 @@ def test_flags_without_their_subject_are_warned_about(generated, capsys):
                                        "(--image-prompt) to show; ignored\n")
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("argv", [["samplers"], ["styles", "list", "--json"]])
+def test_a_full_disk_under_stdout_is_one_line(argv):
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "tui.cli", *argv], stdout=full, stderr=subprocess.PIPE, text=True,
+                           timeout=120)
+    assert (r.returncode, r.stderr) == (1, "dreamtty: stdout: cannot write (No space left on device)\n")
+
+
 def test_extra_argument_is_unrecognized(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["samplers", "extra"])

@@ -10,6 +10,7 @@ written out; errors and warnings through ``one_line``, newlines too); ``--json``
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import math
@@ -208,6 +209,9 @@ class Interrupt:
         raise KeyboardInterrupt
 
 
+_FULL = (errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT)  # a write to standard output that failed
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -222,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             # cancelled, not left "running" for a later service to run); serve and web handle it themselves.
             # SIGINT keeps Python's handler: asyncio.run cancels its main task on it only while that is set
             signal.signal(signal.SIGTERM, Interrupt())
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a full disk is said here, not as a traceback at exit
+        return code
     except DreamttyError as exc:
         print(f"dreamtty: {error_line(exc)}", file=sys.stderr)
         return 3 if isinstance(exc, ServiceUnavailable) else 2
@@ -232,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `dreamtty samplers | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # e.g. `dreamtty samplers > /dev/full`
+        if exc.errno not in _FULL or exc.filename:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left in the buffer goes nowhere
+        print(f"dreamtty: stdout: cannot write ({exc.strerror})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
