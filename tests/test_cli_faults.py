@@ -701,7 +701,7 @@ def test_a_config_option_naming_a_file_that_cannot_be_used_is_one_error(tmp_path
     assert main(["--config", str(tmp_path / "loop1"), "config", "path"]) == 0
     captured = capsys.readouterr()
     assert captured.out == f"{tmp_path}/loop1\n"
-    assert captured.err == warning + "(it cannot be read: Too many levels of symbolic links; the defaults apply)\n"
+    assert captured.err == warning  # said once
 
 
 def test_the_tui_starts_with_a_config_it_has_yet_to_write(tmp_path, monkeypatch):
@@ -724,14 +724,14 @@ def test_config_path_says_a_config_that_links_to_itself_cannot_be_read(tmp_path,
     captured = capsys.readouterr()
     assert captured.out == f"{tmp_path}/config/config.yaml\n"
     assert captured.err == (f"dreamtty: config: cannot read {tmp_path}/config/config.yaml: Too many levels of "
-                            "symbolic links; using defaults\n"
-                            "(it cannot be read: Too many levels of symbolic links; the defaults apply)\n")
+                            "symbolic links; using defaults\n")
     (tmp_path / "config" / "config.yaml").unlink()
     assert main(["config", "path"]) == 0
     assert capsys.readouterr().err == "(it does not exist yet: the defaults apply)\n"
     (tmp_path / "config" / "config.yaml").mkdir()
     assert main(["config", "path"]) == 0
-    assert capsys.readouterr().err.splitlines()[-1] == "(it is a folder: the defaults apply)"
+    assert capsys.readouterr().err == (f"dreamtty: config: cannot read {tmp_path}/config/config.yaml: is a folder; "
+                                       "using defaults\n")
 
 
 @pytest.mark.parametrize("text, warning", [

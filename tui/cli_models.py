@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from backend import config, downloads, library, user_files
+from backend import config, downloads, library
 from backend.errors import RequestError
 from backend.families import FAMILIES
 from backend.safetext import one_line, visible
@@ -98,16 +98,12 @@ def _pull_for(args) -> int:
 
 
 def cmd_config_path(args) -> int:
+    """The config file's path; why its defaults apply, once: the config's warning, printed as the command
+    started, or that it does not exist yet."""
     path = config.config_path()
     print(one_line(path))
-    try:  # as load() reads it; not Path.exists(), which calls a symlink loop missing
-        user_files.open_regular(path, user_files.MAX_TEXT_BYTES).close()
-    except FileNotFoundError:
+    if not config.load().unread and not path.exists():  # a symlink loop is unread, not missing
         print("(it does not exist yet: the defaults apply)", file=sys.stderr)
-    except (user_files.RefusedFile, IsADirectoryError) as exc:  # "is a folder", "is not a regular file", ...
-        print(f"(it {exc.strerror}: the defaults apply)", file=sys.stderr)
-    except OSError as exc:
-        print(f"(it cannot be read: {one_line(exc.strerror or exc)}; the defaults apply)", file=sys.stderr)
     return 0
 
 
