@@ -71,6 +71,7 @@ def test_unknown_preset_is_a_one_line_error():
         ("guidance:\n  freeu: [1, 2]\n", r"^freeu: in preset .*bad.yaml: \(1.0, 2.0\) is not allowed; give 4 numbers"),
         ("styles: [Nope]\n", r"^styles: in preset .*bad.yaml: unknown 'Nope'"),
         ("styles: [Enhance, enhance]\n", r"^styles: in preset .*bad.yaml: 'enhance' is given twice$"),
+        ("description: [1, 2]\n", r"^description: in preset .*bad.yaml: \[1, 2\] is not text$"),
         ("size: big\n", r"size 'big' is not WxH"),
         ("loras: [[a, b, c]]\n", r"lora \['a', 'b', 'c'\] must be \[name, weight\]"),
         ("sampler: foo\n", r"^sampler: in preset .*bad.yaml: unknown 'foo'; allowed: .*euler"),
@@ -135,9 +136,10 @@ def test_the_cli_lists_and_shows_presets_as_data(presets_dir, capsys):
     assert capsys.readouterr().out.split("\n")[1:] == ["steps:            9", "size:             640x512", ""]
     assert main(["presets", "show", "wide"]) == 0
     assert capsys.readouterr().out.splitlines()[1] == "width:            1024"
-    assert main(["presets", "show", "anime", "--json"]) == 0
+    assert main(["presets", "show", " ANIME ", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["source"] == "shipped:anime.yaml" and shown["fields"]["guidance"] == {"clip_skip": 2}
+    assert shown["name"] == "anime"  # as its file names it, not as typed
     assert main(["presets", "show", "bad"]) == 2
     assert capsys.readouterr().err.startswith("dreamtty: preset: ") and main(["presets", "show", "nope"]) == 2
 

@@ -29,14 +29,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     fields = load_preset(args.name)  # checked: an unusable preset is a one-line error
-    source = preset_file(args.name).label
-    if args.json:
-        print(json.dumps({"name": args.name, "source": source, "fields": fields}))
+    file = preset_file(args.name)
+    if args.json:  # its name as its file gives it, as `presets list` does (" FAST " is fast)
+        print(json.dumps({"name": file.stem, "source": file.label, "fields": fields}))
         return 0
     if "width" in fields and "height" in fields:  # as a preset's file writes it
         width, height = fields.pop("width"), fields.pop("height")
         fields["size"] = f"{width}x{height}"
-    for key, value in {"source": source, **fields}.items():
+    for key, value in {"source": file.label, **fields}.items():
         shown = value if isinstance(value, str) else json.dumps(value)
         print(f"{key + ':':<18}{one_line(shown)}")
     return 0

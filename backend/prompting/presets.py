@@ -25,6 +25,7 @@ from backend.values import shown
 NOT_IN_PRESETS = ("prompt", "seed", "index", "batch", "preset")  # per job, never part of a preset
 ALLOWED = tuple(f.name for f in fields(GenerateRequest) if f.name not in NOT_IN_PRESETS) + ("size", "description")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME_MAX = 250  # characters of a name: NAME.yaml fits a file name of 255 bytes
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,9 @@ def _fields(file: DataFile, read: dict) -> dict:
     unknown = sorted(set(data) - set(ALLOWED), key=str)
     if unknown:
         raise RequestError("preset", f"{file.label}: unknown key {unknown[0]!r}; allowed: {', '.join(ALLOWED)}")
-    data.pop("description", None)
+    description = data.pop("description", "")
+    if not isinstance(description, str):
+        raise RequestError("description", f"in preset {file.label}: {shown(description)} is not text")
     if "size" in data:
         data["width"], data["height"] = _size(data.pop("size"), file.label)
     if "loras" in data:
@@ -180,6 +183,8 @@ def save_preset(name: str, request: dict, description: str = "") -> Path:
     """
     if not _NAME.match(name):
         raise RequestError("preset", f"name {name!r} is not allowed; use letters, digits, '-', '_' or '.'")
+    if len(name) > NAME_MAX:
+        raise RequestError("preset", f"the name is {len(name)} characters long; at most {NAME_MAX}")
     data: dict = {"description": description} if description else {}
     for key, value in request.items():
         if key in NOT_IN_PRESETS or key not in ALLOWED:
@@ -193,8 +198,14 @@ def save_preset(name: str, request: dict, description: str = "") -> Path:
     width, height = data.pop("width", 0), data.pop("height", 0)
     if width and height:
         data["size"] = f"{width}x{height}"
-    folder = user_dir("presets")
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.yaml"
+    path = _user_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# dreamtty preset, saved from the form\n{yaml.safe_dump(data, sort_keys=False)}", encoding="utf-8")
     return path
+
+
+def _user_path(name: str) -> Path:
+    """Where user preset ``name`` is saved: over the user's file it matches (``Mine.yaml`` for ``mine``, as
+    :func:`preset_file` matches names), else ``<config dir>/presets/NAME.yaml``."""
+    file = _files().get(name.lower())
+    return file.path if file is not None and file.path is not None else user_dir("presets") / f"{name}.yaml"
