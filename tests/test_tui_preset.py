@@ -129,3 +129,31 @@ async def test_a_preset_error_goes_when_another_preset_is_chosen(idle_service, t
         preset.value = "list"
         await settle(pilot)
         assert field_of(app, "#steps").error == "" and field_of(app, "#preset").error
+
+
+async def test_names_are_taken_in_any_case_and_odd_names_are_refused_in_one_line(idle_service, tmp_path,
+                                                                                 own_config_dir):
+    """Presets are matched in any case: ``FAST`` hid the shipped fast, and ``mine`` was written beside
+    ``Mine.yaml`` (which then vanished), without a question. ``x.yaml`` became ``x.yaml.yaml``, and a name too
+    long for a file showed ``[Errno 36] ...``."""
+    own_config_dir.mkdir(parents=True)
+    (own_config_dir / "Mine.yaml").write_text("steps: 4\n")
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(120, 40)) as pilot:
+        dialog = await open_dialog(pilot, app)
+        await pilot.press(*"FAST", "enter")
+        assert "'fast' is a shipped preset" in dialog.name_field.error and "enter again" in dialog.name_field.error
+        await pilot.press(*["backspace"] * 4, *"mine", "enter")
+        assert "/Mine.yaml exists; enter again to overwrite it" in dialog.name_field.error
+        assert load_preset("mine") == {"steps": 4}
+        await pilot.press("enter")  # again: written over Mine.yaml, not beside it
+        await close(pilot, app)
+        assert [p.name for p in own_config_dir.iterdir()] == ["Mine.yaml"]
+        assert load_preset("mine")["steps"] is None
+
+        dialog = await open_dialog(pilot, app)
+        await pilot.press(*"x" * 251, "enter")
+        assert dialog.name_field.error == "the name is 251 characters long; at most 250"
+        await pilot.press("backspace", *".yaml", "enter")
+        await close(pilot, app)
+        assert sorted(p.name for p in own_config_dir.iterdir()) == ["Mine.yaml", "x" * 250 + ".yaml"]
