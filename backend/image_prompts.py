@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from backend.errors import RequestError
 from backend.input_images import read_image
-from backend.values import absolute, shown, to_float
+from backend.values import absolute, kind_of, shown, to_float
 
 FIELD = "image_prompt"  # the request's errors name the CLI flag's field
 MAX_IMAGE_PROMPTS = 4
@@ -46,6 +46,7 @@ TYPES: dict[str, PromptType] = {t.name: t for t in (
     PromptType("structure", "controlnet", 0.5, 1.0, "ControlNet on contrast-preserving decolorised structure (CPDS)"),
 )}
 _WORD = re.compile(r"[A-Za-z][A-Za-z_-]*")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # http://, https://, hf://
 
 
 @dataclass
@@ -77,13 +78,19 @@ def parse(text: str) -> ImagePrompt:
     three ``:`` fields that names one). RequestError naming the field otherwise."""
     if not isinstance(text, str) or not text.strip():
         raise RequestError(FIELD, "is empty; give IMAGE[:TYPE[:WEIGHT[:STOP]]]")
+    if _URL.match(text.strip()):
+        raise RequestError(FIELD, f"{text!r} is an address; give an image file's path (nothing is downloaded)")
     parts = text.strip().split(":")
     for at in range(max(1, len(parts) - 3), len(parts)):
         if parts[at].strip().lower() in TYPES:
-            numbers = [_number(p, text) for p in parts[at + 1:]]
+            numbers = [_number(p, text) if p.strip() else None for p in parts[at + 1:]]  # empty: the type's default
             return ImagePrompt(":".join(parts[:at]), parts[at].strip().lower(), *numbers)
     tail = parts[-1].strip()
     exists = os.path.exists(os.path.expanduser(text.strip()))  # False for a name too long, where Path raises
+    extra = next((at for at in range(1, len(parts) - 3) if parts[at].strip().lower() in TYPES), None)
+    if extra is not None and not exists:
+        raise RequestError(FIELD, f"{text!r}: {len(parts) - extra - 1} fields after the type {parts[extra].strip()!r}; "
+                                  "give at most WEIGHT and STOP (IMAGE[:TYPE[:WEIGHT[:STOP]]])")
     if len(parts) > 1 and _WORD.fullmatch(tail) and not exists:
         raise RequestError(FIELD, f"{text!r}: unknown type {tail!r}; allowed: {', '.join(TYPES)}")
     if not exists and any(not parts[at].strip() and parts[at + 1:] and all(map(_is_number, parts[at + 1:]))
@@ -133,10 +140,14 @@ def _one(item: object, index: int) -> ImagePrompt:
     unknown = sorted(set(item) - set(_KEYS), key=str)
     if unknown:
         raise RequestError(FIELD, f"unknown key {unknown[0]!r}; allowed: {', '.join(_KEYS)}")
-    if not all(isinstance(item.get(key, ""), str) for key in ("path", "type")) or "path" not in item:
-        raise RequestError(FIELD, f"{item!r}: path and type must be text")
+    if "path" not in item:
+        raise RequestError(FIELD, f"{index + 1}: path is missing; give the image's path")
+    for key in ("path", "type"):
+        if not isinstance(item.get(key, ""), str):
+            raise RequestError(FIELD, f"{index + 1}: {key} must be text, got {kind_of(item[key])}")
     if not isinstance(item.get("hash", ""), (str, type(None))):
-        raise RequestError(FIELD, f"{item!r}: hash must be text (the content hash recorded at submission)")
+        raise RequestError(FIELD, f"{index + 1}: hash must be text (the content hash recorded at submission), "
+                                  f"got {kind_of(item['hash'])}")
     numbers = {k: None if item.get(k) is None else _setting(k, item[k], f"{index + 1}: ")
                for k in ("weight", "stop")}
     return ImagePrompt(item["path"], item.get("type", "image").strip().lower(), numbers["weight"], numbers["stop"],

@@ -191,7 +191,14 @@ def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
         ([f"{reference}:image:1:1.5"], "image_prompt: 1 (image): stop 1.5 is out of range; allowed 0..1"),
         ([f"{reference}:image:-1"], "image_prompt: 1 (image): weight -1 is out of range"),
         ([f"{reference}:image:2.0000001"], "image_prompt: 1 (image): weight 2.0000001 is out of range"),  # not "2"
-        ([{"path": str(reference), "hash": 123}], "hash must be text"),
+        ([{"path": str(reference), "hash": 123}], "image_prompt: 1: hash must be text (the content hash recorded at "
+                                                  "submission), got a number"),
+        ([{}], "image_prompt: 1: path is missing; give the image's path"),  # "{}: path and type must be text"
+        ([{"path": str(reference), "type": None}], "image_prompt: 1: type must be text, got null"),  # "'type': None"
+        ([f"{reference}:image:1:0.5:9"], f"image_prompt: '{reference}:image:1:0.5:9': 3 fields after the type "
+                                         "'image'; give at most WEIGHT and STOP"),  # "unknown type '9'"
+        (["https://example.com/a.png"], "image_prompt: 'https://example.com/a.png' is an address; give an image "
+                                        "file's path (nothing is downloaded)"),  # "…/https:/example.com/a.png"
         ([f"{reference}:face:lots"], "'lots' is not a number (IMAGE[:TYPE[:WEIGHT[:STOP]]])"),
         ([f"{reference}::0.5"], "image_prompt: '" + f"{reference}::0.5': the type is empty; give one of image, "
                                 "face, canny, depth, structure (IMAGE[:TYPE[:WEIGHT[:STOP]]])"),  # not "is missing"
@@ -210,6 +217,8 @@ def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
         _refused(service, {"image_prompts": prompts}, tmp_path, message)
     mapping = {"path": str(reference), "type": " IMAGE "}  # a type in any case, as IMAGE:TYPE takes it
     assert convert_image_prompts("image_prompts", [mapping])[0].type == "image"
+    stop_only = convert_image_prompts("image_prompts", [f"{reference}:canny::0.3"])[0]  # the type's weight
+    assert (stop_only.weight, stop_only.stop) == (None, 0.3)
     _refused(service, {"image": str(reference), "mode": "poem"}, tmp_path,
              "mode: unknown 'poem'; allowed: photo, anime", DescribeRequest)
     _refused(service, {"image": str(tmp_path / "gone.png")}, tmp_path, "image: ", DescribeRequest)
