@@ -224,6 +224,16 @@ def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
     _refused(service, {"image": str(tmp_path / "gone.png")}, tmp_path, "image: ", DescribeRequest)
 
 
+def test_a_reference_left_out_of_a_text_to_image_job_says_to_raise_the_steps():
+    from backend.engine.image_prompt import _running
+
+    notes: list[str] = []
+    request = GenerateRequest(steps=2, image_prompts=[ImagePrompt("pose.png", "canny", 1.0, 0.4)])
+    assert _running(request, notes.append)[0].weight == 0.0
+    assert notes == ["image prompt 1 (canny): it stops at 0.4 of the schedule, before the first step this job runs "
+                     "(1 of 2); it is left out (raise its stop or the steps to use it)"]  # it has no strength
+
+
 def _adapter_file(path: Path, context: int) -> Path:
     """An IP-Adapter file's header with the tensors the library reads (its data is zeros)."""
     from safetensors.numpy import save_file

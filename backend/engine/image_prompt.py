@@ -112,10 +112,11 @@ def _running(request, note: Callable[[str], None] | None) -> list[ImagePrompt]:
     out = []
     for index, prompt in enumerate(request.image_prompts):
         if prompt.active and first < steps and not prompt.applies(first, steps):
-            if note is not None:
+            if note is not None:  # a job that runs from the start: its first step is 1/steps of the schedule
+                other = "the strength" if first else "the steps"
                 note(f"image prompt {prompt.label(index)}: it stops at {prompt.stop:g} of the schedule, before the "
-                     f"first step this job runs ({first + 1} of {steps}); it is left out (raise its stop or the "
-                     "strength to use it)")
+                     f"first step this job runs ({first + 1} of {steps}); it is left out (raise its stop or "
+                     f"{other} to use it)")
             prompt = replace(prompt, weight=0.0)
         out.append(prompt)
     return out
