@@ -116,7 +116,7 @@ class GuidanceSettings:
             _range(name, getattr(self, name), lo, hi)
         if not is_whole(self.clip_skip) or not 1 <= self.clip_skip <= CLIP_SKIP_MAX:
             raise RequestError("clip_skip", f"{self.clip_skip} is not allowed; use a whole number 1..{CLIP_SKIP_MAX} "
-                                            "(1 = last layer)")
+                                            "(1 = last layer; a model's text encoder may allow fewer)")
         self._validate_freeu()
 
     def _validate_adm(self, xl: bool) -> None:
@@ -127,7 +127,8 @@ class GuidanceSettings:
         values = _numbers("adm_scale", self.adm_scale, 3, "POS,NEG,END")
         lo, hi = ADM_SCALE_RANGE
         if not (lo <= values[0] <= hi and lo <= values[1] <= hi and 0.0 <= values[2] <= 1.0):
-            raise RequestError("adm_scale", f"{self.adm_scale} is out of range; allowed POS,NEG {lo:g}..{hi:g} and END 0..1")
+            raise RequestError("adm_scale", f"{_as_typed(self.adm_scale)} is out of range; allowed POS,NEG "
+                                            f"{lo:g}..{hi:g} and END 0..1")
 
     def _validate_freeu(self) -> None:
         if not self.freeu:  # None = off, () = family defaults
@@ -135,7 +136,7 @@ class GuidanceSettings:
         values = _numbers("freeu", self.freeu, 4, "s1,s2,b1,b2 (or none for the model's defaults)")
         lo, hi = FREEU_RANGE
         if not all(lo <= v <= hi for v in values):
-            raise RequestError("freeu", f"{self.freeu} is out of range; allowed {lo:g}..{hi:g} each")
+            raise RequestError("freeu", f"{_as_typed(self.freeu)} is out of range; allowed {lo:g}..{hi:g} each")
 
 
 def check_clip_skip(clip_skip: int, depth: int) -> None:
@@ -144,9 +145,16 @@ def check_clip_skip(clip_skip: int, depth: int) -> None:
         raise RequestError("clip_skip", f"{clip_skip} is deeper than this model's text encoder; allowed 1..{depth}")
 
 
+def _as_typed(values: object) -> str:
+    """A list control's value as the CLI and the form take it (``0.9,0.2``), else as JSON writes it."""
+    if isinstance(values, (tuple, list)) and all(isinstance(v, (int, float)) for v in values):
+        return ",".join(f"{v:g}" for v in values) or "[]"
+    return shown(values)
+
+
 def _numbers(name: str, values: object, count: int, shape: str) -> tuple[float, ...]:
     if not isinstance(values, (tuple, list)) or len(values) != count:
-        raise RequestError(name, f"{values!r} is not allowed; give {count} numbers {shape}")
+        raise RequestError(name, f"{_as_typed(values)} is not allowed; give {count} numbers {shape}")
     return tuple(to_float(name, v) for v in values)
 
 
