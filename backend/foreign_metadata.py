@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from backend import infotext, user_files
 from backend.errors import RequestError
 from backend.guidance_settings import GuidanceSettings
-from backend.request import MAX_SEED, GenerateRequest, parse_size
+from backend.request import MAX_CFG, MAX_SEED, MAX_STEPS, GenerateRequest, parse_size
 from backend.samplers import SAMPLERS
 from backend.values import kind_of, to_float, to_int
 
@@ -154,9 +154,9 @@ class _Reader:
         name = key.lower()
         try:
             if name == "steps":
-                self.request["steps"] = to_int("steps", value)
+                self.request["steps"] = _within("steps", to_int("steps", value), 1, MAX_STEPS)
             elif name == "cfg scale":
-                self.request["cfg"] = to_float("cfg", value)
+                self.request["cfg"] = _within("cfg", to_float("cfg", value), 0, MAX_CFG)
             elif name == "seed":
                 self._seed(to_int("seed", value))
             elif name == "size":
@@ -231,6 +231,13 @@ class _Reader:
         """True for A1111 v1.9 and later, where a missing schedule is the sampler's own default ("Automatic")."""
         found = re.search(r"v(\d+)\.(\d+)", self.version)
         return self.tool == "A1111" and found is not None and (int(found[1]), int(found[2])) >= (1, 9)
+
+
+def _within(name: str, value: float, low: float, high: float) -> float:
+    """``value`` when it lies in ``low..high`` (what a request takes); RequestError otherwise (the default is used)."""
+    if not low <= value <= high:
+        raise RequestError(name, f"out of range; allowed {low:g}..{high:g}: the default is used")
+    return value
 
 
 def _texts(value: object) -> str | None:

@@ -21,7 +21,8 @@ from backend.samplers import SAMPLERS, SCHEDULES
 from backend.values import check_text, kind_of, shown, to_bool, to_float, to_int
 
 MAX_STEPS = 500
-CFG_RANGE = "0..30 (1 = no guidance)"
+MAX_CFG = 30.0
+CFG_RANGE = f"0..{MAX_CFG:g} (1 = no guidance)"
 MAX_COUNT = 64
 MAX_SEED = 2**32 - 1
 MAX_LORAS = 5
@@ -177,7 +178,7 @@ class GenerateRequest:
         if steps < min_steps:
             raise RequestError("steps", f"{self.sampler} needs at least {min_steps}; got {steps}")
         cfg = to_float("cfg", self.cfg, CFG_RANGE)
-        if not 0.0 <= cfg <= 30.0:
+        if not 0.0 <= cfg <= MAX_CFG:
             raise RequestError("cfg", f"{self.cfg} is out of range; allowed {CFG_RANGE}")
         default = fam.default_size if fam else None
         width = to_int("width", default if self.width is None else self.width)

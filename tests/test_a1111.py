@@ -299,11 +299,15 @@ def test_a_random_seed_is_drawn_and_a_bad_recorded_value_is_said_to_be_recorded(
     request, warnings = foreign_metadata.from_text(json.dumps({**FOOOCUS_JSON, "seed": "-1"}))
     assert request.seed == -1 and "Seed: -1 (random: a new seed is drawn)" in warnings[1]
     info, path = PngInfo(), tmp_path / "a1111.png"
-    info.add_text("parameters", "a fox\nSteps: -5, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Model: demo")
+    info.add_text("parameters", "a fox\nSteps: 5, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 68x64, Model: demo")
     Image.new("RGB", (64, 64)).save(path, pnginfo=info)
     assert main(["reproduce", str(path), "--local"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"dreamtty: steps: -5 is out of range; allowed 1..500 (the value in the metadata of {path})")
+        f"dreamtty: width: 68 is not allowed; use a positive multiple of 8 (the value in the metadata of {path})")
+    request, warnings = foreign_metadata.from_text("a fox\nSteps: -5, Sampler: Euler a, CFG scale: 99, Size: 64x64")
+    assert (request.steps, request.cfg) == (GenerateRequest.steps, GenerateRequest.cfg)  # as F7 fills the form
+    assert warnings[1].startswith("not carried over: Steps: -5 (out of range; allowed 1..500: the default is used); "
+                                  "CFG scale: 99 (out of range; allowed 0..30: the default is used)")
     blocker = tmp_path / "file"
     blocker.write_text("x")
     fine = tmp_path / "fine.png"
