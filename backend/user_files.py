@@ -61,13 +61,18 @@ def read_text(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES, encoding: st
 def read_error(field: str, path: str | os.PathLike, exc: OSError, wanted: str = "a file") -> RequestError:
     """The one-line error naming ``field`` for ``exc``, raised opening or reading ``path`` (``wanted``: what
     to give instead of a folder)."""
+    return RequestError(field, read_problem(path, exc, wanted))
+
+
+def read_problem(path: str | os.PathLike, exc: OSError, wanted: str = "a file") -> str:
+    """Why ``path`` could not be read (``exc``), in words: "... is missing", "... is a folder; give ...", ..."""
     if isinstance(exc, FileNotFoundError):
-        return RequestError(field, f"{path} is missing")
+        return f"{path} is missing"
     if isinstance(exc, IsADirectoryError):
-        return RequestError(field, f"{path} is a folder; give {wanted}")
+        return f"{path} is a folder; give {wanted}"
     if isinstance(exc, RefusedFile):
-        return RequestError(field, f"{path} {exc.strerror}")
-    return RequestError(field, f"cannot read {path}: {exc.strerror or exc}")
+        return f"{path} {exc.strerror}"
+    return f"cannot read {path}: {exc.strerror or exc}"
 
 
 def _check(info: os.stat_result, path: str | os.PathLike, limit: int) -> None:

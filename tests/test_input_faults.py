@@ -216,10 +216,10 @@ def test_unreadable_wildcard_file_is_skipped_with_one_warning(wildcards_dir, cap
     # a FIFO (reading it would wait forever) or a dangling link: named as such, not "unknown ... add u.txt"
     os.mkfifo(wildcards_dir / "fifo.txt")
     (wildcards_dir / "gone.txt").symlink_to(wildcards_dir / "nowhere")
-    with pytest.raises(RequestError, match=r"^prompt: wildcard __fifo__: .*fifo.txt: cannot read: .*fifo.txt is not "
+    with pytest.raises(RequestError, match=r"^prompt: wildcard __fifo__: [^:]*fifo.txt is not "
                                            r"a regular file$"):
         check_prompts(GenerateRequest(prompt="a __fifo__", seed=1))
-    with pytest.raises(RequestError, match=r"^prompt: wildcard __gone__: .*gone.txt: cannot read: .*No such file"):
+    with pytest.raises(RequestError, match=r"^prompt: wildcard __gone__: [^:]*gone.txt is missing$"):
         check_prompts(GenerateRequest(prompt="a __gone__", seed=1))
 
 

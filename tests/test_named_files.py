@@ -57,7 +57,7 @@ def test_a_styles_folder_holding_a_fifo_says_so_without_opening_it_and_loads_the
     monkeypatch.setattr(config.Config, "folders", lambda self, kind: [fifo.parent])
     library = _without_waiting(load_styles, fifo.parent / "pipe.csv")
     pipe = fifo.parent / "pipe.csv"
-    assert library.warnings == [f"{pipe}: cannot read: {pipe} is not a regular file"] and "pipe" not in library.styles
+    assert library.warnings == [f"{pipe} is not a regular file; file skipped"] and "pipe" not in library.styles
     assert library.get("Mine").prompt == "{prompt} in ink"
 
 

@@ -90,6 +90,15 @@ def test_bad_preset_files_are_one_line_errors(presets_dir, text, message):
     assert not listed.startswith("(unusable: preset: ")  # the key it names (steps: ...), not "preset"
 
 
+def test_a_preset_file_that_cannot_be_read_says_why_in_words(presets_dir):
+    (presets_dir / "gone.yaml").symlink_to(presets_dir / "nowhere.yaml")
+    (presets_dir / "latin.yaml").write_bytes(b"description: caf\xe9\n")
+    for name, why in (("gone", "is missing"), ("latin", "is not UTF-8 text")):  # "cannot read: [Errno 2] No such"
+        with pytest.raises(RequestError) as err:
+            load_preset(name)
+        assert str(err.value) == f"preset: {presets_dir / name}.yaml {why}"
+
+
 def test_user_preset_overrides_shipped(presets_dir):
     (presets_dir / "anime.yml").write_text("description: mine\nsteps: 9\nsize: 640x512\nloras: ['style-lora:0.7']\n")
     info = {p.name: p for p in list_presets()}["anime"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from backend import yaml_text
+from backend import user_files, yaml_text
 from backend.errors import RequestError
 from backend.guidance_settings import GuidanceSettings
 from backend.prompting.datafiles import DataFile, data_files, user_dir
@@ -76,8 +76,10 @@ def _read(file: DataFile) -> dict:
         data = yaml_text.load(file.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RequestError("preset", f"{file.label} is not valid YAML{yaml_text.fault(exc)}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RequestError("preset", f"{file.label}: cannot read: {exc}") from None
+    except UnicodeDecodeError:
+        raise RequestError("preset", f"{file.label} is not UTF-8 text") from None
+    except OSError as exc:
+        raise user_files.read_error("preset", file.label, exc) from None
     if not isinstance(data, dict):
         raise RequestError("preset", f"{file.label}: expected a mapping of settings")
     return data

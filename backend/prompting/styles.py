@@ -14,6 +14,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from backend import user_files
 from backend.errors import RequestError
 from backend.prompting.datafiles import DataFile, data_files
 
@@ -115,7 +116,7 @@ def load_styles() -> StyleLibrary:
             library.warnings.append(f"{file.label} is not UTF-8 text; file skipped")
             continue
         except OSError as exc:
-            library.warnings.append(f"{file.label}: cannot read: {exc}")
+            library.warnings.append(f"{user_files.read_problem(file.label, exc)}; file skipped")
             continue
         reader = _read_csv if file.suffix == ".csv" else _read_json
         reader(file, text, library)

@@ -13,6 +13,7 @@ import logging
 import random
 import re
 
+from backend import user_files
 from backend.errors import RequestError
 from backend.prompting.datafiles import data_files, user_dir, user_dirs
 from backend.safetext import one_line
@@ -33,7 +34,7 @@ def load_wildcards() -> dict[str, list[str]]:
         try:
             text = file.read_text()
         except OSError as exc:
-            _skip(file.stem.lower(), f"{file.label}: cannot read: {exc}")
+            _skip(file.stem.lower(), user_files.read_problem(file.label, exc))
             continue
         except UnicodeError:
             _skip(file.stem.lower(), f"{file.label} is not UTF-8 text")
