@@ -39,9 +39,13 @@ MAX_LINE = 2000  # characters of an error line: a value echoed in it may be a me
 
 
 def error_line(text: object) -> str:
-    """:func:`one_line`, cut to :data:`MAX_LINE` characters."""
+    """:func:`one_line`, cut to about :data:`MAX_LINE` characters in the middle: the end says why (a long value
+    echoed in it is cut, not the reason after it)."""
     line = one_line(text)
-    return line if len(line) <= MAX_LINE else line[:MAX_LINE] + "… (cut)"
+    if len(line) <= MAX_LINE:
+        return line
+    tail = MAX_LINE // 4
+    return f"{line[:MAX_LINE - tail]} … (cut) … {line[-tail:]}"
 
 
 def summary(text: object, most: int) -> str:

@@ -22,6 +22,7 @@ from textual.widgets import Button, DataTable, Input, Log, OptionList, Select, S
 from backend import metadata
 from backend.config import config_path
 from backend.events import Failed, TrainError, TrainLog
+from backend.families import MODEL_NAMES
 from backend.request import GenerateRequest
 from backend.safetext import first_line, visible
 from backend.training import runs
@@ -413,7 +414,8 @@ def test_generate_errors_and_bad_arguments(capsys, tmp_path):
     code, _, err = cli(capsys, "generate", TEXT, "--model", NAME, "--out", str(tmp_path))
     assert code == 2 and NAME_SHOWN in err
     code, _, err = cli(capsys, "generate", "x", "--model", "m" * 100_000, "--out", str(tmp_path))
-    assert code == 2 and len(err) < 2100 and err.endswith("… (cut)\n")  # not a megabyte of one line
+    assert code == 2 and len(err) < 2100 and " … (cut) … " in err  # not a megabyte of one line
+    assert err.endswith(f"m does not exist; use {MODEL_NAMES}\n")  # what is wrong is not cut off
     code, _, err = cli(capsys, "generate", "x", "--lora", f"{NAME}:heavy")
     assert code == 2 and NAME_SHOWN in err
     code, _, err = cli(capsys, "samplers", TEXT)
