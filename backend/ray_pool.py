@@ -43,6 +43,7 @@ RESTART_DELAY = 5.0  # seconds before trying again to start an actor that could 
 INSTALL = "pip install 'dreamtty[cluster]'"
 _ALLOWED = "auto, ray://HEAD:10001 or HEAD:6379 (local: no cluster)"
 HEAD_TIMEOUT = 5.0  # seconds to connect to a head, and for it to answer
+HEAD_LOSS_LIMIT = 60  # seconds a driver outlives its head: Ray's gcs_rpc_server_reconnect_timeout_s default
 NODES_WAIT = 1.0  # seconds the status waits for the cluster's nodes (a call still waiting is not waited for)
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 
@@ -357,7 +358,8 @@ class RayPool:
         try:
             _check_head_at(self.head, self.field)
         except DreamttyError:
-            return f"{why}; the Ray head at {self.head} does not answer", False
+            return (f"{why}; the Ray head at {self.head} does not answer (Ray ends this service when it stays down "
+                    f"for {HEAD_LOSS_LIMIT} s; its queue is kept for the next)"), False
         return why, True
 
     def _died(self, worker: _Worker, why: str, counts: bool) -> None:

@@ -498,7 +498,8 @@ def test_an_actor_lost_with_the_head_costs_its_jobs_no_attempt(tmp_path):
         gone.bind(("127.0.0.1", 0))
         pool.head = f"127.0.0.1:{gone.getsockname()[1]}"  # nothing listens there once closed
     why, counts = pool._death(RuntimeError("actor died"))
-    assert not counts and why == f"worker actor died (actor died); the Ray head at {pool.head} does not answer"
+    assert not counts and why == (f"worker actor died (actor died); the Ray head at {pool.head} does not answer (Ray "
+                                  "ends this service when it stays down for 60 s; its queue is kept for the next)")
 
     with socket.socket() as head:  # a gRPC server's first frame: SETTINGS
         head.bind(("127.0.0.1", 0))
