@@ -7,8 +7,13 @@ import asyncio
 import importlib.util
 import logging
 import os
+import shlex
 import signal
 import socket
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -18,6 +23,16 @@ from yarl import URL
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("textual_serve") is None,
                                 reason="needs textual-serve (pip install -e '.[test]')")
 TOKEN = "s3cret-token"
+# A tab's process that never reads its input, ignores SIGTERM and writes big frames without end: only SIGKILL ends it.
+STUCK_TAB = textwrap.dedent("""
+    import signal, sys
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    out, frame = sys.stdout.buffer, b"x" * (1 << 20)
+    out.write(b"__GANGLION__\\n")
+    while True:
+        out.write(b"D" + len(frame).to_bytes(4, "big") + frame)
+        out.flush()
+""")
 
 
 @pytest.fixture
@@ -157,6 +172,37 @@ async def test_the_page_has_the_services_connection_cap_and_stops_on_sigterm(mon
     assert said == ["listening"]
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_a_closed_tab_ends_its_process_even_one_that_ignores_quit_and_sigterm(monkeypatch):
+    """A 1000x1000 tab closed as it opened left its dreamtty attach blocked writing a frame to a pipe that
+    nobody read any more, deaf to SIGTERM."""
+    from tui import web_front
+
+    monkeypatch.setattr(web_front, "END_GRACE", 0.5, raising=False)
+    front = web_front.WebFront(shlex.join([sys.executable, "-c", STUCK_TAB]), "127.0.0.1", 0, TOKEN)
+    server = TestServer(await front._make_app(), host="127.0.0.1")
+    await server.start_server()
+    before = _children()
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            for wait in (0, 0.5):
+                websocket = await http.ws_connect(server.make_url("/ws?width=1000&height=1000"))
+                await asyncio.sleep(wait)
+                await websocket.close()
+        deadline = time.monotonic() + 10
+        while _children() - before and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not _children() - before  # killed and reaped
+    finally:
+        for pid in _children() - before:
+            os.kill(pid, signal.SIGKILL)
+        await server.close()
+
+
+def _children() -> set[int]:
+    """The pids of this process's children, zombies included."""
+    return {int(pid) for path in Path(f"/proc/{os.getpid()}/task").glob("*/children") for pid in path.read_text().split()}
 
 
 def test_a_port_in_use_is_a_one_line_error():

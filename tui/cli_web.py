@@ -63,9 +63,10 @@ async def _start_service(args: argparse.Namespace) -> None:
 
 
 def tab_command(args: argparse.Namespace) -> str:
-    """The shell command of one browser tab: ``dreamtty attach`` with this command's global options."""
+    """The shell command of one browser tab: ``dreamtty attach`` with this command's global options, which the
+    shell becomes (``exec``): ending the tab signals dreamtty, not a shell."""
     words = [sys.executable, "-m", "tui.cli"]
     for flag, value in (("--model", args.model), ("--out", args.out), ("--config", args.config)):
         if value is not None:
             words += [flag, str(Path(value).absolute()) if isinstance(value, Path) else str(value)]
-    return shlex.join([*words, "attach"])
+    return "exec " + shlex.join([*words, "attach"])

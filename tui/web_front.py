@@ -14,6 +14,7 @@ route, on loopback too: other users of the machine reach loopback as well.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import re
@@ -21,7 +22,8 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from textual_serve.server import Server
+from textual_serve.app_service import AppService
+from textual_serve.server import Server, to_int
 
 from backend.http_server import serve_tcp, trust
 from backend.service_files import bearer_ok, token_matches
@@ -31,6 +33,7 @@ from backend.values import is_whole
 COOKIE = "dreamtty_token"
 UNAUTHORIZED = "unauthorized: open the address that dreamtty web printed (it carries ?token=...)\n"
 MAX_CELLS = 1000  # columns or rows a tab's terminal may have (textual-serve takes any number; a huge one eats memory)
+END_GRACE = 5.0  # seconds a closed tab's process has to quit before it is killed
 # Sent with every answer: no other page may frame this one (its keys would be typed into dreamtty), no sniffing.
 HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
@@ -46,11 +49,13 @@ class WebFront(Server):
         super().__init__(command, host=host, port=port, title="dreamtty")
         self.token = token
         self.cookie = cookie_value(token)
+        self._endings: set[asyncio.Task] = set()  # see _end
 
     async def _make_app(self) -> web.Application:
         app = await super()._make_app()
         app.middlewares.append(self._guard)
         app.on_response_prepare.append(_add_headers)
+        app.on_cleanup.append(self._tabs_ended)
         return app
 
     @web.middleware
@@ -86,6 +91,29 @@ class WebFront(Server):
         page = await super().handle_index(request)
         page.text = _ONLINE_FONT.sub("", page.text)
         return page
+
+    async def handle_websocket(self, request: web.Request) -> web.WebSocketResponse:
+        """A tab: textual-serve's, whose process is ended when the tab closes, killed if it does not quit."""
+        websocket = web.WebSocketResponse(heartbeat=15)
+        await websocket.prepare(request)
+        tab = _Tab(self.command, websocket, self.download_manager)
+        try:
+            await tab.start(to_int(request.query.get("width", ""), 80), to_int(request.query.get("height", ""), 24))
+            await self._process_messages(websocket, tab)
+        finally:
+            await self._end(tab)
+        return websocket
+
+    async def _end(self, tab: _Tab) -> None:
+        """``tab.end()``, carried on when the tab's handler is cancelled (its connection lost, or the server
+        stopping: its cleanup waits for the tabs to end)."""
+        ending = asyncio.create_task(tab.end())
+        self._endings.add(ending)
+        ending.add_done_callback(self._endings.discard)
+        await asyncio.shield(ending)
+
+    async def _tabs_ended(self, app: web.Application) -> None:
+        await asyncio.gather(*self._endings)
 
     async def _process_messages(self, websocket: web.WebSocketResponse, app_service) -> None:
         """textual-serve's, with a tab's resizes held to MAX_CELLS (its first size is checked in ``_guard``)."""
@@ -136,3 +164,39 @@ class _SizeLimited:
     async def set_terminal_size(self, width: object, height: object) -> None:
         if is_whole(width) and is_whole(height):
             await self._app_service.set_terminal_size(min(max(width, 1), MAX_CELLS), min(max(height, 1), MAX_CELLS))
+
+
+class _Tab(AppService):
+    """A browser tab's process. What it writes once the tab is closed is dropped, so that it is not left blocked
+    writing to a pipe nobody reads; :meth:`end` ends it whatever it does."""
+
+    def __init__(self, command: str, websocket: web.WebSocketResponse, download_manager) -> None:
+        super().__init__(command, write_bytes=self._send, write_str=websocket.send_str, close=websocket.close,
+                         download_manager=download_manager)
+        self._websocket = websocket
+
+    async def _send(self, data: bytes) -> None:
+        """``data`` to the tab's terminal, or nowhere once the tab is closed."""
+        if not self._websocket.closed:
+            with contextlib.suppress(ConnectionError):
+                await self._websocket.send_bytes(data)
+
+    async def end(self) -> None:
+        """Ask the process to quit; past END_GRACE s, kill it (it may ignore SIGTERM) and close our ends of its
+        pipes; then reap it."""
+        if self._task is None:  # it never started
+            return
+        await self._download_manager.cancel_app_downloads(app_service_id=self.app_service_id)
+        await self.send_meta({"type": "quit"})
+        try:
+            await asyncio.wait_for(self._ended(), END_GRACE)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+            self._process._transport.close()  # asyncio's Process has no public way to close its stdout and stderr
+            await self._ended()
+
+    async def _ended(self) -> None:
+        """Once the process has ended and its output is read."""
+        await asyncio.shield(self._task)
+        await self._process.wait()
