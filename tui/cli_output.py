@@ -17,13 +17,14 @@ from backend.safetext import error_line, visible
 class Parser(argparse.ArgumentParser):
     """argparse that reports bad usage in one line (exit 2), never a usage dump.
 
-    A value that starts with a minus and a digit is a value, never an option: ``--adm-scale -1,1,0.5``
-    (Python 3.13's argparse reads it so; 3.11 took only a plain negative number).
+    A value that starts with a minus and a digit, or is ``-inf`` or ``-nan``, is a value, never an option:
+    ``--adm-scale -1,1,0.5`` (Python 3.13's argparse reads it so; 3.11 took only a plain negative number), and
+    ``--cfg -inf`` is refused as a number out of range, not as "expected one argument".
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._negative_number_matcher = re.compile(r"^-\.?\d")
+        self._negative_number_matcher = re.compile(r"^-(\.?\d|inf|nan)", re.IGNORECASE)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {visible(message)}\n")
