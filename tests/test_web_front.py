@@ -200,6 +200,28 @@ async def test_a_closed_tab_ends_its_process_even_one_that_ignores_quit_and_sigt
         await server.close()
 
 
+async def test_a_tab_whose_process_fails_shows_why_and_web_says_it_in_one_line(capsys):
+    """With no service running, a tab stayed on textual-serve's intro card, and web's stderr said only
+    "Application failed to start": the reason was seen only by running the tab's command by hand."""
+    from tui.web_front import WebFront
+
+    reason = "dreamtty: service: none is running at /run/x.sock; start one with dreamtty serve --detach"
+    front = WebFront(f"echo {shlex.quote(reason)} >&2; exit 3", "127.0.0.1", 0, TOKEN)
+    server = TestServer(await front._make_app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            websocket = await http.ws_connect(server.make_url("/ws"))
+            message = await asyncio.wait_for(websocket.receive(), 10)
+            await websocket.close()
+    finally:
+        await server.close()
+    shown = message.data.decode()
+    assert reason in shown and "exit status 3; reload the page" in shown
+    assert capsys.readouterr().err == ("dreamtty: web: a tab's dreamtty ended with exit status 3: service: none is "
+                                       "running at /run/x.sock; start one with dreamtty serve --detach\n")
+
+
 def _children() -> set[int]:
     """The pids of this process's children, zombies included."""
     return {int(pid) for path in Path(f"/proc/{os.getpid()}/task").glob("*/children") for pid in path.read_text().split()}

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import hmac
 import re
+import sys
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -26,6 +27,7 @@ from textual_serve.app_service import AppService
 from textual_serve.server import Server, to_int
 
 from backend.http_server import serve_tcp, trust
+from backend.safetext import error_line, visible
 from backend.service_files import bearer_ok, token_matches
 from backend.service_log import quiet_client_faults
 from backend.values import is_whole
@@ -34,6 +36,8 @@ COOKIE = "dreamtty_token"
 UNAUTHORIZED = "unauthorized: open the address that dreamtty web printed (it carries ?token=...)\n"
 MAX_CELLS = 1000  # columns or rows a tab's terminal may have (textual-serve takes any number; a huge one eats memory)
 END_GRACE = 5.0  # seconds a closed tab's process has to quit before it is killed
+FAILED_LINES = 20  # last lines of a failed tab process's stderr that the tab shows
+STDERR_KEPT = 1 << 16  # last bytes of a tab process's stderr kept for that (it may write there without end)
 # Sent with every answer: no other page may frame this one (its keys would be typed into dreamtty), no sniffing.
 HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
@@ -146,6 +150,14 @@ async def _add_headers(request: web.Request, response: web.StreamResponse) -> No
     response.headers.update(HEADERS)
 
 
+async def _tail(stream: asyncio.StreamReader) -> bytes:
+    """The last STDERR_KEPT bytes that ``stream`` holds until its end."""
+    kept = b""
+    while chunk := await stream.read(STDERR_KEPT):
+        kept = (kept + chunk)[-STDERR_KEPT:]
+    return kept
+
+
 def _cells(text: str | None) -> bool:
     """Whether a tab's ``width`` or ``height`` is absent (textual-serve's default) or 1..MAX_CELLS."""
     return text is None or (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_CELLS)
@@ -168,12 +180,47 @@ class _SizeLimited:
 
 class _Tab(AppService):
     """A browser tab's process. What it writes once the tab is closed is dropped, so that it is not left blocked
-    writing to a pipe nobody reads; :meth:`end` ends it whatever it does."""
+    writing to a pipe nobody reads; :meth:`end` ends it whatever it does. When it fails by itself (no service
+    runs, say), the tab shows why (its stderr), and web's stderr says so in one line."""
 
     def __init__(self, command: str, websocket: web.WebSocketResponse, download_manager) -> None:
         super().__init__(command, write_bytes=self._send, write_str=websocket.send_str, close=websocket.close,
                          download_manager=download_manager)
         self._websocket = websocket
+        self._ending = False
+
+    async def run(self) -> None:
+        """textual-serve's: relays the process's output to the tab; its stderr is kept, not written to web's
+        stdout, to say why it failed."""
+        process = self._process
+        stderr = asyncio.create_task(_tail(process.stderr))
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await self._relay(process.stdout)
+        why = await stderr
+        if await process.wait() and not self._ending:
+            await self._failed(process.returncode, why)
+
+    async def _relay(self, stdout: asyncio.StreamReader) -> None:
+        """textual-serve's protocol: up to 10 lines until ``__GANGLION__``, then packets of a type (D: data, M: meta,
+        P: packed), a 4-byte size and the payload."""
+        for _ in range(10):
+            if await stdout.readline() in (b"", b"__GANGLION__\n"):
+                break
+        handlers = {b"D": self.on_data, b"M": self.on_meta, b"P": self.on_packed}
+        while True:
+            kind = await stdout.readexactly(1)
+            payload = await stdout.readexactly(int.from_bytes(await stdout.readexactly(4), "big"))
+            if handler := handlers.get(kind):
+                await handler(payload)
+
+    async def _failed(self, status: int, stderr: bytes) -> None:
+        """The tab's terminal shows the last lines of the failed process's stderr; web's stderr its last one."""
+        lines = [visible(line) for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+        reason = lines[-1].removeprefix("dreamtty: ") if lines else "it said nothing on stderr"
+        print(error_line(f"dreamtty: web: a tab's dreamtty ended with exit status {status}: {reason}"),
+              file=sys.stderr, flush=True)
+        note = f"(this tab's dreamtty ended with exit status {status}; reload the page to start it again)"
+        await self._send(("\x1bc" + "\r\n".join([*lines[-FAILED_LINES:], note]) + "\r\n").encode())
 
     async def _send(self, data: bytes) -> None:
         """``data`` to the tab's terminal, or nowhere once the tab is closed."""
@@ -184,6 +231,7 @@ class _Tab(AppService):
     async def end(self) -> None:
         """Ask the process to quit; past END_GRACE s, kill it (it may ignore SIGTERM) and close our ends of its
         pipes; then reap it."""
+        self._ending = True
         if self._task is None:  # it never started
             return
         await self._download_manager.cancel_app_downloads(app_service_id=self.app_service_id)
