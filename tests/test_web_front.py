@@ -81,7 +81,8 @@ async def test_the_page_cannot_be_framed_and_loads_nothing_from_outside(front):
 
 
 async def test_a_tabs_terminal_stays_within_1000_cells(front, monkeypatch):
-    """A huge terminal makes the tab's dreamtty take memory without end: refused at first, clamped after."""
+    """A huge terminal makes the tab's dreamtty take memory without end: held to 1000 cells, from the first size
+    on; a size that is no whole number is refused at first, ignored after."""
     from textual_serve.server import Server
 
     from tui.web_front import WebFront
@@ -89,9 +90,9 @@ async def test_a_tabs_terminal_stays_within_1000_cells(front, monkeypatch):
     web_front, http = front
     auth = {"Cookie": f"dreamtty_token={web_front.cookie}", "Connection": "Upgrade", "Upgrade": "websocket",
             "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "a" * 22 + "=="}
-    for size in ("width=100000&height=24", "width=80&height=0", "width=8e1&height=24"):
+    for size in ("width=-1&height=24", "width=8e1&height=24"):
         async with http.get(f"/ws?{size}", headers=auth) as r:
-            assert r.status == 400 and "width and height are 1..1000 cells" in await r.text(), size
+            assert r.status == 400 and "width and height are whole numbers of cells" in await r.text(), size
     sizes = []
 
     class Tab:
@@ -220,6 +221,25 @@ async def test_a_tab_whose_process_fails_shows_why_and_web_says_it_in_one_line(c
     assert reason in shown and "exit status 3; reload the page" in shown
     assert capsys.readouterr().err == ("dreamtty: web: a tab's dreamtty ended with exit status 3: service: none is "
                                        "running at /run/x.sock; start one with dreamtty serve --detach\n")
+
+
+async def test_a_tabs_first_size_is_held_to_1000_cells_as_its_resizes_are():
+    """A browser window of 3840x2160 at a small font asked for 1280 columns: the tab got a 400 and "Session ended"."""
+    from tui.web_front import WebFront
+
+    front = WebFront('echo "$COLUMNS x $ROWS" >&2; exit 1', "127.0.0.1", 0, TOKEN)  # what the tab's process is told
+    server = TestServer(await front._make_app(), host="127.0.0.1")
+    await server.start_server()
+    shown = []
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            for size in ("width=1280&height=288", "width=0&height=" + "9" * 5000, "width=00000000000081&height=24"):
+                websocket = await http.ws_connect(server.make_url(f"/ws?{size}"))
+                shown.append((await asyncio.wait_for(websocket.receive(), 10)).data.decode().splitlines()[0])
+                await websocket.close()
+    finally:
+        await server.close()
+    assert shown == ["\x1bc1000 x 288", "\x1bc1 x 1000", "\x1bc81 x 24"]
 
 
 def _children() -> set[int]:

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 from textual_serve.app_service import AppService
-from textual_serve.server import Server, to_int
+from textual_serve.server import Server
 
 from backend.http_server import serve_tcp, trust
 from backend.safetext import error_line, visible
@@ -73,7 +73,7 @@ class WebFront(Server):
         if request.path == "/ws" and not web.WebSocketResponse().can_prepare(request).ok:
             return web.Response(status=400, text="bad request: /ws is the page's WebSocket; open the page instead\n")
         if request.path == "/ws" and not all(_cells(request.query.get(name)) for name in ("width", "height")):
-            return web.Response(status=400, text=f"bad request: width and height are 1..{MAX_CELLS} cells\n")
+            return web.Response(status=400, text="bad request: width and height are whole numbers of cells\n")
         origin = request.headers.get("Origin")
         if request.headers.get("Upgrade", "").lower() == "websocket" and origin and urlsplit(origin).netloc != request.host:
             return web.Response(status=403, text="forbidden: the page is not from this server\n")
@@ -102,7 +102,7 @@ class WebFront(Server):
         await websocket.prepare(request)
         tab = _Tab(self.command, websocket, self.download_manager)
         try:
-            await tab.start(to_int(request.query.get("width", ""), 80), to_int(request.query.get("height", ""), 24))
+            await tab.start(_first_cells(request.query.get("width"), 80), _first_cells(request.query.get("height"), 24))
             await self._process_messages(websocket, tab)
         finally:
             await self._end(tab)
@@ -120,7 +120,7 @@ class WebFront(Server):
         await asyncio.gather(*self._endings)
 
     async def _process_messages(self, websocket: web.WebSocketResponse, app_service) -> None:
-        """textual-serve's, with a tab's resizes held to MAX_CELLS (its first size is checked in ``_guard``)."""
+        """textual-serve's, with a tab's resizes held to 1..MAX_CELLS."""
         await super()._process_messages(websocket, _SizeLimited(app_service))
 
     async def on_startup(self, app: web.Application) -> None:
@@ -159,8 +159,21 @@ async def _tail(stream: asyncio.StreamReader) -> bytes:
 
 
 def _cells(text: str | None) -> bool:
-    """Whether a tab's ``width`` or ``height`` is absent (textual-serve's default) or 1..MAX_CELLS."""
-    return text is None or (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_CELLS)
+    """Whether a tab's ``width`` or ``height`` is absent (textual-serve's default) or a whole number."""
+    return text is None or (text.isascii() and text.isdigit())
+
+
+def _first_cells(text: str | None, default: int) -> int:
+    """A tab's first ``width`` or ``height`` (checked by ``_cells``; ``default`` when absent), held to 1..MAX_CELLS
+    as its resizes are."""
+    if text is None:
+        return default
+    digits = text.lstrip("0")
+    return _held(int(digits or "0") if len(digits) <= len(str(MAX_CELLS)) else MAX_CELLS)
+
+
+def _held(cells: int) -> int:
+    return min(max(cells, 1), MAX_CELLS)
 
 
 class _SizeLimited:
@@ -175,7 +188,7 @@ class _SizeLimited:
 
     async def set_terminal_size(self, width: object, height: object) -> None:
         if is_whole(width) and is_whole(height):
-            await self._app_service.set_terminal_size(min(max(width, 1), MAX_CELLS), min(max(height, 1), MAX_CELLS))
+            await self._app_service.set_terminal_size(_held(width), _held(height))
 
 
 class _Tab(AppService):
