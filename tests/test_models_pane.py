@@ -14,6 +14,7 @@ from textual.widgets import DataTable, Input, ProgressBar, Static
 
 from backend import config, downloads
 from backend.errors import DreamttyError
+from test_tui import idle_service, make_app, opened, settle  # noqa: F401  (idle_service is a fixture)
 from tui.screens.models import ModelsPane
 
 
@@ -96,6 +97,44 @@ async def test_pane_shows_pull_errors(tmp_path, monkeypatch):
         await pilot.press(*"x/y", "enter")
         await _wait(pilot, lambda: "HF_HUB_OFFLINE is set" in str(app.query_one("#pull-status").render()), "error")
         assert app.query_one(ModelsPane).pulling is False
+
+
+def _xl_checkpoint(path: Path) -> None:
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+               "conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8),
+               "conditioner.embedders.0.transformer.text_model.final_layer_norm.bias": torch.zeros(8)}, str(path))
+
+
+async def test_the_models_table_shows_rows_at_80x24_and_recommends_only_without_models(idle_service, tmp_path,
+                                                                                     monkeypatch):
+    """At 80x24 the recommended models (10 lines there), the skipped files and the pull row left the table one
+    row (its header); the recommended models showed even with checkpoints of the user's."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for i in range(8):
+        (ckpt / f"broken{i}.safetensors").write_bytes(b"x")
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}}))
+    monkeypatch.setenv("DREAMTTY_CONFIG", str(cfg_file))
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(80, 24)) as pilot:
+        await pilot.press("f4")
+        await _wait(pilot, lambda: app.screen.query(ModelsPane), "the Models screen")
+        await settle(pilot)
+        pane = app.screen.query_one(ModelsPane)
+        await _wait(pilot, lambda: pane.entries, "the scan")
+        await pilot.pause()
+        assert app.screen.query_one(DataTable).size.height >= 6  # the header and 5 rows
+        recommended = app.screen.query_one("#models-recommended-box")
+        assert recommended.display and app.screen.query_one("#models-problems-box").display
+
+        _xl_checkpoint(ckpt / "my-xl.safetensors")
+        app.screen.query_one(DataTable).focus()
+        await pilot.press("r")
+        await _wait(pilot, lambda: any(e.name == "my-xl" for e in pane.entries), "the rescan")
+        await pilot.pause()
+        assert not recommended.display
+        assert app.screen.query_one(DataTable).size.height >= 8
 
 
 async def test_every_skipped_file_can_be_read_and_names_stay_on_one_line(tmp_path, monkeypatch):

@@ -43,11 +43,12 @@ class ModelsPane(Vertical):
     BINDINGS = bindings(MODELS_KEYS)
     DEFAULT_CSS = """
     ModelsPane #models-table { height: 1fr; }
-    ModelsPane #models-problems-box { height: auto; max-height: 6; }
+    ModelsPane #models-problems-box { height: auto; max-height: 4; }
     ModelsPane #models-problems { color: $warning; }
     ModelsPane #models-pull-row { height: auto; }
     ModelsPane #models-pull-row Input { width: 1fr; }
     ModelsPane #pull-status { height: auto; }
+    ModelsPane #models-recommended-box { height: auto; max-height: 4; }
     """
 
     class DefaultChanged(Message):
@@ -68,13 +69,19 @@ class ModelsPane(Vertical):
         with VerticalScroll(id="models-problems-box"):  # Tab reaches it: the arrow keys scroll every skipped file
             yield Static("", id="models-problems")
         with Horizontal(id="models-pull-row"):
-            yield TextInput(placeholder="Hugging Face id, e.g. stabilityai/sdxl-turbo", id="pull-id")
-            yield TextInput(placeholder="one file (optional), e.g. sd_xl_turbo_1.0_fp16.safetensors", id="pull-file")
+            yield TextInput(placeholder="Hugging Face id, e.g. stabilityai/sdxl-turbo", compact=True, id="pull-id")
+            yield TextInput(placeholder="one file (optional), e.g. sd_xl_turbo_1.0_fp16.safetensors", compact=True,
+                            id="pull-file")
         yield ProgressBar(id="pull-progress", show_eta=True)
-        yield Static(plain(downloads.recommended_text()), id="pull-status")
+        yield Static("", id="pull-status")
+        with VerticalScroll(id="models-recommended-box"):  # shown with no model besides the demo ones
+            yield Static(plain(downloads.recommended_text()), id="models-recommended")
 
     def on_mount(self) -> None:
         self.query_one(DataTable).add_columns(*COLUMNS)
+        self.query_one("#pull-progress").display = False  # shown while a pull runs
+        self.query_one("#pull-status").display = False
+        self.query_one("#models-recommended-box").display = False
         self.action_refresh()
 
     # -- listing -------------------------------------------------------------------
@@ -107,6 +114,8 @@ class ModelsPane(Vertical):
         problems = "\n".join(f"skipped: {one_line(p)}" for p in lib.problems)
         self.query_one("#models-problems", Static).update(plain(problems))
         self.query_one("#models-problems-box").display = bool(problems)
+        no_models = all(e.source == "built-in" for e in lib.of_kind("checkpoint"))  # as ``models list`` says
+        self.query_one("#models-recommended-box").display = no_models
 
     def selected(self) -> library.Entry | None:
         table = self.query_one(DataTable)
@@ -146,7 +155,8 @@ class ModelsPane(Vertical):
             return
         self.pulling = True
         filename = self.query_one("#pull-file", Input).value.strip() or None
-        self.query_one("#pull-status", Static).update(plain(f"Asking the Hub about {repo}…"))
+        self.query_one("#pull-progress").display = True
+        self._status(f"Asking the Hub about {repo}…")
         self.pull(repo, filename)
 
     @work(thread=True, exclusive=True, group="models-pull")
@@ -166,16 +176,21 @@ class ModelsPane(Vertical):
     def _progress(self, done: int, total: int, name: str) -> None:
         self.query_one(ProgressBar).update(total=max(total, 1), progress=done)
         text = f"downloading {name} ({downloads.human(done)} of {downloads.human(total)} done)" if name else "verifying…"
-        self.query_one("#pull-status", Static).update(plain(text))
+        self._status(text)
+
+    def _status(self, text: str) -> None:
+        status = self.query_one("#pull-status", Static)
+        status.update(plain(text))
+        status.display = True
 
     def _pulled(self, path: Path | None, error: str) -> None:
         self.pulling = False
-        status = self.query_one("#pull-status", Static)
+        self.query_one("#pull-progress").display = False
         if path is None:
-            status.update(plain(error))
+            self._status(error)
             notify(self, error, severity="error", timeout=10)
             return
-        status.update(plain(f"done: {path}"))
+        self._status(f"done: {path}")
         notify(self, f"downloaded to {path}")
         self.action_refresh()
 
