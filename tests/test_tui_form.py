@@ -5,7 +5,7 @@ preset < a model named on the command line)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 from textual.widgets import Input, TextArea
@@ -91,6 +91,8 @@ async def test_image_kinds_round_trip_through_the_form_field_by_field(idle_servi
         await settle(pilot)
         back = form.read_request()
         assert type(back) is type(request)
+        if getattr(request, "fast", False):  # a fast upscale's strength is unused: the form leaves it empty
+            request = replace(request, strength=None)
         for f in fields(request):
             assert getattr(back, f.name) == getattr(request, f.name), f.name
 
