@@ -152,6 +152,19 @@ async def test_bad_input_shows_inline_error_and_queues_nothing(idle_service, tmp
         await settle(pilot)
         assert "does not exist" in field_of(app, "#model").error
         assert idle_service.jobs() == []
+        # An empty Model queued the request's default (demo), while its hint said it was empty
+        app.screen.query_one("#model", Input).value = " "
+        await pilot.press("ctrl+g")
+        await settle(pilot)
+        assert field_of(app, "#model").error.startswith("empty; use demo")
+        assert idle_service.jobs() == []
+        # A model's problem under the field is one line, the path cut in its middle (it filled the screen)
+        app.screen.query_one("#model", Input).value = "/no/" + "x" * 3000
+        await settle(pilot)
+        hint = str(field_of(app, "#model").query_one(".field-hint").render())
+        assert "\n" not in hint and len(hint) <= 400
+        assert "…" in hint and "does not exist" in hint
+        assert "0..30, 0 = off" in str(field_of(app, "#g-sharpness").query_one(".field-hint").render())
 
         app.screen.query_one("#model", Input).value = "demo"
         await pilot.press("ctrl+g")

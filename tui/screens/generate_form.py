@@ -14,8 +14,8 @@ from textual.widgets import Checkbox, Collapsible, Input, Select, Static, TextAr
 
 from backend import library, request_builder
 from backend.errors import DreamttyError, RequestError
-from backend.families import FAMILIES, aspect_sizes
-from backend.guidance_settings import GuidanceSettings
+from backend.families import FAMILIES, MODEL_NAMES, aspect_sizes
+from backend.guidance_settings import ADM_SCALE_RANGE, CLIP_SKIP_MAX, FREEU_RANGE, RANGES, GuidanceSettings
 from backend.models import DEMO_MODELS, resolve_model, trained_model
 from backend.prompting.presets import PresetInfo, list_presets
 from backend.prompting.styles import RANDOM_STYLE, load_styles
@@ -39,17 +39,14 @@ PERFORMANCE = {"speed": ("Speed", 30), "quality": ("Quality", 60), "extreme": ("
 GALLERY_CHOICES = 200  # recent jobs whose images the Image field completes
 FEW_STEP_WORDS = ("LCM", "turbo", "lightning", "hyper")  # in the name of a few-step model or LoRA
 FEW_STEP_NAME = re.compile("|".join(FEW_STEP_WORDS), re.IGNORECASE)
+_SCALES = {"perp_neg": "PerpNeg scale", "sag": "Self-Attention Guidance scale", "sharpness": "detail sharpening",
+           "cfg_rescale": "CFG rescale", "adaptive_cfg": "mimic CFG at high CFG", "pag": "Perturbed-Attention Guidance",
+           "apg": "Adaptive Projected Guidance norm threshold"}
 GUIDANCE_HINTS = {
-    "perp_neg": "PerpNeg scale, 0 = off",
-    "sag": "Self-Attention Guidance scale, 0 = off",
-    "sharpness": "0..30, 0 = off",
-    "cfg_rescale": "0..1, 0 = off",
-    "adaptive_cfg": "mimic CFG at high CFG, 0 = off",
-    "adm_scale": "SDXL: POS,NEG,END; empty = off",
-    "freeu": "S1,S2,B1,B2, 'default' = family values; empty = off",
-    "clip_skip": "1 = last text-encoder layer",
-    "pag": "Perturbed-Attention Guidance scale, 0 = off",
-    "apg": "Adaptive Projected Guidance scale, 0 = off",
+    **{name: f"{what} {RANGES[name][0]:g}..{RANGES[name][1]:g}, 0 = off" for name, what in _SCALES.items()},
+    "adm_scale": f"SDXL: POS,NEG {ADM_SCALE_RANGE[0]:g}..{ADM_SCALE_RANGE[1]:g}, END 0..1; empty = off",
+    "freeu": f"S1,S2,B1,B2 each {FREEU_RANGE[0]:g}..{FREEU_RANGE[1]:g}, 'default' = family values; empty = off",
+    "clip_skip": f"1..{CLIP_SKIP_MAX}, 1 = last text-encoder layer",
 }
 
 
@@ -247,6 +244,8 @@ class GenerateForm(VerticalScroll, can_focus=False):
         size = self.query_one("#size", Select).value
         if size == INPUT_SIZE and kind is GenerateRequest and input_image:
             raise RequestError("size", "the input image's size needs an operation on an input image; pick a size")
+        if not self._input("#model"):  # the request's default model (demo) would be a surprise
+            raise RequestError("model", f"empty; use {MODEL_NAMES}")
         preset = self.query_one("#preset", Select).value
         values = {
             "prompt": self.query_one("#prompt", TextArea).text,  # as typed: spaces and newlines are the user's

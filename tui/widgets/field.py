@@ -52,7 +52,7 @@ class Field(Vertical):
 
     def set_hint(self, text: str) -> None:
         hint = self.query_one(".field-hint", Static)
-        hint.update(plain(text))
+        hint.update(Content(line(text)))  # a model's problem echoes a path: one line, cut in its middle
         hint.display = bool(text)
 
 
