@@ -409,7 +409,16 @@ async def test_input_image_section_paints_a_mask_and_inpaints_with_it(idle_servi
         await pilot.press("ctrl+g")
         await wait_for(pilot, lambda: idle_service.jobs(), what="the job")
         request = last_job(idle_service).request
-    assert request["mask"] == mask and request["feather"] == 12 and request["box"] is None
+        assert request["mask"] == mask and request["feather"] == 12 and request["box"] is None
+
+        # Another image: the editor starts blank, not from the mask painted on the fox (resized to fit)
+        section.query_one("#in-image", Input).value = str(source_png(tmp_path / "owl.png", size=(64, 64)))
+        await pilot.pause()
+        await pilot.press("ctrl+t")
+        await wait_for(pilot, lambda: isinstance(app.screen, MaskEditor), what="the mask editor")
+        await wait_for(pilot, lambda: app.screen.canvas.mask.preview_size != (1, 2), what="the preview")
+        assert not app.screen.canvas.mask.pixels.any()
+        await pilot.press("escape")
 
 
 BAD_SETTINGS = [  # an operation, its image and settings, the field that shows the error, its message

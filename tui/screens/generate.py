@@ -167,7 +167,7 @@ class GenerateScreen(Screen):
         form = await self.ready_form()
         form.clear_errors()
         section = form.input_section
-        open_mask_editor(self, section.image, section.mask, section.feather(), self._rejected,
+        open_mask_editor(self, section.image, section.mask_to_edit(), section.feather(), self._rejected,
                          lambda mask: section.use_mask(str(mask.path), mask.feather))
 
     @work(group="form-actions")

@@ -78,6 +78,7 @@ class InputImageSection(Vertical):
         super().__init__(id=id)
         self.mask_key = mask_key  # shown on the Edit mask button
         self._hashes: dict[str, str | None] = {}  # file field -> its recorded hash (see read)
+        self._painted: dict[str, str] = {}  # mask painted in the editor -> the image it was painted on
 
     def compose(self) -> ComposeResult:
         operations = [("none (text to image)", NONE), *((k.label, k.name) for k in IMAGE_KINDS.values())]
@@ -134,6 +135,11 @@ class InputImageSection(Vertical):
     @property
     def mask(self) -> str:
         return self.query_one("#in-mask", Input).value.strip()
+
+    def mask_to_edit(self) -> str | None:
+        """The Mask the editor starts from: not one painted for another image (a mask typed in is taken)."""
+        mask = self.mask
+        return mask if mask and self._painted.get(mask, self.image) == self.image else None
 
     def feather(self) -> int:
         """The inpaint feather typed (or its default when none or not a whole number)."""
@@ -217,6 +223,7 @@ class InputImageSection(Vertical):
 
     def use_mask(self, path: str, feather: int) -> None:
         """A mask painted in the editor: inpaint with it (instead of a box) and its feather."""
+        self._painted[path] = self.image
         self.query_one("#in-operation", Select).value = "inpaint"
         self._set("mask", path)
         self._set("box", None)
