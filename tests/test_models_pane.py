@@ -184,3 +184,25 @@ async def test_a_refiner_cannot_become_the_default_model(tmp_path, monkeypatch):
         assert config.load().default_model is None
         assert [n.message for n in app._notifications] == [
             "xl-refiner: refiner: use it with --refiner on an SDXL model"]
+
+
+async def test_a_checkpoint_deleted_since_the_scan_does_not_become_the_default(tmp_path, monkeypatch):
+    """``d`` on a row whose file was deleted since the scan saved a default model that no job could use."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    _xl_checkpoint(ckpt / "gone.safetensors")
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}}))
+    monkeypatch.setenv("DREAMTTY_CONFIG", str(cfg_file))
+    app = PaneApp()
+    async with app.run_test(size=(140, 40)) as pilot:
+        await _wait(pilot, lambda: any(r[1] == "gone" for r in _rows(app)), "the scan")
+        (ckpt / "gone.safetensors").unlink()
+        table = app.query_one(DataTable)
+        table.focus()
+        table.move_cursor(row=[r[1] for r in _rows(app)].index("gone"))
+        await pilot.press("d")
+        await _wait(pilot, lambda: not any(r[1] == "gone" for r in _rows(app)), "the rescan")
+        assert config.load().default_model is None
+        assert [n.message for n in app._notifications] == [
+            f"gone: {ckpt / 'gone.safetensors'} is gone since the scan; scanning again"]

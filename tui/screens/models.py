@@ -6,6 +6,7 @@ so the UI never waits on the disk or the network; no torch is imported here.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from textual import on, work
@@ -130,6 +131,11 @@ class ModelsPane(Vertical):
             return
         if entry.note:
             notify(self, f"{one_line(entry.name)}: {entry.note}", severity="warning")
+            return
+        if entry.path and not os.path.exists(entry.path):  # removed since the scan: it would be a default unusable
+            notify(self, f"{one_line(entry.name)}: {one_line(entry.path)} is gone since the scan; scanning again",
+                   severity="warning")
+            self.action_refresh()
             return
         try:
             path = config.set_value("default_model", entry.name)
