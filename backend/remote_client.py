@@ -141,7 +141,8 @@ class RemoteClient:
             raise VersionMismatch(
                 "service: it runs with other settings ("
                 + "; ".join(f"{k}: {settings.get(k) or 'unset'} there, {mine.get(k) or 'unset'} here" for k in differ)
-                + "); run this with --local, or restart the service with these: dreamtty serve --stop")
+                + "); restart the service with these: dreamtty serve --stop, then run this again (a command that "
+                  "runs jobs may instead run them in its own process with --local)")
 
     async def _check_placement(self) -> None:
         """Warn, once, when the service found running puts its workers elsewhere than this command's ``--device``
