@@ -25,7 +25,7 @@ from pathlib import Path
 from backend import locations, service_log
 from backend.errors import DreamttyError, RequestError, ServiceUnavailable
 from backend.safetext import visible
-from backend.service_files import AlreadyRunning, QueueHeld, ServiceFiles, hold_queue, make_token
+from backend.service_files import AlreadyRunning, QueueHeld, ServiceFiles, hold_queue, make_token, token_warnings
 from backend.versions import build
 
 WORKER_NICE = 10  # the service's workers yield the CPU to interactive programs (the TUI among them)
@@ -91,11 +91,12 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
         address = parse_listen(options.listen) if options.listen else None
         token = make_token() if address else None
         service = Service(devices=options.devices, recover=True, nice=WORKER_NICE, cluster=options.cluster)
-        for warning in service.store.warnings:  # a damaged queue file moved aside
+        warnings = [*service.store.warnings, *token_warnings(token)]  # a damaged queue file moved aside
+        for warning in warnings:
             announce(visible(f"dreamtty: warning: {warning}"))
         info = {"pid": os.getpid(), "socket": str(files.socket), "listen": options.listen,
                 "idle_exit": options.idle_exit, "log": str(log_path()),
-                "warnings": service.store.warnings}  # said to the client that started it and by --status
+                "warnings": warnings}  # said to the client that started it and by --status
         api = Api(service, token, stop.set, lambda: info)
         runner = make_runner(api.app)
         await runner.setup()

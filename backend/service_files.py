@@ -208,6 +208,9 @@ def check_private(path: Path, what: str) -> None:
                             f"{stat.S_IMODE(info.st_mode):04o}); remove it, or chmod go= it if it is yours")
 
 
+MIN_TOKEN = 16  # characters of a token below which it is said to be guessable (a generated one has 43)
+
+
 def token_file() -> Path:
     return locations.state_dir() / "serve.token"
 
@@ -219,6 +222,14 @@ def read_token() -> str | None:
         return None
     check_private(path, "token")
     return path.read_text().strip() or None
+
+
+def token_warnings(token: str | None) -> list[str]:
+    """A warning when ``token`` (its file is the user's to write) is short enough to guess; none without one."""
+    if token is None or len(token) >= MIN_TOKEN:
+        return []
+    return [f"the token in {token_file()} is {len(token)} characters long, short enough to guess; delete the file "
+            f"and a new one is made, or write one of {MIN_TOKEN} or more"]
 
 
 def make_token() -> str:

@@ -639,6 +639,22 @@ async def test_tcp_needs_the_token_and_says_nothing_else(dirs):
         serve.stop()
 
 
+def test_a_token_short_enough_to_guess_is_warned_about(dirs):
+    """A token file the user wrote by hand with a few characters was taken without a word."""
+    token_file = dirs.home / "state" / "serve.token"
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.write_text("abc\n")
+    token_file.chmod(0o600)
+    serve = ServeProcess(dirs, "--listen", f"127.0.0.1:{_free_port()}").wait_ready()
+    try:
+        status = json.loads(cli(dirs, "serve", "--status", "--json").stdout)
+    finally:
+        serve.stop()
+    said = f"the token in {token_file} is 3 characters long, short enough to guess"
+    assert any(w.startswith(said) for w in status["warnings"]), status
+    assert f"dreamtty: warning: {said}" in serve.log.read_text()
+
+
 # -- one service per user ---------------------------------------------------------------
 def test_a_second_service_says_where_the_first_runs(dirs):
     first = ServeProcess(dirs).wait_ready()

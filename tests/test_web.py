@@ -90,7 +90,7 @@ async def test_the_tui_in_a_browser_generates_a_png(dirs, tmp_path):
         assert _status(base + "/ws", {"Authorization": f"Bearer {token}"}) == 400  # not an upgrade
         from tui.web_front import cookie_value
 
-        async with aiohttp.ClientSession(cookies={"dreamtty_token": cookie_value(token)}) as http:
+        async with aiohttp.ClientSession(cookies={f"dreamtty_web_{port}": cookie_value(token)}) as http:
             with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
                 await http.ws_connect(f"ws://127.0.0.1:{port}/ws", headers={"Origin": "http://elsewhere.example"})
             assert refused.value.status == 403

@@ -57,21 +57,31 @@ async def test_the_token_address_becomes_a_cookie_that_is_not_the_token(front):
     web_front, http = front
     async with http.get("/?token=" + TOKEN + "&a=1", allow_redirects=False) as r:
         assert r.status == 302 and r.headers["Location"] == "/?a=1"
-        cookie = r.cookies["dreamtty_token"]
+        cookie = r.cookies[web_front.cookie_name]
     assert cookie.value == web_front.cookie != TOKEN and cookie["httponly"] and cookie["samesite"] == "Strict"
     assert not cookie["secure"]
-    async with http.get("/", headers={"Cookie": f"dreamtty_token={web_front.cookie}"}) as r:
+    async with http.get("/", headers={"Cookie": f"{web_front.cookie_name}={web_front.cookie}"}) as r:
         assert r.status == 200 and TOKEN not in await r.text()
-    for refused in ({"Cookie": f"dreamtty_token={TOKEN}"}, {"Authorization": f"Bearer {web_front.cookie}"}, {}):
+    for refused in ({"Cookie": f"{web_front.cookie_name}={TOKEN}"}, {"Authorization": f"Bearer {web_front.cookie}"},
+                    {}):
         async with http.get("/", headers=refused) as r:
             assert r.status == 401, refused
+
+
+def test_each_port_has_its_own_cookie():
+    """Two users' dreamtty web on one host: a browser sends a host's cookies to every port, so one cookie name
+    let the page opened last replace the other's cookie (its reload was then refused)."""
+    from tui.web_front import WebFront
+
+    mine, theirs = WebFront("true", "127.0.0.1", 8000, TOKEN), WebFront("true", "127.0.0.1", 8001, "an0ther-token")
+    assert mine.cookie_name != theirs.cookie_name and mine.cookie != theirs.cookie
 
 
 async def test_the_page_cannot_be_framed_and_loads_nothing_from_outside(front):
     from tui.web_front import HEADERS
 
     web_front, http = front
-    auth = {"Cookie": f"dreamtty_token={web_front.cookie}"}
+    auth = {"Cookie": f"{web_front.cookie_name}={web_front.cookie}"}
     async with http.get("/", headers=auth) as r:
         page = await r.text()
         assert r.status == 200 and {name: r.headers.get(name) for name in HEADERS} == HEADERS
@@ -88,7 +98,7 @@ async def test_a_tabs_terminal_stays_within_1000_cells(front, monkeypatch):
     from tui.web_front import WebFront
 
     web_front, http = front
-    auth = {"Cookie": f"dreamtty_token={web_front.cookie}", "Connection": "Upgrade", "Upgrade": "websocket",
+    auth = {"Cookie": f"{web_front.cookie_name}={web_front.cookie}", "Connection": "Upgrade", "Upgrade": "websocket",
             "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "a" * 22 + "=="}
     for size in ("width=-1&height=24", "width=8e1&height=24"):
         async with http.get(f"/ws?{size}", headers=auth) as r:
@@ -111,7 +121,7 @@ async def test_a_tabs_terminal_stays_within_1000_cells(front, monkeypatch):
 async def test_a_token_address_opened_again_still_drops_the_token(front):
     web_front, http = front
     async with http.get("/?token=" + TOKEN, allow_redirects=False,
-                        headers={"Cookie": f"dreamtty_token={web_front.cookie}"}) as r:
+                        headers={"Cookie": f"{web_front.cookie_name}={web_front.cookie}"}) as r:
         assert r.status == 302 and r.headers["Location"] == "/"
 
 
@@ -124,9 +134,9 @@ async def test_the_trade_never_sends_the_browser_to_another_site(server, path):
 
 
 async def test_the_cookie_is_secure_behind_a_tls_proxy(front):
-    _, http = front
+    web_front, http = front
     async with http.get("/?token=" + TOKEN, allow_redirects=False, headers={"X-Forwarded-Proto": "https"}) as r:
-        assert r.cookies["dreamtty_token"]["secure"]
+        assert r.cookies[web_front.cookie_name]["secure"]
 
 
 async def test_a_malformed_request_writes_no_traceback(front, caplog, monkeypatch):
@@ -265,3 +275,38 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_web_checks_the_token_before_starting_a_service_and_says_what_it_started(tmp_path, monkeypatch, capsys):
+    """``dreamtty web`` started the service, then refused a token file others may read (leaving a service started
+    for nothing); it started one without a word (it stays after web ends); a token short enough to guess was
+    taken silently."""
+    from tui.cli import main
+    from tui.web_front import WebFront
+
+    class Client:
+        started = 4321
+
+        async def start(self) -> None:
+            starts.append(self)
+
+        async def close(self) -> None:
+            pass
+
+    starts: list = []
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    monkeypatch.delenv("DREAMTTY_LOCAL")
+    monkeypatch.setattr("backend.client.connect", lambda *args, **kwargs: Client())
+    monkeypatch.setattr(WebFront, "run", lambda self, listening: listening())
+    token = tmp_path / "state" / "serve.token"
+    token.parent.mkdir()
+    token.write_text("guess\n")
+    token.chmod(0o644)
+    assert main(["web"]) == 2
+    assert starts == [] and "token: " in capsys.readouterr().err
+    token.chmod(0o600)
+    assert main(["web"]) == 0
+    out, err = capsys.readouterr()
+    assert len(starts) == 1 and "?token=guess " in out
+    assert "dreamtty: started the service in the background (pid 4321)" in err
+    assert f"dreamtty: warning: the token in {token} is 5 characters long, short enough to guess" in err

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from backend.errors import DreamttyError
 from backend.safetext import visible
-from tui.cli_output import warn_plain_http
+from tui.cli_output import print_warnings, say_started, warn_plain_http
 
 DEFAULT_LISTEN = "127.0.0.1:8000"
 
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 
 def cmd_web(args: argparse.Namespace) -> int:
     from backend.serve import parse_listen
-    from backend.service_files import make_token
+    from backend.service_files import make_token, token_warnings
     from tui.cli_queue import _service_only
 
     try:
@@ -38,8 +38,9 @@ def cmd_web(args: argparse.Namespace) -> int:
         raise DreamttyError(f"web: needs textual-serve ({exc}); pip install 'textual-serve>=1.1.3,<1.2'") from None
     _service_only(args, "web")
     host, port = parse_listen(args.listen)
+    token = make_token()  # a token file that cannot be used is said before a service is started
+    print_warnings(token_warnings(token))
     asyncio.run(_start_service(args))  # each tab attaches to it, and attach never starts one
-    token = make_token()
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
     shown = f"[{shown}]" if ":" in shown else shown
     warn_plain_http(host, args.listen)
@@ -58,6 +59,7 @@ async def _start_service(args: argparse.Namespace) -> None:
     client = connect(args.device, cluster=args.cluster)
     try:
         await client.start()
+        say_started(client)
     finally:
         await client.close()
 

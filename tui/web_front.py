@@ -32,7 +32,6 @@ from backend.service_files import bearer_ok, token_matches
 from backend.service_log import quiet_client_faults
 from backend.values import is_whole
 
-COOKIE = "dreamtty_token"
 UNAUTHORIZED = "unauthorized: open the address that dreamtty web printed (it carries ?token=...)\n"
 MAX_CELLS = 1000  # columns or rows a tab's terminal may have (textual-serve takes any number; a huge one eats memory)
 END_GRACE = 5.0  # seconds a closed tab's process has to quit before it is killed
@@ -53,6 +52,9 @@ class WebFront(Server):
         super().__init__(command, host=host, port=port, title="dreamtty")
         self.token = token
         self.cookie = cookie_value(token)
+        # Named for its port: a browser sends a host's cookies to every port, and another user's dreamtty web
+        # on this host (another token) would replace a cookie of one name, locking the other page out
+        self.cookie_name = f"dreamtty_web_{port}"
         self._endings: set[asyncio.Task] = set()  # see _end
 
     async def _make_app(self) -> web.Application:
@@ -67,7 +69,7 @@ class WebFront(Server):
         if token_matches(request.query.get("token"), self.token):
             return self._trade(request)
         if not (bearer_ok(request.headers.get("Authorization", ""), self.token)
-                or token_matches(request.cookies.get(COOKIE), self.cookie)):
+                or token_matches(request.cookies.get(self.cookie_name), self.cookie)):
             return web.Response(status=401, text=UNAUTHORIZED)
         trust(request)
         if request.path == "/ws" and not web.WebSocketResponse().can_prepare(request).ok:
@@ -84,7 +86,7 @@ class WebFront(Server):
         keeps one leading slash: ``//host`` or ``/\\host`` would send the browser to another site."""
         kept = {key: value for key, value in request.query.items() if key != "token"}
         response = web.HTTPFound("/" + str(request.rel_url.with_query(kept)).lstrip("/\\"))
-        response.set_cookie(COOKIE, self.cookie, httponly=True, samesite="Strict", path="/",
+        response.set_cookie(self.cookie_name, self.cookie, httponly=True, samesite="Strict", path="/",
                             secure=_scheme(request) == "https")
         return response
 
