@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import logging
 import os
 import shlex
@@ -90,11 +91,9 @@ async def test_the_page_cannot_be_framed_and_loads_nothing_from_outside(front):
         assert r.status == 401 and r.headers["X-Frame-Options"] == "DENY"
 
 
-async def test_a_tabs_terminal_stays_within_1000_cells(front, monkeypatch):
+async def test_a_tabs_terminal_stays_within_1000_cells(front):
     """A huge terminal makes the tab's dreamtty take memory without end: held to 1000 cells, from the first size
     on; a size that is no whole number is refused at first, ignored after."""
-    from textual_serve.server import Server
-
     from tui.web_front import WebFront
 
     web_front, http = front
@@ -103,19 +102,59 @@ async def test_a_tabs_terminal_stays_within_1000_cells(front, monkeypatch):
     for size in ("width=-1&height=24", "width=8e1&height=24"):
         async with http.get(f"/ws?{size}", headers=auth) as r:
             assert r.status == 400 and "width and height are whole numbers of cells" in await r.text(), size
-    sizes = []
+    told = []
+    sizes = [{"width": w, "height": h} for w, h in ((120, 40), (100000, 0), ("80", 24), (True, 24), (80.0, 24))]
+    await WebFront._process_messages(web_front, Page(["resize", size] for size in sizes), Tab(told))
+    assert told == [("size", 120, 40), ("size", 1000, 1)]
 
-    class Tab:
-        async def set_terminal_size(self, width, height):
-            sizes.append((width, height))
 
-    async def resizes(server, websocket, app_service):  # textual-serve's loop, given resize messages
-        for width, height in ((120, 40), (100000, 0), ("80", 24), (True, 24)):
-            await app_service.set_terminal_size(width, height)
+class Tab:
+    """What a tab's process is told."""
 
-    monkeypatch.setattr(Server, "_process_messages", resizes)
-    await WebFront._process_messages(web_front, None, Tab())
-    assert sizes == [(120, 40), (1000, 1)]
+    def __init__(self, told: list) -> None:
+        self.told = told
+
+    async def set_terminal_size(self, width, height):
+        self.told.append(("size", width, height))
+
+    async def send_bytes(self, data):
+        self.told.append(("stdin", data))
+
+    async def blur(self):
+        self.told.append(("blur",))
+
+    async def focus(self):
+        self.told.append(("focus",))
+
+
+class Page:
+    """A WebSocket whose page sent ``messages`` (JSON unless text already)."""
+
+    def __init__(self, messages) -> None:
+        self.messages = [m if isinstance(m, str) else json.dumps(m) for m in messages]
+        self.sent = []
+
+    async def __aiter__(self):
+        for text in self.messages:
+            yield aiohttp.WSMessage(aiohttp.WSMsgType.TEXT, text, None)
+        yield aiohttp.WSMessage(aiohttp.WSMsgType.BINARY, b"\xff\x00", None)
+
+    async def send_json(self, data):
+        self.sent.append(data)
+
+
+async def test_messages_that_are_not_the_pages_are_dropped_without_a_traceback(front, caplog):
+    """A script's WebSocket message that was no ``[type, data]`` list (not JSON, [], ["stdin"], a number for
+    stdin, a lone surrogate) raised in textual-serve's loop: a traceback on web's stderr each time."""
+    from tui.web_front import WebFront
+
+    web_front, _ = front
+    told, page = [], Page(["garbage", "[]", "{}", "null", "[1, 2]", ["stdin"], ["stdin", 5], ["resize"],
+                           ["resize", [80, 24]], "[" * 100000, '["stdin", "\\ud800a"]', ["stdin", "ok"],
+                           ["ping", 7], ["blur"], ["focus", None], ["paste", "x"]])
+    await WebFront._process_messages(web_front, page, Tab(told))
+    assert told == [("stdin", b"?a"), ("stdin", b"ok"), ("blur",), ("focus",)]
+    assert page.sent == [["pong", 7]]
 
 
 async def test_a_token_address_opened_again_still_drops_the_token(front):

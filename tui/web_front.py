@@ -17,12 +17,13 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import re
 import sys
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from textual_serve.app_service import AppService
 from textual_serve.server import Server
 
@@ -77,7 +78,8 @@ class WebFront(Server):
         if request.path == "/ws" and not all(_cells(request.query.get(name)) for name in ("width", "height")):
             return web.Response(status=400, text="bad request: width and height are whole numbers of cells\n")
         origin = request.headers.get("Origin")
-        if request.headers.get("Upgrade", "").lower() == "websocket" and origin and urlsplit(origin).netloc != request.host:
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        if upgrade and origin and urlsplit(origin).netloc != request.host:
             return web.Response(status=403, text="forbidden: the page is not from this server\n")
         return await handler(request)
 
@@ -121,9 +123,21 @@ class WebFront(Server):
     async def _tabs_ended(self, app: web.Application) -> None:
         await asyncio.gather(*self._endings)
 
-    async def _process_messages(self, websocket: web.WebSocketResponse, app_service) -> None:
-        """textual-serve's, with a tab's resizes held to 1..MAX_CELLS."""
-        await super()._process_messages(websocket, _SizeLimited(app_service))
+    async def _process_messages(self, websocket: web.WebSocketResponse, tab: AppService) -> None:
+        """The page's messages to its tab, JSON ``[type, data]`` as textual-serve's page sends them. One that is
+        not (a script's) is dropped, not a traceback on web's stderr; resizes are held to 1..MAX_CELLS."""
+        async for message in websocket:
+            kind, data = _envelope(message.data) if message.type == WSMsgType.TEXT else (None, None)
+            if kind == "stdin" and isinstance(data, str):
+                await tab.send_bytes(data.encode(errors="replace"))  # a lone surrogate is no UTF-8
+            elif kind == "resize" and (size := _size(data)):
+                await tab.set_terminal_size(*size)
+            elif kind == "ping":
+                await websocket.send_json(["pong", data])
+            elif kind == "blur":
+                await tab.blur()
+            elif kind == "focus":
+                await tab.focus()
 
     async def on_startup(self, app: web.Application) -> None:
         """Quiet: ``dreamtty web`` already said where the page is."""
@@ -178,19 +192,22 @@ def _held(cells: int) -> int:
     return min(max(cells, 1), MAX_CELLS)
 
 
-class _SizeLimited:
-    """A tab's textual-serve AppService whose terminal size stays within 1..MAX_CELLS; a size that is no
-    whole number is ignored."""
+def _size(data: object) -> tuple[int, int] | None:
+    """A resize's ``{"width": W, "height": H}`` held to 1..MAX_CELLS (None when they are no whole numbers)."""
+    if isinstance(data, dict) and is_whole(data.get("width")) and is_whole(data.get("height")):
+        return _held(data["width"]), _held(data["height"])
+    return None
 
-    def __init__(self, app_service) -> None:
-        self._app_service = app_service
 
-    def __getattr__(self, name: str):
-        return getattr(self._app_service, name)
-
-    async def set_terminal_size(self, width: object, height: object) -> None:
-        if is_whole(width) and is_whole(height):
-            await self._app_service.set_terminal_size(_held(width), _held(height))
+def _envelope(text: str) -> tuple[str | None, object]:
+    """A page message's type and data (None, None when it is no JSON list starting with a type)."""
+    try:
+        envelope = json.loads(text)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(envelope, list) or not envelope or not isinstance(envelope[0], str):
+        return None, None
+    return envelope[0], envelope[1] if len(envelope) > 1 else None
 
 
 class _Tab(AppService):
