@@ -18,6 +18,7 @@ from backend.families import FAMILIES
 from backend.guidance_settings import GuidanceSettings
 from backend.image_prompts import ImagePrompt, convert_image_prompts, resolve_image_prompts
 from backend.samplers import SAMPLERS, SCHEDULES
+from backend.style_names import check_once_each
 from backend.values import check_text, kind_of, shown, to_bool, to_float, to_int
 
 MAX_STEPS = 500
@@ -80,8 +81,6 @@ class GenerateRequest:
     def check_given(cls, given: dict) -> None:
         """Refuse fields a user gave together that contradict each other (what was typed or posted, not a
         stored request: that is read as it was saved). RequestError naming the field."""
-        from backend.prompting.styles import check_once_each  # backend.prompting imports this module
-
         check_once_each(given.get("styles"))
 
     @property

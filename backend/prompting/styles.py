@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from backend import user_files
 from backend.errors import RequestError
 from backend.prompting.datafiles import DataFile, data_files
+from backend.style_names import RANDOM_STYLE, style_key
 
-RANDOM_STYLE = "Random Style"
 PLACEHOLDER = "{prompt}"
 
 
@@ -39,24 +39,6 @@ class Style:
 
 
 _RANDOM = Style(RANDOM_STYLE, category="built-in", source="built-in: picks one of the other styles per image seed")
-
-
-def style_key(name: str) -> str:
-    """Lookup key: case, hyphens, underscores and extra spaces do not matter."""
-    return " ".join(name.replace("-", " ").replace("_", " ").lower().split())
-
-
-def check_once_each(styles: object) -> None:
-    """RequestError("styles") for a style chosen twice (but "Random Style", which picks another each time). Only
-    what a user gives is checked: a request read back is taken as it is (an image made so reproduces)."""
-    if not isinstance(styles, (list, tuple)) or not all(isinstance(style, str) for style in styles):
-        return  # the request's own check says what is wrong
-    seen: set[str] = set()
-    for style in styles:
-        if (key := style_key(style)) in seen:
-            raise RequestError("styles", f"{style!r} is given twice")
-        if key != style_key(RANDOM_STYLE):
-            seen.add(key)
 
 
 @dataclass
