@@ -128,10 +128,10 @@ async def test_the_websocket_answers_the_servers_pings_and_reads_every_message(s
     async def events(request: web.Request) -> web.WebSocketResponse:
         if request.headers.get("Authorization") != "Bearer ok":
             return web.json_response({"error": "unauthorized"}, status=401)
-        ws = web.WebSocketResponse(heartbeat=1.0)  # a pong may take 0.5 s on a loaded machine
+        ws = web.WebSocketResponse(heartbeat=2.0)  # a pong may take 1 s on a loaded machine (0.5 s was missed)
         await ws.prepare(request)
         await ws.send_str(request.query["n"])
-        await asyncio.sleep(2.0)  # two heartbeats
+        await asyncio.sleep(4.5)  # two heartbeats
         await ws.send_str("x" * 300_000)  # more than one read
         await ws.close(code=1013, message=b"events: fell behind\x1b[2J")
         return ws
