@@ -47,8 +47,10 @@ def parse_listen(text: str, field: str = "listen") -> tuple[str, int]:
     host, sep, port = text.strip().rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     host = host[1:-1] if bracketed else host
-    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise RequestError(field, f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:7860)")
+    if not 0 < int(port) < 65536:
+        raise RequestError(field, f"{text!r}: port {port} is out of range; allowed 1..65535")
     if "[" in host or "]" in host or (":" in host and not bracketed):  # ::1:7860 reads as no address in a URL
         raise RequestError(field, f"{text!r}: an IPv6 address goes in brackets, as in [::1]:7860")
     return host, int(port)

@@ -349,3 +349,24 @@ def test_web_checks_the_token_before_starting_a_service_and_says_what_it_started
     assert len(starts) == 1 and "?token=guess " in out
     assert "dreamtty: started the service in the background (pid 4321)" in err
     assert f"dreamtty: warning: the token in {token} is 5 characters long, short enough to guess" in err
+
+
+def test_web_warns_of_plain_http_only_once_it_serves(tmp_path, monkeypatch, capsys):
+    """An address it cannot listen on got the plain-HTTP warning, then the error."""
+    from tui.cli import main
+
+    class Client:
+        started = None
+
+        async def start(self) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    monkeypatch.delenv("DREAMTTY_LOCAL")
+    monkeypatch.setattr("backend.client.connect", lambda *args, **kwargs: Client())
+    assert main(["web", "--listen", "192.0.2.1:8000"]) == 2  # TEST-NET-1: no address of this machine
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("dreamtty: listen: cannot listen on 192.0.2.1:8000") and err.count("\n") == 1

@@ -43,9 +43,9 @@ def cmd_web(args: argparse.Namespace) -> int:
     asyncio.run(_start_service(args))  # each tab attaches to it, and attach never starts one
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
     shown = f"[{shown}]" if ":" in shown else shown
-    warn_plain_http(host, args.listen)
 
-    def listening() -> None:  # the address is printed once it serves: a script reading it may open it at once
+    def listening() -> None:  # said once it serves (not before a failed listen); a script may open the address at once
+        warn_plain_http(host, args.listen)
         print(visible(f"dreamtty: the TUI in a browser at http://{shown}:{port}/?token={token} (each tab is a "
                       "client of the service; Ctrl-C stops serving the page, not the service)"), flush=True)
 
