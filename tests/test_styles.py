@@ -135,3 +135,19 @@ def test_styles_from_config_folders(tmp_path, monkeypatch):
     monkeypatch.setenv("DREAMTTY_CONFIG", str(config))
     style = load_styles().styles["team look"]
     assert (style.name, style.prompt) == ("Team Look", "{prompt}, team look")
+
+
+def test_styles_list_names_random_style_in_text_and_json_alike(capsys):
+    """The text listed Random Style, the JSON did not, and a search for it found nothing in either."""
+    from tui.cli import main
+
+    def listed(*argv: str) -> tuple[list[str], list[str]]:
+        assert main(["styles", "list", *argv]) == 0
+        text = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines() if line]
+        assert main(["styles", "list", "--json", *argv]) == 0
+        return text, [style["name"] for style in json.loads(capsys.readouterr().out)]
+
+    text, names = listed()
+    assert text[-1] == names[-1] == RANDOM_STYLE and text == names and len(names) > 50
+    assert listed("--search", "rANDOM") == ([RANDOM_STYLE], [RANDOM_STYLE])
+    assert RANDOM_STYLE not in listed("--search", "watercolor")[1]

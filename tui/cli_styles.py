@@ -24,15 +24,18 @@ def _load() -> StyleLibrary:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    found = _load().search(args.search)
+    library = _load()
+    found = library.search(args.search)
+    random = args.search.lower().strip() in RANDOM_STYLE.lower()  # the seeded pick, listed last when it matches
     if args.json:
-        print(json.dumps([{"name": s.name, "category": s.category, "source": s.source} for s in found]))
+        listed = [*found, library.get(RANDOM_STYLE)] if random else found
+        print(json.dumps([{"name": s.name, "category": s.category, "source": s.source} for s in listed]))
         return 0
     names = [one_line(s.name) for s in found]  # one row each: a newline in a name is shown as \n
-    width = max(map(len, names), default=4) + 2
+    width = max(map(len, [*names, RANDOM_STYLE])) + 2
     for name, style in zip(names, found):
         print(f"{name:<{width}}{one_line(style.category)}")
-    if not args.search:
+    if random:
         print(f"{RANDOM_STYLE:<{width}}(picks one of the above per image seed)")
     print(f"\n{len(found)} styles", file=sys.stderr)
     return 0
