@@ -589,6 +589,8 @@ def test_models_help_names_only_existing_subcommands(capsys):
     (["generate", "a fox", "--freeu", "1,2,3,4,"], "freeu: '1,2,3,4,' has an empty value after its last comma"),
     (["generate", "a fox", "--sag", "abc"], "argument --sag: sag: 'abc' is not a number; allowed 0..10"),
     (["generate", "a fox", "--cfg", "-inf"], "cfg: -inf is not a finite number; allowed 0..30"),  # "expected one"
+    (["generate", "a fox", "--seed", "-nan"], "argument --seed: invalid integer value: '-nan'"),  # as -n (count) "an"
+    (["generate", "a fox", "-n", "-1"], "count: -1 is"),
     (["generate", "a fox", "--clip-skip", "1.5"], "clip_skip: '1.5' is not a whole number; allowed 1..12"),
     (["generate", "a fox", "--pag", "\u0663"], "pag: '\u0663' is not a number; allowed 0..20"),
     (["train", "--out", "runs/x"], "out: is where generated images go; give the run folder with --output RUN_DIR"),

@@ -19,12 +19,19 @@ class Parser(argparse.ArgumentParser):
 
     A value that starts with a minus and a digit, or is ``-inf`` or ``-nan``, is a value, never an option:
     ``--adm-scale -1,1,0.5`` (Python 3.13's argparse reads it so; 3.11 took only a plain negative number), and
-    ``--cfg -inf`` is refused as a number out of range, not as "expected one argument".
+    ``--cfg -inf`` is refused as a number out of range, not as "expected one argument" (nor ``--seed -nan`` as
+    ``-n an``).
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\.?\d|inf|nan)", re.IGNORECASE)
+
+    def _parse_optional(self, arg_string: str):
+        # argparse matches "-nan" as -n (a short option) with "an" attached before it asks the matcher
+        if self._negative_number_matcher.match(arg_string) and not self._has_negative_number_optionals:
+            return None
+        return super()._parse_optional(arg_string)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {visible(message)}\n")
