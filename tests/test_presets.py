@@ -52,6 +52,14 @@ def test_other_model_drops_the_presets_size():
     assert (kept.width, kept.height) == (256, 192)
 
 
+def test_a_preset_that_names_no_model_keeps_its_size_with_any_model(user_folder):
+    """Its size was dropped, without a word, as soon as a model was named (--model, --demo)."""
+    (user_folder("presets") / "small.yaml").write_text("size: 96x64\nsteps: 2\n")
+    for model in ("demo", "demo-xl"):
+        request = build({"prompt": "x", "model": model}, "small", defaults={})
+        assert (request.width, request.height) == (96, 64), model
+
+
 def test_unknown_preset_is_a_one_line_error():
     with pytest.raises(RequestError, match=r"^preset: unknown 'nope'; allowed: anime, default, fast"):
         load_preset("nope")

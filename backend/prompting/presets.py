@@ -170,9 +170,9 @@ def _lora(item: object, label: str) -> list:
 def preset_fields(name: str, model: str | None = None) -> dict:
     """Preset ``name``'s request fields, recording ``preset: name`` (``backend.request_builder`` lays them
     under explicit values). A preset's size belongs to its model: for another ``model`` it is left out
-    (that model's family default applies unless a size is given)."""
+    (that model's family default applies unless a size is given). A preset that names no model keeps it."""
     file, fields = _loaded(name)
-    if model not in (None, fields.get("model")):
+    if fields.get("model") is not None and model not in (None, fields["model"]):
         fields.pop("width", None)
         fields.pop("height", None)
     return {**fields, "preset": file.stem}  # as its file names it: " FAST " is recorded as fast
