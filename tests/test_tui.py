@@ -340,6 +340,7 @@ async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path)
     config_path().write_text("keymap:\n  generate: f5\n  screen.queue: f8\n")  # the test's own config file
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:
+        assert app.screen.query_one("JobProgress").status == "Idle: write a prompt and press F5."  # the key bound now
         await pilot.press(*"remapped")
         await pilot.press("f5")
         await settle(pilot)

@@ -50,7 +50,7 @@ class JobProgress(Vertical):
         self._text: tuple[int, str] | None = None  # the last job that made a text (describe), and the text
 
     def compose(self) -> ComposeResult:
-        yield Static("Idle: write a prompt and press ctrl+g.", classes="status")
+        yield Static(plain(f"Idle: write a prompt and press {self.app.key_for('generate')}."), classes="status")
         yield ProgressBar(total=1, show_eta=False, id="progress-bar")
 
     @property
