@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from backend import infotext, user_files
 from backend.errors import RequestError
 from backend.guidance_settings import GuidanceSettings
+from backend.prompting.wildcards import ARRAY, WILDCARD
 from backend.request import MAX_CFG, MAX_SEED, MAX_STEPS, GenerateRequest, parse_size
 from backend.samplers import SAMPLERS
 from backend.values import kind_of, to_float, to_int
@@ -148,7 +149,21 @@ class _Reader:
                             "its pixels will differ from the original's (other samplers, noise and encoders)")
         if self.unmapped:
             warnings.append(f"not carried over: {'; '.join(self.unmapped)}")
-        return request, warnings
+        return request, [*warnings, *self._own_syntax()]
+
+    def _own_syntax(self) -> list[str]:
+        """Warnings for dreamtty's own syntax in another tool's final prompts: ``__name__`` picks a wildcard line
+        and ``[[a, b]]`` an array element here, where that tool had read them as text and a down-weight."""
+        if self.tool == "dreamtty":
+            return []
+        warnings = []
+        for key in ("prompt", "negative_prompt"):
+            text = self.request.get(key) or ""
+            found = [m.group() for pattern in (WILDCARD, ARRAY) for m in pattern.finditer(text)]
+            if found:
+                warnings.append(f"{key}: {_short(', '.join(found))} is read as a wildcard or an array here, not as "
+                                f"{self.tool} read it: the prompt made differs from the image's")
+        return warnings
 
     def _field(self, key: str, value: str) -> None:
         name = key.lower()

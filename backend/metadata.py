@@ -165,8 +165,9 @@ def with_style_picks(request: GenerateRequest, record: object) -> GenerateReques
 
 def prompt_change(recorded: object, made: object) -> str | None:
     """Why the final prompt of a reproduced image (prompt record ``made``) is not the image's (``recorded``): the
-    first wildcard that picked another line, else the texts themselves; None when they are the same."""
-    if not isinstance(recorded, dict) or not isinstance(made, dict):
+    first wildcard that picked another line, else the texts themselves; None when they are the same, or when
+    nothing was recorded (another tool's image)."""
+    if not isinstance(recorded, dict) or not recorded or not isinstance(made, dict):
         return None
     before, after = recorded.get("wildcards"), made.get("wildcards")
     if isinstance(before, list) and isinstance(after, list):

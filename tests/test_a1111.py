@@ -259,6 +259,22 @@ def test_a1111_text_becomes_the_closest_request():
     ]
 
 
+def test_dreamtty_syntax_in_another_tools_prompt_is_said_and_a_reproduce_blames_no_file():
+    """``__pet__`` and ``[[a, b]]`` in an A1111 prompt were text and a down-weight there, a wildcard and an array here:
+    the request changed the prompt without a word; and a reproduce of such an image (no dreamtty record) said its
+    prompt differed because "a style or wildcard file changed since"."""
+    text = "a fox __pet__ [[a, b]]\nNegative prompt: [[blurry, lowres]]\nSteps: 2, Seed: 1, Size: 64x64, Model: demo"
+    _, warnings = foreign_metadata.from_text(text)
+    assert warnings[-2:] == [
+        "prompt: __pet__, [[a, b]] is read as a wildcard or an array here, not as A1111 read it: the prompt made "
+        "differs from the image's",
+        "negative_prompt: [[blurry, lowres]] is read as a wildcard or an array here, not as A1111 read it: the prompt "
+        "made differs from the image's"]
+    assert not any("wildcard" in w for w in foreign_metadata.from_text(A1111_TEXT)[1])
+    assert metadata.prompt_change({}, {"positive": "a fox", "negative": ""}) is None
+    assert metadata.prompt_change({"positive": "a cat"}, {"positive": "a fox"}).startswith("the final prompt differs")
+
+
 @pytest.mark.parametrize("fields,sampler,schedule,unmapped", [
     ("Sampler: DPM++ 2M SDE, Version: v1.10.1", "dpmpp_2m_sde", "exponential", None),  # A1111's Automatic
     ("Sampler: DPM++ 2M, Schedule type: Automatic", "dpmpp_2m", "karras", None),
