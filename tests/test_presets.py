@@ -86,6 +86,11 @@ def test_unknown_preset_is_a_one_line_error():
         ("sampler: lcm\nscheduler: karras\n", r"^scheduler: in preset .*bad.yaml: 'karras' does not work with lcm"),
         ("steps: 0\n", r"^steps: in preset .*bad.yaml: 0 is out of range"),
         ("size: 65x64\n", r"^width: in preset .*bad.yaml: 65 is not allowed"),
+        # a negative prompt, an empty LoRA name: listed usable, then an error at generate that named no preset
+        ("negative_prompt: \"(bad\"\n", r"^negative_prompt: in preset .*bad.yaml: '\(' at column 1 is never closed"),
+        ("negative_prompt: a AND b\n", r"^negative_prompt: in preset .*bad.yaml: 'AND' at column 3"),
+        ("negative_prompt: __nosuch__\n", r"^negative_prompt: in preset .*bad.yaml: unknown wildcard __nosuch__"),
+        ("loras: [['', 1]]\n", r"bad.yaml: lora \['', 1\]: the name is empty$"),
     ],
 )
 def test_bad_preset_files_are_one_line_errors(presets_dir, text, message):

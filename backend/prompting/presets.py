@@ -17,6 +17,7 @@ import yaml
 from backend import user_files, yaml_text
 from backend.errors import RequestError
 from backend.guidance_settings import GuidanceSettings
+from backend.prompting import check_prompts
 from backend.prompting.datafiles import DataFile, data_files, user_dir
 from backend.prompting.styles import load_styles
 from backend.request import GenerateRequest, parse_size
@@ -123,7 +124,8 @@ def _fields(file: DataFile, read: dict) -> dict:
         # The checks that need no model family (names, ranges); stand-ins for what the family fills.
         # Guidance rules depend on the family (SDXL-only controls) and the cfg: those are checked when queueing.
         stand_ins = {k: 8 for k in ("steps", "width", "height") if getattr(request, k) is None}
-        replace(request, guidance=GuidanceSettings(), **stand_ins).resolved("")
+        resolved = replace(request, guidance=GuidanceSettings(), **stand_ins).resolved("")
+        check_prompts(replace(resolved, prompt="", count=1, steps=None))  # its negative prompt's syntax, wildcards
         request.guidance.check_values()
         library = load_styles()
         for style in request.styles:
@@ -162,9 +164,12 @@ def _lora(item: object, label: str) -> list:
         item = [name, weight]
     try:
         name, weight = item  # type: ignore[misc]
-        return [str(name), float(weight)]
+        weight = float(weight)
     except (TypeError, ValueError):
         raise RequestError("preset", f"{label}: lora {item!r} must be [name, weight] or 'name:weight'") from None
+    if not str(name).strip():
+        raise RequestError("preset", f"{label}: lora {item!r}: the name is empty")
+    return [str(name), weight]
 
 
 def preset_fields(name: str, model: str | None = None) -> dict:
