@@ -366,6 +366,27 @@ async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path)
         await wait_for(pilot, lambda: not app.is_running, what="exit")
 
 
+async def test_the_configs_problems_are_one_notice_the_first_listed_the_rest_counted(idle_service, tmp_path):
+    """Six problems at 80x24: one toast (six stacked toasts hid the first ones), the keymap's and the first
+    of the file's listed a line each without a second "config", the rest counted and where to read them."""
+    kinds = ("checkpoints", "loras", "vae", "embeddings", "upscalers")
+    folders = "".join(f"  {kind}: {tmp_path / 'nope' / kind}\n" for kind in kinds)
+    config_path().write_text(f"paths:\n{folders}keymap:\n  generate: ctlr+g\n")
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(80, 24), notifications=True) as pilot:
+        await pilot.pause()
+        [(title, message)] = [(n.title, n.message) for n in app._notifications]
+        assert title == "config: 6 problems"
+        keys, checkpoints, loras, more = message.splitlines()
+        assert keys == "• keymap.generate: 'ctlr+g' is not a key name (e.g. ctrl+g, f5, escape, x); keeping ctrl+g"
+        for listed, kind in ((checkpoints, "checkpoints"), (loras, "loras")):  # a long path is cut, not why
+            assert listed.startswith(f"• paths.{kind}: /") and listed.endswith(" does not exist; nothing is found there")
+            assert len(listed) <= 2 + tui.app.CONFIG_LINE
+        assert more == "and 3 more (dreamtty models list prints them)"
+        [toast] = app.screen.query("Toast")
+        assert toast.region.y >= 0 and toast.region.bottom <= 24  # whole on the screen
+
+
 async def test_a_tui_attached_to_the_service_quits_at_once_and_says_its_jobs_go_on(idle_service, tmp_path,
                                                                                 monkeypatch):
     """Quitting stops nothing when the service runs the jobs: no question, and a line on the terminal after."""

@@ -38,7 +38,7 @@ from tui import keymap
 from tui.latency import (GC_TICK, TYPING_QUIET, TYPING_RECENT, TYPING_REDRAW_INTERVAL, KeyGate, QuietGC,
                          key_gated_driver)
 from tui.screens.generate import GenerateScreen
-from tui.text import markup, notify
+from tui.text import line, markup, notify
 from tui.widgets.progress import describe_step
 
 if TYPE_CHECKING:
@@ -50,8 +50,29 @@ STEP_REDRAW_INTERVAL = 0.25  # seconds: progress is redrawn at most ~4 times a s
 WORKER_NICE = 10  # workers yield the CPU to the UI, so keys are painted promptly while a job runs
 FIRST_FRAME_WAIT = 1.0  # seconds: what waits for the first frame starts by then whatever the screen
 GIL_SWITCH_INTERVAL = 0.001  # seconds (Python's default: 0.005) the event loop waits for a busy preview thread
+CONFIG_SHOWN = 3  # config problems a start-up notice lists at least; it counts the rest (the CLI prints them)
+CONFIG_LINE = 110  # characters of each problem listed (cut in its middle)
 STARTING = "starting the worker…"  # the worker state until one reports it is ready
 LOST = "no service: trying again…"  # the worker state while the client has lost its service
+
+
+def config_notice(problems: list[str], keymap_problems: list[str]) -> tuple[str, str]:
+    """(title, message) of the one start-up notice for the config's problems: the keymap's first (only the TUI
+    reads them: all listed), then the file's in their order up to ``CONFIG_SHOWN`` listed, and how many more
+    (the CLI prints those). One line each, without the "config: " the title says."""
+    every = [*keymap_problems, *(problem.removeprefix("config: ") for problem in problems)]
+    if len(every) == 1:
+        return "config", line(every[0])
+    shown = max(CONFIG_SHOWN, len(keymap_problems))
+    listed = [f"• {_middle_cut(line(problem), CONFIG_LINE)}" for problem in every[:shown]]
+    if len(every) > shown:
+        listed.append(f"and {len(every) - shown} more (dreamtty models list prints them)")
+    return f"config: {len(every)} problems", "\n".join(listed)
+
+
+def _middle_cut(text: str, most: int) -> str:
+    """``text`` cut to ``most`` characters in its middle: the end says why."""
+    return text if len(text) <= most else f"{text[:most // 2]}…{text[-(most - most // 2 - 1):]}"
 
 
 def shown_later(module: str, screen: str) -> Callable[[], Screen]:
@@ -133,8 +154,9 @@ class DreamttyApp(App):
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.config.keymap, keymap_warnings = keymap.check_keymap(self.config.keymap)
         self.set_keymap(self.config.keymap)
-        for warning in [*self.config.warnings, *keymap_warnings]:
-            notify(self, warning, title="config", severity="warning", timeout=10)
+        if self.config.warnings or keymap_warnings:
+            title, message = config_notice(self.config.warnings, keymap_warnings)
+            notify(self, message, title=title, severity="warning", timeout=20)
         self.run_worker(self._consume_events(self.client.subscribe()), group="events", name="events")
         # The worker process (it imports torch) starts once the first frame is on the screen.
         self.after_first_frame(self.run_worker, self._start_service, group="service", name="service")
