@@ -8,7 +8,7 @@ import pytest
 from backend.prompting import build_prompt
 from backend.prompting.expansion import expand, rank
 from backend.prompting.vocabulary import DESCRIPTORS, GROUP_OF, GROUPS, PER_GROUP
-from backend.request import GenerateRequest
+from backend.request import MAX_PROMPT_CHARS, GenerateRequest
 
 # A stub text encoder with known embeddings: the prompt points along x; descriptors
 # are at known angles from it, so their cosine similarity to the prompt is known.
@@ -67,6 +67,16 @@ def test_build_prompt_appends_and_records_expansion():
     assert plan.record["positive"] == plan.positive and plan.record["negative"] == plan.negative
     off = build_prompt(GenerateRequest(prompt="a fox", expand=False, seed=9), stub_embed)
     assert off.positive == "a fox" and off.record["expansion"] == []
+
+
+def test_expansion_keeps_the_prompt_within_its_limit():
+    """A prompt just under 10,000 characters came out at 10,060 with its expansion words."""
+    prompt = "fox, " * 1990
+    words = expand(prompt, 3, None)
+    plan = build_prompt(GenerateRequest(prompt=prompt, expand=True, seed=3))
+    assert len(plan.positive) <= MAX_PROMPT_CHARS < len(", ".join([prompt, *words]))
+    kept = plan.record["expansion"]
+    assert kept and kept == words[:len(kept)] and plan.positive.endswith(", ".join(kept))
 
 
 @pytest.mark.parametrize("family", ["sd", "xl"])

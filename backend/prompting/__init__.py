@@ -18,7 +18,7 @@ from backend.prompting.expansion import expand
 from backend.prompting.editing import PromptSchedule, parse_editing, schedule_prompts
 from backend.prompting.styles import PLACEHOLDER, apply_styles, join_terms, load_styles
 from backend.prompting.wildcards import expand_arrays, expand_wildcards, load_wildcards
-from backend.request import GenerateRequest, check_prompt_length
+from backend.request import MAX_PROMPT_CHARS, GenerateRequest, check_prompt_length
 
 
 @dataclass
@@ -58,6 +58,8 @@ def build_prompt(request: GenerateRequest, embed_texts: Callable[[list[str]], ob
     if request.styles:
         positive, negative, used = apply_styles(positive, negative, request.styles, load_styles(), request.seed)
     words = expand(texts["prompt"], request.seed, embed_texts) if request.expand else []
+    while words and len(join_terms([positive, *words])) > MAX_PROMPT_CHARS:  # the limit bounds the encoder's time
+        words = words[:-1]
     positive = join_terms([positive, *words]) if words else positive
     for name, text in (("prompt", positive), ("negative_prompt", negative)):
         try:
