@@ -380,7 +380,8 @@ async def test_the_configs_problems_are_one_notice_the_first_listed_the_rest_cou
         keys, checkpoints, loras, more = message.splitlines()
         assert keys == "• keymap.generate: 'ctlr+g' is not a key name (e.g. ctrl+g, f5, escape, x); keeping ctrl+g"
         for listed, kind in ((checkpoints, "checkpoints"), (loras, "loras")):  # a long path is cut, not why
-            assert listed.startswith(f"• paths.{kind}: /") and listed.endswith(" does not exist; nothing is found there")
+            assert listed.startswith(f"• paths.{kind}: /")
+            assert listed.endswith(" does not exist; nothing is found there")
             assert len(listed) <= 2 + tui.app.CONFIG_LINE
         assert more == "and 3 more (dreamtty models list prints them)"
         [toast] = app.screen.query("Toast")
