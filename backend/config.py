@@ -77,8 +77,18 @@ class Config:
     @staticmethod
     def origin(key: str) -> str:
         """Where a setting's value came from: its environment variable, else the config file."""
-        env = f"DREAMTTY_{key.upper()}"
-        return env if os.environ.get(env) else f"{'paths.' if key == 'outputs' else ''}{key} of {config_path()}"
+        return _set_by_env(key) or f"{_file_key(key)} of {config_path()}"
+
+
+def _set_by_env(key: str) -> str | None:
+    """The environment variable that sets ``key`` (``DREAMTTY_CHECKPOINTS``), when it is set."""
+    env = f"DREAMTTY_{key.upper()}"
+    return env if os.environ.get(env) else None
+
+
+def _file_key(key: str) -> str:
+    """``key`` as the config file writes it: folders under ``paths.``."""
+    return f"paths.{key}" if key in (*FOLDER_KINDS, "outputs") else key
 
 
 def default_folders(kind: str) -> list[Path]:
@@ -284,13 +294,14 @@ def load(path: str | Path | None = None) -> Config:
     _apply_env(cfg)
     for kind, folders in cfg.paths.items():  # a folder that cannot be searched: said, not passed over in silence
         defaults = default_folders(kind)  # need not exist
+        said = _set_by_env(kind) or _file_key(kind)  # what the user wrote: DREAMTTY_LORAS or paths.loras
         for folder in list(folders):
             problem = _folder_problem(folder)
             if problem == "missing":  # kept: searched once it is made
                 if folder not in defaults:
-                    cfg.warnings.append(f"config: paths.{kind}: {folder} does not exist; nothing is found there")
+                    cfg.warnings.append(f"config: {said}: {folder} does not exist; nothing is found there")
             elif problem:
-                cfg.warnings.append(f"config: paths.{kind}: {folder} {problem}; ignored")
+                cfg.warnings.append(f"config: {said}: {folder} {problem}; ignored")
                 folders.remove(folder)
     return cfg
 

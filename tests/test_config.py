@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -128,11 +129,22 @@ def test_a_folder_path_that_names_a_file_or_nothing_is_said(tmp_path, monkeypatc
                                                              "loras": [str(tmp_path / "lroas")]}}))
     assert cfg.folders("styles") == [tmp_path] and cfg.folders("wildcards") == []
     assert cfg.folders("loras") == [tmp_path / "lroas"]  # searched once it is made
-    assert sorted(cfg.warnings) == [f"config: paths.loras: {tmp_path / 'lroas'} does not exist; nothing is found there",
-                                    f"config: paths.styles: {styles} is a file, not a folder; ignored",
-                                    f"config: paths.wildcards: {styles} is a file, not a folder; ignored"]
+    assert sorted(cfg.warnings) == [f"config: DREAMTTY_WILDCARDS: {styles} is a file, not a folder; ignored",
+                                    f"config: paths.loras: {tmp_path / 'lroas'} does not exist; nothing is found there",
+                                    f"config: paths.styles: {styles} is a file, not a folder; ignored"]
     monkeypatch.delenv("DREAMTTY_WILDCARDS")
     assert config.load(_write(tmp_path / "d.yaml", {})).warnings == []  # the default folders need not exist
+
+
+def test_a_folder_the_environment_names_is_said_under_its_variable(tmp_path, monkeypatch):
+    """The user set DREAMTTY_CHECKPOINTS, not paths.checkpoints: the warning names what they wrote."""
+    passwd = _write(tmp_path / "passwd", {})
+    monkeypatch.setenv("DREAMTTY_CHECKPOINTS", f"{tmp_path / 'nope'}{os.pathsep}{passwd}")
+    cfg = config.load(_write(tmp_path / "c.yaml", {"paths": {"loras": [str(tmp_path / "lroas")]}}))
+    assert cfg.warnings == [
+        f"config: DREAMTTY_CHECKPOINTS: {tmp_path / 'nope'} does not exist; nothing is found there",
+        f"config: DREAMTTY_CHECKPOINTS: {passwd} is a file, not a folder; ignored",
+        f"config: paths.loras: {tmp_path / 'lroas'} does not exist; nothing is found there"]
 
 
 def test_set_config_path_reaches_other_processes_through_env(tmp_path, monkeypatch):
@@ -244,7 +256,7 @@ def test_a_folder_that_cannot_be_searched_is_said_not_a_traceback(tmp_path, monk
                                                              "vae": [str(tmp_path / "missing")]}}))
     assert cfg.warnings == [
         f"config: paths.checkpoints: {long} cannot be searched: File name too long; ignored",
-        f"config: paths.loras: {tmp_path / 'loop'} cannot be searched: Too many levels of symbolic links; ignored",
+        f"config: DREAMTTY_LORAS: {tmp_path / 'loop'} cannot be searched: Too many levels of symbolic links; ignored",
         f"config: paths.vae: {tmp_path / 'missing'} does not exist; nothing is found there"]
     assert cfg.folders("checkpoints") == [tmp_path] and cfg.folders("loras") == []
     assert cfg.folders("vae") == [tmp_path / "missing"]  # searched once it is made
