@@ -119,6 +119,17 @@ def test_user_preset_overrides_shipped(presets_dir):
     assert load_preset("anime") == {"steps": 9, "width": 640, "height": 512, "loras": [["style-lora", 0.7]]}
 
 
+def test_a_user_preset_hidden_by_another_in_another_case_is_listed_as_such(presets_dir):
+    """Good.yaml beside good.yaml: one was used, the other never appeared, without a word."""
+    (presets_dir / "Good.yaml").write_text("steps: 3\n")
+    (presets_dir / "good.yaml").write_text("steps: 5\n")
+    listed = {p.name: p for p in list_presets()}
+    assert listed["good"].usable and load_preset("GOOD")["steps"] == 5
+    assert not listed["Good"].usable and listed["Good"].description == (
+        f"(unusable: hidden by {presets_dir / 'good.yaml'}: preset names match in any case; rename one)")
+    assert "fast" in listed and listed["fast"].usable  # a user file over a shipped one hides nothing of the user's
+
+
 def test_preset_names_match_in_any_case(presets_dir):
     """A user's Fast.yaml stood beside the shipped fast, and --preset FAST was unknown."""
     (presets_dir / "Fast.yaml").write_text("steps: 4\n")

@@ -40,7 +40,20 @@ class PresetInfo:
 def _files() -> dict[str, DataFile]:
     """Preset files by name in lower case, as style names match: a user's ``Fast.yaml`` replaces the shipped
     ``fast`` (it stood beside it)."""
-    return {f.stem.lower(): f for f in data_files("presets", "presets", (".yaml", ".yml"))}
+    return _by_name()[0]
+
+
+def _by_name() -> tuple[dict[str, DataFile], dict[DataFile, DataFile]]:
+    """:func:`_files`, and each user file hidden so by another of the user's (their names differ in case only),
+    with the file that hides it."""
+    files: dict[str, DataFile] = {}
+    hidden: dict[DataFile, DataFile] = {}
+    for file in data_files("presets", "presets", (".yaml", ".yml")):
+        earlier = files.get(file.stem.lower())
+        if earlier is not None and earlier.path is not None:
+            hidden[earlier] = file
+        files[file.stem.lower()] = file
+    return files, hidden
 
 
 def is_preset(name: str) -> bool:
@@ -59,8 +72,10 @@ def known_presets() -> str:
 def list_presets() -> list[PresetInfo]:
     """All presets by name; one that cannot be used (it does not parse, or holds an unknown key or a bad value)
     is listed with the error as its description."""
-    out = []
-    for file in sorted(_files().values(), key=lambda f: f.stem):
+    files, hidden = _by_name()
+    out = [PresetInfo(file.stem, f"(unusable: hidden by {by.label}: preset names match in any case; rename one)",
+                      file.label, False) for file, by in hidden.items()]
+    for file in files.values():
         try:
             data = _read(file)
             description, usable = str(data.get("description", "")), True
@@ -69,7 +84,7 @@ def list_presets() -> list[PresetInfo]:
             description = f"(unusable: {exc.message if exc.field == 'preset' else exc})"  # the key it names
             usable = False
         out.append(PresetInfo(file.stem, description, file.label, usable))
-    return out
+    return sorted(out, key=lambda p: p.name)
 
 
 def _read(file: DataFile) -> dict:
