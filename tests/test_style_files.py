@@ -53,17 +53,18 @@ def test_a_csv_quote_never_closed_and_a_file_not_utf8_are_said(styles_dir):
 def test_a_style_that_changes_nothing_or_is_given_twice_is_said(styles_dir):
     """An entry with no prompt and no negative, a CSV row with a name only, and a name given twice in the user's
     files loaded in silence (the last one won)."""
-    (styles_dir / "a.json").write_text(json.dumps([{"name": "NoPrompt"}, {"name": "dup", "prompt": "one {prompt}"},
-                                                   {"name": "Watercolor", "prompt": "mine {prompt}"}]))
+    (styles_dir / "a.json").write_text(json.dumps([{"name": "dup", "prompt": "one {prompt}"}, {"name": "NoPrompt"},
+                                                   {"name": "Watercolor", "prompt": "mine {prompt}"}], indent=0))
     (styles_dir / "b.json").write_text(json.dumps([{"name": "DUP", "prompt": "two {prompt}"}]))
     (styles_dir / "c.csv").write_text("name,prompt,negative_prompt\nBad Row\n")
     library = load_styles()
     assert library.warnings == [
-        f"{styles_dir / 'a.json'}: 'NoPrompt' has no prompt and no negative_prompt: it would change nothing; style "
-        "skipped",
-        f"{styles_dir / 'b.json'}: 'DUP' is given again (first in {styles_dir / 'a.json'}); the later one is used",
-        f"{styles_dir / 'c.csv'}: 'Bad Row' has no prompt and no negative_prompt: it would change nothing; style "
-        "skipped"]  # a user's Watercolor replaces the shipped one without a word
+        f"{styles_dir / 'a.json'} line 6: 'NoPrompt' has no prompt and no negative_prompt: it would change nothing; "
+        "style skipped",
+        f"{styles_dir / 'b.json'} line 1: 'DUP' is given again (first in {styles_dir / 'a.json'}); the later one is "
+        "used",
+        f"{styles_dir / 'c.csv'} line 2: 'Bad Row' has no prompt and no negative_prompt: it would change nothing; "
+        "style skipped"]  # a user's Watercolor replaces the shipped one without a word
     assert library.get("dup").prompt == "two {prompt}" and library.get("Watercolor").prompt == "mine {prompt}"
 
 
@@ -123,6 +124,6 @@ def test_a_100k_style_pack_loads_and_lists_in_one_pass(styles_dir, capsys):
 def test_a_user_style_named_random_style_is_skipped_with_a_warning(styles_dir):
     (styles_dir / "mine.json").write_text(json.dumps([{"name": "random-style", "prompt": "mine {prompt}"}]))
     library = load_styles()
-    assert library.warnings == [f"{styles_dir / 'mine.json'}: 'random-style' is a reserved name (it picks one of "
+    assert library.warnings == [f"{styles_dir / 'mine.json'} line 1: 'random-style' is a reserved name (it picks one of "
                                 "the styles per image seed); style skipped"]
     assert all(style.name != "random-style" for style in library.search())

@@ -46,21 +46,21 @@ class StyleLibrary:
     styles: dict[str, Style] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
-    def add(self, style: Style) -> None:
-        """Add ``style``: a user's replaces a shipped one of its name; one that would change nothing, a reserved
-        name, and a name a user's file already gave are said."""
-        key = style_key(style.name)
+    def add(self, style: Style, line: int | None = None) -> None:
+        """Add ``style`` (from ``line`` of its file): a user's replaces a shipped one of its name; one that would
+        change nothing, a reserved name, and a name a user's file already gave are said."""
+        key, where = style_key(style.name), f"{style.source} line {line}" if line else style.source
         if key == style_key(RANDOM_STYLE):  # the built-in pick would hide it
-            self.warnings.append(f"{style.source}: {style.name!r} is a reserved name (it picks one of the styles "
+            self.warnings.append(f"{where}: {style.name!r} is a reserved name (it picks one of the styles "
                                  "per image seed); style skipped")
             return
         if style.prompt.strip() in ("", PLACEHOLDER) and not style.negative_prompt.strip():
-            self.warnings.append(f"{style.source}: {style.name!r} has no prompt and no negative_prompt: it would "
+            self.warnings.append(f"{where}: {style.name!r} has no prompt and no negative_prompt: it would "
                                  "change nothing; style skipped")
             return
         earlier = self.styles.get(key)
         if earlier is not None and not earlier.source.startswith("shipped:"):
-            self.warnings.append(f"{style.source}: {style.name!r} is given again (first in {earlier.source}); the "
+            self.warnings.append(f"{where}: {style.name!r} is given again (first in {earlier.source}); the "
                                  "later one is used")
         self.styles[key] = style
 
@@ -127,7 +127,7 @@ def _read_json(file: DataFile, text: str, library: StyleLibrary) -> None:
             continue
         category = entry.get("category") or file.stem
         library.add(Style(entry["name"].strip(), entry.get("prompt", PLACEHOLDER), entry.get("negative_prompt", ""),
-                          category, file.label))
+                          category, file.label), line)
 
 
 def _entry_lines(text: str) -> list[int]:
@@ -169,8 +169,8 @@ def _read_csv(file: DataFile, text: str, library: StyleLibrary) -> None:
     except csv.Error as exc:  # e.g. a field over csv.field_size_limit(), a NUL byte
         library.warnings.append(f"{file.label} line {reader.reader.line_num}: not valid CSV ({exc}); file skipped")
         return
-    for style in styles:
-        library.add(style)
+    for style, line in styles:
+        library.add(style, line)
 
 
 def _unclosed_quote(text: str) -> int | None:
@@ -186,8 +186,8 @@ def _unclosed_quote(text: str) -> int | None:
     return None
 
 
-def _csv_styles(file: DataFile, reader: csv.DictReader, warnings: list[str]) -> list[Style]:
-    """The styles of a CSV file; raises csv.Error for a file the csv module cannot read."""
+def _csv_styles(file: DataFile, reader: csv.DictReader, warnings: list[str]) -> list[tuple[Style, int]]:
+    """The styles of a CSV file, each with its line; raises csv.Error for a file the csv module cannot read."""
     header = [h.strip().lower() for h in reader.fieldnames or []]
     if "name" not in header or "prompt" not in header:
         warnings.append(f"{file.label} line 1: needs a header with columns name,prompt,negative_prompt; file skipped")
@@ -199,7 +199,8 @@ def _csv_styles(file: DataFile, reader: csv.DictReader, warnings: list[str]) -> 
         if not name:
             warnings.append(f"{file.label} line {reader.line_num}: row has no name; style skipped")
             continue
-        styles.append(Style(name, row.get("prompt") or "", row.get("negative_prompt") or "", file.stem, file.label))
+        style = Style(name, row.get("prompt") or "", row.get("negative_prompt") or "", file.stem, file.label)
+        styles.append((style, reader.line_num))
     return styles
 
 
