@@ -174,6 +174,29 @@ async def test_bad_input_shows_inline_error_and_queues_nothing(idle_service, tmp
         assert all(f.error == "" for f in app.screen.query(Field))
 
 
+async def test_a_bad_default_model_from_the_config_is_said_once_with_where_it_came_from(idle_service, tmp_path):
+    """The Model field's hint and the error of a failed generate said the same twice; now once, naming the
+    config file's default_model as its origin (as the CLI does), and the hint is back once the error goes."""
+    config_path().write_text("default_model: sd_xl_base_1.0\n")
+    app = make_app(idle_service, tmp_path, model=None)
+    async with opened(app, size=(120, 40)) as pilot:
+        await settle(pilot)
+        field = field_of(app, "#model")
+        hint = field.query_one(".field-hint", Static)
+        origin = f" (default_model of {config_path()})"
+        assert str(hint.render()).startswith("sd_xl_base_1.0 does not exist; ")
+        assert str(hint.render()).endswith(origin) and hint.display
+        await pilot.press(*"a fox", "ctrl+g")
+        await settle(pilot)
+        assert field.error.startswith("sd_xl_base_1.0 does not exist; ") and field.error.endswith(origin)
+        assert not hint.display  # said once: as the error
+        assert idle_service.jobs() == []
+        app.screen.query_one("#model", Input).value = "nope"  # typed: no origin to name, the error goes
+        await settle(pilot)
+        assert field.error == "" and hint.display
+        assert str(hint.render()).startswith("nope does not exist; ") and "default_model" not in str(hint.render())
+
+
 async def test_ctrl_x_cancels_only_a_job_of_this_terminal(idle_service, tmp_path):
     """Another client's running job (the CLI's) is left alone; this TUI's own is cancelled."""
     app = make_app(idle_service, tmp_path)

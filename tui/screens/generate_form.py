@@ -13,7 +13,7 @@ from textual.widget import Widget
 from textual.widgets import Checkbox, Collapsible, Input, Select, Static, TextArea
 
 from backend import library, request_builder
-from backend.errors import DreamttyError, RequestError
+from backend.errors import DreamttyError, RequestError, noted
 from backend.families import FAMILIES, MODEL_NAMES, aspect_sizes
 from backend.guidance_settings import ADM_SCALE_RANGE, CLIP_SKIP_MAX, FREEU_RANGE, RANGES, GuidanceSettings
 from backend.models import DEMO_MODELS, resolve_model, trained_model
@@ -84,6 +84,14 @@ def _size_options(family: str) -> list[tuple[str, str]]:
 def _field_values(field: Field) -> tuple:
     """What the controls of ``field`` hold now."""
     return tuple(w.text if isinstance(w, TextArea) else w.value for w in field.query("Input, TextArea, Select"))
+
+
+def _field_and_message(exc: DreamttyError) -> tuple[str, str]:
+    """(the field ``exc`` names, what it says of it)."""
+    if isinstance(exc, RequestError):
+        return exc.field, exc.message
+    name, colon, message = str(exc).partition(":")
+    return name.strip(), (message if colon else name).strip()
 
 
 def _preset_options(presets: list[PresetInfo]) -> list[tuple[str, str]]:
@@ -275,8 +283,8 @@ class GenerateForm(VerticalScroll, can_focus=False):
         """Show a one-line error next to the field it names (else at the top of the form)."""
         if isinstance(exc, RequestError):
             exc = self.references.placed(exc)
-        name = exc.field if isinstance(exc, RequestError) else str(exc).split(":", 1)[0].strip()
-        message = exc.message if isinstance(exc, RequestError) else str(exc).split(":", 1)[-1].strip()
+        exc = self._model_origin(exc)
+        name, message = _field_and_message(exc)
         field = next((f for f in self.query(Field) if name in f.names), None)
         if field is None:
             self.query_one("#form-error", Static).update(plain(exc))
@@ -431,17 +439,17 @@ class GenerateForm(VerticalScroll, can_focus=False):
     @work(thread=True, exclusive=True, group="family", exit_on_error=False)
     def _resolve_family(self, model: str) -> None:
         try:
-            family, problem = resolve_model(model).family, ""
+            family, problem = resolve_model(model).family, None
         except DreamttyError as exc:
-            family, problem = "", str(exc)
+            family, problem = "", exc
         self.app.call_from_thread(self._set_family, model, family, problem)
 
-    def _set_family(self, model: str, family: str, problem: str) -> None:
+    def _set_family(self, model: str, family: str, problem: DreamttyError | None) -> None:
         if model != self._input("#model"):
             return  # typed on since
         model_field = self.query_one("#model", Input).parent
-        if problem:
-            model_field.set_hint(problem)
+        if problem is not None:
+            model_field.set_hint(_field_and_message(self._model_origin(problem))[1])
             return
         label = FAMILIES[family].label if family in FAMILIES else "unknown family (sizes for SDXL)"
         model_field.set_hint(label)
@@ -458,6 +466,13 @@ class GenerateForm(VerticalScroll, can_focus=False):
                 size.value = kept
         if not kept:
             self._set_size(*parse_size(current if current in {v for _, v in options} else options[0][1]))
+
+    def _model_origin(self, exc: DreamttyError) -> DreamttyError:
+        """``exc``, when it is about the model the Model field holds as the config's ``default_model`` (no
+        ``--model`` given), saying where that came from (the CLI says it so)."""
+        if self.app.model_given or self._input("#model") != self.app.default_model or not str(exc).startswith("model:"):
+            return exc
+        return noted(exc, f" ({self.app.config.origin('default_model')})")
 
     # -- reacting to the user ----------------------------------------------
     @on(Input.Changed)

@@ -46,14 +46,19 @@ class Field(Vertical):
         return str(self.query_one(".field-error", Static).content) if self.has_class("-invalid") else ""
 
     def set_error(self, message: str | None) -> None:
-        """Show ``message`` under the field, on one line (None: no error)."""
+        """Show ``message`` under the field, on one line (None: no error); a hint that says the same is hidden
+        meanwhile (a model's problem: shown once)."""
         self.query_one(".field-error", Static).update(Content(line(message or "")))
         self.set_class(bool(message), "-invalid")
+        self._show_hint()
 
     def set_hint(self, text: str) -> None:
-        hint = self.query_one(".field-hint", Static)
-        hint.update(Content(line(text)))  # a model's problem echoes a path: one line, cut in its middle
-        hint.display = bool(text)
+        self.hint = text
+        self.query_one(".field-hint", Static).update(Content(line(text)))  # a model's problem echoes a path
+        self._show_hint()
+
+    def _show_hint(self) -> None:
+        self.query_one(".field-hint", Static).display = bool(self.hint) and line(self.hint) != self.error
 
 
 def field_input(id: str, value: str = "", placeholder: str = "", **kwargs) -> Input:
