@@ -47,6 +47,7 @@ DEMO_MODELS = ("demo", "demo-xl")  # built offline by backend.engine.demo_models
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PICKLE_REFUSED = "pickle: refused unless --allow-pickle"  # a listed pickle's note while the config refuses them
+NO_INDEX = "has no model_index.json; it is not a diffusers folder"  # a checkpoint folder that is none
 MAX_HEADER = 100 * 1024 * 1024
 MAX_PICKLE = 64 * 1024 * 1024
 UNET = "model.diffusion_model."
@@ -543,14 +544,22 @@ def scan_folder(kind: str, root: Path, lib: Library) -> None:
             if entry is not None:
                 lib.entries.append(entry)
                 dirnames.remove(d)  # a model folder is not searched further
+            elif _named_as_model_file(d):  # x.safetensors/: not passed over in silence (it is still searched)
+                lib.skip(here / d, f"model: {here / d} "
+                                   f"{NO_INDEX if kind == 'checkpoint' else 'is a folder, not a model file'}")
         dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".") and _first_visit(here / d, searched)]
         for name in sorted(filenames):
-            if not name.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES) or name.startswith("."):
+            if not _named_as_model_file(name):
                 continue
             try:
                 lib.entries.append(_inspect_file(kind, here / name, source))
             except ModelError as exc:
                 lib.skip(here / name, str(exc))
+
+
+def _named_as_model_file(name: str) -> bool:
+    """Whether a name found in a model folder is a model file's (hidden ones are not searched)."""
+    return name.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES) and not name.startswith(".")
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from backend.errors import ModelError
 from backend.families import MODEL_NAMES
-from backend.library import (DEMO_MODELS, PICKLE_SUFFIXES, SAFE_SUFFIXES, checkpoint_family, family_from_folder, find,
-                             folder_variant, hub_cache_folder, looks_like_hub_id, read_json, read_shapes)
+from backend.library import (DEMO_MODELS, NO_INDEX, PICKLE_SUFFIXES, SAFE_SUFFIXES, checkpoint_family,
+                             family_from_folder, find, folder_variant, hub_cache_folder, looks_like_hub_id, read_json,
+                             read_shapes)
 from backend.values import absolute
 
 
@@ -173,7 +174,7 @@ def _resolve(name: str) -> ModelRef:
         if trained is not None:
             path = trained
         elif not (path / "model_index.json").exists():
-            hint = run_folder_hint(name) or f"{name} has no model_index.json; it is not a diffusers folder"
+            hint = run_folder_hint(name) or f"{name} {NO_INDEX}"
             raise ModelError(f"model: {hint}")
         if not os.access(path, os.R_OK | os.X_OK):
             raise ModelError(f"model: {name} is not readable")

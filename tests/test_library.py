@@ -409,3 +409,20 @@ def test_a_checkpoint_named_by_its_file_name_and_a_broken_folder_by_its_name(tmp
     for other in ("index", "ckpt", "model", "cannot"):  # a part of its name, a folder of its path, a word of its line
         with pytest.raises(ModelError, match=f"^model: {other} does not exist"):
             resolve_model(other)
+
+
+def test_a_folder_named_like_a_model_file_is_skipped_with_why_and_named_it_says_so(tmp_path, monkeypatch):
+    """A folder x.safetensors was left out of the list without a word, and ``--model x`` said it did not exist."""
+    from backend.models import resolve_model
+
+    ckpt, loras = tmp_path / "ckpt", tmp_path / "loras"
+    (ckpt / "x.safetensors").mkdir(parents=True)
+    (loras / "y.ckpt").mkdir(parents=True)
+    (ckpt / ".hidden.safetensors").mkdir()  # hidden: not searched, not said
+    lib = library.discover(config.Config(paths={"checkpoints": [ckpt], "loras": [loras]}), hub=False)
+    assert lib.problems == [f"model: {ckpt}/x.safetensors has no model_index.json; it is not a diffusers folder",
+                            f"model: {loras}/y.ckpt is a folder, not a model file"]
+    monkeypatch.setenv("DREAMTTY_CHECKPOINTS", str(ckpt))
+    for name in ("x", "x.safetensors"):
+        with pytest.raises(ModelError, match=rf"^model: {ckpt}/x.safetensors has no model_index.json; it is not a "):
+            resolve_model(name)
