@@ -163,6 +163,24 @@ async def test_every_skipped_file_can_be_read_and_names_stay_on_one_line(tmp_pat
         assert "broken11.safetensors" in str(app.query_one("#models-problems", Static).render())
 
 
+async def test_the_info_line_keeps_a_default_model_and_folders_with_a_newline_on_one_line(tmp_path, monkeypatch):
+    """The line above the table broke at a newline in the default model's name (and in the folder's and the
+    config file's paths): written ``\\n``, as in the table."""
+    ckpt = tmp_path / "check\npoints"
+    ckpt.mkdir()
+    cfg_file = tmp_path / "conf\nig.yaml"
+    cfg_file.write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}, "default_model": "two\nlines"}))
+    monkeypatch.setenv("DREAMTTY_CONFIG", str(cfg_file))
+    app = PaneApp()
+    async with app.run_test(size=(300, 40)) as pilot:
+        info = app.query_one("#models-info", Static)
+        await _wait(pilot, lambda: "items" in str(info.render()), "the scan")
+        shown = str(info.render())
+        assert "\n" not in shown and info.size.height == 1
+        assert "default model: two\\nlines · " in shown
+        assert f"checkpoints in: {tmp_path}/check\\npoints · config: {tmp_path}/conf\\nig.yaml" in shown
+
+
 async def test_a_refiner_cannot_become_the_default_model(tmp_path, monkeypatch):
     """``d`` made an SDXL refiner the default: every later job without --model failed in its worker."""
     refiner = tmp_path / "ckpt" / "xl-refiner"

@@ -107,10 +107,10 @@ class ModelsPane(Vertical):
             marker = " ★" if e.kind == "checkpoint" and e.name == default else ""
             cells = (e.kind, e.name + marker, fam.label if fam else e.family, size, e.source, e.note)
             table.add_row(*map(cell, cells))
-        folders = ", ".join(str(p) for p in cfg.folders("checkpoints"))
-        self.query_one("#models-info", Static).update(plain(
-            f"{len(lib.entries)} items · default model: {default} · checkpoints in: {folders} "
-            f"· config: {config.config_path()}"
+        folders = ", ".join(one_line(p) for p in cfg.folders("checkpoints"))
+        self.query_one("#models-info", Static).update(plain(  # one line: a name or path may hold a newline
+            f"{len(lib.entries)} items · default model: {one_line(default)} · checkpoints in: {folders} "
+            f"· config: {one_line(config.config_path())}"
         ))
         problems = "\n".join(f"skipped: {one_line(p)}" for p in lib.problems)
         self.query_one("#models-problems", Static).update(plain(problems))
