@@ -68,6 +68,15 @@ def test_bad_settings_name_the_field(photos, changes, field, words):
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
+def test_an_app_config_given_to_train_says_where_it_goes():
+    """``train --config app.yaml`` listed 34 training settings, with no word of the app's --config."""
+    with pytest.raises(RequestError, match=r"^paths: unknown setting; allowed: .*validation_prompt; the app's settings "
+                                           r"go in `dreamtty --config FILE train \.\.\.`$"):
+        TrainRequest.from_dict({"paths": {"checkpoints": ["/models"]}})
+    with pytest.raises(RequestError, match=r"^stpes: unknown setting; allowed: .*validation_prompt$"):
+        TrainRequest.from_dict({"stpes": 3})
+
+
 def test_from_dict_coerces_text_and_rejects_unknown_keys():
     req = TrainRequest.from_dict({"model": "demo", "max-steps": "12", "lr": "2e-4", "random_flip": "yes",
                                   "class_prompt": "", "snr_gamma": "none"})

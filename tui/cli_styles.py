@@ -14,7 +14,8 @@ from tui.cli_output import add_list_show, print_warnings
 def register(subparsers) -> None:
     listing = add_list_show(subparsers, "styles", "list and show prompt styles", "list styles (shipped and yours)",
                             "show one style's templates", cmd_list, cmd_show)
-    listing.add_argument("--search", default="", help="only styles whose name, category or prompt contain TEXT")
+    listing.add_argument("--search", default="", metavar="TEXT",
+                         help="only styles whose name, category or prompt contain TEXT")
 
 
 def _load() -> StyleLibrary:

@@ -9,6 +9,7 @@ import random
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from backend.config import TOP_KEYS
 from backend.errors import RequestError
 from backend.families import FAMILIES
 from backend.request import check_prompt_length
@@ -75,7 +76,9 @@ class TrainRequest:
         for key, value in data.items():
             name = str(key).replace("-", "_")
             if name not in known:
-                raise RequestError(name, f"unknown setting; allowed: {', '.join(sorted(known))}")
+                # an app config given to train --config (rather than before ``train``) holds paths, keymap...
+                hint = "; the app's settings go in `dreamtty --config FILE train ...`" if name in TOP_KEYS else ""
+                raise RequestError(name, f"unknown setting; allowed: {', '.join(sorted(known))}{hint}")
             check_text(name, value, nul=name in PROMPTS)
             values[name] = parse_field(name, value)
         return cls(**values)
