@@ -69,6 +69,13 @@ class CorruptFile(ModelError):
     """A model file that cannot be parsed (truncated download, not a model, ...)."""
 
 
+def relabel(error: ModelError, field: str) -> ModelError:
+    """``error`` with its leading ``model:`` replaced by ``field:`` (model files named by another field)."""
+    if field == "model":
+        return error
+    return type(error)(f"{field}: {str(error).removeprefix('model: ')}")
+
+
 def _unreadable(path: Path, exc: OSError) -> CorruptFile:
     """The one-line error for a model file that cannot be opened or read (e.g. ``is not a regular file``)."""
     return CorruptFile(str(user_files.read_error("model", path, exc)))
@@ -82,10 +89,10 @@ def read_safetensors_header(path: Path) -> tuple[Shapes, dict[str, str]]:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(8)
             if len(head) < 8:
-                raise CorruptFile(f"model: {path.name} is empty or truncated ({size} byte{'' if size == 1 else 's'})")
+                raise CorruptFile(f"model: {path} is empty or truncated ({size} byte{'' if size == 1 else 's'})")
             (length,) = struct.unpack("<Q", head)
             if length > min(MAX_HEADER, size - 8):
-                raise CorruptFile(f"model: {path.name} is not a safetensors file or is truncated (bad header length)")
+                raise CorruptFile(f"model: {path} is not a safetensors file or is truncated (bad header length)")
             raw = fh.read(length)
     except OSError as exc:
         raise _unreadable(path, exc) from None
@@ -98,10 +105,10 @@ def read_safetensors_header(path: Path) -> tuple[Shapes, dict[str, str]]:
         if not all(map(_consistent, header.values())):
             raise ValueError("a tensor's offsets do not hold its shape")
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError):
-        raise CorruptFile(f"model: {path.name} has a corrupt safetensors header") from None
+        raise CorruptFile(f"model: {path} has a corrupt safetensors header") from None
     if 8 + length + end > size:
         raise CorruptFile(
-            f"model: {path.name} is truncated: {size} bytes on disk, {8 + length + end} expected (download it again)"
+            f"model: {path} is truncated: {size} bytes on disk, {8 + length + end} expected (download it again)"
         )
     return shapes, meta
 
@@ -172,18 +179,18 @@ def read_pickle_shapes(path: Path) -> Shapes:
         with user_files.open_regular(path) as fh, zipfile.ZipFile(fh) as zf:
             names = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
             if not names:
-                raise CorruptFile(f"model: {path.name} is not a torch checkpoint (no data.pkl)")
+                raise CorruptFile(f"model: {path} is not a torch checkpoint (no data.pkl)")
             if zf.getinfo(names[0]).file_size > MAX_PICKLE:
-                raise CorruptFile(f"model: {path.name} has an unusually large pickle; not inspected")
+                raise CorruptFile(f"model: {path} has an unusually large pickle; not inspected")
             raw = zf.read(names[0])
     except zipfile.BadZipFile:
-        raise CorruptFile(f"model: {path.name} is truncated or in the legacy torch format (not a zip)") from None
+        raise CorruptFile(f"model: {path} is truncated or in the legacy torch format (not a zip)") from None
     except OSError as exc:
         raise _unreadable(path, exc) from None
     try:
         obj = _ShapeUnpickler(io.BytesIO(raw)).load()
     except Exception:  # any malformed pickle: report, never crash the listing
-        raise CorruptFile(f"model: {path.name} has a corrupt pickle") from None
+        raise CorruptFile(f"model: {path} has a corrupt pickle") from None
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     return _flatten(obj)
@@ -195,7 +202,7 @@ def read_shapes(path: Path) -> tuple[Shapes, dict[str, str]]:
         return read_safetensors_header(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return read_pickle_shapes(path), {}
-    raise CorruptFile(f"model: {path.name}: unsupported file type; use .safetensors")
+    raise CorruptFile(f"model: {path}: unsupported file type; use .safetensors")
 
 
 # -- what a file is -------------------------------------------------------------
@@ -349,11 +356,12 @@ class Library:
     def of_kind(self, kind: str) -> list[Entry]:
         return [e for e in self.entries if e.kind == kind]
 
-    def skip(self, path: Path, problem: str) -> None:
-        """Say why the file or folder at ``path`` is not listed; naming it (by stem, file name or path) says so."""
-        self.problems.append(problem)
+    def skip(self, path: Path, error: ModelError, kind: str) -> None:
+        """Say why the file or folder at ``path``, found as a ``kind``, is not listed (the line names that kind as a
+        request's field does: ``lora: ...``); naming it (by stem, file name or path) raises ``error``."""
+        self.problems.append(str(relabel(error, "model" if kind == "checkpoint" else kind)))
         for name in (path.stem, path.name, str(path)):
-            self.skipped.setdefault(name, problem)
+            self.skipped.setdefault(name, str(error))
 
 
 def _folder_size(folder: Path) -> int:
@@ -397,14 +405,14 @@ def _inspect_file(kind: str, path: Path, source: str) -> Entry:
     if kind == "checkpoint":
         found = checkpoint_family(path, shapes, meta)
         if found is None:
-            raise CorruptFile(f"model: {path.name} is not a Stable Diffusion checkpoint (no UNet weights)")
+            raise CorruptFile(f"model: {path} is not a Stable Diffusion checkpoint (no UNet weights)")
         entry.family, entry.variant = found
         entry.note = _checkpoint_note(entry.family, entry.variant)
     else:
         detect, problem = _DETECTORS[kind]
         family = detect(shapes)
         if family is None:
-            raise CorruptFile(f"model: {path.name} {problem}")
+            raise CorruptFile(f"model: {path} {problem}")
         entry.family = family
         if kind == "ip_adapter":
             entry.variant = "face" if "face" in path.stem.lower() else "image"
@@ -539,14 +547,14 @@ def scan_folder(kind: str, root: Path, lib: Library) -> None:
             try:
                 entry = _inspect_folder(kind, here / d, source)
             except ModelError as exc:
-                lib.skip(here / d, str(exc))
+                lib.skip(here / d, exc, kind)
                 continue
             if entry is not None:
                 lib.entries.append(entry)
                 dirnames.remove(d)  # a model folder is not searched further
             elif _named_as_model_file(d):  # x.safetensors/: not passed over in silence (it is still searched)
-                lib.skip(here / d, f"model: {here / d} "
-                                   f"{NO_INDEX if kind == 'checkpoint' else 'is a folder, not a model file'}")
+                why = NO_INDEX if kind == "checkpoint" else "is a folder, not a model file"
+                lib.skip(here / d, CorruptFile(f"model: {here / d} {why}"), kind)
         dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".") and _first_visit(here / d, searched)]
         for name in sorted(filenames):
             if not _named_as_model_file(name):
@@ -554,7 +562,7 @@ def scan_folder(kind: str, root: Path, lib: Library) -> None:
             try:
                 lib.entries.append(_inspect_file(kind, here / name, source))
             except ModelError as exc:
-                lib.skip(here / name, str(exc))
+                lib.skip(here / name, exc, kind)
 
 
 def _named_as_model_file(name: str) -> bool:

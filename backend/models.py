@@ -17,7 +17,7 @@ from backend.errors import ModelError
 from backend.families import MODEL_NAMES
 from backend.library import (DEMO_MODELS, NO_INDEX, PICKLE_SUFFIXES, SAFE_SUFFIXES, checkpoint_family,
                              family_from_folder, find, folder_variant, hub_cache_folder, looks_like_hub_id, read_json,
-                             read_shapes)
+                             read_shapes, relabel)
 from backend.values import absolute
 
 
@@ -151,13 +151,6 @@ def text_encoder_depth(ref: ModelRef) -> int | None:
 def refiner_error(name: str) -> ModelError:
     """The error for an SDXL refiner named as the model: it only refines an SDXL base model's image."""
     return ModelError(f"model: {name} is an SDXL refiner; use it with --refiner on an SDXL base model")
-
-
-def relabel(error: ModelError, field: str) -> ModelError:
-    """``error`` with its leading ``model:`` replaced by ``field:`` (model files named by another field)."""
-    if field == "model":
-        return error
-    return type(error)(f"{field}: {str(error).removeprefix('model: ')}")
 
 
 def _resolve(name: str) -> ModelRef:

@@ -386,8 +386,8 @@ def test_model_folders_whose_configs_hold_the_wrong_types_are_skipped_with_a_lin
         f"model: {checkpoints}/demo/dreamtty_demo.json names no family",
         f"model: {checkpoints}/te/model_index.json: text_encoder is a number, not a list",
         f"model: {checkpoints}/unet/unet/config.json: in_channels is a list, not a number",
-        f"model: {controlnets}/cn-canny/config.json: cross_attention_dim is a list, not a number",
-        f"model: {captioners}/cap/config.json: architectures is a number, not a list",
+        f"controlnet: {controlnets}/cn-canny/config.json: cross_attention_dim is a list, not a number",
+        f"captioner: {captioners}/cap/config.json: architectures is a number, not a list",
     ])
     assert [(e.name, e.family) for e in lib.of_kind("checkpoint") if e.source != "built-in"] == [
         ("refiner", "sdxl-refiner")]
@@ -421,8 +421,26 @@ def test_a_folder_named_like_a_model_file_is_skipped_with_why_and_named_it_says_
     (ckpt / ".hidden.safetensors").mkdir()  # hidden: not searched, not said
     lib = library.discover(config.Config(paths={"checkpoints": [ckpt], "loras": [loras]}), hub=False)
     assert lib.problems == [f"model: {ckpt}/x.safetensors has no model_index.json; it is not a diffusers folder",
-                            f"model: {loras}/y.ckpt is a folder, not a model file"]
+                            f"lora: {loras}/y.ckpt is a folder, not a model file"]
     monkeypatch.setenv("DREAMTTY_CHECKPOINTS", str(ckpt))
     for name in ("x", "x.safetensors"):
         with pytest.raises(ModelError, match=rf"^model: {ckpt}/x.safetensors has no model_index.json; it is not a "):
             resolve_model(name)
+
+
+def test_each_skipped_line_names_the_kind_and_the_whole_path(tmp_path):
+    """Two empty files, a checkpoint and a LoRA, gave the same line: "model: empty.safetensors is empty ..."."""
+    from backend.extras_check import check_extras
+    from backend.request import GenerateRequest
+
+    folders = {kind: tmp_path / kind for kind in ("checkpoints", "loras", "embeddings")}
+    for folder in folders.values():
+        folder.mkdir()
+        (folder / "empty.safetensors").write_bytes(b"")
+    cfg = config.Config(paths={kind: [folder] for kind, folder in folders.items()})
+    lib = library.discover(cfg, kinds=("checkpoint", "lora", "embedding"), hub=False)
+    assert lib.problems == [f"{field}: {folders[kind]}/empty.safetensors is empty or truncated (0 bytes)"
+                            for field, kind in (("model", "checkpoints"), ("lora", "loras"),
+                                                ("embedding", "embeddings"))]
+    with pytest.raises(ModelError, match=rf"^lora: {folders['loras']}/empty.safetensors is empty or truncated"):
+        check_extras(GenerateRequest(loras=[("empty", 1.0)]), "demo", cfg)  # its field once, not "lora: lora:"
