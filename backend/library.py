@@ -8,8 +8,9 @@ Files are inspected by their tensor names and shapes only:
   truncated download is caught before anything loads it.
 - Pickled files (``.ckpt .pt .pth .bin``) are never executed: a restricted
   unpickler reads the tensor names and shapes of torch's zip format and turns
-  every other object into an inert stub. Loading them for real still needs
-  ``--allow-pickle`` (see :mod:`backend.engine.loader`).
+  every other object into an inert stub. One that names an object
+  ``torch.load(weights_only=True)`` refuses is skipped: it could never load. Loading
+  them for real still needs ``--allow-pickle`` (see :mod:`backend.engine.loader`).
 
 Diffusers folders are told apart by their JSON configs (:func:`family_from_folder`).
 Checkpoint families are told apart by their text encoders (CLIP-L alone: SD1;
@@ -41,7 +42,7 @@ import yaml
 
 from backend import locations, user_files, yaml_text
 from backend.errors import ModelError
-from backend.values import kind_of
+from backend.values import kind_of, shown
 
 DEMO_MODELS = ("demo", "demo-xl")  # built offline by backend.engine.demo_models
 SAFE_SUFFIXES = (".safetensors",)
@@ -74,6 +75,13 @@ def relabel(error: ModelError, field: str) -> ModelError:
     if field == "model":
         return error
     return type(error)(f"{field}: {str(error).removeprefix('model: ')}")
+
+
+def non_tensor_error(path: Path, name: str) -> CorruptFile:
+    """The error for a pickle that names the class or function ``name``: ``torch.load(weights_only=True)``, the
+    only way a pickle is loaded here, refuses it."""
+    return CorruptFile(f"model: {path} holds objects other than tensors ({shown(name)}), which are never loaded "
+                       "(weights_only); convert it to .safetensors")
 
 
 def _unreadable(path: Path, exc: OSError) -> CorruptFile:
@@ -147,12 +155,25 @@ def _rebuild_tensor(storage, offset, size, *rest) -> _TensorInfo:
     return _TensorInfo(tuple(int(d) for d in size))
 
 
+# What torch.load(weights_only=True) allows outside torch (its default allowlist, with Python 2's name for builtins).
+# Every torch name passes here; the loader checks those exactly.
+WEIGHTS_ONLY_GLOBALS = {("collections", "OrderedDict"), ("collections", "Counter"), ("_codecs", "encode"),
+                        *((b, n) for b in ("builtins", "__builtin__") for n in ("bytearray", "set", "complex"))}
+
+
 class _ShapeUnpickler(pickle.Unpickler):
-    """Resolves only tensor rebuilders and plain containers; nothing else is imported or run."""
+    """Resolves only tensor rebuilders and plain containers; nothing else is imported or run. ``refused`` gets
+    the names weights_only would refuse."""
 
     SAFE = {("collections", "OrderedDict"): collections.OrderedDict}
 
+    def __init__(self, file) -> None:
+        super().__init__(file)
+        self.refused: list[str] = []
+
     def find_class(self, module: str, name: str):
+        if module.split(".")[0] != "torch" and (module, name) not in WEIGHTS_ONLY_GLOBALS:
+            self.refused.append(f"{module}.{name}")
         if name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
             return _rebuild_tensor
         if name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
@@ -187,10 +208,13 @@ def read_pickle_shapes(path: Path) -> Shapes:
         raise CorruptFile(f"model: {path} is truncated or in the legacy torch format (not a zip)") from None
     except OSError as exc:
         raise _unreadable(path, exc) from None
+    unpickler = _ShapeUnpickler(io.BytesIO(raw))
     try:
-        obj = _ShapeUnpickler(io.BytesIO(raw)).load()
+        obj = unpickler.load()
     except Exception:  # any malformed pickle: report, never crash the listing
         raise CorruptFile(f"model: {path} has a corrupt pickle") from None
+    if unpickler.refused:
+        raise non_tensor_error(path, unpickler.refused[0])
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     return _flatten(obj)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -154,18 +155,42 @@ class _Evil:
         self.target = target
 
     def __reduce__(self):
-        return (open, (self.target, "w"))
+        return (os.system, (f"touch {self.target}",))
+
+
+def _sd1_state(unet_in: int = 4) -> dict:
+    return {U + "input_blocks.0.0.weight": torch.zeros(8, unet_in, 3, 3),
+            **{k: torch.zeros(s) for k, s in SD1_TEXT.items()}}
 
 
 def test_pickle_shapes_are_read_without_running_it(tmp_path):
-    target = tmp_path / "pwned"
     path = tmp_path / "model.ckpt"
-    state = {"state_dict": {U + "input_blocks.0.0.weight": torch.zeros(8, 9, 3, 3), **{
-        k: torch.zeros(s) for k, s in SD1_TEXT.items()}}, "evil": _Evil(str(target)), "epoch": 3}
-    torch.save(state, path, pickle_module=pickle)
+    plain = {"epoch": 3, "tags": {"a", "b"}, "order": collections.OrderedDict(a=1)}  # what weights_only allows
+    torch.save({"state_dict": _sd1_state(unet_in=9), **plain}, path, pickle_module=pickle)
     shapes, _ = read_shapes(path)
     assert shapes[U + "input_blocks.0.0.weight"] == (8, 9, 3, 3)
     assert checkpoint_family(path, shapes, {}) == ("sd1", "inpaint")
+
+
+def test_a_pickle_holding_other_objects_is_skipped_and_refused_before_a_job(tmp_path, monkeypatch):
+    """Under --allow-pickle such a file was listed and queued, then the job failed with torch's "Unable to load
+    weights from checkpoint file": weights_only refuses the object. Nothing in it is ever run."""
+    from backend.models import resolve_model
+
+    target = tmp_path / "pwned"
+    path = tmp_path / "ckpt" / "evilzip.ckpt"
+    path.parent.mkdir()
+    torch.save({"state_dict": {**_sd1_state(), "x": _Evil(str(target))}}, path, pickle_module=pickle)
+    why = (f"model: {path} holds objects other than tensors ('{os.system.__module__}.system'), which are never "
+           "loaded (weights_only); convert it to .safetensors")
+    lib = library.discover(config.Config(paths={"checkpoints": [path.parent]}, allow_pickle=True), hub=False)
+    assert lib.problems == [why] and "evilzip" not in [e.name for e in lib.entries]
+    monkeypatch.setenv("DREAMTTY_CHECKPOINTS", str(path.parent))
+    monkeypatch.setenv("DREAMTTY_ALLOW_PICKLE", "1")
+    for name in ("evilzip", str(path)):
+        with pytest.raises(CorruptFile) as caught:
+            resolve_model(name)
+        assert str(caught.value) == why
     assert not target.exists()
 
 

@@ -149,15 +149,26 @@ class _Evil:
 
 
 def test_allowed_pickle_still_runs_no_code(files, tmp_path, monkeypatch):
+    """A pickle holding an object weights_only refuses failed with torch's "Unable to load weights from
+    checkpoint file": it says why, at resolve time and (an object of torch's own, which the library's scan
+    lets by) at load time, and runs nothing."""
     monkeypatch.setenv("DREAMTTY_ALLOW_PICKLE", "1")
     target = tmp_path / "pwned"
     ckpt = tmp_path / "evil.ckpt"
     state = pipeline_to_ldm(files["pipes"]["sd1"], "sd1")
     torch.save({"state_dict": state, "payload": _Evil(str(target))}, ckpt, pickle_module=pickle)
-    ref = resolve_model(str(ckpt))  # inspection does not run it either
-    with pytest.raises(ModelError, match="cannot load"):
-        load_pipeline(ref, CPU, torch.float32)
+    why = rf"^model: {ckpt} holds objects other than tensors \('{os.mkdir.__module__}.mkdir'\), which are never "
+    with pytest.raises(ModelError, match=why):  # inspection does not run it either
+        resolve_model(str(ckpt))
+    with pytest.raises(ModelError, match=why):  # the worker's path
+        load_pipeline(ModelRef("evil", "file", str(ckpt), "sd1"), CPU, torch.float32)
     assert not target.exists()
+    module = tmp_path / "module.ckpt"
+    torch.save({"state_dict": state, "head": torch.nn.Linear(2, 2)}, module)
+    ref = resolve_model(str(module))
+    linear = rf"^model: {module} holds objects other than tensors \('torch.nn.modules.linear.Linear'\)"
+    with pytest.raises(ModelError, match=linear):
+        load_pipeline(ref, CPU, torch.float32)
 
 
 def test_shipped_configs_describe_the_real_models(monkeypatch):

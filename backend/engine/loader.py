@@ -8,7 +8,8 @@ the shipped BPE vocabulary, so it never looks for anything on the Hub.
 ``DREAMTTY_MODEL_CONFIGS`` points at another root with ``<family>/`` folders
 (a folder may hold its own ``tokenizer``/``tokenizer_2``); the tests use it for
 tiny models. Pickled checkpoints load only with ``--allow-pickle``, and then
-through diffusers' ``torch.load(weights_only=True)``.
+through diffusers' ``torch.load(weights_only=True)``; one holding an object that
+refuses is said to, before the load.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from backend.engine.pipeline import attach
 from backend.errors import ModelError
 from backend.families import FAMILIES
-from backend.library import PICKLE_SUFFIXES, read_safetensors_header
+from backend.library import PICKLE_SUFFIXES, non_tensor_error, read_safetensors_header
 from backend.models import ModelRef, family_from_folder, pickle_allowed
 from backend.safetext import first_line
 
@@ -85,6 +86,9 @@ def _check_file(ref: ModelRef) -> Path:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not pickle_allowed():
             raise ModelError(f"model: {path.name} is a pickle; refused without --allow-pickle")
+        refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # read, never run
+        if refused:
+            raise non_tensor_error(path, refused[0])
     else:
         read_safetensors_header(path)  # raises a one-line error for a truncated or corrupt file
     return path
