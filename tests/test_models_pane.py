@@ -60,7 +60,7 @@ async def test_pane_lists_sets_default_and_pulls_without_blocking(tmp_path, monk
     async with app.run_test(size=(140, 40)) as pilot:
         await _wait(pilot, lambda: any(r[1] == "my-xl" for r in _rows(app)), "the scan")
         rows = _rows(app)
-        assert ("checkpoint", "my-xl", "SDXL") == rows[[r[1] for r in rows].index("my-xl")][:3]
+        assert ("checkpoint", "my-xl", "", "SDXL") == rows[[r[1] for r in rows].index("my-xl")][:4]
         assert "broken.safetensors" in str(app.query_one("#models-problems", Static).render())
         assert "demo ★" in [r[1] for r in rows]  # no default set yet: demo is the default, and marked
         table = app.query_one(DataTable)
@@ -193,7 +193,7 @@ async def test_a_refiner_cannot_become_the_default_model(tmp_path, monkeypatch):
     async with app.run_test(size=(140, 40)) as pilot:
         await _wait(pilot, lambda: any(r[1] == "xl-refiner" for r in _rows(app)), "the scan")
         rows = _rows(app)
-        assert rows[[r[1] for r in rows].index("xl-refiner")][5] == "refiner: use it with --refiner on an SDXL model"
+        assert rows[[r[1] for r in rows].index("xl-refiner")][2] == "refiner"
         table = app.query_one(DataTable)
         table.focus()
         table.move_cursor(row=[r[1] for r in rows].index("xl-refiner"))
@@ -202,6 +202,40 @@ async def test_a_refiner_cannot_become_the_default_model(tmp_path, monkeypatch):
         assert config.load().default_model is None
         assert [n.message for n in app._notifications] == [
             "xl-refiner: refiner: use it with --refiner on an SDXL model"]
+
+
+async def test_a_models_note_is_in_sight_at_80x24_and_whole_under_the_table(idle_service, tmp_path, monkeypatch):
+    """The note column came last, after a long source path: off an 80-column screen. Its head is next to the
+    name now, and the highlighted row's whole note (else its path) is on the line under the table."""
+    ckpt = tmp_path / ("checkpoints-" + "x" * 60)
+    ckpt.mkdir()
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}},
+               ckpt / "old.ckpt")
+    _xl_checkpoint(ckpt / "my-xl.safetensors")
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}}))
+    monkeypatch.setenv("DREAMTTY_CONFIG", str(cfg_file))
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(80, 24)) as pilot:
+        await pilot.press("f4")
+        await _wait(pilot, lambda: app.screen.query(ModelsPane), "the Models screen")
+        pane = app.screen.query_one(ModelsPane)
+        await _wait(pilot, lambda: any(e.name == "old" for e in pane.entries), "the scan")
+        await pilot.pause()
+        table = app.screen.query_one(DataTable)
+        note = list(table.columns.values())[[str(c.label) for c in table.columns.values()].index("note")]
+        start = sum(c.get_render_width(table) for c in list(table.columns.values())[:2])
+        assert start + note.get_render_width(table) <= table.size.width  # in sight
+        rows = [tuple(str(c) for c in table.get_row_at(i)) for i in range(table.row_count)]
+        assert rows[[r[1] for r in rows].index("old")][2] == "pickle"
+        detail = app.screen.query_one("#models-detail", Static)
+        table.move_cursor(row=[r[1] for r in rows].index("old"))
+        await pilot.pause()
+        assert str(detail.render()) == "old: pickle: refused unless --allow-pickle" and detail.has_class("-note")
+        table.move_cursor(row=[r[1] for r in rows].index("my-xl"))
+        await pilot.pause()
+        assert str(detail.render()).startswith("my-xl: ") and str(detail.render()).endswith("my-xl.safetensors")
+        assert not detail.has_class("-note")
 
 
 async def test_a_checkpoint_deleted_since_the_scan_does_not_become_the_default(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from pathlib import Path
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Input, ProgressBar, Static
@@ -23,11 +24,13 @@ from backend.events import ServiceReady, WorkerModels, WorkerReady, WorkerReleas
 from backend.families import FAMILIES
 from backend.safetext import one_line
 from tui.keymap import MODELS_KEYS, bindings
-from tui.text import TextInput, cell, notify, plain
+from tui.text import TextInput, cell, line, notify, plain
 from tui.widgets.footer import KeysFooter
 from tui.widgets.modebar import ModeBar
 
-COLUMNS = ("kind", "name", "family", "size", "source", "note")
+# The note's head ("pickle", "refiner") next to the name: the sources are long paths, and a note at the end was off
+# an 80-column screen; the highlighted row's whole note is on the line under the table.
+COLUMNS = ("kind", "name", "note", "family", "size", "source")
 
 
 class _QuietTqdm(tqdm):
@@ -44,6 +47,8 @@ class ModelsPane(Vertical):
     BINDINGS = bindings(MODELS_KEYS)
     DEFAULT_CSS = """
     ModelsPane #models-table { height: 1fr; }
+    ModelsPane #models-detail { height: auto; max-height: 2; }
+    ModelsPane #models-detail.-note { color: $warning; }
     ModelsPane #models-problems-box { height: auto; max-height: 4; }
     ModelsPane #models-problems { color: $warning; }
     ModelsPane #models-pull-row { height: auto; }
@@ -67,6 +72,7 @@ class ModelsPane(Vertical):
     def compose(self) -> ComposeResult:
         yield Static("", id="models-info")
         yield DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="models-detail")
         with VerticalScroll(id="models-problems-box"):  # Tab reaches it: the arrow keys scroll every skipped file
             yield Static("", id="models-problems")
         with Horizontal(id="models-pull-row"):
@@ -105,7 +111,7 @@ class ModelsPane(Vertical):
             fam = FAMILIES.get(e.family)
             size = downloads.human(e.size) if e.size else "-"
             marker = " ★" if e.kind == "checkpoint" and e.name == default else ""
-            cells = (e.kind, e.name + marker, fam.label if fam else e.family, size, e.source, e.note)
+            cells = (e.kind, e.name + marker, e.note.split(": ", 1)[0], fam.label if fam else e.family, size, e.source)
             table.add_row(*map(cell, cells))
         folders = ", ".join(one_line(p) for p in cfg.folders("checkpoints"))
         self.query_one("#models-info", Static).update(plain(  # one line: a name or path may hold a newline
@@ -117,6 +123,15 @@ class ModelsPane(Vertical):
         self.query_one("#models-problems-box").display = bool(problems)
         no_models = all(e.source == "built-in" for e in lib.of_kind("checkpoint"))  # as ``models list`` says
         self.query_one("#models-recommended-box").display = no_models
+        self._show_detail()
+
+    @on(DataTable.RowHighlighted, "#models-table")
+    def _show_detail(self) -> None:
+        """The highlighted entry's whole note under the table (else where it is)."""
+        entry = self.selected()
+        detail = self.query_one("#models-detail", Static)
+        detail.update(Content(line(f"{entry.name}: {entry.note or entry.path or entry.source}") if entry else ""))
+        detail.set_class(bool(entry and entry.note), "-note")
 
     def selected(self) -> library.Entry | None:
         table = self.query_one(DataTable)
