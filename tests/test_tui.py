@@ -476,6 +476,28 @@ async def test_small_terminal_tab_order_scrolls_and_wide_layout(idle_service, tm
         assert app.screen.query_one("#output").size.width >= 80
 
 
+async def test_at_80x24_image_prompt_rows_and_guidance_hints_read_whole(idle_service, tmp_path):
+    """An image prompt's four fields in a row left each 8 columns: "Referenc", a type broken over five lines
+    mid-word; the PAG hint broke "Perturbed-Attentio / n". Now a row's image has a line, its type one line, and
+    every hint's words fit in their field (hints wrap at words)."""
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(80, 24)) as pilot:
+        await settle(pilot)
+        for group in ("#image-prompts", "#guidance"):
+            app.screen.query_one(group).collapsed = False
+        await pilot.pause()
+        groups = [app.screen.query_one(g) for g in ("#references", "#guidance")]
+        fields = [f for group in groups for f in group.query(Field)]
+        assert len(fields) > 20
+        for field in fields:
+            assert field.content_size.width >= len(field.label), field.label
+            hint = field.query_one(".field-hint")
+            if hint.display:
+                assert max(map(len, field.hint.split())) <= hint.content_size.width, field.hint
+        for row in range(4):
+            assert app.screen.query_one(f"#ref-{row}-type SelectCurrent").size.height == 1, row
+
+
 async def test_a_very_narrow_terminal_keeps_the_form_usable(idle_service, tmp_path):
     """The output pane gives way: the prompt is never 0 wide (TextArea crashed), nor a Select's list."""
     app = make_app(idle_service, tmp_path)

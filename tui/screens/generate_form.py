@@ -40,7 +40,7 @@ GALLERY_CHOICES = 200  # recent jobs whose images the Image field completes
 FEW_STEP_WORDS = ("LCM", "turbo", "lightning", "hyper")  # in the name of a few-step model or LoRA
 FEW_STEP_NAME = re.compile("|".join(FEW_STEP_WORDS), re.IGNORECASE)
 _SCALES = {"perp_neg": "PerpNeg scale", "sag": "Self-Attention Guidance scale", "sharpness": "detail sharpening",
-           "cfg_rescale": "CFG rescale", "adaptive_cfg": "mimic CFG at high CFG", "pag": "Perturbed-Attention Guidance",
+           "cfg_rescale": "CFG rescale", "adaptive_cfg": "mimic CFG at high CFG", "pag": "Perturbed Attention Guidance",
            "apg": "Adaptive Projected Guidance norm threshold"}
 GUIDANCE_HINTS = {
     **{name: f"{what} {RANGES[name][0]:g}..{RANGES[name][1]:g}, 0 = off" for name, what in _SCALES.items()},

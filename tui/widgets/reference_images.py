@@ -30,7 +30,10 @@ def _number(value: object) -> str:
 class ReferenceImages(Vertical):
     """One row per reference image; rows with no image are left out."""
 
-    DEFAULT_CSS = "ReferenceImages { height: auto; }"
+    DEFAULT_CSS = """
+    ReferenceImages { height: auto; }
+    ReferenceImages SelectCurrent Static#label { text-wrap: nowrap; text-overflow: ellipsis; }  /* a type: a line */
+    """
 
     def __init__(self, id: str | None = None) -> None:
         super().__init__(id=id)
