@@ -86,7 +86,8 @@ def _check_file(ref: ModelRef) -> Path:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not pickle_allowed():
             raise ModelError(f"model: {path.name} is a pickle; refused without --allow-pickle")
-        refused = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # read, never run
+        unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+        refused = unsafe(path) if unsafe else []  # read, never run (older torch: the load itself refuses)
         if refused:
             raise non_tensor_error(path, refused[0])
     else:
