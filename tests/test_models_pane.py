@@ -43,9 +43,7 @@ async def test_pane_lists_sets_default_and_pulls_without_blocking(tmp_path, monk
                "conditioner.embedders.0.transformer.text_model.final_layer_norm.bias": torch.zeros(8)},
               str(ckpt / "my-xl.safetensors"))
     (ckpt / "broken.safetensors").write_bytes(b"\x00" * 4)
-    cfg_file = tmp_path / "config.yaml"
-    cfg_file.write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}}))
-    monkeypatch.setenv("DREAMTTY_CONFIG", str(cfg_file))
+    cfg_file = _use_checkpoints(ckpt, tmp_path, monkeypatch)
     release = threading.Event()
 
     def fake_pull(repo, revision=None, filename=None, api=None, progress=None, tqdm_class=None):
@@ -99,6 +97,19 @@ async def test_pane_shows_pull_errors(tmp_path, monkeypatch):
         assert app.query_one(ModelsPane).pulling is False
 
 
+def _use_checkpoints(ckpt: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A config file whose checkpoints folder is ``ckpt``, in use; its path."""
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}}))
+    monkeypatch.setenv("DREAMTTY_CONFIG", str(cfg_file))
+    return cfg_file
+
+
+async def _open_models(pilot, app) -> None:
+    await pilot.press("f4")
+    await _wait(pilot, lambda: app.screen.query(ModelsPane), "the Models screen")
+
+
 def _xl_checkpoint(path: Path) -> None:
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
                "conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8),
@@ -113,13 +124,10 @@ async def test_the_models_table_shows_rows_at_80x24_and_recommends_only_without_
     ckpt.mkdir()
     for i in range(8):
         (ckpt / f"broken{i}.safetensors").write_bytes(b"x")
-    cfg_file = tmp_path / "config.yaml"
-    cfg_file.write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}}))
-    monkeypatch.setenv("DREAMTTY_CONFIG", str(cfg_file))
+    _use_checkpoints(ckpt, tmp_path, monkeypatch)
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(80, 24)) as pilot:
-        await pilot.press("f4")
-        await _wait(pilot, lambda: app.screen.query(ModelsPane), "the Models screen")
+        await _open_models(pilot, app)
         await settle(pilot)
         pane = app.screen.query_one(ModelsPane)
         await _wait(pilot, lambda: pane.entries, "the scan")
@@ -147,9 +155,7 @@ async def test_every_skipped_file_can_be_read_and_names_stay_on_one_line(tmp_pat
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
                "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": torch.zeros(77, 8)},
               str(ckpt / "two\nlines.safetensors"))
-    cfg_file = tmp_path / "config.yaml"
-    cfg_file.write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}}))
-    monkeypatch.setenv("DREAMTTY_CONFIG", str(cfg_file))
+    _use_checkpoints(ckpt, tmp_path, monkeypatch)
     app = PaneApp()
     async with app.run_test(size=(140, 40)) as pilot:
         await _wait(pilot, lambda: any("two" in r[1] for r in _rows(app)), "the scan")
@@ -212,13 +218,10 @@ async def test_a_models_note_is_in_sight_at_80x24_and_whole_under_the_table(idle
     torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}},
                ckpt / "old.ckpt")
     _xl_checkpoint(ckpt / "my-xl.safetensors")
-    cfg_file = tmp_path / "config.yaml"
-    cfg_file.write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}}))
-    monkeypatch.setenv("DREAMTTY_CONFIG", str(cfg_file))
+    _use_checkpoints(ckpt, tmp_path, monkeypatch)
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(80, 24)) as pilot:
-        await pilot.press("f4")
-        await _wait(pilot, lambda: app.screen.query(ModelsPane), "the Models screen")
+        await _open_models(pilot, app)
         pane = app.screen.query_one(ModelsPane)
         await _wait(pilot, lambda: any(e.name == "old" for e in pane.entries), "the scan")
         await pilot.pause()
@@ -243,9 +246,7 @@ async def test_a_checkpoint_deleted_since_the_scan_does_not_become_the_default(t
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     _xl_checkpoint(ckpt / "gone.safetensors")
-    cfg_file = tmp_path / "config.yaml"
-    cfg_file.write_text(yaml.safe_dump({"paths": {"checkpoints": [str(ckpt)]}}))
-    monkeypatch.setenv("DREAMTTY_CONFIG", str(cfg_file))
+    _use_checkpoints(ckpt, tmp_path, monkeypatch)
     app = PaneApp()
     async with app.run_test(size=(140, 40)) as pilot:
         await _wait(pilot, lambda: any(r[1] == "gone" for r in _rows(app)), "the scan")

@@ -124,6 +124,6 @@ def test_a_100k_style_pack_loads_and_lists_in_one_pass(styles_dir, capsys):
 def test_a_user_style_named_random_style_is_skipped_with_a_warning(styles_dir):
     (styles_dir / "mine.json").write_text(json.dumps([{"name": "random-style", "prompt": "mine {prompt}"}]))
     library = load_styles()
-    assert library.warnings == [f"{styles_dir / 'mine.json'} line 1: 'random-style' is a reserved name (it picks one of "
-                                "the styles per image seed); style skipped"]
+    assert library.warnings == [f"{styles_dir / 'mine.json'} line 1: 'random-style' is a reserved name (it picks one "
+                                "of the styles per image seed); style skipped"]
     assert all(style.name != "random-style" for style in library.search())

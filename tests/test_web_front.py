@@ -293,7 +293,8 @@ async def test_a_tabs_first_size_is_held_to_1000_cells_as_its_resizes_are():
 
 def _children() -> set[int]:
     """The pids of this process's children, zombies included."""
-    return {int(pid) for path in Path(f"/proc/{os.getpid()}/task").glob("*/children") for pid in path.read_text().split()}
+    tasks = Path(f"/proc/{os.getpid()}/task").glob("*/children")
+    return {int(pid) for path in tasks for pid in path.read_text().split()}
 
 
 def test_a_port_in_use_is_a_one_line_error():
