@@ -38,14 +38,17 @@ def one_line(text: object) -> str:
 MAX_LINE = 2000  # characters of an error line: a value echoed in it may be a megabyte long
 
 
-def error_line(text: object) -> str:
-    """:func:`one_line`, cut to about :data:`MAX_LINE` characters in the middle: the end says why (a long value
-    echoed in it is cut, not the reason after it)."""
+def error_line(text: object, most: int = MAX_LINE) -> str:
+    """:func:`one_line`, cut to ``most`` characters in the middle: the end says why (a long value echoed in it is
+    cut, not the reason after it)."""
     line = one_line(text)
-    if len(line) <= MAX_LINE:
+    if len(line) <= most:
         return line
-    tail = MAX_LINE // 4
-    return f"{line[:MAX_LINE - tail]} … (cut) … {line[-tail:]}"
+    tail = most // 2
+    return f"{line[:most - tail - len(_CUT)]}{_CUT}{line[-tail:]}"
+
+
+_CUT = " … (cut) … "
 
 
 def summary(text: object, most: int) -> str:

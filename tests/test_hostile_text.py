@@ -319,9 +319,9 @@ async def test_keymap_from_the_config_file(idle_service, tmp_path):
     async with opened(app, size=(140, 45), notifications=True) as pilot:
         await settle(pilot)  # the form loads styles and presets after the first frame
         await pilot.pause()
-        messages = [n.message for n in app._notifications]
-        assert "keymap.screen.queue: 'a\\x1bc' is not a key name (e.g. ctrl+g, f5, escape, x); keeping f2" in messages
-        assert "keymap: '[b]\\x1bc' is not a binding id (the ids are listed in docs/tui.md)" in messages
+        [notice] = [n.message.splitlines() for n in app._notifications]  # one notice, a problem a line
+        assert "• keymap.screen.queue: 'a\\x1bc' is not a key name (e.g. ctrl+g, f5, escape, x); keeping f2" in notice
+        assert "• keymap: '[b]\\x1bc' is not a binding id (the ids are listed in docs/tui.md)" in notice
         assert "F2 Queue" in screen_text(app)  # the mode bar
         assert str(app.screen.query_one("#in-edit-mask", Button).label) == "Edit mask (^t)"
         await pilot.press("ctrl+p")  # the command palette lists every key (its help line is markup)

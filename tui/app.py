@@ -33,7 +33,7 @@ from backend.client import Client, LocalClient
 from backend.errors import DreamttyError, RequestError
 from backend.events import (FINAL_EVENTS, Event, Log, Queued, Retrying, ServiceLost, ServiceReady, Started, Step,
                             WorkerReady)
-from backend.safetext import visible
+from backend.safetext import error_line, visible
 from tui import keymap
 from tui.latency import (GC_TICK, TYPING_QUIET, TYPING_RECENT, TYPING_REDRAW_INTERVAL, KeyGate, QuietGC,
                          key_gated_driver)
@@ -64,15 +64,10 @@ def config_notice(problems: list[str], keymap_problems: list[str]) -> tuple[str,
     if len(every) == 1:
         return "config", line(every[0])
     shown = max(CONFIG_SHOWN, len(keymap_problems))
-    listed = [f"• {_middle_cut(line(problem), CONFIG_LINE)}" for problem in every[:shown]]
+    listed = [f"• {error_line(problem, CONFIG_LINE)}" for problem in every[:shown]]
     if len(every) > shown:
         listed.append(f"and {len(every) - shown} more (dreamtty models list prints them)")
     return f"config: {len(every)} problems", "\n".join(listed)
-
-
-def _middle_cut(text: str, most: int) -> str:
-    """``text`` cut to ``most`` characters in its middle: the end says why."""
-    return text if len(text) <= most else f"{text[:most // 2]}…{text[-(most - most // 2 - 1):]}"
 
 
 def shown_later(module: str, screen: str) -> Callable[[], Screen]:
