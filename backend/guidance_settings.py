@@ -106,9 +106,12 @@ class GuidanceSettings:
         for name, why in _NEEDS_CFG.items():
             if getattr(self, name) > 0 and cfg <= 1.0:
                 raise RequestError(name, f"needs cfg > 1 ({why}); raise cfg or set {name} to 0")
-        for a, b, why in _EXCLUSIVE:
-            if getattr(self, a) > 0 and getattr(self, b) > 0:
-                raise RequestError(a, f"cannot be combined with {b} ({why}); set one of them to 0")
+        if conflict := self.conflict():
+            raise conflict_error(*conflict)
+
+    def conflict(self) -> tuple[str, str, str] | None:
+        """The first two controls that are on together but cannot run together, and why (None: no such two)."""
+        return next(((a, b, why) for a, b, why in _EXCLUSIVE if getattr(self, a) > 0 and getattr(self, b) > 0), None)
 
     def check_values(self) -> None:
         """The checks that hold for any model and settings: each control's range. RequestError otherwise."""
@@ -137,6 +140,11 @@ class GuidanceSettings:
         lo, hi = FREEU_RANGE
         if not all(lo <= v <= hi for v in values):
             raise RequestError("freeu", f"{_as_typed(self.freeu)} is out of range; allowed {lo:g}..{hi:g} each")
+
+
+def conflict_error(a: str, b: str, why: str, origin: str = "") -> RequestError:
+    """RequestError(a) for controls ``a`` and ``b`` on together (``origin``: where one of them came from)."""
+    return RequestError(a, f"cannot be combined with {b} ({why}); set one of them to 0{origin}")
 
 
 def check_clip_skip(clip_skip: int, depth: int) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from backend import config, metadata
 from backend.errors import DreamttyError, ModelError, RequestError, noted
-from backend.guidance_settings import GuidanceSettings
+from backend.guidance_settings import GuidanceSettings, conflict_error
 from backend.prompting.presets import is_preset, known_presets, preset_fields
 from backend.request import GenerateRequest, parse_size
 from backend.samplers import SAMPLERS
@@ -209,9 +209,31 @@ def build(values: dict, preset: str | None = None, kind: type[GenerateRequest] =
     kind.check_given(explicit)
     merged = layered(explicit, preset, defaults, source)
     try:
-        return kind.from_dict(merged)
+        request = kind.from_dict(merged)
     except RequestError as exc:
         raise inherited(exc, merged, source or {}, explicit) from None
+    conflict = request.guidance.conflict()  # the service refuses it too, but cannot tell where a control came from
+    origin = _origin(conflict[:2], explicit, preset, defaults, source) if conflict else ""
+    if origin:
+        raise conflict_error(*conflict, origin)
+    return request
+
+
+def _origin(controls: tuple[str, ...], explicit: dict, preset: str | None, defaults: dict | None,
+            source: dict | None) -> str:
+    """Where the first of the guidance ``controls`` that the user did not give came from, as `` (NAME comes from
+    WHERE)``, looked up as :func:`layered` lays them; "" when the user gave them all."""
+    name = next((c for c in controls if c not in (explicit.get("guidance") or {})), None)
+    if name is None:
+        return ""
+    if preset and name in (_preset_layer(preset, explicit, source).get("guidance") or {}):
+        return f" ({name} comes from preset {preset})"
+    if name in ((source or {}).get("guidance") or {}):
+        return f" ({name} comes from the input image's settings)"
+    default_preset = config_preset(config.load())[0] if defaults is None and not preset else None
+    if default_preset and name in (_preset_layer(default_preset, explicit, source).get("guidance") or {}):
+        return f" ({name} comes from the config's default_preset {default_preset})"
+    return ""
 
 
 def inherited(exc: DreamttyError, request: dict, source: dict, explicit: dict) -> DreamttyError:

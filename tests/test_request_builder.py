@@ -92,6 +92,22 @@ def test_off_turns_a_presets_list_controls_off(_cli, user_folder):
     assert request_builder.build({"guidance": {"freeu": " off "}}, preset="xl").guidance.freeu is None  # the form
 
 
+def test_controls_that_cannot_run_together_say_where_the_one_not_given_came_from(_cli, user_folder):
+    """--pag with a preset's perp_neg: "pag: cannot be combined with perp_neg", and the user had never set it."""
+    (user_folder("presets") / "mine.yaml").write_text("guidance: {perp_neg: 1.5}\n")
+    why = r"^pag: cannot be combined with perp_neg \(.*\); set one of them to 0 "
+    with pytest.raises(RequestError, match=why + r"\(perp_neg comes from preset mine\)$"):
+        request_builder.build({"guidance": {"pag": "1"}}, "mine")
+    with pytest.raises(RequestError, match=why + r"\(perp_neg comes from the input image's settings\)$"):
+        request_builder.build({"guidance": {"pag": "1"}}, source={"guidance": {"perp_neg": 1.5}}, defaults={})
+    config_path().write_text("default_preset: mine\n")
+    with pytest.raises(RequestError, match=why + r"\(perp_neg comes from the config's default_preset mine\)$"):
+        request_builder.build({"guidance": {"pag": "1"}})
+    both = request_builder.build({"guidance": {"pag": "1", "perp_neg": "1"}}, defaults={})  # the service says it
+    assert (both.guidance.pag, both.guidance.perp_neg) == (1.0, 1.0)
+    assert _cli("x", "--preset", "mine", "--pag", "1", "--perp-neg", "0").guidance.pag == 1.0
+
+
 def test_the_upscaler_alone_refuses_a_strength_it_would_not_use():
     with pytest.raises(RequestError, match="^strength: is unused with fast"):
         request_builder.build({"image": "in.png", "fast": True, "strength": "0.3"}, kind=UpscaleRequest)
