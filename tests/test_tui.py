@@ -6,9 +6,11 @@ import asyncio
 import json
 import os
 import random
+import re
 import threading
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -474,6 +476,17 @@ async def test_small_terminal_tab_order_scrolls_and_wide_layout(idle_service, tm
         await pilot.resize_terminal(200, 60)
         await pilot.pause()
         assert app.screen.query_one("#output").size.width >= 80
+
+
+async def test_docs_list_the_forms_groups_in_the_forms_order(idle_service, tmp_path):
+    """docs/tui.md's Generate section names the collapsed groups in the order the form shows them (and tab
+    reaches them)."""
+    docs = (Path(__file__).parent.parent / "docs" / "tui.md").read_text()
+    documented = re.findall(r"^- \*\*([^*]+)\*\* \(collapsed", docs, flags=re.MULTILINE)
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(80, 24)):
+        shown = [group.title for group in app.screen.form.query("Collapsible")]
+    assert documented == shown
 
 
 async def test_at_80x24_image_prompt_rows_and_guidance_hints_read_whole(idle_service, tmp_path):
