@@ -21,7 +21,9 @@ from backend.client import LocalClient
 from backend.events import TrainLog, TrainState, TrainStep, TrainValidation
 from backend.service import Service
 from backend.training import launch, runs
-from test_tui import NoWorkers
+from backend.config import config_path
+from test_tui import NoWorkers, idle_service, make_app, opened, wait_for  # noqa: F401  (idle_service: a fixture)
+from tui.keymap import TRAIN_KEYS
 from tui.screens.train import TrainPane
 from tui.widgets.preview import ImagePreview
 
@@ -46,6 +48,10 @@ class PaneApp(App):
 
     async def on_unmount(self) -> None:
         await self.client.close()
+
+    def key_for(self, binding_id: str) -> str:
+        """The pane's keys as bound here: their defaults (DreamttyApp's follow the user's keymap)."""
+        return next(key.key for key in TRAIN_KEYS if key.id == binding_id)
 
 
 @contextlib.asynccontextmanager
@@ -130,6 +136,22 @@ async def test_pane_shows_loss_points_follows_and_reattaches(tmp_path):
         await _settle(pilot, pane, lambda: len(pane.loss_points) == 6)
         assert pane.selected_run == run_dir.resolve()
         assert pane.loss_points[-1] == (6, 0.35)
+
+
+async def test_the_pane_names_the_keys_of_the_users_keymap(idle_service, tmp_path):
+    """Remapped, the Train keys are named as bound: the hints said ctrl+s and ctrl+t, which no longer do that."""
+    config_path().write_text("keymap:\n  train.start: ctrl+b\n  train.stop: ctrl+k\n")
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(140, 44)) as pilot:
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: app.screen.query(TrainPane), what="the Train screen")
+        pane = app.screen.query_one(TrainPane)
+        stats = lambda: str(pane.query_one("#train-stats", Static).content)  # noqa: E731
+        assert stats() == f"No run selected. Fill in the form and press {app.key_for('train.start')}."
+        assert app.key_for("train.start") != "ctrl+s"
+        pane.selected_run = _write_run(pane.runs_root, "queued", runs.WAITING, [], updated=1.0)
+        pane._update_stats()
+        assert f"({app.key_for('train.stop')} takes it off the queue)" in stats() and "ctrl+t" not in stats()
 
 
 async def test_a_long_runs_events_are_read_off_the_ui_thread(tmp_path, monkeypatch):

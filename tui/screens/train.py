@@ -220,7 +220,8 @@ class TrainPane(Vertical):
                     yield Static("", id="train-form-error")
                 yield OptionList(id="train-runs")
             with Vertical(id="train-right"):
-                yield Static("No run selected. Fill in the form and press ctrl+s.", id="train-stats")
+                yield Static(plain(f"No run selected. Fill in the form and press {self.app.key_for('train.start')}."),
+                             id="train-stats")
                 yield PlotextPlot(id="train-loss")
                 with Horizontal(id="train-bottom"):
                     yield ImagePreview(id="train-validation")
@@ -510,7 +511,7 @@ class TrainPane(Vertical):
         scheduled = self.scheduled.get(info.path)
         if info.state == runs.WAITING:
             lines.append(f"waiting for {waiting_for(scheduled, self.schedule)}; "
-                         "it starts when that is free (ctrl+t takes it off the queue)")
+                         f"it starts when that is free ({self.app.key_for('train.stop')} takes it off the queue)")
         if info.error:
             lines.append(f"error: {info.error}")
         self.query_one("#train-stats", Static).update(plain("\n".join(lines)))
