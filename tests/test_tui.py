@@ -374,13 +374,13 @@ async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path)
         await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
         assert app.key_for("screen.queue") in str(app.screen.query_one("ModeBar").content)
         queue_titles = [c.title for c in app.get_system_commands(app.screen)]
-        assert "Queue the selected image's parameters again" in queue_titles
+        assert "Reproduce: Queue the selected image's parameters again" in queue_titles
         await pilot.press("f1")
         await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), what="the generate screen")
         assert app.screen.query_one("#prompt", TextArea).text == "remapped"  # the mode kept its state
         titles = [c.title for c in app.get_system_commands(app.screen)]
-        assert "Queue a generation with the Generate form" in titles
-        assert "Cancel this terminal's newest running job" in titles
+        assert "Generate: Queue a generation with the Generate form" in titles
+        assert "Cancel job: Cancel this terminal's newest running job" in titles
         # A job is queued: quitting asks first; "n" stays, "y" quits.
         await pilot.press("ctrl+q")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmQuit), what="the quit dialog")
@@ -428,6 +428,23 @@ async def test_a_tui_attached_to_the_service_quits_at_once_and_says_its_jobs_go_
     assert goes_on(2) == ("dreamtty: 2 jobs queued or running go on in the service (dreamtty jobs lists them; "
                           "dreamtty attach shows them)")
     assert goes_on(1).startswith("dreamtty: 1 job queued or running goes on in the service")
+
+
+async def test_the_palette_finds_an_action_by_its_footer_name(idle_service, tmp_path):
+    """"reproduce" found nothing: the commands were titled with their help only, which does not say it."""
+    from textual.command import CommandPalette
+
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(80, 24)) as pilot:
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        await pilot.press("ctrl+p")
+        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), what="the palette")
+        await pilot.press(*"reproduce")
+        found = app.screen.query_one("CommandList")
+        shown = lambda: [str(found.get_option_at_index(i).prompt) for i in range(found.option_count)]  # noqa: E731
+        await wait_for(pilot, lambda: any("Reproduce: Queue the selected image" in s for s in shown()),
+                       what="the Reproduce command")
 
 
 async def test_one_command_palette_and_one_quit_dialog_at_a_time(idle_service, tmp_path):

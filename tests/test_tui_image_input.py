@@ -174,7 +174,7 @@ async def test_gallery_key_on_a_missing_image_says_so_and_queues_nothing(idle_se
         assert len(idle_service.jobs()) == 1
         # Every gallery key is in the command palette, the ones the footer leaves out too.
         commands = {command.title for command in app.get_system_commands(app.screen)}
-        assert {key.help for key in keymap.QUEUE_KEYS} <= commands
+        assert {f"{key.description}: {key.help}" for key in keymap.QUEUE_KEYS} <= commands
 
 
 async def test_gallery_key_on_an_image_whose_settings_are_unusable_says_so(idle_service, tmp_path):

@@ -107,7 +107,7 @@ async def test_save_preset_key_is_remappable_and_in_the_palette(idle_service, tm
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:
         commands = {c.title: c.help for c in app.get_system_commands(app.screen)}
-        assert commands["Save the Generate form as a preset"] == "key: F9"
+        assert commands["Save preset: Save the Generate form as a preset"] == "key: F9"
         await pilot.press("ctrl+o")
         await pilot.pause()
         assert isinstance(app.screen, GenerateScreen)

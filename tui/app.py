@@ -397,7 +397,9 @@ class DreamttyApp(App):
             self.screen.mount(KeysHelp())
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        """Textual's commands plus every binding with an id: the app's and those of the screen's widgets."""
+        """Textual's commands plus every binding with an id: the app's and those of the screen's widgets, each
+        titled with its footer name and what it does (``Reproduce: Queue the selected image's parameters again``),
+        so that either finds it."""
         yield from super().get_system_commands(screen)
         seen = {"quit"}  # Textual's own "Quit" command already calls action_quit
         for node in (self, *screen.walk_children(with_self=True)):
@@ -405,7 +407,8 @@ class DreamttyApp(App):
                 if isinstance(binding, Binding) and binding.id and binding.id not in seen:
                     seen.add(binding.id)
                     key = self.key_for(binding.id, binding.key)
-                    yield SystemCommand(binding.tooltip or binding.description, markup(f"key: {key}"),
+                    title = f"{binding.description}: {binding.tooltip}" if binding.tooltip else binding.description
+                    yield SystemCommand(title, markup(f"key: {key}"),
                                         partial(self.run_action, binding.action, node))
 
 
