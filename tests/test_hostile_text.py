@@ -332,12 +332,29 @@ async def test_keymap_from_the_config_file(idle_service, tmp_path):
 def test_a_keymap_entry_that_cannot_work_is_dropped_and_a_shared_key_is_said():
     from tui.keymap import check_keymap
 
-    kept, warnings = check_keymap({"generate": "ctlr+g", "screen.models": "ctrl+q", "train.start": "f5,plus",
+    kept, warnings = check_keymap({"generate": "ctlr+g", "screen.models": "ctrl+q", "train.start": "f5,ctrl+plus",
                                    "help": "F5"})
-    assert kept == {"screen.models": "ctrl+q", "train.start": "f5,plus"}
+    assert kept == {"screen.models": "ctrl+q", "train.start": "f5,ctrl+plus"}
     assert warnings == ["keymap.generate: 'ctlr+g' is not a key name (e.g. ctrl+g, f5, escape, x); keeping ctrl+g",
                         "keymap.help: 'F5' is not a key name (e.g. ctrl+g, f5, escape, x); keeping f12",
                         "keymap.screen.models: ctrl+q is also the key of quit"]
+
+
+def test_a_key_that_types_text_is_refused_for_a_binding_that_works_in_text_boxes():
+    """A priority binding reaches the app from the prompt too: on q, every q typed switched screens. A screen's
+    own letter keys give way to a text box: kept."""
+    from tui.keymap import check_keymap
+
+    kept, warnings = check_keymap({"screen.queue": "q", "train.start": "f5,plus", "describe": "space",
+                                   "gallery.load": "o", "mask.paint": "b"})
+    assert kept == {"gallery.load": "o", "mask.paint": "b"}
+    assert warnings == [
+        "keymap.screen.queue: 'q' types text, and this binding would take it from every text box (use ctrl+, alt+ "
+        "or an f key); keeping f2",
+        "keymap.train.start: 'plus' types text, and this binding would take it from every text box (use ctrl+, "
+        "alt+ or an f key); keeping ctrl+s",
+        "keymap.describe: 'space' types text, and this binding would take it from every text box (use ctrl+, alt+ "
+        "or an f key); keeping f6"]
 
 
 def test_markup_reads_back_as_typed():

@@ -391,6 +391,19 @@ async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path)
         await wait_for(pilot, lambda: not app.is_running, what="exit")
 
 
+async def test_a_screen_key_remapped_to_a_letter_is_refused_and_the_prompt_gets_the_letter(idle_service, tmp_path):
+    """With screen.queue: q, "quiet" typed in the prompt switched to the Queue screen (and its letter keys)."""
+    config_path().write_text("keymap:\n  screen.queue: q\n")
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(80, 24), notifications=True) as pilot:
+        await pilot.press(*"quiet")
+        await settle(pilot)
+        assert isinstance(app.screen, GenerateScreen) and app.screen.query_one("#prompt", TextArea).text == "quiet"
+        assert [n.message for n in app._notifications] == [
+            "keymap.screen.queue: 'q' types text, and this binding would take it from every text box (use ctrl+, "
+            "alt+ or an f key); keeping f2"]
+
+
 async def test_the_configs_problems_are_one_notice_the_first_listed_the_rest_counted(idle_service, tmp_path):
     """Six problems at 80x24: one toast (six stacked toasts hid the first ones), the keymap's and the first
     of the file's listed a line each without a second "config", the rest counted and where to read them."""

@@ -149,19 +149,32 @@ def known_key(name: str) -> bool:
             or key_to_character(REPLACED_KEYS.get(base, base)) is not None)
 
 
+def types_text(name: str) -> bool:
+    """Whether key ``name`` (a known one) types a character in a text box: a printable one, no modifier."""
+    character = key_to_character(REPLACED_KEYS.get(name, name))
+    return "+" not in name and character is not None and character.isprintable()
+
+
 def check_keymap(user: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """The user's keymap without the entries that cannot work, and a warning for each one dropped
-    (its default stays) and for each key that two bindings active together now share."""
+    (its default stays) and for each key that two bindings active together now share. A key that types
+    text cannot work for a priority binding (it reaches the app from every text box): dropped too."""
     defaults = {key.id: key.key for key in ALL_KEYS}
+    priority = {key.id for key in ALL_KEYS if key.priority}
     kept: dict[str, str] = {}
     warnings = []
     for binding_id, keys in user.items():
-        bad = next((k for k in keys.split(",") if not known_key(k.strip())), None)
+        names = [k.strip() for k in keys.split(",")]
+        bad = next((k for k in names if not known_key(k)), None)
+        typed = next((k for k in names if types_text(k)), None) if binding_id in priority else None
         if binding_id not in defaults:
             warnings.append(f"keymap: {binding_id!r} is not a binding id (the ids are listed in docs/tui.md)")
         elif bad is not None:
-            warnings.append(f"keymap.{binding_id}: {bad.strip()!r} is not a key name (e.g. ctrl+g, f5, escape, x); "
+            warnings.append(f"keymap.{binding_id}: {bad!r} is not a key name (e.g. ctrl+g, f5, escape, x); "
                             f"keeping {defaults[binding_id]}")
+        elif typed is not None:
+            warnings.append(f"keymap.{binding_id}: {typed!r} types text, and this binding would take it from every "
+                            f"text box (use ctrl+, alt+ or an f key); keeping {defaults[binding_id]}")
         else:
             kept[binding_id] = keys
     for group in GROUPS:
