@@ -268,6 +268,20 @@ async def test_mask_editor_paints_from_keys_and_the_gallery_inpaints_with_it(idl
     assert np.array_equal(saved_mask(request["mask"]), expected_mask((128, 96), (w, h), painted))
 
 
+async def test_escape_with_the_keys_panel_shown_hides_it_and_keeps_the_mask(idle_service, tmp_path):
+    """F12 in the editor, then escape (as docs/tui.md says to hide the keys): the editor closed, the mask lost."""
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(80, 24)) as pilot:
+        editor, _ = await open_editor(pilot, app, tmp_path)
+        await pilot.press("space", "f12")
+        await wait_for(pilot, lambda: editor.query("HelpPanel"), what="the keys panel")
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.screen is editor and not editor.query("HelpPanel") and editor.canvas.mask.pixels.any()
+        await pilot.press("escape")  # a second one cancels
+        await wait_for(pilot, lambda: not isinstance(app.screen, MaskEditor), what="the editor to close")
+
+
 async def test_mask_editor_rectangle_invert_clear_and_feather(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(100, 40)) as pilot:

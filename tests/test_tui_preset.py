@@ -100,6 +100,20 @@ async def test_bad_name_bad_form_and_escape_save_nothing(idle_service, tmp_path,
         assert not own_config_dir.exists()
 
 
+async def test_escape_with_the_keys_panel_shown_hides_it_and_keeps_the_name(idle_service, tmp_path, own_config_dir):
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(80, 24)) as pilot:
+        dialog = await open_dialog(pilot, app)
+        await pilot.press(*"mine", "f12")
+        await wait_for(pilot, lambda: dialog.query("HelpPanel"), what="the keys panel")
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.screen is dialog and not dialog.query("HelpPanel")
+        assert dialog.query_one("#preset-name", Input).value == "mine"
+        await pilot.press("escape")  # a second one cancels
+        await close(pilot, app)
+
+
 async def test_save_preset_key_is_remappable_and_in_the_palette(idle_service, tmp_path, own_config_dir):
     from backend.config import config_path
 

@@ -115,8 +115,10 @@ class DreamttyApp(App):
              "train": shown_later("tui.screens.train", "TrainScreen"),
              "models": shown_later("tui.screens.models", "ModelsScreen")}
     DEFAULT_MODE = "generate"
+    # Escape hides a shown keys panel before a dialog or the mask editor takes it (as its cancel key).
     BINDINGS = [*keymap.bindings(keymap.APP_KEYS),
-                Binding("escape", "hide_help_panel", "Hide keys", show=False, tooltip="Hide this keys panel")]
+                Binding("escape", "hide_help_panel", "Hide keys", show=False, priority=True,
+                        tooltip="Hide this keys panel")]
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
 
     def __init__(self, model: str | None = None, out: Path | None = None, device: str = "auto",
@@ -382,6 +384,10 @@ class DreamttyApp(App):
         """Stopping the workers takes a moment (on unmount): say so on screen first."""
         self.notify("Stopping the workers…", title="dreamtty")
         self.call_after_refresh(self.exit)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Escape is the keys panel's only while one is shown (else the screen's and its widgets')."""
+        return action != "hide_help_panel" or bool(self.screen.query("HelpPanel"))
 
     def action_toggle_help(self) -> None:
         if self.screen.query("HelpPanel"):
