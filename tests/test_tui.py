@@ -914,6 +914,35 @@ async def test_f12_shows_the_keys_and_escape_hides_them(idle_service, tmp_path):
         assert not app.screen.query("HelpPanel") and app.focused.id == "prompt"
 
 
+async def test_hiding_the_keys_panel_gives_focus_back_to_the_widget_that_had_it(idle_service, tmp_path):
+    """Its list focused, escape or F12 sent focus to the widget before the panel (the Guidance group's title,
+    far down the form; on the Queue screen, the parameters instead of the gallery)."""
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(80, 24)) as pilot:
+        for hide in ("escape", "f12"):
+            assert app.focused.id == "prompt"
+            await pilot.press("f12", "shift+tab")
+            await wait_for(pilot, lambda: app.focused is not None and app.focused.id == "keys-help", what="the list")
+            await pilot.press(hide)
+            await wait_for(pilot, lambda: not app.screen.query("HelpPanel"), what="the panel to close")
+            await pilot.pause()
+            assert app.focused.id == "prompt", hide
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        await settle(pilot)
+        gallery = app.focused
+        await pilot.press("f12")
+        await wait_for(pilot, lambda: app.screen.query("KeyPanel"), what="the keys panel")
+        for _ in range(8):
+            if app.focused.id == "keys-help":
+                break
+            await pilot.press("tab")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not app.screen.query("HelpPanel"), what="the panel to close")
+        await pilot.pause()
+        assert app.focused is gallery
+
+
 async def test_f12_keys_of_the_queue_screen_scroll_by_keyboard(idle_service, tmp_path):
     """The list is longer than the screen: tab reaches it, and end scrolls to its last key (escape: described)."""
     from test_hostile_text import screen_text

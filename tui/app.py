@@ -389,9 +389,9 @@ class DreamttyApp(App):
         """Escape is the keys panel's only while one is shown (else the screen's and its widgets')."""
         return action != "hide_help_panel" or bool(self.screen.query("HelpPanel"))
 
-    def action_toggle_help(self) -> None:
+    async def action_toggle_help(self) -> None:
         if self.screen.query("HelpPanel"):
-            self.action_hide_help_panel()
+            await self.action_hide_help_panel()
         else:
             self.action_show_help_panel()
 
@@ -400,7 +400,12 @@ class DreamttyApp(App):
         from tui.widgets.keys_help import KeysHelp
 
         if not self.screen.query("HelpPanel"):
-            self.screen.mount(KeysHelp())
+            self.screen.mount(KeysHelp(self.screen.focused))
+
+    async def action_hide_help_panel(self) -> None:
+        """Hide the keys panel; focus goes back where it was when the panel was shown (``KeysHelp.hide``)."""
+        for panel in self.screen.query("KeysHelp"):
+            await panel.hide()
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """Textual's commands plus every binding with an id: the app's and those of the screen's widgets, each
