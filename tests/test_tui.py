@@ -902,6 +902,22 @@ async def test_bad_preset_and_custom_size_errors_point_at_the_right_field(idle_s
         assert field_of(app, "#size").error == "" and idle_service.jobs() == []
 
 
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_a_wrapped_error_shows_whole_after_the_focus_moves_to_its_field(idle_service, tmp_path, size):
+    """The form scrolled to the field before the error and the opened group were laid out (and Textual leaves out
+    the group's padding): "allowed 0..30" stayed below the form."""
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=size) as pilot:
+        form = app.screen.form
+        form.query_one("#g-sharpness", Input).value = "99"
+        await pilot.press("ctrl+g")
+        await settle(pilot)
+        await pilot.pause()
+        field = field_of(app, "#g-sharpness")
+        assert field.error == "99.0 is out of range; allowed 0..30" and app.focused.id == "g-sharpness"
+        assert form.scrollable_content_region.contains_region(field.query_one(".field-error").region)
+
+
 async def test_f12_shows_the_keys_and_escape_hides_them(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:

@@ -9,6 +9,7 @@ from dataclasses import fields
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
+from textual.geometry import Region
 from textual.widget import Widget
 from textual.widgets import Checkbox, Collapsible, Input, Select, Static, TextArea
 
@@ -298,7 +299,13 @@ class GenerateForm(VerticalScroll, can_focus=False):
         # The text box where there is one (a custom size's WxH rather than the size list).
         target = next((w for kind in ("Input, TextArea", "Select") for w in field.query(kind) if not w.disabled), None)
         (target or field).focus()
-        self.call_after_refresh(field.scroll_visible)
+        self.call_after_refresh(self._scroll_whole, field)
+
+    def _scroll_whole(self, field: Field) -> None:
+        """Scroll ``field`` (laid out with its error, its group open) whole into view. Textual's ``scroll_visible``
+        leaves out a group's padding: an error's last line stayed below the form."""
+        offset = Region.get_scroll_to_visible(self.scrollable_content_region, field.region)
+        self.scroll_relative(offset.x, offset.y, animate=False, immediate=True)
 
     # -- filling the form ----------------------------------------------------
     def fill(self, data: dict, kind: str | None = None) -> None:
