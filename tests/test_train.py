@@ -94,7 +94,7 @@ def test_runs_sent_at_once_never_share_a_folder(photos, tmp_path, monkeypatch):
         answers = list(pool.map(prepare, [replace(r, output=str(tmp_path / "one")) for r in requests]))
     refused = [a for a in answers if isinstance(a, RequestError)]
     (taken,) = [a for a in answers if not isinstance(a, RequestError)]
-    assert len(refused) == 3 and all(e.field == "output" and "already running" in str(e) for e in refused)
+    assert len(refused) == 3 and all(e.field == "output" and "already running" in str(e) for e in refused), refused
     assert runs.read_run_json(tmp_path / "one")["settings"]["seed"] == taken.request.seed
     (tmp_path / "file").write_text("x")
     with pytest.raises(RequestError, match=f"^output: cannot make a run folder in {tmp_path}/file: it is not a "

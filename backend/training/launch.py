@@ -155,7 +155,8 @@ def _check_target(request: TrainRequest) -> None:
         return
     run_dir = Path(request.output).expanduser()
     try:
-        previous = _previous_run(run_dir, request)
+        with _PREPARING:  # not while another request writes its run.json there (its temp file is not a run)
+            previous = _previous_run(run_dir, request)
     except OSError:  # said as the run is made
         return
     if request.resume is not None and not previous and not request.model.strip():
