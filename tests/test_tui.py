@@ -93,6 +93,12 @@ async def wait_for(pilot, condition, timeout: float = 10.0, what: str = "conditi
         await pilot.pause(0.05)
 
 
+async def to_queue(pilot, app) -> None:
+    """F2, once the Queue screen is shown."""
+    await pilot.press("f2")
+    await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+
+
 def field_of(app, selector: str) -> Field:
     return next(a for a in app.screen.query_one(selector).ancestors if isinstance(a, Field))
 
@@ -449,8 +455,7 @@ async def test_the_palette_finds_an_action_by_its_footer_name(idle_service, tmp_
 
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(80, 24)) as pilot:
-        await pilot.press("f2")
-        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        await to_queue(pilot, app)
         await pilot.press("ctrl+p")
         await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), what="the palette")
         await pilot.press(*"reproduce")
@@ -804,8 +809,7 @@ async def test_a_long_queue_keeps_the_running_job_and_the_images_in_sight(idle_s
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:
         store.set_running([running])  # once the service adopted the jobs of the owner gone
-        await pilot.press("f2")
-        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        await to_queue(pilot, app)
         gallery, jobs = (app.screen.query_one(f"#{name}", DataTable) for name in ("gallery", "jobs"))
         await wait_for(pilot, lambda: gallery.row_count and jobs.row_count, what="both tables")
         assert [key.value for key in jobs.rows][0] == str(running) and jobs.row_count == 4
@@ -825,8 +829,7 @@ async def test_the_queue_screen_reads_its_tables_once_for_a_burst_and_not_while_
     monkeypatch.setattr(tui.screens.queue, "REFRESH_DELAY", 1.0)  # the burst fits in it on a loaded machine too
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:
-        await pilot.press("f2")
-        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        await to_queue(pilot, app)
         screen, reads = app.screen, []
         screen.refresh_jobs = lambda: reads.append("jobs")
         for job in range(1, 101):  # a hundred jobs cancelled at once
@@ -846,8 +849,7 @@ async def test_the_queue_screen_reads_its_tables_once_for_a_burst_and_not_while_
 async def test_gallery_entry_whose_file_was_deleted_shows_a_line_not_a_crash(idle_service, tmp_path):
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:
-        await pilot.press("f2")
-        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        await to_queue(pilot, app)
         gone = tmp_path / "out" / "gone.png"
         app.screen._show_image(str(gone))  # what highlighting a row of a deleted image does
         await settle(pilot)
@@ -864,8 +866,7 @@ async def test_gallery_image_with_malformed_metadata_shows_its_path_and_one_line
     Image.new("RGB", (8, 8)).save(older, pnginfo=info)
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:
-        await pilot.press("f2")
-        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        await to_queue(pilot, app)
         app.screen._show_image(str(older))  # what highlighting its row does
         await settle(pilot)
         text = str(app.screen.query_one("#image-params").content)
@@ -943,8 +944,7 @@ async def test_hiding_the_keys_panel_gives_focus_back_to_the_widget_that_had_it(
             await wait_for(pilot, lambda: not app.screen.query("HelpPanel"), what="the panel to close")
             await pilot.pause()
             assert app.focused.id == "prompt", hide
-        await pilot.press("f2")
-        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        await to_queue(pilot, app)
         await settle(pilot)
         gallery = app.focused
         await pilot.press("f12")
@@ -965,8 +965,7 @@ async def test_f12_keys_of_the_queue_screen_scroll_by_keyboard(idle_service, tmp
 
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40)) as pilot:
-        await pilot.press("f2")
-        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        await to_queue(pilot, app)
         await pilot.press("f12")
         await wait_for(pilot, lambda: app.screen.query("KeyPanel"), what="the keys panel")
         panel = app.screen.query_one("KeyPanel")
@@ -1010,8 +1009,7 @@ async def test_the_queue_screen_without_a_service_says_so_in_one_line(idle_servi
     idle_service.submit(GenerateRequest(prompt="queued", model="demo"), tmp_path)
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(120, 40), notifications=True) as pilot:
-        await pilot.press("f2")
-        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        await to_queue(pilot, app)
         await settle(pilot)
         error = app.screen.query_one("#queue-error", Static)
         assert not error.display
