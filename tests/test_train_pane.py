@@ -138,8 +138,9 @@ async def test_pane_shows_loss_points_follows_and_reattaches(tmp_path):
         assert pane.loss_points[-1] == (6, 0.35)
 
 
-async def test_the_pane_names_the_keys_of_the_users_keymap(idle_service, tmp_path):
+async def test_the_pane_names_the_keys_of_the_users_keymap(idle_service, tmp_path, monkeypatch):
     """Remapped, the Train keys are named as bound: the hints said ctrl+s and ctrl+t, which no longer do that."""
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path / "home"))  # no run of another test is selected
     config_path().write_text("keymap:\n  train.start: ctrl+b\n  train.stop: ctrl+k\n")
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(140, 44)) as pilot:
