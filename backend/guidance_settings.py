@@ -153,10 +153,20 @@ def check_clip_skip(clip_skip: int, depth: int) -> None:
         raise RequestError("clip_skip", f"{clip_skip} is deeper than this model's text encoder; allowed 1..{depth}")
 
 
+def format_guidance_value(value: object) -> str:
+    """A control's value as the CLI and the form take it (``0.9,0.2``; ``default`` for the family's FreeU), the
+    text ``backend.request_builder.parse_guidance_value`` reads back as ``value``."""
+    if value is None:
+        return ""
+    if isinstance(value, (tuple, list)):
+        return ",".join(f"{v:g}" for v in value) if value else "default"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _as_typed(values: object) -> str:
-    """A list control's value as the CLI and the form take it (``0.9,0.2``), else as JSON writes it."""
-    if isinstance(values, (tuple, list)) and all(isinstance(v, (int, float)) for v in values):
-        return ",".join(f"{v:g}" for v in values) or "[]"
+    """A list control's value in an error: as typed when it is a list of numbers, else as JSON writes it."""
+    if isinstance(values, (tuple, list)) and values and all(isinstance(v, (int, float)) for v in values):
+        return format_guidance_value(values)
     return shown(values)
 
 

@@ -91,15 +91,6 @@ def parse_guidance_value(name: str, text: str) -> object:
     return parse_floats(name, text)
 
 
-def format_guidance_value(value: object) -> str:
-    """The text :func:`parse_guidance_value` reads back as ``value``."""
-    if value is None:
-        return ""
-    if isinstance(value, (tuple, list)):
-        return ",".join(f"{v:g}" for v in value) if value else "default"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def from_text(values: dict) -> dict:
     """Request fields from values as front ends hold them: ``size`` as ``WxH``, ``loras`` as text or
     a list of ``NAME[:WEIGHT]``, guidance controls as text. Other fields pass through; ``None`` and

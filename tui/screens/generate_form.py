@@ -16,12 +16,12 @@ from textual.widgets import Checkbox, Collapsible, Input, Select, Static, TextAr
 from backend import library, request_builder
 from backend.errors import DreamttyError, RequestError, noted
 from backend.families import FAMILIES, MODEL_NAMES, aspect_sizes
-from backend.guidance_settings import ADM_SCALE_RANGE, CLIP_SKIP_MAX, FREEU_RANGE, RANGES, GuidanceSettings
+from backend.guidance_settings import (ADM_SCALE_RANGE, CLIP_SKIP_MAX, FREEU_RANGE, RANGES, GuidanceSettings,
+                                      format_guidance_value)
 from backend.models import DEMO_MODELS, resolve_model, trained_model
 from backend.prompting.presets import PresetInfo, list_presets
 from backend.prompting.styles import RANDOM_STYLE, load_styles
 from backend.request import DTYPES, SPEEDS, GenerateRequest, parse_size
-from backend.request_builder import format_guidance_value
 from backend.samplers import SAMPLERS
 from backend.training.runs import list_runs
 from tui.suggest import ChoiceSuggester
