@@ -12,8 +12,8 @@ from backend import infotext, jobkinds, user_files
 from backend.errors import DreamttyError, RequestError
 from backend.guidance_settings import GuidanceSettings, freeu_defaults
 from backend.input_images import MAX_BYTES, UNREADABLE, open_quietly, unreadable
-from backend.prompting.styles import RANDOM_STYLE, style_key
 from backend.request import GenerateRequest
+from backend.style_names import RANDOM_STYLE, style_key
 
 CHUNK = "dreamtty"
 VERSION = 1
