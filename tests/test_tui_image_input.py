@@ -26,6 +26,7 @@ from tui.app import DreamttyApp
 from tui.mask import Mask, block, cell_pixels, disc, preview_index, preview_size
 from tui.screens.generate import GenerateScreen
 from tui.screens.queue import QueueScreen
+from tui.widgets.field import Field
 from tui.widgets.mask_editor import MaskEditor
 from tui.widgets.preset_dialog import SavePresetDialog
 
@@ -516,7 +517,7 @@ async def test_a_recorded_hash_of_a_changed_file_is_dropped_once_its_path_is_edi
         await pilot.press("ctrl+g")
         await settle(pilot)
         assert not field_of(app, "#in-image").error
-        assert "changed since the job was made" in field_of(app, "#ref-0-path").error and idle_service.jobs() == []
+        assert "changed since the job was made" in row_of(app, "#ref-0-path").error and idle_service.jobs() == []
         await retype_last_character(pilot, app, "#ref-0-path")
         await pilot.press("ctrl+g")
         await wait_for(pilot, lambda: idle_service.jobs(), what="the job")
@@ -670,8 +671,8 @@ async def test_image_prompt_rows_queue_their_references_and_refuse_a_bad_weight(
         form.query_one("#ref-1-path", Input).value = str(face)
         form.query_one("#ref-1-type", Select).value = "face"
         await pilot.press("ctrl+g")
-        await wait_for(pilot, lambda: field_of(app, "#ref-0-weight").error, what="the weight's error")
-        assert field_of(app, "#ref-0-weight").error == "Reference 1: weight 3 is out of range; allowed 0..2"
+        await wait_for(pilot, lambda: row_of(app, "#ref-0-weight").error, what="the weight's error")
+        assert row_of(app, "#ref-0-weight").error == "Reference 1: weight 3 is out of range; allowed 0..2"
         assert idle_service.jobs() == []
         form.query_one("#ref-0-weight", Input).value = "0.8"
         form.query_one("#ref-0-stop", Input).value = "0.6"
@@ -680,6 +681,11 @@ async def test_image_prompt_rows_queue_their_references_and_refuse_a_bad_weight(
         references = last_job(idle_service).request["image_prompts"]
     assert [(p["path"], p["type"], p["weight"], p["stop"]) for p in references] \
         == [(str(edges), "canny", 0.8, 0.6), (str(face), "face", 0.75, 0.9)]  # the face takes its type's defaults
+
+
+def row_of(app, selector: str) -> Field:
+    """The image-prompt row (its Field) holding the box ``selector``."""
+    return [a for a in app.screen.query_one(selector).ancestors if isinstance(a, Field)][-1]
 
 
 BAD_REFERENCES = [  # the third row's weight, stop and path; the box that shows the error, its message
@@ -705,15 +711,15 @@ async def test_an_image_prompt_error_is_shown_under_its_rows_box(idle_service, t
                 form.query_one(f"#ref-2-{name}", Input).value = value
             await pilot.press("ctrl+g")
             await settle(pilot)
-            assert [(f.label, f.error) for f in form.query("Field") if f.error] \
-                == [("Reference 3" if selector.endswith("path") else selector[7:].title(),
-                     message.format(tmp=tmp_path))], case
+            row = row_of(app, selector)
+            assert [(f, f.error) for f in form.query("Field") if f.error] == [(row, message.format(tmp=tmp_path))], case
+            assert len(row.query(Input)) == 3, case  # under the whole row, not its few-column box
             assert app.focused is form.query_one(selector), case
             assert idle_service.jobs() == [], case
         form.query_one("#ref-0-path", Input).value = str(tmp_path / "gone.png")  # the same file twice: the first row
         await pilot.press("ctrl+g")
         await settle(pilot)
-        assert field_of(app, "#ref-0-path").error.startswith("Reference 1: ") and not field_of(app, "#ref-2-path").error
+        assert row_of(app, "#ref-0-path").error.startswith("Reference 1: ") and not row_of(app, "#ref-2-path").error
 
 
 async def test_describe_keys_queue_a_describe_job_of_the_image(idle_service, tmp_path):

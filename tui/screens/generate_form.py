@@ -296,8 +296,9 @@ class GenerateForm(VerticalScroll, can_focus=False):
         for group in field.ancestors:
             if isinstance(group, Collapsible):
                 group.collapsed = False
-        # The text box where there is one (a custom size's WxH rather than the size list).
-        target = next((w for kind in ("Input, TextArea", "Select") for w in field.query(kind) if not w.disabled), None)
+        # The box the error names, else a text box where there is one (a custom size's WxH rather than the size list).
+        target = next((w for kind in (f"#{name}", "Input, TextArea", "Select") for w in field.query(kind)
+                       if not w.disabled), None)
         (target or field).focus()
         self.call_after_refresh(self._scroll_whole, field)
 
@@ -487,10 +488,10 @@ class GenerateForm(VerticalScroll, can_focus=False):
     @on(Select.Changed)
     def _edited(self, event: Input.Changed | TextArea.Changed | Select.Changed) -> None:
         """A field edited since its error was shown: the error is stale, clear it."""
-        field = next((a for a in event.control.ancestors if isinstance(a, Field)), None)
-        if field in self._error_values and _field_values(field) != self._error_values[field]:
-            del self._error_values[field]
-            field.set_error(None)
+        for field in event.control.ancestors:
+            if field in self._error_values and _field_values(field) != self._error_values[field]:
+                del self._error_values[field]
+                field.set_error(None)
 
     @on(Input.Changed, "#model")
     def _model_changed(self, event: Input.Changed) -> None:

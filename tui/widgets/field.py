@@ -34,7 +34,9 @@ class Field(Vertical):
         self.hint = hint
 
     def compose(self) -> ComposeResult:
-        yield Label(plain(self.label), classes="field-label")
+        label = Label(plain(self.label), classes="field-label")
+        label.display = bool(self.label)  # a group of fields: its error under them all
+        yield label
         yield from self.widgets
         hint = Static(plain(self.hint), classes="field-hint")
         hint.display = bool(self.hint)

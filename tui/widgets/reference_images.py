@@ -2,7 +2,7 @@
 (image, type, weight, stop), read as the request's ``image_prompts`` and filled from a request.
 
 An empty weight or stop is the type's default (Fooocus's). A bad weight or stop, and a file the service
-refuses, is shown under its row's box, naming the row as labelled. A reference's recorded hash is kept until its
+refuses, is shown under its row, naming the row as labelled. A reference's recorded hash is kept until its
 path is edited, so reproducing a loaded image still notices a changed file, and editing the path uses the
 file as it is now.
 """
@@ -32,6 +32,7 @@ class ReferenceImages(Vertical):
 
     DEFAULT_CSS = """
     ReferenceImages { height: auto; }
+    ReferenceImages .reference-row { margin: 0; }
     ReferenceImages SelectCurrent Static#label { text-wrap: nowrap; text-overflow: ellipsis; }  /* a type: a line */
     """
 
@@ -42,16 +43,16 @@ class ReferenceImages(Vertical):
     def compose(self) -> ComposeResult:
         types = [(f"{t.name}: {t.about}", t.name) for t in TYPES.values()]
         for row in range(MAX_IMAGE_PROMPTS):
-            with Horizontal(classes="row"):
-                # The service's errors name image_prompt: those not placed on a row are shown on the first.
-                yield Field(f"Reference {row + 1}", field_input(f"ref-{row}-path", placeholder="image path",
-                                                                suggester=PathSuggester()),
-                            names=(f"ref-{row}-path", FIELD) if row == 0 else (f"ref-{row}-path",))
-                yield Field("Type", field_select(f"ref-{row}-type", types, "image"))
-                yield Field("Weight", field_input(f"ref-{row}-weight", placeholder="type's"),
-                            names=(f"ref-{row}-weight",), hint=f"0..{MAX_WEIGHT:g}")
-                yield Field("Stop", field_input(f"ref-{row}-stop", placeholder="type's"), names=(f"ref-{row}-stop",),
-                            hint="0..1 of the steps")
+            path = f"ref-{row}-path"
+            # A row's errors go under the whole row, a line wide: a weight's box is a few columns. The service's
+            # errors name image_prompt: those not placed on a row are shown under the first.
+            yield Field("", Horizontal(
+                Field(f"Reference {row + 1}", field_input(path, placeholder="image path", suggester=PathSuggester())),
+                Field("Type", field_select(f"ref-{row}-type", types, "image")),
+                Field("Weight", field_input(f"ref-{row}-weight", placeholder="type's"), hint=f"0..{MAX_WEIGHT:g}"),
+                Field("Stop", field_input(f"ref-{row}-stop", placeholder="type's"), hint="0..1 of the steps"),
+                classes="row"), names=(path, f"ref-{row}-weight", f"ref-{row}-stop", *([FIELD] if row == 0 else [])),
+                classes="reference-row")
 
     def _input(self, row: int, name: str) -> Input:
         return self.query_one(f"#ref-{row}-{name}", Input)
