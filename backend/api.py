@@ -207,7 +207,7 @@ class Api:
         if "days" not in request.query:
             raise RequestError("days", "missing; give ?days=N (0: every ended job)")
         days = _digits(request.query["days"], "days")
-        return web.json_response({"forgotten": await asyncio.to_thread(self.service.forget_ended, days)})
+        return web.json_response({"forgotten": await self.service.forget_ended(days)})
 
     async def image(self, request: web.Request) -> web.StreamResponse:
         job = self._job(request)

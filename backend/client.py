@@ -121,7 +121,7 @@ class LocalClient:
         return self.service.cancel_all()
 
     async def forget_ended(self, days: int) -> int:
-        return self.service.forget_ended(days)
+        return await self.service.forget_ended(days)
 
     async def job(self, job_id: int) -> Job | None:
         return self.service.store.get(job_id)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from backend import companions, config, jobkinds, locations
 from backend.devices import check_cluster_devices, check_devices
@@ -52,6 +53,7 @@ LEASE_RENEW = LEASE_TTL / 5  # seconds between heartbeats
 RUN_CHECK = 1.0  # seconds between checks that training runs' trainers still live
 WRITE_RETRY = 2.0  # seconds between tries to write to a queue file that takes no writes
 log = logging.getLogger("dreamtty.service")
+T = TypeVar("T")
 _LOG_LEVELS = {"warning": logging.WARNING, "error": logging.ERROR}  # a Log event's level -> the service log's
 
 
@@ -123,8 +125,8 @@ class Service:
         self._next_try: asyncio.TimerHandle | None = None
         self._active_seen: set[int] = set()  # this service's active jobs at the last _notice_cancelled
         self._ended_here: set[int] = set()  # jobs this service ended since then
-        self._submissions: QueueStore | None = None  # enqueue_in_thread's connection, one submission at a time
-        self._submitting = threading.Lock()
+        self._thread_store: QueueStore | None = None  # _write_in_thread's connection, one write at a time
+        self._thread_lock = threading.Lock()
 
     @property
     def slots(self) -> list[Slot]:
@@ -226,9 +228,9 @@ class Service:
         with contextlib.suppress(QueueUnavailable):  # its lease runs out by itself
             self.store.drop_lease(self.owner)  # what stays queued is adopted by the next recovering service
         self.store.close()
-        if self._submissions is not None and self._submitting.acquire(blocking=False):  # else a submission waits
-            self._submissions.close()  # for a locked queue file: its connection goes when it is done
-            self._submitting.release()
+        if self._thread_store is not None and self._thread_lock.acquire(blocking=False):  # else a submission waits
+            self._thread_store.close()  # for a locked queue file: its connection goes when it is done
+            self._thread_lock.release()
         self.training.close()  # runs keep training; waiting ones start with the next recovering service
 
     def _end_active(self, state: str) -> None:
@@ -289,17 +291,24 @@ class Service:
         return self._queued(self.store.add(prepared.kind, prepared.payload, self.owner), prepared)
 
     async def enqueue_in_thread(self, prepared: Prepared) -> int:
-        """:meth:`enqueue`, written off the event loop on a connection of its own: while another program holds
-        the queue file locked, this submission waits (then QueueUnavailable), not every client of the service."""
-        def add() -> int:
-            with self._submitting:
-                if self._closing.is_set():
-                    raise ServiceUnavailable("service: it is stopping; queue the job again once it runs")
-                if self._submissions is None:
-                    self._submissions = QueueStore(self.store.path, checked=False)
-                return self._submissions.add(prepared.kind, prepared.payload, self.owner)
+        """:meth:`enqueue`, written off the event loop (:meth:`_write_in_thread`)."""
+        job_id = await self._write_in_thread(lambda store: store.add(prepared.kind, prepared.payload, self.owner),
+                                             "queue the job again once it runs")
+        return self._queued(job_id, prepared)
 
-        return self._queued(await asyncio.to_thread(add), prepared)
+    async def _write_in_thread(self, write: Callable[[QueueStore], T], again: str) -> T:
+        """``write`` run off the event loop on a connection of its own, one at a time: while another program holds
+        the queue file locked, this call waits (then QueueUnavailable), not every client of the service. ``again``:
+        what to do when the service is stopping."""
+        def run() -> T:
+            with self._thread_lock:
+                if self._closing.is_set():
+                    raise ServiceUnavailable(f"service: it is stopping; {again}")
+                if self._thread_store is None:
+                    self._thread_store = QueueStore(self.store.path, checked=False)
+                return write(self._thread_store)
+
+        return await asyncio.to_thread(run)
 
     def _queued(self, job_id: int, prepared: Prepared) -> int:
         """Say that ``job_id`` was queued (and why it waits, when no worker can start); hand out work."""
@@ -381,9 +390,11 @@ class Service:
         self._told_waiting.pop(job_id, None)
         self._cancelling.discard(job_id)
 
-    def forget_ended(self, days: int) -> int:
-        """Forget the jobs that ended more than ``days`` days ago (their images stay on disk); how many."""
-        return self.store.forget_ended(time.time() - days * 86400)
+    async def forget_ended(self, days: int) -> int:
+        """Forget the jobs that ended more than ``days`` days ago (their images stay on disk); how many. Deleted
+        off the event loop (:meth:`_write_in_thread`)."""
+        before = time.time() - days * 86400
+        return await self._write_in_thread(lambda store: store.forget_ended(before), "forget them once it runs")
 
     def jobs(self, limit: int = 200, states: tuple[str, ...] | None = None, with_images: bool = False) -> list[Job]:
         return self.store.jobs(states, limit=limit, with_images=with_images)

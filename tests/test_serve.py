@@ -1148,14 +1148,29 @@ async def test_a_submission_waiting_for_a_locked_queue_file_holds_up_no_other_re
                 assert r.status == 200 and time.monotonic() - began < 3
             assert not posted.done()
             other.execute("COMMIT")
-            other.close()
             async with await posted as r:
                 job = (await r.json())["id"]
                 assert r.status == 201 and service.store.get(job).state == "queued"
+            # Forgetting ended jobs waits on a connection of its own too, as a submission does. It ran in a thread on
+            # the service's connection, amid the event loop's transactions, and was refused at once.
+            other.execute("BEGIN EXCLUSIVE")
+            forgetting = asyncio.create_task(http.post("/v1/jobs/forget?days=0"))
+            await asyncio.sleep(0.5)
+            began = time.monotonic()
+            async with http.get("/v1/jobs") as r:
+                assert r.status == 200 and [j["id"] for j in (await r.json())["jobs"]] == [job]
+                assert time.monotonic() - began < 3
+            assert not forgetting.done()
+            other.execute("COMMIT")
+            other.close()
+            async with await forgetting as r:
+                assert r.status == 200 and await r.json() == {"forgotten": 0}
     finally:
         await service.close()
     with pytest.raises(ServiceUnavailable, match="^service: it is stopping"):  # not sqlite's "closed database"
         await service.enqueue_in_thread(service.prepare(_request(), tmp_path / "out"))
+    with pytest.raises(ServiceUnavailable, match="^service: it is stopping; forget them once it runs$"):
+        await service.forget_ended(0)
 
 
 async def _serve_in_test(db: Path, sock: Path) -> tuple[Service, web.AppRunner]:
