@@ -277,7 +277,7 @@ class RayPool:
 
     def _drive(self, ray, actor_class, worker: _Worker) -> None:
         """Thread: keep an actor running for ``worker``'s slot; pass on its events, save its images."""
-        store = QueueStore(self.db_path)
+        store = QueueStore(self.db_path, checked=False)  # the service's queue, opened and checked already
         try:
             while not self._stop.is_set():
                 actor = self._start_actor(ray, actor_class, worker)

@@ -84,8 +84,9 @@ def _serve(worker_id: int, device: str, jobs, events, cancel, log_path: str, db_
     versions.build()  # the code this worker runs: read before its first job (see changed_on_disk)
     cache, cuda_count = pipeline_cache(device)
     send = lambda event: events.send_bytes(ev.dumps(event).encode())  # noqa: E731
+    # The service opened and checked the queue; a queue this worker cannot open is a start fault, said before ready.
+    output = LocalOutput(QueueStore(Path(db_path), checked=False))
     send(ev.WorkerReady(worker=worker_id, device=str(cache.device), cuda_count=cuda_count))
-    output = LocalOutput(QueueStore(Path(db_path)))
     while True:
         try:
             job = jobs.get(timeout=PARENT_CHECK)
