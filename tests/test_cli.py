@@ -55,6 +55,27 @@ def test_generate_json_then_reproduce_identical(tmp_path, demo_dirs):
     assert "pixels: differ (size 128x128, the image's is 256x256)" in r.stderr
 
 
+def test_reproduce_by_a_service_that_saved_where_this_machine_cannot_read_says_so(tmp_path, demo_dirs, monkeypatch,
+                                                                                capsys):
+    """A service on another machine (DREAMTTY_SERVICE) names a path this one cannot open: the job worked and the
+    pixels are not compared, said in a line. It was a traceback after the job."""
+    from tui import cli_jobs
+
+    assert main(["generate", "a fox", "--model", "demo", "--steps", "1", "--out", str(tmp_path)]) == 0
+    image = capsys.readouterr().out.strip()
+    elsewhere = tmp_path / "on the service's machine" / "\x1b[2Jfox.png"
+    real = cli_jobs._run_jobs
+
+    async def remote(args, requests, out):
+        code, paths = await real(args, requests, out)
+        return code, [str(elsewhere)]
+
+    monkeypatch.setattr(cli_jobs, "_run_jobs", remote)
+    assert main(["reproduce", image, "--out", str(tmp_path)]) == 0
+    said = capsys.readouterr().err.splitlines()[-1]
+    assert said == f"pixels: not compared ([Errno 2] No such file or directory: {str(elsewhere)!r})"  # ESC as \\x1b
+
+
 def test_reproduce_keeps_the_random_style_picks_and_names_a_changed_wildcard(tmp_path, demo_dirs):
     styles, wildcards = tmp_path / "styles", tmp_path / "wildcards"
     styles.mkdir()

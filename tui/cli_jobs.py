@@ -330,11 +330,7 @@ def cmd_describe(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    import numpy as np
-    from PIL import Image
-
     from backend import foreign_metadata, metadata, request_builder
-    from backend.input_images import open_quietly
 
     if (args.image is None) == (args.from_text is None):
         raise RequestError("reproduce", "give an IMAGE or --from-text FILE (one of them)")
@@ -360,16 +356,30 @@ def cmd_reproduce(args) -> int:
         hint = "; give --model" if str(exc).startswith("model: ") else ""
         raise noted(exc, f" (the value in {where}{hint})") from None
     if code == 0 and paths and args.image is not None:
-        with open_quietly(args.image) as a, Image.open(paths[0]) as b:
-            if a.size != b.size:  # an A1111 hires-fix image, or one resized after it was made
-                print(f"pixels: differ (size {b.width}x{b.height}, the image's is {a.width}x{a.height})",
-                      file=sys.stderr)
-                return code
-            diff = np.abs(np.asarray(a.convert("RGB"), dtype=int) - np.asarray(b.convert("RGB"), dtype=int)).max()
-        change = metadata.prompt_change(record, _record(paths[0])) if diff else None
-        why = f": {change}" if change else ""
-        print("pixels: identical" if diff == 0 else f"pixels: differ (max difference {diff}/255){why}", file=sys.stderr)
+        print(_pixels_line(args.image, Path(paths[0]), record), file=sys.stderr)
     return code
+
+
+def _pixels_line(image: Path, made: Path, record: dict) -> str:
+    """How the image ``made`` by reproducing ``image`` (whose prompt record is ``record``) compares with it. A
+    service on another machine saved ``made`` where this one may not read it: not compared, said so."""
+    import numpy as np
+
+    from backend import metadata
+    from backend.input_images import UNREADABLE, open_quietly
+    from backend.safetext import first_line
+
+    try:
+        with open_quietly(image) as a, open_quietly(made) as b:
+            if a.size != b.size:  # an A1111 hires-fix image, or one resized after it was made
+                return f"pixels: differ (size {b.width}x{b.height}, the image's is {a.width}x{a.height})"
+            diff = np.abs(np.asarray(a.convert("RGB"), dtype=int) - np.asarray(b.convert("RGB"), dtype=int)).max()
+    except UNREADABLE as exc:
+        return f"pixels: not compared ({one_line(first_line(exc))})"
+    if diff == 0:
+        return "pixels: identical"
+    change = metadata.prompt_change(record, _record(made))
+    return f"pixels: differ (max difference {diff}/255)" + (f": {change}" if change else "")
 
 
 def _record(path: Path) -> dict:
