@@ -35,7 +35,8 @@ from backend.cluster_address import ADDRESS, check_address
 from backend.errors import DreamttyError
 from backend.pool import OnDied, OnEvent, Slot, StartFaults
 from backend.queue_store import QueueStore
-from backend.worker import RELEASE, JobRun, one_line, pipeline_cache, release, run_jobs, save_output
+from backend.safetext import first_line
+from backend.worker import RELEASE, JobRun, pipeline_cache, release, run_jobs, save_output
 
 NAMESPACE = "dreamtty"
 POLL = 1.0  # seconds an events call waits for an event: also how soon an idle actor's death is noticed
@@ -258,7 +259,7 @@ class RayPool:
         if not answer:
             return [], f"{self.field}: the Ray head at {self.head or self.address} does not answer"
         if isinstance(answer[0], Exception):
-            return [], f"{self.field}: cannot list the nodes of {self.head or self.address}: {one_line(answer[0])}"
+            return [], f"{self.field}: cannot list the nodes of {self.head or self.address}: {first_line(answer[0])}"
         return answer[0], None
 
     def _count(self, ray) -> int:
@@ -302,7 +303,7 @@ class RayPool:
             info = ray.get(actor.hello.remote())
             why = None
         except ray.exceptions.RayError as exc:
-            why = f"cannot start on the cluster: {one_line(exc)}"
+            why = f"cannot start on the cluster: {first_line(exc)}"
         else:  # the events and payloads they pass must be read alike: see backend.versions
             if info.get("build") != versions.build():
                 why = (f"{info.get('host')} runs other dreamtty code (build {info.get('build')}) than this service "
@@ -352,7 +353,7 @@ class RayPool:
     def _death(self, exc: Exception) -> tuple[str, bool]:
         """Why an actor was lost, and whether that counts as an attempt of its jobs: not when the head does not
         answer (a cluster outage, not a fault of the jobs: they wait queued for it)."""
-        why = f"worker actor died ({one_line(exc)})"
+        why = f"worker actor died ({first_line(exc)})"
         if self.head is None:
             return why, True
         try:
@@ -411,7 +412,7 @@ def _connect(ray, address: str, field: str) -> bool:
                 ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
         except Exception as exc:  # noqa: BLE001 - Ray raises several kinds: one line for each
             said.seek(0)
-            why = one_line(exc)
+            why = first_line(exc)
             if b"InvalidAuthToken" in said.read():
                 why = ("it refused this machine's token (give it the head's token in RAY_AUTH_TOKEN or "
                        "~/.ray/auth_token, and set RAY_AUTH_MODE=token: Ray sets it itself only for a cluster it finds)")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from backend import events as ev, service_log, versions
+from backend.safetext import first_line
 
 PREVIEW_INTERVAL = 0.25  # seconds: at most ~4 previews a second
 STEP_INTERVAL = 0.1  # seconds between step events (the last step is always sent)
@@ -206,11 +207,6 @@ def record_output(store, job_id: int, path: str, say: Callable[[str], None]) -> 
             time.sleep(RECORD_RETRY)
 
 
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 class JobGroup:
     """The jobs a worker runs together: one, or a group of alike jobs (``backend.job_groups``) whose images
     share batches. Each job ends on its own, once: cancelled as soon as its cancel is seen (its group-mates
@@ -275,7 +271,7 @@ def run_jobs(runs: list[JobRun]) -> None:
         group.end_all(ev.Failed, error=str(exc))
     except Exception as exc:  # a bug or an unexpected library error: one line to the user, details to the log
         log.error("jobs %s failed:\n%s", [run.job["job"] for run in runs], traceback.format_exc())
-        group.end_all(ev.Failed, error=f"{type(exc).__name__}: {one_line(exc)}")
+        group.end_all(ev.Failed, error=f"{type(exc).__name__}: {first_line(exc)}")
     else:
         group.end_all(ev.Done)  # the service adds the paths: those of earlier attempts too
 
