@@ -28,7 +28,7 @@ from backend.safetext import visible
 from backend.service_files import AlreadyRunning, QueueHeld, ServiceFiles, hold_queue, make_token, token_warnings
 from backend.versions import build
 
-WORKER_NICE = 10  # the service's workers yield the CPU to interactive programs (the TUI among them)
+WORKER_NICE = 10  # the service's workers yield the CPU to interactive programs: a TUI paints keys while a job runs
 START_TIMEOUT = 60.0  # seconds a detached service may take to answer on its socket
 IDLE_CHECK = 5.0  # seconds between checks of the idle limit
 LOG_CHECK = 10.0  # seconds between checks of the log's size

@@ -29,11 +29,12 @@ from textual.signal import Signal
 from textual.widgets import Button, Label
 
 from backend import config
-from backend.client import Client, LocalClient
+from backend.client import Client
 from backend.errors import DreamttyError, RequestError
 from backend.events import (FINAL_EVENTS, Event, Log, Queued, Retrying, ServiceLost, ServiceReady, Started, Step,
                             WorkerReady)
 from backend.safetext import error_line, visible
+from backend.serve import WORKER_NICE
 from tui import keymap
 from tui.latency import (GC_TICK, TYPING_QUIET, TYPING_RECENT, TYPING_REDRAW_INTERVAL, KeyGate, QuietGC,
                          key_gated_driver)
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 
 COLOR_SYSTEMS = {"truecolor": "truecolor", "256": "256"}
 STEP_REDRAW_INTERVAL = 0.25  # seconds: progress is redrawn at most ~4 times a second (once while typing)
-WORKER_NICE = 10  # workers yield the CPU to the UI, so keys are painted promptly while a job runs
 FIRST_FRAME_WAIT = 1.0  # seconds: what waits for the first frame starts by then whatever the screen
 GIL_SWITCH_INTERVAL = 0.001  # seconds (Python's default: 0.005) the event loop waits for a busy preview thread
 CONFIG_SHOWN = 3  # config problems a start-up notice lists at least; it counts the rest (the CLI prints them)
@@ -106,8 +106,7 @@ class ConfirmQuit(ModalScreen[bool]):
 
 
 class DreamttyApp(App):
-    """The TUI on ``client`` (a local or a remote service); without one, a local service on ``device``
-    (or with workers on the Ray cluster ``cluster``), started on mount."""
+    """The TUI on ``client``: a service in this process (``--local``) or the running ``dreamtty serve``."""
 
     CSS_PATH = "app.tcss"
     TITLE = "dreamtty"
@@ -121,8 +120,7 @@ class DreamttyApp(App):
                         tooltip="Hide this keys panel")]
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
 
-    def __init__(self, model: str | None = None, out: Path | None = None, device: str = "auto",
-                 client: Client | None = None, cluster: str | None = None) -> None:
+    def __init__(self, client: Client, model: str | None = None, out: Path | None = None) -> None:
         self.key_gate = KeyGate()  # before App.__init__, which asks get_driver_class() for the driver
         super().__init__()
         self.animation_level = "none"  # no smooth scrolling: less to send over SSH, and no lag
@@ -131,7 +129,7 @@ class DreamttyApp(App):
         self.model_given = model is not None
         self.default_preset = self.config.default_preset
         self.out_dir = out or self.config.outputs
-        self.client = client or _local_client(device, cluster)
+        self.client = client
         self.job_events: Signal[Event] = Signal(self, "job-events")
         self.active: dict[int, str] = {}  # job id -> queued | running (every client's jobs on the service)
         self.left_going = 0  # jobs queued or running as a TUI attached to the service quit: they go on there
@@ -423,13 +421,6 @@ class DreamttyApp(App):
                                         partial(self.run_action, binding.action, node))
 
 
-def _local_client(device: str, cluster: str | None) -> LocalClient:
-    """A service in this process (tests, ``--local``); imported here: ``dreamtty`` attaches to ``serve``."""
-    from backend.service import Service
-
-    return LocalClient(Service(devices=device, recover=True, nice=WORKER_NICE, cluster=cluster))
-
-
 def goes_on(count: int) -> str:
     """What a TUI attached to the service says as it quits with ``count`` jobs queued or running."""
     jobs = "1 job queued or running goes" if count == 1 else f"{count} jobs queued or running go"
@@ -459,7 +450,7 @@ def run_app(args, report: Callable[[list[str]], None], attach: bool = False) -> 
     use_color_system(args.color)
     client = connect(args.device, local=args.local, tui=True, start=not attach, cluster=args.cluster,
                      nice=WORKER_NICE)
-    app = DreamttyApp(model=args.model, out=args.out, device=args.device, client=client)
+    app = DreamttyApp(client, model=args.model, out=args.out)
     app.run()
     report(app.client.warnings)
     if app.left_going:
