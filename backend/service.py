@@ -94,7 +94,8 @@ def new_owner_id() -> str:
 
 
 class Service:
-    """Queue + workers. Use ``await start()``, ``submit()``, ``subscribe()``, ``await close()``.
+    """Queue + workers. Use ``await start()``, ``subscribe()``, ``await close()``; a job is checked by ``prepare`` (in a
+    thread: it reads files) and queued by ``enqueue_in_thread``, as the clients do, or both at once by ``submit``.
 
     ``recover``: adopt the jobs and training runs of services that died (the TUI and ``dreamtty
     serve`` do; a one-off ``dreamtty generate`` runs only its own). ``workers``: False for a service
