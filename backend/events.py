@@ -191,6 +191,13 @@ class Log(Event):
         return self.job is None and self.level == "error"
 
 
+def concerns(event: Event, job_id: int) -> bool:
+    """Whether a client following job ``job_id`` is shown ``event``: the job's own, or a service error for waiters."""
+    if isinstance(event, Log):
+        return event.tells_waiters()
+    return isinstance(event, JobEvent) and event.job == job_id
+
+
 # -- training runs as the service schedules them ------------------------------------------
 @_register("run")
 class RunState(Event):

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from backend import config
 from backend.errors import DreamttyError, RequestError, ServiceUnavailable
-from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, Fanout, ImageSaved, JobEvent,
-                            Log, ServiceLost, ServiceReady, TextOutput, loads)
+from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, Fanout, ImageSaved, ServiceLost,
+                            ServiceReady, TextOutput, concerns, loads)
 from backend.http_client import HTTPClient, Unreachable, WebSocket, authority
 from backend.queue_store import ACTIVE, MAX_ID, Job
 from backend.safetext import one_line
@@ -459,9 +459,7 @@ class RemoteClient:
 def _tells(event: Event | None, job_id: int, seen: set[str]) -> bool:
     """Whether a waiter of ``job_id`` is shown ``event``: the job's own (a result once), or a log line for waiters;
     a result is added to ``seen``."""
-    if isinstance(event, Log):
-        return event.tells_waiters()
-    if not isinstance(event, JobEvent) or event.job != job_id:
+    if event is None or not concerns(event, job_id):
         return False
     if isinstance(event, (ImageSaved, TextOutput)):
         if _result_key(event) in seen:

@@ -34,7 +34,7 @@ from backend import companions, config, jobkinds, locations
 from backend.devices import check_cluster_devices, check_devices
 from backend.errors import DreamttyError, ModelError, RequestError, ServiceUnavailable
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, JobEvent, Log, Note, Queued,
-                            Retrying, Started, TextOutput, WorkerModels, WorkerReady, WorkerReleased)
+                            Retrying, Started, TextOutput, WorkerModels, WorkerReady, WorkerReleased, concerns)
 from backend.extras_check import check_extras
 from backend.guidance_settings import check_clip_skip
 from backend.job_groups import GROUP_SCAN, group_of
@@ -437,10 +437,7 @@ class Service:
         try:
             while True:
                 event = await q.get()
-                if isinstance(event, Log) and event.tells_waiters():
-                    yield event
-                    continue
-                if not isinstance(event, JobEvent) or event.job != job_id:
+                if not concerns(event, job_id):
                     continue
                 yield event
                 if isinstance(event, FINAL_EVENTS):
