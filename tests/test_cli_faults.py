@@ -889,3 +889,18 @@ async def test_the_service_log_line_of_an_event_sets_its_detail_apart():
     logging.cancel()
     assert said == ["dreamtty: job 3 queued", "dreamtty: job 3 retrying: worker actor died",
                     "dreamtty: worker 0 ready: cpu"]
+
+
+def test_a_newline_in_an_argument_forges_no_error_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["samplers", "b\nsecond line: dreamtty: fake"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("dreamtty: error: unrecognized arguments: "
+                                       "b\\nsecond line: dreamtty: fake\n")
+
+
+def test_the_plain_http_warning_is_one_line(capsys):
+    from tui.cli_output import warn_plain_http
+
+    warn_plain_http("0.0.0.0\n", "0.0.0.0\n:80")
+    assert capsys.readouterr().err.startswith("dreamtty: serving plain HTTP on 0.0.0.0\\n:80, the token in clear;")

@@ -1,6 +1,6 @@
 """What every ``dreamtty`` command prints: one-line errors and warnings, a progress line, parsers
-that report bad usage in one line. Text from users, files and images goes through
-``backend.safetext.visible`` (control characters written out)."""
+that report bad usage in one line. Text from users, files and images goes through ``backend.safetext``
+(control characters written out; an error or a warning on one line)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backend.events import Event, Step
-from backend.safetext import error_line, visible
+from backend.safetext import error_line
 
 
 class Parser(argparse.ArgumentParser):
@@ -34,7 +34,7 @@ class Parser(argparse.ArgumentParser):
         return super()._parse_optional(arg_string)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {visible(message)}\n")
+        self.exit(2, f"{self.prog}: error: {error_line(message)}\n")
 
 
 def integer(text: str) -> int:
@@ -130,5 +130,5 @@ def warn_plain_http(host: str, listen: str) -> None:
     from backend.serve import is_loopback
 
     if not is_loopback(host):
-        print(visible(f"dreamtty: serving plain HTTP on {listen}, the token in clear; put TLS in front of it (an SSH "
-                      "tunnel or a reverse proxy)"), file=sys.stderr)
+        print(error_line(f"dreamtty: serving plain HTTP on {listen}, the token in clear; put TLS in front of it "
+                         "(an SSH tunnel or a reverse proxy)"), file=sys.stderr)
