@@ -100,8 +100,7 @@ def from_fooocus(data: dict) -> tuple[GenerateRequest, list[str]]:
               and not k.startswith("lora_combined_") and v not in ("", "None", None)}
     if "resolution" in data:
         fields["Size"] = "x".join(re.findall(r"\d+", str(data["resolution"])))
-    loras = [str(v) for k, v in sorted(data.items()) if k.startswith("lora_combined_")]
-    loras = loras or [f"{x[0]} : {x[1]}" for x in data.get("loras") or [] if isinstance(x, list) and len(x) >= 2]
+    loras, unread = _fooocus_loras(data)
     if loras:
         fields["Lora weights"] = ", ".join(s.replace(" : ", ": ") for s in loras)
     prompt, negative = (_texts(data.get(k)) for k in ("full_prompt", "full_negative_prompt"))
@@ -111,9 +110,32 @@ def from_fooocus(data: dict) -> tuple[GenerateRequest, list[str]]:
             fields["Styles (not applied)"] = str(data["styles"])
     if negative is None:
         negative = _texts(data.get("negative_prompt")) or ""
+    unread += [f"{key}: {_short(_json(data[key]))} (not a text or a list of texts)" for key in _FOOOCUS_TEXTS
+               if data.get(key) is not None and _texts(data[key]) is None]
     fields = {k: str(v) for k, v in fields.items()}
     version = fields.get("Version", "Fooocus")
-    return _Reader("Fooocus", version, {"prompt": prompt, "negative_prompt": negative}).read(fields)
+    reader = _Reader("Fooocus", version, {"prompt": prompt, "negative_prompt": negative}, unmapped=unread)
+    return reader.read(fields)
+
+
+_FOOOCUS_TEXTS = ("prompt", "negative_prompt", "full_prompt", "full_negative_prompt")
+
+
+def _fooocus_loras(data: dict) -> tuple[list[str], list[str]]:
+    """Fooocus's LoRAs as "name : weight" texts (its ``lora_combined_N`` fields, else its ``loras`` list of
+    [name, weight] pairs), and a note for what of them is not such a pair (any JSON may be pasted)."""
+    combined = [str(v) for k, v in sorted(data.items()) if k.startswith("lora_combined_")]
+    listed = data.get("loras")
+    if combined or listed in (None, "", "None"):
+        return combined, []
+    pairs = listed if isinstance(listed, list) else [listed]
+    good = [f"{x[0]} : {x[1]}" for x in pairs if isinstance(x, list) and len(x) >= 2]
+    return good, [f"loras: {_short(_json(x))} (not a [name, weight] pair)" for x in pairs
+                  if not (isinstance(x, list) and len(x) >= 2)]
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 @dataclass

@@ -307,6 +307,20 @@ def test_fooocus_json_becomes_the_closest_request():
                            "Refiner Swap Method: joint")
 
 
+@pytest.mark.parametrize("fields, prompt, kept, unread", [
+    ({"loras": 5}, "a fox", [], "loras: 5 (not a [name, weight] pair)"),  # was a TypeError: the TUI quit on F7
+    ({"loras": True}, "a fox", [], "loras: true (not a [name, weight] pair)"),
+    ({"loras": "[bold]x"}, "a fox", [], 'loras: "[bold]x" (not a [name, weight] pair)'),
+    ({"loras": [["a", 0.5], {"b": 1}]}, "a fox", [("a", 0.5)], 'loras: {"b": 1} (not a [name, weight] pair)'),
+    ({"prompt": {"text": "a fox"}}, "", [], 'prompt: {"text": "a fox"} (not a text or a list of texts)'),
+])
+def test_fooocus_json_of_other_shapes_is_read_with_what_was_left_out_said(fields, prompt, kept, unread):
+    """Any JSON may be pasted or saved in a PNG: what is not Fooocus's shape is named, not a traceback."""
+    request, warnings = foreign_metadata.from_text(json.dumps({"prompt": "a fox", "base_model": "demo", **fields}))
+    assert (request.prompt, request.loras) == (prompt, kept)
+    assert unread in warnings[-1] and warnings[-1].startswith("not carried over: ")
+
+
 def test_a_random_seed_is_drawn_and_a_bad_recorded_value_is_said_to_be_recorded(tmp_path, capsys):
     """Fooocus's seed -1 became 4294967295; A1111's Steps: -5 stopped reproduce without a word of where it came
     from (dreamtty's own metadata errors say so)."""
