@@ -904,3 +904,29 @@ def test_the_plain_http_warning_is_one_line(capsys):
 
     warn_plain_http("0.0.0.0\n", "0.0.0.0\n:80")
     assert capsys.readouterr().err.startswith("dreamtty: serving plain HTTP on 0.0.0.0\\n:80, the token in clear;")
+
+
+def test_the_train_hints_are_one_line_and_their_commands_shell_quoted(tmp_path, monkeypatch, capsys):
+    from backend.run_schedule import TRAINING, ScheduledRun
+    from backend.training import runs
+    from tui import cli_train
+
+    run_dir = tmp_path / "r [b]\nx"
+    run = ScheduledRun(id=1, path=str(run_dir), devices=["cpu"], launcher=None, state=TRAINING, pid=7, owner="s",
+                       created=0.0, updated=0.0)
+
+    async def schedule(args, request):
+        return run
+
+    monkeypatch.setattr(cli_train, "request_from_args", lambda args: None)
+    monkeypatch.setattr(cli_train, "_schedule", schedule)
+    assert main(["train", "--output", str(run_dir), "--detach"]) == 0
+    quoted = f"'{tmp_path}/r [b]\\nx"
+    assert capsys.readouterr().err == (
+        f"dreamtty: training in the background (pid 7); follow it in the TUI (F3) or {tmp_path}/r [b]\\nx/"
+        f"{runs.EVENTS}; stop it there (ctrl+t) or with: touch {quoted}/{runs.STOP_FILE}'\n")
+    run_dir.mkdir()
+    runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": "stopped", "step": 3, "settings": {}})
+    assert cli_train.follow(run_dir, cli_train.Trainer(None)) == 1
+    assert capsys.readouterr().err == (f"dreamtty: stopped at step 3; continue with dreamtty train --output {quoted}' "
+                                       "--resume latest\n")

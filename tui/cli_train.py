@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 from backend.errors import DreamttyError, RequestError
 from backend.events import RunState, TrainStep
 from backend.families import MODEL_NAMES
-from backend.safetext import one_line, visible
+from backend.safetext import error_line, one_line
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
 from tui.cli_output import file_path, given, print_warnings, say_started
@@ -138,8 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.detach:
         where = (f"training in the background (pid {run.pid})" if run.state == TRAINING
                  else f"queued: it starts when {_devices(run)} {'is' if len(run.devices) == 1 else 'are'} free")
-        print(visible(f"dreamtty: {where}; follow it in the TUI (F3) or {run_dir / runs.EVENTS}; stop it there "
-                      f"(ctrl+t) or with: touch {run_dir / runs.STOP_FILE}"), file=sys.stderr)
+        _say(f"dreamtty: {where}; follow it in the TUI (F3) or {run_dir / runs.EVENTS}; stop it there (ctrl+t) or "
+             f"with: touch {shlex.quote(str(run_dir / runs.STOP_FILE))}")
         print(one_line(run_dir))
         return 0
     return follow(run_dir, Trainer(run.pid if run.state == TRAINING else None))
@@ -167,7 +168,7 @@ async def _schedule(args: argparse.Namespace, request: TrainRequest) -> Schedule
         if run is not None and not settled:
             try:
                 if await client.stop_run(run.id):
-                    print(visible(f"dreamtty: took {run.path} off the queue before it started"), file=sys.stderr)
+                    _say(f"dreamtty: took {run.path} off the queue before it started")
             except DreamttyError:
                 pass  # the service is gone: the run waits for the next one
         await client.close()
@@ -183,8 +184,7 @@ async def _until_it_trains(client, run: ScheduledRun, events: asyncio.Queue) -> 
         if run.waiting_for != said:
             said = run.waiting_for
             why = said or f"{_devices(run)} to be free"
-            print(visible(f"dreamtty: waiting for {why}; the run starts when it is free (Ctrl-C takes it off the "
-                          "queue)"), file=sys.stderr)
+            _say(f"dreamtty: waiting for {why}; the run starts when it is free (Ctrl-C takes it off the queue)")
         try:
             while not isinstance(event := await asyncio.wait_for(events.get(), RECHECK), RunState) or event.run != run.id:
                 pass
@@ -194,6 +194,11 @@ async def _until_it_trains(client, run: ScheduledRun, events: asyncio.Queue) -> 
     if run.state == TRAINING:
         print(f"dreamtty: training on {_devices(run)} (pid {run.pid})", file=sys.stderr)
     return run
+
+
+def _say(text: str) -> None:
+    """``text`` on stderr as one line: a run folder's path in it may hold a newline."""
+    print(one_line(text), file=sys.stderr)
 
 
 def _devices(run: ScheduledRun) -> str:
@@ -245,9 +250,10 @@ def follow(run_dir: Path, proc) -> int:
         print(one_line(output.get("path", run_dir)))
         return 0
     if state == "stopped":
-        print(visible(f"dreamtty: stopped at step {data.get('step', progress.step)}; continue with "
-                      f"dreamtty train --output {run_dir} --resume latest"), file=sys.stderr)
+        _say(f"dreamtty: stopped at step {data.get('step', progress.step)}; continue with "
+             f"dreamtty train --output {shlex.quote(str(run_dir))} --resume latest")
         return 1
     if error is None or error != progress.error:  # the trainer's own error was printed as it came
-        print(visible(f"dreamtty: training failed: {error or 'see ' + str(run_dir / runs.LOG_FILE)}"), file=sys.stderr)
+        print(f"dreamtty: training failed: {error_line(error or 'see ' + str(run_dir / runs.LOG_FILE))}",
+              file=sys.stderr)
     return 2 if data.get("error_kind") == "input" else 1
