@@ -90,6 +90,13 @@ def _ascii_text(name: str, value: object) -> None:
         raise RequestError(name, f"{shown(value)} is not a number (write it in ASCII digits)")
 
 
+def _float(value: object) -> float:
+    """``float()``, refusing the ``_`` of Python's digit grouping: "1_0" (10 to ``float()``) is a slip, not a number."""
+    if isinstance(value, str) and "_" in value:
+        raise ValueError(value)
+    return float(value)  # type: ignore[arg-type]
+
+
 def to_int(name: str, value: object) -> int:
     """An int, or a float or text holding a whole number (ASCII digits)."""
     if is_whole(value):
@@ -101,7 +108,7 @@ def to_int(name: str, value: object) -> int:
     if whole:
         return int(value)  # exact, where a float would round a large number
     try:
-        number = float(value) if isinstance(value, (float, str)) else math.nan
+        number = _float(value) if isinstance(value, (float, str)) else math.nan
     except ValueError:
         number = math.nan
     if not number.is_integer():  # also False for nan and inf
@@ -116,7 +123,7 @@ def to_float(name: str, value: object, allowed: str = "") -> float:
     try:
         if isinstance(value, bool):
             raise TypeError
-        out = float(value)  # type: ignore[arg-type]
+        out = _float(value)
     except OverflowError:  # an int beyond float's range
         out = math.inf
     except (TypeError, ValueError):

@@ -119,3 +119,12 @@ def test_nul_is_refused_in_names_and_paths_but_not_in_prompts(kind):
         with pytest.raises(RequestError) as info:
             kind.request({name: "/a\0b"})
         assert str(info.value) == f"{name}: holds a NUL character (at character 3); no path or name may hold one"
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"steps": "1_0"}, "steps: '1_0' is not a whole number"),  # int() and float() read it as 10
+    ({"cfg": "7_5"}, "cfg: '7_5' is not a number; allowed 0..30 (1 = no guidance)"),
+    ({"refiner_switch": "0_5"}, "refiner_switch: '0_5' is not a number"),
+])
+def test_digit_grouping_underscores_are_not_a_number(kw, message):
+    assert str(_err(**kw)) == message
