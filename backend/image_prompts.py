@@ -73,9 +73,9 @@ class ImagePrompt:
         return f"{index + 1} ({self.type})"
 
 
-def parse(text: str) -> ImagePrompt:
-    """``IMAGE[:TYPE[:WEIGHT[:STOP]]]``; a path may itself hold ``:`` (the type is the first of the last
-    three ``:`` fields that names one). RequestError naming the field otherwise."""
+def parse(text: str, index: int = 0) -> ImagePrompt:
+    """``IMAGE[:TYPE[:WEIGHT[:STOP]]]``, reference ``index`` of the field; a path may itself hold ``:`` (the type
+    is the first of the last three ``:`` fields that names one). RequestError naming the field otherwise."""
     if not isinstance(text, str) or not text.strip():
         raise RequestError(FIELD, "is empty; give IMAGE[:TYPE[:WEIGHT[:STOP]]]")
     if _URL.match(text.strip()):
@@ -83,8 +83,11 @@ def parse(text: str) -> ImagePrompt:
     parts = text.strip().split(":")
     for at in range(max(1, len(parts) - 3), len(parts)):
         if parts[at].strip().lower() in TYPES:
-            numbers = [_number(p, text) if p.strip() else None for p in parts[at + 1:]]  # empty: the type's default
-            return ImagePrompt(":".join(parts[:at]), parts[at].strip().lower(), *numbers)
+            prompt = ImagePrompt(":".join(parts[:at]), parts[at].strip().lower())
+            which = f"{prompt.label(index)}: "
+            numbers = {name: _setting(name, part.strip(), which)
+                       for name, part in zip(("weight", "stop"), parts[at + 1:]) if part.strip()}  # empty: the default
+            return replace(prompt, **numbers)
     tail = parts[-1].strip()
     exists = os.path.exists(os.path.expanduser(text.strip()))  # False for a name too long, where Path raises
     extra = next((at for at in range(1, len(parts) - 3) if parts[at].strip().lower() in TYPES), None)
@@ -101,19 +104,12 @@ def parse(text: str) -> ImagePrompt:
 
 
 def _is_number(part: str) -> bool:
-    """Whether ``part`` reads as a weight or a stop does (:func:`_number`)."""
+    """Whether ``part`` reads as a number, as a weight or a stop must (:func:`_setting`)."""
     try:
         to_float(FIELD, part.strip())
     except RequestError:
         return False
     return True
-
-
-def _number(part: str, text: str) -> float:
-    try:
-        return to_float(FIELD, part.strip())
-    except RequestError:
-        raise RequestError(FIELD, f"{text!r}: {part!r} is not a number (IMAGE[:TYPE[:WEIGHT[:STOP]]])") from None
 
 
 _KEYS = ("path", "type", "weight", "stop", "hash")
@@ -134,7 +130,7 @@ def _one(item: object, index: int) -> ImagePrompt:
     if isinstance(item, ImagePrompt):
         return item
     if isinstance(item, str):
-        return parse(item)
+        return parse(item, index)
     if not isinstance(item, dict):
         raise RequestError(FIELD, f"{item!r} is not IMAGE[:TYPE[:WEIGHT[:STOP]]] or a mapping")
     unknown = sorted(set(item) - set(_KEYS), key=str)

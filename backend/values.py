@@ -83,11 +83,11 @@ def optional(shape: Shape) -> Callable[[object], bool]:
     return lambda value: value is None or shape_fault(value, shape) is None
 
 
-def _ascii_text(name: str, value: object) -> None:
+def _ascii_text(name: str, value: object, said: str = "") -> None:
     """RequestError unless a text ``value`` is ASCII: ``int()`` and ``float()`` read "٣" (another script's digit)
-    as 3, where every option of the CLI refuses it."""
+    as 3, where every option of the CLI refuses it. ``said`` ends the message (what is allowed)."""
     if isinstance(value, str) and not value.isascii():
-        raise RequestError(name, f"{shown(value)} is not a number (write it in ASCII digits)")
+        raise RequestError(name, f"{shown(value)} is not a number (write it in ASCII digits){said}")
 
 
 def _float(value: object) -> float:
@@ -119,7 +119,7 @@ def to_int(name: str, value: object) -> int:
 def to_float(name: str, value: object, allowed: str = "") -> float:
     """A finite float from a number or text (ASCII digits); the error says ``allowed`` (a range) when given."""
     said = f"; allowed {allowed}" if allowed else ""
-    _ascii_text(name, value)
+    _ascii_text(name, value, said)
     try:
         if isinstance(value, bool):
             raise TypeError

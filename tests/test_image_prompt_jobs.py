@@ -199,7 +199,7 @@ def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
                                          "'image'; give at most WEIGHT and STOP"),  # "unknown type '9'"
         (["https://example.com/a.png"], "image_prompt: 'https://example.com/a.png' is an address; give an image "
                                         "file's path (nothing is downloaded)"),  # "…/https:/example.com/a.png"
-        ([f"{reference}:face:lots"], "'lots' is not a number (IMAGE[:TYPE[:WEIGHT[:STOP]]])"),
+        ([f"{reference}:face:lots"], "image_prompt: 1 (face): weight 'lots' is not a number; allowed 0..2"),
         ([f"{reference}::0.5"], "image_prompt: '" + f"{reference}::0.5': the type is empty; give one of image, "
                                 "face, canny, depth, structure (IMAGE[:TYPE[:WEIGHT[:STOP]]])"),  # not "is missing"
         ([str(reference), f"{tmp_path}/gone.png:face"], f"image_prompt: 2 (face): {tmp_path}/gone.png is missing"),
@@ -222,6 +222,22 @@ def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
     _refused(service, {"image": str(reference), "mode": "poem"}, tmp_path,
              "mode: unknown 'poem'; allowed: photo, anime", DescribeRequest)
     _refused(service, {"image": str(tmp_path / "gone.png")}, tmp_path, "image: ", DescribeRequest)
+
+
+@pytest.mark.parametrize("number,why", [("nan", "is not a finite number"), ("inf", "is not a finite number"),
+                                        ("abc", "is not a number"), ("0x1", "is not a number"),
+                                        ("1_0", "is not a number"),  # not 10
+                                        ("\u0663", "is not a number (write it in ASCII digits)")])
+def test_a_text_reference_s_weight_and_stop_are_checked_as_a_mapping_s(service, tmp_path, reference, number, why):
+    """IMAGE:TYPE:WEIGHT:STOP numbers the reference and names the setting and its range, as a mapping's error does
+    (it said "'ref.png:canny:nan': 'nan' is not a number")."""
+    shown = repr(number)
+    _refused(service, {"image_prompts": [str(reference), f"{reference}:canny:{number}"]}, tmp_path,
+             f"image_prompt: 2 (canny): weight {shown} {why}; allowed 0..2")
+    _refused(service, {"image_prompts": [f"{reference}:face: 1 :{number}"]}, tmp_path,
+             f"image_prompt: 1 (face): stop {shown} {why}; allowed 0..1")
+    _refused(service, {"image_prompts": [{"path": str(reference), "weight": number}]}, tmp_path,
+             f"image_prompt: 1: weight {shown} {why}; allowed 0..2")
 
 
 def test_a_reference_left_out_of_a_text_to_image_job_says_to_raise_the_steps():
