@@ -130,6 +130,13 @@ def test_a_damaged_lora_and_an_embedding_of_another_width_say_why_in_a_line(pipe
         apply_extras(pipe, GenerateRequest(model="demo", loras=[("ink", 1.0)]).resolved("demo"))
     assert str(err.value).startswith("lora: cannot load ink: it has no tensor ") and "'" not in str(err.value)[:40]
     assert str(err.value).endswith("lora_up.weight (a damaged file, or one made for another tool)")
+    # Keys no layer of the model has: diffusers loaded nothing and said so in a warning; set_adapters then failed
+    # with "Adapter name(s) {...} not in the list of present adapters".
+    save_file({f"\x1b[2J{down}": torch.zeros(4, 32), f"\x1b[2J{down.replace('down', 'up')}": torch.zeros(32, 4)},
+              str(tmp_path / "loras" / "keys.safetensors"))
+    with pytest.raises(ModelError, match=r"^lora: cannot load keys: none of its weights names a layer of this model"):
+        apply_extras(pipe, GenerateRequest(model="demo", loras=[("keys", 1.0)]).resolved("demo"))
+    assert not any(pipe.get_list_adapters().values())
     with pytest.raises(ModelError, match=r"^embedding: cannot load wide: its vectors are 768 wide, and this model's "
                                          r"text encoder takes 32 \(an embedding for another model family\)$"):
         apply_extras(pipe, GenerateRequest(model="demo", prompt="a wide cat").resolved("demo"))

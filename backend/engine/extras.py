@@ -62,6 +62,9 @@ def _apply_loras(pipe, loras: list[tuple[str, float]], cfg) -> list[dict]:
                 pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
             except Exception as exc:
                 raise ModelError(f"lora: cannot load {name}: {_load_fault(exc)}") from None
+            if not any(adapter in names for names in pipe.get_list_adapters().values()):  # diffusers only warns
+                raise ModelError(f"lora: cannot load {name}: none of its weights names a layer of this model (keys "
+                                 "of another tool's format, or a LoRA for another kind of model)")
             loaded[adapter] = entry.path
         wanted.append((adapter, weight))
         records.append({"name": entry.name, "weight": weight, "hash": digest, "a1111_hash": library.lora_hash(entry.path)})
