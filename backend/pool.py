@@ -25,7 +25,7 @@ from backend.devices import parse_devices
 from backend.events import Event, EventError, Log, WorkerReady, loads
 from backend.processes import exit_text
 from backend.request import MAX_COUNT
-from backend.worker import RELEASE
+from backend.worker import MODELS_KEPT, RELEASE
 
 _CTX = mp.get_context("spawn")
 JOIN_PATIENCE = 5.0  # seconds a worker has to exit when the pool closes, then after SIGTERM
@@ -33,7 +33,6 @@ EARLY_DEATHS_SAID = 2  # a worker that dies this many times in a row before it i
 RESPAWN_BACKOFF = (1.0, 60.0)  # seconds: first and longest wait before restarting a worker that dies before ready
 
 
-MODELS_KEPT = 2  # pipelines a worker keeps loaded: backend.engine.loader.PipelineCache's capacity
 
 
 @dataclass

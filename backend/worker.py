@@ -1,8 +1,9 @@
 """Worker process: keeps pipelines loaded and runs jobs of every kind, streaming events.
 
-Started by :class:`backend.pool.ProcessPool` with the multiprocessing *spawn* context. Torch is
-imported here, never in the service's process. Each saved image is recorded in the queue at once,
-so a job that starts again (after a crash of the service or of this worker) resumes after it.
+Started by :class:`backend.pool.ProcessPool` with the multiprocessing *spawn* context; the same functions are the
+body of a Ray actor (:mod:`backend.ray_pool`). Torch is imported here, never in the service's process. Each saved
+image is recorded in the queue at once, so a job that starts again (after a crash of the service or of this worker)
+resumes after it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ PREVIEW_INTERVAL = 0.25  # seconds: at most ~4 previews a second
 STEP_INTERVAL = 0.1  # seconds between step events (the last step is always sent)
 PARENT_CHECK = 1.0  # seconds an idle worker waits before checking that its service still lives
 RELEASE = "release"  # on a worker's job queue: free every pipeline (a training run takes the device)
+MODELS_KEPT = 2  # pipelines a worker keeps loaded (the least recently used goes)
 RECORD_PATIENCE = 600.0  # seconds a saved image waits for the queue file to take its record; then its job fails
 RECORD_RETRY = 2.0  # seconds between tries
 
@@ -116,7 +118,7 @@ def pipeline_cache(device: str):
     cuda = torch.cuda.is_available()
     if device == "auto":
         device = "cuda:0" if cuda else "cpu"
-    return PipelineCache(torch.device(device)), torch.cuda.device_count() if cuda else 0
+    return PipelineCache(torch.device(device), MODELS_KEPT), torch.cuda.device_count() if cuda else 0
 
 
 def free_pipelines(cache) -> int:
