@@ -74,22 +74,25 @@ class ImagePrompt:
 
 
 def parse(text: str, index: int = 0) -> ImagePrompt:
-    """``IMAGE[:TYPE[:WEIGHT[:STOP]]]``, reference ``index`` of the field; a path may itself hold ``:`` (the type
-    is the first of the last three ``:`` fields that names one). RequestError naming the field otherwise."""
+    """``IMAGE[:TYPE[:WEIGHT[:STOP]]]``, reference ``index`` of the field. A path may itself hold ``:``: of the
+    readings (the whole text a path, or a type in one of the last three ``:`` fields), the one whose file exists is
+    taken, the longest path first; with none, the type is the first of those fields that names one. RequestError
+    naming the field otherwise."""
     if not isinstance(text, str) or not text.strip():
         raise RequestError(FIELD, "is empty; give IMAGE[:TYPE[:WEIGHT[:STOP]]]")
     if _URL.match(text.strip()):
         raise RequestError(FIELD, f"{text!r} is an address; give an image file's path (nothing is downloaded)")
     parts = text.strip().split(":")
-    for at in range(max(1, len(parts) - 3), len(parts)):
-        if parts[at].strip().lower() in TYPES:
-            prompt = ImagePrompt(":".join(parts[:at]), parts[at].strip().lower())
-            which = f"{prompt.label(index)}: "
-            numbers = {name: _setting(name, part.strip(), which)
-                       for name, part in zip(("weight", "stop"), parts[at + 1:]) if part.strip()}  # empty: the default
-            return replace(prompt, **numbers)
+    exists = _exists(text.strip())
+    typed = [at for at in range(max(1, len(parts) - 3), len(parts)) if parts[at].strip().lower() in TYPES]
+    if typed and not exists:
+        at = next((at for at in reversed(typed) if _exists(":".join(parts[:at]))), typed[0])
+        prompt = ImagePrompt(":".join(parts[:at]), parts[at].strip().lower())
+        which = f"{prompt.label(index)}: "
+        numbers = {name: _setting(name, part.strip(), which)
+                   for name, part in zip(("weight", "stop"), parts[at + 1:]) if part.strip()}  # empty: the default
+        return replace(prompt, **numbers)
     tail = parts[-1].strip()
-    exists = os.path.exists(os.path.expanduser(text.strip()))  # False for a name too long, where Path raises
     extra = next((at for at in range(1, len(parts) - 3) if parts[at].strip().lower() in TYPES), None)
     if extra is not None and not exists:
         raise RequestError(FIELD, f"{text!r}: {len(parts) - extra - 1} fields after the type {parts[extra].strip()!r}; "
@@ -101,6 +104,11 @@ def parse(text: str, index: int = 0) -> ImagePrompt:
         raise RequestError(FIELD, f"{text!r}: the type is empty; give one of {', '.join(TYPES)} "
                                   "(IMAGE[:TYPE[:WEIGHT[:STOP]]])")
     return ImagePrompt(text.strip())
+
+
+def _exists(path: str) -> bool:
+    """Whether ``path`` (``~`` expanded) exists; False for a name too long, where Path raises."""
+    return os.path.exists(os.path.expanduser(path))
 
 
 def _is_number(part: str) -> bool:

@@ -240,6 +240,27 @@ def test_a_text_reference_s_weight_and_stop_are_checked_as_a_mapping_s(service, 
              f"image_prompt: 1: weight {shown} {why}; allowed 0..2")
 
 
+def test_a_path_holding_a_type_s_name_is_read_as_the_file_that_exists(tmp_path, reference):
+    """A file named ``lit:canny`` can be given (it was the file ``lit`` as a canny reference: "lit is missing"),
+    alone or with a type; where no reading names a file, the type is read as before."""
+    literal = tmp_path / "lit:canny"
+    literal.write_bytes(reference.read_bytes())
+    (tmp_path / "lit").write_bytes(reference.read_bytes())  # the shorter reading's file exists too
+
+    def read(text: str) -> ImagePrompt:
+        return convert_image_prompts("image_prompts", [text])[0]
+
+    assert read(str(literal)) == ImagePrompt(str(literal))
+    assert read(f"{literal}:face") == ImagePrompt(str(literal), "face")  # it said "'face' is not a number"
+    assert read(f"{literal}:face::0.5") == ImagePrompt(str(literal), "face", stop=0.5)
+    assert read(f"{tmp_path}/lit:depth:1") == ImagePrompt(f"{tmp_path}/lit", "depth", 1.0)
+    assert read(f"{tmp_path}/gone:canny") == ImagePrompt(f"{tmp_path}/gone", "canny")  # none exists: as before
+    with pytest.raises(RequestError, match="^image_prompt: 1 \\(canny\\): weight 'face' is not a number"):
+        read(f"{tmp_path}/gone:canny:face")
+    [resolved] = GenerateRequest.from_dict({"image_prompts": [f"{literal}:canny"]}).resolved("sd1").image_prompts
+    assert (resolved.path, resolved.type, len(resolved.hash)) == (str(literal), "canny", 12)
+
+
 def test_a_reference_left_out_of_a_text_to_image_job_says_to_raise_the_steps():
     from backend.engine.image_prompt import _running
 
