@@ -140,7 +140,7 @@ def _one(item: object, index: int) -> ImagePrompt:
     if isinstance(item, str):
         return parse(item, index)
     if not isinstance(item, dict):
-        raise RequestError(FIELD, f"{item!r} is not IMAGE[:TYPE[:WEIGHT[:STOP]]] or a mapping")
+        raise RequestError(FIELD, f"{index + 1}: {shown(item)} is not IMAGE[:TYPE[:WEIGHT[:STOP]]] or a mapping")
     unknown = sorted(set(item) - set(_KEYS), key=str)
     if unknown:
         raise RequestError(FIELD, f"unknown key {unknown[0]!r}; allowed: {', '.join(_KEYS)}")

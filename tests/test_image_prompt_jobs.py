@@ -211,6 +211,8 @@ def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
         ([str(tmp_path / "notes.png")], "is not an image PIL can read"),
         ([str(tmp_path)], "is a folder; give an image file"),
         ("photo.png", "image_prompt: 'photo.png' is not allowed; give a list"),
+        ([str(reference), None], "image_prompt: 2: null is not IMAGE[:TYPE[:WEIGHT[:STOP]]] or a mapping"),  # "None"
+        ([True], "image_prompt: 1: true is not IMAGE[:TYPE[:WEIGHT[:STOP]]] or a mapping"),
         ([{"path": str(reference), "colour": 1}], "image_prompt: unknown key 'colour'"),
     ]
     for prompts, message in cases:
