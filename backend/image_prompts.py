@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, replace
 
 from backend.errors import RequestError
-from backend.input_images import read_image
+from backend.input_images import InputImage, read_image
 from backend.values import absolute, kind_of, shown, to_float
 
 FIELD = "image_prompt"  # the request's errors name the CLI flag's field
@@ -200,10 +200,16 @@ def resolve_image_prompts(prompts: list[ImagePrompt]) -> list[ImagePrompt]:
         which = f"{prompt.label(i)}: "
         weight = kind.weight if prompt.weight is None else setting_value("weight", prompt.weight, which)
         stop = kind.stop if prompt.stop is None else setting_value("stop", prompt.stop, which)
-        try:
-            source = read_image(prompt.path, FIELD, prompt.hash)
-        except RequestError as exc:  # which of several references
-            raise RequestError(FIELD, f"{prompt.label(i)}: {exc.message}") from None
+        source = read_reference(prompt, i)
         out.append(replace(prompt, path=absolute(prompt.path), weight=weight, stop=stop,
                            hash=source.hash))
     return out
+
+
+def read_reference(prompt: ImagePrompt, index: int) -> InputImage:
+    """Reference ``index``'s image, read as an input image (its recorded hash checked); RequestError naming which
+    reference (``2 (face): ...``) otherwise."""
+    try:
+        return read_image(prompt.path, FIELD, prompt.hash)
+    except RequestError as exc:
+        raise RequestError(FIELD, f"{prompt.label(index)}: {exc.message}") from None

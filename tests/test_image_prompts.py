@@ -192,3 +192,17 @@ def test_fit_covers_then_centre_crops():
     fitted = np.asarray(fit(image, 64, 64))
     assert fitted.shape == (64, 64, 3)
     assert fitted[:, :4].max() > 200  # the left quarter is cropped away: 100x100 from the middle
+
+
+# -- in the worker ---------------------------------------------------------------------------------------------
+def test_a_reference_changed_after_the_job_was_queued_is_named_by_its_number(pipes, reference, tmp_path):
+    """The worker's check of the recorded hash names the reference as the submission's did (it named the file
+    alone)."""
+    from backend.engine.image_prompt import apply_image_prompts
+    from backend.errors import RequestError
+
+    request = GenerateRequest.from_dict({"prompt": "a fox", "model": "demo", "image_prompts": [
+        f"{reference}:image:0", f"{reference}:depth"]}).resolved("demo")  # the first is off: the second is 2 still
+    shapes_picture().transpose(Image.Transpose.ROTATE_180).save(reference)
+    with pytest.raises(RequestError, match=rf"^image_prompt: 2 \(depth\): {reference} changed since the job was made"):
+        apply_image_prompts(pipes["demo"], request)

@@ -23,8 +23,7 @@ from PIL import Image
 from backend import companions, library
 from backend.engine import controlnet, ip_adapter, preprocess
 from backend.engine.pipeline import execution_device
-from backend.image_prompts import FIELD, ImagePrompt
-from backend.input_images import read_image
+from backend.image_prompts import ImagePrompt, read_reference
 
 POSITIVE_ROWS = ("cond", "perturbed")  # the guider's rows that get the reference (the others: its negative)
 PREPROCESSORS = {"canny": "canny", "depth": "depth", "structure": "cpds"}
@@ -136,7 +135,7 @@ def apply_image_prompts(pipe, request, on_preview: Callable[[str, Image.Image], 
         return []
     records, images = [], {}
     for need in needs:
-        source = read_image(need.prompt.path, FIELD, need.prompt.hash)
+        source = read_reference(need.prompt, need.index)  # a queued job's file may have changed since
         for warning in source.warnings if note is not None else ():
             note(f"image prompt {need.index + 1}: {warning}")
         images[id(need)] = source.image
