@@ -206,3 +206,13 @@ def test_a_reference_changed_after_the_job_was_queued_is_named_by_its_number(pip
     shapes_picture().transpose(Image.Transpose.ROTATE_180).save(reference)
     with pytest.raises(RequestError, match=rf"^image_prompt: 2 \(depth\): {reference} changed since the job was made"):
         apply_image_prompts(pipes["demo"], request)
+
+
+def test_preview_labels_number_the_references_not_the_controlnets(pipes, reference):
+    """The third reference's map is ``structure-3``, as its notes and errors call it "image prompt 3" (it was
+    ``structure-2``, the second ControlNet)."""
+    labels: list[str] = []
+    request = GenerateRequest.from_dict({"prompt": "a fox", "model": "demo", "image_prompts": [
+        f"{reference}:canny", f"{reference}:image", f"{reference}:structure"]}).resolved("demo")
+    apply_extras(pipes["demo"], request, on_preview=lambda label, image: labels.append(label))
+    assert labels == ["canny-1", "structure-3"]

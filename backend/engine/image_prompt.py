@@ -156,6 +156,6 @@ def apply_image_prompts(pipe, request, on_preview: Callable[[str, Image.Image], 
         control = Control(need.prompt, net, _preprocess(need.prompt, fitted, depth, execution_device(pipe)))
         controls.append(control)
         if on_preview is not None:
-            on_preview(f"{need.prompt.type}-{len(controls)}", control.image)
+            on_preview(f"{need.prompt.type}-{need.index + 1}", control.image)  # numbered as the references are
     pipe.dreamtty.image_prompts = References([n.prompt for n in adapters], positive, negative, controls)
     return records
