@@ -245,13 +245,16 @@ class Service:
     def validate(self, request: GenerateRequest) -> tuple[GenerateRequest, str]:
         """Resolve the model and validate the request; raises a one-line DreamttyError.
 
-        A request that loads no model (a fast upscale) is not refused for a model it does not use.
+        A request that loads no model (a fast upscale, describe) is not refused for a model it does not use, nor
+        for a reference that changes nothing (weight or stop 0: recorded as given).
         """
         if not request.uses_model:
-            if request.image_prompts:
-                raise RequestError("image_prompt", "this job runs no model (e.g. a fast upscale), so reference images "
-                                                   "cannot steer it")
-            return request.resolved(self._family_or_default(request.model)), ""
+            resolved = request.resolved(self._family_or_default(request.model))
+            if any(prompt.active for prompt in resolved.image_prompts):
+                what = ("describe runs a captioner, not an image model" if jobkinds.kind_of(request).name == "describe"
+                        else "this job runs no model (e.g. a fast upscale)")
+                raise RequestError("image_prompt", f"{what}, so reference images cannot steer it; leave them out")
+            return resolved, ""
         ref = resolve_model(request.model, variants=request.model_variants)
         if ref.family == "sdxl-refiner":  # refused here, not when its worker loads it
             raise refiner_error(request.model)

@@ -438,3 +438,24 @@ async def test_inpaint_with_a_face_reference_steers_only_the_mask(tmp_path, demo
     for pixels in made:
         assert np.array_equal(pixels[outside], source[outside])
     assert np.abs(made[0][40:64, 40:72] - made[1][40:64, 40:72]).max() > 0  # the reference changed the box
+
+
+def test_a_job_that_runs_no_model_takes_references_that_change_nothing_and_says_why_it_refuses_others(
+        service, tmp_path, reference):
+    """A fast upscale, like a tiled one, takes a reference of weight or stop 0 (it changes nothing, loads nothing)
+    and records it; one that would steer is refused, and describe says that it runs a captioner."""
+    from backend.jobkinds.upscale import UpscaleRequest
+
+    image = str(write_image(tmp_path / "in.png"))
+    idle = [f"{reference}:canny:0", f"{reference}:face:1:0"]
+    for kind, values in ((UpscaleRequest, {"image": image, "fast": True}), (DescribeRequest, {"image": image})):
+        service.submit(kind.from_dict({"model": "demo", **values, "image_prompts": idle}), tmp_path / "out")
+        recorded = service.jobs()[-1].request["image_prompts"]
+        assert [(p["type"], p["weight"], p["stop"]) for p in recorded] == [("canny", 0.0, 0.5), ("face", 1.0, 0.0)]
+        steering = {**values, "image_prompts": [*idle, f"{reference}:image"]}
+        what = "describe runs a captioner, not an image model" if kind is DescribeRequest else \
+            "this job runs no model (e.g. a fast upscale)"
+        with pytest.raises(RequestError) as info:
+            service.submit(kind.from_dict({"model": "demo", **steering}), tmp_path / "out")
+        assert str(info.value) == f"image_prompt: {what}, so reference images cannot steer it; leave them out"
+    assert len(service.jobs()) == 2
