@@ -255,3 +255,34 @@ def test_a_run_waits_for_its_previous_trainer_only_while_that_one_trains():
     waiting = record(2, "waiting", "the CPU: job 7 is running")
     assert waiting_for(waiting, [record(1, "training"), waiting]) == "its previous trainer to exit"
     assert waiting_for(waiting, [record(1, "ended"), waiting]) == "the CPU: job 7 is running"
+
+
+async def test_names_states_and_messages_with_newlines_are_one_line_each(tmp_path, monkeypatch):
+    """A folder named with a newline was two rows of the run list (the second read "nl  [failed]"), a message
+    with newlines several log lines, and run.json's state was shown whole."""
+    from backend.events import TrainError, TrainLog
+
+    root = tmp_path / "runs"
+    odd = _write_run(root, "ev\nnl", "failed", [0.5], updated=2.0)
+    runs.update_run_json(odd, error="out of\nmemory")
+    write = runs.EventWriter(odd)
+    write(TrainLog(level="warning", message="a\nb"))
+    write(TrainError(message="c\nd"))
+    _write_run(root, "long-state", "x" * 100_000, [0.5], updated=1.0)
+    stopped: list = []
+    monkeypatch.setattr(tui.screens.train, "request_stop", stopped.append)
+    async with opened_pane(tmp_path) as (app, pilot, pane):
+        await _opened_on(pilot, pane, odd)
+        await _settle(pilot, pane, lambda: pane.query_one(OptionList).option_count == 2)
+        listed = [str(pane.query_one(OptionList).get_option_at_index(i).prompt) for i in range(2)]
+        assert listed[0] == "✗ ev\\nnl  [failed]"
+        assert listed[1].startswith("? long-state  [xxx") and listed[1].endswith("…]") and len(listed[1]) < 60
+        log = pane.query_one("#train-log", Log)
+        await _settle(pilot, pane, lambda: log.line_count >= 3)
+        assert [line for line in log.lines if "\\n" in line] == ["warning: a\\nb", "error: c\\nd"]
+        assert _stats(pane).splitlines()[0] == "✗ ev\\nnl  [failed]  lora on demo"
+        assert "error: out of\\nmemory" in _stats(pane).splitlines()
+        runs.update_run_json(odd, state="waiting")
+        await pilot.press("ctrl+t")
+        await _settle(pilot, pane, lambda: stopped)
+        assert [n.message for n in app._notifications][-1] == "took ev\\nnl off the queue before it started"

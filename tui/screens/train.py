@@ -18,6 +18,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Checkbox, Input, Log, OptionList, Select, Static
 from textual.widgets.option_list import Option, OptionDoesNotExist
 from textual.worker import Worker, get_current_worker
@@ -27,7 +28,7 @@ from backend.errors import DreamttyError, RequestError
 from backend.events import TrainResume, TrainStep
 from backend.input_images import UNREADABLE
 from backend.run_schedule import ENDED, TRAINING, ScheduledRun
-from backend.safetext import visible
+from backend.safetext import one_line
 from backend.training import runs
 from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REQUIRED, TrainRequest, check_field
 from backend.training.images import check_folder
@@ -44,6 +45,7 @@ RESCAN_EVERY = 4  # polls between rescans of the runs folder
 MAX_PLOT_POINTS = 400
 MAX_PLOT_LOSS = 1e100  # a loss past this is left out of the plot (plotext overflows near 1e308)
 STATE_MARKS = {"waiting": "⧗", "starting": "…", "running": "▶", "done": "✓", "failed": "✗", "stopped": "■"}
+STATE_MOST = 24  # characters of a run's state shown: run.json may hold any text there
 
 # Text inputs of the form: (field, label, placeholder). Empty = the TrainRequest default.
 _TEXT_FIELDS = (
@@ -108,6 +110,18 @@ def waiting_for(run: ScheduledRun | None, schedule: Iterable[ScheduledRun]) -> s
     if any(other.path == run.path and other.id != run.id and other.state == TRAINING for other in schedule):
         return "its previous trainer to exit"
     return run.waiting_for or "its device"
+
+
+def heading(info: runs.RunInfo) -> str:
+    """A run's mark, folder name and state on one line: a name may hold a newline, and run.json's state is any
+    text (cut to ``STATE_MOST``)."""
+    state = str(info.state)
+    return f"{STATE_MARKS.get(state, '?')} {one_line(info.name)}  [{line(state, STATE_MOST)}]"
+
+
+def _notify(node: Widget, message: object, **kwargs) -> None:
+    """A notification on one line: a run's name or error may hold a newline."""
+    notify(node, one_line(message), **kwargs)
 
 
 def _input_field(name: str, label: str, placeholder: str, value: str = "") -> Field:
@@ -349,16 +363,16 @@ class TrainPane(Vertical):
         for field in self.query(Field):
             field.set_error(None)
         for warning in warnings:
-            notify(self, warning, title="warning", severity="warning", timeout=10)
+            _notify(self, warning, title="warning", severity="warning", timeout=10)
         await self._fetch_schedule()
         self.scheduled[Path(run.path)] = run
         if run.state == TRAINING:
-            notify(self, f"training started: {run.path}", title="train")
+            _notify(self, f"training started: {run.path}", title="train")
         elif run.state == ENDED:  # its trainer could not start (said in its log too)
-            notify(self, f"{run.name} could not start: {run.error}", title="train", severity="error")
+            _notify(self, f"{run.name} could not start: {run.error}", title="train", severity="error")
         else:
-            notify(self, f"{run.name} waits for {waiting_for(run, self.schedule)}; it starts when that is free",
-                   title="train")
+            _notify(self, f"{run.name} waits for {waiting_for(run, self.schedule)}; it starts when that is free",
+                    title="train")
         self.rescan()
         self.select_run(Path(run.path))
 
@@ -386,15 +400,15 @@ class TrainPane(Vertical):
             if scheduled is None:  # a run started before the service scheduled runs
                 request_stop(info.path)
             elif not await self.app.client.stop_run(scheduled.id):
-                notify(self, f"{info.name} has already ended", severity="warning")
+                _notify(self, f"{info.name} has already ended", severity="warning")
                 return
         except DreamttyError as exc:
-            notify(self, exc, title="cannot stop", severity="error")
+            _notify(self, exc, title="cannot stop", severity="error")
             return
         if info.state == runs.WAITING:
-            notify(self, f"took {info.name} off the queue before it started", title="train")
+            _notify(self, f"took {info.name} off the queue before it started", title="train")
         else:
-            notify(self, f"stopping {info.name} after its current step (a checkpoint is saved)", title="train")
+            _notify(self, f"stopping {info.name} after its current step (a checkpoint is saved)", title="train")
         self.rescan()
 
     # -- runs list -----------------------------------------------------------------
@@ -421,8 +435,7 @@ class TrainPane(Vertical):
         with options.prevent(OptionList.OptionHighlighted):
             options.clear_options()
             options.add_options(
-                [Option(plain(f"{STATE_MARKS.get(r.state, '?')} {r.name}  [{r.state}]"), id=str(r.path))
-                 for r in self.run_infos]
+                [Option(plain(heading(r)), id=str(r.path)) for r in self.run_infos]
             )
         self._highlight()
 
@@ -503,9 +516,8 @@ class TrainPane(Vertical):
         if info is None:
             return
         settings = info.settings
-        head = f"{STATE_MARKS.get(info.state, '?')} {info.name}  [{info.state}]  {settings.get('method', '')} on " \
-               f"{settings.get('model', '')}"
-        lines = [head, self.progress.summary()]
+        lines = [f"{heading(info)}  {settings.get('method', '')} on {settings.get('model', '')}",
+                 self.progress.summary()]
         if self.progress.class_images and self.progress.class_images[0] < self.progress.class_images[1]:
             lines.append("generating class images: {}/{}".format(*self.progress.class_images))
         scheduled = self.scheduled.get(info.path)
@@ -514,7 +526,7 @@ class TrainPane(Vertical):
                          f"it starts when that is free ({self.app.key_for('train.stop')} takes it off the queue)")
         if info.error:
             lines.append(f"error: {info.error}")
-        self.query_one("#train-stats", Static).update(plain("\n".join(lines)))
+        self.query_one("#train-stats", Static).update(plain("\n".join(map(line, lines))))  # a line each
 
     def _draw_plot(self) -> None:
         points = [(s, v) for s, v in self.loss_points if abs(v) <= MAX_PLOT_LOSS]  # NaN and infinities too
@@ -537,7 +549,7 @@ def _fold(events: list, progress: runs.RunProgress) -> tuple[list[str], bool]:
         line = progress.apply(event)
         new_steps |= isinstance(event, (TrainStep, TrainResume))
         if line:
-            lines.append(visible(line))
+            lines.append(one_line(line))  # one log line, a message's newlines written as \n
     return lines, new_steps
 
 
