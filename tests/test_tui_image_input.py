@@ -853,3 +853,19 @@ async def test_a_live_frame_is_centred_anew_when_its_panel_shrinks(idle_service,
         await wait_for(pilot, lambda: preview.frames == 2, what="the frame redrawn")
         first, _, last, width = _picture_at(preview)
         assert width == preview.size.width and first == (preview.size.width - (last - first)) // 2
+
+
+async def test_a_filled_reference_without_a_known_type_is_an_image_one_not_the_rows_last(idle_service, tmp_path):
+    """Filling the rows again (a loaded image's references) sets every row's type: one that is missing or
+    unknown is the default, ``image``, where the row kept the type it showed before."""
+    from tui.widgets.reference_images import ReferenceImages
+
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(160, 50)) as pilot:
+        await settle(pilot)
+        rows = app.screen.query_one(ReferenceImages)
+        rows.fill([{"path": "/a.png", "type": "canny"}, {"path": "/b.png", "type": "depth"}])
+        await settle(pilot)
+        rows.fill([{"path": "/a.png"}, {"path": "/b.png", "type": "sketch"}])
+        await settle(pilot)
+        assert [(r["path"], r["type"]) for r in rows.read()] == [("/a.png", "image"), ("/b.png", "image")]

@@ -113,8 +113,8 @@ class ReferenceImages(Vertical):
         for row in range(MAX_IMAGE_PROMPTS):
             prompt = prompts[row] if row < len(prompts) else {}
             self._input(row, "path").value = prompt.get("path", "")
-            if prompt.get("type") in TYPES:
-                self.query_one(f"#ref-{row}-type", Select).value = prompt["type"]
+            kind = prompt.get("type")
+            self.query_one(f"#ref-{row}-type", Select).value = kind if kind in TYPES else "image"  # not the row's last
             self._input(row, "weight").value = _number(prompt.get("weight"))
             self._input(row, "stop").value = _number(prompt.get("stop"))
             if prompt:
