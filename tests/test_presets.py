@@ -187,3 +187,17 @@ def test_unknown_preset_error_allows_only_usable_presets(presets_dir):
     assert "broken" not in allowed and "Loud" not in allowed and "anime" in allowed
     assert unusable == "Loud, broken"
     assert [p.name for p in list_presets() if not p.usable] == ["Loud", "broken"]
+
+
+@pytest.mark.parametrize("stem", ["ev\x1b[31mil [b]\n", " lead", "trail\t"])
+def test_a_preset_named_with_white_space_at_an_end_is_listed_unusable_and_never_allowed(presets_dir, stem):
+    """Its name was listed as allowed in the very error that refused it (a name given is stripped)."""
+    (presets_dir / f"{stem}.yaml").write_text("steps: 3\n")
+    [listed] = [p for p in list_presets() if p.name == stem]
+    assert not listed.usable and listed.description == (
+        "(unusable: its name starts or ends with white space, which a preset's name is read without; rename it)")
+    assert not is_preset(stem)
+    with pytest.raises(RequestError) as err:
+        load_preset(stem)
+    allowed, _, unusable = err.value.message.partition("; allowed: ")[2].partition("; unusable: ")
+    assert stem not in allowed.split(", ") and unusable == stem

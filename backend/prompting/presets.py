@@ -43,17 +43,20 @@ def _files() -> dict[str, DataFile]:
     return _by_name()[0]
 
 
-def _by_name() -> tuple[dict[str, DataFile], dict[DataFile, DataFile]]:
-    """:func:`_files`, and each user file hidden so by another of the user's (their names differ in case only),
-    with the file that hides it."""
+def _by_name() -> tuple[dict[str, DataFile], dict[DataFile, str]]:
+    """:func:`_files`, and each user file no name reaches, with why: one hidden by another of the user's (their
+    names differ in case only), one whose name starts or ends with white space (a name given is stripped)."""
     files: dict[str, DataFile] = {}
-    hidden: dict[DataFile, DataFile] = {}
+    unnamed: dict[DataFile, str] = {}
     for file in data_files("presets", "presets", (".yaml", ".yml")):
+        if file.stem != file.stem.strip():
+            unnamed[file] = "its name starts or ends with white space, which a preset's name is read without; rename it"
+            continue
         earlier = files.get(file.stem.lower())
         if earlier is not None and earlier.path is not None:
-            hidden[earlier] = file
+            unnamed[earlier] = f"hidden by {file.label}: preset names match in any case; rename one"
         files[file.stem.lower()] = file
-    return files, hidden
+    return files, unnamed
 
 
 def is_preset(name: str) -> bool:
@@ -72,9 +75,8 @@ def known_presets() -> str:
 def list_presets() -> list[PresetInfo]:
     """All presets by name; one that cannot be used (it does not parse, or holds an unknown key or a bad value)
     is listed with the error as its description."""
-    files, hidden = _by_name()
-    out = [PresetInfo(file.stem, f"(unusable: hidden by {by.label}: preset names match in any case; rename one)",
-                      file.label, False) for file, by in hidden.items()]
+    files, unnamed = _by_name()
+    out = [PresetInfo(file.stem, f"(unusable: {why})", file.label, False) for file, why in unnamed.items()]
     for file in files.values():
         try:
             data = _read(file)
