@@ -127,3 +127,18 @@ def test_a_user_style_named_random_style_is_skipped_with_a_warning(styles_dir):
     assert library.warnings == [f"{styles_dir / 'mine.json'} line 1: 'random-style' is a reserved name (it picks one "
                                 "of the styles per image seed); style skipped"]
     assert all(style.name != "random-style" for style in library.search())
+
+
+def test_a_style_named_with_a_nul_or_a_lone_surrogate_is_skipped_with_a_warning(styles_dir):
+    """It loaded and was listed, and every job using it failed: "styles: holds a NUL character"."""
+    (styles_dir / "odd.json").write_text('[\n{"name": "x\\u0000y", "prompt": "a {prompt}"},\n'
+                                         '{"name": "s\\ud800", "prompt": "b {prompt}"},\n'
+                                         '{"name": "fine", "prompt": "c {prompt}"}]')
+    library = load_styles()
+    label = styles_dir / "odd.json"
+    assert library.warnings == [
+        f"{label} line 2: 'x\\x00y': the name holds a NUL character (at character 2); no path or name may hold one; "
+        "style skipped",
+        f"{label} line 3: 's\\ud800': the name is not valid UTF-8 text (lone surrogate U+D800 at character 2); give "
+        "text, and paths, in UTF-8; style skipped"]
+    assert [s.name for s in library.search("odd")] == ["fine"]

@@ -18,6 +18,7 @@ from backend import user_files
 from backend.errors import RequestError
 from backend.prompting.datafiles import DataFile, data_files
 from backend.style_names import RANDOM_STYLE, style_key
+from backend.values import check_text
 
 PLACEHOLDER = "{prompt}"
 
@@ -48,8 +49,14 @@ class StyleLibrary:
 
     def add(self, style: Style, line: int | None = None) -> None:
         """Add ``style`` (from ``line`` of its file): a user's replaces a shipped one of its name; one that would
-        change nothing, a reserved name, and a name a user's file already gave are said."""
+        change nothing, a reserved name, a name no request takes (a NUL, a lone surrogate) and a name a user's file
+        already gave are said."""
         key, where = style_key(style.name), f"{style.source} line {line}" if line else style.source
+        try:
+            check_text("name", style.name)  # as a request checks its styles: every job using it would fail
+        except RequestError as exc:
+            self.warnings.append(f"{where}: {style.name!r}: the name {exc.message}; style skipped")
+            return
         if key == style_key(RANDOM_STYLE):  # the built-in pick would hide it
             self.warnings.append(f"{where}: {style.name!r} is a reserved name (it picks one of the styles "
                                  "per image seed); style skipped")
