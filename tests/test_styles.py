@@ -151,3 +151,15 @@ def test_styles_list_names_random_style_in_text_and_json_alike(capsys):
     assert text[-1] == names[-1] == RANDOM_STYLE and text == names and len(names) > 50
     assert listed("--search", "rANDOM") == ([RANDOM_STYLE], [RANDOM_STYLE])
     assert RANDOM_STYLE not in listed("--search", "watercolor")[1]
+
+
+def test_styles_list_cuts_a_long_name_and_keeps_the_column_narrow(capsys, user_home):
+    """One 100,000-character name padded every row to its length (183 lines of 100k columns)."""
+    long = "L" * 100_000
+    (user_home / "zqx.json").write_text(json.dumps([{"name": long, "prompt": "{prompt}, a"},
+                                                     {"name": "Short", "prompt": "{prompt}, b"}]))
+    assert main(["styles", "list", "--search", "zqx"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows == [f"{'L' * 39}…  zqx", f"{'Short':<42}zqx"]
+    assert main(["styles", "list", "--search", "zqx", "--json"]) == 0
+    assert [s["name"] for s in json.loads(capsys.readouterr().out)] == [long, "Short"]
