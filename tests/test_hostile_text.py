@@ -29,6 +29,7 @@ from backend.training import runs
 from test_library import SD1_TEXT, _checkpoint, _write
 from test_tui import field_of, idle_service, make_app, opened, settle, wait_for  # noqa: F401  (idle_service is a fixture)
 from tui.cli import main
+from tui.cli_styles import NAME_COLUMN
 from tui.screens.models import ModelsPane
 from tui.screens.queue import QueueScreen
 from tui.screens.train import TrainPane
@@ -394,7 +395,8 @@ def test_styles_list_and_show(capsys, user_folder):
          {"name": "odd\nrow", "prompt": "a\nb {prompt}"}]))
     (styles / f"{NAME}.json").write_text("[")
     code, out, err = cli(capsys, "styles", "list", "--search", "evil")
-    assert code == 0 and NAME_SHOWN in out and NAME_SHOWN in err  # the broken pack's warning
+    # its name cut to the list's column (``styles show`` gives it whole), the broken pack's warning whole
+    assert code == 0 and f"{NAME_SHOWN[:NAME_COLUMN - 1]}…  hostile" in out and NAME_SHOWN in err
     code, out, _ = cli(capsys, "styles", "list", "--search", "odd")
     assert out.splitlines()[0].startswith("odd\\nrow ")  # a row per style: its newline shown as \n
     code, out, _ = cli(capsys, "styles", "show", "odd\nrow")
