@@ -28,6 +28,11 @@ def fit(image_size: tuple[int, int], cells: tuple[int, int]) -> tuple[int, int]:
     return w, h
 
 
+def half_block_row(upper: list[Color], lower: list[Color]) -> list[Segment]:
+    """Two rows of pixels as one row of cells: a lower half block in the lower pixel's colour, on the upper's."""
+    return [Segment("▄", Style.from_color(lo, up)) for up, lo in zip(upper, lower)]
+
+
 class HalfBlockRenderer(HalfcellRenderer):
     """rich-pixels' half-cell renderer, faster: each cell's style is built from its two pixels
     (the stock renderer parses an "rgb(…) on rgb(…)" string per cell, 3/4 of its time), and
@@ -48,8 +53,7 @@ class HalfBlockRenderer(HalfcellRenderer):
         colors = [Color.from_rgb(*data[i:i + 3]) for i in range(0, len(data), 3)]
         segments: list[Segment] = []
         for top in range(0, len(colors), 2 * width):
-            upper, lower = colors[top:top + width], colors[top + width:top + 2 * width]
-            segments += [Segment("▄", Style.from_color(lo, up)) for up, lo in zip(upper, lower)]
+            segments += half_block_row(colors[top:top + width], colors[top + width:top + 2 * width])
             segments.append(Segment("\n"))
             if self.between_rows is not None:
                 self.between_rows()

@@ -11,7 +11,6 @@ import numpy as np
 from PIL import Image
 from rich.color import Color
 from rich.segment import Segment
-from rich.style import Style
 from textual import events, work
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -25,6 +24,7 @@ from backend.errors import DreamttyError, RequestError
 from backend.input_images import read_image, read_mask
 from backend.jobkinds.inpaint import MAX_FEATHER, InpaintRequest
 from tui import keymap
+from tui.half_blocks import half_block_row
 from tui.mask import Mask, Mapping, block, cell_pixels, disc, line, preview_size
 from tui.text import plain
 from tui.widgets.footer import KeysFooter
@@ -249,9 +249,8 @@ class MaskCanvas(Widget):
         style = self.rich_style
         strips = {}
         for row in range(frame.shape[0] // 2):
-            upper, lower = frame[2 * row], frame[2 * row + 1]
-            cells = [Segment("▄", Style.from_color(Color.from_rgb(*lo), Color.from_rgb(*up)))
-                     for up, lo in zip(upper.tolist(), lower.tolist())]
+            upper, lower = ([Color.from_rgb(*p) for p in pixels.tolist()] for pixels in frame[2 * row:2 * row + 2])
+            cells = half_block_row(upper, lower)
             strips[oy + row] = Strip([Segment(" " * ox, style), *cells]).extend_cell_length(self.size.width, style)
         return strips
 
