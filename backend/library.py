@@ -93,7 +93,7 @@ def _unreadable(path: Path, exc: OSError) -> CorruptFile:
 def read_safetensors_header(path: Path) -> tuple[Shapes, dict[str, str]]:
     """Tensor shapes and ``__metadata__`` of a .safetensors file; CorruptFile when it is damaged. Read here, not
     with ``safetensors.safe_open``: its errors ("incomplete metadata, file not fully covered") do not say how much
-    of an interrupted download is missing, and it maps the whole file to read a few kilobytes."""
+    of an interrupted download is missing."""
     try:
         with user_files.open_regular(path) as fh:
             size = os.fstat(fh.fileno()).st_size
