@@ -547,3 +547,14 @@ def test_a_library_error_is_quoted_by_its_first_line():
     assert first_line(ValueError("x" * 500), 120) == "x" * 120 and first_line(KeyError()) == "KeyError"
     assert first_line(KeyError(), empty="") == ""
 
+
+
+def test_a_key_holding_a_control_character_is_not_a_key_name():
+    """``ctrl+\\x1b`` was kept, and the mode bar showed ``^\\x1b``."""
+    from tui.keymap import check_keymap
+
+    kept, warnings = check_keymap({"screen.queue": "ctrl+\x1b", "help": "f5,\u202ex", "cancel": "ctrl+k"})
+    assert kept == {"cancel": "ctrl+k"}
+    assert warnings == [
+        "keymap.screen.queue: 'ctrl+\\x1b' is not a key name (e.g. ctrl+g, f5, escape, x); keeping f2",
+        "keymap.help: '\\u202ex' is not a key name (e.g. ctrl+g, f5, escape, x); keeping f12"]
