@@ -217,3 +217,15 @@ def test_single_file_inpainting_checkpoint_loads_its_nine_channel_unet(tmp_path,
     pipe = load_pipeline(ref, torch.device("cpu"), torch.float32)
     assert isinstance(pipe, StableDiffusionInpaintPipeline) and pipe.unet.config.in_channels == 9
     assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), model.unet.state_dict().values()))
+
+
+def test_each_kind_says_what_its_strength_takes():
+    """The form's strength placeholder comes from the kind (the named strengths, the modes' own, a default)."""
+    from backend import jobkinds
+    from backend.jobkinds.image_input import ImageInputRequest
+
+    hints = {kind.name: kind.request_type.strength_hint() for kind in jobkinds.KINDS.values()
+             if issubclass(kind.request_type, ImageInputRequest)}
+    assert hints["img2img"] == "subtle 0.5, strong 0.85 or 0..1"
+    assert hints["inpaint"] == "the mode's: fill 1, detail 0.5, modify 1"
+    assert hints["upscale"] == "0.382; 0..1" and hints["outpaint"] == "1; 0..1"

@@ -87,6 +87,11 @@ class ImageInputRequest(GenerateRequest):
     def strength_default(self) -> float:
         return self.default_strength
 
+    @classmethod
+    def strength_hint(cls) -> str:
+        """What the strength field takes, in a few words (a form's placeholder)."""
+        return f"{cls.default_strength:g}; 0..1"
+
     def from_input(self, source: InputImage, fam: Family | None) -> dict:
         """Fields the kind derives from its input (the size, other files' hashes)."""
         return {}

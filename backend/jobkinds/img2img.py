@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from backend.errors import RequestError
 from backend.families import Family
 from backend.input_images import InputImage
-from backend.jobkinds.image_input import ImageInputRequest
+from backend.jobkinds.image_input import STRENGTHS, ImageInputRequest
 from backend.request import GenerateRequest
 
 MIN_SIDE = 64
@@ -33,6 +33,10 @@ class Img2ImgRequest(ImageInputRequest):
     """Vary (subtle 0.5, strong 0.85, or any strength). An explicit ``width``/``height`` resizes the input."""
 
     kind_label = "vary"
+
+    @classmethod
+    def strength_hint(cls) -> str:
+        return ", ".join(f"{name} {value:g}" for name, value in STRENGTHS.items()) + " or 0..1"
 
     def from_input(self, source: InputImage, fam: Family | None) -> dict:
         if (self.width is None) != (self.height is None):

@@ -70,6 +70,10 @@ class InpaintRequest(ImageInputRequest):
     def strength_default(self) -> float:
         return MODES[self.mode][0] if self.mode in MODES else 1.0
 
+    @classmethod
+    def strength_hint(cls) -> str:
+        return "the mode's: " + ", ".join(f"{mode} {strength:g}" for mode, (strength, _) in MODES.items())
+
     def read_mask(self, size: tuple[int, int]):
         """The mask (bool array, True = repaint) for an image of ``size``, and the mask file read (None for a box)."""
         if self.mask:

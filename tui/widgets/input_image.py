@@ -21,7 +21,7 @@ from textual.widgets.select import InvalidSelectValueError
 
 from backend import jobkinds, library
 from backend.errors import RequestError
-from backend.jobkinds.image_input import STRENGTHS, ImageInputRequest
+from backend.jobkinds.image_input import ImageInputRequest
 from backend.jobkinds.inpaint import MODES, InpaintRequest
 from backend.jobkinds.outpaint import SIDES
 from backend.jobkinds.upscale import LANCZOS, SCALES, spandrel_installed
@@ -45,14 +45,6 @@ def own_fields(kind: type[GenerateRequest]) -> list[str]:
 
 def default_of(kind: type[GenerateRequest], name: str) -> object:
     return next(f.default for f in fields(kind) if f.name == name)
-
-
-def strength_hint(kind: str) -> str:
-    if kind == "inpaint":
-        return "the mode's: " + ", ".join(f"{mode} {strength:g}" for mode, (strength, _) in MODES.items())
-    if kind == "img2img":
-        return ", ".join(f"{name} {value:g}" for name, value in STRENGTHS.items()) + " or 0..1"
-    return f"{IMAGE_KINDS[kind].request_type.default_strength:g}; 0..1"
 
 
 def _format(value: object) -> str:
@@ -154,7 +146,7 @@ class InputImageSection(Vertical):
             widget.display = widget.has_class(f"for-{kind}")
         if kind in IMAGE_KINDS:
             request_type = IMAGE_KINDS[kind].request_type
-            self.query_one("#in-strength", Input).placeholder = strength_hint(kind)
+            self.query_one("#in-strength", Input).placeholder = request_type.strength_hint()
             if "feather" in own_fields(request_type):
                 self.query_one("#in-feather", Input).placeholder = f"{default_of(request_type, 'feather')}"
 
