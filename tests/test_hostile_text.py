@@ -166,10 +166,12 @@ async def test_style_pack_in_the_picker(idle_service, tmp_path, user_folder):
     (styles / "hostile.json").write_text(json.dumps(
         [{"name": NAME, "prompt": f"{TEXT} {{prompt}}", "negative_prompt": TEXT},
          {"name": "odd\nrow", "prompt": "a\nb {prompt}"}]))
-    (styles / f"{NAME}.json").write_text("[")  # a broken pack: its warning names the file
+    (styles / f"{NAME}\nsecond line.json").write_text("[")  # a broken pack: its warning names the file
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(140, 45), notifications=True) as pilot:
         await settle(pilot)  # the form loads styles and presets after the first frame
+        [warning] = [n.message for n in app._notifications if n.title == "styles"]
+        assert f"{NAME_SHOWN}\\nsecond line.json" in warning and "\n" not in warning  # one line, as the CLI's
         picker = app.screen.form.query_one("#styles")
         picker.query_one("#style-search", Input).value = "evil"
         await pilot.pause()

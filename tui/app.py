@@ -56,7 +56,7 @@ STARTING = "starting the worker…"  # the worker state until one reports it is 
 LOST = "no service: trying again…"  # the worker state while the client has lost its service
 
 
-def config_notice(problems: list[str], keymap_problems: list[str]) -> tuple[str, str]:
+def config_notice(problems: list[str], keymap_problems: list[str]) -> tuple[str, str | list[str]]:
     """(title, message) of the one start-up notice for the config's problems: the keymap's first (only the TUI
     reads them: all listed), then the file's in their order up to ``CONFIG_SHOWN`` listed, and how many more
     (the CLI prints those). One line each, without the "config: " the title says."""
@@ -67,7 +67,7 @@ def config_notice(problems: list[str], keymap_problems: list[str]) -> tuple[str,
     listed = [f"• {error_line(problem, CONFIG_LINE)}" for problem in every[:shown]]
     if len(every) > shown:
         listed.append(f"and {len(every) - shown} more (dreamtty models list prints them)")
-    return f"config: {len(every)} problems", "\n".join(listed)
+    return f"config: {len(every)} problems", listed
 
 
 def shown_later(module: str, screen: str) -> Callable[[], Screen]:

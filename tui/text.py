@@ -57,20 +57,18 @@ def markup(text: object) -> str:
     return visible(text).replace("[", "\\[")
 
 
-def notify(node: Widget | App, message: object, *, title: str = "", severity: SeverityLevel = "information",
-           timeout: float | None = None) -> None:
-    """Notify with ``message`` and ``title`` shown as text (cut to ``NOTIFY_MAX`` characters)."""
-    node.notify(short(message), title=visible(title), severity=severity, timeout=timeout, markup=False)
-
-
-def short(text: object, most: int = NOTIFY_MAX) -> str:
-    """:func:`visible` text cut to ``most`` characters (a path of 10,000 would fill the screen)."""
-    return _cut(visible(text), most)
+def notify(node: Widget | App, message: object | list[object], *, title: str = "",
+           severity: SeverityLevel = "information", timeout: float | None = None) -> None:
+    """Notify with ``message`` shown as text on one line (a list: a line each; a newline in them as ``\\n``) and
+    ``title``, cut to ``NOTIFY_MAX`` characters (a path of 10,000 would fill the screen)."""
+    text = "\n".join(map(one_line, message)) if isinstance(message, list) else one_line(message)
+    node.notify(_cut(text, NOTIFY_MAX), title=one_line(title), severity=severity, timeout=timeout, markup=False)
 
 
 def line(text: object, most: int = NOTIFY_MAX) -> str:
-    """:func:`short`, with newlines written as ``\\n`` and each word longer than ``LONG_WORD`` cut in its
-    middle: an inline error is one short line, and the reason after a long path stays in sight."""
+    """``text`` on one line (newlines written as ``\\n``) cut to ``most`` characters, each word longer than
+    ``LONG_WORD`` cut in its middle: an inline error is one short line, and the reason after a long path stays in
+    sight."""
     return _cut(_LONG_WORD.sub(_middle, one_line(text)), most)
 
 
