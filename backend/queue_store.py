@@ -50,6 +50,15 @@ class QueueUnavailable(DreamttyError):
         super().__init__(f"queue: cannot use {path}: {exc}" + (f"; {hint}" if hint else ""))
 
 
+class JobTaken(DreamttyError):
+    """Another service adopted the job while its owner renewed no lease (see ``QueueStore.adopt_orphans``)."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"job {job_id}: another dreamtty service took it over while this one renewed no lease for "
+                         f"{LEASE_TTL:g} s (it was paused, or the queue file took no writes); it goes on there "
+                         f"(dreamtty wait {job_id})")
+
+
 def queue_access(method):
     """A store method (of an object with ``path``) whose SQLite errors of access raise QueueUnavailable."""
 
@@ -157,17 +166,20 @@ class QueueStore:
         )
         return int(cur.lastrowid)
 
+    # A service's writes to its own jobs name it as ``owner``: they are made only while it owns the job. A service
+    # that renewed no lease for LEASE_TTL (paused, or cut off from the queue file) may have lost it to
+    # adopt_orphans, and must not write over the adopter's state, nor record images the adopter makes again.
     @queue_access
-    def retry(self, job_id: int) -> None:
+    def retry(self, job_id: int, owner: str | None = None) -> None:
         """Queue a job again after its worker died, counting the attempt."""
-        self._db.execute("UPDATE jobs SET state = 'queued', attempts = attempts + 1, updated = ? WHERE id = ?",
-                         (time.time(), job_id))
+        self._db.execute("UPDATE jobs SET state = 'queued', attempts = attempts + 1, updated = ? WHERE id = ?"
+                         + _OWNED, (time.time(), job_id, *_owner(owner)))
 
     @queue_access
-    def set_state(self, job_id: int, state: str, error: str | None = None) -> None:
-        self._db.execute(
-            "UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?", (state, error, time.time(), job_id)
-        )
+    def set_state(self, job_id: int, state: str, error: str | None = None, owner: str | None = None) -> bool:
+        """Set a job's state (with ``owner``: while it owns the job); whether it was set."""
+        return self._db.execute("UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?" + _OWNED,
+                                (state, error, time.time(), job_id, *_owner(owner))).rowcount > 0
 
     @queue_access
     def cancel_queued(self) -> list[int]:
@@ -182,22 +194,27 @@ class QueueStore:
         return self._db.execute(f"DELETE FROM jobs WHERE state IN ({_FINAL_SQL}) AND updated < ?", (before,)).rowcount
 
     @queue_access
-    def set_running(self, job_ids: list[int]) -> set[int]:
-        """Mark the queued ones of ``job_ids`` running, in one statement (none when the queue takes no writes);
-        the ids marked: another process may have cancelled one since it was read."""
+    def set_running(self, job_ids: list[int], owner: str | None = None) -> set[int]:
+        """Mark the queued ones of ``job_ids`` (with ``owner``: that it owns) running, in one statement (none when
+        the queue takes no writes); the ids marked: another process may have cancelled one since it was read."""
         marks = ",".join("?" * len(job_ids))
         return {row[0] for row in self._db.execute(
-            f"UPDATE jobs SET state = 'running', updated = ? WHERE id IN ({marks}) AND state = 'queued' RETURNING id",
-            (time.time(), *job_ids))}
+            f"UPDATE jobs SET state = 'running', updated = ? WHERE id IN ({marks}) AND state = 'queued'{_OWNED} "
+            "RETURNING id", (time.time(), *job_ids, *_owner(owner)))}
 
     @queue_access
-    def add_output(self, job_id: int, path: str) -> None:
-        """Record a saved image, once (in one statement: other processes write this table too)."""
-        self._db.execute(
+    def add_output(self, job_id: int, path: str, owner: str | None = None) -> None:
+        """Record a saved image, once (in one statement: other processes write this table too). With ``owner``,
+        JobTaken when another service owns the job now."""
+        recorded = self._db.execute(
             "UPDATE jobs SET outputs = json_insert(outputs, '$[#]', ?1), updated = ?2 WHERE id = ?3 "
-            "AND NOT EXISTS (SELECT 1 FROM json_each(outputs) WHERE value = ?1)",
-            (path, time.time(), job_id),
-        )
+            "AND NOT EXISTS (SELECT 1 FROM json_each(outputs) WHERE value = ?1)" + _OWNED,
+            (path, time.time(), job_id, *_owner(owner)),
+        ).rowcount
+        if owner is not None and not recorded:
+            row = self._db.execute("SELECT owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None and row[0] != str(owner):
+                raise JobTaken(job_id)
 
     @queue_access
     def add_text(self, job_id: int, image: int, text: str) -> None:
@@ -315,6 +332,12 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, heartbeat REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id)"""  # a queue of thousands: a state's jobs, in order
 _SELECT = "id, kind, request, state, created, updated, error, outputs, owner, attempts"
+_OWNED = " AND (? IS NULL OR owner = ?)"  # with _owner(owner)'s two values: a write only to a job ``owner`` owns
+
+
+def _owner(owner: str | None) -> tuple[str | None, str | None]:
+    return (None, None) if owner is None else (str(owner), str(owner))
+
 _FINAL_SQL = ", ".join(f"'{state}'" for state in FINAL)
 _ACTIVE_SQL = ", ".join(f"'{state}'" for state in ACTIVE)
 

@@ -42,7 +42,7 @@ from backend.models import refiner_error, resolve_model, text_encoder_depth
 from backend.outputs import check_out_dir, settle
 from backend.pool import ProcessPool, Slot, WorkerPool
 from backend.prompting import check_prompts
-from backend.queue_store import ACTIVE, LEASE_TTL, Job, QueueStore, QueueUnavailable
+from backend.queue_store import ACTIVE, LEASE_TTL, Job, JobTaken, QueueStore, QueueUnavailable
 from backend.request import GenerateRequest
 from backend.run_schedule import RunStore, ScheduledRun, TrainingRuns, device_label, resolve_devices, withdraw
 from backend.training.config import TrainRequest
@@ -239,7 +239,7 @@ class Service:
         for job in self.store.jobs(ACTIVE, owner=self.owner):
             end = "cancelled" if job.id in self._cancelling else state
             if job.state != end:
-                self.store.set_state(job.id, end)
+                self.store.set_state(job.id, end, owner=self.owner)
 
     # -- API ---------------------------------------------------------------
     def validate(self, request: GenerateRequest) -> tuple[GenerateRequest, str]:
@@ -537,13 +537,13 @@ class Service:
 
     def _run_jobs(self, slot: Slot, jobs: list[Job]) -> None:
         jobs = [self._settled(job) for job in jobs]  # an adopted job resumes after every image it saved
-        taken = self.store.set_running([job.id for job in jobs])
+        taken = self.store.set_running([job.id for job in jobs], self.owner)
         jobs = [job for job in jobs if job.id in taken]
         if not jobs:
             return
         slot.loads(jobs[0].request.get("model", ""))
-        self.pool.run(slot, [{"job": job.id, "kind": job.kind, **job.payload, "first_image": len(job.outputs)}
-                             for job in jobs])
+        self.pool.run(slot, [{"job": job.id, "kind": job.kind, **job.payload, "first_image": len(job.outputs),
+                              "owner": self.owner} for job in jobs])
 
     def _tell_waiting(self, reserved: dict[str, ScheduledRun]) -> None:
         """When training runs hold every worker's device, tell each queued job, once per run, that it waits for one."""
@@ -587,10 +587,10 @@ class Service:
     def _record(self, event: JobEvent) -> None:
         """Write a job's start or end to the queue, then publish it."""
         if isinstance(event, Started):
-            self.store.set_state(event.job, "running")
+            self.store.set_state(event.job, "running", owner=self.owner)
             self._fanout.publish(event)
             return
-        self.store.set_state(event.job, event.type, getattr(event, "error", None))
+        self.store.set_state(event.job, event.type, getattr(event, "error", None), self.owner)
         if isinstance(event, Done):  # with the images saved before a restart or a retry
             event = replace(event, paths=self.store.get(event.job).outputs)
         self._forget_active(event.job)
@@ -657,24 +657,27 @@ class Service:
                 continue
             job = self._settled(job)
             if job.id in self._cancelling:  # it was to stop anyway: not run again
-                self.store.set_state(job.id, "cancelled")
+                self.store.set_state(job.id, "cancelled", owner=self.owner)
                 self._ended_cancelled(job.id)
             elif not counts:
-                self.store.set_state(job.id, "queued")
+                self.store.set_state(job.id, "queued", owner=self.owner)
             elif job.attempts < MAX_RETRIES:
-                self.store.retry(job.id)
+                self.store.retry(job.id, self.owner)
                 self._fanout.publish(Retrying(job=job.id, error=why, first_image=len(job.outputs)))
             else:
                 error = f"{why}, {job.attempts + 1} times; the queue goes on (see {log})"
-                self.store.set_state(job.id, "failed", error)
+                self.store.set_state(job.id, "failed", error, self.owner)
                 self._fanout.publish(Failed(job=job.id, error=error))
         self._dispatch()
 
     def _settled(self, job: Job) -> Job:
         """``job`` with the images recorded that its worker saved but was killed before recording (else they
         would be made again: see ``backend.outputs.settle``)."""
-        recorded = settle(Path(job.payload.get("out", "")), self.store.image_tag(job.id),
-                          lambda path: self.store.add_output(job.id, str(path)))
+        try:
+            recorded = settle(Path(job.payload.get("out", "")), self.store.image_tag(job.id),
+                              lambda path: self.store.add_output(job.id, str(path), self.owner))
+        except JobTaken:  # its new owner settles it; set_running leaves it out
+            return job
         return self.store.get(job.id) if recorded else job
 
 

@@ -185,21 +185,26 @@ def save_output(store, job: dict, worker: int, image, meta: dict, index: int, se
     from backend.outputs import save_image
 
     path = str(save_image(image, meta, Path(job["out"]), tag=store.image_tag(job["job"]),
-                          record=lambda saved: record_output(store, job["job"], str(saved), say)))
+                          record=lambda saved: record_output(store, job["job"], str(saved), say, job.get("owner"))))
     return ev.ImageSaved(job=job["job"], worker=worker, image=index, path=path, seed=seed)
 
 
-def record_output(store, job_id: int, path: str, say: Callable[[str], None]) -> None:
+def record_output(store, job_id: int, path: str, say: Callable[[str], None], owner: str | None = None) -> None:
     """Record a saved image in the queue before anything else: a crash now must not make it again. While the
     queue file takes no writes (another program holds it locked, its disk is full), the job holds still until
-    it does, said once, for up to ``RECORD_PATIENCE`` seconds; then it fails, naming the saved image."""
+    it does, said once, for up to ``RECORD_PATIENCE`` seconds; then it fails, naming the saved image. A job that
+    another service took over from ``owner`` meanwhile fails here (JobTaken), its image removed: the new owner
+    makes it."""
     from backend.errors import DreamttyError
-    from backend.queue_store import QueueUnavailable
+    from backend.queue_store import JobTaken, QueueUnavailable
 
     deadline, said = time.monotonic() + RECORD_PATIENCE, False
     while True:
         try:
-            return store.add_output(job_id, path)
+            return store.add_output(job_id, path, owner)
+        except JobTaken:
+            Path(path).unlink(missing_ok=True)
+            raise
         except QueueUnavailable as exc:
             if time.monotonic() > deadline:
                 raise DreamttyError(f"{exc}; the image {path} is saved but not recorded") from None

@@ -86,7 +86,7 @@ class _Store:
     def __init__(self, refusals: int) -> None:
         self.refusals, self.recorded = refusals, []
 
-    def add_output(self, job_id: int, path: str) -> None:
+    def add_output(self, job_id: int, path: str, owner: str | None = None) -> None:
         if self.refusals:
             self.refusals -= 1
             raise QueueUnavailable("/q.sqlite3", sqlite3.OperationalError("database or disk is full"))

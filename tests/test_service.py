@@ -304,6 +304,44 @@ def test_a_live_owner_keeps_its_jobs_and_a_silent_one_loses_them(db, tmp_path):
     assert store.adopt_orphans("someone-else") == []  # adopting renewed the lease of "me"
 
 
+def test_a_service_that_lost_its_job_to_an_adopter_writes_nothing_over_it(db):
+    """A service paused (or cut off from the queue file) past its lease lost its job to adopt_orphans; resumed, its
+    writes to that job change nothing: it made the job's images a second time, and ended it over the adopter."""
+    from backend.queue_store import JobTaken
+
+    store = QueueStore(db)
+    store.renew_lease("paused", now=0.0)
+    job = store.add("generate", {"request": {}}, "paused")
+    assert store.set_running([job], "paused") == {job} and store.add_output(job, "/out/a.png", "paused") is None
+    assert store.adopt_orphans("adopter") == [job]
+    with pytest.raises(JobTaken, match=rf"^job {job}: another dreamtty service took it over .* wait {job}\)$"):
+        store.add_output(job, "/out/b.png", "paused")
+    assert not store.set_state(job, "done", owner="paused") and store.set_running([job], "paused") == set()
+    store.retry(job, "paused")
+    assert (store.get(job).state, store.get(job).outputs, store.get(job).attempts) == ("queued", ["/out/a.png"], 0)
+    assert store.set_running([job], "adopter") == {job} and store.set_state(job, "done", owner="adopter")
+    store.add_output(job, "/out/a.png", "adopter")  # recorded already: no error, not twice
+    assert (store.get(job).state, store.get(job).outputs) == ("done", ["/out/a.png"])
+
+
+async def test_a_worker_whose_job_was_taken_over_removes_its_image_and_stops(running, db, tmp_path):
+    """The job's owner changes under a running worker (another service adopted it): its next image is not recorded
+    but removed (the adopter makes it), and its service says why the job stopped here."""
+    service, events = running
+    job = service.submit(GenerateRequest(prompt="x", steps=4, seed=11, count=3, max_batch=1), tmp_path)
+    seen = []
+    async for event in service.wait(job, events):
+        seen.append(event)
+        if isinstance(event, ImageSaved):
+            with sqlite3.connect(db) as other:  # as adopt_orphans would, by another service
+                other.execute("UPDATE jobs SET owner = 'adopter', state = 'queued' WHERE id = ?", (job,))
+    assert isinstance(seen[-1], Failed) and "another dreamtty service took it over" in seen[-1].error
+    first = [e.path for e in seen if isinstance(e, ImageSaved)]
+    assert len(first) == 1 and sorted(tmp_path.rglob("*.png")) == [Path(first[0])]
+    after = QueueStore(db).get(job)
+    assert (after.state, after.owner, after.outputs) == ("queued", "adopter", first)
+
+
 async def test_a_database_error_does_not_stop_the_lease(db, monkeypatch):
     """A renewal that fails (the database locked past its timeout) is tried again on the next round."""
     import sqlite3
