@@ -21,6 +21,7 @@ from backend.guidance_settings import GuidanceSettings, conflict_error
 from backend.prompting.presets import is_preset, known_presets, preset_fields
 from backend.request import GenerateRequest, parse_size
 from backend.samplers import SAMPLERS
+from backend.values import plain_float
 
 
 def parse_lora(text: str) -> tuple[str, float]:
@@ -59,9 +60,7 @@ def parse_floats(name: str, text: str) -> tuple[float, ...]:
     read, and the count was said wrong)."""
     parts = [part.strip() for part in text.split(",")]
     try:
-        if not text.isascii():  # float() reads other scripts' digits
-            raise ValueError(text)
-        values = tuple(float(v) for v in parts if v)
+        values = tuple(plain_float(v) for v in parts if v)
     except ValueError:
         raise RequestError(name, f"{text!r} is not a comma-separated list of numbers") from None
     if values and not all(parts):

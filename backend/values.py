@@ -90,11 +90,22 @@ def _ascii_text(name: str, value: object, said: str = "") -> None:
         raise RequestError(name, f"{shown(value)} is not a number (write it in ASCII digits){said}")
 
 
-def _float(value: object) -> float:
-    """``float()``, refusing the ``_`` of Python's digit grouping: "1_0" (10 to ``float()``) is a slip, not a number."""
-    if isinstance(value, str) and "_" in value:
-        raise ValueError(value)
+def plain_float(value: object) -> float:
+    """``float()``, refusing text that is not ASCII ("٣" is 3 to ``float()``) or holds the ``_`` of Python's digit
+    grouping ("1_0" is 10): a slip, not a number. ValueError then."""
+    _plain(value)
     return float(value)  # type: ignore[arg-type]
+
+
+def plain_int(text: str) -> int:
+    """``int()`` of a text, refusing what :func:`plain_float` refuses."""
+    _plain(text)
+    return int(text)
+
+
+def _plain(value: object) -> None:
+    if isinstance(value, str) and ("_" in value or not value.isascii()):
+        raise ValueError(value)
 
 
 def to_int(name: str, value: object) -> int:
@@ -108,7 +119,7 @@ def to_int(name: str, value: object) -> int:
     if whole:
         return int(value)  # exact, where a float would round a large number
     try:
-        number = _float(value) if isinstance(value, (float, str)) else math.nan
+        number = plain_float(value) if isinstance(value, (float, str)) else math.nan
     except ValueError:
         number = math.nan
     if not number.is_integer():  # also False for nan and inf
@@ -123,7 +134,7 @@ def to_float(name: str, value: object, allowed: str = "") -> float:
     try:
         if isinstance(value, bool):
             raise TypeError
-        out = _float(value)
+        out = plain_float(value)
     except OverflowError:  # an int beyond float's range
         out = math.inf
     except (TypeError, ValueError):

@@ -429,7 +429,8 @@ def test_the_queue_is_private(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["jobs", "--limit", "\u0663"], ["generate", "x", "-n", "\u0663"],
-                                  ["generate", "x", "--cfg", "\u0667.5"]])
+                                  ["generate", "x", "--cfg", "\u0667.5"],
+                                  ["jobs", "--limit", "1_0"], ["generate", "x", "--cfg", "1_0"]])  # 10 to int, float
 def test_numbers_in_other_scripts_digits_are_refused(argv, capsys):
     """int() reads "٣" as 3: `cancel ٣` acted on job 3 (see also the test of job ids)."""
     with pytest.raises(SystemExit) as exit_:
@@ -437,9 +438,10 @@ def test_numbers_in_other_scripts_digits_are_refused(argv, capsys):
     assert exit_.value.code == 2 and f"invalid {'number' if '--cfg' in argv else 'integer'} value" in capsys.readouterr().err
 
 
-def test_a_list_of_numbers_in_other_scripts_digits_is_refused(capsys):
+@pytest.mark.parametrize("scale", ["\u0663,1,1", "1_0,1,1"])
+def test_a_list_of_numbers_in_other_scripts_digits_is_refused(scale, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["generate", "x", "--adm-scale", "\u0663,1,1"])
+        main(["generate", "x", "--adm-scale", scale])
     assert exit_.value.code == 2 and "is not a comma-separated list of numbers" in capsys.readouterr().err
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from backend.events import Event, Step
 from backend.safetext import error_line
+from backend.values import plain_float, plain_int
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,10 +39,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def integer(text: str) -> int:
-    """argparse's ``type`` for a whole number of ASCII digits (``int()`` also reads "٣" as 3)."""
-    if not text.isascii():
-        raise ValueError(text)
-    return int(text)
+    """argparse's ``type`` for a whole number of ASCII digits (``int()`` also reads "٣" as 3, "1_0" as 10)."""
+    return plain_int(text)
 
 
 def id_number(text: str) -> int:
@@ -52,10 +51,8 @@ def id_number(text: str) -> int:
 
 
 def number(text: str) -> float:
-    """argparse's ``type`` for a number in ASCII (``float()`` also reads other scripts' digits)."""
-    if not text.isascii():
-        raise ValueError(text)
-    return float(text)
+    """argparse's ``type`` for a number in ASCII (``float()`` also reads other scripts' digits, and "1_0" as 10)."""
+    return plain_float(text)
 
 
 def given(text: str) -> str:
