@@ -354,8 +354,9 @@ def _connect(path: Path) -> sqlite3.Connection:
         if "attempts" not in have:  # a queue from before retries were counted
             db.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
         (result,) = db.execute("PRAGMA quick_check(1)").fetchone()
-        if result != "ok":
-            raise sqlite3.DatabaseError(result)
+        if result != "ok":  # "*** in database main ***\nPage 6: ...": the line that names the fault
+            raise sqlite3.DatabaseError(next((line for line in result.splitlines() if not line.startswith("***")),
+                                             "database disk image is malformed"))
     except sqlite3.Error:
         db.close()
         raise

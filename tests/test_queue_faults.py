@@ -1,12 +1,15 @@
 """The queue file taking no writes for a while (another program holds it locked, its disk is full): one line
-naming it, what workers report waits in order, and the queue moves on by itself once it takes writes again."""
+naming it, what workers report waits in order, and the queue moves on by itself once it takes writes again.
+A page of the file damaged: said in one line, and repaired keeping every row that still reads."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import time
 from contextlib import closing
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +108,28 @@ def test_a_saved_image_waits_for_its_record_then_fails_naming_it(monkeypatch):
     with pytest.raises(DreamttyError, match=r"disk is full; free some space on its disk; the image /out/b.png is "
                                             r"saved but not recorded$"):
         worker.record_output(_Store(refusals=10**6), 7, "/out/b.png", said.append)
+
+
+def _damage(db: Path, marker: str) -> None:
+    """Overwrite the page of the closed queue ``db`` that holds ``marker`` with garbage, as a bad sector does."""
+    data = db.read_bytes()
+    size = int.from_bytes(data[16:18], "big")
+    with open(db, "r+b") as file:
+        file.seek(data.index(marker.encode()) // size * size)
+        file.write(b"\xff" * size)
+
+
+def _queue(db: Path, prompts: list[str], owner: str = "gone") -> list[int]:
+    """A closed queue with a job of each of ``prompts``; their ids."""
+    with closing(QueueStore(db)) as store:
+        return [store.add("generate", {"request": {"prompt": prompt}}, owner) for prompt in prompts]
+
+
+def test_a_damaged_page_is_named_in_one_line(tmp_path):
+    db = tmp_path / "queue.sqlite3"
+    _queue(db, [f"{i:04}" * 100 for i in range(30)])
+    _damage(db, "0020" * 100)
+    with closing(QueueStore(db)) as store:
+        (warning,) = store.warnings
+    assert re.fullmatch(rf"queue: {re.escape(str(db))} is damaged \(Page \d+: [^\n]+\); moved it to "
+                        r"queue\.sqlite3\.corrupt-[-\d]+ and started a new queue with the \d+ jobs it could read", warning)
