@@ -463,11 +463,11 @@ async def _read_job(request: web.Request):
 def _absolute_inputs(request: GenerateRequest) -> None:
     """The images a job reads must be named absolute, as folders: the service's working folder is not the
     client's, so a relative path would read whatever lies there."""
-    named = [*((role, path) for role, (path, _) in request.input_files().items()),
-             *(("image_prompt", prompt.path) for prompt in request.image_prompts)]
-    for field, path in named:
+    named = [*((role, "", path) for role, (path, _) in request.input_files().items()),
+             *(("image_prompt", f"{prompt.label(i)}: ", prompt.path) for i, prompt in enumerate(request.image_prompts))]
+    for field, which, path in named:
         if path and not Path(path).is_absolute():
-            raise RequestError(field, f"{path!r} is relative; give an absolute path (the service reads it)")
+            raise RequestError(field, f"{which}{path!r} is relative; give an absolute path (the service reads it)")
 
 
 def _client_ref(data: dict) -> str | None:

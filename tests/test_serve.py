@@ -302,11 +302,14 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
             assert (status, body["error"]) == (400, error)
         status, body = await post(json.dumps({"request": {}, "out": "relative/dir"}).encode())
         assert status == 400 and body["field"] == "out"
-        for kind, request, key in (("img2img", {"image": "in.png"}, "image"),  # read in the service's folder before
-                                   ("inpaint", {"image": "/in.png", "mask": "m.png"}, "mask"),
-                                   ("generate", {"image_prompts": [{"path": "ref.png"}]}, "image_prompts")):
+        for kind, request, key, said in (  # read in the service's folder before
+                ("img2img", {"image": "in.png"}, "image", "image: 'in.png'"),
+                ("inpaint", {"image": "/in.png", "mask": "m.png"}, "mask", "mask: 'm.png'"),
+                ("generate", {"image_prompts": [{"path": "/a.png"}, {"path": "ref.png", "type": "canny"}]},
+                 "image_prompts", "image_prompts: 2 (canny): 'ref.png'")):  # which reference: numbered
             status, body = await post(json.dumps({"kind": kind, "request": request}).encode())
-            assert status == 400 and body["field"] == key and "is relative; give an absolute path" in body["error"]
+            assert status == 400 and body["field"] == key
+            assert body["error"] == f"{said} is relative; give an absolute path (the service reads it)"
         status, body = await post(json.dumps({"request": {"styles": ["Enhance", "enhance"]}}).encode())  # as the CLI
         assert (status, body["error"]) == (400, "styles: 'enhance' is given twice")
         fast = {"image": "/in.png", "fast": True, "strength": 0.5}  # the CLI refuses --fast --strength too
