@@ -5,8 +5,8 @@ Each service that queues jobs owns them under a random owner id and renews a lea
 killed, whatever became of its pid) are adopted by a recovering service and queued again; they
 resume at their first image not yet saved, since workers record each saved image here at once.
 A queue file that is not a readable database is moved aside (never deleted) and a new queue with
-the jobs that still read from it takes its place; a row that does not read as a job (edited by hand,
-or by another program) is marked failed with the reason, and the queue goes on.
+the rows that still read from it (jobs, training runs, leases) takes its place; a row that does not read
+as a job (edited by hand, or by another program) is marked failed with the reason, and the queue goes on.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ ACTIVE = ("queued", "running")
 FINAL = ("done", "failed", "cancelled")
 LEASE_TTL = 15.0  # seconds without a heartbeat before an owner's jobs may be adopted
 MAX_ID = 2**63 - 1  # SQLite's largest INTEGER: no job (nor run) has a larger id
-SALVAGE_MISSES = 1000  # ids in a row that do not read before the salvage of a damaged queue gives up
+SALVAGE_MISSES = 1000  # rowids in a row that do not read before the salvage of a damaged queue's table gives up
 MAX_COPY = 1 << 34  # a damaged queue whose header claims more than this (16 GiB) is read as it is
 
 
@@ -128,26 +128,28 @@ class QueueStore:
         self._name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]  # see image_tag
         locations.make_folder(path.parent, "queue")
         try:
-            self._db = self._open() if checked else _connect(path)
+            self._db = self._open() if checked else connect(path)
         except sqlite3.Error as exc:
             raise DreamttyError(f"queue: cannot open {path}: {exc}") from None
         if checked:  # the rows a worker may be given, checked now so that their warnings are said at start
             self._jobs(self._db.execute(f"SELECT {_SELECT} FROM jobs WHERE state NOT IN ({_FINAL_SQL})"))
 
     def _open(self) -> sqlite3.Connection:
-        """Connect; a damaged file is moved aside and replaced by a queue of the jobs that still read from it."""
+        """Connect; a damaged file is moved aside and replaced by a queue of the rows that still read from it."""
         try:
-            return _connect(self.path)
+            return connect(self.path)
         except sqlite3.DatabaseError as exc:
             # Exactly DatabaseError is SQLITE_CORRUPT or SQLITE_NOTADB: the content is garbage.
             # Subclasses (OperationalError: locked, unreadable, read-only...) leave the file alone.
             if type(exc) is not sqlite3.DatabaseError:
                 raise
             moved = _move_aside(self.path)
-            db = _connect(self.path)
-            kept = _salvage(moved, db)
+            db = connect(self.path)
+            counts = _salvage(moved, db)
+            kept = " and ".join(f"{n} {table if n != 1 else table[:-1]}" for table in ("jobs", "runs")
+                                if (n := counts.get(table)))
             self.warnings.append(f"queue: {self.path} is damaged ({exc}); moved it to {moved.name} and started "
-                                 + (f"a new queue with the {kept} jobs it could read" if kept else "an empty queue"))
+                                 + (f"a new queue with the {kept} it could read" if kept else "an empty queue"))
             return db
 
     def close(self) -> None:
@@ -330,7 +332,13 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     error TEXT, outputs TEXT NOT NULL DEFAULT '[]', owner TEXT NOT NULL DEFAULT '',
     attempts INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, heartbeat REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id)"""  # a queue of thousands: a state's jobs, in order
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, id);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL, devices TEXT NOT NULL, launcher TEXT,
+    state TEXT NOT NULL, pid INTEGER, owner TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
+    outcome TEXT, error TEXT, client_ref TEXT)"""  # the training runs (backend.run_schedule.RunStore)
+_TABLES = ("jobs", "runs", "owners")
+_ADDED = {"jobs": ("attempts", "INTEGER NOT NULL DEFAULT 0"), "runs": ("client_ref", "TEXT")}  # since a version
 _SELECT = "id, kind, request, state, created, updated, error, outputs, owner, attempts"
 _OWNED = " AND (? IS NULL OR owner = ?)"  # with _owner(owner)'s two values: a write only to a job ``owner`` owns
 
@@ -342,18 +350,19 @@ _FINAL_SQL = ", ".join(f"'{state}'" for state in FINAL)
 _ACTIVE_SQL = ", ".join(f"'{state}'" for state in ACTIVE)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    """Open (or create) the queue database and check it; raises sqlite3 errors. The file is made 0600
-    (prompts are private), and SQLite gives its -wal and -shm files the same mode."""
+def connect(path: Path, check: bool = True) -> sqlite3.Connection:
+    """Open (or create) the queue database with its tables, and ``check`` it; raises sqlite3 errors. The file
+    is made 0600 (prompts are private), and SQLite gives its -wal and -shm files the same mode."""
     _make_private(path)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(_SCHEMA)
-        have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-        if "attempts" not in have:  # a queue from before retries were counted
-            db.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
-        (result,) = db.execute("PRAGMA quick_check(1)").fetchone()
+        for table, (column, kind) in _ADDED.items():  # a queue file of an older version
+            if column not in _columns(db, table):
+                with contextlib.suppress(sqlite3.OperationalError):  # another process added it meanwhile
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        (result,) = db.execute("PRAGMA quick_check(1)").fetchone() if check else ("ok",)
         if result != "ok":  # "*** in database main ***\nPage 6: ...": the line that names the fault
             raise sqlite3.DatabaseError(next((line for line in result.splitlines() if not line.startswith("***")),
                                              "database disk image is malformed"))
@@ -361,6 +370,10 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _columns(db: sqlite3.Connection, table: str) -> list[str]:
+    return [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
 
 
 def _make_private(path: Path) -> None:
@@ -392,29 +405,43 @@ def _move_aside(path: Path) -> Path:
     return target
 
 
-def _salvage(damaged: Path, db: sqlite3.Connection) -> int:
-    """Copy the jobs of the ``damaged`` queue file that still read into ``db``, with their ids; how many.
-    It is read from a copy made whole (:func:`_whole_copy`); a row on a page that does not read is stepped
-    over, and after SALVAGE_MISSES ids in a row that do not read the rest is given up."""
-    kept, last, misses = 0, 0, 0
-    insert = f"INSERT OR IGNORE INTO jobs ({_SELECT}) VALUES ({', '.join('?' * len(_SELECT.split(',')))})"
+def _salvage(damaged: Path, db: sqlite3.Connection) -> dict[str, int]:
+    """Copy the rows of each table of the ``damaged`` queue file that still read into ``db`` (jobs and runs
+    with their ids, owners with their leases); how many of each. It is read from a copy made whole
+    (:func:`_whole_copy`)."""
     with tempfile.TemporaryDirectory(dir=damaged.parent) as folder:
         try:
             old = sqlite3.connect(_whole_copy(damaged, Path(folder) / "queue.sqlite3"))
         except (OSError, sqlite3.Error):
-            return 0
+            return {}
         with contextlib.closing(old):
-            while misses < SALVAGE_MISSES:
-                try:
-                    for row in old.execute(f"SELECT {_SELECT} FROM jobs WHERE id > ? ORDER BY id", (last,)):
-                        last, misses = row[0], 0
-                        with contextlib.suppress(sqlite3.Error):  # e.g. a NULL where the table wants a value
-                            kept += db.execute(insert, row).rowcount
-                    break
-                except sqlite3.OperationalError:  # not a queue of this schema (or no table at all)
-                    break
-                except sqlite3.DatabaseError:  # a damaged page: try past the row after the last one read
-                    last, misses = last + 1, misses + 1
+            return {table: _copy_rows(old, db, table) for table in _TABLES}
+
+
+def _copy_rows(old: sqlite3.Connection, db: sqlite3.Connection, table: str) -> int:
+    """Copy the rows of ``old``'s ``table`` that read into ``db``'s, in the columns both have; how many. A row on a
+    page that does not read is stepped over, and after SALVAGE_MISSES in a row that do not read the rest is given up."""
+    try:
+        have = _columns(old, table)
+    except sqlite3.DatabaseError:  # its schema does not read
+        return 0
+    columns = [column for column in _columns(db, table) if column in have]
+    if not columns:  # a file without the table
+        return 0
+    insert = f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    kept, last, misses = 0, 0, 0
+    while misses < SALVAGE_MISSES:
+        try:
+            for rowid, *row in old.execute(f"SELECT rowid, {', '.join(columns)} FROM {table} WHERE rowid > ? "
+                                           "ORDER BY rowid", (last,)):
+                last, misses = rowid, 0
+                with contextlib.suppress(sqlite3.Error):  # e.g. a NULL where the table wants a value
+                    kept += db.execute(insert, row).rowcount
+            break
+        except sqlite3.OperationalError:  # not a table of this schema
+            break
+        except sqlite3.DatabaseError:  # a damaged page: try past the row after the last one read
+            last, misses = last + 1, misses + 1
     return kept
 
 

@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import os
-import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -25,8 +24,7 @@ from pathlib import Path
 from backend.errors import DreamttyError
 from backend.events import Event, RunState, TrainState
 from backend.devices import parse_devices, visible_gpus
-from backend.queue_store import (LEASE_TTL, QueueUnavailable, is_time, json_column, listing_sql, queue_access,
-                                  readable_times)
+from backend.queue_store import LEASE_TTL, connect, is_time, json_column, listing_sql, queue_access, readable_times
 from backend.training import launch, runs
 
 WAITING, TRAINING, ENDED = "waiting", "training", "ended"
@@ -96,29 +94,17 @@ def trainer_env(devices: list[str]) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, indexes))}
 
 
-# -- the table ----------------------------------------------------------------------------------
-_SCHEMA = """CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL, devices TEXT NOT NULL, launcher TEXT,
-    state TEXT NOT NULL, pid INTEGER, owner TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
-    outcome TEXT, error TEXT, client_ref TEXT)"""
+# -- the table (its schema is the queue file's, in backend.queue_store) -------------------------------
 _SELECT = "id, path, devices, launcher, state, pid, owner, created, updated, outcome, error, client_ref"
 
 
 class RunStore:
     """The ``runs`` table of the queue database at ``path`` (whose ``owners`` leases it shares)."""
 
+    @queue_access
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-        try:
-            self._db.execute(_SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
-        except sqlite3.OperationalError as exc:
-            self._db.close()
-            raise QueueUnavailable(path, exc) from None
-        if "client_ref" not in columns:
-            with contextlib.suppress(sqlite3.OperationalError):  # another service added it meanwhile
-                self._db.execute("ALTER TABLE runs ADD COLUMN client_ref TEXT")  # a queue file of an older version
+        self._db = connect(path, check=False)  # checked by the service's QueueStore
 
     def close(self) -> None:
         self._db.close()

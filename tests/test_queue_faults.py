@@ -16,6 +16,7 @@ import pytest
 from backend import events as ev, worker
 from backend.errors import DreamttyError
 from backend.queue_store import QueueStore, QueueUnavailable
+from backend.run_schedule import WAITING, RunStore
 from backend.service import Service
 from test_job_groups import _StartedPool, _submit
 
@@ -131,5 +132,23 @@ def test_a_damaged_page_is_named_in_one_line(tmp_path):
     _damage(db, "0020" * 100)
     with closing(QueueStore(db)) as store:
         (warning,) = store.warnings
-    assert re.fullmatch(rf"queue: {re.escape(str(db))} is damaged \(Page \d+: [^\n]+\); moved it to "
-                        r"queue\.sqlite3\.corrupt-[-\d]+ and started a new queue with the \d+ jobs it could read", warning)
+    assert re.fullmatch(rf"queue: {re.escape(str(db))} is damaged \(Page \d+: [^\n]+\); moved it to queue\.sqlite3"
+                        r"\.corrupt-[-\d]+ and started a new queue with the \d+ jobs it could read", warning)
+
+
+def test_a_damaged_queue_is_repaired_keeping_its_training_runs_and_leases(tmp_path):
+    """Every table that still reads is carried over: a waiting run stays queued, and the jobs of a service that
+    renews its lease are not adopted as if it were gone."""
+    db = tmp_path / "queue.sqlite3"
+    jobs = _queue(db, [f"{i:04}" * 100 for i in range(30)], owner="live")
+    with closing(QueueStore(db)) as store, closing(RunStore(db)) as runs:
+        store.renew_lease("live")
+        run = runs.add(tmp_path / "run", ["cpu"], None, "live")
+    _damage(db, "0020" * 100)
+    with closing(QueueStore(db)) as store, closing(RunStore(db)) as runs:
+        kept = store.jobs()
+        assert store.warnings[0].endswith(f"started a new queue with the {len(kept)} jobs and 1 run it could read")
+        assert 20 <= len(kept) < len(jobs) and {job.id for job in kept} < set(jobs)
+        assert [(r.id, r.state, r.owner) for r in runs.runs()] == [(run, WAITING, "live")]
+        assert not any(job.orphaned for job in kept)
+        assert store.adopt_orphans("next") == [] and runs.adopt_orphans("next") == []
