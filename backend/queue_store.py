@@ -26,7 +26,7 @@ from pathlib import Path
 
 from backend import locations
 from backend.errors import DreamttyError, RequestError
-from backend.safetext import summary
+from backend.safetext import first_line, summary
 from backend.values import is_whole
 
 ACTIVE = ("queued", "running")
@@ -50,6 +50,16 @@ class QueueUnavailable(DreamttyError):
         super().__init__(f"queue: cannot use {path}: {exc}" + (f"; {hint}" if hint else ""))
 
 
+class QueueDamaged(QueueUnavailable):
+    """The queue file in use is damaged (SQLite reads garbage in it): one line naming it, with what helps.
+    A process that opens it while no service holds it repairs it (``QueueStore._open``)."""
+
+    def __init__(self, path: Path, exc: sqlite3.Error) -> None:  # a message of its own: not QueueUnavailable's
+        DreamttyError.__init__(self, f"queue: {path} is damaged ({first_line(exc)}); stop the service (dreamtty "
+                                     "serve --stop) and start it again: it repairs the file, keeping the jobs and "
+                                     "runs that still read")
+
+
 class JobTaken(DreamttyError):
     """Another service adopted the job while its owner renewed no lease (see ``QueueStore.adopt_orphans``)."""
 
@@ -60,7 +70,8 @@ class JobTaken(DreamttyError):
 
 
 def queue_access(method):
-    """A store method (of an object with ``path``) whose SQLite errors of access raise QueueUnavailable."""
+    """A store method (of an object with ``path``) whose SQLite errors of access raise QueueUnavailable, and of
+    a damaged file QueueDamaged."""
 
     @functools.wraps(method)
     def reach(self, *args, **kwargs):
@@ -68,8 +79,18 @@ def queue_access(method):
             return method(self, *args, **kwargs)
         except sqlite3.OperationalError as exc:
             raise QueueUnavailable(self.path, exc) from None
+        except sqlite3.DatabaseError as exc:
+            if not _damaged(exc):  # a bug (an integrity or programming error): as it is
+                raise
+            raise QueueDamaged(self.path, exc) from None
 
     return reach
+
+
+def _damaged(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` says the file's content is garbage: exactly DatabaseError is SQLITE_CORRUPT or SQLITE_NOTADB.
+    Its subclasses (OperationalError: locked, unreadable, read-only...) say nothing against the file."""
+    return type(exc) is sqlite3.DatabaseError
 
 
 def check_limit(limit: int, what: str, given: str | None = None) -> int:
@@ -130,6 +151,8 @@ class QueueStore:
         try:
             self._db = self._open() if checked else connect(path)
         except sqlite3.Error as exc:
+            if _damaged(exc):  # found by a connection of a queue checked already (``checked`` False)
+                raise QueueDamaged(path, exc) from None
             raise DreamttyError(f"queue: cannot open {path}: {exc}") from None
         if checked:  # the rows a worker may be given, checked now so that their warnings are said at start
             self._jobs(self._db.execute(f"SELECT {_SELECT} FROM jobs WHERE state NOT IN ({_FINAL_SQL})"))
@@ -139,9 +162,7 @@ class QueueStore:
         try:
             return connect(self.path)
         except sqlite3.DatabaseError as exc:
-            # Exactly DatabaseError is SQLITE_CORRUPT or SQLITE_NOTADB: the content is garbage.
-            # Subclasses (OperationalError: locked, unreadable, read-only...) leave the file alone.
-            if type(exc) is not sqlite3.DatabaseError:
+            if not _damaged(exc):  # left alone
                 raise
             moved = _move_aside(self.path)
             db = connect(self.path)

@@ -15,7 +15,7 @@ import pytest
 
 from backend import events as ev, worker
 from backend.errors import DreamttyError
-from backend.queue_store import QueueStore, QueueUnavailable
+from backend.queue_store import QueueDamaged, QueueStore, QueueUnavailable
 from backend.run_schedule import WAITING, RunStore
 from backend.service import Service
 from test_job_groups import _StartedPool, _submit
@@ -120,6 +120,13 @@ def _damage(db: Path, marker: str) -> None:
         file.write(b"\xff" * size)
 
 
+def _damage_in_use(db: Path, marker: str) -> None:
+    """``_damage`` an open queue: another program's write then has its connections read the file again."""
+    _damage(db, marker)
+    with closing(sqlite3.connect(db, isolation_level=None)) as other:
+        other.execute("INSERT INTO owners VALUES ('other', 0)")
+
+
 def _queue(db: Path, prompts: list[str], owner: str = "gone") -> list[int]:
     """A closed queue with a job of each of ``prompts``; their ids."""
     with closing(QueueStore(db)) as store:
@@ -152,3 +159,39 @@ def test_a_damaged_queue_is_repaired_keeping_its_training_runs_and_leases(tmp_pa
         assert [(r.id, r.state, r.owner) for r in runs.runs()] == [(run, WAITING, "live")]
         assert not any(job.orphaned for job in kept)
         assert store.adopt_orphans("next") == [] and runs.adopt_orphans("next") == []
+
+
+def _damaged_line(db: Path) -> str:
+    return (f"queue: {db} is damaged (database disk image is malformed); stop the service (dreamtty serve --stop) and "
+            "start it again: it repairs the file, keeping the jobs and runs that still read")
+
+
+def test_a_queue_damaged_in_use_is_one_line_saying_what_helps(tmp_path):
+    db = tmp_path / "queue.sqlite3"
+    _queue(db, [f"{i:04}" * 100 for i in range(30)])
+    with closing(QueueStore(db)) as store:
+        _damage_in_use(db, "0020" * 100)
+        with pytest.raises(QueueDamaged) as raised:
+            store.jobs()
+        assert str(raised.value) == _damaged_line(db)
+        with pytest.raises(QueueDamaged):  # another connection to it, for a thread
+            QueueStore(db, checked=False)
+
+
+async def test_the_api_answers_a_queue_damaged_in_use_in_one_line(tmp_path, caplog):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from backend.api import Api
+
+    db = tmp_path / "queue.sqlite3"
+    _queue(db, [f"{i:04}" * 100 for i in range(30)])
+    service = Service(devices="cpu", db_path=db, pool=_StartedPool(1))
+    try:
+        _damage_in_use(db, "0020" * 100)
+        async with TestClient(TestServer(Api(service, token="t").app), headers={"Authorization": "Bearer t"}) as http:
+            async with http.get("/v1/jobs") as answer:
+                assert (answer.status, await answer.json()) == (503, {"error": _damaged_line(db)})
+        assert not [record for record in caplog.records if record.exc_info]  # no traceback in the service log
+    finally:
+        service.store.close()
+        service.training.close()
