@@ -4,9 +4,10 @@ Each service that queues jobs owns them under a random owner id and renews a lea
 (a heartbeat time in the ``owners`` table). Jobs whose owner's lease ran out (the process was
 killed, whatever became of its pid) are adopted by a recovering service and queued again; they
 resume at their first image not yet saved, since workers record each saved image here at once.
-A queue file that is not a readable database is moved aside (never deleted) and a new queue with
-the rows that still read from it (jobs, training runs, leases) takes its place; a row that does not read
-as a job (edited by hand, or by another program) is marked failed with the reason, and the queue goes on.
+A queue file that is not a readable database is moved aside (never deleted), unless another process's
+service holds it, and a new queue with the rows that still read from it (jobs, training runs, leases)
+takes its place; a row that does not read as a job (edited by hand, or by another program) is marked
+failed with the reason, and the queue goes on.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from backend import locations
 from backend.errors import DreamttyError, RequestError
 from backend.safetext import first_line, summary
+from backend.service_files import queue_holder
 from backend.values import is_whole
 
 ACTIVE = ("queued", "running")
@@ -158,12 +160,15 @@ class QueueStore:
             self._jobs(self._db.execute(f"SELECT {_SELECT} FROM jobs WHERE state NOT IN ({_FINAL_SQL})"))
 
     def _open(self) -> sqlite3.Connection:
-        """Connect; a damaged file is moved aside and replaced by a queue of the rows that still read from it."""
+        """Connect; a damaged file is moved aside and replaced by a queue of the rows that still read from it, unless
+        a service holds the queue (``backend.service_files.hold_queue``): it would go on with the file moved aside."""
         try:
             return connect(self.path)
         except sqlite3.DatabaseError as exc:
             if not _damaged(exc):  # left alone
                 raise
+            if queue_holder(self.path.parent) is not None:
+                raise QueueDamaged(self.path, exc) from None
             moved = _move_aside(self.path)
             db = connect(self.path)
             counts = _salvage(moved, db)

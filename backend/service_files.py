@@ -161,7 +161,7 @@ def hold_queue(state: Path, info: dict) -> int | None:
     except OSError:
         return None
     if not _lock(fd):
-        held = _held_by(fd, state)
+        held = _held_by(_holder(fd), state)
         os.close(fd)
         raise QueueHeld(held)
     written = json.dumps(info).encode()
@@ -171,8 +171,8 @@ def hold_queue(state: Path, info: dict) -> int | None:
 
 
 def queue_holder(state: Path) -> str | None:
-    """The line naming the service that runs the state dir's queue when one does (under another runtime dir:
-    this one's has none answering), else None."""
+    """The line naming the service (another process) that runs the state dir's queue when one does (under
+    another runtime dir: this one's has none answering), else None."""
     try:
         fd = os.open(state / QUEUE_LOCK, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -180,7 +180,8 @@ def queue_holder(state: Path) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return _held_by(fd, state)
+        other = _holder(fd)
+        return None if other.get("pid") == os.getpid() else _held_by(other, state)
     except OSError:  # a file system without locks (NFS without lockd): none can be told
         return None
     finally:
@@ -188,13 +189,17 @@ def queue_holder(state: Path) -> str | None:
     return None
 
 
-def _held_by(fd: int, state: Path) -> str:
-    """The line naming the service whose details (pid, socket) the held queue lock ``fd`` holds."""
+def _holder(fd: int) -> dict:
+    """The details (pid, socket) of the service that holds the queue lock ``fd`` ({} when it wrote none)."""
     try:
         other = json.loads(os.pread(fd, 4096, 0))
     except ValueError:
-        other = {}
-    other = other if isinstance(other, dict) else {}
+        return {}
+    return other if isinstance(other, dict) else {}
+
+
+def _held_by(other: dict, state: Path) -> str:
+    """The line naming the service of ``other`` (its details) that holds the state dir's queue."""
     return (f"service: another one (pid {other.get('pid')}, socket {other.get('socket')}) runs the queue in "
             f"{state}, started with another runtime dir (XDG_RUNTIME_DIR); stop it, or run dreamtty with its "
             "XDG_RUNTIME_DIR")

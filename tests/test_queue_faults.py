@@ -5,8 +5,11 @@ A page of the file damaged: said in one line, and repaired keeping every row tha
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 import time
 from contextlib import closing
 from pathlib import Path
@@ -17,6 +20,7 @@ from backend import events as ev, worker
 from backend.errors import DreamttyError
 from backend.queue_store import QueueDamaged, QueueStore, QueueUnavailable
 from backend.run_schedule import WAITING, RunStore
+from backend.service_files import hold_queue
 from backend.service import Service
 from test_job_groups import _StartedPool, _submit
 
@@ -195,3 +199,30 @@ async def test_the_api_answers_a_queue_damaged_in_use_in_one_line(tmp_path, capl
     finally:
         service.store.close()
         service.training.close()
+
+
+def test_a_damaged_queue_that_a_service_runs_is_left_to_it(tmp_path):
+    """A --local command (or dreamtty jobs with no service answering) does not move aside the file that a running
+    service holds open: the service would go on with the file moved aside, and the two queues would diverge."""
+    db = tmp_path / "queue.sqlite3"
+    _queue(db, [f"{i:04}" * 100 for i in range(30)])
+    _damage(db, "0020" * 100)
+    holds = ("import os, sys; from pathlib import Path; from backend.service_files import hold_queue; "
+             "hold_queue(Path(sys.argv[1]), {'pid': os.getpid()}); print(flush=True); sys.stdin.read()")
+    service = subprocess.Popen(  # holds the queue as dreamtty serve does
+        [sys.executable, "-c", holds, str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=Path(__file__).parents[1])
+    try:
+        service.stdout.readline()
+        with pytest.raises(QueueDamaged, match=rf"^queue: {re.escape(str(db))} is damaged \(Page \d+: .*\); stop "
+                                               r"the service \(dreamtty serve --stop\) and start it again: it repairs"):
+            QueueStore(db)
+        assert not list(tmp_path.glob("queue.sqlite3.corrupt-*"))
+    finally:
+        service.communicate(timeout=60)
+    held = hold_queue(tmp_path, {"pid": os.getpid()})  # the service that holds it repairs it
+    try:
+        with closing(QueueStore(db)) as store:
+            assert "moved it to" in store.warnings[0] and store.jobs()
+    finally:
+        os.close(held)
