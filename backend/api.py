@@ -31,11 +31,11 @@ from pathlib import Path
 from aiohttp import WSCloseCode, web
 
 from backend import config, jobkinds, metadata
-from backend.errors import DreamttyError, RequestError
+from backend.errors import DreamttyError, RequestError, Transient
 from backend.events import Fanout, Preview, dumps
 from backend.http_server import trust
 from backend.outputs import check_out_dir
-from backend.queue_store import ACTIVE, FINAL, MAX_ID, QueueUnavailable, check_limit
+from backend.queue_store import ACTIVE, FINAL, MAX_ID, check_limit
 from backend.request import GenerateRequest
 from backend.run_schedule import STATES as RUN_STATES
 from backend.run_schedule import withdraw
@@ -135,7 +135,7 @@ class Api:
             return await handler(request)
         except NotFound as exc:
             return _error(404, str(exc))
-        except QueueUnavailable as exc:  # for now: the client may try again
+        except Transient as exc:  # for now (the queue file takes no writes, the service stops): try again later
             return _error(503, str(exc))
         except DreamttyError as exc:
             field, message, line = _field_of(exc)

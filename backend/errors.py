@@ -32,9 +32,13 @@ class RequestError(DreamttyError, ValueError):
 _JSON_KEYS = {"lora": "loras", "image_prompt": "image_prompts", "device": "devices"}
 
 
-class ServiceUnavailable(DreamttyError):
-    """No service answers: none runs, or the one in use was lost. Nothing queued is lost; a command exits 3
-    (a script may try again later), not 2 (bad input)."""
+class Transient(DreamttyError):
+    """A fault that passes: nothing queued is lost, and a command exits 3 (a script may try again later), not 2
+    (bad input); the API answers 503."""
+
+
+class ServiceUnavailable(Transient):
+    """No service answers: none runs, or the one in use was lost (or is stopping)."""
 
 
 class ModelError(DreamttyError):

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from backend import locations
-from backend.errors import DreamttyError, RequestError
+from backend.errors import DreamttyError, RequestError, Transient
 from backend.safetext import first_line, summary
 from backend.service_files import queue_holder
 from backend.values import is_whole
@@ -39,7 +39,7 @@ SALVAGE_MISSES = 1000  # rowids in a row that do not read before the salvage of 
 MAX_COPY = 1 << 34  # a damaged queue whose header claims more than this (16 GiB) is read as it is
 
 
-class QueueUnavailable(DreamttyError):
+class QueueUnavailable(Transient):
     """The queue file takes no reads or writes for now: another program holds it locked past SQLite's wait,
     its disk is full or read-only. One line naming the file, with what helps."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from backend import config
-from backend.errors import DreamttyError, RequestError, ServiceUnavailable
+from backend.errors import DreamttyError, RequestError, ServiceUnavailable, Transient
 from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, Fanout, ImageSaved, ServiceLost,
                             ServiceReady, TextOutput, concerns, loads)
 from backend.http_client import HTTPClient, Unreachable, WebSocket, authority
@@ -294,7 +294,7 @@ class RemoteClient:
                 raise DreamttyError(f"service: HTTP {status}")
             if data.get("field"):
                 raise RequestError.from_json_key(str(data["field"]), str(data.get("message")))
-            raise DreamttyError(str(data.get("error") or f"HTTP {status}"))
+            raise (Transient if status == 503 else DreamttyError)(str(data.get("error") or f"HTTP {status}"))
         if not isinstance(data, dict):
             raise DreamttyError(f"service: {self.address}: {method} {path} answered no JSON object")
         return data

@@ -1176,6 +1176,36 @@ async def test_a_submission_waiting_for_a_locked_queue_file_holds_up_no_other_re
         await service.forget_ended(0)
 
 
+async def test_a_queue_file_that_takes_no_writes_is_a_passing_fault_to_a_remote_client(tmp_path, monkeypatch, capsys):
+    """The API answers 503 (not 400: bad input) while the queue file is locked, the remote client raises it as a
+    passing fault, and a command exits 3, as when no service answers: a script may try again later."""
+    import sqlite3
+
+    from backend.errors import Transient
+    from tui import cli_queue
+    from tui.cli import main
+
+    db, sock = tmp_path / "queue.sqlite3", tmp_path / "serve.sock"
+    service, runner = await _serve_in_test(db, sock)
+    service.store._db.execute("PRAGMA busy_timeout = 50")  # SQLite waits 10 s for a lock by default
+    remote = RemoteClient(Address(socket=sock), start=None, previews=False, patience=None)
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(Transient, match=rf"^queue: cannot use {re.escape(str(db))}: database is locked; "):
+            await remote.cancel_all()
+        monkeypatch.setattr(cli_queue, "_client", lambda args: RemoteClient(Address(socket=sock), start=None,
+                                                                           previews=False, patience=None))
+        monkeypatch.setattr(signal, "signal", lambda *args: None)  # main's SIGTERM handler: the main thread's only
+        assert await asyncio.to_thread(main, ["cancel", "--all"]) == 3
+        assert capsys.readouterr().err.startswith("dreamtty: queue: cannot use ")
+    finally:
+        other.close()
+        await remote.close()
+        await runner.cleanup()
+        await service.close()
+
+
 async def _serve_in_test(db: Path, sock: Path) -> tuple[Service, web.AppRunner]:
     """A service without workers, its API on ``sock``, in this process."""
     from backend import http_server

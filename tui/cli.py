@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from backend.errors import DreamttyError, RequestError, ServiceUnavailable
+from backend.errors import DreamttyError, RequestError, Transient
 from backend.families import MODEL_NAMES
 from backend.safetext import error_line
 from backend.samplers import SAMPLERS, SCHEDULES
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except DreamttyError as exc:
         print(f"dreamtty: {error_line(exc)}", file=sys.stderr)
-        return 3 if isinstance(exc, ServiceUnavailable) else 2
+        return 3 if isinstance(exc, Transient) else 2
     except KeyboardInterrupt:
         print("dreamtty: interrupted", file=sys.stderr)
         return 130
