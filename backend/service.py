@@ -42,7 +42,7 @@ from backend.models import refiner_error, resolve_model, text_encoder_depth
 from backend.outputs import check_out_dir, settle
 from backend.pool import ProcessPool, Slot, WorkerPool
 from backend.prompting import check_prompts
-from backend.queue_store import ACTIVE, LEASE_TTL, Job, JobTaken, QueueStore, QueueUnavailable
+from backend.queue_store import ACTIVE, LEASE_TTL, Job, JobTaken, QueueDamaged, QueueStore, QueueUnavailable
 from backend.request import GenerateRequest
 from backend.run_schedule import RunStore, ScheduledRun, TrainingRuns, device_label, resolve_devices, withdraw
 from backend.training.config import TrainRequest
@@ -151,14 +151,18 @@ class Service:
 
     def _keep_lease(self) -> None:
         """Thread: renew this service's lease (a busy event loop must not lose it), adopt orphans. A database
-        error (locked past its timeout, a full disk) is logged and the next round tries again."""
-        store, run_store = QueueStore(self.store.path, checked=False), RunStore(self.store.path)
+        error (locked past its timeout, a full disk, a damaged file: opening it too) is logged and the next round
+        tries again."""
+        store: QueueStore | None = None
+        run_store: RunStore | None = None
         try:
             while not self._closing.wait(LEASE_RENEW):
                 try:
+                    store = store or QueueStore(self.store.path, checked=False)
+                    run_store = run_store or RunStore(self.store.path)
                     store.renew_lease(self.owner)
                     adopted = self.recover and (store.adopt_orphans(self.owner) + run_store.adopt_orphans(self.owner))
-                except (sqlite3.Error, QueueUnavailable) as exc:
+                except (sqlite3.Error, DreamttyError) as exc:
                     log.warning("cannot renew this service's lease: %s", exc)
                     continue
                 if adopted:
@@ -166,8 +170,9 @@ class Service:
         except RuntimeError:  # the loop closed under us
             pass
         finally:
-            store.close()
-            run_store.close()
+            for opened in (store, run_store):
+                if opened is not None:
+                    opened.close()
 
     def _take_adopted(self) -> None:
         """Run what was adopted: end the adopted runs whose trainer is gone, then dispatch."""
@@ -631,7 +636,10 @@ class Service:
         """Say why the queue writes wait (once), and try them again in ``WRITE_RETRY`` seconds."""
         if self._write_error != str(exc):
             self._write_error = str(exc)
-            self._say(f"{exc}; the jobs' states are written when it can be, and the queue goes on then", "warning")
+            # a damaged file takes writes again only once a service repaired it: its message says so
+            waits = "" if isinstance(exc, QueueDamaged) else ("; the jobs' states are written when it can be, and "
+                                                              "the queue goes on then")
+            self._say(f"{exc}{waits}", "warning")
         self._next_try = self._loop.call_later(WRITE_RETRY, self._write_unwritten)
 
     def _say(self, message: str, level: str) -> None:

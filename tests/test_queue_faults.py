@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, suppress
 from pathlib import Path
 
 import pytest
@@ -199,6 +199,27 @@ async def test_the_api_answers_a_queue_damaged_in_use_in_one_line(tmp_path, capl
     finally:
         service.store.close()
         service.training.close()
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # the lease's thread lives on
+async def test_what_a_worker_reports_to_a_damaged_queue_waits_with_what_helps_said_once(tmp_path):
+    """A damaged queue's line says what helps (stop and start the service); "the jobs' states are written when it
+    can be" after it was not so: the file is never written again until the service restarts. The thread that
+    renews the service's lease died opening the damaged file."""
+    db = tmp_path / "queue.sqlite3"
+    _queue(db, [f"{i:04}" * 100 for i in range(30)])
+    service = Service(devices="cpu", db_path=db, pool=_StartedPool(1))
+    events = service.subscribe()
+    await service.start()
+    try:
+        _damage_in_use(db, "0020" * 100)
+        for job in range(1, 4):  # a write to a damaged page fails, and those after it wait
+            service._handle(ev.Done(job=job, worker=0))
+        seen = [events.get_nowait() for _ in range(events.qsize())]
+        assert [e.message for e in seen if isinstance(e, ev.Log)] == [_damaged_line(db)]  # said once
+    finally:
+        with suppress(DreamttyError):
+            await service.close()
 
 
 def test_a_damaged_queue_that_a_service_runs_is_left_to_it(tmp_path):
