@@ -586,8 +586,9 @@ def test_models_help_names_only_existing_subcommands(capsys):
 @pytest.mark.parametrize("argv, words", [
     (["generate", "a fox", "--size", "²x64"], "size: '²x64' is not WxH"),
     (["generate", "a fox", "--freeu", "1,2,3"], "freeu: needs 4 comma-separated numbers, got 3"),
+    (["generate", "a fox", "--adm-scale", "1,2"], "adm_scale: needs 3 comma-separated numbers, got 2"),  # the field
     (["generate", "a fox", "--freeu", "a,b,c,d"], "freeu: 'a,b,c,d' is not a comma-separated list of numbers"),
-    (["generate", "a fox", "--adm-scale", "1,,1"], "adm-scale: '1,,1' has an empty value between commas"),  # "got 2"
+    (["generate", "a fox", "--adm-scale", "1,,1"], "adm_scale: '1,,1' has an empty value between commas"),  # "got 2"
     (["generate", "a fox", "--freeu", "1,2,3,4,"], "freeu: '1,2,3,4,' has an empty value after its last comma"),
     (["generate", "a fox", "--sag", "abc"], "argument --sag: sag: 'abc' is not a number; allowed 0..10"),
     (["generate", "a fox", "--cfg", "-inf"], "cfg: -inf is not a finite number; allowed 0..30"),  # "expected one"

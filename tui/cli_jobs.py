@@ -93,7 +93,7 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sharpness", type=_control("sharpness"), help="0..30")
     g.add_argument("--cfg-rescale", type=_control("cfg_rescale"), help="0..1")
     g.add_argument("--adaptive-cfg", type=_control("adaptive_cfg"), help="mimic CFG at high CFG")
-    g.add_argument("--adm-scale", type=_floats("adm-scale", 3), help="SDXL: POS,NEG,END (off: none)")
+    g.add_argument("--adm-scale", type=_floats("adm_scale", 3), help="SDXL: POS,NEG,END (off: none)")
     g.add_argument("--freeu", nargs="?", const=(), type=_floats("freeu", 4),
                    help="FreeU s1,s2,b1,b2 (alone: the family's defaults; off: none)")
     g.add_argument("--clip-skip", type=_control("clip_skip", whole=True),
