@@ -137,6 +137,8 @@ def test_bad_settings(service, tmp_path):
         (OutpaintRequest(image=image), "outpaint: nothing to add; give the pixels to add on the left, right, top or bottom"),
         (OutpaintRequest(image=image, left=-8), "left: -8 is negative"),
         (OutpaintRequest(image=image, right=500), "outpaint: the result would be 632x128, past demo (SD1-style, tiny)'s maximum 512"),
+        (OutpaintRequest(image=tiny, top=8), "outpaint: the result would be 20x48, under 64 pixels a side; add more "
+                                             "pixels, or start from a larger image"),  # it made a 20x48 image
         (OutpaintRequest(image=str(big), top=8), "image: {}/big.png is 2100x1000, past demo (SD1-style, tiny)'s "
                                                  "maximum 512 a side already; scale it down or crop it first"),
         (UpscaleRequest(image=image, scale=3), "scale: 3 is not allowed; allowed: 1.5, 2, 4"),

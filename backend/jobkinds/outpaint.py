@@ -10,6 +10,7 @@ from backend.errors import RequestError
 from backend.families import Family
 from backend.input_images import InputImage
 from backend.jobkinds.image_input import ImageInputRequest
+from backend.jobkinds.img2img import MIN_SIDE
 from backend.jobkinds.inpaint import check_feather
 from backend.values import to_int
 
@@ -53,6 +54,9 @@ class OutpaintRequest(ImageInputRequest):
         if fam is not None and max(width, height) > fam.max_side:
             raise RequestError("outpaint", f"the result would be {width}x{height}, past {fam.label}'s maximum "
                                            f"{fam.max_side} a side; add fewer pixels")
+        if min(width, height) < MIN_SIDE:  # as vary: the model would see a few latents a side
+            raise RequestError("outpaint", f"the result would be {width}x{height}, under {MIN_SIDE} pixels a side; "
+                                           "add more pixels, or start from a larger image")
         super().check_size(fam, width, height)
 
     def a1111_fields(self) -> list[tuple[str, object]]:
