@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 from backend import companions, library
-from backend.input_images import read_image
 from backend.jobkinds.describe import DescribeRequest
 
 MAX_CAPTION_TOKENS = 75
@@ -72,7 +71,7 @@ def describe_image(pipe, request: DescribeRequest, on_step=None, should_cancel=N
     from backend.models import resolve_model
 
     device = device or torch.device("cpu")
-    source = read_image(request.image, "image", request.image_hash)
+    source = request.read_input()
     family = resolve_model(request.model).family
     entry = companions.find_model("captioner", request.mode, family, "describe", field="describe")
     folder = model_path(entry)

@@ -12,25 +12,20 @@ from dataclasses import dataclass, replace
 
 from backend import companions
 from backend.errors import RequestError
-from backend.input_images import read_image
-from backend.request import GenerateRequest, optional, text_value
+from backend.jobkinds.image_input import OneImageRequest
+from backend.request import GenerateRequest, text_value
 from backend.values import absolute
 
 MODES = ("photo", "anime")
 
 
 @dataclass
-class DescribeRequest(GenerateRequest):
-    image: str = ""  # the image to describe
-    image_hash: str | None = None  # its content hash, recorded at submission
+class DescribeRequest(OneImageRequest):
     mode: str = "photo"
 
     @classmethod
     def converters(cls) -> dict:
-        return {**super().converters(), "image": text_value, "image_hash": optional(text_value), "mode": text_value}
-
-    def input_files(self) -> dict[str, tuple[str, str | None]]:
-        return {"image": (self.image, self.image_hash)}
+        return {**super().converters(), "mode": text_value}
 
     @property
     def uses_model(self) -> bool:
@@ -40,7 +35,7 @@ class DescribeRequest(GenerateRequest):
         """Check the image, the mode and that the captioner is there (RequestError naming the field)."""
         if self.mode not in MODES:
             raise RequestError("mode", f"unknown {self.mode!r}; allowed: {', '.join(MODES)}")
-        source = read_image(self.image, "image", self.image_hash)
+        source = self.read_input()
         companions.find_model("captioner", self.mode, family, "describe", field="describe")
         out = replace(self, image=absolute(self.image), image_hash=source.hash)
         return GenerateRequest.resolved(out, family)

@@ -38,11 +38,28 @@ def parse_strength(name: str, value: object) -> float:
 
 
 @dataclass
-class ImageInputRequest(GenerateRequest):
-    """A job that starts from an input image (an abstract base: each kind is a subclass)."""
+class OneImageRequest(GenerateRequest):
+    """A job that reads an input image (an abstract base: the image-input kinds, describe)."""
 
     image: str = ""  # the input image's path
     image_hash: str | None = None  # its content hash, recorded at submission
+
+    @classmethod
+    def converters(cls) -> dict:
+        return {**super().converters(), "image": text_value, "image_hash": optional(text_value)}
+
+    def input_files(self) -> dict[str, tuple[str, str | None]]:
+        return {"image": (self.image, self.image_hash)}
+
+    def read_input(self) -> InputImage:
+        """The input image (checked against its recorded hash)."""
+        return read_image(self.image, "image", self.image_hash)
+
+
+@dataclass
+class ImageInputRequest(OneImageRequest):
+    """A job that starts from an input image (an abstract base: each kind is a subclass)."""
+
     strength: float | None = None  # how much is repainted, 0..1; None = the kind's default
     keep_inputs: bool = False  # copy the input files into the output folder
 
@@ -51,16 +68,7 @@ class ImageInputRequest(GenerateRequest):
 
     @classmethod
     def converters(cls) -> dict:
-        return {**super().converters(), "image": text_value, "image_hash": optional(text_value),
-                "strength": optional(parse_strength), "keep_inputs": to_bool}
-
-    # -- inputs ------------------------------------------------------------------------
-    def input_files(self) -> dict[str, tuple[str, str | None]]:
-        return {"image": (self.image, self.image_hash)}
-
-    def read_input(self) -> InputImage:
-        """The input image (checked against its recorded hash)."""
-        return read_image(self.image, "image", self.image_hash)
+        return {**super().converters(), "strength": optional(parse_strength), "keep_inputs": to_bool}
 
     # -- validation --------------------------------------------------------------------
     def resolved(self, family: str) -> "ImageInputRequest":
