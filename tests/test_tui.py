@@ -390,6 +390,9 @@ async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path)
         # A job is queued: quitting asks first; "n" stays, "y" quits.
         await pilot.press("ctrl+q")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmQuit), what="the quit dialog")
+        await pilot.pause()
+        # its own keys at the bottom, not the screen's under it (which said ^g Generate)
+        assert [key.description for key in app.screen.query("FooterKey")] == ["Quit", "Stay"]
         await pilot.press("n")
         await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), what="the dialog to close")
         assert app.is_running

@@ -44,6 +44,8 @@ async def test_save_form_as_preset_lists_selects_and_asks_before_overwriting(idl
 
         dialog = await open_dialog(pilot, app)
         assert app.focused.id == "preset-name"
+        await pilot.pause()
+        assert "Cancel" in [key.description for key in dialog.query("FooterKey")]  # its keys, not the form's
         await pilot.press(*"my-look")
         await pilot.press("tab", *"cheap ink", "enter")  # enter in the description saves too
         await close(pilot, app)

@@ -40,6 +40,7 @@ from tui.latency import (GC_TICK, TYPING_QUIET, TYPING_RECENT, TYPING_REDRAW_INT
                          key_gated_driver)
 from tui.screens.generate import GenerateScreen
 from tui.text import line, markup, notify
+from tui.widgets.footer import KeysFooter
 from tui.widgets.progress import describe_step
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ class ConfirmQuit(ModalScreen[bool]):
             )
             yield Button("Quit (y)", variant="error", id="quit")
             yield Button("Stay (n)", variant="primary", id="stay")
+        yield KeysFooter()  # the dialog's keys, not the screen's under it
 
     def on_mount(self) -> None:
         self.query_one("#stay", Button).focus()

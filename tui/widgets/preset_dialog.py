@@ -16,6 +16,7 @@ from backend.prompting.datafiles import user_dir
 from backend.prompting.presets import NAME_MAX, PresetInfo, save_preset
 from tui.text import TextInput
 from tui.widgets.field import Field
+from tui.widgets.footer import KeysFooter
 
 SUFFIXES = (".yaml", ".yml")  # a name typed with one is taken without it
 
@@ -56,6 +57,7 @@ class SavePresetDialog(ModalScreen[Path | None]):
                         names=("preset",), hint=f"written to {user_dir('presets')}/NAME.yaml (at most {NAME_MAX} "
                                                 "characters; a .yaml ending is dropped)")
             yield Field("Description", TextInput(placeholder="optional", compact=True, id="preset-description"))
+        yield KeysFooter()  # the dialog's keys, not the screen's under it
 
     @property
     def name_field(self) -> Field:
