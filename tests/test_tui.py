@@ -904,6 +904,10 @@ async def test_bad_preset_and_custom_size_errors_point_at_the_right_field(idle_s
         await pilot.press("backspace")
         await pilot.pause()
         assert field_of(app, "#size").error == "" and idle_service.jobs() == []
+        form.query_one("#size-custom", Input).value = "65y64"  # an error naming the field "size", as the list's id
+        await pilot.press("ctrl+g")
+        await settle(pilot)
+        assert "is not WxH" in field_of(app, "#size").error and app.focused.id == "size-custom"
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])

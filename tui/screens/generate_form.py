@@ -296,9 +296,10 @@ class GenerateForm(VerticalScroll, can_focus=False):
         for group in field.ancestors:
             if isinstance(group, Collapsible):
                 group.collapsed = False
-        # The box the error names, else a text box where there is one (a custom size's WxH rather than the size list).
-        target = next((w for kind in (f"#{name}", "Input, TextArea", "Select") for w in field.query(kind)
-                       if not w.disabled), None)
+        # The text box the error names (an image prompt's weight), else a text box where there is one (a custom
+        # size's WxH rather than the size list).
+        target = next((w for kind in (f"Input#{name}, TextArea#{name}", "Input, TextArea", "Select")
+                       for w in field.query(kind) if not w.disabled), None)
         (target or field).focus()
         self.call_after_refresh(self._scroll_whole, field)
 
