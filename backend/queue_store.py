@@ -233,16 +233,18 @@ class QueueStore:
     @queue_access
     def add_output(self, job_id: int, path: str, owner: str | None = None) -> None:
         """Record a saved image, once (in one statement: other processes write this table too). With ``owner``,
-        JobTaken when another service owns the job now."""
+        JobTaken when another service owns the job now and has not recorded the image itself (its adopter records
+        what a paused worker saved: ``backend.outputs.settle``)."""
         recorded = self._db.execute(
             "UPDATE jobs SET outputs = json_insert(outputs, '$[#]', ?1), updated = ?2 WHERE id = ?3 "
             "AND NOT EXISTS (SELECT 1 FROM json_each(outputs) WHERE value = ?1)" + _OWNED,
             (path, time.time(), job_id, *_owner(owner)),
         ).rowcount
-        if owner is not None and not recorded:
-            row = self._db.execute("SELECT owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is not None and row[0] != str(owner):
-                raise JobTaken(job_id)
+        if owner is not None and not recorded and self._db.execute(
+                "SELECT 1 FROM jobs WHERE id = ?1 AND owner != ?2 "
+                "AND NOT EXISTS (SELECT 1 FROM json_each(outputs) WHERE value = ?3)",
+                (job_id, str(owner), path)).fetchone():
+            raise JobTaken(job_id)
 
     @queue_access
     def add_text(self, job_id: int, image: int, text: str) -> None:

@@ -316,12 +316,15 @@ def test_a_service_that_lost_its_job_to_an_adopter_writes_nothing_over_it(db):
     assert store.adopt_orphans("adopter") == [job]
     with pytest.raises(JobTaken, match=rf"^job {job}: another dreamtty service took it over .* wait {job}\)$"):
         store.add_output(job, "/out/b.png", "paused")
+    store.add_output(job, "/out/c.png", "adopter")  # the adopter settled the image the paused worker saved:
+    store.add_output(job, "/out/c.png", "paused")  # no JobTaken, so the worker does not remove it
     assert not store.set_state(job, "done", owner="paused") and store.set_running([job], "paused") == set()
     store.retry(job, "paused")
-    assert (store.get(job).state, store.get(job).outputs, store.get(job).attempts) == ("queued", ["/out/a.png"], 0)
+    outputs = ["/out/a.png", "/out/c.png"]
+    assert (store.get(job).state, store.get(job).outputs, store.get(job).attempts) == ("queued", outputs, 0)
     assert store.set_running([job], "adopter") == {job} and store.set_state(job, "done", owner="adopter")
     store.add_output(job, "/out/a.png", "adopter")  # recorded already: no error, not twice
-    assert (store.get(job).state, store.get(job).outputs) == ("done", ["/out/a.png"])
+    assert (store.get(job).state, store.get(job).outputs) == ("done", outputs)
 
 
 async def test_a_worker_whose_job_was_taken_over_removes_its_image_and_stops(running, db, tmp_path):
