@@ -590,13 +590,15 @@ class Service:
             self._dispatch()
 
     def _record(self, event: JobEvent) -> None:
-        """Write a job's start or end to the queue, then publish it."""
+        """Write a job's start or end to the queue, then publish it. A job another service adopted meanwhile
+        (this one renewed no lease) is not written over: its followers here are told it went there."""
         if isinstance(event, Started):
-            self.store.set_state(event.job, "running", owner=self.owner)
-            self._fanout.publish(event)
+            if self.store.set_state(event.job, "running", owner=self.owner):
+                self._fanout.publish(event)
             return
-        self.store.set_state(event.job, event.type, getattr(event, "error", None), self.owner)
-        if isinstance(event, Done):  # with the images saved before a restart or a retry
+        if not self.store.set_state(event.job, event.type, getattr(event, "error", None), self.owner):
+            event = Failed(job=event.job, worker=event.worker, error=str(JobTaken(event.job)))
+        elif isinstance(event, Done):  # with the images saved before a restart or a retry
             event = replace(event, paths=self.store.get(event.job).outputs)
         self._forget_active(event.job)
         slot = self._slot_of(event.job)
@@ -661,6 +663,10 @@ class Service:
                 continue
             if job.state == "cancelled" and job_id in self._cancelling:  # another process cancelled it (and the
                 self._ended_cancelled(job_id)  # worker died before it stopped): it ends so for its followers
+            if job.owner != self.owner:  # adopted by another service while this one renewed no lease: it runs there
+                self._forget_active(job.id)
+                self._fanout.publish(Failed(job=job.id, error=str(JobTaken(job.id))))
+                continue
             if job.state != "running":
                 continue
             job = self._settled(job)

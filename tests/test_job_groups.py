@@ -463,3 +463,29 @@ def test_a_cancel_seen_after_the_last_step_saves_no_image_and_ends_the_job_cance
                  sent.append, lambda: bool(cancelled), Output())
     worker._image_loop(worker.JobGroup([run]), jobkinds.get("generate"), {1: request}, None, "sd1", None)
     assert saved == [] and [type(e) for e in sent] == [ev.Cancelled]
+
+
+def test_a_service_whose_jobs_another_adopted_writes_nothing_over_them_and_tells_its_followers(tmp_path):
+    """This service renewed no lease for a while (paused): another adopted its running jobs. An end its worker
+    then sends, or its worker's death, leaves the adopter's state as it is, and a follower here is told where
+    the job went (it was told Done, or Retrying, of a job running elsewhere)."""
+    from backend.queue_store import JobTaken
+
+    pool = _StartedPool(2)
+    service = Service(devices="cpu", db_path=tmp_path / "q.sqlite3", pool=pool)
+    first, second = _submit(service, seed=1), _submit(service, steps=6)  # not one group
+    for worker in (0, 1):
+        service._handle(ev.WorkerReady(worker=worker, device="cpu", cuda_count=0))
+    assert pool.given == [(0, [first]), (1, [second])]
+    events = service.subscribe()
+    with closing(QueueStore(tmp_path / "q.sqlite3")) as other:
+        other.renew_lease(service.owner, now=0.0)
+        assert other.adopt_orphans("adopter") == [first, second]
+    service._handle(ev.Done(job=first, worker=0))
+    pool.slots[1].jobs = []
+    service._worker_died(pool.slots[1], [second], "worker 1 died", True)
+    seen = [events.get_nowait() for _ in range(events.qsize())]
+    assert [(type(e), e.job, e.error) for e in seen] == [(ev.Failed, job, str(JobTaken(job))) for job in (first, second)]
+    assert [(service.store.get(j).state, service.store.get(j).owner) for j in (first, second)] == [("queued",
+                                                                                                   "adopter")] * 2
+    service.store.close()
