@@ -196,7 +196,7 @@ def record_output(store, job_id: int, path: str, say: Callable[[str], None], own
     another service took over from ``owner`` meanwhile fails here (JobTaken), its image removed: the new owner
     makes it."""
     from backend.errors import DreamttyError
-    from backend.queue_store import JobTaken, QueueUnavailable
+    from backend.queue_store import JobTaken, QueueDamaged, QueueUnavailable
 
     deadline, said = time.monotonic() + RECORD_PATIENCE, False
     while True:
@@ -206,7 +206,7 @@ def record_output(store, job_id: int, path: str, say: Callable[[str], None], own
             Path(path).unlink(missing_ok=True)
             raise
         except QueueUnavailable as exc:
-            if time.monotonic() > deadline:
+            if isinstance(exc, QueueDamaged) or time.monotonic() > deadline:  # a damaged file mends only on restart
                 raise DreamttyError(f"{exc}; the image {path} is saved but not recorded") from None
             if not said:
                 say(f"{exc}; the job waits until it can record its image")

@@ -115,6 +115,20 @@ def test_a_saved_image_waits_for_its_record_then_fails_naming_it(monkeypatch):
         worker.record_output(_Store(refusals=10**6), 7, "/out/b.png", said.append)
 
 
+def test_a_saved_image_fails_at_once_on_a_damaged_queue(monkeypatch):
+    """It waited RECORD_PATIENCE (10 minutes) for a file that mends only when the service starts again."""
+    class Damaged:
+        def add_output(self, job_id: int, path: str, owner: str | None = None) -> None:
+            raise QueueDamaged(Path("/q.sqlite3"), sqlite3.DatabaseError("database disk image is malformed"))
+
+    said: list[str] = []
+    began = time.monotonic()
+    with pytest.raises(DreamttyError, match=r"^queue: /q.sqlite3 is damaged .*; the image /out/a.png is saved but "
+                                            r"not recorded$"):
+        worker.record_output(Damaged(), 7, "/out/a.png", said.append)
+    assert said == [] and time.monotonic() - began < worker.RECORD_RETRY
+
+
 def _damage(db: Path, marker: str) -> None:
     """Overwrite the page of the closed queue ``db`` that holds ``marker`` with garbage, as a bad sector does."""
     data = db.read_bytes()
