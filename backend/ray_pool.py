@@ -278,7 +278,9 @@ class RayPool:
 
     def _drive(self, ray, actor_class, worker: _Worker) -> None:
         """Thread: keep an actor running for ``worker``'s slot; pass on its events, save its images."""
-        store = QueueStore(self.db_path, checked=False)  # the service's queue, opened and checked already
+        store = self._queue(worker)
+        if store is None:
+            return
         try:
             while not self._stop.is_set():
                 actor = self._start_actor(ray, actor_class, worker)
@@ -294,6 +296,21 @@ class RayPool:
                 _kill(ray, actor)
         finally:
             store.close()
+
+    def _queue(self, worker: _Worker) -> QueueStore | None:
+        """The service's queue (opened and checked already), for ``worker``'s thread. While it cannot be opened (a
+        damaged file) the slot cannot start: said once, tried again every RESTART_DELAY; None once closing."""
+        while not self._stop.is_set():
+            try:
+                return QueueStore(self.db_path, checked=False)
+            except DreamttyError as exc:
+                self._faults.cannot(worker.slot.id, f"worker {worker.slot.id}: {exc}", self._tell)
+                self._stop.wait(RESTART_DELAY)
+        return None
+
+    def _tell(self, event: ev.Event) -> None:
+        """Thread: hand ``event`` to the service."""
+        self._call(self._on_event, event)
 
     def _start_actor(self, ray, actor_class, worker: _Worker):
         """A new actor for ``worker``, once it runs (a GPU may have to come free first); None when it
@@ -312,8 +329,7 @@ class RayPool:
             _kill(ray, actor)
             if not self._stop.is_set():
                 # said once: it is tried again every RESTART_DELAY
-                self._faults.cannot(worker.slot.id, f"worker {worker.slot.id}: {why}",
-                                    lambda event: self._call(self._on_event, event))
+                self._faults.cannot(worker.slot.id, f"worker {worker.slot.id}: {why}", self._tell)
                 self._stop.wait(RESTART_DELAY)
             return None
         self._call(self._ready, worker, actor, info)
@@ -340,7 +356,7 @@ class RayPool:
                 event = ev.Failed(job=event.job, worker=event.worker, error=worker.errors[event.job])
             elif isinstance(event, ev.Failed):
                 event = replace(event, error=f"{event.error} (on {worker.slot.node})")
-        self._call(self._on_event, event)
+        self._tell(event)
 
     def _ready(self, worker: _Worker, actor, info: dict) -> None:
         slot = worker.slot

@@ -509,3 +509,26 @@ def test_an_actor_lost_with_the_head_costs_its_jobs_no_attempt(tmp_path):
         answer.start()
         assert pool._death(RuntimeError("actor died")) == ("worker actor died (actor died)", True)
         answer.join()
+
+
+async def test_a_queue_an_actors_thread_cannot_open_is_said_once_and_it_stops_with_the_pool(tmp_path, monkeypatch):
+    """A damaged queue file: the thread that keeps an actor died with a traceback, silently for the service."""
+    from backend import ray_pool
+
+    monkeypatch.setattr(ray_pool, "RESTART_DELAY", 0.01)
+    db = tmp_path / "q.sqlite3"
+    db.write_bytes(b"not a database" * 512)
+    pool = ray_pool.RayPool("auto", db, gpu=False)
+    said: list = []
+    pool._loop, pool._on_event = asyncio.get_running_loop(), said.append
+    worker = pool._workers[0] = ray_pool._Worker(Slot(0, "cpu"))
+    opening = asyncio.create_task(asyncio.to_thread(pool._queue, worker))
+    while not said:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # tried again a few times: said once
+    pool._stop.set()
+    assert await opening is None
+    assert [(e.message, e.level) for e in said] == [(f"worker 0: queue: {db} is damaged (file is not a database); "
+                                                    "stop the service (dreamtty serve --stop) and start it again: it "
+                                                    "repairs the file, keeping the jobs and runs that still read",
+                                                    "error")]
