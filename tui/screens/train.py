@@ -18,7 +18,6 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widget import Widget
 from textual.widgets import Checkbox, Input, Log, OptionList, Select, Static
 from textual.widgets.option_list import Option, OptionDoesNotExist
 from textual.worker import Worker, get_current_worker
@@ -117,11 +116,6 @@ def heading(info: runs.RunInfo) -> str:
     text (cut to ``STATE_MOST``)."""
     state = str(info.state)
     return f"{STATE_MARKS.get(state, '?')} {one_line(info.name)}  [{line(state, STATE_MOST)}]"
-
-
-def _notify(node: Widget, message: object, **kwargs) -> None:
-    """A notification on one line: a run's name or error may hold a newline."""
-    notify(node, one_line(message), **kwargs)
 
 
 def _input_field(name: str, label: str, placeholder: str, value: str = "") -> Field:
@@ -363,15 +357,15 @@ class TrainPane(Vertical):
         for field in self.query(Field):
             field.set_error(None)
         for warning in warnings:
-            _notify(self, warning, title="warning", severity="warning", timeout=10)
+            notify(self, warning, title="warning", severity="warning", timeout=10)
         await self._fetch_schedule()
         self.scheduled[Path(run.path)] = run
         if run.state == TRAINING:
-            _notify(self, f"training started: {run.path}", title="train")
+            notify(self, f"training started: {run.path}", title="train")
         elif run.state == ENDED:  # its trainer could not start (said in its log too)
-            _notify(self, f"{run.name} could not start: {run.error}", title="train", severity="error")
+            notify(self, f"{run.name} could not start: {run.error}", title="train", severity="error")
         else:
-            _notify(self, f"{run.name} waits for {waiting_for(run, self.schedule)}; it starts when that is free",
+            notify(self, f"{run.name} waits for {waiting_for(run, self.schedule)}; it starts when that is free",
                     title="train")
         self.rescan()
         self.select_run(Path(run.path))
@@ -400,15 +394,15 @@ class TrainPane(Vertical):
             if scheduled is None:  # a run started before the service scheduled runs
                 request_stop(info.path)
             elif not await self.app.client.stop_run(scheduled.id):
-                _notify(self, f"{info.name} has already ended", severity="warning")
+                notify(self, f"{info.name} has already ended", severity="warning")
                 return
         except DreamttyError as exc:
-            _notify(self, exc, title="cannot stop", severity="error")
+            notify(self, exc, title="cannot stop", severity="error")
             return
         if info.state == runs.WAITING:
-            _notify(self, f"took {info.name} off the queue before it started", title="train")
+            notify(self, f"took {info.name} off the queue before it started", title="train")
         else:
-            _notify(self, f"stopping {info.name} after its current step (a checkpoint is saved)", title="train")
+            notify(self, f"stopping {info.name} after its current step (a checkpoint is saved)", title="train")
         self.rescan()
 
     # -- runs list -----------------------------------------------------------------
