@@ -142,7 +142,7 @@ _NAMED = {key.value for key in Keys if "+" not in key.value and not key.value.st
 def known_key(name: str) -> bool:
     """Whether ``name`` is a key Textual can report: modifiers, then a named key (``f5``, ``escape``),
     a character, or a character's name (``plus``, ``equals_sign``). A control character is none of them
-    (``ctrl+\x1b`` showed as ``^\x1b`` in the mode bar)."""
+    (``ctrl+\\x1b`` showed as ``^\\x1b`` in the mode bar)."""
     *modifiers, base = name.split("+")
     if not base or not name.isprintable() or any(m not in _MODIFIERS for m in modifiers):
         return False
