@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from backend import metadata
+from backend import input_images, metadata
 from backend.request import GenerateRequest
 from tui.cli import main
 
@@ -73,7 +73,16 @@ def test_reproduce_by_a_service_that_saved_where_this_machine_cannot_read_says_s
     monkeypatch.setattr(cli_jobs, "_run_jobs", remote)
     assert main(["reproduce", image, "--out", str(tmp_path)]) == 0
     said = capsys.readouterr().err.splitlines()[-1]
-    assert said == f"pixels: not compared ([Errno 2] No such file or directory: {str(elsewhere)!r})"  # ESC as \\x1b
+    assert said == f"pixels: not compared ([Errno 2] No such file or directory: {str(elsewhere)!r})"
+    real_open = input_images.open_quietly
+    monkeypatch.setattr(input_images, "open_quietly", lambda path: real_open(path) if str(path) != str(elsewhere)
+                        else _raises(OSError(f"cannot read\x1b[2J{elsewhere.name}\nthere")))
+    assert main(["reproduce", image, "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == "pixels: not compared (cannot read\\x1b[2J\\x1b[2Jfox.png)"
+
+
+def _raises(exc: Exception):
+    raise exc
 
 
 def test_reproduce_keeps_the_random_style_picks_and_names_a_changed_wildcard(tmp_path, demo_dirs):
