@@ -485,7 +485,7 @@ def test_a_service_whose_jobs_another_adopted_writes_nothing_over_them_and_tells
     pool.slots[1].jobs = []
     service._worker_died(pool.slots[1], [second], "worker 1 died", True)
     seen = [events.get_nowait() for _ in range(events.qsize())]
-    assert [(type(e), e.job, e.error) for e in seen] == [(ev.Failed, job, str(JobTaken(job))) for job in (first, second)]
-    assert [(service.store.get(j).state, service.store.get(j).owner) for j in (first, second)] == [("queued",
-                                                                                                   "adopter")] * 2
+    jobs = (first, second)
+    assert [(type(e), e.job, e.error) for e in seen] == [(ev.Failed, job, str(JobTaken(job))) for job in jobs]
+    assert [(service.store.get(j).state, service.store.get(j).owner) for j in jobs] == [("queued", "adopter")] * 2
     service.store.close()
