@@ -182,16 +182,21 @@ class RemoteClient:
             why = f" ({one_line(ws.close_reason)})" if ws.close_reason else ""
             self._fanout.publish(ServiceLost(message=f"service: lost the connection to {self.address}{why}; trying "
                                                      "again (its jobs stay queued)"))
-            down_since = down_since or time.monotonic()
+            down_since, said = down_since or time.monotonic(), None
             while True:
                 await asyncio.sleep(delay)
                 try:
                     await self._check_versions()
                     ws = await self._open_stream()
                     break
-                except VersionMismatch as exc:  # another version (or settings) of the service took its place
-                    self._lost = exc
-                    return
+                except (VersionMismatch, Unauthorized) as exc:  # another version, settings or token took its place
+                    if self._patience is not None:  # a command says so and ends
+                        self._lost = exc
+                        return
+                    if str(exc) != said:  # a TUI says so, and waits on for a service it can use
+                        said = str(exc)
+                        self._fanout.publish(ServiceLost(message=f"{exc}; trying again"))
+                    delay = min(delay * 2, RECONNECT_DELAY[1])
                 except DreamttyError:
                     delay = min(delay * 2, RECONNECT_DELAY[1])
                 if self._patience is not None and time.monotonic() - down_since > self._patience:
@@ -287,7 +292,7 @@ class RemoteClient:
             raise DreamttyError(f"service: {self.address}: {exc}") from None
         if status >= 400:
             if status == 401:
-                raise DreamttyError("service: unauthorized (the token is wrong or missing: DREAMTTY_TOKEN)")
+                raise Unauthorized("service: unauthorized (the token is wrong or missing: DREAMTTY_TOKEN)")
             if status == 404 and isinstance(data, dict):
                 raise _NotFound(str(data.get("error")))
             if not isinstance(data, dict):
@@ -471,6 +476,10 @@ def _tells(event: Event | None, job_id: int, seen: set[str]) -> bool:
 def _result_key(event: ImageSaved | TextOutput) -> str:
     """What tells one result of a job from another: an image's path, a text's index."""
     return event.path if isinstance(event, ImageSaved) else f"text {event.image}"
+
+
+class Unauthorized(DreamttyError):
+    """The service refused this client's token."""
 
 
 class VersionMismatch(DreamttyError):

@@ -1247,6 +1247,38 @@ async def test_a_tui_says_its_service_is_lost_and_reads_the_queue_again_when_it_
             await service.close()
 
 
+async def test_a_tui_client_says_a_service_it_cannot_use_and_follows_its_own_once_it_is_back(tmp_path, monkeypatch):
+    """A service of another build (or token) in its service's place: a TUI's client said nothing and stopped
+    following for good, so the TUI showed "trying again" while its own service ran again."""
+    from backend.events import ServiceLost, ServiceReady
+
+    monkeypatch.setattr(remote_client, "RECONNECT_DELAY", (0.05, 0.1))
+    db, sock = tmp_path / "queue.sqlite3", tmp_path / "serve.sock"
+    service, runner = await _serve_in_test(db, sock)
+    client = RemoteClient(Address(socket=sock), start=None, previews=False, patience=None)  # as the TUI's
+    events = client.subscribe()
+    other_build = {"on": True}
+    real = remote_client.versions_differ
+    try:
+        await client.jobs()  # connected, following the events
+        monkeypatch.setattr(remote_client, "versions_differ",
+                            lambda theirs: "it runs build 0ld0ld" if other_build["on"] else real(theirs))
+        await runner.cleanup()
+        await service.close()
+        service, runner = await _serve_in_test(db, sock)  # "another build"
+        said = []
+        while len(said) < 2:
+            said.append(await asyncio.wait_for(events.get(), 10))
+        assert [type(e) for e in said] == [ServiceLost, ServiceLost]
+        assert said[1].message == "service: it runs build 0ld0ld; trying again"
+        other_build["on"] = False  # its own build runs there now
+        assert isinstance(await asyncio.wait_for(events.get(), 10), ServiceReady)
+    finally:
+        await client.close()
+        await runner.cleanup()
+        await service.close()
+
+
 async def test_a_client_that_may_start_a_service_starts_one_when_its_service_is_gone(tmp_path, monkeypatch):
     """As for its first request: a request whose service stopped meanwhile was never sent, so it goes to the
     service started for it (the TUI's ctrl+g after ``dreamtty serve --stop``)."""
