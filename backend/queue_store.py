@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from backend import locations
+from backend import events, locations
 from backend.errors import DreamttyError, RequestError, Transient
 from backend.safetext import first_line, summary
 from backend.service_files import queue_holder
@@ -130,6 +130,14 @@ class Job:
     def to_dict(self) -> dict:
         """The job as JSON (the API's form)."""
         return {**asdict(self), "texts": self.texts}
+
+    def end_event(self) -> events.JobEvent | None:
+        """The event that ended the job, as read back (None while it is queued or running)."""
+        if self.state == "done":
+            return events.Done(job=self.id, paths=self.outputs)
+        if self.state == "failed":
+            return events.Failed(job=self.id, error=self.error or "failed")
+        return events.Cancelled(job=self.id) if self.state == "cancelled" else None
 
     @classmethod
     def from_dict(cls, data: dict) -> "Job":

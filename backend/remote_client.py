@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from backend import config
 from backend.errors import DreamttyError, RequestError, ServiceUnavailable, Transient
-from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, EventError, Failed, Fanout, ImageSaved, ServiceLost,
-                            ServiceReady, TextOutput, concerns, loads)
+from backend.events import (FINAL_EVENTS, Event, EventError, Fanout, ImageSaved, ServiceLost, ServiceReady, TextOutput,
+                            concerns, loads)
 from backend.http_client import HTTPClient, Unreachable, WebSocket, authority
 from backend.queue_store import ACTIVE, MAX_ID, Job
 from backend.safetext import one_line
@@ -452,13 +452,7 @@ class RemoteClient:
             *(TextOutput(job=job.id, image=i, text=text) for i, text in enumerate(job.texts))]
         caught = [event for event in caught if _result_key(event) not in seen]
         seen.update(map(_result_key, caught))
-        if job.state == "done":
-            caught.append(Done(job=job.id, paths=job.outputs))
-        elif job.state == "failed":
-            caught.append(Failed(job=job.id, error=job.error or "failed"))
-        elif job.state == "cancelled":
-            caught.append(Cancelled(job=job.id))
-        return caught
+        return caught + ([end] if (end := job.end_event()) else [])
 
 
 def _tells(event: Event | None, job_id: int, seen: set[str]) -> bool:

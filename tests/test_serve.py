@@ -1224,6 +1224,7 @@ async def test_a_tui_says_its_service_is_lost_and_reads_the_queue_again_when_it_
     runs again it reads the queue as it is then (a job cancelled meanwhile is no longer counted)."""
     from test_tui import opened, wait_for
     from tui.app import DreamttyApp
+    from tui.widgets.progress import JobProgress
 
     db, sock = tmp_path / "queue.sqlite3", tmp_path / "serve.sock"
     serve = partial(_serve_in_test, db, sock)
@@ -1234,14 +1235,24 @@ async def test_a_tui_says_its_service_is_lost_and_reads_the_queue_again_when_it_
     async with opened(app, size=(120, 40)) as pilot:
         try:
             await wait_for(pilot, lambda: app.activity() == "1 queued", what="the queued job")
+            progress = app.generate_screen.query_one(JobProgress)
+            app.generate_screen.handle_job_event(Queued(job=job, kind="generate", request={}))  # the job shown
+            await pilot.press("f2")
+            rows = lambda: [tuple(map(str, app.screen.query_one("#jobs").get_row_at(i)[:2]))  # noqa: E731
+                            for i in range(app.screen.query_one("#jobs").row_count)]
+            await wait_for(pilot, lambda: rows() == [(f"#{job}", "queued")], what="the job's row")
             await runner.cleanup()
             await service.close()
             await wait_for(pilot, lambda: app.activity() == "no service: trying again…", what="the lost service")
+            await wait_for(pilot, lambda: rows() == [], what="no stale row")  # it showed the job queued on
+            assert progress.status == f"Job #{job}: no service; it stays queued, and shows here again once it is back"
             with closing(QueueStore(db)) as store:
                 store.set_state(job, "cancelled")  # by another client, while this one was away
             service, runner = await serve()
             await wait_for(pilot, lambda: app.activity() == "starting the worker…", what="the service back")
             assert app.active == {}
+            await wait_for(pilot, lambda: rows() == [(f"#{job}", "cancelled")], what="the job read again")
+            await wait_for(pilot, lambda: progress.status == f"Job #{job} cancelled.", what="its end shown")
         finally:
             await runner.cleanup()
             await service.close()

@@ -1024,15 +1024,16 @@ async def test_the_queue_screen_without_a_service_says_so_in_one_line(idle_servi
         async def gone(*args, **kwargs):
             raise DreamttyError("service: none is running at /run/x.sock")
 
-        monkeypatch.setattr(app.client, "jobs", gone)
         monkeypatch.setattr(app.client, "cancel", gone)
+        await pilot.press("c")  # cancel the selected job
+        await settle(pilot)
+        assert app.is_running and list(app._notifications)[-1].message == "service: none is running at /run/x.sock"
+        monkeypatch.setattr(app.client, "jobs", gone)
         app.screen.refresh_jobs()
         app.screen.refresh_gallery()
         await settle(pilot)
         assert error.display and str(error.content) == "service: none is running at /run/x.sock"
-        await pilot.press("c")  # cancel the selected job
-        await settle(pilot)
-        assert app.is_running and list(app._notifications)[-1].message == "service: none is running at /run/x.sock"
+        assert app.screen.query_one("#jobs", DataTable).row_count == 0  # no row of a state that may be stale
 class SlotsWithoutProcesses:
     """A pool of one worker slot that never starts (backend.pool.WorkerPool): the service lists it as starting."""
 

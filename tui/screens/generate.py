@@ -20,7 +20,8 @@ from textual.screen import Screen
 from textual.widgets import Button, Input, Static, TextArea
 
 from backend.errors import DreamttyError, RequestError
-from backend.events import FINAL_EVENTS, Event, ImageSaved, JobEvent, Preview, Queued, Started, Step, TextOutput
+from backend.events import (FINAL_EVENTS, Event, ImageSaved, JobEvent, Preview, Queued, ServiceLost, ServiceReady,
+                            Started, Step, TextOutput)
 from tui import keymap
 from tui.text import notify
 from tui.widgets.footer import KeysFooter
@@ -201,6 +202,25 @@ class GenerateScreen(Screen):
     def _edit_mask_pressed(self) -> None:
         self.action_edit_mask()
 
+    @work(exclusive=True, group="follow-again")
+    async def _follow_again(self, event: ServiceLost | ServiceReady) -> None:
+        """The job shown while the service was away: its progress is stale once it is lost, and once it is back
+        the job is read again (it may have ended meanwhile: cancelled by another client)."""
+        progress, job_id = self.query_one(JobProgress), self.following
+        if isinstance(event, ServiceLost):
+            progress.set_status(f"Job #{job_id}: no service; it stays queued, and shows here again once it is back")
+            return
+        try:
+            job = await self.app.client.job(job_id)
+        except DreamttyError:  # lost again: its ServiceLost follows
+            return
+        if job is None or job_id != self.following:
+            return
+        if (end := job.end_event()) is not None:
+            self.handle_job_event(end)
+        else:
+            progress.set_status(f"Job #{job_id} {job.state}.")
+
     def _preset_saved(self, path: Path | None) -> None:
         if path is None:
             return
@@ -208,6 +228,8 @@ class GenerateScreen(Screen):
         notify(self, f"Preset {path.stem!r} written to {path}.", title="preset saved")
 
     def handle_job_event(self, event: Event) -> None:
+        if isinstance(event, (ServiceLost, ServiceReady)) and self.following is not None and not self.following_done:
+            self._follow_again(event)
         if not isinstance(event, JobEvent):
             return
         job = event.job

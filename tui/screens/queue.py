@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Label, Static
 
 from backend import jobkinds, metadata
 from backend.errors import DreamttyError, RequestError
-from backend.events import FINAL_EVENTS, Event, ImageSaved, Queued, Retrying, Started, Step
+from backend.events import FINAL_EVENTS, Event, ImageSaved, Queued, Retrying, ServiceLost, ServiceReady, Started, Step
 from backend.jobkinds.image_input import ImageInputRequest
 from backend.jobkinds.inpaint import InpaintRequest
 from backend.queue_store import ACTIVE, Job
@@ -38,7 +38,7 @@ JOB_ROWS = 60  # the newest jobs the jobs table lists, after the running ones
 GALLERY_ROWS = 500
 PROMPT_WIDTH = 61  # characters of a prompt in the job and gallery tables
 REFRESH_DELAY = 0.1  # seconds of job events a table's one new read covers
-_REFRESH_ON = (Queued, Started, Retrying, *FINAL_EVENTS)
+_REFRESH_ON = (Queued, Started, Retrying, *FINAL_EVENTS, ServiceLost, ServiceReady)  # the service lost: no stale row
 
 
 def gallery_entries(jobs: list[Job]) -> list[tuple[str, dict]]:
@@ -146,7 +146,8 @@ class QueueScreen(Screen):
         """The running jobs first (however many are queued after them), then the newest JOB_ROWS others."""
         running = await self._jobs(JOB_ROWS, ("running",))
         newest = None if running is None else await self._jobs(JOB_ROWS)
-        if newest is None:
+        if newest is None:  # why is said above the table; states read before may be stale now
+            self.query_one("#jobs", DataTable).clear()
             return
         shown = {job.id for job in running}  # a job may end between the two reads: listed once
         all_jobs = [*running, *(job for job in newest if job.id not in shown)]
