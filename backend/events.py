@@ -180,6 +180,13 @@ class ServiceLost(Event):
     message: str
 
 
+@_register("forgotten")
+class Forgotten(Event):
+    """Ended jobs were forgotten (``dreamtty jobs --forget``): job lists and galleries read again."""
+
+    count: int
+
+
 @_register("log")
 class Log(Event):
     message: str

@@ -33,8 +33,8 @@ from typing import TypeVar
 from backend import companions, config, jobkinds, locations
 from backend.devices import check_cluster_devices, check_devices
 from backend.errors import DreamttyError, ModelError, RequestError, ServiceUnavailable
-from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, JobEvent, Log, Note, Queued,
-                            Retrying, Started, TextOutput, WorkerModels, WorkerReady, WorkerReleased, concerns)
+from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, Forgotten, JobEvent, Log, Note,
+                            Queued, Retrying, Started, TextOutput, WorkerModels, WorkerReady, WorkerReleased, concerns)
 from backend.extras_check import check_extras
 from backend.guidance_settings import check_clip_skip
 from backend.job_groups import GROUP_SCAN, group_of
@@ -403,7 +403,10 @@ class Service:
         """Forget the jobs that ended more than ``days`` days ago (their images stay on disk); how many. Deleted
         off the event loop (:meth:`_write_in_thread`)."""
         before = time.time() - days * 86400
-        return await self._write_in_thread(lambda store: store.forget_ended(before), "forget them once it runs")
+        count = await self._write_in_thread(lambda store: store.forget_ended(before), "forget them once it runs")
+        if count:
+            self._fanout.publish(Forgotten(count=count))
+        return count
 
     def jobs(self, limit: int = 200, states: tuple[str, ...] | None = None, with_images: bool = False) -> list[Job]:
         return self.store.jobs(states, limit=limit, with_images=with_images)

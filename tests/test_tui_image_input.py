@@ -869,3 +869,17 @@ async def test_a_filled_reference_without_a_known_type_is_an_image_one_not_the_r
         rows.fill([{"path": "/a.png"}, {"path": "/b.png", "type": "sketch"}])
         await settle(pilot)
         assert [(r["path"], r["type"]) for r in rows.read()] == [("/a.png", "image"), ("/b.png", "image")]
+
+
+async def test_jobs_another_client_forgets_leave_the_queue_and_the_gallery_at_once(idle_service, tmp_path):
+    """``dreamtty jobs --forget`` in another terminal: the tables listed the forgotten jobs and their images until
+    some other job event came."""
+    in_gallery(idle_service, source_png(tmp_path / "fox.png"))
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(120, 40)) as pilot:
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: isinstance(app.screen, QueueScreen), what="the queue screen")
+        tables = [app.screen.query_one(f"#{name}", DataTable) for name in ("jobs", "gallery")]
+        await wait_for(pilot, lambda: [t.row_count for t in tables] == [1, 1], what="the job and its image")
+        assert await LocalClient(idle_service).forget_ended(0) == 1  # as the API's forget does for another client
+        await wait_for(pilot, lambda: [t.row_count for t in tables] == [0, 0], what="the tables read again")

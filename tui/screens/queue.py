@@ -21,7 +21,8 @@ from textual.widgets import DataTable, Label, Static
 
 from backend import jobkinds, metadata
 from backend.errors import DreamttyError, RequestError
-from backend.events import FINAL_EVENTS, Event, ImageSaved, Queued, Retrying, ServiceLost, ServiceReady, Started, Step
+from backend.events import (FINAL_EVENTS, Event, Forgotten, ImageSaved, Queued, Retrying, ServiceLost, ServiceReady,
+                            Started, Step)
 from backend.jobkinds.image_input import ImageInputRequest
 from backend.jobkinds.inpaint import InpaintRequest
 from backend.queue_store import ACTIVE, Job
@@ -38,7 +39,7 @@ JOB_ROWS = 60  # the newest jobs the jobs table lists, after the running ones
 GALLERY_ROWS = 500
 PROMPT_WIDTH = 61  # characters of a prompt in the job and gallery tables
 REFRESH_DELAY = 0.1  # seconds of job events a table's one new read covers
-_REFRESH_ON = (Queued, Started, Retrying, *FINAL_EVENTS, ServiceLost, ServiceReady)  # the service lost: no stale row
+_REFRESH_ON = (Queued, Started, Retrying, *FINAL_EVENTS, ServiceLost, ServiceReady, Forgotten)
 
 
 def gallery_entries(jobs: list[Job]) -> list[tuple[str, dict]]:
@@ -191,9 +192,9 @@ class QueueScreen(Screen):
     def handle_job_event(self, event: Event) -> None:
         if isinstance(event, _REFRESH_ON):
             self._refresh("jobs")
-        elif isinstance(event, ImageSaved):
+        if isinstance(event, (ImageSaved, Forgotten, ServiceReady)):  # the images of the jobs the service lists
             self._refresh("gallery")
-        elif isinstance(event, Step):
+        if isinstance(event, Step):
             table = self.query_one("#jobs", DataTable)
             job = event.job
             if str(job) in table.rows:
