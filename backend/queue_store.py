@@ -52,14 +52,17 @@ class QueueUnavailable(Transient):
         super().__init__(f"queue: cannot use {path}: {exc}" + (f"; {hint}" if hint else ""))
 
 
+# What mends a queue file damaged in use: the next process to open it while no service holds it repairs it.
+REPAIR = ("stop what uses it (dreamtty serve --stop; quit a TUI or command run with --local) and start it again: "
+          "it repairs the file, keeping the jobs and runs that still read")
+
+
 class QueueDamaged(QueueUnavailable):
     """The queue file in use is damaged (SQLite reads garbage in it): one line naming it, with what helps.
     A process that opens it while no service holds it repairs it (``QueueStore._open``)."""
 
     def __init__(self, path: Path, exc: sqlite3.Error) -> None:  # a message of its own: not QueueUnavailable's
-        DreamttyError.__init__(self, f"queue: {path} is damaged ({first_line(exc)}); stop the service (dreamtty "
-                                     "serve --stop) and start it again: it repairs the file, keeping the jobs and "
-                                     "runs that still read")
+        DreamttyError.__init__(self, f"queue: {path} is damaged ({first_line(exc)}); {REPAIR}")
 
 
 class JobTaken(DreamttyError):

@@ -18,7 +18,7 @@ import pytest
 
 from backend import events as ev, worker
 from backend.errors import DreamttyError
-from backend.queue_store import QueueDamaged, QueueStore, QueueUnavailable
+from backend.queue_store import REPAIR, QueueDamaged, QueueStore, QueueUnavailable
 from backend.run_schedule import WAITING, RunStore
 from backend.service_files import hold_queue
 from backend.service import Service
@@ -180,8 +180,7 @@ def test_a_damaged_queue_is_repaired_keeping_its_training_runs_and_leases(tmp_pa
 
 
 def _damaged_line(db: Path) -> str:
-    return (f"queue: {db} is damaged (database disk image is malformed); stop the service (dreamtty serve --stop) and "
-            "start it again: it repairs the file, keeping the jobs and runs that still read")
+    return f"queue: {db} is damaged (database disk image is malformed); {REPAIR}"
 
 
 def test_a_queue_damaged_in_use_is_one_line_saying_what_helps(tmp_path):
@@ -249,8 +248,8 @@ def test_a_damaged_queue_that_a_service_runs_is_left_to_it(tmp_path):
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=Path(__file__).parents[1])
     try:
         service.stdout.readline()
-        with pytest.raises(QueueDamaged, match=rf"^queue: {re.escape(str(db))} is damaged \(Page \d+: .*\); stop "
-                                               r"the service \(dreamtty serve --stop\) and start it again: it repairs"):
+        with pytest.raises(QueueDamaged, match=rf"^queue: {re.escape(str(db))} is damaged \(Page \d+: .*\); "
+                                               rf"{re.escape(REPAIR)}$"):
             QueueStore(db)
         assert not list(tmp_path.glob("queue.sqlite3.corrupt-*"))
     finally:

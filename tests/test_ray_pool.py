@@ -514,6 +514,7 @@ def test_an_actor_lost_with_the_head_costs_its_jobs_no_attempt(tmp_path):
 async def test_a_queue_an_actors_thread_cannot_open_is_said_once_and_it_stops_with_the_pool(tmp_path, monkeypatch):
     """A damaged queue file: the thread that keeps an actor died with a traceback, silently for the service."""
     from backend import ray_pool
+    from backend.queue_store import REPAIR
 
     monkeypatch.setattr(ray_pool, "RESTART_DELAY", 0.01)
     db = tmp_path / "q.sqlite3"
@@ -529,6 +530,4 @@ async def test_a_queue_an_actors_thread_cannot_open_is_said_once_and_it_stops_wi
     pool._stop.set()
     assert await opening is None
     assert [(e.message, e.level) for e in said] == [(f"worker 0: queue: {db} is damaged (file is not a database); "
-                                                    "stop the service (dreamtty serve --stop) and start it again: it "
-                                                    "repairs the file, keeping the jobs and runs that still read",
-                                                    "error")]
+                                                    f"{REPAIR}", "error")]
