@@ -75,6 +75,7 @@ class Step(JobEvent):
     its: float
     eta: float
     done: int | None = None  # steps done over the job's images, those denoised together each counted (None: unknown)
+    batch: int = 1  # the job's images denoised together with this one (this one's batch)
 
     def problem(self) -> str | None:
         return None if self.total > 0 else f"has total {self.total} (a step of none)"

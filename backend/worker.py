@@ -518,7 +518,8 @@ def _step_events(run: JobRun, request, family) -> Callable:
                 clock["step"] = now
                 rate = step / max(now - clock["start"], 1e-9)
                 run.emit(ev.Step, image=i, count=request.count, step=step, total=total, its=rate,
-                         eta=(total - step) / rate + later * total / rate, done=first * total + images * step)
+                         eta=(total - step) / rate + later * total / rate, done=first * total + images * step,
+                         batch=images)
             if family is not None and not last and now - clock["preview"] >= PREVIEW_INTERVAL:
                 clock["preview"] = now
                 rgb = latent_preview(latents, family.preview_matrix, family.preview_bias)

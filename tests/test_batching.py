@@ -22,6 +22,7 @@ from backend.queue_store import QueueStore
 from backend.request import GenerateRequest
 from backend.worker import JobGroup, JobRun, LocalOutput, _make_images
 from job_helpers import worker_images
+from tui.widgets.progress import describe_step
 
 CPU = torch.device("cpu")
 SMALL = dict(steps=4, width=64, height=64)
@@ -121,6 +122,9 @@ def test_events_per_image_and_max_batch_splits_the_job(cache, tmp_path):
     assert {e.image for e in steps} == {0, 1, 2, 3, 4}
     last = {e.image: e for e in steps if e.step == e.total}
     assert [last[i].done for i in range(5)] == [6, 6, 12, 12, 15]  # both images of a batch advance at once
+    # either image's event says the batch (the Generate panel and the mode bar showed image 1 and image 2)
+    assert [describe_step(last[i]).split(" · ")[0] for i in range(5)] == ["images 1–2/5"] * 2 + ["images 3–4/5"] * 2 \
+        + ["image 5/5"]
     assert {e.image for e in sent if isinstance(e, ev.Preview)} <= {0, 1, 2, 3, 4}
     order = [(type(e).__name__, e.image) for e in sent if isinstance(e, (ev.Step, ev.ImageSaved)) and
              (isinstance(e, ev.ImageSaved) or e.step == e.total)]

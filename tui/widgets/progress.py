@@ -13,9 +13,17 @@ from tui.text import plain
 
 
 def describe_step(event: Step) -> str:
-    """One line for a ``step`` event."""
-    image = f"image {event.image + 1}/{event.count} · " if event.count > 1 else ""
+    """One line for a ``step`` event: the images of its batch, all of them advancing at once (any of their
+    events reads the same)."""
+    image = f"{_images(event)}/{event.count} · " if event.count > 1 else ""
     return f"{image}step {event.step}/{event.total} · {event.its:.1f} it/s · ETA {format_eta(event.eta)}"
+
+
+def _images(event: Step) -> str:
+    if event.batch == 1 or event.done is None:
+        return f"image {event.image + 1}"
+    first = (event.done - event.batch * event.step) // event.total  # done counts the batches before this one whole
+    return f"images {first + 1}–{first + event.batch}"
 
 
 def step_counts(event: Step) -> tuple[int, int]:
