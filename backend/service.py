@@ -256,9 +256,8 @@ class Service:
         if not request.uses_model:
             resolved = request.resolved(self._family_or_default(request.model))
             if any(prompt.active for prompt in resolved.image_prompts):
-                what = ("describe runs a captioner, not an image model" if jobkinds.kind_of(request).name == "describe"
-                        else "this job runs no model (e.g. a fast upscale)")
-                raise RequestError("image_prompt", f"{what}, so reference images cannot steer it; leave them out")
+                raise RequestError("image_prompt", f"{request.no_model}, so reference images cannot steer it; leave "
+                                                   "them out")
             return resolved, ""
         ref = resolve_model(request.model, variants=request.model_variants)
         if ref.family == "sdxl-refiner":  # refused here, not when its worker loads it

@@ -23,6 +23,8 @@ MODES = ("photo", "anime")
 class DescribeRequest(OneImageRequest):
     mode: str = "photo"
 
+    no_model = "describe runs a captioner, not an image model"
+
     @classmethod
     def converters(cls) -> dict:
         return {**super().converters(), "mode": text_value}
