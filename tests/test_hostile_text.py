@@ -316,8 +316,8 @@ async def test_an_inline_error_naming_a_huge_path_is_cut(idle_service, tmp_path)
 
 async def test_keymap_from_the_config_file(idle_service, tmp_path):
     """Keys that no terminal sends are dropped, their defaults kept, and each is said, escaped."""
-    config_path().write_text(yaml.safe_dump({"keymap": {"generate": "[/]", "screen.queue": "a\x1bc",
-                                                        "mask.edit": "[b]x", "[b]\x1bc": "f9"}}))
+    config_path().write_text(yaml.safe_dump({"keymap": {"generate": "ctrl+g\nx", "screen.queue": "a\x1bc",
+                                                        "mask.edit": "[b]x", "[b]\x1bc": "f9", "screen.train": "f8 "}}))
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(140, 45), notifications=True) as pilot:
         await settle(pilot)  # the form loads styles and presets after the first frame
@@ -325,7 +325,10 @@ async def test_keymap_from_the_config_file(idle_service, tmp_path):
         [notice] = [n.message.splitlines() for n in app._notifications]  # one notice, a problem a line
         assert "• keymap.screen.queue: 'a\\x1bc' is not a key name (e.g. ctrl+g, f5, escape, x); keeping f2" in notice
         assert "• keymap: '[b]\\x1bc' is not a binding id (the ids are listed in docs/tui.md)" in notice
-        assert "F2 Queue" in screen_text(app)  # the mode bar
+        assert "• keymap.generate: 'ctrl+g\\nx' is not a key name (e.g. ctrl+g, f5, escape, x); keeping ctrl+g" in notice
+        shown = screen_text(app)
+        assert "F2 Queue & gallery │ F8 Train │ F4 Models" in shown  # the mode bar: the kept keys, on one line
+        assert "Idle: write a prompt and press ^g." in shown  # not the refused key (it said ^g, a newline, x)
         assert str(app.screen.query_one("#in-edit-mask", Button).label) == "Edit mask (^t)"
         await pilot.press("ctrl+p")  # the command palette lists every key (its help line is markup)
         await pilot.pause(0.5)

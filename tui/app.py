@@ -33,7 +33,7 @@ from backend.client import Client
 from backend.errors import DreamttyError, RequestError
 from backend.events import (FINAL_EVENTS, Event, Log, Queued, Retrying, ServiceLost, ServiceReady, Started, Step,
                             WorkerReady)
-from backend.safetext import error_line, visible
+from backend.safetext import error_line, one_line
 from backend.serve import WORKER_NICE
 from tui import keymap
 from tui.latency import (GC_TICK, TYPING_QUIET, TYPING_RECENT, TYPING_REDRAW_INTERVAL, KeyGate, QuietGC,
@@ -127,6 +127,8 @@ class DreamttyApp(App):
         super().__init__()
         self.animation_level = "none"  # no smooth scrolling: less to send over SSH, and no lag
         self.config = config.load()
+        # the keys of the user's keymap that work (the screens show them as they compose), and why others do not
+        self.config.keymap, self._keymap_warnings = keymap.check_keymap(self.config.keymap)
         self.default_model = model or self.config.default_model  # None: the request's own default
         self.model_given = model is not None
         self.default_preset = self.config.default_preset
@@ -149,10 +151,9 @@ class DreamttyApp(App):
         self.set_timer(FIRST_FRAME_WAIT, self.first_frame_shown)  # a screen without a footer
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-        self.config.keymap, keymap_warnings = keymap.check_keymap(self.config.keymap)
         self.set_keymap(self.config.keymap)
-        if self.config.warnings or keymap_warnings:
-            title, message = config_notice(self.config.warnings, keymap_warnings)
+        if self.config.warnings or self._keymap_warnings:
+            title, message = config_notice(self.config.warnings, self._keymap_warnings)
             notify(self, message, title=title, severity="warning", timeout=20)
         self.run_worker(self._consume_events(self.client.subscribe()), group="events", name="events")
         # The worker process (it imports torch) starts once the first frame is on the screen.
@@ -285,8 +286,9 @@ class DreamttyApp(App):
         return shown.upper() if re.fullmatch(r"f\d+", shown) else shown  # f1 -> F1 (but f stays f)
 
     def get_key_display(self, binding: Binding) -> str:
-        """Keys come from the user's keymap: shown with control characters visible (footer, keys panel, mode bar)."""
-        return visible(super().get_key_display(binding))
+        """Keys come from the user's keymap: shown on one line, control characters visible (footer, keys panel, mode
+        bar)."""
+        return one_line(super().get_key_display(binding))
 
     def on_models_pane_default_changed(self, message: ModelsPane.DefaultChanged) -> None:
         self.default_model = message.model

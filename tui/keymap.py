@@ -176,7 +176,7 @@ def check_keymap(user: dict[str, str]) -> tuple[dict[str, str], list[str]]:
             warnings.append(f"keymap.{binding_id}: {typed!r} types text, and this binding would take it from every "
                             f"text box (use ctrl+, alt+ or an f key); keeping {defaults[binding_id]}")
         else:
-            kept[binding_id] = keys
+            kept[binding_id] = ",".join(names)
     for group in GROUPS:
         owners: dict[str, str] = {}
         for key in group:
