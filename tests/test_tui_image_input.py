@@ -883,3 +883,25 @@ async def test_jobs_another_client_forgets_leave_the_queue_and_the_gallery_at_on
         await wait_for(pilot, lambda: [t.row_count for t in tables] == [1, 1], what="the job and its image")
         assert await LocalClient(idle_service).forget_ended(0) == 1  # as the API's forget does for another client
         await wait_for(pilot, lambda: [t.row_count for t in tables] == [0, 0], what="the tables read again")
+
+
+@pytest.mark.parametrize("collapsed", [True, False])
+async def test_an_image_prompt_rows_error_is_in_view_at_80_columns(idle_service, tmp_path, collapsed):
+    """At 80x24 with Image prompts collapsed, the error of a row in the middle opened the group but stayed below
+    the form: the row's label turned red and its message could not be seen."""
+    source_png(tmp_path / "fox.png")
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(80, 24)) as pilot:
+        await settle(pilot)
+        form = app.screen.form
+        await pilot.press(*"a fox")
+        form.query_one("#ref-2-path", Input).value = str(tmp_path / "fox.png")
+        form.query_one("#ref-2-weight", Input).value = "3"
+        form.query_one("#image-prompts", Collapsible).collapsed = collapsed
+        await pilot.pause()
+        await pilot.press("ctrl+g")
+        await settle(pilot)
+        await pilot.pause(0.3)
+        error = row_of(app, "#ref-2-weight").query_one(".field-error")
+        assert str(error.content).startswith("Reference 3: weight 3 is out of range")
+        assert form.scrollable_content_region.contains_region(error.region) and app.focused.id == "ref-2-weight"

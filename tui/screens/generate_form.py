@@ -301,7 +301,9 @@ class GenerateForm(VerticalScroll, can_focus=False):
         target = next((w for kind in (f"Input#{name}, TextArea#{name}", "Input, TextArea", "Select")
                        for w in field.query(kind) if not w.disabled), None)
         (target or field).focus()
-        self.call_after_refresh(self._scroll_whole, field)
+        # scrolled once the group it opens is laid out: two refreshes (after one, a group in the middle of the form
+        # had its old height, and the error stayed below the form at 80x24)
+        self.call_after_refresh(self.call_after_refresh, self._scroll_whole, field)
 
     def _scroll_whole(self, field: Field) -> None:
         """Scroll ``field`` (laid out with its error, its group open) whole into view. Textual's ``scroll_visible``
