@@ -393,6 +393,11 @@ async def test_keys_keymap_modes_palette_and_quit_dialog(idle_service, tmp_path)
         await pilot.pause()
         # its own keys at the bottom, not the screen's under it (which said ^g Generate)
         assert [key.description for key in app.screen.query("FooterKey")] == ["Quit", "Stay"]
+        queued = len(idle_service.jobs())
+        await pilot.press("f5", "ctrl+x")  # nothing queued or cancelled behind the question (it counts the jobs)
+        await settle(pilot)
+        assert len(idle_service.jobs()) == queued and isinstance(app.screen, ConfirmQuit)
+        assert [job.state for job in idle_service.jobs()] == ["queued"] * queued
         await pilot.press("n")
         await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), what="the dialog to close")
         assert app.is_running

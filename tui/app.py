@@ -388,7 +388,10 @@ class DreamttyApp(App):
         self.call_after_refresh(self.exit)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """Escape is the keys panel's only while one is shown (else the screen's and its widgets')."""
+        """Escape is the keys panel's only while one is shown (else the screen's and its widgets'). Behind a dialog
+        no job is queued or cancelled (ctrl+g queued one behind the quit dialog, which counted one job fewer)."""
+        if action in ("generate", "cancel_running") and isinstance(self.screen, ModalScreen):
+            return False
         return action != "hide_help_panel" or bool(self.screen.query("HelpPanel"))
 
     async def action_toggle_help(self) -> None:
