@@ -1076,3 +1076,20 @@ async def test_models_screen_shows_the_workers_and_what_they_hold(tmp_path):
                                                                  "bytes": 5 * 2**20}], loads=1)
         app.job_events.publish(WorkerModels(worker=0))
         await wait_for(pilot, lambda: "demo\\x1b[2J (float32, 5.2 MB)" in shown(), what="the loaded model")
+
+
+async def test_a_dialog_shrinks_beside_the_keys_panel_at_80_columns(idle_service, tmp_path):
+    """F12 in a dialog at 80x24: the dialog kept its 60 (64) columns and the panel hid its right side."""
+    from tui.widgets.preset_dialog import SavePresetDialog
+
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(80, 24)) as pilot:
+        await settle(pilot)
+        for dialog, box in ((ConfirmQuit(2), "#confirm-quit"), (SavePresetDialog({}, []), "#save-preset")):
+            app.push_screen(dialog)
+            await pilot.pause()
+            await pilot.press("f12")
+            await pilot.pause()
+            assert app.screen.query_one(box).region.right <= app.screen.query_one("HelpPanel").region.x, box
+            await pilot.press("escape", "escape")  # the panel, then the dialog
+            await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), what="the dialog to close")

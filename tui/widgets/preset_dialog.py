@@ -38,7 +38,9 @@ class SavePresetDialog(ModalScreen[Path | None]):
 
     DEFAULT_CSS = """
     SavePresetDialog { align: center middle; }
-    #save-preset { width: 64; height: auto; padding: 1 2; border: thick $primary; background: $surface; }
+    #save-preset {
+        width: 64; max-width: 100%; height: auto; padding: 1 2; border: thick $primary; background: $surface;
+    }
     #save-preset > Label { text-style: bold; margin-bottom: 1; }
     """
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
