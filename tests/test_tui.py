@@ -825,11 +825,12 @@ async def test_a_long_queue_keeps_the_running_job_and_the_images_in_sight(idle_s
 
 
 def test_the_mode_bar_names_one_running_job_and_counts_the_rest(idle_service, tmp_path):
-    """A group of eight running jobs leaves room for the queued count (it fell off a 120-column line)."""
+    """A group of eight running jobs leaves room for the queued count (it fell off a 120-column line), which comes
+    first: a narrow line cuts the step's details (at 80 columns, "images 3–4/5" left no room for it)."""
     app = make_app(idle_service, tmp_path)
     app.active = {job: "running" for job in range(10, 18)} | {20: "queued", 21: "queued"}
     app.progress[10] = Step(job=10, step=4, total=20, image=0, count=1, its=2.0, eta=8.0)
-    assert app.activity() == "job #10: step 4/20 · 2.0 it/s · ETA 8s (+7 running) · 2 queued"
+    assert app.activity() == "2 queued · job #10 (+7 running): step 4/20 · 2.0 it/s · ETA 8s"
 
 
 async def test_the_queue_screen_reads_its_tables_once_for_a_burst_and_not_while_hidden(idle_service, tmp_path,

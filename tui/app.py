@@ -265,17 +265,17 @@ class DreamttyApp(App):
 
     # -- helpers for screens -------------------------------------------------
     def activity(self) -> str:
-        """One line: the first running job's progress (and how many more run, a group's), and how many wait;
-        else the worker's state."""
+        """One line: how many jobs wait, then the first running job (and how many more run, a group's) and its
+        progress, whose details a narrow line cuts first; else the worker's state."""
         parts = []
+        queued = sum(1 for s in self.active.values() if s == "queued")
+        if queued:
+            parts.append(f"{queued} queued")
         running = [job for job, state in sorted(self.active.items()) if state == "running"]
         if running:
             step = self.progress.get(running[0])
             more = f" (+{len(running) - 1} running)" if len(running) > 1 else ""
-            parts.append(f"job #{running[0]}: {describe_step(step) if step else 'starting'}{more}")
-        queued = sum(1 for s in self.active.values() if s == "queued")
-        if queued:
-            parts.append(f"{queued} queued")
+            parts.append(f"job #{running[0]}{more}: {describe_step(step) if step else 'starting'}")
         return " · ".join(parts) or self.worker_state
 
     def key_for(self, binding_id: str, default: str | None = None) -> str:
