@@ -123,8 +123,8 @@ def test_events_per_image_and_max_batch_splits_the_job(cache, tmp_path):
     last = {e.image: e for e in steps if e.step == e.total}
     assert [last[i].done for i in range(5)] == [6, 6, 12, 12, 15]  # both images of a batch advance at once
     # either image's event says the batch (the Generate panel and the mode bar showed image 1 and image 2)
-    assert [describe_step(last[i]).split(" · ")[0] for i in range(5)] == ["images 1–2/5"] * 2 + ["images 3–4/5"] * 2 \
-        + ["image 5/5"]
+    shown = [describe_step(last[i]).split(" · ")[0] for i in range(5)]
+    assert shown == ["images 1–2/5"] * 2 + ["images 3–4/5"] * 2 + ["image 5/5"]
     assert {e.image for e in sent if isinstance(e, ev.Preview)} <= {0, 1, 2, 3, 4}
     order = [(type(e).__name__, e.image) for e in sent if isinstance(e, (ev.Step, ev.ImageSaved)) and
              (isinstance(e, ev.ImageSaved) or e.step == e.total)]
