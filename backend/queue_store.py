@@ -69,9 +69,8 @@ class JobTaken(DreamttyError):
     """Another service adopted the job while its owner renewed no lease (see ``QueueStore.adopt_orphans``)."""
 
     def __init__(self, job_id: int) -> None:
-        super().__init__(f"job {job_id}: another dreamtty service took it over while this one renewed no lease for "
-                         f"{LEASE_TTL:g} s (it was paused, or the queue file took no writes); it goes on there "
-                         f"(dreamtty wait {job_id})")
+        super().__init__(f"another dreamtty service took it over while this one renewed no lease for {LEASE_TTL:g} s "
+                         f"(it was paused, or the queue file took no writes); it goes on there (dreamtty wait {job_id})")
 
 
 def queue_access(method):

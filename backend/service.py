@@ -161,11 +161,15 @@ class Service:
                     store = store or QueueStore(self.store.path, checked=False)
                     run_store = run_store or RunStore(self.store.path)
                     store.renew_lease(self.owner)
-                    adopted = self.recover and (store.adopt_orphans(self.owner) + run_store.adopt_orphans(self.owner))
+                    jobs = store.adopt_orphans(self.owner) if self.recover else []
+                    runs = run_store.adopt_orphans(self.owner) if self.recover else []
                 except (sqlite3.Error, DreamttyError) as exc:
                     log.warning("cannot renew this service's lease: %s", exc)
                     continue
-                if adopted:
+                for what, ids in (("jobs", jobs), ("training runs", runs)):
+                    if ids:  # said: a job it took over is not made twice, yet its images may come from two processes
+                        log.info("took over %s %s of a service whose lease ran out", what, ", ".join(map(str, ids)))
+                if jobs or runs:
                     self._loop.call_soon_threadsafe(self._take_adopted)
         except RuntimeError:  # the loop closed under us
             pass
