@@ -70,7 +70,8 @@ class JobTaken(DreamttyError):
 
     def __init__(self, job_id: int) -> None:
         super().__init__(f"another dreamtty service took it over while this one renewed no lease for {LEASE_TTL:g} s "
-                         f"(it was paused, or the queue file took no writes); it goes on there (dreamtty wait {job_id})")
+                         "(it was paused, or the queue file took no writes); it goes on there "
+                         f"(dreamtty wait {job_id})")
 
 
 def queue_access(method):
