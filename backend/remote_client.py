@@ -196,9 +196,9 @@ class RemoteClient:
                     if str(exc) != said:  # a TUI says so, and waits on for a service it can use
                         said = str(exc)
                         self._fanout.publish(ServiceLost(message=f"{exc}; trying again"))
-                    delay = min(delay * 2, RECONNECT_DELAY[1])
-                except DreamttyError:
-                    delay = min(delay * 2, RECONNECT_DELAY[1])
+                except DreamttyError:  # not up yet
+                    pass
+                delay = min(delay * 2, RECONNECT_DELAY[1])
                 if self._patience is not None and time.monotonic() - down_since > self._patience:
                     self._lost = ServiceUnreachable(
                         f"service: lost the connection to {self.address} for {self._patience:g} s; its jobs stay "
