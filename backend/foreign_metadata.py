@@ -23,6 +23,7 @@ from backend.errors import RequestError
 from backend.guidance_settings import GuidanceSettings
 from backend.prompting.wildcards import ARRAY, WILDCARD
 from backend.request import MAX_CFG, MAX_SEED, MAX_STEPS, GenerateRequest, parse_size
+from backend.safetext import cut
 from backend.samplers import SAMPLERS
 from backend.values import kind_of, to_float, to_int
 
@@ -306,8 +307,8 @@ def _json_object(text: str, source: str) -> dict:
     return data
 
 
-def _short(value: str, limit: int = 40) -> str:
-    return value if len(value) <= limit else value[: limit - 1] + "…"
+def _short(value: str) -> str:
+    return cut(value, 40)
 
 
 def _error(source: str, message: str) -> RequestError:

@@ -53,8 +53,12 @@ _CUT = " … (cut) … "
 
 def summary(text: object, most: int) -> str:
     """``text`` on one line (each run of white space one space), cut to ``most`` characters with "…"."""
-    shown = " ".join(str(text).split())
-    return shown if len(shown) <= most else shown[:most - 1] + "…"
+    return cut(" ".join(str(text).split()), most)
+
+
+def cut(text: str, most: int) -> str:
+    """``text`` cut to ``most`` characters, its end "…"."""
+    return text if len(text) <= most else text[:most - 1] + "…"
 
 
 def first_line(exc: BaseException, most: int = 300, empty: str | None = None) -> str:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 
 from backend.errors import RequestError
-from backend.safetext import visible
+from backend.safetext import cut, visible
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -35,7 +35,7 @@ def shown(value: object) -> str:
             text = visible(json.dumps(value, ensure_ascii=False, allow_nan=True, default=str))
         except (TypeError, ValueError):  # circular: a YAML alias of itself
             text = repr(value)
-    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 1] + "…"
+    return cut(text, MAX_SHOWN)
 
 
 def kind_of(value: object) -> str:

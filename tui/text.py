@@ -28,7 +28,7 @@ from textual.notifications import SeverityLevel
 from textual.widget import Widget
 from textual.widgets import Input, TextArea
 
-from backend.safetext import CONTROL, one_line, visible
+from backend.safetext import CONTROL, cut, one_line, visible
 
 NOTIFY_MAX = 400  # characters of a notification's or an inline error's message; more would cover the screen
 LONG_WORD = 96  # characters of a word (a path) an inline error shows whole; a longer one is cut in its middle
@@ -62,23 +62,19 @@ def notify(node: Widget | App, message: object | list[object], *, title: str = "
     """Notify with ``message`` shown as text on one line (a list: a line each; a newline in them as ``\\n``) and
     ``title``, cut to ``NOTIFY_MAX`` characters (a path of 10,000 would fill the screen)."""
     text = "\n".join(map(one_line, message)) if isinstance(message, list) else one_line(message)
-    node.notify(_cut(text, NOTIFY_MAX), title=one_line(title), severity=severity, timeout=timeout, markup=False)
+    node.notify(cut(text, NOTIFY_MAX), title=one_line(title), severity=severity, timeout=timeout, markup=False)
 
 
 def line(text: object, most: int = NOTIFY_MAX) -> str:
     """``text`` on one line (newlines written as ``\\n``) cut to ``most`` characters, each word longer than
     ``LONG_WORD`` cut in its middle: an inline error is one short line, and the reason after a long path stays in
     sight."""
-    return _cut(_LONG_WORD.sub(_middle, one_line(text)), most)
+    return cut(_LONG_WORD.sub(_middle, one_line(text)), most)
 
 
 def _middle(match: re.Match[str]) -> str:
     word, half = match.group(), LONG_WORD // 2
     return f"{word[:half - 1]}…{word[-half:]}"
-
-
-def _cut(shown: str, most: int) -> str:
-    return shown if len(shown) <= most else shown[:most - 1] + "…"
 
 
 def _picture(match: re.Match[str]) -> str:
