@@ -170,7 +170,7 @@ class Service:
                     if ids:  # said: a job it took over is not made twice, yet its images may come from two processes
                         log.info("took over %s %s of a service whose lease ran out", what, ", ".join(map(str, ids)))
                 if jobs or runs:
-                    self._loop.call_soon_threadsafe(self._take_adopted)
+                    self._loop.call_soon_threadsafe(self._take_adopted, jobs)
         except RuntimeError:  # the loop closed under us
             pass
         finally:
@@ -178,8 +178,10 @@ class Service:
                 if opened is not None:
                     opened.close()
 
-    def _take_adopted(self) -> None:
-        """Run what was adopted: end the adopted runs whose trainer is gone, then dispatch."""
+    def _take_adopted(self, jobs: list[int]) -> None:
+        """Run what was adopted: end the adopted runs whose trainer is gone, then dispatch. The adopted jobs are
+        watched for a cancel from now on (see ``_queued``)."""
+        self._active_seen.update(jobs)
         self.training.check()
         self._dispatch()
 
@@ -323,7 +325,10 @@ class Service:
         return await asyncio.to_thread(run)
 
     def _queued(self, job_id: int, prepared: Prepared) -> int:
-        """Say that ``job_id`` was queued (and why it waits, when no worker can start); hand out work."""
+        """Say that ``job_id`` was queued (and why it waits, when no worker can start); hand out work. It is
+        watched for a cancel by another process from now on: one before the next check was missed (``left`` in
+        ``_notice_cancelled``), and its followers waited for ever."""
+        self._active_seen.add(job_id)
         self._fanout.publish(Queued(job=job_id, kind=prepared.kind, request=prepared.payload["request"]))
         ready = any(slot.id in self._ready and self.pool.alive(slot) for slot in self.slots)
         if not ready and (faults := self.pool.start_faults()):  # said once, when it began: maybe before this client

@@ -125,6 +125,26 @@ async def test_jobs_another_process_cancels_end_here_too(running, db, tmp_path):
     assert [store.get(j).state for j in (long, queued)] == ["cancelled", "cancelled"] and store.get(long).outputs == []
 
 
+async def test_a_job_another_process_cancels_before_this_service_looks_ends_here_too(db, tmp_path):
+    """`dreamtty cancel` of a job just queued, before this service's next look at the queue: its follower is told
+    (the job was never seen active, so its cancel was missed and the follower waited for ever)."""
+    from test_tui import NoWorkers
+
+    service = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
+    other = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
+    await service.start()
+    try:
+        followed = service.subscribe()
+        job = service.submit(GenerateRequest(prompt="x", steps=2, seed=1), tmp_path)
+        assert other.cancel(job)
+        service._notice_cancelled()  # the next round of its watch task
+        ended = await asyncio.wait_for(_collect(service, job, followed), 10)
+    finally:
+        other.store.close()
+        await service.close()
+    assert [type(e) for e in ended] == [Queued, Cancelled]
+
+
 async def test_killed_worker_is_retried_from_the_first_unsaved_image(running, db, tmp_path):
     service, events = running
     job = service.submit(GenerateRequest(prompt="x", steps=30, seed=11, count=3, max_batch=1), tmp_path)  # in turn
