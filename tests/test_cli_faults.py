@@ -569,6 +569,15 @@ def test_ctrl_c_while_the_command_loads_is_one_line(setup):
     assert (out.returncode, out.stderr) == (130, "dreamtty: interrupted\n")
 
 
+def test_what_an_in_process_service_logs_is_a_dreamtty_warning_line():
+    """A ``--local`` command's service logs, e.g., that it cannot renew its lease: a ``dreamtty: warning:`` line on
+    stderr, escaped (Python's last-resort handler printed the bare message, control characters and all)."""
+    code = ("import logging, sys\nfrom tui.cli import main\nmain(['samplers'])\nlogging.getLogger('backend.service')"
+            ".warning(\"cannot renew this service's lease: %s\", 'x\\x1b[2J\\ny')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stderr == "dreamtty: warning: cannot renew this service's lease: x\\x1b[2J\\ny\n"
+
+
 # -- 8: models pull ---------------------------------------------------------------------------
 @pytest.mark.parametrize("repo", ["a b", "", "../../etc", "a/b/c"])
 def test_pull_refuses_invalid_ids(repo, capsys):

@@ -13,6 +13,7 @@ import argparse
 import errno
 import importlib
 import json
+import logging
 import math
 import os
 import signal
@@ -25,7 +26,7 @@ from backend.errors import DreamttyError, RequestError, Transient
 from backend.families import MODEL_NAMES
 from backend.safetext import error_line
 from backend.samplers import SAMPLERS, SCHEDULES
-from tui.cli_output import Parser, file_path, print_warnings
+from tui.cli_output import LastResort, Parser, file_path, print_warnings
 
 if TYPE_CHECKING:
     from backend.config import Config
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             from tui.app import run_app
 
             return run_app(args, print_warnings)
+        logging.lastResort = LastResort()  # `serve` sets a handler of its own: this is never used there
         if args.command != "attach":  # the TUI restores the terminal on its own signals
             # `kill`, `timeout` or a job scheduler: a command stops as on Ctrl-C (its --local jobs are
             # cancelled, not left "running" for a later service to run); serve and web handle it themselves.

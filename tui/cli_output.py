@@ -5,6 +5,7 @@ that report bad usage in one line. Text from users, files and images goes throug
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from collections.abc import Callable
@@ -94,6 +95,18 @@ def print_warnings(warnings: list[str]) -> None:
     """Each warning as a ``dreamtty: warning:`` line on stderr."""
     for warning in warnings:
         print(f"dreamtty: warning: {error_line(warning)}", file=sys.stderr)
+
+
+class LastResort(logging.Handler):
+    """``logging.lastResort`` of a command: a warning or an error logged where no handler is set (by the service a
+    ``--local`` command runs in-process) as one ``dreamtty: warning:`` line on stderr, not Python's bare message
+    (and traceback)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"dreamtty: {record.levelname.lower()}: {error_line(record.getMessage())}", file=sys.stderr)
 
 
 class Progress:
