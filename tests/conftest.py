@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -104,3 +105,29 @@ def sd_pipe(demo_dirs):
 def xl_pipe(demo_dirs):
     """The tiny SDXL-style demo pipeline (fp32, CPU). Do not mutate it in tests."""
     return _load("demo-xl")
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def job_service(tmp_path_factory, demo_dirs):
+    """A started CPU service with a worker, shared by the tests that only run jobs on it: a worker's first job
+    imports torch and diffusers (~6 s each time a test starts a service of its own). Its worker starts with an
+    empty config. A test using it is marked ``asyncio(loop_scope="session")`` and follows only its own jobs."""
+    from backend.service import Service
+
+    folder = tmp_path_factory.mktemp("job-service")
+    (folder / "config.yaml").write_text("{}\n")
+    with pytest.MonkeyPatch.context() as env:  # what the worker process starts with
+        env.setenv("DREAMTTY_CONFIG", str(folder / "config.yaml"))
+        env.setenv("DREAMTTY_OUTPUTS", str(folder / "outputs"))
+        service = Service(devices="cpu", db_path=folder / "queue.sqlite3")
+        await service.start()
+    yield service
+    await service.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def on_job_service(job_service):
+    """``job_service`` and a queue of its events from now on (dropped after the test)."""
+    events = job_service.subscribe()
+    yield job_service, events
+    job_service.unsubscribe(events)

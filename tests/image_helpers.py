@@ -1,4 +1,5 @@
-"""Test helpers: input images and masks written to disk, and a tiny inpainting model (9-channel UNet)."""
+"""Test helpers: input images (with dreamtty metadata or without) and masks written to disk, and a tiny
+inpainting model (9-channel UNet)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ def gradient(width: int = 128, height: int = 128) -> Image.Image:
 
 def write_image(path: Path, image: Image.Image | None = None, **save) -> Path:
     (image or gradient()).save(path, **save)
+    return path
+
+
+def dreamtty_png(path: Path, size: tuple[int, int] = (128, 128), **request) -> Path:
+    """A gradient PNG with the metadata a text-to-image job of ``request`` on the demo model saves (no job run)."""
+    from backend import metadata
+    from backend.request import GenerateRequest
+
+    made = GenerateRequest.from_dict({"model": "demo", "width": size[0], "height": size[1], **request}).resolved("demo")
+    meta = metadata.build(made, "demo", {"positive": made.prompt, "negative": made.negative_prompt})
+    gradient(*size).save(path, pnginfo=metadata.png_info(meta))
     return path
 
 

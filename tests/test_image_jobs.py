@@ -21,8 +21,7 @@ from backend.jobkinds.img2img import Img2ImgRequest
 from backend.jobkinds.inpaint import InpaintRequest
 from backend.jobkinds.outpaint import OutpaintRequest
 from backend.jobkinds.upscale import UpscaleRequest
-from backend.service import Service
-from image_helpers import box_array, gradient, inpaint_model, write_image, write_mask
+from image_helpers import box_array, dreamtty_png, gradient, inpaint_model, write_image, write_mask
 
 TIMEOUT = 180
 
@@ -40,7 +39,8 @@ def _pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
 
-async def test_every_kind_reproduces_identically(tmp_path, demo_dirs):
+@pytest.mark.asyncio(loop_scope="session")  # on the shared job_service (conftest)
+async def test_every_kind_reproduces_identically(on_job_service, tmp_path):
     image = str(write_image(tmp_path / "in.png"))
     mask = str(write_mask(tmp_path / "mask.png", (30, 30, 50, 40)))
     common = {"image": image, "prompt": "a red fox", "model": "demo", "steps": 6}
@@ -50,49 +50,44 @@ async def test_every_kind_reproduces_identically(tmp_path, demo_dirs):
         "inpaint": InpaintRequest(**common, mask=mask, keep_inputs=True),
         "outpaint": OutpaintRequest(**common, right=24),
     }
-    service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3")
-    events = service.subscribe()
-    await service.start()
-    try:
-        made = {}
-        for kind, request in requests.items():
-            paths, seen = await asyncio.wait_for(_run(service, events, request, tmp_path / "out"), TIMEOUT)
-            made[kind] = paths
-            if kind == "upscale":
-                assert any(isinstance(e, Note) and "Lanczos" in e.message for e in seen)
-        assert len(made["img2img"]) == 2
-        for kind, paths in made.items():
-            meta = metadata.read(paths[-1])
-            assert meta["kind"] == kind and meta["request"]["image_hash"] == meta["prompt"]["input"]["image"]["hash"]
-            request, warnings = metadata.image_request(paths[-1])
-            assert type(request) is type(requests[kind]) and warnings == []
-            again, _ = await asyncio.wait_for(_run(service, events, request, tmp_path / "again"), TIMEOUT)
-            assert np.array_equal(_pixels(again[0]), _pixels(paths[-1])), kind
-        assert Image.open(made["outpaint"][0]).size == (152, 128)
-        assert Image.open(made["upscale"][0]).size == (192, 192)
-        inside = box_array((30, 30, 50, 40))
-        assert np.array_equal(_pixels(made["inpaint"][0])[~inside], _pixels(image)[~inside])
-        text = Image.open(made["img2img"][0]).text["parameters"]
-        assert "Denoising strength: 0.6, Input image hash: " in text
-
-        # --keep-inputs: the inputs' copies reproduce the job once the originals are gone.
-        record = metadata.read(made["inpaint"][0])["prompt"]
-        kept = record["kept_inputs"]
-        assert sorted(kept) == ["image", "mask"] and all(Path(p).parent == tmp_path / "out" / "inputs" for p in kept.values())
-        os.remove(image)
-        request, _ = metadata.image_request(made["inpaint"][0])
-        with pytest.raises(RequestError, match=f"image: {image} is missing"):
-            service.submit(request, tmp_path / "again")
-        request, notes = request.with_kept_inputs(record)
-        assert request.image == kept["image"] and "using the copy kept at" in notes[0]
+    service, events = on_job_service
+    made = {}
+    for kind, request in requests.items():
+        paths, seen = await asyncio.wait_for(_run(service, events, request, tmp_path / "out"), TIMEOUT)
+        made[kind] = paths
+        if kind == "upscale":
+            assert any(isinstance(e, Note) and "Lanczos" in e.message for e in seen)
+    assert len(made["img2img"]) == 2
+    for kind, paths in made.items():
+        meta = metadata.read(paths[-1])
+        assert meta["kind"] == kind and meta["request"]["image_hash"] == meta["prompt"]["input"]["image"]["hash"]
+        request, warnings = metadata.image_request(paths[-1])
+        assert type(request) is type(requests[kind]) and warnings == []
         again, _ = await asyncio.wait_for(_run(service, events, request, tmp_path / "again"), TIMEOUT)
-        assert np.array_equal(_pixels(again[0]), _pixels(made["inpaint"][0]))
-        Path(kept["image"]).write_bytes(b"damaged")  # the copy fails its check: said, not passed over
-        request, notes = metadata.image_request(made["inpaint"][0])[0].with_kept_inputs(record)
-        assert request.image == str(image) and notes == [f"image: the copy kept at {kept['image']} is missing or "
-                                                         "changed too"]
-    finally:
-        await service.close()
+        assert np.array_equal(_pixels(again[0]), _pixels(paths[-1])), kind
+    assert Image.open(made["outpaint"][0]).size == (152, 128)
+    assert Image.open(made["upscale"][0]).size == (192, 192)
+    inside = box_array((30, 30, 50, 40))
+    assert np.array_equal(_pixels(made["inpaint"][0])[~inside], _pixels(image)[~inside])
+    text = Image.open(made["img2img"][0]).text["parameters"]
+    assert "Denoising strength: 0.6, Input image hash: " in text
+
+    # --keep-inputs: the inputs' copies reproduce the job once the originals are gone.
+    record = metadata.read(made["inpaint"][0])["prompt"]
+    kept = record["kept_inputs"]
+    assert sorted(kept) == ["image", "mask"] and all(Path(p).parent == tmp_path / "out" / "inputs" for p in kept.values())
+    os.remove(image)
+    request, _ = metadata.image_request(made["inpaint"][0])
+    with pytest.raises(RequestError, match=f"image: {image} is missing"):
+        service.submit(request, tmp_path / "again")
+    request, notes = request.with_kept_inputs(record)
+    assert request.image == kept["image"] and "using the copy kept at" in notes[0]
+    again, _ = await asyncio.wait_for(_run(service, events, request, tmp_path / "again"), TIMEOUT)
+    assert np.array_equal(_pixels(again[0]), _pixels(made["inpaint"][0]))
+    Path(kept["image"]).write_bytes(b"damaged")  # the copy fails its check: said, not passed over
+    request, notes = metadata.image_request(made["inpaint"][0])[0].with_kept_inputs(record)
+    assert request.image == str(image) and notes == [f"image: the copy kept at {kept['image']} is missing or "
+                                                     "changed too"]
 
 
 def run(*args, timeout=240):
@@ -102,11 +97,8 @@ def run(*args, timeout=240):
 
 def test_cli_vary_takes_the_image_settings_and_reproduces(tmp_path, demo_dirs):
     out = tmp_path / "out"
-    r = run("generate", "a red fox", "--model", "demo", "--seed", "5", "--steps", "6", "--cfg", "5",
-            "--style", "Watercolor", "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    source = r.stdout.strip().splitlines()[-1]
-    r = run("vary", source, "--strength", "strong", "--out", str(out), "--json")
+    source = dreamtty_png(tmp_path / "source.png", prompt="a red fox", seed=5, steps=6, cfg=5, styles=["Watercolor"])
+    r = run("vary", str(source), "--strength", "strong", "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr
     events = [json.loads(line) for line in r.stdout.splitlines()]
     varied = next(e["path"] for e in events if e["type"] == "image")

@@ -53,51 +53,48 @@ def _pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
 
-async def test_references_through_the_worker_metadata_and_reproduce(tmp_path, demo_dirs, reference):
+@pytest.mark.asyncio(loop_scope="session")  # on the shared job_service (conftest)
+async def test_references_through_the_worker_metadata_and_reproduce(on_job_service, tmp_path, reference):
     image = str(write_image(tmp_path / "in.png"))
     prompts = [f"{reference}:canny:0.8", f"{reference}:face", f"{reference}:depth:0:0.5"]  # the last one is off
     requests = [GenerateRequest.from_dict({"prompt": "a fox", "model": "demo", "steps": 6, "image_prompts": prompts}),
                 Img2ImgRequest.from_dict({"prompt": "a fox", "model": "demo-xl", "steps": 6, "image": image,
                                           "strength": 0.7, "image_prompts": prompts[:2]})]
-    service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3")
-    events = service.subscribe()
-    await service.start()
-    try:
-        for request in requests:
-            seen = await asyncio.wait_for(_run(service, events, request, tmp_path / "out"), TIMEOUT)
-            maps = [e for e in seen if isinstance(e, Preview) and e.label]
-            assert [e.label for e in maps] == ["canny-1"] and (maps[0].width, maps[0].height) == (128, 128)
-            edges = np.frombuffer(maps[0].rgb, dtype=np.uint8)
-            assert set(np.unique(edges)) == {0, 255}  # a canny map, sent before sampling starts
-            assert seen.index(maps[0]) < min(i for i, e in enumerate(seen) if type(e).__name__ == "Step")
-            [path] = [e.path for e in seen if isinstance(e, ImageSaved)]
-            meta = metadata.read(path)
-            refs = meta["request"]["image_prompts"]
-            assert [(r["type"], r["weight"], r["stop"]) for r in refs][:2] == [("canny", 0.8, 0.5), ("face", 0.75, 0.9)]
-            assert all(r["path"] == str(reference) and len(r["hash"]) == 12 for r in refs)
-            records = meta["prompt"]["image_prompts"]
-            assert [(r["index"], r["type"]) for r in records] == [(0, "canny"), (1, "face")]
-            assert records[1]["encoder"]["name"] == "demo-image-encoder" and len(records[0]["hash"]) == 10
-            text = Image.open(path).text["parameters"]
-            family = meta["family"]
-            assert (f'ControlNet 0: "Module: canny, Model: {family}-canny [{records[0]["hash"]}], Weight: 0.8, '
-                    'Guidance Start: 0, Guidance End: 0.5"') in text
-            assert f'ControlNet 1: "Module: ip-adapter_clip, Model: {family}-face [' in text
-            again_request, warnings = metadata.image_request(path)
-            assert warnings == [] and again_request.image_prompts == [ImagePrompt(**r) for r in refs]
-            again = await asyncio.wait_for(_run(service, events, again_request, tmp_path / "again"), TIMEOUT)
-            [again_path] = [e.path for e in again if isinstance(e, ImageSaved)]
-            assert np.array_equal(_pixels(again_path), _pixels(path))
-        # A reference that changed since: reproduce names it, nothing is queued.
-        picture().transpose(Image.Transpose.ROTATE_180).save(reference)
-        changed = rf"^image_prompt: 1 \(canny\): {reference} changed since the job was made"
-        with pytest.raises(RequestError, match=changed):
-            service.submit(metadata.image_request(path)[0], tmp_path / "again")
-    finally:
-        await service.close()
+    service, events = on_job_service
+    for request in requests:
+        seen = await asyncio.wait_for(_run(service, events, request, tmp_path / "out"), TIMEOUT)
+        maps = [e for e in seen if isinstance(e, Preview) and e.label]
+        assert [e.label for e in maps] == ["canny-1"] and (maps[0].width, maps[0].height) == (128, 128)
+        edges = np.frombuffer(maps[0].rgb, dtype=np.uint8)
+        assert set(np.unique(edges)) == {0, 255}  # a canny map, sent before sampling starts
+        assert seen.index(maps[0]) < min(i for i, e in enumerate(seen) if type(e).__name__ == "Step")
+        [path] = [e.path for e in seen if isinstance(e, ImageSaved)]
+        meta = metadata.read(path)
+        refs = meta["request"]["image_prompts"]
+        assert [(r["type"], r["weight"], r["stop"]) for r in refs][:2] == [("canny", 0.8, 0.5), ("face", 0.75, 0.9)]
+        assert all(r["path"] == str(reference) and len(r["hash"]) == 12 for r in refs)
+        records = meta["prompt"]["image_prompts"]
+        assert [(r["index"], r["type"]) for r in records] == [(0, "canny"), (1, "face")]
+        assert records[1]["encoder"]["name"] == "demo-image-encoder" and len(records[0]["hash"]) == 10
+        text = Image.open(path).text["parameters"]
+        family = meta["family"]
+        assert (f'ControlNet 0: "Module: canny, Model: {family}-canny [{records[0]["hash"]}], Weight: 0.8, '
+                'Guidance Start: 0, Guidance End: 0.5"') in text
+        assert f'ControlNet 1: "Module: ip-adapter_clip, Model: {family}-face [' in text
+        again_request, warnings = metadata.image_request(path)
+        assert warnings == [] and again_request.image_prompts == [ImagePrompt(**r) for r in refs]
+        again = await asyncio.wait_for(_run(service, events, again_request, tmp_path / "again"), TIMEOUT)
+        [again_path] = [e.path for e in again if isinstance(e, ImageSaved)]
+        assert np.array_equal(_pixels(again_path), _pixels(path))
+    # A reference that changed since: reproduce names it, nothing is queued.
+    picture().transpose(Image.Transpose.ROTATE_180).save(reference)
+    changed = rf"^image_prompt: 1 \(canny\): {reference} changed since the job was made"
+    with pytest.raises(RequestError, match=changed):
+        service.submit(metadata.image_request(path)[0], tmp_path / "again")
 
 
-async def test_a_reference_that_stops_before_a_vary_starts_is_left_out_with_a_note(tmp_path, demo_dirs, reference):
+@pytest.mark.asyncio(loop_scope="session")  # on the shared job_service (conftest)
+async def test_a_reference_that_stops_before_a_vary_starts_is_left_out_with_a_note(on_job_service, tmp_path, reference):
     """Strength 0.5 of 6 steps runs steps 4..6; a canny reference stopping at 0.5 ends at step 3. It was loaded,
     its map made and recorded, and it changed nothing: now it is left out with a note, and the pixels are the
     ones made without it."""
@@ -105,14 +102,9 @@ async def test_a_reference_that_stops_before_a_vary_starts_is_left_out_with_a_no
     base = {"prompt": "a fox", "model": "demo", "steps": 6, "image": image, "strength": 0.5, "seed": 3}
     with_idle = Img2ImgRequest.from_dict({**base, "image_prompts": [f"{reference}:canny:0.8:0.5", f"{reference}:face"]})
     without = Img2ImgRequest.from_dict({**base, "image_prompts": [f"{reference}:face"]})
-    service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3")
-    events = service.subscribe()
-    await service.start()
-    try:
-        seen = await asyncio.wait_for(_run(service, events, with_idle, tmp_path / "out"), TIMEOUT)
-        alone = await asyncio.wait_for(_run(service, events, without, tmp_path / "alone"), TIMEOUT)
-    finally:
-        await service.close()
+    service, events = on_job_service
+    seen = await asyncio.wait_for(_run(service, events, with_idle, tmp_path / "out"), TIMEOUT)
+    alone = await asyncio.wait_for(_run(service, events, without, tmp_path / "alone"), TIMEOUT)
     assert [e.message for e in seen if isinstance(e, Note)] == [
         "image prompt 1 (canny): it stops at 0.5 of the schedule, before the first step this job runs (4 of 6); "
         "it is left out (raise its stop or the strength to use it)"]
@@ -124,25 +116,21 @@ async def test_a_reference_that_stops_before_a_vary_starts_is_left_out_with_a_no
     assert np.array_equal(_pixels(path), _pixels(alone_path))
 
 
-async def test_describe_returns_text_through_the_worker(tmp_path, demo_dirs, reference):
+@pytest.mark.asyncio(loop_scope="session")  # on the shared job_service (conftest)
+async def test_describe_returns_text_through_the_worker(on_job_service, tmp_path, reference):
     from backend.engine.demo_companions import CAPTION_WORDS, TAGS
 
-    service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3")
-    events = service.subscribe()
-    await service.start()
-    try:
-        texts = {}
-        for mode in ("photo", "anime"):
-            request = DescribeRequest.from_dict({"image": str(reference), "mode": mode, "model": "demo"})
-            seen = await asyncio.wait_for(_run(service, events, request, tmp_path / "out"), TIMEOUT)
-            [texts[mode]] = [e.text for e in seen if isinstance(e, TextOutput)]
-            assert not [e for e in seen if isinstance(e, ImageSaved)] and seen[-1].paths == []
-        words = texts["photo"].split()
-        assert len(words) == 8 and set(words) <= set(CAPTION_WORDS)
-        tags = texts["anime"].split(", ")
-        assert tags and set(tags) <= {t.replace("_", " ") if len(t) > 3 else t for t in TAGS[4:]}
-    finally:
-        await service.close()
+    service, events = on_job_service
+    texts = {}
+    for mode in ("photo", "anime"):
+        request = DescribeRequest.from_dict({"image": str(reference), "mode": mode, "model": "demo"})
+        seen = await asyncio.wait_for(_run(service, events, request, tmp_path / "out"), TIMEOUT)
+        [texts[mode]] = [e.text for e in seen if isinstance(e, TextOutput)]
+        assert not [e for e in seen if isinstance(e, ImageSaved)] and seen[-1].paths == []
+    words = texts["photo"].split()
+    assert len(words) == 8 and set(words) <= set(CAPTION_WORDS)
+    tags = texts["anime"].split(", ")
+    assert tags and set(tags) <= {t.replace("_", " ") if len(t) > 3 else t for t in TAGS[4:]}
 
 
 def run(*args, timeout=240):
@@ -415,23 +403,19 @@ def test_a_map_that_cannot_be_saved_is_one_line(tmp_path):
     assert line.startswith(f"could not save the preprocessed canny map as {elsewhere.with_suffix('.canny.png')}: ")
 
 
-async def test_inpaint_with_a_face_reference_steers_only_the_mask(tmp_path, demo_dirs, reference):
+@pytest.mark.asyncio(loop_scope="session")  # on the shared job_service (conftest)
+async def test_inpaint_with_a_face_reference_steers_only_the_mask(on_job_service, tmp_path, reference):
     """References compose with the image kinds: inpaint with a face reference changes the repainted box and
     leaves every pixel outside it as the input's."""
     image = write_image(tmp_path / "in.png")
     base = {"prompt": "a fox", "model": "demo", "steps": 6, "seed": 3, "image": str(image), "box": [32, 32, 48, 40],
             "mode": "modify"}
-    service = Service(devices="cpu", db_path=tmp_path / "queue.sqlite3")
-    events = service.subscribe()
-    await service.start()
-    try:
-        made = []
-        for prompts in ([], [f"{reference}:face:1.0"]):
-            request = InpaintRequest.from_dict({**base, "image_prompts": prompts})
-            seen = await asyncio.wait_for(_run(service, events, request, tmp_path / "out"), TIMEOUT)
-            made.append(_pixels(next(e.path for e in seen if isinstance(e, ImageSaved))))
-    finally:
-        await service.close()
+    service, events = on_job_service
+    made = []
+    for prompts in ([], [f"{reference}:face:1.0"]):
+        request = InpaintRequest.from_dict({**base, "image_prompts": prompts})
+        seen = await asyncio.wait_for(_run(service, events, request, tmp_path / "out"), TIMEOUT)
+        made.append(_pixels(next(e.path for e in seen if isinstance(e, ImageSaved))))
     source = _pixels(image)
     outside = np.ones(source.shape[:2], bool)
     outside[24:80, 24:88] = False  # the box and its feathered border

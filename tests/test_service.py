@@ -54,8 +54,9 @@ def _seeds(paths: list[str]) -> list[int]:
     return [metadata.read(p)["request"]["seed"] for p in paths]
 
 
-async def test_generate_streams_events_and_saves_png(running, db, tmp_path):
-    service, events = running
+@pytest.mark.asyncio(loop_scope="session")  # on the shared job_service (conftest)
+async def test_generate_streams_events_and_saves_png(on_job_service, tmp_path):
+    service, events = on_job_service
     req = GenerateRequest(prompt="a red fox", seed=5, count=2, steps=6, sampler="euler")
     job = service.submit(req, tmp_path / "out")
     seen = await asyncio.wait_for(_collect(service, job, events), TIMEOUT)
@@ -70,12 +71,13 @@ async def test_generate_streams_events_and_saves_png(running, db, tmp_path):
     assert metadata.read(paths[0])["kind"] == "generate"
     pixels = [np.asarray(Image.open(p)) for p in paths]
     assert pixels[0].shape == (128, 128, 3) and np.abs(pixels[0].astype(int) - pixels[1]).max() > 0
-    store = QueueStore(db)
+    store = QueueStore(service.store.path)
     assert store.get(job).state == "done" and store.get(job).outputs == paths
 
 
-async def test_pngs_follow_the_umask(running, tmp_path):
-    service, events = running
+@pytest.mark.asyncio(loop_scope="session")  # on the shared job_service (conftest)
+async def test_pngs_follow_the_umask(on_job_service, tmp_path):
+    service, events = on_job_service
     old = os.umask(0o022)
     try:
         job = service.submit(GenerateRequest(prompt="x", steps=2, seed=1), tmp_path)
@@ -85,8 +87,9 @@ async def test_pngs_follow_the_umask(running, tmp_path):
     assert oct(os.stat(done.paths[0]).st_mode & 0o777) == oct(0o644)
 
 
-async def test_cancel_running_and_queued(running, db, tmp_path):
-    service, events = running
+@pytest.mark.asyncio(loop_scope="session")  # on the shared job_service (conftest)
+async def test_cancel_running_and_queued(on_job_service, tmp_path):
+    service, events = on_job_service
     long = service.submit(GenerateRequest(prompt="x", steps=400, seed=1), tmp_path)
     queued = service.submit(GenerateRequest(prompt="y", steps=4, seed=1), tmp_path)
     assert service.cancel(queued)
@@ -98,19 +101,21 @@ async def test_cancel_running_and_queued(running, db, tmp_path):
     final = (await asyncio.wait_for(_collect(service, after, events), TIMEOUT))[-1]
     assert not service.cancel(after)  # finished jobs cannot be cancelled
     assert isinstance(last, Cancelled) and isinstance(final, Done)
-    store = QueueStore(db)
+    store = QueueStore(service.store.path)
     assert [store.get(j).state for j in (long, queued, after)] == ["cancelled", "cancelled", "done"]
     assert store.get(long).outputs == []  # nothing decoded or saved for the cancelled job
 
 
-async def test_jobs_another_process_cancels_end_here_too(running, db, tmp_path):
+@pytest.mark.asyncio(loop_scope="session")  # on the shared job_service (conftest)
+async def test_jobs_another_process_cancels_end_here_too(on_job_service, tmp_path):
     """`dreamtty cancel` of a job that a --local command runs writes "cancelled" to the queue: that command's
     job ran on to "done" (and a queued one was waited for for ever)."""
     from test_tui import NoWorkers
 
-    service, events = running
+    service, events = on_job_service
     long = service.submit(GenerateRequest(prompt="x", steps=400, seed=1, count=3, max_batch=1), tmp_path)
     queued = service.submit(GenerateRequest(prompt="y", steps=4, seed=1), tmp_path)
+    db = service.store.path
     other = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))  # as the one `dreamtty cancel` reaches
     followed = service.subscribe()  # the queued job's follower
     try:
@@ -120,8 +125,9 @@ async def test_jobs_another_process_cancels_end_here_too(running, db, tmp_path):
         ended = await asyncio.wait_for(_collect(service, queued, followed), TIMEOUT)
     finally:
         other.store.close()
+        service.unsubscribe(followed)
     assert isinstance(event, Cancelled) and [type(e) for e in ended] == [Cancelled]
-    store = QueueStore(db)
+    store = QueueStore(service.store.path)
     assert [store.get(j).state for j in (long, queued)] == ["cancelled", "cancelled"] and store.get(long).outputs == []
 
 

@@ -18,7 +18,7 @@ from backend import metadata
 from backend.client import LocalClient
 from backend.request import GenerateRequest
 from backend.service import Service
-from image_helpers import gradient, write_mask
+from image_helpers import dreamtty_png, gradient, write_mask
 from test_hostile_text import NAME, NAME_SHOWN, screen_text
 from test_tui import field_of, idle_service, make_app, opened, settle, wait_for  # noqa: F401  (idle_service: a fixture)
 from tui import keymap
@@ -39,10 +39,7 @@ KEPT = ("prompt", "negative_prompt", "model", "sampler", "scheduler", "steps", "
 
 def source_png(path: Path, size: tuple[int, int] = (128, 96), **changes) -> Path:
     """A PNG with dreamtty metadata, as a text-to-image job of the demo model would have saved it."""
-    request = GenerateRequest.from_dict({**SOURCE, **changes})
-    meta = metadata.build(request, "demo", {"positive": request.prompt, "negative": request.negative_prompt})
-    gradient(*size).save(path, pnginfo=metadata.png_info(meta))
-    return path
+    return dreamtty_png(path, size, **{**SOURCE, **changes})
 
 
 def in_gallery(service, path: Path) -> None:
