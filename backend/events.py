@@ -140,7 +140,15 @@ class Retrying(JobEvent):
     first_image: int
 
 
-FINAL_EVENTS = (Done, Failed, Cancelled)
+@_register("moved")
+class Moved(JobEvent):
+    """Another service took the job over while this one renewed no lease (it was paused, or the queue file took
+    no writes): it goes on there, and this service's followers stop following it."""
+
+    message: str
+
+
+FINAL_EVENTS = (Done, Failed, Cancelled, Moved)  # the last event of a job a follower of this service sees
 
 
 # -- workers and the service -----------------------------------------------------------

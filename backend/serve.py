@@ -145,7 +145,7 @@ async def _log_events(service, announce) -> None:
     while True:
         event = await events.get()
         if isinstance(event, (Queued, Retrying, WorkerReady, *FINAL_EVENTS)):
-            detail = getattr(event, "error", None) or getattr(event, "device", None) or ""
+            detail = getattr(event, "error", None) or getattr(event, "message", None) or getattr(event, "device", "")
             who = f"job {event.job}" if hasattr(event, "job") else f"worker {event.worker}"
             announce(visible(f"dreamtty: {who} {event.type}" + (f": {detail}" if detail else "")))
 

@@ -33,7 +33,7 @@ from typing import TypeVar
 from backend import companions, config, jobkinds, locations
 from backend.devices import check_cluster_devices, check_devices
 from backend.errors import DreamttyError, ModelError, RequestError, ServiceUnavailable
-from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, Forgotten, JobEvent, Log, Note,
+from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, Forgotten, JobEvent, Log, Moved, Note,
                             Queued, Retrying, Started, TextOutput, WorkerModels, WorkerReady, WorkerReleased, concerns)
 from backend.extras_check import check_extras
 from backend.guidance_settings import check_clip_skip
@@ -608,7 +608,7 @@ class Service:
                 self._fanout.publish(event)
             return
         if not self.store.set_state(event.job, event.type, getattr(event, "error", None), self.owner):
-            event = Failed(job=event.job, worker=event.worker, error=str(JobTaken(event.job)))
+            event = Moved(job=event.job, worker=event.worker, message=str(JobTaken(event.job)))
         elif isinstance(event, Done):  # with the images saved before a restart or a retry
             event = replace(event, paths=self.store.get(event.job).outputs)
         self._forget_active(event.job)
@@ -676,7 +676,7 @@ class Service:
                 self._ended_cancelled(job_id)  # worker died before it stopped): it ends so for its followers
             if job.owner != self.owner:  # adopted by another service while this one renewed no lease: it runs there
                 self._forget_active(job.id)
-                self._fanout.publish(Failed(job=job.id, error=str(JobTaken(job.id))))
+                self._fanout.publish(Moved(job=job.id, message=str(JobTaken(job.id))))
                 continue
             if job.state != "running":
                 continue

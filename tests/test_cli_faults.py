@@ -646,6 +646,27 @@ def test_dreamtty_local_reads_true_and_false_words(monkeypatch):
     assert main(["jobs"]) == 2  # a command that reads the queue file passed over it
 
 
+async def test_a_job_that_moved_to_another_service_exits_3_saying_how_to_follow_it(capsys):
+    """Another service took the job over while this one renewed no lease: its follower here says where it went and
+    exits 3 (try again: ``dreamtty wait`` follows it there), not 1 as if it had failed."""
+    from backend.events import Done, ImageSaved, Moved
+    from backend.queue_store import JobTaken
+
+    class Fake:
+        async def wait(self, job_id, events):
+            if job_id == 7:
+                yield Moved(job=7, message=str(JobTaken(7)))
+            else:
+                yield ImageSaved(job=job_id, image=0, seed=1, path="/out/a.png")
+                yield Done(job=job_id, paths=["/out/a.png"])
+
+    assert await cli_jobs.follow(Fake(), [7], None, False) == (3, [])
+    err = capsys.readouterr().err
+    assert err.startswith("dreamtty: job 7 moved: another dreamtty service took it over") and err.count("\n") == 1
+    assert err.endswith("it goes on there (dreamtty wait 7)\n")
+    assert await cli_jobs.follow(Fake(), [6], None, False) == (0, ["/out/a.png"])
+
+
 def test_cancel_says_cancelled_once_a_running_job_has_stopped(monkeypatch, capsys):
     """A running job stops after its current step: cancel asks every job first, then waits for the running
     ones together; one still running past CANCEL_WAIT is said as such, and one that ended done before the
@@ -886,21 +907,21 @@ async def test_the_service_log_line_of_an_event_sets_its_detail_apart():
     import asyncio
     from types import SimpleNamespace
 
-    from backend.events import Queued, Retrying, WorkerReady
+    from backend.events import Moved, Queued, Retrying, WorkerReady
     from backend.serve import _log_events
 
     events: asyncio.Queue = asyncio.Queue()
     for event in (Queued(job=3, kind="generate", request={}), Retrying(job=3, error="worker actor died", first_image=0),
-                  WorkerReady(worker=0, device="cpu", cuda_count=0)):
+                  WorkerReady(worker=0, device="cpu", cuda_count=0), Moved(job=3, message="another service took it")):
         events.put_nowait(event)
     said: list[str] = []
     logging = asyncio.create_task(_log_events(SimpleNamespace(subscribe=lambda: events), said.append))
     async with asyncio.timeout(5):
-        while len(said) < 3:
+        while len(said) < 4:
             await asyncio.sleep(0.01)
     logging.cancel()
     assert said == ["dreamtty: job 3 queued", "dreamtty: job 3 retrying: worker actor died",
-                    "dreamtty: worker 0 ready: cpu"]
+                    "dreamtty: worker 0 ready: cpu", "dreamtty: job 3 moved: another service took it"]
 
 
 def test_a_newline_in_an_argument_forges_no_error_line(capsys):

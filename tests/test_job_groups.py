@@ -486,6 +486,6 @@ def test_a_service_whose_jobs_another_adopted_writes_nothing_over_them_and_tells
     service._worker_died(pool.slots[1], [second], "worker 1 died", True)
     seen = [events.get_nowait() for _ in range(events.qsize())]
     jobs = (first, second)
-    assert [(type(e), e.job, e.error) for e in seen] == [(ev.Failed, job, str(JobTaken(job))) for job in jobs]
+    assert [(type(e), e.job, e.message) for e in seen] == [(ev.Moved, job, str(JobTaken(job))) for job in jobs]
     assert [(service.store.get(j).state, service.store.get(j).owner) for j in jobs] == [("queued", "adopter")] * 2
     service.store.close()

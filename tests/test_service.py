@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from backend import metadata
-from backend.events import (Cancelled, Done, Event, Failed, ImageSaved, Preview, Queued, Retrying, Started, Step,
+from backend.events import (Cancelled, Done, Event, Failed, ImageSaved, Moved, Preview, Queued, Retrying, Started, Step,
                             WorkerReady)
 from backend.pool import ProcessPool, Slot
 from backend.queue_store import QueueStore
@@ -364,7 +364,7 @@ async def test_a_worker_whose_job_was_taken_over_removes_its_image_and_stops(run
         if isinstance(event, ImageSaved):
             with sqlite3.connect(db) as other:  # as adopt_orphans would, by another service
                 other.execute("UPDATE jobs SET owner = 'adopter', state = 'queued' WHERE id = ?", (job,))
-    assert isinstance(seen[-1], Failed) and "another dreamtty service took it over" in seen[-1].error
+    assert isinstance(seen[-1], Moved) and "another dreamtty service took it over" in seen[-1].message
     first = [e.path for e in seen if isinstance(e, ImageSaved)]
     assert len(first) == 1 and sorted(tmp_path.rglob("*.png")) == [Path(first[0])]
     after = QueueStore(db).get(job)

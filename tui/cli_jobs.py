@@ -13,7 +13,7 @@ from pathlib import Path
 
 from backend.client import SERVICE_ENV, Client
 from backend.errors import DreamttyError, ModelError, RequestError, noted
-from backend.events import Cancelled, Failed, ImageSaved, Log, Note, Preview, Retrying, TextOutput, to_dict
+from backend.events import Cancelled, Failed, ImageSaved, Log, Moved, Note, Preview, Retrying, TextOutput, to_dict
 from backend.guidance_settings import CLIP_SKIP_MAX, RANGES, GuidanceSettings
 from backend.image_prompts import MAX_IMAGE_PROMPTS, TYPES
 from backend.jobkinds.describe import MODES as DESCRIBE_MODES
@@ -176,11 +176,12 @@ async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> 
 async def follow(client: Client, job_ids: list[int], events, as_json: bool,
                  show_maps: bool = False) -> tuple[int, list[str]]:
     """Print the jobs' saved images (or, ``as_json``, their events) until they end; returns the exit
-    code (1 when one failed or was cancelled) and the paths. ``show_maps``: save image prompts'
-    preprocessed maps beside each job's first image."""
+    code (1 when one failed or was cancelled, else 3 when one moved to another service: ``dreamtty wait``
+    follows it there) and the paths. ``show_maps``: save image prompts' preprocessed maps beside each
+    job's first image."""
     paths: list[str] = []
     maps: dict[int, list[Preview]] = {}  # each job's maps, until its first image is saved
-    failed = 0
+    failed = moved = 0
     progress = Progress(enabled=sys.stderr.isatty() and not as_json)
     try:
         for job_id in await _ended_first(client, job_ids):
@@ -210,14 +211,15 @@ async def follow(client: Client, job_ids: list[int], events, as_json: bool,
                 elif isinstance(event, Log) and not as_json:
                     progress.clear()
                     print(f"dreamtty: service: {one_line(event.message)}", file=sys.stderr)
-                elif isinstance(event, (Failed, Cancelled)):
-                    failed += 1
+                elif isinstance(event, (Failed, Cancelled, Moved)):
+                    failed += not isinstance(event, Moved)
+                    moved += isinstance(event, Moved)
                     progress.clear()
-                    line = f"dreamtty: job {job_id} {event.type}: {getattr(event, 'error', '')}".rstrip(": ")
-                    print(one_line(line), file=sys.stderr)
+                    why = getattr(event, "error", None) or getattr(event, "message", "")
+                    print(one_line(f"dreamtty: job {job_id} {event.type}: {why}".rstrip(": ")), file=sys.stderr)
     finally:
         progress.clear()
-    return (1 if failed else 0), paths
+    return (1 if failed else 3 if moved else 0), paths
 
 
 async def _ended_first(client: Client, job_ids: list[int]) -> list[int]:

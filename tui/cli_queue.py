@@ -203,7 +203,7 @@ async def _ends(client: Client, cancelled: list[int]) -> dict[int, str]:
 
 def _said_cancelled(ends: dict[int, str], count: bool = False) -> int:
     """Print how the cancelled jobs ended (:func:`_ends`): each, or how many (``count``), and each that did
-    not end as cancelled. 1 when one ended (done or failed) before the cancel reached it."""
+    not end as cancelled. 1 when one ended (done or failed) or moved before the cancel reached it."""
     stopped = [job_id for job_id, state in ends.items() if state == "cancelled"]
     if count and stopped:
         print(f"{len(stopped)} job{'s' * (len(stopped) != 1)} cancelled")
@@ -213,6 +213,9 @@ def _said_cancelled(ends: dict[int, str], count: bool = False) -> int:
         elif state == "running":
             print(f"job {job_id}: cancel asked; not seen to stop within {CANCEL_WAIT:g} s (a running job stops "
                   "after its current step)")
+        elif state == "moved":  # another service took it over from the one asked (see backend.events.Moved)
+            print(f"dreamtty: job {job_id} moved to another dreamtty service before the cancel reached it; cancel "
+                  f"it again (dreamtty cancel {job_id})", file=sys.stderr)
         elif state != "cancelled":
             print(f"dreamtty: job {job_id} ended {state} before the cancel reached it", file=sys.stderr)
     return int(any(state not in ("cancelled", "running") for state in ends.values()))

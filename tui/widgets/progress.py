@@ -6,8 +6,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import ProgressBar, Static
 
-from backend.events import (Cancelled, Done, Failed, ImageSaved, JobEvent, Note, Queued, Retrying, Started, Step,
-                            TextOutput)
+from backend.events import (Cancelled, Done, Failed, ImageSaved, JobEvent, Moved, Note, Queued, Retrying, Started,
+                            Step, TextOutput)
 from backend.safetext import summary
 from tui.text import plain
 
@@ -98,6 +98,8 @@ class JobProgress(Vertical):
             self.set_status(f"Job #{job} failed: {event.error}", failed=True)
         elif isinstance(event, Cancelled):
             self.set_status(f"Job #{job} cancelled.")
+        elif isinstance(event, Moved):
+            self.set_status(f"Job #{job} moved: {event.message}")
 
     def _made(self, event: Done) -> str:
         """What the job ``event`` ends made: its images, or the text of a describe job."""
