@@ -476,9 +476,10 @@ class Unauthorized(DreamttyError):
     """The service refused this client's token."""
 
 
-class VersionMismatch(DreamttyError):
+class VersionMismatch(ServiceUnavailable):
     """The service runs another version of dreamtty or of its API, or other settings: a client that finds it in
-    its service's place stops following it."""
+    its service's place stops following it. No service this client can use answers (a command exits 3, not 2:
+    nothing it was given is wrong)."""
 
 
 class ServiceUnreachable(ServiceUnavailable):

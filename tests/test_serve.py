@@ -849,7 +849,7 @@ async def test_version_mismatch_says_to_restart_the_service(dirs):
     finally:
         await runner.cleanup()
     (attached, err), (told, status_err), (stopped, _) = ended
-    assert attached == 2 and told == 2 and stopped == 0 and shutdowns == [1]
+    assert attached == 3 and told == 2 and stopped == 0 and shutdowns == [1]  # none it can use; an answer unread
     (line,) = err.splitlines()
     differ = (f"it runs dreamtty {ours['dreamtty']} (API 1, events 1, build 0ld) and this is {ours['dreamtty']} "
               f"(API 1, events 1, build {ours['build']}); restart the service: dreamtty serve --stop, then run this "
