@@ -117,6 +117,28 @@ async def test_a_reference_that_stops_before_a_vary_starts_is_left_out_with_a_no
 
 
 @pytest.mark.asyncio(loop_scope="session")  # on the shared job_service (conftest)
+async def test_keep_inputs_keeps_the_references_too_and_reproduce_reads_their_copies(on_job_service, tmp_path,
+                                                                                    reference):
+    service, events = on_job_service
+    image = str(write_image(tmp_path / "in.png"))
+    request = Img2ImgRequest.from_dict({"prompt": "a fox", "model": "demo", "steps": 4, "image": image, "seed": 3,
+                                        "keep_inputs": True, "image_prompts": [f"{reference}:face"]})
+    seen = await asyncio.wait_for(_run(service, events, request, tmp_path / "out"), TIMEOUT)
+    [path] = [e.path for e in seen if isinstance(e, ImageSaved)]
+    record = metadata.read(path)["prompt"]
+    kept = record["kept_inputs"]
+    assert sorted(kept) == ["image", "image_prompt 1"]
+    assert Path(kept["image_prompt 1"]).parent == tmp_path / "out" / "inputs"
+    os.remove(reference)
+    again, notes = metadata.image_request(path)[0].with_kept_inputs(record)
+    assert again.image_prompts[0].path == kept["image_prompt 1"] and again.image == image
+    copy = kept["image_prompt 1"]
+    assert notes == [f"image_prompt 1: {reference} is missing or changed; using the copy kept at {copy}"]
+    seen = await asyncio.wait_for(_run(service, events, again, tmp_path / "again"), TIMEOUT)
+    assert np.array_equal(_pixels(next(e.path for e in seen if isinstance(e, ImageSaved))), _pixels(path))
+
+
+@pytest.mark.asyncio(loop_scope="session")  # on the shared job_service (conftest)
 async def test_describe_returns_text_through_the_worker(on_job_service, tmp_path, reference):
     from backend.engine.demo_companions import CAPTION_WORDS, TAGS
 

@@ -121,15 +121,30 @@ class ImageInputRequest(OneImageRequest):
     def a1111_fields(self) -> list[tuple[str, object]]:
         return [("Denoising strength", self.strength), ("Input image hash", self.image_hash)]
 
+    def kept_files(self) -> dict[str, tuple[str, str | None]]:
+        """What ``keep_inputs`` copies, {role: (path, recorded hash)}: the input files, and each image prompt's
+        reference as ``image_prompt N``."""
+        references = {f"image_prompt {i + 1}": (p.path, p.hash) for i, p in enumerate(self.image_prompts)}
+        return {**self.input_files(), **references}
+
+    def reading(self, role: str, path: str) -> "ImageInputRequest":
+        """This request with the file of ``role`` (see :meth:`kept_files`) read from ``path``."""
+        if role.startswith("image_prompt "):
+            index = int(role.split()[1]) - 1
+            prompts = list(self.image_prompts)
+            prompts[index] = replace(prompts[index], path=path)
+            return replace(self, image_prompts=prompts)
+        return replace(self, **{role: path})
+
     def keep_inputs_in(self, out: Path) -> tuple[dict[str, str], list[str]]:
-        """Copy each input to ``out/inputs/<hash><suffix>`` (once per content) when ``keep_inputs``; one that
-        cannot be copied is a note, and the image is made all the same."""
+        """Copy each input and reference to ``out/inputs/<hash><suffix>`` (once per content) when ``keep_inputs``;
+        one that cannot be copied is a note, and the image is made all the same."""
         if not self.keep_inputs:
             return {}, []
         folder = out / "inputs"
         kept, notes = {}, []
-        for role, (path, digest) in self.input_files().items():
-            if not path:
+        for role, (path, digest) in self.kept_files().items():
+            if not path or not digest:
                 continue
             copy = folder / f"{digest}{Path(path).suffix.lower()}"
             tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
@@ -152,12 +167,12 @@ class ImageInputRequest(OneImageRequest):
         kept = record.get("kept_inputs") if isinstance(record, dict) else None
         kept = kept if isinstance(kept, dict) else {}  # a damaged record keeps nothing
         request, notes = self, []
-        for role, (path, digest) in self.input_files().items():
+        for role, (path, digest) in self.kept_files().items():
             copy = kept.get(role)
             if not path or not isinstance(copy, str) or not copy or _has_content(path, digest):
                 continue
             if _has_content(copy, digest):
-                request = replace(request, **{role: copy})
+                request = request.reading(role, copy)
                 notes.append(f"{role}: {path} is missing or changed; using the copy kept at {copy}")
             else:
                 notes.append(f"{role}: the copy kept at {copy} is missing or changed too")
