@@ -19,9 +19,11 @@ import json
 import math
 import os
 import shutil
+import socket
 import sqlite3
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -349,12 +351,17 @@ class QueueStore:
 
     @queue_access
     def adopt_orphans(self, owner: str, ttl: float = LEASE_TTL) -> list[int]:
-        """Queue again, under ``owner``, the active jobs whose owner renewed no lease for ``ttl`` seconds.
+        """Queue again, under ``owner``, the active jobs whose owner renewed no lease for ``ttl`` seconds, or
+        whose owner was a process of this machine that is gone (killed: its jobs run again at once, not once its
+        lease ran out; the training runs, adopted next, too).
 
         One statement, so two services recovering at once never both take a job; the adopter's own
         lease is renewed first, so its new jobs are not adopted in turn.
         """
         now = time.time()
+        gone = [row for row in self._db.execute("SELECT owner FROM owners WHERE owner != ?", (str(owner),))
+                if _process_gone(row[0])]
+        self._db.executemany("DELETE FROM owners WHERE owner = ?", gone)
         self.renew_lease(owner, now)
         rows = self._db.execute(
             "UPDATE jobs SET state = 'queued', owner = ?1, updated = ?2 WHERE state IN ('queued', 'running') "
@@ -363,6 +370,26 @@ class QueueStore:
         ).fetchall()
         self._db.execute("DELETE FROM owners WHERE heartbeat <= ? - ?", (now, ttl))
         return sorted(r[0] for r in rows)
+
+
+def new_owner_id() -> str:
+    """An owner id for a service's jobs, ``HOST/PID/RANDOM``: never numeric, never reused (unlike a pid)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
+
+
+def _process_gone(owner: str) -> bool:
+    """Whether ``owner`` (:func:`new_owner_id`) was a process of this machine that no longer exists. One that
+    exists (maybe under a reused pid), or of another machine, is not known to be gone: its lease runs out."""
+    host, pid = (owner.split("/") + [""])[:2]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: it exists
+        return False
+    return False
 
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (

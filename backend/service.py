@@ -19,11 +19,9 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -42,7 +40,8 @@ from backend.models import refiner_error, resolve_model, text_encoder_depth
 from backend.outputs import check_out_dir, settle
 from backend.pool import ProcessPool, Slot, WorkerPool
 from backend.prompting import check_prompts
-from backend.queue_store import ACTIVE, LEASE_TTL, Job, JobTaken, QueueDamaged, QueueStore, QueueUnavailable
+from backend.queue_store import (ACTIVE, LEASE_TTL, Job, JobTaken, QueueDamaged, QueueStore, QueueUnavailable,
+                                  new_owner_id)
 from backend.request import GenerateRequest
 from backend.run_schedule import RunStore, ScheduledRun, TrainingRuns, device_label, resolve_devices, withdraw
 from backend.training.config import TrainRequest
@@ -86,11 +85,6 @@ def make_pool(devices: str, db_path: Path, nice: int = 0, cluster: str | None = 
     from backend.ray_pool import RayPool
 
     return RayPool(cluster, db_path, gpu=check_cluster_devices(devices) != ["cpu"], field=field)
-
-
-def new_owner_id() -> str:
-    """An owner id for this service's jobs: never numeric, never reused (unlike a pid)."""
-    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
 
 
 class Service:

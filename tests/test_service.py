@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -330,6 +331,24 @@ def test_a_live_owner_keeps_its_jobs_and_a_silent_one_loses_them(db, tmp_path):
     assert store.adopt_orphans("someone-else") == []  # adopting renewed the lease of "me"
 
 
+def test_the_jobs_of_a_service_of_this_machine_whose_process_is_gone_are_adopted_at_once(db):
+    """kill -9 leaves a service's lease fresh for LEASE_TTL: one of this machine whose process is gone is known
+    dead, and a restarted service runs its jobs at once. One whose process lives (paused, or a reused pid), or of
+    another machine, keeps its jobs until its lease runs out."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    owners = {"dead": f"{host}/{gone.pid}/a", "alive": f"{host}/{os.getppid()}/b",
+              "elsewhere": f"not-{host}/{gone.pid}/c"}
+    store = QueueStore(db)
+    jobs = {name: store.add("generate", {"request": {}}, owner) for name, owner in owners.items()}
+    for owner in owners.values():
+        store.renew_lease(owner)
+    assert [job.orphaned for job in store.jobs()] == [False] * 3  # listed, each lease is fresh
+    assert store.adopt_orphans("me") == [jobs["dead"]]
+    assert {name: store.get(job).owner for name, job in jobs.items()} == {**owners, "dead": "me"}
+
+
 def test_a_service_that_lost_its_job_to_an_adopter_writes_nothing_over_it(db):
     """A service paused (or cut off from the queue file) past its lease lost its job to adopt_orphans; resumed, its
     writes to that job change nothing: it made the job's images a second time, and ended it over the adopter."""
@@ -448,8 +467,7 @@ def test_killed_cli_job_is_adopted_and_finishes_without_duplicates(tmp_path, dem
     db = locations.queue_db()
     store = QueueStore(db)
     assert store.get(job).state == "running" and len(store.get(job).outputs) == 1
-    store.renew_lease(store.get(job).owner, now=0.0)  # its lease runs out (as it would 15 s later)
-    store.close()
+    store.close()  # its lease is fresh, but its process is gone: adopted at once
     [done] = asyncio.run(_recover_and_run(db, [job]))
     assert isinstance(done, Done) and len(done.paths) == 3
     assert _seeds(done.paths) == [21, 22, 23]
