@@ -221,7 +221,8 @@ async def test_a_restarted_service_takes_over_a_live_trainer_and_starts_the_wait
 
 
 async def test_a_live_trainer_of_a_killed_service_holds_its_device_before_it_is_adopted(tmp_path, photos, demo_dirs):
-    """kill -9 leaves the service's lease fresh for LEASE_TTL: its trainer still holds the device meanwhile."""
+    """A dead service's lease stays fresh for LEASE_TTL where its death cannot be seen (it ran on another machine;
+    here, in this very process): its trainer still holds the device meanwhile."""
     db = tmp_path / "queue.sqlite3"
     killed = Service(devices="cpu", db_path=db, recover=True, pool=NoWorkers("cpu", db))
     await killed.start()
