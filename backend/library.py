@@ -296,8 +296,11 @@ def checkpoint_family(path: Path, shapes: Shapes, meta: dict[str, str]) -> tuple
         family = _family_by_context(shapes, UNET) or "unknown"
     if family == "sd2" and sd2_prediction(path, meta, shapes) == "v":
         family = "sd2-v"
-    channels = shapes.get(UNET + "input_blocks.0.0.weight", (0, 4))[1]
-    return family, {9: "inpaint", 8: "pix2pix"}.get(channels)
+    first = shapes.get(UNET + "input_blocks.0.0.weight", (0, 4, 3, 3))  # the UNet's input convolution
+    if len(first) != 4:
+        raise CorruptFile(f"model: {path} has a UNet input convolution of shape {list(first)}; a checkpoint's has 4 "
+                          "dimensions (damaged, or not a Stable Diffusion checkpoint)")
+    return family, {9: "inpaint", 8: "pix2pix"}.get(first[1])
 
 
 def _family_by_context(shapes: Shapes, prefix: str = "") -> str | None:
@@ -339,7 +342,7 @@ def embedding_family(shapes: Shapes) -> str | None:
     if "clip_l" in shapes and "clip_g" in shapes:
         return "sdxl"
     vectors = [s for k, s in shapes.items() if k in ("emb_params", "string_to_param.*") or len(shapes) == 1]
-    if len(vectors) != 1 or len(vectors[0]) not in (1, 2):
+    if len(vectors) != 1 or len(vectors[0]) not in (1, 2) or 0 in vectors[0]:  # (0, 768): no vector at all
         return None
     return HIDDEN_FAMILY.get(vectors[0][-1], "unknown")
 
@@ -399,7 +402,8 @@ def ip_adapter_family(shapes: Shapes) -> str | None:
     text context its extra key projections take; None when it is no IP-Adapter."""
     if not (_has_prefix(shapes, "image_proj.") and _has_prefix(shapes, "ip_adapter.")):
         return None
-    widths = {s[1] for k, s in shapes.items() if k.startswith("ip_adapter.") and k.endswith("to_k_ip.weight")}
+    widths = {s[1] for k, s in shapes.items()
+              if k.startswith("ip_adapter.") and k.endswith("to_k_ip.weight") and len(s) == 2}
     return CONTEXT_FAMILY.get(min(widths), "unknown") if widths else "unknown"
 
 

@@ -233,6 +233,32 @@ def test_discover_lists_each_kind_and_skips_damaged(tmp_path, demo_dirs):
         library.find("checkpoint", "broken", cfg)
 
 
+def test_files_whose_tensors_have_too_few_dimensions_are_skipped_with_a_line(tmp_path):
+    """A checkpoint whose UNet input convolution is 1-D or 0-D, an IP-Adapter whose key projection is 1-D, an
+    embedding of no vector: each is a skipped line. The first crashed the listing (IndexError: `models list`, every
+    ``--model NAME``, and the TUI's Models screen)."""
+    root = tmp_path / "lib"
+    conv = "model.diffusion_model.input_blocks.0.0.weight"
+    _write(root / "ckpt" / "onedim.safetensors", {conv: (2,)})
+    _write(root / "ckpt" / "nodim.safetensors", {conv: ()})
+    _write(root / "ckpt" / "good.safetensors", _checkpoint(SD1_TEXT))
+    _write(root / "ip" / "flat.safetensors", {"image_proj.proj.weight": (4, 4), "ip_adapter.1.to_k_ip.weight": (768,)})
+    _write(root / "emb" / "empty.safetensors", {"emb_params": (0, 768)})
+    cfg = config.Config(paths={"checkpoints": [root / "ckpt"], "ip_adapters": [root / "ip"],
+                               "embeddings": [root / "emb"]})
+    lib = library.discover(cfg, hub=False)
+    assert {(e.kind, e.name) for e in lib.entries if e.source != "built-in"} == {("checkpoint", "good"),
+                                                                                 ("ip_adapter", "flat")}
+    assert next(e.family for e in lib.entries if e.name == "flat") == "unknown"
+    problems = "\n".join(lib.problems)
+    for name, shape in (("onedim", [2]), ("nodim", [])):
+        assert f"{name}.safetensors has a UNet input convolution of shape {shape}; a checkpoint's has 4" in problems
+    assert "empty.safetensors is not a textual-inversion embedding" in problems
+    with pytest.raises(ModelError, match="onedim.safetensors has a UNet input convolution"):
+        library.find("checkpoint", "onedim", cfg)
+    assert library.find("checkpoint", "good", cfg).family == "sd1"
+
+
 def test_an_inpainting_checkpoint_is_flagged_as_a_folder_as_a_file(tmp_path, monkeypatch):
     """The note a single file got ("inpaint model: ..."); a diffusers folder, or a repo in the Hugging Face
     cache, was listed without it."""
