@@ -827,7 +827,8 @@ def lora_hash(path: str | Path) -> str:
 
 
 def _cached_hash(path: str | Path, prefix: str, compute) -> str:
-    """``compute(path)``, cached by (path, size, mtime) in the user cache dir, so a large file is read once."""
+    """``compute(path)``, cached by (path, size, mtime) in the user cache dir, so a large file is read once. A
+    cache that does not read as that (damaged, or written by hand) is read past: the hash is computed again."""
     path = Path(path).resolve()
     st = path.stat()
     key = prefix + str(path)
@@ -837,8 +838,9 @@ def _cached_hash(path: str | Path, prefix: str, compute) -> str:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError, RecursionError):
         cache = {}
+    cache = cache if isinstance(cache, dict) else {}
     hit = cache.get(key)
-    if hit and hit[:2] == stamp:
+    if isinstance(hit, list) and len(hit) == 3 and hit[:2] == stamp and _is_hex(hit[2]):
         return hit[2]
     value = compute(path)
     cache[key] = [*stamp, value]
@@ -850,6 +852,10 @@ def _cached_hash(path: str | Path, prefix: str, compute) -> str:
     except OSError:
         pass  # the hash is still right; only the cache is lost
     return value
+
+
+def _is_hex(value: object) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{10,12}", value) is not None
 
 
 def folder_hash(folder: str | Path) -> str:

@@ -287,11 +287,19 @@ def test_short_hash_is_sha256_prefix_and_cached(tmp_path):
     cache = library._hash_cache_file()
     assert str(path.resolve()) in cache.read_text()
     # A cache hit does not read the file: a fake cached value is returned while size and mtime match.
-    text = cache.read_text().replace(expected, "cachedhash")
+    text = cache.read_text().replace(expected, "abcdef0123")
     cache.write_text(text)
-    assert library.short_hash(path) == "cachedhash"
+    assert library.short_hash(path) == "abcdef0123"
     path.write_bytes(b"other" * 1000)
-    assert library.short_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    assert library.short_hash(path) == expected
+    # A cache damaged or written by hand is read past (a list failed every LoRA job; a cached value of another
+    # type or with control characters went into images' metadata).
+    st = path.stat()
+    for damaged in ([1, 2], {str(path.resolve()): [st.st_size, st.st_mtime_ns, "\x1b[2Jx"]},
+                    {str(path.resolve()): [st.st_size, st.st_mtime_ns, 5]}, {str(path.resolve()): 7}):
+        cache.write_text(json.dumps(damaged))
+        assert library.short_hash(path) == expected
 
 
 def test_single_files_pulled_into_the_hf_cache_are_found(tmp_path, monkeypatch):
