@@ -565,12 +565,13 @@ def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
     return None
 
 
-def scan_folder(kind: str, root: Path, lib: Library) -> None:
-    """Add every item of ``kind`` under ``root`` to ``lib``; damaged files go to ``lib.problems``."""
-    if not root.is_dir():
+def scan_folder(kind: str, root: Path, lib: Library, searched: set) -> None:
+    """Add every item of ``kind`` under ``root`` to ``lib``; damaged files go to ``lib.problems``. ``searched``:
+    the folders searched for this kind already (by identity), passed over: a folder configured twice, or one
+    inside another configured folder, lists its files once."""
+    if not root.is_dir() or not _first_visit(root, searched):
         return
     source = str(root)
-    searched = {_identity(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
         for d in sorted(dirnames):
@@ -680,8 +681,9 @@ def discover(config=None, kinds: tuple[str, ...] = KINDS, hub: bool = True) -> L
         lib.entries += [Entry("checkpoint", n, "", n, 0, "built-in", "diffusers") for n in DEMO_MODELS]
     lib.entries += [e for e in built_in_companions() if e.kind in kinds]
     for kind in kinds:
+        searched: set = set()
         for root in cfg.folders(FOLDER_OF_KIND[kind]):
-            scan_folder(kind, root, lib)
+            scan_folder(kind, root, lib, searched)
     if "checkpoint" in kinds:
         lib.entries += _hub_entries(False, lib.problems)
         if hub:

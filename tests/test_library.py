@@ -259,6 +259,18 @@ def test_files_whose_tensors_have_too_few_dimensions_are_skipped_with_a_line(tmp
     assert library.find("checkpoint", "good", cfg).family == "sd1"
 
 
+@pytest.mark.parametrize("folders", [("lib", "lib/sub"), ("lib/sub", "lib"), ("lib", "lib", "link")])
+def test_a_folder_configured_twice_or_inside_another_lists_its_files_once(tmp_path, folders):
+    """The same file was listed twice, under its whole path, and its name was ambiguous with itself."""
+    lora = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 768)}
+    _write(tmp_path / "lib" / "sub" / "subfox.safetensors", lora)
+    _write(tmp_path / "lib" / "fox.safetensors", lora)
+    os.symlink(tmp_path / "lib", tmp_path / "link")
+    cfg = config.Config(paths={"loras": [tmp_path / f for f in folders]})
+    assert sorted(e.name for e in library.discover(cfg, kinds=("lora",), hub=False).entries) == ["fox", "subfox"]
+    assert library.find("lora", "subfox", cfg).path.endswith("/sub/subfox.safetensors")  # not ambiguous
+
+
 def test_an_inpainting_checkpoint_is_flagged_as_a_folder_as_a_file(tmp_path, monkeypatch):
     """The note a single file got ("inpaint model: ..."); a diffusers folder, or a repo in the Hugging Face
     cache, was listed without it."""
