@@ -158,12 +158,12 @@ def _file_data(path: Path) -> tuple[dict | None, str | None]:
     return data, None
 
 
-def _folder_list(key: str, value: object) -> list[Path]:
+def _folder_list(key: str, value: object, base: Path) -> list[Path]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"{key}: must be a list of folder paths")
-    return [Path(os.path.expanduser(v)) for v in value]
+    return [base / os.path.expanduser(v) for v in value]
 
 
 def _text(key: str, value: object) -> str | None:
@@ -174,8 +174,10 @@ def _text(key: str, value: object) -> str | None:
     return value.strip()
 
 
-def _apply(cfg: Config, data: dict) -> None:
-    """Copy valid keys of ``data`` into ``cfg``; the unknown keys are one warning, each other bad key one."""
+def _apply(cfg: Config, data: dict, base: Path) -> None:
+    """Copy valid keys of ``data`` into ``cfg``; the unknown keys are one warning, each other bad key one. A
+    relative folder is taken from ``base`` (the config file's folder): the same for every process that reads the
+    file (a service started elsewhere searched another folder than its client)."""
     unknown = [k for k in data if k not in TOP_KEYS]  # in the file's order: keys may be numbers, null, true...
     if unknown:
         # a train.yaml given as the app's --config (before ``train``, not after it) holds dozens
@@ -190,8 +192,9 @@ def _apply(cfg: Config, data: dict) -> None:
         said = kind if isinstance(kind, str) else shown(kind)
         cfg.warnings.append(f"config: paths.{said}: unknown kind; allowed: {', '.join(FOLDER_KINDS)}, outputs")
     parsers = {
-        **{("paths", k): (lambda v, k=k: cfg.paths.__setitem__(k, _folder_list(f"paths.{k}", v))) for k in FOLDER_KINDS},
-        ("paths", "outputs"): lambda v: setattr(cfg, "outputs", _outputs(v)),
+        **{("paths", k): (lambda v, k=k: cfg.paths.__setitem__(k, _folder_list(f"paths.{k}", v, base)))
+           for k in FOLDER_KINDS},
+        ("paths", "outputs"): lambda v: setattr(cfg, "outputs", _outputs(v, base)),
         (None, "default_model"): lambda v: setattr(cfg, "default_model", _text("default_model", v)),
         (None, "default_preset"): lambda v: setattr(cfg, "default_preset", _text("default_preset", v)),
         (None, "speed"): lambda v: setattr(cfg, "speed", _choice("speed", v, _request().SPEEDS)),
@@ -230,10 +233,10 @@ def _count(key: str, value: object, most: int) -> int:
     return value
 
 
-def _outputs(value: object) -> Path:
+def _outputs(value: object, base: Path = Path()) -> Path:
     if not isinstance(value, str) or not value:
         raise ValueError("paths.outputs: must be one folder path")
-    return Path(os.path.expanduser(value))
+    return base / os.path.expanduser(value)
 
 
 def _bool(key: str, value: object) -> bool:
@@ -290,7 +293,7 @@ def load(path: str | Path | None = None) -> Config:
     """The effective config. ``path`` overrides where it is read from (as ``--config``)."""
     cfg = _defaults()
     file = Path(os.path.expanduser(path)) if path is not None else config_path()
-    _apply(cfg, _read_yaml(file, cfg))
+    _apply(cfg, _read_yaml(file, cfg), Path(os.path.abspath(file.parent)))
     _apply_env(cfg)
     for kind, folders in cfg.paths.items():  # a folder that cannot be searched: said, not passed over in silence
         defaults = default_folders(kind)  # need not exist

@@ -51,6 +51,18 @@ def test_valid_file_is_read(tmp_path, monkeypatch):
     assert (cfg.default_model, cfg.default_preset, cfg.keymap) == ("sdxl-base", "anime", {"generate": "ctrl+g"})
 
 
+def test_a_relative_folder_is_taken_from_the_config_files_folder(tmp_path, monkeypatch):
+    """Not from the current folder: a service started in another folder than its client searched elsewhere (a
+    LoRA that `models list` showed was "not found")."""
+    monkeypatch.delenv("DREAMTTY_OUTPUTS")
+    (tmp_path / "conf").mkdir()
+    path = _write(tmp_path / "conf" / "c.yaml", {"paths": {"loras": ["lo", "../shared"], "outputs": "out"}})
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(Path("conf/c.yaml"))
+    assert cfg.folders("loras") == [path.parent / "lo", path.parent / "../shared"]
+    assert cfg.outputs_dir() == path.parent / "out"
+
+
 def test_bad_values_name_the_key_and_keep_defaults(tmp_path):
     path = _write(tmp_path / "c.yaml", {
         "paths": {"loras": 5, "checkpoints": ["/ok"], "models": ["/x"]},
