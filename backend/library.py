@@ -484,9 +484,32 @@ def read_json(path: Path) -> JsonConfig:
     return JsonConfig(path, data)
 
 
+_WEIGHTED_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_PARTS = (*_WEIGHTED_PARTS, "tokenizer", "tokenizer_2", "scheduler")
+
+
+def _check_parts(folder: Path, index: "JsonConfig") -> None:
+    """ModelError naming what a diffusers folder lacks of the parts its model_index.json lists (a download that
+    stopped short, a part removed), said when it is listed rather than when a job loads it; or that it is the
+    folder of another kind of pipeline (SD3, Flux: no UNet)."""
+    if "transformer" in index and "unet" not in index:
+        raise ModelError(f"model: {folder} holds a {shown(index.get('_class_name'))} (a transformer, no UNet); "
+                         "dreamtty runs Stable Diffusion 1.x, 2.x and SDXL")
+    for part in _PARTS:
+        listed = index.get(part)
+        if not isinstance(listed, list) or not listed or listed[0] is None:  # [null, null]: the pipeline has none
+            continue
+        if not (folder / part).is_dir():
+            raise ModelError(f"model: {folder} lacks {part}/, which its model_index.json lists")
+        if part in _WEIGHTED_PARTS and not any(p.suffix in (".safetensors", ".bin") for p in (folder / part).iterdir()):
+            raise ModelError(f"model: {folder / part} holds no weights (.safetensors or .bin)")
+
+
 def family_from_folder(folder: Path) -> str:
-    """Detect SD1 / SD2 / SD2-v / SDXL / SDXL-refiner from a diffusers folder."""
+    """Detect SD1 / SD2 / SD2-v / SDXL / SDXL-refiner from a diffusers folder (ModelError for one that lacks a
+    part)."""
     index = read_json(folder / "model_index.json")
+    _check_parts(folder, index)
     if (folder / "dreamtty_demo.json").exists():
         demo = read_json(folder / "dreamtty_demo.json")
         if (family := demo.value("family", str)) is None:
@@ -577,8 +600,9 @@ def scan_folder(kind: str, root: Path, lib: Library, searched: set) -> None:
         for d in sorted(dirnames):
             try:
                 entry = _inspect_folder(kind, here / d, source)
-            except ModelError as exc:
+            except ModelError as exc:  # a model folder, damaged: its files are its parts, not searched
                 lib.skip(here / d, exc, kind)
+                dirnames.remove(d)
                 continue
             if entry is not None:
                 lib.entries.append(entry)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import struct
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from backend import config, library
+from backend import config, library, models
 from backend.errors import ModelError
 from backend.library import CorruptFile, checkpoint_family, embedding_family, lora_family, read_shapes
 
@@ -462,6 +463,29 @@ def test_model_folders_whose_configs_hold_the_wrong_types_are_skipped_with_a_lin
     ])
     assert [(e.name, e.family) for e in lib.of_kind("checkpoint") if e.source != "built-in"] == [
         ("refiner", "sdxl-refiner")]
+
+
+def test_a_diffusers_folder_lacking_a_part_or_of_another_pipeline_is_skipped_with_a_line(tmp_path, demo_dirs):
+    """A copy of the demo without vae/, or whose UNet has no weights, was listed, then failed in its job ("no file
+    named config.json found in directory <the folder>"); an SD3 folder said its unet/config.json was missing."""
+    root = tmp_path / "ckpt"
+    for name in ("novae", "noweights", "whole"):
+        shutil.copytree(demo_dirs["demo"], root / name)
+    shutil.rmtree(root / "novae" / "vae")
+    for weights in (root / "noweights" / "unet").glob("*.safetensors"):
+        weights.unlink()
+    (root / "sd3").mkdir()
+    (root / "sd3" / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline", '
+                                                   '"transformer": ["diffusers", "SD3Transformer2DModel"]}')
+    cfg = config.Config(paths={"checkpoints": [root]})
+    lib = library.discover(cfg, kinds=("checkpoint",), hub=False)
+    assert [e.name for e in lib.entries if e.source != "built-in"] == ["whole"]
+    assert sorted(lib.problems) == [f"model: {root}/novae lacks vae/, which its model_index.json lists",
+                                    f"model: {root}/noweights/unet holds no weights (.safetensors or .bin)",
+                                    f"model: {root}/sd3 holds a 'StableDiffusion3Pipeline' (a transformer, no UNet); "
+                                    "dreamtty runs Stable Diffusion 1.x, 2.x and SDXL"]
+    with pytest.raises(ModelError, match="lacks vae/"):
+        models.resolve_model(str(root / "novae"))
 
 
 def test_a_checkpoint_named_by_its_file_name_and_a_broken_folder_by_its_name(tmp_path, monkeypatch):
