@@ -164,11 +164,28 @@ def with_style_picks(request: GenerateRequest, record: object) -> GenerateReques
 
 
 def prompt_change(recorded: object, made: object) -> str | None:
-    """Why the final prompt of a reproduced image (prompt record ``made``) is not the image's (``recorded``): the
-    first wildcard that picked another line, else the texts themselves; None when they are the same, or when
-    nothing was recorded (another tool's image)."""
+    """Why a reproduced image (prompt record ``made``) is not the image (``recorded``): the first wildcard that
+    picked another line, else the final texts themselves, else the first LoRA whose file changed; None when they
+    are the same, or when nothing was recorded (another tool's image)."""
     if not isinstance(recorded, dict) or not recorded or not isinstance(made, dict):
         return None
+    return _wildcard_or_text_change(recorded, made) or _lora_change(recorded, made)
+
+
+def _lora_change(recorded: dict, made: dict) -> str | None:
+    hashes = {str(lora.get("name")): lora.get("hash") for lora in _dicts(recorded.get("loras"))}
+    for lora in _dicts(made.get("loras")):
+        then = hashes.get(str(lora.get("name")), lora.get("hash"))
+        if then != lora.get("hash"):
+            return f"LoRA {lora.get('name')}: its file changed since (hash {lora.get('hash')}, the image's {then})"
+    return None
+
+
+def _dicts(value: object) -> list[dict]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _wildcard_or_text_change(recorded: dict, made: dict) -> str | None:
     before, after = recorded.get("wildcards"), made.get("wildcards")
     if isinstance(before, list) and isinstance(after, list):
         for old, new in zip(before, after):

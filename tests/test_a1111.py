@@ -275,6 +275,28 @@ def test_dreamtty_syntax_in_another_tools_prompt_is_said_and_a_reproduce_blames_
     assert metadata.prompt_change({"positive": "a cat"}, {"positive": "a fox"}).startswith("the final prompt differs")
 
 
+def test_a_reproduce_names_a_lora_whose_file_changed_and_says_it_on_one_line(tmp_path):
+    """It said only "pixels: differ (max difference 220/255)": the LoRA hash recorded was never compared."""
+    from tui.cli_jobs import _pixels_line
+
+    def record(name: str, digest: str) -> dict:
+        return {"positive": "a fox", "negative": "", "loras": [{"name": name, "weight": 0.7, "hash": digest}]}
+
+    then, now = record("fox", "aaaaaaaaaa"), record("fox", "bbbbbbbbbb")
+    said = "LoRA fox: its file changed since (hash bbbbbbbbbb, the image's aaaaaaaaaa)"
+    assert metadata.prompt_change(then, now) == said
+    assert metadata.prompt_change(then, then) is None
+    assert metadata.prompt_change({**then, "loras": [{"name": ["fox"]}, 5]}, now) is None  # nothing it can compare
+    request = GenerateRequest(prompt="a fox", seed=1).resolved("demo")
+    made = tmp_path / "made.png"
+    meta = metadata.build(request, "demo", record("fox\x1b[2J\nx", "bbbbbbbbbb"))
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(made, pnginfo=metadata.png_info(meta))
+    Image.new("RGB", (8, 8)).save(tmp_path / "image.png")
+    assert _pixels_line(tmp_path / "image.png", made, record("fox\x1b[2J\nx", "aaaaaaaaaa")) == (
+        "pixels: differ (max difference 9/255): LoRA fox\\x1b[2J\\nx: its file changed since (hash bbbbbbbbbb, the "
+        "image's aaaaaaaaaa)")
+
+
 @pytest.mark.parametrize("fields,sampler,schedule,unmapped", [
     ("Sampler: DPM++ 2M SDE, Version: v1.10.1", "dpmpp_2m_sde", "exponential", None),  # A1111's Automatic
     ("Sampler: DPM++ 2M, Schedule type: Automatic", "dpmpp_2m", "karras", None),

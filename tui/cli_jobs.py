@@ -381,7 +381,7 @@ def _pixels_line(image: Path, made: Path, record: dict) -> str:
     if diff == 0:
         return "pixels: identical"
     change = metadata.prompt_change(record, _record(made))
-    return f"pixels: differ (max difference {diff}/255)" + (f": {change}" if change else "")
+    return f"pixels: differ (max difference {diff}/255)" + (f": {one_line(change)}" if change else "")
 
 
 def _record(path: Path) -> dict:
