@@ -352,6 +352,23 @@ def is_vae(shapes: Shapes) -> bool:
     return {"encoder.conv_in.weight", "decoder.conv_out.weight"} <= keys and not _has_prefix(shapes, UNET)
 
 
+SD_LATENT_CHANNELS = 4  # SD 1.x, 2.x and SDXL; SD3's and Flux's VAEs have 16
+
+
+def wrong_latent_space(channels: object) -> str | None:
+    """Why a VAE of ``channels`` latent channels cannot serve Stable Diffusion (None: it can, or it cannot tell)."""
+    if not isinstance(channels, int) or channels == SD_LATENT_CHANNELS:
+        return None
+    return (f"is a VAE of {channels} latent channels (SD3 or Flux have 16); Stable Diffusion's have "
+            f"{SD_LATENT_CHANNELS}")
+
+
+def vae_latent_channels(shapes: Shapes) -> int | None:
+    """The latent channels a VAE file decodes, from its decoder's input convolution."""
+    shape = next((s for k, s in shapes.items() if k.endswith("decoder.conv_in.weight")), ())
+    return shape[1] if len(shape) == 4 else None
+
+
 def is_image_model(shapes: Shapes) -> bool:
     """Has 2-D convolution weights and no Stable Diffusion UNet (what every upscaler has)."""
     return any(len(s) == 4 for s in shapes.values()) and not _has_prefix(shapes, UNET)
@@ -444,6 +461,8 @@ def _inspect_file(kind: str, path: Path, source: str) -> Entry:
         if family is None:
             raise CorruptFile(f"model: {path} {problem}")
         entry.family = family
+        if kind == "vae" and (problem := wrong_latent_space(vae_latent_channels(shapes))):
+            raise CorruptFile(f"model: {path} {problem}")
         if kind == "ip_adapter":
             entry.variant = "face" if "face" in path.stem.lower() else "image"
         if kind == "lora" and (algorithm := lycoris_algorithm(shapes)):
@@ -583,7 +602,10 @@ def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
     if kind == "checkpoint" and (folder / "model_index.json").is_file():
         return _folder_checkpoint(folder.name, folder, _folder_size(folder), source)
     if kind == "vae" and (folder / "config.json").is_file():
-        if read_json(folder / "config.json").get("_class_name") == "AutoencoderKL":
+        vae = read_json(folder / "config.json")
+        if vae.get("_class_name") == "AutoencoderKL":
+            if problem := wrong_latent_space(vae.get("latent_channels")):
+                raise CorruptFile(f"model: {folder} {problem}")
             return Entry(kind, folder.name, str(folder), "any", _folder_size(folder), source, "diffusers")
     return None
 

@@ -488,6 +488,21 @@ def test_a_diffusers_folder_lacking_a_part_or_of_another_pipeline_is_skipped_wit
         models.resolve_model(str(root / "novae"))
 
 
+def test_a_vae_of_another_latent_space_is_skipped_saying_so(tmp_path):
+    """An SD3 or Flux VAE (16 latent channels) was listed for every family, then failed in its job with
+    "Error(s) in loading state_dict for AutoencoderKL"."""
+    root = tmp_path / "vae"
+    parts = {"encoder.conv_in.weight": (8, 3, 3, 3), "decoder.conv_out.weight": (3, 8, 3, 3)}
+    _write(root / "lat16.safetensors", {**parts, "decoder.conv_in.weight": (8, 16, 3, 3)})
+    _write(root / "lat4.safetensors", {**parts, "decoder.conv_in.weight": (8, 4, 3, 3)})
+    (root / "flux-vae").mkdir()
+    (root / "flux-vae" / "config.json").write_text('{"_class_name": "AutoencoderKL", "latent_channels": 16}')
+    lib = library.discover(config.Config(paths={"vae": [root]}), kinds=("vae",), hub=False)
+    assert [e.name for e in lib.entries if e.source != "built-in"] == ["lat4"]
+    why = "is a VAE of 16 latent channels (SD3 or Flux have 16); Stable Diffusion's have 4"
+    assert sorted(lib.problems) == [f"vae: {root}/flux-vae {why}", f"vae: {root}/lat16.safetensors {why}"]
+
+
 def test_a_checkpoint_named_by_its_file_name_and_a_broken_folder_by_its_name(tmp_path, monkeypatch):
     """``--model x.safetensors`` (the file's name, not its stem) and a folder listed as skipped both said
     "does not exist"."""
