@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.errors import DreamttyError, RequestError
+from backend.errors import DreamttyError, RequestError, Transient
 from backend.user_files import file_sha256
 
 # The files a diffusers folder needs: configs, tokenizers and the default (non-variant) safetensors weights.
@@ -82,7 +82,7 @@ def _hub_error(repo: str, exc: Exception) -> DreamttyError:
     if isinstance(exc, errors.RevisionNotFoundError):
         return DreamttyError(f"pull: {repo} has no such revision")
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return DreamttyError(f"pull: cannot reach the Hugging Face Hub for {repo}: {text[:200]}")
+    return Transient(f"pull: cannot reach the Hugging Face Hub for {repo}: {text[:200]}")
 
 
 def _wanted(name: str) -> bool:
@@ -150,10 +150,10 @@ def free_bytes(path: Path) -> int:
 def _verify(path: Path, f: PlannedFile) -> None:
     size = path.stat().st_size
     if f.size is not None and size != f.size:
-        raise DreamttyError(f"pull: {f.name} has {size} bytes, the Hub says {f.size}; run the pull again to resume")
+        raise Transient(f"pull: {f.name} has {size} bytes, the Hub says {f.size}; run the pull again to resume")
     if f.sha256 and file_sha256(path) != f.sha256:
         path.unlink(missing_ok=True)
-        raise DreamttyError(f"pull: {f.name} does not match its SHA-256; it was removed, run the pull again")
+        raise Transient(f"pull: {f.name} does not match its SHA-256; it was removed, run the pull again")
 
 
 def check_repo_id(repo: str) -> None:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from backend import downloads
-from backend.errors import DreamttyError
+from backend.errors import DreamttyError, Transient
 from tui.cli import main
 
 
@@ -149,9 +149,10 @@ def test_pull_checks_free_disk_first(tmp_path, monkeypatch):
         "999 B", "1.5 KB", "2.5 GB", "7.2 TB", "3000.0 TB"]
 
 
-def test_pull_verifies_hash_and_reports_network_errors(tmp_path):
+def test_pull_verifies_hash_and_reports_network_errors(tmp_path, monkeypatch, capsys):
+    """Both pass when the pull is run again: exit 3 (a script may try again), not 2 (bad input)."""
     hub = FakeHub(tmp_path, {"w.safetensors": b"abcdef" * 10}, corrupt="w.safetensors")
-    with pytest.raises(DreamttyError, match="does not match its SHA-256; it was removed"):
+    with pytest.raises(Transient, match="does not match its SHA-256; it was removed"):
         downloads.pull("org/model", filename="w.safetensors", api=hub)
     assert not (tmp_path / "snapshots" / "c0ffee" / "w.safetensors").exists()
 
@@ -159,8 +160,14 @@ def test_pull_verifies_hash_and_reports_network_errors(tmp_path):
         def model_info(self, *a, **k):
             raise ConnectionError("Name or service not known")
 
-    with pytest.raises(DreamttyError, match="cannot reach the Hugging Face Hub for org/model: Name or service"):
+    with pytest.raises(Transient, match="cannot reach the Hugging Face Hub for org/model: Name or service"):
         downloads.pull("org/model", api=Down(tmp_path, {}))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    down = Down(tmp_path, {})
+    monkeypatch.setattr(downloads, "pull", lambda *args, **kwargs: downloads.plan(down, "org/m", None, None))
+    assert main(["models", "pull", "org/m"]) == 3
+    said = capsys.readouterr().err
+    assert said == "dreamtty: pull: cannot reach the Hugging Face Hub for org/m: Name or service not known\n"
 
 
 def test_a_missing_lora_is_said_before_the_model_downloads(monkeypatch, capsys):
