@@ -12,6 +12,7 @@ from the image. Text as typed (a size ``WxH``, LoRAs
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -44,15 +45,21 @@ def parse_lora(text: str) -> tuple[str, float]:
 
 
 def parse_loras(texts: str | list) -> list:
-    """Repeated ``--lora`` values, one comma-separated text as a form holds it, or (name, weight) pairs;
-    ``none`` alone: no LoRAs, not even a preset's."""
-    items = texts.split(",") if isinstance(texts, str) else texts
+    """Repeated ``--lora`` values, one comma-separated text as a form holds it (a comma in a name written
+    ``\\,``: :func:`loras_text`), or (name, weight) pairs; ``none`` alone: no LoRAs, not even a preset's."""
+    items = [item.replace("\\,", ",") for item in re.split(r"(?<!\\),", texts)] if isinstance(texts, str) else texts
     words = [item.strip().lower() if isinstance(item, str) else item for item in items]
     if words == ["none"]:
         return []
     if "none" in words:
         raise RequestError("lora", "none (no LoRAs at all) cannot go with other LoRAs; give one or the other")
     return [parse_lora(item) if isinstance(item, str) else item for item in items if not isinstance(item, str) or item.strip()]
+
+
+def loras_text(loras: list) -> str:
+    """(name, weight) pairs as a form's one text, which :func:`parse_loras` reads back."""
+    escaped = [(name.replace(",", "\\,"), weight) for name, weight in loras]
+    return ", ".join(f"{name}:{weight:g}" for name, weight in escaped)
 
 
 def parse_floats(name: str, text: str) -> tuple[float, ...]:

@@ -66,6 +66,14 @@ def test_guidance_and_loras_from_text():
     assert request_builder.build({"loras": [" None"]}, preset="fast").loras == []  # --lora none: not even those
 
 
+def test_a_comma_in_a_loras_name_is_written_escaped_in_the_forms_one_text_and_read_back():
+    """The form read "style, v2:0.5" as two LoRAs, "style" and "v2" (an image's parameters loaded into it too)."""
+    loras = [("style, v2", 0.5), ("fox", 1.0), ("a,b,", 0.25)]
+    text = request_builder.loras_text(loras)
+    assert text == "style\\, v2:0.5, fox:1, a\\,b\\,:0.25"
+    assert request_builder.build({"loras": text}).loras == loras
+
+
 @pytest.mark.parametrize("values, error", [
     ({"loras": "fox:lots"}, "lora: 'fox:lots': weight must be a number"),
     ({"loras": ["ink:nan"]}, "lora: 'ink:nan': weight must be a finite number, -2..2"),  # "loras: nan is not ..."

@@ -355,7 +355,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
             if "expand" in data:
                 q("#expand", Checkbox).value = bool(data["expand"])
             if "loras" in data:
-                q("#loras", Input).value = ", ".join(f"{n}:{w:g}" for n, w in data["loras"] or [])
+                q("#loras", Input).value = request_builder.loras_text(data["loras"] or [])
             guidance = GuidanceSettings.from_dict(data["guidance"]) if data.get("guidance") else None
             for f in fields(GuidanceSettings) if guidance is not None else ():
                 q(f"#g-{f.name}", Input).value = format_guidance_value(getattr(guidance, f.name))
