@@ -196,6 +196,10 @@ class TrainingRuns:
         self._waiting_for: dict[int, str] = {}
 
     def close(self) -> None:
+        """Record the end of the runs whose trainer exited (a ``--local`` train ends right after its run: its
+        row said "training" for ever); the others keep training."""
+        with contextlib.suppress(DreamttyError):  # the queue file takes no writes: the next service ends them
+            self._end_gone()
         self.store.close()
 
     def add(self, run_dir: Path, devices: list[str], launcher: str | None,
@@ -255,7 +259,11 @@ class TrainingRuns:
     def check(self) -> bool:
         """Start the runs whose workers took too long to let go; end those whose trainer is gone.
         True when a run ended (its devices are free again)."""
-        ended = self._launch_ready()
+        return self._launch_ready() | self._end_gone()
+
+    def _end_gone(self) -> bool:
+        """End this service's runs whose trainer is gone; True when one was."""
+        ended = False
         for run in self.store.runs((TRAINING,), self.owner):
             proc = self._trainers.get(run.id)
             code = proc.poll() if proc is not None else None

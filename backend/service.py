@@ -191,8 +191,10 @@ class Service:
                     log.error("checking %s: %s", what, exc)
 
     def _notice_ended_runs(self) -> None:
-        """A trainer that ended frees its devices for jobs."""
-        if self.training.check():
+        """A trainer that ended frees its devices for jobs. A run of this service that waits is tried again each
+        time: the run it waits for may be another process's, whose end is seen only so (a --local train queued
+        behind another waited for ever)."""
+        if self.training.check() or self.training.waiting():
             self._dispatch()
 
     def _notice_cancelled(self) -> None:

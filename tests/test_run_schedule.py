@@ -245,6 +245,32 @@ async def test_a_live_trainer_of_a_killed_service_holds_its_device_before_it_is_
             os.kill(live.pid, signal.SIGKILL)
 
 
+async def test_a_run_waiting_for_another_services_run_starts_once_that_ends_and_each_records_its_end(
+        tmp_path, photos, demo_dirs):
+    """Two --local trains at once: the second waited for ever for the CPU the first had let go (only a run of its
+    own ending made its service look again), and a --local run's row said "training" after its command ended."""
+    db = tmp_path / "queue.sqlite3"
+    first = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
+    second = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
+    events = second.subscribe()
+    await first.start()
+    await second.start()
+    try:
+        holder = queue_run(first, photos, tmp_path / "first")
+        waiter = queue_run(second, photos, tmp_path / "second")
+        assert waiter.state == WAITING and waiter.waiting_for == "the CPU: training run first"
+        finish(holder)
+        first.training._trainers[holder.id].wait(TIMEOUT)  # not awaited: its service's watch must not see it end
+    finally:
+        await first.close()  # as the first --local command does once its run is done
+    try:
+        assert second.training.get(holder.id).state == ENDED
+        await next_event(events, run_is(waiter.id, TRAINING))
+    finally:
+        finish(waiter)
+        await second.close()
+
+
 async def test_an_adopted_run_whose_trainer_ended_meanwhile_ends_at_once(tmp_path, photos, demo_dirs):
     db = tmp_path / "queue.sqlite3"
     first_service = Service(devices="cpu", db_path=db, recover=True, pool=NoWorkers("cpu", db))
