@@ -152,7 +152,7 @@ def test_damaged_checkpoint_named_fails_and_latest_falls_back(photos, tmp_path):
     assert weights.read_bytes() == cut and [s for s, _ in runs.list_checkpoints(run_dir)] == [2, 4]  # nothing lost
 
     _run(_settings(run_dir, max_steps=5, resume="latest"))
-    assert _warnings(run_dir)[-2] == f"{error}; resuming from checkpoint-2 instead"
+    assert _warnings(run_dir)[-2] == f"{error}; passed over"
     assert _steps_after_resume(run_dir) == (2, [3, 4, 5])
     (moved,) = (run_dir / runs.CHECKPOINTS / runs.ABANDONED).iterdir()  # moved aside when passed over, as it was
     assert (moved / "checkpoint-4/trainable_0.safetensors").read_bytes() == cut
@@ -160,6 +160,24 @@ def test_damaged_checkpoint_named_fails_and_latest_falls_back(photos, tmp_path):
     assert [again[3], again[4]] == pytest.approx([first[3], first[4]], rel=1e-5)
     with safe_open(weights, framework="pt") as saved:  # step 4 saved again, whole
         assert len(list(saved.keys())) > 0
+    assert runs.read_run_json(run_dir)["state"] == "done"
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_starts_again_from_step_0(photos, tmp_path):
+    """It said it resumed from the one before, then failed on that one too, for good: nothing was moved aside, and
+    every later resume failed alike."""
+    run_dir = _run(_request(photos, tmp_path / "all-damaged", max_steps=4, checkpoint_every=2))
+    for step in (2, 4):
+        (run_dir / f"checkpoints/checkpoint-{step}" / STATE_FILE).write_text('{"step": ')
+    _run(_settings(run_dir, max_steps=5, resume="latest"))
+    warnings = _warnings(run_dir)
+    assert [w.split(": ")[1] for w in warnings[:2]] == [f"cannot load {run_dir}/checkpoints/checkpoint-{step}"
+                                                       for step in (4, 2)]
+    assert all(w.endswith("is damaged (Expecting value: line 1 column 10 (char 9)); passed over") for w in warnings[:2])
+    assert "resume: no checkpoint of this run loads; it starts again from step 0" in warnings
+    assert _steps_after_resume(run_dir) == (0, [1, 2, 3, 4, 5])
+    (moved,) = (run_dir / runs.CHECKPOINTS / runs.ABANDONED).iterdir()  # kept, out of the way
+    assert sorted(p.name for p in moved.iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert runs.read_run_json(run_dir)["state"] == "done"
 
 
@@ -173,7 +191,7 @@ def test_a_state_file_without_a_step_is_a_damaged_checkpoint(photos, tmp_path):
         _run(_settings(run_dir, output=str(run_dir), max_steps=5, resume="latest"))
         damaged = run_dir / "checkpoints/checkpoint-4"
         assert _warnings(run_dir)[-2] == (f"resume: cannot load {damaged}: {STATE_FILE} is damaged ({why}, not a whole "
-                                          "number from 1); resuming from checkpoint-2 instead")
+                                          "number from 1); passed over")
         assert _steps_after_resume(run_dir) == (2, [3, 4, 5])
 
 

@@ -230,17 +230,12 @@ def load_checkpoint(accelerator, folder: Path) -> dict:
     return state
 
 
-def load_newest(accelerator, folders: list[Path], warn: Callable[[str], None]) -> tuple[Path, dict]:
-    """Load the newest of ``folders`` (oldest first) that is not damaged; ``warn`` about each one skipped.
-
-    Raises CheckpointError for any other failure, or when the oldest one is damaged too.
-    """
-    *earlier, folder = folders
-    while True:
+def load_newest(accelerator, folders: list[Path], warn: Callable[[str], None]) -> tuple[Path, dict] | None:
+    """Load the newest of ``folders`` (oldest first) that is not damaged; ``warn`` about each one passed over.
+    None when every one is damaged; CheckpointError for any other failure."""
+    for folder in reversed(folders):
         try:
             return folder, load_checkpoint(accelerator, folder)
         except DamagedCheckpointError as exc:
-            if not earlier:
-                raise
-            warn(f"{exc}; resuming from {earlier[-1].name} instead")
-            folder = earlier.pop()
+            warn(f"{exc}; passed over")
+    return None

@@ -25,8 +25,8 @@ from backend.engine.loader import local_folder
 from backend.models import ModelRef, resolve_model
 from backend.safetext import first_line
 from backend.training import runs
-from backend.training.checkpoints import (WRITE_ERRORS, CheckpointError, abandon_past, any_process, load_newest,
-                                          register_hooks, save_checkpoint, try_write, write_failure)
+from backend.training.checkpoints import (WRITE_ERRORS, CheckpointError, abandon_past, any_process, load_checkpoint,
+                                          load_newest, register_hooks, save_checkpoint, try_write, write_failure)
 from backend.training.class_images import ensure_class_images
 from backend.training.config import TrainRequest, check_precision
 from backend.training.data import ImageSet, batch_generator
@@ -270,14 +270,22 @@ class DreamBoothTrainer:
         start = 0
         checkpoint = resume_checkpoint(self.run_dir, req.resume)
         if checkpoint is not None:
-            # "latest" is the newest state that loads: a damaged checkpoint (power cut, full disk) gives way to
-            # the one before it, with a warning. A checkpoint named by the user loads or fails.
-            folders = [p for _, p in runs.list_checkpoints(self.run_dir)] if req.resume == "latest" else [checkpoint]
+            # "latest" is the newest state that loads: a damaged checkpoint (power cut, full disk) is passed over,
+            # with a warning, and with none that loads the run starts again (it failed for good: every resume
+            # found the same). A checkpoint named by the user loads or fails.
             base_lrs = list(self.lr_scheduler.scheduler.base_lrs)  # this run's --lr, before the load replaces it
-            checkpoint, state = load_newest(self.acc, folders, self._warn)
-            start = int(state["step"])
-            self._apply_schedule(base_lrs)
-            self.events(TrainResume(step=start, checkpoint=str(checkpoint)))
+            if req.resume == "latest":
+                loaded = load_newest(self.acc, [p for _, p in runs.list_checkpoints(self.run_dir)], self._warn)
+            else:
+                loaded = checkpoint, load_checkpoint(self.acc, checkpoint)
+            if loaded is None:  # every one is moved aside below (all are past step 0)
+                self._warn("resume: no checkpoint of this run loads; it starts again from step 0")
+                self.events(TrainResume(step=0, checkpoint=None))
+            else:
+                checkpoint, state = loaded
+                start = int(state["step"])
+                self._apply_schedule(base_lrs)
+                self.events(TrainResume(step=start, checkpoint=str(checkpoint)))
             self.acc.wait_for_everyone()  # every process has loaded before a checkpoint is moved
             if self.main:
                 self._abandon_past(checkpoint, start)
