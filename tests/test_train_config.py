@@ -364,10 +364,11 @@ def test_a_damaged_run_json_is_named_and_listed_without_a_traceback(capsys, tmp_
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
     (run_dir / runs.RUN_JSON).write_text(text)
-    assert cli.main(["train", "--output", str(run_dir), "--resume", "latest"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == f"dreamtty: resume: {run_dir / runs.RUN_JSON} holds no settings to resume with (it is damaged); " \
-                  "give --model, --instance-dir and --instance-prompt too"
+    for demo in ([], ["--demo"]):  # a model given (--demo) said "instance_dir: is required"
+        assert cli.main([*demo, "train", "--output", str(run_dir), "--resume", "latest"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"dreamtty: resume: {run_dir / runs.RUN_JSON} holds no settings to resume with (it is " \
+                      "damaged); give --model, --instance-dir and --instance-prompt too"
     listed = runs.list_runs(tmp_path / "runs")  # the Train screen's list
     assert [(r.name, r.settings, r.updated) for r in listed] == ([("r", {}, 0.0)] if text.startswith("{") else [])
     assert all(r.state == "failed" for r in listed)
@@ -381,9 +382,10 @@ def test_a_resume_of_no_run_names_resume_or_output_not_the_missing_model(capsys,
     (no_json / runs.CHECKPOINTS).mkdir(parents=True)
     cases = [
         ([], "resume: needs the run to continue: --output RUN_DIR (output: RUN_DIR)"),
-        (["--output", str(tmp_path / "none")], f"resume: {tmp_path / 'none'} holds no run to continue; give --output "
-                                                "the folder of a run, or --model, --instance-dir and --instance-prompt "
-                                                "to start one there"),
+        *((["--output", str(tmp_path / "none"), *demo], f"resume: {tmp_path / 'none'} holds no run to continue; give "
+                                                         "--output the folder of a run, or --model, --instance-dir and "
+                                                         "--instance-prompt to start one there")
+          for demo in ([], ["--demo"])),  # a model given (--demo) said "instance_dir: is required"
         (["--output", str(no_json)], f"output: {no_json} is not empty and holds no run; choose a new or empty folder"),
         (["--output", str(done), "--resume", ""], f"output: {done} already holds a run; {runs.RESUME_HINT}, or choose "
                                                   "another folder"),

@@ -109,7 +109,7 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
         from backend.training.launch import resume_settings
 
         data.update(resume_settings(run_dir))
-        if "model" not in {**data, **config, **flags}:
+        if "instance_dir" not in {**data, **config, **flags}:  # a --model (--demo) alone starts no run either
             raise RequestError("resume", f"{run_dir / runs.RUN_JSON} holds no settings to resume with (it is damaged); "
                                          "give --model, --instance-dir and --instance-prompt too")
     data.update(config)

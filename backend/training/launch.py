@@ -159,7 +159,7 @@ def _check_target(request: TrainRequest) -> None:
             previous = _previous_run(run_dir, request)
     except OSError:  # said as the run is made
         return
-    if request.resume is not None and not previous and not request.model.strip():
+    if request.resume is not None and not previous and not str(request.instance_dir or "").strip():
         raise RequestError("resume", f"{run_dir} holds no run to continue; give --output the folder of a run, or "
                                      "--model, --instance-dir and --instance-prompt to start one there")
 
