@@ -369,9 +369,12 @@ def test_a_damaged_run_json_is_named_and_listed_without_a_traceback(capsys, tmp_
         err = capsys.readouterr().err.strip()
         assert err == f"dreamtty: resume: {run_dir / runs.RUN_JSON} holds no settings to resume with (it is " \
                       "damaged); give --model, --instance-dir and --instance-prompt too"
-    listed = runs.list_runs(tmp_path / "runs")  # the Train screen's list
-    assert [(r.name, r.settings, r.updated) for r in listed] == ([("r", {}, 0.0)] if text.startswith("{") else [])
-    assert all(r.state == "failed" for r in listed)
+    [listed] = runs.list_runs(tmp_path / "runs")  # the Train screen's list: it was left out, checkpoints and all
+    assert (listed.name, listed.settings, listed.state) == ("r", {}, "failed")
+    if not text.startswith("{"):
+        assert listed.error == (f"run.json is damaged (not a JSON object with the run's settings); its checkpoints "
+                                f"are in {run_dir / runs.CHECKPOINTS}")
+        assert listed.updated == (run_dir / runs.RUN_JSON).stat().st_mtime
 
 
 def test_a_resume_of_no_run_names_resume_or_output_not_the_missing_model(capsys, tmp_path):

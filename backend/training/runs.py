@@ -240,9 +240,16 @@ class RunInfo:
 
 
 def read_run(path: Path) -> RunInfo | None:
+    """The run in ``path``; one whose run.json does not read is listed failed, saying so (its checkpoints are
+    there still), None when it has none."""
     data = read_run_json(path)
     if not data:
-        return None
+        try:
+            written = (Path(path) / RUN_JSON).stat().st_mtime
+        except OSError:
+            return None
+        return RunInfo(Path(path), Path(path).name, "failed", f"{RUN_JSON} is damaged (not a JSON object with the "
+                       f"run's settings); its checkpoints are in {Path(path) / CHECKPOINTS}", {}, written)
     state, error = effective_state(path, data)
     return RunInfo(Path(path), Path(path).name, state, error, data.get("settings", {}), data.get("updated", 0.0))
 
