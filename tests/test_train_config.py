@@ -534,8 +534,16 @@ def test_a_trainer_that_cannot_start_leaves_a_failed_run_not_a_starting_one(phot
     assert cli.main([*base, "--output", str(unsplit), "--launcher", "accelerate launch '"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "dreamtty: launcher: \"accelerate launch '\": No closing quotation" and not unsplit.exists()
-    run_dir = tmp_path / "missing"
-    assert cli.main([*base, "--output", str(run_dir), "--launcher", "no-such-launcher-cmd"]) == 2
+    missing = tmp_path / "missing"  # nor is one that names no program (its run, failed, was in the way of the next)
+    assert cli.main([*base, "--output", str(missing), "--launcher", "no-such-launcher-cmd --x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("dreamtty: launcher: 'no-such-launcher-cmd': no such program; give a command line such as "
+                   "'accelerate launch --num_processes 2'") and not missing.exists()
+    unrunnable = tmp_path / "unrunnable"
+    unrunnable.write_bytes(b"\x00\x01")  # executable, but no program the system can run
+    unrunnable.chmod(0o755)
+    run_dir = tmp_path / "run"
+    assert cli.main([*base, "--output", str(run_dir), "--launcher", str(unrunnable)]) == 2
     err = capsys.readouterr().err.strip()
     assert "launcher: cannot start the trainer" in err and len(err.splitlines()) == 1
     state, error = runs.effective_state(run_dir)

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -241,6 +242,9 @@ def trainer_command(run_dir: Path, launcher: str | None = None) -> list[str]:
             words = shlex.split(launcher)
         except ValueError as exc:  # e.g. an unbalanced quote
             raise RequestError("launcher", f"{launcher!r}: {exc}") from None
+        if not words or shutil.which(words[0]) is None:  # said before a run folder is made for it
+            raise RequestError("launcher", f"{words[0] if words else launcher!r}: no such program; give a command "
+                                           "line such as 'accelerate launch --num_processes 2'")
         return [*words, "-m", "backend.training.trainer_process", str(run_dir)]
     return [sys.executable, "-m", "backend.training.trainer_process", str(run_dir)]
 
