@@ -16,7 +16,7 @@ from PIL import Image
 from backend.events import TrainCheckpoint, TrainLog, TrainResume, TrainState, TrainStep
 from backend.errors import ModelError, RequestError
 from backend.training import runs
-from backend.training.config import TrainRequest, load_yaml
+from backend.training.config import TrainRequest, check_field, load_yaml
 from backend.training.images import scan_images
 from backend.training.launch import prepare_run, request_stop
 from backend.training.words import unique_token_warning
@@ -375,6 +375,24 @@ def test_a_damaged_run_json_is_named_and_listed_without_a_traceback(capsys, tmp_
         assert listed.error == (f"run.json is damaged (not a JSON object with the run's settings); its checkpoints "
                                 f"are in {run_dir / runs.CHECKPOINTS}")
         assert listed.updated == (run_dir / runs.RUN_JSON).stat().st_mtime
+
+
+def test_a_resolution_out_of_range_says_what_0_means():
+    with pytest.raises(RequestError) as err:
+        check_field("resolution", "-8")
+    assert str(err.value) == "resolution: -8 is out of range; allowed 0..4096 (0: the model's size)"
+
+
+def test_two_runs_in_folders_of_the_same_name_are_listed_apart_by_their_links(tmp_path):
+    """Both were listed "run1" on the Train screen (their links in the runs folder are run1 and run1-1)."""
+    root = tmp_path / "runs"
+    for n, parent in enumerate(("a", "b")):
+        run_dir = tmp_path / parent / "run1"
+        run_dir.mkdir(parents=True)
+        runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": "done", "settings": {}, "updated": float(n)})
+        runs.link_into_root(run_dir, root)
+    assert [(r.name, r.path) for r in runs.list_runs(root)] == [("run1-1", tmp_path / "b" / "run1"),
+                                                                 ("run1", tmp_path / "a" / "run1")]
 
 
 def test_a_resume_of_no_run_names_resume_or_output_not_the_missing_model(capsys, tmp_path):

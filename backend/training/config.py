@@ -154,6 +154,7 @@ _RANGES = {
     "validation_every": (1, 10_000_000),
 }
 
+_ZERO_MEANS = {"resolution": " (0: the model's size)"}
 _KINDS = {f.name: f.type for f in fields(TrainRequest)}
 
 
@@ -202,7 +203,8 @@ def check_field(name: str, value: object) -> object:
         _choice(name, value, _CHOICES[name])
     limits = _RANGES.get(name)
     if limits and not limits[0] <= value <= limits[1]:
-        raise RequestError(name, f"{value} is out of range; allowed {limits[0]}..{limits[1]}")
+        meaning = _ZERO_MEANS.get(name, "")
+        raise RequestError(name, f"{value} is out of range; allowed {limits[0]}..{limits[1]}{meaning}")
     if name == "resolution" and value % 8:
         raise RequestError(name, f"{value} is not a multiple of 8; try {value // 8 * 8 or 8}")
     if name == "seed" and value != -1 and not 0 <= value <= MAX_SEED:

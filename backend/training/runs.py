@@ -271,8 +271,8 @@ def list_runs(root: Path | None = None, extra: list[Path] | tuple[Path, ...] = (
             continue
         seen.add(real)
         info = read_run(real)
-        if info is not None:
-            runs.append(info)
+        if info is not None:  # named by its link: two runs in folders of the same name are run1 and run1-1
+            runs.append(replace(info, name=Path(path).name))
     return sorted(runs, key=lambda r: r.updated, reverse=True)
 
 
