@@ -756,7 +756,7 @@ def test_stale_socket_and_pid_file_are_cleaned(dirs):
     assert info["pid"] != 999999999 and _connects(files.socket)
     # A command asking for settings the running service was not started with is refused, not run with the service's.
     other = cli(dirs, "jobs", "--allow-pickle")
-    assert other.returncode == 2 and other.stderr.count("\n") == 1, other.stderr
+    assert other.returncode == 3 and other.stderr.count("\n") == 1, other.stderr  # no service it can use
     assert "(allow_pickle: unset there, 1 here)" in other.stderr and "--local" in other.stderr
     assert cli(dirs, "jobs", "--allow-pickle", "--local").returncode == 0
     assert cli(dirs, "serve", "--stop").returncode == 0
