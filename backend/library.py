@@ -830,7 +830,8 @@ def find(kind: str, name: str, config=None) -> Entry | None:
     lib = discover(config, kinds=(kind,), hub=False)
     matches = [e for e in lib.of_kind(kind) if e.name == name] or [
         e for e in lib.of_kind(kind) if e.name.lower() == name.lower()
-    ] or [e for e in lib.of_kind(kind) if e.path and Path(e.path).name == name]  # "x.safetensors" for "x"
+    ] or [e for e in lib.of_kind(kind) if e.path and Path(e.path).name == name] or [  # "x.safetensors" for "x"
+        e for e in lib.of_kind(kind) if _repo_name(e) == name]  # the name a clash gave it, kept once there is none
     same_stem = [e.name for e in lib.of_kind(kind) if e.path and Path(e.path).stem == name]
     if not matches and len(same_stem) > 1:
         raise ModelError(f"model: {name} is ambiguous: {', '.join(same_stem)}; give one of these names")
@@ -840,6 +841,12 @@ def find(kind: str, name: str, config=None) -> Entry | None:
             raise CorruptFile(bad)
         return _hub_entry(kind, name) if kind != "checkpoint" and looks_like_hub_id(name) else None
     return matches[0]
+
+
+def _repo_name(entry: Entry) -> str | None:
+    """``owner/repo/stem`` of a file of the Hugging Face cache (:func:`_qualify_names`), else None."""
+    repo = entry.source.removeprefix("hf-cache:")
+    return f"{repo}/{Path(entry.path).stem}" if repo != entry.source and entry.path else None
 
 
 def names(kind: str, config=None) -> list[str]:

@@ -331,6 +331,8 @@ def test_single_files_pulled_into_the_hf_cache_are_found(tmp_path, monkeypatch):
     from backend.models import resolve_model
 
     assert resolve_model("sd_xl_base").family == "sdxl"
+    named = library.find("checkpoint", "org/sdxl/sd_xl_base", config.Config())  # its name in a clash, kept (a
+    assert named.path == str(snapshot / "sd_xl_base.safetensors")               # default_model set then)
     with pytest.raises(ModelError, match="^model: org/sdxl is cached as single files, not a diffusers folder; use one "
                                          "by its name: sd_xl_base$"):  # "model_index.json is missing"
         resolve_model("org/sdxl")
