@@ -137,6 +137,15 @@ def test_a_damaged_lora_and_an_embedding_of_another_width_say_why_in_a_line(pipe
     with pytest.raises(ModelError, match=r"^lora: cannot load keys: none of its weights names a layer of this model"):
         apply_extras(pipe, GenerateRequest(model="demo", loras=[("keys", 1.0)]).resolved("demo"))
     assert not any(pipe.get_list_adapters().values())
+    # Keys of its layers, sizes of another model's: torch's "Error(s) in loading state_dict for UNet2DConditionModel:"
+    q = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{q}.lora_down.weight": torch.zeros(4, 65), f"{q}.lora_up.weight": torch.zeros(64, 4)},
+              str(tmp_path / "loras" / "sizes.safetensors"))
+    with pytest.raises(ModelError) as err:
+        apply_extras(pipe, GenerateRequest(model="demo", loras=[("sizes", 1.0)]).resolved("demo"))
+    assert str(err.value) == ("lora: cannot load sizes: its weights' sizes do not fit this model's layers (a LoRA made "
+                              "for another model or family)")
+    assert not any(pipe.get_list_adapters().values())
     with pytest.raises(ModelError, match=r"^embedding: cannot load wide: its vectors are 768 wide, and this model's "
                                          r"text encoder takes 32 \(an embedding for another model family\)$"):
         apply_extras(pipe, GenerateRequest(model="demo", prompt="a wide cat").resolved("demo"))

@@ -143,6 +143,8 @@ def _load_fault(exc: BaseException) -> str:
     key = exc.args[0] if isinstance(exc, KeyError) and exc.args else None
     if isinstance(key, str) and key.endswith((".weight", ".bias", ".alpha")):  # a tensor's name, not a config key
         return f"it has no tensor {key} (a damaged file, or one made for another tool)"
+    if "size mismatch for " in str(exc):  # torch's load_state_dict: its first line says only that it failed
+        return "its weights' sizes do not fit this model's layers (a LoRA made for another model or family)"
     return first_line(exc)
 
 
