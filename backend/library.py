@@ -749,9 +749,9 @@ def _qualify_names(entries: list[Entry]) -> None:
     for entry in entries:
         shared[entry.kind, entry.name].append(entry)
     for group in shared.values():
-        if len(group) > 1 and not all(e.source.startswith("hf-cache:") for e in group):
-            for entry in (e for e in group if e.source.startswith("hf-cache:")):
-                entry.name = f"{entry.source.removeprefix('hf-cache:')}/{entry.name}"
+        if len(group) > 1 and not all(_repo_name(e) for e in group):
+            for entry in (e for e in group if _repo_name(e)):
+                entry.name = _repo_name(entry)
     levels = (lambda e: Path(e.path).stem, lambda e: Path(e.path).name, lambda e: e.path)
     level = {id(e): 0 for e in entries}
     while True:
@@ -844,7 +844,8 @@ def find(kind: str, name: str, config=None) -> Entry | None:
 
 
 def _repo_name(entry: Entry) -> str | None:
-    """``owner/repo/stem`` of a file of the Hugging Face cache (:func:`_qualify_names`), else None."""
+    """``owner/repo/stem`` of a single file of the Hugging Face cache (the name :func:`_qualify_names` gives it in a
+    clash), else None."""
     repo = entry.source.removeprefix("hf-cache:")
     return f"{repo}/{Path(entry.path).stem}" if repo != entry.source and entry.path else None
 
