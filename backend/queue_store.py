@@ -29,6 +29,7 @@ from pathlib import Path
 
 from backend import events, locations
 from backend.errors import DreamttyError, RequestError, Transient
+from backend.processes import process_exists
 from backend.safetext import first_line, summary
 from backend.service_files import queue_holder
 from backend.values import is_whole
@@ -383,13 +384,7 @@ def _process_gone(owner: str) -> bool:
     host, pid = (owner.split("/") + [""])[:2]
     if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # another user's process: it exists
-        return False
-    return False
+    return not process_exists(int(pid))
 
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
