@@ -1,6 +1,6 @@
 """Where jobs run: a pool of worker slots behind one small interface.
 
-:class:`ProcessPool` runs one worker process per device on this machine (multiprocessing, spawn);
+:class:`ProcessPool` runs one worker process per device on this machine (multiprocessing; see ``_context``);
 ``backend.ray_pool.RayPool`` runs Ray actors on a cluster instead. The service decides which job goes
 to which slot; a pool only starts, feeds, cancels and watches its workers, and reports their events
 and deaths.
@@ -9,6 +9,7 @@ and deaths.
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
@@ -21,18 +22,33 @@ from pathlib import Path
 from typing import Protocol
 
 from backend import locations, versions
-from backend.devices import parse_devices
+from backend.devices import parse_devices, visible_gpus
 from backend.events import Event, EventError, Log, WorkerReady, loads
 from backend.processes import exit_text
 from backend.request import MAX_COUNT
+from backend.safetext import first_line
 from backend.worker import MODELS_KEPT, RELEASE
 
-_CTX = mp.get_context("spawn")
+
+log = logging.getLogger("dreamtty.pool")
 JOIN_PATIENCE = 5.0  # seconds a worker has to exit when the pool closes, then after SIGTERM
 EARLY_DEATHS_SAID = 2  # a worker that dies this many times in a row before it is ready is said to be unable to start
 RESPAWN_BACKOFF = (1.0, 60.0)  # seconds: first and longest wait before restarting a worker that dies before ready
 
+_SPAWN = mp.get_context("spawn")
+_FORK_SERVER = mp.get_context("forkserver") if "forkserver" in mp.get_all_start_methods() else None
+if _FORK_SERVER is not None:
+    _FORK_SERVER.set_forkserver_preload(["backend.preload"])
 
+
+def _context():
+    """How a worker starts. Where this machine shows no GPU, it is forked from a fork server that has imported
+    the heavy libraries once (``backend.preload``): it (re)starts in a fraction of a second. Beside a GPU it is
+    spawned: importing them may ask the driver about the GPU (bitsandbytes does), and CUDA does not survive a
+    fork."""
+    if _FORK_SERVER is None or not sys.platform.startswith("linux") or visible_gpus() != 0:
+        return _SPAWN
+    return _FORK_SERVER
 
 
 @dataclass
@@ -124,11 +140,13 @@ class _Process:
     cancel: object  # shared array: the id of each job of the group at its position once it is cancelled
     group: list[int] = field(default_factory=list)  # the ids of the jobs last handed over, in order
     died_reported: bool = False
+    starting: bool = True  # until its process started, or failed to (see ProcessPool._start)
     ready: bool = False  # it reported WorkerReady (a worker that dies before is restarted after a wait)
 
     def retire(self) -> None:
         """Free what a dead worker's process and job queue hold (the reader closes its pipe at EOF)."""
-        self.process.join(timeout=1)
+        if self.process.pid is not None:
+            self.process.join(timeout=1)
         self.jobs.close()
         self.jobs.cancel_join_thread()
 
@@ -206,7 +224,7 @@ class ProcessPool:
         self._stop.set()
         for slot in self.slots:
             proc = self._procs[slot.id]
-            if proc.process.is_alive():
+            if proc.starting or proc.process.is_alive():  # one still starting reads it first
                 proc.jobs.put(None)
             for job in list(slot.jobs):
                 self.cancel(slot, job)
@@ -216,28 +234,42 @@ class ProcessPool:
 
     # -- internals -------------------------------------------------------------
     def _spawn(self, slot: Slot) -> None:
+        """Start a worker for ``slot``, in a thread: a fork server still importing its libraries makes it wait."""
+        context = _context()
         with _real_stderr():  # queues and processes may start multiprocessing's resource tracker
-            jobs = _CTX.Queue()
-            events, sender = _CTX.Pipe(duplex=False)
-            cancel = _CTX.Array("q", MAX_COUNT)
-            process = _CTX.Process(
-                target=_worker_entry,
-                args=(slot.id, slot.device, jobs, sender, cancel, self.log_of(slot), str(self.db_path), os.getpid(),
-                      self.nice),
+            jobs = context.Queue()
+            events, sender = context.Pipe(duplex=False)
+            cancel = context.Array("q", MAX_COUNT)
+            process = context.Process(
+                target=_in_service_env,
+                args=(dict(os.environ), _folder(), _worker_entry, slot.id, slot.device, jobs, sender, cancel,
+                      self.log_of(slot), str(self.db_path), os.getpid(), self.nice),
                 name=f"dreamtty-worker-{slot.id}",
                 daemon=True,
             )
-            process.start()
-        sender.close()  # the worker holds the only write end: EOF here means it is gone
-        self._procs[slot.id] = _Process(process, jobs, events, cancel)
-        slot.pid, slot.jobs, slot.models = process.pid, [], []
+        proc = self._procs[slot.id] = _Process(process, jobs, events, cancel)
+        slot.pid, slot.jobs, slot.models = None, [], []
         if slot not in self.slots:
             self.slots.append(slot)
+        threading.Thread(target=self._start, args=(slot, proc, sender), name=f"dreamtty-start-{slot.id}",
+                         daemon=True).start()
+
+    def _start(self, slot: Slot, proc: _Process, sender) -> None:
+        """Thread: start ``proc``'s process; one that cannot start is reported dead by the reader."""
+        try:
+            proc.process.start()
+        except Exception as exc:  # the fork server died or cannot fork
+            log.warning("worker %s did not start: %s", slot.id, first_line(exc))
+        finally:
+            sender.close()  # the worker holds the only write end: EOF here means it is gone
+            proc.starting = False
+        if self._procs.get(slot.id) is proc:
+            slot.pid = proc.process.pid
 
     def _join(self) -> None:
         """Wait for the workers to exit; SIGTERM those still there, then SIGKILL (one stopped or stuck in a
         driver call ignores SIGTERM, and this process waits for its children at exit)."""
-        left = _still_alive([proc.process for proc in self._procs.values()])
+        left = _still_alive([proc.process for proc in self._procs.values() if proc.process.pid is not None])
         for process in left:
             process.terminate()
         for process in _still_alive(left):
@@ -252,7 +284,7 @@ class ProcessPool:
                 self._receive(pipes[conn], conn)
             for slot in list(self.slots):
                 proc = self._procs[slot.id]
-                if not proc.process.is_alive() and not self._stop.is_set() and not proc.died_reported:
+                if not (proc.starting or proc.process.is_alive() or self._stop.is_set() or proc.died_reported):
                     while (conn := proc.events) is not None and conn.poll(0):  # what it sent before it died first
                         self._receive(proc, conn)
                     proc.died_reported = True
@@ -338,6 +370,25 @@ def _real_stderr():
         yield
     finally:
         sys.stderr = saved
+
+
+def _folder() -> str | None:
+    """This process's working folder; None when it was deleted."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
+def _in_service_env(environ: dict[str, str], folder: str | None, entry: Callable, *args) -> None:
+    """A worker process starts here: ``entry(*args)`` with the service's environment and working folder of now
+    (a fork server's are those of when it started)."""
+    os.environ.clear()
+    os.environ.update(environ)
+    if folder is not None:
+        with contextlib.suppress(OSError):  # deleted since: where the fork server is, as spawn would be
+            os.chdir(folder)
+    entry(*args)
 
 
 def _worker_entry(*args) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from backend import events as ev, service_log, versions
+from backend.processes import process_exists
 from backend.safetext import first_line
 
 PREVIEW_INTERVAL = 0.25  # seconds: at most ~4 previews a second
@@ -45,6 +46,13 @@ def _redirect_output(log_path: Path) -> None:
     os.dup2(fd, 2)
     os.close(fd)
     service_log.configure()
+
+
+def _orphan_check(service: int) -> Callable[[], bool]:
+    """Whether the service is gone. This process's parent is the service, or the service's fork server, which
+    exits with it (``backend.pool``): either way the parent changes when the service dies."""
+    parent = os.getppid()
+    return lambda: os.getppid() != parent or not process_exists(service)
 
 
 class Terminated(KeyboardInterrupt):
@@ -85,6 +93,7 @@ def _serve(worker_id: int, device: str, jobs, events, cancel, log_path: str, db_
     from backend.queue_store import QueueStore
 
     versions.build()  # the code this worker runs: read before its first job (see changed_on_disk)
+    orphaned = _orphan_check(parent)
     cache, cuda_count = pipeline_cache(device)
     send = lambda event: events.send_bytes(ev.dumps(event).encode())  # noqa: E731
     # The service opened and checked the queue; a queue this worker cannot open is a start fault, said before ready.
@@ -94,7 +103,7 @@ def _serve(worker_id: int, device: str, jobs, events, cancel, log_path: str, db_
         try:
             job = jobs.get(timeout=PARENT_CHECK)
         except queue.Empty:
-            if os.getppid() != parent:  # the service was killed: nobody reads our events
+            if orphaned():  # the service was killed: nobody reads our events
                 return
             continue
         if job is None:

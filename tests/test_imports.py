@@ -9,18 +9,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft")
-# Modules that run only inside worker or trainer processes.
-TORCH_ALLOWED = ("backend/engine/", "backend/training/", "backend/worker.py")
+# Modules that run only inside worker or trainer processes (backend/preload.py: in the workers' fork server).
+TORCH_ALLOWED = ("backend/engine/", "backend/training/", "backend/worker.py", "backend/preload.py")
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, whole: bool = False) -> set[str]:
+    """The top-level packages ``path`` imports; with ``whole``, the modules and names as written."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(a.name.split(".")[0] for a in node.names)
+            names.update(a.name if whole else a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(node.module if whole else node.module.split(".")[0])
+            names.update(f"{node.module}.{a.name}" for a in node.names if whole)
     return names
 
 
@@ -59,6 +61,15 @@ def test_torch_only_in_worker_side_modules():
         if set(HEAVY) & _imports(p) and not rel.startswith(TORCH_ALLOWED):
             offenders.append(rel)
     assert offenders == []
+
+
+def test_only_the_fork_server_imports_the_preload_module():
+    """Importing backend.preload loads torch and sends the process's output to a log: no module may import it
+    (backend/pool.py names it to the fork server as text)."""
+    importers = [str(p.relative_to(ROOT)) for package in ("backend", "tui") for p in (ROOT / package).rglob("*.py")
+                 if "backend.preload" in _imports(p, whole=True)]
+    assert importers == []
+    assert '"backend.preload"' in (ROOT / "backend" / "pool.py").read_text()
 
 
 def _module_name(path: Path) -> str:
