@@ -220,3 +220,12 @@ def test_real_spandrel_detects_a_tiny_esrgan(tmp_path, monkeypatch):
     image, record = engine.upscale_image(None, _request(tmp_path, fast=True, scale=4, upscaler="tiny-esrgan"))
     assert image.size == (512, 512) and record["upscaler"]["scale"] == 4
     assert record["upscaler"]["architecture"] == "ESRGAN"
+
+
+def test_a_fast_upscale_records_no_strength_and_an_older_record_is_queued_again(tmp_path):
+    request = _request(tmp_path, fast=True)
+    assert request.strength is None and request.to_dict()["strength"] is None
+    older = {**request.to_dict(), "strength": 0.382}  # an image of an older version recorded the default
+    again = UpscaleRequest.from_dict(older)
+    UpscaleRequest.check_given(again.to_dict())  # reproduce posts it: not refused as a strength given with fast
+    assert again.resolved("demo") == request

@@ -4,7 +4,7 @@ to image pass restores detail (Fooocus's 0.382); ``fast`` stops after the enlarg
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from backend import config, library
 from backend.errors import RequestError
@@ -52,6 +52,13 @@ class UpscaleRequest(ImageInputRequest):
             raise RequestError("strength", "is unused with fast (the upscaler alone repaints nothing); "
                                            "leave it out or turn fast off")
 
+    @classmethod
+    def from_dict(cls, data: object) -> "UpscaleRequest":
+        """As the base's; a fast upscale holds no strength (images of older versions recorded the default, which
+        ``check_given`` refuses when the request is queued again)."""
+        request = super().from_dict(data)
+        return replace(request, strength=None) if to_bool("fast", request.fast) else request
+
     @property
     def uses_model(self) -> bool:
         return not self.fast and self.strength != 0
@@ -70,6 +77,8 @@ class UpscaleRequest(ImageInputRequest):
     def resolved(self, family: str) -> "UpscaleRequest":
         # A hub model not downloaded yet is checked as SDXL; its tiles are known when it runs (the engine refuses then)
         out = super().resolved(family)
+        if out.fast:
+            out = replace(out, strength=None)  # not used: not recorded
         fam = FAMILIES.get(family)
         side = fam.tile_side(out.width, out.height) if fam else None
         if out.uses_model and side and steers_tiles(out.image_prompts):

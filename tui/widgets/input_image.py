@@ -190,8 +190,6 @@ class InputImageSection(Vertical):
                     self._hashes[_HASHES[name]] = data.get(name)
                 elif name in data:
                     self._set(name, data[name])
-            if data.get("fast"):  # a fast upscale records a strength it did not use; queued again it is refused
-                self._set("strength", None)
         self.show_operation(operation)
 
     @on(Input.Changed, "#in-image, #in-mask")
