@@ -103,8 +103,9 @@ class GenerateRequest:
         be). Text to image has none."""
         return {}, []
 
-    def with_kept_inputs(self, record: dict) -> tuple["GenerateRequest", list[str]]:
-        """For ``reproduce``: the request reading the copies kept in ``record`` where an input is gone."""
+    def with_kept_inputs(self, record: dict, image: Path | None = None) -> tuple["GenerateRequest", list[str]]:
+        """For ``reproduce`` of result ``image``: the request reading the copies kept in ``record`` where an input
+        is gone."""
         return self, []
 
     def check_size(self, fam, width: int, height: int) -> None:

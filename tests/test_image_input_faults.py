@@ -294,6 +294,22 @@ def test_a_damaged_record_of_kept_inputs_keeps_nothing(tmp_path, record):
 
 
 
+def test_a_kept_copy_with_other_bytes_is_replaced_and_copies_move_with_their_outputs_folder(tmp_path):
+    image = write_image(tmp_path / "in.png")
+    digest = input_images.content_hash(image.read_bytes())
+    request = Img2ImgRequest(prompt="x", image=str(image), image_hash=digest, keep_inputs=True)
+    (tmp_path / "out" / "inputs").mkdir(parents=True)
+    (tmp_path / "out" / "inputs" / f"{digest}.png").write_text("not this image")  # it was trusted by its name
+    kept, notes = request.keep_inputs_in(tmp_path / "out")
+    assert notes == [] and Path(kept["image"]).read_bytes() == image.read_bytes()
+    (tmp_path / "out").rename(tmp_path / "moved")
+    image.unlink()
+    result = tmp_path / "moved" / "2026-12-07" / "120000-3.png"  # its record names the copy where it was
+    again, notes = request.with_kept_inputs({"kept_inputs": kept}, result)
+    assert again.image == str(tmp_path / "moved" / "inputs" / f"{digest}.png")
+    assert notes == [f"image: {image} is missing or changed; using the copy kept at {again.image}"]
+
+
 def test_the_metadata_of_an_image_past_pils_pixel_limit_reads_without_pils_warning(tmp_path):
     """PIL warns (two raw lines on stderr) between its limit, about 89 MP, and twice that."""
     from backend import metadata

@@ -343,7 +343,7 @@ def cmd_reproduce(args) -> int:
     else:
         request, warnings = metadata.image_request(args.image)
         record = _record(args.image)
-        request, notes = metadata.with_style_picks(request, record).with_kept_inputs(record)
+        request, notes = metadata.with_style_picks(request, record).with_kept_inputs(record, Path(args.image))
         warnings += notes
     print_warnings(warnings)
     recorded = request.to_dict()

@@ -149,7 +149,7 @@ class ImageInputRequest(OneImageRequest):
             copy = folder / f"{digest}{Path(path).suffix.lower()}"
             tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
             try:
-                if not copy.exists():
+                if not _has_content(str(copy), digest):  # a file of that name with other bytes is replaced
                     folder.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(os.path.expanduser(path), tmp)
                     tmp.replace(copy)
@@ -162,8 +162,10 @@ class ImageInputRequest(OneImageRequest):
             kept[role] = str(copy.resolve())
         return kept, notes
 
-    def with_kept_inputs(self, record: dict) -> tuple["ImageInputRequest", list[str]]:
-        """Where an input is missing or changed, the copy ``--keep-inputs`` kept (when it has the recorded content)."""
+    def with_kept_inputs(self, record: dict, image: Path | None = None) -> tuple["ImageInputRequest", list[str]]:
+        """Where an input is missing or changed, the copy ``--keep-inputs`` kept (when it has the recorded content):
+        where the record says, or in the ``inputs`` folder beside the day folder of ``image`` (the result; its
+        outputs folder was moved)."""
         kept = record.get("kept_inputs") if isinstance(record, dict) else None
         kept = kept if isinstance(kept, dict) else {}  # a damaged record keeps nothing
         request, notes = self, []
@@ -171,9 +173,11 @@ class ImageInputRequest(OneImageRequest):
             copy = kept.get(role)
             if not path or not isinstance(copy, str) or not copy or _has_content(path, digest):
                 continue
-            if _has_content(copy, digest):
-                request = request.reading(role, copy)
-                notes.append(f"{role}: {path} is missing or changed; using the copy kept at {copy}")
+            places = [copy, *([str(image.parent.parent / "inputs" / Path(copy).name)] if image else [])]
+            found = next((place for place in places if _has_content(place, digest)), None)
+            if found:
+                request = request.reading(role, found)
+                notes.append(f"{role}: {path} is missing or changed; using the copy kept at {found}")
             else:
                 notes.append(f"{role}: the copy kept at {copy} is missing or changed too")
         return request, notes
