@@ -11,6 +11,11 @@ its last byte, so sending slowly does not extend it) and to idle between request
 yet made an authorised request (:func:`trust`), so that idle connections opened without the token
 cannot shut the owner out; when every one has, the listener answers ``503``. The Unix socket's
 connections (this user's processes) are neither counted nor closed.
+
+A request that is not HTTP aiohttp can read (a header line over its limit, a Content-Length that is not a
+number, a Content-Encoding it cannot decode) is answered before any route or middleware sees it: here in one
+line of JSON like every other error (:class:`_JsonErrorHandler`), not aiohttp's text of several lines that echoes the
+request's bytes.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import asyncio
 import signal
 from collections.abc import Callable
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from backend.errors import DreamttyError
+from backend.safetext import error_line
 
 KEEPALIVE = 60.0  # seconds; the CLI and the TUI send a request as soon as they connect
 MAX_CONNECTIONS = 256  # TCP connections open at once (event streams included), well under 1024 descriptors
@@ -68,11 +74,62 @@ def trust(request: web.Request) -> None:
         connections.trust(request.protocol)
 
 
+class _Runner(web.AppRunner):
+    """An AppRunner whose connections answer a request they cannot read in one line of JSON."""
+
+    @property
+    def server(self):
+        server = super().server
+        return None if server is None else _JsonErrorServer(server)
+
+
+class _JsonErrorServer:
+    """aiohttp's Server (its attributes are this one's) making connections of :class:`_JsonErrorHandler`."""
+
+    def __init__(self, server) -> None:
+        self._server = server
+
+    def __getattr__(self, name: str):
+        return getattr(self._server, name)
+
+    def __call__(self) -> web.RequestHandler:
+        handler = self._server()
+        handler.__class__ = _JsonErrorHandler  # the Server takes no class to make
+        return handler
+
+
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner of the service's ``app``: no signal handlers of its own, no access log."""
     app[CONNECTIONS] = TcpConnections()
-    return web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0, access_log=None,
-                         keepalive_timeout=KEEPALIVE)
+    return _Runner(app, handle_signals=False, shutdown_timeout=2.0, access_log=None, keepalive_timeout=KEEPALIVE)
+
+
+class _JsonErrorHandler(web.RequestHandler):
+    """aiohttp's protocol for one connection, answering a request it cannot read, or a failure outside the app's
+    middlewares, as ``{"error": LINE}`` (see :func:`_protocol_error`)."""
+
+    __slots__ = ()
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs it; raises when part of a response was sent
+        response = web.json_response(_protocol_error(status, exc, message), status=status)
+        response.force_close()
+        return response
+
+
+def _protocol_error(status: int, exc: BaseException | None, message: str | None) -> dict:
+    """The JSON of an error aiohttp answers itself: a 400 names its field (``body`` or ``request``) as the API's do."""
+    if status >= 500:
+        return {"error": f"internal error ({status}); see the service log"}
+    if isinstance(exc, http_exceptions.ContentEncodingError):
+        field, why = "body", "cannot be decoded (a Content-Encoding other than gzip or deflate); send plain JSON"
+    elif isinstance(exc, http_exceptions.LineTooLong):
+        field, why = "request", "a line of it (the URL or a header) is too long"
+    else:
+        lines = (message or str(exc or "")).strip().splitlines()
+        field, why = "request", error_line(f"not HTTP this server can read ({lines[0] if lines else status})")
+    return {"error": f"{field}: {why}", "field": field, "message": why}
 
 
 async def listen_tcp(runner: web.AppRunner, host: str, port: int, limit: int = MAX_CONNECTIONS) -> asyncio.Server:

@@ -4,7 +4,9 @@ limit on a connection that does not send its request, on a small app in this pro
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from importlib.util import find_spec
 
 import aiohttp
 import pytest
@@ -42,6 +44,36 @@ async def _kept(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     assert head.startswith(b"HTTP/1.1 200 ")
     await reader.readexactly(len(b'{"hello": 1}'))
     return reader, writer
+
+
+def _refused(field: str, message: str) -> dict:
+    return {"error": f"{field}: {message}", "field": field, "message": message}
+
+
+@pytest.mark.parametrize("sent, answer", [
+    (b"POST / HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+     _refused("request", "not HTTP this server can read (Invalid character in Content-Length:)")),
+    pytest.param(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\n{}",
+                 _refused("body", "cannot be decoded (a Content-Encoding other than gzip or deflate); send plain JSON"),
+                 marks=pytest.mark.skipif(any(find_spec(m) for m in ("brotli", "brotlicffi")),
+                                          reason="aiohttp decodes br where Brotli is installed")),
+    (b"GET /" + b"1" * 9000 + b" HTTP/1.1\r\n\r\n",
+     _refused("request", "a line of it (the URL or a header) is too long")),
+    (b"GET / HTTP/1.1\r\nX-A: \x1b[31m\r\n\r\n",
+     _refused("request", "not HTTP this server can read (Invalid header value char:)")),
+])
+async def test_a_request_aiohttp_cannot_read_is_answered_in_one_line_of_json(runner, sent, answer):
+    """aiohttp answered these itself: text of several lines, echoing the request's bytes."""
+    tcp = await http_server.listen_tcp(runner, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", tcp.sockets[0].getsockname()[1])
+        writer.write(sent)
+        head, _, body = (await asyncio.wait_for(reader.read(), 5)).partition(b"\r\n\r\n")
+        writer.close()
+    finally:
+        tcp.close()
+    assert head.startswith(b"HTTP/1.0 400 ") and b"Content-Type: application/json" in head
+    assert json.loads(body) == answer
 
 
 async def test_past_the_cap_a_stranger_makes_room_and_authorised_connections_are_told_busy(runner):
