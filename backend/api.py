@@ -360,7 +360,8 @@ _BODIES = ("/v1/jobs", "/v1/validate", "/v1/runs")  # the routes that read a bod
 
 def _check_request(request: web.Request) -> None:
     """RequestError naming a query parameter the route does not take (a typo was ignored: ``?stat=queued``
-    listed every job), or for a body sent to a route that reads none."""
+    listed every job) or one given twice (the first was taken: ``?days=0&days=30`` forgot every ended job), or
+    for a body sent to a route that reads none."""
     resource = request.match_info.route.resource
     if resource is None:  # no such route: the handler says so
         return
@@ -368,6 +369,9 @@ def _check_request(request: web.Request) -> None:
     unknown = sorted(set(request.query) - set(allowed))
     if unknown:
         raise RequestError(unknown[0], f"unknown query parameter; allowed: {', '.join(allowed) or 'none'}")
+    twice = next((name for name in request.query if len(request.query.getall(name)) > 1), None)
+    if twice is not None:
+        raise RequestError(twice, "given twice; give it once (state takes a comma-separated list)")
     if request.method == "POST" and resource.canonical not in _BODIES and request.body_exists:  # it was ignored
         raise RequestError("body", "this route takes none; send the request without one")
 

@@ -362,9 +362,13 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
         async with http.get("http://dreamtty/v1/jobs?brief=false&images=yes") as r:  # spelled as booleans are
             assert r.status == 200
         for path, line in (("jobs?stat=queued", "stat: unknown query parameter; allowed: limit, state, images, brief"),
-                           ("status?verbose=1", "verbose: unknown query parameter; allowed: none")):  # ignored
+                           ("status?verbose=1", "verbose: unknown query parameter; allowed: none"),  # ignored
+                           ("jobs?state=queued&state=done", "state: given twice; give it once (state takes a comma-"
+                                                            "separated list)")):
             async with http.get(f"http://dreamtty/v1/{path}") as r:
                 assert r.status == 400 and (await r.json())["error"] == line
+        async with http.post("http://dreamtty/v1/jobs/forget?days=0&days=30") as r:  # the first was taken: all gone
+            assert r.status == 400 and (await r.json())["field"] == "days"
         async with http.get("http://dreamtty/v1/events?previews=off") as r:  # turned them on
             assert r.status == 400 and (await r.json())["error"] == ("previews: 'off' is not allowed; use 1 (preview "
                                                                      "pixels, the default) or 0")
