@@ -132,10 +132,12 @@ def _protocol_error(status: int, exc: BaseException | None, message: str | None)
     return {"error": f"{field}: {why}", "field": field, "message": why}
 
 
-async def listen_tcp(runner: web.AppRunner, host: str, port: int, limit: int = MAX_CONNECTIONS) -> asyncio.Server:
+async def listen_tcp(runner: web.AppRunner, host: str, port: int, limit: int = MAX_CONNECTIONS,
+                     serving: bool = True) -> asyncio.Server:
     """``runner``'s app on ``host:port``; past ``limit`` open connections, a new one takes the place of the
     oldest not authorised, or is answered 503 and closed. The caller closes the listener before
-    ``runner.cleanup()`` (which ends the connections). DreamttyError when it cannot listen there."""
+    ``runner.cleanup()`` (which ends the connections). DreamttyError when it cannot listen there. Without
+    ``serving`` it takes connections once the caller awaits its ``start_serving()``."""
     server = runner.server
     assert server is not None, "runner.setup() first"
     connections = runner.app.get(CONNECTIONS) or TcpConnections()  # an app not run by make_runner: none trusted
@@ -146,7 +148,7 @@ async def listen_tcp(runner: web.AppRunner, host: str, port: int, limit: int = M
         return connections.add(server())
 
     try:
-        return await asyncio.get_running_loop().create_server(connection, host, port)
+        return await asyncio.get_running_loop().create_server(connection, host, port, start_serving=serving)
     except OSError as exc:  # in use, not this machine's address, a privileged port
         shown = f"[{host}]" if ":" in host else host
         raise DreamttyError(f"listen: cannot listen on {shown}:{port}: {exc.strerror or exc}") from None

@@ -31,6 +31,7 @@ from backend.versions import build
 WORKER_NICE = 10  # the service's workers yield the CPU to interactive programs: a TUI paints keys while a job runs
 START_TIMEOUT = 60.0  # seconds a detached service may take to answer on its socket
 IDLE_CHECK = 5.0  # seconds between checks of the idle limit
+REFUSED_EXIT = 2  # a detached service that refused what it was given (a port in use): bad input, as in the foreground
 LOG_CHECK = 10.0  # seconds between checks of the log's size
 
 
@@ -102,14 +103,16 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
         api = Api(service, token, stop.set, lambda: info)
         runner = make_runner(api.app)
         await runner.setup()
+        if address:  # before the workers start: a port in use is said at once
+            tcp = await listen_tcp(runner, *address, serving=False)
         await service.start()
         umask = os.umask(0o177)  # the socket is born 0600: no moment when others may connect
         try:
             await web.UnixSite(runner, str(files.socket)).start()
         finally:
             os.umask(umask)
-        if address:
-            tcp = await listen_tcp(runner, *address)
+        if tcp is not None:
+            await tcp.start_serving()
         files.write_pid_file({**info, "started": service.started})
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -202,8 +205,11 @@ def start_detached(options: ServeOptions, timeout: float = START_TIMEOUT) -> dic
         code = process.poll()
         if code == QueueHeld.EXIT_CODE:  # one of another runtime dir runs the queue (hold_queue)
             raise QueueHeld(_last_line(log_file))
+        if code == REFUSED_EXIT:
+            raise DreamttyError(_last_line(log_file).removeprefix("dreamtty: "))
         if code not in (None, 0, AlreadyRunning.EXIT_CODE):
-            raise ServiceUnavailable(f"service: did not start ({_last_line(log_file)}); see {log_file}")
+            raise ServiceUnavailable(f"service: did not start ({_last_line(log_file).removeprefix('dreamtty: ')}); "
+                                     f"see {log_file}")
         if code == AlreadyRunning.EXIT_CODE and not files.locked():  # the one that held the lock was stopping
             process = _spawn(options, log_file)
         time.sleep(0.05)
@@ -247,7 +253,7 @@ def main(argv: list[str]) -> int:
         return exc.EXIT_CODE
     except DreamttyError as exc:
         print(f"dreamtty: {exc}", flush=True)
-        return 2
+        return REFUSED_EXIT
     return 0
 
 
