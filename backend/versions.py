@@ -30,6 +30,8 @@ def versions_differ(theirs: dict) -> str | None:
     ours = versions()
     if {key: theirs.get(key) for key in ours} == ours:
         return None
+    if not isinstance(theirs.get("api"), int):  # no dreamtty at all: restarting it would not help
+        return "it does not answer as a dreamtty service (its GET /v1/version names no API version)"
     return (f"it runs dreamtty {theirs.get('dreamtty')} (API {theirs.get('api')}, events {theirs.get('events')}, "
             f"build {theirs.get('build')}) and this is {ours['dreamtty']} (API {ours['api']}, events "
             f"{ours['events']}, build {ours['build']}); restart the service: dreamtty serve --stop, then run this "

@@ -287,3 +287,22 @@ async def test_a_service_of_another_make_is_one_line_not_a_traceback(socket_path
     finally:
         await client.close()
         await runner.cleanup()
+
+
+async def test_a_server_that_is_no_dreamtty_is_not_called_an_older_one(socket_path):
+    """Any HTTP server answering {} at the address: restarting it as a dreamtty service would not help."""
+    from backend.errors import ServiceUnavailable
+    from backend.remote_client import Address, RemoteClient
+
+    app = web.Application()
+    app.router.add_get("/v1/version", lambda request: web.json_response({}))
+    runner = await _serve(app, socket_path)
+    client = RemoteClient(Address(socket=socket_path), start=None)
+    try:
+        with pytest.raises(ServiceUnavailable) as refused:
+            await client.jobs()
+    finally:
+        await client.close()
+        await runner.cleanup()
+    assert str(refused.value) == ("service: it does not answer as a dreamtty service (its GET /v1/version names no "
+                                  "API version)")
