@@ -181,9 +181,11 @@ def _eight_bit(img: Image.Image, unsigned: bool = False) -> Image.Image:
 
 
 def _has_transparency(img: Image.Image) -> bool:
-    if img.mode == "P":
-        return "transparency" in img.info
-    if "A" not in img.getbands() and img.mode not in ("RGBa", "La"):
+    """Whether some pixel is less than opaque: a palette's transparent colour counts where a pixel has it, and
+    LAB's "A" band is a colour, not alpha."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La"):
         return False
     return img.getchannel("A").getextrema()[0] < 255
 

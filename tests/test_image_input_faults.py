@@ -224,6 +224,15 @@ def test_grey_cmyk_alpha_animated_and_rotated_images(tmp_path):
     assert "has transparency: composited on white" in alpha.warnings[0]
     Image.new("RGBA", (8, 8), (1, 2, 3, 255)).save(tmp_path / "opaque.png")
     assert read_image(str(tmp_path / "opaque.png")).warnings == []  # an alpha channel that is all opaque
+    Image.new("RGB", (8, 8), (200, 30, 30)).convert("LAB").save(tmp_path / "lab.tif")  # its band "A" is a colour
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255])
+    palette.save(tmp_path / "unused.png", transparency=2)  # the transparent colour no pixel has
+    assert [read_image(str(tmp_path / name)).warnings for name in ("lab.tif", "unused.png")] == [[], []]
+    palette.putpixel((0, 0), 2)
+    palette.save(tmp_path / "used.png", transparency=2)
+    used = read_image(str(tmp_path / "used.png"))
+    assert used.image.getpixel((0, 0)) == (255, 255, 255) and "has transparency" in used.warnings[0]
 
     frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0))]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
