@@ -4,6 +4,7 @@ service in its own process (its own DREAMTTY_HOME and XDG_RUNTIME_DIR), the demo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -75,20 +76,23 @@ def _make_dirs(root: Path, dreamtty_home: Path) -> Dirs:
 
 
 def _stop_any(dirs: Dirs) -> None:
-    """Kill a service left running under ``dirs`` (a detached one a test started), then its folder."""
+    """Kill the services left running under ``dirs`` (a detached one a test started, and one started at the same
+    moment that took the lock as the first stopped), then its folder."""
     files = dirs.files()
-    info = files.read_pid_file()
-    if info and files.locked():
-        try:
+    deadline = time.monotonic() + 30
+    while files.locked() and time.monotonic() < deadline:
+        info = files.read_pid_file()
+        if info is None:  # one starting: its pid file comes once it answers
+            time.sleep(0.1)
+            continue
+        with contextlib.suppress(ProcessLookupError):
             os.kill(int(info["pid"]), signal.SIGTERM)
-            for _ in range(300):
-                if not files.locked():
-                    break
-                time.sleep(0.1)
-            else:
+        stopping = time.monotonic() + 5
+        while files.locked() and files.read_pid_file() == info and time.monotonic() < stopping:
+            time.sleep(0.1)
+        if files.locked() and files.read_pid_file() == info:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(info["pid"]), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     shutil.rmtree(dirs.run, ignore_errors=True)
 
 
