@@ -117,6 +117,9 @@ def test_bad_settings(service, tmp_path):
     mask = str(write_mask(tmp_path / "mask.png", (10, 10, 20, 20)))
     Image.new("L", (128, 128), 0).save(tmp_path / "black.png")
     Image.new("L", (128, 128), 255).save(tmp_path / "white.png")
+    dot = Image.new("L", (1024, 1024), 0)
+    dot.putpixel((5, 5), 255)  # its one white pixel is lost in the resize to the image's size
+    dot.save(tmp_path / "dot.png")
     tiny = str(write_image(tmp_path / "tiny.png", gradient().resize((20, 40))))
     cases = [
         (Img2ImgRequest(image=image, strength=1.5), "strength: 1.5 is out of range; allowed 0..1"),
@@ -128,6 +131,8 @@ def test_bad_settings(service, tmp_path):
         (InpaintRequest(image=image, mask=mask, box=(1, 1, 8, 8)), "mask: give a mask image or a box"),
         (InpaintRequest(image=image, mask=""), "mask: give a mask image or a box"),
         (InpaintRequest(image=image, mask=str(tmp_path / "black.png")), "mask: {}/black.png is all black"),
+        (InpaintRequest(image=image, mask=str(tmp_path / "dot.png")),
+         "mask: {}/dot.png resized to the image's 128x128 is all black"),
         (InpaintRequest(image=image, mask=str(tmp_path / "white.png")), "is all white: every pixel would be repainted"),
         (InpaintRequest(image=image, mask=str(tmp_path / "nomask.png")), "mask: {}/nomask.png is missing"),
         (InpaintRequest(image=image, box=(100, 100, 64, 64)), "box: 100,100,64,64 is not inside the 128x128 image"),
