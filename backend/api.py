@@ -149,6 +149,8 @@ class Api:
             if exc.status < 400:
                 raise
             allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+            if allow and request.path.removeprefix("/v1/jobs/") in _JOB_ACTIONS:  # not also /v1/jobs/{id}'s GET
+                allow = {"Allow": "POST"}
             line = {404: f"{request.path}: no such route (docs/api.md lists them)",
                     405: f"{request.method} {request.path}: not allowed; use {allow.get('Allow')}"}
             return web.json_response({"error": line.get(exc.status, exc.reason)}, status=exc.status, headers=allow)
@@ -193,8 +195,6 @@ class Api:
         return web.json_response({"kind": jobkinds.kind_of(resolved).name, "request": resolved.to_dict()})
 
     async def get_job(self, request: web.Request) -> web.Response:
-        if request.match_info["id"] in _JOB_ACTIONS:  # GET /v1/jobs/cancel: the POST route, not a job id
-            raise web.HTTPMethodNotAllowed(request.method, ["POST"])
         return web.json_response(self._job(request).to_dict())
 
     async def cancel(self, request: web.Request) -> web.Response:
@@ -365,6 +365,8 @@ def _check_request(request: web.Request) -> None:
     resource = request.match_info.route.resource
     if resource is None:  # no such route: the handler says so
         return
+    if request.match_info.get("id") in _JOB_ACTIONS and resource.canonical == "/v1/jobs/{id}":
+        raise web.HTTPMethodNotAllowed(request.method, ["POST"])  # GET /v1/jobs/cancel: a POST route, not a job id
     allowed = _QUERY.get(resource.canonical, ())
     unknown = sorted(set(request.query) - set(allowed))
     if unknown:

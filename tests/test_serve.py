@@ -343,8 +343,10 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
         async with http.post("http://dreamtty/v1/validate", json={"request": {}, "out": str(service.out / "new")}) as r:
             assert r.status == 200 and not (service.out / "new").exists()  # a dry run makes no folder
         for route in ("cancel", "forget"):  # the POST route: GET of it was read as a job id, 'cancel'
-            async with http.get(f"http://dreamtty/v1/jobs/{route}") as r:
-                assert (r.status, r.headers["Allow"]) == (405, "POST")
+            for method, query in (("GET", ""), ("GET", "?days=1"), ("PUT", ""), ("DELETE", "")):  # all said POST
+                async with http.request(method, f"http://dreamtty/v1/jobs/{route}{query}") as r:
+                    answer = (r.status, r.headers["Allow"], (await r.json())["error"])
+                assert answer == (405, "POST", f"{method} /v1/jobs/{route}: not allowed; use POST"), (method, query)
             async with http.post(f"http://dreamtty/v1/jobs/{route}/cancel") as r:  # a job id there
                 assert (r.status, (await r.json())["field"]) == (400, "job")
         async with http.post("http://dreamtty/v1/jobs/forget") as r:  # it said "days: '' is not a whole number"
