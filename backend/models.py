@@ -181,7 +181,7 @@ def _resolve(name: str) -> ModelRef:
             files = sorted(p.stem for p in cached.glob("*.safetensors"))
             if files and not (cached / "model_index.json").exists():  # pulled with --file: no diffusers folder
                 raise ModelError(f"model: {name} is cached as single files, not a diffusers folder; use one by its "
-                                 f"name: {', '.join(files[:5])}")
+                                 f"name: {', '.join(f'{name}/{stem}' for stem in files[:5])}")  # never another's
             return ModelRef(name, "hub", name, family_from_folder(cached), folder_variant(cached))
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
             raise ModelError(

@@ -334,8 +334,9 @@ def test_single_files_pulled_into_the_hf_cache_are_found(tmp_path, monkeypatch):
     named = library.find("checkpoint", "org/sdxl/sd_xl_base", config.Config())  # its name in a clash, kept (a
     assert named.path == str(snapshot / "sd_xl_base.safetensors")               # default_model set then)
     with pytest.raises(ModelError, match="^model: org/sdxl is cached as single files, not a diffusers folder; use one "
-                                         "by its name: sd_xl_base$"):  # "model_index.json is missing"
+                                         "by its name: org/sdxl/sd_xl_base$") as hint:  # "model_index.json is missing"
         resolve_model("org/sdxl")
+    assert resolve_model(str(hint.value).rpartition(": ")[2]).location == str(blob)  # the name it gives: this file
     # A download of a name the user's folder has: the user's keeps it (a config's default_model, a script's
     # --model went "ambiguous"), the cache's is named by its repo.
     mine = _write(tmp_path / "ckpt" / "sd_xl_base.safetensors", _checkpoint(SD1_TEXT))
