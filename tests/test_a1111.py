@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ from backend.errors import DreamttyError, RequestError
 from backend.extras_check import prompt_loras
 from backend.guidance_settings import GuidanceSettings
 from backend.request import GenerateRequest
+from cli_helpers import dreamtty
 
 LORA_KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
 
@@ -193,21 +191,17 @@ def test_a_lora_tag_written_wrong_is_a_one_line_error_not_prompt_text(tag):
     assert err.value.field == "prompt" and tag in str(err.value) and "<lora:NAME:WEIGHT>" in str(err.value)
 
 
-def run(*args, input=None, timeout=240):
-    return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True,
-                          env=dict(os.environ), input=input, timeout=timeout)
-
-
-def test_cli_records_the_prompt_as_typed_and_reproduces_pasted_text(tmp_path, demo_dirs):
+def test_cli_records_the_prompt_as_typed_and_reproduces_pasted_text(tmp_path, demo_dirs, capsys):
     typed = "a  red fox\n\non   snow"
-    r = run("generate", typed, "--model", "demo", "--seed", "3", "--steps", "2", "--out", str(tmp_path / "a"))
+    r = dreamtty(capsys, "generate", typed, "--model", "demo", "--seed", "3", "--steps", "2", "--out", str(tmp_path / "a"))
     assert r.returncode == 0, r.stderr
     path = r.stdout.strip().splitlines()[-1]
     assert metadata.read(path)["request"]["prompt"] == typed
     assert a1111_read(Image.open(path).text["parameters"])["Prompt"] == typed
 
     pasted = A1111_TEXT.replace("VAE hash: 235745af8d, VAE: sdxl_vae.safetensors, ", "")  # no such VAE here
-    r = run("reproduce", "--from-text", "-", "--model", "demo", "--out", str(tmp_path / "b"), input=pasted)
+    r = dreamtty(capsys, "reproduce", "--from-text", "-", "--model", "demo", "--out", str(tmp_path / "b"),
+                 stdin=pasted)
     assert r.returncode == 0, r.stderr
     assert "warning: made by A1111 v1.10.1" in r.stderr and "Denoising strength: 0.4" in r.stderr
     again = metadata.read(r.stdout.strip().splitlines()[-1])["request"]
@@ -425,7 +419,7 @@ def test_bad_field_values_are_listed_not_fatal():
     assert warnings[1].endswith("; Model: not recorded (the default model is used unless one is given)")
 
 
-def test_unreadable_images_and_deep_metadata_are_one_line_errors(tmp_path):
+def test_unreadable_images_and_deep_metadata_are_one_line_errors(tmp_path, capsys):
     for name, chunks, message in (
         ("none.png", {}, "has no dreamtty, A1111 or Fooocus metadata"),
         ("comfy.png", {"workflow": "{}"}, "holds a ComfyUI workflow"),
@@ -438,7 +432,7 @@ def test_unreadable_images_and_deep_metadata_are_one_line_errors(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / name, pnginfo=info)
         with pytest.raises(DreamttyError, match=message):
             metadata.image_request(tmp_path / name)
-    r = run("reproduce", str(tmp_path / "deep.png"))
+    r = dreamtty(capsys, "reproduce", str(tmp_path / "deep.png"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "corrupt dreamtty metadata" in r.stderr
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(DreamttyError) as err:  # not PIL's "cannot identify image file <_io.BufferedReader ...>"
@@ -455,9 +449,9 @@ def test_unreadable_images_and_deep_metadata_are_one_line_errors(tmp_path):
     (["--from-text", "latin1.txt"], "from-text: latin1.txt is not UTF-8 text\n"),  # Python's codec text, before
     (["--from-text", ""], "from-text: is empty; give a text file (- reads standard input)\n"),  # "  is missing"
 ])
-def test_cli_reproduce_bad_input_is_one_line(args, message, tmp_path):
+def test_cli_reproduce_bad_input_is_one_line(args, message, tmp_path, capsys, monkeypatch):
     (tmp_path / "GARBAGE").write_bytes(b"\x00\x01 not parameters")
     (tmp_path / "latin1.txt").write_bytes("a caf\u00e9\nSteps: 20".encode("latin-1"))
-    r = subprocess.run([sys.executable, "-m", "tui.cli", "reproduce", *args], capture_output=True, text=True,
-                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}, timeout=120)
+    monkeypatch.chdir(tmp_path)
+    r = dreamtty(capsys, "reproduce", *args)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr

@@ -16,21 +16,16 @@ from PIL.PngImagePlugin import PngInfo
 
 from backend import input_images, metadata
 from backend.request import GenerateRequest
+from cli_helpers import dreamtty
 from image_helpers import dreamtty_png
 from tui import cli_jobs
 from tui.cli import main
 
 
-def run(*args, env_extra=None, timeout=180):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-
-
-def test_generate_json_then_reproduce_identical(tmp_path, demo_dirs):
+def test_generate_json_then_reproduce_identical(tmp_path, demo_dirs, capsys):
     out = tmp_path / "out"
-    r = run("generate", "a red fox", "--model", "demo", "--seed", "11", "-n", "2", "--steps", "5",
-            "--sampler", "euler_a", "--out", str(out), "--json")
+    r = dreamtty(capsys, "generate", "a red fox", "--model", "demo", "--seed", "11", "-n", "2", "--steps", "5",
+                 "--sampler", "euler_a", "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr
     events = [json.loads(line) for line in r.stdout.splitlines()]
     assert {"queued", "started", "step", "image", "done"} <= {e["type"] for e in events}
@@ -40,7 +35,7 @@ def test_generate_json_then_reproduce_identical(tmp_path, demo_dirs):
     assert meta["request"]["seed"] == 12 and meta["request"]["sampler"] == "euler_a"
     assert "Steps: 5, Sampler: Euler a" in Image.open(paths[1]).text["parameters"]
 
-    r = run("reproduce", paths[1], "--out", str(tmp_path / "again"))
+    r = dreamtty(capsys, "reproduce", paths[1], "--out", str(tmp_path / "again"))
     assert r.returncode == 0, r.stderr
     again = r.stdout.strip().splitlines()[-1]
     assert "pixels: identical" in r.stderr
@@ -79,21 +74,21 @@ def _raises(exc: Exception):
     raise exc
 
 
-def test_reproduce_keeps_the_random_style_picks_and_names_a_changed_wildcard(tmp_path, demo_dirs):
+def test_reproduce_keeps_the_random_style_picks_and_names_a_changed_wildcard(tmp_path, demo_dirs, capsys):
     styles, wildcards = tmp_path / "styles", tmp_path / "wildcards"
     styles.mkdir()
     wildcards.mkdir()
     (wildcards / "pet.txt").write_text("cat\ndog\nowl\n")
     Path(os.environ["DREAMTTY_CONFIG"]).write_text(f"paths:\n  styles: [{styles}]\n  wildcards: [{wildcards}]\n")
-    r = run("generate", "a __pet__", "--model", "demo", "--seed", "5", "--steps", "2", "--style", "Random Style",
-            "--out", str(tmp_path / "a"))
+    r = dreamtty(capsys, "generate", "a __pet__", "--model", "demo", "--seed", "5", "--steps", "2", "--style",
+                 "Random Style", "--out", str(tmp_path / "a"))
     assert r.returncode == 0, r.stderr
     made = metadata.read(r.stdout.strip().splitlines()[-1])
     pick, pet = made["prompt"]["styles"], made["prompt"]["wildcards"][0]["pick"]
     pack = [{"name": f"A pack {i}", "prompt": f"pack{i} {{prompt}}"} for i in range(40)]
     (styles / "pack.json").write_text(json.dumps(pack))  # Random Style would now pick another
     (wildcards / "pet.txt").write_text("eel\n")
-    r = run("reproduce", r.stdout.strip().splitlines()[-1], "--out", str(tmp_path / "b"))
+    r = dreamtty(capsys, "reproduce", r.stdout.strip().splitlines()[-1], "--out", str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr
     again = metadata.read(r.stdout.strip().splitlines()[-1])
     assert again["request"]["styles"] == again["prompt"]["styles"] == pick  # the pick, not a new draw
@@ -140,8 +135,8 @@ def test_reproduce_of_metadata_whose_kind_is_not_text_is_one_line(tmp_path, caps
         (["--max-batch", "two"], "argument --max-batch: invalid integer value"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
-    r = run("generate", "x", "--out", str(tmp_path), *args, env_extra={"HF_HUB_OFFLINE": "1"})
+def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
+    r = dreamtty(capsys, "generate", "x", "--out", str(tmp_path), *args, env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2
     assert message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -149,13 +144,13 @@ def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     assert not list(tmp_path.rglob("*.png"))
 
 
-def test_corrupt_weights_fail_the_job_with_exit_1(tmp_path, demo_dirs):
+def test_corrupt_weights_fail_the_job_with_exit_1(tmp_path, demo_dirs, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(demo_dirs["demo"], broken)
     (broken / "dreamtty_demo.json").unlink()
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    r = run("generate", "x", "--model", str(broken), "--out", str(tmp_path / "out"))
+    r = dreamtty(capsys, "generate", "x", "--model", str(broken), "--out", str(tmp_path / "out"))
     assert r.returncode == 1
     assert "model: cannot load" in r.stderr and "Traceback" not in r.stderr
     assert not list((tmp_path / "out").rglob("*.png"))
@@ -177,8 +172,8 @@ def test_a_subcommand_is_parsed_by_its_own_module_and_each_module_is_named():
     assert cli.parse_args(["--device", "cpu"]).command is None  # the TUI
 
 
-def test_samplers_lists_names():
-    r = run("samplers")
+def test_samplers_lists_names(capsys):
+    r = dreamtty(capsys, "samplers")
     assert r.returncode == 0
     assert "dpmpp_2m_sde" in r.stdout and "karras" in r.stdout
 

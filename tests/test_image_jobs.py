@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from backend.jobkinds.img2img import Img2ImgRequest
 from backend.jobkinds.inpaint import InpaintRequest
 from backend.jobkinds.outpaint import OutpaintRequest
 from backend.jobkinds.upscale import UpscaleRequest
+from cli_helpers import dreamtty
 from image_helpers import box_array, dreamtty_png, gradient, inpaint_model, write_image, write_mask
 
 TIMEOUT = 180
@@ -90,15 +89,10 @@ async def test_every_kind_reproduces_identically(on_job_service, tmp_path):
                                                      "changed too"]
 
 
-def run(*args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True,
-                          env=dict(os.environ), timeout=timeout)
-
-
-def test_cli_vary_takes_the_image_settings_and_reproduces(tmp_path, demo_dirs):
+def test_cli_vary_takes_the_image_settings_and_reproduces(tmp_path, demo_dirs, capsys):
     out = tmp_path / "out"
     source = dreamtty_png(tmp_path / "source.png", prompt="a red fox", seed=5, steps=6, cfg=5, styles=["Watercolor"])
-    r = run("vary", str(source), "--strength", "strong", "--out", str(out), "--json")
+    r = dreamtty(capsys, "vary", str(source), "--strength", "strong", "--out", str(out), "--json")
     assert r.returncode == 0, r.stderr
     events = [json.loads(line) for line in r.stdout.splitlines()]
     varied = next(e["path"] for e in events if e["type"] == "image")
@@ -106,14 +100,14 @@ def test_cli_vary_takes_the_image_settings_and_reproduces(tmp_path, demo_dirs):
     assert (req["prompt"], req["steps"], req["cfg"], req["styles"], req["strength"]) == ("a red fox", 6, 5.0, ["Watercolor"], 0.85)
     assert req["seed"] != 5 and req["image"] == str(Path(source).resolve())
 
-    r = run("reproduce", varied, "--out", str(tmp_path / "again"))
+    r = dreamtty(capsys, "reproduce", varied, "--out", str(tmp_path / "again"))
     assert r.returncode == 0 and "pixels: identical" in r.stderr, r.stderr
 
 
-def test_cli_inpaint_box_and_bad_mask(tmp_path, demo_dirs):
+def test_cli_inpaint_box_and_bad_mask(tmp_path, demo_dirs, capsys):
     image = write_image(tmp_path / "photo.png", gradient())
-    r = run("inpaint", str(image), "--box", "16,16,40,40", "--prompt", "a cat", "--demo", "--steps", "4",
-            "--out", str(tmp_path / "out"))
+    r = dreamtty(capsys, "inpaint", str(image), "--box", "16,16,40,40", "--prompt", "a cat", "--demo", "--steps", "4",
+                 "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     path = r.stdout.strip().splitlines()[-1]
     inside = box_array((16, 16, 40, 40))
@@ -121,12 +115,13 @@ def test_cli_inpaint_box_and_bad_mask(tmp_path, demo_dirs):
     assert metadata.read(path)["request"]["prompt"] == "a cat"  # an image without metadata: flags and defaults
 
     model = inpaint_model(tmp_path / "inpaint-model")  # an inpainting checkpoint is allowed where the kind takes one
-    r = run("inpaint", str(image), "--box", "16,16,40,40", "--prompt", "a cat", "--model", str(model), "--steps", "2",
-            "--out", str(tmp_path / "out"))
+    r = dreamtty(capsys, "inpaint", str(image), "--box", "16,16,40,40", "--prompt", "a cat", "--model", str(model),
+                 "--steps", "2", "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     assert metadata.read(r.stdout.strip().splitlines()[-1])["request"]["model"] == str(model)
 
     Image.new("L", (128, 128), 0).save(tmp_path / "black.png")
-    r = run("inpaint", str(image), "--mask", str(tmp_path / "black.png"), "--demo", "--out", str(tmp_path / "bad"))
+    r = dreamtty(capsys, "inpaint", str(image), "--mask", str(tmp_path / "black.png"), "--demo", "--out",
+                 str(tmp_path / "bad"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "mask: " in r.stderr and "is all black" in r.stderr
     assert not list((tmp_path / "bad").rglob("*.png"))

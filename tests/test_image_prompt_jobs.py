@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from backend.jobkinds.img2img import Img2ImgRequest
 from backend.jobkinds.inpaint import InpaintRequest
 from backend.request import GenerateRequest
 from backend.service import Service
+from cli_helpers import dreamtty
 from image_helpers import gradient, write_image
 
 TIMEOUT = 180
@@ -155,22 +154,17 @@ async def test_describe_returns_text_through_the_worker(on_job_service, tmp_path
     assert tags and set(tags) <= {t.replace("_", " ") if len(t) > 3 else t for t in TAGS[4:]}
 
 
-def run(*args, timeout=240):
-    return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True,
-                          env=dict(os.environ), timeout=timeout)
-
-
-def test_cli_image_prompts_show_preprocessed_and_describe(tmp_path, demo_dirs, reference):
+def test_cli_image_prompts_show_preprocessed_and_describe(tmp_path, demo_dirs, reference, capsys):
     out = tmp_path / "out"
-    r = run("generate", "a fox", "--demo", "--steps", "4", "--image-prompt", f"{reference}:structure",
-            "--image-prompt", f"{reference}:image:1.2:0.3", "--show-preprocessed", "--out", str(out))
+    r = dreamtty(capsys, "generate", "a fox", "--demo", "--steps", "4", "--image-prompt", f"{reference}:structure",
+                 "--image-prompt", f"{reference}:image:1.2:0.3", "--show-preprocessed", "--out", str(out))
     assert r.returncode == 0, r.stderr
     image = Path(r.stdout.strip().splitlines()[-1])
     saved = image.with_suffix(".structure-1.png")
     assert f"preprocessed {saved}" in r.stderr and Image.open(saved).size == (128, 128)
     assert [(p["type"], p["weight"], p["stop"]) for p in metadata.read(image)["request"]["image_prompts"]] == [
         ("structure", 1.0, 0.5), ("image", 1.2, 0.3)]
-    r = run("describe", str(reference), "--demo")
+    r = dreamtty(capsys, "describe", str(reference), "--demo")
     assert r.returncode == 0 and len(r.stdout.split()) == 8, r.stderr
 
 

@@ -20,7 +20,7 @@ from backend.prompting import build_prompt, check_prompts
 from backend.prompting.editing import schedule_prompts
 from backend.request import GenerateRequest
 from ckpt_helpers import tiny_refiner
-from test_cli import run
+from cli_helpers import dreamtty
 
 CPU = torch.device("cpu")
 MODELS = {"sd": "demo", "xl": "demo-xl"}
@@ -148,8 +148,8 @@ def test_errors_at_submission(user_folder):
         check_prompts(resolved(prompt="([a|(b:95)]:1.1)", steps=3))
 
 
-def test_cli_refuses_a_bad_when_before_queueing(tmp_path, demo_dirs):
-    r = run("generate", "a [cat:dog:-1]", "--model", "demo", "--out", str(tmp_path), env_extra={"HF_HUB_OFFLINE": "1"})
+def test_cli_refuses_a_bad_when_before_queueing(tmp_path, demo_dirs, capsys):
+    r = dreamtty(capsys, "generate", "a [cat:dog:-1]", "--model", "demo", "--out", str(tmp_path))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == ("dreamtty: prompt: '[' at column 3: when '-1' is not allowed; "
                                 "use a step number (10) or a fraction of the steps from 0.0 to 1.0 (0.5)")
