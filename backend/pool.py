@@ -24,7 +24,7 @@ from typing import Protocol
 from backend import locations, versions
 from backend.devices import parse_devices, visible_gpus
 from backend.events import Event, EventError, Log, WorkerReady, loads
-from backend.processes import exit_text
+from backend.processes import be_nice, exit_text
 from backend.request import MAX_COUNT
 from backend.safetext import first_line
 from backend.worker import MODELS_KEPT, RELEASE
@@ -255,8 +255,12 @@ class ProcessPool:
                          daemon=True).start()
 
     def _start(self, slot: Slot, proc: _Process, sender) -> None:
-        """Thread: start ``proc``'s process; one that cannot start is reported dead by the reader."""
+        """Thread: start ``proc``'s process; one that cannot start is reported dead by the reader. The thread
+        takes the workers' niceness first: on Linux it is a thread's own, and a fork server started from this
+        thread imports at it (a service beside a TUI yields the CPU then, as its workers do)."""
         try:
+            if sys.platform.startswith("linux"):
+                be_nice(self.nice)
             proc.process.start()
         except Exception as exc:  # the fork server died or cannot fork
             log.warning("worker %s did not start: %s", slot.id, first_line(exc))

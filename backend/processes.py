@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
 
 
 def process_exists(pid: int | None) -> bool:
@@ -19,6 +21,14 @@ def process_exists(pid: int | None) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def be_nice(level: int) -> None:
+    """Run the calling thread at niceness ``level`` at least (on Linux a thread's own, elsewhere the process's; the
+    threads and processes it starts later take it). Never lowers it: that needs privileges."""
+    who = threading.get_native_id() if sys.platform.startswith("linux") else 0
+    if level > os.getpriority(os.PRIO_PROCESS, who):
+        os.setpriority(os.PRIO_PROCESS, who, level)
 
 
 def exit_text(code: int | None) -> str:

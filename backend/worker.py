@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from backend import events as ev, service_log, versions
-from backend.processes import process_exists
+from backend.processes import be_nice, process_exists
 from backend.safetext import first_line
 
 PREVIEW_INTERVAL = 0.25  # seconds: at most ~4 previews a second
@@ -75,8 +75,7 @@ def worker_main(worker_id: int, device: str, jobs, events, cancel, log_path: str
     ``events`` is this worker's own pipe end: if the process dies mid-write only its pipe is
     spoiled, never another worker's. ``nice`` is set first, so every thread started later inherits it.
     """
-    if nice:
-        os.nice(nice)
+    be_nice(nice)  # forked from a fork server at that niceness, it is there already
     _redirect_output(Path(log_path))
     # SIGTERM (`timeout`, `kill -- -PGID` on the command's process group, `kill PID`) ends it as Ctrl-C does,
     # unwinding: what it holds is released (killed outright, it left a semaphore the resource tracker warned of)

@@ -123,7 +123,7 @@ from backend.pool import ProcessPool
 from backend.worker import PARENT_CHECK
 
 async def main():
-    pool = ProcessPool("cpu", Path(sys.argv[1]))
+    pool = ProcessPool("cpu", Path(sys.argv[1]), nice=5)
     ready = asyncio.Event()
     pool.start(lambda event: ready.set() if isinstance(event, WorkerReady) else None, lambda *args: None)
     await ready.wait()
@@ -142,11 +142,18 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_an_idle_worker_exits_when_its_service_is_killed(tmp_path):
+def _nice(pid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
+def test_an_idle_worker_exits_when_its_service_is_killed_and_its_fork_server_ran_at_its_niceness(tmp_path):
     service = subprocess.Popen([sys.executable, "-c", SERVICE, str(tmp_path / "queue.sqlite3")],
                                stdout=subprocess.PIPE, text=True, env={**os.environ, "DREAMTTY_HOME": str(tmp_path)})
     try:
         worker = int(service.stdout.readline())
+        fork_server = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        niceness = max(_nice(0), 5)  # it imported torch yielding the CPU, as its workers do, not the service
+        assert (_nice(service.pid), _nice(fork_server), _nice(worker)) == (_nice(0), niceness, niceness)
         time.sleep(PARENT_CHECK * 1.5)
         assert _running(worker)  # while its service lives
     finally:
