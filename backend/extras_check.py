@@ -7,7 +7,9 @@ does the loading (``backend.engine.extras``).
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,6 +63,8 @@ def find_extra(kind: str, name: str, cfg) -> library.Entry:
         raise RequestError(kind, f"{name} is not in the local Hugging Face cache; get it with: dreamtty models pull {name}")
     if entry is None and (hint := run_folder_hint(name)):
         raise RequestError(kind, hint)
+    if entry is None and _special_file(name):  # a FIFO or a device is no file of the library: "not found" misled
+        raise RequestError(kind, f"{name} is not a regular file; give a .safetensors file")
     if entry is None:
         known = library.names(kind, cfg)
         folders = ", ".join(str(p) for p in cfg.folders(library.FOLDER_OF_KIND[kind])) or "none"
@@ -72,6 +76,15 @@ def find_extra(kind: str, name: str, cfg) -> library.Entry:
         raise RequestError("lora", f"{name} is a LyCORIS {entry.variant} file; only LoRA files load "
                                    "(lora_down/lora_up or lora_A/lora_B weights)")
     return entry
+
+
+def _special_file(name: str) -> bool:
+    """Whether ``name`` is a path to something that is neither a file nor a folder (read without opening it)."""
+    try:
+        mode = os.stat(os.path.expanduser(name)).st_mode
+    except (OSError, ValueError):
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def check_extras(request: GenerateRequest, model_family: str, cfg=None) -> GenerateRequest:

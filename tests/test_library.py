@@ -382,6 +382,11 @@ def test_check_extras_refuses_early_without_torch(tmp_path):
         check_extras(GenerateRequest(loras=[("old", 1.0)]), "demo", cfg)
     with pytest.raises(RequestError, match="^vae: mine not found; none found in"):
         check_extras(GenerateRequest(vae="mine"), "demo", cfg)
+    os.mkfifo(tmp_path / "vae.safetensors")  # it said "not found", though it is there
+    fifo_vae = GenerateRequest(vae=str(tmp_path / "vae.safetensors"))
+    for request in (fifo_vae, GenerateRequest(loras=[("/dev/zero", 1.0)])):
+        with pytest.raises(RequestError, match=r"^(vae|lora): \S+ is not a regular file; give a .safetensors file$"):
+            check_extras(request, "demo", cfg)
     with pytest.raises(ModelError, match="^refiner: nope/nothing"):  # the refiner's own field
         check_extras(GenerateRequest(refiner="nope/nothing"), "demo", cfg)
 
