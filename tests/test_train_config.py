@@ -166,6 +166,9 @@ def test_scan_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RequestError, match="is empty"):
         scan_images(tmp_path / "empty", 64)
+    (tmp_path / "empty" / "photos").mkdir()  # it said "is empty"
+    with pytest.raises(RequestError, match="empty holds only folders, which are not read; put 3-20 photos"):
+        scan_images(tmp_path / "empty", 64)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.txt").write_text("no")
     with pytest.raises(RequestError, match=r"no usable images \(a.txt: not an image\)"):

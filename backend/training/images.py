@@ -121,9 +121,11 @@ def check_folder(folder: str | Path) -> Path:
 def scan_images(folder: str | Path, resolution: int) -> ImageScan:
     """Usable images in ``folder`` (sorted), with a warning per skipped file and when there are few."""
     path = check_folder(folder)
-    entries = sorted(p for p in path.iterdir() if not p.name.startswith(".") and not p.is_dir())
+    visible = [p for p in path.iterdir() if not p.name.startswith(".")]
+    entries = sorted(p for p in visible if not p.is_dir())
     if not entries:
-        raise RequestError("instance_dir", f"{folder} is empty; put 3-20 photos of the subject there")
+        what = "holds only folders, which are not read" if visible else "is empty"
+        raise RequestError("instance_dir", f"{folder} {what}; put 3-20 photos of the subject there")
     scan, skipped = ImageScan(), []
     smallest = min_side(resolution)
     for entry in entries:
