@@ -2,8 +2,8 @@
 pipelines a worker runs. A worker forked from it starts in well under a second instead of importing them again
 (~6 s of CPU each time one starts or is restarted after a crash), and the workers share those pages.
 
-Only third-party code is imported here: dreamtty's own modules are read by each worker from disk, so a worker
-still notices code changed under a running service (``backend.versions``). The fork server's output goes to a
+Of dreamtty's own code only what finds and writes its log is imported here: the rest is read by each worker from
+disk, so a worker still notices code changed under a running service (``backend.versions``). The fork server's output goes to a
 log, never to the terminal a TUI draws on; a library that fails to import here fails again, with its traceback,
 in the worker's own log.
 """
@@ -13,8 +13,9 @@ from __future__ import annotations
 import importlib
 import os
 import traceback
+from pathlib import Path
 
-from backend import locations
+from backend import locations, service_log
 
 MODULES = (
     "torch",
@@ -28,14 +29,9 @@ MODULES = (
 def _log_output() -> None:
     """Point stdout and stderr at ``logs/preload.log`` (import warnings land there), else at nothing."""
     try:
-        path = locations.state_dir() / "logs" / "preload.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        service_log.output_to(locations.state_dir() / "logs" / "preload.log")
     except OSError:
-        fd = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+        service_log.output_to(Path(os.devnull))
 
 
 def _preload() -> None:

@@ -34,6 +34,17 @@ def rotate(path: Path) -> None:
         pass  # no log yet, or one we cannot move: it is appended to as before
 
 
+def output_to(path: Path) -> None:
+    """Point this process's stdout and stderr at the log ``path`` (:func:`rotate`\ d first), so that nothing it
+    or a library prints draws over a TUI."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rotate(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def rotate_own(path: Path) -> None:
     """:func:`rotate` the log this process writes as its stdout or stderr (a detached service's both), and
     point those at a new ``path``. Children started before (multiprocessing's resource tracker; workers

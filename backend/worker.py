@@ -37,14 +37,9 @@ log = logging.getLogger("dreamtty.worker")
 
 
 def _redirect_output(log_path: Path) -> None:
-    """Send this process's stdout/stderr to a log file so it never draws over the TUI (one over
-    ``service_log.MAX_BYTES`` is moved aside first, as after each job)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    service_log.rotate(log_path)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+    """Send this process's stdout/stderr to its log (one over ``service_log.MAX_BYTES`` is moved aside first, as
+    after each job), and its log lines."""
+    service_log.output_to(log_path)
     service_log.configure()
 
 

@@ -26,9 +26,9 @@ from backend.families import MODEL_NAMES
 from backend.request import GenerateRequest
 from backend.safetext import first_line, visible
 from backend.training import runs
+from cli_helpers import dreamtty
 from test_library import SD1_TEXT, _checkpoint, _write
 from test_tui import field_of, idle_service, make_app, opened, settle, wait_for  # noqa: F401  (idle_service is a fixture)
-from tui.cli import main
 from tui.cli_styles import NAME_COLUMN
 from tui.screens.models import ModelsPane
 from tui.screens.queue import QueueScreen
@@ -384,14 +384,11 @@ def test_editors_draw_controls_as_one_symbol_each():
 
 # -- the CLI ---------------------------------------------------------------------------------------
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse
-        code = exc.code
-    out, err = capsys.readouterr()
-    assert_clean(out, "stdout")
-    assert_clean(err, "stderr")
-    return code, out, err
+    """``dreamtty ARGV`` in this process, its output clean: (exit status, stdout, stderr)."""
+    done = dreamtty(capsys, *argv)
+    assert_clean(done.stdout, "stdout")
+    assert_clean(done.stderr, "stderr")
+    return done.returncode, done.stdout, done.stderr
 
 
 def test_styles_list_and_show(capsys, user_folder):
