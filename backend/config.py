@@ -28,7 +28,7 @@ import yaml
 from backend import locations, user_files, yaml_text
 from backend.cluster_address import check_address
 from backend.errors import DreamttyError, RequestError, noted
-from backend.values import is_whole, kind_of, shown, to_bool
+from backend.values import check_text, is_whole, kind_of, shown, to_bool
 
 ENV_PATH = "DREAMTTY_CONFIG"
 FOLDER_KINDS = ("checkpoints", "loras", "vae", "embeddings", "upscalers", "ip_adapters", "controlnets", "depth_models",
@@ -171,6 +171,7 @@ def _text(key: str, value: object) -> str | None:
         return None
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{key}: must be a non-empty text, got {shown(value)}")
+    check_text(key, value)  # a name of an undecodable file (RequestError is a ValueError): later commands refuse it
     return value.strip()
 
 
@@ -272,7 +273,10 @@ def _apply_env(cfg: Config) -> None:
     for key in ("default_model", "default_preset"):
         env = os.environ.get(f"DREAMTTY_{key.upper()}")
         if env:
-            setattr(cfg, key, env)
+            try:
+                setattr(cfg, key, _text(f"DREAMTTY_{key.upper()}", env))
+            except ValueError as exc:
+                cfg.warnings.append(f"config: {exc}; the config file's {key} applies")
     pickle, problem = _pickle_env()
     if problem:
         cfg.warnings.append(f"config: {problem}; the config file's allow_pickle applies")
@@ -328,6 +332,7 @@ def set_value(key: str, value: str | int | float | bool | None, path: Path | Non
     that cannot be done."""
     if key not in TOP_KEYS:
         raise DreamttyError(f"config: unknown key {key!r}; allowed: {', '.join(TOP_KEYS)}")
+    check_text(key, value)  # JSON would write it as escapes that read back as text no later command accepts
     file = Path(os.path.realpath(path or config_path()))
     text, data, exists = "", {}, True
     try:

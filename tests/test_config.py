@@ -187,6 +187,26 @@ def test_set_value_keeps_other_keys(tmp_path):
         config.set_value("nope", 1, path)
 
 
+def test_a_model_name_that_is_not_utf8_is_never_saved_and_never_the_default(tmp_path, monkeypatch):
+    """A file whose name does not decode (made the default from the Models screen) broke every later command."""
+    path = _write(tmp_path / "c.yaml", "default_model: mine\n")
+    undecodable = os.fsdecode(b"a\xffb.safetensors")
+    with pytest.raises(DreamttyError, match=r"^default_model: is not valid UTF-8 text \(byte 0xff at character 2\)"):
+        config.set_value("default_model", undecodable, path)
+    assert path.read_text() == "default_model: mine\n"
+    _write(path, 'default_model: "a\\udcffb.safetensors"\n')  # written so by an older version
+    cfg = config.load(path)
+    assert cfg.default_model is None and cfg.warnings == [
+        "config: default_model: is not valid UTF-8 text (byte 0xff at character 2); give text, and paths, in UTF-8; "
+        "using the default"]
+    _write(path, "default_model: mine\n")
+    monkeypatch.setenv("DREAMTTY_DEFAULT_MODEL", undecodable)
+    cfg = config.load(path)
+    assert cfg.default_model == "mine" and cfg.warnings == [
+        "config: DREAMTTY_DEFAULT_MODEL: is not valid UTF-8 text (byte 0xff at character 2); give text, and paths, "
+        "in UTF-8; the config file's default_model applies"]
+
+
 def test_set_value_keeps_comments_anchors_and_a_dotfiles_link(tmp_path):
     dotfile = tmp_path / "dotfiles" / "dreamtty.yaml"
     dotfile.parent.mkdir()
