@@ -267,14 +267,22 @@ def sd2_prediction(path: Path, meta: dict[str, str], shapes: Shapes) -> str:
 
 def _sidecar_prediction(sidecar: Path) -> str:
     """``"v"`` when an A1111 config says ``model.params.parameterization: v`` (as YAML reads it: quoted or not,
-    with a comment, in flow style), else ``"epsilon"`` (also for one that cannot be read)."""
+    with a comment, in flow style), else ``"epsilon"``. CorruptFile when it cannot be read: the model's
+    prediction would be a guess, and a wrong one makes every image noise."""
     try:
         data = yaml_text.load(user_files.read_bytes(sidecar, user_files.MAX_TEXT_BYTES).decode("utf-8", "replace"))
-    except (OSError, yaml.YAMLError):
-        return "epsilon"
-    for key in ("model", "params"):
-        data = data.get(key) if isinstance(data, dict) else None
-    return "v" if isinstance(data, dict) and str(data.get("parameterization")).strip().lower() == "v" else "epsilon"
+    except user_files.RefusedFile as exc:  # a folder, a FIFO, too large
+        why = str(exc)
+    except OSError as exc:
+        why = f"cannot read {sidecar}: {exc.strerror or exc}"
+    except yaml.YAMLError as exc:
+        why = f"{sidecar} is not valid YAML{yaml_text.fault(exc)}"
+    else:
+        for key in ("model", "params"):
+            data = data.get(key) if isinstance(data, dict) else None
+        setting = isinstance(data, dict) and str(data.get("parameterization")).strip().lower()
+        return "v" if setting == "v" else "epsilon"
+    raise CorruptFile(f"model: {why}; fix it or move it away (it says whether the model predicts v or epsilon)")
 
 
 def checkpoint_family(path: Path, shapes: Shapes, meta: dict[str, str]) -> tuple[str, str | None] | None:

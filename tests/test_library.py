@@ -71,9 +71,13 @@ def test_sd2_prediction_rules(tmp_path):
                          ('model: {params: {parameterization: v}}\n', "sd2-v"),
                          ('model:\n  params:\n    parameterization: "eps"\n', "sd2"),
                          ('notes: "parameterization: v"\n', "sd2"),  # not the setting
-                         ("model: [unclosed\n", "sd2")):
+                         ("", "sd2")):
         sidecar.with_suffix(".yaml").write_text(text)
         assert checkpoint_family(sidecar, *read_shapes(sidecar))[0] == family, text
+    sidecar.with_suffix(".yaml").write_text("model: [unclosed\n")  # its setting is not guessed: noise if wrong
+    with pytest.raises(CorruptFile, match=r"^model: .*c\.yaml is not valid YAML at line 2 .*; fix it or move it away "
+                                          r"\(it says whether the model predicts v or epsilon\)$"):
+        checkpoint_family(sidecar, *read_shapes(sidecar))
 
 
 def test_a_checkpoint_variant_is_refused_with_its_article(tmp_path):
