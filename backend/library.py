@@ -347,8 +347,9 @@ def lora_family(shapes: Shapes) -> str | None:
 
 def embedding_family(shapes: Shapes) -> str | None:
     """Family of a textual-inversion embedding (A1111, SDXL or diffusers format), or None."""
-    if "clip_l" in shapes and "clip_g" in shapes:
-        return "sdxl"
+    if "clip_l" in shapes and "clip_g" in shapes:  # as many vectors for each encoder: one per token
+        small, big = shapes["clip_l"], shapes["clip_g"]  # (vectors, 768) and (vectors, 1280)
+        return "sdxl" if len(small) == len(big) == 2 and small[0] == big[0] > 0 else None
     vectors = [s for k, s in shapes.items() if k in ("emb_params", "string_to_param.*") or len(shapes) == 1]
     if len(vectors) != 1 or len(vectors[0]) not in (1, 2) or 0 in vectors[0]:  # (0, 768): no vector at all
         return None
@@ -441,7 +442,8 @@ def controlnet_type(name: str) -> str | None:
 
 _DETECTORS = {  # kind -> (shapes -> family or None, why a file is not of that kind)
     "lora": (lora_family, "is not a LoRA (no lora_down / lora_A weights)"),
-    "embedding": (embedding_family, "is not a textual-inversion embedding"),
+    "embedding": (embedding_family, "is not a textual-inversion embedding (one tensor of vectors; an SDXL one holds "
+                                    "clip_l and clip_g, as many vectors in each)"),
     "vae": (lambda shapes: "any" if is_vae(shapes) else None, "is not a VAE (no encoder/decoder weights)"),
     # Upscalers (ESRGAN, SwinIR, ...): their architecture is told by spandrel, in the worker.
     "upscaler": (lambda shapes: "any" if is_image_model(shapes) else None, "is not an image model (no convolutions)"),

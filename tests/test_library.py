@@ -110,6 +110,9 @@ def test_lora_family(shapes, expected):
     ({"emb_params": (2, 768)}, "sd1"),
     ({"emb_params": (1, 1024)}, "sd2"),
     ({"clip_l": (2, 768), "clip_g": (2, 1280)}, "sdxl"),
+    ({"clip_l": (2, 768), "clip_g": (3, 1280)}, None),  # a token of 2 vectors for one encoder, 3 for the other
+    ({"clip_l": (2, 768), "clip_g": (2, 1280, 1)}, None),
+    ({"clip_l": (0, 768), "clip_g": (0, 1280)}, None),
     ({"<my-token>": (768,)}, "sd1"),
     ({"string_to_param.*": (3, 768), "string_to_token.*": (1,)}, "sd1"),
     ({"a": (2, 768), "b": (2, 768)}, None),
