@@ -598,8 +598,14 @@ def _folder_checkpoint(name: str, folder: Path, size: int, source: str) -> Entry
                  _checkpoint_note(family, variant))
 
 
+def _holds(folder: Path, name: str) -> bool:
+    """Whether ``folder`` has an entry ``name``, of any type: a model folder whose model_index.json or config.json
+    is a FIFO, a folder or a dangling link is a damaged model folder (skipped, saying why), not a plain folder."""
+    return os.path.lexists(folder / name)
+
+
 def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
-    if kind in COMPANION_KINDS and (folder / "config.json").is_file():
+    if kind in COMPANION_KINDS and _holds(folder, "config.json"):
         found = _companion_folder(kind, read_json(folder / "config.json"))
         if found is None:
             return None
@@ -609,9 +615,9 @@ def _inspect_folder(kind: str, folder: Path, source: str) -> Entry | None:
             entry.variant = controlnet_type(folder.name)
             entry.note = "" if entry.variant else "type unknown: name it with canny, depth or structure (cpds)"
         return entry
-    if kind == "checkpoint" and (folder / "model_index.json").is_file():
+    if kind == "checkpoint" and _holds(folder, "model_index.json"):
         return _folder_checkpoint(folder.name, folder, _folder_size(folder), source)
-    if kind == "vae" and (folder / "config.json").is_file():
+    if kind == "vae" and _holds(folder, "config.json"):
         vae = read_json(folder / "config.json")
         if vae.get("_class_name") == "AutoencoderKL":
             if problem := wrong_latent_space(vae.get("latent_channels")):

@@ -440,6 +440,23 @@ def test_a_model_folder_whose_config_is_not_a_mapping_is_skipped_with_a_line(tmp
     assert any("deep/config.json" in p for p in lib.problems)
 
 
+def test_a_model_folder_whose_index_is_a_fifo_a_folder_or_a_dangling_link_is_skipped_with_a_line(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name in ("fifo", "dir", "link", "vae"):
+        (root / name).mkdir(parents=True)
+    os.mkfifo(root / "fifo" / "model_index.json")  # read, it would hang the scan
+    (root / "dir" / "model_index.json").mkdir()
+    (root / "link" / "model_index.json").symlink_to(tmp_path / "gone")
+    os.mkfifo(root / "vae" / "config.json")
+    cfg = config.Config(paths={"checkpoints": [root], "vae": [root]})
+    lib = library.discover(cfg, kinds=("checkpoint", "vae"))
+    assert [e for e in lib.entries if e.source != "built-in"] == []
+    assert sorted(lib.problems) == [f"model: {root}/dir/model_index.json is a folder; give a file",
+                                    f"model: {root}/fifo/model_index.json is not a regular file",
+                                    f"model: {root}/link/model_index.json is missing",
+                                    f"vae: {root}/vae/config.json is not a regular file"]
+
+
 @pytest.mark.parametrize("typed", ["DEMO", "Demo-XL"])
 def test_a_built_in_model_named_in_another_case_is_that_model(typed, demo_dirs):
     from backend.models import resolve_model
