@@ -187,6 +187,25 @@ async def test_the_info_line_keeps_a_default_model_and_folders_with_a_newline_on
         assert f"checkpoints in: {tmp_path}/check\\npoints · config: {tmp_path}/conf\\nig.yaml" in shown
 
 
+async def test_a_default_model_that_cannot_be_used_is_said_above_the_skipped_files(tmp_path, monkeypatch):
+    """A default model deleted, or mistyped in config.yaml, showed as the default with nothing amiss; every job
+    that named no model failed."""
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump({"paths": {"checkpoints": [str(tmp_path)]}, "default_model": "my-gone"}))
+    monkeypatch.setenv("DREAMTTY_CONFIG", str(cfg_file))
+    app = PaneApp()
+    async with app.run_test(size=(300, 40)) as pilot:
+        problems = app.query_one("#models-problems", Static)
+        await _wait(pilot, lambda: "items" in str(app.query_one("#models-info", Static).render()), "the scan")
+        assert str(problems.render()).startswith(
+            f"default model: my-gone does not exist; use demo, demo-xl, a checkpoint name (dreamtty models list), "
+            f"a .safetensors file, a diffusers folder or a Hugging Face id (default_model of {cfg_file})")
+        assert app.query_one("#models-problems-box").display
+        cfg_file.write_text(yaml.safe_dump({"paths": {"checkpoints": [str(tmp_path)]}, "default_model": "demo-xl"}))
+        app.query_one(ModelsPane).action_refresh()
+        await _wait(pilot, lambda: not app.query_one("#models-problems-box").display, "the rescan")
+
+
 async def test_a_refiner_cannot_become_the_default_model(tmp_path, monkeypatch):
     """``d`` made an SDXL refiner the default: every later job without --model failed in its worker."""
     refiner = tmp_path / "ckpt" / "xl-refiner"

@@ -22,6 +22,7 @@ from backend import config, downloads, library
 from backend.errors import DreamttyError
 from backend.events import ServiceReady, WorkerModels, WorkerReady, WorkerReleased
 from backend.families import FAMILIES
+from backend.models import resolve_model
 from backend.safetext import one_line
 from tui.keymap import MODELS_KEYS, bindings
 from tui.text import TextInput, cell, line, notify, plain
@@ -31,6 +32,18 @@ from tui.widgets.modebar import ModeBar
 # The note's head ("pickle", "refiner") next to the name: the sources are long paths, and a note at the end was off
 # an 80-column screen; the highlighted row's whole note is on the line under the table.
 COLUMNS = ("kind", "name", "note", "family", "size", "source")
+
+
+def _default_model_problem(cfg: config.Config) -> str | None:
+    """Why the config's default model cannot be used (gone, damaged, a typo), saying where it is set; None when
+    it can or none is set. Every job that names no model would fail with this."""
+    if not cfg.default_model:
+        return None
+    try:
+        resolve_model(cfg.default_model)
+    except DreamttyError as exc:
+        return f"{str(exc).removeprefix('model: ')} ({cfg.origin('default_model')})"
+    return None
 
 
 class _QuietTqdm(tqdm):
@@ -100,9 +113,9 @@ class ModelsPane(Vertical):
     def scan(self) -> None:
         cfg = config.load()
         lib = library.discover(cfg)
-        self.app.call_from_thread(self._show, cfg, lib)
+        self.app.call_from_thread(self._show, cfg, lib, _default_model_problem(cfg))
 
-    def _show(self, cfg: config.Config, lib: library.Library) -> None:
+    def _show(self, cfg: config.Config, lib: library.Library, default_problem: str | None = None) -> None:
         self.entries = lib.entries
         table = self.query_one(DataTable)
         table.clear()
@@ -118,7 +131,8 @@ class ModelsPane(Vertical):
             f"{len(lib.entries)} items · default model: {one_line(default)} · checkpoints in: {folders} "
             f"· config: {one_line(config.config_path())}"
         ))
-        problems = "\n".join(f"skipped: {one_line(p)}" for p in lib.problems)
+        problems = "\n".join([*([f"default model: {one_line(default_problem)}"] if default_problem else []),
+                              *(f"skipped: {one_line(p)}" for p in lib.problems)])
         self.query_one("#models-problems", Static).update(plain(problems))
         self.query_one("#models-problems-box").display = bool(problems)
         no_models = all(e.source == "built-in" for e in lib.of_kind("checkpoint"))  # as ``models list`` says
