@@ -71,7 +71,7 @@ class GenerateRequest:
     # Checkpoint variants (library.checkpoint_family) this kind runs with besides regular ones.
     model_variants: ClassVar[tuple[str, ...]] = ()
     # Why reference images cannot steer a request that uses no model (see ``uses_model``).
-    no_model: ClassVar[str] = "this job runs no model (e.g. a fast upscale)"
+    no_model: ClassVar[str] = "this job runs no model"
 
     # -- what a kind adds (overridden by the request types of backend.jobkinds) ---------
     @classmethod

@@ -66,9 +66,10 @@ def _request(cls, tmp_path, **fields):
     return cls(image=str(image), **{"prompt": "a red fox", "steps": 8, "seed": 7, **fields}).resolved("demo")
 
 
-def test_strength_zero_gives_the_input_back_exactly(sd_pipe, tmp_path):
+def test_strength_zero_gives_the_input_back_exactly_and_loads_no_model(tmp_path):
     request = _request(Img2ImgRequest, tmp_path, strength=0)
-    image, record = vary_image(sd_pipe, request)
+    assert not request.uses_model and _request(Img2ImgRequest, tmp_path, strength=0.2).uses_model
+    image, record = vary_image(None, request)  # the worker passes no pipeline to a job that uses no model
     assert np.array_equal(np.asarray(image), np.asarray(gradient()))
     assert record["input"]["image"]["hash"] == request.image_hash
 

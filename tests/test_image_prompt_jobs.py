@@ -448,14 +448,16 @@ def test_a_job_that_runs_no_model_takes_references_that_change_nothing_and_says_
 
     image = str(write_image(tmp_path / "in.png"))
     idle = [f"{reference}:canny:0", f"{reference}:face:1:0"]
-    for kind, values in ((UpscaleRequest, {"image": image, "fast": True}), (DescribeRequest, {"image": image})):
+    for kind, values, what in (
+            (UpscaleRequest, {"image": image, "fast": True}, "a fast upscale (or one at strength 0) runs no model"),
+            (Img2ImgRequest, {"image": image, "strength": 0}, "vary at strength 0 gives the input back and runs no "
+                                                              "model"),
+            (DescribeRequest, {"image": image}, "describe runs a captioner, not an image model")):
         service.submit(kind.from_dict({"model": "demo", **values, "image_prompts": idle}), tmp_path / "out")
         recorded = service.jobs()[-1].request["image_prompts"]
         assert [(p["type"], p["weight"], p["stop"]) for p in recorded] == [("canny", 0.0, 0.5), ("face", 1.0, 0.0)]
         steering = {**values, "image_prompts": [*idle, f"{reference}:image"]}
-        what = "describe runs a captioner, not an image model" if kind is DescribeRequest else \
-            "this job runs no model (e.g. a fast upscale)"
         with pytest.raises(RequestError) as info:
             service.submit(kind.from_dict({"model": "demo", **steering}), tmp_path / "out")
         assert str(info.value) == f"image_prompt: {what}, so reference images cannot steer it; leave them out"
-    assert len(service.jobs()) == 2
+    assert len(service.jobs()) == 3

@@ -33,6 +33,7 @@ class Img2ImgRequest(ImageInputRequest):
     """Vary (subtle 0.5, strong 0.85, or any strength). An explicit ``width``/``height`` resizes the input."""
 
     kind_label = "vary"
+    no_model = "vary at strength 0 gives the input back and runs no model"
 
     @classmethod
     def strength_hint(cls) -> str:
@@ -47,3 +48,7 @@ class Img2ImgRequest(ImageInputRequest):
         return {"width": width, "height": height}
 
     check_size = GenerateRequest.check_size  # repainted as a whole: a size the model can make
+
+    @property
+    def uses_model(self) -> bool:
+        return self.strength != 0  # 0 gives the input back, resized: no model is loaded, no reference steers it

@@ -40,6 +40,7 @@ class UpscaleRequest(ImageInputRequest):
 
     default_strength = 0.382
     kind_label = "upscale"
+    no_model = "a fast upscale (or one at strength 0) runs no model"
 
     @classmethod
     def converters(cls) -> dict:
