@@ -32,9 +32,7 @@ def parse_lora(text: str) -> tuple[str, float]:
         name, number = text.strip(), 1.0
     else:
         try:
-            if not weight.isascii():  # float() reads other scripts' digits
-                raise ValueError(weight)
-            number = float(weight)
+            number = plain_float(weight)
         except ValueError:
             raise RequestError("lora", f"{text!r}: weight must be a number (NAME[:WEIGHT])") from None
     if not name.strip():

@@ -82,6 +82,8 @@ def test_unknown_preset_is_a_one_line_error():
         ("description: [1, 2]\n", r"^description: in preset .*bad.yaml: \[1, 2\] is not text$"),
         ("size: big\n", r"size 'big' is not WxH"),
         ("loras: [[a, b, c]]\n", r"lora \['a', 'b', 'c'\] must be \[name, weight\]"),
+        ("loras: ['ink:1_0']\n", r"lora \['ink', '1_0'\] must be \[name, weight\]"),  # not 10, as --lora says
+        ("loras: ['ink:\u0663']\n", r"lora \['ink', '\u0663'\] must be \[name, weight\]"),  # not 3
         ("sampler: foo\n", r"^sampler: in preset .*bad.yaml: unknown 'foo'; allowed: .*euler"),
         ("sampler: lcm\nscheduler: karras\n", r"^scheduler: in preset .*bad.yaml: 'karras' does not work with lcm"),
         ("steps: 0\n", r"^steps: in preset .*bad.yaml: 0 is out of range"),

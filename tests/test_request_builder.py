@@ -76,6 +76,7 @@ def test_a_comma_in_a_loras_name_is_written_escaped_in_the_forms_one_text_and_re
 
 @pytest.mark.parametrize("values, error", [
     ({"loras": "fox:lots"}, "lora: 'fox:lots': weight must be a number"),
+    ({"loras": "fox:1_0"}, "lora: 'fox:1_0': weight must be a number"),  # not 10
     ({"loras": ["ink:nan"]}, "lora: 'ink:nan': weight must be a finite number, -2..2"),  # "loras: nan is not ..."
     ({"loras": [":0.5"]}, "lora: ':0.5': the name is empty"),  # "lora:  not found"
     ({"loras": ["none", "ink"]}, "lora: none (no LoRAs at all) cannot go with other LoRAs"),

@@ -21,7 +21,7 @@ from backend.prompting import check_prompts
 from backend.prompting.datafiles import DataFile, data_files, user_dir
 from backend.prompting.styles import load_styles
 from backend.request import GenerateRequest, parse_size
-from backend.values import shown
+from backend.values import plain_float, shown
 
 NOT_IN_PRESETS = ("prompt", "seed", "index", "batch", "preset")  # per job, never part of a preset
 ALLOWED = tuple(f.name for f in fields(GenerateRequest) if f.name not in NOT_IN_PRESETS) + ("size", "description")
@@ -181,7 +181,7 @@ def _lora(item: object, label: str) -> list:
         item = [name, weight]
     try:
         name, weight = item  # type: ignore[misc]
-        weight = float(weight)
+        weight = plain_float(weight)
     except (TypeError, ValueError):
         raise RequestError("preset", f"{label}: lora {item!r} must be [name, weight] or 'name:weight'") from None
     if not str(name).strip():
