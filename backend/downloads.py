@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.errors import DreamttyError, RequestError, Transient
+from backend.safetext import first_line
 from backend.user_files import file_sha256
 
 # The files a diffusers folder needs: configs, tokenizers and the default (non-variant) safetensors weights.
@@ -81,8 +82,7 @@ def _hub_error(repo: str, exc: Exception) -> DreamttyError:
         return DreamttyError(f"pull: no model {repo} on the Hub (or it is private: set HF_TOKEN)")
     if isinstance(exc, errors.RevisionNotFoundError):
         return DreamttyError(f"pull: {repo} has no such revision")
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return Transient(f"pull: cannot reach the Hugging Face Hub for {repo}: {text[:200]}")
+    return Transient(f"pull: cannot reach the Hugging Face Hub for {repo}: {first_line(exc, 200)}")
 
 
 def _wanted(name: str) -> bool:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from backend.engine.pipeline import execution_device
 from backend.errors import ModelError
+from backend.safetext import first_line
 
 
 def load_controlnets(pipe, folders: list[str]) -> list:
@@ -31,9 +32,8 @@ def load_controlnets(pipe, folders: list[str]) -> list:
             try:
                 net = ControlNetModel.from_pretrained(folder, local_files_only=True, dtype=pipe.unet.dtype)
             except Exception as exc:
-                text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise ModelError(f"image_prompt: cannot load the ControlNet {Path(folder).name}: {text[:300]}") \
-                    from None
+                raise ModelError(f"image_prompt: cannot load the ControlNet {Path(folder).name}: "
+                                 f"{first_line(exc)}") from None
             loaded[folder] = net.to(execution_device(pipe))
     return [loaded[folder] for folder in folders]
 

@@ -14,6 +14,7 @@ import torch
 
 from backend.engine.pipeline import execution_device
 from backend.errors import ModelError
+from backend.safetext import first_line
 
 AdapterFiles = tuple[tuple[str, str], ...]  # per slot: (adapter file, image encoder folder)
 
@@ -60,8 +61,8 @@ def load_adapters(pipe, slots: AdapterFiles) -> None:
             pipe.unload_ip_adapter()
         except Exception:  # nothing was installed
             pass
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"image_prompt: cannot load the IP-Adapter {Path(slots[0][0]).name}: {text[:300]}") from None
+        raise ModelError(f"image_prompt: cannot load the IP-Adapter {Path(slots[0][0]).name}: {first_line(exc)}") \
+            from None
     pipe.dreamtty.ip_slots = slots
 
 
