@@ -351,8 +351,8 @@ class QueueStore:
         self._db.execute("DELETE FROM owners WHERE owner = ?", (str(owner),))
 
     @queue_access
-    def adopt_orphans(self, owner: str, ttl: float = LEASE_TTL) -> list[int]:
-        """Queue again, under ``owner``, the active jobs whose owner renewed no lease for ``ttl`` seconds, or
+    def adopt_orphans(self, owner: str) -> list[int]:
+        """Queue again, under ``owner``, the active jobs whose owner renewed no lease for LEASE_TTL seconds, or
         whose owner was a process of this machine that is gone (killed: its jobs run again at once, not once its
         lease ran out; the training runs, adopted next, too).
 
@@ -367,9 +367,9 @@ class QueueStore:
         rows = self._db.execute(
             "UPDATE jobs SET state = 'queued', owner = ?1, updated = ?2 WHERE state IN ('queued', 'running') "
             "AND owner != ?1 AND owner NOT IN (SELECT owner FROM owners WHERE heartbeat > ?2 - ?3) RETURNING id",
-            (str(owner), now, ttl),
+            (str(owner), now, LEASE_TTL),
         ).fetchall()
-        self._db.execute("DELETE FROM owners WHERE heartbeat <= ? - ?", (now, ttl))
+        self._db.execute("DELETE FROM owners WHERE heartbeat <= ? - ?", (now, LEASE_TTL))
         return sorted(r[0] for r in rows)
 
 

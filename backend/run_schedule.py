@@ -149,7 +149,7 @@ class RunStore:
         self._db.execute(f"UPDATE runs SET {names}, updated = ? WHERE id = ?", (*values.values(), time.time(), run_id))
 
     @queue_access
-    def adopt_orphans(self, owner: str, ttl: float = LEASE_TTL) -> list[int]:
+    def adopt_orphans(self, owner: str) -> list[int]:
         """Take over, for ``owner``, the waiting and training runs of services whose lease ran out
         (``backend.queue_store``'s ``owners``): they keep their state, and a trainer that still
         lives is watched again."""
@@ -157,7 +157,7 @@ class RunStore:
         rows = self._db.execute(
             "UPDATE runs SET owner = ?1, updated = ?2 WHERE state IN ('waiting', 'training') AND owner != ?1 "
             "AND owner NOT IN (SELECT owner FROM owners WHERE heartbeat > ?2 - ?3) RETURNING id",
-            (owner, now, ttl)).fetchall()
+            (owner, now, LEASE_TTL)).fetchall()
         return sorted(r[0] for r in rows)
 
 

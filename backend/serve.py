@@ -184,7 +184,7 @@ def is_running(files: ServiceFiles | None = None) -> bool:
     return True
 
 
-def start_detached(options: ServeOptions, timeout: float = START_TIMEOUT) -> dict:
+def start_detached(options: ServeOptions) -> dict:
     """Start a service in the background and wait until it answers; returns its pid file, and ``started``:
     whether it is the one started here.
 
@@ -197,7 +197,7 @@ def start_detached(options: ServeOptions, timeout: float = START_TIMEOUT) -> dic
     locations.make_folder(log_file.parent, "state dir")
     service_log.rotate(log_file)
     process = _spawn(options, log_file)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         info = files.read_pid_file()
         if info is not None and is_running(files):
@@ -215,7 +215,7 @@ def start_detached(options: ServeOptions, timeout: float = START_TIMEOUT) -> dic
         time.sleep(0.05)
     if process.poll() == AlreadyRunning.EXIT_CODE:  # the one that holds the lock does not answer
         raise ServiceUnavailable(f"{files.running_message()}; it does not answer on its socket")
-    raise ServiceUnavailable(f"service: not answering on {files.socket} after {timeout:g} s; see {log_file}")
+    raise ServiceUnavailable(f"service: not answering on {files.socket} after {START_TIMEOUT:g} s; see {log_file}")
 
 
 def _spawn(options: ServeOptions, log_file: Path) -> subprocess.Popen:
