@@ -15,7 +15,7 @@ from pathlib import Path
 
 from backend import library
 from backend.errors import RequestError
-from backend.families import FAMILIES
+from backend.families import family_label
 from backend.image_prompts import FIELD, TYPES, ImagePrompt
 
 PULL_FAMILIES = ("sd1", "sdxl")  # the families the usual repositories serve
@@ -85,11 +85,6 @@ def _family(model_family: str) -> str:
     return {"sd2-v": "sd2"}.get(model_family, model_family)
 
 
-def _label(family: str) -> str:
-    fam = FAMILIES.get(family)
-    return fam.label if fam else family
-
-
 def _what(kind: str, variant: str | None) -> str:
     return {"ip_adapter": "IP-Adapter", "controlnet": f"{variant} ControlNet", "depth_model": "depth model",
             "captioner": f"{variant} captioner"}[kind] if variant != "image_encoder" else "IP-Adapter image encoder"
@@ -116,14 +111,14 @@ def find_model(kind: str, variant: str | None, model_family: str, target: str, c
     if any_family or any(family in u.families for u in usual):
         get = f"get it with: {pull_command(target, pull_family)}"
     else:
-        get = (f"none is known to download for {_label(family)}; put one made for it in the "
+        get = (f"none is known to download for {family_label(family)}; put one made for it in the "
                f"{library.FOLDER_OF_KIND[kind]} folder")
     other = [e for e in entries if e.source != "built-in" and e.family not in (family, "any")]
     if other:
-        raise RequestError(field, f"{what} {other[0].name} is for {_label(other[0].family)}, the model is "
-                                  f"{_label(family)}; {get}")
+        raise RequestError(field, f"{what} {other[0].name} is for {family_label(other[0].family)}, the model is "
+                                  f"{family_label(family)}; {get}")
     folders = ", ".join(str(p) for p in cfg.folders(library.FOLDER_OF_KIND[kind])) or "none"
-    scope = "" if any_family else f" for {_label(family)}"
+    scope = "" if any_family else f" for {family_label(family)}"
     raise RequestError(field, f"no {what}{scope} in {folders}; {get}")
 
 

@@ -56,6 +56,12 @@ _SIZES_1024 = [
 _SIZES_DEMO = [(128, 128), (192, 128), (128, 192), (256, 256)]
 
 
+def family_label(family: str) -> str:
+    """A family's name for people ("SDXL"); an unknown one as it is named."""
+    fam = FAMILIES.get(family)
+    return fam.label if fam else family
+
+
 def aspect_sizes(family: str) -> list[tuple[int, int]]:
     """Sizes that suit the family, default first."""
     fam = FAMILIES[family]

@@ -7,7 +7,7 @@ import sys
 
 from backend import config, downloads, library
 from backend.errors import RequestError
-from backend.families import FAMILIES
+from backend.families import family_label
 from backend.safetext import one_line, visible
 from tui.cli_output import given
 
@@ -16,11 +16,6 @@ def companions_targets() -> tuple[str, ...]:
     from backend.companions import PULL_TARGETS
 
     return PULL_TARGETS
-
-
-def _label(entry: library.Entry) -> str:
-    fam = FAMILIES.get(entry.family)
-    return fam.label if fam else entry.family
 
 
 def format_table(lib: library.Library) -> str:
@@ -35,8 +30,8 @@ def format_table(lib: library.Library) -> str:
             note = f"  [{e.note}]" if e.note else ""
             if e.variant and kind in library.COMPANION_KINDS:  # what it serves: image, face, canny, photo, ...
                 note = f"  [{e.variant}{'; ' + e.note if e.note else ''}]"
-            lines.append(f"  {one_line(e.name):<36} {one_line(_label(e)):<24} {size:>9}  {one_line(e.source)}"
-                         f"{one_line(note)}")
+            lines.append(f"  {one_line(e.name):<36} {one_line(family_label(e.family)):<24} {size:>9}  "
+                         f"{one_line(e.source)}{one_line(note)}")
     if lib.problems:
         lines.append(f"skipped ({len(lib.problems)})")
         lines += [f"  {one_line(p)}" for p in lib.problems]

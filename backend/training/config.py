@@ -12,7 +12,7 @@ from pathlib import Path
 from backend.config import TOP_KEYS
 from backend.errors import RequestError
 from backend.families import FAMILIES
-from backend.request import check_prompt_length
+from backend.request import MAX_SEED, check_prompt_length
 from backend.values import check_text, kind_of, to_bool, to_float, to_int
 
 METHODS = ("full", "lora")
@@ -20,7 +20,6 @@ PRECISIONS = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "tensorboard")
 # diffusers.optimization.get_scheduler's names (piecewise_constant left out: it needs rules).
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-MAX_SEED = 2**32 - 1
 # diffusers' DreamBooth example defaults: 5e-6 for a full fine-tune, 1e-4 for LoRA.
 DEFAULT_LR = {"full": 5e-6, "lora": 1e-4}
 PROMPTS = ("instance_prompt", "class_prompt", "validation_prompt")  # free text: NUL allowed, unlike names and paths

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from backend import config, downloads, library
 from backend.errors import DreamttyError
 from backend.events import ServiceReady, WorkerModels, WorkerReady, WorkerReleased
-from backend.families import FAMILIES
+from backend.families import family_label
 from backend.models import resolve_model
 from backend.safetext import one_line
 from tui.keymap import MODELS_KEYS, bindings
@@ -121,10 +121,9 @@ class ModelsPane(Vertical):
         table.clear()
         default = cfg.default_model or "demo"
         for e in lib.entries:
-            fam = FAMILIES.get(e.family)
             size = downloads.human(e.size) if e.size else "-"
             marker = " ★" if e.kind == "checkpoint" and e.name == default else ""
-            cells = (e.kind, e.name + marker, e.note.split(": ", 1)[0], fam.label if fam else e.family, size, e.source)
+            cells = (e.kind, e.name + marker, e.note.split(": ", 1)[0], family_label(e.family), size, e.source)
             table.add_row(*map(cell, cells))
         folders = ", ".join(one_line(p) for p in cfg.folders("checkpoints"))
         self.query_one("#models-info", Static).update(plain(  # one line: a name or path may hold a newline
