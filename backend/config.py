@@ -364,11 +364,7 @@ def set_value(key: str, value: str | int | float | bool | None, path: Path | Non
                             "there by hand")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-        tmp.write_text(updated, encoding="utf-8")
-        if exists:
-            os.chmod(tmp, stat.S_IMODE(file.stat().st_mode))
-        tmp.replace(file)
+        user_files.write_text_atomic(file, updated)
     except OSError as exc:
         raise DreamttyError(f"config: cannot write {file}: {exc.strerror}") from None
     return file

@@ -1,4 +1,4 @@
-"""Files that users name (input images, the config, presets, styles, ...), read within limits.
+"""Files that users name (input images, the config, presets, styles, ...), read within limits and written whole.
 
 A path may name a device (``/dev/zero`` never ends), a FIFO (a read waits for a writer forever) or
 a huge file: read whole, each would hang a thread or exhaust memory. :func:`open_regular` refuses
@@ -14,6 +14,7 @@ import hashlib
 import os
 import stat
 import sys
+import uuid
 from typing import BinaryIO
 
 from backend.errors import RequestError
@@ -73,6 +74,35 @@ def read_problem(path: str | os.PathLike, exc: OSError, wanted: str = "a file") 
     if isinstance(exc, RefusedFile):
         return f"{path} {exc.strerror}"
     return f"cannot read {path}: {exc.strerror or exc}"
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> str:
+    """Write ``text`` (UTF-8) to ``path`` through a temp file and a rename: readers never see half a file, and
+    a failed write (disk full) leaves the old file as it was, with no temp file. A link is written where it
+    points (a dotfiles link stays); what is there and is not a regular file (a FIFO, a folder) is refused
+    (RefusedFile, IsADirectoryError), not opened. The existing file's permissions are kept. Returns the path
+    written."""
+    target = os.path.realpath(path)
+    try:
+        info = os.stat(target)
+    except FileNotFoundError:
+        info = None
+    if info is not None:
+        _check(info, target, sys.maxsize)
+    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)[:64]}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        if info is not None:
+            os.chmod(tmp, stat.S_IMODE(info.st_mode))
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return target
 
 
 def _check(info: os.stat_result, path: str | os.PathLike, limit: int) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 
 import pytest
@@ -156,6 +158,27 @@ def test_save_preset_round_trips_the_form(presets_dir):
     assert again.to_dict() == {**form.to_dict(), "prompt": "a dog", "seed": 1, "preset": "my-look"}
     with pytest.raises(RequestError, match="name '../x' is not allowed"):
         save_preset("../x", form.to_dict())
+
+
+def test_saving_over_a_fifo_is_refused_at_once_and_a_failed_save_keeps_the_old_preset(presets_dir, monkeypatch):
+    """The TUI's save waits for this call: a FIFO named like the preset hung it, and a failed write could leave
+    half a file."""
+    form = GenerateRequest(prompt="a cat", model="demo", steps=12).to_dict()
+    os.mkfifo(presets_dir / "piped.yaml")
+    with pytest.raises(RequestError, match=rf"^preset: cannot save: {presets_dir}/piped.yaml is not a regular file; "
+                                           r"move it away$"):
+        save_preset("piped", form)  # the FIFO is never opened: this returns
+    mine = save_preset("mine", form)
+    before = mine.read_text()
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)  # the temp file was written: it goes, the old file stays
+    with pytest.raises(RequestError, match=rf"^preset: cannot save {presets_dir}/mine.yaml: No space left on device$"):
+        save_preset("mine", form)
+    monkeypatch.undo()
+    assert mine.read_text() == before and sorted(p.name for p in presets_dir.iterdir()) == ["mine.yaml", "piped.yaml"]
 
 
 def test_the_cli_lists_and_shows_presets_as_data(presets_dir, capsys):

@@ -223,8 +223,14 @@ def save_preset(name: str, request: dict, description: str = "") -> Path:
     if width and height:
         data["size"] = f"{width}x{height}"
     path = _user_path(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# dreamtty preset, saved from the form\n{yaml.safe_dump(data, sort_keys=False)}", encoding="utf-8")
+    text = f"# dreamtty preset, saved from the form\n{yaml.safe_dump(data, sort_keys=False)}"
+    try:  # a FIFO there is refused, never opened: the TUI waits for this
+        path.parent.mkdir(parents=True, exist_ok=True)
+        user_files.write_text_atomic(path, text)
+    except (user_files.RefusedFile, IsADirectoryError) as exc:
+        raise RequestError("preset", f"cannot save: {path} {exc.strerror}; move it away") from None
+    except OSError as exc:
+        raise RequestError("preset", f"cannot save {path}: {exc.strerror or exc}") from None
     return path
 
 

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from backend import locations
+from backend import locations, user_files
 from backend.events import (EventError, TrainCheckpoint, TrainClassImages, TrainError, TrainEvent, TrainLog,
                             TrainResume, TrainState, TrainStep, TrainValidation, dumps, loads)
 from backend.processes import exit_text, process_exists
@@ -69,13 +69,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
     A failed write (disk full) raises and leaves ``path`` as it was, with no temp file.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    user_files.write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 # The type of each field the code reads from run.json.

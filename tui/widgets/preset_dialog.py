@@ -82,11 +82,8 @@ class SavePresetDialog(ModalScreen[Path | None]):
         description = self.query_one("#preset-description", Input).value.strip()
         try:
             path = save_preset(name, self.request, description)
-        except RequestError as exc:
+        except RequestError as exc:  # a name not allowed, or a file that cannot be written
             self.name_field.set_error(exc.message)
-            return
-        except OSError as exc:
-            self.name_field.set_error(f"cannot write the preset: {exc}")
             return
         self.dismiss(path)
 
