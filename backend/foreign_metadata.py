@@ -70,7 +70,7 @@ _FOOOCUS_ADAPTIVE_CFG = 7.0  # Fooocus records "CFG Mimicking from TSNR" only wh
 def from_png_text(chunks: dict[str, str], source: str) -> tuple[GenerateRequest, list[str]]:
     """The request from an image's text chunks (its ``parameters``, and Fooocus's ``fooocus_scheme``)."""
     if chunks.get("fooocus_scheme") == "fooocus":
-        return from_fooocus(_json_object(chunks["parameters"], source))
+        return from_fooocus(_json_object(chunks["parameters"], source), source)
     return from_text(chunks["parameters"], source)
 
 
@@ -83,7 +83,12 @@ def from_text(text: str, source: str = "text") -> tuple[GenerateRequest, list[st
         raise _error(source, f"{len(text)} characters is too long for a parameters text (at most {MAX_TEXT})")
     parsed = infotext.parse(text)
     if text.lstrip().startswith("{") and (parsed is None or _is_json(text)):  # else a prompt like "{a|b} car"
-        return from_fooocus(_json_object(text, source))
+        data = _json_object(text, source)
+        if "request" in data:  # our own metadata, as an image's dreamtty chunk holds it
+            from backend.metadata import request_from_meta
+
+            return request_from_meta(source, data), []
+        return from_fooocus(data, source)
     if parsed is None:
         raise _error(source, "no parameters found; expected A1111's text (its last line like "
                              "'Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512') or Fooocus's JSON")
@@ -95,8 +100,12 @@ def from_text(text: str, source: str = "text") -> tuple[GenerateRequest, list[st
     return reader.read(parsed.fields)
 
 
-def from_fooocus(data: dict) -> tuple[GenerateRequest, list[str]]:
-    """The request from Fooocus's JSON metadata (its ``parameters`` chunk or a copied log entry)."""
+def from_fooocus(data: dict, source: str) -> tuple[GenerateRequest, list[str]]:
+    """The request from Fooocus's JSON metadata (its ``parameters`` chunk or a copied log entry); ``source``
+    as :func:`from_text`'s. A JSON object with none of Fooocus's keys is refused: it holds nothing to reproduce."""
+    if not any(key in _FOOOCUS_KEYS or key in _FOOOCUS_USED for key in data):
+        raise _error(source, "the JSON holds none of Fooocus's keys (prompt, steps, seed, resolution, ...); give "
+                             "Fooocus's metadata, dreamtty's, or A1111's text")
     fields = {_FOOOCUS_KEYS.get(k, k): v for k, v in data.items() if k not in _FOOOCUS_USED
               and not k.startswith("lora_combined_") and v not in ("", "None", None)}
     if "resolution" in data:

@@ -14,9 +14,11 @@ from backend.guidance_settings import GuidanceSettings, freeu_defaults
 from backend.input_images import MAX_BYTES, UNREADABLE, open_quietly, unreadable
 from backend.request import GenerateRequest
 from backend.style_names import RANDOM_STYLE, style_key
+from backend.values import is_whole, shown
 
 CHUNK = "dreamtty"
 VERSION = 1
+RECORDED = ("prompt", "model", "seed")  # in every request our metadata holds: without them it is not one we wrote
 
 
 def build(request: GenerateRequest, family: str, prompt_record: dict, kind: str = "generate") -> dict:
@@ -140,7 +142,7 @@ def image_request(path: str | Path) -> tuple[GenerateRequest, list[str]]:
     """
     chunks = _text_chunks(path)
     if chunks.get(CHUNK):
-        return _request_from_meta(path, _ours(path, chunks[CHUNK])), []
+        return request_from_meta(f"image: {path}", _ours(path, chunks[CHUNK])), []
     if chunks.get("parameters"):
         from backend import foreign_metadata
 
@@ -203,11 +205,23 @@ def request_from_image(path: str | Path) -> GenerateRequest:
     return image_request(path)[0]
 
 
-def _request_from_meta(path: str | Path, meta: object) -> GenerateRequest:
+def request_from_meta(source: str, meta: object) -> GenerateRequest:
+    """The request our metadata ``meta`` records (``source``: where it was read, as ``image: PATH`` or
+    ``from-text: FILE``, the field and the place errors name). One that lacks what every version records, or of
+    a version this one does not know, is refused: its defaults and a new seed would make another image."""
+    field, _, where = source.partition(": ")
     request = meta.get("request") if isinstance(meta, dict) else None
     if not isinstance(request, dict):
-        raise DreamttyError(f"image: {path} has dreamtty metadata without a request")
+        raise RequestError(field, f"{where} has dreamtty metadata without a request")
+    version = meta.get("version")
+    if version is not None and not (is_whole(version) and 1 <= version <= VERSION):
+        raise RequestError(field, f"{where} has dreamtty metadata of version {shown(version)}; this dreamtty reads "
+                                  f"version {VERSION} (a newer one wrote it?)")
+    missing = ["version"] * (version is None) + [key for key in RECORDED if key not in request]
+    if missing:
+        raise RequestError(field, f"{where} has dreamtty metadata without {', '.join(missing)}: edited or damaged; "
+                                  "it cannot be reproduced")
     try:
         return jobkinds.get(meta.get("kind", "generate")).request(request)
     except RequestError as exc:
-        raise RequestError(exc.field, f"in the metadata of {path}: {exc.message}") from None
+        raise RequestError(exc.field, f"in the metadata of {where}: {exc.message}") from None

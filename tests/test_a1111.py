@@ -207,6 +207,11 @@ def test_cli_records_the_prompt_as_typed_and_reproduces_pasted_text(tmp_path, de
     again = metadata.read(r.stdout.strip().splitlines()[-1])["request"]
     assert (again["sampler"], again["scheduler"], again["steps"], again["seed"]) == ("dpmpp_2m", "karras", 3, 1234567)
 
+    ours = Image.open(path).text["dreamtty"]  # an image's own metadata, pasted: that request, not Fooocus's
+    r = dreamtty(capsys, "reproduce", "--from-text", "-", "--out", str(tmp_path / "c"), stdin=ours)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert np.array_equal(np.asarray(Image.open(r.stdout.strip().splitlines()[-1])), np.asarray(Image.open(path)))
+
 
 # -- reading other tools' parameters ------------------------------------------------------------
 A1111_TEXT = """masterpiece, a  red fox, (snow:1.2) <hypernet:old:1>
@@ -400,7 +405,16 @@ BAD_TEXTS = [
     ('{"a": ' * 100_000, "Fooocus metadata is nested too deeply"),
     ("[" * 100_000, "no parameters found"),
     ("x" * 1_000_001, "too long for a parameters text"),
+    ("{}", "the JSON holds none of Fooocus's keys (prompt, steps, seed, resolution, ...)"),  # was read as Fooocus's
+    ('{"foo": 1}', "the JSON holds none of Fooocus's keys"),
 ]
+
+
+def test_dreamtty_metadata_pasted_without_its_request_fields_is_refused():
+    with pytest.raises(RequestError) as err:
+        foreign_metadata.from_text('{"version": 1, "request": {}}', "from-text: pasted.txt")
+    assert str(err.value) == ("from-text: pasted.txt has dreamtty metadata without prompt, model, seed: edited or "
+                              "damaged; it cannot be reproduced")
 
 
 @pytest.mark.parametrize("text,message", BAD_TEXTS)

@@ -110,7 +110,7 @@ def test_only_a_random_style_is_replaced_by_its_recorded_pick(record, styles):
 
 def test_reproduce_of_metadata_whose_kind_is_not_text_is_one_line(tmp_path, capsys):
     info = PngInfo()
-    info.add_text("dreamtty", json.dumps({"version": 1, "kind": [], "request": {"prompt": "x"}}))
+    info.add_text("dreamtty", json.dumps({"version": 1, "kind": [], "request": {"prompt": "x", "model": "demo", "seed": 1}}))
     Image.new("RGB", (64, 64)).save(tmp_path / "odd.png", pnginfo=info)
     assert main(["reproduce", str(tmp_path / "odd.png")]) == 2
     err = capsys.readouterr().err

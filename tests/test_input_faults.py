@@ -109,10 +109,26 @@ def test_metadata_without_a_request_is_one_line(tmp_path, meta):
      ({"guidance": {"freeu": 5}}, "freeu"), ({"model": 5}, "model"), ({"refiner_switch": "x"}, "refiner_switch")],
 )
 def test_metadata_with_a_wrong_type_names_field_and_image(tmp_path, request_data, field):
-    path = _png(tmp_path, {"version": 1, "request": request_data})
+    path = _png(tmp_path, {"version": 1, "request": {"prompt": "a fox", "model": "demo", "seed": 1, **request_data}})
     with pytest.raises(RequestError) as err:
         request_from_image(path)
     assert err.value.field == field and f"in the metadata of {path}" in _one_line(err.value, field)
+
+
+@pytest.mark.parametrize("meta, says", [
+    ({"version": 1, "request": {}}, "without prompt, model, seed: edited or damaged; it cannot be reproduced"),
+    ({"version": 1, "request": {"prompt": "a fox", "model": "demo"}}, "without seed: edited or damaged"),
+    ({"version": 99, "request": {}}, "of version 99; this dreamtty reads version 1 (a newer one wrote it?)"),
+    ({"version": "1", "request": {}}, "of version '1'; this dreamtty reads version 1"),
+    ({"request": {"prompt": "a fox", "model": "demo", "seed": 1}}, "without version: edited or damaged"),
+])
+def test_metadata_that_lacks_what_every_version_records_is_refused_not_run_with_defaults(tmp_path, capsys, meta, says):
+    """Reproduce made a new image, with a random seed, of hand-edited metadata, and exited 0."""
+    path = _png(tmp_path, meta)
+    with pytest.raises(DreamttyError) as err:
+        request_from_image(path)
+    assert str(err.value).startswith(f"image: {path} has dreamtty metadata ") and says in str(err.value)
+    assert main(["reproduce", str(path)]) == 2
 
 
 def test_cli_reproduce_of_hand_made_metadata_exits_2(tmp_path, capsys):
@@ -358,8 +374,8 @@ def test_models_list_names_a_fifo_and_goes_on(tmp_path, monkeypatch, capsys):
         os.mkfifo(fifo)
     monkeypatch.setenv("DREAMTTY_CHECKPOINTS", str(tmp_path / "ckpt"))
     assert _unblocked(fifos, lambda: main(["models", "list", "--json"])) == 0
-    problems = json.loads(capsys.readouterr().out)["problems"]  # "folder" is no model folder: searched, not read
-    assert sorted(problems) == [f"model: {fifo} is not a regular file" for fifo in sorted(fifos[:2])]
+    problems = json.loads(capsys.readouterr().out)["problems"]  # "folder" is a damaged model folder, not read
+    assert sorted(problems) == [f"model: {fifo} is not a regular file" for fifo in sorted(fifos)]
 
 
 def test_vae_and_refiner_errors_name_their_own_field(tmp_path, capsys):
