@@ -217,7 +217,7 @@ def request_from_meta(source: str, meta: object) -> GenerateRequest:
     if version is not None and not (is_whole(version) and 1 <= version <= VERSION):
         raise RequestError(field, f"{where} has dreamtty metadata of version {shown(version)}; this dreamtty reads "
                                   f"version {VERSION} (a newer one wrote it?)")
-    missing = ["version"] * (version is None) + [key for key in RECORDED if key not in request]
+    missing = [key for key in RECORDED if key not in request]
     if missing:
         raise RequestError(field, f"{where} has dreamtty metadata without {', '.join(missing)}: edited or damaged; "
                                   "it cannot be reproduced")

@@ -151,10 +151,7 @@ def layered(explicit: dict, preset: str | None = None, defaults: dict | None = N
         base = config_defaults(cfg)
         default_preset, _ = config_preset(cfg)
         if default_preset and not preset:
-            try:
-                base = _over(base, _preset_layer(default_preset, explicit, source))
-            except RequestError as exc:  # the user named no preset: say where it comes from
-                raise RequestError(exc.field, f"{exc.message} (the config's default_preset)") from None
+            base = _over(base, _preset_layer(default_preset, explicit, source))
     base = _over(base, source or {})
     if preset:
         base = _over(base, _preset_layer(preset, explicit, source))
@@ -167,11 +164,19 @@ def config_defaults(cfg: config.Config) -> dict:
 
 
 def config_preset(cfg: config.Config) -> tuple[str | None, str | None]:
-    """The config's ``default_preset`` when it names a preset (else None), and the warning when it names none."""
+    """The config's ``default_preset`` when it names a usable preset (else None), and the warning when it names
+    none or one that does not load (a bad value in the config never stops a job, as its other keys)."""
     name = cfg.default_preset
-    if not name or is_preset(name):
-        return name or None, None
-    return None, f"config: default_preset: unknown {name!r}; {known_presets()}; no preset is applied"
+    if not name:
+        return None, None
+    said = f"config: {cfg.origin('default_preset')}"
+    if not is_preset(name):
+        return None, f"{said}: unknown {name!r}; {known_presets()}; no preset is applied"
+    try:
+        preset_fields(name)
+    except RequestError as exc:
+        return None, f"{said}: {exc}; no preset is applied"
+    return name, None
 
 
 def _preset_layer(name: str, explicit: dict, source: dict | None) -> dict:

@@ -120,7 +120,7 @@ def test_metadata_with_a_wrong_type_names_field_and_image(tmp_path, request_data
     ({"version": 1, "request": {"prompt": "a fox", "model": "demo"}}, "without seed: edited or damaged"),
     ({"version": 99, "request": {}}, "of version 99; this dreamtty reads version 1 (a newer one wrote it?)"),
     ({"version": "1", "request": {}}, "of version '1'; this dreamtty reads version 1"),
-    ({"request": {"prompt": "a fox", "model": "demo", "seed": 1}}, "without version: edited or damaged"),
+    ({"version": None, "request": {}}, "without prompt, model, seed"),
 ])
 def test_metadata_that_lacks_what_every_version_records_is_refused_not_run_with_defaults(tmp_path, capsys, meta, says):
     """Reproduce made a new image, with a random seed, of hand-edited metadata, and exited 0."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from backend import request_builder
+from backend import config, request_builder
 from backend.config import config_path
 from backend.errors import RequestError
 from backend.jobkinds.upscale import UpscaleRequest
@@ -181,7 +182,7 @@ def test_a_style_is_chosen_once():
     assert request_builder.build({"styles": ["Random Style", "random style"]}).styles  # a pick each
 
 
-def test_the_configs_default_preset_applies_unless_a_preset_is_named(_cli, tmp_path, capsys):
+def test_the_configs_default_preset_applies_unless_a_preset_is_named(_cli, tmp_path, capsys, monkeypatch):
     """As in the TUI's form: the config's default preset beats its default model; a named preset replaces
     it; a job on an image keeps the image's own settings over it; a name that is no preset is said once."""
     from PIL import Image
@@ -210,8 +211,12 @@ def test_the_configs_default_preset_applies_unless_a_preset_is_named(_cli, tmp_p
     _config("default_model: demo-xl\ndefault_preset: '[red]nope'\n")
     capsys.readouterr()
     assert (_cli("a fox").model, _cli("a fox").preset) == ("demo-xl", None)
-    assert capsys.readouterr().err.splitlines() == ["dreamtty: config: default_preset: unknown '[red]nope'; allowed: "
-                                                    "anime, default, fast, realistic, sd15; no preset is applied"] * 2
+    assert capsys.readouterr().err.splitlines() == [f"dreamtty: config: default_preset of {config_path()}: unknown "
+                                                    "'[red]nope'; allowed: anime, default, fast, realistic, sd15; "
+                                                    "no preset is applied"] * 2
+    monkeypatch.setenv("DREAMTTY_DEFAULT_PRESET", "nope")
+    assert _cli("a fox").preset is None
+    assert capsys.readouterr().err.startswith("dreamtty: config: DREAMTTY_DEFAULT_PRESET: unknown 'nope'")
 
 
 def test_the_default_preset_leaves_an_init_images_size_and_describe_alone(tmp_path, monkeypatch):
@@ -240,9 +245,11 @@ def test_the_default_preset_leaves_an_init_images_size_and_describe_alone(tmp_pa
     user_dir("presets").mkdir(parents=True, exist_ok=True)
     broken = user_dir("presets") / "broken.yaml"  # in the session's home: removed, or later tests list it
     broken.write_text("steps: 9999\n")
-    try:
-        with pytest.raises(RequestError, match=r"^steps: in preset .*broken.yaml: 9999 is out of range.* \(the "
-                                               r"config's default_preset\)$"):
-            request_builder.build({"prompt": "a fox"})
+    try:  # said as an unknown name is, and not applied: a bad value in the config never stops a job
+        assert request_builder.build({"prompt": "a fox"}).preset is None
+        problem = request_builder.config_preset(config.load())
+        assert problem[0] is None and re.fullmatch(
+            rf"config: default_preset of {re.escape(str(config_path()))}: steps: in preset .*broken.yaml: 9999 is "
+            r"out of range.*; no preset is applied", problem[1])
     finally:
         broken.unlink()
