@@ -147,8 +147,8 @@ def test_a_style_named_with_a_nul_or_a_lone_surrogate_is_skipped_with_a_warning(
 def test_a_search_finds_a_name_written_as_it_is_looked_up(styles_dir):
     """``--search neon-night`` found nothing, though ``--style neon-night`` selects "Neon Night Photo"."""
     (styles_dir / "mine.json").write_text(json.dumps([{"name": "Neon Night Photo", "prompt": "neon {prompt}"},
-                                                      {"name": "Day", "prompt": "sunny {prompt}"}]))
+                                                      {"name": "Day", "prompt": "qwzx-sun {prompt}"}]))
     library = load_styles()
     for typed in ("neon-night", "NEON_night", "neon night"):
         assert [s.name for s in library.search(typed)] == ["Neon Night Photo"], typed
-    assert [s.name for s in library.search("sunny")] == ["Day"]  # the prompt, as before
+    assert [s.name for s in library.search("qwzx-sun")] == ["Day"]  # the prompt, as before
