@@ -30,9 +30,9 @@ def visible(text: object) -> str:
 
 
 def one_line(text: object) -> str:
-    """:func:`visible`, with newlines written as ``\\n`` too: an error or a warning that names a path
-    holding a newline stays on one line."""
-    return visible(text).replace("\n", "\\n")
+    """:func:`visible`, with newlines and tabs written as ``\\n`` and ``\\t`` too: an error or a warning that
+    names a path holding a newline stays on one line, and a tab in a name is not read as spaces (or a column)."""
+    return visible(text).replace("\n", "\\n").replace("\t", "\\t")
 
 
 MAX_LINE = 2000  # characters of an error line: a value echoed in it may be a megabyte long

@@ -425,11 +425,11 @@ def test_reproduce_an_image_with_hostile_metadata(field, value, capsys, tmp_path
 
 
 def test_a_saved_paths_newline_keeps_it_one_line_on_stdout(capsys, tmp_path, demo_dirs):
-    """Scripts read one path a line: a newline in --out must not make two."""
+    """Scripts read one path a line: a newline in --out must not make two; a tab is not shown as spaces."""
     code, out, _ = cli(capsys, "generate", "x", "--demo", "--steps", "1", "--size", "64x64", "--out",
-                       str(tmp_path / "a\nb"))
+                       str(tmp_path / "a\nb\tc"))
     (line,) = out.splitlines()
-    assert code == 0 and line.startswith(f"{tmp_path}/a\\nb/") and line.endswith(".png")
+    assert code == 0 and line.startswith(f"{tmp_path}/a\\nb\\tc/") and line.endswith(".png")
 
 
 def test_generate_errors_and_bad_arguments(capsys, tmp_path):
