@@ -226,3 +226,14 @@ def test_a_preset_named_with_white_space_at_an_end_is_listed_unusable_and_never_
         load_preset(stem)
     allowed, _, unusable = err.value.message.partition("; allowed: ")[2].partition("; unusable: ")
     assert stem not in allowed.split(", ") and unusable == stem
+
+
+def test_a_preset_whose_file_name_is_not_utf8_is_listed_unusable_and_never_allowed(presets_dir):
+    """``presets list`` offered it, and every job that named it failed: no request may hold undecodable text."""
+    stem = os.fsdecode(b"bad\xff")
+    (presets_dir / f"{stem}.yaml").write_text("steps: 3\n")
+    [listed] = [p for p in list_presets() if p.name == stem]
+    assert not listed.usable and listed.description == (
+        "(unusable: its name is not valid UTF-8 text (byte 0xff at character 4); give text, and paths, in UTF-8; "
+        "rename it)")
+    assert not is_preset(stem)

@@ -21,7 +21,7 @@ from backend.prompting import check_prompts
 from backend.prompting.datafiles import DataFile, data_files, user_dir
 from backend.prompting.styles import load_styles
 from backend.request import GenerateRequest, parse_size
-from backend.values import plain_float, shown
+from backend.values import check_text, plain_float, shown
 
 NOT_IN_PRESETS = ("prompt", "seed", "index", "batch", "preset")  # per job, never part of a preset
 ALLOWED = tuple(f.name for f in fields(GenerateRequest) if f.name not in NOT_IN_PRESETS) + ("size", "description")
@@ -45,12 +45,18 @@ def _files() -> dict[str, DataFile]:
 
 def _by_name() -> tuple[dict[str, DataFile], dict[DataFile, str]]:
     """:func:`_files`, and each user file no name reaches, with why: one hidden by another of the user's (their
-    names differ in case only), one whose name starts or ends with white space (a name given is stripped)."""
+    names differ in case only), one whose name starts or ends with white space (a name given is stripped), or
+    is not UTF-8 (no request may name it)."""
     files: dict[str, DataFile] = {}
     unnamed: dict[DataFile, str] = {}
     for file in data_files("presets", "presets", (".yaml", ".yml")):
         if file.stem != file.stem.strip():
             unnamed[file] = "its name starts or ends with white space, which a preset's name is read without; rename it"
+            continue
+        try:
+            check_text("preset", file.stem)
+        except RequestError as exc:
+            unnamed[file] = f"its name {exc.message}; rename it"
             continue
         earlier = files.get(file.stem.lower())
         if earlier is not None and earlier.path is not None:
