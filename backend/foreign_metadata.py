@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from backend import infotext, user_files
-from backend.errors import RequestError
+from backend import config, infotext, user_files
+from backend.errors import DreamttyError, RequestError
+from backend.extras_check import LORA_TAG, find_extra
 from backend.guidance_settings import GuidanceSettings
 from backend.prompting.wildcards import ARRAY, WILDCARD
 from backend.request import MAX_CFG, MAX_SEED, MAX_STEPS, GenerateRequest, parse_size
@@ -83,12 +84,7 @@ def from_text(text: str, source: str = "text") -> tuple[GenerateRequest, list[st
         raise _error(source, f"{len(text)} characters is too long for a parameters text (at most {MAX_TEXT})")
     parsed = infotext.parse(text)
     if text.lstrip().startswith("{") and (parsed is None or _is_json(text)):  # else a prompt like "{a|b} car"
-        data = _json_object(text, source)
-        if "request" in data:  # our own metadata, as an image's dreamtty chunk holds it
-            from backend.metadata import request_from_meta
-
-            return request_from_meta(source, data), []
-        return from_fooocus(data, source)
+        return from_fooocus(_json_object(text, source), source)
     if parsed is None:
         raise _error(source, "no parameters found; expected A1111's text (its last line like "
                              "'Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512') or Fooocus's JSON")
@@ -98,6 +94,33 @@ def from_text(text: str, source: str = "text") -> tuple[GenerateRequest, list[st
     reader = _Reader(tool, version, {"prompt": prompt, "negative_prompt": parsed.negative})
     reader.unmapped += [f"{tag.strip()} (not supported)" for tag in removed]
     return reader.read(parsed.fields)
+
+
+def without_missing_extras(request: GenerateRequest) -> tuple[GenerateRequest, list[str]]:
+    """``request`` (read from another tool's image) without the LoRAs and the VAE this machine does not have,
+    and what was left out: reproduce runs the closest request without them (one missing refused the whole
+    image, and reproduce has no flag that drops it)."""
+    cfg = config.load()
+
+    def here(kind: str, name: str) -> bool:
+        try:
+            find_extra(kind, name, cfg)
+        except DreamttyError:
+            return False
+        return True
+
+    left: list[str] = []
+    texts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
+    for key, text in texts.items():
+        for tag in LORA_TAG.finditer(text):
+            if not here("lora", tag.group(1).strip()):
+                texts[key] = re.sub(rf"\s*{re.escape(tag.group())}", "", texts[key], count=1)
+                left.append(f"{tag.group()} (no LoRA {tag.group(1).strip()} here)")
+    loras = [(name, weight) for name, weight in request.loras if here("lora", name)]
+    left += [f"LoRA {name}: {weight:g} (not here)" for name, weight in request.loras if (name, weight) not in loras]
+    vae = request.vae if request.vae is None or here("vae", request.vae) else None
+    left += [f"VAE: {_short(request.vae)} (not here; the model's own is used)"] if vae != request.vae else []
+    return replace(request, **texts, loras=loras, vae=vae), [f"not carried over: {'; '.join(left)}"] if left else []
 
 
 def from_fooocus(data: dict, source: str) -> tuple[GenerateRequest, list[str]]:

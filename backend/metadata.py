@@ -152,6 +152,21 @@ def image_request(path: str | Path) -> tuple[GenerateRequest, list[str]]:
     raise DreamttyError(f"image: {path} has no dreamtty, A1111 or Fooocus metadata")
 
 
+def text_request(text: str, source: str) -> tuple[GenerateRequest, list[str]]:
+    """The request of a pasted parameters text (``source`` as :func:`request_from_meta`'s): our own metadata's
+    JSON, as an image's dreamtty chunk holds it, gives its exact request; another tool's text or JSON the closest
+    (``backend.foreign_metadata.from_text``)."""
+    from backend import foreign_metadata
+
+    try:
+        data = json.loads(text) if text.lstrip().startswith("{") else None
+    except (ValueError, RecursionError):
+        data = None  # said by from_text
+    if isinstance(data, dict) and "request" in data:
+        return request_from_meta(source, data), []
+    return foreign_metadata.from_text(text, source)
+
+
 def with_style_picks(request: GenerateRequest, record: object) -> GenerateRequest:
     """For reproducing: each "Random Style" of ``request`` replaced by the style it picked (the prompt ``record``
     lists the styles applied in order), so styles added or removed since do not change the pick."""

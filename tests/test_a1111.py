@@ -410,9 +410,22 @@ BAD_TEXTS = [
 ]
 
 
+def test_reproduce_of_another_tools_image_leaves_out_the_loras_and_vae_not_here_saying_so(capsys, tmp_path):
+    """A1111 text naming a LoRA this machine lacks could not be reproduced at all: "lora: foo not found", and
+    reproduce has no flag that drops it."""
+    text = ("a fox <lora:foo:0.7>, snow\nNegative prompt: blurry <lora:bar:1>\n"
+            "Steps: 2, Sampler: Euler a, Seed: 5, Size: 64x64, Model: demo, VAE: nothere.safetensors")
+    r = dreamtty(capsys, "reproduce", "--from-text", "-", "--out", str(tmp_path), stdin=text)
+    assert r.returncode == 0, r.stderr
+    assert ("warning: not carried over: <lora:foo:0.7> (no LoRA foo here); <lora:bar:1> (no LoRA bar here); "
+            "VAE: nothere.safetensors (not here; the model's own is used)") in r.stderr
+    made = metadata.read(r.stdout.strip().splitlines()[-1])["request"]
+    assert (made["prompt"], made["negative_prompt"], made["loras"], made["vae"]) == ("a fox, snow", "blurry", [], None)
+
+
 def test_dreamtty_metadata_pasted_without_its_request_fields_is_refused():
     with pytest.raises(RequestError) as err:
-        foreign_metadata.from_text('{"version": 1, "request": {}}', "from-text: pasted.txt")
+        metadata.text_request('{"version": 1, "request": {}}', "from-text: pasted.txt")
     assert str(err.value) == ("from-text: pasted.txt has dreamtty metadata without prompt, model, seed: edited or "
                               "damaged; it cannot be reproduced")
 

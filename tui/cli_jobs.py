@@ -339,12 +339,15 @@ def cmd_reproduce(args) -> int:
     record: dict = {}  # the prompt record of a dreamtty image
     if args.from_text is not None:
         text = foreign_metadata.read_text_file(args.from_text)
-        request, warnings = foreign_metadata.from_text(text, f"from-text: {args.from_text}")
+        request, warnings = metadata.text_request(text, f"from-text: {args.from_text}")
     else:
         request, warnings = metadata.image_request(args.image)
         record = _record(args.image)
         request, notes = metadata.with_style_picks(request, record).with_kept_inputs(record, Path(args.image))
         warnings += notes
+    if args.image is None or not metadata.carries_ours(args.image):  # the closest request: without what is not here
+        request, left = foreign_metadata.without_missing_extras(request)
+        warnings += left
     print_warnings(warnings)
     recorded = request.to_dict()
     if args.model:
