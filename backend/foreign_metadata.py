@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from backend import config, infotext, user_files
 from backend.errors import DreamttyError, RequestError
 from backend.extras_check import LORA_TAG, find_extra
+from backend.families import FAMILIES
 from backend.guidance_settings import GuidanceSettings
 from backend.prompting.wildcards import ARRAY, WILDCARD
 from backend.request import MAX_CFG, MAX_SEED, MAX_STEPS, GenerateRequest, parse_size
@@ -191,12 +192,7 @@ class _Reader:
             self.unmapped.append("Model: not recorded (the default model is used unless one is given)")
         if "Sampler" in fields:
             self._sampler(fields["Sampler"], fields.get("Scheduler") or fields.get("Schedule type"))
-        try:
-            guidance = GuidanceSettings.from_dict(self.guidance)
-        except RequestError as exc:
-            self.unmapped.append(str(exc))
-            guidance = GuidanceSettings()
-        request = GenerateRequest(**self.request, guidance=guidance)
+        request = GenerateRequest(**self.request, guidance=GuidanceSettings.from_dict(self._usable_guidance()))
         warnings = []
         if self.tool != "dreamtty":
             maker = self.version if self.version.startswith(self.tool) else f"{self.tool} {self.version}".strip()
@@ -205,6 +201,20 @@ class _Reader:
         if self.unmapped:
             warnings.append(f"not carried over: {'; '.join(self.unmapped)}")
         return request, [*warnings, *self._own_syntax()]
+
+    def _usable_guidance(self) -> dict:
+        """The guidance controls read, each checked alone: one out of range keeps its default and is said, as a
+        step count out of range is (``Clip skip: 0`` refused the whole image)."""
+        usable = {}
+        for name, value in self.guidance.items():
+            try:
+                GuidanceSettings.from_dict({name: value}).check_values()
+            except RequestError as exc:
+                self.unmapped.append(f"{infotext.GUIDANCE_KEYS.get(name, name)}: {_short(str(value))} ({exc.message}: "
+                                     "the default is used)")
+            else:
+                usable[name] = value
+        return usable
 
     def _own_syntax(self) -> list[str]:
         """Warnings for dreamtty's own syntax in another tool's final prompts: ``__name__`` picks a wildcard line
@@ -230,7 +240,7 @@ class _Reader:
             elif name == "seed":
                 self._seed(to_int("seed", value))
             elif name == "size":
-                self.request["width"], self.request["height"] = parse_size(value)
+                self.request["width"], self.request["height"] = _size(value)
             elif name == "model":
                 self.request["model"] = value
             elif name == "vae":
@@ -301,6 +311,18 @@ class _Reader:
         """True for A1111 v1.9 and later, where a missing schedule is the sampler's own default ("Automatic")."""
         found = re.search(r"v(\d+)\.(\d+)", self.version)
         return self.tool == "A1111" and found is not None and (int(found[1]), int(found[2])) >= (1, 9)
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``WxH``, each side a multiple of 8 that some model family makes (the model's own limit is checked when the
+    job is queued); RequestError otherwise."""
+    width, height = parse_size(text)
+    most = max(fam.max_side for fam in FAMILIES.values())
+    for name, side in (("width", width), ("height", height)):
+        if side % 8 or not 0 < side <= most:
+            raise RequestError(name, f"{side} is not allowed; a positive multiple of 8 up to {most}: the model's "
+                                     "default size is used")
+    return width, height
 
 
 def _within(name: str, value: float, low: float, high: float) -> float:

@@ -344,17 +344,20 @@ def test_fooocus_json_of_other_shapes_is_read_with_what_was_left_out_said(fields
 
 def test_a_random_seed_is_drawn_and_a_bad_recorded_value_is_said_to_be_recorded(tmp_path, capsys):
     """Fooocus's seed -1 became 4294967295; A1111's Steps: -5 stopped reproduce without a word of where it came
-    from (dreamtty's own metadata errors say so)."""
+    from (dreamtty's own metadata errors say so). A size or a guidance control out of range is left out, said, as
+    a step count is (they stopped it)."""
     from tui.cli import main
 
     request, warnings = foreign_metadata.from_text(json.dumps({**FOOOCUS_JSON, "seed": "-1"}))
     assert request.seed == -1 and "Seed: -1 (random: a new seed is drawn)" in warnings[1]
     info, path = PngInfo(), tmp_path / "a1111.png"
-    info.add_text("parameters", "a fox\nSteps: 5, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 68x64, Model: demo")
+    info.add_text("parameters", "a fox\nSteps: 5, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 68x64, Model: demo, "
+                                "Clip skip: 0")
     Image.new("RGB", (64, 64)).save(path, pnginfo=info)
-    assert main(["reproduce", str(path), "--local"]) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        f"dreamtty: width: 68 is not allowed; use a positive multiple of 8 (the value in the metadata of {path})")
+    assert main(["reproduce", str(path), "--local", "--out", str(tmp_path / "out")]) == 0  # as Steps: -5 (below)
+    assert ("not carried over: Size: 68x64 (68 is not allowed; a positive multiple of 8 up to 2048: the model's "
+            "default size is used); Clip skip: 0 (0 is not allowed; use a whole number 1..12 (1 = last layer; a "
+            "model's text encoder may allow fewer): the default is used)") in capsys.readouterr().err
     request, warnings = foreign_metadata.from_text("a fox\nSteps: -5, Sampler: Euler a, CFG scale: 99, Size: 64x64")
     assert (request.steps, request.cfg) == (GenerateRequest.steps, GenerateRequest.cfg)  # as F7 fills the form
     assert warnings[1].startswith("not carried over: Steps: -5 (out of range; allowed 1..500: the default is used); "
