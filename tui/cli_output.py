@@ -13,7 +13,7 @@ from pathlib import Path
 
 from backend.events import Event, Step
 from backend.safetext import error_line
-from backend.values import plain_float, plain_int
+from backend.values import plain_float, to_int
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,8 +40,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def integer(text: str) -> int:
-    """argparse's ``type`` for a whole number of ASCII digits (``int()`` also reads "٣" as 3, "1_0" as 10)."""
-    return plain_int(text)
+    """argparse's ``type`` for a whole number in ASCII, as a preset or train.yaml takes it ("1e3" is 1000;
+    ``int()`` also reads "٣" as 3, "1_0" as 10)."""
+    return to_int("", text)  # its RequestError is a ValueError: argparse says "invalid integer value: 'TEXT'"
 
 
 def id_number(text: str) -> int:
