@@ -97,12 +97,6 @@ def plain_float(value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-def plain_int(text: str) -> int:
-    """``int()`` of a text, refusing what :func:`plain_float` refuses."""
-    _plain(text)
-    return int(text)
-
-
 def _plain(value: object) -> None:
     if isinstance(value, str) and ("_" in value or not value.isascii()):
         raise ValueError(value)
