@@ -145,7 +145,7 @@ def presets_dir(user_folder):
 @pytest.mark.parametrize(
     "text,field,fragment",
     [
-        ("loras: 5\n", "preset", "loras 5 must be a list"),
+        ("loras: 5\n", "lora", "loras 5 must be a list"),
         ("model: 5\n", "model", "must be text"),
         ("model: [a]\n", "model", "must be text"),
         ("vae: 5\n", "vae", "must be text"),
@@ -154,8 +154,9 @@ def presets_dir(user_folder):
         ("guidance: 5\n", "guidance", "mapping of controls"),
         ("refiner_switch: abc\n", "refiner_switch", "'abc' is not a number"),
         ("expand: maybe\n", "expand", "'maybe' is not true or false"),
-        ("size: ²x64\n", "preset", "size '²x64' is not WxH"),
-        ("size: 64\n", "preset", "size 64 is not WxH"),
+        ("size: ²x64\n", "size", "'²x64' is not WxH"),
+        ("size: 64\n", "size", "64 is not WxH"),
+        ("size: 64x64\nwidth: 128\n", "size", "give size, or width and height, not both"),  # width was dropped
         ("5: x\nfoo: y\n", "preset", "unknown key 5"),
     ],
 )

@@ -82,10 +82,11 @@ def test_unknown_preset_is_a_one_line_error():
         ("styles: [Nope]\n", r"^styles: in preset .*bad.yaml: unknown 'Nope'"),
         ("styles: [Enhance, enhance]\n", r"^styles: in preset .*bad.yaml: 'enhance' is given twice$"),
         ("description: [1, 2]\n", r"^description: in preset .*bad.yaml: \[1, 2\] is not text$"),
-        ("size: big\n", r"size 'big' is not WxH"),
-        ("loras: [[a, b, c]]\n", r"lora \['a', 'b', 'c'\] must be \[name, weight\]"),
-        ("loras: ['ink:1_0']\n", r"lora \['ink', '1_0'\] must be \[name, weight\]"),  # not 10, as --lora says
-        ("loras: ['ink:\u0663']\n", r"lora \['ink', '\u0663'\] must be \[name, weight\]"),  # not 3
+        ("size: big\n", r"^size: in preset .*bad.yaml: 'big' is not WxH"),
+        ("loras: [[a, b, c]]\n", r"^lora: in preset .*bad.yaml: \[\"a\", \"b\", \"c\"\] must be \[name, weight\] or "
+                                r"'name:weight' \(weight a number, -2..2\)$"),
+        ("loras: ['ink:1_0']\n", r"^lora: .*bad.yaml: 'ink:1_0' must be \[name, weight\]"),  # not 10, as --lora says
+        ("loras: ['ink:\u0663']\n", r"^lora: .*bad.yaml: 'ink:\u0663' must be \[name, weight\]"),  # not 3
         ("sampler: foo\n", r"^sampler: in preset .*bad.yaml: unknown 'foo'; allowed: .*euler"),
         ("sampler: lcm\nscheduler: karras\n", r"^scheduler: in preset .*bad.yaml: 'karras' does not work with lcm"),
         ("steps: 0\n", r"^steps: in preset .*bad.yaml: 0 is out of range"),
@@ -94,7 +95,7 @@ def test_unknown_preset_is_a_one_line_error():
         ("negative_prompt: \"(bad\"\n", r"^negative_prompt: in preset .*bad.yaml: '\(' at column 1 is never closed"),
         ("negative_prompt: a AND b\n", r"^negative_prompt: in preset .*bad.yaml: 'AND' at column 3"),
         ("negative_prompt: __nosuch__\n", r"^negative_prompt: in preset .*bad.yaml: unknown wildcard __nosuch__"),
-        ("loras: [['', 1]]\n", r"bad.yaml: lora \['', 1\]: the name is empty$"),
+        ("loras: [['', 1]]\n", r"^lora: in preset .*bad.yaml: \[\"\", 1\]: the name is empty$"),
     ],
 )
 def test_bad_preset_files_are_one_line_errors(presets_dir, text, message):

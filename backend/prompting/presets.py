@@ -138,6 +138,8 @@ def _fields(file: DataFile, read: dict) -> dict:
     if not isinstance(description, str):
         raise RequestError("description", f"in preset {file.label}: {shown(description)} is not text")
     if "size" in data:
+        if "width" in data or "height" in data:  # one of them would be dropped without a word
+            raise RequestError("size", f"in preset {file.label}: give size, or width and height, not both")
         data["width"], data["height"] = _size(data.pop("size"), file.label)
     if "loras" in data:
         data["loras"] = _loras(data["loras"], file.label)
@@ -169,19 +171,23 @@ def _size(value: object, label: str) -> tuple[int, int]:
     try:
         return parse_size(value)
     except RequestError as exc:
-        raise RequestError("preset", f"{label}: size {exc.message}") from None
+        raise RequestError("size", f"in preset {label}: {exc.message}") from None
+
+
+_LORA_FORMS = "[name, weight] or 'name:weight' (weight a number, -2..2)"
 
 
 def _loras(value: object, label: str) -> list:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise RequestError("preset", f"{label}: loras {shown(value)} must be a list of [name, weight] or 'name:weight'")
+        raise RequestError("lora", f"in preset {label}: loras {shown(value)} must be a list of {_LORA_FORMS}")
     return [_lora(item, label) for item in value]
 
 
 def _lora(item: object, label: str) -> list:
     """``[name, weight]``, ``name:weight`` or ``name`` -> ``[name, weight]``."""
+    given = item
     if isinstance(item, str):
         name, _, weight = item.rpartition(":") if ":" in item else (item, "", "1")
         item = [name, weight]
@@ -189,9 +195,9 @@ def _lora(item: object, label: str) -> list:
         name, weight = item  # type: ignore[misc]
         weight = plain_float(weight)
     except (TypeError, ValueError):
-        raise RequestError("preset", f"{label}: lora {item!r} must be [name, weight] or 'name:weight'") from None
+        raise RequestError("lora", f"in preset {label}: {shown(given)} must be {_LORA_FORMS}") from None
     if not str(name).strip():
-        raise RequestError("preset", f"{label}: lora {item!r}: the name is empty")
+        raise RequestError("lora", f"in preset {label}: {shown(given)}: the name is empty")
     return [str(name), weight]
 
 
