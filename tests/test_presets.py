@@ -238,3 +238,9 @@ def test_a_preset_whose_file_name_is_not_utf8_is_listed_unusable_and_never_allow
         "(unusable: its name is not valid UTF-8 text (byte 0xff at character 4); give text, and paths, in UTF-8; "
         "rename it)")
     assert not is_preset(stem)
+
+
+def test_a_preset_file_whose_suffix_is_upper_case_is_found(presets_dir):
+    """``Mine.YAML`` was passed over in silence."""
+    (presets_dir / "Mine.YAML").write_text("steps: 7\n")
+    assert load_preset("mine") == {"steps": 7} and is_preset("MINE")

@@ -64,14 +64,15 @@ def data_files(package: str, kind: str, suffixes: tuple[str, ...], recursive: bo
             _say_once(f"{folder}: cannot list: {exc.strerror or exc}; its {kind} are not found")
             continue
         for path in sorted(folder.glob(pattern)):
-            if not path.is_dir() and path.name.endswith(suffixes):
+            if not path.is_dir() and path.name.lower().endswith(suffixes):  # Sd15.YAML too
                 stem = path.relative_to(folder).as_posix()
                 out.append(DataFile(_stem(stem, suffixes), _suffix(path.name, suffixes), str(path), path))
     return out
 
 
 def _suffix(name: str, suffixes: tuple[str, ...]) -> str:
-    return next(s for s in suffixes if name.endswith(s))
+    """Which of ``suffixes`` (lower case) ``name`` ends with, in any case."""
+    return next(s for s in suffixes if name.lower().endswith(s))
 
 
 def _stem(name: str, suffixes: tuple[str, ...]) -> str:
