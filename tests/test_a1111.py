@@ -478,6 +478,7 @@ def test_unreadable_images_and_deep_metadata_are_one_line_errors(tmp_path, capsy
     (["--from-text", "."], "from-text: . is a folder; give a text file (- reads standard input)\n"),
     (["--from-text", "latin1.txt"], "from-text: latin1.txt is not UTF-8 text\n"),  # Python's codec text, before
     (["--from-text", ""], "from-text: is empty; give a text file (- reads standard input)\n"),  # "  is missing"
+    ([""], "argument image: is empty; give a value"),  # "image: . is a folder"
 ])
 def test_cli_reproduce_bad_input_is_one_line(args, message, tmp_path, capsys, monkeypatch):
     (tmp_path / "GARBAGE").write_bytes(b"\x00\x01 not parameters")

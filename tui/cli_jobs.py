@@ -454,7 +454,7 @@ def register(sub) -> None:
     des.set_defaults(func=cmd_describe)
 
     rep = sub.add_parser("reproduce", help="regenerate an image from its metadata (dreamtty, A1111 or Fooocus)")
-    rep.add_argument("image", type=Path, nargs="?")
+    rep.add_argument("image", type=lambda text: Path(given(text)), nargs="?")  # "" is no image, not "."
     rep.add_argument("--from-text", metavar="FILE", help="a pasted A1111 or Fooocus parameters text (- = stdin)")
     rep.add_argument("--json", action="store_true")
     rep.set_defaults(func=cmd_reproduce)
