@@ -142,6 +142,8 @@ def _file_data(path: Path) -> tuple[dict | None, str | None]:
     try:
         text = user_files.read_text(path)
     except FileNotFoundError:
+        if os.path.islink(path):  # a dotfiles link to a file not there (a repository not checked out): not "no config"
+            return None, f"{path} links to {os.readlink(path)}, which does not exist"
         return None, f"{path} does not exist" if os.environ.get(ENV_PATH) else None
     except user_files.RefusedFile as exc:
         return None, str(exc)

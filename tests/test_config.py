@@ -307,3 +307,12 @@ def test_set_config_path_keeps_a_symlink_loop_for_load_to_say(tmp_path, monkeypa
         config.set_config_path(None)
     with pytest.raises(DreamttyError, match=r"^config: cannot update .*loop1: Too many levels of symbolic links$"):
         config.set_value("default_model", "x", tmp_path / "loop1")
+
+
+def test_a_config_link_to_a_file_not_there_is_said_not_taken_for_no_config(tmp_path):
+    """A dotfiles link whose target is not checked out read as "no config yet": the defaults, in silence."""
+    link = tmp_path / "linked.yaml"
+    link.symlink_to(tmp_path / "dotfiles" / "config.yaml")
+    cfg = config.load(link)
+    assert cfg.source is None and cfg.warnings == [
+        f"config: {link} links to {tmp_path}/dotfiles/config.yaml, which does not exist; using defaults"]
