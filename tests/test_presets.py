@@ -191,6 +191,9 @@ def test_the_cli_lists_and_shows_presets_as_data(presets_dir, capsys):
     assert main(["presets", "list"]) == 0
     listed = dict((line.split(None, 1) + [""])[:2] for line in capsys.readouterr().out.splitlines())
     assert listed["mine"] == "red \\x1b[31m" and listed["bad"].startswith("(unusable: ") and "sd15" in listed
+    assert main(["presets", "list", "--json"]) == 0  # a script tells the unusable ones without reading descriptions
+    usable = {p["name"]: p["usable"] for p in json.loads(capsys.readouterr().out)}
+    assert (usable["mine"], usable["bad"], usable["sd15"]) == (True, False, True)
     assert main(["presets", "show", "mine"]) == 0
     assert capsys.readouterr().out.split("\n")[1:] == ["steps:            9", "size:             640x512", ""]
     assert main(["presets", "show", "wide"]) == 0

@@ -18,7 +18,8 @@ def register(subparsers) -> None:
 def cmd_list(args: argparse.Namespace) -> int:
     found = list_presets()
     if args.json:
-        print(json.dumps([{"name": p.name, "description": p.description, "source": p.source} for p in found]))
+        print(json.dumps([{"name": p.name, "description": p.description, "source": p.source,
+                           "usable": p.usable} for p in found]))
         return 0
     names = [one_line(p.name) for p in found]
     width = max(map(len, names), default=4) + 2
