@@ -73,16 +73,18 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
-def _hub_error(repo: str, exc: Exception) -> DreamttyError:
+def hub_error(repo: str, exc: Exception, field: str = "pull") -> DreamttyError:
+    """The one-line error naming ``field`` for ``exc``, raised fetching ``repo`` from the Hub: a gated, missing or
+    private repo says what to do; anything else (offline, a timeout) is Transient."""
     from huggingface_hub import errors
 
     if isinstance(exc, errors.GatedRepoError):
-        return DreamttyError(f"pull: {repo} is gated; accept its licence on the Hub and set HF_TOKEN")
+        return DreamttyError(f"{field}: {repo} is gated; accept its licence on the Hub and set HF_TOKEN")
     if isinstance(exc, errors.RepositoryNotFoundError):
-        return DreamttyError(f"pull: no model {repo} on the Hub (or it is private: set HF_TOKEN)")
+        return DreamttyError(f"{field}: no model {repo} on the Hub (or it is private: set HF_TOKEN)")
     if isinstance(exc, errors.RevisionNotFoundError):
-        return DreamttyError(f"pull: {repo} has no such revision")
-    return Transient(f"pull: cannot reach the Hugging Face Hub for {repo}: {first_line(exc, 200)}")
+        return DreamttyError(f"{field}: {repo} has no such revision")
+    return Transient(f"{field}: cannot reach the Hugging Face Hub for {repo}: {first_line(exc, 200)}")
 
 
 def _wanted(name: str) -> bool:
@@ -96,7 +98,7 @@ def plan(api, repo: str, revision: str | None, filename: str | None,
     try:
         info = api.model_info(repo, revision=revision, files_metadata=True)
     except Exception as exc:
-        raise _hub_error(repo, exc) from None
+        raise hub_error(repo, exc) from None
     siblings = list(info.siblings or [])
     names = [s.rfilename for s in siblings]
     if patterns:
@@ -210,7 +212,7 @@ def pull(
         except DreamttyError:
             raise
         except Exception as exc:
-            raise _hub_error(repo, exc) from None
+            raise hub_error(repo, exc) from None
         if f.name not in cached:
             _verify(local, f)
         done += f.size or 0

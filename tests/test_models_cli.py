@@ -207,3 +207,27 @@ def test_pull_of_a_file_one_of_the_users_has_the_name_of_gives_the_name_it_got(t
     monkeypatch.setattr(downloads, "pull", lambda *args, **kwargs: pulled)
     assert main(["models", "pull", "org/model", "--file", "sd15.safetensors"]) == 0
     assert capsys.readouterr().err == 'use it with: dreamtty generate "..." --model org/model/sd15\n'
+
+
+def test_a_hub_model_a_job_cannot_fetch_is_one_line_saying_why(monkeypatch):
+    """A job naming a Hub model not cached fetched it with no error of its own: "model: cannot fetch ...:
+    HfHubHTTPError: <the server's whole multi-line answer>"; a gated or missing repo now says what to do."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    from backend.engine.loader import local_folder
+    from backend.models import ModelRef
+
+    ref = ModelRef("org/model", "hub", "org/model", "unknown")
+    missing = errors.RepositoryNotFoundError.__new__(errors.RepositoryNotFoundError)  # as the Hub answers 404
+    for raised, said, transient in (
+            (missing, "model: no model org/model on the Hub (or it is private: set HF_TOKEN)", False),
+            (OSError("network is unreachable\nretrying"), "model: cannot reach the Hugging Face Hub for org/model: "
+                                                          "network is unreachable", True)):
+        def fail(*args, raised=raised, **kwargs):
+            raise raised
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+        with pytest.raises(DreamttyError) as err:
+            local_folder(ref)
+        assert str(err.value) == said and isinstance(err.value, Transient) == transient

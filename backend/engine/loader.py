@@ -121,14 +121,14 @@ def local_folder(ref: ModelRef) -> Path | None:
         return Path(ref.location)
     from huggingface_hub import snapshot_download
 
-    from backend.downloads import DIFFUSERS_PATTERNS, EXCLUDED_FOLDERS
+    from backend.downloads import DIFFUSERS_PATTERNS, EXCLUDED_FOLDERS, hub_error
 
     try:  # only the files a diffusers folder needs, never the repo's single-file or variant weights
         return Path(snapshot_download(
             ref.location, allow_patterns=list(DIFFUSERS_PATTERNS), ignore_patterns=[f"{d}*" for d in EXCLUDED_FOLDERS]
         ))
     except Exception as exc:  # offline, unknown repo, gated...
-        raise ModelError(f"model: cannot fetch {ref.location} from Hugging Face: {type(exc).__name__}: {exc}") from None
+        raise hub_error(ref.location, exc, "model") from None
 
 
 def load_pipeline(ref: ModelRef, device: torch.device, dtype: torch.dtype):
