@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from backend.engine.pipeline import execution_device
+from backend.engine.pipeline import execution_device, is_xl
 from backend.guidance_settings import check_clip_skip
 from backend.prompting.editing import PromptSchedule
 from backend.prompting.weights import Fragment, is_plain, parse_weights
@@ -93,10 +93,6 @@ def batch_shape(cond: Conditioning | StepConditioning) -> tuple:
 def stack(conds: Sequence[Conditioning | StepConditioning]) -> Conditioning | StepConditioning | BatchConditioning:
     """One image's conditioning as it is; several images' as a :class:`BatchConditioning`."""
     return conds[0] if len(conds) == 1 else BatchConditioning(conds)
-
-
-def _is_xl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None or hasattr(pipe, "tokenizer_2")
 
 
 def _encoders(pipe) -> list[tuple[object, torch.nn.Module]]:
@@ -172,7 +168,7 @@ class TextEncoder:
 def _encode_stock(pipe, text: str) -> Embedding:
     """``encode_prompt`` of one text (its positive branch: the same operations as its negative one)."""
     device = execution_device(pipe)
-    if _is_xl(pipe):
+    if is_xl(pipe):
         cond, _, pooled, _ = pipe.encode_prompt(
             prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
         )
@@ -265,7 +261,7 @@ def _weighted_hidden(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def _encode_chunks(pipe, per_encoder: list[list[Chunk]], clip_skip: int) -> Embedding:
     """Encode already-chunked text with each encoder; returns ([1, n*77, D], pooled or None)."""
-    xl = _is_xl(pipe)
+    xl = is_xl(pipe)
     hidden, pooled = [], None
     for (tokenizer, encoder), chunks in zip(_encoders(pipe), per_encoder):
         framed = [_frame(tokenizer, c) for c in chunks]

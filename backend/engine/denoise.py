@@ -36,7 +36,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from backend.engine.conditioning import BatchConditioning, Conditioning, StepConditioning
 from backend.engine.guider import Guider, UNetInputs
-from backend.engine.pipeline import execution_device, sdxl_time_ids
+from backend.engine.pipeline import execution_device, is_xl, sdxl_time_ids
 from backend.engine.tiles import TiledGuider
 from backend.guidance_settings import GuidanceSettings
 from backend.image_prompts import tiled_control_error
@@ -76,14 +76,10 @@ class DenoiseSpec:
     references: References | None = None  # image prompts (backend.engine.image_prompt)
 
 
-def _is_xl(pipe) -> bool:
-    return hasattr(pipe, "text_encoder_2")
-
-
 def _unet_inputs(pipe, spec: DenoiseSpec, dtype: torch.dtype, batch: int, iterations: int) -> UNetInputs:
     device = execution_device(pipe)
     time_ids = neg_time_ids = None
-    if _is_xl(pipe):
+    if is_xl(pipe):
         proj = (
             pipe.text_encoder_2.config.projection_dim
             if pipe.text_encoder_2 is not None
@@ -210,7 +206,7 @@ def decode(pipe, latents: torch.Tensor, generator: torch.Generator | None = None
     else:
         latents = latents / vae.config.scaling_factor
     with torch.no_grad():
-        image = vae.decode(latents, return_dict=False, **({} if _is_xl(pipe) else {"generator": generator}))[0]
+        image = vae.decode(latents, return_dict=False, **({} if is_xl(pipe) else {"generator": generator}))[0]
     if upcast:
         vae.to(torch.float16)
     return pipe.image_processor.postprocess(image, output_type="pil")[0]

@@ -6,13 +6,14 @@ on with its values, or off (``disable_freeu``, which restores the plain UNet exa
 
 from __future__ import annotations
 
+from backend.engine.pipeline import is_xl
 from backend.guidance_settings import freeu_defaults
 
 
 def pipeline_family(pipe) -> str:
     """Our family name for a loaded pipeline (set by the loader; guessed for bare pipelines)."""
     state = getattr(pipe, "dreamtty", None)
-    return state.family if state is not None else "sdxl" if hasattr(pipe, "text_encoder_2") else "sd1"
+    return state.family if state is not None else "sdxl" if is_xl(pipe) else "sd1"
 
 
 def set_freeu(pipe, freeu: tuple[float, ...] | None) -> None:

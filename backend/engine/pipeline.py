@@ -41,6 +41,11 @@ def attach(pipe, family: str) -> PipelineState:
     return pipe.dreamtty
 
 
+def is_xl(pipe) -> bool:
+    """Whether ``pipe`` is an SDXL pipeline (base or refiner): they have a second text encoder slot."""
+    return hasattr(pipe, "text_encoder_2")
+
+
 def execution_device(pipe) -> torch.device:
     """Where the pipeline computes: its UNet's device. dreamtty never offloads a pipeline, so this skips
     diffusers' ``_execution_device``, which looks for offload hooks in every module (12 ms a call on SDXL)."""
