@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from backend import locations, versions
+from backend import service_log, versions
 from backend.devices import parse_devices, visible_gpus
 from backend.events import Event, EventError, Log, WorkerReady, loads
 from backend.processes import be_nice, exit_text
@@ -209,7 +209,7 @@ class ProcessPool:
             self._procs[slot.id].jobs.put(RELEASE)
 
     def log_of(self, slot: Slot) -> str:
-        return str(locations.state_dir() / "logs" / f"worker-{slot.id}.log")
+        return str(service_log.log_file(f"worker-{slot.id}.log"))
 
     def status(self) -> dict:
         workers = [slot.status(self.alive(slot)) for slot in self.slots]

@@ -15,7 +15,7 @@ import os
 import traceback
 from pathlib import Path
 
-from backend import locations, service_log
+from backend import service_log
 
 MODULES = (
     "torch",
@@ -29,7 +29,7 @@ MODULES = (
 def _log_output() -> None:
     """Point stdout and stderr at ``logs/preload.log`` (import warnings land there), else at nothing."""
     try:
-        service_log.output_to(locations.state_dir() / "logs" / "preload.log")
+        service_log.output_to(service_log.log_file("preload.log"))
     except OSError:
         service_log.output_to(Path(os.devnull))
 

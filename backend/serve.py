@@ -25,7 +25,8 @@ from pathlib import Path
 from backend import locations, service_log
 from backend.errors import DreamttyError, RequestError, ServiceUnavailable
 from backend.safetext import visible
-from backend.service_files import AlreadyRunning, QueueHeld, ServiceFiles, hold_queue, make_token, token_warnings
+from backend.service_files import (AlreadyRunning, QueueHeld, ServiceFiles, hold_queue, make_token, token_file,
+                                   token_warnings)
 from backend.versions import build
 
 WORKER_NICE = 10  # the service's workers yield the CPU to interactive programs: a TUI paints keys while a job runs
@@ -68,7 +69,7 @@ def is_loopback(host: str) -> bool:
 
 
 def log_path() -> Path:
-    return locations.state_dir() / "logs" / "serve.log"
+    return service_log.log_file("serve.log")
 
 
 async def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> None:
@@ -119,7 +120,7 @@ async def serve(options: ServeOptions, announce: Callable[[str], None] = print) 
             loop.add_signal_handler(sig, stop.set)
         announce(f"dreamtty: service running (pid {os.getpid()}) on {files.socket}")
         if address:
-            announce(f"dreamtty: and on http://{options.listen} (bearer token in {locations.state_dir() / 'serve.token'})")
+            announce(f"dreamtty: and on http://{options.listen} (bearer token in {token_file()})")
         tasks = [asyncio.create_task(_log_events(service, announce)), asyncio.create_task(_rotate_log(log_path()))]
         if options.idle_exit:
             tasks.append(asyncio.create_task(_exit_when_idle(service, api, options.idle_exit * 60, stop, announce)))

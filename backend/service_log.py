@@ -1,5 +1,5 @@
-"""The service's log (``serve.log``) and its workers' (``worker-N.log``): what a client can make the
-service write stays small.
+"""The service's log (``serve.log``), its workers' (``worker-N.log``) and their fork server's (``preload.log``):
+where they are, and what a client can make the service write stays small.
 
 A request aiohttp cannot parse (it answers 400) or a client that hangs up mid-request would each
 write a traceback; anyone who can reach a TCP port could fill the disk with them. They are left out.
@@ -18,6 +18,13 @@ from pathlib import Path
 MAX_BYTES = 16 << 20  # a log past this is moved to serve.log.1
 FULL_TABLE = "socket.accept() out of system resource"  # asyncio's line, every second while no fd is free
 FULL_TABLE_EVERY = 60.0  # seconds
+
+
+def log_file(name: str) -> Path:
+    """Where the log ``name`` (``serve.log``, ``worker-0.log``, ``preload.log``) is written."""
+    from backend import locations
+
+    return locations.state_dir() / "logs" / name
 
 
 def configure() -> None:
