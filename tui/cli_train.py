@@ -24,7 +24,8 @@ from backend.events import RunState, TrainStep
 from backend.families import MODEL_NAMES
 from backend.safetext import error_line, one_line
 from backend.training import runs
-from backend.training.config import LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest, load_yaml
+from backend.training.config import (DEFAULT_LR, LR_SCHEDULES, METHODS, PRECISIONS, REPORT_TO, TrainRequest,
+                                     load_yaml)
 from tui.cli_output import file_path, given, print_warnings, say_started
 
 if TYPE_CHECKING:  # the scheduler and launcher are imported by the train command only, not by every CLI start
@@ -32,24 +33,26 @@ if TYPE_CHECKING:  # the scheduler and launcher are imported by the train comman
 
 RECHECK = 5.0  # seconds between readings of a waiting run's place in the schedule (besides its events)
 
+_D = TrainRequest()  # the defaults the help says
 # (flag, TrainRequest field, metavar or None for an on/off switch, help)
 _OPTIONS = (
     ("--model", "model", "M", f"base model: {MODEL_NAMES}"),
     ("--instance-dir", "instance_dir", "DIR", "folder with 3-20 photos of the subject"),
     ("--instance-prompt", "instance_prompt", "TEXT", "prompt with the unique token, e.g. 'a photo of sks dog'"),
     ("--class-prompt", "class_prompt", "TEXT", "the class without the token, e.g. 'a photo of dog'"),
-    ("--method", "method", "|".join(METHODS), "full fine-tune or LoRA (default lora)"),
-    ("--rank", "rank", "R", "LoRA rank (default 4)"),
-    ("--max-steps", "max_steps", "N", "optimizer steps (default 400)"),
-    ("--lr", "lr", "X", "learning rate (default 1e-4 LoRA, 5e-6 full)"),
-    ("--lr-scheduler", "lr_scheduler", "|".join(LR_SCHEDULES), "learning-rate schedule (default constant)"),
-    ("--lr-warmup-steps", "lr_warmup_steps", "N", "steps of linear warmup from 0 (default 0)"),
-    ("--batch-size", "batch_size", "B", "instance images per step (default 1)"),
-    ("--grad-accum", "grad_accum", "K", "gradient accumulation steps (default 1)"),
+    ("--method", "method", "|".join(METHODS), f"full fine-tune or LoRA (default {_D.method})"),
+    ("--rank", "rank", "R", f"LoRA rank (default {_D.rank})"),
+    ("--max-steps", "max_steps", "N", f"optimizer steps (default {_D.max_steps})"),
+    ("--lr", "lr", "X", f"learning rate (default {DEFAULT_LR['lora']:.0e} LoRA, {DEFAULT_LR['full']:.0e} full)"),
+    ("--lr-scheduler", "lr_scheduler", "|".join(LR_SCHEDULES), f"learning-rate schedule (default {_D.lr_scheduler})"),
+    ("--lr-warmup-steps", "lr_warmup_steps", "N", f"steps of linear warmup from 0 (default {_D.lr_warmup_steps})"),
+    ("--batch-size", "batch_size", "B", f"instance images per step (default {_D.batch_size})"),
+    ("--grad-accum", "grad_accum", "K", f"gradient accumulation steps (default {_D.grad_accum})"),
     ("--resolution", "resolution", "PX", "training size, a multiple of 8 (default: the model's)"),
-    ("--num-class-images", "num_class_images", "N", "class images for prior preservation (default 100)"),
+    ("--num-class-images", "num_class_images", "N",
+     f"class images for prior preservation (default {_D.num_class_images})"),
     ("--prior-preservation", "prior_preservation", None, "class-prior preservation (on with --class-prompt)"),
-    ("--prior-loss-weight", "prior_loss_weight", "W", "weight of the prior loss (default 1)"),
+    ("--prior-loss-weight", "prior_loss_weight", "W", f"weight of the prior loss (default {_D.prior_loss_weight:g})"),
     ("--train-text-encoder", "train_text_encoder", None, "train the text encoder(s) too"),
     ("--mixed-precision", "mixed_precision", "|".join(PRECISIONS), "default: accelerate's config, else no"),
     ("--gradient-checkpointing", "gradient_checkpointing", None, "less memory, slower steps"),
@@ -59,10 +62,10 @@ _OPTIONS = (
     ("--offset-noise", "offset_noise", "X", "offset noise strength (e.g. 0.05)"),
     ("--center-crop", "center_crop", None, "center crop instead of random crops"),
     ("--random-flip", "random_flip", None, "flip images horizontally at random"),
-    ("--checkpoint-every", "checkpoint_every", "N", "save a checkpoint every N steps (default 100)"),
-    ("--keep-checkpoints", "keep_checkpoints", "K", "checkpoints kept (default 2)"),
+    ("--checkpoint-every", "checkpoint_every", "N", f"save a checkpoint every N steps (default {_D.checkpoint_every})"),
+    ("--keep-checkpoints", "keep_checkpoints", "K", f"checkpoints kept (default {_D.keep_checkpoints})"),
     ("--validation-prompt", "validation_prompt", "P", "draw images with this prompt while training"),
-    ("--validation-every", "validation_every", "N", "steps between validation images (default 100)"),
+    ("--validation-every", "validation_every", "N", f"steps between validation images (default {_D.validation_every})"),
     ("--seed", "seed", "S", "seed (default random, recorded in run.json)"),
     ("--report-to", "report_to", "|".join(REPORT_TO), "also log to TensorBoard (RUN_DIR/logs)"),
     ("--output", "output", "RUN_DIR", "run folder (default: a new folder in the runs folder)"),

@@ -53,12 +53,14 @@ _TEXT_FIELDS = (
     ("instance_prompt", "Instance prompt", "a photo of sks dog"),
     ("class_prompt", "Class prompt (prior preservation)", "a photo of dog; empty = off"),
 )
+_D = TrainRequest()  # the defaults the placeholders say
 _ROWS = (
-    (("rank", "LoRA rank", "4"), ("max_steps", "Max steps", "400")),
+    (("rank", "LoRA rank", f"{_D.rank}"), ("max_steps", "Max steps", f"{_D.max_steps}")),
     (("lr", "Learning rate", "auto"), ("resolution", "Resolution", "model's")),
-    (("batch_size", "Batch size", "1"), ("num_class_images", "Class images", "100")),
-    (("checkpoint_every", "Checkpoint every", "100"), ("seed", "Seed", "random")),
-    (("validation_every", "Validation every", "100"), ("grad_accum", "Grad accumulation", "1")),
+    (("batch_size", "Batch size", f"{_D.batch_size}"), ("num_class_images", "Class images", f"{_D.num_class_images}")),
+    (("checkpoint_every", "Checkpoint every", f"{_D.checkpoint_every}"), ("seed", "Seed", "random")),
+    (("validation_every", "Validation every", f"{_D.validation_every}"), ("grad_accum", "Grad accumulation",
+                                                                        f"{_D.grad_accum}")),
 )
 _TAIL_FIELDS = (
     ("validation_prompt", "Validation prompt", "empty = no validation images"),
