@@ -152,3 +152,4 @@ def test_a_search_finds_a_name_written_as_it_is_looked_up(styles_dir):
     for typed in ("neon-night", "NEON_night", "neon night"):
         assert [s.name for s in library.search(typed)] == ["Neon Night Photo"], typed
     assert [s.name for s in library.search("qwzx-sun")] == ["Day"]  # the prompt, as before
+    assert library.search("-") == [s for s in library.search() if "-" in f"{s.name}{s.category}{s.prompt}"]

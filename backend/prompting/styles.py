@@ -85,7 +85,7 @@ class StyleLibrary:
         matches as it is looked up, whatever its case, hyphens and underscores ("neon-night" finds "Neon Night")."""
         needle, name_needle = text.lower().strip(), style_key(text)
         found = [s for s in self.styles.values()
-                 if needle in f"{s.name}\n{s.category}\n{s.prompt}".lower() or name_needle in style_key(s.name)]
+                 if needle in f"{s.name}\n{s.category}\n{s.prompt}".lower() or (name_needle and name_needle in style_key(s.name))]
         return sorted(found, key=lambda s: (s.category.lower(), s.name.lower()))
 
     def pick_random(self, rng: random.Random, exclude: list[str]) -> Style:
