@@ -43,7 +43,7 @@ _OPTIONS = (
     ("--method", "method", "|".join(METHODS), f"full fine-tune or LoRA (default {_D.method})"),
     ("--rank", "rank", "R", f"LoRA rank (default {_D.rank})"),
     ("--max-steps", "max_steps", "N", f"optimizer steps (default {_D.max_steps})"),
-    ("--lr", "lr", "X", f"learning rate (default {DEFAULT_LR['lora']:.0e} LoRA, {DEFAULT_LR['full']:.0e} full)"),
+    ("--lr", "lr", "X", f"learning rate (default {DEFAULT_LR['lora']:.0e} LoRA, {DEFAULT_LR['full']:.0e} full)".replace("e-0", "e-")),
     ("--lr-scheduler", "lr_scheduler", "|".join(LR_SCHEDULES), f"learning-rate schedule (default {_D.lr_scheduler})"),
     ("--lr-warmup-steps", "lr_warmup_steps", "N", f"steps of linear warmup from 0 (default {_D.lr_warmup_steps})"),
     ("--batch-size", "batch_size", "B", f"instance images per step (default {_D.batch_size})"),
