@@ -1,7 +1,7 @@
 """The HTTP + WebSocket API of ``dreamtty serve`` (aiohttp), over a Unix socket and optionally TCP.
 
 Routes (JSON; see docs/api.md): ``GET /v1/version``, ``GET /v1/status``, ``GET|POST /v1/jobs``,
-``POST /v1/validate``, ``GET /v1/jobs/{id}``, ``POST /v1/jobs/{id}/cancel``, ``POST /v1/jobs/cancel``,
+``POST /v1/validate``, ``POST /v1/closest``, ``GET /v1/jobs/{id}``, ``POST /v1/jobs/{id}/cancel``, ``POST /v1/jobs/cancel``,
 ``POST /v1/jobs/forget?days=N``,
 ``GET /v1/jobs/{id}/images/{n}``, ``GET|POST /v1/runs``, ``GET /v1/runs/{id}``,
 ``POST /v1/runs/{id}/stop``, ``GET /v1/events`` (WebSocket: one ``backend.events.dumps`` text per
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from aiohttp import WSCloseCode, web
 
-from backend import config, jobkinds, metadata
+from backend import config, foreign_metadata, jobkinds, metadata
 from backend.errors import DreamttyError, RequestError, Transient
 from backend.events import Fanout, Preview, dumps
 from backend.http_server import trust
@@ -99,6 +99,7 @@ class Api:
             web.get("/v1/jobs", self.list_jobs),
             web.post("/v1/jobs", self.submit),
             web.post("/v1/validate", self.validate),
+            web.post("/v1/closest", self.closest),
             web.get("/v1/jobs/{id}", self.get_job),
             web.post("/v1/jobs/{id}/cancel", self.cancel),
             web.post("/v1/jobs/cancel", self.cancel_all),
@@ -193,6 +194,11 @@ class Api:
         if out is not None:
             await asyncio.to_thread(check_out_dir, out, False)  # a dry run makes no folder
         return web.json_response({"kind": jobkinds.kind_of(resolved).name, "request": resolved.to_dict()})
+
+    async def closest(self, request: web.Request) -> web.Response:
+        job_request, _, _ = await _read_job(request)
+        closest, left = await asyncio.to_thread(foreign_metadata.without_missing_extras, job_request)
+        return web.json_response({"kind": jobkinds.kind_of(closest).name, "request": closest.to_dict(), "left": left})
 
     async def get_job(self, request: web.Request) -> web.Response:
         return web.json_response(self._job(request).to_dict())
@@ -355,7 +361,7 @@ _QUERY = {"/v1/jobs": ("limit", "state", "images", "brief"), "/v1/runs": ("limit
           "/v1/events": ("previews",), "/v1/jobs/forget": ("days",)}
 
 
-_BODIES = ("/v1/jobs", "/v1/validate", "/v1/runs")  # the routes that read a body
+_BODIES = ("/v1/jobs", "/v1/validate", "/v1/closest", "/v1/runs")  # the routes that read a body
 
 
 def _check_request(request: web.Request) -> None:

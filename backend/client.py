@@ -45,6 +45,10 @@ class Client(Protocol):
     async def validate(self, request: GenerateRequest) -> GenerateRequest:
         """The request as it would be queued (defaults filled in); raises as ``submit`` does."""
 
+    async def closest(self, request: GenerateRequest) -> tuple[GenerateRequest, list[str]]:
+        """``request`` without the LoRAs and the VAE the service does not have, and lines naming what was left
+        out: reproducing another tool's image, whose files are those of the machine that made it."""
+
     async def cancel(self, job_id: int) -> bool: ...
 
     async def cancel_all(self) -> list[int]:
@@ -113,6 +117,11 @@ class LocalClient:
     async def validate(self, request: GenerateRequest) -> GenerateRequest:
         resolved, _ = await asyncio.to_thread(self.service.validate, request)
         return resolved
+
+    async def closest(self, request: GenerateRequest) -> tuple[GenerateRequest, list[str]]:
+        from backend.foreign_metadata import without_missing_extras
+
+        return await asyncio.to_thread(without_missing_extras, request)
 
     async def cancel(self, job_id: int) -> bool:
         return self.service.cancel(job_id)

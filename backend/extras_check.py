@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +26,19 @@ _ANY_LORA_TAG = re.compile(r"<lora:[^>]*>")  # what a user meant as a tag, writt
 
 # A tag with the spaces before it, or at the start of a line with the spaces after it.
 _TAG_AND_SPACES = re.compile(rf"(?m)^[ \t]*(?:{LORA_TAG.pattern}[ \t]*)+|[ \t]*{LORA_TAG.pattern}")
+_SPACES_AND_TAG = re.compile(rf"[ \t]*{LORA_TAG.pattern}")
+
+
+def without_tags(text: str, drop: Callable[[str], bool] = lambda name: True) -> str:
+    """``text`` without the LoRA tags whose name ``drop`` picks (every tag by default) and the spaces that
+    separated them; the rest stays as typed (newlines, repeated spaces)."""
+
+    def cut(match: re.Match) -> str:
+        if all(drop(tag.group(1).strip()) for tag in LORA_TAG.finditer(match.group())):
+            return ""  # with the spaces around them
+        return _SPACES_AND_TAG.sub(lambda tag: "" if drop(tag.group(1).strip()) else tag.group(), match.group())
+
+    return _TAG_AND_SPACES.sub(cut, text)
 
 
 def prompt_loras(text: str) -> tuple[str, list[tuple[str, float]]]:
@@ -37,7 +51,7 @@ def prompt_loras(text: str) -> tuple[str, list[tuple[str, float]]]:
             raise RequestError("prompt", f"{tag} is not a LoRA tag; write <lora:NAME> or <lora:NAME:WEIGHT>, "
                                          "WEIGHT a number in -2..2")
     found = [(m.group(1).strip(), float(m.group(2)) if m.group(2) else 1.0) for m in LORA_TAG.finditer(text)]
-    return (_TAG_AND_SPACES.sub("", text), found) if found else (text, found)
+    return (without_tags(text), found) if found else (text, found)
 
 
 def effective_request(request: GenerateRequest) -> GenerateRequest:

@@ -13,6 +13,7 @@ for front ends to show. Formats, from their documentation and output (no code of
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from backend import config, infotext, user_files
 from backend.errors import DreamttyError, RequestError
-from backend.extras_check import LORA_TAG, find_extra
+from backend.extras_check import LORA_TAG, find_extra, without_tags
 from backend.families import FAMILIES
 from backend.guidance_settings import GuidanceSettings
 from backend.prompting.wildcards import ARRAY, WILDCARD
@@ -100,9 +101,10 @@ def from_text(text: str, source: str = "text") -> tuple[GenerateRequest, list[st
 def without_missing_extras(request: GenerateRequest) -> tuple[GenerateRequest, list[str]]:
     """``request`` (read from another tool's image) without the LoRAs and the VAE this machine does not have,
     and what was left out: reproduce runs the closest request without them (one missing refused the whole
-    image, and reproduce has no flag that drops it)."""
+    image, and reproduce has no flag that drops it). Called where the job runs (``Client.closest``)."""
     cfg = config.load()
 
+    @functools.cache
     def here(kind: str, name: str) -> bool:
         try:
             find_extra(kind, name, cfg)
@@ -110,13 +112,10 @@ def without_missing_extras(request: GenerateRequest) -> tuple[GenerateRequest, l
             return False
         return True
 
-    left: list[str] = []
     texts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
-    for key, text in texts.items():
-        for tag in LORA_TAG.finditer(text):
-            if not here("lora", tag.group(1).strip()):
-                texts[key] = re.sub(rf"\s*{re.escape(tag.group())}", "", texts[key], count=1)
-                left.append(f"{tag.group()} (no LoRA {tag.group(1).strip()} here)")
+    left = list(dict.fromkeys(f"{tag.group()} (no LoRA {tag.group(1).strip()} here)" for text in texts.values()
+                              for tag in LORA_TAG.finditer(text) if not here("lora", tag.group(1).strip())))
+    texts = {key: without_tags(text, lambda name: not here("lora", name)) for key, text in texts.items()}
     loras = [(name, weight) for name, weight in request.loras if here("lora", name)]
     left += [f"LoRA {name}: {weight:g} (not here)" for name, weight in request.loras if (name, weight) not in loras]
     vae = request.vae if request.vae is None or here("vae", request.vae) else None

@@ -152,10 +152,10 @@ def image_request(path: str | Path) -> tuple[GenerateRequest, list[str]]:
     raise DreamttyError(f"image: {path} has no dreamtty, A1111 or Fooocus metadata")
 
 
-def text_request(text: str, source: str) -> tuple[GenerateRequest, list[str]]:
-    """The request of a pasted parameters text (``source`` as :func:`request_from_meta`'s): our own metadata's
-    JSON, as an image's dreamtty chunk holds it, gives its exact request; another tool's text or JSON the closest
-    (``backend.foreign_metadata.from_text``)."""
+def text_request(text: str, source: str) -> tuple[GenerateRequest, list[str], bool]:
+    """The request of a pasted parameters text (``source`` as :func:`request_from_meta`'s), its warnings, and
+    whether the text is our own metadata: the JSON an image's dreamtty chunk holds gives its exact request (its
+    Random Style picks as made); another tool's text or JSON the closest (``backend.foreign_metadata.from_text``)."""
     from backend import foreign_metadata
 
     try:
@@ -163,8 +163,8 @@ def text_request(text: str, source: str) -> tuple[GenerateRequest, list[str]]:
     except (ValueError, RecursionError):
         data = None  # said by from_text
     if isinstance(data, dict) and "request" in data:
-        return request_from_meta(source, data), []
-    return foreign_metadata.from_text(text, source)
+        return with_style_picks(request_from_meta(source, data), data.get("prompt")), [], True
+    return *foreign_metadata.from_text(text, source), False
 
 
 def with_style_picks(request: GenerateRequest, record: object) -> GenerateRequest:

@@ -323,6 +323,12 @@ class RemoteClient:
         return await self._read(lambda data: type(request).from_dict(data["request"]), "POST", "/v1/validate",
                                 _body(request))
 
+    async def closest(self, request: GenerateRequest) -> tuple[GenerateRequest, list[str]]:
+        def decode(data: dict) -> tuple[GenerateRequest, list[str]]:
+            return type(request).from_dict(data["request"]), [str(line) for line in data["left"]]
+
+        return await self._read(decode, "POST", "/v1/closest", _body(request))
+
     async def cancel(self, job_id: int) -> bool:
         return await self._read(lambda data: bool(data["cancelled"]), "POST", f"/v1/jobs/{int(job_id)}/cancel",
                                 quick=True)

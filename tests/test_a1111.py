@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 from backend import config, foreign_metadata, library, metadata
 from backend.errors import DreamttyError, RequestError
-from backend.extras_check import prompt_loras
+from backend.extras_check import prompt_loras, without_tags
 from backend.guidance_settings import GuidanceSettings
 from backend.request import GenerateRequest
 from cli_helpers import dreamtty
@@ -182,6 +182,9 @@ def test_lora_tags_leave_the_rest_of_the_prompt_as_typed():
     assert prompt_loras("a  cat\n  on snow ") == ("a  cat\n  on snow ", [])
     assert prompt_loras("a <lora:fox:0.3>  cat <lora:b>\n<lora:c:2> next") == (
         "a  cat\nnext", [("fox", 0.3), ("b", 1.0), ("c", 2.0)])
+    text = "a <lora:fox:0.3>  cat <lora:b>\n  <lora:c:2> <lora:b> next\n<lora:b>"
+    assert without_tags(text, lambda name: name == "b") == "a <lora:fox:0.3>  cat\n  <lora:c:2> next\n"
+    assert without_tags(text, lambda name: name != "b") == "a  cat <lora:b>\n <lora:b> next\n<lora:b>"
 
 
 @pytest.mark.parametrize("tag", ["<lora:fox:abc>", "<lora:>", "<lora:fox:0.5:0.2>"])
@@ -416,14 +419,15 @@ BAD_TEXTS = [
 def test_reproduce_of_another_tools_image_leaves_out_the_loras_and_vae_not_here_saying_so(capsys, tmp_path):
     """A1111 text naming a LoRA this machine lacks could not be reproduced at all: "lora: foo not found", and
     reproduce has no flag that drops it."""
-    text = ("a fox <lora:foo:0.7>, snow\nNegative prompt: blurry <lora:bar:1>\n"
+    text = ("a fox <lora:foo:0.7>, snow\n<lora:foo:0.7> second line\nNegative prompt: blurry <lora:bar:1>\n"
             "Steps: 2, Sampler: Euler a, Seed: 5, Size: 64x64, Model: demo, VAE: nothere.safetensors")
     r = dreamtty(capsys, "reproduce", "--from-text", "-", "--out", str(tmp_path), stdin=text)
     assert r.returncode == 0, r.stderr
     assert ("warning: not carried over: <lora:foo:0.7> (no LoRA foo here); <lora:bar:1> (no LoRA bar here); "
             "VAE: nothere.safetensors (not here; the model's own is used)") in r.stderr
     made = metadata.read(r.stdout.strip().splitlines()[-1])["request"]
-    assert (made["prompt"], made["negative_prompt"], made["loras"], made["vae"]) == ("a fox, snow", "blurry", [], None)
+    assert (made["prompt"], made["negative_prompt"], made["loras"], made["vae"]) == (
+        "a fox, snow\nsecond line", "blurry", [], None)  # the lines as typed
 
 
 def test_dreamtty_metadata_pasted_without_its_request_fields_is_refused():

@@ -55,7 +55,7 @@ def test_reproduce_by_a_service_that_saved_where_this_machine_cannot_read_says_s
     image = str(dreamtty_png(tmp_path / "fox.png", prompt="a fox", seed=1, steps=1))
     elsewhere = tmp_path / "on the service's machine" / "\x1b[2Jfox.png"
 
-    async def remote(args, requests, out):  # the service made it (the job itself is not what is tested here)
+    async def remote(args, requests, out, adjust=None):  # the service made it (the job itself is not what is tested here)
         assert [r.prompt for r in requests] == ["a fox"]
         return 0, [str(elsewhere)]
 
@@ -88,11 +88,16 @@ def test_reproduce_keeps_the_random_style_picks_and_names_a_changed_wildcard(tmp
     pack = [{"name": f"A pack {i}", "prompt": f"pack{i} {{prompt}}"} for i in range(40)]
     (styles / "pack.json").write_text(json.dumps(pack))  # Random Style would now pick another
     (wildcards / "pet.txt").write_text("eel\n")
-    r = dreamtty(capsys, "reproduce", r.stdout.strip().splitlines()[-1], "--out", str(tmp_path / "b"))
+    first = r.stdout.strip().splitlines()[-1]
+    r = dreamtty(capsys, "reproduce", first, "--out", str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr
     again = metadata.read(r.stdout.strip().splitlines()[-1])
     assert again["request"]["styles"] == again["prompt"]["styles"] == pick  # the pick, not a new draw
     assert f"wildcard __pet__ picked 'eel', the image's {pet!r} (its file changed since)" in r.stderr
+    r = dreamtty(capsys, "reproduce", "--from-text", "-", "--out", str(tmp_path / "c"),
+                 stdin=Image.open(first).text["dreamtty"])  # the image's metadata, pasted
+    assert r.returncode == 0, r.stderr
+    assert metadata.read(r.stdout.strip().splitlines()[-1])["request"]["styles"] == pick
 
 
 @pytest.mark.parametrize("record, styles", [

@@ -24,8 +24,10 @@ from functools import partial
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import pytest
 from aiohttp import web
+from safetensors.numpy import save_file
 
 from backend import locations, remote_client
 from backend.api import Api, peer_uid
@@ -395,6 +397,25 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
             assert status == 400 and body["error"].startswith(f"{key}: unknown field") and body["field"] == key
         after = len((await (await http.get("http://dreamtty/v1/jobs")).json())["jobs"])
     assert after == before
+
+
+async def test_closest_leaves_out_the_loras_the_service_lacks(service):
+    """Reproducing another tool's image on a service (maybe on another machine, with files of its own): what the
+    service has decides. The CLI cut every LoRA missing where it ran, one the service had included."""
+    served = service.home / "data" / "models" / "loras"
+    served.mkdir(parents=True, exist_ok=True)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+    save_file({key: np.zeros((4, 768), dtype=np.float16)}, str(served / "ink.safetensors"))  # looked for, not loaded
+    remote = client(service)
+    await remote.start()
+    try:
+        request = _request(prompt="a fox <lora:ink:0.5>\n<lora:gone> on snow", loras=[("ink", 0.3), ("gone", 1.0)])
+        closest, left = await remote.closest(request)
+    finally:
+        await remote.close()
+        (served / "ink.safetensors").unlink()
+    assert (closest.prompt, closest.loras) == ("a fox <lora:ink:0.5>\non snow", [("ink", 0.3)])
+    assert left == ["not carried over: <lora:gone> (no LoRA gone here); LoRA gone: 1 (not here)"]
 
 
 async def test_ids_and_limits_are_ascii_digits_in_range(service):

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -149,14 +150,19 @@ def _unused(args: argparse.Namespace, request: GenerateRequest) -> list[str]:
 
 
 # -- commands ------------------------------------------------------------------
-async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None) -> tuple[int, list[str]]:
-    """Queue ``requests``, follow them to the end; an interrupt (Ctrl-C) cancels them in the queue."""
+async def _run_jobs(args, requests: list[GenerateRequest], out: Path | None,
+                    adjust: Callable[[Client, GenerateRequest], Awaitable[GenerateRequest]] | None = None
+                    ) -> tuple[int, list[str]]:
+    """Queue ``requests`` (each as ``adjust`` makes it for the service, first), follow them to the end; an
+    interrupt (Ctrl-C) cancels them in the queue."""
     client = _client(args)
     print_warnings(client.warnings)  # the queue read here
     said = len(client.warnings)
     events = client.subscribe()
     finished = False  # until every job has ended: else (Ctrl-C, an error) they are cancelled
     try:
+        if adjust is not None:
+            requests = [await adjust(client, r) for r in requests]
         job_ids = [await client.submit(r, out) for r in requests]  # validates before any worker starts
         await client.start()
         print_warnings(client.warnings[said:])  # those of a service started for these jobs
@@ -339,21 +345,18 @@ def cmd_reproduce(args) -> int:
     record: dict = {}  # the prompt record of a dreamtty image
     if args.from_text is not None:
         text = foreign_metadata.read_text_file(args.from_text)
-        request, warnings = metadata.text_request(text, f"from-text: {args.from_text}")
+        request, warnings, ours = metadata.text_request(text, f"from-text: {args.from_text}")
     else:
         request, warnings = metadata.image_request(args.image)
-        record = _record(args.image)
+        record, ours = _record(args.image), metadata.carries_ours(args.image)
         request, notes = metadata.with_style_picks(request, record).with_kept_inputs(record, Path(args.image))
         warnings += notes
-    if args.image is None or not metadata.carries_ours(args.image):  # the closest request: without what is not here
-        request, left = foreign_metadata.without_missing_extras(request)
-        warnings += left
     print_warnings(warnings)
     recorded = request.to_dict()
     if args.model:
         request.model = args.model
     try:
-        code, paths = asyncio.run(_run_jobs(args, [request], args.out))
+        code, paths = asyncio.run(_run_jobs(args, [request], args.out, None if ours else _without_missing))
     except DreamttyError as exc:  # a recorded value (not --model, --out or the environment): say so
         if not request_builder.kept_from(exc, request.to_dict(), recorded, {"model": args.model} if args.model else {}):
             raise
@@ -363,6 +366,14 @@ def cmd_reproduce(args) -> int:
     if code == 0 and paths and args.image is not None:
         print(_pixels_line(args.image, Path(paths[0]), record), file=sys.stderr)
     return code
+
+
+async def _without_missing(client: Client, request: GenerateRequest) -> GenerateRequest:
+    """Another tool's request as the closest the service can run: without the LoRAs and the VAE it does not
+    have (those of the machine that made the image), each said."""
+    request, left = await client.closest(request)
+    print_warnings(left)
+    return request
 
 
 def _pixels_line(image: Path, made: Path, record: dict) -> str:
