@@ -121,12 +121,15 @@ class GuidanceSettings:
             raise RequestError("clip_skip", f"{self.clip_skip} is not allowed; use a whole number 1..{CLIP_SKIP_MAX} "
                                             "(1 = last layer; a model's text encoder may allow fewer)")
         self._validate_freeu()
+        self._validate_adm_values()
 
     def _validate_adm(self, xl: bool) -> None:
+        if self.adm_scale is not None and not xl:
+            raise RequestError("adm_scale", "only for SDXL models (it scales SDXL's size conditioning)")
+
+    def _validate_adm_values(self) -> None:
         if self.adm_scale is None:
             return
-        if not xl:
-            raise RequestError("adm_scale", "only for SDXL models (it scales SDXL's size conditioning)")
         values = _numbers("adm_scale", self.adm_scale, 3, "POS,NEG,END")
         lo, hi = ADM_SCALE_RANGE
         if not (lo <= values[0] <= hi and lo <= values[1] <= hi and 0.0 <= values[2] <= 1.0):

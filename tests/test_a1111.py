@@ -365,6 +365,10 @@ def test_a_random_seed_is_drawn_and_a_bad_recorded_value_is_said_to_be_recorded(
     assert (request.steps, request.cfg) == (GenerateRequest.steps, GenerateRequest.cfg)  # as F7 fills the form
     assert warnings[1].startswith("not carried over: Steps: -5 (out of range; allowed 1..500: the default is used); "
                                   "CFG scale: 99 (out of range; allowed 0..30: the default is used)")
+    request, warnings = foreign_metadata.from_text('a fox\nSteps: 2, ADM Guidance: "(9, 0.8, 0.3)", Model: demo')
+    assert request.guidance.adm_scale is None  # it stopped the reproduce: "adm_scale: ... is out of range"
+    assert warnings[1] == ('not carried over: ADM Guidance: (9.0, 0.8, 0.3) (9,0.8,0.3 is out of range; allowed POS,NEG '
+                           '0.1..3 and END 0..1: the default is used)')
     blocker = tmp_path / "file"
     blocker.write_text("x")
     fine = tmp_path / "fine.png"
