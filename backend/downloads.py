@@ -9,6 +9,7 @@ the network.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import shutil
@@ -73,9 +74,13 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
+_LOCAL_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)  # the Hub is not at fault
+
+
 def hub_error(repo: str, exc: Exception, field: str = "pull") -> DreamttyError:
     """The one-line error naming ``field`` for ``exc``, raised fetching ``repo`` from the Hub: a gated, missing or
-    private repo says what to do; anything else (offline, a timeout) is Transient."""
+    private repo says what to do, as does a file that cannot be written here (a full disk, a read-only cache);
+    anything else (offline, a timeout) is Transient."""
     from huggingface_hub import errors
 
     if isinstance(exc, errors.GatedRepoError):
@@ -84,6 +89,10 @@ def hub_error(repo: str, exc: Exception, field: str = "pull") -> DreamttyError:
         return DreamttyError(f"{field}: no model {repo} on the Hub (or it is private: set HF_TOKEN)")
     if isinstance(exc, errors.RevisionNotFoundError):
         return DreamttyError(f"{field}: {repo} has no such revision")
+    if isinstance(exc, OSError) and exc.errno in _LOCAL_WRITE_ERRNOS:
+        where = f": {exc.filename}" if exc.filename else ""
+        return DreamttyError(f"{field}: cannot save {repo} here: {exc.strerror}{where} (free space, or set HF_HOME "
+                             "to a writable folder)")
     return Transient(f"{field}: cannot reach the Hugging Face Hub for {repo}: {first_line(exc, 200)}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
@@ -223,7 +224,10 @@ def test_a_hub_model_a_job_cannot_fetch_is_one_line_saying_why(monkeypatch):
     for raised, said, transient in (
             (missing, "model: no model org/model on the Hub (or it is private: set HF_TOKEN)", False),
             (OSError("network is unreachable\nretrying"), "model: cannot reach the Hugging Face Hub for org/model: "
-                                                          "network is unreachable", True)):
+                                                          "network is unreachable", True),
+            (OSError(errno.ENOSPC, "No space left on device", "/hub/blobs/x.incomplete"),  # "cannot reach the Hub"
+             "model: cannot save org/model here: No space left on device: /hub/blobs/x.incomplete (free space, or set "
+             "HF_HOME to a writable folder)", False)):
         def fail(*args, raised=raised, **kwargs):
             raise raised
 
