@@ -255,7 +255,7 @@ def sd2_prediction(path: Path, meta: dict[str, str], shapes: Shapes) -> str:
     if meta.get("ss_v_parameterization", "").lower() == "true":
         return "v"
     sidecar = path.with_suffix(".yaml")
-    if sidecar.is_file():
+    if os.path.lexists(sidecar):  # a folder, a FIFO or a dangling link there is said, not passed over
         return _sidecar_prediction(sidecar)
     name = path.stem.lower()
     if re.search(r"768-v|v-?pred", name):

@@ -78,6 +78,11 @@ def test_sd2_prediction_rules(tmp_path):
     with pytest.raises(CorruptFile, match=r"^model: .*c\.yaml is not valid YAML at line 2 .*; fix it or move it away "
                                           r"\(it says whether the model predicts v or epsilon\)$"):
         checkpoint_family(sidecar, *read_shapes(sidecar))
+    for i, make in enumerate((os.mkfifo, os.mkdir, lambda p: p.symlink_to(tmp_path / "gone.yaml"))):  # a guess
+        odd = _write(tmp_path / f"odd{i}.safetensors", shapes)
+        make(odd.with_suffix(".yaml"))
+        with pytest.raises(CorruptFile, match=rf"^model: .*odd{i}\.yaml.*; fix it or move it away \(it says whether"):
+            checkpoint_family(odd, *read_shapes(odd))
 
 
 def test_a_checkpoint_variant_is_refused_with_its_article(tmp_path):
