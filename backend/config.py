@@ -142,8 +142,9 @@ def _file_data(path: Path) -> tuple[dict | None, str | None]:
     try:
         text = user_files.read_text(path)
     except FileNotFoundError:
-        if os.path.islink(path):  # a dotfiles link to a file not there (a repository not checked out): not "no config"
-            return None, f"{path} links to {os.readlink(path)}, which does not exist"
+        link = _dangling_link(path)
+        if link is not None:  # a dotfiles link to a file or folder not there (a repository not checked out)
+            return None, f"{link} links to {os.readlink(link)}, which does not exist"
         return None, f"{path} does not exist" if os.environ.get(ENV_PATH) else None
     except user_files.RefusedFile as exc:
         return None, str(exc)
@@ -158,6 +159,16 @@ def _file_data(path: Path) -> tuple[dict | None, str | None]:
     if data is not None and not isinstance(data, dict):
         return None, f"{path} must be a mapping of keys, got {kind_of(data)}"
     return data, None
+
+
+def _dangling_link(path: Path) -> Path | None:
+    """The link, ``path`` or a folder above it, that makes ``path`` missing: it points to nothing."""
+    for link in (path, *path.parents):
+        if os.path.exists(link):
+            return None
+        if os.path.islink(link):
+            return link
+    return None
 
 
 def _folder_list(key: str, value: object, base: Path) -> list[Path]:

@@ -316,3 +316,8 @@ def test_a_config_link_to_a_file_not_there_is_said_not_taken_for_no_config(tmp_p
     cfg = config.load(link)
     assert cfg.source is None and cfg.warnings == [
         f"config: {link} links to {tmp_path}/dotfiles/config.yaml, which does not exist; using defaults"]
+    folder = tmp_path / "dreamtty"  # ~/.config/dreamtty linked to a dotfiles folder not there
+    folder.symlink_to(tmp_path / "dotfiles" / "dreamtty")
+    assert config.load(folder / "config.yaml").warnings == [
+        f"config: {folder} links to {tmp_path}/dotfiles/dreamtty, which does not exist; using defaults"]
+    assert config.load(tmp_path / "plain" / "config.yaml").warnings == []  # no link: no config yet
