@@ -51,6 +51,7 @@ class Config:
     cluster: str | None = None  # ``workers``: None for local processes, else a Ray cluster address (auto...)
     source: Path | None = None  # the file read, if any
     unread: str | None = None  # why the file named (--config, DREAMTTY_CONFIG) or found could not be used
+    from_env: set[str] = field(default_factory=set)  # the keys an environment variable set (one refused is not)
     warnings: list[str] = field(default_factory=list)
 
     def folders(self, kind: str) -> list[Path]:
@@ -74,16 +75,13 @@ class Config:
             return exc
         return noted(exc, f" ({self.origin('default_model')}; give --model NAME, or change it)")
 
-    @staticmethod
-    def origin(key: str) -> str:
+    def setting(self, key: str) -> str:
+        """What set ``key``: its environment variable (``DREAMTTY_LORAS``), else its key in the file (``paths.loras``)."""
+        return f"DREAMTTY_{key.upper()}" if key in self.from_env else _file_key(key)
+
+    def origin(self, key: str) -> str:
         """Where a setting's value came from: its environment variable, else the config file."""
-        return _set_by_env(key) or f"{_file_key(key)} of {config_path()}"
-
-
-def _set_by_env(key: str) -> str | None:
-    """The environment variable that sets ``key`` (``DREAMTTY_CHECKPOINTS``), when it is set."""
-    env = f"DREAMTTY_{key.upper()}"
-    return env if os.environ.get(env) else None
+        return self.setting(key) if key in self.from_env else f"{_file_key(key)} of {self.source or config_path()}"
 
 
 def _file_key(key: str) -> str:
@@ -281,8 +279,10 @@ def _apply_env(cfg: Config) -> None:
         env = os.environ.get(f"DREAMTTY_{kind.upper()}")
         if env:
             cfg.paths[kind] = [Path(os.path.expanduser(p)) for p in env.split(os.pathsep) if p]
+            cfg.from_env.add(kind)
     if os.environ.get("DREAMTTY_OUTPUTS"):
         cfg.outputs = _outputs(os.environ["DREAMTTY_OUTPUTS"])
+        cfg.from_env.add("outputs")
     for key in ("default_model", "default_preset"):
         env = os.environ.get(f"DREAMTTY_{key.upper()}")
         if env:
@@ -290,6 +290,8 @@ def _apply_env(cfg: Config) -> None:
                 setattr(cfg, key, _text(f"DREAMTTY_{key.upper()}", env))
             except ValueError as exc:
                 cfg.warnings.append(f"config: {exc}; the config file's {key} applies")
+            else:
+                cfg.from_env.add(key)
     pickle, problem = _pickle_env()
     if problem:
         cfg.warnings.append(f"config: {problem}; the config file's allow_pickle applies")
@@ -314,7 +316,7 @@ def load(path: str | Path | None = None) -> Config:
     _apply_env(cfg)
     for kind, folders in cfg.paths.items():  # a folder that cannot be searched: said, not passed over in silence
         defaults = default_folders(kind)  # need not exist
-        said = _set_by_env(kind) or _file_key(kind)  # what the user wrote: DREAMTTY_LORAS or paths.loras
+        said = cfg.setting(kind)
         for folder in list(folders):
             problem = _folder_problem(folder)
             if problem == "missing":  # kept: searched once it is made

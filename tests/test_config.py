@@ -205,6 +205,7 @@ def test_a_model_name_that_is_not_utf8_is_never_saved_and_never_the_default(tmp_
     assert cfg.default_model == "mine" and cfg.warnings == [
         "config: DREAMTTY_DEFAULT_MODEL: is not valid UTF-8 text (byte 0xff at character 2); give text, and paths, "
         "in UTF-8; the config file's default_model applies"]
+    assert cfg.origin("default_model") == f"default_model of {path}"  # the value's origin, not the variable refused
 
 
 def test_set_value_keeps_comments_anchors_and_a_dotfiles_link(tmp_path):
