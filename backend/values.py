@@ -5,6 +5,7 @@ Each parser takes the field name and raises a one-line RequestError naming it.
 
 from __future__ import annotations
 
+import decimal
 import json
 import math
 import os
@@ -116,6 +117,13 @@ def to_int(name: str, value: object) -> int:
         number = plain_float(value) if isinstance(value, (float, str)) else math.nan
     except ValueError:
         number = math.nan
+    if isinstance(value, str) and (math.isinf(number) or number.is_integer()):
+        exact = decimal.Decimal(value)  # "1e30" is 10**30, where the float rounds it
+        if exact.adjusted() >= MAX_DIGITS:
+            raise RequestError(name, f"{shown(value)} is out of range")
+        if exact == exact.to_integral_value():
+            return int(exact)
+        number = math.nan  # "1.0000000000000000001": whole as a float only
     if not number.is_integer():  # also False for nan and inf
         raise RequestError(name, f"{shown(value)} is not a whole number")
     return int(number)

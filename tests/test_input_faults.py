@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -180,6 +181,10 @@ def test_size_needs_ascii_digits():
         parse_size("9" * 5000 + "x64")  # more digits than int() takes
     with pytest.raises(RequestError, match="^steps: a number of 101 digits is out of range$"):
         to_int("steps", "1" * 101)
+    assert to_int("seed", "1e30") == 10**30 and to_int("steps", "2.50e1") == 25  # exact: a float made it 1e30+...
+    for text, said in (("1e400", "is out of range"), ("1.0000000000000000001", "is not a whole number")):
+        with pytest.raises(RequestError, match=f"^steps: '{re.escape(text)}' {said}$"):
+            to_int("steps", text)
 
 
 # -- request ranges ----------------------------------------------------------------
