@@ -80,8 +80,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
     """Write ``text`` (UTF-8) to ``path`` through a temp file and a rename: readers never see half a file, and
     a failed write (disk full) leaves the old file as it was, with no temp file. A link is written where it
     points (a dotfiles link stays); what is there and is not a regular file (a FIFO, a folder) is refused
-    (RefusedFile, IsADirectoryError), not opened. The existing file's permissions are kept. Returns the path
-    written."""
+    (RefusedFile, IsADirectoryError), not opened, and a read-only file is not replaced (PermissionError). The
+    existing file's permissions are kept. Returns the path written."""
     target = os.path.realpath(path)
     try:
         info = os.stat(target)
@@ -89,6 +89,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
         info = None
     if info is not None:
         _check(info, target, sys.maxsize)
+        if not info.st_mode & 0o222 or not os.access(target, os.W_OK):  # the rename would replace it anyway
+            raise PermissionError(errno.EACCES, "is read-only", target)
     tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)[:64]}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as fh:

@@ -171,6 +171,11 @@ def test_saving_over_a_fifo_is_refused_at_once_and_a_failed_save_keeps_the_old_p
         save_preset("piped", form)  # the FIFO is never opened: this returns
     mine = save_preset("mine", form)
     before = mine.read_text()
+    mine.chmod(0o444)  # the rename replaced a file its owner made read-only
+    with pytest.raises(RequestError, match=rf"^preset: cannot save {presets_dir}/mine.yaml: is read-only$"):
+        save_preset("mine", GenerateRequest(prompt="a dog", model="demo").to_dict())
+    assert mine.read_text() == before
+    mine.chmod(0o644)
 
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
