@@ -19,7 +19,7 @@ from pathlib import Path
 from backend import config, metadata
 from backend.errors import DreamttyError, ModelError, RequestError, noted
 from backend.guidance_settings import GuidanceSettings, conflict_error
-from backend.prompting.presets import is_preset, known_presets, preset_fields
+from backend.prompting.presets import for_model, is_preset, known_presets, preset_fields
 from backend.request import GenerateRequest, parse_size
 from backend.samplers import SAMPLERS
 from backend.values import plain_float
@@ -149,12 +149,12 @@ def layered(explicit: dict, preset: str | None = None, defaults: dict | None = N
     if base is None:
         cfg = config.load()
         base = config_defaults(cfg)
-        default_preset, _ = config_preset(cfg)
-        if default_preset and not preset:
+        default_preset = None if preset else config_preset(cfg)[0]
+        if default_preset is not None:
             base = _over(base, _preset_layer(default_preset, explicit, source))
     base = _over(base, source or {})
     if preset:
-        base = _over(base, _preset_layer(preset, explicit, source))
+        base = _over(base, _preset_layer(preset_fields(preset), explicit, source))
     return _over(base, explicit)
 
 
@@ -163,9 +163,10 @@ def config_defaults(cfg: config.Config) -> dict:
     return {k: v for k, v in (("model", cfg.default_model), ("speed", cfg.speed), ("max_batch", cfg.max_batch)) if v}
 
 
-def config_preset(cfg: config.Config) -> tuple[str | None, str | None]:
-    """The config's ``default_preset`` when it names a usable preset (else None), and the warning when it names
-    none or one that does not load (a bad value in the config never stops a job, as its other keys)."""
+def config_preset(cfg: config.Config) -> tuple[dict | None, str | None]:
+    """The fields of the config's ``default_preset`` when it names a usable preset (else None), and the warning
+    when it names none or one that does not load (a bad value in the config never stops a job, as its other
+    keys)."""
     name = cfg.default_preset
     if not name:
         return None, None
@@ -173,19 +174,17 @@ def config_preset(cfg: config.Config) -> tuple[str | None, str | None]:
     if not is_preset(name):
         return None, f"{said}: unknown {name!r}; {known_presets()}; no preset is applied"
     try:
-        preset_fields(name)
+        return preset_fields(name), None
     except RequestError as exc:
         return None, f"{said}: {exc}; no preset is applied"
-    return name, None
 
 
-def _preset_layer(name: str, explicit: dict, source: dict | None) -> dict:
-    """Preset ``name``'s fields for a job: without its size when ``explicit`` names another model or the
-    job is on an input image (``source`` not None)."""
-    values = preset_fields(name, explicit.get("model"))
+def _preset_layer(fields: dict, explicit: dict, source: dict | None) -> dict:
+    """A preset's ``fields`` for a job: without its size when ``explicit`` names another model or the job is on
+    an input image (``source`` not None)."""
+    values = for_model(fields, explicit.get("model"))
     if source is not None:
-        values.pop("width", None)
-        values.pop("height", None)
+        values = {k: v for k, v in values.items() if k not in ("width", "height")}
     return values
 
 
@@ -226,13 +225,13 @@ def _origin(controls: tuple[str, ...], explicit: dict, preset: str | None, defau
     name = next((c for c in controls if c not in (explicit.get("guidance") or {})), None)
     if name is None:
         return ""
-    if preset and name in (_preset_layer(preset, explicit, source).get("guidance") or {}):
+    if preset and name in (preset_fields(preset).get("guidance") or {}):
         return f" ({name} comes from preset {preset})"
     if name in ((source or {}).get("guidance") or {}):
         return f" ({name} comes from the input image's settings)"
     default_preset = config_preset(config.load())[0] if defaults is None and not preset else None
-    if default_preset and name in (_preset_layer(default_preset, explicit, source).get("guidance") or {}):
-        return f" ({name} comes from the config's default_preset {default_preset})"
+    if default_preset and name in (default_preset.get("guidance") or {}):
+        return f" ({name} comes from the config's default_preset {default_preset['preset']})"
     return ""
 
 

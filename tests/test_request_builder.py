@@ -219,6 +219,18 @@ def test_the_configs_default_preset_applies_unless_a_preset_is_named(_cli, tmp_p
     assert capsys.readouterr().err.startswith("dreamtty: config: DREAMTTY_DEFAULT_PRESET: unknown 'nope'")
 
 
+def test_a_job_reads_the_default_preset_once(monkeypatch):
+    """It was read three times: to see that it loads, to lay it, and to see that it loads again."""
+    from backend.prompting import presets
+
+    _config("default_preset: anime\n")
+    read = []
+    real = presets._read
+    monkeypatch.setattr(presets, "_read", lambda file: read.append(file.label) or real(file))
+    request = request_builder.build({"prompt": "a fox"})
+    assert (request.preset, request.steps, len(read)) == ("anime", 28, 1)
+
+
 def test_the_default_preset_leaves_an_init_images_size_and_describe_alone(tmp_path, monkeypatch):
     """``generate --init-image`` took the default preset's size and stretched the image; describe took its
     model (which picks the captioner) and recorded it."""

@@ -203,13 +203,18 @@ def _lora(item: object, label: str) -> list:
 
 def preset_fields(name: str, model: str | None = None) -> dict:
     """Preset ``name``'s request fields, recording ``preset: name`` (``backend.request_builder`` lays them
-    under explicit values). A preset's size belongs to its model: for another ``model`` it is left out
-    (that model's family default applies unless a size is given). A preset that names no model keeps it."""
+    under explicit values), for a job on ``model`` (:func:`for_model`)."""
     file, fields = _loaded(name)
+    return for_model({**fields, "preset": file.stem}, model)  # as its file names it: " FAST " is recorded as fast
+
+
+def for_model(fields: dict, model: str | None) -> dict:
+    """A preset's ``fields`` for a job on ``model``. A preset's size belongs to its model: for another ``model``
+    it is left out (that model's family default applies unless a size is given). A preset that names no model
+    keeps it."""
     if fields.get("model") is not None and model not in (None, fields["model"]):
-        fields.pop("width", None)
-        fields.pop("height", None)
-    return {**fields, "preset": file.stem}  # as its file names it: " FAST " is recorded as fast
+        return {k: v for k, v in fields.items() if k not in ("width", "height")}
+    return fields
 
 
 def save_preset(name: str, request: dict, description: str = "") -> Path:
