@@ -267,3 +267,23 @@ async def test_a_checkpoint_deleted_since_the_scan_does_not_become_the_default(t
         assert config.load().default_model is None
         assert [n.message for n in app._notifications] == [
             f"gone: {ckpt / 'gone.safetensors'} is gone since the scan; scanning again"]
+
+
+def test_a_listed_default_model_is_not_looked_for_in_a_second_scan(monkeypatch):
+    """The scan listed the library, then resolved the default model, which listed it all again."""
+    from backend import library
+    from tui.screens import models
+
+    lib = library.Library()
+    lib.entries += [library.Entry("checkpoint", "mine", "/m/mine.safetensors", "sd1", 1, "/m", "safetensors"),
+                    library.Entry("checkpoint", "old", "/m/old.ckpt", "sd1", 1, "/m", "pickle", note="pickle")]
+    looked: list[str] = []
+
+    def resolve(name):
+        looked.append(name)
+        raise DreamttyError(f"model: {name} is a pickle")
+
+    monkeypatch.setattr(models, "resolve_model", resolve)
+    assert models._default_model_problem(config.Config(default_model="mine"), lib) is None and looked == []
+    assert models._default_model_problem(config.Config(default_model="old"), lib).startswith("old is a pickle (")
+    assert looked == ["old"]  # listed with a note: resolved for the whole reason

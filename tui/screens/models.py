@@ -34,10 +34,12 @@ from tui.widgets.modebar import ModeBar
 COLUMNS = ("kind", "name", "note", "family", "size", "source")
 
 
-def _default_model_problem(cfg: config.Config) -> str | None:
+def _default_model_problem(cfg: config.Config, lib: library.Library) -> str | None:
     """Why the config's default model cannot be used (gone, damaged, a typo), saying where it is set; None when
-    it can or none is set. Every job that names no model would fail with this."""
-    if not cfg.default_model:
+    it can or none is set. Every job that names no model would fail with this. A checkpoint ``lib`` lists with
+    no note is usable: the library is not scanned again for it."""
+    if not cfg.default_model or any(e.kind == "checkpoint" and e.name == cfg.default_model and not e.note
+                                    for e in lib.entries):
         return None
     try:
         resolve_model(cfg.default_model)
@@ -113,7 +115,7 @@ class ModelsPane(Vertical):
     def scan(self) -> None:
         cfg = config.load()
         lib = library.discover(cfg)
-        self.app.call_from_thread(self._show, cfg, lib, _default_model_problem(cfg))
+        self.app.call_from_thread(self._show, cfg, lib, _default_model_problem(cfg, lib))
 
     def _show(self, cfg: config.Config, lib: library.Library, default_problem: str | None = None) -> None:
         self.entries = lib.entries
