@@ -31,7 +31,7 @@ from pathlib import Path
 from aiohttp import WSCloseCode, web
 
 from backend import config, foreign_metadata, jobkinds, metadata
-from backend.errors import DreamttyError, RequestError, Transient
+from backend.errors import DreamttyError, RequestError, Transient, field_and_message
 from backend.events import Fanout, Preview, dumps
 from backend.http_server import trust
 from backend.outputs import check_out_dir
@@ -419,13 +419,11 @@ def _digits(text: str, field: str) -> int:
 def _field_of(exc: DreamttyError) -> tuple[str, str, str]:
     """The JSON key an error is about, its message and its line: a RequestError's own, else the
     ``field: message`` its line starts with (``request`` when it names none)."""
-    if not isinstance(exc, RequestError):
-        field, sep, message = str(exc).partition(": ")
-        if not (sep and field and " " not in field):
-            return "request", error_line(exc), error_line(exc)
-        exc = RequestError(field, message)
-    field = one_line(exc.json_key)[:100]  # an unknown key echoed
-    return field, error_line(exc.message), error_line(f"{field}: {exc.message}")
+    field, message = field_and_message(exc)
+    if field is None:
+        return "request", error_line(exc), error_line(exc)
+    key = one_line(RequestError(field, message).json_key)[:100]  # an unknown key echoed
+    return key, error_line(message), error_line(f"{key}: {message}")
 
 
 async def _read_object(request: web.Request, allowed: tuple[str, ...], example: str,

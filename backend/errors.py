@@ -45,6 +45,16 @@ class ModelError(DreamttyError):
     """A model cannot be found, read or loaded."""
 
 
+def field_and_message(exc: Exception) -> tuple[str | None, str]:
+    """The request field ``exc`` is about and what it says of it: a RequestError's own, else the ``field: message``
+    its text starts with (the service refuses a model with ``model: ... does not exist``); (None, its text) when it
+    names no field."""
+    if isinstance(exc, RequestError):
+        return exc.field, exc.message
+    field, sep, message = str(exc).partition(": ")
+    return (field, message) if sep and field and " " not in field else (None, str(exc))
+
+
 def noted(exc: DreamttyError, note: str) -> DreamttyError:
     """``exc`` as the same kind of error (and field) with ``note`` at the end of its message: where a value the
     user did not type came from."""

@@ -128,3 +128,12 @@ def test_nul_is_refused_in_names_and_paths_but_not_in_prompts(kind):
 ])
 def test_digit_grouping_underscores_are_not_a_number(kw, message):
     assert str(_err(**kw)) == message
+
+
+def test_the_field_an_error_names_is_read_the_same_everywhere():
+    """The API, the Generate form and the Train form each split "field: message" their own way."""
+    from backend.errors import DreamttyError, ModelError, field_and_message
+
+    assert field_and_message(RequestError("lora", "x: y")) == ("lora", "x: y")
+    assert field_and_message(ModelError("model: foo does not exist")) == ("model", "foo does not exist")
+    assert field_and_message(DreamttyError("cannot reach the service: x")) == (None, "cannot reach the service: x")

@@ -14,7 +14,7 @@ from textual.widget import Widget
 from textual.widgets import Checkbox, Collapsible, Input, Select, Static, TextArea
 
 from backend import library, request_builder
-from backend.errors import DreamttyError, RequestError, noted
+from backend.errors import DreamttyError, RequestError, field_and_message, noted
 from backend.families import FAMILIES, MODEL_NAMES, aspect_sizes
 from backend.guidance_settings import (ADM_SCALE_RANGE, CLIP_SKIP_MAX, FREEU_RANGE, RANGES, GuidanceSettings,
                                       format_guidance_value)
@@ -85,14 +85,6 @@ def _size_options(family: str) -> list[tuple[str, str]]:
 def _field_values(field: Field) -> tuple:
     """What the controls of ``field`` hold now."""
     return tuple(w.text if isinstance(w, TextArea) else w.value for w in field.query("Input, TextArea, Select"))
-
-
-def _field_and_message(exc: DreamttyError) -> tuple[str, str]:
-    """(the field ``exc`` names, what it says of it)."""
-    if isinstance(exc, RequestError):
-        return exc.field, exc.message
-    name, colon, message = str(exc).partition(":")
-    return name.strip(), (message if colon else name).strip()
 
 
 def _preset_options(presets: list[PresetInfo]) -> list[tuple[str, str]]:
@@ -285,7 +277,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
         if isinstance(exc, RequestError):
             exc = self.references.placed(exc)
         exc = self._model_origin(exc)
-        name, message = _field_and_message(exc)
+        name, message = field_and_message(exc)
         field = next((f for f in self.query(Field) if name in f.names), None)
         if field is None:
             self.query_one("#form-error", Static).update(plain(exc))
@@ -460,7 +452,7 @@ class GenerateForm(VerticalScroll, can_focus=False):
             return  # typed on since
         model_field = self.query_one("#model", Input).parent
         if problem is not None:
-            model_field.set_hint(_field_and_message(self._model_origin(problem))[1])
+            model_field.set_hint(field_and_message(self._model_origin(problem))[1])
             return
         label = FAMILIES[family].label if family in FAMILIES else "unknown family (sizes for SDXL)"
         model_field.set_hint(label)

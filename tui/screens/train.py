@@ -23,7 +23,7 @@ from textual.widgets.option_list import Option, OptionDoesNotExist
 from textual.worker import Worker, get_current_worker
 from textual_plotext import PlotextPlot
 
-from backend.errors import DreamttyError, RequestError
+from backend.errors import DreamttyError, RequestError, field_and_message
 from backend.events import TrainResume, TrainStep
 from backend.input_images import UNREADABLE
 from backend.run_schedule import ENDED, TRAINING, ScheduledRun
@@ -94,10 +94,8 @@ def live_error(name: str, value: object) -> str | None:
 def field_errors(exc: DreamttyError) -> dict[str, str]:
     """The request field ``exc`` is about and its message ({} when none): a RequestError's, or the one that starts
     the text of another error (the service refuses a model with ``model: ... does not exist``)."""
-    if isinstance(exc, RequestError):
-        return {exc.field: exc.message}
-    name, _, message = str(exc).partition(": ")
-    return {name: message} if name in _FORM_FIELDS and message else {}
+    name, message = field_and_message(exc)
+    return {name: message} if isinstance(exc, RequestError) or (name in _FORM_FIELDS and message) else {}
 
 
 _NOT_SAVED = {"output", "resume"}  # what a resume gives, besides the run's saved settings
