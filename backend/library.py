@@ -918,9 +918,8 @@ def _cached_hash(path: str | Path, prefix: str, compute) -> str:
     cache[key] = [*stamp, value]
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(cache_file)
+        with user_files.replacing(cache_file) as tmp:
+            tmp.write_text(json.dumps(cache))
     except OSError:
         pass  # the hash is still right; only the cache is lost
     return value

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend import locations
+from backend import locations, user_files
 from backend.errors import DreamttyError
 
 MAX_SOCKET_PATH = 103  # bytes: sun_path holds 108 on Linux and 104 on macOS, with the closing NUL
@@ -118,11 +118,10 @@ class ServiceFiles:
 
     def write_pid_file(self, info: dict) -> None:
         """Write ``info`` atomically (0600): readers never see half a file."""
-        tmp = self.pid_file.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
-        tmp.replace(self.pid_file)
+        with user_files.replacing(self.pid_file) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
 
     def read_pid_file(self) -> dict | None:
         try:

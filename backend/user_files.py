@@ -9,12 +9,15 @@ at most ``limit`` bytes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import stat
 import sys
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import BinaryIO
 
 from backend.errors import RequestError
@@ -76,6 +79,22 @@ def read_problem(path: str | os.PathLike, exc: OSError, wanted: str = "a file") 
     return f"cannot read {path}: {exc.strerror or exc}"
 
 
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp path beside ``path`` (same suffix: PIL saves by it) for the block to write; when the block ends, it
+    replaces ``path`` in one rename, so readers never see half a file. On an error (a full disk) the temp file is
+    removed and ``path`` is left as it was."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.stem[:64]}.{uuid.uuid4().hex[:12]}.tmp{target.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> str:
     """Write ``text`` (UTF-8) to ``path`` through a temp file and a rename: readers never see half a file, and
     a failed write (disk full) leaves the old file as it was, with no temp file. A link is written where it
@@ -91,19 +110,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
         _check(info, target, sys.maxsize)
         if not info.st_mode & 0o222 or not os.access(target, os.W_OK):  # the rename would replace it anyway
             raise PermissionError(errno.EACCES, "is read-only", target)
-    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)[:64]}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
+    with replacing(target) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
         if info is not None:
             os.chmod(tmp, stat.S_IMODE(info.st_mode))
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return target
 
 

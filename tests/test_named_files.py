@@ -68,3 +68,20 @@ def test_a_recorded_input_that_became_a_fifo_is_not_the_same_content(fifo):
 def test_an_image_to_reproduce_or_take_settings_from(fifo):
     with pytest.raises(RequestError, match=f"^image: {fifo} is not a regular file$"):
         _without_waiting(lambda: metadata.image_request(fifo), fifo)
+
+
+def test_a_file_written_through_replacing_is_whole_or_as_it_was(tmp_path):
+    """Presets, the config, the pid file, class images, kept inputs and caches are written this way."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    target = folder / "a.png"
+    target.write_bytes(b"old")
+    with pytest.raises(OSError, match="No space left"):
+        with user_files.replacing(target) as tmp:
+            assert tmp.parent == folder and tmp.suffix == ".png"  # PIL picks the format by the suffix
+            tmp.write_bytes(b"ha")
+            raise OSError(28, "No space left on device")
+    assert target.read_bytes() == b"old" and [p.name for p in folder.iterdir()] == ["a.png"]
+    with user_files.replacing(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in folder.iterdir()] == ["a.png"]

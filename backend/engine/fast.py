@@ -23,15 +23,13 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from backend import locations
+from backend import locations, user_files
 
 COMPILE_MODE = "reduce-overhead"
 FLOAT8_CAPABILITY = (8, 9)  # float8 matmuls (torch._scaled_mm) need Ada or Hopper tensor cores
@@ -110,13 +108,8 @@ class CompileCache:
         if not saved:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(saved[0])
-            os.replace(tmp, self.root / f"{key}.bin")
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with user_files.replacing(self.root / f"{key}.bin") as tmp:
+            tmp.write_bytes(saved[0])
         self.loaded.add(key)
 
 

@@ -8,7 +8,6 @@ stretches the schedule so that ``steps`` of it run). Strength 0 runs none and gi
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 from dataclasses import dataclass, replace
@@ -147,15 +146,12 @@ class ImageInputRequest(OneImageRequest):
             if not path or not digest:
                 continue
             copy = folder / f"{digest}{Path(path).suffix.lower()}"
-            tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
             try:
                 if not _has_content(str(copy), digest):  # a file of that name with other bytes is replaced
                     folder.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(os.path.expanduser(path), tmp)
-                    tmp.replace(copy)
+                    with user_files.replacing(copy) as tmp:  # never half a copy (a full disk)
+                        shutil.copyfile(os.path.expanduser(path), tmp)
             except OSError as exc:
-                with contextlib.suppress(OSError):  # half a copy (a full disk)
-                    tmp.unlink()
                 notes.append(f"keep_inputs: cannot copy the {role} to {folder} ({exc.strerror or exc}); the image "
                              "records its path only")
                 continue

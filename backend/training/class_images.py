@@ -8,7 +8,6 @@ resolution or cannot be decoded (with a warning naming it). With several process
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from backend import locations
+from backend import locations, user_files
 from backend.errors import DreamttyError
 from backend.families import FAMILIES
 from backend.models import ModelRef
@@ -100,12 +99,10 @@ def _generate(ref: ModelRef, prompt: str, indices: list[int], resolution: int, s
 def _save(image, folder: Path, index: int) -> None:
     """Write class image ``index`` through a temp file (never a half-written one); a one-line DreamttyError, and no
     temp file left, when it cannot be written (a full disk, a folder in its place)."""
-    target, tmp = folder / f"class-{index:05d}.png", folder / f".class-{index:05d}.{os.getpid()}.png"
+    target = folder / f"class-{index:05d}.png"
     try:
-        image.save(tmp)
-        os.replace(tmp, target)
+        with user_files.replacing(target) as tmp:
+            image.save(tmp)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise DreamttyError(f"class_prompt: cannot save the class image {target}: {exc.strerror or exc}; "
                             f"{runs.RESUME_HINT} once it can be written") from None
