@@ -245,6 +245,6 @@ def _cached(api, repo: str, name: str, sha: str, local_dir: Path | None = None, 
         from huggingface_hub import try_to_load_from_cache
 
         found = try_to_load_from_cache(repo, name, revision=sha, cache_dir=getattr(api, "cache_dir", None))
-    except Exception:
+    except (OSError, ValueError):  # an unreadable cache; HFValidationError
         return False
     return isinstance(found, str)

@@ -683,11 +683,12 @@ def _first_visit(folder: Path, searched: set) -> bool:
 
 def _hub_snapshots() -> list[tuple[str, Path, int]]:
     """(repo id, newest snapshot folder, size on disk) of the model repos in the local HF cache."""
-    try:
-        from huggingface_hub import constants, scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
 
+    try:
         info = scan_cache_dir(constants.HF_HUB_CACHE)
-    except Exception:  # no cache dir yet, or an unreadable one
+    except (CacheNotFound, OSError, ValueError):  # no cache dir yet, an unreadable one, a ref not UTF-8
         return []
     out = []
     for repo in sorted(info.repos, key=lambda r: r.repo_id):
@@ -805,7 +806,7 @@ def hub_cache_folder(repo_id: str) -> Path | None:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), unreadable; not a repo id (HFValidationError)
         return None
 
 

@@ -304,6 +304,21 @@ def test_an_inpainting_checkpoint_is_flagged_as_a_folder_as_a_file(tmp_path, mon
                      for name in ("sd-inpaint", "file-inpaint", "org/hub-inpaint")}
 
 
+def test_a_damaged_hf_cache_lists_nothing_from_it_and_stops_nothing(tmp_path, monkeypatch):
+    """A ref file that is not UTF-8 (hand-edited, a bad disk) raised out of the Hub's cache scan."""
+    from huggingface_hub import constants
+
+    refs = tmp_path / "hub" / "models--org--m" / "refs"
+    (refs.parent / "snapshots").mkdir(parents=True)
+    refs.mkdir()
+    (refs / "main").write_bytes(b"\xff\xfe")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    lib = library.discover(config.Config())
+    assert [e.name for e in lib.entries if e.kind == "checkpoint"] == ["demo", "demo-xl"]
+    assert library.hub_cache_folder("org/m") is None and library.hub_cache_folder("not a repo id") is None
+
+
 def test_short_hash_is_sha256_prefix_and_cached(tmp_path):
     path = tmp_path / "w.safetensors"
     path.write_bytes(b"weights" * 1000)
