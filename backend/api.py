@@ -80,6 +80,22 @@ def _error(status: int, text: str, **extra) -> web.Response:
     return web.json_response({"error": error_line(text), **extra}, status=status)  # it may echo a long id
 
 
+async def _expect(request: web.Request) -> web.Response | None:
+    """``Expect: 100-continue`` on a route that reads a body: one over MAX_BODY is refused before it is sent
+    (aiohttp's own handler said "100 Continue" to it, then 413 once it had come), else the client is told to go
+    on (RFC 9110, 10.1.1)."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return _error(417, f"Expect: {request.headers.get('Expect')}: only 100-continue is understood")
+    if (request.content_length or 0) > MAX_BODY:
+        response = _error(413, f"body: larger than {MAX_BODY} bytes")
+        response.force_close()  # the body it did not send may still come
+        return response
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # what was written is no part of the response (its size is logged)
+    return None
+
+
 class Api:
     """The routes over one :class:`Service`. ``token``: what TCP clients must send (None: no TCP).
     ``stop``: called by ``POST /v1/shutdown``; ``info``: more fields for ``GET /v1/status``."""
@@ -97,16 +113,16 @@ class Api:
             web.get("/v1/version", self.version),
             web.get("/v1/status", self.status),
             web.get("/v1/jobs", self.list_jobs),
-            web.post("/v1/jobs", self.submit),
-            web.post("/v1/validate", self.validate),
-            web.post("/v1/closest", self.closest),
+            web.post("/v1/jobs", self.submit, expect_handler=_expect),
+            web.post("/v1/validate", self.validate, expect_handler=_expect),
+            web.post("/v1/closest", self.closest, expect_handler=_expect),
             web.get("/v1/jobs/{id}", self.get_job),
             web.post("/v1/jobs/{id}/cancel", self.cancel),
             web.post("/v1/jobs/cancel", self.cancel_all),
             web.post("/v1/jobs/forget", self.forget_ended),
             web.get("/v1/jobs/{id}/images/{n}", self.image),
             web.get("/v1/runs", self.list_runs),
-            web.post("/v1/runs", self.start_run),
+            web.post("/v1/runs", self.start_run, expect_handler=_expect),
             web.get("/v1/runs/{id}", self.get_run),
             web.post("/v1/runs/{id}/stop", self.stop_run),
             web.get("/v1/events", self.events),

@@ -395,8 +395,22 @@ async def test_bad_bodies_get_one_line_errors_and_queue_nothing(service):
         for key in ("a\\u2028b", "\\ud800"):  # a line break to splitlines(), and what no UTF-8 encoder takes
             status, body = await post(b'{"request": {"' + key.encode() + b'": 1}}')  # echoed as JSON escaped them
             assert status == 400 and body["error"].startswith(f"{key}: unknown field") and body["field"] == key
+        status, head = await asyncio.to_thread(_expecting, socket_path, 2 << 20)  # curl sends such a header
+        assert status == 413 and b'"body: larger than' in head  # before the body is sent: not 100 Continue
+        assert (await asyncio.to_thread(_expecting, socket_path, 20))[0] == 100
         after = len((await (await http.get("http://dreamtty/v1/jobs")).json())["jobs"])
     assert after == before
+
+
+def _expecting(socket_path: str, length: int) -> tuple[int, bytes]:
+    """The first status a POST /v1/jobs of ``length`` bytes with ``Expect: 100-continue`` gets, before its body."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(socket_path)
+        sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: dreamtty\r\nContent-Type: application/json\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % length)
+        head = sock.recv(4096)
+    return int(head.split()[1]), head
 
 
 async def test_closest_leaves_out_the_loras_the_service_lacks(service):
