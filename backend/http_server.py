@@ -21,12 +21,14 @@ request's bytes.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import http_exceptions, web
 
-from backend.errors import DreamttyError
+from backend.errors import DreamttyError, Transient
 from backend.safetext import error_line
 
 KEEPALIVE = 60.0  # seconds; the CLI and the TUI send a request as soon as they connect
@@ -151,12 +153,17 @@ async def listen_tcp(runner: web.AppRunner, host: str, port: int, limit: int = M
         return await asyncio.get_running_loop().create_server(connection, host, port, start_serving=serving)
     except OSError as exc:  # in use, not this machine's address, a privileged port
         shown = f"[{host}]" if ":" in host else host
-        raise DreamttyError(f"listen: cannot listen on {shown}:{port}: {exc.strerror or exc}") from None
+        why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)  # not the tuple
+        said = f"listen: cannot listen on {shown}:{port}: {why}"  # asyncio writes in its text
+        raise (Transient(f"{said}; try again once it is free, or another port") if exc.errno == errno.EADDRINUSE
+               else DreamttyError(said)) from None
 
 
-async def serve_tcp(app: web.Application, host: str, port: int, listening: Callable[[], None] = lambda: None) -> None:
+async def serve_tcp(app: web.Application, host: str, port: int, listening: Callable[[], None] = lambda: None,
+                    before: Callable[[], Awaitable[None]] | None = None) -> None:
     """``app`` on ``host:port``, with the limits above, until SIGINT or SIGTERM; ``listening`` is called once
-    it listens."""
+    it listens. ``before`` runs once the address is taken, before a connection is: an address that cannot be
+    had is said before it starts anything (the service a page needs)."""
     runner = make_runner(app)
     await runner.setup()
     stop = asyncio.Event()
@@ -164,7 +171,10 @@ async def serve_tcp(app: web.Application, host: str, port: int, listening: Calla
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        listener = await listen_tcp(runner, host, port, MAX_CONNECTIONS)
+        listener = await listen_tcp(runner, host, port, MAX_CONNECTIONS, serving=False)
+        if before is not None:
+            await before()
+        await listener.start_serving()
         listening()
         try:
             await stop.wait()

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from backend import events as ev, versions
 from backend.cluster_address import ADDRESS, check_address
-from backend.errors import DreamttyError
+from backend.errors import DreamttyError, Transient
 from backend.pool import OnDied, OnEvent, Slot, StartFaults
 from backend.queue_store import QueueStore
 from backend.safetext import first_line
@@ -465,8 +465,9 @@ def _check_head(address: str, host: str, port: int, field: str) -> None:
         sock = socket.create_connection((host, port), timeout=HEAD_TIMEOUT)
     except UnicodeError:  # the IDNA codec: an empty label ("a..b") or one over 63 characters
         raise DreamttyError(f"{field}: {host!r} in {address} is not a valid host name") from None
-    except OSError as exc:
-        raise DreamttyError(f"{field}: cannot reach the Ray head at {address}: {exc.strerror or exc}") from None
+    except OSError as exc:  # a name no resolver knows is bad input; a head down or out of reach, a fault that passes
+        said = f"{field}: cannot reach the Ray head at {address}: {exc.strerror or exc}"
+        raise (DreamttyError(said) if isinstance(exc, socket.gaierror) else Transient(said)) from None
     with sock:
         if os.environ.get("RAY_USE_TLS", "0") not in ("", "0"):  # a TLS head answers in TLS first
             return

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from backend import locations, service_log
-from backend.errors import DreamttyError, RequestError, ServiceUnavailable
+from backend.errors import DreamttyError, RequestError, ServiceUnavailable, Transient
 from backend.safetext import visible
 from backend.service_files import (AlreadyRunning, QueueHeld, ServiceFiles, hold_queue, make_token, token_file,
                                    token_warnings)
@@ -32,7 +32,8 @@ from backend.versions import build
 WORKER_NICE = 10  # the service's workers yield the CPU to interactive programs: a TUI paints keys while a job runs
 START_TIMEOUT = 60.0  # seconds a detached service may take to answer on its socket
 IDLE_CHECK = 5.0  # seconds between checks of the idle limit
-REFUSED_EXIT = 2  # a detached service that refused what it was given (a port in use): bad input, as in the foreground
+REFUSED_EXIT = 2  # a detached service that refused what it was given (an address not this machine's): bad input
+PASSING_EXIT = 5  # one that met a fault that passes (a port in use): exit 3, as in the foreground
 LOG_CHECK = 10.0  # seconds between checks of the log's size
 
 
@@ -53,6 +54,8 @@ def parse_listen(text: str, field: str = "listen") -> tuple[str, int]:
         raise RequestError(field, f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:7860)")
     if not 0 < int(port) < 65536:
         raise RequestError(field, f"{text!r}: port {port} is out of range; allowed 1..65535")
+    if not host.isprintable():  # a control character: no bracket it lacks
+        raise RequestError(field, f"{text!r}: {host!r} is not a host name or address")
     if "[" in host or "]" in host or (":" in host and not bracketed):  # ::1:7860 reads as no address in a URL
         raise RequestError(field, f"{text!r}: an IPv6 address goes in brackets, as in [::1]:7860")
     return host, int(port)
@@ -206,8 +209,9 @@ def start_detached(options: ServeOptions) -> dict:
         code = process.poll()
         if code == QueueHeld.EXIT_CODE:  # one of another runtime dir runs the queue (hold_queue)
             raise QueueHeld(_last_line(log_file))
-        if code == REFUSED_EXIT:
-            raise DreamttyError(_last_line(log_file).removeprefix("dreamtty: "))
+        if code in (REFUSED_EXIT, PASSING_EXIT):
+            said = _last_line(log_file).removeprefix("dreamtty: ")
+            raise Transient(said) if code == PASSING_EXIT else DreamttyError(said)
         if code not in (None, 0, AlreadyRunning.EXIT_CODE):
             raise ServiceUnavailable(f"service: did not start ({_last_line(log_file).removeprefix('dreamtty: ')}); "
                                      f"see {log_file}")
@@ -254,7 +258,7 @@ def main(argv: list[str]) -> int:
         return exc.EXIT_CODE
     except DreamttyError as exc:
         print(f"dreamtty: {exc}", flush=True)
-        return REFUSED_EXIT
+        return PASSING_EXIT if isinstance(exc, Transient) else REFUSED_EXIT
     return 0
 
 

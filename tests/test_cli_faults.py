@@ -891,6 +891,7 @@ def test_a_job_id_that_is_no_number_1_or_more_is_refused_before_any_service_is_a
     ("nowhere", "listen: 'nowhere' is not HOST:PORT (e.g. 127.0.0.1:7860)"),
     ("[:80", "listen: '[:80': an IPv6 address goes in brackets, as in [::1]:7860"),
     ("foo]:80", "listen: 'foo]:80': an IPv6 address goes in brackets, as in [::1]:7860"),
+    ("h\x1b[31m:80", "listen: 'h\\x1b[31m:80': 'h\\x1b[31m' is not a host name or address"),  # "brackets"
     ("127.0.0.1:99999", "listen: '127.0.0.1:99999': port 99999 is out of range; allowed 1..65535"),
     ("127.0.0.1:0", "listen: '127.0.0.1:0': port 0 is out of range; allowed 1..65535"),
 ])

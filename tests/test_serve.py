@@ -1145,10 +1145,11 @@ def test_listen_on_a_port_in_use_is_one_line(dirs):
         port = taken.getsockname()[1]
         out = cli(dirs, "serve", "--listen", f"127.0.0.1:{port}", "--device", "cpu")
         detached = cli(dirs, "serve", "--listen", f"127.0.0.1:{port}", "--device", "cpu", "--detach")
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert f"listen: cannot listen on 127.0.0.1:{port}" in out.stderr
-    # detached, the same fault: the same exit and line, not "service: did not start (dreamtty: listen: ...)", 3
-    assert detached.returncode == 2 and detached.stderr.startswith(f"dreamtty: listen: cannot listen on 127.0.0.1:{port}")
+    assert out.returncode == 3 and "Traceback" not in out.stderr  # a fault that passes: 3, not 2 (bad input)
+    assert (f"listen: cannot listen on 127.0.0.1:{port}: Address already in use; try again once it is free, or "
+            "another port") in out.stderr  # not asyncio's "error while attempting to bind on address ('127...
+    # detached, the same fault: the same exit and line, not "service: did not start (dreamtty: listen: ...)"
+    assert detached.returncode == 3 and detached.stderr.startswith(f"dreamtty: listen: cannot listen on 127.0.0.1:{port}")
     assert detached.stderr.count("dreamtty:") == 1, detached.stderr
 
 

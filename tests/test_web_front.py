@@ -306,7 +306,7 @@ def test_a_port_in_use_is_a_one_line_error():
         taken.listen()
         port = taken.getsockname()[1]
         said = []  # dreamtty web prints the page's address once it listens: here never
-        with pytest.raises(DreamttyError, match=f"^listen: cannot listen on 127.0.0.1:{port}: "):
+        with pytest.raises(DreamttyError, match=f"^listen: cannot listen on 127.0.0.1:{port}: Address already in use; "):
             WebFront("true", "127.0.0.1", port, TOKEN).run(lambda: said.append("listening"))
         assert said == []
 
@@ -337,7 +337,7 @@ def test_web_checks_the_token_before_starting_a_service_and_says_what_it_started
     monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
     monkeypatch.delenv("DREAMTTY_LOCAL")
     monkeypatch.setattr("backend.client.connect", lambda *args, **kwargs: Client())
-    monkeypatch.setattr(WebFront, "run", lambda self, listening: listening())
+    monkeypatch.setattr(WebFront, "run", lambda self, listening, before: asyncio.run(before()) or listening())
     token = tmp_path / "state" / "serve.token"
     token.parent.mkdir()
     token.write_text("guess\n")
@@ -353,21 +353,24 @@ def test_web_checks_the_token_before_starting_a_service_and_says_what_it_started
 
 
 def test_web_warns_of_plain_http_only_once_it_serves(tmp_path, monkeypatch, capsys):
-    """An address it cannot listen on got the plain-HTTP warning, then the error."""
+    """An address it cannot listen on got the plain-HTTP warning, then the error; and the service it started
+    first stayed, for nothing."""
     from tui.cli import main
 
     class Client:
         started = None
 
         async def start(self) -> None:
-            pass
+            starts.append(self)
 
         async def close(self) -> None:
             pass
 
     monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
     monkeypatch.delenv("DREAMTTY_LOCAL")
+    starts: list = []
     monkeypatch.setattr("backend.client.connect", lambda *args, **kwargs: Client())
     assert main(["web", "--listen", "192.0.2.1:8000"]) == 2  # TEST-NET-1: no address of this machine
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("dreamtty: listen: cannot listen on 192.0.2.1:8000") and err.count("\n") == 1
+    assert starts == []

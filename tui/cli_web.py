@@ -6,7 +6,6 @@ none runs). Every request must carry the service's token: the address this print
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shlex
 import socket
 import sys
@@ -40,7 +39,6 @@ def cmd_web(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     token = make_token()  # a token file that cannot be used is said before a service is started
     print_warnings(token_warnings(token))
-    asyncio.run(_start_service(args))  # each tab attaches to it, and attach never starts one
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
     shown = f"[{shown}]" if ":" in shown else shown
 
@@ -49,7 +47,8 @@ def cmd_web(args: argparse.Namespace) -> int:
         print(visible(f"dreamtty: the TUI in a browser at http://{shown}:{port}/?token={token} (each tab is a "
                       "client of the service; Ctrl-C stops serving the page, not the service)"), flush=True)
 
-    WebFront(tab_command(args), host, port, token).run(listening)
+    # the service each tab attaches to (attach never starts one): started once the address is had
+    WebFront(tab_command(args), host, port, token).run(listening, lambda: _start_service(args))
     return 0
 
 

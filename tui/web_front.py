@@ -20,7 +20,7 @@ import hmac
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
@@ -142,14 +142,17 @@ class WebFront(Server):
     async def on_startup(self, app: web.Application) -> None:
         """Quiet: ``dreamtty web`` already said where the page is."""
 
-    def run(self, listening: Callable[[], None] = lambda: None) -> None:
+    def run(self, listening: Callable[[], None] = lambda: None,
+            before: Callable[[], Awaitable[None]] | None = None) -> None:
         """Serve until Ctrl-C (or SIGTERM), with the service's limits on slow and excess connections;
-        a client's malformed request is not a traceback on stderr. ``listening``: called once it listens."""
+        a client's malformed request is not a traceback on stderr. ``listening``: called once it listens;
+        ``before``: run once its address is taken (``serve_tcp``)."""
         quiet_client_faults()
-        asyncio.run(self._serve(listening))
+        asyncio.run(self._serve(listening, before))
 
-    async def _serve(self, listening: Callable[[], None] = lambda: None) -> None:
-        await serve_tcp(await self._make_app(), self.host, self.port, listening)
+    async def _serve(self, listening: Callable[[], None] = lambda: None,
+                     before: Callable[[], Awaitable[None]] | None = None) -> None:
+        await serve_tcp(await self._make_app(), self.host, self.port, listening, before)
 
 
 def cookie_value(token: str) -> str:
