@@ -61,6 +61,21 @@ def cut(text: str, most: int) -> str:
     return text if len(text) <= most else text[:most - 1] + "…"
 
 
+def cut_line(text: object, most: int) -> str:
+    """``text`` as :func:`one_line` writes it, cut to ``most`` characters with "…", never inside an escape
+    (``\\u200`` of a cut ``\\u200b`` reads as another character)."""
+    line = one_line(text)
+    if len(line) <= most:
+        return line
+    kept = ""
+    for char in str(text):
+        shown = one_line(char)
+        if len(kept) + len(shown) > most - 1:
+            break
+        kept += shown
+    return kept + "…"
+
+
 def first_line(exc: BaseException, most: int = 300, empty: str | None = None) -> str:
     """The first line of ``exc``'s message, cut to ``most`` characters (a library's error quoted in one of ours:
     the rest is a traceback's worth of detail); ``empty`` when it has none (None: its type's name)."""

@@ -561,3 +561,16 @@ def test_a_key_holding_a_control_character_is_not_a_key_name():
     assert warnings == [
         "keymap.screen.queue: 'ctrl+\\x1b' is not a key name (e.g. ctrl+g, f5, escape, x); keeping f2",
         "keymap.help: '\\u202ex' is not a key name (e.g. ctrl+g, f5, escape, x); keeping f12"]
+
+
+def test_a_name_cut_to_its_column_is_never_cut_inside_an_escape():
+    """``styles list`` showed "zw\\u200…" for "zw\\u200b…": another code point, to the reader."""
+    from backend.safetext import cut_line
+    from backend.prompting.presets import PresetInfo
+    from tui.screens.generate_form import PRESET_LABEL, _preset_options
+
+    assert cut_line("ab\u200bcd", 6) == "ab…" and cut_line("ab\u200bcd", 9) == "ab\\u200b…"
+    assert cut_line("a\nb", 4) == "a\\nb" and cut_line("", 1) == ""
+    preset = PresetInfo("mine", "W" * 300 + "\x1b[31m", "user", True)
+    label = str(_preset_options([preset])[0][0])  # the closed Preset field grew to 15 rows of W
+    assert len(label) == PRESET_LABEL and label.startswith("mine: WWW") and label.endswith("W…")

@@ -7,7 +7,7 @@ import json
 import sys
 
 from backend.prompting.styles import RANDOM_STYLE, StyleLibrary, load_styles
-from backend.safetext import cut, one_line
+from backend.safetext import cut_line, one_line
 from tui.cli_output import add_list_show, print_warnings
 
 NAME_COLUMN = 40  # characters of the list's name column: a longer name is cut with "…" (--json gives it whole)
@@ -34,7 +34,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         listed = [*found, library.get(RANDOM_STYLE)] if random else found
         print(json.dumps([{"name": s.name, "category": s.category, "source": s.source} for s in listed]))
         return 0
-    names = [cut(one_line(s.name), NAME_COLUMN) for s in found]  # one row each: a newline in a name is shown as \n
+    names = [cut_line(s.name, NAME_COLUMN) for s in found]  # one row each: a newline in a name is shown as \n
     width = max(map(len, [*names, RANDOM_STYLE])) + 2
     for name, style in zip(names, found):
         print(f"{name:<{width}}{one_line(style.category)}")

@@ -22,6 +22,7 @@ from backend.models import DEMO_MODELS, resolve_model, trained_model
 from backend.prompting.presets import PresetInfo, list_presets
 from backend.prompting.styles import RANDOM_STYLE, load_styles
 from backend.request import DTYPES, SPEEDS, GenerateRequest, parse_size
+from backend.safetext import cut_line
 from backend.samplers import SAMPLERS
 from backend.training.runs import list_runs
 from tui.suggest import ChoiceSuggester
@@ -33,6 +34,7 @@ from tui.widgets.style_picker import StyleInfo, StylePicker
 
 CUSTOM_SIZE = "custom"
 INPUT_SIZE = "input"  # an image-input job's size comes from its input image
+PRESET_LABEL = 72  # characters of a preset's name and description in its list
 _TEXT_FIELDS = ("model", "steps", "cfg", "count", "loras", "vae", "refiner", "refiner_switch")  # plain Inputs
 _SELECT_FIELDS = ("sampler", "scheduler", "dtype", "speed")
 # Performance: (label, steps). Extreme speed also switches to the LCM sampler and CFG 1 (distilled models).
@@ -88,7 +90,9 @@ def _field_values(field: Field) -> tuple:
 
 
 def _preset_options(presets: list[PresetInfo]) -> list[tuple[str, str]]:
-    return [(plain(f"{p.name}: {p.description}" if p.description else p.name), p.name) for p in presets]
+    """Each preset's name and description on one line: a long description grew the closed field to 15 rows."""
+    return [(plain(cut_line(f"{p.name}: {p.description}" if p.description else p.name, PRESET_LABEL)), p.name)
+            for p in presets]
 
 
 class GenerateForm(VerticalScroll, can_focus=False):
