@@ -63,6 +63,20 @@ def test_config_path_and_global_config_option(tmp_path, monkeypatch, capsys):
         monkeypatch.delenv("DREAMTTY_CONFIG", raising=False)
 
 
+def test_config_check_prints_every_problem_whole_the_keymaps_too(tmp_path, capsys):
+    """Only the TUI read the keymap, and its notice cuts a long list: its problems could be read nowhere whole."""
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("keymap:\n  generate: f5\n")
+    bad.write_text("paths:\n  loras: 5\nkeymap:\n  screen.queue: q\n  bogus.id: x\n")
+    assert main(["--config", str(good), "config", "check"]) == 0
+    assert capsys.readouterr().out == f"config: no problems in {good}\n"
+    assert main(["--config", str(bad), "config", "check"]) == 1
+    out, err = capsys.readouterr()
+    assert out == f"config: 3 problem(s) in {bad}\n" and err.count("\n") == 3
+    assert "dreamtty: config: keymap.screen.queue: 'q' types text, and this binding would take it from every text " \
+           "box (use ctrl+, alt+ or an f key); keeping f2\n" in err and "keymap: 'bogus.id' is not a binding id" in err
+
+
 def test_pull_offline_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["models", "pull", "some/repo"]) == 2

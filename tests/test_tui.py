@@ -435,7 +435,7 @@ async def test_the_configs_problems_are_one_notice_the_first_listed_the_rest_cou
             assert listed.startswith(f"• paths.{kind}: /")
             assert listed.endswith(" does not exist; nothing is found there")
             assert len(listed) <= 2 + tui.app.CONFIG_LINE
-        assert more == "and 3 more (dreamtty models list prints them)"
+        assert more == "and 3 more (dreamtty config check prints them all, whole)"
         [toast] = app.screen.query("Toast")
         assert toast.region.y >= 0 and toast.region.bottom <= 24  # whole on the screen
 

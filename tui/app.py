@@ -67,7 +67,9 @@ def config_notice(problems: list[str], keymap_problems: list[str]) -> tuple[str,
     shown = max(CONFIG_SHOWN, len(keymap_problems))
     listed = [f"• {error_line(problem, CONFIG_LINE)}" for problem in every[:shown]]
     if len(every) > shown:
-        listed.append(f"and {len(every) - shown} more (dreamtty models list prints them)")
+        listed.append(f"and {len(every) - shown} more (dreamtty config check prints them all, whole)")
+    elif any(len(one_line(problem)) > CONFIG_LINE for problem in every):
+        listed.append("(dreamtty config check prints them whole)")
     return f"config: {len(every)} problems", listed
 
 

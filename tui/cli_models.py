@@ -1,4 +1,4 @@
-"""``dreamtty models list|pull`` and ``dreamtty config path``."""
+"""``dreamtty models list|pull`` and ``dreamtty config path|check``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from backend import config, downloads, library
 from backend.errors import RequestError
 from backend.families import family_label
-from backend.safetext import one_line, visible
+from backend.safetext import error_line, one_line, visible
 from tui.cli_output import given
 
 
@@ -102,6 +102,21 @@ def cmd_config_path(args) -> int:
     return 0
 
 
+def cmd_config_check(args) -> int:
+    """Every problem of the config, whole: the file's (printed as every command starts) and its keymap's (only the
+    TUI reads it, where a long list is cut); exit 1 when there is one."""
+    from tui.keymap import check_keymap
+
+    cfg = config.load()
+    problems = [*cfg.warnings, *(f"config: {w}" for w in check_keymap(cfg.keymap)[1])]
+    for problem in problems[len(cfg.warnings):]:
+        print(f"dreamtty: {error_line(problem)}", file=sys.stderr)
+    where = cfg.source or config.config_path()
+    print(f"config: {len(problems)} problem(s) in {one_line(where)}" if problems
+          else f"config: no problems in {one_line(where)}")
+    return 1 if problems else 0
+
+
 def register(sub) -> None:
     about = "list models and pull them from the Hugging Face Hub"
     models = sub.add_parser("models", help=about, description=about)
@@ -123,3 +138,5 @@ def register(sub) -> None:
     csub = cfg.add_subparsers(dest="config_command", required=True, parser_class=type(cfg))
     path = csub.add_parser("path", help="print where the config file is read from")
     path.set_defaults(func=cmd_config_path)
+    check = csub.add_parser("check", help="print every problem of the config file, its keymap's too (exit 1 if any)")
+    check.set_defaults(func=cmd_config_check)
