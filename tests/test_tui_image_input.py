@@ -649,7 +649,10 @@ async def test_f7_loads_the_parameters_of_an_a1111_input_image_with_its_warnings
         assert form.query_one("#steps", Input).value == "3" and form.query_one("#seed", Input).value == "1234567"
         messages = [(n.title, n.message) for n in app._notifications]
         assert ("", "Loaded the parameters of from-a1111.png.") in messages
-        assert sum(title == "from-a1111.png" for title, _ in messages) == 2  # its warnings: what differs
+        said = [message for title, message in messages if title == "from-a1111.png"]  # its warnings: what differs
+        assert len(said) == 3 and said[-1] == ("not carried over: VAE: sdxl_vae.safetensors (not here; the model's "
+                                               "own is used)")  # as reproduce: the queued job would be refused
+        assert form.query_one("#vae", Input).value == ""
         form.query_one("#in-image", Input).value = ""
         await pilot.press("f7")
         await wait_for(pilot, lambda: "give an image whose parameters to load" in screen_text(app), what="the error")

@@ -300,7 +300,8 @@ class DreamttyApp(App):
     @work(thread=True, group="load-parameters")
     def load_into_form(self, path: str) -> None:
         """Put the parameters saved in image ``path`` (ours, or A1111's or Fooocus's: the closest request, with
-        warnings saying what differs) into the Generate form and show it (read in a thread)."""
+        warnings saying what differs, without the LoRAs and VAE the service lacks) into the Generate form and show
+        it (read in a thread)."""
         from backend import metadata
 
         try:
@@ -308,11 +309,17 @@ class DreamttyApp(App):
         except DreamttyError as exc:
             self.call_from_thread(notify, self, exc, severity="error")
             return
-        self.call_from_thread(self._loaded_into_form, request, Path(path).name, warnings)
+        foreign = not metadata.carries_ours(path)
+        self.call_from_thread(self._loaded_into_form, request, Path(path).name, warnings, foreign)
 
-    async def _loaded_into_form(self, request: GenerateRequest, name: str, warnings: list[str]) -> None:
+    async def _loaded_into_form(self, request: GenerateRequest, name: str, warnings: list[str],
+                                foreign: bool = False) -> None:
         from backend import jobkinds
 
+        if foreign:  # as dreamtty reproduce: another machine's files are left out, said
+            with contextlib.suppress(DreamttyError):  # no service now: the form says it when the job is queued
+                request, left = await self.client.closest(request)
+                warnings = [*warnings, *left]
         (await self.generate_screen.ready_form()).fill(request.to_dict(), kind=jobkinds.kind_of(request).name)
         self.switch_mode("generate")
         notify(self, f"Loaded the parameters of {name}.")
