@@ -347,10 +347,11 @@ def test_cancel_all_cancels_every_active_job_and_needs_ids_or_all(tmp_path, monk
     jobs = [store.add("generate", {"request": {"prompt": p}}, "gone") for p in "abcd"]
     store.set_state(jobs[0], "done")
     store.close()
-    for argv in (["cancel"], ["cancel", "--all", str(jobs[1])]):
+    for argv, said in ((["cancel"], "give the ids of the jobs to cancel, or --all (every queued and running job)"),
+                       (["cancel", "--all", str(jobs[1])], "give the ids of the jobs to cancel or --all (every queued "
+                                                            "and running job), not both")):
         assert main(argv) == 2
-        assert capsys.readouterr().err == ("dreamtty: cancel: give the ids of the jobs to cancel, or --all (every "
-                                           "queued and running job)\n")
+        assert capsys.readouterr().err == f"dreamtty: cancel: {said}\n"
     assert main(["cancel", "--all"]) == 0 and capsys.readouterr().out == "3 jobs cancelled\n"
     assert [QueueStore(locations.queue_db()).get(j).state for j in jobs] == ["done", *["cancelled"] * 3]
     assert main(["cancel", "--all"]) == 1 and capsys.readouterr().err == "dreamtty: no job is queued or running\n"

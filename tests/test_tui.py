@@ -1027,6 +1027,14 @@ async def test_the_queue_screen_without_a_service_says_so_in_one_line(idle_servi
         error = app.screen.query_one("#queue-error", Static)
         assert not error.display
 
+        async def ended(job_id):
+            return False
+
+        monkeypatch.setattr(app.client, "cancel", ended)
+        await pilot.press("c")  # it said "Select a queued or running job to cancel." of the job selected
+        await settle(pilot)
+        assert list(app._notifications)[-1].message.endswith(" has ended: nothing to cancel.")
+
         async def gone(*args, **kwargs):
             raise DreamttyError("service: none is running at /run/x.sock")
 

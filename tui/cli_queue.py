@@ -222,7 +222,10 @@ def _said_cancelled(ends: dict[int, str], count: bool = False) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    if bool(args.ids) == args.all:
+    if args.ids and args.all:
+        raise RequestError("cancel", "give the ids of the jobs to cancel or --all (every queued and running job), "
+                                     "not both")
+    if not args.ids and not args.all:
         raise RequestError("cancel", "give the ids of the jobs to cancel, or --all (every queued and running job)")
     return asyncio.run(_cancel_all(args) if args.all else _cancel(args))
 

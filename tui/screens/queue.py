@@ -271,6 +271,8 @@ class QueueScreen(Screen):
             return
         if cancelled:
             notify(self, f"Cancelling job #{key}.")
+        elif key is not None:
+            notify(self, f"Job #{key} has ended: nothing to cancel.", severity="warning")
         else:
             self.notify("Select a queued or running job to cancel.", severity="warning")
 
