@@ -117,8 +117,8 @@ def to_int(name: str, value: object) -> int:
         number = plain_float(value) if isinstance(value, (float, str)) else math.nan
     except ValueError:
         number = math.nan
-    if isinstance(value, str) and (math.isinf(number) or number.is_integer()):
-        exact = decimal.Decimal(value)  # "1e30" is 10**30, where the float rounds it
+    exact = decimal.Decimal(value) if isinstance(value, str) and not math.isnan(number) else None
+    if exact is not None and exact.is_finite():  # "1e30" is 10**30, where the float rounds it
         if exact.adjusted() >= MAX_DIGITS:
             raise RequestError(name, f"{shown(value)} is out of range")
         if exact == exact.to_integral_value():
