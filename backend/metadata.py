@@ -224,6 +224,16 @@ def request_from_meta(source: str, meta: object) -> GenerateRequest:
     """The request our metadata ``meta`` records (``source``: where it was read, as ``image: PATH`` or
     ``from-text: FILE``, the field and the place errors name). One that lacks what every version records, or of
     a version this one does not know, is refused: its defaults and a new seed would make another image."""
+    request = recorded_fields(source, meta)
+    try:
+        return jobkinds.get(meta.get("kind", "generate")).request(request)
+    except RequestError as exc:
+        raise RequestError(exc.field, f"in the metadata of {source.partition(': ')[2]}: {exc.message}") from None
+
+
+def recorded_fields(source: str, meta: object) -> dict:
+    """The request fields our metadata ``meta`` records, as written (``source`` as :func:`request_from_meta`'s);
+    RequestError for metadata without them, or of a version this dreamtty does not know."""
     field, _, where = source.partition(": ")
     request = meta.get("request") if isinstance(meta, dict) else None
     if not isinstance(request, dict):
@@ -236,7 +246,4 @@ def request_from_meta(source: str, meta: object) -> GenerateRequest:
     if missing:
         raise RequestError(field, f"{where} has dreamtty metadata without {', '.join(missing)}: edited or damaged; "
                                   "it cannot be reproduced")
-    try:
-        return jobkinds.get(meta.get("kind", "generate")).request(request)
-    except RequestError as exc:
-        raise RequestError(exc.field, f"in the metadata of {where}: {exc.message}") from None
+    return request

@@ -125,11 +125,17 @@ def source_settings(path: str | Path) -> tuple[dict, list[str]]:
     that tool recorded), without its seed, batch and size; {} for an image without metadata (or one the
     job cannot read, which says why), and a warning for dreamtty metadata that does not read as a request.
     """
+    common = {f.name for f in fields(GenerateRequest)} - set(_NOT_FROM_SOURCE)
     try:
         request, warnings = metadata.image_request(path)
     except DreamttyError as exc:
-        return {}, [f"{exc}; its settings are not used"] if metadata.carries_ours(path) else []
-    common = {f.name for f in fields(GenerateRequest)} - set(_NOT_FROM_SOURCE)
+        if not metadata.carries_ours(path):
+            return {}, []
+        try:  # a value that does not read (a hand-edited NaN): laid as written, refused as the image's own unless given
+            recorded = metadata.recorded_fields(f"image: {path}", metadata.read(path))
+        except DreamttyError:
+            return {}, [f"{exc}; its settings are not used"]
+        return {k: v for k, v in recorded.items() if k in common}, []
     values = {k: v for k, v in request.to_dict().items() if k in common}
     if warnings:  # another tool's image: a field it did not record holds our default, which must not win
         defaults = GenerateRequest().to_dict()
@@ -250,6 +256,11 @@ def kept_from(exc: DreamttyError, request: dict, source: dict, explicit: dict) -
         return False
     key = exc.json_key if isinstance(exc, RequestError) else str(exc).partition(":")[0]
     if key in source:
-        return key not in explicit and request.get(key) == source[key]
+        return key not in explicit and _same(request.get(key), source[key])
     own, used = source.get("guidance") or {}, request.get("guidance") or {}
-    return key in own and key not in (explicit.get("guidance") or {}) and used.get(key) == own[key]
+    return key in own and key not in (explicit.get("guidance") or {}) and _same(used.get(key), own[key])
+
+
+def _same(value: object, recorded: object) -> bool:
+    """Whether ``value`` is the ``recorded`` one: the very object (a NaN is equal to nothing), or an equal one."""
+    return value is recorded or value == recorded

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -795,6 +796,8 @@ def test_a_config_every_command_reads_warns_and_the_command_runs(tmp_path, capsy
     ({"sampler": "nosuch"}, "sampler: unknown 'nosuch'"),
     ({"model": "/no/such/model"}, "model: /no/such/model does not exist"),
     ({"guidance": {"sag": -3.0}}, "sag: -3.0 is out of range"),
+    ({"cfg": math.nan}, "cfg: nan is not a finite number"),  # "its settings are not used": its prompt was lost
+    ({"guidance": {"sag": math.inf}}, "sag: inf is not a finite number"),
 ])
 def test_an_error_in_a_setting_the_input_image_carried_says_so(setting, message, tmp_path, monkeypatch, capsys):
     """``vary photo.png`` refused "steps: 0 is out of range": a value the user never typed, with no word of

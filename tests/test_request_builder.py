@@ -156,8 +156,17 @@ def test_source_image_layer_sits_between_config_defaults_and_a_preset(tmp_path):
     info, broken = PngInfo(), tmp_path / "broken.png"
     info.add_text(metadata.CHUNK, json.dumps({**metadata.read(path), "request": {**made, "steps": "abc"}}))
     Image.new("RGB", (128, 128)).save(broken, pnginfo=info)
-    assert request_builder.source_settings(broken) == ({}, [  # its settings were dropped without a word
-        f"steps: in the metadata of {broken}: 'abc' is not a whole number; its settings are not used"])
+    source, warnings = request_builder.source_settings(broken)  # all its settings, the prompt too, were dropped
+    assert (source["prompt"], source["steps"], warnings) == ("a red fox", "abc", [])
+    with pytest.raises(RequestError, match=r"^steps: 'abc' is not a whole number \(the setting of the input image "):
+        request_builder.build({"image": str(broken)}, kind=Img2ImgRequest, source=source)
+    given = request_builder.build({"image": str(broken), "steps": "3"}, kind=Img2ImgRequest, source=source)
+    assert (given.prompt, given.steps) == ("a red fox", 3)  # a value given overrides it
+    info, unknown = PngInfo(), tmp_path / "unknown.png"
+    info.add_text(metadata.CHUNK, json.dumps({"version": 99, "request": made}))  # what no field of it reads as
+    Image.new("RGB", (128, 128)).save(unknown, pnginfo=info)
+    source, warnings = request_builder.source_settings(unknown)
+    assert source == {} and warnings[0].endswith("(a newer one wrote it?); its settings are not used")
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     assert request_builder.source_settings(plain) == ({}, [])
