@@ -93,6 +93,22 @@ async def test_references_through_the_worker_metadata_and_reproduce(on_job_servi
 
 
 @pytest.mark.asyncio(loop_scope="session")  # on the shared job_service (conftest)
+async def test_what_reading_a_reference_changed_is_kept_in_the_metadata(on_job_service, tmp_path):
+    """"has transparency: composited on white" was a note only; an input image's is kept in the metadata."""
+    clear = picture().convert("RGBA")
+    clear.putalpha(100)
+    clear.save(tmp_path / "clear.png")
+    request = GenerateRequest.from_dict({"prompt": "a fox", "model": "demo", "steps": 2, "width": 64, "height": 64,
+                                         "image_prompts": [f"{tmp_path / 'clear.png'}:face"]})
+    service, events = on_job_service
+    seen = await asyncio.wait_for(_run(service, events, request, tmp_path / "out"), TIMEOUT)
+    [path] = [e.path for e in seen if isinstance(e, ImageSaved)]
+    [record] = metadata.read(path)["prompt"]["image_prompts"]
+    assert record["warnings"] == [f"{tmp_path / 'clear.png'} has transparency: composited on white"]
+    assert any(isinstance(e, Note) and "has transparency" in e.message for e in seen)
+
+
+@pytest.mark.asyncio(loop_scope="session")  # on the shared job_service (conftest)
 async def test_a_reference_that_stops_before_a_vary_starts_is_left_out_with_a_note(on_job_service, tmp_path, reference):
     """Strength 0.5 of 6 steps runs steps 4..6; a canny reference stopping at 0.5 ends at step 3. It was loaded,
     its map made and recorded, and it changed nothing: now it is left out with a note, and the pixels are the

@@ -147,6 +147,8 @@ def apply_image_prompts(pipe, request, on_preview: Callable[[str, Image.Image], 
             record["preprocessor"] = PREPROCESSORS[need.prompt.type]
         if need.depth is not None:
             record["depth_model"] = {"name": need.depth.name, "hash": _hash(model_path(need.depth))}
+        if source.warnings:  # what reading it changed, kept as an input image's are
+            record["warnings"] = list(source.warnings)
         records.append(record)
     positive, negative = ip_adapter.image_embeds(pipe, [images[id(n)] for n in adapters]) if adapters else ([], [])
     controls = []
