@@ -103,11 +103,14 @@ class GuidanceSettings:
         """Raise RequestError for an out-of-range value or a combination that makes no sense."""
         self.check_values()
         self._validate_adm(xl)
-        for name, why in _NEEDS_CFG.items():
-            if getattr(self, name) > 0 and cfg <= 1.0:
-                raise RequestError(name, f"needs cfg > 1 ({why}); raise cfg or set {name} to 0")
+        if problem := self.cfg_problem(cfg):
+            raise cfg_error(*problem)
         if conflict := self.conflict():
             raise conflict_error(*conflict)
+
+    def cfg_problem(self, cfg: float) -> tuple[str, str] | None:
+        """The first control that is on and needs a ``cfg`` over 1 it does not have, and why (None: no such)."""
+        return next(((name, why) for name, why in _NEEDS_CFG.items() if getattr(self, name) > 0 and cfg <= 1.0), None)
 
     def conflict(self) -> tuple[str, str, str] | None:
         """The first two controls that are on together but cannot run together, and why (None: no such two)."""
@@ -143,6 +146,11 @@ class GuidanceSettings:
         lo, hi = FREEU_RANGE
         if not all(lo <= v <= hi for v in values):
             raise RequestError("freeu", f"{_as_typed(self.freeu)} is out of range; allowed {lo:g}..{hi:g} each")
+
+
+def cfg_error(name: str, why: str, origin: str = "") -> RequestError:
+    """RequestError(name) for a control on with cfg 1 or less (``origin``: where the control came from)."""
+    return RequestError(name, f"needs cfg > 1 ({why}); raise cfg or set {name} to 0{origin}")
 
 
 def conflict_error(a: str, b: str, why: str, origin: str = "") -> RequestError:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from backend import config, metadata
 from backend.errors import DreamttyError, ModelError, RequestError, noted
-from backend.guidance_settings import GuidanceSettings, conflict_error
+from backend.guidance_settings import GuidanceSettings, cfg_error, conflict_error
 from backend.prompting.presets import for_model, is_preset, known_presets, preset_fields
 from backend.request import GenerateRequest, parse_size
 from backend.samplers import SAMPLERS
@@ -217,10 +217,15 @@ def build(values: dict, preset: str | None = None, kind: type[GenerateRequest] =
         request = kind.from_dict(merged)
     except RequestError as exc:
         raise inherited(exc, merged, source or {}, explicit) from None
-    conflict = request.guidance.conflict()  # the service refuses it too, but cannot tell where a control came from
+    # the service refuses these too, but cannot tell where a control came from
+    conflict = request.guidance.conflict()
     origin = _origin(conflict[:2], explicit, preset, defaults, source) if conflict else ""
     if origin:
         raise conflict_error(*conflict, origin)
+    needs = request.guidance.cfg_problem(request.cfg)
+    origin = _origin(needs[:1], explicit, preset, defaults, source) if needs else ""
+    if origin:
+        raise cfg_error(*needs, origin)
     return request
 
 

@@ -116,6 +116,12 @@ def test_controls_that_cannot_run_together_say_where_the_one_not_given_came_from
     both = request_builder.build({"guidance": {"pag": "1", "perp_neg": "1"}}, defaults={})  # the service says it
     assert (both.guidance.pag, both.guidance.perp_neg) == (1.0, 1.0)
     assert _cli("x", "--preset", "mine", "--pag", "1", "--perp-neg", "0").guidance.pag == 1.0
+    needs = r"^perp_neg: needs cfg > 1 \(.*\); raise cfg or set perp_neg to 0 "  # no word of where it came from
+    with pytest.raises(RequestError, match=needs + r"\(perp_neg comes from preset mine\)$"):
+        request_builder.build({"cfg": "1"}, "mine")
+    with pytest.raises(RequestError, match=needs + r"\(perp_neg comes from the config's default_preset mine\)$"):
+        request_builder.build({"cfg": "1"})
+    assert request_builder.build({"cfg": "1", "guidance": {"perp_neg": "1"}}, defaults={}).cfg == 1.0  # given
 
 
 def test_the_upscaler_alone_refuses_a_strength_it_would_not_use():
