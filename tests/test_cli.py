@@ -134,7 +134,7 @@ def test_reproduce_of_metadata_whose_kind_is_not_text_is_one_line(tmp_path, caps
         (["--model", "/no/such/model"], "model: /no/such/model does not exist"),
         (["--model", "someone/not-cached-model"], "not in the local Hugging Face cache"),
         (["--out", "/proc/forbidden"], "out: cannot create /proc/forbidden"),
-        (["--steps", "ten"], "argument --steps: invalid integer value"),
+        (["--steps", "ten"], "argument --steps: steps: 'ten' is not a whole number; allowed 1..500"),  # its range
         (["--steps", "1e3"], "steps: 1000 is out of range; allowed 1..500"),  # a whole number, as presets take it
         (["--max-batch", "0"], "max_batch: 0 is out of range; allowed 1..64 (left out: the device's default)"),
         (["--keep-inputs"], "keep_inputs: needs --init-image (image to image)"),  # it said "unknown field"

@@ -24,15 +24,15 @@ from backend.jobkinds.inpaint import MODES, InpaintRequest
 from backend.jobkinds.outpaint import SIDES, OutpaintRequest
 from backend.jobkinds.upscale import SCALES, UpscaleRequest
 from backend.queue_store import FINAL
-from backend.request import DTYPES, MAX_COUNT, SPEEDS, GenerateRequest
+from backend.request import DTYPES, MAX_CFG, MAX_COUNT, MAX_STEPS, SPEEDS, GenerateRequest
 from backend.safetext import one_line, visible
 from backend.samplers import SAMPLERS, SCHEDULES
 from tui.cli_output import Progress, given, integer, number, print_warnings, say_started
 
 
-def _control(name: str, whole: bool = False):
-    """argparse's ``type`` for guidance control ``name``: a number (a whole one), refused with its range."""
-    low, high = RANGES.get(name, (1, CLIP_SKIP_MAX))
+def _ranged(name: str, low: float, high: float, whole: bool = False):
+    """argparse's ``type`` for request field ``name``: a number (a whole one), one that is not refused with its range
+    (the service checks the range itself)."""
 
     def parse(text: str) -> float:
         try:
@@ -42,6 +42,11 @@ def _control(name: str, whole: bool = False):
             raise argparse.ArgumentTypeError(f"{name}: {text!r} is not {kind}; allowed {low:g}..{high:g}") from None
 
     return parse
+
+
+def _control(name: str, whole: bool = False):
+    """:func:`_ranged` for guidance control ``name``."""
+    return _ranged(name, *RANGES.get(name, (1, CLIP_SKIP_MAX)), whole)
 
 
 def _floats(name: str, count: int | None = None):
@@ -67,11 +72,11 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", dest="negative_prompt", help="negative prompt")
     p.add_argument("--sampler", type=given, help=f"one of: {', '.join(SAMPLERS)}")
     p.add_argument("--scheduler", type=given, help=f"noise schedule: {', '.join(SCHEDULES)}")
-    p.add_argument("--steps", type=integer)
-    p.add_argument("--cfg", type=number, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--steps", type=_ranged("steps", 1, MAX_STEPS, whole=True))
+    p.add_argument("--cfg", type=_ranged("cfg", 0, MAX_CFG), help="classifier-free guidance scale (1 = off)")
     p.add_argument("--size", type=given, help="WxH, e.g. 1024x1024 (multiples of 8)")
     p.add_argument("--seed", type=integer, help="-1 = random (the chosen seed is recorded)")
-    p.add_argument("-n", "--count", type=integer, help="number of images")
+    p.add_argument("-n", "--count", type=_ranged("count", 1, MAX_COUNT, whole=True), help="number of images")
     p.add_argument("--style", dest="styles", action="append", type=given, help="style name (repeatable)")
     p.add_argument("--preset", type=given, help="preset name")
     p.add_argument("--expand", action=argparse.BooleanOptionalAction, default=None, help="prompt expansion")
