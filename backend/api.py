@@ -1,8 +1,8 @@
 """The HTTP + WebSocket API of ``dreamtty serve`` (aiohttp), over a Unix socket and optionally TCP.
 
 Routes (JSON; see docs/api.md): ``GET /v1/version``, ``GET /v1/status``, ``GET|POST /v1/jobs``,
-``POST /v1/validate``, ``POST /v1/closest``, ``GET /v1/jobs/{id}``, ``POST /v1/jobs/{id}/cancel``, ``POST /v1/jobs/cancel``,
-``POST /v1/jobs/forget?days=N``,
+``POST /v1/validate``, ``POST /v1/closest``, ``GET /v1/jobs/{id}``, ``POST /v1/jobs/{id}/cancel``,
+``POST /v1/jobs/cancel``, ``POST /v1/jobs/forget?days=N``,
 ``GET /v1/jobs/{id}/images/{n}``, ``GET|POST /v1/runs``, ``GET /v1/runs/{id}``,
 ``POST /v1/runs/{id}/stop``, ``GET /v1/events`` (WebSocket: one ``backend.events.dumps`` text per
 message), ``POST /v1/shutdown``.

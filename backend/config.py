@@ -76,7 +76,8 @@ class Config:
         return noted(exc, f" ({self.origin('default_model')}; give --model NAME, or change it)")
 
     def setting(self, key: str) -> str:
-        """What set ``key``: its environment variable (``DREAMTTY_LORAS``), else its key in the file (``paths.loras``)."""
+        """What set ``key``: its environment variable (``DREAMTTY_LORAS``), else its key in the file
+        (``paths.loras``)."""
         return f"DREAMTTY_{key.upper()}" if key in self.from_env else _file_key(key)
 
     def origin(self, key: str) -> str:

@@ -196,6 +196,9 @@ class Forgotten(Event):
     count: int
 
 
+PUBLISHED = "published"  # a log record's attribute: its line went to the clients too, as a Log event
+
+
 @_register("log")
 class Log(Event):
     message: str

@@ -31,8 +31,9 @@ from typing import TypeVar
 from backend import companions, config, jobkinds, locations
 from backend.devices import check_cluster_devices, check_devices
 from backend.errors import DreamttyError, ModelError, RequestError, ServiceUnavailable
-from backend.events import (FINAL_EVENTS, Cancelled, Done, Event, Failed, Fanout, Forgotten, JobEvent, Log, Moved, Note,
-                            Queued, Retrying, Started, TextOutput, WorkerModels, WorkerReady, WorkerReleased, concerns)
+from backend.events import (FINAL_EVENTS, PUBLISHED, Cancelled, Done, Event, Failed, Fanout, Forgotten, JobEvent, Log,
+                            Moved, Note, Queued, Retrying, Started, TextOutput, WorkerModels, WorkerReady,
+                            WorkerReleased, concerns)
 from backend.extras_check import check_extras
 from backend.guidance_settings import check_clip_skip
 from backend.job_groups import GROUP_SCAN, group_of
@@ -652,7 +653,7 @@ class Service:
         self._next_try = self._loop.call_later(WRITE_RETRY, self._write_unwritten)
 
     def _say(self, message: str, level: str) -> None:
-        log.log(_LOG_LEVELS.get(level, logging.INFO), "%s", message)
+        log.log(_LOG_LEVELS.get(level, logging.INFO), "%s", message, extra={PUBLISHED: True})
         self._fanout.publish(Log(message=message, level=level))
 
     def _worker_died(self, slot: Slot, job_ids: list[int], why: str, counts: bool) -> None:

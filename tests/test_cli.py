@@ -193,3 +193,28 @@ def test_the_tui_without_a_terminal_is_a_one_line_error(command, tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == ("dreamtty: terminal: the TUI needs a terminal on stdin and stdout; in a script, use a "
                         "command such as dreamtty generate (dreamtty --help lists them)\n")
+
+
+def test_a_service_line_that_is_also_an_event_is_printed_once(capsys, caplog):
+    """A --local command printed a worker that cannot start twice: "dreamtty: error: ..." as the service logged it,
+    and "dreamtty: service: ..." as the Log event its clients get."""
+    import logging
+
+    from backend.events import PUBLISHED
+    from tui.cli_output import LastResort
+
+    def record(**extra) -> logging.LogRecord:
+        return logging.getLogger("dreamtty.service").makeRecord(
+            "dreamtty.service", logging.ERROR, __file__, 1, "worker 0: cannot start", (), None, extra=extra)
+
+    LastResort().emit(record(**{PUBLISHED: True}))
+    LastResort().emit(record())
+    assert capsys.readouterr().err == "dreamtty: error: worker 0: cannot start\n"
+    from types import SimpleNamespace
+
+    from backend.service import Service
+
+    published: list = []
+    with caplog.at_level(logging.ERROR, logger="dreamtty.service"):  # the service marks what it also publishes
+        Service._say(SimpleNamespace(_fanout=SimpleNamespace(publish=published.append)), "worker 0: no GPU", "error")
+    assert getattr(caplog.records[-1], PUBLISHED) and published[0].message == "worker 0: no GPU"

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from backend.events import Event, Step
+from backend.events import PUBLISHED, Event, Step
 from backend.safetext import error_line
 from backend.values import plain_float, to_int
 
@@ -107,6 +107,8 @@ class LastResort(logging.Handler):
         super().__init__(logging.WARNING)
 
     def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, PUBLISHED, False):  # also a Log event, printed as the command follows its jobs
+            return
         print(f"dreamtty: {record.levelname.lower()}: {error_line(record.getMessage())}", file=sys.stderr)
 
 
