@@ -113,20 +113,31 @@ def to_int(name: str, value: object) -> int:
         raise RequestError(name, f"a number of {len(whole[1])} digits is out of range")
     if whole:
         return int(value)  # exact, where a float would round a large number
+    if isinstance(value, str):
+        return _whole_text(name, value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise RequestError(name, f"{shown(value)} is not a whole number")
+
+
+def _whole_text(name: str, text: str) -> int:
+    """The whole number ``text`` writes with a fraction or an exponent ("2.50e1", "1e3"), read exactly: a float
+    rounds 1e30 to 1000000000000000019884624838656."""
     try:
-        number = plain_float(value) if isinstance(value, (float, str)) else math.nan
+        number = plain_float(text)  # the forms taken: ASCII digits, no "1_0"
     except ValueError:
         number = math.nan
-    exact = decimal.Decimal(value) if isinstance(value, str) and not math.isnan(number) else None
-    if exact is not None and exact.is_finite():  # "1e30" is 10**30, where the float rounds it
-        if exact.adjusted() >= MAX_DIGITS:
-            raise RequestError(name, f"{shown(value)} is out of range")
-        if exact == exact.to_integral_value():
-            return int(exact)
-        number = math.nan  # "1.0000000000000000001": whole as a float only
-    if not number.is_integer():  # also False for nan and inf
-        raise RequestError(name, f"{shown(value)} is not a whole number")
-    return int(number)
+    if math.isnan(number) or (math.isinf(number) and not any(c.isdigit() for c in text)):  # "nan", "inf"
+        raise RequestError(name, f"{shown(text)} is not a whole number")
+    try:
+        exact = decimal.Decimal(text)
+    except decimal.InvalidOperation:  # an exponent past Decimal's: "1e9999999999999999999", "1e-9999999999999999999"
+        exact = None
+    if (exact is None and math.isinf(number)) or (exact and exact.adjusted() >= MAX_DIGITS):
+        raise RequestError(name, f"{shown(text)} is out of range")
+    if exact is None or exact != exact.to_integral_value():  # "1.0000000000000000001" is whole as a float only
+        raise RequestError(name, f"{shown(text)} is not a whole number")
+    return int(exact)
 
 
 def to_float(name: str, value: object, allowed: str = "") -> float:

@@ -182,8 +182,11 @@ def test_size_needs_ascii_digits():
     with pytest.raises(RequestError, match="^steps: a number of 101 digits is out of range$"):
         to_int("steps", "1" * 101)
     assert to_int("seed", "1e30") == 10**30 and to_int("steps", "2.50e1") == 25  # exact: a float made it 1e30+...
+    assert to_int("steps", "0e500") == 0
     for text, said in (("1e400", "is out of range"), ("1.0000000000000000001", "is not a whole number"),
-                       ("inf", "is not a whole number"), ("-Infinity", "is not a whole number")):  # a traceback
+                       ("inf", "is not a whole number"), ("-Infinity", "is not a whole number"),  # a traceback
+                       ("1e9999999999999999999", "is out of range"),  # past Decimal's exponents: a traceback
+                       ("1e-9999999999999999999", "is not a whole number")):
         with pytest.raises(RequestError, match=f"^steps: '{re.escape(text)}' {said}$"):
             to_int("steps", text)
 
