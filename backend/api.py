@@ -39,7 +39,7 @@ from backend.queue_store import ACTIVE, FINAL, MAX_ID, check_limit
 from backend.request import GenerateRequest
 from backend.run_schedule import STATES as RUN_STATES
 from backend.run_schedule import withdraw
-from backend.safetext import error_line, one_line
+from backend.safetext import cut_line, error_line
 from backend.service import Service
 from backend.service_files import bearer_ok
 from backend.training.config import TrainRequest
@@ -438,7 +438,7 @@ def _field_of(exc: DreamttyError) -> tuple[str, str, str]:
     field, message = field_and_message(exc)
     if field is None:
         return "request", error_line(exc), error_line(exc)
-    key = one_line(RequestError(field, message).json_key)[:100]  # an unknown key echoed
+    key = cut_line(RequestError(field, message).json_key, 100)  # an unknown key echoed
     return key, error_line(message), error_line(f"{key}: {message}")
 
 

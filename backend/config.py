@@ -82,7 +82,8 @@ class Config:
 
     def origin(self, key: str) -> str:
         """Where a setting's value came from: its environment variable, else the config file."""
-        return self.setting(key) if key in self.from_env else f"{_file_key(key)} of {self.source or config_path()}"
+        setting = self.setting(key)
+        return setting if key in self.from_env else f"{setting} of {self.source or config_path()}"
 
 
 def _file_key(key: str) -> str:

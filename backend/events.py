@@ -196,7 +196,7 @@ class Forgotten(Event):
     count: int
 
 
-PUBLISHED = "published"  # a log record's attribute: its line went to the clients too, as a Log event
+PUBLISHED = "published"  # a log record's attribute: its line is also a Log event that clients following jobs print
 
 
 @_register("log")

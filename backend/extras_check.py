@@ -34,9 +34,12 @@ def without_tags(text: str, drop: Callable[[str], bool] = lambda name: True) -> 
     separated them; the rest stays as typed (newlines, repeated spaces)."""
 
     def cut(match: re.Match) -> str:
-        if all(drop(tag.group(1).strip()) for tag in LORA_TAG.finditer(match.group())):
+        text = match.group()
+        if all(drop(tag.group(1).strip()) for tag in LORA_TAG.finditer(text)):
             return ""  # with the spaces around them
-        return _SPACES_AND_TAG.sub(lambda tag: "" if drop(tag.group(1).strip()) else tag.group(), match.group())
+        kept = _SPACES_AND_TAG.sub(lambda tag: "" if drop(tag.group(1).strip()) else tag.group(), text)
+        indent = text[:len(text) - len(text.lstrip(" \t"))]
+        return indent + kept.lstrip(" \t")  # the line's indent, not also the space before a tag cut
 
     return _TAG_AND_SPACES.sub(cut, text)
 

@@ -168,21 +168,21 @@ async def serve_tcp(app: web.Application, host: str, port: int, listening: Calla
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
         listener = await listen_tcp(runner, host, port, MAX_CONNECTIONS, serving=False)
-        if before is not None:
-            await before()
-        await listener.start_serving()
-        listening()
         try:
+            if before is not None:
+                await before()  # Ctrl-C meanwhile interrupts it, as the command's own
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await listener.start_serving()
+            listening()
             await stop.wait()
         finally:
             listener.close()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         await runner.cleanup()
 
 

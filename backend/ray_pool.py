@@ -467,7 +467,8 @@ def _check_head(address: str, host: str, port: int, field: str) -> None:
         raise DreamttyError(f"{field}: {host!r} in {address} is not a valid host name") from None
     except OSError as exc:  # a name no resolver knows is bad input; a head down or out of reach, a fault that passes
         said = f"{field}: cannot reach the Ray head at {address}: {exc.strerror or exc}"
-        raise (DreamttyError(said) if isinstance(exc, socket.gaierror) else Transient(said)) from None
+        unknown = isinstance(exc, socket.gaierror) and exc.errno != socket.EAI_AGAIN  # not "try again" of a resolver
+        raise (DreamttyError(said) if unknown else Transient(said)) from None
     with sock:
         if os.environ.get("RAY_USE_TLS", "0") not in ("", "0"):  # a TLS head answers in TLS first
             return

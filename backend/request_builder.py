@@ -123,7 +123,9 @@ def source_settings(path: str | Path) -> tuple[dict, list[str]]:
 
     The common request fields of its metadata (dreamtty's, or A1111's or Fooocus's: then only what
     that tool recorded), without its seed, batch and size; {} for an image without metadata (or one the
-    job cannot read, which says why), and a warning for dreamtty metadata that does not read as a request.
+    job cannot read, which says why). Our metadata with a value that does not read (a hand-edited NaN) gives its
+    fields as written, so that the value is refused as the image's own unless one is given; one that lacks the
+    fields every version records, is of an unknown version or is not shaped as a request, a warning.
     """
     common = {f.name for f in fields(GenerateRequest)} - set(_NOT_FROM_SOURCE)
     try:
@@ -131,9 +133,11 @@ def source_settings(path: str | Path) -> tuple[dict, list[str]]:
     except DreamttyError as exc:
         if not metadata.carries_ours(path):
             return {}, []
-        try:  # a value that does not read (a hand-edited NaN): laid as written, refused as the image's own unless given
+        try:
             recorded = metadata.recorded_fields(f"image: {path}", metadata.read(path))
         except DreamttyError:
+            recorded = None
+        if recorded is None or not _layer_shaped(recorded):
             return {}, [f"{exc}; its settings are not used"]
         return {k: v for k, v in recorded.items() if k in common}, []
     values = {k: v for k, v in request.to_dict().items() if k in common}
@@ -141,6 +145,13 @@ def source_settings(path: str | Path) -> tuple[dict, list[str]]:
         defaults = GenerateRequest().to_dict()
         values = {k: v for k, v in values.items() if v != defaults[k]}
     return values, warnings
+
+
+def _layer_shaped(values: dict) -> bool:
+    """Whether request fields as written can be laid by :func:`layered` (which reads into ``guidance`` and looks
+    the sampler and schedule up), their values checked after."""
+    names = (values.get("sampler"), values.get("scheduler"))
+    return isinstance(values.get("guidance") or {}, dict) and all(n is None or isinstance(n, str) for n in names)
 
 
 def layered(explicit: dict, preset: str | None = None, defaults: dict | None = None,

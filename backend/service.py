@@ -653,8 +653,9 @@ class Service:
         self._next_try = self._loop.call_later(WRITE_RETRY, self._write_unwritten)
 
     def _say(self, message: str, level: str) -> None:
-        log.log(_LOG_LEVELS.get(level, logging.INFO), "%s", message, extra={PUBLISHED: True})
-        self._fanout.publish(Log(message=message, level=level))
+        event = Log(message=message, level=level)
+        log.log(_LOG_LEVELS.get(level, logging.INFO), "%s", message, extra={PUBLISHED: event.tells_waiters()})
+        self._fanout.publish(event)
 
     def _worker_died(self, slot: Slot, job_ids: list[int], why: str, counts: bool) -> None:
         """A worker died (it was restarted): retry each of its jobs once from its first unsaved image, then fail

@@ -80,12 +80,13 @@ def read_problem(path: str | os.PathLike, exc: OSError, wanted: str = "a file") 
 
 
 @contextlib.contextmanager
-def replacing(path: str | os.PathLike) -> Iterator[Path]:
-    """A temp path beside ``path`` (same suffix: PIL saves by it) for the block to write; when the block ends, it
-    replaces ``path`` in one rename, so readers never see half a file. On an error (a full disk) the temp file is
-    removed and ``path`` is left as it was."""
+def replacing(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator[Path]:
+    """A temp path beside ``path`` for the block to write (ending in ``.tmp``, which no listing of presets or
+    styles takes; with ``keep_suffix`` in ``path``'s suffix, which PIL saves by); when the block ends, it replaces
+    ``path`` in one rename, so readers never see half a file. On an error (a full disk) the temp file is removed
+    and ``path`` is left as it was."""
     target = Path(path)
-    tmp = target.with_name(f".{target.stem[:64]}.{uuid.uuid4().hex[:12]}.tmp{target.suffix}")
+    tmp = target.with_name(f".{target.name[:64]}.{uuid.uuid4().hex[:12]}.tmp" + (target.suffix if keep_suffix else ""))
     try:
         yield tmp
         os.replace(tmp, target)

@@ -184,7 +184,8 @@ def test_lora_tags_leave_the_rest_of_the_prompt_as_typed():
         "a  cat\nnext", [("fox", 0.3), ("b", 1.0), ("c", 2.0)])
     text = "a <lora:fox:0.3>  cat <lora:b>\n  <lora:c:2> <lora:b> next\n<lora:b>"
     assert without_tags(text, lambda name: name == "b") == "a <lora:fox:0.3>  cat\n  <lora:c:2> next\n"
-    assert without_tags(text, lambda name: name != "b") == "a  cat <lora:b>\n <lora:b> next\n<lora:b>"
+    assert without_tags(text, lambda name: name != "b") == "a  cat <lora:b>\n  <lora:b> next\n<lora:b>"
+    assert without_tags("<lora:a> <lora:b> rest", lambda name: name == "a") == "<lora:b> rest"
 
 
 @pytest.mark.parametrize("tag", ["<lora:fox:abc>", "<lora:>", "<lora:fox:0.5:0.2>"])

@@ -215,6 +215,8 @@ def test_a_service_line_that_is_also_an_event_is_printed_once(capsys, caplog):
     from backend.service import Service
 
     published: list = []
-    with caplog.at_level(logging.ERROR, logger="dreamtty.service"):  # the service marks what it also publishes
-        Service._say(SimpleNamespace(_fanout=SimpleNamespace(publish=published.append)), "worker 0: no GPU", "error")
-    assert getattr(caplog.records[-1], PUBLISHED) and published[0].message == "worker 0: no GPU"
+    service = SimpleNamespace(_fanout=SimpleNamespace(publish=published.append))
+    with caplog.at_level(logging.WARNING, logger="dreamtty.service"):  # marked: what a command following jobs prints
+        Service._say(service, "worker 0: no GPU", "error")
+        Service._say(service, "queue: cannot write", "warning")  # not printed as an event: it was lost
+    assert [getattr(r, PUBLISHED) for r in caplog.records[-2:]] == [True, False] and len(published) == 2

@@ -432,7 +432,7 @@ def test_the_queue_is_private(tmp_path):
 
 @pytest.mark.parametrize("argv, said", [
     (["jobs", "--limit", "\u0663"], "invalid integer value"),
-    (["generate", "x", "-n", "\u0663"], "count: '\u0663' is not a whole number; allowed 1..64"),
+    (["generate", "x", "-n", "\u0663"], "count: '\u0663' is not a number (write it in ASCII digits); allowed 1..64"),
     (["generate", "x", "--cfg", "\u0667.5"], "cfg: '\u0667.5' is not a number; allowed 0..30"),
     (["jobs", "--limit", "1_0"], "invalid integer value"),  # 10 to int() and float()
     (["generate", "x", "--cfg", "1_0"], "cfg: '1_0' is not a number; allowed 0..30")])

@@ -78,10 +78,11 @@ def test_a_file_written_through_replacing_is_whole_or_as_it_was(tmp_path):
     target.write_bytes(b"old")
     with pytest.raises(OSError, match="No space left"):
         with user_files.replacing(target) as tmp:
-            assert tmp.parent == folder and tmp.suffix == ".png"  # PIL picks the format by the suffix
+            assert tmp.parent == folder and tmp.suffix == ".tmp"  # not .png: a half preset was listed as one
             tmp.write_bytes(b"ha")
             raise OSError(28, "No space left on device")
     assert target.read_bytes() == b"old" and [p.name for p in folder.iterdir()] == ["a.png"]
-    with user_files.replacing(target) as tmp:
+    with user_files.replacing(target, keep_suffix=True) as tmp:
+        assert tmp.suffix == ".png"  # PIL picks the format by it
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new" and [p.name for p in folder.iterdir()] == ["a.png"]

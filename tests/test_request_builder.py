@@ -173,6 +173,12 @@ def test_source_image_layer_sits_between_config_defaults_and_a_preset(tmp_path):
     Image.new("RGB", (128, 128)).save(unknown, pnginfo=info)
     source, warnings = request_builder.source_settings(unknown)
     assert source == {} and warnings[0].endswith("(a newer one wrote it?); its settings are not used")
+    for odd in ({"guidance": "abc"}, {"sampler": ["euler"]}):  # what layering them raised on: a traceback
+        info = PngInfo()
+        info.add_text(metadata.CHUNK, json.dumps({**metadata.read(path), "request": {**made, **odd}}))
+        Image.new("RGB", (128, 128)).save(unknown, pnginfo=info)
+        source, warnings = request_builder.source_settings(unknown)
+        assert source == {} and warnings[0].endswith("; its settings are not used"), odd
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     assert request_builder.source_settings(plain) == ({}, [])

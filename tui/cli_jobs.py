@@ -31,15 +31,17 @@ from tui.cli_output import Progress, given, integer, number, print_warnings, say
 
 
 def _ranged(name: str, low: float, high: float, whole: bool = False):
-    """argparse's ``type`` for request field ``name``: a number (a whole one), one that is not refused with its range
-    (the service checks the range itself)."""
+    """argparse's ``type`` for request field ``name``: a number (a whole one); text that is none is refused naming
+    the field's range (a number out of it is the service's to refuse)."""
 
-    def parse(text: str) -> float:
+    def parse(text: str) -> int | float:
         try:
             return integer(text) if whole else number(text)
+        except RequestError as exc:  # to_int's own reason: "'1e200' is out of range"
+            why = exc.message
         except ValueError:
-            kind = "a whole number" if whole else "a number"
-            raise argparse.ArgumentTypeError(f"{name}: {text!r} is not {kind}; allowed {low:g}..{high:g}") from None
+            why = f"{text!r} is not {'a whole number' if whole else 'a number'}"
+        raise argparse.ArgumentTypeError(f"{name}: {why}; allowed {low:g}..{high:g}")
 
     return parse
 

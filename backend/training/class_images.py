@@ -101,7 +101,7 @@ def _save(image, folder: Path, index: int) -> None:
     temp file left, when it cannot be written (a full disk, a folder in its place)."""
     target = folder / f"class-{index:05d}.png"
     try:
-        with user_files.replacing(target) as tmp:
+        with user_files.replacing(target, keep_suffix=True) as tmp:
             image.save(tmp)
     except OSError as exc:
         raise DreamttyError(f"class_prompt: cannot save the class image {target}: {exc.strerror or exc}; "

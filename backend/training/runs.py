@@ -67,7 +67,8 @@ def runs_root() -> Path:
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON through a temp file + rename, so readers never see half a file.
 
-    A failed write (disk full) raises and leaves ``path`` as it was, with no temp file.
+    A failed write (disk full) raises and leaves ``path`` as it was, with no temp file; a ``path`` made read-only
+    is not replaced (PermissionError).
     """
     user_files.write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
