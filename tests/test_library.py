@@ -305,7 +305,8 @@ def test_an_inpainting_checkpoint_is_flagged_as_a_folder_as_a_file(tmp_path, mon
 
 
 def test_a_damaged_hf_cache_lists_nothing_from_it_and_stops_nothing(tmp_path, monkeypatch):
-    """A ref file that is not UTF-8 (hand-edited, a bad disk) raised out of the Hub's cache scan."""
+    """The cache lookups catch what the Hub's readers raise, no longer every exception: a ref file that is not
+    UTF-8 (hand-edited, a bad disk) raises UnicodeDecodeError out of its cache scan, which must stop nothing."""
     from huggingface_hub import constants
 
     refs = tmp_path / "hub" / "models--org--m" / "refs"
