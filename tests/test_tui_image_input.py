@@ -176,7 +176,8 @@ async def test_gallery_key_on_a_missing_image_says_so_and_queues_nothing(idle_se
 
 
 async def test_gallery_key_on_an_image_whose_settings_are_unusable_says_so(idle_service, tmp_path):
-    """Metadata that does not read as a request: the job uses the defaults, and a warning says so (as the CLI)."""
+    """A recorded value that does not read: refused as the image's own setting, as the CLI's verbs do (every
+    setting, the prompt too, was dropped with a warning); its text is data, not markup."""
     import json
 
     from PIL.PngImagePlugin import PngInfo
@@ -187,11 +188,11 @@ async def test_gallery_key_on_an_image_whose_settings_are_unusable_says_so(idle_
     gradient(128, 96).save(image, pnginfo=info)
     async with gallery_of(idle_service, tmp_path, image) as (app, pilot):
         await pilot.press("v")
-        await wait_for(pilot, lambda: len(idle_service.jobs()) == 2, what="the job")
-        await settle(pilot)
-        warnings = [n.message for n in app._notifications if n.title == "odd.png" and n.severity == "warning"]
-        assert last_job(idle_service).request["prompt"] == ""
-    assert len(warnings) == 1 and "'[/]x' is not a whole number; its settings are not used" in warnings[0]
+        await wait_for(pilot, lambda: any(n.severity == "error" for n in app._notifications), what="the refusal")
+        errors = [n.message for n in app._notifications if n.severity == "error"]
+        assert len(idle_service.jobs()) == 1
+    assert errors[0] == (f"steps: '[/]x' is not a whole number (the setting of the input image {image}; give another "
+                         "value to override it)")
 
 
 async def test_gallery_key_refused_for_a_setting_the_image_carried_says_so(idle_service, tmp_path):
