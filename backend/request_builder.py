@@ -19,7 +19,7 @@ from pathlib import Path
 from backend import config, metadata
 from backend.errors import DreamttyError, ModelError, RequestError, noted
 from backend.guidance_settings import GuidanceSettings, cfg_error, conflict_error
-from backend.prompting.presets import for_model, is_preset, known_presets, preset_fields
+from backend.prompting.presets import for_model, is_preset, known_presets, preset_fields, without_size
 from backend.request import GenerateRequest, parse_size
 from backend.samplers import SAMPLERS
 from backend.values import plain_float
@@ -200,9 +200,7 @@ def _preset_layer(fields: dict, explicit: dict, source: dict | None) -> dict:
     """A preset's ``fields`` for a job: without its size when ``explicit`` names another model or the job is on
     an input image (``source`` not None)."""
     values = for_model(fields, explicit.get("model"))
-    if source is not None:
-        values = {k: v for k, v in values.items() if k not in ("width", "height")}
-    return values
+    return without_size(values) if source is not None else values
 
 
 def _over(low: dict, high: dict) -> dict:

@@ -213,8 +213,13 @@ def for_model(fields: dict, model: str | None) -> dict:
     it is left out (that model's family default applies unless a size is given). A preset that names no model
     keeps it."""
     if fields.get("model") is not None and model not in (None, fields["model"]):
-        return {k: v for k, v in fields.items() if k not in ("width", "height")}
+        return without_size(fields)
     return fields
+
+
+def without_size(fields: dict) -> dict:
+    """A preset's ``fields`` without its size (``width`` and ``height``)."""
+    return {k: v for k, v in fields.items() if k not in ("width", "height")}
 
 
 def save_preset(name: str, request: dict, description: str = "") -> Path:
