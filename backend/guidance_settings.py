@@ -26,6 +26,8 @@ RANGES: dict[str, tuple[float, float]] = {
 }
 ADM_SCALE_RANGE = (0.1, 3.0)  # POS and NEG (Fooocus's range); END is a fraction 0..1
 FREEU_RANGE = (0.0, 3.0)
+_LIST_ALLOWED = {"adm_scale": f"POS,NEG {ADM_SCALE_RANGE[0]:g}..{ADM_SCALE_RANGE[1]:g} and END 0..1",
+                 "freeu": f"{FREEU_RANGE[0]:g}..{FREEU_RANGE[1]:g} each"}  # the list controls' values, as said
 CLIP_SKIP_MAX = 12
 
 # FreeU defaults documented by diffusers (using-diffusers/image_quality.md): s1, s2, b1, b2.
@@ -96,7 +98,7 @@ class GuidanceSettings:
                 continue
             if not isinstance(value, (tuple, list)):
                 raise RequestError(name, f"{shown(value)} is not allowed; give a list of numbers")
-            setattr(out, name, tuple(to_float(name, v) for v in value))
+            setattr(out, name, tuple(to_float(name, v, _LIST_ALLOWED[name]) for v in value))
         return out
 
     def validate(self, xl: bool, cfg: float) -> None:
@@ -136,8 +138,8 @@ class GuidanceSettings:
         values = _numbers("adm_scale", self.adm_scale, 3, "POS,NEG,END")
         lo, hi = ADM_SCALE_RANGE
         if not (lo <= values[0] <= hi and lo <= values[1] <= hi and 0.0 <= values[2] <= 1.0):
-            raise RequestError("adm_scale", f"{_as_typed(self.adm_scale)} is out of range; allowed POS,NEG "
-                                            f"{lo:g}..{hi:g} and END 0..1")
+            raise RequestError("adm_scale", f"{_as_typed(self.adm_scale)} is out of range; allowed "
+                                            f"{_LIST_ALLOWED['adm_scale']}")
 
     def _validate_freeu(self) -> None:
         if not self.freeu:  # None = off, () = family defaults
@@ -145,7 +147,7 @@ class GuidanceSettings:
         values = _numbers("freeu", self.freeu, 4, "s1,s2,b1,b2 (or none for the model's defaults)")
         lo, hi = FREEU_RANGE
         if not all(lo <= v <= hi for v in values):
-            raise RequestError("freeu", f"{_as_typed(self.freeu)} is out of range; allowed {lo:g}..{hi:g} each")
+            raise RequestError("freeu", f"{_as_typed(self.freeu)} is out of range; allowed {_LIST_ALLOWED['freeu']}")
 
 
 def cfg_error(name: str, why: str, origin: str = "") -> RequestError:
@@ -182,9 +184,11 @@ def _as_typed(values: object) -> str:
 
 
 def _numbers(name: str, values: object, count: int, shape: str) -> tuple[float, ...]:
+    """``count`` finite numbers; RequestError saying ``shape`` (a wrong count) or what is allowed (a value that
+    is no number)."""
     if not isinstance(values, (tuple, list)) or len(values) != count:
         raise RequestError(name, f"{_as_typed(values)} is not allowed; give {count} numbers {shape}")
-    return tuple(to_float(name, v) for v in values)
+    return tuple(to_float(name, v, _LIST_ALLOWED[name]) for v in values)
 
 
 def _range(name: str, value: object, lo: float, hi: float) -> None:

@@ -408,8 +408,11 @@ def test_refiner_of_another_latent_space_is_refused_before_queueing(capsys):
 
 
 def test_numbers_beyond_float_range_in_guidance_are_one_line_errors():
-    for guidance, allowed in (({"sag": 10**400}, "; allowed 0..10"), ({"freeu": [10**400, 1, 1, 1]}, "")):
-        with pytest.raises(RequestError, match=rf"^(sag|freeu): \d{{199}}… is not a finite number{allowed}$"):
+    for guidance, allowed in (({"sag": 10**400}, "; allowed 0..10"),
+                              ({"freeu": [10**400, 1, 1, 1]}, "; allowed 0..3 each"),
+                              ({"adm_scale": [1, 10**400, 0.3]}, "; allowed POS,NEG 0.1..3 and END 0..1")):
+        with pytest.raises(RequestError, match=rf"^(sag|freeu|adm_scale): \d{{199}}… is not a finite number"
+                                               rf"{re.escape(allowed)}$"):
             GenerateRequest.from_dict({"guidance": guidance})
     for data, error in (({"cfg": "nan"}, "cfg: 'nan' is not a finite number; allowed 0..30 (1 = no guidance)"),
                         ({"cfg": float("inf")}, "cfg: inf is not a finite number; allowed 0..30 (1 = no guidance)"),
