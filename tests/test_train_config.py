@@ -194,6 +194,9 @@ PRIOR_OFF = ("unused with prior preservation off (turn it on: --prior-preservati
     ({"num_class_images": 20}, [f"num_class_images: {PRIOR_OFF}"]),
     ({"method": "full", "class_prompt": "a dog", "num_class_images": 20}, []),  # all used; rank left as is
     ({"class_prompt": "", "prior_preservation": False}, []),
+    ({"batch_size": 4}, ["batch_size: 4 is more than the 3 usable instance images; each step shows some of them more "
+                         "than once"]),
+    ({"batch_size": 3}, []),
 ])
 def test_settings_a_run_does_not_use_are_warned_about(photos, tmp_path, changes, said):
     prepared = prepare_run(_request(photos, output=str(tmp_path / "run"), **changes))

@@ -181,6 +181,9 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None, devices: l
     _check_optional_packages(req)
     scan = scan_images(req.instance_dir, req.resolution)
     warnings = [*req.unused(), *scan.warnings]
+    if req.batch_size > len(scan.files):
+        warnings.append(f"batch_size: {req.batch_size} is more than the {len(scan.files)} usable instance images; "
+                        "each step shows some of them more than once")
     token = unique_token_warning(req.instance_prompt, req.class_prompt if req.prior else None)
     if token:
         warnings.append(token)
