@@ -96,11 +96,12 @@ def test_a_full_disk_under_stdout_is_one_line(argv):
     assert (r.returncode, r.stderr) == (1, "dreamtty: stdout: cannot write (No space left on device)\n")
 
 
-def test_extra_argument_is_unrecognized(capsys):
+@pytest.mark.parametrize("argv", [["samplers", "extra"], ["cancel", "--json"], ["--local", "jobs", "extra"]])
+def test_extra_argument_is_unrecognized_by_its_subcommand(capsys, argv):
     with pytest.raises(SystemExit) as exit_:
-        main(["samplers", "extra"])
+        main(argv)
     assert exit_.value.code == 2
-    _one_error(capsys, "unrecognized arguments: extra")
+    _one_error(capsys, f"dreamtty {argv[-2]}: error: unrecognized arguments: {argv[-1]}")
 
 
 @pytest.mark.parametrize("argv,prog", [
@@ -936,7 +937,7 @@ def test_a_newline_in_an_argument_forges_no_error_line(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["samplers", "b\nsecond line: dreamtty: fake"])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err == ("dreamtty: error: unrecognized arguments: "
+    assert capsys.readouterr().err == ("dreamtty samplers: error: unrecognized arguments: "
                                        "b\\nsecond line: dreamtty: fake\n")
 
 

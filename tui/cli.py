@@ -68,6 +68,14 @@ class _SubcommandParser(Parser):
         super().__init__(*args, **kwargs)
         _add_global_options(self, suppress=True)
 
+    def parse_known_args(self, args=None, namespace=None):
+        """Refuse what is left over here, naming the subcommand (``dreamtty cancel: error: ...``): the top
+        parser, which would say it otherwise, names only ``dreamtty``."""
+        namespace, rest = super().parse_known_args(args, namespace)
+        if rest:
+            self.error(f"unrecognized arguments: {' '.join(rest)}")
+        return namespace, rest
+
 
 # -- commands ------------------------------------------------------------------
 def cmd_samplers(args) -> int:
