@@ -146,6 +146,16 @@ def test_a_damaged_lora_and_an_embedding_of_another_width_say_why_in_a_line(pipe
     assert str(err.value) == ("lora: cannot load sizes: its weights' sizes do not fit this model's layers (a LoRA made "
                               "for another model or family)")
     assert not any(pipe.get_list_adapters().values())
+    # Keys of blocks the model does not have: peft's "Target modules {...every one...} not found in the base
+    # model. Please check the target modules and try again."
+    far = [f"lora_unet_down_blocks_{i}_attentions_0_transformer_blocks_0_attn1_to_q" for i in (3, 4)]
+    save_file({f"{key}.lora_{end}.weight": torch.zeros(shape) for key in far
+               for end, shape in (("down", (4, 32)), ("up", (32, 4)))}, str(tmp_path / "loras" / "big.safetensors"))
+    with pytest.raises(ModelError) as err:
+        apply_extras(pipe, GenerateRequest(model="demo", loras=[("big", 1.0)]).resolved("demo"))
+    assert str(err.value) == ("lora: cannot load big: it names layers this model does not have (a LoRA made for a "
+                              "larger model or another family)")
+    assert not any(pipe.get_list_adapters().values())
     with pytest.raises(ModelError, match=r"^embedding: cannot load wide: its vectors are 768 wide, and this model's "
                                          r"text encoder takes 32 \(an embedding for another model family\)$"):
         apply_extras(pipe, GenerateRequest(model="demo", prompt="a wide cat").resolved("demo"))

@@ -145,6 +145,8 @@ def _load_fault(exc: BaseException) -> str:
         return f"it has no tensor {key} (a damaged file, or one made for another tool)"
     if "size mismatch for " in str(exc):  # torch's load_state_dict: its first line says only that it failed
         return "its weights' sizes do not fit this model's layers (a LoRA made for another model or family)"
+    if isinstance(exc, IndexError) or "not found in the base model" in str(exc):  # peft's, listing every layer
+        return "it names layers this model does not have (a LoRA made for a larger model or another family)"
     return first_line(exc)
 
 
