@@ -327,7 +327,7 @@ class RemoteClient:
         def decode(data: dict) -> tuple[GenerateRequest, list[str]]:
             return type(request).from_dict(data["request"]), [str(line) for line in data["left"]]
 
-        return await self._read(decode, "POST", "/v1/closest", _body(request))
+        return await self._read(decode, "POST", "/v1/closest", _body(request), quick=True)  # files looked up only
 
     async def cancel(self, job_id: int) -> bool:
         return await self._read(lambda data: bool(data["cancelled"]), "POST", f"/v1/jobs/{int(job_id)}/cancel",
