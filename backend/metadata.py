@@ -111,45 +111,64 @@ def _text_chunks(path: str | Path) -> dict[str, str]:
         raise unreadable("image", path, exc) from None
 
 
-def _ours(path: str | Path, text: str) -> dict:
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        raise DreamttyError(f"image: {path} has corrupt dreamtty metadata") from None
+class ImageMetadata:
+    """The metadata text chunks of one image file, read once: our own (:meth:`meta`, :meth:`record`) and the
+    request that reproduces the image (:meth:`request`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path
+        self.chunks = _text_chunks(path)
+
+    @property
+    def ours(self) -> bool:
+        """Whether the image has a dreamtty metadata chunk, usable or not."""
+        return bool(self.chunks.get(CHUNK))
+
+    def meta(self) -> object:
+        """Our metadata as written (a mapping, unless it was hand-edited); a one-line DreamttyError when there is
+        none or it is not JSON."""
+        if not self.ours:
+            raise DreamttyError(f"image: {self.path} has no dreamtty metadata")
+        try:
+            return json.loads(self.chunks[CHUNK])
+        except (ValueError, RecursionError):
+            raise DreamttyError(f"image: {self.path} has corrupt dreamtty metadata") from None
+
+    def record(self) -> dict:
+        """The prompt record of our metadata ({} for another tool's image, or metadata without one)."""
+        try:
+            meta = self.meta()
+        except DreamttyError:
+            return {}
+        record = meta.get("prompt") if isinstance(meta, dict) else None
+        return record if isinstance(record, dict) else {}
+
+    def request(self) -> tuple[GenerateRequest, list[str]]:
+        """The request that reproduces the image, and warnings for the user.
+
+        Our own metadata gives the exact request (no warnings). An image from A1111, Fooocus or a tool that
+        writes their formats gives the closest request we can make, with warnings saying what differs.
+        """
+        if self.ours:
+            return request_from_meta(f"image: {self.path}", self.meta()), []
+        if self.chunks.get("parameters"):
+            from backend import foreign_metadata
+
+            return foreign_metadata.from_png_text(self.chunks, f"image: {self.path}")
+        if "workflow" in self.chunks or "prompt" in self.chunks:
+            raise DreamttyError(f"image: {self.path} holds a ComfyUI workflow; dreamtty reads A1111 and Fooocus "
+                                "metadata")
+        raise DreamttyError(f"image: {self.path} has no dreamtty, A1111 or Fooocus metadata")
 
 
 def read(path: str | Path) -> dict:
     """Read our metadata from a PNG; a one-line DreamttyError when it has none."""
-    text = _text_chunks(path).get(CHUNK)
-    if not text:
-        raise DreamttyError(f"image: {path} has no dreamtty metadata")
-    return _ours(path, text)
-
-
-def carries_ours(path: str | Path) -> bool:
-    """Whether the image at ``path`` has a dreamtty metadata chunk, usable or not."""
-    try:
-        return bool(_text_chunks(path).get(CHUNK))
-    except DreamttyError:
-        return False
+    return ImageMetadata(path).meta()
 
 
 def image_request(path: str | Path) -> tuple[GenerateRequest, list[str]]:
-    """The request that reproduces the image at ``path``, and warnings for the user.
-
-    Our own metadata gives the exact request (no warnings). An image from A1111, Fooocus or a tool that
-    writes their formats gives the closest request we can make, with warnings saying what differs.
-    """
-    chunks = _text_chunks(path)
-    if chunks.get(CHUNK):
-        return request_from_meta(f"image: {path}", _ours(path, chunks[CHUNK])), []
-    if chunks.get("parameters"):
-        from backend import foreign_metadata
-
-        return foreign_metadata.from_png_text(chunks, f"image: {path}")
-    if "workflow" in chunks or "prompt" in chunks:
-        raise DreamttyError(f"image: {path} holds a ComfyUI workflow; dreamtty reads A1111 and Fooocus metadata")
-    raise DreamttyError(f"image: {path} has no dreamtty, A1111 or Fooocus metadata")
+    """:meth:`ImageMetadata.request` of the image at ``path``."""
+    return ImageMetadata(path).request()
 
 
 def text_request(text: str, source: str) -> tuple[GenerateRequest, list[str], bool]:

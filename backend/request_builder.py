@@ -129,12 +129,16 @@ def source_settings(path: str | Path) -> tuple[dict, list[str]]:
     """
     common = {f.name for f in fields(GenerateRequest)} - set(_NOT_FROM_SOURCE)
     try:
-        request, warnings = metadata.image_request(path)
+        image = metadata.ImageMetadata(path)
+    except DreamttyError:
+        return {}, []
+    try:
+        request, warnings = image.request()
     except DreamttyError as exc:
-        if not metadata.carries_ours(path):
+        if not image.ours:
             return {}, []
         try:
-            recorded = metadata.recorded_fields(f"image: {path}", metadata.read(path))
+            recorded = metadata.recorded_fields(f"image: {path}", image.meta())
         except DreamttyError:
             recorded = None
         if recorded is None or not _layer_shaped(recorded):

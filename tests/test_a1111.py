@@ -479,6 +479,17 @@ def test_unreadable_images_and_deep_metadata_are_one_line_errors(tmp_path, capsy
     assert str(err.value) == f"image: {tmp_path / 'notes.png'} is not an image PIL can read (PNG, JPEG, WebP, ...)"
 
 
+def test_the_prompt_record_of_hand_edited_metadata_is_empty_and_its_request_one_line(tmp_path):
+    for name, text in (("list.png", "[1, 2]"), ("text.png", '{"prompt": "a fox", "request": 3}')):
+        info = PngInfo()
+        info.add_text("dreamtty", text)
+        Image.new("RGB", (8, 8)).save(tmp_path / name, pnginfo=info)
+        image = metadata.ImageMetadata(tmp_path / name)
+        assert image.ours and image.record() == {}
+        with pytest.raises(DreamttyError, match=r"^image: .* has dreamtty metadata without a request$"):
+            image.request()
+
+
 @pytest.mark.parametrize("args,message", [
     ([], "reproduce: give an IMAGE or --from-text FILE"),
     (["x.png", "--from-text", "t.txt"], "reproduce: give an IMAGE or --from-text FILE"),

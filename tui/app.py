@@ -305,12 +305,12 @@ class DreamttyApp(App):
         from backend import metadata
 
         try:
-            request, warnings = metadata.image_request(path)
+            image = metadata.ImageMetadata(path)
+            request, warnings = image.request()
         except DreamttyError as exc:
             self.call_from_thread(notify, self, exc, severity="error")
             return
-        foreign = not metadata.carries_ours(path)
-        self.call_from_thread(self._loaded_into_form, request, Path(path).name, warnings, foreign)
+        self.call_from_thread(self._loaded_into_form, request, Path(path).name, warnings, not image.ours)
 
     async def _loaded_into_form(self, request: GenerateRequest, name: str, warnings: list[str],
                                 foreign: bool = False) -> None:

@@ -354,8 +354,8 @@ def cmd_reproduce(args) -> int:
         text = foreign_metadata.read_text_file(args.from_text)
         request, warnings, ours = metadata.text_request(text, f"from-text: {args.from_text}")
     else:
-        request, warnings = metadata.image_request(args.image)
-        record, ours = _record(args.image), metadata.carries_ours(args.image)
+        image = metadata.ImageMetadata(args.image)
+        (request, warnings), record, ours = image.request(), image.record(), image.ours
         request, notes = metadata.with_style_picks(request, record).with_kept_inputs(record, Path(args.image))
         warnings += notes
     print_warnings(warnings)
@@ -401,19 +401,11 @@ def _pixels_line(image: Path, made: Path, record: dict) -> str:
         return f"pixels: not compared ({one_line(first_line(exc))})"
     if diff == 0:
         return "pixels: identical"
-    change = metadata.prompt_change(record, _record(made))
-    return f"pixels: differ (max difference {diff}/255)" + (f": {one_line(change)}" if change else "")
-
-
-def _record(path: Path) -> dict:
-    """The prompt record of a dreamtty image's metadata ({} for another tool's image)."""
-    from backend import metadata
-    from backend.errors import DreamttyError
-
     try:
-        return metadata.read(path).get("prompt") or {}
-    except DreamttyError:
-        return {}
+        change = metadata.prompt_change(record, metadata.ImageMetadata(made).record())
+    except DreamttyError:  # made unreadable since: the pixels were compared, the texts are not
+        change = None
+    return f"pixels: differ (max difference {diff}/255)" + (f": {one_line(change)}" if change else "")
 
 
 def _image_verb(sub, name: str, help_text: str, kind: type[GenerateRequest]) -> argparse.ArgumentParser:
