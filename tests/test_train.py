@@ -268,6 +268,33 @@ def test_extending_a_finished_run_follows_the_longer_schedule_from_its_first_ste
     assert lrs[8:] == pytest.approx([2e-4 * 2 / 10, 2e-4 * 1 / 10], rel=1e-6)
 
 
+def test_a_resume_that_changes_how_the_run_steps_says_so_and_keeps_the_schedule_and_accumulation(photos, tmp_path,
+                                                                                                  monkeypatch):
+    """A checkpoint of 2 processes resumed by 1 (the Train screen's Ctrl+R takes every GPU there is) went on at
+    twice its step on the lr schedule (accelerate steps it once per process); a new --grad-accum took the old
+    micro-batch count, so optimizer steps fell between a step's micro-batches; neither was said."""
+    settings = dict(lr=1e-4, lr_scheduler="linear", checkpoint_every=100)
+    run_dir = _run(_request(photos, tmp_path / "run", max_steps=3, **settings))
+    checkpoint = runs.list_checkpoints(run_dir)[-1][1]
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    stepping = {**state["stepping"], "processes": 2}  # as 2 processes saved it:
+    (checkpoint / STATE_FILE).write_text(json.dumps({**state, "stepping": stepping}))
+    schedule = torch.load(checkpoint / "scheduler.bin", weights_only=True)
+    torch.save({**schedule, "last_epoch": 3 * 2}, checkpoint / "scheduler.bin")  # 2 schedule steps per step
+    micro_counts = []
+    step = DreamBoothTrainer.train_step
+    monkeypatch.setattr(DreamBoothTrainer, "train_step",
+                        lambda self, micro: micro_counts.append(self.acc.step) or step(self, micro))
+    _run(_request(photos, run_dir, max_steps=5, resume="latest", grad_accum=2, batch_size=2, **settings))
+    assert micro_counts == [3 * 2, 4 * 2]  # accelerate's micro-batch count, as if the run had had 2 all along
+    lrs = [e.lr for e in _events(run_dir) if isinstance(e, TrainStep)]
+    assert lrs[3:] == pytest.approx([1e-4 * 2 / 5, 1e-4 * 1 / 5], rel=1e-6)  # a linear decay over 5 steps
+    said = [e.message for e in _events(run_dir) if isinstance(e, TrainLog) and e.message.startswith("resume: ")]
+    assert said == [f"resume: {name} is {now}, the checkpoint's {then}: the run goes on from step 3, its images in "
+                    "another order than a run that kept it" for name, now, then in
+                    (("batch_size", 2, 1), ("grad_accum", 2, 1), ("processes", 1, 2))]
+
+
 def test_run_stopped_on_its_last_step_resumes_to_its_export(photos, tmp_path):
     run_dir = tmp_path / "last"
     answers = [False, True]  # the stop is asked for during step 2 of 2

@@ -116,11 +116,24 @@ def follow_umask(folder: Path) -> None:
 
 
 def _complete(tmp: Path, final: Path, state: dict) -> None:
-    """Write our state file last (it marks the checkpoint complete), then rename the folder into place."""
+    """Write our state file last (it marks the checkpoint complete), put every file on the disk, then rename the
+    folder into place: older checkpoints are pruned next, and a power cut must not leave this one's files empty."""
     follow_umask(tmp)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    for path in [*(p for p in tmp.rglob("*") if p.is_file()), *(p for p in tmp.rglob("*") if p.is_dir()), tmp]:
+        _fsync(path)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    _fsync(final.parent)  # the rename itself
+
+
+def _fsync(path: Path) -> None:
+    """Flush the file or folder ``path`` to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: int) -> Path:
@@ -215,7 +228,8 @@ def _load_error(folder: Path, exc: Exception) -> CheckpointError:
 
 
 def load_checkpoint(accelerator, folder: Path) -> dict:
-    """Restore weights, optimizer, scaler and RNG state; return our state (step, micro-batch, seed).
+    """Restore weights, optimizer, scaler and RNG state; return our state (its step, and the settings that decide
+    which images each step sees: ``DreamBoothTrainer._stepping``).
 
     Raises DamagedCheckpointError (before loading anything) for a file cut short, else CheckpointError.
     """

@@ -41,6 +41,9 @@ VALIDATION_IMAGES = 2
 MAX_GRAD_NORM = 1.0
 BNB_CPU_SINCE = (0, 45)  # bitsandbytes runs its 8-bit optimizers on the CPU from this version
 MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep 32-bit optimizer state
+# Settings a checkpoint records beside its step (and the process count): a resume may change them, said, since the
+# run then sees its images in another order than one that kept them.
+STEPPING = ("batch_size", "grad_accum", "seed", "resolution", "center_crop", "random_flip")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -193,17 +196,35 @@ class DreamBoothTrainer:
         return get_scheduler(req.lr_scheduler, optimizer, num_warmup_steps=req.lr_warmup_steps * n,
                              num_training_steps=req.max_steps * n)
 
-    def _apply_schedule(self, base_lrs: list[float]) -> None:
-        """Set the loaded optimizer's lr from this run's schedule (``base_lrs``, --max-steps) at the loaded step.
+    def _apply_schedule(self, base_lrs: list[float], step: int) -> None:
+        """Set the loaded optimizer's lr from this run's schedule (``base_lrs``, --max-steps) at the loaded ``step``.
 
         The checkpoint holds its own lr and schedule; a resume with a larger --max-steps (a cosine no
-        longer at its end) or another --lr must apply from the first step on.
+        longer at its end) or another --lr must apply from the first step on. Its schedule position and
+        accelerate's micro-batch count are those of its process count and --grad-accum: both are set anew for
+        this run's.
         """
         schedule = self.lr_scheduler.scheduler  # accelerate's wrapper holds diffusers' LambdaLR
+        schedule.last_epoch = step * self.acc.num_processes  # see _lr_scheduler
+        self.acc.step = step * self.req.grad_accum  # an optimizer step every grad_accum micro-batches from here
         schedule.base_lrs = list(base_lrs)
         for group, base, factor in zip(self.optimizer.param_groups, base_lrs, schedule.lr_lambdas):
             group["initial_lr"] = base
             group["lr"] = base * factor(schedule.last_epoch)
+
+    def _stepping(self) -> dict:
+        """This run's settings that decide which images each step sees (recorded in its checkpoints)."""
+        return {**{name: getattr(self.req, name) for name in STEPPING}, "processes": self.acc.num_processes}
+
+    def _say_changes(self, state: dict, step: int) -> None:
+        """Warn of each setting of :func:`_stepping` this resume changes from its checkpoint's ``state``."""
+        if not self.main:
+            return
+        then = state.get("stepping") if isinstance(state.get("stepping"), dict) else {}  # none before 2026-12-08
+        for name, now in self._stepping().items():
+            if then.get(name, now) != now:
+                self._warn(f"resume: {name} is {now}, the checkpoint's {then[name]}: the run goes on from step "
+                           f"{step}, its images in another order than a run that kept it")
 
     def _abandon_past(self, checkpoint: Path, step: int) -> None:
         """Move aside the checkpoints of the branch this resume leaves: those past ``step`` (also a damaged one
@@ -284,7 +305,8 @@ class DreamBoothTrainer:
             else:
                 checkpoint, state = loaded
                 start = int(state["step"])
-                self._apply_schedule(base_lrs)
+                self._apply_schedule(base_lrs, start)
+                self._say_changes(state, start)
                 self.events(TrainResume(step=start, checkpoint=str(checkpoint)))
             self.acc.wait_for_everyone()  # every process has loaded before a checkpoint is moved
             if self.main:
@@ -392,7 +414,7 @@ class DreamBoothTrainer:
         return True
 
     def _checkpoint(self, step: int) -> None:
-        state = {"step": step, "micro_batches": step * self.req.grad_accum, "seed": self.req.seed}
+        state = {"step": step, "stepping": self._stepping()}
         try:
             path = save_checkpoint(self.acc, self.run_dir, step, state, self.req.keep_checkpoints)
         except CheckpointError as exc:
