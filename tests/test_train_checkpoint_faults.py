@@ -331,3 +331,26 @@ def test_pruning_keeps_the_newest_checkpoints_that_load(photos, tmp_path):
     _run(_settings(run_dir, max_steps=5, resume="latest"))
     assert _steps_after_resume(run_dir) == (4, [5])
     assert _folders(run_dir) == ["checkpoint-2", "checkpoint-3", "checkpoint-4", "checkpoint-5"]
+
+
+def test_a_checkpoint_is_on_the_disk_before_its_rename_and_the_rename_before_older_ones_go(photos, tmp_path,
+                                                                                           monkeypatch):
+    """Nothing was flushed: a power cut soon after a save could leave the new checkpoint's files empty, the older
+    ones already pruned."""
+    from backend.training import checkpoints
+
+    synced: list[Path] = []
+    real_replace, real_prune = checkpoints.os.replace, checkpoints._prune
+    monkeypatch.setattr(checkpoints, "_fsync", synced.append)
+    monkeypatch.setattr(checkpoints.os, "replace", lambda a, b: (synced.append(("rename", Path(b))),
+                                                                  real_replace(a, b))[-1])
+    monkeypatch.setattr(checkpoints, "_prune", lambda run_dir, keep: (synced.append("prune"), real_prune(run_dir,
+                                                                                                      keep))[-1])
+    run_dir = _run(_request(photos, tmp_path / "run", max_steps=2, checkpoint_every=1, keep_checkpoints=1))
+    final = runs.list_checkpoints(run_dir)[-1][1]
+    rename = synced.index(("rename", final))
+    files = {path.relative_to(final) for path in final.rglob("*")} | {Path(".")}
+    tmp = final.with_name(f".tmp-{final.name}")
+    assert {path.relative_to(tmp) for path in synced[:rename] if isinstance(path, Path) and path.is_relative_to(tmp)
+            } == files  # every file and folder of it, itself too, before it is renamed into place
+    assert synced[rename + 1:rename + 3] == [final.parent, "prune"]  # the rename is on the disk before a prune
