@@ -84,7 +84,7 @@ class ServiceFiles:
         open while the service runs. Leftover socket and pid files are removed: they are stale.
         Raises AlreadyRunning saying where the running service is."""
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if not _lock(fd):
+        if not _lock(fd, self.lock_file):
             os.close(fd)
             raise AlreadyRunning(self.running_message())
         for stale in (self.socket, self.pid_file):
@@ -136,8 +136,10 @@ class ServiceFiles:
             path.unlink(missing_ok=True)
 
 
-def _lock(fd: int) -> bool:
-    """Take ``fd``'s exclusive flock, retrying ``LOCK_PATIENCE`` seconds (another process may be probing it)."""
+def _lock(fd: int, path: Path) -> bool:
+    """Take ``fd``'s exclusive flock, retrying ``LOCK_PATIENCE`` seconds (another process may be probing it);
+    DreamttyError where the file system of ``path`` takes no locks (NFS without lockd): two services could
+    then run one queue."""
     deadline = time.monotonic() + LOCK_PATIENCE
     while True:
         try:
@@ -147,6 +149,10 @@ def _lock(fd: int) -> bool:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
+        except OSError as exc:
+            os.close(fd)
+            raise DreamttyError(f"lock: cannot lock {path}: {exc.strerror or exc} (a file system without locks, "
+                                "as NFS without lockd); put dreamtty's folders on a local disk (DREAMTTY_HOME)") from None
 
 
 def hold_queue(state: Path, info: dict) -> int | None:
@@ -159,7 +165,7 @@ def hold_queue(state: Path, info: dict) -> int | None:
         fd = os.open(state / QUEUE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError:
         return None
-    if not _lock(fd):
+    if not _lock(fd, state / QUEUE_LOCK):
         held = _held_by(_holder(fd), state)
         os.close(fd)
         raise QueueHeld(held)
@@ -225,7 +231,11 @@ def read_token() -> str | None:
     if not path.exists():
         return None
     check_private(path, "token")
-    return path.read_text().strip() or None
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or exc
+        raise DreamttyError(f"token: cannot read {path}: {why}; delete it and a new token is made") from None
 
 
 def token_warnings(token: str | None) -> list[str]:
