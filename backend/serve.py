@@ -24,6 +24,7 @@ from pathlib import Path
 
 from backend import locations, service_log
 from backend.errors import DreamttyError, RequestError, ServiceUnavailable, Transient
+from backend.queue_store import QueueUnavailable
 from backend.safetext import visible
 from backend.service_files import (AlreadyRunning, QueueHeld, ServiceFiles, hold_queue, make_token, token_file,
                                    token_warnings)
@@ -170,7 +171,11 @@ async def _exit_when_idle(service, api, seconds: float, stop: asyncio.Event, ann
     while not stop.is_set():
         await asyncio.sleep(min(IDLE_CHECK, seconds))
         now = time.monotonic()
-        if any(service.store.counts(service.owner).values()) or api.streams:
+        try:
+            busy = any(service.store.counts(service.owner).values()) or bool(api.streams)
+        except QueueUnavailable:  # locked for a while (a backup): not known to be idle
+            busy = True
+        if busy:
             quiet_since = now
         if now - max(quiet_since, api.last_request) >= seconds:
             announce(f"dreamtty: idle for {seconds / 60:g} minutes; exiting to free the workers")
