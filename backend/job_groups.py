@@ -66,7 +66,7 @@ def group_of(first: Job, queued: list[Job]) -> list[Job]:
     room = (first.request.get("max_batch") or GROUP_IMAGES) - images_left(first)
     group = [first]
     for job in queued:
-        if job.id != first.id and 0 < images_left(job) <= room and group_key(job) == key:
+        if job.id != first.id and group_key(job) == key and 0 < images_left(job) <= room:  # the key reads count
             group.append(job)
             room -= images_left(job)
     return group

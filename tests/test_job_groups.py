@@ -76,6 +76,9 @@ def test_prompt_lora_tags_retries_and_unreadable_jobs(store):
     assert group_key(store.get(retried.id)) is None  # a job that took its worker down runs alone
     broken = store.get(store.add("generate", {"request": {"prompt": "x", "no_such_field": 1}, "out": "/o"}, "me"))
     assert group_key(broken) is None and group_of(plain, [broken, tagged]) == [plain]  # its worker says why
+    counts = [store.get(store.add("generate", {"request": {**plain.request, "count": count}, "out": "/o"}, "me"))
+              for count in ("abc", None, [2])]  # a row edited by hand: no TypeError at each dispatch, for good
+    assert [group_key(job) for job in counts] == [None] * 3 and group_of(plain, counts) == [plain]
 
 
 def test_jobs_that_run_alone_and_the_room_of_a_group(store):
