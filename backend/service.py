@@ -637,6 +637,8 @@ class Service:
                     raise
                 self._try_later(exc)
                 return
+            except Exception:  # a fault of its own (a row no version of dreamtty wrote): the writes after it go on
+                log.exception("queue: a write failed; the writes after it go on")
             self._unwritten.pop(0)
         if self._write_error is not None:
             self._write_error = None

@@ -630,3 +630,20 @@ async def test_what_a_worker_said_before_it_died_comes_before_its_death(monkeypa
     finally:
         await workers.close()
     assert seen[:24] == ["WorkerReady", *["Started"] * 6, "died"] * 3
+
+
+async def test_a_queue_write_that_fails_on_its_own_fault_does_not_hold_up_the_writes_after_it(db, caplog):
+    """Only a queue that takes no writes made a write wait; any other fault (a row no version wrote) left it first
+    in line for good, and every job end after it was neither written nor told."""
+    from test_tui import NoWorkers
+
+    service = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
+    await service.start()
+    try:
+        written: list[int] = []
+        service._when_writable(lambda: int("abc"))
+        service._when_writable(lambda: written.append(1))
+        assert written == [1] and service._unwritten == []
+        assert "queue: a write failed; the writes after it go on" in caplog.text
+    finally:
+        await service.close()
