@@ -1727,3 +1727,63 @@ async def test_waiting_on_a_job_another_process_runs_ends_when_it_ends(tmp_path,
 
 async def _collect(events) -> list:
     return [event async for event in events]
+
+
+def test_a_token_file_that_does_not_read_is_one_line(tmp_path, monkeypatch):
+    from backend.service_files import read_token, token_file
+
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path))
+    token_file().parent.mkdir(parents=True)
+    token_file().write_bytes(b"\xff\xfe token")
+    token_file().chmod(0o600)
+    with pytest.raises(DreamttyError, match=r"^token: cannot read .*serve\.token: it is not UTF-8 text; delete it "
+                                            r"and a new token is made$"):
+        read_token()
+    token_file().unlink()
+    token_file().mkdir(mode=0o700)
+    with pytest.raises(DreamttyError, match=r"^token: cannot read .*serve\.token: Is a directory; delete it"):
+        read_token()
+
+
+def test_a_folder_that_takes_no_locks_is_one_line(tmp_path, monkeypatch):
+    """NFS without lockd: flock fails with ENOLCK, which escaped as a traceback."""
+    import errno
+
+    from backend import service_files
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(service_files.fcntl, "flock", no_locks)
+    files = ServiceFiles(tmp_path / "run")
+    files.make_folder()
+    with pytest.raises(DreamttyError, match=r"^lock: cannot lock .*: No locks available \(a file system without "
+                                            r"locks, as NFS without lockd\); put dreamtty's folders on a local disk"):
+        files.acquire()
+    with pytest.raises(DreamttyError, match=r"^lock: cannot lock .*serve\.lock: No locks available"):
+        service_files.hold_queue(tmp_path / "state", {})
+
+
+async def test_idle_exit_waits_through_a_locked_queue_and_exits_after(monkeypatch):
+    """A queue locked for a while (a backup) ended the idle check for good: the service never exited."""
+    from types import SimpleNamespace
+
+    import sqlite3
+
+    from backend import serve
+    from backend.queue_store import QueueUnavailable
+
+    answers = [QueueUnavailable(Path("queue.sqlite3"), sqlite3.OperationalError("database is locked")), {}, {}]
+
+    def counts(owner):
+        answer = answers.pop(0) if answers else {}
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(serve, "IDLE_CHECK", 0.05)
+    service = SimpleNamespace(store=SimpleNamespace(counts=counts), owner="me")
+    api = SimpleNamespace(streams=[], last_request=time.monotonic())
+    stop, said = asyncio.Event(), []
+    await asyncio.wait_for(serve._exit_when_idle(service, api, 0.1, stop, said.append), 5)
+    assert stop.is_set() and said == ["dreamtty: idle for 0.00166667 minutes; exiting to free the workers"]
