@@ -70,7 +70,7 @@ async def opened(app: App, **kwargs):
     async with app.run_test(**kwargs) as pilot:
         screen = getattr(app, "generate_screen", None)
         if screen is not None:
-            await asyncio.wait_for(screen.ready_form(), 10)
+            await asyncio.wait_for(screen.ready_form(), 30)  # 10 s ran out once with both cores busy
             await pilot.pause()
         yield pilot
 
