@@ -107,7 +107,7 @@ class Api:
         self.stop = stop
         self.info = info
         self.last_request = time.monotonic()
-        self.streams: set[web.WebSocketResponse] = set()
+        self.streams: dict[web.WebSocketResponse, web.Request] = {}  # the event streams open, and their requests
         self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard, self._errors])
         self.app.add_routes([
             web.get("/v1/version", self.version),
@@ -288,7 +288,7 @@ class Api:
             raise RequestError("events", "is a WebSocket: send GET with Connection: Upgrade and Upgrade: websocket")
         overran = asyncio.Event()
         queue = self.service.subscribe(overran.set)  # before the handshake: a client that then submits misses nothing
-        self.streams.add(ws)
+        self.streams[ws] = request
         try:
             await ws.prepare(request)
             sender = asyncio.create_task(self._send_events(queue, ws, previews))
@@ -300,7 +300,7 @@ class Api:
                 for task in tasks:
                     task.cancel()
         finally:
-            self.streams.discard(ws)
+            self.streams.pop(ws, None)
             self.service.unsubscribe(queue)
         return ws
 
@@ -331,22 +331,28 @@ class Api:
     async def _drop_when(overran: asyncio.Event, ws: web.WebSocketResponse, request: web.Request,
                          sender: asyncio.Task) -> None:
         """Close a stream whose client stopped reading (``Fanout.BACKLOG`` events behind): it connects again
-        and reads back what it missed. One that does not take the close within CLOSE_TIMEOUT is cut off
-        (closing waits for the bytes it has not taken, for ever)."""
+        and reads back what it missed."""
         await overran.wait()
         sender.cancel()  # no event after the close
-        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, _cut_off, request)
         reason = f"events: this client fell {Fanout.BACKLOG} events behind; connect again"
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=reason.encode()), CLOSE_TIMEOUT)
+        await _close(ws, request, WSCloseCode.TRY_AGAIN_LATER, reason)
 
     async def _close_streams(self, app: web.Application) -> None:
-        for ws in list(self.streams):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"service stopping")
+        """Close every stream at once as the service stops (a client stopped with Ctrl-Z does not hold it up)."""
+        await asyncio.gather(*(_close(ws, request, WSCloseCode.GOING_AWAY, "service stopping")
+                               for ws, request in list(self.streams.items())))
+
+
+async def _close(ws: web.WebSocketResponse, request: web.Request, code: int, reason: str) -> None:
+    """Close the stream ``ws``; one whose client has not taken the close CLOSE_TIMEOUT seconds later is cut off,
+    unsent bytes and all (closing waits for the bytes it has not taken, for ever)."""
+    asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, _cut_off, request)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT)
 
 
 def _cut_off(request: web.Request) -> None:
-    """End ``request``'s connection now, unsent bytes and all, if it is still open."""
+    """End ``request``'s connection now, if it is still open."""
     if request.transport is not None:
         request.transport.abort()
 

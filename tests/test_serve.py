@@ -1787,3 +1787,33 @@ async def test_idle_exit_waits_through_a_locked_queue_and_exits_after(monkeypatc
     stop, said = asyncio.Event(), []
     await asyncio.wait_for(serve._exit_when_idle(service, api, 0.1, stop, said.append), 5)
     assert stop.is_set() and said == ["dreamtty: idle for 0.00166667 minutes; exiting to free the workers"]
+
+
+async def test_a_stop_cuts_off_a_stream_whose_client_takes_no_close(tmp_path, monkeypatch):
+    """Closing each stream in turn waited for ever on a client that reads nothing (a TUI stopped with Ctrl-Z,
+    its socket full): the service never stopped, its workers kept the GPU."""
+    from types import SimpleNamespace
+
+    from backend import api as api_module
+
+    class Stuck:
+        async def close(self, code, message):
+            await asyncio.Event().wait()
+
+    class Reading:
+        closed = False
+
+        async def close(self, code, message):
+            self.closed = True
+
+    monkeypatch.setattr(api_module, "CLOSE_TIMEOUT", 0.2)
+    api = Api(Service(devices="cpu", db_path=tmp_path / "queue.sqlite3"))
+    aborted: list[str] = []
+    requests = [SimpleNamespace(transport=SimpleNamespace(abort=partial(aborted.append, name))) for name in "ab"]
+    stuck, reading = [Stuck(), Stuck()], Reading()
+    api.streams.update({stuck[0]: requests[0], reading: SimpleNamespace(transport=None), stuck[1]: requests[1]})
+    began = time.monotonic()
+    await asyncio.wait_for(api._close_streams(api.app), 5)
+    await asyncio.sleep(0.1)
+    assert time.monotonic() - began < 1 and sorted(aborted) == ["a", "b"] and reading.closed  # at once, not in turn
+    api.service.store.close()
