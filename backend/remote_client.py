@@ -186,6 +186,8 @@ class RemoteClient:
             while True:
                 await asyncio.sleep(delay)
                 try:
+                    if self._http is None:  # a call dropped the session (a service it started did not come up)
+                        self._http = self._new_http()
                     await self._check_versions()
                     ws = await self._open_stream()
                     break

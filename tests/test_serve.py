@@ -1817,3 +1817,30 @@ async def test_a_stop_cuts_off_a_stream_whose_client_takes_no_close(tmp_path, mo
     await asyncio.sleep(0.1)
     assert time.monotonic() - began < 1 and sorted(aborted) == ["a", "b"] and reading.closed  # at once, not in turn
     api.service.store.close()
+
+
+async def test_a_client_follows_its_service_again_after_a_call_dropped_its_session(tmp_path, monkeypatch):
+    """A call whose service start failed dropped the client's session; the stream's reconnect loop then died of an
+    AttributeError on the missing session, unsaid: a TUI never heard of its service again, a ``wait`` never gave
+    up."""
+    from backend.events import ServiceLost, ServiceReady
+
+    monkeypatch.setattr(remote_client, "RECONNECT_DELAY", (0.05, 0.1))
+    db, sock = tmp_path / "queue.sqlite3", tmp_path / "serve.sock"
+    service, runner = await _serve_in_test(db, sock)
+    client = RemoteClient(Address(socket=sock, token="t"), start=None, previews=False, patience=None)
+    events = client.subscribe()
+    try:
+        await client.jobs()  # connected, following the events
+        await runner.cleanup()
+        await service.close()
+        assert isinstance(await asyncio.wait_for(events.get(), 10), ServiceLost)
+        client._drop_http()  # as _call does before a start that fails
+        await asyncio.sleep(0.3)  # reconnect tries meanwhile
+        service, runner = await _serve_in_test(db, sock)
+        assert isinstance(await asyncio.wait_for(events.get(), 10), ServiceReady)
+        assert not client._stream.done()
+    finally:
+        await client.close()
+        await runner.cleanup()
+        await service.close()
