@@ -24,7 +24,8 @@ from pathlib import Path
 from backend.errors import DreamttyError
 from backend.events import Event, RunState, TrainState
 from backend.devices import parse_devices, visible_gpus
-from backend.queue_store import LEASE_TTL, connect, is_time, json_column, listing_sql, queue_access, readable_times
+from backend.queue_store import (LEASE_TTL, QueueUnavailable, connect, is_time, json_column, listing_sql, queue_access,
+                                 readable_times)
 from backend.training import launch, runs
 
 WAITING, TRAINING, ENDED = "waiting", "training", "ended"
@@ -298,16 +299,23 @@ class TrainingRuns:
         return failed
 
     def _launch(self, run: ScheduledRun) -> bool:
-        """Start ``run``'s trainer; False when it cannot start (its folder is gone, ...): the run ends failed."""
+        """Start ``run``'s trainer; False when it cannot start (its folder is gone, ...): the run ends failed. The
+        run is claimed first: a queue file that takes no write then leaves it waiting (tried again at the next
+        dispatch), where a trainer started first would have been started again, a second one in its folder."""
         self._waiting_for.pop(run.id, None)
+        try:
+            self.store.update(run.id, state=TRAINING)
+        except QueueUnavailable as exc:
+            self.wait(run, f"{exc}; it starts once the queue file takes writes")
+            return True
         try:
             proc = launch.start_trainer(Path(run.path), run.launcher, env=trainer_env(run.devices))
         except DreamttyError as exc:  # start_trainer recorded it in run.json where it could
             self._end(run, "failed", str(exc))
             return False
+        self._trainers[run.id] = proc  # watched here through it; its pid in the queue is for another service
         _record(run.path, state="starting")
-        self._trainers[run.id] = proc
-        self.store.update(run.id, state=TRAINING, pid=proc.pid)
+        self.store.update(run.id, pid=proc.pid)
         self._publish(self.store.get(run.id).event())
         return True
 

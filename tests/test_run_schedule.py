@@ -395,3 +395,35 @@ def test_bad_run_settings_make_nothing(tmp_path, photos, demo_dirs, monkeypatch)
         with pytest.raises(Exception, match=f"^{field}: "):
             service.prepare_run(train_request(photos, tmp_path / "bad"), devices, launcher)
     assert not (tmp_path / "bad").exists() and service.training.listing() == []
+
+
+async def test_a_run_whose_start_the_queue_cannot_record_waits_and_starts_once(without_workers, tmp_path, photos,
+                                                                               monkeypatch):
+    """The trainer was started before the run was recorded as training: a queue file locked then left the row
+    "waiting", and the next dispatch started a second trainer in the same folder."""
+    import sqlite3
+
+    from backend.queue_store import QueueUnavailable
+    from backend.run_schedule import RunStore
+    from backend.training import launch
+
+    service, events = without_workers
+    real_update, real_start, started = RunStore.update, launch.start_trainer, []
+
+    def locked_once(store, run_id, **values):
+        if values.get("state") == TRAINING and not started and not getattr(locked_once, "done", False):
+            locked_once.done = True
+            raise QueueUnavailable(store.path, sqlite3.OperationalError("database is locked"))
+        real_update(store, run_id, **values)
+
+    monkeypatch.setattr(RunStore, "update", locked_once)
+    monkeypatch.setattr(launch, "start_trainer", lambda *args, **kwargs: started.append(1) or real_start(*args,
+                                                                                                         **kwargs))
+    run = queue_run(service, photos, tmp_path / "run")
+    said = (await next_event(events, lambda e: isinstance(e, RunState) and e.run == run.id and e.waiting_for))[-1]
+    assert said.waiting_for.endswith("database is locked; another program holds it (a backup, an sqlite3 shell?); "
+                                     "it starts once the queue file takes writes")
+    await next_event(events, run_is(run.id, TRAINING))
+    finish(service.training.get(run.id))
+    await next_event(events, run_is(run.id, ENDED))
+    assert started == [1]
