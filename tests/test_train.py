@@ -305,6 +305,28 @@ def test_run_stopped_on_its_last_step_resumes_to_its_export(photos, tmp_path):
     assert [e.step for e in _events(run_dir) if isinstance(e, TrainStep)] == [1, 2]
 
 
+def test_a_stop_whose_checkpoint_is_not_saved_says_where_a_resume_goes_on(photos, tmp_path, monkeypatch):
+    """The run was said "stopped at step 2" as if saved there; a resume then went back to step 1 unsaid."""
+    from accelerate import Accelerator
+
+    real_save, calls = Accelerator.save_state, []
+
+    def full_at_the_stop(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:  # the stop's checkpoint, at step 2
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_at_the_stop)
+    answers = [False, True]  # the stop is asked for during step 2
+    run_dir = _run(_request(photos, tmp_path / "run", max_steps=4, checkpoint_every=1),
+                   should_stop=lambda: answers.pop(0))
+    data = runs.read_run_json(run_dir)
+    assert (data["state"], data["step"], data["saved"]) == ("stopped", 2, 1)
+    end = [e for e in _events(run_dir) if isinstance(e, TrainState)][-1]
+    assert end.message == f"its checkpoint at step 2 was not saved: a resume goes on from step 1; {runs.RESUME_HINT}"
+
+
 def test_disk_full_keeps_previous_checkpoint_and_stop_saves_one(photos, tmp_path, monkeypatch):
     from accelerate import Accelerator
 

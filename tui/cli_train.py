@@ -253,7 +253,9 @@ def follow(run_dir: Path, proc) -> int:
         print(one_line(output.get("path", run_dir)))
         return 0
     if state == "stopped":
-        _say(f"dreamtty: stopped at step {data.get('step', progress.step)}; continue with "
+        step = data.get("step", progress.step)
+        lost = f" (not saved: a resume goes on from step {data['saved']})" if data.get("saved", step) != step else ""
+        _say(f"dreamtty: stopped at step {step}{lost}; continue with "
              f"dreamtty train --output {shlex.quote(str(run_dir))} --resume latest")
         return 1
     if error is None or error != progress.error:  # the trainer's own error was printed as it came

@@ -46,6 +46,13 @@ MODEL_DIR = "model"
 LORA_FILE = "lora/pytorch_lora_weights.safetensors"
 LIVE_STATES = ("starting", "running")
 RESUME_HINT = "resume with --resume latest (ctrl+r on the Train screen)"  # words for the CLI and the TUI alike
+
+
+def stop_message(step: int, saved: int) -> str:
+    """How a run stopped at ``step`` goes on, its newest checkpoint at step ``saved`` (the stop's own failed to be
+    written when it is older)."""
+    lost = f"its checkpoint at step {step} was not saved: a resume goes on from step {saved}; " if saved != step else ""
+    return lost + RESUME_HINT
 WAITING = "waiting"  # queued by the service until its device is free (backend.run_schedule): no process yet
 MAX_COUNT = 10**12  # steps and images: a count past this in events.jsonl is damage, not progress
 _COMPACT_FROM = 1e6  # a number this large is shown in 3 significant digits (1e+300, not 300 digits)
@@ -75,7 +82,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 # The type of each field the code reads from run.json.
 _FIELD_TYPES = {"state": str, "pid": int, "created": (int, float), "updated": (int, float), "settings": dict,
-                "family": str, "error": str, "error_kind": str, "step": int, "output": dict}
+                "family": str, "error": str, "error_kind": str, "step": int, "saved": int, "output": dict}
 
 
 def read_run_json(run_dir: Path) -> dict:

@@ -119,6 +119,7 @@ class DreamBoothTrainer:
         self.weight_dtype = _DTYPES.get(self.acc.mixed_precision, torch.float32)
         self.main = self.acc.is_main_process
         self.step = 0
+        self.saved = 0  # the step of the newest checkpoint: where a resume goes on from
 
     # -- setup -------------------------------------------------------------
     def _class_images(self, model: ModelRef) -> list[Path]:
@@ -304,7 +305,7 @@ class DreamBoothTrainer:
                 self.events(TrainResume(step=0, checkpoint=None))
             else:
                 checkpoint, state = loaded
-                start = int(state["step"])
+                start = self.saved = int(state["step"])
                 self._apply_schedule(base_lrs, start)
                 self._say_changes(state, start)
                 self.events(TrainResume(step=start, checkpoint=str(checkpoint)))
@@ -420,6 +421,7 @@ class DreamBoothTrainer:
         except CheckpointError as exc:
             self.events(TrainLog(level="warning", message=str(exc)))
             return
+        self.saved = step
         self.events(TrainCheckpoint(step=step, path=str(path)))
         if self.main:
             try:
@@ -561,7 +563,7 @@ def train(req: TrainRequest, run_dir: Path, events: runs.EventWriter | None = No
     except torch.OutOfMemoryError:
         raise TrainingError(oom_message(req, trainer.step + 1, run_dir)) from None
     if trainer.main:
-        runs.update_run_json(run_dir, state=state, step=trainer.step)
-    message = runs.RESUME_HINT if state == "stopped" else None
+        runs.update_run_json(run_dir, state=state, step=trainer.step, saved=trainer.saved)
+    message = runs.stop_message(trainer.step, trainer.saved) if state == "stopped" else None
     events(TrainState(state=state, step=trainer.step, message=message))
     return state
