@@ -354,3 +354,18 @@ def test_a_checkpoint_is_on_the_disk_before_its_rename_and_the_rename_before_old
     assert {path.relative_to(tmp) for path in synced[:rename] if isinstance(path, Path) and path.is_relative_to(tmp)
             } == files  # every file and folder of it, itself too, before it is renamed into place
     assert synced[rename + 1:rename + 3] == [final.parent, "prune"]  # the rename is on the disk before a prune
+
+
+def test_a_run_whose_pid_a_kernel_thread_took_reads_as_ended(tmp_path):
+    """A kernel thread's cmdline is empty, as a process's while it execs: one that took a killed trainer's pid
+    kept its run "running" for ever (a resume refused, its device held)."""
+    kthread = next((pid for pid in (2, 3, 4) if Path(f"/proc/{pid}/stat").is_file()
+                    and int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[6]) & runs.PF_KTHREAD),
+                   None)
+    if kthread is None:
+        pytest.skip("needs Linux procfs with a kernel thread at pid 2, 3 or 4")
+    assert not runs.pid_alive(kthread)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": "running", "pid": kthread, "created": 0})
+    assert runs.effective_state(run_dir)[0] == "failed"

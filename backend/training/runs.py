@@ -188,6 +188,9 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 # -- liveness -----------------------------------------------------------------
+PF_KTHREAD = 0x00200000  # /proc/PID/stat flags: a kernel thread (its cmdline is empty, as a process's mid-exec)
+
+
 def pid_alive(pid: int | None) -> bool:
     """True when ``pid`` runs a dreamtty trainer (or an accelerate launcher)."""
     if not process_exists(pid):
@@ -199,7 +202,8 @@ def pid_alive(pid: int | None) -> bool:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return False
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z":  # zombie: exited, not yet reaped
+        fields = stat.rsplit(")", 1)[-1].split()  # from the state on: state, ppid, pgrp, session, tty, tpgid, flags
+        if fields[0] == "Z" or int(fields[6]) & PF_KTHREAD:  # exited, not yet reaped; a kernel thread took the pid
             return False
         # Empty for a moment while the process execs: count it as alive.
         return not text.strip() or b"backend.training" in text or b"accelerate" in text
