@@ -50,7 +50,8 @@ def ensure_class_images(
     """Return ``count`` class images, generating the missing or unusable ones (image i uses seed + i)."""
     folder = class_dir(ref, class_prompt)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "prompt.txt").write_text(f"{ref.name}\n{class_prompt}\n")
+    if process_index == 0:  # one writer: the others read the folder
+        (folder / "prompt.txt").write_text(f"{ref.name}\n{class_prompt}\n")
     files = [folder / f"class-{i:05d}.png" for i in range(count)]
     missing = [i for i, path in enumerate(files) if not _reusable(path, resolution, warn)]
     barrier()  # every process has checked the cache before any writes to it: all agree on what is missing
