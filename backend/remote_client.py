@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -309,7 +310,7 @@ class RemoteClient:
     # -- the Client interface -------------------------------------------------------------
     async def submit(self, request: GenerateRequest, out_dir: Path | None = None) -> int:
         cfg = config.load()
-        out = Path(out_dir or cfg.outputs_dir()).expanduser().absolute()
+        out = Path(os.path.expanduser(out_dir or cfg.outputs_dir())).absolute()
         ref = uuid.uuid4().hex  # if the answer is lost (Ctrl-C), close finds the job by it
         self._unanswered.add(ref)
         try:

@@ -972,3 +972,18 @@ def test_the_train_hints_are_one_line_and_their_commands_shell_quoted(tmp_path, 
     assert cli_train.follow(run_dir, cli_train.Trainer(None)) == 1
     assert capsys.readouterr().err == (f"dreamtty: stopped at step 3; continue with dreamtty train --output {quoted}' "
                                        "--resume latest\n")
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["--local", "train", "--output", "~nosuchuser-dt/run", "--resume", "latest"],
+     "dreamtty: resume: ~nosuchuser-dt/run holds no run to continue; "),
+    (["--local", "train", "--model", "demo", "--instance-dir", "~nosuchuser-dt/photos", "--instance-prompt", "x"],
+     "dreamtty: instance_dir: ~nosuchuser-dt/photos does not exist"),
+])
+def test_a_tilde_of_no_user_is_a_path_as_the_shell_leaves_it_not_a_traceback(capsys, tmp_path, monkeypatch, argv,
+                                                                              said):
+    """``Path.expanduser`` raises RuntimeError for ``~name`` of no user (the shell passes it on as typed)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(said) and err.count("\n") == 1, err

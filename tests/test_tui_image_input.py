@@ -657,6 +657,10 @@ async def test_f7_loads_the_parameters_of_an_a1111_input_image_with_its_warnings
         form.query_one("#in-image", Input).value = ""
         await pilot.press("f7")
         await wait_for(pilot, lambda: "give an image whose parameters to load" in screen_text(app), what="the error")
+        form.query_one("#in-image", Input).value = "~nosuchuser-dt/cat.png"  # Path.expanduser's RuntimeError ended
+        await pilot.press("f7")  # the app
+        await wait_for(pilot, lambda: any(n.message == "image: ~nosuchuser-dt/cat.png is missing"
+                                          for n in app._notifications), what="the error")
 
 
 async def test_image_prompt_rows_queue_their_references_and_refuse_a_bad_weight(idle_service, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shlex
 import sys
 import time
@@ -108,7 +109,7 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
     config = load_yaml(args.train_config) if args.train_config else {}
     resume = flags.get("resume", config.get("resume"))
     output = flags.get("output", config.get("output"))
-    if resume and output and runs.is_run_dir(run_dir := Path(output).expanduser()):
+    if resume and output and runs.is_run_dir(run_dir := Path(os.path.expanduser(output))):
         from backend.training.launch import resume_settings
 
         data.update(resume_settings(run_dir))

@@ -110,7 +110,7 @@ def _problem(path: Path, smallest: int) -> str | None:
 
 def check_folder(folder: str | Path) -> Path:
     """``folder`` (the instance images) as a path, or a RequestError when it is missing or not a folder."""
-    path = Path(folder).expanduser()
+    path = Path(os.path.expanduser(folder))
     if not os.path.exists(path):  # os.path's test reads an unusable path (too long a name) as missing
         raise RequestError("instance_dir", f"{folder} does not exist")
     if not os.path.isdir(path):

@@ -54,7 +54,7 @@ def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
     if resume == "latest":
         found = runs.list_checkpoints(run_dir)
         return found[-1][1] if found else None
-    path = Path(resume).expanduser()  # os.path's checks: False for a name too long, where Path's raise
+    path = Path(os.path.expanduser(resume))  # os.path's checks: False for a name too long, where Path's raise
     if not path.is_absolute() and not os.path.exists(path):
         path = Path(run_dir) / runs.CHECKPOINTS / resume
     if not (os.path.isdir(path) and os.path.isfile(path / runs.STATE_FILE)):
@@ -154,7 +154,7 @@ def _check_target(request: TrainRequest) -> None:
         raise RequestError("resume", "needs the run to continue: --output RUN_DIR (output: RUN_DIR)")
     if not request.output:
         return
-    run_dir = Path(request.output).expanduser()
+    run_dir = Path(os.path.expanduser(request.output))
     try:
         with _PREPARING:  # not while another request writes its run.json there (its temp file is not a run)
             previous = _previous_run(run_dir, request)
@@ -187,7 +187,7 @@ def prepare_run(request: TrainRequest, runs_root: Path | None = None, devices: l
     token = unique_token_warning(req.instance_prompt, req.class_prompt if req.prior else None)
     if token:
         warnings.append(token)
-    run_dir = Path(req.output).expanduser() if req.output else None
+    run_dir = Path(os.path.expanduser(req.output)) if req.output else None
     try:
         with _PREPARING:  # check to run.json: two requests to this process (the service) never take one folder
             return _make_run_dir(req, ref.family, run_dir, runs_root, warnings)
@@ -213,7 +213,7 @@ def _make_run_dir(req: TrainRequest, family: str, run_dir: Path | None, runs_roo
         warnings += resume_warnings
     named = checkpoint is not None and req.resume != "latest"  # a path: absolute, as the trainer runs in run_dir
     req = replace(req, output=str(run_dir.resolve()), model=absolute_model(req.model),
-                  instance_dir=str(Path(req.instance_dir).expanduser().resolve()),
+                  instance_dir=str(Path(os.path.expanduser(req.instance_dir)).resolve()),
                   resume=str(checkpoint.resolve()) if named else req.resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / runs.STOP_FILE).unlink(missing_ok=True)

@@ -143,7 +143,7 @@ def run_output(path: str | Path) -> tuple[str, Path] | None:
 
     Accepts the run dir itself; lets ``--model RUN_DIR`` and ``--lora RUN_DIR`` find the result.
     """
-    path = Path(path).expanduser()
+    path = Path(os.path.expanduser(path))
     if (path / MODEL_DIR / "model_index.json").is_file():
         return "model", path / MODEL_DIR
     if (path / LORA_FILE).is_file():

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m backend.training.trainer_process RUN_DIR", file=sys.stderr)
         return 2
-    run_dir = Path(args[0]).expanduser().resolve()
+    run_dir = Path(os.path.expanduser(args[0])).resolve()
     events = runs.EventWriter(run_dir, enabled=os.environ.get("RANK", "0") == "0")
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -8,6 +8,7 @@ form is there go into its prompt.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -182,7 +183,7 @@ class GenerateScreen(Screen):
         if not path:
             self._rejected(RequestError("image", "give an image whose parameters to load (the Input image's path)"))
             return
-        self.app.load_into_form(str(Path(path).expanduser()))
+        self.app.load_into_form(os.path.expanduser(path))
 
     def describe(self, path: str, failed: Callable[[DreamttyError], None] | None = None) -> None:
         """Describe image ``path`` with the captioner (a describe job); its text replaces the prompt. On bad input
