@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import sqlite3
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -28,6 +29,7 @@ from backend.events import Cancelled, Done, Log, Preview, Started, Step, WorkerM
 from backend.request import GenerateRequest
 from backend.client import LocalClient
 from backend.pool import ProcessPool, Slot
+from backend.queue_store import QueueUnavailable
 from backend.service import Service
 import tui.app
 import tui.screens.generate
@@ -221,6 +223,20 @@ async def test_ctrl_x_cancels_only_a_job_of_this_terminal(idle_service, tmp_path
         await settle(pilot)
         [mine] = app.submitted
         app._track(Started(job=mine, worker=0))
+        real_cancel = app.client.cancel
+
+        async def locked(job):  # the queue file locked by another program: the error ended the app
+            raise QueueUnavailable(idle_service.store.path, sqlite3.OperationalError("database is locked"))
+
+        app.client.cancel = locked
+        await pilot.press("ctrl+x")
+        await settle(pilot)
+        assert app.is_running and idle_service.store.get(mine).state == "queued"
+        said = app._notifications
+        assert [(n.title, n.severity) for n in said][-1] == (f"cannot cancel job #{mine}", "error")
+        assert list(said)[-1].message.endswith("database is locked; another program holds it (a backup, an sqlite3 "
+                                               "shell?)")
+        app.client.cancel = real_cancel
         await pilot.press("ctrl+x")
         await settle(pilot)
         assert idle_service.store.get(mine).state == "cancelled"

@@ -362,7 +362,13 @@ class DreamttyApp(App):
         if job is None:
             others = f"; {len(running)} of other clients run (cancel them on the Queue screen)" if running else ""
             self.notify(f"No job of this terminal is running{others}.", severity="warning")
-        elif await self.client.cancel(job):
+            return
+        try:
+            cancelling = await self.client.cancel(job)
+        except DreamttyError as exc:  # no service answers, or the queue file takes no writes
+            notify(self, exc, title=f"cannot cancel job #{job}", severity="error")
+            return
+        if cancelling:
             self.notify(f"Cancelling job #{job}.")
 
     async def action_switch_mode(self, mode: str) -> None:
@@ -380,7 +386,11 @@ class DreamttyApp(App):
             self.left_going = len(self.active)
             self.exit()
             return
-        active = len(await self.client.active_jobs())
+        try:
+            active = len(await self.client.active_jobs())
+        except DreamttyError as exc:  # the queue file cannot be read: the jobs may be there, so ask
+            notify(self, exc, title="queue", severity="error")
+            active = len(self.active)
         if not active:
             self._exit_after_notice()
             return
