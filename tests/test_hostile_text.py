@@ -574,3 +574,12 @@ def test_a_name_cut_to_its_column_is_never_cut_inside_an_escape():
     preset = PresetInfo("mine", "W" * 300 + "\x1b[31m", "user", True)
     label = str(_preset_options([preset])[0][0])  # the closed Preset field grew to 15 rows of W
     assert len(label) == PRESET_LABEL and label.startswith("mine: WWW") and label.endswith("W…")
+
+
+def test_path_completion_of_a_pasted_nul_completes_nothing(tmp_path):
+    """os.scandir raises ValueError for a NUL, which ended the app from the suggester's worker."""
+    from tui.suggest import complete_path
+
+    (tmp_path / "cat.png").write_bytes(b"")
+    assert complete_path(f"{tmp_path}/c") == f"{tmp_path}/cat.png"
+    assert complete_path(f"{tmp_path}\x00/c") is None

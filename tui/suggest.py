@@ -39,7 +39,7 @@ def complete_path(typed: str) -> str | None:
             names = sorted((e.name + os.sep if e.is_dir() else e.name) for e in entries
                            if e.name.startswith(start) and _drawn_as_is(e.name)
                            and (start.startswith(".") or not e.name.startswith(".")))
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL pasted into the path
         return None
     return folder + names[0] if names else None
 
