@@ -369,3 +369,11 @@ def test_a_run_whose_pid_a_kernel_thread_took_reads_as_ended(tmp_path):
     run_dir.mkdir()
     runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": "running", "pid": kthread, "created": 0})
     assert runs.effective_state(run_dir)[0] == "failed"
+
+
+def test_a_stop_asked_of_a_run_folder_that_takes_no_file_is_one_line(tmp_path):
+    from backend.training.launch import request_stop
+
+    with pytest.raises(RequestError, match=r"^output: cannot ask the trainer to stop: .*/gone/STOP: No such file or "
+                                           r"directory; send it SIGTERM instead \(it stops as asked\)$"):
+        request_stop(tmp_path / "gone")

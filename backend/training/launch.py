@@ -279,8 +279,14 @@ def start_trainer(run_dir: Path, launcher: str | None = None, env: dict[str, str
 
 
 def request_stop(run_dir: Path) -> None:
-    """Ask a running trainer to save a checkpoint and stop (it checks for STOP after each step)."""
-    (Path(run_dir) / runs.STOP_FILE).touch()
+    """Ask a running trainer to save a checkpoint and stop (it checks for STOP after each step); RequestError
+    when the run folder takes no file (read-only, another user's, removed)."""
+    stop_file = Path(run_dir) / runs.STOP_FILE
+    try:
+        stop_file.touch()
+    except OSError as exc:
+        raise RequestError("output", f"cannot ask the trainer to stop: {stop_file}: {exc.strerror or exc}; send it "
+                                     "SIGTERM instead (it stops as asked)") from None
 
 
 def withdraw_stop(run_dir: Path) -> bool:
