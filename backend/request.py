@@ -149,10 +149,12 @@ class GenerateRequest:
         return replace(self, seed=self.seed + i, count=1, index=self.index + i)
 
     def batch_mates(self) -> list["GenerateRequest"]:
-        """The per-image requests of the batch ``self.batch`` names, in order (this one at its position)."""
+        """The per-image requests of the batch ``self.batch`` names, in order (this one at its position). The
+        others stand in for the images made beside it (another job's, in a group: their count is what changes
+        its pixels); their seeds wrap around within 0..MAX_SEED."""
         size, position = self.batch or (1, 0)
         first = replace(self, seed=self.seed - position, index=self.index - position, batch=None)
-        return [first.per_image(k) for k in range(size)]
+        return [replace(mate, seed=mate.seed % (MAX_SEED + 1)) for mate in map(first.per_image, range(size))]
 
     # -- validation ----------------------------------------------------
     def resolved(self, family: str) -> "GenerateRequest":
@@ -210,7 +212,7 @@ class GenerateRequest:
             self, scheduler=scheduler, steps=steps, cfg=cfg, width=width, height=height, seed=seed, count=count,
             index=index,
             image_prompts=resolve_image_prompts(self.image_prompts), max_batch=max_batch,
-            batch=_checked_batch(self.batch, seed) if count == 1 else None,  # a job of several makes its own batches
+            batch=_checked_batch(self.batch) if count == 1 else None,  # a job of several makes its own batches
         )
 
 
@@ -247,17 +249,14 @@ def _seed(value: object, count: int) -> int:
     return seed
 
 
-def _checked_batch(batch: tuple[int, int] | None, seed: int) -> tuple[int, int] | None:
-    """A recorded (size, position) whose batch-mates' seeds (seed - position + k) are all valid seeds."""
+def _checked_batch(batch: tuple[int, int] | None) -> tuple[int, int] | None:
+    """A recorded (size, position) of an image made in a batch (see ``GenerateRequest.batch_mates``)."""
     if batch is None:
         return None
     size, position = batch
     if not 2 <= size <= MAX_COUNT or not 0 <= position < size:
         raise RequestError("batch", f"{list(batch)} is not allowed; [size, position] with size 2..{MAX_COUNT} and "
                                     "position 0..size-1")
-    if not 0 <= seed - position <= MAX_SEED - size + 1:
-        raise RequestError("batch", f"{list(batch)} needs seeds {seed - position}..{seed - position + size - 1}; "
-                                    f"allowed 0..{MAX_SEED}")
     return size, position
 
 

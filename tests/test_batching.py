@@ -19,7 +19,7 @@ from backend.errors import RequestError
 from backend.guidance_settings import GuidanceSettings
 from backend.models import resolve_model
 from backend.queue_store import QueueStore
-from backend.request import GenerateRequest
+from backend.request import MAX_SEED, GenerateRequest
 from backend.worker import JobGroup, JobRun, LocalOutput, _make_images
 from job_helpers import worker_images
 from tui.widgets.progress import describe_step
@@ -224,7 +224,6 @@ def test_the_default_is_what_memory_holds(monkeypatch):
     ({"batch": [3]}, "batch: [3] is not allowed; give [size, position]"),
     ({"batch": [3, 3]}, "batch: [3, 3] is not allowed; [size, position] with size 2..64"),
     ({"batch": [1, 0]}, "batch: [1, 0] is not allowed"),
-    ({"batch": [3, 2], "seed": 1}, "batch: [3, 2] needs seeds -1..1; allowed 0.."),
 ])
 def test_bad_batch_fields_are_one_line_errors(fields, message):
     with pytest.raises(RequestError) as caught:
@@ -236,6 +235,9 @@ def test_a_recorded_batch_names_its_mates_and_a_job_of_several_makes_its_own():
     one = GenerateRequest.from_dict({"prompt": "[[a, b, c]]", "seed": 7, "index": 1, "batch": [3, 1]}).resolved("demo")
     mates = one.batch_mates()
     assert [(m.seed, m.index, m.batch, m.count) for m in mates] == [(6, 0, None, 1), (7, 1, None, 1), (8, 2, None, 1)]
+    # In a group the image beside it was another job's: seed 0 at position 1 was refused ("needs seeds -1..0")
+    grouped = GenerateRequest.from_dict({"prompt": "a cat", "seed": 0, "batch": [2, 1]}).resolved("demo")
+    assert [m.seed for m in grouped.batch_mates()] == [MAX_SEED, 0]
     several = GenerateRequest.from_dict({"prompt": "x", "seed": 7, "count": 2, "batch": [3, 1]}).resolved("demo")
     assert several.batch is None
 

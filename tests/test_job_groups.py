@@ -371,6 +371,19 @@ def test_a_group_shares_batches_and_each_job_keeps_its_own(cache, store, tmp_pat
         assert np.array_equal(_pixels(again[0]), _pixels(path))
 
 
+def test_an_image_grouped_after_another_jobs_reproduces_at_seed_0(cache, store, tmp_path):
+    """Seeds compared at a fixed seed: the cat (seed 0) was made beside the fox, at position 1 of 2; its reproduce
+    was refused, its batch-mate's seed -1 out of range."""
+    requests = [_request(prompt="a red fox", seed=9), _request(prompt="a blue cat", seed=0)]
+    jobs, _, rows = _run_group(cache, store, requests, tmp_path)
+    assert set(rows) == {4}
+    [cat] = store.get(jobs[1]).outputs
+    assert metadata.read(cat)["request"]["batch"] == [2, 1]
+    request = metadata.request_from_image(cat).resolved("demo")  # as the service checks it before queueing
+    again, _ = worker_images(_payload(request, tmp_path / "again"), cache, tmp_path / "again.sqlite3")
+    assert np.array_equal(_pixels(again[0]), _pixels(cat))
+
+
 def test_a_job_of_a_group_ends_as_its_last_image_is_saved(cache, store, tmp_path):
     requests = [_request(seed=1, max_batch=2), _request(seed=5, count=3, max_batch=2)]
     jobs, sent, rows = _run_group(cache, store, requests, tmp_path)
