@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import struct
 import threading
 import warnings as pywarnings
 from collections.abc import Iterator
@@ -94,7 +95,8 @@ def open_quietly(source) -> Iterator[Image.Image]:
 
 
 # What PIL raises for a file it cannot open or decode (UnidentifiedImageError is an OSError).
-UNREADABLE = (Image.DecompressionBombWarning, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError)
+UNREADABLE = (Image.DecompressionBombWarning, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError,
+              IndexError, KeyError, TypeError, struct.error)  # the last four: a GIF or TIFF cut short
 
 
 def unreadable(field_name: str, path: object, exc: BaseException) -> RequestError:

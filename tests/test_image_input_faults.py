@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from backend import input_images, user_files
-from backend.errors import DreamttyError
+from backend.errors import DreamttyError, RequestError
 from backend.image_prompts import ImagePrompt
 from backend.input_images import read_image, read_mask
 from backend.jobkinds.img2img import Img2ImgRequest
@@ -357,3 +357,24 @@ def test_an_input_that_cannot_be_kept_is_a_note_and_the_image_is_made_all_the_sa
     assert list((tmp_path / "out" / "inputs").iterdir()) == []  # no half copy left behind
     kept, notes = request.keep_inputs_in(tmp_path / "out")
     assert notes == [] and Path(kept["image"]).read_bytes() == Path(image).read_bytes()
+
+
+def test_an_animated_gif_cut_short_is_said_damaged_naming_the_field(tmp_path):
+    """Its frame count raised IndexError or struct.error: "internal error (IndexError)" over the API."""
+    from io import BytesIO
+
+    from backend.input_images import read_image
+
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).convert("P") for _ in range(5)]
+    buffer = BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    whole = buffer.getvalue()
+    first = len(whole) // 5  # within the second frame: the first decodes, the count of frames does not
+    cuts = [n for n in range(first, len(whole), 3)][:400]
+    for n in cuts:
+        (tmp_path / "cut.gif").write_bytes(whole[:n])
+        try:
+            read_image(str(tmp_path / "cut.gif"))
+        except RequestError as exc:
+            assert str(exc).startswith(f"image: {tmp_path / 'cut.gif'} is truncated or damaged"), exc
