@@ -427,3 +427,21 @@ async def test_a_run_whose_start_the_queue_cannot_record_waits_and_starts_once(w
     finish(service.training.get(run.id))
     await next_event(events, run_is(run.id, ENDED))
     assert started == [1]
+
+
+def test_a_local_detached_run_that_must_wait_says_it_needs_a_service(tmp_path, photos, monkeypatch, capsys):
+    """Its service (this process's) ends with the command: it said "queued: it starts when the CPU is free", and
+    waited for a service that adopts it."""
+    from tui import cli
+
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path / "home"))  # its waiting row must not reach another test
+    common = ["--local", "train", "--model", "demo", "--instance-dir", str(photos), "--instance-prompt",
+              "a photo of sks toy", "--resolution", "64", "--detach", "--launcher", FAKE_TRAINER]
+    assert cli.main([*common, "--output", str(tmp_path / "first")]) == 0
+    try:
+        assert "training in the background" in capsys.readouterr().err
+        assert cli.main([*common, "--output", str(tmp_path / "second")]) == 0
+        assert ("queued: it starts when the CPU is free and a dreamtty service runs (dreamtty serve --detach, or the "
+                "TUI); ") in capsys.readouterr().err
+    finally:
+        (tmp_path / "first" / runs.STOP_FILE).touch()

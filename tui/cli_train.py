@@ -136,6 +136,7 @@ class Trainer:
 def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "out", None) is not None:  # --out (images) is easily taken for --output (the run)
         raise RequestError("out", "is where generated images go; give the run folder with --output RUN_DIR")
+    from backend.client import is_local
     from backend.run_schedule import TRAINING
 
     run = asyncio.run(_schedule(args, request_from_args(args)))
@@ -143,6 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.detach:
         where = (f"training in the background (pid {run.pid})" if run.state == TRAINING
                  else f"queued: it starts when {_devices(run)} {'is' if len(run.devices) == 1 else 'are'} free")
+        if run.state != TRAINING and is_local(args.local):  # this process, its service, ends now
+            where += " and a dreamtty service runs (dreamtty serve --detach, or the TUI)"
         _say(f"dreamtty: {where}; follow it in the TUI (F3) or {run_dir / runs.EVENTS}; stop it there (ctrl+t) or "
              f"with: touch {shlex.quote(str(run_dir / runs.STOP_FILE))}")
         print(one_line(run_dir))
