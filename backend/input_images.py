@@ -38,7 +38,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend import user_files
 from backend.errors import RequestError
-from backend.safetext import first_line
+from backend.safetext import first_line, one_line
 
 if TYPE_CHECKING:
     import numpy as np  # imported where masks are made: not on the CLI's or the TUI's start path
@@ -90,6 +90,7 @@ def open_quietly(source) -> Iterator[Image.Image]:
     the user's own (100 MP cameras exist). Beyond twice the limit PIL still raises DecompressionBombError."""
     with pywarnings.catch_warnings():
         pywarnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        pywarnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": said where the image is used
         with Image.open(source) as img:
             yield img
 
@@ -113,7 +114,8 @@ def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[st
     """The first frame, fully decoded, oriented; warnings for what was dropped."""
     notes: list[str] = []
     try:
-        with pywarnings.catch_warnings():
+        with pywarnings.catch_warnings(record=True) as caught:  # PIL's "Corrupt EXIF data": a note, never stderr
+            pywarnings.simplefilter("always", UserWarning)
             pywarnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
@@ -132,7 +134,9 @@ def _open(path: str, field_name: str, data: bytes) -> tuple[Image.Image, list[st
             if unsigned:  # Pillow holds them as signed: half the range would wrap below zero (black)
                 img = _eight_bit(img, unsigned=True)
             ImageOps.exif_transpose(img, in_place=True)
-            return img, notes
+        notes += [f"{path}: {one_line(first_line(w.message))} (its orientation may not be applied)"
+                  for w in caught if issubclass(w.category, UserWarning)]
+        return img, notes
     except RequestError:
         raise
     except UNREADABLE as exc:

@@ -378,3 +378,24 @@ def test_an_animated_gif_cut_short_is_said_damaged_naming_the_field(tmp_path):
             read_image(str(tmp_path / "cut.gif"))
         except RequestError as exc:
             assert str(exc).startswith(f"image: {tmp_path / 'cut.gif'} is truncated or damaged"), exc
+
+
+def test_damaged_exif_is_a_note_not_a_warning_on_stderr(tmp_path, capfd):
+    """PIL warns "Corrupt EXIF data" (a UserWarning): two lines with its source path on a TUI's screen."""
+    from io import BytesIO
+
+    from backend.input_images import read_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated
+    buffer = BytesIO()
+    Image.new("RGB", (64, 96)).save(buffer, format="JPEG", exif=exif.tobytes())
+    data = bytearray(buffer.getvalue())
+    start = data.find(b"Exif\x00\x00")
+    data[start + 10:start + 30] = b"\xff" * 20  # its entries cut
+    (tmp_path / "phone.jpg").write_bytes(bytes(data))
+    image = read_image(str(tmp_path / "phone.jpg"))
+    assert capfd.readouterr().err == ""
+    assert [note for note in image.warnings if "EXIF" in note] == [
+        f"{tmp_path / 'phone.jpg'}: Corrupt EXIF data.  Expecting to read 2 bytes but only got 0. (its orientation "
+        "may not be applied)"]
