@@ -910,3 +910,16 @@ async def test_an_image_prompt_rows_error_is_in_view_at_80_columns(idle_service,
         error = row_of(app, "#ref-2-weight").query_one(".field-error")
         assert str(error.content).startswith("Reference 3: weight 3 is out of range")
         assert form.scrollable_content_region.contains_region(error.region) and app.focused.id == "ref-2-weight"
+
+
+async def test_a_setting_hidden_by_another_operation_does_not_keep_the_focus(idle_service, tmp_path):
+    """A mask painted while the Upscaler box had focus switched to inpaint and hid it: keys typed went into it."""
+    image = source_png(tmp_path / "photo.png")
+    app = make_app(idle_service, tmp_path)
+    async with opened(app, size=(160, 50)) as pilot:
+        form = await input_section(pilot, app, image, "upscale")
+        form.query_one("#in-upscaler", Input).focus()
+        await pilot.pause()
+        form.input_section.use_mask(str(source_png(tmp_path / "mask.png")), 4)
+        await pilot.pause()
+        assert form.input_section.operation == "inpaint" and app.focused.id == "in-operation"

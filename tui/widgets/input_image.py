@@ -144,6 +144,9 @@ class InputImageSection(Vertical):
         """Show the settings of operation ``kind`` (a job kind's name), with its defaults as placeholders."""
         for widget in self.query(".op-setting"):
             widget.display = widget.has_class(f"for-{kind}")
+        focused = self.screen.focused if self.is_attached else None
+        if focused is not None and any(not node.display for node in focused.ancestors_with_self):
+            self.query_one("#in-operation").focus()  # keys typed would go to a setting now hidden
         if kind in IMAGE_KINDS:
             request_type = IMAGE_KINDS[kind].request_type
             self.query_one("#in-strength", Input).placeholder = request_type.strength_hint()
