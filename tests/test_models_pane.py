@@ -287,21 +287,3 @@ def test_a_listed_default_model_is_not_looked_for_in_a_second_scan(monkeypatch):
     assert models._default_model_problem(config.Config(default_model="mine"), lib) is None and looked == []
     assert models._default_model_problem(config.Config(default_model="old"), lib).startswith("old is a pickle (")
     assert looked == ["old"]  # listed with a note: resolved for the whole reason
-
-
-async def test_a_rescan_that_hides_the_skipped_files_box_gives_its_focus_to_the_table(tmp_path, monkeypatch):
-    """The box, focused to scroll it, was hidden once its files were fixed: keys went to nothing to be seen."""
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "broken.safetensors").write_bytes(b"x")
-    _use_checkpoints(ckpt, tmp_path, monkeypatch)
-    app = PaneApp()
-    async with app.run_test(size=(140, 40)) as pilot:
-        box = app.query_one("#models-problems-box")
-        await _wait(pilot, lambda: box.display and "broken" in str(app.query_one("#models-problems").render()),
-                    "the scan")
-        box.focus()
-        (ckpt / "broken.safetensors").unlink()  # fixed
-        app.query_one(ModelsPane).action_refresh()
-        await _wait(pilot, lambda: not box.display, "the rescan")
-        assert app.focused is app.query_one(DataTable)

@@ -138,9 +138,6 @@ class ModelsPane(Vertical):
         self.query_one("#models-problems-box").display = bool(problems)
         no_models = all(e.source == "built-in" for e in lib.of_kind("checkpoint"))  # as ``models list`` says
         self.query_one("#models-recommended-box").display = no_models
-        focused = self.screen.focused
-        if focused is not None and any(not node.display for node in focused.ancestors_with_self):
-            table.focus()  # a box hidden now (its problems fixed) kept it: keys went nowhere to be seen
         self._show_detail()
 
     @on(DataTable.RowHighlighted, "#models-table")
