@@ -116,13 +116,26 @@ def _write_and_link(fd: int, tmp: Path, image: Image.Image, meta: dict, folder: 
         for n in range(10_000):
             target = folder / (f"{stem}.png" if n == 0 else f"{stem}-{n}.png")
             try:
-                os.link(tmp, target)
+                _link(tmp, target)
                 return target
             except FileExistsError:
                 continue
         raise DreamttyError(f"out: no free file name for {stem} in {folder}")
     except OSError as exc:
         raise DreamttyError(f"out: cannot save image in {folder}: {exc.strerror or exc}") from None
+
+
+def _link(tmp: Path, target: Path) -> None:
+    """Give the complete file ``tmp`` the name ``target`` if that is free (FileExistsError otherwise). A file system
+    without hard links (FAT, exFAT, some network mounts) takes the name first, then the file is renamed onto it:
+    ``tmp`` is gone then, and an image saved by a process killed before it recorded it is not :func:`settle`\ d."""
+    try:
+        os.link(tmp, target)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~umask()))
+        os.replace(tmp, target)
 
 
 def settle(out_root: Path, tag: str, record: Callable[[Path], None]) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from backend import metadata
+from backend import metadata, outputs
 from backend.errors import DreamttyError
 from backend.outputs import SAVING, check_out_dir, check_writable, day_folder, save_image, settle
 from backend.request import GenerateRequest
@@ -57,6 +57,23 @@ def test_never_overwrites(tmp_path):
     b = save_image(Image.new("RGB", (16, 16)), meta, tmp_path, now=NOW)
     assert a != b and b.name == "103005-7-1.png"
     assert Image.open(a).getpixel((0, 0)) == (200, 10, 30)
+
+
+def test_a_folder_without_hard_links_saves_and_never_overwrites(tmp_path, monkeypatch):
+    """An --out on a FAT or exFAT drive: every save failed with "Operation not permitted" (os.link), after the
+    job had run for minutes."""
+    import errno
+
+    def no_links(source, target):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(outputs.os, "link", no_links)
+    meta = _meta()
+    a = save_image(_image(), meta, tmp_path, now=NOW)
+    b = save_image(Image.new("RGB", (16, 16)), meta, tmp_path, now=NOW)
+    assert (a.name, b.name) == ("103005-7.png", "103005-7-1.png")
+    assert Image.open(a).getpixel((0, 0)) == (200, 10, 30) and Image.open(b).getpixel((0, 0)) == (0, 0, 0)
+    assert metadata.read(b) == meta and list((tmp_path / ".saving").iterdir()) == []
 
 
 def test_disk_full_leaves_no_partial_file(tmp_path, monkeypatch):
