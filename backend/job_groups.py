@@ -65,8 +65,8 @@ def group_of(first: Job, queued: list[Job]) -> list[Job]:
         return [first]
     room = (first.request.get("max_batch") or GROUP_IMAGES) - images_left(first)
     group = [first]
-    for job in queued:
-        if job.id != first.id and group_key(job) == key and 0 < images_left(job) <= room:  # the key reads count
+    for job in queued:  # the key first: it refuses a count that does not read
+        if job.id != first.id and group_key(job) == key and 0 < images_left(job) <= room:
             group.append(job)
             room -= images_left(job)
     return group

@@ -120,7 +120,7 @@ def _complete(tmp: Path, final: Path, state: dict) -> None:
     folder into place: older checkpoints are pruned next, and a power cut must not leave this one's files empty."""
     follow_umask(tmp)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-    for path in [*(p for p in tmp.rglob("*") if p.is_file()), *(p for p in tmp.rglob("*") if p.is_dir()), tmp]:
+    for path in [*tmp.rglob("*"), tmp]:  # its files and folders, itself last
         _fsync(path)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -46,13 +46,6 @@ MODEL_DIR = "model"
 LORA_FILE = "lora/pytorch_lora_weights.safetensors"
 LIVE_STATES = ("starting", "running")
 RESUME_HINT = "resume with --resume latest (ctrl+r on the Train screen)"  # words for the CLI and the TUI alike
-
-
-def stop_message(step: int, saved: int) -> str:
-    """How a run stopped at ``step`` goes on, its newest checkpoint at step ``saved`` (the stop's own failed to be
-    written when it is older)."""
-    lost = f"its checkpoint at step {step} was not saved: a resume goes on from step {saved}; " if saved != step else ""
-    return lost + RESUME_HINT
 WAITING = "waiting"  # queued by the service until its device is free (backend.run_schedule): no process yet
 MAX_COUNT = 10**12  # steps and images: a count past this in events.jsonl is damage, not progress
 _COMPACT_FROM = 1e6  # a number this large is shown in 3 significant digits (1e+300, not 300 digits)
@@ -63,6 +56,13 @@ _WRITE_FIXES = {errno.EACCES: "make it writable", errno.EPERM: "make it writable
 def write_fix(exc: BaseException) -> str:
     """What lets a failed write succeed next time: by its errno; a full disk when nothing says otherwise."""
     return _WRITE_FIXES.get(getattr(exc, "errno", None), "free some space")
+
+
+def stop_message(step: int, saved: int) -> str:
+    """How a run stopped at ``step`` goes on, its newest checkpoint at step ``saved`` (the stop's own failed to be
+    written when it is older)."""
+    lost = f"its checkpoint at step {step} was not saved: a resume goes on from step {saved}; " if saved != step else ""
+    return lost + RESUME_HINT
 
 
 def runs_root() -> Path:

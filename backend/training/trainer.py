@@ -218,9 +218,8 @@ class DreamBoothTrainer:
         return {**{name: getattr(self.req, name) for name in STEPPING}, "processes": self.acc.num_processes}
 
     def _say_changes(self, state: dict, step: int) -> None:
-        """Warn of each setting of :func:`_stepping` this resume changes from its checkpoint's ``state``."""
-        if not self.main:
-            return
+        """Warn of each setting of :func:`_stepping` this resume changes from its checkpoint's ``state`` (the main
+        process's events alone are written)."""
         then = state.get("stepping") if isinstance(state.get("stepping"), dict) else {}  # none before 2026-12-08
         for name, now in self._stepping().items():
             if then.get(name, now) != now:
