@@ -142,8 +142,8 @@ def test_full_run_with_prior_then_lora_reuses_class_images(photos, tmp_path, sd_
 
     weights = run_dir / "model/unet/diffusion_pytorch_model.safetensors"
     assert _mode(weights) == _mode(run_dir / "model/model_index.json")
-    # The class images sit in the shared cache, keyed by model + class prompt.
-    cache = class_dir(resolve_model("demo"), "a photo of dog")
+    # The class images sit in the shared cache, keyed by model + class prompt + resolution.
+    cache = class_dir(resolve_model("demo"), "a photo of dog", 64)
     made = sorted(cache.glob("class-*.png"))
     assert len(made) == 2
     stamps = [p.stat().st_mtime_ns for p in made]

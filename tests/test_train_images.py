@@ -150,14 +150,18 @@ def test_class_image_progress_is_said_once_per_count_and_never_past_the_total(fa
     assert fake_generate == [[0, 1, 2][::processes]]
 
 
-def test_class_images_are_reused_only_at_their_resolution_or_below(fake_generate):
+def test_class_images_are_reused_at_their_resolution_and_another_resolution_keeps_them(fake_generate):
     warnings: list[str] = []
     files = _ensure(64, warnings)
     assert fake_generate == [[0, 1, 2]] and [Image.open(f).size for f in files] == [(64, 64)] * 3
+    stamps = [f.stat().st_mtime_ns for f in files]
     assert _ensure(64, warnings) == files and fake_generate == [[0, 1, 2]]  # reused
-    assert _ensure(128, warnings) == files and fake_generate[-1] == [0, 1, 2]  # 64 px ones are too small
-    assert [Image.open(f).size for f in files] == [(128, 128)] * 3
-    assert _ensure(64, warnings) == files and len(fake_generate) == 2  # larger ones serve a smaller run
+    larger = _ensure(128, warnings)  # its own folder: a run at 64 px resumed later trains on the same images
+    assert fake_generate[-1] == [0, 1, 2] and larger[0].parent != files[0].parent
+    assert [Image.open(f).size for f in larger] == [(128, 128)] * 3
+    assert [Image.open(f).size for f in files] == [(64, 64)] * 3 and [f.stat().st_mtime_ns for f in files] == stamps
+    assert _ensure(64, warnings) == files and len(fake_generate) == 2
+    assert (files[0].parent / "prompt.txt").read_text() == "demo\na photo of dog\n64\n"
     assert warnings == []
 
 
@@ -169,7 +173,7 @@ def test_corrupt_cached_class_images_are_generated_again_with_a_warning(fake_gen
     files[2].symlink_to(files[2].with_name("nowhere.png"))  # a broken link
     assert _ensure(64, warnings) == files
     assert fake_generate[-1] == [1, 2]
-    prefix = f"class_prompt: generating the cached class image {class_dir(resolve_model('demo'), 'a photo of dog')}"
+    prefix = f"class_prompt: generating the cached class image {class_dir(resolve_model('demo'), 'a photo of dog', 64)}"
     assert warnings[0].startswith(f"{prefix}/class-00001.png again: corrupt image (")
     assert warnings[1] == f"{prefix}/class-00002.png again: broken link"
     assert [np.asarray(open_rgb(f))[0, 0].tolist() for f in files] == [[0, 0, 0], [1, 1, 1], [2, 2, 2]]

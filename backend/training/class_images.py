@@ -1,9 +1,9 @@
 """Class images for prior preservation: generated with the base model when missing, then reused.
 
-They live in a cache folder keyed by model + class prompt, so the next run of the same
-class reuses them. A cached image is generated again when it is smaller than the run's
-resolution or cannot be decoded (with a warning naming it). With several processes
-(``accelerate launch``) each generates a share.
+They live in a cache folder keyed by model + class prompt + resolution, so the next run of
+the same class at that size reuses them, and a run at another size never replaces the images
+a resumed run trains on. A cached image is generated again when it cannot be decoded (with a
+warning naming it). With several processes (``accelerate launch``) each generates a share.
 """
 
 from __future__ import annotations
@@ -25,21 +25,21 @@ from backend.training.images import ImageProblem, check_image
 SAMPLE_BATCH = 4
 
 
-def class_dir(ref: ModelRef, class_prompt: str) -> Path:
-    key = hashlib.sha1(f"{ref.kind}\n{ref.location}\n{class_prompt}".encode()).hexdigest()[:16]
+def class_dir(ref: ModelRef, class_prompt: str, resolution: int) -> Path:
+    key = hashlib.sha1(f"{ref.kind}\n{ref.location}\n{class_prompt}\n{resolution}".encode()).hexdigest()[:16]
     return locations.cache_dir() / "class_images" / key
 
 
-def _reusable(path: Path, resolution: int, warn: Callable[[str], None]) -> bool:
-    """Whether the cached class image ``path`` can serve a run at ``resolution``."""
+def _reusable(path: Path, warn: Callable[[str], None]) -> bool:
+    """Whether the cached class image ``path`` is there and decodes."""
     if not os.path.lexists(path):
         return False
     try:
-        width, height = check_image(path)
+        check_image(path)
     except ImageProblem as exc:
         warn(f"class_prompt: generating the cached class image {path} again: {exc}")
         return False
-    return min(width, height) >= resolution  # smaller ones were made for a lower --resolution
+    return True
 
 
 def ensure_class_images(
@@ -48,12 +48,12 @@ def ensure_class_images(
     warn: Callable[[str], None],
 ) -> list[Path]:
     """Return ``count`` class images, generating the missing or unusable ones (image i uses seed + i)."""
-    folder = class_dir(ref, class_prompt)
+    folder = class_dir(ref, class_prompt, resolution)
     folder.mkdir(parents=True, exist_ok=True)
     if process_index == 0:  # one writer: the others read the folder
-        (folder / "prompt.txt").write_text(f"{ref.name}\n{class_prompt}\n")
+        (folder / "prompt.txt").write_text(f"{ref.name}\n{class_prompt}\n{resolution}\n")
     files = [folder / f"class-{i:05d}.png" for i in range(count)]
-    missing = [i for i, path in enumerate(files) if not _reusable(path, resolution, warn)]
+    missing = [i for i, path in enumerate(files) if not _reusable(path, warn)]
     barrier()  # every process has checked the cache before any writes to it: all agree on what is missing
     mine = missing[process_index::num_processes]
     said = None
