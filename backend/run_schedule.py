@@ -205,8 +205,13 @@ class TrainingRuns:
 
     def add(self, run_dir: Path, devices: list[str], launcher: str | None,
             client_ref: str | None = None) -> ScheduledRun:
-        """Queue a prepared run (its folder says "waiting" until it starts)."""
-        run_id = self.store.add(run_dir, devices, launcher, self.owner, client_ref)
+        """Queue a prepared run (its folder says "waiting" until it starts). A queue file that takes no write
+        leaves the folder "stopped", not "starting" (which would refuse the retry)."""
+        try:
+            run_id = self.store.add(run_dir, devices, launcher, self.owner, client_ref)
+        except QueueUnavailable as exc:
+            withdraw(run_dir, f"not queued: {exc}")
+            raise
         _record(run_dir, state=runs.WAITING)
         run = self.store.get(run_id)
         self._publish(run.event())

@@ -429,6 +429,33 @@ async def test_a_run_whose_start_the_queue_cannot_record_waits_and_starts_once(w
     assert started == [1]
 
 
+async def test_a_run_the_queue_cannot_take_is_stopped_not_left_starting(without_workers, tmp_path, photos,
+                                                                        monkeypatch):
+    """A locked queue file refused the run: its folder said "starting", so the retry was refused as running."""
+    import sqlite3
+
+    from backend.queue_store import QueueUnavailable
+    from backend.run_schedule import RunStore
+
+    service, events = without_workers
+    real_add = RunStore.add
+
+    def locked(store, *args, **kwargs):
+        raise QueueUnavailable(store.path, sqlite3.OperationalError("database is locked"))
+
+    monkeypatch.setattr(RunStore, "add", locked)
+    with pytest.raises(QueueUnavailable):
+        service.enqueue_run(service.prepare_run(train_request(photos, tmp_path / "run"), "auto", FAKE_TRAINER))
+    assert runs.effective_state(tmp_path / "run") == ("stopped", None)
+    assert runs.EventTail(tmp_path / "run").read()[-1].message.startswith("not queued: queue: cannot use ")
+    monkeypatch.setattr(RunStore, "add", real_add)
+    retry = replace(train_request(photos, tmp_path / "run"), resume="latest")  # not refused as running
+    run = service.enqueue_run(service.prepare_run(retry, "auto", FAKE_TRAINER))
+    assert run.state == TRAINING
+    finish(run)
+    await next_event(events, run_is(run.id, ENDED))
+
+
 def test_a_local_detached_run_that_must_wait_says_it_needs_a_service(tmp_path, photos, monkeypatch, capsys):
     """Its service (this process's) ends with the command: it said "queued: it starts when the CPU is free", and
     waited for a service that adopts it."""
