@@ -237,7 +237,7 @@ class TrainingRuns:
         """Device -> the run that trains on it, or is about to: this service's, or one whose service
         died and whose trainer lives on, until its lease runs out and it is adopted."""
         training = self.store.runs((TRAINING,))
-        orphans = [run for run in training if run.owner != self.owner and runs.pid_alive(run.pid)]
+        orphans = [run for run in training if run.owner != self.owner and runs.pid_alive(run.pid, run.path)]
         held = [*orphans, *(run for run in training if run.owner == self.owner), *map(self.store.get, self._releasing)]
         return {device: run for run in held for device in run.devices}
 
@@ -273,7 +273,7 @@ class TrainingRuns:
         for run in self.store.runs((TRAINING,), self.owner):
             proc = self._trainers.get(run.id)
             code = proc.poll() if proc is not None else None
-            if (proc is not None and code is not None) or (proc is None and not runs.pid_alive(run.pid)):
+            if (proc is not None and code is not None) or (proc is None and not runs.pid_alive(run.pid, run.path)):
                 self._trainer_gone(run, code)
                 ended = True
         return ended

@@ -969,7 +969,7 @@ def test_the_train_hints_are_one_line_and_their_commands_shell_quoted(tmp_path, 
         f"{runs.EVENTS}; stop it there (ctrl+t) or with: touch {quoted}/{runs.STOP_FILE}'\n")
     run_dir.mkdir()
     runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": "stopped", "step": 3, "settings": {}})
-    assert cli_train.follow(run_dir, cli_train.Trainer(None)) == 1
+    assert cli_train.follow(run_dir, cli_train.Trainer(None, run_dir)) == 1
     assert capsys.readouterr().err == (f"dreamtty: stopped at step 3; continue with dreamtty train --output {quoted}' "
                                        "--resume latest\n")
 

@@ -102,7 +102,7 @@ async def test_a_run_waits_for_the_job_then_holds_the_device_until_it_ends(tmp_p
         assert worker["models"] == [] and worker["training"] == run.id
         assert service.status()["runs"] == {"training": 1, "waiting": 0}
         pid = int((Path(run.path) / runs.PID_FILE).read_text())
-        assert runs.pid_alive(pid) and service.training.get(run.id).pid == pid
+        assert runs.pid_alive(pid, run.path) and service.training.get(run.id).pid == pid
         for _ in range(100):
             if (Path(run.path) / "env.json").exists():
                 break
@@ -194,7 +194,7 @@ async def test_a_restarted_service_takes_over_a_live_trainer_and_starts_the_wait
     await first_service.close()  # the trainer lives on; the waiting run stays queued
     pid = int((Path(live.path) / runs.PID_FILE).read_text())
     try:
-        assert runs.pid_alive(pid)
+        assert runs.pid_alive(pid, live.path)
         service = Service(devices="cpu", db_path=db, recover=True)
         events = service.subscribe()
         await service.start()
@@ -208,7 +208,7 @@ async def test_a_restarted_service_takes_over_a_live_trainer_and_starts_the_wait
             finish(live)
             await next_event(events, run_is(live.id, ENDED))
             started = (await next_event(events, run_is(waiting.id, TRAINING)))[-1]  # older than the job: first
-            assert service.store.get(job).state == "queued" and runs.pid_alive(started.pid)
+            assert service.store.get(job).state == "queued" and runs.pid_alive(started.pid, started.path)
             finish(waiting)
             seen = await next_event(events, job_is(job, Done))
             assert any(run_is(waiting.id, ENDED)(e) for e in seen)
@@ -216,7 +216,7 @@ async def test_a_restarted_service_takes_over_a_live_trainer_and_starts_the_wait
         finally:
             await service.close()
     finally:
-        if runs.pid_alive(pid):
+        if runs.pid_alive(pid, live.path):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -241,7 +241,7 @@ async def test_a_live_trainer_of_a_killed_service_holds_its_device_before_it_is_
         finish(second)
     finally:
         await service.close()
-        if runs.pid_alive(live.pid):
+        if runs.pid_alive(live.pid, live.path):
             os.kill(live.pid, signal.SIGKILL)
 
 
@@ -279,7 +279,7 @@ async def test_an_adopted_run_whose_trainer_ended_meanwhile_ends_at_once(tmp_pat
     await first_service.close()  # as a --local train does once its run says done
     finish(run)
     for _ in range(TIMEOUT * 10):
-        if not runs.pid_alive(run.pid):
+        if not runs.pid_alive(run.pid, run.path):
             break
         await asyncio.sleep(0.1)
     service = Service(devices="cpu", db_path=db, recover=True, pool=NoWorkers("cpu", db))

@@ -213,14 +213,14 @@ def test_killed_trainer_resumes_exactly(photos, tmp_path, monkeypatch, capsys):
     deadline = time.monotonic() + 180
     try:
         while not runs.list_checkpoints(run_dir):
-            assert runs.pid_alive(pid), (run_dir / runs.LOG_FILE).read_text()[-2000:]
+            assert runs.pid_alive(pid, run_dir), (run_dir / runs.LOG_FILE).read_text()[-2000:]
             assert time.monotonic() < deadline, "no checkpoint within 180 s"
             time.sleep(0.2)
         assert runs.effective_state(run_dir)[0] == "running"
     finally:
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while runs.pid_alive(pid) and time.monotonic() < deadline:  # a zombie until reaped: reads as gone
+    while runs.pid_alive(pid, run_dir) and time.monotonic() < deadline:  # a zombie until reaped: reads as gone
         time.sleep(0.05)
     state, error = runs.effective_state(run_dir)
     assert state == "failed" and "resume with --resume latest" in error

@@ -11,6 +11,8 @@ import json
 import resource
 import shutil
 import signal
+import subprocess
+import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -364,11 +366,38 @@ def test_a_run_whose_pid_a_kernel_thread_took_reads_as_ended(tmp_path):
                    None)
     if kthread is None:
         pytest.skip("needs Linux procfs with a kernel thread at pid 2, 3 or 4")
-    assert not runs.pid_alive(kthread)
+    assert not runs.pid_alive(kthread, tmp_path / "run")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": "running", "pid": kthread, "created": 0})
     assert runs.effective_state(run_dir)[0] == "failed"
+
+
+def test_only_the_runs_own_trainer_keeps_it_running(tmp_path):
+    """Any process with "accelerate" or "backend.training" on its command line kept a run "running": another
+    accelerate job, or another run's trainer, that took an ended trainer's pid held it (a resume refused, its
+    device held) until that one ended too."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    for run_dir in (mine, other):
+        run_dir.mkdir()
+    (tmp_path / "link").symlink_to(mine)  # the runs folder lists a run made elsewhere through a link
+
+    def process(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args])
+
+    procs = {"accelerate": process("accelerate", "launch", "train.py"),
+             "other": process("-m", runs.TRAINER_MODULE, str(other)),
+             "mine": process("-m", runs.TRAINER_MODULE, str(mine))}
+    try:
+        for name, proc in procs.items():
+            runs.write_json_atomic(mine / runs.RUN_JSON, {"state": "running", "pid": proc.pid, "created": 0})
+            assert runs.effective_state(mine)[0] == ("running" if name == "mine" else "failed"), name
+            assert runs.pid_alive(proc.pid, tmp_path / "link") == (name == "mine"), name
+        assert runs.pid_alive(procs["other"].pid, other)
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
 
 
 def test_a_stop_asked_of_a_run_folder_that_takes_no_file_is_one_line(tmp_path):

@@ -268,7 +268,7 @@ def test_dead_trainer_reads_as_failed_and_stop_file(tmp_path):
     runs.write_json_atomic(run_dir / runs.RUN_JSON, {"state": "running", "pid": proc.pid, "settings": {}})
     state, error = runs.effective_state(run_dir)
     assert state == "failed" and "--resume latest" in error
-    assert not runs.pid_alive(os.getpid())  # pytest is not a trainer process
+    assert not runs.pid_alive(os.getpid(), run_dir)  # pytest is not a trainer process
     request_stop(run_dir)
     assert (run_dir / runs.STOP_FILE).exists()
 

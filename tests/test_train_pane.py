@@ -201,7 +201,7 @@ def _fake_trainer(monkeypatch) -> list[Path]:
         return FakeProcess()
 
     monkeypatch.setattr(launch, "start_trainer", fake_start)
-    monkeypatch.setattr(runs, "pid_alive", lambda pid: pid == FakeProcess.pid)
+    monkeypatch.setattr(runs, "pid_alive", lambda pid, run_dir: pid == FakeProcess.pid)
     return started
 
 
@@ -362,5 +362,5 @@ async def test_real_demo_run_from_the_form_streams_losses_and_stops(tmp_path, de
             assert "[stopped]" in str(stats.content) and [s for s, _ in pane.loss_points] == steps
     finally:
         pid_file = run_dir / runs.PID_FILE
-        if pid_file.exists() and runs.pid_alive(pid := int(pid_file.read_text())):
+        if pid_file.exists() and runs.pid_alive(pid := int(pid_file.read_text()), run_dir):
             os.kill(pid, signal.SIGKILL)

@@ -127,10 +127,11 @@ class Trainer:
     None while it runs, but only the service knows its exit code."""
 
     pid: int | None
+    run_dir: Path
     returncode: int | None = None
 
     def poll(self) -> bool | None:
-        return None if runs.pid_alive(self.pid) else True
+        return None if runs.pid_alive(self.pid, self.run_dir) else True
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -150,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
              f"with: touch {shlex.quote(str(run_dir / runs.STOP_FILE))}")
         print(one_line(run_dir))
         return 0
-    return follow(run_dir, Trainer(run.pid if run.state == TRAINING else None))
+    return follow(run_dir, Trainer(run.pid if run.state == TRAINING else None, run_dir))
 
 
 async def _schedule(args: argparse.Namespace, request: TrainRequest) -> ScheduledRun:

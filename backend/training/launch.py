@@ -248,8 +248,8 @@ def trainer_command(run_dir: Path, launcher: str | None = None) -> list[str]:
         if not words or shutil.which(words[0]) is None:  # said before a run folder is made for it
             raise RequestError("launcher", f"{words[0] if words else launcher!r}: no such program; give a command "
                                            "line such as 'accelerate launch --num_processes 2'")
-        return [*words, "-m", "backend.training.trainer_process", str(run_dir)]
-    return [sys.executable, "-m", "backend.training.trainer_process", str(run_dir)]
+        return [*words, "-m", runs.TRAINER_MODULE, str(run_dir)]
+    return [sys.executable, "-m", runs.TRAINER_MODULE, str(run_dir)]
 
 
 def start_trainer(run_dir: Path, launcher: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:

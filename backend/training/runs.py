@@ -36,6 +36,7 @@ from backend.processes import exit_text, process_exists
 RUN_JSON = "run.json"
 EVENTS = "events.jsonl"
 PID_FILE = "trainer.pid"
+TRAINER_MODULE = "backend.training.trainer_process"  # run as ``-m TRAINER_MODULE RUN_DIR``
 LOG_FILE = "trainer.log"
 STOP_FILE = "STOP"
 CHECKPOINTS = "checkpoints"
@@ -191,22 +192,26 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 PF_KTHREAD = 0x00200000  # /proc/PID/stat flags: a kernel thread (its cmdline is empty, as a process's mid-exec)
 
 
-def pid_alive(pid: int | None) -> bool:
-    """True when ``pid`` runs a dreamtty trainer (or an accelerate launcher)."""
+def pid_alive(pid: int | None, run_dir: str | Path) -> bool:
+    """True when ``pid`` runs ``run_dir``'s trainer (or its launcher): its command line ends with the
+    trainer module and that folder. A process that took an ended trainer's pid (another accelerate job,
+    another run's trainer, a kernel thread) is not."""
     if not process_exists(pid):
         return False
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.parent.exists():
         try:
-            text = cmdline.read_bytes().replace(b"\0", b" ")
+            args = cmdline.read_bytes().split(b"\0")[:-1]
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return False
         fields = stat.rsplit(")", 1)[-1].split()  # from the state on: state, ppid, pgrp, session, tty, tpgid, flags
         if fields[0] == "Z" or int(fields[6]) & PF_KTHREAD:  # exited, not yet reaped; a kernel thread took the pid
             return False
-        # Empty for a moment while the process execs: count it as alive.
-        return not text.strip() or b"backend.training" in text or b"accelerate" in text
+        if not args:  # empty for a moment while the process execs: count it as alive
+            return True
+        return (len(args) >= 2 and args[-2] == TRAINER_MODULE.encode()
+                and os.path.realpath(os.fsdecode(args[-1])) == os.path.realpath(run_dir))
     return True
 
 
@@ -227,7 +232,7 @@ def effective_state(run_dir: Path, data: dict | None = None) -> tuple[str, str |
         missing = Path(run_dir) / RUN_JSON if Path(run_dir).is_dir() else run_dir
         return "failed", f"{missing} is gone (removed or moved?)"
     state = data.get("state", "failed")
-    if state in LIVE_STATES and not any(pid_alive(p) for p in recorded_pids(run_dir, data)):
+    if state in LIVE_STATES and not any(pid_alive(p, run_dir) for p in recorded_pids(run_dir, data)):
         started = data.get("created", 0)
         if state == "starting" and time.time() - started < 30 and not (Path(run_dir) / PID_FILE).exists():
             return state, None
