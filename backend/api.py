@@ -486,8 +486,8 @@ async def _read_job(request: web.Request):
     if "version" not in data and isinstance(data["request"], dict):  # a client's own fields, not an image's record
         job_kind.request_type.check_given(data["request"])
     job = job_kind.request(data["request"])
-    if "version" in data:  # an image's metadata: its Random Style picks as it made them
-        job = metadata.with_style_picks(job, data.get("prompt"))
+    if "version" in data:  # an image's metadata: its Random Style picks and reference models as it made them
+        job = metadata.as_made(job, data.get("prompt"))
     _absolute_inputs(job)
     return job, _absolute(data.get("out"), "out"), _client_ref(data)
 

@@ -91,10 +91,10 @@ def _what(kind: str, variant: str | None) -> str:
 
 
 def find_model(kind: str, variant: str | None, model_family: str, target: str, cfg=None,
-               field: str = FIELD) -> library.Entry:
+               field: str = FIELD, name: str | None = None) -> library.Entry:
     """The library's model of ``kind`` (and ``variant``) for a ``model_family`` model: the built-in one for a
-    demo model, else the first by name made for that family. RequestError(``field``) naming what is missing
-    and the pull command for ``target`` otherwise."""
+    demo model, else the one called ``name`` when there is one, else the first by name made for that family.
+    RequestError(``field``) naming what is missing and the pull command for ``target`` otherwise."""
     from backend import config as config_mod
 
     cfg = cfg or config_mod.load()
@@ -103,7 +103,7 @@ def find_model(kind: str, variant: str | None, model_family: str, target: str, c
     built_in = family in library.DEMO_MODELS
     mine = [e for e in entries if (e.source == "built-in") == built_in and e.family in (family, "any")]
     if mine:
-        return sorted(mine, key=lambda e: e.name)[0]
+        return next((e for e in mine if e.name == name), None) or sorted(mine, key=lambda e: e.name)[0]
     what = _what(kind, variant)
     usual = [u for u in USUAL if u.kind == kind and u.variant == variant]
     any_family = any("any" in u.families for u in usual)
@@ -131,6 +131,14 @@ class Needs:
     model: library.Entry  # its IP-Adapter or ControlNet
     encoder: library.Entry | None = None  # an IP-Adapter's image encoder
     depth: library.Entry | None = None  # the depth model of a depth reference
+
+    @property
+    def stand_in(self) -> str | None:
+        """What to tell when the reference named a model this library lacks (another took its place)."""
+        if self.prompt.model is None or self.prompt.model == self.model.name:
+            return None
+        what = _what(self.model.kind, self.prompt.type)
+        return f"no {what} named {self.prompt.model} here; {self.model.name} stands in for it"
 
 
 def encoder_width(adapter: library.Entry) -> tuple[str, int] | None:
@@ -173,7 +181,7 @@ def plan(prompts: list[ImagePrompt], model_family: str, cfg=None) -> list[Needs]
         if not prompt.active:
             continue
         kind = TYPES[prompt.type].model
-        model = find_model(kind, prompt.type, model_family, prompt.type, cfg)
+        model = find_model(kind, prompt.type, model_family, prompt.type, cfg, name=prompt.model)
         encoder = _encoder(model, model_family, cfg) if kind == "ip_adapter" else None
         depth = find_model("depth_model", None, model_family, "depth", cfg) if prompt.type == "depth" else None
         out.append(Needs(index, prompt, model, encoder, depth))

@@ -58,6 +58,7 @@ class ImagePrompt:
     weight: float | None = None
     stop: float | None = None
     hash: str | None = None  # the file's content hash, recorded at submission
+    model: str | None = None  # its IP-Adapter or ControlNet by library name (a reproduce: the image's); None: the first
 
     @property
     def active(self) -> bool:
@@ -120,12 +121,12 @@ def _is_number(part: str) -> bool:
     return True
 
 
-_KEYS = ("path", "type", "weight", "stop", "hash")
+_KEYS = ("path", "type", "weight", "stop", "hash", "model")
 
 
 def convert_image_prompts(name: str, value: object) -> list[ImagePrompt]:
     """The request field from a preset, the queue or metadata: a list of texts or of mappings with
-    ``path``, ``type``, ``weight``, ``stop`` (and ``hash``)."""
+    ``path``, ``type``, ``weight``, ``stop`` (and ``hash``, ``model``)."""
     if value is None:
         return []
     if not isinstance(value, (list, tuple)):
@@ -149,13 +150,13 @@ def _one(item: object, index: int) -> ImagePrompt:
     for key in ("path", "type"):
         if not isinstance(item.get(key, ""), str):
             raise RequestError(FIELD, f"{index + 1}: {key} must be text, got {kind_of(item[key])}")
-    if not isinstance(item.get("hash", ""), (str, type(None))):
-        raise RequestError(FIELD, f"{index + 1}: hash must be text (the content hash recorded at submission), "
-                                  f"got {kind_of(item['hash'])}")
+    for key, what in (("hash", "the content hash recorded at submission"), ("model", "a name of the model library")):
+        if not isinstance(item.get(key, ""), (str, type(None))):
+            raise RequestError(FIELD, f"{index + 1}: {key} must be text ({what}), got {kind_of(item[key])}")
     numbers = {k: None if item.get(k) is None else _setting(k, item[k], f"{index + 1}: ")
                for k in ("weight", "stop")}
     return ImagePrompt(item["path"], item.get("type", "image").strip().lower(), numbers["weight"], numbers["stop"],
-                       item.get("hash"))
+                       item.get("hash"), item.get("model") or None)
 
 
 def steers_tiles(prompts: list[ImagePrompt]) -> bool:

@@ -11,6 +11,7 @@ from PIL.PngImagePlugin import PngInfo
 from backend import infotext, jobkinds, user_files
 from backend.errors import DreamttyError, RequestError
 from backend.guidance_settings import GuidanceSettings, freeu_defaults
+from backend.image_prompts import TYPES
 from backend.input_images import MAX_BYTES, UNREADABLE, open_quietly, unreadable
 from backend.request import GenerateRequest
 from backend.style_names import RANDOM_STYLE, style_key
@@ -182,14 +183,21 @@ def text_request(text: str, source: str) -> tuple[GenerateRequest, list[str], bo
     except (ValueError, RecursionError):
         data = None  # said by from_text
     if isinstance(data, dict) and "request" in data:
-        return with_style_picks(request_from_meta(source, data), data.get("prompt")), [], True
+        return as_made(request_from_meta(source, data), data.get("prompt")), [], True
     return *foreign_metadata.from_text(text, source), False
 
 
-def with_style_picks(request: GenerateRequest, record: object) -> GenerateRequest:
-    """For reproducing: each "Random Style" of ``request`` replaced by the style it picked (the prompt ``record``
-    lists the styles applied in order), so styles added or removed since do not change the pick."""
-    picks = record.get("styles") if isinstance(record, dict) else None
+def as_made(request: GenerateRequest, record: object) -> GenerateRequest:
+    """For reproducing: ``request`` as the image made it, by its prompt ``record``: each "Random Style" replaced by
+    the style it picked (styles added or removed since do not change the pick), each reference named the model it
+    used (another of its type added since is not taken instead)."""
+    if not isinstance(record, dict):
+        return request
+    return _with_reference_models(_with_style_picks(request, record.get("styles")), record.get("image_prompts"))
+
+
+def _with_style_picks(request: GenerateRequest, picks: object) -> GenerateRequest:
+    """``picks``: the styles applied, in order."""
     randoms = [style_key(name) == style_key(RANDOM_STYLE) for name in request.styles]
     if not any(randoms) or not isinstance(picks, list) or len(picks) != len(request.styles):
         return request
@@ -199,22 +207,59 @@ def with_style_picks(request: GenerateRequest, record: object) -> GenerateReques
                                      zip(request.styles, picks, randoms)])
 
 
+def _with_reference_models(request: GenerateRequest, records: object) -> GenerateRequest:
+    """``records``: what each reference that applied used, by its index."""
+    used = {r["index"]: r["model"] for r in _dicts(records)
+            if is_whole(r.get("index")) and isinstance(r.get("model"), str) and r["model"]}
+    if not used:
+        return request
+    return replace(request, image_prompts=[replace(prompt, model=used.get(i, prompt.model))
+                                           for i, prompt in enumerate(request.image_prompts)])
+
+
 def prompt_change(recorded: object, made: object) -> str | None:
     """Why a reproduced image (prompt record ``made``) is not the image (``recorded``): the first wildcard that
-    picked another line, else the final texts themselves, else the first LoRA whose file changed; None when they
-    are the same, or when nothing was recorded (another tool's image)."""
+    picked another line, else the final texts themselves, else the first model file (LoRA, embedding, VAE, refiner,
+    upscaler, image prompt model) that changed or stood in for another; None when they are the same, or when
+    nothing was recorded (another tool's image)."""
     if not isinstance(recorded, dict) or not recorded or not isinstance(made, dict):
         return None
-    return _wildcard_or_text_change(recorded, made) or _lora_change(recorded, made)
+    return _wildcard_or_text_change(recorded, made) or _file_change(recorded, made)
 
 
-def _lora_change(recorded: dict, made: dict) -> str | None:
-    hashes = {str(lora.get("name")): lora.get("hash") for lora in _dicts(recorded.get("loras"))}
-    for lora in _dicts(made.get("loras")):
-        then = hashes.get(str(lora.get("name")), lora.get("hash"))
-        if then != lora.get("hash"):
-            return f"LoRA {lora.get('name')}: its file changed since (hash {lora.get('hash')}, the image's {then})"
+_HASHED = {"vae": "VAE", "refiner": "refiner", "upscaler": "upscaler"}  # record key -> what it is to a user
+_REFERENCE_MODEL = {"ip_adapter": "IP-Adapter", "controlnet": "ControlNet"}
+
+
+def _file_change(recorded: dict, made: dict) -> str | None:
+    then = _model_files(recorded)
+    for what, now in _model_files(made).items():
+        old = then.get(what)
+        if old is None or old.get("hash") == now.get("hash"):
+            continue
+        if old.get("name") == now.get("name"):
+            return f"{what}: its file changed since (hash {now.get('hash')}, the image's {old.get('hash')})"
+        return (f"{what}: {now.get('name')} (hash {now.get('hash')}) stood in for the image's {old.get('name')} "
+                f"(hash {old.get('hash')})")
     return None
+
+
+def _model_files(record: dict) -> dict[str, dict]:
+    """The model files a prompt record names with their short hashes, by what each is to a user ("LoRA fox", "VAE",
+    "image prompt 1's ControlNet"): ``{"name": ..., "hash": ...}`` each."""
+    files = {f"{what} {item.get('name')}": item for key, what in (("loras", "LoRA"), ("embeddings", "embedding"))
+             for item in _dicts(record.get(key))}
+    files |= {what: record[key] for key, what in _HASHED.items() if isinstance(record.get(key), dict)}
+    for ref in _dicts(record.get("image_prompts")):
+        kind = TYPES.get(ref.get("type")) if isinstance(ref.get("type"), str) else None
+        if not is_whole(ref.get("index")) or kind is None:
+            continue
+        which = f"image prompt {ref['index'] + 1}'s"
+        files[f"{which} {_REFERENCE_MODEL[kind.model]}"] = {"name": ref.get("model"), "hash": ref.get("hash")}
+        files |= {f"{which} {what}": ref[key] for key, what in (("encoder", "image encoder"),
+                                                                 ("depth_model", "depth model"))
+                  if isinstance(ref.get(key), dict)}
+    return files
 
 
 def _dicts(value: object) -> list[dict]:

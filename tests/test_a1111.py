@@ -300,6 +300,30 @@ def test_a_reproduce_names_a_lora_whose_file_changed_and_says_it_on_one_line(tmp
         "image's aaaaaaaaaa)")
 
 
+def test_a_reproduce_names_the_model_file_that_changed_or_stood_in():
+    """Only LoRA hashes were compared: a VAE, refiner, upscaler, embedding or image-prompt model whose file changed,
+    or another ControlNet picked on this machine, left "pixels: differ" unexplained."""
+    ref = {"index": 1, "type": "canny", "model": "canny-a", "hash": "c1", "preprocessor": "canny"}
+    adapter = {"index": 0, "type": "face", "model": "face", "hash": "f1", "encoder": {"name": "vit-h", "hash": "e1"}}
+    then = {"positive": "a fox", "negative": "", "vae": {"name": "vae", "hash": "v1"}, "image_prompts": [adapter, ref],
+            "upscaler": {"name": "4x", "hash": "u1"}, "embeddings": [{"name": "easyneg", "hash": "n1"}]}
+    assert metadata.prompt_change(then, then) is None
+    cases = [
+        ({"vae": {"name": "vae", "hash": "v2"}}, "VAE: its file changed since (hash v2, the image's v1)"),
+        ({"upscaler": {"name": "2x", "hash": "u2"}}, "upscaler: 2x (hash u2) stood in for the image's 4x (hash u1)"),
+        ({"embeddings": [{"name": "easyneg", "hash": "n2"}]},
+         "embedding easyneg: its file changed since (hash n2, the image's n1)"),
+        ({"image_prompts": [adapter, {**ref, "model": "canny-b", "hash": "c2"}]},
+         "image prompt 2's ControlNet: canny-b (hash c2) stood in for the image's canny-a (hash c1)"),
+        ({"image_prompts": [{**adapter, "encoder": {"name": "vit-h", "hash": "e2"}}, ref]},
+         "image prompt 1's image encoder: its file changed since (hash e2, the image's e1)"),
+    ]
+    for changes, said in cases:
+        assert metadata.prompt_change(then, {**then, **changes}) == said
+    damaged = {**then, "image_prompts": [{**ref, "index": "1"}, {**ref, "type": ["canny"]}, 3]}  # edited by hand
+    assert metadata.prompt_change(damaged, {**then, "image_prompts": [adapter, {**ref, "hash": "c2"}]}) is None
+
+
 @pytest.mark.parametrize("fields,sampler,schedule,unmapped", [
     ("Sampler: DPM++ 2M SDE, Version: v1.10.1", "dpmpp_2m_sde", "exponential", None),  # A1111's Automatic
     ("Sampler: DPM++ 2M, Schedule type: Automatic", "dpmpp_2m", "karras", None),

@@ -110,7 +110,7 @@ def test_reproduce_keeps_the_random_style_picks_and_names_a_changed_wildcard(tmp
 def test_only_a_random_style_is_replaced_by_its_recorded_pick(record, styles):
     request = GenerateRequest(styles=["Ink", "random-style", "Neon"])  # matched as style names are
     expected = ["Ink", "random-style", "Neon"] if "Random Style" in styles else styles
-    assert metadata.with_style_picks(request, record).styles == expected
+    assert metadata.as_made(request, record).styles == expected
 
 
 def test_reproduce_of_metadata_whose_kind_is_not_text_is_one_line(tmp_path, capsys):

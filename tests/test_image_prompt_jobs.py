@@ -82,6 +82,8 @@ async def test_references_through_the_worker_metadata_and_reproduce(on_job_servi
         assert f'ControlNet 1: "Module: ip-adapter_clip, Model: {family}-face [' in text
         again_request, warnings = metadata.image_request(path)
         assert warnings == [] and again_request.image_prompts == [ImagePrompt(**r) for r in refs]
+        again_request = metadata.as_made(again_request, meta["prompt"])  # as reproduce: each the model it used
+        assert [p.model for p in again_request.image_prompts] == [f"{family}-canny", f"{family}-face", None][:len(refs)]
         again = await asyncio.wait_for(_run(service, events, again_request, tmp_path / "again"), TIMEOUT)
         [again_path] = [e.path for e in again if isinstance(e, ImageSaved)]
         assert np.array_equal(_pixels(again_path), _pixels(path))
@@ -213,6 +215,8 @@ def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
         ([f"{reference}:image:2.0000001"], "image_prompt: 1 (image): weight 2.0000001 is out of range"),  # not "2"
         ([{"path": str(reference), "hash": 123}], "image_prompt: 1: hash must be text (the content hash recorded at "
                                                   "submission), got a number"),
+        ([{"path": str(reference), "model": ["a"]}], "image_prompt: 1: model must be text (a name of the model "
+                                                     "library), got a list"),
         ([{}], "image_prompt: 1: path is missing; give the image's path"),  # "{}: path and type must be text"
         ([{"path": str(reference), "type": None}], "image_prompt: 1: type must be text, got null"),  # "'type': None"
         ([f"{reference}:image:1:0.5:9"], f"image_prompt: '{reference}:image:1:0.5:9': 3 fields after the type "
@@ -340,6 +344,12 @@ def test_models_each_type_needs_are_found_for_the_family_or_named_with_the_pull_
     ref = "x.png"
     face = companions.plan([GenerateRequest.from_dict({"image_prompts": [f"{ref}:face:1:1"]}).image_prompts[0]], "sd1")
     assert face[0].model.name == "ip-adapter-plus-face_sd15" and face[0].encoder.name == "image_encoder"
+    # Of two canny ControlNets, the first by name; the one a reference names (a reproduce: the image's) when here.
+    _controlnet_folder(tmp_path / "controlnets" / "a-canny-sd15", 768)
+    canny = [ImagePrompt(ref, "canny", 1.0, 1.0, model=name) for name in (None, "control_v11p_sd15_canny", "gone")]
+    assert [(need.model.name, need.stand_in) for need in companions.plan(canny, "sd1")] == [
+        ("a-canny-sd15", None), ("control_v11p_sd15_canny", None),
+        ("a-canny-sd15", "no canny ControlNet named gone here; a-canny-sd15 stands in for it")]
 
     def refused(kind: str, family: str, message: str) -> None:
         [prompt] = GenerateRequest.from_dict({"image_prompts": [f"{ref}:{kind}:1:1"]}).image_prompts

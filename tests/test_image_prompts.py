@@ -216,3 +216,17 @@ def test_preview_labels_number_the_references_not_the_controlnets(pipes, referen
         f"{reference}:canny", f"{reference}:image", f"{reference}:structure"]}).resolved("demo")
     apply_extras(pipes["demo"], request, on_preview=lambda label, image: labels.append(label))
     assert labels == ["canny-1", "structure-3"]
+
+
+def test_a_reference_named_a_model_this_library_lacks_uses_its_first_and_says_so(pipes, reference):
+    """A reproduce names the model each reference used; on a machine without it, the type's first model of the
+    family stands in, noted (the metadata records the one used)."""
+    from backend.engine.image_prompt import apply_image_prompts
+
+    notes: list[str] = []
+    request = GenerateRequest.from_dict({"prompt": "a fox", "model": "demo", "image_prompts": [
+        {"path": str(reference), "type": "canny", "model": "gone-canny"},
+        {"path": str(reference), "type": "face", "model": "demo-face"}]}).resolved("demo")
+    records = apply_image_prompts(pipes["demo"], request, note=notes.append)
+    assert notes == ["image prompt 1: no canny ControlNet named gone-canny here; demo-canny stands in for it"]
+    assert [r["model"] for r in records] == ["demo-canny", "demo-face"]

@@ -502,7 +502,8 @@ async def test_a_recorded_hash_of_a_changed_file_is_dropped_once_its_path_is_edi
     """A loaded job's input changed since it was made: refused, until the user edits the path (or the operation);
     then the file is used as it is now. The same for a reference image."""
     image = source_png(tmp_path / "src.png")
-    recorded = {"image": str(image), "image_hash": "0" * 12, "image_prompts": [{"path": str(image), "hash": "0" * 12}]}
+    recorded = {"image": str(image), "image_hash": "0" * 12,
+                "image_prompts": [{"path": str(image), "hash": "0" * 12, "type": "canny", "model": "demo-canny"}]}
     app = make_app(idle_service, tmp_path)
     async with opened(app, size=(160, 50)) as pilot:
         await settle(pilot)
@@ -523,6 +524,10 @@ async def test_a_recorded_hash_of_a_changed_file_is_dropped_once_its_path_is_edi
 
         form.fill(recorded, kind="img2img")  # loaded again: changing the operation drops the hashes too
         assert form.input_section.read()[1]["image_hash"] == "0" * 12
+        assert form.references.read()[0]["model"] == "demo-canny"  # the model it named: until its type changes
+        form.query_one("#ref-0-type", Select).value = "depth"
+        await pilot.pause()
+        assert form.references.read()[0]["model"] is None
         form.query_one("#in-operation", Select).value = "upscale"
         await pilot.pause()
         assert form.input_section.read()[1]["image_hash"] is None

@@ -356,7 +356,7 @@ def cmd_reproduce(args) -> int:
     else:
         image = metadata.ImageMetadata(args.image)
         (request, warnings), record, ours = image.request(), image.record(), image.ours
-        request, notes = metadata.with_style_picks(request, record).with_kept_inputs(record, Path(args.image))
+        request, notes = metadata.as_made(request, record).with_kept_inputs(record, Path(args.image))
         warnings += notes
     print_warnings(warnings)
     recorded = request.to_dict()

@@ -124,8 +124,9 @@ def _running(request, note: Callable[[str], None] | None) -> list[ImagePrompt]:
 def apply_image_prompts(pipe, request, on_preview: Callable[[str, Image.Image], None] | None = None,
                         note: Callable[[str], None] | None = None) -> list[dict]:
     """Load and prepare ``request``'s references on ``pipe`` (``pipe.dreamtty.image_prompts``; None without
-    any); ``note`` gets what reading a reference image changed (transparency, ...). Returns what the metadata
-    records of each reference that applies: its number, models with short hashes and preprocessor."""
+    any); ``note`` gets what reading a reference image changed (transparency, ...) and each model that stood in for
+    one a reference named. Returns what the metadata records of each reference that applies: its number, models
+    with short hashes and preprocessor."""
     needs = companions.plan(_running(request, note), pipe.dreamtty.family)
     adapters = [n for n in needs if n.encoder is not None]
     ip_adapter.load_adapters(pipe, tuple((model_path(n.model), model_path(n.encoder)) for n in adapters))
@@ -136,7 +137,7 @@ def apply_image_prompts(pipe, request, on_preview: Callable[[str, Image.Image], 
     records, images = [], {}
     for need in needs:
         source = read_reference(need.prompt, need.index)  # a queued job's file may have changed since
-        for warning in source.warnings if note is not None else ():
+        for warning in filter(None, [need.stand_in, *source.warnings]) if note is not None else ():
             note(f"image prompt {need.index + 1}: {warning}")
         images[id(need)] = source.image
         record = {"index": need.index, "type": need.prompt.type, "model": need.model.name,

@@ -4,7 +4,7 @@
 An empty weight or stop is the type's default (Fooocus's). A bad weight or stop, and a file the service
 refuses, is shown under its row, naming the row as labelled. A reference's recorded hash is kept until its
 path is edited, so reproducing a loaded image still notices a changed file, and editing the path uses the
-file as it is now.
+file as it is now; the model it named (a loaded image's) is kept until its type is changed.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class ReferenceImages(Vertical):
     def __init__(self, id: str | None = None) -> None:
         super().__init__(id=id)
         self._hashes: dict[int, str | None] = {}  # row -> its recorded hash
+        self._models: dict[int, str | None] = {}  # row -> the IP-Adapter or ControlNet it names
 
     def compose(self) -> ComposeResult:
         types = [(f"{t.name}: {t.about}", t.name) for t in TYPES.values()]
@@ -75,6 +76,7 @@ class ReferenceImages(Vertical):
                 "weight": self._number(row, "weight"),
                 "stop": self._number(row, "stop"),
                 "hash": self._hashes.get(row),
+                "model": self._models.get(row),
             })
         return out
 
@@ -110,6 +112,7 @@ class ReferenceImages(Vertical):
     def fill(self, prompts: list[dict]) -> None:
         """Show ``prompts`` (as from a request's ``to_dict``); rows beyond them are emptied."""
         self._hashes.clear()
+        self._models.clear()
         for row in range(MAX_IMAGE_PROMPTS):
             prompt = prompts[row] if row < len(prompts) else {}
             self._input(row, "path").value = prompt.get("path", "")
@@ -119,10 +122,19 @@ class ReferenceImages(Vertical):
             self._input(row, "stop").value = _number(prompt.get("stop"))
             if prompt:
                 self._hashes[row] = prompt.get("hash")
+                self._models[row] = prompt.get("model")
 
     @on(Input.Changed)
     def _path_edited(self, event: Input.Changed) -> None:
         """A row's path edited: its file is hashed anew when queued (a changed file is no longer refused)."""
-        row = next((r for r in range(MAX_IMAGE_PROMPTS) if event.input.id == f"ref-{r}-path"), None)
-        if row is not None:
-            self._hashes.pop(row, None)
+        self._hashes.pop(_row(event.input.id, "path"), None)
+
+    @on(Select.Changed)
+    def _type_changed(self, event: Select.Changed) -> None:
+        """A row's type changed: the model it named is of the old type."""
+        self._models.pop(_row(event.select.id, "type"), None)
+
+
+def _row(box_id: str | None, name: str) -> int | None:
+    """The row whose ``name`` box has the id ``box_id``."""
+    return next((row for row in range(MAX_IMAGE_PROMPTS) if box_id == f"ref-{row}-{name}"), None)
