@@ -238,7 +238,7 @@ class Service:
             self.store.drop_lease(self.owner)  # what stays queued is adopted by the next recovering service
         self.store.close()
         if self._thread_store is not None and self._thread_lock.acquire(blocking=False):  # else a submission waits
-            self._thread_store.close()  # for a locked queue file: its connection goes when it is done
+            self._thread_store.close()  # for a locked queue file: it closes its connection when it is done
             self._thread_lock.release()
         self.training.close()  # runs keep training; waiting ones start with the next recovering service
 
@@ -317,7 +317,11 @@ class Service:
                     raise ServiceUnavailable(f"service: it is stopping; {again}")
                 if self._thread_store is None:
                     self._thread_store = QueueStore(self.store.path, checked=False)
-                return write(self._thread_store)
+                try:
+                    return write(self._thread_store)
+                finally:
+                    if self._closing.is_set():  # close() found it writing: its connection goes now
+                        self._thread_store.close()
 
         return await asyncio.to_thread(run)
 

@@ -422,6 +422,30 @@ async def test_a_database_error_does_not_stop_the_lease(db, monkeypatch):
         await service.close()
 
 
+async def test_a_write_in_flight_as_the_service_closes_closes_its_connection_when_done(db):
+    """close() leaves the connection of a write waiting for a locked queue file to it: it was left open."""
+    import threading
+
+    from test_tui import NoWorkers
+
+    service = Service(devices="cpu", db_path=db, pool=NoWorkers("cpu", db))
+    await service.start()
+    writing, go = threading.Event(), threading.Event()
+
+    def slow(store: QueueStore) -> int:
+        writing.set()
+        go.wait(10)
+        return len(store.jobs())
+
+    write = asyncio.create_task(service._write_in_thread(slow, "again"))
+    assert await asyncio.to_thread(writing.wait, 10)
+    await service.close()
+    go.set()
+    assert await write == 0
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        service._thread_store._db.execute("SELECT 1")
+
+
 async def test_bad_request_queues_nothing(db, tmp_path):
     service = Service(devices="cpu", db_path=db)
     with pytest.raises(Exception, match="steps"):
