@@ -228,6 +228,10 @@ class TrainingRuns:
     def _told(self, run: ScheduledRun) -> ScheduledRun:
         return replace(run, waiting_for=self._waiting_for.get(run.id)) if run.state == WAITING else run
 
+    def busy(self) -> bool:
+        """Whether this service has a run waiting for its devices or training."""
+        return bool(self.store.runs((WAITING, TRAINING), self.owner, limit=1))
+
     def waiting(self) -> list[ScheduledRun]:
         """This service's runs that wait for their devices, oldest first."""
         return [run for run in self.store.runs((WAITING,), self.owner, oldest_first=True)

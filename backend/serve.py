@@ -166,13 +166,15 @@ async def _rotate_log(path: Path) -> None:
 
 
 async def _exit_when_idle(service, api, seconds: float, stop: asyncio.Event, announce) -> None:
-    """Stop after ``seconds`` with no job queued or running, no request and no attached client."""
+    """Stop after ``seconds`` with no job queued or running, no training run waiting or training, no request and no
+    attached client."""
     quiet_since = time.monotonic()
     while not stop.is_set():
         await asyncio.sleep(min(IDLE_CHECK, seconds))
         now = time.monotonic()
         try:
-            busy = any(service.store.counts(service.owner).values()) or bool(api.streams)
+            busy = (any(service.store.counts(service.owner).values()) or bool(api.streams)
+                    or service.training.busy())
         except QueueUnavailable:  # locked for a while (a backup): not known to be idle
             busy = True
         if busy:

@@ -472,3 +472,25 @@ def test_a_local_detached_run_that_must_wait_says_it_needs_a_service(tmp_path, p
                 "TUI); ") in capsys.readouterr().err
     finally:
         (tmp_path / "first" / runs.STOP_FILE).touch()
+
+
+async def test_idle_exit_waits_for_the_training_runs_it_holds(without_workers, tmp_path, photos, monkeypatch):
+    """A service with a run training and one waiting behind it exited as idle: the waiting run never started."""
+    from types import SimpleNamespace
+
+    from backend import serve
+
+    service, events = without_workers
+    monkeypatch.setattr(serve, "IDLE_CHECK", 0.05)
+    first, second = (queue_run(service, photos, tmp_path / name) for name in ("first", "second"))
+    api = SimpleNamespace(streams=[], last_request=time.monotonic() - 60)
+    stop = asyncio.Event()
+    idle = asyncio.create_task(serve._exit_when_idle(service, api, 0.1, stop, lambda line: None))
+    await asyncio.sleep(0.5)
+    assert not stop.is_set()
+    for run in (first, second):
+        finish(service.training.get(run.id))
+        await next_event(events, run_is(run.id, ENDED))
+    await asyncio.wait_for(idle, 5)
+    assert stop.is_set()
+

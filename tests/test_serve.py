@@ -1782,7 +1782,7 @@ async def test_idle_exit_waits_through_a_locked_queue_and_exits_after(monkeypatc
         return answer
 
     monkeypatch.setattr(serve, "IDLE_CHECK", 0.05)
-    service = SimpleNamespace(store=SimpleNamespace(counts=counts), owner="me")
+    service = SimpleNamespace(store=SimpleNamespace(counts=counts), owner="me", training=SimpleNamespace(busy=bool))
     api = SimpleNamespace(streams=[], last_request=time.monotonic())
     stop, said = asyncio.Event(), []
     await asyncio.wait_for(serve._exit_when_idle(service, api, 0.1, stop, said.append), 5)
