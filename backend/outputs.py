@@ -15,6 +15,7 @@ from PIL import Image
 
 from backend import metadata
 from backend.errors import DreamttyError, RequestError
+from backend.values import check_text
 
 SAVING = ".saving"  # under an outputs folder: the images being written, as temp files
 
@@ -41,6 +42,7 @@ def check_out_dir(out: Path, create: bool = True) -> None:
     ``os.access`` do not tell (root, read-only or virtual file systems such as /sys). Without
     ``create`` (a dry run) nothing is left behind: the probe is made in the nearest folder that exists.
     """
+    check_text("out", str(out))  # the queue records each image's path as UTF-8 text
     if os.path.exists(out) and not os.path.isdir(out):
         raise RequestError("out", f"{out} is a file; give a folder")
     folder = day_folder(out)

@@ -469,6 +469,16 @@ def test_other_scripts_digits_are_refused_by_every_field(argv, message, tmp_path
     assert err.startswith(f"dreamtty: {message}") and err.count("\n") == 1, err
 
 
+def test_a_local_job_s_out_folder_that_is_not_utf8_is_refused_before_it_runs(tmp_path, monkeypatch, capsys):
+    """--local ran the job and saved the image, then failed it: the queue cannot record a path that is not UTF-8."""
+    monkeypatch.setenv("DREAMTTY_HOME", str(tmp_path / "home"))
+    out = tmp_path / "o\udcff"  # the byte 0xff of a file name, as Python reads it
+    assert main(["generate", "x", "--model", "demo", "--steps", "1", "--size", "64x64", "--local", "--out",
+                 str(out)]) == 2
+    _one_error(capsys, "out: is not valid UTF-8 text (byte 0xff at character")
+    assert not os.path.lexists(out)
+
+
 def test_a_list_that_starts_with_a_minus_is_a_value(capsys):
     """argparse took "-1,1,0.5" for an option: "expected one argument" instead of the range."""
     assert main(["generate", "x", "--model", "demo-xl", "--local", "--adm-scale", "-1,1,0.5"]) == 2
