@@ -154,7 +154,7 @@ def to_float(name: str, value: object, allowed: str = "") -> float:
         raise RequestError(name, f"{shown(value)} is not a number{said}") from None
     if not math.isfinite(out):
         raise RequestError(name, f"{shown(value)} is not a finite number{said}")
-    return out
+    return out + 0.0  # -0 is 0: metadata and A1111's text said "-0.0"
 
 
 def to_bool(name: str, value: object) -> bool:

@@ -137,3 +137,15 @@ def test_the_field_an_error_names_is_read_the_same_everywhere():
     assert field_and_message(RequestError("lora", "x: y")) == ("lora", "x: y")
     assert field_and_message(ModelError("model: foo does not exist")) == ("model", "foo does not exist")
     assert field_and_message(DreamttyError("cannot reach the service: x")) == (None, "cannot reach the service: x")
+
+
+def test_minus_zero_is_zero_in_the_request_and_its_metadata():
+    """``--cfg -0``, ``--strength -0`` and a weight of -0 were recorded as -0.0 (A1111's text said "CFG scale: -0.0")."""
+    from backend import metadata
+    from backend.jobkinds.img2img import Img2ImgRequest
+
+    request = GenerateRequest.from_dict({"prompt": "x", "cfg": "-0", "seed": 1}).resolved("demo")
+    assert "CFG scale: 0.0," in metadata.a1111_parameters(metadata.build(request, "demo", {}))
+    image = Img2ImgRequest.from_dict({"image": "x.png", "strength": "-0", "image_prompts": [{"path": "a",
+                                                                                            "weight": -0.0}]})
+    assert [str(x) for x in (image.strength, image.image_prompts[0].weight)] == ["0.0", "0.0"]
