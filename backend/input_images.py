@@ -232,9 +232,10 @@ def read_mask(path: str, size: tuple[int, int], expected_hash: str | None = None
     with _DECODING:
         img, notes = _open(path, "mask", data)
         grey = _to_rgb(img, path, (0, 0, 0), notes, say_alpha=False).convert("L")
+    notes = [f"mask: {note}" for note in notes]  # said beside the input image's own
     what = path
     if grey.size != size:
-        notes.append(f"mask {path} is {grey.width}x{grey.height}: resized to the image's {size[0]}x{size[1]}")
+        notes.append(f"mask: {path} is {grey.width}x{grey.height}: resized to the image's {size[0]}x{size[1]}")
         grey = grey.resize(size, Image.Resampling.NEAREST)
         what = f"{path} resized to the image's {size[0]}x{size[1]}"  # its few white pixels may be gone
     import numpy as np

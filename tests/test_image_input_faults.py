@@ -254,7 +254,11 @@ def test_mask_of_another_size_is_resized_with_a_warning(tmp_path):
     write_mask(tmp_path / "small.png", (0, 0, 16, 16), size=(64, 64))
     mask, read = read_mask(str(tmp_path / "small.png"), (128, 128))
     assert mask.shape == (128, 128) and mask[:32, :32].all() and not mask[32:, :].any()
-    assert "is 64x64: resized to the image's 128x128" in read.warnings[0]
+    assert read.warnings == [f"mask: {tmp_path}/small.png is 64x64: resized to the image's 128x128"]
+    white = np.asarray(Image.open(tmp_path / "small.png").convert("L")) > 127
+    Image.fromarray(white.astype(np.uint16) * 65535).save(tmp_path / "small16.png")  # what it changed says "mask"
+    assert read_mask(str(tmp_path / "small16.png"), (128, 128))[1].warnings[0] == (
+        f"mask: {tmp_path}/small16.png has 16-bit channels: reduced to 8 bits")
     layer = Image.new("RGBA", (128, 128), (0, 0, 0, 0))  # a stroke painted on a transparent layer
     layer.paste((255, 255, 255, 255), (10, 10, 20, 20))
     layer.save(tmp_path / "layer.png")
