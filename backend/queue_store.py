@@ -48,7 +48,7 @@ class QueueUnavailable(Transient):
 
     _HINTS = {"database is locked": "another program holds it (a backup, an sqlite3 shell?)",
               "database or disk is full": "free some space on its disk",
-              "attempt to write a readonly database": "its folder is read-only"}
+              "attempt to write a readonly database": "the file or its folder is read-only"}
 
     def __init__(self, path: Path, exc: sqlite3.Error) -> None:
         hint = self._HINTS.get(str(exc))
