@@ -529,4 +529,5 @@ def _paths_for_service(request: GenerateRequest) -> GenerateRequest:
 def _train_paths_for_service(request: TrainRequest) -> TrainRequest:
     """A training run's folders (instance images, the run, a checkpoint to resume) and model made absolute."""
     return replace(request, model=_name_or_path(request.model), instance_dir=absolute(request.instance_dir),
-                   output=absolute(request.output) if request.output else None, resume=_name_or_path(request.resume))
+                   output=absolute(request.output) if request.output else None,
+                   resume=request.resume if request.resume in (None, "", "latest") else absolute(request.resume))

@@ -219,3 +219,16 @@ def test_a_train_that_starts_the_service_says_so(dirs, tmp_path):
     pid = dirs.files().read_pid_file()["pid"]
     assert (f"dreamtty: started the service in the background (pid {pid}); it stays, keeping models loaded for the "
             "next command: dreamtty serve --stop ends it") in started.stderr.splitlines()
+
+
+def test_a_relative_checkpoint_to_resume_is_sent_absolute_though_it_is_missing(tmp_path, monkeypatch):
+    """It went as typed (only paths that exist were made absolute), and the service said "resume: must be an
+    absolute folder path" where the checkpoint was missing."""
+    from backend.remote_client import _train_paths_for_service
+    from backend.training.config import TrainRequest
+
+    monkeypatch.chdir(tmp_path)
+    request = TrainRequest(model="demo", instance_dir="photos", instance_prompt="sks", output="run",
+                           resume="run/checkpoints/checkpoint-99")
+    assert _train_paths_for_service(request).resume == str(tmp_path / "run/checkpoints/checkpoint-99")
+    assert _train_paths_for_service(TrainRequest(resume="latest")).resume == "latest"
