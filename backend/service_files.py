@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend import locations, user_files
-from backend.errors import DreamttyError
+from backend.errors import DreamttyError, Transient
 
 MAX_SOCKET_PATH = 103  # bytes: sun_path holds 108 on Linux and 104 on macOS, with the closing NUL
 LOCK_PATIENCE = 0.5  # seconds a starting service retries the lock (another process may be probing it)
@@ -35,8 +35,8 @@ class AlreadyRunning(DreamttyError):
     EXIT_CODE = 3  # of a detached service that found another one running
 
 
-class QueueHeld(AlreadyRunning):
-    """A service of another runtime dir runs the queue."""
+class QueueHeld(AlreadyRunning, Transient):
+    """A service of another runtime dir runs the queue (a command that needed a service here exits 3)."""
 
     EXIT_CODE = 4
 

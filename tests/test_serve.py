@@ -741,6 +741,8 @@ def test_a_second_service_of_the_queue_under_another_runtime_dir_is_refused(dirs
             assert said.returncode == 1 and said.stderr.startswith(
                 f"dreamtty: service: another one (pid {pid}, socket {dirs.files().socket}) runs the queue"), said.stderr
         assert json.loads(said.stdout) == {"service": "elsewhere", "pid": None}
+        queued = cli(other, "generate", "x", "--model", "demo")  # a fault that passes (exit 3), not bad input (2)
+        assert queued.returncode == 3 and "started with another runtime dir" in queued.stderr, queued.stderr
         assert first.proc.poll() is None and not other.files().socket.exists()
     finally:
         first.stop()
