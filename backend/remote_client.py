@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -367,7 +369,8 @@ class RemoteClient:
     async def start_run(self, request: TrainRequest, devices: str = "auto", launcher: str | None = None,
                         runs_root: Path | None = None) -> tuple[ScheduledRun, list[str]]:
         ref = uuid.uuid4().hex  # if the answer is lost (Ctrl-C), the run is found by it and stopped
-        body = {"request": _train_paths_for_service(request).to_dict(), "devices": devices, "launcher": launcher,
+        body = {"request": _train_paths_for_service(request).to_dict(), "devices": devices,
+                "launcher": _program_found_here(launcher),
                 "client_ref": ref}
         if runs_root is not None:
             body["runs_root"] = absolute(str(runs_root))
@@ -524,6 +527,17 @@ def _paths_for_service(request: GenerateRequest) -> GenerateRequest:
                    refiner=_name_or_path(request.refiner), loras=[(_name_or_path(n), w) for n, w in request.loras],
                    image_prompts=[replace(p, path=absolute(p.path)) for p in request.image_prompts],
                    **{role: absolute(path) for role, (path, _) in inputs.items()})
+
+
+def _program_found_here(launcher: str | None) -> str | None:
+    """The launcher's command line with its program as this shell finds it on PATH (the service's PATH may lack
+    the folder, e.g. a virtualenv's bin activated after the service started); as given when not found here."""
+    try:
+        words = shlex.split(launcher or "")
+    except ValueError:  # said by the service
+        return launcher
+    found = shutil.which(words[0]) if words else None
+    return shlex.join([os.path.abspath(found), *words[1:]]) if found else launcher
 
 
 def _train_paths_for_service(request: TrainRequest) -> TrainRequest:

@@ -232,3 +232,19 @@ def test_a_relative_checkpoint_to_resume_is_sent_absolute_though_it_is_missing(t
                            resume="run/checkpoints/checkpoint-99")
     assert _train_paths_for_service(request).resume == str(tmp_path / "run/checkpoints/checkpoint-99")
     assert _train_paths_for_service(TrainRequest(resume="latest")).resume == "latest"
+
+
+def test_a_launcher_s_program_is_found_on_the_caller_s_path(tmp_path, monkeypatch):
+    """The service looked it up on its own PATH: `accelerate` of a virtualenv activated after the service started
+    was "no such program"."""
+    from backend.remote_client import _program_found_here
+
+    program = tmp_path / "bin" / "accelerate"
+    program.parent.mkdir()
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", str(program.parent))
+    assert _program_found_here("accelerate launch --num_processes 2") == f"{program} launch --num_processes 2"
+    assert _program_found_here("nowhere launch") == "nowhere launch"  # the service says it is missing
+    assert _program_found_here("accelerate 'launch") == "accelerate 'launch"  # and that its quote is not closed
+    assert _program_found_here(None) is None
