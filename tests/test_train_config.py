@@ -139,6 +139,8 @@ def test_mixed_precision_no_in_yaml_is_no_though_yaml_reads_it_as_false(tmp_path
     path.write_text("mixed_precision: yes\n")
     with pytest.raises(RequestError, match="^mixed_precision: must be text, got true$"):
         TrainRequest.from_dict(load_yaml(path))
+    with pytest.raises(RequestError, match="^seed: must be a whole number, got true$"):  # not Python's "True"
+        TrainRequest.from_dict({"seed": True})
 
 
 # -- instance images and the unique token -----------------------------------------

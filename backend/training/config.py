@@ -185,7 +185,7 @@ def parse_field(name: str, value: object) -> object:
     if base == "bool":
         return to_bool(name, value)
     if isinstance(value, bool):
-        raise RequestError(name, f"must be {_WORDS[base]}, got {value}")
+        raise RequestError(name, f"must be {_WORDS[base]}, got {kind_of(value)}")
     return to_int(name, value) if base == "int" else to_float(name, value)
 
 
