@@ -100,8 +100,8 @@ def parse(text: str, index: int = 0) -> ImagePrompt:
                                   "give at most WEIGHT and STOP (IMAGE[:TYPE[:WEIGHT[:STOP]]])")
     if len(parts) > 1 and _WORD.fullmatch(tail) and not exists:
         raise RequestError(FIELD, f"{text!r}: unknown type {tail!r}; allowed: {', '.join(TYPES)}")
-    if not exists and any(not parts[at].strip() and parts[at + 1:] and all(map(_is_number, parts[at + 1:]))
-                          for at in range(max(1, len(parts) - 3), len(parts))):  # IMAGE::WEIGHT: the type left out
+    if not exists and any(not parts[at].strip() and all(map(_is_number, parts[at + 1:]))
+                          for at in range(max(1, len(parts) - 3), len(parts))):  # IMAGE::WEIGHT or IMAGE: left out
         raise RequestError(FIELD, f"{text!r}: the type is empty; give one of {', '.join(TYPES)} "
                                   "(IMAGE[:TYPE[:WEIGHT[:STOP]]])")
     return ImagePrompt(text.strip())

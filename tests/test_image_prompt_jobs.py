@@ -226,6 +226,8 @@ def test_bad_references_are_refused_in_one_line(service, tmp_path, reference):
         ([f"{reference}:face:lots"], "image_prompt: 1 (face): weight 'lots' is not a number; allowed 0..2"),
         ([f"{reference}::0.5"], "image_prompt: '" + f"{reference}::0.5': the type is empty; give one of image, "
                                 "face, canny, depth, structure (IMAGE[:TYPE[:WEIGHT[:STOP]]])"),  # not "is missing"
+        ([f"{reference}:"], "image_prompt: '" + f"{reference}:': the type is empty; give one of image, "
+                            "face, canny, depth, structure"),  # not "{reference}: is missing"
         ([str(reference), f"{tmp_path}/gone.png:face"], f"image_prompt: 2 (face): {tmp_path}/gone.png is missing"),
         ([f"{tmp_path}/a::b/gone.png"], f"image_prompt: 1 (image): {tmp_path}/a::b/gone.png is missing"),  # no number
         ([f"{tmp_path}/{'a' * 300}.png"], "image_prompt: 1 (image): cannot read"),  # a name too long: not a 500
