@@ -131,8 +131,9 @@ def from_fooocus(data: dict, source: str) -> tuple[GenerateRequest, list[str]]:
                              "Fooocus's metadata, dreamtty's, or A1111's text")
     fields = {_FOOOCUS_KEYS.get(k, k): v for k, v in data.items() if k not in _FOOOCUS_USED
               and not k.startswith("lora_combined_") and v not in ("", "None", None)}
-    if "resolution" in data:
-        fields["Size"] = "x".join(re.findall(r"\d+", str(data["resolution"])))
+    if "resolution" in data:  # "(1024, 1024)"; one that is not two numbers is said as written
+        sides = re.findall(r"\d+", str(data["resolution"]))
+        fields["Size"] = "x".join(sides) if len(sides) == 2 else str(data["resolution"])
     loras, unread = _fooocus_loras(data)
     if loras:
         fields["Lora weights"] = ", ".join(s.replace(" : ", ": ") for s in loras)

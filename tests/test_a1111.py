@@ -362,6 +362,7 @@ def test_fooocus_json_becomes_the_closest_request():
     ({"loras": "[bold]x"}, "a fox", [], 'loras: "[bold]x" (not a [name, weight] pair)'),
     ({"loras": [["a", 0.5], {"b": 1}]}, "a fox", [("a", 0.5)], 'loras: {"b": 1} (not a [name, weight] pair)'),
     ({"prompt": {"text": "a fox"}}, "", [], 'prompt: {"text": "a fox"} (not a text or a list of texts)'),
+    ({"resolution": "garbage"}, "a fox", [], "Size: garbage ('garbage' is not WxH"),  # was "Size:  ('' is not"
 ])
 def test_fooocus_json_of_other_shapes_is_read_with_what_was_left_out_said(fields, prompt, kept, unread):
     """Any JSON may be pasted or saved in a PNG: what is not Fooocus's shape is named, not a traceback."""
