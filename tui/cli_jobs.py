@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -20,11 +21,11 @@ from backend.image_prompts import MAX_IMAGE_PROMPTS, TYPES
 from backend.jobkinds.describe import MODES as DESCRIBE_MODES
 from backend.jobkinds.describe import DescribeRequest
 from backend.jobkinds.img2img import Img2ImgRequest
-from backend.jobkinds.inpaint import MODES, InpaintRequest
+from backend.jobkinds.inpaint import MAX_FEATHER, MODES, InpaintRequest
 from backend.jobkinds.outpaint import SIDES, OutpaintRequest
 from backend.jobkinds.upscale import SCALES, UpscaleRequest
 from backend.queue_store import FINAL
-from backend.request import DTYPES, MAX_CFG, MAX_COUNT, MAX_STEPS, SPEEDS, GenerateRequest
+from backend.request import DTYPES, MAX_CFG, MAX_COUNT, MAX_SEED, MAX_STEPS, SPEEDS, GenerateRequest
 from backend.safetext import one_line, visible
 from backend.samplers import SAMPLERS, SCHEDULES
 from tui.cli_output import Progress, given, integer, number, print_warnings, say_started
@@ -36,12 +37,15 @@ def _ranged(name: str, low: float, high: float, whole: bool = False):
 
     def parse(text: str) -> int | float:
         try:
-            return integer(text) if whole else number(text)
+            value = integer(text) if whole else number(text)
+            if math.isfinite(value):
+                return value
+            why = f"{value} is not a finite number"  # as the request says it
         except RequestError as exc:  # to_int's own reason: "'1e200' is out of range"
             why = exc.message
         except ValueError:
             why = f"{text!r} is not {'a whole number' if whole else 'a number'}"
-        raise argparse.ArgumentTypeError(f"{name}: {why}; allowed {low:g}..{high:g}")
+        raise argparse.ArgumentTypeError(f"{name}: {why}; allowed {low:.12g}..{high:.12g}")
 
     return parse
 
@@ -77,7 +81,8 @@ def _add_generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_ranged("steps", 1, MAX_STEPS, whole=True))
     p.add_argument("--cfg", type=_ranged("cfg", 0, MAX_CFG), help="classifier-free guidance scale (1 = off)")
     p.add_argument("--size", type=given, help="WxH, e.g. 1024x1024 (multiples of 8)")
-    p.add_argument("--seed", type=integer, help="-1 = random (the chosen seed is recorded)")
+    p.add_argument("--seed", type=_ranged("seed", -1, MAX_SEED, whole=True),
+                   help="-1 = random (the chosen seed is recorded)")
     p.add_argument("-n", "--count", type=_ranged("count", 1, MAX_COUNT, whole=True), help="number of images")
     p.add_argument("--style", dest="styles", action="append", type=given, help="style name (repeatable)")
     p.add_argument("--preset", type=given, help="preset name")
@@ -445,13 +450,16 @@ def register(sub) -> None:
     where.add_argument("--box", type=given, help="rectangle to repaint: X,Y,W,H in pixels")
     inp.add_argument("--mode", choices=list(MODES), help="fill (default), detail or modify")
     inp.add_argument("--strength", type=given, help="0..1 (default: fill 1, detail 0.5, modify 1)")
-    inp.add_argument("--context", type=number, help="0..1: how much of the image the repainted crop covers at least")
-    inp.add_argument("--feather", type=integer, help="pixels over which the repainted area fades in (default 8)")
+    inp.add_argument("--context", type=_ranged("context", 0, 1),
+                     help="0..1: how much of the image the repainted crop covers at least")
+    inp.add_argument("--feather", type=_ranged("feather", 0, MAX_FEATHER, whole=True),
+                     help="pixels over which the repainted area fades in (default 8)")
 
     out = _image_verb(sub, "outpaint", "extend an image's canvas and paint the new area", OutpaintRequest)
     for side in SIDES:
         out.add_argument(f"--{side}", type=integer, metavar="PX", help=f"pixels to add on the {side} (rounded up to 8)")
-    out.add_argument("--feather", type=integer, help="pixels of the original blended into the new area (default 16)")
+    out.add_argument("--feather", type=_ranged("feather", 0, MAX_FEATHER, whole=True),
+                     help="pixels of the original blended into the new area (default 16)")
     out.add_argument("--strength", type=given, help="0..1 (default 1)")
 
     des = sub.add_parser("describe", help="print a prompt for an image (a caption, or anime tags)")
