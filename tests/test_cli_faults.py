@@ -617,10 +617,12 @@ def test_models_help_names_only_existing_subcommands(capsys):
     (["generate", "a fox", "--freeu", "1,2,3,4,"], "freeu: '1,2,3,4,' has an empty value after its last comma"),
     (["generate", "a fox", "--sag", "abc"], "argument --sag: sag: 'abc' is not a number; allowed 0..10"),
     (["generate", "a fox", "--cfg", "-inf"], "cfg: -inf is not a finite number; allowed 0..30"),  # "expected one"
-    (["generate", "a fox", "--seed", "-nan"], "argument --seed: seed: '-nan' is not a whole number"),  # as -n (count) "an"
+    (["generate", "a fox", "--seed", "-nan"],
+     "argument --seed: seed: '-nan' is not a whole number"),  # as -n (count) "an"
     (["vary", "x.png", "--seed", "1.5"], "seed: '1.5' is not a whole number; allowed -1..4294967295"),  # no range
     (["inpaint", "x.png", "--box", "1,1,2,2", "--context", "nan"], "context: nan is not a finite number; allowed 0..1"),
-    (["inpaint", "x.png", "--box", "1,1,2,2", "--feather", "1e309"], "feather: '1e309' is out of range; allowed 0..256"),
+    (["inpaint", "x.png", "--box", "1,1,2,2", "--feather", "1e309"],
+     "feather: '1e309' is out of range; allowed 0..256"),
     (["outpaint", "x.png", "--feather", "2.5"], "feather: '2.5' is not a whole number; allowed 0..256"),
     (["generate", "a fox", "-n", "-1"], "count: -1 is"),
     (["generate", "a fox", "--clip-skip", "1.5"], "clip_skip: '1.5' is not a whole number; allowed 1..12"),

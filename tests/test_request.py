@@ -140,7 +140,8 @@ def test_the_field_an_error_names_is_read_the_same_everywhere():
 
 
 def test_minus_zero_is_zero_in_the_request_and_its_metadata():
-    """``--cfg -0``, ``--strength -0`` and a weight of -0 were recorded as -0.0 (A1111's text said "CFG scale: -0.0")."""
+    """``--cfg -0``, ``--strength -0`` and a weight of -0 were recorded as -0.0 (A1111's text said
+    "CFG scale: -0.0")."""
     from backend import metadata
     from backend.jobkinds.img2img import Img2ImgRequest
 
