@@ -152,6 +152,15 @@ async def test_a_second_run_waits_for_the_first_and_can_leave_the_queue(without_
 
 
 
+async def _retried_and_trained(service, events, photos: Path, run_dir: Path) -> None:
+    """A stopped run that never started is started again (not refused as running), and trains to its end."""
+    retry = replace(train_request(photos, run_dir), resume="latest")
+    run = service.enqueue_run(service.prepare_run(retry, "auto", FAKE_TRAINER))
+    assert run.state == TRAINING
+    finish(run)
+    await next_event(events, run_is(run.id, ENDED))
+
+
 async def test_a_run_interrupted_while_its_folder_is_made_is_stopped_not_left_starting(
         without_workers, tmp_path, photos, monkeypatch):
     """Ctrl-C during ``dreamtty train --local``'s checks: the folder they made does not read as a run
@@ -178,11 +187,7 @@ async def test_a_run_interrupted_while_its_folder_is_made_is_stopped_not_left_st
     assert service.training.listing() == []  # nothing was queued
     assert runs.EventTail(tmp_path / "run").read()[-1].message == "interrupted before it started"
     monkeypatch.setattr(launch, "prepare_run", prepare)
-    retry = replace(train_request(photos, tmp_path / "run"), resume="latest")  # not refused as running
-    run = service.enqueue_run(service.prepare_run(retry, "auto", FAKE_TRAINER))
-    assert run.state == TRAINING
-    finish(run)
-    await next_event(events, run_is(run.id, ENDED))
+    await _retried_and_trained(service, events, photos, tmp_path / "run")
 
 
 async def test_a_restarted_service_takes_over_a_live_trainer_and_starts_the_waiting_run(tmp_path, photos, demo_dirs):
@@ -449,11 +454,7 @@ async def test_a_run_the_queue_cannot_take_is_stopped_not_left_starting(without_
     assert runs.effective_state(tmp_path / "run") == ("stopped", None)
     assert runs.EventTail(tmp_path / "run").read()[-1].message.startswith("not queued: queue: cannot use ")
     monkeypatch.setattr(RunStore, "add", real_add)
-    retry = replace(train_request(photos, tmp_path / "run"), resume="latest")  # not refused as running
-    run = service.enqueue_run(service.prepare_run(retry, "auto", FAKE_TRAINER))
-    assert run.state == TRAINING
-    finish(run)
-    await next_event(events, run_is(run.id, ENDED))
+    await _retried_and_trained(service, events, photos, tmp_path / "run")
 
 
 def test_a_local_detached_run_that_must_wait_says_it_needs_a_service(tmp_path, photos, monkeypatch, capsys):
