@@ -213,12 +213,17 @@ async def test_a_run_whose_client_hangs_up_before_the_answer_is_not_started(tmp_
 
 def test_a_train_that_starts_the_service_says_so(dirs, tmp_path):
     """The service it starts outlives it, holding what it loads: said, as generate says it."""
+    from backend.training import runs
+
     photos, run_dir = _photos(tmp_path / "photos"), tmp_path / "run"
-    started = cli(dirs, *_train_args(photos, run_dir), "--detach", "--device", "cpu")
-    assert started.returncode == 0, started.stderr
-    pid = dirs.files().read_pid_file()["pid"]
-    assert (f"dreamtty: started the service in the background (pid {pid}); it stays, keeping models loaded for the "
-            "next command: dreamtty serve --stop ends it") in started.stderr.splitlines()
+    try:
+        started = cli(dirs, *_train_args(photos, run_dir), "--detach", "--device", "cpu")
+        assert started.returncode == 0, started.stderr
+        pid = dirs.files().read_pid_file()["pid"]
+        assert (f"dreamtty: started the service in the background (pid {pid}); it stays, keeping models loaded for "
+                "the next command: dreamtty serve --stop ends it") in started.stderr.splitlines()
+    finally:
+        (run_dir / runs.STOP_FILE).touch()  # the stand-in trainer waits for it (it outlived the test by minutes)
 
 
 def test_a_relative_checkpoint_to_resume_is_sent_absolute_though_it_is_missing(tmp_path, monkeypatch):
